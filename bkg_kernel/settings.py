@@ -1,0 +1,46 @@
+"""One settings object shared by the gateway, notebooks, Voila and papermill (env `BKG_*`, a TOML file, defaults)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+def _config_file() -> Path:
+    return Path(os.environ.get("BKG_CONFIG", "bkg.toml"))
+
+
+class Settings(BaseSettings):
+    """bkg settings: explicit arguments beat `BKG_*` environment variables, which beat `bkg.toml`, then defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="BKG_", extra="ignore")
+
+    data_dir: Path = Field(Path("./data"), description="Where the DuckDB catalog, FAISS indexes and snapshots live.")
+    host: str = Field("127.0.0.1", description="Address the gateway binds to.")
+    port: int = Field(43119, ge=1, le=65535, description="Port the gateway listens on.")
+    model_dir: Path = Field(Path("./models"), description="Where model files and the model manifest live.")
+    index_save_interval: float = Field(
+        30.0, ge=0, description="Seconds between FAISS index saves during ingest; indexes are always saved on close."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file())
+        return (init_settings, env_settings, toml)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings (read once)."""
+    return Settings()

@@ -1,0 +1,125 @@
+"""Payload filters (`{"lang": "en", "year": {"$gte": 2020}}`) compiled to a parameterised DuckDB WHERE clause.
+
+Semantics follow MongoDB / Qdrant where they agree:
+- `{"f": v}` is `{"f": {"$eq": v}}`; several keys in one object are ANDed; `$and` / `$or` take lists of filters.
+- `$eq`/`$ne` compare scalars of the same JSON type (the number 1 never equals the string "1"); `$ne`, `$nin`
+  also match points where the field is missing; `{"f": None}` matches a missing or null field.
+- `$gt $gte $lt $lte` compare numbers with numbers and strings with strings (ISO dates sort as strings).
+- `$contains` is true when an array field holds the value, or a string field contains the string.
+- Field names are dotted paths into the payload object (`"meta.source"`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from bkg_kernel.errors import InvalidInput
+
+OPERATORS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$contains")
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$")
+_NUMERIC = "('BIGINT','UBIGINT','DOUBLE')"
+_SQL_OP = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+
+
+def compile_filter(flt: dict[str, Any] | None, column: str = "payload") -> tuple[str, list[Any]]:
+    """Return (sql, params) for a filter; an empty or missing filter is `TRUE`."""
+    if flt is None:
+        return "TRUE", []
+    params: list[Any] = []
+    sql = _Compiler(column, params).node(flt, "filter")
+    return sql, params
+
+
+class _Compiler:
+    def __init__(self, column: str, params: list[Any]) -> None:
+        self.col = column
+        self.params = params
+
+    def node(self, flt: Any, where: str) -> str:
+        if not isinstance(flt, dict):
+            raise InvalidInput(f"a filter must be a JSON object, got {type(flt).__name__}", field=where)
+        parts = []
+        for key, value in flt.items():
+            if key in ("$and", "$or"):
+                if not isinstance(value, list) or not value:
+                    raise InvalidInput(f"{key} takes a non-empty list of filters", field=f"{where}.{key}")
+                subs = [self.node(v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+                parts.append("(" + (" AND " if key == "$and" else " OR ").join(subs) + ")")
+            elif key.startswith("$"):
+                raise InvalidInput(
+                    f"unknown logical operator {key!r} (use $and or $or, or a field name)", field=f"{where}.{key}"
+                )
+            else:
+                parts.append(self.field(key, value, f"{where}.{key}"))
+        return "(" + " AND ".join(parts) + ")" if parts else "TRUE"
+
+    def field(self, name: str, cond: Any, where: str) -> str:
+        if not _FIELD.match(name):
+            raise InvalidInput(f"bad field name {name!r} (letters, digits, _ and - joined by dots)", field=where)
+        path = "'$." + name + "'"
+        if isinstance(cond, dict) and cond and all(k.startswith("$") for k in cond):
+            return "(" + " AND ".join(self.op(path, op, v, f"{where}.{op}") for op, v in cond.items()) + ")"
+        if isinstance(cond, dict):
+            raise InvalidInput("a condition object must use operators like $eq or $gte", field=where)
+        return self.op(path, "$eq", cond, where)
+
+    def op(self, path: str, op: str, value: Any, where: str) -> str:
+        typ = f"json_type({self.col}, {path})"
+        if op == "$eq":
+            return self.eq(path, value, where)
+        if op == "$ne":
+            return f"NOT coalesce({self.eq(path, value, where)}, FALSE)"
+        if op in _SQL_OP:
+            if _is_number(value):
+                self.params.append(float(value))
+                return f"({typ} IN {_NUMERIC} AND CAST(json_extract({self.col}, {path}) AS DOUBLE) {_SQL_OP[op]} ?)"
+            if isinstance(value, str):
+                self.params.append(value)
+                return f"({typ} = 'VARCHAR' AND json_extract_string({self.col}, {path}) {_SQL_OP[op]} ?)"
+            raise InvalidInput(f"{op} compares numbers or strings, got {_json_type(value)}", field=where)
+        if op in ("$in", "$nin"):
+            if not isinstance(value, list):
+                raise InvalidInput(f"{op} takes a list of values, got {_json_type(value)}", field=where)
+            if not value:
+                return "FALSE" if op == "$in" else "TRUE"
+            anyof = "(" + " OR ".join(self.eq(path, v, f"{where}[{i}]") for i, v in enumerate(value)) + ")"
+            return anyof if op == "$in" else f"NOT coalesce({anyof}, FALSE)"
+        if op == "$contains":
+            if not _is_scalar(value) or value is None:
+                raise InvalidInput(f"$contains takes a string, number or boolean, got {_json_type(value)}", field=where)
+            self.params.append(json.dumps(value))
+            in_array = f"({typ} = 'ARRAY' AND json_contains(json_extract({self.col}, {path}), CAST(? AS JSON)))"
+            if isinstance(value, str):
+                self.params.append(value)
+                return f"({in_array} OR ({typ} = 'VARCHAR' AND contains(json_extract_string({self.col}, {path}), ?)))"
+            return in_array
+        raise InvalidInput(f"unknown operator {op!r} (expected one of {', '.join(OPERATORS)})", field=where)
+
+    def eq(self, path: str, value: Any, where: str) -> str:
+        typ = f"json_type({self.col}, {path})"
+        if value is None:
+            return f"coalesce({typ} = 'NULL', TRUE)"
+        if isinstance(value, bool):
+            self.params.append(value)
+            return f"({typ} = 'BOOLEAN' AND CAST(json_extract({self.col}, {path}) AS BOOLEAN) = ?)"
+        if _is_number(value):
+            self.params.append(float(value))
+            return f"({typ} IN {_NUMERIC} AND CAST(json_extract({self.col}, {path}) AS DOUBLE) = ?)"
+        if isinstance(value, str):
+            self.params.append(value)
+            return f"({typ} = 'VARCHAR' AND json_extract_string({self.col}, {path}) = ?)"
+        raise InvalidInput(f"can only compare with a string, number, boolean or null, got {_json_type(value)}", field=where)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, str | int | float | bool)
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "a list", type(None): "null"}.get(type(v), type(v).__name__)

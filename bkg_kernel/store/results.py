@@ -1,0 +1,211 @@
+"""What store calls return: small dataclasses that print as tables in a notebook and serialise to JSON."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PointId = int | str
+
+
+def html_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
+    """Render rows as a compact HTML table for notebooks."""
+    head = "".join(f"<th style='text-align:left'>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td style='text-align:left'>{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
+        for row in rows
+    )
+    cap = f"<caption style='text-align:left'>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table class='bkg-table'>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, dict | list):
+        text = json.dumps(v, ensure_ascii=False)
+        return text if len(text) <= 120 else text[:117] + "..."
+    return "" if v is None else str(v)
+
+
+@dataclass
+class Point:
+    """One stored point."""
+
+    id: PointId
+    vector: list[float] | None = None
+    payload: dict[str, Any] | None = None
+    text: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the point as plain JSON-able data."""
+        return asdict(self)
+
+
+@dataclass
+class Hit:
+    """One query result."""
+
+    id: PointId
+    score: float
+    payload: dict[str, Any] | None = None
+    text: str | None = None
+    vector: list[float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the hit as plain JSON-able data, leaving out what was not asked for."""
+        d: dict[str, Any] = {"id": self.id, "score": self.score, "payload": self.payload}
+        if self.text is not None:
+            d["text"] = self.text
+        if self.vector is not None:
+            d["vector"] = self.vector
+        return d
+
+
+@dataclass
+class QueryResult:
+    """Ranked hits of a query, best first, with the time it took."""
+
+    hits: list[Hit]
+    took_ms: float
+    mode: str
+
+    def __iter__(self) -> Iterator[Hit]:
+        return iter(self.hits)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    def __getitem__(self, i: int) -> Hit:
+        return self.hits[i]
+
+    @property
+    def ids(self) -> list[PointId]:
+        """Return the ids of the hits, in rank order."""
+        return [h.id for h in self.hits]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return `{"results": [...], "took_ms": ..., "mode": ...}`."""
+        return {"results": [h.to_dict() for h in self.hits], "took_ms": self.took_ms, "mode": self.mode}
+
+    def to_pandas(self) -> Any:
+        """Return the hits as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame([h.to_dict() for h in self.hits])
+
+    def _repr_html_(self) -> str:
+        rows = [(i + 1, h.id, h.score, h.payload, h.text) for i, h in enumerate(self.hits)]
+        cols = ["rank", "id", "score", "payload", "text"]
+        if all(h.text is None for h in self.hits):
+            rows, cols = [r[:4] for r in rows], cols[:4]
+        return html_table(cols, rows, f"{len(self.hits)} results ({self.mode}) in {self.took_ms:.2f} ms")
+
+
+@dataclass
+class PointList:
+    """Points returned by `get`, in the order asked for (missing ids left out)."""
+
+    points: list[Point]
+
+    def __iter__(self) -> Iterator[Point]:
+        return iter(self.points)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, i: int) -> Point:
+        return self.points[i]
+
+    def _repr_html_(self) -> str:
+        rows = [(p.id, p.payload, p.text, f"[{len(p.vector)} floats]" if p.vector else "") for p in self.points]
+        return html_table(["id", "payload", "text", "vector"], rows, f"{len(self.points)} points")
+
+
+@dataclass
+class CollectionInfo:
+    """What `describe` says about a collection."""
+
+    name: str
+    dim: int
+    metric: str
+    index: str
+    count: int
+    bytes_on_disk: int
+    last_snapshot: str | None
+    params: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the description as plain JSON-able data."""
+        return asdict(self)
+
+    def _repr_html_(self) -> str:
+        return html_table(["field", "value"], list(self.to_dict().items()), f"collection {self.name}")
+
+
+@dataclass
+class CollectionList:
+    """All collections, each described."""
+
+    collections: list[CollectionInfo]
+
+    def __iter__(self) -> Iterator[CollectionInfo]:
+        return iter(self.collections)
+
+    def __len__(self) -> int:
+        return len(self.collections)
+
+    @property
+    def names(self) -> list[str]:
+        """Return the collection names."""
+        return [c.name for c in self.collections]
+
+    def _repr_html_(self) -> str:
+        cols = ["name", "dim", "metric", "index", "count", "bytes_on_disk", "last_snapshot"]
+        rows = [[getattr(c, k) for k in cols] for c in self.collections]
+        return html_table(cols, rows, f"{len(rows)} collections")
+
+
+@dataclass
+class SnapshotInfo:
+    """One snapshot archive on disk."""
+
+    id: str
+    collection: str
+    created_at: str
+    points: int
+    bytes: int
+    path: str
+    ok: bool = True
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the snapshot description as plain JSON-able data."""
+        return asdict(self)
+
+    def _repr_html_(self) -> str:
+        return html_table(["field", "value"], list(self.to_dict().items()), f"snapshot {self.id}")
+
+
+@dataclass
+class SnapshotList:
+    """Snapshots, newest first."""
+
+    snapshots: list[SnapshotInfo]
+
+    def __iter__(self) -> Iterator[SnapshotInfo]:
+        return iter(self.snapshots)
+
+    def __len__(self) -> int:
+        return len(self.snapshots)
+
+    def __getitem__(self, i: int) -> SnapshotInfo:
+        return self.snapshots[i]
+
+    def _repr_html_(self) -> str:
+        cols = ["id", "collection", "created_at", "points", "bytes", "ok"]
+        return html_table(cols, [[getattr(s, k) for k in cols] for s in self.snapshots], "snapshots")

@@ -1,0 +1,232 @@
+"""Snapshot archives: one tar per snapshot with the collection's rows (Parquet), its FAISS index and a manifest
+holding the sha256 of every part. Archives live under `<data_dir>/snapshots/<collection>/` and outlive the
+collection. A restore verifies everything before it touches the live collection."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import tarfile
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound
+from bkg_kernel.store import validate
+from bkg_kernel.store.index import VectorIndex, _faiss, meta_path
+from bkg_kernel.store.results import SnapshotInfo, SnapshotList
+
+if TYPE_CHECKING:
+    from bkg_kernel.store.collection import Collection
+    from bkg_kernel.store.store import Store
+
+FORMAT = "bkg-snapshot/1"
+SUFFIX = ".bkgsnap"
+_ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_-]{0,63}$")
+PARTS = ("points.parquet", "index.faiss")
+
+
+def _sql_path(p: Path) -> str:
+    return "'" + str(p).replace("'", "''") + "'"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def create(store: Store, coll: Collection) -> SnapshotInfo:
+    """Write `<snapshots>/<name>/<id>.bkgsnap` atomically (temp file, fsync, rename)."""
+    coll._ensure_index()  # noqa: SLF001 - the index file must be current before it is copied
+    coll._unsaved = True  # noqa: SLF001
+    coll.flush()
+    now = datetime.now(UTC)
+    snap_id = now.strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
+    dest = store.snapshot_dir / coll.name
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".tmp-") as tmp:
+        work = Path(tmp)
+        store._con.execute(  # noqa: SLF001
+            f"COPY (SELECT fid, pk, vec, CAST(payload AS VARCHAR) AS payload, text FROM {coll.table} ORDER BY fid) "
+            f"TO {_sql_path(work / 'points.parquet')} (FORMAT parquet)"
+        )
+        shutil.copyfile(store.index_path(coll.table), work / "index.faiss")
+        count = int(store._con.execute(f"SELECT count(*) FROM {coll.table}").fetchone()[0])  # noqa: SLF001
+        manifest = {
+            "format": FORMAT,
+            "id": snap_id,
+            "collection": coll.name,
+            "created_at": now.isoformat(),
+            "dim": coll.dim,
+            "metric": coll.metric,
+            "index": coll.index_kind,
+            "params": coll.params,
+            "next_fid": coll._next_fid,  # noqa: SLF001
+            "count": count,
+            "parts": {p: {"sha256": _sha256(work / p), "bytes": (work / p).stat().st_size} for p in PARTS},
+        }
+        archive = work / "archive.tar"
+        with tarfile.open(archive, "w") as tar:
+            blob = json.dumps(manifest, indent=1).encode()
+            info = tarfile.TarInfo("manifest.json")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+            for p in PARTS:
+                tar.add(work / p, arcname=p)
+        with open(archive, "rb+") as fh:
+            os.fsync(fh.fileno())
+        final = dest / f"{snap_id}{SUFFIX}"
+        os.replace(archive, final)
+    return _info(final, manifest)
+
+
+def _info(path: Path, manifest: dict[str, Any]) -> SnapshotInfo:
+    return SnapshotInfo(
+        id=manifest["id"],
+        collection=manifest["collection"],
+        created_at=manifest["created_at"],
+        points=int(manifest["count"]),
+        bytes=path.stat().st_size,
+        path=str(path),
+    )
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        with tarfile.open(path, "r:") as tar:
+            first = tar.next()
+            if first is None or first.name != "manifest.json":
+                raise CorruptData(f"snapshot {path.name} has no manifest")
+            fh = tar.extractfile(first)
+            manifest = json.loads(fh.read() if fh else b"")
+    except CorruptData:
+        raise
+    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+        raise CorruptData(f"snapshot {path.name} is not a readable archive: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptData(f"snapshot {path.name} is not a {FORMAT} archive")
+    return manifest
+
+
+def list_snapshots(root: Path, name: str | None) -> SnapshotList:
+    """Return snapshots (of one collection or all), newest first; damaged ones are listed with ok=False."""
+    dirs = [root / name] if name is not None else sorted(p for p in root.glob("*") if p.is_dir())
+    found = []
+    for d in dirs:
+        for path in d.glob(f"*{SUFFIX}"):
+            try:
+                found.append(_info(path, _read_manifest(path)))
+            except CorruptData as exc:
+                found.append(SnapshotInfo(path.stem, d.name, "", 0, path.stat().st_size, str(path), False, exc.message))
+    found.sort(key=lambda s: s.id, reverse=True)
+    return SnapshotList(found)
+
+
+def _path(root: Path, name: str, snapshot_id: str) -> Path:
+    validate.collection_name(name)
+    if not isinstance(snapshot_id, str) or not _ID.match(snapshot_id):
+        raise InvalidInput(f"bad snapshot id {snapshot_id!r}", field="snapshot_id")
+    path = root / name / f"{snapshot_id}{SUFFIX}"
+    if not path.exists():
+        raise NotFound(f"collection {name!r} has no snapshot {snapshot_id!r}", field="snapshot_id")
+    return path
+
+
+def delete(root: Path, name: str, snapshot_id: str) -> None:
+    """Remove one snapshot archive."""
+    _path(root, name, snapshot_id).unlink()
+
+
+def _extract_verified(path: Path, work: Path) -> dict[str, Any]:
+    """Extract the parts of an archive into `work`, checking each against the manifest's sha256 and size."""
+    manifest = _read_manifest(path)
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for part in PARTS:
+                want = manifest["parts"][part]
+                member = members.get(part)
+                if member is None or not member.isfile():
+                    raise CorruptData(f"snapshot {path.name} is missing {part}")
+                src = tar.extractfile(member)
+                h = hashlib.sha256()
+                size = 0
+                with open(work / part, "wb") as out:
+                    while src is not None and (chunk := src.read(1 << 22)):
+                        h.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
+                if size != want["bytes"] or h.hexdigest() != want["sha256"]:
+                    raise CorruptData(f"snapshot {path.name}: {part} does not match its sha256 in the manifest")
+    except CorruptData:
+        raise
+    except (tarfile.TarError, OSError, KeyError, TypeError, EOFError) as exc:
+        raise CorruptData(f"snapshot {path.name} is damaged or truncated: {exc}") from exc
+    return manifest
+
+
+def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Collection:
+    """Verify an archive fully, stage it in a new points table, then swap it in with one transaction."""
+    path = _path(store.snapshot_dir, name, snapshot_id)
+    target = validate.collection_name(into, "into") if into is not None else name
+    if target != name and target in store:
+        raise AlreadyExists(f"collection {target!r} already exists: restore into a new name", field="into")
+    con = store._con  # noqa: SLF001
+    with tempfile.TemporaryDirectory(dir=store.data_dir, prefix=".restore-") as tmp:
+        work = Path(tmp)
+        m = _extract_verified(path, work)
+        try:
+            raw = _faiss().read_index(str(work / "index.faiss"))
+        except Exception as exc:
+            raise CorruptData(f"snapshot {path.name}: index.faiss cannot be read: {exc}") from exc
+        if raw.d != m["dim"] or raw.ntotal != m["next_fid"]:
+            raise CorruptData(f"snapshot {path.name}: index.faiss does not match the manifest")
+        table = store._new_points_table()  # noqa: SLF001
+        index_file = store.index_path(table)
+        try:
+            con.execute(
+                f"INSERT INTO {table} SELECT fid, pk, vec, CAST(payload AS JSON), text "
+                f"FROM read_parquet({_sql_path(work / 'points.parquet')})"
+            )
+            if con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] != m["count"]:
+                raise CorruptData(f"snapshot {path.name}: points.parquet does not hold {m['count']} points")
+            index = VectorIndex(m["dim"], m["metric"], m["index"], m["params"])
+            index.index = raw
+            index.save(index_file, {"epoch": 0, "collection": target})
+            old = store.collection(target) if target in store else None
+            con.execute("BEGIN TRANSACTION")
+            try:
+                if old is not None:
+                    con.execute("DELETE FROM collections WHERE name = ?", [target])
+                    con.execute(f"DROP SCHEMA IF EXISTS fts_main_{old.table} CASCADE")
+                    con.execute(f"DROP TABLE {old.table}")
+                con.execute(
+                    "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, next_fid) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [target, table, m["dim"], m["metric"], m["index"], json.dumps(m["params"]), m["next_fid"]],
+                )
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        except BaseException:
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+            for p in (index_file, meta_path(index_file)):
+                p.unlink(missing_ok=True)
+            raise
+    if old is not None:
+        old.dropped = True
+        store._open.pop(target, None)  # noqa: SLF001
+        old_file = store.index_path(old.table)
+        for p in (old_file, meta_path(old_file)):
+            p.unlink(missing_ok=True)
+    return store.collection(target)

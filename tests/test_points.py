@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bkg_kernel.errors import InvalidInput
+from bkg_kernel.store import Store
+
+from helpers import clustered
+
+KINDS = ["flat", "hnsw", "ivf"]
+
+
+def test_upsert_get_count_roundtrip(store: Store) -> None:
+    c = store.create_collection("docs", dim=3)
+    r = c.upsert(
+        [
+            {"id": 1, "vector": [1, 2, 3], "payload": {"lang": "en", "n": 1}, "text": "one"},
+            {"id": "two", "vector": [3, 2, 1]},
+            {"id": "1", "vector": [0, 0, 1], "payload": {"note": "string id, not the integer 1"}},
+        ]
+    )
+    assert r.upserted == 3 and r.took_ms > 0
+    assert c.count() == 3
+    got = c.get(["two", 1, "missing", "1"])
+    assert [p.id for p in got] == ["two", 1, "1"]
+    assert got[1].vector == [1.0, 2.0, 3.0]
+    assert got[1].payload == {"lang": "en", "n": 1} and got[1].text == "one"
+    assert got[0].payload is None and got[0].text is None
+    assert got[2].payload == {"note": "string id, not the integer 1"}
+
+
+def test_columnar_upsert_and_numpy_ids(store: Store) -> None:
+    c = store.create_collection("docs", dim=4)
+    x = clustered(100, 4)
+    c.upsert(ids=np.arange(100), vectors=x, payloads=[{"i": i} for i in range(100)])
+    assert c.count() == 100
+    assert c.get([42])[0].payload == {"i": 42}
+    assert np.allclose(c.get([42])[0].vector, x[42])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_upsert_replaces_everywhere(store: Store, kind: str) -> None:
+    c = store.create_collection("docs", dim=2, index=kind)
+    c.upsert(ids=[1, 2], vectors=[[1, 0], [0, 1]], payloads=[{"v": "old"}, None], texts=["apple pie", None])
+    c.upsert(ids=[1], vectors=[[0, 1]], payloads=[{"v": "new"}], texts=["banana bread"])
+    assert c.count() == 2
+    assert c.get([1])[0].payload == {"v": "new"}
+    hits = c.query([1, 0], k=10)
+    assert sorted(hits.ids) == [1, 2]  # the old vector of 1 is gone, no duplicate hit
+    assert all(h.payload != {"v": "old"} for h in hits)
+    assert c.query(text="apple", k=10).ids == []
+    assert c.query(text="banana", k=10).ids == [1]
+
+
+def test_duplicate_ids_in_one_call_last_wins(store: Store) -> None:
+    c = store.create_collection("docs", dim=2)
+    c.upsert(ids=[7, 7], vectors=[[1, 0], [0, 1]], payloads=[{"n": 1}, {"n": 2}])
+    assert c.count() == 1 and c.get([7])[0].payload == {"n": 2}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_delete_then_query_leaves_no_ghost(store: Store, kind: str) -> None:
+    c = store.create_collection("docs", dim=16, index=kind, **({"ivf_train_min": 500} if kind == "ivf" else {}))
+    x = clustered(2000, 16)
+    c.upsert(ids=list(range(2000)), vectors=x, payloads=[{"even": i % 2 == 0} for i in range(2000)])
+    q = x[10]
+    first = c.query(q, k=5).ids
+    assert first[0] == 10
+    assert c.delete(first) == 5
+    after = c.query(q, k=5)
+    assert len(after) == 5 and not set(after.ids) & set(first)
+    assert c.delete(filter={"even": True}) == len([i for i in range(2000) if i % 2 == 0 and i not in first])
+    odd = c.query(q, k=50)
+    assert len(odd) == 50 and all(i % 2 == 1 for i in odd.ids)
+    assert c.count() == 1000 - len([i for i in first if i % 2 == 1])
+
+
+def test_compaction_after_mass_delete_keeps_results(store: Store) -> None:
+    c = store.create_collection("docs", dim=8, index="hnsw")
+    x = clustered(3000, 8)
+    c.upsert(ids=list(range(3000)), vectors=x)
+    c.delete(list(range(2000)))  # > 50 % dead: compacts
+    assert c._index is not None and c._index.n_dead == 0 and c._index.ntotal == 1000
+    assert c.query(x[2500], k=1).ids == [2500]
+    assert c.get([2999])[0].vector is not None
+    store.close()
+    with Store(store.data_dir) as s2:
+        assert s2["docs"].query(x[2500], k=1).ids == [2500]
+        assert s2["docs"].count() == 1000
+
+
+def test_delete_needs_ids_or_filter(store: Store) -> None:
+    c = store.create_collection("docs", dim=2)
+    c.upsert(ids=[1], vectors=[[1, 1]])
+    for kwargs, field in (({}, "ids"), ({"ids": [1], "filter": {"a": 1}}, "ids"), ({"filter": {}}, "filter")):
+        with pytest.raises(InvalidInput) as err:
+            c.delete(**kwargs)
+        assert err.value.field == field
+    assert c.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("points", "field", "words"),
+    [
+        ([{"id": 1, "vector": [1, 2]}], "points[0].vector", "has 2 values, collection 'docs' has dim 3"),
+        ([{"id": 1, "vector": [1, 2, 3]}, {"id": 2, "vector": [1, float("nan"), 3]}], "points[1].vector", "nan"),
+        ([{"id": 1, "vector": [1, float("inf"), 3]}], "points[0].vector", "finite"),
+        ([{"id": 1, "vector": ["a", 2, 3]}], "points[0].vector", "numbers"),
+        ([{"id": True, "vector": [1, 2, 3]}], "points[0].id", "integer or a string"),
+        ([{"id": "", "vector": [1, 2, 3]}], "points[0].id", "1 to 512"),
+        ([{"id": 2**70, "vector": [1, 2, 3]}], "points[0].id", "64 bits"),
+        ([{"vector": [1, 2, 3]}], "points[0].id", "no id"),
+        ([{"id": 1, "vector": [1, 2, 3], "payload": [1]}], "points[0].payload", "JSON object"),
+        ([{"id": 1, "vector": [1, 2, 3], "payload": {"x": float("nan")}}], "points[0].payload", "not valid JSON"),
+        ([{"id": 1, "vector": [1, 2, 3], "text": 5}], "points[0].text", "string"),
+        ([{"id": 1, "vector": [1, 2, 3], "colour": "red"}], "points[0]", "unknown point field 'colour'"),
+    ],
+)
+def test_bad_points_rejected_without_writing(store: Store, points: list, field: str, words: str) -> None:
+    c = store.create_collection("docs", dim=3)
+    c.upsert([{"id": 99, "vector": [1, 1, 1], "payload": {"keep": True}}])
+    with pytest.raises(InvalidInput) as err:
+        c.upsert(points)
+    assert err.value.field == field, err.value
+    assert words in err.value.message
+    assert c.count() == 1 and c.get([99])[0].payload == {"keep": True}
+
+
+def test_bad_columnar_input(store: Store) -> None:
+    c = store.create_collection("docs", dim=2)
+    with pytest.raises(InvalidInput) as err:
+        c.upsert(ids=[1, 2], vectors=[[1, 2]])
+    assert err.value.field == "vectors"
+    with pytest.raises(InvalidInput) as err:
+        c.upsert(ids=[1], vectors=[[1, 2]], payloads=[{}, {}])
+    assert err.value.field == "payloads"
+    with pytest.raises(InvalidInput) as err:
+        c.upsert(ids=[1], vectors=np.ones((1, 5)))
+    assert err.value.field == "vector[0]" and "dim 2" in err.value.message
+
+
+def test_batch_upsert_shows_progress(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    c = store.create_collection("docs", dim=8)
+    c.upsert(ids=list(range(5000)), vectors=clustered(5000, 8), batch_size=1000, progress=True)
+    assert c.count() == 5000
+    err = capsys.readouterr().err
+    assert "upsert docs" in err and "5000/5000" in err
