@@ -54,7 +54,14 @@ def lab(
     open_browser: Annotated[bool, typer.Option(help="Open a browser tab.")] = False,
 ) -> None:
     """Run JupyterLab on the notebooks folder (Ctrl-C stops it)."""
-    cmd = [sys.executable, "-m", "jupyterlab", f"--port={port}", f"--notebook-dir={notebook_dir}", "--ip=127.0.0.1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        f"--port={port}",
+        f"--notebook-dir={notebook_dir}",
+        "--ip=127.0.0.1",
+    ]
     if not open_browser:
         cmd.append("--no-browser")
     if os.geteuid() == 0:

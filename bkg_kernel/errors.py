@@ -24,7 +24,9 @@ class BkgError(Exception):
         return {"error": body}
 
     def __str__(self) -> str:
-        return f"{self.field}: {self.message}" if self.field and not self.message.startswith(self.field) else self.message
+        return (
+            f"{self.field}: {self.message}" if self.field and not self.message.startswith(self.field) else self.message
+        )
 
 
 class InvalidInput(BkgError):

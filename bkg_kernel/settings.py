@@ -7,7 +7,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 
 def _config_file() -> Path:
@@ -24,7 +29,9 @@ class Settings(BaseSettings):
     port: int = Field(43119, ge=1, le=65535, description="Port the gateway listens on.")
     model_dir: Path = Field(Path("./models"), description="Where model files and the model manifest live.")
     index_save_interval: float = Field(
-        30.0, ge=0, description="Seconds between FAISS index saves during ingest; indexes are always saved on close."
+        30.0,
+        ge=0,
+        description="Seconds between FAISS index saves during ingest; indexes are always saved on close.",
     )
 
     @classmethod

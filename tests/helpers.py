@@ -13,7 +13,9 @@ def clustered(n: int, dim: int, seed: int = 0, clusters: int = 50) -> np.ndarray
     return x.astype(np.float32)
 
 
-def brute_force(x: np.ndarray, q: np.ndarray, k: int, metric: str = "cosine", allowed: np.ndarray | None = None) -> list[int]:
+def brute_force(
+    x: np.ndarray, q: np.ndarray, k: int, metric: str = "cosine", allowed: np.ndarray | None = None
+) -> list[int]:
     """Exact top-k row numbers for the test oracle."""
     idx = np.arange(len(x)) if allowed is None else np.asarray(allowed)
     xs = x[idx]

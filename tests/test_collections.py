@@ -72,7 +72,12 @@ def test_error_root_and_shape() -> None:
     err = InvalidInput("vector has 3 values", field="points[0].vector")
     assert isinstance(err, BkgError)
     assert err.to_dict() == {
-        "error": {"status": 422, "code": "invalid_input", "message": "vector has 3 values", "field": "points[0].vector"}
+        "error": {
+            "status": 422,
+            "code": "invalid_input",
+            "message": "vector has 3 values",
+            "field": "points[0].vector",
+        }
     }
 
 

@@ -2,11 +2,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import clustered
 
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.store import Store
-
-from helpers import clustered
 
 KINDS = ["flat", "hnsw", "ivf"]
 
@@ -104,7 +103,11 @@ def test_delete_needs_ids_or_filter(store: Store) -> None:
     ("points", "field", "words"),
     [
         ([{"id": 1, "vector": [1, 2]}], "points[0].vector", "has 2 values, collection 'docs' has dim 3"),
-        ([{"id": 1, "vector": [1, 2, 3]}, {"id": 2, "vector": [1, float("nan"), 3]}], "points[1].vector", "nan"),
+        (
+            [{"id": 1, "vector": [1, 2, 3]}, {"id": 2, "vector": [1, float("nan"), 3]}],
+            "points[1].vector",
+            "nan",
+        ),
         ([{"id": 1, "vector": [1, float("inf"), 3]}], "points[0].vector", "finite"),
         ([{"id": 1, "vector": ["a", 2, 3]}], "points[0].vector", "numbers"),
         ([{"id": True, "vector": [1, 2, 3]}], "points[0].id", "integer or a string"),
@@ -112,7 +115,11 @@ def test_delete_needs_ids_or_filter(store: Store) -> None:
         ([{"id": 2**70, "vector": [1, 2, 3]}], "points[0].id", "64 bits"),
         ([{"vector": [1, 2, 3]}], "points[0].id", "no id"),
         ([{"id": 1, "vector": [1, 2, 3], "payload": [1]}], "points[0].payload", "JSON object"),
-        ([{"id": 1, "vector": [1, 2, 3], "payload": {"x": float("nan")}}], "points[0].payload", "not valid JSON"),
+        (
+            [{"id": 1, "vector": [1, 2, 3], "payload": {"x": float("nan")}}],
+            "points[0].payload",
+            "not valid JSON",
+        ),
         ([{"id": 1, "vector": [1, 2, 3], "text": 5}], "points[0].text", "string"),
         ([{"id": 1, "vector": [1, 2, 3], "colour": "red"}], "points[0]", "unknown point field 'colour'"),
     ],

@@ -17,6 +17,7 @@ from bkg_kernel.store import validate
 from bkg_kernel.store.filters import compile_filter
 from bkg_kernel.store.index import VectorIndex
 from bkg_kernel.store.results import CollectionInfo, Hit, Point, PointList, QueryResult
+from bkg_kernel.store.sql import scalar
 
 if TYPE_CHECKING:
     from bkg_kernel.store.store import Store
@@ -214,7 +215,9 @@ class Collection:
             where, params = "pk IN (SELECT unnest(?::VARCHAR[]))", [keys]
         else:
             if not filter:
-                raise InvalidInput("an empty filter would delete every point; drop the collection instead", field="filter")
+                raise InvalidInput(
+                    "an empty filter would delete every point; drop the collection instead", field="filter"
+                )
             where, params = compile_filter(filter)
         with self._store._mutex:  # noqa: SLF001
             index = self._ensure_index()
@@ -251,7 +254,7 @@ class Collection:
         with self._store._mutex:  # noqa: SLF001
             self._ensure_index()
             con = self._con
-            live = int(con.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0])
+            live = int(scalar(con, f"SELECT count(*) FROM {self.table}"))
             if live == self._next_fid:
                 return
             con.execute("BEGIN TRANSACTION")
@@ -261,9 +264,7 @@ class Collection:
                     f"row_number() OVER (ORDER BY fid) - 1 AS new_fid FROM {self.table}) m "
                     f"WHERE {self.table}.fid = m.old_fid"
                 )
-                con.execute(
-                    "UPDATE collections SET next_fid = ?, epoch = epoch + 1 WHERE name = ?", [live, self.name]
-                )
+                con.execute("UPDATE collections SET next_fid = ?, epoch = epoch + 1 WHERE name = ?", [live, self.name])
                 con.execute("COMMIT")
             except Exception:
                 con.execute("ROLLBACK")
@@ -277,7 +278,7 @@ class Collection:
         """Count points, optionally only those matching a filter."""
         where, params = compile_filter(filter)
         with self._store._mutex:  # noqa: SLF001
-            return int(self._con.execute(f"SELECT count(*) FROM {self.table} WHERE {where}", params).fetchone()[0])
+            return int(scalar(self._con, f"SELECT count(*) FROM {self.table} WHERE {where}", params))
 
     def get(self, ids: list[Any], with_vectors: bool = True) -> PointList:
         """Return the points with these ids, in the order asked (ids not stored are left out)."""
@@ -318,7 +319,9 @@ class Collection:
         """
         t0 = time.perf_counter()
         k = validate.k_value(k)
-        mode = mode or ("hybrid" if vector is not None and text is not None else "text" if text is not None else "vector")
+        mode = mode or (
+            "hybrid" if vector is not None and text is not None else "text" if text is not None else "vector"
+        )
         if mode not in MODES:
             raise InvalidInput(f"unknown mode {mode!r} (expected one of {', '.join(MODES)})", field="mode")
         q = None
@@ -380,7 +383,7 @@ class Collection:
         if self._fts_version == self._text_version:
             return self._fts_version >= 0 and self._has_fts()
         con = self._con
-        has_text = con.execute(f"SELECT count(*) FROM {self.table} WHERE text IS NOT NULL").fetchone()[0] > 0
+        has_text = scalar(con, f"SELECT count(*) FROM {self.table} WHERE text IS NOT NULL") > 0
         if has_text:
             con.execute(
                 f"PRAGMA create_fts_index('{self.table}', 'fid', 'text', stemmer='porter', stopwords='english', "
@@ -393,11 +396,8 @@ class Collection:
         return bool(has_text)
 
     def _has_fts(self) -> bool:
-        return bool(
-            self._con.execute(
-                "SELECT count(*) FROM duckdb_schemas() WHERE schema_name = ?", [f"fts_main_{self.table}"]
-            ).fetchone()[0]
-        )
+        sql = "SELECT count(*) FROM duckdb_schemas() WHERE schema_name = ?"
+        return bool(scalar(self._con, sql, [f"fts_main_{self.table}"]))
 
     def describe(self) -> CollectionInfo:
         """Return count, dim, metric, index, bytes on disk and the last snapshot."""

@@ -49,7 +49,8 @@ class _Compiler:
                 parts.append("(" + (" AND " if key == "$and" else " OR ").join(subs) + ")")
             elif key.startswith("$"):
                 raise InvalidInput(
-                    f"unknown logical operator {key!r} (use $and or $or, or a field name)", field=f"{where}.{key}"
+                    f"unknown logical operator {key!r} (use $and or $or, or a field name)",
+                    field=f"{where}.{key}",
                 )
             else:
                 parts.append(self.field(key, value, f"{where}.{key}"))
@@ -110,7 +111,9 @@ class _Compiler:
         if isinstance(value, str):
             self.params.append(value)
             return f"({typ} = 'VARCHAR' AND json_extract_string({self.col}, {path}) = ?)"
-        raise InvalidInput(f"can only compare with a string, number, boolean or null, got {_json_type(value)}", field=where)
+        raise InvalidInput(
+            f"can only compare with a string, number, boolean or null, got {_json_type(value)}", field=where
+        )
 
 
 def _is_number(v: Any) -> bool:

@@ -73,7 +73,7 @@ class VectorIndex:
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         if self.metric == "cosine":
             norms = np.linalg.norm(x, axis=1, keepdims=True)
-            x = x / np.where(norms == 0, 1.0, norms)
+            x = (x / np.where(norms == 0, np.float32(1), norms)).astype(np.float32)
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def add(self, vectors: np.ndarray, alive: np.ndarray | None = None) -> None:
@@ -119,6 +119,7 @@ class VectorIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return (fids, raw faiss distances) of the k nearest live positions, optionally only among `allowed`."""
         q = self.prepare(query.reshape(1, -1))
+        mask: np.ndarray | None
         if allowed is not None:
             allowed = np.asarray(allowed, dtype=np.int64)
             allowed = allowed[self.alive[allowed]] if self.n_dead else allowed

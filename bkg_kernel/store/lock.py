@@ -17,7 +17,7 @@ LOCK_NAME = "bkg.lock"
 
 
 class DataDirLock:
-    """An advisory `flock` on `<data_dir>/bkg.lock`; the kernel drops it when the holder dies, so it never goes stale."""
+    """An advisory `flock` on `<data_dir>/bkg.lock`; the kernel drops it when its holder dies (never stale)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.path = Path(data_dir) / LOCK_NAME
@@ -62,7 +62,8 @@ class DataDirLock:
     def holder(self) -> dict[str, object] | None:
         """Return what the lock file says about its holder, if anything."""
         try:
-            return json.loads(self.path.read_text())  # type: ignore[no-any-return]
+            info = json.loads(self.path.read_text())
+            return info if isinstance(info, dict) else None
         except (OSError, ValueError):
             return None
 

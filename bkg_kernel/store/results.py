@@ -98,10 +98,9 @@ class QueryResult:
         return pd.DataFrame([h.to_dict() for h in self.hits])
 
     def _repr_html_(self) -> str:
-        rows = [(i + 1, h.id, h.score, h.payload, h.text) for i, h in enumerate(self.hits)]
-        cols = ["rank", "id", "score", "payload", "text"]
-        if all(h.text is None for h in self.hits):
-            rows, cols = [r[:4] for r in rows], cols[:4]
+        with_text = any(h.text is not None for h in self.hits)
+        cols = ["rank", "id", "score", "payload"] + (["text"] if with_text else [])
+        rows = [[i + 1, h.id, h.score, h.payload] + ([h.text] if with_text else []) for i, h in enumerate(self.hits)]
         return html_table(cols, rows, f"{len(self.hits)} results ({self.mode}) in {self.took_ms:.2f} ms")
 
 

@@ -21,6 +21,7 @@ from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound
 from bkg_kernel.store import validate
 from bkg_kernel.store.index import VectorIndex, _faiss, meta_path
 from bkg_kernel.store.results import SnapshotInfo, SnapshotList
+from bkg_kernel.store.sql import scalar
 
 if TYPE_CHECKING:
     from bkg_kernel.store.collection import Collection
@@ -60,7 +61,7 @@ def create(store: Store, coll: Collection) -> SnapshotInfo:
             f"TO {_sql_path(work / 'points.parquet')} (FORMAT parquet)"
         )
         shutil.copyfile(store.index_path(coll.table), work / "index.faiss")
-        count = int(store._con.execute(f"SELECT count(*) FROM {coll.table}").fetchone()[0])  # noqa: SLF001
+        count = int(scalar(store._con, f"SELECT count(*) FROM {coll.table}"))  # noqa: SLF001
         manifest = {
             "format": FORMAT,
             "id": snap_id,
@@ -124,9 +125,13 @@ def list_snapshots(root: Path, name: str | None) -> SnapshotList:
     for d in dirs:
         for path in d.glob(f"*{SUFFIX}"):
             try:
-                found.append(_info(path, _read_manifest(path)))
-            except CorruptData as exc:
-                found.append(SnapshotInfo(path.stem, d.name, "", 0, path.stat().st_size, str(path), False, exc.message))
+                manifest = _read_manifest(path)
+                if path.stat().st_size < sum(int(p["bytes"]) for p in manifest["parts"].values()):
+                    raise CorruptData(f"snapshot {path.name} is truncated")
+                found.append(_info(path, manifest))
+            except (CorruptData, KeyError, TypeError, ValueError) as exc:
+                message = exc.message if isinstance(exc, CorruptData) else f"bad manifest: {exc}"
+                found.append(SnapshotInfo(path.stem, d.name, "", 0, path.stat().st_size, str(path), False, message))
     found.sort(key=lambda s: s.id, reverse=True)
     return SnapshotList(found)
 
@@ -197,7 +202,7 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
                 f"INSERT INTO {table} SELECT fid, pk, vec, CAST(payload AS JSON), text "
                 f"FROM read_parquet({_sql_path(work / 'points.parquet')})"
             )
-            if con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] != m["count"]:
+            if scalar(con, f"SELECT count(*) FROM {table}") != m["count"]:
                 raise CorruptData(f"snapshot {path.name}: points.parquet does not hold {m['count']} points")
             index = VectorIndex(m["dim"], m["metric"], m["index"], m["params"])
             index.index = raw
@@ -212,7 +217,15 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
                 con.execute(
                     "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, next_fid) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [target, table, m["dim"], m["metric"], m["index"], json.dumps(m["params"]), m["next_fid"]],
+                    [
+                        target,
+                        table,
+                        m["dim"],
+                        m["metric"],
+                        m["index"],
+                        json.dumps(m["params"]),
+                        m["next_fid"],
+                    ],
                 )
                 con.execute("COMMIT")
             except Exception:

@@ -18,6 +18,7 @@ from bkg_kernel.store.collection import Collection
 from bkg_kernel.store.index import DEFAULT_PARAMS, meta_path
 from bkg_kernel.store.lock import DataDirLock
 from bkg_kernel.store.results import CollectionInfo, CollectionList, SnapshotInfo, SnapshotList
+from bkg_kernel.store.sql import scalar
 
 DB_NAME = "bkg.duckdb"
 
@@ -40,14 +41,18 @@ class Store:
         self.data_dir = Path(data_dir if data_dir is not None else self.settings.data_dir).resolve()
         self._lock = DataDirLock(self.data_dir)
         self._lock.acquire()
+        self.db_path = self.data_dir / DB_NAME
+        con = None
         try:
-            self.db_path = self.data_dir / DB_NAME
-            self._con = duckdb.connect(str(self.db_path), config={"autoinstall_known_extensions": False})
-            self._con.execute(f"LOAD '{_fts_extension()}'")
-            migrations.migrate(self._con, str(self.db_path))
+            con = duckdb.connect(str(self.db_path), config={"autoinstall_known_extensions": False})
+            con.execute(f"LOAD '{_fts_extension()}'")
+            migrations.migrate(con, str(self.db_path))
         except BaseException:
+            if con is not None:
+                con.close()
             self._lock.release()
             raise
+        self._con = con
         self._mutex = threading.RLock()
         self._open: dict[str, Collection] = {}
         self.closed = False
@@ -96,14 +101,18 @@ class Store:
         unknown = set(params) - set(DEFAULT_PARAMS[index])
         if unknown:
             allowed = ", ".join(DEFAULT_PARAMS[index]) or "none"
-            raise InvalidInput(f"unknown {index} index parameter {sorted(unknown)[0]!r} (allowed: {allowed})", field="params")
+            raise InvalidInput(
+                f"unknown {index} index parameter {sorted(unknown)[0]!r} (allowed: {allowed})", field="params"
+            )
         for key, value in params.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidInput(f"{key} must be a non-negative integer", field=f"params.{key}")
         with self._mutex:
             return self._create(name, dim, metric, index, {**DEFAULT_PARAMS[index], **params})
 
-    def _create(self, name: str, dim: int, metric: str, index: str, params: dict[str, Any], **counters: int) -> Collection:
+    def _create(
+        self, name: str, dim: int, metric: str, index: str, params: dict[str, Any], **counters: int
+    ) -> Collection:
         if self._row(name) is not None:
             raise AlreadyExists(f"collection {name!r} already exists", field="name")
         table = self._new_points_table()
@@ -115,10 +124,11 @@ class Store:
         return self.collection(name)
 
     def _new_points_table(self) -> str:
-        seq = self._con.execute("SELECT nextval('points_table_seq')").fetchone()[0]
+        seq = scalar(self._con, "SELECT nextval('points_table_seq')")
         table = f"points_{seq}"
         self._con.execute(
-            f"CREATE TABLE {table} (fid BIGINT NOT NULL, pk VARCHAR NOT NULL, vec BLOB NOT NULL, payload JSON, text VARCHAR)"
+            f"CREATE TABLE {table} "
+            "(fid BIGINT NOT NULL, pk VARCHAR NOT NULL, vec BLOB NOT NULL, payload JSON, text VARCHAR)"
         )
         return table
 
@@ -158,11 +168,12 @@ class Store:
         with self._mutex:
             coll = self.collection(name)
             self._con.execute("CHECKPOINT")  # so the table's blocks are on disk, not only in the WAL
-            count = int(self._con.execute(f"SELECT count(*) FROM {coll.table}").fetchone()[0])
-            blocks = self._con.execute(
-                f"SELECT count(DISTINCT block_id) FROM pragma_storage_info('{coll.table}') WHERE block_id >= 0"
-            ).fetchone()[0]
-            block_size = self._con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+            count = int(scalar(self._con, f"SELECT count(*) FROM {coll.table}"))
+            blocks = scalar(
+                self._con,
+                f"SELECT count(DISTINCT block_id) FROM pragma_storage_info('{coll.table}') WHERE block_id >= 0",
+            )
+            block_size = scalar(self._con, "SELECT block_size FROM pragma_database_size()")
             path = self.index_path(coll.table)
             index_bytes = sum(p.stat().st_size for p in (path, meta_path(path)) if p.exists())
             last = snapshots.list_snapshots(self.snapshot_dir, name)

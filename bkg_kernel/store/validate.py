@@ -86,13 +86,13 @@ def vectors_matrix(vectors: Any, dim: int, collection: str, where: Any) -> np.nd
                 raise InvalidInput(f"vector has {n} values, collection {collection!r} has dim {dim}", field=where(i))
         raise InvalidInput("vectors must be a list of number lists", field=where(0))
     if arr.shape[1] != dim:
-        raise InvalidInput(
-            f"vector has {arr.shape[1]} values, collection {collection!r} has dim {dim}", field=where(0)
-        )
+        raise InvalidInput(f"vector has {arr.shape[1]} values, collection {collection!r} has dim {dim}", field=where(0))
     bad = ~np.isfinite(arr)
     if bad.any():
         i, j = np.argwhere(bad)[0]
-        raise InvalidInput(f"vector contains {arr[i, j]} at position {j}: only finite numbers are allowed", field=where(i))
+        raise InvalidInput(
+            f"vector contains {arr[i, j]} at position {j}: only finite numbers are allowed", field=where(i)
+        )
     return arr
 
 
@@ -144,7 +144,7 @@ def upsert_batch(
         if ids is None or vectors is None:
             raise InvalidInput("upsert needs points, or ids and vectors", field="points")
     n = len(ids)
-    name = (lambda f: (lambda i: f"points[{i}].{f}")) if points is not None else (lambda f: (lambda i: f"{f}[{i}]"))
+    name = (lambda f: lambda i: f"points[{i}].{f}") if points is not None else (lambda f: lambda i: f"{f}[{i}]")
     for col, label in ((payloads, "payloads"), (texts, "texts")):
         if col is not None and len(col) != n:
             raise InvalidInput(f"{label} has {len(col)} entries for {n} ids", field=label)
@@ -152,8 +152,9 @@ def upsert_batch(
     mat = vectors_matrix(vectors, dim, collection, name("vector")) if n else np.zeros((0, dim), np.float32)
     if len(mat) != n:
         raise InvalidInput(f"got {len(mat)} vectors for {n} ids", field="vectors")
-    pl = [_payload(p, name("payload")(i)) for i, p in enumerate(payloads)] if payloads is not None else [None] * n
-    tx = [_text(t, name("text")(i)) for i, t in enumerate(texts)] if texts is not None else [None] * n
+    nothing: list[str | None] = [None] * n
+    pl = [_payload(p, name("payload")(i)) for i, p in enumerate(payloads)] if payloads is not None else nothing
+    tx = [_text(t, name("text")(i)) for i, t in enumerate(texts)] if texts is not None else list(nothing)
     last = {k: i for i, k in enumerate(keys)}
     if len(last) != n:
         keep = sorted(last.values())

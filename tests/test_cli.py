@@ -1,0 +1,77 @@
+"""The `bkg` console script, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BKG = [sys.executable, "-c", "from bkg_kernel.cli import main; main()"]
+COMMANDS = [
+    [],
+    ["version"],
+    ["settings"],
+    ["lab"],
+    ["store"],
+    ["store", "list"],
+    ["store", "create"],
+    ["store", "describe"],
+    ["store", "drop"],
+    ["store", "snapshot"],
+    ["store", "snapshots"],
+    ["store", "restore"],
+    ["store", "delete-snapshot"],
+]
+
+
+def bkg(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BKG, *args], capture_output=True, text=True, check=check, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[" ".join(c) or "bkg" for c in COMMANDS])
+def test_help_everywhere(cmd: list[str]) -> None:
+    out = bkg(*cmd, "--help").stdout
+    assert "Usage:" in out
+
+
+def test_console_script_installed() -> None:
+    exe = Path(sys.executable).parent / "bkg"
+    assert exe.exists()
+    assert subprocess.run([str(exe), "version"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_store_commands_end_to_end(tmp_path: Path) -> None:
+    d = str(tmp_path / "data")
+    bkg("store", "create", "docs", "--dim", "4", "--index", "hnsw", "--data-dir", d)
+    listed = json.loads(bkg("store", "list", "--data-dir", d).stdout)
+    assert [c["name"] for c in listed] == ["docs"] and listed[0]["index"] == "hnsw"
+    snap = json.loads(bkg("store", "snapshot", "docs", "--data-dir", d).stdout)
+    restored = json.loads(bkg("store", "restore", "docs", snap["id"], "--into", "copy", "--data-dir", d).stdout)
+    assert restored["name"] == "copy"
+    assert len(json.loads(bkg("store", "snapshots", "--data-dir", d).stdout)) == 1
+    bkg("store", "drop", "docs", "--yes", "--data-dir", d)
+    assert [c["name"] for c in json.loads(bkg("store", "list", "--data-dir", d).stdout)] == ["copy"]
+
+
+def test_errors_are_one_clear_line(tmp_path: Path) -> None:
+    r = bkg("store", "create", "a/b", "--dim", "4", "--data-dir", str(tmp_path), check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: name: collection name 'a/b' must not contain '/' or '\\'"
+    assert "Traceback" not in r.stderr
+    r = bkg("store", "describe", "nope", "--data-dir", str(tmp_path), check=False)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_settings_from_env_and_toml(tmp_path: Path) -> None:
+    cfg = tmp_path / "bkg.toml"
+    cfg.write_text('port = 5000\nmodel_dir = "/srv/models"\n')
+    out = json.loads(bkg("settings", env={"BKG_CONFIG": str(cfg), "BKG_PORT": "6000", "BKG_DATA_DIR": "/tmp/x"}).stdout)
+    assert out["port"] == 6000  # env beats the file
+    assert out["model_dir"] == "/srv/models"  # the file beats defaults
+    assert out["data_dir"] == "/tmp/x" and out["host"] == "127.0.0.1"
+    defaults = json.loads(bkg("settings", env={"BKG_CONFIG": str(tmp_path / "none.toml")}).stdout)
+    assert defaults["port"] == 43119 and defaults["data_dir"] == "data" and defaults["model_dir"] == "models"

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import clustered
+
+from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound
+from bkg_kernel.store import Store
+
+
+def _coll(store: Store, name: str = "docs", kind: str = "hnsw") -> tuple[object, np.ndarray]:
+    x = clustered(2000, 16, seed=11)
+    c = store.create_collection(name, dim=16, index=kind)
+    c.upsert(
+        ids=list(range(2000)),
+        vectors=x,
+        payloads=[{"lang": "en" if i % 3 else "de", "i": i} for i in range(2000)],
+        texts=[f"document number {i} about {'cats' if i % 2 else 'dogs'}" for i in range(2000)],
+    )
+    c.delete([0, 1, 2])  # dead positions travel with the snapshot
+    return c, x
+
+
+def _answers(c, x) -> list:  # type: ignore[no-untyped-def]
+    out = []
+    for i in (5, 500, 1500):
+        out.append([(h.id, round(h.score, 5), h.payload) for h in c.query(x[i], k=10)])
+        out.append(c.query(x[i], k=10, filter={"lang": "de"}).ids)
+        out.append(c.query(x[i], text="cats", k=10).ids)
+    out.append(c.query(text="dogs", k=10).ids)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_round_trip_identical_results(store: Store, kind: str) -> None:
+    c, x = _coll(store, kind=kind)
+    before = _answers(c, x)
+    snap = store.snapshot("docs")
+    assert snap.points == 1997 and snap.bytes > 0 and snap.collection == "docs"
+    assert store.describe("docs").last_snapshot == snap.id
+    c.upsert(ids=[5], vectors=[x[1500]], payloads=[{"changed": True}])
+    c.delete(filter={"lang": "de"})
+    restored = store.restore_snapshot("docs", snap.id)
+    assert restored.count() == 1997
+    assert _answers(restored, x) == before
+    copy = store.restore_snapshot("docs", snap.id, into="docs-copy")
+    assert _answers(copy, x) == before
+    assert store.list_collections().names == ["docs", "docs-copy"]
+
+
+def test_snapshot_survives_drop_and_reopen(store: Store) -> None:
+    c, x = _coll(store)
+    before = _answers(c, x)
+    snap = store.snapshot("docs")
+    store.drop_collection("docs")
+    assert "docs" not in store
+    assert [s.id for s in store.list_snapshots("docs")] == [snap.id]
+    store.close()
+    with Store(store.data_dir) as s2:
+        restored = s2.restore_snapshot("docs", snap.id)
+        assert _answers(restored, x) == before
+
+
+def test_list_and_delete(store: Store) -> None:
+    _coll(store)
+    a = store.snapshot("docs")
+    b = store.snapshot("docs")
+    assert [s.id for s in store.list_snapshots("docs")] == [b.id, a.id]  # newest first
+    assert [s.id for s in store.list_snapshots()] == [b.id, a.id]
+    store.delete_snapshot("docs", a.id)
+    assert [s.id for s in store.list_snapshots("docs")] == [b.id]
+    with pytest.raises(NotFound):
+        store.delete_snapshot("docs", a.id)
+    with pytest.raises(InvalidInput):
+        store.delete_snapshot("docs", "../../etc")
+
+
+def _damage(path: Path, how: str) -> None:
+    raw = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(raw[: len(raw) // 2]))
+    elif how == "flip":
+        with tarfile.open(path) as tar:
+            member = tar.getmember("points.parquet")
+        raw[member.offset_data + 100] ^= 0xFF  # one flipped byte inside the Parquet part
+        path.write_bytes(bytes(raw))
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(b"this is not a tar file" * 100)
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "empty", "garbage"])
+def test_damaged_snapshot_refused_and_live_untouched(store: Store, how: str) -> None:
+    c, x = _coll(store)
+    snap = store.snapshot("docs")
+    c.upsert(ids=["after"], vectors=[x[9]], payloads=[{"after": True}])
+    before = _answers(c, x)
+    _damage(Path(snap.path), how)
+    with pytest.raises(CorruptData) as err:
+        store.restore_snapshot("docs", snap.id)
+    assert snap.id in err.value.message
+    assert err.value.status == 422
+    live = store["docs"]
+    assert live.count() == 1998 and live.get(["after"])[0].payload == {"after": True}
+    assert _answers(live, x) == before
+    assert store.list_collections().names == ["docs"]  # no half-restored table left behind
+    listed = store.list_snapshots("docs")
+    assert len(listed) == 1
+    if how != "flip":  # a flipped data byte keeps the manifest readable; only restore catches it
+        assert not listed[0].ok and listed[0].error
+
+
+def test_restore_into_existing_other_name_refused(store: Store) -> None:
+    _coll(store)
+    store.create_collection("other", dim=16)
+    snap = store.snapshot("docs")
+    with pytest.raises(AlreadyExists) as err:
+        store.restore_snapshot("docs", snap.id, into="other")
+    assert err.value.field == "into"
+    with pytest.raises(NotFound):
+        store.restore_snapshot("docs", "20990101T000000000000Z-abcdef")
