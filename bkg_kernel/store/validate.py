@@ -44,14 +44,19 @@ def collection_config(dim: Any, metric: Any, index: Any) -> tuple[int, str, str]
     return dim, metric, index
 
 
+_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+
+
 def point_key(pid: Any, field: str) -> str:
     """Return the stored key of a point id: its JSON text, so 7 and "7" stay different points."""
+    if type(pid) is int and -_INT64 <= pid < _INT64:
+        return str(pid)
     if isinstance(pid, bool) or not isinstance(pid, int | str | np.integer):
         raise InvalidInput(f"point id must be an integer or a string, got {type(pid).__name__}", field=field)
     if isinstance(pid, str):
         if not pid or len(pid) > 512:
             raise InvalidInput("point id string must have 1 to 512 characters", field=field)
-        return json.dumps(pid, ensure_ascii=False)
+        return _ENCODE(pid)
     if not -_INT64 <= int(pid) < _INT64:
         raise InvalidInput(f"integer point id {pid} does not fit in 64 bits", field=field)
     return str(int(pid))
@@ -100,6 +105,7 @@ def vectors_matrix(vectors: Any, dim: int, collection: str, where: Any) -> np.nd
 class Batch:
     """Validated columns of an upsert, deduplicated (the last occurrence of an id wins)."""
 
+    ids: list[int | str]
     keys: list[str]
     vectors: np.ndarray
     payloads: list[str | None]
@@ -110,7 +116,7 @@ class Batch:
 
     def slice(self, a: int, b: int) -> Batch:
         """Return rows a..b."""
-        return Batch(self.keys[a:b], self.vectors[a:b], self.payloads[a:b], self.texts[a:b])
+        return Batch(self.ids[a:b], self.keys[a:b], self.vectors[a:b], self.payloads[a:b], self.texts[a:b])
 
 
 def upsert_batch(
@@ -148,7 +154,12 @@ def upsert_batch(
     for col, label in ((payloads, "payloads"), (texts, "texts")):
         if col is not None and len(col) != n:
             raise InvalidInput(f"{label} has {len(col)} entries for {n} ids", field=label)
+    if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" and ids.ndim == 1:
+        ids = ids.tolist()  # plain Python ints, 64-bit by construction
     keys = [point_key(pid, name("id")(i)) for i, pid in enumerate(ids)]
+    plain_ids: list[int | str] = [
+        pid if type(pid) is int or type(pid) is str else json.loads(k) for pid, k in zip(ids, keys, strict=True)
+    ]
     mat = vectors_matrix(vectors, dim, collection, name("vector")) if n else np.zeros((0, dim), np.float32)
     if len(mat) != n:
         raise InvalidInput(f"got {len(mat)} vectors for {n} ids", field="vectors")
@@ -158,8 +169,14 @@ def upsert_batch(
     last = {k: i for i, k in enumerate(keys)}
     if len(last) != n:
         keep = sorted(last.values())
-        return Batch([keys[i] for i in keep], mat[keep], [pl[i] for i in keep], [tx[i] for i in keep])
-    return Batch(keys, mat, pl, tx)
+        return Batch(
+            [plain_ids[i] for i in keep],
+            [keys[i] for i in keep],
+            mat[keep],
+            [pl[i] for i in keep],
+            [tx[i] for i in keep],
+        )
+    return Batch(plain_ids, keys, mat, pl, tx)
 
 
 def _payload(p: Any, field: str) -> str | None:
@@ -168,7 +185,7 @@ def _payload(p: Any, field: str) -> str | None:
     if not isinstance(p, dict):
         raise InvalidInput(f"payload must be a JSON object, got {type(p).__name__}", field=field)
     try:
-        return json.dumps(p, ensure_ascii=False, allow_nan=False)
+        return _ENCODE(p)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"payload is not valid JSON: {exc}", field=field) from None
 

@@ -1,0 +1,28 @@
+# The two commands: `make run` (the workbench) and `make test` (the checks CI runs).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PY := .venv/bin/python
+
+.PHONY: help venv run test lint bench clean-data
+
+help:
+	@echo "make run    set up .venv (cached) and run the workbench: JupyterLab on notebooks/ with the default data dir"
+	@echo "make test   set up .venv (cached) and run lint, type checks and the test suite"
+	@echo "make bench  run the store benchmarks (bench/store.py; not part of make test)"
+
+venv:
+	@bash scripts/bootstrap.sh
+
+run: venv
+	$(PY) -m bkg_kernel.cli lab
+
+lint: venv
+	.venv/bin/ruff check bkg_kernel tests bench
+	.venv/bin/ruff format --check bkg_kernel tests bench
+	.venv/bin/mypy bkg_kernel
+
+test: lint
+	$(PY) -m pytest
+
+bench: venv
+	$(PY) bench/store.py $(BENCH_ARGS)
