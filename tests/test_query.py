@@ -44,6 +44,7 @@ def test_filter_before_rank_returns_full_k(
 ) -> None:
     if path == "index":  # force the filtered graph / IVF search instead of exact search over the matches
         monkeypatch.setattr("bkg_kernel.store.index.EXACT_FILTER_MAX", 0)
+        monkeypatch.setattr("bkg_kernel.store.index.EXACT_FILTER_SHARE", 0)
     n, k = 6000, 20
     x = clustered(n, 16, seed=5)
     rng = np.random.default_rng(6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -227,7 +228,7 @@ class Collection:
                 raise InvalidInput(
                     "an empty filter would delete every point; drop the collection instead", field="filter"
                 )
-            where, params = compile_filter(filter)
+            where, params = compile_filter(filter) if filter else ("TRUE", [])
         with self._store._mutex:  # noqa: SLF001
             index = self._ensure_index()
             con = self._con
@@ -348,7 +349,7 @@ class Collection:
             raise InvalidInput("rrf_k must be a number >= 0", field="rrf_k")
         if ef_search is not None and (not isinstance(ef_search, int) or not 1 <= ef_search <= 4096):
             raise InvalidInput("ef_search must be an integer from 1 to 4096", field="ef_search")
-        where, params = compile_filter(filter)
+        where, params = compile_filter(filter) if filter else ("TRUE", [])
         with self._store._mutex:  # noqa: SLF001
             index = self._ensure_index()
             allowed = self._allowed(filter, where, params) if filter else None
@@ -365,7 +366,7 @@ class Collection:
                 tf, _ = self._text_search(str(text), depth, where, params)
                 fids, scores = rrf([vf, tf], float(rrf_k), k)
             hits = [
-                Hit(self._ids[f], validate.finite(s), _loads(self._payloads[f]))
+                Hit(self._ids[f], s if math.isfinite(s) else 0.0, payload_json=self._payloads[f])
                 for f, s in zip(fids.tolist(), scores.tolist(), strict=True)
             ]
             if with_text and hits:
@@ -467,7 +468,3 @@ def blob_matrix(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
         raise CorruptData(f"a stored vector does not have {dim} float32 values")
     data = np.frombuffer(bufs[2], dtype=np.uint8)[offs[0] : offs[-1]]
     return data.view(np.float32).reshape(n, dim).copy()
-
-
-def _loads(s: str | None) -> Any:
-    return json.loads(s) if s else None

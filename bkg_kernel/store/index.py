@@ -26,8 +26,11 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "hnsw": {"m": 32, "ef_construction": 100, "ef_search": 64},
     "ivf": {"nlist": 0, "nprobe": 16, "ivf_train_min": 10_000},
 }
-# Filtered searches over at most this many candidates are exact brute force (Qdrant's "full scan threshold").
-EXACT_FILTER_MAX = 50_000
+# A filter that leaves at most this many points, or this small a share, is answered by exact search over
+# the matches (Qdrant's "full scan threshold"); above it a filtered HNSW / IVF search is faster and, with
+# its beam widened by the selectivity, as accurate.
+EXACT_FILTER_MAX = 5_000
+EXACT_FILTER_SHARE = 0.02
 
 
 def _faiss() -> Any:
@@ -45,6 +48,7 @@ class VectorIndex:
         self.alive = np.zeros(0, dtype=bool)
         self.n_dead = 0
         self.index = self._new_index()
+        self._index_ef = int(self.params.get("ef_search", 0))  # efSearch set on the faiss index itself
 
     # -- building ---------------------------------------------------------------------------------
     def _faiss_metric(self) -> int:
@@ -69,7 +73,7 @@ class VectorIndex:
         return self.kind == "ivf" and hasattr(self.index, "nprobe")
 
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
-        """Return vectors as contiguous float32, unit length for cosine."""
+        """Return vectors as contiguous float32 (a copy), unit length for cosine."""
         if self.metric != "cosine":
             return np.ascontiguousarray(vectors, dtype=np.float32)
         x = np.array(vectors, dtype=np.float32, order="C", copy=True)
@@ -125,7 +129,8 @@ class VectorIndex:
             allowed = allowed[self.alive[allowed]] if self.n_dead else allowed
             if len(allowed) == 0:
                 return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-            if self.kind != "flat" and len(allowed) <= max(EXACT_FILTER_MAX, k):
+            small = len(allowed) <= max(EXACT_FILTER_MAX, k) or len(allowed) < EXACT_FILTER_SHARE * self.ntotal
+            if self.kind != "flat" and small:
                 return self._exact(q, k, allowed)
             mask = np.zeros(self.ntotal, dtype=bool)
             mask[allowed] = True
@@ -153,7 +158,7 @@ class VectorIndex:
             sel = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
         if self.kind == "hnsw":
             ef = max(int(ef_search or self.params["ef_search"]), k)
-            if mask is None and ef == self.index.hnsw.efSearch:
+            if mask is None and ef == self._index_ef:
                 params = None  # the common case: no per-query parameters to build
             elif mask is not None:
                 # Fewer allowed nodes means a wider beam to find k of them (capped).
@@ -170,17 +175,24 @@ class VectorIndex:
             params = faiss.SearchParameters(sel=sel) if sel is not None else None
         dist, ids = self.index.search(q, k, params=params)
         del bitmap  # the selector points into it: keep it alive until here
+        if ids[0, -1] >= 0:  # faiss pads a short answer with -1 at the end
+            return ids[0], dist[0]
         keep = ids[0] >= 0
-        return ids[0][keep].astype(np.int64), dist[0][keep]
+        return ids[0][keep], dist[0][keep]
 
     def _exact(self, q: np.ndarray, k: int, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        xb = self.reconstruct(cand)
-        if self.metric == "l2":
-            d = ((xb - q) ** 2).sum(axis=1)
-            order_key = d
+        faiss = _faiss()
+        storage = self.index if self.kind == "flat" else getattr(self.index, "storage", None)
+        if storage is not None:  # flat vectors at hand: distances to just the candidates, no copies
+            storage = faiss.downcast_index(storage)
+            labels = np.ascontiguousarray(cand, dtype=np.int64).reshape(1, -1)
+            d = np.empty((1, len(cand)), dtype=np.float32)
+            storage.compute_distance_subset(1, faiss.swig_ptr(q), len(cand), faiss.swig_ptr(d), faiss.swig_ptr(labels))
+            d = d[0]
         else:
-            d = xb @ q[0]
-            order_key = -d
+            xb = self.reconstruct(cand)
+            d = ((xb - q) ** 2).sum(axis=1) if self.metric == "l2" else xb @ q[0]
+        order_key = d if self.metric == "l2" else -d
         k = min(k, len(cand))
         top = np.argpartition(order_key, k - 1)[:k] if k < len(cand) else np.arange(len(cand))
         top = top[np.argsort(order_key[top], kind="stable")]
@@ -224,7 +236,7 @@ class VectorIndex:
         self = cls(dim, metric, kind, meta.get("params", {}))
         self.index = raw
         if self.kind == "hnsw":
-            raw.hnsw.efSearch = int(self.params["ef_search"])
+            raw.hnsw.efSearch = self._index_ef
         self.alive = np.ones(raw.ntotal, dtype=bool)
         return self, meta
 

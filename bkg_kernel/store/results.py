@@ -45,15 +45,31 @@ class Point:
         return asdict(self)
 
 
-@dataclass
 class Hit:
-    """One query result."""
+    """One query result. The payload is decoded from its stored JSON on first access."""
 
-    id: PointId
-    score: float
-    payload: dict[str, Any] | None = None
-    text: str | None = None
-    vector: list[float] | None = None
+    __slots__ = ("id", "score", "text", "vector", "_payload", "_payload_json")
+
+    def __init__(
+        self,
+        id: PointId,
+        score: float,
+        payload: dict[str, Any] | None = None,
+        text: str | None = None,
+        vector: list[float] | None = None,
+        *,
+        payload_json: str | None = None,
+    ) -> None:
+        self.id, self.score, self.text, self.vector = id, score, text, vector
+        self._payload = payload
+        self._payload_json = payload_json
+
+    @property
+    def payload(self) -> dict[str, Any] | None:
+        """Return the point's payload."""
+        if self._payload_json is not None:
+            self._payload, self._payload_json = json.loads(self._payload_json), None
+        return self._payload
 
     def to_dict(self) -> dict[str, Any]:
         """Return the hit as plain JSON-able data, leaving out what was not asked for."""
@@ -63,6 +79,12 @@ class Hit:
         if self.vector is not None:
             d["vector"] = self.vector
         return d
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Hit) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Hit(id={self.id!r}, score={self.score:.4f}, payload={self.payload!r})"
 
 
 @dataclass
