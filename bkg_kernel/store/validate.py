@@ -71,9 +71,9 @@ def k_value(k: Any) -> int:
 
 def query_vector(vector: Any, dim: int, collection: str) -> np.ndarray:
     """Return a query vector as float32 or raise naming the problem."""
-    if isinstance(vector, np.ndarray) and vector.shape == (dim,) and vector.dtype == np.float32:
-        if np.isfinite(vector).all():  # the common case from numpy callers, checked without copies
-            return vector
+    numpy_ok = isinstance(vector, np.ndarray) and vector.shape == (dim,) and vector.dtype == np.float32
+    if numpy_ok and np.isfinite(vector).all():  # the common case from numpy callers, checked without copies
+        return vector
     return vectors_matrix([vector], dim, collection, lambda i: "vector")[0]
 
 
