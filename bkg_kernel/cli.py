@@ -15,7 +15,13 @@ from bkg_kernel.errors import BkgError
 
 app = typer.Typer(help="bkg: a notebook-first ML research workbench.", no_args_is_help=True, add_completion=False)
 store_app = typer.Typer(help="Collections and snapshots in the DuckDB + FAISS store.", no_args_is_help=True)
+plugins_app = typer.Typer(help="Plugins of the running gateway.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys (admin).", no_args_is_help=True)
+users_app = typer.Typer(help="Users (admin).", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+app.add_typer(plugins_app, name="plugins")
+app.add_typer(keys_app, name="keys")
+app.add_typer(users_app, name="users")
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data dir (default: BKG_DATA_DIR or ./data).")]
 
@@ -67,6 +73,152 @@ def lab(
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default BKG_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default BKG_PORT).")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Run the gateway in the foreground until SIGINT / SIGTERM (then plugins stop and it exits)."""
+    from bkg_kernel.gateway.server import serve as run
+    from bkg_kernel.settings import Settings
+
+    overrides: dict[str, Any] = {"host": host, "port": port, "data_dir": data_dir}
+    run(Settings(**{k: v for k, v in overrides.items() if v is not None}))
+
+
+def _wb(url: str | None, data_dir: Path | None) -> Any:
+    from bkg_kernel.client import connect
+
+    return connect(url, data_dir=data_dir, start=False)
+
+
+Url = Annotated[str | None, typer.Option("--url", help="Gateway URL (default: the data dir's gateway).")]
+
+
+@app.command()
+def status(url: Url = None, data_dir: DataDir = None) -> None:
+    """Show the gateway's health and every plugin's state."""
+    _print(_wb(url, data_dir).health())
+
+
+@plugins_app.command("list")
+def plugins_list(url: Url = None, data_dir: DataDir = None) -> None:
+    """List plugins with state and telemetry."""
+    for p in _wb(url, data_dir).plugins:
+        t = p["telemetry"]
+        typer.echo(f"{p['id']:<12} {p['state']:<9} {p['mode']:<7} up {t['uptime_s']:>8.0f}s  {p['reason'] or ''}")
+
+
+def _plugin_action(action: str) -> None:
+    def cmd(plugin_id: str, url: Url = None, data_dir: DataDir = None) -> None:
+        _print(getattr(_wb(url, data_dir).plugin(plugin_id), action)())
+
+    cmd.__doc__ = f"{action.capitalize()} a plugin."
+    plugins_app.command(action)(cmd)
+
+
+for _action in ("start", "stop", "restart"):
+    _plugin_action(_action)
+
+
+@plugins_app.command("logs")
+def plugins_logs(
+    plugin_id: str,
+    limit: Annotated[int, typer.Option(help="Lines.")] = 50,
+    level: Annotated[str | None, typer.Option(help="Minimum level.")] = None,
+    url: Url = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Print a plugin's newest log lines."""
+    import time as _t
+
+    for line in _wb(url, data_dir).plugin(plugin_id).logs(limit, level):
+        stamp = _t.strftime("%H:%M:%S", _t.localtime(line["time"]))
+        typer.echo(f"{stamp} {line['level']:<7} {line['message']}")
+
+
+@keys_app.command("list")
+def keys_list(url: Url = None, data_dir: DataDir = None) -> None:
+    """List API keys (no secrets)."""
+    _print(_wb(url, data_dir).keys())
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str,
+    user: Annotated[str | None, typer.Option(help="Owner user id or name (default: you).")] = None,
+    scope: Annotated[list[str] | None, typer.Option(help="Scope (repeat); default: all of the owner's.")] = None,
+    expires_in_days: Annotated[float | None, typer.Option(help="Expire after this many days.")] = None,
+    rate_limit: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
+    url: Url = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create a key and print its secret (shown this once)."""
+    wb = _wb(url, data_dir)
+    body = {"user_id": user, "scopes": scope, "expires_in_days": expires_in_days, "rate_limit_per_min": rate_limit}
+    _print(wb.create_key(name, **body))
+
+
+@keys_app.command("rotate")
+def keys_rotate(key_id: str, url: Url = None, data_dir: DataDir = None) -> None:
+    """Give a key a new secret (the old one stops working)."""
+    _print(_wb(url, data_dir).call("POST", f"/admin/keys/{key_id}/rotate"))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, url: Url = None, data_dir: DataDir = None) -> None:
+    """Revoke a key."""
+    _print(_wb(url, data_dir).call("POST", f"/admin/keys/{key_id}/revoke"))
+
+
+@users_app.command("list")
+def users_list(url: Url = None, data_dir: DataDir = None) -> None:
+    """List users."""
+    _print(_wb(url, data_dir).users())
+
+
+@users_app.command("create")
+def users_create(
+    username: str,
+    role: Annotated[str, typer.Option(help="admin | developer | viewer | a custom role")] = "viewer",
+    password: Annotated[str | None, typer.Option(help="Password (8+ characters).")] = None,
+    url: Url = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create a user."""
+    _print(_wb(url, data_dir).create_user(username, role, password))
+
+
+def _user_patch(name: str, body: dict[str, Any], doc: str) -> None:
+    def cmd(user_id: str, url: Url = None, data_dir: DataDir = None) -> None:
+        _print(_wb(url, data_dir).call("PATCH", f"/admin/users/{user_id}", json=body))
+
+    cmd.__doc__ = doc
+    users_app.command(name)(cmd)
+
+
+_user_patch("disable", {"disabled": True}, "Disable a user (their keys stop working).")
+_user_patch("enable", {"disabled": False}, "Enable a user.")
+
+
+@users_app.command("passwd")
+def users_passwd(
+    user_id: str,
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True)],
+    url: Url = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Set a user's password."""
+    _print(_wb(url, data_dir).call("PATCH", f"/admin/users/{user_id}", json={"password": password}))
+
+
+@users_app.command("delete")
+def users_delete(user_id: str, url: Url = None, data_dir: DataDir = None) -> None:
+    """Delete a user (their keys are revoked)."""
+    _print(_wb(url, data_dir).call("DELETE", f"/admin/users/{user_id}"))
 
 
 @store_app.command("list")

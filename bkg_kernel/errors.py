@@ -81,3 +81,42 @@ class MissingDependency(BkgError):
         super().__init__(f"{module} is not installed: pip install 'bkg-kernel[{extra}]'")
         self.module = module
         self.extra = extra
+
+
+class Unauthorized(BkgError):
+    """No valid credentials."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(BkgError):
+    """Valid credentials without the scope the route needs."""
+
+    status = 403
+    code = "forbidden"
+
+
+class TooManyRequests(BkgError):
+    """A rate limit or a full queue; `retry_after` says when to try again."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
+
+
+class Unavailable(BkgError):
+    """A plugin is not running, or its worker died under the request."""
+
+    status = 503
+    code = "unavailable"
+
+
+class Timeout(BkgError):
+    """A plugin took longer than its request timeout."""
+
+    status = 504
+    code = "timeout"

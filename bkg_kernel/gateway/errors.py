@@ -1,0 +1,55 @@
+"""One JSON error shape for every 4xx / 5xx: `{"error": {"status", "code", "message", "field"?}}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from bkg_kernel.errors import BkgError, TooManyRequests
+
+log = logging.getLogger("bkg.gateway")
+_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None, **headers: str) -> JSONResponse:
+    """Build the JSON error response."""
+    body: dict[str, Any] = {"status": status, "code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse({"error": body}, status_code=status, headers=headers or None)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that map every error to the one shape; tracebacks stay in the log."""
+
+    @app.exception_handler(BkgError)
+    async def bkg_error(request: Request, exc: BkgError) -> JSONResponse:
+        headers = {}
+        if isinstance(exc, TooManyRequests):
+            headers["Retry-After"] = str(max(1, round(exc.retry_after + 0.5)))
+        if exc.status >= 500:
+            log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
+        return error_response(exc.status, exc.code, exc.message, exc.field, **headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        field = ".".join(loc) or None
+        msg = err.get("msg", "invalid request")
+        return error_response(422, "invalid_input", f"{field}: {msg}" if field else msg, field)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = _CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "internal error; the gateway log has the details")

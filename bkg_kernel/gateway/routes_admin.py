@@ -1,0 +1,155 @@
+"""Admin routes: users, roles, API keys and the audit log."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from bkg_kernel.errors import InvalidInput
+from bkg_kernel.gateway.state import gateway, need
+from bkg_kernel.plugins.apikeys.service import AuthService, Principal
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+USERS, KEYS, AUDIT = need("admin:users"), need("admin:keys"), need("admin:audit")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NewUser(Strict):
+    username: str
+    role: str = "viewer"
+    password: str | None = None
+
+
+class UserPatch(Strict):
+    role: str | None = None
+    disabled: bool | None = None
+    password: str | None = None
+
+
+class NewRole(Strict):
+    name: str
+    scopes: list[str]
+    description: str = ""
+
+
+class NewKey(Strict):
+    name: str
+    user_id: str | None = Field(None, description="Owner (default: the caller).")
+    scopes: list[str] | None = Field(None, description="A subset of the owner's scopes (default: all of them).")
+    expires_in_days: float | None = Field(None, gt=0, le=3650)
+    expires_at: datetime | None = None
+    rate_limit_per_min: int | None = None
+
+
+def _auth(request: Request) -> AuthService:
+    auth = gateway(request).auth
+    assert auth is not None
+    return auth
+
+
+@router.get("/users")
+def list_users(request: Request, p: Annotated[Principal, Depends(USERS)]) -> dict[str, Any]:
+    """All users."""
+    return {"users": _auth(request).list_users()}
+
+
+@router.post("/users", status_code=201)
+def create_user(body: NewUser, request: Request, p: Annotated[Principal, Depends(USERS)]) -> dict[str, Any]:
+    """Create a user."""
+    return _auth(request).create_user(body.username, body.role, body.password, actor=p.username)
+
+
+@router.get("/users/{user_id}")
+def get_user(user_id: str, request: Request, p: Annotated[Principal, Depends(USERS)]) -> dict[str, Any]:
+    """One user."""
+    auth = _auth(request)
+    return next(u for u in auth.list_users() if u["id"] == auth.user(user_id)["id"])
+
+
+@router.patch("/users/{user_id}")
+def update_user(
+    user_id: str, body: UserPatch, request: Request, p: Annotated[Principal, Depends(USERS)]
+) -> dict[str, Any]:
+    """Change role, disable / enable, or set the password."""
+    auth = _auth(request)
+    if body.password is not None:
+        auth.set_password(user_id, body.password, actor=p.username)
+    return auth.update_user(user_id, role=body.role, disabled=body.disabled, actor=p.username)
+
+
+@router.delete("/users/{user_id}")
+def delete_user(user_id: str, request: Request, p: Annotated[Principal, Depends(USERS)]) -> dict[str, Any]:
+    """Delete a user (their keys are revoked)."""
+    if _auth(request).user(user_id)["id"] == p.user_id:
+        raise InvalidInput("you cannot delete yourself", field="user_id")
+    _auth(request).delete_user(user_id, actor=p.username)
+    return {"deleted": user_id}
+
+
+@router.get("/roles")
+def list_roles(request: Request, p: Annotated[Principal, Depends(USERS)]) -> dict[str, Any]:
+    """Roles and their scopes."""
+    return {"roles": _auth(request).list_roles()}
+
+
+@router.post("/roles", status_code=201)
+def create_role(body: NewRole, request: Request, p: Annotated[Principal, Depends(USERS)]) -> dict[str, Any]:
+    """Create a custom role."""
+    return _auth(request).create_role(body.name, body.scopes, body.description, actor=p.username)
+
+
+@router.delete("/roles/{name}")
+def delete_role(name: str, request: Request, p: Annotated[Principal, Depends(USERS)]) -> dict[str, Any]:
+    """Delete a custom role no user has."""
+    _auth(request).delete_role(name, actor=p.username)
+    return {"deleted": name}
+
+
+@router.get("/keys")
+def list_keys(request: Request, p: Annotated[Principal, Depends(KEYS)], user_id: str | None = None) -> dict[str, Any]:
+    """API keys (never their secrets)."""
+    return {"keys": _auth(request).list_keys(user_id)}
+
+
+@router.post("/keys", status_code=201)
+def create_key(body: NewKey, request: Request, p: Annotated[Principal, Depends(KEYS)]) -> dict[str, Any]:
+    """Create a key; the response holds the secret, shown this once."""
+    expires = body.expires_at
+    if body.expires_in_days is not None:
+        expires = datetime.now(UTC) + timedelta(days=body.expires_in_days)
+    if expires is not None and expires.tzinfo is not None:
+        expires = expires.astimezone(UTC).replace(tzinfo=None)
+    rec, token = _auth(request).create_key(
+        body.user_id or p.user_id, body.name, body.scopes, expires, body.rate_limit_per_min, actor=p.username
+    )
+    return {**rec, "key": token}
+
+
+@router.post("/keys/{key_id}/rotate")
+def rotate_key(key_id: str, request: Request, p: Annotated[Principal, Depends(KEYS)]) -> dict[str, Any]:
+    """New secret, same id and scopes; the old secret stops working now."""
+    rec, token = _auth(request).rotate_key(key_id, actor=p.username)
+    return {**rec, "key": token}
+
+
+@router.post("/keys/{key_id}/revoke")
+def revoke_key(key_id: str, request: Request, p: Annotated[Principal, Depends(KEYS)]) -> dict[str, Any]:
+    """Revoke a key."""
+    return _auth(request).revoke_key(key_id, actor=p.username)
+
+
+@router.get("/audit")
+def audit(
+    request: Request,
+    p: Annotated[Principal, Depends(AUDIT)],
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    action: str | None = None,
+) -> dict[str, Any]:
+    """Recent audit entries, newest first."""
+    return {"entries": _auth(request).list_audit(limit, action)}

@@ -1,0 +1,180 @@
+"""The store over HTTP: collections, points, queries and snapshots."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from bkg_kernel.errors import InvalidInput
+from bkg_kernel.gateway.state import gateway, need, store_of
+from bkg_kernel.plugins.apikeys.service import Principal
+
+router = APIRouter(prefix="/api/collections", tags=["collections"])
+READ, WRITE = Depends(need("collections:read")), need("collections:write")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NewCollection(Strict):
+    name: str
+    dim: int
+    metric: Literal["cosine", "l2", "ip"] = "cosine"
+    index: Literal["flat", "hnsw", "ivf"] = "flat"
+    params: dict[str, int] = Field(default_factory=dict, description="Index parameters (m, ef_search, nlist, ...).")
+
+
+class PointIn(Strict):
+    id: int | str
+    vector: list[float]
+    payload: dict[str, Any] | None = None
+    text: str | None = None
+
+
+class Upsert(Strict):
+    points: list[PointIn] = Field(..., max_length=100_000)
+
+
+class Ids(Strict):
+    ids: list[int | str] = Field(..., max_length=100_000)
+    with_vectors: bool = True
+
+
+class Delete(Strict):
+    ids: list[int | str] | None = None
+    filter: dict[str, Any] | None = None
+
+
+class Query(Strict):
+    vector: list[float] | None = None
+    text: str | None = None
+    k: int = 10
+    filter: dict[str, Any] | None = None
+    mode: Literal["vector", "text", "hybrid"] | None = None
+    rrf_k: float = 60.0
+    ef_search: int | None = None
+    with_text: bool = False
+
+
+class Restore(Strict):
+    into: str | None = None
+
+
+def _audit(request: Request, p: Principal, action: str, target: str, **detail: Any) -> None:
+    auth = gateway(request).auth
+    assert auth is not None
+    auth.audit(p.username, action, target, **detail)
+
+
+@router.get("", dependencies=[READ])
+def list_collections(request: Request) -> dict[str, Any]:
+    """Every collection, described."""
+    return {"collections": [c.to_dict() for c in store_of(request).list_collections()]}
+
+
+@router.post("", status_code=201)
+def create_collection(body: NewCollection, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> dict[str, Any]:
+    """Create a collection."""
+    s = store_of(request)
+    s.create_collection(body.name, body.dim, body.metric, body.index, **body.params)
+    _audit(request, p, "collection.create", body.name, dim=body.dim, metric=body.metric, index=body.index)
+    return s.describe(body.name).to_dict()
+
+
+@router.get("/{name}", dependencies=[READ])
+def describe(name: str, request: Request) -> dict[str, Any]:
+    """Count, dim, metric, index, bytes on disk, last snapshot."""
+    return store_of(request).describe(name).to_dict()
+
+
+@router.delete("/{name}", status_code=204)
+def drop(name: str, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> Response:
+    """Drop a collection (its snapshots stay)."""
+    store_of(request).drop_collection(name)
+    _audit(request, p, "collection.drop", name)
+    return Response(status_code=204)
+
+
+@router.put("/{name}/points", dependencies=[Depends(WRITE)])
+def upsert(name: str, body: Upsert, request: Request) -> dict[str, Any]:
+    """Insert or replace points."""
+    r = store_of(request).collection(name).upsert([pt.model_dump() for pt in body.points])
+    return {"upserted": r.upserted, "took_ms": r.took_ms}
+
+
+@router.post("/{name}/points/get", dependencies=[READ])
+def get_points(name: str, body: Ids, request: Request) -> dict[str, Any]:
+    """Points by id, in the order asked (missing ids left out)."""
+    pts = store_of(request).collection(name).get(body.ids, with_vectors=body.with_vectors)
+    return {"points": [p.to_dict() for p in pts]}
+
+
+@router.post("/{name}/points/delete", dependencies=[Depends(WRITE)])
+def delete_points(name: str, body: Delete, request: Request) -> dict[str, Any]:
+    """Delete points by ids or by filter."""
+    return {"deleted": store_of(request).collection(name).delete(body.ids, filter=body.filter)}
+
+
+@router.post("/{name}/points/count", dependencies=[READ])
+def count_points(name: str, request: Request, body: Delete | None = None) -> dict[str, Any]:
+    """Count points, optionally matching a filter."""
+    flt = body.filter if body else None
+    if body is not None and body.ids is not None:
+        raise InvalidInput("count takes a filter, not ids", field="ids")
+    return {"count": store_of(request).collection(name).count(flt)}
+
+
+@router.post("/{name}/query", dependencies=[READ])
+def query(name: str, body: Query, request: Request) -> dict[str, Any]:
+    """Vector, full-text (BM25) or hybrid (RRF) search, filtered before ranking."""
+    r = (
+        store_of(request)
+        .collection(name)
+        .query(
+            body.vector,
+            body.text,
+            k=body.k,
+            filter=body.filter,
+            mode=body.mode,
+            rrf_k=body.rrf_k,
+            ef_search=body.ef_search,
+            with_text=body.with_text,
+        )
+    )
+    return r.to_dict()
+
+
+@router.post("/{name}/snapshots", status_code=201)
+def snapshot(name: str, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> dict[str, Any]:
+    """Write a snapshot archive."""
+    info = store_of(request).snapshot(name)
+    _audit(request, p, "snapshot.create", name, snapshot=info.id)
+    return info.to_dict()
+
+
+@router.get("/{name}/snapshots", dependencies=[READ])
+def list_snapshots(name: str, request: Request) -> dict[str, Any]:
+    """Snapshots of a collection (also of a dropped one), newest first."""
+    return {"snapshots": [s.to_dict() for s in store_of(request).list_snapshots(name)]}
+
+
+@router.post("/{name}/snapshots/{snapshot_id}/restore")
+def restore(
+    name: str, snapshot_id: str, request: Request, p: Annotated[Principal, Depends(WRITE)], body: Restore | None = None
+) -> dict[str, Any]:
+    """Restore a snapshot into the same collection or a new name; a damaged archive is refused (422)."""
+    s = store_of(request)
+    coll = s.restore_snapshot(name, snapshot_id, body.into if body else None)
+    _audit(request, p, "snapshot.restore", name, snapshot=snapshot_id, into=coll.name)
+    return s.describe(coll.name).to_dict()
+
+
+@router.delete("/{name}/snapshots/{snapshot_id}", status_code=204)
+def delete_snapshot(name: str, snapshot_id: str, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> Response:
+    """Delete one snapshot archive."""
+    store_of(request).delete_snapshot(name, snapshot_id)
+    _audit(request, p, "snapshot.delete", name, snapshot=snapshot_id)
+    return Response(status_code=204)

@@ -1,0 +1,489 @@
+"""Users, roles, scopes, API keys, sessions, rate limits and the audit log, kept in the store's DuckDB.
+
+Every key is also held in memory by prefix (the gateway is the only writer), so checking a request costs a
+dict lookup and one sha256, not a query.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bkg_kernel.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, TooManyRequests, Unauthorized
+from bkg_kernel.plugins.apikeys import secrets as ks
+
+SCOPES = (
+    "plugins:read",
+    "plugins:write",
+    "collections:read",
+    "collections:write",
+    "llm:use",
+    "faces:use",
+    "repo:use",
+    "admin:users",
+    "admin:keys",
+    "admin:audit",
+)
+BUILTIN_ROLES = {
+    "admin": (SCOPES, "Everything, including users, keys and the audit log."),
+    "developer": (
+        ("plugins:read", "plugins:write", "collections:read", "collections:write", "llm:use", "faces:use", "repo:use"),
+        "Use and operate plugins and collections.",
+    ),
+    "viewer": (("plugins:read", "collections:read"), "Read-only."),
+}
+SESSION_TTL = timedelta(hours=12)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass
+class Principal:
+    """Who is calling, with the scopes they hold right now."""
+
+    user_id: str
+    username: str
+    role: str
+    scopes: frozenset[str]
+    key_id: str | None = None
+    via: str = "key"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the principal as JSON data."""
+        return {
+            "user_id": self.user_id,
+            "username": self.username,
+            "role": self.role,
+            "scopes": sorted(self.scopes),
+            "key_id": self.key_id,
+            "via": self.via,
+        }
+
+
+@dataclass
+class KeyRecord:
+    id: str
+    prefix: str
+    secret_hash: str
+    name: str
+    user_id: str
+    scopes: list[str]
+    rate_limit_per_min: int | None
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    rotated_at: datetime | None
+    revoked_at: datetime | None
+    tokens: float = field(default=0.0, repr=False)
+    refilled: float = field(default=0.0, repr=False)
+    flushed: float = field(default=0.0, repr=False)
+
+    def public(self) -> dict[str, Any]:
+        """Return the key without its hash."""
+        iso = lambda d: d.isoformat() + "Z" if d else None  # noqa: E731
+        now = _now()
+        state = "revoked" if self.revoked_at else "expired" if self.expires_at and self.expires_at <= now else "active"
+        return {
+            "id": self.id,
+            "prefix": f"bkg_{self.prefix}",
+            "name": self.name,
+            "user_id": self.user_id,
+            "scopes": list(self.scopes),
+            "rate_limit_per_min": self.rate_limit_per_min,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "last_used_at": iso(self.last_used_at),
+            "rotated_at": iso(self.rotated_at),
+            "revoked_at": iso(self.revoked_at),
+            "state": state,
+        }
+
+
+class AuthService:
+    """The apikeys core; `store` is the gateway's open Store (its connection and mutex are shared)."""
+
+    def __init__(self, store: Any) -> None:
+        self.con = store._con  # noqa: SLF001
+        self.mutex = store._mutex  # noqa: SLF001
+        self._lock = threading.Lock()
+        with self.mutex:
+            for name, (scopes, desc) in BUILTIN_ROLES.items():
+                self.con.execute(
+                    "INSERT INTO roles (name, scopes, builtin, description) VALUES (?, ?, TRUE, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET scopes = excluded.scopes, description = excluded.description",
+                    [name, list(scopes), desc],
+                )
+            self.roles: dict[str, list[str]] = dict(self.con.execute("SELECT name, scopes FROM roles").fetchall())
+            self.users: dict[str, dict[str, Any]] = {u["id"]: u for u in self._rows("SELECT * FROM users")}
+            self.keys: dict[str, KeyRecord] = {
+                r["prefix"]: KeyRecord(**r) for r in self._rows("SELECT * FROM api_keys WHERE revoked_at IS NULL")
+            }
+
+    def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        cur = self.con.execute(sql, params or [])
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    # -- audit ------------------------------------------------------------------------------------
+    def audit(self, actor: str | None, action: str, target: str | None = None, ok: bool = True, **detail: Any) -> None:
+        """Append an audit entry."""
+        with self.mutex:
+            self.con.execute(
+                "INSERT INTO audit (actor, action, target, ok, detail) VALUES (?, ?, ?, ?, ?)",
+                [actor, action, target, ok, json.dumps(detail, default=str)],
+            )
+
+    def list_audit(self, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
+        """Return the newest audit entries, optionally of one action."""
+        if not 1 <= limit <= 10_000:
+            raise InvalidInput("limit must be from 1 to 10000", field="limit")
+        where, params = ("WHERE action = ?", [action]) if action else ("", [])
+        with self.mutex:
+            rows = self._rows(f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?", [*params, limit])
+        for r in rows:
+            r["created_at"] = r["created_at"].isoformat() + "Z"
+            r["detail"] = json.loads(r["detail"]) if r["detail"] else {}
+        return rows
+
+    # -- roles ------------------------------------------------------------------------------------
+    def list_roles(self) -> list[dict[str, Any]]:
+        """Return every role with its scopes."""
+        with self.mutex:
+            return self._rows("SELECT name, scopes, builtin, description FROM roles ORDER BY name")
+
+    def create_role(
+        self, name: str, scopes: list[str], description: str = "", actor: str | None = None
+    ) -> dict[str, Any]:
+        """Create a custom role."""
+        _check_name(name, "name")
+        self._check_scopes(scopes, SCOPES, "scopes")
+        with self.mutex:
+            if name in self.roles:
+                raise AlreadyExists(f"role {name!r} already exists", field="name")
+            self.con.execute(
+                "INSERT INTO roles (name, scopes, description) VALUES (?, ?, ?)", [name, scopes, description]
+            )
+            self.roles[name] = list(scopes)
+        self.audit(actor, "role.create", name, scopes=scopes)
+        return {"name": name, "scopes": scopes, "builtin": False, "description": description}
+
+    def delete_role(self, name: str, actor: str | None = None) -> None:
+        """Delete a custom role that no user has."""
+        with self.mutex:
+            if name not in self.roles:
+                raise NotFound(f"no role {name!r}", field="name")
+            if name in BUILTIN_ROLES:
+                raise InvalidInput(f"role {name!r} is built in", field="name")
+            if any(u["role"] == name for u in self.users.values()):
+                raise InvalidInput(f"role {name!r} is still given to users", field="name")
+            self.con.execute("DELETE FROM roles WHERE name = ?", [name])
+            del self.roles[name]
+        self.audit(actor, "role.delete", name)
+
+    # -- users ------------------------------------------------------------------------------------
+    def create_user(
+        self, username: str, role: str = "viewer", password: str | None = None, actor: str | None = None
+    ) -> dict[str, Any]:
+        """Create a user (the password, if given, is stored as a scrypt hash)."""
+        _check_name(username, "username")
+        if role not in self.roles:
+            raise InvalidInput(f"unknown role {role!r} (have {', '.join(sorted(self.roles))})", field="role")
+        if password is not None:
+            _check_password(password)
+        with self.mutex:
+            if any(u["username"] == username for u in self.users.values()):
+                raise AlreadyExists(f"user {username!r} already exists", field="username")
+            uid = "u_" + uuid.uuid4().hex[:12]
+            pw = ks.hash_password(password) if password else None
+            self.con.execute(
+                "INSERT INTO users (id, username, role, password_hash) VALUES (?, ?, ?, ?)", [uid, username, role, pw]
+            )
+            self.users[uid] = self._rows("SELECT * FROM users WHERE id = ?", [uid])[0]
+        self.audit(actor, "user.create", username, role=role)
+        return _public_user(self.users[uid])
+
+    def user(self, user_id: str) -> dict[str, Any]:
+        """Return one user or raise 404."""
+        u = self.users.get(user_id) or next((u for u in self.users.values() if u["username"] == user_id), None)
+        if u is None:
+            raise NotFound(f"no user {user_id!r}", field="user_id")
+        return u
+
+    def list_users(self) -> list[dict[str, Any]]:
+        """Return all users (never their password hashes)."""
+        return [_public_user(u) for u in sorted(self.users.values(), key=lambda u: u["created_at"])]
+
+    def update_user(
+        self, user_id: str, *, role: str | None = None, disabled: bool | None = None, actor: str | None = None
+    ) -> dict[str, Any]:
+        """Change a user's role or disable / enable them."""
+        u = self.user(user_id)
+        if role is not None and role not in self.roles:
+            raise InvalidInput(f"unknown role {role!r}", field="role")
+        with self.mutex:
+            if role is not None:
+                self.con.execute("UPDATE users SET role = ? WHERE id = ?", [role, u["id"]])
+                u["role"] = role
+            if disabled is not None:
+                self.con.execute("UPDATE users SET disabled = ? WHERE id = ?", [disabled, u["id"]])
+                u["disabled"] = disabled
+        self.audit(actor, "user.update", u["username"], role=role, disabled=disabled)
+        return _public_user(u)
+
+    def set_password(self, user_id: str, password: str, actor: str | None = None) -> None:
+        """Set a user's password."""
+        u = self.user(user_id)
+        _check_password(password)
+        pw = ks.hash_password(password)
+        with self.mutex:
+            self.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [pw, u["id"]])
+            u["password_hash"] = pw
+        self.audit(actor, "user.password", u["username"])
+
+    def delete_user(self, user_id: str, actor: str | None = None) -> None:
+        """Delete a user; their keys are revoked and their sessions end."""
+        u = self.user(user_id)
+        for k in [k for k in self.keys.values() if k.user_id == u["id"]]:
+            self.revoke_key(k.id, actor=actor)
+        with self.mutex:
+            self.con.execute("DELETE FROM sessions WHERE user_id = ?", [u["id"]])
+            self.con.execute("DELETE FROM users WHERE id = ?", [u["id"]])
+            del self.users[u["id"]]
+        self.audit(actor, "user.delete", u["username"])
+
+    # -- keys -------------------------------------------------------------------------------------
+    def create_key(
+        self,
+        user_id: str,
+        name: str,
+        scopes: list[str] | None = None,
+        expires_at: datetime | None = None,
+        rate_limit_per_min: int | None = None,
+        actor: str | None = None,
+        token: str | None = None,
+    ) -> tuple[dict[str, Any], str]:
+        """Create a key for a user; return (its public record, the token, shown this once)."""
+        u = self.user(user_id)
+        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+            raise InvalidInput("key name must be 1 to 100 characters", field="name")
+        allowed = self.roles[u["role"]]
+        scopes = list(allowed) if scopes is None else scopes
+        self._check_scopes(scopes, tuple(allowed), "scopes", owner=u)
+        if expires_at is not None and expires_at <= _now():
+            raise InvalidInput("expires_at is in the past", field="expires_at")
+        if rate_limit_per_min is not None and not 1 <= rate_limit_per_min <= 1_000_000:
+            raise InvalidInput("rate_limit_per_min must be from 1 to 1000000", field="rate_limit_per_min")
+        if token is None:
+            token, prefix, secret = ks.new_key()
+        else:
+            parsed = ks.parse_key(token)
+            if parsed is None:
+                raise InvalidInput("key must look like bkg_<12 hex>_<32+ url-safe characters>", field="key")
+            prefix, secret = parsed
+        rec = KeyRecord(
+            "k_" + uuid.uuid4().hex[:12], prefix, ks.hash_secret(secret), name, u["id"], scopes,
+            rate_limit_per_min, _now(), expires_at, None, None, None,
+        )  # fmt: skip
+        with self.mutex:
+            if prefix in self.keys:
+                raise AlreadyExists("a key with this prefix exists", field="key")
+            self.con.execute(
+                "INSERT INTO api_keys (id, prefix, secret_hash, name, user_id, scopes, rate_limit_per_min, created_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    rec.id,
+                    prefix,
+                    rec.secret_hash,
+                    name,
+                    u["id"],
+                    scopes,
+                    rate_limit_per_min,
+                    rec.created_at,
+                    expires_at,
+                ],
+            )
+            self.keys[prefix] = rec
+        self.audit(actor, "key.create", rec.id, name=name, user=u["username"], scopes=scopes)
+        return rec.public(), token
+
+    def _key(self, key_id: str) -> KeyRecord:
+        for k in self.keys.values():
+            if k.id == key_id:
+                return k
+        raise NotFound(f"no active key {key_id!r}", field="key_id")
+
+    def list_keys(self, user_id: str | None = None) -> list[dict[str, Any]]:
+        """Return keys (active and revoked), newest first, without secrets."""
+        self.flush_last_used()
+        where, params = ("WHERE user_id = ?", [user_id]) if user_id else ("", [])
+        with self.mutex:
+            rows = self._rows(f"SELECT * FROM api_keys {where} ORDER BY created_at DESC", params)
+        return [KeyRecord(**r).public() for r in rows]
+
+    def rotate_key(self, key_id: str, actor: str | None = None) -> tuple[dict[str, Any], str]:
+        """Give a key a new secret (same id, name, scopes); the old token stops working at once."""
+        rec = self._key(key_id)
+        token, prefix, secret = ks.new_key()
+        with self.mutex:
+            self.con.execute(
+                "UPDATE api_keys SET prefix = ?, secret_hash = ?, rotated_at = ? WHERE id = ?",
+                [prefix, ks.hash_secret(secret), _now(), rec.id],
+            )
+            del self.keys[rec.prefix]
+            rec.prefix, rec.secret_hash, rec.rotated_at = prefix, ks.hash_secret(secret), _now()
+            self.keys[prefix] = rec
+        self.audit(actor, "key.rotate", rec.id, name=rec.name)
+        return rec.public(), token
+
+    def revoke_key(self, key_id: str, actor: str | None = None) -> dict[str, Any]:
+        """Revoke a key for good."""
+        rec = self._key(key_id)
+        with self.mutex:
+            rec.revoked_at = _now()
+            self.con.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [rec.revoked_at, rec.id])
+            del self.keys[rec.prefix]
+        self.audit(actor, "key.revoke", rec.id, name=rec.name)
+        return rec.public()
+
+    # -- authentication ---------------------------------------------------------------------------
+    def authenticate(self, token: str) -> Principal:
+        """Return the principal of an API key or session token, or raise 401 / 429."""
+        if token.startswith("bkgs_"):
+            return self._session(token)
+        parsed = ks.parse_key(token)
+        rec = self.keys.get(parsed[0]) if parsed else None
+        if parsed is None or rec is None or not ks.same(ks.hash_secret(parsed[1]), rec.secret_hash):
+            raise Unauthorized("invalid API key")
+        now = _now()
+        if rec.expires_at is not None and rec.expires_at <= now:
+            raise Unauthorized(f"API key {rec.id} expired at {rec.expires_at.isoformat()}Z")
+        user = self.users.get(rec.user_id)
+        if user is None or user["disabled"]:
+            raise Unauthorized("the key's user is disabled or deleted")
+        self._rate(rec)
+        rec.last_used_at = now
+        if time.monotonic() - rec.flushed > 60:
+            self._flush(rec)
+        scopes = frozenset(rec.scopes) & frozenset(self.roles.get(user["role"], ()))
+        return Principal(user["id"], user["username"], user["role"], scopes, rec.id, "key")
+
+    def _rate(self, rec: KeyRecord) -> None:
+        limit = rec.rate_limit_per_min
+        if not limit:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if rec.refilled == 0.0:
+                rec.tokens, rec.refilled = float(limit), now
+            rec.tokens = min(float(limit), rec.tokens + (now - rec.refilled) * limit / 60.0)
+            rec.refilled = now
+            if rec.tokens < 1.0:
+                wait = (1.0 - rec.tokens) * 60.0 / limit
+                raise TooManyRequests(
+                    f"rate limit of {limit} requests per minute reached for key {rec.id}", retry_after=wait
+                )
+            rec.tokens -= 1.0
+
+    def _flush(self, rec: KeyRecord) -> None:
+        rec.flushed = time.monotonic()
+        with self.mutex:
+            self.con.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", [rec.last_used_at, rec.id])
+
+    def flush_last_used(self) -> None:
+        """Write the in-memory last-used times to DuckDB."""
+        for rec in list(self.keys.values()):
+            if rec.last_used_at is not None:
+                self._flush(rec)
+
+    def login(self, username: str, password: str) -> tuple[str, Principal]:
+        """Check a password and open a session; return (session token, principal)."""
+        u = next((u for u in self.users.values() if u["username"] == username), None)
+        if u is None or u["disabled"] or not ks.check_password(password, u["password_hash"]):
+            self.audit(username, "auth.login", username, ok=False)
+            raise Unauthorized("wrong username or password")
+        token = "bkgs_" + secrets.token_urlsafe(32)
+        with self.mutex:
+            self.con.execute(
+                "INSERT INTO sessions (token_hash, user_id, expires_at) VALUES (?, ?, ?)",
+                [ks.hash_secret(token), u["id"], _now() + SESSION_TTL],
+            )
+        self.audit(username, "auth.login", username)
+        return token, self._principal(u, "session")
+
+    def _session(self, token: str) -> Principal:
+        with self.mutex:
+            rows = self._rows("SELECT user_id, expires_at FROM sessions WHERE token_hash = ?", [ks.hash_secret(token)])
+        if not rows or rows[0]["expires_at"] <= _now():
+            raise Unauthorized("session expired or unknown: log in again")
+        u = self.users.get(rows[0]["user_id"])
+        if u is None or u["disabled"]:
+            raise Unauthorized("the session's user is disabled or deleted")
+        return self._principal(u, "session")
+
+    def _principal(self, u: dict[str, Any], via: str) -> Principal:
+        return Principal(u["id"], u["username"], u["role"], frozenset(self.roles.get(u["role"], ())), None, via)
+
+    def logout(self, token: str) -> None:
+        """End a session."""
+        with self.mutex:
+            self.con.execute("DELETE FROM sessions WHERE token_hash = ?", [ks.hash_secret(token)])
+
+    # -- first start ------------------------------------------------------------------------------
+    def bootstrap(self, data_dir: Path, env_key: str | None) -> Path | None:
+        """On first start, create the admin user and key: `BKG_ADMIN_KEY` if set, else a new key in admin.key."""
+        if self.users:
+            return None
+        admin = self.create_user("admin", "admin", actor="bootstrap")
+        _, token = self.create_key(admin["id"], "admin (bootstrap)", actor="bootstrap", token=env_key or None)
+        if env_key:
+            return None
+        path = data_dir / "admin.key"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        return path
+
+    def _check_scopes(
+        self, scopes: Any, allowed: tuple[str, ...], field: str, owner: dict[str, Any] | None = None
+    ) -> None:
+        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+            raise InvalidInput("scopes must be a list of strings", field=field)
+        for i, s in enumerate(scopes):
+            if s not in SCOPES:
+                raise InvalidInput(f"unknown scope {s!r} (known: {', '.join(SCOPES)})", field=f"{field}[{i}]")
+            if s not in allowed:
+                who = f"user {owner['username']!r} (role {owner['role']})" if owner else "this role"
+                raise Forbidden(f"scope {s!r} is not held by {who}", field=f"{field}[{i}]")
+
+
+def _public_user(u: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": u["id"],
+        "username": u["username"],
+        "role": u["role"],
+        "disabled": u["disabled"],
+        "has_password": bool(u["password_hash"]),
+        "created_at": u["created_at"].isoformat() + "Z",
+    }
+
+
+def _check_name(name: Any, field: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidInput(f"{field} must be 1-64 letters, digits, '_', '.', '@' or '-'", field=field)
+
+
+def _check_password(password: Any) -> None:
+    if not isinstance(password, str) or not 8 <= len(password) <= 256:
+        raise InvalidInput("password must have 8 to 256 characters", field="password")

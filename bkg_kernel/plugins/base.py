@@ -1,0 +1,153 @@
+"""The plugin contract: what every plugin declares, and how its capabilities are invoked.
+
+A plugin is plain Python. The gateway hosts it inline or in a worker process; tests and `bkg.local()` can
+run the same object in-process. Capabilities are methods marked with `@capability`, taking one pydantic
+model and returning one, so their JSON Schemas come for free.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bkg_kernel.errors import InvalidInput, NotFound
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class PluginSettings(BaseModel):
+    """Settings every plugin has; a plugin subclasses this to add its own (the JSON Schema is its config form)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_timeout: float = Field(30.0, gt=0, le=3600, description="Seconds before a request gets a 504.")
+    max_concurrent: int = Field(4, ge=1, le=256, description="Requests run at once; more wait in the queue.")
+    max_queue: int = Field(64, ge=0, le=10_000, description="Requests that may wait; beyond it a 429.")
+    memory_limit_mb: int | None = Field(
+        None, ge=16, description="Restart the worker when its resident memory passes this many MB."
+    )
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One thing a plugin can do: id (`llm.chat`), the scope it needs, and its input / output models."""
+
+    id: str
+    summary: str
+    scope: str
+    input: type[BaseModel]
+    output: type[BaseModel]
+    method: str
+
+    def describe(self) -> dict[str, Any]:
+        """Return the capability with its JSON Schemas."""
+        return {
+            "id": self.id,
+            "summary": self.summary,
+            "scope": self.scope,
+            "input_schema": self.input.model_json_schema(),
+            "output_schema": self.output.model_json_schema(),
+        }
+
+
+def capability(id: str, *, scope: str) -> Callable[[F], F]:
+    """Mark a plugin method `def m(self, inp: InModel) -> OutModel` as the capability `id`."""
+
+    def mark(fn: F) -> F:
+        fn.__bkg_capability__ = (id, scope)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+@dataclass
+class PluginContext:
+    """What the host gives a plugin: the data dir, a folder of its own, and (inline only) gateway services."""
+
+    data_dir: Path
+    work_dir: Path
+    services: dict[str, Any] = field(default_factory=dict)
+
+
+class Plugin:
+    """Base class of every plugin."""
+
+    id: ClassVar[str]
+    name: ClassVar[str]
+    version: ClassVar[str] = "0.1.0"
+    description: ClassVar[str] = ""
+    mode: ClassVar[Literal["inline", "worker"]] = "worker"
+    Settings: ClassVar[type[PluginSettings]] = PluginSettings
+
+    def __init__(self, settings: PluginSettings | None = None, context: PluginContext | None = None) -> None:
+        self.settings = settings if settings is not None else self.Settings()
+        self.context = context
+        self.log = logging.getLogger(f"bkg.plugin.{self.id}")
+
+    def start(self) -> None:
+        """Acquire resources (load models, open files); raise to fail the start."""
+
+    def stop(self) -> None:
+        """Release resources."""
+
+    def health(self) -> dict[str, Any]:
+        """Return `{"ok": bool, ...}`; not ok marks the plugin degraded."""
+        return {"ok": True}
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Capability]:
+        """Return the plugin's capabilities by id, read from its `@capability` methods."""
+        found: dict[str, Capability] = {}
+        for attr, fn in inspect.getmembers(cls, inspect.isfunction):
+            mark = getattr(fn, "__bkg_capability__", None)
+            if mark is None:
+                continue
+            hints = typing.get_type_hints(fn)
+            params = [p for p in inspect.signature(fn).parameters if p != "self"]
+            if len(params) != 1 or "return" not in hints:
+                raise TypeError(f"capability {mark[0]} must take one pydantic model and return one")
+            doc = (inspect.getdoc(fn) or "").splitlines()
+            found[mark[0]] = Capability(
+                mark[0], doc[0] if doc else "", mark[1], hints[params[0]], hints["return"], attr
+            )
+        return found
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """Return the declaration the gateway, the lab panel and the dashboards build themselves from."""
+        return {
+            "id": cls.id,
+            "name": cls.name,
+            "version": cls.version,
+            "description": cls.description,
+            "mode": cls.mode,
+            "capabilities": [c.describe() for c in cls.capabilities().values()],
+            "settings_schema": cls.Settings.model_json_schema(),
+        }
+
+    def invoke(self, capability_id: str, data: Any) -> dict[str, Any]:
+        """Validate `data` against the capability's input model, run it, return its output as JSON data."""
+        cap = self.capabilities().get(capability_id)
+        if cap is None:
+            raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
+        try:
+            inp = cap.input.model_validate(data if data is not None else {})
+        except ValidationError as exc:
+            raise invalid_from_pydantic(exc, "input") from None
+        out = getattr(self, cap.method)(inp)
+        return cap.output.model_validate(out).model_dump(mode="json")
+
+
+def invalid_from_pydantic(exc: ValidationError, root: str) -> InvalidInput:
+    """Turn the first pydantic error into an `InvalidInput` that names the field."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    field = f"{root}.{loc}" if loc else root
+    return InvalidInput(f"{field}: {err.get('msg', 'invalid value')}", field=field)

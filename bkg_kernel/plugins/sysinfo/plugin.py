@@ -1,0 +1,97 @@
+"""sysinfo: machine facts (CPU, memory, disk, Python) from the worker process that hosts it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import time
+
+from pydantic import BaseModel, Field
+
+from bkg_kernel.plugins.base import Plugin, PluginSettings, capability
+
+
+class SysInfoSettings(PluginSettings):
+    """sysinfo settings."""
+
+    disk_path: str = Field(".", description="Path whose disk usage is reported.")
+
+
+class Empty(BaseModel):
+    """No input."""
+
+
+class MachineFacts(BaseModel):
+    """What sysinfo reports."""
+
+    hostname: str
+    platform: str
+    python: str
+    cpu_count: int
+    load_avg: list[float]
+    memory_total: int
+    memory_available: int
+    disk_total: int
+    disk_free: int
+    pid: int
+    uptime_s: float
+
+
+class SleepInput(BaseModel):
+    """Hold a request slot."""
+
+    seconds: float = Field(..., ge=0, le=600, description="How long to hold the slot.")
+
+
+class SleepOutput(BaseModel):
+    """How long the request really slept."""
+
+    slept: float
+
+
+class SysInfo(Plugin):
+    """Machine facts; also a probe for the runtime (timeouts, queueing) through `sysinfo.sleep`."""
+
+    id = "sysinfo"
+    name = "System info"
+    version = "0.1.0"
+    description = "Reports CPU, memory, disk and Python facts of the machine bkg runs on."
+    mode = "worker"
+    Settings = SysInfoSettings
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self.log.info("sysinfo ready in pid %s", os.getpid())
+
+    @capability("sysinfo.facts", scope="plugins:read")
+    def facts(self, inp: Empty) -> MachineFacts:
+        """Report machine facts."""
+        import psutil
+
+        vm = psutil.virtual_memory()
+        settings = self.settings
+        assert isinstance(settings, SysInfoSettings)
+        disk = shutil.disk_usage(settings.disk_path)
+        self.log.info("facts requested")
+        return MachineFacts(
+            hostname=platform.node(),
+            platform=platform.platform(),
+            python=sys.version.split()[0],
+            cpu_count=os.cpu_count() or 1,
+            load_avg=list(os.getloadavg()),
+            memory_total=vm.total,
+            memory_available=vm.available,
+            disk_total=disk.total,
+            disk_free=disk.free,
+            pid=os.getpid(),
+            uptime_s=time.monotonic() - getattr(self, "_started", time.monotonic()),
+        )
+
+    @capability("sysinfo.sleep", scope="plugins:write")
+    def sleep(self, inp: SleepInput) -> SleepOutput:
+        """Hold a request slot for a while (probe timeouts and queueing)."""
+        t0 = time.monotonic()
+        time.sleep(inp.seconds)
+        return SleepOutput(slept=time.monotonic() - t0)

@@ -1,0 +1,1 @@
+"""Hosting plugins: inline in the gateway or in supervised worker processes."""

@@ -1,0 +1,328 @@
+"""One plugin under supervision: lifecycle state, inline or worker execution, limits, logs and telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from bkg_kernel.errors import BkgError, InvalidInput, NotFound, Timeout, TooManyRequests, Unavailable
+from bkg_kernel.plugins.base import Plugin, PluginContext, PluginSettings, invalid_from_pydantic
+from bkg_kernel.plugins.registry import Discovered, Entry
+from bkg_kernel.runtime import worker
+from bkg_kernel.runtime.telemetry import LogRing, RingHandler, Telemetry
+
+log = logging.getLogger("bkg.supervisor")
+STATES = ("stopped", "starting", "running", "stopping", "degraded", "error")
+Emit = Callable[[str, str, dict[str, Any]], None]
+START_TIMEOUT_S = 120.0
+
+
+class WorkerProcess:
+    """A spawned worker and the thread that reads its pipe."""
+
+    def __init__(self, host: PluginHost) -> None:
+        assert host.cls is not None
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=worker.main,
+            args=(child, host.cls.__module__, host.cls.__name__, host.settings.model_dump(), str(host.data_dir)),
+            name=f"bkg-plugin-{host.id}",
+            daemon=True,
+        )
+        self.host = host
+        self.ready = threading.Event()
+        self.failed: str | None = None
+        self.pid: int | None = None
+        self.last_beat = time.monotonic()
+        self.futures: dict[int, Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self.proc.start()
+        child.close()
+        threading.Thread(target=self._read, name=f"bkg-pipe-{host.id}", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = msg[0]
+            if kind == "result":
+                fut = self.futures.pop(msg[1], None)
+                if fut is not None and not fut.done():
+                    if msg[2]:
+                        fut.set_result(msg[3])
+                    else:
+                        fut.set_exception(_error_from(msg[3]))
+            elif kind == "heartbeat":
+                self.last_beat = time.monotonic()
+            elif kind == "log":
+                self.host.add_log(msg[1], msg[2], msg[3])
+            elif kind == "ready":
+                self.pid = msg[1]
+                self.last_beat = time.monotonic()
+                self.ready.set()
+            elif kind == "failed":
+                self.failed = msg[1]
+                self.ready.set()
+        self.ready.set()
+        self.fail_in_flight(f"the {self.host.id} worker exited while handling the request")
+
+    def fail_in_flight(self, message: str) -> None:
+        """Answer every request still waiting on this worker with a 503."""
+        for req_id in list(self.futures):
+            fut = self.futures.pop(req_id, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(Unavailable(message))
+
+    def submit(self, msg: tuple[Any, ...]) -> Future[Any]:
+        """Send a request; the future resolves when the worker answers (or dies)."""
+        fut: Future[Any] = Future()
+        req_id = next(self._ids)
+        self.futures[req_id] = fut
+        try:
+            with self._send_lock:
+                self.conn.send((msg[0], req_id, *msg[1:]))
+        except (OSError, ValueError):
+            self.futures.pop(req_id, None)
+            fut.set_exception(Unavailable(f"the {self.host.id} worker is not reachable"))
+        return fut
+
+    def alive(self) -> bool:
+        """Return whether the process is still running."""
+        return self.proc.is_alive()
+
+    def stop(self, timeout: float) -> None:
+        """Ask the worker to stop; kill it if it has not exited within `timeout` seconds."""
+        try:
+            with self._send_lock:
+                self.conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            log.warning("worker %s did not stop in %.0fs: killing it", self.host.id, timeout)
+            self.proc.kill()
+            self.proc.join(5)
+        self.conn.close()
+
+
+def _error_from(data: dict[str, Any]) -> BkgError:
+    err = BkgError(data.get("message", "plugin error"), field=data.get("field"))
+    err.status = int(data.get("status", 500))
+    err.code = str(data.get("code", "plugin_error"))
+    return err
+
+
+class PluginHost:
+    """Lifecycle `stopped -> starting -> running -> stopping -> stopped`, plus `degraded` and `error(reason)`."""
+
+    def __init__(
+        self, found: Discovered, entry: Entry, data_dir: Path, emit: Emit, services: dict[str, Any] | None = None
+    ) -> None:
+        self.id = found.id
+        self.services = services or {}
+        self.cls = found.cls
+        self.source = found.source
+        self.entry = entry
+        self.data_dir = data_dir
+        self.emit = emit
+        self.state = "error" if found.cls is None else "stopped"
+        self.reason: str | None = found.error
+        self.logs = LogRing()
+        self.telemetry = Telemetry()
+        self.plugin: Plugin | None = None
+        self.worker: WorkerProcess | None = None
+        self.restarts = 0
+        self.want_running = False
+        self._lock = threading.RLock()
+        self._sem: asyncio.Semaphore | None = None
+        self.settings: PluginSettings = PluginSettings()
+        if self.cls is not None:
+            try:
+                self.settings = self.cls.Settings.model_validate(entry.config)
+            except ValidationError as exc:
+                self.state, self.reason = "error", f"stored config is invalid: {invalid_from_pydantic(exc, 'config')}"
+
+    # -- description ------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self.cls.mode if self.cls is not None else "unknown"
+
+    def status(self) -> dict[str, Any]:
+        """Return the plugin's state, reason, pid and uptime."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "reason": self.reason,
+            "mode": self.mode,
+            "pid": self.worker.pid if self.worker is not None else None,
+            "restarts": self.restarts,
+            "enabled": self.entry.enabled,
+            "autostart": self.entry.autostart,
+            "uptime_s": self.telemetry.snapshot()["uptime_s"] if self.state in ("running", "degraded") else 0.0,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """Return the declaration plus status and the current config."""
+        base = (
+            self.cls.describe()
+            if self.cls is not None
+            else {"id": self.id, "name": self.id, "version": "", "description": "", "capabilities": []}
+        )
+        return {**base, "source": self.source, "status": self.status(), "config": self.settings.model_dump()}
+
+    def _set(self, state: str, reason: str | None = None) -> None:
+        self.state, self.reason = state, reason
+        self.emit("status", self.id, self.status())
+
+    def add_log(self, level: str, t: float, message: str) -> None:
+        """Record a log line and push it to subscribers."""
+        self.emit("logs", self.id, self.logs.add(level, t, message))
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> dict[str, Any]:
+        """Start the plugin (inline, or in a new worker) and wait until it is running or failed."""
+        with self._lock:
+            if self.cls is None:
+                raise Unavailable(f"plugin {self.id!r} cannot start: {self.reason}")
+            if self.state in ("running", "degraded", "starting"):
+                return self.status()
+            self.want_running = True
+            self._set("starting")
+            self.add_log("INFO", time.time(), f"starting {self.id} ({self.mode})")
+            try:
+                if self.cls.mode == "inline":
+                    self._start_inline()
+                else:
+                    self._start_worker()
+            except Exception as exc:
+                self._set("error", f"start failed: {exc}")
+                self.add_log("ERROR", time.time(), f"start failed: {exc}")
+                return self.status()
+            self.telemetry.started_at = time.time()
+            self._set("running")
+            self.add_log("INFO", time.time(), f"{self.id} running")
+            return self.status()
+
+    def _start_inline(self) -> None:
+        assert self.cls is not None
+        work = self.data_dir / "plugins" / self.id
+        work.mkdir(parents=True, exist_ok=True)
+        plugin = self.cls(self.settings, PluginContext(self.data_dir, work, self.services))
+        handler = RingHandler(self.add_log)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        plugin.log.addHandler(handler)
+        plugin.log.setLevel(logging.INFO)
+        plugin.log.propagate = False
+        plugin.start()
+        self.plugin = plugin
+
+    def _start_worker(self) -> None:
+        w = WorkerProcess(self)
+        if not w.ready.wait(START_TIMEOUT_S) or w.failed or w.pid is None:
+            reason = w.failed or "the worker did not become ready"
+            w.stop(2)
+            raise RuntimeError(reason)
+        self.worker = w
+
+    def stop(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Stop gracefully (kill after `timeout` seconds)."""
+        with self._lock:
+            self.want_running = False
+            if self.state in ("stopped",) or (self.state == "error" and self.worker is None and self.plugin is None):
+                if self.cls is not None and self.state == "error":
+                    self._set("stopped")
+                return self.status()
+            self._set("stopping")
+            try:
+                if self.worker is not None:
+                    w, self.worker = self.worker, None
+                    w.stop(timeout)
+                    w.fail_in_flight(f"plugin {self.id} was stopped")
+                if self.plugin is not None:
+                    p, self.plugin = self.plugin, None
+                    p.stop()
+            finally:
+                self.telemetry.started_at = None
+                self._set("stopped")
+                self.add_log("INFO", time.time(), f"{self.id} stopped")
+            return self.status()
+
+    def restart(self) -> dict[str, Any]:
+        """Stop, then start."""
+        self.stop()
+        return self.start()
+
+    def configure(self, config: dict[str, Any]) -> PluginSettings:
+        """Validate a new config against the settings model (422 names the field) and keep it."""
+        if self.cls is None:
+            raise Unavailable(f"plugin {self.id!r} is not loaded: {self.reason}")
+        if not isinstance(config, dict):
+            raise InvalidInput("config must be a JSON object", field="config")
+        try:
+            settings = self.cls.Settings.model_validate(config)
+        except ValidationError as exc:
+            raise invalid_from_pydantic(exc, "config") from None
+        self.settings = settings
+        self.entry.config = settings.model_dump(exclude_defaults=True)
+        self._sem = None
+        return settings
+
+    # -- requests ---------------------------------------------------------------------------------
+    async def invoke(self, capability_id: str, data: Any) -> Any:
+        """Run a capability within the plugin's limits: queue, concurrency, timeout."""
+        if self.cls is None or capability_id not in self.cls.capabilities():
+            raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
+        return await self.call(("invoke", capability_id, data), lambda p: p.invoke(capability_id, data))
+
+    async def call(self, msg: tuple[Any, ...], inline: Callable[[Plugin], Any]) -> Any:
+        """Send one request to the worker (or run it inline), honouring the plugin's limits."""
+        if self.state not in ("running", "degraded"):
+            raise Unavailable(f"plugin {self.id!r} is {self.state}" + (f": {self.reason}" if self.reason else ""))
+        s = self.settings
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(s.max_concurrent)
+        tel = self.telemetry
+        if self._sem.locked() and tel.queue_depth >= s.max_queue:
+            raise TooManyRequests(f"plugin {self.id!r} has {tel.queue_depth} requests queued (max_queue {s.max_queue})")
+        tel.queue_depth += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            tel.queue_depth -= 1
+        t0 = time.perf_counter()
+        tel.in_flight += 1
+        error: str | None = None
+        try:
+            if self.worker is not None:
+                fut = self.worker.submit(msg)
+                return await asyncio.wait_for(asyncio.wrap_future(fut), s.request_timeout)
+            if self.plugin is not None:
+                return await asyncio.wait_for(asyncio.to_thread(inline, self.plugin), s.request_timeout)
+            raise Unavailable(f"plugin {self.id!r} is {self.state}")
+        except TimeoutError:
+            error = f"timed out after {s.request_timeout:g}s"
+            raise Timeout(f"plugin {self.id!r} did not answer within {s.request_timeout:g}s") from None
+        except BkgError as exc:
+            error = exc.message if exc.status >= 500 else None
+            raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise BkgError(f"plugin {self.id!r} failed: {error}") from exc
+        finally:
+            tel.in_flight -= 1
+            self._sem.release()
+            tel.record(time.perf_counter() - t0, error)

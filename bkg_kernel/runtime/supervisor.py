@@ -1,0 +1,155 @@
+"""The supervisor: discovers plugins, autostarts them, watches workers (exit, heartbeat, memory) and samples
+telemetry; a worker that dies is marked `error` and restarted with exponential backoff."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bkg_kernel.errors import NotFound
+from bkg_kernel.plugins.registry import RegistryFile, discover
+from bkg_kernel.runtime.host import Emit, PluginHost
+
+log = logging.getLogger("bkg.supervisor")
+HEARTBEAT_TIMEOUT_S = 5.0
+SAMPLE_EVERY_S = 2.0
+BACKOFF_MAX_S = 30.0
+
+
+class Supervisor:
+    """All plugin hosts of one gateway."""
+
+    def __init__(
+        self, data_dir: Path, emit: Emit, only: list[str] | None = None, services: dict[str, Any] | None = None
+    ) -> None:
+        self.data_dir = data_dir
+        self.registry = RegistryFile(data_dir / "plugins.json")
+        self.emit = emit
+        self.hosts: dict[str, PluginHost] = {
+            pid: PluginHost(found, self.registry.get(pid), data_dir, emit, services)
+            for pid, found in sorted(discover(only).items())
+        }
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._backoff: dict[str, float] = {}
+        self._restart_at: dict[str, float] = {}
+        self._gateway = psutil.Process()
+
+    def get(self, plugin_id: str) -> PluginHost:
+        """Return the host of a plugin or raise 404."""
+        host = self.hosts.get(plugin_id)
+        if host is None:
+            raise NotFound(f"no plugin {plugin_id!r}", field="plugin")
+        return host
+
+    def start(self) -> None:
+        """Autostart enabled plugins (in parallel) and begin watching them."""
+        threads = [
+            threading.Thread(target=h.start, daemon=True)
+            for h in self.hosts.values()
+            if h.cls is not None and h.state == "stopped" and h.entry.enabled and h.entry.autostart
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self._monitor = threading.Thread(target=self._watch, name="bkg-supervisor", daemon=True)
+        self._monitor.start()
+
+    def shutdown(self) -> None:
+        """Stop watching, then stop every plugin."""
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join(5)
+        for h in self.hosts.values():
+            try:
+                h.stop(timeout=5)
+            except Exception:
+                log.exception("stopping %s failed", h.id)
+
+    def save_registry(self) -> None:
+        """Persist enabled / autostart / config of every plugin."""
+        self.registry.save()
+
+    # -- watching ---------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        last_sample = 0.0
+        while not self._stop.wait(0.25):
+            now = time.monotonic()
+            for h in list(self.hosts.values()):
+                try:
+                    self._check(h, now)
+                except Exception:
+                    log.exception("watching %s failed", h.id)
+            if now - last_sample >= SAMPLE_EVERY_S:
+                last_sample = now
+                for h in list(self.hosts.values()):
+                    self._sample(h)
+
+    def _check(self, h: PluginHost, now: float) -> None:
+        w = h.worker
+        if w is not None and h.state in ("running", "degraded") and not w.alive():
+            code = w.proc.exitcode
+            with h._lock:  # noqa: SLF001
+                if h.worker is w:
+                    h.worker = None
+                    w.fail_in_flight(f"the {h.id} worker died (exit code {code}); it is being restarted")
+                    delay = min(self._backoff.get(h.id, 0.5) * 2, BACKOFF_MAX_S)
+                    self._backoff[h.id] = delay
+                    self._restart_at[h.id] = now + delay
+                    h.telemetry.started_at = None
+                    h._set("error", f"worker exited with code {code}; restarting in {delay:.0f}s")  # noqa: SLF001
+                    h.add_log("ERROR", time.time(), f"worker exited with code {code}; restart in {delay:.0f}s")
+            return
+        if w is not None and h.state in ("running", "degraded"):
+            silent = now - w.last_beat
+            if silent > HEARTBEAT_TIMEOUT_S and h.state == "running":
+                h._set("degraded", f"no heartbeat for {silent:.0f}s")  # noqa: SLF001
+            elif silent <= HEARTBEAT_TIMEOUT_S and h.state == "degraded":
+                h._set("running")  # noqa: SLF001
+            if h.state == "running" and h.telemetry.started_at and time.time() - h.telemetry.started_at > 60:
+                self._backoff.pop(h.id, None)  # healthy for a minute: the next crash restarts fast again
+        due = self._restart_at.get(h.id)
+        if due is not None and now >= due and h.want_running and h.state == "error":
+            self._restart_at.pop(h.id, None)
+            h.restarts += 1
+            h.state = "stopped"
+            threading.Thread(target=h.start, daemon=True).start()
+
+    def _sample(self, h: PluginHost) -> None:
+        tel = h.telemetry
+        try:
+            if h.worker is not None and h.worker.pid is not None:
+                proc = psutil.Process(h.worker.pid)
+                tel.cpu_percent = proc.cpu_percent(None)
+                tel.rss_bytes = proc.memory_info().rss
+            elif h.plugin is not None:
+                tel.cpu_percent = self._gateway.cpu_percent(None)
+                tel.rss_bytes = self._gateway.memory_info().rss
+            else:
+                tel.cpu_percent, tel.rss_bytes = 0.0, 0
+        except psutil.Error:
+            return
+        limit = h.settings.memory_limit_mb
+        if limit and h.worker is not None and tel.rss_bytes > limit * 1024 * 1024:
+            h.add_log("WARNING", time.time(), f"RSS {tel.rss_bytes >> 20} MB over memory_limit_mb {limit}: restarting")
+            threading.Thread(target=h.restart, daemon=True).start()
+        self.emit("telemetry", h.id, tel.snapshot())
+
+    def summary(self) -> dict[str, Any]:
+        """Return telemetry of every plugin plus totals."""
+        per = {pid: {**h.telemetry.snapshot(), "state": h.state} for pid, h in self.hosts.items()}
+        return {
+            "plugins": per,
+            "totals": {
+                "running": sum(1 for h in self.hosts.values() if h.state == "running"),
+                "requests": sum(p["requests"] for p in per.values()),
+                "errors": sum(p["errors"] for p in per.values()),
+                "rss_bytes": sum(p["rss_bytes"] for p in per.values()),
+            },
+        }

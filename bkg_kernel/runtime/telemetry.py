@@ -1,0 +1,94 @@
+"""Per-plugin logs (a bounded ring) and telemetry (requests, errors, latency percentiles, cpu, memory)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
+
+
+class LogRing:
+    """The last `size` log lines of a plugin."""
+
+    def __init__(self, size: int = 2000) -> None:
+        self._lines: deque[dict[str, Any]] = deque(maxlen=size)
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def add(self, level: str, t: float, message: str) -> dict[str, Any]:
+        """Append one line and return it."""
+        with self._lock:
+            self._seq += 1
+            line = {"seq": self._seq, "time": t, "level": level, "message": message}
+            self._lines.append(line)
+            return line
+
+    def query(self, limit: int = 200, level: str | None = None, search: str | None = None) -> list[dict[str, Any]]:
+        """Return the newest lines (oldest first), at or above `level`, containing `search`."""
+        floor = LEVELS.get((level or "DEBUG").upper(), 0)
+        with self._lock:
+            lines = [x for x in self._lines if LEVELS.get(x["level"], 0) >= floor]
+        if search:
+            lines = [x for x in lines if search.lower() in x["message"].lower()]
+        return lines[-limit:] if limit else []
+
+
+class RingHandler(logging.Handler):
+    """Send an inline plugin's log records to its ring (and on to subscribers)."""
+
+    def __init__(self, sink: Any) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink(record.levelname, record.created, self.format(record))
+
+
+class Telemetry:
+    """Counters and samples for one plugin."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.latencies: deque[float] = deque(maxlen=1000)
+        self.started_at: float | None = None
+        self.cpu_percent = 0.0
+        self.rss_bytes = 0
+        self.queue_depth = 0
+        self.in_flight = 0
+        self._recent: deque[float] = deque(maxlen=10_000)
+
+    def record(self, seconds: float, error: str | None = None) -> None:
+        """Count one finished request."""
+        self.requests += 1
+        self.latencies.append(seconds * 1000)
+        self._recent.append(time.monotonic())
+        if error is not None:
+            self.errors += 1
+            self.last_error = error
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return the current numbers."""
+        lat = np.array(self.latencies) if self.latencies else None
+        now = time.monotonic()
+        per_min = sum(1 for t in self._recent if now - t <= 60)
+        return {
+            "cpu_percent": round(self.cpu_percent, 1),
+            "rss_bytes": self.rss_bytes,
+            "uptime_s": round(time.time() - self.started_at, 1) if self.started_at else 0.0,
+            "requests": self.requests,
+            "requests_per_min": per_min,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "latency_p50_ms": round(float(np.percentile(lat, 50)), 3) if lat is not None else None,
+            "latency_p95_ms": round(float(np.percentile(lat, 95)), 3) if lat is not None else None,
+            "queue_depth": self.queue_depth,
+            "in_flight": self.in_flight,
+        }
