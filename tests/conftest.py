@@ -20,3 +20,13 @@ def store(data_dir: Path) -> Iterator[Store]:
     s = Store(data_dir)
     yield s
     s.close()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One real gateway per test module."""
+    from gateway_harness import start_gateway
+
+    g = start_gateway(tmp_path_factory.mktemp("gw") / "data")
+    yield g
+    g.stop()

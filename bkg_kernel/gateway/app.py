@@ -198,6 +198,7 @@ def _core_routes(app: FastAPI) -> None:
     async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
         """Run a capability with its JSON input; the capability's own scope is required."""
         gw = gateway(request)
+        gw.principal(request, None)  # who is asking comes before what exists
         h = _host(request, plugin_id)
         cap = h.cls.capabilities().get(capability_id) if h.cls else None
         gw.principal(request, cap.scope if cap else "plugins:read")

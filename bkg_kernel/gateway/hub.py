@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: each client is its own subscriber
 class Subscriber:
     """One WebSocket client and what it listens to: (topic, plugin or None for all)."""
 

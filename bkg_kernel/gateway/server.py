@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 
 import uvicorn
 
 from bkg_kernel.gateway.app import create_app
 from bkg_kernel.settings import Settings
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM / SIGINT after its graceful shutdown; a clean stop should exit 0 instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 def serve(settings: Settings, plugins: list[str] | None = None) -> None:
@@ -20,7 +36,7 @@ def serve(settings: Settings, plugins: list[str] | None = None) -> None:
     if key is not None:
         print(f"admin API key: {key} (mode 0600)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     try:
         server.run()
     finally:

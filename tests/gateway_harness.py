@@ -1,0 +1,87 @@
+"""A real gateway in a subprocess on 127.0.0.1, for the tests (it stops itself when the test session ends)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ADMIN_KEY = "bkg_0123456789ab_" + "A" * 40
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen[bytes]
+    url: str
+    data_dir: Path
+    log: Path
+
+    def client(self, key: str | None = ADMIN_KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+
+def start_gateway(data_dir: Path, env: dict[str, str] | None = None, wait: bool = True) -> Gateway:
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir.parent / f"gateway-{port}.log"
+    full_env = {**os.environ, "BKG_ADMIN_KEY": ADMIN_KEY, **(env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bkg_kernel.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)],
+        stdout=open(log, "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        env=full_env,
+    )
+    gw = Gateway(proc, f"http://127.0.0.1:{port}", data_dir, log)
+    if wait:
+        wait_healthy(gw)
+    return gw
+
+
+def wait_healthy(gw: Gateway, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gw.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited: {gw.log.read_text()[-2000:]}")
+        try:
+            if httpx.get(gw.url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("gateway did not become healthy")
+
+
+def wait_for(fn: Any, timeout: float = 30, every: float = 0.1) -> Any:
+    """Poll fn() until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met in time")

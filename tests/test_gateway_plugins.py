@@ -1,0 +1,151 @@
+"""Plugins through a real gateway: lifecycle, worker crash and restart, limits, config, logs, WebSocket, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+from gateway_harness import ADMIN_KEY, wait_for
+from websockets.sync.client import connect as ws_connect
+
+
+def test_health_lists_plugins(gw: Any) -> None:
+    h = gw.client(None).get("/health").json()
+    assert h["status"] == "ok" and h["plugins"] == {"apikeys": "running", "sysinfo": "running"}
+
+
+def test_describe_has_capabilities_and_settings_schema(gw: Any) -> None:
+    d = gw.client().get("/api/plugins/sysinfo").json()
+    caps = {c["id"]: c for c in d["capabilities"]}
+    assert set(caps) == {"sysinfo.facts", "sysinfo.sleep"}
+    assert caps["sysinfo.sleep"]["input_schema"]["properties"]["seconds"]["minimum"] == 0
+    assert "max_concurrent" in d["settings_schema"]["properties"]
+    assert d["status"]["mode"] == "worker"
+
+
+def test_lifecycle_stop_start_restart(gw: Any) -> None:
+    c = gw.client()
+    pid = c.get("/api/plugins/sysinfo/status").json()["pid"]
+    assert c.post("/api/plugins/sysinfo/stop").json()["state"] == "stopped"
+    r = c.post("/api/plugins/sysinfo/invoke/sysinfo.facts")
+    assert r.status_code == 503 and "stopped" in r.json()["error"]["message"]
+    assert c.post("/api/plugins/sysinfo/start").json()["state"] == "running"
+    new = c.post("/api/plugins/sysinfo/restart").json()
+    assert new["state"] == "running" and new["pid"] not in (None, pid)
+    facts = c.post("/api/plugins/sysinfo/invoke/sysinfo.facts").json()
+    assert facts["pid"] == new["pid"] and facts["cpu_count"] >= 1
+    lines = c.get("/api/plugins/sysinfo/logs", params={"limit": 50}).json()["lines"]
+    assert any("stopped" in x["message"] for x in lines) and any("facts requested" in x["message"] for x in lines)
+    warn = c.get("/api/plugins/sysinfo/logs", params={"level": "error"}).json()["lines"]
+    assert all(x["level"] in ("ERROR", "CRITICAL") for x in warn)
+
+
+def test_worker_sigkill_is_error_then_restarted(gw: Any) -> None:
+    c = gw.client()
+    pid = c.get("/api/plugins/sysinfo/status").json()["pid"]
+    box: dict[str, Any] = {}
+
+    def slow() -> None:
+        box["r"] = gw.client().post("/api/plugins/sysinfo/invoke/sysinfo.sleep", json={"seconds": 20})
+
+    t = threading.Thread(target=slow)
+    t.start()
+    wait_for(lambda: c.get("/api/plugins/sysinfo/telemetry").json()["in_flight"] == 1)
+    os.kill(pid, signal.SIGKILL)
+    t.join(15)
+    assert box["r"].status_code == 503 and "worker exited" in box["r"].json()["error"]["message"]
+    wait_for(lambda: c.get("/api/plugins/sysinfo/status").json()["state"] == "error", timeout=5, every=0.05)
+    back = wait_for(lambda: (s := c.get("/api/plugins/sysinfo/status").json())["state"] == "running" and s, timeout=30)
+    assert back["pid"] != pid and back["restarts"] >= 1
+    assert c.post("/api/plugins/sysinfo/invoke/sysinfo.facts").status_code == 200
+
+
+def test_invalid_config_is_422_naming_the_field(gw: Any) -> None:
+    c = gw.client()
+    before = c.get("/api/plugins/sysinfo/config").json()["config"]
+    for body, field in [
+        ({"config": {"max_concurrent": 0}}, "config.max_concurrent"),
+        ({"config": {"request_timeout": "soon"}}, "config.request_timeout"),
+        ({"config": {"colour": "red"}}, "config.colour"),
+        ({"config": {}, "extra": 1}, "extra"),
+    ]:
+        r = c.put("/api/plugins/sysinfo/config", json=body)
+        assert r.status_code == 422, body
+        assert r.json()["error"]["field"] == field
+    assert c.get("/api/plugins/sysinfo/config").json()["config"] == before
+    ok = c.put("/api/plugins/sysinfo/config", json={"config": {"max_concurrent": 2, "max_queue": 1}}).json()
+    assert ok["config"]["max_concurrent"] == 2 and ok["restarted"] is True
+    saved = json.loads((gw.data_dir / "plugins.json").read_text())
+    assert saved["sysinfo"]["config"] == {"max_concurrent": 2, "max_queue": 1}
+
+
+def test_queue_limit_gives_429_and_timeout_504(gw: Any) -> None:
+    c = gw.client()
+    c.put("/api/plugins/sysinfo/config", json={"config": {"max_concurrent": 1, "max_queue": 1, "request_timeout": 3}})
+    results: list[int] = []
+
+    def call() -> None:
+        results.append(gw.client().post("/api/plugins/sysinfo/invoke/sysinfo.sleep", json={"seconds": 1.5}).status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    wait_for(lambda: c.get("/api/plugins/sysinfo/telemetry").json()["queue_depth"] == 1)
+    r = c.post("/api/plugins/sysinfo/invoke/sysinfo.sleep", json={"seconds": 0})
+    assert r.status_code == 429 and "queued" in r.json()["error"]["message"]
+    for t in threads:
+        t.join()
+    assert sorted(results) == [200, 200]
+    r = c.post("/api/plugins/sysinfo/invoke/sysinfo.sleep", json={"seconds": 5})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    c.put("/api/plugins/sysinfo/config", json={"config": {}})
+
+
+def test_websocket_bootstrap_and_live_status(gw: Any) -> None:
+    c = gw.client()
+    url = gw.url.replace("http", "ws") + f"/ws?token={ADMIN_KEY}"
+    with ws_connect(url) as ws:
+        boot = json.loads(ws.recv(10))
+        assert boot["type"] == "bootstrap" and boot["payload"]["plugins"]["sysinfo"]["state"] == "running"
+        ws.send(json.dumps({"action": "sub", "topic": "status", "plugin": "sysinfo"}))
+        assert json.loads(ws.recv(10))["type"] == "ack"
+        t0 = time.monotonic()
+        threading.Thread(target=lambda: gw.client().post("/api/plugins/sysinfo/stop")).start()
+        seen = []
+        while time.monotonic() - t0 < 15:
+            msg = json.loads(ws.recv(15))
+            if msg["type"] == "status":
+                seen.append(msg["payload"]["state"])
+                if msg["payload"]["state"] == "stopped":
+                    break
+        assert seen[-2:] == ["stopping", "stopped"]
+        ws.send(json.dumps({"action": "sub", "topic": "logs"}))
+        assert json.loads(ws.recv(10))["type"] == "ack"
+        c.post("/api/plugins/sysinfo/start")
+        msgs = [json.loads(ws.recv(15)) for _ in range(4)]
+        assert any(m["type"] == "logs" and m["plugin"] == "sysinfo" for m in msgs)
+    with pytest.raises(Exception):  # noqa: B017 - a bad token closes the socket
+        with ws_connect(gw.url.replace("http", "ws") + "/ws?token=nope") as ws:
+            ws.recv(5)
+
+
+def test_metrics_and_telemetry(gw: Any) -> None:
+    c = gw.client()
+    c.post("/api/plugins/sysinfo/invoke/sysinfo.facts")
+    text = c.get("/metrics").text
+    assert 'bkg_plugin_state{plugin="sysinfo",state="running"} 1' in text
+    assert (
+        'bkg_http_requests_total{method="POST",route="/api/plugins/{plugin_id}/invoke/{capability_id}",status="200"}'
+        in text
+    )
+    assert "bkg_http_request_seconds_bucket" in text
+    tel = wait_for(lambda: (t := c.get("/api/plugins/sysinfo/telemetry").json())["rss_bytes"] > 0 and t)
+    assert tel["requests"] >= 1 and tel["latency_p50_ms"] is not None and tel["uptime_s"] > 0
+    summary = c.get("/api/plugins/telemetry/summary").json()
+    assert summary["totals"]["running"] == 2
