@@ -68,7 +68,8 @@ def wait_healthy(gw: Gateway, timeout: float = 60) -> None:
         if gw.proc.poll() is not None:
             raise RuntimeError(f"gateway exited: {gw.log.read_text()[-2000:]}")
         try:
-            if httpx.get(gw.url + "/health", timeout=1).status_code == 200:
+            r = httpx.get(gw.url + "/health", timeout=1)
+            if r.status_code == 200 and r.json()["status"] == "ok":  # every autostarted plugin is running
                 return
         except httpx.HTTPError:
             pass

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from gateway_harness import ADMIN_KEY, wait_for
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 
@@ -130,9 +131,9 @@ def test_websocket_bootstrap_and_live_status(gw: Any) -> None:
         c.post("/api/plugins/sysinfo/start")
         msgs = [json.loads(ws.recv(15)) for _ in range(4)]
         assert any(m["type"] == "logs" and m["plugin"] == "sysinfo" for m in msgs)
-    with pytest.raises(Exception):  # noqa: B017 - a bad token closes the socket
-        with ws_connect(gw.url.replace("http", "ws") + "/ws?token=nope") as ws:
-            ws.recv(5)
+    with pytest.raises(InvalidStatus) as err:  # a bad token is refused at the handshake
+        ws_connect(gw.url.replace("http", "ws") + "/ws?token=nope")
+    assert err.value.response.status_code == 403
 
 
 def test_metrics_and_telemetry(gw: Any) -> None:

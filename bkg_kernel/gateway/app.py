@@ -69,9 +69,10 @@ def _core_routes(app: FastAPI) -> None:
         """Overall status and each plugin's status (no auth)."""
         gw = gateway(request)
         plugins = snapshot_summary(gw) if gw.supervisor else {}
-        bad = [p for p, s in plugins.items() if s["state"] in ("error", "degraded")]
+        states = {s["state"] for s in plugins.values()}
+        status = "degraded" if states & {"error", "degraded"} else "starting" if "starting" in states else "ok"
         return {
-            "status": "ok" if not bad else "degraded",
+            "status": status,
             "version": version(),
             "uptime_s": round(time.time() - gw.started, 1),
             "plugins": {p: s["state"] for p, s in plugins.items()},

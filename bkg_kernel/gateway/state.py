@@ -48,7 +48,7 @@ class Gateway:
         if self.admin_key_path is None and (data_dir / "admin.key").exists():
             self.admin_key_path = data_dir / "admin.key"
         self.supervisor = Supervisor(data_dir, self.hub.publish, self.only, {"auth": self.auth, "store": self.store})
-        self.supervisor.start()
+        self.supervisor.start(wait=False)  # plugins come up in the background; /health shows them starting
         self.write_state()
 
     def url(self) -> str:

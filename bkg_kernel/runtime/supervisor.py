@@ -47,8 +47,11 @@ class Supervisor:
             raise NotFound(f"no plugin {plugin_id!r}", field="plugin")
         return host
 
-    def start(self) -> None:
-        """Autostart enabled plugins (in parallel) and begin watching them."""
+    def start(self, wait: bool = True) -> None:
+        """Autostart enabled plugins (in parallel) and begin watching them; `wait=False` returns at once."""
+        if not wait:
+            threading.Thread(target=self.start, name="bkg-autostart", daemon=True).start()
+            return
         threads = [
             threading.Thread(target=h.start, daemon=True)
             for h in self.hosts.values()
