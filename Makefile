@@ -2,11 +2,13 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PY := .venv/bin/python
+# The cached venv may be shared by several clones: this clone's code comes first on the path.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help venv run test lint bench clean-data
 
 help:
-	@echo "make run    set up .venv (cached) and run the workbench: JupyterLab on notebooks/ with the default data dir"
+	@echo "make run    set up .venv (cached) and run the workbench: the gateway + JupyterLab on notebooks/ (data dir ./data)"
 	@echo "make test   set up .venv (cached) and run lint, type checks and the test suite"
 	@echo "make bench  run the store benchmarks (bench/store.py; not part of make test)"
 
@@ -14,7 +16,7 @@ venv:
 	@bash scripts/bootstrap.sh
 
 run: venv
-	$(PY) -m bkg_kernel.cli lab
+	$(PY) -m bkg_kernel.cli run
 
 lint: venv
 	.venv/bin/ruff check bkg_kernel tests bench

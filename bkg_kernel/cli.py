@@ -221,6 +221,35 @@ def users_delete(user_id: str, url: Url = None, data_dir: DataDir = None) -> Non
     _print(_wb(url, data_dir).call("DELETE", f"/admin/users/{user_id}"))
 
 
+@app.command("run")
+def run_all(
+    port: Annotated[int, typer.Option(help="JupyterLab port.")] = 8888,
+    data_dir: DataDir = None,
+) -> None:
+    """Run the workbench: the gateway in the background (started if none runs) and JupyterLab in front."""
+    import signal
+
+    from bkg_kernel.client import _alive, connect
+    from bkg_kernel.settings import Settings
+
+    settings = Settings() if data_dir is None else Settings(data_dir=data_dir)
+    ddir = settings.data_dir.resolve()
+    url = f"http://{settings.host}:{settings.port}"
+    ours = not _alive(url)
+    wb = connect(url, data_dir=ddir)
+    typer.echo(f"bkg gateway: {wb.url}  (plugins: {', '.join(p['id'] for p in wb.plugins)})", err=True)
+    if (ddir / "admin.key").exists():
+        typer.echo(f"admin API key file: {ddir / 'admin.key'}", err=True)
+    try:
+        lab(port=port, notebook_dir=Path("notebooks"), open_browser=False)
+    finally:
+        if ours:
+            state = json.loads((ddir / "gateway.json").read_text()) if (ddir / "gateway.json").exists() else {}
+            if state.get("pid"):
+                os.kill(int(state["pid"]), signal.SIGTERM)
+                typer.echo("bkg gateway stopped", err=True)
+
+
 @store_app.command("list")
 def store_list(data_dir: DataDir = None) -> None:
     """List collections with their size and last snapshot."""

@@ -16,6 +16,27 @@ COMMANDS = [
     ["version"],
     ["settings"],
     ["lab"],
+    ["run"],
+    ["serve"],
+    ["status"],
+    ["plugins"],
+    ["plugins", "list"],
+    ["plugins", "start"],
+    ["plugins", "stop"],
+    ["plugins", "restart"],
+    ["plugins", "logs"],
+    ["keys"],
+    ["keys", "list"],
+    ["keys", "create"],
+    ["keys", "rotate"],
+    ["keys", "revoke"],
+    ["users"],
+    ["users", "list"],
+    ["users", "create"],
+    ["users", "disable"],
+    ["users", "enable"],
+    ["users", "passwd"],
+    ["users", "delete"],
     ["store"],
     ["store", "list"],
     ["store", "create"],
@@ -75,3 +96,29 @@ def test_settings_from_env_and_toml(tmp_path: Path) -> None:
     assert out["data_dir"] == "/tmp/x" and out["host"] == "127.0.0.1"
     defaults = json.loads(bkg("settings", env={"BKG_CONFIG": str(tmp_path / "none.toml")}).stdout)
     assert defaults["port"] == 43119 and defaults["data_dir"] == "data" and defaults["model_dir"] == "models"
+
+
+def test_gateway_commands_against_a_real_gateway(tmp_path: Path) -> None:
+    from gateway_harness import ADMIN_KEY, start_gateway
+
+    g = start_gateway(tmp_path / "data")
+    try:
+        env = {"BKG_API_KEY": ADMIN_KEY}
+        common = ["--url", g.url]
+        assert json.loads(bkg("status", *common, env=env).stdout)["plugins"]["sysinfo"] == "running"
+        listed = bkg("plugins", "list", *common, env=env).stdout
+        assert "sysinfo" in listed and "running" in listed
+        assert json.loads(bkg("plugins", "stop", "sysinfo", *common, env=env).stdout)["state"] == "stopped"
+        assert json.loads(bkg("plugins", "start", "sysinfo", *common, env=env).stdout)["state"] == "running"
+        assert "sysinfo running" in bkg("plugins", "logs", "sysinfo", *common, env=env).stdout
+        user = json.loads(bkg("users", "create", "cli-user", "--role", "developer", *common, env=env).stdout)
+        key = json.loads(
+            bkg("keys", "create", "cli", "--user", user["id"], "--scope", "plugins:read", *common, env=env).stdout
+        )
+        assert key["key"].startswith("bkg_") and key["scopes"] == ["plugins:read"]
+        assert json.loads(bkg("keys", "revoke", key["id"], *common, env=env).stdout)["state"] == "revoked"
+        assert json.loads(bkg("users", "disable", user["id"], *common, env=env).stdout)["disabled"] is True
+        r = bkg("status", "--url", "http://127.0.0.1:9", check=False)
+        assert r.returncode == 2 and "no bkg gateway answers" in r.stderr
+    finally:
+        g.stop()
