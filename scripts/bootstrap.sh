@@ -54,7 +54,7 @@ if [ ! -f "$VENV/.complete" ]; then
 fi
 
 # Keep the three newest cached venvs (this one included); older dependency sets are gone for good.
-ls -dt "$CACHE"/venv-* 2>/dev/null | tail -n +4 | grep -vxF "$VENV" | xargs -r rm -rf
+ls -dt "$CACHE"/venv-* 2>/dev/null | tail -n +4 | { grep -vxF "$VENV" || true; } | xargs -r rm -rf
 
 if [ -e .venv ] && [ ! -L .venv ]; then rm -rf .venv; fi
 ln -sfn "$VENV" .venv
