@@ -1,0 +1,54 @@
+"""`bkg run` (what `make run` calls): the gateway in the background and JupyterLab in front, both reachable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import psutil
+from gateway_harness import free_port, wait_for
+
+
+def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    gw_port, lab_port = free_port(), free_port()
+    env = {**os.environ, "BKG_PORT": str(gw_port), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bkg_kernel.cli", "run", "--port", str(lab_port), "--data-dir", str(data)],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+
+        def lab_up() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{lab_port}/lab", timeout=2).status_code in (200, 302)
+            except httpx.HTTPError:
+                return False
+
+        wait_for(lab_up, timeout=120, every=0.5)
+        health = httpx.get(f"http://127.0.0.1:{gw_port}/health").json()
+        assert health["plugins"]["sysinfo"] == "running"
+        assert (data / "admin.key").stat().st_mode & 0o777 == 0o600
+        gateway_pid = json.loads((data / "gateway.json").read_text())["pid"]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches the whole group
+        out = proc.communicate(timeout=60)[0].decode(errors="replace")
+    assert "bkg gateway: http://127.0.0.1:" in out and "admin API key file" in out
+    wait_for(lambda: not (data / "gateway.json").exists(), timeout=30)
+    wait_for(lambda: not _running(gateway_pid), timeout=30)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # an orphan may wait for its reaper
+    except psutil.NoSuchProcess:
+        return False
