@@ -11,9 +11,10 @@ from bkg_kernel.errors import BkgError
 
 if TYPE_CHECKING:
     from bkg_kernel.client import Workbench
+    from bkg_kernel.plugins.base import Plugin
 
 __version__ = "0.1.0"
-__all__ = ["BkgError", "__version__", "connect"]
+__all__ = ["BkgError", "__version__", "connect", "local"]
 
 
 def connect(url: str | None = None, **kwargs: Any) -> Workbench:
@@ -21,3 +22,31 @@ def connect(url: str | None = None, **kwargs: Any) -> Workbench:
     from bkg_kernel.client import connect as _connect
 
     return _connect(url, **kwargs)
+
+
+def local(plugin_id: str, data_dir: str | None = None, **settings: Any) -> Plugin:
+    """Run one plugin in this process, without a gateway (tests, experiments); return it started."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from bkg_kernel.errors import NotFound, Unavailable
+    from bkg_kernel.plugins.base import PluginContext, invalid_from_pydantic
+    from bkg_kernel.plugins.registry import discover
+    from bkg_kernel.settings import get_settings
+
+    found = discover([plugin_id]).get(plugin_id)
+    if found is None:
+        raise NotFound(f"no plugin {plugin_id!r}", field="plugin")
+    if found.cls is None:
+        raise Unavailable(f"plugin {plugin_id!r} cannot load: {found.error}")
+    try:
+        config = found.cls.Settings.model_validate(settings)
+    except ValidationError as exc:
+        raise invalid_from_pydantic(exc, "settings") from None
+    root = Path(data_dir) if data_dir is not None else get_settings().data_dir
+    work = root / "plugins" / plugin_id
+    work.mkdir(parents=True, exist_ok=True)
+    plugin = found.cls(config, PluginContext(root, work))
+    plugin.start()
+    return plugin

@@ -1,0 +1,154 @@
+"""Runtime behaviour that needs its own gateway: heartbeats, memory cap, autostart, broken and outside plugins."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gateway_harness import start_gateway, wait_for
+
+from bkg_kernel.plugins.registry import discover
+
+
+@pytest.fixture
+def plugin_path(tmp_path: Path) -> Path:
+    """A folder with an outside plugin registered through the entry point group, and a broken one."""
+    root = tmp_path / "site"
+    (root / "bkg_weather").mkdir(parents=True)
+    (root / "bkg_weather" / "__init__.py").write_text(
+        textwrap.dedent('''
+        from pydantic import BaseModel
+        from bkg_kernel.plugins.base import Plugin, capability
+
+        class Q(BaseModel):
+            city: str
+
+        class A(BaseModel):
+            city: str
+            letters: int
+
+        class Weather(Plugin):
+            id = "weather"
+            name = "Weather"
+            mode = "inline"
+
+            @capability("weather.letters", scope="plugins:read")
+            def letters(self, inp: Q) -> A:
+                """Count the letters of a city."""
+                return A(city=inp.city, letters=sum(c.isalpha() for c in inp.city))
+
+        PLUGIN = Weather
+    ''')
+    )
+    (root / "bkg_broken").mkdir()
+    (root / "bkg_broken" / "__init__.py").write_text("import a_module_that_is_not_installed\n")
+    dist = root / "bkg_extra-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bkg-extra\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[bkg_kernel.plugins]\nweather = bkg_weather\nbroken = bkg_broken\n")
+    return root
+
+
+def test_outside_and_broken_plugins_are_discovered(plugin_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(plugin_path))
+    found = discover()
+    assert found["weather"].cls is not None and found["weather"].source == "entry point weather"
+    assert found["broken"].cls is None
+    assert "a_module_that_is_not_installed" in (found["broken"].error or "") and "install" in (
+        found["broken"].error or ""
+    )
+    assert found["sysinfo"].cls is not None
+
+
+def test_gateway_lists_broken_plugin_and_runs_the_rest(tmp_path: Path, plugin_path: Path) -> None:
+    env = {"PYTHONPATH": os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")])}
+    g = start_gateway(tmp_path / "data", env=env, wait=False)
+    try:
+        c = g.client()
+        plugins = wait_for(
+            lambda: (
+                (r := c.get("/api/plugins")).status_code == 200 and {p["id"]: p for p in r.json()["plugins"]}
+                if _up(g)
+                else None
+            )
+        )
+        wait_for(lambda: c.get("/api/plugins/sysinfo/status").json()["state"] == "running")
+        assert plugins["broken"]["state"] == "error" and "a_module_that_is_not_installed" in plugins["broken"]["reason"]
+        assert c.get("/health").json()["status"] == "degraded"
+        r = c.post("/api/plugins/weather/invoke/weather.letters", json={"city": "Le Mans"})
+        assert r.json() == {"city": "Le Mans", "letters": 6}
+        r = c.post("/api/plugins/broken/start")
+        assert r.status_code == 503 and "a_module_that_is_not_installed" in r.json()["error"]["message"]
+    finally:
+        g.stop()
+
+
+def _up(g: Any) -> bool:
+    try:
+        return g.client(None).get("/health").status_code == 200
+    except Exception:
+        return False
+
+
+def test_missed_heartbeat_degrades_then_recovers(tmp_path: Path) -> None:
+    g = start_gateway(tmp_path / "data")
+    try:
+        c = g.client()
+        pid = c.get("/api/plugins/sysinfo/status").json()["pid"]
+        os.kill(pid, signal.SIGSTOP)  # alive but silent
+        try:
+            st = wait_for(lambda: (s := c.get("/api/plugins/sysinfo/status").json())["state"] == "degraded" and s, 20)
+            assert "heartbeat" in st["reason"]
+            assert c.get("/health").json()["status"] == "degraded"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: c.get("/api/plugins/sysinfo/status").json()["state"] == "running", 20)
+        assert c.get("/api/plugins/sysinfo/status").json()["pid"] == pid  # recovered, not restarted
+    finally:
+        g.stop()
+
+
+def test_memory_cap_restarts_worker_and_autostart_off_survives_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    g = start_gateway(data)
+    try:
+        c = g.client()
+        pid = c.get("/api/plugins/sysinfo/status").json()["pid"]
+        c.put("/api/plugins/sysinfo/config", json={"config": {"memory_limit_mb": 16}})  # a worker needs more
+        wait_for(
+            lambda: any("memory_limit_mb" in x["message"] for x in c.get("/api/plugins/sysinfo/logs").json()["lines"]),
+            30,
+        )
+        assert c.get("/api/plugins/sysinfo/status").json()["pid"] != pid
+        c.put("/api/plugins/sysinfo/config", json={"config": {}, "autostart": False})
+    finally:
+        g.stop()
+    g2 = start_gateway(data, wait=False)
+    try:
+        wait_for(lambda: _up(g2), 60)
+        c = g2.client()
+        assert c.get("/api/plugins/sysinfo/status").json()["state"] == "stopped"
+        assert c.get("/api/plugins/sysinfo/config").json()["autostart"] is False
+        assert c.get("/api/plugins/apikeys/status").json()["state"] == "running"
+    finally:
+        g2.stop()
+
+
+def test_custom_role(gw: Any) -> None:
+    c = gw.client()
+    r = c.post("/admin/roles", json={"name": "analyst", "scopes": ["collections:read", "llm:use"]})
+    assert r.status_code == 201
+    assert c.post("/admin/roles", json={"name": "bad", "scopes": ["nope"]}).json()["error"]["field"] == "scopes[0]"
+    u = c.post("/admin/users", json={"username": "ana", "role": "analyst"}).json()
+    key = c.post("/admin/keys", json={"name": "ana", "user_id": u["id"]}).json()["key"]
+    me = gw.client(key).get("/auth/me").json()
+    assert me["scopes"] == ["collections:read", "llm:use"]
+    assert gw.client(key).get("/api/plugins").status_code == 403
+    assert c.delete("/admin/roles/analyst").status_code == 422  # still given to ana
+    assert c.delete("/admin/roles/admin").status_code == 422  # built in
+    roles = {r["name"] for r in c.get("/admin/roles").json()["roles"]}
+    assert {"admin", "developer", "viewer", "analyst"} <= roles
