@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,8 @@ READ_CHUNK = 50_000
 # Compact (renumber positions, rebuild the index) when more than this share of positions is dead.
 COMPACT_DEAD_RATIO = 0.5
 FILTER_CACHE_SIZE = 32
+# One thread adds vectors to FAISS while the caller commits the next batch to DuckDB.
+_INDEXER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bkg-index")
 
 
 @dataclass
@@ -161,16 +164,24 @@ class Collection:
         show = len(batch) >= 50_000 if progress is None else progress
         with self._store._mutex:  # noqa: SLF001
             self._ensure_index()
-            with tqdm(total=len(batch), desc=f"upsert {self.name}", unit="pt", disable=not show) as bar:
-                for a in range(0, len(batch), batch_size):
-                    part = batch.slice(a, a + batch_size)
-                    self._write(part)
-                    bar.update(len(part))
+            pending: Future[None] | None = None
+            try:
+                with tqdm(total=len(batch), desc=f"upsert {self.name}", unit="pt", disable=not show) as bar:
+                    for a in range(0, len(batch), batch_size):
+                        part = batch.slice(a, a + batch_size)
+                        pending = self._write(part, pending)
+                        bar.update(len(part))
+            finally:
+                if pending is not None:
+                    pending.result()
             self._maybe_compact()
             self._maybe_flush()
         return UpsertResult(len(batch), (time.perf_counter() - t0) * 1000)
 
-    def _write(self, b: validate.Batch) -> None:
+    def _write(self, b: validate.Batch, pending: Future[None] | None = None) -> Future[None]:
+        """Commit one batch to DuckDB, then hand its vectors to the index on a helper thread, so the next
+        batch's DuckDB write overlaps this batch's FAISS add (both release the GIL). `pending` is the
+        previous batch's add: it must finish before the index is touched again."""
         start, n = self._next_fid, len(b)
         arrow = pa.table(
             {
@@ -205,14 +216,17 @@ class Collection:
         self._next_fid = start + n
         self._text_version += text_changed
         self._filter_cache.clear()
+        if pending is not None:
+            pending.result()
         index.mark_dead(old)
         for f in old.tolist():
             self._ids[f] = self._payloads[f] = None
-        index.add(b.vectors)
+        done = _INDEXER.submit(index.add, b.vectors)
         self._ids.extend(b.ids)
         self._payloads.extend(b.payloads)
         self._fid_of.update(zip(b.keys, range(start, start + n), strict=True))
         self._unsaved = True
+        return done
 
     def delete(self, ids: list[Any] | None = None, *, filter: dict[str, Any] | None = None) -> int:
         """Delete points by ids or by payload filter; return how many were deleted."""
