@@ -204,14 +204,13 @@ class VectorIndex:
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: Path, meta: dict[str, Any]) -> None:
-        """Write index + meta atomically (tmp file, fsync, rename); the meta carries a CRC of the index file."""
+        """Write index + meta atomically (tmp file, rename); the meta carries a CRC of the index file."""
         faiss = _faiss()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         faiss.write_index(self.index, str(tmp))
         crc = _crc(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        # No fsync: the index is rebuildable from DuckDB, and a torn file fails its CRC on the next open.
         os.replace(tmp, path)
         full = {**meta, "ntotal": self.ntotal, "crc32": crc, "params": self.params}
         mtmp = path.with_suffix(".meta.tmp")

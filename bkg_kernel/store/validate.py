@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,23 @@ def collection_config(dim: Any, metric: Any, index: Any) -> tuple[int, str, str]
     return dim, metric, index
 
 
-_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+def _json_encoder() -> Callable[[Any], str]:
+    """Return a strict JSON encoder (no NaN) built once: json.dumps builds a new one per call, and payload
+    encoding is the largest Python cost of a big upsert."""
+    from json import encoder as je
+
+    make = getattr(je, "c_make_encoder", None)
+    if make is None:  # no C speedups on this interpreter
+        return json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+
+    def default(o: Any) -> Any:
+        raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+    enc = make(None, default, je.encode_basestring, None, ": ", ", ", False, False, False)
+    return lambda obj: "".join(enc(obj, 0))
+
+
+_ENCODE = _json_encoder()
 
 
 def point_key(pid: Any, field: str) -> str:
@@ -189,7 +205,7 @@ def _payload(p: Any, field: str) -> str | None:
         raise InvalidInput(f"payload must be a JSON object, got {type(p).__name__}", field=field)
     try:
         return _ENCODE(p)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidInput(f"payload is not valid JSON: {exc}", field=field) from None
 
 
