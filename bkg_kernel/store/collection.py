@@ -19,7 +19,7 @@ from bkg_kernel.errors import CorruptData, InvalidInput
 from bkg_kernel.store import validate
 from bkg_kernel.store.filters import compile_filter
 from bkg_kernel.store.index import VectorIndex
-from bkg_kernel.store.results import CollectionInfo, Hit, Point, PointList, QueryResult
+from bkg_kernel.store.results import CollectionInfo, Point, PointList, QueryResult
 from bkg_kernel.store.sql import scalar
 
 if TYPE_CHECKING:
@@ -359,7 +359,7 @@ class Collection:
             q = validate.query_vector(vector, self.dim, self.name)
         if mode in ("text", "hybrid") and (not isinstance(text, str) or not text.strip() or len(text) > 10_000):
             raise InvalidInput(f"{mode} search needs a query text of 1 to 10000 characters", field="text")
-        if isinstance(rrf_k, bool) or not isinstance(rrf_k, int | float) or rrf_k < 0:
+        if isinstance(rrf_k, bool) or not isinstance(rrf_k, (int, float)) or rrf_k < 0:  # noqa: UP038
             raise InvalidInput("rrf_k must be a number >= 0", field="rrf_k")
         if ef_search is not None and (not isinstance(ef_search, int) or not 1 <= ef_search <= 4096):
             raise InvalidInput("ef_search must be an integer from 1 to 4096", field="ef_search")
@@ -379,20 +379,29 @@ class Collection:
                 vf, _ = index.search(q, depth, allowed, ef_search)
                 tf, _ = self._text_search(str(text), depth, where, params)
                 fids, scores = rrf([vf, tf], float(rrf_k), k)
-            hits = [
-                Hit(self._ids[f], s if math.isfinite(s) else 0.0, payload_json=self._payloads[f])
-                for f, s in zip(fids.tolist(), scores.tolist(), strict=True)
-            ]
-            if with_text and hits:
+            fl, sl = fids.tolist(), scores.tolist()
+            if not all(map(math.isfinite, sl)):  # scores must serialise as JSON
+                sl = [x if math.isfinite(x) else 0.0 for x in sl]
+            result = QueryResult(
+                None,
+                0.0,
+                mode,
+                ids=[self._ids[f] for f in fl],
+                scores=sl,
+                payloads=[self._payloads[f] for f in fl],
+            )
+            if with_text and fl:
+                hits = result.hits
                 texts = dict(
                     self._con.execute(
                         f"SELECT fid, text FROM {self.table} WHERE fid IN (SELECT unnest(?::BIGINT[]))",
                         [fids.tolist()],
                     ).fetchall()
                 )
-                for h, f in zip(hits, fids.tolist(), strict=True):
+                for h, f in zip(hits, fl, strict=True):
                     h.text = texts.get(f)
-        return QueryResult(hits, (time.perf_counter() - t0) * 1000, mode)
+        result.took_ms = (time.perf_counter() - t0) * 1000
+        return result
 
     def _allowed(self, flt: dict[str, Any], where: str, params: list[Any]) -> np.ndarray:
         """Return the positions matching a filter, from DuckDB or from the cache of recent filters."""

@@ -33,10 +33,16 @@ EXACT_FILTER_MAX = 5_000
 EXACT_FILTER_SHARE = 0.02
 
 
-def _faiss() -> Any:
-    import faiss  # heavy: imported where needed
+_FAISS: Any = None
 
-    return faiss
+
+def _faiss() -> Any:
+    global _FAISS
+    if _FAISS is None:
+        import faiss  # heavy: imported where first needed, not with bkg_kernel
+
+        _FAISS = faiss
+    return _FAISS
 
 
 class VectorIndex:
@@ -137,7 +143,7 @@ class VectorIndex:
             n_candidates = len(allowed)
         else:
             mask = self.alive if self.n_dead else None
-            n_candidates = self.ntotal - self.n_dead
+            n_candidates = len(self.alive) - self.n_dead  # == ntotal - dead, without a SWIG call
         k_eff = min(k, n_candidates)
         if k_eff <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)

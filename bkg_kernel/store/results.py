@@ -87,19 +87,44 @@ class Hit:
         return f"Hit(id={self.id!r}, score={self.score:.4f}, payload={self.payload!r})"
 
 
-@dataclass
 class QueryResult:
-    """Ranked hits of a query, best first, with the time it took."""
+    """Ranked hits of a query, best first, with the time it took.
 
-    hits: list[Hit]
-    took_ms: float
-    mode: str
+    The store hands over parallel lists (ids, scores, payload JSON); `Hit` objects are built on first use,
+    so a caller that only wants `.ids` pays for none of them.
+    """
+
+    def __init__(
+        self,
+        hits: list[Hit] | None,
+        took_ms: float,
+        mode: str,
+        *,
+        ids: list[PointId] | None = None,
+        scores: list[float] | None = None,
+        payloads: list[str | None] | None = None,
+    ) -> None:
+        self._hits = hits
+        self._cols = (ids or [], scores or [], payloads or [])
+        self.took_ms = took_ms
+        self.mode = mode
+
+    @property
+    def hits(self) -> list[Hit]:
+        """Return the hits, best first."""
+        if self._hits is None:
+            ids, scores, payloads = self._cols
+            self._hits = [Hit(i, s, payload_json=p) for i, s, p in zip(ids, scores, payloads, strict=True)]
+        return self._hits
+
+    def __repr__(self) -> str:
+        return f"QueryResult({len(self)} hits, mode={self.mode!r}, took_ms={self.took_ms:.3f})"
 
     def __iter__(self) -> Iterator[Hit]:
         return iter(self.hits)
 
     def __len__(self) -> int:
-        return len(self.hits)
+        return len(self._hits) if self._hits is not None else len(self._cols[0])
 
     def __getitem__(self, i: int) -> Hit:
         return self.hits[i]
@@ -107,7 +132,7 @@ class QueryResult:
     @property
     def ids(self) -> list[PointId]:
         """Return the ids of the hits, in rank order."""
-        return [h.id for h in self.hits]
+        return list(self._cols[0]) if self._hits is None else [h.id for h in self._hits]
 
     def to_dict(self) -> dict[str, Any]:
         """Return `{"results": [...], "took_ms": ..., "mode": ...}`."""
