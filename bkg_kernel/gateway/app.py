@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from bkg_kernel.errors import BkgError, InvalidInput
@@ -107,23 +108,26 @@ def _core_routes(app: FastAPI) -> None:
     read, write = Depends(need("plugins:read")), Depends(need("plugins:write"))
 
     @app.get("/api/plugins", tags=["plugins"], dependencies=[read])
-    async def list_plugins(request: Request) -> dict[str, Any]:
+    async def list_plugins(request: Request) -> JSONResponse:
         """Every plugin with its status and latest telemetry."""
         sup = gateway(request).supervisor
         assert sup is not None
-        return {
-            "plugins": [
-                {
-                    "id": h.id,
-                    "name": h.cls.name if h.cls else h.id,
-                    "version": h.cls.version if h.cls else "",
-                    "description": h.cls.description if h.cls else "",
-                    **h.status(),
-                    "telemetry": h.telemetry.snapshot(),
-                }
-                for h in sup.hosts.values()
-            ]
-        }
+        # Plain JSON data already: skip FastAPI's recursive encoder on the route the panels poll most.
+        return JSONResponse(
+            {
+                "plugins": [
+                    {
+                        "id": h.id,
+                        "name": h.cls.name if h.cls else h.id,
+                        "version": h.cls.version if h.cls else "",
+                        "description": h.cls.description if h.cls else "",
+                        **h.status(),
+                        "telemetry": h.telemetry.snapshot(),
+                    }
+                    for h in sup.hosts.values()
+                ]
+            }
+        )
 
     @app.get("/api/plugins/telemetry/summary", tags=["plugins"], dependencies=[read])
     async def telemetry_summary(request: Request) -> dict[str, Any]:

@@ -63,11 +63,14 @@ class Telemetry:
         self.rss_bytes = 0
         self.queue_depth = 0
         self.in_flight = 0
-        self._recent: deque[float] = deque(maxlen=10_000)
+        self._recent: deque[float] = deque(maxlen=100_000)
+        self._snap: dict[str, Any] | None = None
+        self._snap_at = 0.0
 
     def record(self, seconds: float, error: str | None = None) -> None:
         """Count one finished request."""
         self.requests += 1
+        self._snap = None
         self.latencies.append(seconds * 1000)
         self._recent.append(time.monotonic())
         if error is not None:
@@ -75,11 +78,16 @@ class Telemetry:
             self.last_error = error
 
     def snapshot(self) -> dict[str, Any]:
-        """Return the current numbers."""
-        lat = np.array(self.latencies) if self.latencies else None
+        """Return the current numbers (recomputed at most every 0.25 s: list routes and dashboards poll it)."""
         now = time.monotonic()
-        per_min = sum(1 for t in self._recent if now - t <= 60)
-        return {
+        if self._snap is not None and now - self._snap_at < 0.25:
+            return self._snap
+        lat = np.array(self.latencies) if self.latencies else None
+        while self._recent and now - self._recent[0] > 60:
+            self._recent.popleft()
+        per_min = len(self._recent)
+        self._snap_at = now
+        self._snap = {
             "cpu_percent": round(self.cpu_percent, 1),
             "rss_bytes": self.rss_bytes,
             "uptime_s": round(time.time() - self.started_at, 1) if self.started_at else 0.0,
@@ -92,3 +100,4 @@ class Telemetry:
             "queue_depth": self.queue_depth,
             "in_flight": self.in_flight,
         }
+        return self._snap
