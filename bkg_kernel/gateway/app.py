@@ -105,7 +105,7 @@ def _core_routes(app: FastAPI) -> None:
         return {"ok": True}
 
     # -- plugins ----------------------------------------------------------------------------------
-    read, write = Depends(need("plugins:read")), Depends(need("plugins:write"))
+    read = Depends(need("plugins:read"))
 
     @app.get("/api/plugins", tags=["plugins"], dependencies=[read])
     async def list_plugins(request: Request) -> JSONResponse:
@@ -163,7 +163,7 @@ def _core_routes(app: FastAPI) -> None:
         return _host(request, plugin_id).telemetry.snapshot()
 
     for action in ("start", "stop", "restart"):
-        _lifecycle_route(app, action, write)
+        _lifecycle_route(app, action)
 
     @app.get("/api/plugins/{plugin_id}/config", tags=["plugins"], dependencies=[read])
     async def get_config(plugin_id: str, request: Request) -> dict[str, Any]:
@@ -227,7 +227,7 @@ def _core_routes(app: FastAPI) -> None:
         await _websocket(websocket)
 
 
-def _lifecycle_route(app: FastAPI, action: str, write: Any) -> None:
+def _lifecycle_route(app: FastAPI, action: str) -> None:
     async def route(plugin_id: str, request: Request, p: Annotated[Principal, Depends(need("plugins:write"))]) -> Any:
         gw = gateway(request)
         h = _host(request, plugin_id)

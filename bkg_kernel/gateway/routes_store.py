@@ -7,7 +7,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from bkg_kernel.errors import InvalidInput
 from bkg_kernel.gateway.state import gateway, need, store_of
 from bkg_kernel.plugins.apikeys.service import Principal
 
@@ -45,6 +44,10 @@ class Ids(Strict):
 
 class Delete(Strict):
     ids: list[int | str] | None = None
+    filter: dict[str, Any] | None = None
+
+
+class Count(Strict):
     filter: dict[str, Any] | None = None
 
 
@@ -119,12 +122,9 @@ def delete_points(name: str, body: Delete, request: Request) -> dict[str, Any]:
 
 
 @router.post("/{name}/points/count", dependencies=[READ])
-def count_points(name: str, request: Request, body: Delete | None = None) -> dict[str, Any]:
+def count_points(name: str, request: Request, body: Count | None = None) -> dict[str, Any]:
     """Count points, optionally matching a filter."""
-    flt = body.filter if body else None
-    if body is not None and body.ids is not None:
-        raise InvalidInput("count takes a filter, not ids", field="ids")
-    return {"count": store_of(request).collection(name).count(flt)}
+    return {"count": store_of(request).collection(name).count(body.filter if body else None)}
 
 
 @router.post("/{name}/query", dependencies=[READ])

@@ -112,11 +112,6 @@ def store_of(request: Request) -> Store:
     return s
 
 
-def data(obj: Any) -> Any:
-    """Return plain JSON data from a result object."""
-    return obj.to_dict() if hasattr(obj, "to_dict") else obj
-
-
 def snapshot_summary(gw: Gateway) -> dict[str, Any]:
     """Return the plugins' status and telemetry for /health, the WebSocket bootstrap and /metrics."""
     assert gw.supervisor is not None
@@ -128,8 +123,3 @@ def version() -> str:
     from bkg_kernel import __version__
 
     return __version__
-
-
-def iso(t: float) -> str:
-    """Return a unix time as ISO 8601 UTC."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
