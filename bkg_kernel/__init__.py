@@ -31,7 +31,7 @@ def local(plugin_id: str, data_dir: str | None = None, **settings: Any) -> Plugi
     from pydantic import ValidationError
 
     from bkg_kernel.errors import NotFound, Unavailable
-    from bkg_kernel.plugins.base import PluginContext, invalid_from_pydantic
+    from bkg_kernel.plugins.base import invalid_from_pydantic
     from bkg_kernel.plugins.registry import discover
     from bkg_kernel.settings import get_settings
 
@@ -45,8 +45,6 @@ def local(plugin_id: str, data_dir: str | None = None, **settings: Any) -> Plugi
     except ValidationError as exc:
         raise invalid_from_pydantic(exc, "settings") from None
     root = Path(data_dir) if data_dir is not None else get_settings().data_dir
-    work = root / "plugins" / plugin_id
-    work.mkdir(parents=True, exist_ok=True)
-    plugin = found.cls(config, PluginContext(root, work))
+    plugin = found.cls.create(config, root)
     plugin.start()
     return plugin

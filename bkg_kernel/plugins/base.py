@@ -91,6 +91,13 @@ class Plugin:
         self.context = context
         self.log = logging.getLogger(f"bkg.plugin.{self.id}")
 
+    @classmethod
+    def create(cls, settings: PluginSettings, data_dir: Path, services: dict[str, Any] | None = None) -> Plugin:
+        """Build the plugin with its context: `<data_dir>/plugins/<id>` as its own folder (created here)."""
+        work = data_dir / "plugins" / cls.id
+        work.mkdir(parents=True, exist_ok=True)
+        return cls(settings, PluginContext(data_dir, work, services or {}))
+
     def start(self) -> None:
         """Acquire resources (load models, open files); raise to fail the start."""
 

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from bkg_kernel.errors import BkgError, InvalidInput, NotFound, Timeout, TooManyRequests, Unavailable
-from bkg_kernel.plugins.base import Plugin, PluginContext, PluginSettings, invalid_from_pydantic
+from bkg_kernel.plugins.base import Plugin, PluginSettings, invalid_from_pydantic
 from bkg_kernel.plugins.registry import Discovered, Entry
 from bkg_kernel.runtime import worker
 from bkg_kernel.runtime.telemetry import LogRing, RingHandler, Telemetry
@@ -219,9 +219,7 @@ class PluginHost:
 
     def _start_inline(self) -> None:
         assert self.cls is not None
-        work = self.data_dir / "plugins" / self.id
-        work.mkdir(parents=True, exist_ok=True)
-        plugin = self.cls(self.settings, PluginContext(self.data_dir, work, self.services))
+        plugin = self.cls.create(self.settings, self.data_dir, self.services)
         handler = RingHandler(self.add_log)
         handler.setFormatter(logging.Formatter("%(message)s"))
         plugin.log.addHandler(handler)

@@ -52,13 +52,9 @@ def main(conn: Connection, module: str, class_name: str, settings: dict[str, Any
     root = logging.getLogger()
     root.handlers[:] = [_PipeLog(send)]
     root.setLevel(logging.INFO)
-    from bkg_kernel.plugins.base import PluginContext
-
     try:
         cls = getattr(importlib.import_module(module), class_name)
-        work = Path(data_dir) / "plugins" / cls.id
-        work.mkdir(parents=True, exist_ok=True)
-        plugin = cls(cls.Settings.model_validate(settings), PluginContext(Path(data_dir), work))
+        plugin = cls.create(cls.Settings.model_validate(settings), Path(data_dir))
         plugin.start()
     except Exception as exc:
         logging.getLogger("bkg.worker").error("start failed: %s", traceback.format_exc())
