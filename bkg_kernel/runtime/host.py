@@ -172,7 +172,7 @@ class PluginHost:
             "restarts": self.restarts,
             "enabled": self.entry.enabled,
             "autostart": self.entry.autostart,
-            "uptime_s": self.telemetry.snapshot()["uptime_s"] if self.state in ("running", "degraded") else 0.0,
+            "uptime_s": self.telemetry.uptime() if self.state in ("running", "degraded") else 0.0,
         }
 
     def describe(self) -> dict[str, Any]:

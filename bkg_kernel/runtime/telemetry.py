@@ -77,6 +77,10 @@ class Telemetry:
             self.errors += 1
             self.last_error = error
 
+    def uptime(self) -> float:
+        """Return seconds since the plugin last started (0 when it is not running)."""
+        return round(time.time() - self.started_at, 1) if self.started_at else 0.0
+
     def snapshot(self) -> dict[str, Any]:
         """Return the current numbers (recomputed at most every 0.25 s: list routes and dashboards poll it)."""
         now = time.monotonic()
@@ -90,7 +94,7 @@ class Telemetry:
         self._snap = {
             "cpu_percent": round(self.cpu_percent, 1),
             "rss_bytes": self.rss_bytes,
-            "uptime_s": round(time.time() - self.started_at, 1) if self.started_at else 0.0,
+            "uptime_s": self.uptime(),
             "requests": self.requests,
             "requests_per_min": per_min,
             "errors": self.errors,

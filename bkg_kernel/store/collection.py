@@ -242,7 +242,7 @@ class Collection:
                 raise InvalidInput(
                     "an empty filter would delete every point; drop the collection instead", field="filter"
                 )
-            where, params = compile_filter(filter) if filter else ("TRUE", [])
+            where, params = compile_filter(filter)
         with self._store._mutex:  # noqa: SLF001
             index = self._ensure_index()
             con = self._con
@@ -363,7 +363,7 @@ class Collection:
             raise InvalidInput("rrf_k must be a number >= 0", field="rrf_k")
         if ef_search is not None and (not isinstance(ef_search, int) or not 1 <= ef_search <= 4096):
             raise InvalidInput("ef_search must be an integer from 1 to 4096", field="ef_search")
-        where, params = compile_filter(filter) if filter else ("TRUE", [])
+        where, params = compile_filter(filter)
         with self._store._mutex:  # noqa: SLF001
             index = self._ensure_index()
             allowed = self._allowed(filter, where, params) if filter else None

@@ -215,8 +215,3 @@ def _text(t: Any, field: str) -> str | None:
     if t is None or isinstance(t, str):
         return t
     raise InvalidInput(f"text must be a string, got {type(t).__name__}", field=field)
-
-
-def finite(x: float) -> float:
-    """Return x, or 0.0 where it is not finite (scores must serialise as JSON)."""
-    return x if math.isfinite(x) else 0.0
