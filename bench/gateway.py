@@ -10,6 +10,7 @@ a status change takes to reach a WebSocket subscriber.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import re
@@ -40,14 +41,19 @@ def start(data: Path, port: int, until: str = "up") -> tuple[subprocess.Popen[by
         [sys.executable, "-m", "bkg_kernel.cli", "serve", "--data-dir", str(data), "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/health"
+    # http.client, not httpx.get: a fresh httpx client costs tens of ms per poll, which would be timed too
     while True:
         try:
-            r = httpx.get(url, timeout=1)
-            if r.status_code == 200 and (until == "up" or r.json()["status"] == "ok"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/health")
+            r = conn.getresponse()
+            body = r.read()
+            conn.close()
+            if r.status == 200 and (until == "up" or json.loads(body)["status"] == "ok"):
                 return proc, time.perf_counter() - t0
-        except httpx.HTTPError:
-            time.sleep(0.01)
+        except OSError:
+            pass
+        time.sleep(0.005)
 
 
 def load_wrk(url: str, seconds: int, conns: int) -> float:

@@ -58,9 +58,11 @@ def create_app(settings: Settings | None = None, plugins: list[str] | None = Non
     app.state.gateway = gw
     errors.install(app)
     app.add_middleware(MetricsMiddleware, metrics=gw.metrics)
+    # Routes match in registration order (a linear scan): the health and plugin routes the panels poll
+    # come first, the store and admin routers after them.
+    _core_routes(app)
     app.include_router(routes_store.router)
     app.include_router(routes_admin.router)
-    _core_routes(app)
     return app
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 from tqdm.auto import tqdm
 
 from bkg_kernel.errors import CorruptData, InvalidInput
@@ -23,6 +22,8 @@ from bkg_kernel.store.results import CollectionInfo, Point, PointList, QueryResu
 from bkg_kernel.store.sql import scalar
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from bkg_kernel.store.store import Store
 
 log = logging.getLogger("bkg.store")
@@ -83,6 +84,8 @@ class Collection:
     def _ensure_index(self) -> VectorIndex:
         if self._index is not None:
             return self._index
+        import pyarrow as pa  # lazily: ~27 MB the gateway only pays once a collection is used
+
         rows = self._con.execute(f"SELECT fid, pk, CAST(payload AS VARCHAR) FROM {self.table} ORDER BY fid").arrow()
         if not isinstance(rows, pa.Table):
             rows = rows.read_all()
@@ -128,6 +131,8 @@ class Collection:
         bar.close()
 
     def _vectors_where(self, where: str, params: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        import pyarrow as pa
+
         tbl = self._con.execute(f"SELECT fid, vec FROM {self.table} WHERE {where} ORDER BY fid", params).arrow()
         if not isinstance(tbl, pa.Table):
             tbl = tbl.read_all()
@@ -182,6 +187,8 @@ class Collection:
         """Commit one batch to DuckDB, then hand its vectors to the index on a helper thread, so the next
         batch's DuckDB write overlaps this batch's FAISS add (both release the GIL). `pending` is the
         previous batch's add: it must finish before the index is touched again."""
+        import pyarrow as pa
+
         start, n = self._next_fid, len(b)
         arrow = pa.table(
             {
@@ -470,6 +477,8 @@ def rrf(rankings: list[np.ndarray], rrf_k: float, k: int) -> tuple[np.ndarray, n
 
 def matrix_blob(mat: np.ndarray) -> pa.Array:
     """Pack an (n, dim) float32 matrix as one BLOB of raw bytes per row, without copying row by row."""
+    import pyarrow as pa
+
     mat = np.ascontiguousarray(mat, dtype=np.float32)
     n, dim = mat.shape
     offsets = np.arange(n + 1, dtype=np.int64) * (dim * 4)
@@ -478,6 +487,8 @@ def matrix_blob(mat: np.ndarray) -> pa.Array:
 
 def blob_matrix(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     """Unpack BLOB rows written by `matrix_blob` into an (n, dim) float32 matrix."""
+    import pyarrow as pa
+
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     n = len(arr)
     if n == 0:
