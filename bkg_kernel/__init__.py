@@ -45,6 +45,6 @@ def local(plugin_id: str, data_dir: str | None = None, **settings: Any) -> Plugi
     except ValidationError as exc:
         raise invalid_from_pydantic(exc, "settings") from None
     root = Path(data_dir) if data_dir is not None else get_settings().data_dir
-    plugin = found.cls.create(config, root)
+    plugin = found.cls.create(config, root, model_dir=get_settings().model_dir)
     plugin.start()
     return plugin

@@ -18,11 +18,14 @@ store_app = typer.Typer(help="Collections and snapshots in the DuckDB + FAISS st
 plugins_app = typer.Typer(help="Plugins of the running gateway.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (admin).", no_args_is_help=True)
 users_app = typer.Typer(help="Users (admin).", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry (<model dir>/manifest.json).", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(keys_app, name="keys")
 app.add_typer(users_app, name="users")
+app.add_typer(models_app, name="models")
 
+ModelDir = Annotated[Path | None, typer.Option("--model-dir", help="Model dir (default: BKG_MODEL_DIR or ./models).")]
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data dir (default: BKG_DATA_DIR or ./data).")]
 
 
@@ -325,6 +328,68 @@ def store_delete_snapshot(name: str, snapshot_id: str, data_dir: DataDir = None)
     with _store(data_dir) as s:
         s.delete_snapshot(name, snapshot_id)
     typer.echo(f"deleted {snapshot_id}")
+
+
+def _models(model_dir: Path | None) -> Any:
+    from bkg_kernel.models.registry import ModelRegistry
+    from bkg_kernel.settings import get_settings
+
+    return ModelRegistry(model_dir or get_settings().model_dir)
+
+
+@models_app.command("list")
+def models_list(
+    model_dir: ModelDir = None, kind: Annotated[str | None, typer.Option(help="Only this kind.")] = None
+) -> None:
+    """List registered models (the packaged defaults are registered on first use)."""
+    for m in _models(model_dir).list(kind):
+        typer.echo(f"{m.id:<28} {m.kind:<16} {m.size / 2**20:>9,.1f} MB  {m.license or '-':<12} {m.source}")
+
+
+@models_app.command("add")
+def models_add(
+    path: Path,
+    id: Annotated[str | None, typer.Option("--id", help="Model id (default: the file name).")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="gguf-llm, gguf-embedding, hf-transformers, onnx, face-pack.")
+    ] = None,
+    license: Annotated[str | None, typer.Option(help="License name.")] = None,
+    import_mode: Annotated[
+        str | None, typer.Option("--import", help="copy or link a path that is outside the model dir.")
+    ] = None,
+    model_dir: ModelDir = None,
+) -> None:
+    """Register a model file or folder (checked: a file that is not what its kind says is refused)."""
+    _print(_models(model_dir).add(path, id=id, kind=kind, license=license, import_mode=import_mode).model_dump())
+
+
+@models_app.command("verify")
+def models_verify(
+    model_id: Annotated[str | None, typer.Argument(help="One model (default: all).")] = None, model_dir: ModelDir = None
+) -> None:
+    """Recompute sha256 and report drift; exit 1 if any model drifted or is missing."""
+    reg = _models(model_dir)
+    ids = [model_id] if model_id else [m.id for m in reg.list()]
+    bad = 0
+    for mid in ids:
+        r = reg.verify(mid)
+        bad += not r["ok"]
+        state = "ok" if r["ok"] else ("MISSING" if r["missing"] else "DRIFT")
+        typer.echo(f"{mid:<28} {state}  {r['path']}")
+    if bad:
+        raise typer.Exit(1)
+
+
+@models_app.command("remove")
+def models_remove(
+    model_id: str,
+    delete_files: Annotated[
+        bool, typer.Option("--delete-files", help="Also delete its file from the model dir.")
+    ] = False,
+    model_dir: ModelDir = None,
+) -> None:
+    """Unregister a model."""
+    _print(_models(model_dir).remove(model_id, delete_files=delete_files).model_dump())
 
 
 def main() -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# Model registries written by tests (and plugins run in-process) go to a scratch dir, never the repo's models/.
+os.environ.setdefault("BKG_MODEL_DIR", tempfile.mkdtemp(prefix="bkg-test-models-"))
 
 from bkg_kernel.store import Store
 

@@ -49,7 +49,12 @@ def start_gateway(data_dir: Path, env: dict[str, str] | None = None, wait: bool 
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir.parent / f"gateway-{port}.log"
-    full_env = {**os.environ, "BKG_ADMIN_KEY": ADMIN_KEY, **(env or {})}
+    full_env = {
+        **os.environ,
+        "BKG_ADMIN_KEY": ADMIN_KEY,
+        "BKG_MODEL_DIR": str(data_dir.parent / "models"),
+        **(env or {}),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "bkg_kernel.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)],
         stdout=open(log, "wb"),  # noqa: SIM115

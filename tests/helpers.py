@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -28,3 +30,22 @@ def brute_force(
     else:
         order = np.argsort(((xs - q) ** 2).sum(1), kind="stable")
     return idx[order[:k]].tolist()
+
+
+def write_gguf(path: Any, *, arch: str = "llama", n: int = 8, name: str = "tiny") -> Any:
+    """Write a small but whole GGUF v3 file: two metadata keys and one F32 tensor of `n` values."""
+    import struct
+    from pathlib import Path
+
+    def s(x: str) -> bytes:
+        b = x.encode()
+        return struct.pack("<Q", len(b)) + b
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 2)
+    head += s("general.architecture") + struct.pack("<I", 8) + s(arch)
+    head += s("general.name") + struct.pack("<I", 8) + s(name)
+    head += s("t") + struct.pack("<I", 1) + struct.pack("<Q", n) + struct.pack("<IQ", 0, 0)
+    head += b"\0" * (-len(head) % 32)
+    p = Path(path)
+    p.write_bytes(head + struct.pack(f"<{n}f", *range(n)))
+    return p

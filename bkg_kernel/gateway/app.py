@@ -13,14 +13,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from bkg_kernel.errors import BkgError, InvalidInput
-from bkg_kernel.gateway import errors, routes_admin, routes_store
+from bkg_kernel.gateway import errors, routes_admin, routes_models, routes_store
 from bkg_kernel.gateway.hub import Subscriber
 from bkg_kernel.gateway.metrics import MetricsMiddleware
 from bkg_kernel.gateway.state import Gateway, gateway, need, snapshot_summary, version
 from bkg_kernel.plugins.apikeys.service import Principal
 from bkg_kernel.settings import Settings
 
-TOPICS = ("status", "logs", "telemetry")
+TOPICS = ("status", "logs", "telemetry", "jobs")
 
 
 class Login(BaseModel):
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None, plugins: list[str] | None = Non
     _core_routes(app)
     app.include_router(routes_store.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_models.router)
     return app
 
 
@@ -278,7 +279,10 @@ async def _websocket(websocket: WebSocket) -> None:
             action, topic = msg.get("action"), msg.get("topic")
             if action not in ("sub", "unsub") or topic not in TOPICS:
                 await websocket.send_json(
-                    {"type": "error", "payload": {"message": "send {action: sub|unsub, topic: status|logs|telemetry}"}}
+                    {
+                        "type": "error",
+                        "payload": {"message": "send {action: sub|unsub, topic: status|logs|telemetry|jobs}"},
+                    }
                 )
                 continue
             key = (topic, msg.get("plugin"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from fastapi import Request
 
 from bkg_kernel.errors import Forbidden, Unauthorized
 from bkg_kernel.gateway.hub import Hub
+from bkg_kernel.gateway.jobs import Jobs
 from bkg_kernel.gateway.metrics import Metrics
+from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.apikeys.service import AuthService, Principal
 from bkg_kernel.runtime.supervisor import Supervisor
 from bkg_kernel.settings import Settings
@@ -36,6 +39,8 @@ class Gateway:
         self.auth: AuthService | None = None
         self.supervisor: Supervisor | None = None
         self.admin_key_path: Path | None = None
+        self.models: ModelRegistry | None = None
+        self.jobs = Jobs(self.hub.publish)
 
     def open(self) -> None:
         """Open the store (one owner per data dir), set up auth, start the plugins; a second call does nothing."""
@@ -47,9 +52,24 @@ class Gateway:
         self.admin_key_path = self.auth.bootstrap(data_dir, os.environ.get("BKG_ADMIN_KEY"))
         if self.admin_key_path is None and (data_dir / "admin.key").exists():
             self.admin_key_path = data_dir / "admin.key"
-        self.supervisor = Supervisor(data_dir, self.hub.publish, self.only, {"auth": self.auth, "store": self.store})
+        model_dir = Path(self.settings.model_dir).resolve()
+        self.models = ModelRegistry(model_dir, register_defaults=False)
+        # hashing the packaged default models takes ~1 s: do it off the start-up path
+        threading.Thread(target=self._register_defaults, name="bkg-model-defaults", daemon=True).start()
+        services = {"auth": self.auth, "store": self.store, "models": self.models}
+        self.supervisor = Supervisor(data_dir, self.hub.publish, self.only, services, model_dir)
         self.supervisor.start(wait=False)  # plugins come up in the background; /health shows them starting
         self.write_state()
+
+    def _register_defaults(self) -> None:
+        assert self.models is not None
+        try:
+            added = self.models.ensure_defaults()
+        except Exception:
+            log.exception("registering the default models failed")
+            return
+        if added:
+            log.info("registered default models: %s", ", ".join(added))
 
     def url(self) -> str:
         """Return the base URL clients use."""

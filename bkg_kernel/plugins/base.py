@@ -74,6 +74,7 @@ class PluginContext:
     data_dir: Path
     work_dir: Path
     services: dict[str, Any] = field(default_factory=dict)
+    model_dir: Path | None = None
 
 
 class Plugin:
@@ -92,11 +93,21 @@ class Plugin:
         self.log = logging.getLogger(f"bkg.plugin.{self.id}")
 
     @classmethod
-    def create(cls, settings: PluginSettings, data_dir: Path, services: dict[str, Any] | None = None) -> Plugin:
+    def create(
+        cls,
+        settings: PluginSettings,
+        data_dir: Path,
+        services: dict[str, Any] | None = None,
+        model_dir: Path | None = None,
+    ) -> Plugin:
         """Build the plugin with its context: `<data_dir>/plugins/<id>` as its own folder (created here)."""
         work = data_dir / "plugins" / cls.id
         work.mkdir(parents=True, exist_ok=True)
-        return cls(settings, PluginContext(data_dir, work, services or {}))
+        if model_dir is None:
+            from bkg_kernel.settings import get_settings
+
+            model_dir = get_settings().model_dir
+        return cls(settings, PluginContext(data_dir, work, services or {}, Path(model_dir)))
 
     def start(self) -> None:
         """Acquire resources (load models, open files); raise to fail the start."""

@@ -36,7 +36,14 @@ class WorkerProcess:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
             target=worker.main,
-            args=(child, host.cls.__module__, host.cls.__name__, host.settings.model_dump(), str(host.data_dir)),
+            args=(
+                child,
+                host.cls.__module__,
+                host.cls.__name__,
+                host.settings.model_dump(),
+                str(host.data_dir),
+                str(host.model_dir),
+            ),
             name=f"bkg-plugin-{host.id}",
             daemon=True,
         )
@@ -130,9 +137,16 @@ class PluginHost:
     """Lifecycle `stopped -> starting -> running -> stopping -> stopped`, plus `degraded` and `error(reason)`."""
 
     def __init__(
-        self, found: Discovered, entry: Entry, data_dir: Path, emit: Emit, services: dict[str, Any] | None = None
+        self,
+        found: Discovered,
+        entry: Entry,
+        data_dir: Path,
+        emit: Emit,
+        services: dict[str, Any] | None = None,
+        model_dir: Path | None = None,
     ) -> None:
         self.id = found.id
+        self.model_dir = model_dir if model_dir is not None else data_dir.parent / "models"
         self.services = services or {}
         self.cls = found.cls
         self.source = found.source
@@ -219,7 +233,7 @@ class PluginHost:
 
     def _start_inline(self) -> None:
         assert self.cls is not None
-        plugin = self.cls.create(self.settings, self.data_dir, self.services)
+        plugin = self.cls.create(self.settings, self.data_dir, self.services, self.model_dir)
         handler = RingHandler(self.add_log)
         handler.setFormatter(logging.Formatter("%(message)s"))
         plugin.log.addHandler(handler)

@@ -25,13 +25,18 @@ class Supervisor:
     """All plugin hosts of one gateway."""
 
     def __init__(
-        self, data_dir: Path, emit: Emit, only: list[str] | None = None, services: dict[str, Any] | None = None
+        self,
+        data_dir: Path,
+        emit: Emit,
+        only: list[str] | None = None,
+        services: dict[str, Any] | None = None,
+        model_dir: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.registry = RegistryFile(data_dir / "plugins.json")
         self.emit = emit
         self.hosts: dict[str, PluginHost] = {
-            pid: PluginHost(found, self.registry.get(pid), data_dir, emit, services)
+            pid: PluginHost(found, self.registry.get(pid), data_dir, emit, services, model_dir)
             for pid, found in sorted(discover(only).items())
         }
         self._stop = threading.Event()

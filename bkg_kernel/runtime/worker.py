@@ -41,7 +41,9 @@ def error_data(exc: BaseException) -> dict[str, Any]:
     return {"status": 500, "code": "plugin_error", "message": f"{type(exc).__name__}: {exc}"}
 
 
-def main(conn: Connection, module: str, class_name: str, settings: dict[str, Any], data_dir: str) -> None:
+def main(
+    conn: Connection, module: str, class_name: str, settings: dict[str, Any], data_dir: str, model_dir: str
+) -> None:
     """Run one plugin until told to stop or the parent goes away."""
     lock = threading.Lock()
 
@@ -54,7 +56,7 @@ def main(conn: Connection, module: str, class_name: str, settings: dict[str, Any
     root.setLevel(logging.INFO)
     try:
         cls = getattr(importlib.import_module(module), class_name)
-        plugin = cls.create(cls.Settings.model_validate(settings), Path(data_dir))
+        plugin = cls.create(cls.Settings.model_validate(settings), Path(data_dir), model_dir=Path(model_dir))
         plugin.start()
     except Exception as exc:
         logging.getLogger("bkg.worker").error("start failed: %s", traceback.format_exc())

@@ -26,6 +26,8 @@ SCOPES = (
     "plugins:write",
     "collections:read",
     "collections:write",
+    "models:read",
+    "models:write",
     "llm:use",
     "faces:use",
     "repo:use",
@@ -36,10 +38,20 @@ SCOPES = (
 BUILTIN_ROLES = {
     "admin": (SCOPES, "Everything, including users, keys and the audit log."),
     "developer": (
-        ("plugins:read", "plugins:write", "collections:read", "collections:write", "llm:use", "faces:use", "repo:use"),
+        (
+            "plugins:read",
+            "plugins:write",
+            "collections:read",
+            "collections:write",
+            "models:read",
+            "models:write",
+            "llm:use",
+            "faces:use",
+            "repo:use",
+        ),  # fmt: skip
         "Use and operate plugins and collections.",
     ),
-    "viewer": (("plugins:read", "collections:read"), "Read-only."),
+    "viewer": (("plugins:read", "collections:read", "models:read"), "Read-only."),
 }
 SESSION_TTL = timedelta(hours=12)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")

@@ -1,0 +1,113 @@
+"""The model registry over HTTP (`/api/models`) and the gateway's background jobs (`/api/jobs`)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from bkg_kernel.errors import InvalidInput
+from bkg_kernel.gateway.state import gateway, need
+from bkg_kernel.models.registry import ModelRegistry
+from bkg_kernel.plugins.apikeys.service import Principal
+
+router = APIRouter(tags=["models"])
+READ, WRITE = Depends(need("models:read")), need("models:write")
+
+
+class NewModel(BaseModel):
+    """Register a model: `path` (a file or folder; outside the model dir needs `import_mode`) or `url`."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = None
+    url: str | None = None
+    id: str | None = Field(None, description="Defaults to the file name without its extension.")
+    kind: Literal["gguf-llm", "gguf-embedding", "hf-transformers", "onnx", "face-pack"] | None = None
+    license: str | None = None
+    import_mode: Literal["copy", "link"] | None = None
+
+
+def registry(request: Request) -> ModelRegistry:
+    """Return the gateway's model registry."""
+    reg = gateway(request).models
+    assert reg is not None
+    return reg
+
+
+@router.get("/api/models", dependencies=[READ])
+async def list_models(request: Request, kind: str | None = None) -> dict[str, Any]:
+    """Every registered model (of one kind)."""
+    return {"models": [m.model_dump() for m in registry(request).list(kind)]}
+
+
+@router.post("/api/models", status_code=201)
+async def add_model(
+    body: NewModel, request: Request, response: Response, p: Annotated[Principal, Depends(WRITE)]
+) -> dict[str, Any]:
+    """Register a model by path (201), or download it from a URL in the background (202 with a job)."""
+    from bkg_kernel.models import download
+
+    gw = gateway(request)
+    reg = registry(request)
+    assert gw.auth is not None
+    if (body.path is None) == (body.url is None):
+        raise InvalidInput("give exactly one of path or url", field="path")
+    if body.url is not None:
+        download.check_url(body.url)
+        url = body.url
+
+        def run(progress: Any) -> dict[str, Any]:
+            entry = download.download(reg, url, progress, id=body.id, kind=body.kind, license=body.license)
+            if gw.auth is not None:
+                gw.auth.audit(p.username, "model.add", entry.id, source=url)
+            return entry.model_dump()
+
+        job = gw.jobs.start("models.download", run)
+        response.status_code = 202
+        return {"job": job.to_dict()}
+    path = body.path
+    assert path is not None
+    entry = await asyncio.to_thread(
+        reg.add, path, id=body.id, kind=body.kind, license=body.license, import_mode=body.import_mode
+    )
+    gw.auth.audit(p.username, "model.add", entry.id, path=entry.path)
+    return entry.model_dump()
+
+
+@router.get("/api/models/{model_id}", dependencies=[READ])
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    """One model's manifest entry."""
+    return registry(request).get(model_id).model_dump()
+
+
+@router.post("/api/models/{model_id}/verify", dependencies=[READ])
+async def verify_model(model_id: str, request: Request) -> dict[str, Any]:
+    """Recompute the sha256 and report drift."""
+    return await asyncio.to_thread(registry(request).verify, model_id)
+
+
+@router.delete("/api/models/{model_id}")
+async def remove_model(
+    model_id: str, request: Request, p: Annotated[Principal, Depends(WRITE)], delete_files: bool = False
+) -> dict[str, Any]:
+    """Unregister a model (and, with delete_files, delete its file from the model dir)."""
+    gw = gateway(request)
+    entry = await asyncio.to_thread(registry(request).remove, model_id, delete_files=delete_files)
+    assert gw.auth is not None
+    gw.auth.audit(p.username, "model.remove", model_id, delete_files=delete_files)
+    return {"removed": entry.model_dump()}
+
+
+@router.get("/api/jobs", tags=["jobs"], dependencies=[Depends(need("plugins:read"))])
+async def list_jobs(request: Request) -> dict[str, Any]:
+    """Background jobs, newest first."""
+    jobs = sorted(gateway(request).jobs.jobs.values(), key=lambda j: j.created, reverse=True)
+    return {"jobs": [j.to_dict() for j in jobs]}
+
+
+@router.get("/api/jobs/{job_id}", tags=["jobs"], dependencies=[Depends(need("plugins:read"))])
+async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+    """One job: state, progress, result or error."""
+    return gateway(request).jobs.get(job_id).to_dict()

@@ -1,0 +1,269 @@
+"""The model registry: `<model_dir>/manifest.json`, one entry per model (id, kind, file, sha256, size, license,
+source, added), written atomically under a file lock.
+
+A file next to the weights, not a table in the store: worker processes (llmserver, candle) resolve model ids
+without asking the gateway, and `bkg models list` works with no gateway running. Paths inside the model dir
+are stored relative to it; files that come from a Python package are found again through the package.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound
+from bkg_kernel.models import kinds
+from bkg_kernel.models.defaults import DEFAULTS, package_path
+
+Kind = Literal["gguf-llm", "gguf-embedding", "hf-transformers", "onnx", "face-pack"]
+KINDS: tuple[str, ...] = ("gguf-llm", "gguf-embedding", "hf-transformers", "onnx", "face-pack")
+MANIFEST = "manifest.json"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ModelEntry(BaseModel):
+    """One registered model."""
+
+    id: str
+    kind: Kind
+    path: str = Field(description="Relative to the model dir, absolute, or relative to a package (source).")
+    sha256: str
+    size: int
+    license: str | None = None
+    source: str = Field(description="`package:<dist>`, `path`, `import:copy`, `import:link` or a URL.")
+    added: str
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelRegistry:
+    """Add, list, verify and remove models; register the packaged defaults on first use."""
+
+    def __init__(self, model_dir: Path | str, *, register_defaults: bool = True) -> None:
+        self.dir = Path(model_dir).resolve()
+        self.manifest = self.dir / MANIFEST
+        if register_defaults:
+            self.ensure_defaults()
+
+    # -- reading ----------------------------------------------------------------------------------
+    def _read(self) -> dict[str, ModelEntry]:
+        try:
+            raw = json.loads(self.manifest.read_text())
+        except FileNotFoundError:
+            return {}
+        except json.JSONDecodeError as exc:
+            raise CorruptData(f"{self.manifest} is not valid JSON: {exc}", field="manifest") from None
+        return {m["id"]: ModelEntry.model_validate(m) for m in raw.get("models", [])}
+
+    def list(self, kind: str | None = None) -> list[ModelEntry]:
+        """Return every registered model (of one kind)."""
+        return [m for m in self._read().values() if kind is None or m.kind == kind]
+
+    def get(self, model_id: str) -> ModelEntry:
+        """Return one entry or raise NotFound naming the known ids."""
+        models = self._read()
+        if model_id not in models:
+            known = ", ".join(sorted(models)) or "none"
+            raise NotFound(f"model {model_id!r} is not registered (known: {known})", field="model")
+        return models[model_id]
+
+    def resolve(self, entry: ModelEntry | str) -> Path:
+        """Return the absolute path of a model's file or folder."""
+        e = self.get(entry) if isinstance(entry, str) else entry
+        if e.source.startswith("package:"):
+            return package_path(e.source.split(":", 1)[1], e.path)
+        p = Path(e.path)
+        return p if p.is_absolute() else self.dir / p
+
+    # -- writing ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, ModelEntry]]:
+        """Hold the manifest lock, yield the entries, write them back atomically."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".manifest.lock", "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            models = self._read()
+            yield models
+            tmp = self.manifest.with_suffix(".tmp")
+            data = {"version": 1, "models": [m.model_dump() for m in sorted(models.values(), key=lambda m: m.id)]}
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, self.manifest)
+
+    def add(
+        self,
+        path: Path | str,
+        *,
+        id: str | None = None,
+        kind: str | None = None,
+        license: str | None = None,
+        import_mode: Literal["copy", "link"] | None = None,
+        source: str | None = None,
+    ) -> ModelEntry:
+        """Register a model file or folder; a path outside the model dir needs `import_mode` copy or link."""
+        src = Path(path).expanduser()
+        if not src.exists():
+            raise NotFound(f"no file or folder at {src}", field="path")
+        src = src.resolve()
+        if kind is not None and kind not in KINDS:
+            raise InvalidInput(f"kind must be one of {', '.join(KINDS)}, not {kind!r}", field="kind")
+        detected = kinds.inspect(src, kind)  # refuses files that are not what their kind says
+        model_id = id or slug(src.name)
+        if not _ID.match(model_id):
+            raise InvalidInput(f"model id {model_id!r} must be 1-128 letters, digits, '.', '_' or '-'", field="id")
+        if model_id in self._read():
+            raise AlreadyExists(f"model {model_id!r} is already registered", field="id")
+        inside = src.is_relative_to(self.dir)
+        if not inside and source is None:
+            if import_mode is None:
+                raise InvalidInput(
+                    f"{src} is outside the model dir {self.dir}: import it with import_mode 'copy' or 'link' "
+                    "(CLI: --import copy|link)",
+                    field="path",
+                )
+            src = self._import(src, model_id, import_mode)
+        digest, size = sha256_of(src)
+        stored = str(src.relative_to(self.dir)) if src.is_relative_to(self.dir) else str(src)
+        entry = ModelEntry(
+            id=model_id,
+            kind=detected.kind,
+            path=stored,
+            sha256=digest,
+            size=size,
+            license=license or detected.license,
+            source=source or (f"import:{import_mode}" if not inside else "path"),
+            added=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            meta=detected.meta,
+        )
+        with self._locked() as models:
+            if model_id in models:
+                raise AlreadyExists(f"model {model_id!r} is already registered", field="id")
+            models[model_id] = entry
+        return entry
+
+    def _import(self, src: Path, model_id: str, mode: str) -> Path:
+        dest = self.dir / (model_id + src.suffix if src.is_file() and not model_id.endswith(src.suffix) else model_id)
+        if dest.exists() or dest.is_symlink():
+            raise AlreadyExists(f"{dest} already exists in the model dir", field="id")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if mode == "link":
+            dest.symlink_to(src, target_is_directory=src.is_dir())
+        elif mode == "copy":
+            partial = dest.with_name(dest.name + ".partial")
+            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, partial)
+            os.replace(partial, dest)
+        else:
+            raise InvalidInput(f"import_mode must be 'copy' or 'link', not {mode!r}", field="import_mode")
+        return dest
+
+    def verify(self, model_id: str) -> dict[str, Any]:
+        """Recompute the sha256 and report drift (or a missing file)."""
+        e = self.get(model_id)
+        path = self.resolve(e)
+        if not path.exists():
+            return {"id": e.id, "ok": False, "missing": True, "drift": False, "path": str(path), "expected": e.sha256}
+        digest, size = sha256_of(path)
+        ok = digest == e.sha256 and size == e.size
+        return {
+            "id": e.id, "ok": ok, "missing": False, "drift": not ok, "path": str(path),
+            "expected": e.sha256, "actual": digest, "size": size, "expected_size": e.size,
+        }  # fmt: skip
+
+    def remove(self, model_id: str, *, delete_files: bool = False) -> ModelEntry:
+        """Unregister a model; with `delete_files`, also delete its file if it lives in the model dir."""
+        with self._locked() as models:
+            if model_id not in models:
+                raise NotFound(f"model {model_id!r} is not registered", field="model")
+            e = models.pop(model_id)
+        path = self.resolve(e)
+        if delete_files and not e.source.startswith("package:") and path.is_relative_to(self.dir):
+            if path.is_symlink() or path.is_file():
+                path.unlink(missing_ok=True)
+            elif path.is_dir():
+                shutil.rmtree(path)
+        return e
+
+    def register_entry(self, entry: ModelEntry) -> ModelEntry:
+        """Record an entry built elsewhere (a quantized model, a download); refuses a taken id."""
+        with self._locked() as models:
+            if entry.id in models:
+                raise AlreadyExists(f"model {entry.id!r} is already registered", field="id")
+            models[entry.id] = entry
+        return entry
+
+    def ensure_defaults(self) -> builtins.list[str]:
+        """Register each default model whose package is installed and whose id is free; return the new ids."""
+        have = self._read()
+        added = []
+        for d in DEFAULTS:
+            if d.id in have:
+                continue
+            try:
+                path = package_path(d.package, d.relpath)
+            except NotFound:
+                continue  # that package is not installed: nothing to register
+            found = kinds.inspect(path, d.kind)
+            digest, size = sha256_of(path)
+            entry = ModelEntry(
+                id=d.id, kind=d.kind, path=d.relpath, sha256=digest, size=size,
+                license=d.license, source=f"package:{d.package}",
+                added=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), meta=found.meta,
+            )  # fmt: skip
+            with contextlib.suppress(AlreadyExists):  # another process registered it meanwhile
+                self.register_entry(entry)
+                added.append(d.id)
+        return added
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        rows = "".join(
+            f"<tr><td>{escape(m.id)}</td><td>{m.kind}</td><td>{m.size / 2**20:,.1f} MB</td>"
+            f"<td>{escape(m.license or '')}</td><td>{escape(m.source)}</td><td><code>{m.sha256[:12]}</code></td></tr>"
+            for m in self.list()
+        )
+        head = "<tr><th>id</th><th>kind</th><th>size</th><th>license</th><th>source</th><th>sha256</th></tr>"
+        return f"<table>{head}{rows}</table>"
+
+
+def slug(name: str) -> str:
+    """Turn a file name into a model id: lower case, no extension, safe characters."""
+    stem = name
+    for ext in (".gguf", ".onnx"):
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.").lower()
+    return s[:128] or "model"
+
+
+def sha256_of(path: Path) -> tuple[str, int]:
+    """Return the sha256 and total size of a file, or of a folder (its files' relative paths and contents)."""
+    h = hashlib.sha256()
+    if path.is_file():
+        with path.open("rb") as f:
+            size = _feed(h, f)
+        return h.hexdigest(), size
+    size = 0
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        h.update(str(p.relative_to(path)).encode() + b"\0")
+        with p.open("rb") as f:
+            size += _feed(h, f)
+    return h.hexdigest(), size
+
+
+def _feed(h: Any, f: Any) -> int:
+    n = 0
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+        n += len(chunk)
+    return n

