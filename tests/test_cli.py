@@ -50,7 +50,9 @@ COMMANDS = [
 
 
 def bkg(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*BKG, *args], capture_output=True, text=True, check=check, env={**os.environ, **(env or {})})
+    """Run the CLI; env values of "" remove that variable."""
+    full = {k: v for k, v in {**os.environ, **(env or {})}.items() if v != ""}
+    return subprocess.run([*BKG, *args], capture_output=True, text=True, check=check, env=full)
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[" ".join(c) or "bkg" for c in COMMANDS])
@@ -90,11 +92,12 @@ def test_errors_are_one_clear_line(tmp_path: Path) -> None:
 def test_settings_from_env_and_toml(tmp_path: Path) -> None:
     cfg = tmp_path / "bkg.toml"
     cfg.write_text('port = 5000\nmodel_dir = "/srv/models"\n')
-    out = json.loads(bkg("settings", env={"BKG_CONFIG": str(cfg), "BKG_PORT": "6000", "BKG_DATA_DIR": "/tmp/x"}).stdout)
+    env = {"BKG_CONFIG": str(cfg), "BKG_PORT": "6000", "BKG_DATA_DIR": "/tmp/x", "BKG_MODEL_DIR": ""}
+    out = json.loads(bkg("settings", env=env).stdout)
     assert out["port"] == 6000  # env beats the file
     assert out["model_dir"] == "/srv/models"  # the file beats defaults
     assert out["data_dir"] == "/tmp/x" and out["host"] == "127.0.0.1"
-    defaults = json.loads(bkg("settings", env={"BKG_CONFIG": str(tmp_path / "none.toml")}).stdout)
+    defaults = json.loads(bkg("settings", env={"BKG_CONFIG": str(tmp_path / "none.toml"), "BKG_MODEL_DIR": ""}).stdout)
     assert defaults["port"] == 43119 and defaults["data_dir"] == "data" and defaults["model_dir"] == "models"
 
 
