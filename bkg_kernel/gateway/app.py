@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -64,6 +65,9 @@ def create_app(settings: Settings | None = None, plugins: list[str] | None = Non
     app.include_router(routes_store.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_models.router)
+    for found in gw.discovered.values():
+        if found.cls is not None and found.cls.router:
+            _mount_plugin_router(app, found.id, found.cls.router)
     return app
 
 
@@ -149,6 +153,12 @@ def _core_routes(app: FastAPI) -> None:
         """Lifecycle state, reason, pid and uptime."""
         return _host(request, plugin_id).status()
 
+    @app.get("/api/plugins/{plugin_id}/health", tags=["plugins"], dependencies=[read])
+    async def plugin_health(plugin_id: str, request: Request) -> dict[str, Any]:
+        """The plugin's own health report (asked of the running plugin: `{"ok": bool, ...}`)."""
+        result: dict[str, Any] = await _host(request, plugin_id).health()
+        return result
+
     @app.get("/api/plugins/{plugin_id}/logs", tags=["plugins"], dependencies=[read])
     async def plugin_logs(
         plugin_id: str,
@@ -174,7 +184,7 @@ def _core_routes(app: FastAPI) -> None:
         h = _host(request, plugin_id)
         schema = h.cls.Settings.model_json_schema() if h.cls else {}
         return {
-            "config": h.settings.model_dump(),
+            "config": h.settings.public(),
             "schema": schema,
             "enabled": h.entry.enabled,
             "autostart": h.entry.autostart,
@@ -188,6 +198,8 @@ def _core_routes(app: FastAPI) -> None:
         gw = gateway(request)
         h = _host(request, plugin_id)
         restarted = False
+        if body.config is not None and isinstance(body.config, dict):
+            body.config = h.settings.keep_secrets(body.config)
         if body.config is not None:
             h.configure(body.config)
         if body.enabled is not None:
@@ -196,11 +208,11 @@ def _core_routes(app: FastAPI) -> None:
             h.entry.autostart = body.autostart
         assert gw.supervisor is not None and gw.auth is not None
         gw.supervisor.save_registry()
-        gw.auth.audit(p.username, "plugin.config", plugin_id, config=body.config, enabled=body.enabled)
+        gw.auth.audit(p.username, "plugin.config", plugin_id, config=h.settings.public(), enabled=body.enabled)
         if body.config is not None and h.state in ("running", "degraded"):
             await asyncio.to_thread(h.restart)
             restarted = True
-        return {"config": h.settings.model_dump(), "restarted": restarted, "status": h.status()}
+        return {"config": h.settings.public(), "restarted": restarted, "status": h.status()}
 
     @app.post("/api/plugins/{plugin_id}/invoke/{capability_id}", tags=["plugins"])
     async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
@@ -228,6 +240,17 @@ def _core_routes(app: FastAPI) -> None:
     async def ws(websocket: WebSocket) -> None:
         """Live events: send {"action": "sub"|"unsub", "topic": "status"|"logs"|"telemetry", "plugin"?}."""
         await _websocket(websocket)
+
+
+def _mount_plugin_router(app: FastAPI, plugin_id: str, ref: str) -> None:
+    """Mount the routes a plugin declares (e.g. llmserver's /v1); a broken one is logged, the rest still mount."""
+    import importlib
+
+    module, _, attr = ref.partition(":")
+    try:
+        app.include_router(getattr(importlib.import_module(module), attr))
+    except Exception:
+        logging.getLogger("bkg.gateway").exception("plugin %s: cannot mount its routes %s", plugin_id, ref)
 
 
 def _lifecycle_route(app: FastAPI, action: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -153,3 +153,14 @@ def audit(
 ) -> dict[str, Any]:
     """Recent audit entries, newest first."""
     return {"entries": _auth(request).list_audit(limit, action)}
+
+
+@router.get("/usage")
+def usage(
+    request: Request,
+    p: Annotated[Principal, Depends(AUDIT)],
+    group_by: Literal["key", "user", "model", "day"] = "key",
+    since: datetime | None = None,
+) -> dict[str, Any]:
+    """Token usage of the LLM routes, summed per key, user, model or day."""
+    return {"group_by": group_by, "usage": _auth(request).usage_report(group_by, since)}

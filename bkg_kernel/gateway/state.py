@@ -18,6 +18,7 @@ from bkg_kernel.gateway.jobs import Jobs
 from bkg_kernel.gateway.metrics import Metrics
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.apikeys.service import AuthService, Principal
+from bkg_kernel.plugins.registry import discover
 from bkg_kernel.runtime.supervisor import Supervisor
 from bkg_kernel.settings import Settings
 from bkg_kernel.store import Store
@@ -41,6 +42,7 @@ class Gateway:
         self.admin_key_path: Path | None = None
         self.models: ModelRegistry | None = None
         self.jobs = Jobs(self.hub.publish)
+        self.discovered = discover(plugins)
 
     def open(self) -> None:
         """Open the store (one owner per data dir), set up auth, start the plugins; a second call does nothing."""
@@ -57,7 +59,9 @@ class Gateway:
         # hashing the packaged default models takes ~1 s: do it off the start-up path
         threading.Thread(target=self._register_defaults, name="bkg-model-defaults", daemon=True).start()
         services = {"auth": self.auth, "store": self.store, "models": self.models}
-        self.supervisor = Supervisor(data_dir, self.hub.publish, self.only, services, model_dir)
+        self.supervisor = Supervisor(
+            data_dir, self.hub.publish, self.only, services, model_dir, discovered=self.discovered
+        )
         self.supervisor.start(wait=False)  # plugins come up in the background; /health shows them starting
         self.write_state()
 

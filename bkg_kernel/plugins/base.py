@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bkg_kernel.errors import InvalidInput, NotFound
 
 F = TypeVar("F", bound=Callable[..., Any])
+MASK = "********"
 
 
 class PluginSettings(BaseModel):
@@ -33,6 +35,20 @@ class PluginSettings(BaseModel):
     memory_limit_mb: int | None = Field(
         None, ge=16, description="Restart the worker when its resident memory passes this many MB."
     )
+
+    secret_fields: ClassVar[tuple[str, ...]] = ()  # shown as MASK over the API and in the audit log
+
+    def public(self) -> dict[str, Any]:
+        """Return the settings with secret values masked (what the API and the audit log show)."""
+        data = self.model_dump()
+        for name in self.secret_fields:
+            if data.get(name):
+                data[name] = MASK
+        return data
+
+    def keep_secrets(self, new: dict[str, Any]) -> dict[str, Any]:
+        """Return `new` with masked secret values replaced by the current ones (a form sends the mask back)."""
+        return {k: (getattr(self, k) if k in self.secret_fields and v == MASK else v) for k, v in new.items()}
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,7 @@ class Plugin:
     description: ClassVar[str] = ""
     mode: ClassVar[Literal["inline", "worker"]] = "worker"
     Settings: ClassVar[type[PluginSettings]] = PluginSettings
+    router: ClassVar[str | None] = None  # "module:attribute" of a FastAPI APIRouter the gateway mounts
 
     def __init__(self, settings: PluginSettings | None = None, context: PluginContext | None = None) -> None:
         self.settings = settings if settings is not None else self.Settings()
@@ -149,6 +166,10 @@ class Plugin:
             "capabilities": [c.describe() for c in cls.capabilities().values()],
             "settings_schema": cls.Settings.model_json_schema(),
         }
+
+    def stream(self, capability_id: str, data: Any, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
+        """Run a streaming capability: yield chunks until done or `cancelled` is set (plugins that stream override)."""
+        raise NotFound(f"plugin {self.id!r} cannot stream {capability_id!r}", field="capability")
 
     def invoke(self, capability_id: str, data: Any) -> dict[str, Any]:
         """Validate `data` against the capability's input model, run it, return its output as JSON data."""

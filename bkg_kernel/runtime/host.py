@@ -8,7 +8,7 @@ import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ class WorkerProcess:
         self.pid: int | None = None
         self.last_beat = time.monotonic()
         self.futures: dict[int, Future[Any]] = {}
+        self.streams: dict[int, Callable[[tuple[Any, ...]], None]] = {}
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self.proc.start()
@@ -66,7 +67,13 @@ class WorkerProcess:
             except (EOFError, OSError):
                 break
             kind = msg[0]
-            if kind == "result":
+            if kind == "chunk":
+                sink = self.streams.get(msg[1])
+                if sink is not None:
+                    sink(("chunk", msg[2]))
+            elif kind == "result" and msg[1] in self.streams:
+                self.streams.pop(msg[1])(("end", msg[2], msg[3]))
+            elif kind == "result":
                 fut = self.futures.pop(msg[1], None)
                 if fut is not None and not fut.done():
                     if msg[2]:
@@ -88,7 +95,11 @@ class WorkerProcess:
         self.fail_in_flight(f"the {self.host.id} worker exited while handling the request")
 
     def fail_in_flight(self, message: str) -> None:
-        """Answer every request still waiting on this worker with a 503."""
+        """Answer every request still waiting on this worker with a 503 (streams get it as their last event)."""
+        for req_id in list(self.streams):
+            sink = self.streams.pop(req_id, None)
+            if sink is not None:
+                sink(("end", False, Unavailable(message).to_dict()["error"]))
         for req_id in list(self.futures):
             fut = self.futures.pop(req_id, None)
             if fut is not None and not fut.done():
@@ -107,6 +118,27 @@ class WorkerProcess:
             fut.set_exception(Unavailable(f"the {self.host.id} worker is not reachable"))
         return fut
 
+    def open_stream(self, capability_id: str, data: Any, sink: Callable[[tuple[Any, ...]], None]) -> int:
+        """Start a streaming request; `sink` gets ("chunk", data)... then ("end", ok, data)."""
+        req_id = next(self._ids)
+        self.streams[req_id] = sink
+        try:
+            with self._send_lock:
+                self.conn.send(("stream", req_id, capability_id, data))
+        except (OSError, ValueError):
+            self.streams.pop(req_id, None)
+            sink(("end", False, Unavailable(f"the {self.host.id} worker is not reachable").to_dict()["error"]))
+        return req_id
+
+    def cancel(self, req_id: int) -> None:
+        """Tell the worker to stop a stream now (its client went away); its slot frees at once."""
+        self.streams.pop(req_id, None)
+        try:
+            with self._send_lock:
+                self.conn.send(("cancel", req_id))
+        except (OSError, ValueError):
+            pass
+
     def alive(self) -> bool:
         """Return whether the process is still running."""
         return self.proc.is_alive()
@@ -124,6 +156,19 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.join(5)
         self.conn.close()
+
+
+def _run_inline_stream(
+    plugin: Plugin, capability_id: str, data: Any, cancelled: threading.Event, sink: Callable[[tuple[Any, ...]], None]
+) -> None:
+    try:
+        for chunk in plugin.stream(capability_id, data, cancelled):
+            if cancelled.is_set():
+                break
+            sink(("chunk", chunk))
+        sink(("end", True, None))
+    except Exception as exc:
+        sink(("end", False, worker.error_data(exc)))
 
 
 def _error_from(data: dict[str, Any]) -> BkgError:
@@ -196,7 +241,7 @@ class PluginHost:
             if self.cls is not None
             else {"id": self.id, "name": self.id, "version": "", "description": "", "capabilities": []}
         )
-        return {**base, "source": self.source, "status": self.status(), "config": self.settings.model_dump()}
+        return {**base, "source": self.source, "status": self.status(), "config": self.settings.public()}
 
     def _set(self, state: str, reason: str | None = None) -> None:
         self.state, self.reason = state, reason
@@ -300,21 +345,94 @@ class PluginHost:
             raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
         return await self.call(("invoke", capability_id, data), lambda p: p.invoke(capability_id, data))
 
-    async def call(self, msg: tuple[Any, ...], inline: Callable[[Plugin], Any]) -> Any:
-        """Send one request to the worker (or run it inline), honouring the plugin's limits."""
+    async def _admit(self) -> asyncio.Semaphore:
+        """Wait for a request slot (429 when the queue is full); return the semaphore to release."""
         if self.state not in ("running", "degraded"):
             raise Unavailable(f"plugin {self.id!r} is {self.state}" + (f": {self.reason}" if self.reason else ""))
         s = self.settings
         if self._sem is None:
             self._sem = asyncio.Semaphore(s.max_concurrent)
-        tel = self.telemetry
-        if self._sem.locked() and tel.queue_depth >= s.max_queue:
+        sem, tel = self._sem, self.telemetry
+        if sem.locked() and tel.queue_depth >= s.max_queue:
             raise TooManyRequests(f"plugin {self.id!r} has {tel.queue_depth} requests queued (max_queue {s.max_queue})")
         tel.queue_depth += 1
         try:
-            await self._sem.acquire()
+            await sem.acquire()
         finally:
             tel.queue_depth -= 1
+        return sem
+
+    async def stream(self, capability_id: str, data: Any) -> AsyncIterator[Any]:
+        """Run a streaming capability within the plugin's limits; yield its chunks.
+
+        `request_timeout` bounds the wait for each chunk. Closing the iterator early (the client went away)
+        cancels the work in the plugin at once and frees the slot.
+        """
+        if self.cls is None or capability_id not in self.cls.capabilities():
+            raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
+        sem = await self._admit()
+        s, tel = self.settings, self.telemetry
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+        def sink(item: tuple[Any, ...]) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+        t0 = time.perf_counter()
+        tel.in_flight += 1
+        error: str | None = None
+        finished = False
+        worker, req_id, cancelled = self.worker, 0, threading.Event()
+        try:
+            if worker is not None:
+                req_id = worker.open_stream(capability_id, data, sink)
+            elif self.plugin is not None:
+                threading.Thread(
+                    target=_run_inline_stream, args=(self.plugin, capability_id, data, cancelled, sink), daemon=True
+                ).start()
+            else:
+                raise Unavailable(f"plugin {self.id!r} is {self.state}")
+            while True:
+                try:
+                    item = await asyncio.wait_for(q.get(), s.request_timeout)
+                except TimeoutError:
+                    error = f"timed out after {s.request_timeout:g}s"
+                    raise Timeout(f"plugin {self.id!r} sent nothing for {s.request_timeout:g}s") from None
+                if item[0] == "chunk":
+                    yield item[1]
+                    continue
+                finished = True
+                if not item[1]:
+                    exc = _error_from(item[2])
+                    error = exc.message if exc.status >= 500 else None
+                    raise exc
+                return
+        finally:
+            if not finished:
+                if worker is not None and req_id:
+                    worker.cancel(req_id)
+                cancelled.set()
+            tel.in_flight -= 1
+            sem.release()
+            tel.record(time.perf_counter() - t0, error)
+
+    async def health(self, timeout: float = 10.0) -> Any:
+        """Ask the running plugin for its health report, outside the request slots (a control-plane call)."""
+        if self.state not in ("running", "degraded"):
+            raise Unavailable(f"plugin {self.id!r} is {self.state}" + (f": {self.reason}" if self.reason else ""))
+        try:
+            if self.worker is not None:
+                return await asyncio.wait_for(asyncio.wrap_future(self.worker.submit(("health",))), timeout)
+            if self.plugin is not None:
+                return await asyncio.wait_for(asyncio.to_thread(self.plugin.health), timeout)
+        except TimeoutError:
+            raise Timeout(f"plugin {self.id!r} did not report its health within {timeout:g}s") from None
+        raise Unavailable(f"plugin {self.id!r} is {self.state}")
+
+    async def call(self, msg: tuple[Any, ...], inline: Callable[[Plugin], Any]) -> Any:
+        """Send one request to the worker (or run it inline), honouring the plugin's limits."""
+        sem = await self._admit()
+        s, tel = self.settings, self.telemetry
         t0 = time.perf_counter()
         tel.in_flight += 1
         error: str | None = None
@@ -336,5 +454,5 @@ class PluginHost:
             raise BkgError(f"plugin {self.id!r} failed: {error}") from exc
         finally:
             tel.in_flight -= 1
-            self._sem.release()
+            sem.release()
             tel.record(time.perf_counter() - t0, error)

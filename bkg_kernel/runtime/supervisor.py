@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 
 from bkg_kernel.errors import NotFound
-from bkg_kernel.plugins.registry import RegistryFile, discover
+from bkg_kernel.plugins.registry import Discovered, RegistryFile, discover
 from bkg_kernel.runtime.host import Emit, PluginHost
 
 log = logging.getLogger("bkg.supervisor")
@@ -31,13 +31,14 @@ class Supervisor:
         only: list[str] | None = None,
         services: dict[str, Any] | None = None,
         model_dir: Path | None = None,
+        discovered: dict[str, Discovered] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.registry = RegistryFile(data_dir / "plugins.json")
         self.emit = emit
         self.hosts: dict[str, PluginHost] = {
             pid: PluginHost(found, self.registry.get(pid), data_dir, emit, services, model_dir)
-            for pid, found in sorted(discover(only).items())
+            for pid, found in sorted((discovered if discovered is not None else discover(only)).items())
         }
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None

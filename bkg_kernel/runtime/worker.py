@@ -1,8 +1,10 @@
 """The worker process: a thin host around one plugin object, talking to the gateway over a pipe.
 
-Messages, parent to child: ("invoke", req_id, capability, data) | ("health", req_id) | ("stop",).
-Child to parent: ("ready", pid) | ("failed", message) | ("result", req_id, ok, data) |
+Messages, parent to child: ("invoke", req_id, capability, data) | ("stream", req_id, capability, data) |
+("cancel", req_id) | ("health", req_id) | ("stop",).
+Child to parent: ("ready", pid) | ("failed", message) | ("chunk", req_id, data) | ("result", req_id, ok, data) |
 ("heartbeat", monotonic_time) | ("log", level, unix_time, message).
+A stream sends its chunks, then one result (None when it ran to the end or was cancelled).
 """
 
 from __future__ import annotations
@@ -83,6 +85,23 @@ def main(
                 logging.getLogger(f"bkg.plugin.{cls.id}").error("request failed: %s", traceback.format_exc())
             send(("result", req_id, False, error_data(exc)))
 
+    cancels: dict[int, threading.Event] = {}
+
+    def stream(req_id: int, capability_id: str, data: Any) -> None:
+        cancelled = cancels[req_id]
+        try:
+            for chunk in plugin.stream(capability_id, data, cancelled):
+                send(("chunk", req_id, chunk))
+                if cancelled.is_set():
+                    break
+            send(("result", req_id, True, None))
+        except BaseException as exc:
+            if not isinstance(exc, BkgError):
+                logging.getLogger(f"bkg.plugin.{cls.id}").error("stream failed: %s", traceback.format_exc())
+            send(("result", req_id, False, error_data(exc)))
+        finally:
+            cancels.pop(req_id, None)
+
     try:
         while True:
             try:
@@ -91,12 +110,21 @@ def main(
                 break  # the gateway is gone
             if msg[0] == "invoke":
                 pool.submit(run, msg[1], plugin.invoke, msg[2], msg[3])
+            elif msg[0] == "stream":
+                cancels[msg[1]] = threading.Event()
+                pool.submit(stream, msg[1], msg[2], msg[3])
+            elif msg[0] == "cancel":
+                ev = cancels.get(msg[1])
+                if ev is not None:
+                    ev.set()
             elif msg[0] == "health":
                 pool.submit(run, msg[1], plugin.health)
             elif msg[0] == "stop":
                 break
     finally:
         stop.set()
+        for ev in list(cancels.values()):
+            ev.set()
         pool.shutdown(wait=True, cancel_futures=True)
         try:
             plugin.stop()

@@ -157,6 +157,38 @@ class AuthService:
                 [actor, action, target, ok, json.dumps(detail, default=str)],
             )
 
+    def record_usage(self, p: Principal, route: str, model: str | None, prompt: int, completion: int) -> None:
+        """Record one LLM request's exact token counts against the caller's key (and user)."""
+        with self.mutex:
+            self.con.execute(
+                "INSERT INTO usage (key_id, user_id, username, route, model, prompt_tokens, completion_tokens) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [p.key_id, p.user_id, p.username, route, model, prompt, completion],
+            )
+
+    def usage_report(self, group_by: str = "key", since: datetime | None = None) -> list[dict[str, Any]]:
+        """Sum token usage per key, user, model or day (optionally since a time)."""
+        cols = {
+            "key": "key_id, username",
+            "user": "user_id, username",
+            "model": "model",
+            "day": "CAST(created_at AS DATE) AS day",
+        }
+        if group_by not in cols:
+            raise InvalidInput(f"group_by must be one of {', '.join(cols)}, not {group_by!r}", field="group_by")
+        where, params = ("WHERE created_at >= ?", [since]) if since else ("", [])
+        sql = (
+            f"SELECT {cols[group_by]}, count(*) AS requests, sum(prompt_tokens) AS prompt_tokens, "
+            f"sum(completion_tokens) AS completion_tokens, sum(prompt_tokens + completion_tokens) AS total_tokens "
+            f"FROM usage {where} GROUP BY ALL ORDER BY total_tokens DESC"
+        )
+        with self.mutex:
+            rows = self._rows(sql, params)
+        for r in rows:
+            if "day" in r:
+                r["day"] = r["day"].isoformat()
+        return rows
+
     def list_audit(self, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
         """Return the newest audit entries, optionally of one action."""
         if not 1 <= limit <= 10_000:

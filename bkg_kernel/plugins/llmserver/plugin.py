@@ -1,0 +1,355 @@
+"""llmserver: a real local LLM (llama.cpp through llama-cpp-python) behind OpenAI-shaped capabilities.
+
+Runs in a worker process. Several GGUF models can be loaded at once (memory budget, parallel slots, idle
+unload); or, with `upstream_url`, every request goes to another OpenAI-compatible server instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from bkg_kernel.errors import InvalidInput, NotFound
+from bkg_kernel.models.defaults import DEFAULT_LLM
+from bkg_kernel.models.registry import ModelRegistry
+from bkg_kernel.plugins.base import Plugin, PluginSettings, capability, invalid_from_pydantic
+from bkg_kernel.plugins.llmserver import generate as gen
+from bkg_kernel.plugins.llmserver.pool import GGUF_KINDS, ModelPool
+from bkg_kernel.plugins.llmserver.schemas import (
+    ChatCompletion,
+    ChatRequest,
+    Completion,
+    CompletionRequest,
+    Embeddings,
+    EmbedRequest,
+    ModelList,
+    ModelRef,
+    Usage,
+)
+
+
+class LLMSettings(PluginSettings):
+    """llmserver settings (the lab panel's config form)."""
+
+    max_concurrent: int = Field(2, ge=1, le=64, description="Parallel slots per model; more requests queue.")
+    request_timeout: float = Field(
+        300.0, gt=0, le=3600, description="Seconds a request (or a gap in a stream) may take."
+    )
+    default_model: str = Field(DEFAULT_LLM, description="Model used when a request names none.")
+    embedding_model: str | None = Field(
+        None, description="Model for embeddings; default: the first gguf-embedding model, else the default model."
+    )
+    n_ctx: int = Field(2048, ge=128, le=131_072, description="Context length per slot (capped at the model's).")
+    n_threads: int | None = Field(None, ge=1, le=256, description="CPU threads (default: all cores).")
+    n_batch: int = Field(512, ge=8, le=8192, description="Prompt tokens evaluated per batch.")
+    memory_budget_mb: int = Field(4096, ge=64, description="Loaded models (weights + KV caches) stay under this.")
+    keep_alive: float = Field(300.0, ge=-1, description="Seconds an idle model stays loaded; -1 forever, 0 unload.")
+    max_tokens_default: int = Field(512, ge=1, le=32_768, description="Completion limit when a request sets none.")
+    max_prompt_chars: int = Field(200_000, ge=1, description="Longer prompts are refused before tokenizing.")
+    templates: dict[str, str] = Field(default_factory=dict, description="Named Jinja chat templates.")
+    model_templates: dict[str, str] = Field(
+        default_factory=dict, description="Model id -> template name, overriding the template in the GGUF."
+    )
+    upstream_url: str | None = Field(
+        None, description="An OpenAI-compatible base URL (vLLM, llama.cpp server, ...) to send every request to."
+    )
+    upstream_api_key: str | None = Field(None, description="Bearer key for the upstream server (never shown back).")
+
+    secret_fields: ClassVar[tuple[str, ...]] = ("upstream_api_key",)
+
+
+class Empty(BaseModel):
+    """No input."""
+
+
+class LLMServer(Plugin):
+    """Chat, completion and embeddings from local GGUF models (or an OpenAI-compatible upstream)."""
+
+    id = "llmserver"
+    name = "LLM server"
+    version = "0.1.0"
+    description = "Local LLM (llama.cpp): chat, completions, embeddings, streaming; OpenAI-compatible at /v1."
+    mode = "worker"
+    Settings = LLMSettings
+    router = "bkg_kernel.plugins.llmserver.openai_routes:router"
+    settings: LLMSettings
+
+    def start(self) -> None:
+        assert self.context is not None and self.context.model_dir is not None
+        self.registry = ModelRegistry(self.context.model_dir)
+        self.pool = ModelPool(self.registry, self.settings)
+        self.cancelled = 0  # generations stopped early because their client went away
+        if self.settings.upstream_url is None:
+            import llama_cpp  # fail the start now, with the reason, if the llm extra is missing
+
+            self.log.info("llama-cpp-python %s; models in %s", llama_cpp.__version__, self.registry.dir)
+        else:
+            self.log.info("forwarding every request to %s", self.settings.upstream_url)
+
+    def stop(self) -> None:
+        self.pool.close()
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": True, "loaded": [m.describe() for m in self.pool.models.values()], "cancelled": self.cancelled}
+
+    # -- capabilities -----------------------------------------------------------------------------
+    @capability("llm.chat", scope="llm:use")
+    def chat(self, inp: ChatRequest) -> ChatCompletion:
+        """Answer a conversation (OpenAI chat.completion)."""
+        if self.settings.upstream_url:
+            return ChatCompletion.model_validate(self._upstream("chat/completions", inp))
+        chunks = list(self._chat_stream(inp, threading.Event(), whole=True))
+        return ChatCompletion.model_validate(chunks[-1])
+
+    @capability("llm.complete", scope="llm:use")
+    def complete(self, inp: CompletionRequest) -> Completion:
+        """Continue a prompt (OpenAI text_completion)."""
+        if self.settings.upstream_url:
+            return Completion.model_validate(self._upstream("completions", inp))
+        chunks = list(self._complete_stream(inp, threading.Event(), whole=True))
+        return Completion.model_validate(chunks[-1])
+
+    @capability("llm.embed", scope="llm:use")
+    def embed(self, inp: EmbedRequest) -> Embeddings:
+        """Embed one text or a batch (normalized vectors, OpenAI embedding list)."""
+        if self.settings.upstream_url:
+            return Embeddings.model_validate(self._upstream("embeddings", inp))
+        texts = inp.texts()
+        too_long = sum(len(t) for t in texts)
+        if too_long > self.settings.max_prompt_chars * 10:
+            raise InvalidInput(f"input is {too_long:,} characters in all; too much for one request", field="input")
+        model_id = inp.model or self._embedding_model()
+        with self.pool.acquire(model_id, embedding=True) as (m, llm):
+            counts = [len(llm.tokenize(t.encode("utf-8"), add_bos=True, special=False)) for t in texts]
+            if max(counts) > m.n_ctx:
+                raise InvalidInput(f"an input is {max(counts):,} tokens; the context is {m.n_ctx:,}", field="input")
+            vecs = np.asarray(llm.embed(texts, normalize=True), dtype=np.float32).reshape(len(texts), -1)
+        if inp.dimensions is not None:
+            if inp.dimensions > vecs.shape[1]:
+                raise InvalidInput(f"dimensions {inp.dimensions} > the model's {vecs.shape[1]}", field="dimensions")
+            vecs = vecs[:, : inp.dimensions]
+            vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+                if inp.encoding_format == "base64"
+                else v.tolist(),
+            }
+            for i, v in enumerate(vecs)
+        ]
+        n = sum(counts)
+        return Embeddings(data=data, model=model_id, usage=Usage(prompt_tokens=n, total_tokens=n))
+
+    @capability("llm.models", scope="llm:use")
+    def models(self, inp: Empty) -> ModelList:
+        """List the GGUF models that can be used, and which are loaded."""
+        loaded = {k: m.describe() for k, m in self.pool.models.items()}
+        out = []
+        for e in self.registry.list():
+            if e.kind not in GGUF_KINDS:
+                continue
+            out.append(
+                {
+                    "id": e.id,
+                    "kind": e.kind,
+                    "size": e.size,
+                    "created": int(time.mktime(time.strptime(e.added, "%Y-%m-%dT%H:%M:%SZ"))),
+                    "loaded": [v for (mid, _), v in loaded.items() if mid == e.id],
+                    "default": e.id == self.settings.default_model,
+                }
+            )
+        used = self.pool.used_bytes() / 2**20
+        return ModelList(models=out, memory_budget_mb=self.settings.memory_budget_mb, memory_used_mb=round(used, 1))
+
+    @capability("llm.load", scope="llm:use")
+    def load(self, inp: ModelRef) -> ModelList:
+        """Load a model now (or change how long it stays loaded when idle)."""
+        self.pool.load(inp.model or self.settings.default_model, embedding=inp.embedding, keep_alive=inp.keep_alive)
+        return self.models(Empty())
+
+    @capability("llm.unload", scope="llm:use")
+    def unload(self, inp: ModelRef) -> ModelList:
+        """Unload a model (its busy slots close when their requests end)."""
+        model_id = inp.model or self.settings.default_model
+        if not self.pool.unload(model_id):
+            raise NotFound(f"model {model_id!r} is not loaded", field="model")
+        return self.models(Empty())
+
+    # -- streaming --------------------------------------------------------------------------------
+    def stream(self, capability_id: str, data: Any, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
+        """Stream llm.chat / llm.complete as OpenAI chunks; the last chunk carries the exact usage."""
+        models: dict[str, type[BaseModel]] = {"llm.chat": ChatRequest, "llm.complete": CompletionRequest}
+        if capability_id not in models:
+            raise NotFound(f"llmserver cannot stream {capability_id!r}", field="capability")
+        try:
+            inp: Any = models[capability_id].model_validate(data if data is not None else {})
+        except ValidationError as exc:
+            raise invalid_from_pydantic(exc, "input") from None
+        if self.settings.upstream_url:
+            path = "chat/completions" if capability_id == "llm.chat" else "completions"
+            yield from self._upstream_stream(path, inp, cancelled)
+        elif capability_id == "llm.chat":
+            yield from self._chat_stream(inp, cancelled, whole=False)
+        else:
+            yield from self._complete_stream(inp, cancelled, whole=False)
+
+    def _check_prompt(self, n: int, field: str) -> None:
+        if n > self.settings.max_prompt_chars:
+            raise InvalidInput(
+                f"the prompt is {n:,} characters; the limit is {self.settings.max_prompt_chars:,} (max_prompt_chars)",
+                field=field,
+            )
+
+    def _chat_stream(self, inp: ChatRequest, cancelled: threading.Event, *, whole: bool) -> Iterator[dict[str, Any]]:
+        self._check_prompt(sum(len(m.text()) for m in inp.messages), "messages")
+        model_id = inp.model or self.settings.default_model
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_id}
+        tools = bool(gen.active_tools(inp))
+        grammar = gen.grammar_for(inp)
+        with self.pool.acquire(model_id) as (m, llm):
+            s = self.settings
+            prompt = gen.chat_prompt(m, inp, s.templates, s.model_templates)
+            g = gen.Generation(llm, m, prompt, inp, cancelled, grammar=grammar, default_max_tokens=s.max_tokens_default)
+            with self._counting_cancels(g):
+                if not whole:
+                    yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+                for delta in g.run():
+                    if not whole and not tools:  # a tool call is sent whole, once it is parsed
+                        yield {**head, "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]}
+        if g.finish_reason == "cancelled":
+            return
+        calls = gen.tool_calls_from(g.text, inp) if tools else None
+        finish = "tool_calls" if calls else g.finish_reason
+        message: dict[str, Any] = {"role": "assistant", "content": None if calls else g.text}
+        if calls:
+            message["tool_calls"] = calls
+        if whole:
+            yield {
+                "id": rid, "object": "chat.completion", "created": created, "model": model_id,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                "usage": g.usage(),
+            }  # fmt: skip
+            return
+        last: dict[str, Any] = {}
+        if calls:
+            last["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+        elif tools and g.text:
+            last["content"] = g.text
+        yield {**head, "choices": [{"index": 0, "delta": last, "finish_reason": finish}]}
+        yield {**head, "choices": [], "usage": g.usage()}
+
+    def _complete_stream(
+        self, inp: CompletionRequest, cancelled: threading.Event, *, whole: bool
+    ) -> Iterator[dict[str, Any]]:
+        text = inp.text()
+        self._check_prompt(len(text), "prompt")
+        model_id = inp.model or self.settings.default_model
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": model_id}
+        with self.pool.acquire(model_id) as (m, llm):
+            g = gen.Generation(
+                llm, m, text, inp, cancelled, default_max_tokens=self.settings.max_tokens_default, add_bos=True
+            )
+            with self._counting_cancels(g):
+                for delta in g.run():
+                    if not whole:
+                        choice = {"index": 0, "text": delta, "finish_reason": None, "logprobs": None}
+                        yield {**head, "choices": [choice]}
+        if g.finish_reason == "cancelled":
+            return
+        out = (text if inp.echo else "") + g.text
+        if whole:
+            choice = {"index": 0, "text": out, "finish_reason": g.finish_reason, "logprobs": None}
+            yield {**head, "choices": [choice], "usage": g.usage()}
+            return
+        yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": g.finish_reason, "logprobs": None}]}
+        yield {**head, "choices": [], "usage": g.usage()}
+
+    @contextlib.contextmanager
+    def _counting_cancels(self, g: gen.Generation) -> Iterator[None]:
+        """Count a generation that stopped early: cancelled between tokens, or closed while it waited to send."""
+        ended = False
+        try:
+            yield
+            ended = g.finish_reason != "cancelled"
+        finally:
+            if not ended:
+                self.cancelled += 1
+                self.log.info("generation cancelled after %d tokens (the client went away)", g.completion_tokens)
+
+    def _embedding_model(self) -> str:
+        if self.settings.embedding_model:
+            return self.settings.embedding_model
+        for e in self.registry.list("gguf-embedding"):
+            return e.id
+        return self.settings.default_model
+
+    # -- upstream ---------------------------------------------------------------------------------
+    def _upstream_request(self, path: str, inp: BaseModel, stream: bool) -> tuple[str, dict[str, Any], dict[str, str]]:
+        assert self.settings.upstream_url is not None
+        url = self.settings.upstream_url.rstrip("/") + "/" + path
+        body = inp.model_dump(exclude_none=True, exclude_unset=True)
+        body.pop("template", None)
+        body["stream"] = stream
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        headers = (
+            {"Authorization": f"Bearer {self.settings.upstream_api_key}"} if self.settings.upstream_api_key else {}
+        )
+        return url, body, headers
+
+    def _upstream(self, path: str, inp: BaseModel) -> dict[str, Any]:
+        import httpx
+
+        url, body, headers = self._upstream_request(path, inp, False)
+        if path == "embeddings":
+            body.pop("stream", None)
+        try:
+            r = httpx.post(url, json=body, headers=headers, timeout=self.settings.request_timeout)
+        except httpx.HTTPError as exc:
+            raise _upstream_error(url, f"{type(exc).__name__}: {exc}") from None
+        if r.status_code >= 400:
+            raise _upstream_error(url, f"HTTP {r.status_code}: {r.text[:300]}", r.status_code)
+        data: dict[str, Any] = r.json()
+        return data
+
+    def _upstream_stream(self, path: str, inp: BaseModel, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
+        import httpx
+
+        url, body, headers = self._upstream_request(path, inp, True)
+        try:
+            with httpx.stream("POST", url, json=body, headers=headers, timeout=self.settings.request_timeout) as r:
+                if r.status_code >= 400:
+                    raise _upstream_error(url, f"HTTP {r.status_code}: {r.read()[:300]!r}", r.status_code)
+                for line in r.iter_lines():
+                    if cancelled.is_set():
+                        return
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        return
+                    yield json.loads(payload)
+        except httpx.HTTPError as exc:
+            raise _upstream_error(url, f"{type(exc).__name__}: {exc}") from None
+
+
+def _upstream_error(url: str, detail: str, status: int = 502) -> Exception:
+    from bkg_kernel.errors import BkgError
+
+    err = BkgError(f"the upstream LLM server at {url} failed: {detail}", field="upstream_url")
+    err.status = status if 400 <= status < 500 else 502
+    err.code = "upstream_error"
+    return err

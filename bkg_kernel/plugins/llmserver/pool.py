@@ -1,0 +1,232 @@
+"""Loaded models: several at once within a memory budget, parallel slots per model, idle unload (keep-alive).
+
+Each slot is one llama.cpp context on the same mmap'd weights, so a second slot costs its KV cache, not
+another copy of the model. A model idle longer than its keep-alive is unloaded, like Ollama's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bkg_kernel.errors import InvalidInput, Unavailable
+from bkg_kernel.models.registry import ModelRegistry
+
+GGUF_KINDS = ("gguf-llm", "gguf-embedding")
+
+
+@dataclass
+class Loaded:
+    """One model in memory with its slots (contexts)."""
+
+    model_id: str
+    path: Path
+    embedding: bool
+    n_ctx: int
+    keep_alive: float
+    weights_bytes: int
+    slot_bytes: int
+    slots: list[Any] = field(default_factory=list)
+    free: list[Any] = field(default_factory=list)
+    busy: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    loaded_at: float = field(default_factory=time.time)
+    template: str | None = None
+    bos: str = ""
+    eos: str = ""
+
+    @property
+    def bytes(self) -> int:
+        return self.weights_bytes + self.slot_bytes * len(self.slots)
+
+    def describe(self) -> dict[str, Any]:
+        """Return the loaded state as JSON data."""
+        idle = time.monotonic() - self.last_used
+        return {
+            "model": self.model_id,
+            "embedding": self.embedding,
+            "slots": len(self.slots),
+            "busy": self.busy,
+            "n_ctx": self.n_ctx,
+            "memory_mb": round(self.bytes / 2**20, 1),
+            "keep_alive": self.keep_alive,
+            "idle_s": round(idle, 1),
+            "expires_in_s": None if self.keep_alive < 0 else round(max(0.0, self.keep_alive - idle), 1),
+        }
+
+
+class ModelPool:
+    """Hand out llama.cpp contexts; load on first use, evict idle models to stay in the budget."""
+
+    def __init__(self, registry: ModelRegistry, settings: Any) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.models: dict[tuple[str, bool], Loaded] = {}
+        self.cond = threading.Condition()
+        self._stop = threading.Event()
+        threading.Thread(target=self._reaper, name="llm-keepalive", daemon=True).start()
+
+    @property
+    def slots(self) -> int:
+        return int(self.settings.max_concurrent)
+
+    def used_bytes(self) -> int:
+        """Return the estimated memory of every loaded model."""
+        return sum(m.bytes for m in self.models.values())
+
+    # -- loading ----------------------------------------------------------------------------------
+    def _new_context(self, m: Loaded) -> Any:
+        from llama_cpp import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_UNSPECIFIED, Llama
+
+        s = self.settings
+        threads = s.n_threads or os.cpu_count() or 1
+        pooling = LLAMA_POOLING_TYPE_UNSPECIFIED
+        if m.embedding and self.registry.get(m.model_id).kind == "gguf-llm":
+            pooling = LLAMA_POOLING_TYPE_MEAN  # a decoder used for embeddings: mean of its token states
+        try:
+            return Llama(
+                model_path=str(m.path),
+                n_ctx=m.n_ctx,
+                n_batch=min(s.n_batch, m.n_ctx),
+                n_ubatch=min(s.n_batch, m.n_ctx),
+                n_threads=threads,
+                n_threads_batch=threads,
+                embedding=m.embedding,
+                pooling_type=pooling,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise InvalidInput(
+                f"llama.cpp cannot load model {m.model_id!r} ({m.path.name}): {exc}", field="model"
+            ) from None
+
+    def _make_room(self, need: int, keep: tuple[str, bool] | None = None) -> None:
+        budget = int(self.settings.memory_budget_mb) * 2**20
+        while self.used_bytes() + need > budget:
+            idle = [(m.last_used, k) for k, m in self.models.items() if m.busy == 0 and k != keep]
+            if not idle:
+                used = self.used_bytes() / 2**20
+                raise Unavailable(
+                    f"memory budget of {self.settings.memory_budget_mb} MB is full ({used:,.0f} MB in use by busy "
+                    f"models; this needs {need / 2**20:,.0f} MB more): raise memory_budget_mb or unload a model"
+                )
+            self._unload_locked(min(idle)[1])
+
+    def _load_locked(self, model_id: str, embedding: bool, keep_alive: float | None) -> Loaded:
+        from bkg_kernel.models.gguf import read_gguf
+
+        entry = self.registry.get(model_id)
+        if entry.kind not in GGUF_KINDS:
+            raise InvalidInput(f"model {model_id!r} is a {entry.kind} model; llmserver runs GGUF models", field="model")
+        if entry.kind == "gguf-embedding" and not embedding:
+            raise InvalidInput(f"model {model_id!r} is an embedding model: use it for embeddings", field="model")
+        path = self.registry.resolve(entry)
+        info = read_gguf(path)  # refuses a file that was damaged after it was registered
+        train_ctx = int(info.arch_value("context_length") or self.settings.n_ctx)
+        n_ctx = min(int(self.settings.n_ctx), train_ctx)
+        layers = int(info.arch_value("block_count") or 0)
+        n_embd = int(info.arch_value("embedding_length") or 0)
+        heads = int(info.arch_value("attention.head_count") or 1)
+        kv_heads = int(info.arch_value("attention.head_count_kv") or heads)
+        slot_bytes = n_ctx * layers * (n_embd * kv_heads // max(heads, 1)) * 2 * 2 + 16 * 2**20  # f16 K+V, buffers
+        m = Loaded(
+            model_id=model_id,
+            path=path,
+            embedding=embedding,
+            n_ctx=n_ctx,
+            keep_alive=self.settings.keep_alive if keep_alive is None else keep_alive,
+            weights_bytes=path.stat().st_size,
+            slot_bytes=slot_bytes,
+            template=info.metadata.get("tokenizer.chat_template"),
+        )
+        self._make_room(m.weights_bytes + m.slot_bytes)
+        llm = self._new_context(m)
+        m.bos, m.eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
+        m.slots.append(llm)
+        m.free.append(llm)
+        self.models[(model_id, embedding)] = m
+        return m
+
+    def load(self, model_id: str, *, embedding: bool = False, keep_alive: float | None = None) -> Loaded:
+        """Load a model now (or refresh its keep-alive)."""
+        with self.cond:
+            m = self.models.get((model_id, embedding))
+            if m is None:
+                m = self._load_locked(model_id, embedding, keep_alive)
+            elif keep_alive is not None:
+                m.keep_alive = keep_alive
+            m.last_used = time.monotonic()
+            return m
+
+    @contextlib.contextmanager
+    def acquire(self, model_id: str, *, embedding: bool = False) -> Iterator[tuple[Loaded, Any]]:
+        """Hold one slot of a model (loading it, or adding a slot, as needed) for one request."""
+        key = (model_id, embedding)
+        with self.cond:
+            while True:
+                m = self.models.get(key)
+                if m is None:
+                    m = self._load_locked(model_id, embedding, None)
+                if m.free:
+                    llm = m.free.pop()
+                    break
+                if len(m.slots) < self.slots:
+                    self._make_room(m.slot_bytes, keep=key)
+                    llm = self._new_context(m)
+                    m.slots.append(llm)
+                    break
+                self.cond.wait(1.0)
+            m.busy += 1
+        try:
+            yield m, llm
+        finally:
+            with self.cond:
+                m.busy -= 1
+                m.last_used = time.monotonic()
+                if self.models.get(key) is m:
+                    m.free.append(llm)
+                else:  # unloaded while busy: this was its last user
+                    llm.close()
+                self.cond.notify_all()
+
+    # -- unloading --------------------------------------------------------------------------------
+    def _unload_locked(self, key: tuple[str, bool]) -> None:
+        m = self.models.pop(key)
+        for llm in m.free:
+            llm.close()
+        m.free.clear()
+
+    def unload(self, model_id: str) -> list[str]:
+        """Unload a model (chat and embedding instances); busy slots close when their request ends."""
+        with self.cond:
+            keys = [k for k in self.models if k[0] == model_id]
+            for k in keys:
+                self._unload_locked(k)
+            return [f"{k[0]}{' (embedding)' if k[1] else ''}" for k in keys]
+
+    def _reaper(self) -> None:
+        while not self._stop.wait(1.0):
+            now = time.monotonic()
+            with self.cond:
+                for k, m in list(self.models.items()):
+                    if m.busy == 0 and m.keep_alive >= 0 and now - m.last_used >= m.keep_alive:
+                        self._unload_locked(k)
+
+    def close(self) -> None:
+        """Unload everything."""
+        self._stop.set()
+        with self.cond:
+            for k in list(self.models):
+                self._unload_locked(k)
+
+
+def _token_text(llm: Any, token: int) -> str:
+    if token < 0:
+        return ""
+    return str(llm._model.token_get_text(token))  # noqa: SLF001 - llama-cpp-python exposes no public getter

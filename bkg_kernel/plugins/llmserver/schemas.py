@@ -1,0 +1,192 @@
+"""Wire models of llmserver: the OpenAI request and response shapes (chat, completions, embeddings)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_TOKENS_CAP = 32_768
+
+
+class Message(BaseModel):
+    """One chat message (OpenAI shape; content may be text or a list of text parts)."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """Return the content as plain text (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(str(p.get("text", "")) for p in self.content if p.get("type", "text") == "text")
+
+
+class Sampling(BaseModel):
+    """Sampling options shared by chat and completions."""
+
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we ignore (user, n=1, logprobs...)
+    model: str | None = Field(None, description="A registered model id; default: the plugin's default model.")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    temperature: float = Field(0.8, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(40, ge=0)
+    min_p: float = Field(0.05, ge=0, le=1)
+    repeat_penalty: float = Field(1.0, gt=0)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+
+    def stops(self) -> list[str]:
+        """Return the stop strings as a list."""
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return [s for s in stops if s]
+
+    def limit(self) -> int | None:
+        """Return the requested completion token limit."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+class ChatRequest(Sampling):
+    """`llm.chat` / POST /v1/chat/completions."""
+
+    messages: list[Message] = Field(..., min_length=1)
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": {...}}}'
+    )
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    template: str | None = Field(None, description="A named chat template from the settings instead of the GGUF's.")
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type", "text") not in ("text", "json_object", "json_schema"):
+            raise ValueError("type must be text, json_object or json_schema")
+        if v is not None and v.get("type") == "json_schema":
+            schema = (v.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise ValueError("json_schema.schema must be a JSON Schema object")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, t in enumerate(v or []):
+            fn = t.get("function")
+            if t.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
+                raise ValueError(
+                    f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}"
+                )
+        return v
+
+
+class CompletionRequest(Sampling):
+    """`llm.complete` / POST /v1/completions."""
+
+    prompt: str | list[str] = Field(..., description="Text to continue (a list must hold exactly one string).")
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("a list prompt must hold exactly one string")
+        return v
+
+    def text(self) -> str:
+        """Return the prompt text."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class EmbedRequest(BaseModel):
+    """`llm.embed` / POST /v1/embeddings."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str | list[str] = Field(..., description="One text or a batch of texts.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("input must hold at least one text")
+        if isinstance(v, list) and len(v) > 2048:
+            raise ValueError("input may hold at most 2048 texts")
+        return v
+
+    def texts(self) -> list[str]:
+        """Return the inputs as a list."""
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class Usage(BaseModel):
+    """Exact token counts."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """OpenAI chat.completion."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: Usage
+
+
+class Completion(BaseModel):
+    """OpenAI text_completion."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: Usage
+
+
+class Embeddings(BaseModel):
+    """OpenAI embedding list."""
+
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    model: str
+    usage: Usage
+
+
+class ModelRef(BaseModel):
+    """Which model to load or unload."""
+
+    model: str | None = None
+    keep_alive: float | None = Field(None, description="Seconds to keep it loaded when idle; -1 forever, 0 unload now.")
+    embedding: bool = False
+
+
+class ModelList(BaseModel):
+    """Registered GGUF models and which are loaded."""
+
+    models: list[dict[str, Any]]
+    memory_budget_mb: int
+    memory_used_mb: float

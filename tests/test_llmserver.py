@@ -1,0 +1,284 @@
+"""llmserver through a real gateway: the real SmolLM2 GGUF, llama.cpp in a worker, the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
+from helpers import write_gguf
+
+from bkg_kernel.models.defaults import DEFAULT_LLM
+
+MODEL = DEFAULT_LLM
+ASK = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def llm_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = start_gateway(tmp_path_factory.mktemp("llm") / "data")
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(llm_gw: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=llm_gw.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=120)
+
+
+def test_models_list(oai: openai.OpenAI) -> None:
+    ids = [m.id for m in oai.models.list().data]
+    assert MODEL in ids
+
+
+def test_chat_is_reproducible_and_usage_is_exact(oai: openai.OpenAI, llm_gw: Gateway) -> None:
+    a = oai.chat.completions.create(model=MODEL, messages=ASK, temperature=0, seed=7, max_tokens=24)  # type: ignore[arg-type]
+    b = oai.chat.completions.create(model=MODEL, messages=ASK, temperature=0, seed=7, max_tokens=24)  # type: ignore[arg-type]
+    assert a.choices[0].message.content and a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage is not None and a.usage.completion_tokens <= 24 and a.usage.prompt_tokens > 5
+    assert a.usage.total_tokens == a.usage.prompt_tokens + a.usage.completion_tokens
+    if a.choices[0].finish_reason == "length":
+        assert a.usage.completion_tokens == 24
+    # the prompt count is the template-rendered prompt tokenized by the model itself: the same for the same input
+    assert b.usage is not None and b.usage.prompt_tokens == a.usage.prompt_tokens
+    c = oai.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=5, temperature=0)
+    assert c.usage is not None and c.usage.completion_tokens == 5 and c.choices[0].finish_reason == "length"
+
+
+def test_stream_equals_non_stream(oai: openai.OpenAI, llm_gw: Gateway) -> None:
+    kw: dict[str, Any] = {"model": MODEL, "messages": ASK, "temperature": 0, "seed": 3, "max_tokens": 32}
+    whole = oai.chat.completions.create(**kw)
+    chunks = list(oai.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [whole.choices[0].finish_reason]
+
+
+def test_json_schema_mode(oai: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    r = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        temperature=0,
+        max_tokens=80,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+    )
+    data = json.loads(r.choices[0].message.content or "")
+    assert isinstance(data["name"], str) and isinstance(data["age"], int)
+    r = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "List two fruits in JSON."}],
+        temperature=0,
+        max_tokens=60,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(r.choices[0].message.content or ""), (dict, list))
+
+
+def test_tool_call_in_openai_shape(oai: openai.OpenAI) -> None:
+    tools: Any = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ]
+    r = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=tools,
+        tool_choice="required",
+        temperature=0,
+        max_tokens=60,
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    chunks = list(
+        oai.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Weather in Rome?"}],
+            tools=tools,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            temperature=0,
+            max_tokens=60,
+            stream=True,
+        )
+    )
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas and deltas[0].function and deltas[0].function.name == "get_weather"
+
+
+def test_embeddings(oai: openai.OpenAI, llm_gw: Gateway) -> None:
+    r = oai.embeddings.create(model=MODEL, input=["a red apple", "a red apple", "quantum field theory"])
+    dim = llm_gw.client().get(f"/api/models/{MODEL}").json()["meta"]["embedding_length"]
+    vecs = [d.embedding for d in r.data]
+    assert all(len(v) == dim for v in vecs)
+    assert vecs[0] == vecs[1] and vecs[0] != vecs[2]
+    assert abs(sum(x * x for x in vecs[0]) - 1.0) < 1e-3  # normalized
+    assert r.usage.prompt_tokens > 0
+    one = oai.embeddings.create(model=MODEL, input="a red apple", encoding_format="float")
+    assert one.data[0].embedding == pytest.approx(vecs[0], abs=1e-5)
+
+
+def test_per_key_usage_is_recorded(llm_gw: Gateway) -> None:
+    c = llm_gw.client()
+    made = c.post("/admin/keys", json={"name": "llm-usage", "scopes": ["llm:use"]}).json()
+    key = made["key"]
+    client = openai.OpenAI(base_url=llm_gw.url + "/v1", api_key=key, max_retries=0)
+    total = 0
+    for n in (3, 4):
+        r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=n, temperature=0)
+        assert r.usage is not None
+        total += r.usage.total_tokens
+    stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=3, temperature=0, stream=True)
+    assert list(stream)
+    rows = c.get("/admin/usage", params={"group_by": "key"}).json()["usage"]
+    mine = next(r for r in rows if r["key_id"] == made["id"])
+    assert mine["requests"] == 3 and mine["total_tokens"] > total  # the stream added its own exact count
+    by_model = c.get("/admin/usage", params={"group_by": "model"}).json()["usage"]
+    assert any(r["model"] == MODEL for r in by_model)
+
+
+def test_bad_input_is_4xx_with_the_field(llm_gw: Gateway) -> None:
+    c = llm_gw.client()
+
+    def post(body: dict[str, Any], path: str = "/v1/chat/completions") -> httpx.Response:
+        return c.post(path, json=body)
+
+    r = post({"model": MODEL, "messages": []})
+    assert r.status_code == 422 and "messages" in r.json()["error"]["message"]
+    r = post({"model": "no-such-model", "messages": ASK})
+    assert r.status_code == 404 and "no-such-model" in r.json()["error"]["message"]
+    r = post({"model": MODEL, "messages": ASK, "max_tokens": -5})
+    assert r.status_code == 422 and "max_tokens" in r.json()["error"]["message"]
+    r = post({"model": MODEL, "messages": [{"role": "user", "content": "x" * (10 * 2**20)}]})
+    assert r.status_code == 422 and "max_prompt_chars" in r.json()["error"]["message"]
+    r = post({"model": MODEL, "messages": ASK, "response_format": {"type": "yaml"}})
+    assert r.status_code == 422 and "response_format" in r.json()["error"]["message"]
+    r = post({"model": MODEL, "messages": ASK, "template": "nope"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "template"
+    r = post({"input": []}, "/v1/embeddings")
+    assert r.status_code == 422
+    # a registered file llama.cpp cannot run (a GGUF with no vocabulary): a clear 4xx, and the next request works
+    tiny = write_gguf(llm_gw.data_dir.parent / "tiny.gguf")
+    assert c.post("/api/models", json={"path": str(tiny), "import_mode": "copy", "id": "tiny"}).status_code == 201
+    r = post({"model": "tiny", "messages": ASK})
+    assert r.status_code == 422 and "cannot load" in r.json()["error"]["message"]
+    assert post({"model": MODEL, "messages": ASK, "max_tokens": 2}).status_code == 200
+    assert httpx.post(llm_gw.url + "/v1/chat/completions", json={"messages": ASK}).status_code == 401
+
+
+def test_named_template_overrides_the_gguf(llm_gw: Gateway) -> None:
+    c = llm_gw.client()
+    template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    cfg = c.get("/api/plugins/llmserver/config").json()["config"]
+    r = c.put("/api/plugins/llmserver/config", json={"config": {**cfg, "templates": {"plain": template}}})
+    assert r.status_code == 200 and r.json()["restarted"]
+    r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "template": "plain", "max_tokens": 4})
+    plain = r.json()["usage"]["prompt_tokens"]
+    r2 = c.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 4})
+    assert r.status_code == 200 and plain != r2.json()["usage"]["prompt_tokens"]
+
+
+def test_queue_limit_429_and_disconnect_frees_the_slot(llm_gw: Gateway) -> None:
+    c = llm_gw.client()
+    cfg = c.get("/api/plugins/llmserver/config").json()["config"]
+    c.put(
+        "/api/plugins/llmserver/config", json={"config": {**cfg, "max_concurrent": 1, "max_queue": 0}}
+    ).raise_for_status()
+    # counting never reaches an end-of-text token: only max_tokens or a disconnect ends this
+    long = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 400, "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with (
+        httpx.Client(base_url=llm_gw.url, headers=headers, timeout=60) as s,
+        s.stream("POST", "/v1/completions", json=long) as r,
+    ):
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(lines).startswith("data:")
+        busy = c.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 2})
+        assert busy.status_code == 429 and "max_queue" in busy.json()["error"]["message"]
+    # leaving the `with` closed the connection mid-stream: the generation stops and the slot frees
+    wait_for(lambda: c.get("/api/plugins/llmserver/health").json()["cancelled"] >= 1, timeout=60)
+    ok = c.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 2})
+    assert ok.status_code == 200
+    c.put("/api/plugins/llmserver/config", json={"config": cfg}).raise_for_status()
+
+
+def test_worker_killed_mid_stream(llm_gw: Gateway) -> None:
+    c = llm_gw.client()
+    pid = c.get("/api/plugins/llmserver/status").json()["pid"]
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 400, "temperature": 0, "stream": True}
+    events = []
+    with c.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            events.append(line[5:].strip())
+            if len(events) == 3:
+                os.kill(pid, signal.SIGKILL)
+    last = json.loads(events[-1])
+    assert last["error"]["status"] == 503 and "exited" in last["error"]["message"]
+    wait_for(lambda: (s := c.get("/api/plugins/llmserver/status").json())["state"] == "running" and s["pid"] != pid, 60)
+    r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_scopes(llm_gw: Gateway) -> None:
+    c = llm_gw.client()
+    viewer = c.post("/admin/keys", json={"name": "llm-viewer", "scopes": ["plugins:read"]}).json()["key"]
+    r = httpx.post(
+        llm_gw.url + "/v1/chat/completions", json={"messages": ASK}, headers={"Authorization": f"Bearer {viewer}"}
+    )
+    assert r.status_code == 403 and "llm:use" in r.json()["error"]["message"]
+
+
+def test_upstream_points_at_another_openai_server(llm_gw: Gateway, tmp_path: Path) -> None:
+    """A second gateway whose llmserver forwards to the first one's /v1 (as it would to vLLM)."""
+    b = start_gateway(tmp_path / "b-data")
+    try:
+        cb = b.client()
+        cfg = cb.get("/api/plugins/llmserver/config").json()["config"]
+        up = {**cfg, "upstream_url": llm_gw.url + "/v1", "upstream_api_key": ADMIN_KEY}
+        cb.put("/api/plugins/llmserver/config", json={"config": up}).raise_for_status()
+        shown = cb.get("/api/plugins/llmserver/config").json()["config"]
+        assert shown["upstream_api_key"] == "********"  # a secret is never shown back ...
+        audit = cb.get("/admin/audit", params={"action": "plugin.config"}).json()["entries"]
+        assert ADMIN_KEY not in json.dumps(audit)  # ... nor written to the audit log
+        cb.put("/api/plugins/llmserver/config", json={"config": shown}).raise_for_status()  # the mask keeps it
+        body = {"model": MODEL, "messages": ASK, "temperature": 0, "seed": 5, "max_tokens": 12}
+        direct = llm_gw.client().post("/v1/chat/completions", json=body).json()
+        via = cb.post("/v1/chat/completions", json=body).json()
+        assert via["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+        assert via["usage"] == direct["usage"]
+        streamed = openai.OpenAI(base_url=b.url + "/v1", api_key=ADMIN_KEY, max_retries=0).chat.completions.create(
+            **body, stream=True
+        )
+        assert (
+            "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+            == (direct["choices"][0]["message"]["content"])
+        )
+        emb = cb.post("/v1/embeddings", json={"model": MODEL, "input": "hello"}).json()
+        assert len(emb["data"][0]["embedding"]) > 0
+    finally:
+        b.stop()
