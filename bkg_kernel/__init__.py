@@ -14,7 +14,14 @@ if TYPE_CHECKING:
     from bkg_kernel.plugins.base import Plugin
 
 __version__ = "0.1.0"
-__all__ = ["BkgError", "__version__", "connect", "local"]
+__all__ = ["BkgError", "__version__", "connect", "load_ipython_extension", "local"]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """`%load_ext bkg_kernel`: add the `%%chat` cell magic."""
+    from bkg_kernel.llm_client import chat_magic
+
+    ipython.register_magic_function(chat_magic, magic_kind="cell", magic_name="chat")
 
 
 def connect(url: str | None = None, **kwargs: Any) -> Workbench:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from tqdm.auto import tqdm
@@ -16,6 +16,9 @@ from tqdm.auto import tqdm
 from bkg_kernel.errors import BkgError, Unavailable
 from bkg_kernel.settings import Settings
 from bkg_kernel.store.results import CollectionInfo, Hit, QueryResult, html_table
+
+if TYPE_CHECKING:
+    from bkg_kernel.llm_client import LLM, ModelTable
 
 
 def _raise(r: httpx.Response) -> None:
@@ -66,6 +69,29 @@ class Workbench:
     def plugin(self, plugin_id: str) -> RemotePlugin:
         """Return a handle on one plugin."""
         return RemotePlugin(self, plugin_id)
+
+    # -- models and the LLM -------------------------------------------------------------------------
+    @property
+    def llm(self) -> LLM:
+        """Chat, completion and embeddings through llmserver (`wb.llm.chat("...")` streams into the output)."""
+        from bkg_kernel.llm_client import LLM
+
+        return LLM(self)
+
+    @property
+    def models(self) -> ModelTable:
+        """Registered models (a table in a notebook)."""
+        from bkg_kernel.llm_client import ModelTable
+
+        return ModelTable(self.call("GET", "/api/models")["models"])
+
+    def add_model(self, path: str, **opts: Any) -> dict[str, Any]:
+        """Register a model file or folder (`import_mode="copy"|"link"` for one outside the model dir)."""
+        return self.call("POST", "/api/models", json={"path": str(path), **opts})
+
+    def verify_model(self, model_id: str) -> dict[str, Any]:
+        """Recompute a model's sha256 and report drift."""
+        return self.call("POST", f"/api/models/{model_id}/verify")
 
     # -- collections ------------------------------------------------------------------------------
     def collections(self) -> list[CollectionInfo]:

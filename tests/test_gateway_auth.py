@@ -44,7 +44,7 @@ def test_viewer_key_cannot_write(gw: Any) -> None:
     admin = gw.client()
     user = admin.post("/admin/users", json={"username": "vera", "role": "viewer"}).json()
     key = admin.post("/admin/keys", json={"name": "vera's", "user_id": user["id"]}).json()
-    assert key["scopes"] == ["plugins:read", "collections:read"] and key["key"].startswith("bkg_")
+    assert key["scopes"] == ["plugins:read", "collections:read", "models:read"] and key["key"].startswith("bkg_")
     viewer = gw.client(key["key"])
     assert viewer.get("/api/plugins").status_code == 200
     for method, path, body in [

@@ -29,3 +29,40 @@ def test_store_quickstart_runs_and_renders_tables(tmp_path: Path, monkeypatch) -
     assert (tmp_path / "data" / "snapshots" / "quickstart").is_dir()
     assert not any(out.get("output_type") == "error" for c in nb.cells for out in c.get("outputs", []))
     assert os.environ["BKG_DATA_DIR"] == str(tmp_path / "data")
+
+
+def test_llm_quickstart_streams_and_embeds(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import signal
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("BKG_DATA_DIR", str(data))
+    monkeypatch.setenv("BKG_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("BKG_PORT", str(_free_port()))
+    nb = nbformat.read(NOTEBOOKS / "llm_quickstart.ipynb", as_version=4)
+    try:
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        ).execute()
+    finally:
+        state = data / "gateway.json"
+        if state.exists():  # connect() started a gateway for this data dir: stop it
+            os.kill(json.loads(state.read_text())["pid"], signal.SIGTERM)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert not any(out.get("output_type") == "error" for c in code for out in c.get("outputs", []))
+    assert "smollm2-135m-instruct" in code[0].outputs[0]["data"]["text/html"]
+    streamed = "".join(o.get("text", "") for o in code[1].outputs if o.get("output_type") == "stream")
+    usage = code[1].outputs[-1]["data"]["text/plain"]
+    assert len(streamed.strip()) > 0 and "completion_tokens" in usage
+    chat = "".join(o.get("text", "") for o in code[3].outputs if o.get("output_type") == "stream")
+    assert len(chat.strip()) > 0
+    shape, near, far = eval(code[4].outputs[0]["data"]["text/plain"])  # noqa: S307 - our own notebook's output
+    assert shape[0] == 3 and near > far
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -346,7 +346,13 @@ class PluginHost:
         return await self.call(("invoke", capability_id, data), lambda p: p.invoke(capability_id, data))
 
     async def _admit(self) -> asyncio.Semaphore:
-        """Wait for a request slot (429 when the queue is full); return the semaphore to release."""
+        """Wait for a request slot (429 when the queue is full); return the semaphore to release.
+
+        A plugin that is still starting (a worker importing its libraries) is waited for, not refused.
+        """
+        deadline = time.monotonic() + min(self.settings.request_timeout, START_TIMEOUT_S)
+        while self.state == "starting" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         if self.state not in ("running", "degraded"):
             raise Unavailable(f"plugin {self.id!r} is {self.state}" + (f": {self.reason}" if self.reason else ""))
         s = self.settings
