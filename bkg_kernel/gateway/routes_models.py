@@ -24,7 +24,7 @@ class NewModel(BaseModel):
     path: str | None = None
     url: str | None = None
     id: str | None = Field(None, description="Defaults to the file name without its extension.")
-    kind: Literal["gguf-llm", "gguf-embedding", "hf-transformers", "onnx", "face-pack"] | None = None
+    kind: Literal["gguf-llm", "gguf-embedding", "hf-transformers", "onnx", "face-pack", "torch-program"] | None = None
     license: str | None = None
     import_mode: Literal["copy", "link"] | None = None
 

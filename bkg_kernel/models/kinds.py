@@ -31,16 +31,20 @@ def inspect(path: Path, kind: str | None = None) -> Inspected:
         return _onnx(path)
     if guessed == "face-pack":
         return _face_pack(path)
+    if guessed == "torch-program":
+        return _torch_program(path)
     raise InvalidInput(
         f"cannot tell what kind of model {path.name} is: pass kind (gguf-llm, gguf-embedding, hf-transformers, "
-        "onnx, face-pack)",
+        "onnx, face-pack, torch-program)",
         field="kind",
     )
 
 
 def _guess(path: Path) -> str | None:
     if path.is_file():
-        return {".gguf": "gguf-llm", ".onnx": "onnx"}.get(path.suffix.lower())
+        return {".gguf": "gguf-llm", ".onnx": "onnx", ".pt": "torch-program", ".pt2": "torch-program"}.get(
+            path.suffix.lower()
+        )
     if (path / "config.json").is_file():
         return "hf-transformers"
     if any(path.glob("*.onnx")):
@@ -106,3 +110,18 @@ def _face_pack(path: Path) -> Inspected:
     for name in files:
         _onnx(path / name)
     return Inspected("face-pack", None, {"models": files})
+
+
+def _torch_program(path: Path) -> Inspected:
+    import zipfile
+
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        raise CorruptData(
+            f"{path.name} is not a TorchScript (.pt) or torch.export (.pt2) archive (not a zip file)", field="path"
+        )
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    fmt = "torch.export" if any(n.endswith("archive_format") for n in names) or path.suffix == ".pt2" else "torchscript"
+    if fmt == "torchscript" and not any("/code/" in n or n.endswith("constants.pkl") for n in names):
+        raise CorruptData(f"{path.name} is a zip but not a TorchScript archive (no code/)", field="path")
+    return Inspected("torch-program", None, {"format": fmt, "entries": len(names)})

@@ -1,0 +1,308 @@
+"""candle: a real torch / transformers model runner (worker process).
+
+Loads registered models (sentence-transformers and other transformers folders, TorchScript and torch.export
+programs), runs them, and quantizes them into new registered models with a measured quality report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from bkg_kernel.errors import AlreadyExists, InvalidInput, NotFound
+from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
+from bkg_kernel.models.registry import ModelEntry, ModelRegistry, sha256_of, slug
+from bkg_kernel.plugins.base import Plugin, PluginSettings, capability
+from bkg_kernel.plugins.candle import runners
+
+# A fixed probe set: the quality report compares the original and the quantized model on these.
+PROBE = [
+    "The cat sat on the mat.",
+    "A dog is running in the park.",
+    "Quantum field theory describes elementary particles.",
+    "Stock markets fell sharply after the announcement.",
+    "How do I bake sourdough bread at home?",
+    "The committee approved the new budget on Tuesday.",
+    "Neural networks learn representations from data.",
+    "She played the violin at the concert last night.",
+    "Rain is expected across the north this weekend.",
+    "Python is a popular programming language.",
+    "The museum opens a new exhibition of modern art.",
+    "Vitamin C is found in oranges and lemons.",
+    "The train to Berlin leaves at seven in the morning.",
+    "He fixed the leaking pipe under the kitchen sink.",
+    "Solar panels convert sunlight into electricity.",
+    "The novel tells the story of two sisters in Paris.",
+]
+BOUNDS = {"dynamic-int8": 0.95, "fp16": 0.999, "bf16": 0.99}  # minimum mean cosine (embeddings) / agreement
+
+
+class CandleSettings(PluginSettings):
+    """candle settings."""
+
+    max_concurrent: int = Field(1, ge=1, le=16, description="Requests run at once (torch uses every core).")
+    request_timeout: float = Field(600.0, gt=0, le=3600, description="Seconds a request may take.")
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: the GPU when torch sees one.")
+    threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: all cores).")
+    preload: list[str] = Field(default_factory=list, description="Models to load when the plugin starts.")
+
+
+class Empty(BaseModel):
+    """No input."""
+
+
+class LoadRequest(BaseModel):
+    """Which model."""
+
+    model_id: str = DEFAULT_EMBEDDER
+
+
+class RunRequest(BaseModel):
+    """Run a model: texts for language models, tensors for programs."""
+
+    model_id: str = DEFAULT_EMBEDDER
+    inputs: Any = Field(..., description='Text(s), or [{"data": [...], "dtype": "float32"}] for a torch program.')
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="batch_size, normalize (embed); max_new_tokens, temperature, seed (generate)."
+    )
+
+
+class RunResult(BaseModel):
+    """What a model produced, with how long it took."""
+
+    model_config = {"extra": "allow"}
+    model_id: str
+    task: str
+    took_ms: float
+
+
+class QuantizeRequest(BaseModel):
+    """Quantize a model into a new registered model."""
+
+    model_id: str = DEFAULT_EMBEDDER
+    method: Literal["dynamic-int8", "fp16", "bf16"] = "dynamic-int8"
+    new_id: str | None = Field(None, description="Default: <model_id>-<method>.")
+
+
+class QuantizeResult(BaseModel):
+    """The new model and how it compares with the original."""
+
+    model: dict[str, Any]
+    original_bytes: int
+    quantized_bytes: int
+    ratio: float
+    quality: dict[str, Any]
+
+
+class Stats(BaseModel):
+    """Loaded models, memory and device."""
+
+    device: str
+    cuda: bool
+    torch: str
+    threads: int
+    rss_bytes: int
+    loaded: list[dict[str, Any]]
+
+
+class Loaded(BaseModel):
+    """The models loaded after a load or unload."""
+
+    loaded: list[dict[str, Any]]
+
+
+class Candle(Plugin):
+    """Run and quantize torch / transformers models from the registry."""
+
+    id = "candle"
+    name = "candle"
+    version = "0.1.0"
+    description = "torch + transformers model runner: embeddings, generation, TorchScript programs, quantization."
+    mode = "worker"
+    Settings = CandleSettings
+    settings: CandleSettings
+
+    def start(self) -> None:
+        assert self.context is not None and self.context.model_dir is not None
+        import torch
+
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+        self.registry = ModelRegistry(self.context.model_dir)
+        self.device = runners.pick_device(self.settings.device)
+        self.runners: dict[str, runners.Runner] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+        self.log.info("torch %s on %s, %d threads", torch.__version__, self.device, torch.get_num_threads())
+        for model_id in self.settings.preload:
+            self._runner(model_id)
+
+    def stop(self) -> None:
+        self.runners.clear()
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": True, "device": self.device, "loaded": sorted(self.runners)}
+
+    def _resolve(self, model_id: str) -> tuple[str, Any]:
+        e = self.registry.get(model_id)
+        return e.kind, self.registry.resolve(e)
+
+    def _runner(self, model_id: str) -> runners.Runner:
+        with self.lock:
+            r = self.runners.get(model_id)
+            if r is not None:
+                self.info[model_id]["last_used"] = time.time()
+                return r
+            kind, path = self._resolve(model_id)
+            t0 = time.perf_counter()
+            r = runners.load(model_id, kind, path, self.device, self._resolve)
+            self.runners[model_id] = r
+            self.info[model_id] = {
+                "model_id": model_id,
+                "kind": kind,
+                "task": r.task,
+                "device": r.device,
+                "bytes": r.parameters_bytes(),
+                "load_s": round(time.perf_counter() - t0, 3),
+                "loaded_at": time.time(),
+                "last_used": time.time(),
+            }
+            self.log.info("loaded %s (%s) in %.2fs", model_id, r.task, time.perf_counter() - t0)
+            return r
+
+    def _loaded(self) -> list[dict[str, Any]]:
+        return [self.info[m] for m in sorted(self.runners)]
+
+    # -- capabilities -----------------------------------------------------------------------------
+    @capability("candle.model.load", scope="plugins:write")
+    def load_model(self, inp: LoadRequest) -> Loaded:
+        """Load a registered model (no-op if loaded)."""
+        self._runner(inp.model_id)
+        return Loaded(loaded=self._loaded())
+
+    @capability("candle.model.unload", scope="plugins:write")
+    def unload_model(self, inp: LoadRequest) -> Loaded:
+        """Unload a model and free its memory."""
+        with self.lock:
+            if self.runners.pop(inp.model_id, None) is None:
+                raise NotFound(f"model {inp.model_id!r} is not loaded", field="model_id")
+            self.info.pop(inp.model_id, None)
+        import gc
+
+        gc.collect()
+        return Loaded(loaded=self._loaded())
+
+    @capability("candle.run", scope="plugins:write")
+    def run(self, inp: RunRequest) -> RunResult:
+        """Run a model: text -> embeddings or generated text; tensors -> tensors for a program."""
+        r = self._runner(inp.model_id)
+        t0 = time.perf_counter()
+        out = r.run(inp.inputs, inp.options)
+        took = (time.perf_counter() - t0) * 1000
+        return RunResult(model_id=inp.model_id, task=r.task, took_ms=round(took, 3), **out)
+
+    @capability("candle.stats", scope="plugins:read")
+    def stats(self, inp: Empty) -> Stats:
+        """Loaded models, memory and device."""
+        import psutil
+        import torch
+
+        return Stats(
+            device=self.device,
+            cuda=torch.cuda.is_available(),
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            rss_bytes=psutil.Process().memory_info().rss,
+            loaded=self._loaded(),
+        )
+
+    @capability("candle.quantize", scope="plugins:write")
+    def quantize(self, inp: QuantizeRequest) -> QuantizeResult:
+        """Quantize a model into a new registered model, with its size and a quality report on a probe set."""
+        import torch
+
+        base_entry = self.registry.get(inp.model_id)
+        if base_entry.kind != "hf-transformers":
+            raise InvalidInput(
+                f"candle quantizes hf-transformers models; {inp.model_id!r} is {base_entry.kind}", field="model_id"
+            )
+        if (self.registry.resolve(base_entry) / runners.QUANT_FILE).exists():
+            raise InvalidInput(f"{inp.model_id!r} is already quantized: quantize its base model", field="model_id")
+        new_id = inp.new_id or slug(f"{inp.model_id}-{inp.method}")
+        if new_id in {m.id for m in self.registry.list()}:
+            raise AlreadyExists(f"model {new_id!r} is already registered", field="new_id")
+        base = self._runner(inp.model_id)
+        if inp.method == "dynamic-int8" and base.device != "cpu":
+            raise InvalidInput("dynamic-int8 runs on CPU kernels: use fp16 or bf16 on a GPU", field="method")
+        module = runners.quantized_module(base.module, inp.method)
+        quant = type(base).__new__(type(base))
+        quant.__dict__.update({**base.__dict__, "module": module, "model_id": new_id})
+        quality = _compare(base, quant, inp.method)
+        folder = self.registry.dir / new_id
+        if folder.exists():
+            raise AlreadyExists(f"{folder} already exists in the model dir", field="new_id")
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        src = self.registry.resolve(base_entry)
+        shutil.copytree(src, partial, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt", "*.pth", ".*"))
+        torch.save(module.state_dict(), partial / runners.WEIGHTS_FILE)
+        meta = {"method": inp.method, "base": inp.model_id, "base_sha256": base_entry.sha256, "quality": quality}
+        (partial / runners.QUANT_FILE).write_text(json.dumps(meta, indent=2))
+        os.replace(partial, folder)
+        digest, size = sha256_of(folder)
+        entry = ModelEntry(
+            id=new_id,
+            kind="hf-transformers",
+            path=new_id,
+            sha256=digest,
+            size=size,
+            license=base_entry.license,
+            source=f"quantized:{inp.model_id}:{inp.method}",
+            added=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            meta={**base_entry.meta, "quantization": inp.method, "base": inp.model_id, "quality": quality},
+        )
+        self.registry.register_entry(entry)
+        original = base_entry.size
+        quantized = (folder / runners.WEIGHTS_FILE).stat().st_size
+        return QuantizeResult(
+            model=entry.model_dump(),
+            original_bytes=original,
+            quantized_bytes=quantized,
+            ratio=round(quantized / original, 4),
+            quality=quality,
+        )
+
+
+def _compare(base: runners.Runner, quant: runners.Runner, method: str) -> dict[str, Any]:
+    """Cosine of embeddings (embedders) or greedy token agreement (causal LMs) over the probe set."""
+    import numpy as np
+
+    bound = BOUNDS[method]
+    if base.task == "embed":
+        a = np.asarray(base.run(PROBE, {"normalize": True})["embeddings"])
+        b = np.asarray(quant.run(PROBE, {"normalize": True})["embeddings"])
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        mean = float(cos.mean())
+        return {
+            "metric": "cosine", "probe": len(PROBE), "mean": round(mean, 5), "min": round(float(cos.min()), 5),
+            "bound": bound, "within_bound": mean >= bound,
+        }  # fmt: skip
+    if base.task == "generate":
+        opts = {"max_new_tokens": 8, "temperature": 0}
+        ga = [g["text"] for g in base.run(PROBE[:8], opts)["generations"]]
+        gb = [g["text"] for g in quant.run(PROBE[:8], opts)["generations"]]
+        ta, tb = [x.split() for x in ga], [x.split() for x in gb]
+        same = sum(sum(1 for x, y in zip(p, q, strict=False) if x == y) for p, q in zip(ta, tb, strict=True))
+        total = max(1, sum(max(len(p), len(q)) for p, q in zip(ta, tb, strict=True)))
+        agree = same / total
+        return {
+            "metric": "token agreement", "probe": 8, "mean": round(agree, 5), "bound": bound,
+            "within_bound": agree >= bound,
+        }  # fmt: skip
+    raise InvalidInput("only embedding and causal language models can be quantized here", field="model_id")

@@ -1,0 +1,249 @@
+"""Load and run registered models with torch: sentence embedders, causal LMs, encoders, TorchScript and
+torch.export programs. Quantized models are their base model, transformed, with the saved weights loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bkg_kernel.errors import InvalidInput
+
+QUANT_FILE = "quantization.json"
+WEIGHTS_FILE = "state_dict.pt"
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
+
+
+def pick_device(setting: str) -> str:
+    """Resolve `cpu|cuda|auto` (auto: the GPU when torch sees one)."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("device is 'cuda' but torch sees no CUDA GPU here", field="device")
+    return setting
+
+
+class Runner:
+    """A loaded model: `task` is embed, generate or tensors."""
+
+    task = ""
+
+    def __init__(self, model_id: str, module: Any, device: str) -> None:
+        self.model_id, self.module, self.device = model_id, module, device
+
+    def parameters_bytes(self) -> int:
+        """Return the bytes held by the model's parameters and buffers (packed int8 weights included)."""
+        import torch
+
+        seen = 0
+        for t in self.module.state_dict().values():
+            if isinstance(t, torch.Tensor):
+                seen += t.numel() * t.element_size()
+            elif isinstance(t, tuple):  # packed quantized linear params: (weight, bias)
+                seen += sum(x.numel() * x.element_size() for x in t if isinstance(x, torch.Tensor))
+        return seen
+
+    def run(self, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class SentenceRunner(Runner):
+    """sentence-transformers: texts -> normalized embeddings."""
+
+    task = "embed"
+
+    def run(self, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
+        texts = _texts(inputs)
+        vecs = self.module.encode(
+            texts,
+            batch_size=int(options.get("batch_size", 64)),
+            normalize_embeddings=bool(options.get("normalize", True)),
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return {"embeddings": vecs.tolist(), "dim": int(vecs.shape[1])}
+
+
+class EncoderRunner(Runner):
+    """A transformers encoder without a sentence-transformers config: mean-pooled, normalized embeddings."""
+
+    task = "embed"
+
+    def __init__(self, model_id: str, module: Any, device: str, tokenizer: Any) -> None:
+        super().__init__(model_id, module, device)
+        self.tokenizer = tokenizer
+
+    def run(self, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        texts = _texts(inputs)
+        batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            hidden = self.module(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        vecs = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        if options.get("normalize", True):
+            vecs = torch.nn.functional.normalize(vecs, dim=-1)
+        return {"embeddings": vecs.float().cpu().tolist(), "dim": int(vecs.shape[1])}
+
+
+class CausalRunner(Runner):
+    """A causal LM: prompts -> generated continuations (greedy unless `temperature` > 0)."""
+
+    task = "generate"
+
+    def __init__(self, model_id: str, module: Any, device: str, tokenizer: Any) -> None:
+        super().__init__(model_id, module, device)
+        self.tokenizer = tokenizer
+
+    def run(self, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        texts = _texts(inputs)
+        max_new = int(options.get("max_new_tokens", 32))
+        if not 1 <= max_new <= 4096:
+            raise InvalidInput("options.max_new_tokens must be from 1 to 4096", field="options.max_new_tokens")
+        temperature = float(options.get("temperature", 0.0))
+        if options.get("seed") is not None:
+            torch.manual_seed(int(options["seed"]))
+        out = []
+        for text in texts:
+            ids = self.tokenizer(text, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                gen = self.module.generate(
+                    **ids,
+                    max_new_tokens=max_new,
+                    do_sample=temperature > 0,
+                    temperature=temperature if temperature > 0 else None,
+                    top_p=None if temperature == 0 else float(options.get("top_p", 0.95)),
+                    top_k=None,
+                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0,
+                )
+            new = gen[0, ids["input_ids"].shape[1] :]
+            out.append({"text": self.tokenizer.decode(new, skip_special_tokens=True), "tokens": int(new.shape[0])})
+        return {"generations": out}
+
+
+class ProgramRunner(Runner):
+    """A TorchScript (`.pt`) or torch.export (`.pt2`) program: tensors -> tensors."""
+
+    task = "tensors"
+
+    def run(self, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) for t in inputs):
+            raise InvalidInput(
+                'inputs must be a list of tensors: [{"data": [...], "dtype": "float32"}]', field="inputs"
+            )
+        args = []
+        for i, t in enumerate(inputs):
+            dtype = t.get("dtype", "float32")
+            if dtype not in DTYPES:
+                raise InvalidInput(f"inputs[{i}].dtype must be one of {', '.join(DTYPES)}", field=f"inputs[{i}].dtype")
+            try:
+                args.append(torch.tensor(t.get("data"), dtype=getattr(torch, dtype), device=self.device))
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise InvalidInput(f"inputs[{i}].data is not a tensor: {exc}", field=f"inputs[{i}].data") from None
+        try:
+            with torch.inference_mode():
+                result = self.module(*args)
+        except RuntimeError as exc:
+            raise InvalidInput(f"the program rejected these inputs: {str(exc)[:300]}", field="inputs") from None
+        outs = result if isinstance(result, (tuple, list)) else [result]
+        return {
+            "outputs": [
+                {
+                    "shape": list(o.shape),
+                    "dtype": str(o.dtype).removeprefix("torch."),
+                    "data": o.detach().cpu().tolist(),
+                }
+                for o in outs
+            ]
+        }
+
+
+def _texts(inputs: Any) -> list[str]:
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise InvalidInput("inputs must be a text or a non-empty list of texts for this model", field="inputs")
+    return texts
+
+
+def load(model_id: str, kind: str, path: Path, device: str, resolve: Any) -> Runner:
+    """Load a registered model onto `device`; `resolve(id)` returns (kind, path) of another model (a base)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: models are local files
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if kind == "torch-program":
+        import torch
+
+        if path.suffix == ".pt2":
+            module = torch.export.load(str(path)).module()
+        else:
+            module = torch.jit.load(str(path), map_location=device)
+            module.eval()
+        return ProgramRunner(model_id, module, device)
+    if kind != "hf-transformers":
+        raise InvalidInput(
+            f"model {model_id!r} is a {kind} model; candle runs hf-transformers folders and torch programs",
+            field="model_id",
+        )
+    qfile = path / QUANT_FILE
+    if qfile.exists():
+        return _load_quantized(model_id, path, json.loads(qfile.read_text()), device, resolve)
+    return _load_hf(model_id, path, device)
+
+
+def _load_hf(model_id: str, path: Path, device: str) -> Runner:
+    cfg = json.loads((path / "config.json").read_text())
+    if (path / "modules.json").exists():
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(path), device=device, local_files_only=True)
+        st.eval()
+        return SentenceRunner(model_id, st, device)
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    archs = cfg.get("architectures") or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        lm = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).to(device).eval()  # type: ignore[arg-type]
+        return CausalRunner(model_id, lm, device, tok)
+    enc = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+    return EncoderRunner(model_id, enc, device, tok)
+
+
+def quantized_module(module: Any, method: str) -> Any:
+    """Return a quantized copy of a torch module (the module itself is left as it is)."""
+    import copy
+
+    import torch
+
+    if method == "dynamic-int8":
+        from torch.ao.quantization import per_channel_dynamic_qconfig
+
+        # per-channel scales: per-tensor int8 costs MiniLM ~0.07 cosine, per-channel ~0.02
+        return torch.ao.quantization.quantize_dynamic(
+            module, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8
+        )
+    if method in ("fp16", "bf16"):
+        return copy.deepcopy(module).to(torch.float16 if method == "fp16" else torch.bfloat16)
+    raise InvalidInput(f"method must be dynamic-int8, fp16 or bf16, not {method!r}", field="method")
+
+
+def _load_quantized(model_id: str, path: Path, q: dict[str, Any], device: str, resolve: Any) -> Runner:
+    import torch
+
+    base_kind, base_path = resolve(q["base"])
+    if q["method"] == "dynamic-int8":
+        device = "cpu"  # dynamic int8 kernels are CPU kernels
+    base = load(q["base"], base_kind, base_path, device, resolve)
+    module = quantized_module(base.module, q["method"])
+    state = torch.load(path / WEIGHTS_FILE, map_location=device, weights_only=True)
+    module.load_state_dict(state)
+    base.module = module
+    base.model_id = model_id
+    return base

