@@ -99,10 +99,19 @@ class Workbench:
         return [CollectionInfo(**c) for c in self.call("GET", "/api/collections")["collections"]]
 
     def create_collection(
-        self, name: str, dim: int, metric: str = "cosine", index: str = "flat", **params: int
+        self,
+        name: str,
+        dim: int,
+        metric: str = "cosine",
+        index: str = "flat",
+        *,
+        embed_model: str | None = None,
+        **params: int,
     ) -> RemoteCollection:
-        """Create a collection on the gateway."""
-        body = {"name": name, "dim": dim, "metric": metric, "index": index, "params": params}
+        """Create a collection on the gateway (`embed_model="candle:all-minilm-l6-v2"` embeds texts for you)."""
+        body = {
+            "name": name, "dim": dim, "metric": metric, "index": index, "params": params, "embed_model": embed_model,
+        }  # fmt: skip
         self.call("POST", "/api/collections", json=body)
         return RemoteCollection(self, name)
 
@@ -225,11 +234,14 @@ class RemoteCollection:
     ) -> int:
         """Insert or replace points in batches (with a progress bar for big uploads); return how many."""
         if points is None:
-            if ids is None or vectors is None:
-                raise BkgError("upsert needs points, or ids and vectors", field="points")
-            vecs = vectors.tolist() if hasattr(vectors, "tolist") else vectors
+            if ids is None or (vectors is None and texts is None):
+                raise BkgError("upsert needs points, or ids with vectors (or texts to embed)", field="points")
             ids = ids.tolist() if hasattr(ids, "tolist") else ids
-            points = [{"id": i, "vector": v} for i, v in zip(ids, vecs, strict=True)]
+            if vectors is None:  # the gateway embeds the texts with the collection's embed_model
+                points = [{"id": i} for i in ids]
+            else:
+                vecs = vectors.tolist() if hasattr(vectors, "tolist") else vectors
+                points = [{"id": i, "vector": v} for i, v in zip(ids, vecs, strict=True)]
             for col, key in ((payloads, "payload"), (texts, "text")):
                 if col is not None:
                     for p, value in zip(points, col, strict=True):

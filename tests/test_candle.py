@@ -163,3 +163,43 @@ def test_cuda_without_a_gpu_is_a_clear_start_error(cgw: Gateway) -> None:
     c.put("/api/plugins/candle/config", json={"config": {**cfg, "device": "auto"}}).raise_for_status()
     c.post("/api/plugins/candle/start").raise_for_status()
     assert invoke(cgw, "candle.stats", {}).json()["device"] == "cpu"
+
+
+def test_collections_embed_text_with_candle_and_llmserver(cgw: Gateway) -> None:
+    c = cgw.client()
+    docs = [
+        ("d1", "The cat sat on the warm windowsill.", "pets"),
+        ("d2", "Kittens love to chase balls of yarn.", "pets"),
+        ("d3", "The central bank raised interest rates.", "finance"),
+        ("d4", "Bond yields climbed after the rate decision.", "finance"),
+    ]
+    r = c.post("/api/collections", json={"name": "notes", "dim": 384, "embed_model": f"candle:{DEFAULT_EMBEDDER}"})
+    assert r.status_code == 201 and r.json()["embed_model"] == f"candle:{DEFAULT_EMBEDDER}"
+    points = [{"id": i, "text": t, "payload": {"topic": topic}} for i, t, topic in docs]
+    up = c.put("/api/collections/notes/points", json={"points": points}).json()
+    assert up["upserted"] == 4 and up["embedded"] == 4
+    # the stored vectors are the model's embeddings of the texts
+    stored = c.post("/api/collections/notes/points/get", json={"ids": ["d1"]}).json()["points"][0]["vector"]
+    direct = invoke(cgw, "candle.run", {"inputs": [docs[0][1]]}).json()["embeddings"][0]
+    assert np.allclose(stored, direct, atol=1e-5)
+    hits = c.post("/api/collections/notes/query", json={"text": "monetary policy", "k": 2, "mode": "vector"}).json()
+    assert {h["id"] for h in hits["results"]} == {"d3", "d4"}
+    hyb = c.post("/api/collections/notes/query", json={"text": "kittens", "k": 2}).json()
+    assert hyb["mode"] == "hybrid" and hyb["results"][0]["id"] == "d2"
+    # a collection without embed_model says what is missing; a model of the wrong size is refused
+    c.post("/api/collections", json={"name": "plain", "dim": 384}).raise_for_status()
+    r = c.put("/api/collections/plain/points", json={"points": [{"id": 1, "text": "x"}]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "points[0].vector"
+    c.post("/api/collections", json={"name": "small", "dim": 8, "embed_model": f"candle:{DEFAULT_EMBEDDER}"})
+    r = c.put("/api/collections/small/points", json={"points": [{"id": 1, "text": "x"}]})
+    assert r.status_code == 422 and "384-d" in r.json()["error"]["message"]
+    r = c.post("/api/collections", json={"name": "bad", "dim": 8, "embed_model": "torch:x"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "embed_model"
+    # llmserver's GGUF model as the embedder
+    dim = c.get(f"/api/models/{DEFAULT_LLM}").json()["meta"]["embedding_length"]
+    c.post("/api/collections", json={"name": "gguf", "dim": dim, "embed_model": f"llmserver:{DEFAULT_LLM}"})
+    up = c.put("/api/collections/gguf/points", json={"points": points}).json()
+    assert up["embedded"] == 4
+    assert c.post("/api/collections/gguf/points/count", json={}).json()["count"] == 4
+    hits = c.post("/api/collections/gguf/query", json={"text": "cat", "k": 4, "mode": "vector"}).json()["results"]
+    assert len(hits) == 4

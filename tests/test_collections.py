@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bkg_kernel.errors import AlreadyExists, BkgError, InvalidInput, NotFound
@@ -89,3 +91,23 @@ def test_notebook_reprs(store: Store) -> None:
     assert "<table" in store._repr_html_() and "docs" in store._repr_html_()
     assert "docs" in c._repr_html_()
     assert c.query([1, 0], k=1).to_pandas().loc[0, "id"] == 1
+
+
+def test_embed_model_is_kept_reopened_and_snapshotted(data_dir: Path) -> None:
+    s = Store(data_dir)
+    s.create_collection("docs", dim=3, embed_model="candle:all-minilm-l6-v2")
+    assert s.describe("docs").embed_model == "candle:all-minilm-l6-v2"
+    with pytest.raises(InvalidInput) as exc:
+        s.create_collection("bad", dim=3, embed_model="all-minilm-l6-v2")
+    assert exc.value.field == "embed_model"
+    s.collection("docs").upsert([{"id": 1, "vector": [1, 0, 0]}])
+    snap = s.snapshot("docs")
+    s.set_embed_model("docs", "llmserver:smollm2-135m-instruct")
+    s.close()
+    s = Store(data_dir)
+    assert s.collection("docs").embed_model == "llmserver:smollm2-135m-instruct"
+    restored = s.restore_snapshot("docs", snap.id, "docs2")
+    assert restored.embed_model == "candle:all-minilm-l6-v2"
+    s.set_embed_model("docs", None)
+    assert s.describe("docs").embed_model is None
+    s.close()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from bkg_kernel.errors import InvalidInput
+from bkg_kernel.gateway import embedder
 from bkg_kernel.gateway.state import gateway, need, store_of
 from bkg_kernel.plugins.apikeys.service import Principal
 
@@ -24,17 +27,25 @@ class NewCollection(Strict):
     metric: Literal["cosine", "l2", "ip"] = "cosine"
     index: Literal["flat", "hnsw", "ivf"] = "flat"
     params: dict[str, int] = Field(default_factory=dict, description="Index parameters (m, ef_search, nlist, ...).")
+    embed_model: str | None = Field(
+        None, description='"candle:<model>" or "llmserver:<model>": computes vectors from text when none is given.'
+    )
+
+
+class CollectionPatch(Strict):
+    embed_model: str | None = None
 
 
 class PointIn(Strict):
     id: int | str
-    vector: list[float]
+    vector: list[float] | None = Field(None, description="Optional when the collection has an embed_model.")
     payload: dict[str, Any] | None = None
     text: str | None = None
 
 
 class Upsert(Strict):
     points: list[PointIn] = Field(..., max_length=100_000)
+    embed_model: str | None = Field(None, description="Embed texts of points without vectors with this model.")
 
 
 class Ids(Strict):
@@ -82,9 +93,20 @@ def list_collections(request: Request) -> dict[str, Any]:
 def create_collection(body: NewCollection, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> dict[str, Any]:
     """Create a collection."""
     s = store_of(request)
-    s.create_collection(body.name, body.dim, body.metric, body.index, **body.params)
+    s.create_collection(body.name, body.dim, body.metric, body.index, embed_model=body.embed_model, **body.params)
     _audit(request, p, "collection.create", body.name, dim=body.dim, metric=body.metric, index=body.index)
     return s.describe(body.name).to_dict()
+
+
+@router.patch("/{name}")
+def patch_collection(
+    name: str, body: CollectionPatch, request: Request, p: Annotated[Principal, Depends(WRITE)]
+) -> dict[str, Any]:
+    """Change a collection's embed_model."""
+    s = store_of(request)
+    s.set_embed_model(name, body.embed_model)
+    _audit(request, p, "collection.update", name, embed_model=body.embed_model)
+    return s.describe(name).to_dict()
 
 
 @router.get("/{name}", dependencies=[READ])
@@ -102,10 +124,30 @@ def drop(name: str, request: Request, p: Annotated[Principal, Depends(WRITE)]) -
 
 
 @router.put("/{name}/points", dependencies=[Depends(WRITE)])
-def upsert(name: str, body: Upsert, request: Request) -> dict[str, Any]:
-    """Insert or replace points."""
-    r = store_of(request).collection(name).upsert([pt.model_dump() for pt in body.points])
-    return {"upserted": r.upserted, "took_ms": r.took_ms}
+async def upsert(name: str, body: Upsert, request: Request) -> dict[str, Any]:
+    """Insert or replace points; points without a vector are embedded from their text (embed_model)."""
+    coll = store_of(request).collection(name)
+    points = [pt.model_dump() for pt in body.points]
+    missing = [i for i, pt in enumerate(points) if pt["vector"] is None]
+    embedded = 0
+    if missing:
+        spec = body.embed_model or coll.embed_model
+        if spec is None:
+            raise InvalidInput(
+                f"points[{missing[0]}].vector is missing and collection {name!r} has no embed_model to compute it",
+                field=f"points[{missing[0]}].vector",
+            )
+        no_text = [i for i in missing if not points[i]["text"]]
+        if no_text:
+            raise InvalidInput(
+                f"points[{no_text[0]}] has neither a vector nor a text to embed", field=f"points[{no_text[0]}].text"
+            )
+        vecs = await embedder.embed(gateway(request), spec, [points[i]["text"] for i in missing], coll.dim)
+        for i, v in zip(missing, vecs, strict=True):
+            points[i]["vector"] = v
+        embedded = len(missing)
+    r = await asyncio.to_thread(coll.upsert, points)
+    return {"upserted": r.upserted, "embedded": embedded, "took_ms": r.took_ms}
 
 
 @router.post("/{name}/points/get", dependencies=[READ])
@@ -128,21 +170,27 @@ def count_points(name: str, request: Request, body: Count | None = None) -> dict
 
 
 @router.post("/{name}/query", dependencies=[READ])
-def query(name: str, body: Query, request: Request) -> dict[str, Any]:
-    """Vector, full-text (BM25) or hybrid (RRF) search, filtered before ranking."""
-    r = (
-        store_of(request)
-        .collection(name)
-        .query(
-            body.vector,
-            body.text,
-            k=body.k,
-            filter=body.filter,
-            mode=body.mode,
-            rrf_k=body.rrf_k,
-            ef_search=body.ef_search,
-            with_text=body.with_text,
-        )
+async def query(name: str, body: Query, request: Request) -> dict[str, Any]:
+    """Vector, full-text (BM25) or hybrid (RRF) search, filtered before ranking.
+
+    With text and no vector on a collection with an embed_model, the text is embedded too: mode defaults to
+    hybrid, and `vector` mode searches by the text's embedding.
+    """
+    coll = store_of(request).collection(name)
+    vector, mode = body.vector, body.mode
+    if vector is None and body.text and coll.embed_model and mode in (None, "vector", "hybrid"):
+        vector = (await embedder.embed(gateway(request), coll.embed_model, [body.text], coll.dim))[0]
+        mode = mode or "hybrid"
+    r = await asyncio.to_thread(
+        coll.query,
+        vector,
+        body.text,
+        k=body.k,
+        filter=body.filter,
+        mode=mode,
+        rrf_k=body.rrf_k,
+        ef_search=body.ef_search,
+        with_text=body.with_text,
     )
     return r.to_dict()
 

@@ -55,6 +55,7 @@ class Collection:
         self.metric: str = row["metric"]
         self.index_kind: str = row["index_kind"]
         self.params: dict[str, Any] = json.loads(row["params"])
+        self.embed_model: str | None = row.get("embed_model")
         self._next_fid: int = int(row["next_fid"])
         self._epoch: int = int(row["epoch"])
         self._text_version: int = int(row["text_version"])

@@ -184,6 +184,7 @@ class CollectionInfo:
     last_snapshot: str | None
     params: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
+    embed_model: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the description as plain JSON-able data."""

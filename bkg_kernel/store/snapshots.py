@@ -71,6 +71,7 @@ def create(store: Store, coll: Collection) -> SnapshotInfo:
             "metric": coll.metric,
             "index": coll.index_kind,
             "params": coll.params,
+            "embed_model": coll.embed_model,
             "next_fid": coll._next_fid,  # noqa: SLF001
             "count": count,
             "parts": {p: {"sha256": _sha256(work / p), "bytes": (work / p).stat().st_size} for p in PARTS},
@@ -215,8 +216,8 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
                     con.execute(f"DROP SCHEMA IF EXISTS fts_main_{old.table} CASCADE")
                     con.execute(f"DROP TABLE {old.table}")
                 con.execute(
-                    "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, next_fid) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, next_fid, "
+                    "embed_model) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         target,
                         table,
@@ -225,6 +226,7 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
                         m["index"],
                         json.dumps(m["params"]),
                         m["next_fid"],
+                        m.get("embed_model"),
                     ],
                 )
                 con.execute("COMMIT")

@@ -93,10 +93,22 @@ class Store:
 
     # -- collections ------------------------------------------------------------------------------
     def create_collection(
-        self, name: str, dim: int, metric: str = "cosine", index: str = "flat", **params: Any
+        self,
+        name: str,
+        dim: int,
+        metric: str = "cosine",
+        index: str = "flat",
+        *,
+        embed_model: str | None = None,
+        **params: Any,
     ) -> Collection:
-        """Create a collection (metric cosine|l2|ip, index flat|hnsw|ivf; index params such as m, ef_search, nlist)."""
+        """Create a collection (metric cosine|l2|ip, index flat|hnsw|ivf; index params such as m, ef_search, nlist).
+
+        `embed_model` ("candle:<id>" or "llmserver:<id>") names the model the gateway uses to compute vectors
+        from text when points or queries come without one.
+        """
         validate.collection_name(name)
+        validate.embed_model(embed_model)
         validate.collection_config(dim, metric, index)
         unknown = set(params) - set(DEFAULT_PARAMS[index])
         if unknown:
@@ -108,20 +120,28 @@ class Store:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidInput(f"{key} must be a non-negative integer", field=f"params.{key}")
         with self._mutex:
-            return self._create(name, dim, metric, index, {**DEFAULT_PARAMS[index], **params})
+            return self._create(name, dim, metric, index, {**DEFAULT_PARAMS[index], **params}, embed_model)
 
     def _create(
-        self, name: str, dim: int, metric: str, index: str, params: dict[str, Any], **counters: int
+        self, name: str, dim: int, metric: str, index: str, params: dict[str, Any], embed_model: str | None = None
     ) -> Collection:
         if self._row(name) is not None:
             raise AlreadyExists(f"collection {name!r} already exists", field="name")
         table = self._new_points_table()
         self._con.execute(
-            "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, next_fid) "
+            "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, embed_model) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [name, table, dim, metric, index, json.dumps(params), counters.get("next_fid", 0)],
+            [name, table, dim, metric, index, json.dumps(params), embed_model],
         )
         return self.collection(name)
+
+    def set_embed_model(self, name: str, embed_model: str | None) -> None:
+        """Set (or clear) the model that computes a collection's vectors from text."""
+        validate.embed_model(embed_model)
+        with self._mutex:
+            coll = self.collection(name)
+            self._con.execute("UPDATE collections SET embed_model = ? WHERE name = ?", [embed_model, name])
+            coll.embed_model = embed_model
 
     def _new_points_table(self) -> str:
         seq = scalar(self._con, "SELECT nextval('points_table_seq')")
@@ -190,6 +210,7 @@ class Store:
                 last_snapshot=last[0].id if len(last) else None,
                 params=coll.params,
                 created_at=str(row.get("created_at", "")),
+                embed_model=coll.embed_model,
             )
 
     def drop_collection(self, name: str) -> None:

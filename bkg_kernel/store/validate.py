@@ -19,6 +19,21 @@ MAX_K = 1000
 _INT64 = 2**63
 
 
+EMBEDDERS = ("candle", "llmserver")
+
+
+def embed_model(spec: Any, field: str = "embed_model") -> str | None:
+    """Return a valid `<plugin>:<model id>` embedding model (or None) or raise naming the rule it broke."""
+    if spec is None:
+        return None
+    plugin, _, model = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if plugin not in EMBEDDERS or not model:
+        raise InvalidInput(
+            f"embed_model must be '<plugin>:<model id>' with plugin {' or '.join(EMBEDDERS)}, not {spec!r}", field=field
+        )
+    return str(spec)
+
+
 def collection_name(name: Any, field: str = "name") -> str:
     """Return a valid collection name or raise naming the rule it broke."""
     if not isinstance(name, str) or not name:
