@@ -101,7 +101,7 @@ def test_sigterm_stops_cleanly_and_connect_starts_one(tmp_path: Path) -> None:
     try:
         wb = bkg_kernel.connect(data_dir=data, timeout=90)
         assert wb.me()["role"] == "admin"
-        assert {p["id"] for p in wb.plugins} == {"apikeys", "llmserver", "sysinfo"}
+        assert {p["id"] for p in wb.plugins} == {"apikeys", "candle", "llmserver", "sysinfo"}
         docs = wb.create_collection("nb", dim=3)
         docs.upsert(ids=np.arange(50), vectors=clustered(50, 3), payloads=[{"i": i} for i in range(50)])
         assert docs.count() == 50 and docs.query(clustered(50, 3)[7], k=1).ids == [7]

@@ -55,5 +55,10 @@ def migrate(con: duckdb.DuckDBPyConnection, path: str = "") -> list[int]:
         except Exception:
             con.execute("ROLLBACK")
             raise
+        if path:
+            # Schema changes go straight into the database file: DuckDB 1.5.5 cannot replay a WAL that holds
+            # an ALTER TABLE after the CREATE TABLEs of earlier migrations (a kill before the next automatic
+            # checkpoint would leave a database that does not open).
+            con.execute("CHECKPOINT")
         applied.append(version)
     return applied
