@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway_harness import wait_for
+from gateway_harness import ADMIN_KEY, wait_for
 from helpers import write_gguf
+from websockets.sync.client import connect as ws_connect
 
 from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER, DEFAULT_LLM
@@ -163,13 +165,22 @@ def test_models_over_http(gw: Any, file_server: tuple[str, Path], tmp_path: Path
     assert c.post("/api/models/nope/verify").status_code == 404
     assert c.post("/api/models", json={"url": "ftp://x/y.gguf"}).status_code == 422
 
-    # a URL: 202 with a job; served from 127.0.0.1 here (the same code path as any http(s) source)
-    write_gguf(www / "served.gguf", n=4096)
-    r = c.post("/api/models", json={"url": f"{base}/served.gguf", "license": "mit"})
-    assert r.status_code == 202
-    job = wait_for(
-        lambda: (j := c.get(f"/api/jobs/{r.json()['job']['id']}").json())["state"] in ("done", "failed") and j
-    )
+    # a URL: 202 with a job; served from 127.0.0.1 here (the same code path as any http(s) source);
+    # its progress arrives on the WebSocket topic "jobs"
+    write_gguf(www / "served.gguf", n=600_000)  # 2.4 MB: several progress events
+    with ws_connect(gw.url.replace("http", "ws") + f"/ws?token={ADMIN_KEY}") as ws:
+        assert json.loads(ws.recv(10))["type"] == "bootstrap"
+        ws.send(json.dumps({"action": "sub", "topic": "jobs"}))
+        assert json.loads(ws.recv(10))["type"] == "ack"
+        r = c.post("/api/models", json={"url": f"{base}/served.gguf", "license": "mit"})
+        assert r.status_code == 202
+        events = []
+        while not events or events[-1]["state"] not in ("done", "failed"):
+            msg = json.loads(ws.recv(30))
+            if msg["type"] == "jobs" and msg["payload"]["id"] == r.json()["job"]["id"]:
+                events.append(msg["payload"])
+    assert events[-1]["state"] == "done" and any(0 < e["progress"] < 1 for e in events), events
+    job = _wait_job(c, r.json()["job"]["id"])
     assert job["state"] == "done", job
     assert job["result"]["id"] == "served" and job["result"]["source"] == f"{base}/served.gguf"
     assert c.get("/api/models/served").json()["license"] == "mit"
