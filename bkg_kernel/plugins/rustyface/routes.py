@@ -1,0 +1,37 @@
+"""Uploads for rustyface: `POST /api/faces/{capability}` as multipart/form-data (files for the image fields,
+plain fields for the rest), so a browser or `curl -F image=@photo.jpg` needs no base64."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.datastructures import UploadFile
+
+from bkg_kernel.errors import InvalidInput
+from bkg_kernel.gateway.state import gateway, need
+from bkg_kernel.plugins.apikeys.service import Principal
+
+router = APIRouter(prefix="/api/faces", tags=["faces"])
+
+
+@router.post("/{capability}")
+async def upload(capability: str, request: Request, p: Annotated[Principal, Depends(need("faces:use"))]) -> Any:
+    """Run `faces.<capability>` with the images uploaded as files (multipart/form-data)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidInput("send multipart/form-data with the image as a file field (image=@photo.jpg)", field="body")
+    form = await request.form()
+    data: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            data[key] = base64.b64encode(await value.read()).decode()
+        else:
+            try:
+                data[key] = json.loads(value)
+            except json.JSONDecodeError:
+                data[key] = value
+    sup = gateway(request).supervisor
+    assert sup is not None
+    return await sup.get("rustyface").invoke(f"faces.{capability}", data)

@@ -1,0 +1,117 @@
+"""rustyface through a real gateway: real photos (insightface's group photo, skimage's astronaut, Tom Hanks),
+the real YuNet + SFace models, uploads, EXIF orientation, and bad images."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import insightface
+import numpy as np
+import pytest
+from gateway_harness import Gateway, start_gateway
+from PIL import Image
+
+IMAGES = Path(insightface.__file__).parent / "data" / "images"
+
+
+def b64(img: Image.Image, fmt: str = "JPEG", **kw: Any) -> str:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def astronaut() -> Image.Image:
+    import skimage.data
+
+    return Image.fromarray(skimage.data.astronaut())
+
+
+@pytest.fixture(scope="module")
+def fgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = start_gateway(tmp_path_factory.mktemp("faces") / "data")
+    roots = g.data_dir.parent / "photos"
+    roots.mkdir()
+    c = g.client()
+    cfg = c.get("/api/plugins/rustyface/config").json()["config"]
+    c.put("/api/plugins/rustyface/config", json={"config": {**cfg, "image_roots": [str(roots)]}}).raise_for_status()
+    yield g
+    g.stop()
+
+
+def invoke(g: Gateway, cap: str, body: dict[str, Any]) -> Any:
+    return g.client().post(f"/api/plugins/rustyface/invoke/{cap}", json=body)
+
+
+def test_detects_every_face_of_a_group_photo(fgw: Gateway) -> None:
+    photo = b64(Image.open(IMAGES / "t1.jpg"))
+    r = invoke(fgw, "faces.detect", {"image": photo})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["width"], out["height"]) == (1280, 886) and len(out["faces"]) == 6
+    for f in out["faces"]:
+        x1, y1, x2, y2 = f["bbox"]
+        assert 0 <= x1 < x2 <= 1280 and 0 <= y1 < y2 <= 886 and f["score"] >= 0.6
+        assert len(f["landmarks"]) == 5 and all(
+            x1 - 5 <= x <= x2 + 5 and y1 - 5 <= y <= y2 + 5 for x, y in f["landmarks"]
+        )
+    assert len(invoke(fgw, "faces.detect", {"image": photo, "max_faces": 2}).json()["faces"]) == 2
+    assert invoke(fgw, "faces.detect", {"image": photo, "min_size": 10_000}).json()["faces"] == []
+
+
+def test_embed_and_verify(fgw: Gateway) -> None:
+    a = astronaut()
+    r = invoke(fgw, "faces.embed", {"image": b64(a)}).json()
+    assert r["dim"] == 128 and len(r["faces"]) == 1
+    v = np.asarray(r["faces"][0]["embedding"])
+    assert v.shape == (128,) and abs(np.linalg.norm(v) - 1) < 1e-4
+    # the same person in a resized, recompressed, shifted copy vs another person
+    w, h = a.size
+    same = a.crop((20, 10, w - 10, h)).resize((int(w * 0.8), int(h * 0.8)))
+    r = invoke(fgw, "faces.verify", {"image_a": b64(a), "image_b": b64(same, quality=70)}).json()
+    assert r["same"] is True and r["similarity"] > 0.8 and r["threshold"] == pytest.approx(0.363)
+    hanks = b64(Image.open(IMAGES / "Tom_Hanks_54745.png").convert("RGB"), "PNG")
+    r = invoke(fgw, "faces.verify", {"image_a": b64(a), "image_b": hanks}).json()
+    assert r["same"] is False and r["similarity"] < 0.363
+    r = invoke(fgw, "faces.verify", {"image_a": b64(a), "image_b": hanks, "threshold": -1.0}).json()
+    assert r["same"] is True and r["threshold"] == -1.0
+    blank = b64(Image.new("RGB", (200, 200), "gray"))
+    r = invoke(fgw, "faces.verify", {"image_a": blank, "image_b": hanks})
+    assert r.status_code == 422 and "image_a: no face" in r.json()["error"]["message"]
+
+
+def test_exif_orientation_is_honoured(fgw: Gateway) -> None:
+    upright = astronaut()
+    sideways = upright.rotate(90, expand=True)  # pixels stored on their side ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... with the EXIF tag that says "rotate 90 clockwise to display"
+    out = invoke(fgw, "faces.detect", {"image": b64(sideways, exif=exif.tobytes())}).json()
+    assert (out["width"], out["height"]) == upright.size and len(out["faces"]) == 1
+
+
+def test_paths_uploads_and_bad_images(fgw: Gateway, tmp_path: Path) -> None:
+    c = fgw.client()
+    photos = fgw.data_dir.parent / "photos"
+    astronaut().save(photos / "a.jpg")
+    r = invoke(fgw, "faces.detect", {"image": f"path:{photos / 'a.jpg'}"})
+    assert r.status_code == 200 and len(r.json()["faces"]) == 1
+    astronaut().save(tmp_path / "outside.jpg")
+    r = invoke(fgw, "faces.detect", {"image": f"path:{tmp_path / 'outside.jpg'}"})
+    assert r.status_code == 403 and "outside the allowed image roots" in r.json()["error"]["message"]
+    r = invoke(fgw, "faces.detect", {"image": base64.b64encode(b"definitely not a picture").decode()})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "image" and "not a readable image" in r.text
+    r = invoke(fgw, "faces.detect", {"image": "%%% not base64 %%%"})
+    assert r.status_code == 400 and "not base64" in r.json()["error"]["message"]
+    huge = b64(Image.new("L", (7000, 6000)), "PNG")  # 42 MP of zeros: a small file, too many pixels
+    r = invoke(fgw, "faces.detect", {"image": huge})
+    assert r.status_code == 400 and "pixels" in r.json()["error"]["message"]
+    # multipart upload: no base64 needed
+    with open(IMAGES / "t1.jpg", "rb") as f:
+        r = c.post("/api/faces/detect", files={"image": ("t1.jpg", f, "image/jpeg")}, data={"max_faces": "3"})
+    assert r.status_code == 200 and len(r.json()["faces"]) == 3
+    r = c.post("/api/faces/detect", files={"image": ("x.jpg", b"\x00\x01junk", "image/jpeg")})
+    assert r.status_code == 400
+    assert c.post("/api/faces/detect", json={"image": "x"}).status_code == 422
