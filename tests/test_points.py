@@ -153,3 +153,15 @@ def test_batch_upsert_shows_progress(store: Store, capsys: pytest.CaptureFixture
     assert c.count() == 5000
     err = capsys.readouterr().err
     assert "upsert docs" in err and "5000/5000" in err
+
+
+def test_scroll_pages_in_insertion_order_with_a_filter(store: Store) -> None:
+    c = store.create_collection("scroll", dim=2)
+    c.upsert([{"id": i, "vector": [1, i], "payload": {"even": i % 2 == 0}} for i in range(25)])
+    page = c.scroll(limit=10)
+    assert [p.id for p in page] == list(range(10)) and page[0].vector is None
+    assert [p.id for p in c.scroll(limit=10, offset=20)] == [20, 21, 22, 23, 24]
+    evens = c.scroll({"even": True}, limit=100, with_vectors=True)
+    assert [p.id for p in evens] == list(range(0, 25, 2)) and evens[1].vector == [1.0, 2.0]
+    with pytest.raises(InvalidInput):
+        c.scroll(limit=0)

@@ -115,3 +115,64 @@ def test_paths_uploads_and_bad_images(fgw: Gateway, tmp_path: Path) -> None:
     r = c.post("/api/faces/detect", files={"image": ("x.jpg", b"\x00\x01junk", "image/jpeg")})
     assert r.status_code == 400
     assert c.post("/api/faces/detect", json={"image": "x"}).status_code == 422
+
+
+def test_galleries_enroll_identify_subjects(fgw: Gateway) -> None:
+    a = astronaut()
+    w, h = a.size
+    hanks = Image.open(IMAGES / "Tom_Hanks_54745.png").convert("RGB")
+    group = b64(Image.open(IMAGES / "t1.jpg"))
+
+    def gal(**body: Any) -> Any:
+        return invoke(fgw, "faces.gallery", body)
+
+    assert gal(action="create", gallery="crew").json()["faces"] == 0
+    assert gal(action="create", gallery="crew").status_code == 409
+    r = invoke(
+        fgw,
+        "faces.enroll",
+        {
+            "gallery": "crew",
+            "subject": "eileen",
+            "images": [b64(a), b64(a.resize((w // 2, h // 2))), b64(Image.new("RGB", (300, 300), "white"))],
+            "sources": ["full.jpg", "half.jpg", "blank.jpg"],
+            "metadata": {"mission": "STS-63"},
+        },
+    ).json()
+    assert len(r["enrolled"]) == 2 and r["skipped"] == [{"source": "blank.jpg", "reason": "no face found"}]
+    invoke(fgw, "faces.enroll", {"gallery": "crew", "subject": "tom", "images": [b64(hanks)]}).raise_for_status()
+    subjects = invoke(fgw, "faces.subjects", {"gallery": "crew"}).json()["subjects"]
+    assert subjects == [{"subject": "eileen", "faces": 2}, {"subject": "tom", "faces": 1}]
+    # a new photo of eileen (cropped, recompressed) is identified; the six strangers of the group photo are not
+    probe = b64(a.crop((30, 0, w, h - 30)), quality=75)
+    faces = invoke(fgw, "faces.identify", {"gallery": "crew", "image": probe}).json()["faces"]
+    assert len(faces) == 1 and faces[0]["subject"] == "eileen" and faces[0]["matches"][0]["similarity"] > 0.8
+    strangers = invoke(fgw, "faces.identify", {"gallery": "crew", "image": group}).json()
+    assert len(strangers["faces"]) == 6 and all(f["subject"] == "unknown" for f in strangers["faces"])
+    loose = invoke(fgw, "faces.identify", {"gallery": "crew", "image": group, "threshold": -1.0, "top_k": 1}).json()
+    assert all(len(f["matches"]) == 1 for f in loose["faces"])  # threshold first, then top_k
+    # the faces are points of a store collection, with their payload
+    pts = fgw.client().post("/api/collections/faces-crew/points/scroll", json={"filter": {"subject": "eileen"}}).json()
+    assert {p["payload"]["source"] for p in pts["points"]} == {"full.jpg", "half.jpg"}
+    assert pts["points"][0]["payload"]["metadata"] == {"mission": "STS-63"}
+    # rename and delete subjects; describe, list and delete the gallery
+    sub = invoke(fgw, "faces.subjects", {"gallery": "crew", "action": "rename", "subject": "tom", "new_name": "thomas"})
+    assert sub.json()["faces"] == 1
+    assert invoke(fgw, "faces.identify", {"gallery": "crew", "image": b64(hanks)}).json()["faces"][0]["subject"] == (
+        "thomas"
+    )
+    gone = invoke(fgw, "faces.subjects", {"gallery": "crew", "action": "delete", "subject": "eileen"}).json()
+    assert gone["deleted_faces"] == 2
+    assert (
+        invoke(fgw, "faces.subjects", {"gallery": "crew", "action": "delete", "subject": "eileen"}).status_code == 404
+    )
+    assert gal(action="describe", gallery="crew").json() == {
+        **gal(action="describe", gallery="crew").json(),
+        "faces": 1,
+        "subjects": 1,
+    }
+    assert {"gallery": "crew", "faces": 1} in gal(action="list").json()["galleries"]
+    assert gal(action="delete", gallery="crew").json()["deleted"] is True
+    r = invoke(fgw, "faces.identify", {"gallery": "crew", "image": probe})
+    assert r.status_code == 404 and "gallery 'crew' does not exist" in r.json()["error"]["message"]
+    assert gal(action="create", gallery="bad/name").status_code == 422

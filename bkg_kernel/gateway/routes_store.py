@@ -58,6 +58,13 @@ class Delete(Strict):
     filter: dict[str, Any] | None = None
 
 
+class Scroll(Strict):
+    filter: dict[str, Any] | None = None
+    limit: int = 100
+    offset: int = 0
+    with_vectors: bool = False
+
+
 class Count(Strict):
     filter: dict[str, Any] | None = None
 
@@ -155,6 +162,18 @@ def get_points(name: str, body: Ids, request: Request) -> dict[str, Any]:
     """Points by id, in the order asked (missing ids left out)."""
     pts = store_of(request).collection(name).get(body.ids, with_vectors=body.with_vectors)
     return {"points": [p.to_dict() for p in pts]}
+
+
+@router.post("/{name}/points/scroll", dependencies=[READ])
+def scroll_points(name: str, body: Scroll, request: Request) -> dict[str, Any]:
+    """Page through points (optionally matching a filter) in insertion order; next_offset is null at the end."""
+    pts = (
+        store_of(request)
+        .collection(name)
+        .scroll(body.filter, limit=body.limit, offset=body.offset, with_vectors=body.with_vectors)
+    )
+    more = len(pts) == body.limit
+    return {"points": [p.to_dict() for p in pts], "next_offset": body.offset + len(pts) if more else None}
 
 
 @router.post("/{name}/points/delete", dependencies=[Depends(WRITE)])

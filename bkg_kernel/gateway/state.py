@@ -58,7 +58,7 @@ class Gateway:
         self.models = ModelRegistry(model_dir, register_defaults=False)
         # hashing the packaged default models takes ~1 s: do it off the start-up path
         threading.Thread(target=self._register_defaults, name="bkg-model-defaults", daemon=True).start()
-        services = {"auth": self.auth, "store": self.store, "models": self.models}
+        services = {"auth": self.auth, "store": self.store, "models": self.models, "gateway_url": self.url()}
         self.supervisor = Supervisor(
             data_dir, self.hub.publish, self.only, services, model_dir, discovered=self.discovered
         )

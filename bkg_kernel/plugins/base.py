@@ -91,6 +91,24 @@ class PluginContext:
     work_dir: Path
     services: dict[str, Any] = field(default_factory=dict)
     model_dir: Path | None = None
+    gateway_url: str | None = None  # workers call the gateway (the store's owner) with this token
+    gateway_token: str | None = None
+
+    def gateway(self) -> Any:
+        """Return an httpx client on the gateway that hosts this plugin (raises if there is none)."""
+        import httpx
+
+        from bkg_kernel.errors import Unavailable
+
+        if not self.gateway_url or not self.gateway_token:
+            raise Unavailable("this plugin runs without a gateway: it cannot reach the store")
+        client = self.services.get("_gateway_client")
+        if client is None:
+            headers = {"Authorization": f"Bearer {self.gateway_token}"}
+            client = self.services["_gateway_client"] = httpx.Client(
+                base_url=self.gateway_url, headers=headers, timeout=120
+            )
+        return client
 
 
 class Plugin:
@@ -116,6 +134,7 @@ class Plugin:
         data_dir: Path,
         services: dict[str, Any] | None = None,
         model_dir: Path | None = None,
+        gateway: tuple[str, str] | None = None,
     ) -> Plugin:
         """Build the plugin with its context: `<data_dir>/plugins/<id>` as its own folder (created here)."""
         work = data_dir / "plugins" / cls.id
@@ -124,7 +143,8 @@ class Plugin:
             from bkg_kernel.settings import get_settings
 
             model_dir = get_settings().model_dir
-        return cls(settings, PluginContext(data_dir, work, services or {}, Path(model_dir)))
+        url, token = gateway if gateway is not None else (None, None)
+        return cls(settings, PluginContext(data_dir, work, services or {}, Path(model_dir), url, token))
 
     def start(self) -> None:
         """Acquire resources (load models, open files); raise to fail the start."""

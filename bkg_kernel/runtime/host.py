@@ -43,6 +43,7 @@ class WorkerProcess:
                 host.settings.model_dump(),
                 str(host.data_dir),
                 str(host.model_dir),
+                host.gateway_access(),
             ),
             name=f"bkg-plugin-{host.id}",
             daemon=True,
@@ -243,6 +244,13 @@ class PluginHost:
         )
         return {**base, "source": self.source, "status": self.status(), "config": self.settings.public()}
 
+    def gateway_access(self) -> tuple[str, str] | None:
+        """Return (gateway URL, a fresh service token) for the plugin, when it runs under a gateway."""
+        auth, url = self.services.get("auth"), self.services.get("gateway_url")
+        if auth is None or url is None:
+            return None
+        return str(url), str(auth.service_token(self.id))
+
     def _set(self, state: str, reason: str | None = None) -> None:
         self.state, self.reason = state, reason
         self.emit("status", self.id, self.status())
@@ -278,7 +286,7 @@ class PluginHost:
 
     def _start_inline(self) -> None:
         assert self.cls is not None
-        plugin = self.cls.create(self.settings, self.data_dir, self.services, self.model_dir)
+        plugin = self.cls.create(self.settings, self.data_dir, self.services, self.model_dir, self.gateway_access())
         handler = RingHandler(self.add_log)
         handler.setFormatter(logging.Formatter("%(message)s"))
         plugin.log.addHandler(handler)

@@ -44,7 +44,13 @@ def error_data(exc: BaseException) -> dict[str, Any]:
 
 
 def main(
-    conn: Connection, module: str, class_name: str, settings: dict[str, Any], data_dir: str, model_dir: str
+    conn: Connection,
+    module: str,
+    class_name: str,
+    settings: dict[str, Any],
+    data_dir: str,
+    model_dir: str,
+    gateway: tuple[str, str] | None = None,
 ) -> None:
     """Run one plugin until told to stop or the parent goes away."""
     lock = threading.Lock()
@@ -58,7 +64,9 @@ def main(
     root.setLevel(logging.INFO)
     try:
         cls = getattr(importlib.import_module(module), class_name)
-        plugin = cls.create(cls.Settings.model_validate(settings), Path(data_dir), model_dir=Path(model_dir))
+        plugin = cls.create(
+            cls.Settings.model_validate(settings), Path(data_dir), model_dir=Path(model_dir), gateway=gateway
+        )
         plugin.start()
     except Exception as exc:
         logging.getLogger("bkg.worker").error("start failed: %s", traceback.format_exc())

@@ -316,6 +316,38 @@ class Collection:
         with self._store._mutex:  # noqa: SLF001
             return int(scalar(self._con, f"SELECT count(*) FROM {self.table} WHERE {where}", params))
 
+    def scroll(
+        self,
+        filter: dict[str, Any] | None = None,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        with_vectors: bool = False,
+    ) -> PointList:
+        """Page through the points (matching a filter) in insertion order, like Qdrant's scroll."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise InvalidInput("limit must be from 1 to 10000", field="limit")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidInput("offset must be a non-negative integer", field="offset")
+        where, params = compile_filter(filter)
+        with self._store._mutex:  # noqa: SLF001
+            rows = self._con.execute(
+                f"SELECT pk, vec, CAST(payload AS VARCHAR), text FROM {self.table} WHERE {where} "
+                "ORDER BY fid LIMIT ? OFFSET ?",
+                [*params, limit, offset],
+            ).fetchall()
+        return PointList(
+            [
+                Point(
+                    json.loads(pk),
+                    np.frombuffer(vec, dtype=np.float32).tolist() if with_vectors else None,
+                    json.loads(payload) if payload else None,
+                    text,
+                )
+                for pk, vec, payload, text in rows
+            ]
+        )
+
     def get(self, ids: list[Any], with_vectors: bool = True) -> PointList:
         """Return the points with these ids, in the order asked (ids not stored are left out)."""
         if not isinstance(ids, list):

@@ -54,6 +54,7 @@ BUILTIN_ROLES = {
     "viewer": (("plugins:read", "collections:read", "models:read"), "Read-only."),
 }
 SESSION_TTL = timedelta(hours=12)
+SERVICE_SCOPES = ("collections:read", "collections:write", "models:read")  # what plugin workers may call
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 
@@ -127,6 +128,7 @@ class AuthService:
     """The apikeys core; `store` is the gateway's open Store (its connection and mutex are shared)."""
 
     def __init__(self, store: Any) -> None:
+        self._service: dict[str, Principal] = {}
         self.con = store._con  # noqa: SLF001
         self.mutex = store._mutex  # noqa: SLF001
         self._lock = threading.Lock()
@@ -402,10 +404,25 @@ class AuthService:
         return rec.public()
 
     # -- authentication ---------------------------------------------------------------------------
+    def service_token(self, plugin_id: str, scopes: tuple[str, ...] = SERVICE_SCOPES) -> str:
+        """Mint a token a plugin's worker uses to call this gateway (kept in memory, valid while it runs)."""
+        import secrets
+
+        token = "bkgw_" + secrets.token_urlsafe(32)
+        self._service[ks.hash_secret(token)] = Principal(
+            f"plugin:{plugin_id}", f"plugin:{plugin_id}", "service", frozenset(scopes), None, "service"
+        )
+        return token
+
     def authenticate(self, token: str) -> Principal:
-        """Return the principal of an API key or session token, or raise 401 / 429."""
+        """Return the principal of an API key, session token or plugin service token, or raise 401 / 429."""
         if token.startswith("bkgs_"):
             return self._session(token)
+        if token.startswith("bkgw_"):
+            p = self._service.get(ks.hash_secret(token))
+            if p is None:
+                raise Unauthorized("invalid service token (it lives as long as the gateway that issued it)")
+            return p
         parsed = ks.parse_key(token)
         rec = self.keys.get(parsed[0]) if parsed else None
         if parsed is None or rec is None or not ks.same(ks.hash_secret(parsed[1]), rec.secret_hash):

@@ -17,6 +17,7 @@ from bkg_kernel.errors import InvalidInput
 from bkg_kernel.plugins.base import Plugin, PluginSettings, capability
 from bkg_kernel.plugins.rustyface import images
 from bkg_kernel.plugins.rustyface.engine import Face, FaceEngine
+from bkg_kernel.plugins.rustyface.galleries import Galleries
 
 IMAGE_DOC = "base64 (or a data URL), or path:<file> under an allowed root"
 
@@ -79,6 +80,49 @@ class Verified(BaseModel):
     model: str
 
 
+class GalleryRequest(BaseModel):
+    """Gallery operations: create, list, describe, delete."""
+
+    action: Literal["create", "list", "describe", "delete"]
+    gallery: str | None = None
+
+
+class SubjectsRequest(BaseModel):
+    """Subject operations in a gallery: list, rename (to new_name), delete (all their faces)."""
+
+    gallery: str
+    action: Literal["list", "rename", "delete"] = "list"
+    subject: str | None = None
+    new_name: str | None = None
+
+
+class EnrollRequest(BaseModel):
+    """Enroll the most confident face of each image as `subject`."""
+
+    gallery: str
+    subject: str = Field(..., min_length=1, max_length=200)
+    images: list[str] = Field(..., min_length=1, max_length=100, description=IMAGE_DOC)
+    sources: list[str] | None = Field(None, description="A name for each image (default: image[i]).")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    min_score: float = Field(0.6, ge=0, le=1)
+
+
+class IdentifyRequest(BaseModel):
+    """Who is in this image? The best subjects per face, at or above the threshold."""
+
+    gallery: str
+    image: str = Field(..., description=IMAGE_DOC)
+    top_k: int = Field(3, ge=1, le=100)
+    threshold: float | None = Field(None, ge=-1, le=1, description="Default: the verify_threshold setting.")
+    max_faces: int = Field(20, ge=1, le=1000)
+
+
+class Result(BaseModel):
+    """A JSON result."""
+
+    model_config = {"extra": "allow"}
+
+
 class RustyFace(Plugin):
     """Detect, embed and verify faces."""
 
@@ -136,6 +180,88 @@ class RustyFace(Plugin):
             face_b=fb.to_dict(),
             model=self.engine.name,
         )
+
+    # -- galleries --------------------------------------------------------------------------------
+    def _galleries(self) -> Galleries:
+        assert self.context is not None
+        return Galleries(self.context.gateway(), self.engine.dim)
+
+    @capability("faces.gallery", scope="faces:use")
+    def gallery(self, inp: GalleryRequest) -> Result:
+        """Create, list, describe or delete a gallery (a store collection of enrolled faces)."""
+        g = self._galleries()
+        if inp.action == "list":
+            return Result(galleries=g.all())
+        if not inp.gallery:
+            raise InvalidInput(f"gallery is required to {inp.action} a gallery", field="gallery")
+        op = {"create": g.create, "describe": g.describe, "delete": g.delete}[inp.action]
+        return Result(**op(inp.gallery))
+
+    @capability("faces.subjects", scope="faces:use")
+    def subjects(self, inp: SubjectsRequest) -> Result:
+        """List a gallery's subjects (with face counts), rename one, or delete one with all their faces."""
+        g = self._galleries()
+        if inp.action == "list":
+            return Result(gallery=inp.gallery, subjects=g.subjects(inp.gallery))
+        if not inp.subject:
+            raise InvalidInput(f"subject is required to {inp.action} a subject", field="subject")
+        if inp.action == "rename":
+            if not inp.new_name:
+                raise InvalidInput("new_name is required to rename a subject", field="new_name")
+            return Result(**g.rename(inp.gallery, inp.subject, inp.new_name))
+        return Result(**g.delete_subject(inp.gallery, inp.subject))
+
+    @capability("faces.enroll", scope="faces:use")
+    def enroll(self, inp: EnrollRequest) -> Result:
+        """Store the most confident face of each image in the gallery, with subject, source and metadata."""
+        if inp.sources is not None and len(inp.sources) != len(inp.images):
+            raise InvalidInput("sources must have one name per image", field="sources")
+        g = self._galleries()
+        g.describe(inp.gallery)  # 404 before any work when the gallery does not exist
+        faces, skipped = [], []
+        for i, image in enumerate(inp.images):
+            source = inp.sources[i] if inp.sources else f"image[{i}]"
+            img = self._image(image, f"images[{i}]")
+            found = self.engine.detect(img, min_score=inp.min_score)
+            if not found:
+                skipped.append({"source": source, "reason": "no face found"})
+                continue
+            best = found[0]
+            payload = {
+                "subject": inp.subject, "source": source, "bbox": best.bbox, "score": best.score,
+                "faces_in_image": len(found), "metadata": inp.metadata,
+            }  # fmt: skip
+            faces.append({"embedding": self.engine.embed(img, best).tolist(), "payload": payload})
+        ids = g.add_faces(inp.gallery, faces) if faces else []
+        enrolled = [
+            {"id": i, "source": f["payload"]["source"], "bbox": f["payload"]["bbox"]}
+            for i, f in zip(ids, faces, strict=True)
+        ]
+        return Result(gallery=inp.gallery, subject=inp.subject, enrolled=enrolled, skipped=skipped)
+
+    @capability("faces.identify", scope="faces:use")
+    def identify(self, inp: IdentifyRequest) -> Result:
+        """For each face in the image: the best subjects by similarity (threshold first, then top_k)."""
+        g = self._galleries()
+        g.describe(inp.gallery)
+        img = self._image(inp.image, "image")
+        threshold = self.settings.verify_threshold if inp.threshold is None else inp.threshold
+        out = []
+        for face in self.engine.detect(img, max_faces=inp.max_faces):
+            vec = self.engine.embed(img, face).tolist()
+            best: dict[str, float] = {}
+            for hit in g.nearest(inp.gallery, vec, min(1000, inp.top_k * 20)):
+                subject = str((hit.get("payload") or {}).get("subject"))
+                if hit["score"] >= threshold and hit["score"] > best.get(subject, -2.0):
+                    best[subject] = hit["score"]
+            matches = [
+                {"subject": s, "similarity": round(v, 5)} for s, v in sorted(best.items(), key=lambda kv: -kv[1])
+            ]
+            matches = matches[: inp.top_k]
+            out.append(
+                {**face.to_dict(), "subject": matches[0]["subject"] if matches else "unknown", "matches": matches}
+            )
+        return Result(gallery=inp.gallery, threshold=threshold, faces=out)
 
     def _best(self, image: str, field: str) -> tuple[np.ndarray, Face]:
         img = self._image(image, field)
