@@ -18,6 +18,7 @@ from bkg_kernel.settings import Settings
 from bkg_kernel.store.results import CollectionInfo, Hit, QueryResult, html_table
 
 if TYPE_CHECKING:
+    from bkg_kernel.faces_client import Faces
     from bkg_kernel.llm_client import LLM, ModelTable
 
 
@@ -77,6 +78,13 @@ class Workbench:
         from bkg_kernel.llm_client import LLM
 
         return LLM(self)
+
+    @property
+    def faces(self) -> Faces:
+        """rustyface: detect, verify, galleries, enroll_folder (with a progress bar)."""
+        from bkg_kernel.faces_client import Faces
+
+        return Faces(self)
 
     @property
     def models(self) -> ModelTable:

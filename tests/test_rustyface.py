@@ -176,3 +176,26 @@ def test_galleries_enroll_identify_subjects(fgw: Gateway) -> None:
     r = invoke(fgw, "faces.identify", {"gallery": "crew", "image": probe})
     assert r.status_code == 404 and "gallery 'crew' does not exist" in r.json()["error"]["message"]
     assert gal(action="create", gallery="bad/name").status_code == 422
+
+
+def test_enroll_folder_from_the_notebook_client(fgw: Gateway, tmp_path: Path) -> None:
+    from gateway_harness import ADMIN_KEY
+
+    import bkg_kernel
+    from bkg_kernel.faces_client import enroll_folder
+
+    a = astronaut()
+    (tmp_path / "eileen").mkdir()
+    (tmp_path / "tom").mkdir()
+    a.save(tmp_path / "eileen" / "1.jpg")
+    a.resize((256, 256)).save(tmp_path / "eileen" / "2.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "eileen" / "empty.jpg")
+    (tmp_path / "eileen" / "notes.txt").write_text("not an image")
+    Image.open(IMAGES / "Tom_Hanks_54745.png").convert("RGB").save(tmp_path / "tom" / "t.jpg")
+    summary = enroll_folder("folder", str(tmp_path), url=fgw.url, api_key=ADMIN_KEY)
+    assert summary["images"] == 4 and summary["enrolled"] == 3
+    assert summary["skipped"] == [{"source": "eileen/empty.jpg", "reason": "no face found"}]
+    wb = bkg_kernel.connect(fgw.url, api_key=ADMIN_KEY)
+    assert wb.faces.subjects("folder") == [{"subject": "eileen", "faces": 2}, {"subject": "tom", "faces": 1}]
+    assert wb.faces.identify("folder", a)["faces"][0]["subject"] == "eileen"
+    assert wb.faces.verify(tmp_path / "eileen" / "1.jpg", np.asarray(a))["same"] is True

@@ -1,0 +1,103 @@
+"""The notebook side of rustyface: `wb.faces.detect(path)`, `wb.faces.identify(...)`, and
+`wb.faces.enroll_folder(gallery, folder)` (one subfolder per subject) with a progress bar, also callable
+from a papermill job as `bkg_kernel.faces_client.enroll_folder(...)`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from bkg_kernel.client import Workbench
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def encode(image: Any) -> str:
+    """Base64 of an image given as a path, bytes, a PIL image or an RGB numpy array."""
+    if isinstance(image, (str, os.PathLike)):
+        return base64.b64encode(Path(image).read_bytes()).decode()
+    if isinstance(image, bytes):
+        return base64.b64encode(image).decode()
+    from PIL import Image
+
+    img = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class Faces:
+    """rustyface through the gateway."""
+
+    def __init__(self, wb: Workbench) -> None:
+        self.wb = wb
+
+    def _invoke(self, cap: str, body: dict[str, Any]) -> Any:
+        return self.wb.call("POST", f"/api/plugins/rustyface/invoke/{cap}", json=body)
+
+    def detect(self, image: Any, **opts: Any) -> dict[str, Any]:
+        """Faces in an image (path, bytes, PIL image or array): box, landmarks, score."""
+        return dict(self._invoke("faces.detect", {"image": encode(image), **opts}))
+
+    def verify(self, image_a: Any, image_b: Any, **opts: Any) -> dict[str, Any]:
+        """Whether two images show the same person, with the similarity and threshold."""
+        return dict(self._invoke("faces.verify", {"image_a": encode(image_a), "image_b": encode(image_b), **opts}))
+
+    def identify(self, gallery: str, image: Any, **opts: Any) -> dict[str, Any]:
+        """The best subjects of a gallery for each face in the image."""
+        return dict(self._invoke("faces.identify", {"gallery": gallery, "image": encode(image), **opts}))
+
+    def create_gallery(self, gallery: str) -> dict[str, Any]:
+        """Create a gallery."""
+        return dict(self._invoke("faces.gallery", {"action": "create", "gallery": gallery}))
+
+    def galleries(self) -> list[dict[str, Any]]:
+        """Every gallery with its face count."""
+        return list(self._invoke("faces.gallery", {"action": "list"})["galleries"])
+
+    def subjects(self, gallery: str) -> list[dict[str, Any]]:
+        """A gallery's subjects with their face counts."""
+        return list(self._invoke("faces.subjects", {"gallery": gallery})["subjects"])
+
+    def enroll(self, gallery: str, subject: str, images: list[Any], **opts: Any) -> dict[str, Any]:
+        """Enroll the best face of each image as `subject`."""
+        body = {"gallery": gallery, "subject": subject, "images": [encode(i) for i in images], **opts}
+        return dict(self._invoke("faces.enroll", body))
+
+    def enroll_folder(
+        self, gallery: str, folder: str | os.PathLike[str], *, batch: int = 8, progress: bool = True
+    ) -> dict[str, Any]:
+        """Enroll `folder/<subject>/<image>` files (the gallery is created if missing); return a summary."""
+        root = Path(folder)
+        work = [
+            (d.name, f)
+            for d in sorted(p for p in root.iterdir() if p.is_dir())
+            for f in sorted(d.iterdir())
+            if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not any(g["gallery"] == gallery for g in self.galleries()):
+            self.create_gallery(gallery)
+        enrolled, skipped = 0, []
+        with tqdm(total=len(work), desc=f"enroll {gallery}", unit="img", disable=not progress) as bar:
+            for subject in dict.fromkeys(s for s, _ in work):
+                files = [f for s, f in work if s == subject]
+                for a in range(0, len(files), batch):
+                    part = files[a : a + batch]
+                    r = self.enroll(gallery, subject, part, sources=[f"{subject}/{f.name}" for f in part])
+                    enrolled += len(r["enrolled"])
+                    skipped += r["skipped"]
+                    bar.update(len(part))
+        return {"gallery": gallery, "images": len(work), "enrolled": enrolled, "skipped": skipped}
+
+
+def enroll_folder(gallery: str, folder: str, url: str | None = None, api_key: str | None = None) -> dict[str, Any]:
+    """Papermill-friendly: connect to the gateway and enroll a folder of subject subfolders."""
+    from bkg_kernel.client import connect
+
+    return connect(url, api_key=api_key).faces.enroll_folder(gallery, folder)
