@@ -54,7 +54,7 @@ BUILTIN_ROLES = {
     "viewer": (("plugins:read", "collections:read", "models:read"), "Read-only."),
 }
 SESSION_TTL = timedelta(hours=12)
-SERVICE_SCOPES = ("collections:read", "collections:write", "models:read")  # what plugin workers may call
+SERVICE_SCOPES = ("collections:read", "collections:write", "models:read", "llm:use")  # what plugin workers may call
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 

@@ -1,0 +1,294 @@
+"""brainml: hybrid retrieval over store collections (worker process).
+
+Documents are chunked, embedded by the collection's `embed_model` (candle or llmserver, computed by the
+gateway) and stored with their text, so queries can be vector, BM25 or hybrid (RRF). `brainml.ask` answers
+from the retrieved chunks with llmserver and cites them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from bkg_kernel.errors import BkgError, InvalidInput, NotFound
+from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
+from bkg_kernel.models.registry import ModelRegistry
+from bkg_kernel.plugins.base import Plugin, PluginSettings, capability
+
+
+class BrainSettings(PluginSettings):
+    """brainml settings."""
+
+    chunk_size: int = Field(800, ge=50, le=20_000, description="Characters per chunk.")
+    chunk_overlap: int = Field(100, ge=0, le=5_000, description="Characters shared by neighbouring chunks.")
+    embed_model: str = Field(
+        f"candle:{DEFAULT_EMBEDDER}", description="For new collections: candle:<id> or llmserver:<id>."
+    )
+    llm_model: str | None = Field(None, description="llmserver model for brainml.ask (default: its default).")
+    ask_max_tokens: int = Field(256, ge=1, le=4096)
+
+
+class Document(BaseModel):
+    """A document to index."""
+
+    id: str | int | None = None
+    text: str = Field(..., min_length=1)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Chunking(BaseModel):
+    """Chunking for this call (default: the settings)."""
+
+    size: int = Field(800, ge=50, le=20_000)
+    overlap: int = Field(100, ge=0, le=5_000)
+
+
+class IndexRequest(BaseModel):
+    """Chunk, embed and store documents; re-indexing an id replaces its chunks."""
+
+    collection: str
+    documents: list[Document] = Field(..., min_length=1, max_length=10_000)
+    chunking: Chunking | None = None
+
+
+class QueryRequest(BaseModel):
+    """Search a collection."""
+
+    collection: str
+    query: str = Field(..., min_length=1)
+    top_k: int = Field(5, ge=1, le=1000)
+    mode: Literal["vector", "text", "hybrid"] = "hybrid"
+    filters: dict[str, Any] | None = Field(None, description="On the documents' metadata, e.g. {'lang': 'en'}.")
+
+
+class AskRequest(BaseModel):
+    """Answer a question from a collection's chunks."""
+
+    collection: str
+    question: str = Field(..., min_length=1)
+    top_k: int = Field(4, ge=1, le=20)
+    filters: dict[str, Any] | None = None
+
+
+class StatsRequest(BaseModel):
+    """Which collection (default: every collection brainml indexed)."""
+
+    collection: str | None = None
+
+
+class Result(BaseModel):
+    """A JSON result."""
+
+    model_config = {"extra": "allow"}
+
+
+def chunk(text: str, size: int, overlap: int) -> list[tuple[int, int]]:
+    """Split into (start, end) spans of about `size` characters, cut at whitespace, overlapping by `overlap`."""
+    if overlap >= size:
+        raise InvalidInput("chunking overlap must be smaller than size", field="chunking.overlap")
+    spans, start, n = [], 0, len(text)
+    while start < n:
+        end = min(n, start + size)
+        if end < n:
+            cut = text.rfind(" ", start + size // 2, end)
+            end = cut if cut > start else end
+        spans.append((start, end))
+        if end >= n:
+            break
+        start = max(end - overlap, start + 1)
+        while 0 < start < n and not text[start - 1].isspace() and end - start < size:
+            start += 1  # begin the next chunk at a word boundary inside the overlap
+    return spans
+
+
+def highlights(query: str, text: str) -> list[list[int]]:
+    """Spans of the query's words (3+ letters) in the text, case-insensitive."""
+    words = {w.lower() for w in re.findall(r"\w{3,}", query)}
+    return [[m.start(), m.end()] for m in re.finditer(r"\w+", text) if m.group().lower() in words]
+
+
+class BrainML(Plugin):
+    """Index documents, search them (vector / BM25 / hybrid), answer questions with citations."""
+
+    id = "brainml"
+    name = "brainml"
+    version = "0.1.0"
+    description = "Hybrid retrieval over collections: index with chunking, query with highlights, ask with citations."
+    mode = "worker"
+    Settings = BrainSettings
+    settings: BrainSettings
+
+    def start(self) -> None:
+        assert self.context is not None and self.context.model_dir is not None
+        self.registry = ModelRegistry(self.context.model_dir)
+        self.state_path = self.context.work_dir / "stats.json"
+        self.stats_data: dict[str, dict[str, Any]] = (
+            json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        )
+        self.lock = threading.Lock()
+
+    def _http(self, method: str, path: str, **kw: Any) -> Any:
+        assert self.context is not None
+        r = self.context.gateway().request(method, path, **kw)
+        if r.status_code >= 400:
+            err = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
+            exc = BkgError(err.get("message", r.text[:300]), field=err.get("field"))
+            exc.status, exc.code = r.status_code, err.get("code", "gateway_error")
+            raise exc
+        return r.json() if r.content else None
+
+    def _save(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.stats_data))
+        tmp.replace(self.state_path)
+
+    def _dim(self, spec: str) -> int:
+        model = spec.partition(":")[2]
+        meta = self.registry.get(model).meta
+        dim = meta.get("hidden_size") or meta.get("embedding_length")
+        if not dim:
+            raise InvalidInput(f"cannot tell the embedding size of {model!r}", field="embed_model")
+        return int(dim)
+
+    def _collection(self, name: str, create: bool) -> dict[str, Any]:
+        try:
+            info: dict[str, Any] = self._http("GET", f"/api/collections/{name}")
+        except BkgError as exc:
+            if exc.status != 404 or not create:
+                if exc.status == 404:
+                    msg = f"collection {name!r} does not exist (index documents into it first)"
+                    raise NotFound(msg, field="collection") from None
+                raise
+            spec = self.settings.embed_model
+            body = {"name": name, "dim": self._dim(spec), "embed_model": spec}
+            info = self._http("POST", "/api/collections", json=body)
+        if not info.get("embed_model"):
+            msg = f"collection {name!r} has no embed_model: brainml needs one to embed text"
+            raise InvalidInput(msg, field="collection")
+        return info
+
+    # -- capabilities -------------------------------------------------------------------------------
+    @capability("brainml.index", scope="collections:write")
+    def index(self, inp: IndexRequest) -> Result:
+        """Chunk documents, embed them with the collection's model and store them for vector and text search."""
+        t0 = time.perf_counter()
+        info = self._collection(inp.collection, create=True)
+        size = inp.chunking.size if inp.chunking else self.settings.chunk_size
+        overlap = inp.chunking.overlap if inp.chunking else self.settings.chunk_overlap
+        points, replaced = [], 0
+        for i, doc in enumerate(inp.documents):
+            doc_id = str(doc.id) if doc.id is not None else f"doc-{int(time.time() * 1000)}-{i}"
+            gone = self._http(
+                "POST", f"/api/collections/{inp.collection}/points/delete", json={"filter": {"doc_id": doc_id}}
+            )["deleted"]
+            replaced += bool(gone)
+            for n, (a, b) in enumerate(chunk(doc.text, size, overlap)):
+                payload = {"doc_id": doc_id, "chunk": n, "start": a, "end": b, **doc.metadata}
+                points.append({"id": f"{doc_id}#{n}", "text": doc.text[a:b], "payload": payload})
+        for a in range(0, len(points), 256):
+            self._http("PUT", f"/api/collections/{inp.collection}/points", json={"points": points[a : a + 256]})
+        with self.lock:
+            s = self.stats_data.setdefault(inp.collection, {"queries": 0, "query_ms_total": 0.0})
+            s.update(last_index=time.time(), embed_model=info["embed_model"], dim=info["dim"])
+            self._save()
+        took = (time.perf_counter() - t0) * 1000
+        return Result(
+            collection=inp.collection, documents=len(inp.documents), chunks=len(points), replaced=replaced, took_ms=took
+        )
+
+    @capability("brainml.query", scope="collections:read")
+    def query(self, inp: QueryRequest) -> Result:
+        """Search chunks (vector, BM25 or hybrid) with metadata filters; results carry highlights."""
+        t0 = time.perf_counter()
+        self._collection(inp.collection, create=False)
+        body = {"text": inp.query, "k": inp.top_k, "mode": inp.mode, "filter": inp.filters, "with_text": True}
+        r = self._http("POST", f"/api/collections/{inp.collection}/query", json=body)
+        results = []
+        for rank, hit in enumerate(r["results"], start=1):
+            p = hit.get("payload") or {}
+            meta = {k: v for k, v in p.items() if k not in ("doc_id", "chunk", "start", "end")}
+            text = hit.get("text") or ""
+            results.append(
+                {
+                    "id": hit["id"],
+                    "doc_id": p.get("doc_id"),
+                    "chunk": text,
+                    "offsets": [p.get("start"), p.get("end")],
+                    "score": hit["score"],
+                    "rank": rank,
+                    "metadata": meta,
+                    "highlights": highlights(inp.query, text),
+                }  # fmt: skip
+            )
+        latency = (time.perf_counter() - t0) * 1000
+        with self.lock:
+            s = self.stats_data.setdefault(inp.collection, {"queries": 0, "query_ms_total": 0.0})
+            s["queries"] += 1
+            s["query_ms_total"] += latency
+            self._save()
+        return Result(collection=inp.collection, mode=inp.mode, results=results, latency_ms=round(latency, 3))
+
+    @capability("brainml.ask", scope="llm:use")
+    def ask(self, inp: AskRequest) -> Result:
+        """Answer from the best chunks with llmserver; the answer cites chunk ids and their offsets."""
+        hits = self.query(
+            QueryRequest(collection=inp.collection, query=inp.question, top_k=inp.top_k, filters=inp.filters)
+        ).results  # type: ignore[attr-defined]
+        if not hits:
+            raise NotFound(f"nothing in {inp.collection!r} matches the question", field="question")
+        context = "\n\n".join(f"[{i + 1}] {h['chunk']}" for i, h in enumerate(hits))
+        messages = [
+            {"role": "system", "content": "Answer the question using only the numbered sources. Cite them as [n]."},
+            {"role": "user", "content": f"Sources:\n{context}\n\nQuestion: {inp.question}"},
+        ]
+        body: dict[str, Any] = {"messages": messages, "max_tokens": self.settings.ask_max_tokens, "temperature": 0}
+        if self.settings.llm_model:
+            body["model"] = self.settings.llm_model
+        r = self._http("POST", "/v1/chat/completions", json=body)
+        cited = [
+            {"n": i + 1, "id": h["id"], "doc_id": h["doc_id"], "offsets": h["offsets"], "score": h["score"]}
+            for i, h in enumerate(hits)
+        ]
+        return Result(
+            collection=inp.collection,
+            question=inp.question,
+            answer=r["choices"][0]["message"]["content"],
+            citations=cited,
+            model=r["model"],
+            usage=r["usage"],
+        )
+
+    @capability("brainml.stats", scope="collections:read")
+    def stats(self, inp: StatsRequest) -> Result:
+        """Per collection: documents, chunks, embedding model and dimension, last index time, queries, latency."""
+        names = [inp.collection] if inp.collection else sorted(self.stats_data)
+        out = []
+        for name in names:
+            info = self._collection(name, create=False)
+            docs: set[Any] = set()
+            offset: int | None = 0
+            while offset is not None:
+                page = self._http(
+                    "POST", f"/api/collections/{name}/points/scroll", json={"limit": 10_000, "offset": offset}
+                )
+                docs.update((p["payload"] or {}).get("doc_id") for p in page["points"])
+                offset = page["next_offset"]
+            s = self.stats_data.get(name, {"queries": 0, "query_ms_total": 0.0})
+            out.append(
+                {
+                    "collection": name,
+                    "documents": len(docs),
+                    "chunks": info["count"],
+                    "embed_model": info["embed_model"],
+                    "dim": info["dim"],
+                    "last_index": s.get("last_index"),
+                    "queries": s["queries"],
+                    "avg_query_ms": round(s["query_ms_total"] / s["queries"], 3) if s["queries"] else None,
+                }  # fmt: skip
+            )
+        return Result(collections=out)

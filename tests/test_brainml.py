@@ -1,0 +1,110 @@
+"""brainml through a real gateway: chunking, real MiniLM embeddings (candle), BM25 + vector + hybrid queries,
+re-indexing, a grounded answer from the real SmolLM2 with citations, and stats."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from gateway_harness import Gateway, start_gateway
+
+from bkg_kernel.plugins.brainml.plugin import chunk
+
+DOCS = [
+    {
+        "id": "volcano",
+        "text": "Volcanoes form where magma reaches the surface. " * 12
+        + "Basalt lava flows are fluid and travel far before they cool.",
+        "metadata": {"topic": "geology", "lang": "en"},
+    },
+    {
+        "id": "bread",
+        "text": "Sourdough bread rises with wild yeast and lactic bacteria. " * 10
+        + "A long cold proof gives the crust its flavour.",
+        "metadata": {"topic": "cooking", "lang": "en"},
+    },
+    {
+        "id": "orbit",
+        "text": "Comets orbit the sun on long elliptical paths and grow tails near perihelion. " * 8,
+        "metadata": {"topic": "astronomy", "lang": "en"},
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def bgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = start_gateway(tmp_path_factory.mktemp("brain") / "data")
+    yield g
+    g.stop()
+
+
+def invoke(g: Gateway, cap: str, body: dict[str, Any]) -> Any:
+    return g.client().post(f"/api/plugins/brainml/invoke/{cap}", json=body)
+
+
+def test_chunking_covers_the_text_at_word_boundaries() -> None:
+    text = " ".join(f"word{i}" for i in range(400))
+    spans = chunk(text, 200, 40)
+    assert spans[0][0] == 0 and spans[-1][1] == len(text)
+    assert all(b - a <= 200 for a, b in spans) and all(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1))
+    assert all(a == 0 or text[a - 1] == " " for a, _ in spans)
+
+
+def test_index_query_ask_stats(bgw: Gateway) -> None:
+    r = invoke(bgw, "brainml.index", {"collection": "kb", "documents": DOCS, "chunking": {"size": 300, "overlap": 50}})
+    assert r.status_code == 200, r.text
+    first = r.json()
+    assert first["documents"] == 3 and first["chunks"] > 6 and first["replaced"] == 0
+    info = bgw.client().get("/api/collections/kb").json()
+    assert info["embed_model"] == "candle:all-minilm-l6-v2" and info["dim"] == 384 and info["count"] == first["chunks"]
+
+    for mode in ("vector", "text", "hybrid"):
+        q = invoke(
+            bgw, "brainml.query", {"collection": "kb", "query": "lava flows from volcanoes", "mode": mode}
+        ).json()
+        top = q["results"][0]
+        assert top["doc_id"] == "volcano" and top["rank"] == 1 and q["latency_ms"] > 0, (mode, q)
+        assert top["metadata"] == {"topic": "geology", "lang": "en"}
+        assert any(top["chunk"][a:b].lower() in ("lava", "flows", "volcanoes") for a, b in top["highlights"])
+        a, b = top["offsets"]
+        assert DOCS[0]["text"][a:b] == top["chunk"]
+    filtered = invoke(
+        bgw, "brainml.query", {"collection": "kb", "query": "lava", "filters": {"topic": "cooking"}, "top_k": 3}
+    ).json()
+    assert filtered["results"] and {r["doc_id"] for r in filtered["results"]} == {"bread"}
+
+    # re-indexing a document replaces its chunks
+    short = {"id": "bread", "text": "Rye bread is dense.", "metadata": {"topic": "cooking"}}
+    again = invoke(bgw, "brainml.index", {"collection": "kb", "documents": [short]}).json()
+    assert again["replaced"] == 1 and again["chunks"] == 1
+    hits = invoke(bgw, "brainml.query", {"collection": "kb", "query": "bread", "top_k": 50}).json()["results"]
+    assert [h["id"] for h in hits if h["doc_id"] == "bread"] == ["bread#0"]
+
+    ans = invoke(bgw, "brainml.ask", {"collection": "kb", "question": "How do comets move?", "top_k": 2})
+    assert ans.status_code == 200, ans.text
+    out = ans.json()
+    assert out["answer"] and out["usage"]["completion_tokens"] > 0
+    assert out["citations"][0]["doc_id"] == "orbit" and out["citations"][0]["n"] == 1
+
+    stats = invoke(bgw, "brainml.stats", {"collection": "kb"}).json()["collections"][0]
+    bread_chunks = sum(1 for a, b in chunk(DOCS[1]["text"], 300, 50))
+    assert stats["documents"] == 3 and stats["chunks"] == first["chunks"] - bread_chunks + 1
+    assert stats["embed_model"] == "candle:all-minilm-l6-v2" and stats["dim"] == 384
+    assert stats["queries"] >= 6 and stats["avg_query_ms"] > 0 and stats["last_index"] is not None
+
+
+def test_bad_input(bgw: Gateway) -> None:
+    r = invoke(bgw, "brainml.query", {"collection": "nope", "query": "x"})
+    assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+    r = invoke(bgw, "brainml.index", {"collection": "kb2", "documents": []})
+    assert r.status_code == 422 and "documents" in r.json()["error"]["message"]
+    r = invoke(
+        bgw,
+        "brainml.index",
+        {"collection": "kb2", "documents": [{"text": "x y"}], "chunking": {"size": 60, "overlap": 60}},
+    )
+    assert r.status_code == 422 and r.json()["error"]["field"] == "chunking.overlap"
+    bgw.client().post("/api/collections", json={"name": "raw", "dim": 3}).raise_for_status()
+    r = invoke(bgw, "brainml.query", {"collection": "raw", "query": "x"})
+    assert r.status_code == 422 and "embed_model" in r.json()["error"]["message"]
