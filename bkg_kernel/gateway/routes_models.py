@@ -36,9 +36,17 @@ def registry(request: Request) -> ModelRegistry:
     return reg
 
 
+async def defaults_registered(request: Request) -> None:
+    """Wait (once, right after start) until the packaged default models are registered."""
+    ready = gateway(request).models_ready
+    if not ready.is_set():
+        await asyncio.to_thread(ready.wait, 120)
+
+
 @router.get("/api/models", dependencies=[READ])
 async def list_models(request: Request, kind: str | None = None) -> dict[str, Any]:
     """Every registered model (of one kind)."""
+    await defaults_registered(request)
     return {"models": [m.model_dump() for m in registry(request).list(kind)]}
 
 
@@ -79,6 +87,7 @@ async def add_model(
 @router.get("/api/models/{model_id}", dependencies=[READ])
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     """One model's manifest entry."""
+    await defaults_registered(request)
     return registry(request).get(model_id).model_dump()
 
 

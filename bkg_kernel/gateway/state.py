@@ -41,6 +41,7 @@ class Gateway:
         self.supervisor: Supervisor | None = None
         self.admin_key_path: Path | None = None
         self.models: ModelRegistry | None = None
+        self.models_ready = threading.Event()  # the packaged default models are registered
         self.jobs = Jobs(self.hub.publish)
         self.discovered = discover(plugins)
 
@@ -72,6 +73,8 @@ class Gateway:
         except Exception:
             log.exception("registering the default models failed")
             return
+        finally:
+            self.models_ready.set()
         if added:
             log.info("registered default models: %s", ", ".join(added))
 
