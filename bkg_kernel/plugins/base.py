@@ -93,6 +93,7 @@ class PluginContext:
     model_dir: Path | None = None
     gateway_url: str | None = None  # workers call the gateway (the store's owner) with this token
     gateway_token: str | None = None
+    _client: Any = field(default=None, repr=False)
 
     def gateway(self) -> Any:
         """Return an httpx client on the gateway that hosts this plugin (raises if there is none)."""
@@ -102,13 +103,10 @@ class PluginContext:
 
         if not self.gateway_url or not self.gateway_token:
             raise Unavailable("this plugin runs without a gateway: it cannot reach the store")
-        client = self.services.get("_gateway_client")
-        if client is None:
+        if self._client is None:
             headers = {"Authorization": f"Bearer {self.gateway_token}"}
-            client = self.services["_gateway_client"] = httpx.Client(
-                base_url=self.gateway_url, headers=headers, timeout=120
-            )
-        return client
+            self._client = httpx.Client(base_url=self.gateway_url, headers=headers, timeout=120)
+        return self._client
 
 
 class Plugin:
