@@ -282,3 +282,26 @@ def test_upstream_points_at_another_openai_server(llm_gw: Gateway, tmp_path: Pat
         assert len(emb["data"][0]["embedding"]) > 0
     finally:
         b.stop()
+
+
+def test_load_unload_keep_alive_and_memory_budget(llm_gw: Gateway) -> None:
+    c = llm_gw.client()
+
+    def call(cap: str, body: dict[str, Any]) -> httpx.Response:
+        return c.post(f"/api/plugins/llmserver/invoke/{cap}", json=body)
+
+    out = call("llm.load", {"model": MODEL, "keep_alive": 1}).json()
+    entry = next(m for m in out["models"] if m["id"] == MODEL)
+    assert entry["loaded"] and entry["loaded"][0]["keep_alive"] == 1 and out["memory_used_mb"] > 90
+    # idle longer than its keep-alive: unloaded by itself, like Ollama
+    wait_for(lambda: not next(m for m in call("llm.models", {}).json()["models"] if m["id"] == MODEL)["loaded"], 30)
+    call("llm.load", {"model": MODEL, "keep_alive": -1}).raise_for_status()
+    assert call("llm.unload", {"model": MODEL}).status_code == 200
+    assert call("llm.unload", {"model": MODEL}).status_code == 404
+    # a budget smaller than the model: a clear 503, not a crash
+    cfg = c.get("/api/plugins/llmserver/config").json()["config"]
+    c.put("/api/plugins/llmserver/config", json={"config": {**cfg, "memory_budget_mb": 64}}).raise_for_status()
+    r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 2})
+    assert r.status_code == 503 and "memory budget" in r.json()["error"]["message"]
+    c.put("/api/plugins/llmserver/config", json={"config": cfg}).raise_for_status()
+    assert c.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 2}).status_code == 200
