@@ -83,13 +83,17 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default BKG_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default BKG_PORT).")] = None,
     data_dir: DataDir = None,
+    plugins: Annotated[
+        str | None, typer.Option(help="Comma-separated plugin ids to host (default: every discovered plugin).")
+    ] = None,
 ) -> None:
     """Run the gateway in the foreground until SIGINT / SIGTERM (then plugins stop and it exits)."""
     from bkg_kernel.gateway.server import serve as run
     from bkg_kernel.settings import Settings
 
     overrides: dict[str, Any] = {"host": host, "port": port, "data_dir": data_dir}
-    run(Settings(**{k: v for k, v in overrides.items() if v is not None}))
+    only = [p.strip() for p in plugins.split(",") if p.strip()] if plugins else None
+    run(Settings(**{k: v for k, v in overrides.items() if v is not None}), only)
 
 
 def _wb(url: str | None, data_dir: Path | None) -> Any:

@@ -152,3 +152,31 @@ def test_custom_role(gw: Any) -> None:
     assert c.delete("/admin/roles/admin").status_code == 422  # built in
     roles = {r["name"] for r in c.get("/admin/roles").json()["roles"]}
     assert {"admin", "developer", "viewer", "analyst"} <= roles
+
+
+def test_serve_hosts_only_the_plugins_asked_for(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import httpx
+    from gateway_harness import ADMIN_KEY, free_port, wait_for
+
+    port = free_port()
+    env = {**os.environ, "BKG_ADMIN_KEY": ADMIN_KEY, "BKG_MODEL_DIR": str(tmp_path / "models")}
+    cmd = [sys.executable, "-m", "bkg_kernel.cli", "serve", "--data-dir", str(tmp_path / "d"), "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--plugins", "apikeys,sysinfo"], env=env)
+    try:
+
+        def health() -> Any:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                return r.json() if r.status_code == 200 and r.json()["status"] == "ok" else None
+            except httpx.HTTPError:
+                return None
+
+        assert wait_for(health, 60)["plugins"] == {"apikeys": "running", "sysinfo": "running"}
+        head = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=head).status_code == 404  # no llmserver
+    finally:
+        proc.terminate()
+        proc.wait(30)
