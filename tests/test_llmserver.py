@@ -290,6 +290,7 @@ def test_load_unload_keep_alive_and_memory_budget(llm_gw: Gateway) -> None:
     def call(cap: str, body: dict[str, Any]) -> httpx.Response:
         return c.post(f"/api/plugins/llmserver/invoke/{cap}", json=body)
 
+    call("llm.unload", {"model": MODEL})  # start clean: earlier tests left chat and embedding instances loaded
     out = call("llm.load", {"model": MODEL, "keep_alive": 1}).json()
     entry = next(m for m in out["models"] if m["id"] == MODEL)
     assert entry["loaded"] and entry["loaded"][0]["keep_alive"] == 1 and out["memory_used_mb"] > 90
