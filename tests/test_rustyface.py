@@ -199,3 +199,21 @@ def test_enroll_folder_from_the_notebook_client(fgw: Gateway, tmp_path: Path) ->
     assert wb.faces.subjects("folder") == [{"subject": "eileen", "faces": 2}, {"subject": "tom", "faces": 1}]
     assert wb.faces.identify("folder", a)["faces"][0]["subject"] == "eileen"
     assert wb.faces.verify(tmp_path / "eileen" / "1.jpg", np.asarray(a))["same"] is True
+
+
+def test_traversal_huge_and_failed_enroll_store_nothing(fgw: Gateway) -> None:
+    photos = fgw.data_dir.parent / "photos"
+    astronaut().save(photos.parent / "beside.jpg")
+    r = invoke(fgw, "faces.detect", {"image": f"path:{photos}/../beside.jpg"})
+    assert r.status_code == 403 and "outside the allowed image roots" in r.json()["error"]["message"]
+    big = base64.b64encode(b"\xff\xd8" + b"\0" * (50 * 2**20)).decode()  # a 50 MB "JPEG"
+    r = invoke(fgw, "faces.detect", {"image": big})
+    assert r.status_code == 400 and "max_bytes" in r.json()["error"]["message"]
+    invoke(fgw, "faces.gallery", {"action": "create", "gallery": "strict"}).raise_for_status()
+    bad = {"gallery": "strict", "subject": "x", "images": [b64(astronaut()), "bm90IGFuIGltYWdl"]}
+    r = invoke(fgw, "faces.enroll", bad)
+    assert r.status_code == 400 and r.json()["error"]["field"] == "images[1]"
+    assert invoke(fgw, "faces.gallery", {"action": "describe", "gallery": "strict"}).json()["faces"] == 0
+    empty = {"gallery": "strict", "subject": "x", "images": [b64(Image.new("RGB", (1, 1)))]}
+    r = invoke(fgw, "faces.enroll", empty).json()
+    assert r["enrolled"] == [] and r["skipped"][0]["reason"] == "no face found"
