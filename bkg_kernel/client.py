@@ -18,6 +18,7 @@ from bkg_kernel.settings import Settings
 from bkg_kernel.store.results import CollectionInfo, Hit, QueryResult, html_table
 
 if TYPE_CHECKING:
+    from bkg_kernel.brain_client import Brain
     from bkg_kernel.faces_client import Faces
     from bkg_kernel.llm_client import LLM, ModelTable
 
@@ -78,6 +79,13 @@ class Workbench:
         from bkg_kernel.llm_client import LLM
 
         return LLM(self)
+
+    @property
+    def brain(self) -> Brain:
+        """brainml: index, query (a ranked table with highlights), ask, stats."""
+        from bkg_kernel.brain_client import Brain
+
+        return Brain(self)
 
     @property
     def faces(self) -> Faces:

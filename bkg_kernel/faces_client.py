@@ -32,6 +32,36 @@ def encode(image: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+class Identified(dict[str, Any]):
+    """The answer of faces.identify; renders as the image with each face boxed and named."""
+
+    def __init__(self, result: dict[str, Any], image_b64: str) -> None:
+        super().__init__(result)
+        self._image = image_b64
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        from PIL import Image, ImageDraw, ImageOps
+
+        img = ImageOps.exif_transpose(Image.open(io.BytesIO(base64.b64decode(self._image)))).convert("RGB")
+        draw = ImageDraw.Draw(img)
+        width = max(2, img.width // 300)
+        for face in self["faces"]:
+            known = face["subject"] != "unknown"
+            colour = "#2ca02c" if known else "#d62728"
+            x1, y1, x2, y2 = face["bbox"]
+            draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+            sim = f" {face['matches'][0]['similarity']:.2f}" if face["matches"] else ""
+            draw.text((x1 + width, max(0, y1 - 12 * width)), f"{face['subject']}{sim}", fill=colour)
+        img.thumbnail((800, 800))
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        names = ", ".join(escape(str(f["subject"])) for f in self["faces"]) or "no face"
+        src = base64.b64encode(buf.getvalue()).decode()
+        return f"<figure><img src='data:image/png;base64,{src}'/><figcaption>{names}</figcaption></figure>"
+
+
 class Faces:
     """rustyface through the gateway."""
 
@@ -49,9 +79,10 @@ class Faces:
         """Whether two images show the same person, with the similarity and threshold."""
         return dict(self._invoke("faces.verify", {"image_a": encode(image_a), "image_b": encode(image_b), **opts}))
 
-    def identify(self, gallery: str, image: Any, **opts: Any) -> dict[str, Any]:
-        """The best subjects of a gallery for each face in the image."""
-        return dict(self._invoke("faces.identify", {"gallery": gallery, "image": encode(image), **opts}))
+    def identify(self, gallery: str, image: Any, **opts: Any) -> Identified:
+        """The best subjects of a gallery for each face; in a notebook, the image with boxes and names drawn."""
+        data = encode(image)
+        return Identified(self._invoke("faces.identify", {"gallery": gallery, "image": data, **opts}), data)
 
     def create_gallery(self, gallery: str) -> dict[str, Any]:
         """Create a gallery."""

@@ -87,11 +87,20 @@ def test_index_query_ask_stats(bgw: Gateway) -> None:
     assert out["answer"] and out["usage"]["completion_tokens"] > 0
     assert out["citations"][0]["doc_id"] == "orbit" and out["citations"][0]["n"] == 1
 
+    from gateway_harness import ADMIN_KEY
+
+    import bkg_kernel
+
+    table = bkg_kernel.connect(bgw.url, api_key=ADMIN_KEY).brain.query("kb", "basalt lava", top_k=3)
+    html = table._repr_html_()
+    assert "<mark>lava</mark>" in html.lower() and "<th>rank</th>" in html
+    assert table["results"][0]["doc_id"] == "volcano"
+
     stats = invoke(bgw, "brainml.stats", {"collection": "kb"}).json()["collections"][0]
     bread_chunks = sum(1 for a, b in chunk(DOCS[1]["text"], 300, 50))
     assert stats["documents"] == 3 and stats["chunks"] == first["chunks"] - bread_chunks + 1
     assert stats["embed_model"] == "candle:all-minilm-l6-v2" and stats["dim"] == 384
-    assert stats["queries"] >= 6 and stats["avg_query_ms"] > 0 and stats["last_index"] is not None
+    assert stats["queries"] >= 7 and stats["avg_query_ms"] > 0 and stats["last_index"] is not None
 
 
 def test_bad_input(bgw: Gateway) -> None:

@@ -197,7 +197,12 @@ def test_enroll_folder_from_the_notebook_client(fgw: Gateway, tmp_path: Path) ->
     assert summary["skipped"] == [{"source": "eileen/empty.jpg", "reason": "no face found"}]
     wb = bkg_kernel.connect(fgw.url, api_key=ADMIN_KEY)
     assert wb.faces.subjects("folder") == [{"subject": "eileen", "faces": 2}, {"subject": "tom", "faces": 1}]
-    assert wb.faces.identify("folder", a)["faces"][0]["subject"] == "eileen"
+    found = wb.faces.identify("folder", a)
+    assert found["faces"][0]["subject"] == "eileen"
+    html = found._repr_html_()  # the photo with the face boxed and named
+    assert html.startswith("<figure><img src='data:image/png;base64,") and "eileen" in html
+    drawn = Image.open(io.BytesIO(base64.b64decode(html.split("base64,")[1].split("'")[0])))
+    assert drawn.size[0] <= 800 and np.asarray(drawn).std() > 0
     assert wb.faces.verify(tmp_path / "eileen" / "1.jpg", np.asarray(a))["same"] is True
 
 
