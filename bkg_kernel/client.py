@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from bkg_kernel.llm_client import LLM, ModelTable
 
 
-def _raise(r: httpx.Response) -> None:
+def raise_for_error(r: httpx.Response) -> None:
+    """Raise the gateway's JSON error (status, code, message, field) as a BkgError."""
     try:
         err = r.json()["error"]
     except (ValueError, KeyError, TypeError):
@@ -51,7 +52,7 @@ class Workbench:
         except httpx.TransportError as exc:
             raise Unavailable(f"cannot reach the bkg gateway at {self.url}: {exc}") from None
         if r.status_code >= 400:
-            _raise(r)
+            raise_for_error(r)
         return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else r.text
 
     def health(self) -> dict[str, Any]:

@@ -95,14 +95,14 @@ class LLM:
     def _sse(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         import httpx
 
-        from bkg_kernel.client import _raise
+        from bkg_kernel.client import raise_for_error
         from bkg_kernel.errors import BkgError, Unavailable
 
         try:
             with self.wb.http.stream("POST", path, json=body) as r:
                 if r.status_code >= 400:
                     r.read()
-                    _raise(r)
+                    raise_for_error(r)
                 for line in r.iter_lines():
                     if not line.startswith("data:"):
                         continue

@@ -38,17 +38,7 @@ SCOPES = (
 BUILTIN_ROLES = {
     "admin": (SCOPES, "Everything, including users, keys and the audit log."),
     "developer": (
-        (
-            "plugins:read",
-            "plugins:write",
-            "collections:read",
-            "collections:write",
-            "models:read",
-            "models:write",
-            "llm:use",
-            "faces:use",
-            "repo:use",
-        ),  # fmt: skip
+        tuple(s for s in SCOPES if not s.startswith("admin:")),
         "Use and operate plugins and collections.",
     ),
     "viewer": (("plugins:read", "collections:read", "models:read"), "Read-only."),

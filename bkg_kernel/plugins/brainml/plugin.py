@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from bkg_kernel.errors import BkgError, InvalidInput, NotFound
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
 from bkg_kernel.models.registry import ModelRegistry
+from bkg_kernel.plugins import gateway_api
 from bkg_kernel.plugins.base import Plugin, PluginSettings, capability
 
 
@@ -134,13 +135,7 @@ class BrainML(Plugin):
 
     def _http(self, method: str, path: str, **kw: Any) -> Any:
         assert self.context is not None
-        r = self.context.gateway().request(method, path, **kw)
-        if r.status_code >= 400:
-            err = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
-            exc = BkgError(err.get("message", r.text[:300]), field=err.get("field"))
-            exc.status, exc.code = r.status_code, err.get("code", "gateway_error")
-            raise exc
-        return r.json() if r.content else None
+        return gateway_api.call(self.context.gateway(), method, path, **kw)
 
     def _save(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -270,14 +265,8 @@ class BrainML(Plugin):
         out = []
         for name in names:
             info = self._collection(name, create=False)
-            docs: set[Any] = set()
-            offset: int | None = 0
-            while offset is not None:
-                page = self._http(
-                    "POST", f"/api/collections/{name}/points/scroll", json={"limit": 10_000, "offset": offset}
-                )
-                docs.update((p["payload"] or {}).get("doc_id") for p in page["points"])
-                offset = page["next_offset"]
+            assert self.context is not None
+            docs = {(p["payload"] or {}).get("doc_id") for p in gateway_api.scroll(self.context.gateway(), name)}
             s = self.stats_data.get(name, {"queries": 0, "query_ms_total": 0.0})
             out.append(
                 {

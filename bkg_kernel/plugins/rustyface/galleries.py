@@ -7,7 +7,8 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from bkg_kernel.errors import BkgError, NotFound
+from bkg_kernel.errors import AlreadyExists, BkgError, NotFound
+from bkg_kernel.plugins import gateway_api
 from bkg_kernel.store import validate
 
 PREFIX = "faces-"
@@ -20,15 +21,12 @@ class Galleries:
         self.http, self.dim = http, dim
 
     def _call(self, method: str, path: str, gallery: str | None = None, **kw: Any) -> Any:
-        r = self.http.request(method, path, **kw)
-        if r.status_code == 404 and gallery is not None:
-            raise NotFound(f"gallery {gallery!r} does not exist", field="gallery")
-        if r.status_code >= 400:
-            err = r.json().get("error", {})
-            exc = BkgError(err.get("message", r.text[:200]), field=err.get("field"))
-            exc.status, exc.code = r.status_code, err.get("code", "store_error")
-            raise exc
-        return r.json() if r.content else None
+        try:
+            return gateway_api.call(self.http, method, path, **kw)
+        except BkgError as exc:
+            if exc.status == 404 and gallery is not None:
+                raise NotFound(f"gallery {gallery!r} does not exist", field="gallery") from None
+            raise
 
     @staticmethod
     def collection(gallery: str) -> str:
@@ -37,13 +35,12 @@ class Galleries:
 
     def create(self, gallery: str) -> dict[str, Any]:
         body = {"name": self.collection(gallery), "dim": self.dim, "metric": "cosine"}
-        r = self.http.post("/api/collections", json=body)
-        if r.status_code == 409:
-            exc = BkgError(f"gallery {gallery!r} already exists", field="gallery")
-            exc.status, exc.code = 409, "already_exists"
-            raise exc
-        if r.status_code >= 400:
+        try:
             self._call("POST", "/api/collections", json=body)
+        except BkgError as exc:
+            if exc.status == 409:
+                raise AlreadyExists(f"gallery {gallery!r} already exists", field="gallery") from None
+            raise
         return self.describe(gallery)
 
     def all(self) -> list[dict[str, Any]]:
@@ -51,6 +48,10 @@ class Galleries:
         return [
             {"gallery": c["name"][len(PREFIX) :], "faces": c["count"]} for c in cols if c["name"].startswith(PREFIX)
         ]
+
+    def require(self, gallery: str) -> None:
+        """Raise 404 unless the gallery exists (one request; describe also counts the subjects)."""
+        self._call("GET", f"/api/collections/{self.collection(gallery)}", gallery)
 
     def describe(self, gallery: str) -> dict[str, Any]:
         info = self._call("GET", f"/api/collections/{self.collection(gallery)}", gallery)
@@ -62,14 +63,12 @@ class Galleries:
         return {"gallery": gallery, "deleted": True}
 
     def _scroll(self, gallery: str, filter: dict[str, Any] | None, with_vectors: bool) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        offset: int | None = 0
-        while offset is not None:
-            body = {"filter": filter, "limit": 10_000, "offset": offset, "with_vectors": with_vectors}
-            page = self._call("POST", f"/api/collections/{self.collection(gallery)}/points/scroll", gallery, json=body)
-            out += page["points"]
-            offset = page["next_offset"]
-        return out
+        try:
+            return list(gateway_api.scroll(self.http, self.collection(gallery), filter, with_vectors=with_vectors))
+        except BkgError as exc:
+            if exc.status == 404:
+                raise NotFound(f"gallery {gallery!r} does not exist", field="gallery") from None
+            raise
 
     def subjects(self, gallery: str) -> list[dict[str, Any]]:
         counts = Counter((p["payload"] or {}).get("subject") for p in self._scroll(gallery, None, False))

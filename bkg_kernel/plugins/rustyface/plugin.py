@@ -217,7 +217,7 @@ class RustyFace(Plugin):
         if inp.sources is not None and len(inp.sources) != len(inp.images):
             raise InvalidInput("sources must have one name per image", field="sources")
         g = self._galleries()
-        g.describe(inp.gallery)  # 404 before any work when the gallery does not exist
+        g.require(inp.gallery)  # 404 before any work when the gallery does not exist
         faces, skipped = [], []
         for i, image in enumerate(inp.images):
             source = inp.sources[i] if inp.sources else f"image[{i}]"
@@ -243,7 +243,7 @@ class RustyFace(Plugin):
     def identify(self, inp: IdentifyRequest) -> Result:
         """For each face in the image: the best subjects by similarity (threshold first, then top_k)."""
         g = self._galleries()
-        g.describe(inp.gallery)
+        g.require(inp.gallery)
         img = self._image(inp.image, "image")
         threshold = self.settings.verify_threshold if inp.threshold is None else inp.threshold
         out = []
