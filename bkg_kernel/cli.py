@@ -355,7 +355,8 @@ def models_add(
     path: Path,
     id: Annotated[str | None, typer.Option("--id", help="Model id (default: the file name).")] = None,
     kind: Annotated[
-        str | None, typer.Option(help="gguf-llm, gguf-embedding, hf-transformers, onnx, face-pack.")
+        str | None,
+        typer.Option(help="gguf-llm, gguf-embedding, hf-transformers, onnx, face-pack, torch-program, classifier."),
     ] = None,
     license: Annotated[str | None, typer.Option(help="License name.")] = None,
     import_mode: Annotated[

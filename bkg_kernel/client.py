@@ -161,6 +161,37 @@ class Workbench:
         """Recent audit entries."""
         return self.call("GET", "/admin/audit", params={"limit": limit})["entries"]
 
+    # -- background jobs ------------------------------------------------------------------------------
+    def jobs(self) -> list[dict[str, Any]]:
+        """Background jobs (downloads, training), newest first."""
+        return list(self.call("GET", "/api/jobs")["jobs"])
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancel a running plugin job."""
+        return dict(self.call("POST", f"/api/jobs/{job_id}/cancel"))
+
+    def wait_job(self, job_id: str, *, progress: bool = True, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for a job with a progress bar; return its result, or raise its error as a BkgError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = tqdm(total=100, desc=job_id, unit="%", disable=not progress, leave=False)
+        try:
+            while True:
+                job = self.call("GET", f"/api/jobs/{job_id}")
+                bar.n = round(100 * job["progress"])
+                bar.set_postfix_str(job["message"][:60], refresh=True)
+                if job["finished"] is not None:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise BkgError(f"job {job_id} still {job['state']} after {timeout:g}s", field="job_id")
+                time.sleep(0.2)
+        finally:
+            bar.close()
+        if job["state"] != "done":
+            exc = BkgError(f"job {job_id} ({job['kind']}) {job['state']}: {job['error']}", field="job_id")
+            exc.status, exc.code = 409, f"job_{job['state']}"
+            raise exc
+        return dict(job["result"] or {})
+
 
 class PluginTable(list[dict[str, Any]]):
     """Plugins as a notebook table."""

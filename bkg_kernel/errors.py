@@ -50,6 +50,13 @@ class AlreadyExists(BkgError):
     code = "already_exists"
 
 
+class Conflict(BkgError):
+    """The thing is in a state that does not allow the request (a job that already ended)."""
+
+    status = 409
+    code = "conflict"
+
+
 class DataDirLocked(BkgError):
     """Another process owns the data dir."""
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bkg_kernel.errors import BkgError, InvalidInput
 from bkg_kernel.gateway import errors, routes_admin, routes_models, routes_store
@@ -19,6 +19,7 @@ from bkg_kernel.gateway.hub import Subscriber
 from bkg_kernel.gateway.metrics import MetricsMiddleware
 from bkg_kernel.gateway.state import Gateway, gateway, need, snapshot_summary, version
 from bkg_kernel.plugins.apikeys.service import Principal
+from bkg_kernel.plugins.base import invalid_from_pydantic
 from bkg_kernel.settings import Settings
 
 TOPICS = ("status", "logs", "telemetry", "jobs")
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, plugins: list[str] | None = Non
     # come first, the store and admin routers after them.
     _core_routes(app)
     app.include_router(routes_store.router)
+    app.include_router(routes_store.embed_router)
     app.include_router(routes_admin.router)
     app.include_router(routes_models.router)
     for found in gw.discovered.values():
@@ -221,11 +223,18 @@ def _core_routes(app: FastAPI) -> None:
         gw.principal(request, None)  # who is asking comes before what exists
         h = _host(request, plugin_id)
         cap = h.cls.capabilities().get(capability_id) if h.cls else None
-        gw.principal(request, cap.scope if cap else "plugins:read")
+        p = gw.principal(request, cap.scope if cap else "plugins:read")
         try:
             body = await request.json() if await request.body() else {}
         except ValueError:
             raise InvalidInput("request body is not valid JSON", field="body") from None
+        if cap is not None and cap.job:
+            try:  # a bad input is the caller's 422 now, not a failed job later
+                cap.input.model_validate(body)
+            except ValidationError as exc:
+                raise invalid_from_pydantic(exc, "input") from None
+            job = gw.jobs.start_stream(capability_id, h.stream(capability_id, body), plugin=plugin_id, owner=p.username)
+            return JSONResponse({"job": job.to_dict()}, status_code=202)
         return await h.invoke(capability_id, body)
 
     @app.get("/metrics", tags=["gateway"], dependencies=[read])

@@ -35,3 +35,20 @@ async def embed(gw: Any, spec: str, texts: list[str], dim: int | None = None, fi
     if dim is not None and vecs.shape[1] != dim:
         raise InvalidInput(f"{spec} gives {vecs.shape[1]}-d vectors; the collection holds {dim}-d vectors", field=field)
     return vecs
+
+
+async def rerank(gw: Any, spec: str, query: str, documents: list[str], field: str = "model") -> list[float]:
+    """Score (query, document) pairs with a candle cross-encoder (`candle:<model>`); higher is more relevant."""
+    validate.embed_model(spec, field)
+    plugin, _, model = spec.partition(":")
+    if plugin != "candle":
+        raise InvalidInput(f"rerank models run in candle (candle:<model>), not {plugin}", field=field)
+    host = gw.supervisor.get(plugin)
+    scores: list[float] = []
+    for i in range(0, len(documents), BATCH):
+        pairs = [[query, d] for d in documents[i : i + BATCH]]
+        r = await host.invoke("candle.run", {"model_id": model, "inputs": pairs})
+        if r.get("task") != "score":
+            raise InvalidInput(f"{spec} is not a reranker (a cross-encoder); it does {r.get('task')}", field=field)
+        scores.extend(r["scores"])
+    return scores

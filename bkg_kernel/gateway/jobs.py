@@ -1,19 +1,21 @@
-"""Background jobs of the gateway (model downloads, and later training runs): state, progress, result.
+"""Background jobs of the gateway (model downloads, plugin job capabilities such as brainml.train).
 
-Kept in memory for the life of the gateway; progress is published on the WebSocket topic `jobs`.
+State, progress and result are kept in memory for the life of the gateway (what a job makes, a model, is
+stored by the job itself); progress is published on the WebSocket topic `jobs`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bkg_kernel.errors import BkgError, NotFound
+from bkg_kernel.errors import BkgError, Conflict, NotFound
 
 Emit = Callable[[str, str, dict[str, Any]], None]
 KEEP = 200  # finished jobs kept for GET /api/jobs
@@ -25,13 +27,15 @@ class Job:
 
     id: str
     kind: str
-    state: str = "queued"  # queued | running | done | failed
+    state: str = "queued"  # queued | running | done | failed | cancelled
     progress: float = 0.0  # 0..1
     message: str = ""
     result: dict[str, Any] | None = None
     error: str | None = None
     created: float = field(default_factory=time.time)
     finished: float | None = None
+    plugin: str | None = None
+    owner: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the job as JSON data."""
@@ -46,35 +50,88 @@ class Jobs:
         self.jobs: dict[str, Job] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    def start(self, kind: str, fn: Callable[[Callable[[float, str], None]], dict[str, Any]]) -> Job:
-        """Run `fn(progress)` on a thread; `progress(fraction, message)` updates the job and notifies."""
-        job = Job(id=f"job-{int(time.time())}-{next(self._ids)}", kind=kind)
+    def _new(self, kind: str, **kw: Any) -> Job:
+        job = Job(id=f"job-{int(time.time())}-{next(self._ids)}", kind=kind, **kw)
         with self._lock:
             self.jobs[job.id] = job
             done = [j for j in self.jobs.values() if j.finished is not None]
             for old in sorted(done, key=lambda j: j.created)[: max(0, len(done) - KEEP)]:
                 self.jobs.pop(old.id, None)
+        return job
+
+    def _progress(self, job: Job, fraction: float, message: str = "") -> None:
+        job.progress, job.message = max(0.0, min(1.0, fraction)), message
+        self.emit("jobs", job.kind, job.to_dict())
+
+    def _end(self, job: Job, state: str, result: dict[str, Any] | None = None, error: str | None = None) -> None:
+        job.state, job.result, job.error, job.finished = state, result, error, time.time()
+        if state == "done":
+            job.progress = 1.0
+        self.emit("jobs", job.kind, job.to_dict())
+
+    def start(self, kind: str, fn: Callable[[Callable[[float, str], None]], dict[str, Any]]) -> Job:
+        """Run `fn(progress)` on a thread; `progress(fraction, message)` updates the job and notifies."""
+        job = self._new(kind)
 
         def progress(fraction: float, message: str = "") -> None:
-            job.progress, job.message = max(0.0, min(1.0, fraction)), message
-            self.emit("jobs", job.kind, job.to_dict())
+            self._progress(job, fraction, message)
 
         def run() -> None:
             job.state = "running"
             self.emit("jobs", job.kind, job.to_dict())
             try:
-                job.result = fn(progress)
-                job.state, job.progress = "done", 1.0
+                self._end(job, "done", fn(progress))
             except BkgError as exc:
-                job.state, job.error = "failed", exc.message
+                self._end(job, "failed", error=exc.message)
             except Exception as exc:
-                job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
-            job.finished = time.time()
-            self.emit("jobs", job.kind, job.to_dict())
+                self._end(job, "failed", error=f"{type(exc).__name__}: {exc}")
 
         threading.Thread(target=run, name=f"bkg-{job.id}", daemon=True).start()
+        return job
+
+    def start_stream(self, kind: str, chunks: AsyncIterator[dict[str, Any]], *, plugin: str, owner: str) -> Job:
+        """Run a plugin's job capability (`{"progress"...}` chunks, then `{"result": ...}`) as an asyncio task."""
+        job = self._new(kind, plugin=plugin, owner=owner)
+
+        async def run() -> None:
+            job.state = "running"
+            self.emit("jobs", job.kind, job.to_dict())
+            result: dict[str, Any] | None = None
+            try:
+                async for chunk in chunks:
+                    if "result" in chunk:
+                        result = chunk["result"]
+                    else:
+                        self._progress(job, float(chunk.get("progress", 0.0)), str(chunk.get("message", "")))
+                self._end(job, "done", result)
+            except asyncio.CancelledError:
+                self._end(job, "cancelled", error="cancelled")
+            except BkgError as exc:
+                self._end(job, "failed", error=exc.message)
+            except Exception as exc:
+                traceback.print_exc()
+                self._end(job, "failed", error=f"{type(exc).__name__}: {exc}")
+            finally:
+                self._tasks.pop(job.id, None)
+                aclose = getattr(chunks, "aclose", None)
+                if aclose is not None:
+                    await aclose()  # cancels the work in the plugin and frees its slot
+
+        self._tasks[job.id] = asyncio.get_running_loop().create_task(run())
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a running plugin job (a model download runs to its end)."""
+        job = self.get(job_id)
+        task = self._tasks.get(job_id)
+        if task is None:
+            if job.finished is not None:
+                raise Conflict(f"job {job_id!r} already ended ({job.state})", field="job_id")
+            raise Conflict(f"job {job_id!r} ({job.kind}) cannot be cancelled", field="job_id")
+        task.cancel()
         return job
 
     def get(self, job_id: str) -> Job:

@@ -24,7 +24,10 @@ class NewModel(BaseModel):
     path: str | None = None
     url: str | None = None
     id: str | None = Field(None, description="Defaults to the file name without its extension.")
-    kind: Literal["gguf-llm", "gguf-embedding", "hf-transformers", "onnx", "face-pack", "torch-program"] | None = None
+    kind: (
+        Literal["gguf-llm", "gguf-embedding", "hf-transformers", "onnx", "face-pack", "torch-program", "classifier"]
+        | None
+    ) = None
     license: str | None = None
     import_mode: Literal["copy", "link"] | None = None
 
@@ -120,3 +123,15 @@ async def list_jobs(request: Request) -> dict[str, Any]:
 async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     """One job: state, progress, result or error."""
     return gateway(request).jobs.get(job_id).to_dict()
+
+
+@router.post("/api/jobs/{job_id}/cancel", tags=["jobs"])
+async def cancel_job(
+    job_id: str, request: Request, p: Annotated[Principal, Depends(need("plugins:read"))]
+) -> dict[str, Any]:
+    """Cancel a running plugin job (its owner, or a key with plugins:write)."""
+    gw = gateway(request)
+    job = gw.jobs.get(job_id)
+    if job.owner != p.username:
+        gw.principal(request, "plugins:write")
+    return gw.jobs.cancel(job_id).to_dict()

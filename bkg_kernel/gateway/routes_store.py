@@ -76,6 +76,7 @@ class Query(Strict):
     filter: dict[str, Any] | None = None
     mode: Literal["vector", "text", "hybrid"] | None = None
     rrf_k: float = 60.0
+    vector_weight: float = Field(0.5, description="Hybrid: weight of the vector ranking (text gets the rest).")
     ef_search: int | None = None
     with_text: bool = False
 
@@ -208,6 +209,7 @@ async def query(name: str, body: Query, request: Request) -> dict[str, Any]:
         filter=body.filter,
         mode=mode,
         rrf_k=body.rrf_k,
+        vector_weight=body.vector_weight,
         ef_search=body.ef_search,
         with_text=body.with_text,
     )
@@ -245,3 +247,31 @@ def delete_snapshot(name: str, snapshot_id: str, request: Request, p: Annotated[
     store_of(request).delete_snapshot(name, snapshot_id)
     _audit(request, p, "snapshot.delete", name, snapshot=snapshot_id)
     return Response(status_code=204)
+
+
+embed_router = APIRouter(tags=["collections"])
+
+
+class EmbedRequest(Strict):
+    model: str = Field(..., description='"candle:<model>" or "llmserver:<model>"')
+    input: list[str] = Field(..., min_length=1, max_length=10_000)
+
+
+@embed_router.post("/api/embed")
+async def embed(body: EmbedRequest, request: Request, p: Annotated[Principal, Depends(need("llm:use"))]) -> Any:
+    """Embed texts with a candle or llmserver model (what collections with an embed_model use)."""
+    vecs = await embedder.embed(gateway(request), body.model, body.input, field="model")
+    return {"model": body.model, "dim": int(vecs.shape[1]), "embeddings": vecs.tolist()}
+
+
+class RerankRequest(Strict):
+    model: str = Field(..., description='"candle:<cross-encoder model>"')
+    query: str = Field(..., min_length=1)
+    documents: list[str] = Field(..., min_length=1, max_length=1000)
+
+
+@embed_router.post("/api/rerank")
+async def rerank(body: RerankRequest, request: Request, p: Annotated[Principal, Depends(need("llm:use"))]) -> Any:
+    """Score documents against a query with a cross-encoder (higher is more relevant), in the given order."""
+    scores = await embedder.rerank(gateway(request), body.model, body.query, body.documents)
+    return {"model": body.model, "scores": scores}

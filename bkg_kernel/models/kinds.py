@@ -33,9 +33,11 @@ def inspect(path: Path, kind: str | None = None) -> Inspected:
         return _face_pack(path)
     if guessed == "torch-program":
         return _torch_program(path)
+    if guessed == "classifier":
+        return _classifier(path)
     raise InvalidInput(
         f"cannot tell what kind of model {path.name} is: pass kind (gguf-llm, gguf-embedding, hf-transformers, "
-        "onnx, face-pack, torch-program)",
+        "onnx, face-pack, torch-program, classifier)",
         field="kind",
     )
 
@@ -47,6 +49,8 @@ def _guess(path: Path) -> str | None:
         )
     if (path / "config.json").is_file():
         return "hf-transformers"
+    if (path / "classifier.json").is_file():
+        return "classifier"
     if any(path.glob("*.onnx")):
         return "face-pack"
     return None
@@ -125,3 +129,16 @@ def _torch_program(path: Path) -> Inspected:
     if fmt == "torchscript" and not any("/code/" in n or n.endswith("constants.pkl") for n in names):
         raise CorruptData(f"{path.name} is a zip but not a TorchScript archive (no code/)", field="path")
     return Inspected("torch-program", None, {"format": fmt, "entries": len(names)})
+
+
+def _classifier(path: Path) -> Inspected:
+    from bkg_kernel.plugins.brainml.classifier import Classifier
+
+    if not path.is_dir():
+        raise InvalidInput(f"{path} is a file; a classifier is a folder (classifier.json + weights.npz)", field="path")
+    clf = Classifier.load(path)  # raises CorruptData naming the problem
+    keep = ("embed_model", "dim", "architecture", "collection", "label_field", "metrics")
+    meta = {k: clf.info[k] for k in keep if k in clf.info}
+    if isinstance(meta.get("metrics"), dict):
+        meta["metrics"] = {k: v for k, v in meta["metrics"].items() if k in ("accuracy", "f1_macro", "test_examples")}
+    return Inspected("classifier", None, {"labels": clf.labels, **meta})

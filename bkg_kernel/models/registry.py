@@ -27,8 +27,16 @@ from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound
 from bkg_kernel.models import kinds
 from bkg_kernel.models.defaults import DEFAULTS, package_path
 
-Kind = Literal["gguf-llm", "gguf-embedding", "hf-transformers", "onnx", "face-pack", "torch-program"]
-KINDS: tuple[str, ...] = ("gguf-llm", "gguf-embedding", "hf-transformers", "onnx", "face-pack", "torch-program")
+Kind = Literal["gguf-llm", "gguf-embedding", "hf-transformers", "onnx", "face-pack", "torch-program", "classifier"]
+KINDS: tuple[str, ...] = (
+    "gguf-llm",
+    "gguf-embedding",
+    "hf-transformers",
+    "onnx",
+    "face-pack",
+    "torch-program",
+    "classifier",
+)
 MANIFEST = "manifest.json"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -3,12 +3,17 @@
 A plugin is plain Python. The gateway hosts it inline or in a worker process; tests and `bkg.local()` can
 run the same object in-process. Capabilities are methods marked with `@capability`, taking one pydantic
 model and returning one, so their JSON Schemas come for free.
+
+A capability marked `job=True` is long work (training): its method also takes a `progress(fraction, message)`
+callable. Through the gateway it runs in the background as a job (202 + job id; progress on the WebSocket
+topic `jobs`); called directly it simply runs.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import queue
 import threading
 import typing
 from collections.abc import Callable, Iterator
@@ -22,6 +27,11 @@ from bkg_kernel.errors import InvalidInput, NotFound
 
 F = TypeVar("F", bound=Callable[..., Any])
 MASK = "********"
+Progress = Callable[..., None]  # progress(fraction 0..1, message="")
+
+
+class Cancelled(Exception):
+    """Raised by `progress()` inside a job whose client cancelled it."""
 
 
 class PluginSettings(BaseModel):
@@ -61,6 +71,7 @@ class Capability:
     input: type[BaseModel]
     output: type[BaseModel]
     method: str
+    job: bool = False
 
     def describe(self) -> dict[str, Any]:
         """Return the capability with its JSON Schemas."""
@@ -68,16 +79,20 @@ class Capability:
             "id": self.id,
             "summary": self.summary,
             "scope": self.scope,
+            "job": self.job,
             "input_schema": self.input.model_json_schema(),
             "output_schema": self.output.model_json_schema(),
         }
 
 
-def capability(id: str, *, scope: str) -> Callable[[F], F]:
-    """Mark a plugin method `def m(self, inp: InModel) -> OutModel` as the capability `id`."""
+def capability(id: str, *, scope: str, job: bool = False) -> Callable[[F], F]:
+    """Mark a plugin method `def m(self, inp: InModel) -> OutModel` as the capability `id`.
+
+    With `job=True` the method is `def m(self, inp, progress)` and the gateway runs it as a background job.
+    """
 
     def mark(fn: F) -> F:
-        fn.__bkg_capability__ = (id, scope)  # type: ignore[attr-defined]
+        fn.__bkg_capability__ = (id, scope, job)  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -164,11 +179,13 @@ class Plugin:
                 continue
             hints = typing.get_type_hints(fn)
             params = [p for p in inspect.signature(fn).parameters if p != "self"]
-            if len(params) != 1 or "return" not in hints:
-                raise TypeError(f"capability {mark[0]} must take one pydantic model and return one")
+            job = bool(mark[2])
+            if len(params) != (2 if job else 1) or "return" not in hints:
+                extra = " and a progress callable" if job else ""
+                raise TypeError(f"capability {mark[0]} must take one pydantic model{extra} and return one")
             doc = (inspect.getdoc(fn) or "").splitlines()
             found[mark[0]] = Capability(
-                mark[0], doc[0] if doc else "", mark[1], hints[params[0]], hints["return"], attr
+                mark[0], doc[0] if doc else "", mark[1], hints[params[0]], hints["return"], attr, job
             )
         return found
 
@@ -186,19 +203,54 @@ class Plugin:
         }
 
     def stream(self, capability_id: str, data: Any, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
-        """Run a streaming capability: yield chunks until done or `cancelled` is set (plugins that stream override)."""
-        raise NotFound(f"plugin {self.id!r} cannot stream {capability_id!r}", field="capability")
+        """Run a streaming capability: yield chunks until done or `cancelled` is set (plugins that stream override).
+
+        A job capability streams `{"progress": f, "message": m}` chunks, then `{"result": output}`.
+        """
+        cap = self.capabilities().get(capability_id)
+        if cap is None or not cap.job:
+            raise NotFound(f"plugin {self.id!r} cannot stream {capability_id!r}", field="capability")
+        yield from self._run_job(cap, data, cancelled)
+
+    def _run_job(self, cap: Capability, data: Any, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
+        inp = self._validate(cap, data)
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def progress(fraction: float, message: str = "") -> None:
+            if cancelled.is_set():
+                raise Cancelled(f"{cap.id} was cancelled")
+            events.put(("progress", {"progress": float(fraction), "message": message}))
+
+        def run() -> None:
+            try:
+                out = getattr(self, cap.method)(inp, progress)
+                events.put(("result", {"result": cap.output.model_validate(out).model_dump(mode="json")}))
+            except BaseException as exc:  # handed to the caller's thread
+                events.put(("error", exc))
+
+        threading.Thread(target=run, name=f"job-{cap.id}", daemon=True).start()
+        while True:
+            kind, item = events.get()
+            if kind == "error":
+                raise item
+            yield item
+            if kind == "result":
+                return
+
+    def _validate(self, cap: Capability, data: Any) -> BaseModel:
+        try:
+            return cap.input.model_validate(data if data is not None else {})
+        except ValidationError as exc:
+            raise invalid_from_pydantic(exc, "input") from None
 
     def invoke(self, capability_id: str, data: Any) -> dict[str, Any]:
         """Validate `data` against the capability's input model, run it, return its output as JSON data."""
         cap = self.capabilities().get(capability_id)
         if cap is None:
             raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
-        try:
-            inp = cap.input.model_validate(data if data is not None else {})
-        except ValidationError as exc:
-            raise invalid_from_pydantic(exc, "input") from None
-        out = getattr(self, cap.method)(inp)
+        inp = self._validate(cap, data)
+        method = getattr(self, cap.method)
+        out = method(inp, lambda fraction, message="": None) if cap.job else method(inp)
         return cap.output.model_validate(out).model_dump(mode="json")
 
 

@@ -379,11 +379,14 @@ class Collection:
         rrf_k: float = 60.0,
         ef_search: int | None = None,
         with_text: bool = False,
+        vector_weight: float = 0.5,
     ) -> QueryResult:
         """Rank points by vector similarity, BM25 full-text score, or both fused with reciprocal rank fusion.
 
         A filter is applied before ranking, so k results come back whenever k points match it. Scores are
         cosine / inner-product similarity (higher is closer), L2 distance (lower is closer), BM25, or RRF.
+        Hybrid weighs the vector ranking by `vector_weight` and the text ranking by `1 - vector_weight`
+        (0.5: classic RRF; like Weaviate's `alpha`).
         """
         t0 = time.perf_counter()
         k = validate.k_value(k)
@@ -401,6 +404,12 @@ class Collection:
             raise InvalidInput(f"{mode} search needs a query text of 1 to 10000 characters", field="text")
         if isinstance(rrf_k, bool) or not isinstance(rrf_k, (int, float)) or rrf_k < 0:  # noqa: UP038
             raise InvalidInput("rrf_k must be a number >= 0", field="rrf_k")
+        if (
+            isinstance(vector_weight, bool)
+            or not isinstance(vector_weight, (int, float))
+            or not 0 <= vector_weight <= 1
+        ):  # noqa: UP038
+            raise InvalidInput("vector_weight must be a number from 0 to 1", field="vector_weight")
         if ef_search is not None and (not isinstance(ef_search, int) or not 1 <= ef_search <= 4096):
             raise InvalidInput("ef_search must be an integer from 1 to 4096", field="ef_search")
         where, params = compile_filter(filter)
@@ -418,7 +427,8 @@ class Collection:
                 depth = max(k, 100)
                 vf, _ = index.search(q, depth, allowed, ef_search)
                 tf, _ = self._text_search(str(text), depth, where, params)
-                fids, scores = rrf([vf, tf], float(rrf_k), k)
+                w = float(vector_weight)
+                fids, scores = rrf([vf, tf], float(rrf_k), k, weights=[2 * w, 2 * (1 - w)])
             fl, sl = fids.tolist(), scores.tolist()
             if not all(map(math.isfinite, sl)):  # scores must serialise as JSON
                 sl = [x if math.isfinite(x) else 0.0 for x in sl]
@@ -498,12 +508,16 @@ class Collection:
         return self._store.snapshot(self.name)
 
 
-def rrf(rankings: list[np.ndarray], rrf_k: float, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fuse ranked id lists: score(d) = sum over lists of 1 / (rrf_k + rank of d), rank from 1."""
+def rrf(
+    rankings: list[np.ndarray], rrf_k: float, k: int, weights: list[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fuse ranked id lists: score(d) = sum over lists of weight / (rrf_k + rank of d), rank from 1."""
     scores: dict[int, float] = {}
-    for ranking in rankings:
+    for ranking, weight in zip(rankings, weights or [1.0] * len(rankings), strict=True):
+        if weight == 0:
+            continue
         for rank, fid in enumerate(ranking.tolist(), start=1):
-            scores[fid] = scores.get(fid, 0.0) + 1.0 / (rrf_k + rank)
+            scores[fid] = scores.get(fid, 0.0) + weight / (rrf_k + rank)
     best = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
     return np.array([b[0] for b in best], dtype=np.int64), np.array([b[1] for b in best])
 

@@ -2,7 +2,8 @@
 
 Documents are chunked, embedded by the collection's `embed_model` (candle or llmserver, computed by the
 gateway) and stored with their text, so queries can be vector, BM25 or hybrid (RRF). `brainml.ask` answers
-from the retrieved chunks with llmserver and cites them.
+from the retrieved chunks with llmserver and cites them. `brainml.train` fits a classifier on a collection's
+embeddings (a background job) and registers it as a model; `brainml.classify` uses it.
 """
 
 from __future__ import annotations
@@ -13,23 +14,37 @@ import threading
 import time
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, Field
 
-from bkg_kernel.errors import BkgError, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, BkgError, InvalidInput, NotFound
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
-from bkg_kernel.models.registry import ModelRegistry
+from bkg_kernel.models.registry import ModelRegistry, slug
 from bkg_kernel.plugins import gateway_api
-from bkg_kernel.plugins.base import Plugin, PluginSettings, capability
+from bkg_kernel.plugins.base import Plugin, PluginSettings, Progress, capability
+from bkg_kernel.plugins.brainml.classifier import Classifier
+from bkg_kernel.plugins.brainml.classifier import train as fit_classifier
 
 
 class BrainSettings(PluginSettings):
     """brainml settings."""
 
+    request_timeout: float = Field(
+        600.0, gt=0, le=3600, description="Seconds before a request gets a 504 (indexing embeds every chunk)."
+    )
     chunk_size: int = Field(800, ge=50, le=20_000, description="Characters per chunk.")
     chunk_overlap: int = Field(100, ge=0, le=5_000, description="Characters shared by neighbouring chunks.")
     embed_model: str = Field(
         f"candle:{DEFAULT_EMBEDDER}", description="For new collections: candle:<id> or llmserver:<id>."
     )
+    vector_weight: float = Field(
+        0.75, ge=0.0, le=1.0, description="Hybrid: weight of the vector ranking in the fusion (Weaviate's alpha)."
+    )
+    rerank_model: str | None = Field(
+        None,
+        description="candle:<cross-encoder> for rerank; unset: re-score by sentences with the collection's model.",
+    )
+    rerank_candidates: int = Field(20, ge=1, le=200, description="How many retrieved chunks a rerank re-scores.")
     llm_model: str | None = Field(None, description="llmserver model for brainml.ask (default: its default).")
     ask_max_tokens: int = Field(256, ge=1, le=4096)
 
@@ -65,6 +80,8 @@ class QueryRequest(BaseModel):
     top_k: int = Field(5, ge=1, le=1000)
     mode: Literal["vector", "text", "hybrid"] = "hybrid"
     filters: dict[str, Any] | None = Field(None, description="On the documents' metadata, e.g. {'lang': 'en'}.")
+    vector_weight: float | None = Field(None, ge=0.0, le=1.0, description="Hybrid fusion weight (default: settings).")
+    rerank: bool = Field(False, description="Re-score the best candidates (cross-encoder or sentence-level).")
 
 
 class AskRequest(BaseModel):
@@ -80,6 +97,27 @@ class StatsRequest(BaseModel):
     """Which collection (default: every collection brainml indexed)."""
 
     collection: str | None = None
+
+
+class TrainRequest(BaseModel):
+    """Train a classifier on a collection's embeddings to predict a metadata field."""
+
+    collection: str
+    label_field: str = Field(..., min_length=1, description="The metadata field holding each document's label.")
+    model: Literal["logistic", "mlp"] = "logistic"
+    test_split: float = Field(0.2, gt=0.0, lt=0.9, description="Share of each label's documents held out.")
+    model_id: str | None = Field(None, description="Registry id (default: <collection>-<label_field>-<model>-<time>).")
+    epochs: int = Field(30, ge=1, le=1000, description="MLP epochs; for logistic, rounds of 20 lbfgs iterations.")
+    hidden: int = Field(256, ge=2, le=4096, description="MLP hidden units.")
+    seed: int = 0
+    filters: dict[str, Any] | None = Field(None, description="Train on the chunks matching this filter only.")
+
+
+class ClassifyRequest(BaseModel):
+    """Label texts with a trained classifier."""
+
+    model_id: str
+    texts: list[str] = Field(..., min_length=1, max_length=10_000)
 
 
 class Result(BaseModel):
@@ -113,6 +151,12 @@ def highlights(query: str, text: str) -> list[list[int]]:
     return [[m.start(), m.end()] for m in re.finditer(r"\w+", text) if m.group().lower() in words]
 
 
+def split_sentences(text: str) -> list[str]:
+    """Sentences (and paragraphs) of a chunk, for sentence-level reranking; the whole text when it has none."""
+    parts = [p.strip() for p in re.split(r"(?<=[.!?:])\s+|\n\s*\n", text)]
+    return [p for p in parts if len(p) > 10] or [text]
+
+
 class BrainML(Plugin):
     """Index documents, search them (vector / BM25 / hybrid), answer questions with citations."""
 
@@ -132,6 +176,7 @@ class BrainML(Plugin):
             json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         )
         self.lock = threading.Lock()
+        self.classifiers: dict[tuple[str, str], Classifier] = {}
 
     def _http(self, method: str, path: str, **kw: Any) -> Any:
         assert self.context is not None
@@ -200,11 +245,18 @@ class BrainML(Plugin):
     def query(self, inp: QueryRequest) -> Result:
         """Search chunks (vector, BM25 or hybrid) with metadata filters; results carry highlights."""
         t0 = time.perf_counter()
-        self._collection(inp.collection, create=False)
-        body = {"text": inp.query, "k": inp.top_k, "mode": inp.mode, "filter": inp.filters, "with_text": True}
-        r = self._http("POST", f"/api/collections/{inp.collection}/query", json=body)
+        info = self._collection(inp.collection, create=False)
+        weight = self.settings.vector_weight if inp.vector_weight is None else inp.vector_weight
+        k = max(inp.top_k, self.settings.rerank_candidates) if inp.rerank else inp.top_k
+        body = {
+            "text": inp.query, "k": k, "mode": inp.mode, "filter": inp.filters, "with_text": True,
+            "vector_weight": weight,
+        }  # fmt: skip
+        hits = self._http("POST", f"/api/collections/{inp.collection}/query", json=body)["results"]
+        if inp.rerank and hits:
+            hits = self._rerank(inp.query, hits, info["embed_model"])[: inp.top_k]
         results = []
-        for rank, hit in enumerate(r["results"], start=1):
+        for rank, hit in enumerate(hits, start=1):
             p = hit.get("payload") or {}
             meta = {k: v for k, v in p.items() if k not in ("doc_id", "chunk", "start", "end")}
             text = hit.get("text") or ""
@@ -215,6 +267,7 @@ class BrainML(Plugin):
                     "chunk": text,
                     "offsets": [p.get("start"), p.get("end")],
                     "score": hit["score"],
+                    **({"retrieval_score": hit["retrieval_score"]} if "retrieval_score" in hit else {}),
                     "rank": rank,
                     "metadata": meta,
                     "highlights": highlights(inp.query, text),
@@ -227,6 +280,31 @@ class BrainML(Plugin):
             s["query_ms_total"] += latency
             self._save()
         return Result(collection=inp.collection, mode=inp.mode, results=results, latency_ms=round(latency, 3))
+
+    def _rerank(self, query: str, hits: list[dict[str, Any]], embed_model: str) -> list[dict[str, Any]]:
+        """Re-score hits: a cross-encoder when `rerank_model` is set, else sentence-level similarity.
+
+        Sentence level: the mean of the chunk's cosine to the query and the best cosine of one of its
+        sentences, so one precise sentence inside a long chunk lifts it (MaxSim at sentence granularity).
+        """
+        texts = [h.get("text") or "" for h in hits]
+        if self.settings.rerank_model:
+            body = {"model": self.settings.rerank_model, "query": query, "documents": texts}
+            scores = self._http("POST", "/api/rerank", json=body)["scores"]
+        else:
+            sents = [split_sentences(t) for t in texts]
+            flat = [query, *texts, *(s for ss in sents for s in ss)]
+            vecs = np.asarray(
+                self._http("POST", "/api/embed", json={"model": embed_model, "input": flat})["embeddings"]
+            )
+            vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+            q, chunk_vecs, at, scores = vecs[0], vecs[1 : 1 + len(texts)], 1 + len(texts), []
+            for i, ss in enumerate(sents):
+                best = float((vecs[at : at + len(ss)] @ q).max())
+                at += len(ss)
+                scores.append(0.5 * float(chunk_vecs[i] @ q) + 0.5 * best)
+        ranked = sorted(zip(scores, range(len(hits)), hits, strict=True), key=lambda t: (-t[0], t[1]))
+        return [{**h, "retrieval_score": h["score"], "score": float(sc)} for sc, _, h in ranked]
 
     @capability("brainml.ask", scope="llm:use")
     def ask(self, inp: AskRequest) -> Result:
@@ -281,3 +359,86 @@ class BrainML(Plugin):
                 }  # fmt: skip
             )
         return Result(collections=out)
+
+    @capability("brainml.train", scope="models:write", job=True)
+    def train(self, inp: TrainRequest, progress: Progress) -> Result:
+        """Train a logistic or MLP classifier on the collection's embeddings; register it; report held-out metrics."""
+        assert self.context is not None and self.context.model_dir is not None
+        model_id = inp.model_id or slug(
+            f"{inp.collection}-{inp.label_field}-{inp.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        if any(m.id == model_id for m in self.registry.list()):
+            raise AlreadyExists(f"model {model_id!r} is already registered", field="model_id")
+        info = self._collection(inp.collection, create=False)
+        progress(0.0, f"reading the embeddings of {inp.collection}")
+        vectors, labels, groups = [], [], []
+        for p in gateway_api.scroll(self.context.gateway(), inp.collection, inp.filters, with_vectors=True):
+            payload = p.get("payload") or {}
+            value = payload.get(inp.label_field)
+            if value is None or isinstance(value, (dict, list)):
+                continue
+            vectors.append(p["vector"])
+            labels.append(str(value))
+            groups.append(str(payload.get("doc_id", p["id"])))
+        if not vectors:
+            raise InvalidInput(
+                f"no chunk of {inp.collection!r} has a value for {inp.label_field!r} in its metadata",
+                field="label_field",
+            )
+        x = np.asarray(vectors, dtype=np.float32)
+        progress(0.05, f"training {inp.model} on {len(x)} chunks, {len(set(labels))} labels")
+        net, metrics = fit_classifier(
+            x,
+            labels,
+            groups,
+            model=inp.model,
+            test_split=inp.test_split,
+            epochs=inp.epochs,
+            hidden=inp.hidden,
+            seed=inp.seed,
+            progress=lambda f, m="": progress(0.05 + 0.9 * f, m),
+        )
+        net.info = {
+            "embed_model": info["embed_model"],
+            "dim": int(info["dim"]),
+            "architecture": inp.model if inp.model == "logistic" else f"mlp({inp.hidden})",
+            "collection": inp.collection,
+            "label_field": inp.label_field,
+            "metrics": metrics,
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        folder = self.context.model_dir / "classifiers" / model_id
+        if folder.exists():
+            raise AlreadyExists(f"{folder} already exists in the model dir", field="model_id")
+        net.save(folder)
+        entry = self.registry.add(folder, id=model_id, kind="classifier", source=f"brainml.train:{inp.collection}")
+        progress(1.0, f"registered {model_id}")
+        return Result(model_id=entry.id, labels=net.labels, **net.info)
+
+    def _classifier(self, model_id: str) -> Classifier:
+        entry = self.registry.get(model_id)
+        if entry.kind != "classifier":
+            raise InvalidInput(f"model {model_id!r} is a {entry.kind}, not a classifier", field="model_id")
+        key = (model_id, entry.sha256)
+        if key not in self.classifiers:
+            self.classifiers[key] = Classifier.load(self.registry.resolve(entry))
+        return self.classifiers[key]
+
+    @capability("brainml.classify", scope="models:read")
+    def classify(self, inp: ClassifyRequest) -> Result:
+        """Label texts with a classifier from brainml.train: best label, its probability and every label's."""
+        t0 = time.perf_counter()
+        net = self._classifier(inp.model_id)
+        spec = net.info["embed_model"]
+        r = self._http("POST", "/api/embed", json={"model": spec, "input": inp.texts})
+        x = np.asarray(r["embeddings"], dtype=np.float32)
+        if x.shape[1] != net.info["dim"]:
+            raise InvalidInput(f"{spec} now gives {x.shape[1]}-d vectors; {inp.model_id} expects {net.info['dim']}")
+        proba = net.predict_proba(x)
+        out = []
+        for text, row in zip(inp.texts, proba, strict=True):
+            best = int(row.argmax())
+            scores = {lab: round(float(v), 6) for lab, v in zip(net.labels, row, strict=True)}
+            out.append({"text": text, "label": net.labels[best], "score": float(row[best]), "scores": scores})
+        took = (time.perf_counter() - t0) * 1000
+        return Result(model_id=inp.model_id, labels=net.labels, predictions=out, latency_ms=round(took, 3))

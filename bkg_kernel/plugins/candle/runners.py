@@ -90,6 +90,42 @@ class EncoderRunner(Runner):
         return {"embeddings": vecs.float().cpu().tolist(), "dim": int(vecs.shape[1])}
 
 
+class CrossEncoderRunner(Runner):
+    """A sequence-classification model over (query, passage) pairs: one relevance score per pair (a reranker)."""
+
+    task = "score"
+
+    def __init__(self, model_id: str, module: Any, device: str, tokenizer: Any) -> None:
+        super().__init__(model_id, module, device)
+        self.tokenizer = tokenizer
+
+    def run(self, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        ok = (
+            isinstance(inputs, list)
+            and inputs
+            and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in inputs)
+        )
+        if not ok:
+            raise InvalidInput(
+                "inputs must be a non-empty list of [query, passage] pairs for a reranker", field="inputs"
+            )
+        scores: list[float] = []
+        size = int(options.get("batch_size", 32))
+        for a in range(0, len(inputs), size):
+            pairs = inputs[a : a + size]
+            batch = self.tokenizer(
+                [p[0] for p in pairs], [p[1] for p in pairs], padding=True, truncation=True, return_tensors="pt"
+            ).to(self.device)
+            with torch.inference_mode():
+                logits = self.module(**batch).logits.float()
+            # one label: its logit is the relevance; several: the last label's log-odds ("relevant")
+            col = logits[:, 0] if logits.shape[1] == 1 else logits[:, -1] - torch.logsumexp(logits[:, :-1], dim=1)
+            scores.extend(col.cpu().tolist())
+        return {"scores": scores}
+
+
 class CausalRunner(Runner):
     """A causal LM: prompts -> generated continuations (greedy unless `temperature` > 0)."""
 
@@ -205,10 +241,13 @@ def _load_hf(model_id: str, path: Path, device: str) -> Runner:
         st = SentenceTransformer(str(path), device=device, local_files_only=True)
         st.eval()
         return SentenceRunner(model_id, st, device)
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     archs = cfg.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        ce = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True)
+        return CrossEncoderRunner(model_id, ce.to(device).eval(), device, tok)
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         lm = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).to(device).eval()  # type: ignore[arg-type]
         return CausalRunner(model_id, lm, device, tok)

@@ -1,0 +1,189 @@
+"""brainml on a real corpus (the docstrings of ~40 standard-library packages, embedded with the real MiniLM):
+retrieval quality per mode on the labelled query set, rerank, and classifier training as a background job
+whose model survives a gateway restart."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gateway_harness import ADMIN_KEY, Gateway, start_gateway
+from websockets.sync.client import connect as ws_connect
+
+import bkg_kernel
+from bkg_kernel.datasets import PYDOC_QUERIES, python_docs, retrieval_metrics
+
+PACKAGES = sorted({rel.split(".")[0] for _, rels in PYDOC_QUERIES for rel in rels})
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[dict[str, Any]]:
+    return python_docs(PACKAGES)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("brainlearn") / "data"
+
+
+@pytest.fixture(scope="module")
+def lgw(data_dir: Path, corpus: list[dict[str, Any]]) -> Iterator[Gateway]:
+    g = start_gateway(data_dir)
+    c = g.client()
+    for a in range(0, len(corpus), 200):
+        r = c.post(
+            "/api/plugins/brainml/invoke/brainml.index",
+            json={"collection": "pydocs", "documents": corpus[a : a + 200]},
+            timeout=600,
+        )
+        assert r.status_code == 200, r.text
+    yield g
+    g.stop()
+
+
+def query(g: Gateway, q: str, **opts: Any) -> dict[str, Any]:
+    r = g.client().post(
+        "/api/plugins/brainml/invoke/brainml.query", json={"collection": "pydocs", "query": q, **opts}, timeout=120
+    )
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def wait_job(g: Gateway, job_id: str, timeout: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = g.client().get(f"/api/jobs/{job_id}").json()
+        if job["finished"] is not None:
+            return dict(job)
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_hybrid_at_least_as_good_as_the_better_single_mode(lgw: Gateway, corpus: list[dict[str, Any]]) -> None:
+    assert len(corpus) > 500
+    scores: dict[str, list[tuple[float, float]]] = {}
+    for mode in ("vector", "text", "hybrid"):
+        for q, relevant in PYDOC_QUERIES:
+            hits = query(lgw, q, mode=mode, top_k=30)["results"]
+            scores.setdefault(mode, []).append(retrieval_metrics([h["doc_id"] for h in hits], relevant))
+    ndcg = {m: sum(s[0] for s in v) / len(v) for m, v in scores.items()}
+    recall = {m: sum(s[1] for s in v) / len(v) for m, v in scores.items()}
+    print("nDCG@10", ndcg, "recall@10", recall)
+    assert ndcg["vector"] > 0.5 and ndcg["text"] > 0.4  # both modes work on their own
+    assert ndcg["hybrid"] >= max(ndcg["vector"], ndcg["text"]), ndcg
+    assert recall["hybrid"] >= max(recall["vector"], recall["text"]) - 1e-9, recall
+
+
+def test_filters_and_rerank(lgw: Gateway) -> None:
+    hits = query(lgw, "compress data", filters={"package": "gzip"}, top_k=5)["results"]
+    assert hits and all(h["metadata"]["package"] == "gzip" for h in hits)
+    q = "turn a Python object into a JSON string"
+    candidates = query(lgw, q, top_k=20)["results"]  # rerank_candidates defaults to 20
+    reranked = query(lgw, q, top_k=5, rerank=True)["results"]
+    assert len(reranked) == 5 and reranked[0]["doc_id"].startswith("json")
+    by_id = {h["id"]: h for h in candidates}
+    assert all(h["id"] in by_id and h["retrieval_score"] == by_id[h["id"]]["score"] for h in reranked)
+    assert [h["id"] for h in reranked] != [h["id"] for h in candidates[:5]]  # it did reorder
+    plain = candidates
+    assert all("retrieval_score" in h for h in reranked) and "retrieval_score" not in plain[0]
+    assert [h["score"] for h in reranked] == sorted((h["score"] for h in reranked), reverse=True)
+    assert [h["rank"] for h in reranked] == [1, 2, 3, 4, 5]
+
+
+def test_train_classify_and_survive_a_restart(lgw: Gateway, data_dir: Path) -> None:
+    c = lgw.client()
+    body = {"collection": "pydocs", "label_field": "package", "model": "logistic", "model_id": "pkg-logistic"}
+    with ws_connect(lgw.url.replace("http", "ws") + f"/ws?token={ADMIN_KEY}") as ws:
+        assert json.loads(ws.recv(10))["type"] == "bootstrap"
+        ws.send(json.dumps({"action": "sub", "topic": "jobs"}))
+        assert json.loads(ws.recv(10))["type"] == "ack"
+        r = c.post("/api/plugins/brainml/invoke/brainml.train", json=body)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job"]["id"]
+        events = []
+        while not events or events[-1]["finished"] is None:
+            msg = json.loads(ws.recv(120))
+            if msg["type"] == "jobs" and msg["payload"]["id"] == job_id:
+                events.append(msg["payload"])
+    assert any(0 < e["progress"] < 1 and e["message"] for e in events), events
+    job = wait_job(lgw, job_id)
+    assert job["state"] == "done" and job["plugin"] == "brainml" and job["owner"] == "admin", job
+    report = job["result"]
+    m = report["metrics"]
+    n_labels = len(report["labels"])
+    assert n_labels >= 20 and m["test_examples"] > 50
+    assert m["accuracy"] > max(3 / n_labels, m["majority_baseline"] + 0.2), m
+    assert 0 < m["f1_macro"] <= 1 and len(m["per_label"]) == n_labels
+
+    model = c.get("/api/models/pkg-logistic").json()
+    assert model["kind"] == "classifier" and model["meta"]["embed_model"] == "candle:all-minilm-l6-v2"
+
+    texts = [
+        "Serialize obj to a JSON formatted str.",
+        "Return the sample arithmetic mean of the data.",
+        "Coroutine that waits for a future to complete, with a timeout in seconds.",
+    ]
+    before = c.post("/api/plugins/brainml/invoke/brainml.classify", json={"model_id": "pkg-logistic", "texts": texts})
+    assert before.status_code == 200, before.text
+    labels = [p["label"] for p in before.json()["predictions"]]
+    assert labels == ["json", "statistics", "asyncio"], before.json()
+
+    # an MLP through the notebook client (progress bar, report with a table)
+    wb = bkg_kernel.connect(lgw.url, api_key=ADMIN_KEY)
+    mlp = wb.brain.train("pydocs", "package", model="mlp", epochs=15, model_id="pkg-mlp", progress=False)
+    assert mlp["metrics"]["accuracy"] > mlp["metrics"]["majority_baseline"] + 0.2
+    assert "<th>F1</th>" in mlp._repr_html_() and "pkg-mlp" in mlp._repr_html_()
+    assert "<b>json</b>" in wb.brain.classify("pkg-mlp", texts[:1])._repr_html_()
+
+    # the gateway goes away and comes back: both models are still registered and give the same answers
+    lgw.stop()
+    g2 = start_gateway(data_dir)
+    try:
+        after = g2.client().post(
+            "/api/plugins/brainml/invoke/brainml.classify", json={"model_id": "pkg-logistic", "texts": texts}
+        )
+        assert after.status_code == 200, after.text
+        assert after.json()["predictions"] == before.json()["predictions"]
+        ids = {m["id"] for m in g2.client().get("/api/models").json()["models"]}
+        assert {"pkg-logistic", "pkg-mlp"} <= ids
+    finally:
+        lgw.proc, lgw.url = g2.proc, g2.url  # the module fixture stops whichever gateway runs now
+
+
+def test_train_bad_input(lgw: Gateway) -> None:
+    c = lgw.client()
+    inv = "/api/plugins/brainml/invoke/"
+    r = c.post(inv + "brainml.train", json={"collection": "pydocs", "label_field": "package", "model": "svm"})
+    assert r.status_code == 422 and r.json()["error"]["field"].startswith("input.model")
+    r = c.post(inv + "brainml.train", json={"collection": "pydocs", "label_field": "package", "test_split": 1.5})
+    assert r.status_code == 422 and "test_split" in r.json()["error"]["field"]
+    # errors found while running end the job with the reason
+    r = c.post(inv + "brainml.train", json={"collection": "pydocs", "label_field": "colour"})
+    job = wait_job(lgw, r.json()["job"]["id"])
+    assert job["state"] == "failed" and "colour" in job["error"]
+    r = c.post(inv + "brainml.train", json={"collection": "nope", "label_field": "package"})
+    assert wait_job(lgw, r.json()["job"]["id"])["state"] == "failed"
+    r = c.post(inv + "brainml.classify", json={"model_id": "no-such-model", "texts": ["x"]})
+    assert r.status_code == 404
+    r = c.post(inv + "brainml.classify", json={"model_id": "all-minilm-l6-v2", "texts": ["x"]})
+    assert r.status_code == 422 and "not a classifier" in r.json()["error"]["message"]
+
+
+def test_cancel_a_training_job(lgw: Gateway) -> None:
+    c = lgw.client()
+    body = {"collection": "pydocs", "label_field": "package", "model": "mlp", "epochs": 1000, "model_id": "never"}
+    job = c.post("/api/plugins/brainml/invoke/brainml.train", json=body).json()["job"]
+    deadline = time.monotonic() + 60
+    while c.get(f"/api/jobs/{job['id']}").json()["progress"] < 0.1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert c.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
+    done = wait_job(lgw, job["id"], timeout=60)
+    assert done["state"] == "cancelled"
+    assert c.post(f"/api/jobs/{job['id']}/cancel").status_code == 409
+    assert c.get("/api/models/never").status_code == 404
+    # the slot is free again: brainml answers at once
+    assert query(lgw, "gzip", top_k=1)["results"]
