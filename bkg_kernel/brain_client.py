@@ -87,9 +87,7 @@ class Brain:
         """Documents, chunks, model, last index, queries and latency per collection."""
         return list(self._invoke("brainml.stats", {"collection": collection})["collections"])
 
-    def train(
-        self, collection: str, label_field: str, *, wait: bool = True, progress: bool = True, **opts: Any
-    ) -> Any:
+    def train(self, collection: str, label_field: str, *, wait: bool = True, progress: bool = True, **opts: Any) -> Any:
         """Train a classifier (model logistic|mlp, test_split, ...) as a background job with a progress bar.
 
         Returns the report (metrics, model_id); with `wait=False`, the job to follow with `wb.wait_job(id)`.

