@@ -58,6 +58,9 @@ def keep_pandas_out() -> None:
 def serve(settings: Settings, plugins: list[str] | None = None) -> None:
     """Open the data dir first (so a second gateway fails with one clear line), then serve HTTP."""
     keep_pandas_out()
+    # Worker replies arrive on a reader thread that must take the GIL from the event loop; with the default
+    # 5 ms switch interval that hand-over alone added milliseconds to every plugin call.
+    sys.setswitchinterval(0.0005)
     app = create_app(settings, plugins)
     gw = app.state.gateway
     gw.open()  # raises DataDirLocked naming the holder before any socket is bound

@@ -171,7 +171,16 @@ class Plugin:
 
     @classmethod
     def capabilities(cls) -> dict[str, Capability]:
-        """Return the plugin's capabilities by id, read from its `@capability` methods."""
+        """Return the plugin's capabilities by id, read from its `@capability` methods (once per class: reading
+        type hints costs ~0.6 ms, and every request asks)."""
+        cached: dict[str, Capability] | None = cls.__dict__.get("_capabilities_cache")
+        if cached is None:
+            cached = cls._read_capabilities()
+            cls._capabilities_cache = cached  # type: ignore[attr-defined]
+        return cached
+
+    @classmethod
+    def _read_capabilities(cls) -> dict[str, Capability]:
         found: dict[str, Capability] = {}
         for attr, fn in inspect.getmembers(cls, inspect.isfunction):
             mark = getattr(fn, "__bkg_capability__", None)

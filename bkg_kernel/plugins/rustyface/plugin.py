@@ -259,10 +259,17 @@ class RustyFace(Plugin):
         img = self._image(inp.image, "image")
         threshold = self.settings.verify_threshold if inp.threshold is None else inp.threshold
         out = []
-        for face in self.engine.detect(img, max_faces=inp.max_faces):
+        t0 = time.perf_counter()
+        faces = self.engine.detect(img, max_faces=inp.max_faces)
+        t_detect, t_embed, t_search = time.perf_counter() - t0, 0.0, 0.0
+        for face in faces:
+            t1 = time.perf_counter()
             vec = self.engine.embed(img, face).tolist()
+            t2 = time.perf_counter()
+            hits = g.nearest(inp.gallery, vec, min(1000, inp.top_k * 20))
+            t_embed, t_search = t_embed + t2 - t1, t_search + time.perf_counter() - t2
             best: dict[str, float] = {}
-            for hit in g.nearest(inp.gallery, vec, min(1000, inp.top_k * 20)):
+            for hit in hits:
                 payload = hit.get("payload") or {}
                 if payload.get("model", self.engine.name) != self.engine.name:
                     raise Conflict(
@@ -280,7 +287,10 @@ class RustyFace(Plugin):
             out.append(
                 {**face.to_dict(), "subject": matches[0]["subject"] if matches else "unknown", "matches": matches}
             )
-        return Result(gallery=inp.gallery, threshold=threshold, faces=out)
+        timings = {"detect_ms": t_detect * 1000, "embed_ms": t_embed * 1000, "search_ms": t_search * 1000}
+        return Result(
+            gallery=inp.gallery, threshold=threshold, faces=out, timings={k: round(v, 3) for k, v in timings.items()}
+        )
 
     def _best(self, image: str, field: str) -> tuple[np.ndarray, Face]:
         img = self._image(image, field)
