@@ -245,6 +245,11 @@ def run_all(
     ours = not _alive(url)
     wb = connect(url, data_dir=ddir)
     typer.echo(f"bkg gateway: {wb.url}  (plugins: {', '.join(p['id'] for p in wb.plugins)})", err=True)
+    # the lab extension's server side forwards to this gateway with this key (the browser never holds it)
+    os.environ["BKG_GATEWAY_URL"] = wb.url
+    key = wb.http.headers.get("authorization", "")[7:]
+    if key:
+        os.environ["BKG_API_KEY"] = key
     if (ddir / "admin.key").exists():
         typer.echo(f"admin API key file: {ddir / 'admin.key'}", err=True)
     try:

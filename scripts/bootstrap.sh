@@ -59,5 +59,36 @@ ls -dt "$CACHE"/venv-* 2>/dev/null | tail -n +4 | { grep -vxF "$VENV" || true; }
 if [ -e .venv ] && [ ! -L .venv ]; then rm -rf .venv; fi
 ln -sfn "$VENV" .venv
 # The project itself, editable, pointing at this clone.
-.venv/bin/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e . 
+.venv/bin/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+
+# The JupyterLab extension: built with Node (jlpm) only when its sources change, cached as a wheel keyed by
+# their hash; installing that wheel needs no Node.
+EXT=extensions/jupyterlab_bkg
+EXT_HASH=$(cd "$EXT" && { cat package.json yarn.lock pyproject.toml install.json tsconfig.json .yarnrc.yml;
+  find src style jupyterlab_bkg jupyter-config -type f -not -path '*/labextension/*' -not -name '*.pyc' | sort | xargs cat; } \
+  | sha256sum | cut -c1-16)
+EXT_WHEELS="$CACHE/wheels/jupyterlab_bkg-$EXT_HASH"
+if ! ls "$EXT_WHEELS"/jupyterlab_bkg-*.whl >/dev/null 2>&1; then
+  echo "bootstrap: building the JupyterLab extension (jlpm; once per change of its sources)"
+  rm -rf "$EXT/jupyterlab_bkg/labextension" "$EXT/lib" "$EXT/tsconfig.tsbuildinfo"
+  (cd "$EXT" && export PATH="$PWD/../../.venv/bin:$PATH" && jlpm install --immutable >/dev/null && jlpm build >/dev/null \
+    && python -m pip wheel --disable-pip-version-check -q . --no-deps --no-build-isolation -w "$EXT_WHEELS.partial")
+  mv "$EXT_WHEELS.partial" "$EXT_WHEELS"
+fi
+.venv/bin/python -m pip install --disable-pip-version-check -q --no-deps --force-reinstall "$EXT_WHEELS"/jupyterlab_bkg-*.whl
+ls -dt "$CACHE"/wheels/jupyterlab_bkg-* 2>/dev/null | tail -n +4 | xargs -r rm -rf
+# Where the test of "installs without Node" finds the wheel.
+ln -sfn "$EXT_WHEELS" "$EXT/dist-cached"
+
+# UI tests drive Debian's Chromium (never a downloaded browser).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "bootstrap: installing Debian's chromium for the UI tests (apt-get, once)"
+    (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; })
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    (sudo apt-get install -y -q chromium >/dev/null 2>&1 || { sudo apt-get update -q >/dev/null && sudo apt-get install -y -q chromium >/dev/null; })
+  else
+    echo "bootstrap: /usr/bin/chromium is missing and apt-get needs root: the UI tests will fail until it is installed" >&2
+  fi
+fi
 echo "bootstrap: .venv -> $VENV ready"

@@ -222,7 +222,7 @@ def test_rerank_with_a_cross_encoder(lgw: Gateway, tmp_path: Path) -> None:
         )
         with torch.inference_mode():
             direct = model(**batch).logits[:, 0].tolist()
-        expected = [h["id"] for _, h in sorted(zip(direct, candidates), key=lambda t: -t[0])][:5]
+        expected = [h["id"] for _, h in sorted(zip(direct, candidates, strict=True), key=lambda t: -t[0])][:5]
         assert [h["id"] for h in reranked] == expected
         assert [round(h["score"], 4) for h in reranked] == [round(s, 4) for s in sorted(direct, reverse=True)[:5]]
         # a model that is not a cross-encoder is refused plainly

@@ -135,7 +135,10 @@ def train(
                     break
             layers = [(clf.coef_.T.copy(), clf.intercept_.copy())]
         else:
-            clf = MLPClassifier(hidden_layer_sizes=(hidden,), alpha=1e-4, random_state=seed, learning_rate_init=1e-3)
+            clf = MLPClassifier(
+                hidden_layer_sizes=(hidden,), alpha=1e-4, random_state=seed, learning_rate_init=3e-3,
+                batch_size=min(32, len(xtr)),
+            )  # fmt: skip
             order = np.random.default_rng(seed)
             for epoch in range(epochs):
                 idx = order.permutation(len(xtr))

@@ -1,4 +1,4 @@
-"""Face galleries: one store collection per gallery (`faces-<name>`, 128-d cosine), one point per enrolled
+"""Face galleries: one store collection per gallery (`faces-<name>`, cosine, HNSW), one point per enrolled
 face with its subject, source and box. The worker reaches the store through the gateway that owns it."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Galleries:
         return PREFIX + gallery
 
     def create(self, gallery: str) -> dict[str, Any]:
-        body = {"name": self.collection(gallery), "dim": self.dim, "metric": "cosine"}
+        body = {"name": self.collection(gallery), "dim": self.dim, "metric": "cosine", "index": "hnsw"}
         try:
             self._call("POST", "/api/collections", json=body)
         except BkgError as exc:

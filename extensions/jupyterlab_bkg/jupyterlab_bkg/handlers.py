@@ -1,0 +1,209 @@
+"""Forward `/bkg/api/<path>` and `/bkg/ws` to the bkg gateway, behind Jupyter's authentication.
+
+Which gateway: `BKG_GATEWAY_URL` and `BKG_API_KEY` when set; otherwise, with `bkg_kernel` installed, the
+gateway of the data dir (`BKG_DATA_DIR`), started in the background when none runs (turn that off with
+`BKG_LAB_START_GATEWAY=0`). A gateway that cannot be reached is a 502 naming the URL, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.base.websocket import WebSocketMixin
+from jupyter_server.utils import url_path_join
+from tornado import web, websocket
+
+HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "server", "date"}
+
+
+class Target:
+    """Where the gateway is and the key to use; resolved lazily and re-resolved after a failure."""
+
+    def __init__(self) -> None:
+        self.url: str | None = os.environ.get("BKG_GATEWAY_URL")
+        self.key: str | None = os.environ.get("BKG_API_KEY")
+        self.started = False
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
+        self._lock = asyncio.Lock()
+
+    async def resolve(self) -> tuple[str, str | None]:
+        if self.url and self.key:
+            return self.url, self.key
+        async with self._lock:
+            if not (self.url and self.key):
+                await asyncio.get_running_loop().run_in_executor(None, self._from_bkg_kernel)
+        assert self.url is not None
+        return self.url, self.key
+
+    def _from_bkg_kernel(self) -> None:
+        try:
+            import bkg_kernel
+        except ImportError:
+            self.url = self.url or "http://127.0.0.1:43119"
+            return
+        start = os.environ.get("BKG_LAB_START_GATEWAY", "1") != "0"
+        try:
+            wb = bkg_kernel.connect(self.url, api_key=self.key, start=start)
+        except Exception as exc:  # noqa: BLE001 - reported to the browser as a 502
+            raise GatewayUnreachable(str(exc)) from None
+        self.started = start
+        self.url = wb.url
+        self.key = self.key or wb.http.headers.get("authorization", "")[7:] or None
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+
+class GatewayUnreachable(Exception):
+    """No gateway answers."""
+
+
+def _error(handler: JupyterHandler, status: int, code: str, message: str) -> None:
+    handler.set_status(status)
+    handler.set_header("Content-Type", "application/json")
+    handler.finish(json.dumps({"error": {"status": status, "code": code, "message": message}}))
+
+
+class ProxyHandler(APIHandler):
+    """One REST call to the gateway; server-sent events stream through as they come."""
+
+    target: Target
+
+    def initialize(self, target: Target) -> None:
+        self.target = target
+
+    async def _forward(self, path: str) -> None:
+        try:
+            url, _ = await self.target.resolve()
+        except GatewayUnreachable as exc:
+            _error(self, 502, "gateway_unreachable", f"cannot reach or start the bkg gateway: {exc}")
+            return
+        query = urlencode([(k, v.decode()) for k, vs in self.request.query_arguments.items() for v in vs])
+        dest = f"{url.rstrip('/')}/{path}" + (f"?{query}" if query else "")
+        headers = self.target.headers()
+        if self.request.headers.get("Content-Type"):
+            headers["Content-Type"] = self.request.headers["Content-Type"]
+        body = self.request.body if self.request.method not in ("GET", "DELETE", "HEAD") else None
+        req = self.target.client.build_request(self.request.method or "GET", dest, headers=headers, content=body)
+        try:
+            resp = await self.target.client.send(req, stream=True)
+        except httpx.TransportError as exc:
+            _error(self, 502, "gateway_unreachable", f"cannot reach the bkg gateway at {url}: {exc}")
+            return
+        try:
+            self.set_status(resp.status_code)
+            for k, v in resp.headers.items():
+                if k.lower() not in HOP_HEADERS:
+                    self.set_header(k, v)
+            async for chunk in resp.aiter_raw():
+                self.write(chunk)
+                await self.flush()  # SSE: every token reaches the browser at once
+        except httpx.TransportError:
+            pass  # the gateway went away mid-answer: what was sent stands
+        finally:
+            await resp.aclose()
+        self.finish()
+
+    @web.authenticated
+    async def get(self, path: str) -> None:
+        await self._forward(path)
+
+    @web.authenticated
+    async def post(self, path: str) -> None:
+        await self._forward(path)
+
+    @web.authenticated
+    async def put(self, path: str) -> None:
+        await self._forward(path)
+
+    @web.authenticated
+    async def patch(self, path: str) -> None:
+        await self._forward(path)
+
+    @web.authenticated
+    async def delete(self, path: str) -> None:
+        await self._forward(path)
+
+
+class StatusHandler(APIHandler):
+    """Where the extension sends requests, and whether the gateway answers."""
+
+    def initialize(self, target: Target) -> None:
+        self.target = target
+
+    @web.authenticated
+    async def get(self) -> None:
+        try:
+            url, _ = await self.target.resolve()
+            r = await self.target.client.get(f"{url}/health", timeout=5)
+            self.finish({"gateway": url, "reachable": r.status_code == 200, "health": r.json()})
+        except (GatewayUnreachable, httpx.TransportError, ValueError) as exc:
+            self.finish({"gateway": self.target.url, "reachable": False, "error": str(exc)})
+
+
+class LiveHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):  # type: ignore[misc]
+    """The gateway's WebSocket, relayed both ways; closes when the gateway does (the panel reconnects)."""
+
+    target: Target
+    upstream: websocket.WebSocketClientConnection | None = None
+
+    def initialize(self, target: Target) -> None:
+        self.target = target
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        if self.current_user is None:
+            raise web.HTTPError(403)
+        try:
+            url, key = await self.target.resolve()
+            ws_url = (
+                url.replace("http://", "ws://").replace("https://", "wss://") + "/ws?" + urlencode({"token": key or ""})
+            )
+            self.upstream = await websocket.websocket_connect(ws_url)
+        except (GatewayUnreachable, OSError, websocket.WebSocketError) as exc:
+            raise web.HTTPError(502, f"cannot reach the bkg gateway: {exc}") from None
+        await super().get(*args, **kwargs)
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        assert self.upstream is not None
+        while True:
+            msg = await self.upstream.read_message()
+            if msg is None:
+                self.close(1011, "the bkg gateway closed the connection")
+                return
+            try:
+                await self.write_message(msg)
+            except websocket.WebSocketClosedError:
+                return
+
+    async def on_message(self, message: str | bytes) -> None:
+        if self.upstream is not None:
+            await self.upstream.write_message(message)
+
+    def on_close(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+
+
+def setup_handlers(server_app: Any) -> None:
+    """Register the routes on the Jupyter server."""
+    web_app = server_app.web_app
+    base = web_app.settings["base_url"]
+    target = Target()
+    web_app.add_handlers(
+        ".*$",
+        [
+            (url_path_join(base, "bkg", "status"), StatusHandler, {"target": target}),
+            (url_path_join(base, "bkg", "ws"), LiveHandler, {"target": target}),
+            (url_path_join(base, "bkg", "api", "(.*)"), ProxyHandler, {"target": target}),
+        ],
+    )
+    server_app.log.info("jupyterlab_bkg: /bkg/api and /bkg/ws forward to the bkg gateway")

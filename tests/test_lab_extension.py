@@ -1,0 +1,159 @@
+"""The JupyterLab extension in a real Chromium against a real `jupyter lab` and a real gateway on 127.0.0.1:
+the sidebar lists the plugins, a stop through the UI changes the badge without a reload, an invalid setting
+is shown on its field, the log view receives a new line live, and the chat panel streams an answer.
+Screenshots go to test-artifacts/ui/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gateway_harness import ADMIN_KEY, Gateway, free_port, start_gateway, wait_for
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "ui"
+TOKEN = "bkg-ui-test-token"
+ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = start_gateway(tmp_path_factory.mktemp("lab") / "data")
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def lab(gw: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("labroot")
+    port = free_port()
+    env = {**os.environ, "BKG_GATEWAY_URL": gw.url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0"}
+    log = open(root / "lab.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
+            "--ip=127.0.0.1", f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}",
+            "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/api/status", params={"token": TOKEN}, timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(up, timeout=90, every=0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def page(lab: str) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 900})
+        pg.goto(f"{lab}/lab?token={TOKEN}")
+        pg.wait_for_selector("#jupyterlab-splash", state="detached", timeout=60_000)
+        pg.click('li[data-id="bkg-sidebar"]')
+        yield pg
+        browser.close()
+
+
+def badge(page: Any, plugin: str) -> Any:
+    return page.locator(f'tr[data-plugin="{plugin}"] .bkg-badge')
+
+
+def test_server_extension_forwards_under_jupyter_auth(lab: str, gw: Gateway) -> None:
+    r = httpx.get(f"{lab}/bkg/api/api/plugins", params={"token": TOKEN})
+    assert r.status_code == 200 and {p["id"] for p in r.json()["plugins"]} >= {"sysinfo", "apikeys", "brainml"}
+    assert httpx.get(f"{lab}/bkg/api/api/plugins").status_code == 403  # no Jupyter login, no gateway
+    r = httpx.get(f"{lab}/bkg/api/api/collections/nope", params={"token": TOKEN})
+    assert r.status_code == 404 and "nope" in r.json()["error"]["message"]  # the gateway's error, unchanged
+    status = httpx.get(f"{lab}/bkg/status", params={"token": TOKEN}).json()
+    assert status["reachable"] is True and status["gateway"] == gw.url
+
+
+def test_sidebar_lists_plugins_and_stop_changes_the_badge_live(page: Any, gw: Gateway) -> None:
+    ids = [p["id"] for p in gw.client().get("/api/plugins").json()["plugins"]]
+    for pid in ids:
+        page.wait_for_selector(f'tr[data-plugin="{pid}"]', timeout=30_000)
+    wait_for(lambda: badge(page, "sysinfo").inner_text() == "running", timeout=60)
+    page.screenshot(path=str(ARTIFACTS / "sidebar.png"))
+    page.click('tr[data-plugin="sysinfo"] .bkg-stop')
+    page.click(".jp-Dialog .jp-mod-accept")  # the confirmation
+    wait_for(lambda: badge(page, "sysinfo").inner_text() == "stopped", timeout=30)
+    assert gw.client().get("/api/plugins/sysinfo/status").json()["state"] == "stopped"
+    page.screenshot(path=str(ARTIFACTS / "sidebar-stopped.png"))
+    page.click('tr[data-plugin="sysinfo"] .bkg-start')  # start needs no confirmation
+    wait_for(lambda: badge(page, "sysinfo").inner_text() == "running", timeout=30)
+    # a stop the user cancels does nothing
+    page.click('tr[data-plugin="sysinfo"] .bkg-stop')
+    page.click(".jp-Dialog .jp-mod-reject")
+    time.sleep(1)
+    assert badge(page, "sysinfo").inner_text() == "running"
+
+
+def test_detail_panel_settings_error_and_live_log(page: Any, gw: Gateway) -> None:
+    page.click('tr[data-plugin="sysinfo"] .bkg-plugin-name')
+    panel = page.locator("#bkg-plugin-sysinfo")
+    panel.locator("input[name=request_timeout]").wait_for(timeout=30_000)
+    assert "sysinfo.facts" in panel.locator(".bkg-caps").inner_text()
+    panel.locator("input[name=request_timeout]").fill("-5")
+    panel.locator(".bkg-save").click()
+    err = panel.locator('.bkg-field-error[data-field="request_timeout"]')
+    wait_for(lambda: "request_timeout" in err.inner_text(), timeout=15)
+    assert gw.client().get("/api/plugins/sysinfo/config").json()["config"]["request_timeout"] == 30.0  # unchanged
+    page.screenshot(path=str(ARTIFACTS / "settings-error.png"))
+    panel.locator(".bkg-revert").click()
+    assert panel.locator("input[name=request_timeout]").input_value() == "30"
+
+    before = panel.locator(".bkg-log-line").count()
+    gw.client().post("/api/plugins/sysinfo/restart").raise_for_status()  # logs lines while the panel is open
+    wait_for(lambda: panel.locator(".bkg-log-line").count() > before, timeout=30)
+    page.screenshot(path=str(ARTIFACTS / "detail-log.png"))
+
+
+def test_chat_panel_streams_an_answer(page: Any) -> None:
+    page.keyboard.press("Control+Shift+C")
+    page.fill(".lm-CommandPalette-input", "bkg: Chat")
+    page.keyboard.press("Enter")
+    chat = page.locator("#bkg-chat")
+    chat.locator("textarea").wait_for(timeout=30_000)
+    wait_for(lambda: chat.locator(".bkg-chat-model option").count() > 0, timeout=30)
+    # count how many times the answer text changes while it arrives
+    page.evaluate(
+        """() => {
+        window.__bkgUpdates = 0;
+        new MutationObserver(() => { window.__bkgUpdates += 1; })
+          .observe(document.querySelector('#bkg-chat .bkg-chat-log'),
+                   {subtree: true, childList: true, characterData: true});
+    }"""
+    )
+    chat.locator("textarea").fill("Name three colours.")
+    chat.locator("textarea").press("Enter")
+    answer = chat.locator(".bkg-chat-assistant .bkg-chat-text").last
+    wait_for(lambda: chat.locator(".bkg-chat-stop").is_disabled() and answer.inner_text().strip() != "", timeout=120)
+    assert page.evaluate("window.__bkgUpdates") > 3, "the answer arrived in one piece, not streamed"
+    page.screenshot(path=str(ARTIFACTS / "chat.png"))
