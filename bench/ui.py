@@ -3,8 +3,9 @@ JupyterLab's own readiness (its splash screen gone) in the same page loads.
 
     python bench/ui.py [--runs 5]
 
-Needs /usr/bin/chromium (scripts/bootstrap.sh installs it). The Voila dashboards do not exist yet; their
-time-to-interactive row comes with them.
+Also each Voila dashboard (served as `bkg dashboards` serves it: preheated kernels): from opening the page to
+its login box taking input (interactive), and to the logged-in page showing its panels.
+Needs /usr/bin/chromium (scripts/bootstrap.sh installs it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from gateway_harness import ADMIN_KEY, free_port, start_gateway, wait_for  # noqa: E402
+
+from bkg_kernel.cli import dashboards_cmd  # noqa: E402
+
+DASHBOARDS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "dashboards").glob("*.ipynb"))
 
 ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -46,9 +51,18 @@ def main() -> None:
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    vport = free_port()
+    voila = subprocess.Popen(
+        dashboards_cmd(vport, Path(__file__).resolve().parent.parent / "dashboards"),
+        env={**os.environ, "BKG_GATEWAY_URL": gw.url}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    vurl = f"http://127.0.0.1:{vport}"
     ready, sidebar = [], []
+    dash: dict[str, list[tuple[float, float]]] = {}
     try:
         wait_for(lambda: _up(url), timeout=90, every=0.5)
+        wait_for(lambda: _up(vurl, "/"), timeout=90, every=0.5)
+        time.sleep(5)  # let the preheated kernels finish their pre-run
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
             for run in range(args.runs + 1):  # the first load warms the server's caches: not counted
@@ -65,8 +79,23 @@ def main() -> None:
                     ready.append(t_ready)
                     sidebar.append(t_sidebar)
                 page.close()
+            for _ in range(args.runs):
+                for name in DASHBOARDS:
+                    page = browser.new_page(viewport={"width": 1300, "height": 900})
+                    t0 = time.perf_counter()
+                    page.goto(f"{vurl}/voila/render/{name}.ipynb")
+                    field = page.locator("input[type=password]").first
+                    field.wait_for(timeout=60_000)
+                    field.fill(ADMIN_KEY)
+                    t_interactive = time.perf_counter() - t0
+                    page.locator("button:has-text('Log in')").click()
+                    page.locator("text=Logged in as").wait_for(timeout=60_000)
+                    dash.setdefault(name, []).append((t_interactive, time.perf_counter() - t0))
+                    page.close()
+                    time.sleep(2)  # Voila refills the pool with a fresh preheated kernel
             browser.close()
     finally:
+        voila.terminate()
         lab.terminate()
         lab.wait(20)
         gw.stop()
@@ -80,11 +109,16 @@ def main() -> None:
     )
     gap = statistics.median([s - r for s, r in zip(sidebar, ready, strict=True)])
     print(f"| sidebar after JupyterLab ready | {gap:.2f} |")
+    print()
+    print("| dashboard | open to interactive (login box takes input), s | open to logged-in page, s |")
+    print("|---|---|---|")
+    for name, xs in dash.items():
+        print(f"| {name} | {statistics.median(x[0] for x in xs):.2f} | {statistics.median(x[1] for x in xs):.2f} |")
 
 
-def _up(url: str) -> bool:
+def _up(url: str, path: str = "/api/status") -> bool:
     try:
-        return httpx.get(f"{url}/api/status", params={"token": "t"}, timeout=2).status_code == 200
+        return httpx.get(f"{url}{path}", params={"token": "t"}, timeout=2).status_code == 200
     except httpx.TransportError:
         return False
 

@@ -78,6 +78,27 @@ def lab(
     raise typer.Exit(subprocess.call(cmd))
 
 
+def dashboards_cmd(port: int, folder: Path) -> list[str]:
+    """The Voila command line: safe defaults (no tracebacks, sources stripped) and a preheated kernel each."""
+    return [
+        sys.executable, "-m", "voila", str(folder), f"--port={port}", "--Voila.ip=127.0.0.1", "--no-browser",
+        "--show_tracebacks=False", "--strip_sources=True", "--preheat_kernel=True", "--pool_size=1",
+        "--theme=light",
+    ]  # fmt: skip
+
+
+@app.command()
+def dashboards(
+    port: Annotated[int, typer.Option(help="Voila port.")] = 8866,
+    folder: Annotated[Path, typer.Option(help="Folder of dashboard notebooks.")] = Path("dashboards"),
+    url: Annotated[str | None, typer.Option("--url", help="Gateway URL (default: the data dir's gateway).")] = None,
+) -> None:
+    """Serve the operator dashboards with Voila (each asks for a bkg login; Ctrl-C stops it)."""
+    if url:
+        os.environ["BKG_GATEWAY_URL"] = url
+    raise typer.Exit(subprocess.call(dashboards_cmd(port, folder)))
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default BKG_HOST).")] = None,
@@ -232,8 +253,10 @@ def users_delete(user_id: str, url: Url = None, data_dir: DataDir = None) -> Non
 def run_all(
     port: Annotated[int, typer.Option(help="JupyterLab port.")] = 8888,
     data_dir: DataDir = None,
+    dashboards_port: Annotated[int, typer.Option(help="Voila dashboards port.")] = 8866,
 ) -> None:
-    """Run the workbench: the gateway in the background (started if none runs) and JupyterLab in front."""
+    """Run the workbench: the gateway in the background (started if none runs), the Voila dashboards, and
+    JupyterLab (with the bkg extension) in front."""
     import signal
 
     from bkg_kernel.client import _alive, connect
@@ -252,9 +275,12 @@ def run_all(
         os.environ["BKG_API_KEY"] = key
     if (ddir / "admin.key").exists():
         typer.echo(f"admin API key file: {ddir / 'admin.key'}", err=True)
+    voila = subprocess.Popen(dashboards_cmd(dashboards_port, Path("dashboards")), stdin=subprocess.DEVNULL)
+    typer.echo(f"dashboards: http://127.0.0.1:{dashboards_port}/ (log in with an API key)", err=True)
     try:
         lab(port=port, notebook_dir=Path("notebooks"), open_browser=False)
     finally:
+        voila.terminate()
         if ours:
             state = json.loads((ddir / "gateway.json").read_text()) if (ddir / "gateway.json").exists() else {}
             if state.get("pid"):

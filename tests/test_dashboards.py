@@ -1,0 +1,144 @@
+"""The Voila dashboards in a real Chromium, served the way `bkg dashboards` serves them, against a real
+gateway: the overview shows every plugin; an API key is created and its secret shown once; revoking asks
+first and then the key stops working; a viewer-scoped login cannot see the keys page."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gateway_harness import ADMIN_KEY, Gateway, free_port, start_gateway, wait_for
+
+from bkg_kernel.cli import dashboards_cmd
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts" / "ui"
+ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = start_gateway(tmp_path_factory.mktemp("dash") / "data")
+    yield g
+    g.stop()
+
+
+@pytest.fixture(scope="module")
+def voila(gw: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("voila") / "voila.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        dashboards_cmd(port, ROOT / "dashboards"),
+        env={**os.environ, "BKG_GATEWAY_URL": gw.url},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(up, timeout=90, every=0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def browser(voila: str) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+        yield b
+        b.close()
+
+
+def open_logged_in(browser: Any, voila: str, page_name: str, key: str) -> Any:
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    page.goto(f"{voila}/voila/render/{page_name}.ipynb")
+    field = page.locator("input[type=password]").first
+    field.wait_for(timeout=60_000)
+    field.fill(key)
+    page.locator("button:has-text('Log in')").click()
+    page.locator("text=Logged in as").wait_for(timeout=30_000)
+    return page
+
+
+def test_overview_shows_every_plugin(browser: Any, voila: str, gw: Gateway) -> None:
+    page = open_logged_in(browser, voila, "overview", ADMIN_KEY)
+    for p in gw.client().get("/api/plugins").json()["plugins"]:
+        page.locator(f"span[data-plugin='{p['id']}']").wait_for(timeout=30_000)
+    html = page.content()
+    assert "Gateway" in html and "Recent audit events" in html and "bkg-badge" in html
+    assert "Traceback" not in html and "from bkg_kernel import widgets" not in html  # no tracebacks, no sources
+    page.screenshot(path=str(ARTIFACTS / "dashboard-overview.png"), full_page=True)
+    page.close()
+
+
+def test_api_keys_create_once_and_revoke_after_confirming(browser: Any, voila: str, gw: Gateway) -> None:
+    page = open_logged_in(browser, voila, "api_keys", ADMIN_KEY)
+    page.locator(".widget-text input").first.fill("ui-key")
+    page.locator("button:has-text('Create key')").click()
+    secret_box = page.locator(".bkg-secret-value")
+    secret_box.wait_for(timeout=30_000)
+    secret = secret_box.input_value()
+    assert secret.startswith("bkg_")
+    assert httpx.get(f"{gw.url}/auth/me", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    page.screenshot(path=str(ARTIFACTS / "dashboard-key-created.png"), full_page=True)
+    page.close()
+
+    # shown once: a fresh visit lists the key but never its secret
+    page = open_logged_in(browser, voila, "api_keys", ADMIN_KEY)
+    page.locator("button:has-text('Revoke ui-key')").wait_for(timeout=30_000)
+    assert secret not in page.content()
+    page.locator("button:has-text('Revoke ui-key')").click()
+    assert httpx.get(f"{gw.url}/auth/me", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    page.locator("button:has-text('Yes, revoke ui-key')").click()  # the confirmation
+    page.locator("text=Revoked ui-key").wait_for(timeout=30_000)
+    assert httpx.get(f"{gw.url}/auth/me", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    page.close()
+
+
+def test_a_viewer_cannot_see_the_keys_page(browser: Any, voila: str, gw: Gateway) -> None:
+    c = gw.client()
+    user = c.post("/admin/users", json={"username": "vera", "role": "viewer"}).json()
+    viewer_key = c.post("/admin/keys", json={"name": "vera-key", "user_id": user["id"]}).json()["key"]
+    page = open_logged_in(browser, voila, "api_keys", viewer_key)
+    page.locator(".bkg-refused").wait_for(timeout=30_000)
+    html = page.content()
+    assert "admin:keys" in html and "vera-key" not in html and "Create key" not in html
+    page.close()
+    page = open_logged_in(browser, voila, "overview", viewer_key)  # what a viewer may see, it sees
+    page.locator("span[data-plugin='sysinfo']").wait_for(timeout=30_000)
+    assert "need the scope" in page.content()  # the audit part says why it is hidden
+    page.close()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["overview", "api_keys", "users", "models", "jobs", "settings", "llmserver", "candle", "rustyface", "brainml",
+     "apikeys"],
+)  # fmt: skip
+def test_every_dashboard_renders_for_an_admin(browser: Any, voila: str, name: str) -> None:
+    page = open_logged_in(browser, voila, name, ADMIN_KEY)
+    page.wait_for_timeout(500)
+    html = page.content()
+    errors = page.locator("p.bkg-error").all_inner_texts()
+    assert not errors and "Traceback" not in html, errors
+    page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
+    page.close()
