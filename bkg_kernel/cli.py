@@ -277,6 +277,8 @@ def run_all(
         typer.echo(f"admin API key file: {ddir / 'admin.key'}", err=True)
     voila = subprocess.Popen(dashboards_cmd(dashboards_port, Path("dashboards")), stdin=subprocess.DEVNULL)
     typer.echo(f"dashboards: http://127.0.0.1:{dashboards_port}/ (log in with an API key)", err=True)
+    os.environ["BKG_DASHBOARDS_URL"] = f"http://127.0.0.1:{dashboards_port}"
+    os.environ.setdefault("BKG_DASHBOARDS_DIR", str(Path("dashboards").resolve()))
     try:
         lab(port=port, notebook_dir=Path("notebooks"), open_browser=False)
     finally:

@@ -45,8 +45,10 @@ class Gateway:
         return int(self.proc.returncode)
 
 
-def start_gateway(data_dir: Path, env: dict[str, str] | None = None, wait: bool = True) -> Gateway:
-    port = free_port()
+def start_gateway(
+    data_dir: Path, env: dict[str, str] | None = None, wait: bool = True, port: int | None = None
+) -> Gateway:
+    port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir.parent / f"gateway-{port}.log"
     full_env = {

@@ -37,13 +37,18 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 def lab(gw: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("labroot")
     port = free_port()
-    env = {**os.environ, "BKG_GATEWAY_URL": gw.url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0"}
+    env = {
+        **os.environ, "BKG_GATEWAY_URL": gw.url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0",
+        "BKG_DASHBOARDS_URL": "http://127.0.0.1:8866",
+        "BKG_DASHBOARDS_DIR": str(Path(__file__).parent.parent / "dashboards"),
+    }  # fmt: skip
     log = open(root / "lab.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
             "--ip=127.0.0.1", f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}",
             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            f"--LabApp.workspaces_dir={root / 'workspaces'}", f"--LabApp.user_settings_dir={root / 'settings'}",
         ],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -76,7 +81,8 @@ def page(lab: str) -> Iterator[Any]:
         pg = browser.new_page(viewport={"width": 1400, "height": 900})
         pg.goto(f"{lab}/lab?token={TOKEN}")
         pg.wait_for_selector("#jupyterlab-splash", state="detached", timeout=60_000)
-        pg.click('li[data-id="bkg-sidebar"]')
+        if not pg.locator("#bkg-sidebar").is_visible():
+            pg.click('li[data-id="bkg-sidebar"]')
         yield pg
         browser.close()
 
@@ -157,3 +163,30 @@ def test_chat_panel_streams_an_answer(page: Any) -> None:
     wait_for(lambda: chat.locator(".bkg-chat-stop").is_disabled() and answer.inner_text().strip() != "", timeout=120)
     assert page.evaluate("window.__bkgUpdates") > 3, "the answer arrived in one piece, not streamed"
     page.screenshot(path=str(ARTIFACTS / "chat.png"))
+
+
+def test_launcher_offers_every_dashboard(page: Any, lab: str) -> None:
+    names = sorted(p.stem for p in (Path(__file__).parent.parent / "dashboards").glob("*.ipynb"))
+    info = httpx.get(f"{lab}/bkg/dashboards", params={"token": TOKEN}).json()
+    assert info["dashboards"] == names and info["url"] == "http://127.0.0.1:8866"
+    page.keyboard.press("Control+Shift+C")
+    page.fill(".lm-CommandPalette-input", "Dashboard: ")
+    items = page.locator(".lm-CommandPalette-item:has-text('Dashboard: ')")
+    wait_for(lambda: items.count() >= len(names), timeout=30)
+    page.keyboard.press("Escape")
+
+
+def test_sidebar_reconnects_after_the_gateway_restarts(page: Any, gw: Gateway) -> None:
+    """The gateway goes away: the sidebar says so; a gateway comes back on the same address: the sidebar is
+    live again by itself (no reload), and a stop made through the API shows up in it."""
+    port = int(gw.url.rsplit(":", 1)[1])
+    gw.stop()
+    banner = page.locator(".bkg-banner")
+    wait_for(lambda: "reconnecting" in banner.inner_text(), timeout=30)
+    g2 = start_gateway(gw.data_dir, port=port)
+    try:
+        wait_for(lambda: badge(page, "sysinfo").inner_text() == "running" and not banner.is_visible(), timeout=60)
+        g2.client().post("/api/plugins/sysinfo/stop").raise_for_status()
+        wait_for(lambda: badge(page, "sysinfo").inner_text() == "stopped", timeout=30)
+    finally:
+        gw.proc = g2.proc  # the module fixture stops whichever gateway runs now

@@ -607,17 +607,40 @@ def faces_panel(session: Session) -> W.VBox:
         except Exception as exc:  # noqa: BLE001
             out.value = error_html(exc)
 
-    upload_enroll.observe(enroll, "value")
+    listing = W.HTML()
+
+    def refresh() -> None:
+        r = session.wb.plugin("rustyface").invoke("faces.gallery", action="list")
+        listing.value = "<h3>Galleries</h3>" + table(r["galleries"], ["gallery", "faces"])
+
+    def enroll_and_list(change: Any) -> None:
+        enroll(change)
+        refresh()
+
+    upload_enroll.observe(enroll_and_list, "value")
     upload_identify.observe(identify, "value")
-    return W.VBox([plugin_actions(session, "rustyface"), gallery, subject, upload_enroll, upload_identify, out])
+    refresh()
+    return W.VBox(
+        [plugin_actions(session, "rustyface"), listing, gallery, subject, upload_enroll, upload_identify, out]
+    )
 
 
 def candle_panel(session: Session) -> W.VBox:
-    """candle: loaded models and their memory, run a model on a text."""
+    """candle: loaded models and their memory; load, run and quantize a model."""
     out = W.HTML()
-    model = W.Text(value="all-minilm-l6-v2", description="model")
+    result = W.HTML()
+    can = session.can("plugins:write")
+    models = [
+        m["id"]
+        for m in session.wb.call("GET", "/api/models")["models"]
+        if m["kind"] in ("hf-transformers", "torch-program")
+    ]
+    model = W.Dropdown(options=models, description="model")
     text = W.Text(description="input", layout=W.Layout(width="500px"))
-    run = W.Button(description="Run", disabled=not session.can("plugins:write"))
+    load = W.Button(description="Load", disabled=not can)
+    run = W.Button(description="Run", disabled=not can)
+    method = W.Dropdown(options=["dynamic-int8", "fp16", "bf16"], description="quantize")
+    quantize = W.Button(description="Quantize", disabled=not can)
 
     def refresh() -> None:
         s = session.wb.plugin("candle").invoke("candle.stats")
@@ -627,17 +650,24 @@ def candle_panel(session: Session) -> W.VBox:
             + table(rows, ["model_id", "kind", "task", "device", "memory", "load_s"])
         )
 
-    def do_run(_: Any) -> None:
+    def call(cap: str, **body: Any) -> None:
+        result.value = f"<p>{escape(cap)}…</p>"
         try:
-            r = session.wb.plugin("candle").invoke("candle.run", model_id=model.value, inputs=[text.value])
-            shown = {k: (v if k != "embeddings" else f"{len(v[0])}-d vector") for k, v in r.items()}
-            out.value = f"<pre>{escape(str(shown))}</pre>"
+            r = session.wb.plugin("candle").invoke(cap, **body)
+            shown = {k: (f"{len(v)} x {len(v[0])} values" if k == "embeddings" else v) for k, v in r.items()}
+            result.value = f"<pre>{escape(str(shown))[:3000]}</pre>"
         except Exception as exc:  # noqa: BLE001
-            out.value = error_html(exc)
+            result.value = error_html(exc)
+        refresh()
 
-    run.on_click(do_run)
+    load.on_click(lambda _: call("candle.model.load", model_id=model.value))
+    run.on_click(lambda _: call("candle.run", model_id=model.value, inputs=[text.value or " "]))
+    quantize.on_click(lambda _: call("candle.quantize", model_id=model.value, method=method.value))
     refresh()
-    return W.VBox([plugin_actions(session, "candle"), out, model, text, run])
+    return W.VBox(
+        [plugin_actions(session, "candle"), out, W.HBox([model, load]), W.HBox([text, run]), W.HBox([method, quantize]),
+         result]
+    )  # fmt: skip
 
 
 def apikeys_panel(session: Session) -> W.VBox:

@@ -147,6 +147,19 @@ class StatusHandler(APIHandler):
             self.finish({"gateway": self.target.url, "reachable": False, "error": str(exc)})
 
 
+class DashboardsHandler(APIHandler):
+    """The Voila dashboards the launcher offers: `BKG_DASHBOARDS_URL` (set by `bkg run`) and the notebooks in
+    `BKG_DASHBOARDS_DIR` (default ./dashboards)."""
+
+    @web.authenticated
+    def get(self) -> None:
+        from pathlib import Path
+
+        folder = Path(os.environ.get("BKG_DASHBOARDS_DIR", "dashboards"))
+        names = sorted(p.stem for p in folder.glob("*.ipynb")) if folder.is_dir() else []
+        self.finish({"url": os.environ.get("BKG_DASHBOARDS_URL"), "dashboards": names})
+
+
 class LiveHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):  # type: ignore[misc]
     """The gateway's WebSocket, relayed both ways; closes when the gateway does (the panel reconnects)."""
 
@@ -202,6 +215,7 @@ def setup_handlers(server_app: Any) -> None:
         ".*$",
         [
             (url_path_join(base, "bkg", "status"), StatusHandler, {"target": target}),
+            (url_path_join(base, "bkg", "dashboards"), DashboardsHandler),
             (url_path_join(base, "bkg", "ws"), LiveHandler, {"target": target}),
             (url_path_join(base, "bkg", "api", "(.*)"), ProxyHandler, {"target": target}),
         ],

@@ -1,6 +1,8 @@
 // jupyterlab-bkg: the "bkg" sidebar, plugin detail panels, the llmserver chat, and command palette entries.
 import { ILayoutRestorer, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
-import { ICommandPalette, MainAreaWidget, WidgetTracker } from '@jupyterlab/apputils';
+import { ICommandPalette, MainAreaWidget, showErrorMessage, WidgetTracker } from '@jupyterlab/apputils';
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
 import { ILauncher } from '@jupyterlab/launcher';
 
 import { Live } from './api';
@@ -107,6 +109,33 @@ const plugin: JupyterFrontEndPlugin<void> = {
     if (launcher) {
       launcher.add({ command: 'bkg:open-chat', category: 'bkg', rank: 1 });
     }
+
+    // "Open dashboard": one launcher item and palette entry per Voila dashboard
+    let dashboardsUrl: string | null = null;
+    commands.addCommand('bkg:open-dashboard', {
+      label: args => `Dashboard: ${args.name}`,
+      caption: args => `Open the bkg ${args.name} dashboard (Voila) in a new browser tab`,
+      execute: args => {
+        if (!dashboardsUrl) {
+          return showErrorMessage(
+            'No dashboards server',
+            'Start the dashboards with `bkg dashboards` (or `make run`), then set BKG_DASHBOARDS_URL for JupyterLab.'
+          );
+        }
+        window.open(URLExt.join(dashboardsUrl, 'voila', 'render', `${args.name}.ipynb`), '_blank');
+      }
+    });
+    const settings = ServerConnection.makeSettings();
+    void ServerConnection.makeRequest(URLExt.join(settings.baseUrl, 'bkg', 'dashboards'), {}, settings)
+      .then(r => r.json())
+      .then((info: { url: string | null; dashboards: string[] }) => {
+        dashboardsUrl = info.url;
+        info.dashboards.forEach((name, rank) => {
+          palette.addItem({ command: 'bkg:open-dashboard', args: { name }, category: CATEGORY });
+          launcher?.add({ command: 'bkg:open-dashboard', args: { name }, category: 'bkg', rank: 10 + rank });
+        });
+      })
+      .catch(() => undefined);
   }
 };
 
