@@ -62,6 +62,38 @@ class Identified(dict[str, Any]):
         return f"<figure><img src='data:image/png;base64,{src}'/><figcaption>{names}</figcaption></figure>"
 
 
+class Table(list[dict[str, Any]]):
+    """A list of rows that renders as a table in a notebook."""
+
+    columns: tuple[str, ...] = ()
+    caption = ""
+
+    def _repr_html_(self) -> str:
+        from bkg_kernel.store.results import html_table
+
+        return html_table(list(self.columns), [[r.get(c) for c in self.columns] for r in self], self.caption)
+
+
+class GalleryTable(Table):
+    columns = ("gallery", "faces")
+    caption = "face galleries"
+
+
+class SubjectTable(Table):
+    columns = ("subject", "faces")
+    caption = "subjects"
+
+
+class GalleryInfo(dict[str, Any]):
+    """faces.gallery describe: faces, subjects, created."""
+
+    def _repr_html_(self) -> str:
+        from bkg_kernel.store.results import html_table
+
+        cols = ["gallery", "faces", "subjects", "created_at"]
+        return html_table(cols, [[self.get(c) for c in cols]], f"gallery {self.get('gallery')}")
+
+
 class Faces:
     """rustyface through the gateway."""
 
@@ -88,13 +120,17 @@ class Faces:
         """Create a gallery."""
         return dict(self._invoke("faces.gallery", {"action": "create", "gallery": gallery}))
 
-    def galleries(self) -> list[dict[str, Any]]:
-        """Every gallery with its face count."""
-        return list(self._invoke("faces.gallery", {"action": "list"})["galleries"])
+    def galleries(self) -> GalleryTable:
+        """Every gallery with its face count (a table in a notebook)."""
+        return GalleryTable(self._invoke("faces.gallery", {"action": "list"})["galleries"])
 
-    def subjects(self, gallery: str) -> list[dict[str, Any]]:
-        """A gallery's subjects with their face counts."""
-        return list(self._invoke("faces.subjects", {"gallery": gallery})["subjects"])
+    def gallery(self, gallery: str) -> GalleryInfo:
+        """One gallery: faces, subjects, created."""
+        return GalleryInfo(self._invoke("faces.gallery", {"action": "describe", "gallery": gallery}))
+
+    def subjects(self, gallery: str) -> SubjectTable:
+        """A gallery's subjects with their face counts (a table in a notebook)."""
+        return SubjectTable(self._invoke("faces.subjects", {"gallery": gallery})["subjects"])
 
     def enroll(self, gallery: str, subject: str, images: list[Any], **opts: Any) -> dict[str, Any]:
         """Enroll the best face of each image as `subject`."""

@@ -38,21 +38,32 @@ def test_wheel_installs_and_loads_without_node(tmp_path: Path) -> None:
         env.pop(var, None)
     py = str(venv / "bin" / "python")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--prefix", str(venv), "-q", str(wheels[-1])],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--ignore-installed",
+            "--prefix",
+            str(venv),
+            "-q",
+            str(wheels[-1]),
+        ],
         check=True,
         env=env,
     )
     assert (venv / "share/jupyter/labextensions/jupyterlab-bkg/package.json").is_file()
     assert list((venv / "share/jupyter/labextensions/jupyterlab-bkg/static").glob("remoteEntry.*.js"))
 
-    def jupyter(*args: str) -> str:
-        r = subprocess.run([py, "-m", "jupyter", *args], env=env, capture_output=True, text=True, timeout=120)
+    def jupyter(module: str, *args: str) -> str:
+        r = subprocess.run([py, "-m", module, *args], env=env, capture_output=True, text=True, timeout=120)
         return r.stdout + r.stderr
 
-    labext = jupyter("labextension", "list")
+    labext = jupyter("jupyterlab.labextensions", "list")  # `jupyter labextension list`
     assert "jupyterlab-bkg v0.1.0" in labext and "enabled" in labext and "OK" in labext, labext
     assert str(venv) in labext  # the copy from this wheel, not the project venv's
-    serverext = jupyter("server", "extension", "list")
+    serverext = jupyter("jupyter_server", "extension", "list")  # `jupyter server extension list`
     assert "jupyterlab_bkg" in serverext and "OK" in serverext, serverext
 
     # the lab server started from this venv serves the prebuilt assets and the forwarding routes

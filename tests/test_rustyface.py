@@ -197,6 +197,11 @@ def test_enroll_folder_from_the_notebook_client(fgw: Gateway, tmp_path: Path) ->
     assert summary["skipped"] == [{"source": "eileen/empty.jpg", "reason": "no face found"}]
     wb = bkg_kernel.connect(fgw.url, api_key=ADMIN_KEY)
     assert wb.faces.subjects("folder") == [{"subject": "eileen", "faces": 2}, {"subject": "tom", "faces": 1}]
+    assert (
+        "eileen" in wb.faces.subjects("folder")._repr_html_() and "<table" in wb.faces.subjects("folder")._repr_html_()
+    )
+    assert "folder" in wb.faces.galleries()._repr_html_() and wb.faces.gallery("folder")["subjects"] == 2
+    assert "created_at" in wb.faces.gallery("folder")._repr_html_()
     found = wb.faces.identify("folder", a)
     assert found["faces"][0]["subject"] == "eileen"
     html = found._repr_html_()  # the photo with the face boxed and named
