@@ -124,16 +124,23 @@ def test_sidebar_lists_plugins_and_stop_changes_the_badge_live(page: Any, gw: Ga
 def test_detail_panel_settings_error_and_live_log(page: Any, gw: Gateway) -> None:
     page.click('tr[data-plugin="sysinfo"] .bkg-plugin-name')
     panel = page.locator("#bkg-plugin-sysinfo")
-    panel.locator("input[name=request_timeout]").wait_for(timeout=30_000)
+    field = panel.locator("#root_request_timeout")  # JupyterLab's form component (rjsf) from the JSON Schema
+    field.wait_for(timeout=30_000)
     assert "sysinfo.facts" in panel.locator(".bkg-caps").inner_text()
-    panel.locator("input[name=request_timeout]").fill("-5")
+    field.fill("-5")
+    group = panel.locator(".form-group:has(#root_request_timeout)").first
+    wait_for(lambda: "must be > 0" in group.inner_text(), timeout=15)  # on the field, as you type
     panel.locator(".bkg-save").click()
-    err = panel.locator('.bkg-field-error[data-field="request_timeout"]')
-    wait_for(lambda: "request_timeout" in err.inner_text(), timeout=15)
+    wait_for(lambda: "Not saved" in panel.locator(".bkg-form-status").inner_text(), timeout=15)
     assert gw.client().get("/api/plugins/sysinfo/config").json()["config"]["request_timeout"] == 30.0  # unchanged
     page.screenshot(path=str(ARTIFACTS / "settings-error.png"))
     panel.locator(".bkg-revert").click()
-    assert panel.locator("input[name=request_timeout]").input_value() == "30"
+    wait_for(lambda: panel.locator("#root_request_timeout").input_value() == "30", timeout=10)
+    # a valid change saves, and the gateway has it
+    panel.locator("#root_max_queue").fill("32")
+    panel.locator(".bkg-save").click()
+    wait_for(lambda: "Saved" in panel.locator(".bkg-form-status").inner_text(), timeout=30)
+    assert gw.client().get("/api/plugins/sysinfo/config").json()["config"]["max_queue"] == 32
 
     before = panel.locator(".bkg-log-line").count()
     gw.client().post("/api/plugins/sysinfo/restart").raise_for_status()  # logs lines while the panel is open
@@ -190,3 +197,39 @@ def test_sidebar_reconnects_after_the_gateway_restarts(page: Any, gw: Gateway) -
         wait_for(lambda: badge(page, "sysinfo").inner_text() == "stopped", timeout=30)
     finally:
         gw.proc = g2.proc  # the module fixture stops whichever gateway runs now
+
+
+def test_server_extension_starts_a_gateway_when_none_runs(tmp_path: Path) -> None:
+    """No BKG_GATEWAY_URL: the extension finds the data dir's gateway and, when none answers, starts one."""
+    import json
+    import signal
+
+    data, port, gport = tmp_path / "data", free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BKG_") or k in ("BKG_CACHE_DIR",)}
+    env.update(BKG_DATA_DIR=str(data), BKG_PORT=str(gport), BKG_MODEL_DIR=str(tmp_path / "models"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
+         f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={tmp_path}"],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(url), timeout=90, every=0.5)
+        r = httpx.get(f"{url}/bkg/api/api/plugins", params={"token": TOKEN}, timeout=120)
+        assert r.status_code == 200 and r.json()["plugins"], r.text
+        state = json.loads((data / "gateway.json").read_text())
+        assert state["url"].endswith(f":{gport}")
+        status = httpx.get(f"{url}/bkg/status", params={"token": TOKEN}).json()
+        assert status["reachable"] is True
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        if (data / "gateway.json").exists():
+            os.kill(int(json.loads((data / "gateway.json").read_text())["pid"]), signal.SIGTERM)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/api/status", params={"token": TOKEN}, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

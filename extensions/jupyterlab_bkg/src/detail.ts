@@ -2,7 +2,8 @@
 // charts, a live log view, and a settings form generated from the plugin's JSON Schema.
 import { Widget } from '@lumino/widgets';
 
-import { BkgError, el, formatBytes, formatUptime, ITelemetry, Live, request } from './api';
+import { el, formatBytes, formatUptime, ITelemetry, Live, request } from './api';
+import { mountSettingsForm } from './settingsform';
 import { runAction } from './sidebar';
 
 const LEVELS = ['DEBUG', 'INFO', 'WARNING', 'ERROR'];
@@ -40,9 +41,8 @@ export class PluginPanel extends Widget {
   private follow = true;
   private lines: any[] = [];
   private history: ITelemetry[] = [];
-  private form = el('form', { class: 'bkg-settings', novalidate: '' });
-  private schema: any = null;
-  private config: Record<string, any> = {};
+  private form = el('div', { class: 'bkg-settings-host' });
+  private formRoot: { unmount(): void } | null = null;
   private disposeListener: () => void;
 
   constructor(
@@ -62,10 +62,6 @@ export class PluginPanel extends Widget {
     this.logList.addEventListener('scroll', () => {
       const atEnd = this.logList.scrollTop + this.logList.clientHeight >= this.logList.scrollHeight - 4;
       this.follow = atEnd; // scrolled up: stop following until the user comes back to the end
-    });
-    this.form.addEventListener('submit', ev => {
-      ev.preventDefault();
-      void this.save();
     });
     this.node.append(
       this.header,
@@ -87,6 +83,7 @@ export class PluginPanel extends Widget {
 
   dispose(): void {
     this.disposeListener();
+    this.formRoot?.unmount();
     super.dispose();
   }
 
@@ -100,9 +97,7 @@ export class PluginPanel extends Widget {
     this.renderCaps(info.capabilities || []);
     this.lines = logs.lines || logs.logs || [];
     this.renderLogs();
-    this.schema = cfg.schema;
-    this.config = cfg.config;
-    this.renderForm();
+    this.formRoot = mountSettingsForm(this.form, this.pluginId, cfg.schema, cfg.config);
     const tel = await request(`api/plugins/${this.pluginId}/telemetry`);
     this.history.push((tel.telemetry || tel) as ITelemetry);
     this.renderCharts();
@@ -193,107 +188,6 @@ export class PluginPanel extends Widget {
     );
     if (this.follow) {
       this.logList.scrollTop = this.logList.scrollHeight;
-    }
-  }
-
-  private renderForm(): void {
-    const props: Record<string, any> = this.schema?.properties || {};
-    const defs = this.schema?.$defs || {};
-    this.form.replaceChildren();
-    for (const [name, rawProp] of Object.entries(props)) {
-      let prop: any = rawProp;
-      if (prop.$ref) {
-        prop = defs[prop.$ref.split('/').pop()] || prop;
-      }
-      const types: string[] = prop.anyOf ? prop.anyOf.map((a: any) => a.type) : [prop.type];
-      const value = this.config[name] ?? prop.default ?? null;
-      let input: HTMLInputElement | HTMLSelectElement | HTMLTextAreaElement;
-      if (prop.enum) {
-        input = el('select', {});
-        for (const opt of prop.enum) {
-          input.append(el('option', { value: String(opt) }, String(opt)));
-        }
-        input.value = String(value);
-      } else if (types.includes('boolean')) {
-        input = el('input', { type: 'checkbox' });
-        (input as HTMLInputElement).checked = Boolean(value);
-      } else if (types.includes('array') || types.includes('object')) {
-        input = el('textarea', { rows: '2' });
-        input.value = JSON.stringify(value);
-      } else {
-        const numeric = types.includes('integer') || types.includes('number');
-        input = el('input', { type: numeric ? 'number' : 'text', step: types.includes('integer') ? '1' : 'any' });
-        input.value = value === null ? '' : String(value);
-      }
-      input.name = name;
-      input.id = `bkg-${this.pluginId}-${name}`;
-      const error = el('div', { class: 'bkg-field-error', role: 'alert', 'data-field': name });
-      this.form.append(
-        el(
-          'div',
-          { class: 'bkg-field' },
-          el('label', { for: input.id, title: prop.description || '' }, prop.title || name),
-          input,
-          el('small', {}, prop.description || ''),
-          error
-        )
-      );
-    }
-    const save = el('button', { type: 'submit', class: 'jp-Button bkg-save' }, 'Save');
-    const revert = el('button', { type: 'button', class: 'jp-Button bkg-revert' }, 'Revert');
-    revert.addEventListener('click', () => this.renderForm());
-    this.form.append(el('div', { class: 'bkg-form-actions' }, save, revert, el('span', { class: 'bkg-form-status' })));
-  }
-
-  private readForm(): Record<string, any> {
-    const out: Record<string, any> = {};
-    const props: Record<string, any> = this.schema?.properties || {};
-    for (const [name, prop] of Object.entries(props)) {
-      const input = this.form.elements.namedItem(name) as HTMLInputElement | null;
-      if (!input) {
-        continue;
-      }
-      const types: string[] = prop.anyOf ? prop.anyOf.map((a: any) => a.type) : [prop.type];
-      if (input.type === 'checkbox') {
-        out[name] = input.checked;
-      } else if (input.tagName === 'TEXTAREA') {
-        try {
-          out[name] = JSON.parse(input.value);
-        } catch {
-          out[name] = input.value; // the gateway names the field in its 422
-        }
-      } else if (input.value === '' && types.includes('null')) {
-        out[name] = null;
-      } else if ((types.includes('integer') || types.includes('number')) && input.value !== '') {
-        out[name] = Number(input.value);
-      } else {
-        out[name] = input.value;
-      }
-    }
-    return out;
-  }
-
-  private async save(): Promise<void> {
-    this.form.querySelectorAll('.bkg-field-error').forEach(e => (e.textContent = ''));
-    this.form.querySelectorAll('.bkg-invalid').forEach(e => e.classList.remove('bkg-invalid'));
-    const status = this.form.querySelector('.bkg-form-status') as HTMLElement;
-    try {
-      const r = await request(`api/plugins/${this.pluginId}/config`, {
-        method: 'PUT',
-        body: JSON.stringify({ config: this.readForm() })
-      });
-      this.config = r.config;
-      status.textContent = r.restarted ? 'Saved; the plugin restarted to apply it.' : 'Saved.';
-    } catch (e: any) {
-      const field = e instanceof BkgError && e.field ? e.field.replace(/^config\./, '').split('.')[0] : null;
-      const slot = field ? this.form.querySelector(`.bkg-field-error[data-field="${field}"]`) : null;
-      if (slot) {
-        slot.textContent = e.message;
-        (this.form.elements.namedItem(field!) as HTMLElement)?.classList.add('bkg-invalid');
-        status.textContent = 'Not saved: fix the field marked in red.';
-      } else {
-        status.textContent = `Not saved: ${e.message}`;
-      }
     }
   }
 }
