@@ -63,19 +63,17 @@ def lab(
     open_browser: Annotated[bool, typer.Option(help="Open a browser tab.")] = False,
 ) -> None:
     """Run JupyterLab on the notebooks folder (Ctrl-C stops it)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "jupyterlab",
-        f"--port={port}",
-        f"--notebook-dir={notebook_dir}",
-        "--ip=127.0.0.1",
-    ]
+    raise typer.Exit(subprocess.call(lab_cmd(port, notebook_dir, open_browser)))
+
+
+def lab_cmd(port: int, notebook_dir: Path, open_browser: bool) -> list[str]:
+    """The JupyterLab command line (bound to 127.0.0.1)."""
+    cmd = [sys.executable, "-m", "jupyterlab", f"--port={port}", f"--notebook-dir={notebook_dir}", "--ip=127.0.0.1"]
     if not open_browser:
         cmd.append("--no-browser")
     if os.geteuid() == 0:
         cmd.append("--allow-root")
-    raise typer.Exit(subprocess.call(cmd))
+    return cmd
 
 
 def dashboards_cmd(port: int, folder: Path) -> list[str]:
@@ -279,10 +277,26 @@ def run_all(
     typer.echo(f"dashboards: http://127.0.0.1:{dashboards_port}/ (log in with an API key)", err=True)
     os.environ["BKG_DASHBOARDS_URL"] = f"http://127.0.0.1:{dashboards_port}"
     os.environ.setdefault("BKG_DASHBOARDS_DIR", str(Path("dashboards").resolve()))
+
+    # SIGTERM (a service manager, `timeout`) stops everything this command started, like Ctrl-C does
+    def on_term(*_: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM (the process group) must not cut cleanup
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    jlab = subprocess.Popen(lab_cmd(port, Path("notebooks"), False), stdin=subprocess.DEVNULL)
     try:
-        lab(port=port, notebook_dir=Path("notebooks"), open_browser=False)
+        jlab.wait()
+    except KeyboardInterrupt:
+        pass
     finally:
-        voila.terminate()
+        for child in (jlab, voila):
+            child.terminate()
+        for child in (jlab, voila):
+            try:
+                child.wait(20)
+            except subprocess.TimeoutExpired:
+                child.kill()
         if ours:
             state = json.loads((ddir / "gateway.json").read_text()) if (ddir / "gateway.json").exists() else {}
             if state.get("pid"):

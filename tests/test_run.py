@@ -1,10 +1,10 @@
-"""`bkg run` (what `make run` calls): the gateway in the background and JupyterLab in front, both reachable."""
+"""`bkg run` (what `make run` calls): the gateway in the background, the Voila dashboards and JupyterLab with the
+bkg extension in front, all reachable; a SIGTERM stops all three."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +16,21 @@ from gateway_harness import free_port, wait_for
 
 def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    gw_port, lab_port = free_port(), free_port()
+    gw_port, lab_port, dash_port = free_port(), free_port(), free_port()
     env = {**os.environ, "BKG_PORT": str(gw_port), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bkg_kernel.cli", "run", "--port", str(lab_port), "--data-dir", str(data)],
+        [
+            sys.executable,
+            "-m",
+            "bkg_kernel.cli",
+            "run",
+            "--port",
+            str(lab_port),
+            "--data-dir",
+            str(data),
+            "--dashboards-port",
+            str(dash_port),
+        ],  # fmt: skip
         cwd=Path(__file__).parent.parent,
         env=env,
         stdout=subprocess.PIPE,
@@ -39,10 +50,13 @@ def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
         assert health["plugins"]["sysinfo"] == "running"
         assert (data / "admin.key").stat().st_mode & 0o777 == 0o600
         gateway_pid = json.loads((data / "gateway.json").read_text())["pid"]
+        dash = f"http://127.0.0.1:{dash_port}/voila/render/overview.ipynb"
+        wait_for(lambda: _status(dash) == 200, timeout=120, every=0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches the whole group
-        out = proc.communicate(timeout=60)[0].decode(errors="replace")
-    assert "bkg gateway: http://127.0.0.1:" in out and "admin API key file" in out
+        proc.terminate()  # SIGTERM to `bkg run` alone (a service manager): it stops what it started
+        out = proc.communicate(timeout=90)[0].decode(errors="replace")
+    assert "bkg gateway: http://127.0.0.1:" in out and "admin API key file" in out and "bkg gateway stopped" in out
+    assert _status(dash) == 0 and _status(f"http://127.0.0.1:{lab_port}/lab") == 0
     wait_for(lambda: not (data / "gateway.json").exists(), timeout=30)
     wait_for(lambda: not _running(gateway_pid), timeout=30)
 
@@ -52,3 +66,10 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # an orphan may wait for its reaper
     except psutil.NoSuchProcess:
         return False
+
+
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return 0
