@@ -19,19 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from gateway_harness import ADMIN_KEY, free_port, start_gateway, wait_for  # noqa: E402
+from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, free_port, http_ok, start_gateway, wait_for  # noqa: E402
 
 from bkg_kernel.cli import dashboards_cmd  # noqa: E402
 
 DASHBOARDS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "dashboards").glob("*.ipynb"))
-
-ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 
 def main() -> None:
@@ -60,11 +53,11 @@ def main() -> None:
     ready, sidebar = [], []
     dash: dict[str, list[tuple[float, float]]] = {}
     try:
-        wait_for(lambda: _up(url), timeout=90, every=0.5)
-        wait_for(lambda: _up(vurl, "/"), timeout=90, every=0.5)
+        wait_for(lambda: http_ok(f"{url}/api/status", token="t"), timeout=90, every=0.5)
+        wait_for(lambda: http_ok(vurl), timeout=90, every=0.5)
         time.sleep(5)  # let the preheated kernels finish their pre-run
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             for run in range(args.runs + 1):  # the first load warms the server's caches: not counted
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 t0 = time.perf_counter()
@@ -114,13 +107,6 @@ def main() -> None:
     print("|---|---|---|")
     for name, xs in dash.items():
         print(f"| {name} | {statistics.median(x[0] for x in xs):.2f} | {statistics.median(x[1] for x in xs):.2f} |")
-
-
-def _up(url: str, path: str = "/api/status") -> bool:
-    try:
-        return httpx.get(f"{url}{path}", params={"token": "t"}, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 if __name__ == "__main__":

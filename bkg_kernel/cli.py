@@ -268,9 +268,8 @@ def run_all(
     typer.echo(f"bkg gateway: {wb.url}  (plugins: {', '.join(p['id'] for p in wb.plugins)})", err=True)
     # the lab extension's server side forwards to this gateway with this key (the browser never holds it)
     os.environ["BKG_GATEWAY_URL"] = wb.url
-    key = wb.http.headers.get("authorization", "")[7:]
-    if key:
-        os.environ["BKG_API_KEY"] = key
+    if wb.api_key:
+        os.environ["BKG_API_KEY"] = wb.api_key
     if (ddir / "admin.key").exists():
         typer.echo(f"admin API key file: {ddir / 'admin.key'}", err=True)
     voila = subprocess.Popen(dashboards_cmd(dashboards_port, Path("dashboards")), stdin=subprocess.DEVNULL)

@@ -39,6 +39,7 @@ class Workbench:
 
     def __init__(self, url: str, api_key: str | None, timeout: float = 120.0) -> None:
         self.url = url.rstrip("/")
+        self.api_key = api_key
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
@@ -367,18 +368,24 @@ def connect(
     """Connect to the gateway of this data dir, starting one in the background when none runs."""
     settings = Settings() if data_dir is None else Settings(data_dir=Path(data_dir))
     ddir = settings.data_dir.resolve()
-    state = ddir / "gateway.json"
-    if url is None and state.exists():
-        try:
-            url = json.loads(state.read_text())["url"]
-        except (ValueError, KeyError, OSError):
-            url = None
-    url = url or f"http://{settings.host}:{settings.port}"
+    url = url or gateway_url(settings)
     if not _alive(url):
         if not start:
             raise Unavailable(f"no bkg gateway answers at {url} (start one with `bkg serve`)")
         _spawn(settings, ddir, url, timeout)
     return Workbench(url, api_key or _api_key(settings, ddir))
+
+
+def gateway_url(settings: Settings | None = None) -> str:
+    """The URL of the data dir's gateway (its gateway.json), else the configured host and port."""
+    settings = settings or Settings()
+    state = settings.data_dir.resolve() / "gateway.json"
+    if state.exists():
+        try:
+            return str(json.loads(state.read_text())["url"])
+        except (ValueError, KeyError, OSError):
+            pass
+    return f"http://{settings.host}:{settings.port}"
 
 
 def _spawn(settings: Settings, ddir: Path, url: str, timeout: float) -> None:

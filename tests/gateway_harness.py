@@ -93,3 +93,19 @@ def wait_for(fn: Any, timeout: float = 30, every: float = 0.1) -> Any:
             return value
         time.sleep(every)
     raise AssertionError("condition not met in time")
+
+
+# Debian's Chromium for the UI tests and bench/ui.py (never a downloaded browser); flags that work offline here.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def http_ok(url: str, **params: str) -> bool:
+    """True when `url` answers 200 (a server that is still starting answers nothing)."""
+    try:
+        return httpx.get(url, params=params, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -15,15 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, free_port, start_gateway, wait_for
+from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, Gateway, free_port, http_ok, start_gateway, wait_for
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "ui"
 TOKEN = "bkg-ui-test-token"
-ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +48,8 @@ def lab(gw: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/api/status", params={"token": TOKEN}, timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        wait_for(up, timeout=90, every=0.5)
+        wait_for(lambda: http_ok(f"{url}/api/status", token=TOKEN), timeout=90, every=0.5)
         yield url
     finally:
         proc.terminate()
@@ -77,7 +65,7 @@ def page(lab: str) -> Iterator[Any]:
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         pg = browser.new_page(viewport={"width": 1400, "height": 900})
         pg.goto(f"{lab}/lab?token={TOKEN}")
         pg.wait_for_selector("#jupyterlab-splash", state="detached", timeout=60_000)
@@ -214,7 +202,7 @@ def test_server_extension_starts_a_gateway_when_none_runs(tmp_path: Path) -> Non
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _up(url), timeout=90, every=0.5)
+        wait_for(lambda: http_ok(f"{url}/api/status", token=TOKEN), timeout=90, every=0.5)
         r = httpx.get(f"{url}/bkg/api/api/plugins", params={"token": TOKEN}, timeout=120)
         assert r.status_code == 200 and r.json()["plugins"], r.text
         state = json.loads((data / "gateway.json").read_text())
@@ -226,10 +214,3 @@ def test_server_extension_starts_a_gateway_when_none_runs(tmp_path: Path) -> Non
         proc.wait(20)
         if (data / "gateway.json").exists():
             os.kill(int(json.loads((data / "gateway.json").read_text())["pid"]), signal.SIGTERM)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/api/status", params={"token": TOKEN}, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False

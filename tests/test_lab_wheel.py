@@ -14,7 +14,7 @@ import sysconfig
 from pathlib import Path
 
 import httpx
-from gateway_harness import free_port, wait_for
+from gateway_harness import free_port, http_ok, wait_for
 
 EXT = Path(__file__).resolve().parent.parent / "extensions" / "jupyterlab_bkg"
 
@@ -76,14 +76,7 @@ def test_wheel_installs_and_loads_without_node(tmp_path: Path) -> None:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{url}/api/status", params={"token": "t"}, timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(up, timeout=90, every=0.5)
+        wait_for(lambda: http_ok(f"{url}/api/status", token="t"), timeout=90, every=0.5)
         page = httpx.get(f"{url}/lab", params={"token": "t"}).text
         assert "jupyterlab-bkg" in page  # listed among the federated extensions the page loads
         entry = next((venv / "share/jupyter/labextensions/jupyterlab-bkg/static").glob("remoteEntry.*.js")).name

@@ -63,21 +63,10 @@ class Session:
 
 
 def gateway_url() -> str:
-    """The gateway dashboards talk to: BKG_GATEWAY_URL, else the data dir's gateway.json, else the default."""
-    if os.environ.get("BKG_GATEWAY_URL"):
-        return os.environ["BKG_GATEWAY_URL"]
-    from bkg_kernel.settings import Settings
+    """The gateway dashboards talk to: BKG_GATEWAY_URL, else the data dir's gateway."""
+    from bkg_kernel.client import gateway_url as data_dir_gateway
 
-    s = Settings()
-    state = s.data_dir / "gateway.json"
-    if state.exists():
-        import json
-
-        try:
-            return str(json.loads(state.read_text())["url"])
-        except (ValueError, KeyError):
-            pass
-    return f"http://{s.host}:{s.port}"
+    return os.environ.get("BKG_GATEWAY_URL") or data_dir_gateway()
 
 
 def badge(state: str) -> str:

@@ -27,12 +27,13 @@ def pick_device(setting: str) -> str:
 
 
 class Runner:
-    """A loaded model: `task` is embed, generate or tensors."""
+    """A loaded model: `task` is embed, score, generate or tensors."""
 
     task = ""
 
-    def __init__(self, model_id: str, module: Any, device: str) -> None:
+    def __init__(self, model_id: str, module: Any, device: str, tokenizer: Any = None) -> None:
         self.model_id, self.module, self.device = model_id, module, device
+        self.tokenizer = tokenizer  # transformers models: the tokenizer loaded with them
 
     def parameters_bytes(self) -> int:
         """Return the bytes held by the model's parameters and buffers (packed int8 weights included)."""
@@ -72,10 +73,6 @@ class EncoderRunner(Runner):
 
     task = "embed"
 
-    def __init__(self, model_id: str, module: Any, device: str, tokenizer: Any) -> None:
-        super().__init__(model_id, module, device)
-        self.tokenizer = tokenizer
-
     def run(self, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
         import torch
 
@@ -94,10 +91,6 @@ class CrossEncoderRunner(Runner):
     """A sequence-classification model over (query, passage) pairs: one relevance score per pair (a reranker)."""
 
     task = "score"
-
-    def __init__(self, model_id: str, module: Any, device: str, tokenizer: Any) -> None:
-        super().__init__(model_id, module, device)
-        self.tokenizer = tokenizer
 
     def run(self, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -130,10 +123,6 @@ class CausalRunner(Runner):
     """A causal LM: prompts -> generated continuations (greedy unless `temperature` > 0)."""
 
     task = "generate"
-
-    def __init__(self, model_id: str, module: Any, device: str, tokenizer: Any) -> None:
-        super().__init__(model_id, module, device)
-        self.tokenizer = tokenizer
 
     def run(self, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
         import torch

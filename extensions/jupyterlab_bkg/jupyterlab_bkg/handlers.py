@@ -54,7 +54,7 @@ class Target:
             raise GatewayUnreachable(str(exc)) from None
         self.started = start
         self.url = wb.url
-        self.key = self.key or wb.http.headers.get("authorization", "")[7:] or None
+        self.key = self.key or wb.api_key
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
