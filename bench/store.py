@@ -103,7 +103,7 @@ def run_bkg(kind: str, x, qs, groups, work: Path) -> tuple[float, Callable, Call
     c = store.create_collection("bench", dim=x.shape[1], metric="cosine", index=kind, **params)
     payloads = [{"group": g} for g in groups]
     t0 = time.perf_counter()
-    c.upsert(ids=np.arange(len(x)), vectors=x, payloads=payloads, batch_size=20_000, progress=True)
+    c.upsert(ids=np.arange(len(x)), vectors=x, payloads=payloads, progress=True)
     c.flush()  # persisted: rows committed in DuckDB and the index written to disk
     ingest = len(x) / (time.perf_counter() - t0)
     search = lambda q: c.query(q, k=10).ids  # noqa: E731

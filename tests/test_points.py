@@ -122,6 +122,23 @@ def test_delete_needs_ids_or_filter(store: Store) -> None:
         ),
         ([{"id": 1, "vector": [1, 2, 3], "text": 5}], "points[0].text", "string"),
         ([{"id": 1, "vector": [1, 2, 3], "colour": "red"}], "points[0]", "unknown point field 'colour'"),
+        # The bad row is not the first: the error names the row that is wrong, not its neighbours.
+        (
+            [{"id": i, "vector": [1, 2, 3]} for i in range(5)] + [{"id": 2**63, "vector": [1, 2, 3]}],
+            "points[5].id",
+            "64 bits",
+        ),
+        (
+            [{"id": i, "vector": [1, 2, 3], "payload": {"n": i}} for i in range(3)]
+            + [{"id": 3, "vector": [1, 2, 3], "payload": {"when": object()}}],
+            "points[3].payload",
+            "not valid JSON",
+        ),
+        (
+            [{"id": 1, "vector": [1, 2, 3], "text": "a"}, {"id": 2, "vector": [1, 2, 3], "text": b"b"}],
+            "points[1].text",
+            "string",
+        ),
     ],
 )
 def test_bad_points_rejected_without_writing(store: Store, points: list, field: str, words: str) -> None:

@@ -32,6 +32,10 @@ READ_CHUNK = 50_000
 # Compact (renumber positions, rebuild the index) when more than this share of positions is dead.
 COMPACT_DEAD_RATIO = 0.5
 FILTER_CACHE_SIZE = 32
+# Upsert batches default to DuckDB's row group size: a transaction that fills whole row groups is written
+# straight to the database file, while a smaller one goes to the WAL first and is written again by the
+# next checkpoint (1M x 384 floats: 22 s in 122,880-row batches, 89 s in 20,000-row batches).
+UPSERT_BATCH = 122_880
 # One thread adds vectors to FAISS while the caller commits the next batch to DuckDB.
 _INDEXER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bkg-index")
 
@@ -159,7 +163,7 @@ class Collection:
         vectors: Any = None,
         payloads: list[Any] | None = None,
         texts: list[Any] | None = None,
-        batch_size: int = 10_000,
+        batch_size: int = UPSERT_BATCH,
         progress: bool | None = None,
     ) -> UpsertResult:
         """Insert or replace points (as dicts, or as columns); each batch is committed before the next starts."""

@@ -86,6 +86,18 @@ class VectorIndex:
         _faiss().normalize_L2(x)  # in place, in C; zero vectors stay zero
         return x
 
+    def prepare_query(self, query: np.ndarray) -> np.ndarray:
+        """Return one query vector as a (1, dim) float32 row (a copy), unit length for cosine.
+
+        numpy's dot and scale cost a fraction of a round trip through faiss's wrappers, and a query pays
+        this on every call.
+        """
+        q = query.reshape(1, -1)
+        if self.metric != "cosine":
+            return np.array(q, dtype=np.float32, order="C")
+        norm = math.sqrt(float(np.dot(q[0], q[0])))
+        return q * np.float32(1.0 / norm) if norm > 0 else np.array(q, dtype=np.float32, order="C")
+
     def add(self, vectors: np.ndarray, alive: np.ndarray | None = None) -> None:
         """Append vectors at positions ntotal.. ; `alive` marks placeholders that are born dead."""
         if len(vectors) == 0:
@@ -128,7 +140,7 @@ class VectorIndex:
         self, query: np.ndarray, k: int, allowed: np.ndarray | None = None, ef_search: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return (fids, raw faiss distances) of the k nearest live positions, optionally only among `allowed`."""
-        q = self.prepare(query.reshape(1, -1))
+        q = self.prepare_query(query)
         mask: np.ndarray | None
         if allowed is not None:
             allowed = np.asarray(allowed, dtype=np.int64)

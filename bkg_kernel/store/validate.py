@@ -192,7 +192,7 @@ def upsert_batch(
             raise InvalidInput(f"{label} has {len(col)} entries for {n} ids", field=label)
     if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" and ids.ndim == 1:
         ids = ids.tolist()  # plain Python ints, 64-bit by construction
-    keys = [point_key(pid, name("id")(i)) for i, pid in enumerate(ids)]
+    keys = _keys(ids, name("id"))
     plain_ids: list[int | str] = [
         pid if type(pid) is int or type(pid) is str else json.loads(k) for pid, k in zip(ids, keys, strict=True)
     ]
@@ -200,8 +200,8 @@ def upsert_batch(
     if len(mat) != n:
         raise InvalidInput(f"got {len(mat)} vectors for {n} ids", field="vectors")
     nothing: list[str | None] = [None] * n
-    pl = [_payload(p, name("payload")(i)) for i, p in enumerate(payloads)] if payloads is not None else nothing
-    tx = [_text(t, name("text")(i)) for i, t in enumerate(texts)] if texts is not None else list(nothing)
+    pl = _payloads(payloads, name("payload")) if payloads is not None else nothing
+    tx = _texts(texts, name("text")) if texts is not None else list(nothing)
     last = {k: i for i, k in enumerate(keys)}
     if len(last) != n:
         keep = sorted(last.values())
@@ -213,6 +213,29 @@ def upsert_batch(
             [tx[i] for i in keep],
         )
     return Batch(plain_ids, keys, mat, pl, tx)
+
+
+# The per-row checks below run a million times in a big upsert: the common case is one cheap test per row,
+# and the field name of an error is only formatted for the row that fails.
+def _keys(ids: Sequence[Any], where: Callable[[int], str]) -> list[str]:
+    lo, hi = -_INT64, _INT64
+    if all(type(pid) is int and lo <= pid < hi for pid in ids):
+        return list(map(str, ids))
+    return [point_key(pid, where(i)) for i, pid in enumerate(ids)]
+
+
+def _payloads(payloads: Sequence[Any], where: Callable[[int], str]) -> list[str | None]:
+    enc = _ENCODE
+    try:
+        return [enc(p) if type(p) is dict else _payload(p, "") for p in payloads]
+    except (InvalidInput, TypeError, ValueError, RecursionError):
+        return [_payload(p, where(i)) for i, p in enumerate(payloads)]  # raises, naming the row
+
+
+def _texts(texts: Sequence[Any], where: Callable[[int], str]) -> list[str | None]:
+    if all(t is None or type(t) is str for t in texts):
+        return list(texts)
+    return [_text(t, where(i)) for i, t in enumerate(texts)]
 
 
 def _payload(p: Any, field: str) -> str | None:
