@@ -161,6 +161,8 @@ def run_duckdb_vss(x, qs, groups, work: Path) -> tuple[float, Callable, Callable
     )
     con.register("tbl", tbl)
     con.execute("INSERT INTO t SELECT * FROM tbl")
+    con.unregister("tbl")  # the connection would keep the Arrow copy (1.5 GB at 1M) alive
+    del tbl
     con.execute(
         "CREATE INDEX h ON t USING HNSW (vec) WITH "
         f"(metric = 'cosine', M = {HNSW_M}, ef_construction = {HNSW_EFC}, ef_search = {HNSW_EFS})"
