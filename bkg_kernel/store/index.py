@@ -87,16 +87,17 @@ class VectorIndex:
         return x
 
     def prepare_query(self, query: np.ndarray) -> np.ndarray:
-        """Return one query vector as a (1, dim) float32 row (a copy), unit length for cosine.
+        """Return one query vector as a (1, dim) float32 row, unit length for cosine (`prepare` for one row).
 
         numpy's dot and scale cost a fraction of a round trip through faiss's wrappers, and a query pays
         this on every call.
         """
         q = query.reshape(1, -1)
-        if self.metric != "cosine":
-            return np.array(q, dtype=np.float32, order="C")
-        norm = math.sqrt(float(np.dot(q[0], q[0])))
-        return q * np.float32(1.0 / norm) if norm > 0 else np.array(q, dtype=np.float32, order="C")
+        if self.metric == "cosine":
+            norm = math.sqrt(float(np.dot(q[0], q[0])))
+            if norm > 0:
+                return q * np.float32(1.0 / norm)
+        return self.prepare(q)
 
     def add(self, vectors: np.ndarray, alive: np.ndarray | None = None) -> None:
         """Append vectors at positions ntotal.. ; `alive` marks placeholders that are born dead."""
