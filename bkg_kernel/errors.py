@@ -127,3 +127,64 @@ class Timeout(BkgError):
 
     status = 504
     code = "timeout"
+
+
+class UpstreamError(BkgError):
+    """An upstream service (an OpenAI-compatible server) refused or failed a request; `status` is kept."""
+
+    code = "upstream_error"
+
+    def __init__(self, message: str, *, status: int = 502, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.status = status if 400 <= status < 600 else 502
+
+
+class JobFailed(BkgError):
+    """A background job ended without a result (failed or cancelled); `state` says which."""
+
+    status = 409
+
+    def __init__(self, message: str, *, state: str = "failed", field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.state = state
+        self.code = f"job_{state}"
+
+
+class RemoteError(BkgError):
+    """An error another bkg process sent as JSON, whose code names no class here: status and code are kept."""
+
+    def __init__(self, message: str, *, status: int = 500, code: str = "remote_error", field: str | None = None):
+        super().__init__(message, field=field)
+        self.status, self.code = status, code
+
+
+def _codes() -> dict[str, type[BkgError]]:
+    found: dict[str, type[BkgError]] = {}
+    stack: list[type[BkgError]] = [BkgError]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if "code" in cls.__dict__ and cls.__init__ is BkgError.__init__:
+            found.setdefault(cls.code, cls)
+    return found
+
+
+def from_dict(data: dict[str, Any], *, status: int = 500) -> BkgError:
+    """Rebuild the error of a JSON error body (`{"error": {...}}` or its inner dict): the class its code names,
+    or a `RemoteError` that keeps the status and code; `status` is the fallback (the HTTP status)."""
+    err = data.get("error", data) if isinstance(data, dict) else {}
+    if not isinstance(err, dict):
+        err = {"message": str(err)}
+    message = str(err.get("message") or err.get("detail") or "error")
+    field, code = err.get("field"), str(err.get("code") or "")
+    st = int(err.get("status") or status)
+    cls = _codes().get(code)
+    if code == "too_many_requests":
+        return TooManyRequests(message, retry_after=float(err.get("retry_after") or 1.0), field=field)
+    if code == "upstream_error":
+        return UpstreamError(message, status=st, field=field)
+    if code.startswith("job_"):
+        return JobFailed(message, state=code[4:], field=field)
+    if cls is not None and cls.status == st:
+        return cls(message, field=field)
+    return RemoteError(message, status=st, code=code or "remote_error", field=field)

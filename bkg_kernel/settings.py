@@ -33,6 +33,19 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds between FAISS index saves during ingest; indexes are always saved on close.",
     )
+    # -- clients (notebooks, Voila, the lab server extension) -------------------------------------------------
+    gateway_url: str | None = Field(
+        None, description="The gateway clients use; unset: the gateway of data_dir (started when none runs)."
+    )
+    api_key: str | None = Field(None, description="The API key clients send; unset: data_dir/admin.key if readable.")
+    admin_key: str | None = Field(
+        None, description="The gateway's first admin key, on first start only (unset: a new key in admin.key)."
+    )
+    dashboards_url: str | None = Field(None, description="Where Voila serves the dashboards (set by `bkg run`).")
+    dashboards_dir: Path = Field(Path("dashboards"), description="The folder of dashboard notebooks.")
+    lab_start_gateway: bool = Field(
+        True, description="The lab server extension starts a gateway when none runs on data_dir."
+    )
 
     @classmethod
     def settings_customise_sources(
