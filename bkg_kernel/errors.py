@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class BkgError(Exception):
@@ -188,3 +191,11 @@ def from_dict(data: dict[str, Any], *, status: int = 500) -> BkgError:
     if cls is not None and cls.status == st:
         return cls(message, field=field)
     return RemoteError(message, status=st, code=code or "remote_error", field=field)
+
+
+def invalid_from_pydantic(exc: ValidationError, root: str) -> InvalidInput:
+    """Turn the first pydantic error into an `InvalidInput` that names the field."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    field = f"{root}.{loc}" if loc else root
+    return InvalidInput(f"{field}: {err.get('msg', 'invalid value')}", field=field)

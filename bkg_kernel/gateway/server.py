@@ -13,6 +13,7 @@ from types import ModuleType
 import uvicorn
 
 from bkg_kernel.gateway.app import create_app
+from bkg_kernel.gateway.state import Gateway
 from bkg_kernel.settings import Settings
 
 
@@ -61,9 +62,8 @@ def serve(settings: Settings, plugins: list[str] | None = None) -> None:
     # Worker replies arrive on a reader thread that must take the GIL from the event loop; with the default
     # 5 ms switch interval that hand-over alone added milliseconds to every plugin call.
     sys.setswitchinterval(0.0005)
-    app = create_app(settings, plugins)
-    gw = app.state.gateway
-    gw.open()  # raises DataDirLocked naming the holder before any socket is bound
+    gw = Gateway.open(settings, plugins=plugins)  # raises DataDirLocked naming the holder before any socket is bound
+    app = create_app(gateway=gw)
     key = gw.admin_key_path
     print(f"bkg gateway on {gw.url()} (data dir {gw.store.data_dir})", file=sys.stderr, flush=True)
     if key is not None:

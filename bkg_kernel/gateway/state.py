@@ -1,4 +1,5 @@
-"""What one gateway process holds: settings, the store, auth, the plugin supervisor and the event hub."""
+"""What one gateway process holds: settings, the store, auth, the model registry, the plugin supervisor, jobs and
+the event hub, all built together by `Gateway.open()` (which takes the data dir lock) and closed together."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from typing import Any
 
 from fastapi import Request
 
+from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.errors import Forbidden, Unauthorized
 from bkg_kernel.gateway.hub import Hub
 from bkg_kernel.gateway.jobs import Jobs
 from bkg_kernel.gateway.metrics import Metrics
+from bkg_kernel.gateway.plugin_store import PluginStore
 from bkg_kernel.models.registry import ModelRegistry
-from bkg_kernel.plugins.apikeys.service import AuthService, Principal
-from bkg_kernel.plugins.registry import discover
+from bkg_kernel.runtime.discovery import Discovered, discover
 from bkg_kernel.runtime.supervisor import Supervisor
 from bkg_kernel.settings import Settings
 from bkg_kernel.store import Store
@@ -28,46 +30,66 @@ STATE_FILE = "gateway.json"
 
 
 class Gateway:
-    """Opened at startup (takes the data dir lock), closed at shutdown."""
+    """An open gateway: every part is there from construction to `close()`."""
 
-    def __init__(self, settings: Settings, plugins: list[str] | None = None) -> None:
-        self.settings = settings
-        self.only = plugins
-        self.hub = Hub()
-        self.metrics = Metrics()
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        auth: AuthService,
+        models: ModelRegistry,
+        supervisor: Supervisor,
+        hub: Hub,
+        metrics: Metrics,
+        jobs: Jobs,
+        admin_key_path: Path | None,
+    ) -> None:
+        self.settings, self.store, self.auth, self.models = settings, store, auth, models
+        self.supervisor, self.hub, self.metrics, self.jobs = supervisor, hub, metrics, jobs
+        self.admin_key_path = admin_key_path
         self.started = time.time()
-        self.store: Store | None = None
-        self.auth: AuthService | None = None
-        self.supervisor: Supervisor | None = None
-        self.admin_key_path: Path | None = None
-        self.models: ModelRegistry | None = None
         self.models_ready = threading.Event()  # the packaged default models are registered
-        self.jobs = Jobs(self.hub.publish)
-        self.discovered = discover(plugins)
 
-    def open(self) -> None:
-        """Open the store (one owner per data dir), set up auth, start the plugins; a second call does nothing."""
-        if self.store is not None:
-            return
-        self.store = Store(self.settings.data_dir, settings=self.settings)
-        data_dir = self.store.data_dir
-        self.auth = AuthService(self.store)
-        self.admin_key_path = self.auth.bootstrap(data_dir, os.environ.get("BKG_ADMIN_KEY"))
-        if self.admin_key_path is None and (data_dir / "admin.key").exists():
-            self.admin_key_path = data_dir / "admin.key"
-        model_dir = Path(self.settings.model_dir).resolve()
-        self.models = ModelRegistry(model_dir, register_defaults=False)
+    @classmethod
+    def open(
+        cls,
+        settings: Settings,
+        discovered: dict[str, Discovered] | None = None,
+        plugins: list[str] | None = None,
+        metrics: Metrics | None = None,
+    ) -> Gateway:
+        """Open the store (one owner per data dir), set up auth, start the plugins in the background."""
+        store = Store(settings.data_dir, settings=settings)
+        try:
+            auth = AuthService(store)
+            data_dir = store.data_dir
+            key_path = auth.bootstrap(data_dir, settings.admin_key)
+            if key_path is None and (data_dir / "admin.key").exists():
+                key_path = data_dir / "admin.key"
+            model_dir = Path(settings.model_dir).resolve()
+            models = ModelRegistry(model_dir, register_defaults=False)
+            hub = Hub()
+            plugin_store = PluginStore(store, auth, hub)
+            supervisor = Supervisor(
+                data_dir,
+                hub.publish,
+                plugins,
+                {"auth": auth, "plugin_store": plugin_store},
+                model_dir,
+                discovered=discovered if discovered is not None else discover(plugins),
+            )
+            plugin_store.supervisor = supervisor
+        except BaseException:
+            store.close()
+            raise
+        gw = cls(settings, store, auth, models, supervisor, hub, metrics or Metrics(), Jobs(hub.publish), key_path)
         # hashing the packaged default models takes ~1 s: do it off the start-up path
-        threading.Thread(target=self._register_defaults, name="bkg-model-defaults", daemon=True).start()
-        services = {"auth": self.auth, "store": self.store, "models": self.models, "gateway_url": self.url()}
-        self.supervisor = Supervisor(
-            data_dir, self.hub.publish, self.only, services, model_dir, discovered=self.discovered
-        )
-        self.supervisor.start(wait=False)  # plugins come up in the background; /health shows them starting
-        self.write_state()
+        threading.Thread(target=gw._register_defaults, name="bkg-model-defaults", daemon=True).start()
+        supervisor.start(wait=False)  # plugins come up in the background; /health shows them starting
+        gw.write_state()
+        return gw
 
     def _register_defaults(self) -> None:
-        assert self.models is not None
         try:
             added = self.models.ensure_defaults()
         except Exception:
@@ -84,7 +106,6 @@ class Gateway:
 
     def write_state(self) -> None:
         """Record pid and URL in `<data_dir>/gateway.json` so `bkg.connect()` can find this gateway."""
-        assert self.store is not None
         state = {"pid": os.getpid(), "url": self.url(), "started": self.started, "data_dir": str(self.store.data_dir)}
         path = self.store.data_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
@@ -93,20 +114,16 @@ class Gateway:
 
     def close(self) -> None:
         """Stop plugins, flush, close the store and release the data dir (a second call does nothing)."""
-        if self.store is None or self.store.closed:
+        if self.store.closed:
             return
-        if self.supervisor is not None:
-            self.supervisor.shutdown()
-        if self.auth is not None:
-            self.auth.flush_last_used()
-        if self.store is not None:
-            (self.store.data_dir / STATE_FILE).unlink(missing_ok=True)
-            self.store.close()
+        self.supervisor.shutdown()
+        self.auth.flush_last_used()
+        (self.store.data_dir / STATE_FILE).unlink(missing_ok=True)
+        self.store.close()
 
     # -- auth -------------------------------------------------------------------------------------
     def principal(self, request: Request, scope: str | None) -> Principal:
         """Authenticate a request (Bearer key or session) and check it holds `scope`."""
-        assert self.auth is not None
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
         if not token:
@@ -115,6 +132,10 @@ class Gateway:
         if scope is not None and scope not in p.scopes:
             raise Forbidden(f"this route needs scope {scope!r}; the caller has {sorted(p.scopes)}")
         return p
+
+    def snapshot_summary(self) -> dict[str, Any]:
+        """Return every plugin's status (for /health and the WebSocket bootstrap)."""
+        return {pid: h.status() for pid, h in self.supervisor.hosts.items()}
 
 
 def gateway(request: Request) -> Gateway:
@@ -130,19 +151,6 @@ def need(scope: str | None) -> Any:
         return gateway(request).principal(request, scope)
 
     return dep
-
-
-def store_of(request: Request) -> Store:
-    """Return the gateway's store."""
-    s = gateway(request).store
-    assert s is not None
-    return s
-
-
-def snapshot_summary(gw: Gateway) -> dict[str, Any]:
-    """Return the plugins' status and telemetry for /health, the WebSocket bootstrap and /metrics."""
-    assert gw.supervisor is not None
-    return {pid: h.status() for pid, h in gw.supervisor.hosts.items()}
 
 
 def version() -> str:

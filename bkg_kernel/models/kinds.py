@@ -132,7 +132,7 @@ def _torch_program(path: Path) -> Inspected:
 
 
 def _classifier(path: Path) -> Inspected:
-    from bkg_kernel.plugins.brainml.classifier import Classifier
+    from bkg_kernel.models.classifier import Classifier
 
     if not path.is_dir():
         raise InvalidInput(f"{path} is a file; a classifier is a folder (classifier.json + weights.npz)", field="path")

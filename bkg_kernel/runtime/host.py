@@ -6,22 +6,38 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from bkg_kernel.errors import BkgError, InvalidInput, NotFound, Timeout, TooManyRequests, Unavailable
-from bkg_kernel.plugins.base import Plugin, PluginSettings, invalid_from_pydantic
-from bkg_kernel.plugins.registry import Discovered, Entry
-from bkg_kernel.runtime import worker
+from bkg_kernel.auth.principal import Principal
+from bkg_kernel.errors import (
+    BkgError,
+    InvalidInput,
+    NotFound,
+    Timeout,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+    from_dict,
+    invalid_from_pydantic,
+)
+from bkg_kernel.runtime import calls, worker
+from bkg_kernel.runtime.contract import Plugin, PluginSettings
+from bkg_kernel.runtime.discovery import Discovered, Entry
+from bkg_kernel.runtime.storehandle import StoreHandle
 from bkg_kernel.runtime.telemetry import LogRing, RingHandler, Telemetry
 
 log = logging.getLogger("bkg.supervisor")
+# Serves workers' store requests (a store call may wait on another plugin, e.g. an embedding in candle): never
+# on a pipe reader thread, which must keep delivering results.
+_STORE_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="bkg-store")
 STATES = ("stopped", "starting", "running", "stopping", "degraded", "error")
 Emit = Callable[[str, str, dict[str, Any]], None]
 START_TIMEOUT_S = 120.0
@@ -43,7 +59,6 @@ class WorkerProcess:
                 host.settings.model_dump(),
                 str(host.data_dir),
                 str(host.model_dir),
-                host.gateway_access(),
             ),
             name=f"bkg-plugin-{host.id}",
             daemon=True,
@@ -55,6 +70,8 @@ class WorkerProcess:
         self.last_beat = time.monotonic()
         self.futures: dict[int, Future[Any]] = {}
         self.streams: dict[int, Callable[[tuple[Any, ...]], None]] = {}
+        # grant -> caller, for the requests in flight: a store request from the worker acts as that caller
+        self.grants: dict[str, Principal] = {}
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self.proc.start()
@@ -72,15 +89,19 @@ class WorkerProcess:
                 sink = self.streams.get(msg[1])
                 if sink is not None:
                     sink(("chunk", msg[2]))
-            elif kind == "result" and msg[1] in self.streams:
-                self.streams.pop(msg[1])(("end", msg[2], msg[3]))
             elif kind == "result":
+                sink = self.streams.pop(msg[1], None)  # one pop: a cancel may race this reader
+                if sink is not None:
+                    sink(("end", msg[2], msg[3]))
+                    continue
                 fut = self.futures.pop(msg[1], None)
                 if fut is not None and not fut.done():
                     if msg[2]:
                         fut.set_result(msg[3])
                     else:
-                        fut.set_exception(_error_from(msg[3]))
+                        fut.set_exception(from_dict(msg[3]))
+            elif kind == "store":
+                self._store_request(msg[1], msg[2], msg[3], msg[4])
             elif kind == "heartbeat":
                 self.last_beat = time.monotonic()
             elif kind == "log":
@@ -95,6 +116,35 @@ class WorkerProcess:
         self.ready.set()
         self.fail_in_flight(f"the {self.host.id} worker exited while handling the request")
 
+    def _store_request(self, store_id: int, grant: str, op: str, args: dict[str, Any]) -> None:
+        caller = self.grants.get(grant)
+        if caller is None:
+            err = Unauthorized(f"the {self.host.id} worker sent a store request for a call that is no longer running")
+            self._send(("store_result", store_id, False, err.to_dict()["error"]))
+            return
+        _STORE_POOL.submit(self._serve_store, store_id, caller, op, args)
+
+    def _serve_store(self, store_id: int, caller: Principal, op: str, args: dict[str, Any]) -> None:
+        try:
+            reply: tuple[Any, ...] = ("store_result", store_id, True, self.host.store_op(caller, op, args))
+        except Exception as exc:
+            reply = ("store_result", store_id, False, worker.error_data(exc))
+        self._send(reply)
+
+    def _send(self, msg: tuple[Any, ...]) -> bool:
+        try:
+            with self._send_lock:
+                self.conn.send(msg)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def grant(self, caller: Principal) -> dict[str, Any]:
+        """Make a grant for one request of `caller`; the message data that carries it into the worker."""
+        token = secrets.token_urlsafe(18)
+        self.grants[token] = caller
+        return {"caller": caller.to_dict(), "grant": token}
+
     def fail_in_flight(self, message: str) -> None:
         """Answer every request still waiting on this worker with a 503 (streams get it as their last event)."""
         for req_id in list(self.streams):
@@ -105,40 +155,49 @@ class WorkerProcess:
             fut = self.futures.pop(req_id, None)
             if fut is not None and not fut.done():
                 fut.set_exception(Unavailable(message))
+        self.grants.clear()
 
-    def submit(self, msg: tuple[Any, ...]) -> Future[Any]:
-        """Send a request; the future resolves when the worker answers (or dies)."""
+    def submit(self, msg: tuple[Any, ...], caller: Principal | None = None) -> Future[Any]:
+        """Send a request (as `caller`); the future resolves when the worker answers (or dies). The request's
+        grant ends with it."""
         fut: Future[Any] = Future()
         req_id = next(self._ids)
         self.futures[req_id] = fut
-        try:
-            with self._send_lock:
-                self.conn.send((msg[0], req_id, *msg[1:]))
-        except (OSError, ValueError):
+        if caller is not None:
+            call = self.grant(caller)
+            fut.add_done_callback(lambda _: self.grants.pop(call["grant"], None))
+            msg = (*msg, call)
+        if not self._send((msg[0], req_id, *msg[1:])):
             self.futures.pop(req_id, None)
             fut.set_exception(Unavailable(f"the {self.host.id} worker is not reachable"))
         return fut
 
-    def open_stream(self, capability_id: str, data: Any, sink: Callable[[tuple[Any, ...]], None]) -> int:
-        """Start a streaming request; `sink` gets ("chunk", data)... then ("end", ok, data)."""
+    def open_stream(
+        self, capability_id: str, data: Any, caller: Principal, sink: Callable[[tuple[Any, ...]], None]
+    ) -> int:
+        """Start a streaming request as `caller`; `sink` gets ("chunk", data)... then ("end", ok, data). The
+        request's grant ends with the stream (its end, its cancel, or the worker's exit)."""
         req_id = next(self._ids)
-        self.streams[req_id] = sink
-        try:
-            with self._send_lock:
-                self.conn.send(("stream", req_id, capability_id, data))
-        except (OSError, ValueError):
+        call = self.grant(caller)
+
+        def ending(item: tuple[Any, ...]) -> None:
+            if item[0] != "chunk":
+                self.grants.pop(call["grant"], None)
+            if item[0] != "cancelled":
+                sink(item)
+
+        self.streams[req_id] = ending
+        if not self._send(("stream", req_id, capability_id, data, call)):
             self.streams.pop(req_id, None)
-            sink(("end", False, Unavailable(f"the {self.host.id} worker is not reachable").to_dict()["error"]))
+            ending(("end", False, Unavailable(f"the {self.host.id} worker is not reachable").to_dict()["error"]))
         return req_id
 
     def cancel(self, req_id: int) -> None:
         """Tell the worker to stop a stream now (its client went away); its slot frees at once."""
-        self.streams.pop(req_id, None)
-        try:
-            with self._send_lock:
-                self.conn.send(("cancel", req_id))
-        except (OSError, ValueError):
-            pass
+        sink = self.streams.pop(req_id, None)
+        if sink is not None:
+            sink(("cancelled",))  # ends its grant
+        self._send(("cancel", req_id))
 
     def alive(self) -> bool:
         """Return whether the process is still running."""
@@ -160,23 +219,22 @@ class WorkerProcess:
 
 
 def _run_inline_stream(
-    plugin: Plugin, capability_id: str, data: Any, cancelled: threading.Event, sink: Callable[[tuple[Any, ...]], None]
+    plugin: Plugin,
+    capability_id: str,
+    data: Any,
+    caller: Principal,
+    cancelled: threading.Event,
+    sink: Callable[[tuple[Any, ...]], None],
 ) -> None:
     try:
-        for chunk in plugin.stream(capability_id, data, cancelled):
-            if cancelled.is_set():
-                break
-            sink(("chunk", chunk))
+        with calls.running(calls.Call(caller)):
+            for chunk in plugin.stream(capability_id, data, cancelled):
+                if cancelled.is_set():
+                    break
+                sink(("chunk", chunk))
         sink(("end", True, None))
     except Exception as exc:
         sink(("end", False, worker.error_data(exc)))
-
-
-def _error_from(data: dict[str, Any]) -> BkgError:
-    err = BkgError(data.get("message", "plugin error"), field=data.get("field"))
-    err.status = int(data.get("status", 500))
-    err.code = str(data.get("code", "plugin_error"))
-    return err
 
 
 class PluginHost:
@@ -194,6 +252,7 @@ class PluginHost:
         self.id = found.id
         self.model_dir = model_dir if model_dir is not None else data_dir.parent / "models"
         self.services = services or {}
+        self.found = found
         self.cls = found.cls
         self.source = found.source
         self.entry = entry
@@ -244,12 +303,18 @@ class PluginHost:
         )
         return {**base, "source": self.source, "status": self.status(), "config": self.settings.public()}
 
-    def gateway_access(self) -> tuple[str, str] | None:
-        """Return (gateway URL, a fresh service token) for the plugin, when it runs under a gateway."""
-        auth, url = self.services.get("auth"), self.services.get("gateway_url")
-        if auth is None or url is None:
-            return None
-        return str(url), str(auth.service_token(self.id))
+    def store_op(self, caller: Principal, op: str, args: dict[str, Any]) -> Any:
+        """Run one store-handle operation of this plugin as `caller` (the gateway's `plugin_store` service)."""
+        serve = self.services.get("plugin_store")
+        if serve is None:
+            raise Unavailable(f"plugin {self.id!r} runs without a gateway: it cannot reach the store")
+        return serve(self.id, caller, op, args)
+
+    def _inline_store(self, op: str, args: dict[str, Any]) -> Any:
+        call = calls.current()
+        if call is None:
+            raise Unavailable("the store is reachable only while a capability call runs (it acts as its caller)")
+        return self.store_op(call.caller, op, args)
 
     def _set(self, state: str, reason: str | None = None) -> None:
         self.state, self.reason = state, reason
@@ -286,7 +351,9 @@ class PluginHost:
 
     def _start_inline(self) -> None:
         assert self.cls is not None
-        plugin = self.cls.create(self.settings, self.data_dir, self.services, self.model_dir, self.gateway_access())
+        plugin = self.cls.create(
+            self.settings, self.data_dir, self.services, self.model_dir, StoreHandle(self._inline_store)
+        )
         handler = RingHandler(self.add_log)
         handler.setFormatter(logging.Formatter("%(message)s"))
         plugin.log.addHandler(handler)
@@ -347,11 +414,16 @@ class PluginHost:
         return settings
 
     # -- requests ---------------------------------------------------------------------------------
-    async def invoke(self, capability_id: str, data: Any) -> Any:
-        """Run a capability within the plugin's limits: queue, concurrency, timeout."""
+    async def invoke(self, capability_id: str, data: Any, caller: Principal) -> Any:
+        """Run a capability as `caller` within the plugin's limits: queue, concurrency, timeout."""
         if self.cls is None or capability_id not in self.cls.capabilities():
             raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
-        return await self.call(("invoke", capability_id, data), lambda p: p.invoke(capability_id, data))
+
+        def inline(p: Plugin) -> Any:
+            with calls.running(calls.Call(caller)):
+                return p.invoke(capability_id, data)
+
+        return await self.call(("invoke", capability_id, data), inline, caller)
 
     async def _admit(self) -> asyncio.Semaphore:
         """Wait for a request slot (429 when the queue is full); return the semaphore to release.
@@ -376,8 +448,8 @@ class PluginHost:
             tel.queue_depth -= 1
         return sem
 
-    async def stream(self, capability_id: str, data: Any) -> AsyncIterator[Any]:
-        """Run a streaming capability within the plugin's limits; yield its chunks.
+    async def stream(self, capability_id: str, data: Any, caller: Principal) -> AsyncGenerator[Any, None]:
+        """Run a streaming capability as `caller` within the plugin's limits; yield its chunks.
 
         `request_timeout` bounds the wait for each chunk. Closing the iterator early (the client went away)
         cancels the work in the plugin at once and frees the slot.
@@ -399,11 +471,10 @@ class PluginHost:
         worker, req_id, cancelled = self.worker, 0, threading.Event()
         try:
             if worker is not None:
-                req_id = worker.open_stream(capability_id, data, sink)
+                req_id = worker.open_stream(capability_id, data, caller, sink)
             elif self.plugin is not None:
-                threading.Thread(
-                    target=_run_inline_stream, args=(self.plugin, capability_id, data, cancelled, sink), daemon=True
-                ).start()
+                args = (self.plugin, capability_id, data, caller, cancelled, sink)
+                threading.Thread(target=_run_inline_stream, args=args, daemon=True).start()
             else:
                 raise Unavailable(f"plugin {self.id!r} is {self.state}")
             while True:
@@ -417,7 +488,7 @@ class PluginHost:
                     continue
                 finished = True
                 if not item[1]:
-                    exc = _error_from(item[2])
+                    exc = from_dict(item[2])
                     error = exc.message if exc.status >= 500 else None
                     raise exc
                 return
@@ -443,8 +514,8 @@ class PluginHost:
             raise Timeout(f"plugin {self.id!r} did not report its health within {timeout:g}s") from None
         raise Unavailable(f"plugin {self.id!r} is {self.state}")
 
-    async def call(self, msg: tuple[Any, ...], inline: Callable[[Plugin], Any]) -> Any:
-        """Send one request to the worker (or run it inline), honouring the plugin's limits."""
+    async def call(self, msg: tuple[Any, ...], inline: Callable[[Plugin], Any], caller: Principal | None) -> Any:
+        """Send one request to the worker (or run it inline) as `caller`, honouring the plugin's limits."""
         sem = await self._admit()
         s, tel = self.settings, self.telemetry
         t0 = time.perf_counter()
@@ -452,7 +523,7 @@ class PluginHost:
         error: str | None = None
         try:
             if self.worker is not None:
-                fut = self.worker.submit(msg)
+                fut = self.worker.submit(msg, caller)
                 return await asyncio.wait_for(asyncio.wrap_future(fut), s.request_timeout)
             if self.plugin is not None:
                 return await asyncio.wait_for(asyncio.to_thread(inline, self.plugin), s.request_timeout)

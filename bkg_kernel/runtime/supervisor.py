@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 
 from bkg_kernel.errors import NotFound
-from bkg_kernel.plugins.registry import Discovered, RegistryFile, discover
+from bkg_kernel.runtime.discovery import Discovered, RegistryFile, discover
 from bkg_kernel.runtime.host import Emit, PluginHost
 
 log = logging.getLogger("bkg.supervisor")

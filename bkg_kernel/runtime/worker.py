@@ -1,28 +1,35 @@
 """The worker process: a thin host around one plugin object, talking to the gateway over a pipe.
 
-Messages, parent to child: ("invoke", req_id, capability, data) | ("stream", req_id, capability, data) |
-("cancel", req_id) | ("health", req_id) | ("stop",).
+Messages, parent to child: ("invoke", req_id, capability, data, call) | ("stream", req_id, capability, data, call) |
+("cancel", req_id) | ("health", req_id) | ("store_result", store_id, ok, data) | ("stop",).
 Child to parent: ("ready", pid) | ("failed", message) | ("chunk", req_id, data) | ("result", req_id, ok, data) |
-("heartbeat", monotonic_time) | ("log", level, unix_time, message).
+("store", store_id, grant, op, arguments) | ("heartbeat", monotonic_time) | ("log", level, unix_time, message).
 A stream sends its chunks, then one result (None when it ran to the end or was cancelled).
+
+`call` is `{"caller": Principal.to_dict(), "grant": str}`. The grant is the worker's only credential: the gateway
+made it for that one request and honours store requests that carry it while the request runs, as its caller.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import logging
 import os
 import sys
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bkg_kernel.errors import BkgError
+from bkg_kernel.auth.principal import Principal
+from bkg_kernel.errors import BkgError, Unavailable, from_dict
+from bkg_kernel.runtime import calls
+from bkg_kernel.runtime.storehandle import StoreHandle
 
 HEARTBEAT_S = 1.0
 
@@ -44,6 +51,12 @@ def error_data(exc: BaseException) -> dict[str, Any]:
     return {"status": 500, "code": "plugin_error", "message": f"{type(exc).__name__}: {exc}"}
 
 
+def _call(data: dict[str, Any] | None) -> calls.Call | None:
+    if data is None:
+        return None
+    return calls.Call(Principal.from_dict(data["caller"]), data.get("grant"))
+
+
 def main(
     conn: Connection,
     module: str,
@@ -51,7 +64,6 @@ def main(
     settings: dict[str, Any],
     data_dir: str,
     model_dir: str,
-    gateway: tuple[str, str] | None = None,
 ) -> None:
     """Run one plugin until told to stop or the parent goes away."""
     sys.setswitchinterval(0.0005)  # hand requests from the reader thread to the pool without a 5 ms GIL wait
@@ -61,13 +73,32 @@ def main(
         with lock:
             conn.send(msg)
 
+    pending: dict[int, Future[Any]] = {}
+    store_ids = itertools.count(1)
+
+    def store_send(op: str, args: dict[str, Any]) -> Any:
+        call = calls.current()
+        if call is None or call.grant is None:
+            raise Unavailable("the store is reachable only while a capability call runs (it acts as its caller)")
+        fut: Future[Any] = Future()
+        sid = next(store_ids)
+        pending[sid] = fut
+        try:
+            send(("store", sid, call.grant, op, args))
+            return fut.result()
+        finally:
+            pending.pop(sid, None)
+
     root = logging.getLogger()
     root.handlers[:] = [_PipeLog(send)]
     root.setLevel(logging.INFO)
     try:
         cls = getattr(importlib.import_module(module), class_name)
         plugin = cls.create(
-            cls.Settings.model_validate(settings), Path(data_dir), model_dir=Path(model_dir), gateway=gateway
+            cls.Settings.model_validate(settings),
+            Path(data_dir),
+            model_dir=Path(model_dir),
+            store=StoreHandle(store_send),
         )
         plugin.start()
     except Exception as exc:
@@ -87,9 +118,11 @@ def main(
     threading.Thread(target=beat, daemon=True).start()
     pool = ThreadPoolExecutor(max_workers=plugin.settings.max_concurrent, thread_name_prefix="bkg-req")
 
-    def run(req_id: int, fn: Any, *args: Any) -> None:
+    def run(req_id: int, call: dict[str, Any] | None, fn: Any, *args: Any) -> None:
         try:
-            send(("result", req_id, True, fn(*args)))
+            with calls.running(_call(call)):
+                result = fn(*args)
+            send(("result", req_id, True, result))
         except BaseException as exc:
             if not isinstance(exc, BkgError):
                 logging.getLogger(f"bkg.plugin.{cls.id}").error("request failed: %s", traceback.format_exc())
@@ -97,13 +130,14 @@ def main(
 
     cancels: dict[int, threading.Event] = {}
 
-    def stream(req_id: int, capability_id: str, data: Any) -> None:
+    def stream(req_id: int, capability_id: str, data: Any, call: dict[str, Any] | None) -> None:
         cancelled = cancels[req_id]
         try:
-            for chunk in plugin.stream(capability_id, data, cancelled):
-                send(("chunk", req_id, chunk))
-                if cancelled.is_set():
-                    break
+            with calls.running(_call(call)):
+                for chunk in plugin.stream(capability_id, data, cancelled):
+                    send(("chunk", req_id, chunk))
+                    if cancelled.is_set():
+                        break
             send(("result", req_id, True, None))
         except BaseException as exc:
             if not isinstance(exc, BkgError):
@@ -118,23 +152,29 @@ def main(
                 msg = conn.recv()
             except (EOFError, OSError):
                 break  # the gateway is gone
-            if msg[0] == "invoke":
-                pool.submit(run, msg[1], plugin.invoke, msg[2], msg[3])
+            if msg[0] == "store_result":
+                fut = pending.get(msg[1])
+                if fut is not None:
+                    fut.set_result(msg[3]) if msg[2] else fut.set_exception(from_dict(msg[3]))
+            elif msg[0] == "invoke":
+                pool.submit(run, msg[1], msg[4], plugin.invoke, msg[2], msg[3])
             elif msg[0] == "stream":
                 cancels[msg[1]] = threading.Event()
-                pool.submit(stream, msg[1], msg[2], msg[3])
+                pool.submit(stream, msg[1], msg[2], msg[3], msg[4])
             elif msg[0] == "cancel":
                 ev = cancels.get(msg[1])
                 if ev is not None:
                     ev.set()
             elif msg[0] == "health":
-                pool.submit(run, msg[1], plugin.health)
+                pool.submit(run, msg[1], None, plugin.health)
             elif msg[0] == "stop":
                 break
     finally:
         stop.set()
         for ev in list(cancels.values()):
             ev.set()
+        for fut in list(pending.values()):
+            fut.set_exception(Unavailable("the gateway is gone"))
         pool.shutdown(wait=True, cancel_futures=True)
         try:
             plugin.stop()

@@ -1,4 +1,5 @@
-"""The apikeys plugin: its capabilities read the gateway's AuthService (the routes under /admin use it too)."""
+"""The apikeys plugin: the panel and capabilities of the core auth service (`bkg_kernel.auth`), which the
+/admin routes use too; it runs inline in the gateway, which hands it the service."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from bkg_kernel.errors import Unavailable
-from bkg_kernel.plugins.base import Plugin, capability
+from bkg_kernel.runtime.contract import Plugin, capability
 
 
 class Empty(BaseModel):
@@ -33,7 +34,10 @@ class ApiKeys(Plugin):
     id = "apikeys"
     name = "API keys"
     version = "0.1.0"
-    description = "Users, roles and scopes, hashed API keys with expiry, rotation and rate limits, and an audit log."
+    description = (
+        "The panel of bkg's core auth (bkg_kernel.auth, stdlib hashing): users, roles and scopes, hashed API keys "
+        "with expiry, rotation and rate limits, and the audit log."
+    )
     mode = "inline"
 
     def _auth(self) -> Any:

@@ -12,18 +12,21 @@ import json
 import re
 import threading
 import time
+import uuid
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from bkg_kernel.errors import AlreadyExists, BkgError, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, InvalidInput, NotFound
+from bkg_kernel.models.classifier import Classifier
+from bkg_kernel.models.classifier import train as fit_classifier
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
 from bkg_kernel.models.registry import ModelRegistry, slug
-from bkg_kernel.plugins import gateway_api
-from bkg_kernel.plugins.base import Plugin, PluginSettings, Progress, capability
-from bkg_kernel.plugins.brainml.classifier import Classifier
-from bkg_kernel.plugins.brainml.classifier import train as fit_classifier
+from bkg_kernel.runtime.contract import Plugin, PluginSettings, Progress, capability
+from bkg_kernel.runtime.storehandle import StoreHandle
+
+INDEX_BATCH = 256  # chunks per upsert: each is embedded in one batch
 
 
 class BrainSettings(PluginSettings):
@@ -163,7 +166,10 @@ class BrainML(Plugin):
     id = "brainml"
     name = "brainml"
     version = "0.1.0"
-    description = "Hybrid retrieval over collections: index with chunking, query with highlights, ask with citations."
+    description = (
+        "Hybrid retrieval over store collections (FAISS vectors + DuckDB BM25, fused by RRF): index with chunking, "
+        "query with highlights, ask with citations (llmserver), classifiers trained with scikit-learn."
+    )
     mode = "worker"
     Settings = BrainSettings
     settings: BrainSettings
@@ -178,9 +184,11 @@ class BrainML(Plugin):
         self.lock = threading.Lock()
         self.classifiers: dict[tuple[str, str], Classifier] = {}
 
-    def _http(self, method: str, path: str, **kw: Any) -> Any:
+    @property
+    def store(self) -> StoreHandle:
+        """The store, as the caller of the running call."""
         assert self.context is not None
-        return gateway_api.call(self.context.gateway(), method, path, **kw)
+        return self.context.store
 
     def _save(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -197,16 +205,13 @@ class BrainML(Plugin):
 
     def _collection(self, name: str, create: bool) -> dict[str, Any]:
         try:
-            info: dict[str, Any] = self._http("GET", f"/api/collections/{name}")
-        except BkgError as exc:
-            if exc.status != 404 or not create:
-                if exc.status == 404:
-                    msg = f"collection {name!r} does not exist (index documents into it first)"
-                    raise NotFound(msg, field="collection") from None
-                raise
+            info: dict[str, Any] = self.store.describe(name)
+        except NotFound:
+            if not create:
+                msg = f"collection {name!r} does not exist (index documents into it first)"
+                raise NotFound(msg, field="collection") from None
             spec = self.settings.embed_model
-            body = {"name": name, "dim": self._dim(spec), "embed_model": spec}
-            info = self._http("POST", "/api/collections", json=body)
+            info = self.store.create_collection(name, self._dim(spec), embed_model=spec)
         if not info.get("embed_model"):
             msg = f"collection {name!r} has no embed_model: brainml needs one to embed text"
             raise InvalidInput(msg, field="collection")
@@ -220,18 +225,24 @@ class BrainML(Plugin):
         info = self._collection(inp.collection, create=True)
         size = inp.chunking.size if inp.chunking else self.settings.chunk_size
         overlap = inp.chunking.overlap if inp.chunking else self.settings.chunk_overlap
-        points, replaced = [], 0
-        for i, doc in enumerate(inp.documents):
-            doc_id = str(doc.id) if doc.id is not None else f"doc-{int(time.time() * 1000)}-{i}"
-            gone = self._http(
-                "POST", f"/api/collections/{inp.collection}/points/delete", json={"filter": {"doc_id": doc_id}}
-            )["deleted"]
-            replaced += bool(gone)
-            for n, (a, b) in enumerate(chunk(doc.text, size, overlap)):
+        points: list[dict[str, Any]] = []
+        stale: list[dict[str, Any]] = []  # per document: its chunks past the new last one
+        for doc in inp.documents:
+            doc_id = str(doc.id) if doc.id is not None else f"doc-{uuid.uuid4().hex}"
+            spans = chunk(doc.text, size, overlap)
+            for n, (a, b) in enumerate(spans):
                 payload = {"doc_id": doc_id, "chunk": n, "start": a, "end": b, **doc.metadata}
                 points.append({"id": f"{doc_id}#{n}", "text": doc.text[a:b], "payload": payload})
-        for a in range(0, len(points), 256):
-            self._http("PUT", f"/api/collections/{inp.collection}/points", json={"points": points[a : a + 256]})
+            stale.append({"$and": [{"doc_id": doc_id}, {"chunk": {"$gte": len(spans)}}]})
+        ids = [str(d.id) for d in inp.documents if d.id is not None]
+        replaced = self.store.count_distinct(inp.collection, "doc_id", {"doc_id": {"$in": ids}}) if ids else 0
+        # New chunks first (same ids replace old ones), then the old document's surplus chunks: a failed embed
+        # leaves the previous version whole.
+        for a in range(0, len(points), INDEX_BATCH):
+            self.store.upsert(inp.collection, points[a : a + INDEX_BATCH])
+        if replaced:
+            for a in range(0, len(stale), 256):
+                self.store.delete(inp.collection, filter={"$or": stale[a : a + 256]})
         with self.lock:
             s = self.stats_data.setdefault(inp.collection, {"queries": 0, "query_ms_total": 0.0})
             s.update(last_index=time.time(), embed_model=info["embed_model"], dim=info["dim"])
@@ -248,11 +259,9 @@ class BrainML(Plugin):
         info = self._collection(inp.collection, create=False)
         weight = self.settings.vector_weight if inp.vector_weight is None else inp.vector_weight
         k = max(inp.top_k, self.settings.rerank_candidates) if inp.rerank else inp.top_k
-        body = {
-            "text": inp.query, "k": k, "mode": inp.mode, "filter": inp.filters, "with_text": True,
-            "vector_weight": weight,
-        }  # fmt: skip
-        hits = self._http("POST", f"/api/collections/{inp.collection}/query", json=body)["results"]
+        hits = self.store.query(
+            inp.collection, text=inp.query, k=k, mode=inp.mode, filter=inp.filters, with_text=True, vector_weight=weight
+        )
         if inp.rerank and hits:
             hits = self._rerank(inp.query, hits, info["embed_model"])[: inp.top_k]
         results = []
@@ -289,14 +298,11 @@ class BrainML(Plugin):
         """
         texts = [h.get("text") or "" for h in hits]
         if self.settings.rerank_model:
-            body = {"model": self.settings.rerank_model, "query": query, "documents": texts}
-            scores = self._http("POST", "/api/rerank", json=body)["scores"]
+            scores = self.store.rerank(self.settings.rerank_model, query, texts)
         else:
             sents = [split_sentences(t) for t in texts]
             flat = [query, *texts, *(s for ss in sents for s in ss)]
-            vecs = np.asarray(
-                self._http("POST", "/api/embed", json={"model": embed_model, "input": flat})["embeddings"]
-            )
+            vecs = self.store.embed(embed_model, flat)
             vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
             q, chunk_vecs, at, scores = vecs[0], vecs[1 : 1 + len(texts)], 1 + len(texts), []
             for i, ss in enumerate(sents):
@@ -322,7 +328,7 @@ class BrainML(Plugin):
         body: dict[str, Any] = {"messages": messages, "max_tokens": self.settings.ask_max_tokens, "temperature": 0}
         if self.settings.llm_model:
             body["model"] = self.settings.llm_model
-        r = self._http("POST", "/v1/chat/completions", json=body)
+        r = self.store.chat(body, route="brainml.ask")
         cited = [
             {"n": i + 1, "id": h["id"], "doc_id": h["doc_id"], "offsets": h["offsets"], "score": h["score"]}
             for i, h in enumerate(hits)
@@ -343,13 +349,12 @@ class BrainML(Plugin):
         out = []
         for name in names:
             info = self._collection(name, create=False)
-            assert self.context is not None
-            docs = {(p["payload"] or {}).get("doc_id") for p in gateway_api.scroll(self.context.gateway(), name)}
+            docs = self.store.count_distinct(name, "doc_id")
             s = self.stats_data.get(name, {"queries": 0, "query_ms_total": 0.0})
             out.append(
                 {
                     "collection": name,
-                    "documents": len(docs),
+                    "documents": docs,
                     "chunks": info["count"],
                     "embed_model": info["embed_model"],
                     "dim": info["dim"],
@@ -372,7 +377,7 @@ class BrainML(Plugin):
         info = self._collection(inp.collection, create=False)
         progress(0.0, f"reading the embeddings of {inp.collection}")
         vectors, labels, groups = [], [], []
-        for p in gateway_api.scroll(self.context.gateway(), inp.collection, inp.filters, with_vectors=True):
+        for p in self.store.iter_points(inp.collection, inp.filters, with_vectors=True):
             payload = p.get("payload") or {}
             value = payload.get(inp.label_field)
             if value is None or isinstance(value, (dict, list)):
@@ -430,8 +435,7 @@ class BrainML(Plugin):
         t0 = time.perf_counter()
         net = self._classifier(inp.model_id)
         spec = net.info["embed_model"]
-        r = self._http("POST", "/api/embed", json={"model": spec, "input": inp.texts})
-        x = np.asarray(r["embeddings"], dtype=np.float32)
+        x = self.store.embed(spec, inp.texts)
         if x.shape[1] != net.info["dim"]:
             raise InvalidInput(f"{spec} now gives {x.shape[1]}-d vectors; {inp.model_id} expects {net.info['dim']}")
         proba = net.predict_proba(x)

@@ -18,8 +18,8 @@ from pydantic import BaseModel, Field
 from bkg_kernel.errors import AlreadyExists, InvalidInput, NotFound
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
 from bkg_kernel.models.registry import ModelEntry, ModelRegistry, sha256_of, slug
-from bkg_kernel.plugins.base import Plugin, PluginSettings, capability
 from bkg_kernel.plugins.candle import runners
+from bkg_kernel.runtime.contract import Plugin, PluginSettings, capability
 
 # A fixed probe set: the quality report compares the original and the quantized model on these.
 PROBE = [

@@ -13,15 +13,17 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
-from bkg_kernel.errors import InvalidInput, NotFound
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
+from bkg_kernel.errors import InvalidInput, NotFound, invalid_from_pydantic
 from bkg_kernel.models.defaults import DEFAULT_LLM
 from bkg_kernel.models.registry import ModelRegistry
-from bkg_kernel.plugins.base import Plugin, PluginSettings, capability, invalid_from_pydantic
 from bkg_kernel.plugins.llmserver import generate as gen
 from bkg_kernel.plugins.llmserver.pool import GGUF_KINDS, ModelPool
 from bkg_kernel.plugins.llmserver.schemas import (
@@ -35,6 +37,7 @@ from bkg_kernel.plugins.llmserver.schemas import (
     ModelRef,
     Usage,
 )
+from bkg_kernel.runtime.contract import GatewayAPI, Plugin, PluginSettings, capability
 
 
 class LLMSettings(PluginSettings):
@@ -80,8 +83,14 @@ class LLMServer(Plugin):
     description = "Local LLM (llama.cpp): chat, completions, embeddings, streaming; OpenAI-compatible at /v1."
     mode = "worker"
     Settings = LLMSettings
-    router = "bkg_kernel.plugins.llmserver.openai_routes:router"
     settings: LLMSettings
+
+    @classmethod
+    def routes(cls, api: GatewayAPI) -> APIRouter:
+        """Mount the plugin's own HTTP routes on the gateway."""
+        from bkg_kernel.plugins.llmserver import openai_routes
+
+        return openai_routes.build(api)
 
     def start(self) -> None:
         assert self.context is not None and self.context.model_dir is not None

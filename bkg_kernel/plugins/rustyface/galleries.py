@@ -1,57 +1,60 @@
 """Face galleries: one store collection per gallery (`faces-<name>`, cosine, HNSW), one point per enrolled
-face with its subject, source and box. The worker reaches the store through the gateway that owns it."""
+face with its subject, source and box, reached through the plugin's store handle (as the caller of the call:
+their collections scopes apply)."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
-from bkg_kernel.errors import AlreadyExists, BkgError, Conflict, NotFound
-from bkg_kernel.plugins import gateway_api
+from bkg_kernel.errors import AlreadyExists, Conflict, NotFound
+from bkg_kernel.runtime.storehandle import StoreHandle
 from bkg_kernel.store import validate
 
 PREFIX = "faces-"
 
 
 class Galleries:
-    """Gallery and subject operations over the gateway's collections API."""
+    """Gallery and subject operations over the store's collections."""
 
-    def __init__(self, http: Any, dim: int, model: str = "") -> None:
-        self.http, self.dim, self.model = http, dim, model
-
-    def _call(self, method: str, path: str, gallery: str | None = None, **kw: Any) -> Any:
-        try:
-            return gateway_api.call(self.http, method, path, **kw)
-        except BkgError as exc:
-            if exc.status == 404 and gallery is not None:
-                raise NotFound(f"gallery {gallery!r} does not exist", field="gallery") from None
-            raise
+    def __init__(self, store: StoreHandle, dim: int, model: str = "") -> None:
+        self.store, self.dim, self.model = store, dim, model
 
     @staticmethod
     def collection(gallery: str) -> str:
         validate.collection_name(gallery, "gallery")
         return PREFIX + gallery
 
-    def create(self, gallery: str) -> dict[str, Any]:
-        body = {"name": self.collection(gallery), "dim": self.dim, "metric": "cosine", "index": "hnsw"}
+    @contextlib.contextmanager
+    def _gallery(self, gallery: str) -> Iterator[str]:
+        """Yield the gallery's collection name; a missing collection is a missing gallery."""
         try:
-            self._call("POST", "/api/collections", json=body)
-        except BkgError as exc:
-            if exc.status == 409:
-                raise AlreadyExists(f"gallery {gallery!r} already exists", field="gallery") from None
+            yield self.collection(gallery)
+        except NotFound as exc:
+            if exc.field in ("collection", "name", None):
+                raise NotFound(f"gallery {gallery!r} does not exist", field="gallery") from None
             raise
+
+    def create(self, gallery: str) -> dict[str, Any]:
+        try:
+            self.store.create_collection(self.collection(gallery), self.dim, metric="cosine", index="hnsw")
+        except AlreadyExists:
+            raise AlreadyExists(f"gallery {gallery!r} already exists", field="gallery") from None
         return self.describe(gallery)
 
     def all(self) -> list[dict[str, Any]]:
-        cols = self._call("GET", "/api/collections")["collections"]
+        cols = self.store.list_collections()
         return [
             {"gallery": c["name"][len(PREFIX) :], "faces": c["count"]} for c in cols if c["name"].startswith(PREFIX)
         ]
 
     def require(self, gallery: str) -> None:
         """Raise 404 unless the gallery exists, 409 when its faces come from a pack of another size."""
-        info = self._call("GET", f"/api/collections/{self.collection(gallery)}", gallery)
+        with self._gallery(gallery) as name:
+            info = self.store.describe(name)
         if info["dim"] != self.dim:
             raise Conflict(
                 f"gallery {gallery!r} holds {info['dim']}-d faces from another face pack; the pack in use "
@@ -60,39 +63,39 @@ class Galleries:
             )
 
     def describe(self, gallery: str) -> dict[str, Any]:
-        info = self._call("GET", f"/api/collections/{self.collection(gallery)}", gallery)
-        subjects = self.subjects(gallery)
-        return {"gallery": gallery, "faces": info["count"], "subjects": len(subjects), "created_at": info["created_at"]}
+        with self._gallery(gallery) as name:
+            info = self.store.describe(name)
+            subjects = self.store.count_distinct(name, "subject")
+        return {"gallery": gallery, "faces": info["count"], "subjects": subjects, "created_at": info["created_at"]}
 
     def delete(self, gallery: str) -> dict[str, Any]:
-        self._call("DELETE", f"/api/collections/{self.collection(gallery)}", gallery)
+        with self._gallery(gallery) as name:
+            self.store.drop_collection(name)
         return {"gallery": gallery, "deleted": True}
 
-    def _scroll(self, gallery: str, filter: dict[str, Any] | None, with_vectors: bool) -> list[dict[str, Any]]:
-        try:
-            return list(gateway_api.scroll(self.http, self.collection(gallery), filter, with_vectors=with_vectors))
-        except BkgError as exc:
-            if exc.status == 404:
-                raise NotFound(f"gallery {gallery!r} does not exist", field="gallery") from None
-            raise
+    def _points(self, gallery: str, filter: dict[str, Any] | None, with_vectors: bool) -> list[dict[str, Any]]:
+        with self._gallery(gallery) as name:
+            return list(self.store.iter_points(name, filter, with_vectors=with_vectors))
 
     def subjects(self, gallery: str) -> list[dict[str, Any]]:
-        counts = Counter((p["payload"] or {}).get("subject") for p in self._scroll(gallery, None, False))
+        counts = Counter((p["payload"] or {}).get("subject") for p in self._points(gallery, None, False))
         return [{"subject": s, "faces": n} for s, n in sorted(counts.items(), key=lambda kv: str(kv[0]))]
 
     def rename(self, gallery: str, subject: str, new_name: str) -> dict[str, Any]:
-        pts = self._scroll(gallery, {"subject": subject}, True)
+        pts = self._points(gallery, {"subject": subject}, True)
         if not pts:
             raise NotFound(f"gallery {gallery!r} has no subject {subject!r}", field="subject")
-        for p in pts:
-            p["payload"] = {**(p["payload"] or {}), "subject": new_name}
-        points = [{"id": p["id"], "vector": p["vector"], "payload": p["payload"]} for p in pts]
-        self._call("PUT", f"/api/collections/{self.collection(gallery)}/points", gallery, json={"points": points})
+        points = [
+            {"id": p["id"], "vector": p["vector"], "payload": {**(p["payload"] or {}), "subject": new_name}}
+            for p in pts
+        ]
+        with self._gallery(gallery) as name:
+            self.store.upsert(name, points)
         return {"gallery": gallery, "subject": new_name, "faces": len(pts)}
 
     def delete_subject(self, gallery: str, subject: str) -> dict[str, Any]:
-        path = f"/api/collections/{self.collection(gallery)}/points/delete"
-        n = self._call("POST", path, gallery, json={"filter": {"subject": subject}})["deleted"]
+        with self._gallery(gallery) as name:
+            n = self.store.delete(name, filter={"subject": subject})
         if not n:
             raise NotFound(f"gallery {gallery!r} has no subject {subject!r}", field="subject")
         return {"gallery": gallery, "subject": subject, "deleted_faces": n}
@@ -101,11 +104,10 @@ class Galleries:
         points = [
             {"id": f"face-{uuid.uuid4().hex[:16]}", "vector": f["embedding"], "payload": f["payload"]} for f in faces
         ]
-        self._call("PUT", f"/api/collections/{self.collection(gallery)}/points", gallery, json={"points": points})
+        with self._gallery(gallery) as name:
+            self.store.upsert(name, points)
         return [p["id"] for p in points]
 
     def nearest(self, gallery: str, vector: list[float], k: int) -> list[dict[str, Any]]:
-        body = {"vector": vector, "k": k}
-        return list(
-            self._call("POST", f"/api/collections/{self.collection(gallery)}/query", gallery, json=body)["results"]
-        )
+        with self._gallery(gallery) as name:
+            return self.store.query(name, vector=vector, k=k)

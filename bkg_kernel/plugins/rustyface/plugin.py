@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
 from bkg_kernel.errors import Conflict, InvalidInput
 from bkg_kernel.models.registry import ModelRegistry
-from bkg_kernel.plugins.base import Plugin, PluginSettings, capability
 from bkg_kernel.plugins.rustyface import images
 from bkg_kernel.plugins.rustyface.engine import Face, load_engine
 from bkg_kernel.plugins.rustyface.galleries import Galleries
+from bkg_kernel.runtime.contract import GatewayAPI, Plugin, PluginSettings, capability
 
 IMAGE_DOC = "base64 (or a data URL), or path:<file> under an allowed root"
 
@@ -135,11 +138,20 @@ class RustyFace(Plugin):
     id = "rustyface"
     name = "rustyface"
     version = "0.1.0"
-    description = "Face detection (YuNet), alignment (insightface) and recognition (SFace); verify two photos."
+    description = (
+        "Faces with OpenCV YuNet + SFace, or an insightface pack (SCRFD, ArcFace) on onnxruntime: detect, align, "
+        "embed, verify, and galleries to enroll into and identify against."
+    )
     mode = "worker"
     Settings = FaceSettings
     settings: FaceSettings
-    router = "bkg_kernel.plugins.rustyface.routes:router"
+
+    @classmethod
+    def routes(cls, api: GatewayAPI) -> APIRouter:
+        """Mount the plugin's own HTTP routes on the gateway."""
+        from bkg_kernel.plugins.rustyface import routes
+
+        return routes.build(api)
 
     def start(self) -> None:
         assert self.context is not None
@@ -196,7 +208,7 @@ class RustyFace(Plugin):
     # -- galleries --------------------------------------------------------------------------------
     def _galleries(self) -> Galleries:
         assert self.context is not None
-        return Galleries(self.context.gateway(), self.engine.dim, self.engine.name)
+        return Galleries(self.context.store, self.engine.dim, self.engine.name)
 
     @capability("faces.gallery", scope="faces:use")
     def gallery(self, inp: GalleryRequest) -> Result:

@@ -1,7 +1,6 @@
 """Uploads for rustyface: `POST /api/faces/{capability}` as multipart/form-data (files for the image fields,
-plain fields for the rest), so a browser or `curl -F image=@photo.jpg` needs no base64."""
-
-from __future__ import annotations
+plain fields for the rest), so a browser or `curl -F image=@photo.jpg` needs no base64. Built by
+`RustyFace.routes(api)`. (No `from __future__ import annotations`: FastAPI must see the local dependency.)"""
 
 import base64
 import json
@@ -10,28 +9,33 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
 
+from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput
-from bkg_kernel.gateway.state import gateway, need
-from bkg_kernel.plugins.apikeys.service import Principal
-
-router = APIRouter(prefix="/api/faces", tags=["faces"])
+from bkg_kernel.runtime.contract import GatewayAPI
 
 
-@router.post("/{capability}")
-async def upload(capability: str, request: Request, p: Annotated[Principal, Depends(need("faces:use"))]) -> Any:
-    """Run `faces.<capability>` with the images uploaded as files (multipart/form-data)."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise InvalidInput("send multipart/form-data with the image as a file field (image=@photo.jpg)", field="body")
-    form = await request.form()
-    data: dict[str, Any] = {}
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            data[key] = base64.b64encode(await value.read()).decode()
-        else:
-            try:
-                data[key] = json.loads(value)
-            except json.JSONDecodeError:
-                data[key] = value
-    sup = gateway(request).supervisor
-    assert sup is not None
-    return await sup.get("rustyface").invoke(f"faces.{capability}", data)
+def build(api: GatewayAPI) -> APIRouter:
+    """Return the `/api/faces` upload router (scope faces:use; runs as the caller)."""
+    router = APIRouter(prefix="/api/faces", tags=["faces"])
+    faces = api.need("faces:use")
+
+    @router.post("/{capability}")
+    async def upload(capability: str, request: Request, p: Annotated[Principal, Depends(faces)]) -> Any:
+        """Run `faces.<capability>` with the images uploaded as files (multipart/form-data)."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise InvalidInput(
+                "send multipart/form-data with the image as a file field (image=@photo.jpg)", field="body"
+            )
+        form = await request.form()
+        data: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                data[key] = base64.b64encode(await value.read()).decode()
+            else:
+                try:
+                    data[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    data[key] = value
+        return await api.invoke("rustyface", f"faces.{capability}", data, p)
+
+    return router

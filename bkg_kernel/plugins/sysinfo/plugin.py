@@ -10,7 +10,7 @@ import time
 
 from pydantic import BaseModel, Field
 
-from bkg_kernel.plugins.base import Plugin, PluginSettings, capability
+from bkg_kernel.runtime.contract import Plugin, PluginSettings, capability
 
 
 class SysInfoSettings(PluginSettings):

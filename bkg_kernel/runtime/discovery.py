@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from bkg_kernel.plugins.base import Plugin
+from bkg_kernel.runtime.contract import Plugin
 
 ENTRY_POINT_GROUP = "bkg_kernel.plugins"
 BUILTIN_PACKAGE = "bkg_kernel.plugins"

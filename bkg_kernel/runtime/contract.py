@@ -11,6 +11,7 @@ topic `jobs`); called directly it simply runs.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import queue
@@ -23,7 +24,14 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bkg_kernel.errors import InvalidInput, NotFound
+if typing.TYPE_CHECKING:
+    from fastapi import APIRouter
+
+    from bkg_kernel.auth import Principal
+
+from bkg_kernel.errors import NotFound, Unavailable, invalid_from_pydantic
+from bkg_kernel.runtime import calls
+from bkg_kernel.runtime.storehandle import StoreHandle
 
 F = TypeVar("F", bound=Callable[..., Any])
 MASK = "********"
@@ -98,30 +106,44 @@ def capability(id: str, *, scope: str, job: bool = False) -> Callable[[F], F]:
     return mark
 
 
+class GatewayAPI(typing.Protocol):
+    """What the gateway hands a plugin's `routes()` hook: the auth dependency and calls into plugins, as a caller."""
+
+    def need(self, scope: str | None) -> Any:
+        """Return a FastAPI dependency that authenticates the request, checks `scope` and yields the Principal."""
+
+    async def invoke(self, plugin_id: str, capability_id: str, data: Any, caller: Principal) -> Any:
+        """Run a capability of a plugin as `caller`."""
+
+    def stream(
+        self, plugin_id: str, capability_id: str, data: Any, caller: Principal
+    ) -> typing.AsyncGenerator[Any, None]:
+        """Run a streaming capability of a plugin as `caller`; closing the iterator cancels it."""
+
+    def record_usage(self, caller: Principal, route: str, result: dict[str, Any]) -> None:
+        """Book an LLM result's token usage to the caller's key and user."""
+
+
+def _no_store(op: str, args: dict[str, Any]) -> Any:
+    raise Unavailable("this plugin runs without a gateway: it cannot reach the store")
+
+
 @dataclass
 class PluginContext:
-    """What the host gives a plugin: the data dir, a folder of its own, and (inline only) gateway services."""
+    """What the host gives a plugin: the data dir, a folder of its own, the store handle and (inline only)
+    gateway services. `store` acts as the caller of the running call; `caller` says who that is."""
 
     data_dir: Path
     work_dir: Path
     services: dict[str, Any] = field(default_factory=dict)
     model_dir: Path | None = None
-    gateway_url: str | None = None  # workers call the gateway (the store's owner) with this token
-    gateway_token: str | None = None
-    _client: Any = field(default=None, repr=False)
+    store: StoreHandle = field(default_factory=lambda: StoreHandle(_no_store))
 
-    def gateway(self) -> Any:
-        """Return an httpx client on the gateway that hosts this plugin (raises if there is none)."""
-        import httpx
-
-        from bkg_kernel.errors import Unavailable
-
-        if not self.gateway_url or not self.gateway_token:
-            raise Unavailable("this plugin runs without a gateway: it cannot reach the store")
-        if self._client is None:
-            headers = {"Authorization": f"Bearer {self.gateway_token}"}
-            self._client = httpx.Client(base_url=self.gateway_url, headers=headers, timeout=120)
-        return self._client
+    @property
+    def caller(self) -> Principal | None:
+        """Return who the running call acts for (None outside a call, e.g. in `start()`)."""
+        call = calls.current()
+        return call.caller if call is not None else None
 
 
 class Plugin:
@@ -133,7 +155,6 @@ class Plugin:
     description: ClassVar[str] = ""
     mode: ClassVar[Literal["inline", "worker"]] = "worker"
     Settings: ClassVar[type[PluginSettings]] = PluginSettings
-    router: ClassVar[str | None] = None  # "module:attribute" of a FastAPI APIRouter the gateway mounts
 
     def __init__(self, settings: PluginSettings | None = None, context: PluginContext | None = None) -> None:
         self.settings = settings if settings is not None else self.Settings()
@@ -147,7 +168,7 @@ class Plugin:
         data_dir: Path,
         services: dict[str, Any] | None = None,
         model_dir: Path | None = None,
-        gateway: tuple[str, str] | None = None,
+        store: StoreHandle | None = None,
     ) -> Plugin:
         """Build the plugin with its context: `<data_dir>/plugins/<id>` as its own folder (created here)."""
         work = data_dir / "plugins" / cls.id
@@ -156,8 +177,15 @@ class Plugin:
             from bkg_kernel.settings import get_settings
 
             model_dir = get_settings().model_dir
-        url, token = gateway if gateway is not None else (None, None)
-        return cls(settings, PluginContext(data_dir, work, services or {}, Path(model_dir), url, token))
+        context = PluginContext(data_dir, work, services or {}, Path(model_dir))
+        if store is not None:
+            context.store = store
+        return cls(settings, context)
+
+    @classmethod
+    def routes(cls, api: GatewayAPI) -> APIRouter | None:
+        """Return extra HTTP routes for the gateway to mount (llmserver's `/v1`), built on what `api` offers."""
+        return None
 
     def start(self) -> None:
         """Acquire resources (load models, open files); raise to fail the start."""
@@ -237,7 +265,8 @@ class Plugin:
             except BaseException as exc:  # handed to the caller's thread
                 events.put(("error", exc))
 
-        threading.Thread(target=run, name=f"job-{cap.id}", daemon=True).start()
+        ctx = contextvars.copy_context()  # the job's thread acts for the same caller
+        threading.Thread(target=ctx.run, args=(run,), name=f"job-{cap.id}", daemon=True).start()
         while True:
             kind, item = events.get()
             if kind == "error":
@@ -261,11 +290,3 @@ class Plugin:
         method = getattr(self, cap.method)
         out = method(inp, lambda fraction, message="": None) if cap.job else method(inp)
         return cap.output.model_validate(out).model_dump(mode="json")
-
-
-def invalid_from_pydantic(exc: ValidationError, root: str) -> InvalidInput:
-    """Turn the first pydantic error into an `InvalidInput` that names the field."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
-    field = f"{root}.{loc}" if loc else root
-    return InvalidInput(f"{field}: {err.get('msg', 'invalid value')}", field=field)

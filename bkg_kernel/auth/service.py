@@ -1,4 +1,4 @@
-"""Users, roles, scopes, API keys, sessions, rate limits and the audit log, kept in the store's DuckDB.
+"""The auth service: users, roles, API keys, sessions, rate limits and the audit log, kept in the store's DuckDB.
 
 Every key is also held in memory by prefix (the gateway is the only writer), so checking a request costs a
 dict lookup and one sha256, not a query.
@@ -18,61 +18,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from bkg_kernel.auth import keys as ks
+from bkg_kernel.auth.principal import BUILTIN_ROLES, SCOPES, Principal
 from bkg_kernel.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, TooManyRequests, Unauthorized
-from bkg_kernel.plugins.apikeys import secrets as ks
 
-SCOPES = (
-    "plugins:read",
-    "plugins:write",
-    "collections:read",
-    "collections:write",
-    "models:read",
-    "models:write",
-    "llm:use",
-    "faces:use",
-    "repo:use",
-    "admin:users",
-    "admin:keys",
-    "admin:audit",
-)
-BUILTIN_ROLES = {
-    "admin": (SCOPES, "Everything, including users, keys and the audit log."),
-    "developer": (
-        tuple(s for s in SCOPES if not s.startswith("admin:")),
-        "Use and operate plugins and collections.",
-    ),
-    "viewer": (("plugins:read", "collections:read", "models:read"), "Read-only."),
-}
 SESSION_TTL = timedelta(hours=12)
-SERVICE_SCOPES = ("collections:read", "collections:write", "models:read", "llm:use")  # what plugin workers may call
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-@dataclass
-class Principal:
-    """Who is calling, with the scopes they hold right now."""
-
-    user_id: str
-    username: str
-    role: str
-    scopes: frozenset[str]
-    key_id: str | None = None
-    via: str = "key"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the principal as JSON data."""
-        return {
-            "user_id": self.user_id,
-            "username": self.username,
-            "role": self.role,
-            "scopes": sorted(self.scopes),
-            "key_id": self.key_id,
-            "via": self.via,
-        }
 
 
 @dataclass
@@ -89,6 +44,7 @@ class KeyRecord:
     last_used_at: datetime | None
     rotated_at: datetime | None
     revoked_at: datetime | None
+    follows_role: bool | None = False  # no explicit scopes: the key holds what its user's role holds now
     tokens: float = field(default=0.0, repr=False)
     refilled: float = field(default=0.0, repr=False)
     flushed: float = field(default=0.0, repr=False)
@@ -104,6 +60,7 @@ class KeyRecord:
             "name": self.name,
             "user_id": self.user_id,
             "scopes": list(self.scopes),
+            "follows_role": bool(self.follows_role),
             "rate_limit_per_min": self.rate_limit_per_min,
             "created_at": iso(self.created_at),
             "expires_at": iso(self.expires_at),
@@ -115,10 +72,10 @@ class KeyRecord:
 
 
 class AuthService:
-    """The apikeys core; `store` is the gateway's open Store (its connection and mutex are shared)."""
+    """Users, roles, keys, sessions and audit; `store` is the gateway's open Store (its connection and mutex are
+    shared)."""
 
     def __init__(self, store: Any) -> None:
-        self._service: dict[str, Principal] = {}
         self.con = store._con  # noqa: SLF001
         self.mutex = store._mutex  # noqa: SLF001
         self._lock = threading.Lock()
@@ -214,6 +171,26 @@ class AuthService:
             self.roles[name] = list(scopes)
         self.audit(actor, "role.create", name, scopes=scopes)
         return {"name": name, "scopes": scopes, "builtin": False, "description": description}
+
+    def update_role(
+        self, name: str, scopes: list[str] | None = None, description: str | None = None, actor: str | None = None
+    ) -> dict[str, Any]:
+        """Change a custom role's scopes or description; its users' keys hold the new scopes at once."""
+        if name not in self.roles:
+            raise NotFound(f"no role {name!r}", field="name")
+        if name in BUILTIN_ROLES:
+            raise InvalidInput(f"role {name!r} is built in", field="name")
+        if scopes is not None:
+            self._check_scopes(scopes, SCOPES, "scopes")
+        with self.mutex:
+            if scopes is not None:
+                self.con.execute("UPDATE roles SET scopes = ? WHERE name = ?", [scopes, name])
+                self.roles[name] = list(scopes)
+            if description is not None:
+                self.con.execute("UPDATE roles SET description = ? WHERE name = ?", [description, name])
+            row = self._rows("SELECT name, scopes, builtin, description FROM roles WHERE name = ?", [name])[0]
+        self.audit(actor, "role.update", name, scopes=scopes, description=description)
+        return row
 
     def delete_role(self, name: str, actor: str | None = None) -> None:
         """Delete a custom role that no user has."""
@@ -315,6 +292,7 @@ class AuthService:
         if not isinstance(name, str) or not name.strip() or len(name) > 100:
             raise InvalidInput("key name must be 1 to 100 characters", field="name")
         allowed = self.roles[u["role"]]
+        follows = scopes is None
         scopes = list(allowed) if scopes is None else scopes
         self._check_scopes(scopes, tuple(allowed), "scopes", owner=u)
         if expires_at is not None and expires_at <= _now():
@@ -330,14 +308,14 @@ class AuthService:
             prefix, secret = parsed
         rec = KeyRecord(
             "k_" + uuid.uuid4().hex[:12], prefix, ks.hash_secret(secret), name, u["id"], scopes,
-            rate_limit_per_min, _now(), expires_at, None, None, None,
+            rate_limit_per_min, _now(), expires_at, None, None, None, follows,
         )  # fmt: skip
         with self.mutex:
             if prefix in self.keys:
                 raise AlreadyExists("a key with this prefix exists", field="key")
             self.con.execute(
                 "INSERT INTO api_keys (id, prefix, secret_hash, name, user_id, scopes, rate_limit_per_min, created_at, "
-                "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "expires_at, follows_role) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     rec.id,
                     prefix,
@@ -348,6 +326,7 @@ class AuthService:
                     rate_limit_per_min,
                     rec.created_at,
                     expires_at,
+                    follows,
                 ],
             )
             self.keys[prefix] = rec
@@ -366,7 +345,13 @@ class AuthService:
         where, params = ("WHERE user_id = ?", [user_id]) if user_id else ("", [])
         with self.mutex:
             rows = self._rows(f"SELECT * FROM api_keys {where} ORDER BY created_at DESC", params)
-        return [KeyRecord(**r).public() for r in rows]
+        out = []
+        for r in rows:
+            rec = KeyRecord(**r)
+            if rec.follows_role and rec.user_id in self.users:
+                rec.scopes = list(self.roles.get(self.users[rec.user_id]["role"], ()))
+            out.append(rec.public())
+        return out
 
     def rotate_key(self, key_id: str, actor: str | None = None) -> tuple[dict[str, Any], str]:
         """Give a key a new secret (same id, name, scopes); the old token stops working at once."""
@@ -394,25 +379,10 @@ class AuthService:
         return rec.public()
 
     # -- authentication ---------------------------------------------------------------------------
-    def service_token(self, plugin_id: str, scopes: tuple[str, ...] = SERVICE_SCOPES) -> str:
-        """Mint a token a plugin's worker uses to call this gateway (kept in memory, valid while it runs)."""
-        import secrets
-
-        token = "bkgw_" + secrets.token_urlsafe(32)
-        self._service[ks.hash_secret(token)] = Principal(
-            f"plugin:{plugin_id}", f"plugin:{plugin_id}", "service", frozenset(scopes), None, "service"
-        )
-        return token
-
     def authenticate(self, token: str) -> Principal:
-        """Return the principal of an API key, session token or plugin service token, or raise 401 / 429."""
+        """Return the principal of an API key or session token, or raise 401 / 429."""
         if token.startswith("bkgs_"):
             return self._session(token)
-        if token.startswith("bkgw_"):
-            p = self._service.get(ks.hash_secret(token))
-            if p is None:
-                raise Unauthorized("invalid service token (it lives as long as the gateway that issued it)")
-            return p
         parsed = ks.parse_key(token)
         rec = self.keys.get(parsed[0]) if parsed else None
         if parsed is None or rec is None or not ks.same(ks.hash_secret(parsed[1]), rec.secret_hash):
@@ -427,7 +397,8 @@ class AuthService:
         rec.last_used_at = now
         if time.monotonic() - rec.flushed > 60:
             self._flush(rec)
-        scopes = frozenset(rec.scopes) & frozenset(self.roles.get(user["role"], ()))
+        role_scopes = frozenset(self.roles.get(user["role"], ()))
+        scopes = role_scopes if rec.follows_role else frozenset(rec.scopes) & role_scopes
         return Principal(user["id"], user["username"], user["role"], scopes, rec.id, "key")
 
     def _rate(self, rec: KeyRecord) -> None:

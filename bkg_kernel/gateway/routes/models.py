@@ -1,4 +1,4 @@
-"""The model registry over HTTP (`/api/models`) and the gateway's background jobs (`/api/jobs`)."""
+"""The model registry over HTTP (`/api/models`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.models.registry import ModelRegistry
-from bkg_kernel.plugins.apikeys.service import Principal
 
 router = APIRouter(tags=["models"])
 READ, WRITE = Depends(need("models:read")), need("models:write")
@@ -34,9 +34,7 @@ class NewModel(BaseModel):
 
 def registry(request: Request) -> ModelRegistry:
     """Return the gateway's model registry."""
-    reg = gateway(request).models
-    assert reg is not None
-    return reg
+    return gateway(request).models
 
 
 async def defaults_registered(request: Request) -> None:
@@ -62,7 +60,6 @@ async def add_model(
 
     gw = gateway(request)
     reg = registry(request)
-    assert gw.auth is not None
     if (body.path is None) == (body.url is None):
         raise InvalidInput("give exactly one of path or url", field="path")
     if body.url is not None:
@@ -71,8 +68,7 @@ async def add_model(
 
         def run(progress: Any) -> dict[str, Any]:
             entry = download.download(reg, url, progress, id=body.id, kind=body.kind, license=body.license)
-            if gw.auth is not None:
-                gw.auth.audit(p.username, "model.add", entry.id, source=url)
+            gw.auth.audit(p.username, "model.add", entry.id, source=url)
             return entry.model_dump()
 
         job = gw.jobs.start("models.download", run)
@@ -107,31 +103,5 @@ async def remove_model(
     """Unregister a model (and, with delete_files, delete its file from the model dir)."""
     gw = gateway(request)
     entry = await asyncio.to_thread(registry(request).remove, model_id, delete_files=delete_files)
-    assert gw.auth is not None
     gw.auth.audit(p.username, "model.remove", model_id, delete_files=delete_files)
     return {"removed": entry.model_dump()}
-
-
-@router.get("/api/jobs", tags=["jobs"], dependencies=[Depends(need("plugins:read"))])
-async def list_jobs(request: Request) -> dict[str, Any]:
-    """Background jobs, newest first."""
-    jobs = sorted(gateway(request).jobs.jobs.values(), key=lambda j: j.created, reverse=True)
-    return {"jobs": [j.to_dict() for j in jobs]}
-
-
-@router.get("/api/jobs/{job_id}", tags=["jobs"], dependencies=[Depends(need("plugins:read"))])
-async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-    """One job: state, progress, result or error."""
-    return gateway(request).jobs.get(job_id).to_dict()
-
-
-@router.post("/api/jobs/{job_id}/cancel", tags=["jobs"])
-async def cancel_job(
-    job_id: str, request: Request, p: Annotated[Principal, Depends(need("plugins:read"))]
-) -> dict[str, Any]:
-    """Cancel a running plugin job (its owner, or a key with plugins:write)."""
-    gw = gateway(request)
-    job = gw.jobs.get(job_id)
-    if job.owner != p.username:
-        gw.principal(request, "plugins:write")
-    return gw.jobs.cancel(job_id).to_dict()

@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.gateway.state import gateway, need
-from bkg_kernel.plugins.apikeys.service import AuthService, Principal
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 USERS, KEYS, AUDIT = need("admin:users"), need("admin:keys"), need("admin:audit")
@@ -38,6 +38,11 @@ class NewRole(Strict):
     description: str = ""
 
 
+class RolePatch(Strict):
+    scopes: list[str] | None = None
+    description: str | None = None
+
+
 class NewKey(Strict):
     name: str
     user_id: str | None = Field(None, description="Owner (default: the caller).")
@@ -48,9 +53,7 @@ class NewKey(Strict):
 
 
 def _auth(request: Request) -> AuthService:
-    auth = gateway(request).auth
-    assert auth is not None
-    return auth
+    return gateway(request).auth
 
 
 @router.get("/users")
@@ -102,6 +105,14 @@ def list_roles(request: Request, p: Annotated[Principal, Depends(USERS)]) -> dic
 def create_role(body: NewRole, request: Request, p: Annotated[Principal, Depends(USERS)]) -> dict[str, Any]:
     """Create a custom role."""
     return _auth(request).create_role(body.name, body.scopes, body.description, actor=p.username)
+
+
+@router.patch("/roles/{name}")
+def update_role(
+    name: str, body: RolePatch, request: Request, p: Annotated[Principal, Depends(USERS)]
+) -> dict[str, Any]:
+    """Change a custom role's scopes or description (its users' keys follow at once)."""
+    return _auth(request).update_role(name, body.scopes, body.description, actor=p.username)
 
 
 @router.delete("/roles/{name}")

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from bkg_kernel.errors import InvalidInput
-from bkg_kernel.gateway import embedder
-from bkg_kernel.gateway.state import gateway, need, store_of
-from bkg_kernel.plugins.apikeys.service import Principal
+from bkg_kernel.auth import Principal
+from bkg_kernel.gateway import storeops
+from bkg_kernel.gateway.state import gateway, need
 
 router = APIRouter(prefix="/api/collections", tags=["collections"])
-READ, WRITE = Depends(need("collections:read")), need("collections:write")
+READ_SCOPE = "collections:read"
+READ, WRITE = Depends(need(READ_SCOPE)), need("collections:write")
 
 
 class Strict(BaseModel):
@@ -86,21 +85,19 @@ class Restore(Strict):
 
 
 def _audit(request: Request, p: Principal, action: str, target: str, **detail: Any) -> None:
-    auth = gateway(request).auth
-    assert auth is not None
-    auth.audit(p.username, action, target, **detail)
+    gateway(request).auth.audit(p.username, action, target, **detail)
 
 
 @router.get("", dependencies=[READ])
 def list_collections(request: Request) -> dict[str, Any]:
     """Every collection, described."""
-    return {"collections": [c.to_dict() for c in store_of(request).list_collections()]}
+    return {"collections": [c.to_dict() for c in gateway(request).store.list_collections()]}
 
 
 @router.post("", status_code=201)
 def create_collection(body: NewCollection, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> dict[str, Any]:
     """Create a collection."""
-    s = store_of(request)
+    s = gateway(request).store
     s.create_collection(body.name, body.dim, body.metric, body.index, embed_model=body.embed_model, **body.params)
     _audit(request, p, "collection.create", body.name, dim=body.dim, metric=body.metric, index=body.index)
     return s.describe(body.name).to_dict()
@@ -111,7 +108,7 @@ def patch_collection(
     name: str, body: CollectionPatch, request: Request, p: Annotated[Principal, Depends(WRITE)]
 ) -> dict[str, Any]:
     """Change a collection's embed_model."""
-    s = store_of(request)
+    s = gateway(request).store
     s.set_embed_model(name, body.embed_model)
     _audit(request, p, "collection.update", name, embed_model=body.embed_model)
     return s.describe(name).to_dict()
@@ -120,48 +117,29 @@ def patch_collection(
 @router.get("/{name}", dependencies=[READ])
 def describe(name: str, request: Request) -> dict[str, Any]:
     """Count, dim, metric, index, bytes on disk, last snapshot."""
-    return store_of(request).describe(name).to_dict()
+    return gateway(request).store.describe(name).to_dict()
 
 
 @router.delete("/{name}", status_code=204)
 def drop(name: str, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> Response:
     """Drop a collection (its snapshots stay)."""
-    store_of(request).drop_collection(name)
+    gateway(request).store.drop_collection(name)
     _audit(request, p, "collection.drop", name)
     return Response(status_code=204)
 
 
-@router.put("/{name}/points", dependencies=[Depends(WRITE)])
-async def upsert(name: str, body: Upsert, request: Request) -> dict[str, Any]:
+@router.put("/{name}/points")
+async def upsert(name: str, body: Upsert, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> dict[str, Any]:
     """Insert or replace points; points without a vector are embedded from their text (embed_model)."""
-    coll = store_of(request).collection(name)
+    gw = gateway(request)
     points = [pt.model_dump() for pt in body.points]
-    missing = [i for i, pt in enumerate(points) if pt["vector"] is None]
-    embedded = 0
-    if missing:
-        spec = body.embed_model or coll.embed_model
-        if spec is None:
-            raise InvalidInput(
-                f"points[{missing[0]}].vector is missing and collection {name!r} has no embed_model to compute it",
-                field=f"points[{missing[0]}].vector",
-            )
-        no_text = [i for i in missing if not points[i]["text"]]
-        if no_text:
-            raise InvalidInput(
-                f"points[{no_text[0]}] has neither a vector nor a text to embed", field=f"points[{no_text[0]}].text"
-            )
-        vecs = await embedder.embed(gateway(request), spec, [points[i]["text"] for i in missing], coll.dim)
-        for i, v in zip(missing, vecs, strict=True):
-            points[i]["vector"] = v
-        embedded = len(missing)
-    r = await asyncio.to_thread(coll.upsert, points)
-    return {"upserted": r.upserted, "embedded": embedded, "took_ms": r.took_ms}
+    return await storeops.upsert_points(gw.supervisor, p, gw.store.collection(name), points, body.embed_model)
 
 
 @router.post("/{name}/points/get", dependencies=[READ])
 def get_points(name: str, body: Ids, request: Request) -> dict[str, Any]:
     """Points by id, in the order asked (missing ids left out)."""
-    pts = store_of(request).collection(name).get(body.ids, with_vectors=body.with_vectors)
+    pts = gateway(request).store.collection(name).get(body.ids, with_vectors=body.with_vectors)
     return {"points": [p.to_dict() for p in pts]}
 
 
@@ -169,8 +147,8 @@ def get_points(name: str, body: Ids, request: Request) -> dict[str, Any]:
 def scroll_points(name: str, body: Scroll, request: Request) -> dict[str, Any]:
     """Page through points (optionally matching a filter) in insertion order; next_offset is null at the end."""
     pts = (
-        store_of(request)
-        .collection(name)
+        gateway(request)
+        .store.collection(name)
         .scroll(body.filter, limit=body.limit, offset=body.offset, with_vectors=body.with_vectors)
     )
     more = len(pts) == body.limit
@@ -180,46 +158,33 @@ def scroll_points(name: str, body: Scroll, request: Request) -> dict[str, Any]:
 @router.post("/{name}/points/delete", dependencies=[Depends(WRITE)])
 def delete_points(name: str, body: Delete, request: Request) -> dict[str, Any]:
     """Delete points by ids or by filter."""
-    return {"deleted": store_of(request).collection(name).delete(body.ids, filter=body.filter)}
+    return {"deleted": gateway(request).store.collection(name).delete(body.ids, filter=body.filter)}
 
 
 @router.post("/{name}/points/count", dependencies=[READ])
 def count_points(name: str, request: Request, body: Count | None = None) -> dict[str, Any]:
     """Count points, optionally matching a filter."""
-    return {"count": store_of(request).collection(name).count(body.filter if body else None)}
+    return {"count": gateway(request).store.collection(name).count(body.filter if body else None)}
 
 
-@router.post("/{name}/query", dependencies=[READ])
-async def query(name: str, body: Query, request: Request) -> dict[str, Any]:
+@router.post("/{name}/query")
+async def query(name: str, body: Query, request: Request, p: Annotated[Principal, Depends(need(READ_SCOPE))]) -> Any:
     """Vector, full-text (BM25) or hybrid (RRF) search, filtered before ranking.
 
     With text and no vector on a collection with an embed_model, the text is embedded too: mode defaults to
     hybrid, and `vector` mode searches by the text's embedding.
     """
-    coll = store_of(request).collection(name)
-    vector, mode = body.vector, body.mode
-    if vector is None and body.text and coll.embed_model and mode in (None, "vector", "hybrid"):
-        vector = (await embedder.embed(gateway(request), coll.embed_model, [body.text], coll.dim))[0]
-        mode = mode or "hybrid"
-    r = await asyncio.to_thread(
-        coll.query,
-        vector,
-        body.text,
-        k=body.k,
-        filter=body.filter,
-        mode=mode,
-        rrf_k=body.rrf_k,
-        vector_weight=body.vector_weight,
-        ef_search=body.ef_search,
-        with_text=body.with_text,
+    gw = gateway(request)
+    q = body.model_dump(exclude={"vector", "text", "mode"})
+    return await storeops.query_points(
+        gw.supervisor, p, gw.store.collection(name), body.vector, body.text, body.mode, **q
     )
-    return r.to_dict()
 
 
 @router.post("/{name}/snapshots", status_code=201)
 def snapshot(name: str, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> dict[str, Any]:
     """Write a snapshot archive."""
-    info = store_of(request).snapshot(name)
+    info = gateway(request).store.snapshot(name)
     _audit(request, p, "snapshot.create", name, snapshot=info.id)
     return info.to_dict()
 
@@ -227,7 +192,7 @@ def snapshot(name: str, request: Request, p: Annotated[Principal, Depends(WRITE)
 @router.get("/{name}/snapshots", dependencies=[READ])
 def list_snapshots(name: str, request: Request) -> dict[str, Any]:
     """Snapshots of a collection (also of a dropped one), newest first."""
-    return {"snapshots": [s.to_dict() for s in store_of(request).list_snapshots(name)]}
+    return {"snapshots": [s.to_dict() for s in gateway(request).store.list_snapshots(name)]}
 
 
 @router.post("/{name}/snapshots/{snapshot_id}/restore")
@@ -235,7 +200,7 @@ def restore(
     name: str, snapshot_id: str, request: Request, p: Annotated[Principal, Depends(WRITE)], body: Restore | None = None
 ) -> dict[str, Any]:
     """Restore a snapshot into the same collection or a new name; a damaged archive is refused (422)."""
-    s = store_of(request)
+    s = gateway(request).store
     coll = s.restore_snapshot(name, snapshot_id, body.into if body else None)
     _audit(request, p, "snapshot.restore", name, snapshot=snapshot_id, into=coll.name)
     return s.describe(coll.name).to_dict()
@@ -244,34 +209,6 @@ def restore(
 @router.delete("/{name}/snapshots/{snapshot_id}", status_code=204)
 def delete_snapshot(name: str, snapshot_id: str, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> Response:
     """Delete one snapshot archive."""
-    store_of(request).delete_snapshot(name, snapshot_id)
+    gateway(request).store.delete_snapshot(name, snapshot_id)
     _audit(request, p, "snapshot.delete", name, snapshot=snapshot_id)
     return Response(status_code=204)
-
-
-embed_router = APIRouter(tags=["collections"])
-
-
-class EmbedRequest(Strict):
-    model: str = Field(..., description='"candle:<model>" or "llmserver:<model>"')
-    input: list[str] = Field(..., min_length=1, max_length=10_000)
-
-
-@embed_router.post("/api/embed")
-async def embed(body: EmbedRequest, request: Request, p: Annotated[Principal, Depends(need("llm:use"))]) -> Any:
-    """Embed texts with a candle or llmserver model (what collections with an embed_model use)."""
-    vecs = await embedder.embed(gateway(request), body.model, body.input, field="model")
-    return {"model": body.model, "dim": int(vecs.shape[1]), "embeddings": vecs.tolist()}
-
-
-class RerankRequest(Strict):
-    model: str = Field(..., description='"candle:<cross-encoder model>"')
-    query: str = Field(..., min_length=1)
-    documents: list[str] = Field(..., min_length=1, max_length=1000)
-
-
-@embed_router.post("/api/rerank")
-async def rerank(body: RerankRequest, request: Request, p: Annotated[Principal, Depends(need("llm:use"))]) -> Any:
-    """Score documents against a query with a cross-encoder (higher is more relevant), in the given order."""
-    scores = await embedder.rerank(gateway(request), body.model, body.query, body.documents)
-    return {"model": body.model, "scores": scores}

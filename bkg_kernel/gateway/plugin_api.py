@@ -1,0 +1,51 @@
+"""What the gateway hands a plugin's `routes(api)` hook (the `GatewayAPI` of the plugin contract): the auth
+dependency and calls into plugins as the request's caller, so plugin route modules import nothing from the
+gateway."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import FastAPI
+
+from bkg_kernel.auth import Principal
+from bkg_kernel.gateway.state import Gateway, need
+
+log = logging.getLogger("bkg.gateway")
+
+
+class AppGatewayAPI:
+    """The `GatewayAPI` of one FastAPI app (the gateway is looked up at call time: it opens in the lifespan)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    @property
+    def gw(self) -> Gateway:
+        gw: Gateway = self.app.state.gateway
+        return gw
+
+    def need(self, scope: str | None) -> Any:
+        """Return the FastAPI dependency that authenticates and checks `scope`, yielding the Principal."""
+        return need(scope)
+
+    async def invoke(self, plugin_id: str, capability_id: str, data: Any, caller: Principal) -> Any:
+        """Run a capability of a plugin as `caller`."""
+        return await self.gw.supervisor.get(plugin_id).invoke(capability_id, data, caller)
+
+    def stream(self, plugin_id: str, capability_id: str, data: Any, caller: Principal) -> AsyncGenerator[Any, None]:
+        """Run a streaming capability as `caller`; closing the iterator cancels it."""
+        return self.gw.supervisor.get(plugin_id).stream(capability_id, data, caller)
+
+    def record_usage(self, caller: Principal, route: str, result: dict[str, Any]) -> None:
+        """Book an LLM result's token usage to the caller (never fails the answer the caller already has)."""
+        usage = result.get("usage") or {}
+        if not usage:
+            return
+        try:
+            prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+            self.gw.auth.record_usage(caller, route, result.get("model"), prompt, completion)
+        except Exception:
+            log.exception("recording token usage failed")

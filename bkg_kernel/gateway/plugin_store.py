@@ -1,0 +1,166 @@
+"""The gateway's side of the plugins' store handle (`context.store`): each operation runs as the caller of the
+plugin call that asked, checked against that caller's scopes and booked to them (audit, LLM usage).
+
+A plugin keeps its own domain (rustyface's galleries are collections it names) but gains no scope its caller
+lacks. Worker requests arrive over the worker's pipe and run on a thread of the plugin host's pool; inline
+plugins call in directly from their request thread. The async parts (embedding in candle or llmserver, chat)
+run on the gateway's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from bkg_kernel.errors import InvalidInput, Unavailable
+from bkg_kernel.gateway import storeops
+
+if TYPE_CHECKING:
+    from bkg_kernel.auth import AuthService, Principal
+    from bkg_kernel.gateway.hub import Hub
+    from bkg_kernel.runtime.supervisor import Supervisor
+    from bkg_kernel.store import Store
+
+READ, WRITE, LLM = "collections:read", "collections:write", "llm:use"
+
+
+class PluginStore:
+    """Serves `StoreHandle` operations: `store(plugin_id, caller, op, arguments)`."""
+
+    def __init__(self, store: Store, auth: AuthService, hub: Hub) -> None:
+        self.store, self.auth, self.hub = store, auth, hub
+        self.supervisor: Supervisor | None = None  # set by Gateway.open once the supervisor exists
+        self.ops: dict[str, tuple[str, Callable[..., Any]]] = {
+            "list_collections": (READ, self.list_collections),
+            "describe": (READ, self.describe),
+            "create_collection": (WRITE, self.create_collection),
+            "drop_collection": (WRITE, self.drop_collection),
+            "upsert": (WRITE, self.upsert),
+            "get": (READ, self.get),
+            "scroll": (READ, self.scroll),
+            "delete": (WRITE, self.delete),
+            "count": (READ, self.count),
+            "count_distinct": (READ, self.count_distinct),
+            "query": (READ, self.query),
+            "embed": (LLM, self.embed),
+            "rerank": (LLM, self.rerank),
+            "chat": (LLM, self.chat),
+        }
+
+    def __call__(self, plugin_id: str, caller: Principal, op: str, args: dict[str, Any]) -> Any:
+        """Run one operation for `plugin_id` as `caller` (403 naming the scope the caller lacks)."""
+        found = self.ops.get(op)
+        if found is None:
+            raise InvalidInput(f"the store has no operation {op!r}", field="op")
+        scope, fn = found
+        caller.require(scope, f"{plugin_id} ({op}, on behalf of {caller.username})")
+        return fn(plugin_id, caller, **args)
+
+    def _sup(self) -> Supervisor:
+        if self.supervisor is None:
+            raise Unavailable("the gateway is still starting")
+        return self.supervisor
+
+    def _await(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        loop = self.hub.loop
+        if loop is None or loop.is_closed():
+            coro.close()
+            raise Unavailable("the gateway's event loop is not running")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    def _audit(self, caller: Principal, plugin_id: str, action: str, target: str, **detail: Any) -> None:
+        self.auth.audit(caller.username, action, target, key=caller.key_id, plugin=plugin_id, **detail)
+
+    # -- collections ----------------------------------------------------------------------------------
+    def list_collections(self, plugin_id: str, caller: Principal) -> list[dict[str, Any]]:
+        return [c.to_dict() for c in self.store.list_collections()]
+
+    def describe(self, plugin_id: str, caller: Principal, name: str) -> dict[str, Any]:
+        return self.store.describe(name).to_dict()
+
+    def create_collection(
+        self,
+        plugin_id: str,
+        caller: Principal,
+        name: str,
+        dim: int,
+        metric: str,
+        index: str,
+        embed_model: str | None,
+        params: dict[str, int],
+    ) -> dict[str, Any]:
+        self.store.create_collection(name, dim, metric, index, embed_model=embed_model, **params)
+        self._audit(caller, plugin_id, "collection.create", name, dim=dim, metric=metric, index=index)
+        return self.store.describe(name).to_dict()
+
+    def drop_collection(self, plugin_id: str, caller: Principal, name: str) -> None:
+        self.store.drop_collection(name)
+        self._audit(caller, plugin_id, "collection.drop", name)
+
+    # -- points ---------------------------------------------------------------------------------------
+    def upsert(
+        self, plugin_id: str, caller: Principal, name: str, points: list[dict[str, Any]], embed_model: str | None
+    ) -> dict[str, Any]:
+        coll = self.store.collection(name)
+        out: dict[str, Any] = self._await(storeops.upsert_points(self._sup(), caller, coll, points, embed_model))
+        return out
+
+    def get(
+        self, plugin_id: str, caller: Principal, name: str, ids: list[int | str], with_vectors: bool
+    ) -> list[dict[str, Any]]:
+        return [p.to_dict() for p in self.store.collection(name).get(ids, with_vectors=with_vectors)]
+
+    def scroll(
+        self,
+        plugin_id: str,
+        caller: Principal,
+        name: str,
+        filter: dict[str, Any] | None,
+        limit: int,
+        offset: int,
+        with_vectors: bool,
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        pts = self.store.collection(name).scroll(filter, limit=limit, offset=offset, with_vectors=with_vectors)
+        return [p.to_dict() for p in pts], (offset + len(pts) if len(pts) == limit else None)
+
+    def delete(
+        self, plugin_id: str, caller: Principal, name: str, ids: list[int | str] | None, filter: dict[str, Any] | None
+    ) -> int:
+        return self.store.collection(name).delete(ids, filter=filter)
+
+    def count(self, plugin_id: str, caller: Principal, name: str, filter: dict[str, Any] | None) -> int:
+        return self.store.collection(name).count(filter)
+
+    def count_distinct(
+        self, plugin_id: str, caller: Principal, name: str, field: str, filter: dict[str, Any] | None
+    ) -> int:
+        return self.store.collection(name).count_distinct(field, filter)
+
+    def query(self, plugin_id: str, caller: Principal, name: str, **q: Any) -> list[dict[str, Any]]:
+        coll = self.store.collection(name)
+        vector, text, mode = q.pop("vector"), q.pop("text"), q.pop("mode")
+        r = self._await(storeops.query_points(self._sup(), caller, coll, vector, text, mode, **q))
+        results: list[dict[str, Any]] = r["results"]
+        return results
+
+    # -- models ---------------------------------------------------------------------------------------
+    def embed(self, plugin_id: str, caller: Principal, model: str, texts: list[str]) -> Any:
+        return self._await(storeops.embed(self._sup(), caller, model, texts, field="model"))
+
+    def rerank(self, plugin_id: str, caller: Principal, model: str, query: str, documents: list[str]) -> list[float]:
+        out: list[float] = self._await(storeops.rerank(self._sup(), caller, model, query, documents))
+        return out
+
+    def chat(self, plugin_id: str, caller: Principal, body: dict[str, Any], route: str) -> dict[str, Any]:
+        host = self._sup().get("llmserver")
+        result: dict[str, Any] = self._await(host.invoke("llm.chat", body, caller))
+        usage = result.get("usage") or {}
+        self.auth.record_usage(
+            caller,
+            route,
+            result.get("model"),
+            int(usage.get("prompt_tokens", 0)),
+            int(usage.get("completion_tokens", 0)),
+        )
+        return result

@@ -1,0 +1,46 @@
+"""Sessions: log in with a password, who am I, log out."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict
+
+from bkg_kernel.auth import Principal
+from bkg_kernel.errors import InvalidInput
+from bkg_kernel.gateway.state import gateway, need
+
+router = APIRouter(tags=["auth"])
+
+
+class Login(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    username: str
+    password: str
+
+
+@router.post("/auth/login")
+async def login(body: Login, request: Request) -> dict[str, Any]:
+    """Exchange username + password for a session token (12 h)."""
+    auth = gateway(request).auth
+    token, p = await asyncio.to_thread(auth.login, body.username, body.password)
+    return {"token": token, "token_type": "bearer", "user": p.to_dict()}
+
+
+@router.get("/auth/me")
+async def me(p: Annotated[Principal, Depends(need(None))]) -> dict[str, Any]:
+    """Who the credentials belong to, and their scopes."""
+    return p.to_dict()
+
+
+@router.post("/auth/logout")
+async def logout(request: Request, p: Annotated[Principal, Depends(need(None))]) -> dict[str, Any]:
+    """End the current session (API keys are revoked under /admin/keys instead)."""
+    auth = gateway(request).auth
+    if p.via != "session":
+        raise InvalidInput("logout ends a session; this request used an API key", field="authorization")
+    auth.logout(request.headers["authorization"][7:].strip())
+    auth.audit(p.username, "auth.logout", p.username)
+    return {"ok": True}

@@ -1,0 +1,44 @@
+"""Embeddings and rerank scores from the models candle and llmserver run (`/api/embed`, `/api/rerank`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from bkg_kernel.auth import Principal
+from bkg_kernel.gateway import storeops
+from bkg_kernel.gateway.state import gateway, need
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+router = APIRouter(tags=["models"])
+
+
+class EmbedRequest(Strict):
+    model: str = Field(..., description='"candle:<model>" or "llmserver:<model>"')
+    input: list[str] = Field(..., min_length=1, max_length=10_000)
+
+
+@router.post("/api/embed")
+async def embed(body: EmbedRequest, request: Request, p: Annotated[Principal, Depends(need("llm:use"))]) -> Any:
+    """Embed texts with a candle or llmserver model (what collections with an embed_model use)."""
+    vecs = await storeops.embed(gateway(request).supervisor, p, body.model, body.input, field="model")
+    return {"model": body.model, "dim": int(vecs.shape[1]), "embeddings": vecs.tolist()}
+
+
+class RerankRequest(Strict):
+    model: str = Field(..., description='"candle:<cross-encoder model>"')
+    query: str = Field(..., min_length=1)
+    documents: list[str] = Field(..., min_length=1, max_length=1000)
+
+
+@router.post("/api/rerank")
+async def rerank(body: RerankRequest, request: Request, p: Annotated[Principal, Depends(need("llm:use"))]) -> Any:
+    """Score documents against a query with a cross-encoder (higher is more relevant), in the given order."""
+    scores = await storeops.rerank(gateway(request).supervisor, p, body.model, body.query, body.documents)
+    return {"model": body.model, "scores": scores}

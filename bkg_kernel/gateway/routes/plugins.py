@@ -1,0 +1,172 @@
+"""Plugins over HTTP: list, describe, status, health, logs, telemetry, lifecycle, config, and invoke."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from bkg_kernel.auth import Principal
+from bkg_kernel.errors import InvalidInput, invalid_from_pydantic
+from bkg_kernel.gateway.state import gateway, need
+from bkg_kernel.runtime.host import PluginHost
+
+router = APIRouter(tags=["plugins"])
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    config: dict[str, Any] | None = None
+    enabled: bool | None = None
+    autostart: bool | None = None
+
+
+read = Depends(need("plugins:read"))
+
+
+@router.get("/api/plugins", dependencies=[read])
+async def list_plugins(request: Request) -> JSONResponse:
+    """Every plugin with its status and latest telemetry."""
+    sup = gateway(request).supervisor
+    # Plain JSON data already: skip FastAPI's recursive encoder on the route the panels poll most.
+    return JSONResponse(
+        {
+            "plugins": [
+                {
+                    "id": h.id,
+                    "name": h.cls.name if h.cls else h.id,
+                    "version": h.cls.version if h.cls else "",
+                    "description": h.cls.description if h.cls else "",
+                    **h.status(),
+                    "telemetry": h.telemetry.snapshot(),
+                }
+                for h in sup.hosts.values()
+            ]
+        }
+    )
+
+
+@router.get("/api/plugins/telemetry/summary", dependencies=[read])
+async def telemetry_summary(request: Request) -> dict[str, Any]:
+    """Telemetry of every plugin plus totals."""
+    sup = gateway(request).supervisor
+    return sup.summary()
+
+
+@router.get("/api/plugins/{plugin_id}", dependencies=[read])
+async def get_plugin(plugin_id: str, request: Request) -> dict[str, Any]:
+    """The plugin's declaration: capabilities with JSON Schemas, settings schema, config, status."""
+    return _host(request, plugin_id).describe()
+
+
+@router.get("/api/plugins/{plugin_id}/status", dependencies=[read])
+async def plugin_status(plugin_id: str, request: Request) -> dict[str, Any]:
+    """Lifecycle state, reason, pid and uptime."""
+    return _host(request, plugin_id).status()
+
+
+@router.get("/api/plugins/{plugin_id}/health", dependencies=[read])
+async def plugin_health(plugin_id: str, request: Request) -> dict[str, Any]:
+    """The plugin's own health report (asked of the running plugin: `{"ok": bool, ...}`)."""
+    result: dict[str, Any] = await _host(request, plugin_id).health()
+    return result
+
+
+@router.get("/api/plugins/{plugin_id}/logs", dependencies=[read])
+async def plugin_logs(
+    plugin_id: str,
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=2000)] = 200,
+    level: Annotated[str | None, Query(pattern="^(?i)(debug|info|warning|error|critical)$")] = None,
+    search: str | None = None,
+) -> dict[str, Any]:
+    """The newest log lines, at or above a level, optionally containing a string."""
+    return {"lines": _host(request, plugin_id).logs.query(limit, level, search)}
+
+
+@router.get("/api/plugins/{plugin_id}/telemetry", dependencies=[read])
+async def plugin_telemetry(plugin_id: str, request: Request) -> dict[str, Any]:
+    """cpu %, RSS, uptime, requests, errors, last error, p50 / p95 latency, queue depth."""
+    return _host(request, plugin_id).telemetry.snapshot()
+
+
+@router.get("/api/plugins/{plugin_id}/config", dependencies=[read])
+async def get_config(plugin_id: str, request: Request) -> dict[str, Any]:
+    """The plugin's settings, their JSON Schema, and enabled / autostart."""
+    h = _host(request, plugin_id)
+    schema = h.cls.Settings.model_json_schema() if h.cls else {}
+    return {
+        "config": h.settings.public(),
+        "schema": schema,
+        "enabled": h.entry.enabled,
+        "autostart": h.entry.autostart,
+    }
+
+
+@router.put("/api/plugins/{plugin_id}/config")
+async def put_config(
+    plugin_id: str, body: Config, request: Request, p: Annotated[Principal, Depends(need("plugins:write"))]
+) -> dict[str, Any]:
+    """Validate and save settings (422 names the bad field); a running plugin restarts to apply them."""
+    gw = gateway(request)
+    h = _host(request, plugin_id)
+    restarted = False
+    if body.config is not None and isinstance(body.config, dict):
+        body.config = h.settings.keep_secrets(body.config)
+    if body.config is not None:
+        h.configure(body.config)
+    if body.enabled is not None:
+        h.entry.enabled = body.enabled
+    if body.autostart is not None:
+        h.entry.autostart = body.autostart
+    gw.supervisor.save_registry()
+    gw.auth.audit(p.username, "plugin.config", plugin_id, config=h.settings.public(), enabled=body.enabled)
+    if body.config is not None and h.state in ("running", "degraded"):
+        await asyncio.to_thread(h.restart)
+        restarted = True
+    return {"config": h.settings.public(), "restarted": restarted, "status": h.status()}
+
+
+@router.post("/api/plugins/{plugin_id}/invoke/{capability_id}")
+async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
+    """Run a capability with its JSON input; the capability's own scope is required."""
+    gw = gateway(request)
+    gw.principal(request, None)  # who is asking comes before what exists
+    h = _host(request, plugin_id)
+    cap = h.cls.capabilities().get(capability_id) if h.cls else None
+    p = gw.principal(request, cap.scope if cap else "plugins:read")
+    try:
+        body = await request.json() if await request.body() else {}
+    except ValueError:
+        raise InvalidInput("request body is not valid JSON", field="body") from None
+    if cap is not None and cap.job:
+        try:  # a bad input is the caller's 422 now, not a failed job later
+            cap.input.model_validate(body)
+        except ValidationError as exc:
+            raise invalid_from_pydantic(exc, "input") from None
+        job = gw.jobs.start_stream(capability_id, h.stream(capability_id, body, p), plugin=plugin_id, owner=p.username)
+        return JSONResponse({"job": job.to_dict()}, status_code=202)
+    return await h.invoke(capability_id, body, p)
+
+
+def _lifecycle_route(action: str) -> None:
+    async def route(plugin_id: str, request: Request, p: Annotated[Principal, Depends(need("plugins:write"))]) -> Any:
+        gw = gateway(request)
+        h = _host(request, plugin_id)
+        status = await asyncio.to_thread(getattr(h, action))
+        gw.auth.audit(p.username, f"plugin.{action}", plugin_id, state=status["state"])
+        return status
+
+    route.__doc__ = f"{action.capitalize()} the plugin and return its status."
+    router.post(f"/api/plugins/{{plugin_id}}/{action}", name=f"plugin_{action}")(route)
+
+
+def _host(request: Request, plugin_id: str) -> PluginHost:
+    return gateway(request).supervisor.get(plugin_id)
+
+
+for _action in ("start", "stop", "restart"):
+    _lifecycle_route(_action)

@@ -1,0 +1,112 @@
+"""Compute vectors from text with a plugin's model, for collections that name an `embed_model`; upsert and query
+through it (the REST routes and the plugins' store handle share these).
+
+`candle:<model>` runs a sentence model in the candle worker; `llmserver:<model>` a GGUF model in llmserver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bkg_kernel.errors import BkgError, InvalidInput
+from bkg_kernel.store import validate
+
+if TYPE_CHECKING:
+    from bkg_kernel.auth import Principal
+    from bkg_kernel.runtime.supervisor import Supervisor
+    from bkg_kernel.store import Collection
+
+BATCH = 256
+
+
+async def upsert_points(
+    sup: Supervisor, caller: Principal, coll: Collection, points: list[dict[str, Any]], embed_model: str | None
+) -> dict[str, Any]:
+    """Upsert points (dicts with id, vector, payload, text), embedding the texts of those without a vector."""
+    missing = [i for i, pt in enumerate(points) if pt.get("vector") is None]
+    if missing:
+        spec = embed_model or coll.embed_model
+        if spec is None:
+            raise InvalidInput(
+                f"points[{missing[0]}].vector is missing and collection {coll.name!r} has no embed_model to compute it",
+                field=f"points[{missing[0]}].vector",
+            )
+        no_text = [i for i in missing if not points[i].get("text")]
+        if no_text:
+            raise InvalidInput(
+                f"points[{no_text[0]}] has neither a vector nor a text to embed", field=f"points[{no_text[0]}].text"
+            )
+        vecs = await embed(sup, caller, spec, [points[i]["text"] for i in missing], coll.dim)
+        for i, v in zip(missing, vecs, strict=True):
+            points[i]["vector"] = v
+    r = await asyncio.to_thread(coll.upsert, points)
+    return {"upserted": r.upserted, "embedded": len(missing), "took_ms": r.took_ms}
+
+
+async def query_points(
+    sup: Supervisor, caller: Principal, coll: Collection, vector: Any, text: str | None, mode: str | None, **kw: Any
+) -> dict[str, Any]:
+    """Query a collection; with text and no vector on a collection with an embed_model, embed the text too (mode
+    defaults to hybrid, and `vector` mode searches by the text's embedding)."""
+    if vector is None and text and coll.embed_model and mode in (None, "vector", "hybrid"):
+        vector = (await embed(sup, caller, coll.embed_model, [text], coll.dim))[0]
+        mode = mode or "hybrid"
+    r = await asyncio.to_thread(coll.query, vector, text, mode=mode, **kw)
+    return r.to_dict()
+
+
+async def embed(
+    sup: Supervisor,
+    caller: Principal,
+    spec: str,
+    texts: list[str],
+    dim: int | None = None,
+    field: str = "embed_model",
+) -> np.ndarray:
+    """Embed `texts` with `spec` ("plugin:model") as `caller`; check the vectors have the collection's dimension."""
+    validate.embed_model(spec, field)
+    plugin, _, model = spec.partition(":")
+    host = sup.get(plugin)
+    out: list[list[float]] = []
+    for i in range(0, len(texts), BATCH):
+        batch = texts[i : i + BATCH]
+        if plugin == "candle":
+            r = await host.invoke("candle.run", {"model_id": model, "inputs": batch}, caller)
+            if r.get("task") != "embed":
+                raise InvalidInput(f"{spec} is not an embedding model (it does {r.get('task')})", field=field)
+            out.extend(r["embeddings"])
+        else:
+            r = await host.invoke("llm.embed", {"model": model, "input": batch}, caller)
+            out.extend(d["embedding"] for d in sorted(r["data"], key=lambda d: d["index"]))
+    vecs = np.asarray(out, dtype=np.float32).reshape(len(texts), -1)
+    if dim is not None and vecs.shape[1] != dim:
+        raise InvalidInput(f"{spec} gives {vecs.shape[1]}-d vectors; the collection holds {dim}-d vectors", field=field)
+    return vecs
+
+
+async def rerank(
+    sup: Supervisor, caller: Principal, spec: str, query: str, documents: list[str], field: str = "model"
+) -> list[float]:
+    """Score (query, document) pairs with a candle cross-encoder (`candle:<model>`) as `caller`; higher is more
+    relevant."""
+    validate.embed_model(spec, field)
+    plugin, _, model = spec.partition(":")
+    if plugin != "candle":
+        raise InvalidInput(f"rerank models run in candle (candle:<model>), not {plugin}", field=field)
+    host = sup.get(plugin)
+    scores: list[float] = []
+    for i in range(0, len(documents), BATCH):
+        pairs = [[query, d] for d in documents[i : i + BATCH]]
+        try:
+            r = await host.invoke("candle.run", {"model_id": model, "inputs": pairs}, caller)
+        except BkgError as exc:
+            if exc.field != "inputs":
+                raise
+            raise InvalidInput(f"{spec} is not a reranker (a cross-encoder): {exc.message}", field=field) from None
+        if r.get("task") != "score":
+            raise InvalidInput(f"{spec} is not a reranker (a cross-encoder); it does {r.get('task')}", field=field)
+        scores.extend(r["scores"])
+    return scores

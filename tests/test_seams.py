@@ -1,0 +1,156 @@
+"""The seams, through a real gateway: a worker plugin reaches the store over its pipe as the caller of the
+call (their scopes, their key in the audit), and the only credential a worker holds, the grant of a running
+call, stops working when that call ends and when the worker restarts."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
+
+PROBE = '''
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+from bkg_kernel.runtime import calls
+from bkg_kernel.runtime.contract import Plugin, capability
+
+
+class Target(BaseModel):
+    collection: str = "probe"
+
+
+class Out(BaseModel):
+    model_config = {"extra": "allow"}
+
+
+class Probe(Plugin):
+    """A worker plugin for the tests: it reaches the store through its context, as its caller."""
+
+    id = "probe"
+    name = "probe"
+    mode = "worker"
+
+    @capability("probe.count", scope="plugins:read")
+    def count(self, inp: Target) -> Out:
+        """Count a collection's points through the store handle."""
+        return Out(count=self.context.store.count(inp.collection))
+
+    @capability("probe.make", scope="plugins:read")
+    def make(self, inp: Target) -> Out:
+        """Create a collection and add a point through the store handle."""
+        self.context.store.create_collection(inp.collection, 2, metric="l2")
+        return Out(**self.context.store.upsert(inp.collection, [{"id": 1, "vector": [0.0, 1.0]}]))
+
+    @capability("probe.whoami", scope="plugins:read")
+    def whoami(self, inp: Target) -> Out:
+        """Return the caller this call acts for."""
+        return Out(**self.context.caller.to_dict())
+
+    @capability("probe.keep", scope="plugins:read")
+    def keep(self, inp: Target) -> Out:
+        """Write this call's grant to a file (what a plugin that tried to keep a credential would do)."""
+        call = calls.current()
+        (self.context.work_dir / "grant.json").write_text(json.dumps({"grant": call.grant}))
+        return Out(kept=True)
+
+    @capability("probe.replay", scope="plugins:read")
+    def replay(self, inp: Target) -> Out:
+        """Use the kept grant for a store request."""
+        grant = json.loads((self.context.work_dir / "grant.json").read_text())["grant"]
+        with calls.running(calls.Call(self.context.caller, grant)):
+            return Out(count=self.context.store.count(inp.collection))
+
+
+PLUGIN = Probe
+'''
+
+
+@pytest.fixture(scope="module")
+def pgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    root = tmp_path_factory.mktemp("site")
+    (root / "bkg_probe").mkdir()
+    (root / "bkg_probe" / "__init__.py").write_text(textwrap.dedent(PROBE))
+    dist = root / "bkg_probe-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bkg-probe\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[bkg_kernel.plugins]\nprobe = bkg_probe\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    g = start_gateway(tmp_path_factory.mktemp("seams") / "data", env=env)
+    wait_for(lambda: g.client().get("/api/plugins/probe/status").json()["state"] == "running", 60)
+    yield g
+    g.stop()
+
+
+def _invoke(g: Gateway, cap: str, key: str = ADMIN_KEY, **body: Any) -> Any:
+    return g.client(key).post(f"/api/plugins/probe/invoke/{cap}", json=body)
+
+
+def _user_key(g: Gateway, name: str, scopes: list[str]) -> tuple[str, str]:
+    admin = g.client()
+    assert admin.post("/admin/roles", json={"name": f"{name}-role", "scopes": scopes}).status_code == 201
+    user = admin.post("/admin/users", json={"username": name, "role": f"{name}-role"}).json()
+    key = admin.post("/admin/keys", json={"name": f"{name}'s", "user_id": user["id"]}).json()
+    return key["key"], key["id"]
+
+
+def test_worker_store_calls_act_as_the_caller(pgw: Gateway) -> None:
+    r = _invoke(pgw, "probe.make")
+    assert r.status_code == 200, r.text
+    assert r.json()["upserted"] == 1
+    audit = pgw.client().get("/admin/audit", params={"action": "collection.create"}).json()["entries"]
+    made = next(e for e in audit if e["target"] == "probe")
+    assert made["actor"] == "admin" and made["detail"]["plugin"] == "probe" and made["detail"]["key"]
+
+    key, key_id = _user_key(pgw, "pat", ["plugins:read"])
+    who = _invoke(pgw, "probe.whoami", key).json()
+    assert who["username"] == "pat" and who["key_id"] == key_id and who["scopes"] == ["plugins:read"]
+    r = _invoke(pgw, "probe.count", key)
+    assert r.status_code == 403, r.text
+    assert "collections:read" in r.json()["error"]["message"] and "pat" in r.json()["error"]["message"]
+    r = _invoke(pgw, "probe.make", key, collection="pats")  # the plugin cannot write for a reader either
+    assert r.status_code == 403 and "collections:write" in r.json()["error"]["message"]
+
+    admin = pgw.client()
+    assert (
+        admin.patch("/admin/roles/pat-role", json={"scopes": ["plugins:read", "collections:read"]}).status_code == 200
+    )
+    r = _invoke(pgw, "probe.count", key)
+    assert r.status_code == 200 and r.json()["count"] == 1
+
+
+def test_a_grant_dies_with_its_call_and_with_its_worker(pgw: Gateway) -> None:
+    assert _invoke(pgw, "probe.count").json()["count"] == 1  # the store works within a call
+    assert _invoke(pgw, "probe.keep").status_code == 200
+    r = _invoke(pgw, "probe.replay")  # the kept grant's call has ended
+    assert r.status_code == 401 and "no longer running" in r.json()["error"]["message"], r.text
+
+    assert _invoke(pgw, "probe.keep").status_code == 200
+    pid = pgw.client().get("/api/plugins/probe/status").json()["pid"]
+    assert pgw.client().post("/api/plugins/probe/restart").json()["state"] == "running"
+    assert pgw.client().get("/api/plugins/probe/status").json()["pid"] != pid
+    r = _invoke(pgw, "probe.replay")  # a grant from the worker before the restart
+    assert r.status_code == 401 and "no longer running" in r.json()["error"]["message"], r.text
+    assert _invoke(pgw, "probe.count").json()["count"] == 1  # the new worker's own calls work
+
+
+def test_plugin_routes_are_handed_the_gateway(pgw: Gateway) -> None:
+    # llmserver's /v1 and rustyface's /api/faces come from their routes() hooks, under the gateway's auth.
+    spec = pgw.client().get("/openapi.json").json()["paths"]
+    assert "/v1/chat/completions" in spec and "/api/faces/{capability}" in spec
+    assert pgw.client(None).get("/v1/models").status_code == 401
+    key, _ = _user_key(pgw, "vic", ["plugins:read"])
+    r = pgw.client(key).get("/v1/models")
+    assert r.status_code == 403 and "llm:use" in r.json()["error"]["message"]
+
+
+def test_no_module_named_secrets_shadows_the_standard_library() -> None:
+    root = Path(__file__).resolve().parent.parent / "bkg_kernel"
+    assert not list(root.rglob("secrets.py"))
