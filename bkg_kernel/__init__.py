@@ -11,7 +11,7 @@ from bkg_kernel.errors import BkgError
 
 if TYPE_CHECKING:
     from bkg_kernel.client import Workbench
-    from bkg_kernel.plugins.base import Plugin
+    from bkg_kernel.runtime.contract import Plugin
 
 __version__ = "0.1.0"
 __all__ = ["BkgError", "__version__", "connect", "load_ipython_extension", "local"]
@@ -19,9 +19,9 @@ __all__ = ["BkgError", "__version__", "connect", "load_ipython_extension", "loca
 
 def load_ipython_extension(ipython: Any) -> None:
     """`%load_ext bkg_kernel`: add the `%%chat` cell magic."""
-    from bkg_kernel.llm_client import chat_magic
+    from bkg_kernel.client.magics import load_ipython_extension as load
 
-    ipython.register_magic_function(chat_magic, magic_kind="cell", magic_name="chat")
+    load(ipython)
 
 
 def connect(url: str | None = None, **kwargs: Any) -> Workbench:
@@ -37,9 +37,8 @@ def local(plugin_id: str, data_dir: str | None = None, **settings: Any) -> Plugi
 
     from pydantic import ValidationError
 
-    from bkg_kernel.errors import NotFound, Unavailable
-    from bkg_kernel.plugins.base import invalid_from_pydantic
-    from bkg_kernel.plugins.registry import discover
+    from bkg_kernel.errors import NotFound, Unavailable, invalid_from_pydantic
+    from bkg_kernel.runtime.discovery import discover
     from bkg_kernel.settings import get_settings
 
     found = discover([plugin_id]).get(plugin_id)

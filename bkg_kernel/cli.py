@@ -257,7 +257,8 @@ def run_all(
     JupyterLab (with the bkg extension) in front."""
     import signal
 
-    from bkg_kernel.client import _alive, connect
+    from bkg_kernel.client import connect
+    from bkg_kernel.client.workbench import _alive
     from bkg_kernel.settings import Settings
 
     settings = Settings() if data_dir is None else Settings(data_dir=data_dir)
@@ -272,10 +273,10 @@ def run_all(
         os.environ["BKG_API_KEY"] = wb.api_key
     if (ddir / "admin.key").exists():
         typer.echo(f"admin API key file: {ddir / 'admin.key'}", err=True)
-    voila = subprocess.Popen(dashboards_cmd(dashboards_port, Path("dashboards")), stdin=subprocess.DEVNULL)
+    voila = subprocess.Popen(dashboards_cmd(dashboards_port, settings.dashboards_dir), stdin=subprocess.DEVNULL)
     typer.echo(f"dashboards: http://127.0.0.1:{dashboards_port}/ (log in with an API key)", err=True)
     os.environ["BKG_DASHBOARDS_URL"] = f"http://127.0.0.1:{dashboards_port}"
-    os.environ.setdefault("BKG_DASHBOARDS_DIR", str(Path("dashboards").resolve()))
+    os.environ["BKG_DASHBOARDS_DIR"] = str(settings.dashboards_dir.resolve())
 
     # SIGTERM (a service manager, `timeout`) stops everything this command started, like Ctrl-C does
     def on_term(*_: Any) -> None:

@@ -136,7 +136,7 @@ def test_train_classify_and_survive_a_restart(lgw: Gateway, data_dir: Path) -> N
     wb = bkg_kernel.connect(lgw.url, api_key=ADMIN_KEY)
     mlp = wb.brain.train("pydocs", "package", model="mlp", epochs=15, model_id="pkg-mlp", progress=False)
     assert mlp["metrics"]["accuracy"] > mlp["metrics"]["majority_baseline"] + 0.2
-    assert "<th>F1</th>" in mlp._repr_html_() and "pkg-mlp" in mlp._repr_html_()
+    assert ">F1</th>" in mlp._repr_html_() and "pkg-mlp" in mlp._repr_html_()
     assert "<b>json</b>" in wb.brain.classify("pkg-mlp", texts[:1])._repr_html_()
 
     # the gateway goes away and comes back: both models are still registered and give the same answers

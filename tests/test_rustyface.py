@@ -182,7 +182,6 @@ def test_enroll_folder_from_the_notebook_client(fgw: Gateway, tmp_path: Path) ->
     from gateway_harness import ADMIN_KEY
 
     import bkg_kernel
-    from bkg_kernel.faces_client import enroll_folder
 
     a = astronaut()
     (tmp_path / "eileen").mkdir()
@@ -192,10 +191,10 @@ def test_enroll_folder_from_the_notebook_client(fgw: Gateway, tmp_path: Path) ->
     Image.new("RGB", (64, 64)).save(tmp_path / "eileen" / "empty.jpg")
     (tmp_path / "eileen" / "notes.txt").write_text("not an image")
     Image.open(IMAGES / "Tom_Hanks_54745.png").convert("RGB").save(tmp_path / "tom" / "t.jpg")
-    summary = enroll_folder("folder", str(tmp_path), url=fgw.url, api_key=ADMIN_KEY)
+    wb = bkg_kernel.connect(fgw.url, api_key=ADMIN_KEY)
+    summary = wb.faces.enroll_folder("folder", str(tmp_path))
     assert summary["images"] == 4 and summary["enrolled"] == 3
     assert summary["skipped"] == [{"source": "eileen/empty.jpg", "reason": "no face found"}]
-    wb = bkg_kernel.connect(fgw.url, api_key=ADMIN_KEY)
     assert wb.faces.subjects("folder") == [{"subject": "eileen", "faces": 2}, {"subject": "tom", "faces": 1}]
     assert (
         "eileen" in wb.faces.subjects("folder")._repr_html_() and "<table" in wb.faces.subjects("folder")._repr_html_()

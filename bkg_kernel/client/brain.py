@@ -5,29 +5,23 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING, Any
 
+from bkg_kernel.display import html_table
+
 if TYPE_CHECKING:
-    from bkg_kernel.client import Workbench
+    from bkg_kernel.client.workbench import Workbench
 
 
 class Ranked(dict[str, Any]):
     """brainml.query's answer; renders as a ranked table with <mark>ed highlights."""
 
     def _repr_html_(self) -> str:
-        rows = []
-        for r in self["results"]:
-            text, marked, at = r["chunk"], [], 0
-            for a, b in r["highlights"]:
-                marked += [escape(text[at:a]), f"<mark>{escape(text[a:b])}</mark>"]
-                at = b
-            marked.append(escape(text[at:]))
-            meta = escape(", ".join(f"{k}={v}" for k, v in r["metadata"].items()))
-            rows.append(
-                f"<tr><td>{r['rank']}</td><td>{escape(str(r['id']))}</td><td>{r['score']:.4f}</td>"
-                f"<td style='text-align:left'>{''.join(marked)}</td><td>{meta}</td></tr>"
-            )
-        head = "<tr><th>rank</th><th>id</th><th>score</th><th>chunk</th><th>metadata</th></tr>"
+        rows = [
+            (r["rank"], r["id"], f"{r['score']:.4f}", _highlighted(r["chunk"], r["highlights"]),
+             ", ".join(f"{k}={v}" for k, v in r["metadata"].items()))
+            for r in self["results"]
+        ]  # fmt: skip
         cap = f"{len(self['results'])} results ({self['mode']}) in {self['latency_ms']:.1f} ms"
-        return f"<table class='bkg-table'><caption>{escape(cap)}</caption>{head}{''.join(rows)}</table>"
+        return html_table(["rank", "id", "score", "chunk", "metadata"], rows, cap, raw={"chunk"})
 
 
 class TrainReport(dict[str, Any]):
@@ -35,31 +29,24 @@ class TrainReport(dict[str, Any]):
 
     def _repr_html_(self) -> str:
         m = self["metrics"]
-        rows = "".join(
-            f"<tr><td>{escape(r['label'])}</td><td>{r['precision']:.3f}</td><td>{r['recall']:.3f}</td>"
-            f"<td>{r['f1']:.3f}</td><td>{r['support']}</td></tr>"
+        rows = [
+            (r["label"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"])
             for r in m["per_label"]
-        )
+        ]
         cap = (
-            f"{escape(self['model_id'])} ({escape(self['architecture'])} on {escape(self['embed_model'])}): "
+            f"{self['model_id']} ({self['architecture']} on {self['embed_model']}): "
             f"accuracy {m['accuracy']:.3f} (majority {m['majority_baseline']:.3f}), macro F1 {m['f1_macro']:.3f} "
             f"on {m['test_examples']} held-out chunks of {m['test_documents']} documents"
         )
-        head = "<tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
-        return f"<table class='bkg-table'><caption>{cap}</caption>{head}{rows}</table>"
+        return html_table(["label", "precision", "recall", "F1", "support"], rows, cap)
 
 
 class Predictions(dict[str, Any]):
     """brainml.classify's result: one row per text."""
 
     def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><td style='text-align:left'>{escape(p['text'][:120])}</td><td><b>{escape(p['label'])}</b></td>"
-            f"<td>{p['score']:.3f}</td></tr>"
-            for p in self["predictions"]
-        )
-        head = "<tr><th>text</th><th>label</th><th>probability</th></tr>"
-        return f"<table class='bkg-table'><caption>{escape(self['model_id'])}</caption>{head}{rows}</table>"
+        rows = [(p["text"][:120], f"<b>{escape(p['label'])}</b>", f"{p['score']:.3f}") for p in self["predictions"]]
+        return html_table(["text", "label", "probability"], rows, self["model_id"], raw={"label"})
 
 
 class Brain:
@@ -101,3 +88,13 @@ class Brain:
     def classify(self, model_id: str, texts: list[str]) -> Predictions:
         """Label texts with a trained classifier."""
         return Predictions(self._invoke("brainml.classify", {"model_id": model_id, "texts": texts}))
+
+
+def _highlighted(text: str, spans: list[list[int]]) -> str:
+    """The text, escaped, with each [start, end) span in <mark>."""
+    marked, at = [], 0
+    for a, b in spans:
+        marked += [escape(text[at:a]), f"<mark>{escape(text[a:b])}</mark>"]
+        at = b
+    marked.append(escape(text[at:]))
+    return "".join(marked)

@@ -1,6 +1,5 @@
 """The notebook side of rustyface: `wb.faces.detect(path)`, `wb.faces.identify(...)`, and
-`wb.faces.enroll_folder(gallery, folder)` (one subfolder per subject) with a progress bar, also callable
-from a papermill job as `bkg_kernel.faces_client.enroll_folder(...)`."""
+`wb.faces.enroll_folder(gallery, folder)` (one subfolder per subject) with a progress bar."""
 
 from __future__ import annotations
 
@@ -12,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from bkg_kernel.display import Table, html_table
+
 if TYPE_CHECKING:
-    from bkg_kernel.client import Workbench
+    from bkg_kernel.client.workbench import Workbench
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -62,24 +63,16 @@ class Identified(dict[str, Any]):
         return f"<figure><img src='data:image/png;base64,{src}'/><figcaption>{names}</figcaption></figure>"
 
 
-class Table(list[dict[str, Any]]):
-    """A list of rows that renders as a table in a notebook."""
-
-    columns: tuple[str, ...] = ()
-    caption = ""
-
-    def _repr_html_(self) -> str:
-        from bkg_kernel.store.results import html_table
-
-        return html_table(list(self.columns), [[r.get(c) for c in self.columns] for r in self], self.caption)
-
-
 class GalleryTable(Table):
+    """Face galleries with their face counts."""
+
     columns = ("gallery", "faces")
     caption = "face galleries"
 
 
 class SubjectTable(Table):
+    """A gallery's subjects with their face counts."""
+
     columns = ("subject", "faces")
     caption = "subjects"
 
@@ -88,10 +81,8 @@ class GalleryInfo(dict[str, Any]):
     """faces.gallery describe: faces, subjects, created."""
 
     def _repr_html_(self) -> str:
-        from bkg_kernel.store.results import html_table
-
         cols = ["gallery", "faces", "subjects", "created_at"]
-        return html_table(cols, [[self.get(c) for c in cols]], f"gallery {self.get('gallery')}")
+        return html_table(cols, [self], f"gallery {self.get('gallery')}")
 
 
 class Faces:
@@ -161,10 +152,3 @@ class Faces:
                     skipped += r["skipped"]
                     bar.update(len(part))
         return {"gallery": gallery, "images": len(work), "enrolled": enrolled, "skipped": skipped}
-
-
-def enroll_folder(gallery: str, folder: str, url: str | None = None, api_key: str | None = None) -> dict[str, Any]:
-    """Papermill-friendly: connect to the gateway and enroll a folder of subject subfolders."""
-    from bkg_kernel.client import connect
-
-    return connect(url, api_key=api_key).faces.enroll_folder(gallery, folder)

@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import html
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bkg_kernel.display import html_table
+
 PointId = int | str
-
-
-def html_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
-    """Render rows as a compact HTML table for notebooks."""
-    head = "".join(f"<th style='text-align:left'>{html.escape(c)}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td style='text-align:left'>{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
-        for row in rows
-    )
-    cap = f"<caption style='text-align:left'>{html.escape(caption)}</caption>" if caption else ""
-    return f"<table class='bkg-table'>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    if isinstance(v, dict | list):
-        text = json.dumps(v, ensure_ascii=False)
-        return text if len(text) <= 120 else text[:117] + "..."
-    return "" if v is None else str(v)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Forward `/bkg/api/<path>` and `/bkg/ws` to the bkg gateway, behind Jupyter's authentication.
 
-Which gateway: `BKG_GATEWAY_URL` and `BKG_API_KEY` when set; otherwise, with `bkg_kernel` installed, the
-gateway of the data dir (`BKG_DATA_DIR`), started in the background when none runs (turn that off with
-`BKG_LAB_START_GATEWAY=0`). A gateway that cannot be reached is a 502 naming the URL, never a hang.
+Which gateway: `BkgLab.gateway_url` and `BkgLab.api_key` when set (their defaults are bkg's settings,
+`BKG_GATEWAY_URL` / `BKG_API_KEY`); otherwise, with `bkg_kernel` installed, the gateway of the data dir,
+started in the background when none runs (unless `BkgLab.start_gateway` is off). A gateway that cannot be
+reached is a 502 naming the URL, never a hang.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -18,16 +21,68 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.utils import url_path_join
 from tornado import web, websocket
+from traitlets import Bool, Unicode, default
+from traitlets.config import Configurable
 
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "server", "date"}
+
+
+class BkgLab(Configurable):
+    """The lab server extension's settings (`c.BkgLab.<name>` in a Jupyter config); defaults: bkg's settings."""
+
+    gateway_url = Unicode(
+        None, allow_none=True, help="The bkg gateway to forward to (default: the data dir's, started if none runs)."
+    ).tag(config=True)
+    api_key = Unicode(
+        None, allow_none=True, help="The API key the server side sends (default: the data dir's admin.key)."
+    ).tag(config=True)
+    start_gateway = Bool(help="Start a gateway on the data dir when none runs (needs bkg_kernel).").tag(config=True)
+    dashboards_url = Unicode(None, allow_none=True, help="Where Voila serves the dashboards.").tag(config=True)
+    dashboards_dir = Unicode(help="The folder of dashboard notebooks the launcher lists.").tag(config=True)
+
+    @default("gateway_url")
+    def _gateway_url_default(self) -> str | None:
+        return _bkg_settings()["gateway_url"]
+
+    @default("api_key")
+    def _api_key_default(self) -> str | None:
+        return _bkg_settings()["api_key"]
+
+    @default("start_gateway")
+    def _start_gateway_default(self) -> bool:
+        return bool(_bkg_settings()["lab_start_gateway"])
+
+    @default("dashboards_url")
+    def _dashboards_url_default(self) -> str | None:
+        return _bkg_settings()["dashboards_url"]
+
+    @default("dashboards_dir")
+    def _dashboards_dir_default(self) -> str:
+        return str(_bkg_settings()["dashboards_dir"])
+
+
+@lru_cache(maxsize=1)
+def _bkg_settings() -> dict[str, Any]:
+    """The client fields of `bkg_kernel.settings.Settings`; without bkg_kernel, the same `BKG_*` variables."""
+    names = ("gateway_url", "api_key", "lab_start_gateway", "dashboards_url", "dashboards_dir")
+    try:
+        from bkg_kernel.settings import Settings
+    except ImportError:  # this extension installs without bkg_kernel: read the variables it would read
+        env = {n: os.environ.get(f"BKG_{n.upper()}") for n in names}
+        return env | {
+            "lab_start_gateway": (env["lab_start_gateway"] or "1").lower() not in ("0", "false", "no", "off"),
+            "dashboards_dir": env["dashboards_dir"] or "dashboards",
+        }
+    return Settings().model_dump(include=set(names))
 
 
 class Target:
     """Where the gateway is and the key to use; resolved lazily and re-resolved after a failure."""
 
-    def __init__(self) -> None:
-        self.url: str | None = os.environ.get("BKG_GATEWAY_URL")
-        self.key: str | None = os.environ.get("BKG_API_KEY")
+    def __init__(self, lab: BkgLab) -> None:
+        self.url: str | None = lab.gateway_url
+        self.key: str | None = lab.api_key
+        self.start: bool = lab.start_gateway
         self.started = False
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
         self._lock = asyncio.Lock()
@@ -47,12 +102,11 @@ class Target:
         except ImportError:
             self.url = self.url or "http://127.0.0.1:43119"
             return
-        start = os.environ.get("BKG_LAB_START_GATEWAY", "1") != "0"
         try:
-            wb = bkg_kernel.connect(self.url, api_key=self.key, start=start)
+            wb = bkg_kernel.connect(self.url, api_key=self.key, start=self.start)
         except Exception as exc:  # noqa: BLE001 - reported to the browser as a 502
             raise GatewayUnreachable(str(exc)) from None
-        self.started = start
+        self.started = self.start
         self.url = wb.url
         self.key = self.key or wb.api_key
 
@@ -148,19 +202,20 @@ class StatusHandler(APIHandler):
 
 
 class DashboardsHandler(APIHandler):
-    """The Voila dashboards the launcher offers: `BKG_DASHBOARDS_URL` (set by `bkg run`) and the notebooks in
-    `BKG_DASHBOARDS_DIR` (default ./dashboards)."""
+    """The Voila dashboards the launcher offers: `BkgLab.dashboards_url` (set by `bkg run`) and the notebooks in
+    `BkgLab.dashboards_dir` (default ./dashboards)."""
+
+    def initialize(self, lab: BkgLab) -> None:
+        self.lab = lab
 
     @web.authenticated
     def get(self) -> None:
-        from pathlib import Path
-
-        folder = Path(os.environ.get("BKG_DASHBOARDS_DIR", "dashboards"))
+        folder = Path(self.lab.dashboards_dir)
         names = sorted(p.stem for p in folder.glob("*.ipynb")) if folder.is_dir() else []
-        self.finish({"url": os.environ.get("BKG_DASHBOARDS_URL"), "dashboards": names})
+        self.finish({"url": self.lab.dashboards_url, "dashboards": names})
 
 
-class LiveHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):  # type: ignore[misc]
+class LiveHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
     """The gateway's WebSocket, relayed both ways; closes when the gateway does (the panel reconnects)."""
 
     target: Target
@@ -210,12 +265,13 @@ def setup_handlers(server_app: Any) -> None:
     """Register the routes on the Jupyter server."""
     web_app = server_app.web_app
     base = web_app.settings["base_url"]
-    target = Target()
+    lab = BkgLab(parent=server_app)
+    target = Target(lab)
     web_app.add_handlers(
         ".*$",
         [
             (url_path_join(base, "bkg", "status"), StatusHandler, {"target": target}),
-            (url_path_join(base, "bkg", "dashboards"), DashboardsHandler),
+            (url_path_join(base, "bkg", "dashboards"), DashboardsHandler, {"lab": lab}),
             (url_path_join(base, "bkg", "ws"), LiveHandler, {"target": target}),
             (url_path_join(base, "bkg", "api", "(.*)"), ProxyHandler, {"target": target}),
         ],

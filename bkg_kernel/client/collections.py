@@ -1,0 +1,106 @@
+"""Collections on the gateway: `wb.collection(name)` makes the same calls as a local store `Collection`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from bkg_kernel.errors import InvalidInput
+from bkg_kernel.store.results import CollectionInfo, Hit, QueryResult
+
+if TYPE_CHECKING:
+    from bkg_kernel.client.workbench import Workbench
+
+
+class RemoteCollection:
+    """One collection on the gateway; the same calls as a local `Collection`."""
+
+    def __init__(self, wb: Workbench, name: str) -> None:
+        self.wb, self.name = wb, name
+        self.base = f"/api/collections/{name}"
+
+    def __repr__(self) -> str:
+        return f"RemoteCollection({self.name!r})"
+
+    def _repr_html_(self) -> str:
+        return self.describe()._repr_html_()
+
+    def describe(self) -> CollectionInfo:
+        """Count, dim, metric, index, bytes, last snapshot."""
+        return CollectionInfo(**self.wb.call("GET", self.base))
+
+    def upsert(
+        self,
+        points: list[dict[str, Any]] | None = None,
+        *,
+        ids: list[Any] | None = None,
+        vectors: Any = None,
+        payloads: list[Any] | None = None,
+        texts: list[Any] | None = None,
+        batch_size: int = 1000,
+        progress: bool | None = None,
+    ) -> int:
+        """Insert or replace points in batches (with a progress bar for big uploads); return how many."""
+        if points is None:
+            points = _points(ids, vectors, payloads, texts)
+        show = len(points) >= 10 * batch_size if progress is None else progress
+        done = 0
+        with tqdm(total=len(points), desc=f"upsert {self.name}", unit="pt", disable=not show) as bar:
+            for a in range(0, len(points), batch_size):
+                part = points[a : a + batch_size]
+                done += self.wb.call("PUT", f"{self.base}/points", json={"points": part})["upserted"]
+                bar.update(len(part))
+        return done
+
+    def query(self, vector: Any = None, text: str | None = None, *, k: int = 10, **kw: Any) -> QueryResult:
+        """Vector, text or hybrid search (same arguments as `Collection.query`)."""
+        body = {"vector": vector.tolist() if hasattr(vector, "tolist") else vector, "text": text, "k": k, **kw}
+        r = self.wb.call("POST", f"{self.base}/query", json=body)
+        hits = [Hit(h["id"], h["score"], h.get("payload"), h.get("text"), h.get("vector")) for h in r["results"]]
+        return QueryResult(hits, r["took_ms"], r["mode"])
+
+    def get(self, ids: list[Any], with_vectors: bool = True) -> list[dict[str, Any]]:
+        """Points by id."""
+        body = {"ids": ids, "with_vectors": with_vectors}
+        return list(self.wb.call("POST", f"{self.base}/points/get", json=body)["points"])
+
+    def delete(self, ids: list[Any] | None = None, *, filter: dict[str, Any] | None = None) -> int:
+        """Delete by ids or filter; return how many."""
+        body = {"ids": ids, "filter": filter}
+        return int(self.wb.call("POST", f"{self.base}/points/delete", json=body)["deleted"])
+
+    def count(self, filter: dict[str, Any] | None = None) -> int:
+        """Count points (optionally matching a filter)."""
+        return int(self.wb.call("POST", f"{self.base}/points/count", json={"filter": filter})["count"])
+
+    def snapshot(self) -> dict[str, Any]:
+        """Write a snapshot."""
+        return dict(self.wb.call("POST", f"{self.base}/snapshots"))
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """List snapshots."""
+        return list(self.wb.call("GET", f"{self.base}/snapshots")["snapshots"])
+
+    def restore(self, snapshot_id: str, into: str | None = None) -> CollectionInfo:
+        """Restore a snapshot into this collection or a new one."""
+        r = self.wb.call("POST", f"{self.base}/snapshots/{snapshot_id}/restore", json={"into": into})
+        return CollectionInfo(**r)
+
+
+def _points(
+    ids: list[Any] | None, vectors: Any, payloads: list[Any] | None, texts: list[Any] | None
+) -> list[dict[str, Any]]:
+    if ids is None or (vectors is None and texts is None):
+        raise InvalidInput("upsert needs points, or ids with vectors (or texts to embed)", field="points")
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids
+    if vectors is None:  # the gateway embeds the texts with the collection's embed_model
+        points: list[dict[str, Any]] = [{"id": i} for i in ids]
+    else:
+        vecs = vectors.tolist() if hasattr(vectors, "tolist") else vectors
+        points = [{"id": i, "vector": v} for i, v in zip(ids, vecs, strict=True)]
+    for col, key in ((payloads, "payload"), (texts, "text")):
+        if col is not None:
+            for p, value in zip(points, col, strict=True):
+                p[key] = value
+    return points

@@ -1,0 +1,76 @@
+"""Plugins on the gateway: `wb.plugins` renders as a table, `wb.plugin(id)` starts, stops, configures, invokes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from bkg_kernel.display import Table
+
+if TYPE_CHECKING:
+    from bkg_kernel.client.workbench import Workbench
+
+
+class PluginTable(Table):
+    """Plugins as a notebook table."""
+
+    headers = ("plugin", "state", "mode", "uptime s", "RSS MB", "req/min", "reason")
+    caption = "bkg plugins"
+
+    def cells(self, row: dict[str, Any]) -> Sequence[Any]:
+        """Return one plugin's cells."""
+        t = row["telemetry"]
+        return (
+            row["id"], row["state"], row["mode"], t["uptime_s"], t["rss_bytes"] >> 20, t["requests_per_min"],
+            row["reason"] or "",
+        )  # fmt: skip
+
+
+class RemotePlugin:
+    """One plugin on the gateway."""
+
+    def __init__(self, wb: Workbench, plugin_id: str) -> None:
+        self.wb, self.id = wb, plugin_id
+
+    def __repr__(self) -> str:
+        return f"RemotePlugin({self.id!r})"
+
+    def _call(self, method: str, action: str, **kw: Any) -> Any:
+        return self.wb.call(method, f"/api/plugins/{self.id}{action}", **kw)
+
+    def describe(self) -> dict[str, Any]:
+        """Capabilities, settings schema, config and status."""
+        return dict(self._call("GET", ""))
+
+    def status(self) -> dict[str, Any]:
+        """Lifecycle state."""
+        return dict(self._call("GET", "/status"))
+
+    def start(self) -> dict[str, Any]:
+        """Start the plugin."""
+        return dict(self._call("POST", "/start"))
+
+    def stop(self) -> dict[str, Any]:
+        """Stop the plugin."""
+        return dict(self._call("POST", "/stop"))
+
+    def restart(self) -> dict[str, Any]:
+        """Restart the plugin."""
+        return dict(self._call("POST", "/restart"))
+
+    def logs(self, limit: int = 100, level: str | None = None) -> list[dict[str, Any]]:
+        """Newest log lines."""
+        params: dict[str, Any] = {"limit": limit} | ({"level": level} if level else {})
+        return list(self._call("GET", "/logs", params=params)["lines"])
+
+    def telemetry(self) -> dict[str, Any]:
+        """cpu, memory, requests, errors, latency."""
+        return dict(self._call("GET", "/telemetry"))
+
+    def configure(self, **config: Any) -> dict[str, Any]:
+        """Validate and save settings (the plugin restarts if running)."""
+        return dict(self._call("PUT", "/config", json={"config": config}))
+
+    def invoke(self, capability: str, **data: Any) -> Any:
+        """Run one capability."""
+        return self._call("POST", f"/invoke/{capability}", json=data)

@@ -1,0 +1,58 @@
+"""HTML for notebooks: one table helper shared by the store, the client and the widgets (no bkg imports)."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any
+
+Row = Sequence[Any] | Mapping[str, Any]
+
+
+def html_table(columns: Sequence[str], rows: Iterable[Row], caption: str = "", *, raw: Collection[str] = ()) -> str:
+    """Render rows (sequences, or mappings keyed by column) as a compact HTML table for notebooks.
+
+    Cells are escaped, except in the `raw` columns, whose cells are trusted HTML (highlights, links, SVG).
+    """
+    trusted = {i for i, c in enumerate(columns) if c in raw}
+    head = "".join(f"<th style='text-align:left'>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td style='text-align:left'>{_cell(v) if i in trusted else html.escape(_cell(v))}</td>"
+            for i, v in enumerate(_values(row, columns))
+        )
+        + "</tr>"
+        for row in rows
+    )
+    cap = f"<caption style='text-align:left'>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table class='bkg-table'>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class Table(list[dict[str, Any]]):
+    """A list of rows (dicts) that renders as a table in a notebook; subclasses name the columns."""
+
+    columns: tuple[str, ...] = ()
+    headers: tuple[str, ...] = ()  # what the columns are called in the table (default: their keys)
+    caption = ""
+
+    def cells(self, row: dict[str, Any]) -> Sequence[Any]:
+        """Return one row's cells, in column order."""
+        return [row.get(c) for c in self.columns]
+
+    def _repr_html_(self) -> str:
+        return html_table(list(self.headers or self.columns), [self.cells(r) for r in self], self.caption)
+
+
+def _values(row: Row, columns: Sequence[str]) -> Sequence[Any]:
+    return [row.get(c) for c in columns] if isinstance(row, Mapping) else row
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, dict | list):
+        text = json.dumps(v, ensure_ascii=False)
+        return text if len(text) <= 120 else text[:117] + "..."
+    return "" if v is None else str(v)

@@ -1,0 +1,52 @@
+"""candle's page: the loaded models and their memory; load, run and quantize a model."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+import ipywidgets as W
+
+from bkg_kernel.widgets.ops import plugin_actions
+from bkg_kernel.widgets.primitives import Session, error_html, fmt_bytes, table
+
+CANDLE_KINDS = ("hf-transformers", "torch-program")
+
+
+def candle_panel(session: Session) -> W.VBox:
+    """Show candle's loaded models and their memory; load, run and quantize a model."""
+    out = W.HTML()
+    result = W.HTML()
+    can = session.can("plugins:write")
+    models = [m["id"] for m in session.wb.call("GET", "/api/models")["models"] if m["kind"] in CANDLE_KINDS]
+    model = W.Dropdown(options=models, description="model")
+    text = W.Text(description="input", layout=W.Layout(width="500px"))
+    load = W.Button(description="Load", disabled=not can)
+    run = W.Button(description="Run", disabled=not can)
+    method = W.Dropdown(options=["dynamic-int8", "fp16", "bf16"], description="quantize")
+    quantize = W.Button(description="Quantize", disabled=not can)
+
+    def refresh() -> None:
+        s = session.wb.plugin("candle").invoke("candle.stats")
+        rows = [{**m, "memory": fmt_bytes(m.get("bytes"))} for m in s.get("loaded", [])]
+        out.value = (
+            f"<p>torch {escape(s['torch'])} on {escape(s['device'])}, RSS {fmt_bytes(s['rss_bytes'])}</p>"
+            + table(rows, ["model_id", "kind", "task", "device", "memory", "load_s"])
+        )
+
+    def call(cap: str, **body: Any) -> None:
+        result.value = f"<p>{escape(cap)}…</p>"
+        try:
+            r = session.wb.plugin("candle").invoke(cap, **body)
+            shown = {k: (f"{len(v)} x {len(v[0])} values" if k == "embeddings" else v) for k, v in r.items()}
+            result.value = f"<pre>{escape(str(shown))[:3000]}</pre>"
+        except Exception as exc:  # noqa: BLE001
+            result.value = error_html(exc)
+        refresh()
+
+    load.on_click(lambda _: call("candle.model.load", model_id=model.value))
+    run.on_click(lambda _: call("candle.run", model_id=model.value, inputs=[text.value or " "]))
+    quantize.on_click(lambda _: call("candle.quantize", model_id=model.value, method=method.value))
+    refresh()
+    rows = [W.HBox([model, load]), W.HBox([text, run]), W.HBox([method, quantize])]
+    return W.VBox([plugin_actions(session, "candle"), out, *rows, result])

@@ -1,0 +1,111 @@
+"""What every panel is built from: the `Session` it gets, the page CSS, tables, status badges, sparklines,
+error display and the ask-first confirmation row."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from html import escape
+from typing import Any
+
+import ipywidgets as W
+
+from bkg_kernel.client import Workbench
+from bkg_kernel.display import html_table
+from bkg_kernel.errors import BkgError
+
+STATE_COLOURS = {
+    "running": "#2e7d32", "degraded": "#ed6c02", "starting": "#0277bd", "stopping": "#0277bd",
+    "error": "#c62828", "failed": "#c62828", "stopped": "#616161", "disabled": "#616161",
+}  # fmt: skip
+CSS = """<style>
+.bkg-dash table {border-collapse: collapse; width: 100%; font-size: 13px}
+.bkg-dash th, .bkg-dash td {border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left}
+.bkg-badge {border-radius: 8px; padding: 1px 7px; color: white; font-weight: 600}
+.bkg-error {color: #c62828}
+.bkg-spark {background: #f3f3f3} .bkg-spark polyline {fill: none; stroke: #1976d2; stroke-width: 1.5}
+</style>"""
+
+
+@dataclass
+class Session:
+    """A logged-in client and who it is."""
+
+    wb: Workbench
+    me: dict[str, Any]
+    timers: list[threading.Event] = field(default_factory=list)
+
+    def can(self, scope: str) -> bool:
+        """Return whether this login holds `scope`."""
+        return scope in self.me.get("scopes", [])
+
+    def every(self, seconds: float, fn: Callable[[], None]) -> None:
+        """Call `fn` every `seconds` on a background thread until the kernel goes away."""
+        stop = threading.Event()
+        self.timers.append(stop)
+
+        def loop() -> None:
+            while not stop.wait(seconds):
+                with contextlib.suppress(Exception):  # a failed refresh shows at the next one
+                    fn()
+
+        threading.Thread(target=loop, daemon=True).start()
+
+
+def badge(state: str) -> str:
+    """Return a plugin or job state as a coloured badge."""
+    return f"<span class='bkg-badge' style='background:{STATE_COLOURS.get(state, '#616161')}'>{escape(state)}</span>"
+
+
+def error_text(exc: Exception) -> str:
+    """Return what a user is told about `exc`: a bkg error's message, else the exception's type and text."""
+    return exc.message if isinstance(exc, BkgError) else f"{type(exc).__name__}: {exc}"
+
+
+def error_html(exc: Exception) -> str:
+    """Return `exc` as a red paragraph (never a traceback)."""
+    return f"<p class='bkg-error'>{escape(error_text(exc))}</p>"
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], raw: Sequence[str] = ()) -> str:
+    """Return rows as a dashboard table; cells in the `raw` columns are trusted HTML (badges, sparklines)."""
+    return f"<div class='bkg-dash'>{html_table(list(columns), rows, raw=raw)}</div>"
+
+
+def sparkline(values: list[float], width: int = 160, height: int = 36) -> str:
+    """Return `values` as a small SVG line, scaled to their maximum."""
+    if len(values) < 2:
+        return f"<svg class='bkg-spark' width='{width}' height='{height}'></svg>"
+    top = max(max(values), 1e-9)
+    pts = " ".join(
+        f"{i * width / (len(values) - 1):.1f},{height - 2 - v / top * (height - 4):.1f}" for i, v in enumerate(values)
+    )
+    return f"<svg class='bkg-spark' width='{width}' height='{height}'><polyline points='{pts}'/></svg>"
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Return a byte count for people (`1.5 GB`; a dash for none)."""
+    if not n:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def ask_first(
+    box: W.Box,
+    question: str,
+    yes: str,
+    on_yes: Callable[[], None],
+    on_cancel: Callable[[], None] | None = None,
+) -> None:
+    """Fill `box` with `question` (HTML) and a red `yes` button and Cancel; Cancel empties it unless `on_cancel`."""
+    confirm = W.Button(description=yes, button_style="danger")
+    cancel = W.Button(description="Cancel")
+    confirm.on_click(lambda _: on_yes())
+    cancel.on_click(lambda _: on_cancel() if on_cancel else setattr(box, "children", []))
+    box.children = [W.HTML(question), confirm, cancel]
