@@ -93,7 +93,7 @@ def test_index_query_ask_stats(bgw: Gateway) -> None:
 
     table = bkg_kernel.connect(bgw.url, api_key=ADMIN_KEY).brain.query("kb", "basalt lava", top_k=3)
     html = table._repr_html_()
-    assert "<mark>lava</mark>" in html.lower() and "<th>rank</th>" in html
+    assert "<mark>lava</mark>" in html.lower() and ">rank</th>" in html
     assert table["results"][0]["doc_id"] == "volcano"
 
     stats = invoke(bgw, "brainml.stats", {"collection": "kb"}).json()["collections"][0]
@@ -117,3 +117,37 @@ def test_bad_input(bgw: Gateway) -> None:
     bgw.client().post("/api/collections", json={"name": "raw", "dim": 3}).raise_for_status()
     r = invoke(bgw, "brainml.query", {"collection": "raw", "query": "x"})
     assert r.status_code == 422 and "embed_model" in r.json()["error"]["message"]
+
+
+def test_brainml_acts_as_its_caller(bgw: Gateway) -> None:
+    """A key with only llm:use cannot read a collection through brainml; once its role can, the answer's
+    tokens are booked to that key, and brainml's writes are audited under the caller's key."""
+    r = invoke(bgw, "brainml.index", {"collection": "private", "documents": DOCS[:2]})
+    assert r.status_code == 200, r.text
+    admin = bgw.client()
+    made = admin.get("/admin/audit", params={"action": "collection.create"}).json()["entries"]
+    row = next(e for e in made if e["target"] == "private")
+    admin_key_id = next(k["id"] for k in admin.get("/admin/keys").json()["keys"] if k["name"] == "admin (bootstrap)")
+    assert row["actor"] == "admin" and row["detail"] == {**row["detail"], "plugin": "brainml", "key": admin_key_id}
+
+    assert admin.post("/admin/roles", json={"name": "asker", "scopes": ["llm:use"]}).status_code == 201
+    user = admin.post("/admin/users", json={"username": "ann", "role": "asker"}).json()
+    key = admin.post("/admin/keys", json={"name": "ann's", "user_id": user["id"]}).json()
+    ann = bgw.client(key["key"])
+    ask = {"collection": "private", "question": "How does sourdough rise?", "top_k": 2}
+    query = {"collection": "private", "query": "sourdough", "top_k": 2}
+    for cap, body in (("brainml.ask", ask), ("brainml.query", query)):
+        r = ann.post(f"/api/plugins/brainml/invoke/{cap}", json=body)
+        assert r.status_code == 403, (cap, r.text)
+        assert "collections:read" in r.json()["error"]["message"], (cap, r.text)
+
+    assert admin.patch("/admin/roles/asker", json={"scopes": ["llm:use", "collections:read"]}).status_code == 200
+    r = ann.post("/api/plugins/brainml/invoke/brainml.query", json=query)
+    assert r.status_code == 200 and r.json()["results"][0]["doc_id"] == "bread", r.text
+    r = ann.post("/api/plugins/brainml/invoke/brainml.ask", json=ask)
+    assert r.status_code == 200, r.text
+    tokens = r.json()["usage"]["prompt_tokens"] + r.json()["usage"]["completion_tokens"]
+    usage = admin.get("/admin/usage", params={"group_by": "key"}).json()["usage"]
+    mine = next(u for u in usage if u["key_id"] == key["id"])
+    assert mine["username"] == "ann" and mine["requests"] == 1 and mine["total_tokens"] == tokens
+    assert not any(str(u.get("username", "")).startswith("plugin:") for u in usage)

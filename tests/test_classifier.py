@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from bkg_kernel.errors import CorruptData
+from bkg_kernel.models.classifier import Classifier, split_by_group, train
 from bkg_kernel.models.registry import ModelRegistry
-from bkg_kernel.plugins.brainml.classifier import Classifier, split_by_group, train
 
 
 def blobs(n_labels: int, per: int = 40, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, list[str], list[str]]:

@@ -14,7 +14,7 @@ from gateway_harness import ADMIN_KEY, wait_for
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from bkg_kernel.plugins.registry import discover
+from bkg_kernel.runtime.discovery import discover
 
 
 def test_health_lists_plugins(gw: Any) -> None:

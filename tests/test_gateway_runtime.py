@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from gateway_harness import start_gateway, wait_for
 
-from bkg_kernel.plugins.registry import discover
+from bkg_kernel.runtime.discovery import discover
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def plugin_path(tmp_path: Path) -> Path:
     (root / "bkg_weather" / "__init__.py").write_text(
         textwrap.dedent('''
         from pydantic import BaseModel
-        from bkg_kernel.plugins.base import Plugin, capability
+        from bkg_kernel.runtime.contract import Plugin, capability
 
         class Q(BaseModel):
             city: str

@@ -14,7 +14,7 @@ from gateway_harness import ADMIN_KEY, start_gateway, wait_for
 from helpers import clustered
 
 import bkg_kernel
-from bkg_kernel.plugins.registry import discover
+from bkg_kernel.runtime.discovery import discover
 
 
 def test_collections_over_http(gw: Any) -> None:

@@ -40,7 +40,7 @@ def test_defaults_come_from_their_packages(tmp_path: Path) -> None:
     assert by_id[DEFAULT_EMBEDDER].kind == "hf-transformers" and by_id[DEFAULT_EMBEDDER].meta["hidden_size"] == 384
     assert reg.verify(DEFAULT_LLM)["ok"]
     assert ModelRegistry(tmp_path / "models").list() == reg.list()  # registered once, not again
-    assert "<table>" in reg._repr_html_()
+    assert "<table" in reg._repr_html_() and ">sha256</th>" in reg._repr_html_()
 
 
 def test_add_inside_the_model_dir_and_verify_drift(reg: ModelRegistry) -> None:

@@ -9,8 +9,8 @@ from pydantic import BaseModel
 
 import bkg_kernel as bkg
 from bkg_kernel.errors import InvalidInput, NotFound, Unavailable
-from bkg_kernel.plugins.base import Plugin, capability
 from bkg_kernel.plugins.sysinfo import SysInfo
+from bkg_kernel.runtime.contract import Plugin, capability
 
 
 def test_declaration_builds_schemas() -> None:

@@ -233,15 +233,12 @@ class ModelRegistry:
         return added
 
     def _repr_html_(self) -> str:
-        from html import escape
+        from bkg_kernel.display import html_table
 
-        rows = "".join(
-            f"<tr><td>{escape(m.id)}</td><td>{m.kind}</td><td>{m.size / 2**20:,.1f} MB</td>"
-            f"<td>{escape(m.license or '')}</td><td>{escape(m.source)}</td><td><code>{m.sha256[:12]}</code></td></tr>"
-            for m in self.list()
-        )
-        head = "<tr><th>id</th><th>kind</th><th>size</th><th>license</th><th>source</th><th>sha256</th></tr>"
-        return f"<table>{head}{rows}</table>"
+        rows = [
+            [m.id, m.kind, f"{m.size / 2**20:,.1f} MB", m.license or "", m.source, m.sha256[:12]] for m in self.list()
+        ]
+        return html_table(["id", "kind", "size", "license", "source", "sha256"], rows)
 
 
 def slug(name: str) -> str:

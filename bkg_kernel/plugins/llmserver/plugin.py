@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import threading
 import time
 import uuid
@@ -21,7 +20,8 @@ from pydantic import BaseModel, Field, ValidationError
 if TYPE_CHECKING:
     from fastapi import APIRouter
 
-from bkg_kernel.errors import InvalidInput, NotFound, invalid_from_pydantic
+from bkg_kernel.client.transport import iter_sse
+from bkg_kernel.errors import InvalidInput, NotFound, UpstreamError, invalid_from_pydantic
 from bkg_kernel.models.defaults import DEFAULT_LLM
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.llmserver import generate as gen
@@ -342,23 +342,18 @@ class LLMServer(Plugin):
             with httpx.stream("POST", url, json=body, headers=headers, timeout=self.settings.request_timeout) as r:
                 if r.status_code >= 400:
                     raise _upstream_error(url, f"HTTP {r.status_code}: {r.read()[:300]!r}", r.status_code)
-                for line in r.iter_lines():
+                for event in iter_sse(r.iter_lines()):
                     if cancelled.is_set():
                         return
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        return
-                    yield json.loads(payload)
-        except httpx.HTTPError as exc:
+                    yield event
+        except (httpx.HTTPError, ValueError) as exc:  # a broken event is the upstream's fault too
             raise _upstream_error(url, f"{type(exc).__name__}: {exc}") from None
 
 
-def _upstream_error(url: str, detail: str, status: int = 502) -> Exception:
-    from bkg_kernel.errors import BkgError
-
-    err = BkgError(f"the upstream LLM server at {url} failed: {detail}", field="upstream_url")
-    err.status = status if 400 <= status < 500 else 502
-    err.code = "upstream_error"
-    return err
+def _upstream_error(url: str, detail: str, status: int = 502) -> UpstreamError:
+    # A 4xx from the upstream is the caller's request refused there: keep it; anything else is a 502.
+    return UpstreamError(
+        f"the upstream LLM server at {url} failed: {detail}",
+        status=status if 400 <= status < 500 else 502,
+        field="upstream_url",
+    )
