@@ -182,3 +182,50 @@ def test_scroll_pages_in_insertion_order_with_a_filter(store: Store) -> None:
     assert [p.id for p in evens] == list(range(0, 25, 2)) and evens[1].vector == [1.0, 2.0]
     with pytest.raises(InvalidInput):
         c.scroll(limit=0)
+
+
+def test_count_distinct_counts_payload_values_in_duckdb(store: Store) -> None:
+    c = store.create_collection("chunks", dim=2)
+    payloads: list[dict | None] = [
+        {"doc_id": "a", "meta": {"source": "web"}, "lang": "en"},
+        {"doc_id": "a", "meta": {"source": "web"}, "lang": "en"},
+        {"doc_id": "b", "meta": {"source": "pdf"}, "lang": "de"},
+        {"doc_id": 1, "lang": "en"},  # the number 1 and the string "1" are two documents
+        {"doc_id": "1", "meta": {}, "lang": "en"},
+        {"doc_id": 1.0, "lang": "de"},  # 1.0 equals 1, as in filters
+        {"doc_id": None, "lang": "en"},  # null and missing are not counted
+        {"lang": "en"},
+        None,
+    ]
+    c.upsert(ids=list(range(len(payloads))), vectors=[[1, 0]] * len(payloads), payloads=payloads)
+    assert c.count_distinct("doc_id") == 4
+    assert c.count_distinct("meta.source") == 2
+    assert c.count_distinct("lang") == 2
+    assert c.count_distinct("missing") == 0
+    assert c.count_distinct("doc_id", filter={"lang": "en"}) == 3
+    assert c.count_distinct("doc_id", filter={"meta.source": "web"}) == 1
+    assert c.count_distinct("doc_id", filter={"lang": "fr"}) == 0
+    c.delete([2])  # the only chunk of document "b"
+    assert c.count_distinct("doc_id") == 3 and c.count_distinct("meta.source") == 1
+    c.upsert(ids=[0], vectors=[[1, 0]], payloads=[{"doc_id": "c"}])  # replaced: its old value is gone
+    assert c.count_distinct("doc_id") == 4 and c.count_distinct("doc_id", filter={"doc_id": "a"}) == 1
+
+
+def test_count_distinct_of_lists_and_objects(store: Store) -> None:
+    c = store.create_collection("docs", dim=2)
+    payloads = [{"tags": ["x", "y"]}, {"tags": ["x", "y"]}, {"tags": ["y"]}, {"tags": {"x": 1}}, {"tags": True}]
+    c.upsert(ids=list(range(5)), vectors=[[0, 1]] * 5, payloads=payloads)
+    assert c.count_distinct("tags") == 4  # a list or an object is one value
+
+
+@pytest.mark.parametrize("field", ["", "a..b", "$gt", "a b", "a\n", "x'); DROP TABLE collections; --", 5, None])
+def test_count_distinct_rejects_bad_field_names(store: Store, field: object) -> None:
+    c = store.create_collection("docs", dim=2)
+    c.upsert(ids=[1], vectors=[[1, 1]], payloads=[{"a": 1}])
+    with pytest.raises(InvalidInput) as err:
+        c.count_distinct(field)  # type: ignore[arg-type]
+    assert err.value.field == "field"
+    with pytest.raises(InvalidInput) as err:
+        c.count_distinct("a", filter={"a": {"$near": 1}})
+    assert err.value.field == "filter.a.$near"
+    assert c.count_distinct("a") == 1

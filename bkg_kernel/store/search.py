@@ -1,0 +1,122 @@
+"""Searching a collection: vector search in FAISS, BM25 text search, and both fused by reciprocal rank.
+
+The functions here work on a `Collection`'s state and are called only by its methods; `query` checks its
+arguments, then takes the store's mutex.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bkg_kernel.errors import InvalidInput
+from bkg_kernel.store import fulltext, validate
+from bkg_kernel.store.filters import compile_filter
+from bkg_kernel.store.results import QueryResult
+
+if TYPE_CHECKING:
+    from bkg_kernel.store.collection import Collection
+
+MODES = ("vector", "text", "hybrid")
+FILTER_CACHE_SIZE = 32
+
+
+def query(
+    c: Collection,
+    vector: Any,
+    text: str | None,
+    k: int,
+    filter: dict[str, Any] | None,
+    mode: str | None,
+    rrf_k: float,
+    ef_search: int | None,
+    with_text: bool,
+    vector_weight: float,
+) -> QueryResult:
+    """Check a query, rank the points (see `Collection.query`) and return the best k."""
+    t0 = time.perf_counter()
+    k = validate.k_value(k)
+    mode = mode or ("hybrid" if vector is not None and text is not None else "text" if text is not None else "vector")
+    if mode not in MODES:
+        raise InvalidInput(f"unknown mode {mode!r} (expected one of {', '.join(MODES)})", field="mode")
+    q = None
+    if mode in ("vector", "hybrid"):
+        if vector is None:
+            raise InvalidInput(f"{mode} search needs a query vector", field="vector")
+        q = validate.query_vector(vector, c.dim, c.name)
+    if mode in ("text", "hybrid") and (not isinstance(text, str) or not text.strip() or len(text) > 10_000):
+        raise InvalidInput(f"{mode} search needs a query text of 1 to 10000 characters", field="text")
+    if isinstance(rrf_k, bool) or not isinstance(rrf_k, (int, float)) or rrf_k < 0:  # noqa: UP038
+        raise InvalidInput("rrf_k must be a number >= 0", field="rrf_k")
+    if isinstance(vector_weight, bool) or not isinstance(vector_weight, (int, float)) or not 0 <= vector_weight <= 1:  # noqa: UP038
+        raise InvalidInput("vector_weight must be a number from 0 to 1", field="vector_weight")
+    if ef_search is not None and (not isinstance(ef_search, int) or not 1 <= ef_search <= 4096):
+        raise InvalidInput("ef_search must be an integer from 1 to 4096", field="ef_search")
+    where, params = compile_filter(filter)
+    with c._store._mutex:  # noqa: SLF001
+        index = c._ensure_index()
+        allowed = _allowed(c, filter, where, params) if filter else None
+        if mode == "vector":
+            assert q is not None
+            fids, raw = index.search(q, k, allowed, ef_search)
+            scores = index.score(raw)
+        elif mode == "text":
+            fids, scores = fulltext.text_search(c, str(text), k, where, params)
+        else:
+            assert q is not None
+            depth = max(k, 100)
+            vf, _ = index.search(q, depth, allowed, ef_search)
+            tf, _ = fulltext.text_search(c, str(text), depth, where, params)
+            w = float(vector_weight)
+            fids, scores = rrf([vf, tf], float(rrf_k), k, weights=[2 * w, 2 * (1 - w)])
+        fl, sl = fids.tolist(), scores.tolist()
+        if not all(map(math.isfinite, sl)):  # scores must serialise as JSON
+            sl = [x if math.isfinite(x) else 0.0 for x in sl]
+        ids, payloads = c._ids, c._payloads
+        result = QueryResult(None, 0.0, mode, ids=[ids[f] for f in fl], scores=sl, payloads=[payloads[f] for f in fl])
+        if with_text and fl:
+            hits = result.hits
+            texts = dict(
+                c._con.execute(
+                    f"SELECT fid, text FROM {c.table} WHERE fid IN (SELECT unnest(?::BIGINT[]))", [fl]
+                ).fetchall()
+            )
+            for h, f in zip(hits, fl, strict=True):
+                h.text = texts.get(f)
+    result.took_ms = (time.perf_counter() - t0) * 1000
+    return result
+
+
+def _allowed(c: Collection, flt: dict[str, Any], where: str, params: list[Any]) -> np.ndarray:
+    """Return the positions matching a filter, from DuckDB or from the cache of recent filters."""
+    key = json.dumps(flt, sort_keys=True, default=str)
+    cache = c._filter_cache
+    hit = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+        return hit
+    fids = c._con.execute(f"SELECT fid FROM {c.table} WHERE {where}", params).fetchnumpy()["fid"]
+    fids = np.asarray(fids, dtype=np.int64)
+    if FILTER_CACHE_SIZE:
+        cache[key] = fids
+        while len(cache) > FILTER_CACHE_SIZE:
+            cache.popitem(last=False)
+    return fids
+
+
+def rrf(
+    rankings: list[np.ndarray], rrf_k: float, k: int, weights: list[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fuse ranked id lists: score(d) = sum over lists of weight / (rrf_k + rank of d), rank from 1."""
+    scores: dict[int, float] = {}
+    for ranking, weight in zip(rankings, weights or [1.0] * len(rankings), strict=True):
+        if weight == 0:
+            continue
+        for rank, fid in enumerate(ranking.tolist(), start=1):
+            scores[fid] = scores.get(fid, 0.0) + weight / (rrf_k + rank)
+    best = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return np.array([b[0] for b in best], dtype=np.int64), np.array([b[1] for b in best])
