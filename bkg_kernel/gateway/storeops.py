@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from bkg_kernel.runtime.supervisor import Supervisor
     from bkg_kernel.store import Collection
 
-BATCH = 256
+BATCH = 1024  # texts per embedding call: the model sorts them by length, so bigger batches pad less
 
 
 async def upsert_points(

@@ -14,7 +14,7 @@ import numpy as np
 
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.store import ingest, search, validate
-from bkg_kernel.store.filters import _FIELD, compile_filter
+from bkg_kernel.store.filters import FIELD, compile_filter
 from bkg_kernel.store.index import VectorIndex
 from bkg_kernel.store.ingest import UPSERT_BATCH, UpsertResult
 from bkg_kernel.store.results import CollectionInfo, Point, PointList, QueryResult
@@ -140,7 +140,7 @@ class Collection:
         counts as one value.
         """
         # the names filters take; fullmatch, as `$` alone would let a trailing newline through
-        if not isinstance(field, str) or not _FIELD.fullmatch(field):
+        if not isinstance(field, str) or not FIELD.fullmatch(field):
             raise InvalidInput(f"bad field name {field!r} (letters, digits, _ and - joined by dots)", field="field")
         where, params = compile_filter(filter)
         # The field is extracted once per point; numbers are keyed by their DOUBLE value, the rest by JSON text.

@@ -18,7 +18,7 @@ from typing import Any
 from bkg_kernel.errors import InvalidInput
 
 OPERATORS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$contains")
-_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$")
+FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$")
 _NUMERIC = "('BIGINT','UBIGINT','DOUBLE')"
 _SQL_OP = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 
@@ -57,7 +57,7 @@ class _Compiler:
         return "(" + " AND ".join(parts) + ")" if parts else "TRUE"
 
     def field(self, name: str, cond: Any, where: str) -> str:
-        if not _FIELD.match(name):
+        if not FIELD.fullmatch(name):
             raise InvalidInput(f"bad field name {name!r} (letters, digits, _ and - joined by dots)", field=where)
         path = "'$." + name + "'"
         if isinstance(cond, dict) and cond and all(k.startswith("$") for k in cond):

@@ -26,7 +26,7 @@ from bkg_kernel.models.registry import ModelRegistry, slug
 from bkg_kernel.runtime.contract import Plugin, PluginSettings, Progress, capability
 from bkg_kernel.runtime.storehandle import StoreHandle
 
-INDEX_BATCH = 256  # chunks per upsert: each is embedded in one batch
+INDEX_BATCH = 2048  # chunks per upsert (the gateway embeds them in batches of 1024)
 
 
 class BrainSettings(PluginSettings):

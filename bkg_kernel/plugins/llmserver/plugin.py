@@ -65,7 +65,11 @@ class LLMSettings(PluginSettings):
     upstream_url: str | None = Field(
         None, description="An OpenAI-compatible base URL (vLLM, llama.cpp server, ...) to send every request to."
     )
-    upstream_api_key: str | None = Field(None, description="Bearer key for the upstream server (never shown back).")
+    upstream_api_key: str | None = Field(
+        None,
+        description="Bearer key for the upstream server (never shown back).",
+        json_schema_extra={"writeOnly": True},
+    )
 
     secret_fields: ClassVar[tuple[str, ...]] = ("upstream_api_key",)
 
