@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 from bkg_kernel.auth.principal import Principal
+from bkg_kernel.errors import Unavailable
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,14 @@ _current: ContextVar[Call | None] = ContextVar("bkg_call", default=None)
 def current() -> Call | None:
     """Return the call running in this thread (None outside one)."""
     return _current.get()
+
+
+def for_store() -> Call:
+    """Return the running call a store request acts for; outside a call there is no one to act for (503)."""
+    call = _current.get()
+    if call is None:
+        raise Unavailable("the store is reachable only while a capability call runs (it acts as its caller)")
+    return call
 
 
 @contextlib.contextmanager

@@ -311,10 +311,7 @@ class PluginHost:
         return serve(self.id, caller, op, args)
 
     def _inline_store(self, op: str, args: dict[str, Any]) -> Any:
-        call = calls.current()
-        if call is None:
-            raise Unavailable("the store is reachable only while a capability call runs (it acts as its caller)")
-        return self.store_op(call.caller, op, args)
+        return self.store_op(calls.for_store().caller, op, args)
 
     def _set(self, state: str, reason: str | None = None) -> None:
         self.state, self.reason = state, reason

@@ -77,9 +77,9 @@ def main(
     store_ids = itertools.count(1)
 
     def store_send(op: str, args: dict[str, Any]) -> Any:
-        call = calls.current()
-        if call is None or call.grant is None:
-            raise Unavailable("the store is reachable only while a capability call runs (it acts as its caller)")
+        call = calls.for_store()
+        if call.grant is None:  # a call the gateway did not send: it holds no grant to act with
+            raise Unavailable("this call holds no grant from the gateway: it cannot reach the store")
         fut: Future[Any] = Future()
         sid = next(store_ids)
         pending[sid] = fut
