@@ -51,6 +51,9 @@ class Jobs:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Asked to cancel: checked between chunks too, since Python 3.11's wait_for can lose a task.cancel()
+        # that lands as a chunk arrives (the job then ran to "done" after its client cancelled it).
+        self._cancelling: set[str] = set()
 
     def _new(self, kind: str, **kw: Any) -> Job:
         job = Job(id=f"job-{int(time.time())}-{next(self._ids)}", kind=kind, **kw)
@@ -102,11 +105,15 @@ class Jobs:
             result: dict[str, Any] | None = None
             try:
                 async for chunk in chunks:
+                    if job.id in self._cancelling and "result" not in chunk:
+                        raise asyncio.CancelledError
                     if "result" in chunk:
                         result = chunk["result"]
                     else:
                         self._progress(job, float(chunk.get("progress", 0.0)), str(chunk.get("message", "")))
-                self._end(job, "done", result)
+                if job.id in self._cancelling and result is None:
+                    raise asyncio.CancelledError
+                self._end(job, "done", result)  # a result that was already in stands
             except asyncio.CancelledError:
                 self._end(job, "cancelled", error="cancelled")
             except BkgError as exc:
@@ -116,6 +123,7 @@ class Jobs:
                 self._end(job, "failed", error=f"{type(exc).__name__}: {exc}")
             finally:
                 self._tasks.pop(job.id, None)
+                self._cancelling.discard(job.id)
                 aclose = getattr(chunks, "aclose", None)
                 if aclose is not None:
                     await aclose()  # cancels the work in the plugin and frees its slot
@@ -131,6 +139,7 @@ class Jobs:
             if job.finished is not None:
                 raise Conflict(f"job {job_id!r} already ended ({job.state})", field="job_id")
             raise Conflict(f"job {job_id!r} ({job.kind}) cannot be cancelled", field="job_id")
+        self._cancelling.add(job_id)
         task.cancel()
         return job
 
