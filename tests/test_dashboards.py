@@ -18,6 +18,7 @@ from bkg_kernel.cli import dashboards_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
+VOILA_LOG = ARTIFACTS / "voila.log"
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 @pytest.fixture(scope="module")
 def voila(gw: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    log = open(tmp_path_factory.mktemp("voila") / "voila.log", "wb")  # noqa: SIM115
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    log = open(VOILA_LOG, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         dashboards_cmd(port, ROOT / "dashboards"),
         env={**os.environ, "BKG_GATEWAY_URL": gw.url},
@@ -61,7 +63,12 @@ def open_logged_in(browser: Any, voila: str, page_name: str, key: str) -> Any:
     page = browser.new_page(viewport={"width": 1300, "height": 900})
     page.goto(f"{voila}/voila/render/{page_name}.ipynb")
     field = page.locator("input[type=password]").first
-    field.wait_for(timeout=60_000)
+    try:
+        field.wait_for(timeout=60_000)
+    except Exception:  # the page never showed its login box: keep what it showed and what Voila said
+        page.screenshot(path=str(ARTIFACTS / f"stuck-{page_name}.png"), full_page=True)
+        tail = VOILA_LOG.read_text(errors="replace")[-3000:]
+        raise AssertionError(f"{page_name}: no login box after 60 s; Voila log ends:\n{tail}") from None
     field.fill(key)
     page.locator("button:has-text('Log in')").click()
     page.locator("text=Logged in as").wait_for(timeout=30_000)
