@@ -51,6 +51,11 @@ async def query_points(
 ) -> dict[str, Any]:
     """Query a collection; with text and no vector on a collection with an embed_model, embed the text too (mode
     defaults to hybrid, and `vector` mode searches by the text's embedding)."""
+    if vector is None and text and not coll.embed_model and mode in ("vector", "hybrid"):
+        raise InvalidInput(
+            f"collection {coll.name!r} has no embed_model to embed the query text: send a vector, or use mode 'text'",
+            field="vector",
+        )
     if vector is None and text and coll.embed_model and mode in (None, "vector", "hybrid"):
         vector = (await embed(sup, caller, coll.embed_model, [text], coll.dim))[0]
         mode = mode or "hybrid"

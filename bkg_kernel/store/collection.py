@@ -42,6 +42,7 @@ class Collection:
         self._epoch: int = int(row["epoch"])
         self._text_version: int = int(row["text_version"])
         self._fts_version: int = int(row["fts_version"])
+        self._fts_exists: bool | None = None  # whether the BM25 index at _fts_version exists (None: not asked yet)
         self._index: VectorIndex | None = None
         # In-memory mirrors of DuckDB, by FAISS position, so a vector query never waits on SQL.
         self._ids: list[int | str | None] = []

@@ -30,7 +30,9 @@ def text_search(c: Collection, text: str, k: int, where: str, params: list[Any])
 def ensure_index(c: Collection) -> bool:
     """(Re)build the BM25 index when the collection's text changed since it was built; say whether one exists."""
     if c._fts_version == c._text_version:
-        return c._fts_version >= 0 and _has_index(c)
+        if c._fts_exists is None:  # asked once per open collection, not on every query
+            c._fts_exists = c._fts_version >= 0 and _has_index(c)
+        return c._fts_exists
     con = c._con
     has_text = scalar(con, f"SELECT count(*) FROM {c.table} WHERE text IS NOT NULL") > 0
     if has_text:
@@ -41,7 +43,7 @@ def ensure_index(c: Collection) -> bool:
     else:
         con.execute(f"DROP SCHEMA IF EXISTS fts_main_{c.table} CASCADE")
     con.execute("UPDATE collections SET fts_version = ? WHERE name = ?", [c._text_version, c.name])
-    c._fts_version = c._text_version
+    c._fts_version, c._fts_exists = c._text_version, bool(has_text)
     return bool(has_text)
 
 

@@ -82,7 +82,7 @@ def query(
             hits = result.hits
             texts = dict(
                 c._con.execute(
-                    f"SELECT fid, text FROM {c.table} WHERE fid IN (SELECT unnest(?::BIGINT[]))", [fl]
+                    f"SELECT fid, text FROM {c.table} WHERE list_contains(?::BIGINT[], fid)", [fl]
                 ).fetchall()
             )
             for h, f in zip(hits, fl, strict=True):

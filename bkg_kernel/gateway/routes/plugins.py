@@ -149,7 +149,9 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
             raise invalid_from_pydantic(exc, "input") from None
         job = gw.jobs.start_stream(capability_id, h.stream(capability_id, body, p), plugin=plugin_id, owner=p.username)
         return JSONResponse({"job": job.to_dict()}, status_code=202)
-    return await h.invoke(capability_id, body, p)
+    # The worker's answer is JSON data already (the capability's output model, dumped in JSON mode): sent as is,
+    # not walked again by FastAPI's encoder (~1 ms for a brainml page of hits).
+    return JSONResponse(await h.invoke(capability_id, body, p))
 
 
 def _lifecycle_route(action: str) -> None:

@@ -22,7 +22,7 @@ from bkg_kernel.errors import AlreadyExists, InvalidInput, NotFound
 from bkg_kernel.models.classifier import Classifier
 from bkg_kernel.models.classifier import train as fit_classifier
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
-from bkg_kernel.models.registry import ModelRegistry, slug
+from bkg_kernel.models.registry import ID_PATTERN, ModelRegistry, check_id, slug
 from bkg_kernel.runtime.contract import Plugin, PluginSettings, Progress, capability
 from bkg_kernel.runtime.storehandle import StoreHandle
 
@@ -109,7 +109,9 @@ class TrainRequest(BaseModel):
     label_field: str = Field(..., min_length=1, description="The metadata field holding each document's label.")
     model: Literal["logistic", "mlp"] = "logistic"
     test_split: float = Field(0.2, gt=0.0, lt=0.9, description="Share of each label's documents held out.")
-    model_id: str | None = Field(None, description="Registry id (default: <collection>-<label_field>-<model>-<time>).")
+    model_id: str | None = Field(
+        None, pattern=ID_PATTERN, description="Registry id (default: <collection>-<label_field>-<model>-<time>)."
+    )
     epochs: int = Field(30, ge=1, le=1000, description="MLP epochs; for logistic, rounds of 20 lbfgs iterations.")
     hidden: int = Field(256, ge=2, le=4096, description="MLP hidden units.")
     seed: int = 0
@@ -182,6 +184,7 @@ class BrainML(Plugin):
             json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         )
         self.lock = threading.Lock()
+        self.saved_at = 0.0
         self.classifiers: dict[tuple[str, str], Classifier] = {}
 
     @property
@@ -190,10 +193,20 @@ class BrainML(Plugin):
         assert self.context is not None
         return self.context.store
 
-    def _save(self) -> None:
+    def _save(self, at_most_every: float = 0.0) -> None:
+        """Write the stats (under `self.lock`); with `at_most_every`, skip it when the last write is that recent
+        (query counters: a crash loses at most that many seconds of them)."""
+        now = time.monotonic()
+        if now - self.saved_at < at_most_every:
+            return
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.stats_data))
         tmp.replace(self.state_path)
+        self.saved_at = now
+
+    def stop(self) -> None:
+        with self.lock:
+            self._save()
 
     def _dim(self, spec: str) -> int:
         model = spec.partition(":")[2]
@@ -256,14 +269,28 @@ class BrainML(Plugin):
     def query(self, inp: QueryRequest) -> Result:
         """Search chunks (vector, BM25 or hybrid) with metadata filters; results carry highlights."""
         t0 = time.perf_counter()
-        info = self._collection(inp.collection, create=False)
         weight = self.settings.vector_weight if inp.vector_weight is None else inp.vector_weight
         k = max(inp.top_k, self.settings.rerank_candidates) if inp.rerank else inp.top_k
-        hits = self.store.query(
-            inp.collection, text=inp.query, k=k, mode=inp.mode, filter=inp.filters, with_text=True, vector_weight=weight
-        )
+        try:  # one round trip: the store embeds the query with the collection's model and says what is missing
+            hits = self.store.query(
+                inp.collection, text=inp.query, k=k, mode=inp.mode, filter=inp.filters, with_text=True,
+                vector_weight=weight,
+            )  # fmt: skip
+        except NotFound as exc:
+            if exc.field != "name":
+                raise
+            raise NotFound(
+                f"collection {inp.collection!r} does not exist (index documents into it first)", field="collection"
+            ) from None
+        except InvalidInput as exc:
+            if exc.field != "vector":
+                raise
+            raise InvalidInput(
+                f"collection {inp.collection!r} has no embed_model: brainml needs one to embed text", field="collection"
+            ) from None
         if inp.rerank and hits:
-            hits = self._rerank(inp.query, hits, info["embed_model"])[: inp.top_k]
+            embed_model = self._collection(inp.collection, create=False)["embed_model"]
+            hits = self._rerank(inp.query, hits, embed_model)[: inp.top_k]
         results = []
         for rank, hit in enumerate(hits, start=1):
             p = hit.get("payload") or {}
@@ -287,7 +314,7 @@ class BrainML(Plugin):
             s = self.stats_data.setdefault(inp.collection, {"queries": 0, "query_ms_total": 0.0})
             s["queries"] += 1
             s["query_ms_total"] += latency
-            self._save()
+            self._save(at_most_every=1.0)
         return Result(collection=inp.collection, mode=inp.mode, results=results, latency_ms=round(latency, 3))
 
     def _rerank(self, query: str, hits: list[dict[str, Any]], embed_model: str) -> list[dict[str, Any]]:
@@ -372,6 +399,7 @@ class BrainML(Plugin):
         model_id = inp.model_id or slug(
             f"{inp.collection}-{inp.label_field}-{inp.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
+        check_id(model_id, "model_id")  # it names a folder: checked before anything is written
         if any(m.id == model_id for m in self.registry.list()):
             raise AlreadyExists(f"model {model_id!r} is already registered", field="model_id")
         info = self._collection(inp.collection, create=False)
