@@ -39,6 +39,13 @@ class InvalidInput(BkgError):
     code = "invalid_input"
 
 
+class BadRequest(BkgError):
+    """A request that is well formed but cannot be served as asked (400, like OpenAI's invalid_request_error)."""
+
+    status = 400
+    code = "bad_request"
+
+
 class NotFound(BkgError):
     """The thing asked for does not exist."""
 
@@ -75,10 +82,25 @@ class SchemaTooNew(BkgError):
 
 
 class CorruptData(BkgError):
-    """A file bkg wrote (snapshot, index) fails its integrity check."""
+    """A file bkg wrote (snapshot, index, a registered model) fails its integrity check: a fault on the server's
+    side, not in the request."""
+
+    status = 500
+    code = "corrupt_data"
+
+
+class InvalidFile(CorruptData):
+    """A file the caller hands in (a model to register) is not what it claims: the caller's 422."""
 
     status = 422
-    code = "corrupt"
+    code = "invalid_file"
+
+
+class ModelLoadFailed(BkgError):
+    """A registered model that its runtime cannot load (damaged, or a format it does not support)."""
+
+    status = 500
+    code = "model_load_failed"
 
 
 class MissingDependency(BkgError):

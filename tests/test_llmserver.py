@@ -179,11 +179,20 @@ def test_bad_input_is_4xx_with_the_field(llm_gw: Gateway) -> None:
     assert r.status_code == 422 and r.json()["error"]["field"] == "template"
     r = post({"input": []}, "/v1/embeddings")
     assert r.status_code == 422
+    for path, body, field in [  # empty input used to reach an assertion in llama-cpp-python (500)
+        ("/v1/completions", {"model": MODEL, "prompt": ""}, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": [""], "stream": True}, "prompt"),
+        ("/v1/embeddings", {"input": ""}, "input"),
+        ("/v1/embeddings", {"input": ["fine", ""]}, "input[1]"),
+    ]:
+        r = post(body, path)
+        assert r.status_code == 400 and r.json()["error"]["field"] == field, (path, body, r.text)
     # a registered file llama.cpp cannot run (a GGUF with no vocabulary): a clear 4xx, and the next request works
     tiny = write_gguf(llm_gw.data_dir.parent / "tiny.gguf")
     assert c.post("/api/models", json={"path": str(tiny), "import_mode": "copy", "id": "tiny"}).status_code == 201
-    r = post({"model": "tiny", "messages": ASK})
-    assert r.status_code == 422 and "cannot load" in r.json()["error"]["message"]
+    r = post({"model": "tiny", "messages": ASK})  # registered but unloadable: the server's fault, with its own code
+    assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_failed"
+    assert "cannot load" in r.json()["error"]["message"]
     assert post({"model": MODEL, "messages": ASK, "max_tokens": 2}).status_code == 200
     assert httpx.post(llm_gw.url + "/v1/chat/completions", json={"messages": ASK}).status_code == 401
 

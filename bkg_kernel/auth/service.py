@@ -2,6 +2,12 @@
 
 Every key is also held in memory by prefix (the gateway is the only writer), so checking a request costs a
 dict lookup and one sha256, not a query.
+
+Nobody grants what they do not hold: every change made `by` a principal (an /admin route's caller) may only
+create, hand out or manage scopes that principal holds. A key for someone gets at most the caller's scopes
+that its owner's role also has; a role is created, edited, given or taken away only when its scopes are all the
+caller's; a user (their role, password, keys) is managed only when their role's scopes are all the caller's.
+`by=None` is the gateway itself (first start).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 
 from bkg_kernel.auth import keys as ks
 from bkg_kernel.auth.principal import BUILTIN_ROLES, SCOPES, Principal
+from bkg_kernel.auth.throttle import AuditBudget, LoginThrottle
 from bkg_kernel.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, TooManyRequests, Unauthorized
 
 SESSION_TTL = timedelta(hours=12)
@@ -79,6 +86,9 @@ class AuthService:
         self.con = store._con  # noqa: SLF001
         self.mutex = store._mutex  # noqa: SLF001
         self._lock = threading.Lock()
+        self.throttle = LoginThrottle()
+        ks.check_password("", None)  # makes the stand-in hash now, so no first login pays for it
+        self.failed_audit = AuditBudget()
         with self.mutex:
             for name, (scopes, desc) in BUILTIN_ROLES.items():
                 self.con.execute(
@@ -96,6 +106,30 @@ class AuthService:
         cur = self.con.execute(sql, params or [])
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    # -- nobody grants what they do not hold ------------------------------------------------------
+    @staticmethod
+    def _grantable(by: Principal | None, scopes: Any, what: str, field: str) -> None:
+        """403 unless `by` holds every scope in `scopes` (None: the gateway itself, which holds all)."""
+        if by is None:
+            return
+        missing = sorted(set(scopes) - by.scopes)
+        if missing:
+            raise Forbidden(
+                f"{what} needs scopes you ({by.username}) do not hold: {', '.join(missing)}; "
+                "nobody grants what they do not hold",
+                field=field,
+            )
+
+    def _manageable(self, by: Principal | None, u: dict[str, Any], field: str) -> None:
+        """403 unless `by` holds every scope of user `u`'s role (managing them cannot lift anyone above `by`)."""
+        self._grantable(by, self.roles.get(u["role"], ()), f"managing user {u['username']!r} (role {u['role']})", field)
+
+    def key_scopes(self, rec: KeyRecord) -> frozenset[str]:
+        """The scopes a key holds now: its user's role's, narrowed to the key's own list unless it follows the role."""
+        user = self.users.get(rec.user_id)
+        role = frozenset(self.roles.get(user["role"], ())) if user else frozenset()
+        return role if rec.follows_role else frozenset(rec.scopes) & role
 
     # -- audit ------------------------------------------------------------------------------------
     def audit(self, actor: str | None, action: str, target: str | None = None, ok: bool = True, **detail: Any) -> None:
@@ -157,11 +191,13 @@ class AuthService:
             return self._rows("SELECT name, scopes, builtin, description FROM roles ORDER BY name")
 
     def create_role(
-        self, name: str, scopes: list[str], description: str = "", actor: str | None = None
+        self, name: str, scopes: list[str], description: str = "", actor: str | None = None, by: Principal | None = None
     ) -> dict[str, Any]:
-        """Create a custom role."""
+        """Create a custom role (with scopes `by` holds)."""
+        actor = by.username if by else actor
         _check_name(name, "name")
         self._check_scopes(scopes, SCOPES, "scopes")
+        self._grantable(by, scopes, f"creating role {name!r}", "scopes")
         with self.mutex:
             if name in self.roles:
                 raise AlreadyExists(f"role {name!r} already exists", field="name")
@@ -173,15 +209,24 @@ class AuthService:
         return {"name": name, "scopes": scopes, "builtin": False, "description": description}
 
     def update_role(
-        self, name: str, scopes: list[str] | None = None, description: str | None = None, actor: str | None = None
+        self,
+        name: str,
+        scopes: list[str] | None = None,
+        description: str | None = None,
+        actor: str | None = None,
+        by: Principal | None = None,
     ) -> dict[str, Any]:
-        """Change a custom role's scopes or description; its users' keys hold the new scopes at once."""
+        """Change a custom role's scopes or description; its users' keys hold the new scopes at once. `by` must
+        hold the role's scopes, before and after."""
+        actor = by.username if by else actor
         if name not in self.roles:
             raise NotFound(f"no role {name!r}", field="name")
         if name in BUILTIN_ROLES:
             raise InvalidInput(f"role {name!r} is built in", field="name")
+        self._grantable(by, self.roles[name], f"editing role {name!r}", "name")
         if scopes is not None:
             self._check_scopes(scopes, SCOPES, "scopes")
+            self._grantable(by, scopes, f"giving role {name!r} these scopes", "scopes")
         with self.mutex:
             if scopes is not None:
                 self.con.execute("UPDATE roles SET scopes = ? WHERE name = ?", [scopes, name])
@@ -192,13 +237,15 @@ class AuthService:
         self.audit(actor, "role.update", name, scopes=scopes, description=description)
         return row
 
-    def delete_role(self, name: str, actor: str | None = None) -> None:
-        """Delete a custom role that no user has."""
+    def delete_role(self, name: str, actor: str | None = None, by: Principal | None = None) -> None:
+        """Delete a custom role that no user has (one whose scopes `by` holds)."""
+        actor = by.username if by else actor
         with self.mutex:
             if name not in self.roles:
                 raise NotFound(f"no role {name!r}", field="name")
             if name in BUILTIN_ROLES:
                 raise InvalidInput(f"role {name!r} is built in", field="name")
+            self._grantable(by, self.roles[name], f"deleting role {name!r}", "name")
             if any(u["role"] == name for u in self.users.values()):
                 raise InvalidInput(f"role {name!r} is still given to users", field="name")
             self.con.execute("DELETE FROM roles WHERE name = ?", [name])
@@ -207,12 +254,19 @@ class AuthService:
 
     # -- users ------------------------------------------------------------------------------------
     def create_user(
-        self, username: str, role: str = "viewer", password: str | None = None, actor: str | None = None
+        self,
+        username: str,
+        role: str = "viewer",
+        password: str | None = None,
+        actor: str | None = None,
+        by: Principal | None = None,
     ) -> dict[str, Any]:
-        """Create a user (the password, if given, is stored as a scrypt hash)."""
+        """Create a user with a role whose scopes `by` holds (the password, if given, is stored as a scrypt hash)."""
+        actor = by.username if by else actor
         _check_name(username, "username")
         if role not in self.roles:
             raise InvalidInput(f"unknown role {role!r} (have {', '.join(sorted(self.roles))})", field="role")
+        self._grantable(by, self.roles[role], f"giving role {role!r}", "role")
         if password is not None:
             _check_password(password)
         with self.mutex:
@@ -239,37 +293,54 @@ class AuthService:
         return [_public_user(u) for u in sorted(self.users.values(), key=lambda u: u["created_at"])]
 
     def update_user(
-        self, user_id: str, *, role: str | None = None, disabled: bool | None = None, actor: str | None = None
+        self,
+        user_id: str,
+        *,
+        role: str | None = None,
+        disabled: bool | None = None,
+        actor: str | None = None,
+        by: Principal | None = None,
     ) -> dict[str, Any]:
-        """Change a user's role or disable / enable them."""
+        """Change a user's role or disable / enable them (a user, and a role, whose scopes `by` holds)."""
+        actor = by.username if by else actor
         u = self.user(user_id)
         if role is not None and role not in self.roles:
             raise InvalidInput(f"unknown role {role!r}", field="role")
+        self._manageable(by, u, "user_id")
+        if role is not None:
+            self._grantable(by, self.roles[role], f"giving role {role!r}", "role")
         with self.mutex:
             if role is not None:
                 self.con.execute("UPDATE users SET role = ? WHERE id = ?", [role, u["id"]])
                 u["role"] = role
             if disabled is not None:
                 self.con.execute("UPDATE users SET disabled = ? WHERE id = ?", [disabled, u["id"]])
+                if disabled:
+                    self.con.execute("DELETE FROM sessions WHERE user_id = ?", [u["id"]])
                 u["disabled"] = disabled
         self.audit(actor, "user.update", u["username"], role=role, disabled=disabled)
         return _public_user(u)
 
-    def set_password(self, user_id: str, password: str, actor: str | None = None) -> None:
-        """Set a user's password."""
+    def set_password(self, user_id: str, password: str, actor: str | None = None, by: Principal | None = None) -> None:
+        """Set a user's password (a login as them holds their role's scopes: `by` must hold them all)."""
+        actor = by.username if by else actor
         u = self.user(user_id)
         _check_password(password)
+        self._manageable(by, u, "user_id")
         pw = ks.hash_password(password)
         with self.mutex:
             self.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [pw, u["id"]])
+            self.con.execute("DELETE FROM sessions WHERE user_id = ?", [u["id"]])  # a new password ends old logins
             u["password_hash"] = pw
         self.audit(actor, "user.password", u["username"])
 
-    def delete_user(self, user_id: str, actor: str | None = None) -> None:
-        """Delete a user; their keys are revoked and their sessions end."""
+    def delete_user(self, user_id: str, actor: str | None = None, by: Principal | None = None) -> None:
+        """Delete a user (one whose scopes `by` holds); their keys are revoked and their sessions end."""
+        actor = by.username if by else actor
         u = self.user(user_id)
+        self._manageable(by, u, "user_id")
         for k in [k for k in self.keys.values() if k.user_id == u["id"]]:
-            self.revoke_key(k.id, actor=actor)
+            self.revoke_key(k.id, actor=actor)  # managing u covers their keys: all within u's role
         with self.mutex:
             self.con.execute("DELETE FROM sessions WHERE user_id = ?", [u["id"]])
             self.con.execute("DELETE FROM users WHERE id = ?", [u["id"]])
@@ -286,15 +357,22 @@ class AuthService:
         rate_limit_per_min: int | None = None,
         actor: str | None = None,
         token: str | None = None,
+        by: Principal | None = None,
     ) -> tuple[dict[str, Any], str]:
-        """Create a key for a user; return (its public record, the token, shown this once)."""
+        """Create a key for a user; return (its public record, the token, shown this once).
+
+        Without `scopes` the key follows its owner's role when `by` holds all of that role's scopes, and else
+        holds the scopes `by` and the role share (fixed); explicit scopes must be the owner's and `by`'s."""
+        actor = by.username if by else actor
         u = self.user(user_id)
         if not isinstance(name, str) or not name.strip() or len(name) > 100:
             raise InvalidInput("key name must be 1 to 100 characters", field="name")
         allowed = self.roles[u["role"]]
-        follows = scopes is None
-        scopes = list(allowed) if scopes is None else scopes
+        follows = scopes is None and (by is None or set(allowed) <= by.scopes)
+        if scopes is None:
+            scopes = [s for s in allowed if by is None or s in by.scopes]
         self._check_scopes(scopes, tuple(allowed), "scopes", owner=u)
+        self._grantable(by, scopes, f"a key for {u['username']!r} with these scopes", "scopes")
         if expires_at is not None and expires_at <= _now():
             raise InvalidInput("expires_at is in the past", field="expires_at")
         if rate_limit_per_min is not None and not 1 <= rate_limit_per_min <= 1_000_000:
@@ -353,9 +431,14 @@ class AuthService:
             out.append(rec.public())
         return out
 
-    def rotate_key(self, key_id: str, actor: str | None = None) -> tuple[dict[str, Any], str]:
-        """Give a key a new secret (same id, name, scopes); the old token stops working at once."""
+    def rotate_key(
+        self, key_id: str, actor: str | None = None, by: Principal | None = None
+    ) -> tuple[dict[str, Any], str]:
+        """Give a key a new secret (same id, name, scopes); the old token stops working at once. The new secret
+        is shown to `by`, who must hold every scope the key does."""
+        actor = by.username if by else actor
         rec = self._key(key_id)
+        self._grantable(by, self.key_scopes(rec), f"rotating key {rec.id}", "key_id")
         token, prefix, secret = ks.new_key()
         with self.mutex:
             self.con.execute(
@@ -368,9 +451,12 @@ class AuthService:
         self.audit(actor, "key.rotate", rec.id, name=rec.name)
         return rec.public(), token
 
-    def revoke_key(self, key_id: str, actor: str | None = None) -> dict[str, Any]:
-        """Revoke a key for good."""
+    def revoke_key(self, key_id: str, actor: str | None = None, by: Principal | None = None) -> dict[str, Any]:
+        """Revoke a key for good: one's own, or one whose scopes `by` holds."""
+        actor = by.username if by else actor
         rec = self._key(key_id)
+        if by is not None and rec.user_id != by.user_id:
+            self._grantable(by, self.key_scopes(rec), f"revoking key {rec.id}", "key_id")
         with self.mutex:
             rec.revoked_at = _now()
             self.con.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [rec.revoked_at, rec.id])
@@ -397,9 +483,7 @@ class AuthService:
         rec.last_used_at = now
         if time.monotonic() - rec.flushed > 60:
             self._flush(rec)
-        role_scopes = frozenset(self.roles.get(user["role"], ()))
-        scopes = role_scopes if rec.follows_role else frozenset(rec.scopes) & role_scopes
-        return Principal(user["id"], user["username"], user["role"], scopes, rec.id, "key")
+        return Principal(user["id"], user["username"], user["role"], self.key_scopes(rec), rec.id, "key")
 
     def _rate(self, rec: KeyRecord) -> None:
         limit = rec.rate_limit_per_min
@@ -429,19 +513,35 @@ class AuthService:
             if rec.last_used_at is not None:
                 self._flush(rec)
 
-    def login(self, username: str, password: str) -> tuple[str, Principal]:
-        """Check a password and open a session; return (session token, principal)."""
+    def login(self, username: str, password: str, address: str = "") -> tuple[str, Principal]:
+        """Check a password and open a session; return (session token, principal).
+
+        Throttled per user name and per client address (429 with Retry-After); an unknown name costs the same
+        scrypt work as a known one; failed attempts are audited at most `failed_audit.per_min` rows a minute."""
+        self.throttle.check(username, address)
         u = next((u for u in self.users.values() if u["username"] == username), None)
-        if u is None or u["disabled"] or not ks.check_password(password, u["password_hash"]):
-            self.audit(username, "auth.login", username, ok=False)
+        right = ks.check_password(password, u["password_hash"] if u else None)
+        if u is None or u["disabled"] or not right:
+            self.throttle.failed(username, address)
+            held = self.failed_audit.take()
+            if held is not None:
+                extra = {"held_back": held} if held else {}
+                self.audit(username[:64], "auth.login", username[:64], ok=False, address=address, **extra)
             raise Unauthorized("wrong username or password")
+        self.throttle.succeeded(username)
         token = "bkgs_" + secrets.token_urlsafe(32)
+        now = _now()
         with self.mutex:
+            self.con.execute("DELETE FROM sessions WHERE expires_at <= ?", [now])  # expired ones go as new ones come
             self.con.execute(
                 "INSERT INTO sessions (token_hash, user_id, expires_at) VALUES (?, ?, ?)",
-                [ks.hash_secret(token), u["id"], _now() + SESSION_TTL],
+                [ks.hash_secret(token), u["id"], now + SESSION_TTL],
             )
-        self.audit(username, "auth.login", username)
+            if ks.needs_rehash(u["password_hash"]):  # made with older, weaker parameters: upgrade it now
+                pw = ks.hash_password(password)
+                self.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [pw, u["id"]])
+                u["password_hash"] = pw
+        self.audit(username, "auth.login", username, address=address)
         return token, self._principal(u, "session")
 
     def _session(self, token: str) -> Principal:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidFile, InvalidInput, NotFound
 from bkg_kernel.models import kinds
 from bkg_kernel.models.defaults import DEFAULTS, package_path
 
@@ -38,7 +38,20 @@ KINDS: tuple[str, ...] = (
     "classifier",
 )
 MANIFEST = "manifest.json"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a model id is a folder name in the model dir: no path parts
+_ID = re.compile(ID_PATTERN)
+
+
+def check_id(model_id: Any, field: str = "id") -> str:
+    """Return `model_id` if it is a safe model id (1-128 letters, digits, '.', '_', '-'; not starting with a dot),
+    else raise 422 naming `field`: checked before anything is written under it."""
+    if not isinstance(model_id, str) or not _ID.fullmatch(model_id):
+        shown = repr(model_id)[:80]
+        raise InvalidInput(
+            f"model id {shown} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            field=field,
+        )
+    return model_id
 
 
 class ModelEntry(BaseModel):
@@ -125,10 +138,12 @@ class ModelRegistry:
         src = src.resolve()
         if kind is not None and kind not in KINDS:
             raise InvalidInput(f"kind must be one of {', '.join(KINDS)}, not {kind!r}", field="kind")
-        detected = kinds.inspect(src, kind)  # refuses files that are not what their kind says
+        try:  # refuses files that are not what their kind says: the caller's file, the caller's 422
+            detected = kinds.inspect(src, kind)
+        except CorruptData as exc:
+            raise InvalidFile(exc.message, field="path") from None
         model_id = id or slug(src.name)
-        if not _ID.match(model_id):
-            raise InvalidInput(f"model id {model_id!r} must be 1-128 letters, digits, '.', '_' or '-'", field="id")
+        check_id(model_id, "id")
         if model_id in self._read():
             raise AlreadyExists(f"model {model_id!r} is already registered", field="id")
         inside = src.is_relative_to(self.dir)
@@ -203,6 +218,7 @@ class ModelRegistry:
 
     def register_entry(self, entry: ModelEntry) -> ModelEntry:
         """Record an entry built elsewhere (a quantized model, a download); refuses a taken id."""
+        check_id(entry.id, "id")
         with self._locked() as models:
             if entry.id in models:
                 raise AlreadyExists(f"model {entry.id!r} is already registered", field="id")

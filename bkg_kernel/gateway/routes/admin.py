@@ -65,7 +65,7 @@ def list_users(request: Request, p: Annotated[Principal, Depends(USERS)]) -> dic
 @router.post("/users", status_code=201)
 def create_user(body: NewUser, request: Request, p: Annotated[Principal, Depends(USERS)]) -> dict[str, Any]:
     """Create a user."""
-    return _auth(request).create_user(body.username, body.role, body.password, actor=p.username)
+    return _auth(request).create_user(body.username, body.role, body.password, by=p)
 
 
 @router.get("/users/{user_id}")
@@ -82,8 +82,8 @@ def update_user(
     """Change role, disable / enable, or set the password."""
     auth = _auth(request)
     if body.password is not None:
-        auth.set_password(user_id, body.password, actor=p.username)
-    return auth.update_user(user_id, role=body.role, disabled=body.disabled, actor=p.username)
+        auth.set_password(user_id, body.password, by=p)
+    return auth.update_user(user_id, role=body.role, disabled=body.disabled, by=p)
 
 
 @router.delete("/users/{user_id}")
@@ -91,7 +91,7 @@ def delete_user(user_id: str, request: Request, p: Annotated[Principal, Depends(
     """Delete a user (their keys are revoked)."""
     if _auth(request).user(user_id)["id"] == p.user_id:
         raise InvalidInput("you cannot delete yourself", field="user_id")
-    _auth(request).delete_user(user_id, actor=p.username)
+    _auth(request).delete_user(user_id, by=p)
     return {"deleted": user_id}
 
 
@@ -104,7 +104,7 @@ def list_roles(request: Request, p: Annotated[Principal, Depends(USERS)]) -> dic
 @router.post("/roles", status_code=201)
 def create_role(body: NewRole, request: Request, p: Annotated[Principal, Depends(USERS)]) -> dict[str, Any]:
     """Create a custom role."""
-    return _auth(request).create_role(body.name, body.scopes, body.description, actor=p.username)
+    return _auth(request).create_role(body.name, body.scopes, body.description, by=p)
 
 
 @router.patch("/roles/{name}")
@@ -112,13 +112,13 @@ def update_role(
     name: str, body: RolePatch, request: Request, p: Annotated[Principal, Depends(USERS)]
 ) -> dict[str, Any]:
     """Change a custom role's scopes or description (its users' keys follow at once)."""
-    return _auth(request).update_role(name, body.scopes, body.description, actor=p.username)
+    return _auth(request).update_role(name, body.scopes, body.description, by=p)
 
 
 @router.delete("/roles/{name}")
 def delete_role(name: str, request: Request, p: Annotated[Principal, Depends(USERS)]) -> dict[str, Any]:
     """Delete a custom role no user has."""
-    _auth(request).delete_role(name, actor=p.username)
+    _auth(request).delete_role(name, by=p)
     return {"deleted": name}
 
 
@@ -137,7 +137,7 @@ def create_key(body: NewKey, request: Request, p: Annotated[Principal, Depends(K
     if expires is not None and expires.tzinfo is not None:
         expires = expires.astimezone(UTC).replace(tzinfo=None)
     rec, token = _auth(request).create_key(
-        body.user_id or p.user_id, body.name, body.scopes, expires, body.rate_limit_per_min, actor=p.username
+        body.user_id or p.user_id, body.name, body.scopes, expires, body.rate_limit_per_min, by=p
     )
     return {**rec, "key": token}
 
@@ -145,14 +145,14 @@ def create_key(body: NewKey, request: Request, p: Annotated[Principal, Depends(K
 @router.post("/keys/{key_id}/rotate")
 def rotate_key(key_id: str, request: Request, p: Annotated[Principal, Depends(KEYS)]) -> dict[str, Any]:
     """New secret, same id and scopes; the old secret stops working now."""
-    rec, token = _auth(request).rotate_key(key_id, actor=p.username)
+    rec, token = _auth(request).rotate_key(key_id, by=p)
     return {**rec, "key": token}
 
 
 @router.post("/keys/{key_id}/revoke")
 def revoke_key(key_id: str, request: Request, p: Annotated[Principal, Depends(KEYS)]) -> dict[str, Any]:
     """Revoke a key."""
-    return _auth(request).revoke_key(key_id, actor=p.username)
+    return _auth(request).revoke_key(key_id, by=p)
 
 
 @router.get("/audit")

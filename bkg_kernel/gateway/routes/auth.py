@@ -6,7 +6,7 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput
@@ -17,15 +17,16 @@ router = APIRouter(tags=["auth"])
 
 class Login(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    username: str
-    password: str
+    username: str = Field(..., max_length=256)
+    password: str = Field(..., max_length=1024)
 
 
 @router.post("/auth/login")
 async def login(body: Login, request: Request) -> dict[str, Any]:
     """Exchange username + password for a session token (12 h)."""
     auth = gateway(request).auth
-    token, p = await asyncio.to_thread(auth.login, body.username, body.password)
+    address = request.client.host if request.client else ""
+    token, p = await asyncio.to_thread(auth.login, body.username, body.password, address)
     return {"token": token, "token_type": "bearer", "user": p.to_dict()}
 
 
@@ -41,6 +42,7 @@ async def logout(request: Request, p: Annotated[Principal, Depends(need(None))])
     auth = gateway(request).auth
     if p.via != "session":
         raise InvalidInput("logout ends a session; this request used an API key", field="authorization")
-    auth.logout(request.headers["authorization"][7:].strip())
+    header = request.headers.get("authorization", "")  # the same credential the check above accepted
+    auth.logout(header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", ""))
     auth.audit(p.username, "auth.logout", p.username)
     return {"ok": True}

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from bkg_kernel.errors import AlreadyExists, InvalidInput, NotFound
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
-from bkg_kernel.models.registry import ModelEntry, ModelRegistry, sha256_of, slug
+from bkg_kernel.models.registry import ID_PATTERN, ModelEntry, ModelRegistry, check_id, sha256_of, slug
 from bkg_kernel.plugins.candle import runners
 from bkg_kernel.runtime.contract import Plugin, PluginSettings, capability
 
@@ -87,7 +87,7 @@ class QuantizeRequest(BaseModel):
 
     model_id: str = DEFAULT_EMBEDDER
     method: Literal["dynamic-int8", "fp16", "bf16"] = "dynamic-int8"
-    new_id: str | None = Field(None, description="Default: <model_id>-<method>.")
+    new_id: str | None = Field(None, pattern=ID_PATTERN, description="Default: <model_id>-<method>.")
 
 
 class QuantizeResult(BaseModel):
@@ -235,6 +235,7 @@ class Candle(Plugin):
         if (self.registry.resolve(base_entry) / runners.QUANT_FILE).exists():
             raise InvalidInput(f"{inp.model_id!r} is already quantized: quantize its base model", field="model_id")
         new_id = inp.new_id or slug(f"{inp.model_id}-{inp.method}")
+        check_id(new_id, "new_id")  # it names a folder: checked before anything is written
         if new_id in {m.id for m in self.registry.list()}:
             raise AlreadyExists(f"model {new_id!r} is already registered", field="new_id")
         base = self._runner(inp.model_id)

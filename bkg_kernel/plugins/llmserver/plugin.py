@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
 
 from bkg_kernel.client.transport import iter_sse
-from bkg_kernel.errors import InvalidInput, NotFound, UpstreamError, invalid_from_pydantic
+from bkg_kernel.errors import BadRequest, InvalidInput, NotFound, UpstreamError, invalid_from_pydantic
 from bkg_kernel.models.defaults import DEFAULT_LLM
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.llmserver import generate as gen
@@ -137,6 +137,10 @@ class LLMServer(Plugin):
         if self.settings.upstream_url:
             return Embeddings.model_validate(self._upstream("embeddings", inp))
         texts = inp.texts()
+        empty = next((i for i, t in enumerate(texts) if not t), None)
+        if empty is not None:  # llama.cpp cannot embed zero tokens
+            field = "input" if isinstance(inp.input, str) else f"input[{empty}]"
+            raise BadRequest("an input to embed is empty: send at least one character", field=field)
         too_long = sum(len(t) for t in texts)
         if too_long > self.settings.max_prompt_chars * 10:
             raise InvalidInput(f"input is {too_long:,} characters in all; too much for one request", field="input")
@@ -267,6 +271,8 @@ class LLMServer(Plugin):
         self, inp: CompletionRequest, cancelled: threading.Event, *, whole: bool
     ) -> Iterator[dict[str, Any]]:
         text = inp.text()
+        if not text:
+            raise BadRequest("prompt is empty: send the text to continue", field="prompt")
         self._check_prompt(len(text), "prompt")
         model_id = inp.model or self.settings.default_model
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())

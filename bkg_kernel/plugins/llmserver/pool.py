@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bkg_kernel.errors import InvalidInput, Unavailable
+from bkg_kernel.errors import InvalidInput, ModelLoadFailed, Unavailable
 from bkg_kernel.models.registry import ModelRegistry
 
 GGUF_KINDS = ("gguf-llm", "gguf-embedding")
@@ -102,7 +102,7 @@ class ModelPool:
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
-            raise InvalidInput(
+            raise ModelLoadFailed(
                 f"llama.cpp cannot load model {m.model_id!r} ({m.path.name}): {exc}", field="model"
             ) from None
 

@@ -1,0 +1,145 @@
+"""Nobody grants what they do not hold, against a real gateway: every /admin route that hands out scopes (keys,
+rotations, roles, role changes, passwords) is tried by keys of every built-in role, of custom roles holding one
+or two admin scopes, and of an admin user's key narrowed to admin scopes; afterwards no credential any of them
+obtained holds a scope its holder did not start with, and no attempt was answered with a 5xx."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import httpx
+import pytest
+from gateway_harness import Gateway
+
+from bkg_kernel.auth.principal import SCOPES
+
+PASSWORD = "correct horse battery"
+# name -> (role, scopes of the key; None: the role's); custom roles are created with the scopes listed
+CUSTOM_ROLES = {
+    "keys-only": ["admin:keys"],
+    "keys-reader": ["admin:keys", "plugins:read"],
+    "users-only": ["admin:users"],
+    "users-keys": ["admin:users", "admin:keys"],
+    "audit-only": ["admin:audit"],
+}
+ATTACKERS: dict[str, tuple[str, list[str] | None]] = {
+    "admin": ("admin", None),
+    "developer": ("developer", None),
+    "viewer": ("viewer", None),
+    **{name: (name, None) for name in CUSTOM_ROLES},
+    "admin-key-narrowed": ("admin", ["admin:keys", "admin:users"]),
+}
+_n = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def setup_key(gw: Gateway) -> str:
+    """An admin key of its own for the test's set-up, left alone by the attacks (they may rotate the rest)."""
+    admin = gw.client()
+    for name, scopes in CUSTOM_ROLES.items():
+        admin.post("/admin/roles", json={"name": name, "scopes": scopes}).raise_for_status()
+    key: str = admin.post("/admin/keys", json={"name": "set-up"}).json()["key"]
+    return key
+
+
+def _me(gw: Gateway, token: str) -> set[str]:
+    r = gw.client(token).get("/auth/me")
+    return set(r.json()["scopes"]) if r.status_code == 200 else set()
+
+
+def _login(gw: Gateway, username: str) -> str | None:
+    r = httpx.post(gw.url + "/auth/login", json={"username": username, "password": PASSWORD})
+    return r.json()["token"] if r.status_code == 200 else None
+
+
+def _attack(gw: Gateway, a: httpx.Client, me: dict[str, Any], admin_id: str, spare: set[str]) -> list[str]:
+    """Every way the /admin routes hand out scopes, tried once each; the tokens it got."""
+    tag = f"{me['username']}-{next(_n)}"
+    got: list[str] = []
+    answers: list[httpx.Response] = []
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        r = a.request(method, path, json=body)
+        answers.append(r)
+        if r.status_code < 300 and isinstance(r.json(), dict) and "key" in r.json():
+            got.append(r.json()["key"])
+        return r
+
+    for owner in (admin_id, me["user_id"]):
+        call("POST", "/admin/keys", {"name": f"k-{tag}", "user_id": owner})
+        call("POST", "/admin/keys", {"name": f"k-{tag}", "user_id": owner, "scopes": list(SCOPES)})
+    listed = a.get("/admin/keys")
+    for k in listed.json().get("keys", []) if listed.status_code == 200 else []:
+        if k["state"] == "active" and k["id"] not in spare:
+            call("POST", f"/admin/keys/{k['id']}/rotate")
+    call("POST", "/admin/roles", {"name": f"esc-{tag}", "scopes": list(SCOPES)})
+    call("PATCH", f"/admin/users/{me['user_id']}", {"role": f"esc-{tag}"})
+    call("PATCH", f"/admin/users/{me['user_id']}", {"role": "admin"})
+    if me["role"] not in ("admin", "developer", "viewer"):
+        call("PATCH", f"/admin/roles/{me['role']}", {"scopes": list(SCOPES)})
+    passwords = [  # each user whose password the attacker could set is logged in as
+        (f"esc-{tag}", call("POST", "/admin/users", {"username": f"esc-{tag}", "role": "admin", "password": PASSWORD})),
+        ("admin", call("PATCH", f"/admin/users/{admin_id}", {"password": PASSWORD})),
+        (me["username"], call("PATCH", f"/admin/users/{me['user_id']}", {"password": PASSWORD})),
+    ]
+    for username, r in passwords:
+        if r.status_code < 300:
+            session = _login(gw, username)
+            assert session, f"{username}: password set, yet no login"
+            got.append(session)
+    errors = [(r.request.method, r.request.url.path, r.status_code) for r in answers if r.status_code >= 500]
+    assert not errors, errors
+    return got
+
+
+@pytest.mark.parametrize("attacker", list(ATTACKERS))
+def test_no_route_ends_with_more_scopes_than_its_caller_had(gw: Gateway, setup_key: str, attacker: str) -> None:
+    admin = gw.client(setup_key)
+    role, key_scopes = ATTACKERS[attacker]
+    user = admin.post("/admin/users", json={"username": f"atk-{attacker}", "role": role}).json()
+    body: dict[str, Any] = {"name": f"{attacker}'s", "user_id": user["id"]}
+    if key_scopes is not None:
+        body["scopes"] = key_scopes
+    token = admin.post("/admin/keys", json=body).json()["key"]
+    start = _me(gw, token)
+    assert start, attacker
+    admin_id = next(u["id"] for u in admin.get("/admin/users").json()["users"] if u["username"] == "admin")
+    spare = {k["id"] for k in admin.get("/admin/keys").json()["keys"] if k["name"] == "set-up"}
+    me = gw.client(token).get("/auth/me").json()
+
+    obtained = _attack(gw, gw.client(token), me, admin_id, spare)
+
+    held = {t: _me(gw, t) for t in [token, *obtained]}
+    above = {t[:16]: sorted(s - start) for t, s in held.items() if s - start}
+    assert not above, f"{attacker} started with {sorted(start)} and obtained {above}"
+
+
+def test_grants_are_narrowed_to_the_caller_and_named_when_refused(gw: Gateway, setup_key: str) -> None:
+    """A key manager who holds admin:keys and plugins:read: a key for the admin user holds exactly those two
+    (fixed, not following the admin role); asking for more, rotating the admin's key or giving a role above
+    them is a 403 naming the scope they lack."""
+    admin = gw.client(setup_key)
+    mgr = admin.post("/admin/users", json={"username": "key-manager", "role": "keys-reader"}).json()
+    m = gw.client(admin.post("/admin/keys", json={"name": "km", "user_id": mgr["id"]}).json()["key"])
+    admin_id = next(u["id"] for u in admin.get("/admin/users").json()["users"] if u["username"] == "admin")
+    k = m.post("/admin/keys", json={"name": "for admin", "user_id": admin_id}).json()
+    assert sorted(k["scopes"]) == ["admin:keys", "plugins:read"] and k["follows_role"] is False
+    assert _me(gw, k["key"]) == {"admin:keys", "plugins:read"}
+    r = m.post("/admin/keys", json={"name": "x", "user_id": admin_id, "scopes": ["admin:audit"]})
+    assert r.status_code == 403 and "admin:audit" in r.json()["error"]["message"]
+    assert r.json()["error"]["field"] == "scopes"
+    boot = next(x for x in admin.get("/admin/keys").json()["keys"] if x["name"] == "admin (bootstrap)")
+    r = m.post(f"/admin/keys/{boot['id']}/rotate")
+    assert r.status_code == 403 and "admin:users" in r.json()["error"]["message"]
+    assert m.post(f"/admin/keys/{k['id']}/revoke").status_code == 200  # within their scopes: theirs to revoke
+    # a user manager may hand out only roles within their own scopes
+    um = admin.post("/admin/users", json={"username": "user-manager", "role": "users-keys"}).json()
+    u = gw.client(admin.post("/admin/keys", json={"name": "um", "user_id": um["id"]}).json()["key"])
+    r = u.post("/admin/users", json={"username": "new-dev", "role": "developer"})
+    assert r.status_code == 403 and r.json()["error"]["field"] == "role" and "llm:use" in r.json()["error"]["message"]
+    assert u.post("/admin/users", json={"username": "new-km", "role": "keys-only"}).status_code == 201
+    assert admin.get("/admin/users").status_code == 200  # the set-up key was never touched
+    entries = admin.get("/admin/audit", params={"action": "key.create", "limit": 1000}).json()["entries"]
+    by_manager = [e for e in entries if e["actor"] == "key-manager"]
+    assert len(by_manager) == 1 and sorted(by_manager[0]["detail"]["scopes"]) == ["admin:keys", "plugins:read"]

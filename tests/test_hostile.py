@@ -1,0 +1,71 @@
+"""Hostile input against a real gateway: ids that become paths are refused before anything is written, and
+malformed requests that used to reach an assertion or a KeyError get a 4xx naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gateway_harness import Gateway
+
+from bkg_kernel.errors import InvalidInput
+from bkg_kernel.models.registry import check_id
+
+BAD_IDS = ["../evil", "/tmp/bkg-evil", "a\x00b", "x" * 200, "ok\n", ".hidden", "a/b", "..", ""]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_check_id_refuses_path_like_ids(bad: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        check_id(bad, "model_id")
+    assert err.value.field == "model_id"
+
+
+def _files(*roots: Path) -> set[Path]:
+    return {p for r in roots if r.exists() for p in r.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    ("capability", "field", "body"),
+    [
+        ("brainml/invoke/brainml.train", "model_id", {"collection": "kb", "label_field": "topic"}),
+        ("candle/invoke/candle.quantize", "new_id", {}),
+    ],
+)
+def test_ids_that_become_paths_are_refused_before_anything_is_written(
+    gw: Gateway, capability: str, field: str, body: dict[str, Any]
+) -> None:
+    models = gw.data_dir.parent / "models"
+    before = _files(gw.data_dir, models)
+    c = gw.client()
+    for bad in BAD_IDS:
+        r = c.post(f"/api/plugins/{capability}", json={**body, field: bad})
+        assert r.status_code == 422, (bad, r.status_code, r.text)
+        assert r.json()["error"]["field"].endswith(field), r.json()
+    written = {p for p in _files(gw.data_dir, models) - before if "evil" in p.name or p.name == "b"}
+    assert not written and not Path("/tmp/bkg-evil").exists()
+
+
+def test_registering_a_model_under_a_path_like_id_is_refused(gw: Gateway, tmp_path: Path) -> None:
+    from helpers import write_gguf
+
+    src = write_gguf(tmp_path / "m.gguf")
+    c = gw.client()
+    for bad in ["../evil", "x" * 200, "a\x00b"]:
+        r = c.post("/api/models", json={"path": str(src), "import_mode": "copy", "id": bad})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "id", r.text
+    assert not (gw.data_dir.parent / "evil").exists()
+    (tmp_path / "notes.gguf").write_text("not a model")
+    r = c.post("/api/models", json={"path": str(tmp_path / "notes.gguf"), "import_mode": "copy", "id": "not-a-model"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_file"  # the caller's file, the caller's 4xx
+
+
+def test_logout_with_the_session_in_x_api_key(gw: Gateway) -> None:
+    admin = gw.client()
+    admin.post("/admin/users", json={"username": "xkey", "role": "viewer", "password": "long enough pw"})
+    token = httpx.post(gw.url + "/auth/login", json={"username": "xkey", "password": "long enough pw"}).json()["token"]
+    r = httpx.post(gw.url + "/auth/logout", headers={"X-API-Key": token})
+    assert r.status_code == 200 and r.json() == {"ok": True}
+    assert httpx.get(gw.url + "/auth/me", headers={"X-API-Key": token}).status_code == 401
