@@ -13,6 +13,9 @@ labelled queries; documents, not chunks, are ranked). Rows:
   once, by bkg, and the direct store and LanceDB get those same vectors.
 - lancedb: the same vectors and texts in LanceDB (its native FTS; hybrid = its RRF reranker), queries embedded
   with the same model in this process.
+
+Query latency: the three systems run each labelled query in turn (bkg, direct, lancedb, next query), `--repeat`
+times, so all three see the machine in the same state (a shared 2-core VM drifts by a quarter within minutes).
 """
 
 from __future__ import annotations
@@ -43,17 +46,48 @@ warnings.filterwarnings("ignore")
 MODES = ("vector", "text", "hybrid", "hybrid+rerank")
 
 
-def evaluate(run: Any) -> dict[str, float]:
-    """Run every labelled query through `run(query) -> [doc ids]`; latency p50 and mean quality."""
-    lat, nd, rc = [], [], []
-    for q, rel in PYDOC_QUERIES:
-        t0 = time.perf_counter()
-        ids = run(q)
-        lat.append((time.perf_counter() - t0) * 1000)
-        n, r = retrieval_metrics(ids, rel)
-        nd.append(n)
-        rc.append(r)
-    return {"p50": statistics.median(lat), "ndcg": float(np.mean(nd)), "recall": float(np.mean(rc))}
+def evaluate(runs: dict[str, Any], mode: str, repeat: int) -> dict[str, dict[str, float]]:
+    """Run every labelled query through each system's `run(query, mode) -> [doc ids]`, the systems interleaved
+    query by query (each sees the machine in the same state), `repeat` times; latency p50 and mean quality."""
+    lat: dict[str, list[float]] = {name: [] for name in runs}
+    quality: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for rnd in range(repeat):
+        for q, rel in PYDOC_QUERIES:
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                ids = run(q, mode)
+                lat[name].append((time.perf_counter() - t0) * 1000)
+                if rnd == 0:
+                    quality[name].append(retrieval_metrics(ids, rel))
+    return {
+        name: {
+            "p50": statistics.median(lat[name]),
+            "ndcg": float(np.mean([n for n, _ in quality[name]])),
+            "recall": float(np.mean([r for _, r in quality[name]])),
+        }
+        for name in runs
+    }
+
+
+def lance_table(work: Path, points: list[dict[str, Any]], vecs: np.ndarray) -> Any:
+    """The same vectors and texts in LanceDB with its native FTS index (None when lancedb is not installed)."""
+    try:
+        import lancedb
+    except ImportError:
+        print("lancedb is not installed: its row is left out")
+        return None
+    t0 = time.perf_counter()
+    db = lancedb.connect(str(work / "lance"))
+    table = db.create_table(
+        "pydocs",
+        data=[
+            {"id": p["id"], "doc_id": p["payload"]["doc_id"], "text": p["text"], "vector": v}
+            for p, v in zip(points, vecs, strict=True)
+        ],
+    )
+    table.create_fts_index("text", use_tantivy=False)
+    print(f"lancedb: stored and indexed precomputed vectors in {time.perf_counter() - t0:.1f}s")
+    return table
 
 
 def main() -> None:
@@ -65,6 +99,7 @@ def main() -> None:
     ap.add_argument("--rate-docs", type=int, default=600, help="documents in each indexing-speed round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--modes", default=",".join(MODES), help="bkg query modes to measure (hybrid+rerank is slow)")
+    ap.add_argument("--repeat", type=int, default=3, help="times each labelled query is timed, per system")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,17 +161,6 @@ def main() -> None:
         full = time.perf_counter() - t0
         print(f"bkg: whole corpus indexed in {full:.0f}s ({len(docs) / full:.1f} docs/s)" + " " * 30)
         rows["bkg"]["full_s"] = full
-        for mode in args.modes.split(","):
-
-            def run(q: str, mode: str = mode) -> list[str]:
-                body = {"collection": "pydocs", "query": q, "top_k": 30, "mode": mode.split("+")[0]}
-                if mode.endswith("rerank"):
-                    body["rerank"] = True
-                r = c.post(inv + "brainml.query", json=body)
-                r.raise_for_status()
-                return [h["doc_id"] for h in r.json()["results"]]
-
-            rows["bkg"][mode] = evaluate(run)
         # the same vectors, for the direct store and LanceDB (no second embedding of the corpus)
         stored: dict[str, Any] = {}
         offset: int | None = 0
@@ -145,50 +169,35 @@ def main() -> None:
             page = c.post("/api/collections/pydocs/points/scroll", json=body).json()
             stored.update({p["id"]: p["vector"] for p in page["points"]})
             offset = page["next_offset"]
-    finally:
-        gw.stop()
-    vecs = np.asarray([stored[p["id"]] for p in points], dtype=np.float32)
-
-    # -- direct: the bkg store in this process, same vectors -----------------------------------------------
-    with Store(work / "direct") as store:
+        vecs = np.asarray([stored[p["id"]] for p in points], dtype=np.float32)
+        store = Store(work / "direct")
         coll = store.create_collection("pydocs", dim=vecs.shape[1])
         coll.upsert([{**p, "vector": v} for p, v in zip(points, vecs, strict=True)], progress=False)
+        table = lance_table(work, points, vecs)
+
+        def bkg(q: str, mode: str) -> list[str]:
+            body = {"collection": "pydocs", "query": q, "top_k": 30, "mode": mode.split("+")[0]}
+            if mode.endswith("rerank"):
+                body["rerank"] = True
+            r = c.post(inv + "brainml.query", json=body)
+            r.raise_for_status()
+            return [h["doc_id"] for h in r.json()["results"]]
+
         weights = {"vector": None, "text": None, "hybrid": 0.75}
-        for mode in ("vector", "text", "hybrid"):
 
-            def run_direct(q: str, mode: str = mode) -> list[str]:
-                qv = st.encode([q], normalize_embeddings=True)[0] if mode != "text" else None
-                kw: dict[str, Any] = {"vector_weight": weights[mode]} if weights[mode] is not None else {}
-                r = coll.query(qv, q if mode != "vector" else None, k=30, mode=mode, **kw)
-                return [h.payload["doc_id"] for h in r]
-
-            rows["direct"][mode] = evaluate(run_direct)
-
-    # -- LanceDB: same vectors and texts -------------------------------------------------------------------
-    try:
-        import lancedb
-        from lancedb.rerankers import RRFReranker
-    except ImportError:
-        print("lancedb is not installed: its row is left out")
-    else:
-        t0 = time.perf_counter()
-        db = lancedb.connect(str(work / "lance"))
-        table = db.create_table(
-            "pydocs",
-            data=[
-                {"id": p["id"], "doc_id": p["payload"]["doc_id"], "text": p["text"], "vector": v}
-                for p, v in zip(points, vecs, strict=True)
-            ],
-        )
-        table.create_fts_index("text", use_tantivy=False)
-        took = time.perf_counter() - t0
-        print(f"lancedb: stored and indexed precomputed vectors in {took:.1f}s")
-        rows["lancedb"] = {"index_s": None}
+        def direct(q: str, mode: str) -> list[str]:
+            qv = st.encode([q], normalize_embeddings=True)[0] if mode != "text" else None
+            kw: dict[str, Any] = {"vector_weight": weights[mode]} if weights[mode] is not None else {}
+            r = coll.query(qv, q if mode != "vector" else None, k=30, mode=mode, **kw)
+            return [h.payload["doc_id"] for h in r]
 
         def lance(q: str, mode: str) -> list[str]:
+            assert table is not None
             if mode == "text":
                 res = table.search(q, query_type="fts").limit(30).to_list()
             else:
+                from lancedb.rerankers import RRFReranker
+
                 qv = st.encode([q], normalize_embeddings=True)[0]
                 if mode == "vector":
                     res = table.search(qv).distance_type("cosine").limit(30).to_list()
@@ -196,8 +205,14 @@ def main() -> None:
                     res = table.search(query_type="hybrid").vector(qv).text(q).rerank(RRFReranker()).limit(30).to_list()
             return [r["doc_id"] for r in res]
 
-        for mode in ("vector", "text", "hybrid"):
-            rows["lancedb"][mode] = evaluate(lambda q, mode=mode: lance(q, mode))
+        systems = {"bkg": bkg, "direct": direct, **({"lancedb": lance} if table is not None else {})}
+        for mode in args.modes.split(","):
+            runs = {name: fn for name, fn in systems.items() if name == "bkg" or mode in ("vector", "text", "hybrid")}
+            for name, r in evaluate(runs, mode, args.repeat).items():
+                rows.setdefault(name, {})[mode] = r
+        store.close()
+    finally:
+        gw.stop()
 
     # -- table ---------------------------------------------------------------------------------------------
     print()

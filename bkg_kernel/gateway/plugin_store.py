@@ -102,9 +102,10 @@ class PluginStore:
     def upsert(
         self, plugin_id: str, caller: Principal, name: str, points: list[dict[str, Any]], embed_model: str | None
     ) -> dict[str, Any]:
-        coll = self.store.collection(name)
-        out: dict[str, Any] = self._await(storeops.upsert_points(self._sup(), caller, coll, points, embed_model))
-        return out
+        coll = self.store.collection(name)  # this runs on a store thread: only the embedding goes to the loop
+        embedded = self._await(storeops.embed_missing(self._sup(), caller, coll, points, embed_model))
+        r = coll.upsert(points)
+        return {"upserted": r.upserted, "embedded": embedded, "took_ms": r.took_ms}
 
     def get(
         self, plugin_id: str, caller: Principal, name: str, ids: list[int | str], with_vectors: bool
@@ -140,8 +141,9 @@ class PluginStore:
     def query(self, plugin_id: str, caller: Principal, name: str, **q: Any) -> list[dict[str, Any]]:
         coll = self.store.collection(name)
         vector, text, mode = q.pop("vector"), q.pop("text"), q.pop("mode")
-        r = self._await(storeops.query_points(self._sup(), caller, coll, vector, text, mode, **q))
-        results: list[dict[str, Any]] = r["results"]
+        if vector is None and text:  # only an embedding goes to the event loop; the search runs on this thread
+            vector, mode = self._await(storeops.query_vector(self._sup(), caller, coll, vector, text, mode))
+        results: list[dict[str, Any]] = coll.query(vector, text, mode=mode, **q).to_dict()["results"]
         return results
 
     # -- models ---------------------------------------------------------------------------------------

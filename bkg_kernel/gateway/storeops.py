@@ -22,10 +22,11 @@ if TYPE_CHECKING:
 BATCH = 1024  # texts per embedding call: the model sorts them by length, so bigger batches pad less
 
 
-async def upsert_points(
+async def embed_missing(
     sup: Supervisor, caller: Principal, coll: Collection, points: list[dict[str, Any]], embed_model: str | None
-) -> dict[str, Any]:
-    """Upsert points (dicts with id, vector, payload, text), embedding the texts of those without a vector."""
+) -> int:
+    """Give the points (dicts with id, vector, payload, text) that have no vector the embedding of their text;
+    return how many were embedded."""
     missing = [i for i, pt in enumerate(points) if pt.get("vector") is None]
     if missing:
         spec = embed_model or coll.embed_model
@@ -42,15 +43,23 @@ async def upsert_points(
         vecs = await embed(sup, caller, spec, [points[i]["text"] for i in missing], coll.dim)
         for i, v in zip(missing, vecs, strict=True):
             points[i]["vector"] = v
-    r = await asyncio.to_thread(coll.upsert, points)
-    return {"upserted": r.upserted, "embedded": len(missing), "took_ms": r.took_ms}
+    return len(missing)
 
 
-async def query_points(
-    sup: Supervisor, caller: Principal, coll: Collection, vector: Any, text: str | None, mode: str | None, **kw: Any
+async def upsert_points(
+    sup: Supervisor, caller: Principal, coll: Collection, points: list[dict[str, Any]], embed_model: str | None
 ) -> dict[str, Any]:
-    """Query a collection; with text and no vector on a collection with an embed_model, embed the text too (mode
-    defaults to hybrid, and `vector` mode searches by the text's embedding)."""
+    """Upsert points, embedding the texts of those without a vector (the store work on a thread)."""
+    embedded = await embed_missing(sup, caller, coll, points, embed_model)
+    r = await asyncio.to_thread(coll.upsert, points)
+    return {"upserted": r.upserted, "embedded": embedded, "took_ms": r.took_ms}
+
+
+async def query_vector(
+    sup: Supervisor, caller: Principal, coll: Collection, vector: Any, text: str | None, mode: str | None
+) -> tuple[Any, str | None]:
+    """The vector and mode a query runs with: with text and no vector on a collection with an embed_model, the
+    text's embedding (mode defaults to hybrid, and `vector` mode searches by the text's embedding)."""
     if vector is None and text and not coll.embed_model and mode in ("vector", "hybrid"):
         raise InvalidInput(
             f"collection {coll.name!r} has no embed_model to embed the query text: send a vector, or use mode 'text'",
@@ -59,6 +68,14 @@ async def query_points(
     if vector is None and text and coll.embed_model and mode in (None, "vector", "hybrid"):
         vector = (await embed(sup, caller, coll.embed_model, [text], coll.dim))[0]
         mode = mode or "hybrid"
+    return vector, mode
+
+
+async def query_points(
+    sup: Supervisor, caller: Principal, coll: Collection, vector: Any, text: str | None, mode: str | None, **kw: Any
+) -> dict[str, Any]:
+    """Query a collection, embedding a query text as `query_vector` says (the store work on a thread)."""
+    vector, mode = await query_vector(sup, caller, coll, vector, text, mode)
     r = await asyncio.to_thread(coll.query, vector, text, mode=mode, **kw)
     return r.to_dict()
 
