@@ -118,7 +118,7 @@ def serve(
 def _wb(url: str | None, data_dir: Path | None) -> Any:
     from bkg_kernel.client import connect
 
-    return connect(url, data_dir=data_dir, start=False)
+    return connect(url, data_dir=data_dir, start=False, admin=True)  # a person at the bkg CLI, asking
 
 
 Url = Annotated[str | None, typer.Option("--url", help="Gateway URL (default: the data dir's gateway).")]
@@ -252,9 +252,17 @@ def run_all(
     port: Annotated[int, typer.Option(help="JupyterLab port.")] = 8888,
     data_dir: DataDir = None,
     dashboards_port: Annotated[int, typer.Option(help="Voila dashboards port.")] = 8866,
+    admin: Annotated[
+        bool,
+        typer.Option("--admin", help="Give the lab, its kernels and Voila the admin key (default: the workbench key)."),
+    ] = False,
 ) -> None:
     """Run the workbench: the gateway in the background (started if none runs), the Voila dashboards, and
-    JupyterLab (with the bkg extension) in front."""
+    JupyterLab (with the bkg extension) in front.
+
+    The lab, its kernels and Voila hold the workbench key (data_dir/workbench.key: the admin user's, with the
+    developer role's scopes, listed and revocable), not the admin key, unless `--admin` asks for it; the admin
+    dashboards ask for their own login."""
     import signal
 
     from bkg_kernel.client import connect
@@ -265,12 +273,14 @@ def run_all(
     ddir = settings.data_dir.resolve()
     url = f"http://{settings.host}:{settings.port}"
     ours = not _alive(url)
-    wb = connect(url, data_dir=ddir)
+    wb = connect(url, data_dir=ddir, admin=admin)
     typer.echo(f"bkg gateway: {wb.url}  (plugins: {', '.join(p['id'] for p in wb.plugins)})", err=True)
     # the lab extension's server side forwards to this gateway with this key (the browser never holds it)
     os.environ["BKG_GATEWAY_URL"] = wb.url
     if wb.api_key:
         os.environ["BKG_API_KEY"] = wb.api_key
+    who = "admin" if admin else "workbench (developer scopes)"
+    typer.echo(f"the lab, its kernels and the dashboards use the {who} key", err=True)
     if (ddir / "admin.key").exists():
         typer.echo(f"admin API key file: {ddir / 'admin.key'}", err=True)
     voila = subprocess.Popen(dashboards_cmd(dashboards_port, settings.dashboards_dir), stdin=subprocess.DEVNULL)

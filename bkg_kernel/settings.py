@@ -37,7 +37,11 @@ class Settings(BaseSettings):
     gateway_url: str | None = Field(
         None, description="The gateway clients use; unset: the gateway of data_dir (started when none runs)."
     )
-    api_key: str | None = Field(None, description="The API key clients send; unset: data_dir/admin.key if readable.")
+    api_key: str | None = Field(
+        None,
+        description="The API key clients send; unset: data_dir/workbench.key (developer scopes; admin.key only for "
+        "the CLI's admin commands and `bkg run --admin`).",
+    )
     admin_key: str | None = Field(
         None, description="The gateway's first admin key, on first start only (unset: a new key in admin.key)."
     )

@@ -1,5 +1,6 @@
 """`bkg run` (what `make run` calls): the gateway in the background, the Voila dashboards and JupyterLab with the
-bkg extension in front, all reachable; a SIGTERM stops all three."""
+bkg extension in front, all reachable; the lab and Voila hold the workbench key, never the admin key; a SIGTERM
+stops all three."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from gateway_harness import free_port, wait_for
 def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
     data = tmp_path / "data"
     gw_port, lab_port, dash_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "BKG_PORT": str(gw_port), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+    env = {k: v for k, v in os.environ.items() if k not in ("BKG_API_KEY", "BKG_ADMIN_KEY")}
+    env.update(BKG_PORT=str(gw_port), JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"))
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -52,6 +54,17 @@ def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
         gateway_pid = json.loads((data / "gateway.json").read_text())["pid"]
         dash = f"http://127.0.0.1:{dash_port}/voila/render/overview.ipynb"
         wait_for(lambda: _status(dash) == 200, timeout=120, every=0.5)
+        # the clients hold the workbench key (developer scopes), not the admin key
+        admin_key, bench_key = ((data / n).read_text().strip() for n in ("admin.key", "workbench.key"))
+        assert (data / "workbench.key").stat().st_mode & 0o777 == 0o600
+        children = psutil.Process(proc.pid).children(recursive=True)
+        clients = [c for c in children if any(x in " ".join(c.cmdline()) for x in ("jupyter", "voila"))]
+        assert len(clients) >= 2
+        for c in clients:
+            assert c.environ().get("BKG_API_KEY") == bench_key and admin_key not in str(c.environ()), c.cmdline()
+        me = httpx.get(f"http://127.0.0.1:{gw_port}/auth/me", headers={"Authorization": f"Bearer {bench_key}"}).json()
+        assert me["username"] == "admin" and not any(s.startswith("admin:") for s in me["scopes"])
+        assert "collections:write" in me["scopes"] and "plugins:write" in me["scopes"]
     finally:
         proc.terminate()  # SIGTERM to `bkg run` alone (a service manager): it stops what it started
         out = proc.communicate(timeout=90)[0].decode(errors="replace")

@@ -27,7 +27,15 @@ from typing import Any
 from bkg_kernel.auth import keys as ks
 from bkg_kernel.auth.principal import BUILTIN_ROLES, SCOPES, Principal
 from bkg_kernel.auth.throttle import AuditBudget, LoginThrottle
-from bkg_kernel.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, TooManyRequests, Unauthorized
+from bkg_kernel.errors import (
+    AlreadyExists,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
 
 SESSION_TTL = timedelta(hours=12)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -575,6 +583,27 @@ class AuthService:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(token + "\n")
+        return path
+
+    def workbench_key(self, data_dir: Path) -> Path:
+        """The key clients use by default (the lab, its kernels, Voila, notebooks): `data_dir/workbench.key`,
+        a listed, revocable key of the admin user with the developer role's scopes, made when the file is missing.
+        The admin key stays in admin.key for a person who asks for it."""
+        path = data_dir / "workbench.key"
+        if path.exists():
+            return path
+        admin = next((u for u in self.users.values() if u["role"] == "admin" and not u["disabled"]), None)
+        if admin is None:
+            raise Unavailable("no enabled admin user to own the workbench key")
+        scopes = [s for s in BUILTIN_ROLES["developer"][0] if s in self.roles[admin["role"]]]
+        _, token = self.create_key(
+            admin["id"], "workbench (clients: lab, kernels, dashboards)", scopes, actor="bootstrap"
+        )
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        tmp.replace(path)
         return path
 
     def _check_scopes(

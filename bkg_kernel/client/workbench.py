@@ -169,14 +169,18 @@ class Workbench:
         return dict(job["result"] or {})
 
 
-def _api_key(settings: Settings, data_dir: Path) -> str | None:
+def _api_key(settings: Settings, data_dir: Path, admin: bool = False) -> str | None:
+    """The key a client sends: `api_key` (BKG_API_KEY) when set; else the data dir's workbench key (developer
+    scopes), or, only when a person asked for it (`admin=True`: the bkg CLI's admin commands, `bkg run --admin`),
+    its admin key."""
     if settings.api_key:
         return settings.api_key
-    path = data_dir / "admin.key"
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
+    for name in ("admin.key",) if admin else ("workbench.key",):
+        try:
+            return (data_dir / name).read_text().strip() or None
+        except OSError:
+            pass
+    return settings.admin_key if admin else None
 
 
 def _alive(url: str) -> bool:
@@ -193,8 +197,12 @@ def connect(
     data_dir: str | os.PathLike[str] | None = None,
     start: bool = True,
     timeout: float = 60.0,
+    admin: bool = False,
 ) -> Workbench:
-    """Connect to the gateway of this data dir, starting one in the background when none runs."""
+    """Connect to the gateway of this data dir, starting one in the background when none runs.
+
+    The key: `api_key`, else BKG_API_KEY, else the data dir's workbench key (developer scopes); `admin=True`
+    (a person asking for admin rights) reads admin.key instead."""
     settings = Settings() if data_dir is None else Settings(data_dir=Path(data_dir))
     ddir = settings.data_dir.resolve()
     url = url or gateway_url(settings)
@@ -202,7 +210,7 @@ def connect(
         if not start:
             raise Unavailable(f"no bkg gateway answers at {url} (start one with `bkg serve`)")
         _spawn(settings, ddir, url, timeout)
-    return Workbench(url, api_key or _api_key(settings, ddir))
+    return Workbench(url, api_key or _api_key(settings, ddir, admin))
 
 
 def gateway_url(settings: Settings | None = None) -> str:

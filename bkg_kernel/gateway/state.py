@@ -66,6 +66,7 @@ class Gateway:
             key_path = auth.bootstrap(data_dir, settings.admin_key)
             if key_path is None and (data_dir / "admin.key").exists():
                 key_path = data_dir / "admin.key"
+            auth.workbench_key(data_dir)
             model_dir = Path(settings.model_dir).resolve()
             models = ModelRegistry(model_dir, register_defaults=False)
             hub = Hub()
