@@ -25,7 +25,7 @@ def test_health_lists_plugins(gw: Any) -> None:
 def test_describe_has_capabilities_and_settings_schema(gw: Any) -> None:
     d = gw.client().get("/api/plugins/sysinfo").json()
     caps = {c["id"]: c for c in d["capabilities"]}
-    assert set(caps) == {"sysinfo.facts", "sysinfo.sleep"}
+    assert set(caps) == {"sysinfo.facts", "sysinfo.sleep", "sysinfo.survey"} and caps["sysinfo.survey"]["job"]
     assert caps["sysinfo.sleep"]["input_schema"]["properties"]["seconds"]["minimum"] == 0
     assert "max_concurrent" in d["settings_schema"]["properties"]
     assert d["status"]["mode"] == "worker"

@@ -41,6 +41,13 @@ class Job:
         """Return the job as JSON data."""
         return asdict(self)
 
+    def visible_to(self, scopes: frozenset[str] | set[str], username: str) -> bool:
+        """A job and its result are its owner's, and an auditor's (scope admin:audit)."""
+        return self.owner == username or SEE_ALL in scopes
+
+
+SEE_ALL = "admin:audit"  # the scope that sees every job, whoever started it
+
 
 class Jobs:
     """Start jobs on threads and keep their state."""
@@ -74,9 +81,11 @@ class Jobs:
             job.progress = 1.0
         self.emit("jobs", job.kind, job.to_dict())
 
-    def start(self, kind: str, fn: Callable[[Callable[[float, str], None]], dict[str, Any]]) -> Job:
-        """Run `fn(progress)` on a thread; `progress(fraction, message)` updates the job and notifies."""
-        job = self._new(kind)
+    def start(
+        self, kind: str, fn: Callable[[Callable[[float, str], None]], dict[str, Any]], *, owner: str | None = None
+    ) -> Job:
+        """Run `fn(progress)` on a thread for `owner`; `progress(fraction, message)` updates the job and notifies."""
+        job = self._new(kind, owner=owner)
 
         def progress(fraction: float, message: str = "") -> None:
             self._progress(job, fraction, message)

@@ -88,8 +88,11 @@ async def embed(
     dim: int | None = None,
     field: str = "embed_model",
 ) -> np.ndarray:
-    """Embed `texts` with `spec` ("plugin:model") as `caller`; check the vectors have the collection's dimension."""
+    """Embed `texts` with `spec` ("plugin:model") as `caller`; check the vectors have the collection's dimension.
+
+    Running a model is `llm:use`, whichever route asks (an upsert or a query that embeds, a plugin's store handle)."""
     validate.embed_model(spec, field)
+    caller.require("llm:use", f"embedding with {spec}")
     plugin, _, model = spec.partition(":")
     host = sup.get(plugin)
     out: list[list[float]] = []
@@ -115,6 +118,7 @@ async def rerank(
     """Score (query, document) pairs with a candle cross-encoder (`candle:<model>`) as `caller`; higher is more
     relevant."""
     validate.embed_model(spec, field)
+    caller.require("llm:use", f"reranking with {spec}")
     plugin, _, model = spec.partition(":")
     if plugin != "candle":
         raise InvalidInput(f"rerank models run in candle (candle:<model>), not {plugin}", field=field)

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from bkg_kernel.auth import Principal
 from bkg_kernel.errors import BkgError
 from bkg_kernel.gateway.hub import Subscriber
+from bkg_kernel.gateway.jobs import SEE_ALL
 from bkg_kernel.gateway.state import Gateway
 
 TOPICS = ("status", "logs", "telemetry", "jobs")
 router = APIRouter()
+
+
+def _job_visible(job: dict[str, Any], p: Principal) -> bool:
+    return bool(job.get("owner") == p.username or SEE_ALL in p.scopes)
 
 
 @router.websocket("/ws")
@@ -30,8 +38,9 @@ async def _websocket(websocket: WebSocket) -> None:
     except BkgError as exc:
         await websocket.close(code=4401, reason=exc.message[:120])
         return
+    assert p is not None
     await websocket.accept()
-    sub = Subscriber()
+    sub = Subscriber(sees=lambda msg: msg["type"] != "jobs" or _job_visible(msg["payload"], p))
     gw.hub.subscribers.add(sub)
     await websocket.send_json(
         {"type": "bootstrap", "payload": {"plugins": gw.snapshot_summary(), "telemetry": gw.supervisor.summary()}}
@@ -40,6 +49,9 @@ async def _websocket(websocket: WebSocket) -> None:
     async def pump() -> None:
         while True:
             await websocket.send_json(await sub.queue.get())
+            if sub.missed:
+                missed, sub.missed = sub.missed, 0
+                await websocket.send_json({"type": "missed", "payload": {"events": missed}, "time": time.time()})
 
     sender = asyncio.create_task(pump())
     try:

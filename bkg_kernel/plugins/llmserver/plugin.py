@@ -189,13 +189,13 @@ class LLMServer(Plugin):
         used = self.pool.used_bytes() / 2**20
         return ModelList(models=out, memory_budget_mb=self.settings.memory_budget_mb, memory_used_mb=round(used, 1))
 
-    @capability("llm.load", scope="llm:use")
+    @capability("llm.load", scope="models:write")
     def load(self, inp: ModelRef) -> ModelList:
         """Load a model now (or change how long it stays loaded when idle)."""
         self.pool.load(inp.model or self.settings.default_model, embedding=inp.embedding, keep_alive=inp.keep_alive)
         return self.models(Empty())
 
-    @capability("llm.unload", scope="llm:use")
+    @capability("llm.unload", scope="models:write")
     def unload(self, inp: ModelRef) -> ModelList:
         """Unload a model (its busy slots close when their requests end)."""
         model_id = inp.model or self.settings.default_model

@@ -10,7 +10,7 @@ import time
 
 from pydantic import BaseModel, Field
 
-from bkg_kernel.runtime.contract import Plugin, PluginSettings, capability
+from bkg_kernel.runtime.contract import Plugin, PluginSettings, Progress, capability
 
 
 class SysInfoSettings(PluginSettings):
@@ -49,6 +49,20 @@ class SleepOutput(BaseModel):
     """How long the request really slept."""
 
     slept: float
+
+
+class SurveyInput(BaseModel):
+    """Sample the machine's CPU use."""
+
+    samples: int = Field(5, ge=1, le=600, description="How many samples.")
+    every_s: float = Field(0.2, ge=0.01, le=60, description="Seconds between samples.")
+
+
+class SurveyOutput(BaseModel):
+    """CPU use per sample (percent of all cores) and their mean."""
+
+    cpu_percent: list[float]
+    mean: float
 
 
 class SysInfo(Plugin):
@@ -95,3 +109,16 @@ class SysInfo(Plugin):
         t0 = time.monotonic()
         time.sleep(inp.seconds)
         return SleepOutput(slept=time.monotonic() - t0)
+
+    @capability("sysinfo.survey", scope="plugins:read", job=True)
+    def survey(self, inp: SurveyInput, progress: Progress) -> SurveyOutput:
+        """Sample CPU use `samples` times, `every_s` apart, as a background job with progress."""
+        import psutil
+
+        psutil.cpu_percent(None)
+        out: list[float] = []
+        for i in range(inp.samples):
+            time.sleep(inp.every_s)
+            out.append(psutil.cpu_percent(None))
+            progress((i + 1) / inp.samples, f"sample {i + 1}/{inp.samples}: {out[-1]:.0f}% CPU")
+        return SurveyOutput(cpu_percent=out, mean=sum(out) / len(out))

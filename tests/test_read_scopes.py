@@ -1,0 +1,92 @@
+"""Read paths honour scopes, on a real gateway: a job and its result are its owner's and an auditor's (REST and
+the WebSocket `jobs` topic); loading or unloading an LLM is models:write; a route or a plugin that runs an
+embedding model needs llm:use, whichever way it asks."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from gateway_harness import Gateway, wait_for
+from websockets.sync.client import connect as ws_connect
+
+
+def _key(gw: Gateway, username: str, role: str) -> httpx.Client:
+    admin = gw.client()
+    u = admin.post("/admin/users", json={"username": username, "role": role}).json()
+    return gw.client(admin.post("/admin/keys", json={"name": username, "user_id": u["id"]}).json()["key"])
+
+
+def _job_events(gw: Gateway, token: str, seconds: float) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    with ws_connect(gw.url.replace("http", "ws") + f"/ws?token={token}") as ws:
+        ws.recv(timeout=10)  # bootstrap
+        ws.send(json.dumps({"action": "sub", "topic": "jobs"}))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                msg = json.loads(ws.recv(timeout=max(0.05, deadline - time.monotonic())))
+            except TimeoutError:
+                break
+            if msg["type"] == "jobs":
+                seen.append(msg["payload"])
+    return seen
+
+
+def test_a_job_is_its_owners_and_an_auditors(gw: Gateway) -> None:
+    ann, bob = _key(gw, "ann", "developer"), _key(gw, "bob", "developer")
+    admin = gw.client()
+    r = ann.post("/api/plugins/sysinfo/invoke/sysinfo.survey", json={"samples": 3, "every_s": 0.3})
+    assert r.status_code == 202
+    job = r.json()["job"]
+    assert job["owner"] == "ann"
+    bob_token = bob.headers["authorization"][7:]
+    with ThreadPoolExecutor(2) as pool:  # bob and the admin watch the jobs topic while ann's job runs
+        bob_events = pool.submit(_job_events, gw, bob_token, 2.0)
+        admin_events = pool.submit(_job_events, gw, admin.headers["authorization"][7:], 2.0)
+        done = wait_for(lambda: ann.get(f"/api/jobs/{job['id']}").json()["state"] == "done", timeout=30)
+        assert done
+        assert not [e for e in bob_events.result() if e["id"] == job["id"]]
+        assert [e for e in admin_events.result() if e["id"] == job["id"]]
+    assert len(ann.get(f"/api/jobs/{job['id']}").json()["result"]["cpu_percent"]) == 3
+    r = bob.get(f"/api/jobs/{job['id']}")
+    assert r.status_code == 404 and job["id"] in r.json()["error"]["message"]
+    assert bob.post(f"/api/jobs/{job['id']}/cancel").status_code == 404
+    assert job["id"] not in {j["id"] for j in bob.get("/api/jobs").json()["jobs"]}
+    assert job["id"] in {j["id"] for j in ann.get("/api/jobs").json()["jobs"]}
+    assert admin.get(f"/api/jobs/{job['id']}").json()["owner"] == "ann"  # admin:audit sees every job
+
+
+def test_loading_a_model_is_models_write(gw: Gateway) -> None:
+    user = _key(gw, "lena", "developer")
+    admin = gw.client()
+    admin.post("/admin/roles", json={"name": "chatter", "scopes": ["llm:use", "plugins:read"]}).raise_for_status()
+    chatter = _key(gw, "carl", "chatter")
+    for cap in ("llm.load", "llm.unload"):
+        r = chatter.post(f"/api/plugins/llmserver/invoke/{cap}", json={"model": "any"})
+        assert r.status_code == 403 and "models:write" in r.json()["error"]["message"], r.text
+    r = user.post("/api/plugins/llmserver/invoke/llm.unload", json={"model": "not-loaded"})
+    assert r.status_code != 403  # a developer holds models:write
+
+
+def test_embedding_needs_llm_use_whichever_way_it_asks(gw: Gateway) -> None:
+    admin = gw.client()
+    admin.post(
+        "/api/plugins/brainml/invoke/brainml.index",
+        json={"collection": "emb", "documents": [{"text": "basalt is a volcanic rock"}]},
+    ).raise_for_status()
+    admin.post("/admin/roles", json={"name": "reader", "scopes": ["collections:read", "plugins:read"]})
+    reader = _key(gw, "rita", "reader")
+    r = reader.post("/api/collections/emb/query", json={"text": "volcanic", "mode": "vector"})
+    assert r.status_code == 403 and "llm:use" in r.json()["error"]["message"]
+    r = reader.post("/api/plugins/brainml/invoke/brainml.query", json={"collection": "emb", "query": "volcanic"})
+    assert r.status_code == 403 and "llm:use" in r.json()["error"]["message"]
+    r = reader.post("/api/collections/emb/query", json={"text": "volcanic", "mode": "text"})  # no model runs
+    assert r.status_code == 200 and r.json()["results"]
+    r = reader.post(
+        "/api/plugins/brainml/invoke/brainml.query", json={"collection": "emb", "query": "volcanic", "mode": "text"}
+    )
+    assert r.status_code == 200 and r.json()["results"]
