@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the gateway binds to.")
     port: int = Field(43119, ge=1, le=65535, description="Port the gateway listens on.")
     model_dir: Path = Field(Path("./models"), description="Where model files and the model manifest live.")
+    max_body_mb: float = Field(
+        32.0, gt=0, le=4096, description="Largest request body the gateway accepts (413 above it), in MB."
+    )
     index_save_interval: float = Field(
         30.0,
         ge=0,

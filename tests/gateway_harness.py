@@ -46,7 +46,11 @@ class Gateway:
 
 
 def start_gateway(
-    data_dir: Path, env: dict[str, str] | None = None, wait: bool = True, port: int | None = None
+    data_dir: Path,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    port: int | None = None,
+    plugins: list[str] | None = None,
 ) -> Gateway:
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -58,7 +62,8 @@ def start_gateway(
         **(env or {}),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bkg_kernel.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)],
+        [sys.executable, "-m", "bkg_kernel.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)]
+        + (["--plugins", ",".join(plugins)] if plugins else []),
         stdout=open(log, "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         env=full_env,

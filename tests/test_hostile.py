@@ -3,6 +3,7 @@ malformed requests that used to reach an assertion or a KeyError get a 4xx namin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,52 @@ def test_logout_with_the_session_in_x_api_key(gw: Gateway) -> None:
     r = httpx.post(gw.url + "/auth/logout", headers={"X-API-Key": token})
     assert r.status_code == 200 and r.json() == {"ok": True}
     assert httpx.get(gw.url + "/auth/me", headers={"X-API-Key": token}).status_code == 401
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    from gateway_harness import start_gateway
+
+    g = start_gateway(tmp_path / "data", env={"BKG_MAX_BODY_MB": "1"}, plugins=["sysinfo"])
+    try:
+        c = g.client()
+        c.post("/api/collections", json={"name": "big", "dim": 4}).raise_for_status()
+        points = [{"id": i, "vector": [0.1, 0.2, 0.3, 0.4], "payload": {"pad": "x" * 200}} for i in range(6000)]
+        r = c.put("/api/collections/big/points", json={"points": points})
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["code"] == "body_too_large" and "1,048,576" in err["message"] and "max_body_mb" in err["message"]
+
+        def chunked() -> Any:  # no Content-Length: counted as it arrives
+            yield b'{"points": ['
+            for i in range(6000):
+                yield json.dumps({"id": i, "vector": [0.1, 0.2, 0.3, 0.4], "payload": {"pad": "x" * 200}}).encode()
+                yield b","
+            yield b'{"id": -1, "vector": [0, 0, 0, 1]}]}'
+
+        r = c.put("/api/collections/big/points", content=chunked(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        assert c.get("/api/collections/big").json()["count"] == 0  # nothing of either body was stored
+        small = {"points": points[:100]}
+        assert c.put("/api/collections/big/points", json=small).status_code == 200
+    finally:
+        g.stop()
+
+
+def test_limits_name_what_was_too_much(gw: Gateway) -> None:
+    c = gw.client()
+    c.post("/api/collections", json={"name": "lim", "dim": 2}).raise_for_status()
+    deep: dict[str, Any] = {"a": 1}
+    for _ in range(40):
+        deep = {"$and": [deep]}
+    r = c.post("/api/collections/lim/query", json={"vector": [1, 0], "filter": deep})
+    assert r.status_code == 422 and "16 deep" in r.json()["error"]["message"]
+    r = c.post("/api/collections/lim/query", json={"vector": [1, 0], "filter": {"a": {"$in": list(range(10_001))}}})
+    assert r.status_code == 422 and "10,000" in r.json()["error"]["message"]
+    nested = '{"x": ' * 5000 + "1" + "}" * 5000  # deeper than Python's json can even write
+    body = '{"points": [{"id": 1, "vector": [1, 0], "payload": ' + nested + "}]}"
+    r = c.put("/api/collections/lim/points", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nests too deeply" in r.json()["error"]["message"]
+    r = c.post("/api/collections", json={"name": "huge", "dim": 70_000})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "dim"
+    r = c.put("/api/collections/lim/points", json={"points": [{"id": i, "vector": [1, 0]} for i in range(100_001)]})
+    assert r.status_code in (413, 422)

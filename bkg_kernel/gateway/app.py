@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from bkg_kernel.gateway import errors, routes
+from bkg_kernel.gateway.bodylimit import BodyLimitMiddleware
 from bkg_kernel.gateway.metrics import Metrics, MetricsMiddleware
 from bkg_kernel.gateway.plugin_api import AppGatewayAPI
 from bkg_kernel.gateway.state import Gateway, version
@@ -49,6 +50,7 @@ def create_app(
     if gateway is not None:
         app.state.gateway = gateway
     errors.install(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 2**20))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     routes.install(app)
     api = AppGatewayAPI(app)

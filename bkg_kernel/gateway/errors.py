@@ -13,7 +13,14 @@ from starlette.exceptions import HTTPException
 from bkg_kernel.errors import BkgError, TooManyRequests
 
 log = logging.getLogger("bkg.gateway")
-_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None, **headers: str) -> JSONResponse:
@@ -47,7 +54,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = _CODES.get(exc.status_code, "http_error")
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parsing hit Python's nesting limit
+            return error_response(400, code, "the request body nests too deeply to parse", "body")
         return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        return error_response(422, "invalid_input", "the request nests too deeply (JSON objects or filters)", "body")
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:

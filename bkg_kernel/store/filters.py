@@ -32,20 +32,28 @@ def compile_filter(flt: dict[str, Any] | None, column: str = "payload") -> tuple
     return sql, params
 
 
+MAX_DEPTH = 16  # $and / $or nesting
+MAX_VALUES = 10_000  # values compared in one filter ($in lists included)
+
+
 class _Compiler:
     def __init__(self, column: str, params: list[Any]) -> None:
         self.col = column
         self.params = params
 
-    def node(self, flt: Any, where: str) -> str:
+    def node(self, flt: Any, where: str, depth: int = 0) -> str:
         if not isinstance(flt, dict):
             raise InvalidInput(f"a filter must be a JSON object, got {type(flt).__name__}", field=where)
+        if depth > MAX_DEPTH:
+            raise InvalidInput(f"filters nest $and / $or at most {MAX_DEPTH} deep", field=where)
+        if len(self.params) > MAX_VALUES:
+            raise InvalidInput(f"a filter compares at most {MAX_VALUES:,} values", field=where)
         parts = []
         for key, value in flt.items():
             if key in ("$and", "$or"):
                 if not isinstance(value, list) or not value:
                     raise InvalidInput(f"{key} takes a non-empty list of filters", field=f"{where}.{key}")
-                subs = [self.node(v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+                subs = [self.node(v, f"{where}.{key}[{i}]", depth + 1) for i, v in enumerate(value)]
                 parts.append("(" + (" AND " if key == "$and" else " OR ").join(subs) + ")")
             elif key.startswith("$"):
                 raise InvalidInput(
@@ -83,6 +91,8 @@ class _Compiler:
         if op in ("$in", "$nin"):
             if not isinstance(value, list):
                 raise InvalidInput(f"{op} takes a list of values, got {_json_type(value)}", field=where)
+            if len(value) > MAX_VALUES:
+                raise InvalidInput(f"{op} takes at most {MAX_VALUES:,} values, got {len(value):,}", field=where)
             if not value:
                 return "FALSE" if op == "$in" else "TRUE"
             anyof = "(" + " OR ".join(self.eq(path, v, f"{where}[{i}]") for i, v in enumerate(value)) + ")"
