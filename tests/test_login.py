@@ -27,7 +27,9 @@ PW = "correct horse battery"
 @pytest.fixture
 def auth(tmp_path: Path) -> Iterator[AuthService]:
     s = Store(tmp_path / "data")
-    yield AuthService(s)
+    a = AuthService(s)
+    yield a
+    a.close()
     s.close()
 
 

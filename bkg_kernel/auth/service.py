@@ -1,7 +1,10 @@
 """The auth service: users, roles, API keys, sessions, rate limits and the audit log, kept in the store's DuckDB.
 
-Every key is also held in memory by prefix (the gateway is the only writer), so checking a request costs a
-dict lookup and one sha256, not a query.
+Every key and every live session is also held in memory (the gateway is the only writer), so checking a request
+costs a dict lookup and one sha256, not a query, and never waits for the store's lock: the gateway's event loop
+authenticates every request. Audit rows, LLM usage rows and last-used times are written by one writer thread in
+order (`audit()` returns at once); reading them (`list_audit`, `usage_report`, `list_keys`) waits for the rows
+written before.
 
 Nobody grants what they do not hold: every change made `by` a principal (an /admin route's caller) may only
 create, hand out or manage scopes that principal holds. A key for someone gets at most the caller's scopes
@@ -13,7 +16,9 @@ caller's; a user (their role, password, keys) is managed only when their role's 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import queue
 import re
 import secrets
 import threading
@@ -38,6 +43,7 @@ from bkg_kernel.errors import (
 )
 
 SESSION_TTL = timedelta(hours=12)
+log = logging.getLogger("bkg.auth")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 
@@ -94,6 +100,9 @@ class AuthService:
         self.con = store._con  # noqa: SLF001
         self.mutex = store._mutex  # noqa: SLF001
         self._lock = threading.Lock()
+        self._writes: queue.Queue[tuple[str, list[Any]] | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="bkg-auth-writer", daemon=True)
+        self._writer.start()
         self.throttle = LoginThrottle()
         ks.check_password("", None)  # makes the stand-in hash now, so no first login pays for it
         self.failed_audit = AuditBudget()
@@ -108,6 +117,13 @@ class AuthService:
             self.users: dict[str, dict[str, Any]] = {u["id"]: u for u in self._rows("SELECT * FROM users")}
             self.keys: dict[str, KeyRecord] = {
                 r["prefix"]: KeyRecord(**r) for r in self._rows("SELECT * FROM api_keys WHERE revoked_at IS NULL")
+            }
+            now = _now()
+            self.con.execute("DELETE FROM sessions WHERE expires_at <= ?", [now])
+            # token hash -> (user id, expiry): a session check is a dict lookup
+            self.sessions: dict[str, tuple[str, datetime]] = {
+                r["token_hash"]: (r["user_id"], r["expires_at"])
+                for r in self._rows("SELECT token_hash, user_id, expires_at FROM sessions")
             }
 
     def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
@@ -139,23 +155,59 @@ class AuthService:
         role = frozenset(self.roles.get(user["role"], ())) if user else frozenset()
         return role if rec.follows_role else frozenset(rec.scopes) & role
 
+    # -- the writer thread -------------------------------------------------------------------------
+    def _write_later(self, sql: str, params: list[Any]) -> None:
+        self._writes.put((sql, params))
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = [self._writes.get()]
+            while len(batch) < 500:
+                try:
+                    batch.append(self._writes.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                rows = [b for b in batch if b is not None]
+                if rows:
+                    with self.mutex:
+                        for sql, params in rows:
+                            self.con.execute(sql, params)
+            except Exception:
+                log.exception("auth writer: %d rows not written", len(batch))
+            finally:
+                for _ in batch:
+                    self._writes.task_done()
+            if None in batch:
+                return
+
+    def sync(self) -> None:
+        """Wait until every row handed to the writer so far is written."""
+        self._writes.join()
+
+    def close(self) -> None:
+        """Write what is pending (last-used times included) and stop the writer thread."""
+        if not self._writer.is_alive():
+            return
+        self.flush_last_used()
+        self._writes.put(None)
+        self._writer.join(30)
+
     # -- audit ------------------------------------------------------------------------------------
     def audit(self, actor: str | None, action: str, target: str | None = None, ok: bool = True, **detail: Any) -> None:
-        """Append an audit entry."""
-        with self.mutex:
-            self.con.execute(
-                "INSERT INTO audit (actor, action, target, ok, detail) VALUES (?, ?, ?, ?, ?)",
-                [actor, action, target, ok, json.dumps(detail, default=str)],
-            )
+        """Append an audit entry (written in order by the writer thread; this returns at once)."""
+        self._write_later(
+            "INSERT INTO audit (created_at, actor, action, target, ok, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            [_now(), actor, action, target, ok, json.dumps(detail, default=str)],
+        )
 
     def record_usage(self, p: Principal, route: str, model: str | None, prompt: int, completion: int) -> None:
-        """Record one LLM request's exact token counts against the caller's key (and user)."""
-        with self.mutex:
-            self.con.execute(
-                "INSERT INTO usage (key_id, user_id, username, route, model, prompt_tokens, completion_tokens) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [p.key_id, p.user_id, p.username, route, model, prompt, completion],
-            )
+        """Record one LLM request's exact token counts against the caller's key (and user); returns at once."""
+        self._write_later(
+            "INSERT INTO usage (created_at, key_id, user_id, username, route, model, prompt_tokens, completion_tokens) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [_now(), p.key_id, p.user_id, p.username, route, model, prompt, completion],
+        )
 
     def usage_report(self, group_by: str = "key", since: datetime | None = None) -> list[dict[str, Any]]:
         """Sum token usage per key, user, model or day (optionally since a time)."""
@@ -173,6 +225,7 @@ class AuthService:
             f"sum(completion_tokens) AS completion_tokens, sum(prompt_tokens + completion_tokens) AS total_tokens "
             f"FROM usage {where} GROUP BY ALL ORDER BY total_tokens DESC"
         )
+        self.sync()
         with self.mutex:
             rows = self._rows(sql, params)
         for r in rows:
@@ -185,6 +238,7 @@ class AuthService:
         if not 1 <= limit <= 10_000:
             raise InvalidInput("limit must be from 1 to 10000", field="limit")
         where, params = ("WHERE action = ?", [action]) if action else ("", [])
+        self.sync()
         with self.mutex:
             rows = self._rows(f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?", [*params, limit])
         for r in rows:
@@ -324,7 +378,7 @@ class AuthService:
             if disabled is not None:
                 self.con.execute("UPDATE users SET disabled = ? WHERE id = ?", [disabled, u["id"]])
                 if disabled:
-                    self.con.execute("DELETE FROM sessions WHERE user_id = ?", [u["id"]])
+                    self._end_sessions(u["id"])
                 u["disabled"] = disabled
         self.audit(actor, "user.update", u["username"], role=role, disabled=disabled)
         return _public_user(u)
@@ -338,7 +392,7 @@ class AuthService:
         pw = ks.hash_password(password)
         with self.mutex:
             self.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [pw, u["id"]])
-            self.con.execute("DELETE FROM sessions WHERE user_id = ?", [u["id"]])  # a new password ends old logins
+            self._end_sessions(u["id"])  # a new password ends old logins
             u["password_hash"] = pw
         self.audit(actor, "user.password", u["username"])
 
@@ -350,7 +404,7 @@ class AuthService:
         for k in [k for k in self.keys.values() if k.user_id == u["id"]]:
             self.revoke_key(k.id, actor=actor)  # managing u covers their keys: all within u's role
         with self.mutex:
-            self.con.execute("DELETE FROM sessions WHERE user_id = ?", [u["id"]])
+            self._end_sessions(u["id"])
             self.con.execute("DELETE FROM users WHERE id = ?", [u["id"]])
             del self.users[u["id"]]
         self.audit(actor, "user.delete", u["username"])
@@ -428,6 +482,7 @@ class AuthService:
     def list_keys(self, user_id: str | None = None) -> list[dict[str, Any]]:
         """Return keys (active and revoked), newest first, without secrets."""
         self.flush_last_used()
+        self.sync()
         where, params = ("WHERE user_id = ?", [user_id]) if user_id else ("", [])
         with self.mutex:
             rows = self._rows(f"SELECT * FROM api_keys {where} ORDER BY created_at DESC", params)
@@ -512,8 +567,7 @@ class AuthService:
 
     def _flush(self, rec: KeyRecord) -> None:
         rec.flushed = time.monotonic()
-        with self.mutex:
-            self.con.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", [rec.last_used_at, rec.id])
+        self._write_later("UPDATE api_keys SET last_used_at = ? WHERE id = ?", [rec.last_used_at, rec.id])
 
     def flush_last_used(self) -> None:
         """Write the in-memory last-used times to DuckDB."""
@@ -541,10 +595,13 @@ class AuthService:
         now = _now()
         with self.mutex:
             self.con.execute("DELETE FROM sessions WHERE expires_at <= ?", [now])  # expired ones go as new ones come
+            for h in [h for h, (_, exp) in self.sessions.items() if exp <= now]:
+                self.sessions.pop(h, None)
             self.con.execute(
                 "INSERT INTO sessions (token_hash, user_id, expires_at) VALUES (?, ?, ?)",
                 [ks.hash_secret(token), u["id"], now + SESSION_TTL],
             )
+            self.sessions[ks.hash_secret(token)] = (u["id"], now + SESSION_TTL)
             if ks.needs_rehash(u["password_hash"]):  # made with older, weaker parameters: upgrade it now
                 pw = ks.hash_password(password)
                 self.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [pw, u["id"]])
@@ -553,11 +610,10 @@ class AuthService:
         return token, self._principal(u, "session")
 
     def _session(self, token: str) -> Principal:
-        with self.mutex:
-            rows = self._rows("SELECT user_id, expires_at FROM sessions WHERE token_hash = ?", [ks.hash_secret(token)])
-        if not rows or rows[0]["expires_at"] <= _now():
+        found = self.sessions.get(ks.hash_secret(token))
+        if found is None or found[1] <= _now():
             raise Unauthorized("session expired or unknown: log in again")
-        u = self.users.get(rows[0]["user_id"])
+        u = self.users.get(found[0])
         if u is None or u["disabled"]:
             raise Unauthorized("the session's user is disabled or deleted")
         return self._principal(u, "session")
@@ -566,9 +622,10 @@ class AuthService:
         return Principal(u["id"], u["username"], u["role"], frozenset(self.roles.get(u["role"], ())), None, via)
 
     def logout(self, token: str) -> None:
-        """End a session."""
-        with self.mutex:
-            self.con.execute("DELETE FROM sessions WHERE token_hash = ?", [ks.hash_secret(token)])
+        """End a session (at once in memory; the row goes by the writer thread)."""
+        h = ks.hash_secret(token)
+        self.sessions.pop(h, None)
+        self._write_later("DELETE FROM sessions WHERE token_hash = ?", [h])
 
     # -- first start ------------------------------------------------------------------------------
     def bootstrap(self, data_dir: Path, env_key: str | None) -> Path | None:
@@ -584,6 +641,12 @@ class AuthService:
         with os.fdopen(fd, "w") as fh:
             fh.write(token + "\n")
         return path
+
+    def _end_sessions(self, user_id: str) -> None:
+        """End every session of a user (under `self.mutex`)."""
+        self.con.execute("DELETE FROM sessions WHERE user_id = ?", [user_id])
+        for h in [h for h, (uid, _) in self.sessions.items() if uid == user_id]:
+            self.sessions.pop(h, None)
 
     def workbench_key(self, data_dir: Path) -> Path:
         """The key clients use by default (the lab, its kernels, Voila, notebooks): `data_dir/workbench.key`,

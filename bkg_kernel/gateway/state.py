@@ -118,7 +118,7 @@ class Gateway:
         if self.store.closed:
             return
         self.supervisor.shutdown()
-        self.auth.flush_last_used()
+        self.auth.close()
         (self.store.data_dir / STATE_FILE).unlink(missing_ok=True)
         self.store.close()
 

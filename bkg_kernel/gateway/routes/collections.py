@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from bkg_kernel.auth import Principal
@@ -133,7 +135,8 @@ async def upsert(name: str, body: Upsert, request: Request, p: Annotated[Princip
     """Insert or replace points; points without a vector are embedded from their text (embed_model)."""
     gw = gateway(request)
     points = [pt.model_dump() for pt in body.points]
-    return await storeops.upsert_points(gw.supervisor, p, gw.store.collection(name), points, body.embed_model)
+    coll = await asyncio.to_thread(gw.store.collection, name)  # the store's lock is never waited for on the loop
+    return await storeops.upsert_points(gw.supervisor, p, coll, points, body.embed_model)
 
 
 @router.post("/{name}/points/get", dependencies=[READ])
@@ -176,9 +179,8 @@ async def query(name: str, body: Query, request: Request, p: Annotated[Principal
     """
     gw = gateway(request)
     q = body.model_dump(exclude={"vector", "text", "mode"})
-    return await storeops.query_points(
-        gw.supervisor, p, gw.store.collection(name), body.vector, body.text, body.mode, **q
-    )
+    coll = await asyncio.to_thread(gw.store.collection, name)  # the store's lock is never waited for on the loop
+    return JSONResponse(await storeops.query_points(gw.supervisor, p, coll, body.vector, body.text, body.mode, **q))
 
 
 @router.post("/{name}/snapshots", status_code=201)

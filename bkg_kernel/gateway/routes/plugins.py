@@ -122,7 +122,7 @@ async def put_config(
         h.entry.enabled = body.enabled
     if body.autostart is not None:
         h.entry.autostart = body.autostart
-    gw.supervisor.save_registry()
+    await asyncio.to_thread(gw.supervisor.save_registry)
     gw.auth.audit(p.username, "plugin.config", plugin_id, config=h.settings.public(), enabled=body.enabled)
     if body.config is not None and h.state in ("running", "degraded"):
         await asyncio.to_thread(h.restart)
