@@ -20,6 +20,7 @@ def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
     gw_port, lab_port, dash_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("BKG_API_KEY", "BKG_ADMIN_KEY")}
     env.update(BKG_PORT=str(gw_port), JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"))
+    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -35,7 +36,7 @@ def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
         ],  # fmt: skip
         cwd=Path(__file__).parent.parent,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,  # a file, not a pipe: a pipe nobody reads until the end can fill up and block the lab
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -67,7 +68,9 @@ def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
         assert "collections:write" in me["scopes"] and "plugins:write" in me["scopes"]
     finally:
         proc.terminate()  # SIGTERM to `bkg run` alone (a service manager): it stops what it started
-        out = proc.communicate(timeout=90)[0].decode(errors="replace")
+        proc.wait(timeout=90)
+        log.close()
+    out = (tmp_path / "run.log").read_text(errors="replace")
     assert "bkg gateway: http://127.0.0.1:" in out and "admin API key file" in out and "bkg gateway stopped" in out
     assert _status(dash) == 0 and _status(f"http://127.0.0.1:{lab_port}/lab") == 0
     wait_for(lambda: not (data / "gateway.json").exists(), timeout=30)

@@ -215,7 +215,7 @@ def test_traversal_huge_and_failed_enroll_store_nothing(fgw: Gateway) -> None:
     astronaut().save(photos.parent / "beside.jpg")
     r = invoke(fgw, "faces.detect", {"image": f"path:{photos}/../beside.jpg"})
     assert r.status_code == 403 and "outside the allowed image roots" in r.json()["error"]["message"]
-    big = base64.b64encode(b"\xff\xd8" + b"\0" * (50 * 2**20)).decode()  # a 50 MB "JPEG"
+    big = base64.b64encode(b"\xff\xd8" + b"\0" * (21 * 2**20)).decode()  # a 21 MB "JPEG" (under max_body_mb)
     r = invoke(fgw, "faces.detect", {"image": big})
     assert r.status_code == 400 and "max_bytes" in r.json()["error"]["message"]
     invoke(fgw, "faces.gallery", {"action": "create", "gallery": "strict"}).raise_for_status()
