@@ -96,6 +96,13 @@ class InvalidFile(CorruptData):
     code = "invalid_file"
 
 
+class Cancelled(BkgError):
+    """The work was cancelled by its caller (a job's cancel)."""
+
+    status = 409
+    code = "cancelled"
+
+
 class ModelLoadFailed(BkgError):
     """A registered model that its runtime cannot load (damaged, or a format it does not support)."""
 

@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     max_body_mb: float = Field(
         32.0, gt=0, le=4096, description="Largest request body the gateway accepts (413 above it), in MB."
     )
+    download_allow: list[str] = Field(
+        default_factory=list,
+        description="Hosts (glob patterns) model downloads may come from; empty: any public host. A host on a "
+        "loopback, link-local or private address is refused unless listed here.",
+    )
+    max_download_mb: float = Field(65_536, gt=0, description="Largest model download, in MB (declared or streamed).")
     index_save_interval: float = Field(
         30.0,
         ge=0,

@@ -9,12 +9,13 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway_harness import ADMIN_KEY, wait_for
+from gateway_harness import ADMIN_KEY, start_gateway, wait_for
 from helpers import write_gguf
 from websockets.sync.client import connect as ws_connect
 
@@ -144,14 +145,52 @@ def file_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         def log_message(self, *a: Any) -> None:
             pass
 
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            port = self.server.server_address[1]
+            if self.path == "/elsewhere.gguf":  # a redirect to a host the allow list does not name
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{port}/served.gguf")
+                self.end_headers()
+            elif self.path == "/slow.gguf":  # 2.5 MB at about 1 MB a second
+                self.send_response(200)
+                self.send_header("Content-Length", str(10 * 2**18))
+                self.end_headers()
+                for _ in range(10):
+                    self.wfile.write(b"\0" * 2**18)
+                    self.wfile.flush()
+                    time.sleep(0.25)
+            else:
+                super().do_GET()
+
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}", root
     srv.shutdown()
 
 
-def test_models_over_http(gw: Any, file_server: tuple[str, Path], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def dl_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A gateway allowed to download from 127.0.0.1 (a loopback address: refused unless listed), up to 3 MB."""
+    g = start_gateway(
+        tmp_path_factory.mktemp("dl") / "data", env={"BKG_DOWNLOAD_ALLOW": '["127.0.0.1"]', "BKG_MAX_DOWNLOAD_MB": "3"}
+    )
+    yield g
+    g.stop()
+
+
+def test_downloads_from_non_public_hosts_are_refused_unless_listed(gw: Any, file_server: tuple[str, Path]) -> None:
     base, www = file_server
+    write_gguf(www / "served.gguf")
+    c = gw.client()
+    for url in (f"{base}/served.gguf", "http://localhost:1/x.gguf", "http://169.254.169.254/latest/meta.gguf"):
+        r = c.post("/api/models", json={"url": url})
+        assert r.status_code == 403 and "download_allow" in r.json()["error"]["message"], r.text
+    assert not (gw.data_dir.parent / "models" / "served.gguf").exists()
+
+
+def test_models_over_http(dl_gw: Any, file_server: tuple[str, Path], tmp_path: Path) -> None:
+    base, www = file_server
+    gw = dl_gw
     c = gw.client()
     models = wait_for(lambda: (r := c.get("/api/models").json()["models"]) and len(r) >= 2 and r)
     assert {m["id"] for m in models} >= {DEFAULT_LLM, DEFAULT_EMBEDDER}
@@ -200,6 +239,22 @@ def test_models_over_http(gw: Any, file_server: tuple[str, Path], tmp_path: Path
     assert c.delete("/api/models/served", params={"delete_files": True}).status_code == 200
     assert not (model_dir / "served.gguf").exists()
 
+    # over max_download_mb (declared), a redirect to a host not listed, a cancelled slow download: each ends
+    # its job plainly and leaves no file behind
+    write_gguf(www / "big.gguf", n=1_000_000)  # 4 MB
+    for url, expect in ((f"{base}/big.gguf", "max_download_mb"), (f"{base}/elsewhere.gguf", "download_allow")):
+        r = c.post("/api/models", json={"url": url})
+        assert r.status_code == 202
+        job = _wait_job(c, r.json()["job"]["id"])
+        assert job["state"] == "failed" and expect in job["error"], job
+    r = c.post("/api/models", json={"url": f"{base}/slow.gguf"})
+    job_id = r.json()["job"]["id"]
+    wait_for(lambda: c.get(f"/api/jobs/{job_id}").json()["progress"] > 0, timeout=30)
+    assert c.post(f"/api/jobs/{job_id}/cancel").status_code == 200
+    job = _wait_job(c, job_id)
+    assert job["state"] == "cancelled", job
+    assert not list((model_dir / ".partial").iterdir()) and not (model_dir / "slow.gguf").exists()
+
 
 def _closed_port() -> int:
     from gateway_harness import free_port
@@ -210,7 +265,7 @@ def _closed_port() -> int:
 def _wait_job(c: Any, job_id: str) -> dict[str, Any]:
     def finished() -> dict[str, Any] | None:
         j: dict[str, Any] = c.get(f"/api/jobs/{job_id}").json()
-        return j if j["state"] in ("done", "failed") else None
+        return j if j["state"] in ("done", "failed", "cancelled") else None
 
     job: dict[str, Any] = wait_for(finished)
     return job

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bkg_kernel.errors import BkgError, Conflict, NotFound
+from bkg_kernel.errors import BkgError, Cancelled, Conflict, NotFound
 
 Emit = Callable[[str, str, dict[str, Any]], None]
 KEEP = 200  # finished jobs kept for GET /api/jobs
@@ -61,6 +61,7 @@ class Jobs:
         # Asked to cancel: checked between chunks too, since Python 3.11's wait_for can lose a task.cancel()
         # that lands as a chunk arrives (the job then ran to "done" after its client cancelled it).
         self._cancelling: set[str] = set()
+        self._cancel_events: dict[str, threading.Event] = {}
 
     def _new(self, kind: str, **kw: Any) -> Job:
         job = Job(id=f"job-{int(time.time())}-{next(self._ids)}", kind=kind, **kw)
@@ -86,8 +87,11 @@ class Jobs:
     ) -> Job:
         """Run `fn(progress)` on a thread for `owner`; `progress(fraction, message)` updates the job and notifies."""
         job = self._new(kind, owner=owner)
+        cancel = self._cancel_events[job.id] = threading.Event()
 
         def progress(fraction: float, message: str = "") -> None:
+            if cancel.is_set():  # each progress report is where a thread job stops once cancelled
+                raise Cancelled(f"job {job.id} was cancelled")
             self._progress(job, fraction, message)
 
         def run() -> None:
@@ -95,11 +99,15 @@ class Jobs:
             self.emit("jobs", job.kind, job.to_dict())
             try:
                 self._end(job, "done", fn(progress))
+            except Cancelled as exc:
+                self._end(job, "cancelled", error=exc.message)
             except BkgError as exc:
                 self._end(job, "failed", error=exc.message)
             except Exception as exc:
                 traceback.print_exc()
                 self._end(job, "failed", error=f"{type(exc).__name__}: {exc}")
+            finally:
+                self._cancel_events.pop(job.id, None)
 
         threading.Thread(target=run, name=f"bkg-{job.id}", daemon=True).start()
         return job
@@ -141,8 +149,12 @@ class Jobs:
         return job
 
     def cancel(self, job_id: str) -> Job:
-        """Cancel a running plugin job (a model download runs to its end)."""
+        """Cancel a running job: a plugin job at once, a thread job (a download) at its next progress report."""
         job = self.get(job_id)
+        event = self._cancel_events.get(job_id)
+        if event is not None:
+            event.set()
+            return job
         task = self._tasks.get(job_id)
         if task is None:
             if job.finished is not None:

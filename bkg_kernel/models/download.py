@@ -1,27 +1,65 @@
-"""Fetch a model from a URL into the model dir, then register it; nothing half-written stays behind."""
+"""Fetch a model from a URL into the model dir, then register it; nothing half-written stays behind.
+
+Guarded like a server-side fetch should be: only http(s); a host on a loopback, link-local, private or otherwise
+non-public address is refused unless `download_allow` lists it (and when `download_allow` is set, only the hosts
+it lists are fetched from); every redirect is checked the same way before it is followed (at most 5);
+`max_download_mb` caps the size, declared or streamed; each download writes its own partial file; a cancelled
+download (its job's cancel) stops between chunks and leaves nothing behind.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import ipaddress
 import shutil
-from collections.abc import Callable
+import socket
+import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urljoin, urlparse
 
-from bkg_kernel.errors import InvalidInput, Unavailable
+from bkg_kernel.errors import Forbidden, InvalidInput, Unavailable
 from bkg_kernel.models.registry import ModelEntry, ModelRegistry, slug
 
 Progress = Callable[[float, str], None]
+MAX_REDIRECTS = 5
 
 
 def check_url(url: str) -> str:
     """Return the file name a URL names; refuse anything but http(s) URLs of one file."""
     u = urlparse(url)
     name = Path(u.path).name
-    if u.scheme not in ("http", "https") or not u.netloc:
+    if u.scheme not in ("http", "https") or not u.hostname:
         raise InvalidInput(f"source must be an http(s) URL, not {url!r}", field="url")
     if not name:
         raise InvalidInput(f"the URL {url!r} does not name a file", field="url")
     return name
+
+
+def _listed(host: str, allow: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(host.lower(), pattern.lower()) for pattern in allow)
+
+
+def check_host(url: str, allow: Sequence[str]) -> None:
+    """Refuse a URL whose host is not allowed: not in `allow` when it is set, or resolving to a loopback,
+    link-local, private, reserved or multicast address that `allow` does not list (403 naming the setting)."""
+    host = urlparse(url).hostname or ""
+    listed = _listed(host, allow)
+    if allow and not listed:
+        raise Forbidden(f"downloads come only from the hosts in download_allow; {host!r} is not one", field="url")
+    if listed:
+        return
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError as exc:
+        raise Unavailable(f"cannot resolve {host!r}: {exc}", field="url") from None
+    for a in addrs:
+        ip = ipaddress.ip_address(str(a).split("%")[0])
+        if not ip.is_global or ip.is_multicast:
+            raise Forbidden(
+                f"{host!r} resolves to {ip}, a non-public address: list the host in download_allow to fetch from it",
+                field="url",
+            )
 
 
 def download(
@@ -32,27 +70,47 @@ def download(
     id: str | None = None,
     kind: str | None = None,
     license: str | None = None,
+    allow: Sequence[str] = (),
+    max_bytes: int = 64 * 2**30,
 ) -> ModelEntry:
-    """Stream `url` to `<model_dir>/.partial/`, check it, move it in and register it (`source` is the URL)."""
+    """Stream `url` to its own file in `<model_dir>/.partial/`, check it, move it in and register it (`source`
+    is the URL). `progress` is called after each chunk; a job's progress raises `Cancelled` once it is cancelled,
+    which stops the download there."""
     import httpx
 
     name = check_url(url)
     partial_dir = registry.dir / ".partial"
     partial_dir.mkdir(parents=True, exist_ok=True)
-    partial = partial_dir / name
+    partial = partial_dir / f"{uuid.uuid4().hex}-{name}"
     final = registry.dir / name
+    limit = f"{max_bytes:,} bytes (max_download_mb)"
     try:
         try:
-            with httpx.stream("GET", url, follow_redirects=True, timeout=30) as r:
-                if r.status_code != 200:
-                    raise Unavailable(f"cannot download {url}: the server answered HTTP {r.status_code}")
-                total = int(r.headers.get("content-length") or 0)
-                done = 0
-                with partial.open("wb") as f:
-                    for chunk in r.iter_bytes(1 << 20):
-                        f.write(chunk)
-                        done += len(chunk)
-                        progress(done / total if total else 0.0, f"{done / 2**20:,.1f} MB")
+            with httpx.Client(follow_redirects=False, timeout=30) as client:
+                here = url
+                for _ in range(MAX_REDIRECTS + 1):
+                    check_host(here, allow)
+                    with client.stream("GET", here) as r:
+                        if r.is_redirect:
+                            here = urljoin(here, r.headers.get("location", ""))
+                            check_url(here)
+                            continue
+                        if r.status_code != 200:
+                            raise Unavailable(f"cannot download {url}: the server answered HTTP {r.status_code}")
+                        total = int(r.headers.get("content-length") or 0)
+                        if total > max_bytes:
+                            raise InvalidInput(f"{url} is {total:,} bytes; the limit is {limit}", field="url")
+                        done = 0
+                        with partial.open("wb") as f:
+                            for chunk in r.iter_bytes(1 << 20):
+                                done += len(chunk)
+                                if done > max_bytes:
+                                    raise InvalidInput(f"{url} sent more than {limit}", field="url")
+                                f.write(chunk)
+                                progress(done / total if total else 0.0, f"{done / 2**20:,.1f} MB")
+                        break
+                else:
+                    raise Unavailable(f"cannot download {url}: more than {MAX_REDIRECTS} redirects", field="url")
         except httpx.HTTPError as exc:
             raise Unavailable(
                 f"cannot download {url}: {type(exc).__name__}: {exc}. This machine may have no network access; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import multiprocessing
@@ -38,6 +39,9 @@ log = logging.getLogger("bkg.supervisor")
 # Serves workers' store requests (a store call may wait on another plugin, e.g. an embedding in candle): never
 # on a pipe reader thread, which must keep delivering results.
 _STORE_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="bkg-store")
+# Runs inline plugins' requests (their own pool: they never take the event loop's default executor from the
+# gateway's own blocking work, and a request that timed out is still tracked until it ends).
+_INLINE_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="bkg-inline")
 STATES = ("stopped", "starting", "running", "stopping", "degraded", "error")
 Emit = Callable[[str, str, dict[str, Any]], None]
 START_TIMEOUT_S = 120.0
@@ -72,6 +76,7 @@ class WorkerProcess:
         self.streams: dict[int, Callable[[tuple[Any, ...]], None]] = {}
         # grant -> caller, for the requests in flight: a store request from the worker acts as that caller
         self.grants: dict[str, Principal] = {}
+        self._future_grants: dict[int, str] = {}  # id(request future) -> its grant
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self.proc.start()
@@ -165,12 +170,18 @@ class WorkerProcess:
         self.futures[req_id] = fut
         if caller is not None:
             call = self.grant(caller)
-            fut.add_done_callback(lambda _: self.grants.pop(call["grant"], None))
+            self._future_grants[id(fut)] = call["grant"]
+            fut.add_done_callback(lambda f: self.grants.pop(self._future_grants.pop(id(f), ""), None))
             msg = (*msg, call)
         if not self._send((msg[0], req_id, *msg[1:])):
             self.futures.pop(req_id, None)
             fut.set_exception(Unavailable(f"the {self.host.id} worker is not reachable"))
         return fut
+
+    def end_grant(self, fut: Future[Any]) -> None:
+        """End the grant of a request whose caller stopped waiting (it timed out): its work may run on, but can
+        no longer act in the store as that caller."""
+        self.grants.pop(self._future_grants.get(id(fut), ""), None)
 
     def open_stream(
         self, capability_id: str, data: Any, caller: Principal, sink: Callable[[tuple[Any, ...]], None]
@@ -512,21 +523,29 @@ class PluginHost:
         raise Unavailable(f"plugin {self.id!r} is {self.state}")
 
     async def call(self, msg: tuple[Any, ...], inline: Callable[[Plugin], Any], caller: Principal | None) -> Any:
-        """Send one request to the worker (or run it inline) as `caller`, honouring the plugin's limits."""
+        """Send one request to the worker (or run it inline) as `caller`, honouring the plugin's limits.
+
+        A request that times out answers 504 at once, but its slot stays taken until the plugin really finishes
+        the work (a plugin cannot be interrupted mid-call): `max_concurrent` bounds the work running, not only the
+        requests waiting. Its grant ends at the timeout, so the abandoned work can no longer reach the store."""
         sem = await self._admit()
         s, tel = self.settings, self.telemetry
         t0 = time.perf_counter()
         tel.in_flight += 1
         error: str | None = None
+        work: Future[Any] | None = None
         try:
             if self.worker is not None:
-                fut = self.worker.submit(msg, caller)
-                return await asyncio.wait_for(asyncio.wrap_future(fut), s.request_timeout)
-            if self.plugin is not None:
-                return await asyncio.wait_for(asyncio.to_thread(inline, self.plugin), s.request_timeout)
-            raise Unavailable(f"plugin {self.id!r} is {self.state}")
+                work = self.worker.submit(msg, caller)
+            elif self.plugin is not None:
+                work = _INLINE_POOL.submit(contextvars.copy_context().run, inline, self.plugin)
+            else:
+                raise Unavailable(f"plugin {self.id!r} is {self.state}")
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(work)), s.request_timeout)
         except TimeoutError:
             error = f"timed out after {s.request_timeout:g}s"
+            if work is not None and self.worker is not None:
+                self.worker.end_grant(work)
             raise Timeout(f"plugin {self.id!r} did not answer within {s.request_timeout:g}s") from None
         except BkgError as exc:
             error = exc.message if exc.status >= 500 else None
@@ -536,5 +555,9 @@ class PluginHost:
             raise BkgError(f"plugin {self.id!r} failed: {error}") from exc
         finally:
             tel.in_flight -= 1
-            sem.release()
             tel.record(time.perf_counter() - t0, error)
+            if work is not None and not work.done():  # timed out: the slot frees when the work ends
+                loop = asyncio.get_running_loop()
+                work.add_done_callback(lambda _: loop.call_soon_threadsafe(sem.release))
+            else:
+                sem.release()

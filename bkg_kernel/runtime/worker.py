@@ -165,8 +165,8 @@ def main(
                 ev = cancels.get(msg[1])
                 if ev is not None:
                     ev.set()
-            elif msg[0] == "health":
-                pool.submit(run, msg[1], None, plugin.health)
+            elif msg[0] == "health":  # its own thread: a health check never queues behind busy request slots
+                threading.Thread(target=run, args=(msg[1], None, plugin.health), name="bkg-health", daemon=True).start()
             elif msg[0] == "stop":
                 break
     finally:

@@ -64,10 +64,14 @@ async def add_model(
         raise InvalidInput("give exactly one of path or url", field="path")
     if body.url is not None:
         download.check_url(body.url)
-        url = body.url
+        url, allow = body.url, gw.settings.download_allow
+        await asyncio.to_thread(download.check_host, url, allow)  # refused now (403), not in a failed job later
+        max_bytes = int(gw.settings.max_download_mb * 2**20)
 
         def run(progress: Any) -> dict[str, Any]:
-            entry = download.download(reg, url, progress, id=body.id, kind=body.kind, license=body.license)
+            entry = download.download(
+                reg, url, progress, id=body.id, kind=body.kind, license=body.license, allow=allow, max_bytes=max_bytes
+            )
             gw.auth.audit(p.username, "model.add", entry.id, source=url)
             return entry.model_dump()
 
