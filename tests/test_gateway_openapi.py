@@ -11,6 +11,7 @@ from gateway_harness import ADMIN_KEY
 from hypothesis import HealthCheck, given, settings
 
 pytestmark = pytest.mark.slow
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def test_openapi_schema_is_valid(gw: Any) -> None:
@@ -18,17 +19,32 @@ def test_openapi_schema_is_valid(gw: Any) -> None:
     schemathesis.openapi.from_dict(spec).validate()  # against the OpenAPI meta-schema schemathesis ships
     assert spec["info"]["title"] == "bkg gateway"
     assert "/api/collections/{name}/query" in spec["paths"] and "/admin/keys/{key_id}/rotate" in spec["paths"]
+    # every plugin capability is an operation of its own, with its input and output schemas
+    caps = [(p["id"], c) for p in httpx.get(gw.url + "/api/plugins", headers=AUTH).json()["plugins"]
+            for c in httpx.get(gw.url + f"/api/plugins/{p['id']}", headers=AUTH).json()["capabilities"]]  # fmt: skip
+    assert len(caps) > 20
+    schemas = spec["components"]["schemas"]
+    for pid, cap in caps:
+        op = spec["paths"][f"/api/plugins/{pid}/invoke/{cap['id']}"]["post"]
+        body = op["requestBody"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+        assert set(schemas[body].get("properties", {})) == set(cap["input_schema"].get("properties", {})), cap["id"]
+        assert ("202" if cap["job"] else "200") in op["responses"] and "422" in op["responses"]
+    query = schemas["brainml__brainml_query__input"]["properties"]
+    assert query["top_k"]["maximum"] == 1000 and query["mode"]["enum"] == ["vector", "text", "hybrid"]
 
 
 def test_fuzz_finds_no_server_errors(gw: Any) -> None:
     schema = schemathesis.openapi.from_url(gw.url + "/openapi.json")
     failures: list[str] = []
     calls: list[int] = []
-    # Lifecycle routes would stop the plugins the rest of the run relies on; LLM generation and embedding runs
-    # a model for each valid case (seconds each). Both have their own tests, bad input included.
+    # Lifecycle routes would stop the plugins the rest of the run relies on; LLM generation, model loading,
+    # training and the sleep/survey probes run for seconds on each valid case. All have their own tests, bad input
+    # included; every other plugin capability is fuzzed through its own operation.
     skip = (
         "/stop", "/restart", "/revoke", "/rotate", "/admin/users/{user_id}",
         "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+        "/llm.chat", "/llm.complete", "/llm.embed", "/llm.load", "/candle.run", "/candle.quantize", "/candle.load",
+        "/brainml.ask", "/brainml.train", "/sysinfo.sleep", "/sysinfo.survey",
     )  # fmt: skip
     for op in schema.get_all_operations():
         operation = op.ok()

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from bkg_kernel.gateway import errors, routes
+from bkg_kernel.gateway import errors, openapi, routes
 from bkg_kernel.gateway.bodylimit import BodyLimitMiddleware
 from bkg_kernel.gateway.metrics import Metrics, MetricsMiddleware
 from bkg_kernel.gateway.plugin_api import AppGatewayAPI
@@ -64,4 +64,5 @@ def create_app(
             continue
         if router is not None:
             app.include_router(router)
+    openapi.install(app, discovered)
     return app
