@@ -3,11 +3,17 @@ but keeps its slot until the worker really finishes; a health check never queues
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
+import signal
 import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from gateway_harness import Gateway
+from gateway_harness import Gateway, wait_for
 
 
 def test_a_timed_out_request_holds_its_slot_until_the_work_ends(gw: Gateway) -> None:
@@ -42,3 +48,52 @@ def test_health_does_not_queue_behind_busy_slots(gw: Gateway) -> None:
     t.join()
     assert health.status_code == 200 and health.json()["ok"] is True
     assert answered < ended["at"] and ended["sleep"]["slept"] >= 2.9
+
+
+def test_streams_cancelled_at_random_moments_leave_the_plugin_answering(gw: Gateway) -> None:
+    """Hundreds of job streams, each cancelled at a random moment (before, during or after its last chunk):
+    no reader thread dies, no slot leaks, and the plugin still answers."""
+    c = gw.client()
+    c.put("/api/plugins/sysinfo/config", json={"config": {"max_concurrent": 4}}).raise_for_status()
+    rng = random.Random(7)
+    jobs: list[str] = []
+
+    def one(i: int) -> str:
+        cl = gw.client()
+        r = cl.post("/api/plugins/sysinfo/invoke/sysinfo.survey", json={"samples": 3, "every_s": 0.01})
+        job_id: str = r.json()["job"]["id"]
+        time.sleep(rng.random() * 0.05)
+        cl.post(f"/api/jobs/{job_id}/cancel")  # 200, or 409 when it already ended
+        return job_id
+
+    with ThreadPoolExecutor(8) as pool:
+        jobs = list(pool.map(one, range(200)))
+    states = Counter(wait_for(lambda j=j: _ended(c, j)) for j in jobs)
+    assert set(states) <= {"done", "cancelled"} and states["cancelled"] > 0, states
+    status = c.get("/api/plugins/sysinfo/status").json()
+    assert status["state"] == "running"
+    assert c.get("/api/plugins/sysinfo/telemetry").json()["in_flight"] == 0
+    assert c.post("/api/plugins/sysinfo/invoke/sysinfo.facts", json={}).status_code == 200
+
+
+def _ended(c: Any, job_id: str) -> str | None:
+    state: str = c.get(f"/api/jobs/{job_id}").json()["state"]
+    return state if state in ("done", "cancelled", "failed") else None
+
+
+def test_a_silent_worker_is_restarted(gw: Gateway) -> None:
+    """A worker that stops sending heartbeats (frozen with SIGSTOP) is marked degraded, then restarted."""
+    c = gw.client()
+    old = c.get("/api/plugins/sysinfo/status").json()["pid"]
+    os.kill(old, signal.SIGSTOP)
+    try:
+        wait_for(lambda: c.get("/api/plugins/sysinfo/status").json()["state"] == "degraded", timeout=15)
+        status = wait_for(
+            lambda: (s := c.get("/api/plugins/sysinfo/status").json())["state"] == "running" and s["pid"] != old and s,
+            timeout=60,
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGCONT)
+    assert status["restarts"] >= 1
+    assert c.post("/api/plugins/sysinfo/invoke/sysinfo.facts", json={}).json()["pid"] == status["pid"]

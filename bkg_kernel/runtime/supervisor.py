@@ -17,6 +17,7 @@ from bkg_kernel.runtime.host import Emit, PluginHost
 
 log = logging.getLogger("bkg.supervisor")
 HEARTBEAT_TIMEOUT_S = 5.0
+DEGRADED_RESTART_S = 15.0  # silent this long (three heartbeat timeouts): the worker is restarted
 SAMPLE_EVERY_S = 2.0
 BACKOFF_MAX_S = 30.0
 
@@ -44,6 +45,7 @@ class Supervisor:
         self._monitor: threading.Thread | None = None
         self._backoff: dict[str, float] = {}
         self._restart_at: dict[str, float] = {}
+        self._restarting: set[str] = set()  # restarted for a silent worker, right now
         self._gateway = psutil.Process()
 
     def get(self, plugin_id: str) -> PluginHost:
@@ -117,6 +119,19 @@ class Supervisor:
             return
         if w is not None and h.state in ("running", "degraded"):
             silent = now - w.last_beat
+            if silent > DEGRADED_RESTART_S and h.id not in self._restarting:
+                self._restarting.add(h.id)
+                h.add_log("ERROR", time.time(), f"no heartbeat for {silent:.0f}s: restarting the worker")
+
+                def restart(host: PluginHost = h) -> None:
+                    try:
+                        host.restarts += 1
+                        host.restart()
+                    finally:
+                        self._restarting.discard(host.id)
+
+                threading.Thread(target=restart, name=f"bkg-restart-{h.id}", daemon=True).start()
+                return
             if silent > HEARTBEAT_TIMEOUT_S and h.state == "running":
                 h._set("degraded", f"no heartbeat for {silent:.0f}s")  # noqa: SLF001
             elif silent <= HEARTBEAT_TIMEOUT_S and h.state == "degraded":

@@ -1,7 +1,9 @@
 """Loaded models: several at once within a memory budget, parallel slots per model, idle unload (keep-alive).
 
-Each slot is one llama.cpp context on the same mmap'd weights, so a second slot costs its KV cache, not
-another copy of the model. A model idle longer than its keep-alive is unloaded, like Ollama's.
+Each slot is its own llama.cpp model and context over the mmap'd GGUF, so a second slot costs its KV cache and
+buffers, not another copy of the weights in memory. A model idle longer than its keep-alive is unloaded, like
+Ollama's. Loading a model or adding a slot (seconds) happens outside the pool's lock, with its memory reserved
+first: requests to models already loaded keep flowing meanwhile.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Loaded:
     slots: list[Any] = field(default_factory=list)
     free: list[Any] = field(default_factory=list)
     busy: int = 0
+    adding: int = 0  # slots being made (outside the pool's lock)
     last_used: float = field(default_factory=time.monotonic)
     loaded_at: float = field(default_factory=time.time)
     template: str | None = None
@@ -68,6 +71,8 @@ class ModelPool:
         self.registry = registry
         self.settings = settings
         self.models: dict[tuple[str, bool], Loaded] = {}
+        self.loading: set[tuple[str, bool]] = set()  # being loaded (outside the lock) right now
+        self.reserved = 0  # bytes set aside for loads and new slots in progress
         self.cond = threading.Condition()
         self._stop = threading.Event()
         threading.Thread(target=self._reaper, name="llm-keepalive", daemon=True).start()
@@ -78,7 +83,7 @@ class ModelPool:
 
     def used_bytes(self) -> int:
         """Return the estimated memory of every loaded model."""
-        return sum(m.bytes for m in self.models.values())
+        return sum(m.bytes for m in self.models.values()) + self.reserved
 
     # -- loading ----------------------------------------------------------------------------------
     def _new_context(self, m: Loaded) -> Any:
@@ -145,17 +150,39 @@ class ModelPool:
             slot_bytes=slot_bytes,
             template=info.metadata.get("tokenizer.chat_template"),
         )
-        self._make_room(m.weights_bytes + m.slot_bytes)
-        llm = self._new_context(m)
+        need = m.weights_bytes + m.slot_bytes
+        self._make_room(need)
+        llm = self._outside_lock(self._new_context, m, need, key=(model_id, embedding))
         m.bos, m.eos = _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos())
         m.slots.append(llm)
         m.free.append(llm)
         self.models[(model_id, embedding)] = m
         return m
 
+    def _outside_lock(self, fn: Any, m: Loaded, need: int, key: tuple[str, bool] | None = None) -> Any:
+        """Run `fn(m)` (a slow llama.cpp load) with the lock released and `need` bytes reserved (called with the
+        lock held; holds it again on return)."""
+        self.reserved += need
+        if key is not None:
+            self.loading.add(key)
+        self.cond.release()
+        try:
+            return fn(m)
+        finally:
+            self.cond.acquire()
+            self.reserved -= need
+            if key is not None:
+                self.loading.discard(key)
+            self.cond.notify_all()
+
+    def _wait_loading(self, key: tuple[str, bool]) -> None:
+        while key in self.loading:  # another request is loading it: wait for that load, do not start a second
+            self.cond.wait(1.0)
+
     def load(self, model_id: str, *, embedding: bool = False, keep_alive: float | None = None) -> Loaded:
         """Load a model now (or refresh its keep-alive)."""
         with self.cond:
+            self._wait_loading((model_id, embedding))
             m = self.models.get((model_id, embedding))
             if m is None:
                 m = self._load_locked(model_id, embedding, keep_alive)
@@ -170,15 +197,23 @@ class ModelPool:
         key = (model_id, embedding)
         with self.cond:
             while True:
+                self._wait_loading(key)
                 m = self.models.get(key)
                 if m is None:
                     m = self._load_locked(model_id, embedding, None)
                 if m.free:
                     llm = m.free.pop()
                     break
-                if len(m.slots) < self.slots:
+                if len(m.slots) + m.adding < self.slots:
                     self._make_room(m.slot_bytes, keep=key)
-                    llm = self._new_context(m)
+                    m.adding += 1
+                    try:
+                        llm = self._outside_lock(self._new_context, m, m.slot_bytes)
+                    finally:
+                        m.adding -= 1
+                    if self.models.get(key) is not m:  # unloaded while its new slot was made
+                        llm.close()
+                        continue
                     m.slots.append(llm)
                     break
                 self.cond.wait(1.0)
