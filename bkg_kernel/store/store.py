@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from types import TracebackType
@@ -56,6 +57,22 @@ class Store:
         self._mutex = threading.RLock()
         self._open: dict[str, Collection] = {}
         self.closed = False
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove what a process killed mid-way left behind: a snapshot's or a restore's work folder, a staged
+        points table no collection names (a restore that never swapped in), and index files of no table."""
+        for work in [*self.data_dir.glob(".restore-*"), *self.snapshot_dir.glob("*/.tmp-*")]:
+            shutil.rmtree(work, ignore_errors=True)
+        used = {r[0] for r in self._con.execute("SELECT points_table FROM collections").fetchall()}
+        sql = "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'"
+        tables = {r[0] for r in self._con.execute(sql).fetchall() if r[0].removeprefix("points_").isdigit()}
+        for table in sorted(tables - used):
+            self._con.execute(f"DROP SCHEMA IF EXISTS fts_main_{table} CASCADE")
+            self._con.execute(f"DROP TABLE {table}")
+        for f in (self.data_dir / "indexes").glob("points_*"):
+            if f.name.split(".", 1)[0] not in used or f.suffix == ".tmp":  # a table's, or a save cut short
+                f.unlink(missing_ok=True)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
