@@ -89,6 +89,20 @@ def test_json_schema_mode(oai: openai.OpenAI) -> None:
     assert isinstance(json.loads(r.choices[0].message.content or ""), (dict, list))
 
 
+def test_json_object_mode_stops_like_llama_cpp_server(oai: openai.OpenAI) -> None:
+    """JSON mode with the default sampling: a small valid object that ends by itself (with no repeat penalty
+    the default model nested objects until max_tokens, where llama_cpp.server stops within 128 tokens)."""
+    r = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Give a JSON object with key a = 1"}],
+        temperature=0,
+        max_tokens=256,
+        response_format={"type": "json_object"},
+    )
+    assert r.choices[0].finish_reason == "stop" and r.usage is not None and r.usage.completion_tokens <= 128
+    assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+
+
 def test_tool_call_in_openai_shape(oai: openai.OpenAI) -> None:
     tools: Any = [
         {

@@ -39,7 +39,9 @@ class Sampling(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = Field(40, ge=0)
     min_p: float = Field(0.05, ge=0, le=1)
-    repeat_penalty: float = Field(1.0, gt=0)
+    repeat_penalty: float = Field(
+        1.1, gt=0, description="Penalty on the last 64 tokens' repeats; 1.1 like llama_cpp.server and Ollama (1: none)."
+    )
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = None
