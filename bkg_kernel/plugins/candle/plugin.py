@@ -11,11 +11,12 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from bkg_kernel.errors import AlreadyExists, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
 from bkg_kernel.models.registry import ID_PATTERN, ModelEntry, ModelRegistry, check_id, sha256_of, slug
 from bkg_kernel.plugins.candle import runners
@@ -88,6 +89,12 @@ class QuantizeRequest(BaseModel):
     model_id: str = DEFAULT_EMBEDDER
     method: Literal["dynamic-int8", "fp16", "bf16"] = "dynamic-int8"
     new_id: str | None = Field(None, pattern=ID_PATTERN, description="Default: <model_id>-<method>.")
+    min_quality: float | None = Field(
+        None, gt=0, le=1, description="A stricter bound than the method's own (mean cosine or token agreement)."
+    )
+    allow_out_of_bound: bool = Field(
+        False, description="Register the model even when its quality falls below the method's bound (flagged)."
+    )
 
 
 class QuantizeResult(BaseModel):
@@ -153,6 +160,21 @@ class Candle(Plugin):
         e = self.registry.get(model_id)
         return e.kind, self.registry.resolve(e)
 
+    def _check_base(self, model_id: str, path: Any) -> None:
+        """A quantized model loads onto its base's weights: refuse it when the base is no longer the one it was
+        made from (the sha256 stored at quantization)."""
+        qfile = Path(path) / runners.QUANT_FILE
+        if not qfile.is_file():
+            return
+        q = json.loads(qfile.read_text())
+        now = self.registry.get(q["base"]).sha256
+        if q.get("base_sha256") and q["base_sha256"] != now:
+            raise Conflict(
+                f"{model_id!r} was quantized from {q['base']!r} with sha256 {q['base_sha256'][:12]}…; that model now "
+                f"has sha256 {now[:12]}…: quantize it again",
+                field="model_id",
+            )
+
     def _runner(self, model_id: str) -> runners.Runner:
         with self.lock:
             r = self.runners.get(model_id)
@@ -160,6 +182,7 @@ class Candle(Plugin):
                 self.info[model_id]["last_used"] = time.time()
                 return r
             kind, path = self._resolve(model_id)
+            self._check_base(model_id, path)
             t0 = time.perf_counter()
             r = runners.load(model_id, kind, path, self.device, self._resolve)
             self.runners[model_id] = r
@@ -244,7 +267,13 @@ class Candle(Plugin):
         module = runners.quantized_module(base.module, inp.method)
         quant = type(base).__new__(type(base))
         quant.__dict__.update({**base.__dict__, "module": module, "model_id": new_id})
-        quality = _compare(base, quant, inp.method)
+        quality = _compare(base, quant, max(BOUNDS[inp.method], inp.min_quality or 0.0))
+        if not quality["within_bound"] and not inp.allow_out_of_bound:
+            raise InvalidInput(
+                f"the {inp.method} model scores {quality['mean']} ({quality['metric']} over {quality['probe']} "
+                f"probes), below its bound {quality['bound']}: not registered (allow_out_of_bound keeps it, flagged)",
+                field="method",
+            )
         folder = self.registry.dir / new_id
         if folder.exists():
             raise AlreadyExists(f"{folder} already exists in the model dir", field="new_id")
@@ -280,11 +309,10 @@ class Candle(Plugin):
         )
 
 
-def _compare(base: runners.Runner, quant: runners.Runner, method: str) -> dict[str, Any]:
-    """Cosine of embeddings (embedders) or greedy token agreement (causal LMs) over the probe set."""
+def _compare(base: runners.Runner, quant: runners.Runner, bound: float) -> dict[str, Any]:
+    """Cosine of embeddings (embedders) or greedy token agreement (causal LMs) over the probe set, against `bound`."""
     import numpy as np
 
-    bound = BOUNDS[method]
     if base.task == "embed":
         a = np.asarray(base.run(PROBE, {"normalize": True})["embeddings"])
         b = np.asarray(quant.run(PROBE, {"normalize": True})["embeddings"])
@@ -294,16 +322,15 @@ def _compare(base: runners.Runner, quant: runners.Runner, method: str) -> dict[s
             "metric": "cosine", "probe": len(PROBE), "mean": round(mean, 5), "min": round(float(cos.min()), 5),
             "bound": bound, "within_bound": mean >= bound,
         }  # fmt: skip
-    if base.task == "generate":
-        opts = {"max_new_tokens": 8, "temperature": 0}
-        ga = [g["text"] for g in base.run(PROBE[:8], opts)["generations"]]
-        gb = [g["text"] for g in quant.run(PROBE[:8], opts)["generations"]]
-        ta, tb = [x.split() for x in ga], [x.split() for x in gb]
+    if base.task == "generate":  # greedy continuations of every probe, compared token id by token id
+        opts = {"max_new_tokens": 8, "temperature": 0, "token_ids": True}
+        ta = [g["token_ids"] for g in base.run(PROBE, opts)["generations"]]
+        tb = [g["token_ids"] for g in quant.run(PROBE, opts)["generations"]]
         same = sum(sum(1 for x, y in zip(p, q, strict=False) if x == y) for p, q in zip(ta, tb, strict=True))
         total = max(1, sum(max(len(p), len(q)) for p, q in zip(ta, tb, strict=True)))
         agree = same / total
         return {
-            "metric": "token agreement", "probe": 8, "mean": round(agree, 5), "bound": bound,
+            "metric": "token agreement", "probe": len(PROBE), "mean": round(agree, 5), "bound": bound,
             "within_bound": agree >= bound,
         }  # fmt: skip
     raise InvalidInput("only embedding and causal language models can be quantized here", field="model_id")

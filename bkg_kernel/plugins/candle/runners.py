@@ -148,7 +148,10 @@ class CausalRunner(Runner):
                     pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0,
                 )
             new = gen[0, ids["input_ids"].shape[1] :]
-            out.append({"text": self.tokenizer.decode(new, skip_special_tokens=True), "tokens": int(new.shape[0])})
+            one = {"text": self.tokenizer.decode(new, skip_special_tokens=True), "tokens": int(new.shape[0])}
+            if options.get("token_ids"):
+                one["token_ids"] = new.tolist()
+            out.append(one)
         return {"generations": out}
 
 
