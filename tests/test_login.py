@@ -106,10 +106,12 @@ def test_weaker_hashes_are_upgraded_at_login(auth: AuthService) -> None:
     salt = b"0123456789abcdef"
     weak = hashlib.scrypt(PW.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
     stored = f"scrypt${2**14}$8$1${base64.b64encode(salt).decode()}${base64.b64encode(weak).decode()}"
-    auth.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [stored, u["id"]])
-    auth.users[u["id"]]["password_hash"] = stored
+    with auth.mutex:  # the connection is shared with the audit writer thread
+        auth.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [stored, u["id"]])
+        auth.users[u["id"]]["password_hash"] = stored
     auth.login("old", PW, "10.0.0.1")
-    now = auth.con.execute("SELECT password_hash FROM users WHERE id = ?", [u["id"]]).fetchone()[0]
+    with auth.mutex:
+        now = auth.con.execute("SELECT password_hash FROM users WHERE id = ?", [u["id"]]).fetchone()[0]
     assert now.startswith(f"scrypt${2**17}$") and ks.check_password(PW, now)
 
 
