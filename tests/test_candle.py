@@ -117,6 +117,21 @@ def test_causal_lm_generates(cgw: Gateway, tmp_path: Path) -> None:
     r = invoke(cgw, "candle.run", {**body, "options": {"max_new_tokens": 0}})
     assert r.status_code == 422 and "max_new_tokens" in r.json()["error"]["message"]
 
+    # a Llama-style causal LM with the same (BERT) tokenizer: its token_type_ids are not passed to generate
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = tmp_path / "tiny-llama"
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    ).save_pretrained(llama)  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, llama / name)
+    assert (
+        c.post("/api/models", json={"path": str(llama), "import_mode": "copy", "id": "tiny-llama"}).status_code == 201
+    )
+    r = invoke(cgw, "candle.run", {**body, "model_id": "tiny-llama"})
+    assert r.status_code == 200 and all(g["tokens"] == 6 for g in r.json()["generations"]), r.text
     # quantizing it: greedy continuations of all 16 probes, compared token id by token id
     r = invoke(cgw, "candle.quantize", {"model_id": "tiny-gpt2", "method": "dynamic-int8"})
     quality = r.json()["quality"]

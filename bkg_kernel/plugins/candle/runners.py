@@ -136,7 +136,9 @@ class CausalRunner(Runner):
             torch.manual_seed(int(options["seed"]))
         out = []
         for text in texts:
-            ids = self.tokenizer(text, return_tensors="pt").to(self.device)
+            ids = self.tokenizer(text, return_tensors="pt")
+            ids.pop("token_type_ids", None)  # segment ids are an encoder's; a causal LM refuses or misreads them
+            ids = ids.to(self.device)
             with torch.inference_mode():
                 gen = self.module.generate(
                     **ids,
