@@ -592,16 +592,16 @@ class AuthService:
             raise Unauthorized("wrong username or password")
         self.throttle.succeeded(username)
         token = "bkgs_" + secrets.token_urlsafe(32)
-        now = _now()
+        token_hash, now = ks.hash_secret(token), _now()
         with self.mutex:
             self.con.execute("DELETE FROM sessions WHERE expires_at <= ?", [now])  # expired ones go as new ones come
             for h in [h for h, (_, exp) in self.sessions.items() if exp <= now]:
                 self.sessions.pop(h, None)
             self.con.execute(
                 "INSERT INTO sessions (token_hash, user_id, expires_at) VALUES (?, ?, ?)",
-                [ks.hash_secret(token), u["id"], now + SESSION_TTL],
+                [token_hash, u["id"], now + SESSION_TTL],
             )
-            self.sessions[ks.hash_secret(token)] = (u["id"], now + SESSION_TTL)
+            self.sessions[token_hash] = (u["id"], now + SESSION_TTL)
             if ks.needs_rehash(u["password_hash"]):  # made with older, weaker parameters: upgrade it now
                 pw = ks.hash_password(password)
                 self.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [pw, u["id"]])
@@ -636,11 +636,7 @@ class AuthService:
         _, token = self.create_key(admin["id"], "admin (bootstrap)", actor="bootstrap", token=env_key or None)
         if env_key:
             return None
-        path = data_dir / "admin.key"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        return path
+        return _write_key_file(data_dir / "admin.key", token)
 
     def _end_sessions(self, user_id: str) -> None:
         """End every session of a user (under `self.mutex`)."""
@@ -662,12 +658,7 @@ class AuthService:
         _, token = self.create_key(
             admin["id"], "workbench (clients: lab, kernels, dashboards)", scopes, actor="bootstrap"
         )
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        tmp.replace(path)
-        return path
+        return _write_key_file(path, token)
 
     def _check_scopes(
         self, scopes: Any, allowed: tuple[str, ...], field: str, owner: dict[str, Any] | None = None
@@ -680,6 +671,16 @@ class AuthService:
             if s not in allowed:
                 who = f"user {owner['username']!r} (role {owner['role']})" if owner else "this role"
                 raise Forbidden(f"scope {s!r} is not held by {who}", field=f"{field}[{i}]")
+
+
+def _write_key_file(path: Path, token: str) -> Path:
+    """Write a key to a file only its owner can read (mode 0600 from the start), whole or not at all."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    tmp.replace(path)
+    return path
 
 
 def _public_user(u: dict[str, Any]) -> dict[str, Any]:

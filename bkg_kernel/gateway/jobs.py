@@ -43,10 +43,15 @@ class Job:
 
     def visible_to(self, scopes: frozenset[str] | set[str], username: str) -> bool:
         """A job and its result are its owner's, and an auditor's (scope admin:audit)."""
-        return self.owner == username or SEE_ALL in scopes
+        return visible(self.owner, scopes, username)
 
 
 SEE_ALL = "admin:audit"  # the scope that sees every job, whoever started it
+
+
+def visible(owner: str | None, scopes: frozenset[str] | set[str], username: str) -> bool:
+    """Whether a caller (`username` with `scopes`) may see a job of `owner`: its owner, or an auditor."""
+    return owner == username or SEE_ALL in scopes
 
 
 class Jobs:

@@ -47,6 +47,12 @@ Emit = Callable[[str, str, dict[str, Any]], None]
 START_TIMEOUT_S = 120.0
 
 
+class _Request(Future[Any]):
+    """A request sent to a worker: the future of its answer, and the grant it carries (None: no caller)."""
+
+    grant: str | None = None
+
+
 class WorkerProcess:
     """A spawned worker and the thread that reads its pipe."""
 
@@ -76,7 +82,6 @@ class WorkerProcess:
         self.streams: dict[int, Callable[[tuple[Any, ...]], None]] = {}
         # grant -> caller, for the requests in flight: a store request from the worker acts as that caller
         self.grants: dict[str, Principal] = {}
-        self._future_grants: dict[int, str] = {}  # id(request future) -> its grant
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self.proc.start()
@@ -165,13 +170,13 @@ class WorkerProcess:
     def submit(self, msg: tuple[Any, ...], caller: Principal | None = None) -> Future[Any]:
         """Send a request (as `caller`); the future resolves when the worker answers (or dies). The request's
         grant ends with it."""
-        fut: Future[Any] = Future()
+        fut = _Request()
         req_id = next(self._ids)
         self.futures[req_id] = fut
         if caller is not None:
             call = self.grant(caller)
-            self._future_grants[id(fut)] = call["grant"]
-            fut.add_done_callback(lambda f: self.grants.pop(self._future_grants.pop(id(f), ""), None))
+            fut.grant = call["grant"]
+            fut.add_done_callback(lambda _: self.end_grant(fut))
             msg = (*msg, call)
         if not self._send((msg[0], req_id, *msg[1:])):
             self.futures.pop(req_id, None)
@@ -179,9 +184,11 @@ class WorkerProcess:
         return fut
 
     def end_grant(self, fut: Future[Any]) -> None:
-        """End the grant of a request whose caller stopped waiting (it timed out): its work may run on, but can
-        no longer act in the store as that caller."""
-        self.grants.pop(self._future_grants.get(id(fut), ""), None)
+        """End the grant of a request: when it is answered, or when its caller stopped waiting (it timed out; its
+        work may run on, but can no longer act in the store as that caller)."""
+        grant = getattr(fut, "grant", None)
+        if grant is not None:
+            self.grants.pop(grant, None)
 
     def open_stream(
         self, capability_id: str, data: Any, caller: Principal, sink: Callable[[tuple[Any, ...]], None]

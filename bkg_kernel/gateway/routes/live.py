@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from bkg_kernel.auth import Principal
 from bkg_kernel.errors import BkgError
+from bkg_kernel.gateway import jobs
 from bkg_kernel.gateway.hub import Subscriber
-from bkg_kernel.gateway.jobs import SEE_ALL
 from bkg_kernel.gateway.state import Gateway
 
 TOPICS = ("status", "logs", "telemetry", "jobs")
 router = APIRouter()
-
-
-def _job_visible(job: dict[str, Any], p: Principal) -> bool:
-    return bool(job.get("owner") == p.username or SEE_ALL in p.scopes)
 
 
 @router.websocket("/ws")
@@ -40,7 +34,9 @@ async def _websocket(websocket: WebSocket) -> None:
         return
     assert p is not None
     await websocket.accept()
-    sub = Subscriber(sees=lambda msg: msg["type"] != "jobs" or _job_visible(msg["payload"], p))
+    sub = Subscriber(
+        sees=lambda msg: msg["type"] != "jobs" or jobs.visible(msg["payload"].get("owner"), p.scopes, p.username)
+    )
     gw.hub.subscribers.add(sub)
     await websocket.send_json(
         {"type": "bootstrap", "payload": {"plugins": gw.snapshot_summary(), "telemetry": gw.supervisor.summary()}}
