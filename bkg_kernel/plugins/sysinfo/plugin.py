@@ -110,7 +110,7 @@ class SysInfo(Plugin):
         time.sleep(inp.seconds)
         return SleepOutput(slept=time.monotonic() - t0)
 
-    @capability("sysinfo.survey", scope="plugins:read", job=True)
+    @capability("sysinfo.survey", scope="plugins:write", job=True)  # it holds a slot for a while, like sleep
     def survey(self, inp: SurveyInput, progress: Progress) -> SurveyOutput:
         """Sample CPU use `samples` times, `every_s` apart, as a background job with progress."""
         import psutil
