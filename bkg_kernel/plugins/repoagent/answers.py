@@ -1,0 +1,276 @@
+"""Answers and documentation from the local LLM, grounded in the code index.
+
+`ask`: hybrid retrieval (the store's vectors + BM25, symbols named in the question first) plus a small repo
+map as context. A citation is a numbered source the model cites as [n], a `path:start-end` it writes, or a
+source whose symbol the answer names; every one is checked against the file as it is now (the cited lines
+exist and still hold the code that was shown) before the answer is returned. Citations that cannot be
+verified are dropped and counted.
+
+`document`: Markdown for a symbol or a module, written callee-first (a function's callees are documented
+before it, so their summaries feed its prompt), with its callers and callees listed; each symbol's text is
+cached by the hash of its code and regenerated only when that changes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, span_sha
+from bkg_kernel.plugins.repoagent.repomap import build as build_map
+
+SOURCE_CHARS = 1200
+IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
+BRACKET = re.compile(r"\[(\d{1,3})\]")
+PATH_CITE = re.compile(r"([\w./-]+\.[A-Za-z0-9]+):(\d+)(?:-(\d+))?")
+
+Chat = Callable[[list[dict[str, str]], int], dict[str, Any]]
+
+
+def chunk_index(index: CodeIndex) -> dict[str, dict[str, Any]]:
+    """Every chunk by its point id (`path#n`), with its path."""
+    return {f"{p}#{i}": {**c, "path": p} for p, f in index.files.items() for i, c in enumerate(f["chunks"])}
+
+
+def retrieve(
+    index: CodeIndex, search: Callable[[str, int], list[dict[str, Any]]], question: str, k: int
+) -> list[dict[str, Any]]:
+    """The best `k` chunks for a question: chunks of symbols the question names, then hybrid search hits."""
+    chunks = chunk_index(index)
+    named = set(IDENT.findall(question))
+    out: dict[str, dict[str, Any]] = {}
+    for cid, c in chunks.items():
+        sym = c["symbol"].rsplit(".", 1)[-1] if c["symbol"] else ""
+        if sym and (sym in named or c["symbol"] in named) and c["kind"] != "module":
+            out[cid] = {**c, "id": cid, "score": 1.0, "via": "name"}
+    for hit in search(question, k * 2):
+        found = chunks.get(str(hit["id"]))
+        if found is not None and hit["id"] not in out:
+            out[str(hit["id"])] = {**found, "id": str(hit["id"]), "score": hit["score"], "via": "search"}
+    return list(out.values())[:k]
+
+
+def numbered(lines: list[str], start: int, end: int) -> str:
+    """Lines start..end with their numbers."""
+    return "\n".join(f"{n:>5}| {lines[n - 1]}" for n in range(start, min(end, len(lines)) + 1))
+
+
+def verify(root: Path, path: str, start: int, end: int, sha: str | None) -> str | None:
+    """Why a citation does not hold (None when it does): the file, its lines and, given `sha`, their code."""
+    full = (root / path).resolve()
+    if root not in full.parents or not full.is_file():
+        return f"{path} does not exist"
+    lines = full.read_text(errors="replace").splitlines()
+    if start < 1 or end < start or end > len(lines):
+        return f"{path} has {len(lines)} lines, not {start}-{end}"
+    if sha is not None and span_sha(lines, start, end) != sha:
+        return f"{path}:{start}-{end} changed since it was indexed"
+    return None
+
+
+def ask(
+    root: Path,
+    index: CodeIndex,
+    search: Callable[[str, int], list[dict[str, Any]]],
+    chat: Chat,
+    question: str,
+    top_k: int,
+    map_tokens: int,
+    max_tokens: int,
+) -> dict[str, Any]:
+    """Answer a question about the workspace with verified `path:start-end` citations."""
+    sources = retrieve(index, search, question, top_k)
+    if not sources:
+        return {"question": question, "answer": "The index has nothing that matches the question.",
+                "citations": [], "dropped": [], "sources": []}  # fmt: skip
+    repo_map = build_map(index, map_tokens, sorted({s["path"] for s in sources}))["map"] if map_tokens else ""
+    shown = []
+    for n, s in enumerate(sources, start=1):
+        lines = (root / s["path"]).read_text(errors="replace").splitlines()
+        code = numbered(lines, s["start"], s["end"])[:SOURCE_CHARS]
+        shown.append(f"[{n}] {s['path']}:{s['start']}-{s['end']} ({s['kind']} {s['symbol']})\n{code}")
+    system = (
+        "You answer questions about a code repository using only the numbered sources. "
+        "Name the function or class that does it and say how. Cite each source you use as [n]."
+    )
+    user = (f"Repository map:\n{repo_map}\n" if repo_map else "") + "Sources:\n" + "\n\n".join(shown)
+    user += f"\n\nQuestion: {question}"
+    r = chat([{"role": "system", "content": system}, {"role": "user", "content": user}], max_tokens)
+    answer = r["choices"][0]["message"]["content"]
+    citations: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    seen: set[tuple[str, int, int]] = set()
+    for m in BRACKET.finditer(answer):
+        n = int(m.group(1))
+        if not 1 <= n <= len(sources):
+            dropped.append({"cited": m.group(0), "why": f"there is no source [{n}]"})
+            continue
+        s = sources[n - 1]
+        _cite(root, citations, dropped, seen, s["path"], s["start"], s["end"], s["sha"], n, s["symbol"], "[n]")
+    for m in PATH_CITE.finditer(answer):
+        path, a = m.group(1), int(m.group(2))
+        b = int(m.group(3) or a)
+        src = next((s for s in sources if s["path"] == path and s["start"] <= a and b <= s["end"]), None)
+        if src is None:
+            dropped.append({"cited": m.group(0), "why": "no source shown to the model holds these lines"})
+            continue
+        n = sources.index(src) + 1
+        _cite(root, citations, dropped, seen, path, a, b, None, n, src["symbol"], "path")
+    for n, s in enumerate(sources, start=1):  # a source whose symbol the answer names is cited by that name
+        name = s["symbol"].rsplit(".", 1)[-1]
+        if s["kind"] not in ("module", "text") and name and re.search(rf"(?<![\w.]){re.escape(name)}\b", answer):
+            _cite(root, citations, dropped, seen, s["path"], s["start"], s["end"], s["sha"], n, s["symbol"], "name")
+    return {
+        "question": question,
+        "answer": answer,
+        "citations": citations,
+        "dropped": dropped,
+        "sources": [{k: s[k] for k in ("path", "start", "end", "kind", "symbol", "score", "via")} for s in sources],
+        "model": r.get("model"),
+        "usage": r.get("usage"),
+    }
+
+
+def _cite(
+    root: Path, citations: list[dict[str, Any]], dropped: list[dict[str, Any]], seen: set[tuple[str, int, int]],
+    path: str, start: int, end: int, sha: str | None, n: int, symbol: str, how: str,
+) -> None:  # fmt: skip
+    key = (path, start, end)
+    if key in seen:
+        return
+    why = verify(root, path, start, end, sha)
+    if why is not None:
+        dropped.append({"cited": f"{path}:{start}-{end}", "why": why})
+        return
+    seen.add(key)
+    lines = (root / path).read_text(errors="replace").splitlines()
+    citations.append(
+        {
+            "n": n,
+            "path": path,
+            "start": start,
+            "end": end,
+            "symbol": symbol,
+            "how": how,
+            "code": "\n".join(lines[start - 1 : end]),
+        }
+    )
+
+
+def callee_first(index: CodeIndex, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Order symbols so that each comes after the targets it calls (cycles broken in line order)."""
+    by_qual = {t["qualname"]: t for t in targets}
+    names: dict[str, list[str]] = {}
+    for t in targets:
+        names.setdefault(t["name"], []).append(t["qualname"])
+    calls: dict[str, list[str]] = {q: [] for q in by_qual}
+    for t in targets:
+        for r in index.files[t["path"]]["refs"]:
+            if r["in"] == t["qualname"] and r["kind"] == "call":
+                calls[t["qualname"]] += [q for q in names.get(r["name"], []) if q != t["qualname"]]
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(q: str) -> None:
+        if state.get(q):
+            return
+        state[q] = 1
+        for c in calls[q]:
+            visit(c)
+        order.append(q)
+
+    for t in sorted(targets, key=lambda t: (t["path"], t["start"])):
+        visit(t["qualname"])
+    return [by_qual[q] for q in order]
+
+
+def own_end(s: dict[str, Any], symbols: list[dict[str, Any]]) -> int:
+    """The last line of a symbol's own code: a class ends where its first member begins (a member's change
+    regenerates the member's docs, not the class's)."""
+    inner = [t["start"] for t in symbols if s["start"] < t["start"] <= s["end"] and t["kind"] != "module"]
+    return max(s["start"], min(inner) - 1) if inner else s["end"]
+
+
+def callers_of(index: CodeIndex, name: str, limit: int = 8) -> list[str]:
+    """`path:line (in symbol)` of the calls to a name."""
+    out = [
+        f"{p}:{r['line']} (in {r['in']})"
+        for p, f in index.files.items()
+        for r in f["refs"]
+        if r["name"] == name and r["kind"] == "call"
+    ]
+    return out[:limit]
+
+
+def document(
+    root: Path,
+    index: CodeIndex,
+    targets: list[dict[str, Any]],
+    docs_dir: Path,
+    chat: Chat,
+    max_tokens: int,
+    force: bool,
+    progress: Callable[[float, str], None],
+) -> dict[str, Any]:
+    """Write Markdown for `targets` (one file's symbols, or one symbol), callee-first; reuse unchanged ones."""
+    path = targets[0]["path"]
+    cache_file = docs_dir / f"{path}.json"
+    cache: dict[str, Any] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    lines = (root / path).read_text(errors="replace").splitlines()
+    ordered = callee_first(index, targets)
+    done: list[dict[str, Any]] = []
+    every_sym = index.files[path]["symbols"]
+    for i, s in enumerate(ordered):
+        sha = span_sha(lines, s["start"], own_end(s, every_sym))
+        entry = cache.get(s["qualname"])
+        if entry is None or entry["sha"] != sha or force:
+            callees = [
+                q for r in index.files[path]["refs"] if r["in"] == s["qualname"] and r["kind"] == "call"
+                for q, e in cache.items() if q.rsplit(".", 1)[-1] == r["name"] and q != s["qualname"]
+            ]  # fmt: skip
+            known = "\n".join(f"- {q}: {cache[q]['summary']}" for q in dict.fromkeys(callees))
+            code = "\n".join(lines[s["start"] - 1 : s["end"]])[:2500]
+            prompt = f"Code of {s['kind']} {s['qualname']} in {path}:\n```\n{code}\n```\n"
+            if known:
+                prompt += f"It calls these (already documented):\n{known}\n"
+            prompt += "Describe what it does, its parameters and what it returns, in two to four sentences."
+            messages = [
+                {"role": "system", "content": "You write short, accurate documentation for source code."},
+                {"role": "user", "content": prompt},
+            ]
+            text = chat(messages, max_tokens)["choices"][0]["message"]["content"].strip()
+            entry = {"sha": sha, "text": text, "summary": text.split("\n", 1)[0][:200]}
+            cache[s["qualname"]] = entry
+            regenerated = True
+        else:
+            regenerated = False
+        done.append({"qualname": s["qualname"], "kind": s["kind"], "regenerated": regenerated})
+        progress((i + 1) / len(ordered), f"documented {s['qualname']} ({i + 1}/{len(ordered)})")
+
+    def section(s: dict[str, Any]) -> str:
+        callers = callers_of(index, s["name"])
+        return (
+            f"## `{s['qualname']}` ({s['kind']})\n\n```\n{s['signature']}\n```\n\n{cache[s['qualname']]['text']}\n\n"
+            f"*Defined at `{path}:{s['start']}-{s['end']}`.*"
+            + (f" *Called from:* {', '.join(f'`{c}`' for c in callers)}." if callers else "")
+            + "\n"
+        )
+
+    head = f"# `{path}`\n"
+    markdown = "\n".join([head, *(section(s) for s in sorted(ordered, key=lambda s: s["start"]))])
+    every = [s for s in index.files[path]["symbols"] if s["qualname"] in cache and s["kind"] != "module"]
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps(cache))
+    doc_file = docs_dir / f"{path}.md"  # the file gathers every symbol of the module documented so far
+    doc_file.write_text("\n".join([head, *(section(s) for s in sorted(every, key=lambda s: s["start"]))]))
+    return {
+        "path": path,
+        "doc_file": str(doc_file),
+        "symbols": done,
+        "regenerated": sum(d["regenerated"] for d in done),
+        "reused": sum(not d["regenerated"] for d in done),
+        "markdown": markdown,
+    }

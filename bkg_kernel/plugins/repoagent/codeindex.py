@@ -1,0 +1,202 @@
+"""The code index of a workspace: per file its content hash, symbols, references and chunks, kept in
+`<work_dir>/workspaces/<name>/index.json`, with the chunks embedded into the store collection
+`repo-<name>` (vectors + BM25 text).
+
+Incremental: a file whose size and mtime are unchanged is not read; one whose content hash is unchanged
+is not parsed; only changed files are parsed and re-embedded, and deleted files leave the collection.
+Code is chunked by symbol (a function or method each, a class's head, a module's head); files without a
+grammar are chunked in windows of lines, so they are still found as text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bkg_kernel.plugins.repoagent.parsing import language_of, parse
+from bkg_kernel.plugins.repoagent.workspace import BINARY_SNIFF, is_binary
+
+INDEX_VERSION = 1
+CHUNK_CHARS = 1600  # text embedded per chunk; the citation span stays the symbol's whole span
+WINDOW_LINES = 60
+MODULE_HEAD_LINES = 40
+UPSERT_BATCH = 512
+TEXT_SUFFIXES = {
+    ".md", ".rst", ".txt", ".toml", ".cfg", ".ini", ".yaml", ".yml", ".json", ".sh", ".sql", ".html", ".css",
+    ".scss", ".rb", ".php", ".kt", ".swift", ".scala", ".lua", ".r", ".jl", ".cs", ".m", ".pl", ".ex", ".exs",
+}  # fmt: skip
+
+
+@dataclass
+class CodeIndex:
+    """A workspace's index, in memory."""
+
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    indexed_at: float | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> CodeIndex:
+        """Read it (an empty index when missing or from another version)."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return cls()
+        if data.get("version") != INDEX_VERSION:
+            return cls()
+        return cls(files=data["files"], indexed_at=data.get("indexed_at"))
+
+    def save(self, path: Path) -> None:
+        """Write it atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": INDEX_VERSION, "indexed_at": self.indexed_at, "files": self.files}))
+        tmp.replace(path)
+
+    def symbols(self) -> list[dict[str, Any]]:
+        """Every symbol of every file."""
+        return [s for f in self.files.values() for s in f["symbols"]]
+
+    def refs(self) -> list[dict[str, Any]]:
+        """Every reference, with its file."""
+        return [{**r, "path": p} for p, f in self.files.items() for r in f["refs"]]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for status pages: files, symbols, references, chunks, languages, parse errors."""
+        langs: dict[str, int] = {}
+        for f in self.files.values():
+            key = f["language"] or "text"
+            langs[key] = langs.get(key, 0) + 1
+        return {
+            "indexed_at": self.indexed_at,
+            "files": len(self.files),
+            "symbols": sum(len(f["symbols"]) for f in self.files.values()),
+            "refs": sum(len(f["refs"]) for f in self.files.values()),
+            "chunks": sum(len(f["chunks"]) for f in self.files.values()),
+            "languages": dict(sorted(langs.items(), key=lambda kv: -kv[1])),
+            "parse_errors": {p: f["error"] for p, f in self.files.items() if f.get("error")},
+        }
+
+
+def words(name: str) -> str:
+    """Split an identifier into words for BM25: `get_encoding_from_headers` -> `get encoding from headers`."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name.replace("_", " ").replace(".", " "))
+    return " ".join(spaced.lower().split())
+
+
+def chunks_for(path: str, source: str, parsed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chunks of one file: `{start, end, kind, symbol, text}` (text is what gets embedded)."""
+    lines = source.splitlines()
+    out: list[dict[str, Any]] = []
+
+    def add(start: int, end: int, kind: str, symbol: str, head: str) -> None:
+        body = "\n".join(lines[start - 1 : end])
+        text = f"{head}\n{body}"
+        out.append({"start": start, "end": end, "kind": kind, "symbol": symbol, "text": text[:CHUNK_CHARS]})
+
+    symbols = [s for s in parsed["symbols"] if s["kind"] != "module"]
+    if parsed["language"] is None or not symbols and not parsed["symbols"]:
+        step = WINDOW_LINES - 10
+        for a in range(1, max(len(lines), 1) + 1, step):
+            b = min(len(lines), a + WINDOW_LINES - 1)
+            add(a, max(a, b), "text", "", f"{path} lines {a}-{b}")
+            if b >= len(lines):
+                break
+        return out
+    mod = parsed["symbols"][0]
+    first = min((s["start"] for s in symbols), default=len(lines) + 1)
+    head_end = max(1, min(len(lines), MODULE_HEAD_LINES, first - 1 if first > 1 else MODULE_HEAD_LINES))
+    add(1, head_end, "module", mod["qualname"], f"{path} module {mod['qualname']} ({words(mod['qualname'])})")
+    for s in symbols:
+        end = s["end"]
+        if s["kind"] in ("class", "interface", "trait", "struct", "impl"):
+            inner = [t["start"] for t in symbols if s["start"] < t["start"] <= s["end"]]
+            end = max(s["start"], min(inner) - 1) if inner else s["end"]
+        head = f"{path} {s['kind']} {s['qualname']} ({words(s['qualname'])})"
+        if s["doc"]:
+            head += f"\n{s['doc'][:400]}"
+        add(s["start"], end, s["kind"], s["qualname"], head)
+    return out
+
+
+def indexable(path: str) -> bool:
+    """Say whether a file is indexed: a language with a grammar or a common text format."""
+    return language_of(path) is not None or Path(path).suffix.lower() in TEXT_SUFFIXES or Path(path).name in (
+        "README", "Makefile", "Dockerfile", "LICENSE",
+    )  # fmt: skip
+
+
+def update(
+    root: Path,
+    names: list[str],
+    index: CodeIndex,
+    max_file_bytes: int,
+    progress: Callable[[float, str], None],
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], list[str]]:
+    """Bring `index` up to date with the files `names` under `root`.
+
+    Returns the new chunks of each changed file, the chunk count each changed or removed file had before
+    (to delete surplus points) and the removed files.
+    """
+    changed: dict[str, list[dict[str, Any]]] = {}
+    before: dict[str, int] = {}
+    wanted = [n for n in names if indexable(n)]
+    keep = set(wanted)
+    removed = [p for p in index.files if p not in keep]
+    for p in removed:
+        before[p] = len(index.files.pop(p)["chunks"])
+    total = max(len(wanted), 1)
+    t_report = 0.0
+    for i, rel in enumerate(wanted):
+        full = root / rel
+        try:
+            st = full.stat()
+        except OSError:
+            continue
+        old = index.files.get(rel)
+        if old is not None and old["mtime_ns"] == st.st_mtime_ns and old["size"] == st.st_size:
+            continue
+        if st.st_size > max_file_bytes:
+            if old is not None:
+                before[rel] = len(index.files.pop(rel)["chunks"])
+            continue
+        try:
+            data = full.read_bytes()
+        except OSError:
+            continue
+        if is_binary(data[:BINARY_SNIFF]):
+            continue
+        sha = hashlib.sha1(data).hexdigest()
+        if old is not None and old["sha"] == sha:
+            old.update(mtime_ns=st.st_mtime_ns, size=st.st_size)
+            continue
+        source = data.decode("utf-8", errors="replace")
+        parsed = parse(rel, source)
+        chunks = chunks_for(rel, source, parsed)
+        src_lines = source.splitlines()
+        for c in chunks:  # what a citation of this chunk must still find in the file
+            c["sha"] = span_sha(src_lines, c["start"], c["end"])
+        if old is not None:
+            before[rel] = len(old["chunks"])
+        index.files[rel] = {
+            "sha": sha, "mtime_ns": st.st_mtime_ns, "size": st.st_size, "language": parsed["language"],
+            "symbols": parsed["symbols"], "refs": parsed["refs"], "error": parsed["error"],
+            "chunks": [{k: v for k, v in c.items() if k != "text"} for c in chunks],
+        }  # fmt: skip
+        changed[rel] = chunks
+        now = time.monotonic()
+        if now - t_report > 0.5:
+            t_report = now
+            progress(0.5 * (i + 1) / total, f"parsed {i + 1}/{len(wanted)} files ({len(changed)} changed)")
+    return changed, before, removed
+
+
+def span_sha(source_lines: list[str], start: int, end: int) -> str:
+    """The hash `update` stores for a chunk's lines, to check that a citation still holds its code."""
+    return hashlib.sha1("\n".join(source_lines[start - 1 : end]).encode()).hexdigest()

@@ -1,0 +1,521 @@
+"""repoagent: a sandboxed code-repository workspace with a code index, a repo map and cited answers (worker).
+
+Workspaces are folders under the `repo_roots` setting. File operations stay inside them (403 otherwise),
+commands come from an allow-list and run in a process-level sandbox, commits are real git commits by the
+caller. `repo.index` parses Python with `ast` and other languages with tree-sitter grammar wheels, and
+embeds chunks (one per symbol) into the store collection `repo-<name>`; `repo.map`, `repo.ask` and
+`repo.document` build on it. Every capability needs `repo:use`; the store and the LLM are reached as the
+caller, so indexing also needs `collections:write` and asking `llm:use`.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import fnmatch
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+
+from bkg_kernel.errors import AlreadyExists, Forbidden, InvalidInput, NotFound
+from bkg_kernel.models.registry import ModelRegistry
+from bkg_kernel.plugins.repoagent import answers, codeindex, gitops, repomap, sandbox
+from bkg_kernel.plugins.repoagent.codeindex import CodeIndex
+from bkg_kernel.plugins.repoagent.schemas import (
+    AskRequest,
+    CommandRequest,
+    CommitRequest,
+    DiffRequest,
+    DocumentRequest,
+    IndexRequest,
+    MapRequest,
+    ReadRequest,
+    RefsRequest,
+    RepoSettings,
+    Result,
+    SearchRequest,
+    SymbolsRequest,
+    TreeRequest,
+    WorkspaceRequest,
+    WriteRequest,
+)  # fmt: skip
+from bkg_kernel.plugins.repoagent.workspace import Ignore, Workspace, is_binary, list_files, read_text
+from bkg_kernel.runtime.contract import GatewayAPI, Plugin, Progress, capability
+from bkg_kernel.runtime.storehandle import StoreHandle
+
+MAX_LINE_CHARS = 2000  # search reads at most this much of one line
+
+
+class RepoAgent(Plugin):
+    """Workspaces, file operations, allow-listed commands, git, a code index, a repo map, answers and docs."""
+
+    id = "repoagent"
+    name = "repoagent"
+    version = "0.1.0"
+    description = (
+        "Sandboxed code-repository workspaces: tree, read, write, search, allow-listed commands, git diff and "
+        "commit; a code index (ast + tree-sitter), a PageRank repo map, answers with verified path:line "
+        "citations and callee-first docs from the local LLM."
+    )
+    mode = "worker"
+    Settings = RepoSettings
+    settings: RepoSettings
+
+    @classmethod
+    def routes(cls, api: GatewayAPI) -> APIRouter:
+        """Mount `/api/repo/{workspace}/run/{name}`: a command's output streamed as server-sent events."""
+        from bkg_kernel.plugins.repoagent import routes
+
+        return routes.build(api)
+
+    def start(self) -> None:
+        assert self.context is not None
+        self.home = self.context.work_dir
+        self.registry_path = self.home / "workspaces.json"
+        self.lock = threading.RLock()
+        self.index_locks: dict[str, threading.Lock] = {}
+        self.indexes: dict[str, CodeIndex] = {}
+        self.workspaces: dict[str, Workspace] = {}
+        if self.registry_path.exists():
+            for d in json.loads(self.registry_path.read_text()):
+                ws = Workspace(d["name"], Path(d["path"]), d["git"], d.get("added_by", ""), d.get("added_at", 0.0))
+                ws.info = {k: v for k, v in d.items() if k not in ("name", "path", "git", "added_by", "added_at")}
+                self.workspaces[ws.name] = ws
+        self.roots = [Path(r).expanduser().resolve() for r in self.settings.repo_roots] or [
+            (self.context.data_dir / "repos").resolve()
+        ]
+        self.roots[0].mkdir(parents=True, exist_ok=True)
+        self.ignore = Ignore(self.settings.ignore)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @property
+    def store(self) -> StoreHandle:
+        """The store, as the caller of the running call."""
+        assert self.context is not None
+        return self.context.store
+
+    def _caller(self) -> str:
+        assert self.context is not None
+        who = self.context.caller
+        return who.username if who is not None else "bkg"
+
+    def _save(self) -> None:
+        tmp = self.registry_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([w.to_dict() for w in self.workspaces.values()], indent=1))
+        tmp.replace(self.registry_path)
+
+    def _ws(self, name: str) -> Workspace:
+        ws = self.workspaces.get(name)
+        if ws is None:
+            raise NotFound(f"workspace {name!r} does not exist (add it with repo.workspace)", field="workspace")
+        if not ws.path.is_dir():
+            raise NotFound(f"workspace {name!r}: its folder {ws.path} is gone", field="workspace")
+        return ws
+
+    def _dir(self, ws: Workspace) -> Path:
+        return self.home / "workspaces" / ws.name
+
+    def _index(self, ws: Workspace, need: bool = True) -> CodeIndex:
+        with self.lock:
+            if ws.name not in self.indexes:
+                self.indexes[ws.name] = CodeIndex.load(self._dir(ws) / "index.json")
+            idx = self.indexes[ws.name]
+        if need and not idx.files:
+            raise NotFound(f"workspace {ws.name!r} is not indexed yet (run repo.index)", field="workspace")
+        return idx
+
+    def _files(self, ws: Workspace) -> list[str]:
+        return list_files(ws, self.ignore, self.settings.max_files)
+
+    def _collection(self, ws: Workspace) -> str:
+        return f"repo-{ws.name}"
+
+    def _chat(self, messages: list[dict[str, str]], max_tokens: int, route: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        if self.settings.llm_model:
+            body["model"] = self.settings.llm_model
+        return self.store.chat(body, route=route)
+
+    # -- workspace and files ----------------------------------------------------------------------
+    @capability("repo.workspace", scope="repo:use")
+    def workspace(self, inp: WorkspaceRequest) -> Result:
+        """Add a folder under a repo root as a workspace, list them, describe one, or remove one (files stay)."""
+        if inp.action == "list":
+            with self.lock:
+                return Result(
+                    workspaces=[w.to_dict() for w in self.workspaces.values()], roots=list(map(str, self.roots))
+                )
+        assert inp.name is not None
+        if inp.action == "add":
+            return self._add(inp.name, inp.path or "")
+        ws = self._ws(inp.name) if inp.action == "describe" else self.workspaces.get(inp.name)
+        if ws is None:
+            raise NotFound(f"workspace {inp.name!r} does not exist", field="name")
+        if inp.action == "describe":
+            return Result(**ws.to_dict(), index=self._index(ws, need=False).summary())
+        with contextlib.suppress(NotFound):
+            self.store.drop_collection(self._collection(ws))
+        with self.lock:
+            self.workspaces.pop(ws.name, None)
+            self.indexes.pop(ws.name, None)
+            self._save()
+        import shutil
+
+        shutil.rmtree(self._dir(ws), ignore_errors=True)
+        return Result(removed=ws.name, path=str(ws.path), files_kept=True)
+
+    def _add(self, name: str, path: str) -> Result:
+        if "\0" in path:
+            raise InvalidInput("a path cannot contain NUL", field="path")
+        raw = Path(path).expanduser()
+        folder = (raw if raw.is_absolute() else self.roots[0] / raw).resolve()
+        if not any(folder == r or r in folder.parents for r in self.roots):
+            roots = ", ".join(map(str, self.roots))
+            raise Forbidden(f"{folder} is outside the repo roots ({roots}): set repo_roots to allow it", field="path")
+        if not folder.is_dir():
+            raise NotFound(f"{folder} is not a folder", field="path")
+        with self.lock:
+            if name in self.workspaces:
+                raise AlreadyExists(f"workspace {name!r} already exists", field="name")
+            ws = Workspace(name, folder, (folder / ".git").exists(), self._caller(), time.time())
+            files = self._files(ws)  # 422 past max_files: before anything is written
+            ws.info = {"file_count": len(files)}
+            self.workspaces[name] = ws
+            self._save()
+        return Result(**ws.to_dict())
+
+    @capability("repo.tree", scope="repo:use")
+    def tree(self, inp: TreeRequest) -> Result:
+        """The files and folders under a path, `depth` levels deep, as entries and as an indented text."""
+        ws = self._ws(inp.workspace)
+        base = ws.resolve(inp.path)
+        if not base.is_dir():
+            raise InvalidInput(f"{inp.path!r} is not a folder", field="path")
+        prefix = "" if base == ws.path else ws.rel(base) + "/"
+        entries: dict[str, dict[str, Any]] = {}
+        truncated = False
+        for rel in self._files(ws):
+            if not rel.startswith(prefix):
+                continue
+            parts = rel[len(prefix) :].split("/")
+            for depth in range(1, min(len(parts), inp.depth) + 1):
+                key = prefix + "/".join(parts[:depth])
+                if key in entries:
+                    continue
+                if len(entries) >= inp.limit:
+                    truncated = True
+                    break
+                is_file = depth == len(parts)
+                size = (ws.path / key).stat().st_size if is_file and (ws.path / key).exists() else None
+                entries[key] = {"path": key, "type": "file" if is_file else "dir", "depth": depth, "size": size}
+        items = sorted(entries.values(), key=lambda e: e["path"])
+        text = "\n".join(
+            "    " * (e["depth"] - 1) + e["path"].rsplit("/", 1)[-1] + ("/" if e["type"] == "dir" else "")
+            for e in items
+        )
+        if not items:
+            text = "(no files here: empty, or every file is ignored)"
+        return Result(workspace=ws.name, path=inp.path, entries=items, text=text, truncated=truncated)
+
+    @capability("repo.file.read", scope="repo:use")
+    def read(self, inp: ReadRequest) -> Result:
+        """Lines `start_line`..`end_line` of a text file (at most `read_window`), numbered."""
+        ws = self._ws(inp.workspace)
+        full = ws.resolve(inp.path)
+        text = read_text(full, self.settings.max_file_bytes)
+        lines = text.splitlines()
+        start = inp.start_line
+        end = min(inp.end_line or start + self.settings.read_window - 1, start + self.settings.read_window - 1)
+        if end < start:
+            raise InvalidInput("end_line is before start_line", field="end_line")
+        if lines and start > len(lines):
+            raise InvalidInput(
+                f"{inp.path} has {len(lines)} lines; start_line {start} is past its end", field="start_line"
+            )
+        end = min(end, len(lines))
+        window = lines[start - 1 : end]
+        numbered = "\n".join(f"{n:>6}| {ln}" for n, ln in zip(range(start, end + 1), window, strict=False))
+        return Result(
+            workspace=ws.name, path=ws.rel(full), start_line=start, end_line=end, total_lines=len(lines),
+            content="\n".join(window), text=numbered or "(empty file)", more=end < len(lines),
+        )  # fmt: skip
+
+    @capability("repo.file.write", scope="repo:use")
+    def write(self, inp: WriteRequest) -> Result:
+        """Write text (overwrite, append or create); Python that does not parse is refused unless `force`."""
+        ws = self._ws(inp.workspace)
+        full = ws.resolve(inp.path)
+        rel = ws.rel(full)
+        if rel == "." or rel == ".git" or rel.startswith(".git/"):
+            raise Forbidden(f"{inp.path!r} is not writable: .git and the workspace folder itself are off limits")
+        if "\0" in inp.content:
+            raise InvalidInput("content holds NUL bytes: binary files are not written", field="content")
+        if len(inp.content.encode()) > self.settings.max_file_bytes:
+            raise InvalidInput(f"content is over max_file_bytes {self.settings.max_file_bytes}", field="content")
+        exists = full.exists()
+        if exists and full.is_dir():
+            raise InvalidInput(f"{inp.path!r} is a folder", field="path")
+        if inp.mode == "create" and exists:
+            raise AlreadyExists(f"{rel} already exists (mode create)", field="path")
+        if exists and is_binary(full.read_bytes()[:8192]):
+            raise InvalidInput(f"{rel} is a binary file: it is not written as text", field="path")
+        new = (full.read_text() if exists and inp.mode == "append" else "") + inp.content
+        if full.suffix in (".py", ".pyi") and not inp.force:
+            try:
+                ast.parse(new, filename=rel)
+            except SyntaxError as exc:
+                raise InvalidInput(
+                    f"{rel} would not parse: line {exc.lineno}: {exc.msg} (send force=true to write it anyway)",
+                    field="content",
+                ) from None
+        full.parent.mkdir(parents=True, exist_ok=True)
+        if full.parent.resolve() != full.parent or ws.path not in full.parents:  # a folder link made meanwhile
+            raise Forbidden(f"{inp.path!r} leads outside the workspace", field="path")
+        tmp = full.with_name(f".{full.name}.bkg-{os.getpid()}.tmp")
+        tmp.write_text(new)
+        if exists:
+            os.chmod(tmp, full.stat().st_mode & 0o7777)
+        tmp.replace(full)
+        return Result(
+            workspace=ws.name, path=rel, mode=inp.mode, created=not exists, bytes=len(new.encode()),
+            lines=new.count("\n") + (0 if new.endswith("\n") or not new else 1),
+        )  # fmt: skip
+
+    @capability("repo.search", scope="repo:use")
+    def search(self, inp: SearchRequest) -> Result:
+        """Lines matching a literal or a regex (path, line number, line); files matched; explicit when none."""
+        ws = self._ws(inp.workspace)
+        flags = 0 if inp.case_sensitive else re.IGNORECASE
+        try:
+            pattern = re.compile(inp.query if inp.regex else re.escape(inp.query), flags)
+        except re.error as exc:
+            raise InvalidInput(f"not a regular expression: {exc}", field="query") from None
+        hits: list[dict[str, Any]] = []
+        files: dict[str, int] = {}
+        truncated = False
+        for rel in self._files(ws):
+            if inp.glob and not (fnmatch.fnmatch(rel, inp.glob) or fnmatch.fnmatch(rel.rsplit("/", 1)[-1], inp.glob)):
+                continue
+            full = ws.path / rel
+            try:
+                if full.stat().st_size > self.settings.max_file_bytes:
+                    continue
+                data = full.read_bytes()
+            except OSError:
+                continue
+            if is_binary(data):
+                continue
+            for n, line in enumerate(data.decode(errors="replace").splitlines(), start=1):
+                if pattern.search(line[:MAX_LINE_CHARS]):
+                    files[rel] = files.get(rel, 0) + 1
+                    if len(hits) < inp.limit:
+                        hits.append({"path": rel, "line": n, "text": line[:MAX_LINE_CHARS]})
+                    else:
+                        truncated = True
+        message = f"{sum(files.values())} matches in {len(files)} files" if files else f"no matches for {inp.query!r}"
+        return Result(workspace=ws.name, query=inp.query, hits=hits, files=files, truncated=truncated, message=message)
+
+    # -- git and commands -------------------------------------------------------------------------
+    def _git_ws(self, name: str) -> Workspace:
+        ws = self._ws(name)
+        if not (ws.path / ".git").exists():
+            raise InvalidInput(f"workspace {name!r} is not a git repository", field="workspace")
+        return ws
+
+    def _rel_paths(self, ws: Workspace, paths: list[str]) -> list[str]:
+        return [ws.rel(ws.resolve(p, f"paths.{i}")) for i, p in enumerate(paths)]
+
+    @capability("repo.diff", scope="repo:use")
+    def diff(self, inp: DiffRequest) -> Result:
+        """Uncommitted changes against HEAD (untracked files shown whole) and each changed file's status."""
+        ws = self._git_ws(inp.workspace)
+        return Result(workspace=ws.name, **gitops.diff(ws.path, self._rel_paths(ws, inp.paths)))
+
+    @capability("repo.commit", scope="repo:use")
+    def commit(self, inp: CommitRequest) -> Result:
+        """Commit the changes in `paths` (default: all) with git, authored by the caller; hooks do not run."""
+        ws = self._git_ws(inp.workspace)
+        with self._index_lock(ws):
+            out = gitops.commit(ws.path, inp.message, self._rel_paths(ws, inp.paths), inp.signoff, self._caller())
+        return Result(workspace=ws.name, **out)
+
+    @capability("repo.command", scope="repo:use", job=True)
+    def command(self, inp: CommandRequest, progress: Progress) -> Result:
+        """Run an allow-listed command in the workspace, sandboxed; its output streams as job progress."""
+        ws = self._ws(inp.workspace)
+        spec = self.settings.commands.get(inp.name)
+        if spec is None:
+            allowed = ", ".join(sorted(self.settings.commands)) or "none"
+            raise Forbidden(f"command {inp.name!r} is not on the allow-list (allowed: {allowed})", field="name")
+        env = sandbox.scrubbed_env(ws.path, spec.env)
+        argv = sandbox.build_argv(inp.name, spec, inp.args, env)
+        progress(0.0, f"$ {' '.join([inp.name, *inp.args])}\n")
+        t0 = time.monotonic()
+
+        def out(text: str) -> None:
+            progress(min(0.99, (time.monotonic() - t0) / spec.timeout_s), text)
+
+        outcome = sandbox.run(argv, ws.path, env, spec.timeout_s, self.settings.limits, out)
+        self.log.info("%s ran %s in %s: exit %s", self._caller(), inp.name, ws.name, outcome.exit_code)
+        return Result(workspace=ws.name, name=inp.name, args=inp.args, **outcome.to_dict())
+
+    # -- code intelligence ------------------------------------------------------------------------
+    def _index_lock(self, ws: Workspace) -> threading.Lock:
+        with self.lock:
+            return self.index_locks.setdefault(ws.name, threading.Lock())
+
+    def _ensure_collection(self, ws: Workspace) -> None:
+        name = self._collection(ws)
+        try:
+            self.store.describe(name)
+            return
+        except NotFound:
+            pass
+        assert self.context is not None and self.context.model_dir is not None
+        spec = self.settings.embed_model
+        meta = ModelRegistry(self.context.model_dir).get(spec.partition(":")[2]).meta
+        dim = meta.get("hidden_size") or meta.get("embedding_length")
+        if not dim:
+            raise InvalidInput(f"cannot tell the embedding size of {spec!r}", field="embed_model")
+        self.store.create_collection(name, int(dim), embed_model=spec)
+
+    @capability("repo.index", scope="repo:use", job=True)
+    def index(self, inp: IndexRequest, progress: Progress) -> Result:
+        """Parse changed files (ast / tree-sitter), embed their symbol chunks into repo-<name>; drop removed ones."""
+        ws = self._ws(inp.workspace)
+        t0 = time.perf_counter()
+        with self._index_lock(ws):
+            idx = CodeIndex() if inp.full else self._index(ws, need=False)
+            if inp.full:
+                idx.files = {}
+            progress(0.0, f"listing the files of {ws.name}")
+            names = self._files(ws)
+            self._ensure_collection(ws)
+            changed, before, removed = codeindex.update(ws.path, names, idx, self.settings.max_file_bytes, progress)
+            fields = ("start", "end", "kind", "symbol")
+            points = [
+                {"id": f"{path}#{i}", "text": c["text"], "payload": {"path": path, **{k: c[k] for k in fields}}}
+                for path, chunks in changed.items()
+                for i, c in enumerate(chunks)
+            ]
+            col = self._collection(ws)
+            for a in range(0, len(points), codeindex.UPSERT_BATCH):  # new chunks first, then the surplus old ones
+                self.store.upsert(col, points[a : a + codeindex.UPSERT_BATCH])
+                progress(0.5 + 0.5 * (a + codeindex.UPSERT_BATCH) / len(points), f"embedded {a}/{len(points)} chunks")
+            stale = [f"{p}#{i}" for p, n in before.items() for i in range(len(changed.get(p, [])), n)]
+            for a in range(0, len(stale), 1000):
+                self.store.delete(col, stale[a : a + 1000])
+            idx.indexed_at = time.time()
+            idx.save(self._dir(ws) / "index.json")
+            with self.lock:
+                self.indexes[ws.name] = idx
+                ws.info = {"file_count": len(names), **{k: v for k, v in idx.summary().items() if k != "parse_errors"}}
+                self._save()
+        took = time.perf_counter() - t0
+        progress(1.0, f"indexed {len(changed)} changed files in {took:.1f} s")
+        return Result(
+            workspace=ws.name, files=len(idx.files), changed=sorted(changed), removed=removed, embedded=len(points),
+            took_s=round(took, 3), **{k: v for k, v in idx.summary().items() if k != "files"},
+        )  # fmt: skip
+
+    @capability("repo.symbols", scope="repo:use")
+    def symbols(self, inp: SymbolsRequest) -> Result:
+        """Symbols whose name matches `query` (exact, prefix, then substring), or every symbol of `path`."""
+        ws = self._ws(inp.workspace)
+        idx = self._index(ws)
+        found = [s for s in idx.symbols() if not inp.kind or s["kind"] == inp.kind]
+        if inp.path:
+            rel = ws.rel(ws.resolve(inp.path))
+            found = [s for s in found if s["path"] == rel or s["path"].startswith(rel.rstrip("/") + "/") or rel == "."]
+        if inp.query:
+            q = inp.query.lower()
+
+            def grade(s: dict[str, Any]) -> int:
+                name, qual = s["name"].lower(), s["qualname"].lower()
+                if q in (name, qual):
+                    return 0
+                if name.startswith(q) or qual.startswith(q):
+                    return 1
+                return 2 if q in qual else 3
+
+            found = sorted((s for s in found if grade(s) < 3), key=lambda s: (grade(s), len(s["qualname"]), s["path"]))
+        out = found[: inp.limit]
+        return Result(workspace=ws.name, symbols=out, total=len(found), message=None if out else "no symbols match")
+
+    @capability("repo.refs", scope="repo:use")
+    def refs(self, inp: RefsRequest) -> Result:
+        """Where a symbol is defined, and every call, import or use of its name (with the enclosing symbol)."""
+        ws = self._ws(inp.workspace)
+        idx = self._index(ws)
+        name = inp.symbol.rsplit(".", 1)[-1]
+        defs = [s for s in idx.symbols() if s["qualname"] == inp.symbol or s["name"] == inp.symbol]
+        def_lines = {(d["path"], d["start"]) for d in defs}
+        uses = [r for r in idx.refs() if r["name"] == name and (r["path"], r["line"]) not in def_lines]
+        uses.sort(key=lambda r: (r["path"], r["line"], r["kind"]))
+        lines_of: dict[str, list[str]] = {}
+        out = []
+        for r in uses[: inp.limit]:
+            if r["path"] not in lines_of:
+                lines_of[r["path"]] = (ws.path / r["path"]).read_text(errors="replace").splitlines()
+            src = lines_of[r["path"]]
+            out.append({**r, "text": src[r["line"] - 1].strip() if r["line"] <= len(src) else ""})
+        callers = sorted({f"{r['path']}:{r['in']}" for r in uses if r["kind"] == "call"})
+        return Result(
+            workspace=ws.name, symbol=inp.symbol, definitions=defs, references=out, total=len(uses), callers=callers,
+            message=None if defs or uses else f"{inp.symbol!r} is neither defined nor used in the index",
+        )  # fmt: skip
+
+    @capability("repo.map", scope="repo:use")
+    def map(self, inp: MapRequest) -> Result:
+        """The best-ranked definitions (PageRank over references, personalised by `focus`), signatures only."""
+        ws = self._ws(inp.workspace)
+        return Result(workspace=ws.name, **repomap.build(self._index(ws), inp.budget_tokens, inp.focus))
+
+    def _search(self, ws: Workspace) -> Any:
+        def search(question: str, k: int) -> list[dict[str, Any]]:
+            return self.store.query(self._collection(ws), text=question, k=k, mode="hybrid")
+
+        return search
+
+    @capability("repo.ask", scope="repo:use")
+    def ask(self, inp: AskRequest) -> Result:
+        """Answer from the code (hybrid retrieval + repo map) with llmserver; citations are checked first."""
+        ws = self._ws(inp.workspace)
+        t0 = time.perf_counter()
+        out = answers.ask(
+            ws.path, self._index(ws), self._search(ws),
+            lambda m, n: self._chat(m, n, "repo.ask"), inp.question, inp.top_k, self.settings.ask_map_tokens,
+            self.settings.ask_max_tokens,
+        )  # fmt: skip
+        return Result(workspace=ws.name, **out, took_s=round(time.perf_counter() - t0, 3))
+
+    @capability("repo.document", scope="repo:use", job=True)
+    def document(self, inp: DocumentRequest, progress: Progress) -> Result:
+        """Markdown docs for a symbol or a file, callee-first, saved in the workspace's docs folder."""
+        ws = self._ws(inp.workspace)
+        idx = self._index(ws)
+        if inp.path:
+            rel = ws.rel(ws.resolve(inp.path))
+            if rel not in idx.files:
+                raise NotFound(f"{rel} is not in the index (an indexed source file?)", field="path")
+            targets = [s for s in idx.files[rel]["symbols"] if s["kind"] != "module"]
+            if not targets:
+                raise InvalidInput(f"{rel} defines no symbols to document", field="path")
+        else:
+            targets = [s for s in idx.symbols() if s["qualname"] == inp.symbol] or [
+                s for s in idx.symbols() if s["name"] == inp.symbol and s["kind"] != "module"
+            ]
+            if not targets:
+                raise NotFound(f"no symbol {inp.symbol!r} in the index", field="symbol")
+            targets = [t for t in targets if t["path"] == targets[0]["path"]][:1]
+        out = answers.document(
+            ws.path, idx, targets, self._dir(ws) / "docs", lambda m, n: self._chat(m, n, "repo.document"),
+            self.settings.doc_max_tokens, inp.force, progress,
+        )  # fmt: skip
+        return Result(workspace=ws.name, **out)

@@ -1,0 +1,178 @@
+"""Allow-listed commands, run as a process-level sandbox (no container engine runs here).
+
+A command is an argv template from the settings, never a shell line: extra arguments are appended as argv
+items only where the command allows them. The child runs in the workspace with a scrubbed environment,
+`resource` rlimits (CPU seconds, address space, file size, no core files), stdin closed, in its own
+process group; on timeout or cancel the whole group is killed, and after a normal exit too (so a
+daemonised grandchild does not outlive it). Output is read as it comes, handed to `on_output`, and kept up
+to a cap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from bkg_kernel.errors import Forbidden, InvalidInput
+
+
+class CommandSpec(BaseModel):
+    """One allow-listed command."""
+
+    argv: list[str] = Field(..., min_length=1, description="Program and fixed arguments (no shell).")
+    extra_args: bool = Field(False, description="Whether a caller may append arguments.")
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="Seconds before the process group is killed.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    description: str = ""
+
+
+class Limits(BaseModel):
+    """Resource limits of every command."""
+
+    cpu_seconds: int = Field(600, ge=1, le=86_400, description="RLIMIT_CPU of the child.")
+    memory_mb: int = Field(4096, ge=64, le=1_048_576, description="RLIMIT_AS (address space) of the child, MB.")
+    file_size_mb: int = Field(256, ge=1, le=1_048_576, description="RLIMIT_FSIZE: the largest file it may write.")
+    max_output_bytes: int = Field(1_000_000, ge=1_000, le=100_000_000, description="Output kept; the rest dropped.")
+
+
+def default_commands() -> dict[str, CommandSpec]:
+    """The allow-list a fresh install has: tests and read-only git views."""
+    return {
+        "pytest": CommandSpec(
+            argv=["python", "-m", "pytest", "-q", "-p", "no:cacheprovider"], extra_args=True, timeout_s=600,
+            description="Run the workspace's tests (extra args: test paths and pytest options).",
+        ),
+        "git-log": CommandSpec(argv=["git", "log", "--oneline", "-n", "30"], description="The last 30 commits."),
+        "git-status": CommandSpec(argv=["git", "status", "--short"], description="Changed files."),
+    }  # fmt: skip
+
+
+@dataclass
+class Outcome:
+    """What a command did."""
+
+    exit_code: int
+    output: str
+    truncated: bool
+    timed_out: bool
+    duration_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Describe it as JSON."""
+        return self.__dict__.copy()
+
+
+def scrubbed_env(cwd: Path, extra: dict[str, str]) -> dict[str, str]:
+    """A minimal environment: PATH (this Python's bin first), HOME in the workspace, no keys or tokens."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"])
+    env = {"PATH": path, "HOME": str(cwd), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.update({"GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0", "GIT_PAGER": "cat", "TERM": "dumb"})
+    return {**env, **extra}
+
+
+def build_argv(name: str, spec: CommandSpec, args: list[str], env: dict[str, str]) -> list[str]:
+    """The argv to run: the template, then the caller's arguments where allowed; argv[0] found on PATH."""
+    if args and not spec.extra_args:
+        raise Forbidden(f"command {name!r} takes no extra arguments", field="args")
+    for i, a in enumerate(args):
+        if "\0" in a or len(a) > 4096:
+            raise InvalidInput("an argument cannot contain NUL or exceed 4096 characters", field=f"args.{i}")
+    exe = shutil.which(spec.argv[0], path=env["PATH"])
+    if exe is None:
+        raise InvalidInput(f"command {name!r}: {spec.argv[0]!r} is not installed", field="name")
+    return [exe, *spec.argv[1:], *args]
+
+
+def run(
+    argv: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    timeout_s: float,
+    limits: Limits,
+    on_output: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Outcome:
+    """Run `argv` in its own process group with rlimits; kill the group on timeout or when `should_stop()`."""
+
+    mb = 1024 * 1024
+    rl = [limits.cpu_seconds, limits.memory_mb * mb, limits.file_size_mb * mb]
+    # The limits are set by a tiny exec wrapper, not a preexec_fn: forking a threaded worker and running
+    # Python in the child before exec can deadlock.
+    wrapped = [sys.executable, "-S", "-c", _LIMITER, *map(str, rl), *argv]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        wrapped, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True, close_fds=True,
+    )  # fmt: skip
+    kept: list[bytes] = []
+    size = [0, 0]  # kept bytes, total bytes
+
+    def pump() -> None:
+        stdout = proc.stdout
+        assert isinstance(stdout, io.BufferedReader)
+        for block in iter(lambda: stdout.read1(65536), b""):
+            size[1] += len(block)
+            room = limits.max_output_bytes - size[0]
+            if room > 0:
+                kept.append(block[:room])
+                size[0] += min(room, len(block))
+                if on_output is not None:
+                    on_output(block[:room].decode(errors="replace"))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = stopped = False
+    try:
+        while True:
+            try:
+                proc.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() - t0 > timeout_s:
+                    timed_out = True
+                    break
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+    finally:
+        _kill_group(proc.pid)  # children too, whether it ended, timed out or was stopped
+        proc.wait()
+        reader.join(5)
+    duration = time.monotonic() - t0
+    output = b"".join(kept).decode(errors="replace")
+    if timed_out:
+        output += f"\n[killed after {timeout_s:g} s: the command and its children were stopped]\n"
+    elif stopped:
+        output += "\n[cancelled: the command and its children were stopped]\n"
+    if size[1] > size[0]:
+        output += f"\n[output cut at {limits.max_output_bytes} bytes of {size[1]}]\n"
+    return Outcome(proc.returncode, output, size[1] > size[0], timed_out, round(duration, 3))
+
+
+_LIMITER = """
+import os, resource, sys
+cpu, mem, fsize = (int(v) for v in sys.argv[1:4])
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+os.execv(sys.argv[4], sys.argv[4:])
+"""
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)

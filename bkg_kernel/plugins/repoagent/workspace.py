@@ -1,0 +1,197 @@
+"""A workspace: a directory under one of the `repo_roots`, its files (ignore rules honoured) and confined paths.
+
+Every path a caller names is resolved (symlinks followed) and must stay inside the workspace, else 403;
+`.git/` is never written. The file list comes from `git ls-files` in a git repository (git's own
+`.gitignore` semantics, nested files included) and from a walk with `pathspec` elsewhere; the `ignore`
+setting applies to both.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from bkg_kernel.errors import Forbidden, InvalidInput, NotFound
+
+BINARY_SNIFF = 8192
+
+
+@dataclass
+class Workspace:
+    """One registered workspace."""
+
+    name: str
+    path: Path
+    git: bool
+    added_by: str = ""
+    added_at: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)  # index status: indexed_at, files, symbols
+
+    def to_dict(self) -> dict[str, Any]:
+        """Describe it as JSON."""
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "git": self.git,
+            "added_by": self.added_by,
+            "added_at": self.added_at,
+            **self.info,
+        }
+
+    def resolve(self, rel: str, field_name: str = "path") -> Path:
+        """Return the absolute path of `rel` inside the workspace; refuse anything that leaves it (403)."""
+        if "\0" in rel:
+            raise InvalidInput("a path cannot contain NUL", field=field_name)
+        if len(rel) > 4096:
+            raise InvalidInput("a path is at most 4096 characters", field=field_name)
+        if rel.startswith(("/", "\\", "~")) or PurePosixPath(rel).is_absolute() or (len(rel) > 1 and rel[1] == ":"):
+            raise Forbidden(f"{rel!r} is absolute: paths are relative to the workspace", field=field_name)
+        full = (self.path / rel).resolve()
+        if full != self.path and self.path not in full.parents:
+            raise Forbidden(f"{rel!r} leads outside the workspace {self.name!r}", field=field_name)
+        return full
+
+    def rel(self, full: Path) -> str:
+        """Return the workspace-relative POSIX path of an absolute path inside it."""
+        return full.relative_to(self.path).as_posix() or "."
+
+
+class Ignore:
+    """The `ignore` setting's patterns (gitignore syntax) plus, outside git, each folder's `.gitignore`."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        import pathspec
+
+        self.spec = pathspec.PathSpec.from_lines("gitwildmatch", patterns)
+        self.pathspec = pathspec
+
+    def skip(self, rel: str, is_dir: bool = False) -> bool:
+        """Say whether a workspace-relative path is ignored by the setting."""
+        return bool(self.spec.match_file(rel + "/" if is_dir else rel))
+
+    def walk(self, root: Path, limit: int) -> Iterator[str]:
+        """Yield relative file paths under `root`, honouring nested `.gitignore` files (no symlinked folders)."""
+        stack: list[tuple[Path, list[tuple[str, Any]]]] = [(root, [])]
+        seen = 0
+        while stack:
+            folder, rules = stack.pop()
+            gi = folder / ".gitignore"
+            if gi.is_file():
+                try:
+                    lines = gi.read_text(errors="replace").splitlines()
+                    rules = [
+                        *rules,
+                        (folder.relative_to(root).as_posix(), self.pathspec.GitIgnoreSpec.from_lines(lines)),
+                    ]
+                except OSError:
+                    pass
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue
+            subdirs = []
+            for e in entries:
+                rel = (folder / e.name).relative_to(root).as_posix()
+                is_dir = e.is_dir(follow_symlinks=False)
+                if e.name == ".git" or self.skip(rel, is_dir) or _ignored_by(rules, rel, is_dir):
+                    continue
+                if is_dir:
+                    subdirs.append((folder / e.name, rules))
+                elif e.is_file():
+                    seen += 1
+                    if seen > limit:
+                        return
+                    yield rel
+            stack.extend(reversed(subdirs))
+
+
+def _ignored_by(rules: list[tuple[str, Any]], rel: str, is_dir: bool) -> bool:
+    for base, spec in rules:
+        sub = rel if base == "." else rel[len(base) + 1 :] if rel.startswith(base + "/") else None
+        if sub is not None and spec.match_file(sub + "/" if is_dir else sub):
+            return True
+    return False
+
+
+def git_files(root: Path, limit: int) -> list[str] | None:
+    """Tracked and untracked-but-not-ignored files by `git ls-files` (None when git cannot answer)."""
+    try:
+        out = subprocess.run(
+            ["git", "-c", "core.quotepath=off", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root, capture_output=True, timeout=120, env=git_env(),
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    names = sorted({n for n in out.stdout.decode(errors="surrogateescape").split("\0") if n})
+    return names[: limit + 1]
+
+
+def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A scrubbed environment for git: no user config, no pager, no prompts."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": "/nonexistent",
+        "LANG": "C.UTF-8",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_PAGER": "cat",
+    }
+    return {**env, **(extra or {})}
+
+
+def list_files(ws: Workspace, ignore: Ignore, limit: int) -> list[str]:
+    """Every file of the workspace, relative, sorted, ignore rules honoured; 422 past `limit` files."""
+    names = git_files(ws.path, limit) if ws.git else None
+    if names is None:
+        names = sorted(ignore.walk(ws.path, limit))
+    else:
+        names = [
+            n
+            for n in names
+            if not ignore.skip(n) and not any(ignore.skip(d, True) for d in _parents(n)) and (ws.path / n).exists()
+        ]  # a tracked file deleted from the working tree is listed by git but gone
+    if len(names) > limit:
+        raise InvalidInput(
+            f"workspace {ws.name!r} has more than {limit} files (max_files): add ignore patterns or raise the limit",
+            field="workspace",
+        )
+    return names
+
+
+def _parents(rel: str) -> Iterator[str]:
+    parts = rel.split("/")[:-1]
+    for i in range(1, len(parts) + 1):
+        yield "/".join(parts[:i])
+
+
+def is_binary(head: bytes) -> bool:
+    """Say whether content looks binary: a NUL byte, or not UTF-8, in its first bytes."""
+    if b"\0" in head[:BINARY_SNIFF]:
+        return True
+    try:
+        head[:BINARY_SNIFF].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start < len(head[:BINARY_SNIFF]) - 4  # a multi-byte character cut at the sniff boundary is fine
+    return False
+
+
+def read_text(path: Path, max_bytes: int, field_name: str = "path") -> str:
+    """Read a text file of at most `max_bytes`; 404 when missing, 422 for folders, binaries and big files."""
+    if not path.exists():
+        raise NotFound(f"{path.name!r} does not exist", field=field_name)
+    if path.is_dir():
+        raise InvalidInput(f"{path.name!r} is a folder (use repo.tree)", field=field_name)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise InvalidInput(f"{path.name!r} has {size} bytes, over max_file_bytes {max_bytes}", field=field_name)
+    data = path.read_bytes()
+    if is_binary(data):
+        raise InvalidInput(f"{path.name!r} is a binary file: it is not returned as text", field=field_name)
+    return data.decode("utf-8", errors="replace")

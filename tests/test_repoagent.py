@@ -1,0 +1,379 @@
+"""repoagent through a real gateway, on a real git repository with Python, JavaScript, TypeScript, Go and Rust
+files: confinement, file operations, search, diff and a real commit, sandboxed commands, the code index
+(ast + tree-sitter), references, the repo map, answers from the real SmolLM2 with checked citations, and
+callee-first docs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gateway_harness import Gateway, start_gateway
+
+from bkg_kernel.client.transport import iter_sse
+from bkg_kernel.plugins.repoagent.answers import verify
+
+FILES = {
+    "pkg/__init__.py": '"""A tiny package."""\n',
+    "pkg/util.py": (
+        'def slugify(text: str) -> str:\n    """Lower-case words joined by dashes."""\n'
+        '    return "-".join(text.lower().split())\n'
+    ),
+    "pkg/core.py": (
+        '"""Configuration loading."""\nfrom pkg.util import slugify\n\n\n'
+        'def parse_config(text: str) -> dict:\n    """Parse key=value lines into a dict."""\n'
+        '    out = {}\n    for line in text.splitlines():\n        key, _, value = line.partition("=")\n'
+        "        out[slugify(key)] = value.strip()\n    return out\n\n\n"
+        'def load(path: str) -> dict:\n    """Read a config file."""\n'
+        "    with open(path) as f:\n        return parse_config(f.read())\n\n\n"
+        'class Engine:\n    """Runs with a config."""\n\n    def run(self, path: str) -> int:\n'
+        "        cfg = load(path)\n        return len(cfg)\n"
+    ),
+    "web/app.js": (
+        "// Escape HTML special characters.\nfunction escapeHtml(s) {\n  return s.replace(/</g, '&lt;');\n}\n\n"
+        "function render(name) {\n  return '<b>' + escapeHtml(name) + '</b>';\n}\n"
+    ),
+    "web/api.ts": (
+        "function request(url: string): Promise<string> {\n  return fetch(url).then((r) => r.text());\n}\n\n"
+        "export class Client {\n  fetchUser(id: number): Promise<string> {\n"
+        "    return request('/users/' + id);\n  }\n}\n"
+    ),
+    "svc/main.go": (
+        "package main\n\n// Handle answers one request.\nfunc Handle(path string) string {\n"
+        '  return "ok " + path\n}\n\nfunc Serve() string {\n  return Handle("/")\n}\n'
+    ),
+    "lib/src/lib.rs": (
+        "/// Doubles a number.\nfn helper(x: i32) -> i32 {\n    x * 2\n}\n\n"
+        "pub fn compute(x: i32) -> i32 {\n    helper(x) + 1\n}\n"
+    ),
+    "README.md": "# Demo\n\nA demo repository. Configuration is parsed by parse_config.\n",
+    ".gitignore": "secret.txt\nbuild/\nescape\n",
+    "secret.txt": "do not show\n",
+    "build/out.txt": "generated\n",
+    "notes.txt": "plain text notes mention escapeHtml\n",
+}
+FUNCTIONS = {
+    "pkg/core.py": {"parse_config", "load", "Engine", "Engine.run"},
+    "pkg/util.py": {"slugify"},
+    "web/app.js": {"escapeHtml", "render"},
+    "web/api.ts": {"request", "Client", "Client.fetchUser"},
+    "svc/main.go": {"Handle", "Serve"},
+    "lib/src/lib.rs": {"helper", "compute"},
+}
+CALLERS = {"parse_config": "load", "escapeHtml": "render", "request": "Client.fetchUser", "Handle": "Serve",
+           "helper": "compute", "load": "Engine.run", "slugify": "parse_config"}  # fmt: skip
+COMMANDS = {
+    "echo-args": {"argv": ["python", "-c", "import sys; print(sys.argv[1:])"], "extra_args": True},
+    "show-env": {"argv": ["python", "-c", "import os, json; print(json.dumps(sorted(os.environ)))"]},
+    "spawner": {
+        "argv": ["python", "-c",
+                 "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+                 "time.sleep(60)']); open('child.pid', 'w').write(str(p.pid)); print('spawned', flush=True); "
+                 "time.sleep(60)"],
+        "timeout_s": 2,
+    },
+    "chatty": {"argv": ["python", "-c", "print('x' * 5000)"]},
+}  # fmt: skip
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True, env=env).stdout
+
+
+@pytest.fixture(scope="module")
+def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    base = tmp_path_factory.mktemp("repo")
+    roots = base / "repos"
+    repo = roots / "demo"
+    for rel, text in FILES.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    (repo / "data.bin").write_bytes(b"\x00\x01binary\xff")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-q", "-m", "init")
+    (base / "outside").mkdir()
+    (base / "outside" / "secret.py").write_text("TOKEN = 1\n")
+    os.symlink(base / "outside", repo / "escape")
+    g = start_gateway(base / "data")
+    c = g.client()
+    cfg = c.get("/api/plugins/repoagent/config").json()["config"]
+    cfg.update(repo_roots=[str(roots)], commands={**cfg["commands"], **COMMANDS})
+    c.put("/api/plugins/repoagent/config", json={"config": cfg}).raise_for_status()
+    r = invoke(g, "repo.workspace", {"action": "add", "name": "demo", "path": "demo"})
+    assert r.status_code == 200, r.text
+    yield g
+    g.stop()
+
+
+def invoke(g: Gateway, cap: str, body: dict[str, Any], key: str | None = None) -> httpx.Response:
+    c = g.client(key) if key else g.client()
+    return c.post(f"/api/plugins/repoagent/invoke/{cap}", json=body, timeout=300)
+
+
+def job(g: Gateway, cap: str, body: dict[str, Any]) -> dict[str, Any]:
+    r = invoke(g, cap, body)
+    assert r.status_code in (200, 202), r.text
+    job_id = r.json()["job"]["id"]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        j = g.client().get(f"/api/jobs/{job_id}").json()
+        if j["finished"] is not None:
+            return dict(j)
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def repo_dir(g: Gateway) -> Path:
+    return g.data_dir.parent / "repos" / "demo"
+
+
+def test_workspaces_live_under_the_roots(rgw: Gateway, tmp_path: Path) -> None:
+    outside = invoke(rgw, "repo.workspace", {"action": "add", "name": "etc", "path": "/etc"})
+    assert outside.status_code == 403 and "repo roots" in outside.json()["error"]["message"]
+    up = invoke(rgw, "repo.workspace", {"action": "add", "name": "up", "path": "../outside"})
+    assert up.status_code == 403
+    bad = invoke(rgw, "repo.workspace", {"action": "add", "name": "../x", "path": "demo"})
+    assert bad.status_code == 422
+    again = invoke(rgw, "repo.workspace", {"action": "add", "name": "demo", "path": "demo"})
+    assert again.status_code == 409
+    listed = invoke(rgw, "repo.workspace", {"action": "list"}).json()
+    demo = next(w for w in listed["workspaces"] if w["name"] == "demo")
+    assert demo["git"] is True and demo["added_by"] == "admin" and demo["file_count"] >= 10
+
+
+def test_every_path_stays_inside_the_workspace(rgw: Gateway) -> None:
+    base = {"workspace": "demo"}
+    for path in ("../outside/secret.py", "/etc/passwd", "escape/secret.py", "pkg/../../outside/secret.py"):
+        r = invoke(rgw, "repo.file.read", {**base, "path": path})
+        assert r.status_code == 403, (path, r.text)
+        w = invoke(rgw, "repo.file.write", {**base, "path": path, "content": "x = 2\n"})
+        assert w.status_code == 403, (path, w.text)
+    assert (repo_dir(rgw).parent.parent / "outside" / "secret.py").read_text() == "TOKEN = 1\n"
+    assert invoke(rgw, "repo.file.write", {**base, "path": ".git/config", "content": "x"}).status_code == 403
+    assert invoke(rgw, "repo.tree", {**base, "path": "escape"}).status_code == 403
+    assert invoke(rgw, "repo.diff", {**base, "paths": ["../outside"]}).status_code == 403
+    nul = invoke(rgw, "repo.file.read", {**base, "path": "pkg/\u0000x"})
+    assert nul.status_code == 422
+
+
+def test_tree_read_write_and_search(rgw: Gateway) -> None:
+    base = {"workspace": "demo"}
+    tree = invoke(rgw, "repo.tree", {**base, "depth": 3}).json()
+    paths = {e["path"] for e in tree["entries"]}
+    assert {"pkg/core.py", "web", "lib/src/lib.rs", "README.md"} <= paths
+    assert "secret.txt" not in paths and "build/out.txt" not in paths and not any(p.startswith(".git/") for p in paths)
+    shallow = invoke(rgw, "repo.tree", {**base, "depth": 1}).json()
+    assert "pkg" in {e["path"] for e in shallow["entries"]} and "pkg/core.py" not in {
+        e["path"] for e in shallow["entries"]
+    }
+
+    read = invoke(rgw, "repo.file.read", {**base, "path": "pkg/core.py", "start_line": 5, "end_line": 6}).json()
+    assert read["text"].splitlines()[0].strip() == "5| def parse_config(text: str) -> dict:"
+    assert read["start_line"] == 5 and read["end_line"] == 6 and read["total_lines"] == 25 and read["more"]
+    assert invoke(rgw, "repo.file.read", {**base, "path": "data.bin"}).status_code == 422
+    assert invoke(rgw, "repo.file.read", {**base, "path": "nope.py"}).status_code == 404
+
+    broken = invoke(rgw, "repo.file.write", {**base, "path": "pkg/new.py", "content": "def f(:\n    pass\n"})
+    assert broken.status_code == 422 and "line 1" in broken.json()["error"]["message"]
+    assert not (repo_dir(rgw) / "pkg/new.py").exists()
+    forced = invoke(rgw, "repo.file.write", {**base, "path": "pkg/new.py", "content": "def f(:\n", "force": True})
+    assert forced.status_code == 200 and forced.json()["created"] is True
+    made = invoke(rgw, "repo.file.write", {**base, "path": "docs/notes.md", "content": "one\n", "mode": "create"})
+    assert made.status_code == 200
+    again = invoke(rgw, "repo.file.write", {**base, "path": "docs/notes.md", "content": "x", "mode": "create"})
+    assert again.status_code == 409
+    invoke(rgw, "repo.file.write", {**base, "path": "docs/notes.md", "content": "two\n", "mode": "append"})
+    assert (repo_dir(rgw) / "docs/notes.md").read_text() == "one\ntwo\n"
+    assert invoke(rgw, "repo.file.write", {**base, "path": "data.bin", "content": "text"}).status_code == 422
+    assert invoke(rgw, "repo.file.write", {**base, "path": "x.txt", "content": "a\u0000b"}).status_code == 422
+    (repo_dir(rgw) / "pkg/new.py").unlink()
+    (repo_dir(rgw) / "docs/notes.md").unlink()
+
+    lit = invoke(rgw, "repo.search", {**base, "query": "escapeHtml"}).json()
+    assert {(h["path"], h["line"]) for h in lit["hits"]} >= {("web/app.js", 2), ("web/app.js", 7), ("notes.txt", 1)}
+    assert all(h["path"] != "secret.txt" for h in lit["hits"])
+    rx = invoke(rgw, "repo.search", {**base, "query": r"^def \w+\(", "regex": True, "glob": "*.py"}).json()
+    assert {h["text"].split("(")[0] for h in rx["hits"]} == {"def slugify", "def parse_config", "def load"}
+    none = invoke(rgw, "repo.search", {**base, "query": "no-such-thing-anywhere"}).json()
+    assert none["hits"] == [] and none["message"].startswith("no matches")
+    assert invoke(rgw, "repo.search", {**base, "query": "(", "regex": True}).status_code == 422
+
+
+def test_diff_and_a_real_commit_by_the_caller(rgw: Gateway) -> None:
+    base = {"workspace": "demo"}
+    repo = repo_dir(rgw)
+    invoke(rgw, "repo.file.write", {**base, "path": "pkg/util.py", "content": "\n# more\n", "mode": "append"})
+    invoke(rgw, "repo.file.write", {**base, "path": "CHANGES.md", "content": "- util\n"})
+    d = invoke(rgw, "repo.diff", base).json()
+    assert {(f["path"], f["status"]) for f in d["files"]} == {("pkg/util.py", "modified"), ("CHANGES.md", "untracked")}
+    assert "+# more" in d["diff"] and "+- util" in d["diff"]
+    c = invoke(rgw, "repo.commit", {**base, "message": "util: a comment", "signoff": True})
+    assert c.status_code == 200, c.text
+    sha = c.json()["commit"]
+    assert git(repo, "rev-parse", "HEAD").strip() == sha
+    log = git(repo, "log", "-1", "--format=%an|%s|%b")
+    assert log.startswith("admin|util: a comment|") and "Signed-off-by: admin" in log
+    assert git(repo, "status", "--porcelain") == ""
+    assert invoke(rgw, "repo.commit", {**base, "message": "empty"}).status_code == 409
+
+
+def test_commands_only_from_the_allow_list(rgw: Gateway) -> None:
+    base = {"workspace": "demo"}
+    echo = job(rgw, "repo.command", {**base, "name": "echo-args", "args": ["a b", "; rm -rf /", "$HOME"]})
+    assert echo["state"] == "done", echo
+    assert echo["result"]["exit_code"] == 0 and "['a b', '; rm -rf /', '$HOME']" in echo["result"]["output"]
+    # a job's errors end it with the reason (the streaming route answers them as HTTP 403 before it starts)
+    off = job(rgw, "repo.command", {**base, "name": "rm", "args": ["-rf", "."]})
+    assert off["state"] == "failed" and "not on the allow-list" in off["error"]
+    extra = job(rgw, "repo.command", {**base, "name": "show-env", "args": ["x"]})
+    assert extra["state"] == "failed" and "takes no extra arguments" in extra["error"]
+    env = json.loads(job(rgw, "repo.command", {**base, "name": "show-env"})["result"]["output"])
+    assert not [k for k in env if k.startswith("BKG") or "KEY" in k or "TOKEN" in k] and "PATH" in env
+    big = job(rgw, "repo.command", {**base, "name": "chatty"})["result"]
+    assert big["exit_code"] == 0 and "x" * 5000 in big["output"]
+
+
+def test_a_command_past_its_timeout_dies_with_its_children(rgw: Gateway) -> None:
+    t0 = time.monotonic()
+    done = job(rgw, "repo.command", {"workspace": "demo", "name": "spawner"})
+    assert done["state"] == "done" and done["result"]["timed_out"] is True
+    assert time.monotonic() - t0 < 30 and "spawned" in done["result"]["output"]
+    pid_file = repo_dir(rgw) / "child.pid"
+    child = int(pid_file.read_text())
+    pid_file.unlink()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.1)
+    assert not _alive(child), "the command's child outlived the timeout"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.split(")")[-1].split()[0] != "Z"
+
+
+def test_command_output_streams_as_server_sent_events(rgw: Gateway) -> None:
+    with rgw.client().stream("POST", "/api/repo/demo/run/echo-args", json={"args": ["hello"]}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = list(iter_sse(r.iter_lines()))
+    assert any("hello" in e.get("output", "") for e in events)
+    assert events[-1]["result"]["exit_code"] == 0
+    refused = rgw.client().post("/api/repo/demo/run/rm", json={"args": []})
+    assert refused.status_code == 403
+
+
+def test_index_finds_every_symbol_and_its_callers(rgw: Gateway) -> None:
+    first = job(rgw, "repo.index", {"workspace": "demo"})
+    assert first["state"] == "done", first["error"]
+    res = first["result"]
+    assert {"pkg/core.py", "web/app.js", "web/api.ts", "svc/main.go", "lib/src/lib.rs", "README.md"} <= set(
+        res["changed"]
+    )
+    assert {"python", "javascript", "typescript", "go", "rust"} <= set(res["languages"])
+    for path, names in FUNCTIONS.items():
+        got = invoke(rgw, "repo.symbols", {"workspace": "demo", "path": path}).json()["symbols"]
+        assert names <= {s["qualname"] for s in got}, (path, got)
+        assert all(s["start"] <= s["end"] and s["signature"] for s in got)
+    sym = invoke(rgw, "repo.symbols", {"workspace": "demo", "query": "parse_config"}).json()["symbols"][0]
+    assert sym["path"] == "pkg/core.py" and sym["start"] == 5 and sym["end"] == 11
+    assert (
+        sym["signature"] == "def parse_config(text: str) -> dict" and sym["doc"] == "Parse key=value lines into a dict."
+    )
+    for name, caller in CALLERS.items():
+        refs = invoke(rgw, "repo.refs", {"workspace": "demo", "symbol": name}).json()
+        assert refs["definitions"], name
+        assert caller in {r["in"] for r in refs["references"] if r["kind"] == "call"}, (name, refs["references"])
+    imports = invoke(rgw, "repo.refs", {"workspace": "demo", "symbol": "slugify"}).json()["references"]
+    assert any(r["kind"] == "import" and r["path"] == "pkg/core.py" for r in imports)
+    # the README is not code, but it is searchable as text in the collection
+    q = rgw.client().post("/api/collections/repo-demo/query", json={"text": "demo repository", "k": 3})
+    assert q.status_code == 200, q.text
+    assert any(h["payload"]["path"] == "README.md" for h in q.json()["results"]), q.text
+
+    unchanged = job(rgw, "repo.index", {"workspace": "demo"})["result"]
+    assert unchanged["changed"] == [] and unchanged["embedded"] == 0
+    repo = repo_dir(rgw)
+    src = (repo / "svc/main.go").read_text()
+    (repo / "svc/main.go").write_text(src + "\nfunc Extra() string {\n  return Serve()\n}\n")
+    (repo / "notes.txt").unlink()
+    again = job(rgw, "repo.index", {"workspace": "demo"})["result"]
+    assert again["changed"] == ["svc/main.go"] and again["removed"] == ["notes.txt"]
+    extra = invoke(rgw, "repo.refs", {"workspace": "demo", "symbol": "Serve"}).json()
+    assert "Extra" in {r["in"] for r in extra["references"]}
+    gone = rgw.client().post("/api/collections/repo-demo/points/scroll", json={"filter": {"path": "notes.txt"}})
+    assert gone.json()["points"] == []
+
+
+def test_repo_map_ranks_what_is_used_and_fits_the_budget(rgw: Gateway) -> None:
+    job(rgw, "repo.index", {"workspace": "demo"})
+    full = invoke(rgw, "repo.map", {"workspace": "demo", "budget_tokens": 4096}).json()
+    assert "pkg/core.py:" in full["map"] and "def parse_config(text: str) -> dict" in full["map"]
+    assert "return" not in full["map"]  # signatures only, no bodies
+    small = invoke(rgw, "repo.map", {"workspace": "demo", "budget_tokens": 40}).json()
+    assert 0 < small["tokens"] <= 40 and small["symbols_shown"] < full["symbols_shown"]
+    focus = invoke(rgw, "repo.map", {"workspace": "demo", "budget_tokens": 40, "focus": ["lib/src/lib.rs"]}).json()
+    assert "lib/src/lib.rs" in focus["map"] and focus["ranked"][0]["path"] == "lib/src/lib.rs"
+
+
+def test_ask_answers_with_citations_that_hold(rgw: Gateway) -> None:
+    job(rgw, "repo.index", {"workspace": "demo"})
+    r = invoke(rgw, "repo.ask", {"workspace": "demo", "question": "How is a config file parsed by parse_config?"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["answer"].strip() and out["sources"][0]["symbol"] == "parse_config"
+    repo = repo_dir(rgw)
+    assert out["citations"], out  # the answer names parse_config at least: that source is cited
+    for c in out["citations"]:
+        lines = (repo / c["path"]).read_text().splitlines()
+        assert c["code"] == "\n".join(lines[c["start"] - 1 : c["end"]])
+    assert all(d["why"] for d in out["dropped"])
+    # the check a citation goes through: lines that exist and still hold the code that was shown
+    assert verify(repo, "pkg/core.py", 5, 11, None) is None
+    assert verify(repo, "pkg/core.py", 5, 999, None) is not None
+    assert verify(repo, "../outside/secret.py", 1, 1, None) is not None
+    assert verify(repo, "pkg/core.py", 5, 11, "0" * 40) is not None
+
+
+def test_document_is_callee_first_and_regenerates_only_changed_code(rgw: Gateway) -> None:
+    job(rgw, "repo.index", {"workspace": "demo"})
+    first = job(rgw, "repo.document", {"workspace": "demo", "path": "pkg/core.py"})
+    assert first["state"] == "done", first["error"]
+    res = first["result"]
+    order = [s["qualname"] for s in res["symbols"]]
+    assert order.index("parse_config") < order.index("load") < order.index("Engine.run")
+    assert res["regenerated"] == 4 and Path(res["doc_file"]).read_text() == res["markdown"]
+    assert "## `load` (function)" in res["markdown"] and "pkg/core.py:14-17" in res["markdown"]
+    same = job(rgw, "repo.document", {"workspace": "demo", "path": "pkg/core.py"})["result"]
+    assert same["regenerated"] == 0 and same["reused"] == 4
+    repo = repo_dir(rgw)
+    text = (repo / "pkg/core.py").read_text().replace("return len(cfg)", "return len(cfg) + 1")
+    (repo / "pkg/core.py").write_text(text)
+    job(rgw, "repo.index", {"workspace": "demo"})
+    changed = job(rgw, "repo.document", {"workspace": "demo", "path": "pkg/core.py"})["result"]
+    assert [s["qualname"] for s in changed["symbols"] if s["regenerated"]] == ["Engine.run"]
+    one = job(rgw, "repo.document", {"workspace": "demo", "symbol": "slugify"})["result"]
+    assert one["path"] == "pkg/util.py" and [s["qualname"] for s in one["symbols"]] == ["slugify"]
+
+
+def test_every_capability_needs_repo_use(rgw: Gateway) -> None:
+    c = rgw.client()
+    u = c.post("/admin/users", json={"username": "reader", "role": "viewer"}).json()
+    key = c.post("/admin/keys", json={"name": "r", "user_id": u["id"]}).json()["key"]
+    caps = [cap["id"] for cap in c.get("/api/plugins/repoagent").json()["capabilities"]]
+    assert len(caps) == 14
+    for cap in caps:
+        r = invoke(rgw, cap, {"workspace": "demo"}, key=key)
+        assert r.status_code == 403, (cap, r.text)
+    assert rgw.client(key).post("/api/repo/demo/run/echo-args", json={}).status_code == 403
