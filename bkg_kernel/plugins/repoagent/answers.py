@@ -22,7 +22,6 @@ from typing import Any
 from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, span_sha
 from bkg_kernel.plugins.repoagent.repomap import build as build_map
 
-SOURCE_CHARS = 1200
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
 BRACKET = re.compile(r"\[(\d{1,3})\]")
 PATH_CITE = re.compile(r"([\w./-]+\.[A-Za-z0-9]+):(\d+)(?:-(\d+))?")
@@ -80,17 +79,26 @@ def ask(
     top_k: int,
     map_tokens: int,
     max_tokens: int,
+    context_tokens: int,
 ) -> dict[str, Any]:
-    """Answer a question about the workspace with verified `path:start-end` citations."""
+    """Answer a question about the workspace with verified `path:start-end` citations.
+
+    The prompt fits `context_tokens` (counted as ~3 characters of code each): the repo map takes its share
+    and the sources split the rest, each cut at a line boundary.
+    """
     sources = retrieve(index, search, question, top_k)
     if not sources:
         return {"question": question, "answer": "The index has nothing that matches the question.",
                 "citations": [], "dropped": [], "sources": []}  # fmt: skip
+    map_tokens = min(map_tokens, context_tokens // 4)
     repo_map = build_map(index, map_tokens, sorted({s["path"] for s in sources}))["map"] if map_tokens else ""
+    room = max(200, (context_tokens * 3 - len(repo_map)) // len(sources))
     shown = []
     for n, s in enumerate(sources, start=1):
         lines = (root / s["path"]).read_text(errors="replace").splitlines()
-        code = numbered(lines, s["start"], s["end"])[:SOURCE_CHARS]
+        code = "\n".join(lines[s["start"] - 1 : s["end"]])
+        if len(code) > room:
+            code = code[:room].rsplit("\n", 1)[0] + "\n..."
         shown.append(f"[{n}] {s['path']}:{s['start']}-{s['end']} ({s['kind']} {s['symbol']})\n{code}")
     system = (
         "You answer questions about a code repository using only the numbered sources. "

@@ -138,19 +138,19 @@ def update(
     index: CodeIndex,
     max_file_bytes: int,
     progress: Callable[[float, str], None],
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], list[str]]:
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]], list[str]]:
     """Bring `index` up to date with the files `names` under `root`.
 
-    Returns the new chunks of each changed file, the chunk count each changed or removed file had before
-    (to delete surplus points) and the removed files.
+    Returns the new chunks of each changed file, the chunks each changed or removed file had before (to
+    reuse unchanged chunks' vectors and delete surplus points) and the removed files.
     """
     changed: dict[str, list[dict[str, Any]]] = {}
-    before: dict[str, int] = {}
+    before: dict[str, list[dict[str, Any]]] = {}
     wanted = [n for n in names if indexable(n)]
     keep = set(wanted)
     removed = [p for p in index.files if p not in keep]
     for p in removed:
-        before[p] = len(index.files.pop(p)["chunks"])
+        before[p] = index.files.pop(p)["chunks"]
     total = max(len(wanted), 1)
     t_report = 0.0
     for i, rel in enumerate(wanted):
@@ -164,7 +164,7 @@ def update(
             continue
         if st.st_size > max_file_bytes:
             if old is not None:
-                before[rel] = len(index.files.pop(rel)["chunks"])
+                before[rel] = index.files.pop(rel)["chunks"]
             continue
         try:
             data = full.read_bytes()
@@ -180,10 +180,11 @@ def update(
         parsed = parse(rel, source)
         chunks = chunks_for(rel, source, parsed)
         src_lines = source.splitlines()
-        for c in chunks:  # what a citation of this chunk must still find in the file
+        for c in chunks:  # what a citation must still find in the file; what the embedding was made of
             c["sha"] = span_sha(src_lines, c["start"], c["end"])
+            c["th"] = hashlib.sha1(c["text"].encode()).hexdigest()
         if old is not None:
-            before[rel] = len(old["chunks"])
+            before[rel] = old["chunks"]
         index.files[rel] = {
             "sha": sha, "mtime_ns": st.st_mtime_ns, "size": st.st_size, "language": parsed["language"],
             "symbols": parsed["symbols"], "refs": parsed["refs"], "error": parsed["error"],

@@ -398,17 +398,12 @@ class RepoAgent(Plugin):
             names = self._files(ws)
             self._ensure_collection(ws)
             changed, before, removed = codeindex.update(ws.path, names, idx, self.settings.max_file_bytes, progress)
-            fields = ("start", "end", "kind", "symbol")
-            points = [
-                {"id": f"{path}#{i}", "text": c["text"], "payload": {"path": path, **{k: c[k] for k in fields}}}
-                for path, chunks in changed.items()
-                for i, c in enumerate(chunks)
-            ]
             col = self._collection(ws)
+            points = self._points(col, changed, before)
             for a in range(0, len(points), codeindex.UPSERT_BATCH):  # new chunks first, then the surplus old ones
                 self.store.upsert(col, points[a : a + codeindex.UPSERT_BATCH])
                 progress(0.5 + 0.5 * (a + codeindex.UPSERT_BATCH) / len(points), f"embedded {a}/{len(points)} chunks")
-            stale = [f"{p}#{i}" for p, n in before.items() for i in range(len(changed.get(p, [])), n)]
+            stale = [f"{p}#{i}" for p, old in before.items() for i in range(len(changed.get(p, [])), len(old))]
             for a in range(0, len(stale), 1000):
                 self.store.delete(col, stale[a : a + 1000])
             idx.indexed_at = time.time()
@@ -420,9 +415,38 @@ class RepoAgent(Plugin):
         took = time.perf_counter() - t0
         progress(1.0, f"indexed {len(changed)} changed files in {took:.1f} s")
         return Result(
-            workspace=ws.name, files=len(idx.files), changed=sorted(changed), removed=removed, embedded=len(points),
+            workspace=ws.name, files=len(idx.files), changed=sorted(changed), removed=removed, upserted=len(points),
+            embedded=sum("vector" not in p for p in points),
             took_s=round(took, 3), **{k: v for k, v in idx.summary().items() if k != "files"},
         )  # fmt: skip
+
+    def _points(
+        self, col: str, changed: dict[str, list[dict[str, Any]]], before: dict[str, list[dict[str, Any]]]
+    ) -> list[dict[str, Any]]:
+        """The points to upsert for the changed files. A chunk whose id, text and span are unchanged is left
+        as it is; one whose text an old chunk of its file had reuses that chunk's vector; the rest are
+        embedded by the store."""
+        fields = ("start", "end", "kind", "symbol")
+        points, reuse = [], {}
+        for path, chunks in changed.items():
+            old = before.get(path, [])
+            old_ids = {c.get("th"): f"{path}#{i}" for i, c in enumerate(old)}
+            for i, c in enumerate(chunks):
+                prev = old[i] if i < len(old) else None
+                if prev is not None and prev.get("th") == c["th"] and all(prev[k] == c[k] for k in fields):
+                    continue
+                point = {"id": f"{path}#{i}", "text": c["text"], "payload": {"path": path, **{k: c[k] for k in fields}}}
+                if c["th"] in old_ids:
+                    reuse[point["id"]] = old_ids[c["th"]]
+                points.append(point)
+        if reuse:  # read the old vectors before any upsert overwrites their ids
+            wanted = sorted(set(reuse.values()))
+            vectors = {p["id"]: p["vector"] for p in self.store.get(col, wanted, with_vectors=True)}
+            for p in points:
+                src = reuse.get(p["id"])
+                if src is not None and src in vectors:
+                    p["vector"] = vectors[src]
+        return points
 
     @capability("repo.symbols", scope="repo:use")
     def symbols(self, inp: SymbolsRequest) -> Result:
@@ -491,7 +515,7 @@ class RepoAgent(Plugin):
         out = answers.ask(
             ws.path, self._index(ws), self._search(ws),
             lambda m, n: self._chat(m, n, "repo.ask"), inp.question, inp.top_k, self.settings.ask_map_tokens,
-            self.settings.ask_max_tokens,
+            self.settings.ask_max_tokens, self.settings.ask_context_tokens,
         )  # fmt: skip
         return Result(workspace=ws.name, **out, took_s=round(time.perf_counter() - t0, 3))
 

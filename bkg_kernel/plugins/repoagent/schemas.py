@@ -40,6 +40,9 @@ class RepoSettings(PluginSettings):
     llm_model: str | None = Field(None, description="llmserver model for repo.ask and repo.document.")
     ask_max_tokens: int = Field(320, ge=16, le=4096)
     ask_map_tokens: int = Field(256, ge=0, le=8192, description="Repo map tokens given to repo.ask (0: none).")
+    ask_context_tokens: int = Field(
+        1200, ge=200, le=1_000_000, description="Prompt budget of repo.ask: the model's context less its answer."
+    )
     doc_max_tokens: int = Field(200, ge=16, le=4096)
 
 
