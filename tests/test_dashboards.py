@@ -125,10 +125,32 @@ def test_a_viewer_cannot_see_the_keys_page(browser: Any, voila: str, gw: Gateway
     page.close()
 
 
+def test_repoagent_adds_indexes_and_answers_with_citations(browser: Any, voila: str, gw: Gateway) -> None:
+    repo = gw.data_dir / "repos" / "mini"  # under the default repo root, <data_dir>/repos
+    repo.mkdir(parents=True, exist_ok=True)
+    (repo / "shapes.py").write_text(
+        'def circle_area(radius: float) -> float:\n    """The area of a circle."""\n    return 3.14159 * radius ** 2\n'
+    )
+    page = open_logged_in(browser, voila, "repoagent", ADMIN_KEY)
+    page.locator("input[placeholder='my-repo']").fill("mini")
+    page.locator("input[placeholder='a folder under a repo root']").fill("mini")
+    page.locator("button:has-text('Add workspace')").click()
+    page.locator("text=Added workspace").wait_for(timeout=30_000)
+    page.locator("button:has-text('Index')").click()
+    page.locator("text=Indexed 1 changed files").wait_for(timeout=120_000)
+    page.locator("input[placeholder='Where is X done, and how?']").fill("What does circle_area compute?")
+    page.locator("button:has-text('Ask')").click()
+    page.locator("summary:has-text('shapes.py:1-3')").wait_for(timeout=120_000)  # the citation, checked
+    page.locator("summary:has-text('shapes.py:1-3')").click()
+    assert "3.14159 * radius ** 2" in page.content()
+    page.screenshot(path=str(ARTIFACTS / "dashboard-repoagent-answer.png"), full_page=True)
+    page.close()
+
+
 @pytest.mark.parametrize(
     "name",
     ["overview", "api_keys", "users", "models", "jobs", "settings", "llmserver", "candle", "rustyface", "brainml",
-     "apikeys"],
+     "apikeys", "repoagent"],
 )  # fmt: skip
 def test_every_dashboard_renders_for_an_admin(browser: Any, voila: str, name: str) -> None:
     page = open_logged_in(browser, voila, name, ADMIN_KEY)

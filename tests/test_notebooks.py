@@ -66,3 +66,35 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_repo_quickstart_indexes_maps_and_asks(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import signal
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("BKG_DATA_DIR", str(data))
+    monkeypatch.setenv("BKG_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("BKG_PORT", str(_free_port()))
+    nb = nbformat.read(NOTEBOOKS / "repo_quickstart.ipynb", as_version=4)
+    try:
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        ).execute()
+    finally:
+        state = data / "gateway.json"
+        if state.exists():
+            os.kill(json.loads(state.read_text())["pid"], signal.SIGTERM)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert not any(out.get("output_type") == "error" for c in code for out in c.get("outputs", []))
+    assert "decoder.py" in code[0].outputs[0]["data"]["text/html"]
+    assert (data / "repos" / "stdlib-json" / "decoder.py").is_file()
+    report = eval(code[1].outputs[0]["data"]["text/plain"])  # noqa: S307 - our own notebook's output
+    assert report["files"] >= 5 and report["symbols"] > 30 and report["languages"] == {"python": report["files"]}
+    assert "py_scanstring" in code[2].outputs[0]["data"]["text/html"]
+    assert "decoder.py:" in code[3].outputs[0]["data"]["text/html"]
+    cited = eval(code[6].outputs[0]["data"]["text/plain"])  # noqa: S307
+    answer_html = code[5].outputs[0]["data"]["text/html"]
+    for path, start, end, _ in cited:  # each citation is shown with its code, and its lines exist
+        assert f"{path}:{start}-{end}" in answer_html
+        assert end <= len((data / "repos" / "stdlib-json" / path).read_text().splitlines())

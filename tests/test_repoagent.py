@@ -58,6 +58,11 @@ FILES = {
     "secret.txt": "do not show\n",
     "build/out.txt": "generated\n",
     "notes.txt": "plain text notes mention escapeHtml\n",
+    "native/calc.c": "int square(int x) { return x * x; }\n\nint cube(int x) {\n  return square(x) * x;\n}\n",
+    "java/Greeter.java": (
+        "public class Greeter {\n    public String greet(String n) { return format(n); }\n"
+        '    private String format(String n) { return "hi " + n; }\n}\n'
+    ),
 }
 FUNCTIONS = {
     "pkg/core.py": {"parse_config", "load", "Engine", "Engine.run"},
@@ -66,9 +71,12 @@ FUNCTIONS = {
     "web/api.ts": {"request", "Client", "Client.fetchUser"},
     "svc/main.go": {"Handle", "Serve"},
     "lib/src/lib.rs": {"helper", "compute"},
+    "native/calc.c": {"square", "cube"},
+    "java/Greeter.java": {"Greeter", "Greeter.greet", "Greeter.format"},
 }
 CALLERS = {"parse_config": "load", "escapeHtml": "render", "request": "Client.fetchUser", "Handle": "Serve",
-           "helper": "compute", "load": "Engine.run", "slugify": "parse_config"}  # fmt: skip
+           "helper": "compute", "load": "Engine.run", "slugify": "parse_config", "square": "cube",
+           "format": "Greeter.greet"}  # fmt: skip
 COMMANDS = {
     "echo-args": {"argv": ["python", "-c", "import sys; print(sys.argv[1:])"], "extra_args": True},
     "show-env": {"argv": ["python", "-c", "import os, json; print(json.dumps(sorted(os.environ)))"]},
@@ -80,6 +88,10 @@ COMMANDS = {
         "timeout_s": 2,
     },
     "chatty": {"argv": ["python", "-c", "print('x' * 5000)"]},
+    "sleeper": {
+        "argv": ["python", "-c", "import os, time; open('sleeper.pid', 'w').write(str(os.getpid())); time.sleep(60)"],
+        "timeout_s": 120,
+    },
 }  # fmt: skip
 
 
@@ -256,6 +268,24 @@ def test_a_command_past_its_timeout_dies_with_its_children(rgw: Gateway) -> None
     assert not _alive(child), "the command's child outlived the timeout"
 
 
+def test_a_cancelled_command_is_killed(rgw: Gateway) -> None:
+    r = invoke(rgw, "repo.command", {"workspace": "demo", "name": "sleeper"})
+    job_id = r.json()["job"]["id"]
+    pid_file = repo_dir(rgw) / "sleeper.pid"
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    pid_file.unlink()
+    assert _alive(pid)
+    rgw.client().post(f"/api/jobs/{job_id}/cancel").raise_for_status()
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), "the cancelled command still runs"
+    assert rgw.client().get(f"/api/jobs/{job_id}").json()["state"] == "cancelled"
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -281,7 +311,7 @@ def test_index_finds_every_symbol_and_its_callers(rgw: Gateway) -> None:
     assert {"pkg/core.py", "web/app.js", "web/api.ts", "svc/main.go", "lib/src/lib.rs", "README.md"} <= set(
         res["changed"]
     )
-    assert {"python", "javascript", "typescript", "go", "rust"} <= set(res["languages"])
+    assert {"python", "javascript", "typescript", "go", "rust", "c", "java"} <= set(res["languages"])
     for path, names in FUNCTIONS.items():
         got = invoke(rgw, "repo.symbols", {"workspace": "demo", "path": path}).json()["symbols"]
         assert names <= {s["qualname"] for s in got}, (path, got)
@@ -377,3 +407,29 @@ def test_every_capability_needs_repo_use(rgw: Gateway) -> None:
         r = invoke(rgw, cap, {"workspace": "demo"}, key=key)
         assert r.status_code == 403, (cap, r.text)
     assert rgw.client(key).post("/api/repo/demo/run/echo-args", json={}).status_code == 403
+
+
+def test_the_notebook_client(rgw: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway_harness import ADMIN_KEY
+
+    from bkg_kernel.client.workbench import Workbench
+
+    wb = Workbench(rgw.url, ADMIN_KEY)
+    assert "demo" in {w["name"] for w in wb.repos()}
+    repo = wb.repo("demo")
+    repo.index(progress=False)
+    assert "core.py" in str(repo.tree()) and "secret.txt" not in str(repo.tree())
+    window = repo.read("pkg/util.py", 1, 2)
+    assert "1| def slugify" in str(window) and "<pre" in window._repr_html_()
+    assert repo.search("slugify")._repr_html_().count("pkg/") >= 2
+    assert {"parse_config", "load"} <= {s["qualname"] for s in repo.symbols(path="pkg/core.py")}
+    assert "pkg/core.py:" in str(repo.map(budget_tokens=512))
+    answer = repo.ask("What does parse_config return?")
+    html = answer._repr_html_()
+    assert str(answer) in html or answer["answer"][:20] in html
+    for c in answer["citations"]:  # each citation renders as its numbered code
+        assert f"{c['path']}:{c['start']}-{c['end']}" in html and f"{c['start']:>5}| " in html
+    docs = repo.document(symbol="slugify", progress=False)
+    assert docs._repr_markdown_().startswith("# `pkg/util.py`")
+    out = repo.run("echo-args", "from", "the notebook")
+    assert out["exit_code"] == 0 and "the notebook" in capsys.readouterr().out

@@ -19,6 +19,7 @@ from bkg_kernel.client.collections import RemoteCollection
 from bkg_kernel.client.faces import Faces
 from bkg_kernel.client.llm import LLM, ModelTable
 from bkg_kernel.client.plugins import PluginTable, RemotePlugin
+from bkg_kernel.client.repo import Repo
 from bkg_kernel.errors import JobFailed, Timeout, Unavailable
 from bkg_kernel.settings import Settings
 from bkg_kernel.store.results import CollectionInfo
@@ -68,6 +69,26 @@ class Workbench:
     def brain(self) -> Brain:
         """brainml: index, query (a ranked table with highlights), ask, stats."""
         return Brain(self)
+
+    def repo(self, name: str) -> Repo:
+        """repoagent: one workspace (tree, read, search, symbols, map, ask, document, run, commit)."""
+        return Repo(self, name)
+
+    def repos(self) -> list[dict[str, Any]]:
+        """Every repoagent workspace with its index status."""
+        body = {"action": "list"}
+        return list(self.call("POST", "/api/plugins/repoagent/invoke/repo.workspace", json=body)["workspaces"])
+
+    def repo_roots(self) -> list[str]:
+        """The folders repoagent workspaces may live under (its `repo_roots` setting)."""
+        body = {"action": "list"}
+        return list(self.call("POST", "/api/plugins/repoagent/invoke/repo.workspace", json=body)["roots"])
+
+    def add_repo(self, name: str, path: str) -> Repo:
+        """Register a folder under a repo root as a workspace and return it."""
+        body = {"action": "add", "name": name, "path": path}
+        self.call("POST", "/api/plugins/repoagent/invoke/repo.workspace", json=body)
+        return Repo(self, name)
 
     @property
     def faces(self) -> Faces:

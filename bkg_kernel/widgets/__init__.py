@@ -15,7 +15,7 @@ Modules, imported in one direction (each from those above it only):
 - `ops`: plugins live, start / stop / restart, settings, health, jobs, audit, the overview page
 - `models`: the model registry
 - `admin`: API keys, users, roles (the apikeys plugin's page)
-- `llm`, `brain`, `faces`, `candle`: one page per plugin
+- `llm`, `brain`, `faces`, `candle`, `repo`: one page per plugin
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from bkg_kernel.widgets.ops import (
     settings_panel,
 )
 from bkg_kernel.widgets.primitives import Session
+from bkg_kernel.widgets.repo import repo_panel
 
 __all__ = [
     "Session",
@@ -55,6 +56,7 @@ __all__ = [
     "overview",
     "plugin_actions",
     "plugins_panel",
+    "repo_panel",
     "settings_panel",
     "users_panel",
 ]

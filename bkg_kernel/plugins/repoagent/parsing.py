@@ -39,6 +39,13 @@ CONTAINERS = {
     "trait_item", "struct_item", "enum_item", "mod_item", "class_specifier", "struct_specifier",
     "namespace_definition", "enum_declaration", "record_declaration", "module",
 }  # fmt: skip
+NAMESPACES = {"namespace_definition", "mod_item", "module"}  # they qualify names but hold functions, not methods
+# calls the C and C++ wheels' tags queries leave out
+EXTRA_TAGS = {
+    "c": "(call_expression function: (identifier) @name) @reference.call",
+    "cpp": "(call_expression function: [(identifier) @name (field_expression field: (field_identifier) @name)"
+    " (qualified_identifier name: (identifier) @name)]) @reference.call",
+}
 SIGNATURE_CHARS = 240
 
 
@@ -170,6 +177,7 @@ def _grammar(lang: str) -> tuple[Any, Any]:
     query_text = getattr(mod, "TAGS_QUERY", None) or _query_file(mod)
     if lang in ("typescript", "tsx"):  # the TypeScript wheel tags only TS-specific nodes; JS covers the rest
         query_text = importlib.import_module("tree_sitter_javascript").TAGS_QUERY + "\n" + query_text
+    query_text += "\n" + EXTRA_TAGS.get(lang, "")
     return ts.Parser(language), ts.Query(language, query_text)
 
 
@@ -202,11 +210,13 @@ def _treesitter(path: str, source: str, lang: str) -> dict[str, Any]:
         if role.startswith("reference."):
             raw_refs.append((name, "call" if kind == "call" else kind, name_node.start_point[0] + 1, node.start_byte))
             continue
+        while node.type.endswith("declarator") and node.parent is not None:  # C: int add(...) {...} is the whole
+            node = node.parent
         if (node.start_byte, node.end_byte) in seen_defs or not name:
             continue
         seen_defs.add((node.start_byte, node.end_byte))
         owners = _owners(node)
-        if kind == "function" and owners:
+        if kind == "function" and _in_class(node):
             kind = "method"
         if node.type == "method_declaration" and lang == "go":  # func (t *T) M(): the receiver's type owns M
             recv = node.child_by_field_name("receiver")
@@ -236,6 +246,15 @@ def _walk(node: Any) -> Any:
     yield node
     for c in node.children:
         yield from _walk(c)
+
+
+def _in_class(node: Any) -> bool:
+    p = node.parent
+    while p is not None:
+        if p.type in CONTAINERS and p.type not in NAMESPACES:
+            return True
+        p = p.parent
+    return False
 
 
 def _owners(node: Any) -> list[str]:

@@ -46,7 +46,7 @@ from bkg_kernel.plugins.repoagent.schemas import (
     WriteRequest,
 )  # fmt: skip
 from bkg_kernel.plugins.repoagent.workspace import Ignore, Workspace, is_binary, list_files, read_text
-from bkg_kernel.runtime.contract import GatewayAPI, Plugin, Progress, capability
+from bkg_kernel.runtime.contract import Cancelled, GatewayAPI, Plugin, Progress, capability
 from bkg_kernel.runtime.storehandle import StoreHandle
 
 MAX_LINE_CHARS = 2000  # search reads at most this much of one line
@@ -357,11 +357,24 @@ class RepoAgent(Plugin):
         argv = sandbox.build_argv(inp.name, spec, inp.args, env)
         progress(0.0, f"$ {' '.join([inp.name, *inp.args])}\n")
         t0 = time.monotonic()
+        stop = threading.Event()
+        said = [t0]
 
-        def out(text: str) -> None:
-            progress(min(0.99, (time.monotonic() - t0) / spec.timeout_s), text)
+        def out(text: str) -> None:  # from the output reader; a cancelled job's next report raises Cancelled
+            said[0] = time.monotonic()
+            try:
+                progress(min(0.99, (said[0] - t0) / spec.timeout_s), text)
+            except Cancelled:
+                stop.set()
 
-        outcome = sandbox.run(argv, ws.path, env, spec.timeout_s, self.settings.limits, out)
+        def should_stop() -> bool:  # a silent command still notices a cancel within a second
+            if time.monotonic() - said[0] > 1.0:
+                out("")
+            return stop.is_set()
+
+        outcome = sandbox.run(argv, ws.path, env, spec.timeout_s, self.settings.limits, out, should_stop)
+        if stop.is_set():
+            raise Cancelled(f"repo.command {inp.name} was cancelled: its process group was killed")
         self.log.info("%s ran %s in %s: exit %s", self._caller(), inp.name, ws.name, outcome.exit_code)
         return Result(workspace=ws.name, name=inp.name, args=inp.args, **outcome.to_dict())
 
