@@ -163,7 +163,7 @@ def main() -> None:
         first = wait(c, c.post(inv + "repo.index", json={"workspace": "bench"}))
         bkg_index = time.perf_counter() - t0
         print(f"bkg: indexed {first['files']} files, {first['symbols']} symbols, {first['refs']} references, "
-              f"{first['chunks']} chunks in {bkg_index:.2f} s")  # fmt: skip
+              f"{first['chunks']} chunks in {bkg_index:.2f} s {first['timings']}")  # fmt: skip
 
         touched = []
         target = repo / "utils.py"
@@ -198,7 +198,7 @@ def main() -> None:
             a, b = key[(path, qual)]
             return any(p == path and s <= b and e >= a for p, s, e in chunks)
 
-        bkg_hits = lance_hits = 0
+        bkg_hits = lance_hits = bkg_lines = lance_lines = 0
         cites = valid = dropped = 0
         ask_s: list[float] = []
         for q, path, qual in QUESTIONS:
@@ -210,6 +210,7 @@ def main() -> None:
             out = r.json()
             got = [(s["path"], s["start"], s["end"]) for s in out["sources"]]
             bkg_hits += hit(got, path, qual)
+            bkg_lines += sum(e - s + 1 for _, s, e in got)
             if not hit(got, path, qual):
                 print(f"bkg missed {path}:{qual} for {q!r}: got {[s['symbol'] for s in out['sources']]}")
             for cit in out["citations"]:
@@ -221,6 +222,7 @@ def main() -> None:
             res = table.search(query_type="hybrid").vector(qv).text(q).rerank(RRFReranker()).limit(5).to_list()
             lance_got = [(x["path"], x["start"], x["end"]) for x in res]
             lance_hits += hit(lance_got, path, qual)
+            lance_lines += sum(e - s + 1 for _, s, e in lance_got)
             if not hit(lance_got, path, qual):
                 print(f"lancedb missed {path}:{qual} for {q!r}")
         n = len(QUESTIONS)
@@ -238,6 +240,8 @@ def main() -> None:
             f"| recall@5 ({n} questions) | {bkg_hits / n:.2f} | {lance_hits / n:.2f} | "
             f"{(bkg_hits / n) / max(lance_hits / n, 1e-9):.2f}x |"
         )
+        print(f"| lines of code retrieved per question (what the model must read) | {bkg_lines / n:.0f} | "
+              f"{lance_lines / n:.0f} | {bkg_lines / max(lance_lines, 1):.2f}x |")  # fmt: skip
         print(f"| repo.ask citation validity | {valid}/{cites} held ({dropped} dropped before answering) | - | - |")
         print(f"| repo.ask latency p50 (retrieval + SmolLM2-135M answer) | {statistics.median(ask_s):.2f} s | - | - |")
     finally:

@@ -24,7 +24,8 @@ from bkg_kernel.plugins.repoagent.parsing import language_of, parse
 from bkg_kernel.plugins.repoagent.workspace import BINARY_SNIFF, is_binary
 
 INDEX_VERSION = 1
-CHUNK_CHARS = 1600  # text embedded per chunk; the citation span stays the symbol's whole span
+CHUNK_CHARS = 1600  # text kept per chunk for BM25; the citation span stays the symbol's whole span
+EMBED_CHARS = 320  # what is embedded: the head (path, name, signature, doc) and the code's first lines
 WINDOW_LINES = 60
 MODULE_HEAD_LINES = 40
 UPSERT_BATCH = 512
@@ -98,7 +99,10 @@ def chunks_for(path: str, source: str, parsed: dict[str, Any]) -> list[dict[str,
     def add(start: int, end: int, kind: str, symbol: str, head: str) -> None:
         body = "\n".join(lines[start - 1 : end])
         text = f"{head}\n{body}"
-        out.append({"start": start, "end": end, "kind": kind, "symbol": symbol, "text": text[:CHUNK_CHARS]})
+        out.append(
+            {"start": start, "end": end, "kind": kind, "symbol": symbol, "text": text[:CHUNK_CHARS],
+             "embed": text[:EMBED_CHARS]}
+        )  # fmt: skip
 
     symbols = [s for s in parsed["symbols"] if s["kind"] != "module"]
     if parsed["language"] is None or not symbols and not parsed["symbols"]:
@@ -188,7 +192,7 @@ def update(
         index.files[rel] = {
             "sha": sha, "mtime_ns": st.st_mtime_ns, "size": st.st_size, "language": parsed["language"],
             "symbols": parsed["symbols"], "refs": parsed["refs"], "error": parsed["error"],
-            "chunks": [{k: v for k, v in c.items() if k != "text"} for c in chunks],
+            "chunks": [{k: v for k, v in c.items() if k not in ("text", "embed")} for c in chunks],
         }  # fmt: skip
         changed[rel] = chunks
         now = time.monotonic()

@@ -383,11 +383,11 @@ class RepoAgent(Plugin):
         with self.lock:
             return self.index_locks.setdefault(ws.name, threading.Lock())
 
-    def _ensure_collection(self, ws: Workspace) -> None:
+    def _ensure_collection(self, ws: Workspace) -> str:
+        """Create `repo-<name>` when missing; return its embed model."""
         name = self._collection(ws)
         try:
-            self.store.describe(name)
-            return
+            return str(self.store.describe(name)["embed_model"])
         except NotFound:
             pass
         assert self.context is not None and self.context.model_dir is not None
@@ -397,6 +397,7 @@ class RepoAgent(Plugin):
         if not dim:
             raise InvalidInput(f"cannot tell the embedding size of {spec!r}", field="embed_model")
         self.store.create_collection(name, int(dim), embed_model=spec)
+        return spec
 
     @capability("repo.index", scope="repo:use", job=True)
     def index(self, inp: IndexRequest, progress: Progress) -> Result:
@@ -409,12 +410,28 @@ class RepoAgent(Plugin):
                 idx.files = {}
             progress(0.0, f"listing the files of {ws.name}")
             names = self._files(ws)
-            self._ensure_collection(ws)
+            embed_model = self._ensure_collection(ws)
+            t_parse = time.perf_counter()
             changed, before, removed = codeindex.update(ws.path, names, idx, self.settings.max_file_bytes, progress)
+            timings = {"list_s": t_parse - t0, "parse_s": time.perf_counter() - t_parse, "embed_s": 0.0, "store_s": 0.0}
             col = self._collection(ws)
             points = self._points(col, changed, before)
+            fresh = [p for p in points if "vector" not in p]
+            embedded = len(fresh)
             for a in range(0, len(points), codeindex.UPSERT_BATCH):  # new chunks first, then the surplus old ones
-                self.store.upsert(col, points[a : a + codeindex.UPSERT_BATCH])
+                batch = points[a : a + codeindex.UPSERT_BATCH]
+                todo = [p for p in batch if "vector" not in p]
+                t1 = time.perf_counter()
+                if todo:  # the head of a chunk is embedded, its whole text goes to BM25
+                    vecs = self.store.embed(embed_model, [p.pop("embed") for p in todo])
+                    for p, v in zip(todo, vecs, strict=True):
+                        p["vector"] = v.tolist()
+                for p in batch:
+                    p.pop("embed", None)
+                t2 = time.perf_counter()
+                self.store.upsert(col, batch)
+                timings["embed_s"] += t2 - t1
+                timings["store_s"] += time.perf_counter() - t2
                 progress(0.5 + 0.5 * (a + codeindex.UPSERT_BATCH) / len(points), f"embedded {a}/{len(points)} chunks")
             stale = [f"{p}#{i}" for p, old in before.items() for i in range(len(changed.get(p, [])), len(old))]
             for a in range(0, len(stale), 1000):
@@ -429,7 +446,7 @@ class RepoAgent(Plugin):
         progress(1.0, f"indexed {len(changed)} changed files in {took:.1f} s")
         return Result(
             workspace=ws.name, files=len(idx.files), changed=sorted(changed), removed=removed, upserted=len(points),
-            embedded=sum("vector" not in p for p in points),
+            embedded=embedded, timings={k: round(v, 3) for k, v in timings.items()},
             took_s=round(took, 3), **{k: v for k, v in idx.summary().items() if k != "files"},
         )  # fmt: skip
 
@@ -448,7 +465,8 @@ class RepoAgent(Plugin):
                 prev = old[i] if i < len(old) else None
                 if prev is not None and prev.get("th") == c["th"] and all(prev[k] == c[k] for k in fields):
                     continue
-                point = {"id": f"{path}#{i}", "text": c["text"], "payload": {"path": path, **{k: c[k] for k in fields}}}
+                payload = {"path": path, **{k: c[k] for k in fields}}
+                point = {"id": f"{path}#{i}", "text": c["text"], "embed": c["embed"], "payload": payload}
                 if c["th"] in old_ids:
                     reuse[point["id"]] = old_ids[c["th"]]
                 points.append(point)
