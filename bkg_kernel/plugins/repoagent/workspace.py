@@ -48,7 +48,7 @@ class Workspace:
             raise InvalidInput("a path cannot contain NUL", field=field_name)
         if len(rel) > 4096:
             raise InvalidInput("a path is at most 4096 characters", field=field_name)
-        if rel.startswith(("/", "\\", "~")) or PurePosixPath(rel).is_absolute() or (len(rel) > 1 and rel[1] == ":"):
+        if rel.startswith(("/", "\\", "~")) or PurePosixPath(rel).is_absolute():
             raise Forbidden(f"{rel!r} is absolute: paths are relative to the workspace", field=field_name)
         full = (self.path / rel).resolve()
         if full != self.path and self.path not in full.parents:
