@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from bkg_kernel.gateway.routes.collections import Upsert
 from bkg_kernel.runtime.discovery import Discovered
 
 ERROR = {
@@ -50,6 +51,7 @@ def install(app: FastAPI, discovered: dict[str, Discovered]) -> None:
         doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = doc.setdefault("components", {}).setdefault("schemas", {})
         components["Error"] = ERROR
+        _schema(Upsert, "Upsert", components)  # the upsert route parses its body on a thread, so FastAPI cannot see it
         error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
         for pid, found in sorted(discovered.items()):
             if found.cls is None:

@@ -57,6 +57,9 @@ def _call(data: dict[str, Any] | None) -> calls.Call | None:
     return calls.Call(Principal.from_dict(data["caller"]), data.get("grant"))
 
 
+WORKER_NICE = 5
+
+
 def main(
     conn: Connection,
     module: str,
@@ -67,6 +70,10 @@ def main(
 ) -> None:
     """Run one plugin until told to stop or the parent goes away."""
     sys.setswitchinterval(0.0005)  # hand requests from the reader thread to the pool without a 5 ms GIL wait
+    # Workers run the models; the gateway answers everyone (health, auth, routing). Under CPU contention the
+    # scheduler favours the gateway, so a busy plugin never makes /health or another plugin's requests wait.
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICE)
     lock = threading.Lock()
 
     def send(msg: tuple[Any, ...]) -> None:

@@ -110,10 +110,22 @@ def query_vector(vector: Any, dim: int, collection: str) -> np.ndarray:
     return vectors_matrix([vector], dim, collection, lambda i: "vector")[0]
 
 
+ROWS_PER_CALL = 500
+
+
 def vectors_matrix(vectors: Any, dim: int, collection: str, where: Any) -> np.ndarray:
     """Return an (n, dim) float32 matrix; `where(i)` names the field of row i in errors."""
     try:
-        arr = np.asarray(vectors, dtype=np.float32)
+        if isinstance(vectors, list) and len(vectors) > ROWS_PER_CALL:
+            # in slices: one numpy call over 5,000 Python lists holds the GIL for tens of milliseconds, and the
+            # gateway's event loop would wait that long (this runs on a store thread)
+            parts = [
+                np.asarray(vectors[a : a + ROWS_PER_CALL], dtype=np.float32)
+                for a in range(0, len(vectors), ROWS_PER_CALL)
+            ]
+            arr = np.concatenate(parts) if all(p.ndim == 2 for p in parts) else None
+        else:
+            arr = np.asarray(vectors, dtype=np.float32)
     except (TypeError, ValueError):
         arr = None
     if arr is None or arr.ndim != 2:
