@@ -63,3 +63,12 @@ def test_fuzz_finds_no_server_errors(gw: Any) -> None:
         run()
     assert not failures, "\n".join(failures[:10])
     assert len(calls) >= 200 and any(c < 300 for c in calls) and any(c == 422 for c in calls)
+
+
+def test_admin_scopes_in_the_schema_are_the_scopes() -> None:
+    import typing
+
+    from bkg_kernel.auth.principal import SCOPES
+    from bkg_kernel.gateway.routes.admin import Scope
+
+    assert set(typing.get_args(Scope)) == set(SCOPES)  # a new scope must be added to the schema too

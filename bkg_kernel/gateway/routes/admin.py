@@ -20,36 +20,49 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# The rules the auth service enforces, stated in the schema (generated clients and fuzzers see them).
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
+Scope = Literal[
+    "plugins:read", "plugins:write", "collections:read", "collections:write", "models:read", "models:write",
+    "llm:use", "faces:use", "repo:use", "admin:users", "admin:keys", "admin:audit",
+]  # fmt: skip
+Password = Field(None, min_length=8, max_length=256)
+
+
 class NewUser(Strict):
-    username: str
-    role: str = "viewer"
-    password: str | None = None
+    username: str = Field(..., pattern=NAME)
+    role: str = Field("viewer", pattern=NAME, description="An existing role.")
+    password: str | None = Password
 
 
 class UserPatch(Strict):
-    role: str | None = None
+    role: str | None = Field(None, pattern=NAME)
     disabled: bool | None = None
-    password: str | None = None
+    password: str | None = Password
 
 
 class NewRole(Strict):
-    name: str
-    scopes: list[str]
+    name: str = Field(..., pattern=NAME)
+    scopes: list[Scope]
     description: str = ""
 
 
 class RolePatch(Strict):
-    scopes: list[str] | None = None
+    scopes: list[Scope] | None = None
     description: str | None = None
 
 
 class NewKey(Strict):
-    name: str
+    name: str = Field(..., min_length=1, max_length=100)
     user_id: str | None = Field(None, description="Owner (default: the caller).")
-    scopes: list[str] | None = Field(None, description="A subset of the owner's scopes (default: all of them).")
+    scopes: list[Scope] | None = Field(None, description="A subset of the owner's scopes (default: all of them).")
     expires_in_days: float | None = Field(None, gt=0, le=3650)
     expires_at: datetime | None = None
-    rate_limit_per_min: int | None = None
+    rate_limit_per_min: int | None = Field(None, ge=1, le=1_000_000)
+
+
+def _scopes(scopes: list[Scope] | None) -> list[str] | None:
+    return None if scopes is None else list(scopes)
 
 
 def _auth(request: Request) -> AuthService:
@@ -104,7 +117,7 @@ def list_roles(request: Request, p: Annotated[Principal, Depends(USERS)]) -> dic
 @router.post("/roles", status_code=201)
 def create_role(body: NewRole, request: Request, p: Annotated[Principal, Depends(USERS)]) -> dict[str, Any]:
     """Create a custom role."""
-    return _auth(request).create_role(body.name, body.scopes, body.description, by=p)
+    return _auth(request).create_role(body.name, list(body.scopes), body.description, by=p)
 
 
 @router.patch("/roles/{name}")
@@ -112,7 +125,7 @@ def update_role(
     name: str, body: RolePatch, request: Request, p: Annotated[Principal, Depends(USERS)]
 ) -> dict[str, Any]:
     """Change a custom role's scopes or description (its users' keys follow at once)."""
-    return _auth(request).update_role(name, body.scopes, body.description, by=p)
+    return _auth(request).update_role(name, _scopes(body.scopes), body.description, by=p)
 
 
 @router.delete("/roles/{name}")
@@ -137,7 +150,7 @@ def create_key(body: NewKey, request: Request, p: Annotated[Principal, Depends(K
     if expires is not None and expires.tzinfo is not None:
         expires = expires.astimezone(UTC).replace(tzinfo=None)
     rec, token = _auth(request).create_key(
-        body.user_id or p.user_id, body.name, body.scopes, expires, body.rate_limit_per_min, by=p
+        body.user_id or p.user_id, body.name, _scopes(body.scopes), expires, body.rate_limit_per_min, by=p
     )
     return {**rec, "key": token}
 

@@ -7,6 +7,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -16,6 +17,10 @@ from bkg_kernel.gateway import storeops
 from bkg_kernel.gateway.state import gateway, need
 
 router = APIRouter(prefix="/api/collections", tags=["collections"])
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # the store's rules (store/validate.py), stated in the schema
+EMBED_PATTERN = r"^(candle|llmserver):.+$"
+Name = Annotated[str, PathParam(pattern=NAME_PATTERN, description="A collection name.")]
+SnapshotId = Annotated[str, PathParam(pattern=r"^[0-9A-Za-z][0-9A-Za-z_-]{0,63}$", description="A snapshot id.")]
 READ_SCOPE = "collections:read"
 READ, WRITE = Depends(need(READ_SCOPE)), need("collections:write")
 
@@ -25,18 +30,20 @@ class Strict(BaseModel):
 
 
 class NewCollection(Strict):
-    name: str
-    dim: int
+    name: str = Field(..., pattern=NAME_PATTERN)
+    dim: int = Field(..., ge=1, le=65536)
     metric: Literal["cosine", "l2", "ip"] = "cosine"
     index: Literal["flat", "hnsw", "ivf"] = "flat"
     params: dict[str, int] = Field(default_factory=dict, description="Index parameters (m, ef_search, nlist, ...).")
     embed_model: str | None = Field(
-        None, description='"candle:<model>" or "llmserver:<model>": computes vectors from text when none is given.'
+        None,
+        pattern=EMBED_PATTERN,
+        description='"candle:<model>" or "llmserver:<model>": computes vectors from text when none is given.',
     )
 
 
 class CollectionPatch(Strict):
-    embed_model: str | None = None
+    embed_model: str | None = Field(None, pattern=EMBED_PATTERN)
 
 
 class PointIn(Strict):
@@ -48,7 +55,9 @@ class PointIn(Strict):
 
 class Upsert(Strict):
     points: list[PointIn] = Field(..., max_length=100_000)
-    embed_model: str | None = Field(None, description="Embed texts of points without vectors with this model.")
+    embed_model: str | None = Field(
+        None, pattern=EMBED_PATTERN, description="Embed texts of points without vectors with this model."
+    )
 
 
 _UPSERT_HEAD = TypeAdapter(Upsert)
@@ -113,7 +122,7 @@ def create_collection(body: NewCollection, request: Request, p: Annotated[Princi
 
 @router.patch("/{name}")
 def patch_collection(
-    name: str, body: CollectionPatch, request: Request, p: Annotated[Principal, Depends(WRITE)]
+    name: Name, body: CollectionPatch, request: Request, p: Annotated[Principal, Depends(WRITE)]
 ) -> dict[str, Any]:
     """Change a collection's embed_model."""
     s = gateway(request).store
@@ -123,13 +132,13 @@ def patch_collection(
 
 
 @router.get("/{name}", dependencies=[READ])
-def describe(name: str, request: Request) -> dict[str, Any]:
+def describe(name: Name, request: Request) -> dict[str, Any]:
     """Count, dim, metric, index, bytes on disk, last snapshot."""
     return gateway(request).store.describe(name).to_dict()
 
 
 @router.delete("/{name}", status_code=204)
-def drop(name: str, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> Response:
+def drop(name: Name, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> Response:
     """Drop a collection (its snapshots stay)."""
     gateway(request).store.drop_collection(name)
     _audit(request, p, "collection.drop", name)
@@ -251,7 +260,7 @@ def _invalid(exc: ValidationError, offset: int) -> InvalidInput:
 
 
 @router.put("/{name}/points", openapi_extra=UPSERT_BODY)
-async def upsert(name: str, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> dict[str, Any]:
+async def upsert(name: Name, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> dict[str, Any]:
     """Insert or replace points (body: `Upsert`); points without a vector are embedded from their text."""
     gw = gateway(request)
     points, embed_model = await asyncio.to_thread(parse_upsert, await request.body())
@@ -260,14 +269,14 @@ async def upsert(name: str, request: Request, p: Annotated[Principal, Depends(WR
 
 
 @router.post("/{name}/points/get", dependencies=[READ])
-def get_points(name: str, body: Ids, request: Request) -> dict[str, Any]:
+def get_points(name: Name, body: Ids, request: Request) -> dict[str, Any]:
     """Points by id, in the order asked (missing ids left out)."""
     pts = gateway(request).store.collection(name).get(body.ids, with_vectors=body.with_vectors)
     return {"points": [p.to_dict() for p in pts]}
 
 
 @router.post("/{name}/points/scroll", dependencies=[READ])
-def scroll_points(name: str, body: Scroll, request: Request) -> dict[str, Any]:
+def scroll_points(name: Name, body: Scroll, request: Request) -> dict[str, Any]:
     """Page through points (optionally matching a filter) in insertion order; next_offset is null at the end."""
     pts = (
         gateway(request)
@@ -279,19 +288,19 @@ def scroll_points(name: str, body: Scroll, request: Request) -> dict[str, Any]:
 
 
 @router.post("/{name}/points/delete", dependencies=[Depends(WRITE)])
-def delete_points(name: str, body: Delete, request: Request) -> dict[str, Any]:
+def delete_points(name: Name, body: Delete, request: Request) -> dict[str, Any]:
     """Delete points by ids or by filter."""
     return {"deleted": gateway(request).store.collection(name).delete(body.ids, filter=body.filter)}
 
 
 @router.post("/{name}/points/count", dependencies=[READ])
-def count_points(name: str, request: Request, body: Count | None = None) -> dict[str, Any]:
+def count_points(name: Name, request: Request, body: Count | None = None) -> dict[str, Any]:
     """Count points, optionally matching a filter."""
     return {"count": gateway(request).store.collection(name).count(body.filter if body else None)}
 
 
 @router.post("/{name}/query")
-async def query(name: str, body: Query, request: Request, p: Annotated[Principal, Depends(need(READ_SCOPE))]) -> Any:
+async def query(name: Name, body: Query, request: Request, p: Annotated[Principal, Depends(need(READ_SCOPE))]) -> Any:
     """Vector, full-text (BM25) or hybrid (RRF) search, filtered before ranking.
 
     With text and no vector on a collection with an embed_model, the text is embedded too: mode defaults to
@@ -304,7 +313,7 @@ async def query(name: str, body: Query, request: Request, p: Annotated[Principal
 
 
 @router.post("/{name}/snapshots", status_code=201)
-def snapshot(name: str, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> dict[str, Any]:
+def snapshot(name: Name, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> dict[str, Any]:
     """Write a snapshot archive."""
     info = gateway(request).store.snapshot(name)
     _audit(request, p, "snapshot.create", name, snapshot=info.id)
@@ -312,14 +321,18 @@ def snapshot(name: str, request: Request, p: Annotated[Principal, Depends(WRITE)
 
 
 @router.get("/{name}/snapshots", dependencies=[READ])
-def list_snapshots(name: str, request: Request) -> dict[str, Any]:
+def list_snapshots(name: Name, request: Request) -> dict[str, Any]:
     """Snapshots of a collection (also of a dropped one), newest first."""
     return {"snapshots": [s.to_dict() for s in gateway(request).store.list_snapshots(name)]}
 
 
 @router.post("/{name}/snapshots/{snapshot_id}/restore")
 def restore(
-    name: str, snapshot_id: str, request: Request, p: Annotated[Principal, Depends(WRITE)], body: Restore | None = None
+    name: Name,
+    snapshot_id: SnapshotId,
+    request: Request,
+    p: Annotated[Principal, Depends(WRITE)],
+    body: Restore | None = None,
 ) -> dict[str, Any]:
     """Restore a snapshot into the same collection or a new name; a damaged archive is refused (422)."""
     s = gateway(request).store
@@ -329,7 +342,9 @@ def restore(
 
 
 @router.delete("/{name}/snapshots/{snapshot_id}", status_code=204)
-def delete_snapshot(name: str, snapshot_id: str, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> Response:
+def delete_snapshot(
+    name: Name, snapshot_id: SnapshotId, request: Request, p: Annotated[Principal, Depends(WRITE)]
+) -> Response:
     """Delete one snapshot archive."""
     gateway(request).store.delete_snapshot(name, snapshot_id)
     _audit(request, p, "snapshot.delete", name, snapshot=snapshot_id)

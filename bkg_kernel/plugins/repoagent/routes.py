@@ -10,11 +10,12 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Body, Depends, Path
 from fastapi.responses import StreamingResponse
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import BkgError
+from bkg_kernel.plugins.repoagent.schemas import WORKSPACE_PATTERN
 from bkg_kernel.runtime.contract import GatewayAPI
 
 
@@ -25,8 +26,8 @@ def build(api: GatewayAPI) -> APIRouter:
 
     @router.post("/{workspace}/run/{name}")
     async def run(
-        workspace: str,
-        name: str,
+        workspace: Annotated[str, Path(pattern=WORKSPACE_PATTERN)],
+        name: Annotated[str, Path(min_length=1, max_length=128)],
         p: Annotated[Principal, Depends(repo)],
         args: Annotated[list[str] | None, Body(embed=True)] = None,
     ) -> StreamingResponse:
