@@ -14,7 +14,9 @@ import numpy as np
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.store.index import KINDS, METRICS
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+COLLECTION_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # also stated in the API's schemas
+EMBED_MODEL_PATTERN = r"^(candle|llmserver):.+$"
+_NAME = re.compile(COLLECTION_NAME_PATTERN)
 MAX_K = 1000
 _INT64 = 2**63
 

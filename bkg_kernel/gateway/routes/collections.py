@@ -15,10 +15,10 @@ from bkg_kernel.auth import Principal
 from bkg_kernel.errors import BadRequest, InvalidInput
 from bkg_kernel.gateway import storeops
 from bkg_kernel.gateway.state import gateway, need
+from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN
 
 router = APIRouter(prefix="/api/collections", tags=["collections"])
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # the store's rules (store/validate.py), stated in the schema
-EMBED_PATTERN = r"^(candle|llmserver):.+$"
+NAME_PATTERN, EMBED_PATTERN = COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN  # the store's rules, in the schema
 Name = Annotated[str, PathParam(pattern=NAME_PATTERN, description="A collection name.")]
 SnapshotId = Annotated[str, PathParam(pattern=r"^[0-9A-Za-z][0-9A-Za-z_-]{0,63}$", description="A snapshot id.")]
 READ_SCOPE = "collections:read"

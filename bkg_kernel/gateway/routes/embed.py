@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bkg_kernel.auth import Principal
 from bkg_kernel.gateway import storeops
 from bkg_kernel.gateway.state import gateway, need
+from bkg_kernel.store.validate import EMBED_MODEL_PATTERN
 
 
 class Strict(BaseModel):
@@ -20,7 +21,7 @@ router = APIRouter(tags=["models"])
 
 
 class EmbedRequest(Strict):
-    model: str = Field(..., description='"candle:<model>" or "llmserver:<model>"')
+    model: str = Field(..., pattern=EMBED_MODEL_PATTERN, description='"candle:<model>" or "llmserver:<model>"')
     input: list[str] = Field(..., min_length=1, max_length=10_000)
 
 
@@ -32,7 +33,7 @@ async def embed(body: EmbedRequest, request: Request, p: Annotated[Principal, De
 
 
 class RerankRequest(Strict):
-    model: str = Field(..., description='"candle:<cross-encoder model>"')
+    model: str = Field(..., pattern=r"^candle:.+$", description='"candle:<cross-encoder model>"')
     query: str = Field(..., min_length=1)
     documents: list[str] = Field(..., min_length=1, max_length=1000)
 

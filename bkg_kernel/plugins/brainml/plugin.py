@@ -25,6 +25,7 @@ from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
 from bkg_kernel.models.registry import ID_PATTERN, ModelRegistry, check_id, slug
 from bkg_kernel.runtime.contract import Plugin, PluginSettings, Progress, capability
 from bkg_kernel.runtime.storehandle import StoreHandle
+from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN
 
 INDEX_BATCH = 2048  # chunks per upsert (the gateway embeds them in batches of 1024)
 
@@ -70,7 +71,7 @@ class Chunking(BaseModel):
 class IndexRequest(BaseModel):
     """Chunk, embed and store documents; re-indexing an id replaces its chunks."""
 
-    collection: str
+    collection: str = Field(..., pattern=COLLECTION_NAME_PATTERN)
     documents: list[Document] = Field(..., min_length=1, max_length=10_000)
     chunking: Chunking | None = None
 
@@ -78,7 +79,7 @@ class IndexRequest(BaseModel):
 class QueryRequest(BaseModel):
     """Search a collection."""
 
-    collection: str
+    collection: str = Field(..., pattern=COLLECTION_NAME_PATTERN)
     query: str = Field(..., min_length=1)
     top_k: int = Field(5, ge=1, le=1000)
     mode: Literal["vector", "text", "hybrid"] = "hybrid"
@@ -90,7 +91,7 @@ class QueryRequest(BaseModel):
 class AskRequest(BaseModel):
     """Answer a question from a collection's chunks."""
 
-    collection: str
+    collection: str = Field(..., pattern=COLLECTION_NAME_PATTERN)
     question: str = Field(..., min_length=1)
     top_k: int = Field(4, ge=1, le=20)
     filters: dict[str, Any] | None = None
@@ -99,13 +100,13 @@ class AskRequest(BaseModel):
 class StatsRequest(BaseModel):
     """Which collection (default: every collection brainml indexed)."""
 
-    collection: str | None = None
+    collection: str | None = Field(None, pattern=COLLECTION_NAME_PATTERN)
 
 
 class TrainRequest(BaseModel):
     """Train a classifier on a collection's embeddings to predict a metadata field."""
 
-    collection: str
+    collection: str = Field(..., pattern=COLLECTION_NAME_PATTERN)
     label_field: str = Field(..., min_length=1, description="The metadata field holding each document's label.")
     model: Literal["logistic", "mlp"] = "logistic"
     test_split: float = Field(0.2, gt=0.0, lt=0.9, description="Share of each label's documents held out.")
