@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import nbformat
 from nbclient import NotebookClient
@@ -32,22 +33,7 @@ def test_store_quickstart_runs_and_renders_tables(tmp_path: Path, monkeypatch) -
 
 
 def test_llm_quickstart_streams_and_embeds(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import json
-    import signal
-
-    data = tmp_path / "data"
-    monkeypatch.setenv("BKG_DATA_DIR", str(data))
-    monkeypatch.setenv("BKG_MODEL_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("BKG_PORT", str(_free_port()))
-    nb = nbformat.read(NOTEBOOKS / "llm_quickstart.ipynb", as_version=4)
-    try:
-        NotebookClient(
-            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
-        ).execute()
-    finally:
-        state = data / "gateway.json"
-        if state.exists():  # connect() started a gateway for this data dir: stop it
-            os.kill(json.loads(state.read_text())["pid"], signal.SIGTERM)
+    nb = _run_with_own_gateway("llm_quickstart.ipynb", tmp_path, monkeypatch)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert not any(out.get("output_type") == "error" for c in code for out in c.get("outputs", []))
     assert "smollm2-135m-instruct" in code[0].outputs[0]["data"]["text/html"]
@@ -60,6 +46,27 @@ def test_llm_quickstart_streams_and_embeds(tmp_path: Path, monkeypatch) -> None:
     assert shape[0] == 3 and near > far
 
 
+def _run_with_own_gateway(name: str, tmp_path: Path, monkeypatch) -> Any:  # type: ignore[no-untyped-def]
+    """Run a notebook whose `bkg.connect()` starts a gateway for a fresh data dir; stop that gateway after."""
+    import json
+    import signal
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("BKG_DATA_DIR", str(data))
+    monkeypatch.setenv("BKG_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("BKG_PORT", str(_free_port()))
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    try:
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        ).execute()
+    finally:
+        state = data / "gateway.json"
+        if state.exists():  # connect() started a gateway for this data dir: stop it
+            os.kill(json.loads(state.read_text())["pid"], signal.SIGTERM)
+    return nb
+
+
 def _free_port() -> int:
     import socket
 
@@ -69,22 +76,8 @@ def _free_port() -> int:
 
 
 def test_repo_quickstart_indexes_maps_and_asks(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import json
-    import signal
-
     data = tmp_path / "data"
-    monkeypatch.setenv("BKG_DATA_DIR", str(data))
-    monkeypatch.setenv("BKG_MODEL_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("BKG_PORT", str(_free_port()))
-    nb = nbformat.read(NOTEBOOKS / "repo_quickstart.ipynb", as_version=4)
-    try:
-        NotebookClient(
-            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
-        ).execute()
-    finally:
-        state = data / "gateway.json"
-        if state.exists():
-            os.kill(json.loads(state.read_text())["pid"], signal.SIGTERM)
+    nb = _run_with_own_gateway("repo_quickstart.ipynb", tmp_path, monkeypatch)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert not any(out.get("output_type") == "error" for c in code for out in c.get("outputs", []))
     assert "decoder.py" in code[0].outputs[0]["data"]["text/html"]

@@ -5,17 +5,15 @@ The official `openai` package works against it unchanged (`base_url=http://127.0
 usual); scope `llm:use`. (No `from __future__ import annotations`: FastAPI must see the local dependency.)
 """
 
-import json
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import BkgError
 from bkg_kernel.plugins.llmserver.schemas import ChatRequest, CompletionRequest, EmbedRequest
 from bkg_kernel.runtime.contract import GatewayAPI
+from bkg_kernel.runtime.sse import event_stream
 
 
 def build(api: GatewayAPI) -> APIRouter:
@@ -59,30 +57,15 @@ def build(api: GatewayAPI) -> APIRouter:
             api.record_usage(p, route, result)
             return JSONResponse(result)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        chunks = api.stream("llmserver", capability, data, p)
-        try:  # the first chunk comes after the model is loaded and the prompt checked: errors are still HTTP errors
-            first: dict[str, Any] | None = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                pending = [first] if first is not None else []
-                while True:
-                    chunk = pending.pop() if pending else await chunks.__anext__()
-                    if "usage" in chunk and not chunk.get("choices"):
-                        api.record_usage(p, route, chunk)
-                        if not include_usage:
-                            continue
-                    yield f"data: {json.dumps(chunk)}\n\n"
-            except StopAsyncIteration:
-                yield "data: [DONE]\n\n"
-            except BkgError as exc:  # the worker died or timed out mid-stream: say so in the stream
-                yield f"data: {json.dumps(exc.to_dict())}\n\n"
-            finally:
-                await chunks.aclose()  # a client that left frees its slot now
+        def render(chunk: dict[str, Any]) -> dict[str, Any] | None:
+            if "usage" in chunk and not chunk.get("choices"):
+                api.record_usage(p, route, chunk)
+                if not include_usage:
+                    return None
+            return chunk
 
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        response: StreamingResponse = await event_stream(api.stream("llmserver", capability, data, p), render)
+        return response
 
     return router

@@ -6,17 +6,15 @@ killed). The same command runs as a job through `repo.command`. (No `from __futu
 FastAPI must see the local dependency.)
 """
 
-import json
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path
 from fastapi.responses import StreamingResponse
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import BkgError
 from bkg_kernel.plugins.repoagent.schemas import WORKSPACE_PATTERN
 from bkg_kernel.runtime.contract import GatewayAPI
+from bkg_kernel.runtime.sse import event_stream
 
 
 def build(api: GatewayAPI) -> APIRouter:
@@ -33,29 +31,13 @@ def build(api: GatewayAPI) -> APIRouter:
     ) -> StreamingResponse:
         """Run command `name` of the allow-list in `workspace`, streaming its output."""
         data: dict[str, Any] = {"workspace": workspace, "name": name, "args": args or []}
-        chunks = api.stream("repoagent", "repo.command", data, p)
-        try:  # validation and allow-list errors come before the first event: they stay HTTP errors
-            first: dict[str, Any] | None = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                pending = [first] if first is not None else []
-                while True:
-                    chunk = pending.pop() if pending else await chunks.__anext__()
-                    if "result" in chunk:
-                        yield f"data: {json.dumps({'result': chunk['result']})}\n\n"
-                    elif chunk.get("message"):
-                        yield f"data: {json.dumps({'output': chunk['message']})}\n\n"
-            except StopAsyncIteration:
-                yield "data: [DONE]\n\n"
-            except BkgError as exc:
-                yield f"data: {json.dumps(exc.to_dict())}\n\n"
-            finally:
-                await chunks.aclose()
+        def render(chunk: dict[str, Any]) -> dict[str, Any] | None:
+            if "result" in chunk:
+                return {"result": chunk["result"]}
+            return {"output": chunk["message"]} if chunk.get("message") else None
 
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        response: StreamingResponse = await event_stream(api.stream("repoagent", "repo.command", data, p), render)
+        return response
 
     return router
