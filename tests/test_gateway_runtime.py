@@ -142,7 +142,7 @@ def test_custom_role(gw: Any) -> None:
     c = gw.client()
     r = c.post("/admin/roles", json={"name": "analyst", "scopes": ["collections:read", "llm:use"]})
     assert r.status_code == 201
-    assert c.post("/admin/roles", json={"name": "bad", "scopes": ["nope"]}).json()["error"]["field"] == "scopes[0]"
+    assert c.post("/admin/roles", json={"name": "bad", "scopes": ["nope"]}).json()["error"]["field"] == "scopes.0"
     u = c.post("/admin/users", json={"username": "ana", "role": "analyst"}).json()
     key = c.post("/admin/keys", json={"name": "ana", "user_id": u["id"]}).json()["key"]
     me = gw.client(key).get("/auth/me").json()
