@@ -34,6 +34,16 @@ class Gateway:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
+    def wait_job(self, job_id: str, timeout: float = 300) -> dict[str, Any]:
+        """Poll a job until it finishes; return its record."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.client().get(f"/api/jobs/{job_id}").json()
+            if job["finished"] is not None:
+                return dict(job)
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} did not finish")
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

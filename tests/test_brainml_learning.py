@@ -53,16 +53,6 @@ def query(g: Gateway, q: str, **opts: Any) -> dict[str, Any]:
     return dict(r.json())
 
 
-def wait_job(g: Gateway, job_id: str, timeout: float = 300) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = g.client().get(f"/api/jobs/{job_id}").json()
-        if job["finished"] is not None:
-            return dict(job)
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish")
-
-
 def test_hybrid_at_least_as_good_as_the_better_single_mode(lgw: Gateway, corpus: list[dict[str, Any]]) -> None:
     assert len(corpus) > 500
     scores: dict[str, list[tuple[float, float]]] = {}
@@ -110,7 +100,7 @@ def test_train_classify_and_survive_a_restart(lgw: Gateway, data_dir: Path) -> N
             if msg["type"] == "jobs" and msg["payload"]["id"] == job_id:
                 events.append(msg["payload"])
     assert any(0 < e["progress"] < 1 and e["message"] for e in events), events
-    job = wait_job(lgw, job_id)
+    job = lgw.wait_job(job_id)
     assert job["state"] == "done" and job["plugin"] == "brainml" and job["owner"] == "admin", job
     report = job["result"]
     m = report["metrics"]
@@ -163,10 +153,10 @@ def test_train_bad_input(lgw: Gateway) -> None:
     assert r.status_code == 422 and "test_split" in r.json()["error"]["field"]
     # errors found while running end the job with the reason
     r = c.post(inv + "brainml.train", json={"collection": "pydocs", "label_field": "colour"})
-    job = wait_job(lgw, r.json()["job"]["id"])
+    job = lgw.wait_job(r.json()["job"]["id"])
     assert job["state"] == "failed" and "colour" in job["error"]
     r = c.post(inv + "brainml.train", json={"collection": "nope", "label_field": "package"})
-    assert wait_job(lgw, r.json()["job"]["id"])["state"] == "failed"
+    assert lgw.wait_job(r.json()["job"]["id"])["state"] == "failed"
     r = c.post(inv + "brainml.classify", json={"model_id": "no-such-model", "texts": ["x"]})
     assert r.status_code == 404
     r = c.post(inv + "brainml.classify", json={"model_id": "all-minilm-l6-v2", "texts": ["x"]})
@@ -181,7 +171,7 @@ def test_cancel_a_training_job(lgw: Gateway) -> None:
     while c.get(f"/api/jobs/{job['id']}").json()["progress"] < 0.1 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert c.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
-    done = wait_job(lgw, job["id"], timeout=60)
+    done = lgw.wait_job(job["id"], timeout=60)
     assert done["state"] == "cancelled"
     assert c.post(f"/api/jobs/{job['id']}/cancel").status_code == 409
     assert c.get("/api/models/never").status_code == 404

@@ -134,14 +134,7 @@ def invoke(g: Gateway, cap: str, body: dict[str, Any], key: str | None = None) -
 def job(g: Gateway, cap: str, body: dict[str, Any]) -> dict[str, Any]:
     r = invoke(g, cap, body)
     assert r.status_code in (200, 202), r.text
-    job_id = r.json()["job"]["id"]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        j = g.client().get(f"/api/jobs/{job_id}").json()
-        if j["finished"] is not None:
-            return dict(j)
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish")
+    return g.wait_job(r.json()["job"]["id"])
 
 
 def repo_dir(g: Gateway) -> Path:

@@ -99,6 +99,15 @@ class ModelRegistry:
             raise NotFound(f"model {model_id!r} is not registered (known: {known})", field="model")
         return models[model_id]
 
+    def embedding_dim(self, spec: str) -> int:
+        """Return the vector size of an embedding model spec (`candle:<id>` or `llmserver:<id>`)."""
+        model = spec.partition(":")[2]
+        meta = self.get(model).meta
+        dim = meta.get("hidden_size") or meta.get("embedding_length")
+        if not dim:
+            raise InvalidInput(f"cannot tell the embedding size of {model!r}", field="embed_model")
+        return int(dim)
+
     def resolve(self, entry: ModelEntry | str) -> Path:
         """Return the absolute path of a model's file or folder."""
         e = self.get(entry) if isinstance(entry, str) else entry

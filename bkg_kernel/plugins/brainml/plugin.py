@@ -209,14 +209,6 @@ class BrainML(Plugin):
         with self.lock:
             self._save()
 
-    def _dim(self, spec: str) -> int:
-        model = spec.partition(":")[2]
-        meta = self.registry.get(model).meta
-        dim = meta.get("hidden_size") or meta.get("embedding_length")
-        if not dim:
-            raise InvalidInput(f"cannot tell the embedding size of {model!r}", field="embed_model")
-        return int(dim)
-
     def _collection(self, name: str, create: bool) -> dict[str, Any]:
         try:
             info: dict[str, Any] = self.store.describe(name)
@@ -225,7 +217,7 @@ class BrainML(Plugin):
                 msg = f"collection {name!r} does not exist (index documents into it first)"
                 raise NotFound(msg, field="collection") from None
             spec = self.settings.embed_model
-            info = self.store.create_collection(name, self._dim(spec), embed_model=spec)
+            info = self.store.create_collection(name, self.registry.embedding_dim(spec), embed_model=spec)
         if not info.get("embed_model"):
             msg = f"collection {name!r} has no embed_model: brainml needs one to embed text"
             raise InvalidInput(msg, field="collection")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, span_sha
+from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, own_end, span_sha
 from bkg_kernel.plugins.repoagent.repomap import build as build_map
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
@@ -52,17 +52,22 @@ def retrieve(
     return list(out.values())[:k]
 
 
-def numbered(lines: list[str], start: int, end: int) -> str:
-    """Lines start..end with their numbers."""
-    return "\n".join(f"{n:>5}| {lines[n - 1]}" for n in range(start, min(end, len(lines)) + 1))
+def read_lines(root: Path, path: str) -> list[str] | None:
+    """The lines of a file inside `root` (None when it is not there, or not inside)."""
+    full = (root / path).resolve()
+    if root not in full.parents or not full.is_file():
+        return None
+    return full.read_text(errors="replace").splitlines()
 
 
 def verify(root: Path, path: str, start: int, end: int, sha: str | None) -> str | None:
     """Why a citation does not hold (None when it does): the file, its lines and, given `sha`, their code."""
-    full = (root / path).resolve()
-    if root not in full.parents or not full.is_file():
+    return _check(read_lines(root, path), path, start, end, sha)
+
+
+def _check(lines: list[str] | None, path: str, start: int, end: int, sha: str | None) -> str | None:
+    if lines is None:
         return f"{path} does not exist"
-    lines = full.read_text(errors="replace").splitlines()
     if start < 1 or end < start or end > len(lines):
         return f"{path} has {len(lines)} lines, not {start}-{end}"
     if sha is not None and span_sha(lines, start, end) != sha:
@@ -86,7 +91,15 @@ def ask(
     The prompt fits `context_tokens` (counted as ~3 characters of code each): the repo map takes its share
     and the sources split the rest, each cut at a line boundary.
     """
-    sources = retrieve(index, search, question, top_k)
+    files: dict[str, list[str] | None] = {}
+
+    def lines_of(path: str) -> list[str] | None:  # each file read once per answer
+        if path not in files:
+            files[path] = read_lines(root, path)
+        return files[path]
+
+    # a file deleted since it was indexed is no source
+    sources = [s for s in retrieve(index, search, question, top_k) if lines_of(s["path"]) is not None]
     if not sources:
         return {"question": question, "answer": "The index has nothing that matches the question.",
                 "citations": [], "dropped": [], "sources": []}  # fmt: skip
@@ -95,8 +108,7 @@ def ask(
     room = max(200, (context_tokens * 3 - len(repo_map)) // len(sources))
     shown = []
     for n, s in enumerate(sources, start=1):
-        lines = (root / s["path"]).read_text(errors="replace").splitlines()
-        code = "\n".join(lines[s["start"] - 1 : s["end"]])
+        code = "\n".join((lines_of(s["path"]) or [])[s["start"] - 1 : s["end"]])
         if len(code) > room:
             code = code[:room].rsplit("\n", 1)[0] + "\n..."
         shown.append(f"[{n}] {s['path']}:{s['start']}-{s['end']} ({s['kind']} {s['symbol']})\n{code}")
@@ -117,7 +129,7 @@ def ask(
             dropped.append({"cited": m.group(0), "why": f"there is no source [{n}]"})
             continue
         s = sources[n - 1]
-        _cite(root, citations, dropped, seen, s["path"], s["start"], s["end"], s["sha"], n, s["symbol"], "[n]")
+        _cite(lines_of, citations, dropped, seen, s["path"], s["start"], s["end"], s["sha"], n, s["symbol"], "[n]")
     for m in PATH_CITE.finditer(answer):
         path, a = m.group(1), int(m.group(2))
         b = int(m.group(3) or a)
@@ -126,11 +138,11 @@ def ask(
             dropped.append({"cited": m.group(0), "why": "no source shown to the model holds these lines"})
             continue
         n = sources.index(src) + 1
-        _cite(root, citations, dropped, seen, path, a, b, None, n, src["symbol"], "path")
+        _cite(lines_of, citations, dropped, seen, path, a, b, None, n, src["symbol"], "path")
     for n, s in enumerate(sources, start=1):  # a source whose symbol the answer names is cited by that name
         name = s["symbol"].rsplit(".", 1)[-1]
         if s["kind"] not in ("module", "text") and name and re.search(rf"(?<![\w.]){re.escape(name)}\b", answer):
-            _cite(root, citations, dropped, seen, s["path"], s["start"], s["end"], s["sha"], n, s["symbol"], "name")
+            _cite(lines_of, citations, dropped, seen, s["path"], s["start"], s["end"], s["sha"], n, s["symbol"], "name")
     return {
         "question": question,
         "answer": answer,
@@ -143,18 +155,18 @@ def ask(
 
 
 def _cite(
-    root: Path, citations: list[dict[str, Any]], dropped: list[dict[str, Any]], seen: set[tuple[str, int, int]],
-    path: str, start: int, end: int, sha: str | None, n: int, symbol: str, how: str,
+    lines_of: Callable[[str], list[str] | None], citations: list[dict[str, Any]], dropped: list[dict[str, Any]],
+    seen: set[tuple[str, int, int]], path: str, start: int, end: int, sha: str | None, n: int, symbol: str, how: str,
 ) -> None:  # fmt: skip
     key = (path, start, end)
     if key in seen:
         return
-    why = verify(root, path, start, end, sha)
-    if why is not None:
+    lines = lines_of(path)
+    why = _check(lines, path, start, end, sha)
+    if why is not None or lines is None:
         dropped.append({"cited": f"{path}:{start}-{end}", "why": why})
         return
     seen.add(key)
-    lines = (root / path).read_text(errors="replace").splitlines()
     citations.append(
         {
             "n": n,
@@ -195,13 +207,6 @@ def callee_first(index: CodeIndex, targets: list[dict[str, Any]]) -> list[dict[s
     return [by_qual[q] for q in order]
 
 
-def own_end(s: dict[str, Any], symbols: list[dict[str, Any]]) -> int:
-    """The last line of a symbol's own code: a class ends where its first member begins (a member's change
-    regenerates the member's docs, not the class's)."""
-    inner = [t["start"] for t in symbols if s["start"] < t["start"] <= s["end"] and t["kind"] != "module"]
-    return max(s["start"], min(inner) - 1) if inner else s["end"]
-
-
 def callers_of(index: CodeIndex, name: str, limit: int = 8) -> list[str]:
     """`path:line (in symbol)` of the calls to a name."""
     out = [
@@ -237,7 +242,7 @@ def document(
         if entry is None or entry["sha"] != sha or force:
             callees = [
                 q for r in index.files[path]["refs"] if r["in"] == s["qualname"] and r["kind"] == "call"
-                for q, e in cache.items() if q.rsplit(".", 1)[-1] == r["name"] and q != s["qualname"]
+                for q in cache if q.rsplit(".", 1)[-1] == r["name"] and q != s["qualname"]
             ]  # fmt: skip
             known = "\n".join(f"- {q}: {cache[q]['summary']}" for q in dict.fromkeys(callees))
             code = "\n".join(lines[s["start"] - 1 : s["end"]])[:2500]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bkg_kernel.plugins.repoagent.parsing import language_of, parse
-from bkg_kernel.plugins.repoagent.workspace import BINARY_SNIFF, is_binary
+from bkg_kernel.plugins.repoagent.workspace import is_binary
 
 INDEX_VERSION = 1
 CHUNK_CHARS = 1600  # text kept per chunk for BM25; the citation span stays the symbol's whole span
@@ -120,8 +120,7 @@ def chunks_for(path: str, source: str, parsed: dict[str, Any]) -> list[dict[str,
     for s in symbols:
         end = s["end"]
         if s["kind"] in ("class", "interface", "trait", "struct", "impl"):
-            inner = [t["start"] for t in symbols if s["start"] < t["start"] <= s["end"]]
-            end = max(s["start"], min(inner) - 1) if inner else s["end"]
+            end = own_end(s, symbols)
         head = f"{path} {s['kind']} {s['qualname']} ({words(s['qualname'])})"
         if s["doc"]:
             head += f"\n{s['doc'][:400]}"
@@ -174,7 +173,7 @@ def update(
             data = full.read_bytes()
         except OSError:
             continue
-        if is_binary(data[:BINARY_SNIFF]):
+        if is_binary(data):
             continue
         sha = hashlib.sha1(data).hexdigest()
         if old is not None and old["sha"] == sha:
@@ -200,6 +199,13 @@ def update(
             t_report = now
             progress(0.5 * (i + 1) / total, f"parsed {i + 1}/{len(wanted)} files ({len(changed)} changed)")
     return changed, before, removed
+
+
+def own_end(s: dict[str, Any], symbols: list[dict[str, Any]]) -> int:
+    """The last line of a symbol's own code: a class ends where its first member begins (its chunk is its head,
+    and a member's change regenerates the member's docs, not the class's)."""
+    inner = [t["start"] for t in symbols if s["start"] < t["start"] <= s["end"] and t["kind"] != "module"]
+    return max(s["start"], min(inner) - 1) if inner else s["end"]
 
 
 def span_sha(source_lines: list[str], start: int, end: int) -> str:

@@ -5,7 +5,7 @@ commands come from an allow-list and run in a process-level sandbox, commits are
 caller. `repo.index` parses Python with `ast` and other languages with tree-sitter grammar wheels, and
 embeds chunks (one per symbol) into the store collection `repo-<name>`; `repo.map`, `repo.ask` and
 `repo.document` build on it. Every capability needs `repo:use`; the store and the LLM are reached as the
-caller, so indexing also needs `collections:write` and asking `llm:use`.
+caller, so indexing also needs `collections:write` and `llm:use` (it embeds), and asking `llm:use`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import fnmatch
 import json
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -84,7 +85,7 @@ class RepoAgent(Plugin):
         self.workspaces: dict[str, Workspace] = {}
         if self.registry_path.exists():
             for d in json.loads(self.registry_path.read_text()):
-                ws = Workspace(d["name"], Path(d["path"]), d["git"], d.get("added_by", ""), d.get("added_at", 0.0))
+                ws = Workspace(d["name"], Path(d["path"]), d.get("added_by", ""), d.get("added_at", 0.0))
                 ws.info = {k: v for k, v in d.items() if k not in ("name", "path", "git", "added_by", "added_at")}
                 self.workspaces[ws.name] = ws
         self.roots = [Path(r).expanduser().resolve() for r in self.settings.repo_roots] or [
@@ -165,8 +166,6 @@ class RepoAgent(Plugin):
             self.workspaces.pop(ws.name, None)
             self.indexes.pop(ws.name, None)
             self._save()
-        import shutil
-
         shutil.rmtree(self._dir(ws), ignore_errors=True)
         return Result(removed=ws.name, path=str(ws.path), files_kept=True)
 
@@ -183,7 +182,7 @@ class RepoAgent(Plugin):
         with self.lock:
             if name in self.workspaces:
                 raise AlreadyExists(f"workspace {name!r} already exists", field="name")
-            ws = Workspace(name, folder, (folder / ".git").exists(), self._caller(), time.time())
+            ws = Workspace(name, folder, self._caller(), time.time())
             files = self._files(ws)  # 422 past max_files: before anything is written
             ws.info = {"file_count": len(files)}
             self.workspaces[name] = ws
@@ -263,9 +262,10 @@ class RepoAgent(Plugin):
             raise InvalidInput(f"{inp.path!r} is a folder", field="path")
         if inp.mode == "create" and exists:
             raise AlreadyExists(f"{rel} already exists (mode create)", field="path")
-        if exists and is_binary(full.read_bytes()[:8192]):
+        old = full.read_bytes() if exists else b""
+        if is_binary(old):
             raise InvalidInput(f"{rel} is a binary file: it is not written as text", field="path")
-        new = (full.read_text() if exists and inp.mode == "append" else "") + inp.content
+        new = (old.decode() if inp.mode == "append" else "") + inp.content
         if full.suffix in (".py", ".pyi") and not inp.force:
             try:
                 ast.parse(new, filename=rel)
@@ -324,7 +324,7 @@ class RepoAgent(Plugin):
     # -- git and commands -------------------------------------------------------------------------
     def _git_ws(self, name: str) -> Workspace:
         ws = self._ws(name)
-        if not (ws.path / ".git").exists():
+        if not ws.git:
             raise InvalidInput(f"workspace {name!r} is not a git repository", field="workspace")
         return ws
 
@@ -392,11 +392,7 @@ class RepoAgent(Plugin):
             pass
         assert self.context is not None and self.context.model_dir is not None
         spec = self.settings.embed_model
-        meta = ModelRegistry(self.context.model_dir).get(spec.partition(":")[2]).meta
-        dim = meta.get("hidden_size") or meta.get("embedding_length")
-        if not dim:
-            raise InvalidInput(f"cannot tell the embedding size of {spec!r}", field="embed_model")
-        self.store.create_collection(name, int(dim), embed_model=spec)
+        self.store.create_collection(name, ModelRegistry(self.context.model_dir).embedding_dim(spec), embed_model=spec)
         return spec
 
     @capability("repo.index", scope="repo:use", job=True)
@@ -406,8 +402,6 @@ class RepoAgent(Plugin):
         t0 = time.perf_counter()
         with self._index_lock(ws):
             idx = CodeIndex() if inp.full else self._index(ws, need=False)
-            if inp.full:
-                idx.files = {}
             progress(0.0, f"listing the files of {ws.name}")
             names = self._files(ws)
             embed_model = self._ensure_collection(ws)
@@ -416,8 +410,7 @@ class RepoAgent(Plugin):
             timings = {"list_s": t_parse - t0, "parse_s": time.perf_counter() - t_parse, "embed_s": 0.0, "store_s": 0.0}
             col = self._collection(ws)
             points = self._points(col, changed, before)
-            fresh = [p for p in points if "vector" not in p]
-            embedded = len(fresh)
+            embedded = sum("vector" not in p for p in points)
             for a in range(0, len(points), codeindex.UPSERT_BATCH):  # new chunks first, then the surplus old ones
                 batch = points[a : a + codeindex.UPSERT_BATCH]
                 todo = [p for p in batch if "vector" not in p]
@@ -438,16 +431,17 @@ class RepoAgent(Plugin):
                 self.store.delete(col, stale[a : a + 1000])
             idx.indexed_at = time.time()
             idx.save(self._dir(ws) / "index.json")
+            summary = idx.summary()
             with self.lock:
                 self.indexes[ws.name] = idx
-                ws.info = {"file_count": len(names), **{k: v for k, v in idx.summary().items() if k != "parse_errors"}}
+                ws.info = {"file_count": len(names), **{k: v for k, v in summary.items() if k != "parse_errors"}}
                 self._save()
         took = time.perf_counter() - t0
         progress(1.0, f"indexed {len(changed)} changed files in {took:.1f} s")
         return Result(
             workspace=ws.name, files=len(idx.files), changed=sorted(changed), removed=removed, upserted=len(points),
             embedded=embedded, timings={k: round(v, 3) for k, v in timings.items()},
-            took_s=round(took, 3), **{k: v for k, v in idx.summary().items() if k != "files"},
+            took_s=round(took, 3), **{k: v for k, v in summary.items() if k != "files"},
         )  # fmt: skip
 
     def _points(

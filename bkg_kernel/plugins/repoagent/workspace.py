@@ -26,10 +26,14 @@ class Workspace:
 
     name: str
     path: Path
-    git: bool
     added_by: str = ""
     added_at: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)  # index status: indexed_at, files, symbols
+
+    @property
+    def git(self) -> bool:
+        """Whether it is a git repository (now: a folder can become one after it was added)."""
+        return (self.path / ".git").exists()
 
     def to_dict(self) -> dict[str, Any]:
         """Describe it as JSON."""
