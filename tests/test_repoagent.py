@@ -337,6 +337,10 @@ def test_index_finds_every_symbol_and_its_callers(rgw: Gateway) -> None:
     assert "Extra" in {r["in"] for r in extra["references"]}
     gone = rgw.client().post("/api/collections/repo-demo/points/scroll", json={"filter": {"path": "notes.txt"}})
     assert gone.json()["points"] == []
+    (repo / "native/calc.c").unlink()  # gone before a full re-index: its points must go too
+    full = job(rgw, "repo.index", {"workspace": "demo", "full": True})["result"]
+    count = rgw.client().post("/api/collections/repo-demo/points/count", json={}).json()["count"]
+    assert full["embedded"] == full["chunks"] == count  # a full re-index starts over: no stale points stay
 
 
 def test_repo_map_ranks_what_is_used_and_fits_the_budget(rgw: Gateway) -> None:

@@ -401,7 +401,12 @@ class RepoAgent(Plugin):
         ws = self._ws(inp.workspace)
         t0 = time.perf_counter()
         with self._index_lock(ws):
-            idx = CodeIndex() if inp.full else self._index(ws, need=False)
+            if inp.full:  # start over: a fresh index would not know which old points to delete
+                with contextlib.suppress(NotFound):
+                    self.store.drop_collection(self._collection(ws))
+                idx = CodeIndex()
+            else:
+                idx = self._index(ws, need=False)
             progress(0.0, f"listing the files of {ws.name}")
             names = self._files(ws)
             embed_model = self._ensure_collection(ws)
