@@ -164,6 +164,8 @@ def test_every_path_stays_inside_the_workspace(rgw: Gateway) -> None:
         assert w.status_code == 403, (path, w.text)
     assert (repo_dir(rgw).parent.parent / "outside" / "secret.py").read_text() == "TOKEN = 1\n"
     assert invoke(rgw, "repo.file.write", {**base, "path": ".git/config", "content": "x"}).status_code == 403
+    nested = invoke(rgw, "repo.file.write", {**base, "path": "sub/.git/config", "content": "[core]\n"})
+    assert nested.status_code == 403 and not (repo_dir(rgw) / "sub").exists()
     assert invoke(rgw, "repo.tree", {**base, "path": "escape"}).status_code == 403
     assert invoke(rgw, "repo.diff", {**base, "paths": ["../outside"]}).status_code == 403
     nul = invoke(rgw, "repo.file.read", {**base, "path": "pkg/\u0000x"})

@@ -251,8 +251,8 @@ class RepoAgent(Plugin):
         ws = self._ws(inp.workspace)
         full = ws.resolve(inp.path)
         rel = ws.rel(full)
-        if rel == "." or rel == ".git" or rel.startswith(".git/"):
-            raise Forbidden(f"{inp.path!r} is not writable: .git and the workspace folder itself are off limits")
+        if rel == "." or ".git" in rel.split("/"):  # a nested .git/config could name commands git would run
+            raise Forbidden(f"{inp.path!r} is not writable: .git folders and the workspace folder are off limits")
         if "\0" in inp.content:
             raise InvalidInput("content holds NUL bytes: binary files are not written", field="content")
         if len(inp.content.encode()) > self.settings.max_file_bytes:

@@ -49,12 +49,10 @@ class Limits(BaseModel):
 
 
 def default_commands() -> dict[str, CommandSpec]:
-    """The allow-list a fresh install has: tests and read-only git views."""
+    """The allow-list a fresh install has: read-only git views. Nothing that runs the workspace's own code (a test
+    runner would): such a command can read whatever the gateway's OS user can, the data dir's keys included, so
+    an operator adds one only for callers trusted that far."""
     return {
-        "pytest": CommandSpec(
-            argv=["python", "-m", "pytest", "-q", "-p", "no:cacheprovider"], extra_args=True, timeout_s=600,
-            description="Run the workspace's tests (extra args: test paths and pytest options).",
-        ),
         "git-log": CommandSpec(argv=["git", "log", "--oneline", "-n", "30"], description="The last 30 commits."),
         "git-status": CommandSpec(argv=["git", "status", "--short"], description="Changed files."),
     }  # fmt: skip
