@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -42,6 +44,29 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds between FAISS index saves during ingest; indexes are always saved on close.",
     )
+    # -- notebook jobs (papermill) ---------------------------------------------------------------------------
+    job_roots: Annotated[list[Path] | None, NoDecode] = Field(
+        None,
+        description="Folders whose notebooks may run as jobs (env BKG_JOB_ROOTS, ':'-separated); unset: ./notebooks "
+        "and <data_dir>/notebooks. Whoever can write a notebook here runs code as the gateway's OS user.",
+    )
+    job_workers: int = Field(2, ge=1, le=64, description="Job workers (each keeps one warm kernel): runs at once.")
+    job_executor: str = Field(
+        "local", pattern=r"^(local|dask://[A-Za-z0-9_.\-]+:\d{1,5})$", description="'local' or dask://host:port."
+    )
+    job_keep_runs: int = Field(500, ge=1, description="Finished runs kept (newest first); older ones are deleted.")
+    job_keep_days: float = Field(30.0, gt=0, description="Finished runs older than this many days are deleted.")
+    job_webhook_url: str | None = Field(None, description="Called with a run's summary when any run fails.")
+    job_webhook_success: bool = Field(False, description="Call job_webhook_url for succeeded runs too.")
+    webhook_allow: list[str] = Field(
+        default_factory=list,
+        description="Hosts (glob patterns) a job webhook may reach on a loopback or private address.",
+    )
+    job_catch_up: bool = Field(True, description="A schedule that missed runs while the gateway was down runs once.")
+    job_overlap: str = Field(
+        "skip", pattern=r"^(skip|queue)$", description="A schedule due while its last run is still going: skip|queue."
+    )
+    job_tick_s: float = Field(5.0, gt=0, le=60, description="How often schedules are checked, in seconds.")
     # -- clients (notebooks, Voila, the lab server extension) -------------------------------------------------
     gateway_url: str | None = Field(
         None, description="The gateway clients use; unset: the gateway of data_dir (started when none runs)."
@@ -59,6 +84,14 @@ class Settings(BaseSettings):
     lab_start_gateway: bool = Field(
         True, description="The lab server extension starts a gateway when none runs on data_dir."
     )
+
+    @field_validator("job_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        """Read BKG_JOB_ROOTS like PATH: folders separated by ':'."""
+        if isinstance(value, str):
+            return [p for p in value.split(os.pathsep) if p]
+        return value
 
     @classmethod
     def settings_customise_sources(

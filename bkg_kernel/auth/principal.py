@@ -17,6 +17,7 @@ SCOPES = (
     "llm:use",
     "faces:use",
     "repo:use",
+    "jobs:run",
     "admin:users",
     "admin:keys",
     "admin:audit",

@@ -36,9 +36,13 @@ def create_app(
             gw = await asyncio.to_thread(Gateway.open, settings, discovered, plugins, metrics)
             app.state.gateway = gw
         gw.hub.bind(asyncio.get_running_loop())
+        if gw.runs is not None:
+            await gw.runs.start()
         try:
             yield
         finally:
+            if gw.runs is not None:
+                await gw.runs.close()
             await asyncio.to_thread(gw.close)
 
     app = FastAPI(

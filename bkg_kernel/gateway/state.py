@@ -19,6 +19,7 @@ from bkg_kernel.gateway.hub import Hub
 from bkg_kernel.gateway.jobs import Jobs
 from bkg_kernel.gateway.metrics import Metrics
 from bkg_kernel.gateway.plugin_store import PluginStore
+from bkg_kernel.jobs.service import JobService
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.runtime.discovery import Discovered, discover
 from bkg_kernel.runtime.supervisor import Supervisor
@@ -49,6 +50,7 @@ class Gateway:
         self.admin_key_path = admin_key_path
         self.started = time.time()
         self.models_ready = threading.Event()  # the packaged default models are registered
+        self.runs: JobService | None = None  # notebook jobs (set by open())
 
     @classmethod
     def open(
@@ -84,6 +86,7 @@ class Gateway:
             store.close()
             raise
         gw = cls(settings, store, auth, models, supervisor, hub, metrics or Metrics(), Jobs(hub.publish), key_path)
+        gw.runs = JobService(settings, store, auth, hub.publish, gw.url())  # started in the app's lifespan
         # hashing the packaged default models takes ~1 s: do it off the start-up path
         threading.Thread(target=gw._register_defaults, name="bkg-model-defaults", daemon=True).start()
         supervisor.start(wait=False)  # plugins come up in the background; /health shows them starting

@@ -24,7 +24,7 @@ class Strict(BaseModel):
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
 Scope = Literal[
     "plugins:read", "plugins:write", "collections:read", "collections:write", "models:read", "models:write",
-    "llm:use", "faces:use", "repo:use", "admin:users", "admin:keys", "admin:audit",
+    "llm:use", "faces:use", "repo:use", "jobs:run", "admin:users", "admin:keys", "admin:audit",
 ]  # fmt: skip
 Password = Field(None, min_length=8, max_length=256)
 

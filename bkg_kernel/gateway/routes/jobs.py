@@ -1,22 +1,68 @@
-"""The gateway's background jobs over HTTP (`/api/jobs`): model downloads and plugin job capabilities.
+"""Jobs over HTTP (`/api/jobs`): notebook runs (papermill, kept in the store's database, ids `run-...`) and the
+gateway's background jobs (model downloads, plugin job capabilities such as brainml.train; kept in memory).
 
 A job and its result are visible to the one who started it and to auditors (scope admin:audit) only: another
-caller gets the same 404 as for a job that does not exist.
+caller gets the same 404 as for a job that does not exist. Running or scheduling a notebook needs `jobs:run`.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import NotFound
+from bkg_kernel.errors import InvalidInput, NotFound, Unavailable
 from bkg_kernel.gateway.jobs import Job
 from bkg_kernel.gateway.state import gateway, need
+from bkg_kernel.jobs.service import MAX_TIMEOUT, JobService
 
 router = APIRouter(tags=["jobs"])
 READ = Depends(need("plugins:read"))
+RUN = Depends(need("jobs:run"))
+
+
+class RunRequest(BaseModel):
+    """Run a notebook under the job roots with parameters (checked against its `parameters` cell)."""
+
+    model_config = ConfigDict(extra="forbid")
+    notebook: str = Field(min_length=1, max_length=1000, description="Path under a job root, e.g. jobs/x.ipynb.")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT, description="Whole-run limit; then timed_out.")
+    retries: int = Field(0, ge=0, le=10, description="Automatic re-runs after a failure or timeout.")
+
+
+class ScheduleRequest(BaseModel):
+    """Run a notebook on a cron schedule, as the caller."""
+
+    model_config = ConfigDict(extra="forbid")
+    notebook: str = Field(min_length=1, max_length=1000)
+    cron: str = Field(min_length=9, max_length=200, description="minute hour day month weekday, e.g. '0 3 * * *'")
+    timezone: str = Field("UTC", min_length=1, max_length=64, description="IANA time zone the cron is read in.")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT)
+    retries: int = Field(0, ge=0, le=10)
+    webhook_url: str | None = Field(None, max_length=2000, description="Called on failure (and success if asked).")
+    notify_success: bool = False
+    enabled: bool = True
+
+
+class SchedulePatch(BaseModel):
+    """Enable or disable a schedule."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool
+
+
+def runs(request: Request) -> JobService:
+    """The gateway's notebook job service."""
+    svc = gateway(request).runs
+    if svc is None:
+        raise Unavailable("notebook jobs are not running in this gateway")
+    return svc
 
 
 def _job(request: Request, job_id: str, p: Principal) -> Job:
@@ -28,22 +74,87 @@ def _job(request: Request, job_id: str, p: Principal) -> Job:
 
 @router.get("/api/jobs")
 async def list_jobs(request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
-    """The caller's background jobs (every job for admin:audit), newest first."""
-    jobs = sorted(gateway(request).jobs.jobs.values(), key=lambda j: j.created, reverse=True)
-    return {"jobs": [j.to_dict() for j in jobs if j.visible_to(p.scopes, p.username)]}
+    """The caller's jobs, notebook runs and background jobs together (every job for admin:audit), newest first."""
+    background = [j.to_dict() | {"created_at": j.created} for j in gateway(request).jobs.jobs.values()]
+    mine = [j for j in background if j["owner"] == p.username or "admin:audit" in p.scopes]
+    both = mine + await runs(request).runs(p)
+    return {"jobs": sorted(both, key=lambda j: j["created_at"], reverse=True)}
+
+
+@router.post("/api/jobs", status_code=202)
+async def run_notebook(body: RunRequest, request: Request, p: Annotated[Principal, RUN]) -> dict[str, Any]:
+    """Queue a notebook run as the caller; follow it under /api/jobs/{id} or on the WebSocket topic `jobs`."""
+    return await runs(request).submit(p, body.notebook, body.parameters, body.timeout_s, body.retries)
+
+
+@router.get("/api/jobs/notebooks")
+async def job_notebooks(request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
+    """Notebooks under the job roots that may run as jobs, with their parameters (name, type, default, help)."""
+    svc = runs(request)
+    return {"roots": [str(r) for r in svc.roots], "notebooks": await asyncio.to_thread(svc.notebooks)}
+
+
+@router.get("/api/jobs/schedules")
+async def list_schedules(request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
+    """The caller's schedules (every schedule for admin:audit) with their next run time."""
+    return {"schedules": await runs(request).schedules(p)}
+
+
+@router.post("/api/jobs/schedules", status_code=201)
+async def add_schedule(body: ScheduleRequest, request: Request, p: Annotated[Principal, RUN]) -> dict[str, Any]:
+    """Schedule a notebook (its runs act as the caller, with the caller's scopes of now)."""
+    return await runs(request).add_schedule(p, body.model_dump())
+
+
+@router.patch("/api/jobs/schedules/{schedule_id}")
+async def patch_schedule(
+    schedule_id: str, body: SchedulePatch, request: Request, p: Annotated[Principal, RUN]
+) -> dict[str, Any]:
+    """Enable or disable a schedule."""
+    return await runs(request).set_enabled(schedule_id, body.enabled, p)
+
+
+@router.delete("/api/jobs/schedules/{schedule_id}", status_code=204)
+async def delete_schedule(schedule_id: str, request: Request, p: Annotated[Principal, RUN]) -> Response:
+    """Delete a schedule; its runs stay in the history."""
+    await runs(request).delete_schedule(schedule_id, p)
+    return Response(status_code=204)
 
 
 @router.get("/api/jobs/{job_id}")
 async def get_job(job_id: str, request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
-    """One job: state, progress, result or error."""
+    """One job: state, progress, result or error (a notebook run: cells, output, and the failed cell)."""
+    if job_id.startswith("run-"):
+        return await runs(request).get(job_id, p)
     return _job(request, job_id, p).to_dict()
+
+
+@router.get("/api/jobs/{job_id}/output")
+async def job_output(job_id: str, request: Request, p: Annotated[Principal, READ], format: str = "ipynb") -> Any:
+    """A notebook run's output notebook (`format=ipynb`) or its HTML rendering (`format=html`)."""
+    if format not in ("ipynb", "html"):
+        raise InvalidInput("format must be ipynb or html", field="format")
+    svc = runs(request)
+    path = svc.output(await svc.get(job_id, p), format)
+    media = "application/x-ipynb+json" if format == "ipynb" else "text/html"
+    return FileResponse(path, media_type=media, filename=f"{job_id}.{format}")
 
 
 @router.post("/api/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
-    """Cancel a running job (its owner, or an auditor who also holds plugins:write)."""
+    """Cancel a job: a notebook run's kernel is killed with its process group; a background job stops."""
+    if job_id.startswith("run-"):
+        return await runs(request).cancel(job_id, p)
     gw = gateway(request)
     job = _job(request, job_id, p)
     if job.owner != p.username:
         gw.principal(request, "plugins:write")
     return gw.jobs.cancel(job_id).to_dict()
+
+
+@router.post("/api/jobs/{job_id}/retry", status_code=202)
+async def retry_job(job_id: str, request: Request, p: Annotated[Principal, RUN]) -> dict[str, Any]:
+    """Run a finished notebook run again with the same notebook and parameters, as the caller."""
+    if not job_id.startswith("run-"):
+        raise NotFound(f"no notebook run {job_id!r}", field="job_id")
+    return await runs(request).retry(job_id, p)

@@ -1,0 +1,133 @@
+"""The Dask executor: the same run on a `distributed` cluster (`job_executor = dask://host:port`).
+
+A run is one task (`Client.submit` with a unique key and `pure=False`, no retries: notebooks have side effects).
+The task starts `python -m bkg_kernel.jobs.worker --once` in a child process with the notebook it was sent, so a
+cluster needs no shared file system: the output notebook and its HTML come back as the task's result and the
+gateway keeps them like a local run's. Dask cannot cancel a running task (distributed #2617), so the task watches
+a `distributed.Event` named for the run and kills the child and its kernel's process group when it is set. Cell
+progress travels as worker events on a topic named for the run (`log_event` / `subscribe_topic`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bkg_kernel.jobs.pool import OnEvent, failure, kill_group
+
+
+def _topic(run_id: str) -> str:
+    return f"bkg-run-{run_id}"
+
+
+def _cancel_name(run_id: str) -> str:
+    return f"bkg-cancel-{run_id}"
+
+
+def run_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """The Dask task: run one notebook in a child process on this worker; return its outcome and output files."""
+    from distributed import Event, get_worker
+
+    worker = get_worker()
+    topic, cancel = _topic(spec["id"]), Event(_cancel_name(spec["id"]))
+    with tempfile.TemporaryDirectory(prefix="bkg-run-") as tmp:
+        src, out, html = Path(tmp, "input.ipynb"), Path(tmp, "output.ipynb"), Path(tmp, "output.html")
+        src.write_text(spec["notebook_json"], encoding="utf-8")
+        local = {k: v for k, v in spec.items() if k != "notebook_json"}
+        local.update(input=str(src), output=str(out), html=str(html), cwd=tmp)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "bkg_kernel.jobs.worker", "--once"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=tmp,
+            start_new_session=True,
+        )
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(json.dumps(local) + "\n")
+        child.stdin.close()
+        seen: dict[str, Any] = {}
+
+        def read() -> None:
+            assert child.stdout is not None
+            for line in child.stdout:
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                seen[ev.get("event", "")] = ev
+                if ev.get("event") in ("started", "cell"):
+                    worker.log_event(topic, ev)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        while child.poll() is None:
+            if cancel.is_set():
+                kill_group(seen.get("started", {}).get("kernel_pid"))
+                kill_group(child.pid)
+            time.sleep(0.2)
+        reader.join(10)
+        done = seen.get("done") or failure(spec["id"], "ChildDied", f"the run's process exited ({child.returncode})")
+        return {
+            "done": done,
+            "output": out.read_text(encoding="utf-8") if out.exists() else None,
+            "html": html.read_text(encoding="utf-8") if html.exists() else None,
+        }
+
+
+class DaskExecutor:
+    """Runs on a Dask cluster; `capacity` runs are sent at once (the cluster queues beyond its threads)."""
+
+    name = "dask"
+
+    def __init__(self, address: str, capacity: int) -> None:
+        self.address = address.replace("dask://", "tcp://", 1)
+        self.capacity = capacity
+        self.client: Any = None
+
+    async def start(self) -> None:
+        """Connect to the scheduler."""
+        from distributed import Client
+
+        self.client = await Client(self.address, asynchronous=True, timeout="20s")
+
+    async def run(self, spec: dict[str, Any], on_event: OnEvent) -> dict[str, Any]:
+        """Submit the run as one task and wait for it; write its output where a local run's would be."""
+        topic = _topic(spec["id"])
+        self.client.subscribe_topic(topic, lambda ev: on_event(ev[1] if isinstance(ev, tuple) else ev))
+        payload = {**spec, "notebook_json": Path(spec["input"]).read_text(encoding="utf-8")}
+        key = f"bkg-run-{spec['id']}-{uuid.uuid4().hex[:8]}"
+        try:
+            fut = self.client.submit(run_task, payload, key=key, pure=False, retries=0)
+            result = await fut
+        except Exception as exc:  # the task raised, or its worker died (KilledWorker)
+            return failure(spec["id"], type(exc).__name__, str(exc)[:2000])
+        finally:
+            self.client.unsubscribe_topic(topic)
+        done = dict(result["done"])
+        done["output"] = None
+        if result["output"] is not None:
+            Path(spec["output"]).write_text(result["output"], encoding="utf-8")
+            done["output"] = spec["output"]
+        if result["html"] is not None and spec.get("html"):
+            Path(spec["html"]).write_text(result["html"], encoding="utf-8")
+            on_event({"event": "html", "id": spec["id"], "path": spec["html"]})
+        return done
+
+    async def kill(self, run_id: str) -> None:
+        """Ask the run's task to kill its child (a Dask task cannot be stopped from outside)."""
+        from distributed import Event
+
+        await Event(_cancel_name(run_id), client=self.client).set()
+
+    async def close(self) -> None:
+        """Disconnect (the cluster keeps running)."""
+        if self.client is not None:
+            await self.client.close()

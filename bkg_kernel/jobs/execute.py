@@ -1,0 +1,181 @@
+"""Run one notebook with papermill on a kernel started ahead of time, reporting each cell as it goes.
+
+Used by the local job workers (a warm kernel per worker) and by the Dask task's child process (a cold one). The
+run's environment (the owner's bkg key, the gateway URL, the run id) and working folder reach the kernel as a
+silent first execution, so a kernel can be started before anyone knows whose run it will be. Cell indices in
+events and errors are those of the notebook as written: papermill's injected-parameters cell is not counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Emit = Callable[[dict[str, Any]], None]
+KERNEL = "python3"
+WARM_IMPORTS = "import bkg_kernel, numpy, json, os, pathlib"  # what most job notebooks import first
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+INJECTED = "injected-parameters"
+
+
+def spawn_kernel(cwd: str) -> Any:
+    """Start a kernel process (it boots in the background: `warm` waits for it)."""
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.utils import run_sync
+
+    km = AsyncKernelManager(kernel_name=KERNEL)
+    run_sync(km.start_kernel)(cwd=cwd)
+    return km
+
+
+def kernel_pid(km: Any) -> int | None:
+    """The kernel's process id (also its process group: kernels start in their own session)."""
+    proc = getattr(km.provisioner, "process", None)
+    return int(proc.pid) if proc is not None else None
+
+
+def _silent(km: Any, code: str, timeout: float = 60.0) -> None:
+    from jupyter_client import BlockingKernelClient
+
+    kc = BlockingKernelClient()
+    kc.load_connection_info(km.get_connection_info())
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=timeout)
+        reply = kc.execute_interactive(code, silent=True, store_history=False, timeout=timeout)
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"kernel set-up failed: {reply['content'].get('evalue', '')}")
+    finally:
+        kc.stop_channels()
+
+
+def warm(km: Any) -> None:
+    """Wait until the kernel answers and import what job notebooks use first."""
+    _silent(km, WARM_IMPORTS)
+
+
+def shutdown(km: Any) -> None:
+    """Stop a kernel and reap its process (a killed one too)."""
+    from jupyter_core.utils import run_sync
+
+    with contextlib.suppress(Exception):  # already dead and reaped
+        run_sync(km.shutdown_kernel)(now=True)
+
+
+def code_cells(path: Path) -> int:
+    """How many cells of the notebook will run (non-empty code cells)."""
+    import nbformat
+
+    nb = nbformat.reads(path.read_text(encoding="utf-8"), as_version=4)
+    return sum(1 for c in nb.cells if c.cell_type == "code" and c.source.strip())
+
+
+def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
+    """Run `spec["input"]` into `spec["output"]` with `spec["parameters"]` on kernel `km`; return the outcome.
+
+    The outcome holds ok, cells (run / total), duration and, for a failure, the cell index (as written), its
+    source, ename, evalue and traceback. The output notebook is written either way (papermill marks the failed
+    cell with an error banner)."""
+    import papermill as pm
+
+    env, cwd = dict(spec.get("env") or {}), str(spec.get("cwd") or Path(spec["input"]).parent)
+    _silent(km, f"import os as _o; _o.environ.update({env!r}); _o.chdir({cwd!r}); del _o")
+    total = code_cells(Path(spec["input"]))
+    state = {"offset": 0, "done": 0}
+
+    def index(cell: Any, cell_index: int) -> int | None:
+        if INJECTED in cell.get("metadata", {}).get("tags", []):
+            return None
+        return cell_index - state["offset"]
+
+    def started(cell: Any, cell_index: int, **_: Any) -> None:
+        if index(cell, cell_index) is None:
+            state["offset"] += 1
+            return
+        emit(
+            {
+                "event": "cell",
+                "id": spec["id"],
+                "index": index(cell, cell_index),
+                "state": "running",
+                "done": state["done"],
+                "total": total,
+            }
+        )
+
+    def executed(cell: Any, cell_index: int, execute_reply: Any = None, **_: Any) -> None:
+        i = index(cell, cell_index)
+        if i is None:
+            return
+        state["done"] += 1
+        ok = not execute_reply or execute_reply.get("content", {}).get("status") == "ok"
+        emit(
+            {
+                "event": "cell",
+                "id": spec["id"],
+                "index": i,
+                "state": "done" if ok else "error",
+                "done": state["done"],
+                "total": total,
+            }
+        )
+
+    t0 = time.monotonic()
+    error: dict[str, Any] | None = None
+    try:
+        pm.execute_notebook(
+            spec["input"],
+            spec["output"],
+            parameters=spec.get("parameters") or {},
+            km=km,
+            progress_bar=False,
+            on_cell_start=started,
+            on_cell_executed=executed,
+            execution_timeout=spec.get("cell_timeout_s"),
+        )
+    except pm.PapermillExecutionError as exc:
+        error = {
+            "cell_index": exc.cell_index - state["offset"],
+            "source": exc.source,
+            "ename": exc.ename,
+            "evalue": exc.evalue,
+            "traceback": _ANSI.sub("", "\n".join(exc.traceback)),
+        }
+    except Exception as exc:  # the kernel died (cancel, timeout, out of memory) or could not run at all
+        error = {
+            "cell_index": None,
+            "source": None,
+            "ename": type(exc).__name__,
+            "evalue": str(exc)[:2000],
+            "traceback": "",
+        }
+    return {
+        "event": "done",
+        "id": spec["id"],
+        "ok": error is None,
+        "error": error,
+        "cells_done": state["done"],
+        "cells_total": total,
+        "duration_s": round(time.monotonic() - t0, 3),
+        "output": spec["output"] if Path(spec["output"]).exists() else None,
+    }
+
+
+def render_html(output: str, html: str) -> str | None:
+    """Render an output notebook to HTML next to it (nbconvert); None when it cannot be rendered."""
+    try:
+        import nbformat
+        from nbconvert import HTMLExporter
+
+        nb = nbformat.reads(Path(output).read_text(encoding="utf-8"), as_version=4)
+        body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+        tmp = Path(html).with_suffix(".tmp")
+        tmp.write_text(body, encoding="utf-8")
+        tmp.replace(html)
+        return html
+    except Exception:
+        return None

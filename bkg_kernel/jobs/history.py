@@ -1,0 +1,161 @@
+"""Runs and schedules as rows of the store's database (tables `job_runs` and `job_schedules`, migration 0006).
+
+Blocking: call these from a thread (the service does), never from the gateway's event loop. Times are Unix
+seconds; `parameters` and `error` are JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+RUN_COLUMNS = (
+    "id",
+    "notebook",
+    "parameters",
+    "state",
+    "owner",
+    "owner_id",
+    "scopes",
+    "schedule_id",
+    "retry_of",
+    "attempt",
+    "retries",
+    "timeout_s",
+    "executor",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "cells_done",
+    "cells_total",
+    "output_path",
+    "html_path",
+    "error",
+    "message",
+)
+SCHEDULE_COLUMNS = (
+    "id",
+    "notebook",
+    "parameters",
+    "cron",
+    "timezone",
+    "enabled",
+    "owner",
+    "owner_id",
+    "scopes",
+    "timeout_s",
+    "retries",
+    "webhook_url",
+    "notify_success",
+    "created_at",
+    "last_fire",
+    "last_run_id",
+)
+_JSON = ("parameters", "error")
+FINISHED = ("succeeded", "failed", "cancelled", "timed_out")
+
+
+def _out(row: dict[str, Any]) -> dict[str, Any]:
+    for k in _JSON:
+        if k in row and isinstance(row[k], str):
+            row[k] = json.loads(row[k])
+    if "scopes" in row and row["scopes"] is not None:
+        row["scopes"] = list(row["scopes"])
+    return row
+
+
+def _in(value: Any, column: str) -> Any:
+    return json.dumps(value) if column in _JSON and value is not None else value
+
+
+class History:
+    """The job tables of an open Store (its connection and lock are shared)."""
+
+    def __init__(self, store: Any) -> None:
+        self.con, self.mutex = store._con, store._mutex  # noqa: SLF001
+
+    def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        with self.mutex:
+            cur = self.con.execute(sql, params or [])
+            names = [d[0] for d in cur.description]
+            return [_out(dict(zip(names, r, strict=True))) for r in cur.fetchall()]
+
+    def _upsert(self, table: str, columns: tuple[str, ...], row: dict[str, Any]) -> None:
+        cols = [c for c in columns if c in row]
+        sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "id")
+        sql = (
+            f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+            f"ON CONFLICT (id) DO UPDATE SET {sets}"
+        )
+        with self.mutex:
+            self.con.execute(sql, [_in(row[c], c) for c in cols])
+
+    # -- runs -------------------------------------------------------------------------------------
+    def save_run(self, run: dict[str, Any]) -> None:
+        """Insert or update a run."""
+        self._upsert("job_runs", RUN_COLUMNS, run)
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        """One run, or None."""
+        rows = self._rows("SELECT * FROM job_runs WHERE id = ?", [run_id])
+        return rows[0] if rows else None
+
+    def runs(self, owner: str | None = None, limit: int = 200, schedule_id: str | None = None) -> list[dict[str, Any]]:
+        """Runs, newest first (of `owner` only when given)."""
+        where, params = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
+        if schedule_id is not None:
+            where.append("schedule_id = ?")
+            params.append(schedule_id)
+        sql = "SELECT * FROM job_runs" + (f" WHERE {' AND '.join(where)}" if where else "")
+        return self._rows(sql + " ORDER BY created_at DESC LIMIT ?", [*params, limit])
+
+    def interrupted(self) -> list[dict[str, Any]]:
+        """Mark runs that were queued or running when the gateway stopped as failed; return them."""
+        rows = self._rows("SELECT * FROM job_runs WHERE state IN ('queued', 'running')")
+        now = time.time()
+        for r in rows:
+            r.update(
+                state="failed",
+                finished_at=now,
+                message="interrupted: the gateway stopped during this run",
+                error={
+                    "cell_index": None,
+                    "source": None,
+                    "ename": "GatewayStopped",
+                    "evalue": "the gateway stopped while this run was queued or running",
+                    "traceback": "",
+                },
+            )
+            self.save_run(r)
+        return rows
+
+    def prune(self, keep: int, max_age_s: float) -> list[dict[str, Any]]:
+        """Delete finished runs beyond the newest `keep` or older than `max_age_s`; return the deleted rows."""
+        done = self._rows(
+            f"SELECT id, output_path, html_path, finished_at FROM job_runs WHERE state IN {FINISHED!r} "
+            "ORDER BY created_at DESC"
+        )
+        cutoff = time.time() - max_age_s
+        gone = [r for i, r in enumerate(done) if i >= keep or (r["finished_at"] or 0) < cutoff]
+        if gone:
+            with self.mutex:
+                self.con.execute("DELETE FROM job_runs WHERE id IN (SELECT unnest(?))", [[r["id"] for r in gone]])
+        return gone
+
+    # -- schedules --------------------------------------------------------------------------------
+    def save_schedule(self, schedule: dict[str, Any]) -> None:
+        """Insert or update a schedule."""
+        self._upsert("job_schedules", SCHEDULE_COLUMNS, schedule)
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """Every schedule, oldest first."""
+        return self._rows("SELECT * FROM job_schedules ORDER BY created_at")
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule (its runs stay in the history)."""
+        with self.mutex:
+            self.con.execute("DELETE FROM job_schedules WHERE id = ?", [schedule_id])

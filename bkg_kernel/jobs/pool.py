@@ -1,0 +1,168 @@
+"""Where runs execute: the local pool of job workers (default), or a Dask cluster (`executor = dask://host:port`).
+
+Both take a run spec and an `on_event` callback, and return the run's outcome (the worker's `done` event). Neither
+runs a notebook in the gateway process: a local run goes to a long-lived worker (`jobs/worker.py`) that keeps a
+warm kernel; `kill(run_id)` kills the run's kernel process group, which ends the run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("bkg.jobs")
+OnEvent = Callable[[dict[str, Any]], None]
+
+
+class Executor(Protocol):
+    """Runs notebooks somewhere other than the gateway."""
+
+    name: str
+    capacity: int
+
+    async def start(self) -> None: ...
+    async def run(self, spec: dict[str, Any], on_event: OnEvent) -> dict[str, Any]: ...
+    async def kill(self, run_id: str) -> None: ...
+    async def close(self) -> None: ...
+
+
+def failure(run_id: str, ename: str, evalue: str) -> dict[str, Any]:
+    """An outcome for a run that ended without a notebook error to report (worker died, kernel killed)."""
+    return {
+        "event": "done",
+        "id": run_id,
+        "ok": False,
+        "cells_done": 0,
+        "cells_total": 0,
+        "duration_s": 0.0,
+        "output": None,
+        "error": {"cell_index": None, "source": None, "ename": ename, "evalue": evalue, "traceback": ""},
+    }
+
+
+def kill_group(pid: int | None) -> None:
+    """Kill a process group (a kernel and whatever it started)."""
+    if pid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+@dataclass(eq=False)
+class _Worker:
+    proc: asyncio.subprocess.Process
+    run_id: str | None = None
+    kernel_pid: int | None = None
+    done: asyncio.Future[dict[str, Any]] | None = None
+    on_event: OnEvent | None = None
+    reader: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class LocalPool:
+    """`capacity` job worker processes, each running one notebook at a time on a kernel it started beforehand."""
+
+    name = "local"
+
+    def __init__(self, capacity: int, env: dict[str, str], log_path: Path) -> None:
+        self.capacity, self.env, self.log_path = capacity, env, log_path
+        self.idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self.workers: set[_Worker] = set()
+        self.closing = False
+
+    async def start(self) -> None:
+        """Nothing yet: the workers start with the first run (a gateway that runs no jobs pays nothing)."""
+
+    async def _ensure(self) -> None:
+        if not self.workers and not self.closing:
+            for _ in range(self.capacity):
+                await self._spawn()
+
+    async def _spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bkg_kernel.jobs.worker",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                env=self.env,
+                limit=2**24,
+            )
+        w = _Worker(proc)
+        self.workers.add(w)
+        w.reader = asyncio.get_running_loop().create_task(self._read(w))
+
+    async def _read(self, w: _Worker) -> None:
+        assert w.proc.stdout is not None
+        while True:
+            line = await w.proc.stdout.readline()
+            if not line:
+                break
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            kind = ev.get("event")
+            if kind == "ready":
+                w.run_id, w.kernel_pid, w.on_event = None, None, None
+                self.idle.put_nowait(w)
+                continue
+            if kind == "started":
+                w.kernel_pid = ev.get("kernel_pid")
+            if kind == "done" and w.done is not None and not w.done.done():
+                w.done.set_result(ev)
+            elif w.on_event is not None:
+                w.on_event(ev)
+        await w.proc.wait()
+        self.workers.discard(w)
+        if w.done is not None and not w.done.done():
+            w.done.set_result(failure(w.run_id or "", "WorkerDied", f"the job worker exited ({w.proc.returncode})"))
+        kill_group(w.kernel_pid)
+        if not self.closing:
+            log.warning("job worker %s exited with %s: starting another", w.proc.pid, w.proc.returncode)
+            await self._spawn()
+
+    async def run(self, spec: dict[str, Any], on_event: OnEvent) -> dict[str, Any]:
+        """Run on the next worker with a warm kernel; return the outcome."""
+        await self._ensure()
+        while True:
+            w = await self.idle.get()
+            if w.proc.returncode is None and w in self.workers:
+                break
+        loop = asyncio.get_running_loop()
+        w.run_id, w.on_event, w.done = spec["id"], on_event, loop.create_future()
+        assert w.proc.stdin is not None
+        w.proc.stdin.write((json.dumps({"op": "run", **spec}) + "\n").encode())
+        await w.proc.stdin.drain()
+        return await w.done
+
+    async def kill(self, run_id: str) -> None:
+        """End a running run now: kill its kernel's process group (the worker reports the run and warms anew)."""
+        for w in self.workers:
+            if w.run_id == run_id:
+                kill_group(w.kernel_pid)
+
+    async def close(self) -> None:
+        """Stop the workers and their kernels."""
+        self.closing = True
+        for w in list(self.workers):
+            kill_group(w.kernel_pid)
+            if w.proc.stdin is not None:
+                w.proc.stdin.close()
+        for w in list(self.workers):
+            try:
+                await asyncio.wait_for(w.proc.wait(), 10)
+            except TimeoutError:
+                w.proc.kill()
+            if w.reader is not None:
+                w.reader.cancel()

@@ -1,0 +1,54 @@
+"""Cron schedules (croniter) in a time zone: validation, the next fire time, and which fire is due now.
+
+A schedule remembers the last fire time it ran for. At a tick, the newest fire time at or before now that is
+later than that one is due: however many fires were missed while the gateway was down, one run catches up
+(`job_catch_up`), like cron's anacron-style catch-up rather than a burst.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from bkg_kernel.errors import InvalidInput
+
+
+def zone(tz: str) -> ZoneInfo:
+    """The time zone named `tz` (422 naming the field when unknown)."""
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise InvalidInput(
+            f"unknown time zone {tz!r} (an IANA name such as 'Europe/Paris' or 'UTC')", field="timezone"
+        ) from exc
+
+
+def check(cron: str, tz: str) -> None:
+    """Refuse a cron expression croniter cannot read (5 fields: minute hour day month weekday)."""
+    from croniter import croniter
+
+    zone(tz)
+    if not isinstance(cron, str) or len(cron) > 200 or not croniter.is_valid(cron) or len(cron.split()) != 5:
+        raise InvalidInput(
+            f"{cron!r} is not a cron expression (minute hour day month weekday, e.g. '0 3 * * *')", field="cron"
+        )
+
+
+def next_fire(cron: str, tz: str, after: float) -> float:
+    """The first fire time strictly after `after` (Unix seconds)."""
+    from croniter import croniter
+
+    return float(croniter(cron, datetime.fromtimestamp(after, zone(tz))).get_next(float))
+
+
+def latest_fire(cron: str, tz: str, now: float) -> float:
+    """The newest fire time at or before `now`."""
+    from croniter import croniter
+
+    return float(croniter(cron, datetime.fromtimestamp(now + 1, zone(tz))).get_prev(float))
+
+
+def due(cron: str, tz: str, last: float, now: float) -> float | None:
+    """The fire time to run now, if one came after `last`; None when nothing is due."""
+    fire = latest_fire(cron, tz, now)
+    return fire if fire > last else None

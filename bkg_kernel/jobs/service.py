@@ -1,0 +1,502 @@
+"""Notebook jobs in the gateway: submit, queue, execute (never here: on the executor), keep, cancel, retry,
+schedule, notify.
+
+A run acts as its owner: it gets a bkg key made for it alone, with the scopes its owner held when they started
+(or scheduled) it and still hold, expiring after the run's timeout and revoked when it ends; the kernel sees that
+key and never the admin key. Every state change and cell is published on the WebSocket topic `jobs` (plugin
+`notebook`), and written to the store's database on a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bkg_kernel.auth import AuthService, Principal
+from bkg_kernel.errors import BkgError, Conflict, Forbidden, InvalidInput, NotFound
+from bkg_kernel.jobs import notebooks, schedule
+from bkg_kernel.jobs.history import FINISHED, History
+from bkg_kernel.jobs.pool import Executor, LocalPool
+from bkg_kernel.jobs.webhooks import check_url, notify
+from bkg_kernel.settings import Settings
+
+log = logging.getLogger("bkg.jobs")
+Emit = Callable[[str, str, dict[str, Any]], None]
+SEE_ALL = "admin:audit"
+RUN_SCOPE = "jobs:run"
+MAX_TIMEOUT = 7 * 24 * 3600.0
+KEY_GRACE = 300.0  # a run's key outlives its timeout by this much, in case the end is reported late
+
+
+class JobService:
+    """Runs and schedules of notebook jobs (one per gateway; `start()` in the gateway's event loop)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Any,
+        auth: AuthService,
+        emit: Emit,
+        gateway_url: str,
+        clock: Callable[[], float] = time.time,
+        executor: Executor | None = None,
+    ) -> None:
+        self.settings, self.auth, self.emit, self.clock = settings, auth, emit, clock
+        self.history = History(store)
+        self.data_dir = Path(store.data_dir)
+        self.roots = [Path(r) for r in (settings.job_roots or notebooks.default_roots(self.data_dir))]
+        self.runs_dir = self.data_dir / "runs"
+        self.gateway_url = gateway_url
+        self.executor = executor
+        self.live: dict[str, dict[str, Any]] = {}  # queued and running runs
+        self.kill_reason: dict[str, str] = {}
+        self.queue: asyncio.Queue[str] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.background: set[asyncio.Task[Any]] = set()
+
+    # -- life -------------------------------------------------------------------------------------
+    def _executor(self) -> Executor:
+        s = self.settings
+        if s.job_executor.startswith("dask://"):
+            from bkg_kernel.jobs.cluster import DaskExecutor
+
+            return DaskExecutor(s.job_executor, s.job_workers)
+        env = {k: v for k, v in os.environ.items() if k not in ("BKG_ADMIN_KEY", "BKG_API_KEY")}
+        env.update(BKG_GATEWAY_URL=self.gateway_url, BKG_DATA_DIR=str(self.data_dir), PYTHONUNBUFFERED="1")
+        here = str(Path(__file__).resolve().parents[2])  # this checkout first on the workers' path (as the gateway)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
+        return LocalPool(s.job_workers, env, self.runs_dir / "workers.log")
+
+    async def start(self, recover: bool = True) -> None:
+        """Mark runs the last gateway left unfinished, start the executor, the dispatchers and the schedule ticks."""
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.queue = asyncio.Queue()
+        if recover:
+            for r in await asyncio.to_thread(self.history.interrupted):
+                self._publish(r)
+        if self.executor is None:
+            self.executor = self._executor()
+        await self.executor.start()
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._dispatch()) for _ in range(self.executor.capacity)]
+        if not self.settings.job_catch_up:
+            await asyncio.to_thread(self._skip_missed)
+        self.tasks.append(loop.create_task(self._ticks()))
+
+    async def close(self) -> None:
+        """Stop dispatching and ticking, end running runs (marked failed at the next start) and the executor."""
+        for t in self.tasks:
+            t.cancel()
+        for t in list(self.background):
+            t.cancel()
+        if self.executor is not None:
+            await self.executor.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    # -- runs -------------------------------------------------------------------------------------
+    async def submit(
+        self,
+        p: Principal,
+        notebook: str,
+        parameters: Any = None,
+        timeout_s: float | None = None,
+        retries: int = 0,
+        *,
+        schedule_id: str | None = None,
+        retry_of: str | None = None,
+        attempt: int = 1,
+    ) -> dict[str, Any]:
+        """Check the notebook and its parameters (before anything runs), then queue a run as `p`."""
+        p.require(RUN_SCOPE, "running a notebook job")
+        if timeout_s is not None and not (isinstance(timeout_s, int | float) and 0 < timeout_s <= MAX_TIMEOUT):
+            raise InvalidInput(f"timeout_s must be a number of seconds from 1 to {MAX_TIMEOUT:.0f}", field="timeout_s")
+        if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 10:
+            raise InvalidInput("retries must be an integer from 0 to 10", field="retries")
+        path, params = await asyncio.to_thread(self._checked, notebook, parameters)
+        run_id = "run-" + uuid.uuid4().hex[:12]
+        run: dict[str, Any] = {
+            "id": run_id,
+            "notebook": notebooks.relative_name(path, self.roots),
+            "path": str(path),
+            "parameters": params,
+            "state": "queued",
+            "owner": p.username,
+            "owner_id": p.user_id,
+            "scopes": sorted(p.scopes),
+            "schedule_id": schedule_id,
+            "retry_of": retry_of,
+            "attempt": attempt,
+            "retries": retries,
+            "timeout_s": timeout_s,
+            "executor": self.settings.job_executor,
+            "created_at": self.clock(),
+            "started_at": None,
+            "finished_at": None,
+            "cells_done": 0,
+            "cells_total": 0,
+            "output_path": None,
+            "html_path": None,
+            "error": None,
+            "message": "queued",
+        }
+        self.live[run_id] = run
+        await asyncio.to_thread(self.history.save_run, run)
+        self._publish(run)
+        assert self.queue is not None, "JobService.start() was not called"
+        self.queue.put_nowait(run_id)
+        return public(run)
+
+    def _checked(self, notebook: str, parameters: Any) -> tuple[Path, dict[str, Any]]:
+        path = notebooks.resolve(notebook, self.roots)
+        return path, notebooks.check_parameters(path, parameters)
+
+    async def _dispatch(self) -> None:
+        assert self.queue is not None
+        while True:
+            run_id = await self.queue.get()
+            run = self.live.get(run_id)
+            if run is None or run["state"] != "queued":
+                continue  # cancelled while queued
+            try:
+                await self._execute(run)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug here fails one run, never the dispatcher
+                log.exception("job run %s", run_id)
+                await self._finish(run, "failed", {"ename": type(exc).__name__, "evalue": str(exc)})
+
+    async def _execute(self, run: dict[str, Any]) -> None:
+        assert self.executor is not None
+        try:
+            key_id, token = await asyncio.to_thread(self._run_key, run)
+        except BkgError as exc:
+            await self._finish(run, "failed", {"ename": type(exc).__name__, "evalue": exc.message})
+            return
+        out = self.runs_dir / f"{run['id']}.ipynb"
+        spec = {
+            "id": run["id"],
+            "input": run["path"],
+            "output": str(out),
+            "html": str(out.with_suffix(".html")),
+            "parameters": run["parameters"],
+            "cwd": str(Path(run["path"]).parent),
+            "env": {
+                "BKG_API_KEY": token,
+                "BKG_GATEWAY_URL": self.gateway_url,
+                "BKG_RUN_ID": run["id"],
+                "BKG_DATA_DIR": str(self.data_dir),
+            },
+        }
+        run.update(state="running", started_at=self.clock(), message="running")
+        await asyncio.to_thread(self.history.save_run, run)
+        self._publish(run)
+        loop = asyncio.get_running_loop()
+        timer = None
+        if run["timeout_s"]:
+            timer = loop.call_later(run["timeout_s"], lambda: self._spawn(self._kill(run["id"], "timed_out")))
+        try:
+            outcome = await self.executor.run(spec, lambda ev: self._on_event(run, ev))
+        finally:
+            if timer is not None:
+                timer.cancel()
+            await asyncio.to_thread(self._revoke, key_id)
+        run.update(
+            cells_done=outcome.get("cells_done", run["cells_done"]),
+            cells_total=outcome.get("cells_total") or run["cells_total"],
+            output_path=outcome.get("output"),
+        )
+        reason = self.kill_reason.pop(run["id"], None)
+        state = reason or ("succeeded" if outcome.get("ok") else "failed")
+        error = None if state == "succeeded" else outcome.get("error") or {}
+        if reason == "timed_out":
+            error = {**(error or {}), "ename": "Timeout", "evalue": f"the run took longer than {run['timeout_s']:g} s"}
+        elif reason == "cancelled":
+            error = {**(error or {}), "ename": "Cancelled", "evalue": "cancelled"}
+        await self._finish(run, state, error)
+
+    def _run_key(self, run: dict[str, Any]) -> tuple[str, str]:
+        user = self.auth.users.get(run["owner_id"])
+        if user is None or user["disabled"]:
+            raise Forbidden(f"the run's owner {run['owner']!r} is disabled or deleted", field="owner")
+        held = set(self.auth.roles.get(user["role"], ()))
+        scopes = [s for s in run["scopes"] if s in held]  # never more than the owner holds today
+        life = timedelta(seconds=(run["timeout_s"] or MAX_TIMEOUT) + KEY_GRACE)
+        expires = datetime.now(UTC).replace(tzinfo=None) + life
+        rec, token = self.auth.create_key(user["id"], f"job run {run['id']}", scopes, expires, actor=run["owner"])
+        return str(rec["id"]), token
+
+    def _revoke(self, key_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            self.auth.revoke_key(key_id, actor="jobs")
+
+    def _on_event(self, run: dict[str, Any], ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        if kind == "started":
+            run["kernel_pid"] = ev.get("kernel_pid")
+        elif kind == "cell":
+            run.update(
+                cells_done=ev.get("done", 0),
+                cells_total=ev.get("total", 0),
+                cell=ev.get("index"),
+                message=f"cell {ev.get('index')} {ev.get('state')}",
+            )
+            self._publish(run)
+        elif kind == "html" and ev.get("path"):
+            run["html_path"] = ev["path"]
+            if run["state"] in FINISHED:  # rendered after the run ended: keep the link
+                self._spawn(asyncio.to_thread(self.history.save_run, run))
+                self._publish(run)
+
+    async def _finish(self, run: dict[str, Any], state: str, error: dict[str, Any] | None) -> None:
+        if error is not None:
+            error = {"cell_index": None, "source": None, "ename": "", "evalue": "", "traceback": "", **error}
+        run.update(state=state, finished_at=self.clock(), error=error, kernel_pid=None)
+        run["message"] = state if error is None else f"{state}: {error['ename']}: {error['evalue']}"[:500]
+        self.live.pop(run["id"], None)
+        await asyncio.to_thread(self.history.save_run, run)
+        self._publish(run)
+        self._spawn(self._after(dict(run)))
+        if state in ("failed", "timed_out") and run["attempt"] <= run["retries"]:
+            owner = self._owner(run)
+            if owner is not None:
+                with contextlib.suppress(BkgError):
+                    await self.submit(
+                        owner,
+                        run["path"],
+                        run["parameters"],
+                        run["timeout_s"],
+                        run["retries"],
+                        schedule_id=run["schedule_id"],
+                        retry_of=run["id"],
+                        attempt=run["attempt"] + 1,
+                    )
+
+    async def _after(self, run: dict[str, Any]) -> None:
+        """Webhooks and retention, off the run's path."""
+        urls = []
+        scheds = await asyncio.to_thread(self.history.schedules) if run["schedule_id"] else []
+        sched = next((s for s in scheds if s["id"] == run["schedule_id"]), None)
+        if sched and sched["webhook_url"] and (run["state"] != "succeeded" or sched["notify_success"]):
+            urls.append(sched["webhook_url"])
+        glob = self.settings.job_webhook_url
+        if glob and (run["state"] != "succeeded" or self.settings.job_webhook_success):
+            urls.append(glob)
+        for url in urls:
+            await notify(url, public(run), self.settings.webhook_allow)
+        gone = await asyncio.to_thread(
+            self.history.prune, self.settings.job_keep_runs, self.settings.job_keep_days * 86400
+        )
+        for r in gone:
+            for f in (r["output_path"], r["html_path"]):
+                if f:
+                    Path(f).unlink(missing_ok=True)
+
+    def _owner(self, run: dict[str, Any]) -> Principal | None:
+        user = self.auth.users.get(run["owner_id"])
+        if user is None:
+            return None
+        return Principal(user["id"], user["username"], user["role"], frozenset(run["scopes"]), None, "job")
+
+    def _publish(self, run: dict[str, Any]) -> None:
+        self.emit("jobs", "notebook", public(run))
+
+    async def _kill(self, run_id: str, reason: str) -> None:
+        run = self.live.get(run_id)
+        if run is None or run["state"] != "running":
+            return
+        self.kill_reason.setdefault(run_id, reason)
+        assert self.executor is not None
+        await self.executor.kill(run_id)
+
+    # -- reading and steering ---------------------------------------------------------------------
+    async def get(self, run_id: str, p: Principal) -> dict[str, Any]:
+        """One run (live or kept), if `p` may see it (its owner or an auditor; anyone else gets 404)."""
+        run = self.live.get(run_id) or await asyncio.to_thread(self.history.run, run_id)
+        if run is None or not (run["owner"] == p.username or SEE_ALL in p.scopes):
+            raise NotFound(f"no job {run_id!r}", field="job_id")
+        return public(run)
+
+    async def runs(self, p: Principal, limit: int = 200) -> list[dict[str, Any]]:
+        """Runs `p` may see, newest first."""
+        owner = None if SEE_ALL in p.scopes else p.username
+        rows = await asyncio.to_thread(self.history.runs, owner, limit)
+        return [public(self.live.get(r["id"], r)) for r in rows]
+
+    def _steer(self, run: dict[str, Any], p: Principal) -> None:
+        if run["owner"] != p.username:
+            p.require(RUN_SCOPE, f"steering {run['owner']}'s run")
+
+    async def cancel(self, run_id: str, p: Principal) -> dict[str, Any]:
+        """Cancel a queued run, or kill a running one's kernel (its process group goes with it)."""
+        run = await self.get(run_id, p)
+        self._steer(run, p)
+        live = self.live.get(run_id)
+        if live is None:
+            raise Conflict(f"job {run_id!r} already ended ({run['state']})", field="job_id")
+        if live["state"] == "queued":
+            await self._finish(live, "cancelled", {"ename": "Cancelled", "evalue": "cancelled before it started"})
+        else:
+            await self._kill(run_id, "cancelled")
+        return public(live)
+
+    async def retry(self, run_id: str, p: Principal) -> dict[str, Any]:
+        """Run a finished run again (same notebook and parameters) as `p`."""
+        run = await self.get(run_id, p)
+        self._steer(run, p)
+        if run["state"] not in FINISHED:
+            raise Conflict(f"job {run_id!r} is still {run['state']}", field="job_id")
+        return await self.submit(p, run["notebook"], run["parameters"], run["timeout_s"], 0, retry_of=run_id)
+
+    def output(self, run: dict[str, Any], kind: str) -> Path:
+        """The run's output notebook (`ipynb`) or its HTML rendering (`html`)."""
+        name = run["output_path"] if kind == "ipynb" else run["html_path"]
+        if not name or not Path(name).is_file():
+            raise NotFound(f"job {run['id']!r} has no {kind} output (yet)", field="job_id")
+        return Path(name)
+
+    def notebooks(self) -> list[dict[str, Any]]:
+        """Notebooks that may run as jobs, with their parameters (blocking: reads files)."""
+        return notebooks.listing(self.roots)
+
+    # -- schedules --------------------------------------------------------------------------------
+    async def add_schedule(self, p: Principal, body: dict[str, Any]) -> dict[str, Any]:
+        """Schedule a notebook as `p` (who must be able to run it now)."""
+        p.require(RUN_SCOPE, "scheduling a notebook job")
+        cron, tz = body.get("cron"), body.get("timezone") or "UTC"
+        if not isinstance(tz, str):
+            raise InvalidInput("timezone must be an IANA time zone name", field="timezone")
+        schedule.check(str(cron), tz)
+        path, params = await asyncio.to_thread(self._checked, str(body.get("notebook")), body.get("parameters"))
+        webhook = body.get("webhook_url")
+        if webhook is not None:
+            await asyncio.to_thread(check_url, webhook, self.settings.webhook_allow)
+        timeout_s, retries = body.get("timeout_s"), body.get("retries", 0)
+        if timeout_s is not None and not (isinstance(timeout_s, int | float) and 0 < timeout_s <= MAX_TIMEOUT):
+            raise InvalidInput(f"timeout_s must be a number of seconds from 1 to {MAX_TIMEOUT:.0f}", field="timeout_s")
+        if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 10:
+            raise InvalidInput("retries must be an integer from 0 to 10", field="retries")
+        now = self.clock()
+        row = {
+            "id": "sched-" + uuid.uuid4().hex[:10],
+            "notebook": notebooks.relative_name(path, self.roots),
+            "parameters": params,
+            "cron": cron,
+            "timezone": tz,
+            "enabled": bool(body.get("enabled", True)),
+            "owner": p.username,
+            "owner_id": p.user_id,
+            "scopes": sorted(p.scopes),
+            "timeout_s": timeout_s,
+            "retries": retries,
+            "webhook_url": webhook,
+            "notify_success": bool(body.get("notify_success", False)),
+            "created_at": now,
+            "last_fire": now,
+            "last_run_id": None,
+        }
+        await asyncio.to_thread(self.history.save_schedule, row)
+        return self._schedule_public(row)
+
+    def _schedule_public(self, s: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in s.items() if k not in ("owner_id", "scopes")}
+        out["next_run_at"] = schedule.next_fire(s["cron"], s["timezone"], max(self.clock(), s["last_fire"] or 0))
+        return out
+
+    async def schedules(self, p: Principal) -> list[dict[str, Any]]:
+        """Schedules `p` may see, with their next run time."""
+        rows = await asyncio.to_thread(self.history.schedules)
+        return [self._schedule_public(s) for s in rows if s["owner"] == p.username or SEE_ALL in p.scopes]
+
+    async def _schedule(self, schedule_id: str, p: Principal) -> dict[str, Any]:
+        rows = await asyncio.to_thread(self.history.schedules)
+        s = next((r for r in rows if r["id"] == schedule_id), None)
+        if s is None or not (s["owner"] == p.username or SEE_ALL in p.scopes):
+            raise NotFound(f"no schedule {schedule_id!r}", field="schedule_id")
+        if s["owner"] != p.username:
+            p.require(RUN_SCOPE, f"changing {s['owner']}'s schedule")
+        return s
+
+    async def set_enabled(self, schedule_id: str, enabled: bool, p: Principal) -> dict[str, Any]:
+        """Enable or disable a schedule (enabling does not run the fires missed while it was off)."""
+        s = await self._schedule(schedule_id, p)
+        s["enabled"] = enabled
+        if enabled:
+            s["last_fire"] = max(s["last_fire"] or 0, self.clock())
+        await asyncio.to_thread(self.history.save_schedule, s)
+        return self._schedule_public(s)
+
+    async def delete_schedule(self, schedule_id: str, p: Principal) -> None:
+        """Delete a schedule (its runs stay)."""
+        s = await self._schedule(schedule_id, p)
+        await asyncio.to_thread(self.history.delete_schedule, s["id"])
+
+    def _skip_missed(self) -> None:
+        now = self.clock()
+        for s in self.history.schedules():
+            if schedule.due(s["cron"], s["timezone"], s["last_fire"] or 0, now) is not None:
+                s["last_fire"] = now
+                self.history.save_schedule(s)
+
+    async def _ticks(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("checking job schedules")
+            await asyncio.sleep(self.settings.job_tick_s)
+
+    async def tick(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Start the runs that schedules have due at `now` (default: the clock); return them."""
+        now = self.clock() if now is None else now
+        started = []
+        for s in await asyncio.to_thread(self.history.schedules):
+            if not s["enabled"]:
+                continue
+            fire = schedule.due(s["cron"], s["timezone"], s["last_fire"] or 0, now)
+            if fire is None:
+                continue
+            s["last_fire"] = fire
+            busy = any(r["schedule_id"] == s["id"] for r in self.live.values())
+            if busy and self.settings.job_overlap == "skip":
+                log.info("schedule %s: skipped the %s fire, its last run is still going", s["id"], fire)
+                await asyncio.to_thread(self.history.save_schedule, s)
+                continue
+            user = self.auth.users.get(s["owner_id"])
+            p = Principal(s["owner_id"], s["owner"], user["role"] if user else "", frozenset(s["scopes"]), None, "job")
+            try:
+                run = await self.submit(
+                    p, s["notebook"], s["parameters"], s["timeout_s"], s["retries"], schedule_id=s["id"]
+                )
+            except BkgError as exc:
+                log.warning("schedule %s could not start: %s", s["id"], exc)
+                continue
+            s["last_run_id"] = run["id"]
+            await asyncio.to_thread(self.history.save_schedule, s)
+            started.append(run)
+        return started
+
+
+def public(run: dict[str, Any]) -> dict[str, Any]:
+    """A run as the API shows it (no scopes, no owner id; a duration and a progress fraction)."""
+    out = {k: v for k, v in run.items() if k not in ("scopes", "owner_id", "path")}
+    start, end = run.get("started_at"), run.get("finished_at")
+    out["duration_s"] = round((end or time.time()) - start, 3) if start else None
+    total = run.get("cells_total") or 0
+    out["progress"] = 1.0 if run["state"] == "succeeded" else (run.get("cells_done", 0) / total if total else 0.0)
+    out["kind"] = "notebook"
+    out["finished"] = end
+    return out

@@ -1,0 +1,86 @@
+"""Job notifications: POST a run's summary to a webhook URL (per schedule, or `job_webhook_url` for every run).
+
+A webhook may reach any public host; a loopback, link-local or private one only when `webhook_allow` lists it,
+so a schedule cannot make the gateway call services on its own network. A failed call is logged and given up
+after three tries; it never changes the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import ipaddress
+import logging
+import socket
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+from bkg_kernel.errors import Forbidden, InvalidInput
+
+log = logging.getLogger("bkg.jobs")
+SUMMARY = (
+    "id",
+    "notebook",
+    "state",
+    "owner",
+    "schedule_id",
+    "attempt",
+    "parameters",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "cells_done",
+    "cells_total",
+    "error",
+    "message",
+    "output_path",
+    "html_path",
+)
+
+
+def check_url(url: Any, allow: Sequence[str]) -> str:
+    """Return `url` if it is http(s) and its host is public or listed in `allow` (blocking: resolves the host)."""
+    if not isinstance(url, str) or len(url) > 2000:
+        raise InvalidInput("webhook_url must be an http(s) URL", field="webhook_url")
+    u = urlparse(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise InvalidInput(f"webhook_url must be an http(s) URL, not {url[:100]!r}", field="webhook_url")
+    host = u.hostname.lower()
+    if any(fnmatch.fnmatch(host, pat.lower()) for pat in allow):
+        return url
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError as exc:
+        raise InvalidInput(f"cannot resolve the webhook host {host!r}: {exc}", field="webhook_url") from None
+    for a in addrs:
+        ip = ipaddress.ip_address(str(a).split("%")[0])
+        if not ip.is_global or ip.is_multicast:
+            raise Forbidden(
+                f"webhook host {host!r} is {ip}, a non-public address: list it in webhook_allow", field="webhook_url"
+            )
+    return url
+
+
+async def notify(url: str, run: dict[str, Any], allow: Sequence[str]) -> bool:
+    """POST `{"event": "job.<state>", "run": {...}}` to `url`; True when it answered 2xx."""
+    import httpx
+
+    body = {"event": f"job.{run['state']}", "run": {k: run.get(k) for k in SUMMARY}}
+    try:
+        await asyncio.to_thread(check_url, url, allow)
+    except Exception as exc:
+        log.warning("job webhook %s refused: %s", url, exc)
+        return False
+    async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
+        for attempt in range(3):
+            try:
+                r = await client.post(url, json=body)
+                if r.is_success:
+                    return True
+                log.warning("job webhook %s answered %s", url, r.status_code)
+            except httpx.HTTPError as exc:
+                log.warning("job webhook %s: %s", url, exc)
+            await asyncio.sleep(0.5 * 2**attempt)
+    return False

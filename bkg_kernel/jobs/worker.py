@@ -1,0 +1,107 @@
+"""A job worker: a long-lived process that runs notebooks one at a time, each on a kernel started before it.
+
+`python -m bkg_kernel.jobs.worker` reads one JSON request per line on stdin and answers with JSON events on
+stdout (everything else a run prints goes to stderr):
+
+    -> {"op": "run", "id", "input", "output", "html", "parameters", "env", "cwd"}
+    <- {"event": "ready"}                                  a warm kernel waits
+    <- {"event": "started", "id", "kernel_pid"}            kill this process group to cancel the run
+    <- {"event": "cell", "id", "index", "state", "done", "total"}
+    <- {"event": "done", "id", "ok", "error", "cells_done", "cells_total", "duration_s", "output"}
+    <- {"event": "html", "id", "path"}
+
+The next kernel is spawned as a run starts, so it boots while the run executes. `--once` runs a single request
+from stdin on a fresh kernel and exits (the Dask executor's child process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from typing import IO, Any
+
+from bkg_kernel.jobs import execute
+
+
+class Channel:
+    """The protocol stream: the real stdout, kept apart from whatever the run prints."""
+
+    def __init__(self) -> None:
+        self.out: IO[str] = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)  # print() in this process, and the kernels' inherited stdout, now go to stderr
+        sys.stdout = sys.stderr
+        self.lock = threading.Lock()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        with self.lock:
+            self.out.write(json.dumps(msg, default=str) + "\n")
+            self.out.flush()
+
+
+def _run(msg: dict[str, Any], km: Any, chan: Channel) -> None:
+    chan.send({"event": "started", "id": msg["id"], "kernel_pid": execute.kernel_pid(km)})
+    outcome = execute.run(msg, km, chan.send)
+    chan.send(outcome)
+    if outcome["output"] and msg.get("html"):
+        chan.send({"event": "html", "id": msg["id"], "path": execute.render_html(outcome["output"], msg["html"])})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve run requests from stdin until it closes."""
+    args = sys.argv[1:] if argv is None else argv
+    chan = Channel()
+    cwd = os.getcwd()
+    if "--once" in args:
+        msg = json.loads(sys.stdin.readline())
+        km = execute.spawn_kernel(cwd)
+        try:
+            _run(msg, km, chan)
+        finally:
+            execute.shutdown(km)
+        return 0
+    km = execute.spawn_kernel(cwd)
+    try:
+        execute.warm(km)
+        import nbconvert  # noqa: F401  (rendering the first output should not pay for this import)
+
+        chan.send({"event": "ready"})
+        for line in sys.stdin:
+            msg = json.loads(line)
+            if msg.get("op") != "run":
+                continue
+            nxt = execute.spawn_kernel(cwd)  # boots while this run executes
+            try:
+                _run(msg, km, chan)
+            except Exception as exc:  # the worker lives on: one broken request fails one run
+                chan.send(
+                    {
+                        "event": "done",
+                        "id": msg.get("id"),
+                        "ok": False,
+                        "cells_done": 0,
+                        "cells_total": 0,
+                        "duration_s": 0.0,
+                        "output": None,
+                        "error": {
+                            "cell_index": None,
+                            "source": None,
+                            "ename": type(exc).__name__,
+                            "evalue": str(exc),
+                            "traceback": "",
+                        },
+                    }
+                )
+            finally:
+                execute.shutdown(km)
+            km = nxt
+            execute.warm(km)
+            chan.send({"event": "ready"})
+    finally:
+        execute.shutdown(km)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
