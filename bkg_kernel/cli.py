@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from bkg_kernel.errors import BkgError
+from bkg_kernel.jobs.cli import app as jobs_app
 
 app = typer.Typer(help="bkg: a notebook-first ML research workbench.", no_args_is_help=True, add_completion=False)
 store_app = typer.Typer(help="Collections and snapshots in the DuckDB + FAISS store.", no_args_is_help=True)
@@ -24,6 +25,7 @@ app.add_typer(plugins_app, name="plugins")
 app.add_typer(keys_app, name="keys")
 app.add_typer(users_app, name="users")
 app.add_typer(models_app, name="models")
+app.add_typer(jobs_app, name="jobs")
 
 ModelDir = Annotated[Path | None, typer.Option("--model-dir", help="Model dir (default: BKG_MODEL_DIR or ./models).")]
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data dir (default: BKG_DATA_DIR or ./data).")]

@@ -17,6 +17,7 @@ from bkg_kernel.client import transport
 from bkg_kernel.client.brain import Brain
 from bkg_kernel.client.collections import RemoteCollection
 from bkg_kernel.client.faces import Faces
+from bkg_kernel.client.jobs import Jobs
 from bkg_kernel.client.llm import LLM, ModelTable
 from bkg_kernel.client.plugins import PluginTable, RemotePlugin
 from bkg_kernel.client.repo import Repo
@@ -160,9 +161,11 @@ class Workbench:
         return self.call("GET", "/admin/audit", params={"limit": limit})["entries"]
 
     # -- background jobs ------------------------------------------------------------------------------
-    def jobs(self) -> list[dict[str, Any]]:
-        """Background jobs (downloads, training), newest first."""
-        return list(self.call("GET", "/api/jobs")["jobs"])
+    @property
+    def jobs(self) -> Jobs:
+        """Notebook jobs: `wb.jobs.run(notebook, **parameters)`, `.list()`, `.schedule(...)`; `wb.jobs()` lists
+        every job (notebook runs, downloads, training), newest first."""
+        return Jobs(self)
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         """Cancel a running plugin job."""
@@ -184,7 +187,7 @@ class Workbench:
                 time.sleep(0.2)
         finally:
             bar.close()
-        if job["state"] != "done":
+        if job["state"] not in ("done", "succeeded"):
             msg = f"job {job_id} ({job['kind']}) {job['state']}: {job['error']}"
             raise JobFailed(msg, state=job["state"], field="job_id")
         return dict(job["result"] or {})

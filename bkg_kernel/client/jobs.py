@@ -1,0 +1,185 @@
+"""The notebook side of jobs: `wb.jobs.run("jobs/x.ipynb", n=5)` runs a notebook under the job roots as the
+caller and waits with a progress bar over its cells; `wb.jobs.list()` is a table of runs; a failed run shows the
+cell that failed, its source and the error. `wb.jobs()` still lists every job (runs and background jobs)."""
+
+from __future__ import annotations
+
+import time
+from html import escape
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from bkg_kernel.display import Table
+from bkg_kernel.errors import JobFailed, Timeout
+
+if TYPE_CHECKING:
+    from bkg_kernel.client.workbench import Workbench
+
+COLORS = {"succeeded": "#1a7f37", "failed": "#cf222e", "timed_out": "#cf222e", "cancelled": "#6e7781"}
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+
+
+class Run(dict[str, Any]):
+    """One notebook run: state, owner, timing, cells, output and, for a failure, the failed cell."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run succeeded."""
+        return self.get("state") == "succeeded"
+
+    def _repr_html_(self) -> str:
+        color = COLORS.get(self["state"], "#9a6700")
+        dur = f"{self['duration_s']:.1f} s" if self.get("duration_s") is not None else ""
+        head = (
+            f"<b>{escape(self['id'])}</b> <code>{escape(self['notebook'])}</code> "
+            f"<span style='color:{color};font-weight:bold'>{escape(self['state'])}</span> "
+            f"{self.get('cells_done', 0)}/{self.get('cells_total', 0)} cells {dur} · {escape(self['owner'])}"
+        )
+        parts = [f"<div>{head}</div>"]
+        if self.get("parameters"):
+            params = ", ".join(f"{escape(k)}={escape(repr(v))}" for k, v in self["parameters"].items())
+            parts.append(f"<div>parameters: <code>{params}</code></div>")
+        err = self.get("error")
+        if err:
+            where = f"cell {err['cell_index']}" if err.get("cell_index") is not None else "the run"
+            parts.append(f"<div style='color:#cf222e'>{escape(where)}: {escape(err['ename'])}: "
+                         f"{escape(str(err['evalue']))}</div>")  # fmt: skip
+            if err.get("source"):
+                parts.append(f"<pre style='background:#fff8f8;padding:4px'>{escape(err['source'])}</pre>")
+        if self.get("output_path"):
+            parts.append(f"<div>output: <code>{escape(self['output_path'])}</code></div>")
+        return "<div style='border-left:3px solid " + color + ";padding-left:6px'>" + "".join(parts) + "</div>"
+
+
+class RunTable(Table):
+    """Runs, newest first."""
+
+    columns = ("id", "notebook", "state", "owner", "created", "duration_s", "cells", "error")
+
+    def cells(self, row: dict[str, Any]) -> list[Any]:
+        err = row.get("error") or {}
+        failed = f"cell {err.get('cell_index')}: {err.get('ename')}: {err.get('evalue')}" if err else ""
+        return [row["id"], row.get("notebook", row.get("kind")), row["state"], row.get("owner"),
+                _when(row.get("created_at")), row.get("duration_s"),
+                f"{row.get('cells_done', 0)}/{row.get('cells_total', 0)}", failed[:120]]  # fmt: skip
+
+
+class ScheduleTable(Table):
+    """Schedules with their next run time."""
+
+    columns = ("id", "notebook", "cron", "timezone", "enabled", "owner", "next_run", "last_run_id")
+
+    def cells(self, row: dict[str, Any]) -> list[Any]:
+        return [row["id"], row["notebook"], row["cron"], row["timezone"], row["enabled"], row["owner"],
+                _when(row.get("next_run_at")), row.get("last_run_id")]  # fmt: skip
+
+
+class Jobs:
+    """Notebook jobs through the gateway (`/api/jobs`)."""
+
+    def __init__(self, wb: Workbench) -> None:
+        self.wb = wb
+
+    def __call__(self) -> list[dict[str, Any]]:
+        """Every job the caller may see (notebook runs and background jobs), newest first."""
+        return list(self.wb.call("GET", "/api/jobs")["jobs"])
+
+    def notebooks(self) -> list[dict[str, Any]]:
+        """Notebooks that may run as jobs, with their parameters."""
+        return list(self.wb.call("GET", "/api/jobs/notebooks")["notebooks"])
+
+    def submit(
+        self, notebook: str, parameters: dict[str, Any] | None = None, *, timeout_s: float | None = None,
+        retries: int = 0,
+    ) -> Run:  # fmt: skip
+        """Queue a run and return it at once."""
+        body = {"notebook": notebook, "parameters": parameters or {}, "timeout_s": timeout_s, "retries": retries}
+        return Run(self.wb.call("POST", "/api/jobs", json=body))
+
+    def run(
+        self, notebook: str, parameters: dict[str, Any] | None = None, *, timeout_s: float | None = None,
+        retries: int = 0, wait: bool = True, progress: bool = True, raise_on_failure: bool = False, **params: Any,
+    ) -> Run:  # fmt: skip
+        """Run a notebook with parameters (a dict or keywords) and wait for it with a progress bar over its cells."""
+        run = self.submit(notebook, {**(parameters or {}), **params}, timeout_s=timeout_s, retries=retries)
+        if not wait:
+            return run
+        run = self.wait(run["id"], progress=progress)
+        if raise_on_failure and not run.ok:
+            raise JobFailed(f"run {run['id']} {run['state']}: {run['message']}", state=run["state"], field="job_id")
+        return run
+
+    def get(self, run_id: str) -> Run:
+        """One run."""
+        return Run(self.wb.call("GET", f"/api/jobs/{run_id}"))
+
+    def wait(self, run_id: str, *, progress: bool = True, timeout: float | None = None) -> Run:
+        """Wait for a run to end (and its automatic retries), with a progress bar; return the last attempt."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = tqdm(total=1, desc=run_id, unit="cell", disable=not progress, leave=False)
+        try:
+            while True:
+                run = self.get(run_id)
+                bar.total = max(1, run.get("cells_total") or 1)
+                bar.n = run.get("cells_done", 0)
+                bar.set_postfix_str(f"{run['state']} {run.get('message', '')}"[:60], refresh=True)
+                if run["finished_at"] is not None:
+                    retry = self._retry_of(run)
+                    if retry is None:
+                        return run
+                    run_id = retry
+                if deadline is not None and time.monotonic() > deadline:
+                    raise Timeout(f"run {run_id} still {run['state']} after {timeout:g}s", field="job_id")
+                time.sleep(0.2)
+        finally:
+            bar.close()
+
+    def _retry_of(self, run: Run) -> str | None:
+        if run["state"] == "succeeded" or run["attempt"] > run["retries"]:
+            return None
+        later = [j for j in self() if j.get("retry_of") == run["id"]]
+        return str(later[0]["id"]) if later else None
+
+    def list(self, limit: int = 50) -> RunTable:
+        """Notebook runs, newest first (a table in a notebook)."""
+        return RunTable([j for j in self() if j.get("kind") == "notebook"][:limit])
+
+    def cancel(self, run_id: str) -> Run:
+        """Cancel a queued or running run (its kernel is killed)."""
+        return Run(self.wb.call("POST", f"/api/jobs/{run_id}/cancel"))
+
+    def retry(self, run_id: str) -> Run:
+        """Run a finished run again, same notebook and parameters."""
+        return Run(self.wb.call("POST", f"/api/jobs/{run_id}/retry"))
+
+    def output(self, run_id: str, format: str = "ipynb") -> str:
+        """The run's output notebook (JSON text) or its HTML rendering (`format="html"`)."""
+        return str(self.wb.call("GET", f"/api/jobs/{run_id}/output", params={"format": format}))
+
+    def schedule(
+        self, notebook: str, cron: str, parameters: dict[str, Any] | None = None, *, timezone: str = "UTC",
+        **options: Any,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Run a notebook on a cron schedule as the caller (options: timeout_s, retries, webhook_url, ...)."""
+        body = {"notebook": notebook, "cron": cron, "parameters": parameters or {}, "timezone": timezone, **options}
+        return dict(self.wb.call("POST", "/api/jobs/schedules", json=body))
+
+    def schedules(self) -> ScheduleTable:
+        """Schedules with their next run time (a table in a notebook)."""
+        return ScheduleTable(self.wb.call("GET", "/api/jobs/schedules")["schedules"])
+
+    def enable(self, schedule_id: str, enabled: bool = True) -> dict[str, Any]:
+        """Enable (or disable) a schedule."""
+        return dict(self.wb.call("PATCH", f"/api/jobs/schedules/{schedule_id}", json={"enabled": enabled}))
+
+    def disable(self, schedule_id: str) -> dict[str, Any]:
+        """Disable a schedule."""
+        return self.enable(schedule_id, False)
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule (its runs stay)."""
+        self.wb.call("DELETE", f"/api/jobs/schedules/{schedule_id}")

@@ -1,0 +1,168 @@
+"""`bkg jobs ...`: run, watch, cancel, retry and schedule notebook jobs on the gateway, as the caller (the data
+dir's workbench key or BKG_API_KEY, never the admin key)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bkg_kernel.jobs.notebooks import coerce
+
+app = typer.Typer(help="Notebook jobs (papermill): run, schedule, history.", no_args_is_help=True)
+Url = Annotated[str | None, typer.Option("--url", help="Gateway URL (default: the data dir's gateway).")]
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data dir (default: BKG_DATA_DIR or ./data).")]
+Params = Annotated[
+    list[str] | None,
+    typer.Option(
+        "-p",
+        "--parameter",
+        help="NAME VALUE (repeatable; the value is read as the parameter's type).",
+        metavar="NAME VALUE",
+    ),  # fmt: skip
+]
+Timeout = Annotated[float | None, typer.Option("--timeout", help="Whole-run limit in seconds (then timed_out).")]
+Retries = Annotated[int, typer.Option("--retries", help="Automatic re-runs after a failure.")]
+
+
+def _wb(url: str | None, data_dir: Path | None) -> Any:
+    from bkg_kernel.client import connect
+
+    return connect(url, data_dir=data_dir)
+
+
+def _echo(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _params(wb: Any, notebook: str, raw: list[str] | None, extra: list[str]) -> dict[str, Any]:
+    """Pair up `-p name value` (typer hands over `-p name` and leaves the value among the extra arguments)."""
+    names = list(raw or [])
+    if len(extra) != len(names):
+        raise typer.BadParameter("give each parameter as -p NAME VALUE", param_hint="-p")
+    if not names:
+        return {}
+    listing = {n["notebook"]: n for n in wb.jobs.notebooks()}
+    declared = (listing.get(notebook) or {}).get("parameters") or {}
+    return {n: coerce(v, (declared.get(n) or {}).get("type")) for n, v in zip(names, extra, strict=True)}
+
+
+def _line(r: dict[str, Any]) -> str:
+    err = r.get("error") or {}
+    why = f"  cell {err.get('cell_index')}: {err.get('ename')}: {err.get('evalue')}" if err else ""
+    dur = f"{r['duration_s']:.1f}s" if r.get("duration_s") is not None else "-"
+    return f"{r['id']:<18} {r['state']:<10} {r.get('notebook', r.get('kind')):<36} {r.get('owner')}  {dur}{why}"
+
+
+@app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    notebook: str,
+    p: Params = None,
+    timeout: Timeout = None,
+    retries: Retries = 0,
+    detach: Annotated[bool, typer.Option("--detach", help="Print the run id and return at once.")] = False,
+    url: Url = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Run a notebook under the job roots (`bkg jobs run jobs/x.ipynb -p folder docs -p n 5`)."""
+    wb = _wb(url, data_dir)
+    run = wb.jobs.submit(notebook, _params(wb, notebook, p, ctx.args), timeout_s=timeout, retries=retries)
+    typer.echo(run["id"])
+    if detach:
+        return
+    done = wb.jobs.wait(run["id"])
+    typer.echo(_line(done))
+    if done.get("error", {}) and done["error"].get("traceback"):
+        typer.echo(done["error"]["traceback"], err=True)
+    if done["state"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_runs(limit: int = 30, url: Url = None, data_dir: DataDir = None) -> None:
+    """Recent runs, newest first."""
+    for r in _wb(url, data_dir).jobs.list(limit):
+        typer.echo(_line(r))
+
+
+@app.command("show")
+def show(run_id: str, url: Url = None, data_dir: DataDir = None) -> None:
+    """One run as JSON (state, cells, output, the failed cell)."""
+    _echo(dict(_wb(url, data_dir).jobs.get(run_id)))
+
+
+@app.command("cancel")
+def cancel(run_id: str, url: Url = None, data_dir: DataDir = None) -> None:
+    """Cancel a queued or running run."""
+    typer.echo(_line(_wb(url, data_dir).jobs.cancel(run_id)))
+
+
+@app.command("retry")
+def retry(run_id: str, url: Url = None, data_dir: DataDir = None) -> None:
+    """Run a finished run again; prints the new run id."""
+    typer.echo(_wb(url, data_dir).jobs.retry(run_id)["id"])
+
+
+@app.command("notebooks")
+def notebooks(url: Url = None, data_dir: DataDir = None) -> None:
+    """Notebooks that may run as jobs, with their parameters."""
+    for n in _wb(url, data_dir).jobs.notebooks():
+        params = ", ".join(f"{k}: {v['type']} = {v['default']}" for k, v in (n["parameters"] or {}).items())
+        typer.echo(f"{n['notebook']:<40} {params}")
+
+
+@app.command("schedule", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def schedule(
+    ctx: typer.Context,
+    notebook: str,
+    cron: str,
+    p: Params = None,
+    tz: Annotated[str, typer.Option("--tz", help="IANA time zone the cron is read in.")] = "UTC",
+    timeout: Timeout = None,
+    retries: Retries = 0,
+    webhook: Annotated[str | None, typer.Option("--webhook", help="URL called when a run fails.")] = None,
+    url: Url = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Run a notebook on a cron schedule (`bkg jobs schedule jobs/x.ipynb "0 3 * * *" --tz Europe/Paris`)."""
+    wb = _wb(url, data_dir)
+    opts: dict[str, Any] = {"timeout_s": timeout, "retries": retries, "webhook_url": webhook}
+    s = wb.jobs.schedule(notebook, cron, _params(wb, notebook, p, ctx.args), timezone=tz, **opts)
+    typer.echo(f"{s['id']}  next run {_when(s['next_run_at'])}")
+
+
+def _when(t: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t)) if t else "-"
+
+
+@app.command("schedules")
+def schedules(url: Url = None, data_dir: DataDir = None) -> None:
+    """Schedules with their next run time."""
+    for s in _wb(url, data_dir).jobs.schedules():
+        state = "on " if s["enabled"] else "off"
+        typer.echo(f"{s['id']:<18} {state} {s['cron']:<16} {s['timezone']:<14} {s['notebook']:<36} "
+                   f"next {_when(s['next_run_at'])}")  # fmt: skip
+
+
+@app.command("enable")
+def enable(schedule_id: str, url: Url = None, data_dir: DataDir = None) -> None:
+    """Enable a schedule."""
+    _echo(_wb(url, data_dir).jobs.enable(schedule_id))
+
+
+@app.command("disable")
+def disable(schedule_id: str, url: Url = None, data_dir: DataDir = None) -> None:
+    """Disable a schedule."""
+    _echo(_wb(url, data_dir).jobs.disable(schedule_id))
+
+
+@app.command("delete")
+def delete(schedule_id: str, url: Url = None, data_dir: DataDir = None) -> None:
+    """Delete a schedule (its runs stay)."""
+    _wb(url, data_dir).jobs.delete_schedule(schedule_id)
+    typer.echo(f"deleted {schedule_id}")

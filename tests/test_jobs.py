@@ -1,0 +1,362 @@
+"""Notebook jobs against a real gateway, real job workers with real kernels, papermill, a real Dask LocalCluster
+and the real store database: runs, failures with the failed cell, parameter checks, cancel (no kernel left),
+timeouts, retries, identity, history across a restart, schedules (injectable clock) and webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import psutil
+import pytest
+from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def notebook(path: Path, params: str, *cells: str) -> Path:
+    """Write a notebook: a cell tagged `parameters`, then `cells`."""
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell(params)
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, *(nbformat.v4.new_code_cell(c) for c in cells)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+def make_notebooks(root: Path) -> Path:
+    notebook(root / "ok.ipynb", "n = 1\nname = 'x'", "result = n * 2", "print('result', result, name)")
+    notebook(root / "fails.ipynb", "n = 1", "a = n + 1", "raise ValueError(f'boom {n}')", "print('never')")
+    notebook(
+        root / "sleepy.ipynb", "seconds = 60.0\npid_file = ''",
+        "import subprocess, time, pathlib\nchild = subprocess.Popen(['sleep', '300'])\n"
+        "pathlib.Path(pid_file).write_text(str(child.pid)) if pid_file else None",
+        "time.sleep(seconds)",
+    )  # fmt: skip
+    notebook(root / "flaky.ipynb", "marker = ''",
+             "import pathlib\np = pathlib.Path(marker)\nif not p.exists():\n"
+             "    p.write_text('1')\n    raise RuntimeError('first attempt fails')")  # fmt: skip
+    notebook(
+        root / "writes.ipynb", "collection = 'made_by_job'",
+        "import bkg_kernel, os, json\nwb = bkg_kernel.connect()\nme = wb.me()\nprint(json.dumps(me))",
+        "wb.call('POST', '/api/collections', json={'name': collection, 'dim': 4})",
+    )  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_notebooks(tmp_path_factory.mktemp("jobroots"))
+
+
+@pytest.fixture(scope="module")
+def jgw(tmp_path_factory: pytest.TempPathFactory, roots: Path) -> Iterator[Gateway]:
+    g = start_gateway(tmp_path_factory.mktemp("jobs") / "data", env={"BKG_JOB_ROOTS": str(roots)}, plugins=["sysinfo"])
+    yield g
+    g.stop()
+
+
+def wait_run(gw: Gateway, run_id: str, key: str = ADMIN_KEY, timeout: float = 120) -> dict[str, Any]:
+    c = gw.client(key)
+    return dict(wait_for(lambda: (r := c.get(f"/api/jobs/{run_id}").json())["finished_at"] and r, timeout))
+
+
+def submit(gw: Gateway, body: dict[str, Any], key: str = ADMIN_KEY) -> dict[str, Any]:
+    r = gw.client(key).post("/api/jobs", json=body)
+    assert r.status_code == 202, r.text
+    return dict(r.json())
+
+
+def test_a_run_succeeds_with_its_parameters_in_the_output(jgw: Gateway) -> None:
+    run = submit(jgw, {"notebook": "ok.ipynb", "parameters": {"n": 21, "name": "job"}})
+    assert run["state"] == "queued" and run["owner"] == "admin"
+    done = wait_run(jgw, run["id"])
+    assert done["state"] == "succeeded", done
+    assert done["cells_done"] == done["cells_total"] == 3 and done["duration_s"] > 0
+    out = nbformat.reads(jgw.client().get(f"/api/jobs/{run['id']}/output").text, as_version=4)
+    injected = [c for c in out.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and "n = 21" in injected[0].source and 'name = "job"' in injected[0].source.replace("'", '"')
+    assert "result 42 job" in "".join(o.get("text", "") for o in out.cells[-1].outputs)
+    assert Path(done["output_path"]) == jgw.data_dir.resolve() / "runs" / f"{run['id']}.ipynb"
+    html = wait_for(
+        lambda: (r := jgw.client().get(f"/api/jobs/{run['id']}/output", params={"format": "html"})).is_success and r,
+        30,
+    )
+    assert "result 42 job" in html.text and "<html" in html.text
+    listed = jgw.client().get("/api/jobs").json()["jobs"]
+    assert run["id"] in [j["id"] for j in listed]
+
+
+def test_a_failing_cell_is_named_and_the_output_still_written(jgw: Gateway) -> None:
+    done = wait_run(jgw, submit(jgw, {"notebook": "fails.ipynb", "parameters": {"n": 3}})["id"])
+    assert done["state"] == "failed"
+    err = done["error"]
+    assert err["cell_index"] == 2 and err["ename"] == "ValueError" and err["evalue"] == "boom 3"
+    assert "raise ValueError" in err["source"] and "ValueError" in err["traceback"]
+    assert "\x1b[" not in err["traceback"]
+    out = nbformat.read(done["output_path"], as_version=4)
+    assert any("papermill-error-cell-tag" in c.metadata.get("tags", []) for c in out.cells)
+
+
+def test_bad_parameters_and_notebooks_are_refused_before_anything_runs(jgw: Gateway, tmp_path: Path) -> None:
+    c = jgw.client()
+    before = len(c.get("/api/jobs").json()["jobs"])
+    cases = [
+        ({"notebook": "ok.ipynb", "parameters": {"nope": 1}}, 422, "parameters.nope"),
+        ({"notebook": "ok.ipynb", "parameters": {"n": "five"}}, 422, "parameters.n"),
+        ({"notebook": "ok.ipynb", "parameters": {"n": True}}, 422, "parameters.n"),
+        ({"notebook": "ok.ipynb", "timeout_s": -1}, 422, "timeout_s"),
+        ({"notebook": "../outside.ipynb"}, 403, "notebook"),
+        ({"notebook": str(notebook(tmp_path / "elsewhere.ipynb", "n = 1"))}, 403, "notebook"),
+        ({"notebook": "missing.ipynb"}, 404, "notebook"),
+        ({"notebook": "ok.txt"}, 422, "notebook"),
+    ]
+    for body, status, field in cases:
+        r = c.post("/api/jobs", json=body)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]["field"] == field, (body, r.text)
+    assert len(c.get("/api/jobs").json()["jobs"]) == before
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_cancel_kills_the_kernel_and_what_it_started(jgw: Gateway, tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    run = submit(jgw, {"notebook": "sleepy.ipynb", "parameters": {"pid_file": str(pid_file)}})
+    c = jgw.client()
+    live = wait_for(lambda: (r := c.get(f"/api/jobs/{run['id']}").json())["cells_done"] >= 2 and r, 60)
+    kernel, child = int(live["kernel_pid"]), int(pid_file.read_text())
+    assert psutil.pid_exists(kernel) and psutil.pid_exists(child)
+    assert c.post(f"/api/jobs/{run['id']}/cancel").status_code == 200
+    done = wait_run(jgw, run["id"], timeout=30)
+    assert done["state"] == "cancelled" and done["error"]["ename"] == "Cancelled"
+    wait_for(lambda: _gone(kernel) and _gone(child), 15)
+    assert c.post(f"/api/jobs/{run['id']}/cancel").status_code == 409
+
+
+def test_a_run_past_its_timeout_ends_timed_out(jgw: Gateway) -> None:
+    run = submit(jgw, {"notebook": "sleepy.ipynb", "parameters": {"seconds": 120.0}, "timeout_s": 3})
+    done = wait_run(jgw, run["id"], timeout=60)
+    assert done["state"] == "timed_out" and done["error"]["ename"] == "Timeout"
+    assert done["duration_s"] < 60
+
+
+def test_retries_rerun_a_failed_run(jgw: Gateway, tmp_path: Path) -> None:
+    marker = str(tmp_path / "marker")
+    first = wait_run(
+        jgw, submit(jgw, {"notebook": "flaky.ipynb", "parameters": {"marker": marker}, "retries": 1})["id"]
+    )
+    assert first["state"] == "failed" and first["attempt"] == 1
+    c = jgw.client()
+    again = wait_for(lambda: [j for j in c.get("/api/jobs").json()["jobs"] if j.get("retry_of") == first["id"]], 30)
+    second = wait_run(jgw, again[0]["id"])
+    assert second["state"] == "succeeded" and second["attempt"] == 2
+    manual = c.post(f"/api/jobs/{first['id']}/retry")
+    assert manual.status_code == 202 and manual.json()["retry_of"] == first["id"]
+    assert wait_run(jgw, manual.json()["id"])["state"] == "succeeded"
+
+
+def printed_me(nb: Any) -> dict[str, Any]:
+    """What the notebook printed of `wb.me()` (the cell that called it)."""
+    cell = next(c for c in nb.cells if "wb.me()" in c.source and "injected" not in str(c.metadata))
+    return dict(json.loads("".join(o.get("text", "") for o in cell.outputs)))
+
+
+def test_a_run_acts_as_its_owner(jgw: Gateway) -> None:
+    admin = jgw.client()
+    admin.post("/admin/roles", json={"name": "analyst", "scopes": ["plugins:read", "collections:read", "jobs:run"]})
+    user = admin.post("/admin/users", json={"username": "ana", "role": "analyst"}).json()
+    key = admin.post("/admin/keys", json={"name": "ana", "user_id": user["id"]}).json()["key"]
+    viewer = admin.post("/admin/users", json={"username": "vic", "role": "viewer"}).json()
+    vkey = admin.post("/admin/keys", json={"name": "vic", "user_id": viewer["id"]}).json()["key"]
+    assert jgw.client(vkey).post("/api/jobs", json={"notebook": "ok.ipynb"}).status_code == 403  # no jobs:run
+
+    done = wait_run(jgw, submit(jgw, {"notebook": "writes.ipynb", "parameters": {"collection": "by_ana"}}, key)["id"],
+                    key)  # fmt: skip
+    assert done["state"] == "failed" and done["owner"] == "ana" and done["error"]["cell_index"] == 2
+    assert "collections:write" in done["error"]["evalue"]
+    out = nbformat.read(done["output_path"], as_version=4)
+    me = printed_me(out)
+    assert me["username"] == "ana" and "collections:write" not in me["scopes"] and me["key_id"]
+    keys = {k["id"]: k for k in admin.get("/admin/keys").json()["keys"]}
+    assert keys[me["key_id"]]["name"].startswith("job run ") and keys[me["key_id"]]["state"] == "revoked"
+    assert admin.get("/api/collections/by_ana").status_code == 404
+    assert jgw.client(key).get(f"/api/jobs/{done['id']}").status_code == 200
+    assert jgw.client(vkey).get(f"/api/jobs/{done['id']}").status_code == 404  # not theirs
+
+    ok = wait_run(jgw, submit(jgw, {"notebook": "writes.ipynb", "parameters": {"collection": "by_admin"}})["id"])
+    assert ok["state"] == "succeeded" and admin.get("/api/collections/by_admin").status_code == 200
+    me = printed_me(nbformat.read(ok["output_path"], 4))
+    assert me["username"] == "admin" and "admin:keys" in me["scopes"]  # the owner's scopes, through a run key
+    assert keys.get(me["key_id"]) is None or not keys[me["key_id"]]["name"].startswith("admin")
+
+
+def test_the_cli_runs_a_notebook_with_typed_parameters(jgw: Gateway) -> None:
+    env = {**os.environ, "BKG_GATEWAY_URL": jgw.url, "BKG_API_KEY": ADMIN_KEY}
+    r = subprocess.run([sys.executable, "-m", "bkg_kernel.cli", "jobs", "run", "ok.ipynb", "-p", "n", "4", "-p",
+                        "name", "7"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    run_id = r.stdout.split()[0]
+    out = nbformat.read(wait_run(jgw, run_id)["output_path"], 4)
+    assert "result 8 7" in "".join(o.get("text", "") for o in out.cells[-1].outputs)  # name stayed a str
+    r = subprocess.run([sys.executable, "-m", "bkg_kernel.cli", "jobs", "run", "fails.ipynb"], capture_output=True,
+                       text=True, env=env, timeout=120)  # fmt: skip
+    assert r.returncode == 1 and "ValueError" in r.stdout
+
+
+def test_history_survives_a_restart_and_an_interrupted_run_is_failed(tmp_path: Path, roots: Path) -> None:
+    data = tmp_path / "data"
+    env = {"BKG_JOB_ROOTS": str(roots)}
+    g = start_gateway(data, env=env, plugins=["sysinfo"])
+    try:
+        done = wait_run(g, submit(g, {"notebook": "ok.ipynb"})["id"])
+        running = submit(g, {"notebook": "sleepy.ipynb"})
+        wait_for(lambda: g.client().get(f"/api/jobs/{running['id']}").json()["state"] == "running", 60)
+    finally:
+        g.proc.kill()
+        g.proc.wait()
+    g = start_gateway(data, env=env, plugins=["sysinfo"], port=None)
+    try:
+        c = g.client()
+        assert c.get(f"/api/jobs/{done['id']}").json()["state"] == "succeeded"
+        lost = c.get(f"/api/jobs/{running['id']}").json()
+        assert lost["state"] == "failed" and "interrupted" in lost["message"]
+    finally:
+        g.stop()
+
+
+class Hook(http.server.BaseHTTPRequestHandler):
+    got: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        Hook.got.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_schedule_runs_when_due_with_an_injectable_clock(tmp_path: Path, roots: Path) -> None:
+    """The job service in this process on a real store and real job workers, with a clock the test moves."""
+    from bkg_kernel.auth import AuthService, Principal
+    from bkg_kernel.jobs.service import JobService
+    from bkg_kernel.settings import Settings
+    from bkg_kernel.store import Store
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    store = Store(tmp_path / "data")
+    auth = AuthService(store)
+    user = auth.create_user("sched", "developer", actor="test")
+    p = Principal(user["id"], "sched", "developer", frozenset(auth.roles["developer"]))
+    now = [1_800_000_000.0]  # a fixed instant; the test moves it
+    settings = Settings(job_roots=[roots], job_workers=1, webhook_allow=["127.0.0.1"], job_tick_s=60)
+    svc = JobService(settings, store, auth, lambda *a: None, "http://127.0.0.1:9", clock=lambda: now[0])
+
+    async def settle() -> None:
+        for _ in range(600):
+            if not svc.live:
+                return
+            await asyncio.sleep(0.2)
+
+    async def scenario() -> list[dict[str, Any]]:
+        await svc.start()
+        try:
+            s = await svc.add_schedule(p, {"notebook": "ok.ipynb", "cron": "* * * * *", "parameters": {"n": 5}})
+            bad = await svc.add_schedule(p, {"notebook": "fails.ipynb", "cron": "*/5 * * * *", "webhook_url": hook})
+            assert s["next_run_at"] > now[0] and s["next_run_at"] - now[0] <= 60
+            assert await svc.tick(now[0] + 1) == []
+            now[0] += 61
+            first = await svc.tick()
+            assert [r["schedule_id"] for r in first] == [s["id"]]
+            assert await svc.tick() == []  # still running: the next fire is a minute away anyway
+            await settle()
+            now[0] += 10 * 60  # ten minutes "down": each schedule catches up once, not ten times
+            second = await svc.tick()
+            assert sorted(r["schedule_id"] for r in second) == sorted([s["id"], bad["id"]])
+            assert await svc.tick() == []
+            await settle()
+            await svc.set_enabled(s["id"], False, p)
+            now[0] += 120
+            assert await svc.tick() == []
+            for _ in range(100):
+                if Hook.got:
+                    break
+                await asyncio.sleep(0.1)
+            return await svc.runs(p)
+        finally:
+            await svc.close()
+
+    try:
+        runs = asyncio.run(scenario())
+    finally:
+        auth.close()
+        store.close()
+        server.shutdown()
+    states = sorted((r["notebook"], r["state"]) for r in runs)
+    assert states == [("fails.ipynb", "failed"), ("ok.ipynb", "succeeded"), ("ok.ipynb", "succeeded")]
+    assert Hook.got and Hook.got[0]["event"] == "job.failed" and Hook.got[0]["run"]["error"]["ename"] == "ValueError"
+    assert all(r["owner"] == "sched" for r in runs)
+
+
+def test_schedules_over_http_are_checked_and_owned(jgw: Gateway) -> None:
+    c = jgw.client()
+    ok = {"notebook": "ok.ipynb", "cron": "0 3 * * *"}
+    bad = [
+        ({**ok, "cron": "every day"}, "cron"),
+        ({**ok, "timezone": "Mars/Olympus"}, "timezone"),
+        ({**ok, "parameters": {"n": "x"}}, "parameters.n"),
+        ({**ok, "webhook_url": "http://127.0.0.1:1/x"}, "webhook_url"),
+    ]
+    for body, field in bad:
+        r = c.post("/api/jobs/schedules", json=body)
+        assert r.status_code in (403, 422) and r.json()["error"]["field"] == field, r.text
+    s = c.post("/api/jobs/schedules", json={"notebook": "ok.ipynb", "cron": "0 3 * * *", "timezone": "Europe/Paris"})
+    assert s.status_code == 201 and s.json()["next_run_at"] > time.time()
+    sid = s.json()["id"]
+    assert c.patch(f"/api/jobs/schedules/{sid}", json={"enabled": False}).json()["enabled"] is False
+    assert [x["id"] for x in c.get("/api/jobs/schedules").json()["schedules"]] == [sid]
+    assert c.delete(f"/api/jobs/schedules/{sid}").status_code == 204
+    assert c.get("/api/jobs/schedules").json()["schedules"] == []
+
+
+def test_the_dask_executor_runs_the_same_job_on_a_local_cluster(tmp_path: Path, roots: Path) -> None:
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      scheduler_port=0) as cluster:  # fmt: skip
+        address = cluster.scheduler_address.replace("tcp://", "dask://")
+        g = start_gateway(tmp_path / "data", env={"BKG_JOB_ROOTS": str(roots), "BKG_JOB_EXECUTOR": address},
+                          plugins=["sysinfo"])  # fmt: skip
+        try:
+            done = wait_run(g, submit(g, {"notebook": "ok.ipynb", "parameters": {"n": 50}})["id"])
+            assert done["state"] == "succeeded" and done["executor"] == address, done
+            out = nbformat.read(done["output_path"], 4)
+            assert "result 100 x" in "".join(o.get("text", "") for o in out.cells[-1].outputs)
+            failed = wait_run(g, submit(g, {"notebook": "fails.ipynb"})["id"])
+            assert failed["state"] == "failed" and failed["error"]["cell_index"] == 2
+            slow = submit(g, {"notebook": "sleepy.ipynb"})
+            wait_for(lambda: g.client().get(f"/api/jobs/{slow['id']}").json()["cells_done"] >= 1, 60)
+            g.client().post(f"/api/jobs/{slow['id']}/cancel")
+            assert wait_run(g, slow["id"], timeout=60)["state"] == "cancelled"
+        finally:
+            g.stop()
