@@ -147,6 +147,25 @@ def test_repoagent_adds_indexes_and_answers_with_citations(browser: Any, voila: 
     page.close()
 
 
+def test_jobs_page_runs_a_notebook_and_names_the_failed_cell(browser: Any, voila: str, gw: Gateway) -> None:
+    from test_jobs import notebook
+
+    root = gw.data_dir / "notebooks"  # a default job root
+    notebook(root / "dash_ok.ipynb", "n = 2", "print(n * 21)")
+    notebook(root / "dash_fails.ipynb", "n = 2", "a = n", "raise KeyError('no such thing')")
+    page = open_logged_in(browser, voila, "jobs", ADMIN_KEY)
+    pick = page.locator(".widget-dropdown:has-text('notebook') select")
+    for name in ("dash_ok.ipynb", "dash_fails.ipynb"):
+        pick.select_option(name)
+        page.locator("button:has-text('Run')").first.click()
+        page.locator("text=queued run-").wait_for(timeout=30_000)
+    page.locator("td:has-text('cell 2: KeyError')").wait_for(timeout=120_000)
+    page.locator("td:has-text('dash_ok.ipynb') >> xpath=.. >> text=succeeded").wait_for(timeout=120_000)
+    assert not page.locator("p.bkg-error").all_inner_texts()
+    page.screenshot(path=str(ARTIFACTS / "dashboard-jobs-runs.png"), full_page=True)
+    page.close()
+
+
 @pytest.mark.parametrize(
     "name",
     ["overview", "api_keys", "users", "models", "jobs", "settings", "llmserver", "candle", "rustyface", "brainml",

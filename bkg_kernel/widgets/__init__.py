@@ -12,9 +12,10 @@ Modules, imported in one direction (each from those above it only):
 - `primitives`: the `Session`, CSS, tables, badges, sparklines, error display, ask-first confirmation
 - `schema_form`: a form built from a JSON Schema (plugin settings)
 - `login`: which gateway, the login box, `dashboard()`
-- `ops`: plugins live, start / stop / restart, settings, health, jobs, audit, the overview page
+- `ops`: plugins live, start / stop / restart, settings, health, audit, the overview page
 - `models`: the model registry
 - `admin`: API keys, users, roles (the apikeys plugin's page)
+- `jobs`: notebook runs, schedules and background jobs
 - `llm`, `brain`, `faces`, `candle`, `repo`: one page per plugin
 """
 
@@ -24,13 +25,13 @@ from bkg_kernel.widgets.admin import apikeys_panel, keys_panel, users_panel
 from bkg_kernel.widgets.brain import brain_panel
 from bkg_kernel.widgets.candle import candle_panel
 from bkg_kernel.widgets.faces import faces_panel
+from bkg_kernel.widgets.jobs import jobs_panel
 from bkg_kernel.widgets.llm import llm_panel
 from bkg_kernel.widgets.login import dashboard, login_box
 from bkg_kernel.widgets.models import models_panel
 from bkg_kernel.widgets.ops import (
     audit_panel,
     health_panel,
-    jobs_panel,
     overview,
     plugin_actions,
     plugins_panel,

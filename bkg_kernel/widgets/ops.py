@@ -3,7 +3,6 @@ health, background jobs, recent audit events, and the operator's front page made
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from html import escape
 from typing import Any
@@ -168,33 +167,6 @@ def audit_panel(session: Session, limit: int = 20) -> W.HTML:
         return W.HTML("<h3>Audit</h3><p>Recent audit events need the scope <code>admin:audit</code>.</p>")
     rows = session.wb.audit(limit)
     return W.HTML("<h3>Recent audit events</h3>" + table(rows, ["created_at", "actor", "action", "target", "ok"]))
-
-
-def jobs_panel(session: Session) -> W.VBox:
-    """Show background jobs (model downloads, training): state, progress, result or error; live."""
-    out = W.HTML()
-
-    def outcome(j: dict[str, Any]) -> str:
-        if j.get("error"):
-            return str(j["error"])
-        shown = (f"{k}={v}" for k, v in (j.get("result") or {}).items() if isinstance(v, str | int | float))
-        return ", ".join(shown)[:160]
-
-    def render() -> None:
-        rows = [
-            {
-                **j,
-                "progress": f"{100 * j['progress']:.0f} %",
-                "created": time.strftime("%H:%M:%S", time.localtime(j["created"])),
-                "outcome": outcome(j),
-            }
-            for j in session.wb.jobs()
-        ]
-        out.value = table(rows, ["id", "kind", "plugin", "owner", "state", "progress", "message", "created", "outcome"])
-
-    render()
-    session.every(2.0, render)
-    return W.VBox([out])
 
 
 def overview(session: Session) -> W.VBox:
