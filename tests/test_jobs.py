@@ -22,6 +22,7 @@ import pytest
 from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def notebook(path: Path, params: str, *cells: str) -> Path:
@@ -63,7 +64,8 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def jgw(tmp_path_factory: pytest.TempPathFactory, roots: Path) -> Iterator[Gateway]:
-    g = start_gateway(tmp_path_factory.mktemp("jobs") / "data", env={"BKG_JOB_ROOTS": str(roots)}, plugins=["sysinfo"])
+    env = {"BKG_JOB_ROOTS": f"{roots}{os.pathsep}{ROOT / 'notebooks'}"}
+    g = start_gateway(tmp_path_factory.mktemp("jobs") / "data", env=env, plugins=["sysinfo"])
     yield g
     g.stop()
 
@@ -206,6 +208,21 @@ def test_a_run_acts_as_its_owner(jgw: Gateway) -> None:
     me = printed_me(nbformat.read(ok["output_path"], 4))
     assert me["username"] == "admin" and "admin:keys" in me["scopes"]  # the owner's scopes, through a run key
     assert keys.get(me["key_id"]) is None or not keys[me["key_id"]]["name"].startswith("admin")
+
+
+def test_the_shipped_job_notebooks_run_as_jobs(jgw: Gateway) -> None:
+    c = jgw.client()
+    listed = {n["notebook"]: n["parameters"] for n in c.get("/api/jobs/notebooks").json()["notebooks"]}
+    for name in ("index_documents", "enroll_faces", "index_repository", "snapshot_collections", "verify_models"):
+        assert listed[f"jobs/{name}.ipynb"], name  # each has a parameters cell
+    assert listed["jobs/snapshot_collections.ipynb"]["keep"]["type"] == "int"
+    c.post("/api/collections", json={"name": "snap_me", "dim": 4}).raise_for_status()
+    c.post("/api/collections/snap_me/points", json={"points": [{"id": "a", "vector": [1, 0, 0, 0]}]})
+    snap = wait_run(jgw, submit(jgw, {"notebook": "jobs/snapshot_collections.ipynb", "parameters": {"keep": 1}})["id"])
+    assert snap["state"] == "succeeded", snap["error"]
+    assert len(c.get("/api/collections/snap_me/snapshots").json()["snapshots"]) == 1
+    verify = wait_run(jgw, submit(jgw, {"notebook": "jobs/verify_models.ipynb"})["id"])
+    assert verify["state"] == "succeeded", verify["error"]
 
 
 def test_the_cli_runs_a_notebook_with_typed_parameters(jgw: Gateway) -> None:
