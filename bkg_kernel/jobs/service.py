@@ -169,6 +169,10 @@ class JobService:
             run = self.live.get(run_id)
             if run is None or run["state"] != "queued":
                 continue  # cancelled while queued
+            sid = run["schedule_id"]
+            if sid and any(r["schedule_id"] == sid and r["state"] == "running" for r in self.live.values()):
+                self._spawn(self._requeue(run_id))  # job_overlap = queue: one run of a schedule at a time
+                continue
             try:
                 await self._execute(run)
             except asyncio.CancelledError:
@@ -176,6 +180,11 @@ class JobService:
             except Exception as exc:  # a bug here fails one run, never the dispatcher
                 log.exception("job run %s", run_id)
                 await self._finish(run, "failed", {"ename": type(exc).__name__, "evalue": str(exc)})
+
+    async def _requeue(self, run_id: str) -> None:
+        await asyncio.sleep(1.0)
+        assert self.queue is not None
+        self.queue.put_nowait(run_id)
 
     async def _execute(self, run: dict[str, Any]) -> None:
         assert self.executor is not None
