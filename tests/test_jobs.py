@@ -101,6 +101,26 @@ def test_a_run_succeeds_with_its_parameters_in_the_output(jgw: Gateway) -> None:
     assert run["id"] in [j["id"] for j in listed]
 
 
+def test_every_state_change_and_cell_is_an_event_on_the_jobs_topic(jgw: Gateway) -> None:
+    from websockets.sync.client import connect as ws_connect
+
+    with ws_connect(jgw.url.replace("http", "ws") + f"/ws?token={ADMIN_KEY}") as ws:
+        assert json.loads(ws.recv(10))["type"] == "bootstrap"
+        ws.send(json.dumps({"action": "sub", "topic": "jobs"}))
+        assert json.loads(ws.recv(10))["type"] == "ack"
+        run = submit(jgw, {"notebook": "ok.ipynb"})
+        events: list[dict[str, Any]] = []
+        while not events or events[-1]["finished_at"] is None:
+            msg = json.loads(ws.recv(120))
+            if msg["type"] == "jobs" and msg["payload"]["id"] == run["id"]:
+                assert msg["plugin"] == "notebook"
+                events.append(msg["payload"])
+    states = [e["state"] for e in events]
+    assert states[0] == "queued" and "running" in states and states[-1] == "succeeded", states
+    cells = [e["message"] for e in events if e["message"].startswith("cell ")]
+    assert "cell 0 running" in cells and "cell 2 done" in cells, cells
+
+
 def test_a_failing_cell_is_named_and_the_output_still_written(jgw: Gateway) -> None:
     done = wait_run(jgw, submit(jgw, {"notebook": "fails.ipynb", "parameters": {"n": 3}})["id"])
     assert done["state"] == "failed"
@@ -333,6 +353,30 @@ def test_a_schedule_runs_when_due_with_an_injectable_clock(tmp_path: Path, roots
     assert states == [("fails.ipynb", "failed"), ("ok.ipynb", "succeeded"), ("ok.ipynb", "succeeded")]
     assert Hook.got and Hook.got[0]["event"] == "job.failed" and Hook.got[0]["run"]["error"]["ename"] == "ValueError"
     assert all(r["owner"] == "sched" for r in runs)
+
+
+def test_retention_keeps_the_newest_runs_by_count_and_age(tmp_path: Path) -> None:
+    from bkg_kernel.jobs.history import History
+    from bkg_kernel.store import Store
+
+    store = Store(tmp_path / "data")
+    try:
+        h = History(store)
+        now = time.time()
+        for i in range(6):
+            out = tmp_path / f"run-{i}.ipynb"
+            out.write_text("{}")
+            h.save_run({"id": f"run-{i}", "notebook": "x.ipynb", "parameters": {"i": i}, "state": "succeeded",
+                        "owner": "a", "owner_id": "u", "scopes": [], "created_at": now - 1000 + i,
+                        "finished_at": now - (40 * 86400 if i == 5 else 0), "output_path": str(out)})  # fmt: skip
+        h.save_run({"id": "run-live", "notebook": "x.ipynb", "state": "running", "owner": "a", "owner_id": "u",
+                    "scopes": [], "created_at": now - 2000})  # fmt: skip
+        gone = h.prune(keep=3, max_age_s=30 * 86400)
+        assert sorted(r["id"] for r in gone) == ["run-0", "run-1", "run-2", "run-5"]  # beyond 3, and 40 days old
+        assert [r["id"] for r in h.runs()] == ["run-4", "run-3", "run-live"]
+        assert h.run("run-4")["parameters"] == {"i": 4}
+    finally:
+        store.close()
 
 
 def test_schedules_over_http_are_checked_and_owned(jgw: Gateway) -> None:

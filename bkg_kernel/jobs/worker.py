@@ -20,9 +20,11 @@ import json
 import os
 import sys
 import threading
+import time
 from typing import IO, Any
 
 from bkg_kernel.jobs import execute
+from bkg_kernel.runtime.worker import WORKER_NICE
 
 
 class Channel:
@@ -38,6 +40,30 @@ class Channel:
         with self.lock:
             self.out.write(json.dumps(msg, default=str) + "\n")
             self.out.flush()
+
+
+def ready_kernel(cwd: str, km: Any = None) -> Any:
+    """A warm kernel: `km` if it warms up, else a new one; three tries (concurrent kernel starts can collide on
+    a port, papermill #511)."""
+    for attempt in range(3):
+        try:
+            km = km if km is not None else execute.spawn_kernel(cwd)
+            execute.warm(km)
+            return km
+        except Exception as exc:
+            print(f"job worker: kernel start failed ({exc}); trying again", file=sys.stderr)
+            if km is not None:
+                execute.shutdown(km)
+            km = None
+            time.sleep(0.5 * (attempt + 1))
+    raise RuntimeError("could not start a kernel after 3 tries")
+
+
+def _spawn_next(cwd: str) -> Any:
+    try:
+        return execute.spawn_kernel(cwd)
+    except Exception:  # ready_kernel starts one after the run instead
+        return None
 
 
 def _run(msg: dict[str, Any], km: Any, chan: Channel) -> None:
@@ -61,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             execute.shutdown(km)
         return 0
-    km = execute.spawn_kernel(cwd)
+    os.nice(WORKER_NICE)  # the gateway answers first; runs (and their kernels, which inherit this) wait
+    km = ready_kernel(cwd)
     try:
-        execute.warm(km)
         import nbconvert  # noqa: F401  (rendering the first output should not pay for this import)
 
         chan.send({"event": "ready"})
@@ -71,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             msg = json.loads(line)
             if msg.get("op") != "run":
                 continue
-            nxt = execute.spawn_kernel(cwd)  # boots while this run executes
+            nxt = _spawn_next(cwd)  # boots while this run executes
             try:
                 _run(msg, km, chan)
             except Exception as exc:  # the worker lives on: one broken request fails one run
@@ -95,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             finally:
                 execute.shutdown(km)
-            km = nxt
-            execute.warm(km)
+            km = ready_kernel(cwd, nxt)
             chan.send({"event": "ready"})
     finally:
         execute.shutdown(km)
