@@ -245,6 +245,24 @@ def test_the_shipped_job_notebooks_run_as_jobs(jgw: Gateway) -> None:
     assert verify["state"] == "succeeded", verify["error"]
 
 
+def test_the_notebook_client_runs_lists_and_shows_the_failed_cell(jgw: Gateway) -> None:
+    from bkg_kernel.client import Workbench
+    from bkg_kernel.errors import JobFailed
+
+    wb = Workbench(jgw.url, ADMIN_KEY)
+    run = wb.jobs.run("ok.ipynb", n=3, progress=False)
+    assert run.ok and run["parameters"] == {"n": 3} and "succeeded" in run._repr_html_()
+    bad = wb.jobs.run("fails.ipynb", {"n": 4}, progress=False)
+    assert not bad.ok and "cell 2: ValueError: boom 4" in bad._repr_html_() and "raise ValueError" in bad._repr_html_()
+    with pytest.raises(JobFailed, match="boom 4"):
+        wb.jobs.run("fails.ipynb", n=4, progress=False, raise_on_failure=True)
+    table = wb.jobs.list(5)
+    assert table[0]["id"] != run["id"] and run["id"] in [r["id"] for r in wb.jobs.list(10)]
+    assert "ValueError" in table._repr_html_() and "<table" in table._repr_html_()
+    assert "result 6" in wb.jobs.output(run["id"]) and "<html" in wb.jobs.output(bad["id"], "html").lower()
+    assert any(j["id"] == run["id"] for j in wb.jobs())  # every job, still callable
+
+
 def test_the_cli_runs_a_notebook_with_typed_parameters(jgw: Gateway) -> None:
     env = {**os.environ, "BKG_GATEWAY_URL": jgw.url, "BKG_API_KEY": ADMIN_KEY}
     r = subprocess.run([sys.executable, "-m", "bkg_kernel.cli", "jobs", "run", "ok.ipynb", "-p", "n", "4", "-p",
