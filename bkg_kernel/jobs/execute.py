@@ -9,6 +9,7 @@ events and errors are those of the notebook as written: papermill's injected-par
 from __future__ import annotations
 
 import contextlib
+import queue
 import re
 import time
 from collections.abc import Callable
@@ -20,6 +21,45 @@ KERNEL = "python3"
 WARM_IMPORTS = "import bkg_kernel, numpy, json, os, pathlib"  # what most job notebooks import first
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 INJECTED = "injected-parameters"
+ENGINE = "bkg-warm"
+
+
+def _register_engine() -> None:
+    """papermill's nbclient engine, handed a kernel client that is already connected and ready."""
+    from papermill.clientwrap import PapermillNotebookClient
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class WarmEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(
+            cls,
+            nb_man: Any,
+            kernel_name: str,
+            log_output: bool = False,
+            stdout_file: Any = None,
+            stderr_file: Any = None,
+            start_timeout: float = 60,
+            execution_timeout: float | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            kc = kwargs.pop("kc")
+            kwargs.pop("input_path", None)
+            kwargs.pop("timeout", None)
+            kwargs.pop("startup_timeout", None)
+            client = PapermillNotebookClient(
+                nb_man,
+                kernel_name=kernel_name,
+                log_output=log_output,
+                stdout_file=stdout_file,
+                stderr_file=stderr_file,
+                startup_timeout=start_timeout,
+                timeout=execution_timeout,
+                **kwargs,
+            )
+            client.kc = kc
+            return client.execute()
+
+    papermill_engines.register(ENGINE, WarmEngine)
 
 
 def spawn_kernel(cwd: str) -> Any:
@@ -38,24 +78,62 @@ def kernel_pid(km: Any) -> int | None:
     return int(proc.pid) if proc is not None else None
 
 
-def _silent(km: Any, code: str, timeout: float = 60.0) -> None:
-    from jupyter_client import BlockingKernelClient
+async def _ready(kc: Any, timeout: float) -> None:
+    """Wait until the kernel answers on shell and its IOPub subscription is live (jupyter_client's wait_for_ready
+    also waits for 0.2 s of IOPub silence, twice a run: that wait was most of a warm run's overhead)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kc.kernel_info()
+        try:
+            await kc.get_shell_msg(timeout=1.0)
+            await kc.get_iopub_msg(timeout=0.25)  # the kernel's busy/idle for that request: subscribed
+            return
+        except queue.Empty:
+            continue
+    raise RuntimeError(f"the kernel did not answer in {timeout:g} s")
 
-    kc = BlockingKernelClient()
-    kc.load_connection_info(km.get_connection_info())
+
+async def _execute(kc: Any, code: str, timeout: float) -> None:
+    msg_id = kc.execute(code, silent=True, store_history=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply = await kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if reply["parent_header"].get("msg_id") == msg_id:
+            if reply["content"]["status"] != "ok":
+                raise RuntimeError(f"kernel set-up failed: {reply['content'].get('evalue', '')}")
+            return
+    raise RuntimeError(f"kernel set-up took more than {timeout:g} s")
+
+
+def connect(km: Any, timeout: float = 60.0) -> Any:
+    """A client on the kernel, ready (its channels started)."""
+    from jupyter_core.utils import run_sync
+
+    kc = km.client()
     kc.start_channels()
     try:
-        kc.wait_for_ready(timeout=timeout)
-        reply = kc.execute_interactive(code, silent=True, store_history=False, timeout=timeout)
-        if reply["content"]["status"] != "ok":
-            raise RuntimeError(f"kernel set-up failed: {reply['content'].get('evalue', '')}")
-    finally:
+        run_sync(_ready)(kc, timeout)
+    except BaseException:
         kc.stop_channels()
+        raise
+    kc.allow_stdin = False
+    return kc
+
+
+def silent(kc: Any, code: str, timeout: float = 60.0) -> None:
+    """Run set-up code on the kernel without a trace in the notebook (no execution count, no history)."""
+    from jupyter_core.utils import run_sync
+
+    run_sync(_execute)(kc, code, timeout)
 
 
 def warm(km: Any) -> None:
     """Wait until the kernel answers and import what job notebooks use first."""
-    _silent(km, WARM_IMPORTS)
+    kc = connect(km)
+    try:
+        silent(kc, WARM_IMPORTS)
+    finally:
+        kc.stop_channels()
 
 
 def shutdown(km: Any) -> None:
@@ -82,8 +160,11 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
     cell with an error banner)."""
     import papermill as pm
 
+    if ENGINE not in pm.engines.papermill_engines._engines:  # noqa: SLF001
+        _register_engine()
     env, cwd = dict(spec.get("env") or {}), str(spec.get("cwd") or Path(spec["input"]).parent)
-    _silent(km, f"import os as _o; _o.environ.update({env!r}); _o.chdir({cwd!r}); del _o")
+    kc = connect(km)
+    silent(kc, f"import os as _o; _o.environ.update({env!r}); _o.chdir({cwd!r}); del _o")
     total = code_cells(Path(spec["input"]))
     state = {"offset": 0, "done": 0}
 

@@ -75,6 +75,7 @@ class LocalPool:
         self.capacity, self.env, self.log_path = capacity, env, log_path
         self.idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self.workers: set[_Worker] = set()
+        self.rendering: dict[str, OnEvent] = {}  # run id -> who hears of its HTML rendering
         self.closing = False
 
     async def start(self) -> None:
@@ -119,12 +120,18 @@ class LocalPool:
                 continue
             if kind == "started":
                 w.kernel_pid = ev.get("kernel_pid")
-            if kind == "done" and w.done is not None and not w.done.done():
+            if kind == "html":  # rendered after the run, maybe after the worker took the next one
+                listener = self.rendering.pop(ev.get("id", ""), None)
+                if listener is not None:
+                    listener(ev)
+            elif kind == "done" and w.done is not None and not w.done.done():
                 w.done.set_result(ev)
             elif w.on_event is not None:
                 w.on_event(ev)
         await w.proc.wait()
         self.workers.discard(w)
+        if w.run_id is not None:
+            self.rendering.pop(w.run_id, None)
         if w.done is not None and not w.done.done():
             w.done.set_result(failure(w.run_id or "", "WorkerDied", f"the job worker exited ({w.proc.returncode})"))
         kill_group(w.kernel_pid)
@@ -141,6 +148,8 @@ class LocalPool:
                 break
         loop = asyncio.get_running_loop()
         w.run_id, w.on_event, w.done = spec["id"], on_event, loop.create_future()
+        if spec.get("html"):
+            self.rendering[spec["id"]] = on_event
         assert w.proc.stdin is not None
         w.proc.stdin.write((json.dumps({"op": "run", **spec}) + "\n").encode())
         await w.proc.stdin.drain()

@@ -58,6 +58,8 @@ class JobService:
         self.executor = executor
         self.live: dict[str, dict[str, Any]] = {}  # queued and running runs
         self.kill_reason: dict[str, str] = {}
+        self.dispatched: set[str] = set()  # handed to the executor, waiting for a worker or running
+        self.timers: dict[str, asyncio.TimerHandle] = {}
         self.queue: asyncio.Queue[str] | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.background: set[asyncio.Task[Any]] = set()
@@ -208,16 +210,13 @@ class JobService:
                 "BKG_DATA_DIR": str(self.data_dir),
             },
         }
-        run.update(state="running", started_at=self.clock(), message="running")
-        await asyncio.to_thread(self.history.save_run, run)
-        self._publish(run)
-        loop = asyncio.get_running_loop()
-        timer = None
-        if run["timeout_s"]:
-            timer = loop.call_later(run["timeout_s"], lambda: self._spawn(self._kill(run["id"], "timed_out")))
+        run["message"] = "waiting for a job worker"
+        self.dispatched.add(run["id"])
         try:
             outcome = await self.executor.run(spec, lambda ev: self._on_event(run, ev))
         finally:
+            self.dispatched.discard(run["id"])
+            timer = self.timers.pop(run["id"], None)
             if timer is not None:
                 timer.cancel()
             await asyncio.to_thread(self._revoke, key_id)
@@ -252,8 +251,16 @@ class JobService:
 
     def _on_event(self, run: dict[str, Any], ev: dict[str, Any]) -> None:
         kind = ev.get("event")
-        if kind == "started":
-            run["kernel_pid"] = ev.get("kernel_pid")
+        if kind == "started":  # a worker took it: the run's time (and its timeout) starts now
+            run.update(state="running", started_at=self.clock(), message="running", kernel_pid=ev.get("kernel_pid"))
+            self._spawn(asyncio.to_thread(self.history.save_run, dict(run)))
+            self._publish(run)
+            if run["timeout_s"]:
+                self.timers[run["id"]] = asyncio.get_running_loop().call_later(
+                    run["timeout_s"], lambda: self._spawn(self._kill(run["id"], "timed_out"))
+                )
+            if run["id"] in self.kill_reason:  # cancelled while it waited for a worker
+                self._spawn(self._kill(run["id"], self.kill_reason[run["id"]]))
         elif kind == "cell":
             run.update(
                 cells_done=ev.get("done", 0),
@@ -323,11 +330,12 @@ class JobService:
 
     async def _kill(self, run_id: str, reason: str) -> None:
         run = self.live.get(run_id)
-        if run is None or run["state"] != "running":
+        if run is None or (run["state"] != "running" and run_id not in self.dispatched):
             return
         self.kill_reason.setdefault(run_id, reason)
-        assert self.executor is not None
-        await self.executor.kill(run_id)
+        if run["state"] == "running":  # else it is killed as soon as a worker reports it started
+            assert self.executor is not None
+            await self.executor.kill(run_id)
 
     # -- reading and steering ---------------------------------------------------------------------
     async def get(self, run_id: str, p: Principal) -> dict[str, Any]:
@@ -354,7 +362,7 @@ class JobService:
         live = self.live.get(run_id)
         if live is None:
             raise Conflict(f"job {run_id!r} already ended ({run['state']})", field="job_id")
-        if live["state"] == "queued":
+        if live["state"] == "queued" and run_id not in self.dispatched:
             await self._finish(live, "cancelled", {"ename": "Cancelled", "evalue": "cancelled before it started"})
         else:
             await self._kill(run_id, "cancelled")

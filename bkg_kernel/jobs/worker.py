@@ -66,12 +66,20 @@ def _spawn_next(cwd: str) -> Any:
         return None
 
 
-def _run(msg: dict[str, Any], km: Any, chan: Channel) -> None:
+def _run(msg: dict[str, Any], km: Any, chan: Channel) -> threading.Thread | None:
+    """Run one request; the HTML rendering goes on in the returned thread while the next kernel warms up."""
     chan.send({"event": "started", "id": msg["id"], "kernel_pid": execute.kernel_pid(km)})
     outcome = execute.run(msg, km, chan.send)
     chan.send(outcome)
-    if outcome["output"] and msg.get("html"):
+    if not (outcome["output"] and msg.get("html")):
+        return None
+
+    def render() -> None:
         chan.send({"event": "html", "id": msg["id"], "path": execute.render_html(outcome["output"], msg["html"])})
+
+    t = threading.Thread(target=render, name="bkg-render", daemon=True)
+    t.start()
+    return t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = json.loads(sys.stdin.readline())
         km = execute.spawn_kernel(cwd)
         try:
-            _run(msg, km, chan)
+            rendering = _run(msg, km, chan)
         finally:
             execute.shutdown(km)
+        if rendering is not None:
+            rendering.join()
         return 0
     os.nice(WORKER_NICE)  # the gateway answers first; runs (and their kernels, which inherit this) wait
     km = ready_kernel(cwd)
