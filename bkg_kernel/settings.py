@@ -16,6 +16,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+# Credentials that reach the gateway through its environment: read into Settings, then removed from the process
+# environment, so that no plugin worker, job worker or kernel inherits them.
+SECRET_ENV = ("BKG_ADMIN_KEY", "BKG_API_KEY", "JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN")
+
 
 def _config_file() -> Path:
     return Path(os.environ.get("BKG_CONFIG", "bkg.toml"))
@@ -67,6 +71,20 @@ class Settings(BaseSettings):
         "skip", pattern=r"^(skip|queue)$", description="A schedule due while its last run is still going: skip|queue."
     )
     job_tick_s: float = Field(5.0, gt=0, le=60, description="How often schedules are checked, in seconds.")
+    # -- JupyterHub (set by the Hub in a service's or a user server's environment) ----------------------------
+    hub_api_token: str | None = Field(
+        None, validation_alias="JUPYTERHUB_API_TOKEN", description="The Hub token of this service or user server."
+    )
+    hub_api_url: str | None = Field(None, validation_alias="JUPYTERHUB_API_URL", description="The Hub's API URL.")
+    hub_service_name: str | None = Field(
+        None, validation_alias="JUPYTERHUB_SERVICE_NAME", description="Set when the gateway runs as a Hub service."
+    )
+    hub_service_prefix: str | None = Field(
+        None, validation_alias="JUPYTERHUB_SERVICE_PREFIX", description="The path the Hub's proxy routes here."
+    )
+    hub_user: str | None = Field(
+        None, validation_alias="JUPYTERHUB_USER", description="Set in a Hub user's server (and its kernels)."
+    )
     # -- clients (notebooks, Voila, the lab server extension) -------------------------------------------------
     gateway_url: str | None = Field(
         None, description="The gateway clients use; unset: the gateway of data_dir (started when none runs)."

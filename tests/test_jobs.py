@@ -134,6 +134,9 @@ def test_a_failing_cell_is_named_and_the_output_still_written(jgw: Gateway) -> N
 
 def test_bad_parameters_and_notebooks_are_refused_before_anything_runs(jgw: Gateway, tmp_path: Path) -> None:
     c = jgw.client()
+    link = Path(c.get("/api/jobs/notebooks").json()["roots"][0]) / "escape.ipynb"
+    if not link.is_symlink():
+        link.symlink_to(notebook(tmp_path / "outside.ipynb", "n = 1"))
     before = len(c.get("/api/jobs").json()["jobs"])
     cases = [
         ({"notebook": "ok.ipynb", "parameters": {"nope": 1}}, 422, "parameters.nope"),
@@ -143,6 +146,7 @@ def test_bad_parameters_and_notebooks_are_refused_before_anything_runs(jgw: Gate
         ({"notebook": "../outside.ipynb"}, 403, "notebook"),
         ({"notebook": str(notebook(tmp_path / "elsewhere.ipynb", "n = 1"))}, 403, "notebook"),
         ({"notebook": "missing.ipynb"}, 404, "notebook"),
+        ({"notebook": "escape.ipynb"}, 403, "notebook"),  # a link inside a root to a notebook outside it
         ({"notebook": "ok.txt"}, 422, "notebook"),
     ]
     for body, status, field in cases:
@@ -171,6 +175,21 @@ def test_cancel_kills_the_kernel_and_what_it_started(jgw: Gateway, tmp_path: Pat
     assert done["state"] == "cancelled" and done["error"]["ename"] == "Cancelled"
     wait_for(lambda: _gone(kernel) and _gone(child), 15)
     assert c.post(f"/api/jobs/{run['id']}/cancel").status_code == 409
+
+
+def test_a_run_cancelled_while_it_waits_for_a_worker_never_starts(jgw: Gateway) -> None:
+    c = jgw.client()
+    busy = [submit(jgw, {"notebook": "sleepy.ipynb"}) for _ in range(2)]  # both job workers
+    for b in busy:
+        wait_for(lambda b=b: c.get(f"/api/jobs/{b['id']}").json()["state"] == "running", 60)
+    waiting = submit(jgw, {"notebook": "ok.ipynb"})
+    assert c.post(f"/api/jobs/{waiting['id']}/cancel").status_code == 200
+    for b in busy:
+        c.post(f"/api/jobs/{b['id']}/cancel")
+    done = wait_run(jgw, waiting["id"], timeout=60)
+    assert done["state"] == "cancelled" and done["started_at"] is None and done["cells_done"] == 0, done
+    for b in busy:
+        assert wait_run(jgw, b["id"], timeout=60)["state"] == "cancelled"
 
 
 def test_a_run_past_its_timeout_ends_timed_out(jgw: Gateway) -> None:
@@ -276,6 +295,20 @@ def test_the_cli_runs_a_notebook_with_typed_parameters(jgw: Gateway) -> None:
     assert r.returncode == 1 and "ValueError" in r.stdout
 
 
+def test_runs_submitted_together_start_the_pool_once(tmp_path: Path, roots: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = start_gateway(tmp_path / "data", env={"BKG_JOB_ROOTS": str(roots), "BKG_JOB_WORKERS": "2"}, plugins=["sysinfo"])
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            runs = list(pool.map(lambda _: submit(g, {"notebook": "ok.ipynb"}), range(6)))
+        assert all(wait_run(g, r["id"])["state"] == "succeeded" for r in runs)
+        workers = [p for p in psutil.Process(g.proc.pid).children() if "bkg_kernel.jobs.worker" in p.cmdline()]
+        assert len(workers) == 2, [p.cmdline() for p in workers]
+    finally:
+        g.stop()
+
+
 def test_history_survives_a_restart_and_an_interrupted_run_is_failed(tmp_path: Path, roots: Path) -> None:
     data = tmp_path / "data"
     env = {"BKG_JOB_ROOTS": str(roots)}
@@ -293,6 +326,8 @@ def test_history_survives_a_restart_and_an_interrupted_run_is_failed(tmp_path: P
         assert c.get(f"/api/jobs/{done['id']}").json()["state"] == "succeeded"
         lost = c.get(f"/api/jobs/{running['id']}").json()
         assert lost["state"] == "failed" and "interrupted" in lost["message"]
+        keys = {k["name"]: k["state"] for k in c.get("/admin/keys").json()["keys"]}
+        assert keys[f"job run {running['id']}"] == "revoked"  # the dead gateway's run key works no more
     finally:
         g.stop()
 
@@ -353,6 +388,11 @@ def test_a_schedule_runs_when_due_with_an_injectable_clock(tmp_path: Path, roots
             await svc.set_enabled(s["id"], False, p)
             now[0] += 120
             assert await svc.tick() == []
+            auth.update_user(user["id"], role="viewer", actor="test")  # loses jobs:run: their schedule stops
+            now[0] += 300
+            refused = await svc.tick()
+            assert [r["state"] for r in refused] == ["failed"] and "jobs:run" in refused[0]["message"], refused
+            auth.update_user(user["id"], role="developer", actor="test")
             for _ in range(100):
                 if Hook.got:
                     break
@@ -368,7 +408,9 @@ def test_a_schedule_runs_when_due_with_an_injectable_clock(tmp_path: Path, roots
         store.close()
         server.shutdown()
     states = sorted((r["notebook"], r["state"]) for r in runs)
-    assert states == [("fails.ipynb", "failed"), ("ok.ipynb", "succeeded"), ("ok.ipynb", "succeeded")]
+    assert states == [
+        ("fails.ipynb", "failed"), ("fails.ipynb", "failed"), ("ok.ipynb", "succeeded"), ("ok.ipynb", "succeeded")
+    ]  # fmt: skip
     assert Hook.got and Hook.got[0]["event"] == "job.failed" and Hook.got[0]["run"]["error"]["ename"] == "ValueError"
     assert all(r["owner"] == "sched" for r in runs)
 
@@ -436,6 +478,7 @@ def test_the_dask_executor_runs_the_same_job_on_a_local_cluster(tmp_path: Path, 
             slow = submit(g, {"notebook": "sleepy.ipynb"})
             wait_for(lambda: g.client().get(f"/api/jobs/{slow['id']}").json()["cells_done"] >= 1, 60)
             g.client().post(f"/api/jobs/{slow['id']}/cancel")
-            assert wait_run(g, slow["id"], timeout=60)["state"] == "cancelled"
+            ended = wait_run(g, slow["id"], timeout=60)
+            assert ended["state"] == "cancelled" and ended["duration_s"] < 30, ended  # killed, not slept out
         finally:
             g.stop()

@@ -139,10 +139,8 @@ class Jobs:
             bar.close()
 
     def _retry_of(self, run: Run) -> str | None:
-        if run["state"] == "succeeded" or run["attempt"] > run["retries"]:
-            return None
-        later = [j for j in self() if j.get("retry_of") == run["id"]]
-        return str(later[0]["id"]) if later else None
+        """The automatic retry a failed run was replaced by (set before its end is published)."""
+        return None if run["state"] == "succeeded" else run.get("retried_by")
 
     def list(self, limit: int = 50) -> RunTable:
         """Notebook runs, newest first (a table in a notebook)."""

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import importlib.abc
 import importlib.machinery
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -15,7 +16,7 @@ import uvicorn
 
 from bkg_kernel.gateway.app import create_app
 from bkg_kernel.gateway.state import Gateway
-from bkg_kernel.settings import Settings
+from bkg_kernel.settings import SECRET_ENV, Settings
 
 
 class _Server(uvicorn.Server):
@@ -63,6 +64,8 @@ def serve(settings: Settings, plugins: list[str] | None = None) -> None:
     # Worker replies arrive on a reader thread that must take the GIL from the event loop; with the default
     # 5 ms switch interval that hand-over alone added milliseconds to every plugin call.
     sys.setswitchinterval(0.0005)
+    for name in SECRET_ENV:  # read into `settings` already; plugin workers and job kernels must not inherit them
+        os.environ.pop(name, None)
     gw = Gateway.open(settings, plugins=plugins)  # raises DataDirLocked naming the holder before any socket is bound
     app = create_app(gateway=gw)
     # What start-up made (modules, the app, the store's catalog) lives as long as the process: move it out of

@@ -10,7 +10,9 @@ progress travels as worker events on a topic named for the run (`log_event` / `s
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,13 +39,18 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
 
     worker = get_worker()
     topic, cancel = _topic(spec["id"]), Event(_cancel_name(spec["id"]))
+    if cancel.is_set():  # cancelled while it waited for a Dask worker
+        return {"done": failure(spec["id"], "Cancelled", "cancelled before it started"), "output": None, "html": None}
     with tempfile.TemporaryDirectory(prefix="bkg-run-") as tmp:
         src, out, html = Path(tmp, "input.ipynb"), Path(tmp, "output.ipynb"), Path(tmp, "output.html")
         src.write_text(spec["notebook_json"], encoding="utf-8")
         local = {k: v for k, v in spec.items() if k != "notebook_json"}
         local.update(input=str(src), output=str(out), html=str(html), cwd=tmp)
+        here = str(Path(__file__).resolve().parents[2])  # the bkg this worker imported, whatever the cwd
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (here, os.environ.get("PYTHONPATH", "")) if x))
         child = subprocess.Popen(
             [sys.executable, "-m", "bkg_kernel.jobs.worker", "--once"],
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -102,7 +109,8 @@ class DaskExecutor:
         """Submit the run as one task and wait for it; write its output where a local run's would be."""
         topic = _topic(spec["id"])
         self.client.subscribe_topic(topic, lambda ev: on_event(ev[1] if isinstance(ev, tuple) else ev))
-        payload = {**spec, "notebook_json": Path(spec["input"]).read_text(encoding="utf-8")}
+        text = await asyncio.to_thread(Path(spec["input"]).read_text, encoding="utf-8")
+        payload = {**spec, "notebook_json": text}
         key = f"bkg-run-{spec['id']}-{uuid.uuid4().hex[:8]}"
         try:
             fut = self.client.submit(run_task, payload, key=key, pure=False, retries=0)
@@ -114,10 +122,10 @@ class DaskExecutor:
         done = dict(result["done"])
         done["output"] = None
         if result["output"] is not None:
-            Path(spec["output"]).write_text(result["output"], encoding="utf-8")
+            await asyncio.to_thread(Path(spec["output"]).write_text, result["output"], encoding="utf-8")
             done["output"] = spec["output"]
         if result["html"] is not None and spec.get("html"):
-            Path(spec["html"]).write_text(result["html"], encoding="utf-8")
+            await asyncio.to_thread(Path(spec["html"]).write_text, result["html"], encoding="utf-8")
             on_event({"event": "html", "id": spec["id"], "path": spec["html"]})
         return done
 

@@ -212,7 +212,9 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
             spec["input"],
             spec["output"],
             parameters=spec.get("parameters") or {},
+            engine_name=ENGINE,  # papermill's nbclient engine on our connected client: no second ready wait
             km=km,
+            kc=kc,
             progress_bar=False,
             on_cell_start=started,
             on_cell_executed=executed,
@@ -234,6 +236,8 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
             "evalue": str(exc)[:2000],
             "traceback": "",
         }
+    finally:
+        kc.stop_channels()
     return {
         "event": "done",
         "id": spec["id"],

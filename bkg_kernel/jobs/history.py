@@ -81,20 +81,23 @@ class History:
             names = [d[0] for d in cur.description]
             return [_out(dict(zip(names, r, strict=True))) for r in cur.fetchall()]
 
-    def _upsert(self, table: str, columns: tuple[str, ...], row: dict[str, Any]) -> None:
+    def _upsert(self, table: str, columns: tuple[str, ...], row: dict[str, Any], where: str = "") -> None:
         cols = [c for c in columns if c in row]
         sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "id")
         sql = (
             f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
-            f"ON CONFLICT (id) DO UPDATE SET {sets}"
+            f"ON CONFLICT (id) DO UPDATE SET {sets} {where}"
         )
         with self.mutex:
             self.con.execute(sql, [_in(row[c], c) for c in cols])
 
     # -- runs -------------------------------------------------------------------------------------
     def save_run(self, run: dict[str, Any]) -> None:
-        """Insert or update a run."""
-        self._upsert("job_runs", RUN_COLUMNS, run)
+        """Insert or update a run; a write of a run still going never replaces one that ended (a late progress
+        write cannot undo the end)."""
+        self._upsert(
+            "job_runs", RUN_COLUMNS, run, "WHERE job_runs.finished_at IS NULL OR excluded.finished_at IS NOT NULL"
+        )
 
     def run(self, run_id: str) -> dict[str, Any] | None:
         """One run, or None."""
@@ -134,13 +137,14 @@ class History:
         return rows
 
     def prune(self, keep: int, max_age_s: float) -> list[dict[str, Any]]:
-        """Delete finished runs beyond the newest `keep` or older than `max_age_s`; return the deleted rows."""
+        """Delete finished runs beyond each owner's newest `keep` or older than `max_age_s`; return the deleted rows
+        (per owner: one user's many runs never push out another's history)."""
         done = self._rows(
-            f"SELECT id, output_path, html_path, finished_at FROM job_runs WHERE state IN {FINISHED!r} "
-            "ORDER BY created_at DESC"
+            "SELECT id, output_path, html_path, finished_at, row_number() OVER (PARTITION BY owner "
+            f"ORDER BY created_at DESC) AS n FROM job_runs WHERE state IN {FINISHED!r}"
         )
         cutoff = time.time() - max_age_s
-        gone = [r for i, r in enumerate(done) if i >= keep or (r["finished_at"] or 0) < cutoff]
+        gone = [r for r in done if r["n"] > keep or (r["finished_at"] or 0) < cutoff]
         if gone:
             with self.mutex:
                 self.con.execute("DELETE FROM job_runs WHERE id IN (SELECT unnest(?))", [[r["id"] for r in gone]])
@@ -150,6 +154,22 @@ class History:
     def save_schedule(self, schedule: dict[str, Any]) -> None:
         """Insert or update a schedule."""
         self._upsert("job_schedules", SCHEDULE_COLUMNS, schedule)
+
+    def mark_fired(self, schedule_id: str, fire: float, run_id: str | None) -> None:
+        """Record a schedule's fire (an update only: a schedule deleted meanwhile stays deleted)."""
+        with self.mutex:
+            self.con.execute(
+                "UPDATE job_schedules SET last_fire = ?, last_run_id = coalesce(?, last_run_id) WHERE id = ?",
+                [fire, run_id, schedule_id],
+            )
+
+    def set_enabled(self, schedule_id: str, enabled: bool, last_fire: float | None = None) -> None:
+        """Enable or disable a schedule (an update only)."""
+        with self.mutex:
+            self.con.execute(
+                "UPDATE job_schedules SET enabled = ?, last_fire = coalesce(?, last_fire) WHERE id = ?",
+                [enabled, last_fire, schedule_id],
+            )
 
     def schedules(self) -> list[dict[str, Any]]:
         """Every schedule, oldest first."""

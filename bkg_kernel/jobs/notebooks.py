@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bkg_kernel.errors import Forbidden, InvalidInput, NotFound
+from bkg_kernel.errors import Forbidden, InvalidInput, NotFound, Unavailable
 
 _SIMPLE = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,)}
 _OPTIONAL = re.compile(r"^(?:Optional\[(.+)\]|(.+?)\s*\|\s*None|None\s*\|\s*(.+))$")
@@ -34,15 +35,19 @@ def resolve(notebook: str, roots: Sequence[Path]) -> Path:
     if not notebook.endswith(".ipynb"):
         raise InvalidInput(f"{notebook!r} is not a notebook (.ipynb)", field="notebook")
     real_roots = [Path(r).expanduser().resolve() for r in roots]
+    names = ", ".join(str(r) for r in real_roots)
+    outside = Forbidden(f"{notebook!r} is outside the job roots ({names}): set job_roots to allow it", field="notebook")
     given = Path(notebook).expanduser()
-    candidates = [given.resolve()] if given.is_absolute() else [(r / given).resolve() for r in real_roots]
-    inside = [c for c in candidates if any(c.is_relative_to(r) for r in real_roots)]
-    if not inside:
-        names = ", ".join(str(r) for r in real_roots)
-        raise Forbidden(f"{notebook!r} is outside the job roots ({names}): set job_roots to allow it", field="notebook")
-    for c in inside:
-        if c.is_file():
-            return c
+    raw = [given] if given.is_absolute() else [r / given for r in real_roots]
+    for path in raw:
+        if os.path.lexists(path):  # the first root that holds the name decides: a link out of it is refused
+            real = path.resolve()
+            if not any(real.is_relative_to(r) for r in real_roots):
+                raise outside
+            if real.is_file():
+                return real
+    if not any(p.resolve().is_relative_to(r) for p in raw for r in real_roots):
+        raise outside  # `../x.ipynb`, an absolute path elsewhere
     raise NotFound(f"no notebook {notebook!r} under the job roots", field="notebook")
 
 
@@ -68,7 +73,7 @@ def listing(roots: Sequence[Path]) -> list[dict[str, Any]]:
             seen.add(path)
             try:
                 params: dict[str, Any] | None = parameters(path)
-            except InvalidInput:
+            except (InvalidInput, OSError):  # not a notebook, or a dangling link
                 params = None
             out.append({"notebook": str(path.relative_to(real)), "root": str(real), "parameters": params})
     return out
@@ -79,7 +84,10 @@ def parameters(path: Path) -> dict[str, dict[str, Any]]:
     key = (str(path), path.stat().st_mtime)
     found = _cache.get(key)
     if found is None:
-        from papermill import inspect_notebook
+        try:
+            from papermill import inspect_notebook
+        except ImportError as exc:
+            raise Unavailable("notebook jobs need papermill: pip install 'bkg-kernel[jobs]'", field="notebook") from exc
 
         try:
             found = {

@@ -64,6 +64,10 @@ class _Worker:
     done: asyncio.Future[dict[str, Any]] | None = None
     on_event: OnEvent | None = None
     reader: asyncio.Task[None] | None = field(default=None, repr=False)
+    ready: bool = False  # it has been ready once (a worker that never was counts as a failed start)
+
+
+_BROKEN: Any = object()  # in the idle queue when workers cannot start
 
 
 class LocalPool:
@@ -76,15 +80,20 @@ class LocalPool:
         self.idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self.workers: set[_Worker] = set()
         self.rendering: dict[str, OnEvent] = {}  # run id -> who hears of its HTML rendering
+        self.cancelled: set[str] = set()  # runs cancelled before a worker took them
+        self.starting = asyncio.Lock()
+        self.failures = 0  # workers in a row that exited before they were ever ready
+        self.broken: str | None = None  # set after too many: runs fail at once, saying why
         self.closing = False
 
     async def start(self) -> None:
         """Nothing yet: the workers start with the first run (a gateway that runs no jobs pays nothing)."""
 
     async def _ensure(self) -> None:
-        if not self.workers and not self.closing:
-            for _ in range(self.capacity):
-                await self._spawn()
+        async with self.starting:  # runs submitted together start the pool once
+            if not self.workers and not self.closing:
+                for _ in range(self.capacity):
+                    await self._spawn()
 
     async def _spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +124,8 @@ class LocalPool:
                 continue
             kind = ev.get("event")
             if kind == "ready":
-                w.run_id, w.kernel_pid, w.on_event = None, None, None
+                w.run_id, w.kernel_pid, w.on_event, w.ready = None, None, None, True
+                self.failures, self.broken = 0, None
                 self.idle.put_nowait(w)
                 continue
             if kind == "started":
@@ -125,6 +135,8 @@ class LocalPool:
                 if listener is not None:
                     listener(ev)
             elif kind == "done" and w.done is not None and not w.done.done():
+                if not ev.get("output"):
+                    self.rendering.pop(ev.get("id", ""), None)  # nothing to render: no html event follows
                 w.done.set_result(ev)
             elif w.on_event is not None:
                 w.on_event(ev)
@@ -135,17 +147,37 @@ class LocalPool:
         if w.done is not None and not w.done.done():
             w.done.set_result(failure(w.run_id or "", "WorkerDied", f"the job worker exited ({w.proc.returncode})"))
         kill_group(w.kernel_pid)
-        if not self.closing:
-            log.warning("job worker %s exited with %s: starting another", w.proc.pid, w.proc.returncode)
-            await self._spawn()
+        if self.closing:
+            return
+        if not w.ready:
+            self.failures += 1
+        if self.failures >= 5:
+            self.broken = f"job workers exit before they are ready ({self.failures} in a row): see {self.log_path}"
+            log.error(self.broken)
+            while not self.idle.empty():  # nothing waits on a worker that will not come
+                self.idle.get_nowait()
+            self.idle.put_nowait(_BROKEN)
+        delay = min(30.0, 0.5 * 2**self.failures) if self.failures else 0.0
+        log.warning("job worker %s exited with %s: another in %.1f s", w.proc.pid, w.proc.returncode, delay)
+        await asyncio.sleep(delay)
+        await self._spawn()
 
     async def run(self, spec: dict[str, Any], on_event: OnEvent) -> dict[str, Any]:
         """Run on the next worker with a warm kernel; return the outcome."""
         await self._ensure()
         while True:
             w = await self.idle.get()
+            if w is _BROKEN:
+                if self.broken:
+                    self.idle.put_nowait(_BROKEN)  # the next waiter hears it too
+                    return failure(spec["id"], "JobWorkersDown", self.broken)
+                continue  # workers came back since: drop the marker
             if w.proc.returncode is None and w in self.workers:
                 break
+        if spec["id"] in self.cancelled:  # cancelled while it waited: give the worker back untouched
+            self.cancelled.discard(spec["id"])
+            self.idle.put_nowait(w)
+            return failure(spec["id"], "Cancelled", "cancelled before it started")
         loop = asyncio.get_running_loop()
         w.run_id, w.on_event, w.done = spec["id"], on_event, loop.create_future()
         if spec.get("html"):
@@ -156,10 +188,13 @@ class LocalPool:
         return await w.done
 
     async def kill(self, run_id: str) -> None:
-        """End a running run now: kill its kernel's process group (the worker reports the run and warms anew)."""
+        """End a run now: kill its kernel's process group (the worker reports the run and warms anew); a run not
+        on a worker yet is dropped when one takes it."""
         for w in self.workers:
             if w.run_id == run_id:
                 kill_group(w.kernel_pid)
+                return
+        self.cancelled.add(run_id)
 
     async def close(self) -> None:
         """Stop the workers and their kernels."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from bkg_kernel.errors import InvalidInput
+from bkg_kernel.errors import InvalidInput, Unavailable
 
 
 def zone(tz: str) -> ZoneInfo:
@@ -25,7 +25,10 @@ def zone(tz: str) -> ZoneInfo:
 
 def check(cron: str, tz: str) -> None:
     """Refuse a cron expression croniter cannot read (5 fields: minute hour day month weekday)."""
-    from croniter import croniter
+    try:
+        from croniter import croniter
+    except ImportError as exc:
+        raise Unavailable("schedules need croniter: pip install 'bkg-kernel[jobs]'", field="cron") from exc
 
     zone(tz)
     if not isinstance(cron, str) or len(cron) > 200 or not croniter.is_valid(cron) or len(cron.split()) != 5:

@@ -26,14 +26,14 @@ from bkg_kernel.jobs import notebooks, schedule
 from bkg_kernel.jobs.history import FINISHED, History
 from bkg_kernel.jobs.pool import Executor, LocalPool
 from bkg_kernel.jobs.webhooks import check_url, notify
-from bkg_kernel.settings import Settings
+from bkg_kernel.settings import SECRET_ENV, Settings
 
 log = logging.getLogger("bkg.jobs")
 Emit = Callable[[str, str, dict[str, Any]], None]
 SEE_ALL = "admin:audit"
 RUN_SCOPE = "jobs:run"
 MAX_TIMEOUT = 7 * 24 * 3600.0
-KEY_GRACE = 300.0  # a run's key outlives its timeout by this much, in case the end is reported late
+KEY_GRACE = 3600.0  # a run's key outlives its timeout by this much (a wait for a busy cluster, a late end)
 
 
 class JobService:
@@ -71,7 +71,7 @@ class JobService:
             from bkg_kernel.jobs.cluster import DaskExecutor
 
             return DaskExecutor(s.job_executor, s.job_workers)
-        env = {k: v for k, v in os.environ.items() if k not in ("BKG_ADMIN_KEY", "BKG_API_KEY")}
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith("JUPYTERHUB_")}
         env.update(BKG_GATEWAY_URL=self.gateway_url, BKG_DATA_DIR=str(self.data_dir), PYTHONUNBUFFERED="1")
         here = str(Path(__file__).resolve().parents[2])  # this checkout first on the workers' path (as the gateway)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
@@ -84,6 +84,7 @@ class JobService:
         if recover:
             for r in await asyncio.to_thread(self.history.interrupted):
                 self._publish(r)
+            await asyncio.to_thread(self._revoke_stale_keys)
         if self.executor is None:
             self.executor = self._executor()
         await self.executor.start()
@@ -95,12 +96,23 @@ class JobService:
 
     async def close(self) -> None:
         """Stop dispatching and ticking, end running runs (marked failed at the next start) and the executor."""
-        for t in self.tasks:
-            t.cancel()
-        for t in list(self.background):
+        for timer in self.timers.values():
+            timer.cancel()
+        tasks = [*self.tasks, *self.background]
+        for t in tasks:
             t.cancel()
         if self.executor is not None:
+            for run_id in list(self.dispatched):
+                with contextlib.suppress(Exception):
+                    await self.executor.kill(run_id)
             await self.executor.close()
+        await asyncio.gather(*tasks, return_exceptions=True)  # their key revocations land before the store closes
+
+    def _revoke_stale_keys(self) -> None:
+        """Revoke run keys no live run holds (a gateway that died mid-run left them valid)."""
+        for rec in list(self.auth.keys.values()):
+            if rec.name.startswith("job run run-") and rec.name.removeprefix("job run ") not in self.live:
+                self._revoke(rec.id)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -172,16 +184,26 @@ class JobService:
             if run is None or run["state"] != "queued":
                 continue  # cancelled while queued
             sid = run["schedule_id"]
-            if sid and any(r["schedule_id"] == sid and r["state"] == "running" for r in self.live.values()):
+            if sid and any(r["schedule_id"] == sid and self._going(r) for r in self.live.values()):
                 self._spawn(self._requeue(run_id))  # job_overlap = queue: one run of a schedule at a time
                 continue
+            self.dispatched.add(run_id)  # before any await: a cancel from now on goes through the executor
             try:
                 await self._execute(run)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug here fails one run, never the dispatcher
                 log.exception("job run %s", run_id)
-                await self._finish(run, "failed", {"ename": type(exc).__name__, "evalue": str(exc)})
+                try:
+                    await self._finish(run, "failed", {"ename": type(exc).__name__, "evalue": str(exc)})
+                except Exception:
+                    log.exception("job run %s: recording its failure", run_id)
+            finally:
+                self.dispatched.discard(run_id)
+
+    def _going(self, run: dict[str, Any]) -> bool:
+        """Whether a run holds (or is about to hold) a worker."""
+        return bool(run["state"] == "running" or run["id"] in self.dispatched)
 
     async def _requeue(self, run_id: str) -> None:
         await asyncio.sleep(1.0)
@@ -194,6 +216,10 @@ class JobService:
             key_id, token = await asyncio.to_thread(self._run_key, run)
         except BkgError as exc:
             await self._finish(run, "failed", {"ename": type(exc).__name__, "evalue": exc.message})
+            return
+        if run["id"] in self.kill_reason:  # cancelled while its key was made: it never starts
+            await asyncio.to_thread(self._revoke, key_id)
+            await self._finish(run, "cancelled", {"ename": "Cancelled", "evalue": "cancelled before it started"})
             return
         out = self.runs_dir / f"{run['id']}.ipynb"
         spec = {
@@ -211,11 +237,9 @@ class JobService:
             },
         }
         run["message"] = "waiting for a job worker"
-        self.dispatched.add(run["id"])
         try:
             outcome = await self.executor.run(spec, lambda ev: self._on_event(run, ev))
         finally:
-            self.dispatched.discard(run["id"])
             timer = self.timers.pop(run["id"], None)
             if timer is not None:
                 timer.cancel()
@@ -226,7 +250,7 @@ class JobService:
             output_path=outcome.get("output"),
         )
         reason = self.kill_reason.pop(run["id"], None)
-        state = reason or ("succeeded" if outcome.get("ok") else "failed")
+        state = "succeeded" if outcome.get("ok") else reason or "failed"  # a run that got to its end stands
         error = None if state == "succeeded" else outcome.get("error") or {}
         if reason == "timed_out":
             error = {**(error or {}), "ename": "Timeout", "evalue": f"the run took longer than {run['timeout_s']:g} s"}
@@ -239,6 +263,8 @@ class JobService:
         if user is None or user["disabled"]:
             raise Forbidden(f"the run's owner {run['owner']!r} is disabled or deleted", field="owner")
         held = set(self.auth.roles.get(user["role"], ()))
+        if RUN_SCOPE not in held:
+            raise Forbidden(f"the run's owner {run['owner']!r} no longer holds {RUN_SCOPE!r}", field="owner")
         scopes = [s for s in run["scopes"] if s in held]  # never more than the owner holds today
         life = timedelta(seconds=(run["timeout_s"] or MAX_TIMEOUT) + KEY_GRACE)
         expires = datetime.now(UTC).replace(tzinfo=None) + life
@@ -276,28 +302,27 @@ class JobService:
                 self._publish(run)
 
     async def _finish(self, run: dict[str, Any], state: str, error: dict[str, Any] | None) -> None:
+        if run.get("finished_at") is not None:
+            return  # ended already (a cancel that raced the end)
         if error is not None:
             error = {"cell_index": None, "source": None, "ename": "", "evalue": "", "traceback": "", **error}
         run.update(state=state, finished_at=self.clock(), error=error, kernel_pid=None)
         run["message"] = state if error is None else f"{state}: {error['ename']}: {error['evalue']}"[:500]
         self.live.pop(run["id"], None)
+        if state in ("failed", "timed_out") and run["attempt"] <= run["retries"]:
+            owner = self._owner(run)
+            if owner is not None:  # queued before this run's end is published: a waiting client finds it
+                try:
+                    again = await self.submit(
+                        owner, run["path"], run["parameters"], run["timeout_s"], run["retries"],
+                        schedule_id=run["schedule_id"], retry_of=run["id"], attempt=run["attempt"] + 1,
+                    )  # fmt: skip
+                    run["retried_by"] = again["id"]
+                except BkgError as exc:
+                    run["message"] += f" (no retry: {exc.message})"
         await asyncio.to_thread(self.history.save_run, run)
         self._publish(run)
         self._spawn(self._after(dict(run)))
-        if state in ("failed", "timed_out") and run["attempt"] <= run["retries"]:
-            owner = self._owner(run)
-            if owner is not None:
-                with contextlib.suppress(BkgError):
-                    await self.submit(
-                        owner,
-                        run["path"],
-                        run["parameters"],
-                        run["timeout_s"],
-                        run["retries"],
-                        schedule_id=run["schedule_id"],
-                        retry_of=run["id"],
-                        attempt=run["attempt"] + 1,
-                    )
 
     async def _after(self, run: dict[str, Any]) -> None:
         """Webhooks and retention, off the run's path."""
@@ -314,16 +339,21 @@ class JobService:
         gone = await asyncio.to_thread(
             self.history.prune, self.settings.job_keep_runs, self.settings.job_keep_days * 86400
         )
-        for r in gone:
-            for f in (r["output_path"], r["html_path"]):
-                if f:
-                    Path(f).unlink(missing_ok=True)
+        files = [Path(f) for r in gone for f in (r["output_path"], r["html_path"]) if f]
+
+        def unlink() -> None:
+            for f in files:
+                f.unlink(missing_ok=True)
+
+        await asyncio.to_thread(unlink)
 
     def _owner(self, run: dict[str, Any]) -> Principal | None:
+        """The owner of a run or schedule as they are now: their stored scopes that their role still holds."""
         user = self.auth.users.get(run["owner_id"])
-        if user is None:
+        if user is None or user["disabled"]:
             return None
-        return Principal(user["id"], user["username"], user["role"], frozenset(run["scopes"]), None, "job")
+        held = frozenset(self.auth.roles.get(user["role"], ()))
+        return Principal(user["id"], user["username"], user["role"], frozenset(run["scopes"]) & held, None, "job")
 
     def _publish(self, run: dict[str, Any]) -> None:
         self.emit("jobs", "notebook", public(run))
@@ -333,9 +363,8 @@ class JobService:
         if run is None or (run["state"] != "running" and run_id not in self.dispatched):
             return
         self.kill_reason.setdefault(run_id, reason)
-        if run["state"] == "running":  # else it is killed as soon as a worker reports it started
-            assert self.executor is not None
-            await self.executor.kill(run_id)
+        assert self.executor is not None
+        await self.executor.kill(run_id)  # a run still waiting for a worker is dropped when it gets one
 
     # -- reading and steering ---------------------------------------------------------------------
     async def get(self, run_id: str, p: Principal) -> dict[str, Any]:
@@ -376,10 +405,10 @@ class JobService:
             raise Conflict(f"job {run_id!r} is still {run['state']}", field="job_id")
         return await self.submit(p, run["notebook"], run["parameters"], run["timeout_s"], 0, retry_of=run_id)
 
-    def output(self, run: dict[str, Any], kind: str) -> Path:
+    async def output(self, run: dict[str, Any], kind: str) -> Path:
         """The run's output notebook (`ipynb`) or its HTML rendering (`html`)."""
         name = run["output_path"] if kind == "ipynb" else run["html_path"]
-        if not name or not Path(name).is_file():
+        if not name or not await asyncio.to_thread(Path(name).is_file):
             raise NotFound(f"job {run['id']!r} has no {kind} output (yet)", field="job_id")
         return Path(name)
 
@@ -451,7 +480,7 @@ class JobService:
         s["enabled"] = enabled
         if enabled:
             s["last_fire"] = max(s["last_fire"] or 0, self.clock())
-        await asyncio.to_thread(self.history.save_schedule, s)
+        await asyncio.to_thread(self.history.set_enabled, s["id"], enabled, s["last_fire"] if enabled else None)
         return self._schedule_public(s)
 
     async def delete_schedule(self, schedule_id: str, p: Principal) -> None:
@@ -465,6 +494,12 @@ class JobService:
             if schedule.due(s["cron"], s["timezone"], s["last_fire"] or 0, now) is not None:
                 s["last_fire"] = now
                 self.history.save_schedule(s)
+
+    async def _refused(self, s: dict[str, Any], exc: BkgError) -> dict[str, Any]:
+        """Record a scheduled run that could not start (its notebook gone, its owner without jobs:run...)."""
+        run = _refused_row(s, self.clock())
+        await self._finish(run, "failed", {"ename": type(exc).__name__, "evalue": exc.message})
+        return public(run)
 
     async def _ticks(self) -> None:
         while True:
@@ -486,25 +521,33 @@ class JobService:
             fire = schedule.due(s["cron"], s["timezone"], s["last_fire"] or 0, now)
             if fire is None:
                 continue
-            s["last_fire"] = fire
-            busy = any(r["schedule_id"] == s["id"] for r in self.live.values())
+            busy = any(r["schedule_id"] == s["id"] and self._going(r) for r in self.live.values())
             if busy and self.settings.job_overlap == "skip":
                 log.info("schedule %s: skipped the %s fire, its last run is still going", s["id"], fire)
-                await asyncio.to_thread(self.history.save_schedule, s)
+                await asyncio.to_thread(self.history.mark_fired, s["id"], fire, None)
                 continue
-            user = self.auth.users.get(s["owner_id"])
-            p = Principal(s["owner_id"], s["owner"], user["role"] if user else "", frozenset(s["scopes"]), None, "job")
+            owner = self._owner(s)
             try:
-                run = await self.submit(
-                    p, s["notebook"], s["parameters"], s["timeout_s"], s["retries"], schedule_id=s["id"]
-                )
-            except BkgError as exc:
-                log.warning("schedule %s could not start: %s", s["id"], exc)
-                continue
-            s["last_run_id"] = run["id"]
-            await asyncio.to_thread(self.history.save_schedule, s)
+                if owner is None:
+                    raise Forbidden(f"the schedule's owner {s['owner']!r} is disabled or deleted", field="owner")
+                run = await self.submit(owner, s["notebook"], s["parameters"], s["timeout_s"], s["retries"],
+                                        schedule_id=s["id"])  # fmt: skip
+            except BkgError as exc:  # the owner sees a failed run (and its webhook fires), once per fire
+                run = await self._refused(s, exc)
+            await asyncio.to_thread(self.history.mark_fired, s["id"], fire, run["id"])
             started.append(run)
         return started
+
+
+def _refused_row(s: dict[str, Any], now: float) -> dict[str, Any]:
+    return {
+        "id": "run-" + uuid.uuid4().hex[:12], "notebook": s["notebook"], "path": s["notebook"],
+        "parameters": s["parameters"], "state": "queued", "owner": s["owner"], "owner_id": s["owner_id"],
+        "scopes": list(s["scopes"]), "schedule_id": s["id"], "retry_of": None, "retried_by": None, "attempt": 1,
+        "retries": 0, "timeout_s": s["timeout_s"], "executor": None, "created_at": now, "started_at": None,
+        "finished_at": None, "cells_done": 0, "cells_total": 0, "output_path": None, "html_path": None,
+        "error": None, "message": "",
+    }  # fmt: skip
 
 
 def public(run: dict[str, Any]) -> dict[str, Any]:

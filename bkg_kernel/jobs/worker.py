@@ -16,8 +16,10 @@ from stdin on a fresh kernel and exits (the Dask executor's child process).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -82,6 +84,22 @@ def _run(msg: dict[str, Any], km: Any, chan: Channel) -> threading.Thread | None
     return t
 
 
+KERNELS: list[Any] = []  # the kernels this worker holds (the running one, the next one)
+
+
+def _orphan_watch(parent: int) -> None:
+    """When the gateway dies (even by SIGKILL), kill this worker's kernels and exit: no run outlives its gateway."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            for km in list(KERNELS):
+                pid = execute.kernel_pid(km)
+                if pid:
+                    with contextlib.suppress(OSError):
+                        os.killpg(pid, signal.SIGKILL)
+            os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve run requests from stdin until it closes."""
     args = sys.argv[1:] if argv is None else argv
@@ -98,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             rendering.join()
         return 0
     os.nice(WORKER_NICE)  # the gateway answers first; runs (and their kernels, which inherit this) wait
+    threading.Thread(target=_orphan_watch, args=(os.getppid(),), name="bkg-orphan-watch", daemon=True).start()
     km = ready_kernel(cwd)
+    KERNELS[:] = [km]
     try:
         import nbconvert  # noqa: F401  (rendering the first output should not pay for this import)
 
@@ -108,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             if msg.get("op") != "run":
                 continue
             nxt = _spawn_next(cwd)  # boots while this run executes
+            KERNELS[:] = [k for k in (km, nxt) if k is not None]
             try:
                 _run(msg, km, chan)
             except Exception as exc:  # the worker lives on: one broken request fails one run
@@ -132,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 execute.shutdown(km)
             km = ready_kernel(cwd, nxt)
+            KERNELS[:] = [km]
             chan.send({"event": "ready"})
     finally:
         execute.shutdown(km)

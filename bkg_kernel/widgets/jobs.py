@@ -76,7 +76,10 @@ def _start_form(session: Session, status: W.HTML, refresh: Any) -> W.VBox:
 
     def run(_: Any) -> None:
         params = (listing.get(pick.value) or {}).get("parameters") or {}
-        values = {w.description: coerce(w.value, params[w.description]["type"]) for w in fields.children}
+        values = {
+            w.description: None if w.value == "None" else coerce(w.value, params[w.description]["type"])
+            for w in fields.children
+        }
         try:
             r = session.wb.jobs.submit(pick.value, values, timeout_s=timeout.value or None)
             status.value = f"<p>queued {escape(r['id'])}</p>"
@@ -177,7 +180,7 @@ def jobs_panel(session: Session) -> W.VBox:
 
     def output() -> None:
         html = session.wb.jobs.output(picked.value, "html")
-        frame.value = (f"<iframe srcdoc='{escape(html, quote=True)}' style='width:100%;height:480px;"
+        frame.value = (f"<iframe sandbox='' srcdoc='{escape(html, quote=True)}' style='width:100%;height:480px;"
                        "border:1px solid #ddd'></iframe>")  # fmt: skip
 
     cancel.on_click(lambda _: act(lambda: session.wb.jobs.cancel(picked.value)))

@@ -135,9 +135,11 @@ async def job_output(job_id: str, request: Request, p: Annotated[Principal, READ
     if format not in ("ipynb", "html"):
         raise InvalidInput("format must be ipynb or html", field="format")
     svc = runs(request)
-    path = svc.output(await svc.get(job_id, p), format)
+    path = await svc.output(await svc.get(job_id, p), format)
     media = "application/x-ipynb+json" if format == "ipynb" else "text/html"
-    return FileResponse(path, media_type=media, filename=f"{job_id}.{format}")
+    # a run's HTML is the notebook's own output (scripts included): shown sandboxed, never in the gateway's origin
+    headers = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
+    return FileResponse(path, media_type=media, filename=f"{job_id}.{format}", headers=headers)
 
 
 @router.post("/api/jobs/{job_id}/cancel")

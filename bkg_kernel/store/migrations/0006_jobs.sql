@@ -10,6 +10,7 @@ CREATE TABLE job_runs (
     scopes VARCHAR[] NOT NULL,
     schedule_id VARCHAR,
     retry_of VARCHAR,
+    retried_by VARCHAR,
     attempt INTEGER NOT NULL DEFAULT 1,
     retries INTEGER NOT NULL DEFAULT 0,
     timeout_s DOUBLE,
