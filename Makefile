@@ -19,8 +19,8 @@ run: venv
 	$(PY) -m bkg_kernel.cli run
 
 lint: venv
-	.venv/bin/ruff check bkg_kernel tests bench extensions/jupyterlab_bkg/jupyterlab_bkg
-	.venv/bin/ruff format --check bkg_kernel tests bench extensions/jupyterlab_bkg/jupyterlab_bkg
+	.venv/bin/ruff check bkg_kernel tests bench deploy extensions/jupyterlab_bkg/jupyterlab_bkg
+	.venv/bin/ruff format --check bkg_kernel tests bench deploy extensions/jupyterlab_bkg/jupyterlab_bkg
 	.venv/bin/mypy bkg_kernel
 
 test: lint

@@ -249,6 +249,29 @@ def users_delete(user_id: str, url: Url = None, data_dir: DataDir = None) -> Non
     _print(_wb(url, data_dir).call("DELETE", f"/admin/users/{user_id}"))
 
 
+@app.command("hub")
+def hub_cmd(
+    port: Annotated[int, typer.Option(help="Port the Hub's proxy listens on (127.0.0.1).")] = 8000,
+    data_dir: DataDir = None,
+    dummy_auth: Annotated[bool, typer.Option("--dummy-auth", help="Any user name, any password (a trial).")] = False,
+    admin: Annotated[list[str] | None, typer.Option("--admin", help="Hub admins, who are bkg admins.")] = None,
+    developer: Annotated[list[str] | None, typer.Option("--developer", help="Users in bkg-developers.")] = None,
+    state_dir: Annotated[Path, typer.Option(help="The Hub's database, cookie secret, pid files.")] = Path(
+        "jupyterhub-state"
+    ),
+    config: Annotated[Path | None, typer.Option(help="A JupyterHub config (default: deploy/).")] = None,
+) -> None:
+    """Run JupyterHub with the bkg gateway as a managed service (local trial: `bkg hub --dummy-auth --admin me`)."""
+    from bkg_kernel import hub
+    from bkg_kernel.settings import get_settings
+
+    ddir = data_dir or get_settings().data_dir
+    env = hub.hub_env(port=port, data_dir=ddir, state_dir=state_dir, admins=admin or [], developers=developer or [],
+                      dummy_auth=dummy_auth)  # fmt: skip
+    typer.echo(f"JupyterHub on http://127.0.0.1:{port} (bkg at /services/bkg/, data dir {Path(ddir).resolve()})")
+    hub.run(hub.hub_command(config), env, Path.cwd())
+
+
 @app.command("run")
 def run_all(
     port: Annotated[int, typer.Option(help="JupyterLab port.")] = 8888,

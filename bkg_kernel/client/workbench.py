@@ -199,6 +199,8 @@ def _api_key(settings: Settings, data_dir: Path, admin: bool = False) -> str | N
     its admin key."""
     if settings.api_key:
         return settings.api_key
+    if settings.hub_user and settings.hub_api_token and not admin:
+        return settings.hub_api_token  # a Hub user's server and its kernels act as that user
     for name in ("admin.key",) if admin else ("workbench.key",):
         try:
             return (data_dir / name).read_text().strip() or None
@@ -225,13 +227,15 @@ def connect(
 ) -> Workbench:
     """Connect to the gateway of this data dir, starting one in the background when none runs.
 
-    The key: `api_key`, else BKG_API_KEY, else the data dir's workbench key (developer scopes); `admin=True`
-    (a person asking for admin rights) reads admin.key instead."""
+    The key: `api_key`, else BKG_API_KEY, else (in a JupyterHub user's server and its kernels) the user's Hub
+    token, else the data dir's workbench key (developer scopes); `admin=True` (a person asking for admin rights)
+    reads admin.key instead."""
     settings = Settings() if data_dir is None else Settings(data_dir=Path(data_dir))
     ddir = settings.data_dir.resolve()
     url = url or gateway_url(settings)
+    under_hub = bool(settings.hub_user and settings.hub_api_token)
     if not _alive(url):
-        if not start:
+        if not start or under_hub:  # a Hub user's server never starts a gateway of its own
             raise Unavailable(f"no bkg gateway answers at {url} (start one with `bkg serve`)")
         _spawn(settings, ddir, url, timeout)
     return Workbench(url, api_key or _api_key(settings, ddir, admin))

@@ -8,10 +8,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from bkg_kernel.gateway import errors, openapi, routes
 from bkg_kernel.gateway.bodylimit import BodyLimitMiddleware
+from bkg_kernel.gateway.jupyterhub import PrefixMiddleware, hub_caller
 from bkg_kernel.gateway.metrics import Metrics, MetricsMiddleware
 from bkg_kernel.gateway.plugin_api import AppGatewayAPI
 from bkg_kernel.gateway.state import Gateway, version
@@ -46,6 +47,7 @@ def create_app(
             await asyncio.to_thread(gw.close)
 
     app = FastAPI(
+        dependencies=[Depends(hub_caller)],  # a Hub token's caller, found asynchronously before any route runs
         title="bkg gateway",
         version=version(),
         description="One process owns the store and supervises the plugins; everything else is a client.",
@@ -54,6 +56,8 @@ def create_app(
     if gateway is not None:
         app.state.gateway = gateway
     errors.install(app)
+    if settings.hub_service_prefix and settings.hub_service_name:
+        app.add_middleware(PrefixMiddleware, prefix=settings.hub_service_prefix)
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 2**20))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     routes.install(app)

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
@@ -20,6 +20,9 @@ from bkg_kernel.gateway.jobs import Jobs
 from bkg_kernel.gateway.metrics import Metrics
 from bkg_kernel.gateway.plugin_store import PluginStore
 from bkg_kernel.jobs.service import JobService
+
+if TYPE_CHECKING:
+    from bkg_kernel.gateway.jupyterhub import HubTrust
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.runtime.discovery import Discovered, discover
 from bkg_kernel.runtime.supervisor import Supervisor
@@ -51,6 +54,7 @@ class Gateway:
         self.started = time.time()
         self.models_ready = threading.Event()  # the packaged default models are registered
         self.runs: JobService | None = None  # notebook jobs (set by open())
+        self.hub_trust: HubTrust | None = None  # Hub tokens and logins, under JupyterHub (set by open())
 
     @classmethod
     def open(
@@ -87,6 +91,10 @@ class Gateway:
             raise
         gw = cls(settings, store, auth, models, supervisor, hub, metrics or Metrics(), Jobs(hub.publish), key_path)
         gw.runs = JobService(settings, store, auth, hub.publish, gw.url())  # started in the app's lifespan
+        if settings.hub_service_name and settings.hub_api_token:  # started by JupyterHub as a service
+            from bkg_kernel.gateway.jupyterhub import HubTrust
+
+            gw.hub_trust = HubTrust(settings, auth)
         # hashing the packaged default models takes ~1 s: do it off the start-up path
         threading.Thread(target=gw._register_defaults, name="bkg-model-defaults", daemon=True).start()
         supervisor.start(wait=False)  # plugins come up in the background; /health shows them starting
@@ -127,12 +135,15 @@ class Gateway:
 
     # -- auth -------------------------------------------------------------------------------------
     def principal(self, request: Request, scope: str | None) -> Principal:
-        """Authenticate a request (Bearer key or session) and check it holds `scope`."""
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not token:
-            raise Unauthorized("missing credentials: send 'Authorization: Bearer <API key or session token>'")
-        p = self.auth.authenticate(token)
+        """Authenticate a request (Bearer key or session; under JupyterHub also a Hub token, found beforehand by
+        the app-wide `hub_caller` dependency) and check it holds `scope`."""
+        p: Principal | None = getattr(request.state, "principal", None)
+        if p is None:
+            header = request.headers.get("authorization", "")
+            token = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+            if not token:
+                raise Unauthorized("missing credentials: send 'Authorization: Bearer <API key or session token>'")
+            p = self.auth.authenticate(token)
         if scope is not None and scope not in p.scopes:
             raise Forbidden(f"this route needs scope {scope!r}; the caller has {sorted(p.scopes)}")
         return p

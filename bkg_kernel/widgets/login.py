@@ -81,5 +81,21 @@ def dashboard(
                 body = W.HTML(error_html(exc))
         root.children = [header, who, body]
 
-    root.children = [header, login_box(logged_in, url)]
+    hub = hub_session(url)
+    if hub is not None:  # under JupyterHub the Hub's login is the login: no second password
+        logged_in(hub)
+    else:
+        root.children = [header, login_box(logged_in, url)]
     return root
+
+
+def hub_session(url: str | None = None) -> Session | None:
+    """The session of the JupyterHub user this kernel runs for (their Hub token), if it runs under a Hub."""
+    s = Settings()
+    if not (s.hub_user and s.hub_api_token) or s.api_key:
+        return None
+    wb = Workbench(url or gateway_url(), s.hub_api_token)
+    try:
+        return Session(wb, wb.me())
+    except Exception:  # the gateway does not trust this Hub: ask as usual
+        return None

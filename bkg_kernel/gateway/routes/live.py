@@ -26,7 +26,7 @@ async def _websocket(websocket: WebSocket) -> None:
     gw: Gateway = websocket.app.state.gateway
     token = websocket.query_params.get("token") or websocket.headers.get("authorization", "")[7:].strip()
     try:
-        p = gw.auth.authenticate(token) if token else None
+        p = getattr(websocket.state, "principal", None) or (gw.auth.authenticate(token) if token else None)
         if p is None or "plugins:read" not in p.scopes:
             raise BkgError("needs a key with scope plugins:read (?token=...)")
     except BkgError as exc:

@@ -1,0 +1,149 @@
+"""The gateway as a JupyterHub service: Hub tokens and Hub OAuth logins are bkg callers.
+
+When the Hub starts the gateway (`JUPYTERHUB_SERVICE_NAME` and `JUPYTERHUB_API_TOKEN` in its environment), a
+request may carry a Hub token instead of a bkg key (`Authorization: token|Bearer <hub token>`, what a user's
+server and its kernels hold), and a browser may log in through the Hub's OAuth (`/oauth_callback` sets a cookie
+that GET requests may use). The Hub user `ana` is the bkg user `ana@hub`, created on first sight; their role
+follows their Hub scopes on every request: `custom:bkg:admin` → admin, `custom:bkg:developer` → developer,
+else viewer (the shipped `deploy/jupyterhub_config.py` maps groups to those scopes). Every route also answers
+under the service prefix (`/services/bkg/...`), as the Hub's proxy forwards it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import threading
+import time
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from bkg_kernel.auth import AuthService, Principal
+from bkg_kernel.errors import Forbidden, Unauthorized
+from bkg_kernel.settings import Settings
+
+ROLE_SCOPES = (("custom:bkg:admin", "admin"), ("custom:bkg:developer", "developer"))
+COOKIE = "bkg-hub-token"
+SUFFIX = "@hub"
+_BAD = re.compile(r"[^A-Za-z0-9_.@-]")
+STATE_TTL = 600.0
+
+
+def bkg_name(hub_name: str) -> str:
+    """The bkg user name of a Hub user (`ana` → `ana@hub`): Hub users never collide with local bkg users."""
+    name = _BAD.sub("-", hub_name)[: 64 - len(SUFFIX)].lstrip("-_.@") or "user"
+    return name + SUFFIX
+
+
+def role_for(model: dict[str, Any]) -> str:
+    """The bkg role a Hub user model's scopes give."""
+    scopes = set(model.get("scopes") or ())
+    return next((role for scope, role in ROLE_SCOPES if scope in scopes), "viewer")
+
+
+def token_of(conn: HTTPConnection) -> str:
+    """The credential a request carries: `Authorization: Bearer|token <t>`, `X-API-Key`, or `?token=` (WebSocket)."""
+    header = conn.headers.get("authorization", "")
+    kind, _, value = header.partition(" ")
+    if kind.lower() in ("bearer", "token") and value.strip():
+        return value.strip()
+    return conn.headers.get("x-api-key", "") or conn.query_params.get("token", "")
+
+
+class HubTrust:
+    """Hub tokens → bkg principals (cached by HubAuth for a minute), and the Hub OAuth login."""
+
+    def __init__(self, settings: Settings, auth: AuthService) -> None:
+        from jupyterhub.services.auth import HubOAuth
+
+        self.auth, self.service = auth, settings.hub_service_name or "bkg"
+        self.prefix = settings.hub_service_prefix or "/"
+        self.oauth = HubOAuth(api_token=settings.hub_api_token, api_url=settings.hub_api_url or "",
+                              cache_max_age=60)  # fmt: skip
+        self.states: dict[str, tuple[float, str, str]] = {}  # OAuth state -> (made, next URL, PKCE verifier)
+        self.lock = threading.Lock()
+
+    def is_hub_token(self, token: str) -> bool:
+        """Whether a credential is for the Hub to judge (not a bkg key or session)."""
+        return bool(token) and not token.startswith(("bkg_", "bkgs_"))
+
+    async def principal(self, token: str) -> Principal:
+        """The bkg caller for a Hub token (401 unknown, 403 without access to this service)."""
+        model = await self.oauth.user_for_token(token, sync=False)
+        if not model or model.get("kind", "user") != "user":
+            raise Unauthorized("invalid API key or Hub token")
+        if not self.oauth.check_scopes(self.oauth.access_scopes, model):
+            need = " or ".join(sorted(self.oauth.access_scopes))
+            raise Forbidden(f"Hub user {model['name']!r} has no access to the {self.service} service: the token needs "
+                            f"{need} (a Hub admin grants it through a role)")  # fmt: skip
+        role = role_for(model)
+        name = bkg_name(model["name"])
+        user = next((u for u in self.auth.users.values() if u["username"] == name), None)
+        if user is None or user["role"] != role:
+            user = await asyncio.to_thread(self._sync_user, name, role)
+        if user["disabled"]:
+            raise Unauthorized(f"bkg user {name!r} is disabled")
+        return Principal(user["id"], name, role, frozenset(self.auth.roles.get(role, ())), None, "hub")
+
+    def _sync_user(self, name: str, role: str) -> dict[str, Any]:
+        """Create the bkg user of a Hub user on first sight; make their role follow the Hub's (one at a time: a
+        user's first page load sends several requests at once)."""
+        with self.lock:
+            user = next((u for u in self.auth.users.values() if u["username"] == name), None)
+            if user is None:
+                self.auth.create_user(name, role, actor="jupyterhub")
+            elif user["role"] != role:
+                self.auth.update_user(user["id"], role=role, actor="jupyterhub")
+            return next(u for u in self.auth.users.values() if u["username"] == name)
+
+    # -- browser login (OAuth) --------------------------------------------------------------------
+    def login_url(self, next_url: str) -> str:
+        """Where to send a browser to log in through the Hub, coming back to `next_url`."""
+        now = time.time()
+        for s in [s for s, (made, _, _) in self.states.items() if now - made > STATE_TTL]:
+            self.states.pop(s, None)
+        state = secrets.token_urlsafe(24)
+        verifier, challenge, method = self.oauth.generate_pkce_code_challenge()
+        self.states[state] = (now, next_url, verifier)
+        query = {"state": state, "code_challenge": challenge, "code_challenge_method": method}
+        return f"{self.oauth.login_url}&{urlencode(query)}"
+
+    async def finish_login(self, code: str, state: str) -> tuple[str, str]:
+        """Trade the OAuth code for the user's token; return (token, where to go next)."""
+        found = self.states.pop(state, None)
+        if found is None or time.time() - found[0] > STATE_TTL:
+            raise Unauthorized("the login is unknown or expired: start again")
+        token = await self.oauth.token_for_code(code, code_verifier=found[2], sync=False)
+        return str(token), found[1]
+
+
+class PrefixMiddleware:
+    """Serve every route under the Hub's service prefix too (`/services/bkg/health` is `/health`)."""
+
+    def __init__(self, app: ASGIApp, prefix: str) -> None:
+        self.app, self.prefix = app, "/" + prefix.strip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] in ("http", "websocket") else ""
+        if self.prefix != "/" and (path == self.prefix or path.startswith(self.prefix + "/")):
+            scope = dict(scope)
+            scope["path"] = path[len(self.prefix) :] or "/"
+            scope["root_path"] = scope.get("root_path", "") + self.prefix
+        await self.app(scope, receive, send)
+
+
+async def hub_caller(conn: HTTPConnection) -> None:
+    """App-wide dependency: a request with a Hub token (or, for a GET, the Hub login cookie) gets its caller here,
+    asynchronously, so every route's own check sees it (`request.state.principal`)."""
+    trust: HubTrust | None = getattr(conn.app.state.gateway, "hub_trust", None)
+    if trust is None:
+        return
+    token = token_of(conn)
+    if not token and conn.scope["type"] == "http" and conn.scope.get("method") in ("GET", "HEAD"):
+        token = conn.cookies.get(COOKIE, "")  # a cookie never authorises a change (no cross-site writes)
+    if trust.is_hub_token(token):
+        conn.state.principal = await trust.principal(token)

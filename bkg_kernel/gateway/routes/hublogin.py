@@ -1,0 +1,55 @@
+"""The browser's way in when the gateway runs under JupyterHub: `/` (who you are, or off to the Hub's login) and
+`/oauth_callback` (the Hub sends the browser back here with a code; its token becomes a cookie)."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from bkg_kernel.errors import NotFound
+from bkg_kernel.gateway.jupyterhub import COOKIE, HubTrust
+from bkg_kernel.gateway.state import gateway, version
+
+router = APIRouter(tags=["gateway"])
+
+
+def _trust(request: Request) -> HubTrust:
+    trust: HubTrust | None = getattr(gateway(request), "hub_trust", None)
+    if trust is None:
+        raise NotFound("this gateway does not run under JupyterHub", field="path")
+    return trust
+
+
+@router.get("/", response_model=None)
+async def home(request: Request) -> Any:
+    """Under JupyterHub: who the browser is logged in as (else off to the Hub's login); otherwise a pointer."""
+    trust: HubTrust | None = getattr(gateway(request), "hub_trust", None)
+    if trust is None:
+        return {"name": "bkg gateway", "version": version(), "docs": "/docs", "health": "/health"}
+    p = getattr(request.state, "principal", None)
+    if p is None:
+        return RedirectResponse(trust.login_url(trust.prefix), status_code=302)
+    scopes = "".join(f"<li><code>{escape(s)}</code></li>" for s in sorted(p.scopes))
+    base = escape(trust.prefix.rstrip("/"))
+    body = (
+        f"<!doctype html><title>bkg</title><h1>bkg gateway</h1>"
+        f"<p>Logged in as <b>{escape(p.username)}</b> ({escape(p.role)}) through JupyterHub.</p>"
+        f"<p>Scopes:</p><ul>{scopes}</ul><p><a href='{base}/docs'>API</a> · <a href='{base}/health'>health</a></p>"
+    )
+    return HTMLResponse(body)
+
+
+@router.get("/oauth_callback")
+async def oauth_callback(request: Request, code: str = "", state: str = "") -> Response:
+    """Finish a Hub login: trade the code for the user's token, keep it in a cookie, go where they were going."""
+    trust = _trust(request)
+    token, next_url = await trust.finish_login(code, state)
+    if not next_url.startswith("/") or next_url.startswith("//"):
+        next_url = trust.prefix  # only paths on this site
+    response = RedirectResponse(next_url, status_code=302)
+    secure = request.url.scheme == "https"
+    response.set_cookie(COOKIE, token, path=trust.prefix, httponly=True, samesite="lax", secure=secure)
+    return response

@@ -1,0 +1,183 @@
+"""The team set-up against a real JupyterHub (the shipped deploy/jupyterhub_config.py, with only the test's ports,
+dummy authenticator and simple spawner), its configurable-http-proxy from npm (installed by the set-up), the bkg
+gateway as the Hub-managed service, and real users' servers: Hub users act as themselves in bkg with the rights
+their Hub groups give, the browser logs in through the Hub's OAuth, a user's server and its kernels act as that
+user, and the Hub restarts the gateway when it dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, free_port, http_ok, wait_for
+
+from bkg_kernel.hub import hub_command, hub_env
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts" / "ui"
+
+
+@dataclass
+class Hub:
+    proc: subprocess.Popen[bytes]
+    url: str
+    root: Path
+
+    @property
+    def bkg(self) -> str:
+        return self.url + "/services/bkg"
+
+    def log(self) -> str:
+        return (self.root / "hub.log").read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    from test_jobs import make_notebooks
+
+    root = tmp_path_factory.mktemp("hub")
+    port = free_port()
+    env = hub_env(port=port, data_dir=root / "data", state_dir=root / "state", admins=["alice"],
+                  developers=["dev"], dummy_auth=True)  # fmt: skip
+    env.update(
+        BKG_ADMIN_KEY=ADMIN_KEY, BKG_MODEL_DIR=str(root / "models"), BKG_HUB_NOTEBOOK_DIR=str(ROOT),
+        BKG_HUB_PLUGINS="sysinfo", BKG_HUB_POLL_S="2", BKG_JOB_ROOTS=str(make_notebooks(root / "jobs")),
+    )  # fmt: skip
+    with open(root / "hub.log", "wb") as log:
+        proc = subprocess.Popen(hub_command(), env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    h = Hub(proc, f"http://127.0.0.1:{port}", root)
+    try:
+        wait_for(lambda: proc.poll() is None and http_ok(h.bkg + "/health"), timeout=120, every=0.5)
+    except AssertionError:
+        proc.kill()
+        raise AssertionError(f"the Hub or its bkg service did not come up:\n{h.log()}") from None
+    yield h
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def login(hub: Hub, name: str) -> httpx.Client:
+    """Log in through the Hub's form (dummy authenticator: any password)."""
+    c = httpx.Client(base_url=hub.url, timeout=30)
+    c.get("/hub/login")
+    r = c.post("/hub/login", data={"username": name, "password": "any-password", "_xsrf": c.cookies.get("_xsrf", "")})
+    assert r.status_code in (200, 302), r.text[:500]
+    return c
+
+
+def hub_token(hub: Hub, name: str, scopes: list[str] | None = None) -> str:
+    """A Hub API token of `name` (their own, as a user makes one on the Hub's token page)."""
+    c = login(hub, name)
+    body: dict[str, Any] = {"note": "test"} | ({"scopes": scopes} if scopes is not None else {})
+    r = c.post(f"/hub/api/users/{name}/tokens", json=body, headers={"X-XSRFToken": c.cookies.get("_xsrf", "")})
+    assert r.status_code == 201, r.text
+    return str(r.json()["token"])
+
+
+def as_(hub: Hub, token: str) -> httpx.Client:
+    return httpx.Client(base_url=hub.bkg, headers={"Authorization": f"token {token}"}, timeout=60)
+
+
+def test_hub_users_act_as_themselves_with_their_groups_rights(hub: Hub) -> None:
+    dev, vic, alice = (as_(hub, hub_token(hub, n)) for n in ("dev", "vic", "alice"))
+    me = {n: c.get("/auth/me").json() for n, c in (("dev", dev), ("vic", vic), ("alice", alice))}
+    assert (me["dev"]["username"], me["dev"]["role"]) == ("dev@hub", "developer"), me
+    assert (me["vic"]["username"], me["vic"]["role"]) == ("vic@hub", "viewer")
+    assert (me["alice"]["username"], me["alice"]["role"]) == ("alice@hub", "admin")
+    seen = [[p["id"] for p in c.get("/api/plugins").json()["plugins"]] for c in (dev, vic)]
+    assert seen[0] == seen[1] and "sysinfo" in seen[0]  # one shared gateway: the same plugins for everyone
+    assert dev.post("/api/collections", json={"name": "team_notes", "dim": 4}).status_code == 201
+    refused = vic.post("/api/collections", json={"name": "vic_notes", "dim": 4})
+    assert refused.status_code == 403 and "collections:write" in refused.json()["error"]["message"]
+    assert "team_notes" in [c["name"] for c in vic.get("/api/collections").json()["collections"]]
+    audit = alice.get("/admin/audit", params={"limit": 200}).json()["entries"]
+    made = [e for e in audit if e["action"] == "collection.create" and e["target"] == "team_notes"]
+    assert made and made[0]["actor"] == "dev@hub"
+    users = {u["username"]: u["role"] for u in alice.get("/admin/users").json()["users"]}
+    assert users["dev@hub"] == "developer" and users["vic@hub"] == "viewer"
+    # a bkg key still works beside Hub tokens (at the service prefix and at the root)
+    assert httpx.get(hub.bkg + "/auth/me", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["role"] == "admin"
+
+
+def test_a_new_users_first_requests_at_once_all_succeed(hub: Hub) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = as_(hub, hub_token(hub, "newcomer"))
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: c.get("/auth/me").status_code, range(8)))
+    assert codes == [200] * 8  # one bkg user made, no 409 from a race to make it
+
+
+def test_a_token_without_access_to_the_service_is_told_what_is_missing(hub: Hub) -> None:
+    narrow = hub_token(hub, "vic", scopes=["read:users:activity!user"])
+    r = as_(hub, narrow).get("/api/plugins")
+    assert r.status_code == 403 and "access:services!service=bkg" in r.json()["error"]["message"], r.text
+    assert as_(hub, "not-a-token").get("/api/plugins").status_code == 401
+
+
+def test_a_hub_users_job_belongs_to_them_and_runs_as_them(hub: Hub) -> None:
+    dev = as_(hub, hub_token(hub, "dev"))
+    r = dev.post("/api/jobs", json={"notebook": "writes.ipynb", "parameters": {"collection": "from_dev_job"}})
+    assert r.status_code == 202, r.text
+    run = wait_for(lambda: (j := dev.get(f"/api/jobs/{r.json()['id']}").json())["finished_at"] and j, 120)
+    assert run["state"] == "succeeded" and run["owner"] == "dev@hub", run
+    assert dev.get("/api/collections/from_dev_job").status_code == 200
+
+
+def test_the_browser_logs_in_through_the_hub_and_a_users_server_acts_as_them(hub: Hub) -> None:
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        try:
+            page.goto(hub.url + "/hub/login")
+            page.fill("input[name=username]", "dev")
+            page.fill("input[name=password]", "any-password")
+            page.click("input[type=submit], button[type=submit]")
+            page.wait_for_url("**/user/dev/**", timeout=120_000)  # the Hub spawned dev's server
+            # dev's JupyterLab: the bkg sidebar lists the shared plugins, its server side forwarding as dev
+            page.locator('li[data-id="bkg-sidebar"]').wait_for(timeout=120_000)
+            if not page.locator("#bkg-sidebar").is_visible():
+                page.click('li[data-id="bkg-sidebar"]')
+            page.locator('tr[data-plugin="sysinfo"]').wait_for(timeout=60_000)
+            page.wait_for_timeout(1500)  # the live WebSocket (relayed as dev) is up, not reconnecting
+            assert "Lost the bkg gateway" not in page.locator("#bkg-sidebar").inner_text()
+            page.screenshot(path=str(ARTIFACTS / "hub-lab-sidebar.png"))
+            me = page.goto(hub.url + "/user/dev/bkg/api/auth/me")
+            assert me is not None and me.json()["username"] == "dev@hub", me and me.text()
+            page.goto(hub.bkg + "/")  # the gateway: Hub OAuth, no confirmation, no second password
+            page.locator("text=Logged in as").wait_for(timeout=60_000)
+            assert "dev@hub" in page.content() and "(developer)" in page.content()
+            # a dashboard in dev's own server: its kernel's bkg.connect() acts as dev, through dev's Hub token
+            page.goto(hub.url + "/user/dev/voila/render/dashboards/overview.ipynb")
+            page.locator("text=Logged in as").wait_for(timeout=120_000)
+            assert "dev@hub" in page.content() and page.locator("input[type=password]").count() == 0  # no login box
+            page.screenshot(path=str(ARTIFACTS / "hub-dashboard-overview.png"), full_page=True)
+        except Exception as exc:
+            page.screenshot(path=str(ARTIFACTS / "hub-stuck.png"), full_page=True)
+            raise AssertionError(f"{exc!r}\n{hub.log()}") from None
+        finally:
+            browser.close()
+
+
+def test_the_hub_restarts_the_gateway_when_it_dies(hub: Hub) -> None:
+    state = hub.root / "data" / "gateway.json"
+    old = json.loads(state.read_text())["pid"]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: state.exists() and json.loads(state.read_text() or "{}").get("pid") not in (None, old), 120, 0.5)
+    wait_for(lambda: http_ok(hub.bkg + "/health"), 60, 0.5)
+    assert as_(hub, hub_token(hub, "vic")).get("/auth/me").json()["username"] == "vic@hub"
