@@ -12,7 +12,7 @@
 #   bkg-developers (and to the Hub admins); everyone else with access is a bkg viewer;
 # - access to the service for every user (the built-in `user` role is only ["self"]);
 # - each user's server (JupyterLab with the bkg extension, Voila) and its kernels reach the gateway as that user:
-#   BKG_GATEWAY_URL points at the gateway and their JUPYTERHUB_API_TOKEN carries the bkg scopes they hold.
+#   their JUPYTERHUB_API_TOKEN carries the bkg scopes they hold, and finds the gateway through the Hub's API.
 #
 # Knobs (environment variables; `bkg hub` sets them): BKG_HUB_DATA_DIR (the gateway's data dir), BKG_HUB_STATE_DIR
 # (the Hub's database, cookie secret, pid file), BKG_HUB_PORT / BKG_HUB_HUB_PORT / BKG_HUB_PROXY_API_PORT /
@@ -76,7 +76,7 @@ c.JupyterHub.load_groups = {
 }
 c.JupyterHub.load_roles = [
     # every user may reach the bkg service (as a viewer unless a group below says more)
-    {"name": "user", "scopes": ["self", "access:services!service=bkg"]},
+    {"name": "user", "scopes": ["self", "access:services!service=bkg", "read:services!service=bkg"]},
     {"name": "bkg-developer", "scopes": ["custom:bkg:developer"], "groups": ["bkg-developers"]},
     {"name": "bkg-admin", "scopes": ["custom:bkg:admin", "custom:bkg:developer"], "groups": ["bkg-admins"]},
 ]
@@ -87,11 +87,13 @@ c.LocalProcessSpawner.poll_interval = int(env("BKG_HUB_POLL_S", "30"))
 # -- users' servers: JupyterLab with the bkg extension, acting as their user ---------------------------------------
 c.Spawner.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]  # this environment's Jupyter, bkg included
 c.Spawner.default_url = "/lab"
-c.Spawner.environment = {"BKG_GATEWAY_URL": gateway_url, "BKG_LAB_START_GATEWAY": "0"}
+# bkg.connect() in a user's server finds the gateway through the Hub's API (read:services!service=bkg)
+c.Spawner.environment = {"BKG_LAB_START_GATEWAY": "0"}
 c.Spawner.server_token_scopes = [
     "users:activity!user",
     "access:servers!server",
     "access:services!service=bkg",
+    "read:services!service=bkg",
     "custom:bkg:admin",  # each token gets only the scopes its user holds
     "custom:bkg:developer",
 ]

@@ -246,6 +246,10 @@ def gateway_url(settings: Settings | None = None) -> str:
     settings = settings or Settings()
     if settings.gateway_url:
         return settings.gateway_url.rstrip("/")
+    if settings.hub_user and settings.hub_api_token and settings.hub_api_url:
+        found = _hub_service_url(settings.hub_api_url, settings.hub_api_token)
+        if found:
+            return found
     state = settings.data_dir.resolve() / "gateway.json"
     if state.exists():
         try:
@@ -253,6 +257,17 @@ def gateway_url(settings: Settings | None = None) -> str:
         except (ValueError, KeyError, OSError):
             pass
     return f"http://{settings.host}:{settings.port}"
+
+
+def _hub_service_url(api_url: str, token: str, name: str = "bkg") -> str | None:
+    """Under JupyterHub: the URL of the Hub's `bkg` service, from the Hub's API (the user's token needs
+    read:services!service=bkg, which the shipped config gives)."""
+    try:
+        r = httpx.get(f"{api_url.rstrip('/')}/services/{name}", headers={"Authorization": f"token {token}"}, timeout=5)
+        url = r.json().get("url") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    return str(url).rstrip("/") if url else None
 
 
 def _spawn(settings: Settings, ddir: Path, url: str, timeout: float) -> None:

@@ -23,7 +23,7 @@ def _trust(request: Request) -> HubTrust:
     return trust
 
 
-@router.get("/", response_model=None)
+@router.get("/", response_model=None, include_in_schema=False)
 async def home(request: Request) -> Any:
     """Under JupyterHub: who the browser is logged in as (else off to the Hub's login); otherwise a pointer."""
     trust: HubTrust | None = getattr(gateway(request), "hub_trust", None)
@@ -42,7 +42,7 @@ async def home(request: Request) -> Any:
     return HTMLResponse(body)
 
 
-@router.get("/oauth_callback")
+@router.get("/oauth_callback", include_in_schema=False)
 async def oauth_callback(request: Request, code: str = "", state: str = "") -> Response:
     """Finish a Hub login: trade the code for the user's token, keep it in a cookie, go where they were going."""
     trust = _trust(request)
