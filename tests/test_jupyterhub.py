@@ -47,10 +47,10 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     root = tmp_path_factory.mktemp("hub")
     port = free_port()
     env = hub_env(port=port, data_dir=root / "data", state_dir=root / "state", admins=["alice"],
-                  developers=["dev"], dummy_auth=True)  # fmt: skip
+                  developers=["dev", "ana"], dummy_auth=True)  # fmt: skip
     env.update(
         BKG_ADMIN_KEY=ADMIN_KEY, BKG_MODEL_DIR=str(root / "models"), BKG_HUB_NOTEBOOK_DIR=str(ROOT),
-        BKG_HUB_PLUGINS="sysinfo", BKG_HUB_POLL_S="2", BKG_JOB_ROOTS=str(make_notebooks(root / "jobs")),
+        BKG_HUB_PLUGINS="sysinfo,llmserver", BKG_HUB_POLL_S="2", BKG_JOB_ROOTS=str(make_notebooks(root / "jobs")),
     )  # fmt: skip
     with open(root / "hub.log", "wb") as log:
         proc = subprocess.Popen(hub_command(), env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
@@ -111,6 +111,22 @@ def test_hub_users_act_as_themselves_with_their_groups_rights(hub: Hub) -> None:
     assert httpx.get(hub.bkg + "/auth/me", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["role"] == "admin"
 
 
+def test_llm_usage_is_booked_to_each_hub_user(hub: Hub) -> None:
+    from bkg_kernel.models.defaults import DEFAULT_LLM
+
+    wait_for(lambda: httpx.get(hub.bkg + "/health").json()["plugins"].get("llmserver") == "running", 120, 0.5)
+    ask = {"model": DEFAULT_LLM, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+    for name in ("dev", "alice"):
+        r = as_(hub, hub_token(hub, name)).post("/v1/chat/completions", json=ask)
+        assert r.status_code == 200, r.text
+    refused = as_(hub, hub_token(hub, "vic")).post("/v1/chat/completions", json=ask)
+    assert refused.status_code == 403  # a viewer holds no llm:use
+    alice = as_(hub, hub_token(hub, "alice"))
+    rows = {r["username"]: r for r in alice.get("/admin/usage", params={"group_by": "user"}).json()["usage"]}
+    assert rows["dev@hub"]["requests"] == 1 and rows["alice@hub"]["requests"] == 1 and "vic@hub" not in rows
+    assert rows["dev@hub"]["completion_tokens"] > 0
+
+
 def test_a_new_users_first_requests_at_once_all_succeed(hub: Hub) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -134,6 +150,19 @@ def test_a_hub_users_job_belongs_to_them_and_runs_as_them(hub: Hub) -> None:
     run = wait_for(lambda: (j := dev.get(f"/api/jobs/{r.json()['id']}").json())["finished_at"] and j, 120)
     assert run["state"] == "succeeded" and run["owner"] == "dev@hub", run
     assert dev.get("/api/collections/from_dev_job").status_code == 200
+
+
+def test_a_run_outlives_its_owners_server(hub: Hub) -> None:
+    token = hub_token(hub, "ana")
+    hubapi = httpx.Client(base_url=hub.url + "/hub/api", headers={"Authorization": f"token {token}"}, timeout=60)
+    assert hubapi.post("/users/ana/server").status_code in (201, 202)
+    wait_for(lambda: hubapi.get("/users/ana").json()["servers"].get("", {}).get("ready"), 120, 0.5)
+    r = as_(hub, token).post("/api/jobs", json={"notebook": "sleepy.ipynb", "parameters": {"seconds": 4.0}})
+    assert r.status_code == 202, r.text
+    assert hubapi.delete("/users/ana/server").status_code in (202, 204)  # ana logs off: her server is stopped
+    wait_for(lambda: not hubapi.get("/users/ana").json()["servers"], 60, 0.5)
+    done = wait_for(lambda: (j := as_(hub, token).get(f"/api/jobs/{r.json()['id']}").json())["finished_at"] and j, 120)
+    assert done["state"] == "succeeded" and done["owner"] == "ana@hub", done
 
 
 def test_the_browser_logs_in_through_the_hub_and_a_users_server_acts_as_them(hub: Hub) -> None:
