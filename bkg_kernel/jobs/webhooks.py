@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import ipaddress
 import logging
-import socket
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
 from bkg_kernel.errors import Forbidden, InvalidInput
+from bkg_kernel.models.download import non_public_address
 
 log = logging.getLogger("bkg.jobs")
 SUMMARY = (
@@ -51,15 +50,12 @@ def check_url(url: Any, allow: Sequence[str]) -> str:
     if any(fnmatch.fnmatch(host, pat.lower()) for pat in allow):
         return url
     try:
-        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        ip = non_public_address(host)
     except OSError as exc:
         raise InvalidInput(f"cannot resolve the webhook host {host!r}: {exc}", field="webhook_url") from None
-    for a in addrs:
-        ip = ipaddress.ip_address(str(a).split("%")[0])
-        if not ip.is_global or ip.is_multicast:
-            raise Forbidden(
-                f"webhook host {host!r} is {ip}, a non-public address: list it in webhook_allow", field="webhook_url"
-            )
+    if ip is not None:
+        raise Forbidden(f"webhook host {host!r} is {ip}, a non-public address: list it in webhook_allow",
+                        field="webhook_url")  # fmt: skip
     return url
 
 

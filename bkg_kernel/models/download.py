@@ -50,16 +50,24 @@ def check_host(url: str, allow: Sequence[str]) -> None:
     if listed:
         return
     try:
-        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        ip = non_public_address(host)
     except OSError as exc:
         raise Unavailable(f"cannot resolve {host!r}: {exc}", field="url") from None
-    for a in addrs:
+    if ip is not None:
+        raise Forbidden(
+            f"{host!r} resolves to {ip}, a non-public address: list the host in download_allow to fetch from it",
+            field="url",
+        )
+
+
+def non_public_address(host: str) -> str | None:
+    """The first loopback, link-local, private, reserved or multicast address `host` resolves to, if any (raises
+    OSError when it does not resolve). Blocking: it asks the resolver."""
+    for a in {info[4][0] for info in socket.getaddrinfo(host, None)}:
         ip = ipaddress.ip_address(str(a).split("%")[0])
         if not ip.is_global or ip.is_multicast:
-            raise Forbidden(
-                f"{host!r} resolves to {ip}, a non-public address: list the host in download_allow to fetch from it",
-                field="url",
-            )
+            return str(ip)
+    return None
 
 
 def download(

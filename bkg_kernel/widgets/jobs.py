@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from html import escape
 from typing import Any
 
@@ -27,6 +28,20 @@ def _failed_cell(r: dict[str, Any]) -> str:
         return ""
     where = f"cell {err['cell_index']}" if err.get("cell_index") is not None else "run"
     return f"{where}: {err.get('ename')}: {str(err.get('evalue'))[:100]}"
+
+
+def acting(status: W.HTML, then: Callable[[], None]) -> Callable[[Callable[[], Any]], None]:
+    """A button action: run it, show its error (or clear the last one) in `status`, then refresh with `then`."""
+
+    def act(fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+            status.value = ""
+        except Exception as exc:
+            status.value = error_html(exc)
+        then()
+
+    return act
 
 
 def runs_table(rows: list[dict[str, Any]]) -> str:
@@ -108,13 +123,7 @@ def _schedules(session: Session, status: W.HTML) -> W.VBox:
         rows = [{**s, "next run": _when(s.get("next_run_at"))} for s in session.wb.jobs.schedules()]
         out.value = table(rows, ["id", "notebook", "cron", "timezone", "enabled", "owner", "next run", "last_run_id"])
 
-    def act(fn: Any) -> None:
-        try:
-            fn()
-            status.value = ""
-        except Exception as exc:
-            status.value = error_html(exc)
-        render()
+    act = acting(status, render)
 
     add.on_click(lambda _: act(lambda: session.wb.jobs.schedule(nb.value, cron.value, timezone=tz.value)))
     on.on_click(lambda _: act(lambda: session.wb.jobs.enable(sid.value)))
@@ -170,13 +179,7 @@ def jobs_panel(session: Session) -> W.VBox:
             except Exception as exc:
                 detail.value = error_html(exc)
 
-    def act(fn: Any) -> None:
-        try:
-            fn()
-            status.value = ""
-        except Exception as exc:
-            status.value = error_html(exc)
-        refresh()
+    act = acting(status, refresh)
 
     def output() -> None:
         html = session.wb.jobs.output(picked.value, "html")
