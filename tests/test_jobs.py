@@ -482,3 +482,20 @@ def test_the_dask_executor_runs_the_same_job_on_a_local_cluster(tmp_path: Path, 
             assert ended["state"] == "cancelled" and ended["duration_s"] < 30, ended  # killed, not slept out
         finally:
             g.stop()
+
+
+def test_a_webhook_goes_to_the_address_that_was_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Public DNS cannot be reached here: the resolver is the one boundary faked (named so), the rest is real."""
+    from bkg_kernel.errors import Forbidden
+    from bkg_kernel.jobs import webhooks
+
+    with pytest.raises(Forbidden, match="webhook_allow"):
+        webhooks.target("http://localhost:8123/hook", [])  # the real resolver: loopback
+    assert webhooks.target("http://localhost:8123/hook", ["localhost"]) == ("http://localhost:8123/hook", {}, {})
+    fake_dns = {"hooks.example.org": ["93.184.216.34"], "rebind.example.org": ["93.184.216.34", "10.0.0.7"]}
+    monkeypatch.setattr(webhooks, "resolve", lambda host: fake_dns[host])
+    url, headers, ext = webhooks.target("https://hooks.example.org:8443/x?y=1", [])
+    assert url == "https://93.184.216.34:8443/x?y=1" and headers == {"Host": "hooks.example.org:8443"}
+    assert ext == {"sni_hostname": "hooks.example.org"}  # TLS still checks the name, not the address
+    with pytest.raises(Forbidden, match="10.0.0.7"):
+        webhooks.target("http://rebind.example.org/x", [])

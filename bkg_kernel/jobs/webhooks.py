@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from bkg_kernel.errors import Forbidden, InvalidInput
-from bkg_kernel.models.download import non_public_address
+from bkg_kernel.models.download import non_public, resolve
 
 log = logging.getLogger("bkg.jobs")
 SUMMARY = (
@@ -41,6 +41,14 @@ SUMMARY = (
 
 def check_url(url: Any, allow: Sequence[str]) -> str:
     """Return `url` if it is http(s) and its host is public or listed in `allow` (blocking: resolves the host)."""
+    target(url, allow)
+    return str(url)
+
+
+def target(url: Any, allow: Sequence[str]) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """Where to send a webhook: (URL, headers, httpx extensions). A host not listed in `allow` is resolved once,
+    checked, and the request goes to that checked address (Host header and TLS name kept), so a DNS answer that
+    changes between the check and the request (rebinding) cannot point it at a private address."""
     if not isinstance(url, str) or len(url) > 2000:
         raise InvalidInput("webhook_url must be an http(s) URL", field="webhook_url")
     u = urlparse(url)
@@ -48,15 +56,20 @@ def check_url(url: Any, allow: Sequence[str]) -> str:
         raise InvalidInput(f"webhook_url must be an http(s) URL, not {url[:100]!r}", field="webhook_url")
     host = u.hostname.lower()
     if any(fnmatch.fnmatch(host, pat.lower()) for pat in allow):
-        return url
+        return url, {}, {}
     try:
-        ip = non_public_address(host)
+        addresses = resolve(host)
     except OSError as exc:
         raise InvalidInput(f"cannot resolve the webhook host {host!r}: {exc}", field="webhook_url") from None
-    if ip is not None:
-        raise Forbidden(f"webhook host {host!r} is {ip}, a non-public address: list it in webhook_allow",
+    bad = non_public(addresses)
+    if bad is not None or not addresses:
+        raise Forbidden(f"webhook host {host!r} is {bad}, a non-public address: list it in webhook_allow",
                         field="webhook_url")  # fmt: skip
-    return url
+    ip = addresses[0]
+    netloc = (f"[{ip}]" if ":" in ip else ip) + (f":{u.port}" if u.port else "")
+    pinned = u._replace(netloc=netloc).geturl()
+    extensions = {"sni_hostname": host} if u.scheme == "https" else {}
+    return pinned, {"Host": u.netloc.rsplit("@", 1)[-1]}, extensions
 
 
 async def notify(url: str, run: dict[str, Any], allow: Sequence[str]) -> bool:
@@ -65,14 +78,14 @@ async def notify(url: str, run: dict[str, Any], allow: Sequence[str]) -> bool:
 
     body = {"event": f"job.{run['state']}", "run": {k: run.get(k) for k in SUMMARY}}
     try:
-        await asyncio.to_thread(check_url, url, allow)
+        where, headers, extensions = await asyncio.to_thread(target, url, allow)
     except Exception as exc:
         log.warning("job webhook %s refused: %s", url, exc)
         return False
     async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
         for attempt in range(3):
             try:
-                r = await client.post(url, json=body)
+                r = await client.post(where, json=body, headers=headers, extensions=extensions)
                 if r.is_success:
                     return True
                 log.warning("job webhook %s answered %s", url, r.status_code)

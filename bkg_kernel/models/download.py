@@ -50,7 +50,7 @@ def check_host(url: str, allow: Sequence[str]) -> None:
     if listed:
         return
     try:
-        ip = non_public_address(host)
+        ip = non_public(resolve(host))
     except OSError as exc:
         raise Unavailable(f"cannot resolve {host!r}: {exc}", field="url") from None
     if ip is not None:
@@ -60,13 +60,17 @@ def check_host(url: str, allow: Sequence[str]) -> None:
         )
 
 
-def non_public_address(host: str) -> str | None:
-    """The first loopback, link-local, private, reserved or multicast address `host` resolves to, if any (raises
-    OSError when it does not resolve). Blocking: it asks the resolver."""
-    for a in {info[4][0] for info in socket.getaddrinfo(host, None)}:
-        ip = ipaddress.ip_address(str(a).split("%")[0])
+def resolve(host: str) -> list[str]:
+    """Every address `host` resolves to (OSError when it does not). Blocking: it asks the resolver."""
+    return sorted({str(info[4][0]).split("%")[0] for info in socket.getaddrinfo(host, None)})
+
+
+def non_public(addresses: list[str]) -> str | None:
+    """The first loopback, link-local, private, reserved or multicast address among `addresses`, if any."""
+    for a in addresses:
+        ip = ipaddress.ip_address(a)
         if not ip.is_global or ip.is_multicast:
-            return str(ip)
+            return a
     return None
 
 
