@@ -136,6 +136,37 @@ def test_a_new_users_first_requests_at_once_all_succeed(hub: Hub) -> None:
     assert codes == [200] * 8  # one bkg user made, no 409 from a race to make it
 
 
+def test_the_login_cookie_only_opens_the_gateways_page(hub: Hub) -> None:
+    cookie = {"bkg-hub-token": hub_token(hub, "dev")}
+    assert httpx.get(hub.bkg + "/api/plugins", cookies=cookie).status_code == 401  # never the API
+    page = httpx.get(hub.bkg + "/", cookies=cookie)
+    assert page.status_code == 200 and "dev@hub" in page.text
+    assert page.headers["content-security-policy"] == "frame-ancestors 'none'"
+    fetched = httpx.get(hub.bkg + "/", cookies=cookie, headers={"Sec-Fetch-Mode": "cors"})
+    assert fetched.status_code == 302  # a script's fetch from another page on this origin does not count
+    stale = httpx.get(hub.bkg + "/", cookies={"bkg-hub-token": "revoked-or-made-up"})
+    assert stale.status_code == 302 and "/hub/api/oauth2/authorize" in stale.headers["location"]
+    assert 'bkg-hub-token=""' in stale.headers.get("set-cookie", "")  # the stale cookie goes
+    assert httpx.get(hub.bkg + "/oauth_callback").status_code == 422
+    assert httpx.get(hub.bkg + "/oauth_callback", params={"code": "x", "state": "y"}).status_code == 401
+    moved = httpx.get(hub.bkg + "/api/collections/", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert moved.status_code in (200, 307) and "/services/bkg/" in moved.headers.get("location", hub.bkg + "/")
+
+
+def test_hub_users_stay_apart_and_nobody_poses_as_one(hub: Hub) -> None:
+    from bkg_kernel.gateway.jupyterhub import bkg_name
+
+    assert len({bkg_name(n) for n in ("ana b", "ana-b", "_ana", "ana", "a" * 80, "a" * 81)}) == 6
+    alice = as_(hub, hub_token(hub, "alice"))
+    local = alice.post("/admin/users", json={"username": "dev@hub", "role": "admin"})
+    assert local.status_code == 422 and local.json()["error"]["field"] == "username"
+    me = alice.get("/auth/me").json()
+    key = alice.post("/admin/keys", json={"name": "my key", "user_id": me["user_id"]})
+    assert key.status_code == 403 and "Hub token" in key.json()["error"]["message"]  # rights follow the Hub
+    gateway = json.loads((hub.root / "data" / "gateway.json").read_text())["url"]
+    assert httpx.get(gateway + "/auth/me", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["role"] == "admin"
+
+
 def test_a_token_without_access_to_the_service_is_told_what_is_missing(hub: Hub) -> None:
     narrow = hub_token(hub, "vic", scopes=["read:users:activity!user"])
     r = as_(hub, narrow).get("/api/plugins")

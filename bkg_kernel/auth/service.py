@@ -43,6 +43,8 @@ from bkg_kernel.errors import (
 )
 
 SESSION_TTL = timedelta(hours=12)
+HUB_SUFFIX = "@hub"  # the bkg users of JupyterHub users (made by the gateway under a Hub only)
+RUN_KEY_PREFIX = "job run run-"  # the one kind of key a Hub user gets: a notebook run's, made by the gateway
 log = logging.getLogger("bkg.auth")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
@@ -326,6 +328,8 @@ class AuthService:
         """Create a user with a role whose scopes `by` holds (the password, if given, is stored as a scrypt hash)."""
         actor = by.username if by else actor
         _check_name(username, "username")
+        if username.endswith(HUB_SUFFIX) and actor != "jupyterhub":
+            raise InvalidInput(f"names ending in {HUB_SUFFIX!r} belong to JupyterHub users", field="username")
         if role not in self.roles:
             raise InvalidInput(f"unknown role {role!r} (have {', '.join(sorted(self.roles))})", field="role")
         self._grantable(by, self.roles[role], f"giving role {role!r}", "role")
@@ -427,6 +431,10 @@ class AuthService:
         holds the scopes `by` and the role share (fixed); explicit scopes must be the owner's and `by`'s."""
         actor = by.username if by else actor
         u = self.user(user_id)
+        if u["username"].endswith(HUB_SUFFIX) and (by is not None or not str(name).startswith(RUN_KEY_PREFIX)):
+            # their rights follow the Hub on every request; a bkg key would keep today's role after the Hub changes it
+            raise Forbidden(f"{u['username']!r} is a JupyterHub user: they use their Hub token, not bkg keys",
+                            field="user_id")  # fmt: skip
         if not isinstance(name, str) or not name.strip() or len(name) > 100:
             raise InvalidInput("key name must be 1 to 100 characters", field="name")
         allowed = self.roles[u["role"]]

@@ -232,13 +232,28 @@ def connect(
     reads admin.key instead."""
     settings = Settings() if data_dir is None else Settings(data_dir=Path(data_dir))
     ddir = settings.data_dir.resolve()
-    url = url or gateway_url(settings)
+    key = api_key or _api_key(settings, ddir, admin)
     under_hub = bool(settings.hub_user and settings.hub_api_token)
+    if under_hub and key == settings.hub_api_token:
+        url = hub_gateway(settings, url)  # the Hub token goes only to the Hub's own bkg service
+    url = url or gateway_url(settings)
     if not _alive(url):
         if not start or under_hub:  # a Hub user's server never starts a gateway of its own
             raise Unavailable(f"no bkg gateway answers at {url} (start one with `bkg serve`)")
         _spawn(settings, ddir, url, timeout)
-    return Workbench(url, api_key or _api_key(settings, ddir, admin))
+    return Workbench(url, key)
+
+
+def hub_gateway(settings: Settings, url: str | None = None) -> str:
+    """Under JupyterHub: the bkg service's URL as the Hub's API gives it. The user's Hub token (which can reach
+    their server) is sent nowhere else: a `gateway_url` from a cloned repo's bkg.toml cannot capture it."""
+    found = _hub_service_url(settings.hub_api_url or "", settings.hub_api_token or "")
+    if found is None:
+        raise Unavailable("cannot find the bkg service through JupyterHub (the token needs read:services!service=bkg)")
+    if url and url.rstrip("/") != found:
+        raise Unavailable(f"not sending your Hub token to {url}: JupyterHub's bkg service is at {found} "
+                          "(set BKG_API_KEY to use another gateway)")  # fmt: skip
+    return found
 
 
 def gateway_url(settings: Settings | None = None) -> str:
@@ -246,10 +261,6 @@ def gateway_url(settings: Settings | None = None) -> str:
     settings = settings or Settings()
     if settings.gateway_url:
         return settings.gateway_url.rstrip("/")
-    if settings.hub_user and settings.hub_api_token and settings.hub_api_url:
-        found = _hub_service_url(settings.hub_api_url, settings.hub_api_token)
-        if found:
-            return found
     state = settings.data_dir.resolve() / "gateway.json"
     if state.exists():
         try:
@@ -262,6 +273,8 @@ def gateway_url(settings: Settings | None = None) -> str:
 def _hub_service_url(api_url: str, token: str, name: str = "bkg") -> str | None:
     """Under JupyterHub: the URL of the Hub's `bkg` service, from the Hub's API (the user's token needs
     read:services!service=bkg, which the shipped config gives)."""
+    if not api_url or not token:
+        return None
     try:
         r = httpx.get(f"{api_url.rstrip('/')}/services/{name}", headers={"Authorization": f"token {token}"}, timeout=5)
         url = r.json().get("url") if r.status_code == 200 else None

@@ -12,10 +12,13 @@ under the service prefix (`/services/bkg/...`), as the Hub's proxy forwards it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlencode
 
@@ -23,20 +26,26 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bkg_kernel.auth import AuthService, Principal
-from bkg_kernel.errors import Forbidden, Unauthorized
+from bkg_kernel.auth.service import HUB_SUFFIX as SUFFIX
+from bkg_kernel.errors import Forbidden, Unauthorized, Unavailable
 from bkg_kernel.settings import Settings
 
+MAX_STATES = 1000
 ROLE_SCOPES = (("custom:bkg:admin", "admin"), ("custom:bkg:developer", "developer"))
 COOKIE = "bkg-hub-token"
-SUFFIX = "@hub"
 _BAD = re.compile(r"[^A-Za-z0-9_.@-]")
 STATE_TTL = 600.0
 
 
 def bkg_name(hub_name: str) -> str:
-    """The bkg user name of a Hub user (`ana` → `ana@hub`): Hub users never collide with local bkg users."""
-    name = _BAD.sub("-", hub_name)[: 64 - len(SUFFIX)].lstrip("-_.@") or "user"
-    return name + SUFFIX
+    """The bkg user name of a Hub user (`ana` → `ana@hub`); a name that had to change to fit bkg's rules gets a
+    hash of the Hub name, so two Hub users never share one bkg user (`ana b` and `ana-b` stay apart). Local bkg
+    users cannot be named `...@hub`."""
+    clean = _BAD.sub("-", hub_name).lstrip("-_.@")
+    if clean == hub_name and len(clean) <= 64 - len(SUFFIX):
+        return clean + SUFFIX
+    tag = hashlib.sha256(hub_name.encode()).hexdigest()[:8]
+    return f"{clean[: 64 - len(SUFFIX) - 9] or 'user'}-{tag}{SUFFIX}"
 
 
 def role_for(model: dict[str, Any]) -> str:
@@ -51,7 +60,9 @@ def token_of(conn: HTTPConnection) -> str:
     kind, _, value = header.partition(" ")
     if kind.lower() in ("bearer", "token") and value.strip():
         return value.strip()
-    return conn.headers.get("x-api-key", "") or conn.query_params.get("token", "")
+    if conn.scope["type"] == "websocket":  # a browser cannot set headers on a WebSocket
+        return conn.headers.get("x-api-key", "") or conn.query_params.get("token", "")
+    return conn.headers.get("x-api-key", "")
 
 
 class HubTrust:
@@ -64,7 +75,8 @@ class HubTrust:
         self.prefix = settings.hub_service_prefix or "/"
         self.oauth = HubOAuth(api_token=settings.hub_api_token, api_url=settings.hub_api_url or "",
                               cache_max_age=60)  # fmt: skip
-        self.states: dict[str, tuple[float, str, str]] = {}  # OAuth state -> (made, next URL, PKCE verifier)
+        # OAuth state -> (made, next URL, PKCE verifier), oldest first and capped: anonymous GET / makes one each
+        self.states: OrderedDict[str, tuple[float, str, str]] = OrderedDict()
         self.lock = threading.Lock()
 
     def is_hub_token(self, token: str) -> bool:
@@ -73,7 +85,10 @@ class HubTrust:
 
     async def principal(self, token: str) -> Principal:
         """The bkg caller for a Hub token (401 unknown, 403 without access to this service)."""
-        model = await self.oauth.user_for_token(token, sync=False)
+        try:
+            model = await asyncio.wait_for(self.oauth.user_for_token(token, sync=False), 15)
+        except Exception as exc:  # the Hub is down or answered 5xx: say so, never a 500
+            raise Unavailable(f"JupyterHub did not answer the token check: {exc or 'timeout'}") from None
         if not model or model.get("kind", "user") != "user":
             raise Unauthorized("invalid API key or Hub token")
         if not self.oauth.check_scopes(self.oauth.access_scopes, model):
@@ -82,7 +97,7 @@ class HubTrust:
                             f"{need} (a Hub admin grants it through a role)")  # fmt: skip
         role = role_for(model)
         name = bkg_name(model["name"])
-        user = next((u for u in self.auth.users.values() if u["username"] == name), None)
+        user = next((u for u in list(self.auth.users.values()) if u["username"] == name), None)
         if user is None or user["role"] != role:
             user = await asyncio.to_thread(self._sync_user, name, role)
         if user["disabled"]:
@@ -101,23 +116,29 @@ class HubTrust:
             return next(u for u in self.auth.users.values() if u["username"] == name)
 
     # -- browser login (OAuth) --------------------------------------------------------------------
-    def login_url(self, next_url: str) -> str:
-        """Where to send a browser to log in through the Hub, coming back to `next_url`."""
+    def login_url(self, next_url: str) -> tuple[str, str]:
+        """(state, where to send a browser to log in through the Hub), coming back to `next_url`; the state also
+        goes into a cookie of that browser, so a login started elsewhere cannot be finished in it."""
         now = time.time()
-        for s in [s for s, (made, _, _) in self.states.items() if now - made > STATE_TTL]:
-            self.states.pop(s, None)
+        while self.states and (len(self.states) >= MAX_STATES or now - next(iter(self.states.values()))[0] > STATE_TTL):
+            self.states.popitem(last=False)
         state = secrets.token_urlsafe(24)
         verifier, challenge, method = self.oauth.generate_pkce_code_challenge()
         self.states[state] = (now, next_url, verifier)
         query = {"state": state, "code_challenge": challenge, "code_challenge_method": method}
-        return f"{self.oauth.login_url}&{urlencode(query)}"
+        return state, f"{self.oauth.login_url}&{urlencode(query)}"
 
     async def finish_login(self, code: str, state: str) -> tuple[str, str]:
         """Trade the OAuth code for the user's token; return (token, where to go next)."""
         found = self.states.pop(state, None)
         if found is None or time.time() - found[0] > STATE_TTL:
             raise Unauthorized("the login is unknown or expired: start again")
-        token = await self.oauth.token_for_code(code, code_verifier=found[2], sync=False)
+        try:
+            token = await asyncio.wait_for(self.oauth.token_for_code(code, code_verifier=found[2], sync=False), 15)
+        except (TimeoutError, OSError) as exc:
+            raise Unavailable(f"JupyterHub did not answer: {exc or 'timeout'}") from None
+        except Exception as exc:  # the Hub refused the code (tornado's HTTPError)
+            raise Unauthorized(f"JupyterHub refused the login: {exc}") from None
         return str(token), found[1]
 
 
@@ -129,10 +150,15 @@ class PrefixMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] in ("http", "websocket") else ""
-        if self.prefix != "/" and (path == self.prefix or path.startswith(self.prefix + "/")):
+        if (
+            self.prefix != "/"
+            and not scope.get("root_path")
+            and (path == self.prefix or path.startswith(self.prefix + "/"))
+        ):
             scope = dict(scope)
-            scope["path"] = path[len(self.prefix) :] or "/"
-            scope["root_path"] = scope.get("root_path", "") + self.prefix
+            scope["root_path"] = self.prefix  # routes match the rest; URLs (redirects) keep the prefix
+            if path == self.prefix:
+                scope["path"] = self.prefix + "/"
         await self.app(scope, receive, send)
 
 
@@ -143,7 +169,20 @@ async def hub_caller(conn: HTTPConnection) -> None:
     if trust is None:
         return
     token = token_of(conn)
-    if not token and conn.scope["type"] == "http" and conn.scope.get("method") in ("GET", "HEAD"):
-        token = conn.cookies.get(COOKIE, "")  # a cookie never authorises a change (no cross-site writes)
     if trust.is_hub_token(token):
         conn.state.principal = await trust.principal(token)
+        return
+    cookie = conn.cookies.get(COOKIE, "")
+    if cookie and is_home_page_visit(conn):
+        with contextlib.suppress(Unauthorized, Forbidden):  # a stale cookie: the page sends the browser to log in
+            conn.state.principal = await trust.principal(cookie)
+
+
+def is_home_page_visit(conn: HTTPConnection) -> bool:
+    """The login cookie counts only for a browser opening the gateway's page (a top-level GET of `/`): never
+    for the API, so a page served by another user's server on the same origin cannot read bkg data with it."""
+    if conn.scope["type"] != "http" or conn.scope.get("method") not in ("GET", "HEAD"):
+        return False
+    route = conn.scope["path"][len(conn.scope.get("root_path") or "") :]
+    mode = conn.headers.get("sec-fetch-mode", "navigate")
+    return route in ("", "/") and mode == "navigate"

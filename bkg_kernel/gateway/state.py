@@ -140,7 +140,8 @@ class Gateway:
         p: Principal | None = getattr(request.state, "principal", None)
         if p is None:
             header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+            kind, _, value = header.partition(" ")
+            token = value.strip() if kind.lower() in ("bearer", "token") else request.headers.get("x-api-key", "")
             if not token:
                 raise Unauthorized("missing credentials: send 'Authorization: Bearer <API key or session token>'")
             p = self.auth.authenticate(token)

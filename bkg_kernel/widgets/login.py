@@ -94,8 +94,10 @@ def hub_session(url: str | None = None) -> Session | None:
     s = Settings()
     if not (s.hub_user and s.hub_api_token) or s.api_key:
         return None
-    wb = Workbench(url or gateway_url(), s.hub_api_token)
+    from bkg_kernel.client.workbench import hub_gateway
+
     try:
+        wb = Workbench(hub_gateway(s, url), s.hub_api_token)  # the Hub token goes only to the Hub's bkg service
         return Session(wb, wb.me())
     except Exception:  # the gateway does not trust this Hub: ask as usual
         return None

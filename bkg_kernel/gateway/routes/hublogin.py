@@ -9,11 +9,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from bkg_kernel.errors import NotFound
+from bkg_kernel.errors import InvalidInput, NotFound, Unauthorized
 from bkg_kernel.gateway.jupyterhub import COOKIE, HubTrust
 from bkg_kernel.gateway.state import gateway, version
 
 router = APIRouter(tags=["gateway"])
+STATE_COOKIE = "bkg-hub-oauth-state"  # the OAuth state, held by the browser that started the login
 
 
 def _trust(request: Request) -> HubTrust:
@@ -31,7 +32,11 @@ async def home(request: Request) -> Any:
         return {"name": "bkg gateway", "version": version(), "docs": "/docs", "health": "/health"}
     p = getattr(request.state, "principal", None)
     if p is None:
-        return RedirectResponse(trust.login_url(trust.prefix), status_code=302)
+        state, url = trust.login_url(trust.prefix)
+        response = RedirectResponse(url, status_code=302)
+        response.delete_cookie(COOKIE, path=trust.prefix)  # stale, if there was one
+        response.set_cookie(STATE_COOKIE, state, path=trust.prefix, httponly=True, samesite="lax", max_age=600)
+        return response
     scopes = "".join(f"<li><code>{escape(s)}</code></li>" for s in sorted(p.scopes))
     base = escape(trust.prefix.rstrip("/"))
     body = (
@@ -39,17 +44,22 @@ async def home(request: Request) -> Any:
         f"<p>Logged in as <b>{escape(p.username)}</b> ({escape(p.role)}) through JupyterHub.</p>"
         f"<p>Scopes:</p><ul>{scopes}</ul><p><a href='{base}/docs'>API</a> · <a href='{base}/health'>health</a></p>"
     )
-    return HTMLResponse(body)
+    return HTMLResponse(body, headers={"Content-Security-Policy": "frame-ancestors 'none'"})
 
 
 @router.get("/oauth_callback", include_in_schema=False)
 async def oauth_callback(request: Request, code: str = "", state: str = "") -> Response:
     """Finish a Hub login: trade the code for the user's token, keep it in a cookie, go where they were going."""
     trust = _trust(request)
+    if not code or not state:
+        raise InvalidInput("the Hub's answer lacks its code or state: start the login again", field="code")
+    if request.cookies.get(STATE_COOKIE) != state:  # a login started in another browser is not finished here
+        raise Unauthorized("this login was not started in this browser: start again")
     token, next_url = await trust.finish_login(code, state)
     if not next_url.startswith("/") or next_url.startswith("//"):
         next_url = trust.prefix  # only paths on this site
     response = RedirectResponse(next_url, status_code=302)
     secure = request.url.scheme == "https"
     response.set_cookie(COOKIE, token, path=trust.prefix, httponly=True, samesite="lax", secure=secure)
+    response.delete_cookie(STATE_COOKIE, path=trust.prefix)
     return response
