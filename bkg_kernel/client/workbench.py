@@ -232,16 +232,17 @@ def connect(
     reads admin.key instead."""
     settings = Settings() if data_dir is None else Settings(data_dir=Path(data_dir))
     ddir = settings.data_dir.resolve()
-    key = api_key or _api_key(settings, ddir, admin)
     under_hub = bool(settings.hub_user and settings.hub_api_token)
-    if under_hub and key == settings.hub_api_token:
+    key = api_key or settings.api_key
+    if under_hub and not key and not admin:
+        key = settings.hub_api_token
         url = hub_gateway(settings, url)  # the Hub token goes only to the Hub's own bkg service
     url = url or gateway_url(settings)
     if not _alive(url):
         if not start or under_hub:  # a Hub user's server never starts a gateway of its own
             raise Unavailable(f"no bkg gateway answers at {url} (start one with `bkg serve`)")
         _spawn(settings, ddir, url, timeout)
-    return Workbench(url, key)
+    return Workbench(url, key or _api_key(settings, ddir, admin))  # the data dir's key exists once it started
 
 
 def hub_gateway(settings: Settings, url: str | None = None) -> str:
