@@ -147,6 +147,30 @@ def tail(path: Path, n: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
+def warmed_gateway(
+    data: Path, env: dict[str, str], gws: list[Gateway], poll: float, label: str
+) -> tuple[Gateway, httpx.Client, float, dict[str, Any]]:
+    """Start a gateway (kept in `gws` for the clean-up) and time its warm-up run, which must succeed."""
+    gw = start_gateway(data, env=env, plugins=["sysinfo"])
+    gws.append(gw)
+    c = client(gw)
+    first, rec = bkg_once(c, poll)
+    if rec["state"] != "succeeded":
+        logs(gw)
+        raise SystemExit(f"{label} warm-up run {rec['state']}: {rec.get('error')}")
+    return gw, c, first, rec
+
+
+def reported_burst(gw: Gateway, c: httpx.Client, args: Any, label: str, odd: list[str]) -> dict[str, Any]:
+    """`args.burst` runs at once through `gw`; failures go into `odd` with the gateway's log tail."""
+    out = bkg_burst(c, args.burst, args.poll)
+    print(f"{label}: {out['wall']:.2f} s, {out['failed']} failed")
+    if out["failed"]:
+        odd.append(f"{label}: {out['failed']} failed: {out['errors']}")
+        logs(gw)
+    return out
+
+
 def logs(gw: Gateway) -> None:
     print(f"--- gateway log tail ({gw.log}) ---\n{tail(gw.log)}")
     print(f"--- job workers log tail ---\n{tail(gw.data_dir / 'runs' / 'workers.log')}")
@@ -178,13 +202,7 @@ def main() -> None:
     odd: list[str] = []
     try:
         # -- per-run overhead --------------------------------------------------------------------------------
-        gw = start_gateway(work / "local" / "data", env=env, plugins=["sysinfo"])
-        gws.append(gw)
-        c = client(gw)
-        first, rec = bkg_once(c, args.poll)
-        if rec["state"] != "succeeded":
-            logs(gw)
-            raise SystemExit(f"bkg warm-up run {rec['state']}: {rec.get('error')}")
+        gw, c, first, rec = warmed_gateway(work / "local" / "data", env, gws, args.poll, "bkg")
         print(f"bkg warm-up run (the pool of {args.workers} workers starts): {first:.2f} s")
         warm_cli = papermill_cli(src, outs / "cli-warm.ipynb")
         warm_in = papermill_inproc(src, outs / "in-warm.ipynb")
@@ -211,11 +229,7 @@ def main() -> None:
                   f"(server: queued {queue_s[-1]:.3f} s, ran {srv_s[-1]:.3f} s)")  # fmt: skip
 
         # -- burst: bkg local pool ---------------------------------------------------------------------------
-        local = bkg_burst(c, args.burst, args.poll)
-        print(f"bkg local burst: {local['wall']:.2f} s, {local['failed']} failed")
-        if local["failed"]:
-            odd.append(f"bkg local burst: {local['failed']} failed: {local['errors']}")
-            logs(gw)
+        local = reported_burst(gw, c, args, "bkg local burst", odd)
         c.close()
         gw.stop()  # keep the load bounded: one system at a time on 2 cores
 
@@ -233,22 +247,13 @@ def main() -> None:
         cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None,
                                scheduler_port=0)  # fmt: skip
         address = cluster.scheduler_address.replace("tcp://", "dask://")
-        gw2 = start_gateway(work / "dask" / "data", env={**env, "BKG_JOB_EXECUTOR": address}, plugins=["sysinfo"])
-        gws.append(gw2)
-        c2 = client(gw2)
-        first_dask, rec = bkg_once(c2, args.poll)
-        if rec["state"] != "succeeded":
-            logs(gw2)
-            raise SystemExit(f"bkg on Dask warm-up run {rec['state']}: {rec.get('error')}")
+        env2 = {**env, "BKG_JOB_EXECUTOR": address}
+        gw2, c2, first_dask, rec = warmed_gateway(work / "dask" / "data", env2, gws, args.poll, "bkg on Dask")
         if rec.get("executor") != address:
             odd.append(f"the Dask gateway's run says executor {rec.get('executor')!r}, not {address!r}")
         print(f"bkg on Dask warm-up run: {first_dask:.2f} s")
         time.sleep(args.settle)
-        dask = bkg_burst(c2, args.burst, args.poll)
-        print(f"bkg on Dask burst: {dask['wall']:.2f} s, {dask['failed']} failed")
-        if dask["failed"]:
-            odd.append(f"bkg on Dask burst: {dask['failed']} failed: {dask['errors']}")
-            logs(gw2)
+        dask = reported_burst(gw2, c2, args, "bkg on Dask burst", odd)
         c2.close()
 
         # -- tables ------------------------------------------------------------------------------------------

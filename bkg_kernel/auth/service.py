@@ -44,7 +44,8 @@ from bkg_kernel.errors import (
 
 SESSION_TTL = timedelta(hours=12)
 HUB_SUFFIX = "@hub"  # the bkg users of JupyterHub users (made by the gateway under a Hub only)
-RUN_KEY_PREFIX = "job run run-"  # the one kind of key a Hub user gets: a notebook run's, made by the gateway
+RUN_KEY = "job run "  # a notebook run's key is named this and the run's id (run-...)
+RUN_KEY_PREFIX = RUN_KEY + "run-"  # the one kind of key a Hub user gets: a notebook run's, made by the gateway
 log = logging.getLogger("bkg.auth")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 

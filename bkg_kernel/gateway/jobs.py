@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bkg_kernel.errors import BkgError, Cancelled, Conflict, NotFound
+from bkg_kernel.jobs.access import visible
 
 Emit = Callable[[str, str, dict[str, Any]], None]
 KEEP = 200  # finished jobs kept for GET /api/jobs
@@ -44,14 +45,6 @@ class Job:
     def visible_to(self, scopes: frozenset[str] | set[str], username: str) -> bool:
         """A job and its result are its owner's, and an auditor's (scope admin:audit)."""
         return visible(self.owner, scopes, username)
-
-
-SEE_ALL = "admin:audit"  # the scope that sees every job, whoever started it
-
-
-def visible(owner: str | None, scopes: frozenset[str] | set[str], username: str) -> bool:
-    """Whether a caller (`username` with `scopes`) may see a job of `owner`: its owner, or an auditor."""
-    return owner == username or SEE_ALL in scopes
 
 
 class Jobs:

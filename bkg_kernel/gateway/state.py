@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Request
 
@@ -17,12 +17,10 @@ from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.errors import Forbidden, Unauthorized
 from bkg_kernel.gateway.hub import Hub
 from bkg_kernel.gateway.jobs import Jobs
+from bkg_kernel.gateway.jupyterhub import HubTrust, token_of
 from bkg_kernel.gateway.metrics import Metrics
 from bkg_kernel.gateway.plugin_store import PluginStore
 from bkg_kernel.jobs.service import JobService
-
-if TYPE_CHECKING:
-    from bkg_kernel.gateway.jupyterhub import HubTrust
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.runtime.discovery import Discovered, discover
 from bkg_kernel.runtime.supervisor import Supervisor
@@ -92,8 +90,6 @@ class Gateway:
         gw = cls(settings, store, auth, models, supervisor, hub, metrics or Metrics(), Jobs(hub.publish), key_path)
         gw.runs = JobService(settings, store, auth, hub.publish, gw.url())  # started in the app's lifespan
         if settings.hub_service_name and settings.hub_api_token:  # started by JupyterHub as a service
-            from bkg_kernel.gateway.jupyterhub import HubTrust
-
             gw.hub_trust = HubTrust(settings, auth)
         # hashing the packaged default models takes ~1 s: do it off the start-up path
         threading.Thread(target=gw._register_defaults, name="bkg-model-defaults", daemon=True).start()
@@ -139,9 +135,7 @@ class Gateway:
         the app-wide `hub_caller` dependency) and check it holds `scope`."""
         p: Principal | None = getattr(request.state, "principal", None)
         if p is None:
-            header = request.headers.get("authorization", "")
-            kind, _, value = header.partition(" ")
-            token = value.strip() if kind.lower() in ("bearer", "token") else request.headers.get("x-api-key", "")
+            token = token_of(request)
             if not token:
                 raise Unauthorized("missing credentials: send 'Authorization: Bearer <API key or session token>'")
             p = self.auth.authenticate(token)

@@ -171,6 +171,11 @@ class History:
                 [enabled, last_fire, schedule_id],
             )
 
+    def schedule(self, schedule_id: str) -> dict[str, Any] | None:
+        """One schedule, or None."""
+        rows = self._rows("SELECT * FROM job_schedules WHERE id = ?", [schedule_id])
+        return rows[0] if rows else None
+
     def schedules(self) -> list[dict[str, Any]]:
         """Every schedule, oldest first."""
         return self._rows("SELECT * FROM job_schedules ORDER BY created_at")

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from bkg_kernel.auth import AuthService, Principal
+from bkg_kernel.auth.service import RUN_KEY, RUN_KEY_PREFIX
 from bkg_kernel.errors import BkgError, Conflict, Forbidden, InvalidInput, NotFound
 from bkg_kernel.jobs import notebooks, schedule
+from bkg_kernel.jobs.access import SEE_ALL, visible
 from bkg_kernel.jobs.history import FINISHED, History
 from bkg_kernel.jobs.pool import Executor, LocalPool
 from bkg_kernel.jobs.webhooks import check_url, notify
@@ -30,7 +32,6 @@ from bkg_kernel.settings import SECRET_ENV, Settings
 
 log = logging.getLogger("bkg.jobs")
 Emit = Callable[[str, str, dict[str, Any]], None]
-SEE_ALL = "admin:audit"
 RUN_SCOPE = "jobs:run"
 MAX_TIMEOUT = 7 * 24 * 3600.0
 KEY_GRACE = 3600.0  # a run's key outlives its timeout by this much (a wait for a busy cluster, a late end)
@@ -111,7 +112,7 @@ class JobService:
     def _revoke_stale_keys(self) -> None:
         """Revoke run keys no live run holds (a gateway that died mid-run left them valid)."""
         for rec in list(self.auth.keys.values()):
-            if rec.name.startswith("job run run-") and rec.name.removeprefix("job run ") not in self.live:
+            if rec.name.startswith(RUN_KEY_PREFIX) and rec.name.removeprefix(RUN_KEY) not in self.live:
                 self._revoke(rec.id)
 
     def _spawn(self, coro: Any) -> None:
@@ -134,37 +135,15 @@ class JobService:
     ) -> dict[str, Any]:
         """Check the notebook and its parameters (before anything runs), then queue a run as `p`."""
         p.require(RUN_SCOPE, "running a notebook job")
-        if timeout_s is not None and not (isinstance(timeout_s, int | float) and 0 < timeout_s <= MAX_TIMEOUT):
-            raise InvalidInput(f"timeout_s must be a number of seconds from 1 to {MAX_TIMEOUT:.0f}", field="timeout_s")
-        if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 10:
-            raise InvalidInput("retries must be an integer from 0 to 10", field="retries")
+        _check_limits(timeout_s, retries)
         path, params = await asyncio.to_thread(self._checked, notebook, parameters)
-        run_id = "run-" + uuid.uuid4().hex[:12]
-        run: dict[str, Any] = {
-            "id": run_id,
-            "notebook": notebooks.relative_name(path, self.roots),
-            "path": str(path),
-            "parameters": params,
-            "state": "queued",
-            "owner": p.username,
-            "owner_id": p.user_id,
-            "scopes": sorted(p.scopes),
-            "schedule_id": schedule_id,
-            "retry_of": retry_of,
-            "attempt": attempt,
-            "retries": retries,
-            "timeout_s": timeout_s,
-            "executor": self.settings.job_executor,
-            "created_at": self.clock(),
-            "started_at": None,
-            "finished_at": None,
-            "cells_done": 0,
-            "cells_total": 0,
-            "output_path": None,
-            "html_path": None,
-            "error": None,
-            "message": "queued",
-        }
+        run = new_run(
+            notebook=notebooks.relative_name(path, self.roots), path=str(path), parameters=params,
+            owner=p.username, owner_id=p.user_id, scopes=sorted(p.scopes), schedule_id=schedule_id,
+            retry_of=retry_of, attempt=attempt, retries=retries, timeout_s=timeout_s,
+            executor=self.settings.job_executor, created_at=self.clock(),
+        )  # fmt: skip
+        run_id = run["id"]
         self.live[run_id] = run
         await asyncio.to_thread(self.history.save_run, run)
         self._publish(run)
@@ -268,7 +247,7 @@ class JobService:
         scopes = [s for s in run["scopes"] if s in held]  # never more than the owner holds today
         life = timedelta(seconds=(run["timeout_s"] or MAX_TIMEOUT) + KEY_GRACE)
         expires = datetime.now(UTC).replace(tzinfo=None) + life
-        rec, token = self.auth.create_key(user["id"], f"job run {run['id']}", scopes, expires, actor=run["owner"])
+        rec, token = self.auth.create_key(user["id"], RUN_KEY + run["id"], scopes, expires, actor=run["owner"])
         return str(rec["id"]), token
 
     def _revoke(self, key_id: str) -> None:
@@ -327,8 +306,8 @@ class JobService:
     async def _after(self, run: dict[str, Any]) -> None:
         """Webhooks and retention, off the run's path."""
         urls = []
-        scheds = await asyncio.to_thread(self.history.schedules) if run["schedule_id"] else []
-        sched = next((s for s in scheds if s["id"] == run["schedule_id"]), None)
+        sid = run["schedule_id"]
+        sched = await asyncio.to_thread(self.history.schedule, sid) if sid else None
         if sched and sched["webhook_url"] and (run["state"] != "succeeded" or sched["notify_success"]):
             urls.append(sched["webhook_url"])
         glob = self.settings.job_webhook_url
@@ -370,7 +349,7 @@ class JobService:
     async def get(self, run_id: str, p: Principal) -> dict[str, Any]:
         """One run (live or kept), if `p` may see it (its owner or an auditor; anyone else gets 404)."""
         run = self.live.get(run_id) or await asyncio.to_thread(self.history.run, run_id)
-        if run is None or not (run["owner"] == p.username or SEE_ALL in p.scopes):
+        if run is None or not visible(run["owner"], p.scopes, p.username):
             raise NotFound(f"no job {run_id!r}", field="job_id")
         return public(run)
 
@@ -429,10 +408,7 @@ class JobService:
         if webhook is not None:
             await asyncio.to_thread(check_url, webhook, self.settings.webhook_allow)
         timeout_s, retries = body.get("timeout_s"), body.get("retries", 0)
-        if timeout_s is not None and not (isinstance(timeout_s, int | float) and 0 < timeout_s <= MAX_TIMEOUT):
-            raise InvalidInput(f"timeout_s must be a number of seconds from 1 to {MAX_TIMEOUT:.0f}", field="timeout_s")
-        if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 10:
-            raise InvalidInput("retries must be an integer from 0 to 10", field="retries")
+        _check_limits(timeout_s, retries)
         now = self.clock()
         row = {
             "id": "sched-" + uuid.uuid4().hex[:10],
@@ -463,12 +439,11 @@ class JobService:
     async def schedules(self, p: Principal) -> list[dict[str, Any]]:
         """Schedules `p` may see, with their next run time."""
         rows = await asyncio.to_thread(self.history.schedules)
-        return [self._schedule_public(s) for s in rows if s["owner"] == p.username or SEE_ALL in p.scopes]
+        return [self._schedule_public(s) for s in rows if visible(s["owner"], p.scopes, p.username)]
 
     async def _schedule(self, schedule_id: str, p: Principal) -> dict[str, Any]:
-        rows = await asyncio.to_thread(self.history.schedules)
-        s = next((r for r in rows if r["id"] == schedule_id), None)
-        if s is None or not (s["owner"] == p.username or SEE_ALL in p.scopes):
+        s = await asyncio.to_thread(self.history.schedule, schedule_id)
+        if s is None or not visible(s["owner"], p.scopes, p.username):
             raise NotFound(f"no schedule {schedule_id!r}", field="schedule_id")
         if s["owner"] != p.username:
             p.require(RUN_SCOPE, f"changing {s['owner']}'s schedule")
@@ -492,12 +467,15 @@ class JobService:
         now = self.clock()
         for s in self.history.schedules():
             if schedule.due(s["cron"], s["timezone"], s["last_fire"] or 0, now) is not None:
-                s["last_fire"] = now
-                self.history.save_schedule(s)
+                self.history.mark_fired(s["id"], now, None)
 
     async def _refused(self, s: dict[str, Any], exc: BkgError) -> dict[str, Any]:
         """Record a scheduled run that could not start (its notebook gone, its owner without jobs:run...)."""
-        run = _refused_row(s, self.clock())
+        run = new_run(
+            notebook=s["notebook"], path=s["notebook"], parameters=s["parameters"], owner=s["owner"],
+            owner_id=s["owner_id"], scopes=list(s["scopes"]), schedule_id=s["id"], timeout_s=s["timeout_s"],
+            created_at=self.clock(),
+        )  # fmt: skip
         await self._finish(run, "failed", {"ename": type(exc).__name__, "evalue": exc.message})
         return public(run)
 
@@ -539,15 +517,24 @@ class JobService:
         return started
 
 
-def _refused_row(s: dict[str, Any], now: float) -> dict[str, Any]:
-    return {
-        "id": "run-" + uuid.uuid4().hex[:12], "notebook": s["notebook"], "path": s["notebook"],
-        "parameters": s["parameters"], "state": "queued", "owner": s["owner"], "owner_id": s["owner_id"],
-        "scopes": list(s["scopes"]), "schedule_id": s["id"], "retry_of": None, "retried_by": None, "attempt": 1,
-        "retries": 0, "timeout_s": s["timeout_s"], "executor": None, "created_at": now, "started_at": None,
-        "finished_at": None, "cells_done": 0, "cells_total": 0, "output_path": None, "html_path": None,
-        "error": None, "message": "",
+def _check_limits(timeout_s: Any, retries: Any) -> None:
+    """Refuse a timeout or a retry count out of bounds (422 naming the field)."""
+    if timeout_s is not None and not (isinstance(timeout_s, int | float) and 0 < timeout_s <= MAX_TIMEOUT):
+        raise InvalidInput(f"timeout_s must be a number of seconds from 1 to {MAX_TIMEOUT:.0f}", field="timeout_s")
+    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 10:
+        raise InvalidInput("retries must be an integer from 0 to 10", field="retries")
+
+
+def new_run(**fields: Any) -> dict[str, Any]:
+    """A run row, queued, with a new id: `fields` say what it runs, for whom and how."""
+    run: dict[str, Any] = {
+        "id": "run-" + uuid.uuid4().hex[:12], "parameters": {}, "state": "queued", "schedule_id": None,
+        "retry_of": None, "retried_by": None, "attempt": 1, "retries": 0, "timeout_s": None, "executor": None,
+        "started_at": None, "finished_at": None, "cells_done": 0, "cells_total": 0, "output_path": None,
+        "html_path": None, "error": None, "message": "queued",
     }  # fmt: skip
+    run.update(fields)
+    return run
 
 
 def public(run: dict[str, Any]) -> dict[str, Any]:

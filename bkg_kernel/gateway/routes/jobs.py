@@ -75,8 +75,8 @@ def _job(request: Request, job_id: str, p: Principal) -> Job:
 @router.get("/api/jobs")
 async def list_jobs(request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
     """The caller's jobs, notebook runs and background jobs together (every job for admin:audit), newest first."""
-    background = [j.to_dict() | {"created_at": j.created} for j in gateway(request).jobs.jobs.values()]
-    mine = [j for j in background if j["owner"] == p.username or "admin:audit" in p.scopes]
+    jobs = gateway(request).jobs.jobs.values()
+    mine = [j.to_dict() | {"created_at": j.created} for j in jobs if j.visible_to(p.scopes, p.username)]
     both = mine + await runs(request).runs(p)
     return {"jobs": sorted(both, key=lambda j: j["created_at"], reverse=True)}
 

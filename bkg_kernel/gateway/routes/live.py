@@ -10,6 +10,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from bkg_kernel.errors import BkgError
 from bkg_kernel.gateway import jobs
 from bkg_kernel.gateway.hub import Subscriber
+from bkg_kernel.gateway.jupyterhub import token_of
 from bkg_kernel.gateway.state import Gateway
 
 TOPICS = ("status", "logs", "telemetry", "jobs")
@@ -24,7 +25,7 @@ async def ws(websocket: WebSocket) -> None:
 
 async def _websocket(websocket: WebSocket) -> None:
     gw: Gateway = websocket.app.state.gateway
-    token = websocket.query_params.get("token") or websocket.headers.get("authorization", "")[7:].strip()
+    token = token_of(websocket)
     try:
         p = getattr(websocket.state, "principal", None) or (gw.auth.authenticate(token) if token else None)
         if p is None or "plugins:read" not in p.scopes:
