@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, free_port, http_ok, start_gateway, wait_for  # noqa: E402
 
-from bkg_kernel.cli import dashboards_cmd  # noqa: E402
+from bkg_kernel.cli import dashboards_cmd, dashboards_env  # noqa: E402
 
 DASHBOARDS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "dashboards").glob("*.ipynb"))
 
@@ -47,7 +47,7 @@ def main() -> None:
     vport = free_port()
     voila = subprocess.Popen(
         dashboards_cmd(vport, Path(__file__).resolve().parent.parent / "dashboards"),
-        env={**os.environ, "BKG_GATEWAY_URL": gw.url}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=dashboards_env(gw.url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     vurl = f"http://127.0.0.1:{vport}"
     ready, sidebar = [], []

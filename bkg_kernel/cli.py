@@ -79,12 +79,22 @@ def lab_cmd(port: int, notebook_dir: Path, open_browser: bool) -> list[str]:
 
 
 def dashboards_cmd(port: int, folder: Path) -> list[str]:
-    """The Voila command line: safe defaults (no tracebacks, sources stripped) and a preheated kernel each."""
+    """The Voila command line: safe defaults (no tracebacks, sources stripped), a preheated kernel each, and bkg's
+    template (no CDN; `?theme=dark` for the dark theme). Run it with `dashboards_env()`."""
     return [
         sys.executable, "-m", "voila", str(folder), f"--port={port}", "--Voila.ip=127.0.0.1", "--no-browser",
         "--show_tracebacks=False", "--strip_sources=True", "--preheat_kernel=True", "--pool_size=1",
-        "--theme=light",
+        "--theme=light", "--VoilaConfiguration.allow_theme_override=YES", "--template=bkg",
     ]  # fmt: skip
+
+
+def dashboards_env(gateway_url: str | None = None) -> dict[str, str]:
+    """The environment for `dashboards_cmd`: bkg's Voila template on the Jupyter path, the gateway to use."""
+    share = Path(__file__).resolve().parent / "widgets" / "share"
+    env = {**os.environ, "JUPYTER_PATH": os.pathsep.join(filter(None, [str(share), os.environ.get("JUPYTER_PATH")]))}
+    if gateway_url:
+        env["BKG_GATEWAY_URL"] = gateway_url
+    return env
 
 
 @app.command()
@@ -94,9 +104,7 @@ def dashboards(
     url: Annotated[str | None, typer.Option("--url", help="Gateway URL (default: the data dir's gateway).")] = None,
 ) -> None:
     """Serve the operator dashboards with Voila (each asks for a bkg login; Ctrl-C stops it)."""
-    if url:
-        os.environ["BKG_GATEWAY_URL"] = url
-    raise typer.Exit(subprocess.call(dashboards_cmd(port, folder)))
+    raise typer.Exit(subprocess.call(dashboards_cmd(port, folder), env=dashboards_env(url)))
 
 
 @app.command()
@@ -308,7 +316,9 @@ def run_all(
     typer.echo(f"the lab, its kernels and the dashboards use the {who} key", err=True)
     if (ddir / "admin.key").exists():
         typer.echo(f"admin API key file: {ddir / 'admin.key'}", err=True)
-    voila = subprocess.Popen(dashboards_cmd(dashboards_port, settings.dashboards_dir), stdin=subprocess.DEVNULL)
+    voila = subprocess.Popen(
+        dashboards_cmd(dashboards_port, settings.dashboards_dir), stdin=subprocess.DEVNULL, env=dashboards_env(wb.url)
+    )
     typer.echo(f"dashboards: http://127.0.0.1:{dashboards_port}/ (log in with an API key)", err=True)
     os.environ["BKG_DASHBOARDS_URL"] = f"http://127.0.0.1:{dashboards_port}"
     os.environ["BKG_DASHBOARDS_DIR"] = str(settings.dashboards_dir.resolve())

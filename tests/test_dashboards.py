@@ -14,7 +14,7 @@ import httpx
 import pytest
 from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, Gateway, free_port, http_ok, start_gateway, wait_for
 
-from bkg_kernel.cli import dashboards_cmd
+from bkg_kernel.cli import dashboards_cmd, dashboards_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
@@ -35,7 +35,7 @@ def voila(gw: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     log = open(VOILA_LOG, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         dashboards_cmd(port, ROOT / "dashboards"),
-        env={**os.environ, "BKG_GATEWAY_URL": gw.url},
+        env=dashboards_env(gw.url),
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -213,12 +213,13 @@ class AuthService:
         )
 
     def usage_report(self, group_by: str = "key", since: datetime | None = None) -> list[dict[str, Any]]:
-        """Sum token usage per key, user, model or day (optionally since a time)."""
+        """Sum token usage per key, user, model, day or key and day (optionally since a time)."""
         cols = {
             "key": "key_id, username",
             "user": "user_id, username",
             "model": "model",
             "day": "CAST(created_at AS DATE) AS day",
+            "key_day": "key_id, username, CAST(created_at AS DATE) AS day",
         }
         if group_by not in cols:
             raise InvalidInput(f"group_by must be one of {', '.join(cols)}, not {group_by!r}", field="group_by")

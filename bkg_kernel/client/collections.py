@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
 
 
+EXPLAIN_KEYS = ("vector_rank", "vector_score", "text_rank", "text_score")
+
+
 class RemoteCollection:
     """One collection on the gateway; the same calls as a local `Collection`."""
 
@@ -58,7 +61,21 @@ class RemoteCollection:
         body = {"vector": vector.tolist() if hasattr(vector, "tolist") else vector, "text": text, "k": k, **kw}
         r = self.wb.call("POST", f"{self.base}/query", json=body)
         hits = [Hit(h["id"], h["score"], h.get("payload"), h.get("text"), h.get("vector")) for h in r["results"]]
-        return QueryResult(hits, r["took_ms"], r["mode"])
+        result = QueryResult(hits, r["took_ms"], r["mode"])
+        if kw.get("explain"):
+            result.explain = [{k: h.get(k) for k in EXPLAIN_KEYS} for h in r["results"]]
+        return result
+
+    def map(self, sample: int = 5000, filter: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+        """A sample of the points as 2-D PCA coordinates with ids, payloads and texts (`components`, `seed`)."""
+        return dict(self.wb.call("POST", f"{self.base}/map", json={"sample": sample, "filter": filter, **kw}))
+
+    def explore(self, color: str | None = None, *, method: str = "pca", sample: int = 5000, **kw: Any) -> Any:
+        """Draw the collection as a 2-D map (PCA, or UMAP with method="umap") coloured by a payload field: hover
+        shows a point, a box or lasso selection lists points, a click shows its nearest neighbours."""
+        from bkg_kernel.pictures.explorer import Explorer
+
+        return Explorer(self.wb, self.name, color=color, method=method, sample=sample, **kw)
 
     def get(self, ids: list[Any], with_vectors: bool = True) -> list[dict[str, Any]]:
         """Points by id."""

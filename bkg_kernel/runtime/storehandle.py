@@ -113,11 +113,13 @@ class StoreHandle:
         rrf_k: float = 60.0,
         ef_search: int | None = None,
         with_text: bool = False,
+        explain: bool = False,
     ) -> list[dict[str, Any]]:
         """Vector, full-text or hybrid search (text is embedded with the collection's embed_model); the hits."""
         args = {
             "name": name, "vector": vector, "text": text, "k": k, "filter": filter, "mode": mode,
             "vector_weight": vector_weight, "rrf_k": rrf_k, "ef_search": ef_search, "with_text": with_text,
+            "explain": explain,
         }  # fmt: skip
         out: list[dict[str, Any]] = self._send("query", args)
         return out

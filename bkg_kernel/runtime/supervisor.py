@@ -163,6 +163,7 @@ class Supervisor:
         if limit and h.worker is not None and tel.rss_bytes > limit * 1024 * 1024:
             h.add_log("WARNING", time.time(), f"RSS {tel.rss_bytes >> 20} MB over memory_limit_mb {limit}: restarting")
             threading.Thread(target=h.restart, daemon=True).start()
+        tel.sample(time.time())
         self.emit("telemetry", h.id, tel.snapshot())
 
     def summary(self) -> dict[str, Any]:

@@ -50,8 +50,13 @@ class RingHandler(logging.Handler):
         self.sink(record.levelname, record.created, self.format(record))
 
 
+HISTORY_POINTS = 1800  # an hour of the supervisor's 2-second samples
+HISTORY_FIELDS = ("t", "cpu_percent", "rss_bytes", "latency_p50_ms", "latency_p95_ms", "requests_per_min")
+
+
 class Telemetry:
-    """Counters and samples for one plugin."""
+    """Counters and samples for one plugin, and a bounded ring of samples over the last hour (so a page opened
+    now draws history at once)."""
 
     def __init__(self) -> None:
         self.requests = 0
@@ -66,12 +71,16 @@ class Telemetry:
         self._recent: deque[float] = deque(maxlen=100_000)
         self._snap: dict[str, Any] | None = None
         self._snap_at = 0.0
+        self.history: deque[tuple[Any, ...]] = deque(maxlen=HISTORY_POINTS)
+        self._since_sample: list[float] = []
 
     def record(self, seconds: float, error: str | None = None) -> None:
         """Count one finished request."""
         self.requests += 1
         self._snap = None
         self.latencies.append(seconds * 1000)
+        if len(self._since_sample) < 100_000:  # bounded even if sampling stalls
+            self._since_sample.append(seconds * 1000)
         self._recent.append(time.monotonic())
         if error is not None:
             self.errors += 1
@@ -105,3 +114,17 @@ class Telemetry:
             "in_flight": self.in_flight,
         }
         return self._snap
+
+    def sample(self, at: float) -> None:
+        """Add one point to the history: cpu, memory, and the latency percentiles of the requests since the last."""
+        window, self._since_sample = self._since_sample, []
+        p50 = p95 = None
+        if window:
+            p50, p95 = (round(float(v), 3) for v in np.percentile(np.asarray(window), [50, 95]))
+        snap = self.snapshot()
+        self.history.append((round(at, 2), snap["cpu_percent"], snap["rss_bytes"], p50, p95, snap["requests_per_min"]))
+
+    def history_columns(self, since: float = 0.0) -> dict[str, list[Any]]:
+        """Return the history after `since` (unix seconds) as columns, oldest first."""
+        rows = [r for r in list(self.history) if r[0] > since]
+        return {name: [r[i] for r in rows] for i, name in enumerate(HISTORY_FIELDS)}

@@ -217,15 +217,16 @@ class Collection:
         ef_search: int | None = None,
         with_text: bool = False,
         vector_weight: float = 0.5,
+        explain: bool = False,
     ) -> QueryResult:
         """Rank points by vector similarity, BM25 full-text score, or both fused with reciprocal rank fusion.
 
         A filter is applied before ranking, so k results come back whenever k points match it. Scores are
         cosine / inner-product similarity (higher is closer), L2 distance (lower is closer), BM25, or RRF.
         Hybrid weighs the vector ranking by `vector_weight` and the text ranking by `1 - vector_weight`
-        (0.5: classic RRF; like Weaviate's `alpha`).
+        (0.5: classic RRF; like Weaviate's `alpha`). `explain` adds each hit's vector and BM25 rank and score.
         """
-        return search.query(self, vector, text, k, filter, mode, rrf_k, ef_search, with_text, vector_weight)
+        return search.query(self, vector, text, k, filter, mode, rrf_k, ef_search, with_text, vector_weight, explain)
 
     def describe(self) -> CollectionInfo:
         """Return count, dim, metric, index, bytes on disk and the last snapshot."""

@@ -89,6 +89,7 @@ class QueryResult:
         self._cols = (ids or [], scores or [], payloads or [])
         self.took_ms = took_ms
         self.mode = mode
+        self.explain: list[dict[str, Any]] | None = None  # per hit: vector and BM25 rank and score, when asked
 
     @property
     def hits(self) -> list[Hit]:
@@ -116,8 +117,11 @@ class QueryResult:
         return list(self._cols[0]) if self._hits is None else [h.id for h in self._hits]
 
     def to_dict(self) -> dict[str, Any]:
-        """Return `{"results": [...], "took_ms": ..., "mode": ...}`."""
-        return {"results": [h.to_dict() for h in self.hits], "took_ms": self.took_ms, "mode": self.mode}
+        """Return `{"results": [...], "took_ms": ..., "mode": ...}` (each result with its explanation, if asked)."""
+        results = [h.to_dict() for h in self.hits]
+        if self.explain is not None:
+            results = [{**r, **e} for r, e in zip(results, self.explain, strict=True)]
+        return {"results": results, "took_ms": self.took_ms, "mode": self.mode}
 
     def to_pandas(self) -> Any:
         """Return the hits as a pandas DataFrame."""

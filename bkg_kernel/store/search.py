@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 MODES = ("vector", "text", "hybrid")
 FILTER_CACHE_SIZE = 32
+EXPLAIN_DEPTH = 100  # how deep each ranking is read to place a hit in it
 
 
 def query(
@@ -36,6 +37,7 @@ def query(
     ef_search: int | None,
     with_text: bool,
     vector_weight: float,
+    explain: bool = False,
 ) -> QueryResult:
     """Check a query, rank the points (see `Collection.query`) and return the best k."""
     t0 = time.perf_counter()
@@ -78,6 +80,8 @@ def query(
             sl = [x if math.isfinite(x) else 0.0 for x in sl]
         ids, payloads = c._ids, c._payloads
         result = QueryResult(None, 0.0, mode, ids=[ids[f] for f in fl], scores=sl, payloads=[payloads[f] for f in fl])
+        if explain:
+            result.explain = _explain(c, index, q, text, fl, max(k, EXPLAIN_DEPTH), allowed, ef_search, where, params)
         if with_text and fl:
             hits = result.hits
             texts = dict(
@@ -89,6 +93,38 @@ def query(
                 h.text = texts.get(f)
     result.took_ms = (time.perf_counter() - t0) * 1000
     return result
+
+
+def _explain(
+    c: Collection,
+    index: Any,
+    q: np.ndarray | None,
+    text: str | None,
+    fids: list[int],
+    depth: int,
+    allowed: np.ndarray | None,
+    ef_search: int | None,
+    where: str,
+    params: list[Any],
+) -> list[dict[str, Any]]:
+    """Each hit's place in the vector ranking and in the BM25 ranking (rank from 1, and score; None past `depth`
+    or when that side has no query), whatever the mode: why hybrid put it where it is."""
+    sides: dict[str, dict[int, tuple[int, float]]] = {"vector": {}, "text": {}}
+    if q is not None:
+        vf, raw = index.search(q, depth, allowed, ef_search)
+        sides["vector"] = {f: (r, float(s)) for r, (f, s) in enumerate(zip(vf.tolist(), index.score(raw).tolist()), 1)}
+    if isinstance(text, str) and text.strip():
+        tf, ts = fulltext.text_search(c, text, depth, where, params)
+        sides["text"] = {f: (r, float(s)) for r, (f, s) in enumerate(zip(tf.tolist(), ts.tolist()), 1)}
+    out = []
+    for f in fids:
+        e: dict[str, Any] = {}
+        for side, ranked in sides.items():
+            rank, score = ranked.get(f, (None, None))
+            e[f"{side}_rank"] = rank
+            e[f"{side}_score"] = score if score is None or math.isfinite(score) else 0.0
+        out.append(e)
+    return out
 
 
 def _allowed(c: Collection, flt: dict[str, Any], where: str, params: list[Any]) -> np.ndarray:

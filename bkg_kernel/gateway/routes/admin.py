@@ -183,8 +183,8 @@ def audit(
 def usage(
     request: Request,
     p: Annotated[Principal, Depends(AUDIT)],
-    group_by: Literal["key", "user", "model", "day"] = "key",
+    group_by: Literal["key", "user", "model", "day", "key_day"] = "key",
     since: datetime | None = None,
 ) -> dict[str, Any]:
-    """Token usage of the LLM routes, summed per key, user, model or day."""
+    """Token usage of the LLM routes, summed per key, user, model, day, or key and day (`key_day`)."""
     return {"group_by": group_by, "usage": _auth(request).usage_report(group_by, since)}

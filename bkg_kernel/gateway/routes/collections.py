@@ -19,6 +19,7 @@ from bkg_kernel.auth import Principal
 from bkg_kernel.errors import BadRequest, InvalidInput
 from bkg_kernel.gateway import storeops
 from bkg_kernel.gateway.state import gateway, need
+from bkg_kernel.store import projection
 from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN
 
 router = APIRouter(prefix="/api/collections", tags=["collections"])
@@ -99,6 +100,15 @@ class Query(Strict):
     vector_weight: float = Field(0.5, description="Hybrid: weight of the vector ranking (text gets the rest).")
     ef_search: int | None = None
     with_text: bool = False
+    explain: bool = Field(False, description="Add each hit's vector and BM25 rank and score, whatever the mode.")
+
+
+class Map(Strict):
+    sample: int = Field(5000, ge=1, le=50_000, description="At most this many points, the same ones for a seed.")
+    filter: dict[str, Any] | None = None
+    components: int = Field(2, ge=2, le=64, description="PCA components; over 2, sent as `reduced` (for UMAP).")
+    seed: int = 0
+    text_chars: int = Field(200, ge=0, le=5000, description="How much of each point's text to send.")
 
 
 class Restore(Strict):
@@ -345,6 +355,13 @@ async def query(name: Name, body: Query, request: Request, p: Annotated[Principa
     q = body.model_dump(exclude={"vector", "text", "mode"})
     coll = await asyncio.to_thread(gw.store.collection, name)  # the store's lock is never waited for on the loop
     return JSONResponse(await storeops.query_points(gw.supervisor, p, coll, body.vector, body.text, body.mode, **q))
+
+
+@router.post("/{name}/map", dependencies=[READ])
+def map_points(name: Name, body: Map, request: Request) -> dict[str, Any]:
+    """A sample of the points (matching a filter) as 2-D PCA coordinates with their ids, payloads and texts."""
+    coll = gateway(request).store.collection(name)
+    return projection.project(coll, body.sample, body.filter, body.components, body.seed, body.text_chars)
 
 
 @router.post("/{name}/snapshots", status_code=201)

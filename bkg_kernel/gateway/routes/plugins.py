@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -13,6 +14,7 @@ from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput, invalid_from_pydantic
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.runtime.host import PluginHost
+from bkg_kernel.runtime.supervisor import SAMPLE_EVERY_S
 
 router = APIRouter(tags=["plugins"])
 
@@ -54,6 +56,19 @@ async def telemetry_summary(request: Request) -> dict[str, Any]:
     """Telemetry of every plugin plus totals."""
     sup = gateway(request).supervisor
     return sup.summary()
+
+
+@router.get("/api/plugins/telemetry/history", dependencies=[read])
+async def telemetry_history(
+    request: Request, minutes: Annotated[float, Query(gt=0, le=60, description="How far back (at most an hour).")] = 60
+) -> dict[str, Any]:
+    """Every plugin's cpu, memory, p50/p95 latency and requests/min over the last `minutes`, as columns."""
+    sup = gateway(request).supervisor
+    since = time.time() - minutes * 60
+    return {
+        "interval_s": SAMPLE_EVERY_S,
+        "plugins": {pid: h.telemetry.history_columns(since) for pid, h in sup.hosts.items()},
+    }
 
 
 @router.get("/api/plugins/{plugin_id}", dependencies=[read])

@@ -76,6 +76,9 @@ class IndexRequest(BaseModel):
     chunking: Chunking | None = None
 
 
+EXPLAIN_KEYS = ("vector_rank", "vector_score", "text_rank", "text_score")
+
+
 class QueryRequest(BaseModel):
     """Search a collection."""
 
@@ -86,6 +89,9 @@ class QueryRequest(BaseModel):
     filters: dict[str, Any] | None = Field(None, description="On the documents' metadata, e.g. {'lang': 'en'}.")
     vector_weight: float | None = Field(None, ge=0.0, le=1.0, description="Hybrid fusion weight (default: settings).")
     rerank: bool = Field(False, description="Re-score the best candidates (cross-encoder or sentence-level).")
+    explain: bool = Field(
+        False, description="Add each result's vector and BM25 rank and score next to the fused one (whatever the mode)."
+    )
 
 
 class AskRequest(BaseModel):
@@ -267,7 +273,7 @@ class BrainML(Plugin):
         try:  # one round trip: the store embeds the query with the collection's model and says what is missing
             hits = self.store.query(
                 inp.collection, text=inp.query, k=k, mode=inp.mode, filter=inp.filters, with_text=True,
-                vector_weight=weight,
+                vector_weight=weight, explain=inp.explain,
             )  # fmt: skip
         except NotFound as exc:
             if exc.field != "name":
@@ -297,6 +303,7 @@ class BrainML(Plugin):
                     "offsets": [p.get("start"), p.get("end")],
                     "score": hit["score"],
                     **({"retrieval_score": hit["retrieval_score"]} if "retrieval_score" in hit else {}),
+                    **{k: hit[k] for k in EXPLAIN_KEYS if k in hit},
                     "rank": rank,
                     "metadata": meta,
                     "highlights": highlights(inp.query, text),

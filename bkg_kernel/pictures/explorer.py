@@ -1,0 +1,266 @@
+"""A collection as a 2-D map of its vectors: PCA (by the gateway) or UMAP (here, from 50 PCA components),
+sampled past a size you choose, coloured by a payload field; hover shows a point, a box or lasso selection
+lists the points, a click shows the nearest neighbours, and a filter (the store's filter language) narrows it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from html import escape
+from typing import Any
+
+import numpy as np
+
+from bkg_kernel.pictures.charts import OTHER, PALETTE, figure, fmt_count
+from bkg_kernel.pictures.loader import as_widget, use_panel
+
+MAX_CATEGORIES = len(PALETTE)
+LISTED = 50  # selected points listed by name; the rest counted
+UMAP_COMPONENTS = 50
+
+
+def _short(value: Any, n: int = 80) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def colour_column(payloads: list[Any], field: str | None) -> tuple[list[str], list[str], str]:
+    """Return each point's colour and legend label for `field`, and how the field was read (categories, a
+    numeric scale, or none)."""
+    n = len(payloads)
+    if not field:
+        return [PALETTE[0]] * n, [""] * n, "none"
+    values = [p.get(field) if isinstance(p, dict) else None for p in payloads]
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    distinct = {json.dumps(v, default=str) for v in values if v is not None}
+    if numbers and len(numbers) == sum(v is not None for v in values) and len(distinct) > MAX_CATEGORIES:
+        lo, hi = min(numbers), max(numbers)
+        from bokeh.palettes import Viridis256
+
+        def scale(v: Any) -> str:
+            if v is None:
+                return OTHER
+            return Viridis256[int((v - lo) / ((hi - lo) or 1) * 255)]
+
+        return [scale(v) for v in values], [_short(v, 30) if v is not None else "(none)" for v in values], "scale"
+    counts = Counter(_short(v, 30) for v in values if v is not None)
+    top = [k for k, _ in counts.most_common(MAX_CATEGORIES - 1 if len(counts) > MAX_CATEGORIES else MAX_CATEGORIES)]
+    colour_of = {k: PALETTE[i] for i, k in enumerate(top)}
+    labels = []
+    for v in values:
+        key = _short(v, 30) if v is not None else None
+        labels.append(key if key in colour_of else "(none)" if key is None else "(other)")
+    return [colour_of.get(lab, OTHER) for lab in labels], labels, "categories"
+
+
+class Explorer:
+    """The map of one collection; displays itself in a notebook and `.widget()` goes into a dashboard."""
+
+    def __init__(
+        self,
+        wb: Any,
+        name: str,
+        *,
+        color: str | None = None,
+        method: str = "pca",
+        sample: int = 5000,
+        filter: dict[str, Any] | None = None,
+        neighbours: int = 10,
+        height: int = 520,
+    ) -> None:
+        if method not in ("pca", "umap"):
+            raise ValueError(f"method must be 'pca' or 'umap', not {method!r}")
+        self.pn = use_panel(wb.url)
+        self.wb, self.name = wb, name
+        self.neighbours = neighbours
+        self.data: dict[str, Any] = {}
+        pn = self.pn
+        self.color = pn.widgets.Select(name="colour by", options=[""], value="", width=180)
+        self.method = pn.widgets.RadioButtonGroup(name="projection", options=["pca", "umap"], value=method)
+        self.sample = pn.widgets.IntInput(name="sample", value=sample, start=100, end=50_000, step=1000, width=110)
+        self.filter = pn.widgets.TextInput(
+            name="filter", value=json.dumps(filter) if filter else "", placeholder='{"label": "sports"}', width=260
+        )
+        self.draw_button = pn.widgets.Button(name="Draw", button_type="primary", width=80, align="end")
+        self.status = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["bkg-map-status"])
+        self.selection = pn.pane.HTML(
+            "<p class='bkg-empty'>Drag a box or a lasso over the map to list points; click one for its neighbours."
+            "</p>",
+            sizing_mode="stretch_width",
+            css_classes=["bkg-map-selection"],
+        )
+        self.neighbour_list = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["bkg-map-neighbours"])
+        self.plot = pn.pane.Bokeh(sizing_mode="stretch_width", height=height)
+        self.height = height
+        self.draw_button.on_click(lambda _: self.draw())
+        self.color.param.watch(lambda _: self._recolour(), "value")
+        self._wanted_colour = color
+        self.draw()
+
+    # -- data ----------------------------------------------------------------------------------------
+    def _fetch(self) -> dict[str, Any]:
+        flt = json.loads(self.filter.value) if self.filter.value.strip() else None
+        umap = self.method.value == "umap"
+        body = {"sample": int(self.sample.value), "filter": flt, "components": UMAP_COMPONENTS if umap else 2}
+        data = dict(self.wb.call("POST", f"/api/collections/{self.name}/map", json=body))
+        if umap and data["sampled"] > 2:
+            reduced = np.frombuffer(base64.b64decode(data.pop("reduced")), dtype=np.float32)
+            xy = umap_2d(reduced.reshape(data["sampled"], data["components"]))
+            data["x"], data["y"] = xy[:, 0].tolist(), xy[:, 1].tolist()
+        return data
+
+    def draw(self) -> None:
+        """Fetch the sample (with the current filter, size and projection) and draw it."""
+        try:
+            self.status.object = "<p>Drawing…</p>"
+            self.data = self._fetch()
+        except json.JSONDecodeError as exc:
+            self.status.object = f"<p class='bkg-error'>filter: not JSON ({escape(str(exc))})</p>"
+            return
+        except Exception as exc:  # noqa: BLE001 - said in the view
+            from bkg_kernel.widgets.primitives import error_text
+
+            self.status.object = f"<p class='bkg-error'>{escape(error_text(exc))}</p>"
+            return
+        fields = sorted({k for p in self.data["payloads"] if isinstance(p, dict) for k in p})
+        self.color.options = ["", *fields]
+        if self._wanted_colour in fields:
+            self.color.value = self._wanted_colour
+        d = self.data
+        how = "PCA" if self.method.value == "pca" else "UMAP of 50 PCA components"
+        shown = (
+            f"all {fmt_count(d['total'])} points"
+            if d["sampled"] == d["total"]
+            else f"a sample of {fmt_count(d['sampled'])} of {fmt_count(d['total'])} points"
+        )
+        var = d.get("explained_variance") or []
+        explained = f"; the axes explain {var[0]:.0%} and {var[1]:.0%} of the variance" if len(var) == 2 else ""
+        self.status.object = (
+            f"<p><b>{escape(self.name)}</b>: {shown} ({how}{explained if self.method.value == 'pca' else ''}).</p>"
+        )
+        if not d["sampled"]:
+            self.plot.object = None
+            self.status.object += "<p class='bkg-empty'>No point matches this filter.</p>"
+            return
+        self._build_plot()
+
+    # -- drawing -------------------------------------------------------------------------------------
+    def _columns(self) -> dict[str, list[Any]]:
+        d = self.data
+        colour, label, _ = colour_column(d["payloads"], self.color.value or None)
+        return {
+            "x": d["x"], "y": d["y"], "id": [str(i) for i in d["ids"]],
+            "text": [_short(t or "", 140) for t in d["texts"]],
+            "payload": [_short(p or {}, 140) for p in d["payloads"]],
+            "colour": colour, "label": label,
+        }  # fmt: skip
+
+    def _build_plot(self) -> None:
+        from bokeh.models import ColumnDataSource, HoverTool
+
+        self.source = ColumnDataSource(self._columns())
+        self.near = ColumnDataSource({"x": [], "y": []})
+        f = figure(
+            height=self.height, tools="pan,wheel_zoom,box_select,lasso_select,tap,reset,save",
+            active_drag="pan", active_scroll="wheel_zoom", output_backend="webgl",
+        )  # fmt: skip
+        f.xaxis.visible = f.yaxis.visible = False
+        f.grid.grid_line_alpha = 0.3
+        size = 4 if len(self.data["ids"]) > 5000 else 6
+        legend = {"legend_field": "label"} if self.color.value else {}
+        points = f.scatter(
+            "x", "y", source=self.source, size=size, color="colour", alpha=0.7, line_color=None,
+            selection_alpha=1.0, nonselection_alpha=0.15, **legend,
+        )  # fmt: skip
+        f.scatter("x", "y", source=self.near, size=size + 8, fill_color=None, line_color="#d62728", line_width=2)
+        f.add_tools(
+            HoverTool(
+                renderers=[points],
+                tooltips=[("id", "@id"), ("text", "@text"), ("payload", "@payload")],
+            )
+        )
+        if legend:
+            f.legend.location = "top_left"
+            f.legend.label_text_font_size = "11px"
+            f.legend.click_policy = "hide"
+        self.source.selected.on_change("indices", self._selected)
+        self.figure = f
+        self.plot.object = f
+
+    def _recolour(self) -> None:
+        if self.data.get("sampled") and hasattr(self, "source"):
+            self._build_plot()  # the legend follows the colour field, so the figure is rebuilt
+
+    # -- interaction ---------------------------------------------------------------------------------
+    def _selected(self, attr: str, old: list[int], new: list[int]) -> None:
+        d = self.data
+        if not new:
+            self.selection.object = "<p class='bkg-empty'>Nothing selected.</p>"
+            self.near.data = {"x": [], "y": []}
+            return
+        rows = "".join(
+            f"<tr><td>{escape(str(d['ids'][i]))}</td><td>{escape(_short(d['texts'][i] or '', 120))}</td>"
+            f"<td>{escape(_short(d['payloads'][i] or {}, 80))}</td></tr>"
+            for i in new[:LISTED]
+        )
+        more = f" (the first {LISTED} listed)" if len(new) > LISTED else ""
+        self.selection.object = (
+            f"<p><b>{len(new)} selected</b>{more}</p><table class='bkg-table'><tr><th>id</th><th>text</th>"
+            f"<th>payload</th></tr>{rows}</table>"
+        )
+        if len(new) == 1:
+            self.show_neighbours(new[0])
+
+    def show_neighbours(self, i: int) -> None:
+        """List the nearest neighbours of the i-th drawn point (from the whole collection) and ring those drawn."""
+        d = self.data
+        pid = d["ids"][i]
+        try:
+            got = self.wb.call("POST", f"/api/collections/{self.name}/points/get", json={"ids": [pid]})["points"]
+            r = self.wb.call(
+                "POST", f"/api/collections/{self.name}/query",
+                json={"vector": got[0]["vector"], "k": self.neighbours + 1, "with_text": True},
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001
+            from bkg_kernel.widgets.primitives import error_text
+
+            self.neighbour_list.object = f"<p class='bkg-error'>{escape(error_text(exc))}</p>"
+            return
+        hits = [h for h in r["results"] if h["id"] != pid][: self.neighbours]
+        at = {str(x): j for j, x in enumerate(d["ids"])}
+        drawn = [at[str(h["id"])] for h in hits if str(h["id"]) in at]
+        self.near.data = {"x": [d["x"][j] for j in drawn], "y": [d["y"][j] for j in drawn]}
+        rows = "".join(
+            f"<tr><td>{k}</td><td>{escape(str(h['id']))}</td><td>{h['score']:.3f}</td>"
+            f"<td>{escape(_short(h.get('text') or '', 120))}</td></tr>"
+            for k, h in enumerate(hits, 1)
+        )
+        self.neighbour_list.object = (
+            f"<p><b>Nearest neighbours of {escape(str(pid))}</b> ({len(drawn)} of them on the map, ringed red)</p>"
+            f"<table class='bkg-table'><tr><th>#</th><th>id</th><th>score</th><th>text</th></tr>{rows}</table>"
+        )
+
+    # -- showing -------------------------------------------------------------------------------------
+    def panel(self) -> Any:
+        """Return the whole view as a Panel layout."""
+        pn = self.pn
+        controls = pn.Row(self.color, self.method, self.sample, self.filter, self.draw_button)
+        side = pn.Column(self.selection, self.neighbour_list, width=420, max_height=self.height + 60, scroll=True)
+        return pn.Column(controls, self.status, pn.Row(self.plot, side), sizing_mode="stretch_width")
+
+    def widget(self) -> Any:
+        """Return the view as an ipywidget."""
+        return as_widget(self.panel())
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        return self.widget()._repr_mimebundle_(include=include, exclude=exclude)
+
+
+def umap_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Return UMAP's 2-D layout of the rows of `x` (umap-learn; its first call compiles, a few seconds)."""
+    import umap
+
+    n_neighbors = max(2, min(15, len(x) - 1))
+    return np.asarray(umap.UMAP(n_neighbors=n_neighbors, random_state=seed).fit_transform(x), dtype=np.float32)

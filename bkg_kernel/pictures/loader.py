@@ -1,0 +1,49 @@
+"""Panel, set up so that every style, icon and script it needs comes from the gateway, never from a CDN.
+
+Panel reads `PANEL_CDN_ROOT` once, when it is first imported (its stylesheet URLs are built at import), so
+`use_panel` sets it before the import; its Bokeh and Panel scripts are inlined into the page
+(`pn.extension(inline=True)`). A view is shown as a `jupyter_bokeh` widget, which renders in JupyterLab, in a
+plain notebook and inside the Voila dashboards' ipywidgets.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+_loaded = False
+
+
+def use_panel(gateway_url: str | None = None) -> Any:
+    """Import Panel with its resources served by the gateway at `gateway_url`; load its scripts into this page
+    once per kernel (call it while a cell runs: that cell's output carries them). Return the `panel` module."""
+    global _loaded
+    if gateway_url is None:
+        from bkg_kernel.widgets.login import gateway_url as default_url
+
+        gateway_url = default_url()
+    root = f"{gateway_url.rstrip('/')}/static/panel/"
+    import sys
+
+    if "panel" not in sys.modules:
+        os.environ["PANEL_CDN_ROOT"] = root
+    import panel as pn
+    from panel.io import resources
+
+    if not resources.CDN_ROOT.startswith(("http://127.0.0.1", "http://localhost", root)):
+        warnings.warn(
+            f"panel was imported before bkg set its resources: its styles come from {resources.CDN_ROOT}",
+            stacklevel=2,
+        )
+    if not _loaded:
+        pn.extension(inline=True)
+        _loaded = True
+    return pn
+
+
+def as_widget(obj: Any) -> Any:
+    """Return a Panel object as an ipywidget (for the dashboards' ipywidgets layouts)."""
+    import panel as pn
+
+    return pn.ipywidget(obj)
