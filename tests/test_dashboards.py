@@ -4,7 +4,6 @@ first and then the key stops working; a viewer-scoped login cannot see the keys 
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,7 +168,7 @@ def test_jobs_page_runs_a_notebook_and_names_the_failed_cell(browser: Any, voila
 @pytest.mark.parametrize(
     "name",
     ["overview", "api_keys", "users", "models", "jobs", "settings", "llmserver", "candle", "rustyface", "brainml",
-     "apikeys", "repoagent"],
+     "apikeys", "repoagent", "explorer"],
 )  # fmt: skip
 def test_every_dashboard_renders_for_an_admin(browser: Any, voila: str, name: str) -> None:
     page = open_logged_in(browser, voila, name, ADMIN_KEY)

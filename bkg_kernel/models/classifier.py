@@ -124,12 +124,20 @@ def train(
     xtr, ytr, xte, yte = x[tr], y_all[tr], x[te], y_all[te]
     t0 = time.perf_counter()
     clf: Any
+    curve: list[dict[str, Any]] = []  # per epoch (logistic: per round): loss where there is one, and accuracies
+
+    def point(epoch: int, loss: float | None) -> None:
+        train_acc, test_acc = round(float(clf.score(xtr, ytr)), 4), round(float(clf.score(xte, yte)), 4)
+        loss_v = None if loss is None else round(float(loss), 5)
+        curve.append({"epoch": epoch, "loss": loss_v, "train_accuracy": train_acc, "test_accuracy": test_acc})
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if model == "logistic":
             clf = LogisticRegression(max_iter=20, warm_start=True, C=10.0, random_state=seed)
             for step in range(epochs):
                 clf.fit(xtr, ytr)
+                point(step + 1, None)
                 progress((step + 1) / epochs, f"logistic regression: {20 * (step + 1)} lbfgs iterations")
                 if int(np.max(clf.n_iter_)) < 20:  # converged
                     break
@@ -143,6 +151,7 @@ def train(
             for epoch in range(epochs):
                 idx = order.permutation(len(xtr))
                 clf.partial_fit(xtr[idx], ytr[idx], classes=classes)
+                point(epoch + 1, clf.loss_)
                 progress((epoch + 1) / epochs, f"mlp: epoch {epoch + 1}/{epochs}, loss {clf.loss_:.4f}")
             layers = [(w.copy(), b.copy()) for w, b in zip(clf.coefs_, clf.intercepts_, strict=True)]
     fitted = [str(c) for c in clf.classes_]
@@ -163,6 +172,7 @@ def train(
             for i, lab in enumerate(fitted)
         ],
         "confusion": confusion_matrix(yte, pred, labels=fitted).tolist(),
+        "curve": curve,
         "train_seconds": round(time.perf_counter() - t0, 3),
     }
     return net, metrics

@@ -27,7 +27,7 @@ def figure(title: str = "", **kw: Any) -> Any:
     f = bk_figure(**{**defaults, **kw})
     f.outline_line_color = None
     f.toolbar.logo = None
-    f.title.text_font_size = "13px"
+    f.title.text_font_size = "13px"  # type: ignore[union-attr]
     return f
 
 

@@ -79,15 +79,20 @@ class Explorer:
         pn = self.pn
         self.color = pn.widgets.Select(name="colour by", options=[""], value="", width=180)
         self.method = pn.widgets.RadioButtonGroup(name="projection", options=["pca", "umap"], value=method)
-        self.sample = pn.widgets.IntInput(name="sample", value=sample, start=100, end=50_000, step=1000, width=110)
+        self.sample = pn.widgets.IntInput(
+            name="sample", value=sample, start=100, end=50_000, step=1000, width=110, css_classes=["bkg-sample"]
+        )
         self.filter = pn.widgets.TextInput(
-            name="filter", value=json.dumps(filter) if filter else "", placeholder='{"label": "sports"}', width=260
+            name="filter",
+            value=json.dumps(filter) if filter else "",
+            placeholder='{"label": "sports"}',
+            width=260,
+            css_classes=["bkg-filter"],
         )
         self.draw_button = pn.widgets.Button(name="Draw", button_type="primary", width=80, align="end")
         self.status = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["bkg-map-status"])
         self.selection = pn.pane.HTML(
-            "<p class='bkg-empty'>Drag a box or a lasso over the map to list points; click one for its neighbours."
-            "</p>",
+            "<p class='bkg-empty'>Drag a box or a lasso over the map to list points; click one for its neighbours.</p>",
             sizing_mode="stretch_width",
             css_classes=["bkg-map-selection"],
         )
@@ -126,8 +131,10 @@ class Explorer:
             return
         fields = sorted({k for p in self.data["payloads"] if isinstance(p, dict) for k in p})
         self.color.options = ["", *fields]
-        if self._wanted_colour in fields:
-            self.color.value = self._wanted_colour
+        wanted = self._wanted_colour if self._wanted_colour in fields else default_colour(self.data["payloads"], fields)
+        if wanted and self.color.value != wanted:
+            self._wanted_colour = wanted
+            self.color.value = wanted  # draws through _recolour
         d = self.data
         how = "PCA" if self.method.value == "pca" else "UMAP of 50 PCA components"
         shown = (
@@ -247,7 +254,7 @@ class Explorer:
         """Return the whole view as a Panel layout."""
         pn = self.pn
         controls = pn.Row(self.color, self.method, self.sample, self.filter, self.draw_button)
-        side = pn.Column(self.selection, self.neighbour_list, width=420, max_height=self.height + 60, scroll=True)
+        side = pn.Column(self.neighbour_list, self.selection, width=440, height=self.height, scroll=True)
         return pn.Column(controls, self.status, pn.Row(self.plot, side), sizing_mode="stretch_width")
 
     def widget(self) -> Any:
@@ -256,6 +263,15 @@ class Explorer:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
         return self.widget()._repr_mimebundle_(include=include, exclude=exclude)
+
+
+def default_colour(payloads: list[Any], fields: list[str]) -> str | None:
+    """Return the first payload field with 2 to 20 distinct values (a label worth colouring by), if any."""
+    for field in fields:
+        values = {json.dumps(p.get(field), default=str) for p in payloads[:2000] if isinstance(p, dict)}
+        if 2 <= len(values) <= MAX_CATEGORIES:
+            return field
+    return None
 
 
 def umap_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -112,10 +112,12 @@ def _explain(
     sides: dict[str, dict[int, tuple[int, float]]] = {"vector": {}, "text": {}}
     if q is not None:
         vf, raw = index.search(q, depth, allowed, ef_search)
-        sides["vector"] = {f: (r, float(s)) for r, (f, s) in enumerate(zip(vf.tolist(), index.score(raw).tolist()), 1)}
+        sides["vector"] = {
+            f: (r, float(s)) for r, (f, s) in enumerate(zip(vf.tolist(), index.score(raw).tolist(), strict=True), 1)
+        }
     if isinstance(text, str) and text.strip():
         tf, ts = fulltext.text_search(c, text, depth, where, params)
-        sides["text"] = {f: (r, float(s)) for r, (f, s) in enumerate(zip(tf.tolist(), ts.tolist()), 1)}
+        sides["text"] = {f: (r, float(s)) for r, (f, s) in enumerate(zip(tf.tolist(), ts.tolist(), strict=True), 1)}
     out = []
     for f in fids:
         e: dict[str, Any] = {}

@@ -16,6 +16,7 @@ Modules, imported in one direction (each from those above it only):
 - `models`: the model registry
 - `admin`: API keys, users, roles (the apikeys plugin's page)
 - `jobs`: notebook runs, schedules and background jobs
+- `pictures`: the explorer page, telemetry charts, the training form (Panel views from `bkg_kernel.pictures`)
 - `llm`, `brain`, `faces`, `candle`, `repo`: one page per plugin
 """
 
@@ -37,6 +38,7 @@ from bkg_kernel.widgets.ops import (
     plugins_panel,
     settings_panel,
 )
+from bkg_kernel.widgets.pictures import explorer_panel
 from bkg_kernel.widgets.primitives import Session
 from bkg_kernel.widgets.repo import repo_panel
 
@@ -47,6 +49,7 @@ __all__ = [
     "brain_panel",
     "candle_panel",
     "dashboard",
+    "explorer_panel",
     "faces_panel",
     "health_panel",
     "jobs_panel",

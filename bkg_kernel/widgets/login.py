@@ -10,7 +10,7 @@ import ipywidgets as W
 
 from bkg_kernel.client import Workbench
 from bkg_kernel.settings import Settings
-from bkg_kernel.widgets.primitives import CSS, Session, error_html
+from bkg_kernel.widgets.primitives import CSS, Session, badge, error_html
 
 
 def gateway_url() -> str:
@@ -58,17 +58,59 @@ def login_box(on_login: Callable[[Session], None], url: str | None = None) -> W.
     )
 
 
+DASHBOARDS = [  # (notebook in dashboards/, name in the header)
+    ("overview", "overview"), ("explorer", "explorer"), ("brainml", "brainml"), ("llmserver", "llmserver"),
+    ("candle", "candle"), ("rustyface", "rustyface"), ("repoagent", "repoagent"), ("jobs", "jobs"),
+    ("models", "models"), ("settings", "settings"), ("api_keys", "API keys"), ("users", "users"),
+    ("apikeys", "apikeys plugin"),
+]  # fmt: skip
+
+
+def nav(here: str = "") -> str:
+    """Return the header every dashboard shares: links to the others (Voila serves them side by side)."""
+    links = "".join(
+        f"<a href='{name}.ipynb' class='{'bkg-here' if name == here else ''}' data-dashboard='{name}'>"
+        f"{escape(label)}</a>"
+        for name, label in DASHBOARDS
+    )
+    return f"<nav class='bkg-nav'><span class='bkg-brand'>bkg</span>{links}</nav>"
+
+
+def whoami(session: Session) -> str:
+    """Return who is logged in and the gateway's state, for the header."""
+    try:
+        state = str(session.wb.health().get("status", "?"))
+    except Exception:  # noqa: BLE001 - the header says the gateway cannot be reached
+        state = "unreachable"
+    colour = {"ok": "running", "starting": "starting", "degraded": "degraded"}.get(state, "error")
+    return (
+        f"<p class='bkg-who'>Logged in as <b>{escape(session.me['username'])}</b> "
+        f"({escape(str(session.me.get('role')))}) · gateway <code>{escape(session.wb.url)}</code> "
+        f"{badge(colour, state)}</p>"
+    )
+
+
 def dashboard(
-    build: Callable[[Session], W.Widget], *, scope: str | None = None, title: str = "", url: str | None = None
+    build: Callable[[Session], W.Widget],
+    *,
+    scope: str | None = None,
+    title: str = "",
+    url: str | None = None,
+    page: str = "",
+    pictures: bool = False,
 ) -> W.VBox:
-    """Show a login box that turns into `build(session)` (or a plain refusal when the scope is missing)."""
+    """Show the shared header and a login box that turns into `build(session)` (or a plain refusal when the scope
+    is missing). `page` names this dashboard in the header; `pictures` loads Panel now, while the cell runs, for
+    the pictures the page draws."""
     root = W.VBox([])
-    header = W.HTML(f"{CSS}<h2>{escape(title)}</h2>" if title else CSS)
+    header = W.HTML(f"{CSS}{nav(page)}" + (f"<h2>{escape(title)}</h2>" if title else ""))
+    if pictures:
+        from bkg_kernel.pictures.loader import use_panel
+
+        use_panel(url or gateway_url())
 
     def logged_in(session: Session) -> None:
-        who = W.HTML(
-            f"<p>Logged in as <b>{escape(session.me['username'])}</b> ({escape(str(session.me.get('role')))})</p>"
-        )
+        who = W.HTML(whoami(session))
         if scope and not session.can(scope):
             body: W.Widget = W.HTML(
                 f"<p class='bkg-error bkg-refused'>This page needs the scope <code>{escape(scope)}</code>; "

@@ -20,6 +20,12 @@ def plugins_panel(session: Session, refresh_s: float = 2.0) -> W.VBox:
     """Show every plugin: status, uptime, memory, requests, errors, p50 latency; live, with memory sparklines."""
     out = W.HTML()
     history: dict[str, deque[float]] = {}
+    try:  # the gateway's telemetry ring: the sparklines start with the last two minutes, not an empty box
+        past = session.wb.call("GET", "/api/plugins/telemetry/history", params={"minutes": 2})["plugins"]
+        for pid, cols in past.items():
+            history[pid] = deque((float(v or 0) for v in cols["rss_bytes"]), maxlen=60)
+    except Exception:  # noqa: BLE001, S110 - an older gateway: the sparklines fill as the page polls
+        pass
 
     def row(p: dict[str, Any]) -> dict[str, Any]:
         t = p["telemetry"]
@@ -81,7 +87,9 @@ def plugin_actions(session: Session, plugin_id: str) -> W.VBox:
         buttons.append(b)
     render()
     session.every(2.0, render)
-    return W.VBox([status, W.HBox(buttons), confirm])
+    from bkg_kernel.widgets.pictures import telemetry
+
+    return W.VBox([status, W.HBox(buttons), confirm, telemetry(session, [plugin_id])])
 
 
 def settings_panel(session: Session) -> W.VBox:
@@ -170,5 +178,17 @@ def audit_panel(session: Session, limit: int = 20) -> W.HTML:
 
 
 def overview(session: Session) -> W.VBox:
-    """Show the operator's front page: gateway and store, every plugin live, recent audit events."""
-    return W.VBox([health_panel(session), plugins_panel(session), audit_panel(session)])
+    """Show the operator's front page: gateway and store, every plugin live with an hour of telemetry drawn,
+    the store's size per collection and LLM tokens per key, recent audit events."""
+    from bkg_kernel.widgets.pictures import store_and_tokens, telemetry
+
+    return W.VBox(
+        [
+            health_panel(session),
+            plugins_panel(session),
+            W.HTML("<h3>The last hour</h3>"),
+            telemetry(session),
+            store_and_tokens(session),
+            audit_panel(session),
+        ]
+    )

@@ -20,12 +20,22 @@ STATE_COLOURS = {
     "running": "#2e7d32", "degraded": "#ed6c02", "starting": "#0277bd", "stopping": "#0277bd",
     "error": "#c62828", "failed": "#c62828", "stopped": "#616161", "disabled": "#616161",
 }  # fmt: skip
+# JupyterLab's theme variables (with light fallbacks), so the dashboards follow Voila's light and dark themes.
 CSS = """<style>
-.bkg-dash table {border-collapse: collapse; width: 100%; font-size: 13px}
-.bkg-dash th, .bkg-dash td {border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left}
+.bkg-dash table, table.bkg-table {border-collapse: collapse; width: 100%; font-size: 13px}
+.bkg-dash th, .bkg-dash td, .bkg-table th, .bkg-table td {
+  border-bottom: 1px solid var(--jp-border-color2, #ddd); padding: 3px 8px; text-align: left}
 .bkg-badge {border-radius: 8px; padding: 1px 7px; color: white; font-weight: 600}
-.bkg-error {color: #c62828}
-.bkg-spark {background: #f3f3f3} .bkg-spark polyline {fill: none; stroke: #1976d2; stroke-width: 1.5}
+.bkg-error {color: #e53935}
+.bkg-empty {color: var(--jp-ui-font-color2, #666); font-style: italic}
+.bkg-spark {background: var(--jp-layout-color2, #f3f3f3)}
+.bkg-spark polyline {fill: none; stroke: #1976d2; stroke-width: 1.5}
+.bkg-nav {display: flex; flex-wrap: wrap; gap: 4px 14px; align-items: baseline; font-size: 13px;
+  border-bottom: 1px solid var(--jp-border-color2, #ddd); padding: 4px 0 8px; margin-bottom: 6px}
+.bkg-nav a {color: var(--jp-content-link-color, #1976d2); text-decoration: none}
+.bkg-nav a.bkg-here {font-weight: 700; color: var(--jp-ui-font-color0, #111)}
+.bkg-nav .bkg-brand {font-weight: 700; margin-right: 8px}
+.bkg-who {font-size: 13px; color: var(--jp-ui-font-color1, #333)}
 </style>"""
 
 
@@ -54,9 +64,10 @@ class Session:
         threading.Thread(target=loop, daemon=True).start()
 
 
-def badge(state: str) -> str:
-    """Return a plugin or job state as a coloured badge."""
-    return f"<span class='bkg-badge' style='background:{STATE_COLOURS.get(state, '#616161')}'>{escape(state)}</span>"
+def badge(state: str, label: str | None = None) -> str:
+    """Return a plugin or job state as a coloured badge (showing `label` instead of the state, if given)."""
+    colour = STATE_COLOURS.get(state, "#616161")
+    return f"<span class='bkg-badge' style='background:{colour}'>{escape(state if label is None else label)}</span>"
 
 
 def error_text(exc: Exception) -> str:

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from bkg_kernel.gateway.routes import admin, assets, auth, collections, core, embed, hublogin, jobs, live, models, plugins
+from bkg_kernel.gateway.routes import (
+    admin,
+    assets,
+    auth,
+    collections,
+    core,
+    embed,
+    hublogin,
+    jobs,
+    live,
+    models,
+    plugins,
+)
 
 
 def install(app: FastAPI) -> None:

@@ -1,0 +1,195 @@
+"""Telemetry over time: per plugin cpu, memory, p50/p95 latency and requests/min over the last hour (the
+gateway keeps that history, so a page opened now draws it at once) and live after that; LLM tokens per key and
+per day; the store's size per collection."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from bkg_kernel.pictures.charts import colours, figure, fmt_bytes, fmt_count, fmt_duration
+from bkg_kernel.pictures.loader import as_widget, use_panel
+
+SERIES = [  # (history column, chart title, y scale)
+    ("cpu_percent", "CPU %", 1.0),
+    ("rss_bytes", "memory (MB)", 1 / 2**20),
+    ("latency_p95_ms", "latency p95 (ms; dashed: p50)", 1.0),
+    ("requests_per_min", "requests / min", 1.0),
+]
+ROLLOVER = 1800  # an hour of 2-second samples, like the gateway's ring
+
+
+def _x(ts: list[float]) -> list[datetime]:
+    return [datetime.fromtimestamp(t) for t in ts]  # noqa: DTZ006 - shown in the viewer's local time
+
+
+class TelemetryView:
+    """Per-plugin telemetry charts, filled from the gateway's history and then refreshed every `refresh_s`."""
+
+    def __init__(
+        self, wb: Any, plugins: list[str] | None = None, minutes: float = 60, refresh_s: float = 5.0, height: int = 200
+    ) -> None:
+        self.pn = use_panel(wb.url)
+        self.wb, self.only, self.height = wb, plugins, height
+        self.status = self.pn.pane.HTML("", css_classes=["bkg-telemetry-status"], sizing_mode="stretch_width")
+        self.sources: dict[str, dict[str, Any]] = {}
+        self.last_t = 0.0
+        self.samples = 0
+        history = self._history(minutes)
+        self.figures = self._figures(history)
+        self._say()
+        self.callback = self.pn.state.add_periodic_callback(self.refresh, period=int(refresh_s * 1000))
+
+    def _history(self, minutes: float) -> dict[str, dict[str, list[Any]]]:
+        r = self.wb.call("GET", "/api/plugins/telemetry/history", params={"minutes": minutes})
+        return {p: cols for p, cols in r["plugins"].items() if self.only is None or p in self.only}
+
+    def _data(self, cols: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        data: dict[str, list[Any]] = {"t": _x(cols["t"])}
+        for key, _, scale in SERIES:
+            data[key] = [None if v is None else v * scale for v in cols[key]]
+        data["latency_p50_ms"] = cols["latency_p50_ms"]
+        return data
+
+    def _figures(self, history: dict[str, dict[str, list[Any]]]) -> list[Any]:
+        from bokeh.models import ColumnDataSource, HoverTool
+
+        ids = sorted(history)
+        palette = dict(zip(ids, colours(len(ids)), strict=True))
+        for pid, cols in history.items():
+            self.sources[pid] = {"source": ColumnDataSource(self._data(cols))}
+            self.samples = max(self.samples, len(cols["t"]))
+            if cols["t"]:
+                self.last_t = max(self.last_t, cols["t"][-1])
+        figs = []
+        x_range = None
+        for key, title, _ in SERIES:
+            f = figure(title, x_axis_type="datetime", height=self.height, tools="pan,xwheel_zoom,reset,save")
+            if x_range is None:
+                x_range = f.x_range
+            else:
+                f.x_range = x_range  # the four charts pan and zoom together
+            for pid in ids:
+                src = self.sources[pid]["source"]
+                line = f.line("t", key, source=src, color=palette[pid], line_width=2, legend_label=pid)
+                if key == "latency_p95_ms":
+                    f.line("t", "latency_p50_ms", source=src, color=palette[pid], line_dash="dashed", line_width=1)
+                f.add_tools(
+                    HoverTool(
+                        renderers=[line],
+                        tooltips=[("plugin", pid), ("time", "@t{%H:%M:%S}"), (title, f"@{key}{{0.0}}")],
+                        formatters={"@t": "datetime"},
+                    )
+                )
+            f.legend.visible = key == "cpu_percent"
+            f.legend.click_policy = "hide"
+            f.legend.label_text_font_size = "10px"
+            f.legend.location = "top_left"
+            figs.append(f)
+        return figs
+
+    def _say(self) -> None:
+        span = self.samples * 2.0
+        self.status.object = (
+            f"<p>History: {self.samples} samples per plugin ({fmt_duration(span)}), refreshed live.</p>"
+            if self.samples
+            else "<p class='bkg-empty'>No samples yet: the gateway takes one every 2 s.</p>"
+        )
+
+    def refresh(self) -> None:
+        """Add the samples taken since the last refresh."""
+        try:
+            r = self.wb.call("GET", "/api/plugins/telemetry/history", params={"minutes": 5})
+        except Exception:  # noqa: BLE001 - the next refresh tries again
+            return
+        newest = self.last_t
+        for pid, cols in r["plugins"].items():
+            if pid not in self.sources:
+                continue
+            keep = [i for i, t in enumerate(cols["t"]) if t > self.last_t]
+            if not keep:
+                continue
+            part = {k: [v[i] for i in keep] for k, v in cols.items()}
+            self.sources[pid]["source"].stream(self._data(part), rollover=ROLLOVER)
+            newest = max(newest, part["t"][-1])
+            self.samples = min(ROLLOVER, self.samples + len(keep))
+        self.last_t = newest
+        self._say()
+
+    def panel(self) -> Any:
+        """Return the charts as a Panel layout (two by two)."""
+        pn = self.pn
+        panes = [pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.figures]
+        rows = [pn.Row(*panes[:2], sizing_mode="stretch_width"), pn.Row(*panes[2:], sizing_mode="stretch_width")]
+        return pn.Column(self.status, *rows, sizing_mode="stretch_width")
+
+    def widget(self) -> Any:
+        """Return the view as an ipywidget."""
+        return as_widget(self.panel())
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        return self.widget()._repr_mimebundle_(include=include, exclude=exclude)
+
+
+def telemetry_view(wb: Any, plugins: list[str] | None = None, **kw: Any) -> TelemetryView:
+    """Draw every plugin's (or some plugins') cpu, memory, latency and requests/min over the last hour, live."""
+    return TelemetryView(wb, plugins, **kw)
+
+
+def usage_chart(wb: Any, days: int = 14) -> Any:
+    """Return LLM tokens per day, stacked by key (needs admin:audit), as a Panel pane."""
+    from datetime import UTC, timedelta
+
+    from bokeh.models import ColumnDataSource, HoverTool
+
+    pn = use_panel(wb.url)
+    since = (datetime.now(UTC) - timedelta(days=days)).isoformat()
+    rows = wb.call("GET", "/admin/usage", params={"group_by": "key_day", "since": since})["usage"]
+    if not rows:
+        return pn.pane.HTML(
+            "<p class='bkg-empty'>No LLM tokens used in the last two weeks. A chat completion counts: "
+            "<code>wb.llm.chat('hello')</code>.</p>"
+        )
+    days_seen = sorted({r["day"] for r in rows})
+    keys = sorted({f"{r.get('username') or '?'}:{r.get('key_id') or 'session'}" for r in rows})
+    table = {k: [0] * len(days_seen) for k in keys}
+    for r in rows:
+        table[f"{r.get('username') or '?'}:{r.get('key_id') or 'session'}"][days_seen.index(r["day"])] += int(
+            r["total_tokens"]
+        )
+    src = ColumnDataSource({"day": days_seen, **table})
+    f = figure("LLM tokens per day, by key", x_range=days_seen, height=240, tools="save")
+    f.vbar_stack(keys, x="day", width=0.8, color=colours(len(keys)), source=src, legend_label=keys)
+    f.add_tools(HoverTool(tooltips=[("day", "@day"), ("key", "$name"), ("tokens", "@$name{0,0}")]))
+    f.legend.location = "top_left"
+    f.legend.label_text_font_size = "10px"
+    f.xaxis.major_label_orientation = 0.8
+    return pn.pane.Bokeh(f, sizing_mode="stretch_width")
+
+
+def store_chart(wb: Any) -> Any:
+    """Return each collection's size on disk and point count as a Panel pane."""
+    from bokeh.models import ColumnDataSource, HoverTool
+
+    pn = use_panel(wb.url)
+    cols = wb.call("GET", "/api/collections")["collections"]
+    if not cols:
+        return pn.pane.HTML(
+            "<p class='bkg-empty'>The store is empty. Index some documents to make a collection: "
+            "<code>wb.brain.index('docs', [{'text': 'hello'}])</code>.</p>"
+        )
+    cols = sorted(cols, key=lambda c: c.get("bytes_on_disk") or 0)
+    names = [c["name"] for c in cols]
+    src = ColumnDataSource(
+        {
+            "name": names,
+            "mb": [(c.get("bytes_on_disk") or 0) / 2**20 for c in cols],
+            "size": [fmt_bytes(c.get("bytes_on_disk")) for c in cols],
+            "points": [fmt_count(c.get("count", 0)) for c in cols],
+        }
+    )
+    f = figure("store size per collection (MB)", y_range=names, height=max(140, 28 * len(names) + 60), tools="save")
+    f.hbar(y="name", right="mb", height=0.7, source=src, color=colours(1)[0])
+    f.add_tools(HoverTool(tooltips=[("collection", "@name"), ("size", "@size"), ("points", "@points")]))
+    f.x_range.start = 0
+    return pn.pane.Bokeh(f, sizing_mode="stretch_width")
