@@ -4,7 +4,10 @@ JupyterLab's own readiness (its splash screen gone) in the same page loads.
     python bench/ui.py [--runs 5]
 
 Also each Voila dashboard (served as `bkg dashboards` serves it: preheated kernels): from opening the page to
-its login box taking input (interactive), and to the logged-in page showing its panels.
+its login box taking input (interactive), and to the logged-in page showing its panels. Then the pictures: from
+logging in to each Panel view drawn and answering (the explorer of a 20,000-point collection, the overview's
+telemetry, brainml's retrieval view), and the explorer's frame time while panning 20,000 points (requestAnimationFrame
+intervals during a drag), next to the same Bokeh plot of the same points on its own (no Panel, no Voila).
 Needs /usr/bin/chromium (scripts/bootstrap.sh installs it).
 """
 
@@ -18,6 +21,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, free_port, http_ok, start_gateway, wait_for  # noqa: E402
@@ -36,6 +42,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-ui-"))
     gw = start_gateway(work / "data")
     ids = [p["id"] for p in gw.client().get("/api/plugins").json()["plugins"]]
+    fill(gw)
     port = free_port()
     env = {**os.environ, "BKG_GATEWAY_URL": gw.url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0"}
     lab = subprocess.Popen(
@@ -86,6 +93,7 @@ def main() -> None:
                     dash.setdefault(name, []).append((t_interactive, time.perf_counter() - t0))
                     page.close()
                     time.sleep(2)  # Voila refills the pool with a fresh preheated kernel
+            pictures = bench_pictures(browser, vurl, args.runs, work, gw)
             browser.close()
     finally:
         voila.terminate()
@@ -107,6 +115,126 @@ def main() -> None:
     print("|---|---|---|")
     for name, xs in dash.items():
         print(f"| {name} | {statistics.median(x[0] for x in xs):.2f} | {statistics.median(x[1] for x in xs):.2f} |")
+    print()
+    print("| picture | logged in to drawn and answering, s (median, min - max) |")
+    print("|---|---|")
+    for name, xs in pictures.items():
+        if name.startswith("frame"):
+            continue
+        print(f"| {name} | {statistics.median(xs):.2f} ({min(xs):.2f} - {max(xs):.2f}) |")
+    print()
+    print("| panning 20,000 points | frame time p50, ms | p95, ms | frames |")
+    print("|---|---|---|---|")
+    for name in ("frame: bkg explorer (Panel in Voila)", "frame: the same Bokeh plot alone"):
+        f = pictures[name]
+        print(
+            f"| {name.removeprefix('frame: ')} | {np.percentile(f, 50):.1f} | {np.percentile(f, 95):.1f} | {len(f)} |"
+        )
+    alone = np.percentile(pictures["frame: the same Bokeh plot alone"], 50)
+    ours = np.percentile(pictures["frame: bkg explorer (Panel in Voila)"], 50)
+    print(f"\nexplorer / plain Bokeh frame time (p50): {ours / alone:.2f}x")
+
+
+N_POINTS = 20_000
+PAN_JS = """async (box) => {
+  const times = [];
+  let last = performance.now(), on = true;
+  const tick = (t) => { times.push(t - last); last = t; if (on) requestAnimationFrame(tick); };
+  requestAnimationFrame(tick);
+  await new Promise((r) => setTimeout(r, 2500));
+  on = false;
+  return times.slice(2);
+}"""
+
+
+def fill(gw: Any) -> None:
+    """A 20,000-point collection of five clusters (32-d), for the explorer."""
+    c = gw.client()
+    c.post("/api/collections", json={"name": "points", "dim": 32})
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 32)) * 3
+    for a in range(0, N_POINTS, 2500):
+        pts = [
+            {"id": i, "vector": (centres[i % 5] + rng.normal(size=32)).round(4).tolist(),
+             "payload": {"label": f"c{i % 5}"}, "text": f"point {i}"}
+            for i in range(a, a + 2500)
+        ]  # fmt: skip
+        c.put("/api/collections/points/points", json={"points": pts}, timeout=60)
+
+
+def pan(page: Any) -> list[float]:
+    """Drag the first canvas for 2.5 s and return the frame intervals (ms) the page drew meanwhile."""
+    box = page.locator("canvas").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    frames = page.evaluate_handle(PAN_JS, box)
+    for i in range(60):  # 2.4 s of drag, 40 ms apart
+        dx = 120 * np.sin(i / 6)
+        page.mouse.move(box["x"] + box["width"] / 2 + dx, box["y"] + box["height"] / 2 + dx / 2)
+        page.wait_for_timeout(40)
+    page.mouse.up()
+    return list(frames.json_value())
+
+
+def plain_bokeh(work: Path, gw: Any) -> Path:
+    """The same 20,000 points as one standalone Bokeh HTML file (inline resources): the peer for frame time."""
+    from bokeh.embed import file_html
+    from bokeh.plotting import figure
+    from bokeh.resources import INLINE
+
+    m = gw.client().post("/api/collections/points/map", json={"sample": N_POINTS}).json()
+    f = figure(width=850, height=520, tools="pan,wheel_zoom,box_select,lasso_select,tap,reset", output_backend="webgl")
+    f.scatter(m["x"], m["y"], size=4, alpha=0.7, line_color=None)
+    path = work / "plain.html"
+    path.write_text(file_html(f, INLINE, "plain"))
+    return path
+
+
+def bench_pictures(browser: Any, vurl: str, runs: int, work: Path, gw: Any) -> dict[str, list[float]]:
+    """Time each new view from login to drawn and answering; the explorer's and plain Bokeh's pan frame times."""
+    out: dict[str, list[float]] = {}
+
+    def login(name: str) -> tuple[Any, float]:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{vurl}/voila/render/{name}.ipynb")
+        field = page.locator("input[type=password]").first
+        field.wait_for(timeout=90_000)
+        field.fill(ADMIN_KEY)
+        t0 = time.perf_counter()
+        page.locator("button:has-text('Log in')").click()
+        return page, t0
+
+    for _ in range(runs):
+        page, t0 = login("explorer")
+        page.locator("text=a sample of 5.0k of 20.0k points").wait_for(timeout=90_000)
+        page.locator("canvas").first.wait_for(timeout=60_000)
+        out.setdefault("explorer (5,000 of 20,000 points)", []).append(time.perf_counter() - t0)
+        sample = page.locator(".bkg-sample input").first
+        sample.fill(str(N_POINTS))
+        sample.press("Enter")
+        t1 = time.perf_counter()
+        page.locator("button:has-text('Draw')").click()
+        page.locator("text=all 20.0k points").wait_for(timeout=90_000)
+        page.locator("canvas").first.wait_for(timeout=60_000)
+        out.setdefault("explorer: Draw all 20,000 points", []).append(time.perf_counter() - t1)
+        page.wait_for_timeout(1000)
+        out.setdefault("frame: bkg explorer (Panel in Voila)", []).extend(pan(page))
+        page.close()
+        time.sleep(2)
+        page, t0 = login("overview")
+        page.locator("text=/History: [0-9]+ samples/").first.wait_for(timeout=90_000)
+        out.setdefault("overview telemetry (history drawn)", []).append(time.perf_counter() - t0)
+        page.close()
+        time.sleep(2)
+    plain = plain_bokeh(work, gw)
+    for _ in range(runs):
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(plain.as_uri())
+        page.locator("canvas").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        out.setdefault("frame: the same Bokeh plot alone", []).extend(pan(page))
+        page.close()
+    return out
 
 
 if __name__ == "__main__":
