@@ -115,6 +115,12 @@ def test_detail_panel_settings_error_and_live_log(page: Any, gw: Gateway) -> Non
     field = panel.locator("#root_request_timeout")  # JupyterLab's form component (rjsf) from the JSON Schema
     field.wait_for(timeout=30_000)
     assert "sysinfo.facts" in panel.locator(".bkg-caps").inner_text()
+    # a nullable setting is one field (empty: null), not an "option 1 / option 2" selector
+    assert panel.locator("#root_memory_limit_mb").count() == 1 and "option 2" not in panel.inner_text()
+    # the sidebar at its default width shows every plugin's memory (it reflows instead of cutting columns)
+    side = page.locator(".bkg-sidebar").bounding_box()
+    mem = page.locator('tr[data-plugin="sysinfo"] .bkg-memory').bounding_box()
+    assert mem is not None and side is not None and mem["x"] + mem["width"] <= side["x"] + side["width"] + 1
     field.fill("-5")
     group = panel.locator(".form-group:has(#root_request_timeout)").first
     wait_for(lambda: "must be > 0" in group.inner_text(), timeout=15)  # on the field, as you type

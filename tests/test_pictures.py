@@ -20,6 +20,7 @@ from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, Gateway, free_po
 
 from bkg_kernel.cli import dashboards_cmd, dashboards_env
 from bkg_kernel.gateway.routes.assets import panel_dist
+from bkg_kernel.models.defaults import DEFAULT_LLM
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
@@ -59,6 +60,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         "/api/plugins/brainml/invoke/brainml.index", json={"collection": "notes", "documents": docs}, timeout=120
     )
     assert r.status_code == 200, r.text
+    ask = {"model": DEFAULT_LLM, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+    assert c.post("/v1/chat/completions", json=ask, timeout=120).status_code == 200  # tokens for the usage chart
     yield g
     g.stop()
 
@@ -178,7 +181,8 @@ def test_the_gateway_keeps_an_hour_of_telemetry(gw: Gateway) -> None:
     assert set(cols) == {"t", "cpu_percent", "rss_bytes", "latency_p50_ms", "latency_p95_ms", "requests_per_min"}
     assert cols["t"] == sorted(cols["t"]) and all(v > 0 for v in cols["rss_bytes"])
     assert c.get("/api/plugins/telemetry/history", params={"minutes": 61}).status_code == 422
-    assert c.get("/admin/usage", params={"group_by": "key_day"}).status_code == 200
+    usage = c.get("/admin/usage", params={"group_by": "key_day"}).json()["usage"]
+    assert usage[0]["username"] == "admin" and usage[0]["day"] and usage[0]["total_tokens"] > 0
 
 
 # -- the views in Chromium -----------------------------------------------------------------------------------------
@@ -234,8 +238,7 @@ def test_the_overview_draws_telemetry_history_at_once(browser: Any, voila: str) 
     status.wait_for(timeout=60_000)
     samples = int(status.inner_text().split("History: ")[1].split()[0])
     assert samples >= 2, status.inner_text()  # the ring's history, not an empty box
-    assert p.page.locator("canvas").count() >= 5  # four telemetry charts and the store chart
-    assert "store size per collection" in p.page.content() or p.page.locator("canvas").count() >= 5
+    assert p.page.locator("canvas").count() >= 6  # four telemetry charts, store size, tokens per key and day
     p.close("pictures-overview")
 
 
@@ -290,3 +293,53 @@ def test_an_empty_store_says_what_to_do(tmp_path: Path, browser: Any) -> None:
         proc.terminate()
         proc.wait(30)
         g.stop()
+
+
+def test_rustyface_draws_thumbnails_per_subject_and_candidates(browser: Any, voila: str, tmp_path: Path) -> None:
+    import insightface
+    from PIL import Image
+
+    images = Path(insightface.__file__).parent / "data" / "images"
+    tom = tmp_path / "tom.png"
+    Image.open(images / "Tom_Hanks_54745.png").convert("RGB").save(tom)
+    p = Page(browser, voila, "rustyface")
+    page = p.page
+    page.locator(".widget-combobox input").fill("people")
+    page.locator(".widget-text:has-text('subject') input").fill("tom")
+    page.locator("input[type=file]").first.set_input_files(str(tom))
+    page.locator("text=Enrolled 1 face(s)").wait_for(timeout=60_000)
+    thumb = page.locator(".bkg-faces [data-subject='tom'] img").first
+    thumb.wait_for(timeout=30_000)
+    assert thumb.evaluate("i => i.naturalWidth") == 72  # a real decoded JPEG thumbnail
+    page.locator("input[type=file]").nth(1).set_input_files(str(tom))
+    page.locator("figcaption:has-text('tom')").wait_for(timeout=60_000)  # the photo, boxed and named
+    page.locator("canvas").nth(4).wait_for(timeout=30_000)  # the plugin's four telemetry charts, then candidates
+    assert not page.locator("p.bkg-error").all_inner_texts()
+    p.close("pictures-rustyface")
+
+
+def test_colours_follow_the_field_kind() -> None:
+    from bkg_kernel.pictures.explorer import colour_column, default_colour
+
+    payloads = [{"label": ["a", "b", "c"][i % 3], "n": i, "tags": [i]} for i in range(300)] + [{}]
+    colour, label, how = colour_column(payloads, "label")
+    assert how == "categories" and len(set(colour[:300])) == 3 and label[-1] == "(none)"
+    colour, _, how = colour_column(payloads, "n")
+    assert how == "scale" and colour[0] != colour[299]
+    assert colour_column(payloads, None)[2] == "none"
+    assert default_colour(payloads, ["label", "n", "tags"]) == "label"
+
+
+def test_umap_lays_out_the_clusters_in_the_kernel(gw: Gateway) -> None:
+    from bkg_kernel.client import Workbench
+    from bkg_kernel.pictures.explorer import Explorer
+
+    ex = Explorer(Workbench(gw.url, ADMIN_KEY), "points", method="umap", sample=600, color="label")
+    d = ex.data
+    assert d["sampled"] == 600 and len(d["x"]) == 600 and "reduced" not in d
+    xy, labels = np.c_[d["x"], d["y"]], np.array([p["label"] for p in d["payloads"]])
+    inside = np.mean([np.linalg.norm(xy[labels == lab] - xy[labels == lab].mean(0), axis=1).mean() for lab in LABELS])
+    centres = [xy[labels == lab].mean(0) for lab in LABELS]
+    apart = np.mean([np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1 :]])
+    assert apart > 2 * inside  # UMAP keeps the five clusters apart
+    assert ex.color.value == "label" and "UMAP" in ex.status.object

@@ -5,7 +5,8 @@ telemetry and faces, used by the Voila dashboards and in any notebook.
     from bkg_kernel import pictures
     pictures.retrieval_view(wb.brain.query("docs", "solar panels", explain=True))
     pictures.training_report(wb.brain.train("docs", "label"))
-    pictures.telemetry_view(wb)
+    pictures.telemetry_view(wb)                          # live; .stop() ends its refresh
+    pictures.faces_gallery(wb, "people")
 
 Panel's styles and scripts come from the gateway (`use_panel`), never from a CDN. Modules:
 
@@ -19,13 +20,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Explorer", "faces_gallery", "retrieval_view", "telemetry_view", "training_report", "use_panel"]
+__all__ = [
+    "Explorer", "faces_gallery", "identify_view", "retrieval_view", "telemetry_view", "training_report", "use_panel",
+]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:  # Panel and Bokeh load on first use: `import bkg_kernel` stays cheap
     modules = {
         "Explorer": "explorer", "retrieval_view": "retrieval", "training_report": "training",
-        "telemetry_view": "telemetry", "faces_gallery": "faces", "use_panel": "loader",
+        "telemetry_view": "telemetry", "faces_gallery": "faces", "identify_view": "faces", "use_panel": "loader",
     }  # fmt: skip
     if name not in modules:
         raise AttributeError(name)

@@ -116,6 +116,10 @@ class TelemetryView:
         self.last_t = newest
         self._say()
 
+    def stop(self) -> None:
+        """Stop refreshing (a notebook that drew many views frees them; a closed dashboard's kernel goes away)."""
+        self.callback.stop()
+
     def panel(self) -> Any:
         """Return the charts as a Panel layout (two by two)."""
         pn = self.pn

@@ -77,6 +77,17 @@ class Galleries:
         with self._gallery(gallery) as name:
             return list(self.store.iter_points(name, filter, with_vectors=with_vectors))
 
+    def faces(self, gallery: str, subject: str | None, per_subject: int) -> list[dict[str, Any]]:
+        """Each subject with its face count and up to `per_subject` faces (id, source, thumbnail if stored)."""
+        by: dict[str, dict[str, Any]] = {}
+        for p in self._points(gallery, {"subject": subject} if subject else None, False):
+            payload = p["payload"] or {}
+            s = by.setdefault(str(payload.get("subject")), {"subject": payload.get("subject"), "faces": 0, "shown": []})
+            s["faces"] += 1
+            if len(s["shown"]) < per_subject:
+                s["shown"].append({"id": p["id"], "source": payload.get("source"), "thumb": payload.get("thumb")})
+        return [by[k] for k in sorted(by)]
+
     def subjects(self, gallery: str) -> list[dict[str, Any]]:
         counts = Counter((p["payload"] or {}).get("subject") for p in self._points(gallery, None, False))
         return [{"subject": s, "faces": n} for s, n in sorted(counts.items(), key=lambda kv: str(kv[0]))]

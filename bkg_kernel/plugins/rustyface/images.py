@@ -80,3 +80,21 @@ def decode(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidImage(f"{field}: not a readable image ({type(exc).__name__}: {exc})", field=field) from None
     return np.ascontiguousarray(rgb[:, :, ::-1])  # BGR, as OpenCV and insightface expect
+
+
+THUMB_PX = 72
+
+
+def thumbnail(img: np.ndarray, bbox: list[float], size: int = THUMB_PX) -> str:
+    """Return the face in `bbox` (with a margin, squared) as a small JPEG, base64: what a gallery shows."""
+    import cv2
+
+    x1, y1, x2, y2 = bbox
+    side = max(x2 - x1, y2 - y1) * 1.3
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    h, w = img.shape[:2]
+    a, b = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
+    c, d = int(min(w, cx + side / 2)), int(min(h, cy + side / 2))
+    crop = img[b:d, a:c] if c > a and d > b else img
+    ok, jpg = cv2.imencode(".jpg", cv2.resize(crop, (size, size)), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    return base64.b64encode(jpg.tobytes()).decode() if ok else ""

@@ -97,12 +97,14 @@ class GalleryRequest(BaseModel):
 
 
 class SubjectsRequest(BaseModel):
-    """Subject operations in a gallery: list, rename (to new_name), delete (all their faces)."""
+    """Subject operations in a gallery: list, faces (each subject's faces with thumbnails), rename (to new_name),
+    delete (all their faces)."""
 
     gallery: str
-    action: Literal["list", "rename", "delete"] = "list"
+    action: Literal["list", "faces", "rename", "delete"] = "list"
     subject: str | None = None
     new_name: str | None = None
+    per_subject: int = Field(12, ge=1, le=100, description="faces: at most this many faces shown per subject.")
 
 
 class EnrollRequest(BaseModel):
@@ -227,6 +229,8 @@ class RustyFace(Plugin):
         g = self._galleries()
         if inp.action == "list":
             return Result(gallery=inp.gallery, subjects=g.subjects(inp.gallery))
+        if inp.action == "faces":
+            return Result(gallery=inp.gallery, subjects=g.faces(inp.gallery, inp.subject, inp.per_subject))
         if not inp.subject:
             raise InvalidInput(f"subject is required to {inp.action} a subject", field="subject")
         if inp.action == "rename":
@@ -254,6 +258,7 @@ class RustyFace(Plugin):
             payload = {
                 "subject": inp.subject, "source": source, "bbox": best.bbox, "score": best.score,
                 "faces_in_image": len(found), "metadata": inp.metadata, "model": self.engine.name,
+                "thumb": images.thumbnail(img, best.bbox),
             }  # fmt: skip
             faces.append({"embedding": self.engine.embed(img, best).tolist(), "payload": payload})
         ids = g.add_faces(inp.gallery, faces) if faces else []

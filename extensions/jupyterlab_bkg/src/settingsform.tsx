@@ -13,15 +13,46 @@ interface IProps {
   initial: Record<string, any>;
 }
 
+// Pydantic writes an optional setting as `anyOf: [{type: X}, {type: 'null'}]`, which rjsf draws as a selector of
+// "option 1 / option 2": give it one field of type [X, 'null'] instead (empty means null), enums included.
+export function flattenNullable(schema: any): any {
+  const defs = schema.$defs || schema.definitions || {};
+  const deref = (s: any): any => {
+    const ref = typeof s?.$ref === 'string' ? s.$ref.split('/').pop() : null;
+    return ref && defs[ref] ? { ...defs[ref] } : s;
+  };
+  const properties: Record<string, any> = {};
+  for (const [name, prop] of Object.entries<any>(schema.properties || {})) {
+    const options = prop.anyOf || prop.oneOf;
+    const rest = Array.isArray(options) ? options.filter((o: any) => o?.type !== 'null') : null;
+    if (!rest || rest.length !== 1 || rest.length === options.length) {
+      properties[name] = prop;
+      continue;
+    }
+    const inner = deref(rest[0]);
+    const { anyOf, oneOf, ...outer } = prop; // eslint-disable-line @typescript-eslint/no-unused-vars
+    const merged: any = { ...inner, ...outer };
+    if (inner.type) {
+      merged.type = [...(Array.isArray(inner.type) ? inner.type : [inner.type]), 'null'];
+    }
+    if (Array.isArray(inner.enum)) {
+      merged.enum = [...inner.enum, null];
+    }
+    properties[name] = merged;
+  }
+  return { ...schema, properties };
+}
+
 function SettingsForm(props: IProps): JSX.Element {
   const [saved, setSaved] = React.useState(props.initial);
   const [data, setData] = React.useState<Record<string, any>>(props.initial);
   const [extraErrors, setExtraErrors] = React.useState<any>(undefined);
   const [status, setStatus] = React.useState('');
   const [version, setVersion] = React.useState(0); // remounts the form on revert
+  const flatSchema = React.useMemo(() => flattenNullable(props.schema), [props.schema]);
 
   const save = async () => {
-    const { errors } = validator.validateFormData(data, props.schema);
+    const { errors } = validator.validateFormData(data, flatSchema);
     if (errors.length) {
       setStatus('Not saved: fix the fields marked in red.');
       return;
@@ -50,7 +81,7 @@ function SettingsForm(props: IProps): JSX.Element {
     <div className="bkg-settings">
       <FormComponent
         key={version}
-        schema={props.schema}
+        schema={flatSchema}
         formData={data as any}
         validator={validator as any}
         liveValidate
