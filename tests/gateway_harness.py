@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,3 +126,23 @@ def http_ok(url: str, **params: str) -> bool:
         return httpx.get(url, params=params, timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+@contextlib.contextmanager
+def dashboards(gateway_url: str, log: Path | None = None) -> Iterator[str]:
+    """Serve dashboards/ with Voila the way `bkg dashboards` does, against `gateway_url`; yield its URL."""
+    from bkg_kernel.cli import dashboards_cmd, dashboards_env
+
+    port = free_port()
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    folder = Path(__file__).resolve().parent.parent / "dashboards"
+    proc = subprocess.Popen(
+        dashboards_cmd(port, folder), env=dashboards_env(gateway_url), stdout=out, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_ok(url), timeout=90, every=0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -4,16 +4,13 @@ first and then the key stops working; a viewer-scoped login cannot see the keys 
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, Gateway, free_port, http_ok, start_gateway, wait_for
-
-from bkg_kernel.cli import dashboards_cmd, dashboards_env
+from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, Gateway, dashboards, start_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
@@ -28,23 +25,10 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 
 @pytest.fixture(scope="module")
-def voila(gw: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
+def voila(gw: Gateway) -> Iterator[str]:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = open(VOILA_LOG, "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        dashboards_cmd(port, ROOT / "dashboards"),
-        env=dashboards_env(gw.url),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: http_ok(url), timeout=90, every=0.5)
+    with dashboards(gw.url, VOILA_LOG) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ training report, the dark theme; no request of any page leaves 127.0.0.1. Screen
 from __future__ import annotations
 
 import base64
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +15,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, Gateway, free_port, http_ok, start_gateway, wait_for
+from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, Gateway, dashboards, start_gateway, wait_for
 
-from bkg_kernel.cli import dashboards_cmd, dashboards_env
 from bkg_kernel.gateway.routes.assets import panel_dist
 from bkg_kernel.models.defaults import DEFAULT_LLM
 
@@ -68,19 +66,9 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 @pytest.fixture(scope="module")
 def voila(gw: Gateway) -> Iterator[str]:
-    port = free_port()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = open(VOILA_LOG, "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        dashboards_cmd(port, ROOT / "dashboards"), env=dashboards_env(gw.url), stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: http_ok(url), timeout=90, every=0.5)
+    with dashboards(gw.url, VOILA_LOG) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -276,22 +264,14 @@ def test_the_dark_theme_is_dark(browser: Any, voila: str) -> None:
 
 def test_an_empty_store_says_what_to_do(tmp_path: Path, browser: Any) -> None:
     g = start_gateway(tmp_path / "data", plugins=["sysinfo"])
-    port = free_port()
-    proc = subprocess.Popen(
-        dashboards_cmd(port, ROOT / "dashboards"), env=dashboards_env(g.url),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: http_ok(url), timeout=90, every=0.5)
-        p = Page(browser, url, "explorer")
-        p.page.locator("text=No collections yet").wait_for(timeout=60_000)
-        assert "wb.brain.index(" in p.page.content()
-        assert p.page.locator("a[data-dashboard='overview']").count() == 1  # the shared header
-        p.close("pictures-explorer-empty")
+        with dashboards(g.url) as url:
+            p = Page(browser, url, "explorer")
+            p.page.locator("text=No collections yet").wait_for(timeout=60_000)
+            assert "wb.brain.index(" in p.page.content()
+            assert p.page.locator("a[data-dashboard='overview']").count() == 1  # the shared header
+            p.close("pictures-explorer-empty")
     finally:
-        proc.terminate()
-        proc.wait(30)
         g.stop()
 
 
@@ -304,17 +284,25 @@ def test_rustyface_draws_thumbnails_per_subject_and_candidates(browser: Any, voi
     Image.open(images / "Tom_Hanks_54745.png").convert("RGB").save(tom)
     p = Page(browser, voila, "rustyface")
     page = p.page
-    page.locator(".widget-combobox input").fill("people")
+    page.locator("input[placeholder='name (new ones are created)']").fill("people")
     page.locator(".widget-text:has-text('subject') input").fill("tom")
-    page.locator("input[type=file]").first.set_input_files(str(tom))
+    with page.expect_file_chooser() as chooser:
+        page.locator("button:has-text('Enroll photos')").click()
+    chooser.value.set_files(str(tom))
     page.locator("text=Enrolled 1 face(s)").wait_for(timeout=60_000)
     thumb = page.locator(".bkg-faces [data-subject='tom'] img").first
     thumb.wait_for(timeout=30_000)
     assert thumb.evaluate("i => i.naturalWidth") == 72  # a real decoded JPEG thumbnail
-    page.locator("input[type=file]").nth(1).set_input_files(str(tom))
-    page.locator("figcaption:has-text('tom')").wait_for(timeout=60_000)  # the photo, boxed and named
+    with page.expect_file_chooser() as chooser:
+        page.locator("button:has-text('Identify a photo')").click()
+    chooser.value.set_files(str(tom))
+    caption = page.locator("figcaption:has-text('tom')")
+    caption.wait_for(timeout=60_000)  # the photo, boxed and named
+    caption.scroll_into_view_if_needed()
     page.locator("canvas").nth(4).wait_for(timeout=30_000)  # the plugin's four telemetry charts, then candidates
     assert not page.locator("p.bkg-error").all_inner_texts()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(ARTIFACTS / "pictures-rustyface-identify.png"))
     p.close("pictures-rustyface")
 
 

@@ -60,7 +60,8 @@ class Identified(dict[str, Any]):
         img.save(buf, "PNG")
         names = ", ".join(escape(str(f["subject"])) for f in self["faces"]) or "no face"
         src = base64.b64encode(buf.getvalue()).decode()
-        return f"<figure><img src='data:image/png;base64,{src}'/><figcaption>{names}</figcaption></figure>"
+        img_tag = f"<img src='data:image/png;base64,{src}' style='min-width: 240px; max-width: 100%'/>"
+        return f"<figure>{img_tag}<figcaption>{names}</figcaption></figure>"
 
 
 class GalleryTable(Table):

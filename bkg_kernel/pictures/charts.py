@@ -1,4 +1,4 @@
-"""What every view is drawn with: colours (light and dark), number formats and a plain Bokeh figure."""
+"""What every view is drawn with: colours and a plain Bokeh figure (numbers for people: `bkg_kernel.display`)."""
 
 from __future__ import annotations
 
@@ -29,38 +29,3 @@ def figure(title: str = "", **kw: Any) -> Any:
     f.toolbar.logo = None
     f.title.text_font_size = "13px"  # type: ignore[union-attr]
     return f
-
-
-def fmt_bytes(n: float | None) -> str:
-    """Return a byte count for people (`1.5 GB`)."""
-    if not n:
-        return "0 B"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
-def fmt_duration(seconds: float | None) -> str:
-    """Return a duration for people (`850 ms`, `12.3 s`, `4 min 05 s`, `3 h 20 min`)."""
-    if seconds is None:
-        return "–"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
-    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
-
-
-def fmt_count(n: float | None) -> str:
-    """Return a count for people (`950`, `12.5k`, `3.2M`)."""
-    if n is None:
-        return "–"
-    if abs(n) < 1000:
-        return f"{n:g}" if isinstance(n, float) else str(n)
-    if abs(n) < 1_000_000:
-        return f"{n / 1000:.1f}k"
-    return f"{n / 1_000_000:.1f}M"

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from bkg_kernel.pictures.charts import OTHER, PALETTE, figure, fmt_count
+from bkg_kernel.display import fmt_count
+from bkg_kernel.pictures.charts import OTHER, PALETTE, figure
 from bkg_kernel.pictures.loader import as_widget, use_panel
 
 MAX_CATEGORIES = len(PALETTE)

@@ -7,7 +7,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from bkg_kernel.pictures.charts import colours, figure, fmt_bytes, fmt_count, fmt_duration
+from bkg_kernel.display import fmt_bytes, fmt_count, fmt_duration
+from bkg_kernel.pictures.charts import colours, figure
 from bkg_kernel.pictures.loader import as_widget, use_panel
 
 SERIES = [  # (history column, chart title, y scale)
@@ -65,6 +66,8 @@ class TelemetryView:
         x_range = None
         for key, title, _ in SERIES:
             f = figure(title, x_axis_type="datetime", height=self.height, tools="pan,xwheel_zoom,reset,save")
+            f.y_range.start = 0  # from zero: a flat line reads as flat, not as noise
+            f.y_range.range_padding = 0.1
             if x_range is None:
                 x_range = f.x_range
             else:

@@ -22,7 +22,7 @@ def _confusion(labels: list[str], matrix: list[list[int]]) -> Any:
         }
     )  # fmt: skip
     side = max(260, 48 * len(labels) + 90)
-    f = figure("confusion (rows: true label; share of the row)", x_range=labels, y_range=labels[::-1], height=side,
+    f = figure("confusion (rows: true label)", x_range=labels, y_range=labels[::-1], height=side,
                sizing_mode="fixed", width=side + 40, tools="save")  # fmt: skip
     mapper = LinearColorMapper(palette="Blues256", low=1.0, high=0.0)
     f.rect("pred", "true", 1, 1, source=src, fill_color={"field": "share", "transform": mapper}, line_color="white")
@@ -48,8 +48,7 @@ def _per_label(per_label: list[dict[str, Any]], baseline: float) -> Any:
                legend_label=metric)  # fmt: skip
     f.add_layout(Span(location=baseline, dimension="width", line_dash="dashed", line_color="#d62728", line_width=2))
     f.y_range.start, f.y_range.end = 0, 1.05
-    f.legend.orientation = "horizontal"
-    f.legend.location = "top_right"
+    f.add_layout(f.legend[0], "right")  # beside the bars, never over them
     f.add_tools(HoverTool(tooltips=[("label", "@label"), ("precision", "@precision{0.000}"),
                                     ("recall", "@recall{0.000}"), ("F1", "@f1{0.000}")]))  # fmt: skip
     return f
@@ -61,14 +60,15 @@ def _curve(curve: list[dict[str, Any]]) -> Any:
     src = ColumnDataSource({k: [c.get(k) for c in curve] for k in ("epoch", "loss", "train_accuracy", "test_accuracy")})
     f = figure("learning curve", height=280, tools="save", x_axis_label="epoch", y_range=(0, 1.05))
     a, b, c = colours(3)
-    f.line("epoch", "train_accuracy", source=src, color=a, line_width=2, legend_label="train accuracy")
-    f.line("epoch", "test_accuracy", source=src, color=b, line_width=2, legend_label="held-out accuracy")
+    for key, colour, name in (("train_accuracy", a, "train accuracy"), ("test_accuracy", b, "held-out accuracy")):
+        f.line("epoch", key, source=src, color=colour, line_width=2, legend_label=name)
+        f.scatter("epoch", key, source=src, color=colour, size=6, legend_label=name)  # one epoch is still a point
     losses = [x for x in src.data["loss"] if x is not None]
     if losses:
         f.extra_y_ranges = {"loss": Range1d(start=0, end=max(losses) * 1.05)}
         f.add_layout(LinearAxis(y_range_name="loss", axis_label="loss"), "right")
         f.line("epoch", "loss", source=src, color=c, line_dash="dashed", y_range_name="loss", legend_label="loss")
-    f.legend.location = "center_right"
+    f.add_layout(f.legend[0], "right")
     f.add_tools(HoverTool(tooltips=[("epoch", "@epoch"), ("train", "@train_accuracy{0.000}"),
                                     ("held out", "@test_accuracy{0.000}"), ("loss", "@loss{0.0000}")]))  # fmt: skip
     return f

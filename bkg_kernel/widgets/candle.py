@@ -7,8 +7,9 @@ from typing import Any
 
 import ipywidgets as W
 
+from bkg_kernel.display import fmt_bytes
 from bkg_kernel.widgets.ops import plugin_actions
-from bkg_kernel.widgets.primitives import Session, error_html, fmt_bytes, table
+from bkg_kernel.widgets.primitives import Session, error_html, table
 
 CANDLE_KINDS = ("hf-transformers", "torch-program")
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import ipywidgets as W
 
-from bkg_kernel.widgets.primitives import Session, error_html, fmt_bytes, table
+from bkg_kernel.display import fmt_bytes
+from bkg_kernel.widgets.primitives import Session, error_html, table
 
 
 def models_panel(session: Session) -> W.VBox:

@@ -9,11 +9,12 @@ from typing import Any
 
 import ipywidgets as W
 
+from bkg_kernel.display import fmt_bytes, fmt_count, fmt_duration
 from bkg_kernel.errors import BkgError
-from bkg_kernel.widgets.primitives import Session, ask_first, badge, error_html, fmt_bytes, sparkline, table
+from bkg_kernel.widgets.primitives import Session, ask_first, badge, error_html, sparkline, table
 from bkg_kernel.widgets.schema_form import SchemaForm
 
-PLUGIN_COLUMNS = ["plugin", "status", "uptime", "memory", "memory (2 min)", "requests", "req/min", "errors", "p50 ms"]
+PLUGIN_COLUMNS = ["plugin", "status", "uptime", "memory", "memory (2 min)", "requests", "req/min", "errors", "p50"]
 
 
 def plugins_panel(session: Session, refresh_s: float = 2.0) -> W.VBox:
@@ -34,13 +35,13 @@ def plugins_panel(session: Session, refresh_s: float = 2.0) -> W.VBox:
         return {
             "plugin": f"<span data-plugin='{escape(p['id'])}'>{escape(p['name'])}</span>",
             "status": badge(p["state"]),
-            "uptime": f"{p['uptime_s']:.0f} s" if p["uptime_s"] else "–",
+            "uptime": fmt_duration(p["uptime_s"]) if p["uptime_s"] else "–",
             "memory": fmt_bytes(t.get("rss_bytes")),
             "memory (2 min)": sparkline(list(h)),
-            "requests": t.get("requests", 0),
-            "req/min": t.get("requests_per_min", 0),
-            "errors": t.get("errors", 0),
-            "p50 ms": t.get("latency_p50_ms") or "–",
+            "requests": fmt_count(t.get("requests", 0)),
+            "req/min": fmt_count(t.get("requests_per_min", 0)),
+            "errors": fmt_count(t.get("errors", 0)),
+            "p50": fmt_duration(t["latency_p50_ms"] / 1000) if t.get("latency_p50_ms") is not None else "–",
         }
 
     def render() -> None:
@@ -161,9 +162,9 @@ def health_panel(session: Session) -> W.HTML:
     row = {
         "status": h.get("status", "?"),
         "version": h.get("version", ""),
-        "uptime": f"{h.get('uptime_s', 0):.0f} s",
+        "uptime": fmt_duration(h.get("uptime_s", 0)),
         "collections": len(cols),
-        "points": sum(c.get("count", 0) for c in cols),
+        "points": f"{sum(c.get('count', 0) for c in cols):,}",
         "store size": fmt_bytes(size),
     }
     return W.HTML("<h3>Gateway</h3>" + table([row], list(row)))

@@ -96,17 +96,6 @@ def sparkline(values: list[float], width: int = 160, height: int = 36) -> str:
     return f"<svg class='bkg-spark' width='{width}' height='{height}'><polyline points='{pts}'/></svg>"
 
 
-def fmt_bytes(n: float | None) -> str:
-    """Return a byte count for people (`1.5 GB`; a dash for none)."""
-    if not n:
-        return "–"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def ask_first(
     box: W.Box,
     question: str,
