@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
@@ -91,3 +93,26 @@ def fmt_count(n: float | None) -> str:
     if abs(n) < 1_000_000:
         return f"{n / 1000:.1f}k"
     return f"{n / 1_000_000:.1f}M"
+
+
+def faces_figure(result: Mapping[str, Any], image_b64: str) -> str:
+    """Return a photo with each face found boxed and named (green: known, red: unknown), as an HTML figure."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(base64.b64decode(image_b64)))).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    width = max(2, img.width // 300)
+    for face in result["faces"]:
+        known = face["subject"] != "unknown"
+        colour = "#2ca02c" if known else "#d62728"
+        x1, y1, x2, y2 = face["bbox"]
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+        sim = f" {face['matches'][0]['similarity']:.2f}" if face["matches"] else ""
+        draw.text((x1 + width, max(0, y1 - 12 * width)), f"{face['subject']}{sim}", fill=colour)
+    img.thumbnail((800, 800))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    names = ", ".join(html.escape(str(f["subject"])) for f in result["faces"]) or "no face"
+    src = base64.b64encode(buf.getvalue()).decode()
+    img_tag = f"<img src='data:image/png;base64,{src}' style='min-width: 240px; max-width: 100%'/>"
+    return f"<figure>{img_tag}<figcaption>{names}</figcaption></figure>"

@@ -228,3 +228,8 @@ def invalid_from_pydantic(exc: ValidationError, root: str) -> InvalidInput:
     loc = ".".join(str(p) for p in err.get("loc", ()))
     field = f"{root}.{loc}" if loc else root
     return InvalidInput(f"{field}: {err.get('msg', 'invalid value')}", field=field)
+
+
+def user_message(exc: BaseException) -> str:
+    """Return what a user is told about `exc`: a bkg error's message, else the exception's type and text."""
+    return exc.message if isinstance(exc, BkgError) else f"{type(exc).__name__}: {exc}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -128,3 +129,17 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Return the process-wide settings (read once)."""
     return Settings()
+
+
+def gateway_url(settings: Settings | None = None) -> str:
+    """The gateway clients use: `gateway_url` when set, else the data dir's (its gateway.json), else host:port."""
+    settings = settings or Settings()
+    if settings.gateway_url:
+        return settings.gateway_url.rstrip("/")
+    state = settings.data_dir.resolve() / "gateway.json"
+    if state.exists():
+        try:
+            return str(json.loads(state.read_text())["url"])
+        except (ValueError, KeyError, OSError):
+            pass
+    return f"http://{settings.host}:{settings.port}"

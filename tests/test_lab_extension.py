@@ -29,8 +29,13 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 
 @pytest.fixture(scope="module")
-def lab(gw: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("labroot")
+def labroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("labroot")
+
+
+@pytest.fixture(scope="module")
+def lab(gw: Gateway, labroot: Path) -> Iterator[str]:
+    root = labroot
     port = free_port()
     env = {
         **os.environ, "BKG_GATEWAY_URL": gw.url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0",
@@ -220,3 +225,45 @@ def test_server_extension_starts_a_gateway_when_none_runs(tmp_path: Path) -> Non
         proc.wait(20)
         if (data / "gateway.json").exists():
             os.kill(int(json.loads((data / "gateway.json").read_text())["pid"]), signal.SIGTERM)
+
+
+def test_a_notebook_explores_a_collection_offline(page: Any, lab: str, labroot: Path, gw: Gateway) -> None:
+    import json
+
+    import numpy as np
+
+    c = gw.client()
+    c.post("/api/collections", json={"name": "nbpoints", "dim": 8})
+    rng = np.random.default_rng(1)
+    pts = [
+        {"id": i, "vector": rng.normal(size=8).round(3).tolist(), "payload": {"label": "ab"[i % 2]}, "text": f"p{i}"}
+        for i in range(500)
+    ]
+    assert c.put("/api/collections/nbpoints/points", json={"points": pts}).status_code == 200
+    code = (
+        "import os\nfrom bkg_kernel.client import Workbench\n"
+        "wb = Workbench(os.environ['BKG_GATEWAY_URL'], os.environ['BKG_API_KEY'])\n"
+        "wb.collection('nbpoints').explore(color='label')"
+    )
+    nb = {
+        "cells": [{"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [],
+                   "source": code}],
+        "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
+        "nbformat": 4, "nbformat_minor": 5,
+    }  # fmt: skip
+    (labroot / "explore.ipynb").write_text(json.dumps(nb))
+    nbpage = page.context.browser.new_page(viewport={"width": 1400, "height": 900})
+    requests: list[str] = []
+    nbpage.on("request", lambda r: requests.append(r.url))
+    nbpage.goto(f"{lab}/lab/tree/explore.ipynb?token={TOKEN}")
+    nbpage.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=60_000)
+    nbpage.locator("text=Python 3 (ipykernel) | Idle").wait_for(timeout=90_000)  # the kernel is up
+    nbpage.locator(".jp-Notebook .jp-Cell").first.click()
+    nbpage.keyboard.press("Shift+Enter")
+    nbpage.locator(".jp-OutputArea canvas").first.wait_for(timeout=120_000)  # the map, drawn in the notebook
+    nbpage.wait_for_timeout(1500)
+    nbpage.locator("text=all 500 points").first.wait_for(timeout=30_000)  # the status line, from the gateway
+    nbpage.screenshot(path=str(ARTIFACTS / "lab-notebook-explore.png"))
+    away = [u for u in requests if not u.startswith(("http://127.0.0.1", "data:", "blob:"))]
+    nbpage.close()
+    assert not away, f"requests that left 127.0.0.1: {away}"

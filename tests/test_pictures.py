@@ -259,6 +259,16 @@ def test_the_dark_theme_is_dark(browser: Any, voila: str) -> None:
         return (0.2126 * r + 0.7152 * g + 0.0722 * b) / 255
 
     assert luminance(bg) < 0.3 and luminance(ink) > 0.6, (bg, ink)
+    # the charts follow: a telemetry chart's area is dark too (its background is the page's)
+    import io
+
+    from PIL import Image
+
+    chart = p.page.locator("canvas").first
+    chart.scroll_into_view_if_needed()
+    p.page.wait_for_timeout(500)
+    pixels = np.asarray(Image.open(io.BytesIO(chart.screenshot())).convert("L"), dtype=float) / 255
+    assert np.median(pixels) < 0.3, np.median(pixels)
     p.close("pictures-overview-dark")
 
 

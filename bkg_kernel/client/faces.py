@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from bkg_kernel.display import Table, html_table
+from bkg_kernel.display import Table, faces_figure, html_table
 
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
@@ -41,27 +41,7 @@ class Identified(dict[str, Any]):
         self._image = image_b64
 
     def _repr_html_(self) -> str:
-        from html import escape
-
-        from PIL import Image, ImageDraw, ImageOps
-
-        img = ImageOps.exif_transpose(Image.open(io.BytesIO(base64.b64decode(self._image)))).convert("RGB")
-        draw = ImageDraw.Draw(img)
-        width = max(2, img.width // 300)
-        for face in self["faces"]:
-            known = face["subject"] != "unknown"
-            colour = "#2ca02c" if known else "#d62728"
-            x1, y1, x2, y2 = face["bbox"]
-            draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
-            sim = f" {face['matches'][0]['similarity']:.2f}" if face["matches"] else ""
-            draw.text((x1 + width, max(0, y1 - 12 * width)), f"{face['subject']}{sim}", fill=colour)
-        img.thumbnail((800, 800))
-        buf = io.BytesIO()
-        img.save(buf, "PNG")
-        names = ", ".join(escape(str(f["subject"])) for f in self["faces"]) or "no face"
-        src = base64.b64encode(buf.getvalue()).decode()
-        img_tag = f"<img src='data:image/png;base64,{src}' style='min-width: 240px; max-width: 100%'/>"
-        return f"<figure>{img_tag}<figcaption>{names}</figcaption></figure>"
+        return faces_figure(self, self._image)
 
 
 class GalleryTable(Table):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from bkg_kernel.client.llm import LLM, ModelTable
 from bkg_kernel.client.plugins import PluginTable, RemotePlugin
 from bkg_kernel.client.repo import Repo
 from bkg_kernel.errors import JobFailed, Timeout, Unavailable
-from bkg_kernel.settings import Settings
+from bkg_kernel.settings import Settings, gateway_url
 from bkg_kernel.store.results import CollectionInfo
 
 
@@ -255,20 +254,6 @@ def hub_gateway(settings: Settings, url: str | None = None) -> str:
         raise Unavailable(f"not sending your Hub token to {url}: JupyterHub's bkg service is at {found} "
                           "(set BKG_API_KEY to use another gateway)")  # fmt: skip
     return found
-
-
-def gateway_url(settings: Settings | None = None) -> str:
-    """The gateway clients use: `gateway_url` when set, else the data dir's (its gateway.json), else host:port."""
-    settings = settings or Settings()
-    if settings.gateway_url:
-        return settings.gateway_url.rstrip("/")
-    state = settings.data_dir.resolve() / "gateway.json"
-    if state.exists():
-        try:
-            return str(json.loads(state.read_text())["url"])
-        except (ValueError, KeyError, OSError):
-            pass
-    return f"http://{settings.host}:{settings.port}"
 
 
 def _hub_service_url(api_url: str, token: str, name: str = "bkg") -> str | None:

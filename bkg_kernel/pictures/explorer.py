@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from bkg_kernel.display import fmt_count
-from bkg_kernel.pictures.charts import OTHER, PALETTE, figure
+from bkg_kernel.errors import user_message
+from bkg_kernel.pictures.charts import OTHER, PALETTE, figure, legend_style
 from bkg_kernel.pictures.loader import as_widget, use_panel
 
 MAX_CATEGORIES = len(PALETTE)
@@ -126,9 +127,7 @@ class Explorer:
             self.status.object = f"<p class='bkg-error'>filter: not JSON ({escape(str(exc))})</p>"
             return
         except Exception as exc:  # noqa: BLE001 - said in the view
-            from bkg_kernel.widgets.primitives import error_text
-
-            self.status.object = f"<p class='bkg-error'>{escape(error_text(exc))}</p>"
+            self.status.object = f"<p class='bkg-error'>{escape(user_message(exc))}</p>"
             return
         fields = sorted({k for p in self.data["payloads"] if isinstance(p, dict) for k in p})
         self.color.options = ["", *fields]
@@ -193,6 +192,7 @@ class Explorer:
             f.legend.location = "top_left"
             f.legend.label_text_font_size = "11px"
             f.legend.click_policy = "hide"
+            legend_style(f)
         self.source.selected.on_change("indices", self._selected)
         self.figure = f
         self.plot.object = f
@@ -232,9 +232,7 @@ class Explorer:
                 json={"vector": got[0]["vector"], "k": self.neighbours + 1, "with_text": True},
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001
-            from bkg_kernel.widgets.primitives import error_text
-
-            self.neighbour_list.object = f"<p class='bkg-error'>{escape(error_text(exc))}</p>"
+            self.neighbour_list.object = f"<p class='bkg-error'>{escape(user_message(exc))}</p>"
             return
         hits = [h for h in r["results"] if h["id"] != pid][: self.neighbours]
         at = {str(x): j for j, x in enumerate(d["ids"])}
@@ -263,7 +261,8 @@ class Explorer:
         return as_widget(self.panel())
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
-        return self.widget()._repr_mimebundle_(include=include, exclude=exclude)
+        # Panel's own notebook output: its renderer waits for the scripts `use_panel` loaded in the same cell
+        return self.panel()._repr_mimebundle_(include=include, exclude=exclude)
 
 
 def default_colour(payloads: list[Any], fields: list[str]) -> str | None:

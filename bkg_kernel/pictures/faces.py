@@ -6,6 +6,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
+from bkg_kernel.display import faces_figure
 from bkg_kernel.pictures.charts import colours, figure
 from bkg_kernel.pictures.loader import as_widget, use_panel
 
@@ -80,10 +81,8 @@ def candidates_chart(result: dict[str, Any], threshold: float | None = None) -> 
 
 def identify_view(result: dict[str, Any], image_b64: str, gateway_url: str | None = None) -> Any:
     """Return the photo with each face boxed and named, next to every candidate's similarity (a Panel row)."""
-    from bkg_kernel.client.faces import Identified
-
     pn = use_panel(gateway_url)
-    photo = pn.pane.HTML(Identified(result, image_b64)._repr_html_(), width=520)
+    photo = pn.pane.HTML(faces_figure(result, image_b64), width=520)
     chart = candidates_chart(result)
     if chart is None:
         found = len(result.get("faces") or [])

@@ -9,23 +9,20 @@ plain notebook and inside the Voila dashboards' ipywidgets.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any
 
 _loaded = False
 
 
-def use_panel(gateway_url: str | None = None) -> Any:
-    """Import Panel with its resources served by the gateway at `gateway_url`; load its scripts into this page
-    once per kernel (call it while a cell runs: that cell's output carries them). Return the `panel` module."""
-    global _loaded
+def import_panel(gateway_url: str | None = None) -> Any:
+    """Import Panel with its resources served by the gateway at `gateway_url` (default: the configured one)."""
     if gateway_url is None:
-        from bkg_kernel.widgets.login import gateway_url as default_url
+        from bkg_kernel.settings import gateway_url as default_url
 
         gateway_url = default_url()
     root = f"{gateway_url.rstrip('/')}/static/panel/"
-    import sys
-
     if "panel" not in sys.modules:
         os.environ["PANEL_CDN_ROOT"] = root
     import panel as pn
@@ -34,9 +31,19 @@ def use_panel(gateway_url: str | None = None) -> Any:
     if not resources.CDN_ROOT.startswith(("http://127.0.0.1", "http://localhost", root)):
         warnings.warn(
             f"panel was imported before bkg set its resources: its styles come from {resources.CDN_ROOT}",
-            stacklevel=2,
+            stacklevel=3,
         )
+    return pn
+
+
+def use_panel(gateway_url: str | None = None, dark: bool = False) -> Any:
+    """Import Panel (`import_panel`) and load its scripts into this page once per kernel (call it while a cell
+    runs: that cell's output carries them), in Panel's dark theme if `dark`. Return the `panel` module."""
+    global _loaded
+    pn = import_panel(gateway_url)
     if not _loaded:
+        if dark:
+            pn.config.theme = "dark"
         pn.extension(inline=True)
         _loaded = True
     return pn

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from bkg_kernel.display import fmt_bytes, fmt_count, fmt_duration
-from bkg_kernel.pictures.charts import colours, figure
+from bkg_kernel.pictures.charts import colours, figure, legend_style
 from bkg_kernel.pictures.loader import as_widget, use_panel
 
 SERIES = [  # (history column, chart title, y scale)
@@ -88,6 +88,7 @@ class TelemetryView:
             f.legend.click_policy = "hide"
             f.legend.label_text_font_size = "10px"
             f.legend.location = "top_left"
+            legend_style(f)
             figs.append(f)
         return figs
 
@@ -135,7 +136,8 @@ class TelemetryView:
         return as_widget(self.panel())
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
-        return self.widget()._repr_mimebundle_(include=include, exclude=exclude)
+        # Panel's own notebook output: its renderer waits for the scripts `use_panel` loaded in the same cell
+        return self.panel()._repr_mimebundle_(include=include, exclude=exclude)
 
 
 def telemetry_view(wb: Any, plugins: list[str] | None = None, **kw: Any) -> TelemetryView:
@@ -170,6 +172,7 @@ def usage_chart(wb: Any, days: int = 14) -> Any:
     f.add_tools(HoverTool(tooltips=[("day", "@day"), ("key", "$name"), ("tokens", "@$name{0,0}")]))
     f.legend.location = "top_left"
     f.legend.label_text_font_size = "10px"
+    legend_style(f)
     f.xaxis.major_label_orientation = 0.8
     return pn.pane.Bokeh(f, sizing_mode="stretch_width")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bkg_kernel.pictures.charts import colours, figure
+from bkg_kernel.pictures.charts import colours, figure, legend_style
 from bkg_kernel.pictures.loader import as_widget, use_panel
 
 
@@ -49,6 +49,7 @@ def _per_label(per_label: list[dict[str, Any]], baseline: float) -> Any:
     f.add_layout(Span(location=baseline, dimension="width", line_dash="dashed", line_color="#d62728", line_width=2))
     f.y_range.start, f.y_range.end = 0, 1.05
     f.add_layout(f.legend[0], "right")  # beside the bars, never over them
+    legend_style(f)
     f.add_tools(HoverTool(tooltips=[("label", "@label"), ("precision", "@precision{0.000}"),
                                     ("recall", "@recall{0.000}"), ("F1", "@f1{0.000}")]))  # fmt: skip
     return f
@@ -69,6 +70,7 @@ def _curve(curve: list[dict[str, Any]]) -> Any:
         f.add_layout(LinearAxis(y_range_name="loss", axis_label="loss"), "right")
         f.line("epoch", "loss", source=src, color=c, line_dash="dashed", y_range_name="loss", legend_label="loss")
     f.add_layout(f.legend[0], "right")
+    legend_style(f)
     f.add_tools(HoverTool(tooltips=[("epoch", "@epoch"), ("train", "@train_accuracy{0.000}"),
                                     ("held out", "@test_accuracy{0.000}"), ("loss", "@loss{0.0000}")]))  # fmt: skip
     return f

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from html import escape
 from typing import Any
@@ -105,9 +106,10 @@ def dashboard(
     root = W.VBox([])
     header = W.HTML(f"{CSS}{nav(page)}" + (f"<h2>{escape(title)}</h2>" if title else ""))
     if pictures:
-        from bkg_kernel.pictures.loader import use_panel
+        from bkg_kernel.pictures.loader import import_panel, use_panel
 
-        use_panel(url or gateway_url())
+        import_panel(url or gateway_url())  # in a preheated kernel, before the page is even asked for
+        use_panel(url or gateway_url(), dark=page_is_dark())
 
     def logged_in(session: Session) -> None:
         who = W.HTML(whoami(session))
@@ -129,6 +131,16 @@ def dashboard(
     else:
         root.children = [header, login_box(logged_in, url)]
     return root
+
+
+def page_is_dark() -> bool:
+    """Return whether the page asked for Voila's dark theme (`?theme=dark`). A kernel Voila preheated learns its
+    request (and the query string) only once someone opens the page: it waits for that here."""
+    if os.environ.get("VOILA_PREHEAT") == "True":
+        from voila.utils import wait_for_request
+
+        wait_for_request()
+    return "theme=dark" in os.environ.get("QUERY_STRING", "")
 
 
 def hub_session(url: str | None = None) -> Session | None:

@@ -14,7 +14,7 @@ import ipywidgets as W
 
 from bkg_kernel.client import Workbench
 from bkg_kernel.display import html_table
-from bkg_kernel.errors import BkgError
+from bkg_kernel.errors import user_message
 
 STATE_COLOURS = {
     "running": "#2e7d32", "degraded": "#ed6c02", "starting": "#0277bd", "stopping": "#0277bd",
@@ -71,8 +71,8 @@ def badge(state: str, label: str | None = None) -> str:
 
 
 def error_text(exc: Exception) -> str:
-    """Return what a user is told about `exc`: a bkg error's message, else the exception's type and text."""
-    return exc.message if isinstance(exc, BkgError) else f"{type(exc).__name__}: {exc}"
+    """Return what a user is told about `exc` (see `errors.user_message`)."""
+    return user_message(exc)
 
 
 def error_html(exc: Exception) -> str:
