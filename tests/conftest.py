@@ -35,3 +35,27 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     g = start_gateway(tmp_path_factory.mktemp("gw") / "data")
     yield g
     g.stop()
+
+
+@pytest.fixture(scope="module")
+def voila(gw: object, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The dashboards, served the way `bkg dashboards` serves them, against the module's gateway (log in
+    test-artifacts/ui/voila-<module>.log)."""
+    from gateway_harness import dashboards
+
+    artifacts = Path(__file__).resolve().parent.parent / "test-artifacts" / "ui"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with dashboards(gw.url, artifacts / f"voila-{request.module.__name__}.log") as url:  # type: ignore[attr-defined]
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser(voila: str) -> Iterator[object]:
+    """Debian's Chromium, once the dashboards are up."""
+    from gateway_harness import CHROMIUM, CHROMIUM_ARGS
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -10,11 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, Gateway, dashboards, start_gateway
+from gateway_harness import ADMIN_KEY, Gateway, start_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
-VOILA_LOG = ARTIFACTS / "voila.log"
+VOILA_LOG = ARTIFACTS / "voila-test_dashboards.log"  # written by the voila fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -22,24 +22,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     g = start_gateway(tmp_path_factory.mktemp("dash") / "data")
     yield g
     g.stop()
-
-
-@pytest.fixture(scope="module")
-def voila(gw: Gateway) -> Iterator[str]:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with dashboards(gw.url, VOILA_LOG) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def browser(voila: str) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def open_logged_in(browser: Any, voila: str, page_name: str, key: str) -> Any:

@@ -15,14 +15,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, Gateway, dashboards, start_gateway, wait_for
+from gateway_harness import ADMIN_KEY, Gateway, dashboards, start_gateway, wait_for
 
 from bkg_kernel.gateway.routes.assets import panel_dist
 from bkg_kernel.models.defaults import DEFAULT_LLM
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
-VOILA_LOG = ARTIFACTS / "voila-pictures.log"
+VOILA_LOG = ARTIFACTS / "voila-test_pictures.log"  # written by the voila fixture (conftest.py)
 LABELS = ["alpha", "beta", "gamma", "delta", "epsilon"]
 N_POINTS = 20_000
 DOCS = {
@@ -62,23 +62,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     assert c.post("/v1/chat/completions", json=ask, timeout=120).status_code == 200  # tokens for the usage chart
     yield g
     g.stop()
-
-
-@pytest.fixture(scope="module")
-def voila(gw: Gateway) -> Iterator[str]:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with dashboards(gw.url, VOILA_LOG) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def browser(voila: str) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 class Page:
