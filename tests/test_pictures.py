@@ -104,6 +104,9 @@ def test_panel_files_are_served_by_the_gateway(gw: Gateway) -> None:
     assert httpx.get(f"{gw.url}/static/panel/{version}/dist/../__init__.py").status_code == 404
     assert httpx.get(f"{gw.url}/static/panel/{version}/dist/%2e%2e/__init__.py").status_code == 404
     assert httpx.get(f"{gw.url}/static/panel/0.0.1/dist/css/loading.css").status_code == 404
+    for hostile in ("%00", "a" * 5000, "css/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/etc/passwd"):
+        r = httpx.get(f"{gw.url}/static/panel/{version}/dist/{hostile}")
+        assert r.status_code == 404 and r.json()["error"]["field"] == "path", (hostile, r.status_code)
 
 
 def test_a_map_is_a_repeatable_sample_with_pca_coordinates(gw: Gateway) -> None:
@@ -125,6 +128,8 @@ def test_a_map_is_a_repeatable_sample_with_pca_coordinates(gw: Gateway) -> None:
     assert len(base64.b64decode(u["reduced"])) == 500 * 50 * 4
     bad = c.post("/api/collections/points/map", json={"sample": 0})
     assert bad.status_code == 422 and "sample" in bad.text
+    bad = c.post("/api/collections/points/map", json={"filter": {"label": {"$nope": 1}}})
+    assert bad.status_code == 422 and bad.json()["error"]["field"].startswith("filter"), bad.text
     assert c.post("/api/collections/nope/map", json={}).status_code == 404
 
 

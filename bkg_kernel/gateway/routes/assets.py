@@ -36,9 +36,13 @@ async def panel_asset(version: str, path: str) -> FileResponse:
     if found is None or version != found[0]:
         raise NotFound(f"panel {version} is not installed here", field="version")
     root = found[1].resolve()
-    target = (root / path).resolve()
-    if not target.is_relative_to(root) or not target.is_file():
-        raise NotFound(f"no panel asset {path!r}", field="path")
+    try:
+        target = (root / path).resolve()
+        ok = target.is_relative_to(root) and target.is_file()
+    except (OSError, ValueError):  # a NUL byte, a name too long: no such file either
+        ok = False
+    if not ok:
+        raise NotFound(f"no panel asset {path[:200]!r}", field="path")
     return FileResponse(
         target,
         headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "public, max-age=86400"},
