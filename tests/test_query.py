@@ -157,3 +157,24 @@ def test_query_result_shape(textcoll) -> None:  # type: ignore[no-untyped-def]
     d = r.to_dict()
     assert set(d) == {"results", "took_ms", "mode"} and d["took_ms"] > 0
     assert d["results"][0] == {"id": 1, "score": pytest.approx(1.0), "payload": {"n": 1}}
+
+
+def test_hit_texts_stay_right_through_updates_deletes_and_compaction(store: Store) -> None:
+    c = store.create_collection("texts", dim=4)
+    rng = np.random.default_rng(3)
+    vecs = rng.normal(size=(1200, 4)).astype("float32")
+    c.upsert(ids=list(range(1200)), vectors=vecs, texts=[f"text {i}" for i in range(1200)])
+
+    def texts_of(q: np.ndarray) -> dict[int, str | None]:
+        return {h.id: h.text for h in c.query(q, k=5, with_text=True)}
+
+    assert texts_of(vecs[7])[7] == "text 7"  # read, then cached
+    assert texts_of(vecs[7])[7] == "text 7"  # from the cache
+    c.upsert(ids=[7], vectors=vecs[7:8], texts=["text 7, rewritten"])
+    assert texts_of(vecs[7])[7] == "text 7, rewritten"  # an update is a new position: never the cached text
+    c.delete(list(range(100, 1000)))  # most points gone: the collection compacts and renumbers positions
+    assert store.collection("texts")._next_fid == 300  # noqa: SLF001 - renumbered densely
+    for i in (0, 7, 1100, 1199):
+        got = texts_of(vecs[i])
+        assert got[i] == ("text 7, rewritten" if i == 7 else f"text {i}")
+        assert all(t == ("text 7, rewritten" if pid == 7 else f"text {pid}") for pid, t in got.items())

@@ -50,6 +50,8 @@ class Collection:
         self._fid_of: dict[str, int] = {}
         # Positions matching recent filters; any write to the collection clears it.
         self._filter_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        # Texts of recent hits by position (a position's text never changes; compaction clears it).
+        self._text_cache: OrderedDict[int, str | None] = OrderedDict()
         self._unsaved = False
         self._last_save = time.monotonic()
         self.dropped = False

@@ -230,6 +230,7 @@ def compact(c: Collection) -> None:
         raise
     c._next_fid, c._epoch = live, c._epoch + 1
     c._filter_cache.clear()
+    c._text_cache.clear()  # positions were renumbered
     c._index = None
     c._ensure_index()  # rebuilds: the saved index is from the previous epoch
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 MODES = ("vector", "text", "hybrid")
 FILTER_CACHE_SIZE = 32
+TEXT_CACHE_SIZE = 20_000  # texts of recent hits, by position (a few MB)
 EXPLAIN_DEPTH = 100  # how deep each ranking is read to place a hit in it
 
 
@@ -83,13 +84,8 @@ def query(
         if explain:
             result.explain = _explain(c, index, q, text, fl, max(k, EXPLAIN_DEPTH), allowed, ef_search, where, params)
         if with_text and fl:
-            hits = result.hits
-            texts = dict(
-                c._con.execute(
-                    f"SELECT fid, text FROM {c.table} WHERE list_contains(?::BIGINT[], fid)", [fl]
-                ).fetchall()
-            )
-            for h, f in zip(hits, fl, strict=True):
+            texts = _texts(c, fl)
+            for h, f in zip(result.hits, fl, strict=True):
                 h.text = texts.get(f)
     result.took_ms = (time.perf_counter() - t0) * 1000
     return result
@@ -126,6 +122,29 @@ def _explain(
             e[f"{side}_rank"] = rank
             e[f"{side}_score"] = score if score is None or math.isfinite(score) else 0.0
         out.append(e)
+    return out
+
+
+def _texts(c: Collection, fids: list[int]) -> dict[int, str | None]:
+    """Return the texts of these positions: from the collection's cache, the rest in one read (then cached).
+
+    A position's text never changes (an upsert writes a new position; compaction renumbers and clears the cache),
+    so the cache needs no invalidation on writes."""
+    cache = c._text_cache
+    missing = [f for f in fids if f not in cache]
+    if missing:
+        rows = c._con.execute(
+            f"SELECT fid, text FROM {c.table} WHERE list_contains(?::BIGINT[], fid)", [missing]
+        ).fetchall()
+        for f, text in rows:
+            cache[f] = text
+        while len(cache) > TEXT_CACHE_SIZE:
+            cache.popitem(last=False)
+    out = {}
+    for f in fids:
+        if f in cache:
+            cache.move_to_end(f)
+            out[f] = cache[f]
     return out
 
 
