@@ -7,13 +7,10 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from bkg_kernel.errors import InvalidInput
-from bkg_kernel.store.results import CollectionInfo, Hit, QueryResult
+from bkg_kernel.store.results import EXPLAIN_KEYS, CollectionInfo, Hit, QueryResult
 
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
-
-
-EXPLAIN_KEYS = ("vector_rank", "vector_score", "text_rank", "text_score")
 
 
 class RemoteCollection:

@@ -68,6 +68,11 @@ class Hit:
         return f"Hit(id={self.id!r}, score={self.score:.4f}, payload={self.payload!r})"
 
 
+# `explain`: each hit's rank and score in the vector and in the BM25 ranking, as `<side>_rank`, `<side>_score`
+EXPLAIN_SIDES = ("vector", "text")
+EXPLAIN_KEYS = tuple(f"{side}_{what}" for side in EXPLAIN_SIDES for what in ("rank", "score"))
+
+
 class QueryResult:
     """Ranked hits of a query, best first, with the time it took.
 

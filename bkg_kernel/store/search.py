@@ -16,7 +16,7 @@ import numpy as np
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.store import fulltext, validate
 from bkg_kernel.store.filters import compile_filter
-from bkg_kernel.store.results import QueryResult
+from bkg_kernel.store.results import EXPLAIN_SIDES, QueryResult
 
 if TYPE_CHECKING:
     from bkg_kernel.store.collection import Collection
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 MODES = ("vector", "text", "hybrid")
 FILTER_CACHE_SIZE = 32
 TEXT_CACHE_SIZE = 20_000  # texts of recent hits, by position (a few MB)
-EXPLAIN_DEPTH = 100  # how deep each ranking is read to place a hit in it
+DEPTH = 100  # how deep each ranking is read for hybrid fusion, and to place a hit in it (`explain`)
 
 
 def query(
@@ -60,6 +60,20 @@ def query(
     if ef_search is not None and (not isinstance(ef_search, int) or not 1 <= ef_search <= 4096):
         raise InvalidInput("ef_search must be an integer from 1 to 4096", field="ef_search")
     where, params = compile_filter(filter)
+    depth = max(k, DEPTH)
+    rankings: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # each side's (positions, scores), `depth` deep
+
+    def ranking(side: str) -> tuple[np.ndarray, np.ndarray]:
+        """Return one side's ranking `depth` deep, read once per query (hybrid and `explain` share it)."""
+        if side not in rankings:
+            if side == "vector":
+                assert q is not None
+                vf, raw = index.search(q, depth, allowed, ef_search)
+                rankings[side] = (vf, index.score(raw))
+            else:
+                rankings[side] = fulltext.text_search(c, str(text), depth, where, params)
+        return rankings[side]
+
     with c._store._mutex:  # noqa: SLF001
         index = c._ensure_index()
         allowed = _allowed(c, filter, where, params) if filter else None
@@ -70,19 +84,18 @@ def query(
         elif mode == "text":
             fids, scores = fulltext.text_search(c, str(text), k, where, params)
         else:
-            assert q is not None
-            depth = max(k, 100)
-            vf, _ = index.search(q, depth, allowed, ef_search)
-            tf, _ = fulltext.text_search(c, str(text), depth, where, params)
             w = float(vector_weight)
-            fids, scores = rrf([vf, tf], float(rrf_k), k, weights=[2 * w, 2 * (1 - w)])
+            fids, scores = rrf(
+                [ranking("vector")[0], ranking("text")[0]], float(rrf_k), k, weights=[2 * w, 2 * (1 - w)]
+            )
         fl, sl = fids.tolist(), scores.tolist()
         if not all(map(math.isfinite, sl)):  # scores must serialise as JSON
             sl = [x if math.isfinite(x) else 0.0 for x in sl]
         ids, payloads = c._ids, c._payloads
         result = QueryResult(None, 0.0, mode, ids=[ids[f] for f in fl], scores=sl, payloads=[payloads[f] for f in fl])
         if explain:
-            result.explain = _explain(c, index, q, text, fl, max(k, EXPLAIN_DEPTH), allowed, ef_search, where, params)
+            asked = {"vector": q is not None, "text": isinstance(text, str) and bool(text.strip())}
+            result.explain = _explain(fl, {side: ranking(side) for side, yes in asked.items() if yes})
         if with_text and fl:
             texts = _texts(c, fl)
             for h, f in zip(result.hits, fl, strict=True):
@@ -91,34 +104,18 @@ def query(
     return result
 
 
-def _explain(
-    c: Collection,
-    index: Any,
-    q: np.ndarray | None,
-    text: str | None,
-    fids: list[int],
-    depth: int,
-    allowed: np.ndarray | None,
-    ef_search: int | None,
-    where: str,
-    params: list[Any],
-) -> list[dict[str, Any]]:
-    """Each hit's place in the vector ranking and in the BM25 ranking (rank from 1, and score; None past `depth`
-    or when that side has no query), whatever the mode: why hybrid put it where it is."""
-    sides: dict[str, dict[int, tuple[int, float]]] = {"vector": {}, "text": {}}
-    if q is not None:
-        vf, raw = index.search(q, depth, allowed, ef_search)
-        sides["vector"] = {
-            f: (r, float(s)) for r, (f, s) in enumerate(zip(vf.tolist(), index.score(raw).tolist(), strict=True), 1)
-        }
-    if isinstance(text, str) and text.strip():
-        tf, ts = fulltext.text_search(c, text, depth, where, params)
-        sides["text"] = {f: (r, float(s)) for r, (f, s) in enumerate(zip(tf.tolist(), ts.tolist(), strict=True), 1)}
+def _explain(fids: list[int], rankings: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[dict[str, Any]]:
+    """Each hit's place in the vector ranking and in the BM25 ranking (rank from 1, and score; None past the
+    rankings' depth or when that side has no query), whatever the mode: why hybrid put it where it is."""
+    places = {
+        side: {f: (r, float(s)) for r, (f, s) in enumerate(zip(fs.tolist(), ss.tolist(), strict=True), 1)}
+        for side, (fs, ss) in rankings.items()
+    }
     out = []
     for f in fids:
         e: dict[str, Any] = {}
-        for side, ranked in sides.items():
-            rank, score = ranked.get(f, (None, None))
+        for side in EXPLAIN_SIDES:
+            rank, score = places.get(side, {}).get(f, (None, None))
             e[f"{side}_rank"] = rank
             e[f"{side}_score"] = score if score is None or math.isfinite(score) else 0.0
         out.append(e)

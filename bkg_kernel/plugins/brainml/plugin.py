@@ -25,6 +25,7 @@ from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
 from bkg_kernel.models.registry import ID_PATTERN, ModelRegistry, check_id, slug
 from bkg_kernel.runtime.contract import Plugin, PluginSettings, Progress, capability
 from bkg_kernel.runtime.storehandle import StoreHandle
+from bkg_kernel.store.results import EXPLAIN_KEYS
 from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN
 
 INDEX_BATCH = 2048  # chunks per upsert (the gateway embeds them in batches of 1024)
@@ -74,9 +75,6 @@ class IndexRequest(BaseModel):
     collection: str = Field(..., pattern=COLLECTION_NAME_PATTERN)
     documents: list[Document] = Field(..., min_length=1, max_length=10_000)
     chunking: Chunking | None = None
-
-
-EXPLAIN_KEYS = ("vector_rank", "vector_score", "text_rank", "text_score")
 
 
 class QueryRequest(BaseModel):
