@@ -146,3 +146,21 @@ def dashboards(gateway_url: str, log: Path | None = None) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def dashboard_login(
+    page: Any, url: str, name: str, key: str, log: Path, *, query: str = "", box_s: float = 60, page_s: float = 30
+) -> None:
+    """Open dashboard `name` in `page` and log in with `key`. A page that shows no login box within `box_s` fails
+    with its screenshot (next to `log`) and the end of Voila's log."""
+    page.goto(f"{url}/voila/render/{name}.ipynb{query}")
+    field = page.locator("input[type=password]").first
+    try:
+        field.wait_for(timeout=box_s * 1000)
+    except Exception:  # the page never showed its login box: keep what it showed and what Voila said
+        page.screenshot(path=str(log.parent / f"stuck-{name}.png"), full_page=True)
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+        raise AssertionError(f"{name}: no login box after {box_s:.0f} s; Voila log ends:\n{tail}") from None
+    field.fill(key)
+    page.locator("button:has-text('Log in')").click()
+    page.locator("text=Logged in as").wait_for(timeout=page_s * 1000)

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, start_gateway
+from gateway_harness import ADMIN_KEY, Gateway, dashboard_login, start_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
@@ -26,17 +26,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 def open_logged_in(browser: Any, voila: str, page_name: str, key: str) -> Any:
     page = browser.new_page(viewport={"width": 1300, "height": 900})
-    page.goto(f"{voila}/voila/render/{page_name}.ipynb")
-    field = page.locator("input[type=password]").first
-    try:
-        field.wait_for(timeout=60_000)
-    except Exception:  # the page never showed its login box: keep what it showed and what Voila said
-        page.screenshot(path=str(ARTIFACTS / f"stuck-{page_name}.png"), full_page=True)
-        tail = VOILA_LOG.read_text(errors="replace")[-3000:]
-        raise AssertionError(f"{page_name}: no login box after 60 s; Voila log ends:\n{tail}") from None
-    field.fill(key)
-    page.locator("button:has-text('Log in')").click()
-    page.locator("text=Logged in as").wait_for(timeout=30_000)
+    dashboard_login(page, voila, page_name, key, VOILA_LOG)
     return page
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, dashboards, start_gateway, wait_for
+from gateway_harness import ADMIN_KEY, Gateway, dashboard_login, dashboards, start_gateway, wait_for
 
 from bkg_kernel.gateway.routes.assets import panel_dist
 from bkg_kernel.models.defaults import DEFAULT_LLM
@@ -71,17 +71,7 @@ class Page:
         self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
         self.requests: list[str] = []
         self.page.on("request", lambda r: self.requests.append(r.url))
-        self.page.goto(f"{voila}/voila/render/{name}.ipynb{query}")
-        field = self.page.locator("input[type=password]").first
-        try:
-            field.wait_for(timeout=90_000)
-        except Exception:
-            self.page.screenshot(path=str(ARTIFACTS / f"stuck-{name}.png"), full_page=True)
-            tail = VOILA_LOG.read_text(errors="replace")[-3000:]
-            raise AssertionError(f"{name}: no login box after 90 s; Voila log ends:\n{tail}") from None
-        field.fill(ADMIN_KEY)
-        self.page.locator("button:has-text('Log in')").click()
-        self.page.locator("text=Logged in as").wait_for(timeout=60_000)
+        dashboard_login(self.page, voila, name, ADMIN_KEY, VOILA_LOG, query=query, box_s=90, page_s=60)
 
     def left_the_machine(self) -> list[str]:
         """Every request that went anywhere but 127.0.0.1."""

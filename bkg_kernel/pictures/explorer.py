@@ -16,7 +16,7 @@ import numpy as np
 from bkg_kernel.display import fmt_count
 from bkg_kernel.errors import user_message
 from bkg_kernel.pictures.charts import OTHER, PALETTE, figure, legend_style
-from bkg_kernel.pictures.loader import as_widget, use_panel
+from bkg_kernel.pictures.loader import PanelView, use_panel
 
 MAX_CATEGORIES = len(PALETTE)
 LISTED = 50  # selected points listed by name; the rest counted
@@ -57,7 +57,7 @@ def colour_column(payloads: list[Any], field: str | None) -> tuple[list[str], li
     return [colour_of.get(lab, OTHER) for lab in labels], labels, "categories"
 
 
-class Explorer:
+class Explorer(PanelView):
     """The map of one collection; displays itself in a notebook and `.widget()` goes into a dashboard."""
 
     def __init__(
@@ -104,6 +104,7 @@ class Explorer:
         self.draw_button.on_click(lambda _: self.draw())
         self.color.param.watch(lambda _: self._recolour(), "value")
         self._wanted_colour = color
+        self._drawing = False
         self.draw()
 
     # -- data ----------------------------------------------------------------------------------------
@@ -134,9 +135,13 @@ class Explorer:
         wanted = self._wanted_colour if self._wanted_colour in fields else default_colour(self.data["payloads"], fields)
         if wanted and self.color.value != wanted:
             self._wanted_colour = wanted
-            self.color.value = wanted  # draws through _recolour
+            self._drawing = True  # drawn once, below, not also by _recolour
+            try:
+                self.color.value = wanted
+            finally:
+                self._drawing = False
         d = self.data
-        how = "PCA" if self.method.value == "pca" else "UMAP of 50 PCA components"
+        how = "PCA" if self.method.value == "pca" else f"UMAP of {UMAP_COMPONENTS} PCA components"
         shown = (
             f"all {fmt_count(d['total'])} points"
             if d["sampled"] == d["total"]
@@ -198,7 +203,7 @@ class Explorer:
         self.plot.object = f
 
     def _recolour(self) -> None:
-        if self.data.get("sampled") and hasattr(self, "source"):
+        if self.data.get("sampled") and hasattr(self, "source") and not self._drawing:
             self._build_plot()  # the legend follows the colour field, so the figure is rebuilt
 
     # -- interaction ---------------------------------------------------------------------------------
@@ -255,14 +260,6 @@ class Explorer:
         controls = pn.Row(self.color, self.method, self.sample, self.filter, self.draw_button)
         side = pn.Column(self.neighbour_list, self.selection, width=440, height=self.height, scroll=True)
         return pn.Column(controls, self.status, pn.Row(self.plot, side), sizing_mode="stretch_width")
-
-    def widget(self) -> Any:
-        """Return the view as an ipywidget."""
-        return as_widget(self.panel())
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
-        # Panel's own notebook output: its renderer waits for the scripts `use_panel` loaded in the same cell
-        return self.panel()._repr_mimebundle_(include=include, exclude=exclude)
 
 
 def default_colour(payloads: list[Any], fields: list[str]) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from bkg_kernel.display import faces_figure
 from bkg_kernel.pictures.charts import colours, figure
-from bkg_kernel.pictures.loader import as_widget, use_panel
+from bkg_kernel.pictures.loader import use_panel
 
 GRID_CSS = """<style>
 .bkg-faces .bkg-subject {margin: 6px 0 10px}
@@ -94,8 +94,3 @@ def identify_view(result: dict[str, Any], image_b64: str, gateway_url: str | Non
     else:
         side = pn.pane.Bokeh(chart, sizing_mode="stretch_width")
     return pn.Row(photo, side, sizing_mode="stretch_width")
-
-
-def identify_widget(result: dict[str, Any], image_b64: str, gateway_url: str | None = None) -> Any:
-    """Return `identify_view` as an ipywidget."""
-    return as_widget(identify_view(result, image_b64, gateway_url))

@@ -2,8 +2,8 @@
 
 Panel reads `PANEL_CDN_ROOT` once, when it is first imported (its stylesheet URLs are built at import), so
 `use_panel` sets it before the import; its Bokeh and Panel scripts are inlined into the page
-(`pn.extension(inline=True)`). A view is shown as a `jupyter_bokeh` widget, which renders in JupyterLab, in a
-plain notebook and inside the Voila dashboards' ipywidgets.
+(`pn.extension(inline=True)`). In a notebook a view renders through Panel's own output; inside the Voila
+dashboards' ipywidgets, as a `jupyter_bokeh` widget (`as_widget`).
 """
 
 from __future__ import annotations
@@ -54,3 +54,19 @@ def as_widget(obj: Any) -> Any:
     import panel as pn
 
     return pn.ipywidget(obj)
+
+
+class PanelView:
+    """A view built as a Panel layout (`panel()`): shown by Panel in a notebook, as an ipywidget in a dashboard."""
+
+    def panel(self) -> Any:
+        """Return the whole view as a Panel layout."""
+        raise NotImplementedError
+
+    def widget(self) -> Any:
+        """Return the view as an ipywidget."""
+        return as_widget(self.panel())
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        # Panel's own notebook output: its renderer waits for the scripts `use_panel` loaded in the same cell
+        return self.panel()._repr_mimebundle_(include=include, exclude=exclude)

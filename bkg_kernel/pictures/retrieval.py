@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bkg_kernel.pictures.charts import colours, figure
-from bkg_kernel.pictures.loader import as_widget, use_panel
+from bkg_kernel.pictures.charts import INK, colours, figure
+from bkg_kernel.pictures.loader import use_panel
 
 SIDES = [  # (result key, rank key, title, what a missing rank means)
     ("score", "rank", "fused (ranked)", ""),
@@ -43,7 +43,7 @@ def retrieval_view(result: dict[str, Any], gateway_url: str | None = None, heigh
         )
         f.hbar(y="label", right="value", height=0.7, source=src, color=colour)
         f.add_layout(LabelSet(x="value", y="label", text="note", source=src, x_offset=4, y_offset=-6,
-                              text_font_size="10px", text_color="#777"))  # fmt: skip
+                              text_font_size="10px", text_color=INK))  # fmt: skip
         f.add_tools(HoverTool(tooltips=[("result", "@label"), (title, "@shown (@note)"), ("text", "@text")]))
         f.x_range.start = 0
         f.x_range.range_padding = 0.25
@@ -59,8 +59,3 @@ def retrieval_view(result: dict[str, Any], gateway_url: str | None = None, heigh
     )
     return pn.Column(pn.pane.HTML(caption), pn.Row(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in figs]),
                      sizing_mode="stretch_width")  # fmt: skip
-
-
-def retrieval_widget(result: dict[str, Any], gateway_url: str | None = None) -> Any:
-    """Return `retrieval_view` as an ipywidget."""
-    return as_widget(retrieval_view(result, gateway_url))

@@ -9,7 +9,8 @@ from typing import Any
 
 from bkg_kernel.display import fmt_bytes, fmt_count, fmt_duration
 from bkg_kernel.pictures.charts import colours, figure, legend_style
-from bkg_kernel.pictures.loader import as_widget, use_panel
+from bkg_kernel.pictures.loader import PanelView, use_panel
+from bkg_kernel.runtime.telemetry import HISTORY_POINTS
 
 SERIES = [  # (history column, chart title, y scale)
     ("cpu_percent", "CPU %", 1.0),
@@ -17,14 +18,13 @@ SERIES = [  # (history column, chart title, y scale)
     ("latency_p95_ms", "latency p95 (ms; dashed: p50)", 1.0),
     ("requests_per_min", "requests / min", 1.0),
 ]
-ROLLOVER = 1800  # an hour of 2-second samples, like the gateway's ring
 
 
 def _x(ts: list[float]) -> list[datetime]:
     return [datetime.fromtimestamp(t) for t in ts]  # noqa: DTZ006 - shown in the viewer's local time
 
 
-class TelemetryView:
+class TelemetryView(PanelView):
     """Per-plugin telemetry charts, filled from the gateway's history and then refreshed every `refresh_s`."""
 
     def __init__(
@@ -33,9 +33,10 @@ class TelemetryView:
         self.pn = use_panel(wb.url)
         self.wb, self.only, self.height = wb, plugins, height
         self.status = self.pn.pane.HTML("", css_classes=["bkg-telemetry-status"], sizing_mode="stretch_width")
-        self.sources: dict[str, dict[str, Any]] = {}
+        self.sources: dict[str, Any] = {}  # one ColumnDataSource per plugin
         self.last_t = 0.0
         self.samples = 0
+        self.interval_s = 2.0  # the gateway's sampling period, as its answer says
         history = self._history(minutes)
         self.figures = self._figures(history)
         self._say()
@@ -43,6 +44,7 @@ class TelemetryView:
 
     def _history(self, minutes: float) -> dict[str, dict[str, list[Any]]]:
         r = self.wb.call("GET", "/api/plugins/telemetry/history", params={"minutes": minutes})
+        self.interval_s = float(r.get("interval_s", self.interval_s))
         return {p: cols for p, cols in r["plugins"].items() if self.only is None or p in self.only}
 
     def _data(self, cols: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -58,7 +60,7 @@ class TelemetryView:
         ids = sorted(history)
         palette = dict(zip(ids, colours(len(ids)), strict=True))
         for pid, cols in history.items():
-            self.sources[pid] = {"source": ColumnDataSource(self._data(cols))}
+            self.sources[pid] = ColumnDataSource(self._data(cols))
             self.samples = max(self.samples, len(cols["t"]))
             if cols["t"]:
                 self.last_t = max(self.last_t, cols["t"][-1])
@@ -73,7 +75,7 @@ class TelemetryView:
             else:
                 f.x_range = x_range  # the four charts pan and zoom together
             for pid in ids:
-                src = self.sources[pid]["source"]
+                src = self.sources[pid]
                 line = f.line("t", key, source=src, color=palette[pid], line_width=2, legend_label=pid)
                 if key == "latency_p95_ms":
                     f.line("t", "latency_p50_ms", source=src, color=palette[pid], line_dash="dashed", line_width=1)
@@ -93,11 +95,11 @@ class TelemetryView:
         return figs
 
     def _say(self) -> None:
-        span = self.samples * 2.0
+        span = self.samples * self.interval_s
         self.status.object = (
             f"<p>History: {self.samples} samples per plugin ({fmt_duration(span)}), refreshed live.</p>"
             if self.samples
-            else "<p class='bkg-empty'>No samples yet: the gateway takes one every 2 s.</p>"
+            else f"<p class='bkg-empty'>No samples yet: the gateway takes one every {self.interval_s:g} s.</p>"
         )
 
     def refresh(self) -> None:
@@ -114,9 +116,9 @@ class TelemetryView:
             if not keep:
                 continue
             part = {k: [v[i] for i in keep] for k, v in cols.items()}
-            self.sources[pid]["source"].stream(self._data(part), rollover=ROLLOVER)
+            self.sources[pid].stream(self._data(part), rollover=HISTORY_POINTS)
             newest = max(newest, part["t"][-1])
-            self.samples = min(ROLLOVER, self.samples + len(keep))
+            self.samples = min(HISTORY_POINTS, self.samples + len(keep))
         self.last_t = newest
         self._say()
 
@@ -130,14 +132,6 @@ class TelemetryView:
         panes = [pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.figures]
         rows = [pn.Row(*panes[:2], sizing_mode="stretch_width"), pn.Row(*panes[2:], sizing_mode="stretch_width")]
         return pn.Column(self.status, *rows, sizing_mode="stretch_width")
-
-    def widget(self) -> Any:
-        """Return the view as an ipywidget."""
-        return as_widget(self.panel())
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
-        # Panel's own notebook output: its renderer waits for the scripts `use_panel` loaded in the same cell
-        return self.panel()._repr_mimebundle_(include=include, exclude=exclude)
 
 
 def telemetry_view(wb: Any, plugins: list[str] | None = None, **kw: Any) -> TelemetryView:
@@ -160,12 +154,11 @@ def usage_chart(wb: Any, days: int = 14) -> Any:
             "<code>wb.llm.chat('hello')</code>.</p>"
         )
     days_seen = sorted({r["day"] for r in rows})
-    keys = sorted({f"{r.get('username') or '?'}:{r.get('key_id') or 'session'}" for r in rows})
+    key_of = [f"{r.get('username') or '?'}:{r.get('key_id') or 'session'}" for r in rows]
+    keys = sorted(set(key_of))
     table = {k: [0] * len(days_seen) for k in keys}
-    for r in rows:
-        table[f"{r.get('username') or '?'}:{r.get('key_id') or 'session'}"][days_seen.index(r["day"])] += int(
-            r["total_tokens"]
-        )
+    for key, r in zip(key_of, rows, strict=True):
+        table[key][days_seen.index(r["day"])] += int(r["total_tokens"])
     src = ColumnDataSource({"day": days_seen, **table})
     f = figure("LLM tokens per day, by key", x_range=days_seen, height=240, tools="save")
     f.vbar_stack(keys, x="day", width=0.8, color=colours(len(keys)), source=src, legend_label=keys)

@@ -3,10 +3,11 @@ against the majority baseline, and the learning curve per epoch."""
 
 from __future__ import annotations
 
+from html import escape
 from typing import Any
 
 from bkg_kernel.pictures.charts import colours, figure, legend_style
-from bkg_kernel.pictures.loader import as_widget, use_panel
+from bkg_kernel.pictures.loader import use_panel
 
 
 def _confusion(labels: list[str], matrix: list[list[int]]) -> Any:
@@ -82,7 +83,7 @@ def training_report(report: dict[str, Any], gateway_url: str | None = None) -> A
     m = report.get("metrics") or report
     labels = [r["label"] for r in m["per_label"]]
     head = pn.pane.HTML(
-        f"<p><b>{report.get('model_id', 'classifier')}</b>: accuracy <b>{m['accuracy']:.3f}</b> against "
+        f"<p><b>{escape(str(report.get('model_id', 'classifier')))}</b>: accuracy <b>{m['accuracy']:.3f}</b> against "
         f"{m['majority_baseline']:.3f} for always guessing the commonest label; macro F1 {m['f1_macro']:.3f}; "
         f"{m['test_examples']} held-out chunks of {m['test_documents']} documents.</p>"
     )
@@ -93,8 +94,3 @@ def training_report(report: dict[str, Any], gateway_url: str | None = None) -> A
     if m.get("curve"):
         parts.append(pn.pane.Bokeh(_curve(m["curve"]), sizing_mode="stretch_width"))
     return pn.Column(*parts, sizing_mode="stretch_width")
-
-
-def training_widget(report: dict[str, Any], gateway_url: str | None = None) -> Any:
-    """Return `training_report` as an ipywidget."""
-    return as_widget(training_report(report, gateway_url))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from html import escape
 from typing import Any
 
 import ipywidgets as W
@@ -55,7 +56,7 @@ def faces_panel(session: Session) -> W.VBox:
             return
         try:
             r = faces.invoke("faces.subjects", gallery=gallery.value, action="faces", per_subject=12)
-            grid.value = f"<h4>{gallery.value}</h4>" + gallery_html(gallery.value, r["subjects"])
+            grid.value = f"<h4>{escape(gallery.value)}</h4>" + gallery_html(gallery.value, r["subjects"])
         except Exception as exc:  # noqa: BLE001
             grid.value = error_html(exc)
 
@@ -78,9 +79,10 @@ def faces_panel(session: Session) -> W.VBox:
             photo = _b64(upload_identify.value[0])
             found = faces.invoke("faces.identify", gallery=gallery.value, image=photo)
             if drawing():
-                from bkg_kernel.pictures.faces import identify_widget
+                from bkg_kernel.pictures.faces import identify_view
+                from bkg_kernel.pictures.loader import as_widget
 
-                out.children = [identify_widget(found, photo, session.wb.url)]
+                out.children = [as_widget(identify_view(found, photo, session.wb.url))]
             else:
                 out.children = [W.HTML(Identified(found, photo)._repr_html_())]
         except Exception as exc:  # noqa: BLE001

@@ -10,15 +10,8 @@ from typing import Any
 import ipywidgets as W
 
 from bkg_kernel.client import Workbench
-from bkg_kernel.settings import Settings
+from bkg_kernel.settings import Settings, gateway_url
 from bkg_kernel.widgets.primitives import CSS, Session, badge, error_html
-
-
-def gateway_url() -> str:
-    """Return the gateway dashboards talk to: the configured `gateway_url`, else the data dir's gateway."""
-    from bkg_kernel.client import gateway_url as data_dir_gateway
-
-    return Settings().gateway_url or data_dir_gateway()
 
 
 def login_box(on_login: Callable[[Session], None], url: str | None = None) -> W.VBox:
@@ -108,8 +101,9 @@ def dashboard(
     if pictures:
         from bkg_kernel.pictures.loader import import_panel, use_panel
 
-        import_panel(url or gateway_url())  # in a preheated kernel, before the page is even asked for
-        use_panel(url or gateway_url(), dark=page_is_dark())
+        where = url or gateway_url()
+        import_panel(where)  # in a preheated kernel, before the page is even asked for
+        use_panel(where, dark=page_is_dark())
 
     def logged_in(session: Session) -> None:
         who = W.HTML(whoami(session))

@@ -87,9 +87,10 @@ def retrieval(result: dict[str, Any], session: Session) -> W.Widget:
     """The fused, vector and BM25 scores of a query's results side by side (if Panel is loaded)."""
     if not drawing():
         return W.HTML()
-    from bkg_kernel.pictures.retrieval import retrieval_widget
+    from bkg_kernel.pictures.loader import as_widget
+    from bkg_kernel.pictures.retrieval import retrieval_view
 
-    return retrieval_widget(result, session.wb.url)
+    return as_widget(retrieval_view(result, session.wb.url))
 
 
 def training_form(session: Session, collections: list[str]) -> W.VBox:
@@ -107,9 +108,10 @@ def training_form(session: Session, collections: list[str]) -> W.VBox:
         try:
             report = session.wb.brain.train(coll.value, field.value.strip(), model=model.value, progress=False)
             if drawing():
-                from bkg_kernel.pictures.training import training_widget
+                from bkg_kernel.pictures.loader import as_widget
+                from bkg_kernel.pictures.training import training_report
 
-                out.children = [training_widget(report, session.wb.url)]
+                out.children = [as_widget(training_report(report, session.wb.url))]
             else:
                 out.children = [W.HTML(report._repr_html_())]
         except Exception as exc:  # noqa: BLE001

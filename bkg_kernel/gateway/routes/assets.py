@@ -30,8 +30,9 @@ def panel_dist() -> tuple[str, Path] | None:
 
 
 @router.get("/static/panel/{version}/dist/{path:path}")
-async def panel_asset(version: str, path: str) -> FileResponse:
-    """One file of the installed panel's dist folder (fonts included: any origin may load them)."""
+def panel_asset(version: str, path: str) -> FileResponse:
+    """One file of the installed panel's dist folder (fonts included: any origin may load them). A plain `def`:
+    resolving the path touches the disk, so it runs on a worker thread, never on the event loop."""
     found = panel_dist()
     if found is None or version != found[0]:
         raise NotFound(f"panel {version} is not installed here", field="version")
