@@ -153,10 +153,11 @@ def dashboard_login(
 ) -> None:
     """Open dashboard `name` in `page` and log in with `key`. A page that shows no login box within `box_s` fails
     with its screenshot (next to `log`) and the end of Voila's log."""
-    page.goto(f"{url}/voila/render/{name}.ipynb{query}")
+    deadline = time.monotonic() + box_s  # navigation included: Voila streams the page while the kernel runs it
     field = page.locator("input[type=password]").first
     try:
-        field.wait_for(timeout=box_s * 1000)
+        page.goto(f"{url}/voila/render/{name}.ipynb{query}", timeout=box_s * 1000)
+        field.wait_for(timeout=max(1.0, deadline - time.monotonic()) * 1000)
     except Exception:  # the page never showed its login box: keep what it showed and what Voila said
         page.screenshot(path=str(log.parent / f"stuck-{name}.png"), full_page=True)
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
