@@ -1,26 +1,34 @@
-"""brainml retrieval: indexing speed, query latency and quality per mode, bkg vs the same work done directly
-and vs LanceDB's hybrid search, on one corpus in one run.
+"""brainml retrieval: indexing speed, index build and update cost, query latency and quality per mode, bkg vs the
+same work done directly and vs LanceDB, on two corpora in one run.
 
     python bench/brainml.py [--packages stdlib,numpy,scipy,sklearn,pandas] [--chunk 800] [--overlap 100]
 
-Corpus: the docstrings of the standard library + numpy, scipy, scikit-learn and pandas (`bkg_kernel.datasets.
-python_docs`), chunked as brainml does (~11k chunks). Quality: nDCG@10 and recall@10 on `PYDOC_QUERIES` (46 hand-
-labelled queries; documents, not chunks, are ranked). Rows:
+Corpora, both chunked as brainml chunks (800 characters, 100 overlap) and ranked as documents from the top 30
+chunks (nDCG@10, recall@10):
+- docstrings: the docstrings of the standard library + numpy, scipy, scikit-learn and pandas
+  (`bkg_kernel.datasets.python_docs`, ~11k chunks), with `PYDOC_QUERIES` (46 hand-labelled queries, never used
+  for tuning: fusion was chosen on `PYDOC_TUNING`, see bench/fusion.py).
+- code: the standard library's own source, function by function, queried by the first sentence of each
+  docstring (`python_code`, CodeSearchNet's construction: labelled by the code's authors, not by us).
 
-- bkg: `brainml.index` / `brainml.query` through a real gateway (candle embeds with all-MiniLM-L6-v2).
+Rows:
+- bkg: `brainml.query` through a real gateway (candle embeds the query with all-MiniLM-L6-v2). The chunks go in
+  through the gateway's points route with the vectors below (so the corpus is embedded once per machine);
+  `brainml.index` itself, embedding included, is timed against direct on a sample of documents.
 - direct: sentence-transformers + the bkg store in this process (no gateway, no worker): the floor for bkg.
-  Indexing speed is compared on a sample of documents (interleaved rounds); the whole corpus is embedded
-  once, by bkg, and the direct store and LanceDB get those same vectors.
-- lancedb: the same vectors and texts in LanceDB (its native FTS; hybrid = its RRF reranker), queries embedded
-  with the same model in this process.
+- lancedb: the same vectors and texts in LanceDB (its native FTS; hybrid = its RRF reranker).
+All three get the same vectors, computed once by sentence-transformers (cached under ~/.cache/bkg/bench).
 
 Query latency: the three systems run each labelled query in turn (bkg, direct, lancedb, next query), `--repeat`
 times, so all three see the machine in the same state (a shared 2-core VM drifts by a quarter within minutes).
+Build and update: 10,000 docstring chunks with their vectors into an empty bkg store and an empty LanceDB table
+(until a text and a vector query answer), then 100 of them changed (until both indexes hold the change).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import statistics
 import sys
@@ -36,23 +44,54 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from gateway_harness import ADMIN_KEY, start_gateway  # noqa: E402
 
-from bkg_kernel.datasets import PYDOC_QUERIES, STDLIB, python_docs, retrieval_metrics  # noqa: E402
+from bkg_kernel.datasets import PYDOC_QUERIES, STDLIB, python_code, python_docs, retrieval_metrics  # noqa: E402
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER  # noqa: E402
 from bkg_kernel.models.registry import ModelRegistry  # noqa: E402
-from bkg_kernel.plugins.brainml.plugin import chunk  # noqa: E402
+from bkg_kernel.plugins.brainml.plugin import BrainSettings, chunk  # noqa: E402
 from bkg_kernel.store import Store  # noqa: E402
 
 warnings.filterwarnings("ignore")
 MODES = ("vector", "text", "hybrid", "hybrid+rerank")
+Queries = list[tuple[str, list[str]]]
 
 
-def evaluate(runs: dict[str, Any], mode: str, repeat: int) -> dict[str, dict[str, float]]:
+def chunked(docs: list[dict[str, Any]], size: int, overlap: int) -> list[dict[str, Any]]:
+    """Points as brainml makes them: one per chunk, the payload naming the document and the chunk's place."""
+    points = []
+    for d in docs:
+        for n, (a, b) in enumerate(chunk(d["text"], size, overlap)):
+            payload = {"doc_id": d["id"], "chunk": n, "start": a, "end": b, **d["metadata"]}
+            points.append({"id": f"{d['id']}#{n}", "text": d["text"][a:b], "payload": payload})
+    return points
+
+
+def embedder(work: Path) -> Any:
+    """The default embedding model, in this process."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(ModelRegistry(work / "models").resolve(DEFAULT_EMBEDDER)), device="cpu")
+
+
+def embedded(st: Any, points: list[dict[str, Any]]) -> np.ndarray:
+    """The points' vectors, from the cache when these texts were embedded before on this machine."""
+    key = hashlib.sha256("\0".join(p["text"] for p in points).encode()).hexdigest()[:16]
+    cache = Path.home() / ".cache" / "bkg" / "bench" / f"vectors-{key}.npy"
+    if cache.exists():
+        return np.load(cache)
+    print(f"embedding {len(points)} chunks (once; cached in {cache})")
+    vecs = st.encode([p["text"] for p in points], batch_size=64, normalize_embeddings=True, show_progress_bar=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, vecs)
+    return np.asarray(vecs, dtype=np.float32)
+
+
+def evaluate(runs: dict[str, Any], mode: str, queries: Queries, repeat: int) -> dict[str, dict[str, float]]:
     """Run every labelled query through each system's `run(query, mode) -> [doc ids]`, the systems interleaved
     query by query (each sees the machine in the same state), `repeat` times; latency p50 and mean quality."""
     lat: dict[str, list[float]] = {name: [] for name in runs}
     quality: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for rnd in range(repeat):
-        for q, rel in PYDOC_QUERIES:
+        for q, rel in queries:
             for name, run in runs.items():
                 t0 = time.perf_counter()
                 ids = run(q, mode)
@@ -69,25 +108,63 @@ def evaluate(runs: dict[str, Any], mode: str, repeat: int) -> dict[str, dict[str
     }
 
 
-def lance_table(work: Path, points: list[dict[str, Any]], vecs: np.ndarray) -> Any:
+def lance_rows(points: list[dict[str, Any]], vecs: np.ndarray) -> list[dict[str, Any]]:
+    return [
+        {"id": p["id"], "doc_id": p["payload"]["doc_id"], "text": p["text"], "vector": v}
+        for p, v in zip(points, vecs, strict=True)
+    ]
+
+
+def lance_table(work: Path, name: str, points: list[dict[str, Any]], vecs: np.ndarray) -> Any:
     """The same vectors and texts in LanceDB with its native FTS index (None when lancedb is not installed)."""
     try:
         import lancedb
     except ImportError:
-        print("lancedb is not installed: its row is left out")
+        print("lancedb is not installed: its rows are left out")
         return None
-    t0 = time.perf_counter()
-    db = lancedb.connect(str(work / "lance"))
-    table = db.create_table(
-        "pydocs",
-        data=[
-            {"id": p["id"], "doc_id": p["payload"]["doc_id"], "text": p["text"], "vector": v}
-            for p, v in zip(points, vecs, strict=True)
-        ],
-    )
+    table = lancedb.connect(str(work / "lance")).create_table(name, data=lance_rows(points, vecs))
     table.create_fts_index("text", use_tantivy=False)
-    print(f"lancedb: stored and indexed precomputed vectors in {time.perf_counter() - t0:.1f}s")
     return table
+
+
+def build_and_update(
+    work: Path, points: list[dict[str, Any]], vecs: np.ndarray, st: Any
+) -> dict[str, dict[str, float]]:
+    """Seconds to index 10,000 chunks from empty, then to change 100 of them, until queries see the change."""
+    n, changed = min(10_000, len(points)), 100
+    pts, v = points[:n], vecs[:n]
+    picks = list(range(0, n, n // changed))[:changed]
+    new = [{**pts[i], "text": pts[i]["text"] + " zyzzyva"} for i in picks]
+    qv = st.encode(["read a file"], normalize_embeddings=True)[0]
+    out: dict[str, dict[str, float]] = {}
+    with Store(work / "build") as store:
+        t0 = time.perf_counter()
+        coll = store.create_collection("build", dim=v.shape[1])
+        coll.upsert([{**p, "vector": x} for p, x in zip(pts, v, strict=True)], progress=False)
+        assert len(coll.query(text="read a file", k=10)) and len(coll.query(qv, k=10))
+        build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        coll.upsert([{**p, "vector": v[i]} for p, i in zip(new, picks, strict=True)], progress=False)
+        assert len(coll.query(text="zyzzyva", k=200)) == changed
+        out["bkg store"] = {"build": build, "update": time.perf_counter() - t0}
+    try:
+        import lancedb
+    except ImportError:
+        return out
+    t0 = time.perf_counter()
+    table = lancedb.connect(str(work / "lance-build")).create_table("build", data=lance_rows(pts, v))
+    table.create_fts_index("text", use_tantivy=False)
+    assert len(table.search("read a file", query_type="fts").limit(10).to_list())
+    assert len(table.search(qv).distance_type("cosine").limit(10).to_list())
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows = lance_rows(new, v[picks])
+    table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+    written = time.perf_counter() - t0
+    table.optimize()  # brings the FTS index up to date with the new rows
+    assert len(table.search("zyzzyva", query_type="fts").limit(200).to_list()) == changed
+    out["lancedb"] = {"build": build, "update": time.perf_counter() - t0, "write_only": written}
+    return out
 
 
 def main() -> None:
@@ -98,8 +175,9 @@ def main() -> None:
     ap.add_argument("--batch-docs", type=int, default=200)
     ap.add_argument("--rate-docs", type=int, default=600, help="documents in each indexing-speed round")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--modes", default=",".join(MODES), help="bkg query modes to measure (hybrid+rerank is slow)")
+    ap.add_argument("--modes", default="vector,text,hybrid", help="query modes (hybrid+rerank is slow)")
     ap.add_argument("--repeat", type=int, default=3, help="times each labelled query is timed, per system")
+    ap.add_argument("--code-queries", type=int, default=200)
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,19 +185,23 @@ def main() -> None:
     for p in args.packages.split(","):
         packages += list(STDLIB) if p == "stdlib" else [p]
     docs = python_docs(packages)
-    points = []
-    for d in docs:
-        for n, (a, b) in enumerate(chunk(d["text"], args.chunk, args.overlap)):
-            payload = {"doc_id": d["id"], "chunk": n, "start": a, "end": b, **d["metadata"]}
-            points.append({"id": f"{d['id']}#{n}", "text": d["text"][a:b], "payload": payload})
-    print(f"corpus: {len(docs)} documents, {len(points)} chunks, {sum(len(p['text']) for p in points):,} characters")
+    code_docs, code_queries = python_code(STDLIB, queries=args.code_queries)
+    corpora: dict[str, tuple[list[dict[str, Any]], Queries]] = {
+        "docstrings": (docs, PYDOC_QUERIES),
+        "code": (code_docs, code_queries),
+    }
+    points = {name: chunked(d, args.chunk, args.overlap) for name, (d, _) in corpora.items()}
+    for name, (d, qs) in corpora.items():
+        chars = sum(len(p["text"]) for p in points[name])
+        print(f"{name}: {len(d)} documents, {len(points[name])} chunks, {chars:,} characters, {len(qs)} queries")
 
     work = Path(tempfile.mkdtemp(prefix="bench-brainml-"))
-    reg = ModelRegistry(work / "models")
-    from sentence_transformers import SentenceTransformer
+    st = embedder(work)
+    vecs = {name: embedded(st, pts) for name, pts in points.items()}
+    rows: dict[str, Any] = {}
 
-    st = SentenceTransformer(str(reg.resolve(DEFAULT_EMBEDDER)), device="cpu")
-    rows: dict[str, dict[str, Any]] = {}
+    # -- index build and update, in one process each ---------------------------------------------------------
+    rows["build"] = build_and_update(work, points["docstrings"], vecs["docstrings"], st)
 
     # -- indexing speed: the same documents through bkg and directly, interleaved rounds, best of each ---------
     gw = start_gateway(work / "data", env={"BKG_MODEL_DIR": str(work / "models")})
@@ -127,7 +209,8 @@ def main() -> None:
     inv = "/api/plugins/brainml/invoke/"
     chunking = {"size": args.chunk, "overlap": args.overlap}
     sample = docs[:: max(1, len(docs) // args.rate_docs)][: args.rate_docs]
-    sample_points = [p for p in points if p["payload"]["doc_id"] in {d["id"] for d in sample}]
+    sample_points = [p for p in points["docstrings"] if p["payload"]["doc_id"] in {d["id"] for d in sample}]
+    speed: dict[str, dict[str, float]] = {}
     try:
         c.post(inv + "brainml.index", json={"collection": "warm", "documents": [{"text": "warm up"}]})
         st.encode(["warm up"])
@@ -137,8 +220,8 @@ def main() -> None:
                 body = {"collection": f"rate{rnd}", "documents": sample[a : a + args.batch_docs], "chunking": chunking}
                 c.post(inv + "brainml.index", json=body).raise_for_status()
             took = time.perf_counter() - t0
-            if took < rows.setdefault("bkg", {"index_s": float("inf")})["index_s"]:
-                rows["bkg"] = {"index_s": took, "docs_s": len(sample) / took, "chunks_s": len(sample_points) / took}
+            if took < speed.setdefault("bkg", {"index_s": float("inf")})["index_s"]:
+                speed["bkg"] = {"index_s": took, "docs_s": len(sample) / took, "chunks_s": len(sample_points) / took}
             t0 = time.perf_counter()
             v = st.encode([p["text"] for p in sample_points], batch_size=64, normalize_embeddings=True)
             with Store(work / f"direct{rnd}") as store:
@@ -146,96 +229,114 @@ def main() -> None:
                     [{**p, "vector": x} for p, x in zip(sample_points, v, strict=True)], progress=False
                 )
             took = time.perf_counter() - t0
-            if took < rows.setdefault("direct", {"index_s": float("inf")})["index_s"]:
-                rows["direct"] = {"index_s": took, "docs_s": len(sample) / took, "chunks_s": len(sample_points) / took}
-            print(
-                f"round {rnd + 1}: bkg {rows['bkg']['docs_s']:.1f} docs/s, direct {rows['direct']['docs_s']:.1f} docs/s"
-            )
+            if took < speed.setdefault("direct", {"index_s": float("inf")})["index_s"]:
+                speed["direct"] = {"index_s": took, "docs_s": len(sample) / took, "chunks_s": len(sample_points) / took}
+            print(f"round {rnd + 1}: bkg {speed['bkg']['docs_s']:.1f} docs/s, direct {speed['direct']['docs_s']:.1f}")
+        rows["speed"] = speed
 
-        # -- the whole corpus through bkg, then the labelled queries in every mode ---------------------------
-        t0 = time.perf_counter()
-        for a in range(0, len(docs), args.batch_docs):
-            body = {"collection": "pydocs", "documents": docs[a : a + args.batch_docs], "chunking": chunking}
-            c.post(inv + "brainml.index", json=body).raise_for_status()
-            print(f"  bkg indexed {min(a + args.batch_docs, len(docs))}/{len(docs)} documents", end="\r")
-        full = time.perf_counter() - t0
-        print(f"bkg: whole corpus indexed in {full:.0f}s ({len(docs) / full:.1f} docs/s)" + " " * 30)
-        rows["bkg"]["full_s"] = full
-        # the same vectors, for the direct store and LanceDB (no second embedding of the corpus)
-        stored: dict[str, Any] = {}
-        offset: int | None = 0
-        while offset is not None:
-            body = {"limit": 10_000, "offset": offset, "with_vectors": True}
-            page = c.post("/api/collections/pydocs/points/scroll", json=body).json()
-            stored.update({p["id"]: p["vector"] for p in page["points"]})
-            offset = page["next_offset"]
-        vecs = np.asarray([stored[p["id"]] for p in points], dtype=np.float32)
-        store = Store(work / "direct")
-        coll = store.create_collection("pydocs", dim=vecs.shape[1])
-        coll.upsert([{**p, "vector": v} for p, v in zip(points, vecs, strict=True)], progress=False)
-        table = lance_table(work, points, vecs)
-
-        def bkg(q: str, mode: str) -> list[str]:
-            body = {"collection": "pydocs", "query": q, "top_k": 30, "mode": mode.split("+")[0]}
-            if mode.endswith("rerank"):
-                body["rerank"] = True
-            r = c.post(inv + "brainml.query", json=body)
-            r.raise_for_status()
-            return [h["doc_id"] for h in r.json()["results"]]
-
-        weights = {"vector": None, "text": None, "hybrid": 0.75}
-
-        def direct(q: str, mode: str) -> list[str]:
-            qv = st.encode([q], normalize_embeddings=True)[0] if mode != "text" else None
-            kw: dict[str, Any] = {"vector_weight": weights[mode]} if weights[mode] is not None else {}
-            r = coll.query(qv, q if mode != "vector" else None, k=30, mode=mode, **kw)
-            return [h.payload["doc_id"] for h in r]
-
-        def lance(q: str, mode: str) -> list[str]:
-            assert table is not None
-            if mode == "text":
-                res = table.search(q, query_type="fts").limit(30).to_list()
-            else:
-                from lancedb.rerankers import RRFReranker
-
-                qv = st.encode([q], normalize_embeddings=True)[0]
-                if mode == "vector":
-                    res = table.search(qv).distance_type("cosine").limit(30).to_list()
-                else:
-                    res = table.search(query_type="hybrid").vector(qv).text(q).rerank(RRFReranker()).limit(30).to_list()
-            return [r["doc_id"] for r in res]
-
-        systems = {"bkg": bkg, "direct": direct, **({"lancedb": lance} if table is not None else {})}
-        for mode in args.modes.split(","):
-            runs = {name: fn for name, fn in systems.items() if name == "bkg" or mode in ("vector", "text", "hybrid")}
-            for name, r in evaluate(runs, mode, args.repeat).items():
-                rows.setdefault(name, {})[mode] = r
-        store.close()
+        # -- each corpus in all three systems, then the labelled queries in every mode ----------------------
+        settings = BrainSettings()
+        direct_store = Store(work / "direct")
+        for name, (_, queries) in corpora.items():
+            pts, vv = points[name], vecs[name]
+            body = {"name": name, "dim": int(vv.shape[1]), "embed_model": f"candle:{DEFAULT_EMBEDDER}"}
+            c.post("/api/collections", json=body).raise_for_status()
+            for a in range(0, len(pts), 2000):
+                batch = [{**p, "vector": x.tolist()} for p, x in zip(pts[a : a + 2000], vv[a : a + 2000], strict=True)]
+                c.post(f"/api/collections/{name}/points", json={"points": batch}).raise_for_status()
+            coll = direct_store.create_collection(name, dim=vv.shape[1])
+            coll.upsert([{**p, "vector": x} for p, x in zip(pts, vv, strict=True)], progress=False)
+            table = lance_table(work, name, pts, vv)
+            systems = make_runs(c, inv, name, coll, table, st, settings)
+            for mode in args.modes.split(","):
+                runs = {s: fn for s, fn in systems.items() if s == "bkg" or mode in ("vector", "text", "hybrid")}
+                for system, r in evaluate(runs, mode, queries, args.repeat).items():
+                    rows.setdefault(name, {}).setdefault(system, {})[mode] = r
+        direct_store.close()
     finally:
         gw.stop()
+    report(rows, corpora, points, len(sample), len(sample_points), args.rounds, settings)
 
-    # -- table ---------------------------------------------------------------------------------------------
+
+def make_runs(c: httpx.Client, inv: str, name: str, coll: Any, table: Any, st: Any, settings: Any) -> dict[str, Any]:
+    """Each system's `run(query, mode) -> ranked doc ids` over one corpus."""
+
+    def bkg(q: str, mode: str) -> list[str]:
+        body: dict[str, Any] = {"collection": name, "query": q, "top_k": 30, "mode": mode.split("+")[0]}
+        if mode.endswith("rerank"):
+            body["rerank"] = True
+        r = c.post(inv + "brainml.query", json=body)
+        r.raise_for_status()
+        return [h["doc_id"] for h in r.json()["results"]]
+
+    def direct(q: str, mode: str) -> list[str]:  # brainml's defaults for the fusion
+        qv = st.encode([q], normalize_embeddings=True)[0] if mode != "text" else None
+        kw = {"vector_weight": settings.vector_weight, "fusion": settings.fusion} if mode == "hybrid" else {}
+        r = coll.query(qv, q if mode != "vector" else None, k=30, mode=mode, **kw)
+        return [h.payload["doc_id"] for h in r]
+
+    def lance(q: str, mode: str) -> list[str]:
+        if mode == "text":
+            res = table.search(q, query_type="fts").limit(30).to_list()
+        else:
+            from lancedb.rerankers import RRFReranker
+
+            qv = st.encode([q], normalize_embeddings=True)[0]
+            if mode == "vector":
+                res = table.search(qv).distance_type("cosine").limit(30).to_list()
+            else:
+                res = table.search(query_type="hybrid").vector(qv).text(q).rerank(RRFReranker()).limit(30).to_list()
+        return [r["doc_id"] for r in res]
+
+    return {"bkg": bkg, "direct": direct, **({"lancedb": lance} if table is not None else {})}
+
+
+def report(
+    rows: dict[str, Any],
+    corpora: dict[str, tuple[list[dict[str, Any]], Queries]],
+    points: dict[str, list[dict[str, Any]]],
+    n_docs: int,
+    n_chunks: int,
+    rounds: int,
+    settings: Any,
+) -> None:
     print()
-    n_sample = len(sample_points)
-    print(f"Indexing {len(sample)} documents / {n_sample} chunks (embedding included; best of {args.rounds} rounds)")
+    print("Index build (10,000 chunks with their vectors, from empty until text and vector queries answer) and")
+    print("update (100 of them changed, until both indexes hold the change)")
+    print("| system | build s | update s | update vs bkg |")
+    print("|---|---|---|---|")
+    for name, r in rows["build"].items():
+        extra = f" (write alone {r['write_only']:.2f})" if "write_only" in r else ""
+        ratio = r["update"] / rows["build"]["bkg store"]["update"]
+        print(f"| {name} | {r['build']:.2f} | {r['update']:.3f}{extra} | {ratio:.1f}x |")
+    print()
+    print(
+        f"Indexing {n_docs} documents / {n_chunks} chunks through brainml.index (embedding included; best of {rounds})"
+    )
     print("| system | seconds | docs/s | chunks/s | vs direct |")
     print("|---|---|---|---|---|")
+    speed = rows["speed"]
     for name in ("bkg", "direct"):
-        r = rows[name]
+        r = speed[name]
         print(
             f"| {name} | {r['index_s']:.0f} | {r['docs_s']:.1f} | {r['chunks_s']:.1f} | "
-            f"{r['docs_s'] / rows['direct']['docs_s']:.2f}x |"
+            f"{r['docs_s'] / speed['direct']['docs_s']:.2f}x |"
         )
-    print()
-    print(f"Queries: {len(PYDOC_QUERIES)} labelled queries, top 30 chunks ranked as documents")
-    print("| system | mode | p50 ms | p50 vs direct | nDCG@10 | recall@10 |")
-    print("|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        for mode in MODES:
-            if mode in r:
-                m, d = r[mode], rows["direct"].get(mode)
-                ratio = f"{m['p50'] / d['p50']:.2f}x" if d else "-"
-                print(f"| {name} | {mode} | {m['p50']:.1f} | {ratio} | {m['ndcg']:.3f} | {m['recall']:.3f} |")
+    for corpus, (docs, queries) in corpora.items():
+        print()
+        print(
+            f"Queries, {corpus}: {len(docs)} documents / {len(points[corpus])} chunks, {len(queries)} labelled "
+            f"queries, top 30 chunks ranked as documents; hybrid = {settings.fusion} fusion, vector weight "
+            f"{settings.vector_weight}"
+        )
+        print("| system | mode | p50 ms | p50 vs direct | nDCG@10 | recall@10 |")
+        print("|---|---|---|---|---|---|")
+        for name, r in rows[corpus].items():
+            for mode in MODES:
+                if mode in r:
+                    m, d = r[mode], rows[corpus]["direct"].get(mode)
+                    ratio = f"{m['p50'] / d['p50']:.2f}x" if d else "-"
+                    print(f"| {name} | {mode} | {m['p50']:.1f} | {ratio} | {m['ndcg']:.3f} | {m['recall']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -2,16 +2,25 @@
 
 `python_docs()` collects the docstrings of modules, classes, functions and methods of installed packages (the
 standard library by default): real technical English with a natural label (the package it documents).
-`PYDOC_QUERIES` is a small labelled query set over it, for retrieval quality (nDCG@10, recall@10).
+`PYDOC_QUERIES` is a small labelled query set over it, for retrieval quality (nDCG@10, recall@10);
+`PYDOC_TUNING` a second one, written for tuning (fusion weights), so that `PYDOC_QUERIES` stays held out.
+
+`python_code()` is a second corpus, labelled by the people who wrote the code rather than by us: CodeSearchNet's
+construction (Husain et al., 2019) over the standard library's own source. Each documented function is a
+document (its source, docstring removed) and the first sentence of its docstring is a query whose one relevant
+document is that function.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import math
 import pkgutil
+import re
 import sys
+import textwrap
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -83,6 +92,42 @@ PYDOC_QUERIES: list[tuple[str, list[str]]] = [
 ]
 
 
+# A second labelled set over `python_docs()`, for tuning only (fusion method and weight in bench/fusion.py), so
+# that PYDOC_QUERIES stays held out. Half paraphrases, half keywords, none on a PYDOC_QUERIES answer.
+PYDOC_TUNING: list[tuple[str, list[str]]] = [
+    ("split a file path into the folder part and the last component", ["posixpath.split"]),
+    ("get the extension of a file name", ["posixpath.splitext"]),
+    ("pick k distinct items at random without replacement", ["random.Random.sample"]),
+    ("turn raw bytes into printable base64 text", ["base64.b64encode"]),
+    ("break a long paragraph into lines no wider than a limit", ["textwrap.wrap", "textwrap.fill"]),
+    ("every way to choose r items from a collection, order ignored", ["itertools.combinations"]),
+    ("combine several already sorted inputs into one sorted stream", ["heapq.merge"]),
+    ("load a table from a comma separated file into a DataFrame", ["pandas.read_csv"]),
+    ("block until another thread signals a flag", ["threading.Event.wait"]),
+    ("arithmetic average of some numbers", ["statistics.mean", "statistics.fmean"]),
+    ("spread of data around the mean for a sample", ["statistics.stdev", "statistics.variance"]),
+    ("join two tables on shared key columns like SQL", ["pandas.DataFrame.merge"]),
+    ("download the contents of a URL to a local file", ["urllib.request.urlretrieve"]),
+    ("list the files in a folder as path objects", ["pathlib.Path.iterdir"]),
+    ("an evenly spaced sequence of numbers in an interval", ["numpy.arange"]),
+    ("number of ways to pick k things from n", ["math.comb"]),
+    ("drop the rows that have missing values", ["pandas.DataFrame.dropna"]),
+    ("b64decode", ["base64.b64decode"]),
+    ("NamedTemporaryFile", ["tempfile.NamedTemporaryFile"]),
+    ("move_to_end OrderedDict", ["collections.OrderedDict.move_to_end"]),
+    ("limit_denominator closest Fraction", ["fractions.Fraction.limit_denominator"]),
+    ("Decimal quantize exponent rounding", ["decimal.Decimal.quantize"]),
+    ("groupby DataFrame", ["pandas.DataFrame.groupby"]),
+    ("ip_network IPv4Network IPv6Network", ["ipaddress.ip_network"]),
+    ("formataddr realname email address", ["email.utils.formataddr"]),
+    ("monthdatescalendar weeks", ["calendar.Calendar.monthdatescalendar"]),
+    ("median_grouped interpolation", ["statistics.median_grouped"]),
+    ("fsum floating point sum", ["math.fsum"]),
+    ("HTTPResponse getheader", ["http.client.HTTPResponse.getheader"]),
+    ("Path rglob recursive pattern", ["pathlib.Path.rglob"]),
+]
+
+
 def _modules(packages: Iterable[str]) -> Iterator[Any]:
     for name in packages:
         try:
@@ -132,6 +177,72 @@ def _add(docs: dict[str, dict[str, Any]], qual: str, doc: str | None, pkg: str, 
         return
     meta = {"package": pkg, "module": mod, "kind": kind, "python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
     docs[qual] = {"id": qual, "text": f"{qual}\n\n{doc}", "metadata": meta}
+
+
+def python_code(
+    packages: Iterable[str] = STDLIB, *, queries: int = 200
+) -> tuple[list[dict[str, Any]], list[tuple[str, list[str]]]]:
+    """Return (documents, labelled queries) for code search over the source of these packages' modules.
+
+    Documents are the functions and methods defined in pure-Python modules (`id` the qualified name, `text`
+    a comment line with that name, then the source with its docstring cut out, as a code index holds it); a
+    query is the first sentence of a docstring (4 to 30 words, shared by no other function), its relevant
+    document the function it documents. `queries` of them are
+    kept, spread evenly over the corpus in a fixed order, so every run asks the same ones.
+    """
+    docs: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, list[str]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mod in _modules(packages):
+            try:
+                source = inspect.getsource(mod)
+            except (OSError, TypeError):  # a C module: no source
+                continue
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                continue
+            lines = source.splitlines()
+            for qual, node in _functions(tree, mod.__name__):
+                if qual in docs or node.end_lineno is None:
+                    continue
+                doc = ast.get_docstring(node)
+                body = node.body[1:] if doc else node.body
+                if not doc or not body or body[-1].end_lineno is None:
+                    continue
+                head = lines[node.lineno - 1 : node.body[0].lineno - 1]  # decorators excluded: def line(s)
+                code = textwrap.dedent("\n".join(head + lines[body[0].lineno - 1 : body[-1].end_lineno]))
+                if code.count("\n") < 2:
+                    continue
+                pkg = mod.__name__.split(".")[0]
+                meta = {"package": pkg, "module": mod.__name__}
+                docs[qual] = {"id": qual, "text": f"# {qual}\n{code}", "metadata": meta}
+                summary = _first_sentence(doc)
+                if 4 <= len(summary.split()) <= 30:
+                    summaries.setdefault(summary, []).append(qual)
+    unique = sorted((quals[0], s) for s, quals in summaries.items() if len(quals) == 1)
+    step = max(1, len(unique) // queries) if queries else 1
+    picked = unique[::step][:queries]
+    return list(docs.values()), [(s, [qual]) for qual, s in picked]
+
+
+def _functions(tree: ast.Module, module: str) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """Public module-level functions and public methods of public module-level classes, with their names."""
+    fn = (ast.FunctionDef, ast.AsyncFunctionDef)
+    for node in tree.body:
+        if isinstance(node, fn) and not node.name.startswith("_"):
+            yield f"{module}.{node.name}", node
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            for item in node.body:
+                if isinstance(item, fn) and not item.name.startswith("_"):
+                    yield f"{module}.{node.name}.{item.name}", item
+
+
+def _first_sentence(doc: str) -> str:
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    m = re.match(r"(.+?[.!?])(\s|$)", para)
+    return m.group(1) if m else para
 
 
 def retrieval_metrics(ranked_doc_ids: list[str], relevant: list[str], k: int = 10) -> tuple[float, float]:

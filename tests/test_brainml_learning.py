@@ -1,6 +1,6 @@
-"""brainml on a real corpus (the docstrings of ~40 standard-library packages, embedded with the real MiniLM):
-retrieval quality per mode on the labelled query set, rerank, and classifier training as a background job
-whose model survives a gateway restart."""
+"""brainml on real corpora (the docstrings of ~40 standard-library packages and their source code, embedded with
+the real MiniLM): retrieval quality per mode on the labelled query sets, rerank, and classifier training as a
+background job whose model survives a gateway restart."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from gateway_harness import ADMIN_KEY, Gateway, start_gateway
 from websockets.sync.client import connect as ws_connect
 
 import bkg_kernel
-from bkg_kernel.datasets import PYDOC_QUERIES, python_docs, retrieval_metrics
+from bkg_kernel.datasets import PYDOC_QUERIES, python_code, python_docs, retrieval_metrics
 
 PACKAGES = sorted({rel.split(".")[0] for _, rels in PYDOC_QUERIES for rel in rels})
+CODE_DOCS, CODE_QUERIES = python_code(PACKAGES, queries=60)
 
 
 @pytest.fixture(scope="module")
@@ -34,38 +35,43 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def lgw(data_dir: Path, corpus: list[dict[str, Any]]) -> Iterator[Gateway]:
     g = start_gateway(data_dir)
     c = g.client()
-    for a in range(0, len(corpus), 200):
-        r = c.post(
-            "/api/plugins/brainml/invoke/brainml.index",
-            json={"collection": "pydocs", "documents": corpus[a : a + 200]},
-            timeout=600,
-        )
-        assert r.status_code == 200, r.text
+    for name, docs in (("pydocs", corpus), ("pycode", CODE_DOCS)):
+        for a in range(0, len(docs), 200):
+            r = c.post(
+                "/api/plugins/brainml/invoke/brainml.index",
+                json={"collection": name, "documents": docs[a : a + 200]},
+                timeout=600,
+            )
+            assert r.status_code == 200, r.text
     yield g
     g.stop()
 
 
-def query(g: Gateway, q: str, **opts: Any) -> dict[str, Any]:
+def query(g: Gateway, q: str, collection: str = "pydocs", **opts: Any) -> dict[str, Any]:
     r = g.client().post(
-        "/api/plugins/brainml/invoke/brainml.query", json={"collection": "pydocs", "query": q, **opts}, timeout=120
+        "/api/plugins/brainml/invoke/brainml.query", json={"collection": collection, "query": q, **opts}, timeout=120
     )
     assert r.status_code == 200, r.text
     return dict(r.json())
 
 
-def test_hybrid_at_least_as_good_as_the_better_single_mode(lgw: Gateway, corpus: list[dict[str, Any]]) -> None:
-    assert len(corpus) > 500
-    scores: dict[str, list[tuple[float, float]]] = {}
+@pytest.mark.parametrize(("collection", "queries"), [("pydocs", PYDOC_QUERIES), ("pycode", CODE_QUERIES)])
+def test_fused_list_never_holds_fewer_relevant_documents_than_the_better_single_list(
+    lgw: Gateway, collection: str, queries: list[tuple[str, list[str]]]
+) -> None:
+    found: dict[str, int] = {}
+    ndcg: dict[str, float] = {}
     for mode in ("vector", "text", "hybrid"):
-        for q, relevant in PYDOC_QUERIES:
-            hits = query(lgw, q, mode=mode, top_k=30)["results"]
-            scores.setdefault(mode, []).append(retrieval_metrics([h["doc_id"] for h in hits], relevant))
-    ndcg = {m: sum(s[0] for s in v) / len(v) for m, v in scores.items()}
-    recall = {m: sum(s[1] for s in v) / len(v) for m, v in scores.items()}
-    print("nDCG@10", ndcg, "recall@10", recall)
-    assert ndcg["vector"] > 0.5 and ndcg["text"] > 0.4  # both modes work on their own
+        for q, relevant in queries:
+            hits = query(lgw, q, collection, mode=mode, top_k=30)["results"]
+            top10 = list(dict.fromkeys(h["doc_id"] for h in hits))[:10]
+            found[mode] = found.get(mode, 0) + len(set(top10) & set(relevant))
+            n, _ = retrieval_metrics([h["doc_id"] for h in hits], relevant)
+            ndcg[mode] = ndcg.get(mode, 0.0) + n / len(queries)
+    print(collection, "relevant in the top 10", found, "nDCG@10", ndcg)
+    assert ndcg["vector"] > 0.4 and ndcg["text"] > 0.4  # both modes work on their own
+    assert found["hybrid"] >= max(found["vector"], found["text"]), found
     assert ndcg["hybrid"] >= max(ndcg["vector"], ndcg["text"]), ndcg
-    assert recall["hybrid"] >= max(recall["vector"], recall["text"]) - 1e-9, recall
 
 
 def test_filters_and_rerank(lgw: Gateway) -> None:

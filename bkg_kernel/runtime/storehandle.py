@@ -110,6 +110,7 @@ class StoreHandle:
         filter: dict[str, Any] | None = None,
         mode: str | None = None,
         vector_weight: float = 0.5,
+        fusion: str = "rrf",
         rrf_k: float = 60.0,
         ef_search: int | None = None,
         with_text: bool = False,
@@ -118,8 +119,8 @@ class StoreHandle:
         """Vector, full-text or hybrid search (text is embedded with the collection's embed_model); the hits."""
         args = {
             "name": name, "vector": vector, "text": text, "k": k, "filter": filter, "mode": mode,
-            "vector_weight": vector_weight, "rrf_k": rrf_k, "ef_search": ef_search, "with_text": with_text,
-            "explain": explain,
+            "vector_weight": vector_weight, "fusion": fusion, "rrf_k": rrf_k, "ef_search": ef_search,
+            "with_text": with_text, "explain": explain,
         }  # fmt: skip
         out: list[dict[str, Any]] = self._send("query", args)
         return out

@@ -1,6 +1,6 @@
 """A collection: its points in DuckDB (the source of truth) and its FAISS index (rebuildable from them).
 
-`Collection` is the API; writing is in `ingest`, ranking in `search` (and `fulltext` for BM25).
+`Collection` is the API; writing is in `ingest`, ranking in `search` (and `fulltext`, the BM25 index).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.store import ingest, search, validate
 from bkg_kernel.store.filters import FIELD, compile_filter
+from bkg_kernel.store.fulltext import TextIndex
 from bkg_kernel.store.index import VectorIndex
 from bkg_kernel.store.ingest import UPSERT_BATCH, UpsertResult
 from bkg_kernel.store.results import CollectionInfo, Point, PointList, QueryResult
@@ -40,10 +41,9 @@ class Collection:
         self.embed_model: str | None = row.get("embed_model")
         self._next_fid: int = int(row["next_fid"])
         self._epoch: int = int(row["epoch"])
-        self._text_version: int = int(row["text_version"])
-        self._fts_version: int = int(row["fts_version"])
-        self._fts_exists: bool | None = None  # whether the BM25 index at _fts_version exists (None: not asked yet)
         self._index: VectorIndex | None = None
+        self._text: TextIndex | None = None  # loaded by the first text query or upsert with text
+        self._text_unsaved = False
         # In-memory mirrors of DuckDB, by FAISS position, so a vector query never waits on SQL.
         self._ids: list[int | str | None] = []
         self._payloads: list[str | None] = []
@@ -72,12 +72,23 @@ class Collection:
             return self._index
         return ingest.load(self)
 
+    def _ensure_text(self) -> TextIndex:
+        if self._text is not None:
+            return self._text
+        return ingest.load_text(self)
+
     def flush(self) -> None:
-        """Persist the FAISS index now (it is also saved on close and every `index_save_interval` seconds)."""
-        if self._index is not None and self._unsaved and not self.dropped:
-            self._index.save(self._store.index_path(self.table), {"epoch": self._epoch, "collection": self.name})
+        """Persist the FAISS and full-text indexes now (also done on close and every `index_save_interval` s)."""
+        if self.dropped:
+            return
+        meta = {"epoch": self._epoch, "collection": self.name}
+        if self._index is not None and self._unsaved:
+            self._index.save(self._store.index_path(self.table), meta)
             self._unsaved = False
-            self._last_save = time.monotonic()
+        if self._text is not None and self._text_unsaved:
+            self._text.save(self._store.text_index_path(self.table), meta)
+            self._text_unsaved = False
+        self._last_save = time.monotonic()
 
     def _maybe_flush(self) -> None:
         if time.monotonic() - self._last_save >= self._store.settings.index_save_interval:
@@ -220,6 +231,7 @@ class Collection:
         with_text: bool = False,
         vector_weight: float = 0.5,
         explain: bool = False,
+        fusion: str = "rrf",
     ) -> QueryResult:
         """Rank points by vector similarity, BM25 full-text score, or both fused with reciprocal rank fusion.
 
@@ -228,7 +240,9 @@ class Collection:
         Hybrid weighs the vector ranking by `vector_weight` and the text ranking by `1 - vector_weight`
         (0.5: classic RRF; like Weaviate's `alpha`). `explain` adds each hit's vector and BM25 rank and score.
         """
-        return search.query(self, vector, text, k, filter, mode, rrf_k, ef_search, with_text, vector_weight, explain)
+        return search.query(
+            self, vector, text, k, filter, mode, rrf_k, ef_search, with_text, vector_weight, explain, fusion
+        )
 
     def describe(self) -> CollectionInfo:
         """Return count, dim, metric, index, bytes on disk and the last snapshot."""

@@ -1,52 +1,306 @@
-"""Full-text search: a DuckDB FTS (BM25) index over a collection's texts, rebuilt when they have changed.
+"""Full-text search: a BM25 inverted index per collection, in memory beside FAISS, kept in step on every write.
 
-The functions here work on a `Collection`'s state and are called only by `search`, under the store's mutex.
+DuckDB stays the source of truth. This index is derived from the `text` column the way the FAISS index is
+derived from `vec`: addressed by position (fid), appended to on upsert, masked on delete, saved beside the FAISS
+file (`<table>.fts`, a zip whose members carry CRCs), caught up from DuckDB on open (positions past the saved
+ones by reading their texts, deletes from the rows themselves), rebuilt after a compaction, and copied into
+snapshots.
+
+Analysis, as LanceDB's (and tantivy's) English defaults: Unicode folded to ASCII where it can be, lower case,
+split on anything but letters and digits (`read_csv` and `os.path` are two words each), tokens over 40
+characters dropped, Lucene's 33 English stop words dropped, Snowball English stemming. Scoring: BM25 with
+k1 = 1.2, b = 0.75 and Lucene's idf, over the live documents only: a deleted point leaves the document
+frequencies at once, not at the next merge.
+
+Postings live in segments, as in Lucene: a write appends one (its postings sorted by term, then position) and
+segments of similar size merge (a binary counter: O(log n) segments, each posting merged O(log n) times),
+dropping dead positions as they go.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import io
+import json
+import os
+import re
+import unicodedata
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from bkg_kernel.store.sql import scalar
+from bkg_kernel.errors import CorruptData
 
-if TYPE_CHECKING:
-    from bkg_kernel.store.collection import Collection
-
-
-def text_search(c: Collection, text: str, k: int, where: str, params: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Return the positions and BM25 scores of the k best text matches among the points matching `where`."""
-    if not ensure_index(c):
-        return np.zeros(0, dtype=np.int64), np.zeros(0)
-    rows = c._con.execute(
-        f"SELECT fid, score FROM (SELECT fid, fts_main_{c.table}.match_bm25(fid, ?) AS score "
-        f"FROM {c.table} WHERE {where}) sq WHERE score IS NOT NULL ORDER BY score DESC, fid LIMIT ?",
-        [text, *params, k],
-    ).fetchnumpy()
-    return rows["fid"].astype(np.int64), rows["score"].astype(np.float64)
+K1, B = 1.2, 0.75
+MAX_TOKEN = 40
+# Lucene's EnglishAnalyzer stop set (tantivy's too): short, so that words like "first", "value" or "name",
+# which the 571-word SMART list drops, still count in technical text.
+_LUCENE_STOP = "a an and are as at be but by for if in into is it no not of on or such that the their then there these"
+STOP_WORDS = frozenset(f"{_LUCENE_STOP} they this to was will with".split(" "))
+# Bump when analysis changes: a saved index made with another analyser is rebuilt on open.
+ANALYZER = "fold-lower-alnum40-lucene33-snowball_en/1"
+_WORD = re.compile(r"[^\W_]+")  # runs of letters and digits
+_DROPPED = -1  # a word that yields no term (a stop word, too long)
+_UNSEEN = -2
+ARRAYS = ("terms", "docs", "tfs", "doc_len")
 
 
-def ensure_index(c: Collection) -> bool:
-    """(Re)build the BM25 index when the collection's text changed since it was built; say whether one exists."""
-    if c._fts_version == c._text_version:
-        if c._fts_exists is None:  # asked once per open collection, not on every query
-            c._fts_exists = c._fts_version >= 0 and _has_index(c)
-        return c._fts_exists
-    con = c._con
-    has_text = scalar(con, f"SELECT count(*) FROM {c.table} WHERE text IS NOT NULL") > 0
-    if has_text:
-        con.execute(
-            f"PRAGMA create_fts_index('{c.table}', 'fid', 'text', stemmer='porter', stopwords='english', "
-            "ignore='[^\\p{L}\\p{N}]+', strip_accents=1, lower=1, overwrite=1)"
-        )
-    else:
-        con.execute(f"DROP SCHEMA IF EXISTS fts_main_{c.table} CASCADE")
-    con.execute("UPDATE collections SET fts_version = ? WHERE name = ?", [c._text_version, c.name])
-    c._fts_version, c._fts_exists = c._text_version, bool(has_text)
-    return bool(has_text)
+def words(text: str) -> list[str]:
+    """Split a text into lower-case ASCII-folded words (before stop words and stemming)."""
+    if not text.isascii():
+        folded = unicodedata.normalize("NFKD", text)
+        text = "".join(ch for ch in folded if not unicodedata.combining(ch))
+    return _WORD.findall(text.lower())
 
 
-def _has_index(c: Collection) -> bool:
-    sql = "SELECT count(*) FROM duckdb_schemas() WHERE schema_name = ?"
-    return bool(scalar(c._con, sql, [f"fts_main_{c.table}"]))
+class _Segment:
+    """Postings of a run of positions, sorted by term then position: `docs[start[i]:start[i+1]]` hold term
+    `keys[i]`, with its frequency in each in `tfs`."""
+
+    __slots__ = ("docs", "keys", "start", "terms", "tfs")
+
+    def __init__(self, terms: np.ndarray, docs: np.ndarray, tfs: np.ndarray) -> None:
+        self.terms = terms.astype(np.int32, copy=False)
+        self.docs = docs.astype(np.int64, copy=False)
+        self.tfs = tfs.astype(np.float32, copy=False)
+        self.keys, first = np.unique(self.terms, return_index=True)
+        self.start = np.append(first, len(self.terms)).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+    @classmethod
+    def merged(cls, segments: Sequence[_Segment], alive: np.ndarray) -> _Segment:
+        """One segment holding the live postings of these."""
+        terms = np.concatenate([s.terms for s in segments])
+        docs = np.concatenate([s.docs for s in segments])
+        tfs = np.concatenate([s.tfs for s in segments])
+        keep = alive[docs]
+        terms, docs, tfs = terms[keep], docs[keep], tfs[keep]
+        order = np.lexsort((docs, terms))
+        return cls(terms[order], docs[order], tfs[order])
+
+    def postings(self, term_ids: np.ndarray) -> Iterable[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield (index into term_ids, positions, frequencies) for each term this segment holds."""
+        at = np.searchsorted(self.keys, term_ids)
+        for j, (t, i) in enumerate(zip(term_ids.tolist(), at.tolist(), strict=True)):
+            if i < len(self.keys) and self.keys[i] == t:
+                a, b = self.start[i], self.start[i + 1]
+                yield j, self.docs[a:b], self.tfs[a:b]
+
+
+class TextIndex:
+    """BM25 over the texts of a collection's positions 0..ntotal (positions without text hold no postings)."""
+
+    def __init__(self) -> None:
+        import Stemmer  # PyStemmer: Snowball in C
+
+        self._stemmer = Stemmer.Stemmer("english")
+        self.vocab: list[str] = []  # term id -> stemmed term
+        self._term_id: dict[str, int] = {}  # stemmed term -> term id
+        self._word_id: dict[str, int] = {}  # surface word -> term id (or _DROPPED): analysis once per word
+        self.df = np.zeros(0, dtype=np.int64)  # live documents holding each term
+        self.doc_len = np.zeros(0, dtype=np.float32)  # terms per position
+        self.alive = np.zeros(0, dtype=bool)  # positions with text, not deleted
+        self.n_live = 0
+        self.total_len = 0.0
+        self.segments: list[_Segment] = []
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.alive)
+
+    # -- analysis ---------------------------------------------------------------------------------
+    def _ids(self, ws: list[str], grow: bool) -> list[int]:
+        """Term ids of words (in order; _DROPPED for stop words, _UNSEEN for terms not in the vocabulary when
+        `grow` is false)."""
+        get = self._word_id.get
+        ids = [get(w, _UNSEEN) for w in ws]
+        if _UNSEEN in ids:
+            for n, w in enumerate(ws):
+                if ids[n] == _UNSEEN:
+                    ids[n] = self._analyse(w, grow)
+        return ids
+
+    def _analyse(self, w: str, grow: bool) -> int:
+        if w in STOP_WORDS or len(w) > MAX_TOKEN:
+            self._word_id[w] = _DROPPED
+            return _DROPPED
+        term = self._stemmer.stemWord(w)
+        tid = self._term_id.get(term)
+        if tid is None:
+            if not grow:
+                return _UNSEEN  # a query word no document holds: not remembered
+            tid = self._term_id[term] = len(self.vocab)
+            self.vocab.append(term)
+        self._word_id[w] = tid
+        return tid
+
+    def query_terms(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Return the query's distinct known term ids and how often each occurs in it."""
+        ids = np.asarray([t for t in self._ids(words(text), grow=False) if t >= 0], dtype=np.int64)
+        if len(ids) == 0:
+            return ids, np.zeros(0)
+        terms, counts = np.unique(ids, return_counts=True)
+        return terms, counts.astype(np.float64)
+
+    # -- writing ----------------------------------------------------------------------------------
+    def add(self, start: int, texts: Sequence[str | None]) -> None:
+        """Index the texts of positions start, start + 1, ... (None: a point without text)."""
+        if start != self.ntotal:
+            raise CorruptData(f"full-text index holds {self.ntotal} positions, asked to add at {start}")
+        n = len(texts)
+        if n == 0:
+            return
+        flat: list[int] = []
+        per_doc = np.zeros(n, dtype=np.int64)
+        for i, text in enumerate(texts):
+            if text:
+                ids = self._ids(words(text), grow=True)
+                flat.extend(ids)
+                per_doc[i] = len(ids)
+        tids = np.asarray(flat, dtype=np.int64)
+        docs = np.repeat(np.arange(n, dtype=np.int64), per_doc)
+        keep = tids >= 0
+        tids, docs = tids[keep], docs[keep]
+        doc_len = np.bincount(docs, minlength=n).astype(np.float32)
+        has_text = np.fromiter((bool(t) for t in texts), dtype=bool, count=n)
+        if len(self.df) < len(self.vocab):
+            self.df = np.concatenate([self.df, np.zeros(len(self.vocab) - len(self.df), dtype=np.int64)])
+        if len(tids):
+            pairs, tfs = np.unique(tids * n + docs, return_counts=True)  # sorted by term, then position
+            seg = _Segment(pairs // n, pairs % n + start, tfs)
+            self.df += np.bincount(seg.terms, minlength=len(self.df))
+            self.segments.append(seg)
+        self.doc_len = np.concatenate([self.doc_len, doc_len])
+        self.alive = np.concatenate([self.alive, has_text])
+        self.n_live += int(has_text.sum())
+        self.total_len += float(doc_len.sum())
+        self._merge()
+
+    def remove(self, fids: np.ndarray) -> None:
+        """Take positions out (deleted or replaced points): they stop matching and leave the statistics now."""
+        fids = np.asarray(fids, dtype=np.int64)
+        fids = np.unique(fids[(fids >= 0) & (fids < self.ntotal)])
+        fids = fids[self.alive[fids]]
+        if len(fids) == 0:
+            return
+        gone = np.zeros(self.ntotal, dtype=bool)
+        gone[fids] = True
+        lo, hi = int(fids[0]), int(fids[-1])
+        for seg in self.segments:
+            if len(seg) and seg.docs.min() <= hi and seg.docs.max() >= lo:
+                hit = gone[seg.docs]
+                if hit.any():
+                    self.df -= np.bincount(seg.terms[hit], minlength=len(self.df))
+        self.alive[fids] = False
+        self.n_live -= len(fids)
+        self.total_len -= float(self.doc_len[fids].sum())
+
+    def _merge(self) -> None:
+        """Merge the newest segments while the one before is no more than twice as big (a binary counter)."""
+        segs = self.segments
+        while len(segs) > 1 and len(segs[-2]) <= 2 * len(segs[-1]):
+            segs[-2:] = [_Segment.merged(segs[-2:], self.alive)]
+
+    def _recount(self) -> None:
+        """Recompute document frequencies and lengths from the postings and the alive mask."""
+        df = np.zeros(len(self.vocab), dtype=np.int64)
+        for seg in self.segments:
+            live = self.alive[seg.docs]
+            df += np.bincount(seg.terms[live], minlength=len(df))
+        self.df = df
+        self.n_live = int(self.alive.sum())
+        self.total_len = float(self.doc_len[self.alive].sum())
+
+    # -- searching --------------------------------------------------------------------------------
+    def search(self, text: str, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return the positions and BM25 scores of the k best live matches (only among `allowed`, if given),
+        best first, ties by position."""
+        empty = np.zeros(0, dtype=np.int64), np.zeros(0)
+        terms, qtf = self.query_terms(text)
+        if len(terms) == 0 or self.n_live == 0:
+            return empty
+        df = self.df[terms].astype(np.float64)
+        idf = np.log(1.0 + (self.n_live - df + 0.5) / (df + 0.5)) * qtf
+        norm = K1 / (self.total_len / self.n_live)  # k1 / avgdl
+        parts_d, parts_s = [], []
+        for seg in self.segments:
+            for j, docs, tf in seg.postings(terms):
+                if df[j] == 0:
+                    continue
+                dl = self.doc_len[docs]
+                parts_d.append(docs)
+                parts_s.append(idf[j] * tf * (K1 + 1) / (tf + K1 * (1 - B) + B * norm * dl))
+        if not parts_d:
+            return empty
+        docs = np.concatenate(parts_d)
+        score = np.concatenate(parts_s).astype(np.float64)
+        if len(parts_d) > 1:
+            docs, inverse = np.unique(docs, return_inverse=True)
+            score = np.bincount(inverse, weights=score).astype(np.float64)
+        keep = self.alive[docs]
+        if allowed is not None:
+            keep &= np.isin(docs, allowed)
+        docs, score = docs[keep], score[keep]
+        if k < len(docs):
+            top = np.argpartition(-score, k - 1)[:k]
+            docs, score = docs[top], score[top]
+        order = np.lexsort((docs, -score))
+        return docs[order], score[order]
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path: Path, meta: dict[str, Any]) -> None:
+        """Write the index atomically (tmp file, rename) as one zip: its members carry CRCs, so a torn or
+        damaged file fails to load instead of answering wrongly."""
+        if len(self.segments) > 1:
+            self.segments = [_Segment.merged(self.segments, self.alive)]
+        seg = self.segments[0] if self.segments else _Segment(*(np.zeros(0, dtype=np.int64),) * 3)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        full = {**meta, "analyzer": ANALYZER, "ntotal": self.ntotal, "terms": len(self.vocab)}
+        arrays: dict[str, np.ndarray] = {"terms": seg.terms, "docs": seg.docs, "tfs": seg.tfs, "doc_len": self.doc_len}
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+            z.writestr("meta.json", json.dumps(full))
+            z.writestr("vocab.txt", "\n".join(self.vocab))
+            for name, arr in arrays.items():
+                buf = io.BytesIO()
+                np.save(buf, arr, allow_pickle=False)
+                z.writestr(f"{name}.npy", buf.getvalue())
+        # No fsync: the index is rebuildable from DuckDB, and a torn file fails its CRCs on the next open.
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> tuple[TextIndex, dict[str, Any]]:
+        """Read an index written by `save`; raise `CorruptData` if it is missing, damaged or from another
+        analyser. Every position loads alive: the caller masks it to the rows DuckDB holds with text (`set_alive`)."""
+        try:
+            with zipfile.ZipFile(path) as z:
+                meta = json.loads(z.read("meta.json"))
+                if meta.get("analyzer") != ANALYZER:
+                    raise CorruptData(f"full-text index {path} was built by another analyser")
+                vocab = z.read("vocab.txt").decode().split("\n") if meta["terms"] else []
+                arr = {a: np.load(io.BytesIO(z.read(f"{a}.npy")), allow_pickle=False) for a in ARRAYS}
+        except CorruptData:
+            raise
+        except Exception as exc:  # missing, truncated, a CRC mismatch
+            raise CorruptData(f"full-text index {path} cannot be read: {exc}") from exc
+        n = int(meta["ntotal"])
+        if len(vocab) != meta["terms"] or len(arr["doc_len"]) != n or (len(arr["docs"]) and arr["docs"].max() >= n):
+            raise CorruptData(f"full-text index {path} does not match its own description")
+        self = cls()
+        self.vocab = vocab
+        self._term_id = {t: i for i, t in enumerate(vocab)}
+        self.doc_len = arr["doc_len"].astype(np.float32)
+        self.alive = np.ones(n, dtype=bool)
+        if len(arr["terms"]):
+            self.segments = [_Segment(arr["terms"], arr["docs"], arr["tfs"])]
+        self._recount()
+        return self, meta
+
+    def set_alive(self, alive: np.ndarray) -> None:
+        """Mask positions to the ones that still hold text (the rows DuckDB has) and recount the statistics."""
+        self.alive &= alive[: self.ntotal]
+        self._recount()

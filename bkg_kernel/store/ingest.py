@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from bkg_kernel.errors import CorruptData
 from bkg_kernel.store import validate
+from bkg_kernel.store.fulltext import TextIndex
 from bkg_kernel.store.index import VectorIndex
 from bkg_kernel.store.sql import scalar
 
@@ -81,6 +82,39 @@ def load(c: Collection) -> VectorIndex:
     return index
 
 
+def load_text(c: Collection) -> TextIndex:
+    """Load the saved full-text index, mask the positions whose rows are gone and index the texts it misses."""
+    path = c._store.text_index_path(c.table)
+    try:
+        text, meta = TextIndex.load(path)
+        if meta.get("epoch") != c._epoch or text.ntotal > c._next_fid:
+            raise CorruptData(f"full-text index {path} is from another state of the collection")
+    except CorruptData as exc:
+        if path.exists():
+            log.warning("rebuilding the full-text index of %s from DuckDB: %s", c.name, exc)
+        text = TextIndex()
+    sql = f"SELECT fid FROM {c.table} WHERE fid < ? AND length(text) > 0"
+    alive = np.zeros(text.ntotal, dtype=bool)
+    alive[c._con.execute(sql, [text.ntotal]).fetchnumpy()["fid"]] = True
+    text.set_alive(alive)
+    start, end = text.ntotal, c._next_fid
+    bar = tqdm(total=end - start, desc=f"full text {c.name}", unit="pt", disable=end - start < 20_000)
+    for a in range(start, end, READ_CHUNK):
+        b = min(a + READ_CHUNK, end)
+        texts: list[str | None] = [None] * (b - a)
+        sql = f"SELECT fid, text FROM {c.table} WHERE fid >= ? AND fid < ? AND text IS NOT NULL"
+        for f, t in c._con.execute(sql, [a, b]).fetchall():
+            texts[f - a] = t
+        text.add(a, texts)
+        bar.update(b - a)
+    bar.close()
+    c._text = text
+    if start < end:
+        c._text_unsaved = True
+        c.flush()
+    return text
+
+
 def _add_from_db(c: Collection, index: VectorIndex, start: int, end: int, alive: np.ndarray) -> None:
     """Append positions start..end to the index from DuckDB; dead positions get zero placeholders."""
     bar = tqdm(total=end - start, desc=f"index {c.name}", unit="vec", disable=end - start < 20_000)
@@ -106,6 +140,8 @@ def _vectors_where(c: Collection, where: str, params: list[Any]) -> tuple[np.nda
 def upsert(c: Collection, batch: validate.Batch, batch_size: int, show: bool) -> None:
     """Write a validated batch in parts of `batch_size`, each committed before the next starts."""
     c._ensure_index()
+    if c._text is None and any(t is not None for t in batch.texts):
+        c._ensure_text()  # kept in step from the first write with text on
     pending: Future[None] | None = None
     try:
         with tqdm(total=len(batch), desc=f"upsert {c.name}", unit="pt", disable=not show) as bar:
@@ -145,10 +181,9 @@ def _write(c: Collection, b: validate.Batch, pending: Future[None] | None = None
         if len(old):
             con.execute(f"DELETE FROM {c.table} WHERE fid IN (SELECT unnest(?::BIGINT[]))", [old.tolist()])
         con.execute(f"INSERT INTO {c.table} SELECT fid, pk, vec, CAST(payload AS JSON), text FROM _bkg_batch")
-        text_changed = int(len(old) > 0 or any(t is not None for t in b.texts))
         con.execute(
-            "UPDATE collections SET next_fid = ?, text_version = text_version + ?, updated_at = now() WHERE name = ?",
-            [start + n, text_changed, c.name],
+            "UPDATE collections SET next_fid = ?, updated_at = now() WHERE name = ?",
+            [start + n, c.name],
         )
         con.execute("COMMIT")
     except Exception:
@@ -157,19 +192,28 @@ def _write(c: Collection, b: validate.Batch, pending: Future[None] | None = None
     finally:
         con.unregister("_bkg_batch")
     c._next_fid = start + n
-    c._text_version += text_changed
     c._filter_cache.clear()
     if pending is not None:
         pending.result()
     index.mark_dead(old)
+    text = c._text
+    if text is not None:
+        text.remove(old)
+        c._text_unsaved = True
     for f in old.tolist():
         c._ids[f] = c._payloads[f] = None
-    done = _INDEXER.submit(index.add, b.vectors)
+    done = _INDEXER.submit(_add, index, text, start, b)
     c._ids.extend(b.ids)
     c._payloads.extend(b.payloads)
     c._fid_of.update(zip(b.keys, range(start, start + n), strict=True))
     c._unsaved = True
     return done
+
+
+def _add(index: VectorIndex, text: TextIndex | None, start: int, b: validate.Batch) -> None:
+    index.add(b.vectors)
+    if text is not None:
+        text.add(start, b.texts)
 
 
 def delete(c: Collection, where: str, params: list[Any]) -> int:
@@ -181,18 +225,17 @@ def delete(c: Collection, where: str, params: list[Any]) -> int:
         gone = con.execute(f"DELETE FROM {c.table} WHERE {where} RETURNING fid, pk", params).fetchnumpy()
         fids = gone["fid"]
         if len(fids):
-            con.execute(
-                "UPDATE collections SET text_version = text_version + 1, updated_at = now() WHERE name = ?",
-                [c.name],
-            )
+            con.execute("UPDATE collections SET updated_at = now() WHERE name = ?", [c.name])
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")
         raise
     if len(fids):
-        c._text_version += 1
         c._filter_cache.clear()
         index.mark_dead(np.asarray(fids, dtype=np.int64))
+        if c._text is not None:
+            c._text.remove(np.asarray(fids, dtype=np.int64))
+            c._text_unsaved = True
         for f, key in zip(fids.tolist(), gone["pk"].tolist(), strict=True):
             c._ids[f] = c._payloads[f] = None
             c._fid_of.pop(key, None)
@@ -233,6 +276,10 @@ def compact(c: Collection) -> None:
     c._text_cache.clear()  # positions were renumbered
     c._index = None
     c._ensure_index()  # rebuilds: the saved index is from the previous epoch
+    had_text, c._text = c._text is not None, None
+    c._store.text_index_path(c.table).unlink(missing_ok=True)
+    if had_text:
+        c._ensure_text()
 
 
 def matrix_blob(mat: np.ndarray) -> pa.Array:

@@ -1,4 +1,4 @@
-"""Searching a collection: vector search in FAISS, BM25 text search, and both fused by reciprocal rank.
+"""Searching a collection: vector search in FAISS, BM25 text search (`fulltext`), and both fused.
 
 The functions here work on a `Collection`'s state and are called only by its methods; `query` checks its
 arguments, then takes the store's mutex.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bkg_kernel.errors import InvalidInput
-from bkg_kernel.store import fulltext, validate
+from bkg_kernel.store import validate
 from bkg_kernel.store.filters import compile_filter
 from bkg_kernel.store.results import EXPLAIN_SIDES, QueryResult
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from bkg_kernel.store.collection import Collection
 
 MODES = ("vector", "text", "hybrid")
+FUSIONS = ("rrf", "relative")
 FILTER_CACHE_SIZE = 32
 TEXT_CACHE_SIZE = 20_000  # texts of recent hits, by position (a few MB)
 DEPTH = 100  # how deep each ranking is read for hybrid fusion, and to place a hit in it (`explain`)
@@ -39,6 +40,7 @@ def query(
     with_text: bool,
     vector_weight: float,
     explain: bool = False,
+    fusion: str = "rrf",
 ) -> QueryResult:
     """Check a query, rank the points (see `Collection.query`) and return the best k."""
     t0 = time.perf_counter()
@@ -57,6 +59,8 @@ def query(
         raise InvalidInput("rrf_k must be a number >= 0", field="rrf_k")
     if isinstance(vector_weight, bool) or not isinstance(vector_weight, (int, float)) or not 0 <= vector_weight <= 1:  # noqa: UP038
         raise InvalidInput("vector_weight must be a number from 0 to 1", field="vector_weight")
+    if fusion not in FUSIONS:
+        raise InvalidInput(f"unknown fusion {fusion!r} (expected one of {', '.join(FUSIONS)})", field="fusion")
     if ef_search is not None and (not isinstance(ef_search, int) or not 1 <= ef_search <= 4096):
         raise InvalidInput("ef_search must be an integer from 1 to 4096", field="ef_search")
     where, params = compile_filter(filter)
@@ -71,7 +75,7 @@ def query(
                 vf, raw = index.search(q, depth, allowed, ef_search)
                 rankings[side] = (vf, index.score(raw))
             else:
-                rankings[side] = fulltext.text_search(c, str(text), depth, where, params)
+                rankings[side] = c._ensure_text().search(str(text), depth, allowed)
         return rankings[side]
 
     with c._store._mutex:  # noqa: SLF001
@@ -82,12 +86,18 @@ def query(
             fids, raw = index.search(q, k, allowed, ef_search)
             scores = index.score(raw)
         elif mode == "text":
-            fids, scores = fulltext.text_search(c, str(text), k, where, params)
+            fids, scores = c._ensure_text().search(str(text), k, allowed)
         else:
             w = float(vector_weight)
-            fids, scores = rrf(
-                [ranking("vector")[0], ranking("text")[0]], float(rrf_k), k, weights=[2 * w, 2 * (1 - w)]
-            )
+            if fusion == "rrf":
+                fids, scores = rrf(
+                    [ranking("vector")[0], ranking("text")[0]], float(rrf_k), k, weights=[2 * w, 2 * (1 - w)]
+                )
+            else:
+                vf, vs = ranking("vector")
+                fids, scores = relative_score(
+                    [(vf, -vs if c.metric == "l2" else vs), ranking("text")], k, weights=[w, 1 - w]
+                )
         fl, sl = fids.tolist(), scores.tolist()
         if not all(map(math.isfinite, sl)):  # scores must serialise as JSON
             sl = [x if math.isfinite(x) else 0.0 for x in sl]
@@ -160,6 +170,24 @@ def _allowed(c: Collection, flt: dict[str, Any], where: str, params: list[Any]) 
         while len(cache) > FILTER_CACHE_SIZE:
             cache.popitem(last=False)
     return fids
+
+
+def relative_score(
+    rankings: list[tuple[np.ndarray, np.ndarray]], k: int, weights: list[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fuse scored lists by a convex combination of their min-max normalised scores (Weaviate's relativeScore
+    fusion; Bruch et al., TOIS 2023): each list's best gets 1, its last 0, a point missing from a list 0 from it.
+    Unlike RRF it keeps how far apart the scores are, so a clear vector winner is not outvoted by rank alone."""
+    scores: dict[int, float] = {}
+    for (fids, raw), weight in zip(rankings, weights, strict=True):
+        if weight == 0 or len(fids) == 0:
+            continue
+        lo, hi = float(raw.min()), float(raw.max())
+        norm = (raw - lo) / (hi - lo) if hi > lo else np.ones(len(raw))
+        for fid, s in zip(fids.tolist(), (weight * norm).tolist(), strict=True):
+            scores[fid] = scores.get(fid, 0.0) + s
+    best = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return np.array([b[0] for b in best], dtype=np.int64), np.array([b[1] for b in best])
 
 
 def rrf(

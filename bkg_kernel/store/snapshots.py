@@ -1,6 +1,6 @@
-"""Snapshot archives: one tar per snapshot with the collection's rows (Parquet), its FAISS index and a manifest
-holding the sha256 of every part. Archives live under `<data_dir>/snapshots/<collection>/` and outlive the
-collection. A restore verifies everything before it touches the live collection."""
+"""Snapshot archives: one tar per snapshot with the collection's rows (Parquet), its FAISS and full-text
+indexes and a manifest holding the sha256 of every part. Archives live under `<data_dir>/snapshots/<collection>/`
+and outlive the collection. A restore verifies everything before it touches the live collection."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound
 from bkg_kernel.store import validate
+from bkg_kernel.store.fulltext import TextIndex
 from bkg_kernel.store.index import VectorIndex, _faiss, meta_path
 from bkg_kernel.store.results import SnapshotInfo, SnapshotList
 from bkg_kernel.store.sql import scalar
@@ -31,6 +32,7 @@ FORMAT = "bkg-snapshot/1"
 SUFFIX = ".bkgsnap"
 _ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_-]{0,63}$")
 PARTS = ("points.parquet", "index.faiss")
+TEXT_PART = "fulltext.fts"  # in archives from this version on; an archive without it rebuilds it from the rows
 
 
 def _sql_path(p: Path) -> str:
@@ -47,8 +49,9 @@ def _sha256(path: Path) -> str:
 
 def create(store: Store, coll: Collection) -> SnapshotInfo:
     """Write `<snapshots>/<name>/<id>.bkgsnap` atomically (temp file, fsync, rename)."""
-    coll._ensure_index()  # noqa: SLF001 - the index file must be current before it is copied
-    coll._unsaved = True  # noqa: SLF001
+    coll._ensure_index()  # noqa: SLF001 - the index files must be current before they are copied
+    coll._ensure_text()  # noqa: SLF001
+    coll._unsaved = coll._text_unsaved = True  # noqa: SLF001
     coll.flush()
     now = datetime.now(UTC)
     snap_id = now.strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
@@ -61,6 +64,8 @@ def create(store: Store, coll: Collection) -> SnapshotInfo:
             f"TO {_sql_path(work / 'points.parquet')} (FORMAT parquet)"
         )
         shutil.copyfile(store.index_path(coll.table), work / "index.faiss")
+        shutil.copyfile(store.text_index_path(coll.table), work / TEXT_PART)
+        parts = (*PARTS, TEXT_PART)
         count = int(scalar(store._con, f"SELECT count(*) FROM {coll.table}"))  # noqa: SLF001
         manifest = {
             "format": FORMAT,
@@ -74,7 +79,7 @@ def create(store: Store, coll: Collection) -> SnapshotInfo:
             "embed_model": coll.embed_model,
             "next_fid": coll._next_fid,  # noqa: SLF001
             "count": count,
-            "parts": {p: {"sha256": _sha256(work / p), "bytes": (work / p).stat().st_size} for p in PARTS},
+            "parts": {p: {"sha256": _sha256(work / p), "bytes": (work / p).stat().st_size} for p in parts},
         }
         archive = work / "archive.tar"
         with tarfile.open(archive, "w") as tar:
@@ -82,7 +87,7 @@ def create(store: Store, coll: Collection) -> SnapshotInfo:
             info = tarfile.TarInfo("manifest.json")
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
-            for p in PARTS:
+            for p in parts:
                 tar.add(work / p, arcname=p)
         with open(archive, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -158,7 +163,7 @@ def _extract_verified(path: Path, work: Path) -> dict[str, Any]:
     try:
         with tarfile.open(path, "r:") as tar:
             members = {m.name: m for m in tar.getmembers()}
-            for part in PARTS:
+            for part in (*PARTS, *([TEXT_PART] if TEXT_PART in manifest["parts"] else [])):
                 want = manifest["parts"][part]
                 member = members.get(part)
                 if member is None or not member.isfile():
@@ -196,8 +201,17 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
             raise CorruptData(f"snapshot {path.name}: index.faiss cannot be read: {exc}") from exc
         if raw.d != m["dim"] or raw.ntotal != m["next_fid"]:
             raise CorruptData(f"snapshot {path.name}: index.faiss does not match the manifest")
+        text = None
+        if (work / TEXT_PART).exists():
+            try:
+                text, _ = TextIndex.load(work / TEXT_PART)
+            except CorruptData as exc:
+                raise CorruptData(f"snapshot {path.name}: {TEXT_PART} cannot be read: {exc}") from exc
+            if text.ntotal != m["next_fid"]:
+                raise CorruptData(f"snapshot {path.name}: {TEXT_PART} does not match the manifest")
         table = store._new_points_table()  # noqa: SLF001
         index_file = store.index_path(table)
+        text_file = store.text_index_path(table)
         try:
             con.execute(
                 f"INSERT INTO {table} SELECT fid, pk, vec, CAST(payload AS JSON), text "
@@ -208,12 +222,13 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
             index = VectorIndex(m["dim"], m["metric"], m["index"], m["params"])
             index.index = raw
             index.save(index_file, {"epoch": 0, "collection": target})
+            if text is not None:
+                text.save(text_file, {"epoch": 0, "collection": target})
             old = store.collection(target) if target in store else None
             con.execute("BEGIN TRANSACTION")
             try:
                 if old is not None:
                     con.execute("DELETE FROM collections WHERE name = ?", [target])
-                    con.execute(f"DROP SCHEMA IF EXISTS fts_main_{old.table} CASCADE")
                     con.execute(f"DROP TABLE {old.table}")
                 con.execute(
                     "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, next_fid, "
@@ -235,13 +250,13 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
                 raise
         except BaseException:
             con.execute(f"DROP TABLE IF EXISTS {table}")
-            for p in (index_file, meta_path(index_file)):
+            for p in (index_file, meta_path(index_file), text_file):
                 p.unlink(missing_ok=True)
             raise
     if old is not None:
         old.dropped = True
         store._open.pop(target, None)  # noqa: SLF001
         old_file = store.index_path(old.table)
-        for p in (old_file, meta_path(old_file)):
+        for p in (old_file, meta_path(old_file), store.text_index_path(old.table)):
             p.unlink(missing_ok=True)
     return store.collection(target)

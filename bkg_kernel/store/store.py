@@ -24,16 +24,6 @@ from bkg_kernel.store.sql import scalar
 DB_NAME = "bkg.duckdb"
 
 
-def _fts_extension() -> str:
-    import duckdb_extension_fts
-
-    root = Path(duckdb_extension_fts.__file__).parent / "extensions" / f"v{duckdb.__version__}"
-    path = root / "fts.duckdb_extension"
-    if not path.exists():
-        raise RuntimeError(f"duckdb-extension-fts has no build for duckdb {duckdb.__version__} (looked in {root})")
-    return str(path)
-
-
 class Store:
     """Collections of vectors + JSON payloads + text in one data dir: `Store("./data")` or `with Store() as s:`."""
 
@@ -46,7 +36,6 @@ class Store:
         con = None
         try:
             con = duckdb.connect(str(self.db_path), config={"autoinstall_known_extensions": False})
-            con.execute(f"LOAD '{_fts_extension()}'")
             migrations.migrate(con, str(self.db_path))
         except BaseException:
             if con is not None:
@@ -68,8 +57,11 @@ class Store:
         sql = "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'"
         tables = {r[0] for r in self._con.execute(sql).fetchall() if r[0].removeprefix("points_").isdigit()}
         for table in sorted(tables - used):
-            self._con.execute(f"DROP SCHEMA IF EXISTS fts_main_{table} CASCADE")
             self._con.execute(f"DROP TABLE {table}")
+        # DuckDB FTS indexes of data dirs from before bkg kept its own full-text index (fulltext.py)
+        sql = "SELECT schema_name FROM duckdb_schemas() WHERE schema_name LIKE 'fts_main_points_%'"
+        for (schema,) in self._con.execute(sql).fetchall():
+            self._con.execute(f"DROP SCHEMA {schema} CASCADE")
         for f in (self.data_dir / "indexes").glob("points_*"):
             if f.name.split(".", 1)[0] not in used or f.suffix == ".tmp":  # a table's, or a save cut short
                 f.unlink(missing_ok=True)
@@ -102,6 +94,10 @@ class Store:
     def index_path(self, table: str) -> Path:
         """Return where the FAISS index of a points table lives."""
         return self.data_dir / "indexes" / f"{table}.faiss"
+
+    def text_index_path(self, table: str) -> Path:
+        """Return where the full-text index of a points table lives."""
+        return self.data_dir / "indexes" / f"{table}.fts"
 
     @property
     def snapshot_dir(self) -> Path:
@@ -214,7 +210,8 @@ class Store:
             )
             block_size = scalar(self._con, "SELECT block_size FROM pragma_database_size()")
             path = self.index_path(coll.table)
-            index_bytes = sum(p.stat().st_size for p in (path, meta_path(path)) if p.exists())
+            files = (path, meta_path(path), self.text_index_path(coll.table))
+            index_bytes = sum(p.stat().st_size for p in files if p.exists())
             last = snapshots.list_snapshots(self.snapshot_dir, name)
             row = self._row(name) or {}
             return CollectionInfo(
@@ -241,7 +238,6 @@ class Store:
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute("DELETE FROM collections WHERE name = ?", [coll.name])
-            con.execute(f"DROP SCHEMA IF EXISTS fts_main_{coll.table} CASCADE")
             con.execute(f"DROP TABLE IF EXISTS {coll.table}")
             con.execute("COMMIT")
         except Exception:
@@ -250,7 +246,7 @@ class Store:
         coll.dropped = True
         self._open.pop(coll.name, None)
         path = self.index_path(coll.table)
-        for p in (path, meta_path(path)):
+        for p in (path, meta_path(path), self.text_index_path(coll.table)):
             p.unlink(missing_ok=True)
 
     # -- snapshots --------------------------------------------------------------------------------

@@ -98,6 +98,9 @@ class Query(Strict):
     mode: Literal["vector", "text", "hybrid"] | None = None
     rrf_k: float = 60.0
     vector_weight: float = Field(0.5, description="Hybrid: weight of the vector ranking (text gets the rest).")
+    fusion: Literal["rrf", "relative"] = Field(
+        "rrf", description="Hybrid: reciprocal rank fusion, or a weighted sum of min-max normalised scores."
+    )
     ef_search: int | None = None
     with_text: bool = False
     explain: bool = Field(False, description="Add each hit's vector and BM25 rank and score, whatever the mode.")
@@ -346,7 +349,7 @@ def count_points(name: Name, request: Request, body: Count | None = None) -> dic
 
 @router.post("/{name}/query")
 async def query(name: Name, body: Query, request: Request, p: Annotated[Principal, Depends(need(READ_SCOPE))]) -> Any:
-    """Vector, full-text (BM25) or hybrid (RRF) search, filtered before ranking.
+    """Vector, full-text (BM25) or hybrid (fused) search, filtered before ranking.
 
     With text and no vector on a collection with an embed_model, the text is embedded too: mode defaults to
     hybrid, and `vector` mode searches by the text's embedding.

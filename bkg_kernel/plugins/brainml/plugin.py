@@ -45,6 +45,9 @@ class BrainSettings(PluginSettings):
     vector_weight: float = Field(
         0.75, ge=0.0, le=1.0, description="Hybrid: weight of the vector ranking in the fusion (Weaviate's alpha)."
     )
+    fusion: Literal["rrf", "relative"] = Field(
+        "rrf", description="Hybrid: reciprocal rank fusion, or a weighted sum of min-max normalised scores."
+    )
     rerank_model: str | None = Field(
         None,
         description="candle:<cross-encoder> for rerank; unset: re-score by sentences with the collection's model.",
@@ -86,6 +89,7 @@ class QueryRequest(BaseModel):
     mode: Literal["vector", "text", "hybrid"] = "hybrid"
     filters: dict[str, Any] | None = Field(None, description="On the documents' metadata, e.g. {'lang': 'en'}.")
     vector_weight: float | None = Field(None, ge=0.0, le=1.0, description="Hybrid fusion weight (default: settings).")
+    fusion: Literal["rrf", "relative"] | None = Field(None, description="Hybrid fusion method (default: settings).")
     rerank: bool = Field(False, description="Re-score the best candidates (cross-encoder or sentence-level).")
     explain: bool = Field(
         False, description="Add each result's vector and BM25 rank and score next to the fused one (whatever the mode)."
@@ -271,7 +275,7 @@ class BrainML(Plugin):
         try:  # one round trip: the store embeds the query with the collection's model and says what is missing
             hits = self.store.query(
                 inp.collection, text=inp.query, k=k, mode=inp.mode, filter=inp.filters, with_text=True,
-                vector_weight=weight, explain=inp.explain,
+                vector_weight=weight, fusion=inp.fusion or self.settings.fusion, explain=inp.explain,
             )  # fmt: skip
         except NotFound as exc:
             if exc.field != "name":

@@ -1,0 +1,179 @@
+"""The store's own BM25 index: analysis, scores against the formula, incremental updates that never bring a deleted
+document back, and consistency with the rows after SIGKILL, reopen, compaction and snapshot/restore."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bkg_kernel.datasets import python_docs
+from bkg_kernel.store import Store
+from bkg_kernel.store.fulltext import STOP_WORDS, TextIndex, words
+
+
+def _terms(text: str) -> list[str]:
+    """The terms the index makes of a text, in order, repeats kept (its analysis, through a throwaway index)."""
+    t = TextIndex()
+    return [t.vocab[i] for i in t._ids(words(text), grow=True) if i >= 0]
+
+
+def test_analysis_folds_splits_drops_stop_words_and_stems() -> None:
+    assert words("Café-au-lait read_csv os.path.join ÉCOLE") == [
+        "cafe", "au", "lait", "read", "csv", "os", "path", "join", "ecole",
+    ]  # fmt: skip
+    assert set(_terms("The foxes are running to the databases")) == {"fox", "run", "databas"}
+    assert "first" not in STOP_WORDS and "value" not in STOP_WORDS  # a short stop list: these carry meaning here
+    assert _terms("x" * 41) == []  # over-long tokens (hashes, base64) are not terms
+
+
+def _bm25(docs: dict[int, str], query: str) -> dict[int, float]:
+    """Lucene's BM25 (k1 1.2, b 0.75), written out from the formula, over the same analysis."""
+    toks = {i: Counter(_terms(t)) for i, t in docs.items()}
+    n = len(docs)
+    avgdl = sum(sum(c.values()) for c in toks.values()) / n
+    out: dict[int, float] = {}
+    for q in set(_terms(query)):
+        df = sum(1 for c in toks.values() if q in c)
+        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        for i, c in toks.items():
+            if q in c:
+                tf, dl = c[q], sum(c.values())
+                out[i] = out.get(i, 0.0) + idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * dl / avgdl))
+    return out
+
+
+def test_scores_are_bm25_over_the_live_documents(store: Store) -> None:
+    texts = {
+        1: "json encoder turns objects into json text",
+        2: "the decoder reads json text back into objects",
+        3: "gzip compresses a file",
+        4: "compress and decompress data with zlib; compress streams",
+        5: "a queue of tasks",
+    }
+    c = store.create_collection("bm", dim=2)
+    c.upsert([{"id": i, "vector": [1, 0], "text": t} for i, t in texts.items()])
+    for q in ("json objects", "compress data", "decompressing files"):
+        got = {h.id: h.score for h in c.query(text=q, k=10)}
+        want = _bm25(texts, q)
+        assert got.keys() == want.keys()
+        assert all(got[i] == pytest.approx(want[i], rel=1e-5) for i in want), q
+    c.delete([1])  # the deleted document leaves N, avgdl and the document frequencies at once
+    del texts[1]
+    got = {h.id: h.score for h in c.query(text="json objects", k=10)}
+    assert got.keys() == {2} and got[2] == pytest.approx(_bm25(texts, "json objects")[2], rel=1e-5)
+
+
+def test_writes_update_the_index_in_place_and_deleted_documents_never_return(store: Store) -> None:
+    rng = np.random.default_rng(0)
+    c = store.create_collection("inc", dim=4)
+    c.upsert(ids=list(range(500)), vectors=rng.normal(size=(500, 4)), texts=[f"common doc{i}" for i in range(500)])
+    assert c.query(text="doc7", k=5).ids == [7]
+    index = c._text
+    segments_before = len(index.segments)
+    for i in range(40):  # small writes: appended as segments and merged, never rebuilt
+        c.upsert([{"id": 1000 + i, "vector": [1, 0, 0, 0], "text": f"common fresh{i}"}])
+        assert c.query(text=f"fresh{i}", k=5).ids == [1000 + i]
+    assert c._text is index and len(index.segments) <= segments_before + 8
+    c.upsert([{"id": 7, "vector": [1, 0, 0, 0], "text": "rewritten"}])  # a replace: the old text must not match
+    assert c.query(text="doc7", k=5).ids == []
+    assert c.query(text="rewritten", k=5).ids == [7]
+    c.delete([8])
+    c.delete(filter={"missing": 1})  # deletes nothing
+    assert c.query(text="doc8", k=5).ids == []
+    assert 8 not in c.query(text="common", k=1000).ids
+    assert c.query(text="common", k=1000, filter={}).ids.count(9) == 1
+    c.delete(list(range(10, 400)))  # most positions dead: the collection compacts, the index is rebuilt
+    assert c.query(text="doc8", k=5).ids == [] and c.query(text="doc450", k=5).ids == [450]
+    live = c.query(text="common", k=1000).ids
+    assert len(live) == c.count() - 1 and 7 not in live  # every live point with the word, once; 7 was rewritten
+
+
+def test_filtered_text_search_ranks_only_the_matches(store: Store) -> None:
+    c = store.create_collection("f", dim=2)
+    c.upsert(
+        [{"id": i, "vector": [1, 0], "text": "shared word " * (1 + i % 3), "payload": {"n": i}} for i in range(60)]
+    )
+    hits = c.query(text="shared", k=10, filter={"n": {"$gte": 50}})
+    assert len(hits) == 10 and all(h.payload["n"] >= 50 for h in hits)
+
+
+def _consistent(c, texts: dict[int, str]) -> None:  # type: ignore[no-untyped-def]
+    """The collection's text search answers exactly as an index rebuilt from `texts` (the rows) would."""
+    fresh = TextIndex()
+    keys = sorted(texts)
+    fresh.add(0, [texts[k] for k in keys])
+    for q in ("delta", "doc3", "doc1999", "rare", "rare delta"):  # all matches (< k): no ties at a cut-off
+        fids, scores = fresh.search(q, 1000)
+        want = [(keys[f], round(s, 4)) for f, s in zip(fids.tolist(), scores.tolist(), strict=True)]
+        got = [(h.id, round(h.score, 4)) for h in c.query(text=q, k=1000)]
+        assert sorted(got) == sorted(want), q
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from bkg_kernel.store import Store
+    s = Store(sys.argv[1])
+    c = s.create_collection("docs", dim=8)
+    words = ["alpha", "beta", "gamma", "delta"]
+    rng = np.random.default_rng(0)
+    c.upsert(ids=list(range(2000)), vectors=rng.normal(size=(2000, 8)),
+             texts=[f"{words[i % 4]} {words[i % 3]} doc{i}" for i in range(2000)])
+    c.query(text="alpha", k=1)
+    c.flush()  # a saved index; the writes below are only in DuckDB (and memory) when the process dies
+    c.delete(list(range(0, 300, 3)))
+    c.upsert([{"id": i, "vector": [1] * 8, "text": f"rare rewritten doc{i}"} for i in range(1, 40, 2)])
+    print("written", flush=True)
+    import time
+    time.sleep(60)
+""")
+
+
+def test_index_survives_sigkill_consistent_with_the_rows(data_dir: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(data_dir)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    words_ = ["alpha", "beta", "gamma", "delta"]
+    texts = {i: f"{words_[i % 4]} {words_[i % 3]} doc{i}" for i in range(2000) if not (i < 300 and i % 3 == 0)}
+    texts.update({i: f"rare rewritten doc{i}" for i in range(1, 40, 2)})
+    with Store(data_dir) as s:
+        c = s["docs"]
+        _consistent(c, texts)  # the saved index, caught up from DuckDB: deletes masked, new texts added
+        assert c.query(text="doc6", k=5).ids == []  # deleted before the kill
+    (data_dir / "indexes").joinpath(next(p.name for p in (data_dir / "indexes").glob("*.fts"))).write_bytes(b"junk")
+    with Store(data_dir) as s:
+        _consistent(s["docs"], texts)  # a damaged file is rebuilt from the rows
+
+
+def test_snapshot_restore_brings_the_index_back_with_the_rows(store: Store) -> None:
+    c = store.create_collection("snap", dim=2)
+    texts = {i: f"alpha beta doc{i}" if i % 2 else f"gamma doc{i}" for i in range(300)}
+    c.upsert([{"id": i, "vector": [1, i], "text": t} for i, t in texts.items()])
+    c.delete([3, 5])
+    del texts[3], texts[5]
+    snap = c.snapshot()
+    c.upsert([{"id": 1999, "vector": [1, 0], "text": "doc1999 rare"}])
+    c.delete([7])
+    restored = store.restore_snapshot("snap", snap.id, into="snap2")
+    _consistent(restored, texts)
+    assert restored.query(text="doc1999", k=5).ids == [] and restored.query(text="doc7", k=5).ids == [7]
+    store.restore_snapshot("snap", snap.id)  # over the live collection
+    _consistent(store["snap"], texts)
+
+
+def test_a_real_corpus_indexes_and_answers(store: Store) -> None:
+    docs = python_docs(["json", "gzip", "shutil", "textwrap"])
+    c = store.create_collection("py", dim=2)
+    c.upsert([{"id": d["id"], "vector": [1, 0], "text": d["text"]} for d in docs])
+    assert c.query(text="remove common leading whitespace", k=3).ids[0] == "textwrap.dedent"
+    assert "shutil.rmtree" in c.query(text="recursively delete a directory tree", k=5).ids
