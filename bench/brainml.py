@@ -22,7 +22,8 @@ All three get the same vectors, computed once by sentence-transformers (cached u
 Query latency: the three systems run each labelled query in turn (bkg, direct, lancedb, next query), `--repeat`
 times, so all three see the machine in the same state (a shared 2-core VM drifts by a quarter within minutes).
 Build and update: 10,000 docstring chunks with their vectors into an empty bkg store and an empty LanceDB table
-(until a text and a vector query answer), then 100 of them changed (until both indexes hold the change).
+(until a text and a vector query answer and the rows are in the database files: bkg's build includes DuckDB's
+checkpoint), then 100 of them changed (until both indexes hold the change).
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def build_and_update(
         coll = store.create_collection("build", dim=v.shape[1])
         coll.upsert([{**p, "vector": x} for p, x in zip(pts, v, strict=True)], progress=False)
         assert len(coll.query(text="read a file", k=10)) and len(coll.query(qv, k=10))
+        store._con.execute("CHECKPOINT")  # the rows into the database file, as LanceDB's are (not left in the WAL)
         build = time.perf_counter() - t0
         t0 = time.perf_counter()
         coll.upsert([{**p, "vector": v[i]} for p, i in zip(new, picks, strict=True)], progress=False)
@@ -243,7 +245,7 @@ def main() -> None:
             c.post("/api/collections", json=body).raise_for_status()
             for a in range(0, len(pts), 2000):
                 batch = [{**p, "vector": x.tolist()} for p, x in zip(pts[a : a + 2000], vv[a : a + 2000], strict=True)]
-                c.post(f"/api/collections/{name}/points", json={"points": batch}).raise_for_status()
+                c.put(f"/api/collections/{name}/points", json={"points": batch}).raise_for_status()
             coll = direct_store.create_collection(name, dim=vv.shape[1])
             coll.upsert([{**p, "vector": x} for p, x in zip(pts, vv, strict=True)], progress=False)
             table = lance_table(work, name, pts, vv)
@@ -271,7 +273,8 @@ def make_runs(c: httpx.Client, inv: str, name: str, coll: Any, table: Any, st: A
 
     def direct(q: str, mode: str) -> list[str]:  # brainml's defaults for the fusion
         qv = st.encode([q], normalize_embeddings=True)[0] if mode != "text" else None
-        kw = {"vector_weight": settings.vector_weight, "fusion": settings.fusion} if mode == "hybrid" else {}
+        kw = {"vector_weight": settings.vector_weight, "fusion": settings.fusion, "rrf_k": settings.rrf_k}
+        kw = kw if mode == "hybrid" else {}
         r = coll.query(qv, q if mode != "vector" else None, k=30, mode=mode, **kw)
         return [h.payload["doc_id"] for h in r]
 
@@ -326,8 +329,8 @@ def report(
         print()
         print(
             f"Queries, {corpus}: {len(docs)} documents / {len(points[corpus])} chunks, {len(queries)} labelled "
-            f"queries, top 30 chunks ranked as documents; hybrid = {settings.fusion} fusion, vector weight "
-            f"{settings.vector_weight}"
+            f"queries, top 30 chunks ranked as documents; hybrid = {settings.fusion} fusion (k {settings.rrf_k:g}), "
+            f"vector weight {settings.vector_weight}"
         )
         print("| system | mode | p50 ms | p50 vs direct | nDCG@10 | recall@10 |")
         print("|---|---|---|---|---|---|")

@@ -59,11 +59,14 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for m, (n, r, _) in singles.items():
         print(f"| {m} only | - | {n:.3f} | {r:.3f} | - |")
-    for fusion in ("rrf", "relative"):
-        for w in (0.5, 0.6, 0.7, 0.75, 0.8, 0.9):
-            n, r, found = run(mode="hybrid", fusion=fusion, vector_weight=w)
-            below = sum(f < b for f, b in zip(found, better, strict=True))
-            print(f"| {fusion} | {w} | {n:.3f} | {r:.3f} | {below} |")
+    trials = [("rrf", w, 60) for w in (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)]
+    trials += [("rrf", w, rk) for rk in (10, 20, 30, 120) for w in (0.7, 0.75, 0.8)]
+    trials += [("relative", w, None) for w in (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)]
+    for fusion, w, rk in trials:
+        n, r, found = run(mode="hybrid", fusion=fusion, vector_weight=w, **({"rrf_k": rk} if rk else {}))
+        below = sum(f < b for f, b in zip(found, better, strict=True))
+        name = f"rrf (k={rk})" if rk else fusion
+        print(f"| {name} | {w} | {n:.3f} | {r:.3f} | {below} |")
     store.close()
 
 

@@ -35,6 +35,15 @@ def test_analysis_folds_splits_drops_stop_words_and_stems() -> None:
     assert _terms("x" * 41) == []  # over-long tokens (hashes, base64) are not terms
 
 
+def test_texts_without_terms_and_queries_without_terms(store: Store) -> None:
+    c = store.create_collection("stop", dim=2)
+    c.upsert([{"id": 1, "vector": [1, 0], "text": "the and of"}, {"id": 2, "vector": [0, 1], "text": ""}])
+    assert c.query(text="the", k=5).ids == [] and c.query(text="anything", k=5).ids == []
+    c.upsert([{"id": 3, "vector": [1, 1], "text": "the cat"}])
+    c.delete([3])
+    assert c.query(text="cat", k=5).ids == []  # the term is known, no live document holds it
+
+
 def _bm25(docs: dict[int, str], query: str) -> dict[int, float]:
     """Lucene's BM25 (k1 1.2, b 0.75), written out from the formula, over the same analysis."""
     toks = {i: Counter(_terms(t)) for i, t in docs.items()}

@@ -127,6 +127,16 @@ def test_hybrid_fuses_both_rankings(textcoll) -> None:  # type: ignore[no-untype
     assert 4 not in filtered.ids and filtered.ids[0] == 3
 
 
+def test_relative_score_fusion_weighs_normalised_scores(textcoll) -> None:  # type: ignore[no-untyped-def]
+    q = [0, 1, 0.05]
+    fused = textcoll.query(q, text="dense vectors", k=5, fusion="relative")
+    # 3 tops the vector list (normalised 1) and is not in the text list: 0.5 * 1; 4 has the text list's only
+    # score (1) and a vector score between the list's best and worst: above 0.5.
+    assert fused.ids[:2] == [4, 3]
+    assert fused[1].score == pytest.approx(0.5) and 0.5 < fused[0].score < 1.0
+    assert textcoll.query(q, text="dense vectors", k=5, fusion="relative", vector_weight=1.0)[0].id == 3
+
+
 def test_text_query_on_collection_without_text(store: Store) -> None:
     c = store.create_collection("v", dim=2)
     c.upsert(ids=[1], vectors=[[1, 0]])
@@ -144,6 +154,7 @@ def test_text_query_on_collection_without_text(store: Store) -> None:
         ({"vector": [1, 0, 0], "mode": "fuzzy"}, "mode"),
         ({"vector": [1, 0, 0], "text": "x", "rrf_k": -1}, "rrf_k"),
         ({"vector": [1, 0, 0], "ef_search": 0}, "ef_search"),
+        ({"vector": [1, 0, 0], "text": "x", "fusion": "borda"}, "fusion"),
     ],
 )
 def test_bad_query(textcoll, kwargs, field) -> None:  # type: ignore[no-untyped-def]

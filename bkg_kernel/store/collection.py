@@ -238,7 +238,8 @@ class Collection:
         A filter is applied before ranking, so k results come back whenever k points match it. Scores are
         cosine / inner-product similarity (higher is closer), L2 distance (lower is closer), BM25, or RRF.
         Hybrid weighs the vector ranking by `vector_weight` and the text ranking by `1 - vector_weight`
-        (0.5: classic RRF; like Weaviate's `alpha`). `explain` adds each hit's vector and BM25 rank and score.
+        (0.5: classic RRF; like Weaviate's `alpha`); `fusion="relative"` sums min-max normalised scores with
+        those weights instead of reciprocal ranks. `explain` adds each hit's vector and BM25 rank and score.
         """
         return search.query(
             self, vector, text, k, filter, mode, rrf_k, ef_search, with_text, vector_weight, explain, fusion

@@ -42,11 +42,15 @@ class BrainSettings(PluginSettings):
     embed_model: str = Field(
         f"candle:{DEFAULT_EMBEDDER}", description="For new collections: candle:<id> or llmserver:<id>."
     )
+    # Hybrid defaults chosen on PYDOC_TUNING (bench/fusion.py), not on the held-out PYDOC_QUERIES.
     vector_weight: float = Field(
         0.75, ge=0.0, le=1.0, description="Hybrid: weight of the vector ranking in the fusion (Weaviate's alpha)."
     )
     fusion: Literal["rrf", "relative"] = Field(
         "rrf", description="Hybrid: reciprocal rank fusion, or a weighted sum of min-max normalised scores."
+    )
+    rrf_k: float = Field(
+        20.0, ge=0.0, le=1000.0, description="Hybrid RRF: rank offset; lower trusts the top of each list more."
     )
     rerank_model: str | None = Field(
         None,
@@ -275,7 +279,8 @@ class BrainML(Plugin):
         try:  # one round trip: the store embeds the query with the collection's model and says what is missing
             hits = self.store.query(
                 inp.collection, text=inp.query, k=k, mode=inp.mode, filter=inp.filters, with_text=True,
-                vector_weight=weight, fusion=inp.fusion or self.settings.fusion, explain=inp.explain,
+                vector_weight=weight, fusion=inp.fusion or self.settings.fusion, rrf_k=self.settings.rrf_k,
+                explain=inp.explain,
             )  # fmt: skip
         except NotFound as exc:
             if exc.field != "name":
