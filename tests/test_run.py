@@ -54,7 +54,9 @@ def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
         assert (data / "admin.key").stat().st_mode & 0o777 == 0o600
         gateway_pid = json.loads((data / "gateway.json").read_text())["pid"]
         dash = f"http://127.0.0.1:{dash_port}/voila/render/overview.ipynb"
-        wait_for(lambda: _status(dash) == 200, timeout=120, every=0.5)
+        # a render runs the notebook (with Panel's telemetry charts, 3-15 s on 2 cores): a short request timeout
+        # abandons every render and never sees one finish
+        wait_for(lambda: _status(dash, timeout=60) == 200, timeout=180, every=0.5)
         # the clients hold the workbench key (developer scopes), not the admin key
         admin_key, bench_key = ((data / n).read_text().strip() for n in ("admin.key", "workbench.key"))
         assert (data / "workbench.key").stat().st_mode & 0o777 == 0o600
@@ -84,8 +86,8 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _status(url: str) -> int:
+def _status(url: str, timeout: float = 5) -> int:
     try:
-        return httpx.get(url, timeout=5).status_code
+        return httpx.get(url, timeout=timeout).status_code
     except httpx.HTTPError:
         return 0
