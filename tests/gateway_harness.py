@@ -149,7 +149,7 @@ def dashboards(gateway_url: str, log: Path | None = None) -> Iterator[str]:
 
 
 def dashboard_login(
-    page: Any, url: str, name: str, key: str, log: Path, *, query: str = "", box_s: float = 60, page_s: float = 30
+    page: Any, url: str, name: str, key: str, log: Path, *, query: str = "", box_s: float = 120, page_s: float = 30
 ) -> None:
     """Open dashboard `name` in `page` and log in with `key`. A page that shows no login box within `box_s` fails
     with its screenshot (next to `log`) and the end of Voila's log."""
