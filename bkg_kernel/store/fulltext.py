@@ -279,7 +279,8 @@ class TextIndex:
     @classmethod
     def load(cls, path: Path) -> tuple[TextIndex, dict[str, Any]]:
         """Read an index written by `save`; raise `CorruptData` if it is missing, damaged or from another
-        analyser. Every position loads alive: the caller masks it to the rows DuckDB holds with text (`set_alive`)."""
+        analyser. Its statistics are not counted yet: the caller masks the positions to the rows DuckDB holds
+        with text and counts them in one pass (`set_alive`) before searching."""
         try:
             with zipfile.ZipFile(path) as z:
                 meta = json.loads(z.read("meta.json"))
@@ -301,7 +302,6 @@ class TextIndex:
         self.alive = np.ones(n, dtype=bool)
         if len(arr["terms"]):
             self.segments = [_Segment(arr["terms"], arr["docs"], arr["tfs"])]
-        self._recount()
         return self, meta
 
     def set_alive(self, alive: np.ndarray) -> None:

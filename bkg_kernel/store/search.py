@@ -186,8 +186,7 @@ def relative_score(
         norm = (raw - lo) / (hi - lo) if hi > lo else np.ones(len(raw))
         for fid, s in zip(fids.tolist(), (weight * norm).tolist(), strict=True):
             scores[fid] = scores.get(fid, 0.0) + s
-    best = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-    return np.array([b[0] for b in best], dtype=np.int64), np.array([b[1] for b in best])
+    return _best(scores, k)
 
 
 def rrf(
@@ -200,5 +199,10 @@ def rrf(
             continue
         for rank, fid in enumerate(ranking.tolist(), start=1):
             scores[fid] = scores.get(fid, 0.0) + weight / (rrf_k + rank)
+    return _best(scores, k)
+
+
+def _best(scores: dict[int, float], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best fused scores as (positions, scores), best first, ties by position."""
     best = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
     return np.array([b[0] for b in best], dtype=np.int64), np.array([b[1] for b in best])
