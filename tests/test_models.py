@@ -186,6 +186,15 @@ def test_downloads_from_non_public_hosts_are_refused_unless_listed(gw: Any, file
         r = c.post("/api/models", json={"url": url})
         assert r.status_code == 403 and "download_allow" in r.json()["error"]["message"], r.text
     assert not (gw.data_dir.parent / "models" / "served.gguf").exists()
+    # a host no resolver knows is the caller's mistake (422 naming the url), not the server's 5xx
+    r = c.post("/api/models", json={"url": "http://no-such-host.invalid/x.gguf"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "url" and "no host" in r.text, r.text
+    for bad in ("http://[x/y.gguf", "http://h:99999/y.gguf", "http://\x97x/y.gguf"):  # urlparse's, IDNA's refusals
+        r = c.post("/api/models", json={"url": bad})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "url", r.text
+    # the body names exactly one source, as the schema says
+    assert c.post("/api/models", json={}).status_code == 422
+    assert c.post("/api/models", json={"path": "/x.gguf", "url": "http://h/x.gguf"}).status_code == 422
 
 
 def test_models_over_http(dl_gw: Any, file_server: tuple[str, Path], tmp_path: Path) -> None:

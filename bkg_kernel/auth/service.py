@@ -333,7 +333,7 @@ class AuthService:
         if username.endswith(HUB_SUFFIX) and actor != "jupyterhub":
             raise InvalidInput(f"names ending in {HUB_SUFFIX!r} belong to JupyterHub users", field="username")
         if role not in self.roles:
-            raise InvalidInput(f"unknown role {role!r} (have {', '.join(sorted(self.roles))})", field="role")
+            raise NotFound(f"no role {role!r} (have {', '.join(sorted(self.roles))})", field="role")
         self._grantable(by, self.roles[role], f"giving role {role!r}", "role")
         if password is not None:
             _check_password(password)
@@ -373,7 +373,7 @@ class AuthService:
         actor = by.username if by else actor
         u = self.user(user_id)
         if role is not None and role not in self.roles:
-            raise InvalidInput(f"unknown role {role!r}", field="role")
+            raise NotFound(f"no role {role!r} (have {', '.join(sorted(self.roles))})", field="role")
         self._manageable(by, u, "user_id")
         if role is not None:
             self._grantable(by, self.roles[role], f"giving role {role!r}", "role")

@@ -3,6 +3,10 @@
 (or, for a job, the 202 job record) as the response, so generated clients and fuzzers see what the code checks.
 
 The requests themselves go through the one invoke route, and the worker validates them with the same models.
+
+The document also declares its OpenAPI links: which response gives the id that later operations take (a created
+collection's name for its points, queries and snapshots; a snapshot's id for its restore; a started job's id for
+its record, output and cancel...), so clients and schemathesis' stateful runs can follow them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,19 @@ ERROR = {
 }
 
 
+JOB_STARTED = {
+    "type": "object",
+    "required": ["job"],
+    "properties": {
+        "job": {
+            "type": "object",
+            "required": ["id", "state"],
+            "properties": {"id": {"type": "string"}, "state": {"type": "string"}},
+        }
+    },
+}
+
+
 def _schema(model: Any, name: str, components: dict[str, Any]) -> dict[str, Any]:
     """A model's JSON Schema with its nested models moved into the components under `name`-prefixed keys."""
     schema: dict[str, Any] = model.model_json_schema(ref_template=f"#/components/schemas/{name}__{{model}}")
@@ -40,6 +57,78 @@ def _schema(model: Any, name: str, components: dict[str, Any]) -> dict[str, Any]
         components[f"{name}__{key}"] = sub
     components[name] = schema
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+_COLLECTION = "/api/collections/{name}"
+_JOB = "/api/jobs/{job_id}"
+_PLUGIN = "/api/plugins/{plugin_id}"
+_ID = "$response.body#/id"
+# (producer method, path, status) -> [(consumer method, path, {parameter: runtime expression})]
+LINKS: dict[tuple[str, str, str], list[tuple[str, str, dict[str, str]]]] = {
+    ("post", "/api/collections", "201"): [
+        (m, _COLLECTION + tail, {"name": "$response.body#/name"})
+        for m, tail in [
+            ("get", ""),
+            ("patch", ""),
+            ("delete", ""),
+            ("put", "/points"),
+            ("post", "/points/get"),
+            ("post", "/points/scroll"),
+            ("post", "/points/delete"),
+            ("post", "/points/count"),
+            ("post", "/query"),
+            ("post", "/map"),
+            ("post", "/snapshots"),
+            ("get", "/snapshots"),
+        ]
+    ],  # fmt: skip
+    ("post", _COLLECTION + "/snapshots", "201"): [
+        (m, _COLLECTION + "/snapshots/{snapshot_id}" + tail, {"name": "$request.path.name", "snapshot_id": _ID})
+        for m, tail in [("post", "/restore"), ("delete", "")]
+    ],
+    ("post", "/admin/users", "201"): [
+        (m, "/admin/users/{user_id}", {"user_id": _ID}) for m in ("get", "patch", "delete")
+    ],
+    ("post", "/admin/roles", "201"): [
+        (m, "/admin/roles/{name}", {"name": "$response.body#/name"}) for m in ("patch", "delete")
+    ],
+    ("post", "/admin/keys", "201"): [
+        ("post", "/admin/keys/{key_id}/" + a, {"key_id": _ID}) for a in ("rotate", "revoke")
+    ],
+    ("post", "/api/jobs", "202"): [
+        (m, _JOB + tail, {"job_id": _ID})
+        for m, tail in [("get", ""), ("get", "/output"), ("post", "/cancel"), ("post", "/retry")]
+    ],
+    ("post", "/api/jobs/schedules", "201"): [
+        (m, "/api/jobs/schedules/{schedule_id}", {"schedule_id": _ID}) for m in ("patch", "delete")
+    ],
+    ("post", "/api/models", "201"): [
+        (m, "/api/models/{model_id}" + tail, {"model_id": _ID})
+        for m, tail in [("get", ""), ("post", "/verify"), ("delete", "")]
+    ],
+    ("get", "/api/plugins", "200"): [
+        (m, _PLUGIN + tail, {"plugin_id": "$response.body#/plugins/0/id"})
+        for m, tail in [
+            ("get", ""),
+            ("get", "/status"),
+            ("get", "/health"),
+            ("get", "/logs"),
+            ("get", "/telemetry"),
+            ("get", "/config"),
+        ]
+    ],  # fmt: skip
+}
+# A capability that runs as a job answers 202 with {"job": {...}}: the job's id is one level down.
+_JOB_LINKS = [(m, _JOB + tail, {"job_id": "$response.body#/job/id"}) for m, tail in [("get", ""), ("post", "/cancel")]]
+
+
+def _links(doc: dict[str, Any], targets: list[tuple[str, str, dict[str, str]]]) -> dict[str, Any]:
+    """OpenAPI link objects to the `targets` operations, by their operationId."""
+    out: dict[str, Any] = {}
+    for method, path, params in targets:
+        op_id = doc["paths"][path][method]["operationId"]
+        out[op_id] = {"operationId": op_id, "parameters": params}
+    return out
 
 
 def install(app: FastAPI, discovered: dict[str, Discovered]) -> None:
@@ -62,7 +151,7 @@ def install(app: FastAPI, discovered: dict[str, Discovered]) -> None:
                 out = _schema(cap.output, f"{base}__output", components)
                 ok = (
                     {"202": {"description": "Started as a background job (follow it under /api/jobs).",
-                             "content": {"application/json": {"schema": {"type": "object"}}}}}
+                             "content": {"application/json": {"schema": JOB_STARTED}}}}
                     if cap.job
                     else {"200": {"description": cap.summary or "The result.",
                                   "content": {"application/json": {"schema": out}}}}
@@ -74,7 +163,11 @@ def install(app: FastAPI, discovered: dict[str, Discovered]) -> None:
                         "description": f"Needs scope `{cap.scope}`."
                         + (" Runs as a background job." if cap.job else ""),
                         "operationId": base,
-                        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+                        # a capability whose input has no required field takes a missing body as {}
+                        "requestBody": {
+                            "required": bool(components[f"{base}__input"].get("required")),
+                            "content": {"application/json": {"schema": body}},
+                        },
                         "responses": {
                             **ok,
                             **{
@@ -90,6 +183,12 @@ def install(app: FastAPI, discovered: dict[str, Discovered]) -> None:
                         },  # fmt: skip
                     }
                 }
+        for (method, path, status), targets in LINKS.items():
+            doc["paths"][path][method]["responses"][status]["links"] = _links(doc, targets)
+        for path, item in doc["paths"].items():
+            started = item.get("post", {}).get("responses", {}).get("202", {})
+            if path.startswith("/api/plugins/") and "/invoke/" in path and "{" not in path and started:
+                started["links"] = _links(doc, _JOB_LINKS)
         app.openapi_schema = doc
         return doc
 

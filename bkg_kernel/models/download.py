@@ -27,10 +27,18 @@ MAX_REDIRECTS = 5
 
 def check_url(url: str) -> str:
     """Return the file name a URL names; refuse anything but http(s) URLs of one file."""
-    u = urlparse(url)
+    try:
+        u = urlparse(url)
+        u.port  # noqa: B018 - a port out of range raises here, not later
+    except ValueError as exc:  # "Invalid IPv6 URL", a bad port
+        raise InvalidInput(f"not a URL: {exc} in {url!r}", field="url") from None
     name = Path(u.path).name
     if u.scheme not in ("http", "https") or not u.hostname:
         raise InvalidInput(f"source must be an http(s) URL, not {url!r}", field="url")
+    try:  # what the resolver will do with it: a name IDNA cannot encode is no host name
+        u.hostname.encode("idna")
+    except UnicodeError as exc:
+        raise InvalidInput(f"{u.hostname!r} is not a host name ({exc})", field="url") from None
     if not name:
         raise InvalidInput(f"the URL {url!r} does not name a file", field="url")
     return name
@@ -51,6 +59,12 @@ def check_host(url: str, allow: Sequence[str]) -> None:
         return
     try:
         ip = non_public(resolve(host))
+    except UnicodeError as exc:  # a redirect's host IDNA cannot encode
+        raise InvalidInput(f"{host!r} is not a host name ({exc})", field="url") from None
+    except socket.gaierror as exc:
+        if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            raise InvalidInput(f"no host named {host!r} ({exc.strerror})", field="url") from None  # the caller's URL
+        raise Unavailable(f"cannot resolve {host!r} now: {exc}", field="url") from None  # DNS itself failed
     except OSError as exc:
         raise Unavailable(f"cannot resolve {host!r}: {exc}", field="url") from None
     if ip is not None:

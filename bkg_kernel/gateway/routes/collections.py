@@ -20,6 +20,7 @@ from bkg_kernel.errors import BadRequest, InvalidInput
 from bkg_kernel.gateway import storeops
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.store import projection
+from bkg_kernel.store.index import DEFAULT_PARAMS
 from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN
 
 router = APIRouter(prefix="/api/collections", tags=["collections"])
@@ -34,12 +35,29 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _params_by_index() -> dict[str, Any]:
+    """The store's rule, in JSON Schema: each index kind takes its own parameters, flat (the default) none."""
+
+    def allowed(kind: str) -> dict[str, Any]:
+        names = list(DEFAULT_PARAMS[kind])
+        return {"properties": {"params": {"propertyNames": {"enum": names}} if names else {"maxProperties": 0}}}
+
+    rules = [{"if": {"not": {"required": ["index"]}}, "then": allowed("flat")}]
+    for kind in DEFAULT_PARAMS:
+        rules.append({"if": {"required": ["index"], "properties": {"index": {"const": kind}}}, "then": allowed(kind)})
+    return {"allOf": rules}
+
+
 class NewCollection(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_params_by_index())
+
     name: str = Field(..., pattern=NAME_PATTERN)
     dim: int = Field(..., ge=1, le=65536)
     metric: Literal["cosine", "l2", "ip"] = "cosine"
     index: Literal["flat", "hnsw", "ivf"] = "flat"
-    params: dict[str, int] = Field(default_factory=dict, description="Index parameters (m, ef_search, nlist, ...).")
+    params: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description="Index parameters (hnsw: m, ef_construction, ef_search; ivf: nlist...)."
+    )
     embed_model: str | None = Field(
         None,
         pattern=EMBED_PATTERN,
@@ -75,14 +93,23 @@ class Ids(Strict):
 
 
 class Delete(Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [  # exactly one of ids or filter
+                {"required": ["ids"], "properties": {"ids": {"type": "array"}, "filter": {"type": "null"}}},
+                {"required": ["filter"], "properties": {"filter": {"type": "object"}, "ids": {"type": "null"}}},
+            ]
+        },
+    )
     ids: list[int | str] | None = None
     filter: dict[str, Any] | None = None
 
 
 class Scroll(Strict):
     filter: dict[str, Any] | None = None
-    limit: int = 100
-    offset: int = 0
+    limit: int = Field(100, ge=1, le=10_000)
+    offset: int = Field(0, ge=0)
     with_vectors: bool = False
 
 
@@ -90,18 +117,34 @@ class Count(Strict):
     filter: dict[str, Any] | None = None
 
 
+_VECTOR: dict[str, Any] = {"required": ["vector"], "properties": {"vector": {"type": "array"}}}
+_TEXT: dict[str, Any] = {"required": ["text"], "properties": {"text": {"type": "string"}}}
+
+
 class Query(Strict):
-    vector: list[float] | None = None
-    text: str | None = None
+    # the store's rules, stated: a text or a vector (a text alone is embedded with the collection's embed_model);
+    # text and hybrid mode need the text
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "allOf": [
+                {"if": {"required": ["mode"], "properties": {"mode": {"enum": ["text", "hybrid"]}}}, "then": _TEXT},
+                {"anyOf": [_VECTOR, _TEXT]},
+            ]
+        },
+    )
+
+    vector: list[float] | None = Field(None, min_length=1, max_length=65536)
+    text: str | None = Field(None, min_length=1, max_length=10_000, pattern=r"\S", description="1 to 10000 characters.")
     k: int = Field(10, ge=1, le=1000)
     filter: dict[str, Any] | None = None
     mode: Literal["vector", "text", "hybrid"] | None = None
-    rrf_k: float = 60.0
-    vector_weight: float = Field(0.5, description="Hybrid: weight of the vector ranking (text gets the rest).")
+    rrf_k: float = Field(60.0, ge=0)
+    vector_weight: float = Field(0.5, ge=0, le=1, description="Hybrid: the vector ranking's weight (text: the rest).")
     fusion: Literal["rrf", "relative"] = Field(
         "rrf", description="Hybrid: reciprocal rank fusion, or a weighted sum of min-max normalised scores."
     )
-    ef_search: int | None = None
+    ef_search: int | None = Field(None, ge=1, le=4096)
     with_text: bool = False
     explain: bool = Field(False, description="Add each hit's vector and BM25 rank and score, whatever the mode.")
 

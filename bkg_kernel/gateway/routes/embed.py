@@ -22,7 +22,7 @@ router = APIRouter(tags=["models"])
 
 class EmbedRequest(Strict):
     model: str = Field(..., pattern=EMBED_MODEL_PATTERN, description='"candle:<model>" or "llmserver:<model>"')
-    input: list[str] = Field(..., min_length=1, max_length=10_000)
+    input: list[Annotated[str, Field(min_length=1)]] = Field(..., min_length=1, max_length=10_000)
 
 
 @router.post("/api/embed")

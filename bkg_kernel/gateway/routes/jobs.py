@@ -8,7 +8,7 @@ caller gets the same 404 as for a job that does not exist. Running or scheduling
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
@@ -25,11 +25,16 @@ READ = Depends(need("plugins:read"))
 RUN = Depends(need("jobs:run"))
 
 
+NOTEBOOK = r"^[^\x00]*\.ipynb$"  # a path to a notebook; NUL never
+CRON_FIELD = r"[0-9A-Za-z*?/,#-]+"
+CRON = rf"^\s*{CRON_FIELD}(\s+{CRON_FIELD}){{4}}\s*$"  # five fields; their ranges are checked by the scheduler
+
+
 class RunRequest(BaseModel):
     """Run a notebook under the job roots with parameters (checked against its `parameters` cell)."""
 
     model_config = ConfigDict(extra="forbid")
-    notebook: str = Field(min_length=1, max_length=1000, description="Path under a job root, e.g. jobs/x.ipynb.")
+    notebook: str = Field(max_length=1000, pattern=NOTEBOOK, description="Path under a job root, e.g. jobs/x.ipynb.")
     parameters: dict[str, Any] = Field(default_factory=dict)
     timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT, description="Whole-run limit; then timed_out.")
     retries: int = Field(0, ge=0, le=10, description="Automatic re-runs after a failure or timeout.")
@@ -39,8 +44,8 @@ class ScheduleRequest(BaseModel):
     """Run a notebook on a cron schedule, as the caller."""
 
     model_config = ConfigDict(extra="forbid")
-    notebook: str = Field(min_length=1, max_length=1000)
-    cron: str = Field(min_length=9, max_length=200, description="minute hour day month weekday, e.g. '0 3 * * *'")
+    notebook: str = Field(max_length=1000, pattern=NOTEBOOK)
+    cron: str = Field(max_length=200, pattern=CRON, description="minute hour day month weekday, e.g. '0 3 * * *'")
     timezone: str = Field("UTC", min_length=1, max_length=64, description="IANA time zone the cron is read in.")
     parameters: dict[str, Any] = Field(default_factory=dict)
     timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT)
@@ -130,7 +135,9 @@ async def get_job(job_id: str, request: Request, p: Annotated[Principal, READ]) 
 
 
 @router.get("/api/jobs/{job_id}/output")
-async def job_output(job_id: str, request: Request, p: Annotated[Principal, READ], format: str = "ipynb") -> Any:
+async def job_output(
+    job_id: str, request: Request, p: Annotated[Principal, READ], format: Literal["ipynb", "html"] = "ipynb"
+) -> Any:
     """A notebook run's output notebook (`format=ipynb`) or its HTML rendering (`format=html`)."""
     if format not in ("ipynb", "html"):
         raise InvalidInput("format must be ipynb or html", field="format")

@@ -20,9 +20,17 @@ READ, WRITE = Depends(need("models:read")), need("models:write")
 class NewModel(BaseModel):
     """Register a model: `path` (a file or folder; outside the model dir needs `import_mode`) or `url`."""
 
-    model_config = ConfigDict(extra="forbid")
-    path: str | None = None
-    url: str | None = None
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [  # exactly one of path or url
+                {"required": ["path"], "properties": {"path": {"type": "string"}, "url": {"type": "null"}}},
+                {"required": ["url"], "properties": {"url": {"type": "string"}, "path": {"type": "null"}}},
+            ]
+        },
+    )
+    path: str | None = Field(None, min_length=1, max_length=4096)
+    url: str | None = Field(None, pattern=r"^https?://[^/?#]+/+[^/?#]", max_length=4096)
     id: str | None = Field(None, description="Defaults to the file name without its extension.")
     kind: (
         Literal["gguf-llm", "gguf-embedding", "hf-transformers", "onnx", "face-pack", "torch-program", "classifier"]

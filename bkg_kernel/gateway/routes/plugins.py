@@ -157,6 +157,8 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
         body = await request.json() if await request.body() else {}
     except ValueError:
         raise InvalidInput("request body is not valid JSON", field="body") from None
+    if not isinstance(body, dict):
+        raise InvalidInput(f"the input must be a JSON object, not {type(body).__name__}", field="body")
     if cap is not None and cap.job:
         try:  # a bad input is the caller's 422 now, not a failed job later
             cap.input.model_validate(body)

@@ -57,15 +57,54 @@ class SentenceRunner(Runner):
     task = "embed"
 
     def run(self, inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
         texts = _texts(inputs)
-        vecs = self.module.encode(
-            texts,
-            batch_size=int(options.get("batch_size", 64)),
-            normalize_embeddings=bool(options.get("normalize", True)),
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
+        normalize = bool(options.get("normalize", True))
+        if "batch_size" in options or self.device != "cpu":
+            groups = [list(range(len(texts)))]
+            size = int(options.get("batch_size", 64))
+        else:  # on a CPU a forward pass costs by the token: batches of about equal work, not of equal count
+            groups, size = cpu_batches(texts), 0
+        parts, order = [], []
+        for group in groups:
+            parts.append(
+                self.module.encode(
+                    [texts[i] for i in group], batch_size=size or len(group), normalize_embeddings=normalize,
+                    convert_to_numpy=True, show_progress_bar=False,
+                )
+            )  # fmt: skip
+            order.extend(group)
+        vecs = np.concatenate(parts)
+        if order != sorted(order):  # back to the caller's order
+            out = np.empty_like(vecs)
+            out[np.asarray(order)] = vecs
+            vecs = out
         return {"embeddings": vecs.tolist(), "dim": int(vecs.shape[1])}
+
+
+CPU_BATCH_CHARS = 3200  # about 800 tokens of text per forward pass
+CPU_BATCH_MAX = 64
+
+
+def cpu_batches(texts: list[str]) -> list[list[int]]:
+    """Indices of `texts`, shortest first, in groups of at most CPU_BATCH_CHARS characters (at least one text,
+    at most CPU_BATCH_MAX). On a CPU, MiniLM embeds 800-character chunks 1.45x faster 4-8 at a time than 64 at a
+    time (attention over long padded batches leaves the cache); short texts gain nothing from smaller batches."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    groups: list[list[int]] = []
+    group: list[int] = []
+    chars = 0
+    for i in order:
+        n = len(texts[i])
+        if group and (chars + n > CPU_BATCH_CHARS or len(group) == CPU_BATCH_MAX):
+            groups.append(group)
+            group, chars = [], 0
+        group.append(i)
+        chars += n
+    if group:
+        groups.append(group)
+    return groups
 
 
 class EncoderRunner(Runner):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
 from bkg_kernel.plugins.repoagent.sandbox import CommandSpec, Limits, default_commands
@@ -52,6 +52,18 @@ RelPath = Field(..., min_length=1, max_length=4096, description="A path relative
 
 class WorkspaceRequest(BaseModel):
     """Add, list, describe or remove a workspace."""
+
+    # the validator's rules, stated in the JSON Schema too (generated clients and fuzzers see them)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {"if": {"properties": {"action": {"const": "list"}}},
+                 "else": {"required": ["name"], "properties": {"name": {"type": "string"}}}},
+                {"if": {"properties": {"action": {"const": "add"}}},
+                 "then": {"required": ["path"], "properties": {"path": {"type": "string"}}}},
+            ]
+        }
+    )  # fmt: skip
 
     action: Literal["add", "list", "describe", "remove"]
     name: str | None = Field(None, pattern=WORKSPACE_PATTERN)
@@ -175,6 +187,15 @@ class AskRequest(BaseModel):
 
 class DocumentRequest(BaseModel):
     """Write Markdown documentation for a symbol or a file."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["symbol"], "properties": {"symbol": {"type": "string"}}},
+                {"required": ["path"], "properties": {"path": {"type": "string"}}},
+            ]
+        }
+    )
 
     workspace: str = Name
     symbol: str | None = Field(None, min_length=1, max_length=500)

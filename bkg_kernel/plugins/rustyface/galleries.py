@@ -10,11 +10,13 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from bkg_kernel.errors import AlreadyExists, Conflict, NotFound
+from bkg_kernel.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from bkg_kernel.runtime.storehandle import StoreHandle
 from bkg_kernel.store import validate
 
 PREFIX = "faces-"
+# a collection name less the prefix's six characters (the request schemas state it)
+GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,57}$"
 
 
 class Galleries:
@@ -26,6 +28,8 @@ class Galleries:
     @staticmethod
     def collection(gallery: str) -> str:
         validate.collection_name(gallery, "gallery")
+        if len(PREFIX + gallery) > 64:
+            raise InvalidInput(f"a gallery name has at most {64 - len(PREFIX)} characters", field="gallery")
         return PREFIX + gallery
 
     @contextlib.contextmanager

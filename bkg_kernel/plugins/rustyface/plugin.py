@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -20,7 +20,7 @@ from bkg_kernel.errors import Conflict, InvalidInput
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.rustyface import images
 from bkg_kernel.plugins.rustyface.engine import Face, load_engine
-from bkg_kernel.plugins.rustyface.galleries import Galleries
+from bkg_kernel.plugins.rustyface.galleries import GALLERY_PATTERN, Galleries
 from bkg_kernel.runtime.contract import GatewayAPI, Plugin, PluginSettings, capability
 
 IMAGE_DOC = "base64 (or a data URL), or path:<file> under an allowed root"
@@ -43,10 +43,20 @@ class FaceSettings(PluginSettings):
     verify_threshold: float = Field(0.363, ge=-1, le=1, description="Cosine at or above which two faces match.")
 
 
+Gallery = Field(..., pattern=GALLERY_PATTERN, description="A gallery name (its store collection is faces-<name>).")
+Image = Field(..., min_length=1, description=IMAGE_DOC)
+
+
+def _needs(action: list[str], field: str) -> dict[str, Any]:
+    """JSON Schema: these actions need `field` (a string)."""
+    return {"if": {"properties": {"action": {"enum": action}}},
+            "then": {"required": [field], "properties": {field: {"type": "string", "minLength": 1}}}}  # fmt: skip
+
+
 class DetectRequest(BaseModel):
     """Find faces in an image."""
 
-    image: str = Field(..., description=IMAGE_DOC)
+    image: str = Image
     min_score: float = Field(0.6, ge=0, le=1)
     max_faces: int = Field(100, ge=1, le=1000)
     min_size: int = Field(0, ge=0, description="Smallest face side in pixels.")
@@ -73,8 +83,8 @@ class Embedded(BaseModel):
 class VerifyRequest(BaseModel):
     """Are the (best) faces of two images the same person?"""
 
-    image_a: str = Field(..., description=IMAGE_DOC)
-    image_b: str = Field(..., description=IMAGE_DOC)
+    image_a: str = Image
+    image_b: str = Image
     threshold: float | None = Field(None, ge=-1, le=1, description="Default: the verify_threshold setting.")
 
 
@@ -92,15 +102,21 @@ class Verified(BaseModel):
 class GalleryRequest(BaseModel):
     """Gallery operations: create, list, describe, delete."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [_needs(["create", "describe", "delete"], "gallery")]})
+
     action: Literal["create", "list", "describe", "delete"]
-    gallery: str | None = None
+    gallery: str | None = Field(None, pattern=GALLERY_PATTERN)
 
 
 class SubjectsRequest(BaseModel):
     """Subject operations in a gallery: list, faces (each subject's faces with thumbnails), rename (to new_name),
     delete (all their faces)."""
 
-    gallery: str
+    model_config = ConfigDict(
+        json_schema_extra={"allOf": [_needs(["rename", "delete"], "subject"), _needs(["rename"], "new_name")]}
+    )
+
+    gallery: str = Gallery
     action: Literal["list", "faces", "rename", "delete"] = "list"
     subject: str | None = None
     new_name: str | None = None
@@ -110,9 +126,9 @@ class SubjectsRequest(BaseModel):
 class EnrollRequest(BaseModel):
     """Enroll the most confident face of each image as `subject`."""
 
-    gallery: str
+    gallery: str = Gallery
     subject: str = Field(..., min_length=1, max_length=200)
-    images: list[str] = Field(..., min_length=1, max_length=100, description=IMAGE_DOC)
+    images: list[Annotated[str, Field(min_length=1)]] = Field(..., min_length=1, max_length=100, description=IMAGE_DOC)
     sources: list[str] | None = Field(None, description="A name for each image (default: image[i]).")
     metadata: dict[str, Any] = Field(default_factory=dict)
     min_score: float = Field(0.6, ge=0, le=1)
@@ -121,8 +137,8 @@ class EnrollRequest(BaseModel):
 class IdentifyRequest(BaseModel):
     """Who is in this image? The best subjects per face, at or above the threshold."""
 
-    gallery: str
-    image: str = Field(..., description=IMAGE_DOC)
+    gallery: str = Gallery
+    image: str = Image
     top_k: int = Field(3, ge=1, le=100)
     threshold: float | None = Field(None, ge=-1, le=1, description="Default: the verify_threshold setting.")
     max_faces: int = Field(20, ge=1, le=1000)
