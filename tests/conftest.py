@@ -45,7 +45,9 @@ def voila(gw: object, request: pytest.FixtureRequest) -> Iterator[str]:
 
     artifacts = Path(__file__).resolve().parent.parent / "test-artifacts" / "ui"
     artifacts.mkdir(parents=True, exist_ok=True)
-    with dashboards(gw.url, artifacts / f"voila-{request.module.__name__}.log") as url:  # type: ignore[attr-defined]
+    log = artifacts / f"voila-{request.module.__name__}.log"  # type: ignore[attr-defined]
+    # a module may name the dashboards it opens (PREHEAT); the others are not preheated there
+    with dashboards(gw.url, log, getattr(request.module, "PREHEAT", None)) as url:  # type: ignore[attr-defined]
         yield url
 
 

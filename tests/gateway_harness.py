@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -129,16 +130,22 @@ def http_ok(url: str, **params: str) -> bool:
 
 
 @contextlib.contextmanager
-def dashboards(gateway_url: str, log: Path | None = None) -> Iterator[str]:
-    """Serve dashboards/ with Voila the way `bkg dashboards` does, against `gateway_url`; yield its URL."""
+def dashboards(gateway_url: str, log: Path | None = None, preheat: list[str] | None = None) -> Iterator[str]:
+    """Serve dashboards/ with Voila the way `bkg dashboards` does, against `gateway_url`; yield its URL.
+
+    `preheat`: only these dashboards get a preheated kernel (the others start one when opened, as Voila does
+    without preheating); every dashboard is preheated by default, as `bkg dashboards` does. A test that opens
+    a few pages saves starting, on two cores, a dozen kernels it never uses."""
     from bkg_kernel.cli import dashboards_cmd, dashboards_env
 
     port = free_port()
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     folder = Path(__file__).resolve().parent.parent / "dashboards"
-    proc = subprocess.Popen(
-        dashboards_cmd(port, folder), env=dashboards_env(gateway_url), stdout=out, stderr=subprocess.STDOUT
-    )
+    cmd = dashboards_cmd(port, folder)
+    if preheat is not None:
+        skip = sorted(p.name for p in folder.glob("*.ipynb") if p.stem not in preheat)
+        cmd.append("--VoilaKernelManager.preheat_denylist=" + json.dumps(skip))
+    proc = subprocess.Popen(cmd, env=dashboards_env(gateway_url), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: http_ok(url), timeout=90, every=0.5)

@@ -23,6 +23,7 @@ from bkg_kernel.models.defaults import DEFAULT_LLM
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
 VOILA_LOG = ARTIFACTS / "voila-test_pictures.log"  # written by the voila fixture (conftest.py)
+PREHEAT = ["explorer", "overview", "brainml", "rustyface"]  # the dashboards this module opens
 LABELS = ["alpha", "beta", "gamma", "delta", "epsilon"]
 N_POINTS = 20_000
 DOCS = {
@@ -253,7 +254,7 @@ def test_the_dark_theme_is_dark(browser: Any, voila: str) -> None:
 def test_an_empty_store_says_what_to_do(tmp_path: Path, browser: Any) -> None:
     g = start_gateway(tmp_path / "data", plugins=["sysinfo"])
     try:
-        with dashboards(g.url) as url:
+        with dashboards(g.url, preheat=["explorer"]) as url:
             p = Page(browser, url, "explorer")
             p.page.locator("text=No collections yet").wait_for(timeout=60_000)
             assert "wb.brain.index(" in p.page.content()
