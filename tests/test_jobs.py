@@ -148,6 +148,7 @@ def test_bad_parameters_and_notebooks_are_refused_before_anything_runs(jgw: Gate
         ({"notebook": "missing.ipynb"}, 404, "notebook"),
         ({"notebook": "escape.ipynb"}, 403, "notebook"),  # a link inside a root to a notebook outside it
         ({"notebook": "ok.txt"}, 422, "notebook"),
+        ({"notebook": "~no-such-user-here/x.ipynb"}, 404, "notebook"),  # found by the fuzzer: was a 500
     ]
     for body, status, field in cases:
         r = c.post("/api/jobs", json=body)

@@ -92,13 +92,16 @@ class Ids(Strict):
     with_vectors: bool = True
 
 
+_NONEMPTY: dict[str, Any] = {"type": "object", "minProperties": 1}  # an empty filter would match every point: refused
+
+
 class Delete(Strict):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
             "oneOf": [  # exactly one of ids or filter
                 {"required": ["ids"], "properties": {"ids": {"type": "array"}, "filter": {"type": "null"}}},
-                {"required": ["filter"], "properties": {"filter": {"type": "object"}, "ids": {"type": "null"}}},
+                {"required": ["filter"], "properties": {"filter": _NONEMPTY, "ids": {"type": "null"}}},
             ]
         },
     )

@@ -49,7 +49,7 @@ Image = Field(..., min_length=1, description=IMAGE_DOC)
 
 def _needs(action: list[str], field: str) -> dict[str, Any]:
     """JSON Schema: these actions need `field` (a string)."""
-    return {"if": {"properties": {"action": {"enum": action}}},
+    return {"if": {"required": ["action"], "properties": {"action": {"enum": action}}},
             "then": {"required": [field], "properties": {field: {"type": "string", "minLength": 1}}}}  # fmt: skip
 
 
