@@ -49,7 +49,7 @@ def _params_by_index() -> dict[str, Any]:
 
 
 class NewCollection(Strict):
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_params_by_index())
+    model_config = ConfigDict(json_schema_extra=_params_by_index())  # extra="forbid" comes from Strict
 
     name: str = Field(..., pattern=NAME_PATTERN)
     dim: int = Field(..., ge=1, le=65536)
@@ -97,7 +97,6 @@ _NONEMPTY: dict[str, Any] = {"type": "object", "minProperties": 1}  # an empty f
 
 class Delete(Strict):
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "oneOf": [  # exactly one of ids or filter
                 {"required": ["ids"], "properties": {"ids": {"type": "array"}, "filter": {"type": "null"}}},
@@ -128,7 +127,6 @@ class Query(Strict):
     # the store's rules, stated: a text or a vector (a text alone is embedded with the collection's embed_model);
     # text and hybrid mode need the text
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "allOf": [
                 {"if": {"required": ["mode"], "properties": {"mode": {"enum": ["text", "hybrid"]}}}, "then": _TEXT},

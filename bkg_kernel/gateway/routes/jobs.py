@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import InvalidInput, NotFound, Unavailable
+from bkg_kernel.errors import NotFound, Unavailable
 from bkg_kernel.gateway.jobs import Job
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.jobs.service import MAX_TIMEOUT, JobService
@@ -139,8 +139,6 @@ async def job_output(
     job_id: str, request: Request, p: Annotated[Principal, READ], format: Literal["ipynb", "html"] = "ipynb"
 ) -> Any:
     """A notebook run's output notebook (`format=ipynb`) or its HTML rendering (`format=html`)."""
-    if format not in ("ipynb", "html"):
-        raise InvalidInput("format must be ipynb or html", field="format")
     svc = runs(request)
     path = await svc.output(await svc.get(job_id, p), format)
     media = "application/x-ipynb+json" if format == "ipynb" else "text/html"
