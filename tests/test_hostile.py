@@ -119,3 +119,29 @@ def test_limits_name_what_was_too_much(gw: Gateway) -> None:
     assert r.status_code == 422 and r.json()["error"]["field"] == "dim"
     r = c.put("/api/collections/lim/points", json={"points": [{"id": i, "vector": [1, 0]} for i in range(100_001)]})
     assert r.status_code in (413, 422)
+
+
+QUERY = "/api/plugins/brainml/invoke/brainml.query"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field"),
+    [
+        ("post", QUERY, {"collection": "x", "query": "q", "top_k": True}, "top_k"),
+        ("post", QUERY, {"collection": "x", "query": "q", "top_k": "5"}, "top_k"),
+        ("post", QUERY, {"collection": "x", "query": "q", "rerank": "yes"}, "rerank"),
+        ("post", "/admin/keys", {"name": "k", "expires_in_days": True}, "expires_in_days"),
+        ("post", "/admin/keys", {"name": "k", "rate_limit_per_min": "60"}, "rate_limit_per_min"),
+        ("post", "/api/collections", {"name": "strict", "dim": True}, "dim"),
+        ("post", "/api/collections/lim/query", {"vector": [1, 0], "k": True}, "k"),
+        ("post", "/api/collections/lim/query", {"vector": [1, 0], "with_text": "true"}, "with_text"),
+        ("post", "/api/jobs", {"notebook": "jobs/x.ipynb", "retries": 1.0}, "retries"),
+    ],
+)  # fmt: skip
+def test_json_types_are_not_coerced(gw: Gateway, method: str, path: str, body: dict[str, Any], field: str) -> None:
+    """JSON Schema's types, as the OpenAPI document states them: `true` is not the number 1 and `"5"` is not 5
+    (pydantic's lax mode reads both), for the gateway's own routes and every capability's input alike."""
+    r = getattr(gw.client(), method)(path, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"].split(".")[-1] == field, r.json()
+    assert gw.client().get("/api/collections/strict").status_code == 404  # nothing was created on the way

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if typing.TYPE_CHECKING:
@@ -36,6 +37,21 @@ from bkg_kernel.runtime.storehandle import StoreHandle
 F = TypeVar("F", bound=Callable[..., Any])
 MASK = "********"
 Progress = Callable[..., None]  # progress(fraction 0..1, message="")
+
+
+def validate_input(model: type[BaseModel], data: Any) -> BaseModel:
+    """A capability's input, validated the way JSON Schema reads it: pydantic's strict JSON mode, so a JSON
+    `true` is not the number 1 and `"5"` is not an integer (its lax mode takes both); 422 naming the field.
+    Data that is not JSON (a Python caller's bytes, say) is validated in the lax Python mode instead."""
+    data = data if data is not None else {}
+    try:
+        try:
+            raw = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:
+            return model.model_validate(data)
+        return model.model_validate_json(raw, strict=True)
+    except ValidationError as exc:
+        raise invalid_from_pydantic(exc, "input") from None
 
 
 class Cancelled(Exception):
@@ -276,10 +292,7 @@ class Plugin:
                 return
 
     def _validate(self, cap: Capability, data: Any) -> BaseModel:
-        try:
-            return cap.input.model_validate(data if data is not None else {})
-        except ValidationError as exc:
-            raise invalid_from_pydantic(exc, "input") from None
+        return validate_input(cap.input, data)
 
     def invoke(self, capability_id: str, data: Any) -> dict[str, Any]:
         """Validate `data` against the capability's input model, run it, return its output as JSON data."""

@@ -56,9 +56,9 @@ class NewKey(Strict):
     name: str = Field(..., min_length=1, max_length=100)
     user_id: str | None = Field(None, description="Owner (default: the caller).")
     scopes: list[Scope] | None = Field(None, description="A subset of the owner's scopes (default: all of them).")
-    expires_in_days: float | None = Field(None, gt=0, le=3650)
+    expires_in_days: float | None = Field(None, gt=0, le=3650, strict=True)  # `true` is not one day
     expires_at: datetime | None = None
-    rate_limit_per_min: int | None = Field(None, ge=1, le=1_000_000)
+    rate_limit_per_min: int | None = Field(None, ge=1, le=1_000_000, strict=True)
 
 
 def _scopes(scopes: list[Scope] | None) -> list[str] | None:

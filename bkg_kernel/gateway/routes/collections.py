@@ -12,12 +12,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import BadRequest, InvalidInput
 from bkg_kernel.gateway import storeops
+from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.store import projection
 from bkg_kernel.store.index import DEFAULT_PARAMS
@@ -32,7 +32,9 @@ READ, WRITE = Depends(need(READ_SCOPE)), need("collections:write")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields refused, and no lax coercion (`true` is not 1, `"5"` is not 5)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _params_by_index() -> dict[str, Any]:
@@ -401,7 +403,7 @@ async def query(name: Name, body: Query, request: Request, p: Annotated[Principa
     gw = gateway(request)
     q = body.model_dump(exclude={"vector", "text", "mode"})
     coll = await asyncio.to_thread(gw.store.collection, name)  # the store's lock is never waited for on the loop
-    return JSONResponse(await storeops.query_points(gw.supervisor, p, coll, body.vector, body.text, body.mode, **q))
+    return FastJSONResponse(await storeops.query_points(gw.supervisor, p, coll, body.vector, body.text, body.mode, **q))
 
 
 @router.post("/{name}/map", dependencies=[READ])

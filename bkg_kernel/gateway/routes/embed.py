@@ -14,7 +14,9 @@ from bkg_kernel.store.validate import EMBED_MODEL_PATTERN
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields refused, and no lax coercion (`true` is not 1, `"5"` is not 5)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 router = APIRouter(tags=["models"])

@@ -33,7 +33,7 @@ CRON = rf"^\s*{CRON_FIELD}(\s+{CRON_FIELD}){{4}}\s*$"  # five fields; their rang
 class RunRequest(BaseModel):
     """Run a notebook under the job roots with parameters (checked against its `parameters` cell)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     notebook: str = Field(max_length=1000, pattern=NOTEBOOK, description="Path under a job root, e.g. jobs/x.ipynb.")
     parameters: dict[str, Any] = Field(default_factory=dict)
     timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT, description="Whole-run limit; then timed_out.")
@@ -43,7 +43,7 @@ class RunRequest(BaseModel):
 class ScheduleRequest(BaseModel):
     """Run a notebook on a cron schedule, as the caller."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     notebook: str = Field(max_length=1000, pattern=NOTEBOOK)
     cron: str = Field(max_length=200, pattern=CRON, description="minute hour day month weekday, e.g. '0 3 * * *'")
     timezone: str = Field("UTC", min_length=1, max_length=64, description="IANA time zone the cron is read in.")
@@ -58,7 +58,7 @@ class ScheduleRequest(BaseModel):
 class SchedulePatch(BaseModel):
     """Enable or disable a schedule."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     enabled: bool
 
 

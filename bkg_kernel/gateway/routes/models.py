@@ -22,6 +22,7 @@ class NewModel(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "oneOf": [  # exactly one of path or url
                 {"required": ["path"], "properties": {"path": {"type": "string"}, "url": {"type": "null"}}},

