@@ -21,7 +21,7 @@ run: venv
 lint: venv
 	.venv/bin/ruff check bkg_kernel tests bench deploy extensions/jupyterlab_bkg/jupyterlab_bkg
 	.venv/bin/ruff format --check bkg_kernel tests bench deploy extensions/jupyterlab_bkg/jupyterlab_bkg
-	.venv/bin/mypy bkg_kernel
+	.venv/bin/mypy --cache-dir .venv/.mypy_cache bkg_kernel  # the cache lives in the cached venv: 2 s warm, not 110 s
 
 test: lint
 	$(PY) -m pytest

@@ -14,6 +14,8 @@ from gateway_harness import Gateway
 
 from bkg_kernel.auth.principal import SCOPES
 
+PLUGINS = ["sysinfo"]  # the gateway's own routes are under test; sysinfo stands for any plugin
+
 PASSWORD = "correct horse battery"
 # name -> (role, scopes of the key; None: the role's); custom roles are created with the scopes listed
 CUSTOM_ROLES = {

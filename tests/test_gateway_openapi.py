@@ -50,7 +50,7 @@ def test_fuzz_finds_no_server_errors(gw: Any) -> None:
         if any(s in operation.path for s in fuzz.SLOW):
             continue
 
-        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(case=operation.as_strategy())
         def run(case: Any) -> None:
             r = case.call(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)

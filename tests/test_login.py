@@ -21,6 +21,8 @@ from bkg_kernel.auth.throttle import AuditBudget, LoginThrottle
 from bkg_kernel.errors import TooManyRequests, Unauthorized
 from bkg_kernel.store import Store
 
+PLUGINS = ["sysinfo"]  # the gateway's own routes are under test; sysinfo stands for any plugin
+
 PW = "correct horse battery"
 
 
