@@ -211,16 +211,24 @@ def test_bad_input_is_4xx_with_the_field(llm_gw: Gateway) -> None:
     assert httpx.post(llm_gw.url + "/v1/chat/completions", json={"messages": ASK}).status_code == 401
 
 
-def test_named_template_overrides_the_gguf(llm_gw: Gateway) -> None:
+def test_named_template_overrides_the_gguf_and_the_token_limit_holds(llm_gw: Gateway) -> None:
     c = llm_gw.client()
     template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
     cfg = c.get("/api/plugins/llmserver/config").json()["config"]
-    r = c.put("/api/plugins/llmserver/config", json={"config": {**cfg, "templates": {"plain": template}}})
+    new = {**cfg, "templates": {"plain": template}, "max_tokens_limit": 3}
+    r = c.put("/api/plugins/llmserver/config", json={"config": new})
     assert r.status_code == 200 and r.json()["restarted"]
     r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "template": "plain", "max_tokens": 4})
     plain = r.json()["usage"]["prompt_tokens"]
     r2 = c.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 4})
     assert r.status_code == 200 and plain != r2.json()["usage"]["prompt_tokens"]
+    # the server's limit wins over what a request asks (or leaves to max_tokens_default), chat and completion alike
+    for body in ({"max_tokens": 50}, {}):
+        chat = c.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "temperature": 0, **body}).json()
+        assert chat["usage"]["completion_tokens"] == 3 and chat["choices"][0]["finish_reason"] == "length"
+    done = c.post("/v1/completions", json={"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 40}).json()
+    assert done["usage"]["completion_tokens"] == 3 and done["choices"][0]["finish_reason"] == "length"
+    c.put("/api/plugins/llmserver/config", json={"config": {**new, "max_tokens_limit": None}}).raise_for_status()
 
 
 def test_queue_limit_429_and_disconnect_frees_the_slot(llm_gw: Gateway) -> None:

@@ -38,6 +38,7 @@ class Generation:
         *,
         grammar: Any = None,
         default_max_tokens: int = 512,
+        max_tokens_limit: int | None = None,
         add_bos: bool = False,
     ) -> None:
         self.llm, self.m, self.req, self.cancelled, self.grammar = llm, m, req, cancelled, grammar
@@ -50,7 +51,7 @@ class Generation:
                 field="messages" if isinstance(req, ChatRequest) else "prompt",
             )
         room = m.n_ctx - self.prompt_tokens
-        self.max_tokens = min(req.limit() or default_max_tokens, room)
+        self.max_tokens = min(req.limit() or default_max_tokens, max_tokens_limit or room, room)
         self.completion_tokens = 0
         self.finish_reason = "stop"
         self.text = ""

@@ -57,6 +57,13 @@ class LLMSettings(PluginSettings):
     memory_budget_mb: int = Field(4096, ge=64, description="Loaded models (weights + KV caches) stay under this.")
     keep_alive: float = Field(300.0, ge=-1, description="Seconds an idle model stays loaded; -1 forever, 0 unload.")
     max_tokens_default: int = Field(512, ge=1, le=32_768, description="Completion limit when a request sets none.")
+    max_tokens_limit: int | None = Field(
+        None,
+        ge=1,
+        le=32_768,
+        description="The most tokens one request may generate, whatever it asks (like llama-server's --n-predict): "
+        "a request asking more stops there with finish_reason 'length'. Default: no limit but the context.",
+    )
     max_prompt_chars: int = Field(200_000, ge=1, description="Longer prompts are refused before tokenizing.")
     templates: dict[str, str] = Field(default_factory=dict, description="Named Jinja chat templates.")
     model_templates: dict[str, str] = Field(
@@ -238,7 +245,10 @@ class LLMServer(Plugin):
         with self.pool.acquire(model_id) as (m, llm):
             s = self.settings
             prompt = gen.chat_prompt(m, inp, s.templates, s.model_templates)
-            g = gen.Generation(llm, m, prompt, inp, cancelled, grammar=grammar, default_max_tokens=s.max_tokens_default)
+            g = gen.Generation(
+                llm, m, prompt, inp, cancelled, grammar=grammar, default_max_tokens=s.max_tokens_default,
+                max_tokens_limit=s.max_tokens_limit,
+            )  # fmt: skip
             with self._counting_cancels(g):
                 if not whole:
                     yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
@@ -278,9 +288,11 @@ class LLMServer(Plugin):
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": model_id}
         with self.pool.acquire(model_id) as (m, llm):
+            s = self.settings
             g = gen.Generation(
-                llm, m, text, inp, cancelled, default_max_tokens=self.settings.max_tokens_default, add_bos=True
-            )
+                llm, m, text, inp, cancelled, default_max_tokens=s.max_tokens_default,
+                max_tokens_limit=s.max_tokens_limit, add_bos=True,
+            )  # fmt: skip
             with self._counting_cancels(g):
                 for delta in g.run():
                     if not whole:
@@ -321,6 +333,13 @@ class LLMServer(Plugin):
         url = self.settings.upstream_url.rstrip("/") + "/" + path
         body = inp.model_dump(exclude_none=True, exclude_unset=True)
         body.pop("template", None)
+        cap = self.settings.max_tokens_limit
+        if cap is not None and "max_tokens" in type(inp).model_fields:  # the limit holds upstream too
+            for key in ("max_tokens", "max_completion_tokens"):
+                if key in body:
+                    body[key] = min(body[key], cap)
+            if "max_tokens" not in body and "max_completion_tokens" not in body:
+                body["max_tokens"] = cap
         body["stream"] = stream
         if stream:
             body["stream_options"] = {"include_usage": True}
