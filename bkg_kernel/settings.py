@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Hosts (glob patterns) a job webhook may reach on a loopback or private address.",
     )
+    heartbeat_timeout_s: float = Field(
+        5.0, gt=0, le=600, description="A plugin worker silent this long (heartbeats every second) is degraded."
+    )
+    hung_restart_s: float = Field(
+        15.0, gt=0, le=3600, description="A plugin worker silent this long is hung: killed and started again."
+    )
     job_catch_up: bool = Field(True, description="A schedule that missed runs while the gateway was down runs once.")
     job_overlap: str = Field(
         "skip", pattern=r"^(skip|queue)$", description="A schedule due while its last run is still going: skip|queue."

@@ -30,10 +30,12 @@ def store(data_dir: Path) -> Iterator[Store]:
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[object]:
     """One real gateway per test module; a module that needs no plugin worker names the ones it uses (PLUGINS),
-    sparing the 5-7 s of CPU that starting all seven costs on two cores."""
+    sparing the 5-7 s of CPU that starting all seven costs on two cores; GATEWAY_ENV: settings of its own."""
     from gateway_harness import start_gateway
 
-    g = start_gateway(tmp_path_factory.mktemp("gw") / "data", plugins=getattr(request.module, "PLUGINS", None))
+    data = tmp_path_factory.mktemp("gw") / "data"
+    module = request.module
+    g = start_gateway(data, env=getattr(module, "GATEWAY_ENV", None), plugins=getattr(module, "PLUGINS", None))
     yield g
     g.stop()
 

@@ -12,6 +12,8 @@ from gateway_harness import Gateway, start_gateway
 
 from bkg_kernel.plugins.brainml.plugin import chunk, highlights
 
+BRAIN = ["brainml", "candle", "llmserver"]  # the plugins brainml uses (candle embeds, llmserver answers ask)
+
 DOCS = [
     {
         "id": "volcano",
@@ -35,7 +37,7 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def bgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = start_gateway(tmp_path_factory.mktemp("brain") / "data")
+    g = start_gateway(tmp_path_factory.mktemp("brain") / "data", plugins=BRAIN)
     yield g
     g.stop()
 

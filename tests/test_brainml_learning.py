@@ -17,6 +17,8 @@ from websockets.sync.client import connect as ws_connect
 import bkg_kernel
 from bkg_kernel.datasets import PYDOC_QUERIES, python_code, python_docs, retrieval_metrics
 
+BRAIN = ["brainml", "candle"]  # brainml and the model that embeds for it
+
 PACKAGES = sorted({rel.split(".")[0] for _, rels in PYDOC_QUERIES for rel in rels})
 CODE_DOCS, CODE_QUERIES = python_code(PACKAGES, queries=60)
 
@@ -33,7 +35,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def lgw(data_dir: Path, corpus: list[dict[str, Any]]) -> Iterator[Gateway]:
-    g = start_gateway(data_dir)
+    g = start_gateway(data_dir, plugins=BRAIN)
     c = g.client()
     for name, docs in (("pydocs", corpus), ("pycode", CODE_DOCS)):
         for a in range(0, len(docs), 200):
@@ -137,7 +139,7 @@ def test_train_classify_and_survive_a_restart(lgw: Gateway, data_dir: Path) -> N
 
     # the gateway goes away and comes back: both models are still registered and give the same answers
     lgw.stop()
-    g2 = start_gateway(data_dir)
+    g2 = start_gateway(data_dir, plugins=BRAIN)
     try:
         after = g2.client().post(
             "/api/plugins/brainml/invoke/brainml.classify", json={"model_id": "pkg-logistic", "texts": texts}

@@ -21,7 +21,7 @@ warnings.filterwarnings("ignore")
 
 @pytest.fixture(scope="module")
 def cgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = start_gateway(tmp_path_factory.mktemp("candle") / "data")
+    g = start_gateway(tmp_path_factory.mktemp("candle") / "data", plugins=["candle", "llmserver"])
     yield g
     g.stop()
 

@@ -104,7 +104,7 @@ def test_settings_from_env_and_toml(tmp_path: Path) -> None:
 def test_gateway_commands_against_a_real_gateway(tmp_path: Path) -> None:
     from gateway_harness import ADMIN_KEY, start_gateway
 
-    g = start_gateway(tmp_path / "data")
+    g = start_gateway(tmp_path / "data", plugins=["sysinfo"])
     try:
         env = {"BKG_API_KEY": ADMIN_KEY}
         common = ["--url", g.url]

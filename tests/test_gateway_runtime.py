@@ -13,6 +13,8 @@ from gateway_harness import start_gateway, wait_for
 
 from bkg_kernel.runtime.discovery import discover
 
+PAIR = ["apikeys", "sysinfo"]  # an inline plugin and a worker: what a restart must bring back
+
 
 @pytest.fixture
 def plugin_path(tmp_path: Path) -> Path:
@@ -95,7 +97,7 @@ def _up(g: Any) -> bool:
 
 
 def test_missed_heartbeat_degrades_then_recovers(tmp_path: Path) -> None:
-    g = start_gateway(tmp_path / "data")
+    g = start_gateway(tmp_path / "data", env={"BKG_HEARTBEAT_TIMEOUT_S": "2"}, plugins=["sysinfo"])  # hung: 15 s
     try:
         c = g.client()
         pid = c.get("/api/plugins/sysinfo/status").json()["pid"]
@@ -114,7 +116,7 @@ def test_missed_heartbeat_degrades_then_recovers(tmp_path: Path) -> None:
 
 def test_memory_cap_restarts_worker_and_autostart_off_survives_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    g = start_gateway(data)
+    g = start_gateway(data, plugins=PAIR)
     try:
         c = g.client()
         pid = c.get("/api/plugins/sysinfo/status").json()["pid"]
@@ -127,7 +129,7 @@ def test_memory_cap_restarts_worker_and_autostart_off_survives_restart(tmp_path:
         c.put("/api/plugins/sysinfo/config", json={"config": {}, "autostart": False})
     finally:
         g.stop()
-    g2 = start_gateway(data, wait=False)
+    g2 = start_gateway(data, wait=False, plugins=PAIR)
     try:
         wait_for(lambda: _up(g2), 60)
         c = g2.client()

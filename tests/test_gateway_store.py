@@ -91,7 +91,7 @@ def test_second_gateway_on_same_dir_refused(gw: Any) -> None:
 
 def test_sigterm_stops_cleanly_and_connect_starts_one(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    g = start_gateway(data)
+    g = start_gateway(data, plugins=PLUGINS)
     state = json.loads((data / "gateway.json").read_text())
     assert state["pid"] == g.proc.pid
     worker = g.client().get("/api/plugins/sysinfo/status").json()["pid"]

@@ -23,7 +23,7 @@ ASK = [{"role": "user", "content": "Name three colours."}]
 
 @pytest.fixture(scope="module")
 def llm_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = start_gateway(tmp_path_factory.mktemp("llm") / "data")
+    g = start_gateway(tmp_path_factory.mktemp("llm") / "data", plugins=["llmserver"])
     yield g
     g.stop()
 
@@ -286,7 +286,7 @@ def test_scopes(llm_gw: Gateway) -> None:
 
 def test_upstream_points_at_another_openai_server(llm_gw: Gateway, tmp_path: Path) -> None:
     """A second gateway whose llmserver forwards to the first one's /v1 (as it would to vLLM)."""
-    b = start_gateway(tmp_path / "b-data")
+    b = start_gateway(tmp_path / "b-data", plugins=["llmserver"])
     try:
         cb = b.client()
         cfg = cb.get("/api/plugins/llmserver/config").json()["config"]

@@ -32,7 +32,7 @@ def astronaut() -> Image.Image:
 
 @pytest.fixture(scope="module")
 def fgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = start_gateway(tmp_path_factory.mktemp("faces") / "data")
+    g = start_gateway(tmp_path_factory.mktemp("faces") / "data", plugins=["rustyface"])
     roots = g.data_dir.parent / "photos"
     roots.mkdir()
     c = g.client()

@@ -82,6 +82,8 @@ class Gateway:
                 {"auth": auth, "plugin_store": plugin_store},
                 model_dir,
                 discovered=discovered if discovered is not None else discover(plugins),
+                heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                hung_restart_s=settings.hung_restart_s,
             )
             plugin_store.supervisor = supervisor
         except BaseException:

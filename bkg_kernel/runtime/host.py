@@ -408,9 +408,9 @@ class PluginHost:
                 self.add_log("INFO", time.time(), f"{self.id} stopped")
             return self.status()
 
-    def restart(self) -> dict[str, Any]:
-        """Stop, then start."""
-        self.stop()
+    def restart(self, stop_timeout: float = 10.0) -> dict[str, Any]:
+        """Stop (a worker is killed after `stop_timeout` seconds), then start."""
+        self.stop(stop_timeout)
         return self.start()
 
     def configure(self, config: dict[str, Any]) -> PluginSettings:
@@ -440,8 +440,9 @@ class PluginHost:
 
         return await self.call(("invoke", capability_id, data), inline, caller)
 
-    async def _admit(self) -> asyncio.Semaphore:
-        """Wait for a request slot (429 when the queue is full); return the semaphore to release.
+    async def _admit(self, queue_timeout: float | None) -> asyncio.Semaphore:
+        """Wait for a request slot (429 when the queue is full; 504 after `queue_timeout` seconds queued, None: no
+        limit); return the semaphore to release.
 
         A plugin that is still starting (a worker importing its libraries) is waited for, not refused.
         """
@@ -458,20 +459,28 @@ class PluginHost:
             raise TooManyRequests(f"plugin {self.id!r} has {tel.queue_depth} requests queued (max_queue {s.max_queue})")
         tel.queue_depth += 1
         try:
-            await sem.acquire()
+            await asyncio.wait_for(sem.acquire(), queue_timeout)
+        except TimeoutError:
+            raise Timeout(
+                f"plugin {self.id!r} had no free request slot for {queue_timeout:g}s (max_concurrent "
+                f"{s.max_concurrent} busy): the request was not run"
+            ) from None
         finally:
             tel.queue_depth -= 1
         return sem
 
-    async def stream(self, capability_id: str, data: Any, caller: Principal) -> AsyncGenerator[Any, None]:
+    async def stream(
+        self, capability_id: str, data: Any, caller: Principal, *, queued: bool = False
+    ) -> AsyncGenerator[Any, None]:
         """Run a streaming capability as `caller` within the plugin's limits; yield its chunks.
 
-        `request_timeout` bounds the wait for each chunk. Closing the iterator early (the client went away)
-        cancels the work in the plugin at once and frees the slot.
+        `request_timeout` bounds the wait for a request slot and then for each chunk; a background job
+        (`queued`) waits for its slot as long as it takes, like a batch queue. Closing the iterator early (the
+        client went away) cancels the work in the plugin at once and frees the slot.
         """
         if self.cls is None or capability_id not in self.cls.capabilities():
             raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
-        sem = await self._admit()
+        sem = await self._admit(None if queued else self.settings.request_timeout)
         s, tel = self.settings, self.telemetry
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
@@ -535,9 +544,11 @@ class PluginHost:
         A request that times out answers 504 at once, but its slot stays taken until the plugin really finishes
         the work (a plugin cannot be interrupted mid-call): `max_concurrent` bounds the work running, not only the
         requests waiting. Its grant ends at the timeout, so the abandoned work can no longer reach the store."""
-        sem = await self._admit()
+        asked = time.perf_counter()
+        sem = await self._admit(self.settings.request_timeout)
         s, tel = self.settings, self.telemetry
         t0 = time.perf_counter()
+        left = max(0.001, s.request_timeout - (t0 - asked))  # the wait for a slot counts against the timeout
         tel.in_flight += 1
         error: str | None = None
         work: Future[Any] | None = None
@@ -548,7 +559,7 @@ class PluginHost:
                 work = _INLINE_POOL.submit(contextvars.copy_context().run, inline, self.plugin)
             else:
                 raise Unavailable(f"plugin {self.id!r} is {self.state}")
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(work)), s.request_timeout)
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(work)), left)
         except TimeoutError:
             error = f"timed out after {s.request_timeout:g}s"
             if work is not None and self.worker is not None:

@@ -16,8 +16,8 @@ from bkg_kernel.runtime.discovery import Discovered, RegistryFile, discover
 from bkg_kernel.runtime.host import Emit, PluginHost
 
 log = logging.getLogger("bkg.supervisor")
-HEARTBEAT_TIMEOUT_S = 5.0
-DEGRADED_RESTART_S = 15.0  # silent this long (three heartbeat timeouts): the worker is restarted
+HEARTBEAT_TIMEOUT_S = 5.0  # the defaults of settings.heartbeat_timeout_s and hung_restart_s
+HUNG_RESTART_S = 15.0  # silent this long (three heartbeat timeouts): the worker is killed and started again
 SAMPLE_EVERY_S = 2.0
 BACKOFF_MAX_S = 30.0
 
@@ -33,8 +33,11 @@ class Supervisor:
         services: dict[str, Any] | None = None,
         model_dir: Path | None = None,
         discovered: dict[str, Discovered] | None = None,
+        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        hung_restart_s: float = HUNG_RESTART_S,
     ) -> None:
         self.data_dir = data_dir
+        self.heartbeat_timeout_s, self.hung_restart_s = heartbeat_timeout_s, max(hung_restart_s, heartbeat_timeout_s)
         self.registry = RegistryFile(data_dir / "plugins.json")
         self.emit = emit
         self.hosts: dict[str, PluginHost] = {
@@ -119,22 +122,22 @@ class Supervisor:
             return
         if w is not None and h.state in ("running", "degraded"):
             silent = now - w.last_beat
-            if silent > DEGRADED_RESTART_S and h.id not in self._restarting:
+            if silent > self.hung_restart_s and h.id not in self._restarting:
                 self._restarting.add(h.id)
-                h.add_log("ERROR", time.time(), f"no heartbeat for {silent:.0f}s: restarting the worker")
+                h.add_log("ERROR", time.time(), f"no heartbeat for {silent:.0f}s: killing the worker and starting it")
 
                 def restart(host: PluginHost = h) -> None:
                     try:
                         host.restarts += 1
-                        host.restart()
+                        host.restart(stop_timeout=0)  # a hung worker cannot stop itself: no grace period
                     finally:
                         self._restarting.discard(host.id)
 
                 threading.Thread(target=restart, name=f"bkg-restart-{h.id}", daemon=True).start()
                 return
-            if silent > HEARTBEAT_TIMEOUT_S and h.state == "running":
+            if silent > self.heartbeat_timeout_s and h.state == "running":
                 h._set("degraded", f"no heartbeat for {silent:.0f}s")  # noqa: SLF001
-            elif silent <= HEARTBEAT_TIMEOUT_S and h.state == "degraded":
+            elif silent <= self.heartbeat_timeout_s and h.state == "degraded":
                 h._set("running")  # noqa: SLF001
             if h.state == "running" and h.telemetry.started_at and time.time() - h.telemetry.started_at > 60:
                 self._backoff.pop(h.id, None)  # healthy for a minute: the next crash restarts fast again
