@@ -135,7 +135,8 @@ QUERY = "/api/plugins/brainml/invoke/brainml.query"
         ("post", "/api/collections", {"name": "strict", "dim": True}, "dim"),
         ("post", "/api/collections/lim/query", {"vector": [1, 0], "k": True}, "k"),
         ("post", "/api/collections/lim/query", {"vector": [1, 0], "with_text": "true"}, "with_text"),
-        ("post", "/api/jobs", {"notebook": "jobs/x.ipynb", "retries": 1.0}, "retries"),
+        ("post", "/api/jobs", {"notebook": "jobs/x.ipynb", "retries": 1.5}, "retries"),
+        ("post", "/api/collections", {"name": "strict", "dim": 4.5}, "dim"),
     ],
 )  # fmt: skip
 def test_json_types_are_not_coerced(gw: Gateway, method: str, path: str, body: dict[str, Any], field: str) -> None:
@@ -145,3 +146,16 @@ def test_json_types_are_not_coerced(gw: Gateway, method: str, path: str, body: d
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"].split(".")[-1] == field, r.json()
     assert gw.client().get("/api/collections/strict").status_code == 404  # nothing was created on the way
+
+
+def test_whole_numbers_written_with_a_fraction_are_integers(gw: Gateway) -> None:
+    """JSON Schema's `integer` (the dialect of the OpenAPI 3.1 document) is any number without a fraction: 4.0 is
+    the integer 4, on the gateway's own routes and in a capability's input alike, while 4.5 stays a 422."""
+    c = gw.client()
+    r = c.post("/api/collections", json={"name": "whole", "dim": 4.0})
+    assert r.status_code == 201, r.text
+    assert c.get("/api/collections/whole").json()["dim"] == 4
+    r = c.post("/api/plugins/apikeys/invoke/apikeys.audit", json={"limit": 2.0})
+    assert r.status_code == 200 and len(r.json()["items"]) == 2, r.text
+    r = c.post("/api/plugins/apikeys/invoke/apikeys.audit", json={"limit": 2.5})
+    assert r.status_code == 422 and r.json()["error"]["field"].endswith("limit")

@@ -33,6 +33,7 @@ if typing.TYPE_CHECKING:
 from bkg_kernel.errors import NotFound, Unavailable, invalid_from_pydantic
 from bkg_kernel.runtime import calls
 from bkg_kernel.runtime.storehandle import StoreHandle
+from bkg_kernel.strict import whole_floats_only
 
 F = TypeVar("F", bound=Callable[..., Any])
 MASK = "********"
@@ -41,15 +42,21 @@ Progress = Callable[..., None]  # progress(fraction 0..1, message="")
 
 def validate_input(model: type[BaseModel], data: Any) -> BaseModel:
     """A capability's input, validated the way JSON Schema reads it: pydantic's strict JSON mode, so a JSON
-    `true` is not the number 1 and `"5"` is not an integer (its lax mode takes both); 422 naming the field.
-    Data that is not JSON (a Python caller's bytes, say) is validated in the lax Python mode instead."""
+    `true` is not the number 1 and `"5"` is not an integer (its lax mode takes both), while `4.0` is the integer 4
+    (`bkg_kernel.strict`); 422 naming the field. Data that is not JSON (a Python caller's bytes, say) is
+    validated in the lax Python mode instead."""
     data = data if data is not None else {}
     try:
         try:
             raw = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
         except TypeError:
             return model.model_validate(data)
-        return model.model_validate_json(raw, strict=True)
+        try:
+            return model.model_validate_json(raw, strict=True)
+        except ValidationError as exc:
+            if not whole_floats_only(exc):
+                raise
+            return model.model_validate_json(raw, strict=False)
     except ValidationError as exc:
         raise invalid_from_pydantic(exc, "input") from None
 

@@ -6,18 +6,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.gateway.state import gateway, need
+from bkg_kernel.strict import StrictBody
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 USERS, KEYS, AUDIT = need("admin:users"), need("admin:keys"), need("admin:audit")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # The rules the auth service enforces, stated in the schema (generated clients and fuzzers see them).
@@ -29,36 +26,36 @@ Scope = Literal[
 Password = Field(None, min_length=8, max_length=256)
 
 
-class NewUser(Strict):
+class NewUser(StrictBody):
     username: str = Field(..., pattern=NAME)
     role: str = Field("viewer", pattern=NAME, description="An existing role.")
     password: str | None = Password
 
 
-class UserPatch(Strict):
+class UserPatch(StrictBody):
     role: str | None = Field(None, pattern=NAME)
     disabled: bool | None = None
     password: str | None = Password
 
 
-class NewRole(Strict):
+class NewRole(StrictBody):
     name: str = Field(..., pattern=NAME)
     scopes: list[Scope]
     description: str = ""
 
 
-class RolePatch(Strict):
+class RolePatch(StrictBody):
     scopes: list[Scope] | None = None
     description: str | None = None
 
 
-class NewKey(Strict):
+class NewKey(StrictBody):
     name: str = Field(..., min_length=1, max_length=100)
     user_id: str | None = Field(None, description="Owner (default: the caller).")
     scopes: list[Scope] | None = Field(None, description="A subset of the owner's scopes (default: all of them).")
-    expires_in_days: float | None = Field(None, gt=0, le=3650, strict=True)  # `true` is not one day
-    expires_at: datetime | None = None
-    rate_limit_per_min: int | None = Field(None, ge=1, le=1_000_000, strict=True)
+    expires_in_days: float | None = Field(None, gt=0, le=3650)
+    expires_at: datetime | None = Field(None, strict=False)  # an ISO 8601 string, read as a time
+    rate_limit_per_min: int | None = Field(None, ge=1, le=1_000_000)
 
 
 def _scopes(scopes: list[Scope] | None) -> list[str] | None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import BadRequest, InvalidInput
@@ -22,6 +22,7 @@ from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.store import projection
 from bkg_kernel.store.index import DEFAULT_PARAMS
 from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN
+from bkg_kernel.strict import StrictBody
 
 router = APIRouter(prefix="/api/collections", tags=["collections"])
 NAME_PATTERN, EMBED_PATTERN = COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN  # the store's rules, in the schema
@@ -29,12 +30,6 @@ Name = Annotated[str, PathParam(pattern=NAME_PATTERN, description="A collection 
 SnapshotId = Annotated[str, PathParam(pattern=r"^[0-9A-Za-z][0-9A-Za-z_-]{0,63}$", description="A snapshot id.")]
 READ_SCOPE = "collections:read"
 READ, WRITE = Depends(need(READ_SCOPE)), need("collections:write")
-
-
-class Strict(BaseModel):
-    """A request body: unknown fields refused, and no lax coercion (`true` is not 1, `"5"` is not 5)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _params_by_index() -> dict[str, Any]:
@@ -50,8 +45,8 @@ def _params_by_index() -> dict[str, Any]:
     return {"allOf": rules}
 
 
-class NewCollection(Strict):
-    model_config = ConfigDict(json_schema_extra=_params_by_index())  # extra="forbid" comes from Strict
+class NewCollection(StrictBody):
+    model_config = ConfigDict(json_schema_extra=_params_by_index())  # extra="forbid" comes from StrictBody
 
     name: str = Field(..., pattern=NAME_PATTERN)
     dim: int = Field(..., ge=1, le=65536)
@@ -67,18 +62,18 @@ class NewCollection(Strict):
     )
 
 
-class CollectionPatch(Strict):
+class CollectionPatch(StrictBody):
     embed_model: str | None = Field(None, pattern=EMBED_PATTERN)
 
 
-class PointIn(Strict):
+class PointIn(StrictBody):
     id: int | str
     vector: list[float] | None = Field(None, description="Optional when the collection has an embed_model.")
     payload: dict[str, Any] | None = None
     text: str | None = None
 
 
-class Upsert(Strict):
+class Upsert(StrictBody):
     points: list[PointIn] = Field(..., max_length=100_000)
     embed_model: str | None = Field(
         None, pattern=EMBED_PATTERN, description="Embed texts of points without vectors with this model."
@@ -89,7 +84,7 @@ _UPSERT_HEAD = TypeAdapter(Upsert)
 _POINTS = TypeAdapter(list[PointIn])
 
 
-class Ids(Strict):
+class Ids(StrictBody):
     ids: list[int | str] = Field(..., max_length=100_000)
     with_vectors: bool = True
 
@@ -97,7 +92,7 @@ class Ids(Strict):
 _NONEMPTY: dict[str, Any] = {"type": "object", "minProperties": 1}  # an empty filter would match every point: refused
 
 
-class Delete(Strict):
+class Delete(StrictBody):
     model_config = ConfigDict(
         json_schema_extra={
             "oneOf": [  # exactly one of ids or filter
@@ -110,14 +105,14 @@ class Delete(Strict):
     filter: dict[str, Any] | None = None
 
 
-class Scroll(Strict):
+class Scroll(StrictBody):
     filter: dict[str, Any] | None = None
     limit: int = Field(100, ge=1, le=10_000)
     offset: int = Field(0, ge=0)
     with_vectors: bool = False
 
 
-class Count(Strict):
+class Count(StrictBody):
     filter: dict[str, Any] | None = None
 
 
@@ -125,7 +120,7 @@ _VECTOR: dict[str, Any] = {"required": ["vector"], "properties": {"vector": {"ty
 _TEXT: dict[str, Any] = {"required": ["text"], "properties": {"text": {"type": "string"}}}
 
 
-class Query(Strict):
+class Query(StrictBody):
     # the store's rules, stated: a text or a vector (a text alone is embedded with the collection's embed_model);
     # text and hybrid mode need the text
     model_config = ConfigDict(
@@ -152,7 +147,7 @@ class Query(Strict):
     explain: bool = Field(False, description="Add each hit's vector and BM25 rank and score, whatever the mode.")
 
 
-class Map(Strict):
+class Map(StrictBody):
     sample: int = Field(5000, ge=1, le=50_000, description="At most this many points, the same ones for a seed.")
     filter: dict[str, Any] | None = None
     components: int = Field(2, ge=2, le=64, description="PCA components; over 2, sent as `reduced` (for UMAP).")
@@ -160,7 +155,7 @@ class Map(Strict):
     text_chars: int = Field(200, ge=0, le=5000, description="How much of each point's text to send.")
 
 
-class Restore(Strict):
+class Restore(StrictBody):
     into: str | None = None
 
 

@@ -5,24 +5,18 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.gateway import storeops
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.store.validate import EMBED_MODEL_PATTERN
-
-
-class Strict(BaseModel):
-    """A request body: unknown fields refused, and no lax coercion (`true` is not 1, `"5"` is not 5)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+from bkg_kernel.strict import StrictBody
 
 router = APIRouter(tags=["models"])
 
 
-class EmbedRequest(Strict):
+class EmbedRequest(StrictBody):
     model: str = Field(..., pattern=EMBED_MODEL_PATTERN, description='"candle:<model>" or "llmserver:<model>"')
     input: list[Annotated[str, Field(min_length=1)]] = Field(..., min_length=1, max_length=10_000)
 
@@ -34,7 +28,7 @@ async def embed(body: EmbedRequest, request: Request, p: Annotated[Principal, De
     return {"model": body.model, "dim": int(vecs.shape[1]), "embeddings": vecs.tolist()}
 
 
-class RerankRequest(Strict):
+class RerankRequest(StrictBody):
     model: str = Field(..., pattern=r"^candle:.+$", description='"candle:<cross-encoder model>"')
     query: str = Field(..., min_length=1)
     documents: list[str] = Field(..., min_length=1, max_length=1000)

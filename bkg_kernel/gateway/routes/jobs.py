@@ -12,13 +12,14 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import NotFound, Unavailable
 from bkg_kernel.gateway.jobs import Job
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.jobs.service import MAX_TIMEOUT, JobService
+from bkg_kernel.strict import StrictBody
 
 router = APIRouter(tags=["jobs"])
 READ = Depends(need("plugins:read"))
@@ -30,20 +31,18 @@ CRON_FIELD = r"[0-9A-Za-z*?/,#-]+"
 CRON = rf"^\s*{CRON_FIELD}(\s+{CRON_FIELD}){{4}}\s*$"  # five fields; their ranges are checked by the scheduler
 
 
-class RunRequest(BaseModel):
+class RunRequest(StrictBody):
     """Run a notebook under the job roots with parameters (checked against its `parameters` cell)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
     notebook: str = Field(max_length=1000, pattern=NOTEBOOK, description="Path under a job root, e.g. jobs/x.ipynb.")
     parameters: dict[str, Any] = Field(default_factory=dict)
     timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT, description="Whole-run limit; then timed_out.")
     retries: int = Field(0, ge=0, le=10, description="Automatic re-runs after a failure or timeout.")
 
 
-class ScheduleRequest(BaseModel):
+class ScheduleRequest(StrictBody):
     """Run a notebook on a cron schedule, as the caller."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
     notebook: str = Field(max_length=1000, pattern=NOTEBOOK)
     cron: str = Field(max_length=200, pattern=CRON, description="minute hour day month weekday, e.g. '0 3 * * *'")
     timezone: str = Field("UTC", min_length=1, max_length=64, description="IANA time zone the cron is read in.")
@@ -55,10 +54,9 @@ class ScheduleRequest(BaseModel):
     enabled: bool = True
 
 
-class SchedulePatch(BaseModel):
+class SchedulePatch(StrictBody):
     """Enable or disable a schedule."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
     enabled: bool
 
 

@@ -6,23 +6,22 @@ import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.models.registry import ModelRegistry
+from bkg_kernel.strict import StrictBody
 
 router = APIRouter(tags=["models"])
 READ, WRITE = Depends(need("models:read")), need("models:write")
 
 
-class NewModel(BaseModel):
+class NewModel(StrictBody):
     """Register a model: `path` (a file or folder; outside the model dir needs `import_mode`) or `url`."""
 
     model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
         json_schema_extra={
             "oneOf": [  # exactly one of path or url
                 {"required": ["path"], "properties": {"path": {"type": "string"}, "url": {"type": "null"}}},

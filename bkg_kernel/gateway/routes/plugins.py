@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput
@@ -17,12 +16,12 @@ from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.runtime.contract import validate_input
 from bkg_kernel.runtime.host import PluginHost
 from bkg_kernel.runtime.supervisor import SAMPLE_EVERY_S
+from bkg_kernel.strict import StrictBody
 
 router = APIRouter(tags=["plugins"])
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class Config(StrictBody):
     config: dict[str, Any] | None = None
     enabled: bool | None = None
     autostart: bool | None = None
