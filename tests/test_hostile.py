@@ -159,3 +159,31 @@ def test_whole_numbers_written_with_a_fraction_are_integers(gw: Gateway) -> None
     assert r.status_code == 200 and len(r.json()["items"]) == 2, r.text
     r = c.post("/api/plugins/apikeys/invoke/apikeys.audit", json={"limit": 2.5})
     assert r.status_code == 422 and r.json()["error"]["field"].endswith("limit")
+
+
+def test_numbers_past_a_bigint_are_refused_not_a_500(gw: Gateway) -> None:
+    """Found by the stateful fuzz: a scroll offset (or a map seed) past DuckDB's BIGINT was bound as is and the
+    cast failed inside DuckDB (a 500). The schema states the range, and the route refuses it naming the field."""
+    c = gw.client()
+    assert c.post("/api/collections", json={"name": "big", "dim": 2}).status_code == 201
+    for path, body, field in (
+        ("/api/collections/big/points/scroll", {"offset": 2**70}, "offset"),
+        ("/api/collections/big/points/scroll", {"offset": 2.5e20}, "offset"),
+        ("/api/collections/big/map", {"seed": -(2**64)}, "seed"),
+    ):
+        r = c.post(path, json=body)
+        assert r.status_code == 422 and r.json()["error"]["field"].split(".")[-1] == field, r.text
+    r = c.post("/api/collections/big/points/scroll", json={"offset": 2**63 - 1})
+    assert r.status_code == 200 and r.json()["points"] == []
+
+
+def test_the_store_refuses_an_offset_or_seed_it_cannot_bind(store: Any) -> None:
+    from bkg_kernel.store import projection
+
+    coll = store.create_collection("big", dim=2)
+    with pytest.raises(InvalidInput) as exc:
+        coll.scroll(offset=2**63)
+    assert exc.value.field == "offset"
+    with pytest.raises(InvalidInput) as exc:
+        projection.sample(coll, 10, seed=2**63)
+    assert exc.value.field == "seed"

@@ -30,6 +30,8 @@ from bkg_kernel.jobs.pool import Executor, LocalPool
 from bkg_kernel.jobs.webhooks import check_url, notify
 from bkg_kernel.settings import SECRET_ENV, Settings
 
+HTML_WAIT_S = 60.0  # a finished run's HTML is asked for before nbconvert wrote it: the request waits this long
+
 log = logging.getLogger("bkg.jobs")
 Emit = Callable[[str, str, dict[str, Any]], None]
 RUN_SCOPE = "jobs:run"
@@ -58,6 +60,8 @@ class JobService:
         self.gateway_url = gateway_url
         self.executor = executor
         self.live: dict[str, dict[str, Any]] = {}  # queued and running runs
+        # run id -> its HTML path (None: none came), resolved by the "html" event that follows a run's end
+        self.rendering: dict[str, asyncio.Future[str | None]] = {}
         self.kill_reason: dict[str, str] = {}
         self.dispatched: set[str] = set()  # handed to the executor, waiting for a worker or running
         self.timers: dict[str, asyncio.TimerHandle] = {}
@@ -216,6 +220,8 @@ class JobService:
             },
         }
         run["message"] = "waiting for a job worker"
+        loop = asyncio.get_running_loop()
+        self.rendering[run["id"]] = loop.create_future()
         try:
             outcome = await self.executor.run(spec, lambda ev: self._on_event(run, ev))
         finally:
@@ -223,6 +229,10 @@ class JobService:
             if timer is not None:
                 timer.cancel()
             await asyncio.to_thread(self._revoke, key_id)
+            # a render not reported in HTML_WAIT_S after the end will not come: stop waiting for it
+            loop.call_later(HTML_WAIT_S, self._rendered, run["id"], None)
+        if not outcome.get("output"):
+            self._rendered(run["id"], None)  # no output notebook: nothing is rendered
         run.update(
             cells_done=outcome.get("cells_done", run["cells_done"]),
             cells_total=outcome.get("cells_total") or run["cells_total"],
@@ -274,11 +284,18 @@ class JobService:
                 message=f"cell {ev.get('index')} {ev.get('state')}",
             )
             self._publish(run)
-        elif kind == "html" and ev.get("path"):
-            run["html_path"] = ev["path"]
-            if run["state"] in FINISHED:  # rendered after the run ended: keep the link
-                self._spawn(asyncio.to_thread(self.history.save_run, run))
-                self._publish(run)
+        elif kind == "html":
+            if ev.get("path"):
+                run["html_path"] = ev["path"]
+                if run["state"] in FINISHED:  # rendered after the run ended: keep the link
+                    self._spawn(asyncio.to_thread(self.history.save_run, run))
+                    self._publish(run)
+            self._rendered(run["id"], ev.get("path"))
+
+    def _rendered(self, run_id: str, path: str | None) -> None:
+        fut = self.rendering.pop(run_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(path)
 
     async def _finish(self, run: dict[str, Any], state: str, error: dict[str, Any] | None) -> None:
         if run.get("finished_at") is not None:
@@ -387,6 +404,10 @@ class JobService:
     async def output(self, run: dict[str, Any], kind: str) -> Path:
         """The run's output notebook (`ipynb`) or its HTML rendering (`html`)."""
         name = run["output_path"] if kind == "ipynb" else run["html_path"]
+        pending = self.rendering.get(run["id"]) if kind == "html" and not name and run["state"] in FINISHED else None
+        if pending is not None:  # rendered just after the run's end (a second or so): wait for it, not a 404
+            with contextlib.suppress(TimeoutError):
+                name = await asyncio.wait_for(asyncio.shield(pending), HTML_WAIT_S)
         if not name or not await asyncio.to_thread(Path(name).is_file):
             raise NotFound(f"job {run['id']!r} has no {kind} output (yet)", field="job_id")
         return Path(name)

@@ -177,8 +177,8 @@ class Collection:
         """Page through the points (matching a filter) in insertion order, like Qdrant's scroll."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise InvalidInput("limit must be from 1 to 10000", field="limit")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise InvalidInput("offset must be a non-negative integer", field="offset")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= validate.INT64_MAX:
+            raise InvalidInput(f"offset must be an integer from 0 to {validate.INT64_MAX}", field="offset")
         where, params = compile_filter(filter)
         with self._store._mutex:  # noqa: SLF001
             rows = self._con.execute(

@@ -21,7 +21,7 @@ from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.store import projection
 from bkg_kernel.store.index import DEFAULT_PARAMS
-from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN
+from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN, INT64_MAX
 from bkg_kernel.strict import StrictBody
 
 router = APIRouter(prefix="/api/collections", tags=["collections"])
@@ -108,7 +108,7 @@ class Delete(StrictBody):
 class Scroll(StrictBody):
     filter: dict[str, Any] | None = None
     limit: int = Field(100, ge=1, le=10_000)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=INT64_MAX)
     with_vectors: bool = False
 
 
@@ -151,7 +151,7 @@ class Map(StrictBody):
     sample: int = Field(5000, ge=1, le=50_000, description="At most this many points, the same ones for a seed.")
     filter: dict[str, Any] | None = None
     components: int = Field(2, ge=2, le=64, description="PCA components; over 2, sent as `reduced` (for UMAP).")
-    seed: int = 0
+    seed: int = Field(0, ge=-INT64_MAX - 1, le=INT64_MAX)
     text_chars: int = Field(200, ge=0, le=5000, description="How much of each point's text to send.")
 
 
