@@ -36,6 +36,10 @@ def test_openapi_schema_is_valid(gw: Any) -> None:
         assert ("202" if cap["job"] else "200") in op["responses"] and "422" in op["responses"]
     query = schemas["brainml__brainml_query__input"]["properties"]
     assert query["top_k"]["maximum"] == 1000 and query["mode"]["enum"] == ["vector", "text", "hybrid"]
+    # an empty prompt or text to embed is refused (OpenAI's 400): the schema says so
+    for cap, field in (("llm.complete", "prompt"), ("llm.embed", "input")):
+        variants = schemas[f"llmserver__{cap.replace('.', '_')}__input"]["properties"][field]["anyOf"]
+        assert {v.get("minLength") or v["items"].get("minLength") for v in variants} == {1}, variants
 
 
 def test_fuzz_finds_no_server_errors(gw: Any) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 MAX_TOKENS_CAP = 32_768
+# A text to continue or embed: an empty one is refused by the plugin with OpenAI's 400 (not pydantic's 422), and
+# the schema says so, so that generated clients and fuzzers know it.
+Text = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1})]
 
 
 class Message(BaseModel):
@@ -98,7 +101,11 @@ class ChatRequest(Sampling):
 class CompletionRequest(Sampling):
     """`llm.complete` / POST /v1/completions."""
 
-    prompt: str | list[str] = Field(..., description="Text to continue (a list must hold exactly one string).")
+    prompt: Text | list[Text] = Field(
+        ...,
+        description="Text to continue (a list must hold exactly one string).",
+        json_schema_extra={"minItems": 1, "maxItems": 1},
+    )
     echo: bool = False
     suffix: str | None = None
 
@@ -119,7 +126,9 @@ class EmbedRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    input: str | list[str] = Field(..., description="One text or a batch of texts.")
+    input: Text | list[Text] = Field(
+        ..., description="One text or a batch of texts.", json_schema_extra={"minItems": 1, "maxItems": 2048}
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
 
