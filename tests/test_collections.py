@@ -48,7 +48,7 @@ def test_recreate_after_drop_is_empty(store: Store) -> None:
         ({"name": "ok", "dim": 4, "metric": "hamming"}, "metric", "unknown metric 'hamming'"),
         ({"name": "ok", "dim": 4, "index": "lsh"}, "index", "unknown index 'lsh'"),
         ({"name": "ok", "dim": 4, "index": "hnsw", "nlist": 3}, "params", "unknown hnsw index parameter"),
-        ({"name": "ok", "dim": 4, "index": "hnsw", "m": -1}, "params.m", "non-negative"),
+        ({"name": "ok", "dim": 4, "index": "hnsw", "m": -1}, "params.m", "from 2 to 256"),
     ],
 )
 def test_bad_collection_input(store: Store, kwargs: dict, field: str, words: str) -> None:

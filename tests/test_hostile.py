@@ -187,3 +187,20 @@ def test_the_store_refuses_an_offset_or_seed_it_cannot_bind(store: Any) -> None:
     with pytest.raises(InvalidInput) as exc:
         projection.sample(coll, 10, seed=2**63)
     assert exc.value.field == "seed"
+
+
+def test_index_parameters_out_of_range_are_refused_when_the_collection_is_made(gw: Gateway) -> None:
+    """Found by the stateful fuzz: an hnsw collection made with `ef_search` past a C int was accepted, and every
+    later use of it (a snapshot, a query) was a 500 from FAISS. Each parameter's range is in the schema and
+    checked when the collection is created."""
+    c = gw.client()
+    for params, field in (({"ef_search": 2**40}, "ef_search"), ({"ef_search": 5000}, "ef_search"), ({"m": 1}, "m")):
+        r = c.post("/api/collections", json={"name": "hnswbad", "dim": 2, "index": "hnsw", "params": params})
+        assert r.status_code == 422 and r.json()["error"]["field"] == f"params.{field}", r.text
+    assert c.get("/api/collections/hnswbad").status_code == 404
+    doc = c.get("/openapi.json").json()["components"]["schemas"]["NewCollection"]
+    assert {"minimum": 1, "maximum": 4096} in [
+        rule["then"]["properties"]["params"].get("properties", {}).get("ef_search") for rule in doc["allOf"]
+    ]
+    r = c.post("/api/collections", json={"name": "hnswok", "dim": 2, "index": "hnsw", "params": {"ef_search": 4096}})
+    assert r.status_code == 201 and c.post("/api/collections/hnswok/snapshots").status_code in (200, 201)

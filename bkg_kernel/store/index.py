@@ -26,6 +26,15 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "hnsw": {"m": 32, "ef_construction": 100, "ef_search": 64},
     "ivf": {"nlist": 0, "nprobe": 16, "ivf_train_min": 10_000},
 }
+# Each index parameter's range (what FAISS takes and a sane build needs; nlist 0: chosen from the data).
+PARAM_RANGES: dict[str, tuple[int, int]] = {
+    "m": (2, 256),
+    "ef_construction": (1, 4096),
+    "ef_search": (1, 4096),
+    "nlist": (0, 65_536),
+    "nprobe": (1, 65_536),
+    "ivf_train_min": (0, 100_000_000),
+}
 # A filter that leaves at most this many points, or this small a share, is answered by exact search over
 # the matches (Qdrant's "full scan threshold"); above it a filtered HNSW / IVF search is faster and, with
 # its beam widened by the selectivity, as accurate.

@@ -16,7 +16,7 @@ from bkg_kernel.errors import AlreadyExists, InvalidInput, NotFound
 from bkg_kernel.settings import Settings, get_settings
 from bkg_kernel.store import migrations, snapshots, validate
 from bkg_kernel.store.collection import Collection
-from bkg_kernel.store.index import DEFAULT_PARAMS, meta_path
+from bkg_kernel.store.index import DEFAULT_PARAMS, PARAM_RANGES, meta_path
 from bkg_kernel.store.lock import DataDirLock
 from bkg_kernel.store.results import CollectionInfo, CollectionList, SnapshotInfo, SnapshotList
 from bkg_kernel.store.sql import scalar
@@ -126,8 +126,9 @@ class Store:
                 f"unknown {index} index parameter {sorted(unknown)[0]!r} (allowed: {allowed})", field="params"
             )
         for key, value in params.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidInput(f"{key} must be a non-negative integer", field=f"params.{key}")
+            lo, hi = PARAM_RANGES[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise InvalidInput(f"{key} must be an integer from {lo} to {hi:,}", field=f"params.{key}")
         with self._mutex:
             return self._create(name, dim, metric, index, {**DEFAULT_PARAMS[index], **params}, embed_model)
 

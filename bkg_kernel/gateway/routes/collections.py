@@ -20,7 +20,7 @@ from bkg_kernel.gateway import storeops
 from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.store import projection
-from bkg_kernel.store.index import DEFAULT_PARAMS
+from bkg_kernel.store.index import DEFAULT_PARAMS, PARAM_RANGES
 from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN, INT64_MAX
 from bkg_kernel.strict import StrictBody
 
@@ -37,7 +37,10 @@ def _params_by_index() -> dict[str, Any]:
 
     def allowed(kind: str) -> dict[str, Any]:
         names = list(DEFAULT_PARAMS[kind])
-        return {"properties": {"params": {"propertyNames": {"enum": names}} if names else {"maxProperties": 0}}}
+        if not names:
+            return {"properties": {"params": {"maxProperties": 0}}}
+        ranges = {n: {"minimum": PARAM_RANGES[n][0], "maximum": PARAM_RANGES[n][1]} for n in names}
+        return {"properties": {"params": {"propertyNames": {"enum": names}, "properties": ranges}}}
 
     rules = [{"if": {"not": {"required": ["index"]}}, "then": allowed("flat")}]
     for kind in DEFAULT_PARAMS:
@@ -52,7 +55,7 @@ class NewCollection(StrictBody):
     dim: int = Field(..., ge=1, le=65536)
     metric: Literal["cosine", "l2", "ip"] = "cosine"
     index: Literal["flat", "hnsw", "ivf"] = "flat"
-    params: dict[str, Annotated[int, Field(ge=0)]] = Field(
+    params: dict[str, Annotated[int, Field(ge=0, le=max(hi for _, hi in PARAM_RANGES.values()))]] = Field(
         default_factory=dict, description="Index parameters (hnsw: m, ef_construction, ef_search; ivf: nlist...)."
     )
     embed_model: str | None = Field(
