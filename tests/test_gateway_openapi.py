@@ -40,6 +40,15 @@ def test_openapi_schema_is_valid(gw: Any) -> None:
     for cap, field in (("llm.complete", "prompt"), ("llm.embed", "input")):
         variants = schemas[f"llmserver__{cap.replace('.', '_')}__input"]["properties"][field]["anyOf"]
         assert {v.get("minLength") or v["items"].get("minLength") for v in variants} == {1}, variants
+    # a tool is OpenAI's {"type": "function", "function": {"name": ...}}: the schema states the shape it checks
+    tool = schemas["llmserver__llm_chat__input"]["properties"]["tools"]["items"]
+    assert tool["required"] == ["function"] and tool["properties"]["function"]["required"] == ["name"]
+    r = httpx.post(
+        gw.url + "/api/plugins/llmserver/invoke/llm.chat",
+        json={"messages": [{"role": "user", "content": "hi"}], "tools": [{"function": {"name": 5}}]},
+        headers=AUTH,
+    )
+    assert r.status_code == 422 and r.json()["error"]["field"] == "input.tools", r.text
 
 
 def test_fuzz_finds_no_server_errors(gw: Any) -> None:

@@ -31,6 +31,25 @@ class Message(BaseModel):
         return "".join(str(p.get("text", "")) for p in self.content if p.get("type", "text") == "text")
 
 
+# OpenAI's tool shape, stated in the schema as `_tools` below checks it (extra keys are allowed, as OpenAI's are)
+TOOL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["function"],
+    "properties": {
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "minLength": 1},
+                "description": {"type": "string"},
+                "parameters": {"type": "object"},
+            },
+        },
+    },
+}
+
+
 class Sampling(BaseModel):
     """Sampling options shared by chat and completions."""
 
@@ -71,7 +90,7 @@ class ChatRequest(Sampling):
     response_format: dict[str, Any] | None = Field(
         None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": {...}}}'
     )
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, json_schema_extra={"items": TOOL_SCHEMA})
     tool_choice: str | dict[str, Any] | None = None
     template: str | None = Field(None, description="A named chat template from the settings instead of the GGUF's.")
 
@@ -91,7 +110,14 @@ class ChatRequest(Sampling):
     def _tools(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
         for i, t in enumerate(v or []):
             fn = t.get("function")
-            if t.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
+            if (
+                t.get("type", "function") != "function"
+                or not isinstance(fn, dict)
+                or not isinstance(fn.get("name"), str)
+                or not fn["name"]
+                or not isinstance(fn.get("parameters", {}), dict)
+                or not isinstance(fn.get("description", ""), str)
+            ):
                 raise ValueError(
                     f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}"
                 )
