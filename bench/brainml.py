@@ -15,7 +15,8 @@ Rows:
 - bkg: `brainml.query` through a real gateway (candle embeds the query with all-MiniLM-L6-v2). The chunks go in
   through the gateway's points route with the vectors below (so the corpus is embedded once per machine);
   `brainml.index` itself, embedding included, is timed against direct on a sample of documents.
-- direct: sentence-transformers + the bkg store in this process (no gateway, no worker): the floor for bkg.
+- direct: sentence-transformers + the bkg store in this process (no gateway, no worker): the floor for bkg. It
+  does the work whose answer `brainml.query` returns: the hits with their texts (`with_text`) and highlights.
 - lancedb: the same vectors and texts in LanceDB (its native FTS; hybrid = its RRF reranker).
 All three get the same vectors, computed once by sentence-transformers (cached under ~/.cache/bkg/bench).
 
@@ -48,7 +49,7 @@ from gateway_harness import ADMIN_KEY, start_gateway  # noqa: E402
 from bkg_kernel.datasets import PYDOC_QUERIES, STDLIB, python_code, python_docs, retrieval_metrics  # noqa: E402
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER  # noqa: E402
 from bkg_kernel.models.registry import ModelRegistry  # noqa: E402
-from bkg_kernel.plugins.brainml.plugin import BrainSettings, chunk  # noqa: E402
+from bkg_kernel.plugins.brainml.plugin import BrainSettings, chunk, highlights  # noqa: E402
 from bkg_kernel.plugins.candle.runners import SentenceRunner  # noqa: E402
 from bkg_kernel.store import Store  # noqa: E402
 
@@ -278,8 +279,10 @@ def make_runs(c: httpx.Client, inv: str, name: str, coll: Any, table: Any, st: A
         qv = st.encode([q], normalize_embeddings=True)[0] if mode != "text" else None
         kw = {"vector_weight": settings.vector_weight, "fusion": settings.fusion, "rrf_k": settings.rrf_k}
         kw = kw if mode == "hybrid" else {}
-        r = coll.query(qv, q if mode != "vector" else None, k=30, mode=mode, **kw)
-        return [h.payload["doc_id"] for h in r]
+        # the answer brainml.query gives: the hits with their texts and highlights
+        r = coll.query(qv, q if mode != "vector" else None, k=30, mode=mode, with_text=True, **kw)
+        answer = [{"doc_id": h.payload["doc_id"], "chunk": h.text, "marks": highlights(q, h.text or "")} for h in r]
+        return [a["doc_id"] for a in answer]
 
     def lance(q: str, mode: str) -> list[str]:
         if mode == "text":
