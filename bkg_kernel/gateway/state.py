@@ -141,6 +141,7 @@ class Gateway:
             if not token:
                 raise Unauthorized("missing credentials: send 'Authorization: Bearer <API key or session token>'")
             p = self.auth.authenticate(token)
+            request.state.principal = p  # once per request: a route that asks again (invoke does) gets this one
         if scope is not None and scope not in p.scopes:
             raise Forbidden(f"this route needs scope {scope!r}; the caller has {sorted(p.scopes)}")
         return p
