@@ -15,7 +15,7 @@ import numpy as np
 
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.store.filters import compile_filter
-from bkg_kernel.store.validate import INT64_MAX
+from bkg_kernel.store.validate import INT64_MAX, INT64_MIN
 
 if TYPE_CHECKING:
     from bkg_kernel.store.collection import Collection
@@ -28,8 +28,8 @@ def sample(c: Collection, n: int, filter: dict[str, Any] | None = None, seed: in
     """Return up to `n` points matching `filter`, the same ones for the same seed (ids, vectors, payloads, texts)."""
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLE:
         raise InvalidInput(f"sample must be from 1 to {MAX_SAMPLE}", field="sample")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not -INT64_MAX - 1 <= seed <= INT64_MAX:
-        raise InvalidInput(f"seed must be an integer from {-INT64_MAX - 1} to {INT64_MAX}", field="seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not INT64_MIN <= seed <= INT64_MAX:
+        raise InvalidInput(f"seed must be an integer from {INT64_MIN} to {INT64_MAX}", field="seed")
     where, params = compile_filter(filter)
     with c._store._mutex:  # noqa: SLF001
         con = c._con  # noqa: SLF001

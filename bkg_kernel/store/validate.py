@@ -19,7 +19,7 @@ EMBED_MODEL_PATTERN = r"^(candle|llmserver):.+$"
 _NAME = re.compile(COLLECTION_NAME_PATTERN)
 MAX_K = 1000
 _INT64 = 2**63
-INT64_MAX = _INT64 - 1  # DuckDB's BIGINT: an offset or a seed past it cannot be bound
+INT64_MIN, INT64_MAX = -_INT64, _INT64 - 1  # DuckDB's BIGINT: an offset or a seed past it cannot be bound
 
 
 EMBEDDERS = ("candle", "llmserver")

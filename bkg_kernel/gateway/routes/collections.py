@@ -21,7 +21,7 @@ from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.store import projection
 from bkg_kernel.store.index import DEFAULT_PARAMS, PARAM_RANGES
-from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN, INT64_MAX
+from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN, INT64_MAX, INT64_MIN
 from bkg_kernel.strict import StrictBody
 
 router = APIRouter(prefix="/api/collections", tags=["collections"])
@@ -154,7 +154,7 @@ class Map(StrictBody):
     sample: int = Field(5000, ge=1, le=50_000, description="At most this many points, the same ones for a seed.")
     filter: dict[str, Any] | None = None
     components: int = Field(2, ge=2, le=64, description="PCA components; over 2, sent as `reduced` (for UMAP).")
-    seed: int = Field(0, ge=-INT64_MAX - 1, le=INT64_MAX)
+    seed: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
     text_chars: int = Field(200, ge=0, le=5000, description="How much of each point's text to send.")
 
 
