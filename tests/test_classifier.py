@@ -1,15 +1,18 @@
 """brainml's classifier format without a gateway: the saved arrays predict exactly what scikit-learn predicts,
-the split never puts chunks of one document on both sides, and the registry refuses a damaged classifier."""
+the split never puts chunks of one document on both sides, the registry refuses a damaged classifier, and
+training in a child process (how the gateway trains) gives the same model, its progress, its errors, and stops
+when the job is cancelled."""
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bkg_kernel.errors import CorruptData
-from bkg_kernel.models.classifier import Classifier, split_by_group, train
+from bkg_kernel.errors import Cancelled, CorruptData, InvalidInput
+from bkg_kernel.models.classifier import Classifier, split_by_group, train, train_in_child
 from bkg_kernel.models.registry import ModelRegistry
 
 
@@ -78,3 +81,33 @@ def test_registry_detects_and_checks_classifiers(tmp_path: Path) -> None:
     (broken / "weights.npz").write_bytes(b"not an npz")
     with pytest.raises(CorruptData, match="weights.npz"):
         reg.add(broken, kind="classifier")
+
+
+def test_training_in_a_child_process_is_the_same_training() -> None:
+    x, labels, groups = blobs(3)
+    opts = {"model": "mlp", "test_split": 0.25, "epochs": 6, "hidden": 8, "seed": 3}
+    here, _ = train(x, labels, groups, progress=lambda f, m="": None, **opts)
+    seen: list[tuple[float, str]] = []
+    net, metrics = train_in_child(x, labels, groups, progress=lambda f, m="": seen.append((f, m)), **opts)
+    assert net.labels == here.labels and len(net.layers) == len(here.layers) == 2
+    for (w, b), (w0, b0) in zip(net.layers, here.layers, strict=True):
+        np.testing.assert_allclose(w, w0, rtol=1e-6)
+        np.testing.assert_allclose(b, b0, rtol=1e-6)
+    assert [f for f, _ in seen] == [(e + 1) / 6 for e in range(6)] and "epoch 6/6" in seen[-1][1]
+    assert metrics["test_examples"] > 0 and len(metrics["curve"]) == 6
+    assert not multiprocessing.active_children()
+
+
+def test_a_child_process_error_and_a_cancel_reach_the_caller() -> None:
+    x, labels, groups = blobs(2)
+    with pytest.raises(InvalidInput) as bad:
+        train_in_child(x, ["one"] * len(x), groups, progress=lambda f, m="": None, model="logistic",
+                       test_split=0.25, epochs=2, hidden=8, seed=0)  # fmt: skip
+    assert bad.value.field == "label_field" and "at least 2 labels" in bad.value.message
+
+    def cancel(f: float, m: str = "") -> None:
+        raise Cancelled("brainml.train was cancelled")
+
+    with pytest.raises(Cancelled):
+        train_in_child(x, labels, groups, progress=cancel, model="mlp", test_split=0.25, epochs=500, hidden=8, seed=0)
+    assert not multiprocessing.active_children()  # stopped at the first progress, not left to run 500 epochs

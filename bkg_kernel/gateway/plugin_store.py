@@ -141,7 +141,8 @@ class PluginStore:
     def query(self, plugin_id: str, caller: Principal, name: str, **q: Any) -> list[dict[str, Any]]:
         coll = self.store.collection(name)
         vector, text, mode = q.pop("vector"), q.pop("text"), q.pop("mode")
-        if vector is None and text:  # only an embedding goes to the event loop; the search runs on this thread
+        if vector is None and text and mode != "text":  # only an embedding goes to the event loop (text mode has
+            # none to compute); the search runs on this thread
             vector, mode = self._await(storeops.query_vector(self._sup(), caller, coll, vector, text, mode))
         results: list[dict[str, Any]] = coll.query(vector, text, mode=mode, **q).to_dict()["results"]
         return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import itertools
 import logging
@@ -236,6 +237,33 @@ class WorkerProcess:
         self.conn.close()
 
 
+async def _answer(work: Future[Any], timeout: float) -> Any:
+    """The result of `work` (a worker's or an inline thread's future), awaited on the event loop for at most
+    `timeout` seconds (then TimeoutError). The work itself is never cancelled: a plugin cannot be interrupted, and
+    its slot frees when it really ends. One hand-over to the loop per answer (`wait_for(shield(wrap_future()))`
+    chains three futures for the same)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[Any] = loop.create_future()
+
+    def deliver(done: Future[Any]) -> None:
+        if waiter.done():  # the caller timed out or went away
+            return
+        if done.cancelled():
+            waiter.cancel()
+        elif (exc := done.exception()) is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(done.result())
+
+    def wake(done: Future[Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed (shutdown): nobody waits any more
+            loop.call_soon_threadsafe(deliver, done)
+
+    work.add_done_callback(wake)
+    async with asyncio.timeout(timeout):
+        return await waiter
+
+
 def _run_inline_stream(
     plugin: Plugin,
     capability_id: str,
@@ -457,6 +485,9 @@ class PluginHost:
         sem, tel = self._sem, self.telemetry
         if sem.locked() and tel.queue_depth >= s.max_queue:
             raise TooManyRequests(f"plugin {self.id!r} has {tel.queue_depth} requests queued (max_queue {s.max_queue})")
+        if not sem.locked():  # a free slot is taken at once: no timer, no task around the acquire
+            await sem.acquire()
+            return sem
         tel.queue_depth += 1
         try:
             await asyncio.wait_for(sem.acquire(), queue_timeout)
@@ -559,7 +590,7 @@ class PluginHost:
                 work = _INLINE_POOL.submit(contextvars.copy_context().run, inline, self.plugin)
             else:
                 raise Unavailable(f"plugin {self.id!r} is {self.state}")
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(work)), left)
+            return await _answer(work, left)
         except TimeoutError:
             error = f"timed out after {s.request_timeout:g}s"
             if work is not None and self.worker is not None:
