@@ -12,9 +12,10 @@ chunks (nDCG@10, recall@10):
   docstring (`python_code`, CodeSearchNet's construction: labelled by the code's authors, not by us).
 
 Rows:
-- bkg: `brainml.query` through a real gateway (candle embeds the query with all-MiniLM-L6-v2). The chunks go in
-  through the gateway's points route with the vectors below (so the corpus is embedded once per machine);
-  `brainml.index` itself, embedding included, is timed against direct on a sample of documents.
+- bkg: `brainml.query` through a real gateway, asked the way a notebook asks (`wb.brain.query`, bkg's client);
+  candle embeds the query with all-MiniLM-L6-v2. The chunks go in through the gateway's points route with the
+  vectors below (so the corpus is embedded once per machine); `brainml.index` itself (`wb.brain.index`),
+  embedding included, is timed against direct on a sample of documents.
 - direct: sentence-transformers + the bkg store in this process (no gateway, no worker): the floor for bkg. It
   does the work whose answer `brainml.query` returns: the hits with their texts (`with_text`) and highlights.
 - lancedb: the same vectors and texts in LanceDB (its native FTS; hybrid = its RRF reranker).
@@ -46,6 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from gateway_harness import ADMIN_KEY, start_gateway  # noqa: E402
 
+from bkg_kernel.client import Workbench  # noqa: E402
 from bkg_kernel.datasets import PYDOC_QUERIES, STDLIB, python_code, python_docs, retrieval_metrics  # noqa: E402
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER  # noqa: E402
 from bkg_kernel.models.registry import ModelRegistry  # noqa: E402
@@ -210,19 +212,18 @@ def main() -> None:
     # -- indexing speed: the same documents through bkg and directly, interleaved rounds, best of each ---------
     gw = start_gateway(work / "data", env={"BKG_MODEL_DIR": str(work / "models")})
     c = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=1200)
-    inv = "/api/plugins/brainml/invoke/"
+    wb = Workbench(gw.url, ADMIN_KEY, timeout=1200)  # what a notebook holds after bkg.connect()
     chunking = {"size": args.chunk, "overlap": args.overlap}
     sample = docs[:: max(1, len(docs) // args.rate_docs)][: args.rate_docs]
     sample_points = [p for p in points["docstrings"] if p["payload"]["doc_id"] in {d["id"] for d in sample}]
     speed: dict[str, dict[str, float]] = {}
     try:
-        c.post(inv + "brainml.index", json={"collection": "warm", "documents": [{"text": "warm up"}]})
+        wb.brain.index("warm", [{"text": "warm up"}])
         st.encode(["warm up"])
         for rnd in range(args.rounds):
             t0 = time.perf_counter()
             for a in range(0, len(sample), args.batch_docs):
-                body = {"collection": f"rate{rnd}", "documents": sample[a : a + args.batch_docs], "chunking": chunking}
-                c.post(inv + "brainml.index", json=body).raise_for_status()
+                wb.brain.index(f"rate{rnd}", sample[a : a + args.batch_docs], chunking=chunking)
             took = time.perf_counter() - t0
             if took < speed.setdefault("bkg", {"index_s": float("inf")})["index_s"]:
                 speed["bkg"] = {"index_s": took, "docs_s": len(sample) / took, "chunks_s": len(sample_points) / took}
@@ -253,27 +254,44 @@ def main() -> None:
             coll = direct_store.create_collection(name, dim=vv.shape[1])
             coll.upsert([{**p, "vector": x} for p, x in zip(pts, vv, strict=True)], progress=False)
             table = lance_table(work, name, pts, vv)
-            systems = make_runs(c, inv, name, coll, table, st, settings)
+            systems = make_runs(wb, name, coll, table, st, settings)
             for mode in args.modes.split(","):
                 runs = {s: fn for s, fn in systems.items() if s == "bkg" or mode in ("vector", "text", "hybrid")}
                 for system, r in evaluate(runs, mode, queries, args.repeat).items():
                     rows.setdefault(name, {}).setdefault(system, {})[mode] = r
         direct_store.close()
+        rows["client"] = client_share(c, wb, corpora["code"][1], args.repeat)
     finally:
         gw.stop()
     report(rows, corpora, points, len(sample), len(sample_points), args.rounds, settings)
 
 
-def make_runs(c: httpx.Client, inv: str, name: str, coll: Any, table: Any, st: Any, settings: Any) -> dict[str, Any]:
+def client_share(c: httpx.Client, wb: Workbench, queries: Queries, repeat: int) -> dict[str, dict[str, float]]:
+    """The same `brainml.query` (code corpus) sent by bkg's client and by httpx, interleaved: the client's share."""
+    lat: dict[str, dict[str, list[float]]] = {}
+    for mode in ("text", "vector"):
+        body = {"collection": "code", "top_k": 30, "mode": mode}
+        t = lat[mode] = {"bkg client": [], "httpx": []}
+        for _ in range(repeat):
+            for q, _ in queries:
+                t0 = time.perf_counter()
+                wb.brain.query("code", q, top_k=30, mode=mode)
+                t1 = time.perf_counter()
+                r = c.post("/api/plugins/brainml/invoke/brainml.query", json={**body, "query": q})
+                r.raise_for_status()
+                r.json()
+                t["bkg client"].append((t1 - t0) * 1000)
+                t["httpx"].append((time.perf_counter() - t1) * 1000)
+    return {mode: {k: statistics.median(v) for k, v in t.items()} for mode, t in lat.items()}
+
+
+def make_runs(wb: Workbench, name: str, coll: Any, table: Any, st: Any, settings: Any) -> dict[str, Any]:
     """Each system's `run(query, mode) -> ranked doc ids` over one corpus."""
 
     def bkg(q: str, mode: str) -> list[str]:
-        body: dict[str, Any] = {"collection": name, "query": q, "top_k": 30, "mode": mode.split("+")[0]}
-        if mode.endswith("rerank"):
-            body["rerank"] = True
-        r = c.post(inv + "brainml.query", json=body)
-        r.raise_for_status()
-        return [h["doc_id"] for h in r.json()["results"]]
+        opts = {"rerank": True} if mode.endswith("rerank") else {}
+        r = wb.brain.query(name, q, top_k=30, mode=mode.split("+")[0], **opts)
+        return [h["doc_id"] for h in r["results"]]
 
     def direct(q: str, mode: str) -> list[str]:  # brainml's defaults for the fusion
         qv = st.encode([q], normalize_embeddings=True)[0] if mode != "text" else None
@@ -331,6 +349,12 @@ def report(
             f"| {name} | {r['index_s']:.0f} | {r['docs_s']:.1f} | {r['chunks_s']:.1f} | "
             f"{r['docs_s'] / speed['direct']['docs_s']:.2f}x |"
         )
+    print()
+    print("The client's share: the same brainml.query (code corpus) sent by bkg's client and by httpx, interleaved")
+    print("| mode | bkg client p50 ms | httpx p50 ms | httpx vs bkg client |")
+    print("|---|---|---|---|")
+    for mode, r in rows["client"].items():
+        print(f"| {mode} | {r['bkg client']:.1f} | {r['httpx']:.1f} | {r['httpx'] / r['bkg client']:.2f}x |")
     for corpus, (docs, queries) in corpora.items():
         print()
         print(

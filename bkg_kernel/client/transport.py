@@ -1,28 +1,188 @@
-"""The HTTP layer between a client and a bkg gateway: one error decoder, one SSE parser, one request helper.
+"""The HTTP layer between a client and a bkg gateway: one connection pool, one error decoder, one SSE parser.
 
 Every error the gateway sends has one JSON shape, `{"error": {"status", "code", "message", "field"?}}`;
 `raise_for_error` turns it back into the `BkgError` subclass its code names (`errors.from_dict`). Streams are
 server-sent events whose `data:` lines carry JSON, end with `[DONE]`, and carry an error the same way.
+
+`Http` is a keep-alive client on the standard library's `http.client`, with a small pool any thread may share. A
+notebook call is one small request after another to one local gateway, where httpx's own layers cost more than
+the request itself: a round trip here is ~0.5 ms shorter (bench/README.md, "The client's share").
 """
 
 from __future__ import annotations
 
+import http.client
 import json
-from collections.abc import Iterable, Iterator
-from typing import Any
-
-import httpx
+import select
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Protocol
+from urllib.parse import urlencode, urlsplit
 
 from bkg_kernel.errors import Unavailable, from_dict
 
+POOL_SIZE = 8  # idle connections kept per client
 
-def raise_for_error(r: httpx.Response) -> None:
-    """Raise the gateway's JSON error of a 4xx / 5xx response as its BkgError (nothing for a success)."""
+
+class _Answer(Protocol):
+    status_code: int
+    reason_phrase: str
+
+    def read(self) -> bytes: ...
+
+
+class Response:
+    """One answer of the gateway: status, headers, and the body (read at once, or line by line for a stream)."""
+
+    def __init__(self, raw: http.client.HTTPResponse, done: Any) -> None:
+        self.raw, self._done = raw, done
+        self.status_code = raw.status
+        self.reason_phrase = raw.reason or ""
+        self.headers = raw.headers
+        self._content: bytes | None = None
+
+    def read(self) -> bytes:
+        """The whole body (read once, then kept); the connection goes back to the pool."""
+        if self._content is None:
+            try:
+                self._content = self.raw.read()
+            finally:
+                self._done(reusable=self._content is not None)
+        return self._content
+
+    @property
+    def content(self) -> bytes:
+        return self.read()
+
+    @property
+    def text(self) -> str:
+        return self.read().decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.read())
+
+    def iter_lines(self) -> Iterator[str]:
+        """The body's lines as they arrive (a server-sent event stream), without their line ends."""
+        while line := self.raw.readline():
+            yield line.rstrip(b"\r\n").decode("utf-8", errors="replace")
+        self._content = b""  # read to the end: the connection can serve the next request
+        self._done(reusable=True)
+
+    def close(self) -> None:
+        """End the answer; a stream left half-read closes its connection (the pool opens another)."""
+        if self._content is None:
+            self._done(reusable=False)
+
+
+class Http:
+    """Requests to one gateway (`base_url`, which may carry a path prefix, e.g. a JupyterHub service's) with the
+    client's headers, over kept-alive connections that any thread may share."""
+
+    def __init__(self, base_url: str, headers: Mapping[str, str] | None = None, timeout: float = 120.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        parts = urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self._https, self._host, self._port = parts.scheme == "https", parts.hostname, parts.port
+        self._prefix = parts.path.rstrip("/")
+        self.headers = {"Accept": "*/*", "User-Agent": "bkg-client", **(headers or {})}
+        self.timeout = timeout
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Http({self.base_url!r})"
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.sock is not None and not select.select([conn.sock], [], [], 0)[0]:
+                    conn.sock.settimeout(timeout)  # idle and still open (readable would mean closed by the server)
+                    return conn
+                conn.close()
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=timeout)
+
+    def _release(self, conn: http.client.HTTPConnection, raw: http.client.HTTPResponse, reusable: bool) -> None:
+        if reusable and not raw.will_close:
+            with self._lock:
+                if len(self._idle) < POOL_SIZE:
+                    self._idle.append(conn)
+                    return
+        conn.close()
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Response:
+        target = self._prefix + path
+        if params:
+            target += ("&" if "?" in target else "?") + urlencode({k: v for k, v in params.items() if v is not None})
+        headers, body = self.headers, None
+        if json is not None:
+            body = _dumps(json)
+            headers = {**headers, "Content-Type": "application/json"}
+        conn = self._connection(timeout or self.timeout)
+        try:
+            conn.request(method, target, body=body, headers=headers)
+            raw = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise unreachable(self, exc) from None
+        released = False
+
+        def done(reusable: bool) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._release(conn, raw, reusable)
+
+        return Response(raw, done)
+
+    def request(self, method: str, path: str, **kw: Any) -> Response:
+        """Send one request and read its whole answer."""
+        r = self._send(method, path, **kw)
+        try:
+            r.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise unreachable(self, exc) from None
+        return r
+
+    @contextmanager
+    def stream(self, method: str, path: str, **kw: Any) -> Iterator[Response]:
+        """Send one request and hand over its answer unread (`iter_lines`)."""
+        r = self._send(method, path, **kw)
+        try:
+            yield r
+        finally:
+            r.close()
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _dumps(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def raise_for_error(r: _Answer) -> None:
+    """Raise the gateway's JSON error of a 4xx / 5xx response (ours, or an httpx one) as its BkgError."""
     if r.status_code < 400:
         return
     try:
         content = r.read()  # a streamed response has not read its body yet
-    except httpx.StreamError:  # the caller consumed it: only the status is left
+    except Exception:  # the caller consumed it (httpx.StreamError, a closed stream): only the status is left
         content = b""
     try:
         body = json.loads(content) if content else None
@@ -52,35 +212,32 @@ def iter_sse(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
         yield event
 
 
-def decode(r: httpx.Response) -> Any:
+def decode(r: Response) -> Any:
     """Return a response's JSON body, or its text when it is not JSON."""
-    is_json = r.headers.get("content-type", "").startswith("application/json")
+    is_json = (r.headers.get("content-type") or "").startswith("application/json")
     return r.json() if r.content and is_json else r.text
 
 
-def request(http: httpx.Client, method: str, path: str, **kw: Any) -> Any:
+def request(client: Http, method: str, path: str, **kw: Any) -> Any:
     """Send one request and return its decoded body; an error response raises its BkgError."""
-    try:
-        r = http.request(method, path, **kw)
-    except httpx.TransportError as exc:
-        raise unreachable(http, exc) from None
+    r = client.request(method, path, **kw)
     raise_for_error(r)
     return decode(r)
 
 
-def stream(http: httpx.Client, method: str, path: str, **kw: Any) -> Iterator[dict[str, Any]]:
+def stream(client: Http, method: str, path: str, **kw: Any) -> Iterator[dict[str, Any]]:
     """Send one request and yield the JSON events of its SSE answer as they come."""
-    try:
-        with http.stream(method, path, **kw) as r:
-            raise_for_error(r)
+    with client.stream(method, path, **kw) as r:
+        raise_for_error(r)
+        try:
             yield from iter_sse(r.iter_lines())
-    except httpx.TransportError as exc:
-        raise unreachable(http, exc) from None
+        except (OSError, http.client.HTTPException) as exc:  # the gateway went away mid-stream
+            raise unreachable(client, exc) from None
 
 
-def unreachable(http: httpx.Client, exc: Exception) -> Unavailable:
+def unreachable(client: Http, exc: Exception) -> Unavailable:
     """The error for a gateway that does not answer: it names the URL."""
-    return Unavailable(f"cannot reach the bkg gateway at {str(http.base_url).rstrip('/')}: {exc}")
+    return Unavailable(f"cannot reach the bkg gateway at {client.base_url}: {exc or type(exc).__name__}")
 
 
 def _with_end(lines: Iterable[str]) -> Iterator[str]:

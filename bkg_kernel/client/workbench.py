@@ -32,7 +32,7 @@ class Workbench:
         self.url = url.rstrip("/")
         self.api_key = api_key
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.http = transport.Http(self.url, headers, timeout)
 
     def __repr__(self) -> str:
         return f"Workbench({self.url!r})"
