@@ -201,6 +201,14 @@ def _codes() -> dict[str, type[BkgError]]:
     return found
 
 
+def error_data(exc: BaseException, code: str = "plugin_error") -> dict[str, Any]:
+    """The JSON error body (inner dict) of an exception raised across a process boundary: a `BkgError`'s own,
+    anything else a 500 with `code` and the exception's type and message."""
+    if isinstance(exc, BkgError):
+        return exc.to_dict()["error"]
+    return {"status": 500, "code": code, "message": f"{type(exc).__name__}: {exc}"}
+
+
 def from_dict(data: dict[str, Any], *, status: int = 500) -> BkgError:
     """Rebuild the error of a JSON error body (`{"error": {...}}` or its inner dict): the class its code names,
     or a `RemoteError` that keeps the status and code; `status` is the fallback (the HTTP status)."""

@@ -6,7 +6,7 @@ server-sent events whose `data:` lines carry JSON, end with `[DONE]`, and carry 
 
 `Http` is a keep-alive client on the standard library's `http.client`, with a small pool any thread may share. A
 notebook call is one small request after another to one local gateway, where httpx's own layers cost more than
-the request itself: a round trip here is ~0.5 ms shorter (bench/README.md, "The client's share").
+the request itself: a round trip here is ~0.8 ms shorter (bench/README.md, "The client's share").
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bkg_kernel.errors import BkgError, CorruptData, InvalidInput, from_dict
+from bkg_kernel.errors import BkgError, CorruptData, InvalidInput, error_data, from_dict
 
 FORMAT = "bkg-classifier/1"
 Progress = Callable[..., None]
@@ -221,9 +221,7 @@ def _train_child(conn: Any, x: np.ndarray, labels: list[str], groups: list[str],
     try:
         net, metrics = train(x, labels, groups, progress=lambda f, m="": conn.send(("progress", f, m)), **opts)
         conn.send(("done", net, metrics))
-    except BkgError as exc:
-        conn.send(("error", exc.to_dict()["error"]))
     except Exception as exc:
-        conn.send(("error", {"status": 500, "code": "training_failed", "message": f"{type(exc).__name__}: {exc}"}))
+        conn.send(("error", error_data(exc, code="training_failed")))
     finally:
         conn.close()

@@ -27,6 +27,7 @@ from bkg_kernel.errors import (
     TooManyRequests,
     Unauthorized,
     Unavailable,
+    error_data,
     from_dict,
     invalid_from_pydantic,
 )
@@ -139,7 +140,7 @@ class WorkerProcess:
         try:
             reply: tuple[Any, ...] = ("store_result", store_id, True, self.host.store_op(caller, op, args))
         except Exception as exc:
-            reply = ("store_result", store_id, False, worker.error_data(exc))
+            reply = ("store_result", store_id, False, error_data(exc))
         self._send(reply)
 
     def _send(self, msg: tuple[Any, ...]) -> bool:
@@ -280,7 +281,7 @@ def _run_inline_stream(
                 sink(("chunk", chunk))
         sink(("end", True, None))
     except Exception as exc:
-        sink(("end", False, worker.error_data(exc)))
+        sink(("end", False, error_data(exc)))
 
 
 class PluginHost:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bkg_kernel.auth.principal import Principal
-from bkg_kernel.errors import BkgError, Unavailable, from_dict
+from bkg_kernel.errors import BkgError, Unavailable, error_data, from_dict
 from bkg_kernel.runtime import calls
 from bkg_kernel.runtime.storehandle import StoreHandle
 
@@ -42,13 +42,6 @@ class _PipeLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):  # the pipe is gone: the parent will notice the exit
             self.send(("log", record.levelname, record.created, self.format(record)))
-
-
-def error_data(exc: BaseException) -> dict[str, Any]:
-    """Return the JSON error body of an exception raised by a plugin."""
-    if isinstance(exc, BkgError):
-        return exc.to_dict()["error"]
-    return {"status": 500, "code": "plugin_error", "message": f"{type(exc).__name__}: {exc}"}
 
 
 def _call(data: dict[str, Any] | None) -> calls.Call | None:
