@@ -9,10 +9,33 @@ from pathlib import Path
 
 import pytest
 
-# Model registries written by tests (and plugins run in-process) go to a scratch dir, never the repo's models/.
-os.environ.setdefault("BKG_MODEL_DIR", tempfile.mkdtemp(prefix="bkg-test-models-"))
+# Model registries written by tests (and plugins run in-process) go to a scratch dir, never the repo's models/: one
+# per pytest-xdist worker (`make test` runs two), which would otherwise inherit the controller's.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    os.environ["BKG_MODEL_DIR"] = tempfile.mkdtemp(prefix=f"bkg-test-models-{_WORKER}-")
+    # Each worker's model runtimes (torch, llama.cpp, numpy / faiss, numba) get their share of the cores: two workers
+    # each spinning as many threads as there are cores took 20% more CPU and stretched a llama.cpp test 29 s -> 194 s.
+    _share = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_var, _share)
+else:
+    os.environ.setdefault("BKG_MODEL_DIR", tempfile.mkdtemp(prefix="bkg-test-models-"))
 
-from bkg_kernel.store import Store
+from bkg_kernel.store import Store  # noqa: E402 (after BKG_MODEL_DIR is set)
+
+# The test files that take longest (seconds on two cores, `--durations=0` of a whole run), started first so that
+# two workers finish together (`make test`: --dist loadfile --no-loadscope-reorder); the others keep their order.
+LONGEST_FIRST = {
+    "test_dashboards.py": 315, "test_pictures.py": 200, "test_brainml_learning.py": 180, "test_jobs.py": 88,
+    "test_repoagent.py": 88, "test_cli.py": 77, "test_jupyterhub.py": 73, "test_candle.py": 65, "test_run.py": 63,
+    "test_lab_extension.py": 62, "test_notebooks.py": 58, "test_gateway_openapi.py": 57, "test_login.py": 46,
+    "test_llmserver.py": 43, "test_durability.py": 39, "test_no_stall.py": 38, "test_gateway_runtime.py": 36,
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: -LONGEST_FIRST.get(item.path.name, 0))  # stable: a file's tests keep their order
 
 
 @pytest.fixture

@@ -228,7 +228,9 @@ def test_the_browser_logs_in_through_the_hub_and_a_users_server_acts_as_them(hub
             page.locator("text=Logged in as").wait_for(timeout=60_000)
             assert "dev@hub" in page.content() and "(developer)" in page.content()
             # a dashboard in dev's own server: its kernel's bkg.connect() acts as dev, through dev's Hub token
-            page.goto(hub.url + "/user/dev/voila/render/dashboards/overview.ipynb")
+            # Voila answers once the notebook has run (a kernel start and the overview's cells): more than 30 s on a
+            # busy machine
+            page.goto(hub.url + "/user/dev/voila/render/dashboards/overview.ipynb", timeout=120_000)
             page.locator("text=Logged in as").wait_for(timeout=120_000)
             assert "dev@hub" in page.content() and page.locator("input[type=password]").count() == 0  # no login box
             page.screenshot(path=str(ARTIFACTS / "hub-dashboard-overview.png"), full_page=True)

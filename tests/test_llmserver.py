@@ -337,3 +337,15 @@ def test_load_unload_keep_alive_and_memory_budget(llm_gw: Gateway) -> None:
     assert r.status_code == 503 and "memory budget" in r.json()["error"]["message"]
     c.put("/api/plugins/llmserver/config", json={"config": cfg}).raise_for_status()
     assert c.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 2}).status_code == 200
+
+
+def test_llama_threads_follow_omp_num_threads_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bkg_kernel.plugins.llmserver.pool import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3  # the one variable that bounds torch, numpy and faiss bounds llama.cpp too
+    for unset in ("", "many"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unset)
+        assert default_threads() == (os.cpu_count() or 1)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == (os.cpu_count() or 1)

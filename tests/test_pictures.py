@@ -183,7 +183,10 @@ def test_the_explorer_draws_20000_points_with_hover_selection_and_neighbours(bro
     page.screenshot(path=str(ARTIFACTS / "explorer-hover.png"))
     # a click on a point: its neighbours
     page.mouse.click(x, y)
-    page.locator("text=Nearest neighbours of").wait_for(timeout=30_000)
+    picked = page.locator("text=/^[0-9]+ selected/").first  # the kernel heard the click (a busy machine: seconds)
+    picked.wait_for(timeout=60_000)
+    assert picked.inner_text().startswith("1 selected"), picked.inner_text()
+    page.locator("text=Nearest neighbours of").wait_for(timeout=60_000)
     assert page.locator(".bkg-map-neighbours tr").count() == 11  # a header and ten neighbours
     # a box selection lists points
     page.locator(".bk-tool-icon-box-select").first.click()

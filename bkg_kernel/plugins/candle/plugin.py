@@ -50,7 +50,7 @@ class CandleSettings(PluginSettings):
     max_concurrent: int = Field(1, ge=1, le=16, description="Requests run at once (torch uses every core).")
     request_timeout: float = Field(600.0, gt=0, le=3600, description="Seconds a request may take.")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: the GPU when torch sees one.")
-    threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: all cores).")
+    threads: int | None = Field(None, ge=1, le=256, description="torch threads (default OMP_NUM_THREADS or all cores).")
     preload: list[str] = Field(default_factory=list, description="Models to load when the plugin starts.")
 
 

@@ -52,7 +52,7 @@ class LLMSettings(PluginSettings):
         None, description="Model for embeddings; default: the first gguf-embedding model, else the default model."
     )
     n_ctx: int = Field(2048, ge=128, le=131_072, description="Context length per slot (capped at the model's).")
-    n_threads: int | None = Field(None, ge=1, le=256, description="CPU threads (default: all cores).")
+    n_threads: int | None = Field(None, ge=1, le=256, description="Threads (default: OMP_NUM_THREADS or all cores).")
     n_batch: int = Field(512, ge=8, le=8192, description="Prompt tokens evaluated per batch.")
     memory_budget_mb: int = Field(4096, ge=64, description="Loaded models (weights + KV caches) stay under this.")
     keep_alive: float = Field(300.0, ge=-1, description="Seconds an idle model stays loaded; -1 forever, 0 unload.")

@@ -90,7 +90,7 @@ class ModelPool:
         from llama_cpp import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_UNSPECIFIED, Llama
 
         s = self.settings
-        threads = s.n_threads or os.cpu_count() or 1
+        threads = s.n_threads or default_threads()
         pooling = LLAMA_POOLING_TYPE_UNSPECIFIED
         if m.embedding and self.registry.get(m.model_id).kind == "gguf-llm":
             pooling = LLAMA_POOLING_TYPE_MEAN  # a decoder used for embeddings: mean of its token states
@@ -265,3 +265,12 @@ def _token_text(llm: Any, token: int) -> str:
     if token < 0:
         return ""
     return str(llm._model.token_get_text(token))  # noqa: SLF001 - llama-cpp-python exposes no public getter
+
+
+def default_threads() -> int:
+    """llama.cpp's threads when `n_threads` is unset: OMP_NUM_THREADS when set (the variable torch, numpy, faiss and
+    scikit-learn already honour, so one setting bounds every model runtime on a shared machine), else every core."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return os.cpu_count() or 1
