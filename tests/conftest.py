@@ -34,8 +34,30 @@ LONGEST_FIRST = {
 }  # fmt: skip
 
 
+# The files that start Jupyter kernels (Voila, JupyterLab, papermill, the Hub's servers) run on one worker, one after
+# another: a kernel's ports are picked free, then bound by the kernel a second later, and two kernel launchers at
+# once took each other's ports ("Address already in use", the kernel died).
+STARTS_KERNELS = {
+    "test_dashboards.py", "test_pictures.py", "test_jobs.py", "test_jupyterhub.py", "test_run.py",
+    "test_lab_extension.py", "test_notebooks.py",
+}  # fmt: skip
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: -LONGEST_FIRST.get(item.path.name, 0))  # stable: a file's tests keep their order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """`--dist loadfile`, with the files that start kernels as one unit of work."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class KernelFilesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "jupyter-kernels" if Path(file).name in STARTS_KERNELS else file
+
+    return KernelFilesTogether(config, log)
 
 
 @pytest.fixture
