@@ -85,6 +85,8 @@ def dashboards_cmd(port: int, folder: Path) -> list[str]:
         sys.executable, "-m", "voila", str(folder), f"--port={port}", "--Voila.ip=127.0.0.1", "--no-browser",
         "--show_tracebacks=False", "--strip_sources=True", "--preheat_kernel=True", "--pool_size=1",
         "--theme=light", "--VoilaConfiguration.allow_theme_override=YES", "--template=bkg",
+        # kernels over Unix sockets, not TCP ports that another process may take between their pick and their bind
+        "--KernelManager.transport=ipc",
     ]  # fmt: skip
 
 
