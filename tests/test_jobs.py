@@ -171,11 +171,29 @@ def test_cancel_kills_the_kernel_and_what_it_started(jgw: Gateway, tmp_path: Pat
     live = wait_for(lambda: (r := c.get(f"/api/jobs/{run['id']}").json())["cells_done"] >= 2 and r, 60)
     kernel, child = int(live["kernel_pid"]), int(pid_file.read_text())
     assert psutil.pid_exists(kernel) and psutil.pid_exists(child)
+    cmd = psutil.Process(kernel).cmdline()  # ... ipykernel_launcher -f <connection file>
+    info = json.loads(Path(cmd[cmd.index("-f") + 1]).read_text())
+    assert info["transport"] == "ipc"  # its channels are Unix sockets: no port to race for
     assert c.post(f"/api/jobs/{run['id']}/cancel").status_code == 200
     done = wait_run(jgw, run["id"], timeout=30)
     assert done["state"] == "cancelled" and done["error"]["ename"] == "Cancelled"
     wait_for(lambda: _gone(kernel) and _gone(child), 15)
     assert c.post(f"/api/jobs/{run['id']}/cancel").status_code == 409
+
+
+def test_a_job_kernel_listens_on_unix_sockets_in_a_private_folder(tmp_path: Path) -> None:
+    from bkg_kernel.jobs import execute
+
+    km = execute.spawn_kernel(str(tmp_path))
+    try:
+        execute.warm(km)  # answers over its sockets and imports what job notebooks use
+        folder = Path(execute.socket_dir())
+        assert km.transport == "ipc" and (folder.stat().st_mode & 0o777) == 0o700
+        sockets = sorted(p for p in folder.iterdir() if p.is_socket() and str(p).startswith(km.ip))
+        assert len(sockets) == 5 and all(len(str(p)) < 100 for p in sockets)  # shell, iopub, stdin, control, hb
+    finally:
+        execute.shutdown(km)
+    assert [p for p in folder.iterdir() if p.name.startswith(Path(km.ip).name)] == []  # sockets removed
 
 
 def test_a_run_cancelled_while_it_waits_for_a_worker_never_starts(jgw: Gateway) -> None:

@@ -49,7 +49,7 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
         here = str(Path(__file__).resolve().parents[2])  # the bkg this worker imported, whatever the cwd
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (here, os.environ.get("PYTHONPATH", "")) if x))
         child = subprocess.Popen(
-            [sys.executable, "-m", "bkg_kernel.jobs.worker", "--once"],
+            [sys.executable, "-m", "bkg_kernel.jobs.worker", "--once", "--sockets", tmp],  # removed with tmp
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

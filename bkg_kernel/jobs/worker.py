@@ -11,7 +11,8 @@ stdout (everything else a run prints goes to stderr):
     <- {"event": "html", "id", "path"}
 
 The next kernel is spawned as a run starts, so it boots while the run executes. `--once` runs a single request
-from stdin on a fresh kernel and exits (the Dask executor's child process).
+from stdin on a fresh kernel and exits (the Dask executor's child process); `--sockets DIR` makes the kernels'
+Unix sockets in DIR (a folder the caller removes, even if it kills this process).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class Channel:
 
 
 def ready_kernel(cwd: str, km: Any = None) -> Any:
-    """A warm kernel: `km` if it warms up, else a new one; three tries (concurrent kernel starts can collide on
-    a port, papermill #511)."""
+    """A warm kernel: `km` if it warms up, else a new one; three tries (a kernel can fail to boot on a busy
+    machine; kernels talk over Unix sockets, so concurrent starts no longer collide on a port, papermill #511)."""
     for attempt in range(3):
         try:
             km = km if km is not None else execute.spawn_kernel(cwd)
@@ -97,6 +98,7 @@ def _orphan_watch(parent: int) -> None:
                 if pid:
                     with contextlib.suppress(OSError):
                         os.killpg(pid, signal.SIGKILL)
+            execute.remove_socket_dir()
             os._exit(1)
 
 
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     chan = Channel()
     cwd = os.getcwd()
+    if "--sockets" in args:  # the kernels' sockets go in a folder made in this one
+        execute.SOCKETS_PARENT = args[args.index("--sockets") + 1]
     if "--once" in args:
         msg = json.loads(sys.stdin.readline())
         km = execute.spawn_kernel(cwd)
