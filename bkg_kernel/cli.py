@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from bkg_kernel import kernels
 from bkg_kernel.errors import BkgError
 from bkg_kernel.jobs.cli import app as jobs_app
 
@@ -71,6 +72,7 @@ def lab(
 def lab_cmd(port: int, notebook_dir: Path, open_browser: bool) -> list[str]:
     """The JupyterLab command line (bound to 127.0.0.1)."""
     cmd = [sys.executable, "-m", "jupyterlab", f"--port={port}", f"--notebook-dir={notebook_dir}", "--ip=127.0.0.1"]
+    cmd.append(kernels.LAB_KERNEL_MANAGER)  # kernels over Unix sockets in a private folder, not TCP ports
     if not open_browser:
         cmd.append("--no-browser")
     if os.geteuid() == 0:

@@ -26,6 +26,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from bkg_kernel.kernels import LAB_KERNEL_MANAGER
+
 c = get_config()  # noqa: F821  (JupyterHub provides get_config when it loads this file)
 
 env = os.environ.get
@@ -87,6 +89,9 @@ c.LocalProcessSpawner.poll_interval = int(env("BKG_HUB_POLL_S", "30"))
 # -- users' servers: JupyterLab with the bkg extension, acting as their user ---------------------------------------
 c.Spawner.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]  # this environment's Jupyter, bkg included
 c.Spawner.default_url = "/lab"
+# kernels over Unix sockets in a folder only their user can enter (bkg_kernel/kernels.py): on a shared machine a
+# kernel on TCP 127.0.0.1 is reachable by every user, and a port picked for one kernel can be taken by another's
+c.Spawner.args = [LAB_KERNEL_MANAGER]
 # bkg.connect() in a user's server finds the gateway through the Hub's API (read:services!service=bkg)
 c.Spawner.environment = {"BKG_LAB_START_GATEWAY": "0"}
 c.Spawner.server_token_scopes = [
@@ -104,4 +109,4 @@ if env("BKG_HUB_DUMMY_AUTH") == "1":  # a local trial: any user name, any passwo
     c.JupyterHub.spawner_class = "simple"  # every user's server as this OS user, in their own folder
     c.Spawner.notebook_dir = env("BKG_HUB_NOTEBOOK_DIR", os.getcwd())
     if os.geteuid() == 0:  # a container or CI machine running as root: Jupyter refuses root without this
-        c.Spawner.args = ["--allow-root"]
+        c.Spawner.args = [*c.Spawner.args, "--allow-root"]

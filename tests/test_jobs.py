@@ -182,12 +182,13 @@ def test_cancel_kills_the_kernel_and_what_it_started(jgw: Gateway, tmp_path: Pat
 
 
 def test_a_job_kernel_listens_on_unix_sockets_in_a_private_folder(tmp_path: Path) -> None:
+    from bkg_kernel import kernels
     from bkg_kernel.jobs import execute
 
     km = execute.spawn_kernel(str(tmp_path))
     try:
         execute.warm(km)  # answers over its sockets and imports what job notebooks use
-        folder = Path(execute.socket_dir())
+        folder = Path(kernels.socket_dir())
         assert km.transport == "ipc" and (folder.stat().st_mode & 0o777) == 0o700
         sockets = sorted(p for p in folder.iterdir() if p.is_socket() and str(p).startswith(km.ip))
         assert len(sockets) == 5 and all(len(str(p)) < 100 for p in sockets)  # shell, iopub, stdin, control, hb

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, free_port, http_ok, wait_for
 
@@ -234,11 +235,25 @@ def test_the_browser_logs_in_through_the_hub_and_a_users_server_acts_as_them(hub
             page.locator("text=Logged in as").wait_for(timeout=120_000)
             assert "dev@hub" in page.content() and page.locator("input[type=password]").count() == 0  # no login box
             page.screenshot(path=str(ARTIFACTS / "hub-dashboard-overview.png"), full_page=True)
+            # that kernel (in dev's server) listens on Unix sockets in a private folder, not on TCP ports
+            kernels = [c for c in map(_cmdline, psutil.Process(hub.proc.pid).children(recursive=True))
+                       if "ipykernel_launcher" in c]  # fmt: skip
+            assert kernels, "no kernel under the Hub"
+            for cmd in kernels:
+                info = json.loads(Path(cmd[cmd.index("-f") + 1]).read_text())
+                assert info["transport"] == "ipc" and "/bkg-kernels-" in info["ip"], info
         except Exception as exc:
             page.screenshot(path=str(ARTIFACTS / "hub-stuck.png"), full_page=True)
             raise AssertionError(f"{exc!r}\n{hub.log()}") from None
         finally:
             browser.close()
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:  # ended since it was listed
+        return []
 
 
 def test_the_hub_restarts_the_gateway_when_it_dies(hub: Hub) -> None:

@@ -17,6 +17,8 @@ import httpx
 import pytest
 from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, Gateway, free_port, http_ok, start_gateway, wait_for
 
+from bkg_kernel.kernels import LAB_KERNEL_MANAGER
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "ui"
 TOKEN = "bkg-ui-test-token"
 
@@ -49,6 +51,7 @@ def lab(gw: Gateway, labroot: Path) -> Iterator[str]:
             "--ip=127.0.0.1", f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}",
             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             f"--LabApp.workspaces_dir={root / 'workspaces'}", f"--LabApp.user_settings_dir={root / 'settings'}",
+            LAB_KERNEL_MANAGER,  # as `bkg run` starts it: kernels over Unix sockets
         ],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip

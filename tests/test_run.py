@@ -68,6 +68,7 @@ def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
         me = httpx.get(f"http://127.0.0.1:{gw_port}/auth/me", headers={"Authorization": f"Bearer {bench_key}"}).json()
         assert me["username"] == "admin" and not any(s.startswith("admin:") for s in me["scopes"])
         assert "collections:write" in me["scopes"] and "plugins:write" in me["scopes"]
+        _lab_kernel_over_unix_sockets(lab_port, tmp_path / "rt")
     finally:
         proc.terminate()  # SIGTERM to `bkg run` alone (a service manager): it stops what it started
         proc.wait(timeout=90)
@@ -77,6 +78,30 @@ def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
     assert _status(dash) == 0 and _status(f"http://127.0.0.1:{lab_port}/lab") == 0
     wait_for(lambda: not (data / "gateway.json").exists(), timeout=30)
     wait_for(lambda: not _running(gateway_pid), timeout=30)
+
+
+def _lab_kernel_over_unix_sockets(port: int, runtime: Path) -> None:
+    """The lab's kernels listen on Unix sockets in a short private folder, though this runtime dir's path is too
+    long for a socket's: a kernel starts, its connection file says `ipc`, and a client reaches it there."""
+    from jupyter_client import BlockingKernelClient
+
+    token = json.loads(next(runtime.glob("jpserver-*.json")).read_text())["token"]
+    lab = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"token {token}"}, timeout=60)
+    kernel = lab.post("/api/kernels", json={"name": "python3"}).json()
+    try:
+        info = json.loads((runtime / f"kernel-{kernel['id']}.json").read_text())
+        assert info["transport"] == "ipc" and len(info["ip"]) < 80, info
+        assert "/bkg-kernels-" in info["ip"] and not info["ip"].startswith(str(runtime))
+        kc = BlockingKernelClient(connection_file=str(runtime / f"kernel-{kernel['id']}.json"))
+        kc.load_connection_file()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=90)  # the kernel answered on its Unix sockets
+        finally:
+            kc.stop_channels()
+        assert all(Path(f"{info['ip']}-{n}").is_socket() for n in range(1, 6))
+    finally:
+        lab.delete(f"/api/kernels/{kernel['id']}")
 
 
 def _running(pid: int) -> bool:

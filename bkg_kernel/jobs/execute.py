@@ -8,18 +8,15 @@ events and errors are those of the notebook as written: papermill's injected-par
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import os
 import queue
 import re
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bkg_kernel import kernels
 
 Emit = Callable[[dict[str, Any]], None]
 KERNEL = "python3"
@@ -67,37 +64,13 @@ def _register_engine() -> None:
     papermill_engines.register(ENGINE, WarmEngine)
 
 
-_sockets: list[str] = []  # this process's folder for its kernels' sockets, made on first use
-SOCKETS_PARENT: str | None = None  # where to make it (None: the system's temp dir)
-
-
-def socket_dir() -> str:
-    """A private folder (0700) for this process's kernel sockets, removed when the process exits.
-
-    Kernels talk over Unix sockets, not TCP: a TCP port is picked free by the manager and bound a moment later by
-    the kernel, and another kernel starting at the same time (two job workers, parallel Dask tasks) can take it
-    in between (papermill #511). A socket's path must fit in 107 bytes, so the folder is a short one under the
-    system's temp dir (Voila's choice), not Jupyter's runtime dir, whose path can be long. A process that may be
-    killed outright (the Dask task's child) makes it in a folder its parent removes (`SOCKETS_PARENT`)."""
-    if not _sockets:
-        _sockets.append(tempfile.mkdtemp(prefix="bkg-kernels-", dir=SOCKETS_PARENT))
-        atexit.register(remove_socket_dir)
-    return _sockets[0]
-
-
-def remove_socket_dir() -> None:
-    """Remove the sockets folder (also called by a worker that exits without running atexit)."""
-    if _sockets:
-        shutil.rmtree(_sockets[0], ignore_errors=True)
-
-
 def spawn_kernel(cwd: str) -> Any:
     """Start a kernel process over Unix sockets (it boots in the background: `warm` waits for it)."""
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.utils import run_sync
 
-    name = os.path.join(socket_dir(), f"kernel-{uuid.uuid4().hex[:12]}.json")  # sockets: kernel-<id>-ipc-<n>
-    km = AsyncKernelManager(kernel_name=KERNEL, transport="ipc", connection_file=name)
+    prefix = kernels.ipc_prefix()  # <folder>/kernel-<id>-ipc: the sockets are <prefix>-1 ... -5
+    km = AsyncKernelManager(kernel_name=KERNEL, transport="ipc", ip=prefix, connection_file=f"{prefix[:-4]}.json")
     run_sync(km.start_kernel)(cwd=cwd)
     return km
 

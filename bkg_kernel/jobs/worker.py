@@ -26,6 +26,7 @@ import threading
 import time
 from typing import IO, Any
 
+from bkg_kernel import kernels
 from bkg_kernel.jobs import execute
 from bkg_kernel.runtime.worker import WORKER_NICE
 
@@ -98,7 +99,7 @@ def _orphan_watch(parent: int) -> None:
                 if pid:
                     with contextlib.suppress(OSError):
                         os.killpg(pid, signal.SIGKILL)
-            execute.remove_socket_dir()
+            kernels.remove_socket_dir()
             os._exit(1)
 
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     chan = Channel()
     cwd = os.getcwd()
     if "--sockets" in args:  # the kernels' sockets go in a folder made in this one
-        execute.SOCKETS_PARENT = args[args.index("--sockets") + 1]
+        kernels.SOCKETS_PARENT = args[args.index("--sockets") + 1]
     if "--once" in args:
         msg = json.loads(sys.stdin.readline())
         km = execute.spawn_kernel(cwd)
