@@ -79,19 +79,19 @@ class Explorer(PanelView):
         self.neighbours = neighbours
         self.data: dict[str, Any] = {}
         pn = self.pn
-        self.color = pn.widgets.Select(name="colour by", options=[""], value="", width=180)
-        self.method = pn.widgets.RadioButtonGroup(name="projection", options=["pca", "umap"], value=method)
+        self.color = pn.widgets.Select(label="colour by", options=[""], value="", width=180)
+        self.method = pn.widgets.RadioButtonGroup(label="projection", options=["pca", "umap"], value=method)
         self.sample = pn.widgets.IntInput(
-            name="sample", value=sample, start=100, end=50_000, step=1000, width=110, css_classes=["bkg-sample"]
+            label="sample", value=sample, start=100, end=50_000, step=1000, width=110, css_classes=["bkg-sample"]
         )
         self.filter = pn.widgets.TextInput(
-            name="filter",
+            label="filter",
             value=json.dumps(filter) if filter else "",
             placeholder='{"label": "sports"}',
             width=260,
             css_classes=["bkg-filter"],
         )
-        self.draw_button = pn.widgets.Button(name="Draw", button_type="primary", width=80, align="end")
+        self.draw_button = pn.widgets.Button(label="Draw", color="primary", width=80, align="end")
         self.status = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["bkg-map-status"])
         self.selection = pn.pane.HTML(
             "<p class='bkg-empty'>Drag a box or a lasso over the map to list points; click one for its neighbours.</p>",
