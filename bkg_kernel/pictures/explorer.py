@@ -276,4 +276,6 @@ def umap_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
     import umap
 
     n_neighbors = max(2, min(15, len(x) - 1))
-    return np.asarray(umap.UMAP(n_neighbors=n_neighbors, random_state=seed).fit_transform(x), dtype=np.float32)
+    # seeded for a layout that stays put between draws, which UMAP runs on one thread (said here, not warned)
+    reducer = umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1)
+    return np.asarray(reducer.fit_transform(x), dtype=np.float32)
