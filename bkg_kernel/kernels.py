@@ -9,7 +9,8 @@ sockets sit in a folder only this user can enter (0700).
 A socket's path must fit in 107 bytes, so the folder is a short one under the system's temp dir (Voila's choice
 for its connection files), never Jupyter's runtime dir, whose path can be long; the connection files themselves
 stay where their manager puts them. `bkg run`'s JupyterLab and the Hub's users' servers use `IpcKernelManager`
-(`bkg_kernel.lab_kernels`); the job workers start theirs with `ipc_prefix()`.
+(`bkg_kernel.lab_kernels`, `ipc_prefix()`); the job workers keep their connection files in the folder too
+(`connection_file()`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def remove_socket_dir() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def connection_file() -> str:
+    """A new kernel's connection file in the folder (a job kernel's: its sockets are named after it)."""
+    return os.path.join(socket_dir(), f"kernel-{uuid.uuid4().hex[:12]}.json")
+
+
 def ipc_prefix() -> str:
-    """A new kernel's socket path prefix (its channels are `<prefix>-1` ... `<prefix>-5`)."""
+    """A new kernel's socket path prefix (its channels are `<prefix>-1` ... `<prefix>-5`), for a kernel whose
+    connection file lives elsewhere (a lab's, in Jupyter's runtime dir)."""
     return os.path.join(socket_dir(), f"kernel-{uuid.uuid4().hex[:12]}-ipc")

@@ -36,8 +36,9 @@ LONGEST_FIRST = {
 
 # The files that start Jupyter kernels (Voila, JupyterLab, papermill, the Hub's servers) run on one worker, one after
 # another: a TCP kernel's ports are picked free, then bound by the kernel a second later, so two launchers at once
-# can take each other's ports. (The dashboards' own kernels use Unix sockets; the failure seen, "Address already in
-# use", came from another process taking a port in that second: Voila's kernels went to IPC for it, bkg_kernel/cli.py.)
+# can take each other's ports. The kernels bkg starts now use Unix sockets (bkg_kernel/kernels.py; the failure seen,
+# "Address already in use", came from another process taking a port in that second); the notebook tests' nbclient
+# kernels are still on TCP.
 STARTS_KERNELS = {
     "test_dashboards.py", "test_pictures.py", "test_jobs.py", "test_jupyterhub.py", "test_run.py",
     "test_lab_extension.py", "test_notebooks.py",

@@ -114,6 +114,11 @@ def wait_for(fn: Any, timeout: float = 30, every: float = 0.1) -> Any:
 
 
 # Debian's Chromium for the UI tests and bench/ui.py (never a downloaded browser); flags that work offline here.
+def kernel_connection(cmdline: list[str]) -> dict[str, Any]:
+    """A running ipykernel's connection info, from the file its command line names (`... -f <file>`)."""
+    return dict(json.loads(Path(cmdline[cmdline.index("-f") + 1]).read_text()))
+
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -19,7 +19,7 @@ from typing import Any
 import nbformat
 import psutil
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
+from gateway_harness import ADMIN_KEY, Gateway, kernel_connection, start_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,8 +171,7 @@ def test_cancel_kills_the_kernel_and_what_it_started(jgw: Gateway, tmp_path: Pat
     live = wait_for(lambda: (r := c.get(f"/api/jobs/{run['id']}").json())["cells_done"] >= 2 and r, 60)
     kernel, child = int(live["kernel_pid"]), int(pid_file.read_text())
     assert psutil.pid_exists(kernel) and psutil.pid_exists(child)
-    cmd = psutil.Process(kernel).cmdline()  # ... ipykernel_launcher -f <connection file>
-    info = json.loads(Path(cmd[cmd.index("-f") + 1]).read_text())
+    info = kernel_connection(psutil.Process(kernel).cmdline())
     assert info["transport"] == "ipc"  # its channels are Unix sockets: no port to race for
     assert c.post(f"/api/jobs/{run['id']}/cancel").status_code == 200
     done = wait_run(jgw, run["id"], timeout=30)

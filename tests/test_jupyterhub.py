@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, free_port, http_ok, wait_for
+from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, free_port, http_ok, kernel_connection, wait_for
 
 from bkg_kernel.hub import hub_command, hub_env
 
@@ -240,7 +240,7 @@ def test_the_browser_logs_in_through_the_hub_and_a_users_server_acts_as_them(hub
                        if "ipykernel_launcher" in c]  # fmt: skip
             assert kernels, "no kernel under the Hub"
             for cmd in kernels:
-                info = json.loads(Path(cmd[cmd.index("-f") + 1]).read_text())
+                info = kernel_connection(cmd)
                 assert info["transport"] == "ipc" and "/bkg-kernels-" in info["ip"], info
         except Exception as exc:
             page.screenshot(path=str(ARTIFACTS / "hub-stuck.png"), full_page=True)

@@ -24,6 +24,7 @@ def test_the_socket_folder_is_private_short_and_made_again_when_swept(fresh: Non
     prefix = kernels.ipc_prefix()
     assert prefix.startswith(first + os.sep) and len(prefix + "-5") < 100  # a socket path fits in 107 bytes
     assert kernels.ipc_prefix() != prefix  # one prefix per kernel
+    assert kernels.connection_file().startswith(first + os.sep) and kernels.connection_file().endswith(".json")
     os.rmdir(first)  # a /tmp cleaner took it while the lab ran
     second = kernels.socket_dir()
     assert second != first and os.path.isdir(second) and (os.stat(second).st_mode & 0o777) == 0o700

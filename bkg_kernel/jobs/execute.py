@@ -69,8 +69,8 @@ def spawn_kernel(cwd: str) -> Any:
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.utils import run_sync
 
-    prefix = kernels.ipc_prefix()  # <folder>/kernel-<id>-ipc: the sockets are <prefix>-1 ... -5
-    km = AsyncKernelManager(kernel_name=KERNEL, transport="ipc", ip=prefix, connection_file=f"{prefix[:-4]}.json")
+    # jupyter_client names an IPC kernel's sockets after its connection file: <folder>/kernel-<id>-ipc-1 ... -5
+    km = AsyncKernelManager(kernel_name=KERNEL, transport="ipc", connection_file=kernels.connection_file())
     run_sync(km.start_kernel)(cwd=cwd)
     return km
 
