@@ -68,7 +68,7 @@ def test_fuzz_finds_no_server_errors(gw: Any) -> None:
         def run(case: Any) -> None:
             r = case.call(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
             calls.append(r.status_code)
-            if r.status_code >= 500 or "Traceback" in r.text:
+            if r.status_code >= 500 or fuzz.leaks_traceback(r.text):
                 failures.append(f"{case.method} {case.formatted_path} -> {r.status_code}: {r.text[:200]}")
             if r.status_code >= 400:
                 assert set(r.json()) == {"error"}, r.text
@@ -135,3 +135,17 @@ def test_admin_scopes_in_the_schema_are_the_scopes() -> None:
     from bkg_kernel.gateway.routes.admin import Scope
 
     assert set(typing.get_args(Scope)) == set(SCOPES)  # a new scope must be added to the schema too
+
+
+def test_the_fuzzers_traceback_check_tells_a_leak_from_echoed_input() -> None:
+    import json
+    import traceback
+
+    try:
+        {}["missing"]
+    except KeyError:
+        leaked = traceback.format_exc()
+    assert fuzz.leaks_traceback(leaked) and fuzz.leaks_traceback(json.dumps({"detail": leaked}))
+    # a fuzzed path id that happens to be the word, echoed in a 404's message (seen in CI: /api/jobs/Traceback/retry)
+    echoed = {"error": {"status": 404, "code": "not_found", "message": "no notebook run 'Traceback'"}}
+    assert not fuzz.leaks_traceback(json.dumps(echoed))
