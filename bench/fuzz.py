@@ -118,6 +118,17 @@ def expected_5xx(response: Any) -> bool:
         return False
 
 
+def warm_embedder(url: str, headers: dict[str, str]) -> None:
+    """Load the default embedder before fuzzing: brainml's first index or query loads it in candle, which took
+    more than a case's 30 s on a busy CI machine (a model's cold load is not what the fuzz is after)."""
+    import httpx
+
+    from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
+
+    body = {"model": f"candle:{DEFAULT_EMBEDDER}", "input": ["warm up"]}
+    httpx.post(f"{url}/api/embed", json=body, headers=headers, timeout=600).raise_for_status()
+
+
 def bound_slow_operations(url: str, headers: dict[str, str]) -> None:
     """Settings that keep the slow operations' cases to seconds (see the module's doc)."""
     import httpx
@@ -205,6 +216,7 @@ def main() -> None:
     try:
         if args.all:
             bound_slow_operations(gw.url, headers)
+        warm_embedder(gw.url, headers)
         schema = schemathesis.openapi.from_url(gw.url + "/openapi.json")
         every = [result.ok() for result in schema.get_all_operations()]
         # the operations that stop, restart or reconfigure plugins go last: the others meet every plugin running,
