@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -241,3 +242,12 @@ def invalid_from_pydantic(exc: ValidationError, root: str) -> InvalidInput:
 def user_message(exc: BaseException) -> str:
     """Return what a user is told about `exc`: a bkg error's message, else the exception's type and text."""
     return exc.message if isinstance(exc, BkgError) else f"{type(exc).__name__}: {exc}"
+
+
+def expand_home(path: str, field: str) -> Path:
+    """A path given in a request with its `~` expanded; `~someone/...` for a user this machine does not have is
+    the caller's 404 naming `field` (pathlib raises RuntimeError for it, which would otherwise be a 500)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise NotFound(f"no home directory for {path!r}", field=field) from None

@@ -150,3 +150,16 @@ def test_the_fuzzers_traceback_check_tells_a_leak_from_echoed_input() -> None:
     # a fuzzed path id that happens to be the word, echoed in a 404's message (seen in CI: /api/jobs/Traceback/retry)
     echoed = {"error": {"status": 404, "code": "not_found", "message": "no notebook run 'Traceback'"}}
     assert not fuzz.leaks_traceback(json.dumps(echoed))
+
+
+def test_a_home_directory_that_does_not_exist_is_a_404_wherever_a_path_is_taken(gw: Any) -> None:
+    # found by the stateful fuzzer: POST /api/models {"path": "~nobody.../x"} was a 500 (pathlib's RuntimeError)
+    home = "~no-such-user-here/x"
+    for path, body in (
+        ("/api/models", {"path": home + ".gguf"}),
+        ("/api/plugins/repoagent/invoke/repo.workspace", {"action": "add", "name": "nohome", "path": home}),
+        ("/api/plugins/rustyface/invoke/faces.detect", {"image": "path:" + home + ".jpg"}),
+    ):
+        r = httpx.post(gw.url + path, json=body, headers=AUTH, timeout=120)
+        assert r.status_code == 404 and "no home directory" in r.json()["error"]["message"], (path, r.text)
+        assert r.json()["error"]["field"].split(".")[-1] in ("path", "image"), (path, r.text)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bkg_kernel.errors import Forbidden, InvalidInput, NotFound, Unavailable
+from bkg_kernel.errors import Forbidden, InvalidInput, NotFound, Unavailable, expand_home
 
 _SIMPLE = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,)}
 _OPTIONAL = re.compile(r"^(?:Optional\[(.+)\]|(.+?)\s*\|\s*None|None\s*\|\s*(.+))$")
@@ -37,10 +37,7 @@ def resolve(notebook: str, roots: Sequence[Path]) -> Path:
     real_roots = [Path(r).expanduser().resolve() for r in roots]
     names = ", ".join(str(r) for r in real_roots)
     outside = Forbidden(f"{notebook!r} is outside the job roots ({names}): set job_roots to allow it", field="notebook")
-    try:
-        given = Path(notebook).expanduser()
-    except RuntimeError:  # `~someone/x.ipynb` for a user this machine does not have
-        raise NotFound(f"no notebook {notebook!r}: no such home directory", field="notebook") from None
+    given = expand_home(notebook, "notebook")
     raw = [given] if given.is_absolute() else [r / given for r in real_roots]
     for path in raw:
         if os.path.lexists(path):  # the first root that holds the name decides: a link out of it is refused

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidFile, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidFile, InvalidInput, NotFound, expand_home
 from bkg_kernel.models import kinds
 from bkg_kernel.models.defaults import DEFAULTS, package_path
 
@@ -141,7 +141,7 @@ class ModelRegistry:
         source: str | None = None,
     ) -> ModelEntry:
         """Register a model file or folder; a path outside the model dir needs `import_mode` copy or link."""
-        src = Path(path).expanduser()
+        src = expand_home(str(path), "path")
         if not src.exists():
             raise NotFound(f"no file or folder at {src}", field="path")
         src = src.resolve()

@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from bkg_kernel.errors import AlreadyExists, Forbidden, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, expand_home
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.repoagent import answers, codeindex, gitops, repomap, sandbox
 from bkg_kernel.plugins.repoagent.codeindex import CodeIndex
@@ -172,7 +172,7 @@ class RepoAgent(Plugin):
     def _add(self, name: str, path: str) -> Result:
         if "\0" in path:
             raise InvalidInput("a path cannot contain NUL", field="path")
-        raw = Path(path).expanduser()
+        raw = expand_home(path, "path")
         folder = (raw if raw.is_absolute() else self.roots[0] / raw).resolve()
         if not any(folder == r or r in folder.parents for r in self.roots):
             roots = ", ".join(map(str, self.roots))

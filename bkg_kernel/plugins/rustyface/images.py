@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from bkg_kernel.errors import BkgError, Forbidden, NotFound
+from bkg_kernel.errors import BkgError, Forbidden, NotFound, expand_home
 
 
 class InvalidImage(BkgError):
@@ -31,7 +31,7 @@ def _bytes(image: str | bytes, *, field: str, roots: list[Path], max_bytes: int)
     if isinstance(image, bytes):
         data = image
     elif image.startswith("path:"):  # never guess: base64 of a JPEG starts with "/9j/"
-        path = Path(image.removeprefix("path:")).expanduser().resolve()
+        path = expand_home(image.removeprefix("path:"), field).resolve()
         allowed = [r.expanduser().resolve() for r in roots]
         if not any(path.is_relative_to(r) for r in allowed):
             shown = ", ".join(str(r) for r in allowed) or "none configured"
