@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +21,10 @@ if _WORKER:
     _share = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
     for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(_var, _share)
-else:
-    os.environ.setdefault("BKG_MODEL_DIR", tempfile.mkdtemp(prefix="bkg-test-models-"))
+elif "BKG_MODEL_DIR" not in os.environ:
+    os.environ["BKG_MODEL_DIR"] = tempfile.mkdtemp(prefix="bkg-test-models-")
+if os.path.basename(os.environ["BKG_MODEL_DIR"]).startswith("bkg-test-models-"):  # ours: gone with the session
+    atexit.register(shutil.rmtree, os.environ["BKG_MODEL_DIR"], True)
 
 from bkg_kernel.store import Store  # noqa: E402 (after BKG_MODEL_DIR is set)
 
