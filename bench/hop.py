@@ -1,0 +1,117 @@
+"""Where a `brainml.query` in text mode spends its time: each layer of the gateway timed against the same answer
+computed in one process, interleaved query by query, one run.
+
+    python bench/hop.py [--packages stdlib,numpy,scipy,sklearn,pandas] [--repeat 2]
+
+The docstrings corpus of `bench/brainml.py` (chunked the same way; text mode needs no vectors, so the points get
+random ones), in a real gateway and in a store in this process. For each labelled query, in turn:
+- `GET /health` and `GET /auth/me`: the HTTP floor of bkg's client, without and with authentication;
+- the REST query route (`POST /api/collections/{name}/query`, text mode, 30 hits with their texts);
+- `brainml.query` read as raw bytes, and through bkg's client (`wb.brain.query`, decoded);
+- the plugin's own `latency_ms` (search, texts and highlights, inside the gateway);
+- direct: the store's `query` with texts and brainml's highlights in this process (bench/brainml.py's direct row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from brainml import chunked  # noqa: E402
+from gateway_harness import ADMIN_KEY, start_gateway  # noqa: E402
+
+from bkg_kernel.client import Workbench  # noqa: E402
+from bkg_kernel.datasets import PYDOC_QUERIES, STDLIB, python_docs  # noqa: E402
+from bkg_kernel.plugins.brainml.plugin import highlights  # noqa: E402
+from bkg_kernel.store import Store  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--packages", default="stdlib,numpy,scipy,sklearn,pandas")
+    ap.add_argument("--repeat", type=int, default=2, help="times each labelled query is timed, per layer")
+    args = ap.parse_args()
+    packages: list[str] = []
+    for p in args.packages.split(","):
+        packages += list(STDLIB) if p == "stdlib" else [p]
+    points = chunked(python_docs(packages), 800, 100)
+    vecs = np.random.default_rng(0).standard_normal((len(points), 384)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    print(f"{len(points)} chunks, {len(PYDOC_QUERIES)} queries x {args.repeat}")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-hop-"))
+    gw = start_gateway(work / "data", env={"BKG_MODEL_DIR": str(work / "models")})
+    wb = Workbench(gw.url, ADMIN_KEY)
+    try:
+        wb.call("POST", "/api/collections", json={"name": "d", "dim": 384})
+        for a in range(0, len(points), 2000):
+            batch = [{**p, "vector": v.tolist()} for p, v in zip(points[a : a + 2000], vecs[a : a + 2000], strict=True)]
+            wb.call("PUT", "/api/collections/d/points", json={"points": batch})
+        with Store(work / "direct") as store:
+            coll = store.create_collection("d", dim=384)
+            coll.upsert([{**p, "vector": v} for p, v in zip(points, vecs, strict=True)], progress=False)
+            rows = measure(wb, coll, args.repeat)
+    finally:
+        gw.stop()
+    direct = rows["direct (one process)"]
+    print("\n| layer | p50 ms | vs direct |")
+    print("|---|---|---|")
+    for name, p50 in rows.items():
+        print(f"| {name} | {p50:.2f} | {p50 / direct:.2f}x |")
+
+
+def measure(wb: Workbench, coll: Any, repeat: int) -> dict[str, float]:
+    """Each layer's p50 over the labelled queries, the layers interleaved query by query."""
+    inside: list[float] = []
+    body = {"collection": "d", "top_k": 30, "mode": "text"}
+
+    def direct(q: str) -> Any:
+        hits = coll.query(None, q, k=30, mode="text", with_text=True)
+        return [{"doc_id": h.payload["doc_id"], "chunk": h.text, "marks": highlights(q, h.text or "")} for h in hits]
+
+    def brain(q: str) -> Any:
+        r = wb.brain.query("d", q, top_k=30, mode="text")
+        inside.append(r["latency_ms"])
+        return r
+
+    layers: dict[str, Callable[[str], Any]] = {
+        "GET /health": lambda q: wb.call("GET", "/health"),
+        "GET /auth/me (authenticated)": lambda q: wb.call("GET", "/auth/me"),
+        "REST query route, text, 30 hits with texts": lambda q: wb.call(
+            "POST", "/api/collections/d/query", json={"text": q, "k": 30, "mode": "text", "with_text": True}
+        ),
+        "brainml.query, raw bytes": lambda q: (
+            wb.http.request("POST", "/api/plugins/brainml/invoke/brainml.query", json={**body, "query": q}).content
+        ),
+        "brainml.query, bkg's client": brain,
+        "direct (one process)": direct,
+    }
+    queries = [q for q, _ in PYDOC_QUERIES]
+    for q in queries[:5]:  # warm every path
+        for run in layers.values():
+            run(q)
+    inside.clear()
+    lat: dict[str, list[float]] = {name: [] for name in layers}
+    for _ in range(repeat):
+        for q in queries:
+            for name, run in layers.items():
+                t0 = time.perf_counter()
+                run(q)
+                lat[name].append((time.perf_counter() - t0) * 1000)
+    rows = {name: statistics.median(v) for name, v in lat.items()}
+    rows["brainml.query's own latency_ms (inside the gateway)"] = statistics.median(inside)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
