@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -245,8 +246,15 @@ def user_message(exc: BaseException) -> str:
 
 
 def expand_home(path: str, field: str) -> Path:
-    """A path given in a request with its `~` expanded; `~someone/...` for a user this machine does not have is
-    the caller's 404 naming `field` (pathlib raises RuntimeError for it, which would otherwise be a 500)."""
+    """A path given in a request, checked and with its `~` expanded: a NUL, a name longer than the filesystem's
+    255 bytes or a path longer than 4096 is the caller's 422, and `~someone/...` for a user this machine does not
+    have the caller's 404, each naming `field` (the OS would raise ValueError / OSError / RuntimeError for them,
+    which would otherwise be a 500 wherever the path is first looked at)."""
+    if "\x00" in path:
+        raise InvalidInput("a path cannot contain NUL", field=field)
+    raw = os.fsencode(path)
+    if len(raw) > 4096 or any(len(part) > 255 for part in raw.split(b"/")):
+        raise InvalidInput(f"path too long: {path[:60]!r}... (a name is at most 255 bytes, a path 4096)", field=field)
     try:
         return Path(path).expanduser()
     except RuntimeError:

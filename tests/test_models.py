@@ -67,6 +67,45 @@ def test_add_inside_the_model_dir_and_verify_drift(reg: ModelRegistry) -> None:
         reg.add(write_gguf(reg.dir / "other.gguf"), id=e.id)
 
 
+def test_the_model_dir_itself_is_never_a_model_nor_deleted_as_one(reg: ModelRegistry, tmp_path: Path) -> None:
+    reg.dir.mkdir(parents=True)
+    keep = write_gguf(reg.dir / "keep.gguf")
+    for path in (reg.dir, reg.dir.parent, reg.dir / "."):  # the dir, above it, the dir by another name
+        with pytest.raises(InvalidInput) as exc:
+            reg.add(path, id="all", kind="face-pack")
+        assert exc.value.field == "path" and "whole model dir" in exc.value.message
+    # an entry that names the dir anyway (a manifest written by an older version): unregistered, the dir stays
+    entry = reg.add(keep, id="keep").model_copy(update={"id": "all", "path": "."})
+    reg.register_entry(entry)
+    reg.remove("all", delete_files=True)
+    assert keep.is_file() and reg.get("keep")
+
+
+def test_a_path_no_filesystem_could_hold_is_the_caller_s_422(reg: ModelRegistry) -> None:
+    for path, words in (("/tmp/" + "a" * 300, "too long"), ("/tmp/" + "a/" * 2100, "too long"), ("/tmp/a\x00b", "NUL")):
+        with pytest.raises(InvalidInput) as exc:
+            reg.add(path)
+        assert exc.value.field == "path" and words in exc.value.message
+
+
+def test_an_answer_from_an_address_the_name_did_not_resolve_to_is_refused(
+    reg: ModelRegistry, file_server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: the name resolved to a public address when checked, then the connection went to 127.0.0.1.
+    (The resolver's first answer is the one thing faked here: no rebinding DNS server runs on this machine.)"""
+    from bkg_kernel.errors import Forbidden
+    from bkg_kernel.models import download
+
+    base, www = file_server
+    write_gguf(www / "rebound.gguf")
+    monkeypatch.setattr(download, "resolve", lambda host: ["93.184.216.34"])
+    with pytest.raises(Forbidden) as exc:
+        download.download(reg, f"{base}/rebound.gguf", lambda done, note: None)
+    assert "connected to 127.0.0.1" in exc.value.message and exc.value.field == "url"
+    assert not (reg.dir / "rebound.gguf").exists() and not list((reg.dir / ".partial").iterdir())
+    assert download.download(reg, f"{base}/rebound.gguf", lambda d, n: None, allow=["127.0.0.1"]).id == "rebound"
+
+
 def test_embedding_gguf_is_detected(reg: ModelRegistry, tmp_path: Path) -> None:
     e = reg.add(write_gguf(tmp_path / "enc.gguf", arch="bert"), import_mode="copy")
     assert e.kind == "gguf-embedding"
@@ -212,6 +251,18 @@ def test_models_over_http(dl_gw: Any, file_server: tuple[str, Path], tmp_path: P
     assert c.post("/api/models", json={"path": str(src), "import_mode": "copy", "id": "via-http"}).status_code == 409
     assert c.post("/api/models/nope/verify").status_code == 404
     assert c.post("/api/models", json={"url": "ftp://x/y.gguf"}).status_code == 422
+    # a download's id is checked before it starts: a bad one is a 422, a taken one a 409, and no job runs
+    jobs_before = len(c.get("/api/jobs").json()["jobs"])
+    for model_id, status in (("../x", 422), ("via-http", 409)):
+        r = c.post("/api/models", json={"url": f"{base}/served.gguf", "id": model_id})
+        assert r.status_code == status and r.json()["error"]["field"] == "id", r.text
+    assert len(c.get("/api/jobs").json()["jobs"]) == jobs_before
+    # the model dir itself is no model: registering it (and deleting it as one) is refused
+    model_dir = gw.data_dir.parent / "models"
+    r = c.post("/api/models", json={"path": str(model_dir), "id": "all", "kind": "face-pack"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "path", r.text
+    r = c.post("/api/models", json={"path": "/tmp/" + "a" * 300})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "path", r.text
 
     # a URL: 202 with a job; served from 127.0.0.1 here (the same code path as any http(s) source);
     # its progress arrives on the WebSocket topic "jobs"
@@ -243,7 +294,6 @@ def test_models_over_http(dl_gw: Any, file_server: tuple[str, Path], tmp_path: P
         assert job["state"] == "failed" and expect in job["error"], job
     ids = {m["id"] for m in c.get("/api/models").json()["models"]}
     assert "gone" not in ids and "cut" not in ids
-    model_dir = gw.data_dir.parent / "models"
     assert not (model_dir / "cut.gguf").exists() and not list((model_dir / ".partial").iterdir())
     assert c.delete("/api/models/served", params={"delete_files": True}).status_code == 200
     assert not (model_dir / "served.gguf").exists()

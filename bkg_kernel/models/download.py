@@ -16,6 +16,7 @@ import socket
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin, urlparse
 
 from bkg_kernel.errors import Forbidden, InvalidInput, Unavailable
@@ -74,6 +75,21 @@ def check_host(url: str, allow: Sequence[str]) -> None:
         )
 
 
+def _check_peer(r: Any, url: str, allow: Sequence[str]) -> None:
+    """Refuse an answer from a non-public address the host name did not resolve to when it was checked (DNS
+    rebinding: a name that answers a public address first, then 127.0.0.1 or 169.254.169.254); nothing of that
+    answer is read, not even its status."""
+    host = urlparse(url).hostname or ""
+    stream = r.extensions.get("network_stream")
+    peer = stream.get_extra_info("server_addr") if stream is not None and not _listed(host, allow) else None
+    if peer and non_public([str(peer[0]).split("%")[0]]) is not None:
+        raise Forbidden(
+            f"{host!r} connected to {peer[0]}, a non-public address, after resolving to a public one: refused "
+            "(list the host in download_allow to fetch from it)",
+            field="url",
+        )
+
+
 def resolve(host: str) -> list[str]:
     """Every address `host` resolves to (OSError when it does not). Blocking: it asks the resolver."""
     return sorted({str(info[4][0]).split("%")[0] for info in socket.getaddrinfo(host, None)})
@@ -117,6 +133,7 @@ def download(
                 for _ in range(MAX_REDIRECTS + 1):
                     check_host(here, allow)
                     with client.stream("GET", here) as r:
+                        _check_peer(r, here, allow)
                         if r.is_redirect:
                             here = urljoin(here, r.headers.get("location", ""))
                             check_url(here)

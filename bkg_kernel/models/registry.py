@@ -145,6 +145,8 @@ class ModelRegistry:
         if not src.exists():
             raise NotFound(f"no file or folder at {src}", field="path")
         src = src.resolve()
+        if src == self.dir or src in self.dir.parents:
+            raise InvalidInput(f"{src} holds the whole model dir: name a model's own file or folder", field="path")
         if kind is not None and kind not in KINDS:
             raise InvalidInput(f"kind must be one of {', '.join(KINDS)}, not {kind!r}", field="kind")
         try:  # refuses files that are not what their kind says: the caller's file, the caller's 422
@@ -211,6 +213,16 @@ class ModelRegistry:
             "expected": e.sha256, "actual": digest, "size": size, "expected_size": e.size,
         }  # fmt: skip
 
+    def check_new(self, model_id: str, file_name: str | None = None) -> str:
+        """Return `model_id` if a new model may take it (and its file `file_name` may land in the model dir), else
+        raise the caller's 422 / 409: asked before a download starts, not after it ends."""
+        check_id(model_id, "id")
+        if model_id in self._read():
+            raise AlreadyExists(f"model {model_id!r} is already registered", field="id")
+        if file_name is not None and (self.dir / file_name).exists():
+            raise AlreadyExists(f"{self.dir / file_name} already exists in the model dir", field="url")
+        return model_id
+
     def remove(self, model_id: str, *, delete_files: bool = False) -> ModelEntry:
         """Unregister a model; with `delete_files`, also delete its file if it lives in the model dir."""
         with self._locked() as models:
@@ -218,7 +230,7 @@ class ModelRegistry:
                 raise NotFound(f"model {model_id!r} is not registered", field="model")
             e = models.pop(model_id)
         path = self.resolve(e)
-        if delete_files and not e.source.startswith("package:") and path.is_relative_to(self.dir):
+        if delete_files and not e.source.startswith("package:") and self.dir in path.parents:  # never the dir itself
             if path.is_symlink() or path.is_file():
                 path.unlink(missing_ok=True)
             elif path.is_dir():

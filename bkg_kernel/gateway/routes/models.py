@@ -11,7 +11,7 @@ from pydantic import ConfigDict, Field
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.gateway.state import gateway, need
-from bkg_kernel.models.registry import ModelRegistry
+from bkg_kernel.models.registry import ModelRegistry, slug
 from bkg_kernel.strict import StrictBody
 
 router = APIRouter(tags=["models"])
@@ -71,8 +71,9 @@ async def add_model(
     if (body.path is None) == (body.url is None):
         raise InvalidInput("give exactly one of path or url", field="path")
     if body.url is not None:
-        download.check_url(body.url)
+        name = download.check_url(body.url)
         url, allow = body.url, gw.settings.download_allow
+        await asyncio.to_thread(reg.check_new, body.id or slug(name), name)  # a bad or taken id: 422 / 409 now
         await asyncio.to_thread(download.check_host, url, allow)  # refused now (403), not in a failed job later
         max_bytes = int(gw.settings.max_download_mb * 2**20)
 
