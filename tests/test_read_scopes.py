@@ -4,12 +4,14 @@ embedding model needs llm:use, whichever way it asks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 from gateway_harness import Gateway, wait_for
 from websockets.sync.client import connect as ws_connect
 
@@ -90,3 +92,97 @@ def test_embedding_needs_llm_use_whichever_way_it_asks(gw: Gateway) -> None:
         "/api/plugins/brainml/invoke/brainml.query", json={"collection": "emb", "query": "volcanic", "mode": "text"}
     )
     assert r.status_code == 200 and r.json()["results"]
+
+
+def _next(ws: Any, want: Any, seconds: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + seconds
+    while True:
+        msg: dict[str, Any] = json.loads(ws.recv(timeout=max(0.05, deadline - time.monotonic())))
+        if want(msg):
+            return msg
+
+
+def test_an_open_socket_follows_its_caller_s_role_and_key(gw: Gateway) -> None:
+    """What a WebSocket sends is decided by who its caller is now, not when it connected: a role that loses
+    admin:audit stops seeing others' jobs, and a revoked key's socket is closed at the next event."""
+    from websockets.exceptions import ConnectionClosed
+
+    from bkg_kernel.gateway.routes.live import RECHECK_S
+
+    admin = gw.client()
+    assert admin.post("/admin/roles", json={"name": "watcher", "scopes": ["plugins:read", "admin:audit"]}).is_success
+    user = admin.post("/admin/users", json={"username": "wendy", "role": "watcher"}).json()
+    key = admin.post("/admin/keys", json={"name": "wendy", "user_id": user["id"]}).json()
+    ann = _key(gw, "annie", "developer")
+
+    def survey() -> str:
+        r = ann.post("/api/plugins/sysinfo/invoke/sysinfo.survey", json={"samples": 2, "every_s": 0.2})
+        assert r.status_code == 202, r.text
+        job_id: str = r.json()["job"]["id"]
+        wait_for(lambda: ann.get(f"/api/jobs/{job_id}").json()["state"] == "done", timeout=30)
+        return job_id
+
+    with ws_connect(gw.url.replace("http", "ws") + f"/ws?token={key['key']}") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "bootstrap"
+        for topic in ("jobs", "status"):
+            ws.send(json.dumps({"action": "sub", "topic": topic}))
+            assert json.loads(ws.recv(timeout=10))["type"] == "ack"
+        first = survey()  # an auditor sees annie's job
+        _next(ws, lambda m: m["type"] == "jobs" and m["payload"]["id"] == first and m["payload"]["state"] == "done")
+
+        assert admin.patch("/admin/roles/watcher", json={"scopes": ["plugins:read"]}).is_success
+        time.sleep(RECHECK_S + 0.3)
+        second = survey()
+        assert admin.post("/api/plugins/sysinfo/restart").is_success  # status events reach her still
+        _next(ws, lambda m: m["type"] == "status")
+        seen = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                seen.append(json.loads(ws.recv(timeout=1.0)))
+        assert not [m for m in seen if m["type"] == "jobs" and m["payload"]["id"] == second], seen
+
+        assert admin.post(f"/admin/keys/{key['id']}/revoke").is_success
+        time.sleep(RECHECK_S + 0.3)
+        assert admin.post("/api/plugins/sysinfo/restart").is_success
+        with pytest.raises(ConnectionClosed) as closed:
+            _next(ws, lambda m: False, seconds=15)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401, closed.value
+
+
+def test_the_socket_answers_bad_frames_and_bounds_what_it_holds(gw: Gateway) -> None:
+    from websockets.exceptions import ConnectionClosed
+
+    from bkg_kernel.gateway.routes.live import MAX_TOPICS
+
+    url = gw.url.replace("http", "ws") + f"/ws?token={gw.client().headers['authorization'][7:]}"
+    with ws_connect(url) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "bootstrap"
+        for frame, words in (
+            (b"\x00\x01", "binary frames"),
+            ("[1, 2]", "JSON object"),
+            ('"sub"', "JSON object"),
+            ("{nope", "not JSON"),
+            (json.dumps({"action": "sub", "topic": "logs", "plugin": [1]}), "plugin must be"),
+            (json.dumps({"action": "sub", "topic": "logs", "plugin": "x" * 5000}), "plugin must be"),
+            (json.dumps({"action": "drop", "topic": "logs"}), "action: sub|unsub"),
+        ):
+            ws.send(frame)
+            msg = _next(ws, lambda m: m["type"] in ("error", "ack"), seconds=10)
+            assert msg["type"] == "error" and words in msg["payload"]["message"], (frame, msg)
+        for i in range(MAX_TOPICS):
+            ws.send(json.dumps({"action": "sub", "topic": "logs", "plugin": f"p{i}"}))
+            assert _next(ws, lambda m: m["type"] in ("error", "ack"), seconds=10)["type"] == "ack"
+        ws.send(json.dumps({"action": "sub", "topic": "logs", "plugin": "one-more"}))
+        msg = _next(ws, lambda m: m["type"] in ("error", "ack"), seconds=10)
+        assert msg["type"] == "error" and f"at most {MAX_TOPICS}" in msg["payload"]["message"]
+        ws.send(json.dumps({"action": "unsub", "topic": "logs", "plugin": "p0"}))  # one freed, one more taken
+        assert _next(ws, lambda m: m["type"] in ("error", "ack"), seconds=10)["type"] == "ack"
+        ws.send(json.dumps({"action": "sub", "topic": "logs", "plugin": "one-more"}))
+        assert _next(ws, lambda m: m["type"] in ("error", "ack"), seconds=10)["type"] == "ack"
+    with ws_connect(url, max_size=None) as ws:  # a frame over the limit closes that socket, nothing else
+        ws.recv(timeout=10)
+        ws.send("x" * 100_000)
+        with pytest.raises(ConnectionClosed) as closed:
+            _next(ws, lambda m: False, seconds=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    assert gw.client().get("/health").status_code == 200

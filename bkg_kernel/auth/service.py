@@ -538,8 +538,11 @@ class AuthService:
         return rec.public()
 
     # -- authentication ---------------------------------------------------------------------------
-    def authenticate(self, token: str) -> Principal:
-        """Return the principal of an API key or session token, or raise 401 / 429."""
+    def authenticate(self, token: str, *, metered: bool = True) -> Principal:
+        """Return the principal of an API key or session token, or raise 401 / 429.
+
+        `metered=False` checks a credential again without counting a request against the key's rate limit or
+        its last use (a WebSocket that stays open re-checks who it serves)."""
         if token.startswith("bkgs_"):
             return self._session(token)
         parsed = ks.parse_key(token)
@@ -552,10 +555,11 @@ class AuthService:
         user = self.users.get(rec.user_id)
         if user is None or user["disabled"]:
             raise Unauthorized("the key's user is disabled or deleted")
-        self._rate(rec)
-        rec.last_used_at = now
-        if time.monotonic() - rec.flushed > 60:
-            self._flush(rec)
+        if metered:
+            self._rate(rec)
+            rec.last_used_at = now
+            if time.monotonic() - rec.flushed > 60:
+                self._flush(rec)
         return Principal(user["id"], user["username"], user["role"], self.key_scopes(rec), rec.id, "key")
 
     def _rate(self, rec: KeyRecord) -> None:

@@ -40,7 +40,8 @@ def install(app: FastAPI) -> None:
         if isinstance(exc, TooManyRequests):
             headers["Retry-After"] = str(max(1, round(exc.retry_after + 0.5)))
         if exc.status >= 500:
-            log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
+            method = request.scope.get("method", "WS")  # a WebSocket's handshake has none
+            log.warning("%s %s -> %s: %s", method, request.url.path, exc.status, exc.message)
         return error_response(exc.status, exc.code, exc.message, exc.field, **headers)
 
     @app.exception_handler(RequestValidationError)

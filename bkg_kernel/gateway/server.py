@@ -75,7 +75,9 @@ def serve(settings: Settings, plugins: list[str] | None = None) -> None:
     print(f"bkg gateway on {gw.url()} (data dir {gw.store.data_dir})", file=sys.stderr, flush=True)
     if key is not None:
         print(f"admin API key: {key} (mode 0600)", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    config = uvicorn.Config(  # /ws takes subscriptions of a few dozen bytes: a frame over 64 KiB closes it
+        app, host=settings.host, port=settings.port, log_level="warning", access_log=False, ws_max_size=2**16
+    )
     server = _Server(config)
     try:
         server.run()

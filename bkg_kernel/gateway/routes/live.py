@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
+from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from bkg_kernel.auth import Principal
 from bkg_kernel.errors import BkgError
 from bkg_kernel.gateway import jobs
 from bkg_kernel.gateway.hub import Subscriber
@@ -14,6 +18,9 @@ from bkg_kernel.gateway.jupyterhub import token_of
 from bkg_kernel.gateway.state import Gateway
 
 TOPICS = ("status", "logs", "telemetry", "jobs")
+MAX_TOPICS = 64  # (topic, plugin) pairs one socket may hold
+PLUGIN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+RECHECK_S = 1.0  # how stale the socket's view of its caller may get before an event goes out
 router = APIRouter()
 
 
@@ -35,17 +42,29 @@ async def _websocket(websocket: WebSocket) -> None:
         return
     assert p is not None
     await websocket.accept()
-    sub = Subscriber(
-        sees=lambda msg: msg["type"] != "jobs" or jobs.visible(msg["payload"].get("owner"), p.scopes, p.username)
-    )
+    caller = [p]  # who the socket serves, checked again as events go out (a key revoked, a role changed)
+    sub = Subscriber(sees=lambda msg: _sees(caller[0], msg))
     gw.hub.subscribers.add(sub)
     await websocket.send_json(
         {"type": "bootstrap", "payload": {"plugins": gw.snapshot_summary(), "telemetry": gw.supervisor.summary()}}
     )
 
     async def pump() -> None:
+        checked = time.monotonic()
         while True:
-            await websocket.send_json(await sub.queue.get())
+            msg = await sub.queue.get()
+            if time.monotonic() - checked > RECHECK_S:
+                try:
+                    caller[0] = await _again(gw, token)
+                    if "plugins:read" not in caller[0].scopes:
+                        raise BkgError("the caller no longer holds scope plugins:read")
+                except BkgError as exc:
+                    await websocket.close(code=4401, reason=exc.message[:120])
+                    return
+                checked = time.monotonic()
+                if not _sees(caller[0], msg):
+                    continue
+            await websocket.send_json(msg)
             if sub.missed:
                 missed, sub.missed = sub.missed, 0
                 await websocket.send_json({"type": "missed", "payload": {"events": missed}, "time": time.time()})
@@ -53,24 +72,56 @@ async def _websocket(websocket: WebSocket) -> None:
     sender = asyncio.create_task(pump())
     try:
         while True:
-            msg = await websocket.receive_json()
-            action, topic = msg.get("action"), msg.get("topic")
-            if action not in ("sub", "unsub") or topic not in TOPICS:
-                await websocket.send_json(
-                    {
-                        "type": "error",
-                        "payload": {"message": "send {action: sub|unsub, topic: status|logs|telemetry|jobs}"},
-                    }
-                )
-                continue
-            key = (topic, msg.get("plugin"))
-            if action == "sub":
-                sub.topics.add(key)
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            error = _subscription(sub, message.get("text"))
+            if isinstance(error, str):
+                await websocket.send_json({"type": "error", "payload": {"message": error}})
             else:
-                sub.topics.discard(key)
-            await websocket.send_json({"type": "ack", "payload": {"action": action, "topic": topic, "plugin": key[1]}})
-    except (WebSocketDisconnect, ValueError, RuntimeError):
+                await websocket.send_json({"type": "ack", "payload": error})
+    except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
         sender.cancel()
         gw.hub.subscribers.discard(sub)
+
+
+def _sees(p: Principal, msg: dict[str, Any]) -> bool:
+    return msg["type"] != "jobs" or jobs.visible(msg["payload"].get("owner"), p.scopes, p.username)
+
+
+async def _again(gw: Gateway, token: str) -> Principal:
+    """The socket's caller as of now: its key or session checked again (not counted against its rate limit), or its
+    Hub token (HubAuth's cache: at most a minute old)."""
+    trust = getattr(gw, "hub_trust", None)
+    if trust is not None and trust.is_hub_token(token):
+        p: Principal = await trust.principal(token)
+        return p
+    return gw.auth.authenticate(token, metered=False)
+
+
+def _subscription(sub: Subscriber, text: str | None) -> dict[str, Any] | str:
+    """Apply one client message to `sub`; return the ack's payload, or what was wrong with the message."""
+    usage = "send JSON text {action: sub|unsub, topic: status|logs|telemetry|jobs, plugin?: <plugin id>}"
+    if text is None:
+        return f"binary frames are not understood: {usage}"
+    try:
+        msg = json.loads(text)
+    except ValueError:
+        return f"not JSON: {usage}"
+    if not isinstance(msg, dict):
+        return f"a JSON object is expected, not {type(msg).__name__}: {usage}"
+    action, topic, plugin = msg.get("action"), msg.get("topic"), msg.get("plugin")
+    if action not in ("sub", "unsub") or topic not in TOPICS:
+        return usage
+    if plugin is not None and (not isinstance(plugin, str) or not PLUGIN_ID.fullmatch(plugin)):
+        return "plugin must be a plugin id (letters, digits, '_', '-', '.'; at most 64)"
+    key = (topic, plugin)
+    if action == "sub":
+        if key not in sub.topics and len(sub.topics) >= MAX_TOPICS:
+            return f"at most {MAX_TOPICS} subscriptions per socket: unsubscribe one first"
+        sub.topics.add(key)
+    else:
+        sub.topics.discard(key)
+    return {"action": action, "topic": topic, "plugin": plugin}
