@@ -145,3 +145,47 @@ def test_grants_are_narrowed_to_the_caller_and_named_when_refused(gw: Gateway, s
     entries = admin.get("/admin/audit", params={"action": "key.create", "limit": 1000}).json()["entries"]
     by_manager = [e for e in entries if e["actor"] == "key-manager"]
     assert len(by_manager) == 1 and sorted(by_manager[0]["detail"]["scopes"]) == ["admin:keys", "plugins:read"]
+
+
+def test_a_key_made_for_someone_else_never_gains_what_their_role_gains_later(gw: Gateway, setup_key: str) -> None:
+    """A key manager (admin:keys, plugins:read) and the admin each make a key for a user whose role holds only
+    plugins:read (the manager holds all of it); the admin later promotes that user to developer: both keys stay
+    what they were made with (the manager never held llm:use). A key its owner makes for themselves follows their
+    role."""
+    admin = gw.client(setup_key)
+    mgr = admin.post("/admin/users", json={"username": "km-later", "role": "keys-reader"}).json()
+    m = gw.client(admin.post("/admin/keys", json={"name": "km", "user_id": mgr["id"]}).json()["key"])
+    assert admin.post("/admin/roles", json={"name": "plugins-only", "scopes": ["plugins:read"]}).is_success
+    viewer = admin.post("/admin/users", json={"username": "promoted", "role": "plugins-only"}).json()
+    by_mgr = m.post("/admin/keys", json={"name": "for the viewer", "user_id": viewer["id"]}).json()
+    assert by_mgr["follows_role"] is False and _me(gw, by_mgr["key"]) == {"plugins:read"}
+    by_admin = admin.post("/admin/keys", json={"name": "by admin", "user_id": viewer["id"]}).json()
+    assert by_admin["follows_role"] is False
+    assert admin.patch(f"/admin/users/{viewer['id']}", json={"role": "developer"}).status_code == 200
+    assert _me(gw, by_mgr["key"]) == {"plugins:read"}  # not llm:use, collections:write, ...
+    assert _me(gw, by_admin["key"]) == {"plugins:read"}
+
+    assert admin.post("/admin/roles", json={"name": "self-keys", "scopes": ["admin:keys", "plugins:read"]}).is_success
+    me = admin.post("/admin/users", json={"username": "self-keyed", "role": "self-keys"}).json()
+    first = gw.client(admin.post("/admin/keys", json={"name": "first", "user_id": me["id"]}).json()["key"])
+    own = first.post("/admin/keys", json={"name": "own"}).json()
+    assert own["follows_role"] is True
+    scopes = ["admin:keys", "plugins:read", "models:read"]
+    assert admin.patch("/admin/roles/self-keys", json={"scopes": scopes}).is_success
+    assert _me(gw, own["key"]) == set(scopes)
+
+
+def test_a_refused_part_of_a_user_change_changes_nothing(gw: Gateway, setup_key: str) -> None:
+    """A user manager may set a keys-only user's password but not give them the developer role: asked for both
+    at once, they get the 403 and the password stays what it was (sessions included)."""
+    admin = gw.client(setup_key)
+    um = admin.post("/admin/users", json={"username": "um-atomic", "role": "users-keys"}).json()
+    u = gw.client(admin.post("/admin/keys", json={"name": "um", "user_id": um["id"]}).json()["key"])
+    target = admin.post("/admin/users", json={"username": "km-atomic", "role": "keys-only", "password": PASSWORD})
+    session = _login(gw, "km-atomic")
+    assert session is not None
+    r = u.patch(f"/admin/users/{target.json()['id']}", json={"password": "a new password", "role": "developer"})
+    assert r.status_code == 403 and r.json()["error"]["field"] == "role", r.text
+    assert _login(gw, "km-atomic") is not None and _me(gw, session)  # old password and session still good
+    r = u.patch(f"/admin/users/{target.json()['id']}", json={"password": "a new password"})
+    assert r.status_code == 200 and _login(gw, "km-atomic") is None and not _me(gw, session)

@@ -366,17 +366,23 @@ class AuthService:
         *,
         role: str | None = None,
         disabled: bool | None = None,
+        password: str | None = None,
         actor: str | None = None,
         by: Principal | None = None,
     ) -> dict[str, Any]:
-        """Change a user's role or disable / enable them (a user, and a role, whose scopes `by` holds)."""
+        """Change a user's role, disable / enable them, or set their password (a user, and a role, whose scopes
+        `by` holds): everything is checked before anything changes, so a refused part leaves the user as it was."""
         actor = by.username if by else actor
         u = self.user(user_id)
         if role is not None and role not in self.roles:
             raise NotFound(f"no role {role!r} (have {', '.join(sorted(self.roles))})", field="role")
+        if password is not None:
+            _check_password(password)
         self._manageable(by, u, "user_id")
         if role is not None:
             self._grantable(by, self.roles[role], f"giving role {role!r}", "role")
+        if password is not None:
+            self.set_password(user_id, password, actor=actor, by=by)
         with self.mutex:
             if role is not None:
                 self.con.execute("UPDATE users SET role = ? WHERE id = ?", [role, u["id"]])
@@ -429,8 +435,10 @@ class AuthService:
     ) -> tuple[dict[str, Any], str]:
         """Create a key for a user; return (its public record, the token, shown this once).
 
-        Without `scopes` the key follows its owner's role when `by` holds all of that role's scopes, and else
-        holds the scopes `by` and the role share (fixed); explicit scopes must be the owner's and `by`'s."""
+        Without `scopes` a key its owner makes for themselves (or the gateway makes) follows their role; any other
+        holds the scopes `by` and the role share today, fixed: a key handed to someone else would otherwise gain
+        whatever the owner's role gains later, which its maker may not hold (JupyterHub's tokens: only a user's
+        own may "inherit"). Explicit scopes must be the owner's and `by`'s."""
         actor = by.username if by else actor
         u = self.user(user_id)
         if u["username"].endswith(HUB_SUFFIX) and (by is not None or not str(name).startswith(RUN_KEY_PREFIX)):
@@ -440,7 +448,7 @@ class AuthService:
         if not isinstance(name, str) or not name.strip() or len(name) > 100:
             raise InvalidInput("key name must be 1 to 100 characters", field="name")
         allowed = self.roles[u["role"]]
-        follows = scopes is None and (by is None or set(allowed) <= by.scopes)
+        follows = scopes is None and (by is None or (by.user_id == u["id"] and set(allowed) <= by.scopes))
         if scopes is None:
             scopes = [s for s in allowed if by is None or s in by.scopes]
         self._check_scopes(scopes, tuple(allowed), "scopes", owner=u)

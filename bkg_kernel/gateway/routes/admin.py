@@ -90,10 +90,7 @@ def update_user(
     user_id: str, body: UserPatch, request: Request, p: Annotated[Principal, Depends(USERS)]
 ) -> dict[str, Any]:
     """Change role, disable / enable, or set the password."""
-    auth = _auth(request)
-    if body.password is not None:
-        auth.set_password(user_id, body.password, by=p)
-    return auth.update_user(user_id, role=body.role, disabled=body.disabled, by=p)
+    return _auth(request).update_user(user_id, role=body.role, disabled=body.disabled, password=body.password, by=p)
 
 
 @router.delete("/users/{user_id}")
