@@ -249,3 +249,32 @@ def test_collections_embed_text_with_candle_and_llmserver(cgw: Gateway) -> None:
     assert c.post("/api/collections/gguf/points/count", json={}).json()["count"] == 4
     hits = c.post("/api/collections/gguf/query", json={"text": "cat", "k": 4, "mode": "vector"}).json()["results"]
     assert len(hits) == 4
+
+
+def test_the_embed_route_answers_what_the_model_computes(cgw: Gateway) -> None:
+    """`POST /api/embed` (what a collection's embed_model uses): candle's and llmserver's models, the same numbers
+    their own capabilities give; a batch past the thread threshold comes back whole and in order."""
+    c = cgw.client()
+    texts = ["a small cat", "a diesel engine"]
+    direct = np.asarray(invoke(cgw, "candle.run", {"model_id": DEFAULT_EMBEDDER, "inputs": texts}).json()["embeddings"])
+    r = c.post("/api/embed", json={"model": f"candle:{DEFAULT_EMBEDDER}", "input": texts})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    out = r.json()
+    assert out["model"] == f"candle:{DEFAULT_EMBEDDER}" and out["dim"] == 384
+    assert np.allclose(np.asarray(out["embeddings"]), direct, atol=1e-6)
+    many = [f"text number {i}" for i in range(300)]
+    big = c.post("/api/embed", json={"model": f"candle:{DEFAULT_EMBEDDER}", "input": many}, timeout=300).json()
+    vecs = np.asarray(big["embeddings"])
+    assert vecs.shape == (300, 384) and np.allclose(
+        vecs[:2],
+        np.asarray(
+            c.post("/api/embed", json={"model": f"candle:{DEFAULT_EMBEDDER}", "input": many[:2]}).json()["embeddings"]
+        ),
+        atol=1e-6,
+    )
+    llm = c.post("/api/embed", json={"model": f"llmserver:{DEFAULT_LLM}", "input": texts}, timeout=120)
+    assert llm.status_code == 200, llm.text
+    ref = c.post("/v1/embeddings", json={"model": DEFAULT_LLM, "input": texts}, timeout=120).json()["data"]
+    assert np.allclose(np.asarray(llm.json()["embeddings"]), np.asarray([d["embedding"] for d in ref]), atol=1e-5)
+    r = c.post("/api/embed", json={"model": "candle:nope", "input": ["x"]})
+    assert 400 <= r.status_code < 500 and r.json()["error"]["field"] == "model", r.text

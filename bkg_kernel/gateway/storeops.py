@@ -106,10 +106,17 @@ async def embed(
         else:
             r = await host.invoke("llm.embed", {"model": model, "input": batch}, caller)
             out.extend(d["embedding"] for d in sorted(r["data"], key=lambda d: d["index"]))
-    vecs = np.asarray(out, dtype=np.float32).reshape(len(texts), -1)
+    if len(texts) > 256:  # thousands of rows of lists: built off the event loop (a query's one row stays on it)
+        vecs = await asyncio.to_thread(_matrix, out, len(texts))
+    else:
+        vecs = _matrix(out, len(texts))
     if dim is not None and vecs.shape[1] != dim:
         raise InvalidInput(f"{spec} gives {vecs.shape[1]}-d vectors; the collection holds {dim}-d vectors", field=field)
     return vecs
+
+
+def _matrix(rows: list[list[float]], n: int) -> np.ndarray:
+    return np.asarray(rows, dtype=np.float32).reshape(n, -1)
 
 
 async def rerank(

@@ -5,10 +5,12 @@ The official `openai` package works against it unchanged (`base_url=http://127.0
 usual); scope `llm:use`. (No `from __future__ import annotations`: FastAPI must see the local dependency.)
 """
 
+import asyncio
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.plugins.llmserver.schemas import ChatRequest, CompletionRequest, EmbedRequest
@@ -43,11 +45,12 @@ def build(api: GatewayAPI) -> APIRouter:
         return await _answer(p, "llm.complete", "/v1/completions", body.model_dump(mode="json", exclude_unset=True))
 
     @router.post("/embeddings")
-    async def embeddings(body: EmbedRequest, p: Annotated[Principal, Depends(llm)]) -> JSONResponse:
+    async def embeddings(body: EmbedRequest, p: Annotated[Principal, Depends(llm)]) -> Response:
         """Embeddings of one text or a batch."""
         result = await api.invoke("llmserver", "llm.embed", body.model_dump(mode="json", exclude_unset=True), p)
         api.record_usage(p, "/v1/embeddings", result)
-        return JSONResponse(result)
+        # a batch of embeddings is megabytes of numbers: encoded in a thread, not on the event loop
+        return Response(await asyncio.to_thread(orjson.dumps, result), media_type="application/json")
 
     async def _answer(
         p: Principal, capability: str, route: str, data: dict[str, Any]
