@@ -435,10 +435,10 @@ class AuthService:
     ) -> tuple[dict[str, Any], str]:
         """Create a key for a user; return (its public record, the token, shown this once).
 
-        Without `scopes` a key its owner makes for themselves (or the gateway makes) follows their role; any other
-        holds the scopes `by` and the role share today, fixed: a key handed to someone else would otherwise gain
-        whatever the owner's role gains later, which its maker may not hold (JupyterHub's tokens: only a user's
-        own may "inherit"). Explicit scopes must be the owner's and `by`'s."""
+        Without `scopes` the key follows its owner's role when its maker could give that user any role: the owner
+        themselves (holding their role's scopes), a maker holding every scope, or the gateway. A key someone else
+        makes holds the scopes the maker and the role share today, fixed: it would otherwise gain whatever the
+        owner's role gains later, which its maker may not hold. Explicit scopes must be the owner's and `by`'s."""
         actor = by.username if by else actor
         u = self.user(user_id)
         if u["username"].endswith(HUB_SUFFIX) and (by is not None or not str(name).startswith(RUN_KEY_PREFIX)):
@@ -448,7 +448,9 @@ class AuthService:
         if not isinstance(name, str) or not name.strip() or len(name) > 100:
             raise InvalidInput("key name must be 1 to 100 characters", field="name")
         allowed = self.roles[u["role"]]
-        follows = scopes is None and (by is None or (by.user_id == u["id"] and set(allowed) <= by.scopes))
+        follows = scopes is None and (
+            by is None or set(SCOPES) <= by.scopes or (by.user_id == u["id"] and set(allowed) <= by.scopes)
+        )
         if scopes is None:
             scopes = [s for s in allowed if by is None or s in by.scopes]
         self._check_scopes(scopes, tuple(allowed), "scopes", owner=u)
