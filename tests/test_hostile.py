@@ -204,3 +204,21 @@ def test_index_parameters_out_of_range_are_refused_when_the_collection_is_made(g
     ]
     r = c.post("/api/collections", json={"name": "hnswok", "dim": 2, "index": "hnsw", "params": {"ef_search": 4096}})
     assert r.status_code == 201 and c.post("/api/collections/hnswok/snapshots").status_code in (200, 201)
+
+
+def test_a_lone_surrogate_is_refused_naming_its_field(gw: Gateway) -> None:
+    """JSON can carry "\\ud800"; UTF-8 cannot store it: an upsert holding one is a 422 naming the point's field (it
+    was a 500 from the column writer), and the points already stored stay."""
+    c = gw.client()
+    assert c.post("/api/collections", json={"name": "surrogates", "dim": 2}).status_code == 201
+    assert c.put("/api/collections/surrogates/points", json={"points": [{"id": 1, "vector": [1, 0]}]}).is_success
+    for point, field in (
+        ({"id": 2, "vector": [0, 1], "payload": {"a": "\udc00"}}, "points[1].payload"),
+        ({"id": 2, "vector": [0, 1], "text": "x \ud800 y"}, "points[1].text"),
+        ({"id": "\ud800", "vector": [0, 1]}, "points[1].id"),
+    ):
+        body = json.dumps({"points": [{"id": 3, "vector": [1, 1]}, point]})  # ASCII: the surrogate as \\ud800
+        r = c.put("/api/collections/surrogates/points", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+        assert "surrogate" in r.json()["error"]["message"]
+    assert c.post("/api/collections/surrogates/points/count", json={}).json()["count"] == 1

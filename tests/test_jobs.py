@@ -391,6 +391,13 @@ def test_a_schedule_runs_when_due_with_an_injectable_clock(tmp_path: Path, roots
         await svc.start()
         try:
             s = await svc.add_schedule(p, {"notebook": "ok.ipynb", "cron": "* * * * *", "parameters": {"n": 5}})
+            # a row whose cron never fires, stored before such crons were refused: listed, never due, and it
+            # stops neither the ticks nor the schedules stored after it
+            stale = {**(await asyncio.to_thread(svc.history.schedule, s["id"])), "id": "sched-stale"}
+            stale.update(cron="0 0 30 2 *", created_at=now[0] - 10)
+            await asyncio.to_thread(svc.history.save_schedule, stale)
+            listed = {x["id"]: x for x in await svc.schedules(p)}
+            assert listed["sched-stale"]["next_run_at"] is None and listed[s["id"]]["next_run_at"] > now[0]
             bad = await svc.add_schedule(p, {"notebook": "fails.ipynb", "cron": "*/5 * * * *", "webhook_url": hook})
             assert s["next_run_at"] > now[0] and s["next_run_at"] - now[0] <= 60
             assert await svc.tick(now[0] + 1) == []
@@ -466,6 +473,10 @@ def test_schedules_over_http_are_checked_and_owned(jgw: Gateway) -> None:
         ({**ok, "timezone": "Mars/Olympus"}, "timezone"),
         ({**ok, "parameters": {"n": "x"}}, "parameters.n"),
         ({**ok, "webhook_url": "http://127.0.0.1:1/x"}, "webhook_url"),
+        ({**ok, "cron": "0 0 30 2 *"}, "cron"),  # readable, but February 30th never comes
+        ({**ok, "timezone": "America"}, "timezone"),  # a folder of zones, not a zone
+        ({**ok, "webhook_url": "http://1.1.1.1:99999/x"}, "webhook_url"),
+        ({**ok, "webhook_url": "http://h:abc/x"}, "webhook_url"),
     ]
     for body, field in bad:
         r = c.post("/api/jobs/schedules", json=body)

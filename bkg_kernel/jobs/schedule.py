@@ -17,7 +17,7 @@ def zone(tz: str) -> ZoneInfo:
     """The time zone named `tz` (422 naming the field when unknown)."""
     try:
         return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: "America" is a folder of zones
         raise InvalidInput(
             f"unknown time zone {tz!r} (an IANA name such as 'Europe/Paris' or 'UTC')", field="timezone"
         ) from exc
@@ -30,11 +30,17 @@ def check(cron: str, tz: str) -> None:
     except ImportError as exc:
         raise Unavailable("schedules need croniter: pip install 'bkg-kernel[jobs]'", field="cron") from exc
 
-    zone(tz)
+    here = zone(tz)
     if not isinstance(cron, str) or len(cron) > 200 or not croniter.is_valid(cron) or len(cron.split()) != 5:
         raise InvalidInput(
             f"{cron!r} is not a cron expression (minute hour day month weekday, e.g. '0 3 * * *')", field="cron"
         )
+    try:  # readable is not enough: '0 0 30 2 *' (February 30th) never comes
+        it = croniter(cron, datetime.now(here))
+        it.get_next(float)
+        it.get_prev(float)
+    except (ValueError, OverflowError) as exc:  # CroniterBadDateError is a ValueError
+        raise InvalidInput(f"{cron!r} never fires ({exc})", field="cron") from None
 
 
 def next_fire(cron: str, tz: str, after: float) -> float:

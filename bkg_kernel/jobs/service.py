@@ -454,7 +454,10 @@ class JobService:
 
     def _schedule_public(self, s: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in s.items() if k not in ("owner_id", "scopes")}
-        out["next_run_at"] = schedule.next_fire(s["cron"], s["timezone"], max(self.clock(), s["last_fire"] or 0))
+        try:
+            out["next_run_at"] = schedule.next_fire(s["cron"], s["timezone"], max(self.clock(), s["last_fire"] or 0))
+        except Exception:  # a row stored before its cron or zone was checked this well: listed, never due
+            out["next_run_at"] = None
         return out
 
     async def schedules(self, p: Principal) -> list[dict[str, Any]]:
@@ -487,8 +490,11 @@ class JobService:
     def _skip_missed(self) -> None:
         now = self.clock()
         for s in self.history.schedules():
-            if schedule.due(s["cron"], s["timezone"], s["last_fire"] or 0, now) is not None:
-                self.history.mark_fired(s["id"], now, None)
+            try:
+                if schedule.due(s["cron"], s["timezone"], s["last_fire"] or 0, now) is not None:
+                    self.history.mark_fired(s["id"], now, None)
+            except Exception:  # one unreadable schedule never keeps the gateway from starting
+                log.exception("schedule %s: cannot compute its fire times", s["id"])
 
     async def _refused(self, s: dict[str, Any], exc: BkgError) -> dict[str, Any]:
         """Record a scheduled run that could not start (its notebook gone, its owner without jobs:run...)."""
@@ -517,7 +523,11 @@ class JobService:
         for s in await asyncio.to_thread(self.history.schedules):
             if not s["enabled"]:
                 continue
-            fire = schedule.due(s["cron"], s["timezone"], s["last_fire"] or 0, now)
+            try:
+                fire = schedule.due(s["cron"], s["timezone"], s["last_fire"] or 0, now)
+            except Exception:  # one unreadable schedule never stops the others
+                log.exception("schedule %s: cannot compute its fire times", s["id"])
+                continue
             if fire is None:
                 continue
             busy = any(r["schedule_id"] == s["id"] and self._going(r) for r in self.live.values())

@@ -51,7 +51,11 @@ def target(url: Any, allow: Sequence[str]) -> tuple[str, dict[str, str], dict[st
     changes between the check and the request (rebinding) cannot point it at a private address."""
     if not isinstance(url, str) or len(url) > 2000:
         raise InvalidInput("webhook_url must be an http(s) URL", field="webhook_url")
-    u = urlparse(url)
+    try:
+        u = urlparse(url)
+        u.port  # noqa: B018 - a port out of range (or not a number) raises here, not later
+    except ValueError as exc:
+        raise InvalidInput(f"webhook_url is not a URL: {exc}", field="webhook_url") from None
     if u.scheme not in ("http", "https") or not u.hostname:
         raise InvalidInput(f"webhook_url must be an http(s) URL, not {url[:100]!r}", field="webhook_url")
     host = u.hostname.lower()

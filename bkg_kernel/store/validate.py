@@ -217,6 +217,8 @@ def upsert_batch(
     nothing: list[str | None] = [None] * n
     pl = _payloads(payloads, name("payload")) if payloads is not None else nothing
     tx = _texts(texts, name("text")) if texts is not None else list(nothing)
+    for col, where in ((keys, name("id")), (pl, name("payload")), (tx, name("text"))):
+        _utf8(col, where)
     last = {k: i for i, k in enumerate(keys)}
     if len(last) != n:
         keep = sorted(last.values())
@@ -262,6 +264,21 @@ def _payload(p: Any, field: str) -> str | None:
         return _ENCODE(p)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidInput(f"payload is not valid JSON: {exc}", field=field) from None
+
+
+def _utf8(col: Sequence[str | None], where: Callable[[int], str]) -> None:
+    """Refuse a lone surrogate ("\\ud800", which JSON can carry and UTF-8 cannot store), naming the row: one C-level
+    encode of the whole column, then row by row only when it fails."""
+    try:
+        "".join(v for v in col if v is not None).encode("utf-8")
+    except UnicodeEncodeError:
+        for i, v in enumerate(col):
+            if v is not None:
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    bad = v[exc.start : exc.end].encode("unicode_escape").decode()
+                    raise InvalidInput(f"{bad} is not valid Unicode (a lone surrogate)", field=where(i)) from None
 
 
 def _text(t: Any, field: str) -> str | None:
