@@ -244,7 +244,8 @@ def test_commands_only_from_the_allow_list(rgw: Gateway) -> None:
     extra = job(rgw, "repo.command", {**base, "name": "show-env", "args": ["x"]})
     assert extra["state"] == "failed" and "takes no extra arguments" in extra["error"]
     env = json.loads(job(rgw, "repo.command", {**base, "name": "show-env"})["result"]["output"])
-    assert not [k for k in env if k.startswith("BKG") or "KEY" in k or "TOKEN" in k] and "PATH" in env
+    secretish = [k for k in env if k.startswith("BKG") or "KEY" in k or "TOKEN" in k]
+    assert not [k for k in secretish if not k.startswith("GIT_CONFIG_KEY_")] and "PATH" in env  # git's own names
     big = job(rgw, "repo.command", {**base, "name": "chatty"})["result"]
     assert big["exit_code"] == 0 and "x" * 5000 in big["output"]
 
@@ -432,3 +433,52 @@ def test_the_notebook_client(rgw: Gateway, capsys: pytest.CaptureFixture[str]) -
     assert docs._repr_markdown_().startswith("# `pkg/util.py`")
     out = repo.run("echo-args", "from", "the notebook")
     assert out["exit_code"] == 0 and "the notebook" in capsys.readouterr().out
+
+
+def test_git_runs_no_program_that_a_caller_or_a_repository_names(rgw: Gateway) -> None:
+    """git reads $HOME/.gitconfig (HOME is the workspace, which callers write) and the repository's own config:
+    neither may name a program that bkg's git runs (core.fsmonitor runs on `git status` and `git diff`)."""
+    base, repo = {"workspace": "demo"}, repo_dir(rgw)
+    marker = repo.parent.parent / "fsmonitor-ran"
+    hook = f'[core]\n\tfsmonitor = "touch {marker}"\n'
+    try:
+        assert invoke(rgw, "repo.file.write", {**base, "path": ".gitconfig", "content": hook}).status_code == 200
+        status = job(rgw, "repo.command", {**base, "name": "git-status"})
+        assert status["state"] == "done" and ".gitconfig" in status["result"]["output"], status
+        assert invoke(rgw, "repo.diff", base).status_code == 200
+        assert not marker.exists()
+        git(repo, "config", "core.fsmonitor", f"touch {marker}")  # a repository that came with such a config
+        assert job(rgw, "repo.command", {**base, "name": "git-status"})["state"] == "done"
+        assert invoke(rgw, "repo.diff", base).status_code == 200
+        assert not marker.exists()
+    finally:
+        git(repo, "config", "--unset", "core.fsmonitor") if "fsmonitor" in git(repo, "config", "--list") else None
+        (repo / ".gitconfig").unlink(missing_ok=True)
+    # the repository's own .git (whose config a caller could then write) is no workspace
+    r = invoke(rgw, "repo.workspace", {"action": "add", "name": "gitdir", "path": "demo/.git"})
+    assert r.status_code == 403 and "git directory" in r.json()["error"]["message"], r.text
+
+
+def test_a_symlink_out_of_the_workspace_is_never_searched_or_indexed(rgw: Gateway) -> None:
+    base, repo = {"workspace": "demo"}, repo_dir(rgw)
+    os.symlink(repo.parent.parent / "outside" / "secret.py", repo / "leak.py")
+    try:
+        hits = invoke(rgw, "repo.search", {**base, "query": "TOKEN"}).json()
+        assert not [h for h in hits["hits"] if h["path"] == "leak.py"], hits
+    finally:
+        (repo / "leak.py").unlink()
+
+
+def test_hostile_files_are_the_caller_s_4xx(rgw: Gateway) -> None:
+    base, repo = {"workspace": "demo"}, repo_dir(rgw)
+    deep = "x = " + "+".join(["a"] * 3000) + "\n"
+    r = invoke(rgw, "repo.file.write", {**base, "path": "deep.py", "content": deep})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "content", r.text
+    r = invoke(rgw, "repo.file.read", {**base, "path": "a" * 300})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "path", r.text
+    (repo / "latin1.txt").write_bytes(b"caf\xe9\n")
+    try:
+        r = invoke(rgw, "repo.file.write", {**base, "path": "latin1.txt", "content": "more\n", "mode": "append"})
+        assert r.status_code == 422 and "UTF-8" in r.json()["error"]["message"], r.text
+    finally:
+        (repo / "latin1.txt").unlink()

@@ -33,19 +33,22 @@ def git(root: Path, *args: str, env: dict[str, str] | None = None, check: bool =
 def diff(root: Path, paths: list[str]) -> dict[str, Any]:
     """The working tree's changes against HEAD (staged and not), and the status of each changed file."""
     has_head = subprocess.run(
-        ["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, env=git_env()
+        ["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, env=git_env(), timeout=120
     ).returncode == 0  # fmt: skip
     base = ["HEAD"] if has_head else ["--cached"]
-    text = git(root, "diff", "--no-ext-diff", *base, "--", *paths)
+    text = git(root, "diff", "--no-ext-diff", "--no-textconv", *base, "--", *paths)
     status = git(root, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--", *paths)
     files = []
     for entry in filter(None, status.split("\0")):
         code, name = entry[:2], entry[3:]
         if code.strip():
             files.append({"path": name, "status": _STATUS.get(code.strip()[:1], code.strip())})
-    for f in files:  # untracked files have no diff in `git diff`: show them whole
-        if f["status"] == "untracked":
-            text += git(root, "diff", "--no-index", "--", "/dev/null", f["path"], check=False)
+    for f in files:  # untracked files have no diff in `git diff`: show them whole, up to the cap
+        if f["status"] == "untracked" and len(text) < MAX_DIFF_BYTES:
+            text += git(root, "diff", "--no-ext-diff", "--no-textconv", "--no-index", "--", "/dev/null", f["path"],
+                        check=False)  # fmt: skip
+    if len(text) > MAX_DIFF_BYTES:
+        text = text[:MAX_DIFF_BYTES] + f"\n[diff cut at {MAX_DIFF_BYTES} characters]\n"
     return {"diff": text, "files": files, "changed": len(files)}
 
 

@@ -81,7 +81,7 @@ def _python(path: str, source: str) -> dict[str, Any]:
     n_lines = source.count("\n") + 1
     try:
         tree = ast.parse(source, filename=path)
-    except (SyntaxError, ValueError) as exc:
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:  # 1,500 terms in a row: RecursionError
         line = getattr(exc, "lineno", None)
         err = f"line {line}: {getattr(exc, 'msg', exc)}" if line else str(exc)
         return {"language": "python", "symbols": [_module(mod, path, n_lines, None)], "refs": [], "error": err}

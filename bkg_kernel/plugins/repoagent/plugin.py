@@ -46,7 +46,7 @@ from bkg_kernel.plugins.repoagent.schemas import (
     WorkspaceRequest,
     WriteRequest,
 )  # fmt: skip
-from bkg_kernel.plugins.repoagent.workspace import Ignore, Workspace, is_binary, list_files, read_text
+from bkg_kernel.plugins.repoagent.workspace import Ignore, Workspace, is_binary, is_git_dir, list_files, read_text
 from bkg_kernel.runtime.contract import Cancelled, GatewayAPI, Plugin, Progress, capability
 from bkg_kernel.runtime.storehandle import StoreHandle
 
@@ -179,6 +179,9 @@ class RepoAgent(Plugin):
             raise Forbidden(f"{folder} is outside the repo roots ({roots}): set repo_roots to allow it", field="path")
         if not folder.is_dir():
             raise NotFound(f"{folder} is not a folder", field="path")
+        if is_git_dir(folder):  # its config names programs git runs: writing it would be running them
+            raise Forbidden(f"{folder} is a git directory, not a working tree: add the folder that holds it",
+                            field="path")  # fmt: skip
         with self.lock:
             if name in self.workspaces:
                 raise AlreadyExists(f"workspace {name!r} already exists", field="name")
@@ -265,10 +268,15 @@ class RepoAgent(Plugin):
         old = full.read_bytes() if exists else b""
         if is_binary(old):
             raise InvalidInput(f"{rel} is a binary file: it is not written as text", field="path")
-        new = (old.decode() if inp.mode == "append" else "") + inp.content
+        try:
+            new = (old.decode() if inp.mode == "append" else "") + inp.content
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{rel} is not UTF-8 text: it is not appended to", field="path") from None
         if full.suffix in (".py", ".pyi") and not inp.force:
             try:
                 ast.parse(new, filename=rel)
+            except RecursionError:
+                raise InvalidInput(f"{rel} nests too deeply for Python to parse", field="content") from None
             except SyntaxError as exc:
                 raise InvalidInput(
                     f"{rel} would not parse: line {exc.lineno}: {exc.msg} (send force=true to write it anyway)",

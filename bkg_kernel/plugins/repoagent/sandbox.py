@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from bkg_kernel.errors import Forbidden, InvalidInput
+from bkg_kernel.plugins.repoagent.workspace import git_safe_env
 
 
 class CommandSpec(BaseModel):
@@ -77,7 +78,9 @@ def scrubbed_env(cwd: Path, extra: dict[str, str]) -> dict[str, str]:
     """A minimal environment: PATH (this Python's bin first), HOME in the workspace, no keys or tokens."""
     path = os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"])
     env = {"PATH": path, "HOME": str(cwd), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-    env.update({"GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0", "GIT_PAGER": "cat", "TERM": "dumb"})
+    # git reads $HOME/.gitconfig, and HOME is the workspace, which callers write: no user or system config at all,
+    # and the keys through which a repository's config names programs are pinned (workspace.GIT_SAFE)
+    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_PAGER": "cat", "TERM": "dumb", **git_safe_env()})
     return {**env, **extra}
 
 

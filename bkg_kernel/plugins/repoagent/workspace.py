@@ -50,8 +50,8 @@ class Workspace:
         """Return the absolute path of `rel` inside the workspace; refuse anything that leaves it (403)."""
         if "\0" in rel:
             raise InvalidInput("a path cannot contain NUL", field=field_name)
-        if len(rel) > 4096:
-            raise InvalidInput("a path is at most 4096 characters", field=field_name)
+        if len(rel) > 4096 or any(len(part.encode()) > 200 for part in rel.split("/")):
+            raise InvalidInput("a path is at most 4096 characters, each name at most 200 bytes", field=field_name)
         if rel.startswith(("/", "\\", "~")) or PurePosixPath(rel).is_absolute():
             raise Forbidden(f"{rel!r} is absolute: paths are relative to the workspace", field=field_name)
         full = (self.path / rel).resolve()
@@ -105,7 +105,7 @@ class Ignore:
                     continue
                 if is_dir:
                     subdirs.append((folder / e.name, rules))
-                elif e.is_file():
+                elif e.is_file() and (not e.is_symlink() or inside(root, rel)):
                     seen += 1
                     if seen > limit:
                         return
@@ -136,18 +136,58 @@ def git_files(root: Path, limit: int) -> list[str] | None:
     return names[: limit + 1]
 
 
+# Settings given to every git bkg runs (the environment's config outranks the repository's own, like `-c`): the
+# keys through which a config names a program for git to run on a read-only command (status, diff, log)
+GIT_SAFE = {
+    "core.fsmonitor": "false",
+    "core.hooksPath": os.devnull,
+    "core.pager": "cat",
+    "core.sshCommand": "false",
+    "commit.gpgSign": "false",
+    "tag.gpgSign": "false",
+}
+
+
+def git_safe_env() -> dict[str, str]:
+    """No user or system git config, and `GIT_SAFE` over the repository's own."""
+    env = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_COUNT": str(len(GIT_SAFE))}
+    for i, (key, value) in enumerate(GIT_SAFE.items()):
+        env[f"GIT_CONFIG_KEY_{i}"], env[f"GIT_CONFIG_VALUE_{i}"] = key, value
+    return env
+
+
 def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """A scrubbed environment for git: no user config, no pager, no prompts."""
+    """A scrubbed environment for git: no user config, no pager, no prompts, `GIT_SAFE`."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": "/nonexistent",
         "LANG": "C.UTF-8",
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": os.devnull,
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_PAGER": "cat",
+        **git_safe_env(),
     }
     return {**env, **(extra or {})}
+
+
+def is_git_dir(folder: Path) -> bool:
+    """Whether `folder` is, or lies inside, a git directory (`.git`, or a bare repository): its `config` names
+    programs git runs, so it is never a workspace."""
+    if ".git" in folder.parts:
+        return True
+    return (folder / "HEAD").is_file() and (folder / "objects").is_dir() and (folder / "config").is_file()
+
+
+def inside(ws_path: Path, rel: str) -> bool:
+    """Whether the file `rel` is really in the workspace: a symlink counts only when it points inside it (and
+    not into `.git`); a link to /etc/passwd or the data dir is never read, searched or indexed."""
+    p = ws_path / rel
+    if not p.is_symlink():
+        return p.exists()
+    try:
+        real = p.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return ws_path in real.parents and ".git" not in real.relative_to(ws_path).parts
 
 
 def list_files(ws: Workspace, ignore: Ignore, limit: int) -> list[str]:
@@ -159,7 +199,7 @@ def list_files(ws: Workspace, ignore: Ignore, limit: int) -> list[str]:
         names = [
             n
             for n in names
-            if not ignore.skip(n) and not any(ignore.skip(d, True) for d in _parents(n)) and (ws.path / n).exists()
+            if not ignore.skip(n) and not any(ignore.skip(d, True) for d in _parents(n)) and inside(ws.path, n)
         ]  # a tracked file deleted from the working tree is listed by git but gone
     if len(names) > limit:
         raise InvalidInput(

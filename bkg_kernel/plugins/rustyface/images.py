@@ -77,7 +77,8 @@ def decode(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
         rgb = np.asarray(img.convert("RGB"))
     except InvalidImage:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # SyntaxError: Pillow's word for a malformed PNG chunk
         raise InvalidImage(f"{field}: not a readable image ({type(exc).__name__}: {exc})", field=field) from None
     return np.ascontiguousarray(rgb[:, :, ::-1])  # BGR, as OpenCV and insightface expect
 
