@@ -120,6 +120,18 @@ def test_bad_input(bgw: Gateway) -> None:
     bgw.client().post("/api/collections", json={"name": "raw", "dim": 3}).raise_for_status()
     r = invoke(bgw, "brainml.query", {"collection": "raw", "query": "x"})
     assert r.status_code == 422 and "embed_model" in r.json()["error"]["message"]
+    # metadata cannot file a document's chunks under another document (re-indexing that one would delete them)
+    r = invoke(bgw, "brainml.index", {"collection": "kb2", "documents": [{"text": "x y", "metadata": {"doc_id": "B"}}]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "input.documents.0.metadata", r.text
+    assert "doc_id" in r.json()["error"]["message"]
+
+
+def test_stats_lists_what_is_left_after_a_collection_is_dropped(bgw: Gateway) -> None:
+    assert invoke(bgw, "brainml.index", {"collection": "short-lived", "documents": [{"text": "a b c"}]}).is_success
+    assert bgw.client().delete("/api/collections/short-lived").is_success
+    r = invoke(bgw, "brainml.stats", {})
+    assert r.status_code == 200 and "short-lived" not in {c["collection"] for c in r.json()["collections"]}, r.text
+    assert invoke(bgw, "brainml.stats", {"collection": "short-lived"}).status_code == 404
 
 
 def test_brainml_acts_as_its_caller(bgw: Gateway) -> None:

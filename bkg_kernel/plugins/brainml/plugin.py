@@ -21,7 +21,7 @@ import uuid
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from bkg_kernel.errors import AlreadyExists, InvalidInput, NotFound
 from bkg_kernel.models.classifier import Classifier
@@ -71,7 +71,20 @@ class Document(BaseModel):
 
     id: str | int | None = None
     text: str = Field(..., min_length=1)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="Stored with each chunk; doc_id, chunk, start and end are brainml's own."
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _own_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(RESERVED & set(v))
+        if taken:  # {"doc_id": "B"} would file the chunks under another document, and re-indexing B delete them
+            raise ValueError(f"metadata cannot set {', '.join(taken)}: brainml keeps them for each chunk")
+        return v
+
+
+RESERVED = frozenset({"doc_id", "chunk", "start", "end"})
 
 
 class Chunking(BaseModel):
@@ -406,7 +419,12 @@ class BrainML(Plugin):
         names = [inp.collection] if inp.collection else sorted(self.stats_data)
         out = []
         for name in names:
-            info = self._collection(name, create=False)
+            try:
+                info = self._collection(name, create=False)
+            except NotFound:
+                if inp.collection:
+                    raise
+                continue  # indexed once, dropped since: not listed (it used to make every listing a 404)
             docs = self.store.count_distinct(name, "doc_id")
             s = self.stats_data.get(name, {"queries": 0, "query_ms_total": 0.0})
             out.append(
