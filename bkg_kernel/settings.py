@@ -78,6 +78,10 @@ class Settings(BaseSettings):
         "skip", pattern=r"^(skip|queue)$", description="A schedule due while its last run is still going: skip|queue."
     )
     job_tick_s: float = Field(5.0, gt=0, le=60, description="How often schedules are checked, in seconds.")
+    job_max_waiting: int = Field(
+        100, ge=1, le=100_000, description="Runs one user may have queued or running at once (429 past it)."
+    )
+    job_max_schedules: int = Field(100, ge=1, le=100_000, description="Schedules one user may own (429 past it).")
     # -- JupyterHub (set by the Hub in a service's or a user server's environment) ----------------------------
     hub_api_token: str | None = Field(
         None, validation_alias="JUPYTERHUB_API_TOKEN", description="The Hub token of this service or user server."

@@ -529,3 +529,45 @@ def test_a_webhook_goes_to_the_address_that_was_checked(monkeypatch: pytest.Monk
     assert ext == {"sni_hostname": "hooks.example.org"}  # TLS still checks the name, not the address
     with pytest.raises(Forbidden, match="10.0.0.7"):
         webhooks.target("http://rebind.example.org/x", [])
+
+
+def test_one_user_cannot_fill_the_queue_or_pile_up_schedules(tmp_path: Path, roots: Path) -> None:
+    """The job service in this process, its dispatcher not started: every run stays queued (what a busy pool
+    looks like). A user gets a 429 past job_max_waiting runs and job_max_schedules schedules, another user is
+    not held back, and a schedule whose last run is still queued skips its next fires instead of queueing more."""
+    from bkg_kernel.auth import AuthService, Principal
+    from bkg_kernel.errors import TooManyRequests
+    from bkg_kernel.jobs.service import JobService
+    from bkg_kernel.settings import Settings
+    from bkg_kernel.store import Store
+
+    store = Store(tmp_path / "data")
+    auth = AuthService(store)
+    ann, bob = (auth.create_user(n, "developer", actor="test") for n in ("ann", "bob"))
+    pa, pb = (Principal(u["id"], u["username"], "developer", frozenset(auth.roles["developer"])) for u in (ann, bob))
+    now = [1_800_000_000.0]
+    settings = Settings(job_roots=[roots], job_max_waiting=2, job_max_schedules=2, job_overlap="skip")
+    svc = JobService(settings, store, auth, lambda *a: None, "http://127.0.0.1:9", clock=lambda: now[0])
+
+    async def scenario() -> None:
+        svc.queue = asyncio.Queue()  # what start() makes; no dispatcher takes from it here
+        for _ in range(2):
+            await svc.submit(pa, "ok.ipynb")
+        with pytest.raises(TooManyRequests) as exc:
+            await svc.submit(pa, "ok.ipynb")
+        assert "job_max_waiting" in exc.value.message
+        assert (await svc.submit(pb, "ok.ipynb"))["owner"] == "bob"
+
+        s = await svc.add_schedule(pb, {"notebook": "ok.ipynb", "cron": "* * * * *"})
+        await svc.add_schedule(pb, {"notebook": "ok.ipynb", "cron": "0 3 * * *"})
+        with pytest.raises(TooManyRequests):
+            await svc.add_schedule(pb, {"notebook": "ok.ipynb", "cron": "0 4 * * *"})
+        svc.settings.job_max_waiting = 10
+        now[0] += 61
+        assert [r["schedule_id"] for r in await svc.tick()] == [s["id"]]
+        now[0] += 60
+        assert await svc.tick() == []  # its run is still queued: this fire is skipped, not queued behind it
+        assert sum(1 for r in svc.live.values() if r["schedule_id"] == s["id"]) == 1
+
+    asyncio.run(scenario())
+    store.close()

@@ -22,7 +22,7 @@ from typing import Any
 
 from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.auth.service import RUN_KEY, RUN_KEY_PREFIX
-from bkg_kernel.errors import BkgError, Conflict, Forbidden, InvalidInput, NotFound
+from bkg_kernel.errors import BkgError, Conflict, Forbidden, InvalidInput, NotFound, TooManyRequests
 from bkg_kernel.jobs import notebooks, schedule
 from bkg_kernel.jobs.access import SEE_ALL, visible
 from bkg_kernel.jobs.history import FINISHED, History
@@ -140,6 +140,11 @@ class JobService:
         """Check the notebook and its parameters (before anything runs), then queue a run as `p`."""
         p.require(RUN_SCOPE, "running a notebook job")
         _check_limits(timeout_s, retries)
+        waiting = sum(1 for r in self.live.values() if r["owner_id"] == p.user_id)
+        if waiting >= self.settings.job_max_waiting:  # one user's thousand runs would queue before everyone else's
+            raise TooManyRequests(
+                f"{p.username} has {waiting} runs queued or running (job_max_waiting {self.settings.job_max_waiting})"
+            )
         path, params = await asyncio.to_thread(self._checked, notebook, parameters)
         run = new_run(
             notebook=notebooks.relative_name(path, self.roots), path=str(path), parameters=params,
@@ -430,6 +435,11 @@ class JobService:
             await asyncio.to_thread(check_url, webhook, self.settings.webhook_allow)
         timeout_s, retries = body.get("timeout_s"), body.get("retries", 0)
         _check_limits(timeout_s, retries)
+        owned = sum(1 for s in await asyncio.to_thread(self.history.schedules) if s["owner_id"] == p.user_id)
+        if owned >= self.settings.job_max_schedules:
+            raise TooManyRequests(
+                f"{p.username} owns {owned} schedules (job_max_schedules {self.settings.job_max_schedules}): delete one"
+            )
         now = self.clock()
         row = {
             "id": "sched-" + uuid.uuid4().hex[:10],
@@ -530,7 +540,7 @@ class JobService:
                 continue
             if fire is None:
                 continue
-            busy = any(r["schedule_id"] == s["id"] and self._going(r) for r in self.live.values())
+            busy = any(r["schedule_id"] == s["id"] for r in self.live.values())  # queued counts: no backlog
             if busy and self.settings.job_overlap == "skip":
                 log.info("schedule %s: skipped the %s fire, its last run is still going", s["id"], fire)
                 await asyncio.to_thread(self.history.mark_fired, s["id"], fire, None)
