@@ -482,3 +482,15 @@ def test_hostile_files_are_the_caller_s_4xx(rgw: Gateway) -> None:
         assert r.status_code == 422 and "UTF-8" in r.json()["error"]["message"], r.text
     finally:
         (repo / "latin1.txt").unlink()
+
+
+def test_a_regex_that_backtracks_without_end_is_stopped_and_the_worker_keeps_answering(rgw: Gateway) -> None:
+    base, repo = {"workspace": "demo"}, repo_dir(rgw)
+    (repo / "redos.txt").write_text("a" * 60 + "!\n")
+    try:
+        r = invoke(rgw, "repo.search", {**base, "query": "(a|aa)+$", "regex": True, "glob": "redos.txt"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "query" and "backtracks" in r.text, r.text
+        ok = invoke(rgw, "repo.search", {**base, "query": "a+!$", "regex": True, "glob": "redos.txt"}).json()
+        assert [h["path"] for h in ok["hits"]] == ["redos.txt"]
+    finally:
+        (repo / "redos.txt").unlink()

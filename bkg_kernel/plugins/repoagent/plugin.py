@@ -15,7 +15,6 @@ import contextlib
 import fnmatch
 import json
 import os
-import re
 import shutil
 import threading
 import time
@@ -51,6 +50,7 @@ from bkg_kernel.runtime.contract import Cancelled, GatewayAPI, Plugin, Progress,
 from bkg_kernel.runtime.storehandle import StoreHandle
 
 MAX_LINE_CHARS = 2000  # search reads at most this much of one line
+SEARCH_TIMEOUT_S = 10.0  # matching time one repo.search may take, all files together
 
 
 class RepoAgent(Plugin):
@@ -299,11 +299,16 @@ class RepoAgent(Plugin):
     def search(self, inp: SearchRequest) -> Result:
         """Lines matching a literal or a regex (path, line number, line); files matched; explicit when none."""
         ws = self._ws(inp.workspace)
-        flags = 0 if inp.case_sensitive else re.IGNORECASE
+        import regex  # the `regex` module: a search that can be given a timeout, which `re`'s cannot
+
+        flags = 0 if inp.case_sensitive else regex.IGNORECASE
         try:
-            pattern = re.compile(inp.query if inp.regex else re.escape(inp.query), flags)
-        except re.error as exc:
+            pattern = regex.compile(inp.query if inp.regex else regex.escape(inp.query), flags | regex.VERSION0)
+        except (regex.error, ValueError, OverflowError, RecursionError) as exc:
             raise InvalidInput(f"not a regular expression: {exc}", field="query") from None
+        # '(a+)+$' against 'aaaa...!' backtracks for hours, holding the GIL (the worker would stop answering its
+        # pipe): the whole search gets SEARCH_TIMEOUT_S of matching
+        deadline = time.monotonic() + SEARCH_TIMEOUT_S
         hits: list[dict[str, Any]] = []
         files: dict[str, int] = {}
         truncated = False
@@ -320,7 +325,15 @@ class RepoAgent(Plugin):
             if is_binary(data):
                 continue
             for n, line in enumerate(data.decode(errors="replace").splitlines(), start=1):
-                if pattern.search(line[:MAX_LINE_CHARS]):
+                try:
+                    found = pattern.search(line[:MAX_LINE_CHARS], timeout=max(0.001, deadline - time.monotonic()))
+                except TimeoutError:
+                    raise InvalidInput(
+                        f"the expression took over {SEARCH_TIMEOUT_S:g} s to match (nested repetition such as "
+                        "'(a+)+' backtracks without end): simplify it",
+                        field="query",
+                    ) from None
+                if found:
                     files[rel] = files.get(rel, 0) + 1
                     if len(hits) < inp.limit:
                         hits.append({"path": rel, "line": n, "text": line[:MAX_LINE_CHARS]})
