@@ -4,8 +4,10 @@ call, stops working when that call ends and when the worker restarts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from bkg_kernel.runtime.contract import Plugin, capability
 
 class Target(BaseModel):
     collection: str = "probe"
+    pad: str = ""  # ballast: a message bigger than the pipe's buffer
 
 
 class Out(BaseModel):
@@ -67,6 +70,14 @@ class Probe(Plugin):
         grant = json.loads((self.context.work_dir / "grant.json").read_text())["grant"]
         with calls.running(calls.Call(self.context.caller, grant)):
             return Out(count=self.context.store.count(inp.collection))
+
+
+    @capability("probe.freeze", scope="plugins:read")
+    def freeze(self, inp: Target) -> Out:
+        """Hold the GIL for good (a regular expression that backtracks without end): the worker reads nothing."""
+        import re
+
+        return Out(matched=bool(re.match(r"(a|aa)+$", "a" * 80 + "!")))
 
 
 PLUGIN = Probe
@@ -154,3 +165,26 @@ def test_plugin_routes_are_handed_the_gateway(pgw: Gateway) -> None:
 def test_no_module_named_secrets_shadows_the_standard_library() -> None:
     root = Path(__file__).resolve().parent.parent / "bkg_kernel"
     assert not list(root.rglob("secrets.py"))
+
+
+def test_a_worker_that_stops_reading_never_blocks_the_gateway(pgw: Gateway) -> None:
+    """A call holds the worker's GIL, so nothing reads its pipe; a 2 MB request for it (more than the pipe holds)
+    used to be written on the event loop, which then waited for good, and a restart waited for the same lock.
+    Now the gateway answers meanwhile, and the restart replaces the frozen worker."""
+    import threading
+
+    import httpx
+
+    def quietly(cap: str, **body: Any) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            pgw.client().post(f"/api/plugins/probe/invoke/{cap}", json=body, timeout=60)
+
+    threading.Thread(target=quietly, args=("probe.freeze",), daemon=True).start()
+    time.sleep(1.0)
+    threading.Thread(target=quietly, args=("probe.whoami",), kwargs={"pad": "x" * 2_000_000}, daemon=True).start()
+    time.sleep(1.0)
+    assert httpx.get(pgw.url + "/health", timeout=10).status_code == 200
+    assert pgw.client().get("/api/plugins", timeout=10).status_code == 200
+    r = pgw.client().post("/api/plugins/probe/restart", timeout=60)
+    assert r.status_code == 200 and r.json()["state"] == "running", r.text
+    assert _invoke(pgw, "probe.whoami").json()["username"] == "admin"

@@ -8,11 +8,13 @@ import contextvars
 import itertools
 import logging
 import multiprocessing
+import queue
 import secrets
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +87,15 @@ class WorkerProcess:
         # grant -> caller, for the requests in flight: a store request from the worker acts as that caller
         self.grants: dict[str, Principal] = {}
         self._ids = itertools.count(1)
-        self._send_lock = threading.Lock()
+        # Messages to the worker, pickled by the sender and written by one thread in order: the event loop never
+        # writes to the pipe itself (a worker that stops reading, or a message bigger than the pipe's buffer,
+        # would block it until the worker reads again, and stop() could not kill it meanwhile).
+        self._outbox: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._broken = False
         self.proc.start()
         child.close()
         threading.Thread(target=self._read, name=f"bkg-pipe-{host.id}", daemon=True).start()
+        threading.Thread(target=self._write, name=f"bkg-pipe-out-{host.id}", daemon=True).start()
 
     def _read(self) -> None:
         while True:
@@ -144,12 +151,19 @@ class WorkerProcess:
         self._send(reply)
 
     def _send(self, msg: tuple[Any, ...]) -> bool:
-        try:
-            with self._send_lock:
-                self.conn.send(msg)
-            return True
-        except (OSError, ValueError):
+        """Queue a message for the worker (False once the pipe is known broken: the worker is gone)."""
+        if self._broken:
             return False
+        self._outbox.put(ForkingPickler.dumps(msg))  # what Connection.send does, here: errors are the caller's
+        return True
+
+    def _write(self) -> None:
+        while (data := self._outbox.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except (OSError, ValueError):  # the worker is gone: the reader's EOF answers what was in flight
+                self._broken = True
+                return
 
     def grant(self, caller: Principal) -> dict[str, Any]:
         """Make a grant for one request of `caller`; the message data that carries it into the worker."""
@@ -225,11 +239,8 @@ class WorkerProcess:
 
     def stop(self, timeout: float) -> None:
         """Ask the worker to stop; kill it if it has not exited within `timeout` seconds."""
-        try:
-            with self._send_lock:
-                self.conn.send(("stop",))
-        except (OSError, ValueError):
-            pass
+        self._send(("stop",))
+        self._outbox.put(None)  # the writer ends after it
         self.proc.join(timeout)
         if self.proc.is_alive():
             log.warning("worker %s did not stop in %.0fs: killing it", self.host.id, timeout)
