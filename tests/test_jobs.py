@@ -571,3 +571,41 @@ def test_one_user_cannot_fill_the_queue_or_pile_up_schedules(tmp_path: Path, roo
 
     asyncio.run(scenario())
     store.close()
+
+
+def test_a_user_made_under_a_deleted_user_s_name_sees_none_of_their_jobs(tmp_path: Path, roots: Path) -> None:
+    """Runs and schedules belong to a user id, not a name: 'carl' deleted and made again is someone else."""
+    from bkg_kernel.auth import AuthService, Principal
+    from bkg_kernel.errors import NotFound
+    from bkg_kernel.jobs.service import JobService
+    from bkg_kernel.settings import Settings
+    from bkg_kernel.store import Store
+
+    store = Store(tmp_path / "data")
+    auth = AuthService(store)
+
+    def carl() -> Principal:
+        u = next(u for u in auth.users.values() if u["username"] == "carl")
+        return Principal(u["id"], "carl", "developer", frozenset(auth.roles["developer"]))
+
+    auth.create_user("carl", "developer", actor="test")
+    first = carl()
+    svc = JobService(Settings(job_roots=[roots]), store, auth, lambda *a: None, "http://127.0.0.1:9")
+
+    async def scenario() -> None:
+        svc.queue = asyncio.Queue()  # no dispatcher: the run stays queued, as it would be kept after it ended
+        run = await svc.submit(first, "ok.ipynb")
+        sched = await svc.add_schedule(first, {"notebook": "ok.ipynb", "cron": "0 3 * * *"})
+        assert [r["id"] for r in await svc.runs(first)] == [run["id"]]
+        auth.delete_user(first.user_id, actor="test")
+        auth.create_user("carl", "developer", actor="test")
+        second = carl()
+        assert second.user_id != first.user_id
+        assert await svc.runs(second) == [] and await svc.schedules(second) == []
+        with pytest.raises(NotFound):
+            await svc.get(run["id"], second)
+        with pytest.raises(NotFound):
+            await svc.delete_schedule(sched["id"], second)
+
+    asyncio.run(scenario())
+    store.close()

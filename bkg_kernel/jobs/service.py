@@ -371,14 +371,14 @@ class JobService:
     async def get(self, run_id: str, p: Principal) -> dict[str, Any]:
         """One run (live or kept), if `p` may see it (its owner or an auditor; anyone else gets 404)."""
         run = self.live.get(run_id) or await asyncio.to_thread(self.history.run, run_id)
-        if run is None or not visible(run["owner"], p.scopes, p.username):
+        if run is None or not _sees(p, run):
             raise NotFound(f"no job {run_id!r}", field="job_id")
         return public(run)
 
     async def runs(self, p: Principal, limit: int = 200) -> list[dict[str, Any]]:
         """Runs `p` may see, newest first."""
-        owner = None if SEE_ALL in p.scopes else p.username
-        rows = await asyncio.to_thread(self.history.runs, owner, limit)
+        owner_id = None if SEE_ALL in p.scopes else p.user_id
+        rows = await asyncio.to_thread(self.history.runs, None, limit, None, owner_id)
         return [public(self.live.get(r["id"], r)) for r in rows]
 
     def _steer(self, run: dict[str, Any], p: Principal) -> None:
@@ -473,13 +473,13 @@ class JobService:
     async def schedules(self, p: Principal) -> list[dict[str, Any]]:
         """Schedules `p` may see, with their next run time."""
         rows = await asyncio.to_thread(self.history.schedules)
-        return [self._schedule_public(s) for s in rows if visible(s["owner"], p.scopes, p.username)]
+        return [self._schedule_public(s) for s in rows if _sees(p, s)]
 
     async def _schedule(self, schedule_id: str, p: Principal) -> dict[str, Any]:
         s = await asyncio.to_thread(self.history.schedule, schedule_id)
-        if s is None or not visible(s["owner"], p.scopes, p.username):
+        if s is None or not _sees(p, s):
             raise NotFound(f"no schedule {schedule_id!r}", field="schedule_id")
-        if s["owner"] != p.username:
+        if s["owner_id"] != p.user_id:
             p.require(RUN_SCOPE, f"changing {s['owner']}'s schedule")
         return s
 
@@ -556,6 +556,11 @@ class JobService:
             await asyncio.to_thread(self.history.mark_fired, s["id"], fire, run["id"])
             started.append(run)
         return started
+
+
+def _sees(p: Principal, row: dict[str, Any]) -> bool:
+    """Whether `p` may see a run or schedule: its owner (by user id) or an auditor."""
+    return visible(row["owner"], p.scopes, p.username, owner_id=row.get("owner_id"), user_id=p.user_id)
 
 
 def _check_limits(timeout_s: Any, retries: Any) -> None:
