@@ -245,16 +245,26 @@ def user_message(exc: BaseException) -> str:
     return exc.message if isinstance(exc, BkgError) else f"{type(exc).__name__}: {exc}"
 
 
-def expand_home(path: str, field: str) -> Path:
-    """A path given in a request, checked and with its `~` expanded: a NUL, a name longer than the filesystem's
-    255 bytes or a path longer than 4096 is the caller's 422, and `~someone/...` for a user this machine does not
-    have the caller's 404, each naming `field` (the OS would raise ValueError / OSError / RuntimeError for them,
-    which would otherwise be a 500 wherever the path is first looked at)."""
+def check_path_text(path: str, field: str, max_name: int = 255) -> None:
+    """Refuse, as the caller's 422 naming `field`, a path no filesystem call could take: a NUL, text that is not
+    valid Unicode (a lone surrogate), a name over `max_name` bytes or a path over 4096 (the OS raises ValueError,
+    UnicodeEncodeError or OSError for them, a 500 wherever the path is first looked at)."""
     if "\x00" in path:
         raise InvalidInput("a path cannot contain NUL", field=field)
-    raw = os.fsencode(path)
-    if len(raw) > 4096 or any(len(part) > 255 for part in raw.split(b"/")):
-        raise InvalidInput(f"path too long: {path[:60]!r}... (a name is at most 255 bytes, a path 4096)", field=field)
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:
+        raise InvalidInput("a path must be valid Unicode (it holds a lone surrogate)", field=field) from None
+    if len(raw) > 4096 or any(len(part) > max_name for part in raw.split(b"/")):
+        raise InvalidInput(
+            f"path too long: {path[:60]!r}... (a name is at most {max_name} bytes, a path 4096)", field=field
+        )
+
+
+def expand_home(path: str, field: str) -> Path:
+    """A path given in a request, checked (`check_path_text`) and with its `~` expanded; `~someone/...` for a user
+    this machine does not have is the caller's 404 naming `field` (pathlib raises RuntimeError for it)."""
+    check_path_text(path, field)
     try:
         return Path(path).expanduser()
     except RuntimeError:

@@ -82,7 +82,12 @@ def test_the_model_dir_itself_is_never_a_model_nor_deleted_as_one(reg: ModelRegi
 
 
 def test_a_path_no_filesystem_could_hold_is_the_caller_s_422(reg: ModelRegistry) -> None:
-    for path, words in (("/tmp/" + "a" * 300, "too long"), ("/tmp/" + "a/" * 2100, "too long"), ("/tmp/a\x00b", "NUL")):
+    for path, words in (
+        ("/tmp/" + "a" * 300, "too long"),
+        ("/tmp/" + "a/" * 2100, "too long"),
+        ("/tmp/a\x00b", "NUL"),
+        ("/tmp/a\ud800b", "Unicode"),
+    ):
         with pytest.raises(InvalidInput) as exc:
             reg.add(path)
         assert exc.value.field == "path" and words in exc.value.message

@@ -105,13 +105,10 @@ class History:
         return rows[0] if rows else None
 
     def runs(
-        self, owner: str | None = None, limit: int = 200, schedule_id: str | None = None, owner_id: str | None = None
+        self, owner_id: str | None = None, limit: int = 200, schedule_id: str | None = None
     ) -> list[dict[str, Any]]:
-        """Runs, newest first (of `owner`, or of the user `owner_id`, only when given)."""
+        """Runs, newest first (of the user `owner_id` only when given)."""
         where, params = [], []
-        if owner is not None:
-            where.append("owner = ?")
-            params.append(owner)
         if owner_id is not None:
             where.append("owner_id = ?")
             params.append(owner_id)

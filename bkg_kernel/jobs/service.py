@@ -378,7 +378,7 @@ class JobService:
     async def runs(self, p: Principal, limit: int = 200) -> list[dict[str, Any]]:
         """Runs `p` may see, newest first."""
         owner_id = None if SEE_ALL in p.scopes else p.user_id
-        rows = await asyncio.to_thread(self.history.runs, None, limit, None, owner_id)
+        rows = await asyncio.to_thread(self.history.runs, owner_id, limit)
         return [public(self.live.get(r["id"], r)) for r in rows]
 
     def _steer(self, run: dict[str, Any], p: Principal) -> None:

@@ -153,10 +153,7 @@ class ModelRegistry:
             detected = kinds.inspect(src, kind)
         except CorruptData as exc:
             raise InvalidFile(exc.message, field="path") from None
-        model_id = id or slug(src.name)
-        check_id(model_id, "id")
-        if model_id in self._read():
-            raise AlreadyExists(f"model {model_id!r} is already registered", field="id")
+        model_id = self.check_new(id or slug(src.name))
         inside = src.is_relative_to(self.dir)
         if not inside and source is None:
             if import_mode is None:

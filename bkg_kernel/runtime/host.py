@@ -161,8 +161,9 @@ class WorkerProcess:
         while (data := self._outbox.get()) is not None:
             try:
                 self.conn.send_bytes(data)
-            except (OSError, ValueError):  # the worker is gone: the reader's EOF answers what was in flight
+            except (OSError, ValueError):  # the worker is gone: what waits on it gets its 503 now, not a timeout
                 self._broken = True
+                self.fail_in_flight(f"the {self.host.id} worker is not reachable")
                 return
 
     def grant(self, caller: Principal) -> dict[str, Any]:

@@ -75,11 +75,11 @@ async def _websocket(websocket: WebSocket) -> None:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 break
-            error = _subscription(sub, message.get("text"))
-            if isinstance(error, str):
-                await websocket.send_json({"type": "error", "payload": {"message": error}})
+            answer = _subscription(sub, message.get("text"))
+            if isinstance(answer, str):
+                await websocket.send_json({"type": "error", "payload": {"message": answer}})
             else:
-                await websocket.send_json({"type": "ack", "payload": error})
+                await websocket.send_json({"type": "ack", "payload": answer})
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bkg_kernel.errors import Forbidden, InvalidInput, NotFound
+from bkg_kernel.errors import Forbidden, InvalidInput, NotFound, check_path_text
 
 BINARY_SNIFF = 8192
 
@@ -48,10 +48,7 @@ class Workspace:
 
     def resolve(self, rel: str, field_name: str = "path") -> Path:
         """Return the absolute path of `rel` inside the workspace; refuse anything that leaves it (403)."""
-        if "\0" in rel:
-            raise InvalidInput("a path cannot contain NUL", field=field_name)
-        if len(rel) > 4096 or any(len(part.encode()) > 200 for part in rel.split("/")):
-            raise InvalidInput("a path is at most 4096 characters, each name at most 200 bytes", field=field_name)
+        check_path_text(rel, field_name, max_name=200)  # 200: a write's temporary name adds ~20 bytes
         if rel.startswith(("/", "\\", "~")) or PurePosixPath(rel).is_absolute():
             raise Forbidden(f"{rel!r} is absolute: paths are relative to the workspace", field=field_name)
         full = (self.path / rel).resolve()
