@@ -31,6 +31,33 @@ def test_describe_has_capabilities_and_settings_schema(gw: Any) -> None:
     assert d["status"]["mode"] == "worker"
 
 
+def test_invoke_refusals_in_the_error_shape(gw: Any) -> None:
+    """The invoke route is served beside the router (gateway/fastpath.py): every refusal keeps the one shape."""
+    path = "/api/plugins/sysinfo/invoke/sysinfo.sleep"
+
+    def error(r: Any, status: int) -> dict[str, Any]:
+        assert r.status_code == status, r.text
+        err: dict[str, Any] = r.json()["error"]
+        assert err["status"] == status and err["code"] and err["message"]
+        return err
+
+    assert "missing credentials" in error(gw.client(None).post(path, json={"seconds": 0}), 401)["message"]
+    assert error(gw.client("bkg_nope").post(path, json={"seconds": 0}), 401)["message"] == "invalid API key"
+    c = gw.client()
+    assert "'nope'" in error(c.post("/api/plugins/nope/invoke/x", json={}), 404)["message"]
+    assert (
+        "no capability 'sysinfo.nope'"
+        in error(c.post("/api/plugins/sysinfo/invoke/sysinfo.nope", json={}), 404)["message"]
+    )
+    bad = error(c.post(path, content=b"{not json", headers={"Content-Type": "application/json"}), 422)
+    assert bad["field"] == "body" and "not valid JSON" in bad["message"]
+    assert "not list" in error(c.post(path, json=[1]), 422)["message"]
+    assert error(c.post(path, json={"seconds": -1}), 422)["field"] == "input.seconds"
+    assert error(c.get(path), 405)["code"] == "method_not_allowed"
+    assert c.post(path + "/", json={"seconds": 0}).status_code in (307, 404)  # not an invoke: the router's answer
+    assert c.post(path, json={"seconds": 0}).json() is not None
+
+
 def test_lifecycle_stop_start_restart(gw: Any) -> None:
     c = gw.client()
     pid = c.get("/api/plugins/sysinfo/status").json()["pid"]

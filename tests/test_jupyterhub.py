@@ -103,6 +103,10 @@ def test_hub_users_act_as_themselves_with_their_groups_rights(hub: Hub) -> None:
     refused = vic.post("/api/collections", json={"name": "vic_notes", "dim": 4})
     assert refused.status_code == 403 and "collections:write" in refused.json()["error"]["message"]
     assert "team_notes" in [c["name"] for c in vic.get("/api/collections").json()["collections"]]
+    # a plugin call under the service prefix acts as the Hub user too (sysinfo.sleep needs plugins:write)
+    assert dev.post("/api/plugins/sysinfo/invoke/sysinfo.sleep", json={"seconds": 0}).status_code == 200
+    denied = vic.post("/api/plugins/sysinfo/invoke/sysinfo.sleep", json={"seconds": 0})
+    assert denied.status_code == 403 and "plugins:write" in denied.json()["error"]["message"]
     audit = alice.get("/admin/audit", params={"limit": 200}).json()["entries"]
     made = [e for e in audit if e["action"] == "collection.create" and e["target"] == "team_notes"]
     assert made and made[0]["actor"] == "dev@hub"

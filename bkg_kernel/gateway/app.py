@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI
 
 from bkg_kernel.gateway import errors, openapi, routes
 from bkg_kernel.gateway.bodylimit import BodyLimitMiddleware
+from bkg_kernel.gateway.fastpath import FastInvoke
 from bkg_kernel.gateway.jupyterhub import PrefixMiddleware, hub_caller
 from bkg_kernel.gateway.metrics import Metrics, MetricsMiddleware
 from bkg_kernel.gateway.plugin_api import AppGatewayAPI
@@ -56,11 +57,13 @@ def create_app(
     if gateway is not None:
         app.state.gateway = gateway
     errors.install(app)
+    routes.install(app)
+    # Middlewares, innermost first: plugin calls taken beside the router, the Hub prefix, the body limit, metrics.
+    app.add_middleware(FastInvoke)
     if settings.hub_service_prefix and settings.hub_service_name:
         app.add_middleware(PrefixMiddleware, prefix=settings.hub_service_prefix)
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 2**20))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    routes.install(app)
     api = AppGatewayAPI(app)
     for found in discovered.values():
         if found.cls is None:

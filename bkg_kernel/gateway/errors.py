@@ -31,39 +31,58 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return JSONResponse({"error": body}, status_code=status, headers=headers or None)
 
 
+async def bkg_error(request: Request, exc: BkgError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, TooManyRequests):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after + 0.5)))
+    if exc.status >= 500:
+        method = request.scope.get("method", "WS")  # a WebSocket's handshake has none
+        log.warning("%s %s -> %s: %s", method, request.url.path, exc.status, exc.message)
+    return error_response(exc.status, exc.code, exc.message, exc.field, **headers)
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+    field = ".".join(loc) or None
+    msg = err.get("msg", "invalid request")
+    return error_response(422, "invalid_input", f"{field}: {msg}" if field else msg, field)
+
+
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    code = _CODES.get(exc.status_code, "http_error")
+    if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parsing hit Python's nesting limit
+        return error_response(400, code, "the request body nests too deeply to parse", "body")
+    return error_response(exc.status_code, code, str(exc.detail))
+
+
+async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+    return error_response(422, "invalid_input", "the request nests too deeply (JSON objects or filters)", "body")
+
+
+async def internal(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal", "internal error; the gateway log has the details")
+
+
+HANDLERS: dict[type[Exception], Any] = {
+    BkgError: bkg_error,
+    RequestValidationError: validation_error,
+    HTTPException: http_error,
+    RecursionError: too_deep,
+    Exception: internal,
+}
+
+
+async def render(request: Request, exc: Exception) -> JSONResponse:
+    """The error response for `exc`, by the first of its classes that has a handler (as Starlette looks them up):
+    for the routes served outside the router (`gateway/fastpath.py`)."""
+    handler = next(HANDLERS[c] for c in type(exc).__mro__ if c in HANDLERS)
+    response: JSONResponse = await handler(request, exc)
+    return response
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that map every error to the one shape; tracebacks stay in the log."""
-
-    @app.exception_handler(BkgError)
-    async def bkg_error(request: Request, exc: BkgError) -> JSONResponse:
-        headers = {}
-        if isinstance(exc, TooManyRequests):
-            headers["Retry-After"] = str(max(1, round(exc.retry_after + 0.5)))
-        if exc.status >= 500:
-            method = request.scope.get("method", "WS")  # a WebSocket's handshake has none
-            log.warning("%s %s -> %s: %s", method, request.url.path, exc.status, exc.message)
-        return error_response(exc.status, exc.code, exc.message, exc.field, **headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
-        field = ".".join(loc) or None
-        msg = err.get("msg", "invalid request")
-        return error_response(422, "invalid_input", f"{field}: {msg}" if field else msg, field)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        code = _CODES.get(exc.status_code, "http_error")
-        if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parsing hit Python's nesting limit
-            return error_response(400, code, "the request body nests too deeply to parse", "body")
-        return error_response(exc.status_code, code, str(exc.detail))
-
-    @app.exception_handler(RecursionError)
-    async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
-        return error_response(422, "invalid_input", "the request nests too deeply (JSON objects or filters)", "body")
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal", "internal error; the gateway log has the details")
+    for cls, handler in HANDLERS.items():
+        app.add_exception_handler(cls, handler)
