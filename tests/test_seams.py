@@ -5,6 +5,7 @@ call, stops working when that call ends and when the worker restarts."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import textwrap
 import time
@@ -83,19 +84,70 @@ class Probe(Plugin):
 PLUGIN = Probe
 '''
 
+PROBE_INLINE = '''
+import json
+import time
+
+from pydantic import BaseModel
+
+from bkg_kernel.runtime.contract import Plugin, capability
+
+
+class Late(BaseModel):
+    seconds: float = 2.0
+    tag: str = "late"
+
+
+class Out(BaseModel):
+    model_config = {"extra": "allow"}
+
+
+class ProbeInline(Plugin):
+    """An inline plugin for the tests: work that runs on after its caller stopped waiting."""
+
+    id = "probein"
+    name = "probein"
+    mode = "inline"
+
+    def _late(self, inp: Late) -> dict:
+        time.sleep(inp.seconds)
+        try:
+            outcome = {"count": self.context.store.count("probe")}
+        except Exception as exc:
+            outcome = {"refused": str(exc)}
+        (self.context.work_dir / f"{inp.tag}.json").write_text(json.dumps(outcome))
+        return outcome
+
+    @capability("probein.late", scope="plugins:read")
+    def late(self, inp: Late) -> Out:
+        """Sleep, then count a collection through the store handle; say how that went in a file."""
+        return Out(**self._late(inp))
+
+    @capability("probein.late_job", scope="plugins:read", job=True)
+    def late_job(self, inp: Late, progress) -> Out:
+        """The same as a background job (cancellable)."""
+        progress(0.1, "waiting")
+        return Out(**self._late(inp))
+
+
+PLUGIN = ProbeInline
+'''
+
 
 @pytest.fixture(scope="module")
 def pgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("site")
     (root / "bkg_probe").mkdir()
     (root / "bkg_probe" / "__init__.py").write_text(textwrap.dedent(PROBE))
+    (root / "bkg_probe_inline.py").write_text(textwrap.dedent(PROBE_INLINE))
     dist = root / "bkg_probe-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bkg-probe\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[bkg_kernel.plugins]\nprobe = bkg_probe\n")
+    (dist / "entry_points.txt").write_text("[bkg_kernel.plugins]\nprobe = bkg_probe\nprobein = bkg_probe_inline\n")
     env = {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     g = start_gateway(tmp_path_factory.mktemp("seams") / "data", env=env)
-    wait_for(lambda: g.client().get("/api/plugins/probe/status").json()["state"] == "running", 60)
+    for pid in ("probe", "probein"):
+        wait_for(lambda pid=pid: g.client().get(f"/api/plugins/{pid}/status").json()["state"] == "running", 60)
     yield g
     g.stop()
 
@@ -150,6 +202,30 @@ def test_a_grant_dies_with_its_call_and_with_its_worker(pgw: Gateway) -> None:
     r = _invoke(pgw, "probe.replay")  # a grant from the worker before the restart
     assert r.status_code == 401 and "no longer running" in r.json()["error"]["message"], r.text
     assert _invoke(pgw, "probe.count").json()["count"] == 1  # the new worker's own calls work
+
+
+def test_inline_work_that_outlives_its_call_cannot_act_for_the_caller(pgw: Gateway) -> None:
+    """A worker's grant ends when its caller stops waiting; an inline call (running in the gateway, no grant) ends
+    the same way: on the request's timeout, and when its job is cancelled."""
+    c = pgw.client()
+    assert _invoke(pgw, "probe.make", collection="probe").status_code in (200, 409)
+    outcome = pgw.data_dir / "plugins" / "probein"
+    assert c.post("/api/plugins/probein/invoke/probein.late", json={"seconds": 0, "tag": "quick"}).json()["count"] >= 1
+    assert c.put("/api/plugins/probein/config", json={"config": {"request_timeout": 1}}).status_code == 200
+    try:
+        r = c.post("/api/plugins/probein/invoke/probein.late", json={"seconds": 2.5, "tag": "timed_out"})
+        assert r.status_code == 504, r.text
+        done = wait_for(lambda: (outcome / "timed_out.json").is_file() and (outcome / "timed_out.json"), 30)
+        assert "has ended" in json.loads(done.read_text())["refused"]
+    finally:
+        c.put("/api/plugins/probein/config", json={"config": {"request_timeout": 60}})
+
+    job = c.post("/api/plugins/probein/invoke/probein.late_job", json={"seconds": 2, "tag": "cancelled"}).json()
+    job_id = job["job"]["id"]
+    wait_for(lambda: c.get(f"/api/jobs/{job_id}").json()["state"] == "running", 30)
+    assert c.post(f"/api/jobs/{job_id}/cancel").status_code == 200
+    done = wait_for(lambda: (outcome / "cancelled.json").is_file() and (outcome / "cancelled.json"), 30)
+    assert "has ended" in json.loads(done.read_text())["refused"]
 
 
 def test_plugin_routes_are_handed_the_gateway(pgw: Gateway) -> None:

@@ -1,7 +1,9 @@
 """The call a plugin is running: who asked for it, and (in a worker) the grant its store requests carry.
 
 The host sets it around every capability call, inline or in a worker thread; `PluginContext.caller` and the
-store handle read it. A job's thread copies it, so long work acts for the same caller to the end.
+store handle read it. A job's thread copies it, so long work acts for the same caller to the end. When the caller
+stops waiting (the request timed out, or its stream was cancelled) the call ends: work that runs on can no longer
+act for them (a worker's grant is dropped by the gateway; an inline call is marked ended here).
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ from bkg_kernel.auth.principal import Principal
 from bkg_kernel.errors import Unavailable
 
 
-@dataclass(frozen=True)
+@dataclass
 class Call:
     """One capability call: its caller, and the grant that lets a worker act for them while the call runs."""
 
     caller: Principal
     grant: str | None = None
+    ended: bool = False
+
+    def end(self) -> None:
+        """The caller stopped waiting: from now on the call's store requests are refused."""
+        self.ended = True
 
 
 _current: ContextVar[Call | None] = ContextVar("bkg_call", default=None)
@@ -36,6 +43,11 @@ def for_store() -> Call:
     call = _current.get()
     if call is None:
         raise Unavailable("the store is reachable only while a capability call runs (it acts as its caller)")
+    if call.ended:
+        raise Unavailable(
+            f"the call of {call.caller.username!r} has ended (it timed out or was cancelled): "
+            "work that runs on can no longer act for them in the store"
+        )
     return call
 
 

@@ -281,12 +281,12 @@ def _run_inline_stream(
     plugin: Plugin,
     capability_id: str,
     data: Any,
-    caller: Principal,
+    call: calls.Call,
     cancelled: threading.Event,
     sink: Callable[[tuple[Any, ...]], None],
 ) -> None:
     try:
-        with calls.running(calls.Call(caller)):
+        with calls.running(call):
             for chunk in plugin.stream(capability_id, data, cancelled):
                 if cancelled.is_set():
                     break
@@ -475,11 +475,13 @@ class PluginHost:
         if self.cls is None or capability_id not in self.cls.capabilities():
             raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
 
+        call = calls.Call(caller)
+
         def inline(p: Plugin) -> Any:
-            with calls.running(calls.Call(caller)):
+            with calls.running(call):
                 return p.invoke(capability_id, data)
 
-        return await self.call(("invoke", capability_id, data), inline, caller)
+        return await self.call(("invoke", capability_id, data), inline, caller, call)
 
     async def _admit(self, queue_timeout: float | None) -> asyncio.Semaphore:
         """Wait for a request slot (429 when the queue is full; 504 after `queue_timeout` seconds queued, None: no
@@ -537,11 +539,12 @@ class PluginHost:
         error: str | None = None
         finished = False
         worker, req_id, cancelled = self.worker, 0, threading.Event()
+        call = calls.Call(caller)
         try:
             if worker is not None:
                 req_id = worker.open_stream(capability_id, data, caller, sink)
             elif self.plugin is not None:
-                args = (self.plugin, capability_id, data, caller, cancelled, sink)
+                args = (self.plugin, capability_id, data, call, cancelled, sink)
                 threading.Thread(target=_run_inline_stream, args=args, daemon=True).start()
             else:
                 raise Unavailable(f"plugin {self.id!r} is {self.state}")
@@ -561,9 +564,10 @@ class PluginHost:
                     raise exc
                 return
         finally:
-            if not finished:
+            if not finished:  # timed out or cancelled: the work stops, and cannot act for the caller meanwhile
                 if worker is not None and req_id:
                     worker.cancel(req_id)
+                call.end()
                 cancelled.set()
             tel.in_flight -= 1
             sem.release()
@@ -582,12 +586,20 @@ class PluginHost:
             raise Timeout(f"plugin {self.id!r} did not report its health within {timeout:g}s") from None
         raise Unavailable(f"plugin {self.id!r} is {self.state}")
 
-    async def call(self, msg: tuple[Any, ...], inline: Callable[[Plugin], Any], caller: Principal | None) -> Any:
-        """Send one request to the worker (or run it inline) as `caller`, honouring the plugin's limits.
+    async def call(
+        self,
+        msg: tuple[Any, ...],
+        inline: Callable[[Plugin], Any],
+        caller: Principal | None,
+        call: calls.Call | None = None,
+    ) -> Any:
+        """Send one request to the worker (or run `inline`, which runs as `call`) as `caller`, honouring the
+        plugin's limits.
 
         A request that times out answers 504 at once, but its slot stays taken until the plugin really finishes
         the work (a plugin cannot be interrupted mid-call): `max_concurrent` bounds the work running, not only the
-        requests waiting. Its grant ends at the timeout, so the abandoned work can no longer reach the store."""
+        requests waiting. Whenever the caller stops waiting (the timeout, or the request's task cancelled) the
+        call's grant ends, so the abandoned work can no longer reach the store as them."""
         asked = time.perf_counter()
         sem = await self._admit(self.settings.request_timeout)
         s, tel = self.settings, self.telemetry
@@ -596,9 +608,10 @@ class PluginHost:
         tel.in_flight += 1
         error: str | None = None
         work: Future[Any] | None = None
+        worker = self.worker
         try:
-            if self.worker is not None:
-                work = self.worker.submit(msg, caller)
+            if worker is not None:
+                work = worker.submit(msg, caller)
             elif self.plugin is not None:
                 work = _INLINE_POOL.submit(contextvars.copy_context().run, inline, self.plugin)
             else:
@@ -606,8 +619,6 @@ class PluginHost:
             return await _answer(work, left)
         except TimeoutError:
             error = f"timed out after {s.request_timeout:g}s"
-            if work is not None and self.worker is not None:
-                self.worker.end_grant(work)
             raise Timeout(f"plugin {self.id!r} did not answer within {s.request_timeout:g}s") from None
         except BkgError as exc:
             error = exc.message if exc.status >= 500 else None
@@ -618,7 +629,11 @@ class PluginHost:
         finally:
             tel.in_flight -= 1
             tel.record(time.perf_counter() - t0, error)
-            if work is not None and not work.done():  # timed out: the slot frees when the work ends
+            if work is not None and not work.done():  # timed out or cancelled: the slot frees when the work ends
+                if call is not None:
+                    call.end()
+                if worker is not None:
+                    worker.end_grant(work)
                 loop = asyncio.get_running_loop()
                 work.add_done_callback(lambda _: loop.call_soon_threadsafe(sem.release))
             else:
