@@ -117,6 +117,7 @@ def test_every_state_change_and_cell_is_an_event_on_the_jobs_topic(jgw: Gateway)
                 events.append(msg["payload"])
     states = [e["state"] for e in events]
     assert states[0] == "queued" and "running" in states and states[-1] == "succeeded", states
+    assert all("owner_id" not in e and e["owner"] == "admin" for e in events)  # the id decides, and stays inside
     cells = [e["message"] for e in events if e["message"].startswith("cell ")]
     assert "cell 0 running" in cells and "cell 2 done" in cells, cells
 
@@ -609,3 +610,22 @@ def test_a_user_made_under_a_deleted_user_s_name_sees_none_of_their_jobs(tmp_pat
 
     asyncio.run(scenario())
     store.close()
+
+
+def test_a_background_job_belongs_to_a_user_id_on_the_api_and_the_socket() -> None:
+    """The gateway's background jobs (model downloads, plugin jobs) and their WebSocket events go by user id: a
+    user made under a deleted user's name neither lists nor receives the old user's job, and cannot cancel it."""
+    from bkg_kernel.auth import Principal
+    from bkg_kernel.gateway.jobs import Jobs
+    from bkg_kernel.gateway.routes.live import _sees
+
+    events: list[dict[str, Any]] = []
+    jobs = Jobs(lambda topic, kind, payload: events.append({"type": topic, "plugin": kind, "payload": payload}))
+    first = Principal("u-1", "carl", "developer", frozenset({"plugins:read"}))
+    again = Principal("u-2", "carl", "developer", frozenset({"plugins:read"}))
+    auditor = Principal("u-3", "ada", "admin", frozenset({"plugins:read", "admin:audit"}))
+    job = jobs.start("models.download", lambda progress: {"ok": True}, owner=first)
+    wait_for(lambda: jobs.get(job.id).finished is not None, 10)
+    assert job.visible_to(first) and job.visible_to(auditor) and not job.visible_to(again)
+    assert "owner_id" not in job.to_dict() and events
+    assert all(_sees(first, e) and _sees(auditor, e) and not _sees(again, e) for e in events)

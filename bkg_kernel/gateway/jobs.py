@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bkg_kernel.auth.principal import Principal
 from bkg_kernel.errors import BkgError, Cancelled, Conflict, NotFound
 from bkg_kernel.jobs.access import visible
 
@@ -37,14 +38,22 @@ class Job:
     finished: float | None = None
     plugin: str | None = None
     owner: str | None = None
+    owner_id: str | None = None  # who it belongs to (a user made later under the same name is someone else)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the job as JSON data."""
-        return asdict(self)
+        """Return the job as the API shows it (no owner id, as for notebook runs)."""
+        out = asdict(self)
+        del out["owner_id"]
+        return out
 
-    def visible_to(self, scopes: frozenset[str] | set[str], username: str) -> bool:
+    def event(self) -> dict[str, Any]:
+        """The job for the WebSocket topic `jobs`: `to_dict()` and the owner id, which decides who gets it (the
+        socket takes it out before sending)."""
+        return self.to_dict() | {"owner_id": self.owner_id}
+
+    def visible_to(self, p: Principal) -> bool:
         """A job and its result are its owner's, and an auditor's (scope admin:audit)."""
-        return visible(self.owner, scopes, username)
+        return visible(self.owner, p.scopes, p.username, owner_id=self.owner_id, user_id=p.user_id)
 
 
 class Jobs:
@@ -72,19 +81,19 @@ class Jobs:
 
     def _progress(self, job: Job, fraction: float, message: str = "") -> None:
         job.progress, job.message = max(0.0, min(1.0, fraction)), message
-        self.emit("jobs", job.kind, job.to_dict())
+        self.emit("jobs", job.kind, job.event())
 
     def _end(self, job: Job, state: str, result: dict[str, Any] | None = None, error: str | None = None) -> None:
         job.state, job.result, job.error, job.finished = state, result, error, time.time()
         if state == "done":
             job.progress = 1.0
-        self.emit("jobs", job.kind, job.to_dict())
+        self.emit("jobs", job.kind, job.event())
 
     def start(
-        self, kind: str, fn: Callable[[Callable[[float, str], None]], dict[str, Any]], *, owner: str | None = None
+        self, kind: str, fn: Callable[[Callable[[float, str], None]], dict[str, Any]], *, owner: Principal
     ) -> Job:
         """Run `fn(progress)` on a thread for `owner`; `progress(fraction, message)` updates the job and notifies."""
-        job = self._new(kind, owner=owner)
+        job = self._new(kind, owner=owner.username, owner_id=owner.user_id)
         cancel = self._cancel_events[job.id] = threading.Event()
 
         def progress(fraction: float, message: str = "") -> None:
@@ -94,7 +103,7 @@ class Jobs:
 
         def run() -> None:
             job.state = "running"
-            self.emit("jobs", job.kind, job.to_dict())
+            self.emit("jobs", job.kind, job.event())
             try:
                 self._end(job, "done", fn(progress))
             except Cancelled as exc:
@@ -110,13 +119,13 @@ class Jobs:
         threading.Thread(target=run, name=f"bkg-{job.id}", daemon=True).start()
         return job
 
-    def start_stream(self, kind: str, chunks: AsyncIterator[dict[str, Any]], *, plugin: str, owner: str) -> Job:
+    def start_stream(self, kind: str, chunks: AsyncIterator[dict[str, Any]], *, plugin: str, owner: Principal) -> Job:
         """Run a plugin's job capability (`{"progress"...}` chunks, then `{"result": ...}`) as an asyncio task."""
-        job = self._new(kind, plugin=plugin, owner=owner)
+        job = self._new(kind, plugin=plugin, owner=owner.username, owner_id=owner.user_id)
 
         async def run() -> None:
             job.state = "running"
-            self.emit("jobs", job.kind, job.to_dict())
+            self.emit("jobs", job.kind, job.event())
             result: dict[str, Any] | None = None
             try:
                 async for chunk in chunks:

@@ -357,7 +357,7 @@ class JobService:
         return Principal(user["id"], user["username"], user["role"], frozenset(run["scopes"]) & held, None, "job")
 
     def _publish(self, run: dict[str, Any]) -> None:
-        self.emit("jobs", "notebook", public(run))
+        self.emit("jobs", "notebook", public(run) | {"owner_id": run["owner_id"]})  # the socket drops the id
 
     async def _kill(self, run_id: str, reason: str) -> None:
         run = self.live.get(run_id)
@@ -382,7 +382,7 @@ class JobService:
         return [public(self.live.get(r["id"], r)) for r in rows]
 
     def _steer(self, run: dict[str, Any], p: Principal) -> None:
-        if run["owner"] != p.username:
+        if run["owner_id"] != p.user_id:
             p.require(RUN_SCOPE, f"steering {run['owner']}'s run")
 
     async def cancel(self, run_id: str, p: Principal) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def runs(request: Request) -> JobService:
 
 def _job(request: Request, job_id: str, p: Principal) -> Job:
     job = gateway(request).jobs.get(job_id)
-    if not job.visible_to(p.scopes, p.username):
+    if not job.visible_to(p):
         raise NotFound(f"no job {job_id!r}", field="job_id")
     return job
 
@@ -79,7 +79,7 @@ def _job(request: Request, job_id: str, p: Principal) -> Job:
 async def list_jobs(request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
     """The caller's jobs, notebook runs and background jobs together (every job for admin:audit), newest first."""
     jobs = gateway(request).jobs.jobs.values()
-    mine = [j.to_dict() | {"created_at": j.created} for j in jobs if j.visible_to(p.scopes, p.username)]
+    mine = [j.to_dict() | {"created_at": j.created} for j in jobs if j.visible_to(p)]
     both = mine + await runs(request).runs(p)
     return {"jobs": sorted(both, key=lambda j: j["created_at"], reverse=True)}
 
@@ -152,7 +152,7 @@ async def cancel_job(job_id: str, request: Request, p: Annotated[Principal, READ
         return await runs(request).cancel(job_id, p)
     gw = gateway(request)
     job = _job(request, job_id, p)
-    if job.owner != p.username:
+    if job.owner_id != p.user_id:
         gw.principal(request, "plugins:write")
     return gw.jobs.cancel(job_id).to_dict()
 

@@ -64,6 +64,8 @@ async def _websocket(websocket: WebSocket) -> None:
                 checked = time.monotonic()
                 if not _sees(caller[0], msg):
                     continue
+            if msg["type"] == "jobs":  # who owns a job decided who gets it; the id itself is not shown
+                msg = {**msg, "payload": {k: v for k, v in msg["payload"].items() if k != "owner_id"}}
             await websocket.send_json(msg)
             if sub.missed:
                 missed, sub.missed = sub.missed, 0
@@ -88,7 +90,10 @@ async def _websocket(websocket: WebSocket) -> None:
 
 
 def _sees(p: Principal, msg: dict[str, Any]) -> bool:
-    return msg["type"] != "jobs" or jobs.visible(msg["payload"].get("owner"), p.scopes, p.username)
+    if msg["type"] != "jobs":
+        return True
+    payload = msg["payload"]
+    return jobs.visible(payload.get("owner"), p.scopes, p.username, owner_id=payload.get("owner_id"), user_id=p.user_id)
 
 
 async def _again(gw: Gateway, token: str) -> Principal:

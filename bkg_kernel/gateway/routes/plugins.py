@@ -163,7 +163,7 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
     if cap is not None and cap.job:
         validate_input(cap.input, body)  # a bad input is the caller's 422 now, not a failed job later
         work = h.stream(capability_id, body, p, queued=True)  # a job waits for its slot, however long
-        job = gw.jobs.start_stream(capability_id, work, plugin=plugin_id, owner=p.username)
+        job = gw.jobs.start_stream(capability_id, work, plugin=plugin_id, owner=p)
         return JSONResponse({"job": job.to_dict()}, status_code=202)
     # The worker's answer is JSON data already (the capability's output model, dumped in JSON mode): sent as is,
     # not walked again by FastAPI's encoder (~1 ms for a brainml page of hits), and encoded by orjson.
