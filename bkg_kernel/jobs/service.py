@@ -370,10 +370,13 @@ class JobService:
     # -- reading and steering ---------------------------------------------------------------------
     async def get(self, run_id: str, p: Principal) -> dict[str, Any]:
         """One run (live or kept), if `p` may see it (its owner or an auditor; anyone else gets 404)."""
+        return public(await self._seen(run_id, p))
+
+    async def _seen(self, run_id: str, p: Principal) -> dict[str, Any]:
         run = self.live.get(run_id) or await asyncio.to_thread(self.history.run, run_id)
         if run is None or not _sees(p, run):
             raise NotFound(f"no job {run_id!r}", field="job_id")
-        return public(run)
+        return run
 
     async def runs(self, p: Principal, limit: int = 200) -> list[dict[str, Any]]:
         """Runs `p` may see, newest first."""
@@ -387,7 +390,7 @@ class JobService:
 
     async def cancel(self, run_id: str, p: Principal) -> dict[str, Any]:
         """Cancel a queued run, or kill a running one's kernel (its process group goes with it)."""
-        run = await self.get(run_id, p)
+        run = await self._seen(run_id, p)
         self._steer(run, p)
         live = self.live.get(run_id)
         if live is None:
@@ -400,7 +403,7 @@ class JobService:
 
     async def retry(self, run_id: str, p: Principal) -> dict[str, Any]:
         """Run a finished run again (same notebook and parameters) as `p`."""
-        run = await self.get(run_id, p)
+        run = await self._seen(run_id, p)
         self._steer(run, p)
         if run["state"] not in FINISHED:
             raise Conflict(f"job {run_id!r} is still {run['state']}", field="job_id")
