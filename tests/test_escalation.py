@@ -118,22 +118,31 @@ def test_no_route_ends_with_more_scopes_than_its_caller_had(gw: Gateway, setup_k
 
 
 def test_grants_are_narrowed_to_the_caller_and_named_when_refused(gw: Gateway, setup_key: str) -> None:
-    """A key manager who holds admin:keys and plugins:read: a key for the admin user holds exactly those two
-    (fixed, not following the admin role); asking for more, rotating the admin's key or giving a role above
-    them is a 403 naming the scope they lack."""
+    """A key manager who holds admin:keys and plugins:read: a key acts as its owner, so a key for the admin user
+    (or a new secret for the admin's key) is a 403 naming the scopes they lack; a key for a user whose role they
+    hold holds that role's scopes, fixed; asking for more or giving a role above them is a 403 too."""
     admin = gw.client(setup_key)
     mgr = admin.post("/admin/users", json={"username": "key-manager", "role": "keys-reader"}).json()
     m = gw.client(admin.post("/admin/keys", json={"name": "km", "user_id": mgr["id"]}).json()["key"])
     admin_id = next(u["id"] for u in admin.get("/admin/users").json()["users"] if u["username"] == "admin")
-    k = m.post("/admin/keys", json={"name": "for admin", "user_id": admin_id}).json()
-    assert sorted(k["scopes"]) == ["admin:keys", "plugins:read"] and k["follows_role"] is False
-    assert _me(gw, k["key"]) == {"admin:keys", "plugins:read"}
-    r = m.post("/admin/keys", json={"name": "x", "user_id": admin_id, "scopes": ["admin:audit"]})
-    assert r.status_code == 403 and "admin:audit" in r.json()["error"]["message"]
-    assert r.json()["error"]["field"] == "scopes"
+    r = m.post("/admin/keys", json={"name": "for admin", "user_id": admin_id})
+    err = r.json()["error"]
+    assert r.status_code == 403 and err["field"] == "user_id" and "acts as 'admin'" in err["message"], r.text
+    assert "admin:audit" in err["message"] and "llm:use" in err["message"]
+    admin.post("/admin/roles", json={"name": "reader-only", "scopes": ["plugins:read"]}).raise_for_status()
+    reader = admin.post("/admin/users", json={"username": "plain-reader", "role": "reader-only"}).json()
+    k = m.post("/admin/keys", json={"name": "for reader", "user_id": reader["id"]}).json()
+    assert k["scopes"] == ["plugins:read"] and k["follows_role"] is False and _me(gw, k["key"]) == {"plugins:read"}
+    r = m.post("/admin/keys", json={"name": "x", "user_id": reader["id"], "scopes": ["admin:audit"]})
+    assert r.status_code in (403, 422) and "admin:audit" in r.json()["error"]["message"]
+    assert r.json()["error"]["field"].startswith("scopes")
     boot = next(x for x in admin.get("/admin/keys").json()["keys"] if x["name"] == "admin (bootstrap)")
     r = m.post(f"/admin/keys/{boot['id']}/rotate")
     assert r.status_code == 403 and "admin:users" in r.json()["error"]["message"]
+    narrow = admin.post("/admin/keys", json={"name": "narrow", "scopes": ["plugins:read"]}).json()
+    r = m.post(f"/admin/keys/{narrow['id']}/rotate")  # its scopes are theirs, but its new secret acts as admin
+    assert r.status_code == 403 and "acts as 'admin'" in r.json()["error"]["message"], r.text
+    assert _me(gw, narrow["key"]) == {"plugins:read"}  # not rotated
     assert m.post(f"/admin/keys/{k['id']}/revoke").status_code == 200  # within their scopes: theirs to revoke
     # a user manager may hand out only roles within their own scopes
     um = admin.post("/admin/users", json={"username": "user-manager", "role": "users-keys"}).json()
@@ -144,7 +153,7 @@ def test_grants_are_narrowed_to_the_caller_and_named_when_refused(gw: Gateway, s
     assert admin.get("/admin/users").status_code == 200  # the set-up key was never touched
     entries = admin.get("/admin/audit", params={"action": "key.create", "limit": 1000}).json()["entries"]
     by_manager = [e for e in entries if e["actor"] == "key-manager"]
-    assert len(by_manager) == 1 and sorted(by_manager[0]["detail"]["scopes"]) == ["admin:keys", "plugins:read"]
+    assert len(by_manager) == 1 and by_manager[0]["detail"]["scopes"] == ["plugins:read"]
 
 
 def test_a_key_made_for_someone_else_never_gains_what_their_role_gains_later(gw: Gateway, setup_key: str) -> None:

@@ -152,6 +152,14 @@ class AuthService:
         """403 unless `by` holds every scope of user `u`'s role (managing them cannot lift anyone above `by`)."""
         self._grantable(by, self.roles.get(u["role"], ()), f"managing user {u['username']!r} (role {u['role']})", field)
 
+    def _may_act_as(self, by: Principal | None, u: dict[str, Any], what: str, field: str) -> None:
+        """403 unless `by` is user `u` or holds every scope of their role: a credential that acts as someone (their
+        jobs and runs, their workspaces, audit rows in their name) is only for who could manage them."""
+        if by is None or by.user_id == u["id"]:
+            return
+        self._grantable(by, self.roles.get(u["role"], ()), f"{what} (it acts as {u['username']!r}, role {u['role']})",
+                        field)  # fmt: skip
+
     def key_scopes(self, rec: KeyRecord) -> frozenset[str]:
         """The scopes a key holds now: its user's role's, narrowed to the key's own list unless it follows the role."""
         user = self.users.get(rec.user_id)
@@ -436,9 +444,10 @@ class AuthService:
         """Create a key for a user; return (its public record, the token, shown this once).
 
         Without `scopes` the key follows its owner's role when its maker could give that user any role: the owner
-        themselves (holding their role's scopes), a maker holding every scope, or the gateway. A key someone else
-        makes holds the scopes the maker and the role share today, fixed: it would otherwise gain whatever the
-        owner's role gains later, which its maker may not hold. Explicit scopes must be the owner's and `by`'s."""
+        themselves (holding their role's scopes), a maker holding every scope, or the gateway. A key for someone
+        else acts as them, so its maker must hold every scope of their role (as for managing them); it holds the
+        role's scopes of today, fixed: it would otherwise gain whatever the owner's role gains later, which its
+        maker may not hold. Explicit scopes must be the owner's and `by`'s."""
         actor = by.username if by else actor
         u = self.user(user_id)
         if u["username"].endswith(HUB_SUFFIX) and (by is not None or not str(name).startswith(RUN_KEY_PREFIX)):
@@ -447,6 +456,7 @@ class AuthService:
                             field="user_id")  # fmt: skip
         if not isinstance(name, str) or not name.strip() or len(name) > 100:
             raise InvalidInput("key name must be 1 to 100 characters", field="name")
+        self._may_act_as(by, u, "a key for another user", "user_id")
         allowed = self.roles[u["role"]]
         follows = scopes is None and (
             by is None or set(SCOPES) <= by.scopes or (by.user_id == u["id"] and set(allowed) <= by.scopes)
@@ -522,6 +532,9 @@ class AuthService:
         actor = by.username if by else actor
         rec = self._key(key_id)
         self._grantable(by, self.key_scopes(rec), f"rotating key {rec.id}", "key_id")
+        owner = self.users.get(rec.user_id)
+        if owner is not None:
+            self._may_act_as(by, owner, f"rotating key {rec.id}", "key_id")
         token, prefix, secret = ks.new_key()
         with self.mutex:
             self.con.execute(
