@@ -101,6 +101,33 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(tmp_path: Path) -> N
         g.stop()
 
 
+def test_a_big_body_without_credentials_is_refused_before_it_is_read(gw: Gateway) -> None:
+    """FastAPI parses a route's JSON body on the event loop before the route authenticates: an anonymous 25 MB
+    body held /health for 270 ms. A body over 64 KiB (or of unknown length) needs valid credentials first."""
+    big = json.dumps({"username": "x", "password": "y" * 100, "pad": "z" * 200_000}).encode()
+    anon = gw.client(None)
+    for path in ("/auth/login", "/admin/users", "/api/collections"):
+        r = anon.post(path, content=big, headers={"content-type": "application/json"})
+        err = r.json()["error"]
+        assert r.status_code == 401 and "checked before it is read" in err["message"], (path, r.text)
+    r = gw.client("bkg_0123456789ab_" + "x" * 40).post("/admin/users", content=big)
+    assert r.status_code == 401  # a key that does not exist is no credential
+
+    def chunks() -> Any:
+        yield b'{"username": "x", '
+        yield b'"password": "y"}'
+
+    r = anon.post("/auth/login", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 401 and "unknown length" in r.json()["error"]["message"]
+    small = anon.post("/auth/login", json={"username": "nobody", "password": "not the password"})
+    assert small.status_code == 401 and "wrong username" in small.json()["error"]["message"]  # read as before
+    c = gw.client()
+    c.post("/api/collections", json={"name": "bodies", "dim": 4}).raise_for_status()
+    points = [{"id": i, "vector": [0.1, 0.2, 0.3, 0.4], "payload": {"pad": "x" * 200}} for i in range(500)]
+    assert len(json.dumps({"points": points})) > 64 * 1024
+    assert c.put("/api/collections/bodies/points", json={"points": points}).status_code == 200
+
+
 def test_limits_name_what_was_too_much(gw: Gateway) -> None:
     c = gw.client()
     c.post("/api/collections", json={"name": "lim", "dim": 2}).raise_for_status()

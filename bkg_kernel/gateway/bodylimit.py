@@ -1,6 +1,11 @@
 """A request body limit in front of every route (like Qdrant's 32 MB default): a declared Content-Length over the
 limit is refused before a byte of the body is read; a chunked body is counted as it arrives and refused the
 moment it passes the limit. Either way a 413 in the gateway's error shape that names the limit and the setting.
+
+A big body needs credentials before it is read: FastAPI reads and parses a route's JSON body before the route's
+authentication runs, on the event loop (a 25 MB body held `/health` for 270 ms), so anyone who can reach the port
+could stall the gateway at will. A body over 64 KiB (or of unknown length) without a valid key, session or Hub
+token is a 401 from its headers alone; logins and every other anonymous request are far smaller.
 """
 
 from __future__ import annotations
@@ -9,6 +14,12 @@ import json
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection
+
+from bkg_kernel.errors import BkgError
+from bkg_kernel.gateway.jupyterhub import token_of
+
+ANONYMOUS_BYTES = 64 * 1024  # the biggest body read without credentials
 
 
 class BodyTooLarge(HTTPException):
@@ -33,22 +44,28 @@ class BodyLimitMiddleware:
         )
 
     def _refusal(self, size: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        body = {"error": {"status": 413, "code": "body_too_large", "message": self._message(size), "field": "body"}}
-        raw = json.dumps(body).encode()
-        start = {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
-        }
-        return start, {"type": "http.response.body", "body": raw}
+        return _answer(413, "body_too_large", self._message(size), "body")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             start, body = self._refusal(f"{int(declared):,} bytes")
+            await send(start)
+            await send(body)
+            return
+        big = b"transfer-encoding" in headers or (
+            declared is not None and (not declared.isdigit() or int(declared) > ANONYMOUS_BYTES)
+        )
+        if big and not _credentialed(scope):
+            message = (
+                f"a request body over {ANONYMOUS_BYTES:,} bytes (or of unknown length) needs valid credentials, "
+                "checked before it is read: send 'Authorization: Bearer <API key or session token>'"
+            )
+            start, body = _answer(401, "unauthorized", message, None)
             await send(start)
             await send(body)
             return
@@ -77,3 +94,33 @@ class BodyLimitMiddleware:
             start, body = self._refusal(f"over {self.max_bytes:,} bytes")
             await send(start)
             await send(body)
+
+
+def _credentialed(scope: dict[str, Any]) -> bool:
+    """Whether the request carries a valid key or session (not counted against its rate limit: the route counts
+    it), or a Hub token (checked against the Hub by the route)."""
+    gw = scope["app"].state.gateway
+    token = token_of(HTTPConnection(scope))
+    if not token:
+        return False
+    trust = getattr(gw, "hub_trust", None)
+    if trust is not None and trust.is_hub_token(token):
+        return True
+    try:
+        gw.auth.authenticate(token, metered=False)
+    except BkgError:
+        return False
+    return True
+
+
+def _answer(status: int, code: str, message: str, field: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    error: dict[str, Any] = {"status": status, "code": code, "message": message}
+    if field is not None:
+        error["field"] = field
+    raw = json.dumps({"error": error}).encode()
+    start = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+    }
+    return start, {"type": "http.response.body", "body": raw}
