@@ -53,6 +53,9 @@ def test_invoke_refusals_in_the_error_shape(gw: Any) -> None:
     assert bad["field"] == "body" and "not valid JSON" in bad["message"]
     assert "not list" in error(c.post(path, json=[1]), 422)["message"]
     assert error(c.post(path, json={"seconds": -1}), 422)["field"] == "input.seconds"
+    big = b'{"seconds": -1, "pad": ["' + b'x", "' * 40_000 + b'x"]'  # over 64 KiB: parsed on a thread, in pieces
+    assert "not valid JSON" in error(c.post(path, content=big + b",}"), 422)["message"]
+    assert error(c.post(path, content=big + b"}"), 422)["field"] == "input.seconds"  # parsed, then validated
     assert error(c.get(path), 405)["code"] == "method_not_allowed"
     assert c.post(path + "/", json={"seconds": 0}).status_code in (307, 404)  # not an invoke: the router's answer
     assert c.post(path, json={"seconds": 0}).json() is not None

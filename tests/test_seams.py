@@ -263,4 +263,5 @@ def test_a_worker_that_stops_reading_never_blocks_the_gateway(pgw: Gateway) -> N
     assert pgw.client().get("/api/plugins", timeout=10).status_code == 200
     r = pgw.client().post("/api/plugins/probe/restart", timeout=60)
     assert r.status_code == 200 and r.json()["state"] == "running", r.text
-    assert _invoke(pgw, "probe.whoami").json()["username"] == "admin"
+    who = _invoke(pgw, "probe.whoami")
+    assert who.status_code == 200 and who.json()["username"] == "admin", who.text

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
-import json
-import threading
-from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -19,6 +14,7 @@ from bkg_kernel.errors import BadRequest, InvalidInput
 from bkg_kernel.gateway import storeops
 from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
+from bkg_kernel.runtime import bodyjson
 from bkg_kernel.store import projection
 from bkg_kernel.store.index import DEFAULT_PARAMS, PARAM_RANGES
 from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN, INT64_MAX, INT64_MIN
@@ -215,45 +211,19 @@ UPSERT_BODY = {
 PARSE_SLICE = 500  # points validated per pydantic call: each call holds the GIL, so the event loop waits at most one
 
 
-_gc_lock = threading.Lock()
-_gc_pausers = [0, False]  # parses running, whether the collector was on before the first
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Keep the cyclic garbage collector off while a body is parsed.
-
-    Parsing makes tens of thousands of dicts and lists; they trigger collections, and a full one walks the whole
-    heap holding the GIL (~70 ms measured: the event loop waits that long). JSON makes no reference cycles, so
-    nothing is lost by collecting after the parse instead.
-    """
-    with _gc_lock:
-        if _gc_pausers[0] == 0:
-            _gc_pausers[1] = gc.isenabled()
-            gc.disable()
-        _gc_pausers[0] += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pausers[0] -= 1
-            if _gc_pausers[0] == 0 and _gc_pausers[1]:
-                gc.enable()
-
-
 def parse_upsert(raw: bytes) -> tuple[list[dict[str, Any]], str | None]:
     """Parse and validate an upsert body (`Upsert`): its points as dicts and the embed model.
 
     It runs on a thread, not the event loop: a 5,000-point body is tens of milliseconds of JSON and validation,
     which on the loop would stall every other client (/health included) that long; the garbage collector waits.
     """
-    with _gc_paused():
+    with bodyjson.gc_paused():
         return _parse_upsert(raw)
 
 
 def _parse_upsert(raw: bytes) -> tuple[list[dict[str, Any]], str | None]:
     try:
-        data = _loads_in_pieces(raw.decode("utf-8"))
+        data = bodyjson.loads_in_pieces(raw.decode("utf-8"))
     except RecursionError:
         raise BadRequest("the request body nests too deeply to parse", field="body") from None
     except ValueError as exc:
@@ -274,71 +244,6 @@ def _parse_upsert(raw: bytes) -> tuple[list[dict[str, Any]], str | None]:
         except ValidationError as exc:
             raise _invalid(exc, a) from None
     return points, head.embed_model
-
-
-_DECODER = json.JSONDecoder()
-_WS = " \t\n\r"
-
-
-def _loads_in_pieces(text: str) -> Any:
-    """`json.loads`, but a top-level object's arrays are decoded one element at a time.
-
-    One `json.loads` of a 5,000-point body holds the GIL for ~150 ms (the event loop waits that long even though
-    this runs on a thread); element by element, the interpreter can switch threads between elements.
-    """
-
-    def ws(i: int) -> int:
-        while i < len(text) and text[i] in _WS:
-            i += 1
-        return i
-
-    i = ws(0)
-    if not text.startswith("{", i):
-        return json.loads(text)
-    out: dict[str, Any] = {}
-    i = ws(i + 1)
-    if text.startswith("}", i):
-        i = ws(i + 1)
-    else:
-        while True:
-            key, i = _DECODER.raw_decode(text, i)
-            if not isinstance(key, str):
-                raise ValueError("an object key must be a string")
-            i = ws(i)
-            if not text.startswith(":", i):
-                raise ValueError(f"expected ':' at character {i}")
-            i = ws(i + 1)
-            if text.startswith("[", i):
-                items: list[Any] = []
-                i = ws(i + 1)
-                if text.startswith("]", i):
-                    i += 1
-                else:
-                    while True:
-                        item, i = _DECODER.raw_decode(text, i)
-                        items.append(item)
-                        i = ws(i)
-                        if text.startswith(",", i):
-                            i = ws(i + 1)
-                        elif text.startswith("]", i):
-                            i += 1
-                            break
-                        else:
-                            raise ValueError(f"expected ',' or ']' at character {i}")
-                out[key] = items
-            else:
-                out[key], i = _DECODER.raw_decode(text, i)
-            i = ws(i)
-            if text.startswith(",", i):
-                i = ws(i + 1)
-            elif text.startswith("}", i):
-                i = ws(i + 1)
-                break
-            else:
-                raise ValueError(f"expected ',' or '}}' at character {i}")
-    if i != len(text):
-        raise ValueError(f"extra data at character {i}")
-    return out
 
 
 def _invalid(exc: ValidationError, offset: int) -> InvalidInput:
