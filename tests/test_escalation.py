@@ -198,3 +198,26 @@ def test_a_refused_part_of_a_user_change_changes_nothing(gw: Gateway, setup_key:
     assert _login(gw, "km-atomic") is not None and _me(gw, session)  # old password and session still good
     r = u.patch(f"/admin/users/{target.json()['id']}", json={"password": "a new password"})
     assert r.status_code == 200 and _login(gw, "km-atomic") is None and not _me(gw, session)
+
+
+def test_a_run_key_is_never_rotated(tmp_path: Any) -> None:
+    """A new secret acts as the key's user, and a notebook run's key is held by the running notebook: a rotation
+    is refused (cancel the run or revoke the key), whoever asks."""
+    from bkg_kernel.auth import AuthService, Principal
+    from bkg_kernel.auth.service import RUN_KEY_PREFIX
+    from bkg_kernel.errors import Forbidden
+    from bkg_kernel.store import Store
+
+    store = Store(tmp_path / "data")
+    try:
+        auth = AuthService(store)
+        admin = Principal("u-root", "root", "admin", frozenset(SCOPES))
+        dev = auth.create_user("dev", "developer", actor="test")
+        run_key, token = auth.create_key(dev["id"], RUN_KEY_PREFIX + "1", actor="jobs")
+        with pytest.raises(Forbidden, match="notebook run"):
+            auth.rotate_key(run_key["id"], by=admin)
+        assert auth.authenticate(token).username == "dev"  # the run's key still works
+        own, _ = auth.create_key(dev["id"], "dev's own", by=admin)
+        assert auth.rotate_key(own["id"], by=admin)[1]  # an ordinary key still rotates
+    finally:
+        store.close()

@@ -56,6 +56,17 @@ def test_invoke_refusals_in_the_error_shape(gw: Any) -> None:
     big = b'{"seconds": -1, "pad": ["' + b'x", "' * 40_000 + b'x"]'  # over 64 KiB: parsed on a thread, in pieces
     assert "not valid JSON" in error(c.post(path, content=big + b",}"), 422)["message"]
     assert error(c.post(path, content=big + b"}"), 422)["field"] == "input.seconds"  # parsed, then validated
+    assert error(c.post(path, content=b"\xef\xbb\xbf" + big + b"}"), 422)["field"] == "input.seconds"  # a BOM: as json
+    deep = b'{"seconds": 0, "pad": "' + b"x" * 70_000 + b'", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert error(c.post(path, content=deep), 422)["field"] == "body"  # as a small body's nesting: a 422
+    # a job capability's big body: checked before the job starts, then parsed again by the worker
+    survey = "/api/plugins/sysinfo/invoke/sysinfo.survey"
+    pad = {"pad": ["x"] * 40_000}
+    assert error(c.post(survey, json={"samples": 0, **pad}), 422)["field"] == "input.samples"
+    job = c.post(survey, json={"samples": 1, "every_s": 0.01, **pad})
+    assert job.status_code == 202, job.text
+    done = wait_for(lambda: (j := c.get(f"/api/jobs/{job.json()['job']['id']}").json())["finished"] and j, 30)
+    assert done["state"] == "done" and len(done["result"]["cpu_percent"]) == 1, done
     assert error(c.get(path), 405)["code"] == "method_not_allowed"
     assert c.post(path + "/", json={"seconds": 0}).status_code in (307, 404)  # not an invoke: the router's answer
     assert c.post(path, json={"seconds": 0}).json() is not None

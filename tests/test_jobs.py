@@ -462,6 +462,11 @@ def test_retention_keeps_the_newest_runs_by_count_and_age(tmp_path: Path) -> Non
         assert sorted(r["id"] for r in gone) == ["run-0", "run-1", "run-2", "run-5"]  # beyond 3, and 40 days old
         assert [r["id"] for r in h.runs()] == ["run-4", "run-3", "run-live"]
         assert h.run("run-4")["parameters"] == {"i": 4}
+        # a later user under the same name is someone else: their runs never push out the old user's
+        for i in range(3):
+            h.save_run({"id": f"new-{i}", "notebook": "x.ipynb", "state": "succeeded", "owner": "a",
+                        "owner_id": "u2", "scopes": [], "created_at": now + i, "finished_at": now})  # fmt: skip
+        assert h.prune(keep=3, max_age_s=30 * 86400) == []
     finally:
         store.close()
 

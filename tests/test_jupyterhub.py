@@ -107,6 +107,13 @@ def test_hub_users_act_as_themselves_with_their_groups_rights(hub: Hub) -> None:
     assert dev.post("/api/plugins/sysinfo/invoke/sysinfo.sleep", json={"seconds": 0}).status_code == 200
     denied = vic.post("/api/plugins/sysinfo/invoke/sysinfo.sleep", json={"seconds": 0})
     assert denied.status_code == 403 and "plugins:write" in denied.json()["error"]["message"]
+    metrics = dev.get("/metrics").text  # calls under the service prefix are labelled by their route
+    assert 'route="/api/plugins/{plugin_id}/invoke/{capability_id}",status="200"' in metrics
+    # a big body is read only for a token the Hub knows (any other token is a 401 before the body is read)
+    points = [{"id": i, "vector": [0.1, 0.2, 0.3, 0.4], "payload": {"pad": "x" * 200}} for i in range(500)]
+    assert dev.put("/api/collections/team_notes/points", json={"points": points}).status_code == 200
+    junk = as_(hub, "not-a-hub-token").put("/api/collections/team_notes/points", json={"points": points})
+    assert junk.status_code == 401 and "checked before it is read" in junk.json()["error"]["message"], junk.text
     audit = alice.get("/admin/audit", params={"limit": 200}).json()["entries"]
     made = [e for e in audit if e["action"] == "collection.create" and e["target"] == "team_notes"]
     assert made and made[0]["actor"] == "dev@hub"

@@ -123,6 +123,15 @@ class ProbeInline(Plugin):
         """Sleep, then count a collection through the store handle; say how that went in a file."""
         return Out(**self._late(inp))
 
+    @capability("probein.spawn", scope="plugins:read")
+    def spawn(self, inp: Late) -> Out:
+        """Leave a thread behind (with this call's context) that uses the store after the call has answered."""
+        import contextvars
+        import threading
+
+        threading.Thread(target=contextvars.copy_context().run, args=(self._late, inp), daemon=True).start()
+        return Out(spawned=True)
+
     @capability("probein.late_job", scope="plugins:read", job=True)
     def late_job(self, inp: Late, progress) -> Out:
         """The same as a background job (cancellable)."""
@@ -206,7 +215,8 @@ def test_a_grant_dies_with_its_call_and_with_its_worker(pgw: Gateway) -> None:
 
 def test_inline_work_that_outlives_its_call_cannot_act_for_the_caller(pgw: Gateway) -> None:
     """A worker's grant ends when its caller stops waiting; an inline call (running in the gateway, no grant) ends
-    the same way: on the request's timeout, and when its job is cancelled."""
+    the same way: on the request's timeout, when its job is cancelled, and when it answers (a thread it left behind
+    cannot act for the caller afterwards)."""
     c = pgw.client()
     assert _invoke(pgw, "probe.make", collection="probe").status_code in (200, 409)
     outcome = pgw.data_dir / "plugins" / "probein"
@@ -219,6 +229,10 @@ def test_inline_work_that_outlives_its_call_cannot_act_for_the_caller(pgw: Gatew
         assert "has ended" in json.loads(done.read_text())["refused"]
     finally:
         c.put("/api/plugins/probein/config", json={"config": {"request_timeout": 60}})
+
+    assert c.post("/api/plugins/probein/invoke/probein.spawn", json={"seconds": 1, "tag": "left"}).status_code == 200
+    done = wait_for(lambda: (outcome / "left.json").is_file() and (outcome / "left.json"), 30)
+    assert "has ended" in json.loads(done.read_text())["refused"]  # the call had answered: it ended then
 
     job = c.post("/api/plugins/probein/invoke/probein.late_job", json={"seconds": 2, "tag": "cancelled"}).json()
     job_id = job["job"]["id"]

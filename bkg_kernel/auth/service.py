@@ -531,9 +531,15 @@ class AuthService:
         is shown to `by`, who must hold every scope the key does."""
         actor = by.username if by else actor
         rec = self._key(key_id)
+        if rec.name.startswith(RUN_KEY_PREFIX):  # a running notebook holds it: a new secret would be someone else's
+            raise Forbidden(f"key {rec.id} belongs to a notebook run; cancel the run or revoke the key", field="key_id")
         self._grantable(by, self.key_scopes(rec), f"rotating key {rec.id}", "key_id")
         owner = self.users.get(rec.user_id)
         if owner is not None:
+            if owner["username"].endswith(HUB_SUFFIX):
+                raise Forbidden(
+                    f"{owner['username']!r} is a JupyterHub user: their keys are not handed out", field="key_id"
+                )
             self._may_act_as(by, owner, f"rotating key {rec.id}", "key_id")
         token, prefix, secret = ks.new_key()
         with self.mutex:

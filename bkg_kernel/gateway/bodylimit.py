@@ -60,7 +60,7 @@ class BodyLimitMiddleware:
         big = b"transfer-encoding" in headers or (
             declared is not None and (not declared.isdigit() or int(declared) > ANONYMOUS_BYTES)
         )
-        if big and not _credentialed(scope):
+        if big and not await _credentialed(scope):
             message = (
                 f"a request body over {ANONYMOUS_BYTES:,} bytes (or of unknown length) needs valid credentials, "
                 "checked before it is read: send 'Authorization: Bearer <API key or session token>'"
@@ -96,15 +96,19 @@ class BodyLimitMiddleware:
             await send(body)
 
 
-def _credentialed(scope: dict[str, Any]) -> bool:
+async def _credentialed(scope: dict[str, Any]) -> bool:
     """Whether the request carries a valid key or session (not counted against its rate limit: the route counts
-    it), or a Hub token (checked against the Hub by the route)."""
+    it), or a Hub token the Hub knows (HubAuth caches the answer for a minute, so the route's own check is free)."""
     gw = scope["app"].state.gateway
     token = token_of(HTTPConnection(scope))
     if not token:
         return False
     trust = getattr(gw, "hub_trust", None)
     if trust is not None and trust.is_hub_token(token):
+        try:
+            await trust.principal(token)
+        except Exception:  # unknown to the Hub, or the Hub unreachable: no credentials either way
+            return False
         return True
     try:
         gw.auth.authenticate(token, metered=False)

@@ -155,10 +155,16 @@ class PrefixMiddleware:
             and not scope.get("root_path")
             and (path == self.prefix or path.startswith(self.prefix + "/"))
         ):
-            scope = dict(scope)
-            scope["root_path"] = self.prefix  # routes match the rest; URLs (redirects) keep the prefix
+            inner = dict(scope)
+            inner["root_path"] = self.prefix  # routes match the rest; URLs (redirects) keep the prefix
             if path == self.prefix:
-                scope["path"] = self.prefix + "/"
+                inner["path"] = self.prefix + "/"
+            try:
+                await self.app(inner, receive, send)
+            finally:  # the route that served it, for the metrics around this middleware
+                if "route" in inner:
+                    scope["route"] = inner["route"]
+            return
         await self.app(scope, receive, send)
 
 

@@ -142,7 +142,7 @@ class History:
         """Delete finished runs beyond each owner's newest `keep` or older than `max_age_s`; return the deleted rows
         (per owner: one user's many runs never push out another's history)."""
         done = self._rows(
-            "SELECT id, output_path, html_path, finished_at, row_number() OVER (PARTITION BY owner "
+            "SELECT id, output_path, html_path, finished_at, row_number() OVER (PARTITION BY owner_id "
             f"ORDER BY created_at DESC) AS n FROM job_runs WHERE state IN {FINISHED!r}"
         )
         cutoff = time.time() - max_age_s

@@ -32,7 +32,6 @@ if typing.TYPE_CHECKING:
 
 from bkg_kernel.errors import NotFound, Unavailable, invalid_from_pydantic
 from bkg_kernel.runtime import calls
-from bkg_kernel.runtime.bodyjson import RawJSON
 from bkg_kernel.runtime.storehandle import StoreHandle
 from bkg_kernel.strict import whole_floats_only
 
@@ -307,8 +306,6 @@ class Plugin:
         cap = self.capabilities().get(capability_id)
         if cap is None:
             raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
-        if isinstance(data, RawJSON):  # a big request body, parsed here rather than in the gateway
-            data = data.object()
         inp = self._validate(cap, data)
         method = getattr(self, cap.method)
         out = method(inp, lambda fraction, message="": None) if cap.job else method(inp)

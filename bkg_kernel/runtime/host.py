@@ -564,10 +564,10 @@ class PluginHost:
                     raise exc
                 return
         finally:
-            if not finished:  # timed out or cancelled: the work stops, and cannot act for the caller meanwhile
+            call.end()  # whatever the plugin still runs for this stream can no longer act for the caller
+            if not finished:  # timed out or cancelled: the work stops
                 if worker is not None and req_id:
                     worker.cancel(req_id)
-                call.end()
                 cancelled.set()
             tel.in_flight -= 1
             sem.release()
@@ -614,6 +614,8 @@ class PluginHost:
                 work = worker.submit(msg, caller)
             elif self.plugin is not None:
                 work = _INLINE_POOL.submit(contextvars.copy_context().run, inline, self.plugin)
+                if call is not None:  # threads the plugin started for it cannot act for the caller afterwards
+                    work.add_done_callback(lambda _: call.end())
             else:
                 raise Unavailable(f"plugin {self.id!r} is {self.state}")
             return await _answer(work, left)

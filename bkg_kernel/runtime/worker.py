@@ -29,6 +29,7 @@ from typing import Any
 from bkg_kernel.auth.principal import Principal
 from bkg_kernel.errors import BkgError, Unavailable, error_data, from_dict
 from bkg_kernel.runtime import calls
+from bkg_kernel.runtime.bodyjson import RawJSON
 from bkg_kernel.runtime.storehandle import StoreHandle
 
 HEARTBEAT_S = 1.0
@@ -48,6 +49,12 @@ def _call(data: dict[str, Any] | None) -> calls.Call | None:
     if data is None:
         return None
     return calls.Call(Principal.from_dict(data["caller"]), data.get("grant"))
+
+
+def _data(data: Any) -> Any:
+    """A call's input: a big request body comes as its JSON bytes (`RawJSON`), parsed here on the request's own
+    thread rather than in the gateway, so the plugin always gets JSON data."""
+    return data.object() if isinstance(data, RawJSON) else data
 
 
 WORKER_NICE = 5
@@ -134,7 +141,7 @@ def main(
         cancelled = cancels[req_id]
         try:
             with calls.running(_call(call)):
-                for chunk in plugin.stream(capability_id, data, cancelled):
+                for chunk in plugin.stream(capability_id, _data(data), cancelled):
                     send(("chunk", req_id, chunk))
                     if cancelled.is_set():
                         break
@@ -157,7 +164,7 @@ def main(
                 if fut is not None:
                     fut.set_result(msg[3]) if msg[2] else fut.set_exception(from_dict(msg[3]))
             elif msg[0] == "invoke":
-                pool.submit(run, msg[1], msg[4], plugin.invoke, msg[2], msg[3])
+                pool.submit(run, msg[1], msg[4], lambda cap, data: plugin.invoke(cap, _data(data)), msg[2], msg[3])
             elif msg[0] == "stream":
                 cancels[msg[1]] = threading.Event()
                 pool.submit(stream, msg[1], msg[2], msg[3], msg[4])

@@ -158,7 +158,9 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
     cap = h.cls.capabilities().get(capability_id) if h.cls else None
     p = gw.principal(request, cap.scope if cap else "plugins:read")
     raw = await request.body()
-    if len(raw) > BIG_BODY and h.worker is not None and not (cap is not None and cap.job):
+    big = len(raw) > BIG_BODY
+    as_job = cap is not None and cap.job
+    if big and h.worker is not None and not as_job:
         # parsed by the worker: pickling what a parse made would hold the loop as long as the parse itself
         return FastJSONResponse(await h.invoke(capability_id, bodyjson.RawJSON(raw), p))
     try:  # an inline plugin's big body (documents to index) is parsed on a thread, in pieces
@@ -169,9 +171,14 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
         raise InvalidInput("request body is not valid JSON", field="body") from None
     if not isinstance(body, dict):
         raise InvalidInput(f"the input must be a JSON object, not {type(body).__name__}", field="body")
-    if cap is not None and cap.job:
-        validate_input(cap.input, body)  # a bad input is the caller's 422 now, not a failed job later
-        work = h.stream(capability_id, body, p, queued=True)  # a job waits for its slot, however long
+    if cap is not None and as_job:
+        # a bad input is the caller's 422 now, not a failed job later (a big one checked on a thread)
+        if big:
+            await asyncio.to_thread(validate_input, cap.input, body)
+        else:
+            validate_input(cap.input, body)
+        data = bodyjson.RawJSON(raw) if big and h.worker is not None else body  # the worker parses it again
+        work = h.stream(capability_id, data, p, queued=True)  # a job waits for its slot, however long
         job = gw.jobs.start_stream(capability_id, work, plugin=plugin_id, owner=p)
         return JSONResponse({"job": job.to_dict()}, status_code=202)
     # The worker's answer is JSON data already (the capability's output model, dumped in JSON mode): sent as is,
