@@ -144,7 +144,8 @@ PLUGIN = ProbeInline
 
 
 @pytest.fixture(scope="module")
-def pgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def probe_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a gateway that finds the probe plugins."""
     root = tmp_path_factory.mktemp("site")
     (root / "bkg_probe").mkdir()
     (root / "bkg_probe" / "__init__.py").write_text(textwrap.dedent(PROBE))
@@ -153,8 +154,12 @@ def pgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bkg-probe\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[bkg_kernel.plugins]\nprobe = bkg_probe\nprobein = bkg_probe_inline\n")
-    env = {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    g = start_gateway(tmp_path_factory.mktemp("seams") / "data", env=env)
+    return {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def pgw(tmp_path_factory: pytest.TempPathFactory, probe_env: dict[str, str]) -> Iterator[Gateway]:
+    g = start_gateway(tmp_path_factory.mktemp("seams") / "data", env=probe_env)
     for pid in ("probe", "probein"):
         wait_for(lambda pid=pid: g.client().get(f"/api/plugins/{pid}/status").json()["state"] == "running", 60)
     yield g
@@ -279,3 +284,32 @@ def test_a_worker_that_stops_reading_never_blocks_the_gateway(pgw: Gateway) -> N
     assert r.status_code == 200 and r.json()["state"] == "running", r.text
     who = _invoke(pgw, "probe.whoami")
     assert who.status_code == 200 and who.json()["username"] == "admin", who.text
+
+
+def test_a_frozen_worker_dies_with_its_gateway(tmp_path: Path, probe_env: dict[str, str]) -> None:
+    """A worker whose call holds its GIL never reads its pipe, so it never saw its gateway die: one such orphan kept
+    a core busy for 13 minutes. Workers now ask the kernel to end them with the gateway (PR_SET_PDEATHSIG)."""
+    import signal
+    import threading
+
+    import httpx
+    import psutil
+
+    g = start_gateway(tmp_path / "data", env=probe_env, plugins=["probe"])
+    pid = wait_for(lambda: g.client().get("/api/plugins/probe/status").json()["pid"], 60)
+    worker = psutil.Process(pid)
+    try:
+
+        def freeze() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                g.client().post("/api/plugins/probe/invoke/probe.freeze", json={}, timeout=30)
+
+        threading.Thread(target=freeze, daemon=True).start()
+        wait_for(lambda: worker.cpu_percent(0.2) > 50, 30)  # the call is running, holding the worker's GIL
+        g.proc.send_signal(signal.SIGKILL)
+        g.proc.wait(10)
+        gone = wait_for(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, 20)
+        assert gone
+    finally:
+        with contextlib.suppress(psutil.Error):
+            worker.kill()  # the old code's orphan: never left spinning

@@ -8,6 +8,7 @@ import contextvars
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import secrets
 import threading
@@ -46,6 +47,10 @@ _STORE_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="bkg-store")
 # Runs inline plugins' requests (their own pool: they never take the event loop's default executor from the
 # gateway's own blocking work, and a request that timed out is still tracked until it ends).
 _INLINE_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="bkg-inline")
+# Every worker is started by this one thread, which lives as long as the gateway process. A worker asks the kernel to
+# kill it when the thread that started it ends (PR_SET_PDEATHSIG): so when the gateway dies, however it dies, its
+# workers go too, even one whose threads are stuck holding its GIL (the signal's default action needs no Python).
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bkg-spawn")
 STATES = ("stopped", "starting", "running", "stopping", "degraded", "error")
 Emit = Callable[[str, str, dict[str, Any]], None]
 START_TIMEOUT_S = 120.0
@@ -73,6 +78,7 @@ class WorkerProcess:
                 host.settings.model_dump(),
                 str(host.data_dir),
                 str(host.model_dir),
+                os.getpid(),
             ),
             name=f"bkg-plugin-{host.id}",
             daemon=True,
@@ -92,7 +98,7 @@ class WorkerProcess:
         # would block it until the worker reads again, and stop() could not kill it meanwhile).
         self._outbox: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self._broken = False
-        self.proc.start()
+        _SPAWNER.submit(self.proc.start).result()
         child.close()
         threading.Thread(target=self._read, name=f"bkg-pipe-{host.id}", daemon=True).start()
         threading.Thread(target=self._write, name=f"bkg-pipe-out-{host.id}", daemon=True).start()

@@ -13,10 +13,12 @@ made it for that one request and honours store requests that carry it while the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import itertools
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -58,6 +60,20 @@ def _data(data: Any) -> Any:
 
 
 WORKER_NICE = 5
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_gateway(gateway_pid: int) -> None:
+    """Have the kernel SIGKILL this worker when the gateway's worker-starting thread ends, i.e. when the gateway
+    process ends (Linux). Reading the pipe's end is not enough: a call that holds the GIL (a regular expression
+    backtracking without end) keeps the reader from ever running, and such a worker outlived its gateway."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != gateway_pid:  # the gateway was gone before the request took effect
+        os._exit(0)
 
 
 def main(
@@ -67,8 +83,10 @@ def main(
     settings: dict[str, Any],
     data_dir: str,
     model_dir: str,
+    gateway_pid: int,
 ) -> None:
     """Run one plugin until told to stop or the parent goes away."""
+    die_with_gateway(gateway_pid)
     sys.setswitchinterval(0.0005)  # hand requests from the reader thread to the pool without a 5 ms GIL wait
     # Workers run the models; the gateway answers everyone (health, auth, routing). Under CPU contention the
     # scheduler favours the gateway, so a busy plugin never makes /health or another plugin's requests wait.
