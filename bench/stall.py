@@ -1,0 +1,171 @@
+"""How long one big request body holds up everyone else: `/health` latency while big bodies arrive, bkg's gateway
+against a plain FastAPI app on uvicorn (the peer: FastAPI reads and parses a JSON body on the event loop before
+the route's dependencies, authentication included, run).
+
+    python bench/stall.py [--mb 12] [--rounds 3]
+
+For each case, a prober in its own process asks `GET /health` every 10 ms while this process sends `--rounds`
+bodies of about `--mb` MB, one after the other:
+- anonymous: a body to a route that needs credentials, sent without any (bkg: `POST /admin/users`; the peer: a
+  route whose pydantic body comes before its key check);
+- plugin call: an authenticated `sysinfo.sleep` with the big body (bkg: a worker plugin; the peer: a route that
+  validates the body with pydantic);
+- upsert: an authenticated points upsert of the same size (bkg only: its piecewise parse on a thread).
+Reported: the probes' p50, p99 and worst, and the worst as a ratio of the peer's for the same case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from gateway_harness import ADMIN_KEY, start_gateway  # noqa: E402
+
+PEER = """
+import sys
+from typing import Any
+import uvicorn
+from fastapi import Depends, FastAPI, Header, HTTPException
+from pydantic import BaseModel
+
+
+class Body(BaseModel):
+    seconds: float = 0
+    pad: list[Any] = []
+
+
+def key(authorization: str = Header("")) -> str:
+    if authorization != "Bearer peer-key":
+        raise HTTPException(401, "missing credentials")
+    return authorization
+
+
+app = FastAPI()
+
+
+@app.get("/health")
+def health() -> dict:
+    return {"status": "ok"}
+
+
+@app.post("/call")
+async def call(body: Body, who: str = Depends(key)) -> dict:
+    return {"pad": len(body.pad)}
+
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+PROBE = """
+import json, sys, time
+import httpx
+c = httpx.Client(base_url=sys.argv[1])
+lat, end = [], time.time() + float(sys.argv[2])
+while time.time() < end:
+    t = time.perf_counter()
+    c.get("/health")
+    lat.append((time.perf_counter() - t) * 1000)
+    time.sleep(0.01)
+print(json.dumps(lat))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def probed(url: str, send: Any, rounds: int) -> list[float]:
+    """/health latencies (ms) while `send()` runs `rounds` times, 0.5 s apart, with 1 s of quiet around."""
+    seconds = 2.0 + rounds * 3.0
+    probe = subprocess.Popen([sys.executable, "-c", PROBE, url, str(seconds)], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    for _ in range(rounds):
+        send()
+        time.sleep(0.5)
+    out, _ = probe.communicate()
+    lat: list[float] = json.loads(out)
+    return lat
+
+
+def row(name: str, system: str, lat: list[float], peer_worst: float | None) -> str:
+    q = statistics.quantiles(lat, n=100)
+    vs = f"{max(lat) / peer_worst:.2f}x" if peer_worst else "-"
+    return f"| {name} | {system} | {statistics.median(lat):.1f} | {q[98]:.1f} | {max(lat):.1f} | {vs} |"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=float, default=12.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    n = int(args.mb * 2**20 / 42)  # one pad element is ~42 bytes of JSON
+    pad = [{"a": i, "b": "y" * 20} for i in range(n)]
+    call = json.dumps({"seconds": -1, "pad": pad}).encode()
+    anon = json.dumps({"username": "x", "role": "viewer", "pad": pad}).encode()
+    points = json.dumps(
+        {"points": [{"id": i, "vector": [0.1, 0.2, 0.3, 0.4], "payload": {"b": "y" * 20}} for i in range(n // 2)]}
+    ).encode()
+    sizes = {"call": call, "anonymous": anon, "upsert": points}
+    print("bodies: " + ", ".join(f"{k} {len(v) / 2**20:.1f} MB" for k, v in sizes.items()))
+
+    port = free_port()
+    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port)])
+    gw = start_gateway(Path(tempfile.mkdtemp(prefix="bench-stall-")) / "data", plugins=["sysinfo"])
+    try:
+        peer_url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                httpx.get(peer_url + "/health")
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        bkg = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120)
+        bkg.post("/api/collections", json={"name": "big", "dim": 4}).raise_for_status()
+        json_type = {"content-type": "application/json"}
+        cases = {
+            "anonymous body": (
+                lambda: httpx.post(gw.url + "/admin/users", content=anon, headers=json_type, timeout=120),
+                lambda: httpx.post(peer_url + "/call", content=anon, headers=json_type, timeout=120),
+            ),
+            "plugin call": (
+                lambda: bkg.post("/api/plugins/sysinfo/invoke/sysinfo.sleep", content=call, headers=json_type),
+                lambda: httpx.post(
+                    peer_url + "/call",
+                    content=call,
+                    headers={**json_type, "Authorization": "Bearer peer-key"},
+                    timeout=120,
+                ),
+            ),
+            "points upsert": (lambda: bkg.put("/api/collections/big/points", content=points, headers=json_type), None),
+        }
+        print("\n| body | system | /health p50 ms | p99 ms | worst ms | worst vs peer |")
+        print("|---|---|---|---|---|---|")
+        for name, (ours, theirs) in cases.items():
+            peer_lat = probed(peer_url, theirs, args.rounds) if theirs else None
+            our_lat = probed(gw.url, ours, args.rounds)
+            print(row(name, "bkg", our_lat, max(peer_lat) if peer_lat else None))
+            if peer_lat:
+                print(row(name, "FastAPI (peer)", peer_lat, max(peer_lat)))
+    finally:
+        gw.stop()
+        peer.terminate()
+        peer.wait(10)
+
+
+if __name__ == "__main__":
+    main()
