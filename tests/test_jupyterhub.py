@@ -165,6 +165,29 @@ def test_the_login_cookie_only_opens_the_gateways_page(hub: Hub) -> None:
     assert moved.status_code in (200, 307) and "/services/bkg/" in moved.headers.get("location", hub.bkg + "/")
 
 
+def test_a_flood_of_anonymous_visits_never_spoils_a_login_in_progress(hub: Hub) -> None:
+    """Each anonymous `GET /` starts a login. The gateway kept every pending login's state (a capped list, oldest
+    out): 1,000 anonymous visits between a user's start and the Hub's answer pushed the user's login out. Now the
+    state lives in the user's browser, signed, and the gateway keeps nothing per login."""
+    c = login(hub, "dev")  # logged in at the Hub, not yet at the gateway
+    start = c.get(hub.bkg + "/")
+    assert start.status_code == 302 and "/hub/api/oauth2/authorize" in start.headers["location"]
+    answer = c.get(start.headers["location"])
+    while answer.status_code == 302 and "/oauth_callback" not in answer.headers["location"]:
+        answer = c.get(answer.headers["location"])
+    callback = answer.headers["location"]
+    assert "/oauth_callback" in callback and "code=" in callback, answer.text[:500]
+    with httpx.Client() as anon:
+        for _ in range(1100):
+            assert anon.get(hub.bkg + "/").status_code == 302
+    done = c.get(callback)
+    assert done.status_code == 302 and "bkg-hub-token" in done.headers.get("set-cookie", ""), done.text
+    assert "dev@hub" in c.get(hub.bkg + "/").text
+    url = callback if callback.startswith("http") else hub.url + callback
+    replayed = httpx.get(url, cookies={"bkg-hub-oauth-state": "forged." + "0" * 64})
+    assert replayed.status_code == 401 and "not started in this browser" in replayed.json()["error"]["message"]
+
+
 def test_hub_users_stay_apart_and_nobody_poses_as_one(hub: Hub) -> None:
     from bkg_kernel.gateway.jupyterhub import bkg_name
 

@@ -12,13 +12,15 @@ under the service prefix (`/services/bkg/...`), as the Hub's proxy forwards it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
+import hmac
+import json
 import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlencode
 
@@ -30,7 +32,6 @@ from bkg_kernel.auth.service import HUB_SUFFIX as SUFFIX
 from bkg_kernel.errors import Forbidden, Unauthorized, Unavailable
 from bkg_kernel.settings import Settings
 
-MAX_STATES = 1000
 ROLE_SCOPES = (("custom:bkg:admin", "admin"), ("custom:bkg:developer", "developer"))
 COOKIE = "bkg-hub-token"
 _BAD = re.compile(r"[^A-Za-z0-9_.@-]")
@@ -75,8 +76,9 @@ class HubTrust:
         self.prefix = settings.hub_service_prefix or "/"
         self.oauth = HubOAuth(api_token=settings.hub_api_token, api_url=settings.hub_api_url or "",
                               cache_max_age=60)  # fmt: skip
-        # OAuth state -> (made, next URL, PKCE verifier), oldest first and capped: anonymous GET / makes one each
-        self.states: OrderedDict[str, tuple[float, str, str]] = OrderedDict()
+        # signs a login's state cookie: the gateway keeps nothing per login, so no flood of anonymous `GET /` can
+        # push a real user's login out (a login started before a restart is started again)
+        self._state_key = secrets.token_bytes(32)
         self.lock = threading.Lock()
 
     def is_hub_token(self, token: str) -> bool:
@@ -117,29 +119,46 @@ class HubTrust:
 
     # -- browser login (OAuth) --------------------------------------------------------------------
     def login_url(self, next_url: str) -> tuple[str, str]:
-        """(state, where to send a browser to log in through the Hub), coming back to `next_url`; the state also
-        goes into a cookie of that browser, so a login started elsewhere cannot be finished in it."""
-        now = time.time()
-        while self.states and (len(self.states) >= MAX_STATES or now - next(iter(self.states.values()))[0] > STATE_TTL):
-            self.states.popitem(last=False)
+        """(the state cookie for this browser, where to send it to log in through the Hub), coming back to
+        `next_url`. The cookie holds the state, when it was made, `next_url` and the PKCE verifier, signed by the
+        gateway (as HubOAuth keeps its state in a cookie): a login is finished only in the browser that started it.
+        """
         state = secrets.token_urlsafe(24)
         verifier, challenge, method = self.oauth.generate_pkce_code_challenge()
-        self.states[state] = (now, next_url, verifier)
+        body = base64.urlsafe_b64encode(json.dumps([state, time.time(), next_url, verifier]).encode()).decode()
         query = {"state": state, "code_challenge": challenge, "code_challenge_method": method}
-        return state, f"{self.oauth.login_url}&{urlencode(query)}"
+        return f"{body}.{self._sign(body)}", f"{self.oauth.login_url}&{urlencode(query)}"
 
-    async def finish_login(self, code: str, state: str) -> tuple[str, str]:
-        """Trade the OAuth code for the user's token; return (token, where to go next)."""
-        found = self.states.pop(state, None)
-        if found is None or time.time() - found[0] > STATE_TTL:
-            raise Unauthorized("the login is unknown or expired: start again")
+    def _sign(self, body: str) -> str:
+        return hmac.new(self._state_key, body.encode(), hashlib.sha256).hexdigest()
+
+    def _started(self, cookie: str, state: str) -> tuple[str, str]:
+        """(next URL, PKCE verifier) of the login `state`, from the state cookie of the browser finishing it."""
+        body, _, mac = cookie.rpartition(".")
         try:
-            token = await asyncio.wait_for(self.oauth.token_for_code(code, code_verifier=found[2], sync=False), 15)
+            if not body or not hmac.compare_digest(mac.encode(), self._sign(body).encode()):
+                raise ValueError("unsigned")
+            started, made, next_url, verifier = json.loads(base64.urlsafe_b64decode(body))
+        except (ValueError, TypeError):
+            raise Unauthorized(
+                "this login was not started in this browser (or the gateway restarted since): start again"
+            ) from None
+        if not hmac.compare_digest(str(started).encode(), state.encode()):
+            raise Unauthorized("this login was not started in this browser: start again")
+        if time.time() - made > STATE_TTL:
+            raise Unauthorized("the login expired: start again")
+        return str(next_url), str(verifier)
+
+    async def finish_login(self, code: str, state: str, cookie: str) -> tuple[str, str]:
+        """Trade the OAuth code for the user's token; return (token, where to go next)."""
+        next_url, verifier = self._started(cookie, state)
+        try:
+            token = await asyncio.wait_for(self.oauth.token_for_code(code, code_verifier=verifier, sync=False), 15)
         except (TimeoutError, OSError) as exc:
             raise Unavailable(f"JupyterHub did not answer: {exc or 'timeout'}") from None
         except Exception as exc:  # the Hub refused the code (tornado's HTTPError)
             raise Unauthorized(f"JupyterHub refused the login: {exc}") from None
-        return str(token), found[1]
+        return str(token), next_url
 
 
 class PrefixMiddleware:

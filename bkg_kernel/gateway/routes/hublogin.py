@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from bkg_kernel.errors import InvalidInput, NotFound, Unauthorized
+from bkg_kernel.errors import InvalidInput, NotFound
 from bkg_kernel.gateway.jupyterhub import COOKIE, HubTrust
 from bkg_kernel.gateway.state import gateway, version
 
@@ -32,10 +32,10 @@ async def home(request: Request) -> Any:
         return {"name": "bkg gateway", "version": version(), "docs": "/docs", "health": "/health"}
     p = getattr(request.state, "principal", None)
     if p is None:
-        state, url = trust.login_url(trust.prefix)
+        started, url = trust.login_url(trust.prefix)
         response = RedirectResponse(url, status_code=302)
         response.delete_cookie(COOKIE, path=trust.prefix)  # stale, if there was one
-        response.set_cookie(STATE_COOKIE, state, path=trust.prefix, httponly=True, samesite="lax", max_age=600)
+        response.set_cookie(STATE_COOKIE, started, path=trust.prefix, httponly=True, samesite="lax", max_age=600)
         return response
     scopes = "".join(f"<li><code>{escape(s)}</code></li>" for s in sorted(p.scopes))
     base = escape(trust.prefix.rstrip("/"))
@@ -53,9 +53,8 @@ async def oauth_callback(request: Request, code: str = "", state: str = "") -> R
     trust = _trust(request)
     if not code or not state:
         raise InvalidInput("the Hub's answer lacks its code or state: start the login again", field="code")
-    if request.cookies.get(STATE_COOKIE) != state:  # a login started in another browser is not finished here
-        raise Unauthorized("this login was not started in this browser: start again")
-    token, next_url = await trust.finish_login(code, state)
+    # a login started in another browser (another state cookie, or none) is not finished here
+    token, next_url = await trust.finish_login(code, state, request.cookies.get(STATE_COOKIE, ""))
     if not next_url.startswith("/") or next_url.startswith("//"):
         next_url = trust.prefix  # only paths on this site
     response = RedirectResponse(next_url, status_code=302)
