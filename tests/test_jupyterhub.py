@@ -207,6 +207,11 @@ def test_a_token_without_access_to_the_service_is_told_what_is_missing(hub: Hub)
     r = as_(hub, narrow).get("/api/plugins")
     assert r.status_code == 403 and "access:services!service=bkg" in r.json()["error"]["message"], r.text
     assert as_(hub, "not-a-token").get("/api/plugins").status_code == 401
+    big = {"points": [{"id": i, "vector": [0.1, 0.2, 0.3, 0.4], "payload": {"pad": "x" * 200}} for i in range(500)]}
+    r = as_(hub, narrow).put("/api/collections/x/points", json=big)  # said before the body is read, not a 401
+    assert r.status_code == 403 and "access:services!service=bkg" in r.json()["error"]["message"], r.text
+    r = as_(hub, "x" * 300).put("/api/collections/x/points", json=big)  # not shaped like a Hub token: no Hub call
+    assert r.status_code == 401 and "checked before it is read" in r.json()["error"]["message"], r.text
 
 
 def test_a_hub_users_job_belongs_to_them_and_runs_as_them(hub: Hub) -> None:

@@ -282,6 +282,38 @@ def test_a_cancelled_command_is_killed(rgw: Gateway) -> None:
     assert rgw.client().get(f"/api/jobs/{job_id}").json()["state"] == "cancelled"
 
 
+def test_a_command_dies_with_its_worker(rgw: Gateway) -> None:
+    """A command runs in its own session (so a cancel can kill its group); when its worker dies without a word
+    (SIGKILLed, or with its gateway) the command goes too (PR_SET_PDEATHSIG from the sandbox's launcher)."""
+    import os
+    import signal
+
+    r = invoke(rgw, "repo.command", {"workspace": "demo", "name": "sleeper"})
+    assert r.status_code == 202, r.text
+    pid_file = repo_dir(rgw) / "sleeper.pid"
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    pid_file.unlink()
+    worker = rgw.client().get("/api/plugins/repoagent/status").json()["pid"]
+    try:
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid), "the command outlived its worker"
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60  # the supervisor restarts the worker for the tests after this one
+        while time.monotonic() < deadline:
+            st = rgw.client().get("/api/plugins/repoagent/status").json()
+            if st["state"] == "running" and st["pid"] != worker:
+                break
+            time.sleep(0.5)
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -16,7 +16,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
-from bkg_kernel.errors import BkgError
+from bkg_kernel.errors import BkgError, Unauthorized
 from bkg_kernel.gateway.jupyterhub import token_of
 
 ANONYMOUS_BYTES = 64 * 1024  # the biggest body read without credentials
@@ -60,7 +60,14 @@ class BodyLimitMiddleware:
         big = b"transfer-encoding" in headers or (
             declared is not None and (not declared.isdigit() or int(declared) > ANONYMOUS_BYTES)
         )
-        if big and not await _credentialed(scope):
+        try:
+            refused = big and not await _credentialed(scope)
+        except BkgError as exc:  # the Hub is down (503) or refuses this user the service (403): said before reading
+            start, body = _answer(exc.status, exc.code, exc.message, exc.field)
+            await send(start)
+            await send(body)
+            return
+        if refused:
             message = (
                 f"a request body over {ANONYMOUS_BYTES:,} bytes (or of unknown length) needs valid credentials, "
                 "checked before it is read: send 'Authorization: Bearer <API key or session token>'"
@@ -107,12 +114,12 @@ async def _credentialed(scope: dict[str, Any]) -> bool:
     if trust is not None and trust.is_hub_token(token):
         try:
             await trust.principal(token)
-        except Exception:  # unknown to the Hub, or the Hub unreachable: no credentials either way
+        except Unauthorized:
             return False
         return True
     try:
         gw.auth.authenticate(token, metered=False)
-    except BkgError:
+    except Unauthorized:
         return False
     return True
 

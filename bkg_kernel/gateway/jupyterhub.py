@@ -36,6 +36,7 @@ ROLE_SCOPES = (("custom:bkg:admin", "admin"), ("custom:bkg:developer", "develope
 COOKIE = "bkg-hub-token"
 _BAD = re.compile(r"[^A-Za-z0-9_.@-]")
 STATE_TTL = 600.0
+_HUB_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,256}")  # JupyterHub's tokens are 32 hex characters
 
 
 def bkg_name(hub_name: str) -> str:
@@ -82,8 +83,9 @@ class HubTrust:
         self.lock = threading.Lock()
 
     def is_hub_token(self, token: str) -> bool:
-        """Whether a credential is for the Hub to judge (not a bkg key or session)."""
-        return bool(token) and not token.startswith(("bkg_", "bkgs_"))
+        """Whether a credential is for the Hub to judge: not a bkg key or session, and shaped like a Hub token
+        (anything else is refused here, without asking the Hub)."""
+        return not token.startswith(("bkg_", "bkgs_")) and _HUB_TOKEN.fullmatch(token) is not None
 
     async def principal(self, token: str) -> Principal:
         """The bkg caller for a Hub token (401 unknown, 403 without access to this service)."""

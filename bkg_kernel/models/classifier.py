@@ -11,6 +11,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -181,6 +182,12 @@ def train(
     return net, metrics
 
 
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 TRAIN_NICE = 5  # like a plugin worker: under contention the scheduler favours the process that answers requests
 
 
@@ -192,7 +199,8 @@ def train_in_child(
     (a cancelled job) stops the child at once; the child's error arrives as the same `BkgError`."""
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=_train_child, args=(there, x, labels, groups, opts), name="bkg-train", daemon=True)
+    args = (there, x, labels, groups, opts, os.getpid())
+    proc = ctx.Process(target=_train_child, args=args, name="bkg-train", daemon=True)
     proc.start()
     there.close()
     try:
@@ -215,9 +223,13 @@ def train_in_child(
         here.close()
 
 
-def _train_child(conn: Any, x: np.ndarray, labels: list[str], groups: list[str], opts: dict[str, Any]) -> None:
+def _train_child(
+    conn: Any, x: np.ndarray, labels: list[str], groups: list[str], opts: dict[str, Any], parent: int
+) -> None:
     with contextlib.suppress(OSError):
         os.nice(TRAIN_NICE)
+    # its parent (the gateway) may die without a word, even by SIGKILL: training for nobody would go on otherwise
+    threading.Thread(target=_exit_with, args=(parent,), name="bkg-orphan-watch", daemon=True).start()
     try:
         net, metrics = train(x, labels, groups, progress=lambda f, m="": conn.send(("progress", f, m)), **opts)
         conn.send(("done", net, metrics))

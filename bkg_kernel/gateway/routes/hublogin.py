@@ -35,7 +35,10 @@ async def home(request: Request) -> Any:
         started, url = trust.login_url(trust.prefix)
         response = RedirectResponse(url, status_code=302)
         response.delete_cookie(COOKIE, path=trust.prefix)  # stale, if there was one
-        response.set_cookie(STATE_COOKIE, started, path=trust.prefix, httponly=True, samesite="lax", max_age=600)
+        secure = request.url.scheme == "https"
+        response.set_cookie(
+            STATE_COOKIE, started, path=trust.prefix, httponly=True, samesite="lax", max_age=600, secure=secure
+        )
         return response
     scopes = "".join(f"<li><code>{escape(s)}</code></li>" for s in sorted(p.scopes))
     base = escape(trust.prefix.rstrip("/"))
@@ -55,10 +58,15 @@ async def oauth_callback(request: Request, code: str = "", state: str = "") -> R
         raise InvalidInput("the Hub's answer lacks its code or state: start the login again", field="code")
     # a login started in another browser (another state cookie, or none) is not finished here
     token, next_url = await trust.finish_login(code, state, request.cookies.get(STATE_COOKIE, ""))
-    if not next_url.startswith("/") or next_url.startswith("//"):
+    if not _local_path(next_url):
         next_url = trust.prefix  # only paths on this site
     response = RedirectResponse(next_url, status_code=302)
     secure = request.url.scheme == "https"
     response.set_cookie(COOKIE, token, path=trust.prefix, httponly=True, samesite="lax", secure=secure)
     response.delete_cookie(STATE_COOKIE, path=trust.prefix)
     return response
+
+
+def _local_path(url: str) -> bool:
+    """A path on this site: not `//host`, nor `/\\host` or a control character, which browsers read as one."""
+    return url.startswith("/") and not url.startswith(("//", "/\\")) and "\\" not in url and url.isprintable()

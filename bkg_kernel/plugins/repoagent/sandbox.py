@@ -112,7 +112,7 @@ def run(
     rl = [limits.cpu_seconds, limits.memory_mb * mb, limits.file_size_mb * mb]
     # The limits are set by a tiny exec wrapper, not a preexec_fn: forking a threaded worker and running
     # Python in the child before exec can deadlock.
-    wrapped = [sys.executable, "-S", "-c", _LIMITER, *map(str, rl), *argv]
+    wrapped = [sys.executable, "-S", "-c", _LIMITER, *map(str, rl), str(os.getpid()), *argv]
     t0 = time.monotonic()
     proc = subprocess.Popen(
         wrapped, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -164,13 +164,19 @@ def run(
 
 
 _LIMITER = """
-import os, resource, sys
-cpu, mem, fsize = (int(v) for v in sys.argv[1:4])
+import ctypes, os, resource, sys
+cpu, mem, fsize, parent = (int(v) for v in sys.argv[1:5])
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
 resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-os.execv(sys.argv[4], sys.argv[4:])
+try:  # SIGKILL when the worker that runs it dies (PR_SET_PDEATHSIG; kept across exec): no command outlives it
+    ctypes.CDLL(None).prctl(1, 9)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != parent:
+    os._exit(137)
+os.execv(sys.argv[5], sys.argv[5:])
 """
 
 
