@@ -265,14 +265,7 @@ def test_a_command_past_its_timeout_dies_with_its_children(rgw: Gateway) -> None
 
 
 def test_a_cancelled_command_is_killed(rgw: Gateway) -> None:
-    r = invoke(rgw, "repo.command", {"workspace": "demo", "name": "sleeper"})
-    job_id = r.json()["job"]["id"]
-    pid_file = repo_dir(rgw) / "sleeper.pid"
-    deadline = time.monotonic() + 30
-    while not pid_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    pid = int(pid_file.read_text())
-    pid_file.unlink()
+    job_id, pid = _sleeper(rgw)
     assert _alive(pid)
     rgw.client().post(f"/api/jobs/{job_id}/cancel").raise_for_status()
     deadline = time.monotonic() + 10
@@ -288,14 +281,7 @@ def test_a_command_dies_with_its_worker(rgw: Gateway) -> None:
     import os
     import signal
 
-    r = invoke(rgw, "repo.command", {"workspace": "demo", "name": "sleeper"})
-    assert r.status_code == 202, r.text
-    pid_file = repo_dir(rgw) / "sleeper.pid"
-    deadline = time.monotonic() + 30
-    while not pid_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    pid = int(pid_file.read_text())
-    pid_file.unlink()
+    _, pid = _sleeper(rgw)
     worker = rgw.client().get("/api/plugins/repoagent/status").json()["pid"]
     try:
         os.kill(worker, signal.SIGKILL)
@@ -312,6 +298,19 @@ def test_a_command_dies_with_its_worker(rgw: Gateway) -> None:
             if st["state"] == "running" and st["pid"] != worker:
                 break
             time.sleep(0.5)
+
+
+def _sleeper(rgw: Gateway) -> tuple[str, int]:
+    """Start the `sleeper` command; (its job id, its process id once it runs)."""
+    r = invoke(rgw, "repo.command", {"workspace": "demo", "name": "sleeper"})
+    assert r.status_code == 202, r.text
+    pid_file = repo_dir(rgw) / "sleeper.pid"
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    pid_file.unlink()
+    return r.json()["job"]["id"], pid
 
 
 def _alive(pid: int) -> bool:

@@ -10,13 +10,14 @@ token is a 401 from its headers alone; logins and every other anonymous request 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse
 
 from bkg_kernel.errors import BkgError, Unauthorized
+from bkg_kernel.gateway.errors import error_response
 from bkg_kernel.gateway.jupyterhub import token_of
 
 ANONYMOUS_BYTES = 64 * 1024  # the biggest body read without credentials
@@ -43,8 +44,8 @@ class BodyLimitMiddleware:
             "send fewer points or smaller files per request"
         )
 
-    def _refusal(self, size: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        return _answer(413, "body_too_large", self._message(size), "body")
+    def _refusal(self, size: str) -> JSONResponse:
+        return error_response(413, "body_too_large", self._message(size), "body")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -53,9 +54,7 @@ class BodyLimitMiddleware:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            start, body = self._refusal(f"{int(declared):,} bytes")
-            await send(start)
-            await send(body)
+            await self._refusal(f"{int(declared):,} bytes")(scope, receive, send)
             return
         big = b"transfer-encoding" in headers or (
             declared is not None and (not declared.isdigit() or int(declared) > ANONYMOUS_BYTES)
@@ -63,18 +62,14 @@ class BodyLimitMiddleware:
         try:
             refused = big and not await _credentialed(scope)
         except BkgError as exc:  # the Hub is down (503) or refuses this user the service (403): said before reading
-            start, body = _answer(exc.status, exc.code, exc.message, exc.field)
-            await send(start)
-            await send(body)
+            await error_response(exc.status, exc.code, exc.message, exc.field)(scope, receive, send)
             return
         if refused:
             message = (
                 f"a request body over {ANONYMOUS_BYTES:,} bytes (or of unknown length) needs valid credentials, "
                 "checked before it is read: send 'Authorization: Bearer <API key or session token>'"
             )
-            start, body = _answer(401, "unauthorized", message, None)
-            await send(start)
-            await send(body)
+            await error_response(401, "unauthorized", message)(scope, receive, send)
             return
         seen = 0
         started = False
@@ -98,40 +93,17 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if started:
                 raise
-            start, body = self._refusal(f"over {self.max_bytes:,} bytes")
-            await send(start)
-            await send(body)
+            await self._refusal(f"over {self.max_bytes:,} bytes")(scope, receive, send)
 
 
 async def _credentialed(scope: dict[str, Any]) -> bool:
-    """Whether the request carries a valid key or session (not counted against its rate limit: the route counts
-    it), or a Hub token the Hub knows (HubAuth caches the answer for a minute, so the route's own check is free)."""
-    gw = scope["app"].state.gateway
+    """Whether the request carries a valid key, session or Hub token (not counted against a key's rate limit: the
+    route counts it; HubAuth caches a Hub token's answer for a minute, so the route's own check is free)."""
     token = token_of(HTTPConnection(scope))
     if not token:
         return False
-    trust = getattr(gw, "hub_trust", None)
-    if trust is not None and trust.is_hub_token(token):
-        try:
-            await trust.principal(token)
-        except Unauthorized:
-            return False
-        return True
     try:
-        gw.auth.authenticate(token, metered=False)
+        await scope["app"].state.gateway.caller_now(token)
     except Unauthorized:
         return False
     return True
-
-
-def _answer(status: int, code: str, message: str, field: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    error: dict[str, Any] = {"status": status, "code": code, "message": message}
-    if field is not None:
-        error["field"] = field
-    raw = json.dumps({"error": error}).encode()
-    start = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
-    }
-    return start, {"type": "http.response.body", "body": raw}

@@ -53,7 +53,7 @@ class Job:
 
     def visible_to(self, p: Principal) -> bool:
         """A job and its result are its owner's, and an auditor's (scope admin:audit)."""
-        return visible(self.owner, p.scopes, p.username, owner_id=self.owner_id, user_id=p.user_id)
+        return visible(p, self.owner, self.owner_id)
 
 
 class Jobs:

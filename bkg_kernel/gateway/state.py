@@ -146,6 +146,13 @@ class Gateway:
             raise Forbidden(f"this route needs scope {scope!r}; the caller has {sorted(p.scopes)}")
         return p
 
+    async def caller_now(self, token: str) -> Principal:
+        """The caller a credential stands for as of now, not counted against its key's rate limit: a key or session
+        checked again, or a Hub token (HubAuth's cache: at most a minute old)."""
+        if self.hub_trust is not None and self.hub_trust.is_hub_token(token):
+            return await self.hub_trust.principal(token)
+        return self.auth.authenticate(token, metered=False)
+
     def snapshot_summary(self) -> dict[str, Any]:
         """Return every plugin's status (for /health and the WebSocket bootstrap)."""
         return {pid: h.status() for pid, h in self.supervisor.hosts.items()}

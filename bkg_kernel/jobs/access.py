@@ -3,18 +3,16 @@ gateway's background jobs; anyone else gets the same 404 as for a job that does 
 
 from __future__ import annotations
 
-from collections.abc import Set
+from bkg_kernel.auth.principal import Principal
 
 SEE_ALL = "admin:audit"  # the scope that sees every job, whoever started it
 
 
-def visible(
-    owner: str | None, scopes: Set[str], username: str, *, owner_id: str | None = None, user_id: str | None = None
-) -> bool:
-    """Whether a caller (`username` with `scopes`) may see a job of `owner`. Where both user ids are known they
-    decide, not the names: a user made later under a deleted user's name is someone else."""
-    if SEE_ALL in scopes:
+def visible(p: Principal, owner: str | None, owner_id: str | None) -> bool:
+    """Whether `p` may see a job of `owner` (user id `owner_id`). The ids decide, not the names: a user made later
+    under a deleted user's name is someone else; only a row kept from before ids were recorded goes by name."""
+    if SEE_ALL in p.scopes:
         return True
-    if owner_id is not None and user_id is not None:
-        return owner_id == user_id
-    return owner == username
+    if owner_id is not None:
+        return owner_id == p.user_id
+    return owner == p.username

@@ -563,7 +563,7 @@ class JobService:
 
 def _sees(p: Principal, row: dict[str, Any]) -> bool:
     """Whether `p` may see a run or schedule: its owner (by user id) or an auditor."""
-    return visible(row["owner"], p.scopes, p.username, owner_id=row.get("owner_id"), user_id=p.user_id)
+    return visible(p, row["owner"], row.get("owner_id"))
 
 
 def _check_limits(timeout_s: Any, retries: Any) -> None:

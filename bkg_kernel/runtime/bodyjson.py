@@ -28,10 +28,14 @@ class RawJSON:
 
     def object(self) -> dict[str, Any]:
         """The body as a JSON object (422 naming `body` when it is not JSON or not an object)."""
-        data = loads(self.raw)
-        if not isinstance(data, dict):
-            raise InvalidInput(f"the input must be a JSON object, not {type(data).__name__}", field="body")
-        return data
+        return json_object(loads(self.raw))
+
+
+def json_object(data: Any) -> dict[str, Any]:
+    """A call's parsed input, which must be a JSON object (422 naming `body`)."""
+    if not isinstance(data, dict):
+        raise InvalidInput(f"the input must be a JSON object, not {type(data).__name__}", field="body")
+    return data
 
 
 def loads(raw: bytes) -> Any:

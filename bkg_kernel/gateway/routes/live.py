@@ -55,7 +55,7 @@ async def _websocket(websocket: WebSocket) -> None:
             msg = await sub.queue.get()
             if time.monotonic() - checked > RECHECK_S:
                 try:
-                    caller[0] = await _again(gw, token)
+                    caller[0] = await gw.caller_now(token)
                     if "plugins:read" not in caller[0].scopes:
                         raise BkgError("the caller no longer holds scope plugins:read")
                 except BkgError as exc:
@@ -92,18 +92,7 @@ async def _websocket(websocket: WebSocket) -> None:
 def _sees(p: Principal, msg: dict[str, Any]) -> bool:
     if msg["type"] != "jobs":
         return True
-    payload = msg["payload"]
-    return jobs.visible(payload.get("owner"), p.scopes, p.username, owner_id=payload.get("owner_id"), user_id=p.user_id)
-
-
-async def _again(gw: Gateway, token: str) -> Principal:
-    """The socket's caller as of now: its key or session checked again (not counted against its rate limit), or its
-    Hub token (HubAuth's cache: at most a minute old)."""
-    trust = getattr(gw, "hub_trust", None)
-    if trust is not None and trust.is_hub_token(token):
-        p: Principal = await trust.principal(token)
-        return p
-    return gw.auth.authenticate(token, metered=False)
+    return jobs.visible(p, msg["payload"].get("owner"), msg["payload"].get("owner_id"))
 
 
 def _subscription(sub: Subscriber, text: str | None) -> dict[str, Any] | str:

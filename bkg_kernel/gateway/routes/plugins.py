@@ -163,14 +163,13 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
     if big and h.worker is not None and not as_job:
         # parsed by the worker: pickling what a parse made would hold the loop as long as the parse itself
         return FastJSONResponse(await h.invoke(capability_id, bodyjson.RawJSON(raw), p))
-    try:  # an inline plugin's big body (documents to index) is parsed on a thread, in pieces
-        body = (
-            (json.loads(raw) if len(raw) <= BIG_BODY else await asyncio.to_thread(bodyjson.loads, raw)) if raw else {}
-        )
-    except ValueError:
-        raise InvalidInput("request body is not valid JSON", field="body") from None
-    if not isinstance(body, dict):
-        raise InvalidInput(f"the input must be a JSON object, not {type(body).__name__}", field="body")
+    if big:  # an inline plugin's big body (documents to index) is parsed on a thread, in pieces
+        body = bodyjson.json_object(await asyncio.to_thread(bodyjson.loads, raw))
+    else:
+        try:
+            body = bodyjson.json_object(json.loads(raw) if raw else {})
+        except ValueError:
+            raise InvalidInput("request body is not valid JSON", field="body") from None
     if cap is not None and as_job:
         # a bad input is the caller's 422 now, not a failed job later (a big one checked on a thread)
         if big:
