@@ -9,17 +9,26 @@ random ones), in a real gateway and in a store in this process. For each labelle
 - the REST query route (`POST /api/collections/{name}/query`, text mode, 30 hits with their texts);
 - `brainml.query` read as raw bytes, and through bkg's client (`wb.brain.query`, decoded);
 - the plugin's own `latency_ms` (search, texts and highlights, inside the gateway);
-- direct: the store's `query` with texts and brainml's highlights in this process (bench/brainml.py's direct row).
+- direct: the store's `query` with texts and brainml's highlights in this process (bench/brainml.py's direct row);
+- the bound: a bare ASGI app on uvicorn (no framework, no authentication, no plugin host) in its own process with
+  its own copy of the store, answering the same work as JSON (orjson) from a thread (as the gateway must: nothing
+  that blocks runs on its event loop) and, for the floor of the HTTP exchange alone, on its event loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import http.client
+import json
+import multiprocessing
+import socket
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +53,13 @@ def main() -> None:
     packages: list[str] = []
     for p in args.packages.split(","):
         packages += list(STDLIB) if p == "stdlib" else [p]
-    points = chunked(python_docs(packages), 800, 100)
-    vecs = np.random.default_rng(0).standard_normal((len(points), 384)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    points, vecs = corpus(packages)
     print(f"{len(points)} chunks, {len(PYDOC_QUERIES)} queries x {args.repeat}")
 
     work = Path(tempfile.mkdtemp(prefix="bench-hop-"))
+    port = free_port()
+    bare = multiprocessing.get_context("spawn").Process(target=serve_bare, args=(port, work / "bare", packages))
+    bare.start()
     gw = start_gateway(work / "data", env={"BKG_MODEL_DIR": str(work / "models")})
     wb = Workbench(gw.url, ADMIN_KEY)
     try:
@@ -58,11 +68,12 @@ def main() -> None:
             batch = [{**p, "vector": v.tolist()} for p, v in zip(points[a : a + 2000], vecs[a : a + 2000], strict=True)]
             wb.call("PUT", "/api/collections/d/points", json={"points": batch})
         with Store(work / "direct") as store:
-            coll = store.create_collection("d", dim=384)
-            coll.upsert([{**p, "vector": v} for p, v in zip(points, vecs, strict=True)], progress=False)
-            rows = measure(wb, coll, args.repeat)
+            coll = filled(store, points, vecs)
+            rows = measure(wb, coll, bare_client(port), args.repeat)
     finally:
         gw.stop()
+        bare.terminate()
+        bare.join()
     direct = rows["direct (one process)"]
     print("\n| layer | p50 ms | vs direct |")
     print("|---|---|---|")
@@ -70,14 +81,96 @@ def main() -> None:
         print(f"| {name} | {p50:.2f} | {p50 / direct:.2f}x |")
 
 
-def measure(wb: Workbench, coll: Any, repeat: int) -> dict[str, float]:
+def corpus(packages: list[str]) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """The docstrings corpus's chunks and random unit vectors for them (the same in every process: seeded)."""
+    points = chunked(python_docs(packages), 800, 100)
+    vecs = np.random.default_rng(0).standard_normal((len(points), 384)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return points, vecs
+
+
+def filled(store: Store, points: list[dict[str, Any]], vecs: np.ndarray) -> Any:
+    coll = store.create_collection("d", dim=384)
+    coll.upsert([{**p, "vector": v} for p, v in zip(points, vecs, strict=True)], progress=False)
+    return coll
+
+
+def answer(coll: Any, q: str) -> list[dict[str, Any]]:
+    """brainml.query's work in text mode: 30 hits with their texts and highlights."""
+    hits = coll.query(None, q, k=30, mode="text", with_text=True)
+    return [{"doc_id": h.payload["doc_id"], "chunk": h.text, "marks": highlights(q, h.text or "")} for h in hits]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_bare(port: int, data: Path, packages: list[str]) -> None:
+    """The bound: `answer` behind nothing but uvicorn, from a thread (`/thread`) or on the event loop (`/loop`)."""
+    import orjson
+    import uvicorn
+
+    sys.setswitchinterval(0.0005)  # as the gateway sets it
+    coll = filled(Store(data), *corpus(packages))
+    pool = ThreadPoolExecutor(1)
+
+    async def on_thread(q: str) -> Any:  # one wake-up of the loop per answer, as the gateway's plugin host does
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        pool.submit(lambda: loop.call_soon_threadsafe(done.set_result, answer(coll, q)))
+        return await done
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            m = await receive()
+            body += m.get("body", b"")
+            if not m.get("more_body"):
+                break
+        q = json.loads(body)["query"]
+        hits = answer(coll, q) if scope["path"] == "/loop" else await on_thread(q)
+        out = orjson.dumps({"results": hits})
+        head = [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": out})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def bare_client(port: int) -> Callable[[str, str], Any]:
+    """`ask(path, query)` against the bare app on one keep-alive connection, once it answers."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def ask(path: str, q: str) -> Any:
+        conn.request("POST", path, body=json.dumps({"query": q}), headers={"Content-Type": "application/json"})
+        return json.loads(conn.getresponse().read())
+
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            ask("/loop", "ready")
+            return ask
+        except OSError:
+            conn.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def measure(wb: Workbench, coll: Any, bare: Callable[[str, str], Any], repeat: int) -> dict[str, float]:
     """Each layer's p50 over the labelled queries, the layers interleaved query by query."""
     inside: list[float] = []
     body = {"collection": "d", "top_k": 30, "mode": "text"}
 
     def direct(q: str) -> Any:
-        hits = coll.query(None, q, k=30, mode="text", with_text=True)
-        return [{"doc_id": h.payload["doc_id"], "chunk": h.text, "marks": highlights(q, h.text or "")} for h in hits]
+        return answer(coll, q)
 
     def brain(q: str) -> Any:
         r = wb.brain.query("d", q, top_k=30, mode="text")
@@ -94,6 +187,8 @@ def measure(wb: Workbench, coll: Any, repeat: int) -> dict[str, float]:
             wb.http.request("POST", "/api/plugins/brainml/invoke/brainml.query", json={**body, "query": q}).content
         ),
         "brainml.query, bkg's client": brain,
+        "bound: bare ASGI app, the same work on a thread": lambda q: bare("/thread", q),
+        "floor: bare ASGI app, the same work on its event loop": lambda q: bare("/loop", q),
         "direct (one process)": direct,
     }
     queries = [q for q, _ in PYDOC_QUERIES]
