@@ -144,8 +144,11 @@ def test_limits_name_what_was_too_much(gw: Gateway) -> None:
     assert r.status_code == 400 and "nests too deeply" in r.json()["error"]["message"]
     r = c.post("/api/collections", json={"name": "huge", "dim": 70_000})
     assert r.status_code == 422 and r.json()["error"]["field"] == "dim"
+    before = c.post("/api/collections/lim/points/count", json={}).json()["count"]
     r = c.put("/api/collections/lim/points", json={"points": [{"id": i, "vector": [1, 0]} for i in range(100_001)]})
-    assert r.status_code in (413, 422)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "points"
+    assert "at most 100000 items" in r.json()["error"]["message"]
+    assert c.post("/api/collections/lim/points/count", json={}).json()["count"] == before
 
 
 QUERY = "/api/plugins/brainml/invoke/brainml.query"

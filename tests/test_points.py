@@ -5,7 +5,7 @@ import pytest
 from helpers import clustered
 
 from bkg_kernel.errors import InvalidInput
-from bkg_kernel.store import Store
+from bkg_kernel.store import Store, ingest, validate
 
 KINDS = ["flat", "hnsw", "ivf"]
 
@@ -50,6 +50,29 @@ def test_upsert_replaces_everywhere(store: Store, kind: str) -> None:
     assert all(h.payload != {"v": "old"} for h in hits)
     assert c.query(text="apple", k=10).ids == []
     assert c.query(text="banana", k=10).ids == [1]
+
+
+def test_batches_converted_in_slices_read_back_whole(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the store converts a batch's columns a few thousand rows per C call (so that other threads get the GIL in
+    # between); with slices of 7 rows, 50 points cross every slice boundary
+    monkeypatch.setattr(ingest, "GIL_SLICE", 7)
+    monkeypatch.setattr(validate, "ROWS_PER_STEP", 7)
+    c = store.create_collection("docs", dim=2)
+    c.upsert([{"id": i, "vector": [1, i], "payload": {"i": i}, "text": f"word{i}"} for i in range(50)])
+    c.upsert([{"id": i, "vector": [i, 1], "payload": {"i": -i}, "text": f"new{i}"} for i in range(0, 50, 3)])
+    assert c.count() == 50
+    got = {p.id: p for p in c.get(list(range(50)))}
+    for i in range(50):
+        replaced = i % 3 == 0
+        assert got[i].payload == {"i": -i if replaced else i}
+        assert got[i].text == (f"new{i}" if replaced else f"word{i}")
+        assert got[i].vector == ([float(i), 1.0] if replaced else [1.0, float(i)])
+    assert c.query(text="word9", k=5).ids == []  # replaced: its old text is gone from full text
+    assert c.query(text="word10", k=5).ids == [10]
+    with pytest.raises(InvalidInput) as err:  # a lone surrogate in the 4th slice names its own row
+        c.upsert([{"id": i, "vector": [1, 0], "text": "\ud800" if i == 23 else "ok"} for i in range(40)])
+    assert err.value.field == "points[23].text"
+    assert c.count() == 50
 
 
 def test_duplicate_ids_in_one_call_last_wins(store: Store) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,11 @@ COMPACT_DEAD_RATIO = 0.5
 # next checkpoint (1M x 384 floats: 22 s in 122,880-row batches, 89 s in 20,000-row batches).
 UPSERT_BATCH = 122_880
 # One thread adds vectors to FAISS while the caller commits the next batch to DuckDB.
+# Rows per C-level call over a batch's Python objects (strings to Arrow, keys into the id map): each such call holds
+# the interpreter until it returns, so in a process that serves others (the gateway's event loop) a 100,000-row
+# call would stall them ~20 ms; 8,192 rows is ~2 ms.
+GIL_SLICE = 8192
+
 _INDEXER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bkg-index")
 
 
@@ -166,20 +172,21 @@ def _write(c: Collection, b: validate.Batch, pending: Future[None] | None = None
     arrow = pa.table(
         {
             "fid": pa.array(np.arange(start, start + n, dtype=np.int64)),
-            "pk": pa.array(b.keys, type=pa.string()),
+            "pk": strings(b.keys),
             "vec": matrix_blob(b.vectors),
-            "payload": pa.array(b.payloads, type=pa.string()),
-            "text": pa.array(b.texts, type=pa.string()),
+            "payload": strings(b.payloads),
+            "text": strings(b.texts),
         }
     )
     con = c._con
     index = c._ensure_index()
     old = np.array([f for f in map(c._fid_of.get, b.keys) if f is not None], dtype=np.int64)
     con.register("_bkg_batch", arrow)
+    con.register("_bkg_old", pa.table({"fid": old}))  # a list parameter would be converted value by value
     con.execute("BEGIN TRANSACTION")
     try:
         if len(old):
-            con.execute(f"DELETE FROM {c.table} WHERE fid IN (SELECT unnest(?::BIGINT[]))", [old.tolist()])
+            con.execute(f"DELETE FROM {c.table} WHERE fid IN (SELECT fid FROM _bkg_old)")
         con.execute(f"INSERT INTO {c.table} SELECT fid, pk, vec, CAST(payload AS JSON), text FROM _bkg_batch")
         con.execute(
             "UPDATE collections SET next_fid = ?, updated_at = now() WHERE name = ?",
@@ -191,6 +198,7 @@ def _write(c: Collection, b: validate.Batch, pending: Future[None] | None = None
         raise
     finally:
         con.unregister("_bkg_batch")
+        con.unregister("_bkg_old")
     c._next_fid = start + n
     c._filter_cache.clear()
     if pending is not None:
@@ -205,7 +213,8 @@ def _write(c: Collection, b: validate.Batch, pending: Future[None] | None = None
     done = _INDEXER.submit(_add, index, text, start, b)
     c._ids.extend(b.ids)
     c._payloads.extend(b.payloads)
-    c._fid_of.update(zip(b.keys, range(start, start + n), strict=True))
+    for a in range(0, n, GIL_SLICE):
+        c._fid_of.update(zip(b.keys[a : a + GIL_SLICE], range(start + a, start + min(a + GIL_SLICE, n)), strict=True))
     c._unsaved = True
     return done
 
@@ -280,6 +289,14 @@ def compact(c: Collection) -> None:
     c._store.text_index_path(c.table).unlink(missing_ok=True)
     if had_text:
         c._ensure_text()
+
+
+def strings(col: Sequence[str | None]) -> pa.ChunkedArray:
+    """A column of strings as Arrow, converted `GIL_SLICE` rows per call."""
+    import pyarrow as pa
+
+    parts = [pa.array(col[a : a + GIL_SLICE], type=pa.string()) for a in range(0, len(col), GIL_SLICE)]
+    return pa.chunked_array(parts, type=pa.string())
 
 
 def matrix_blob(mat: np.ndarray) -> pa.Array:

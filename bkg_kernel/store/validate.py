@@ -114,6 +114,7 @@ def query_vector(vector: Any, dim: int, collection: str) -> np.ndarray:
 
 
 ROWS_PER_CALL = 500
+ROWS_PER_STEP = 8192  # rows per C-level pass over a column of Python objects (~2 ms holding the GIL)
 
 
 def vectors_matrix(vectors: Any, dim: int, collection: str, where: Any) -> np.ndarray:
@@ -237,7 +238,10 @@ def upsert_batch(
 def _keys(ids: Sequence[Any], where: Callable[[int], str]) -> list[str]:
     lo, hi = -_INT64, _INT64
     if all(type(pid) is int and lo <= pid < hi for pid in ids):
-        return list(map(str, ids))
+        keys: list[str] = []
+        for a in range(0, len(ids), ROWS_PER_STEP):  # one C call per step: other threads get the GIL in between
+            keys += map(str, ids[a : a + ROWS_PER_STEP])
+        return keys
     return [point_key(pid, where(i)) for i, pid in enumerate(ids)]
 
 
@@ -270,7 +274,8 @@ def _utf8(col: Sequence[str | None], where: Callable[[int], str]) -> None:
     """Refuse a lone surrogate ("\\ud800", which JSON can carry and UTF-8 cannot store), naming the row: one C-level
     encode of the whole column, then row by row only when it fails."""
     try:
-        "".join(v for v in col if v is not None).encode("utf-8")
+        for a in range(0, len(col), ROWS_PER_STEP):
+            "".join(v for v in col[a : a + ROWS_PER_STEP] if v is not None).encode("utf-8")
     except UnicodeEncodeError:
         for i, v in enumerate(col):
             if v is not None:

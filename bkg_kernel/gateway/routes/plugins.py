@@ -170,19 +170,25 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
             body = bodyjson.json_object(json.loads(raw) if raw else {})
         except ValueError:
             raise InvalidInput("request body is not valid JSON", field="body") from None
-    if cap is not None and as_job:
-        # a bad input is the caller's 422 now, not a failed job later (a big one checked on a thread)
-        if big:
-            await asyncio.to_thread(validate_input, cap.input, body)
-        else:
-            validate_input(cap.input, body)
-        data = bodyjson.RawJSON(raw) if big and h.worker is not None else body  # the worker parses it again
-        work = h.stream(capability_id, data, p, queued=True)  # a job waits for its slot, however long
-        job = gw.jobs.start_stream(capability_id, work, plugin=plugin_id, owner=p)
-        return JSONResponse({"job": job.to_dict()}, status_code=202)
-    # The worker's answer is JSON data already (the capability's output model, dumped in JSON mode): sent as is,
-    # not walked again by FastAPI's encoder (~1 ms for a brainml page of hits), and encoded by orjson.
-    return FastJSONResponse(await h.invoke(capability_id, body, p))
+    owned = big  # a big body's parse is freed a slice at a time on a thread once nothing needs it, not on the loop
+    try:
+        if cap is not None and as_job:
+            # a bad input is the caller's 422 now, not a failed job later (a big one checked on a thread)
+            if big:
+                await asyncio.to_thread(validate_input, cap.input, body)
+            else:
+                validate_input(cap.input, body)
+            data = bodyjson.RawJSON(raw) if big and h.worker is not None else body  # the worker parses it again
+            owned = owned and data is not body
+            work = h.stream(capability_id, data, p, queued=True)  # a job waits for its slot, however long
+            job = gw.jobs.start_stream(capability_id, work, plugin=plugin_id, owner=p)
+            return JSONResponse({"job": job.to_dict()}, status_code=202)
+        # The worker's answer is JSON data already (the capability's output model, dumped in JSON mode): sent as
+        # is, not walked again by FastAPI's encoder (~1 ms for a brainml page of hits), and encoded by orjson.
+        return FastJSONResponse(await h.invoke(capability_id, body, p))
+    finally:
+        if owned:
+            await asyncio.to_thread(bodyjson.release, body)
 
 
 def _lifecycle_route(action: str) -> None:

@@ -1,0 +1,53 @@
+"""Request bodies parsed in pieces (`runtime.bodyjson`): the same answer as `json.loads`, arrays over a limit refused
+before the rest is read, and what a parse made freed a slice at a time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bkg_kernel.errors import InvalidInput
+from bkg_kernel.runtime import bodyjson
+
+DOCS = [
+    '{"points": [{"id": 1, "vector": [0.5, 1]}, {"id": "b", "vector": []}], "embed_model": null}',
+    ' { "a" : [ ] , "b" : [ 1 , [2, 3] , {"c": [4]} ] , "d" : {"e": [5]} } ',
+    '{"x": [1], "x": [2, 3]}',  # a repeated key: the last one wins
+    "{}",
+    "[1, 2, 3]",
+    '"text"',
+]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_pieces_parse_as_json_loads_does(doc: str) -> None:
+    assert bodyjson.loads_in_pieces(doc) == json.loads(doc)
+
+
+@pytest.mark.parametrize("doc", ['{"a": [1, 2', '{"a": [1,, 2]}', '{"a": [1]} x', "{1: [2]}", '{"a" [1]}'])
+def test_broken_json_is_an_error(doc: str) -> None:
+    with pytest.raises(ValueError):
+        bodyjson.loads_in_pieces(doc)
+
+
+def test_an_array_past_its_limit_is_refused_naming_it() -> None:
+    doc = json.dumps({"points": list(range(11)), "other": list(range(50))})
+    assert bodyjson.loads_in_pieces(doc, max_items={"points": 11})["points"] == list(range(11))
+    with pytest.raises(InvalidInput) as err:
+        bodyjson.loads_in_pieces(doc, max_items={"points": 10})
+    assert err.value.field == "points" and "at most 10 items" in err.value.message
+    # the limit is checked as the array is read: what follows the 11th element is never parsed
+    with pytest.raises(InvalidInput):
+        bodyjson.loads_in_pieces('{"points": [' + "1," * 11 + " this is not JSON", max_items={"points": 10})
+
+
+def test_release_empties_the_top_level_arrays() -> None:
+    inner = [1, 2]
+    data = {"points": [{"id": i} for i in range(5000)], "nested": {"keep": inner}, "n": 3, "list": [inner]}
+    bodyjson.release(data)
+    assert data == {"points": [], "nested": {"keep": [1, 2]}, "n": 3, "list": []}
+    items = list(range(10_000))
+    bodyjson.release(items)
+    assert items == []
+    bodyjson.release(None)  # anything else is left as it is
