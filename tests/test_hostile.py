@@ -128,6 +128,32 @@ def test_a_big_body_without_credentials_is_refused_before_it_is_read(gw: Gateway
     assert c.put("/api/collections/bodies/points", json={"points": points}).status_code == 200
 
 
+def test_a_body_parsed_whole_is_bounded_and_capped_arrays_are_refused_as_read(gw: Gateway) -> None:
+    """A route whose body FastAPI parses and validates on the event loop takes at most 1 MiB; the routes made for
+    big bodies (embeddings, chat, rerank) parse off the loop and refuse an array over its cap as it is read
+    (pydantic walks 2,000,000 numbers, 2.8 s holding the interpreter, before it says the list is too long)."""
+    c = gw.client()
+    pad = "z" * (2**20 + 10)
+    r = c.post("/admin/users", json={"username": "padded", "role": "viewer", "password": "long enough pw", "pad": pad})
+    assert r.status_code == 413 and "this route takes at most 1,048,576 bytes" in r.json()["error"]["message"]
+    assert all(u["username"] != "padded" for u in c.get("/admin/users").json()["users"])
+    c.post("/api/collections", json={"name": "capped", "dim": 2}).raise_for_status()
+    assert c.post("/api/collections/capped/query", json={"vector": [1, 0], "pad": pad}).status_code == 413
+    for path, body, field, cap in [
+        ("/v1/embeddings", {"input": [1] * 1_000_000}, "input", 2048),
+        ("/v1/chat/completions", {"messages": [{}] * 1_000_000}, "messages", 10_000),
+        ("/api/embed", {"model": "candle:x", "input": ["a"] * 10_001}, "input", 10_000),
+        ("/api/rerank", {"model": "candle:x", "query": "q", "documents": ["d"] * 1001}, "documents", 1000),
+        ("/v1/embeddings", {"input": [1] * 3000}, "input", 2048),  # a small body: the same check
+    ]:
+        r = c.post(path, json=body)
+        assert r.status_code == 422, (path, r.text)
+        err = r.json()["error"]
+        assert err["field"] == field and f"at most {cap} items" in err["message"], (path, err)
+    r = c.post("/v1/embeddings", content=b'{"input": [1, 2', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "body"
+
+
 def test_limits_name_what_was_too_much(gw: Gateway) -> None:
     c = gw.client()
     c.post("/api/collections", json={"name": "lim", "dim": 2}).raise_for_status()

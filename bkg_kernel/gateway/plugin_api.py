@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from bkg_kernel.auth import Principal
+from bkg_kernel.gateway.bodylimit import CheckedJSONRoute
 from bkg_kernel.gateway.state import Gateway, need
 
 log = logging.getLogger("bkg.gateway")
@@ -30,6 +31,11 @@ class AppGatewayAPI:
     def need(self, scope: str | None) -> Any:
         """Return the FastAPI dependency that authenticates and checks `scope`, yielding the Principal."""
         return need(scope)
+
+    @property
+    def route_class(self) -> type[Any]:
+        """Routes whose JSON bodies may be big (`bodylimit.CheckedJSONRoute`)."""
+        return CheckedJSONRoute
 
     async def invoke(self, plugin_id: str, capability_id: str, data: Any, caller: Principal) -> Any:
         """Run a capability of a plugin as `caller`."""

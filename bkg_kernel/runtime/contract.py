@@ -135,6 +135,11 @@ class GatewayAPI(typing.Protocol):
     def need(self, scope: str | None) -> Any:
         """Return a FastAPI dependency that authenticates the request, checks `scope` and yields the Principal."""
 
+    @property
+    def route_class(self) -> type[Any]:
+        """The `APIRoute` class for routes whose JSON bodies may be big: parsed off the event loop, with the arrays
+        the body model caps (its `MAX_ITEMS` class attribute) refused as they are read."""
+
     async def invoke(self, plugin_id: str, capability_id: str, data: Any, caller: Principal) -> Any:
         """Run a capability of a plugin as `caller`."""
 

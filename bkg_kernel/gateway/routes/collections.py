@@ -12,6 +12,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import BadRequest, InvalidInput
 from bkg_kernel.gateway import storeops
+from bkg_kernel.gateway.bodylimit import takes_big_bodies
 from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.runtime import bodyjson
@@ -262,6 +263,7 @@ def _invalid(exc: ValidationError, offset: int) -> InvalidInput:
 
 
 @router.put("/{name}/points", openapi_extra=UPSERT_BODY)
+@takes_big_bodies
 async def upsert(name: Name, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> dict[str, Any]:
     """Insert or replace points (body: `Upsert`); points without a vector are embedded from their text."""
     gw = gateway(request)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import orjson
@@ -12,14 +12,16 @@ from pydantic import Field
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.gateway import storeops
+from bkg_kernel.gateway.bodylimit import CheckedJSONRoute
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.store.validate import EMBED_MODEL_PATTERN
 from bkg_kernel.strict import StrictBody
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=CheckedJSONRoute)
 
 
 class EmbedRequest(StrictBody):
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"input": 10_000}  # refused as the body is read (CheckedJSONRoute)
     model: str = Field(..., pattern=EMBED_MODEL_PATTERN, description='"candle:<model>" or "llmserver:<model>"')
     input: list[Annotated[str, Field(min_length=1)]] = Field(..., min_length=1, max_length=10_000)
 
@@ -36,6 +38,7 @@ async def embed(body: EmbedRequest, request: Request, p: Annotated[Principal, De
 
 
 class RerankRequest(StrictBody):
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"documents": 1000}
     model: str = Field(..., pattern=r"^candle:.+$", description='"candle:<cross-encoder model>"')
     query: str = Field(..., min_length=1)
     documents: list[str] = Field(..., min_length=1, max_length=1000)

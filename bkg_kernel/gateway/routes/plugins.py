@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput
+from bkg_kernel.gateway.bodylimit import takes_big_bodies
 from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.runtime import bodyjson
@@ -150,6 +151,7 @@ async def put_config(
 
 
 @router.post("/api/plugins/{plugin_id}/invoke/{capability_id}")
+@takes_big_bodies
 async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
     """Run a capability with its JSON input; the capability's own scope is required."""
     gw = gateway(request)

@@ -20,7 +20,7 @@ from bkg_kernel.runtime.sse import event_stream
 
 def build(api: GatewayAPI) -> APIRouter:
     """Return the `/v1` router; every route needs scope `llm:use` and runs as its caller."""
-    router = APIRouter(prefix="/v1", tags=["openai"])
+    router = APIRouter(prefix="/v1", tags=["openai"], route_class=api.route_class)
     llm = api.need("llm:use")
 
     @router.get("/models")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
@@ -86,6 +86,9 @@ class Sampling(BaseModel):
 class ChatRequest(Sampling):
     """`llm.chat` / POST /v1/chat/completions."""
 
+    # arrays refused as the body is read, before pydantic walks them (the gateway's CheckedJSONRoute)
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"messages": 10_000, "tools": 1_000, "stop": 64}
+
     messages: list[Message] = Field(..., min_length=1)
     response_format: dict[str, Any] | None = Field(
         None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": {...}}}'
@@ -127,6 +130,8 @@ class ChatRequest(Sampling):
 class CompletionRequest(Sampling):
     """`llm.complete` / POST /v1/completions."""
 
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"prompt": 1, "stop": 64}
+
     prompt: Text | list[Text] = Field(
         ...,
         description="Text to continue (a list must hold exactly one string).",
@@ -150,6 +155,7 @@ class CompletionRequest(Sampling):
 class EmbedRequest(BaseModel):
     """`llm.embed` / POST /v1/embeddings."""
 
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"input": 2048}
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     input: Text | list[Text] = Field(
