@@ -10,6 +10,8 @@ bodies of about `--mb` MB, one after the other:
   route whose pydantic body comes before its key check);
 - plugin call: an authenticated `sysinfo.sleep` with the big body (bkg: a worker plugin; the peer: a route that
   validates the body with pydantic);
+- texts to embed: 2,000,000 numbers as `input` (6 MB; refused) to `/api/embed` (at most 10,000 texts) and to
+  llmserver's OpenAI `/v1/embeddings` (one text or at most 2048); the peer: routes with the same pydantic bodies;
 - upserts: authenticated points upserts of the same size: 384-d vectors (~1,600 points: what an embedding batch
   looks like), 95,000 small points (4-d: the most objects a body under the 100,000-point limit can make), and
   150,000 small points (over the limit: refused with a 422 after the parse); the peer: a route whose pydantic
@@ -43,7 +45,7 @@ import sys
 from typing import Any
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, field_validator
 
 
 class Body(BaseModel):
@@ -59,6 +61,23 @@ class Point(BaseModel):
 
 class Points(BaseModel):
     points: list[Point]
+
+
+class Embed(BaseModel):
+    model: str
+    input: list[str] = Field(..., max_length=10_000)
+
+
+class OpenAIEmbed(BaseModel):  # the OpenAI shape: one text or a batch of at most 2048
+    model: str | None = None
+    input: str | list[str]
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) > 2048:
+            raise ValueError("input may hold at most 2048 texts")
+        return v
 
 
 def key(authorization: str = Header("")) -> str:
@@ -80,6 +99,16 @@ async def call(body: Body, who: str = Depends(key)) -> dict:
     return {"pad": len(body.pad)}
 
 
+@app.post("/embed")
+async def embed(body: Embed, who: str = Depends(key)) -> dict:
+    return {"texts": len(body.input)}
+
+
+@app.post("/v1/embeddings")
+async def openai_embed(body: OpenAIEmbed, who: str = Depends(key)) -> dict:
+    return {"texts": len(body.input)}
+
+
 @app.put("/points")
 async def points(body: Points, who: str = Depends(key)) -> dict:
     return {"upserted": len(body.points)}
@@ -91,7 +120,7 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 PROBE = """
 import json, sys, time
 import httpx
-c = httpx.Client(base_url=sys.argv[1])
+c = httpx.Client(base_url=sys.argv[1], timeout=120)
 lat, end = [], time.time() + float(sys.argv[2])
 while time.time() < end:
     t = time.perf_counter()
@@ -132,6 +161,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=12.0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", default="", help="run the cases whose name holds this text")
     args = ap.parse_args()
     n = int(args.mb * 2**20 / 42)  # one pad element is ~42 bytes of JSON
     pad = [{"a": i, "b": "y" * 20} for i in range(n)]
@@ -149,12 +179,13 @@ def main() -> None:
         "150,000 small (refused)": (4, small(150_000, 20)),
     }
     bodies = {name: (dim, json.dumps({"points": pts}).encode()) for name, (dim, pts) in upserts.items()}
-    sizes = {"call": call, "anonymous": anon, **{f"upsert {k}": v for k, (_, v) in bodies.items()}}
+    numbers = json.dumps({"model": "candle:all-minilm-l6-v2", "input": [1] * 2_000_000}).encode()
+    sizes = {"call": call, "anonymous": anon, "embed": numbers, **{f"upsert {k}": v for k, (_, v) in bodies.items()}}
     print("bodies: " + ", ".join(f"{k} {len(v) / 2**20:.1f} MB" for k, v in sizes.items()))
 
     port = free_port()
     peer = subprocess.Popen([sys.executable, "-c", PEER, str(port)])
-    gw = start_gateway(Path(tempfile.mkdtemp(prefix="bench-stall-")) / "data", plugins=["sysinfo"])
+    gw = start_gateway(Path(tempfile.mkdtemp(prefix="bench-stall-")) / "data", plugins=["sysinfo", "llmserver"])
     try:
         peer_url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 30
@@ -179,6 +210,14 @@ def main() -> None:
                 lambda: httpx.post(peer_url + "/call", content=call, headers=peer_key, timeout=120),
             ),
         }
+        for route in ("/api/embed", "/v1/embeddings"):
+            cases[f"{route}, 2,000,000 numbers (refused)"] = (
+                functools.partial(bkg.post, route, content=numbers, headers=json_type),
+                functools.partial(
+                    httpx.post, peer_url + ("/embed" if route == "/api/embed" else route), content=numbers,
+                    headers=peer_key, timeout=120,
+                ),
+            )  # fmt: skip
         for name, (dim, body) in bodies.items():
             cases[f"points upsert, {name}"] = (
                 functools.partial(bkg.put, f"/api/collections/big{dim}/points", content=body, headers=json_type),
@@ -187,6 +226,8 @@ def main() -> None:
         print("\n| body | system | /health p50 ms | p99 ms | worst ms | worst vs peer |")
         print("|---|---|---|---|---|---|")
         for name, (ours, theirs) in cases.items():
+            if args.only not in name:
+                continue
             peer_lat = probed(peer_url, theirs, args.rounds)
             our_lat = probed(gw.url, ours, args.rounds)
             print(row(name, "bkg", our_lat, max(peer_lat)))

@@ -4,6 +4,7 @@ malformed requests that used to reach an assertion or a KeyError get a 4xx namin
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,10 @@ def test_a_body_parsed_whole_is_bounded_and_capped_arrays_are_refused_as_read(gw
     assert r.status_code == 413 and "this route takes at most 1,048,576 bytes" in r.json()["error"]["message"]
     assert all(u["username"] != "padded" for u in c.get("/admin/users").json()["users"])
     c.post("/api/collections", json={"name": "capped", "dim": 2}).raise_for_status()
-    assert c.post("/api/collections/capped/query", json={"vector": [1, 0], "pad": pad}).status_code == 413
+    assert c.post("/api/collections/capped/points/count", json={"pad": pad}).status_code == 413
+    big_pad = "z" * (4 * 2**20 + 10)  # a query takes up to 4 MiB (a 65,536-d vector is ~1.4 MB)
+    assert c.post("/api/collections/capped/query", json={"vector": [1, 0], "pad": pad}).status_code == 422
+    assert c.post("/api/collections/capped/query", json={"vector": [1, 0], "pad": big_pad}).status_code == 413
     for path, body, field, cap in [
         ("/v1/embeddings", {"input": [1] * 1_000_000}, "input", 2048),
         ("/v1/chat/completions", {"messages": [{}] * 1_000_000}, "messages", 10_000),
@@ -148,10 +152,30 @@ def test_a_body_parsed_whole_is_bounded_and_capped_arrays_are_refused_as_read(gw
     ]:
         r = c.post(path, json=body)
         assert r.status_code == 422, (path, r.text)
-        err = r.json()["error"]
-        assert err["field"] == field and f"at most {cap} items" in err["message"], (path, err)
+        err = r.json()["error"]  # refused as read: pydantic's own words would end "after validation, not ..."
+        assert err["field"] == field and err["message"].endswith(f"at most {cap} items"), (path, err)
     r = c.post("/v1/embeddings", content=b'{"input": [1, 2', headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "body"
+    r = c.post("/v1/embeddings", json=[1] * 100_000)  # not an object: refused before it is parsed
+    assert r.status_code == 422 and "must be a JSON object, not list" in r.json()["error"]["message"]
+    r = c.post("/v1/embeddings", json={"input": "hi", "extra": [1] * 5000})  # an array its model does not name
+    assert r.status_code == 422 and r.json()["error"]["field"] == "extra"
+
+    def chunked() -> Any:  # no Content-Length: counted as it arrives, refused past this route's 1 MiB
+        yield b'{"username": "chunky", "role": "viewer", "password": "long enough pw", "pad": "'
+        for _ in range(20):
+            yield b"z" * 65536
+        yield b'"}'
+
+    r = c.post("/admin/users", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "at most 1,048,576 bytes" in r.json()["error"]["message"]
+    # what the API allows in one request still fits: 100,000 ids (~4 MB as UUIDs) to fetch or delete
+    ids = [str(uuid.UUID(int=i)) for i in range(100_000)]
+    c.put("/api/collections/capped/points", json={"points": [{"id": ids[7], "vector": [1, 0]}]}).raise_for_status()
+    r = c.post("/api/collections/capped/points/get", json={"ids": ids})
+    assert r.status_code == 200 and [p["id"] for p in r.json()["points"]] == [ids[7]]
+    r = c.post("/api/collections/capped/points/delete", json={"ids": ids})
+    assert r.status_code == 200 and c.get("/api/collections/capped").json()["count"] == 0
 
 
 def test_limits_name_what_was_too_much(gw: Gateway) -> None:

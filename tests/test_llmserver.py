@@ -185,8 +185,10 @@ def test_bad_input_is_4xx_with_the_field(llm_gw: Gateway) -> None:
     assert r.status_code == 404 and "no-such-model" in r.json()["error"]["message"]
     r = post({"model": MODEL, "messages": ASK, "max_tokens": -5})
     assert r.status_code == 422 and "max_tokens" in r.json()["error"]["message"]
-    r = post({"model": MODEL, "messages": [{"role": "user", "content": "x" * (10 * 2**20)}]})
+    r = post({"model": MODEL, "messages": [{"role": "user", "content": "x" * (2 * 2**20)}]})
     assert r.status_code == 422 and "max_prompt_chars" in r.json()["error"]["message"]
+    r = post({"model": MODEL, "messages": [{"role": "user", "content": "x" * (10 * 2**20)}]})
+    assert r.status_code == 413 and "this route takes at most 8,388,608 bytes" in r.json()["error"]["message"]
     r = post({"model": MODEL, "messages": ASK, "response_format": {"type": "yaml"}})
     assert r.status_code == 422 and "response_format" in r.json()["error"]["message"]
     r = post({"model": MODEL, "messages": ASK, "template": "nope"})

@@ -10,6 +10,7 @@ import os
 import textwrap
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,10 @@ class Out(BaseModel):
     model_config = {"extra": "allow"}
 
 
+class LateItems(Late):
+    model_config = {"extra": "allow"}  # pydantic keeps an extra field's value as it is: the body's own list
+
+
 class ProbeInline(Plugin):
     """An inline plugin for the tests: work that runs on after its caller stopped waiting."""
 
@@ -131,6 +136,14 @@ class ProbeInline(Plugin):
 
         threading.Thread(target=contextvars.copy_context().run, args=(self._late, inp), daemon=True).start()
         return Out(spawned=True)
+
+    @capability("probein.late_items", scope="plugins:read")
+    def late_items(self, inp: LateItems) -> Out:
+        """Sleep, then say how many `items` the input still holds (after its caller stopped waiting too)."""
+        time.sleep(inp.seconds)
+        seen = {"items": len((inp.model_extra or {}).get("items", []))}
+        (self.context.work_dir / f"{inp.tag}.json").write_text(json.dumps(seen))
+        return Out(**seen)
 
     @capability("probein.late_job", scope="plugins:read", job=True)
     def late_job(self, inp: Late, progress) -> Out:
@@ -232,8 +245,25 @@ def test_inline_work_that_outlives_its_call_cannot_act_for_the_caller(pgw: Gatew
         assert r.status_code == 504, r.text
         done = wait_for(lambda: (outcome / "timed_out.json").is_file() and (outcome / "timed_out.json"), 30)
         assert "has ended" in json.loads(done.read_text())["refused"]
+        # A big body (parsed on a thread, freed a slice at a time once nothing needs it) is the work's until the
+        # work has run, not only until its caller stops waiting: with every thread of the inline pool (32) busy,
+        # the call waits in the pool's queue past its timeout and runs afterwards, on its whole input.
+        config = {"request_timeout": 1, "max_concurrent": 64, "max_queue": 64}
+        assert c.put("/api/plugins/probein/config", json={"config": config}).status_code == 200
+        fill = {"seconds": 4, "tag": "filler"}
+        with ThreadPoolExecutor(32) as pool:
+            fillers = [pool.submit(pgw.client().post, "/api/plugins/probein/invoke/probein.late", json=fill)]
+            fillers += [pool.submit(pgw.client().post, "/api/plugins/probein/invoke/probein.late", json=fill)
+                        for _ in range(31)]  # fmt: skip
+            time.sleep(0.5)
+            body = {"seconds": 0, "tag": "big_input", "items": list(range(30_000))}
+            r = c.post("/api/plugins/probein/invoke/probein.late_items", json=body)
+            assert r.status_code == 504, r.text
+            assert all(f.result().status_code == 504 for f in fillers)
+        done = wait_for(lambda: (outcome / "big_input.json").is_file() and (outcome / "big_input.json"), 30)
+        assert json.loads(done.read_text()) == {"items": 30_000}
     finally:
-        c.put("/api/plugins/probein/config", json={"config": {"request_timeout": 60}})
+        c.put("/api/plugins/probein/config", json={"config": {"request_timeout": 60, "max_concurrent": 4}})
 
     assert c.post("/api/plugins/probein/invoke/probein.spawn", json={"seconds": 1, "tag": "left"}).status_code == 200
     done = wait_for(lambda: (outcome / "left.json").is_file() and (outcome / "left.json"), 30)

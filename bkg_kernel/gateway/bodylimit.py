@@ -16,7 +16,6 @@ token is a 401 from its headers alone; logins and every other anonymous request 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -26,19 +25,21 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
-from bkg_kernel.errors import BkgError, InvalidInput, Unauthorized
+from bkg_kernel.errors import BkgError, Unauthorized
 from bkg_kernel.gateway.errors import error_response
 from bkg_kernel.gateway.jupyterhub import token_of
 from bkg_kernel.runtime import bodyjson
 
 ANONYMOUS_BYTES = 64 * 1024  # the biggest body read without credentials
 PARSED_BYTES = 2**20  # the biggest body of a route that FastAPI parses on the event loop
+DEFAULT_ITEMS = 1000  # a CheckedJSONRoute's top-level array that its model does not cap
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def takes_big_bodies(endpoint: F) -> F:
-    """Mark a route's endpoint as parsing its body off the event loop: it takes bodies up to `max_body_mb`."""
+    """Mark a route's endpoint as reading its body off the event loop, or streaming it (a form upload): it takes
+    bodies up to `max_body_mb`."""
     endpoint.__dict__["takes_big_bodies"] = True
     return endpoint
 
@@ -55,8 +56,13 @@ def _routes(routes: list[Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
             )
 
 
-def _big_body_route(route: Any) -> bool:
-    return isinstance(route, CheckedJSONRoute) or bool(getattr(getattr(route, "endpoint", None), "takes_big_bodies", 0))
+def _route_limit(route: Any, max_bytes: int) -> int | None:
+    """The body limit of a route made for big bodies, else None (`PARSED_BYTES` applies)."""
+    if isinstance(route, CheckedJSONRoute) and route.body_field is not None:
+        return min(max_bytes, int(getattr(route.body_model(), "MAX_BODY_BYTES", PARSED_BYTES)))
+    if getattr(getattr(route, "endpoint", None), "takes_big_bodies", False):
+        return max_bytes
+    return None
 
 
 class BodyTooLarge(HTTPException):
@@ -70,32 +76,31 @@ class BodyTooLarge(HTTPException):
 class BodyLimitMiddleware:
     """Pure ASGI: `max_bytes` per request body (HTTP only; WebSocket messages have their own limit)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-        self._big: list[tuple[set[str] | None, re.Pattern[str]]] | None = None
+    def __init__(self, app: Any, max_bytes: int, prefix: str = "") -> None:
+        self.app, self.max_bytes, self.prefix = app, max_bytes, prefix.rstrip("/")
+        self._big: list[tuple[set[str] | None, re.Pattern[str], int]] | None = None
 
     def _limit(self, scope: dict[str, Any]) -> int:
-        """`max_bytes` for a route made for big bodies (or a multipart upload), else `PARSED_BYTES`."""
+        """The body limit of the route this request goes to: its own for a route made for big bodies, else
+        `PARSED_BYTES` (never over `max_bytes`)."""
         if self._big is None:  # the app's routes, plugin routes included, are all there by the first request
+            under = f"(?:{re.escape(self.prefix)})?" if self.prefix else ""  # the Hub's service prefix
             self._big = [
-                # matched at the end of the path: under the Hub's prefix too
-                (r.methods, re.compile(re.escape(prefix) + r.path_regex.pattern.lstrip("^")))
-                for prefix, r in _routes(getattr(scope.get("app"), "routes", []))
-                if _big_body_route(r)
+                (r.methods, re.compile("^" + under + re.escape(inc) + r.path_regex.pattern.removeprefix("^")), limit)
+                for inc, r in _routes(getattr(scope.get("app"), "routes", []))
+                if (limit := _route_limit(r, self.max_bytes)) is not None
             ]
-        headers = dict(scope.get("headers") or [])
-        if headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
-            return self.max_bytes
         method, path = scope["method"], scope["path"]
-        if any((methods is None or method in methods) and rx.search(path) for methods, rx in self._big):
-            return self.max_bytes
+        for methods, rx, limit in self._big:
+            if (methods is None or method in methods) and rx.match(path):
+                return limit
         return min(self.max_bytes, PARSED_BYTES)
 
     def _message(self, size: str, limit: int) -> str:
         if limit < self.max_bytes:
             return (
-                f"the request body is {size}; this route takes at most {limit:,} bytes (its body is parsed as a "
-                f"whole): big data goes to the routes made for it (points upserts, plugin calls, embeddings)"
+                f"the request body is {size}; this route takes at most {limit:,} bytes: big data goes to the routes "
+                "made for it (points upserts, plugin calls, embeddings, ids in batches)"
             )
         mb = self.max_bytes / 2**20
         return (
@@ -170,23 +175,29 @@ async def _credentialed(scope: dict[str, Any]) -> bool:
 
 
 class CheckedJSONRoute(APIRoute):
-    """A route whose JSON body may be big (texts to embed, a chat's messages): FastAPI would parse it on the event
-    loop in one call, and pydantic validates every element of an over-long list before it says the list is too
-    long (2,000,000 numbers as `input`: 2.8 s holding the interpreter). Here the body is parsed in pieces first (on a
-    thread when over 64 KiB), and an array the body model caps (`MAX_ITEMS`, a class attribute: field -> most
-    elements) is refused as it is read; FastAPI then validates what is left, a bounded amount, as usual."""
+    """A route whose JSON body may be big (texts to embed, a chat's messages, ids to fetch): FastAPI would parse it on
+    the event loop in one call, and pydantic validates every element of an over-long list before it says the list is
+    too long (2,000,000 numbers as `input`: 16 s holding the interpreter). Here the body is parsed first, in pieces
+    (on a thread when over 64 KiB): it must be a JSON object, and a top-level array over its cap is refused as it is
+    read (the body model's `MAX_ITEMS` class attribute, field -> most elements; any other array `DEFAULT_ITEMS`).
+    FastAPI then validates what is left, a bounded amount, as usual. The route takes bodies up to the model's
+    `MAX_BODY_BYTES` (class attribute; default `PARSED_BYTES`; never over the gateway's `max_body_mb`)."""
+
+    def body_model(self) -> Any:
+        return self.body_field.field_info.annotation if self.body_field is not None else None
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        model = self.body_field.field_info.annotation if self.body_field is not None else None
-        caps: dict[str, int] = dict(getattr(model, "MAX_ITEMS", {}))
+        if self.body_field is None:
+            return handler
+        caps: dict[str, int] = {"*": DEFAULT_ITEMS, **getattr(self.body_model(), "MAX_ITEMS", {})}
 
         async def checked(request: Request) -> Response:
             body = await request.body()
             if not body or not _is_json(request.headers.get("content-type", "")):
                 return await handler(request)
             big = len(body) > ANONYMOUS_BYTES
-            data = await asyncio.to_thread(_parse, body, caps) if big else _parse(body, caps)
+            data = await asyncio.to_thread(bodyjson.loads, body, caps) if big else bodyjson.loads(body, caps)
             request._json = data  # what FastAPI's own `await request.json()` returns
             try:
                 return await handler(request)
@@ -200,13 +211,3 @@ class CheckedJSONRoute(APIRoute):
 def _is_json(content_type: str) -> bool:
     kind = content_type.split(";")[0].strip().lower()
     return kind == "application/json" or kind.endswith("+json")
-
-
-def _parse(raw: bytes, caps: dict[str, int]) -> Any:
-    with bodyjson.gc_paused():
-        try:
-            return bodyjson.loads_in_pieces(raw.decode(json.detect_encoding(raw), "surrogatepass"), max_items=caps)
-        except RecursionError:
-            raise InvalidInput("the request nests too deeply to parse", field="body") from None
-        except ValueError:  # UnicodeDecodeError included
-            raise InvalidInput("request body is not valid JSON", field="body") from None

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.gateway.bodylimit import CheckedJSONRoute
+from bkg_kernel.gateway.bodylimit import CheckedJSONRoute, takes_big_bodies
 from bkg_kernel.gateway.state import Gateway, need
 
 log = logging.getLogger("bkg.gateway")
@@ -36,6 +36,10 @@ class AppGatewayAPI:
     def route_class(self) -> type[Any]:
         """Routes whose JSON bodies may be big (`bodylimit.CheckedJSONRoute`)."""
         return CheckedJSONRoute
+
+    def big_bodies(self, endpoint: Any) -> Any:
+        """Mark an endpoint that reads its body itself off the loop or streamed (`bodylimit.takes_big_bodies`)."""
+        return takes_big_bodies(endpoint)
 
     async def invoke(self, plugin_id: str, capability_id: str, data: Any, caller: Principal) -> Any:
         """Run a capability of a plugin as `caller`."""

@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bkg_kernel.errors import BkgError, InvalidInput
+from bkg_kernel.runtime import bodyjson
 from bkg_kernel.store import validate
 
 if TYPE_CHECKING:
     from bkg_kernel.auth import Principal
     from bkg_kernel.runtime.supervisor import Supervisor
     from bkg_kernel.store import Collection
+    from bkg_kernel.store.ingest import UpsertResult
 
 BATCH = 1024  # texts per embedding call: the model sorts them by length, so bigger batches pad less
 
@@ -47,11 +49,28 @@ async def embed_missing(
 
 
 async def upsert_points(
-    sup: Supervisor, caller: Principal, coll: Collection, points: list[dict[str, Any]], embed_model: str | None
+    sup: Supervisor,
+    caller: Principal,
+    coll: Collection,
+    points: list[dict[str, Any]],
+    embed_model: str | None,
+    *,
+    release: bool = False,
 ) -> dict[str, Any]:
-    """Upsert points, embedding the texts of those without a vector (the store work on a thread)."""
+    """Upsert points, embedding the texts of those without a vector (the store work on a thread). `release`: the
+    points are the caller's to lose: that thread frees them a slice at a time afterwards, under a paused collector
+    (a big request body's, which would otherwise be freed at once wherever its last reference goes)."""
     embedded = await embed_missing(sup, caller, coll, points, embed_model)
-    r = await asyncio.to_thread(coll.upsert, points)
+
+    def store() -> UpsertResult:
+        try:
+            return coll.upsert(points)
+        finally:
+            if release:
+                with bodyjson.gc_paused():
+                    bodyjson.release(points)
+
+    r = await asyncio.to_thread(store)
     return {"upserted": r.upserted, "embedded": embedded, "took_ms": r.took_ms}
 
 

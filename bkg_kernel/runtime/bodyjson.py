@@ -30,7 +30,7 @@ class RawJSON:
 
     def object(self) -> dict[str, Any]:
         """The body as a JSON object (422 naming `body` when it is not JSON or not an object)."""
-        return json_object(loads(self.raw))
+        return loads(self.raw)
 
 
 def json_object(data: Any) -> dict[str, Any]:
@@ -40,16 +40,25 @@ def json_object(data: Any) -> dict[str, Any]:
     return data
 
 
-def loads(raw: bytes) -> Any:
-    """Parse a request body (run it on a thread) as `json.loads` would (UTF-8, -16 or -32, a BOM allowed), with the
-    same errors as a small body's: 422s naming `body`."""
+def loads(raw: bytes, max_items: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Parse a request body that must be a JSON object (run it on a thread) as `json.loads` would (UTF-8, -16 or
+    -32, a BOM allowed), with the same errors as a small body's: 422s naming `body`. Anything but an object is
+    refused before it is parsed; `max_items` as for `loads_in_pieces`."""
     with gc_paused():
         try:
-            return loads_in_pieces(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+            text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+            first = text.lstrip(_WS)[:1]
+            if first != "{":
+                kind = _KINDS.get(first, "a number") if first else "empty"
+                raise InvalidInput(f"the input must be a JSON object, not {kind}", field="body")
+            return json_object(loads_in_pieces(text, max_items))
         except RecursionError:
             raise InvalidInput("the request nests too deeply (JSON objects or filters)", field="body") from None
         except ValueError:  # UnicodeDecodeError included
             raise InvalidInput("request body is not valid JSON", field="body") from None
+
+
+_KINDS = {"[": "list", '"': "str", "t": "bool", "f": "bool", "n": "NoneType"}
 
 
 _gc_lock = threading.Lock()
@@ -102,8 +111,9 @@ def loads_in_pieces(text: str, max_items: Mapping[str, int] | None = None) -> An
 
     One `json.loads` of a 5,000-point body holds the GIL for ~150 ms (the event loop waits that long even though
     this runs on a thread); element by element, the interpreter can switch threads between elements. An array named
-    in `max_items` that grows past its limit is refused (422 naming it) without decoding the rest, and whatever a
-    failed parse had made is released (`release`) before the error goes up.
+    in `max_items` (any other top-level array: the limit under "*", if given) that grows past its limit is refused
+    (422 naming it) without decoding the rest, and whatever a failed parse had made is released (`release`) before
+    the error goes up.
     """
     out: dict[str, Any] = {}
     try:
@@ -136,7 +146,7 @@ def _pieces(text: str, max_items: Mapping[str, int], out: dict[str, Any]) -> Any
             i = ws(i + 1)
             release(out.get(key))  # a repeated key: the last one wins, as in json.loads
             if text.startswith("[", i):
-                limit = max_items.get(key)
+                limit = max_items.get(key, max_items.get("*"))
                 out[key] = items = []  # in `out` from the start: a failed parse releases it too
                 i = ws(i + 1)
                 if text.startswith("]", i):

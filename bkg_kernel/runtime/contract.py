@@ -140,6 +140,10 @@ class GatewayAPI(typing.Protocol):
         """The `APIRoute` class for routes whose JSON bodies may be big: parsed off the event loop, with the arrays
         the body model caps (its `MAX_ITEMS` class attribute) refused as they are read."""
 
+    def big_bodies(self, endpoint: Any) -> Any:
+        """Mark an endpoint that reads its body itself without holding the event loop (a streamed form upload): it
+        takes bodies up to the gateway's `max_body_mb`; any other route's body is at most 1 MiB."""
+
     async def invoke(self, plugin_id: str, capability_id: str, data: Any, caller: Principal) -> Any:
         """Run a capability of a plugin as `caller`."""
 

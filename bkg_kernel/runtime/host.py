@@ -34,7 +34,7 @@ from bkg_kernel.errors import (
     from_dict,
     invalid_from_pydantic,
 )
-from bkg_kernel.runtime import calls, worker
+from bkg_kernel.runtime import bodyjson, calls, worker
 from bkg_kernel.runtime.contract import Plugin, PluginSettings
 from bkg_kernel.runtime.discovery import Discovered, Entry
 from bkg_kernel.runtime.storehandle import StoreHandle
@@ -476,16 +476,24 @@ class PluginHost:
         return settings
 
     # -- requests ---------------------------------------------------------------------------------
-    async def invoke(self, capability_id: str, data: Any, caller: Principal) -> Any:
-        """Run a capability as `caller` within the plugin's limits: queue, concurrency, timeout."""
+    async def invoke(self, capability_id: str, data: Any, caller: Principal, *, owned: bool = False) -> Any:
+        """Run a capability as `caller` within the plugin's limits: queue, concurrency, timeout.
+
+        `owned`: `data` is this call's own (a big parsed body): an inline plugin's thread frees it a slice at a time
+        once the plugin is done with it (`bodyjson.release`), whenever that is (after a timeout too), not the caller
+        when it stops waiting."""
         if self.cls is None or capability_id not in self.cls.capabilities():
             raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
 
         call = calls.Call(caller)
 
         def inline(p: Plugin) -> Any:
-            with calls.running(call):
-                return p.invoke(capability_id, data)
+            try:
+                with calls.running(call):
+                    return p.invoke(capability_id, data)
+            finally:
+                if owned:
+                    bodyjson.release(data)
 
         return await self.call(("invoke", capability_id, data), inline, caller, call)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+import contextlib
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
@@ -12,7 +13,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import BadRequest, InvalidInput
 from bkg_kernel.gateway import storeops
-from bkg_kernel.gateway.bodylimit import takes_big_bodies
+from bkg_kernel.gateway.bodylimit import CheckedJSONRoute, takes_big_bodies
 from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.runtime import bodyjson
@@ -21,7 +22,7 @@ from bkg_kernel.store.index import DEFAULT_PARAMS, PARAM_RANGES
 from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN, INT64_MAX, INT64_MIN
 from bkg_kernel.strict import StrictBody
 
-router = APIRouter(prefix="/api/collections", tags=["collections"])
+router = APIRouter(prefix="/api/collections", tags=["collections"], route_class=CheckedJSONRoute)
 NAME_PATTERN, EMBED_PATTERN = COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN  # the store's rules, in the schema
 Name = Annotated[str, PathParam(pattern=NAME_PATTERN, description="A collection name.")]
 SnapshotId = Annotated[str, PathParam(pattern=r"^[0-9A-Za-z][0-9A-Za-z_-]{0,63}$", description="A snapshot id.")]
@@ -88,6 +89,10 @@ _POINTS = TypeAdapter(list[PointIn])
 
 
 class Ids(StrictBody):
+    # 100,000 ids are up to ~4 MB: parsed off the event loop, the list refused past its cap as it is read
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"ids": 100_000}
+    MAX_BODY_BYTES: ClassVar[int] = 8 * 2**20
+
     ids: list[int | str] = Field(..., max_length=100_000)
     with_vectors: bool = True
 
@@ -104,7 +109,10 @@ class Delete(StrictBody):
             ]
         },
     )
-    ids: list[int | str] | None = None
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"ids": 100_000}
+    MAX_BODY_BYTES: ClassVar[int] = 8 * 2**20
+
+    ids: list[int | str] | None = Field(None, max_length=100_000)
     filter: dict[str, Any] | None = None
 
 
@@ -134,6 +142,9 @@ class Query(StrictBody):
             ]
         },
     )
+
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"vector": 65536}
+    MAX_BODY_BYTES: ClassVar[int] = 4 * 2**20  # a 65,536-d vector is ~1.4 MB of JSON
 
     vector: list[float] | None = Field(None, min_length=1, max_length=65536)
     text: str | None = Field(None, min_length=1, max_length=10_000, pattern=r"\S", description="1 to 10000 characters.")
@@ -222,7 +233,8 @@ def parse_upsert(raw: bytes) -> tuple[list[dict[str, Any]], str | None]:
     which on the loop would stall every other client (/health included) that long. What the parse made is freed a
     slice at a time once validated (or refused). The caller keeps the garbage collector paused (`gc_paused`) until
     the points are released: a collection while they live walks every one of them holding the GIL (~40 ms for
-    100,000 small points), and JSON makes no reference cycles for it to find.
+    100,000 small points), and JSON makes no reference cycles for it to find (only while texts are embedded, which
+    can take minutes, does it run).
     """
     try:
         data = bodyjson.loads_in_pieces(raw.decode("utf-8"), max_items={"points": MAX_POINTS})
@@ -252,6 +264,12 @@ def parse_upsert(raw: bytes) -> tuple[list[dict[str, Any]], str | None]:
     return points, head.embed_model
 
 
+def _parsed(raw: bytes) -> tuple[list[dict[str, Any]], str | None, bool]:
+    """`parse_upsert`, and whether any point needs its text embedded."""
+    points, embed_model = parse_upsert(raw)
+    return points, embed_model, any(pt.get("vector") is None for pt in points)
+
+
 def _invalid(exc: ValidationError, offset: int) -> InvalidInput:
     """The first error, named as FastAPI names a body field (`points.3.vector`), indices counted from 0."""
     err = exc.errors()[0]
@@ -268,13 +286,18 @@ async def upsert(name: Name, request: Request, p: Annotated[Principal, Depends(W
     """Insert or replace points (body: `Upsert`); points without a vector are embedded from their text."""
     gw = gateway(request)
     raw = await request.body()
-    with bodyjson.gc_paused():
-        points, embed_model = await asyncio.to_thread(parse_upsert, raw)
+    with contextlib.ExitStack() as paused:
+        paused.enter_context(bodyjson.gc_paused())
+        points, embed_model, unembedded = await asyncio.to_thread(_parsed, raw)
+        handed = False
         try:
             coll = await asyncio.to_thread(gw.store.collection, name)  # the store's lock is never waited on the loop
-            return await storeops.upsert_points(gw.supervisor, p, coll, points, embed_model)
-        finally:  # freed a slice at a time on a thread, not all at once on the loop when this returns
-            if len(points) > bodyjson.RELEASE_SLICE:
+            if unembedded:
+                paused.close()  # texts to embed (minutes, maybe): the collector runs meanwhile
+            handed = True  # from here the store's thread frees the points, once it is done with them
+            return await storeops.upsert_points(gw.supervisor, p, coll, points, embed_model, release=True)
+        finally:
+            if not handed and len(points) > bodyjson.RELEASE_SLICE:  # refused before the store had them
                 await asyncio.to_thread(bodyjson.release, points)
 
 

@@ -22,6 +22,7 @@ router = APIRouter(tags=["models"], route_class=CheckedJSONRoute)
 
 class EmbedRequest(StrictBody):
     MAX_ITEMS: ClassVar[dict[str, int]] = {"input": 10_000}  # refused as the body is read (CheckedJSONRoute)
+    MAX_BODY_BYTES: ClassVar[int] = 2**40  # up to the gateway's max_body_mb
     model: str = Field(..., pattern=EMBED_MODEL_PATTERN, description='"candle:<model>" or "llmserver:<model>"')
     input: list[Annotated[str, Field(min_length=1)]] = Field(..., min_length=1, max_length=10_000)
 
@@ -39,6 +40,7 @@ async def embed(body: EmbedRequest, request: Request, p: Annotated[Principal, De
 
 class RerankRequest(StrictBody):
     MAX_ITEMS: ClassVar[dict[str, int]] = {"documents": 1000}
+    MAX_BODY_BYTES: ClassVar[int] = 2**40
     model: str = Field(..., pattern=r"^candle:.+$", description='"candle:<cross-encoder model>"')
     query: str = Field(..., min_length=1)
     documents: list[str] = Field(..., min_length=1, max_length=1000)

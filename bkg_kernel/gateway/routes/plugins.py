@@ -166,31 +166,33 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
         # parsed by the worker: pickling what a parse made would hold the loop as long as the parse itself
         return FastJSONResponse(await h.invoke(capability_id, bodyjson.RawJSON(raw), p))
     if big:  # an inline plugin's big body (documents to index) is parsed on a thread, in pieces
-        body = bodyjson.json_object(await asyncio.to_thread(bodyjson.loads, raw))
+        body = await asyncio.to_thread(bodyjson.loads, raw)
     else:
         try:
             body = bodyjson.json_object(json.loads(raw) if raw else {})
         except ValueError:
             raise InvalidInput("request body is not valid JSON", field="body") from None
-    owned = big  # a big body's parse is freed a slice at a time on a thread once nothing needs it, not on the loop
-    try:
-        if cap is not None and as_job:
-            # a bad input is the caller's 422 now, not a failed job later (a big one checked on a thread)
+    if cap is not None and as_job:
+        # a bad input is the caller's 422 now, not a failed job later (a big one checked on a thread)
+        try:
             if big:
                 await asyncio.to_thread(validate_input, cap.input, body)
             else:
                 validate_input(cap.input, body)
-            data = bodyjson.RawJSON(raw) if big and h.worker is not None else body  # the worker parses it again
-            owned = owned and data is not body
-            work = h.stream(capability_id, data, p, queued=True)  # a job waits for its slot, however long
-            job = gw.jobs.start_stream(capability_id, work, plugin=plugin_id, owner=p)
-            return JSONResponse({"job": job.to_dict()}, status_code=202)
-        # The worker's answer is JSON data already (the capability's output model, dumped in JSON mode): sent as
-        # is, not walked again by FastAPI's encoder (~1 ms for a brainml page of hits), and encoded by orjson.
-        return FastJSONResponse(await h.invoke(capability_id, body, p))
-    finally:
-        if owned:
+        except BaseException:
+            if big:  # what the parse made, freed a slice at a time on a thread, not at once on the loop
+                await asyncio.to_thread(bodyjson.release, body)
+            raise
+        data = bodyjson.RawJSON(raw) if big and h.worker is not None else body  # the worker parses it again
+        if data is not body:
             await asyncio.to_thread(bodyjson.release, body)
+        work = h.stream(capability_id, data, p, queued=True)  # a job waits for its slot, however long
+        job = gw.jobs.start_stream(capability_id, work, plugin=plugin_id, owner=p)
+        return JSONResponse({"job": job.to_dict()}, status_code=202)
+    # The worker's answer is JSON data already (the capability's output model, dumped in JSON mode): sent as is, not
+    # walked again by FastAPI's encoder (~1 ms for a brainml page of hits), and encoded by orjson. A big body is the
+    # call's own: the plugin's thread frees it once done with it (after a timeout too, not when this returns).
+    return FastJSONResponse(await h.invoke(capability_id, body, p, owned=big))
 
 
 def _lifecycle_route(action: str) -> None:

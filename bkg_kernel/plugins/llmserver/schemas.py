@@ -88,6 +88,7 @@ class ChatRequest(Sampling):
 
     # arrays refused as the body is read, before pydantic walks them (the gateway's CheckedJSONRoute)
     MAX_ITEMS: ClassVar[dict[str, int]] = {"messages": 10_000, "tools": 1_000, "stop": 64}
+    MAX_BODY_BYTES: ClassVar[int] = 8 * 2**20  # a whole context window is far less
 
     messages: list[Message] = Field(..., min_length=1)
     response_format: dict[str, Any] | None = Field(
@@ -131,6 +132,7 @@ class CompletionRequest(Sampling):
     """`llm.complete` / POST /v1/completions."""
 
     MAX_ITEMS: ClassVar[dict[str, int]] = {"prompt": 1, "stop": 64}
+    MAX_BODY_BYTES: ClassVar[int] = 8 * 2**20
 
     prompt: Text | list[Text] = Field(
         ...,
@@ -156,6 +158,7 @@ class EmbedRequest(BaseModel):
     """`llm.embed` / POST /v1/embeddings."""
 
     MAX_ITEMS: ClassVar[dict[str, int]] = {"input": 2048}
+    MAX_BODY_BYTES: ClassVar[int] = 2**40  # up to the gateway's max_body_mb
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     input: Text | list[Text] = Field(

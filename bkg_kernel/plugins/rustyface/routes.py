@@ -20,6 +20,7 @@ def build(api: GatewayAPI) -> APIRouter:
     faces = api.need("faces:use")
 
     @router.post("/{capability}")
+    @api.big_bodies  # the form is streamed: photos up to the gateway's max_body_mb
     async def upload(capability: str, request: Request, p: Annotated[Principal, Depends(faces)]) -> Any:
         """Run `faces.<capability>` with the images uploaded as files (multipart/form-data)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
