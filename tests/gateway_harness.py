@@ -83,7 +83,11 @@ def start_gateway(
     )
     gw = Gateway(proc, f"http://127.0.0.1:{port}", data_dir, log)
     if wait:
-        wait_healthy(gw)
+        try:
+            wait_healthy(gw)
+        except BaseException:  # a gateway that never became healthy is stopped too, not left running
+            gw.stop()
+            raise
     return gw
 
 

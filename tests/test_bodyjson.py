@@ -51,3 +51,35 @@ def test_release_empties_the_top_level_arrays() -> None:
     bodyjson.release(items)
     assert items == []
     bodyjson.release(None)  # anything else is left as it is
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (b"[1, 2]", "not list"),
+        (b'  "text"', "not str"),
+        (b"3", "not a number"),
+        (b"null", "not NoneType"),
+        (b"  ", "body is empty"),
+        (b'{"a": [1, 2', "not valid JSON"),
+    ],
+)
+def test_a_body_must_be_an_object(raw: bytes, words: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        bodyjson.loads(raw + b" " * 70_000 if raw.strip().startswith(b"{") else raw)
+    assert err.value.field == "body" and words in err.value.message
+
+
+@pytest.mark.parametrize("pad", [0, 70_000])  # parsed whole, or in pieces (over WHOLE_BYTES): the same answers
+def test_loads_caps_arrays_whatever_the_size(pad: int) -> None:
+    raw = json.dumps({"input": [1] * 3000, "pad": "x" * pad}).encode()
+    with pytest.raises(InvalidInput) as err:
+        bodyjson.loads(raw, {"input": 2048})
+    assert err.value.field == "input" and err.value.message == "input: List should have at most 2048 items"
+    with pytest.raises(InvalidInput) as err:
+        bodyjson.loads(raw, {"*": 10})
+    assert err.value.field == "input"
+    assert bodyjson.loads(raw, {"input": 3000})["input"] == [1] * 3000
+    bom = "\ufeff".encode() + raw  # UTF-8 with a BOM, as json.loads takes it
+    assert bodyjson.loads(bom)["pad"] == "x" * pad
+    assert bodyjson.loads(json.dumps({"a": 1, "pad": "y" * pad}).encode("utf-16"))["a"] == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -40,24 +41,37 @@ def json_object(data: Any) -> dict[str, Any]:
     return data
 
 
+WHOLE_BYTES = 64 * 1024  # a body up to this size is parsed in one `json.loads` (~0.1 ms), its caps checked after
+
+
 def loads(raw: bytes, max_items: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """Parse a request body that must be a JSON object (run it on a thread) as `json.loads` would (UTF-8, -16 or
-    -32, a BOM allowed), with the same errors as a small body's: 422s naming `body`. Anything but an object is
-    refused before it is parsed; `max_items` as for `loads_in_pieces`."""
-    with gc_paused():
-        try:
-            text = raw.decode(json.detect_encoding(raw), "surrogatepass")
-            first = text.lstrip(_WS)[:1]
-            if first != "{":
-                kind = _KINDS.get(first, "a number") if first else "empty"
-                raise InvalidInput(f"the input must be a JSON object, not {kind}", field="body")
+    """Parse a request body that must be a JSON object as `json.loads` would (UTF-8, -16 or -32, a BOM allowed),
+    with the same errors as a small body's: 422s naming `body`. Anything but an object is refused before it is
+    parsed; `max_items` as for `loads_in_pieces`. Over `WHOLE_BYTES` (run it on a thread then), in pieces."""
+    try:
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        start = _LEADING_WS.match(text)
+        first = text[start.end() : start.end() + 1] if start else ""
+        if not first:
+            raise InvalidInput("the request body is empty: send a JSON object", field="body")
+        if first != "{":
+            raise InvalidInput(f"the input must be a JSON object, not {_KINDS.get(first, 'a number')}", field="body")
+        if len(raw) <= WHOLE_BYTES:
+            data = json_object(json.loads(text))
+            for key, value in data.items():
+                limit = (max_items or {}).get(key, (max_items or {}).get("*"))
+                if limit is not None and isinstance(value, list) and len(value) > limit:
+                    raise InvalidInput(f"{key}: List should have at most {limit} items", field=key)
+            return data
+        with gc_paused():
             return json_object(loads_in_pieces(text, max_items))
-        except RecursionError:
-            raise InvalidInput("the request nests too deeply (JSON objects or filters)", field="body") from None
-        except ValueError:  # UnicodeDecodeError included
-            raise InvalidInput("request body is not valid JSON", field="body") from None
+    except RecursionError:
+        raise InvalidInput("the request nests too deeply (JSON objects or filters)", field="body") from None
+    except ValueError:  # UnicodeDecodeError included
+        raise InvalidInput("request body is not valid JSON", field="body") from None
 
 
+_LEADING_WS = re.compile(r"[ \t\n\r]*")
 _KINDS = {"[": "list", '"': "str", "t": "bool", "f": "bool", "n": "NoneType"}
 
 
