@@ -250,12 +250,12 @@ def test_inline_work_that_outlives_its_call_cannot_act_for_the_caller(pgw: Gatew
         # the call waits in the pool's queue past its timeout and runs afterwards, on its whole input.
         config = {"request_timeout": 1, "max_concurrent": 64, "max_queue": 64}
         assert c.put("/api/plugins/probein/config", json={"config": config}).status_code == 200
-        fill = {"seconds": 4, "tag": "filler"}
+        fill = {"seconds": 8, "tag": "filler"}
         with ThreadPoolExecutor(32) as pool:
             fillers = [pool.submit(pgw.client().post, "/api/plugins/probein/invoke/probein.late", json=fill)]
             fillers += [pool.submit(pgw.client().post, "/api/plugins/probein/invoke/probein.late", json=fill)
                         for _ in range(31)]  # fmt: skip
-            time.sleep(0.5)
+            time.sleep(3)  # every filler in the pool (each answers 504 after 1 s; its work sleeps on)
             body = {"seconds": 0, "tag": "big_input", "items": list(range(30_000))}
             r = c.post("/api/plugins/probein/invoke/probein.late_items", json=body)
             assert r.status_code == 504, r.text

@@ -77,7 +77,8 @@ class BodyLimitMiddleware:
     """Pure ASGI: `max_bytes` per request body (HTTP only; WebSocket messages have their own limit)."""
 
     def __init__(self, app: Any, max_bytes: int, prefix: str = "") -> None:
-        self.app, self.max_bytes, self.prefix = app, max_bytes, prefix.rstrip("/")
+        self.app, self.max_bytes = app, max_bytes
+        self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""  # as PrefixMiddleware normalises it
         self._big: list[tuple[set[str] | None, re.Pattern[str], int]] | None = None
 
     def _limit(self, scope: dict[str, Any]) -> int:
@@ -91,6 +92,9 @@ class BodyLimitMiddleware:
                 if (limit := _route_limit(r, self.max_bytes)) is not None
             ]
         method, path = scope["method"], scope["path"]
+        root: str = scope.get("root_path") or ""
+        if root and path.startswith(root):  # a server mounted under a root path puts it in the path too
+            path = path[len(root) :]
         for methods, rx, limit in self._big:
             if (methods is None or method in methods) and rx.match(path):
                 return limit

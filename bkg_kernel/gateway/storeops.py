@@ -60,18 +60,27 @@ async def upsert_points(
     """Upsert points, embedding the texts of those without a vector (the store work on a thread). `release`: the
     points are the caller's to lose: that thread frees them a slice at a time afterwards, under a paused collector
     (a big request body's, which would otherwise be freed at once wherever its last reference goes)."""
-    embedded = await embed_missing(sup, caller, coll, points, embed_model)
+    try:
+        embedded = await embed_missing(sup, caller, coll, points, embed_model)
+    except BaseException:  # refused or cancelled before the store had them: freed on a thread all the same
+        if release:
+            await asyncio.to_thread(_release, points)
+        raise
 
     def store() -> UpsertResult:
         try:
             return coll.upsert(points)
         finally:
             if release:
-                with bodyjson.gc_paused():
-                    bodyjson.release(points)
+                _release(points)
 
     r = await asyncio.to_thread(store)
     return {"upserted": r.upserted, "embedded": embedded, "took_ms": r.took_ms}
+
+
+def _release(points: list[dict[str, Any]]) -> None:
+    with bodyjson.gc_paused():
+        bodyjson.release(points)
 
 
 async def query_vector(

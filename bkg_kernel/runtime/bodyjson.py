@@ -55,6 +55,8 @@ def loads(raw: bytes, max_items: Mapping[str, int] | None = None) -> dict[str, A
         if not first:
             raise InvalidInput("the request body is empty: send a JSON object", field="body")
         if first != "{":
+            if first not in _KINDS and first not in "-0123456789":
+                raise ValueError(f"not JSON: {first!r}")
             raise InvalidInput(f"the input must be a JSON object, not {_KINDS.get(first, 'a number')}", field="body")
         if len(raw) <= WHOLE_BYTES:
             data = json_object(json.loads(text))

@@ -137,8 +137,11 @@ class GatewayAPI(typing.Protocol):
 
     @property
     def route_class(self) -> type[Any]:
-        """The `APIRoute` class for routes whose JSON bodies may be big: parsed off the event loop, with the arrays
-        the body model caps (its `MAX_ITEMS` class attribute) refused as they are read."""
+        """The `APIRoute` class for routes whose JSON bodies may be big: the body (a JSON object, one pydantic
+        model) is parsed before FastAPI sees it, off the event loop when big; a top-level array past its cap in the
+        model's `MAX_ITEMS` class attribute (field -> most elements; every list field should be named there, any
+        other array gets 1,000) is refused as it is read; the route takes bodies up to the model's `MAX_BODY_BYTES`
+        (default 1 MiB, never over the gateway's `max_body_mb`)."""
 
     def big_bodies(self, endpoint: Any) -> Any:
         """Mark an endpoint that reads its body itself without holding the event loop (a streamed form upload): it

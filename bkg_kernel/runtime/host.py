@@ -486,6 +486,7 @@ class PluginHost:
             raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
 
         call = calls.Call(caller)
+        submitted = False
 
         def inline(p: Plugin) -> Any:
             try:
@@ -495,7 +496,15 @@ class PluginHost:
                 if owned:
                     bodyjson.release(data)
 
-        return await self.call(("invoke", capability_id, data), inline, caller, call)
+        def handed() -> None:
+            nonlocal submitted
+            submitted = True
+
+        try:
+            return await self.call(("invoke", capability_id, data), inline, caller, call, on_submit=handed)
+        finally:
+            if owned and not submitted:  # refused before it ran (a full queue, no slot, not running): freed here
+                await asyncio.to_thread(bodyjson.release, data)
 
     async def _admit(self, queue_timeout: float | None) -> asyncio.Semaphore:
         """Wait for a request slot (429 when the queue is full; 504 after `queue_timeout` seconds queued, None: no
@@ -606,9 +615,10 @@ class PluginHost:
         inline: Callable[[Plugin], Any],
         caller: Principal | None,
         call: calls.Call | None = None,
+        on_submit: Callable[[], None] | None = None,
     ) -> Any:
         """Send one request to the worker (or run `inline`, which runs as `call`) as `caller`, honouring the
-        plugin's limits.
+        plugin's limits; `on_submit()` once the request is handed over (queued for its thread or its worker).
 
         A request that times out answers 504 at once, but its slot stays taken until the plugin really finishes
         the work (a plugin cannot be interrupted mid-call): `max_concurrent` bounds the work running, not only the
@@ -626,8 +636,12 @@ class PluginHost:
         try:
             if worker is not None:
                 work = worker.submit(msg, caller)
+                if on_submit is not None:  # the worker's writer has it now
+                    on_submit()
             elif self.plugin is not None:
                 work = _INLINE_POOL.submit(contextvars.copy_context().run, inline, self.plugin)
+                if on_submit is not None:
+                    on_submit()
                 if call is not None:  # threads the plugin started for it cannot act for the caller afterwards
                     work.add_done_callback(lambda _: call.end())
             else:
