@@ -65,8 +65,8 @@ def test_release_empties_the_top_level_arrays() -> None:
     ],
 )
 def test_a_body_must_be_an_object(raw: bytes, words: str) -> None:
-    with pytest.raises(InvalidInput) as err:
-        bodyjson.loads(raw + b" " * 70_000 if raw.strip().startswith(b"{") else raw)
+    with pytest.raises(InvalidInput) as err:  # a big body: refused by its first character, before it is parsed
+        bodyjson.loads(raw + b" " * 70_000)
     assert err.value.field == "body" and words in err.value.message
 
 

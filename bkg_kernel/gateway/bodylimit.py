@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from bkg_kernel.errors import BkgError, Unauthorized
 from bkg_kernel.gateway.errors import error_response
-from bkg_kernel.gateway.jupyterhub import token_of
+from bkg_kernel.gateway.jupyterhub import route_path, token_of
 from bkg_kernel.runtime import bodyjson
 
 ANONYMOUS_BYTES = 64 * 1024  # the biggest body read without credentials
@@ -91,10 +91,7 @@ class BodyLimitMiddleware:
                 for inc, r in _routes(getattr(scope.get("app"), "routes", []))
                 if (limit := _route_limit(r, self.max_bytes)) is not None
             ]
-        method, path = scope["method"], scope["path"]
-        root: str = scope.get("root_path") or ""
-        if root and path.startswith(root):  # a server mounted under a root path puts it in the path too
-            path = path[len(root) :]
+        method, path = scope["method"], route_path(scope)
         for methods, rx, limit in self._big:
             if (methods is None or method in methods) and rx.match(path):
                 return limit

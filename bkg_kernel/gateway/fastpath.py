@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bkg_kernel.gateway import errors
-from bkg_kernel.gateway.jupyterhub import hub_caller
+from bkg_kernel.gateway.jupyterhub import hub_caller, route_path
 from bkg_kernel.gateway.routes import plugins
 
 INVOKE_PATH = "/api/plugins/{plugin_id}/invoke/{capability_id}"
@@ -51,11 +51,7 @@ class FastInvoke:
 
 def invoke_ids(scope: Scope) -> tuple[str, str] | None:
     """(plugin id, capability id) when the path is an invoke (under the Hub prefix too), else None."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path") or ""
-    if root and path.startswith(root):
-        path = path[len(root) :]
-    parts = path.split("/")
+    parts = route_path(scope).split("/")
     if len(parts) != 6 or parts[0] or parts[1] != "api" or parts[2] != "plugins" or parts[4] != "invoke":
         return None
     if not parts[3] or not parts[5]:

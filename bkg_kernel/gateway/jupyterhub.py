@@ -205,11 +205,19 @@ async def hub_caller(conn: HTTPConnection) -> None:
             conn.state.principal = await trust.principal(cookie)
 
 
+def route_path(scope: Scope) -> str:
+    """The path the app's routes match: without the root path the app is served under (the Hub's service prefix,
+    or a server's root path, which the path still holds)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path") or ""
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def is_home_page_visit(conn: HTTPConnection) -> bool:
     """The login cookie counts only for a browser opening the gateway's page (a top-level GET of `/`): never
     for the API, so a page served by another user's server on the same origin cannot read bkg data with it."""
     if conn.scope["type"] != "http" or conn.scope.get("method") not in ("GET", "HEAD"):
         return False
-    route = conn.scope["path"][len(conn.scope.get("root_path") or "") :]
+    route = route_path(conn.scope)
     mode = conn.headers.get("sec-fetch-mode", "navigate")
     return route in ("", "/") and mode == "navigate"

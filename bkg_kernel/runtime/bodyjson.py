@@ -45,11 +45,19 @@ WHOLE_BYTES = 64 * 1024  # a body up to this size is parsed in one `json.loads` 
 
 
 def loads(raw: bytes, max_items: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """Parse a request body that must be a JSON object as `json.loads` would (UTF-8, -16 or -32, a BOM allowed),
-    with the same errors as a small body's: 422s naming `body`. Anything but an object is refused before it is
-    parsed; `max_items` as for `loads_in_pieces`. Over `WHOLE_BYTES` (run it on a thread then), in pieces."""
+    """Parse a request body that must be a JSON object as `json.loads` would (UTF-8, -16 or -32, a BOM allowed):
+    errors are 422s naming `body`; `max_items` as for `loads_in_pieces`. Up to `WHOLE_BYTES` in one `json.loads`,
+    the caps checked after; over it (run it on a thread then) in pieces, anything but an object refused before it
+    is parsed."""
+    caps = max_items or {}
     try:
         text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        if len(raw) <= WHOLE_BYTES:
+            data = json_object(json.loads(text))
+            for key, value in data.items():
+                if isinstance(value, list) and (limit := _cap(caps, key)) is not None and len(value) > limit:
+                    raise _too_many(key, limit)
+            return data
         start = _LEADING_WS.match(text)
         first = text[start.end() : start.end() + 1] if start else ""
         if not first:
@@ -58,19 +66,21 @@ def loads(raw: bytes, max_items: Mapping[str, int] | None = None) -> dict[str, A
             if first not in _KINDS and first not in "-0123456789":
                 raise ValueError(f"not JSON: {first!r}")
             raise InvalidInput(f"the input must be a JSON object, not {_KINDS.get(first, 'a number')}", field="body")
-        if len(raw) <= WHOLE_BYTES:
-            data = json_object(json.loads(text))
-            for key, value in data.items():
-                limit = (max_items or {}).get(key, (max_items or {}).get("*"))
-                if limit is not None and isinstance(value, list) and len(value) > limit:
-                    raise InvalidInput(f"{key}: List should have at most {limit} items", field=key)
-            return data
         with gc_paused():
-            return json_object(loads_in_pieces(text, max_items))
+            return json_object(loads_in_pieces(text, caps))
     except RecursionError:
         raise InvalidInput("the request nests too deeply (JSON objects or filters)", field="body") from None
     except ValueError:  # UnicodeDecodeError included
         raise InvalidInput("request body is not valid JSON", field="body") from None
+
+
+def _cap(max_items: Mapping[str, int], key: str) -> int | None:
+    """The most elements the top-level array `key` may hold (the "*" entry for one not named), None: no cap."""
+    return max_items.get(key, max_items.get("*"))
+
+
+def _too_many(key: str, limit: int) -> InvalidInput:
+    return InvalidInput(f"{key}: List should have at most {limit} items", field=key)
 
 
 _LEADING_WS = re.compile(r"[ \t\n\r]*")
@@ -162,7 +172,7 @@ def _pieces(text: str, max_items: Mapping[str, int], out: dict[str, Any]) -> Any
             i = ws(i + 1)
             release(out.get(key))  # a repeated key: the last one wins, as in json.loads
             if text.startswith("[", i):
-                limit = max_items.get(key, max_items.get("*"))
+                limit = _cap(max_items, key)
                 out[key] = items = []  # in `out` from the start: a failed parse releases it too
                 i = ws(i + 1)
                 if text.startswith("]", i):
@@ -172,7 +182,7 @@ def _pieces(text: str, max_items: Mapping[str, int], out: dict[str, Any]) -> Any
                         item, i = _DECODER.raw_decode(text, i)
                         items.append(item)
                         if limit is not None and len(items) > limit:
-                            raise InvalidInput(f"{key}: List should have at most {limit} items", field=key)
+                            raise _too_many(key, limit)
                         i = ws(i)
                         if text.startswith(",", i):
                             i = ws(i + 1)

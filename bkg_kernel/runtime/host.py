@@ -636,16 +636,14 @@ class PluginHost:
         try:
             if worker is not None:
                 work = worker.submit(msg, caller)
-                if on_submit is not None:  # the worker's writer has it now
-                    on_submit()
             elif self.plugin is not None:
                 work = _INLINE_POOL.submit(contextvars.copy_context().run, inline, self.plugin)
-                if on_submit is not None:
-                    on_submit()
                 if call is not None:  # threads the plugin started for it cannot act for the caller afterwards
                     work.add_done_callback(lambda _: call.end())
             else:
                 raise Unavailable(f"plugin {self.id!r} is {self.state}")
+            if on_submit is not None:  # queued for its thread, or the worker's writer has it
+                on_submit()
             return await _answer(work, left)
         except TimeoutError:
             error = f"timed out after {s.request_timeout:g}s"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Annotated, Any
 
@@ -11,7 +10,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import InvalidInput
 from bkg_kernel.gateway.bodylimit import takes_big_bodies
 from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
@@ -165,13 +163,8 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
     if big and h.worker is not None and not as_job:
         # parsed by the worker: pickling what a parse made would hold the loop as long as the parse itself
         return FastJSONResponse(await h.invoke(capability_id, bodyjson.RawJSON(raw), p))
-    if big:  # an inline plugin's big body (documents to index) is parsed on a thread, in pieces
-        body = await asyncio.to_thread(bodyjson.loads, raw)
-    else:
-        try:
-            body = bodyjson.json_object(json.loads(raw) if raw else {})
-        except ValueError:
-            raise InvalidInput("request body is not valid JSON", field="body") from None
+    # an inline plugin's big body (documents to index) is parsed on a thread, in pieces
+    body = await asyncio.to_thread(bodyjson.loads, raw) if big else bodyjson.loads(raw) if raw else {}
     if cap is not None and as_job:
         # a bad input is the caller's 422 now, not a failed job later (a big one checked on a thread)
         try:
