@@ -15,6 +15,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from bkg_kernel.runtime.discovery import discover
+from bkg_kernel.runtime.telemetry import Telemetry
 
 
 def test_health_lists_plugins(gw: Any) -> None:
@@ -190,6 +191,17 @@ def test_metrics_and_telemetry(gw: Any) -> None:
     )
     assert "bkg_http_request_seconds_bucket" in text
     tel = wait_for(lambda: (t := c.get("/api/plugins/sysinfo/telemetry").json())["rss_bytes"] > 0 and t)
+    # a plugin that started a moment ago is still up: its uptime is never 0 while it runs
     assert tel["requests"] >= 1 and tel["latency_p50_ms"] is not None and tel["uptime_s"] > 0
     summary = c.get("/api/plugins/telemetry/summary").json()
     assert summary["totals"]["running"] == len(discover())
+
+
+def test_uptime_of_a_plugin_that_just_started_is_not_zero() -> None:
+    # read as "not running" by the ops panel and by the test above (it was rounded to 0.1 s: 0.0 for 50 ms)
+    t = Telemetry()
+    assert t.uptime() == 0.0
+    t.started_at = time.time()
+    assert 0 < t.uptime() < 1
+    t.started_at = time.time() - 90.5
+    assert 90.4 < t.uptime() < 95

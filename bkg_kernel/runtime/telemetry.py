@@ -87,8 +87,9 @@ class Telemetry:
             self.last_error = error
 
     def uptime(self) -> float:
-        """Return seconds since the plugin last started (0 when it is not running)."""
-        return round(time.time() - self.started_at, 1) if self.started_at else 0.0
+        """Return seconds since the plugin last started (0 when it is not running; a plugin that started a moment
+        ago reads 0.001, not 0)."""
+        return max(round(time.time() - self.started_at, 3), 0.001) if self.started_at else 0.0
 
     def snapshot(self) -> dict[str, Any]:
         """Return the current numbers (recomputed at most every 0.25 s: list routes and dashboards poll it)."""
