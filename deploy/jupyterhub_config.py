@@ -11,6 +11,8 @@
 # - custom scopes custom:bkg:admin and custom:bkg:developer, given by roles to the Hub groups bkg-admins and
 #   bkg-developers (and to the Hub admins); everyone else with access is a bkg viewer;
 # - access to the service for every user (the built-in `user` role is only ["self"]);
+# - the service reads users' admin flag, roles and groups (role bkg-service): before a scheduled run acts as its
+#   owner, the gateway checks that the Hub still sees them as when their bkg role was derived;
 # - each user's server (JupyterLab with the bkg extension, Voila) and its kernels reach the gateway as that user:
 #   their JUPYTERHUB_API_TOKEN carries the bkg scopes they hold, and finds the gateway through the Hub's API.
 #
@@ -81,6 +83,13 @@ c.JupyterHub.load_roles = [
     {"name": "user", "scopes": ["self", "access:services!service=bkg", "read:services!service=bkg"]},
     {"name": "bkg-developer", "scopes": ["custom:bkg:developer"], "groups": ["bkg-developers"]},
     {"name": "bkg-admin", "scopes": ["custom:bkg:admin", "custom:bkg:developer"], "groups": ["bkg-admins"]},
+    # the gateway reads a user's admin flag, roles and groups (never their tokens) before a run acts as them: a
+    # scheduled notebook of someone who left a group or the Hub does not start with the rights they had
+    {
+        "name": "bkg-service",
+        "scopes": ["read:users:groups", "read:roles:users", "read:roles:groups"],
+        "services": ["bkg"],
+    },
 ]
 c.Authenticator.admin_users = set(admins)
 # the Hub restarts the gateway when it finds it gone; it looks this often (managed services use this spawner)

@@ -617,6 +617,41 @@ def test_a_user_made_under_a_deleted_user_s_name_sees_none_of_their_jobs(tmp_pat
     store.close()
 
 
+def test_a_hub_users_run_does_not_start_in_a_gateway_the_hub_did_not_start(tmp_path: Path, roots: Path) -> None:
+    """The data dir of a Hub's gateway served alone later: nobody can say whether a Hub user's role still stands,
+    so runs acting as one fail before they start; a local user's run is not touched."""
+    from bkg_kernel.auth import AuthService, Principal
+    from bkg_kernel.gateway.jupyterhub import no_hub
+    from bkg_kernel.jobs.service import JobService
+    from bkg_kernel.settings import Settings
+    from bkg_kernel.store import Store
+
+    store = Store(tmp_path / "data")
+    auth = AuthService(store)
+    who = {n: auth.create_user(n, "developer", actor="jupyterhub") for n in ("ana@hub", "loc")}
+    as_ = {n: Principal(u["id"], n, "developer", frozenset(auth.roles["developer"])) for n, u in who.items()}
+    settings = Settings(job_roots=[roots], job_workers=1)
+    svc = JobService(settings, store, auth, lambda *a: None, "http://127.0.0.1:9", confirm=no_hub)
+
+    async def scenario() -> dict[str, dict[str, Any]]:
+        await svc.start()
+        try:
+            made = {n: await svc.submit(p, "ok.ipynb") for n, p in as_.items()}
+            for _ in range(600):
+                if not svc.live:
+                    break
+                await asyncio.sleep(0.2)
+            return {n: await svc.get(r["id"], as_[n]) for n, r in made.items()}
+        finally:
+            await svc.close()
+
+    done = asyncio.run(scenario())
+    store.close()
+    assert done["loc"]["state"] == "succeeded", done["loc"]
+    assert done["ana@hub"]["state"] == "failed" and done["ana@hub"]["started_at"] is None
+    assert "not started by JupyterHub" in done["ana@hub"]["error"]["evalue"]
+
+
 def test_a_background_job_belongs_to_a_user_id_on_the_api_and_the_socket() -> None:
     """The gateway's background jobs (model downloads, plugin jobs) and their WebSocket events go by user id: a
     user made under a deleted user's name neither lists nor receives the old user's job, and cannot cancel it."""

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +49,11 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     root = tmp_path_factory.mktemp("hub")
     port = free_port()
     env = hub_env(port=port, data_dir=root / "data", state_dir=root / "state", admins=["alice"],
-                  developers=["dev", "ana"], dummy_auth=True)  # fmt: skip
+                  developers=["dev", "ana", "ned"], dummy_auth=True)  # fmt: skip
     env.update(
         BKG_ADMIN_KEY=ADMIN_KEY, BKG_MODEL_DIR=str(root / "models"), BKG_HUB_NOTEBOOK_DIR=str(ROOT),
-        BKG_HUB_PLUGINS="sysinfo,llmserver", BKG_HUB_POLL_S="2", BKG_JOB_ROOTS=str(make_notebooks(root / "jobs")),
+        BKG_HUB_PLUGINS="sysinfo,llmserver", BKG_HUB_POLL_S="2", BKG_JOB_TICK_S="1",
+        BKG_JOB_ROOTS=str(make_notebooks(root / "jobs")),
     )  # fmt: skip
     with open(root / "hub.log", "wb") as log:
         proc = subprocess.Popen(hub_command(), env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
@@ -234,6 +236,88 @@ def test_a_run_outlives_its_owners_server(hub: Hub) -> None:
     wait_for(lambda: not hubapi.get("/users/ana").json()["servers"], 60, 0.5)
     done = wait_for(lambda: (j := as_(hub, token).get(f"/api/jobs/{r.json()['id']}").json())["finished_at"] and j, 120)
     assert done["state"] == "succeeded" and done["owner"] == "ana@hub", done
+
+
+def test_a_scheduled_run_acts_with_the_rights_its_owner_has_on_the_hub_now(hub: Hub) -> None:
+    """A schedule's run acts as its owner with no token of theirs: before it starts, the gateway asks the Hub
+    whether the owner is still what they were when their role was last derived. ned leaves bkg-developers and zed
+    leaves the Hub after making their schedules, and neither ever sends another request: their runs fail before
+    they start (ned becomes a viewer, zed is disabled), while dev's run, whose groups did not change, succeeds."""
+    hub_admin = httpx.Client(base_url=hub.url + "/hub/api", timeout=60,
+                             headers={"Authorization": f"token {hub_token(hub, 'alice')}"})  # fmt: skip
+    assert hub_admin.post("/users/zed", json={}).status_code == 201
+    assert hub_admin.post("/groups/bkg-developers/users", json={"users": ["zed"]}).status_code == 200
+    while time.time() % 60 > 35:  # the schedules' first fire (the next minute) comes after the Hub's changes
+        time.sleep(1)
+    made = {}
+    for name in ("dev", "ned", "zed"):
+        me = as_(hub, hub_token(hub, name))
+        assert me.get("/auth/me").json()["role"] == "developer"
+        r = me.post("/api/jobs/schedules", json={"notebook": "ok.ipynb", "cron": "* * * * *"})
+        assert r.status_code == 201, r.text
+        made[r.json()["id"]] = name
+    r = hub_admin.request("DELETE", "/groups/bkg-developers/users", json={"users": ["ned"]})
+    assert r.status_code == 200, r.text
+    assert hub_admin.delete("/users/zed").status_code == 204
+    bkg = httpx.Client(base_url=hub.bkg, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+
+    def first_runs() -> dict[str, dict[str, Any]] | None:
+        runs = {made[j["schedule_id"]]: j for j in bkg.get("/api/jobs").json()["jobs"] if j.get("schedule_id") in made}
+        return runs if len(runs) == 3 and all(j["finished_at"] for j in runs.values()) else None
+
+    try:
+        runs = wait_for(first_runs, 120, 1)
+    finally:
+        for sid in made:
+            bkg.delete(f"/api/jobs/schedules/{sid}")
+    assert runs["dev"]["state"] == "succeeded", runs["dev"]
+    assert runs["ned"]["state"] == "failed" and runs["ned"]["started_at"] is None
+    said = runs["ned"]["error"]["evalue"]
+    assert "'ned' changed on JupyterHub" in said and "groups left: bkg-developers" in said and "viewer" in said, said
+    assert runs["zed"]["state"] == "failed" and "JupyterHub has no user 'zed'" in runs["zed"]["error"]["evalue"]
+    users = {u["username"]: u for u in bkg.get("/admin/users").json()["users"]}
+    assert users["ned@hub"]["role"] == "viewer" and users["zed@hub"]["disabled"]
+    audit = bkg.get("/admin/audit", params={"limit": 500}).json()["entries"]
+    changed = [e for e in audit if e["action"] == "user.hub_changed" and e["target"] == "ned@hub"]
+    assert changed and changed[0]["detail"]["before"]["groups"] == {"bkg-developers": ["bkg-developer"]}
+    # ned's next request derives his role again (a viewer now); back in the group, his runs start again
+    assert as_(hub, hub_token(hub, "ned")).get("/auth/me").json()["role"] == "viewer"
+    assert hub_admin.post("/groups/bkg-developers/users", json={"users": ["ned"]}).status_code == 200
+    ned = as_(hub, hub_token(hub, "ned"))
+    assert ned.get("/auth/me").json()["role"] == "developer"
+    r = ned.post("/api/jobs", json={"notebook": "ok.ipynb"})
+    assert r.status_code == 202, r.text
+    done = wait_for(lambda: (j := ned.get(f"/api/jobs/{r.json()['id']}").json())["finished_at"] and j, 120)
+    assert done["state"] == "succeeded", done
+
+
+def test_a_run_of_a_hub_user_never_seen_with_a_view_does_not_start(hub: Hub, tmp_path: Path) -> None:
+    """A Hub user last seen by a gateway from before the Hub's view was recorded (or whose record is gone): the
+    gateway cannot tell whether their role still stands, so it lowers them to viewer and their run does not start."""
+    import asyncio
+
+    from bkg_kernel.auth import AuthService
+    from bkg_kernel.errors import Forbidden
+    from bkg_kernel.gateway.jupyterhub import HubTrust
+    from bkg_kernel.settings import Settings
+    from bkg_kernel.store import Store
+
+    hub_env = {"JUPYTERHUB_SERVICE_NAME": "bkg", "JUPYTERHUB_API_URL": hub.url + "/hub/api",
+               "JUPYTERHUB_API_TOKEN": hub_token(hub, "alice")}  # fmt: skip
+    settings = Settings(**hub_env)
+    with Store(tmp_path / "data") as store:
+        auth = AuthService(store)
+        trust = HubTrust(settings, auth)
+        old = auth.create_user("dev@hub", "developer", actor="jupyterhub")
+        local = auth.create_user("dev", "developer", actor="test")
+        assert asyncio.run(trust.hub_view("dev")) == {"admin": False, "roles": ["user"],
+                                                      "groups": {"bkg-developers": ["bkg-developer"]}}  # fmt: skip
+        assert asyncio.run(trust.hub_view("nobody-by-that-name")) is None
+        asyncio.run(trust.confirm_owner(auth.user(local["id"])))  # a local user is not the Hub's to vouch for
+        with pytest.raises(Forbidden, match="has not been confirmed with JupyterHub"):
+            asyncio.run(trust.confirm_owner(auth.user(old["id"])))
+        assert auth.user(old["id"])["role"] == "viewer"
+        auth.close()
 
 
 def test_the_browser_logs_in_through_the_hub_and_a_users_server_acts_as_them(hub: Hub) -> None:

@@ -128,6 +128,10 @@ class AuthService:
                 r["token_hash"]: (r["user_id"], r["expires_at"])
                 for r in self._rows("SELECT token_hash, user_id, expires_at FROM sessions")
             }
+            # user id -> what JupyterHub said of that Hub user when their role was last derived from their token
+            self.hub_seen: dict[str, dict[str, Any]] = {
+                r["user_id"]: {**r, "seen": json.loads(r["seen"])} for r in self._rows("SELECT * FROM hub_users")
+            }
 
     def _rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
         cur = self.con.execute(sql, params or [])
@@ -403,6 +407,17 @@ class AuthService:
         self.audit(actor, "user.update", u["username"], role=role, disabled=disabled)
         return _public_user(u)
 
+    def hub_confirmed(self, user_id: str, hub_name: str, role: str, seen: dict[str, Any]) -> None:
+        """Record that a Hub user's role was derived from their own token while the Hub's view of them was `seen`."""
+        now = _now()
+        with self.mutex:
+            self.con.execute(
+                "INSERT OR REPLACE INTO hub_users (user_id, hub_name, role, seen, confirmed_at) VALUES (?, ?, ?, ?, ?)",
+                [user_id, hub_name, role, json.dumps(seen, sort_keys=True), now],
+            )
+            self.hub_seen[user_id] = {"user_id": user_id, "hub_name": hub_name, "role": role, "seen": seen,
+                                      "confirmed_at": now}  # fmt: skip
+
     def set_password(self, user_id: str, password: str, actor: str | None = None, by: Principal | None = None) -> None:
         """Set a user's password (a login as them holds their role's scopes: `by` must hold them all)."""
         actor = by.username if by else actor
@@ -426,7 +441,9 @@ class AuthService:
         with self.mutex:
             self._end_sessions(u["id"])
             self.con.execute("DELETE FROM users WHERE id = ?", [u["id"]])
+            self.con.execute("DELETE FROM hub_users WHERE user_id = ?", [u["id"]])
             del self.users[u["id"]]
+            self.hub_seen.pop(u["id"], None)
         self.audit(actor, "user.delete", u["username"])
 
     # -- keys -------------------------------------------------------------------------------------

@@ -7,6 +7,14 @@ that GET requests may use). The Hub user `ana` is the bkg user `ana@hub`, create
 follows their Hub scopes on every request: `custom:bkg:admin` → admin, `custom:bkg:developer` → developer,
 else viewer (the shipped `deploy/jupyterhub_config.py` maps groups to those scopes). Every route also answers
 under the service prefix (`/services/bkg/...`), as the Hub's proxy forwards it.
+
+A run (a scheduled notebook, a retry) acts as its owner with no token of theirs at hand, so the role it would
+act with is only as fresh as the owner's last request. As JupyterHub refreshes a user's authentication before it
+spawns their server (`refresh_pre_spawn`), the gateway asks the Hub before such a run starts: the Hub says of
+another user only their admin flag, roles and groups (never their scopes), so each time a user's role is derived
+from their own token the gateway also records that view of them, and a run starts only while the Hub's view is
+still the recorded one. A user the Hub no longer has is disabled; one whose groups or roles changed is a viewer
+until their next request through the Hub derives their role again.
 """
 
 from __future__ import annotations
@@ -17,19 +25,22 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
+import httpx
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.auth.service import HUB_SUFFIX as SUFFIX
-from bkg_kernel.errors import Forbidden, Unauthorized, Unavailable
+from bkg_kernel.errors import BkgError, Forbidden, Unauthorized, Unavailable
 from bkg_kernel.settings import Settings
 
 ROLE_SCOPES = (("custom:bkg:admin", "admin"), ("custom:bkg:developer", "developer"))
@@ -37,6 +48,9 @@ COOKIE = "bkg-hub-token"
 _BAD = re.compile(r"[^A-Za-z0-9_.@-]")
 STATE_TTL = 600.0
 _HUB_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,256}")  # JupyterHub's tokens are 32 hex characters
+RECORD_EVERY_S = 60.0  # the Hub's view of an active user is recorded again this often (HubAuth's cache age)
+VIEW_SCOPES = "read:users:groups, read:roles:users and read:roles:groups"
+log = logging.getLogger("bkg.jupyterhub")
 
 
 def bkg_name(hub_name: str) -> str:
@@ -81,6 +95,9 @@ class HubTrust:
         # push a real user's login out (a login started before a restart is started again)
         self._state_key = secrets.token_bytes(32)
         self.lock = threading.Lock()
+        self.api_url, self.api_token = (settings.hub_api_url or "").rstrip("/"), settings.hub_api_token
+        self._recording: dict[str, asyncio.Task[None]] = {}
+        self._tried: dict[str, tuple[str, float]] = {}  # user id -> (role, when) of the last try to record
 
     def is_hub_token(self, token: str) -> bool:
         """Whether a credential is for the Hub to judge: not a bkg key or session, and shaped like a Hub token
@@ -106,7 +123,90 @@ class HubTrust:
             user = await asyncio.to_thread(self._sync_user, name, role)
         if user["disabled"]:
             raise Unauthorized(f"bkg user {name!r} is disabled")
+        await self._remember(user["id"], model, role)
         return Principal(user["id"], name, role, frozenset(self.auth.roles.get(role, ())), None, "hub")
+
+    # -- runs that act as a Hub user ---------------------------------------------------------------
+    async def _remember(self, user_id: str, model: dict[str, Any], role: str) -> None:
+        """Record the Hub's view of a user beside the role their token gave (when the role changed, or once a
+        minute): what a run acting as them is checked against. One Hub call per user at a time; a Hub that does
+        not answer leaves the last record (the request itself was already vouched for)."""
+        rec = self.auth.hub_seen.get(user_id)
+        if rec is not None and rec["role"] == role and _age(rec["confirmed_at"]) < RECORD_EVERY_S:
+            return
+        tried = self._tried.get(user_id)  # a Hub that refused or disagreed is asked again in a minute, not at once
+        if tried is not None and tried[0] == role and time.monotonic() - tried[1] < RECORD_EVERY_S:
+            return
+        self._tried[user_id] = (role, time.monotonic())
+        task = self._recording.get(user_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._record(user_id, model, role))
+            self._recording[user_id] = task
+            task.add_done_callback(lambda _t: self._recording.pop(user_id, None))
+        await asyncio.shield(task)
+
+    async def _record(self, user_id: str, model: dict[str, Any], role: str) -> None:
+        try:
+            seen = await self.hub_view(model["name"])
+        except BkgError as exc:
+            log.warning("the Hub's view of %r was not recorded: %s", model["name"], exc.message)
+            return
+        # the token's answer (HubAuth caches it for a minute) may predate a change the view already shows: the
+        # record waits for an answer that agrees, so a role is never paired with a newer view than it came from
+        if seen is None or sorted(seen["groups"]) != sorted(model.get("groups") or ()):
+            return
+        await asyncio.to_thread(self.auth.hub_confirmed, user_id, model["name"], role, seen)
+
+    async def hub_view(self, hub_name: str) -> dict[str, Any] | None:
+        """What the Hub says of a user now (admin flag, roles, groups and each group's roles), None if it has no
+        user of that name; 503 if it does not answer or does not let the service read users."""
+        headers = {"Authorization": f"token {self.api_token}"}
+        async with httpx.AsyncClient(base_url=self.api_url, headers=headers, timeout=15) as hub:
+            user = await _hub_get(hub, f"/users/{quote(hub_name, safe='')}")
+            if user is None:
+                return None
+            groups = {}
+            for g in sorted(user.get("groups") or ()):
+                group = await _hub_get(hub, f"/groups/{quote(g, safe='')}")
+                groups[g] = sorted((group or {}).get("roles") or ())
+        return {"admin": bool(user.get("admin")), "roles": sorted(user.get("roles") or ()), "groups": groups}
+
+    async def confirm_owner(self, user: dict[str, Any]) -> None:
+        """Before a run acts as `user` without a token of theirs: 403 unless they are a local user or the Hub's
+        view of them is still the one their role was derived under."""
+        name = user["username"]
+        if not name.endswith(SUFFIX):
+            return
+        rec = self.auth.hub_seen.get(user["id"])
+        if rec is None:  # a user last seen by a gateway from before these records
+            await asyncio.to_thread(self._unconfirmed, user, None, None)
+            raise Forbidden(f"{name}'s role has not been confirmed with JupyterHub: runs acting as them start again "
+                            "after their next request through the Hub", field="owner")  # fmt: skip
+        seen = await self.hub_view(rec["hub_name"])
+        if seen is None:
+            await asyncio.to_thread(self._retired, user, rec["hub_name"])
+            raise Forbidden(f"JupyterHub has no user {rec['hub_name']!r} any more: bkg user {name!r} is disabled",
+                            field="owner")  # fmt: skip
+        if seen != rec["seen"]:
+            await asyncio.to_thread(self._unconfirmed, user, rec["seen"], seen)
+            what = changes(rec["seen"], seen)
+            raise Forbidden(
+                f"{rec['hub_name']!r} changed on JupyterHub since bkg derived their role ({what}): {name} is a "
+                "viewer until their next request through the Hub derives their role again",
+                field="owner",
+            )
+
+    def _unconfirmed(self, user: dict[str, Any], before: dict[str, Any] | None, now: dict[str, Any] | None) -> None:
+        with self.lock:
+            if user["role"] != "viewer":
+                self.auth.update_user(user["id"], role="viewer", actor="jupyterhub")
+        self.auth.audit("jupyterhub", "user.hub_changed", user["username"], ok=False, before=before, now=now)
+
+    def _retired(self, user: dict[str, Any], hub_name: str) -> None:
+        with self.lock:
+            if not user["disabled"]:
+                self.auth.update_user(user["id"], disabled=True, actor="jupyterhub")
+        self.auth.audit("jupyterhub", "user.hub_removed", user["username"], ok=False, hub_name=hub_name)
 
     def _sync_user(self, name: str, role: str) -> dict[str, Any]:
         """Create the bkg user of a Hub user on first sight; make their role follow the Hub's (one at a time: a
@@ -161,6 +261,46 @@ class HubTrust:
         except Exception as exc:  # the Hub refused the code (tornado's HTTPError)
             raise Unauthorized(f"JupyterHub refused the login: {exc}") from None
         return str(token), next_url
+
+
+async def no_hub(user: dict[str, Any]) -> None:
+    """A gateway JupyterHub did not start cannot ask it about a Hub user: runs acting as one do not start."""
+    if user["username"].endswith(SUFFIX):
+        raise Forbidden(
+            f"{user['username']} is a JupyterHub user and this gateway was not started by JupyterHub: their role "
+            "cannot be confirmed, so runs acting as them do not start",
+            field="owner",
+        )
+
+
+async def _hub_get(hub: httpx.AsyncClient, path: str) -> dict[str, Any] | None:
+    try:
+        r = await hub.get(path)
+    except httpx.HTTPError as exc:
+        raise Unavailable(f"JupyterHub did not answer {path}: {exc or 'timeout'}") from None
+    if r.status_code == 404:
+        return None
+    if r.status_code == 403:
+        raise Unavailable(f"JupyterHub refused the bkg service's read of {path}: the service needs {VIEW_SCOPES} "
+                          "(deploy/jupyterhub_config.py grants them)")  # fmt: skip
+    if r.status_code != 200:
+        raise Unavailable(f"JupyterHub answered {r.status_code} to {path}")
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def changes(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs between two views of a Hub user, in words (`groups left: bkg-developers`)."""
+    said = [f"admin {before['admin']} → {now['admin']}"] if before["admin"] != now["admin"] else []
+    for key in ("roles", "groups"):
+        left, joined = sorted(set(before[key]) - set(now[key])), sorted(set(now[key]) - set(before[key]))
+        said += [f"{key} left: {', '.join(left)}"] if left else []
+        said += [f"{key} joined: {', '.join(joined)}"] if joined else []
+    return "; ".join(said) or "a group's roles changed"
+
+
+def _age(at: datetime) -> float:
+    return (datetime.now(UTC).replace(tzinfo=None) - at).total_seconds()
 
 
 class PrefixMiddleware:

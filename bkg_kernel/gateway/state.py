@@ -17,7 +17,7 @@ from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.errors import Forbidden, Unauthorized
 from bkg_kernel.gateway.hub import Hub
 from bkg_kernel.gateway.jobs import Jobs
-from bkg_kernel.gateway.jupyterhub import HubTrust, token_of
+from bkg_kernel.gateway.jupyterhub import HubTrust, no_hub, token_of
 from bkg_kernel.gateway.metrics import Metrics
 from bkg_kernel.gateway.plugin_store import PluginStore
 from bkg_kernel.jobs.service import JobService
@@ -90,9 +90,10 @@ class Gateway:
             store.close()
             raise
         gw = cls(settings, store, auth, models, supervisor, hub, metrics or Metrics(), Jobs(hub.publish), key_path)
-        gw.runs = JobService(settings, store, auth, hub.publish, gw.url())  # started in the app's lifespan
         if settings.hub_service_name and settings.hub_api_token:  # started by JupyterHub as a service
             gw.hub_trust = HubTrust(settings, auth)
+        confirm = gw.hub_trust.confirm_owner if gw.hub_trust is not None else no_hub  # a Hub user's run asks the Hub
+        gw.runs = JobService(settings, store, auth, hub.publish, gw.url(), confirm=confirm)  # started in the lifespan
         # hashing the packaged default models takes ~1 s: do it off the start-up path
         threading.Thread(target=gw._register_defaults, name="bkg-model-defaults", daemon=True).start()
         supervisor.start(wait=False)  # plugins come up in the background; /health shows them starting

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -51,8 +51,12 @@ class JobService:
         gateway_url: str,
         clock: Callable[[], float] = time.time,
         executor: Executor | None = None,
+        confirm: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
     ) -> None:
         self.settings, self.auth, self.emit, self.clock = settings, auth, emit, clock
+        # asks whoever vouches for a run's owner (JupyterHub, for its users) whether their role still stands, just
+        # before a run acts as them: it raises a BkgError when it does not
+        self.confirm = confirm
         self.history = History(store)
         self.data_dir = Path(store.data_dir)
         self.roots = [Path(r) for r in (settings.job_roots or notebooks.default_roots(self.data_dir))]
@@ -201,6 +205,9 @@ class JobService:
     async def _execute(self, run: dict[str, Any]) -> None:
         assert self.executor is not None
         try:
+            owner = self.auth.users.get(run["owner_id"])
+            if owner is not None and self.confirm is not None:
+                await self.confirm(owner)
             key_id, token = await asyncio.to_thread(self._run_key, run)
         except BkgError as exc:
             await self._finish(run, "failed", {"ename": type(exc).__name__, "evalue": exc.message})
