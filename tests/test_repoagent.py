@@ -88,8 +88,10 @@ COMMANDS = {
         "timeout_s": 2,
     },
     "chatty": {"argv": ["python", "-c", "print('x' * 5000)"]},
-    "sleeper": {
-        "argv": ["python", "-c", "import os, time; open('sleeper.pid', 'w').write(str(os.getpid())); time.sleep(60)"],
+    "sleeper": {  # it starts a child of its own in the background, then sleeps
+        "argv": ["python", "-c",
+                 "import os, subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+                 "time.sleep(60)']); open('sleeper.pid', 'w').write(f'{os.getpid()} {c.pid}'); time.sleep(60)"],
         "timeout_s": 120,
     },
 }  # fmt: skip
@@ -265,33 +267,37 @@ def test_a_command_past_its_timeout_dies_with_its_children(rgw: Gateway) -> None
 
 
 def test_a_cancelled_command_is_killed(rgw: Gateway) -> None:
-    job_id, pid = _sleeper(rgw)
-    assert _alive(pid)
+    job_id, pid, child = _sleeper(rgw)
+    assert _alive(pid) and _alive(child)
     rgw.client().post(f"/api/jobs/{job_id}/cancel").raise_for_status()
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    while (_alive(pid) or _alive(child)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(pid), "the cancelled command still runs"
+    assert not _alive(child), "the cancelled command's child still runs"
     assert rgw.client().get(f"/api/jobs/{job_id}").json()["state"] == "cancelled"
 
 
 def test_a_command_dies_with_its_worker(rgw: Gateway) -> None:
     """A command runs in its own session (so a cancel can kill its group); when its worker dies without a word
-    (SIGKILLed, or with its gateway) the command goes too (PR_SET_PDEATHSIG from the sandbox's launcher)."""
+    (SIGKILLed, or with its gateway) the command goes too, and so does the child it started in the background (the
+    sandbox's launcher, told by PR_SET_PDEATHSIG, kills the group)."""
     import os
     import signal
 
-    _, pid = _sleeper(rgw)
+    _, pid, child = _sleeper(rgw)
     worker = rgw.client().get("/api/plugins/repoagent/status").json()["pid"]
     try:
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
+        while (_alive(pid) or _alive(child)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _alive(pid), "the command outlived its worker"
+        assert not _alive(child), "the command's background child outlived its worker"
     finally:
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        for p in (pid, child):
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
         deadline = time.monotonic() + 60  # the supervisor restarts the worker for the tests after this one
         while time.monotonic() < deadline:
             st = rgw.client().get("/api/plugins/repoagent/status").json()
@@ -300,17 +306,18 @@ def test_a_command_dies_with_its_worker(rgw: Gateway) -> None:
             time.sleep(0.5)
 
 
-def _sleeper(rgw: Gateway) -> tuple[str, int]:
-    """Start the `sleeper` command; (its job id, its process id once it runs)."""
+def _sleeper(rgw: Gateway) -> tuple[str, int, int]:
+    """Start the `sleeper` command; (its job id, its process id once it runs, its background child's)."""
     r = invoke(rgw, "repo.command", {"workspace": "demo", "name": "sleeper"})
     assert r.status_code == 202, r.text
     pid_file = repo_dir(rgw) / "sleeper.pid"
     deadline = time.monotonic() + 30
     while not pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    pid = int(pid_file.read_text())
+    while len(pids := pid_file.read_text().split()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     pid_file.unlink()
-    return r.json()["job"]["id"], pid
+    return r.json()["job"]["id"], int(pids[0]), int(pids[1])
 
 
 def _alive(pid: int) -> bool:

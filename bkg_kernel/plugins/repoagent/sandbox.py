@@ -4,8 +4,10 @@ A command is an argv template from the settings, never a shell line: extra argum
 items only where the command allows them. The child runs in the workspace with a scrubbed environment,
 `resource` rlimits (CPU seconds, address space, file size, no core files), stdin closed, in its own
 process group; on timeout or cancel the whole group is killed, and after a normal exit too (so a
-daemonised grandchild does not outlive it). Output is read as it comes, handed to `on_output`, and kept up
-to a cap.
+daemonised grandchild does not outlive it). A small launcher leads the group and waits for the command: when the
+worker dies without a word (SIGKILLed, or with its gateway) the kernel tells the launcher, which kills the whole
+group, the command's background children included (a child that leaves the group with `setsid` escapes this).
+Output is read as it comes, handed to `on_output`, and kept up to a cap.
 """
 
 from __future__ import annotations
@@ -110,8 +112,8 @@ def run(
 
     mb = 1024 * 1024
     rl = [limits.cpu_seconds, limits.memory_mb * mb, limits.file_size_mb * mb]
-    # The limits are set by a tiny exec wrapper, not a preexec_fn: forking a threaded worker and running
-    # Python in the child before exec can deadlock.
+    # The limits are set by a tiny launcher, not a preexec_fn: forking a threaded worker and running Python in
+    # the child before exec can deadlock. The launcher stays, as the group's leader, until the command ends.
     wrapped = [sys.executable, "-S", "-c", _LIMITER, *map(str, rl), str(os.getpid()), *argv]
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -164,19 +166,47 @@ def run(
 
 
 _LIMITER = """
-import ctypes, os, resource, sys
+import ctypes, os, resource, signal, sys
 cpu, mem, fsize, parent = (int(v) for v in sys.argv[1:5])
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-try:  # SIGKILL when the worker that runs it dies (PR_SET_PDEATHSIG; kept across exec): no command outlives it
-    ctypes.CDLL(None).prctl(1, 9)
-except (OSError, AttributeError):
-    pass
+prctl = getattr(ctypes.CDLL(None), "prctl", None)
+
+
+def end_group(*_):  # the worker died: the command and whatever it started in its group go too
+    os.killpg(0, signal.SIGKILL)
+
+
+signal.signal(signal.SIGTERM, end_group)
+if prctl is not None:  # SIGTERM to this launcher when the worker that runs it dies (PR_SET_PDEATHSIG)
+    prctl(1, signal.SIGTERM)
 if os.getppid() != parent:
-    os._exit(137)
-os.execv(sys.argv[5], sys.argv[5:])
+    end_group()
+launcher = os.getpid()
+pid = os.fork()
+if pid == 0:
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if prctl is not None:  # and the command dies if its launcher is killed
+        prctl(1, signal.SIGKILL)
+    if os.getppid() != launcher:
+        os._exit(137)
+    try:
+        os.execv(sys.argv[5], sys.argv[5:])
+    except OSError as exc:
+        os.write(2, f"cannot run {sys.argv[5]}: {exc}\\n".encode())
+        os._exit(127)
+_, status = os.waitpid(pid, 0)
+code = os.waitstatus_to_exitcode(status)
+if code < 0:  # killed by a signal: so is this launcher, and the worker sees that signal
+    try:
+        signal.signal(-code, signal.SIG_DFL)
+    except (OSError, ValueError):  # SIGKILL keeps its default
+        pass
+    os.kill(launcher, -code)
+    os._exit(128 - code)  # a signal whose default is to ignore it
+os._exit(code)
 """
 
 
