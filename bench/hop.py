@@ -12,7 +12,10 @@ random ones), in a real gateway and in a store in this process. For each labelle
 - direct: the store's `query` with texts and brainml's highlights in this process (bench/brainml.py's direct row);
 - the bound: a bare ASGI app on uvicorn (no framework, no authentication, no plugin host) in its own process with
   its own copy of the store, answering the same work as JSON (orjson) from a thread (as the gateway must: nothing
-  that blocks runs on its event loop) and, for the floor of the HTTP exchange alone, on its event loop.
+  that blocks runs on its event loop) and, for the floor of the HTTP exchange alone, on its event loop;
+- the floor of any process boundary: the same process answering over a raw TCP socket on loopback (no HTTP at
+  all: a 4-byte length and the JSON each way), from a thread that waits on the socket itself, so a query costs
+  the two wake-ups every request and answer between two processes cost (the server's, then the client's).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -57,8 +61,10 @@ def main() -> None:
     print(f"{len(points)} chunks, {len(PYDOC_QUERIES)} queries x {args.repeat}")
 
     work = Path(tempfile.mkdtemp(prefix="bench-hop-"))
-    port = free_port()
-    bare = multiprocessing.get_context("spawn").Process(target=serve_bare, args=(port, work / "bare", packages))
+    port, raw_port = free_port(), free_port()
+    bare = multiprocessing.get_context("spawn").Process(
+        target=serve_bare, args=(port, raw_port, work / "bare", packages)
+    )
     bare.start()
     gw = start_gateway(work / "data", env={"BKG_MODEL_DIR": str(work / "models")})
     wb = Workbench(gw.url, ADMIN_KEY)
@@ -69,7 +75,7 @@ def main() -> None:
             wb.call("PUT", "/api/collections/d/points", json={"points": batch})
         with Store(work / "direct") as store:
             coll = filled(store, points, vecs)
-            rows = measure(wb, coll, bare_client(port), args.repeat)
+            rows = measure(wb, coll, bare_client(port), raw_client(raw_port), args.repeat)
     finally:
         gw.stop()
         bare.terminate()
@@ -107,14 +113,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve_bare(port: int, data: Path, packages: list[str]) -> None:
-    """The bound: `answer` behind nothing but uvicorn, from a thread (`/thread`) or on the event loop (`/loop`)."""
+def serve_bare(port: int, raw_port: int, data: Path, packages: list[str]) -> None:
+    """The bound: `answer` behind nothing but uvicorn, from a thread (`/thread`) or on the event loop (`/loop`);
+    and behind a raw socket on `raw_port`, served by a thread while the event loop idles."""
     import orjson
     import uvicorn
 
     sys.setswitchinterval(0.0005)  # as the gateway sets it
     coll = filled(Store(data), *corpus(packages))
     pool = ThreadPoolExecutor(1)
+
+    def serve_raw(conn: socket.socket) -> None:
+        with conn:
+            while (head := recv_exactly(conn, 4)) is not None:
+                body = recv_exactly(conn, int.from_bytes(head, "big"))
+                if body is None:
+                    return
+                out = orjson.dumps({"results": answer(coll, json.loads(body)["query"])})
+                conn.sendall(len(out).to_bytes(4, "big") + out)
+
+    def accept_raw() -> None:
+        with socket.create_server(("127.0.0.1", raw_port)) as server:
+            while True:
+                conn, _ = server.accept()
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                threading.Thread(target=serve_raw, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept_raw, daemon=True).start()
 
     async def on_thread(q: str) -> Any:  # one wake-up of the loop per answer, as the gateway's plugin host does
         loop = asyncio.get_running_loop()
@@ -164,7 +189,45 @@ def bare_client(port: int) -> Callable[[str, str], Any]:
             time.sleep(0.5)
 
 
-def measure(wb: Workbench, coll: Any, bare: Callable[[str, str], Any], repeat: int) -> dict[str, float]:
+def recv_exactly(conn: socket.socket, n: int) -> bytes | None:
+    """`n` bytes from `conn`, or None when the other side closed it."""
+    buf = bytearray()
+    while len(buf) < n:
+        got = conn.recv(n - len(buf))
+        if not got:
+            return None
+        buf += got
+    return bytes(buf)
+
+
+def raw_client(port: int) -> Callable[[str], Any]:
+    """`ask(query)` over the raw socket (connected once the bare process listens)."""
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def ask(q: str) -> Any:
+        body = json.dumps({"query": q}).encode()
+        conn.sendall(len(body).to_bytes(4, "big") + body)
+        head = recv_exactly(conn, 4)
+        assert head is not None, "the bare process closed the socket"
+        out = recv_exactly(conn, int.from_bytes(head, "big"))
+        assert out is not None, "the bare process closed the socket"
+        return json.loads(out)
+
+    return ask
+
+
+def measure(
+    wb: Workbench, coll: Any, bare: Callable[[str, str], Any], raw: Callable[[str], Any], repeat: int
+) -> dict[str, float]:
     """Each layer's p50 over the labelled queries, the layers interleaved query by query."""
     inside: list[float] = []
     body = {"collection": "d", "top_k": 30, "mode": "text"}
@@ -189,6 +252,7 @@ def measure(wb: Workbench, coll: Any, bare: Callable[[str, str], Any], repeat: i
         "brainml.query, bkg's client": brain,
         "bound: bare ASGI app, the same work on a thread": lambda q: bare("/thread", q),
         "floor: bare ASGI app, the same work on its event loop": lambda q: bare("/loop", q),
+        "floor: a raw socket, no HTTP, the same work on a thread waiting on it": raw,
         "direct (one process)": direct,
     }
     queries = [q for q, _ in PYDOC_QUERIES]
