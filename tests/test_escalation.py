@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import Gateway
+from gateway_harness import Gateway, start_gateway
 
 from bkg_kernel.auth.principal import SCOPES
 
@@ -221,3 +221,56 @@ def test_a_run_key_is_never_rotated(tmp_path: Any) -> None:
         assert auth.rotate_key(own["id"], by=admin)[1]  # an ordinary key still rotates
     finally:
         store.close()
+
+
+def test_nobody_locks_every_admin_out(tmp_path: Any) -> None:
+    """Disabling yourself, taking your own role away, or editing the last admins' role below the admin role's
+    scopes would leave nobody able to manage users or keys (the admin key's user disabled stays disabled, across
+    restarts): each is refused, and the changes that leave an admin are made. Its own gateway: the only admins
+    there are the admin key's user and the one this test makes."""
+    g = start_gateway(tmp_path / "data", plugins=PLUGINS)
+    try:
+        admin = g.client()
+        me = admin.get("/auth/me").json()
+        for body, field in (({"disabled": True}, "disabled"), ({"role": "viewer"}, "role")):
+            r = admin.patch(f"/admin/users/{me['user_id']}", json=body)
+            assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+        assert admin.get("/auth/me").status_code == 200
+        assert admin.post("/admin/roles", json={"name": "all-of-it", "scopes": list(SCOPES)}).status_code == 201
+        body = {"username": "solo", "role": "all-of-it", "password": PASSWORD}
+        solo = admin.post("/admin/users", json=body).json()
+        token = _login(g, "solo")
+        assert token is not None
+        as_solo = g.client(token)
+        assert as_solo.patch(f"/admin/users/{me['user_id']}", json={"disabled": True}).status_code == 200
+        assert admin.get("/auth/me").status_code == 401
+        # solo is the last enabled admin: their role keeps the admin scopes, and they do not disable themselves
+        r = as_solo.patch("/admin/roles/all-of-it", json={"scopes": [s for s in SCOPES if s != "admin:keys"]})
+        assert r.status_code == 409 and "admin role's scopes" in r.json()["error"]["message"], r.text
+        assert as_solo.get("/auth/me").json()["scopes"] == sorted(SCOPES)
+        assert as_solo.patch(f"/admin/users/{solo['id']}", json={"disabled": True}).status_code == 422
+        assert as_solo.patch(f"/admin/users/{me['user_id']}", json={"disabled": False}).status_code == 200
+        assert admin.get("/auth/me").status_code == 200
+        r = as_solo.patch("/admin/roles/all-of-it", json={"scopes": [s for s in SCOPES if s != "admin:keys"]})
+        assert r.status_code == 200, r.text  # the admin key's user is an admin again
+    finally:
+        g.stop()
+
+
+def test_settings_that_decide_what_a_plugin_reaches_need_every_scope(gw: Gateway, setup_key: str) -> None:
+    """A plugin's settings decide what it reaches for every caller (repoagent's roots and commands, llmserver's
+    upstream URL and key, sysinfo's disk): a developer (plugins:write) widening them would gain what they do not
+    hold (repo_roots at the data dir read the admin key). They may still tune the limits every plugin has."""
+    admin = gw.client(setup_key)
+    dev = admin.post("/admin/users", json={"username": "tuner", "role": "developer"}).json()
+    as_dev = gw.client(admin.post("/admin/keys", json={"name": "tuner", "user_id": dev["id"]}).json()["key"])
+    config = admin.get("/api/plugins/sysinfo/config").json()["config"]
+    r = as_dev.put("/api/plugins/sysinfo/config", json={"config": {**config, "disk_path": "/"}})
+    assert r.status_code == 403 and r.json()["error"]["field"] == "config.disk_path", r.text
+    assert "admin:keys" in r.json()["error"]["message"] and "max_concurrent" in r.json()["error"]["message"]
+    assert admin.get("/api/plugins/sysinfo/config").json()["config"]["disk_path"] == config["disk_path"]
+    r = as_dev.put("/api/plugins/sysinfo/config", json={"config": {**config, "max_concurrent": 3}})
+    assert r.status_code == 200 and r.json()["config"]["max_concurrent"] == 3, r.text
+    r = admin.put("/api/plugins/sysinfo/config", json={"config": {**config, "disk_path": "/"}})
+    assert r.status_code == 200 and r.json()["config"]["disk_path"] == "/", r.text
+    assert admin.put("/api/plugins/sysinfo/config", json={"config": config}).status_code == 200

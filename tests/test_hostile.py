@@ -8,13 +8,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import cv2
 import httpx
+import nbformat
+import numpy as np
 import pytest
 from gateway_harness import Gateway
 
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.models.registry import check_id
 
+JSON = {"Content-Type": "application/json"}
 BAD_IDS = ["../evil", "/tmp/bkg-evil", "a\x00b", "x" * 200, "ok\n", ".hidden", "a/b", "..", ""]
 
 
@@ -302,3 +306,92 @@ def test_a_lone_surrogate_is_refused_naming_its_field(gw: Gateway) -> None:
         assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
         assert "surrogate" in r.json()["error"]["message"]
     assert c.post("/api/collections/surrogates/points/count", json={}).json()["count"] == 1
+
+
+def test_a_filter_number_past_a_double_is_the_callers_422(gw: Gateway) -> None:
+    """Filters compare numbers as doubles: a 401-digit integer could not become one (OverflowError, a 500)."""
+    c = gw.client()
+    assert c.post("/api/collections", json={"name": "huge_filter", "dim": 2}).status_code == 201
+    huge = 10**400
+    for flt in ({"a": {"$gt": huge}}, {"a": huge}, {"a": {"$in": [1, huge]}}):
+        body = json.dumps({"filter": flt})  # the standard encoder writes the integer out in full
+        r = c.post(
+            "/api/collections/huge_filter/points/count", content=body, headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 422 and r.json()["error"]["field"].startswith("filter.a"), r.text
+        assert "too large" in r.json()["error"]["message"]
+
+
+def test_a_payload_integer_past_64_bits_is_kept_and_found(gw: Gateway) -> None:
+    """The store keeps a payload integer of any size as it came; search answers encoded by orjson (64 bits at most)
+    had turned every search that found such a point into a 500."""
+    c = gw.client()
+    assert c.post("/api/collections", json={"name": "bigint_payload", "dim": 2}).status_code == 201
+    body = json.dumps({"points": [{"id": 1, "vector": [1, 0], "text": "beta", "payload": {"n": 2**64}}]})
+    assert c.put(
+        "/api/collections/bigint_payload/points", content=body, headers={"Content-Type": "application/json"}
+    ).is_success
+    for q in ({"vector": [1, 0]}, {"text": "beta", "mode": "text", "with_text": True}):
+        r = c.post("/api/collections/bigint_payload/query", json=q)
+        assert r.status_code == 200, r.text
+        assert json.loads(r.text)["results"][0]["payload"]["n"] == 2**64
+
+
+def test_odd_inputs_of_less_travelled_routes_are_4xx(gw: Gateway) -> None:
+    """Each was a 500 (found by a review that sent them to a real gateway)."""
+    c = gw.client()
+    checks: list[tuple[httpx.Response, int, str]] = []
+    (gw.data_dir / "notebooks").mkdir(exist_ok=True)
+    nbformat.write(nbformat.v4.new_notebook(), gw.data_dir / "notebooks" / "plain.ipynb")
+    for host in ("a..b", "a" * 64 + ".example.com"):  # names IDNA cannot encode (UnicodeError)
+        r = c.post("/api/jobs/schedules", json={"notebook": "plain.ipynb", "cron": "0 3 * * *",
+                                                "webhook_url": f"http://{host}/hook"})  # fmt: skip
+        checks.append((r, 422, "webhook_url"))
+    for when in ("9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"):  # no UTC time (OverflowError)
+        checks.append((c.post("/admin/keys", json={"name": "k", "expires_at": when}), 422, "expires_at"))
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    r = c.post(
+        "/v1/chat/completions", json={**chat, "tools": tools, "tool_choice": {"type": "function", "function": "f"}}
+    )
+    checks.append((r, 422, "tool_choice"))
+    checks.append((c.post("/v1/chat/completions", json={**chat, "tool_choice": "sometimes"}), 422, "tool_choice"))
+    r = c.post("/v1/chat/completions", json={**chat, "response_format": {"type": "json_schema", "json_schema": "x"}})
+    checks.append((r, 422, "response_format"))
+    checks.append((c.post("/api/plugins/rustyface/invoke/faces.detect", json={"image": "data:"}), 400, "image"))
+    png = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    r = c.post("/api/faces/detect", files={"image": ("a.png", png, "image/png")}, data={"min_score": "1" * 5000})
+    checks.append((r, 422, "min_score"))
+    for r, status, field in checks:
+        assert r.status_code == status and field in (r.json()["error"].get("field") or ""), (r.request.url, r.text)
+
+
+def test_sysinfo_takes_only_a_folder_for_its_disk(gw: Gateway) -> None:
+    c = gw.client()
+    for path in ("/no/such/dir", "a\x00b"):
+        r = c.put("/api/plugins/sysinfo/config", json={"config": {"disk_path": path}})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "config.disk_path", r.text
+    assert c.post("/api/plugins/sysinfo/invoke/sysinfo.facts", json={}).status_code == 200
+
+
+def test_repoagent_writes_refuse_impossible_paths_and_leave_others_collections_alone(gw: Gateway) -> None:
+    c = gw.client()
+
+    def invoke(cap: str, body: dict[str, Any]) -> httpx.Response:
+        return c.post(f"/api/plugins/repoagent/invoke/{cap}", json=body)
+
+    (gw.data_dir / "repos" / "odd").mkdir(parents=True)
+    (gw.data_dir / "repos" / "odd" / "README.md").write_text("hello\n")
+    assert invoke("repo.workspace", {"action": "add", "name": "odd", "path": "odd"}).status_code == 200
+    for path in ("README.md/notes.txt", "/".join(["d"] * 1500) + "/f.txt"):  # FileExistsError, RecursionError
+        r = invoke("repo.file.write", {"workspace": "odd", "path": path, "content": "hi"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "path", r.text
+        assert str(gw.data_dir) not in r.text
+    assert (gw.data_dir / "repos" / "odd" / "README.md").read_text() == "hello\n"
+    # a collection named like a workspace's index is someone's own: never taken over, never dropped
+    assert c.post("/api/collections", json={"name": "repo-mine", "dim": 2}).status_code == 201
+    assert c.put("/api/collections/repo-mine/points", json={"points": [{"id": 1, "vector": [1, 0]}]}).is_success
+    (gw.data_dir / "repos" / "mine").mkdir()
+    r = invoke("repo.workspace", {"action": "add", "name": "mine", "path": "mine"})
+    assert r.status_code == 409 and "repo-mine" in r.json()["error"]["message"], r.text
+    assert c.post("/api/collections/repo-mine/points/count", json={}).json()["count"] == 1

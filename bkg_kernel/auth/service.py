@@ -34,6 +34,7 @@ from bkg_kernel.auth.principal import BUILTIN_ROLES, SCOPES, Principal
 from bkg_kernel.auth.throttle import AuditBudget, LoginThrottle
 from bkg_kernel.errors import (
     AlreadyExists,
+    Conflict,
     Forbidden,
     InvalidInput,
     NotFound,
@@ -305,6 +306,12 @@ class AuthService:
         if scopes is not None:
             self._check_scopes(scopes, SCOPES, "scopes")
             self._grantable(by, scopes, f"giving role {name!r} these scopes", "scopes")
+            full = set(self.roles["admin"])
+            held = {**self.roles, name: list(scopes)}
+            if by is not None and not any(not u["disabled"] and full <= set(held.get(u["role"], ()))
+                                          for u in self.users.values()):  # fmt: skip
+                raise Conflict(f"after this change no enabled user would hold the admin role's scopes (role {name!r} "
+                               "gives them to the last ones)", field="scopes")  # fmt: skip
         with self.mutex:
             if scopes is not None:
                 self.con.execute("UPDATE roles SET scopes = ? WHERE name = ?", [scopes, name])
@@ -393,6 +400,11 @@ class AuthService:
         self._manageable(by, u, "user_id")
         if role is not None:
             self._grantable(by, self.roles[role], f"giving role {role!r}", "role")
+        if by is not None and by.user_id == u["id"] and (disabled or (role is not None and role != u["role"])):
+            raise InvalidInput("you cannot disable yourself or change your own role: another admin can",
+                               field="disabled" if disabled else "role")  # fmt: skip
+        if by is not None:
+            self._keeps_an_admin(u, role, disabled)
         if password is not None:
             self.set_password(user_id, password, actor=actor, by=by)
         with self.mutex:
@@ -406,6 +418,26 @@ class AuthService:
                 u["disabled"] = disabled
         self.audit(actor, "user.update", u["username"], role=role, disabled=disabled)
         return _public_user(u)
+
+    def _keeps_an_admin(
+        self, u: dict[str, Any], role: str | None = None, disabled: bool | None = None, deleted: bool = False
+    ) -> None:
+        """409 when a change someone makes would leave no enabled user with the admin role's scopes (nobody
+        could manage users, roles or keys again: the admin key's user disabled, say, stays disabled)."""
+        full = set(self.roles["admin"])
+
+        def admin(role: str, disabled: bool) -> bool:
+            return not disabled and full <= set(self.roles.get(role, ()))
+
+        if not admin(u["role"], u["disabled"]):
+            return
+        after = (role if role is not None else u["role"], disabled if disabled is not None else u["disabled"])
+        if not deleted and admin(*after):
+            return
+        if any(admin(o["role"], o["disabled"]) for o in self.users.values() if o["id"] != u["id"]):
+            return
+        raise Conflict(f"{u['username']} is the last enabled user with the admin role's scopes: give another user "
+                       "that role first", field="user_id")  # fmt: skip
 
     def hub_confirmed(self, user_id: str, hub_name: str, role: str, seen: dict[str, Any]) -> None:
         """Record that a Hub user's role was derived from their own token while the Hub's view of them was `seen`."""
@@ -436,6 +468,8 @@ class AuthService:
         actor = by.username if by else actor
         u = self.user(user_id)
         self._manageable(by, u, "user_id")
+        if by is not None:
+            self._keeps_an_admin(u, deleted=True)
         for k in [k for k in self.keys.values() if k.user_id == u["id"]]:
             self.revoke_key(k.id, actor=actor)  # managing u covers their keys: all within u's role
         with self.mutex:

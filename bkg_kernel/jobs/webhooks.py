@@ -63,7 +63,7 @@ def target(url: Any, allow: Sequence[str]) -> tuple[str, dict[str, str], dict[st
         return url, {}, {}
     try:
         addresses = resolve(host)
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode (an empty or 64+ label)
         raise InvalidInput(f"cannot resolve the webhook host {host!r}: {exc}", field="webhook_url") from None
     bad = non_public(addresses)
     if bad is not None or not addresses:

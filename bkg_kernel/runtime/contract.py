@@ -78,6 +78,9 @@ class PluginSettings(BaseModel):
     )
 
     secret_fields: ClassVar[tuple[str, ...]] = ()  # shown as MASK over the API and in the audit log
+    # what anyone who may operate the plugin (plugins:write) may change; every other setting decides what the
+    # plugin reaches for all its callers (folders, URLs, commands, models, secrets) and needs every scope to change
+    tunable_fields: ClassVar[tuple[str, ...]] = ("request_timeout", "max_concurrent", "max_queue", "memory_limit_mb")
 
     def public(self) -> dict[str, Any]:
         """Return the settings with secret values masked (what the API and the audit log show)."""
@@ -86,6 +89,10 @@ class PluginSettings(BaseModel):
             if data.get(name):
                 data[name] = MASK
         return data
+
+    def changed(self, other: PluginSettings) -> list[str]:
+        """The settings whose values differ in `other`, by name."""
+        return sorted(k for k in type(self).model_fields if getattr(self, k) != getattr(other, k))
 
     def keep_secrets(self, new: dict[str, Any]) -> dict[str, Any]:
         """Return `new` with masked secret values replaced by the current ones (a form sends the mask back)."""

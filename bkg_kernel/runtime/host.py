@@ -460,16 +460,20 @@ class PluginHost:
         self.stop(stop_timeout)
         return self.start()
 
-    def configure(self, config: dict[str, Any]) -> PluginSettings:
-        """Validate a new config against the settings model (422 names the field) and keep it."""
+    def checked_config(self, config: Any) -> PluginSettings:
+        """A new config validated against the settings model (422 names the field); nothing changes yet."""
         if self.cls is None:
             raise Unavailable(f"plugin {self.id!r} is not loaded: {self.reason}")
         if not isinstance(config, dict):
             raise InvalidInput("config must be a JSON object", field="config")
         try:
-            settings = self.cls.Settings.model_validate(config)
+            return self.cls.Settings.model_validate(config)
         except ValidationError as exc:
             raise invalid_from_pydantic(exc, "config") from None
+
+    def configure(self, config: dict[str, Any] | PluginSettings) -> PluginSettings:
+        """Validate a new config (422 names the field) and keep it."""
+        settings = config if isinstance(config, PluginSettings) else self.checked_config(config)
         self.settings = settings
         self.entry.config = settings.model_dump(exclude_defaults=True)
         self._sem = None

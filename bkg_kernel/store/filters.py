@@ -82,7 +82,7 @@ class _Compiler:
             return f"NOT coalesce({self.eq(path, value, where)}, FALSE)"
         if op in _SQL_OP:
             if _is_number(value):
-                self.params.append(float(value))
+                self.params.append(_double(value, where))
                 return f"({typ} IN {_NUMERIC} AND CAST(json_extract({self.col}, {path}) AS DOUBLE) {_SQL_OP[op]} ?)"
             if isinstance(value, str):
                 self.params.append(value)
@@ -116,7 +116,7 @@ class _Compiler:
             self.params.append(value)
             return f"({typ} = 'BOOLEAN' AND CAST(json_extract({self.col}, {path}) AS BOOLEAN) = ?)"
         if _is_number(value):
-            self.params.append(float(value))
+            self.params.append(_double(value, where))
             return f"({typ} IN {_NUMERIC} AND CAST(json_extract({self.col}, {path}) AS DOUBLE) = ?)"
         if isinstance(value, str):
             self.params.append(value)
@@ -124,6 +124,15 @@ class _Compiler:
         raise InvalidInput(
             f"can only compare with a string, number, boolean or null, got {_json_type(value)}", field=where
         )
+
+
+def _double(v: int | float, where: str) -> float:
+    """A filter's number as the double it is compared as (an integer past a double's range is the caller's 422)."""
+    try:
+        return float(v)
+    except OverflowError:
+        raise InvalidInput("the number is too large to compare (numbers are compared as doubles, up to about "
+                           "1.8e308)", field=where) from None  # fmt: skip
 
 
 def _is_number(v: Any) -> bool:

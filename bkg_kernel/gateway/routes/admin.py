@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.errors import InvalidInput
@@ -56,6 +56,17 @@ class NewKey(StrictBody):
     expires_in_days: float | None = Field(None, gt=0, le=3650)
     expires_at: datetime | None = Field(None, strict=False)  # an ISO 8601 string, read as a time
     rate_limit_per_min: int | None = Field(None, ge=1, le=1_000_000)
+
+    @field_validator("expires_at")
+    @classmethod
+    def _in_utc(cls, v: datetime | None) -> datetime | None:
+        """The time in UTC (stored without a zone); one that has no UTC time (9999-12-31T23:59-14:00) is a 422."""
+        if v is None or v.tzinfo is None:
+            return v
+        try:
+            return v.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:
+            raise ValueError("the time is out of range once moved to UTC") from None
 
 
 def _scopes(scopes: list[Scope] | None) -> list[str] | None:
@@ -141,7 +152,7 @@ def create_key(body: NewKey, request: Request, p: Annotated[Principal, Depends(K
     expires = body.expires_at
     if body.expires_in_days is not None:
         expires = datetime.now(UTC) + timedelta(days=body.expires_in_days)
-    if expires is not None and expires.tzinfo is not None:
+    if expires is not None and expires.tzinfo is not None:  # expires_in_days' time (expires_at is UTC already)
         expires = expires.astimezone(UTC).replace(tzinfo=None)
     rec, token = _auth(request).create_key(
         body.user_id or p.user_id, body.name, _scopes(body.scopes), expires, body.rate_limit_per_min, by=p

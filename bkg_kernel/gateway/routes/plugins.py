@@ -10,6 +10,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from bkg_kernel.auth import Principal
+from bkg_kernel.auth.principal import SCOPES
+from bkg_kernel.errors import Forbidden
 from bkg_kernel.gateway.bodylimit import takes_big_bodies
 from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
@@ -135,7 +137,17 @@ async def put_config(
     if body.config is not None and isinstance(body.config, dict):
         body.config = h.settings.keep_secrets(body.config)
     if body.config is not None:
-        h.configure(body.config)
+        new = h.checked_config(body.config)
+        guarded = [k for k in h.settings.changed(new) if k not in new.tunable_fields]
+        missing = sorted(set(SCOPES) - p.scopes)
+        if guarded and missing:  # nobody grants what they do not hold: these settings widen it for every caller
+            raise Forbidden(
+                f"changing {plugin_id}'s {', '.join(guarded)} decides what the plugin reaches for every caller: it "
+                f"needs every scope (the admin role's); you ({p.username}) lack {', '.join(missing)}. Anyone with "
+                f"plugins:write may change {', '.join(new.tunable_fields)}",
+                field=f"config.{guarded[0]}",
+            )
+        h.configure(new)
     if body.enabled is not None:
         h.entry.enabled = body.enabled
     if body.autostart is not None:

@@ -104,9 +104,21 @@ class ChatRequest(Sampling):
         if v is not None and v.get("type", "text") not in ("text", "json_object", "json_schema"):
             raise ValueError("type must be text, json_object or json_schema")
         if v is not None and v.get("type") == "json_schema":
-            schema = (v.get("json_schema") or {}).get("schema")
+            spec = v.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
             if not isinstance(schema, dict):
-                raise ValueError("json_schema.schema must be a JSON Schema object")
+                raise ValueError("json_schema must be an object whose schema is a JSON Schema object")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(v, str) and v not in ("none", "auto", "required"):
+            raise ValueError("tool_choice must be none, auto, required or {type: function, function: {name}}")
+        if isinstance(v, dict):
+            fn = v.get("function")
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError('tool_choice must name its function: {"type": "function", "function": {"name": ...}}')
         return v
 
     @field_validator("tools")

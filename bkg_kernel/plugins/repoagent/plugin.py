@@ -51,6 +51,7 @@ from bkg_kernel.runtime.storehandle import StoreHandle
 
 MAX_LINE_CHARS = 2000  # search reads at most this much of one line
 SEARCH_TIMEOUT_S = 10.0  # matching time one repo.search may take, all files together
+MAX_DEPTH = 64  # folders deep a written file may be (pathlib walks deeper paths by recursion)
 
 
 class RepoAgent(Plugin):
@@ -160,8 +161,9 @@ class RepoAgent(Plugin):
             raise NotFound(f"workspace {inp.name!r} does not exist", field="name")
         if inp.action == "describe":
             return Result(**ws.to_dict(), index=self._index(ws, need=False).summary())
-        with contextlib.suppress(NotFound):
-            self.store.drop_collection(self._collection(ws))
+        if self._owns_collection(ws):
+            with contextlib.suppress(NotFound):
+                self.store.drop_collection(self._collection(ws))
         with self.lock:
             self.workspaces.pop(ws.name, None)
             self.indexes.pop(ws.name, None)
@@ -185,6 +187,13 @@ class RepoAgent(Plugin):
                 raise AlreadyExists(f"workspace {name!r} already exists", field="name")
             ws = Workspace(name, folder, self._caller(), time.time())
             files = self._files(ws)  # 422 past max_files: before anything is written
+        with contextlib.suppress(NotFound):  # its index goes to repo-<name>: one made by someone else is theirs
+            self.store.describe(self._collection(ws))
+            raise AlreadyExists(f"a collection named {self._collection(ws)!r} exists: repoagent keeps workspace "
+                                f"{name!r}'s index there, so name the workspace differently", field="name")  # fmt: skip
+        with self.lock:
+            if name in self.workspaces:
+                raise AlreadyExists(f"workspace {name!r} already exists", field="name")
             ws.info = {"file_count": len(files)}
             self.workspaces[name] = ws
             self._save()
@@ -254,6 +263,15 @@ class RepoAgent(Plugin):
         rel = ws.rel(full)
         if rel == "." or ".git" in rel.split("/"):  # a nested .git/config could name commands git would run
             raise Forbidden(f"{inp.path!r} is not writable: .git folders and the workspace folder are off limits")
+        if rel.count("/") >= MAX_DEPTH:
+            raise InvalidInput(f"{inp.path[:100]!r}... is {rel.count('/')} folders deep (at most {MAX_DEPTH})",
+                               field="path")  # fmt: skip
+        for folder in full.parents:  # `README.md/notes.txt`: a file where a folder would have to be
+            if folder == ws.path:
+                break
+            if folder.exists() and not folder.is_dir():
+                raise InvalidInput(f"{ws.rel(folder)} is a file, not a folder: {rel} cannot be written",
+                                   field="path")  # fmt: skip
         if "\0" in inp.content:
             raise InvalidInput("content holds NUL bytes: binary files are not written", field="content")
         if len(inp.content.encode()) > self.settings.max_file_bytes:
@@ -280,7 +298,10 @@ class RepoAgent(Plugin):
                     f"{rel} would not parse: line {exc.lineno}: {exc.msg} (send force=true to write it anyway)",
                     field="content",
                 ) from None
-        full.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            full.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file made meanwhile where a folder goes, a full disk: said without the full path
+            raise InvalidInput(f"cannot make the folder of {rel}: {exc.strerror}", field="path") from None
         if full.parent.resolve() != full.parent or ws.path not in full.parents:  # a folder link made meanwhile
             raise Forbidden(f"{inp.path!r} leads outside the workspace", field="path")
         tmp = full.with_name(f".{full.name}.bkg-{os.getpid()}.tmp")
@@ -402,16 +423,30 @@ class RepoAgent(Plugin):
         with self.lock:
             return self.index_locks.setdefault(ws.name, threading.Lock())
 
+    def _owns_collection(self, ws: Workspace) -> bool:
+        """Whether `repo-<name>` is the one repoagent made for this workspace (or indexed into before it noted so):
+        a collection of that name that someone else made is never dropped or filled by repoagent."""
+        return ws.info.get("collection") == self._collection(ws) or bool(self._index(ws, need=False).files)
+
     def _ensure_collection(self, ws: Workspace) -> str:
-        """Create `repo-<name>` when missing; return its embed model."""
+        """Create `repo-<name>` when missing; return its embed model (409 when a collection of that name that
+        repoagent did not make is in the way)."""
         name = self._collection(ws)
         try:
-            return str(self.store.describe(name)["embed_model"])
+            described = self.store.describe(name)
         except NotFound:
-            pass
+            described = None
+        if described is not None:
+            if not self._owns_collection(ws):
+                raise AlreadyExists(f"collection {name!r} exists and repoagent did not make it: remove the workspace "
+                                    "and add it under another name", field="workspace")  # fmt: skip
+            return str(described["embed_model"])
         assert self.context is not None and self.context.model_dir is not None
         spec = self.settings.embed_model
         self.store.create_collection(name, ModelRegistry(self.context.model_dir).embedding_dim(spec), embed_model=spec)
+        with self.lock:
+            ws.info["collection"] = name
+            self._save()
         return spec
 
     @capability("repo.index", scope="repo:use", job=True)
@@ -420,7 +455,7 @@ class RepoAgent(Plugin):
         ws = self._ws(inp.workspace)
         t0 = time.perf_counter()
         with self._index_lock(ws):
-            if inp.full:  # start over: a fresh index would not know which old points to delete
+            if inp.full and self._owns_collection(ws):  # start over: a fresh index would not know what to delete
                 with contextlib.suppress(NotFound):
                     self.store.drop_collection(self._collection(ws))
                 idx = CodeIndex()

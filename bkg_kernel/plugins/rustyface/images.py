@@ -44,6 +44,9 @@ def _bytes(image: str | bytes, *, field: str, roots: list[Path], max_bytes: int)
             )
         data = path.read_bytes()
     else:
+        if image.startswith("data:") and "," not in image:
+            raise InvalidImage(f"{field}: a data URL needs its data after a comma (data:image/png;base64,...)",
+                               field=field)  # fmt: skip
         text = image.split(",", 1)[1] if image.startswith("data:") else image
         if len(text) * 3 // 4 > max_bytes:
             raise InvalidImage(f"{field}: the image is over {max_bytes:,} bytes (max_bytes)", field=field)

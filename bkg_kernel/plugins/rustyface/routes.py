@@ -35,7 +35,7 @@ def build(api: GatewayAPI) -> APIRouter:
             else:
                 try:
                     data[key] = json.loads(value)
-                except json.JSONDecodeError:
+                except ValueError:  # not JSON (a name), or a number past Python's 4,300 digits: the text itself
                     data[key] = value
         return await api.invoke("rustyface", f"faces.{capability}", data, p)
 

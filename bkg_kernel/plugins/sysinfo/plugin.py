@@ -8,15 +8,23 @@ import shutil
 import sys
 import time
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
+from bkg_kernel.errors import Unavailable
 from bkg_kernel.runtime.contract import Plugin, PluginSettings, Progress, capability
 
 
 class SysInfoSettings(PluginSettings):
     """sysinfo settings."""
 
-    disk_path: str = Field(".", description="Path whose disk usage is reported.")
+    disk_path: str = Field(".", max_length=4096, description="Path whose disk usage is reported (a folder).")
+
+    @field_validator("disk_path")
+    @classmethod
+    def _a_folder(cls, v: str) -> str:
+        if "\0" in v or not os.path.isdir(v):
+            raise ValueError(f"{v[:200]!r} is not a folder on the gateway's machine")
+        return v
 
 
 class Empty(BaseModel):
@@ -87,7 +95,10 @@ class SysInfo(Plugin):
         vm = psutil.virtual_memory()
         settings = self.settings
         assert isinstance(settings, SysInfoSettings)
-        disk = shutil.disk_usage(settings.disk_path)
+        try:
+            disk = shutil.disk_usage(settings.disk_path)
+        except (OSError, ValueError) as exc:  # the folder went away after it was configured
+            raise Unavailable(f"sysinfo cannot read the disk of disk_path {settings.disk_path!r}: {exc}") from None
         self.log.info("facts requested")
         return MachineFacts(
             hostname=platform.node(),
