@@ -166,9 +166,16 @@ def test_per_key_usage_is_recorded(llm_gw: Gateway) -> None:
         total += r.usage.total_tokens
     stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=3, temperature=0, stream=True)
     assert list(stream)
+    # the same capabilities through the plugin route are booked too (they were not: a way around the count)
+    plugin_route = llm_gw.client(key)
+    chat = plugin_route.post("/api/plugins/llmserver/invoke/llm.chat", json={"messages": ASK, "max_tokens": 3})
+    assert chat.status_code == 200, chat.text
+    emb = plugin_route.post("/api/plugins/llmserver/invoke/llm.embed", json={"input": ["a red apple"]})
+    assert emb.status_code == 200, emb.text
     rows = c.get("/admin/usage", params={"group_by": "key"}).json()["usage"]
     mine = next(r for r in rows if r["key_id"] == made["id"])
-    assert mine["requests"] == 3 and mine["total_tokens"] > total  # the stream added its own exact count
+    spent = chat.json()["usage"]["total_tokens"] + emb.json()["usage"]["total_tokens"]
+    assert mine["requests"] == 5 and mine["total_tokens"] > total + spent  # the stream added its own exact count
     by_model = c.get("/admin/usage", params={"group_by": "model"}).json()["usage"]
     assert any(r["model"] == MODEL for r in by_model)
 

@@ -110,6 +110,7 @@ class Capability:
     output: type[BaseModel]
     method: str
     job: bool = False
+    books_usage: bool = False  # its answer's `usage` (LLM tokens) is booked to the caller by whoever calls it
 
     def describe(self) -> dict[str, Any]:
         """Return the capability with its JSON Schemas."""
@@ -123,14 +124,16 @@ class Capability:
         }
 
 
-def capability(id: str, *, scope: str, job: bool = False) -> Callable[[F], F]:
+def capability(id: str, *, scope: str, job: bool = False, books_usage: bool = False) -> Callable[[F], F]:
     """Mark a plugin method `def m(self, inp: InModel) -> OutModel` as the capability `id`.
 
-    With `job=True` the method is `def m(self, inp, progress)` and the gateway runs it as a background job.
+    With `job=True` the method is `def m(self, inp, progress)` and the gateway runs it as a background job. With
+    `books_usage=True` its answer is an LLM's (OpenAI `usage` with token counts), and the gateway books those
+    tokens to the caller's key and user when a caller invokes it.
     """
 
     def mark(fn: F) -> F:
-        fn.__bkg_capability__ = (id, scope, job)  # type: ignore[attr-defined]
+        fn.__bkg_capability__ = (id, scope, job, books_usage)  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -264,7 +267,14 @@ class Plugin:
                 raise TypeError(f"capability {mark[0]} must take one pydantic model{extra} and return one")
             doc = (inspect.getdoc(fn) or "").splitlines()
             found[mark[0]] = Capability(
-                mark[0], doc[0] if doc else "", mark[1], hints[params[0]], hints["return"], attr, job
+                mark[0],
+                doc[0] if doc else "",
+                mark[1],
+                hints[params[0]],
+                hints["return"],
+                attr,
+                job,
+                bool(mark[3]) if len(mark) > 3 else False,
             )
         return found
 

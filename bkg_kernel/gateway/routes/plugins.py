@@ -16,7 +16,7 @@ from bkg_kernel.gateway.bodylimit import takes_big_bodies
 from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.runtime import bodyjson
-from bkg_kernel.runtime.contract import validate_input
+from bkg_kernel.runtime.contract import Capability, validate_input
 from bkg_kernel.runtime.host import PluginHost
 from bkg_kernel.runtime.supervisor import SAMPLE_EVERY_S
 from bkg_kernel.strict import StrictBody
@@ -174,7 +174,7 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
     as_job = cap is not None and cap.job
     if big and h.worker is not None and not as_job:
         # parsed by the worker: pickling what a parse made would hold the loop as long as the parse itself
-        return FastJSONResponse(await h.invoke(capability_id, bodyjson.RawJSON(raw), p))
+        return FastJSONResponse(_booked(request, p, cap, await h.invoke(capability_id, bodyjson.RawJSON(raw), p)))
     # an inline plugin's big body (documents to index) is parsed on a thread, in pieces
     body = await asyncio.to_thread(bodyjson.loads, raw) if big else bodyjson.loads(raw) if raw else {}
     if cap is not None and as_job:
@@ -197,7 +197,21 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
     # The worker's answer is JSON data already (the capability's output model, dumped in JSON mode): sent as is, not
     # walked again by FastAPI's encoder (~1 ms for a brainml page of hits), and encoded by orjson. A big body is the
     # call's own: the plugin's thread frees it once done with it (after a timeout too, not when this returns).
-    return FastJSONResponse(await h.invoke(capability_id, body, p, owned=big))
+    return FastJSONResponse(_booked(request, p, cap, await h.invoke(capability_id, body, p, owned=big)))
+
+
+def _booked(request: Request, p: Principal, cap: Capability | None, result: Any) -> Any:
+    """`result`, its LLM tokens booked to the caller when the capability says it spends them (as /v1 books the
+    same answer): a key with llm:use is counted whichever route it takes."""
+    if cap is None or not cap.books_usage or not isinstance(result, dict):
+        return result
+    usage = result.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    count = [v if isinstance(v, int) and not isinstance(v, bool) else 0
+             for v in (usage.get("prompt_tokens"), usage.get("completion_tokens"))]  # fmt: skip
+    route = f"/api/plugins/{request.path_params.get('plugin_id')}/invoke/{cap.id}"
+    gateway(request).auth.record_usage(p, route, result.get("model"), count[0], count[1])
+    return result
 
 
 def _lifecycle_route(action: str) -> None:
