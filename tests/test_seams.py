@@ -277,6 +277,39 @@ def test_inline_work_that_outlives_its_call_cannot_act_for_the_caller(pgw: Gatew
     assert "has ended" in json.loads(done.read_text())["refused"]
 
 
+def test_a_job_never_acts_for_a_caller_whose_key_or_user_ended_meanwhile(pgw: Gateway) -> None:
+    """A plugin job carries its caller as they were when they asked: one that reaches the store after their key
+    was revoked is refused there, and one still queued when its user was disabled never starts."""
+    c = pgw.client()
+    assert _invoke(pgw, "probe.make", collection="probe").status_code in (200, 409)
+    outcome = pgw.data_dir / "plugins" / "probein"
+    key, key_id = _user_key(pgw, "leaver", ["plugins:read", "collections:read"])
+    as_leaver = pgw.client(key)
+    running = as_leaver.post("/api/plugins/probein/invoke/probein.late_job", json={"seconds": 2, "tag": "revoked"})
+    assert running.status_code == 202, running.text
+    assert c.post(f"/admin/keys/{key_id}/revoke").status_code == 200
+    done = wait_for(lambda: (outcome / "revoked.json").is_file() and (outcome / "revoked.json"), 30)
+    assert "revoked" in json.loads(done.read_text())["refused"]
+
+    key, _ = _user_key(pgw, "goner", ["plugins:read", "collections:read"])
+    assert c.put("/api/plugins/probein/config", json={"config": {"max_concurrent": 1}}).status_code == 200
+    try:
+        wait_for(lambda: c.get("/api/plugins/probein/status").json()["state"] == "running", 30)
+        holder = c.post("/api/plugins/probein/invoke/probein.late_job", json={"seconds": 3, "tag": "holder"}).json()
+        queued = pgw.client(key).post(
+            "/api/plugins/probein/invoke/probein.late_job", json={"seconds": 0, "tag": "gone"}
+        )
+        assert queued.status_code == 202, queued.text
+        goner = next(u for u in c.get("/admin/users").json()["users"] if u["username"] == "goner")
+        assert c.patch(f"/admin/users/{goner['id']}", json={"disabled": True}).status_code == 200
+        job = pgw.wait_job(queued.json()["job"]["id"], 60)
+        assert job["state"] == "failed" and "disabled" in job["error"], job
+        assert pgw.wait_job(holder["job"]["id"], 60)["state"] == "done"
+        assert not (outcome / "gone.json").exists()
+    finally:
+        c.put("/api/plugins/probein/config", json={"config": {"request_timeout": 60, "max_concurrent": 4}})
+
+
 def test_plugin_routes_are_handed_the_gateway(pgw: Gateway) -> None:
     # llmserver's /v1 and rustyface's /api/faces come from their routes() hooks, under the gateway's auth.
     spec = pgw.client().get("/openapi.json").json()["paths"]

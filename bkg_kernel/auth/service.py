@@ -15,6 +15,7 @@ caller's; a user (their role, password, keys) is managed only when their role's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -641,6 +642,23 @@ class AuthService:
             if time.monotonic() - rec.flushed > 60:
                 self._flush(rec)
         return Principal(user["id"], user["username"], user["role"], self.key_scopes(rec), rec.id, "key")
+
+    def as_now(self, p: Principal) -> Principal:
+        """The caller of a call that began earlier (a queued plugin job, a long one reaching the store), as they are
+        now: 401 once their user is disabled or deleted or their key revoked or expired; their scopes narrowed to
+        what they still hold. A credential never outlives what it stood for."""
+        user = self.users.get(p.user_id)
+        if user is None or user["disabled"]:
+            raise Unauthorized(f"{p.username} has been disabled or deleted: this call no longer acts for them")
+        held = frozenset(self.roles.get(user["role"], ()))
+        if p.key_id is not None:
+            rec = next((k for k in list(self.keys.values()) if k.id == p.key_id), None)
+            if rec is None or (rec.expires_at is not None and rec.expires_at <= _now()):
+                raise Unauthorized(f"key {p.key_id} has been revoked or has expired: this call no longer acts for "
+                                   f"{p.username}")  # fmt: skip
+            held = self.key_scopes(rec)
+        scopes = p.scopes & held
+        return p if scopes == p.scopes else dataclasses.replace(p, scopes=scopes)
 
     def _rate(self, rec: KeyRecord) -> None:
         limit = rec.rate_limit_per_min

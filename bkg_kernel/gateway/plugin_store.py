@@ -54,6 +54,7 @@ class PluginStore:
         if found is None:
             raise InvalidInput(f"the store has no operation {op!r}", field="op")
         scope, fn = found
+        caller = self.auth.as_now(caller)  # a job queued or running since: its caller as they are now
         caller.require(scope, f"{plugin_id} ({op}, on behalf of {caller.username})")
         return fn(plugin_id, caller, **args)
 

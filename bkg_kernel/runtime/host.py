@@ -554,6 +554,13 @@ class PluginHost:
         if self.cls is None or capability_id not in self.cls.capabilities():
             raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
         sem = await self._admit(None if queued else self.settings.request_timeout)
+        auth = self.services.get("auth")
+        if auth is not None:  # a job that waited for its slot starts as its caller is now, or not at all
+            try:
+                caller = auth.as_now(caller)
+            except BaseException:
+                sem.release()
+                raise
         s, tel = self.settings, self.telemetry
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
