@@ -492,6 +492,18 @@ def test_schedules_over_http_are_checked_and_owned(jgw: Gateway) -> None:
     sid = s.json()["id"]
     assert c.patch(f"/api/jobs/schedules/{sid}", json={"enabled": False}).json()["enabled"] is False
     assert [x["id"] for x in c.get("/api/jobs/schedules").json()["schedules"]] == [sid]
+    # turning a schedule on grants its runs the owner's scopes: only for whoever holds them all (an auditor who
+    # may see and steer it does not; the admin user's narrowed key does not either), while turning it off is free
+    assert c.post(
+        "/admin/roles", json={"name": "steer", "scopes": ["plugins:read", "admin:audit", "jobs:run"]}
+    ).is_success
+    steerer = c.post("/admin/users", json={"username": "steerer", "role": "steer"}).json()
+    narrowed = c.post("/admin/keys", json={"name": "narrow", "scopes": ["jobs:run", "plugins:read"]}).json()["key"]
+    for key in (c.post("/admin/keys", json={"name": "st", "user_id": steerer["id"]}).json()["key"], narrowed):
+        r = jgw.client(key).patch(f"/api/jobs/schedules/{sid}", json={"enabled": True})
+        assert r.status_code == 403 and "admin:keys" in r.json()["error"]["message"], r.text
+        assert jgw.client(key).patch(f"/api/jobs/schedules/{sid}", json={"enabled": False}).status_code == 200
+    assert c.patch(f"/api/jobs/schedules/{sid}", json={"enabled": True}).json()["enabled"] is True
     assert c.delete(f"/api/jobs/schedules/{sid}").status_code == 204
     assert c.get("/api/jobs/schedules").json()["schedules"] == []
 
