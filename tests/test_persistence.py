@@ -152,3 +152,17 @@ def test_second_owner_refused_across_processes(data_dir: Path) -> None:
         holder.kill()
         holder.wait()
     Store(data_dir).close()  # the kernel drops the lock of a dead holder: never stale
+
+
+def test_no_other_user_may_enter_the_data_dir(tmp_path: Path) -> None:
+    """Its files are written with the default umask (0644): the folder's mode keeps other OS users out of the
+    users table, plugin secrets, collections and runs, for a new data dir and for one made before."""
+    new = tmp_path / "new"
+    with Store(new):
+        pass
+    assert new.stat().st_mode & 0o777 == 0o700
+    old = tmp_path / "old"
+    old.mkdir(mode=0o755)
+    old.chmod(0o755)
+    with Store(old):
+        assert old.stat().st_mode & 0o777 == 0o700

@@ -25,7 +25,8 @@ class DataDirLock:
 
     def acquire(self) -> None:
         """Take the lock or raise `DataDirLocked` naming the process that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private(self.path.parent)
         fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the store
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -66,6 +67,15 @@ class DataDirLock:
             return info if isinstance(info, dict) else None
         except (OSError, ValueError):
             return None
+
+
+def private(data_dir: Path) -> None:
+    """Let no other OS user into the data dir: it holds the users and their keys' hashes, plugin settings with
+    secrets (an upstream LLM key), every collection and every run's output, written with the default umask. On a
+    shared machine (JupyterHub's users are OS users) the folder's mode is what keeps them from reading it all."""
+    st = data_dir.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        os.chmod(data_dir, st.st_mode & 0o700)
 
 
 def _describe(raw: str) -> str:
