@@ -267,6 +267,18 @@ def test_a_run_acts_as_its_owner(jgw: Gateway) -> None:
     me = printed_me(nbformat.read(ok["output_path"], 4))
     assert me["username"] == "admin" and "admin:keys" in me["scopes"]  # the owner's scopes, through a run key
     assert keys.get(me["key_id"]) is None or not keys[me["key_id"]]["name"].startswith("admin")
+    # what the admin's run printed is for those who hold its scopes: not the admin user's narrower key (a lab
+    # kernel's), not an auditor without admin:keys; the run itself stays listed for them
+    narrow = admin.post("/admin/keys", json={"name": "narrow", "scopes": ["jobs:run", "plugins:read"]}).json()["key"]
+    admin.post("/admin/roles", json={"name": "run-auditor", "scopes": ["plugins:read", "admin:audit"]})
+    auditor = admin.post("/admin/users", json={"username": "aud", "role": "run-auditor"}).json()
+    akey = admin.post("/admin/keys", json={"name": "aud", "user_id": auditor["id"]}).json()["key"]
+    for k in (narrow, akey):
+        assert jgw.client(k).get(f"/api/jobs/{ok['id']}").status_code == 200
+        r = jgw.client(k).get(f"/api/jobs/{ok['id']}/output")
+        assert r.status_code == 403 and "admin:keys" in r.json()["error"]["message"], r.text
+    assert admin.get(f"/api/jobs/{ok['id']}/output").status_code == 200
+    assert jgw.client(key).get(f"/api/jobs/{done['id']}/output").status_code == 200  # ana's own run, her scopes
 
 
 def test_the_shipped_job_notebooks_run_as_jobs(jgw: Gateway) -> None:

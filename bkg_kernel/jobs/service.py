@@ -416,8 +416,15 @@ class JobService:
             raise Conflict(f"job {run_id!r} is still {run['state']}", field="job_id")
         return await self.submit(p, run["notebook"], run["parameters"], run["timeout_s"], 0, retry_of=run_id)
 
-    async def output(self, run: dict[str, Any], kind: str) -> Path:
-        """The run's output notebook (`ipynb`) or its HTML rendering (`html`)."""
+    async def output(self, run_id: str, p: Principal, kind: str) -> Path:
+        """The run's output notebook (`ipynb`) or its HTML rendering (`html`), for whoever may see the run and holds
+        the scopes it ran with: what a run printed (a key it made, rows it read) is for those who could have done
+        it, not for a narrower key of its owner (a lab kernel's) nor an auditor without them."""
+        run = await self._seen(run_id, p)
+        missing = sorted(set(run["scopes"]) - p.scopes)
+        if missing:
+            raise Forbidden(f"job {run_id!r} ran with scopes you ({p.username}) do not hold: {', '.join(missing)}; "
+                            "its output is only for those who hold them", field="job_id")  # fmt: skip
         name = run["output_path"] if kind == "ipynb" else run["html_path"]
         pending = self.rendering.get(run["id"]) if kind == "html" and not name and run["state"] in FINISHED else None
         if pending is not None:  # rendered just after the run's end (a second or so): wait for it, not a 404

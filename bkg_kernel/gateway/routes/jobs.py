@@ -138,7 +138,7 @@ async def job_output(
 ) -> Any:
     """A notebook run's output notebook (`format=ipynb`) or its HTML rendering (`format=html`)."""
     svc = runs(request)
-    path = await svc.output(await svc.get(job_id, p), format)
+    path = await svc.output(job_id, p, format)
     media = "application/x-ipynb+json" if format == "ipynb" else "text/html"
     # a run's HTML is the notebook's own output (scripts included): shown sandboxed, never in the gateway's origin
     headers = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
