@@ -138,6 +138,13 @@ class Forbidden(BkgError):
     code = "forbidden"
 
 
+class PayloadTooLarge(BkgError):
+    """A body larger than what it is sent to takes."""
+
+    status = 413
+    code = "body_too_large"
+
+
 class TooManyRequests(BkgError):
     """A rate limit or a full queue; `retry_after` says when to try again."""
 

@@ -362,6 +362,9 @@ def test_odd_inputs_of_less_travelled_routes_are_4xx(gw: Gateway) -> None:
     png = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
     r = c.post("/api/faces/detect", files={"image": ("a.png", png, "image/png")}, data={"min_score": "1" * 5000})
     checks.append((r, 422, "min_score"))
+    big = "[" + ",".join(["1"] * 40_000) + "]"  # an option past 64 KiB: refused before it is parsed on the loop
+    r = c.post("/api/faces/detect", files={"image": ("a.png", png, "image/png")}, data={"min_score": big})
+    checks.append((r, 422, "min_score"))
     for r, status, field in checks:
         assert r.status_code == status and field in (r.json()["error"].get("field") or ""), (r.request.url, r.text)
 
@@ -395,3 +398,19 @@ def test_repoagent_writes_refuse_impossible_paths_and_leave_others_collections_a
     r = invoke("repo.workspace", {"action": "add", "name": "mine", "path": "mine"})
     assert r.status_code == 409 and "repo-mine" in r.json()["error"]["message"], r.text
     assert c.post("/api/collections/repo-mine/points/count", json={}).json()["count"] == 1
+
+
+def test_a_capability_not_made_for_big_inputs_refuses_one_before_checking_it(gw: Gateway) -> None:
+    """Checking a plugin call's input holds the interpreter as long as it takes (a viewer's 25 MB brainml.query
+    held the gateway a second): past 1 MiB only the capabilities made for big inputs (documents to index,
+    images, batches) take one; the others answer 413 from the header, before the body is read."""
+    c = gw.client()
+    body = json.dumps({"collection": "x", "query": "q", "junk": "x" * (2 * 2**20)})
+    r = c.post("/api/plugins/brainml/invoke/brainml.query", content=body, headers=JSON)
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body", r.text
+    assert "brainml.query" in r.json()["error"]["message"] and "big_input" in r.json()["error"]["message"]
+    caps = {c["id"]: c for c in gw.client().get("/api/plugins/brainml").json()["capabilities"]}
+    assert "brainml.index" in caps and "brainml.query" in caps
+    body = json.dumps({"collection": "big_input_ok", "documents": "x" * (2 * 2**20)})  # read, checked: not a list
+    r = c.post("/api/plugins/brainml/invoke/brainml.index", content=body, headers=JSON)
+    assert r.status_code == 422 and r.json()["error"]["field"].startswith("input.documents"), r.text

@@ -111,6 +111,7 @@ class Capability:
     method: str
     job: bool = False
     books_usage: bool = False  # its answer's `usage` (LLM tokens) is booked to the caller by whoever calls it
+    big_input: bool = False  # takes inputs up to the gateway's max_body_mb (documents, images, batches); else 1 MiB
 
     def describe(self) -> dict[str, Any]:
         """Return the capability with its JSON Schemas."""
@@ -124,16 +125,20 @@ class Capability:
         }
 
 
-def capability(id: str, *, scope: str, job: bool = False, books_usage: bool = False) -> Callable[[F], F]:
+def capability(
+    id: str, *, scope: str, job: bool = False, books_usage: bool = False, big_input: bool = False
+) -> Callable[[F], F]:
     """Mark a plugin method `def m(self, inp: InModel) -> OutModel` as the capability `id`.
 
     With `job=True` the method is `def m(self, inp, progress)` and the gateway runs it as a background job. With
     `books_usage=True` its answer is an LLM's (OpenAI `usage` with token counts), and the gateway books those
-    tokens to the caller's key and user when a caller invokes it.
+    tokens to the caller's key and user when a caller invokes it. An input over 1 MiB is refused (413) unless
+    `big_input=True` (documents to index, images, batches): checking a big input holds the interpreter, and only
+    the capabilities made for such inputs take them.
     """
 
     def mark(fn: F) -> F:
-        fn.__bkg_capability__ = (id, scope, job, books_usage)  # type: ignore[attr-defined]
+        fn.__bkg_capability__ = (id, scope, job, books_usage, big_input)  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -275,12 +280,22 @@ class Plugin:
                 attr,
                 job,
                 bool(mark[3]) if len(mark) > 3 else False,
+                bool(mark[4]) if len(mark) > 4 else False,
             )
         return found
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
-        """Return the declaration the gateway, the lab panel and the dashboards build themselves from."""
+        """Return the declaration the gateway, the lab panel and the dashboards build themselves from (built once
+        per class: its JSON Schemas take milliseconds to make, and panels poll it; callers do not change it)."""
+        cached: dict[str, Any] | None = cls.__dict__.get("_bkg_described")
+        if cached is None:
+            cached = cls._describe()
+            cls._bkg_described = cached  # type: ignore[attr-defined]
+        return cached
+
+    @classmethod
+    def _describe(cls) -> dict[str, Any]:
         return {
             "id": cls.id,
             "name": cls.name,

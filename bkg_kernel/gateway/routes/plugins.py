@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.auth.principal import SCOPES
-from bkg_kernel.errors import Forbidden
-from bkg_kernel.gateway.bodylimit import takes_big_bodies
+from bkg_kernel.errors import Forbidden, PayloadTooLarge
+from bkg_kernel.gateway.bodylimit import PARSED_BYTES, takes_big_bodies
 from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.runtime import bodyjson
@@ -117,7 +117,7 @@ async def plugin_telemetry(plugin_id: str, request: Request) -> dict[str, Any]:
 async def get_config(plugin_id: str, request: Request) -> dict[str, Any]:
     """The plugin's settings, their JSON Schema, and enabled / autostart."""
     h = _host(request, plugin_id)
-    schema = h.cls.Settings.model_json_schema() if h.cls else {}
+    schema = h.cls.describe()["settings_schema"] if h.cls else {}
     return {
         "config": h.settings.public(),
         "schema": schema,
@@ -169,7 +169,11 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
     h = _host(request, plugin_id)
     cap = h.cls.capabilities().get(capability_id) if h.cls else None
     p = gw.principal(request, cap.scope if cap else "plugins:read")
+    if cap is not None and not cap.big_input:  # said from the header when it is there, before anything is read
+        _small_input(cap.id, request.headers.get("content-length"))
     raw = await request.body()
+    if cap is not None and not cap.big_input:
+        _small_input(cap.id, len(raw))
     big = len(raw) > BIG_BODY
     as_job = cap is not None and cap.job
     if big and h.worker is not None and not as_job:
@@ -198,6 +202,21 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
     # walked again by FastAPI's encoder (~1 ms for a brainml page of hits), and encoded by orjson. A big body is the
     # call's own: the plugin's thread frees it once done with it (after a timeout too, not when this returns).
     return FastJSONResponse(_booked(request, p, cap, await h.invoke(capability_id, body, p, owned=big)))
+
+
+def _small_input(capability_id: str, size: int | str | None) -> None:
+    """413 for an input over `PARSED_BYTES` to a capability not made for big inputs (checking one holds the
+    interpreter as long as it takes: a viewer's 25 MB query held the gateway a second)."""
+    try:
+        n = int(size) if size is not None else 0
+    except ValueError:
+        return  # a malformed length is the server's to refuse
+    if n > PARSED_BYTES:
+        raise PayloadTooLarge(
+            f"{capability_id} takes inputs of at most {PARSED_BYTES // 2**20} MiB; this one has {n:,} bytes "
+            "(capabilities made for big inputs say so: big_input)",
+            field="body",
+        )
 
 
 def _booked(request: Request, p: Principal, cap: Capability | None, result: Any) -> Any:

@@ -273,7 +273,7 @@ class BrainML(Plugin):
         return info
 
     # -- capabilities -------------------------------------------------------------------------------
-    @capability("brainml.index", scope="collections:write")
+    @capability("brainml.index", scope="collections:write", big_input=True)
     def index(self, inp: IndexRequest) -> Result:
         """Chunk documents, embed them with the collection's model and store them for vector and text search."""
         t0 = time.perf_counter()
@@ -506,7 +506,7 @@ class BrainML(Plugin):
             self.classifiers[key] = Classifier.load(self.registry.resolve(entry))
         return self.classifiers[key]
 
-    @capability("brainml.classify", scope="models:read")
+    @capability("brainml.classify", scope="models:read", big_input=True)
     def classify(self, inp: ClassifyRequest) -> Result:
         """Label texts with a classifier from brainml.train: best label, its probability and every label's."""
         t0 = time.perf_counter()

@@ -221,7 +221,7 @@ class Candle(Plugin):
         gc.collect()
         return Loaded(loaded=self._loaded())
 
-    @capability("candle.run", scope="plugins:write")
+    @capability("candle.run", scope="plugins:write", big_input=True)
     def run(self, inp: RunRequest) -> RunResult:
         """Run a model: text -> embeddings or generated text; tensors -> tensors for a program."""
         r = self._runner(inp.model_id)

@@ -122,7 +122,7 @@ class LLMServer(Plugin):
         return {"ok": True, "loaded": [m.describe() for m in self.pool.models.values()], "cancelled": self.cancelled}
 
     # -- capabilities -----------------------------------------------------------------------------
-    @capability("llm.chat", scope="llm:use", books_usage=True)
+    @capability("llm.chat", scope="llm:use", books_usage=True, big_input=True)
     def chat(self, inp: ChatRequest) -> ChatCompletion:
         """Answer a conversation (OpenAI chat.completion)."""
         if self.settings.upstream_url:
@@ -130,7 +130,7 @@ class LLMServer(Plugin):
         chunks = list(self._chat_stream(inp, threading.Event(), whole=True))
         return ChatCompletion.model_validate(chunks[-1])
 
-    @capability("llm.complete", scope="llm:use", books_usage=True)
+    @capability("llm.complete", scope="llm:use", books_usage=True, big_input=True)
     def complete(self, inp: CompletionRequest) -> Completion:
         """Continue a prompt (OpenAI text_completion)."""
         if self.settings.upstream_url:
@@ -138,7 +138,7 @@ class LLMServer(Plugin):
         chunks = list(self._complete_stream(inp, threading.Event(), whole=True))
         return Completion.model_validate(chunks[-1])
 
-    @capability("llm.embed", scope="llm:use", books_usage=True)
+    @capability("llm.embed", scope="llm:use", books_usage=True, big_input=True)
     def embed(self, inp: EmbedRequest) -> Embeddings:
         """Embed one text or a batch (normalized vectors, OpenAI embedding list)."""
         if self.settings.upstream_url:

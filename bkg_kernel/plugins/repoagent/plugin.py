@@ -255,7 +255,7 @@ class RepoAgent(Plugin):
             content="\n".join(window), text=numbered or "(empty file)", more=end < len(lines),
         )  # fmt: skip
 
-    @capability("repo.file.write", scope="repo:use")
+    @capability("repo.file.write", scope="repo:use", big_input=True)
     def write(self, inp: WriteRequest) -> Result:
         """Write text (overwrite, append or create); Python that does not parse is refused unless `force`."""
         ws = self._ws(inp.workspace)

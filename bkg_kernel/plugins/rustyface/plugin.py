@@ -188,7 +188,7 @@ class RustyFace(Plugin):
         s = self.settings
         return images.load(image, field=field, roots=self.roots, max_bytes=s.max_bytes, max_pixels=s.max_pixels)
 
-    @capability("faces.detect", scope="faces:use")
+    @capability("faces.detect", scope="faces:use", big_input=True)
     def detect(self, inp: DetectRequest) -> Detected:
         """Find faces: box, five landmarks, detection score."""
         img = self._image(inp.image, "image")
@@ -197,7 +197,7 @@ class RustyFace(Plugin):
         took = (time.perf_counter() - t0) * 1000
         return Detected(faces=[f.to_dict() for f in faces], width=img.shape[1], height=img.shape[0], took_ms=took)
 
-    @capability("faces.embed", scope="faces:use")
+    @capability("faces.embed", scope="faces:use", big_input=True)
     def embed(self, inp: DetectRequest) -> Embedded:
         """One normalized embedding per detected face, with its box."""
         img = self._image(inp.image, "image")
@@ -207,7 +207,7 @@ class RustyFace(Plugin):
         took = (time.perf_counter() - t0) * 1000
         return Embedded(faces=out, dim=self.engine.dim, model=self.engine.name, took_ms=took)
 
-    @capability("faces.verify", scope="faces:use")
+    @capability("faces.verify", scope="faces:use", big_input=True)
     def verify(self, inp: VerifyRequest) -> Verified:
         """Compare the most confident face of each image (cosine of SFace embeddings)."""
         a, fa = self._best(inp.image_a, "image_a")
@@ -255,7 +255,7 @@ class RustyFace(Plugin):
             return Result(**g.rename(inp.gallery, inp.subject, inp.new_name))
         return Result(**g.delete_subject(inp.gallery, inp.subject))
 
-    @capability("faces.enroll", scope="faces:use")
+    @capability("faces.enroll", scope="faces:use", big_input=True)
     def enroll(self, inp: EnrollRequest) -> Result:
         """Store the most confident face of each image in the gallery, with subject, source and metadata."""
         if inp.sources is not None and len(inp.sources) != len(inp.images):
@@ -284,7 +284,7 @@ class RustyFace(Plugin):
         ]
         return Result(gallery=inp.gallery, subject=inp.subject, enrolled=enrolled, skipped=skipped)
 
-    @capability("faces.identify", scope="faces:use")
+    @capability("faces.identify", scope="faces:use", big_input=True)
     def identify(self, inp: IdentifyRequest) -> Result:
         """For each face in the image: the best subjects by similarity (threshold first, then top_k)."""
         g = self._galleries()
