@@ -6,11 +6,12 @@ obtained holds a scope its holder did not start with, and no attempt was answere
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import Gateway, start_gateway
+from gateway_harness import Gateway, http_ok, start_gateway, wait_for
 
 from bkg_kernel.auth.principal import SCOPES
 
@@ -274,3 +275,24 @@ def test_settings_that_decide_what_a_plugin_reaches_need_every_scope(gw: Gateway
     r = admin.put("/api/plugins/sysinfo/config", json={"config": {**config, "disk_path": "/"}})
     assert r.status_code == 200 and r.json()["config"]["disk_path"] == "/", r.text
     assert admin.put("/api/plugins/sysinfo/config", json={"config": config}).status_code == 200
+
+
+def test_a_plugin_whose_stored_config_no_longer_validates_is_still_guarded(tmp_path: Any) -> None:
+    """A stored config that fails validation leaves the plugin in error with the base settings: every setting of
+    a new config then counts as changed, so a developer still cannot set the guarded ones."""
+    data = tmp_path / "data"
+    data.mkdir()
+    entry = {"enabled": True, "autostart": True, "config": {"disk_path": 7}}  # not a string: invalid
+    (data / "plugins.json").write_text(json.dumps({"sysinfo": entry}))
+    g = start_gateway(data, plugins=PLUGINS, wait=False)  # /health says "degraded": sysinfo is in error
+    try:
+        admin = g.client()
+        wait_for(lambda: http_ok(g.url + "/health"), 60)
+        wait_for(lambda: admin.get("/api/plugins/sysinfo/status").json()["state"] == "error", 60)
+        dev = admin.post("/admin/users", json={"username": "dev", "role": "developer"}).json()
+        as_dev = g.client(admin.post("/admin/keys", json={"name": "dev", "user_id": dev["id"]}).json()["key"])
+        r = as_dev.put("/api/plugins/sysinfo/config", json={"config": {"disk_path": "/"}})
+        assert r.status_code == 403 and "disk_path" in r.json()["error"]["message"], r.text
+        assert admin.put("/api/plugins/sysinfo/config", json={"config": {"disk_path": "/"}}).status_code == 200
+    finally:
+        g.stop()

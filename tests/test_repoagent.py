@@ -532,3 +532,36 @@ def test_a_regex_that_backtracks_without_end_is_stopped_and_the_worker_keeps_ans
         assert [h["path"] for h in ok["hits"]] == ["redos.txt"]
     finally:
         (repo / "redos.txt").unlink()
+
+
+def test_a_workspace_with_nothing_to_index_keeps_its_collection_its_own(rgw: Gateway) -> None:
+    """repoagent notes the collection it made: indexing a workspace with no code twice, then removing it, neither
+    takes the collection for someone else's (409) nor leaves it behind."""
+    empty = rgw.data_dir.parent / "repos" / "empty"
+    empty.mkdir(exist_ok=True)
+    (empty / "blob.bin").write_bytes(b"\x00\x01")
+    assert invoke(rgw, "repo.workspace", {"action": "add", "name": "empty", "path": "empty"}).status_code == 200
+    for _ in range(2):
+        assert job(rgw, "repo.index", {"workspace": "empty"})["state"] == "done"
+    assert rgw.client().get("/api/collections/repo-empty").status_code == 200
+    assert invoke(rgw, "repo.workspace", {"action": "remove", "name": "empty"}).status_code == 200
+    assert rgw.client().get("/api/collections/repo-empty").status_code == 404
+
+
+def test_the_sandbox_leaves_no_core_file_and_a_command_may_signal_its_own_group(tmp_path: Path) -> None:
+    """A command killed by a signal is reported with it (the launcher dies of the same signal, with no core file
+    in the workspace even where the limit allows cores); `kill -TERM 0` by the command is its own business."""
+    import resource
+
+    from bkg_kernel.plugins.repoagent.sandbox import Limits, run, scrubbed_env
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+    try:
+        env = scrubbed_env(tmp_path, {})
+        assert run(["/bin/sh", "-c", "kill -SEGV $$"], tmp_path, env, 10, Limits()).exit_code == -11
+        assert run(["/bin/sh", "-c", "kill -TERM 0; sleep 5"], tmp_path, env, 10, Limits()).exit_code == -15
+        assert run(["/bin/sh", "-c", "exit 3"], tmp_path, env, 10, Limits()).exit_code == 3
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("core")]

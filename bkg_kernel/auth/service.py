@@ -307,13 +307,13 @@ class AuthService:
         if scopes is not None:
             self._check_scopes(scopes, SCOPES, "scopes")
             self._grantable(by, scopes, f"giving role {name!r} these scopes", "scopes")
+        with self.mutex:  # checked and changed at once (see update_user)
             full = set(self.roles["admin"])
-            held = {**self.roles, name: list(scopes)}
-            if by is not None and not any(not u["disabled"] and full <= set(held.get(u["role"], ()))
-                                          for u in self.users.values()):  # fmt: skip
+            held = {**self.roles, name: list(scopes or ())}
+            admins = [u for u in self.users.values() if not u["disabled"] and full <= set(held.get(u["role"], ()))]
+            if by is not None and scopes is not None and not admins:
                 raise Conflict(f"after this change no enabled user would hold the admin role's scopes (role {name!r} "
                                "gives them to the last ones)", field="scopes")  # fmt: skip
-        with self.mutex:
             if scopes is not None:
                 self.con.execute("UPDATE roles SET scopes = ? WHERE name = ?", [scopes, name])
                 self.roles[name] = list(scopes)
@@ -404,11 +404,11 @@ class AuthService:
         if by is not None and by.user_id == u["id"] and (disabled or (role is not None and role != u["role"])):
             raise InvalidInput("you cannot disable yourself or change your own role: another admin can",
                                field="disabled" if disabled else "role")  # fmt: skip
-        if by is not None:
-            self._keeps_an_admin(u, role, disabled)
-        if password is not None:
-            self.set_password(user_id, password, actor=actor, by=by)
-        with self.mutex:
+        with self.mutex:  # the last-admin check and the change at once: two admins disabling each other, one wins
+            if by is not None:
+                self._keeps_an_admin(u, role, disabled)
+            if password is not None:
+                self.set_password(user_id, password, actor=actor, by=by)
             if role is not None:
                 self.con.execute("UPDATE users SET role = ? WHERE id = ?", [role, u["id"]])
                 u["role"] = role
@@ -451,6 +451,12 @@ class AuthService:
             self.hub_seen[user_id] = {"user_id": user_id, "hub_name": hub_name, "role": role, "seen": seen,
                                       "confirmed_at": now}  # fmt: skip
 
+    def hub_forget(self, user_id: str) -> None:
+        """Drop what was recorded of a Hub user (their role no longer stands: the next request records again)."""
+        with self.mutex:
+            self.con.execute("DELETE FROM hub_users WHERE user_id = ?", [user_id])
+            self.hub_seen.pop(user_id, None)
+
     def set_password(self, user_id: str, password: str, actor: str | None = None, by: Principal | None = None) -> None:
         """Set a user's password (a login as them holds their role's scopes: `by` must hold them all)."""
         actor = by.username if by else actor
@@ -469,11 +475,11 @@ class AuthService:
         actor = by.username if by else actor
         u = self.user(user_id)
         self._manageable(by, u, "user_id")
-        if by is not None:
-            self._keeps_an_admin(u, deleted=True)
-        for k in [k for k in self.keys.values() if k.user_id == u["id"]]:
-            self.revoke_key(k.id, actor=actor)  # managing u covers their keys: all within u's role
-        with self.mutex:
+        with self.mutex:  # checked and deleted at once (see update_user)
+            if by is not None:
+                self._keeps_an_admin(u, deleted=True)
+            for k in [k for k in self.keys.values() if k.user_id == u["id"]]:
+                self.revoke_key(k.id, actor=actor)  # managing u covers their keys: all within u's role
             self._end_sessions(u["id"])
             self.con.execute("DELETE FROM users WHERE id = ?", [u["id"]])
             self.con.execute("DELETE FROM hub_users WHERE user_id = ?", [u["id"]])

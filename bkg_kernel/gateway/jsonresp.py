@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 from typing import Any
 
 import orjson
@@ -20,12 +22,25 @@ class FastJSONResponse(JSONResponse):
         try:
             return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
         except orjson.JSONEncodeError:
-            return json.dumps(content, ensure_ascii=False, default=_plain).encode()
+            return json.dumps(_finite(content), ensure_ascii=False, allow_nan=False, default=_plain).encode()
+
+
+def _finite(o: Any) -> Any:
+    """`o` with NaN and infinities as null, as orjson writes them (the standard encoder would write `NaN`)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _plain(o: Any) -> Any:
-    """numpy's scalars and arrays as the standard encoder's types (orjson's OPT_SERIALIZE_NUMPY does this)."""
+    """What orjson encodes natively, for the standard encoder: numpy's scalars and arrays, times and dates."""
+    if isinstance(o, datetime.date | datetime.time):
+        return o.isoformat()
     tolist = getattr(o, "tolist", None)
     if tolist is None:
         raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
-    return tolist()
+    return _finite(tolist())

@@ -40,7 +40,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.auth.service import HUB_SUFFIX as SUFFIX
-from bkg_kernel.errors import BkgError, Forbidden, Unauthorized, Unavailable
+from bkg_kernel.errors import Forbidden, Unauthorized, Unavailable
 from bkg_kernel.settings import Settings
 
 ROLE_SCOPES = (("custom:bkg:admin", "admin"), ("custom:bkg:developer", "developer"))
@@ -123,12 +123,12 @@ class HubTrust:
             user = await asyncio.to_thread(self._sync_user, name, role)
         if user["disabled"]:
             raise Unauthorized(f"bkg user {name!r} is disabled")
-        await self._remember(user["id"], model, role)
+        await self._remember(user["id"], token, model, role)
         return Principal(user["id"], name, role, frozenset(self.auth.roles.get(role, ())), None, "hub")
 
     # -- runs that act as a Hub user ---------------------------------------------------------------
-    async def _remember(self, user_id: str, model: dict[str, Any], role: str) -> None:
-        """Record the Hub's view of a user beside the role their token gave (when the role changed, or once a
+    async def _remember(self, user_id: str, token: str, model: dict[str, Any], role: str) -> None:
+        """Record the Hub's view of a user beside the role their token gives (when the role changed, or once a
         minute): what a run acting as them is checked against. One Hub call per user at a time; a Hub that does
         not answer leaves the last record (the request itself was already vouched for)."""
         rec = self.auth.hub_seen.get(user_id)
@@ -140,22 +140,28 @@ class HubTrust:
         self._tried[user_id] = (role, time.monotonic())
         task = self._recording.get(user_id)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._record(user_id, model, role))
+            task = asyncio.get_running_loop().create_task(self._record(user_id, token, model["name"]))
             self._recording[user_id] = task
             task.add_done_callback(lambda _t: self._recording.pop(user_id, None))
         await asyncio.shield(task)
 
-    async def _record(self, user_id: str, model: dict[str, Any], role: str) -> None:
+    async def _record(self, user_id: str, token: str, hub_name: str) -> None:
+        """The Hub's view of the user first, then their token asked again past HubAuth's one-minute cache: the role
+        recorded is never older than the view beside it (a change in between shows as a changed view later, and
+        the run it concerns fails rather than acting with the old role)."""
         try:
-            seen = await self.hub_view(model["name"])
-        except BkgError as exc:
-            log.warning("the Hub's view of %r was not recorded: %s", model["name"], exc.message)
+            seen = await self.hub_view(hub_name)
+            fresh = await asyncio.wait_for(self.oauth.user_for_token(token, use_cache=False, sync=False), 15)
+        except Exception as exc:  # a Hub that is slow, down, or answers what is not JSON: nothing recorded
+            log.warning("the Hub's view of %r was not recorded: %s", hub_name, getattr(exc, "message", exc))
             return
-        # the token's answer (HubAuth caches it for a minute) may predate a change the view already shows: the
-        # record waits for an answer that agrees, so a role is never paired with a newer view than it came from
-        if seen is None or sorted(seen["groups"]) != sorted(model.get("groups") or ()):
+        if seen is None or not fresh or fresh.get("name") != hub_name:
             return
-        await asyncio.to_thread(self.auth.hub_confirmed, user_id, model["name"], role, seen)
+        if sorted(seen["groups"]) != sorted(fresh.get("groups") or ()) or bool(fresh.get("admin")) != seen["admin"]:
+            return  # the two answers straddle a change: the next request records them
+        role = role_for(fresh)
+        await asyncio.to_thread(self._sync_user, bkg_name(hub_name), role)  # the role follows the fresh answer
+        await asyncio.to_thread(self.auth.hub_confirmed, user_id, hub_name, role, seen)
 
     async def hub_view(self, hub_name: str) -> dict[str, Any] | None:
         """What the Hub says of a user now (admin flag, roles, groups and each group's roles), None if it has no
@@ -178,11 +184,13 @@ class HubTrust:
         if not name.endswith(SUFFIX):
             return
         rec = self.auth.hub_seen.get(user["id"])
-        if rec is None:  # a user last seen by a gateway from before these records
+        if rec is None:  # never recorded (a gateway from before these records, or one the Hub let read no user)
+            await self.hub_view(name.removesuffix(SUFFIX))  # 503 naming the scopes if the Hub refuses the read
             await asyncio.to_thread(self._unconfirmed, user, None, None)
             raise Forbidden(f"{name}'s role has not been confirmed with JupyterHub: runs acting as them start again "
                             "after their next request through the Hub", field="owner")  # fmt: skip
         seen = await self.hub_view(rec["hub_name"])
+        rec = self.auth.hub_seen.get(user["id"]) or rec  # a request may have recorded a newer view meanwhile
         if seen is None:
             await asyncio.to_thread(self._retired, user, rec["hub_name"])
             raise Forbidden(f"JupyterHub has no user {rec['hub_name']!r} any more: bkg user {name!r} is disabled",
@@ -200,6 +208,8 @@ class HubTrust:
         with self.lock:
             if user["role"] != "viewer":
                 self.auth.update_user(user["id"], role="viewer", actor="jupyterhub")
+            self.auth.hub_forget(user["id"])  # their next request records afresh, whatever role it gives
+        self._tried.pop(user["id"], None)
         self.auth.audit("jupyterhub", "user.hub_changed", user["username"], ok=False, before=before, now=now)
 
     def _retired(self, user: dict[str, Any], hub_name: str) -> None:
@@ -285,7 +295,12 @@ async def _hub_get(hub: httpx.AsyncClient, path: str) -> dict[str, Any] | None:
                           "(deploy/jupyterhub_config.py grants them)")  # fmt: skip
     if r.status_code != 200:
         raise Unavailable(f"JupyterHub answered {r.status_code} to {path}")
-    body: dict[str, Any] = r.json()
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise Unavailable(f"JupyterHub's answer to {path} is not a JSON object")
     return body
 
 

@@ -503,7 +503,8 @@ class JobService:
     async def set_enabled(self, schedule_id: str, enabled: bool, p: Principal) -> dict[str, Any]:
         """Enable or disable a schedule (enabling does not run the fires missed while it was off)."""
         s = await self._schedule(schedule_id, p)
-        missing = sorted(set(s["scopes"]) - p.scopes)
+        owner = self._owner(s)  # the scopes its runs would act with now (those its owner still holds)
+        missing = sorted((owner.scopes if owner is not None else frozenset()) - p.scopes)
         if enabled and missing:  # its runs act as its owner with these scopes: turning it on is granting them
             raise Forbidden(f"schedule {schedule_id!r} runs with scopes you ({p.username}) do not hold: "
                             f"{', '.join(missing)}; nobody grants what they do not hold", field="enabled")  # fmt: skip

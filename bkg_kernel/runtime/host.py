@@ -466,8 +466,8 @@ class PluginHost:
             raise Unavailable(f"plugin {self.id!r} is not loaded: {self.reason}")
         if not isinstance(config, dict):
             raise InvalidInput("config must be a JSON object", field="config")
-        try:
-            return self.cls.Settings.model_validate(config)
+        try:  # `new`: a validator may check what only a new value must (a folder that exists now)
+            return self.cls.Settings.model_validate(config, context={"new": True})
         except ValidationError as exc:
             raise invalid_from_pydantic(exc, "config") from None
 

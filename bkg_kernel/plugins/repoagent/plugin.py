@@ -493,7 +493,9 @@ class RepoAgent(Plugin):
             summary = idx.summary()
             with self.lock:
                 self.indexes[ws.name] = idx
-                ws.info = {"file_count": len(names), **{k: v for k, v in summary.items() if k != "parse_errors"}}
+                made = {"collection": ws.info["collection"]} if "collection" in ws.info else {}  # kept: it is ours
+                counts = {k: v for k, v in summary.items() if k != "parse_errors"}
+                ws.info = {"file_count": len(names), **made, **counts}
                 self._save()
         took = time.perf_counter() - t0
         progress(1.0, f"indexed {len(changed)} changed files in {took:.1f} s")

@@ -175,9 +175,12 @@ def end_group(*_):  # the worker died: the command and whatever it started in it
     os.killpg(0, signal.SIGKILL)
 
 
-signal.signal(signal.SIGTERM, end_group)
-if prctl is not None:  # SIGTERM to this launcher when the worker that runs it dies (PR_SET_PDEATHSIG)
-    prctl(1, signal.SIGTERM)
+# a signal no command sends its own group (a `kill -TERM 0` stays the command's business)
+told = signal.SIGRTMIN + 3
+signal.signal(told, end_group)
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the workspace, the command's or this one's
+if prctl is not None:  # told when the worker that runs it dies (PR_SET_PDEATHSIG)
+    prctl(1, told)
 if os.getppid() != parent:
     end_group()
 launcher = os.getpid()
@@ -186,8 +189,7 @@ if pid == 0:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(told, signal.SIG_DFL)
     if prctl is not None:  # and the command dies if its launcher is killed
         prctl(1, signal.SIGKILL)
     if os.getppid() != launcher:

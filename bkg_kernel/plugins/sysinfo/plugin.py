@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from bkg_kernel.errors import Unavailable
 from bkg_kernel.runtime.contract import Plugin, PluginSettings, Progress, capability
@@ -21,8 +21,10 @@ class SysInfoSettings(PluginSettings):
 
     @field_validator("disk_path")
     @classmethod
-    def _a_folder(cls, v: str) -> str:
-        if "\0" in v or not os.path.isdir(v):
+    def _a_folder(cls, v: str, info: ValidationInfo) -> str:
+        """A new value must be a folder now; a stored one that went away makes facts a 503, not the plugin an
+        error at start."""
+        if "\0" in v or (isinstance(info.context, dict) and info.context.get("new") and not os.path.isdir(v)):
             raise ValueError(f"{v[:200]!r} is not a folder on the gateway's machine")
         return v
 
