@@ -62,6 +62,17 @@ class Principal:
             data.get("key_id"), str(data.get("via", "key")),
         )  # fmt: skip
 
+    def require_all(self, scopes: Any, what: str, field: str | None = None) -> None:
+        """Raise 403 naming the missing ones unless the principal holds every scope in `scopes`: nobody grants
+        (or lets work act with) what they do not hold."""
+        missing = sorted(set(scopes) - self.scopes)
+        if missing:
+            raise Forbidden(
+                f"{what} needs scopes you ({self.username}) do not hold: {', '.join(missing)}; "
+                "nobody grants what they do not hold",
+                field=field,
+            )
+
     def require(self, scope: str, what: str = "this call") -> None:
         """Raise 403 naming `scope` unless the principal holds it."""
         if scope not in self.scopes:

@@ -144,15 +144,8 @@ class AuthService:
     @staticmethod
     def _grantable(by: Principal | None, scopes: Any, what: str, field: str) -> None:
         """403 unless `by` holds every scope in `scopes` (None: the gateway itself, which holds all)."""
-        if by is None:
-            return
-        missing = sorted(set(scopes) - by.scopes)
-        if missing:
-            raise Forbidden(
-                f"{what} needs scopes you ({by.username}) do not hold: {', '.join(missing)}; "
-                "nobody grants what they do not hold",
-                field=field,
-            )
+        if by is not None:
+            by.require_all(scopes, what, field)
 
     def _manageable(self, by: Principal | None, u: dict[str, Any], field: str) -> None:
         """403 unless `by` holds every scope of user `u`'s role (managing them cannot lift anyone above `by`)."""
@@ -225,6 +218,16 @@ class AuthService:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [_now(), p.key_id, p.user_id, p.username, route, model, prompt, completion],
         )
+
+    def book_usage(self, p: Principal, route: str, result: Any) -> None:
+        """Record an LLM answer's token usage (OpenAI `usage`) against the caller: nothing when it has none, and
+        a count that is not an integer counts 0 (the answer the caller already has never fails for this)."""
+        usage = result.get("usage") if isinstance(result, dict) else None
+        if not isinstance(usage, dict) or not usage:
+            return
+        count = [v if isinstance(v, int) and not isinstance(v, bool) else 0
+                 for v in (usage.get("prompt_tokens"), usage.get("completion_tokens"))]  # fmt: skip
+        self.record_usage(p, route, result.get("model"), count[0], count[1])
 
     def usage_report(self, group_by: str = "key", since: datetime | None = None) -> list[dict[str, Any]]:
         """Sum token usage per key, user, model, day or key and day (optionally since a time)."""
@@ -308,10 +311,7 @@ class AuthService:
             self._check_scopes(scopes, SCOPES, "scopes")
             self._grantable(by, scopes, f"giving role {name!r} these scopes", "scopes")
         with self.mutex:  # checked and changed at once (see update_user)
-            full = set(self.roles["admin"])
-            held = {**self.roles, name: list(scopes or ())}
-            admins = [u for u in self.users.values() if not u["disabled"] and full <= set(held.get(u["role"], ()))]
-            if by is not None and scopes is not None and not admins:
+            if by is not None and scopes is not None and not self._an_admin_remains({**self.roles, name: list(scopes)}):
                 raise Conflict(f"after this change no enabled user would hold the admin role's scopes (role {name!r} "
                                "gives them to the last ones)", field="scopes")  # fmt: skip
             if scopes is not None:
@@ -420,23 +420,30 @@ class AuthService:
         self.audit(actor, "user.update", u["username"], role=role, disabled=disabled)
         return _public_user(u)
 
+    def _an_admin_remains(
+        self, roles: dict[str, list[str]] | None = None, changed: dict[str, tuple[str, bool] | None] | None = None
+    ) -> bool:
+        """Whether an enabled user would hold the admin role's scopes with `roles` for the roles and `changed`
+        (user id -> (role, disabled), None: deleted) applied to the users."""
+        roles, changed = roles or self.roles, changed or {}
+        full = set(self.roles["admin"])
+        for u in self.users.values():
+            if u["id"] not in changed:
+                role, disabled = u["role"], u["disabled"]
+            else:
+                role, disabled = changed[u["id"]] or ("", True)  # a deleted user holds nothing
+            if not disabled and full <= set(roles.get(role, ())):
+                return True
+        return False
+
     def _keeps_an_admin(
         self, u: dict[str, Any], role: str | None = None, disabled: bool | None = None, deleted: bool = False
     ) -> None:
-        """409 when a change someone makes would leave no enabled user with the admin role's scopes (nobody
-        could manage users, roles or keys again: the admin key's user disabled, say, stays disabled)."""
-        full = set(self.roles["admin"])
-
-        def admin(role: str, disabled: bool) -> bool:
-            return not disabled and full <= set(self.roles.get(role, ()))
-
-        if not admin(u["role"], u["disabled"]):
-            return
-        after = (role if role is not None else u["role"], disabled if disabled is not None else u["disabled"])
-        if not deleted and admin(*after):
-            return
-        if any(admin(o["role"], o["disabled"]) for o in self.users.values() if o["id"] != u["id"]):
-            return
+        """409 when a change someone makes to user `u` would leave no enabled user with the admin role's scopes
+        (nobody could manage users, roles or keys again: the admin key's user disabled, say, stays disabled)."""
+        after = None if deleted else (role or u["role"], u["disabled"] if disabled is None else disabled)
+        if self._an_admin_remains(changed={u["id"]: after}) or not self._an_admin_remains():
+            return  # still one; or none before this change either, which it cannot make worse
         raise Conflict(f"{u['username']} is the last enabled user with the admin role's scopes: give another user "
                        "that role first", field="user_id")  # fmt: skip
 
@@ -562,7 +569,7 @@ class AuthService:
         return rec.public(), token
 
     def _key(self, key_id: str) -> KeyRecord:
-        for k in self.keys.values():
+        for k in list(self.keys.values()):  # a snapshot: store calls ask from plugin threads too
             if k.id == key_id:
                 return k
         raise NotFound(f"no active key {key_id!r}", field="key_id")
@@ -658,7 +665,10 @@ class AuthService:
             raise Unauthorized(f"{p.username} has been disabled or deleted: this call no longer acts for them")
         held = frozenset(self.roles.get(user["role"], ()))
         if p.key_id is not None:
-            rec = next((k for k in list(self.keys.values()) if k.id == p.key_id), None)
+            try:
+                rec: KeyRecord | None = self._key(p.key_id)
+            except NotFound:  # revoked keys leave `keys`
+                rec = None
             if rec is None or (rec.expires_at is not None and rec.expires_at <= _now()):
                 raise Unauthorized(f"key {p.key_id} has been revoked or has expired: this call no longer acts for "
                                    f"{p.username}")  # fmt: skip

@@ -4,7 +4,6 @@ gateway."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -13,8 +12,6 @@ from fastapi import FastAPI
 from bkg_kernel.auth import Principal
 from bkg_kernel.gateway.bodylimit import CheckedJSONRoute, takes_big_bodies
 from bkg_kernel.gateway.state import Gateway, need
-
-log = logging.getLogger("bkg.gateway")
 
 
 class AppGatewayAPI:
@@ -51,11 +48,4 @@ class AppGatewayAPI:
 
     def record_usage(self, caller: Principal, route: str, result: dict[str, Any]) -> None:
         """Book an LLM result's token usage to the caller (never fails the answer the caller already has)."""
-        usage = result.get("usage") or {}
-        if not usage:
-            return
-        try:
-            prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-            self.gw.auth.record_usage(caller, route, result.get("model"), prompt, completion)
-        except Exception:
-            log.exception("recording token usage failed")
+        self.gw.auth.book_usage(caller, route, result)

@@ -159,12 +159,5 @@ class PluginStore:
     def chat(self, plugin_id: str, caller: Principal, body: dict[str, Any], route: str) -> dict[str, Any]:
         host = self._sup().get("llmserver")
         result: dict[str, Any] = self._await(host.invoke("llm.chat", body, caller))
-        usage = result.get("usage") or {}
-        self.auth.record_usage(
-            caller,
-            route,
-            result.get("model"),
-            int(usage.get("prompt_tokens", 0)),
-            int(usage.get("completion_tokens", 0)),
-        )
+        self.auth.book_usage(caller, route, result)
         return result

@@ -421,10 +421,7 @@ class JobService:
         the scopes it ran with: what a run printed (a key it made, rows it read) is for those who could have done
         it, not for a narrower key of its owner (a lab kernel's) nor an auditor without them."""
         run = await self._seen(run_id, p)
-        missing = sorted(set(run["scopes"]) - p.scopes)
-        if missing:
-            raise Forbidden(f"job {run_id!r} ran with scopes you ({p.username}) do not hold: {', '.join(missing)}; "
-                            "its output is only for those who hold them", field="job_id")  # fmt: skip
+        p.require_all(run["scopes"], f"reading job {run_id!r}'s output (what it ran with)", "job_id")
         name = run["output_path"] if kind == "ipynb" else run["html_path"]
         pending = self.rendering.get(run["id"]) if kind == "html" and not name and run["state"] in FINISHED else None
         if pending is not None:  # rendered just after the run's end (a second or so): wait for it, not a 404
@@ -504,10 +501,8 @@ class JobService:
         """Enable or disable a schedule (enabling does not run the fires missed while it was off)."""
         s = await self._schedule(schedule_id, p)
         owner = self._owner(s)  # the scopes its runs would act with now (those its owner still holds)
-        missing = sorted((owner.scopes if owner is not None else frozenset()) - p.scopes)
-        if enabled and missing:  # its runs act as its owner with these scopes: turning it on is granting them
-            raise Forbidden(f"schedule {schedule_id!r} runs with scopes you ({p.username}) do not hold: "
-                            f"{', '.join(missing)}; nobody grants what they do not hold", field="enabled")  # fmt: skip
+        if enabled and owner is not None:  # its runs act as its owner with these scopes: turning it on grants them
+            p.require_all(owner.scopes, f"turning schedule {schedule_id!r} on (its runs act with them)", "enabled")
         s["enabled"] = enabled
         if enabled:
             s["last_fire"] = max(s["last_fire"] or 0, self.clock())

@@ -138,7 +138,10 @@ def capability(
     """
 
     def mark(fn: F) -> F:
-        fn.__bkg_capability__ = (id, scope, job, books_usage, big_input)  # type: ignore[attr-defined]
+        # Capability's own fields, read back by Plugin.capabilities()
+        fn.__dict__["__bkg_capability__"] = {
+            "id": id, "scope": scope, "job": job, "books_usage": books_usage, "big_input": big_input
+        }  # fmt: skip
         return fn
 
     return mark
@@ -251,11 +254,15 @@ class Plugin:
     def capabilities(cls) -> dict[str, Capability]:
         """Return the plugin's capabilities by id, read from its `@capability` methods (once per class: reading
         type hints costs ~0.6 ms, and every request asks)."""
-        cached: dict[str, Capability] | None = cls.__dict__.get("_capabilities_cache")
-        if cached is None:
-            cached = cls._read_capabilities()
-            cls._capabilities_cache = cached  # type: ignore[attr-defined]
-        return cached
+        found: dict[str, Capability] = cls._per_class("_capabilities_cache", cls._read_capabilities)
+        return found
+
+    @classmethod
+    def _per_class(cls, attr: str, build: Callable[[], Any]) -> Any:
+        """`build()`'s result kept on this class itself (a subclass builds its own)."""
+        if attr not in cls.__dict__:
+            setattr(cls, attr, build())
+        return cls.__dict__[attr]
 
     @classmethod
     def _read_capabilities(cls) -> dict[str, Capability]:
@@ -266,33 +273,20 @@ class Plugin:
                 continue
             hints = typing.get_type_hints(fn)
             params = [p for p in inspect.signature(fn).parameters if p != "self"]
-            job = bool(mark[2])
-            if len(params) != (2 if job else 1) or "return" not in hints:
-                extra = " and a progress callable" if job else ""
-                raise TypeError(f"capability {mark[0]} must take one pydantic model{extra} and return one")
+            if len(params) != (2 if mark["job"] else 1) or "return" not in hints:
+                extra = " and a progress callable" if mark["job"] else ""
+                raise TypeError(f"capability {mark['id']} must take one pydantic model{extra} and return one")
             doc = (inspect.getdoc(fn) or "").splitlines()
-            found[mark[0]] = Capability(
-                mark[0],
-                doc[0] if doc else "",
-                mark[1],
-                hints[params[0]],
-                hints["return"],
-                attr,
-                job,
-                bool(mark[3]) if len(mark) > 3 else False,
-                bool(mark[4]) if len(mark) > 4 else False,
-            )
+            found[mark["id"]] = Capability(summary=doc[0] if doc else "", input=hints[params[0]],
+                                           output=hints["return"], method=attr, **mark)  # fmt: skip
         return found
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
         """Return the declaration the gateway, the lab panel and the dashboards build themselves from (built once
         per class: its JSON Schemas take milliseconds to make, and panels poll it; callers do not change it)."""
-        cached: dict[str, Any] | None = cls.__dict__.get("_bkg_described")
-        if cached is None:
-            cached = cls._describe()
-            cls._bkg_described = cached  # type: ignore[attr-defined]
-        return cached
+        described: dict[str, Any] = cls._per_class("_described_cache", cls._describe)
+        return described
 
     @classmethod
     def _describe(cls) -> dict[str, Any]:

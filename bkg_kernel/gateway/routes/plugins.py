@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.auth.principal import SCOPES
-from bkg_kernel.errors import Forbidden, PayloadTooLarge
+from bkg_kernel.errors import PayloadTooLarge
 from bkg_kernel.gateway.bodylimit import PARSED_BYTES, takes_big_bodies
 from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
@@ -142,14 +142,10 @@ async def put_config(
         # setting of the new config counts as changed
         changed = h.settings.changed(new) if type(h.settings) is type(new) else sorted(type(new).model_fields)
         guarded = [k for k in changed if k not in new.tunable_fields]
-        missing = sorted(set(SCOPES) - p.scopes)
-        if guarded and missing:  # nobody grants what they do not hold: these settings widen it for every caller
-            raise Forbidden(
-                f"changing {plugin_id}'s {', '.join(guarded)} decides what the plugin reaches for every caller: it "
-                f"needs every scope (the admin role's); you ({p.username}) lack {', '.join(missing)}. Anyone with "
-                f"plugins:write may change {', '.join(new.tunable_fields)}",
-                field=f"config.{guarded[0]}",
-            )
+        if guarded:  # they decide what the plugin reaches for every caller: every scope (the admin role's)
+            tunable = ", ".join(new.tunable_fields)
+            what = f"changing {plugin_id}'s {', '.join(guarded)} (anyone with plugins:write may change {tunable})"
+            p.require_all(SCOPES, what, f"config.{guarded[0]}")
         h.configure(new)
     if body.enabled is not None:
         h.entry.enabled = body.enabled
@@ -227,12 +223,7 @@ def _booked(request: Request, p: Principal, cap: Capability | None, result: Any)
     same answer): a key with llm:use is counted whichever route it takes."""
     if cap is None or not cap.books_usage or not isinstance(result, dict):
         return result
-    usage = result.get("usage")
-    usage = usage if isinstance(usage, dict) else {}
-    count = [v if isinstance(v, int) and not isinstance(v, bool) else 0
-             for v in (usage.get("prompt_tokens"), usage.get("completion_tokens"))]  # fmt: skip
-    route = f"/api/plugins/{request.path_params.get('plugin_id')}/invoke/{cap.id}"
-    gateway(request).auth.record_usage(p, route, result.get("model"), count[0], count[1])
+    gateway(request).auth.book_usage(p, f"/api/plugins/{request.path_params.get('plugin_id')}/invoke/{cap.id}", result)
     return result
 
 
