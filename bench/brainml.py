@@ -92,12 +92,18 @@ def embedded(st: Any, points: list[dict[str, Any]]) -> np.ndarray:
 
 def evaluate(runs: dict[str, Any], mode: str, queries: Queries, repeat: int) -> dict[str, dict[str, float]]:
     """Run every labelled query through each system's `run(query, mode) -> [doc ids]`, the systems interleaved
-    query by query (each sees the machine in the same state), `repeat` times; latency p50 and mean quality."""
+    query by query (each sees the machine in the same state), `repeat` times; latency p50 and mean quality.
+
+    Who goes first turns with each query: a system that always ran right after the same other one would always
+    meet what that one leaves behind (LanceDB's worker threads still spinning, caches filled with its data)."""
     lat: dict[str, list[float]] = {name: [] for name in runs}
     quality: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    names = list(runs)
     for rnd in range(repeat):
-        for q, rel in queries:
-            for name, run in runs.items():
+        for i, (q, rel) in enumerate(queries):
+            turn = (i + rnd) % len(names)
+            for name in names[turn:] + names[:turn]:
+                run = runs[name]
                 t0 = time.perf_counter()
                 ids = run(q, mode)
                 lat[name].append((time.perf_counter() - t0) * 1000)

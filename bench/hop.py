@@ -7,7 +7,8 @@ The docstrings corpus of `bench/brainml.py` (chunked the same way; text mode nee
 random ones), in a real gateway and in a store in this process. For each labelled query, in turn:
 - `GET /health` and `GET /auth/me`: the HTTP floor of bkg's client, without and with authentication;
 - the REST query route (`POST /api/collections/{name}/query`, text mode, 30 hits with their texts);
-- `brainml.query` read as raw bytes, and through bkg's client (`wb.brain.query`, decoded);
+- `brainml.query` read as raw bytes over HTTP, through bkg's client over HTTP (`call_port=False`), and through
+  bkg's client as it runs by default, over the gateway's call port (`wb.brain.query`, decoded);
 - the plugin's own `latency_ms` (search, texts and highlights, inside the gateway);
 - direct: the store's `query` with texts and brainml's highlights in this process (bench/brainml.py's direct row);
 - the bound: a bare ASGI app on uvicorn (no framework, no authentication, no plugin host) in its own process with
@@ -240,6 +241,8 @@ def measure(
         inside.append(r["latency_ms"])
         return r
 
+    over_http = Workbench(wb.url, wb.api_key, call_port=False)
+
     layers: dict[str, Callable[[str], Any]] = {
         "GET /health": lambda q: wb.call("GET", "/health"),
         "GET /auth/me (authenticated)": lambda q: wb.call("GET", "/auth/me"),
@@ -249,7 +252,8 @@ def measure(
         "brainml.query, raw bytes": lambda q: (
             wb.http.request("POST", "/api/plugins/brainml/invoke/brainml.query", json={**body, "query": q}).content
         ),
-        "brainml.query, bkg's client": brain,
+        "brainml.query, bkg's client over HTTP": lambda q: over_http.brain.query("d", q, top_k=30, mode="text"),
+        "brainml.query, bkg's client (the call port)": brain,
         "bound: bare ASGI app, the same work on a thread": lambda q: bare("/thread", q),
         "floor: bare ASGI app, the same work on its event loop": lambda q: bare("/loop", q),
         "floor: a raw socket, no HTTP, the same work on a thread waiting on it": raw,

@@ -145,6 +145,13 @@ class PayloadTooLarge(BkgError):
     code = "body_too_large"
 
 
+class Misdirected(BkgError):
+    """A call sent the wrong way: a background job's capability sent to the call port goes over HTTP."""
+
+    status = 421
+    code = "misdirected"
+
+
 class TooManyRequests(BkgError):
     """A rate limit or a full queue; `retry_after` says when to try again."""
 

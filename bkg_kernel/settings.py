@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./data"), description="Where the DuckDB catalog, FAISS indexes and snapshots live.")
     host: str = Field("127.0.0.1", description="Address the gateway binds to.")
     port: int = Field(43119, ge=1, le=65535, description="Port the gateway listens on.")
+    call_port: int = Field(
+        0,
+        ge=-1,
+        le=65535,
+        description="Port of the call port, plugin calls over a plain TCP socket beside HTTP on the same host "
+        "(0: a free port, named in /health; -1: none, every call over HTTP).",
+    )
     model_dir: Path = Field(Path("./models"), description="Where model files and the model manifest live.")
     max_body_mb: float = Field(
         32.0, gt=0, le=4096, description="Largest request body the gateway accepts (413 above it), in MB."

@@ -56,7 +56,7 @@ class Brain:
         self.wb = wb
 
     def _invoke(self, cap: str, body: dict[str, Any]) -> Any:
-        return self.wb.call("POST", f"/api/plugins/brainml/invoke/{cap}", json=body)
+        return self.wb.invoke("brainml", cap, body)
 
     def index(self, collection: str, documents: list[dict[str, Any]], **opts: Any) -> dict[str, Any]:
         """Chunk, embed and store documents ({id?, text, metadata})."""

@@ -73,7 +73,7 @@ class Faces:
         self.wb = wb
 
     def _invoke(self, cap: str, body: dict[str, Any]) -> Any:
-        return self.wb.call("POST", f"/api/plugins/rustyface/invoke/{cap}", json=body)
+        return self.wb.invoke("rustyface", cap, body)
 
     def detect(self, image: Any, **opts: Any) -> dict[str, Any]:
         """Faces in an image (path, bytes, PIL image or array): box, landmarks, score."""

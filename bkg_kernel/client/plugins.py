@@ -73,4 +73,4 @@ class RemotePlugin:
 
     def invoke(self, capability: str, **data: Any) -> Any:
         """Run one capability."""
-        return self._call("POST", f"/invoke/{capability}", json=data)
+        return self.wb.invoke(self.id, capability, data)

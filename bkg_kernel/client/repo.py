@@ -88,7 +88,7 @@ class Repo:
         return f"Repo({self.name!r})"
 
     def _invoke(self, cap: str, **body: Any) -> Any:
-        return self.wb.call("POST", f"/api/plugins/repoagent/invoke/{cap}", json={"workspace": self.name, **body})
+        return self.wb.invoke("repoagent", cap, {"workspace": self.name, **body})
 
     def _job(self, cap: str, progress: bool, **body: Any) -> dict[str, Any]:
         job = self._invoke(cap, **body)["job"]
@@ -96,8 +96,7 @@ class Repo:
 
     def describe(self) -> dict[str, Any]:
         """The workspace: path, git, who added it, and its index status."""
-        return dict(self.wb.call("POST", "/api/plugins/repoagent/invoke/repo.workspace",
-                                 json={"action": "describe", "name": self.name}))  # fmt: skip
+        return dict(self.wb.invoke("repoagent", "repo.workspace", {"action": "describe", "name": self.name}))
 
     def tree(self, path: str = ".", depth: int = 3, **opts: Any) -> Text:
         """Files and folders under `path` (ignored files left out)."""

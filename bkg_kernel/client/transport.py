@@ -11,14 +11,16 @@ the request itself: a round trip here is ~0.8 ms shorter (bench/README.md, "The 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import select
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit
+
+import orjson
 
 from bkg_kernel.errors import Unavailable, from_dict
 
@@ -127,7 +129,7 @@ class Http:
             target += ("&" if "?" in target else "?") + urlencode({k: v for k, v in params.items() if v is not None})
         headers, body = self.headers, None
         if json is not None:
-            body = _dumps(json)
+            body = dumps(json)
             headers = {**headers, "Content-Type": "application/json"}
         conn = self._connection(timeout or self.timeout)
         try:
@@ -155,7 +157,7 @@ class Http:
             raise unreachable(self, exc) from None
         return r
 
-    @contextmanager
+    @contextlib.contextmanager
     def stream(self, method: str, path: str, **kw: Any) -> Iterator[Response]:
         """Send one request and hand over its answer unread (`iter_lines`)."""
         r = self._send(method, path, **kw)
@@ -172,7 +174,8 @@ class Http:
             conn.close()
 
 
-def _dumps(data: Any) -> bytes:
+def dumps(data: Any) -> bytes:
+    """A request body as the client sends it: compact UTF-8 JSON, no NaN."""
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -210,6 +213,23 @@ def iter_sse(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
         if isinstance(event, dict) and "error" in event:
             raise from_dict(event)
         yield event
+
+
+def answer(status: int, content: bytes, fast: bool = False) -> Any:
+    """A call port answer's result; an error status raises its BkgError, as `raise_for_error` does for HTTP.
+    `fast`: the gateway wrote it with orjson, so orjson reads it the same (a third of the standard library's time
+    for a page of hits; what orjson cannot write, an integer past 64 bits, it would read as a float)."""
+    if fast and status < 400:
+        return orjson.loads(content)
+    try:
+        body = json.loads(content) if content else None
+    except ValueError:
+        body = None
+    if status >= 400:
+        if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
+            body = {"error": {"code": "http_error", "message": content.decode(errors="replace")[:300]}}
+        raise from_dict(body, status=status)
+    return body
 
 
 def decode(r: Response) -> Any:

@@ -5,22 +5,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from tqdm.auto import tqdm
 
 from bkg_kernel.client import transport
 from bkg_kernel.client.brain import Brain
+from bkg_kernel.client.callport import HELLO, RETRY_AFTER_S, CallPort
 from bkg_kernel.client.collections import RemoteCollection
 from bkg_kernel.client.faces import Faces
 from bkg_kernel.client.jobs import Jobs
 from bkg_kernel.client.llm import LLM, ModelTable
 from bkg_kernel.client.plugins import PluginTable, RemotePlugin
 from bkg_kernel.client.repo import Repo
-from bkg_kernel.errors import JobFailed, Timeout, Unavailable
+from bkg_kernel.errors import BkgError, JobFailed, Timeout, Unavailable
 from bkg_kernel.settings import Settings, gateway_url
 from bkg_kernel.store.results import CollectionInfo
 
@@ -28,11 +31,19 @@ from bkg_kernel.store.results import CollectionInfo
 class Workbench:
     """A connected gateway: plugins, collections and admin, with notebook reprs."""
 
-    def __init__(self, url: str, api_key: str | None, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, api_key: str | None, timeout: float = 120.0, *, call_port: bool = True) -> None:
         self.url = url.rstrip("/")
         self.api_key = api_key
+        self.timeout = timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = transport.Http(self.url, headers, timeout)
+        # plugin calls over the gateway's call port: only with a bkg key or session (a Hub token goes to the Hub's
+        # bkg service over HTTP, nowhere else), and only to a gateway served at its own address (no path prefix)
+        parts = urlsplit(self.url)
+        self._use_port = bool(call_port and api_key and api_key.startswith(("bkg_", "bkgs_")) and not parts.path)
+        self._port: CallPort | None = None
+        self._port_checked = 0.0
+        self._port_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Workbench({self.url!r})"
@@ -40,6 +51,41 @@ class Workbench:
     def call(self, method: str, path: str, **kw: Any) -> Any:
         """Send one request; a 4xx / 5xx raises the BkgError the gateway's JSON error names."""
         return transport.request(self.http, method, path, **kw)
+
+    def invoke(self, plugin_id: str, capability: str, body: Any) -> Any:
+        """Run one plugin capability with its JSON input and return its result: over the gateway's call port when
+        it has one (no HTTP between the call and the plugin), else over HTTP; the same errors either way."""
+        port = self.call_port()
+        if port is not None:
+            answer = port.call(plugin_id, capability, transport.dumps(body))
+            if answer is not None and answer[0] != 421:  # 421: a background job's capability, started over HTTP
+                return transport.answer(*answer)
+        return self.call("POST", f"/api/plugins/{plugin_id}/invoke/{capability}", json=body)
+
+    def call_port(self) -> CallPort | None:
+        """The gateway's call port as /health names it (None: none, or not for this client); looked up again
+        when it stopped answering (a gateway started anew has another)."""
+        port = self._port
+        if not self._use_port or (port is not None and port.refused):
+            return None
+        if port is not None and port.usable():
+            return port
+        with self._port_lock:
+            if self._port is not port:  # another thread looked meanwhile
+                return self._port
+            if self._port_checked and time.monotonic() - self._port_checked < RETRY_AFTER_S:
+                return None
+            self._port_checked = time.monotonic()
+            try:
+                found = self.health().get("call_port")
+            except BkgError:
+                found = None
+            self._port = None
+            if isinstance(found, dict) and found.get("protocol") == HELLO:
+                host = urlsplit(self.url).hostname or "127.0.0.1"
+                assert self.api_key is not None
+                self._port = CallPort(host, int(found["port"]), self.api_key, self.timeout, int(found["max_input"]))
+            return self._port
 
     def health(self) -> dict[str, Any]:
         """Return /health."""
@@ -77,17 +123,17 @@ class Workbench:
     def repos(self) -> list[dict[str, Any]]:
         """Every repoagent workspace with its index status."""
         body = {"action": "list"}
-        return list(self.call("POST", "/api/plugins/repoagent/invoke/repo.workspace", json=body)["workspaces"])
+        return list(self.invoke("repoagent", "repo.workspace", body)["workspaces"])
 
     def repo_roots(self) -> list[str]:
         """The folders repoagent workspaces may live under (its `repo_roots` setting)."""
         body = {"action": "list"}
-        return list(self.call("POST", "/api/plugins/repoagent/invoke/repo.workspace", json=body)["roots"])
+        return list(self.invoke("repoagent", "repo.workspace", body)["roots"])
 
     def add_repo(self, name: str, path: str) -> Repo:
         """Register a folder under a repo root as a workspace and return it."""
         body = {"action": "add", "name": name, "path": path}
-        self.call("POST", "/api/plugins/repoagent/invoke/repo.workspace", json=body)
+        self.invoke("repoagent", "repo.workspace", body)
         return Repo(self, name)
 
     @property

@@ -19,10 +19,20 @@ class FastJSONResponse(JSONResponse):
     500."""
 
     def render(self, content: Any) -> bytes:
-        try:
-            return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
-        except orjson.JSONEncodeError:
-            return json.dumps(_finite(content), ensure_ascii=False, allow_nan=False, default=_plain).encode()
+        return dumps(content)
+
+
+def dumps(content: Any) -> bytes:
+    """`content` as JSON bytes, the way `FastJSONResponse` sends it."""
+    return encode(content)[0]
+
+
+def encode(content: Any) -> tuple[bytes, bool]:
+    """`content` as JSON bytes, and whether orjson wrote them (then orjson reads them back the same)."""
+    try:
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY), True
+    except orjson.JSONEncodeError:
+        return json.dumps(_finite(content), ensure_ascii=False, allow_nan=False, default=_plain).encode(), False
 
 
 def _finite(o: Any) -> Any:

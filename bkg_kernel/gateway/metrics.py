@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -16,9 +17,14 @@ class Metrics:
         self.count: dict[tuple[str, str, int], int] = defaultdict(int)
         self.hist: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * (len(BUCKETS) + 1))
         self.total: dict[tuple[str, str], float] = defaultdict(float)
+        self._lock = threading.Lock()
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        """Record one request."""
+        """Record one request (from the event loop, or a call port's thread)."""
+        with self._lock:
+            self._observe(method, route, status, seconds)
+
+    def _observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.count[(method, route, status)] += 1
         h = self.hist[(method, route)]
         for i, b in enumerate(BUCKETS):
@@ -31,20 +37,23 @@ class Metrics:
 
     def render(self, plugins: dict[str, Any]) -> str:
         """Return the Prometheus text exposition."""
+        with self._lock:  # a call port's thread may add a series meanwhile
+            count, total = dict(self.count), dict(self.total)
+            hist = {k: list(v) for k, v in self.hist.items()}
         out = [
             "# HELP bkg_http_requests_total HTTP requests by route and status.",
             "# TYPE bkg_http_requests_total counter",
         ]
-        for (m, r, s), n in sorted(self.count.items()):
+        for (m, r, s), n in sorted(count.items()):
             out.append(f'bkg_http_requests_total{{method="{m}",route="{r}",status="{s}"}} {n}')
         out += ["# HELP bkg_http_request_seconds HTTP request latency.", "# TYPE bkg_http_request_seconds histogram"]
-        for (m, r), h in sorted(self.hist.items()):
+        for (m, r), h in sorted(hist.items()):
             acc = 0
             for b, n in zip((*BUCKETS, float("inf")), h, strict=True):
                 acc += n
                 le = "+Inf" if b == float("inf") else f"{b:g}"
                 out.append(f'bkg_http_request_seconds_bucket{{method="{m}",route="{r}",le="{le}"}} {acc}')
-            out.append(f'bkg_http_request_seconds_sum{{method="{m}",route="{r}"}} {self.total[(m, r)]:.6f}')
+            out.append(f'bkg_http_request_seconds_sum{{method="{m}",route="{r}"}} {total[(m, r)]:.6f}')
             out.append(f'bkg_http_request_seconds_count{{method="{m}",route="{r}"}} {acc}')
         out += ["# HELP bkg_plugin_state 1 for the state each plugin is in.", "# TYPE bkg_plugin_state gauge"]
         for pid, p in sorted(plugins.items()):

@@ -14,7 +14,8 @@ from typing import Any
 from fastapi import Request
 
 from bkg_kernel.auth import AuthService, Principal
-from bkg_kernel.errors import Forbidden, Unauthorized
+from bkg_kernel.errors import Unauthorized
+from bkg_kernel.gateway.callport import CallPort
 from bkg_kernel.gateway.hub import Hub
 from bkg_kernel.gateway.jobs import Jobs
 from bkg_kernel.gateway.jupyterhub import HubTrust, no_hub, token_of
@@ -53,6 +54,7 @@ class Gateway:
         self.models_ready = threading.Event()  # the packaged default models are registered
         self.runs: JobService | None = None  # notebook jobs (set by open())
         self.hub_trust: HubTrust | None = None  # Hub tokens and logins, under JupyterHub (set by open())
+        self.call_port: CallPort | None = None  # plugin calls beside HTTP (set by open() unless turned off)
 
     @classmethod
     def open(
@@ -86,10 +88,18 @@ class Gateway:
                 hung_restart_s=settings.hung_restart_s,
             )
             plugin_store.supervisor = supervisor
+            metrics = metrics or Metrics()
+            call_port = None
+            if settings.call_port >= 0:
+                try:
+                    call_port = CallPort(auth, supervisor, metrics, settings.host, settings.call_port)
+                except OSError as exc:
+                    raise OSError(f"cannot open the call port {settings.host}:{settings.call_port}: {exc}") from None
         except BaseException:
             store.close()
             raise
-        gw = cls(settings, store, auth, models, supervisor, hub, metrics or Metrics(), Jobs(hub.publish), key_path)
+        gw = cls(settings, store, auth, models, supervisor, hub, metrics, Jobs(hub.publish), key_path)
+        gw.call_port = call_port
         if settings.hub_service_name and settings.hub_api_token:  # started by JupyterHub as a service
             gw.hub_trust = HubTrust(settings, auth)
         confirm = gw.hub_trust.confirm_owner if gw.hub_trust is not None else no_hub  # a Hub user's run asks the Hub
@@ -127,6 +137,8 @@ class Gateway:
         """Stop plugins, flush, close the store and release the data dir (a second call does nothing)."""
         if self.store.closed:
             return
+        if self.call_port is not None:
+            self.call_port.close()
         self.supervisor.shutdown()
         self.auth.close()
         (self.store.data_dir / STATE_FILE).unlink(missing_ok=True)
@@ -143,8 +155,8 @@ class Gateway:
                 raise Unauthorized("missing credentials: send 'Authorization: Bearer <API key or session token>'")
             p = self.auth.authenticate(token)
             request.state.principal = p  # once per request: a route that asks again (invoke does) gets this one
-        if scope is not None and scope not in p.scopes:
-            raise Forbidden(f"this route needs scope {scope!r}; the caller has {sorted(p.scopes)}")
+        if scope is not None:
+            p.require(scope, "this route")
         return p
 
     async def caller_now(self, token: str) -> Principal:

@@ -13,7 +13,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -27,7 +27,6 @@ from bkg_kernel.errors import (
     InvalidInput,
     NotFound,
     Timeout,
-    TooManyRequests,
     Unauthorized,
     Unavailable,
     error_data,
@@ -37,6 +36,7 @@ from bkg_kernel.errors import (
 from bkg_kernel.runtime import bodyjson, calls, worker
 from bkg_kernel.runtime.contract import Plugin, PluginSettings
 from bkg_kernel.runtime.discovery import Discovered, Entry
+from bkg_kernel.runtime.slots import Slots
 from bkg_kernel.runtime.storehandle import StoreHandle
 from bkg_kernel.runtime.telemetry import LogRing, RingHandler, Telemetry
 
@@ -332,7 +332,7 @@ class PluginHost:
         self.restarts = 0
         self.want_running = False
         self._lock = threading.RLock()
-        self._sem: asyncio.Semaphore | None = None
+        self._slots: Slots | None = None
         self.settings: PluginSettings = PluginSettings()
         if self.cls is not None:
             try:
@@ -476,7 +476,7 @@ class PluginHost:
         settings = config if isinstance(config, PluginSettings) else self.checked_config(config)
         self.settings = settings
         self.entry.config = settings.model_dump(exclude_defaults=True)
-        self._sem = None
+        self._slots = None
         return settings
 
     # -- requests ---------------------------------------------------------------------------------
@@ -510,37 +510,35 @@ class PluginHost:
             if owned and not submitted:  # refused before it ran (a full queue, no slot, not running): freed here
                 await asyncio.to_thread(bodyjson.release, data)
 
-    async def _admit(self, queue_timeout: float | None) -> asyncio.Semaphore:
+    def _ready(self) -> None:
+        """503 unless the plugin is running (or degraded)."""
+        if self.state not in ("running", "degraded"):
+            raise Unavailable(f"plugin {self.id!r} is {self.state}" + (f": {self.reason}" if self.reason else ""))
+
+    @property
+    def slots(self) -> Slots:
+        """The request slots of the current settings (a new config brings new ones; calls holding the old ones give
+        them back there)."""
+        slots = self._slots
+        if slots is None:
+            s = self.settings
+            slots = self._slots = Slots(self.id, s.max_concurrent, s.max_queue)
+            self.telemetry.queued = lambda: slots.queued
+        return slots
+
+    async def _admit(self, queue_timeout: float | None) -> Slots:
         """Wait for a request slot (429 when the queue is full; 504 after `queue_timeout` seconds queued, None: no
-        limit); return the semaphore to release.
+        limit); return the slots to give it back to.
 
         A plugin that is still starting (a worker importing its libraries) is waited for, not refused.
         """
         deadline = time.monotonic() + min(self.settings.request_timeout, START_TIMEOUT_S)
         while self.state == "starting" and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.state not in ("running", "degraded"):
-            raise Unavailable(f"plugin {self.id!r} is {self.state}" + (f": {self.reason}" if self.reason else ""))
-        s = self.settings
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(s.max_concurrent)
-        sem, tel = self._sem, self.telemetry
-        if sem.locked() and tel.queue_depth >= s.max_queue:
-            raise TooManyRequests(f"plugin {self.id!r} has {tel.queue_depth} requests queued (max_queue {s.max_queue})")
-        if not sem.locked():  # a free slot is taken at once: no timer, no task around the acquire
-            await sem.acquire()
-            return sem
-        tel.queue_depth += 1
-        try:
-            await asyncio.wait_for(sem.acquire(), queue_timeout)
-        except TimeoutError:
-            raise Timeout(
-                f"plugin {self.id!r} had no free request slot for {queue_timeout:g}s (max_concurrent "
-                f"{s.max_concurrent} busy): the request was not run"
-            ) from None
-        finally:
-            tel.queue_depth -= 1
-        return sem
+        self._ready()
+        slots = self.slots
+        await slots.take(queue_timeout)
+        return slots
 
     async def stream(
         self, capability_id: str, data: Any, caller: Principal, *, queued: bool = False
@@ -569,7 +567,7 @@ class PluginHost:
             loop.call_soon_threadsafe(q.put_nowait, item)
 
         t0 = time.perf_counter()
-        tel.in_flight += 1
+        tel.begin()
         error: str | None = None
         finished = False
         worker, req_id, cancelled = self.worker, 0, threading.Event()
@@ -603,9 +601,8 @@ class PluginHost:
                 if worker is not None and req_id:
                     worker.cancel(req_id)
                 cancelled.set()
-            tel.in_flight -= 1
             sem.release()
-            tel.record(time.perf_counter() - t0, error)
+            tel.end(time.perf_counter() - t0, error)
 
     async def health(self, timeout: float = 10.0) -> Any:
         """Ask the running plugin for its health report, outside the request slots (a control-plane call)."""
@@ -637,25 +634,72 @@ class PluginHost:
         call's grant ends, so the abandoned work can no longer reach the store as them."""
         asked = time.perf_counter()
         sem = await self._admit(self.settings.request_timeout)
-        s, tel = self.settings, self.telemetry
-        t0 = time.perf_counter()
-        left = max(0.001, s.request_timeout - (t0 - asked))  # the wait for a slot counts against the timeout
-        tel.in_flight += 1
-        error: str | None = None
+        left = max(0.001, self.settings.request_timeout - (time.perf_counter() - asked))  # the wait counts too
         work: Future[Any] | None = None
         worker = self.worker
         try:
-            if worker is not None:
-                work = worker.submit(msg, caller)
-            elif self.plugin is not None:
-                work = _INLINE_POOL.submit(contextvars.copy_context().run, inline, self.plugin)
-                if call is not None:  # threads the plugin started for it cannot act for the caller afterwards
-                    work.add_done_callback(lambda _: call.end())
-            else:
-                raise Unavailable(f"plugin {self.id!r} is {self.state}")
-            if on_submit is not None:  # queued for its thread, or the worker's writer has it
-                on_submit()
-            return await _answer(work, left)
+            with self._counted():
+                if worker is not None:
+                    work = worker.submit(msg, caller)
+                elif self.plugin is not None:
+                    work = _INLINE_POOL.submit(contextvars.copy_context().run, inline, self.plugin)
+                    if call is not None:  # threads the plugin started for it cannot act for the caller afterwards
+                        work.add_done_callback(lambda _: call.end())
+                else:
+                    raise Unavailable(f"plugin {self.id!r} is {self.state}")
+                if on_submit is not None:  # queued for its thread, or the worker's writer has it
+                    on_submit()
+                return await _answer(work, left)
+        finally:
+            self._settle(sem, work, worker, call)
+
+    def invoke_here(self, capability_id: str, data: Any, caller: Principal) -> Any:
+        """`invoke` from a thread that serves this one caller (a call port's connection), not from the event loop:
+        the same slots, queue, timeout, telemetry and errors.
+
+        An inline plugin runs on this very thread (no hand-over to another: the caller waits on this thread
+        whatever happens); a call that overran `request_timeout` answers 504 when it ends, as it would have over
+        HTTP, its result dropped. A worker's answer is waited for at most the timeout, as over HTTP."""
+        if self.cls is None or capability_id not in self.cls.capabilities():
+            raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
+        asked = time.perf_counter()
+        s = self.settings
+        deadline = time.monotonic() + min(s.request_timeout, START_TIMEOUT_S)
+        while self.state == "starting" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._ready()
+        slots = self.slots
+        slots.take_blocking(s.request_timeout)
+        t0 = time.perf_counter()
+        left = max(0.001, s.request_timeout - (t0 - asked))
+        work: Future[Any] | None = None
+        worker, plugin = self.worker, self.plugin
+        call = calls.Call(caller)
+        try:
+            with self._counted():
+                if worker is not None:
+                    work = worker.submit(("invoke", capability_id, data), caller)
+                    return work.result(left)
+                if plugin is None:
+                    raise Unavailable(f"plugin {self.id!r} is {self.state}")
+                with calls.running(call):
+                    result = plugin.invoke(capability_id, data)
+                if time.perf_counter() - t0 > left:
+                    raise TimeoutError
+                return result
+        finally:
+            self._settle(slots, work, worker, call)
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        """Count a running call in the telemetry with its latency and, when the plugin's side failed, its error: a
+        timeout becomes the 504, an exception that is not a BkgError the plugin's 500."""
+        s, tel = self.settings, self.telemetry
+        t0 = time.perf_counter()
+        tel.begin()
+        error: str | None = None
+        try:
+            yield
         except TimeoutError:
             error = f"timed out after {s.request_timeout:g}s"
             raise Timeout(f"plugin {self.id!r} did not answer within {s.request_timeout:g}s") from None
@@ -666,14 +710,19 @@ class PluginHost:
             error = f"{type(exc).__name__}: {exc}"
             raise BkgError(f"plugin {self.id!r} failed: {error}") from exc
         finally:
-            tel.in_flight -= 1
-            tel.record(time.perf_counter() - t0, error)
-            if work is not None and not work.done():  # timed out or cancelled: the slot frees when the work ends
-                if call is not None:
-                    call.end()
-                if worker is not None:
-                    worker.end_grant(work)
-                loop = asyncio.get_running_loop()
-                work.add_done_callback(lambda _: loop.call_soon_threadsafe(sem.release))
-            else:
-                sem.release()
+            tel.end(time.perf_counter() - t0, error)
+
+    @staticmethod
+    def _settle(slots: Slots, work: Future[Any] | None, worker: WorkerProcess | None, call: calls.Call | None) -> None:
+        """The caller stopped waiting: the slot goes back now, or when work still running really ends (timed out or
+        cancelled: the call's grant ends at once, so that work can no longer act for the caller)."""
+        if work is not None and not work.done():
+            if call is not None:
+                call.end()
+            if worker is not None:
+                worker.end_grant(work)
+            work.add_done_callback(lambda _: slots.release())
+        else:
+            if call is not None and work is None:
+                call.end()
+            slots.release()

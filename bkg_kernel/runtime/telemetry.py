@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -66,16 +67,31 @@ class Telemetry:
         self.started_at: float | None = None
         self.cpu_percent = 0.0
         self.rss_bytes = 0
-        self.queue_depth = 0
         self.in_flight = 0
+        self.queued: Callable[[], int] = lambda: 0  # the plugin's request slots say how many calls wait
+        self._lock = threading.Lock()  # calls start and end on the event loop and on call port threads
         self._recent: deque[float] = deque(maxlen=100_000)
         self._snap: dict[str, Any] | None = None
         self._snap_at = 0.0
         self.history: deque[tuple[Any, ...]] = deque(maxlen=HISTORY_POINTS)
         self._since_sample: list[float] = []
 
-    def record(self, seconds: float, error: str | None = None) -> None:
-        """Count one finished request."""
+    @property
+    def queue_depth(self) -> int:
+        return self.queued()
+
+    def begin(self) -> None:
+        """A request starts running."""
+        with self._lock:
+            self.in_flight += 1
+
+    def end(self, seconds: float, error: str | None = None) -> None:
+        """A request that `begin` counted has finished."""
+        with self._lock:
+            self.in_flight -= 1
+            self._record(seconds, error)
+
+    def _record(self, seconds: float, error: str | None) -> None:
         self.requests += 1
         self._snap = None
         self.latencies.append(seconds * 1000)

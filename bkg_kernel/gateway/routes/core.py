@@ -24,6 +24,7 @@ async def health(request: Request) -> dict[str, Any]:
         "version": version(),
         "uptime_s": round(time.time() - gw.started, 1),
         "plugins": {p: s["state"] for p, s in plugins.items()},
+        "call_port": gw.call_port.describe() if gw.call_port is not None else None,
     }
 
 

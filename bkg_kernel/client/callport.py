@@ -1,0 +1,144 @@
+"""The client's side of the gateway's call port (`bkg_kernel/gateway/callport.py`): plugin calls over a plain TCP
+socket, with HTTP as the way whenever the port cannot serve a call.
+
+A `CallPort` keeps a few open connections, each greeted once with the client's key, that any thread may share. A
+call it cannot make returns None and the caller sends it over HTTP instead: no port (an old gateway, or one
+started with `call_port = -1`), a port that does not answer, a key it does not take (a Hub token), an input over
+its limit. A call already sent is never sent again: if the gateway goes away before answering, that is the
+caller's 503, as over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import threading
+import time
+
+from bkg_kernel.errors import Unavailable
+
+HELLO = "bkg-call/1"
+POOL_SIZE = 8  # idle connections kept
+CONNECT_TIMEOUT_S = 2.0
+RETRY_AFTER_S = 30.0  # a port that failed is tried again after this long
+
+
+class Refused(Exception):
+    """The port will not serve this client (its hello was refused): every call goes over HTTP."""
+
+
+class CallPort:
+    """Calls to the call port at `host:port` as the holder of `key`."""
+
+    def __init__(self, host: str, port: int, key: str, timeout: float, max_input: int) -> None:
+        self.host, self.port, self.key, self.timeout, self.max_input = host, port, key, timeout, max_input
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.failed_at = 0.0  # when a connection last failed to open (0: never)
+        self.refused = False
+
+    def __repr__(self) -> str:
+        return f"CallPort({self.host}:{self.port})"
+
+    def usable(self) -> bool:
+        """Whether calls should try the port now."""
+        return not self.refused and time.monotonic() - self.failed_at > RETRY_AFTER_S
+
+    def call(self, plugin: str, capability: str, body: bytes) -> tuple[int, bytes, bool] | None:
+        """The gateway's answer (HTTP status, JSON bytes, whether orjson wrote them); None when the call was not
+        sent (use HTTP)."""
+        if len(body) > self.max_input or not self.usable():
+            return None
+        head = json.dumps({"plugin": plugin, "capability": capability}, separators=(",", ":")).encode()
+        frame = head + b"\n" + body
+        conn = self._connection()
+        if conn is None:
+            return None
+        try:
+            conn.sendall(len(frame).to_bytes(4, "big") + frame)
+        except OSError:  # the gateway closed it before anything reached a call: one more try on a new connection
+            conn.close()
+            conn = self._connection(fresh=True)
+            if conn is None:
+                return None
+            try:
+                conn.sendall(len(frame).to_bytes(4, "big") + frame)
+            except OSError:
+                conn.close()
+                return None
+        try:
+            status, answer, fast = _answer(conn)
+        except (OSError, ValueError) as exc:
+            conn.close()
+            where = f"{self.host}:{self.port}"
+            raise Unavailable(f"the bkg gateway's call port {where} went away mid-call: {exc}") from None
+        self._release(conn)
+        return status, answer, fast
+
+    def _connection(self, fresh: bool = False) -> socket.socket | None:
+        """An idle connection still open, or a new one greeted with the key (None: the port cannot be used)."""
+        if not fresh:
+            with self._lock:
+                while self._idle:
+                    conn = self._idle.pop()
+                    if not select.select([conn], [], [], 0)[0]:  # readable while idle: the gateway closed it
+                        conn.settimeout(self.timeout)
+                        return conn
+                    conn.close()
+        try:
+            conn = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT_S)
+        except OSError:
+            self.failed_at = time.monotonic()
+            return None
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello = json.dumps({"hello": HELLO, "key": self.key}).encode()
+            conn.sendall(len(hello).to_bytes(4, "big") + hello)
+            status, _, _ = _answer(conn)
+        except (OSError, ValueError):
+            conn.close()
+            self.failed_at = time.monotonic()
+            return None
+        if status == 401 or status == 400:
+            conn.close()
+            self.refused = True  # this key is not for the port (a Hub token): HTTP from now on
+            return None
+        if status != 200:  # full (503): HTTP this time
+            conn.close()
+            return None
+        conn.settimeout(self.timeout)
+        return conn
+
+    def _release(self, conn: socket.socket) -> None:
+        with self._lock:
+            if len(self._idle) < POOL_SIZE:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _answer(conn: socket.socket) -> tuple[int, bytes, bool]:
+    """One answer frame: (status, JSON bytes, whether orjson wrote them)."""
+    size = int.from_bytes(_exactly(conn, 4), "big")
+    frame = _exactly(conn, size)
+    head, _, body = frame.partition(b"\n")
+    top = json.loads(head)
+    return int(top["status"]), body, top.get("orjson") is True
+
+
+def _exactly(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        got = conn.recv(min(n - len(buf), 1 << 20))
+        if not got:
+            raise ConnectionError("the gateway closed the connection")
+        buf += got
+    return bytes(buf)
