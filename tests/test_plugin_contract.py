@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from pydantic import BaseModel
 import bkg_kernel as bkg
 from bkg_kernel.errors import InvalidInput, NotFound, Unavailable
 from bkg_kernel.plugins.sysinfo import SysInfo
-from bkg_kernel.runtime.contract import Plugin, capability
+from bkg_kernel.runtime.contract import JSONResult, Plugin, capability
 
 
 def test_declaration_builds_schemas() -> None:
@@ -63,3 +64,37 @@ class Bad(Plugin):
 def test_malformed_capability_is_refused() -> None:
     with pytest.raises(TypeError, match="one pydantic model"):
         Bad.capabilities()
+
+
+class Page(JSONResult):
+    """A free-form answer built from plain JSON values."""
+
+
+class Typed(BaseModel):
+    when: datetime.date
+    tags: set[str]
+
+
+class Pages(Plugin):
+    id = "pages"
+    name = "Pages"
+
+    @capability("pages.page", scope="plugins:read")
+    def page(self, inp: In) -> Page:
+        """A page of hits."""
+        self.built = Page(hits=[{"id": i, "score": i / 10, "text": "x" * i} for i in range(inp.x)], n=inp.x)
+        return self.built
+
+    @capability("pages.typed", scope="plugins:read")
+    def typed(self, inp: In) -> Typed:
+        """A typed answer: pydantic makes it JSON."""
+        return Typed(when=datetime.date(2026, 12, 5), tags={"b"})
+
+
+def test_a_json_result_is_answered_as_built_and_a_typed_one_made_json(tmp_path: Path) -> None:
+    p = Pages()
+    page = p.invoke("pages.page", {"x": 3})
+    assert page == {"hits": [{"id": i, "score": i / 10, "text": "x" * i} for i in range(3)], "n": 3}
+    assert page["hits"] is (p.built.__pydantic_extra__ or {})["hits"]  # not walked and copied again
+    assert page == Page.model_validate(page).model_dump(mode="json")  # what pydantic's walk would have made
+    assert p.invoke("pages.typed", {"x": 1}) == {"when": "2026-12-05", "tags": ["b"]}

@@ -25,12 +25,13 @@ past `max_connections` a new one is answered 503 and closed. Calls count in the 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import socket
 import threading
 import time
 from typing import Any
+
+import orjson
 
 from bkg_kernel.auth import AuthService
 from bkg_kernel.errors import (
@@ -198,7 +199,7 @@ class CallPort:
 
 def _object(raw: bytes, what: str) -> dict[str, Any]:
     try:
-        msg = json.loads(raw)
+        msg = orjson.loads(raw)
     except ValueError:
         raise BadRequest(f"the {what} header is not JSON", field=what) from None
     if not isinstance(msg, dict):

@@ -99,6 +99,14 @@ class PluginSettings(BaseModel):
         return {k: (getattr(self, k) if k in self.secret_fields and v == MASK else v) for k, v in new.items()}
 
 
+class JSONResult(BaseModel):
+    """A free-form output (any fields, none declared) that the plugin builds from plain JSON values only (dict,
+    list, str, int, float, bool, None): a call's answer is its fields as they are, not walked again by pydantic
+    (~50 µs for a page of 30 hits, on every query). A value of any other type fails where the answer is encoded."""
+
+    model_config = ConfigDict(extra="allow")
+
+
 @dataclass(frozen=True)
 class Capability:
     """One thing a plugin can do: id (`llm.chat`), the scope it needs, and its input / output models."""
@@ -347,4 +355,6 @@ class Plugin:
         inp = self._validate(cap, data)
         method = getattr(self, cap.method)
         out = method(inp, lambda fraction, message="": None) if cap.job else method(inp)
+        if type(out) is cap.output and issubclass(cap.output, JSONResult) and not cap.output.model_fields:
+            return dict(out.__pydantic_extra__ or {})  # plain JSON data already: not walked again
         return cap.output.model_validate(out).model_dump(mode="json")

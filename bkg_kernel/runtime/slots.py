@@ -38,8 +38,8 @@ class Slots:
     def queued(self) -> int:
         return len(self._waiters)
 
-    def _enqueue(self, wake: Callable[[], None]) -> _Waiter | None:
-        """Take a free slot (None), or queue a waiter (429 when the queue is full)."""
+    def _enqueue(self, waker: Callable[[], Callable[[], None]]) -> _Waiter | None:
+        """Take a free slot (None), or queue a waiter woken by what `waker()` makes (429 when the queue is full)."""
         with self._lock:
             if self.free > 0 and not self._waiters:
                 self.free -= 1
@@ -48,7 +48,7 @@ class Slots:
                 raise TooManyRequests(
                     f"plugin {self.plugin_id!r} has {len(self._waiters)} requests queued (max_queue {self.max_queue})"
                 )
-            waiter = _Waiter(wake)
+            waiter = _Waiter(waker())
             self._waiters.append(waiter)
             return waiter
 
@@ -79,7 +79,7 @@ class Slots:
             with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown): nobody waits any more
                 loop.call_soon_threadsafe(grant)
 
-        waiter = self._enqueue(wake)
+        waiter = self._enqueue(lambda: wake)
         if waiter is None:
             return
         try:
@@ -96,10 +96,17 @@ class Slots:
 
     def take_blocking(self, timeout: float | None) -> None:
         """Take a slot from a thread, waiting at most `timeout` seconds."""
-        event = threading.Event()
-        waiter = self._enqueue(event.set)
+        event: threading.Event | None = None
+
+        def waker() -> Callable[[], None]:  # only a call that must wait makes an Event
+            nonlocal event
+            event = threading.Event()
+            return event.set
+
+        waiter = self._enqueue(waker)
         if waiter is None:
             return
+        assert event is not None
         if event.wait(timeout):
             return
         if self._give_up(waiter):

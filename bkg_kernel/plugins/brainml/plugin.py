@@ -28,7 +28,7 @@ from bkg_kernel.models.classifier import Classifier
 from bkg_kernel.models.classifier import train_in_child as fit_classifier
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
 from bkg_kernel.models.registry import ID_PATTERN, ModelRegistry, check_id, slug
-from bkg_kernel.runtime.contract import Plugin, PluginSettings, Progress, capability
+from bkg_kernel.runtime.contract import JSONResult, Plugin, PluginSettings, Progress, capability
 from bkg_kernel.runtime.storehandle import StoreHandle
 from bkg_kernel.store.results import EXPLAIN_KEYS
 from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN
@@ -156,10 +156,8 @@ class ClassifyRequest(BaseModel):
     texts: list[str] = Field(..., min_length=1, max_length=10_000)
 
 
-class Result(BaseModel):
-    """A JSON result."""
-
-    model_config = {"extra": "allow"}
+class Result(JSONResult):
+    """A JSON result (plain JSON values only: answered as built)."""
 
 
 def chunk(text: str, size: int, overlap: int) -> list[tuple[int, int]]:
