@@ -39,7 +39,8 @@ class Settings(BaseSettings):
         ge=-1,
         le=65535,
         description="Port of the call port, plugin calls over a plain TCP socket beside HTTP on the same host "
-        "(0: a free port, named in /health; -1: none, every call over HTTP).",
+        "(0: a free port, named in /health, or none when the gateway runs as a JupyterHub service; -1: none, every "
+        "call over HTTP).",
     )
     model_dir: Path = Field(Path("./models"), description="Where model files and the model manifest live.")
     max_body_mb: float = Field(

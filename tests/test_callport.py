@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import socket
 import threading
 import time
@@ -369,3 +370,21 @@ def test_a_cancelled_waiter_leaves_no_slot_behind() -> None:
         return slots.free
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_a_connection_idle_too_long_is_not_reused(gw: Gateway, notes: str) -> None:
+    """The client never sends a call on a connection the gateway may be closing (idle past the client's limit),
+    nor on one it closed (readable while idle): it opens another."""
+    wb = Workbench(gw.url, ADMIN_KEY)
+    assert wb.brain.query(notes, "bread", mode="text")["results"]
+    port = wb.call_port()
+    assert port is not None and len(port._idle) == 1
+    old, _ = port._idle[0]
+    port._idle[0] = (old, time.monotonic() - 3600)  # idle for an hour
+    assert wb.brain.query(notes, "bread", mode="text")["results"]
+    assert port._idle[0][0] is not old and old.fileno() == -1  # a new one; the old one closed
+    current, since = port._idle[0]
+    current.shutdown(socket.SHUT_WR)  # the gateway sees it end and closes its side: readable while idle
+    wait_for(lambda: bool(select.select([current], [], [], 0)[0]))
+    assert wb.brain.query(notes, "bread", mode="text")["results"]
+    assert port._idle[0][0] is not current

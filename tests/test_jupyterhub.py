@@ -123,6 +123,8 @@ def test_hub_users_act_as_themselves_with_their_groups_rights(hub: Hub) -> None:
     assert users["dev@hub"] == "developer" and users["vic@hub"] == "viewer"
     # a bkg key still works beside Hub tokens (at the service prefix and at the root)
     assert httpx.get(hub.bkg + "/auth/me", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["role"] == "admin"
+    # as a Hub service the gateway opens no call port (Hub tokens go through the Hub's proxy, over HTTP)
+    assert httpx.get(hub.bkg + "/health").json()["call_port"] is None
 
 
 def test_llm_usage_is_booked_to_each_hub_user(hub: Hub) -> None:

@@ -20,6 +20,7 @@ from bkg_kernel.errors import Unavailable
 
 HELLO = "bkg-call/1"
 POOL_SIZE = 8  # idle connections kept
+IDLE_REUSE_S = 300.0  # an idle connection older than this is not reused (the gateway closes them after 900 s)
 CONNECT_TIMEOUT_S = 2.0
 RETRY_AFTER_S = 30.0  # a port that failed is tried again after this long
 
@@ -33,7 +34,7 @@ class CallPort:
 
     def __init__(self, host: str, port: int, key: str, timeout: float, max_input: int) -> None:
         self.host, self.port, self.key, self.timeout, self.max_input = host, port, key, timeout, max_input
-        self._idle: list[socket.socket] = []
+        self._idle: list[tuple[socket.socket, float]] = []  # with when each went idle
         self._lock = threading.Lock()
         self.failed_at = 0.0  # when a connection last failed to open (0: never)
         self.refused = False
@@ -81,8 +82,9 @@ class CallPort:
         if not fresh:
             with self._lock:
                 while self._idle:
-                    conn = self._idle.pop()
-                    if not select.select([conn], [], [], 0)[0]:  # readable while idle: the gateway closed it
+                    conn, since = self._idle.pop()
+                    fresh_enough = time.monotonic() - since < IDLE_REUSE_S  # never one the gateway may be closing
+                    if fresh_enough and not select.select([conn], [], [], 0)[0]:  # readable while idle: closed
                         conn.settimeout(self.timeout)
                         return conn
                     conn.close()
@@ -113,7 +115,7 @@ class CallPort:
     def _release(self, conn: socket.socket) -> None:
         with self._lock:
             if len(self._idle) < POOL_SIZE:
-                self._idle.append(conn)
+                self._idle.append((conn, time.monotonic()))
                 return
         conn.close()
 
@@ -121,7 +123,7 @@ class CallPort:
         """Close every idle connection."""
         with self._lock:
             idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()
 
 

@@ -90,7 +90,9 @@ class Gateway:
             plugin_store.supervisor = supervisor
             metrics = metrics or Metrics()
             call_port = None
-            if settings.call_port >= 0:
+            # under JupyterHub every client reaches the gateway through the Hub with a Hub token, which the port
+            # does not take: no port unless one is set
+            if settings.call_port > 0 or (settings.call_port == 0 and not settings.hub_service_name):
                 try:
                     call_port = CallPort(auth, supervisor, metrics, settings.host, settings.call_port)
                 except OSError as exc:
