@@ -333,6 +333,7 @@ class PluginHost:
         self.want_running = False
         self._lock = threading.RLock()
         self._slots: Slots | None = None
+        self._slots_lock = threading.Lock()
         self.settings: PluginSettings = PluginSettings()
         if self.cls is not None:
             try:
@@ -521,9 +522,12 @@ class PluginHost:
         them back there)."""
         slots = self._slots
         if slots is None:
-            s = self.settings
-            slots = self._slots = Slots(self.id, s.max_concurrent, s.max_queue)
-            self.telemetry.queued = lambda: slots.queued
+            with self._slots_lock:  # the loop and a call port thread may both be first
+                slots = self._slots
+                if slots is None:
+                    s = self.settings
+                    slots = made = self._slots = Slots(self.id, s.max_concurrent, s.max_queue)
+                    self.telemetry.queued = lambda: made.queued
         return slots
 
     async def _admit(self, queue_timeout: float | None) -> Slots:
