@@ -5,6 +5,8 @@ the port cannot serve a call; hostile frames answered without harm. And the slot
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import json
 import select
 import socket
@@ -15,10 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
+from gateway_harness import ADMIN_KEY, Gateway, free_port, start_gateway, wait_for
+from pydantic import BaseModel
 
+from bkg_kernel.auth.principal import Principal
 from bkg_kernel.client import Workbench
-from bkg_kernel.errors import Timeout, TooManyRequests, Unauthorized
+from bkg_kernel.client.transport import misdirected
+from bkg_kernel.errors import Timeout, TooManyRequests, Unauthorized, Unavailable
+from bkg_kernel.runtime import calls
+from bkg_kernel.runtime.contract import Plugin, capability
+from bkg_kernel.runtime.discovery import Discovered, Entry
+from bkg_kernel.runtime.host import PluginHost
 from bkg_kernel.runtime.slots import Slots
 
 PLUGINS = ["brainml", "sysinfo"]
@@ -219,22 +228,54 @@ def test_hostile_frames_are_answered_and_harm_nothing(gw: Gateway, conn: socket.
     assert gw.client().get("/health").json()["status"] in ("ok", "starting")
 
 
-def test_connections_past_the_limit_are_refused_and_the_client_uses_http(gw: Gateway, notes: str) -> None:
+def test_connections_past_the_limits_are_refused_and_the_client_uses_http(gw: Gateway, notes: str) -> None:
+    """At most 8 connections wait for their hello at once (anyone can open one), at most 16 are one user's; past
+    either the port answers 503, and the client, refused there, sends its calls over HTTP."""
     port = _port(gw)
-    held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(64)]
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(8)]
     try:
-        time.sleep(0.5)  # every one accepted (they wait for a hello)
+        time.sleep(0.5)  # every one accepted, waiting for its hello
         with socket.create_connection(("127.0.0.1", port), timeout=30) as extra:
             status, answer = _answer(extra)
-            assert status == 503 and "use HTTP" in answer["error"]["message"]
+            assert status == 503 and "waiting for their hello" in answer["error"]["message"], answer
         wb = Workbench(gw.url, ADMIN_KEY)
         posts = _calls(gw, "POST")
         assert wb.brain.query(notes, "bread", mode="text")["results"]  # over HTTP this time
         assert _calls(gw, "POST") == posts + 1
     finally:
-        for c in held:
+        for c in silent:
             c.close()
     wait_for(lambda: _hello_ok(port), timeout=10)
+    mine = [_open(gw, ADMIN_KEY) for _ in range(16)]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as extra:
+            _send(extra, json.dumps({"hello": "bkg-call/1", "key": ADMIN_KEY}).encode())
+            status, answer = _answer(extra)
+            assert status == 503 and "16 call port connections" in answer["error"]["message"], answer
+            assert _closed(extra)
+    finally:
+        for c in mine:
+            c.close()
+    wait_for(lambda: _hello_ok(port), timeout=10)
+
+
+def test_a_hello_sent_slowly_is_cut_off(gw: Gateway) -> None:
+    """The hello must be in as a whole within 10 s, however its bytes trickle in (one every 2 s keeps each read
+    short of any per-read timeout)."""
+    with socket.create_connection(("127.0.0.1", _port(gw)), timeout=30) as c:
+        hello = json.dumps({"hello": "bkg-call/1", "key": ADMIN_KEY}).encode()
+        frame = len(hello).to_bytes(4, "big") + hello
+        t0 = time.monotonic()
+        sent = 0
+        with contextlib.suppress(OSError):
+            while sent < len(frame) and time.monotonic() - t0 < 30:
+                if select.select([c], [], [], 0)[0]:  # the gateway closed it
+                    break
+                c.sendall(frame[sent : sent + 1])
+                sent += 1
+                time.sleep(2)
+        assert sent < len(frame) and _closed(c)
+        assert time.monotonic() - t0 < 16  # cut off at 10 s (checked every 2 s here)
 
 
 def _hello_ok(port: int) -> bool:
@@ -388,3 +429,140 @@ def test_a_connection_idle_too_long_is_not_reused(gw: Gateway, notes: str) -> No
     wait_for(lambda: bool(select.select([current], [], [], 0)[0]))
     assert wb.brain.query(notes, "bread", mode="text")["results"]
     assert port._idle[0][0] is not current
+
+
+# -- a call on its caller's thread, on its own ---------------------------------------------------------------------
+
+
+class _Wait(BaseModel):
+    tenths: int
+
+
+class _Waited(BaseModel):
+    acting: bool
+    seen: str | None
+
+
+_MARK: contextvars.ContextVar[str | None] = contextvars.ContextVar("mark", default=None)
+
+
+class _Slow(Plugin):
+    """An inline plugin whose call takes `tenths` of a second, then says whether it may still act for its caller
+    and what a context variable set by an earlier call holds."""
+
+    id = "slow"
+    name = "Slow"
+    mode = "inline"
+
+    @capability("slow.wait", scope="plugins:read")
+    def wait(self, inp: _Wait) -> _Waited:
+        """Wait, then look."""
+        seen = _MARK.get()
+        _MARK.set("left behind")
+        time.sleep(inp.tenths / 10)
+        try:
+            calls.for_store()
+            acting = True
+        except Unavailable:
+            acting = False
+        self.looked = (time.monotonic(), acting)  # when it finished, and whether it could act for its caller
+        return _Waited(acting=acting, seen=seen)
+
+
+def test_an_inline_call_that_overruns_ends_at_its_deadline(tmp_path: Path) -> None:
+    """On the caller's own thread an inline call still times out as over HTTP: at the deadline its caller is
+    answered (504) and it can no longer act for them; its slot frees when it really ends; a context variable one
+    call sets is not seen by the next."""
+    entry = Entry(config={"request_timeout": 0.3, "max_concurrent": 1})
+    host = PluginHost(Discovered("slow", "test", _Slow), entry, tmp_path, lambda *a: None)
+    host.start()
+    caller = Principal("u1", "ann", "viewer", frozenset({"plugins:read"}), None, "key")
+    try:
+        assert host.invoke_here("slow.wait", {"tenths": 0}, caller) == {"acting": True, "seen": None}
+        told: list[tuple[float, Timeout]] = []
+
+        def tell(err: Timeout) -> None:
+            told.append((time.monotonic(), err))
+
+        with pytest.raises(Timeout, match="did not answer within 0.3s"):
+            host.invoke_here("slow.wait", {"tenths": 8}, caller, on_timeout=tell)
+        plugin = host.plugin
+        assert isinstance(plugin, _Slow) and len(told) == 1 and told[0][1].status == 504
+        finished, acting = plugin.looked
+        assert told[0][0] < finished  # answered at the deadline, before the work ended
+        assert not acting  # when it looked, after its deadline, it could no longer act for ann
+        assert host.slots.free == 1 and host.telemetry.snapshot()["in_flight"] == 0  # the slot came back at its end
+        # nothing the overrun call set in its context leaks into the next call on this thread
+        assert host.invoke_here("slow.wait", {"tenths": 0}, caller) == {"acting": True, "seen": None}
+    finally:
+        host.stop()
+
+
+def test_the_client_sends_its_key_to_the_port_only_in_plain_http_to_the_gateway_itself() -> None:
+    key = "bkg_0123456789ab_" + "C" * 40
+    assert Workbench("http://127.0.0.1:9", key)._use_port
+    assert not Workbench("https://bkg.example.com", key)._use_port  # TLS ends before the gateway: no key in clear
+    assert not Workbench("http://hub.example.com/services/bkg", key)._use_port  # behind a proxy's prefix
+    assert not Workbench("http://127.0.0.1:9", "hub-token-abc")._use_port  # not bkg's: HTTP only
+    assert not Workbench("http://127.0.0.1:9", key, call_port=False)._use_port
+
+
+def test_only_the_ports_own_421_sends_a_call_over_http() -> None:
+    ours = json.dumps({"error": {"status": 421, "code": "misdirected", "message": "x.y runs as a job"}}).encode()
+    theirs = json.dumps({"error": {"status": 421, "code": "upstream_error", "message": "misdirected"}}).encode()
+    assert misdirected(421, ours) and not misdirected(421, theirs) and not misdirected(404, ours)
+    assert not misdirected(421, b"not json")
+
+
+def test_a_port_that_stops_answering_is_looked_up_again(gw: Gateway, notes: str) -> None:
+    """A port that cannot be reached (a gateway started anew has another) is never tried again by number: the
+    call goes over HTTP and the next lookup asks /health."""
+    wb = Workbench(gw.url, ADMIN_KEY)
+    port = wb.call_port()
+    assert port is not None and port.port == _port(gw)
+    port.close()
+    port.port = free_port()  # nothing listens there
+    posts = _calls(gw, "POST")
+    assert wb.brain.query(notes, "bread", mode="text")["results"]
+    assert _calls(gw, "POST") == posts + 1 and port.stale  # over HTTP; that port number is done with
+    assert wb.call_port() is None  # looked up at most every 30 s
+    wb._port_checked -= 60
+    again = wb.call_port()
+    assert again is not None and again is not port and again.port == _port(gw)
+
+
+def test_a_call_that_overruns_is_answered_504_and_its_connection_closed_if_it_runs_on(gw: Gateway) -> None:
+    """brainml asked for 1,000 hits with their texts and highlights (tens of ms) under a 5 ms timeout."""
+    c = gw.client()
+    assert c.post("/api/collections", json={"name": "heap", "dim": 3}).status_code == 201
+    words = ["bread", "flour", "water", "salt", "yeast", "oven", "crust", "crumb", "rise", "proof"]
+    points = [
+        {"id": i, "vector": [1.0, 0.0, 0.0], "text": " ".join(words[(i + j) % 10] for j in range(120))}
+        for i in range(3000)
+    ]
+    assert c.put("/api/collections/heap/points", json={"points": points}).is_success
+    heavy = json.dumps({"collection": "heap", "query": "bread crust", "mode": "text", "top_k": 1000}).encode()
+    assert c.put("/api/plugins/brainml/config", json={"config": {"request_timeout": 0.005}}).status_code == 200
+    try:
+        wait_for(lambda: c.get("/api/plugins/brainml/status").json()["state"] == "running")
+        for _ in range(2):
+            conn = _open(gw, ADMIN_KEY)
+            _send(conn, json.dumps({"plugin": "brainml", "capability": "brainml.query"}).encode() + b"\n" + heavy)
+            size = int.from_bytes(conn.recv(4, socket.MSG_WAITALL), "big")
+            top, _, body = conn.recv(size, socket.MSG_WAITALL).partition(b"\n")
+            head = json.loads(top)
+            assert head["status"] == 504 and json.loads(body)["error"]["code"] == "timeout", (head, body)
+            if head.get("close"):  # answered at the deadline while the plugin ran on: this connection is done
+                assert _closed(conn)
+            else:  # it ended before its deadline fired: answered 504 when it returned; the connection goes on
+                assert _call(conn, "brainml", "brainml.query", FINE)[0] in (200, 504)
+            conn.close()
+        wb = Workbench(gw.url, ADMIN_KEY)
+        with pytest.raises(Timeout):
+            wb.brain.query("heap", "bread crust", mode="text", top_k=1000)
+        with pytest.raises(Timeout):  # again: the client opened a new connection, or used the one still open
+            wb.brain.query("heap", "bread crust", mode="text", top_k=1000)
+    finally:
+        assert c.put("/api/plugins/brainml/config", json={"config": {}}).status_code == 200
+        wait_for(lambda: c.get("/api/plugins/brainml/status").json()["state"] == "running")
+    assert Workbench(gw.url, ADMIN_KEY).brain.query("heap", "bread crust", mode="text", top_k=1000)["results"]

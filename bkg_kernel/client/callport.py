@@ -22,7 +22,7 @@ HELLO = "bkg-call/1"
 POOL_SIZE = 8  # idle connections kept
 IDLE_REUSE_S = 300.0  # an idle connection older than this is not reused (the gateway closes them after 900 s)
 CONNECT_TIMEOUT_S = 2.0
-RETRY_AFTER_S = 30.0  # a port that failed is tried again after this long
+RETRY_AFTER_S = 30.0  # a port that was full, or could not be reached, is tried (or looked up) again after this
 
 
 class Refused(Exception):
@@ -36,7 +36,8 @@ class CallPort:
         self.host, self.port, self.key, self.timeout, self.max_input = host, port, key, timeout, max_input
         self._idle: list[tuple[socket.socket, float]] = []  # with when each went idle
         self._lock = threading.Lock()
-        self.failed_at = 0.0  # when a connection last failed to open (0: never)
+        self.busy_until = 0.0  # the port was full: HTTP until then
+        self.stale = False  # a connection could not be opened: the gateway may have a new port (ask /health)
         self.refused = False
 
     def __repr__(self) -> str:
@@ -44,7 +45,7 @@ class CallPort:
 
     def usable(self) -> bool:
         """Whether calls should try the port now."""
-        return not self.refused and time.monotonic() - self.failed_at > RETRY_AFTER_S
+        return not self.refused and not self.stale and time.monotonic() >= self.busy_until
 
     def call(self, plugin: str, capability: str, body: bytes) -> tuple[int, bytes, bool] | None:
         """The gateway's answer (HTTP status, JSON bytes, whether orjson wrote them); None when the call was not
@@ -69,12 +70,15 @@ class CallPort:
                 conn.close()
                 return None
         try:
-            status, answer, fast = _answer(conn)
+            status, answer, fast, close = _answer(conn)
         except (OSError, ValueError) as exc:
             conn.close()
             where = f"{self.host}:{self.port}"
             raise Unavailable(f"the bkg gateway's call port {where} went away mid-call: {exc}") from None
-        self._release(conn)
+        if close:  # the gateway closes it (a call that overran its timeout still runs there)
+            conn.close()
+        else:
+            self._release(conn)
         return status, answer, fast
 
     def _connection(self, fresh: bool = False) -> socket.socket | None:
@@ -91,23 +95,24 @@ class CallPort:
         try:
             conn = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT_S)
         except OSError:
-            self.failed_at = time.monotonic()
+            self.stale = True  # never again to this port number without asking the gateway which it is
             return None
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hello = json.dumps({"hello": HELLO, "key": self.key}).encode()
             conn.sendall(len(hello).to_bytes(4, "big") + hello)
-            status, _, _ = _answer(conn)
+            status, _, _, _ = _answer(conn)
         except (OSError, ValueError):
             conn.close()
-            self.failed_at = time.monotonic()
+            self.stale = True
             return None
         if status == 401 or status == 400:
             conn.close()
             self.refused = True  # this key is not for the port (a Hub token): HTTP from now on
             return None
-        if status != 200:  # full (503): HTTP this time
+        if status != 200:  # full (503): HTTP for a while
             conn.close()
+            self.busy_until = time.monotonic() + RETRY_AFTER_S
             return None
         conn.settimeout(self.timeout)
         return conn
@@ -127,13 +132,14 @@ class CallPort:
             conn.close()
 
 
-def _answer(conn: socket.socket) -> tuple[int, bytes, bool]:
-    """One answer frame: (status, JSON bytes, whether orjson wrote them)."""
+def _answer(conn: socket.socket) -> tuple[int, bytes, bool, bool]:
+    """One answer frame: (status, JSON bytes, whether orjson wrote them, whether the gateway closes the
+    connection after it)."""
     size = int.from_bytes(_exactly(conn, 4), "big")
     frame = _exactly(conn, size)
     head, _, body = frame.partition(b"\n")
     top = json.loads(head)
-    return int(top["status"]), body, top.get("orjson") is True
+    return int(top["status"]), body, top.get("orjson") is True, top.get("close") is True
 
 
 def _exactly(conn: socket.socket, n: int) -> bytes:

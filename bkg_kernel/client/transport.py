@@ -215,6 +215,17 @@ def iter_sse(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
         yield event
 
 
+def misdirected(status: int, content: bytes) -> bool:
+    """Whether a call port answer says "send this over HTTP" (421 with the code `misdirected`; a plugin's own
+    421, an upstream's, is an answer like any other)."""
+    if status != 421:
+        return False
+    try:
+        return bool(json.loads(content)["error"]["code"] == "misdirected")
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def answer(status: int, content: bytes, fast: bool = False) -> Any:
     """A call port answer's result; an error status raises its BkgError, as `raise_for_error` does for HTTP.
     `fast`: the gateway wrote it with orjson, so orjson reads it the same (a third of the standard library's time

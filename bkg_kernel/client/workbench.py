@@ -38,9 +38,11 @@ class Workbench:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = transport.Http(self.url, headers, timeout)
         # plugin calls over the gateway's call port: only with a bkg key or session (a Hub token goes to the Hub's
-        # bkg service over HTTP, nowhere else), and only to a gateway served at its own address (no path prefix)
+        # bkg service over HTTP, nowhere else), and only to a gateway served at its own address in plain HTTP (no
+        # path prefix; not HTTPS: the port has no TLS, and the key must not cross a network in clear text)
         parts = urlsplit(self.url)
-        self._use_port = bool(call_port and api_key and api_key.startswith(("bkg_", "bkgs_")) and not parts.path)
+        bkg_key = bool(api_key and api_key.startswith(("bkg_", "bkgs_")))
+        self._use_port = call_port and bkg_key and parts.scheme == "http" and not parts.path
         self._port: CallPort | None = None
         self._port_checked = 0.0
         self._port_lock = threading.Lock()
@@ -58,21 +60,21 @@ class Workbench:
         port = self.call_port()
         if port is not None:
             answer = port.call(plugin_id, capability, transport.dumps(body))
-            if answer is not None and answer[0] != 421:  # 421: a background job's capability, started over HTTP
+            if answer is not None and not transport.misdirected(*answer[:2]):  # a job's call: started over HTTP
                 return transport.answer(*answer)
         return self.call("POST", f"/api/plugins/{plugin_id}/invoke/{capability}", json=body)
 
     def call_port(self) -> CallPort | None:
         """The gateway's call port as /health names it (None: none, or not for this client); looked up again
-        when it stopped answering (a gateway started anew has another)."""
+        once it could not be reached (a gateway started anew has another), at most every 30 s."""
         port = self._port
-        if not self._use_port or (port is not None and port.refused):
-            return None
+        if not self._use_port or (port is not None and (port.refused or not port.stale and not port.usable())):
+            return None  # not for this key, or full for a while
         if port is not None and port.usable():
             return port
         with self._port_lock:
             if self._port is not port:  # another thread looked meanwhile
-                return self._port
+                return self._port if self._port is not None and self._port.usable() else None
             if self._port_checked and time.monotonic() - self._port_checked < RETRY_AFTER_S:
                 return None
             self._port_checked = time.monotonic()
@@ -80,6 +82,8 @@ class Workbench:
                 found = self.health().get("call_port")
             except BkgError:
                 found = None
+            if port is not None:
+                port.close()
             self._port = None
             if isinstance(found, dict) and found.get("protocol") == HELLO:
                 host = urlsplit(self.url).hostname or "127.0.0.1"

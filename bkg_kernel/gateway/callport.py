@@ -10,16 +10,19 @@ a job capability, an input over 1 MiB).
 The wire, every message a frame (a 4-byte big-endian length, then the bytes):
 - hello, the client's first frame: `{"hello": "bkg-call/1", "key": "<API key or session token>"}`;
 - a call: `{"plugin": ..., "capability": ...}` + `\\n` + the input's JSON (the HTTP body);
-- every answer: `{"status": <HTTP status>, "orjson"?: true}` + `\\n` + the JSON the HTTP route would send (the
-  result, or the one error shape); `orjson` says orjson wrote it, so orjson may read it (faster; what orjson cannot
-  write, an integer past 64 bits, it would read back as a float).
-A hello refused (401) or a frame over the limit (413) is answered, then the connection closes.
+- every answer: `{"status": <HTTP status>, "orjson"?: true, "close"?: true}` + `\\n` + the JSON the HTTP route
+  would send (the result, or the one error shape); `orjson` says orjson wrote it, so orjson may read it (faster;
+  what orjson cannot write, an integer past 64 bits, it would read back as a float); `close` says the gateway
+  closes the connection after this answer (a hello refused, a frame over the limit, a call that overran its
+  timeout and still runs).
 
 Who calls is checked on every call as over HTTP (the key's rate limit, a key revoked or a role changed take effect
 on the next call, not the next connection); a Hub token is not taken here (the client uses HTTP). A capability that
-runs as a background job answers 421: the client sends that call over HTTP. A connection must say hello within
-`HELLO_TIMEOUT_S`, send a frame it began within `FRAME_TIMEOUT_S`, and closes after `IDLE_TIMEOUT_S` idle;
-past `max_connections` a new one is answered 503 and closed. Calls count in the metrics as method `CALL`.
+runs as a background job answers 421 (code `misdirected`): the client sends that call over HTTP. A connection
+must finish its hello within `HELLO_TIMEOUT_S` and a frame it began within `FRAME_TIMEOUT_S` (each as a whole,
+however slowly its bytes come), and closes after `IDLE_TIMEOUT_S` idle. At most `max_connections` are open,
+`MAX_GREETING` of them still without a hello and `MAX_PER_USER` for one user; past that a new one is answered
+503 and closed (the client uses HTTP). Calls count in the metrics as method `CALL`.
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ from bkg_kernel.errors import (
     InvalidInput,
     Misdirected,
     PayloadTooLarge,
+    Timeout,
     TooManyRequests,
     Unavailable,
 )
-from bkg_kernel.gateway.bodylimit import PARSED_BYTES
+from bkg_kernel.gateway.bodylimit import BIG_BODY, PARSED_BYTES
 from bkg_kernel.gateway.jsonresp import dumps, encode
 from bkg_kernel.gateway.metrics import Metrics
 from bkg_kernel.runtime import bodyjson
@@ -56,7 +60,29 @@ MAX_FRAME = HEAD_BYTES + PARSED_BYTES
 HELLO_TIMEOUT_S = 10.0
 FRAME_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 900.0
+MAX_GREETING = 8  # connections open without a hello yet
+MAX_PER_USER = 16
 INVOKE_ROUTE = "/api/plugins/{plugin_id}/invoke/{capability_id}"
+
+
+class _Connection:
+    """One client's connection: answers go out one at a time (the deadline thread may answer a call that overran
+    its timeout while the plugin still runs on the connection's thread)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.user: str | None = None  # set by the hello
+        self.answered = False  # the running call's answer went out (then the connection closes)
+
+    def send(self, status: int, body: bytes, fast: bool = False, close: bool = False) -> bool:
+        """Write one answer unless the running call was answered already; False when it was."""
+        with self.lock:
+            if self.answered:
+                return False
+            self.answered = close
+            _send(self.sock, status, body, fast, close)
+            return True
 
 
 class CallPort:
@@ -73,9 +99,10 @@ class CallPort:
     ) -> None:
         self.auth, self.supervisor, self.metrics = auth, supervisor, metrics
         self.max_connections = max_connections
-        self.sock = socket.create_server((host, port))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, port), family=family)
         self.host, self.port = host, int(self.sock.getsockname()[1])
-        self._conns: set[socket.socket] = set()
+        self._conns: set[_Connection] = set()
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept, name="bkg-callport", daemon=True).start()
@@ -94,49 +121,73 @@ class CallPort:
             conns, self._conns = list(self._conns), set()
         for conn in conns:
             with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+                conn.sock.shutdown(socket.SHUT_RDWR)
 
     def _accept(self) -> None:
         while not self._closed:
             try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return  # closed
-            with self._lock:
-                full = len(self._conns) >= self.max_connections
-                if not full:
-                    self._conns.add(conn)
-            if full:
-                refused = Unavailable(f"the call port has {self.max_connections} connections open: use HTTP")
-                conn.settimeout(1.0)
-                with contextlib.suppress(OSError):
-                    _send(conn, *_error(refused))
-                conn.close()
+                sock, _ = self.sock.accept()
+            except OSError as exc:
+                if self._closed:
+                    return
+                log.warning("call port: cannot accept a connection now (%s)", exc)  # out of descriptors...
+                time.sleep(0.1)
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="bkg-call", daemon=True).start()
+            conn = _Connection(sock)
+            with self._lock:
+                greeting = sum(1 for c in self._conns if c.user is None)
+                refused = (
+                    f"the call port has {self.max_connections} connections open: use HTTP"
+                    if len(self._conns) >= self.max_connections
+                    else f"the call port has {greeting} connections waiting for their hello: use HTTP"
+                    if greeting >= MAX_GREETING
+                    else None
+                )
+                if refused is None:
+                    self._conns.add(conn)
+            if refused is not None:
+                self._refuse(conn, Unavailable(refused))
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="bkg-call", daemon=True).start()
+            except RuntimeError:  # no thread to be had
+                self._drop(conn)
+                self._refuse(conn, Unavailable("the call port cannot take a connection now: use HTTP"))
 
-    def _serve(self, conn: socket.socket) -> None:
+    @staticmethod
+    def _refuse(conn: _Connection, err: BkgError) -> None:
+        conn.sock.settimeout(1.0)
+        with contextlib.suppress(OSError):
+            conn.send(*_error(err), close=True)
+        conn.sock.close()
+
+    def _drop(self, conn: _Connection) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+
+    def _serve(self, conn: _Connection) -> None:
         try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             token = self._hello(conn)
             while token is not None:
-                frame = _read_frame(conn, IDLE_TIMEOUT_S)
+                frame = _read_frame(conn.sock, IDLE_TIMEOUT_S)
                 if frame is None:
                     return
                 if isinstance(frame, BkgError):
-                    _send(conn, *_error(frame))
+                    conn.send(*_error(frame), close=True)
                     return
-                _send(conn, *self.call(token, frame))
+                status, body, fast = self.call(token, frame, conn)
+                if not conn.send(status, body, fast):
+                    return  # answered at its deadline: the plugin ran on; the connection closes
         except (OSError, ValueError):  # the client went away, or a frame stalled
             return
         finally:
-            with self._lock:
-                self._conns.discard(conn)
-            conn.close()
+            self._drop(conn)
+            conn.sock.close()
 
-    def _hello(self, conn: socket.socket) -> str | None:
+    def _hello(self, conn: _Connection) -> str | None:
         """The token a client's hello names, once checked (None: refused and answered, or gone)."""
-        frame = _read_frame(conn, HELLO_TIMEOUT_S, limit=HEAD_BYTES)
+        frame = _read_frame(conn.sock, HELLO_TIMEOUT_S, limit=HEAD_BYTES, whole=True)
         if frame is None:
             return None
         try:
@@ -149,20 +200,28 @@ class CallPort:
             if not isinstance(token, str) or not token:
                 raise BadRequest("the hello names no key", field="key")
             p = self.auth.authenticate(token, metered=False)
+            with self._lock:
+                mine = sum(1 for c in self._conns if c.user == p.user_id)
+                if mine >= MAX_PER_USER:
+                    raise Unavailable(f"{p.username} has {mine} call port connections open: use HTTP")
+                conn.user = p.user_id
         except BkgError as exc:
-            _send(conn, *_error(exc))
+            conn.send(*_error(exc), close=True)
             return None
-        _send(conn, 200, dumps({"user": p.username, "max_input": PARSED_BYTES}))
+        conn.send(200, dumps({"user": p.username, "max_input": PARSED_BYTES}))
         return token
 
-    def call(self, token: str, frame: bytes) -> tuple[int, bytes, bool]:
-        """One call's answer, (status, body, whether orjson wrote it), as the HTTP route would give it."""
+    def call(self, token: str, frame: bytes, conn: _Connection | None = None) -> tuple[int, bytes, bool]:
+        """One call's answer, (status, body, whether orjson wrote it), as the HTTP route would give it; a call
+        that overruns its timeout is answered on `conn` at that moment."""
         t0 = time.perf_counter()
         fast = False
         try:
-            body, fast = encode(self._invoke(token, frame))
+            body, fast = encode(self._invoke(token, frame, conn))
             status = 200
         except BkgError as exc:
+            if exc.status >= 500:
+                log.warning("CALL %s -> %s: %s", INVOKE_ROUTE, exc.status, exc.message)
             status, body = _error(exc)
         except RecursionError:
             status, body = _error(InvalidInput("the request nests too deeply (JSON objects or filters)", field="body"))
@@ -171,27 +230,51 @@ class CallPort:
             status, body = (
                 500,
                 dumps(
-                    {"error": {"status": 500, "code": "internal", "message": "internal error; the gateway log has it"}}
+                    {
+                        "error": {
+                            "status": 500,
+                            "code": "internal",
+                            "message": "internal error; the gateway log has the details",
+                        }
+                    }
                 ),
             )
         self.metrics.observe("CALL", INVOKE_ROUTE, status, time.perf_counter() - t0)
         return status, body, fast
 
-    def _invoke(self, token: str, frame: bytes) -> Any:
+    def _invoke(self, token: str, frame: bytes, conn: _Connection | None) -> Any:
         head, _, raw = frame.partition(b"\n")
         msg = _object(head, "call")
         plugin_id, capability_id = msg.get("plugin"), msg.get("capability")
-        if not isinstance(plugin_id, str) or not isinstance(capability_id, str):
-            raise BadRequest("a call names its plugin and capability: {'plugin': ..., 'capability': ...}")
-        p = self.auth.authenticate(token)  # who is asking comes before what exists
+        if not isinstance(plugin_id, str) or not plugin_id:
+            raise BadRequest("a call names its plugin: {'plugin': <id>, 'capability': <id>}", field="plugin")
+        if not isinstance(capability_id, str) or not capability_id:
+            raise BadRequest("a call names its capability: {'plugin': <id>, 'capability': <id>}", field="capability")
+        found = self.supervisor.hosts.get(plugin_id)
+        cap = found.cls.capabilities().get(capability_id) if found is not None and found.cls else None
+        job = cap is not None and cap.job
+        # who is asking comes before what exists; a job's call is counted once, when it comes over HTTP
+        p = self.auth.authenticate(token, metered=not job)
         host = self.supervisor.get(plugin_id)
-        cap = host.cls.capabilities().get(capability_id) if host.cls else None
         p.require(cap.scope if cap is not None else "plugins:read", "this route")
-        if cap is not None and cap.job:
+        if job:
             raise Misdirected(f"{capability_id} runs as a background job: start it over HTTP")
         if cap is not None and not cap.big_input and len(raw) > PARSED_BYTES:
             raise PayloadTooLarge(f"{capability_id} takes inputs of at most {PARSED_BYTES // 2**20} MiB", field="body")
-        result = host.invoke_here(capability_id, bodyjson.loads(raw) if raw else {}, p)
+        big = len(raw) > BIG_BODY
+        data: Any = {}
+        if big and host.worker is not None:
+            data = bodyjson.RawJSON(raw)  # parsed by the worker, as over HTTP: not parsed and pickled here
+        elif raw:
+            data = bodyjson.loads(raw)
+
+        def overran(err: Timeout) -> None:
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.send(*_error(err), close=True)
+
+        owned = big and not isinstance(data, bodyjson.RawJSON)
+        result = host.invoke_here(capability_id, data, p, on_timeout=overran, owned=owned)
         if cap is not None and cap.books_usage and isinstance(result, dict):
             self.auth.book_usage(p, f"/api/plugins/{plugin_id}/invoke/{capability_id}", result)
         return result
@@ -214,36 +297,45 @@ def _error(exc: BkgError) -> tuple[int, bytes]:
     return exc.status, dumps(body)
 
 
-def _send(conn: socket.socket, status: int, body: bytes, fast: bool = False) -> None:
-    head = b'{"status":%d,"orjson":true}\n' % status if fast else b'{"status":%d}\n' % status
-    conn.sendall((len(head) + len(body)).to_bytes(4, "big") + head + body)
+def _send(sock: socket.socket, status: int, body: bytes, fast: bool = False, close: bool = False) -> None:
+    flags = (b',"orjson":true' if fast else b"") + (b',"close":true' if close else b"")
+    head = b'{"status":%d%s}\n' % (status, flags)
+    sock.sendall((len(head) + len(body)).to_bytes(4, "big") + head + body)
 
 
-def _read_frame(conn: socket.socket, idle: float, limit: int = MAX_FRAME) -> bytes | BkgError | None:
-    """The next frame; None when the client closed the connection (or stayed idle `idle` seconds); a 413 when it
-    announces more than `limit` bytes (not read: the connection closes after the answer)."""
-    conn.settimeout(idle)
+def _read_frame(
+    sock: socket.socket, idle: float, limit: int = MAX_FRAME, whole: bool = False
+) -> bytes | BkgError | None:
+    """The next frame; None when the client closed the connection (or sent nothing for `idle` seconds); a 413
+    when it announces more than `limit` bytes (not read: the connection closes after the answer). Once its first
+    byte is in, the rest must come within `FRAME_TIMEOUT_S`, however slowly; `whole`: the whole frame within
+    `idle`."""
+    start = time.monotonic()
+    sock.settimeout(idle)
     try:
-        head = _exactly(conn, 4)
+        first = sock.recv(4)
     except TimeoutError:
         return None
-    if head is None:
+    if not first:
         return None
+    deadline = (start + idle) if whole else time.monotonic() + FRAME_TIMEOUT_S
+    head = first + _exactly(sock, 4 - len(first), deadline)
     size = int.from_bytes(head, "big")
     if size > limit:
         return PayloadTooLarge(f"a call port frame holds at most {limit:,} bytes; this one has {size:,}: use HTTP")
-    conn.settimeout(FRAME_TIMEOUT_S)
-    body = _exactly(conn, size)
-    if body is None:
-        raise ValueError("the connection closed inside a frame")
-    return body
+    return _exactly(sock, size, deadline)
 
 
-def _exactly(conn: socket.socket, n: int) -> bytes | None:
+def _exactly(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """`n` bytes, all in before `deadline` (else TimeoutError); ValueError when the client closed inside a frame."""
     buf = bytearray()
     while len(buf) < n:
-        got = conn.recv(min(n - len(buf), 1 << 20))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("a frame came too slowly")
+        sock.settimeout(left)
+        got = sock.recv(min(n - len(buf), 1 << 20))
         if not got:
-            return None
+            raise ValueError("the connection closed inside a frame")
         buf += got
     return bytes(buf)

@@ -96,7 +96,10 @@ class Gateway:
                 try:
                     call_port = CallPort(auth, supervisor, metrics, settings.host, settings.call_port)
                 except OSError as exc:
-                    raise OSError(f"cannot open the call port {settings.host}:{settings.call_port}: {exc}") from None
+                    if settings.call_port:  # a port asked for that cannot be had is the operator's to fix
+                        where = f"{settings.host}:{settings.call_port}"
+                        raise OSError(f"cannot open the call port {where}: {exc}") from None
+                    log.warning("no call port on %s (%s): plugin calls go over HTTP only", settings.host, exc)
         except BaseException:
             store.close()
             raise

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from bkg_kernel.auth import Principal
 from bkg_kernel.auth.principal import SCOPES
 from bkg_kernel.errors import PayloadTooLarge
-from bkg_kernel.gateway.bodylimit import PARSED_BYTES, takes_big_bodies
+from bkg_kernel.gateway.bodylimit import BIG_BODY, PARSED_BYTES, takes_big_bodies
 from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.runtime import bodyjson
@@ -22,7 +22,6 @@ from bkg_kernel.runtime.supervisor import SAMPLE_EVERY_S
 from bkg_kernel.strict import StrictBody
 
 router = APIRouter(tags=["plugins"])
-BIG_BODY = 64 * 1024  # bytes of JSON parsed on the event loop at most (~0.3 ms)
 
 
 class Config(StrictBody):
