@@ -143,6 +143,9 @@ def test_the_client_calls_plugins_over_the_port_with_the_answers_of_http(gw: Gat
         ("brainml", "brainml.query", b"not json"),
         ("brainml", "brainml.query", b"[1, 2]"),  # not an object
         ("brainml", "brainml.query", b"[" * 100_000 + b"]" * 100_000),  # nested past any parser's limit
+        # over 64 KiB: an inline plugin's input parsed here and freed in slices, a worker's sent as its bytes
+        ("brainml", "brainml.query", json.dumps({"collection": "notes", "query": "x" * 70_000, "top_k": 0}).encode()),
+        ("sysinfo", "sysinfo.sleep", json.dumps({"seconds": "long", "pad": "x" * 70_000}).encode()),
     ],
 )
 def test_errors_are_those_of_http(
@@ -566,3 +569,15 @@ def test_a_call_that_overruns_is_answered_504_and_its_connection_closed_if_it_ru
         assert c.put("/api/plugins/brainml/config", json={"config": {}}).status_code == 200
         wait_for(lambda: c.get("/api/plugins/brainml/status").json()["state"] == "running")
     assert Workbench(gw.url, ADMIN_KEY).brain.query("heap", "bread crust", mode="text", top_k=1000)["results"]
+
+
+def test_a_jobs_call_counts_once_against_the_keys_rate_limit(gw: Gateway) -> None:
+    """The port answers a job's call 421 without counting it; the client then starts it over HTTP, which counts:
+    a key allowed one request a minute still starts its job."""
+    made = gw.client().post("/admin/keys", json={"name": "one a minute", "rate_limit_per_min": 1})
+    assert made.status_code == 201, made.text
+    wb = Workbench(gw.url, made.json()["key"])
+    job = wb.invoke("sysinfo", "sysinfo.survey", {"samples": 1, "every_s": 0.01})["job"]
+    assert job["id"]
+    with pytest.raises(TooManyRequests):  # and that was its one request
+        wb.invoke("sysinfo", "sysinfo.sleep", {"seconds": 0})
