@@ -25,10 +25,6 @@ CONNECT_TIMEOUT_S = 2.0
 RETRY_AFTER_S = 30.0  # a port that was full, or could not be reached, is tried (or looked up) again after this
 
 
-class Refused(Exception):
-    """The port will not serve this client (its hello was refused): every call goes over HTTP."""
-
-
 class CallPort:
     """Calls to the call port at `host:port` as the holder of `key`."""
 
@@ -53,22 +49,18 @@ class CallPort:
         if len(body) > self.max_input or not self.usable():
             return None
         head = json.dumps({"plugin": plugin, "capability": capability}, separators=(",", ":")).encode()
-        frame = head + b"\n" + body
-        conn = self._connection()
-        if conn is None:
-            return None
-        try:
-            conn.sendall(len(frame).to_bytes(4, "big") + frame)
-        except OSError:  # the gateway closed it before anything reached a call: one more try on a new connection
-            conn.close()
-            conn = self._connection(fresh=True)
+        frame = _framed(head + b"\n" + body)
+        for fresh in (False, True):  # a send that fails reached no call: one more try, on a new connection
+            conn = self._connection(fresh)
             if conn is None:
                 return None
             try:
-                conn.sendall(len(frame).to_bytes(4, "big") + frame)
+                conn.sendall(frame)
+                break
             except OSError:
                 conn.close()
-                return None
+        else:
+            return None
         try:
             status, answer, fast, close = _answer(conn)
         except (OSError, ValueError) as exc:
@@ -99,8 +91,7 @@ class CallPort:
             return None
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            hello = json.dumps({"hello": HELLO, "key": self.key}).encode()
-            conn.sendall(len(hello).to_bytes(4, "big") + hello)
+            conn.sendall(_framed(json.dumps({"hello": HELLO, "key": self.key}).encode()))
             status, _, _, _ = _answer(conn)
         except (OSError, ValueError):
             conn.close()
@@ -130,6 +121,11 @@ class CallPort:
             idle, self._idle = self._idle, []
         for conn, _ in idle:
             conn.close()
+
+
+def _framed(payload: bytes) -> bytes:
+    """A frame of the wire: a 4-byte big-endian length, then the bytes."""
+    return len(payload).to_bytes(4, "big") + payload
 
 
 def _answer(conn: socket.socket) -> tuple[int, bytes, bool, bool]:

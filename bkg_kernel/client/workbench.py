@@ -68,10 +68,10 @@ class Workbench:
         """The gateway's call port as /health names it (None: none, or not for this client); looked up again
         once it could not be reached (a gateway started anew has another), at most every 30 s."""
         port = self._port
-        if not self._use_port or (port is not None and (port.refused or not port.stale and not port.usable())):
-            return None  # not for this key, or full for a while
-        if port is not None and port.usable():
-            return port
+        if not self._use_port:
+            return None
+        if port is not None and (port.refused or not port.stale):  # refused for good, or full for a while: None
+            return port if port.usable() else None
         with self._port_lock:
             if self._port is not port:  # another thread looked meanwhile
                 return self._port if self._port is not None and self._port.usable() else None

@@ -48,6 +48,7 @@ from bkg_kernel.errors import (
     Unavailable,
 )
 from bkg_kernel.gateway.bodylimit import BIG_BODY, PARSED_BYTES
+from bkg_kernel.gateway.errors import INTERNAL
 from bkg_kernel.gateway.jsonresp import dumps, encode
 from bkg_kernel.gateway.metrics import Metrics
 from bkg_kernel.runtime import bodyjson
@@ -224,21 +225,10 @@ class CallPort:
                 log.warning("CALL %s -> %s: %s", INVOKE_ROUTE, exc.status, exc.message)
             status, body = _error(exc)
         except RecursionError:
-            status, body = _error(InvalidInput("the request nests too deeply (JSON objects or filters)", field="body"))
+            status, body = _error(InvalidInput(bodyjson.TOO_DEEP, field="body"))
         except Exception:
             log.exception("unhandled error on a call port call")
-            status, body = (
-                500,
-                dumps(
-                    {
-                        "error": {
-                            "status": 500,
-                            "code": "internal",
-                            "message": "internal error; the gateway log has the details",
-                        }
-                    }
-                ),
-            )
+            status, body = _error(BkgError(INTERNAL))  # a 500, code internal, in the words of the HTTP routes
         self.metrics.observe("CALL", INVOKE_ROUTE, status, time.perf_counter() - t0)
         return status, body, fast
 

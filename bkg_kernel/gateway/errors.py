@@ -11,8 +11,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from bkg_kernel.errors import BkgError, TooManyRequests
+from bkg_kernel.runtime.bodyjson import TOO_DEEP
 
 log = logging.getLogger("bkg.gateway")
+INTERNAL = "internal error; the gateway log has the details"
 _CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -57,12 +59,12 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
-    return error_response(422, "invalid_input", "the request nests too deeply (JSON objects or filters)", "body")
+    return error_response(422, "invalid_input", TOO_DEEP, "body")
 
 
 async def internal(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal", "internal error; the gateway log has the details")
+    return error_response(500, "internal", INTERNAL)
 
 
 HANDLERS: dict[type[Exception], Any] = {

@@ -22,18 +22,15 @@ class Metrics:
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Record one request (from the event loop, or a call port's thread)."""
         with self._lock:
-            self._observe(method, route, status, seconds)
-
-    def _observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.count[(method, route, status)] += 1
-        h = self.hist[(method, route)]
-        for i, b in enumerate(BUCKETS):
-            if seconds <= b:
-                h[i] += 1
-                break
-        else:
-            h[-1] += 1
-        self.total[(method, route)] += seconds
+            self.count[(method, route, status)] += 1
+            h = self.hist[(method, route)]
+            for i, b in enumerate(BUCKETS):
+                if seconds <= b:
+                    h[i] += 1
+                    break
+            else:
+                h[-1] += 1
+            self.total[(method, route)] += seconds
 
     def render(self, plugins: dict[str, Any]) -> str:
         """Return the Prometheus text exposition."""

@@ -41,6 +41,7 @@ def json_object(data: Any) -> dict[str, Any]:
     return data
 
 
+TOO_DEEP = "the request nests too deeply (JSON objects or filters)"
 WHOLE_BYTES = 64 * 1024  # a body up to this size is parsed in one `json.loads` (~0.1 ms), its caps checked after
 
 
@@ -69,7 +70,7 @@ def loads(raw: bytes, max_items: Mapping[str, int] | None = None) -> dict[str, A
         with gc_paused():
             return json_object(loads_in_pieces(text, caps))
     except RecursionError:
-        raise InvalidInput("the request nests too deeply (JSON objects or filters)", field="body") from None
+        raise InvalidInput(TOO_DEEP, field="body") from None
     except ValueError:  # UnicodeDecodeError included
         raise InvalidInput("request body is not valid JSON", field="body") from None
 

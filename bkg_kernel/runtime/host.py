@@ -488,8 +488,7 @@ class PluginHost:
         `owned`: `data` is this call's own (a big parsed body): an inline plugin's thread frees it a slice at a time
         once the plugin is done with it (`bodyjson.release`), whenever that is (after a timeout too), not the caller
         when it stops waiting."""
-        if self.cls is None or capability_id not in self.cls.capabilities():
-            raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
+        self._has(capability_id)
 
         call = calls.Call(caller)
         submitted = False
@@ -511,6 +510,15 @@ class PluginHost:
         finally:
             if owned and not submitted:  # refused before it ran (a full queue, no slot, not running): freed here
                 await asyncio.to_thread(bodyjson.release, data)
+
+    def _has(self, capability_id: str) -> None:
+        """404 unless the plugin has the capability."""
+        if self.cls is None or capability_id not in self.cls.capabilities():
+            raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
+
+    def _no_answer(self, timeout: float) -> Timeout:
+        """The 504 of a call that overran its `timeout` (the settings' `request_timeout` when it began)."""
+        return Timeout(f"plugin {self.id!r} did not answer within {timeout:g}s")
 
     def _ready(self) -> None:
         """503 unless the plugin is running (or degraded)."""
@@ -554,8 +562,7 @@ class PluginHost:
         (`queued`) waits for its slot as long as it takes, like a batch queue. Closing the iterator early (the
         client went away) cancels the work in the plugin at once and frees the slot.
         """
-        if self.cls is None or capability_id not in self.cls.capabilities():
-            raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
+        self._has(capability_id)
         sem = await self._admit(None if queued else self.settings.request_timeout)
         auth = self.services.get("auth")
         if auth is not None:  # a job that waited for its slot starts as its caller is now, or not at all
@@ -674,8 +681,7 @@ class PluginHost:
         caller) and `on_timeout(err)` gets the 504 to answer with; when the plugin returns, its result is dropped
         and the 504 raised. A worker's answer is waited for at most the timeout, as over HTTP. `owned`: `data` is
         this call's own, freed a slice at a time once the plugin is done with it."""
-        if self.cls is None or capability_id not in self.cls.capabilities():
-            raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
+        self._has(capability_id)
         asked = time.perf_counter()
         s = self.settings
         deadline = time.monotonic() + min(s.request_timeout, START_TIMEOUT_S)
@@ -700,7 +706,7 @@ class PluginHost:
                 def overran() -> None:
                     call.end()
                     if on_timeout is not None:
-                        on_timeout(Timeout(f"plugin {self.id!r} did not answer within {s.request_timeout:g}s"))
+                        on_timeout(self._no_answer(s.request_timeout))
 
                 def run() -> Any:
                     with calls.running(call):
@@ -731,7 +737,7 @@ class PluginHost:
             yield
         except TimeoutError:
             error = f"timed out after {s.request_timeout:g}s"
-            raise Timeout(f"plugin {self.id!r} did not answer within {s.request_timeout:g}s") from None
+            raise self._no_answer(s.request_timeout) from None
         except BkgError as exc:
             error = exc.message if exc.status >= 500 else None
             raise

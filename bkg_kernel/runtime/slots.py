@@ -85,11 +85,8 @@ class Slots:
         try:
             await asyncio.wait_for(asyncio.shield(got), timeout)
         except BaseException as exc:  # timed out, or the request's task was cancelled
-            if self._give_up(waiter):
-                if isinstance(exc, TimeoutError):
-                    raise self._timed_out(timeout) from None
-                raise
-            self.release()  # the slot came as it gave up: passed on
+            if not self._give_up(waiter):
+                self.release()  # the slot came as it gave up: passed on
             if isinstance(exc, TimeoutError):
                 raise self._timed_out(timeout) from None
             raise
