@@ -76,12 +76,16 @@ class _Connection:
         self.user: str | None = None  # set by the hello
         self.answered = False  # the running call's answer went out (then the connection closes)
 
-    def send(self, status: int, body: bytes, fast: bool = False, close: bool = False) -> bool:
-        """Write one answer unless the running call was answered already; False when it was."""
+    def send(
+        self, status: int, body: bytes, fast: bool = False, close: bool = False, timeout: float = FRAME_TIMEOUT_S
+    ) -> bool:
+        """Write one answer unless the running call was answered already (False when it was); a client that does
+        not take it within `timeout` seconds loses the connection."""
         with self.lock:
             if self.answered:
                 return False
             self.answered = close
+            self.sock.settimeout(timeout)  # not whatever the last read left
             _send(self.sock, status, body, fast, close)
             return True
 
@@ -157,9 +161,8 @@ class CallPort:
 
     @staticmethod
     def _refuse(conn: _Connection, err: BkgError) -> None:
-        conn.sock.settimeout(1.0)
-        with contextlib.suppress(OSError):
-            conn.send(*_error(err), close=True)
+        with contextlib.suppress(OSError):  # the accept thread waits on no client
+            conn.send(*_error(err), close=True, timeout=1.0)
         conn.sock.close()
 
     def _drop(self, conn: _Connection) -> None:
@@ -260,8 +263,8 @@ class CallPort:
 
         def overran(err: Timeout) -> None:
             if conn is not None:
-                with contextlib.suppress(OSError):
-                    conn.send(*_error(err), close=True)
+                with contextlib.suppress(OSError):  # the deadline thread serves every call: it waits on no client
+                    conn.send(*_error(err), close=True, timeout=1.0)
 
         owned = big and not isinstance(data, bodyjson.RawJSON)
         result = host.invoke_here(capability_id, data, p, on_timeout=overran, owned=owned)
