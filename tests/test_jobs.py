@@ -454,6 +454,77 @@ def test_a_schedule_runs_when_due_with_an_injectable_clock(tmp_path: Path, roots
     assert all(r["owner"] == "sched" for r in runs)
 
 
+def test_what_a_key_queued_or_scheduled_lives_no_longer_than_the_key(tmp_path: Path, roots: Path) -> None:
+    """A key revoked (leaked, say) stops what it set going from acting for its owner: a run it queued fails before it
+    starts; a schedule it made fails its next fire and turns itself off, and stays off until someone who holds its
+    scopes turns it on again (then it lives by their key). A schedule made by a login session lives as the user."""
+    from bkg_kernel.auth import AuthService, Principal
+    from bkg_kernel.jobs.service import JobService
+    from bkg_kernel.settings import Settings
+    from bkg_kernel.store import Store
+
+    store = Store(tmp_path / "data")
+    auth = AuthService(store)
+    user = auth.create_user("kim", "developer", actor="test")
+    scopes = sorted(auth.roles["developer"])
+    keys = {n: auth.create_key(user["id"], n, scopes, None, actor="test") for n in ("laptop", "desk", "ci")}
+    p = {n: auth.authenticate(token) for n, (_, token) in keys.items()}
+    kid = {n: rec["id"] for n, (rec, _) in keys.items()}
+    login = Principal(user["id"], "kim", "developer", frozenset(scopes), None, "session")
+    now = [1_800_000_000.0]
+    svc = JobService(Settings(job_roots=[roots], job_workers=1), store, auth, lambda *a: None, "http://127.0.0.1:9",
+                     clock=lambda: now[0])  # fmt: skip
+
+    async def settle() -> None:
+        for _ in range(600):
+            if not svc.live:
+                return
+            await asyncio.sleep(0.2)
+
+    async def scenario() -> None:
+        await svc.start()
+        try:
+            by_key = await svc.add_schedule(p["laptop"], {"notebook": "ok.ipynb", "cron": "* * * * *"})
+            by_login = await svc.add_schedule(login, {"notebook": "ok.ipynb", "cron": "* * * * *"})
+            assert by_key["key_id"] == kid["laptop"] and by_login["key_id"] is None
+            auth.revoke_key(kid["laptop"], actor="test")
+            now[0] += 61
+            fired = {r["schedule_id"]: r for r in await svc.tick()}
+            refused = fired[by_key["id"]]
+            assert refused["state"] == "failed" and refused["started_at"] is None, refused
+            assert kid["laptop"] in refused["message"] and "revoked" in refused["message"], refused
+            assert fired[by_login["id"]]["state"] != "failed", fired
+            listed = {s["id"]: s for s in await svc.schedules(p["desk"])}
+            assert listed[by_key["id"]]["enabled"] is False and listed[by_login["id"]]["enabled"] is True
+            await settle()
+            now[0] += 60
+            assert [r["schedule_id"] for r in await svc.tick()] == [by_login["id"]]  # off: no failed run per fire
+            await settle()
+            on = await svc.set_enabled(by_key["id"], True, p["desk"])
+            assert on["enabled"] is True and on["key_id"] == kid["desk"]
+            now[0] += 60
+            again = {r["schedule_id"]: r for r in await svc.tick()}
+            assert again[by_key["id"]]["state"] != "failed", again
+            await settle()
+            assert (await svc.get(again[by_key["id"]]["id"], p["desk"]))["state"] == "succeeded"
+
+            # a run queued by a key revoked before a worker takes it never starts
+            queued = await svc.submit(p["ci"], "ok.ipynb")
+            auth.revoke_key(kid["ci"], actor="test")
+            await settle()
+            run = await svc.get(queued["id"], p["desk"])
+            assert run["state"] == "failed" and run["started_at"] is None, run
+            assert kid["ci"] in run["error"]["evalue"], run
+        finally:
+            await svc.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        auth.close()
+        store.close()
+
+
 def test_retention_keeps_the_newest_runs_by_count_and_age(tmp_path: Path) -> None:
     from bkg_kernel.jobs.history import History
     from bkg_kernel.store import Store

@@ -665,16 +665,23 @@ class AuthService:
             raise Unauthorized(f"{p.username} has been disabled or deleted: this call no longer acts for them")
         held = frozenset(self.roles.get(user["role"], ()))
         if p.key_id is not None:
-            try:
-                rec: KeyRecord | None = self._key(p.key_id)
-            except NotFound:  # revoked keys leave `keys`
-                rec = None
-            if rec is None or (rec.expires_at is not None and rec.expires_at <= _now()):
+            live = self.live_key_scopes(p.key_id)
+            if live is None:
                 raise Unauthorized(f"key {p.key_id} has been revoked or has expired: this call no longer acts for "
                                    f"{p.username}")  # fmt: skip
-            held = self.key_scopes(rec)
+            held = live
         scopes = p.scopes & held
         return p if scopes == p.scopes else dataclasses.replace(p, scopes=scopes)
+
+    def live_key_scopes(self, key_id: str) -> frozenset[str] | None:
+        """The scopes key `key_id` holds now; None once it is revoked (or gone) or has expired."""
+        try:
+            rec = self._key(key_id)
+        except NotFound:  # revoked keys leave `keys`
+            return None
+        if rec.expires_at is not None and rec.expires_at <= _now():
+            return None
+        return self.key_scopes(rec)
 
     def _rate(self, rec: KeyRecord) -> None:
         limit = rec.rate_limit_per_min

@@ -1,4 +1,5 @@
-"""Runs and schedules as rows of the store's database (tables `job_runs` and `job_schedules`, migration 0006).
+"""Runs and schedules as rows of the store's database (tables `job_runs` and `job_schedules`, migrations 0006 and
+0008).
 
 Blocking: call these from a thread (the service does), never from the gateway's event loop. Times are Unix
 seconds; `parameters` and `error` are JSON.
@@ -18,6 +19,7 @@ RUN_COLUMNS = (
     "owner",
     "owner_id",
     "scopes",
+    "key_id",
     "schedule_id",
     "retry_of",
     "attempt",
@@ -44,6 +46,7 @@ SCHEDULE_COLUMNS = (
     "owner",
     "owner_id",
     "scopes",
+    "key_id",
     "timeout_s",
     "retries",
     "webhook_url",
@@ -165,12 +168,15 @@ class History:
                 [fire, run_id, schedule_id],
             )
 
-    def set_enabled(self, schedule_id: str, enabled: bool, last_fire: float | None = None) -> None:
-        """Enable or disable a schedule (an update only)."""
+    def set_enabled(
+        self, schedule_id: str, enabled: bool, last_fire: float | None = None, key_id: str | None = None
+    ) -> None:
+        """Enable or disable a schedule (an update only); enabling binds it to `key_id` (None: to no key)."""
         with self.mutex:
             self.con.execute(
-                "UPDATE job_schedules SET enabled = ?, last_fire = coalesce(?, last_fire) WHERE id = ?",
-                [enabled, last_fire, schedule_id],
+                "UPDATE job_schedules SET enabled = ?, last_fire = coalesce(?, last_fire), "
+                "key_id = CASE WHEN ? THEN ? ELSE key_id END WHERE id = ?",
+                [enabled, last_fire, enabled, key_id, schedule_id],
             )
 
     def schedule(self, schedule_id: str) -> dict[str, Any] | None:

@@ -3,14 +3,20 @@ schedule, notify.
 
 A run acts as its owner: it gets a bkg key made for it alone, with the scopes its owner held when they started
 (or scheduled) it and still hold, expiring after the run's timeout and revoked when it ends; the kernel sees that
-key and never the admin key. Every state change and cell is published on the WebSocket topic `jobs` (plugin
-`notebook`), and written to the store's database on a thread.
+key and never the admin key. A run or schedule made with an API key lives no longer than that key: once it is
+revoked or expired, a queued run fails before it starts and a schedule turns itself off at its next fire (until
+someone who holds its scopes turns it on again, with a key of their own). A login session or a Hub token stands for
+the user, not a key: what it made lives as long as the user's role allows.
+
+Every state change and cell is published on the WebSocket topic `jobs` (plugin `notebook`), and written to the
+store's database on a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -68,6 +74,7 @@ class JobService:
         self.rendering: dict[str, asyncio.Future[str | None]] = {}
         self.kill_reason: dict[str, str] = {}
         self.dispatched: set[str] = set()  # handed to the executor, waiting for a worker or running
+        self.run_keys: dict[str, str] = {}  # a running run's own key id -> the run's id
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.queue: asyncio.Queue[str] | None = None
         self.tasks: list[asyncio.Task[None]] = []
@@ -152,8 +159,8 @@ class JobService:
         path, params = await asyncio.to_thread(self._checked, notebook, parameters)
         run = new_run(
             notebook=notebooks.relative_name(path, self.roots), path=str(path), parameters=params,
-            owner=p.username, owner_id=p.user_id, scopes=sorted(p.scopes), schedule_id=schedule_id,
-            retry_of=retry_of, attempt=attempt, retries=retries, timeout_s=timeout_s,
+            owner=p.username, owner_id=p.user_id, scopes=sorted(p.scopes), key_id=self._vouching_key(p),
+            schedule_id=schedule_id, retry_of=retry_of, attempt=attempt, retries=retries, timeout_s=timeout_s,
             executor=self.settings.job_executor, created_at=self.clock(),
         )  # fmt: skip
         run_id = run["id"]
@@ -209,6 +216,7 @@ class JobService:
             if owner is not None and self.confirm is not None:
                 await self.confirm(owner)
             key_id, token = await asyncio.to_thread(self._run_key, run)
+            self.run_keys[key_id] = run["id"]
         except BkgError as exc:
             await self._finish(run, "failed", {"ename": type(exc).__name__, "evalue": exc.message})
             return
@@ -260,21 +268,28 @@ class JobService:
         await self._finish(run, state, error)
 
     def _run_key(self, run: dict[str, Any]) -> tuple[str, str]:
-        user = self.auth.users.get(run["owner_id"])
-        if user is None or user["disabled"]:
-            raise Forbidden(f"the run's owner {run['owner']!r} is disabled or deleted", field="owner")
-        held = set(self.auth.roles.get(user["role"], ()))
-        if RUN_SCOPE not in held:
+        owner = self._acting(run, "run")  # never more than the owner, and the key that started it, hold today
+        if RUN_SCOPE not in owner.scopes:
             raise Forbidden(f"the run's owner {run['owner']!r} no longer holds {RUN_SCOPE!r}", field="owner")
-        scopes = [s for s in run["scopes"] if s in held]  # never more than the owner holds today
         life = timedelta(seconds=(run["timeout_s"] or MAX_TIMEOUT) + KEY_GRACE)
         expires = datetime.now(UTC).replace(tzinfo=None) + life
-        rec, token = self.auth.create_key(user["id"], RUN_KEY + run["id"], scopes, expires, actor=run["owner"])
+        name = RUN_KEY + run["id"]
+        rec, token = self.auth.create_key(owner.user_id, name, sorted(owner.scopes), expires, actor=run["owner"])
         return str(rec["id"]), token
 
     def _revoke(self, key_id: str) -> None:
+        self.run_keys.pop(key_id, None)
         with contextlib.suppress(NotFound):
             self.auth.revoke_key(key_id, actor="jobs")
+
+    def _vouching_key(self, p: Principal) -> str | None:
+        """The API key a run or schedule that `p` makes lives no longer than: `p`'s own; for a run's kernel, the key
+        its run lives by; none for a login session or a Hub token (they stand for the user)."""
+        run_id = self.run_keys.get(p.key_id or "")
+        if run_id is not None:
+            run = self.live.get(run_id)
+            return run.get("key_id") if run is not None else p.key_id  # a run that ended: its key is revoked
+        return p.key_id
 
     def _on_event(self, run: dict[str, Any], ev: dict[str, Any]) -> None:
         kind = ev.get("event")
@@ -355,13 +370,29 @@ class JobService:
 
         await asyncio.to_thread(unlink)
 
-    def _owner(self, run: dict[str, Any]) -> Principal | None:
-        """The owner of a run or schedule as they are now: their stored scopes that their role still holds."""
-        user = self.auth.users.get(run["owner_id"])
+    def _owner(self, row: dict[str, Any]) -> Principal | None:
+        """The owner of a run or schedule as they are now: their stored scopes that their role still holds (None: the
+        owner is disabled or deleted). Its `key_id` is the key the row lives by, which this does not check."""
+        user = self.auth.users.get(row["owner_id"])
         if user is None or user["disabled"]:
             return None
         held = frozenset(self.auth.roles.get(user["role"], ()))
-        return Principal(user["id"], user["username"], user["role"], frozenset(run["scopes"]) & held, None, "job")
+        scopes = frozenset(row["scopes"]) & held
+        return Principal(user["id"], user["username"], user["role"], scopes, row.get("key_id"), "job")
+
+    def _acting(self, row: dict[str, Any], what: str) -> Principal:
+        """Who a run or schedule (`what`) acts as now: its owner with the scopes they and the key it lives by still
+        hold; 403 when the owner is disabled or deleted, `KeyGone` when that key was revoked or has expired."""
+        owner = self._owner(row)
+        if owner is None:
+            raise Forbidden(f"the {what}'s owner {row['owner']!r} is disabled or deleted", field="owner")
+        if owner.key_id is None:
+            return owner
+        held = self.auth.live_key_scopes(owner.key_id)
+        if held is None:
+            made = "started this run" if what == "run" else "turned this schedule on"
+            raise KeyGone(f"key {owner.key_id}, which {made}, has been revoked or has expired")
+        return dataclasses.replace(owner, scopes=owner.scopes & held)
 
     def _publish(self, run: dict[str, Any]) -> None:
         self.emit("jobs", "notebook", public(run) | {"owner_id": run["owner_id"]})  # the socket drops the id
@@ -465,6 +496,7 @@ class JobService:
             "owner": p.username,
             "owner_id": p.user_id,
             "scopes": sorted(p.scopes),
+            "key_id": self._vouching_key(p),
             "timeout_s": timeout_s,
             "retries": retries,
             "webhook_url": webhook,
@@ -506,7 +538,9 @@ class JobService:
         s["enabled"] = enabled
         if enabled:
             s["last_fire"] = max(s["last_fire"] or 0, self.clock())
-        await asyncio.to_thread(self.history.set_enabled, s["id"], enabled, s["last_fire"] if enabled else None)
+            s["key_id"] = self._vouching_key(p)  # from now on it lives as long as the key of who turned it on
+        last_fire = s["last_fire"] if enabled else None
+        await asyncio.to_thread(self.history.set_enabled, s["id"], enabled, last_fire, s.get("key_id"))
         return self._schedule_public(s)
 
     async def delete_schedule(self, schedule_id: str, p: Principal) -> None:
@@ -562,17 +596,24 @@ class JobService:
                 log.info("schedule %s: skipped the %s fire, its last run is still going", s["id"], fire)
                 await asyncio.to_thread(self.history.mark_fired, s["id"], fire, None)
                 continue
-            owner = self._owner(s)
             try:
-                if owner is None:
-                    raise Forbidden(f"the schedule's owner {s['owner']!r} is disabled or deleted", field="owner")
+                owner = self._acting(s, "schedule")
                 run = await self.submit(owner, s["notebook"], s["parameters"], s["timeout_s"], s["retries"],
                                         schedule_id=s["id"])  # fmt: skip
             except BkgError as exc:  # the owner sees a failed run (and its webhook fires), once per fire
                 run = await self._refused(s, exc)
+                if isinstance(exc, KeyGone):  # for good: off until someone turns it on again with a key of theirs
+                    await asyncio.to_thread(self.history.set_enabled, s["id"], False)
             await asyncio.to_thread(self.history.mark_fired, s["id"], fire, run["id"])
             started.append(run)
         return started
+
+
+class KeyGone(Forbidden):
+    """The API key a run or schedule lives by was revoked or has expired."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="key_id")
 
 
 def _sees(p: Principal, row: dict[str, Any]) -> bool:
