@@ -102,6 +102,24 @@ def test_new_password_or_disabling_ends_sessions(auth: AuthService) -> None:
         auth.authenticate(token)
 
 
+def test_what_a_session_started_stops_acting_for_the_user_once_it_ends(auth: AuthService) -> None:
+    """A long call or a queued job started from a login acts for the user only while that login lasts: logging
+    out, or a new password, ends it; another login of the same user is not touched."""
+    u = auth.create_user("dot", "developer", PW)
+    token, _ = auth.login("dot", PW, "10.0.0.2")
+    other_token, _ = auth.login("dot", PW, "10.0.0.2")
+    p = auth.authenticate(token)
+    assert auth.as_now(p) == p and "session" not in p.to_dict()
+    auth.logout(token)
+    with pytest.raises(Unauthorized, match="session"):
+        auth.as_now(p)
+    q = auth.authenticate(other_token)
+    assert auth.as_now(q) == q
+    auth.set_password(u["id"], "another long password")
+    with pytest.raises(Unauthorized, match="session"):
+        auth.as_now(q)
+
+
 def test_weaker_hashes_are_upgraded_at_login(auth: AuthService) -> None:
     u = auth.create_user("old", "viewer", PW)
     assert auth.users[u["id"]]["password_hash"].startswith(f"scrypt${2**17}$8$1$")

@@ -279,7 +279,8 @@ def test_inline_work_that_outlives_its_call_cannot_act_for_the_caller(pgw: Gatew
 
 def test_a_job_never_acts_for_a_caller_whose_key_or_user_ended_meanwhile(pgw: Gateway) -> None:
     """A plugin job carries its caller as they were when they asked: one that reaches the store after their key
-    was revoked is refused there, and one still queued when its user was disabled never starts."""
+    was revoked, or their login session ended, is refused there, and one still queued when its user was disabled
+    never starts."""
     c = pgw.client()
     assert _invoke(pgw, "probe.make", collection="probe").status_code in (200, 409)
     outcome = pgw.data_dir / "plugins" / "probein"
@@ -290,6 +291,21 @@ def test_a_job_never_acts_for_a_caller_whose_key_or_user_ended_meanwhile(pgw: Ga
     assert c.post(f"/admin/keys/{key_id}/revoke").status_code == 200
     done = wait_for(lambda: (outcome / "revoked.json").is_file() and (outcome / "revoked.json"), 30)
     assert "revoked" in json.loads(done.read_text())["refused"]
+
+    # the same for a login session that ends (logout) while its job runs
+    admin = pgw.client()
+    role, pw = {"name": "lou-role", "scopes": ["plugins:read", "collections:read"]}, "a long passphrase"
+    assert admin.post("/admin/roles", json=role).is_success
+    assert admin.post("/admin/users", json={"username": "lou", "role": "lou-role", "password": pw}).is_success
+    login = pgw.client(None).post("/auth/login", json={"username": "lou", "password": pw})
+    assert login.status_code == 200, login.text
+    as_lou = pgw.client(login.json()["token"])
+    assert "session" not in as_lou.get("/auth/me").json()  # the session's id is never shown
+    running = as_lou.post("/api/plugins/probein/invoke/probein.late_job", json={"seconds": 2, "tag": "logged-out"})
+    assert running.status_code == 202, running.text
+    assert as_lou.post("/auth/logout").status_code == 200
+    done = wait_for(lambda: (outcome / "logged-out.json").is_file() and (outcome / "logged-out.json"), 30)
+    assert "session" in json.loads(done.read_text())["refused"]
 
     key, _ = _user_key(pgw, "goner", ["plugins:read", "collections:read"])
     assert c.put("/api/plugins/probein/config", json={"config": {"max_concurrent": 1}}).status_code == 200

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bkg_kernel.errors import Forbidden
@@ -42,6 +42,9 @@ class Principal:
     scopes: frozenset[str]
     key_id: str | None = None
     via: str = "key"
+    # the login session a "session" principal came from (the hash the store keeps, never the token): what it
+    # started stops acting for the user once that session ends (`AuthService.as_now`); never shown or carried
+    session: str | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the principal as JSON data."""

@@ -658,11 +658,17 @@ class AuthService:
 
     def as_now(self, p: Principal) -> Principal:
         """The caller of a call that began earlier (a queued plugin job, a long one reaching the store), as they are
-        now: 401 once their user is disabled or deleted or their key revoked or expired; their scopes narrowed to
-        what they still hold. A credential never outlives what it stood for."""
+        now: 401 once their user is disabled or deleted, their key revoked or expired, or the login session it came
+        from ended (logged out, expired, or ended by a new password); their scopes narrowed to what they still
+        hold. A credential never outlives what it stood for."""
         user = self.users.get(p.user_id)
         if user is None or user["disabled"]:
             raise Unauthorized(f"{p.username} has been disabled or deleted: this call no longer acts for them")
+        if p.session is not None:
+            found = self.sessions.get(p.session)
+            if found is None or found[1] <= _now():
+                raise Unauthorized(f"the login session of {p.username} that made this call has ended: it no longer "
+                                   "acts for them")  # fmt: skip
         held = frozenset(self.roles.get(user["role"], ()))
         if p.key_id is not None:
             live = self.live_key_scopes(p.key_id)
@@ -742,19 +748,21 @@ class AuthService:
                 self.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [pw, u["id"]])
                 u["password_hash"] = pw
         self.audit(username, "auth.login", username, address=address)
-        return token, self._principal(u, "session")
+        return token, self._principal(u, "session", token_hash)
 
     def _session(self, token: str) -> Principal:
-        found = self.sessions.get(ks.hash_secret(token))
+        token_hash = ks.hash_secret(token)
+        found = self.sessions.get(token_hash)
         if found is None or found[1] <= _now():
             raise Unauthorized("session expired or unknown: log in again")
         u = self.users.get(found[0])
         if u is None or u["disabled"]:
             raise Unauthorized("the session's user is disabled or deleted")
-        return self._principal(u, "session")
+        return self._principal(u, "session", token_hash)
 
-    def _principal(self, u: dict[str, Any], via: str) -> Principal:
-        return Principal(u["id"], u["username"], u["role"], frozenset(self.roles.get(u["role"], ())), None, via)
+    def _principal(self, u: dict[str, Any], via: str, session: str | None = None) -> Principal:
+        role = frozenset(self.roles.get(u["role"], ()))
+        return Principal(u["id"], u["username"], u["role"], role, None, via, session)
 
     def logout(self, token: str) -> None:
         """End a session (at once in memory; the row goes by the writer thread)."""
