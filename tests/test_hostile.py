@@ -182,6 +182,29 @@ def test_a_body_parsed_whole_is_bounded_and_capped_arrays_are_refused_as_read(gw
     assert r.status_code == 200 and c.get("/api/collections/capped").json()["count"] == 0
 
 
+def test_who_may_not_call_a_big_body_route_gets_401_or_403_before_the_body_is_parsed(gw: Gateway) -> None:
+    """The routes that parse their JSON body themselves (embeddings, chat, rerank, collections) check the caller
+    first: one without the route's scope learns nothing of what the body should be (403 naming the scope, not the
+    body's 422), and a malformed body from someone without credentials is their 401."""
+    c = gw.client()
+    user = c.post("/admin/users", json={"username": "peeker", "role": "viewer"}).json()
+    key = c.post("/admin/keys", json={"name": "peeker's", "user_id": user["id"]}).json()["key"]
+    viewer = gw.client(key)
+    c.post("/api/collections", json={"name": "peeked", "dim": 2})
+    for path, body, scope in [
+        ("/v1/embeddings", {"input": [1] * 3000}, "llm:use"),
+        ("/api/embed", {"model": "candle:x", "input": ["a"] * 10_001}, "llm:use"),
+        ("/api/rerank", {"model": "candle:x", "query": "q", "documents": ["d"] * 1001}, "llm:use"),
+        ("/api/collections/peeked/points/delete", {"ids": [1] * 200_000}, "collections:write"),
+    ]:
+        r = viewer.post(path, json=body)
+        assert r.status_code == 403 and scope in r.json()["error"]["message"], (path, r.text)
+        assert c.post(path, json=body).status_code == 422, path  # the same body from one who may: its 422
+    bad = {"content": b'{"input": [1, 2', "headers": {"content-type": "application/json"}}
+    assert viewer.post("/v1/embeddings", **bad).status_code == 403
+    assert gw.client(None).post("/v1/embeddings", **bad).status_code == 401
+
+
 def test_limits_name_what_was_too_much(gw: Gateway) -> None:
     c = gw.client()
     c.post("/api/collections", json={"name": "lim", "dim": 2}).raise_for_status()

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from bkg_kernel.errors import BkgError, Unauthorized
 from bkg_kernel.gateway.errors import error_response
-from bkg_kernel.gateway.jupyterhub import route_path, token_of
+from bkg_kernel.gateway.jupyterhub import hub_caller, route_path, token_of
 from bkg_kernel.runtime import bodyjson
 
 ANONYMOUS_BYTES = 64 * 1024  # the biggest body read without credentials
@@ -176,6 +176,9 @@ async def _credentialed(scope: dict[str, Any]) -> bool:
     return True
 
 
+_NONE = object()
+
+
 class CheckedJSONRoute(APIRoute):
     """A route whose JSON body may be big (texts to embed, a chat's messages, ids to fetch): FastAPI would parse it on
     the event loop in one call, and pydantic validates every element of an over-long list before it says the list is
@@ -193,8 +196,16 @@ class CheckedJSONRoute(APIRoute):
         if self.body_field is None:
             return handler
         caps: dict[str, int] = {"*": DEFAULT_ITEMS, **getattr(self.body_model(), "MAX_ITEMS", {})}
+        # the route's caller checks (`state.Need`), run before the body is read: who may not call it learns nothing
+        # of what its body should be, and costs no parsing
+        needs = [s for d in self.dependant.dependencies if (s := getattr(d.call, "checks_scope", _NONE)) is not _NONE]
 
         async def checked(request: Request) -> Response:
+            if needs:
+                await hub_caller(request)  # a Hub token's caller (asynchronously), as the app-wide dependency finds it
+                gw = request.app.state.gateway
+                for scope in needs:
+                    gw.principal(request, scope)  # kept on the request: the route's own check gets this one
             body = await request.body()
             if not body or not _is_json(request.headers.get("content-type", "")):
                 return await handler(request)

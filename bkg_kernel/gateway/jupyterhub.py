@@ -348,7 +348,7 @@ async def hub_caller(conn: HTTPConnection) -> None:
     """App-wide dependency: a request with a Hub token (or, for a GET, the Hub login cookie) gets its caller here,
     asynchronously, so every route's own check sees it (`request.state.principal`)."""
     trust: HubTrust | None = getattr(conn.app.state.gateway, "hub_trust", None)
-    if trust is None:
+    if trust is None or getattr(conn.state, "principal", None) is not None:  # none, or found already
         return
     token = token_of(conn)
     if trust.is_hub_token(token):

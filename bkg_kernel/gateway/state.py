@@ -182,13 +182,21 @@ def gateway(request: Request) -> Gateway:
     return gw
 
 
+class Need:
+    """FastAPI dependency: the caller's Principal, after checking `checks_scope` (None: any valid credentials). A
+    `CheckedJSONRoute` runs it before it reads the body (a caller without the scope gets the 403, not the body's
+    422)."""
+
+    def __init__(self, scope: str | None) -> None:
+        self.checks_scope = scope
+
+    async def __call__(self, request: Request) -> Principal:  # async: no thread-pool hop for an in-memory check
+        return gateway(request).principal(request, self.checks_scope)
+
+
 def need(scope: str | None) -> Any:
     """FastAPI dependency: the caller's Principal, after checking `scope` (None: any valid credentials)."""
-
-    async def dep(request: Request) -> Principal:  # async: no thread-pool hop for an in-memory check
-        return gateway(request).principal(request, scope)
-
-    return dep
+    return Need(scope)
 
 
 def version() -> str:
