@@ -3,10 +3,13 @@
 A command is an argv template from the settings, never a shell line: extra arguments are appended as argv
 items only where the command allows them. The child runs in the workspace with a scrubbed environment,
 `resource` rlimits (CPU seconds, address space, file size, no core files), stdin closed, in its own
-process group; on timeout or cancel the whole group is killed, and after a normal exit too (so a
-daemonised grandchild does not outlive it). A small launcher leads the group and waits for the command: when the
-worker dies without a word (SIGKILLed, or with its gateway) the kernel tells the launcher, which kills the whole
-group, the command's background children included (a child that leaves the group with `setsid` escapes this).
+process group. A small launcher leads the group, waits for the command and is its children's subreaper
+(PR_SET_CHILD_SUBREAPER): whatever the command starts, in the group or out of it (`setsid`, a double-forked
+daemon), is reparented to the launcher when its parent dies, never to init. Before the launcher exits, after the
+command's normal exit, when the worker tells it to stop (a timeout, a cancel), or when the worker dies without a
+word (SIGKILLed, or with its gateway: the kernel tells it, PR_SET_PDEATHSIG), it kills every descendant left; the
+worker then kills the group as well. What remains out of reach of a process-level sandbox: a descendant it may not
+signal (a setuid program), and the descendants of a launcher that is itself SIGKILLed before it could sweep.
 Output is read as it comes, handed to `on_output`, and kept up to a cap.
 """
 
@@ -108,7 +111,8 @@ def run(
     on_output: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Outcome:
-    """Run `argv` in its own process group with rlimits; kill the group on timeout or when `should_stop()`."""
+    """Run `argv` in its own process group with rlimits; kill it and every descendant when it ends, on timeout
+    or when `should_stop()`."""
 
     mb = 1024 * 1024
     rl = [limits.cpu_seconds, limits.memory_mb * mb, limits.file_size_mb * mb]
@@ -151,10 +155,17 @@ def run(
                     stopped = True
                     break
     finally:
-        _kill_group(proc.pid)  # children too, whether it ended, timed out or was stopped
+        if proc.poll() is None:  # timed out or stopped: the launcher kills every descendant, then itself
+            proc.send_signal(_TOLD)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        _kill_group(proc.pid)  # the group too, whether it ended, timed out or was stopped (the launcher if stuck)
         proc.wait()
         reader.join(5)
     duration = time.monotonic() - t0
+    code = proc.returncode
+    if (timed_out or stopped) and code == -_TOLD:  # told before it could catch it: it had started nothing
+        code = -signal.SIGKILL
     output = b"".join(kept).decode(errors="replace")
     if timed_out:
         output += f"\n[killed after {timeout_s:g} s: the command and its children were stopped]\n"
@@ -162,28 +173,62 @@ def run(
         output += "\n[cancelled: the command and its children were stopped]\n"
     if size[1] > size[0]:
         output += f"\n[output cut at {limits.max_output_bytes} bytes of {size[1]}]\n"
-    return Outcome(proc.returncode, output, size[1] > size[0], timed_out, round(duration, 3))
+    return Outcome(code, output, size[1] > size[0], timed_out, round(duration, 3))
 
+
+# A signal no command sends its own group (a `kill -TERM 0` stays the command's business): the worker's word to
+# the launcher to stop (and the kernel's, when the worker dies).
+_TOLD = signal.SIGRTMIN + 3
 
 _LIMITER = """
-import ctypes, os, resource, signal, sys
+import ctypes, os, resource, signal, sys, time
 cpu, mem, fsize, parent = (int(v) for v in sys.argv[1:5])
 prctl = getattr(ctypes.CDLL(None), "prctl", None)
-
-
-def end_group(*_):  # the worker died: the command and whatever it started in its group go too
-    os.killpg(0, signal.SIGKILL)
-
-
-# a signal no command sends its own group (a `kill -TERM 0` stays the command's business)
-told = signal.SIGRTMIN + 3
-signal.signal(told, end_group)
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the workspace, the command's or this one's
-if prctl is not None:  # told when the worker that runs it dies (PR_SET_PDEATHSIG)
-    prctl(1, told)
-if os.getppid() != parent:
-    end_group()
 launcher = os.getpid()
+
+
+def children():  # every process whose parent is this launcher (/proc/N/stat: the ppid is after the last ')')
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        if int(stat.rsplit(b")", 1)[1].split()[1]) == launcher:
+            found.append(int(name))
+    return found
+
+
+def sweep():  # kill every descendant: each one killed hands its own children to this subreaper, so until none
+    end = time.monotonic() + 3
+    while time.monotonic() < end:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:  # no child left, so no descendant either
+            return
+        for pid in children():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:  # gone, or one it may not signal (setuid)
+                pass
+        time.sleep(0.01)
+
+
+def stop(*_):  # the worker timed out, cancelled, or died: the command and all it started go, then this launcher
+    sweep()
+    os.kill(launcher, signal.SIGKILL)
+
+
+told = signal.SIGRTMIN + 3  # sandbox._TOLD
+signal.signal(told, stop)
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the workspace, the command's or this one's
+if prctl is not None:  # told when the worker that runs it dies (PR_SET_PDEATHSIG); orphans of the command
+    prctl(1, told)  # come to this launcher, not to init (PR_SET_CHILD_SUBREAPER)
+    prctl(36, 1)
+if os.getppid() != parent:
+    stop()
 pid = os.fork()
 if pid == 0:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
@@ -199,7 +244,12 @@ if pid == 0:
     except OSError as exc:
         os.write(2, f"cannot run {sys.argv[5]}: {exc}\\n".encode())
         os._exit(127)
-_, status = os.waitpid(pid, 0)
+while True:  # reap the orphans that come meanwhile too, until the command itself ends
+    got, status = os.waitpid(-1, 0)
+    if got == pid:
+        break
+signal.signal(told, signal.SIG_IGN)  # it ended: the sweep below does what a late word would ask
+sweep()
 code = os.waitstatus_to_exitcode(status)
 if code < 0:  # killed by a signal: so is this launcher, and the worker sees that signal
     try:
