@@ -57,7 +57,8 @@ async def defaults_registered(request: Request) -> None:
 async def list_models(request: Request, kind: str | None = None) -> dict[str, Any]:
     """Every registered model (of one kind)."""
     await defaults_registered(request)
-    return {"models": [m.model_dump() for m in registry(request).list(kind)]}
+    reg = registry(request)  # the manifest is a file: read (and validated) on a thread, never on the loop
+    return {"models": await asyncio.to_thread(lambda: [m.model_dump() for m in reg.list(kind)])}
 
 
 @router.post("/api/models", status_code=201)
@@ -101,7 +102,9 @@ async def add_model(
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     """One model's manifest entry."""
     await defaults_registered(request)
-    return registry(request).get(model_id).model_dump()
+    reg = registry(request)
+    out: dict[str, Any] = await asyncio.to_thread(lambda: reg.get(model_id).model_dump())
+    return out
 
 
 # Hashing a model reads all of it (gigabytes): verifies run on their own two threads, never the pool every other

@@ -9,13 +9,27 @@ import asyncio
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.plugins.llmserver.schemas import ChatRequest, CompletionRequest, EmbedRequest
+from bkg_kernel.runtime.bodyjson import RawJSON
 from bkg_kernel.runtime.contract import GatewayAPI
 from bkg_kernel.runtime.sse import event_stream
+
+BIG = 64 * 1024  # a body over this is handed to the worker as JSON bytes, dumped and encoded on a thread
+
+
+async def handed(body: BaseModel, request: Request) -> Any:
+    """A request's validated body as the worker takes it. A big one (a long chat, a batch to embed: up to 8 MiB) is
+    dumped and encoded on a thread and goes as JSON bytes the worker parses (`RawJSON`): dumping and pickling it
+    here would hold the event loop for tens of milliseconds."""
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) <= BIG:
+        return body.model_dump(mode="json", exclude_unset=True)
+    return await asyncio.to_thread(lambda: RawJSON(orjson.dumps(body.model_dump(mode="json", exclude_unset=True))))
 
 
 def build(api: GatewayAPI) -> APIRouter:
@@ -32,34 +46,35 @@ def build(api: GatewayAPI) -> APIRouter:
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(
-        body: ChatRequest, p: Annotated[Principal, Depends(llm)]
+        body: ChatRequest, request: Request, p: Annotated[Principal, Depends(llm)]
     ) -> JSONResponse | StreamingResponse:
         """Chat (streaming with SSE when `stream` is true)."""
-        return await _answer(p, "llm.chat", "/v1/chat/completions", body.model_dump(mode="json", exclude_unset=True))
+        return await _answer(p, "llm.chat", "/v1/chat/completions", body, await handed(body, request))
 
     @router.post("/completions", response_model=None)
     async def completions(
-        body: CompletionRequest, p: Annotated[Principal, Depends(llm)]
+        body: CompletionRequest, request: Request, p: Annotated[Principal, Depends(llm)]
     ) -> JSONResponse | StreamingResponse:
         """Text completion (streaming with SSE when `stream` is true)."""
-        return await _answer(p, "llm.complete", "/v1/completions", body.model_dump(mode="json", exclude_unset=True))
+        return await _answer(p, "llm.complete", "/v1/completions", body, await handed(body, request))
 
     @router.post("/embeddings")
-    async def embeddings(body: EmbedRequest, p: Annotated[Principal, Depends(llm)]) -> Response:
+    async def embeddings(body: EmbedRequest, request: Request, p: Annotated[Principal, Depends(llm)]) -> Response:
         """Embeddings of one text or a batch."""
-        result = await api.invoke("llmserver", "llm.embed", body.model_dump(mode="json", exclude_unset=True), p)
+        result = await api.invoke("llmserver", "llm.embed", await handed(body, request), p)
         api.record_usage(p, "/v1/embeddings", result)
         # a batch of embeddings is megabytes of numbers: encoded in a thread, not on the event loop
         return Response(await asyncio.to_thread(orjson.dumps, result), media_type="application/json")
 
     async def _answer(
-        p: Principal, capability: str, route: str, data: dict[str, Any]
+        p: Principal, capability: str, route: str, body: ChatRequest | CompletionRequest, data: Any
     ) -> JSONResponse | StreamingResponse:
-        if not data.get("stream"):
+        if not body.stream:
             result = await api.invoke("llmserver", capability, data, p)
             api.record_usage(p, route, result)
             return JSONResponse(result)
-        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        options = (body.model_extra or {}).get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
 
         def render(chunk: dict[str, Any]) -> dict[str, Any] | None:
             if "usage" in chunk and not chunk.get("choices"):
