@@ -473,7 +473,7 @@ class JobService:
         cron, tz = body.get("cron"), body.get("timezone") or "UTC"
         if not isinstance(tz, str):
             raise InvalidInput("timezone must be an IANA time zone name", field="timezone")
-        schedule.check(str(cron), tz)
+        await asyncio.to_thread(schedule.check, str(cron), tz)  # croniter's work, on a thread like every fire time
         path, params = await asyncio.to_thread(self._checked, str(body.get("notebook")), body.get("parameters"))
         webhook = body.get("webhook_url")
         if webhook is not None:
@@ -506,7 +506,7 @@ class JobService:
             "last_run_id": None,
         }
         await asyncio.to_thread(self.history.save_schedule, row)
-        return self._schedule_public(row)
+        return await asyncio.to_thread(self._schedule_public, row)
 
     def _schedule_public(self, s: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in s.items() if k not in ("owner_id", "scopes")}
@@ -518,8 +518,11 @@ class JobService:
 
     async def schedules(self, p: Principal) -> list[dict[str, Any]]:
         """Schedules `p` may see, with their next run time."""
-        rows = await asyncio.to_thread(self.history.schedules)
-        return [self._schedule_public(s) for s in rows if _sees(p, s)]
+
+        def listed() -> list[dict[str, Any]]:  # a next fire time each: croniter's work, off the event loop
+            return [self._schedule_public(s) for s in self.history.schedules() if _sees(p, s)]
+
+        return await asyncio.to_thread(listed)
 
     async def _schedule(self, schedule_id: str, p: Principal) -> dict[str, Any]:
         s = await asyncio.to_thread(self.history.schedule, schedule_id)
@@ -541,7 +544,7 @@ class JobService:
             s["key_id"] = self._vouching_key(p)  # from now on it lives as long as the key of who turned it on
         last_fire = s["last_fire"] if enabled else None
         await asyncio.to_thread(self.history.set_enabled, s["id"], enabled, last_fire, s.get("key_id"))
-        return self._schedule_public(s)
+        return await asyncio.to_thread(self._schedule_public, s)
 
     async def delete_schedule(self, schedule_id: str, p: Principal) -> None:
         """Delete a schedule (its runs stay)."""
@@ -567,6 +570,22 @@ class JobService:
         await self._finish(run, "failed", {"ename": type(exc).__name__, "evalue": exc.message})
         return public(run)
 
+    def _due(self, now: float) -> list[tuple[dict[str, Any], float]]:
+        """The enabled schedules with a fire due at `now`, and that fire (blocking: croniter's work for every
+        schedule, on a thread)."""
+        due = []
+        for s in self.history.schedules():
+            if not s["enabled"]:
+                continue
+            try:
+                fire = schedule.due(s["cron"], s["timezone"], s["last_fire"] or 0, now)
+            except Exception:  # one unreadable schedule never stops the others
+                log.exception("schedule %s: cannot compute its fire times", s["id"])
+                continue
+            if fire is not None:
+                due.append((s, fire))
+        return due
+
     async def _ticks(self) -> None:
         while True:
             try:
@@ -581,16 +600,7 @@ class JobService:
         """Start the runs that schedules have due at `now` (default: the clock); return them."""
         now = self.clock() if now is None else now
         started = []
-        for s in await asyncio.to_thread(self.history.schedules):
-            if not s["enabled"]:
-                continue
-            try:
-                fire = schedule.due(s["cron"], s["timezone"], s["last_fire"] or 0, now)
-            except Exception:  # one unreadable schedule never stops the others
-                log.exception("schedule %s: cannot compute its fire times", s["id"])
-                continue
-            if fire is None:
-                continue
+        for s, fire in await asyncio.to_thread(self._due, now):
             busy = any(r["schedule_id"] == s["id"] for r in self.live.values())  # queued counts: no backlog
             if busy and self.settings.job_overlap == "skip":
                 log.info("schedule %s: skipped the %s fire, its last run is still going", s["id"], fire)
