@@ -199,6 +199,93 @@ def test_stats_unload_and_errors(cgw: Gateway) -> None:
     assert r.status_code == 422 and "candle runs" in r.json()["error"]["message"]
 
 
+def register_programs(g: Gateway, folder: Path, scales: dict[str, float]) -> None:
+    """Register one TorchScript program per id, `x * scale`: real models that load in milliseconds."""
+    import torch
+
+    class Scale(torch.nn.Module):
+        def __init__(self, k: float) -> None:
+            super().__init__()
+            self.k = k
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.k
+
+    for model_id, k in scales.items():
+        path = folder / f"{model_id}.pt"
+        torch.jit.script(Scale(k)).save(str(path))
+        r = g.client().post("/api/models", json={"path": str(path), "import_mode": "copy", "id": model_id})
+        assert r.status_code == 201, r.text
+
+
+def configure(g: Gateway, config: dict[str, Any]) -> dict[str, Any]:
+    """Put candle's config (it restarts to apply it); return the config it had."""
+    c = g.client()
+    before: dict[str, Any] = c.get("/api/plugins/candle/config").json()["config"]
+    c.put("/api/plugins/candle/config", json={"config": {**before, **config}}).raise_for_status()
+    wait_for(lambda: c.get("/api/plugins/candle/status").json()["state"] == "running", timeout=120)
+    return before
+
+
+def run_program(g: Gateway, model_id: str) -> Any:
+    r = invoke(g, "candle.run", {"model_id": model_id, "inputs": [{"data": [[1.0, 2.0]], "dtype": "float32"}]})
+    assert r.status_code == 200, r.text
+    return r.json()["outputs"][0]["data"]
+
+
+def loaded(g: Gateway) -> list[str]:
+    return [m["model_id"] for m in invoke(g, "candle.stats", {}).json()["loaded"]]
+
+
+def test_at_most_max_loaded_models_stay_loaded_least_recently_used_out_first(cgw: Gateway, tmp_path: Path) -> None:
+    """Any caller who may embed (llm:use) makes candle load the model it names: at most `max_loaded` stay loaded,
+    the least recently used one is unloaded to make room, and a call on it later loads it again."""
+    register_programs(cgw, tmp_path, {"lru-a": 1.0, "lru-b": 2.0, "lru-c": 3.0})
+    before = configure(cgw, {"max_loaded": 2})
+    try:
+        c = cgw.client()
+        assert run_program(cgw, "lru-a") == [[1.0, 2.0]] and run_program(cgw, "lru-b") == [[2.0, 4.0]]
+        assert loaded(cgw) == ["lru-a", "lru-b"]
+        run_program(cgw, "lru-a")  # a is now the more recently used: b goes when c comes
+        assert run_program(cgw, "lru-c") == [[3.0, 6.0]]
+        assert loaded(cgw) == ["lru-a", "lru-c"] and invoke(cgw, "candle.stats", {}).json()["max_loaded"] == 2
+        assert c.get("/api/plugins/candle/health").json()["loaded"] == ["lru-a", "lru-c"]
+        lines = c.get("/api/plugins/candle/logs", params={"search": "unloaded lru-b"}).json()["lines"]
+        assert "least recently used" in json.dumps(lines) and "to load lru-c" in json.dumps(lines), lines
+        assert run_program(cgw, "lru-b") == [[2.0, 4.0]]  # evicted, still usable: loaded again, a goes
+        assert loaded(cgw) == ["lru-b", "lru-c"]
+        # an explicit load obeys the cap too
+        r = invoke(cgw, "candle.model.load", {"model_id": "lru-a"})
+        assert r.status_code == 200 and [m["model_id"] for m in r.json()["loaded"]] == ["lru-a", "lru-b"]
+
+        # a key with only llm:use embeds with every registered model it can name: never more than 2 stay loaded
+        assert c.post("/admin/roles", json={"name": "embedder", "scopes": ["llm:use"]}).status_code == 201
+        user = c.post("/admin/users", json={"username": "emma", "role": "embedder"}).json()
+        emma = cgw.client(c.post("/admin/keys", json={"name": "emma's", "user_id": user["id"]}).json()["key"])
+        for model_id in ("lru-a", "lru-b", "lru-c", DEFAULT_EMBEDDER):
+            r = emma.post("/api/embed", json={"model": f"candle:{model_id}", "input": ["a small cat"]})
+            assert r.status_code == (200 if model_id == DEFAULT_EMBEDDER else 422), r.text
+            assert model_id in loaded(cgw) and len(loaded(cgw)) == 2
+        assert loaded(cgw) == sorted(["lru-c", DEFAULT_EMBEDDER])
+    finally:
+        configure(cgw, before)
+
+
+def test_an_idle_model_is_unloaded_after_keep_alive_s(cgw: Gateway, tmp_path: Path) -> None:
+    register_programs(cgw, tmp_path, {"idle-a": 4.0})
+    before = configure(cgw, {"keep_alive_s": 1})
+    try:
+        assert run_program(cgw, "idle-a") == [[4.0, 8.0]] and "idle-a" in loaded(cgw)
+        assert invoke(cgw, "candle.stats", {}).json()["keep_alive_s"] == 1
+        wait_for(lambda: "idle-a" not in loaded(cgw), timeout=30)
+        assert "idle-a" not in cgw.client().get("/api/plugins/candle/health").json()["loaded"]
+        lines = cgw.client().get("/api/plugins/candle/logs", params={"search": "unloaded idle-a"}).json()["lines"]
+        assert "keep_alive_s 1" in json.dumps(lines), lines
+        assert run_program(cgw, "idle-a") == [[4.0, 8.0]] and "idle-a" in loaded(cgw)  # loaded again on use
+    finally:
+        configure(cgw, before)
+
+
 def test_cuda_without_a_gpu_is_a_clear_start_error(cgw: Gateway) -> None:
     """The GPU path cannot run here: asking for it must fail the start with the reason, and auto must pick cpu."""
     c = cgw.client()

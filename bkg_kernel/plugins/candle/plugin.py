@@ -2,17 +2,22 @@
 
 Loads registered models (sentence-transformers and other transformers folders, TorchScript and torch.export
 programs), runs them, and quantizes them into new registered models with a measured quality report.
+
+Any caller who may embed (llm:use) makes candle load the model it names, so what stays loaded is bounded like
+Ollama's OLLAMA_MAX_LOADED_MODELS and keep_alive: at most `max_loaded` models (the least recently used one is
+unloaded to make room) and none idle longer than `keep_alive_s`.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
@@ -52,6 +57,15 @@ class CandleSettings(PluginSettings):
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: the GPU when torch sees one.")
     threads: int | None = Field(None, ge=1, le=256, description="torch threads (default OMP_NUM_THREADS or all cores).")
     preload: list[str] = Field(default_factory=list, description="Models to load when the plugin starts.")
+    max_loaded: int = Field(
+        3, ge=1, le=64, description="Models kept loaded at once; loading one more unloads the least recently used."
+    )
+    keep_alive_s: float | None = Field(
+        1800.0, ge=1, description="Seconds an idle model stays loaded; None: until max_loaded or an unload drops it."
+    )
+
+    # they only bound the memory the plugin holds, as max_concurrent does: an operator (plugins:write) may change them
+    tunable_fields: ClassVar[tuple[str, ...]] = (*PluginSettings.tunable_fields, "max_loaded", "keep_alive_s")
 
 
 class Empty(BaseModel):
@@ -116,6 +130,8 @@ class Stats(BaseModel):
     threads: int
     rss_bytes: int
     loaded: list[dict[str, Any]]
+    max_loaded: int
+    keep_alive_s: float | None
 
 
 class Loaded(BaseModel):
@@ -145,13 +161,24 @@ class Candle(Plugin):
         self.device = runners.pick_device(self.settings.device)
         self.runners: dict[str, runners.Runner] = {}
         self.info: dict[str, dict[str, Any]] = {}
+        self.used: dict[str, float] = {}  # model id -> time.monotonic() of its last use: least recently used first out
         self.lock = threading.Lock()
+        self.stopped = threading.Event()
         self.log.info("torch %s on %s, %d threads", torch.__version__, self.device, torch.get_num_threads())
+        if len(self.settings.preload) > self.settings.max_loaded:
+            n, most = len(self.settings.preload), self.settings.max_loaded
+            self.log.warning("preload names %d models, max_loaded is %d: only the last %d stay loaded", n, most, most)
         for model_id in self.settings.preload:
             self._runner(model_id)
+        if self.settings.keep_alive_s is not None:
+            threading.Thread(target=self._unload_idle_until_stopped, name="candle-keep-alive", daemon=True).start()
 
     def stop(self) -> None:
-        self.runners.clear()
+        self.stopped.set()
+        with self.lock:
+            self.runners.clear()
+            self.info.clear()
+            self.used.clear()
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "device": self.device, "loaded": sorted(self.runners)}
@@ -180,9 +207,15 @@ class Candle(Plugin):
             r = self.runners.get(model_id)
             if r is not None:
                 self.info[model_id]["last_used"] = time.time()
+                self.used[model_id] = time.monotonic()
                 return r
             kind, path = self._resolve(model_id)
             self._check_base(model_id, path)
+            while len(self.runners) >= self.settings.max_loaded:  # room first: the load gets the memory freed
+                lru = min(self.used, key=self.used.__getitem__)
+                why = f"least recently used of {len(self.runners)} (max_loaded {self.settings.max_loaded})"
+                self._unload_locked(lru, f"{why}, to load {model_id}")
+                gc.collect()
             t0 = time.perf_counter()
             r = runners.load(model_id, kind, path, self.device, self._resolve)
             self.runners[model_id] = r
@@ -196,11 +229,37 @@ class Candle(Plugin):
                 "loaded_at": time.time(),
                 "last_used": time.time(),
             }
+            self.used[model_id] = time.monotonic()
             self.log.info("loaded %s (%s) in %.2fs", model_id, r.task, time.perf_counter() - t0)
             return r
 
+    def _unload_locked(self, model_id: str, why: str) -> None:
+        """Drop a loaded model (under `self.lock`); a call running on it keeps its runner until it returns."""
+        del self.runners[model_id], self.info[model_id], self.used[model_id]
+        self.log.info("unloaded %s: %s", model_id, why)
+
+    def _unload_idle(self) -> float:
+        """Unload the models idle for `keep_alive_s`; return the seconds until the next one would be (at most 60, and
+        at most `keep_alive_s` when none is loaded: a model loaded meanwhile is not left loaded past its time)."""
+        keep = self.settings.keep_alive_s
+        assert keep is not None
+        with self.lock:
+            now = time.monotonic()
+            idle = [m for m, t in self.used.items() if now - t >= keep]
+            for m in idle:
+                self._unload_locked(m, f"idle for {now - self.used[m]:.0f}s (keep_alive_s {keep:g})")
+            wait = min((t + keep - now for t in self.used.values()), default=keep)
+        if idle:
+            gc.collect()
+        return min(wait, 60.0)
+
+    def _unload_idle_until_stopped(self) -> None:
+        while not self.stopped.wait(self._unload_idle()):
+            pass
+
     def _loaded(self) -> list[dict[str, Any]]:
-        return [self.info[m] for m in sorted(self.runners)]
+        info = dict(self.info)  # a snapshot: the keep-alive thread may unload a model meanwhile
+        return [info[m] for m in sorted(info)]
 
     # -- capabilities -----------------------------------------------------------------------------
     @capability("candle.model.load", scope="plugins:write")
@@ -213,11 +272,9 @@ class Candle(Plugin):
     def unload_model(self, inp: LoadRequest) -> Loaded:
         """Unload a model and free its memory."""
         with self.lock:
-            if self.runners.pop(inp.model_id, None) is None:
+            if inp.model_id not in self.runners:
                 raise NotFound(f"model {inp.model_id!r} is not loaded", field="model_id")
-            self.info.pop(inp.model_id, None)
-        import gc
-
+            self._unload_locked(inp.model_id, "candle.model.unload")
         gc.collect()
         return Loaded(loaded=self._loaded())
 
@@ -243,6 +300,8 @@ class Candle(Plugin):
             threads=torch.get_num_threads(),
             rss_bytes=psutil.Process().memory_info().rss,
             loaded=self._loaded(),
+            max_loaded=self.settings.max_loaded,
+            keep_alive_s=self.settings.keep_alive_s,
         )
 
     @capability("candle.quantize", scope="plugins:write")
