@@ -186,19 +186,120 @@ def test_a_key_made_for_someone_else_never_gains_what_their_role_gains_later(gw:
 
 
 def test_a_refused_part_of_a_user_change_changes_nothing(gw: Gateway, setup_key: str) -> None:
-    """A user manager may set a keys-only user's password but not give them the developer role: asked for both
-    at once, they get the 403 and the password stays what it was (sessions included)."""
+    """A user manager may disable a keys-only user but not give them the developer role: asked for both at once,
+    they get the 403 and the user stays as they were (sessions included). Nor may they set the password (a login
+    as them would follow their role wherever it goes later): that takes every scope, as the admin holds."""
     admin = gw.client(setup_key)
     um = admin.post("/admin/users", json={"username": "um-atomic", "role": "users-keys"}).json()
     u = gw.client(admin.post("/admin/keys", json={"name": "um", "user_id": um["id"]}).json()["key"])
     target = admin.post("/admin/users", json={"username": "km-atomic", "role": "keys-only", "password": PASSWORD})
     session = _login(gw, "km-atomic")
     assert session is not None
-    r = u.patch(f"/admin/users/{target.json()['id']}", json={"password": "a new password", "role": "developer"})
+    r = u.patch(f"/admin/users/{target.json()['id']}", json={"disabled": True, "role": "developer"})
     assert r.status_code == 403 and r.json()["error"]["field"] == "role", r.text
-    assert _login(gw, "km-atomic") is not None and _me(gw, session)  # old password and session still good
+    assert _login(gw, "km-atomic") is not None and _me(gw, session)  # still enabled, sessions still good
     r = u.patch(f"/admin/users/{target.json()['id']}", json={"password": "a new password"})
+    assert r.status_code == 403 and r.json()["error"]["field"] == "password", r.text
+    r = u.post("/admin/users", json={"username": "um-made", "role": "keys-only", "password": PASSWORD})
+    assert r.status_code == 403 and r.json()["error"]["field"] == "password", r.text
+    assert _login(gw, "km-atomic") is not None and _me(gw, session)
+    r = admin.patch(f"/admin/users/{target.json()['id']}", json={"password": "a new password"})
     assert r.status_code == 200 and _login(gw, "km-atomic") is None and not _me(gw, session)
+
+
+def test_a_key_following_someone_elses_role_is_rotated_only_by_them_or_a_full_admin(tmp_path: Any) -> None:
+    """A new secret of a key that follows its owner's role would hold whatever that role gains later: a key
+    manager who holds today's scopes may not take one (as they may not make such a key); its owner and a holder of
+    every scope may."""
+    from bkg_kernel.auth import AuthService, Principal
+    from bkg_kernel.errors import Forbidden
+    from bkg_kernel.store import Store
+
+    store = Store(tmp_path / "data")
+    try:
+        auth = AuthService(store)
+        admin = Principal("u-root", "root", "admin", frozenset(SCOPES))
+        bob = auth.create_user("bob", "viewer", actor="test")
+        mgr = Principal("u-mgr", "mgr", "keys-mgr", frozenset({"admin:keys", *auth.roles["viewer"]}))
+        following, _ = auth.create_key(bob["id"], "bob's", by=admin)
+        fixed, _ = auth.create_key(bob["id"], "bob's fixed", scopes=list(auth.roles["viewer"]), by=admin)
+        assert following["follows_role"] and not fixed["follows_role"]
+        with pytest.raises(Forbidden, match="follows its owner's role"):
+            auth.rotate_key(following["id"], by=mgr)
+        assert auth.rotate_key(fixed["id"], by=mgr)[1]  # fixed scopes, all held: a new secret grants nothing new
+        bob_p = Principal(bob["id"], "bob", "viewer", frozenset(auth.roles["viewer"]), following["id"])
+        assert auth.rotate_key(following["id"], by=bob_p)[1] and auth.rotate_key(following["id"], by=admin)[1]
+    finally:
+        store.close()
+
+
+def test_a_key_made_with_a_key_expires_no_later_and_goes_with_it(tmp_path: Any) -> None:
+    """A key a key makes for its own user (or a notebook run's key, made from the key that started the run)
+    derives from it: it expires no later, is rate-limited no more loosely and is revoked with it, whoever its own
+    holder is. A key made for someone else is theirs and stays."""
+    from datetime import UTC, datetime, timedelta
+
+    from bkg_kernel.auth import AuthService, Principal
+    from bkg_kernel.auth.service import RUN_KEY_PREFIX
+    from bkg_kernel.errors import Unauthorized
+    from bkg_kernel.store import Store
+
+    store = Store(tmp_path / "data")
+    try:
+        auth = AuthService(store)
+        admin = Principal("u-root", "root", "admin", frozenset(SCOPES))
+        dev = auth.create_user("dev", "developer", actor="test")
+        viewer = auth.create_user("vee", "viewer", actor="test")
+        soon = datetime.now(UTC).replace(tzinfo=None) + timedelta(hours=1)
+        k, k_token = auth.create_key(dev["id"], "temp", expires_at=soon, rate_limit_per_min=10, by=admin)
+        pk = auth.authenticate(k_token)
+        later = soon + timedelta(days=2)
+        derived, d_token = auth.create_key(dev["id"], "derived", expires_at=later, rate_limit_per_min=1000, by=pk)
+        assert derived["parent_id"] == k["id"] and derived["expires_at"] == k["expires_at"]
+        assert derived["rate_limit_per_min"] == 10
+        theirs, t_token = auth.create_key(viewer["id"], "for vee", by=pk)
+        run, r_token = auth.create_key(dev["id"], RUN_KEY_PREFIX + "x", actor="jobs", parent=derived["id"])
+        assert theirs["parent_id"] is None and run["parent_id"] == derived["id"]
+        auth.revoke_key(k["id"], by=admin)
+        for token in (d_token, r_token):  # the derived key, and the run key made from it
+            with pytest.raises(Unauthorized):
+                auth.authenticate(token)
+        assert auth.authenticate(t_token).username == "vee"
+        revoked = {x["id"]: x["state"] for x in auth.list_keys()}
+        assert revoked[derived["id"]] == revoked[run["id"]] == "revoked"
+    finally:
+        store.close()
+
+
+def test_a_hub_user_never_gets_a_password_and_their_names_are_the_hubs(tmp_path: Any) -> None:
+    """A Hub user's role follows the Hub on every request; a bkg password would let someone log in as them with
+    whatever role the Hub later gives them. Only the gateway, on the Hub's word, makes `@hub` users (without a
+    password), and nobody may take the name its changes are made under."""
+    from bkg_kernel.auth import AuthService, Principal
+    from bkg_kernel.errors import Forbidden, InvalidInput, Unauthorized
+    from bkg_kernel.store import Store
+
+    store = Store(tmp_path / "data")
+    try:
+        auth = AuthService(store)
+        admin = Principal("u-root", "root", "admin", frozenset(SCOPES))
+        for name, kw in [
+            ("boss@hub", {"by": admin}),
+            ("boss@hub", {"actor": "jupyterhub", "password": PASSWORD}),
+            ("jupyterhub", {"by": admin}),
+            ("jupyterhub", {"actor": "jupyterhub"}),
+        ]:
+            with pytest.raises(InvalidInput):
+                auth.create_user(name, "viewer", **kw)
+        boss = auth.create_user("boss@hub", "viewer", actor="jupyterhub")
+        with pytest.raises(Forbidden, match="JupyterHub user"):
+            auth.set_password(boss["id"], PASSWORD, by=admin)
+        with pytest.raises(Forbidden, match="JupyterHub user"):
+            auth.update_user(boss["id"], password=PASSWORD, by=admin)
+        with pytest.raises(Unauthorized):
+            auth.login("boss@hub", PASSWORD, "10.0.0.9")
+    finally:
+        store.close()
 
 
 def test_a_run_key_is_never_rotated(tmp_path: Any) -> None:

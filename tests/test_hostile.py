@@ -75,6 +75,11 @@ def test_logout_with_the_session_in_x_api_key(gw: Gateway) -> None:
     r = httpx.post(gw.url + "/auth/logout", headers={"X-API-Key": token})
     assert r.status_code == 200 and r.json() == {"ok": True}
     assert httpx.get(gw.url + "/auth/me", headers={"X-API-Key": token}).status_code == 401
+    # every way a request may carry the session ends it: the one the check accepted is the one that ends
+    token = httpx.post(gw.url + "/auth/login", json={"username": "xkey", "password": "long enough pw"}).json()["token"]
+    r = httpx.post(gw.url + "/auth/logout", headers={"Authorization": f"token {token}"})
+    assert r.status_code == 200 and r.json() == {"ok": True}
+    assert httpx.get(gw.url + "/auth/me", headers={"Authorization": f"token {token}"}).status_code == 401
 
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:

@@ -515,6 +515,19 @@ def test_what_a_key_queued_or_scheduled_lives_no_longer_than_the_key(tmp_path: P
             run = await svc.get(queued["id"], p["desk"])
             assert run["state"] == "failed" and run["started_at"] is None, run
             assert kid["ci"] in run["error"]["evalue"], run
+
+            # a running run's own key derives from the key that started it: revoked with it, at once
+            going = await svc.submit(p["desk"], "sleepy.ipynb", {"seconds": 30.0})
+            for _ in range(300):
+                if (await svc.get(going["id"], p["desk"]))["state"] == "running":
+                    break
+                await asyncio.sleep(0.1)
+            run_keys = [k for k in auth.keys.values() if k.name.endswith(going["id"])]
+            assert [k.parent_id for k in run_keys] == [kid["desk"]], run_keys
+            auth.revoke_key(kid["desk"], actor="test")
+            assert auth.live_key_scopes(run_keys[0].id) is None
+            await svc.cancel(going["id"], login)
+            await settle()
         finally:
             await svc.close()
 
@@ -523,6 +536,38 @@ def test_what_a_key_queued_or_scheduled_lives_no_longer_than_the_key(tmp_path: P
     finally:
         auth.close()
         store.close()
+
+
+def test_turning_a_schedule_on_takes_every_scope_it_was_made_with(tmp_path: Path, roots: Path) -> None:
+    """Its runs act with the scopes stored with it, as far as its owner holds them, now and once their role is
+    restored: who turns it on must hold them all, whatever the owner holds today; a disabled owner's stays off."""
+    from bkg_kernel.auth import AuthService, Principal
+    from bkg_kernel.errors import Forbidden
+    from bkg_kernel.jobs.service import JobService
+    from bkg_kernel.settings import Settings
+    from bkg_kernel.store import Store
+
+    store = Store(tmp_path / "data")
+    auth = AuthService(store)
+    boss = auth.create_user("boss", "admin", actor="test")
+    aud = auth.create_user("aud", "developer", actor="test")
+    pb = Principal(boss["id"], "boss", "admin", frozenset(auth.roles["admin"]))
+    auditor = Principal(aud["id"], "aud", "developer", frozenset({"jobs:run", "admin:audit", "plugins:read"}))
+    svc = JobService(Settings(job_roots=[roots]), store, auth, lambda *a: None, "http://127.0.0.1:9")
+
+    async def scenario() -> None:
+        s = await svc.add_schedule(pb, {"notebook": "ok.ipynb", "cron": "0 3 * * *", "enabled": False})
+        auth.update_user(boss["id"], role="viewer", actor="test")  # narrowed for now: still not the auditor's to grant
+        with pytest.raises(Forbidden, match="admin:keys"):
+            await svc.set_enabled(s["id"], True, auditor)
+        auth.update_user(boss["id"], role="admin", disabled=True, actor="test")
+        with pytest.raises(Forbidden, match="disabled or deleted"):
+            await svc.set_enabled(s["id"], True, pb)
+        auth.update_user(boss["id"], disabled=False, actor="test")
+        assert (await svc.set_enabled(s["id"], True, pb))["enabled"] is True
+
+    asyncio.run(scenario())
+    store.close()
 
 
 def test_cron_work_runs_off_the_event_loop(tmp_path: Path, roots: Path, monkeypatch: pytest.MonkeyPatch) -> None:

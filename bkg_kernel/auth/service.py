@@ -15,6 +15,7 @@ caller's; a user (their role, password, keys) is managed only when their role's 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -46,6 +47,7 @@ from bkg_kernel.errors import (
 
 SESSION_TTL = timedelta(hours=12)
 HUB_SUFFIX = "@hub"  # the bkg users of JupyterHub users (made by the gateway under a Hub only)
+HUB_ACTOR = "jupyterhub"  # who the gateway's changes on the Hub's word are made and audited as (a reserved name)
 RUN_KEY = "job run "  # a notebook run's key is named this and the run's id (run-...)
 RUN_KEY_PREFIX = RUN_KEY + "run-"  # the one kind of key a Hub user gets: a notebook run's, made by the gateway
 log = logging.getLogger("bkg.auth")
@@ -71,6 +73,7 @@ class KeyRecord:
     rotated_at: datetime | None
     revoked_at: datetime | None
     follows_role: bool | None = False  # no explicit scopes: the key holds what its user's role holds now
+    parent_id: str | None = None  # the key it was made with (for its own user) or a run's: it goes when that one goes
     tokens: float = field(default=0.0, repr=False)
     refilled: float = field(default=0.0, repr=False)
     flushed: float = field(default=0.0, repr=False)
@@ -87,6 +90,7 @@ class KeyRecord:
             "user_id": self.user_id,
             "scopes": list(self.scopes),
             "follows_role": bool(self.follows_role),
+            "parent_id": self.parent_id,
             "rate_limit_per_min": self.rate_limit_per_min,
             "created_at": iso(self.created_at),
             "expires_at": iso(self.expires_at),
@@ -350,13 +354,17 @@ class AuthService:
         """Create a user with a role whose scopes `by` holds (the password, if given, is stored as a scrypt hash)."""
         actor = by.username if by else actor
         _check_name(username, "username")
-        if username.endswith(HUB_SUFFIX) and actor != "jupyterhub":
+        if username.endswith(HUB_SUFFIX) and (by is not None or actor != HUB_ACTOR or password is not None):
             raise InvalidInput(f"names ending in {HUB_SUFFIX!r} belong to JupyterHub users", field="username")
+        if username == HUB_ACTOR:  # the name the gateway's own Hub changes are made and audited under
+            raise InvalidInput(f"the name {HUB_ACTOR!r} is reserved", field="username")
         if role not in self.roles:
             raise NotFound(f"no role {role!r} (have {', '.join(sorted(self.roles))})", field="role")
         self._grantable(by, self.roles[role], f"giving role {role!r}", "role")
         if password is not None:
             _check_password(password)
+            if by is not None and not set(SCOPES) <= by.scopes:
+                raise _password_for_another(username)
         with self.mutex:
             if any(u["username"] == username for u in self.users.values()):
                 raise AlreadyExists(f"user {username!r} already exists", field="username")
@@ -399,6 +407,10 @@ class AuthService:
         if password is not None:
             _check_password(password)
         self._manageable(by, u, "user_id")
+        if password is not None and u["username"].endswith(HUB_SUFFIX):
+            raise Forbidden(f"{u['username']!r} is a JupyterHub user: they log in through the Hub", field="password")
+        if password is not None and by is not None and by.user_id != u["id"] and not set(SCOPES) <= by.scopes:
+            raise _password_for_another(u["username"])
         if role is not None:
             self._grantable(by, self.roles[role], f"giving role {role!r}", "role")
         if by is not None and by.user_id == u["id"] and (disabled or (role is not None and role != u["role"])):
@@ -469,7 +481,12 @@ class AuthService:
         actor = by.username if by else actor
         u = self.user(user_id)
         _check_password(password)
+        if u["username"].endswith(HUB_SUFFIX):
+            raise Forbidden(f"{u['username']!r} is a JupyterHub user: they log in through the Hub", field="user_id")
         self._manageable(by, u, "user_id")
+        if by is not None and by.user_id != u["id"] and not set(SCOPES) <= by.scopes:
+            # a login as them holds their role as it is then, whatever it gains later: as for a key following a role
+            raise _password_for_another(u["username"])
         pw = ks.hash_password(password)
         with self.mutex:
             self.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [pw, u["id"]])
@@ -505,8 +522,13 @@ class AuthService:
         actor: str | None = None,
         token: str | None = None,
         by: Principal | None = None,
+        parent: str | None = None,
     ) -> tuple[dict[str, Any], str]:
         """Create a key for a user; return (its public record, the token, shown this once).
+
+        A key made with a key for that key's own user (or a notebook run's key, whose `parent` is the key that
+        started the run) derives from it: it expires no later, is rate-limited no more loosely, and is revoked
+        with it. A key made for someone else is theirs: it stands alone.
 
         Without `scopes` the key follows its owner's role when its maker could give that user any role: the owner
         themselves (holding their role's scopes), a maker holding every scope, or the gateway. A key for someone
@@ -534,6 +556,17 @@ class AuthService:
             raise InvalidInput("expires_at is in the past", field="expires_at")
         if rate_limit_per_min is not None and not 1 <= rate_limit_per_min <= 1_000_000:
             raise InvalidInput("rate_limit_per_min must be from 1 to 1000000", field="rate_limit_per_min")
+        if parent is None and by is not None and by.key_id is not None and by.user_id == u["id"]:
+            parent = by.key_id
+        if parent is not None:
+            try:
+                up = self._key(parent)
+            except NotFound:
+                raise Forbidden(f"key {parent} it would derive from is revoked", field="key_id") from None
+            if up.expires_at is not None:
+                expires_at = min(expires_at or up.expires_at, up.expires_at)
+            if up.rate_limit_per_min is not None:
+                rate_limit_per_min = min(rate_limit_per_min or up.rate_limit_per_min, up.rate_limit_per_min)
         if token is None:
             token, prefix, secret = ks.new_key()
         else:
@@ -543,14 +576,14 @@ class AuthService:
             prefix, secret = parsed
         rec = KeyRecord(
             "k_" + uuid.uuid4().hex[:12], prefix, ks.hash_secret(secret), name, u["id"], scopes,
-            rate_limit_per_min, _now(), expires_at, None, None, None, follows,
+            rate_limit_per_min, _now(), expires_at, None, None, None, follows, parent,
         )  # fmt: skip
         with self.mutex:
             if prefix in self.keys:
                 raise AlreadyExists("a key with this prefix exists", field="key")
             self.con.execute(
                 "INSERT INTO api_keys (id, prefix, secret_hash, name, user_id, scopes, rate_limit_per_min, created_at, "
-                "expires_at, follows_role) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "expires_at, follows_role, parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     rec.id,
                     prefix,
@@ -562,6 +595,7 @@ class AuthService:
                     rec.created_at,
                     expires_at,
                     follows,
+                    parent,
                 ],
             )
             self.keys[prefix] = rec
@@ -599,6 +633,10 @@ class AuthService:
         if rec.name.startswith(RUN_KEY_PREFIX):  # a running notebook holds it: a new secret would be someone else's
             raise Forbidden(f"key {rec.id} belongs to a notebook run; cancel the run or revoke the key", field="key_id")
         self._grantable(by, self.key_scopes(rec), f"rotating key {rec.id}", "key_id")
+        if rec.follows_role and by is not None and by.user_id != rec.user_id and not set(SCOPES) <= by.scopes:
+            # its new secret would hold whatever the owner's role gains later (as create_key refuses to make)
+            raise Forbidden(f"key {rec.id} follows its owner's role: only its owner, or someone holding every scope, "
+                            "may take a new secret of it", field="key_id")  # fmt: skip
         owner = self.users.get(rec.user_id)
         if owner is not None:
             if owner["username"].endswith(HUB_SUFFIX):
@@ -628,7 +666,11 @@ class AuthService:
             rec.revoked_at = _now()
             self.con.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [rec.revoked_at, rec.id])
             del self.keys[rec.prefix]
+            derived = [k for k in self.keys.values() if k.parent_id == rec.id]
         self.audit(actor, "key.revoke", rec.id, name=rec.name)
+        for k in derived:  # made with it (a run's key, a key it made for its own user): they go with it
+            with contextlib.suppress(NotFound):  # revoked meanwhile
+                self.revoke_key(k.id, actor=f"{actor} (revoking {rec.id})")
         return rec.public()
 
     # -- authentication ---------------------------------------------------------------------------
@@ -724,7 +766,7 @@ class AuthService:
         self.throttle.check(username, address)
         u = next((u for u in self.users.values() if u["username"] == username), None)
         right = ks.check_password(password, u["password_hash"] if u else None)
-        if u is None or u["disabled"] or not right:
+        if u is None or u["disabled"] or not right or u["username"].endswith(HUB_SUFFIX):
             self.throttle.failed(username, address)
             held = self.failed_audit.take()
             if held is not None:
@@ -766,9 +808,12 @@ class AuthService:
 
     def logout(self, token: str) -> None:
         """End a session (at once in memory; the row goes by the writer thread)."""
-        h = ks.hash_secret(token)
-        self.sessions.pop(h, None)
-        self._write_later("DELETE FROM sessions WHERE token_hash = ?", [h])
+        self.end_session(ks.hash_secret(token))
+
+    def end_session(self, token_hash: str) -> None:
+        """End the session a principal came from (`Principal.session`)."""
+        self.sessions.pop(token_hash, None)
+        self._write_later("DELETE FROM sessions WHERE token_hash = ?", [token_hash])
 
     # -- first start ------------------------------------------------------------------------------
     def bootstrap(self, data_dir: Path, env_key: str | None) -> Path | None:
@@ -840,6 +885,14 @@ def _public_user(u: dict[str, Any]) -> dict[str, Any]:
 def _check_name(name: Any, field: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise InvalidInput(f"{field} must be 1-64 letters, digits, '_', '.', '@' or '-'", field=field)
+
+
+def _password_for_another(username: str) -> Forbidden:
+    """The 403 for a password set for someone else by who does not hold every scope: a login as them holds their
+    role as it is then, whatever it gains later (as a key following their role would, which create_key refuses)."""
+    return Forbidden(f"a password for {username!r} lets whoever knows it log in as them, with whatever their role "
+                     "gains later: only someone holding every scope may set one (give them a key with fixed scopes "
+                     "instead)", field="password")  # fmt: skip
 
 
 def _check_password(password: Any) -> None:

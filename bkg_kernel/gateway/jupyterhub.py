@@ -39,6 +39,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bkg_kernel.auth import AuthService, Principal
+from bkg_kernel.auth.service import HUB_ACTOR
 from bkg_kernel.auth.service import HUB_SUFFIX as SUFFIX
 from bkg_kernel.errors import Forbidden, Unauthorized, Unavailable
 from bkg_kernel.settings import Settings
@@ -224,7 +225,7 @@ class HubTrust:
         with self.lock:
             user = next((u for u in self.auth.users.values() if u["username"] == name), None)
             if user is None:
-                self.auth.create_user(name, role, actor="jupyterhub")
+                self.auth.create_user(name, role, actor=HUB_ACTOR)
             elif user["role"] != role:
                 self.auth.update_user(user["id"], role=role, actor="jupyterhub")
             return next(u for u in self.auth.users.values() if u["username"] == name)

@@ -4,7 +4,8 @@ schedule, notify.
 A run acts as its owner: it gets a bkg key made for it alone, with the scopes its owner held when they started
 (or scheduled) it and still hold, expiring after the run's timeout and revoked when it ends; the kernel sees that
 key and never the admin key. A run or schedule made with an API key lives no longer than that key: once it is
-revoked or expired, a queued run fails before it starts and a schedule turns itself off at its next fire (until
+revoked or expired, a running run's key is revoked with it (the key derives from it and expires no later), a
+queued run fails before it starts and a schedule turns itself off at its next fire (until
 someone who holds its scopes turns it on again, with a key of their own). A login session or a Hub token stands for
 the user, not a key: what it made lives as long as the user's role allows.
 
@@ -274,7 +275,10 @@ class JobService:
         life = timedelta(seconds=(run["timeout_s"] or MAX_TIMEOUT) + KEY_GRACE)
         expires = datetime.now(UTC).replace(tzinfo=None) + life
         name = RUN_KEY + run["id"]
-        rec, token = self.auth.create_key(owner.user_id, name, sorted(owner.scopes), expires, actor=run["owner"])
+        # derived from the key that started it: revoking that one ends what the run's kernel can do at once
+        rec, token = self.auth.create_key(
+            owner.user_id, name, sorted(owner.scopes), expires, actor=run["owner"], parent=owner.key_id
+        )
         return str(rec["id"]), token
 
     def _revoke(self, key_id: str) -> None:
@@ -535,9 +539,11 @@ class JobService:
     async def set_enabled(self, schedule_id: str, enabled: bool, p: Principal) -> dict[str, Any]:
         """Enable or disable a schedule (enabling does not run the fires missed while it was off)."""
         s = await self._schedule(schedule_id, p)
-        owner = self._owner(s)  # the scopes its runs would act with now (those its owner still holds)
-        if enabled and owner is not None:  # its runs act as its owner with these scopes: turning it on grants them
-            p.require_all(owner.scopes, f"turning schedule {schedule_id!r} on (its runs act with them)", "enabled")
+        if enabled:  # its runs act as its owner with the scopes stored with it (as far as the owner holds them, now
+            # and later): turning it on grants them all, so who turns it on holds them all
+            if self._owner(s) is None:
+                raise Forbidden(f"the schedule's owner {s['owner']!r} is disabled or deleted", field="enabled")
+            p.require_all(s["scopes"], f"turning schedule {schedule_id!r} on (its runs act with them)", "enabled")
         s["enabled"] = enabled
         if enabled:
             s["last_fire"] = max(s["last_fire"] or 0, self.clock())
