@@ -142,6 +142,15 @@ def test_causal_lm_generates(cgw: Gateway, tmp_path: Path) -> None:
     assert quality["metric"] == "token agreement" and quality["probe"] == 16 and 0 <= quality["mean"] <= 1
 
 
+def test_quantizing_adds_a_model_so_it_takes_models_write(cgw: Gateway) -> None:
+    """candle.quantize registers a new model: an operator who may run plugins but not add models is refused."""
+    made = cgw.client().post("/admin/keys", json={"name": "operator", "scopes": ["plugins:read", "plugins:write"]})
+    r = cgw.client(made.json()["key"]).post(
+        "/api/plugins/candle/invoke/candle.quantize", json={"model_id": DEFAULT_EMBEDDER, "method": "dynamic-int8"}
+    )
+    assert r.status_code == 403 and "models:write" in r.json()["error"]["message"], r.text
+
+
 def test_quantize_dynamic_int8(cgw: Gateway) -> None:
     # below the bound asked for: refused, nothing registered; asked to keep it anyway: registered, flagged
     strict = {"model_id": DEFAULT_EMBEDDER, "method": "dynamic-int8", "min_quality": 0.99999, "new_id": "strict-int8"}

@@ -304,7 +304,7 @@ class Candle(Plugin):
             keep_alive_s=self.settings.keep_alive_s,
         )
 
-    @capability("candle.quantize", scope="plugins:write")
+    @capability("candle.quantize", scope="models:write")  # it adds a model to the registry, as POST /api/models does
     def quantize(self, inp: QuantizeRequest) -> QuantizeResult:
         """Quantize a model into a new registered model, with its size and a quality report on a probe set."""
         import torch
