@@ -15,7 +15,10 @@ bodies of about `--mb` MB, one after the other:
 - upserts: authenticated points upserts of the same size: 384-d vectors (~1,600 points: what an embedding batch
   looks like), 95,000 small points (4-d: the most objects a body under the 100,000-point limit can make), and
   150,000 small points (over the limit: refused with a 422 after the parse); the peer: a route whose pydantic
-  body is the points (FastAPI parses and validates it on the event loop, and stores nothing).
+  body is the points (FastAPI parses and validates it on the event loop, and stores nothing);
+- a big answer: the 384-d points (with their vectors) fetched back by id (`points/get`); the peer: a plain `def`
+  route returning the same points as a dict (FastAPI runs the route on a thread, then encodes its answer on the
+  event loop).
 Reported: the probes' p50, p99 and worst, and the worst as a ratio of the peer's for the same case.
 """
 
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from gateway_harness import ADMIN_KEY, start_gateway  # noqa: E402
 
 PEER = """
+import json
 import sys
 from typing import Any
 import uvicorn
@@ -114,6 +118,15 @@ async def points(body: Points, who: str = Depends(key)) -> dict:
     return {"upserted": len(body.points)}
 
 
+with open(sys.argv[2]) as f:  # the points bkg answers (what a store would hand the route)
+    ANSWER = json.load(f)
+
+
+@app.post("/points/get")
+def get_points(who: str = Depends(key)) -> dict:
+    return {"points": ANSWER}
+
+
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
 
@@ -183,8 +196,11 @@ def main() -> None:
     sizes = {"call": call, "anonymous": anon, "embed": numbers, **{f"upsert {k}": v for k, (_, v) in bodies.items()}}
     print("bodies: " + ", ".join(f"{k} {len(v) / 2**20:.1f} MB" for k, v in sizes.items()))
 
+    answer = [{"id": p["id"], "vector": p["vector"], "payload": p["payload"]} for p in upserts["384-d"][1]]
+    answer_file = Path(tempfile.mkdtemp(prefix="bench-stall-answer-")) / "answer.json"
+    answer_file.write_text(json.dumps(answer))
     port = free_port()
-    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port)])
+    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port), str(answer_file)])
     gw = start_gateway(Path(tempfile.mkdtemp(prefix="bench-stall-")) / "data", plugins=["sysinfo", "llmserver"])
     try:
         peer_url = f"http://127.0.0.1:{port}"
@@ -198,6 +214,11 @@ def main() -> None:
         bkg = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120)
         for dim in {dim for dim, _ in bodies.values()}:
             bkg.post("/api/collections", json={"name": f"big{dim}", "dim": dim}).raise_for_status()
+        bkg.post("/api/collections", json={"name": "answers", "dim": 384}).raise_for_status()
+        bkg.put(
+            "/api/collections/answers/points", content=bodies["384-d"][1], headers={"content-type": "application/json"}
+        ).raise_for_status()
+        ids = json.dumps({"ids": [p["id"] for p in answer], "with_vectors": True}).encode()
         json_type = {"content-type": "application/json"}
         peer_key = {**json_type, "Authorization": "Bearer peer-key"}
         cases: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
@@ -223,6 +244,10 @@ def main() -> None:
                 functools.partial(bkg.put, f"/api/collections/big{dim}/points", content=body, headers=json_type),
                 functools.partial(httpx.put, peer_url + "/points", content=body, headers=peer_key, timeout=120),
             )
+        cases[f"answer: {len(answer):,} points with 384-d vectors"] = (
+            functools.partial(bkg.post, "/api/collections/answers/points/get", content=ids, headers=json_type),
+            functools.partial(httpx.post, peer_url + "/points/get", headers=peer_key, timeout=120),
+        )
         print("\n| body | system | /health p50 ms | p99 ms | worst ms | worst vs peer |")
         print("|---|---|---|---|---|---|")
         for name, (ours, theirs) in cases.items():

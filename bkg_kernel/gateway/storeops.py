@@ -99,15 +99,6 @@ async def query_vector(
     return vector, mode
 
 
-async def query_points(
-    sup: Supervisor, caller: Principal, coll: Collection, vector: Any, text: str | None, mode: str | None, **kw: Any
-) -> dict[str, Any]:
-    """Query a collection, embedding a query text as `query_vector` says (the store work on a thread)."""
-    vector, mode = await query_vector(sup, caller, coll, vector, text, mode)
-    r = await asyncio.to_thread(coll.query, vector, text, mode=mode, **kw)
-    return r.to_dict()
-
-
 async def embed(
     sup: Supervisor,
     caller: Principal,

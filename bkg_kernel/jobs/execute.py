@@ -226,10 +226,10 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
     except pm.PapermillExecutionError as exc:
         error = {
             "cell_index": exc.cell_index - state["offset"],
-            "source": exc.source,
-            "ename": exc.ename,
-            "evalue": exc.evalue,
-            "traceback": _ANSI.sub("", "\n".join(exc.traceback)),
+            "source": exc.source[:20_000],
+            "ename": exc.ename[:200],
+            "evalue": exc.evalue[:2000],  # what a notebook raises is its author's: kept, sent and stored bounded
+            "traceback": _ANSI.sub("", "\n".join(exc.traceback))[-20_000:],  # the end names the failing line
         }
     except Exception as exc:  # the kernel died (cancel, timeout, out of memory) or could not run at all
         error = {

@@ -17,6 +17,7 @@ from pydantic import Field
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import NotFound, Unavailable
 from bkg_kernel.gateway.jobs import Job
+from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.jobs.service import MAX_TIMEOUT, JobService
 from bkg_kernel.strict import StrictBody
@@ -75,13 +76,18 @@ def _job(request: Request, job_id: str, p: Principal) -> Job:
     return job
 
 
-@router.get("/api/jobs")
-async def list_jobs(request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
+@router.get("/api/jobs", response_model=None)
+async def list_jobs(request: Request, p: Annotated[Principal, READ]) -> FastJSONResponse:
     """The caller's jobs, notebook runs and background jobs together (every job for admin:audit), newest first."""
-    jobs = gateway(request).jobs.jobs.values()
-    mine = [j.to_dict() | {"created_at": j.created} for j in jobs if j.visible_to(p)]
-    both = mine + await runs(request).runs(p)
-    return {"jobs": sorted(both, key=lambda j: j["created_at"], reverse=True)}
+    jobs = list(gateway(request).jobs.jobs.values())
+    notebook_runs = await runs(request).runs(p)
+
+    def listed() -> FastJSONResponse:  # hundreds of jobs, a command's output each: built and encoded on a thread
+        mine = [j.to_dict() | {"created_at": j.created} for j in jobs if j.visible_to(p)]
+        both = sorted(mine + notebook_runs, key=lambda j: j["created_at"], reverse=True)
+        return FastJSONResponse({"jobs": both})
+
+    return await asyncio.to_thread(listed)
 
 
 @router.post("/api/jobs", status_code=202)

@@ -176,7 +176,8 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
     as_job = cap is not None and cap.job
     if big and h.worker is not None and not as_job:
         # parsed by the worker: pickling what a parse made would hold the loop as long as the parse itself
-        return FastJSONResponse(_booked(request, p, cap, await h.invoke(capability_id, bodyjson.RawJSON(raw), p)))
+        result = _booked(request, p, cap, await h.invoke(capability_id, bodyjson.RawJSON(raw), p))
+        return await asyncio.to_thread(FastJSONResponse, result)
     # an inline plugin's big body (documents to index) is parsed on a thread, in pieces
     body = await asyncio.to_thread(bodyjson.loads, raw) if big else bodyjson.loads(raw) if raw else {}
     if cap is not None and as_job:
@@ -199,7 +200,9 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
     # The worker's answer is JSON data already (the capability's output model, dumped in JSON mode): sent as is, not
     # walked again by FastAPI's encoder (~1 ms for a brainml page of hits), and encoded by orjson. A big body is the
     # call's own: the plugin's thread frees it once done with it (after a timeout too, not when this returns).
-    return FastJSONResponse(_booked(request, p, cap, await h.invoke(capability_id, body, p, owned=big)))
+    # Encoded on a thread: an answer may be big (embeddings of a batch, a thousand hits with their texts).
+    result = _booked(request, p, cap, await h.invoke(capability_id, body, p, owned=big))
+    return await asyncio.to_thread(FastJSONResponse, result)
 
 
 def _small_input(capability_id: str, size: int | str | None) -> None:
