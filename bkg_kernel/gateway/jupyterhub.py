@@ -168,7 +168,9 @@ class HubTrust:
         """What the Hub says of a user now (admin flag, roles, groups and each group's roles), None if it has no
         user of that name; 503 if it does not answer or does not let the service read users."""
         headers = {"Authorization": f"token {self.api_token}"}
-        async with httpx.AsyncClient(base_url=self.api_url, headers=headers, timeout=15) as hub:
+        # made on a thread: a client loads the CA certificates into an SSL context (20-45 ms), not on the loop
+        client = await asyncio.to_thread(httpx.AsyncClient, base_url=self.api_url, headers=headers, timeout=15)
+        async with client as hub:
             user = await _hub_get(hub, f"/users/{quote(hub_name, safe='')}")
             if user is None:
                 return None

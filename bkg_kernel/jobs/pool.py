@@ -118,8 +118,8 @@ class LocalPool:
             line = await w.proc.stdout.readline()
             if not line:
                 break
-            try:
-                ev = json.loads(line)
+            try:  # a long line (a notebook's parameters, its error) is parsed on a thread, not on the loop
+                ev = await asyncio.to_thread(json.loads, line) if len(line) > 65536 else json.loads(line)
             except ValueError:
                 continue
             kind = ev.get("event")
