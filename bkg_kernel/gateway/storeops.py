@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from bkg_kernel.store.ingest import UpsertResult
 
 BATCH = 1024  # texts per embedding call: the model sorts them by length, so bigger batches pad less
+MANY = 5000  # points: past this, going through them happens on a thread
 
 
 async def embed_missing(
@@ -29,7 +30,13 @@ async def embed_missing(
 ) -> int:
     """Give the points (dicts with id, vector, payload, text) that have no vector the embedding of their text;
     return how many were embedded."""
-    missing = [i for i, pt in enumerate(points) if pt.get("vector") is None]
+
+    def find() -> list[int]:
+        return [i for i, pt in enumerate(points) if pt.get("vector") is None]
+
+    # 100,000 points are ~9 ms to scan, ~30 ms to fill: on a thread, not on the event loop, past a few thousand
+    many = len(points) > MANY
+    missing = await asyncio.to_thread(find) if many else find()
     if missing:
         spec = embed_model or coll.embed_model
         if spec is None:
@@ -43,8 +50,15 @@ async def embed_missing(
                 f"points[{no_text[0]}] has neither a vector nor a text to embed", field=f"points[{no_text[0]}].text"
             )
         vecs = await embed(sup, caller, spec, [points[i]["text"] for i in missing], coll.dim)
-        for i, v in zip(missing, vecs, strict=True):
-            points[i]["vector"] = v
+
+        def fill() -> None:
+            for i, v in zip(missing, vecs, strict=True):
+                points[i]["vector"] = v
+
+        if many:
+            await asyncio.to_thread(fill)
+        else:
+            fill()
     return len(missing)
 
 
