@@ -241,13 +241,14 @@ def test_a_key_made_with_a_key_expires_no_later_and_goes_with_it(tmp_path: Any) 
 
     from bkg_kernel.auth import AuthService, Principal
     from bkg_kernel.auth.service import RUN_KEY_PREFIX
-    from bkg_kernel.errors import Unauthorized
+    from bkg_kernel.errors import NotFound, Unauthorized
     from bkg_kernel.store import Store
 
     store = Store(tmp_path / "data")
     try:
         auth = AuthService(store)
         admin = Principal("u-root", "root", "admin", frozenset(SCOPES))
+        auth.create_user("root", "admin", actor="test")  # another admin: deleting dev leaves one
         dev = auth.create_user("dev", "developer", actor="test")
         viewer = auth.create_user("vee", "viewer", actor="test")
         soon = datetime.now(UTC).replace(tzinfo=None) + timedelta(hours=1)
@@ -267,6 +268,22 @@ def test_a_key_made_with_a_key_expires_no_later_and_goes_with_it(tmp_path: Any) 
         assert auth.authenticate(t_token).username == "vee"
         revoked = {x["id"]: x["state"] for x in auth.list_keys()}
         assert revoked[derived["id"]] == revoked[run["id"]] == "revoked"
+        with pytest.raises(NotFound):  # revoked twice: the second is a 404, whoever asks
+            auth.revoke_key(derived["id"], by=admin)
+
+        # a chain however long goes whole (each key made with the one before), and a user whose keys derive from
+        # one another is deleted in one go
+        root, token = auth.create_key(dev["id"], "root", by=admin)
+        chain = [root["id"]]
+        for i in range(1100):
+            made, token = auth.create_key(dev["id"], f"link {i}", by=auth.authenticate(token))
+            chain.append(made["id"])
+        auth.revoke_key(root["id"], by=admin)
+        assert not {k.id for k in auth.keys.values()} & set(chain)
+        first, token = auth.create_key(dev["id"], "first", by=admin)
+        auth.create_key(dev["id"], "second", by=auth.authenticate(token))
+        auth.delete_user(dev["id"], by=admin)
+        assert dev["id"] not in auth.users
     finally:
         store.close()
 

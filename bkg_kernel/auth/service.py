@@ -503,7 +503,8 @@ class AuthService:
             if by is not None:
                 self._keeps_an_admin(u, deleted=True)
             for k in [k for k in self.keys.values() if k.user_id == u["id"]]:
-                self.revoke_key(k.id, actor=actor)  # managing u covers their keys: all within u's role
+                with contextlib.suppress(NotFound):  # gone already with a key it derives from
+                    self.revoke_key(k.id, actor=actor)  # managing u covers their keys: all within u's role
             self._end_sessions(u["id"])
             self.con.execute("DELETE FROM users WHERE id = ?", [u["id"]])
             self.con.execute("DELETE FROM hub_users WHERE user_id = ?", [u["id"]])
@@ -581,6 +582,8 @@ class AuthService:
         with self.mutex:
             if prefix in self.keys:
                 raise AlreadyExists("a key with this prefix exists", field="key")
+            if parent is not None and all(k.id != parent for k in self.keys.values()):  # revoked since the check
+                raise Forbidden(f"key {parent} it would derive from is revoked", field="key_id")
             self.con.execute(
                 "INSERT INTO api_keys (id, prefix, secret_hash, name, user_id, scopes, rate_limit_per_min, created_at, "
                 "expires_at, follows_role, parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -650,9 +653,10 @@ class AuthService:
                 "UPDATE api_keys SET prefix = ?, secret_hash = ?, rotated_at = ? WHERE id = ?",
                 [prefix, ks.hash_secret(secret), _now(), rec.id],
             )
-            del self.keys[rec.prefix]
+            old = rec.prefix
             rec.prefix, rec.secret_hash, rec.rotated_at = prefix, ks.hash_secret(secret), _now()
-            self.keys[prefix] = rec
+            self.keys[prefix] = rec  # in before the old prefix goes: a lock-free lookup by id always finds it
+            del self.keys[old]
         self.audit(actor, "key.rotate", rec.id, name=rec.name)
         return rec.public(), token
 
@@ -662,15 +666,23 @@ class AuthService:
         rec = self._key(key_id)
         if by is not None and rec.user_id != by.user_id:
             self._grantable(by, self.key_scopes(rec), f"revoking key {rec.id}", "key_id")
+        gone: list[KeyRecord] = []
         with self.mutex:
-            rec.revoked_at = _now()
-            self.con.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [rec.revoked_at, rec.id])
-            del self.keys[rec.prefix]
-            derived = [k for k in self.keys.values() if k.parent_id == rec.id]
-        self.audit(actor, "key.revoke", rec.id, name=rec.name)
-        for k in derived:  # made with it (a run's key, a key it made for its own user): they go with it
-            with contextlib.suppress(NotFound):  # revoked meanwhile
-                self.revoke_key(k.id, actor=f"{actor} (revoking {rec.id})")
+            if self.keys.get(rec.prefix) is not rec:  # revoked (or rotated) since it was looked up
+                raise NotFound(f"no active key {key_id!r}", field="key_id")
+            todo = [rec]  # and what derives from it (a run's key, a key it made for its own user), however deep
+            while todo:
+                k = todo.pop()
+                k.revoked_at = _now()
+                self.con.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [k.revoked_at, k.id])
+                del self.keys[k.prefix]
+                gone.append(k)
+                todo += [d for d in self.keys.values() if d.parent_id == k.id]
+        for k in gone:
+            if k is rec:
+                self.audit(actor, "key.revoke", k.id, name=k.name)
+            else:
+                self.audit(actor, "key.revoke", k.id, name=k.name, derived_from=rec.id)
         return rec.public()
 
     # -- authentication ---------------------------------------------------------------------------

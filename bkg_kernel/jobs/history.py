@@ -179,6 +179,14 @@ class History:
                 [enabled, last_fire, enabled, key_id, schedule_id],
             )
 
+    def disable_if_bound(self, schedule_id: str, key_id: str | None) -> None:
+        """Disable a schedule still bound to `key_id` (one turned on again meanwhile, with another key, stays on)."""
+        with self.mutex:
+            self.con.execute(
+                "UPDATE job_schedules SET enabled = FALSE WHERE id = ? AND key_id IS NOT DISTINCT FROM ?",
+                [schedule_id, key_id],
+            )
+
     def schedule(self, schedule_id: str) -> dict[str, Any] | None:
         """One schedule, or None."""
         rows = self._rows("SELECT * FROM job_schedules WHERE id = ?", [schedule_id])

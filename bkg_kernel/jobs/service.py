@@ -336,7 +336,8 @@ class JobService:
         run.update(state=state, finished_at=self.clock(), error=error, kernel_pid=None)
         run["message"] = state if error is None else f"{state}: {error['ename']}: {error['evalue']}"[:500]
         self.live.pop(run["id"], None)
-        if state in ("failed", "timed_out") and run["attempt"] <= run["retries"]:
+        gone = (error or {}).get("ename") == KeyGone.__name__  # a retry would live by the same revoked key
+        if state in ("failed", "timed_out") and run["attempt"] <= run["retries"] and not gone:
             owner = self._owner(run)
             if owner is not None:  # queued before this run's end is published: a waiting client finds it
                 try:
@@ -619,7 +620,7 @@ class JobService:
             except BkgError as exc:  # the owner sees a failed run (and its webhook fires), once per fire
                 run = await self._refused(s, exc)
                 if isinstance(exc, KeyGone):  # for good: off until someone turns it on again with a key of theirs
-                    await asyncio.to_thread(self.history.set_enabled, s["id"], False)
+                    await asyncio.to_thread(self.history.disable_if_bound, s["id"], s.get("key_id"))
             await asyncio.to_thread(self.history.mark_fired, s["id"], fire, run["id"])
             started.append(run)
         return started

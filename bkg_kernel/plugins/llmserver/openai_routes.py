@@ -29,7 +29,15 @@ async def handed(body: BaseModel, request: Request) -> Any:
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) <= BIG:
         return body.model_dump(mode="json", exclude_unset=True)
-    return await asyncio.to_thread(lambda: RawJSON(orjson.dumps(body.model_dump(mode="json", exclude_unset=True))))
+
+    def encoded() -> Any:
+        data = body.model_dump(mode="json", exclude_unset=True)
+        try:
+            return RawJSON(orjson.dumps(data))
+        except orjson.JSONEncodeError:  # an integer past 64 bits (a seed, an extra field): the data as it is
+            return data
+
+    return await asyncio.to_thread(encoded)
 
 
 def build(api: GatewayAPI) -> APIRouter:
