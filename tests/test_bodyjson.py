@@ -83,3 +83,22 @@ def test_loads_caps_arrays_whatever_the_size(pad: int) -> None:
     bom = "\ufeff".encode() + raw  # UTF-8 with a BOM, as json.loads takes it
     assert bodyjson.loads(bom)["pad"] == "x" * pad
     assert bodyjson.loads(json.dumps({"a": 1, "pad": "y" * pad}).encode("utf-16"))["a"] == 1
+
+
+def test_a_long_list_is_encoded_in_slices_into_the_same_json() -> None:
+    """`PagedJSONResponse` encodes its list a slice at a time (so the event loop gets the interpreter lock between
+    slices): the bytes read back as the whole answer, with the other fields, an empty list, a quote in the field's
+    name and an integer past 64 bits (encoded by the standard library in its slice) alike."""
+    import json
+
+    from bkg_kernel.gateway.jsonresp import SLICE, PagedJSONResponse
+
+    points = [{"id": i, "vector": [i / 3, -1.5], "payload": {"t": f'"{i}"\n'}} for i in range(SLICE * 3 + 7)]
+    points[SLICE + 1]["payload"]["big"] = 2**70
+    for content, field in [
+        ({"points": points, "next_offset": 42}, "points"),
+        ({"results": points}, "results"),
+        ({"took_ms": 1.5, 'we"ird': points[:10], "mode": "text"}, 'we"ird'),
+        ({"points": [], "next_offset": None}, "points"),
+    ]:
+        assert json.loads(PagedJSONResponse(content, field).body) == content

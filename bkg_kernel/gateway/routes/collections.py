@@ -14,7 +14,7 @@ from bkg_kernel.auth import Principal
 from bkg_kernel.errors import BadRequest, InvalidInput
 from bkg_kernel.gateway import storeops
 from bkg_kernel.gateway.bodylimit import CheckedJSONRoute, takes_big_bodies
-from bkg_kernel.gateway.jsonresp import FastJSONResponse
+from bkg_kernel.gateway.jsonresp import FastJSONResponse, PagedJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.runtime import bodyjson
 from bkg_kernel.store import projection
@@ -304,14 +304,14 @@ async def upsert(name: Name, request: Request, p: Annotated[Principal, Depends(W
 # The routes that answer pages of points encode them where they run (on FastAPI's threads, by orjson): a dict they
 # returned would be encoded by FastAPI on the event loop (100,000 points with their vectors: seconds).
 @router.post("/{name}/points/get", dependencies=[READ], response_model=None)
-def get_points(name: Name, body: Ids, request: Request) -> FastJSONResponse:
+def get_points(name: Name, body: Ids, request: Request) -> PagedJSONResponse:
     """Points by id, in the order asked (missing ids left out)."""
     pts = gateway(request).store.collection(name).get(body.ids, with_vectors=body.with_vectors)
-    return FastJSONResponse({"points": [p.to_dict() for p in pts]})
+    return PagedJSONResponse({"points": [p.to_dict() for p in pts]}, "points")
 
 
 @router.post("/{name}/points/scroll", dependencies=[READ], response_model=None)
-def scroll_points(name: Name, body: Scroll, request: Request) -> FastJSONResponse:
+def scroll_points(name: Name, body: Scroll, request: Request) -> PagedJSONResponse:
     """Page through points (optionally matching a filter) in insertion order; next_offset is null at the end."""
     pts = (
         gateway(request)
@@ -319,8 +319,8 @@ def scroll_points(name: Name, body: Scroll, request: Request) -> FastJSONRespons
         .scroll(body.filter, limit=body.limit, offset=body.offset, with_vectors=body.with_vectors)
     )
     more = len(pts) == body.limit
-    return FastJSONResponse(
-        {"points": [p.to_dict() for p in pts], "next_offset": body.offset + len(pts) if more else None}
+    return PagedJSONResponse(
+        {"points": [p.to_dict() for p in pts], "next_offset": body.offset + len(pts) if more else None}, "points"
     )
 
 
@@ -348,7 +348,9 @@ async def query(name: Name, body: Query, request: Request, p: Annotated[Principa
     coll = await asyncio.to_thread(gw.store.collection, name)  # the store's lock is never waited for on the loop
     vector, mode = await storeops.query_vector(gw.supervisor, p, coll, body.vector, body.text, body.mode)
     # the search, the payloads' decoding and the answer's encoding (up to 1,000 hits) in one hop to a thread
-    return await asyncio.to_thread(lambda: FastJSONResponse(coll.query(vector, body.text, mode=mode, **q).to_dict()))
+    return await asyncio.to_thread(
+        lambda: PagedJSONResponse(coll.query(vector, body.text, mode=mode, **q).to_dict(), "results")
+    )
 
 
 @router.post("/{name}/map", dependencies=[READ], response_model=None)
