@@ -267,15 +267,16 @@ def test_at_most_max_loaded_models_stay_loaded_least_recently_used_out_first(cgw
         r = invoke(cgw, "candle.model.load", {"model_id": "lru-a"})
         assert r.status_code == 200 and [m["model_id"] for m in r.json()["loaded"]] == ["lru-a", "lru-b"]
 
-        # a key with only llm:use embeds with every registered model it can name: never more than 2 stay loaded
+        # a key with only llm:use: a model that does not embed (a program, a causal LM) is refused before it is
+        # loaded, so it pushes nothing out; an embedding model loads within the cap
         assert c.post("/admin/roles", json={"name": "embedder", "scopes": ["llm:use"]}).status_code == 201
         user = c.post("/admin/users", json={"username": "emma", "role": "embedder"}).json()
         emma = cgw.client(c.post("/admin/keys", json={"name": "emma's", "user_id": user["id"]}).json()["key"])
-        for model_id in ("lru-a", "lru-b", "lru-c", DEFAULT_EMBEDDER):
-            r = emma.post("/api/embed", json={"model": f"candle:{model_id}", "input": ["a small cat"]})
-            assert r.status_code == (200 if model_id == DEFAULT_EMBEDDER else 422), r.text
-            assert model_id in loaded(cgw) and len(loaded(cgw)) == 2
-        assert loaded(cgw) == sorted(["lru-c", DEFAULT_EMBEDDER])
+        r = emma.post("/api/embed", json={"model": "candle:lru-c", "input": ["a small cat"]})
+        assert r.status_code == 422 and "not an embedding model" in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["field"] == "model" and loaded(cgw) == ["lru-a", "lru-b"]
+        r = emma.post("/api/embed", json={"model": f"candle:{DEFAULT_EMBEDDER}", "input": ["a small cat"]})
+        assert r.status_code == 200 and loaded(cgw) == sorted(["lru-a", DEFAULT_EMBEDDER])
     finally:
         configure(cgw, before)
 
@@ -374,3 +375,34 @@ def test_the_embed_route_answers_what_the_model_computes(cgw: Gateway) -> None:
     assert np.allclose(np.asarray(llm.json()["embeddings"]), np.asarray([d["embedding"] for d in ref]), atol=1e-5)
     r = c.post("/api/embed", json={"model": "candle:nope", "input": ["x"]})
     assert 400 <= r.status_code < 500 and r.json()["error"]["field"] == "model", r.text
+
+
+def test_what_a_model_does_is_read_from_its_files_before_it_is_loaded(tmp_path: Path) -> None:
+    """candle tells a sentence model, a cross-encoder, a causal LM, a plain encoder, a quantized one and a torch
+    program apart from their files, as loading them would, without loading any."""
+    from bkg_kernel.plugins.candle.runners import QUANT_FILE, task_of
+
+    def folder(name: str, archs: list[str], sentence: bool = False) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"architectures": archs}))
+        if sentence:
+            (path / "modules.json").write_text("[]")
+        return path
+
+    made = {
+        "st": folder("st", ["BertModel"], sentence=True),
+        "ce": folder("ce", ["BertForSequenceClassification"]),
+        "lm": folder("lm", ["GPT2LMHeadModel"]),
+        "enc": folder("enc", ["BertModel"]),
+        "q": folder("q", []),
+    }
+    (made["q"] / QUANT_FILE).write_text(json.dumps({"base": "lm", "method": "dynamic-int8"}))
+
+    def resolve(model_id: str) -> tuple[str, Path]:
+        return "hf-transformers", made[model_id]
+
+    tasks = {name: task_of("hf-transformers", path, resolve) for name, path in made.items()}
+    assert tasks == {"st": "embed", "ce": "score", "lm": "generate", "enc": "embed", "q": "generate"}
+    assert task_of("torch-program", tmp_path / "x.pt", resolve) == "tensors"
+    assert task_of("gguf", tmp_path, resolve) == ""  # not one candle runs

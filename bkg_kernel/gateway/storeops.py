@@ -132,7 +132,12 @@ async def embed(
     for i in range(0, len(texts), BATCH):
         batch = texts[i : i + BATCH]
         if plugin == "candle":
-            r = await host.invoke("candle.run", {"model_id": model, "inputs": batch}, caller)
+            try:
+                r = await host.invoke("candle.run", {"model_id": model, "inputs": batch, "task": "embed"}, caller)
+            except BkgError as exc:
+                if exc.field != "model_id" or exc.status != 422:
+                    raise
+                raise InvalidInput(f"{spec} is not an embedding model: {exc.message}", field=field) from None
             if r.get("task") != "embed":
                 raise InvalidInput(f"{spec} is not an embedding model (it does {r.get('task')})", field=field)
             out.extend(r["embeddings"])
@@ -167,9 +172,9 @@ async def rerank(
     for i in range(0, len(documents), BATCH):
         pairs = [[query, d] for d in documents[i : i + BATCH]]
         try:
-            r = await host.invoke("candle.run", {"model_id": model, "inputs": pairs}, caller)
+            r = await host.invoke("candle.run", {"model_id": model, "inputs": pairs, "task": "score"}, caller)
         except BkgError as exc:
-            if exc.field != "inputs":
+            if exc.field not in ("inputs", "model_id") or exc.status != 422:
                 raise
             raise InvalidInput(f"{spec} is not a reranker (a cross-encoder): {exc.message}", field=field) from None
         if r.get("task") != "score":

@@ -86,6 +86,10 @@ class RunRequest(BaseModel):
     options: dict[str, Any] = Field(
         default_factory=dict, description="batch_size, normalize (embed); max_new_tokens, temperature, seed (generate)."
     )
+    task: Literal["embed", "score", "generate", "tensors"] | None = Field(
+        None, description="What the caller needs the model to do: a model that does something else is refused "
+        "(422) before it is loaded.",
+    )  # fmt: skip
 
 
 class RunResult(BaseModel):
@@ -257,6 +261,15 @@ class Candle(Plugin):
         while not self.stopped.wait(self._unload_idle()):
             pass
 
+    def _check_task(self, model_id: str, task: str) -> None:
+        """422 unless `model_id` does `task`, found out without loading it (an embedding asked of a causal LM must
+        not load the LM, pushing out the models loaded for real work)."""
+        with self.lock:
+            r = self.runners.get(model_id)
+        does = r.task if r is not None else runners.task_of(*self._resolve(model_id), self._resolve)
+        if does != task:
+            raise InvalidInput(f"model {model_id!r} does {does or 'nothing candle runs'}, not {task}", field="model_id")
+
     def _loaded(self) -> list[dict[str, Any]]:
         info = dict(self.info)  # a snapshot: the keep-alive thread may unload a model meanwhile
         return [info[m] for m in sorted(info)]
@@ -281,6 +294,8 @@ class Candle(Plugin):
     @capability("candle.run", scope="plugins:write", big_input=True)
     def run(self, inp: RunRequest) -> RunResult:
         """Run a model: text -> embeddings or generated text; tensors -> tensors for a program."""
+        if inp.task is not None:
+            self._check_task(inp.model_id, inp.task)
         r = self._runner(inp.model_id)
         t0 = time.perf_counter()
         out = r.run(inp.inputs, inp.options)

@@ -242,6 +242,30 @@ def _texts(inputs: Any) -> list[str]:
     return texts
 
 
+def task_of(kind: str, path: Path, resolve: Any) -> str:
+    """What a registered model does once loaded (embed, score, generate or tensors; "" when candle cannot run it),
+    read from its files the way `load` decides, without loading it."""
+    if kind == "torch-program":
+        return "tensors"
+    if kind != "hf-transformers":
+        return ""
+    qfile = path / QUANT_FILE
+    if qfile.exists():  # a quantized model does what its base does
+        base_kind, base_path = resolve(json.loads(qfile.read_text())["base"])
+        return task_of(base_kind, base_path, resolve)
+    if (path / "modules.json").exists():
+        return "embed"
+    try:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return ""
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "score"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "generate"
+    return "embed"
+
+
 def load(model_id: str, kind: str, path: Path, device: str, resolve: Any) -> Runner:
     """Load a registered model onto `device`; `resolve(id)` returns (kind, path) of another model (a base)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: models are local files
