@@ -102,3 +102,34 @@ def test_a_long_list_is_encoded_in_slices_into_the_same_json() -> None:
         ({"points": [], "next_offset": None}, "points"),
     ]:
         assert json.loads(PagedJSONResponse(content, field).body) == content
+
+
+def test_a_big_body_goes_to_a_worker_beside_its_pickle() -> None:
+    """A `RawJSON` in a message to a worker is not copied into the pickle: its bytes follow as a frame of their own,
+    written as they are; every other message is one pickle frame, as before. Both read back whole."""
+    import multiprocessing
+    import threading
+
+    from bkg_kernel.runtime import pipe
+    from bkg_kernel.runtime.bodyjson import RawJSON
+
+    body = b'{"texts": ["' + b"x" * 3_000_000 + b'"]}'
+    call = ("invoke", 7, "brainml.index", RawJSON(body), {"caller": {"user_id": "u"}, "grant": "g"})
+    framed = pipe.frames(call)
+    assert framed[0].startswith(pipe.OOB) and len(framed) == 3 and len(framed[1]) < 1000 and framed[2] == body
+    assert len(pipe.frames(("health", 1))) == 1
+    a, b = multiprocessing.Pipe()
+
+    def send() -> None:  # a pipe holds ~64 KB: the big frame is read while it is written
+        for msg in (call, ("health", 1), call):
+            for frame in pipe.frames(msg):
+                a.send_bytes(frame)
+
+    writer = threading.Thread(target=send)
+    writer.start()
+    got = [pipe.recv(b) for _ in range(3)]
+    writer.join()
+    assert got[1] == ("health", 1)
+    for m in (got[0], got[2]):
+        assert m[:3] == call[:3] and m[4] == call[4] and isinstance(m[3], RawJSON) and bytes(m[3].raw) == body
+        assert m[3].object() == {"texts": ["x" * 3_000_000]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import pickle
 import re
 import threading
 from collections.abc import Iterator, Mapping
@@ -32,6 +33,11 @@ class RawJSON:
     def object(self) -> dict[str, Any]:
         """The body as a JSON object (422 naming `body` when it is not JSON or not an object)."""
         return loads(self.raw)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if isinstance(protocol, int) and protocol >= 5:  # out of band: the pipe writes the bytes as they are (pipe.py)
+            return RawJSON, (pickle.PickleBuffer(self.raw),)
+        return RawJSON, (self.raw,)
 
 
 def json_object(data: Any) -> dict[str, Any]:

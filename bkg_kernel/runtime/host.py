@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from bkg_kernel.errors import (
     from_dict,
     invalid_from_pydantic,
 )
-from bkg_kernel.runtime import bodyjson, calls, worker
+from bkg_kernel.runtime import bodyjson, calls, pipe, worker
 from bkg_kernel.runtime.contract import Plugin, PluginSettings
 from bkg_kernel.runtime.deadlines import DEADLINES
 from bkg_kernel.runtime.discovery import Discovered, Entry
@@ -97,7 +96,7 @@ class WorkerProcess:
         # Messages to the worker, pickled by the sender and written by one thread in order: the event loop never
         # writes to the pipe itself (a worker that stops reading, or a message bigger than the pipe's buffer,
         # would block it until the worker reads again, and stop() could not kill it meanwhile).
-        self._outbox: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[list[bytes | memoryview] | None] = queue.SimpleQueue()
         self._broken = False
         _SPAWNER.submit(self.proc.start).result()
         child.close()
@@ -161,13 +160,14 @@ class WorkerProcess:
         """Queue a message for the worker (False once the pipe is known broken: the worker is gone)."""
         if self._broken:
             return False
-        self._outbox.put(ForkingPickler.dumps(msg))  # what Connection.send does, here: errors are the caller's
+        self._outbox.put(pipe.frames(msg))  # pickled here: errors are the caller's; a big body's bytes out of band
         return True
 
     def _write(self) -> None:
         while (data := self._outbox.get()) is not None:
             try:
-                self.conn.send_bytes(data)
+                for frame in data:  # one writer: a message's frames go out together, in order
+                    self.conn.send_bytes(frame)
             except (OSError, ValueError):  # the worker is gone: what waits on it gets its 503 now, not a timeout
                 self._broken = True
                 self.fail_in_flight(f"the {self.host.id} worker is not reachable")

@@ -30,7 +30,7 @@ from typing import Any
 
 from bkg_kernel.auth.principal import Principal
 from bkg_kernel.errors import BkgError, Unavailable, error_data, from_dict
-from bkg_kernel.runtime import calls
+from bkg_kernel.runtime import calls, pipe
 from bkg_kernel.runtime.bodyjson import RawJSON
 from bkg_kernel.runtime.storehandle import StoreHandle
 
@@ -174,7 +174,7 @@ def main(
     try:
         while True:
             try:
-                msg = conn.recv()
+                msg = pipe.recv(conn)  # the gateway sends with pipe.frames
             except (EOFError, OSError):
                 break  # the gateway is gone
             if msg[0] == "store_result":
