@@ -407,10 +407,8 @@ class AuthService:
         if password is not None:
             _check_password(password)
         self._manageable(by, u, "user_id")
-        if password is not None and u["username"].endswith(HUB_SUFFIX):
-            raise Forbidden(f"{u['username']!r} is a JupyterHub user: they log in through the Hub", field="password")
-        if password is not None and by is not None and by.user_id != u["id"] and not set(SCOPES) <= by.scopes:
-            raise _password_for_another(u["username"])
+        if password is not None:
+            _may_set_password(by, u)
         if role is not None:
             self._grantable(by, self.roles[role], f"giving role {role!r}", "role")
         if by is not None and by.user_id == u["id"] and (disabled or (role is not None and role != u["role"])):
@@ -481,12 +479,8 @@ class AuthService:
         actor = by.username if by else actor
         u = self.user(user_id)
         _check_password(password)
-        if u["username"].endswith(HUB_SUFFIX):
-            raise Forbidden(f"{u['username']!r} is a JupyterHub user: they log in through the Hub", field="user_id")
         self._manageable(by, u, "user_id")
-        if by is not None and by.user_id != u["id"] and not set(SCOPES) <= by.scopes:
-            # a login as them holds their role as it is then, whatever it gains later: as for a key following a role
-            raise _password_for_another(u["username"])
+        _may_set_password(by, u)
         pw = ks.hash_password(password)
         with self.mutex:
             self.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [pw, u["id"]])
@@ -559,15 +553,6 @@ class AuthService:
             raise InvalidInput("rate_limit_per_min must be from 1 to 1000000", field="rate_limit_per_min")
         if parent is None and by is not None and by.key_id is not None and by.user_id == u["id"]:
             parent = by.key_id
-        if parent is not None:
-            try:
-                up = self._key(parent)
-            except NotFound:
-                raise Forbidden(f"key {parent} it would derive from is revoked", field="key_id") from None
-            if up.expires_at is not None:
-                expires_at = min(expires_at or up.expires_at, up.expires_at)
-            if up.rate_limit_per_min is not None:
-                rate_limit_per_min = min(rate_limit_per_min or up.rate_limit_per_min, up.rate_limit_per_min)
         if token is None:
             token, prefix, secret = ks.new_key()
         else:
@@ -575,15 +560,22 @@ class AuthService:
             if parsed is None:
                 raise InvalidInput("key must look like bkg_<12 hex>_<32+ url-safe characters>", field="key")
             prefix, secret = parsed
-        rec = KeyRecord(
-            "k_" + uuid.uuid4().hex[:12], prefix, ks.hash_secret(secret), name, u["id"], scopes,
-            rate_limit_per_min, _now(), expires_at, None, None, None, follows, parent,
-        )  # fmt: skip
-        with self.mutex:
+        with self.mutex:  # the parent found and the key stored at once: a revoke cannot come between
             if prefix in self.keys:
                 raise AlreadyExists("a key with this prefix exists", field="key")
-            if parent is not None and all(k.id != parent for k in self.keys.values()):  # revoked since the check
-                raise Forbidden(f"key {parent} it would derive from is revoked", field="key_id")
+            if parent is not None:
+                try:
+                    up = self._key(parent)
+                except NotFound:
+                    raise Forbidden(f"key {parent} it would derive from is revoked", field="key_id") from None
+                if up.expires_at is not None:
+                    expires_at = min(expires_at or up.expires_at, up.expires_at)
+                if up.rate_limit_per_min is not None:
+                    rate_limit_per_min = min(rate_limit_per_min or up.rate_limit_per_min, up.rate_limit_per_min)
+            rec = KeyRecord(
+                "k_" + uuid.uuid4().hex[:12], prefix, ks.hash_secret(secret), name, u["id"], scopes,
+                rate_limit_per_min, _now(), expires_at, None, None, None, follows, parent,
+            )  # fmt: skip
             self.con.execute(
                 "INSERT INTO api_keys (id, prefix, secret_hash, name, user_id, scopes, rate_limit_per_min, created_at, "
                 "expires_at, follows_role, parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -718,11 +710,9 @@ class AuthService:
         user = self.users.get(p.user_id)
         if user is None or user["disabled"]:
             raise Unauthorized(f"{p.username} has been disabled or deleted: this call no longer acts for them")
-        if p.session is not None:
-            found = self.sessions.get(p.session)
-            if found is None or found[1] <= _now():
-                raise Unauthorized(f"the login session of {p.username} that made this call has ended: it no longer "
-                                   "acts for them")  # fmt: skip
+        if p.session is not None and self._live_session(p.session) is None:
+            raise Unauthorized(f"the login session of {p.username} that made this call has ended: it no longer "
+                               "acts for them")  # fmt: skip
         held = frozenset(self.roles.get(user["role"], ()))
         if p.key_id is not None:
             live = self.live_key_scopes(p.key_id)
@@ -733,15 +723,18 @@ class AuthService:
         scopes = p.scopes & held
         return p if scopes == p.scopes else dataclasses.replace(p, scopes=scopes)
 
-    def live_key_scopes(self, key_id: str) -> frozenset[str] | None:
-        """The scopes key `key_id` holds now; None once it is revoked (or gone) or has expired."""
+    def live_key(self, key_id: str) -> KeyRecord | None:
+        """Key `key_id` while it works; None once it is revoked (or gone) or has expired."""
         try:
             rec = self._key(key_id)
         except NotFound:  # revoked keys leave `keys`
             return None
-        if rec.expires_at is not None and rec.expires_at <= _now():
-            return None
-        return self.key_scopes(rec)
+        return None if rec.expires_at is not None and rec.expires_at <= _now() else rec
+
+    def live_key_scopes(self, key_id: str) -> frozenset[str] | None:
+        """The scopes key `key_id` holds now; None once it is revoked (or gone) or has expired."""
+        rec = self.live_key(key_id)
+        return None if rec is None else self.key_scopes(rec)
 
     def _rate(self, rec: KeyRecord) -> None:
         limit = rec.rate_limit_per_min
@@ -806,13 +799,18 @@ class AuthService:
 
     def _session(self, token: str) -> Principal:
         token_hash = ks.hash_secret(token)
-        found = self.sessions.get(token_hash)
-        if found is None or found[1] <= _now():
+        user_id = self._live_session(token_hash)
+        if user_id is None:
             raise Unauthorized("session expired or unknown: log in again")
-        u = self.users.get(found[0])
+        u = self.users.get(user_id)
         if u is None or u["disabled"]:
             raise Unauthorized("the session's user is disabled or deleted")
         return self._principal(u, "session", token_hash)
+
+    def _live_session(self, token_hash: str) -> str | None:
+        """The user id of a session that has not ended (logged out, expired, ended by a new password); else None."""
+        found = self.sessions.get(token_hash)
+        return found[0] if found is not None and found[1] > _now() else None
 
     def _principal(self, u: dict[str, Any], via: str, session: str | None = None) -> Principal:
         role = frozenset(self.roles.get(u["role"], ()))
@@ -897,6 +895,15 @@ def _public_user(u: dict[str, Any]) -> dict[str, Any]:
 def _check_name(name: Any, field: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise InvalidInput(f"{field} must be 1-64 letters, digits, '_', '.', '@' or '-'", field=field)
+
+
+def _may_set_password(by: Principal | None, u: dict[str, Any]) -> None:
+    """403 when `by` may not set user `u`'s password: a JupyterHub user logs in through the Hub, and someone else's
+    password takes every scope."""
+    if u["username"].endswith(HUB_SUFFIX):
+        raise Forbidden(f"{u['username']!r} is a JupyterHub user: they log in through the Hub", field="password")
+    if by is not None and by.user_id != u["id"] and not set(SCOPES) <= by.scopes:
+        raise _password_for_another(u["username"])
 
 
 def _password_for_another(username: str) -> Forbidden:

@@ -32,7 +32,6 @@ from bkg_kernel.runtime import bodyjson
 
 ANONYMOUS_BYTES = 64 * 1024  # the biggest body read without credentials
 PARSED_BYTES = 2**20  # the biggest body of a route that FastAPI parses on the event loop
-BIG_BODY = 64 * 1024  # a plugin call's input bigger than this goes to a worker as its bytes (parsed there)
 DEFAULT_ITEMS = 1000  # a CheckedJSONRoute's top-level array that its model does not cap
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -47,7 +47,7 @@ from bkg_kernel.errors import (
     TooManyRequests,
     Unavailable,
 )
-from bkg_kernel.gateway.bodylimit import BIG_BODY, PARSED_BYTES
+from bkg_kernel.gateway.bodylimit import PARSED_BYTES
 from bkg_kernel.gateway.errors import INTERNAL
 from bkg_kernel.gateway.jsonresp import dumps, encode
 from bkg_kernel.gateway.metrics import Metrics
@@ -254,7 +254,7 @@ class CallPort:
             raise Misdirected(f"{capability_id} runs as a background job: start it over HTTP")
         if cap is not None and not cap.big_input and len(raw) > PARSED_BYTES:
             raise PayloadTooLarge(f"{capability_id} takes inputs of at most {PARSED_BYTES // 2**20} MiB", field="body")
-        big = len(raw) > BIG_BODY
+        big = len(raw) > bodyjson.BIG_BODY
         data: Any = {}
         if big and host.worker is not None:
             data = bodyjson.RawJSON(raw)  # parsed by the worker, as over HTTP: not parsed and pickled here

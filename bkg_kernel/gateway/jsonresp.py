@@ -22,6 +22,9 @@ class FastJSONResponse(JSONResponse):
         return dumps(content)
 
 
+SLICE = 256  # list items `PagedJSONResponse` encodes per call
+
+
 class PagedJSONResponse(JSONResponse):
     """A `FastJSONResponse` for an answer that is mostly one long list (points, hits): the list is encoded a few
     hundred items at a time. orjson holds the interpreter lock for the whole of one call (12 MB of points with
@@ -40,9 +43,6 @@ class PagedJSONResponse(JSONResponse):
         parts = [dumps(items[i : i + SLICE])[1:-1] for i in range(0, len(items), SLICE)]
         head = b'{"%s":[' % json.dumps(self.field)[1:-1].encode()
         return head + b",".join(parts) + b"]" + (b"," + rest[1:] if rest != b"{}" else b"}")
-
-
-SLICE = 256  # list items encoded per call
 
 
 def dumps(content: Any) -> bytes:

@@ -138,8 +138,6 @@ async def embed(
                 if exc.field != "model_id" or exc.status != 422:
                     raise
                 raise InvalidInput(f"{spec} is not an embedding model: {exc.message}", field=field) from None
-            if r.get("task") != "embed":
-                raise InvalidInput(f"{spec} is not an embedding model (it does {r.get('task')})", field=field)
             out.extend(r["embeddings"])
         else:
             r = await host.invoke("llm.embed", {"model": model, "input": batch}, caller)
@@ -177,7 +175,5 @@ async def rerank(
             if exc.field not in ("inputs", "model_id") or exc.status != 422:
                 raise
             raise InvalidInput(f"{spec} is not a reranker (a cross-encoder): {exc.message}", field=field) from None
-        if r.get("task") != "score":
-            raise InvalidInput(f"{spec} is not a reranker (a cross-encoder); it does {r.get('task')}", field=field)
         scores.extend(r["scores"])
     return scores

@@ -75,7 +75,6 @@ class JobService:
         self.rendering: dict[str, asyncio.Future[str | None]] = {}
         self.kill_reason: dict[str, str] = {}
         self.dispatched: set[str] = set()  # handed to the executor, waiting for a worker or running
-        self.run_keys: dict[str, str] = {}  # a running run's own key id -> the run's id
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.queue: asyncio.Queue[str] | None = None
         self.tasks: list[asyncio.Task[None]] = []
@@ -217,7 +216,6 @@ class JobService:
             if owner is not None and self.confirm is not None:
                 await self.confirm(owner)
             key_id, token = await asyncio.to_thread(self._run_key, run)
-            self.run_keys[key_id] = run["id"]
         except BkgError as exc:
             await self._finish(run, "failed", {"ename": type(exc).__name__, "evalue": exc.message})
             return
@@ -282,18 +280,15 @@ class JobService:
         return str(rec["id"]), token
 
     def _revoke(self, key_id: str) -> None:
-        self.run_keys.pop(key_id, None)
         with contextlib.suppress(NotFound):
             self.auth.revoke_key(key_id, actor="jobs")
 
     def _vouching_key(self, p: Principal) -> str | None:
         """The API key a run or schedule that `p` makes lives no longer than: `p`'s own; for a run's kernel, the key
-        its run lives by; none for a login session or a Hub token (they stand for the user)."""
-        run_id = self.run_keys.get(p.key_id or "")
-        if run_id is not None:
-            run = self.live.get(run_id)
-            return run.get("key_id") if run is not None else p.key_id  # a run that ended: its key is revoked
-        return p.key_id
+        its run lives by (its run key derives from it); none for a login session or a Hub token (they stand for the
+        user). A run key no longer live (its run ended) is returned as it is: what it makes lives by a revoked key."""
+        rec = self.auth.live_key(p.key_id) if p.key_id is not None else None
+        return rec.parent_id if rec is not None and rec.name.startswith(RUN_KEY_PREFIX) else p.key_id
 
     def _on_event(self, run: dict[str, Any], ev: dict[str, Any]) -> None:
         kind = ev.get("event")

@@ -21,6 +21,8 @@ from typing import Any
 
 from bkg_kernel.errors import InvalidInput
 
+BIG_BODY = 64 * 1024  # a plugin call's input bigger than this goes to a worker as its bytes (parsed there)
+
 
 class RawJSON:
     """A request body still in JSON: parsed where the call runs (`Plugin.invoke`)."""

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from bkg_kernel.auth import Principal
 from bkg_kernel.auth.principal import SCOPES
 from bkg_kernel.errors import PayloadTooLarge
-from bkg_kernel.gateway.bodylimit import BIG_BODY, PARSED_BYTES, takes_big_bodies
+from bkg_kernel.gateway.bodylimit import PARSED_BYTES, takes_big_bodies
 from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.runtime import bodyjson
@@ -172,7 +172,7 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
     raw = await request.body()
     if cap is not None and not cap.big_input:
         _small_input(cap.id, len(raw))
-    big = len(raw) > BIG_BODY
+    big = len(raw) > bodyjson.BIG_BODY
     as_job = cap is not None and cap.job
     if big and h.worker is not None and not as_job:
         # parsed by the worker: pickling what a parse made would hold the loop as long as the parse itself

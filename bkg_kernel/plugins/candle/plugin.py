@@ -3,9 +3,10 @@
 Loads registered models (sentence-transformers and other transformers folders, TorchScript and torch.export
 programs), runs them, and quantizes them into new registered models with a measured quality report.
 
-Any caller who may embed (llm:use) makes candle load the model it names, so what stays loaded is bounded like
-Ollama's OLLAMA_MAX_LOADED_MODELS and keep_alive: at most `max_loaded` models (the least recently used one is
-unloaded to make room) and none idle longer than `keep_alive_s`.
+Any caller who may embed (llm:use) makes candle load the embedding model it names (a model that does another job
+is refused from its files, before it is loaded), so what stays loaded is bounded like Ollama's
+OLLAMA_MAX_LOADED_MODELS and keep_alive: at most `max_loaded` models (the least recently used one is unloaded to
+make room) and none idle longer than `keep_alive_s`.
 """
 
 from __future__ import annotations
@@ -261,11 +262,12 @@ class Candle(Plugin):
         while not self.stopped.wait(self._unload_idle()):
             pass
 
-    def _check_task(self, model_id: str, task: str) -> None:
-        """422 unless `model_id` does `task`, found out without loading it (an embedding asked of a causal LM must
-        not load the LM, pushing out the models loaded for real work)."""
-        with self.lock:
-            r = self.runners.get(model_id)
+    def _check_task(self, model_id: str, task: str, r: runners.Runner | None = None) -> None:
+        """422 unless `model_id` does `task`: as loaded (`r`, or already), else found out from its files without
+        loading it (an embedding asked of a causal LM must not load the LM, pushing out the models in use)."""
+        if r is None:
+            with self.lock:
+                r = self.runners.get(model_id)
         does = r.task if r is not None else runners.task_of(*self._resolve(model_id), self._resolve)
         if does != task:
             raise InvalidInput(f"model {model_id!r} does {does or 'nothing candle runs'}, not {task}", field="model_id")
@@ -295,8 +297,10 @@ class Candle(Plugin):
     def run(self, inp: RunRequest) -> RunResult:
         """Run a model: text -> embeddings or generated text; tensors -> tensors for a program."""
         if inp.task is not None:
-            self._check_task(inp.model_id, inp.task)
+            self._check_task(inp.model_id, inp.task)  # from its files, before it is loaded
         r = self._runner(inp.model_id)
+        if inp.task is not None:
+            self._check_task(inp.model_id, inp.task, r)  # and as loaded: what its files said, checked
         t0 = time.perf_counter()
         out = r.run(inp.inputs, inp.options)
         took = (time.perf_counter() - t0) * 1000

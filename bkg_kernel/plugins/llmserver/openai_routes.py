@@ -15,19 +15,17 @@ from pydantic import BaseModel
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.plugins.llmserver.schemas import ChatRequest, CompletionRequest, EmbedRequest
-from bkg_kernel.runtime.bodyjson import RawJSON
+from bkg_kernel.runtime.bodyjson import BIG_BODY, RawJSON
 from bkg_kernel.runtime.contract import GatewayAPI
 from bkg_kernel.runtime.sse import event_stream
 
-BIG = 64 * 1024  # a body over this is handed to the worker as JSON bytes, dumped and encoded on a thread
-
 
 async def handed(body: BaseModel, request: Request) -> Any:
-    """A request's validated body as the worker takes it. A big one (a long chat, a batch to embed: up to 8 MiB) is
-    dumped and encoded on a thread and goes as JSON bytes the worker parses (`RawJSON`): dumping and pickling it
-    here would hold the event loop for tens of milliseconds."""
+    """A request's validated body as the worker takes it. A big one (over `BIG_BODY`: a long chat, a batch to embed,
+    up to 8 MiB) is dumped and encoded on a thread and goes as JSON bytes the worker parses (`RawJSON`): dumping
+    and pickling it here would hold the event loop for tens of milliseconds."""
     size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) <= BIG:
+    if size is not None and size.isdigit() and int(size) <= BIG_BODY:
         return body.model_dump(mode="json", exclude_unset=True)
 
     def encoded() -> Any:
