@@ -426,10 +426,10 @@ def test_a_connection_idle_too_long_is_not_reused(gw: Gateway, notes: str) -> No
     old, _ = port._idle[0]
     port._idle[0] = (old, time.monotonic() - 3600)  # idle for an hour
     assert wb.brain.query(notes, "bread", mode="text")["results"]
-    assert port._idle[0][0] is not old and old.fileno() == -1  # a new one; the old one closed
+    assert port._idle[0][0] is not old and old.sock.fileno() == -1  # a new one; the old one closed
     current, since = port._idle[0]
-    current.shutdown(socket.SHUT_WR)  # the gateway sees it end and closes its side: readable while idle
-    wait_for(lambda: bool(select.select([current], [], [], 0)[0]))
+    current.sock.shutdown(socket.SHUT_WR)  # the gateway sees it end and closes its side: readable while idle
+    wait_for(lambda: bool(select.select([current.sock], [], [], 0)[0]))
     assert wb.brain.query(notes, "bread", mode="text")["results"]
     assert port._idle[0][0] is not current
 

@@ -16,7 +16,10 @@ import socket
 import threading
 import time
 
+import orjson
+
 from bkg_kernel.errors import Unavailable
+from bkg_kernel.wire import Wire
 
 HELLO = "bkg-call/1"
 POOL_SIZE = 8  # idle connections kept
@@ -30,7 +33,8 @@ class CallPort:
 
     def __init__(self, host: str, port: int, key: str, timeout: float, max_input: int) -> None:
         self.host, self.port, self.key, self.timeout, self.max_input = host, port, key, timeout, max_input
-        self._idle: list[tuple[socket.socket, float]] = []  # with when each went idle
+        self._idle: list[tuple[Wire, float]] = []  # with when each went idle
+        self._heads: dict[tuple[str, str], bytes] = {}
         self._lock = threading.Lock()
         self.busy_until = 0.0  # the port was full: HTTP until then
         self.stale = False  # a connection could not be opened: the gateway may have a new port (ask /health)
@@ -48,42 +52,44 @@ class CallPort:
         sent (use HTTP)."""
         if len(body) > self.max_input or not self.usable():
             return None
-        head = json.dumps({"plugin": plugin, "capability": capability}, separators=(",", ":")).encode()
-        frame = _framed(head + b"\n" + body)
+        head = self._heads.get((plugin, capability))
+        if head is None:
+            head = json.dumps({"plugin": plugin, "capability": capability}, separators=(",", ":")).encode() + b"\n"
+            if len(self._heads) < 256:
+                self._heads[(plugin, capability)] = head
         for fresh in (False, True):  # a send that fails reached no call: one more try, on a new connection
-            conn = self._connection(fresh)
-            if conn is None:
+            wire = self._connection(fresh)
+            if wire is None:
                 return None
             try:
-                conn.sendall(frame)
+                wire.send(head, body, self.timeout)
                 break
             except OSError:
-                conn.close()
+                wire.sock.close()
         else:
             return None
         try:
-            status, answer, fast, close = _answer(conn)
+            status, answer, fast, close = _answer(wire, self.timeout)
         except (OSError, ValueError) as exc:
-            conn.close()
+            wire.sock.close()
             where = f"{self.host}:{self.port}"
             raise Unavailable(f"the bkg gateway's call port {where} went away mid-call: {exc}") from None
         if close:  # the gateway closes it (a call that overran its timeout still runs there)
-            conn.close()
+            wire.sock.close()
         else:
-            self._release(conn)
+            self._release(wire)
         return status, answer, fast
 
-    def _connection(self, fresh: bool = False) -> socket.socket | None:
+    def _connection(self, fresh: bool = False) -> Wire | None:
         """An idle connection still open, or a new one greeted with the key (None: the port cannot be used)."""
         if not fresh:
             with self._lock:
                 while self._idle:
-                    conn, since = self._idle.pop()
+                    wire, since = self._idle.pop()
                     fresh_enough = time.monotonic() - since < IDLE_REUSE_S  # never one the gateway may be closing
-                    if fresh_enough and not select.select([conn], [], [], 0)[0]:  # readable while idle: closed
-                        conn.settimeout(self.timeout)
-                        return conn
-                    conn.close()
+                    if fresh_enough and not wire.pending and not select.select([wire.sock], [], [], 0)[0]:
+                        return wire  # (readable while idle: closed)
+                    wire.sock.close()
         try:
             conn = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT_S)
         except OSError:
@@ -91,8 +97,9 @@ class CallPort:
             return None
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.sendall(_framed(json.dumps({"hello": HELLO, "key": self.key}).encode()))
-            status, _, _, _ = _answer(conn)
+            wire = Wire(conn)
+            wire.send(json.dumps({"hello": HELLO, "key": self.key}).encode(), within=CONNECT_TIMEOUT_S)
+            status, _, _, _ = _answer(wire, CONNECT_TIMEOUT_S)
         except (OSError, ValueError):
             conn.close()
             self.stale = True
@@ -105,44 +112,30 @@ class CallPort:
             conn.close()
             self.busy_until = time.monotonic() + RETRY_AFTER_S
             return None
-        conn.settimeout(self.timeout)
-        return conn
+        return wire
 
-    def _release(self, conn: socket.socket) -> None:
+    def _release(self, wire: Wire) -> None:
         with self._lock:
             if len(self._idle) < POOL_SIZE:
-                self._idle.append((conn, time.monotonic()))
+                self._idle.append((wire, time.monotonic()))
                 return
-        conn.close()
+        wire.sock.close()
 
     def close(self) -> None:
         """Close every idle connection."""
         with self._lock:
             idle, self._idle = self._idle, []
-        for conn, _ in idle:
-            conn.close()
+        for wire, _ in idle:
+            wire.sock.close()
 
 
-def _framed(payload: bytes) -> bytes:
-    """A frame of the wire: a 4-byte big-endian length, then the bytes."""
-    return len(payload).to_bytes(4, "big") + payload
-
-
-def _answer(conn: socket.socket) -> tuple[int, bytes, bool, bool]:
+def _answer(wire: Wire, timeout: float) -> tuple[int, bytes, bool, bool]:
     """One answer frame: (status, JSON bytes, whether orjson wrote them, whether the gateway closes the
     connection after it)."""
-    size = int.from_bytes(_exactly(conn, 4), "big")
-    frame = _exactly(conn, size)
-    head, _, body = frame.partition(b"\n")
-    top = json.loads(head)
-    return int(top["status"]), body, top.get("orjson") is True, top.get("close") is True
-
-
-def _exactly(conn: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        got = conn.recv(min(n - len(buf), 1 << 20))
-        if not got:
-            raise ConnectionError("the gateway closed the connection")
-        buf += got
-    return bytes(buf)
+    frame = wire.read(timeout, 1 << 62, timeout)
+    if frame is None:
+        raise ConnectionError("the gateway closed the connection, or sent nothing in time")
+    assert not isinstance(frame, int)
+    cut = frame.find(b"\n")
+    top = orjson.loads(frame[:cut])
+    return int(top["status"]), frame[cut + 1 :], top.get("orjson") is True, top.get("close") is True

@@ -53,6 +53,7 @@ from bkg_kernel.gateway.jsonresp import dumps, encode
 from bkg_kernel.gateway.metrics import Metrics
 from bkg_kernel.runtime import bodyjson
 from bkg_kernel.runtime.supervisor import Supervisor
+from bkg_kernel.wire import Wire
 
 log = logging.getLogger("bkg.gateway")
 HELLO = "bkg-call/1"
@@ -72,21 +73,33 @@ class _Connection:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.wire = Wire(sock)
         self.lock = threading.Lock()
         self.user: str | None = None  # set by the hello
         self.answered = False  # the running call's answer went out (then the connection closes)
+
+    def read(self, idle: float, limit: int = MAX_FRAME, whole: bool = False) -> bytes | BkgError | None:
+        """The next frame; None when the client closed the connection (or sent nothing for `idle` seconds); a 413
+        when it announces more than `limit` bytes (not read: the connection closes after the answer). Once its
+        first byte is in, the rest must come within `FRAME_TIMEOUT_S`, however slowly; `whole`: the whole frame
+        within `idle`."""
+        frame = self.wire.read(idle, limit, FRAME_TIMEOUT_S, whole)
+        if isinstance(frame, int):
+            return PayloadTooLarge(f"a call port frame holds at most {limit:,} bytes; this one has {frame:,}: use HTTP")
+        return frame
 
     def send(
         self, status: int, body: bytes, fast: bool = False, close: bool = False, timeout: float = FRAME_TIMEOUT_S
     ) -> bool:
         """Write one answer unless the running call was answered already (False when it was); a client that does
         not take it within `timeout` seconds loses the connection."""
+        flags = (b',"orjson":true' if fast else b"") + (b',"close":true' if close else b"")
+        head = b'{"status":%d%s}\n' % (status, flags)
         with self.lock:
             if self.answered:
                 return False
             self.answered = close
-            self.sock.settimeout(timeout)  # not whatever the last read left
-            _send(self.sock, status, body, fast, close)
+            self.wire.send(head, body, timeout)
             return True
 
 
@@ -174,7 +187,7 @@ class CallPort:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             token = self._hello(conn)
             while token is not None:
-                frame = _read_frame(conn.sock, IDLE_TIMEOUT_S)
+                frame = conn.read(IDLE_TIMEOUT_S)
                 if frame is None:
                     return
                 if isinstance(frame, BkgError):
@@ -191,7 +204,7 @@ class CallPort:
 
     def _hello(self, conn: _Connection) -> str | None:
         """The token a client's hello names, once checked (None: refused and answered, or gone)."""
-        frame = _read_frame(conn.sock, HELLO_TIMEOUT_S, limit=HEAD_BYTES, whole=True)
+        frame = conn.read(HELLO_TIMEOUT_S, limit=HEAD_BYTES, whole=True)
         if frame is None:
             return None
         try:
@@ -288,47 +301,3 @@ def _error(exc: BkgError) -> tuple[int, bytes]:
     if isinstance(exc, TooManyRequests):
         body["error"]["retry_after"] = exc.retry_after
     return exc.status, dumps(body)
-
-
-def _send(sock: socket.socket, status: int, body: bytes, fast: bool = False, close: bool = False) -> None:
-    flags = (b',"orjson":true' if fast else b"") + (b',"close":true' if close else b"")
-    head = b'{"status":%d%s}\n' % (status, flags)
-    sock.sendall((len(head) + len(body)).to_bytes(4, "big") + head + body)
-
-
-def _read_frame(
-    sock: socket.socket, idle: float, limit: int = MAX_FRAME, whole: bool = False
-) -> bytes | BkgError | None:
-    """The next frame; None when the client closed the connection (or sent nothing for `idle` seconds); a 413
-    when it announces more than `limit` bytes (not read: the connection closes after the answer). Once its first
-    byte is in, the rest must come within `FRAME_TIMEOUT_S`, however slowly; `whole`: the whole frame within
-    `idle`."""
-    start = time.monotonic()
-    sock.settimeout(idle)
-    try:
-        first = sock.recv(4)
-    except TimeoutError:
-        return None
-    if not first:
-        return None
-    deadline = (start + idle) if whole else time.monotonic() + FRAME_TIMEOUT_S
-    head = first + _exactly(sock, 4 - len(first), deadline)
-    size = int.from_bytes(head, "big")
-    if size > limit:
-        return PayloadTooLarge(f"a call port frame holds at most {limit:,} bytes; this one has {size:,}: use HTTP")
-    return _exactly(sock, size, deadline)
-
-
-def _exactly(sock: socket.socket, n: int, deadline: float) -> bytes:
-    """`n` bytes, all in before `deadline` (else TimeoutError); ValueError when the client closed inside a frame."""
-    buf = bytearray()
-    while len(buf) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("a frame came too slowly")
-        sock.settimeout(left)
-        got = sock.recv(min(n - len(buf), 1 << 20))
-        if not got:
-            raise ValueError("the connection closed inside a frame")
-        buf += got
-    return bytes(buf)
