@@ -11,6 +11,7 @@ import pytest
 from gateway_harness import Gateway, start_gateway
 
 from bkg_kernel.plugins.brainml.plugin import chunk, highlights
+from bkg_kernel.store.results import EXPLAIN_KEYS
 
 BRAIN = ["brainml", "candle", "llmserver"]  # the plugins brainml uses (candle embeds, llmserver answers ask)
 
@@ -72,6 +73,12 @@ def test_index_query_ask_stats(bgw: Gateway) -> None:
         assert any(top["chunk"][a:b].lower() in ("lava", "flows", "volcanoes") for a, b in top["highlights"])
         a, b = top["offsets"]
         assert DOCS[0]["text"][a:b] == top["chunk"]
+        assert not set(EXPLAIN_KEYS) & set(top)
+    explained = invoke(
+        bgw, "brainml.query", {"collection": "kb", "query": "lava flows", "mode": "hybrid", "explain": True}
+    ).json()["results"]
+    assert all(set(EXPLAIN_KEYS) <= set(h) for h in explained), explained[0]
+    assert explained[0]["doc_id"] == "volcano" and explained[0]["text_rank"] == 1
     filtered = invoke(
         bgw, "brainml.query", {"collection": "kb", "query": "lava", "filters": {"topic": "cooking"}, "top_k": 3}
     ).json()

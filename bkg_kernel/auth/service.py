@@ -127,6 +127,8 @@ class AuthService:
             self.keys: dict[str, KeyRecord] = {
                 r["prefix"]: KeyRecord(**r) for r in self._rows("SELECT * FROM api_keys WHERE revoked_at IS NULL")
             }
+            # the same keys by id: every store operation of a plugin call looks its caller's key up (`as_now`)
+            self.key_ids: dict[str, KeyRecord] = {k.id: k for k in self.keys.values()}
             now = _now()
             self.con.execute("DELETE FROM sessions WHERE expires_at <= ?", [now])
             # token hash -> (user id, expiry): a session check is a dict lookup
@@ -593,15 +595,16 @@ class AuthService:
                     parent,
                 ],
             )
+            self.key_ids[rec.id] = rec
             self.keys[prefix] = rec
         self.audit(actor, "key.create", rec.id, name=name, user=u["username"], scopes=scopes)
         return rec.public(), token
 
     def _key(self, key_id: str) -> KeyRecord:
-        for k in list(self.keys.values()):  # a snapshot: store calls ask from plugin threads too
-            if k.id == key_id:
-                return k
-        raise NotFound(f"no active key {key_id!r}", field="key_id")
+        rec = self.key_ids.get(key_id)
+        if rec is None:
+            raise NotFound(f"no active key {key_id!r}", field="key_id")
+        return rec
 
     def list_keys(self, user_id: str | None = None) -> list[dict[str, Any]]:
         """Return keys (active and revoked), newest first, without secrets."""
@@ -667,6 +670,7 @@ class AuthService:
                 k = todo.pop()
                 k.revoked_at = _now()
                 self.con.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [k.revoked_at, k.id])
+                del self.key_ids[k.id]  # first: a store call that looks it up by id from now on finds it revoked
                 del self.keys[k.prefix]
                 gone.append(k)
                 todo += [d for d in self.keys.values() if d.parent_id == k.id]
