@@ -19,7 +19,10 @@ Rows:
 - direct: sentence-transformers + the bkg store in this process (no gateway, no worker): the floor for bkg. It
   does the work whose answer `brainml.query` returns: the hits with their texts (`with_text`) and highlights.
 - lancedb: the same vectors and texts in LanceDB (its native FTS; hybrid = its RRF reranker).
-All three get the same vectors, computed once by sentence-transformers (cached under ~/.cache/bkg/bench).
+- socket floor (text mode): direct's work and answer in a bare process of its own with its own copy of the store,
+  asked over a raw TCP socket (`bench/floor.py`: no HTTP, no framework, no authentication, no plugin host): what
+  any call from one process to another costs on this machine, for the 1.3x target to be read against.
+All get the same vectors, computed once by sentence-transformers (cached under ~/.cache/bkg/bench).
 
 Query latency: the three systems run each labelled query in turn (bkg, direct, lancedb, next query), `--repeat`
 times, so all three see the machine in the same state (a shared 2-core VM drifts by a quarter within minutes).
@@ -32,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import multiprocessing
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -45,6 +50,8 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import floor  # noqa: E402
 from gateway_harness import ADMIN_KEY, start_gateway  # noqa: E402
 
 from bkg_kernel.client import Workbench  # noqa: E402
@@ -247,9 +254,15 @@ def main() -> None:
             print(f"round {rnd + 1}: bkg {speed['bkg']['docs_s']:.1f} docs/s, direct {speed['direct']['docs_s']:.1f}")
         rows["speed"] = speed
 
-        # -- each corpus in all three systems, then the labelled queries in every mode ----------------------
+        # -- each corpus in all the systems, then the labelled queries in every mode -------------------------
         settings = BrainSettings()
+        floor_port = free_port()
+        floor_proc = multiprocessing.get_context("spawn").Process(
+            target=serve_floor, args=(floor_port, work / "floor", points), daemon=True
+        )
+        floor_proc.start()  # builds its store while the others fill theirs (nothing is timed meanwhile)
         direct_store = Store(work / "direct")
+        ask_floor: Any = None
         for name, (_, queries) in corpora.items():
             pts, vv = points[name], vecs[name]
             body = {"name": name, "dim": int(vv.shape[1]), "embed_model": f"candle:{DEFAULT_EMBEDDER}"}
@@ -260,15 +273,19 @@ def main() -> None:
             coll = direct_store.create_collection(name, dim=vv.shape[1])
             coll.upsert([{**p, "vector": x} for p, x in zip(pts, vv, strict=True)], progress=False)
             table = lance_table(work, name, pts, vv)
-            systems = make_runs(wb, name, coll, table, st, settings)
+            ask_floor = ask_floor or floor.client(floor_port, wait_s=1800)
+            systems = make_runs(wb, name, coll, table, st, settings, ask_floor)
             for mode in args.modes.split(","):
                 runs = {s: fn for s, fn in systems.items() if s == "bkg" or mode in ("vector", "text", "hybrid")}
+                runs = {s: fn for s, fn in runs.items() if s != "socket floor" or mode == "text"}
                 for system, r in evaluate(runs, mode, queries, args.repeat).items():
                     rows.setdefault(name, {}).setdefault(system, {})[mode] = r
         direct_store.close()
         rows["client"] = client_share(c, wb, corpora["code"][1], args.repeat)
     finally:
         gw.stop()
+        if "floor_proc" in locals():
+            floor_proc.terminate()
     report(rows, corpora, points, len(sample), len(sample_points), args.rounds, settings)
 
 
@@ -291,7 +308,33 @@ def client_share(c: httpx.Client, wb: Workbench, queries: Queries, repeat: int) 
     return {mode: {k: statistics.median(v) for k, v in t.items()} for mode, t in lat.items()}
 
 
-def make_runs(wb: Workbench, name: str, coll: Any, table: Any, st: Any, settings: Any) -> dict[str, Any]:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def text_answer(coll: Any, q: str) -> list[dict[str, Any]]:
+    """What `brainml.query` answers in text mode, computed directly: the hits with their texts and highlights."""
+    hits = coll.query(None, q, k=30, mode="text", with_text=True)
+    return [{"doc_id": h.payload["doc_id"], "chunk": h.text, "marks": highlights(q, h.text or "")} for h in hits]
+
+
+def serve_floor(port: int, data: Path, points: dict[str, list[dict[str, Any]]]) -> None:
+    """The socket floor's process: every corpus in a store of its own (random vectors: text mode reads none), then
+    `text_answer` for `{"corpus", "query"}` over `floor.serve`."""
+    colls = {}
+    store = Store(data)
+    for name, pts in points.items():
+        vecs = np.random.default_rng(0).standard_normal((len(pts), 384)).astype(np.float32)
+        colls[name] = store.create_collection(name, dim=384)
+        colls[name].upsert([{**p, "vector": v} for p, v in zip(pts, vecs, strict=True)], progress=False)
+    floor.serve(port, lambda r: text_answer(colls[r["corpus"]], r["query"]))
+
+
+def make_runs(
+    wb: Workbench, name: str, coll: Any, table: Any, st: Any, settings: Any, ask_floor: Any
+) -> dict[str, Any]:
     """Each system's `run(query, mode) -> ranked doc ids` over one corpus."""
 
     def bkg(q: str, mode: str) -> list[str]:
@@ -300,7 +343,9 @@ def make_runs(wb: Workbench, name: str, coll: Any, table: Any, st: Any, settings
         return [h["doc_id"] for h in r["results"]]
 
     def direct(q: str, mode: str) -> list[str]:  # brainml's defaults for the fusion
-        qv = st.encode([q], normalize_embeddings=True)[0] if mode != "text" else None
+        if mode == "text":
+            return [a["doc_id"] for a in text_answer(coll, q)]
+        qv = st.encode([q], normalize_embeddings=True)[0]
         kw = {"vector_weight": settings.vector_weight, "fusion": settings.fusion, "rrf_k": settings.rrf_k}
         kw = kw if mode == "hybrid" else {}
         # the answer brainml.query gives: the hits with their texts and highlights
@@ -321,7 +366,11 @@ def make_runs(wb: Workbench, name: str, coll: Any, table: Any, st: Any, settings
                 res = table.search(query_type="hybrid").vector(qv).text(q).rerank(RRFReranker()).limit(30).to_list()
         return [r["doc_id"] for r in res]
 
-    return {"bkg": bkg, "direct": direct, **({"lancedb": lance} if table is not None else {})}
+    def socket_floor(q: str, mode: str) -> list[str]:
+        return [a["doc_id"] for a in ask_floor({"corpus": name, "query": q})]
+
+    systems = {"bkg": bkg, "direct": direct, **({"lancedb": lance} if table is not None else {})}
+    return {**systems, "socket floor": socket_floor}
 
 
 def report(
@@ -375,7 +424,8 @@ def report(
                 if mode in r:
                     m, d = r[mode], rows[corpus]["direct"].get(mode)
                     ratio = f"{m['p50'] / d['p50']:.2f}x" if d else "-"
-                    print(f"| {name} | {mode} | {m['p50']:.1f} | {ratio} | {m['ndcg']:.3f} | {m['recall']:.3f} |")
+                    p50 = f"{m['p50']:.2f}" if m["p50"] < 10 else f"{m['p50']:.1f}"
+                    print(f"| {name} | {mode} | {p50} | {ratio} | {m['ndcg']:.3f} | {m['recall']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import floor  # noqa: E402
 from brainml import chunked  # noqa: E402
 from gateway_harness import ADMIN_KEY, start_gateway  # noqa: E402
 
@@ -124,23 +125,7 @@ def serve_bare(port: int, raw_port: int, data: Path, packages: list[str]) -> Non
     coll = filled(Store(data), *corpus(packages))
     pool = ThreadPoolExecutor(1)
 
-    def serve_raw(conn: socket.socket) -> None:
-        with conn:
-            while (head := recv_exactly(conn, 4)) is not None:
-                body = recv_exactly(conn, int.from_bytes(head, "big"))
-                if body is None:
-                    return
-                out = orjson.dumps({"results": answer(coll, json.loads(body)["query"])})
-                conn.sendall(len(out).to_bytes(4, "big") + out)
-
-    def accept_raw() -> None:
-        with socket.create_server(("127.0.0.1", raw_port)) as server:
-            while True:
-                conn, _ = server.accept()
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                threading.Thread(target=serve_raw, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept_raw, daemon=True).start()
+    threading.Thread(target=floor.serve, args=(raw_port, lambda r: answer(coll, r["query"])), daemon=True).start()
 
     async def on_thread(q: str) -> Any:  # one wake-up of the loop per answer, as the gateway's plugin host does
         loop = asyncio.get_running_loop()
@@ -190,40 +175,10 @@ def bare_client(port: int) -> Callable[[str, str], Any]:
             time.sleep(0.5)
 
 
-def recv_exactly(conn: socket.socket, n: int) -> bytes | None:
-    """`n` bytes from `conn`, or None when the other side closed it."""
-    buf = bytearray()
-    while len(buf) < n:
-        got = conn.recv(n - len(buf))
-        if not got:
-            return None
-        buf += got
-    return bytes(buf)
-
-
 def raw_client(port: int) -> Callable[[str], Any]:
     """`ask(query)` over the raw socket (connected once the bare process listens)."""
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            conn = socket.create_connection(("127.0.0.1", port), timeout=60)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def ask(q: str) -> Any:
-        body = json.dumps({"query": q}).encode()
-        conn.sendall(len(body).to_bytes(4, "big") + body)
-        head = recv_exactly(conn, 4)
-        assert head is not None, "the bare process closed the socket"
-        out = recv_exactly(conn, int.from_bytes(head, "big"))
-        assert out is not None, "the bare process closed the socket"
-        return json.loads(out)
-
-    return ask
+    ask = floor.client(port)
+    return lambda q: ask({"query": q})
 
 
 def measure(
