@@ -233,6 +233,41 @@ def test_a_key_following_someone_elses_role_is_rotated_only_by_them_or_a_full_ad
         store.close()
 
 
+def test_a_call_finds_its_key_by_id_through_rotation_restart_and_revocation(tmp_path: Any) -> None:
+    """A plugin call's store operations look their caller's key up by id (`as_now`): a new secret keeps the key
+    (and the calls it started) alive, a gateway started again finds it, and once it is revoked nothing acts for it."""
+    from bkg_kernel.auth import AuthService, Principal
+    from bkg_kernel.errors import Unauthorized
+    from bkg_kernel.store import Store
+
+    admin = Principal("u-root", "root", "admin", frozenset(SCOPES))
+    store = Store(tmp_path / "data")
+    try:
+        auth = AuthService(store)
+        dev = auth.create_user("dev", "developer", actor="test")
+        k, token = auth.create_key(dev["id"], "k", by=admin)
+        p = auth.authenticate(token)
+        _, new_token = auth.rotate_key(k["id"], by=admin)
+        with pytest.raises(Unauthorized):
+            auth.authenticate(token)
+        assert auth.as_now(p) == p and auth.authenticate(new_token).key_id == k["id"]
+        rec = auth.live_key(k["id"])
+        assert rec is not None and new_token.startswith(f"bkg_{rec.prefix}_")
+        auth.close()
+    finally:
+        store.close()
+    store = Store(tmp_path / "data")
+    try:
+        auth = AuthService(store)
+        assert auth.as_now(p) == p and auth.authenticate(new_token).key_id == k["id"]
+        auth.revoke_key(k["id"], by=admin)
+        with pytest.raises(Unauthorized, match="revoked"):
+            auth.as_now(p)
+        assert auth.live_key(k["id"]) is None and k["id"] not in auth.key_ids
+    finally:
+        store.close()
+
+
 def test_a_key_made_with_a_key_expires_no_later_and_goes_with_it(tmp_path: Any) -> None:
     """A key a key makes for its own user (or a notebook run's key, made from the key that started the run)
     derives from it: it expires no later, is rate-limited no more loosely and is revoked with it, whoever its own
@@ -280,6 +315,7 @@ def test_a_key_made_with_a_key_expires_no_later_and_goes_with_it(tmp_path: Any) 
             chain.append(made["id"])
         auth.revoke_key(root["id"], by=admin)
         assert not {k.id for k in auth.keys.values()} & set(chain)
+        assert set(auth.key_ids) == {k.id for k in auth.keys.values()}  # the index by id keeps up
         first, token = auth.create_key(dev["id"], "first", by=admin)
         auth.create_key(dev["id"], "second", by=auth.authenticate(token))
         auth.delete_user(dev["id"], by=admin)

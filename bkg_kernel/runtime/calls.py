@@ -8,9 +8,7 @@ act for them (a worker's grant is dropped by the gateway; an inline call is mark
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 
 from bkg_kernel.auth.principal import Principal
@@ -51,11 +49,17 @@ def for_store() -> Call:
     return call
 
 
-@contextlib.contextmanager
-def running(call: Call | None) -> Iterator[None]:
-    """Run the block as `call` (None: as no one)."""
-    token = _current.set(call)
-    try:
-        yield
-    finally:
-        _current.reset(token)
+class running:  # noqa: N801 - used as `with calls.running(call):`, like a contextlib function
+    """Run the block as `call` (None: as no one). A class, not a generator: every capability call enters one."""
+
+    __slots__ = ("call", "token")
+    token: Token[Call | None]
+
+    def __init__(self, call: Call | None) -> None:
+        self.call = call
+
+    def __enter__(self) -> None:
+        self.token = _current.set(self.call)
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self.token)

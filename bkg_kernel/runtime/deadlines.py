@@ -17,14 +17,10 @@ log = logging.getLogger("bkg.supervisor")
 class Deadline:
     """One armed deadline; `fn` is None once it fired or was disarmed."""
 
-    __slots__ = ("at", "seq", "fn")
+    __slots__ = ("fn",)
 
-    def __init__(self, at: float, seq: int, fn: Callable[[], None]) -> None:
-        self.at, self.seq = at, seq
+    def __init__(self, fn: Callable[[], None]) -> None:
         self.fn: Callable[[], None] | None = fn
-
-    def __lt__(self, other: Deadline) -> bool:
-        return (self.at, self.seq) < (other.at, other.seq)
 
 
 class Deadlines:
@@ -32,19 +28,21 @@ class Deadlines:
     first."""
 
     def __init__(self) -> None:
-        self._heap: list[Deadline] = []
+        # (when, sequence, deadline): ordered by the tuples' first two items, compared in C. Disarmed deadlines stay
+        # until they come up, so under load the heap holds every call of the last `request_timeout` seconds
+        self._heap: list[tuple[float, int, Deadline]] = []
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
 
     def arm(self, seconds: float, fn: Callable[[], None]) -> Deadline:
-        entry = Deadline(time.monotonic() + seconds, next(self._seq), fn)
+        entry = Deadline(fn)
         with self._cv:
-            heapq.heappush(self._heap, entry)
+            heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._seq), entry))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="bkg-deadlines", daemon=True)
                 self._thread.start()
-            if self._heap[0] is entry:  # sooner than what the thread waits for
+            if self._heap[0][2] is entry:  # sooner than what the thread waits for
                 self._cv.notify()
         return entry
 
@@ -58,16 +56,16 @@ class Deadlines:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while self._heap and self._heap[0].fn is None:  # disarmed ones leave as they come up
+                while self._heap and self._heap[0][2].fn is None:  # disarmed ones leave as they come up
                     heapq.heappop(self._heap)
                 if not self._heap:
                     self._cv.wait()
                     continue
-                delay = self._heap[0].at - time.monotonic()
+                delay = self._heap[0][0] - time.monotonic()
                 if delay > 0:
                     self._cv.wait(delay)
                     continue
-                entry = heapq.heappop(self._heap)
+                entry = heapq.heappop(self._heap)[2]
                 fn, entry.fn = entry.fn, None
             if fn is not None:
                 try:
