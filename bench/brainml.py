@@ -37,7 +37,6 @@ import argparse
 import hashlib
 import multiprocessing
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -52,7 +51,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floor  # noqa: E402
-from gateway_harness import ADMIN_KEY, start_gateway  # noqa: E402
+from gateway_harness import ADMIN_KEY, free_port, start_gateway  # noqa: E402
 
 from bkg_kernel.client import Workbench  # noqa: E402
 from bkg_kernel.datasets import PYDOC_QUERIES, STDLIB, python_code, python_docs, retrieval_metrics  # noqa: E402
@@ -308,16 +307,14 @@ def client_share(c: httpx.Client, wb: Workbench, queries: Queries, repeat: int) 
     return {mode: {k: statistics.median(v) for k, v in t.items()} for mode, t in lat.items()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def answer(q: str, hits: Any) -> list[dict[str, Any]]:
+    """The answer `brainml.query` gives, computed directly from a store query's hits: their texts and highlights."""
+    return [{"doc_id": h.payload["doc_id"], "chunk": h.text, "marks": highlights(q, h.text or "")} for h in hits]
 
 
 def text_answer(coll: Any, q: str) -> list[dict[str, Any]]:
-    """What `brainml.query` answers in text mode, computed directly: the hits with their texts and highlights."""
-    hits = coll.query(None, q, k=30, mode="text", with_text=True)
-    return [{"doc_id": h.payload["doc_id"], "chunk": h.text, "marks": highlights(q, h.text or "")} for h in hits]
+    """`answer` in text mode: 30 hits with their texts and highlights."""
+    return answer(q, coll.query(None, q, k=30, mode="text", with_text=True))
 
 
 def serve_floor(port: int, data: Path, points: dict[str, list[dict[str, Any]]]) -> None:
@@ -348,10 +345,8 @@ def make_runs(
         qv = st.encode([q], normalize_embeddings=True)[0]
         kw = {"vector_weight": settings.vector_weight, "fusion": settings.fusion, "rrf_k": settings.rrf_k}
         kw = kw if mode == "hybrid" else {}
-        # the answer brainml.query gives: the hits with their texts and highlights
         r = coll.query(qv, q if mode != "vector" else None, k=30, mode=mode, with_text=True, **kw)
-        answer = [{"doc_id": h.payload["doc_id"], "chunk": h.text, "marks": highlights(q, h.text or "")} for h in r]
-        return [a["doc_id"] for a in answer]
+        return [a["doc_id"] for a in answer(q, r)]
 
     def lance(q: str, mode: str) -> list[str]:
         if mode == "text":

@@ -26,7 +26,6 @@ import asyncio
 import http.client
 import json
 import multiprocessing
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floor  # noqa: E402
 from brainml import chunked  # noqa: E402
-from gateway_harness import ADMIN_KEY, start_gateway  # noqa: E402
+from brainml import text_answer as answer  # noqa: E402
+from gateway_harness import ADMIN_KEY, free_port, start_gateway  # noqa: E402
 
 from bkg_kernel.client import Workbench  # noqa: E402
 from bkg_kernel.datasets import PYDOC_QUERIES, STDLIB, python_docs  # noqa: E402
-from bkg_kernel.plugins.brainml.plugin import highlights  # noqa: E402
 from bkg_kernel.store import Store  # noqa: E402
 
 
@@ -101,18 +100,6 @@ def filled(store: Store, points: list[dict[str, Any]], vecs: np.ndarray) -> Any:
     coll = store.create_collection("d", dim=384)
     coll.upsert([{**p, "vector": v} for p, v in zip(points, vecs, strict=True)], progress=False)
     return coll
-
-
-def answer(coll: Any, q: str) -> list[dict[str, Any]]:
-    """brainml.query's work in text mode: 30 hits with their texts and highlights."""
-    hits = coll.query(None, q, k=30, mode="text", with_text=True)
-    return [{"doc_id": h.payload["doc_id"], "chunk": h.text, "marks": highlights(q, h.text or "")} for h in hits]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve_bare(port: int, raw_port: int, data: Path, packages: list[str]) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from gateway_harness import ADMIN_KEY, start_gateway  # noqa: E402
+from gateway_harness import ADMIN_KEY, free_port, start_gateway  # noqa: E402
 
 from bkg_kernel.models.defaults import DEFAULT_LLM  # noqa: E402
 from bkg_kernel.models.registry import ModelRegistry  # noqa: E402
@@ -41,12 +40,6 @@ def prompt(i: int) -> list[dict[str, str]]:
         {"role": "system", "content": f"Request {i}. You are a concise assistant."},
         {"role": "user", "content": f"Write a short paragraph about {TOPICS[i % len(TOPICS)]} and why they matter."},
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def raw_stream(llm: Any, i: int, max_tokens: int) -> tuple[float, float, int, int]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from gateway_harness import ADMIN_KEY, start_gateway  # noqa: E402
+from gateway_harness import ADMIN_KEY, free_port, start_gateway  # noqa: E402
 
 PEER = """
 import json
@@ -142,13 +141,6 @@ while time.time() < end:
     time.sleep(0.01)
 print(json.dumps(lat))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def probed(url: str, send: Any, rounds: int) -> list[float]:
