@@ -49,7 +49,7 @@ class Wire:
         must come within `within` seconds (`whole`: the whole frame within `idle`), else TimeoutError; ValueError
         when the other end closes inside a frame."""
         start = time.monotonic()
-        buf = self.pending
+        buf: bytes | bytearray = self.pending
         if not buf:
             self._read_wait(idle)
             try:
@@ -58,25 +58,19 @@ class Wire:
                 return None
             if not buf:
                 return None
-        if len(buf) >= 4:
-            size = int.from_bytes(buf[:4], "big")
-            if size > limit:
-                self.pending = b""
-                return size
-            end = 4 + size
-            if len(buf) >= end:  # the whole frame is in: the usual case
-                self.pending = buf[end:]
-                return buf[4:end]
-        self.pending = b""
-        deadline = (start + idle) if whole else time.monotonic() + within
-        parts = bytearray(buf)
-        size = -1
-        while size < 0 or len(parts) < 4 + size:
-            if size < 0 and len(parts) >= 4:
-                size = int.from_bytes(parts[:4], "big")
+        deadline = 0.0  # set once the frame turns out to come in pieces (the usual one comes whole, in one read)
+        while True:
+            if len(buf) >= 4:
+                size = int.from_bytes(buf[:4], "big")
                 if size > limit:
+                    self.pending = b""
                     return size
-                continue
+                if len(buf) >= 4 + size:
+                    self.pending = bytes(buf[4 + size :])
+                    return bytes(buf[4 : 4 + size])
+            if not deadline:
+                deadline = (start + idle) if whole else time.monotonic() + within
+                buf, self.pending = bytearray(buf), b""  # the pieces gather here
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("a frame came too slowly")
@@ -87,9 +81,7 @@ class Wire:
                 raise TimeoutError("a frame came too slowly") from None
             if not got:
                 raise ValueError("the connection closed inside a frame")
-            parts += got
-        self.pending = bytes(parts[4 + size :])
-        return bytes(parts[4 : 4 + size])
+            buf += got
 
     def send(self, head: bytes, body: bytes = b"", within: float = 30.0) -> None:
         """Write one frame, `head` then `body`, all of it within `within` seconds (else TimeoutError)."""

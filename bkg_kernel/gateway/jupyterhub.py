@@ -210,16 +210,16 @@ class HubTrust:
     def _unconfirmed(self, user: dict[str, Any], before: dict[str, Any] | None, now: dict[str, Any] | None) -> None:
         with self.lock:
             if user["role"] != "viewer":
-                self.auth.update_user(user["id"], role="viewer", actor="jupyterhub")
+                self.auth.update_user(user["id"], role="viewer", actor=HUB_ACTOR)
             self.auth.hub_forget(user["id"])  # their next request records afresh, whatever role it gives
         self._tried.pop(user["id"], None)
-        self.auth.audit("jupyterhub", "user.hub_changed", user["username"], ok=False, before=before, now=now)
+        self.auth.audit(HUB_ACTOR, "user.hub_changed", user["username"], ok=False, before=before, now=now)
 
     def _retired(self, user: dict[str, Any], hub_name: str) -> None:
         with self.lock:
             if not user["disabled"]:
-                self.auth.update_user(user["id"], disabled=True, actor="jupyterhub")
-        self.auth.audit("jupyterhub", "user.hub_removed", user["username"], ok=False, hub_name=hub_name)
+                self.auth.update_user(user["id"], disabled=True, actor=HUB_ACTOR)
+        self.auth.audit(HUB_ACTOR, "user.hub_removed", user["username"], ok=False, hub_name=hub_name)
 
     def _sync_user(self, name: str, role: str) -> dict[str, Any]:
         """Create the bkg user of a Hub user on first sight; make their role follow the Hub's (one at a time: a
@@ -229,7 +229,7 @@ class HubTrust:
             if user is None:
                 self.auth.create_user(name, role, actor=HUB_ACTOR)
             elif user["role"] != role:
-                self.auth.update_user(user["id"], role=role, actor="jupyterhub")
+                self.auth.update_user(user["id"], role=role, actor=HUB_ACTOR)
             return next(u for u in self.auth.users.values() if u["username"] == name)
 
     # -- browser login (OAuth) --------------------------------------------------------------------
