@@ -185,6 +185,51 @@ def test_a_key_made_for_someone_else_never_gains_what_their_role_gains_later(gw:
     assert _me(gw, own["key"]) == set(scopes)
 
 
+def test_a_key_that_is_less_than_its_user_hands_out_nothing_more(gw: Gateway, setup_key: str) -> None:
+    """A key someone else made for a user (fixed scopes), a delegate of a key (an expiry, a rate limit, a parent):
+    each is less than its user, so it may not make a key that follows their role, take a new secret of one that
+    does or of the key it derives from, or set their password (a login follows the role and outlives every key).
+    Their login session and a key that stands for all of them may; a key may always renew itself."""
+    admin = gw.client(setup_key)
+    mgr = admin.post("/admin/users", json={"username": "mallory-less", "role": "users-keys"}).json()
+    m = gw.client(admin.post("/admin/keys", json={"name": "m", "user_id": mgr["id"]}).json()["key"])
+    x = m.post("/admin/users", json={"username": "xavier-less", "role": "users-keys"}).json()
+    fixed = m.post("/admin/keys", json={"name": "by mallory", "user_id": x["id"]}).json()
+    assert fixed["follows_role"] is False
+    k = gw.client(fixed["key"])
+    child = k.post("/admin/keys", json={"name": "child"}).json()
+    assert child["follows_role"] is False and child["parent_id"] == fixed["id"]
+    following = admin.post("/admin/keys", json={"name": "by admin", "user_id": x["id"]}).json()
+    assert following["follows_role"] is True
+    r = k.post(f"/admin/keys/{following['id']}/rotate")
+    assert r.status_code == 403 and r.json()["error"]["field"] == "key_id", r.text
+    r = k.patch(f"/admin/users/{x['id']}", json={"password": PASSWORD})
+    assert r.status_code == 403 and r.json()["error"]["field"] == "password", r.text
+    renewed = k.post(f"/admin/keys/{child['id']}/rotate")  # derived from it: nothing more than itself
+    assert renewed.status_code == 200 and renewed.json()["parent_id"] == fixed["id"], renewed.text
+    assert admin.patch(f"/admin/users/{x['id']}", json={"role": "admin"}).status_code == 200
+    held = {"admin:users", "admin:keys"}
+    assert _me(gw, child["key"]) == set() and _me(gw, renewed.json()["key"]) == held
+    assert _me(gw, fixed["key"]) == held  # promoted: what mallory made stays as it was
+
+    main = admin.post("/admin/users", json={"username": "carol-less", "role": "users-keys"}).json()
+    whole = admin.post("/admin/keys", json={"name": "carol", "user_id": main["id"]}).json()
+    c1 = gw.client(whole["key"])
+    delegate = c1.post("/admin/keys", json={"name": "an hour", "expires_in_days": 0.04, "rate_limit_per_min": 5})
+    assert delegate.json()["parent_id"] == whole["id"], delegate.text
+    c2 = gw.client(delegate.json()["key"])
+    r = c2.post(f"/admin/keys/{whole['id']}/rotate")
+    assert r.status_code == 403 and "derive" in r.json()["error"]["message"], r.text
+    r = c2.patch(f"/admin/users/{main['id']}", json={"password": PASSWORD})
+    assert r.status_code == 403 and r.json()["error"]["field"] == "password", r.text
+    assert _me(gw, whole["key"]) and _login(gw, "carol-less") is None  # the refusals changed nothing
+    assert c1.patch(f"/admin/users/{main['id']}", json={"password": PASSWORD}).status_code == 200
+    session = _login(gw, "carol-less")
+    assert session is not None
+    r = gw.client(session).post(f"/admin/keys/{whole['id']}/rotate")
+    assert r.status_code == 200 and _me(gw, r.json()["key"]) == {"admin:users", "admin:keys"}, r.text
+
+
 def test_a_refused_part_of_a_user_change_changes_nothing(gw: Gateway, setup_key: str) -> None:
     """A user manager may disable a keys-only user but not give them the developer role: asked for both at once,
     they get the 403 and the user stays as they were (sessions included). Nor may they set the password (a login

@@ -165,6 +165,41 @@ class AuthService:
         self._grantable(by, self.roles.get(u["role"], ()), f"{what} (it acts as {u['username']!r}, role {u['role']})",
                         field)  # fmt: skip
 
+    def _follows(self, by: Principal) -> bool:
+        """Whether `by` holds whatever its user's role holds, now and later: a login session, or a key following
+        the role (not one with fixed scopes, such as a key someone else made for the user)."""
+        if by.via == "session":
+            return True
+        rec = self.key_ids.get(by.key_id) if by.key_id is not None else None
+        return rec is not None and bool(rec.follows_role)
+
+    def _whole(self, by: Principal) -> bool:
+        """Whether `by` stands for all of its user: a login session, or a key that follows the role (or holds every
+        scope) with no expiry, no rate limit and no key it derives from. A fixed key made for the user, a delegate
+        of a key and a notebook run's key are less than their user: what they hand out must not be more."""
+        if by.via == "session":
+            return True
+        rec = self.key_ids.get(by.key_id) if by.key_id is not None else None
+        return (
+            rec is not None
+            and (bool(rec.follows_role) or set(SCOPES) <= by.scopes)
+            and rec.parent_id is None
+            and rec.expires_at is None
+            and rec.rate_limit_per_min is None
+        )
+
+    def _derives_from(self, rec: KeyRecord, key_id: str) -> bool:
+        """Whether key `rec` is key `key_id` or derives from it, however deep (then it expires no later, is limited
+        no more loosely and is revoked with it)."""
+        seen: set[str] = set()
+        k: KeyRecord | None = rec
+        while k is not None and k.id not in seen:
+            if k.id == key_id:
+                return True
+            seen.add(k.id)
+            k = self.key_ids.get(k.parent_id) if k.parent_id is not None else None
+        return False
+
     def key_scopes(self, rec: KeyRecord) -> frozenset[str]:
         """The scopes a key holds now: its user's role's, narrowed to the key's own list unless it follows the role."""
         user = self.users.get(rec.user_id)
@@ -410,7 +445,7 @@ class AuthService:
             _check_password(password)
         self._manageable(by, u, "user_id")
         if password is not None:
-            _may_set_password(by, u)
+            self._may_set_password(by, u)
         if role is not None:
             self._grantable(by, self.roles[role], f"giving role {role!r}", "role")
         if by is not None and by.user_id == u["id"] and (disabled or (role is not None and role != u["role"])):
@@ -482,7 +517,7 @@ class AuthService:
         u = self.user(user_id)
         _check_password(password)
         self._manageable(by, u, "user_id")
-        _may_set_password(by, u)
+        self._may_set_password(by, u)
         pw = ks.hash_password(password)
         with self.mutex:
             self.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [pw, u["id"]])
@@ -528,7 +563,8 @@ class AuthService:
         with it. A key made for someone else is theirs: it stands alone.
 
         Without `scopes` the key follows its owner's role when its maker could give that user any role: the owner
-        themselves (holding their role's scopes), a maker holding every scope, or the gateway. A key for someone
+        themselves through a credential that follows it too (a login, a key following the role: a fixed key makes
+        fixed keys), a maker holding every scope, or the gateway. A key for someone
         else acts as them, so its maker must hold every scope of their role (as for managing them); it holds the
         role's scopes of today, fixed: it would otherwise gain whatever the owner's role gains later, which its
         maker may not hold. Explicit scopes must be the owner's and `by`'s."""
@@ -543,8 +579,10 @@ class AuthService:
         self._may_act_as(by, u, "a key for another user", "user_id")
         allowed = self.roles[u["role"]]
         follows = scopes is None and (
-            by is None or set(SCOPES) <= by.scopes or (by.user_id == u["id"] and set(allowed) <= by.scopes)
-        )
+            by is None
+            or set(SCOPES) <= by.scopes
+            or (by.user_id == u["id"] and set(allowed) <= by.scopes and self._follows(by))
+        )  # a fixed key makes fixed keys: following the role, its key would gain what it never held
         if scopes is None:
             scopes = [s for s in allowed if by is None or s in by.scopes]
         self._check_scopes(scopes, tuple(allowed), "scopes", owner=u)
@@ -625,7 +663,8 @@ class AuthService:
         self, key_id: str, actor: str | None = None, by: Principal | None = None
     ) -> tuple[dict[str, Any], str]:
         """Give a key a new secret (same id, name, scopes); the old token stops working at once. The new secret
-        is shown to `by`, who must hold every scope the key does."""
+        is shown to `by`, who must hold every scope the key does; a key that is less than its user (fixed, expiring,
+        limited or derived) may only renew itself or a key derived from it."""
         actor = by.username if by else actor
         rec = self._key(key_id)
         if rec.name.startswith(RUN_KEY_PREFIX):  # a running notebook holds it: a new secret would be someone else's
@@ -635,6 +674,16 @@ class AuthService:
             # its new secret would hold whatever the owner's role gains later (as create_key refuses to make)
             raise Forbidden(f"key {rec.id} follows its owner's role: only its owner, or someone holding every scope, "
                             "may take a new secret of it", field="key_id")  # fmt: skip
+        if by is not None and by.user_id == rec.user_id and not self._whole(by):
+            # the new secret must be no more than the credential asking for it: no longer-lived, no less limited,
+            # not outliving its revocation, and following the role only if it does
+            if not self._derives_from(rec, by.key_id or ""):
+                raise Forbidden(f"key {rec.id} does not derive from the key asking for its new secret, which is "
+                                f"less than {by.username} (fixed scopes, an expiry, a rate limit or a parent): use "
+                                "a login session or a key that stands for all of them", field="key_id")  # fmt: skip
+            if rec.follows_role and not self._follows(by):
+                raise Forbidden(f"key {rec.id} follows its owner's role and the key asking for its new secret does "
+                                "not: it would gain what that key never held", field="key_id")  # fmt: skip
         owner = self.users.get(rec.user_id)
         if owner is not None:
             if owner["username"].endswith(HUB_SUFFIX):
@@ -829,6 +878,22 @@ class AuthService:
         self.sessions.pop(token_hash, None)
         self._write_later("DELETE FROM sessions WHERE token_hash = ?", [token_hash])
 
+    def _may_set_password(self, by: Principal | None, u: dict[str, Any]) -> None:
+        """403 when `by` may not set user `u`'s password: a JupyterHub user logs in through the Hub, someone else's
+        password takes every scope, and one's own needs a credential that stands for all of oneself (a login
+        follows the role, never expires with a key and outlives every key's revocation)."""
+        if u["username"].endswith(HUB_SUFFIX):
+            raise Forbidden(f"{u['username']!r} is a JupyterHub user: they log in through the Hub", field="password")
+        if by is None:
+            return
+        if by.user_id != u["id"] and not set(SCOPES) <= by.scopes:
+            raise _password_for_another(u["username"])
+        if by.user_id == u["id"] and not self._whole(by):
+            raise Forbidden(f"a password for {u['username']!r} gives a login that follows their role and outlives "
+                            "every key: set it with a login session or a key that stands for all of them (follows "
+                            "the role, no expiry, rate limit or parent), not with this key",
+                            field="password")  # fmt: skip
+
     # -- first start ------------------------------------------------------------------------------
     def bootstrap(self, data_dir: Path, env_key: str | None) -> Path | None:
         """On first start, create the admin user and key: `BKG_ADMIN_KEY` if set, else a new key in admin.key."""
@@ -899,15 +964,6 @@ def _public_user(u: dict[str, Any]) -> dict[str, Any]:
 def _check_name(name: Any, field: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise InvalidInput(f"{field} must be 1-64 letters, digits, '_', '.', '@' or '-'", field=field)
-
-
-def _may_set_password(by: Principal | None, u: dict[str, Any]) -> None:
-    """403 when `by` may not set user `u`'s password: a JupyterHub user logs in through the Hub, and someone else's
-    password takes every scope."""
-    if u["username"].endswith(HUB_SUFFIX):
-        raise Forbidden(f"{u['username']!r} is a JupyterHub user: they log in through the Hub", field="password")
-    if by is not None and by.user_id != u["id"] and not set(SCOPES) <= by.scopes:
-        raise _password_for_another(u["username"])
 
 
 def _password_for_another(username: str) -> Forbidden:
