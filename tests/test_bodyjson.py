@@ -133,3 +133,30 @@ def test_a_big_body_goes_to_a_worker_beside_its_pickle() -> None:
     for m in (got[0], got[2]):
         assert m[:3] == call[:3] and m[4] == call[4] and isinstance(m[3], RawJSON) and bytes(m[3].raw) == body
         assert m[3].object() == {"texts": ["x" * 3_000_000]}
+
+
+@pytest.mark.parametrize(
+    ("text", "lone"),
+    [
+        (json.dumps({"a": "\U0001f600 é"}), False),  # a pair, as json.dumps escapes an emoji
+        ('{"a": "\\\\ud800"}', False),  # an escaped backslash, then the letters ud800
+        ('{"a": "\\\\\\\\ud800"}', False),
+        ('{"a": "\\ud800"}', True),
+        ('{"a": "\\udc00"}', True),  # a low with no high before it
+        ('{"\\ud83d": 1}', True),  # in a key
+        ('{"a": "\\ud83d\\u0041"}', True),  # a high, then no low
+        ('{"a": "\\ud83d\\ud83d\\ude00"}', True),  # two highs, one low
+        ('{"a": "\\ude00\\ud83d"}', True),  # the pair the wrong way round
+        ('{"a": "\\\\\\ud800"}', True),  # an escaped backslash, then the escape
+        ('{"a": "x\ud800"}', True),  # raw, as a surrogatepass decode leaves one
+    ],
+)
+def test_a_lone_surrogate_is_found_however_it_is_spelled(text: str, lone: bool) -> None:
+    if lone:
+        with pytest.raises(InvalidInput, match="lone UTF-16 surrogate"):
+            bodyjson.check_text(text)
+        with pytest.raises(InvalidInput, match="lone UTF-16 surrogate"):
+            bodyjson.loads(text.encode("utf-8", "surrogatepass"))
+    else:
+        bodyjson.check_text(text)
+        assert bodyjson.loads(text.encode()) == json.loads(text)

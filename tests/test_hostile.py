@@ -442,3 +442,119 @@ def test_a_capability_not_made_for_big_inputs_refuses_one_before_checking_it(gw:
     body = json.dumps({"collection": "big_input_ok", "documents": "x" * (2 * 2**20)})  # read, checked: not a list
     r = c.post("/api/plugins/brainml/invoke/brainml.index", content=body, headers=JSON)
     assert r.status_code == 422 and r.json()["error"]["field"].startswith("input.documents"), r.text
+
+
+def _raw(c: httpx.Client, method: str, path: str, body: str) -> httpx.Response:
+    """`body` sent as written: `json.dumps` keeps a lone surrogate as the escape `\\ud800`, as a hostile client
+    would send it."""
+    return c.request(method, path, content=body.encode(), headers=JSON)
+
+
+def test_a_lone_surrogate_anywhere_in_a_body_is_a_422_never_a_500(gw: Gateway) -> None:
+    """Found by a review: outside the upsert, a "\\ud800" reached DuckDB's binding or the error renderer (a 500)
+    from filters, ids, a plugin's input, a schedule's parameters, a key's name. Every body is now checked where it
+    is read (FastAPI's routes as the body arrives, the big-body routes and the call port as they parse); a pair (an
+    emoji as `json.dumps` escapes it) is text like any other."""
+    c = gw.client()
+    assert c.post("/api/collections", json={"name": "lone", "dim": 2}).status_code == 201
+    assert c.put("/api/collections/lone/points", json={"points": [{"id": 1, "vector": [1, 0]}]}).is_success
+    lone = "\ud800"
+    for method, path, body in (
+        ("POST", "/api/collections/lone/points/count", {"filter": {"a": lone}}),
+        ("POST", "/api/collections/lone/points/count", {"filter": {lone: 1}}),
+        ("POST", "/api/collections/lone/points/get", {"ids": [lone]}),
+        ("POST", "/api/collections/lone/points/delete", {"ids": [lone]}),
+        ("POST", "/api/collections/lone/query", {"vector": [1, 0], "filter": {"a": {"$in": [lone]}}}),
+        ("POST", "/api/plugins/sysinfo/invoke/sysinfo.facts", {"x": "\udc00"}),
+        ("POST", "/admin/keys", {"name": "k" + lone}),
+        ("POST", "/api/jobs/schedules", {"notebook": "n.ipynb", "cron": "0 3 * * *", "parameters": {"folder": lone}}),
+    ):
+        r = _raw(c, method, path, json.dumps(body))
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["error"]["field"] == "body" and "surrogate" in r.json()["error"]["message"], r.text
+    r = _raw(c, "POST", "/api/collections/lone/points/count", json.dumps({"filter": {"a": "\U0001f600"}}))
+    assert r.status_code == 200 and r.json()["count"] == 0, r.text
+    assert c.post("/api/collections/lone/points/count", json={}).json()["count"] == 1
+
+
+def test_a_filter_stays_small_enough_to_prepare_and_never_deletes_everything_by_accident(gw: Gateway) -> None:
+    """Found by a review: the value cap was checked only between filter objects (20 fields of 10,000-value $in
+    lists made 24 MB of SQL that DuckDB prepared holding the GIL for seconds), and `{"$and": [{}]}` slipped past
+    the empty-filter guard of a delete (every point gone). An $in list is one bound list now, however long."""
+    c = gw.client()
+    assert c.post("/api/collections", json={"name": "bigfilter", "dim": 2}).status_code == 201
+    points = [{"id": i, "vector": [1, i], "payload": {"k": i, "s": f"v{i}", "b": i % 2 == 0}} for i in range(50)]
+    assert c.put("/api/collections/bigfilter/points", json={"points": points}).is_success
+
+    def count(flt: dict[str, Any]) -> httpx.Response:
+        return c.post("/api/collections/bigfilter/points/count", json={"filter": flt})
+
+    assert count({"k": {"$in": list(range(0, 10_000, 2))}}).json()["count"] == 25
+    assert count({"k": {"$in": [1, "v2", True, None, 3.0]}}).json()["count"] == 2  # the JSON types stay apart
+    assert count({"s": {"$nin": ["v1", "v2"]}, "b": {"$in": [True]}}).json()["count"] == 24
+    many = {f"k{i}": {"$in": [None] * 1000} for i in range(20)}
+    r = count(many)
+    assert r.status_code == 422 and "10,000 values" in r.json()["error"]["message"], r.text
+    r = count({"$or": [{"k": i} for i in range(1001)]})
+    assert r.status_code == 422 and "1,000 conditions" in r.json()["error"]["message"], r.text
+    for flt in ({"$and": [{}]}, {"$or": [{"k": 1}, {}]}):
+        r = c.post("/api/collections/bigfilter/points/delete", json={"filter": flt})
+        assert r.status_code == 422 and "empty filter" in r.json()["error"]["message"], r.text
+    r = c.post("/api/collections/bigfilter/points/delete", json={"filter": {"k": {"$nin": []}}})
+    assert r.status_code == 422 and "tests no field" in r.json()["error"]["message"], r.text
+    assert count({}).json()["count"] == 50
+    assert c.post("/api/collections/bigfilter/points/delete", json={"filter": {"k": {"$in": [1, 2]}}}).is_success
+    assert count({}).json()["count"] == 48
+
+
+def test_what_the_store_could_not_use_later_is_refused_when_it_comes(gw: Gateway) -> None:
+    """Found by a review, each once accepted and then failing every later use: an IVF collection with more lists
+    than the vectors it trains on (every upsert from then on a 500), a payload nested past what a read can write
+    back (the collection could no longer be scrolled), a vector whose length passes float32's range (cosine scored
+    it 0, L2 lost it), a name with a trailing newline (no REST path could reach or drop it)."""
+    c = gw.client()
+    r = c.post("/api/collections", json={"name": "ivfbad", "dim": 3, "index": "ivf",
+                                        "params": {"nlist": 50, "ivf_train_min": 5}})  # fmt: skip
+    assert r.status_code == 422 and r.json()["error"]["field"] == "params.nlist", r.text
+    body = {"name": "ivfok", "dim": 3, "index": "ivf", "params": {"nlist": 4, "ivf_train_min": 8}}
+    assert c.post("/api/collections", json=body).status_code == 201
+    pts = [{"id": i, "vector": [1, i, 2], "text": f"fruit number {i}"} for i in range(12)]
+    assert c.put("/api/collections/ivfok/points", json={"points": pts}).is_success
+    r = c.post("/api/collections/ivfok/query", json={"text": "fruit", "mode": "text", "k": 20})
+    assert r.status_code == 200 and len(r.json()["results"]) == 12, r.text
+
+    assert c.post("/api/collections", json={"name": "deep", "dim": 2}).status_code == 201
+    nested: dict[str, Any] = {"x": 1}
+    for _ in range(99):
+        nested = {"x": nested}
+    assert c.put("/api/collections/deep/points", json={"points": [{"id": 1, "vector": [1, 0], "payload": nested}]})
+    r = c.put("/api/collections/deep/points", json={"points": [{"id": 2, "vector": [1, 0], "payload": {"x": nested}}]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "points[0].payload", r.text
+    r = c.post("/api/collections/deep/points/scroll", json={"limit": 10})
+    assert r.status_code == 200 and [p["id"] for p in r.json()["points"]] == [1], r.text
+
+    r = c.put("/api/collections/deep/points", json={"points": [{"id": 3, "vector": [3e38, 3e38]}]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "points[0].vector", r.text
+    assert c.post("/api/collections/deep/points/count", json={}).json()["count"] == 1
+
+    snap = c.post("/api/collections/deep/snapshots").json()["id"]
+    r = c.post(f"/api/collections/deep/snapshots/{snap}/restore", json={"into": "evil\n"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "into", r.text
+    assert c.post("/api/collections", json={"name": "evil\n", "dim": 2}).status_code == 422
+    assert not [x for x in c.get("/api/collections").json()["collections"] if x["name"].startswith("evil")]
+
+
+def test_a_body_that_cannot_be_used_is_refused_before_it_is_parsed(gw: Gateway) -> None:
+    """Found by a review: a 30 MB body for a capability that does not exist was parsed (651 ms holding the GIL, every
+    other request waiting) before its 404; an upsert of anything but an object of point objects too. Each body here
+    is cut short: an answer about its JSON would mean it was parsed."""
+    c = gw.client()
+    junk = "[" + ",".join(["0"] * 200_000) + "]"
+    r = _raw(c, "POST", "/api/plugins/sysinfo/invoke/no.such.capability", '{"x": [' + junk + ", ")
+    assert r.status_code == 404 and r.json()["error"]["field"] == "capability", r.text
+    assert c.post("/api/collections", json={"name": "shape", "dim": 2}).status_code == 201
+    r = _raw(c, "PUT", "/api/collections/shape/points", junk[:-1])
+    assert r.status_code == 422 and "must be a JSON object" in r.json()["error"]["message"], r.text
+    r = _raw(c, "PUT", "/api/collections/shape/points", '{"points": [' + junk[:-1])
+    assert r.status_code == 422 and r.json()["error"]["field"] == "points.0", r.text
+    assert c.post("/api/collections/shape/points/count", json={}).json()["count"] == 0

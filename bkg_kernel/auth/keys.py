@@ -25,7 +25,7 @@ def new_key() -> tuple[str, str, str]:
 
 def parse_key(token: str) -> tuple[str, str] | None:
     """Return (prefix, secret) of a well-formed key, else None."""
-    m = KEY_RE.match(token)
+    m = KEY_RE.fullmatch(token)
     return (m.group(1), m.group(2)) if m else None
 
 

@@ -962,7 +962,7 @@ def _public_user(u: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_name(name: Any, field: str) -> None:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidInput(f"{field} must be 1-64 letters, digits, '_', '.', '@' or '-'", field=field)
 
 

@@ -73,6 +73,14 @@ class BodyTooLarge(HTTPException):
         super().__init__(status_code=413, detail=message)
 
 
+class BadText(HTTPException):
+    """Raised inside the app when a JSON body holds a lone surrogate (`bodyjson.check_text`): a 422 naming `body`,
+    an HTTPException so that FastAPI's body parsing passes it on as it is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(status_code=422, detail=message)
+
+
 class BodyLimitMiddleware:
     """Pure ASGI: `max_bytes` per request body (HTTP only; WebSocket messages have their own limit)."""
 
@@ -139,14 +147,28 @@ class BodyLimitMiddleware:
             return
         seen = 0
         started = False
+        # the JSON body of a route that FastAPI parses (on the loop: at most PARSED_BYTES) is checked for lone
+        # surrogates once whole; a route made for big bodies checks them as it parses (bodyjson)
+        kind = headers.get(b"content-type")
+        json_body = kind is None or _is_json(kind.decode("latin-1"))  # FastAPI reads a body of no type as JSON
+        kept: list[bytes] | None = [] if json_body and limit <= PARSED_BYTES else None
 
         async def counted() -> Any:
-            nonlocal seen
+            nonlocal seen, kept
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                seen += len(chunk)
                 if seen > limit:
                     raise BodyTooLarge(self._message(f"over {limit:,} bytes", limit))
+                if kept is not None:
+                    kept.append(chunk)
+                    if not message.get("more_body", False):
+                        try:
+                            bodyjson.check_raw(b"".join(kept))
+                        except BkgError as exc:
+                            raise BadText(exc.message) from None
+                        kept = None
             return message
 
         async def tracking(message: dict[str, Any]) -> None:
@@ -160,6 +182,10 @@ class BodyLimitMiddleware:
             if started:
                 raise
             await self._refusal(f"over {limit:,} bytes", limit)(scope, receive, send)
+        except BadText as exc:
+            if started:
+                raise
+            await error_response(422, "invalid_input", str(exc.detail), "body")(scope, receive, send)
 
 
 async def _credentialed(scope: dict[str, Any]) -> bool:

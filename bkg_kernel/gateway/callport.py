@@ -42,6 +42,7 @@ from bkg_kernel.errors import (
     BkgError,
     InvalidInput,
     Misdirected,
+    NotFound,
     PayloadTooLarge,
     Timeout,
     TooManyRequests,
@@ -263,6 +264,8 @@ class CallPort:
         p = self.auth.authenticate(token, metered=not job)
         host = self.supervisor.get(plugin_id)
         p.require(cap.scope if cap is not None else "plugins:read", "this route")
+        if cap is None and found is not None and found.cls is not None:
+            raise NotFound(f"plugin {plugin_id!r} has no capability {capability_id!r}", field="capability")
         if job:
             raise Misdirected(f"{capability_id} runs as a background job: start it over HTTP")
         if cap is not None and not cap.big_input and len(raw) > PARSED_BYTES:

@@ -26,11 +26,20 @@ _CODES = {
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None, **headers: str) -> JSONResponse:
-    """Build the JSON error response."""
-    body: dict[str, Any] = {"status": status, "code": code, "message": message}
+    """Build the JSON error response (a lone surrogate that input put in the message or field is written as its
+    escape: the response is always UTF-8)."""
+    body: dict[str, Any] = {"status": status, "code": code, "message": _utf8(message)}
     if field is not None:
-        body["field"] = field
+        body["field"] = _utf8(field)
     return JSONResponse({"error": body}, status_code=status, headers=headers or None)
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 async def bkg_error(request: Request, exc: BkgError) -> JSONResponse:
@@ -55,6 +64,8 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     code = _CODES.get(exc.status_code, "http_error")
     if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parsing hit Python's nesting limit
         return error_response(400, code, "the request body nests too deeply to parse", "body")
+    if exc.status_code == 422:  # a body refused as it was read (bodylimit.BadText)
+        return error_response(422, "invalid_input", str(exc.detail), "body")
     return error_response(exc.status_code, code, str(exc.detail))
 
 

@@ -50,6 +50,54 @@ def json_object(data: Any) -> dict[str, Any]:
 
 
 TOO_DEEP = "the request nests too deeply (JSON objects or filters)"
+# A JSON text may spell a lone UTF-16 surrogate ("\ud800"), which `json.loads` turns into a str no UTF-8 sink takes
+# (DuckDB's binding, the error renderer): refused where a body is read, with where it is. Only a text that has a
+# surrogate at all (an escape in D800-DFFF, or one raw) is looked at closely.
+_SURROGATE_HINT = re.compile(r"[\ud800-\udfff]|\\u[dD][89a-fA-F]")
+_RAW_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u([dD][89a-fA-F][0-9a-fA-F]{2})")  # an even run of \ before
+
+
+def check_text(text: str, field: str = "body") -> None:
+    """422 naming `field` when the JSON `text` holds a lone surrogate (escaped, or raw as `surrogatepass` decodes
+    one): strings must be Unicode text. A pair (an astral character escaped as two, as `json.dumps` writes emoji)
+    is fine."""
+    if _SURROGATE_HINT.search(text) is None:
+        return
+    raw = _RAW_SURROGATE.search(text)
+    if raw is not None:
+        raise _lone(raw.start(), field)
+    high_end = -1  # where the escape after a high surrogate must begin
+    for m in _SURROGATE_ESCAPE.finditer(text):
+        start = m.end() - 6
+        if int(m.group(1), 16) < 0xDC00:  # high: a low must follow at once
+            if high_end != -1:
+                raise _lone(high_end - 6, field)
+            high_end = m.end()
+        elif start != high_end:  # low, after no high
+            raise _lone(start, field)
+        else:
+            high_end = -1
+    if high_end != -1:
+        raise _lone(high_end - 6, field)
+
+
+def check_raw(raw: bytes, field: str = "body") -> None:
+    """`check_text` for a body's bytes as `json.loads` reads them (UTF-8, -16 or -32); bytes that do not decode are
+    left to the parser."""
+    try:
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    except (UnicodeDecodeError, LookupError):
+        return
+    check_text(text, field)
+
+
+def _lone(at: int, field: str) -> InvalidInput:
+    return InvalidInput(f"the request holds a lone UTF-16 surrogate (character {at:,}): strings must be Unicode "
+                        "text (an astral character is escaped as a high and a low surrogate together)",
+                        field=field)  # fmt: skip
+
+
 WHOLE_BYTES = 64 * 1024  # a body up to this size is parsed in one `json.loads` (~0.1 ms), its caps checked after
 
 
@@ -61,6 +109,7 @@ def loads(raw: bytes, max_items: Mapping[str, int] | None = None) -> dict[str, A
     caps = max_items or {}
     try:
         text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        check_text(text)
         if len(raw) <= WHOLE_BYTES:
             data = json_object(json.loads(text))
             for key, value in data.items():
@@ -141,24 +190,27 @@ _DECODER = json.JSONDecoder()
 _WS = " \t\n\r"
 
 
-def loads_in_pieces(text: str, max_items: Mapping[str, int] | None = None) -> Any:
+def loads_in_pieces(
+    text: str, max_items: Mapping[str, int] | None = None, objects: frozenset[str] = frozenset()
+) -> Any:
     """`json.loads`, but a top-level object's arrays are decoded one element at a time.
 
     One `json.loads` of a 5,000-point body holds the GIL for ~150 ms (the event loop waits that long even though
     this runs on a thread); element by element, the interpreter can switch threads between elements. An array named
     in `max_items` (any other top-level array: the limit under "*", if given) that grows past its limit is refused
     (422 naming it) without decoding the rest, and whatever a failed parse had made is released (`release`) before
-    the error goes up.
+    the error goes up. The arrays named in `objects` hold objects: an element that is not one is refused (422
+    naming it) before it is decoded, as is a body that is not an object when any are named.
     """
     out: dict[str, Any] = {}
     try:
-        return _pieces(text, max_items or {}, out)
+        return _pieces(text, max_items or {}, out, objects)
     except BaseException:
         release(out)
         raise
 
 
-def _pieces(text: str, max_items: Mapping[str, int], out: dict[str, Any]) -> Any:
+def _pieces(text: str, max_items: Mapping[str, int], out: dict[str, Any], objects: frozenset[str]) -> Any:
     def ws(i: int) -> int:
         while i < len(text) and text[i] in _WS:
             i += 1
@@ -166,6 +218,8 @@ def _pieces(text: str, max_items: Mapping[str, int], out: dict[str, Any]) -> Any
 
     i = ws(0)
     if not text.startswith("{", i):
+        if objects and text[i : i + 1] in _KINDS:  # a list, string, ...: not parsed to be refused
+            raise InvalidInput(f"the body must be a JSON object, not {_KINDS[text[i]]}", field="body")
         return json.loads(text)
     i = ws(i + 1)
     if text.startswith("}", i):
@@ -188,6 +242,10 @@ def _pieces(text: str, max_items: Mapping[str, int], out: dict[str, Any]) -> Any
                     i += 1
                 else:
                     while True:
+                        if key in objects and not text.startswith("{", i):
+                            raise InvalidInput(
+                                f"{key}.{len(items)}: must be a JSON object", field=f"{key}.{len(items)}"
+                            )
                         item, i = _DECODER.raw_decode(text, i)
                         items.append(item)
                         if limit is not None and len(items) > limit:

@@ -130,7 +130,7 @@ class Collection:
                 raise InvalidInput(
                     "an empty filter would delete every point; drop the collection instead", field="filter"
                 )
-            where, params = compile_filter(filter)
+            where, params = compile_filter(filter, tests_a_field=True)
         with self._store._mutex:  # noqa: SLF001
             return ingest.delete(self, where, params)
 

@@ -23,31 +23,51 @@ _NUMERIC = "('BIGINT','UBIGINT','DOUBLE')"
 _SQL_OP = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 
 
-def compile_filter(flt: dict[str, Any] | None, column: str = "payload") -> tuple[str, list[Any]]:
-    """Return (sql, params) for a filter; an empty or missing filter is `TRUE`."""
+def compile_filter(
+    flt: dict[str, Any] | None, column: str = "payload", *, tests_a_field: bool = False
+) -> tuple[str, list[Any]]:
+    """Return (sql, params) for a filter; an empty or missing filter is `TRUE`. `tests_a_field`: a filter that
+    tests no field at all (it matches every point, or none) is the caller's 422 (a delete's)."""
     if flt is None:
         return "TRUE", []
     params: list[Any] = []
-    sql = _Compiler(column, params).node(flt, "filter")
+    compiler = _Compiler(column, params)
+    sql = compiler.node(flt, "filter")
+    if tests_a_field and not compiler.tests:
+        raise InvalidInput("this filter tests no field: it matches every point or none; name a field "
+                           "(or drop the collection to delete every point)", field="filter")  # fmt: skip
     return sql, params
 
 
 MAX_DEPTH = 16  # $and / $or nesting
 MAX_VALUES = 10_000  # values compared in one filter ($in lists included)
+MAX_CONDITIONS = 1_000  # conditions in one filter (an $in list is one): the SQL stays small to prepare
 
 
 class _Compiler:
     def __init__(self, column: str, params: list[Any]) -> None:
         self.col = column
         self.params = params
+        self.values = 0  # compared so far, each element of an $in list included
+        self.conditions = 0
+        self.tests = 0  # conditions that look at a field (not `$in: []` / `$nin: []`)
+
+    def _count(self, values: int, where: str) -> None:
+        self.values += values
+        self.conditions += 1
+        if self.values > MAX_VALUES:
+            raise InvalidInput(f"a filter compares at most {MAX_VALUES:,} values", field=where)
+        if self.conditions > MAX_CONDITIONS:
+            raise InvalidInput(f"a filter holds at most {MAX_CONDITIONS:,} conditions (many values of one field "
+                               "go in one $in list)", field=where)  # fmt: skip
 
     def node(self, flt: Any, where: str, depth: int = 0) -> str:
         if not isinstance(flt, dict):
             raise InvalidInput(f"a filter must be a JSON object, got {type(flt).__name__}", field=where)
         if depth > MAX_DEPTH:
             raise InvalidInput(f"filters nest $and / $or at most {MAX_DEPTH} deep", field=where)
-        if len(self.params) > MAX_VALUES:
-            raise InvalidInput(f"a filter compares at most {MAX_VALUES:,} values", field=where)
+        if depth and not flt:
+            raise InvalidInput("an empty filter inside $and / $or matches every point: leave it out", field=where)
         parts = []
         for key, value in flt.items():
             if key in ("$and", "$or"):
@@ -76,6 +96,9 @@ class _Compiler:
 
     def op(self, path: str, op: str, value: Any, where: str) -> str:
         typ = f"json_type({self.col}, {path})"
+        self._count(len(value) if op in ("$in", "$nin") and isinstance(value, list) else 1, where)
+        if not (op in ("$in", "$nin") and value == []):
+            self.tests += 1
         if op == "$eq":
             return self.eq(path, value, where)
         if op == "$ne":
@@ -95,7 +118,7 @@ class _Compiler:
                 raise InvalidInput(f"{op} takes at most {MAX_VALUES:,} values, got {len(value):,}", field=where)
             if not value:
                 return "FALSE" if op == "$in" else "TRUE"
-            anyof = "(" + " OR ".join(self.eq(path, v, f"{where}[{i}]") for i, v in enumerate(value)) + ")"
+            anyof = "(" + " OR ".join(self.any_of(path, value, where)) + ")"
             return anyof if op == "$in" else f"NOT coalesce({anyof}, FALSE)"
         if op == "$contains":
             if not _is_scalar(value) or value is None:
@@ -107,6 +130,41 @@ class _Compiler:
                 return f"({in_array} OR ({typ} = 'VARCHAR' AND contains(json_extract_string({self.col}, {path}), ?)))"
             return in_array
         raise InvalidInput(f"unknown operator {op!r} (expected one of {', '.join(OPERATORS)})", field=where)
+
+    def any_of(self, path: str, values: list[Any], where: str) -> list[str]:
+        """The tests of an $in list, one per JSON type in it: each type's values bound as one list (however long
+        the list, the SQL stays this size, and DuckDB looks the field up in a hash of them)."""
+        typ = f"json_type({self.col}, {path})"
+        numbers: list[float] = []
+        strings: list[str] = []
+        bools: list[bool] = []
+        null = False
+        for i, v in enumerate(values):
+            if v is None:
+                null = True
+            elif isinstance(v, bool):
+                bools.append(v)
+            elif _is_number(v):
+                numbers.append(_double(v, f"{where}[{i}]"))
+            elif isinstance(v, str):
+                strings.append(v)
+            else:
+                raise InvalidInput(f"can only compare with a string, number, boolean or null, got {_json_type(v)}",
+                                   field=f"{where}[{i}]")  # fmt: skip
+        tests = [f"coalesce({typ} = 'NULL', TRUE)"] if null else []
+        if numbers:
+            self.params.append(numbers)
+            tests.append(f"({typ} IN {_NUMERIC} AND CAST(json_extract({self.col}, {path}) AS DOUBLE) "
+                         "IN (SELECT unnest(?::DOUBLE[])))")  # fmt: skip
+        if strings:
+            self.params.append(strings)
+            tests.append(f"({typ} = 'VARCHAR' AND json_extract_string({self.col}, {path}) "
+                         "IN (SELECT unnest(?::VARCHAR[])))")  # fmt: skip
+        if bools:
+            self.params.append(bools)
+            tests.append(f"({typ} = 'BOOLEAN' AND CAST(json_extract({self.col}, {path}) AS BOOLEAN) "
+                         "IN (SELECT unnest(?::BOOLEAN[])))")  # fmt: skip
+        return tests
 
     def eq(self, path: str, value: Any, where: str) -> str:
         typ = f"json_type({self.col}, {path})"

@@ -123,6 +123,7 @@ class VectorIndex:
         faiss = _faiss()
         xb = self.reconstruct(np.arange(self.ntotal))
         nlist = int(self.params["nlist"]) or max(1, min(int(4 * math.sqrt(len(xb))), len(xb) // 39))
+        nlist = min(nlist, len(xb))  # FAISS cannot train more lists than vectors (a collection made before the check)
         quantizer = faiss.IndexFlat(self.dim, self._faiss_metric())
         ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, self._faiss_metric())
         ivf.train(xb)

@@ -144,7 +144,7 @@ def list_snapshots(root: Path, name: str | None) -> SnapshotList:
 
 def _path(root: Path, name: str, snapshot_id: str) -> Path:
     validate.collection_name(name)
-    if not isinstance(snapshot_id, str) or not _ID.match(snapshot_id):
+    if not isinstance(snapshot_id, str) or not _ID.fullmatch(snapshot_id):
         raise InvalidInput(f"bad snapshot id {snapshot_id!r}", field="snapshot_id")
     path = root / name / f"{snapshot_id}{SUFFIX}"
     if not path.exists():

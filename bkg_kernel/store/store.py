@@ -129,8 +129,13 @@ class Store:
             lo, hi = PARAM_RANGES[key]
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise InvalidInput(f"{key} must be an integer from {lo} to {hi:,}", field=f"params.{key}")
+        full = {**DEFAULT_PARAMS[index], **params}
+        if index == "ivf" and full["nlist"] > full["ivf_train_min"]:
+            raise InvalidInput(f"nlist ({full['nlist']:,}) must be at most ivf_train_min ({full['ivf_train_min']:,}): "
+                               "FAISS trains each list's centroid from the vectors there are then, at least one a "
+                               "list (nlist 0 chooses from the data)", field="params.nlist")  # fmt: skip
         with self._mutex:
-            return self._create(name, dim, metric, index, {**DEFAULT_PARAMS[index], **params}, embed_model)
+            return self._create(name, dim, metric, index, full, embed_model)
 
     def _create(
         self, name: str, dim: int, metric: str, index: str, params: dict[str, Any], embed_model: str | None = None

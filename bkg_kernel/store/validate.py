@@ -43,7 +43,7 @@ def collection_name(name: Any, field: str = "name") -> str:
         raise InvalidInput("collection name must be a non-empty string", field=field)
     if "/" in name or "\\" in name:
         raise InvalidInput(f"collection name {name!r} must not contain '/' or '\\'", field=field)
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):  # not `match`: `$` would let a trailing newline in
         raise InvalidInput(
             f"collection name {name!r} must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit",
             field=field,
@@ -150,6 +150,12 @@ def vectors_matrix(vectors: Any, dim: int, collection: str, where: Any) -> np.nd
         raise InvalidInput(
             f"vector contains {arr[i, j]} at position {j}: only finite numbers are allowed", field=where(i)
         )
+    with np.errstate(over="ignore"):  # a norm past float32's range: cosine scores it 0, L2 loses it from results
+        norms = np.einsum("ij,ij->i", arr, arr)
+    if not np.isfinite(norms).all():
+        i = int(np.argwhere(~np.isfinite(norms))[0][0])
+        raise InvalidInput("vector is too long: its squared length passes float32's range (about 3.4e38); scale "
+                           "it down", field=where(i))  # fmt: skip
     return arr
 
 
@@ -245,12 +251,34 @@ def _keys(ids: Sequence[Any], where: Callable[[int], str]) -> list[str]:
     return [point_key(pid, where(i)) for i, pid in enumerate(ids)]
 
 
+MAX_PAYLOAD_DEPTH = 100  # levels of objects and arrays in one payload, as MongoDB allows in a document
+
+
 def _payloads(payloads: Sequence[Any], where: Callable[[int], str]) -> list[str | None]:
     enc = _ENCODE
     try:
-        return [enc(p) if type(p) is dict else _payload(p, "") for p in payloads]
+        out = [enc(p) if type(p) is dict else _payload(p, "") for p in payloads]
     except (InvalidInput, TypeError, ValueError, RecursionError):
         return [_payload(p, where(i)) for i, p in enumerate(payloads)]  # raises, naming the row
+    for i, text in enumerate(out):  # only a payload with that many brackets at all can nest that deep
+        if text is not None and text.count("{") + text.count("[") > MAX_PAYLOAD_DEPTH:
+            _shallow(payloads[i], where(i))
+    return out
+
+
+def _shallow(payload: Any, field: str) -> None:
+    """422 naming `field` when `payload` nests objects and arrays over `MAX_PAYLOAD_DEPTH` levels: every read that
+    returns it writes it in JSON again (orjson, which stops at 255 levels)."""
+    todo: list[tuple[Any, int]] = [(payload, 1)]
+    while todo:
+        value, depth = todo.pop()
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if items is None:
+            continue
+        if depth > MAX_PAYLOAD_DEPTH:
+            raise InvalidInput(f"payload nests objects and arrays more than {MAX_PAYLOAD_DEPTH} levels deep",
+                               field=field)  # fmt: skip
+        todo.extend((v, depth + 1) for v in items)
 
 
 def _texts(texts: Sequence[Any], where: Callable[[int], str]) -> list[str | None]:

@@ -170,7 +170,7 @@ class Map(StrictBody):
 
 
 class Restore(StrictBody):
-    into: str | None = None
+    into: str | None = Field(None, pattern=NAME_PATTERN, description="The new collection's name (default: the same).")
 
 
 def _audit(request: Request, p: Principal, action: str, target: str, **detail: Any) -> None:
@@ -237,7 +237,8 @@ def parse_upsert(raw: bytes) -> tuple[list[dict[str, Any]], str | None]:
     can take minutes, does it run).
     """
     try:
-        data = bodyjson.loads_in_pieces(raw.decode("utf-8"), max_items={"points": MAX_POINTS})
+        text = raw.decode("utf-8")  # a lone surrogate is the store's 422, naming the point's field (validate._utf8)
+        data = bodyjson.loads_in_pieces(text, max_items={"points": MAX_POINTS}, objects=frozenset({"points"}))
     except RecursionError:
         raise BadRequest("the request body nests too deeply to parse", field="body") from None
     except ValueError as exc:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.auth.principal import SCOPES
-from bkg_kernel.errors import PayloadTooLarge
+from bkg_kernel.errors import NotFound, PayloadTooLarge
 from bkg_kernel.gateway.bodylimit import PARSED_BYTES, takes_big_bodies
 from bkg_kernel.gateway.jsonresp import FastJSONResponse
 from bkg_kernel.gateway.state import gateway, need
@@ -167,6 +167,8 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
     h = _host(request, plugin_id)
     cap = h.cls.capabilities().get(capability_id) if h.cls else None
     p = gw.principal(request, cap.scope if cap else "plugins:read")
+    if cap is None and h.cls is not None:  # before its body is read: parsing one costs the whole gateway time
+        raise NotFound(f"plugin {plugin_id!r} has no capability {capability_id!r}", field="capability")
     if cap is not None and not cap.big_input:  # said from the header when it is there, before anything is read
         _small_input(cap.id, request.headers.get("content-length"))
     raw = await request.body()
