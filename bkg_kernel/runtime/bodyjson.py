@@ -236,7 +236,8 @@ def _pieces(text: str, max_items: Mapping[str, int], out: dict[str, Any], object
             release(out.get(key))  # a repeated key: the last one wins, as in json.loads
             if text.startswith("[", i):
                 limit = _cap(max_items, key)
-                out[key] = items = []  # in `out` from the start: a failed parse releases it too
+                items: list[Any] = []
+                out[key] = items  # in `out` from the start: a failed parse releases it too
                 i = ws(i + 1)
                 if text.startswith("]", i):
                     i += 1
