@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         description="Folders whose notebooks may run as jobs (env BKG_JOB_ROOTS, ':'-separated); unset: ./notebooks "
         "and <data_dir>/notebooks. Whoever can write a notebook here runs code as the gateway's OS user.",
     )
+    job_file_roots: Annotated[list[Path] | None, NoDecode] = Field(
+        None,
+        description="Folders the shipped job notebooks may read files from when a parameter names one (env "
+        "BKG_JOB_FILE_ROOTS, ':'-separated); unset: <data_dir>/files. A job's kernel runs as the gateway's OS user: "
+        "never the data dir's own files (keys, the database), whatever is set.",
+    )
     job_workers: int = Field(2, ge=1, le=64, description="Job workers (each keeps one warm kernel): runs at once.")
     job_executor: str = Field(
         "local", pattern=r"^(local|dask://[A-Za-z0-9_.\-]+:\d{1,5})$", description="'local' or dask://host:port."
@@ -122,10 +128,10 @@ class Settings(BaseSettings):
         True, description="The lab server extension starts a gateway when none runs on data_dir."
     )
 
-    @field_validator("job_roots", mode="before")
+    @field_validator("job_roots", "job_file_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: Any) -> Any:
-        """Read BKG_JOB_ROOTS like PATH: folders separated by ':'."""
+        """Read BKG_JOB_ROOTS and BKG_JOB_FILE_ROOTS like PATH: folders separated by ':'."""
         if isinstance(value, str):
             return [p for p in value.split(os.pathsep) if p]
         return value

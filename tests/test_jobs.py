@@ -46,6 +46,7 @@ def make_notebooks(root: Path) -> Path:
         "pathlib.Path(pid_file).write_text(str(child.pid)) if pid_file else None",
         "time.sleep(seconds)",
     )  # fmt: skip
+    notebook(root / "braces_{n}.ipynb", "n = 1", "print('braced', n)")  # papermill formats paths with params
     notebook(root / "flaky.ipynb", "marker = ''",
              "import pathlib\np = pathlib.Path(marker)\nif not p.exists():\n"
              "    p.write_text('1')\n    raise RuntimeError('first attempt fails')")  # fmt: skip
@@ -847,3 +848,60 @@ def test_a_background_job_belongs_to_a_user_id_on_the_api_and_the_socket() -> No
     assert job.visible_to(first) and job.visible_to(auditor) and not job.visible_to(again)
     assert "owner_id" not in job.to_dict() and events
     assert all(_sees(first, e) and _sees(auditor, e) and not _sees(again, e) for e in events)
+
+
+def test_a_notebook_whose_name_has_braces_runs_as_itself(jgw: Gateway) -> None:
+    """papermill fills `{name}` in the notebook's and the output's paths from the run's parameters: a notebook
+    named `braces_{n}.ipynb` ran `braces_3.ipynb` (missing: every run failed) before its braces were doubled."""
+    done = wait_run(jgw, submit(jgw, {"notebook": "braces_{n}.ipynb", "parameters": {"n": 3}})["id"])
+    assert done["state"] == "succeeded", done["error"]
+    out = nbformat.read(done["output_path"], 4)
+    assert "braced 3" in "".join(o.get("text", "") for o in out.cells[-1].outputs)
+
+
+def test_a_job_reads_files_only_from_the_job_file_roots(jgw: Gateway) -> None:
+    """Found by a review: `index_documents` read any folder its `folder` parameter named, as the gateway's OS user,
+    for anyone holding jobs:run (the data dir's keys and database included). A job's notebook now reads only inside
+    `job_file_roots` (default <data_dir>/files), follows no link out of them, and never the data dir's own files."""
+    files_root = jgw.data_dir / "files"
+    docs = files_root / "docs"
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "a.md").write_text("# a document\n")
+    (jgw.data_dir / "secret.md").write_text("a secret of the gateway\n")
+    os.symlink(jgw.data_dir / "secret.md", docs / "leak.md")
+    for folder, fails_with in ((str(jgw.data_dir), "outside the folders jobs may read"), (str(docs), None)):
+        body = {"notebook": "jobs/index_documents.ipynb", "parameters": {"folder": folder, "collection": "jobdocs"}}
+        done = wait_run(jgw, submit(jgw, body)["id"])
+        assert done["state"] == "failed"  # no brainml in this gateway: the index cell fails, after the files cell
+        printed = "".join(o.get("text", "") for c in nbformat.read(done["output_path"], 4).cells
+                          for o in c.get("outputs", []))  # fmt: skip
+        if fails_with:
+            assert done["error"]["ename"] == "PermissionError" and fails_with in done["error"]["evalue"], done
+        else:
+            assert f"1 files in {docs.resolve()} match" in printed, printed  # a.md, not the link to secret.md
+
+
+def test_job_file_helpers_confine_only_a_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bkg_kernel.jobs import files
+
+    data, outside = tmp_path / "data", tmp_path / "elsewhere"
+    (data / "files" / "in").mkdir(parents=True)
+    outside.mkdir()
+    (data / "admin.key").write_text("k")
+    (data / "files" / "in" / "a.txt").write_text("a")
+    (outside / "b.txt").write_text("b")
+    os.symlink(outside / "b.txt", data / "files" / "in" / "out.txt")
+    os.symlink(data / "admin.key", data / "files" / "in" / "key.txt")
+    monkeypatch.delenv(files.ROOTS_ENV, raising=False)  # by hand: whatever the person can read
+    assert files.readable_folder(str(data)) == data.resolve()
+    assert len(files.readable_files(data / "files" / "in", ["*.txt"])) == 3
+    monkeypatch.setenv(files.ROOTS_ENV, str(data / "files"))
+    monkeypatch.setenv("BKG_DATA_DIR", str(data))
+    with pytest.raises(PermissionError, match="outside the folders jobs may read"):
+        files.readable_folder(str(data))
+    with pytest.raises(PermissionError):
+        files.readable_folder(str(data / "files" / ".." / ".."))
+    root = files.readable_folder(str(data / "files" / "in"))
+    assert [p.name for p in files.readable_files(root, ["*.txt"])] == ["a.txt"]
+    monkeypatch.setenv(files.ROOTS_ENV, os.pathsep.join([str(tmp_path)]))  # a root holding the data dir
+    assert [p.name for p in files.readable_files(root, ["*.txt"])] == ["a.txt", "out.txt"]  # never admin.key

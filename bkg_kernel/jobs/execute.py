@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bkg_kernel import kernels
+from bkg_kernel.jobs import notebooks
 
 Emit = Callable[[dict[str, Any]], None]
 KERNEL = "python3"
@@ -212,8 +213,8 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
     error: dict[str, Any] | None = None
     try:
         pm.execute_notebook(
-            spec["input"],
-            spec["output"],
+            notebooks.literal_path(spec["input"]),  # papermill fills {name} in both paths from the parameters
+            notebooks.literal_path(spec["output"]),
             parameters=spec.get("parameters") or {},
             engine_name=ENGINE,  # papermill's nbclient engine on our connected client: no second ready wait
             km=km,

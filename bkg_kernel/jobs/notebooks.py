@@ -28,6 +28,11 @@ def default_roots(data_dir: Path) -> list[Path]:
     return [Path("notebooks"), Path(data_dir) / "notebooks"]
 
 
+def literal_path(path: Path | str) -> str:
+    """`path` as papermill must be given it to use it as it is: it fills `{name}` in a path from the parameters."""
+    return str(path).replace("{", "{{").replace("}", "}}")
+
+
 def resolve(notebook: str, roots: Sequence[Path]) -> Path:
     """Return the notebook file `notebook` names, inside one of `roots` (403 outside, 404 missing, 422 not .ipynb)."""
     if not isinstance(notebook, str) or not notebook.strip() or "\x00" in notebook:
@@ -92,7 +97,7 @@ def parameters(path: Path) -> dict[str, dict[str, Any]]:
         try:
             found = {
                 name: {"type": _type(p["inferred_type_name"], p["default"]), "default": p["default"], "help": p["help"]}
-                for name, p in inspect_notebook(str(path)).items()
+                for name, p in inspect_notebook(literal_path(path)).items()
             }
         except Exception as exc:  # a notebook that is not valid JSON / nbformat
             raise InvalidInput(f"cannot read notebook {path.name}: {exc}", field="notebook") from exc

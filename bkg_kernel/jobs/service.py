@@ -30,7 +30,7 @@ from typing import Any
 from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.auth.service import RUN_KEY, RUN_KEY_PREFIX
 from bkg_kernel.errors import BkgError, Conflict, Forbidden, InvalidInput, NotFound, TooManyRequests
-from bkg_kernel.jobs import notebooks, schedule
+from bkg_kernel.jobs import files, notebooks, schedule
 from bkg_kernel.jobs.access import SEE_ALL, visible
 from bkg_kernel.jobs.history import FINISHED, History
 from bkg_kernel.jobs.pool import Executor, LocalPool
@@ -67,6 +67,7 @@ class JobService:
         self.history = History(store)
         self.data_dir = Path(store.data_dir)
         self.roots = [Path(r) for r in (settings.job_roots or notebooks.default_roots(self.data_dir))]
+        self.file_roots = [Path(r) for r in (settings.job_file_roots or [self.data_dir / "files"])]
         self.runs_dir = self.data_dir / "runs"
         self.gateway_url = gateway_url
         self.executor = executor
@@ -236,6 +237,7 @@ class JobService:
                 "BKG_GATEWAY_URL": self.gateway_url,
                 "BKG_RUN_ID": run["id"],
                 "BKG_DATA_DIR": str(self.data_dir),
+                files.ROOTS_ENV: os.pathsep.join(str(r) for r in self.file_roots),  # what its notebook may read
             },
         }
         run["message"] = "waiting for a job worker"
