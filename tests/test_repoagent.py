@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -565,3 +566,74 @@ def test_the_sandbox_leaves_no_core_file_and_a_command_may_signal_its_own_group(
     finally:
         resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("core")]
+
+
+def _bare_looking(folder: Path) -> None:
+    """What repo.file.write lets a caller put at a workspace's top: the files that make git take a folder for a
+    bare repository (HEAD, config, objects/, refs/)."""
+    (folder / "objects").mkdir(parents=True)
+    (folder / "refs" / "heads").mkdir(parents=True)
+    (folder / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / "config").write_text("[core]\n\trepositoryformatversion = 0\n\tbare = true\n")
+
+
+def test_git_in_a_workspace_never_reads_a_repository_it_is_not(tmp_path: Path) -> None:
+    """Found by a review: a non-git workspace a caller filled with HEAD, config and objects/ was a bare repository
+    to git (whose config names programs git runs: a signature check's gpg.program), and one inside a checkout found
+    the checkout above it. bkg's git takes neither (safe.bareRepository=explicit, GIT_CEILING_DIRECTORIES)."""
+    from bkg_kernel.plugins.repoagent import sandbox
+
+    def git_dir(ws: Path, env: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
+        cmd = ["git", "rev-parse", "--absolute-git-dir"]
+        return subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=30)
+
+    plain = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1"}
+    fake = tmp_path / "roots" / "fake"
+    _bare_looking(fake)
+    assert git_dir(fake, plain).stdout.strip() == str(fake)  # what git does unless told: it is a repository
+    r = git_dir(fake, sandbox.scrubbed_env(fake, {}))
+    assert r.returncode != 0 and "bare repository" in r.stderr, r
+
+    outer = tmp_path / "checkout"
+    inner = outer / "roots" / "plain"
+    inner.mkdir(parents=True)
+    git(outer, "init", "-q")
+    assert git_dir(inner, plain).stdout.strip() == str(outer / ".git")
+    r = git_dir(inner, sandbox.scrubbed_env(inner, {}))
+    assert r.returncode != 0 and "not a git repository" in r.stderr, r
+
+
+def test_a_symlink_loop_and_a_file_gone_since_indexing_are_not_500s(rgw: Gateway) -> None:
+    base, repo = {"workspace": "demo"}, repo_dir(rgw)
+    os.symlink("loop", repo / "loop")
+    try:
+        r = invoke(rgw, "repo.file.read", {**base, "path": "loop"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "path", r.text
+        r = invoke(rgw, "repo.file.write", {**base, "path": "loop/x.py", "content": "x = 1\n"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "path", r.text
+    finally:
+        (repo / "loop").unlink()
+
+
+def test_an_index_run_that_fails_leaves_nothing_half_done_for_the_next(rgw: Gateway) -> None:
+    """Found by a review: a failed repo.index had already marked the files it parsed as indexed in the cached index
+    (their new shas), though their chunks never reached the collection; the next run found them unchanged and
+    saved that, and the code stayed unsearchable. A path too long for a point id (the store's 512 characters) makes
+    a run fail here; once it is gone, the next run indexes what the failed one had parsed."""
+    repo = repo_dir(rgw)
+    assert job(rgw, "repo.index", {"workspace": "demo"})["state"] == "done"
+    long_dir = repo / ("d" * 200) / ("e" * 200)
+    long_dir.mkdir(parents=True)
+    (long_dir / ("f" * 120 + ".py")).write_text("def far_away():\n    return 1\n")
+    (repo / "pkg" / "fresh.py").write_text("def freshly_written_symbol():\n    return 2\n")
+    try:
+        failed = job(rgw, "repo.index", {"workspace": "demo"})
+        assert failed["state"] == "failed" and "512" in str(failed["error"]), failed
+    finally:
+        shutil.rmtree(repo / ("d" * 200))
+    again = job(rgw, "repo.index", {"workspace": "demo"})
+    assert again["state"] == "done" and "pkg/fresh.py" in again["result"]["changed"], again
+    hits = rgw.client().post("/api/collections/repo-demo/points/scroll", json={"filter": {"path": "pkg/fresh.py"}})
+    assert hits.json()["points"], hits.text
+    (repo / "pkg" / "fresh.py").unlink()
+    assert job(rgw, "repo.index", {"workspace": "demo"})["state"] == "done"

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bkg_kernel.errors import NotFound
 from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, own_end, span_sha
 from bkg_kernel.plugins.repoagent.repomap import build as build_map
 
@@ -232,7 +233,10 @@ def document(
     path = targets[0]["path"]
     cache_file = docs_dir / f"{path}.json"
     cache: dict[str, Any] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    lines = (root / path).read_text(errors="replace").splitlines()
+    try:
+        lines = (root / path).read_text(errors="replace").splitlines()
+    except OSError:
+        raise NotFound(f"{path} is no longer a file in the workspace: run repo.index again", field="path") from None
     ordered = callee_first(index, targets)
     done: list[dict[str, Any]] = []
     every_sym = index.files[path]["symbols"]

@@ -131,7 +131,10 @@ def _python(path: str, source: str) -> dict[str, Any]:
                 _names(child, lambda n, k, ln: ref(n, k, ln, scope), recurse=False)
             visit(child, scope, False if isinstance(child, ast.ClassDef) else in_class)
 
-    visit(tree, mod, False)
+    try:
+        visit(tree, mod, False)
+    except RecursionError:  # parsed, but nested past what a walk of it can follow (~1,000 terms in a row)
+        return {"language": "python", "symbols": symbols[:1], "refs": [], "error": "nests too deeply to index"}
     return {"language": "python", "symbols": symbols, "refs": refs, "error": None}
 
 

@@ -16,6 +16,7 @@ import fnmatch
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -304,11 +305,16 @@ class RepoAgent(Plugin):
             raise InvalidInput(f"cannot make the folder of {rel}: {exc.strerror}", field="path") from None
         if full.parent.resolve() != full.parent or ws.path not in full.parents:  # a folder link made meanwhile
             raise Forbidden(f"{inp.path!r} leads outside the workspace", field="path")
-        tmp = full.with_name(f".{full.name}.bkg-{os.getpid()}.tmp")
-        tmp.write_text(new)
-        if exists:
-            os.chmod(tmp, full.stat().st_mode & 0o7777)
-        tmp.replace(full)
+        fd, name = tempfile.mkstemp(prefix=f".{full.name}.", suffix=".bkg-tmp", dir=full.parent)  # O_EXCL: never
+        tmp = Path(name)  # a link the repository put there
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(new)
+            os.chmod(tmp, full.stat().st_mode & 0o7777 if exists else 0o644)
+            tmp.replace(full)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return Result(
             workspace=ws.name, path=rel, mode=inp.mode, created=not exists, bytes=len(new.encode()),
             lines=new.count("\n") + (0 if new.endswith("\n") or not new else 1),
@@ -461,42 +467,59 @@ class RepoAgent(Plugin):
                 idx = CodeIndex()
             else:
                 idx = self._index(ws, need=False)
-            progress(0.0, f"listing the files of {ws.name}")
-            names = self._files(ws)
-            embed_model = self._ensure_collection(ws)
-            t_parse = time.perf_counter()
-            changed, before, removed = codeindex.update(ws.path, names, idx, self.settings.max_file_bytes, progress)
-            timings = {"list_s": t_parse - t0, "parse_s": time.perf_counter() - t_parse, "embed_s": 0.0, "store_s": 0.0}
-            col = self._collection(ws)
-            points = self._points(col, changed, before)
-            embedded = sum("vector" not in p for p in points)
-            for a in range(0, len(points), codeindex.UPSERT_BATCH):  # new chunks first, then the surplus old ones
-                batch = points[a : a + codeindex.UPSERT_BATCH]
-                todo = [p for p in batch if "vector" not in p]
-                t1 = time.perf_counter()
-                if todo:  # the head of a chunk is embedded, its whole text goes to BM25
-                    vecs = self.store.embed(embed_model, [p.pop("embed") for p in todo])
-                    for p, v in zip(todo, vecs, strict=True):
-                        p["vector"] = v.tolist()
-                for p in batch:
-                    p.pop("embed", None)
-                t2 = time.perf_counter()
-                self.store.upsert(col, batch)
-                timings["embed_s"] += t2 - t1
-                timings["store_s"] += time.perf_counter() - t2
-                progress(0.5 + 0.5 * (a + codeindex.UPSERT_BATCH) / len(points), f"embedded {a}/{len(points)} chunks")
-            stale = [f"{p}#{i}" for p, old in before.items() for i in range(len(changed.get(p, [])), len(old))]
-            for a in range(0, len(stale), 1000):
-                self.store.delete(col, stale[a : a + 1000])
-            idx.indexed_at = time.time()
-            idx.save(self._dir(ws) / "index.json")
-            summary = idx.summary()
-            with self.lock:
-                self.indexes[ws.name] = idx
-                made = {"collection": ws.info["collection"]} if "collection" in ws.info else {}  # kept: it is ours
-                counts = {k: v for k, v in summary.items() if k != "parse_errors"}
-                ws.info = {"file_count": len(names), **made, **counts}
-                self._save()
+            try:
+                progress(0.0, f"listing the files of {ws.name}")
+                names = self._files(ws)
+                embed_model = self._ensure_collection(ws)
+                t_parse = time.perf_counter()
+                changed, before, removed = codeindex.update(ws.path, names, idx, self.settings.max_file_bytes, progress)
+                timings = {
+                    "list_s": t_parse - t0,
+                    "parse_s": time.perf_counter() - t_parse,
+                    "embed_s": 0.0,
+                    "store_s": 0.0,
+                }
+                col = self._collection(ws)
+                points = self._points(col, changed, before)
+                embedded = sum("vector" not in p for p in points)
+                for a in range(0, len(points), codeindex.UPSERT_BATCH):  # new chunks first, then the surplus old ones
+                    batch = points[a : a + codeindex.UPSERT_BATCH]
+                    todo = [p for p in batch if "vector" not in p]
+                    t1 = time.perf_counter()
+                    if todo:  # the head of a chunk is embedded, its whole text goes to BM25
+                        vecs = self.store.embed(embed_model, [p.pop("embed") for p in todo])
+                        for p, v in zip(todo, vecs, strict=True):
+                            p["vector"] = v.tolist()
+                    for p in batch:
+                        p.pop("embed", None)
+                    t2 = time.perf_counter()
+                    self.store.upsert(col, batch)
+                    timings["embed_s"] += t2 - t1
+                    timings["store_s"] += time.perf_counter() - t2
+                    progress(
+                        0.5 + 0.5 * (a + codeindex.UPSERT_BATCH) / len(points), f"embedded {a}/{len(points)} chunks"
+                    )
+                stale = [f"{p}#{i}" for p, old in before.items() for i in range(len(changed.get(p, [])), len(old))]
+                for a in range(0, len(stale), 1000):
+                    self.store.delete(col, stale[a : a + 1000])
+                idx.indexed_at = time.time()
+                idx.save(self._dir(ws) / "index.json")
+                summary = idx.summary()
+                with self.lock:
+                    self.indexes[ws.name] = idx
+                    made = {"collection": ws.info["collection"]} if "collection" in ws.info else {}  # kept: it is ours
+                    counts = {k: v for k, v in summary.items() if k != "parse_errors"}
+                    ws.info = {"file_count": len(names), **made, **counts}
+                    self._save()
+            except BaseException:
+                # `update` changed the cached index in place (new shas of files whose chunks may never have been
+                # stored): forget it, so the next run starts from what was saved; a full run that dropped the
+                # collection, from nothing
+                with self.lock:
+                    self.indexes.pop(ws.name, None)
+                if inp.full and self._owns_collection(ws):
+                    (self._dir(ws) / "index.json").unlink(missing_ok=True)
+                raise
         took = time.perf_counter() - t0
         progress(1.0, f"indexed {len(changed)} changed files in {took:.1f} s")
         return Result(
@@ -572,7 +595,10 @@ class RepoAgent(Plugin):
         out = []
         for r in uses[: inp.limit]:
             if r["path"] not in lines_of:
-                lines_of[r["path"]] = (ws.path / r["path"]).read_text(errors="replace").splitlines()
+                try:
+                    lines_of[r["path"]] = (ws.path / r["path"]).read_text(errors="replace").splitlines()
+                except OSError:  # gone (or a folder now) since it was indexed: its line is not shown
+                    lines_of[r["path"]] = []
             src = lines_of[r["path"]]
             out.append({**r, "text": src[r["line"] - 1].strip() if r["line"] <= len(src) else ""})
         callers = sorted({f"{r['path']}:{r['in']}" for r in uses if r["kind"] == "call"})

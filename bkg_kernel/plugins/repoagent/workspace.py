@@ -51,7 +51,10 @@ class Workspace:
         check_path_text(rel, field_name, max_name=200)  # 200: a write's temporary name adds ~20 bytes
         if rel.startswith(("/", "\\", "~")) or PurePosixPath(rel).is_absolute():
             raise Forbidden(f"{rel!r} is absolute: paths are relative to the workspace", field=field_name)
-        full = (self.path / rel).resolve()
+        try:
+            full = (self.path / rel).resolve()
+        except (RuntimeError, OSError):  # a symlink loop (`a -> a`), which Python 3.11 raises as RuntimeError
+            raise InvalidInput(f"{rel!r} is a symbolic link that leads back to itself", field=field_name) from None
         if full != self.path and self.path not in full.parents:
             raise Forbidden(f"{rel!r} leads outside the workspace {self.name!r}", field=field_name)
         return full
@@ -142,6 +145,13 @@ GIT_SAFE = {
     "core.sshCommand": "false",
     "commit.gpgSign": "false",
     "tag.gpgSign": "false",
+    # a folder a caller wrote HEAD, config and objects/ into is not a repository git may read (its config would
+    # name programs), nor is a signature checked with a program a config names
+    "safe.bareRepository": "explicit",
+    "log.showSignature": "false",
+    "gpg.program": "false",
+    "gpg.ssh.program": "false",
+    "gpg.x509.program": "false",
 }
 
 

@@ -76,6 +76,11 @@ def decode(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
             raise InvalidImage(
                 f"{field}: the image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}", field=field
             )
+        padded = -(-w // 32) * 32 * (-(-h // 32) * 32)  # the detector pads each side to a multiple of 32
+        if padded > max_pixels:
+            raise InvalidImage(f"{field}: the image is {w}x{h}, which face detection pads to {padded:,} pixels "
+                               f"(each side a multiple of 32); the limit is {max_pixels:,}: crop it",
+                               field=field)  # fmt: skip
         img = ImageOps.exif_transpose(img)
         rgb = np.asarray(img.convert("RGB"))
     except InvalidImage:
