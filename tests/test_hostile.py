@@ -558,3 +558,29 @@ def test_a_body_that_cannot_be_used_is_refused_before_it_is_parsed(gw: Gateway) 
     r = _raw(c, "PUT", "/api/collections/shape/points", '{"points": [' + junk[:-1])
     assert r.status_code == 422 and r.json()["error"]["field"] == "points.0", r.text
     assert c.post("/api/collections/shape/points/count", json={}).json()["count"] == 0
+
+
+def test_one_request_cannot_ask_for_unbounded_work(gw: Gateway) -> None:
+    """Found by a review, each one request's worth of gigabytes or hours: a chunking that steps a character at a
+    time (a point per character, all held before the first is stored), a rerank of 1,000 hits (every sentence of
+    each embedded), a rerank query copied into each of 1,000 pairs, stop strings checked prefix by prefix at every
+    token, and a model URL whose file name no file system takes (a 500)."""
+    c = gw.client()
+
+    def call(cap: str, body: dict[str, Any]) -> httpx.Response:
+        return c.post(f"/api/plugins/brainml/invoke/{cap}", json=body)
+
+    docs = [{"id": "long", "text": "word " * 250_000}]  # a chunk every ~5 characters: ~250,000
+    r = call("brainml.index", {"collection": "stepwise", "documents": docs, "chunking": {"size": 50, "overlap": 49}})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "chunking", r.text
+    assert c.get("/api/collections/stepwise").status_code == 404  # refused before anything was made
+    r = call("brainml.query", {"collection": "stepwise", "query": "word", "top_k": 1000, "rerank": True})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "top_k", r.text
+    r = c.post("/api/rerank", json={"model": "candle:x", "query": "q" * 20_000, "documents": ["d"]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "query", r.text
+    ask = [{"role": "user", "content": "hi"}]
+    for stop in (["s"] * 17, "x" * 600):
+        r = c.post("/v1/chat/completions", json={"messages": ask, "stop": stop, "max_tokens": 1})
+        assert r.status_code == 422 and "stop" in r.json()["error"]["message"], r.text
+    r = c.post("/api/models", json={"url": "https://models.example/" + "a" * 300 + ".gguf"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "url", r.text

@@ -333,3 +333,27 @@ def _wait_job(c: Any, job_id: str) -> dict[str, Any]:
 
     job: dict[str, Any] = wait_for(finished)
     return job
+
+
+def test_a_gguf_header_whose_numbers_do_not_add_up_is_corrupt_data(tmp_path: Path) -> None:
+    """Found by a review: an alignment of 0 divided by zero, a count past any offset overflowed a seek: 500s."""
+    import struct
+
+    from bkg_kernel.errors import CorruptData
+    from bkg_kernel.models.gguf import read_gguf
+
+    def s(x: str) -> bytes:
+        return struct.pack("<Q", len(x.encode())) + x.encode()
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 2)
+    head += s("general.architecture") + struct.pack("<I", 8) + s("llama")
+    head += s("general.alignment") + struct.pack("<I", 4) + struct.pack("<I", 0)
+    head += s("t") + struct.pack("<I", 1) + struct.pack("<Q", 8) + struct.pack("<IQ", 0, 0)
+    bad = tmp_path / "zero-align.gguf"
+    bad.write_bytes(head + b"\0" * 64)
+    with pytest.raises(CorruptData, match="alignment"):
+        read_gguf(bad)
+    huge = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + s("k") + struct.pack("<I", 9) + struct.pack("<IQ", 8, 2**63)
+    (tmp_path / "huge.gguf").write_bytes(huge)
+    with pytest.raises(CorruptData):
+        read_gguf(tmp_path / "huge.gguf")

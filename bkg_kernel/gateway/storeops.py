@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from bkg_kernel.store.ingest import UpsertResult
 
 BATCH = 1024  # texts per embedding call: the model sorts them by length, so bigger batches pad less
+MAX_QUERY = 16_384  # characters of a rerank query, which goes with every document
 MANY = 5000  # points: past this, going through them happens on a thread
 
 
@@ -165,6 +166,8 @@ async def rerank(
     plugin, _, model = spec.partition(":")
     if plugin != "candle":
         raise InvalidInput(f"rerank models run in candle (candle:<model>), not {plugin}", field=field)
+    if len(query) > MAX_QUERY:  # paired with every document: tokenized once for each
+        raise InvalidInput(f"a rerank query holds at most {MAX_QUERY:,} characters, not {len(query):,}", field="query")
     host = sup.get(plugin)
     scores: list[float] = []
     for i in range(0, len(documents), BATCH):

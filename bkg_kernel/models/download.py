@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlparse
 
-from bkg_kernel.errors import Forbidden, InvalidInput, Unavailable
+from bkg_kernel.errors import Forbidden, InvalidInput, Unavailable, check_path_text
 from bkg_kernel.models.registry import ModelEntry, ModelRegistry, slug
 
 Progress = Callable[[float, str], None]
@@ -42,6 +42,7 @@ def check_url(url: str) -> str:
         raise InvalidInput(f"{u.hostname!r} is not a host name ({exc})", field="url") from None
     if not name:
         raise InvalidInput(f"the URL {url!r} does not name a file", field="url")
+    check_path_text(name, "url", max_name=200)  # the download's temporary name adds a suffix
     return name
 
 

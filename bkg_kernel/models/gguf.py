@@ -105,6 +105,13 @@ class _Reader:
 
 def read_gguf(path: Path, *, max_array: int = 64) -> GGUFInfo:
     """Parse the header of `path`; raise `CorruptData` naming what is wrong if it is not a whole GGUF file."""
+    try:
+        return _read_gguf(path, max_array)
+    except (ArithmeticError, ValueError, struct.error) as exc:  # an alignment of 0, a count past any offset, ...
+        raise CorruptData(f"{path.name}: the GGUF header is damaged ({exc})", field="path") from None
+
+
+def _read_gguf(path: Path, max_array: int) -> GGUFInfo:
     size = path.stat().st_size
     with path.open("rb") as f:
         if f.read(4) != MAGIC:
@@ -144,6 +151,8 @@ def read_gguf(path: Path, *, max_array: int = 64) -> GGUFInfo:
                 count *= d
             end = max(end, offset + count // per_block * block_bytes)
         align = int(meta.get("general.alignment", 32))
+        if align <= 0:
+            raise CorruptData(f"{path.name}: the GGUF alignment is {align}", field="path")
         start = -(-f.tell() // align) * align
     data_end = start + end if known else None
     if start > size or (data_end is not None and data_end > size):

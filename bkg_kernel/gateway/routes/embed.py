@@ -42,7 +42,9 @@ class RerankRequest(StrictBody):
     MAX_ITEMS: ClassVar[dict[str, int]] = {"documents": 1000}
     MAX_BODY_BYTES: ClassVar[int] = 2**40
     model: str = Field(..., pattern=r"^candle:.+$", description='"candle:<cross-encoder model>"')
-    query: str = Field(..., min_length=1)
+    query: str = Field(
+        ..., min_length=1, max_length=storeops.MAX_QUERY
+    )  # paired with every document: its length counts 1000x
     documents: list[str] = Field(..., min_length=1, max_length=1000)
 
 

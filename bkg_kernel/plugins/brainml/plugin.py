@@ -160,12 +160,23 @@ class Result(JSONResult):
     """A JSON result (plain JSON values only: answered as built)."""
 
 
-def chunk(text: str, size: int, overlap: int) -> list[tuple[int, int]]:
-    """Split into (start, end) spans of about `size` characters, cut at whitespace, overlapping by `overlap`."""
+MAX_RERANK = 200  # hits one rerank re-scores (the rerank_candidates setting's range)
+MAX_SENTENCES = 32  # sentences of a chunk a sentence-level rerank embeds (a chunk is ~800 characters)
+MAX_CHUNKS = 200_000  # chunks one brainml.index call makes (each is a point held in memory until it is stored)
+
+
+def chunk(text: str, size: int, overlap: int, limit: int | None = None) -> list[tuple[int, int]]:
+    """Split into (start, end) spans of about `size` characters, cut at whitespace, overlapping by `overlap`; more
+    than `limit` spans is the caller's 422 (a small size with an overlap close to it steps a character at a time)."""
     if overlap >= size:
         raise InvalidInput("chunking overlap must be smaller than size", field="chunking.overlap")
-    spans, start, n = [], 0, len(text)
+    spans: list[tuple[int, int]] = []
+    start, n = 0, len(text)
     while start < n:
+        if limit is not None and len(spans) >= limit:
+            raise InvalidInput(f"these documents make more than {MAX_CHUNKS:,} chunks of {size} characters "
+                               f"overlapping by {overlap}, the most one call makes: send fewer documents per call, "
+                               "or bigger chunks with less overlap", field="chunking")  # fmt: skip
         end = min(n, start + size)
         if end < n:
             cut = text.rfind(" ", start + size // 2, end)
@@ -283,18 +294,18 @@ class BrainML(Plugin):
     def index(self, inp: IndexRequest) -> Result:
         """Chunk documents, embed them with the collection's model and store them for vector and text search."""
         t0 = time.perf_counter()
-        info = self._collection(inp.collection, create=True)
         size = inp.chunking.size if inp.chunking else self.settings.chunk_size
         overlap = inp.chunking.overlap if inp.chunking else self.settings.chunk_overlap
         points: list[dict[str, Any]] = []
         stale: list[dict[str, Any]] = []  # per document: its chunks past the new last one
         for doc in inp.documents:
             doc_id = str(doc.id) if doc.id is not None else f"doc-{uuid.uuid4().hex}"
-            spans = chunk(doc.text, size, overlap)
+            spans = chunk(doc.text, size, overlap, limit=MAX_CHUNKS - len(points))
             for n, (a, b) in enumerate(spans):
                 payload = {"doc_id": doc_id, "chunk": n, "start": a, "end": b, **doc.metadata}
                 points.append({"id": f"{doc_id}#{n}", "text": doc.text[a:b], "payload": payload})
             stale.append({"$and": [{"doc_id": doc_id}, {"chunk": {"$gte": len(spans)}}]})
+        info = self._collection(inp.collection, create=True)  # after chunking: a refused call makes none
         ids = [str(d.id) for d in inp.documents if d.id is not None]
         replaced = self.store.count_distinct(inp.collection, "doc_id", {"doc_id": {"$in": ids}}) if ids else 0
         # New chunks first (same ids replace old ones), then the old document's surplus chunks: a failed embed
@@ -317,6 +328,9 @@ class BrainML(Plugin):
     def query(self, inp: QueryRequest) -> Result:
         """Search chunks (vector, BM25 or hybrid) with metadata filters; results carry highlights."""
         t0 = time.perf_counter()
+        if inp.rerank and inp.top_k > MAX_RERANK:  # each candidate's sentences are embedded, or scored in pairs
+            raise InvalidInput(f"a rerank re-scores at most {MAX_RERANK} hits: ask for top_k up to {MAX_RERANK}",
+                               field="top_k")  # fmt: skip
         weight = self.settings.vector_weight if inp.vector_weight is None else inp.vector_weight
         k = max(inp.top_k, self.settings.rerank_candidates) if inp.rerank else inp.top_k
         try:  # one round trip: the store embeds the query with the collection's model and says what is missing
@@ -373,7 +387,7 @@ class BrainML(Plugin):
         if self.settings.rerank_model:
             scores = self.store.rerank(self.settings.rerank_model, query, texts)
         else:
-            sents = [split_sentences(t) for t in texts]
+            sents = [split_sentences(t)[:MAX_SENTENCES] for t in texts]
             flat = [query, *texts, *(s for ss in sents for s in ss)]
             vecs = self.store.embed(embed_model, flat)
             vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)

@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 MAX_TOKENS_CAP = 32_768
+MAX_STOPS, MAX_STOP = 16, 512  # stop strings: how many, how long
 # A text to continue or embed: an empty one is refused by the plugin with OpenAI's 400 (not pydantic's 422), and
 # the schema says so, so that generated clients and fuzzers know it.
 Text = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1})]
@@ -67,8 +68,20 @@ class Sampling(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOPS} strings of up to {MAX_STOP} characters.")
     stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, value: Any) -> Any:
+        """Each token is checked against every stop string's every prefix: their number and length are bounded."""
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings")
+        if any(len(s) > MAX_STOP for s in stops):
+            raise ValueError(f"a stop string holds at most {MAX_STOP} characters")
+        return value
+
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
 
     def stops(self) -> list[str]:
