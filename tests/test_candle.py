@@ -206,6 +206,10 @@ def test_stats_unload_and_errors(cgw: Gateway) -> None:
     assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
     r = invoke(cgw, "candle.run", {"model_id": DEFAULT_LLM, "inputs": ["x"]})
     assert r.status_code == 422 and "candle runs" in r.json()["error"]["message"]
+    for options, field in (({"batch_size": "x"}, "batch_size"), ({"batch_size": 0}, "batch_size"),
+                           ({"temperature": "hot"}, "temperature"), ({"seed": -1}, "seed")):  # fmt: skip
+        r = invoke(cgw, "candle.run", {"model_id": DEFAULT_EMBEDDER, "inputs": ["x"], "options": options})
+        assert r.status_code == 422 and r.json()["error"]["field"] == f"input.options.{field}", r.text  # was a 500
 
 
 def register_programs(g: Gateway, folder: Path, scales: dict[str, float]) -> None:
@@ -369,8 +373,13 @@ def test_the_embed_route_answers_what_the_model_computes(cgw: Gateway) -> None:
         ),
         atol=1e-6,
     )
-    llm = c.post("/api/embed", json={"model": f"llmserver:{DEFAULT_LLM}", "input": texts}, timeout=120)
+    mine = c.post("/admin/keys", json={"name": "embeds"}).json()
+    llm = cgw.client(mine["key"]).post("/api/embed", json={"model": f"llmserver:{DEFAULT_LLM}", "input": texts},
+                                       timeout=120)  # fmt: skip
     assert llm.status_code == 200, llm.text
+    usage = c.get("/admin/usage", params={"group_by": "key"}).json()["usage"]
+    booked = next(u for u in usage if u["key_id"] == mine["id"])  # the store's embedding, booked to its caller
+    assert booked["requests"] == 1 and booked["total_tokens"] > 0, booked
     ref = c.post("/v1/embeddings", json={"model": DEFAULT_LLM, "input": texts}, timeout=120).json()["data"]
     assert np.allclose(np.asarray(llm.json()["embeddings"]), np.asarray([d["embedding"] for d in ref]), atol=1e-5)
     r = c.post("/api/embed", json={"model": "candle:nope", "input": ["x"]})

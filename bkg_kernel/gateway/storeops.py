@@ -143,6 +143,9 @@ async def embed(
         else:
             r = await host.invoke("llm.embed", {"model": model, "input": batch}, caller)
             out.extend(d["embedding"] for d in sorted(r["data"], key=lambda d: d["index"]))
+            auth = host.services.get("auth")
+            if auth is not None:  # the caller's tokens, whichever route embedded (as /v1/embeddings books them)
+                auth.book_usage(caller, "/api/plugins/llmserver/invoke/llm.embed", r)
     if len(texts) > 256:  # thousands of rows of lists: built off the event loop (a query's one row stays on it)
         vecs = await asyncio.to_thread(_matrix, out, len(texts))
     else:

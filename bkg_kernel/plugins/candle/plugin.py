@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from bkg_kernel.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
@@ -79,14 +79,25 @@ class LoadRequest(BaseModel):
     model_id: str = DEFAULT_EMBEDDER
 
 
+class RunOptions(BaseModel):
+    """What a run may be told, each checked before the model sees it (a string where a number goes was a 500)."""
+
+    model_config = ConfigDict(extra="allow")  # a torch program's own options pass through
+    batch_size: int | None = Field(None, ge=1, le=4096, description="Texts per forward pass (embed, score).")
+    normalize: bool = Field(True, description="Unit-length embeddings (embed).")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Tokens to generate (generate).")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy (generate).")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling when temperature > 0 (generate).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Sampling seed (generate).")
+    token_ids: bool = Field(False, description="Also return the generated token ids (generate).")
+
+
 class RunRequest(BaseModel):
     """Run a model: texts for language models, tensors for programs."""
 
     model_id: str = DEFAULT_EMBEDDER
     inputs: Any = Field(..., description='Text(s), or [{"data": [...], "dtype": "float32"}] for a torch program.')
-    options: dict[str, Any] = Field(
-        default_factory=dict, description="batch_size, normalize (embed); max_new_tokens, temperature, seed (generate)."
-    )
+    options: RunOptions = Field(default_factory=RunOptions, description="What the run may be told, by task.")
     task: Literal["embed", "score", "generate", "tensors"] | None = Field(
         None, description="What the caller needs the model to do: a model that does something else is refused "
         "(422) before it is loaded.",
@@ -302,7 +313,7 @@ class Candle(Plugin):
         if inp.task is not None:
             self._check_task(inp.model_id, inp.task, r)  # and as loaded: what its files said, checked
         t0 = time.perf_counter()
-        out = r.run(inp.inputs, inp.options)
+        out = r.run(inp.inputs, inp.options.model_dump(exclude_unset=True))  # what was not said: the runner's default
         took = (time.perf_counter() - t0) * 1000
         return RunResult(model_id=inp.model_id, task=r.task, took_ms=round(took, 3), **out)
 
