@@ -165,12 +165,16 @@ class AuthService:
         self._grantable(by, self.roles.get(u["role"], ()), f"{what} (it acts as {u['username']!r}, role {u['role']})",
                         field)  # fmt: skip
 
+    def _key_of(self, by: Principal) -> KeyRecord | None:
+        """The live key `by` came with (None: a login session, a Hub token, or a key revoked since)."""
+        return self.key_ids.get(by.key_id) if by.key_id is not None else None
+
     def _follows(self, by: Principal) -> bool:
         """Whether `by` holds whatever its user's role holds, now and later: a login session, or a key following
         the role (not one with fixed scopes, such as a key someone else made for the user)."""
         if by.via == "session":
             return True
-        rec = self.key_ids.get(by.key_id) if by.key_id is not None else None
+        rec = self._key_of(by)
         return rec is not None and bool(rec.follows_role)
 
     def _whole(self, by: Principal) -> bool:
@@ -179,7 +183,7 @@ class AuthService:
         of a key and a notebook run's key are less than their user: what they hand out must not be more."""
         if by.via == "session":
             return True
-        rec = self.key_ids.get(by.key_id) if by.key_id is not None else None
+        rec = self._key_of(by)
         return (
             rec is not None
             and (bool(rec.follows_role) or set(SCOPES) <= by.scopes)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 ROOTS_ENV = "BKG_FILE_ROOTS"
+FOLDER = "files"  # <data_dir>/files: the default root, and the one part of the data dir a job may read
 
 
 def roots() -> list[Path] | None:
@@ -63,6 +64,6 @@ def readable_files(root: Path, patterns: Iterable[str]) -> list[Path]:
 def _private(real: Path, data_dir: Path, allowed: list[Path]) -> bool:
     """Whether `real` is one of the data dir's own files (keys, the database, plugins' state): in it, and neither in
     its `files` folder nor in a root named inside it."""
-    if not real.is_relative_to(data_dir) or real.is_relative_to(data_dir / "files"):
+    if not real.is_relative_to(data_dir) or real.is_relative_to(data_dir / FOLDER):
         return False
     return not any(r.is_relative_to(data_dir) and real.is_relative_to(r) for r in allowed)

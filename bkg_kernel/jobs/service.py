@@ -67,7 +67,7 @@ class JobService:
         self.history = History(store)
         self.data_dir = Path(store.data_dir)
         self.roots = [Path(r) for r in (settings.job_roots or notebooks.default_roots(self.data_dir))]
-        self.file_roots = [Path(r) for r in (settings.job_file_roots or [self.data_dir / "files"])]
+        self.file_roots = [Path(r) for r in (settings.job_file_roots or [self.data_dir / files.FOLDER])]
         self.runs_dir = self.data_dir / "runs"
         self.gateway_url = gateway_url
         self.executor = executor

@@ -96,6 +96,8 @@ class _Compiler:
 
     def op(self, path: str, op: str, value: Any, where: str) -> str:
         typ = f"json_type({self.col}, {path})"
+        if op in ("$in", "$nin") and isinstance(value, list) and len(value) > MAX_VALUES:
+            raise InvalidInput(f"{op} takes at most {MAX_VALUES:,} values, got {len(value):,}", field=where)
         self._count(len(value) if op in ("$in", "$nin") and isinstance(value, list) else 1, where)
         if not (op in ("$in", "$nin") and value == []):
             self.tests += 1
@@ -104,18 +106,14 @@ class _Compiler:
         if op == "$ne":
             return f"NOT coalesce({self.eq(path, value, where)}, FALSE)"
         if op in _SQL_OP:
-            if _is_number(value):
-                self.params.append(_double(value, where))
-                return f"({typ} IN {_NUMERIC} AND CAST(json_extract({self.col}, {path}) AS DOUBLE) {_SQL_OP[op]} ?)"
-            if isinstance(value, str):
-                self.params.append(value)
-                return f"({typ} = 'VARCHAR' AND json_extract_string({self.col}, {path}) {_SQL_OP[op]} ?)"
-            raise InvalidInput(f"{op} compares numbers or strings, got {_json_type(value)}", field=where)
+            if not _is_number(value) and not isinstance(value, str):
+                raise InvalidInput(f"{op} compares numbers or strings, got {_json_type(value)}", field=where)
+            kind, bound = _scalar(value, where)
+            self.params.append(bound)
+            return self.typed(path, kind, f"{_SQL_OP[op]} ?")
         if op in ("$in", "$nin"):
             if not isinstance(value, list):
                 raise InvalidInput(f"{op} takes a list of values, got {_json_type(value)}", field=where)
-            if len(value) > MAX_VALUES:
-                raise InvalidInput(f"{op} takes at most {MAX_VALUES:,} values, got {len(value):,}", field=where)
             if not value:
                 return "FALSE" if op == "$in" else "TRUE"
             anyof = "(" + " OR ".join(self.any_of(path, value, where)) + ")"
@@ -134,54 +132,53 @@ class _Compiler:
     def any_of(self, path: str, values: list[Any], where: str) -> list[str]:
         """The tests of an $in list, one per JSON type in it: each type's values bound as one list (however long
         the list, the SQL stays this size, and DuckDB looks the field up in a hash of them)."""
-        typ = f"json_type({self.col}, {path})"
-        numbers: list[float] = []
-        strings: list[str] = []
-        bools: list[bool] = []
+        groups: dict[str, list[Any]] = {}
         null = False
         for i, v in enumerate(values):
             if v is None:
                 null = True
-            elif isinstance(v, bool):
-                bools.append(v)
-            elif _is_number(v):
-                numbers.append(_double(v, f"{where}[{i}]"))
-            elif isinstance(v, str):
-                strings.append(v)
-            else:
-                raise InvalidInput(f"can only compare with a string, number, boolean or null, got {_json_type(v)}",
-                                   field=f"{where}[{i}]")  # fmt: skip
-        tests = [f"coalesce({typ} = 'NULL', TRUE)"] if null else []
-        if numbers:
-            self.params.append(numbers)
-            tests.append(f"({typ} IN {_NUMERIC} AND CAST(json_extract({self.col}, {path}) AS DOUBLE) "
-                         "IN (SELECT unnest(?::DOUBLE[])))")  # fmt: skip
-        if strings:
-            self.params.append(strings)
-            tests.append(f"({typ} = 'VARCHAR' AND json_extract_string({self.col}, {path}) "
-                         "IN (SELECT unnest(?::VARCHAR[])))")  # fmt: skip
-        if bools:
-            self.params.append(bools)
-            tests.append(f"({typ} = 'BOOLEAN' AND CAST(json_extract({self.col}, {path}) AS BOOLEAN) "
-                         "IN (SELECT unnest(?::BOOLEAN[])))")  # fmt: skip
+                continue
+            kind, bound = _scalar(v, f"{where}[{i}]")
+            groups.setdefault(kind, []).append(bound)
+        tests = [self.null(path)] if null else []
+        for kind, bound_values in groups.items():
+            self.params.append(bound_values)
+            tests.append(self.typed(path, kind, f"IN (SELECT unnest(?::{_SQL_TYPE[kind]}[]))"))
         return tests
 
     def eq(self, path: str, value: Any, where: str) -> str:
-        typ = f"json_type({self.col}, {path})"
         if value is None:
-            return f"coalesce({typ} = 'NULL', TRUE)"
-        if isinstance(value, bool):
-            self.params.append(value)
-            return f"({typ} = 'BOOLEAN' AND CAST(json_extract({self.col}, {path}) AS BOOLEAN) = ?)"
-        if _is_number(value):
-            self.params.append(_double(value, where))
-            return f"({typ} IN {_NUMERIC} AND CAST(json_extract({self.col}, {path}) AS DOUBLE) = ?)"
-        if isinstance(value, str):
-            self.params.append(value)
-            return f"({typ} = 'VARCHAR' AND json_extract_string({self.col}, {path}) = ?)"
-        raise InvalidInput(
-            f"can only compare with a string, number, boolean or null, got {_json_type(value)}", field=where
-        )
+            return self.null(path)
+        kind, bound = _scalar(value, where)
+        self.params.append(bound)
+        return self.typed(path, kind, "= ?")
+
+    def null(self, path: str) -> str:
+        """A field that is null or missing."""
+        return f"coalesce(json_type({self.col}, {path}) = 'NULL', TRUE)"
+
+    def typed(self, path: str, kind: str, rhs: str) -> str:
+        """A field of JSON type `kind` (as `_scalar` names it), read as that type and compared by `rhs`."""
+        typ = f"json_type({self.col}, {path})"
+        if kind == "boolean":
+            return f"({typ} = 'BOOLEAN' AND CAST(json_extract({self.col}, {path}) AS BOOLEAN) {rhs})"
+        if kind == "number":
+            return f"({typ} IN {_NUMERIC} AND CAST(json_extract({self.col}, {path}) AS DOUBLE) {rhs})"
+        return f"({typ} = 'VARCHAR' AND json_extract_string({self.col}, {path}) {rhs})"
+
+
+_SQL_TYPE = {"boolean": "BOOLEAN", "number": "DOUBLE", "string": "VARCHAR"}
+
+
+def _scalar(value: Any, where: str) -> tuple[str, Any]:
+    """A compared value's JSON type (boolean, number, string) and the value as bound (a number as a double)."""
+    if isinstance(value, bool):
+        return "boolean", value
+    if _is_number(value):
+        return "number", _double(value, where)
+    if isinstance(value, str):
+        return "string", value
+    raise InvalidInput(f"can only compare with a string, number, boolean or null, got {_json_type(value)}", field=where)
 
 
 def _double(v: int | float, where: str) -> float:

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -429,6 +430,20 @@ class RepoAgent(Plugin):
         with self.lock:
             return self.index_locks.setdefault(ws.name, threading.Lock())
 
+    @contextlib.contextmanager
+    def _forgotten_on_failure(self, ws: Workspace, full: bool) -> Iterator[None]:
+        """A repo.index run that fails leaves only the index it last saved: `codeindex.update` changes the cached
+        index in place (new shas of files whose chunks may never have been stored), so the cache is forgotten and the
+        next run starts from what was saved; a full run, which dropped the collection, from nothing."""
+        try:
+            yield
+        except BaseException:
+            with self.lock:
+                self.indexes.pop(ws.name, None)
+            if full and self._owns_collection(ws):
+                (self._dir(ws) / "index.json").unlink(missing_ok=True)
+            raise
+
     def _owns_collection(self, ws: Workspace) -> bool:
         """Whether `repo-<name>` is the one repoagent made for this workspace (or indexed into before it noted so):
         a collection of that name that someone else made is never dropped or filled by repoagent."""
@@ -460,66 +475,49 @@ class RepoAgent(Plugin):
         """Parse changed files (ast / tree-sitter), embed their symbol chunks into repo-<name>; drop removed ones."""
         ws = self._ws(inp.workspace)
         t0 = time.perf_counter()
-        with self._index_lock(ws):
+        with self._index_lock(ws), self._forgotten_on_failure(ws, inp.full):
             if inp.full and self._owns_collection(ws):  # start over: a fresh index would not know what to delete
                 with contextlib.suppress(NotFound):
                     self.store.drop_collection(self._collection(ws))
                 idx = CodeIndex()
             else:
                 idx = self._index(ws, need=False)
-            try:
-                progress(0.0, f"listing the files of {ws.name}")
-                names = self._files(ws)
-                embed_model = self._ensure_collection(ws)
-                t_parse = time.perf_counter()
-                changed, before, removed = codeindex.update(ws.path, names, idx, self.settings.max_file_bytes, progress)
-                timings = {
-                    "list_s": t_parse - t0,
-                    "parse_s": time.perf_counter() - t_parse,
-                    "embed_s": 0.0,
-                    "store_s": 0.0,
-                }
-                col = self._collection(ws)
-                points = self._points(col, changed, before)
-                embedded = sum("vector" not in p for p in points)
-                for a in range(0, len(points), codeindex.UPSERT_BATCH):  # new chunks first, then the surplus old ones
-                    batch = points[a : a + codeindex.UPSERT_BATCH]
-                    todo = [p for p in batch if "vector" not in p]
-                    t1 = time.perf_counter()
-                    if todo:  # the head of a chunk is embedded, its whole text goes to BM25
-                        vecs = self.store.embed(embed_model, [p.pop("embed") for p in todo])
-                        for p, v in zip(todo, vecs, strict=True):
-                            p["vector"] = v.tolist()
-                    for p in batch:
-                        p.pop("embed", None)
-                    t2 = time.perf_counter()
-                    self.store.upsert(col, batch)
-                    timings["embed_s"] += t2 - t1
-                    timings["store_s"] += time.perf_counter() - t2
-                    progress(
-                        0.5 + 0.5 * (a + codeindex.UPSERT_BATCH) / len(points), f"embedded {a}/{len(points)} chunks"
-                    )
-                stale = [f"{p}#{i}" for p, old in before.items() for i in range(len(changed.get(p, [])), len(old))]
-                for a in range(0, len(stale), 1000):
-                    self.store.delete(col, stale[a : a + 1000])
-                idx.indexed_at = time.time()
-                idx.save(self._dir(ws) / "index.json")
-                summary = idx.summary()
-                with self.lock:
-                    self.indexes[ws.name] = idx
-                    made = {"collection": ws.info["collection"]} if "collection" in ws.info else {}  # kept: it is ours
-                    counts = {k: v for k, v in summary.items() if k != "parse_errors"}
-                    ws.info = {"file_count": len(names), **made, **counts}
-                    self._save()
-            except BaseException:
-                # `update` changed the cached index in place (new shas of files whose chunks may never have been
-                # stored): forget it, so the next run starts from what was saved; a full run that dropped the
-                # collection, from nothing
-                with self.lock:
-                    self.indexes.pop(ws.name, None)
-                if inp.full and self._owns_collection(ws):
-                    (self._dir(ws) / "index.json").unlink(missing_ok=True)
-                raise
+            progress(0.0, f"listing the files of {ws.name}")
+            names = self._files(ws)
+            embed_model = self._ensure_collection(ws)
+            t_parse = time.perf_counter()
+            changed, before, removed = codeindex.update(ws.path, names, idx, self.settings.max_file_bytes, progress)
+            timings = {"list_s": t_parse - t0, "parse_s": time.perf_counter() - t_parse, "embed_s": 0.0, "store_s": 0.0}
+            col = self._collection(ws)
+            points = self._points(col, changed, before)
+            embedded = sum("vector" not in p for p in points)
+            for a in range(0, len(points), codeindex.UPSERT_BATCH):  # new chunks first, then the surplus old ones
+                batch = points[a : a + codeindex.UPSERT_BATCH]
+                todo = [p for p in batch if "vector" not in p]
+                t1 = time.perf_counter()
+                if todo:  # the head of a chunk is embedded, its whole text goes to BM25
+                    vecs = self.store.embed(embed_model, [p.pop("embed") for p in todo])
+                    for p, v in zip(todo, vecs, strict=True):
+                        p["vector"] = v.tolist()
+                for p in batch:
+                    p.pop("embed", None)
+                t2 = time.perf_counter()
+                self.store.upsert(col, batch)
+                timings["embed_s"] += t2 - t1
+                timings["store_s"] += time.perf_counter() - t2
+                progress(0.5 + 0.5 * (a + codeindex.UPSERT_BATCH) / len(points), f"embedded {a}/{len(points)} chunks")
+            stale = [f"{p}#{i}" for p, old in before.items() for i in range(len(changed.get(p, [])), len(old))]
+            for a in range(0, len(stale), 1000):
+                self.store.delete(col, stale[a : a + 1000])
+            idx.indexed_at = time.time()
+            idx.save(self._dir(ws) / "index.json")
+            summary = idx.summary()
+            with self.lock:
+                self.indexes[ws.name] = idx
+                made = {"collection": ws.info["collection"]} if "collection" in ws.info else {}  # kept: it is ours
+                counts = {k: v for k, v in summary.items() if k != "parse_errors"}
+                ws.info = {"file_count": len(names), **made, **counts}
+                self._save()
         took = time.perf_counter() - t0
         progress(1.0, f"indexed {len(changed)} changed files in {took:.1f} s")
         return Result(
