@@ -618,22 +618,73 @@ def test_a_symlink_loop_and_a_file_gone_since_indexing_are_not_500s(rgw: Gateway
 def test_an_index_run_that_fails_leaves_nothing_half_done_for_the_next(rgw: Gateway) -> None:
     """Found by a review: a failed repo.index had already marked the files it parsed as indexed in the cached index
     (their new shas), though their chunks never reached the collection; the next run found them unchanged and
-    saved that, and the code stayed unsearchable. A path too long for a point id (the store's 512 characters) makes
-    a run fail here; once it is gone, the next run indexes what the failed one had parsed."""
+    saved that, and the code stayed unsearchable. Here a run fails after parsing because the collection names an
+    embedding model that does not exist; once it names its own again, the next run indexes what the failed one
+    had parsed."""
     repo = repo_dir(rgw)
     assert job(rgw, "repo.index", {"workspace": "demo"})["state"] == "done"
-    long_dir = repo / ("d" * 200) / ("e" * 200)
-    long_dir.mkdir(parents=True)
-    (long_dir / ("f" * 120 + ".py")).write_text("def far_away():\n    return 1\n")
+    c = rgw.client()
+    model = c.get("/api/collections/repo-demo").json()["embed_model"]
     (repo / "pkg" / "fresh.py").write_text("def freshly_written_symbol():\n    return 2\n")
     try:
+        c.patch("/api/collections/repo-demo", json={"embed_model": "candle:no-such-model"}).raise_for_status()
         failed = job(rgw, "repo.index", {"workspace": "demo"})
-        assert failed["state"] == "failed" and "512" in str(failed["error"]), failed
+        assert failed["state"] == "failed" and "no-such-model" in str(failed["error"]), failed
     finally:
-        shutil.rmtree(repo / ("d" * 200))
+        c.patch("/api/collections/repo-demo", json={"embed_model": model}).raise_for_status()
     again = job(rgw, "repo.index", {"workspace": "demo"})
     assert again["state"] == "done" and "pkg/fresh.py" in again["result"]["changed"], again
-    hits = rgw.client().post("/api/collections/repo-demo/points/scroll", json={"filter": {"path": "pkg/fresh.py"}})
+    hits = c.post("/api/collections/repo-demo/points/scroll", json={"filter": {"path": "pkg/fresh.py"}})
     assert hits.json()["points"], hits.text
     (repo / "pkg" / "fresh.py").unlink()
     assert job(rgw, "repo.index", {"workspace": "demo"})["state"] == "done"
+
+
+def test_file_names_the_store_cannot_hold_as_they_are(rgw: Gateway) -> None:
+    """Found by a review: a path too long for a point id (the store's 512 characters) failed every index run while
+    it was there, and a file whose name is not UTF-8 failed every index run and made repo.search a 500. The long
+    path is indexed under an id that ends in its hash; the name that is not UTF-8 is left out and reported."""
+    repo = repo_dir(rgw)
+    long_dir = repo / ("d" * 200) / ("e" * 200)
+    long_dir.mkdir(parents=True)
+    long_file = long_dir / ("f" * 120 + ".py")
+    long_file.write_text("def far_away_function():\n    return 1\n")
+    odd = os.fsencode(repo) + b"/odd\xff.py"
+    with open(odd, "wb") as f:
+        f.write(b"def oddly_named_module():\n    return 1\n")
+    try:
+        ran = job(rgw, "repo.index", {"workspace": "demo"})
+        assert ran["state"] == "done", ran
+        assert ran["result"]["unnamed"] == ["odd\\xff.py"], ran["result"]
+        rel = long_file.relative_to(repo).as_posix()
+        assert rel in ran["result"]["changed"]
+        found = invoke(rgw, "repo.symbols", {"workspace": "demo", "query": "far_away_function"}).json()["symbols"]
+        assert [s["path"] for s in found] == [rel], found
+        points = rgw.client().post("/api/collections/repo-demo/points/scroll", json={"filter": {"path": rel}})
+        ids = [p["id"] for p in points.json()["points"]]
+        assert ids and all(len(i) <= 512 and "…" in i for i in ids), ids
+        search = invoke(rgw, "repo.search", {"workspace": "demo", "query": "far_away_function"})
+        assert search.status_code == 200 and search.json()["hits"][0]["path"] == rel, search.text
+        assert invoke(rgw, "repo.tree", {"workspace": "demo", "depth": 1}).status_code == 200
+    finally:
+        shutil.rmtree(repo / ("d" * 200))
+        os.unlink(odd)
+    gone = job(rgw, "repo.index", {"workspace": "demo"})
+    assert gone["state"] == "done" and rel in gone["result"]["removed"] and gone["result"]["unnamed"] == [], gone
+    points = rgw.client().post("/api/collections/repo-demo/points/scroll", json={"filter": {"path": rel}})
+    assert points.json()["points"] == [], points.text  # its hashed ids went with it
+
+
+def test_a_dropped_collection_is_filled_again_by_the_next_index_run(rgw: Gateway) -> None:
+    """Someone dropped `repo-<name>`: the next repo.index puts every file back, not only the changed ones (it used
+    to trust its own index, and the code stayed unsearchable until a full run)."""
+    first = job(rgw, "repo.index", {"workspace": "demo"})
+    assert first["state"] == "done", first
+    c = rgw.client()
+    chunks = c.post("/api/collections/repo-demo/points/count", json={}).json()["count"]
+    assert chunks > 0
+    assert c.delete("/api/collections/repo-demo").status_code == 204
+    again = job(rgw, "repo.index", {"workspace": "demo"})
+    assert again["state"] == "done" and again["result"]["embedded"] == chunks, again
+    assert c.post("/api/collections/repo-demo/points/count", json={}).json()["count"] == chunks
+    assert job(rgw, "repo.index", {"workspace": "demo"})["result"]["changed"] == []

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bkg_kernel.errors import NotFound
-from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, own_end, span_sha
+from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, own_end, point_id, span_sha
 from bkg_kernel.plugins.repoagent.repomap import build as build_map
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
@@ -32,7 +32,7 @@ Chat = Callable[[list[dict[str, str]], int], dict[str, Any]]
 
 def chunk_index(index: CodeIndex) -> dict[str, dict[str, Any]]:
     """Every chunk by its point id (`path#n`), with its path."""
-    return {f"{p}#{i}": {**c, "path": p} for p, f in index.files.items() for i, c in enumerate(f["chunks"])}
+    return {point_id(p, i): {**c, "path": p} for p, f in index.files.items() for i, c in enumerate(f["chunks"])}
 
 
 def retrieve(

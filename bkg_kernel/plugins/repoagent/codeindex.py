@@ -29,6 +29,7 @@ EMBED_CHARS = 320  # what is embedded: the head (path, name, signature, doc) and
 WINDOW_LINES = 60
 MODULE_HEAD_LINES = 40
 UPSERT_BATCH = 512
+MAX_POINT_ID = 512  # the store's longest string id
 TEXT_SUFFIXES = {
     ".md", ".rst", ".txt", ".toml", ".cfg", ".ini", ".yaml", ".yml", ".json", ".sh", ".sql", ".html", ".css",
     ".scss", ".rb", ".php", ".kt", ".swift", ".scala", ".lua", ".r", ".jl", ".cs", ".m", ".pl", ".ex", ".exs",
@@ -126,6 +127,15 @@ def chunks_for(path: str, source: str, parsed: dict[str, Any]) -> list[dict[str,
             head += f"\n{s['doc'][:400]}"
         add(s["start"], end, s["kind"], s["qualname"], head)
     return out
+
+
+def point_id(path: str, n: int) -> str:
+    """The store id of a file's `n`th chunk: `path#n`; a path too long for that to fit the store's ids keeps its
+    first 400 characters and ends in a hash of all of it (`dir/…/head…<hash>#n`), so its chunks are indexed too."""
+    pid = f"{path}#{n}"
+    if len(pid) <= MAX_POINT_ID:
+        return pid
+    return f"{path[:400]}…{hashlib.sha256(path.encode()).hexdigest()[:32]}#{n}"
 
 
 def indexable(path: str) -> bool:

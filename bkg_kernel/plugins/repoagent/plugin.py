@@ -28,7 +28,7 @@ from fastapi import APIRouter
 from bkg_kernel.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, expand_home
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.repoagent import answers, codeindex, gitops, repomap, sandbox
-from bkg_kernel.plugins.repoagent.codeindex import CodeIndex
+from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, point_id
 from bkg_kernel.plugins.repoagent.schemas import (
     AskRequest,
     CommandRequest,
@@ -134,8 +134,8 @@ class RepoAgent(Plugin):
             raise NotFound(f"workspace {ws.name!r} is not indexed yet (run repo.index)", field="workspace")
         return idx
 
-    def _files(self, ws: Workspace) -> list[str]:
-        return list_files(ws, self.ignore, self.settings.max_files)
+    def _files(self, ws: Workspace, unnamed: list[str] | None = None) -> list[str]:
+        return list_files(ws, self.ignore, self.settings.max_files, unnamed)
 
     def _collection(self, ws: Workspace) -> str:
         return f"repo-{ws.name}"
@@ -449,9 +449,9 @@ class RepoAgent(Plugin):
         a collection of that name that someone else made is never dropped or filled by repoagent."""
         return ws.info.get("collection") == self._collection(ws) or bool(self._index(ws, need=False).files)
 
-    def _ensure_collection(self, ws: Workspace) -> str:
-        """Create `repo-<name>` when missing; return its embed model (409 when a collection of that name that
-        repoagent did not make is in the way)."""
+    def _ensure_collection(self, ws: Workspace) -> tuple[str, bool]:
+        """Create `repo-<name>` when missing; return its embed model and whether it was made now (409 when a
+        collection of that name that repoagent did not make is in the way)."""
         name = self._collection(ws)
         try:
             described = self.store.describe(name)
@@ -461,14 +461,14 @@ class RepoAgent(Plugin):
             if not self._owns_collection(ws):
                 raise AlreadyExists(f"collection {name!r} exists and repoagent did not make it: remove the workspace "
                                     "and add it under another name", field="workspace")  # fmt: skip
-            return str(described["embed_model"])
+            return str(described["embed_model"]), False
         assert self.context is not None and self.context.model_dir is not None
         spec = self.settings.embed_model
         self.store.create_collection(name, ModelRegistry(self.context.model_dir).embedding_dim(spec), embed_model=spec)
         with self.lock:
             ws.info["collection"] = name
             self._save()
-        return spec
+        return spec, True
 
     @capability("repo.index", scope="repo:use", job=True)
     def index(self, inp: IndexRequest, progress: Progress) -> Result:
@@ -483,8 +483,11 @@ class RepoAgent(Plugin):
             else:
                 idx = self._index(ws, need=False)
             progress(0.0, f"listing the files of {ws.name}")
-            names = self._files(ws)
-            embed_model = self._ensure_collection(ws)
+            unnamed: list[str] = []
+            names = self._files(ws, unnamed)
+            embed_model, made = self._ensure_collection(ws)
+            if made:  # someone dropped the collection: every file goes in again, not only the changed ones
+                idx = CodeIndex()
             t_parse = time.perf_counter()
             changed, before, removed = codeindex.update(ws.path, names, idx, self.settings.max_file_bytes, progress)
             timings = {"list_s": t_parse - t0, "parse_s": time.perf_counter() - t_parse, "embed_s": 0.0, "store_s": 0.0}
@@ -506,7 +509,7 @@ class RepoAgent(Plugin):
                 timings["embed_s"] += t2 - t1
                 timings["store_s"] += time.perf_counter() - t2
                 progress(0.5 + 0.5 * (a + codeindex.UPSERT_BATCH) / len(points), f"embedded {a}/{len(points)} chunks")
-            stale = [f"{p}#{i}" for p, old in before.items() for i in range(len(changed.get(p, [])), len(old))]
+            stale = [point_id(p, i) for p, old in before.items() for i in range(len(changed.get(p, [])), len(old))]
             for a in range(0, len(stale), 1000):
                 self.store.delete(col, stale[a : a + 1000])
             idx.indexed_at = time.time()
@@ -514,16 +517,16 @@ class RepoAgent(Plugin):
             summary = idx.summary()
             with self.lock:
                 self.indexes[ws.name] = idx
-                made = {"collection": ws.info["collection"]} if "collection" in ws.info else {}  # kept: it is ours
+                ours = {"collection": ws.info["collection"]} if "collection" in ws.info else {}  # kept: it is ours
                 counts = {k: v for k, v in summary.items() if k != "parse_errors"}
-                ws.info = {"file_count": len(names), **made, **counts}
+                ws.info = {"file_count": len(names), **ours, **counts}
                 self._save()
         took = time.perf_counter() - t0
         progress(1.0, f"indexed {len(changed)} changed files in {took:.1f} s")
         return Result(
             workspace=ws.name, files=len(idx.files), changed=sorted(changed), removed=removed, upserted=len(points),
             embedded=embedded, timings={k: round(v, 3) for k, v in timings.items()},
-            took_s=round(took, 3), **{k: v for k, v in summary.items() if k != "files"},
+            took_s=round(took, 3), unnamed=unnamed, **{k: v for k, v in summary.items() if k != "files"},
         )  # fmt: skip
 
     def _points(
@@ -536,13 +539,13 @@ class RepoAgent(Plugin):
         points, reuse = [], {}
         for path, chunks in changed.items():
             old = before.get(path, [])
-            old_ids = {c.get("th"): f"{path}#{i}" for i, c in enumerate(old)}
+            old_ids = {c.get("th"): point_id(path, i) for i, c in enumerate(old)}
             for i, c in enumerate(chunks):
                 prev = old[i] if i < len(old) else None
                 if prev is not None and prev.get("th") == c["th"] and all(prev[k] == c[k] for k in fields):
                     continue
                 payload = {"path": path, **{k: c[k] for k in fields}}
-                point = {"id": f"{path}#{i}", "text": c["text"], "embed": c["embed"], "payload": payload}
+                point = {"id": point_id(path, i), "text": c["text"], "embed": c["embed"], "payload": payload}
                 if c["th"] in old_ids:
                     reuse[point["id"]] = old_ids[c["th"]]
                 points.append(point)

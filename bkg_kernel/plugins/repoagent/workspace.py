@@ -197,8 +197,11 @@ def inside(ws_path: Path, rel: str) -> bool:
     return ws_path in real.parents and ".git" not in real.relative_to(ws_path).parts
 
 
-def list_files(ws: Workspace, ignore: Ignore, limit: int) -> list[str]:
-    """Every file of the workspace, relative, sorted, ignore rules honoured; 422 past `limit` files."""
+def list_files(ws: Workspace, ignore: Ignore, limit: int, unnamed: list[str] | None = None) -> list[str]:
+    """Every file of the workspace, relative, sorted, ignore rules honoured; 422 past `limit` files.
+
+    A file whose name is not UTF-8 is left out (and its name, bytes escaped as `\\xff`, added to `unnamed`): it
+    could not be named in a request, stored or answered, so one such file would fail every index run and search."""
     names = git_files(ws.path, limit) if ws.git else None
     if names is None:
         names = sorted(ignore.walk(ws.path, limit))
@@ -208,12 +211,26 @@ def list_files(ws: Workspace, ignore: Ignore, limit: int) -> list[str]:
             for n in names
             if not ignore.skip(n) and not any(ignore.skip(d, True) for d in _parents(n)) and inside(ws.path, n)
         ]  # a tracked file deleted from the working tree is listed by git but gone
+    bad = [n for n in names if not is_utf8(n)]
+    if bad:
+        names = [n for n in names if is_utf8(n)]
+        if unnamed is not None:
+            unnamed.extend(os.fsencode(n).decode("utf-8", "backslashreplace") for n in bad)
     if len(names) > limit:
         raise InvalidInput(
             f"workspace {ws.name!r} has more than {limit} files (max_files): add ignore patterns or raise the limit",
             field="workspace",
         )
     return names
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a file name read from the disk was UTF-8 (one that was not holds lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parents(rel: str) -> Iterator[str]:
