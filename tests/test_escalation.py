@@ -361,6 +361,8 @@ def test_a_key_made_with_a_key_expires_no_later_and_goes_with_it(tmp_path: Any) 
         auth.revoke_key(root["id"], by=admin)
         assert not {k.id for k in auth.keys.values()} & set(chain)
         assert set(auth.key_ids) == {k.id for k in auth.keys.values()}  # the index by id keeps up
+        stored = {x["id"]: x["state"] for x in auth.list_keys(dev["id"])}  # and the database, for the next start
+        assert {stored[c] for c in chain} == {"revoked"}
         first, token = auth.create_key(dev["id"], "first", by=admin)
         auth.create_key(dev["id"], "second", by=auth.authenticate(token))
         auth.delete_user(dev["id"], by=admin)

@@ -718,15 +718,20 @@ class AuthService:
         with self.mutex:
             if self.keys.get(rec.prefix) is not rec:  # revoked (or rotated) since it was looked up
                 raise NotFound(f"no active key {key_id!r}", field="key_id")
+            children: dict[str, list[KeyRecord]] = {}  # one pass over the keys, however long the chain
+            for d in self.keys.values():
+                if d.parent_id is not None:
+                    children.setdefault(d.parent_id, []).append(d)
             todo = [rec]  # and what derives from it (a run's key, a key it made for its own user), however deep
+            now = _now()
             while todo:
                 k = todo.pop()
-                k.revoked_at = _now()
-                self.con.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [k.revoked_at, k.id])
+                k.revoked_at = now
                 del self.key_ids[k.id]  # first: a store call that looks it up by id from now on finds it revoked
                 del self.keys[k.prefix]
                 gone.append(k)
-                todo += [d for d in self.keys.values() if d.parent_id == k.id]
+                todo += children.get(k.id, [])
+            self.con.executemany("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [[now, k.id] for k in gone])
         for k in gone:
             if k is rec:
                 self.audit(actor, "key.revoke", k.id, name=k.name)
