@@ -275,6 +275,21 @@ def check_path_text(path: str, field: str, max_name: int = 255) -> None:
         )
 
 
+def is_utf8(name: str) -> bool:
+    """Whether a name read from the disk was UTF-8: one that was not holds lone surrogates (Python's
+    surrogateescape), which no JSON body, stored text or answer can carry (a 500 wherever it is first encoded)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escaped(name: str) -> str:
+    """A name read from the disk, printable: the bytes that are not UTF-8 escaped (`odd\\xff.py`)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def expand_home(path: str, field: str) -> Path:
     """A path given in a request, checked (`check_path_text`) and with its `~` expanded; `~someone/...` for a user
     this machine does not have is the caller's 404 naming `field` (pathlib raises RuntimeError for it)."""

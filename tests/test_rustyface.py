@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -191,10 +192,19 @@ def test_enroll_folder_from_the_notebook_client(fgw: Gateway, tmp_path: Path) ->
     Image.new("RGB", (64, 64)).save(tmp_path / "eileen" / "empty.jpg")
     (tmp_path / "eileen" / "notes.txt").write_text("not an image")
     Image.open(IMAGES / "Tom_Hanks_54745.png").convert("RGB").save(tmp_path / "tom" / "t.jpg")
+    # names that are not UTF-8 (no request can carry them): skipped and named, escaped, not a crash of the whole run
+    odd_person = Path(os.fsdecode(os.fsencode(tmp_path) + b"/Jos\xe9"))
+    odd_person.mkdir()
+    a.save(odd_person / "1.jpg")
+    a.save(Path(os.fsdecode(os.fsencode(tmp_path) + b"/tom/x\xff.jpg")))
     wb = bkg_kernel.connect(fgw.url, api_key=ADMIN_KEY)
     summary = wb.faces.enroll_folder("folder", str(tmp_path))
-    assert summary["images"] == 4 and summary["enrolled"] == 3
-    assert summary["skipped"] == [{"source": "eileen/empty.jpg", "reason": "no face found"}]
+    assert summary["images"] == 6 and summary["enrolled"] == 3
+    assert summary["skipped"] == [
+        {"source": "Jos\\xe9/1.jpg", "reason": "its name is not UTF-8"},
+        {"source": "tom/x\\xff.jpg", "reason": "its name is not UTF-8"},
+        {"source": "eileen/empty.jpg", "reason": "no face found"},
+    ]
     assert wb.faces.subjects("folder") == [{"subject": "eileen", "faces": 2}, {"subject": "tom", "faces": 1}]
     assert (
         "eileen" in wb.faces.subjects("folder")._repr_html_() and "<table" in wb.faces.subjects("folder")._repr_html_()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from bkg_kernel.display import Table, faces_figure, html_table
+from bkg_kernel.errors import escaped, is_utf8
 
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
@@ -112,17 +113,22 @@ class Faces:
     def enroll_folder(
         self, gallery: str, folder: str | os.PathLike[str], *, batch: int = 8, progress: bool = True
     ) -> dict[str, Any]:
-        """Enroll `folder/<subject>/<image>` files (the gallery is created if missing); return a summary."""
+        """Enroll `folder/<subject>/<image>` files (the gallery is created if missing); return a summary. A photo
+        whose subject or file name is not UTF-8 (no request can carry it) is skipped, its name escaped."""
         root = Path(folder)
-        work = [
-            (d.name, f)
-            for d in sorted(p for p in root.iterdir() if p.is_dir())
-            for f in sorted(d.iterdir())
-            if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
+        work, skipped = [], []
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            for f in sorted(d.iterdir()):
+                if f.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                if is_utf8(f"{d.name}/{f.name}"):
+                    work.append((d.name, f))
+                else:
+                    skipped.append({"source": escaped(f"{d.name}/{f.name}"), "reason": "its name is not UTF-8"})
+        images = len(work) + len(skipped)
         if not any(g["gallery"] == gallery for g in self.galleries()):
             self.create_gallery(gallery)
-        enrolled, skipped = 0, []
+        enrolled = 0
         with tqdm(total=len(work), desc=f"enroll {gallery}", unit="img", disable=not progress) as bar:
             for subject in dict.fromkeys(s for s, _ in work):
                 files = [f for s, f in work if s == subject]
@@ -132,4 +138,4 @@ class Faces:
                     enrolled += len(r["enrolled"])
                     skipped += r["skipped"]
                     bar.update(len(part))
-        return {"gallery": gallery, "images": len(work), "enrolled": enrolled, "skipped": skipped}
+        return {"gallery": gallery, "images": images, "enrolled": enrolled, "skipped": skipped}

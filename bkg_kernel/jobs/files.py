@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from bkg_kernel.errors import escaped, is_utf8
+
 ROOTS_ENV = "BKG_FILE_ROOTS"
 FOLDER = "files"  # <data_dir>/files: the default root, and the one part of the data dir a job may read
 
@@ -40,13 +42,15 @@ def readable_folder(folder: str) -> Path:
     return root
 
 
-def readable_files(root: Path, patterns: Iterable[str]) -> list[Path]:
+def readable_files(root: Path, patterns: Iterable[str], unnamed: list[str] | None = None) -> list[Path]:
     """The files under `root` that match the glob `patterns`, sorted; in a job, only those that really lie in one of
-    its file roots (a symlink out of them is left out) and none of the data dir's own files."""
+    its file roots (a symlink out of them is left out) and none of the data dir's own files. One whose path is not
+    UTF-8 is left out too (no request could carry its name), its path relative to `root`, escaped, added to
+    `unnamed`."""
     allowed = roots()
     data = os.environ.get("BKG_DATA_DIR")
     data_dir = Path(data).resolve() if data and allowed is not None else None
-    found = set()
+    found, odd = set(), set()
     for pattern in patterns:
         for p in root.glob(pattern):
             if not p.is_file():
@@ -57,7 +61,12 @@ def readable_files(root: Path, patterns: Iterable[str]) -> list[Path]:
                     continue
                 if data_dir is not None and _private(real, data_dir, allowed):
                     continue
+            if not is_utf8(str(p)):
+                odd.add(escaped(str(p.relative_to(root))))
+                continue
             found.add(p)
+    if unnamed is not None:
+        unnamed.extend(sorted(odd))
     return sorted(found)
 
 

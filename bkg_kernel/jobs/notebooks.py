@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bkg_kernel.errors import Forbidden, InvalidInput, NotFound, Unavailable, expand_home
+from bkg_kernel.errors import Forbidden, InvalidInput, NotFound, Unavailable, escaped, expand_home, is_utf8
+
+log = logging.getLogger(__name__)
 
 _SIMPLE = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,)}
 _OPTIONAL = re.compile(r"^(?:Optional\[(.+)\]|(.+?)\s*\|\s*None|None\s*\|\s*(.+))$")
@@ -66,7 +69,8 @@ def relative_name(path: Path, roots: Sequence[Path]) -> str:
 
 
 def listing(roots: Sequence[Path]) -> list[dict[str, Any]]:
-    """Every notebook under the roots (checkpoints left out) with its parameters."""
+    """Every notebook under the roots (checkpoints left out) with its parameters; one whose path is not UTF-8
+    (which no request could name) is left out and logged."""
     out, seen = [], set()
     for r in roots:
         real = Path(r).expanduser().resolve()
@@ -74,6 +78,9 @@ def listing(roots: Sequence[Path]) -> list[dict[str, Any]]:
             continue
         for path in sorted(real.rglob("*.ipynb")):
             if ".ipynb_checkpoints" in path.parts or path in seen:
+                continue
+            if not is_utf8(str(path)):
+                log.warning("job notebooks: left out %s, its name is not UTF-8", escaped(str(path)))
                 continue
             seen.add(path)
             try:

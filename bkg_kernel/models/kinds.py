@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bkg_kernel.errors import CorruptData, InvalidInput
+from bkg_kernel.errors import CorruptData, InvalidInput, escaped
 from bkg_kernel.models.gguf import read_gguf
 
 
@@ -75,7 +75,7 @@ def _hf(path: Path) -> Inspected:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise CorruptData(f"{path.name}/config.json is not valid JSON: {exc}", field="path") from None
-    weights = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    weights = sorted(escaped(p.name) for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
     if not weights:
         raise CorruptData(f"{path.name} has no weights (*.safetensors or *.bin)", field="path")
     sentence = (path / "modules.json").is_file()
@@ -108,12 +108,12 @@ def _onnx(path: Path) -> Inspected:
 def _face_pack(path: Path) -> Inspected:
     if not path.is_dir():
         raise InvalidInput(f"{path} is a file; a face pack is a folder of ONNX models", field="path")
-    files = sorted(p.name for p in path.glob("*.onnx"))
+    files = sorted(p.name for p in path.glob("*.onnx"))  # shown escaped (a name that is not UTF-8 is not JSON)
     if not files:
         raise CorruptData(f"{path.name} has no .onnx models (an insightface pack holds detection and recognition)")
     for name in files:
         _onnx(path / name)
-    return Inspected("face-pack", None, {"models": files})
+    return Inspected("face-pack", None, {"models": [escaped(f) for f in files]})
 
 
 def _torch_program(path: Path) -> Inspected:

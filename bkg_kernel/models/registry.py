@@ -294,7 +294,7 @@ def sha256_of(path: Path) -> tuple[str, int]:
         return h.hexdigest(), size
     size = 0
     for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        h.update(str(p.relative_to(path)).encode() + b"\0")
+        h.update(os.fsencode(p.relative_to(path)) + b"\0")  # a name's bytes: UTF-8 or not, it is hashed as it is
         with p.open("rb") as f:
             size += _feed(h, f)
     return h.hexdigest(), size

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound, escaped, is_utf8
 from bkg_kernel.store import validate
 from bkg_kernel.store.fulltext import TextIndex
 from bkg_kernel.store.index import VectorIndex, _faiss, meta_path
@@ -125,19 +125,32 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 def list_snapshots(root: Path, name: str | None) -> SnapshotList:
-    """Return snapshots (of one collection or all), newest first; damaged ones are listed with ok=False."""
+    """Return snapshots (of one collection or all), newest first; damaged ones are listed with ok=False (a file
+    whose name is not UTF-8 among them, its name escaped); one gone since the folder was read (deleted meanwhile, a
+    dangling link) is not listed."""
     dirs = [root / name] if name is not None else sorted(p for p in root.glob("*") if p.is_dir())
     found = []
     for d in dirs:
         for path in d.glob(f"*{SUFFIX}"):
             try:
+                if not is_utf8(str(path)):
+                    raise CorruptData(f"snapshot {escaped(path.name)}: its name is not UTF-8, rename it")
                 manifest = _read_manifest(path)
                 if path.stat().st_size < sum(int(p["bytes"]) for p in manifest["parts"].values()):
                     raise CorruptData(f"snapshot {path.name} is truncated")
                 found.append(_info(path, manifest))
+            except OSError:
+                continue
             except (CorruptData, KeyError, TypeError, ValueError) as exc:
                 message = exc.message if isinstance(exc, CorruptData) else f"bad manifest: {exc}"
-                found.append(SnapshotInfo(path.stem, d.name, "", 0, path.stat().st_size, str(path), False, message))
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    continue
+                shown = SnapshotInfo(
+                    escaped(path.stem), escaped(d.name), "", 0, size, escaped(str(path)), False, message
+                )
+                found.append(shown)
     found.sort(key=lambda s: s.id, reverse=True)
     return SnapshotList(found)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bkg_kernel.errors import Forbidden, InvalidInput, NotFound, check_path_text
+from bkg_kernel.errors import Forbidden, InvalidInput, NotFound, check_path_text, escaped, is_utf8
 
 BINARY_SNIFF = 8192
 
@@ -215,22 +215,13 @@ def list_files(ws: Workspace, ignore: Ignore, limit: int, unnamed: list[str] | N
     if bad:
         names = [n for n in names if is_utf8(n)]
         if unnamed is not None:
-            unnamed.extend(os.fsencode(n).decode("utf-8", "backslashreplace") for n in bad)
+            unnamed.extend(escaped(n) for n in bad)
     if len(names) > limit:
         raise InvalidInput(
             f"workspace {ws.name!r} has more than {limit} files (max_files): add ignore patterns or raise the limit",
             field="workspace",
         )
     return names
-
-
-def is_utf8(name: str) -> bool:
-    """Whether a file name read from the disk was UTF-8 (one that was not holds lone surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _parents(rel: str) -> Iterator[str]:
