@@ -93,9 +93,14 @@ def dashboards_cmd(port: int, folder: Path) -> list[str]:
 
 
 def dashboards_env(gateway_url: str | None = None) -> dict[str, str]:
-    """The environment for `dashboards_cmd`: bkg's Voila template on the Jupyter path, the gateway to use."""
+    """The environment for `dashboards_cmd`: bkg's Voila template on the Jupyter path, the gateway to use, and no
+    credential. Voila asks nobody for a token, so whatever its kernels hold serves whoever opens a page: every
+    dashboard asks for a login instead (a Hub user's token here would log anyone in as them)."""
+    from bkg_kernel.settings import SECRET_ENV
+
     share = Path(__file__).resolve().parent / "widgets" / "share"
-    env = {**os.environ, "JUPYTER_PATH": os.pathsep.join(filter(None, [str(share), os.environ.get("JUPYTER_PATH")]))}
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith("JUPYTERHUB_")}
+    env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(share), os.environ.get("JUPYTER_PATH")]))
     if gateway_url:
         env["BKG_GATEWAY_URL"] = gateway_url
     return env
@@ -297,9 +302,9 @@ def run_all(
     """Run the workbench: the gateway in the background (started if none runs), the Voila dashboards, and
     JupyterLab (with the bkg extension) in front.
 
-    The lab, its kernels and Voila hold the workbench key (data_dir/workbench.key: the admin user's, with the
-    developer role's scopes, listed and revocable), not the admin key, unless `--admin` asks for it; the admin
-    dashboards ask for their own login."""
+    The lab and its kernels hold the workbench key (data_dir/workbench.key: the admin user's, with the developer
+    role's scopes, listed and revocable), not the admin key, unless `--admin` asks for it; Voila holds no key, and
+    every dashboard asks for its own login."""
     import signal
 
     from bkg_kernel.client import connect
@@ -317,7 +322,7 @@ def run_all(
     if wb.api_key:
         os.environ["BKG_API_KEY"] = wb.api_key
     who = "admin" if admin else "workbench (developer scopes)"
-    typer.echo(f"the lab, its kernels and the dashboards use the {who} key", err=True)
+    typer.echo(f"the lab and its kernels use the {who} key; the dashboards ask for a login", err=True)
     if (ddir / "admin.key").exists():
         typer.echo(f"admin API key file: {ddir / 'admin.key'}", err=True)
     voila = subprocess.Popen(

@@ -125,3 +125,18 @@ def test_gateway_commands_against_a_real_gateway(tmp_path: Path) -> None:
         assert r.returncode == 2 and "no bkg gateway answers" in r.stderr
     finally:
         g.stop()
+
+
+def test_the_dashboards_hold_no_credential(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: Voila asks nobody for a token, and `bkg dashboards` run in a JupyterHub user's terminal
+    passed that user's Hub token on, so every dashboard logged whoever opened it in as them. Its kernels get no key
+    and no Hub token: every dashboard asks for a login."""
+    from bkg_kernel.cli import dashboards_env
+
+    secrets = {"BKG_API_KEY": "bkg_x_y", "BKG_ADMIN_KEY": "bkg_a_b", "JUPYTERHUB_API_TOKEN": "h", "JPY_API_TOKEN": "t"}
+    for name, value in {**secrets, "JUPYTERHUB_USER": "ana", "JUPYTERHUB_API_URL": "http://hub"}.items():
+        monkeypatch.setenv(name, value)
+    env = dashboards_env("http://127.0.0.1:9")
+    assert not [k for k in env if k in secrets or k.startswith("JUPYTERHUB_")], sorted(env)
+    assert env["BKG_GATEWAY_URL"] == "http://127.0.0.1:9" and env["PATH"] == os.environ["PATH"]
+    assert "widgets" in env["JUPYTER_PATH"]

@@ -34,7 +34,7 @@ class BkgLab(Configurable):
         None, allow_none=True, help="The bkg gateway to forward to (default: the data dir's, started if none runs)."
     ).tag(config=True)
     api_key = Unicode(
-        None, allow_none=True, help="The API key the server side sends (default: the data dir's admin.key)."
+        None, allow_none=True, help="The API key the server side sends (default: BKG_API_KEY, else workbench.key)."
     ).tag(config=True)
     start_gateway = Bool(help="Start a gateway on the data dir when none runs (needs bkg_kernel).").tag(config=True)
     dashboards_url = Unicode(None, allow_none=True, help="Where Voila serves the dashboards.").tag(config=True)
