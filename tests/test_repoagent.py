@@ -469,7 +469,8 @@ def test_the_notebook_client(rgw: Gateway, capsys: pytest.CaptureFixture[str]) -
     for c in answer["citations"]:  # each citation renders as its numbered code
         assert f"{c['path']}:{c['start']}-{c['end']}" in html and f"{c['start']:>5}| " in html
     docs = repo.document(symbol="slugify", progress=False)
-    assert docs._repr_markdown_().startswith("# `pkg/util.py`")
+    assert docs["markdown"].startswith("# `pkg/util.py`")
+    assert docs._repr_html_().startswith("<h1><code>pkg/util.py</code></h1>") and "<h2>" in docs._repr_html_()
     out = repo.run("echo-args", "from", "the notebook")
     assert out["exit_code"] == 0 and "the notebook" in capsys.readouterr().out
 

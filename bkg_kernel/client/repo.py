@@ -72,10 +72,16 @@ class Answer(dict[str, Any]):
 
 
 class Docs(dict[str, Any]):
-    """repo.document's answer: the Markdown it wrote."""
+    """repo.document's answer: the Markdown it wrote, shown rendered with its raw HTML as text. The Markdown holds
+    what a model wrote about a repository's code (comments there can steer it) and the repository's own paths:
+    markup in them would run in the notebook of whoever reads the docs."""
 
-    def _repr_markdown_(self) -> str:
-        return str(self["markdown"])
+    def _repr_html_(self) -> str:
+        try:
+            from markdown_it import MarkdownIt  # Panel's Markdown renderer, there wherever bkg's pictures are
+        except ImportError:
+            return f"<pre {_PRE}>{escape(str(self['markdown']))}</pre>"
+        return str(MarkdownIt("commonmark", {"html": False}).render(str(self["markdown"])))
 
 
 class Repo:

@@ -3,6 +3,7 @@ face boxed and named next to the similarity of every candidate."""
 
 from __future__ import annotations
 
+import re
 from html import escape
 from typing import Any
 
@@ -10,6 +11,7 @@ from bkg_kernel.display import faces_figure
 from bkg_kernel.pictures.charts import colours, figure
 from bkg_kernel.pictures.loader import use_panel
 
+BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 GRID_CSS = """<style>
 .bkg-faces .bkg-subject {margin: 6px 0 10px}
 .bkg-faces .bkg-subject h4 {margin: 0 0 4px; font-size: 13px}
@@ -33,7 +35,7 @@ def gallery_html(gallery: str, subjects: list[dict[str, Any]]) -> str:
         thumbs = "".join(
             f"<img src='data:image/jpeg;base64,{f['thumb']}' title='{escape(str(f.get('source') or ''))}' "
             f"alt='{escape(name)}'/>"
-            if f.get("thumb")
+            if _base64(f.get("thumb"))
             else f"<div class='bkg-nothumb' title='{escape(str(f.get('source') or ''))}'>{escape(name[:2])}</div>"
             for f in s["shown"]
         )
@@ -43,6 +45,13 @@ def gallery_html(gallery: str, subjects: list[dict[str, Any]]) -> str:
             f"face{'s' if s['faces'] != 1 else ''}{more}</h4><div class='bkg-thumbs'>{thumbs}</div></div>"
         )
     return f"{GRID_CSS}<div class='bkg-faces'>{''.join(rows)}</div>"
+
+
+def _base64(thumb: Any) -> bool:
+    """Whether a stored thumbnail is base64 text, the one thing that goes into an `<img src>` as it is: a face's
+    payload is whatever someone with `collections:write` put in `faces-<gallery>`, and markup there would run in
+    the page of whoever looks at the gallery."""
+    return isinstance(thumb, str) and BASE64.fullmatch(thumb) is not None
 
 
 def faces_gallery(wb: Any, gallery: str, per_subject: int = 12) -> Any:
