@@ -123,3 +123,46 @@ def test_restore_into_existing_other_name_refused(store: Store) -> None:
     assert err.value.field == "into"
     with pytest.raises(NotFound):
         store.restore_snapshot("docs", "20990101T000000000000Z-abcdef")
+
+
+def test_a_call_that_waited_through_a_drop_or_a_restore_is_told_so(store: Store) -> None:
+    """Found by a review: every route looks a collection up, then calls it; a drop or a restore that ran in between
+    left the call on a table that was gone (DuckDB's CatalogException: a 500) or on an index that no longer
+    answered for the name. Such a call is now a 404 (dropped) or a 409 (replaced: ask again)."""
+    from bkg_kernel.errors import Conflict
+
+    c = store.create_collection("d", dim=4)
+    c.upsert(ids=[1, 2], vectors=np.eye(4, dtype=np.float32)[:2], texts=["one", "two"])
+    snap = store.snapshot("d").id
+    ops = {
+        "count": lambda h: h.count(),
+        "upsert": lambda h: h.upsert(ids=[3], vectors=np.ones((1, 4), np.float32)),
+        "delete": lambda h: h.delete([1]),
+        "scroll": lambda h: h.scroll(),
+        "get": lambda h: h.get([1]),
+        "query": lambda h: h.query(np.ones(4)),
+        "query+filter": lambda h: h.query(np.ones(4), filter={"a": 1}),
+        "text": lambda h: h.query(text="one"),
+    }
+    waited = store.collection("d")
+    store.restore_snapshot("d", snap)
+    for op in ops.values():
+        with pytest.raises(Conflict, match="replaced"):
+            op(waited)
+    assert store.collection("d").count() == 2  # the restored one answers
+    waited = store.collection("d")
+    store.drop_collection("d")
+    for op in ops.values():
+        with pytest.raises(NotFound, match="dropped"):
+            op(waited)
+
+
+def test_a_snapshot_deleted_while_it_is_read_is_a_404(store: Store, tmp_path: Path) -> None:
+    """Found by a review: a restore (or a second delete) that found the archive, then lost it to a delete that ran
+    meanwhile, called it damaged (a 500)."""
+    from bkg_kernel.store import snapshots
+
+    gone = tmp_path / "gone.bkgsnap"
+    for read in (lambda: snapshots._read_manifest(gone), lambda: snapshots._extract_verified(gone, tmp_path)):
+        with pytest.raises(NotFound, match="deleted meanwhile"):
+            read()

@@ -5,14 +5,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bkg_kernel.errors import InvalidInput
+from bkg_kernel.errors import Conflict, InvalidInput, NotFound
 from bkg_kernel.store import ingest, search, validate
 from bkg_kernel.store.filters import FIELD, compile_filter
 from bkg_kernel.store.fulltext import TextIndex
@@ -61,6 +63,19 @@ class Collection:
 
     def _repr_html_(self) -> str:
         return self.describe()._repr_html_()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The store's lock, held while this handle still is the collection: one dropped, or replaced by a restore,
+        since a call looked it up and before the call got the lock is that call's 404 or 409, not a query of a
+        table that is gone (a 500) or of an index that no longer answers for the name."""
+        with self._store._mutex:  # noqa: SLF001
+            if self.dropped:
+                if self.name in self._store._open:  # noqa: SLF001
+                    raise Conflict(f"collection {self.name!r} was replaced (restored from a snapshot) while this call "
+                                   "waited: ask again", field="name")  # fmt: skip
+                raise NotFound(f"collection {self.name!r} was dropped while this call waited", field="name")
+            yield
 
     @property
     def _con(self) -> Any:
@@ -112,7 +127,7 @@ class Collection:
         if batch_size < 1:
             raise InvalidInput("batch_size must be at least 1", field="batch_size")
         show = len(batch) >= 50_000 if progress is None else progress
-        with self._store._mutex:  # noqa: SLF001
+        with self._locked():
             ingest.upsert(self, batch, batch_size, show)
         return UpsertResult(len(batch), (time.perf_counter() - t0) * 1000)
 
@@ -131,19 +146,19 @@ class Collection:
                     "an empty filter would delete every point; drop the collection instead", field="filter"
                 )
             where, params = compile_filter(filter, tests_a_field=True)
-        with self._store._mutex:  # noqa: SLF001
+        with self._locked():
             return ingest.delete(self, where, params)
 
     def optimize(self) -> None:
         """Renumber live points densely and rebuild the index without dead positions."""
-        with self._store._mutex:  # noqa: SLF001
+        with self._locked():
             ingest.compact(self)
 
     # -- reading ----------------------------------------------------------------------------------
     def count(self, filter: dict[str, Any] | None = None) -> int:
         """Count points, optionally only those matching a filter."""
         where, params = compile_filter(filter)
-        with self._store._mutex:  # noqa: SLF001
+        with self._locked():
             return int(scalar(self._con, f"SELECT count(*) FROM {self.table} WHERE {where}", params))
 
     def count_distinct(self, field: str, filter: dict[str, Any] | None = None) -> int:
@@ -163,7 +178,7 @@ class Collection:
             "THEN CAST(CAST(v AS DOUBLE) AS VARCHAR) WHEN json_type(v) <> 'NULL' THEN CAST(v AS VARCHAR) END) "
             f"FROM (SELECT json_extract(payload, '$.{field}') AS v FROM {self.table} WHERE {where})"
         )
-        with self._store._mutex:  # noqa: SLF001
+        with self._locked():
             return int(scalar(self._con, sql, params))
 
     def scroll(
@@ -180,7 +195,7 @@ class Collection:
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= validate.INT64_MAX:
             raise InvalidInput(f"offset must be an integer from 0 to {validate.INT64_MAX}", field="offset")
         where, params = compile_filter(filter)
-        with self._store._mutex:  # noqa: SLF001
+        with self._locked():
             rows = self._con.execute(
                 f"SELECT pk, vec, CAST(payload AS VARCHAR), text FROM {self.table} WHERE {where} "
                 "ORDER BY fid LIMIT ? OFFSET ?",
@@ -203,7 +218,7 @@ class Collection:
         if not isinstance(ids, list):
             raise InvalidInput("ids must be a list", field="ids")
         keys = [validate.point_key(pid, f"ids[{i}]") for i, pid in enumerate(ids)]
-        with self._store._mutex:  # noqa: SLF001
+        with self._locked():
             rows = self._con.execute(
                 f"SELECT pk, vec, CAST(payload AS VARCHAR), text FROM {self.table} "
                 "WHERE pk IN (SELECT unnest(?::VARCHAR[]))",

@@ -31,7 +31,7 @@ def sample(c: Collection, n: int, filter: dict[str, Any] | None = None, seed: in
     if isinstance(seed, bool) or not isinstance(seed, int) or not INT64_MIN <= seed <= INT64_MAX:
         raise InvalidInput(f"seed must be an integer from {INT64_MIN} to {INT64_MAX}", field="seed")
     where, params = compile_filter(filter)
-    with c._store._mutex:  # noqa: SLF001
+    with c._locked():  # noqa: SLF001
         con = c._con  # noqa: SLF001
         total = int(con.execute(f"SELECT count(*) FROM {c.table} WHERE {where}", params).fetchone()[0])
         rows = con.execute(

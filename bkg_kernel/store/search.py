@@ -78,7 +78,7 @@ def query(
                 rankings[side] = c._ensure_text().search(str(text), depth, allowed)
         return rankings[side]
 
-    with c._store._mutex:  # noqa: SLF001
+    with c._locked():  # noqa: SLF001
         index = c._ensure_index()
         allowed = _allowed(c, filter, where, params) if filter else None
         if mode == "vector":

@@ -117,6 +117,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             manifest = json.loads(fh.read() if fh else b"")
     except CorruptData:
         raise
+    except FileNotFoundError:
+        raise _gone(path) from None
     except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
         raise CorruptData(f"snapshot {path.name} is not a readable archive: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -139,7 +141,7 @@ def list_snapshots(root: Path, name: str | None) -> SnapshotList:
                 if path.stat().st_size < sum(int(p["bytes"]) for p in manifest["parts"].values()):
                     raise CorruptData(f"snapshot {path.name} is truncated")
                 found.append(_info(path, manifest))
-            except OSError:
+            except (OSError, NotFound):  # gone since the folder was read
                 continue
             except (CorruptData, KeyError, TypeError, ValueError) as exc:
                 message = exc.message if isinstance(exc, CorruptData) else f"bad manifest: {exc}"
@@ -167,7 +169,17 @@ def _path(root: Path, name: str, snapshot_id: str) -> Path:
 
 def delete(root: Path, name: str, snapshot_id: str) -> None:
     """Remove one snapshot archive."""
-    _path(root, name, snapshot_id).unlink()
+    path = _path(root, name, snapshot_id)
+    try:
+        path.unlink()
+    except FileNotFoundError:  # another delete took it since `_path` looked
+        raise _gone(path) from None
+
+
+def _gone(path: Path) -> NotFound:
+    """An archive deleted between its lookup and its reading (by a delete that ran meanwhile): a 404, not a damaged
+    archive's 500."""
+    return NotFound(f"snapshot {path.stem!r} was deleted meanwhile", field="snapshot_id")
 
 
 def _extract_verified(path: Path, work: Path) -> dict[str, Any]:
@@ -193,6 +205,8 @@ def _extract_verified(path: Path, work: Path) -> dict[str, Any]:
                     raise CorruptData(f"snapshot {path.name}: {part} does not match its sha256 in the manifest")
     except CorruptData:
         raise
+    except FileNotFoundError:
+        raise _gone(path) from None
     except (tarfile.TarError, OSError, KeyError, TypeError, EOFError) as exc:
         raise CorruptData(f"snapshot {path.name} is damaged or truncated: {exc}") from exc
     return manifest
