@@ -57,6 +57,15 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds between FAISS index saves during ingest; indexes are always saved on close.",
     )
+    # -- what is kept of what is over (0: kept for good) ------------------------------------------------------
+    key_keep_days: float = Field(
+        90.0,
+        ge=0,
+        description="Keys revoked or expired more than this many days ago are deleted (a notebook run's "
+        "key is revoked as the run ends).",
+    )
+    audit_keep_days: float = Field(365.0, ge=0, description="Audit log entries older than this many days are deleted.")
+    usage_keep_days: float = Field(365.0, ge=0, description="Token usage rows older than this many days are deleted.")
     # -- notebook jobs (papermill) ---------------------------------------------------------------------------
     job_roots: Annotated[list[Path] | None, NoDecode] = Field(
         None,
@@ -73,7 +82,9 @@ class Settings(BaseSettings):
     job_executor: str = Field(
         "local", pattern=r"^(local|dask://[A-Za-z0-9_.\-]+:\d{1,5})$", description="'local' or dask://host:port."
     )
-    job_keep_runs: int = Field(500, ge=1, description="Finished runs kept (newest first); older ones are deleted.")
+    job_keep_runs: int = Field(
+        500, ge=1, description="Finished runs kept per owner (newest first); older ones are deleted."
+    )
     job_keep_days: float = Field(30.0, gt=0, description="Finished runs older than this many days are deleted.")
     job_webhook_url: str | None = Field(None, description="Called with a run's summary when any run fails.")
     job_webhook_success: bool = Field(False, description="Call job_webhook_url for succeeded runs too.")

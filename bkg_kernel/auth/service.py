@@ -274,6 +274,31 @@ class AuthService:
                  for v in (usage.get("prompt_tokens"), usage.get("completion_tokens"))]  # fmt: skip
         self.record_usage(p, route, result.get("model"), count[0], count[1])
 
+    def forget_old(self, key_days: float, audit_days: float, usage_days: float) -> dict[str, int]:
+        """Delete what has been over for longer than its retention (0: kept for good): keys revoked or expired more
+        than `key_days` ago (a notebook run's key, revoked as its run ends, among them), audit entries older than
+        `audit_days`, usage rows older than `usage_days`; return how many of each went."""
+        self.sync()  # what the writer holds goes in first
+        now = _now()
+        gone = {"keys": 0, "audit": 0, "usage": 0}
+        with self.mutex:
+            if key_days > 0:
+                cut = now - timedelta(days=key_days)
+                ids = {r["id"] for r in self._rows(
+                    "SELECT id FROM api_keys WHERE revoked_at < ? OR expires_at < ?", [cut, cut])}  # fmt: skip
+                if ids:
+                    self.con.execute("DELETE FROM api_keys WHERE id IN (SELECT unnest(?::VARCHAR[]))", [sorted(ids)])
+                    for k in [k for k in self.keys.values() if k.id in ids]:  # expired ones are still looked up
+                        del self.keys[k.prefix]
+                        self.key_ids.pop(k.id, None)
+                gone["keys"] = len(ids)
+            for table, days in (("audit", audit_days), ("usage", usage_days)):
+                if days > 0:
+                    cut = now - timedelta(days=days)
+                    row = self.con.execute(f"DELETE FROM {table} WHERE created_at < ?", [cut]).fetchone()
+                    gone[table] = int(row[0]) if row else 0  # DuckDB answers a DELETE with its count
+        return gone
+
     def usage_report(self, group_by: str = "key", since: datetime | None = None) -> list[dict[str, Any]]:
         """Sum token usage per key, user, model, day or key and day (optionally since a time)."""
         cols = {

@@ -23,6 +23,25 @@ from bkg_kernel.settings import Settings
 log = logging.getLogger("bkg.gateway")
 
 
+FORGET_EVERY_S = 6 * 3600
+
+
+async def forget_old(gw: Gateway) -> None:
+    """Delete old revoked and expired keys, audit entries and usage rows (`*_keep_days`) now and every six hours,
+    on a thread."""
+    s = gw.settings
+    while True:
+        try:
+            gone = await asyncio.to_thread(gw.auth.forget_old, s.key_keep_days, s.audit_keep_days, s.usage_keep_days)
+            if any(gone.values()):
+                log.info("retention: deleted %s", ", ".join(f"{n} {what}" for what, n in gone.items() if n))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - retention never takes the gateway down; it tries again later
+            log.exception("deleting old keys, audit entries and usage rows")
+        await asyncio.sleep(FORGET_EVERY_S)
+
+
 def create_app(
     settings: Settings | None = None, plugins: list[str] | None = None, gateway: Gateway | None = None
 ) -> FastAPI:
@@ -40,9 +59,11 @@ def create_app(
         gw.hub.bind(asyncio.get_running_loop())
         if gw.runs is not None:
             await gw.runs.start()
+        forgetting = asyncio.create_task(forget_old(gw))
         try:
             yield
         finally:
+            forgetting.cancel()
             if gw.runs is not None:
                 await gw.runs.close()
             await asyncio.to_thread(gw.close)

@@ -1,0 +1,91 @@
+"""What is over is not kept for good: keys revoked or expired long ago (every notebook run makes one and revokes it
+as the run ends), old audit entries and old usage rows are deleted after their `*_keep_days`, by the gateway at
+start and every six hours. Found by a review: all three grew for as long as the gateway ran."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from gateway_harness import ADMIN_KEY, start_gateway, wait_for
+
+from bkg_kernel.auth import AuthService, Principal
+from bkg_kernel.auth.principal import SCOPES
+from bkg_kernel.store import Store
+
+ADMIN = Principal("u-root", "root", "admin", frozenset(SCOPES))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def seed(auth: AuthService) -> dict[str, Any]:
+    """Keys in every state, and audit and usage rows of two ages; returns the ids."""
+    dev = auth.create_user("dev", "developer", actor="test")
+    ids = {}
+    for name in ("live", "revoked long ago", "revoked lately", "expired long ago"):
+        ids[name] = auth.create_key(dev["id"], name, by=ADMIN)[0]["id"]
+    auth.revoke_key(ids["revoked long ago"], by=ADMIN)
+    auth.revoke_key(ids["revoked lately"], by=ADMIN)
+    old = _now() - timedelta(days=400)
+    auth.sync()
+    with auth.mutex:
+        auth.con.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [old, ids["revoked long ago"]])
+        auth.con.execute("UPDATE api_keys SET expires_at = ? WHERE id = ?", [old, ids["expired long ago"]])
+        auth.key_ids[ids["expired long ago"]].expires_at = old
+        for when, what in ((old, "old"), (_now(), "new")):
+            auth.con.execute("INSERT INTO audit (created_at, action) VALUES (?, ?)", [when, f"{what}.thing"])
+            auth.con.execute(
+                "INSERT INTO usage (created_at, route, prompt_tokens, completion_tokens) VALUES (?, ?, 1, 1)",
+                [when, f"/{what}"],
+            )
+    return ids
+
+
+def counts(auth: AuthService) -> dict[str, int]:
+    with auth.mutex:
+        return {t: auth.con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("api_keys", "audit", "usage")}
+
+
+def test_old_keys_audit_and_usage_go_and_the_rest_stays(tmp_path: Path) -> None:
+    with Store(tmp_path / "data") as store:
+        auth = AuthService(store)
+        ids = seed(auth)
+        before = counts(auth)
+        gone = auth.forget_old(90, 365, 365)
+        assert gone == {"keys": 2, "audit": 1, "usage": 1}, gone
+        after = counts(auth)
+        assert after["usage"] == before["usage"] - 1 and after["audit"] == before["audit"] - 1
+        left = {k["id"] for k in auth.list_keys()}
+        assert ids["live"] in left and ids["revoked lately"] in left
+        assert ids["revoked long ago"] not in left and ids["expired long ago"] not in left
+        assert ids["expired long ago"] not in auth.key_ids and ids["live"] in auth.key_ids
+        assert auth.forget_old(0, 0, 0) == {"keys": 0, "audit": 0, "usage": 0}  # 0: kept for good
+        assert counts(auth) == after
+        auth.close()
+
+
+def test_the_gateway_forgets_at_start(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with Store(data) as store:
+        auth = AuthService(store)
+        auth.bootstrap(data, ADMIN_KEY)  # the admin user and key a gateway's first start makes
+        ids = seed(auth)
+        auth.close()
+    g = start_gateway(data, plugins=["sysinfo"])
+    try:
+        c = g.client()
+
+        def forgotten() -> bool:
+            keys = {k["id"] for k in c.get("/admin/keys").json()["keys"]}
+            return ids["revoked long ago"] not in keys and ids["expired long ago"] not in keys
+
+        wait_for(forgotten, timeout=30, every=0.2)
+        keys = {k["id"] for k in c.get("/admin/keys").json()["keys"]}
+        assert ids["live"] in keys and ids["revoked lately"] in keys
+        assert c.get("/admin/audit", params={"action": "old.thing"}).json()["entries"] == []
+        assert len(c.get("/admin/audit", params={"action": "new.thing"}).json()["entries"]) == 1
+    finally:
+        g.stop()
