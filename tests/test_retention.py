@@ -89,3 +89,37 @@ def test_the_gateway_forgets_at_start(tmp_path: Path) -> None:
         assert len(c.get("/admin/audit", params={"action": "new.thing"}).json()["entries"]) == 1
     finally:
         g.stop()
+
+
+def test_a_log_handed_to_a_child_is_rotated_past_its_size(tmp_path: Path) -> None:
+    from bkg_kernel.logfiles import open_log
+
+    log = tmp_path / "logs" / "gateway.log"
+    for n in range(5):
+        with open_log(log, max_bytes=100, keep=3) as f:
+            f.write(bytes([65 + n]) * 150)  # each start finds the last one's 150 bytes: over 100, rotated
+    assert sorted(p.name for p in log.parent.iterdir()) == ["gateway.log", "gateway.log.1", "gateway.log.2",
+                                                             "gateway.log.3"]  # fmt: skip
+    assert log.read_bytes() == b"E" * 150 and (log.parent / "gateway.log.1").read_bytes() == b"D" * 150
+    assert (log.parent / "gateway.log.3").read_bytes() == b"B" * 150  # the oldest kept; "A" went
+    with open_log(log, max_bytes=1000) as f:  # under the size: appended to
+        f.write(b"F")
+    assert log.read_bytes() == b"E" * 150 + b"F"
+
+
+def test_what_a_dead_download_left_is_swept_and_a_live_one_is_not(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from bkg_kernel.models.download import sweep_partial
+
+    partial = tmp_path / ".partial"
+    partial.mkdir()
+    (partial / "dead-model.gguf").write_bytes(b"x")
+    (partial / "live-model.gguf").write_bytes(b"y")
+    day_ago = time.time() - 2 * 86_400
+    os.utime(partial / "dead-model.gguf", (day_ago, day_ago))
+    (partial / "link").symlink_to(tmp_path / "elsewhere")
+    assert sweep_partial(tmp_path) == ["dead-model.gguf"]
+    assert sorted(p.name for p in partial.iterdir()) == ["link", "live-model.gguf"]
+    assert sweep_partial(tmp_path / "no-such-dir") == []

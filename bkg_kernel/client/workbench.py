@@ -24,6 +24,7 @@ from bkg_kernel.client.llm import LLM, ModelTable
 from bkg_kernel.client.plugins import PluginTable, RemotePlugin
 from bkg_kernel.client.repo import Repo
 from bkg_kernel.errors import BkgError, JobFailed, Timeout, Unavailable
+from bkg_kernel.logfiles import open_log
 from bkg_kernel.settings import Settings, gateway_url
 from bkg_kernel.store.results import CollectionInfo
 
@@ -320,8 +321,7 @@ def _hub_service_url(api_url: str, token: str, name: str = "bkg") -> str | None:
 
 
 def _spawn(settings: Settings, ddir: Path, url: str, timeout: float) -> None:
-    ddir.mkdir(parents=True, exist_ok=True)
-    log = open(ddir / "gateway.log", "ab")  # noqa: SIM115 - handed to the child
+    log = open_log(ddir / "gateway.log")  # handed to the child; rotated past 10 MB
     port = url.rsplit(":", 1)[-1].split("/")[0]
     host = url.split("//", 1)[-1].rsplit(":", 1)[0]
     proc = subprocess.Popen(

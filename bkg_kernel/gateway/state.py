@@ -116,6 +116,10 @@ class Gateway:
         return gw
 
     def _register_defaults(self) -> None:
+        from bkg_kernel.models.download import sweep_partial
+
+        if left := sweep_partial(self.models.dir):
+            log.info("deleted %d files that downloads which never finished left in .partial/", len(left))
         try:
             added = self.models.ensure_defaults()
         except Exception:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from bkg_kernel.logfiles import open_log
+
 log = logging.getLogger("bkg.jobs")
 OnEvent = Callable[[dict[str, Any]], None]
 
@@ -96,8 +98,7 @@ class LocalPool:
                     await self._spawn()
 
     async def _spawn(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as err:
+        with open_log(self.log_path) as err:  # rotated past 10 MB
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",

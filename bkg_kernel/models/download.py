@@ -13,6 +13,7 @@ import fnmatch
 import ipaddress
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from bkg_kernel.models.registry import ModelEntry, ModelRegistry, slug
 
 Progress = Callable[[float, str], None]
 MAX_REDIRECTS = 5
+STALE_PARTIAL_S = 86_400  # a download's file untouched this long was left by a process that died
 
 
 def check_url(url: str) -> str:
@@ -170,3 +172,23 @@ def download(
             raise
     finally:
         partial.unlink(missing_ok=True)
+
+
+def sweep_partial(model_dir: Path, older_than_s: float = STALE_PARTIAL_S) -> list[str]:
+    """Delete what downloads left in `<model_dir>/.partial/` when their process died (files untouched for
+    `older_than_s`: a download going on, in this process or another sharing the model dir, writes to its file as it
+    goes); return their names."""
+    gone: list[str] = []
+    cutoff = time.time() - older_than_s
+    try:
+        entries = list((Path(model_dir) / ".partial").iterdir())
+    except OSError:
+        return gone
+    for p in entries:
+        try:
+            if p.is_file() and not p.is_symlink() and p.stat().st_mtime < cutoff:
+                p.unlink()
+                gone.append(p.name)
+        except OSError:
+            continue
+    return gone

@@ -18,6 +18,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any, Literal
 
 import numpy as np
@@ -163,6 +164,7 @@ class Result(JSONResult):
 MAX_RERANK = 200  # hits one rerank re-scores (the rerank_candidates setting's range)
 MAX_SENTENCES = 32  # sentences of a chunk a sentence-level rerank embeds (a chunk is ~800 characters)
 MAX_CHUNKS = 200_000  # chunks one brainml.index call makes (each is a point held in memory until it is stored)
+MAX_CLASSIFIERS = 16  # trained classifiers kept loaded (the most recently used; an MLP is up to ~1 MB)
 
 
 def chunk(text: str, size: int, overlap: int, limit: int | None = None) -> list[tuple[int, int]]:
@@ -252,7 +254,7 @@ class BrainML(Plugin):
         )
         self.lock = threading.Lock()
         self.saved_at = 0.0
-        self.classifiers: dict[tuple[str, str], Classifier] = {}
+        self.classifiers: OrderedDict[tuple[str, str], Classifier] = OrderedDict()
 
     @property
     def store(self) -> StoreHandle:
@@ -518,9 +520,17 @@ class BrainML(Plugin):
         if entry.kind != "classifier":
             raise InvalidInput(f"model {model_id!r} is a {entry.kind}, not a classifier", field="model_id")
         key = (model_id, entry.sha256)
-        if key not in self.classifiers:
-            self.classifiers[key] = Classifier.load(self.registry.resolve(entry))
-        return self.classifiers[key]
+        with self.lock:
+            net = self.classifiers.get(key)
+            if net is not None:
+                self.classifiers.move_to_end(key)
+                return net
+        net = Classifier.load(self.registry.resolve(entry))
+        with self.lock:  # the most recently used few stay loaded: one retrained or deleted ages out
+            self.classifiers[key] = net
+            while len(self.classifiers) > MAX_CLASSIFIERS:
+                self.classifiers.popitem(last=False)
+        return net
 
     @capability("brainml.classify", scope="models:read", big_input=True)
     def classify(self, inp: ClassifyRequest) -> Result:
