@@ -905,3 +905,34 @@ def test_job_file_helpers_confine_only_a_job(tmp_path: Path, monkeypatch: pytest
     assert [p.name for p in files.readable_files(root, ["*.txt"])] == ["a.txt"]
     monkeypatch.setenv(files.ROOTS_ENV, os.pathsep.join([str(tmp_path)]))  # a root holding the data dir
     assert [p.name for p in files.readable_files(root, ["*.txt"])] == ["a.txt", "out.txt"]  # never admin.key
+
+
+def test_a_pruned_run_takes_every_file_it_wrote_with_it(tmp_path: Path, roots: Path) -> None:
+    """Found by a review: pruning deleted the files a run's row named, but a run a dead worker ended (or one a
+    gateway stop interrupted) wrote `runs/<id>.ipynb` without its row naming it, and that file stayed for good."""
+    import asyncio
+
+    from bkg_kernel.auth import AuthService
+    from bkg_kernel.jobs.service import JobService, new_run
+    from bkg_kernel.settings import Settings
+    from bkg_kernel.store import Store
+
+    with Store(tmp_path / "data") as store:
+        auth = AuthService(store)
+        svc = JobService(Settings(job_roots=[roots], job_workers=1, job_keep_runs=1), store, auth,
+                         lambda *a: None, "http://127.0.0.1:9")  # fmt: skip
+        svc.runs_dir.mkdir(parents=True, exist_ok=True)
+        runs = []
+        for n in range(2):
+            run = new_run(notebook="ok.ipynb", path="ok.ipynb", owner="kim", owner_id="u-kim", scopes=[],
+                          created_at=time.time() + n, state="failed", finished_at=time.time() + n)  # fmt: skip
+            svc.history.save_run(run)
+            runs.append(run)
+        orphan = svc.runs_dir / f"{runs[0]['id']}.ipynb"  # written, never named in its row
+        orphan.write_text("{}")
+        keep = svc.runs_dir / f"{runs[1]['id']}.ipynb"
+        keep.write_text("{}")
+        asyncio.run(svc._after(runs[1]))
+        assert not orphan.exists() and keep.exists()
+        assert [r["id"] for r in svc.history.runs()] == [runs[1]["id"]]
+        auth.close()

@@ -366,8 +366,8 @@ class JobService:
         )
         files = [Path(f) for r in gone for f in (r["output_path"], r["html_path"]) if f]
 
-        def unlink() -> None:
-            for f in files:
+        def unlink() -> None:  # what the row names, and what a run a dead worker ended wrote without naming it
+            for f in files + [f for r in gone for f in self.runs_dir.glob(f"{r['id']}.*")]:
                 f.unlink(missing_ok=True)
 
         await asyncio.to_thread(unlink)
