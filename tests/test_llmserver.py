@@ -290,6 +290,41 @@ def test_queue_limit_429_and_disconnect_frees_the_slot(llm_gw: Gateway) -> None:
     c.put("/api/plugins/llmserver/config", json={"config": cfg}).raise_for_status()
 
 
+def test_an_answer_nobody_waits_for_stops_being_generated(llm_gw: Gateway) -> None:
+    """Found by a review: a generation whose answer was not streamed ran to max_tokens after its client left (or
+    after its request timed out), holding its slot, so the next callers got 429s meanwhile. Now the client's leaving
+    (or the 504) tells the worker, and the generation stops between two tokens, as Ollama stops it."""
+    c = llm_gw.client()
+    cfg = c.get("/api/plugins/llmserver/config").json()["config"]
+    c.put(
+        "/api/plugins/llmserver/config", json={"config": {**cfg, "max_concurrent": 1, "max_queue": 0}}
+    ).raise_for_status()
+    # a grammar that wants 300 numbers: no end-of-text token until then (~30 s of generating on two cores)
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 300}
+    fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 1500,
+            "temperature": 0, "response_format": fmt}  # fmt: skip
+    cancelled = c.get("/api/plugins/llmserver/health").json()["cancelled"]
+    try:
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        with (
+            httpx.Client(base_url=llm_gw.url, headers=headers, timeout=2) as gone,
+            pytest.raises(httpx.ReadTimeout),  # the client gives up: its connection closes
+        ):
+            gone.post("/v1/chat/completions", json=long)
+        wait_for(lambda: c.get("/api/plugins/llmserver/health").json()["cancelled"] > cancelled, timeout=60)
+        ok = c.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+        # a request that outlives request_timeout gets its 504, and its generation stops too
+        c.put("/api/plugins/llmserver/config", json={"config": {**cfg, "request_timeout": 1.5}}).raise_for_status()
+        cancelled = c.get("/api/plugins/llmserver/health").json()["cancelled"]
+        late = c.post("/api/plugins/llmserver/invoke/llm.chat", json=long)
+        assert late.status_code == 504, late.text
+        wait_for(lambda: c.get("/api/plugins/llmserver/health").json()["cancelled"] > cancelled, timeout=60)
+    finally:
+        c.put("/api/plugins/llmserver/config", json={"config": cfg}).raise_for_status()
+
+
 def test_worker_killed_mid_stream(llm_gw: Gateway) -> None:
     c = llm_gw.client()
     pid = c.get("/api/plugins/llmserver/status").json()["pid"]

@@ -57,9 +57,10 @@ START_TIMEOUT_S = 120.0
 
 
 class _Request(Future[Any]):
-    """A request sent to a worker: the future of its answer, and the grant it carries (None: no caller)."""
+    """A request sent to a worker: the future of its answer, its id, and the grant it carries (None: no caller)."""
 
     grant: str | None = None
+    req_id: int = 0
 
 
 class WorkerProcess:
@@ -196,6 +197,7 @@ class WorkerProcess:
         grant ends with it."""
         fut = _Request()
         req_id = next(self._ids)
+        fut.req_id = req_id
         self.futures[req_id] = fut
         if caller is not None:
             call = self.grant(caller)
@@ -213,6 +215,14 @@ class WorkerProcess:
         grant = getattr(fut, "grant", None)
         if grant is not None:
             self.grants.pop(grant, None)
+
+    def abandon(self, fut: Future[Any]) -> None:
+        """Nobody waits for a request's answer any more (its caller timed out or went away): end its grant, and tell
+        the worker, whose call's `stop` is set then (work that looks at it, a generation, ends early)."""
+        self.end_grant(fut)
+        req_id = getattr(fut, "req_id", 0)
+        if req_id and not fut.done():
+            self._send(("cancel", req_id))
 
     def open_stream(
         self, capability_id: str, data: Any, caller: Principal, sink: Callable[[tuple[Any, ...]], None]
@@ -259,8 +269,9 @@ class WorkerProcess:
 
 async def _answer(work: Future[Any], timeout: float) -> Any:
     """The result of `work` (a worker's or an inline thread's future), awaited on the event loop for at most
-    `timeout` seconds (then TimeoutError). The work itself is never cancelled: a plugin cannot be interrupted, and
-    its slot frees when it really ends. One hand-over to the loop per answer (`wait_for(shield(wrap_future()))`
+    `timeout` seconds (then TimeoutError). The work itself is not cancelled here: the caller's `_settle` ends its
+    call (work that looks at the call's `stop` ends early; other work runs on), and its slot frees when it really
+    ends. One hand-over to the loop per answer (`wait_for(shield(wrap_future()))`
     chains three futures for the same)."""
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[Any] = loop.create_future()
@@ -755,7 +766,7 @@ class PluginHost:
             if call is not None:
                 call.end()
             if worker is not None:
-                worker.end_grant(work)
+                worker.abandon(work)
             work.add_done_callback(lambda _: slots.release())
         else:
             if call is not None and work is None:

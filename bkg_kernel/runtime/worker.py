@@ -143,17 +143,20 @@ def main(
     threading.Thread(target=beat, daemon=True).start()
     pool = ThreadPoolExecutor(max_workers=plugin.settings.max_concurrent, thread_name_prefix="bkg-req")
 
-    def run(req_id: int, call: dict[str, Any] | None, fn: Any, *args: Any) -> None:
+    def run(req_id: int, call: calls.Call | None, fn: Any, *args: Any) -> None:
         try:
-            with calls.running(_call(call)):
+            with calls.running(call):
                 result = fn(*args)
             send(("result", req_id, True, result))
         except BaseException as exc:
             if not isinstance(exc, BkgError):
                 logging.getLogger(f"bkg.plugin.{cls.id}").error("request failed: %s", traceback.format_exc())
             send(("result", req_id, False, error_data(exc)))
+        finally:
+            running.pop(req_id, None)
 
     cancels: dict[int, threading.Event] = {}
+    running: dict[int, calls.Call] = {}  # the calls under way, by request: a ("cancel", id) ends one
 
     def stream(req_id: int, capability_id: str, data: Any, call: dict[str, Any] | None) -> None:
         cancelled = cancels[req_id]
@@ -182,14 +185,19 @@ def main(
                 if fut is not None:
                     fut.set_result(msg[3]) if msg[2] else fut.set_exception(from_dict(msg[3]))
             elif msg[0] == "invoke":
-                pool.submit(run, msg[1], msg[4], lambda cap, data: plugin.invoke(cap, _data(data)), msg[2], msg[3])
+                call = _call(msg[4])
+                if call is not None:
+                    running[msg[1]] = call
+                pool.submit(run, msg[1], call, lambda cap, data: plugin.invoke(cap, _data(data)), msg[2], msg[3])
             elif msg[0] == "stream":
                 cancels[msg[1]] = threading.Event()
                 pool.submit(stream, msg[1], msg[2], msg[3], msg[4])
-            elif msg[0] == "cancel":
+            elif msg[0] == "cancel":  # a stream's client went away, or nobody waits for an answer any more
                 ev = cancels.get(msg[1])
                 if ev is not None:
                     ev.set()
+                if (abandoned := running.get(msg[1])) is not None:
+                    abandoned.end()
             elif msg[0] == "health":  # its own thread: a health check never queues behind busy request slots
                 threading.Thread(target=run, args=(msg[1], None, plugin.health), name="bkg-health", daemon=True).start()
             elif msg[0] == "stop":
@@ -198,6 +206,8 @@ def main(
         stop.set()
         for ev in list(cancels.values()):
             ev.set()
+        for abandoned in list(running.values()):
+            abandoned.end()
         for fut in list(pending.values()):
             fut.set_exception(Unavailable("the gateway is gone"))
         pool.shutdown(wait=True, cancel_futures=True)

@@ -17,6 +17,7 @@ from bkg_kernel.auth import Principal
 from bkg_kernel.plugins.llmserver.schemas import ChatRequest, CompletionRequest, EmbedRequest
 from bkg_kernel.runtime.bodyjson import BIG_BODY, RawJSON
 from bkg_kernel.runtime.contract import GatewayAPI
+from bkg_kernel.runtime.disconnect import while_connected
 from bkg_kernel.runtime.sse import event_stream
 
 
@@ -55,14 +56,14 @@ def build(api: GatewayAPI) -> APIRouter:
         body: ChatRequest, request: Request, p: Annotated[Principal, Depends(llm)]
     ) -> JSONResponse | StreamingResponse:
         """Chat (streaming with SSE when `stream` is true)."""
-        return await _answer(p, "llm.chat", "/v1/chat/completions", body, await handed(body, request))
+        return await _answer(request, p, "llm.chat", "/v1/chat/completions", body, await handed(body, request))
 
     @router.post("/completions", response_model=None)
     async def completions(
         body: CompletionRequest, request: Request, p: Annotated[Principal, Depends(llm)]
     ) -> JSONResponse | StreamingResponse:
         """Text completion (streaming with SSE when `stream` is true)."""
-        return await _answer(p, "llm.complete", "/v1/completions", body, await handed(body, request))
+        return await _answer(request, p, "llm.complete", "/v1/completions", body, await handed(body, request))
 
     @router.post("/embeddings")
     async def embeddings(body: EmbedRequest, request: Request, p: Annotated[Principal, Depends(llm)]) -> Response:
@@ -73,10 +74,10 @@ def build(api: GatewayAPI) -> APIRouter:
         return Response(await asyncio.to_thread(orjson.dumps, result), media_type="application/json")
 
     async def _answer(
-        p: Principal, capability: str, route: str, body: ChatRequest | CompletionRequest, data: Any
+        request: Request, p: Principal, capability: str, route: str, body: ChatRequest | CompletionRequest, data: Any
     ) -> JSONResponse | StreamingResponse:
-        if not body.stream:
-            result = await api.invoke("llmserver", capability, data, p)
+        if not body.stream:  # a client that leaves first stops the generation, as it does a stream's
+            result = await while_connected(request, api.invoke("llmserver", capability, data, p))
             api.record_usage(p, route, result)
             return JSONResponse(result)
         options = (body.model_extra or {}).get("stream_options")

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
 
 from bkg_kernel.client.transport import iter_sse
-from bkg_kernel.errors import BadRequest, InvalidInput, NotFound, UpstreamError, invalid_from_pydantic
+from bkg_kernel.errors import BadRequest, Cancelled, InvalidInput, NotFound, UpstreamError, invalid_from_pydantic
 from bkg_kernel.models.defaults import DEFAULT_LLM
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.llmserver import generate as gen
@@ -37,6 +37,7 @@ from bkg_kernel.plugins.llmserver.schemas import (
     ModelRef,
     Usage,
 )
+from bkg_kernel.runtime import calls
 from bkg_kernel.runtime.contract import GatewayAPI, Plugin, PluginSettings, capability
 
 
@@ -127,16 +128,16 @@ class LLMServer(Plugin):
         """Answer a conversation (OpenAI chat.completion)."""
         if self.settings.upstream_url:
             return ChatCompletion.model_validate(self._upstream("chat/completions", inp))
-        chunks = list(self._chat_stream(inp, threading.Event(), whole=True))
-        return ChatCompletion.model_validate(chunks[-1])
+        chunks = list(self._chat_stream(inp, calls.stop_event(), whole=True))  # its caller gone: it stops
+        return ChatCompletion.model_validate(_whole(chunks))
 
     @capability("llm.complete", scope="llm:use", books_usage=True, big_input=True)
     def complete(self, inp: CompletionRequest) -> Completion:
         """Continue a prompt (OpenAI text_completion)."""
         if self.settings.upstream_url:
             return Completion.model_validate(self._upstream("completions", inp))
-        chunks = list(self._complete_stream(inp, threading.Event(), whole=True))
-        return Completion.model_validate(chunks[-1])
+        chunks = list(self._complete_stream(inp, calls.stop_event(), whole=True))
+        return Completion.model_validate(_whole(chunks))
 
     @capability("llm.embed", scope="llm:use", books_usage=True, big_input=True)
     def embed(self, inp: EmbedRequest) -> Embeddings:
@@ -386,3 +387,10 @@ def _upstream_error(url: str, detail: str, status: int = 502) -> UpstreamError:
         status=status if 400 <= status < 500 else 502,
         field="upstream_url",
     )
+
+
+def _whole(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A whole answer's one chunk; none when the generation stopped because nobody waited for it any more."""
+    if not chunks:
+        raise Cancelled("the generation stopped: its caller went away or timed out")
+    return chunks[-1]
