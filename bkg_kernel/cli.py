@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -96,8 +97,14 @@ def dashboards_env(gateway_url: str | None = None) -> dict[str, str]:
     """The environment for `dashboards_cmd`: bkg's Voila template on the Jupyter path, the gateway to use, and no
     credential. Voila asks nobody for a token, so whatever its kernels hold serves whoever opens a page: every
     dashboard asks for a login instead (a Hub user's token here would log anyone in as them)."""
-    from bkg_kernel.settings import SECRET_ENV
+    from bkg_kernel.settings import SECRET_ENV, Settings
 
+    settings = Settings()
+    if not gateway_url and settings.hub_user and settings.hub_api_token:  # the Hub's bkg service, found here: the
+        from bkg_kernel.client.workbench import hub_gateway  # token that finds it stays in this process
+
+        with contextlib.suppress(BkgError):
+            gateway_url = hub_gateway(settings)
     share = Path(__file__).resolve().parent / "widgets" / "share"
     env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith("JUPYTERHUB_")}
     env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(share), os.environ.get("JUPYTER_PATH")]))

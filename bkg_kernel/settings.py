@@ -61,11 +61,16 @@ class Settings(BaseSettings):
     key_keep_days: float = Field(
         90.0,
         ge=0,
+        le=36_500,
         description="Keys revoked or expired more than this many days ago are deleted (a notebook run's "
         "key is revoked as the run ends).",
     )
-    audit_keep_days: float = Field(365.0, ge=0, description="Audit log entries older than this many days are deleted.")
-    usage_keep_days: float = Field(365.0, ge=0, description="Token usage rows older than this many days are deleted.")
+    audit_keep_days: float = Field(
+        365.0, ge=0, le=36_500, description="Audit log entries older than this many days are deleted."
+    )
+    usage_keep_days: float = Field(
+        365.0, ge=0, le=36_500, description="Token usage rows older than this many days are deleted."
+    )
     # -- notebook jobs (papermill) ---------------------------------------------------------------------------
     job_roots: Annotated[list[Path] | None, NoDecode] = Field(
         None,

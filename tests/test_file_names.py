@@ -108,3 +108,21 @@ def test_a_job_reads_no_file_whose_name_no_request_could_carry(tmp_path: Path) -
     found = files.readable_files(tmp_path, ["**/*.md"], unnamed)
     assert found == [tmp_path / "docs" / "a.md"]
     assert unnamed == ["dir\\xe9/c.md", "docs/b\\xff.md"]
+
+
+def test_a_workspace_over_max_files_is_refused_whatever_names_it_holds(tmp_path: Path) -> None:
+    """Review of the change above: the count is taken before names that are not UTF-8 are left out, so a listing
+    cut at `max_files` is never taken for the whole workspace (its other files would be indexed as removed)."""
+    import pytest
+
+    from bkg_kernel.errors import InvalidInput
+    from bkg_kernel.plugins.repoagent.workspace import Ignore, Workspace, list_files
+
+    for name in ("a.py", "b.py"):
+        (tmp_path / name).write_text("x = 1\n")
+    odd(tmp_path, b"c\xff.py").write_text("y = 2\n")
+    ws, ignore = Workspace("w", tmp_path), Ignore([])
+    unnamed: list[str] = []
+    assert list_files(ws, ignore, 3, unnamed) == ["a.py", "b.py"] and unnamed == ["c\\xff.py"]
+    with pytest.raises(InvalidInput, match="more than 2 files"):
+        list_files(ws, ignore, 2)

@@ -46,6 +46,7 @@ from bkg_kernel.errors import (
 )
 
 SESSION_TTL = timedelta(hours=12)
+FORGET_BATCH = 20_000  # old audit or usage rows deleted per hold of the store's lock
 HUB_SUFFIX = "@hub"  # the bkg users of JupyterHub users (made by the gateway under a Hub only)
 HUB_ACTOR = "jupyterhub"  # who the gateway's changes on the Hub's word are made and audited as (a reserved name)
 RUN_KEY = "job run "  # a notebook run's key is named this and the run's id (run-...)
@@ -292,11 +293,19 @@ class AuthService:
                         del self.keys[k.prefix]
                         self.key_ids.pop(k.id, None)
                 gone["keys"] = len(ids)
-            for table, days in (("audit", audit_days), ("usage", usage_days)):
-                if days > 0:
-                    cut = now - timedelta(days=days)
-                    row = self.con.execute(f"DELETE FROM {table} WHERE created_at < ?", [cut]).fetchone()
-                    gone[table] = int(row[0]) if row else 0  # DuckDB answers a DELETE with its count
+        for table, days in (("audit", audit_days), ("usage", usage_days)):
+            cut = now - timedelta(days=days)
+            while days > 0:  # in batches, the lock let go between them: a first pass over years of rows never
+                with self.mutex:  # holds every collection and login behind it
+                    row = self.con.execute(
+                        f"DELETE FROM {table} WHERE rowid IN "
+                        f"(SELECT rowid FROM {table} WHERE created_at < ? LIMIT {FORGET_BATCH})",
+                        [cut],
+                    ).fetchone()
+                n = int(row[0]) if row else 0  # DuckDB answers a DELETE with its count
+                gone[table] += n
+                if n < FORGET_BATCH:
+                    break
         return gone
 
     def usage_report(self, group_by: str = "key", since: datetime | None = None) -> list[dict[str, Any]]:

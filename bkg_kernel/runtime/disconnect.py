@@ -46,4 +46,7 @@ async def while_connected(request: Request, work: Awaitable[T]) -> T:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
+    me = asyncio.current_task()
+    if me is not None and me.cancelling():  # the server is stopping this handler meanwhile: that goes first
+        raise asyncio.CancelledError
     raise ClientGone("the client went away before its answer was ready")

@@ -135,7 +135,7 @@ def list_snapshots(root: Path, name: str | None) -> SnapshotList:
     for d in dirs:
         for path in d.glob(f"*{SUFFIX}"):
             try:
-                if not is_utf8(str(path)):
+                if not is_utf8(f"{d.name}/{path.name}"):  # the data dir's own path is the operator's
                     raise CorruptData(f"snapshot {escaped(path.name)}: its name is not UTF-8, rename it")
                 manifest = _read_manifest(path)
                 if path.stat().st_size < sum(int(p["bytes"]) for p in manifest["parts"].values()):

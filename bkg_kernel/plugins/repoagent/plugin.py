@@ -486,8 +486,9 @@ class RepoAgent(Plugin):
             unnamed: list[str] = []
             names = self._files(ws, unnamed)
             embed_model, made = self._ensure_collection(ws)
-            if made:  # someone dropped the collection: every file goes in again, not only the changed ones
-                idx = CodeIndex()
+            if made:  # someone dropped the collection: every file goes in again, not only the changed ones (and
+                idx = CodeIndex()  # the saved index goes now: a run that fails after this starts the next from scratch)
+                (self._dir(ws) / "index.json").unlink(missing_ok=True)
             t_parse = time.perf_counter()
             changed, before, removed = codeindex.update(ws.path, names, idx, self.settings.max_file_bytes, progress)
             timings = {"list_s": t_parse - t0, "parse_s": time.perf_counter() - t_parse, "embed_s": 0.0, "store_s": 0.0}

@@ -78,7 +78,8 @@ class Ignore:
         return bool(self.spec.match_file(rel + "/" if is_dir else rel))
 
     def walk(self, root: Path, limit: int) -> Iterator[str]:
-        """Yield relative file paths under `root`, honouring nested `.gitignore` files (no symlinked folders)."""
+        """Yield relative file paths under `root`, honouring nested `.gitignore` files (no symlinked folders); at most
+        `limit` + 1 of them."""
         stack: list[tuple[Path, list[tuple[str, Any]]]] = [(root, [])]
         seen = 0
         while stack:
@@ -107,9 +108,9 @@ class Ignore:
                     subdirs.append((folder / e.name, rules))
                 elif e.is_file() and (not e.is_symlink() or inside(root, rel)):
                     seen += 1
-                    if seen > limit:
-                        return
                     yield rel
+                    if seen > limit:  # one past the limit, so the caller can tell a cut listing from a whole one
+                        return
             stack.extend(reversed(subdirs))
 
 
@@ -211,16 +212,16 @@ def list_files(ws: Workspace, ignore: Ignore, limit: int, unnamed: list[str] | N
             for n in names
             if not ignore.skip(n) and not any(ignore.skip(d, True) for d in _parents(n)) and inside(ws.path, n)
         ]  # a tracked file deleted from the working tree is listed by git but gone
+    if len(names) > limit:  # counted before any is left out: a listing cut at the limit is never taken for whole
+        raise InvalidInput(
+            f"workspace {ws.name!r} has more than {limit} files (max_files): add ignore patterns or raise the limit",
+            field="workspace",
+        )
     bad = [n for n in names if not is_utf8(n)]
     if bad:
         names = [n for n in names if is_utf8(n)]
         if unnamed is not None:
             unnamed.extend(escaped(n) for n in bad)
-    if len(names) > limit:
-        raise InvalidInput(
-            f"workspace {ws.name!r} has more than {limit} files (max_files): add ignore patterns or raise the limit",
-            field="workspace",
-        )
     return names
 
 
