@@ -105,6 +105,13 @@ class Cancelled(BkgError):
     code = "cancelled"
 
 
+class ClientGone(BkgError):
+    """The client left before its answer was ready (nobody reads this: nginx's 499)."""
+
+    status = 499
+    code = "client_closed_request"
+
+
 class ModelLoadFailed(BkgError):
     """A registered model that its runtime cannot load (damaged, or a format it does not support)."""
 

@@ -326,6 +326,27 @@ def test_an_answer_nobody_waits_for_stops_being_generated(llm_gw: Gateway) -> No
         c.put("/api/plugins/llmserver/config", json={"config": cfg}).raise_for_status()
 
 
+def test_a_call_port_client_that_leaves_stops_its_generation(llm_gw: Gateway) -> None:
+    """Found by a review: over the call port (the notebook client's way), a client that gave up or was interrupted
+    left its worker call generating to the end, its slot taken. The connection's thread now looks whether its client
+    left while it waits, and abandons the call then."""
+    from bkg_kernel.client.callport import CallPort
+    from bkg_kernel.errors import Unavailable
+
+    c = llm_gw.client()
+    port = c.get("/health").json()["call_port"]
+    cancelled = c.get("/api/plugins/llmserver/health").json()["cancelled"]
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 300}  # ~30 s of generating, as above
+    fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 1500,
+            "temperature": 0, "response_format": fmt}  # fmt: skip
+    client = CallPort("127.0.0.1", port["port"], ADMIN_KEY, timeout=1.5, max_input=port["max_input"])
+    with pytest.raises(Unavailable, match="went away mid-call"):  # it waited 1.5 s, then closed its connection
+        client.call("llmserver", "llm.chat", json.dumps(body).encode())
+    client.close()
+    wait_for(lambda: c.get("/api/plugins/llmserver/health").json()["cancelled"] > cancelled, timeout=60)
+
+
 def test_worker_killed_mid_stream(llm_gw: Gateway) -> None:
     c = llm_gw.client()
     pid = c.get("/api/plugins/llmserver/status").json()["pid"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import threading
 import time
@@ -88,6 +89,16 @@ class _Connection:
         if isinstance(frame, int):
             return PayloadTooLarge(f"a call port frame holds at most {limit:,} bytes; this one has {frame:,}: use HTTP")
         return frame
+
+    def gone(self) -> bool:
+        """Whether the client closed its end (looked at without reading: bytes it sent early stay for `read`)."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            return bool(readable) and self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):  # reset, or closed on this side
+            return True
 
     def send(
         self, status: int, body: bytes, fast: bool = False, close: bool = False, timeout: float = FRAME_TIMEOUT_S
@@ -283,7 +294,8 @@ class CallPort:
                     conn.send(*_error(err), close=True, timeout=1.0)
 
         owned = big and not isinstance(data, bodyjson.RawJSON)
-        result = host.invoke_here(capability_id, data, p, on_timeout=overran, owned=owned)
+        gone = conn.gone if conn is not None else None
+        result = host.invoke_here(capability_id, data, p, on_timeout=overran, owned=owned, gone=gone)
         if cap is not None and cap.books_usage and isinstance(result, dict):
             self.auth.book_usage(p, f"/api/plugins/{plugin_id}/invoke/{capability_id}", result)
         return result

@@ -12,16 +12,9 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from bkg_kernel.errors import BkgError
+from bkg_kernel.errors import ClientGone
 
 T = TypeVar("T")
-
-
-class ClientGone(BkgError):
-    """The client closed its connection before its answer was ready (nobody reads this: nginx's 499)."""
-
-    status = 499
-    code = "client_closed_request"
 
 
 async def while_connected(request: Request, work: Awaitable[T]) -> T:

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from bkg_kernel.auth.principal import Principal
 from bkg_kernel.errors import (
     BkgError,
+    ClientGone,
     InvalidInput,
     NotFound,
     Timeout,
@@ -265,6 +266,27 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.join(5)
         self.conn.close()
+
+
+WATCH_S = 0.25  # how often a call port's thread, waiting on a worker, looks whether its client left
+
+
+def _result_while(work: Future[Any], timeout: float, gone: Callable[[], bool] | None) -> Any:
+    """`work`'s result within `timeout` (else TimeoutError), given up (`ClientGone`) once `gone()` says nobody
+    waits for it any more."""
+    if gone is None:
+        return work.result(timeout)
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return work.result(min(WATCH_S, max(0.0, end - time.monotonic())))
+        except TimeoutError:
+            if work.done():  # the work's own TimeoutError, not the wait's
+                raise
+            if time.monotonic() >= end:
+                raise
+            if gone():
+                raise ClientGone("the client went away before its answer was ready") from None
 
 
 async def _answer(work: Future[Any], timeout: float) -> Any:
@@ -683,6 +705,7 @@ class PluginHost:
         caller: Principal,
         on_timeout: Callable[[Timeout], None] | None = None,
         owned: bool = False,
+        gone: Callable[[], bool] | None = None,
     ) -> Any:
         """`invoke` from a thread that serves this one caller (a call port's connection), not from the event loop:
         the same slots, queue, timeout, telemetry and errors.
@@ -690,8 +713,9 @@ class PluginHost:
         An inline plugin runs on this very thread, in a context of its own (no hand-over to another thread, ~0.1
         ms). If it overruns `request_timeout`, then at that moment the call ends (it can no longer act for the
         caller) and `on_timeout(err)` gets the 504 to answer with; when the plugin returns, its result is dropped
-        and the 504 raised. A worker's answer is waited for at most the timeout, as over HTTP. `owned`: `data` is
-        this call's own, freed a slice at a time once the plugin is done with it."""
+        and the 504 raised. A worker's answer is waited for at most the timeout, as over HTTP, and given up once
+        `gone()` says the caller left (looked at every `WATCH_S`: the worker's call is told to stop then). `owned`:
+        `data` is this call's own, freed a slice at a time once the plugin is done with it."""
         self._has(capability_id)
         asked = time.perf_counter()
         s = self.settings
@@ -710,7 +734,7 @@ class PluginHost:
             with self._counted():
                 if worker is not None:
                     work = worker.submit(("invoke", capability_id, data), caller)
-                    return work.result(left)
+                    return _result_while(work, left, gone)
                 if plugin is None:
                     raise Unavailable(f"plugin {self.id!r} is {self.state}")
 
