@@ -93,8 +93,11 @@ class _Connection:
     def gone(self) -> bool:
         """Whether the client closed its end (looked at without reading: bytes it sent early stay for `read`)."""
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            return bool(readable) and self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            ready = select.poll()  # poll, not select: any descriptor number
+            ready.register(self.sock, select.POLLIN)
+            if not ready.poll(0):
+                return False
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:
             return False
         except (OSError, ValueError):  # reset, or closed on this side
