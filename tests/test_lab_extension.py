@@ -125,10 +125,15 @@ def test_detail_panel_settings_error_and_live_log(page: Any, gw: Gateway) -> Non
     assert "sysinfo.facts" in panel.locator(".bkg-caps").inner_text()
     # a nullable setting is one field (empty: null), not an "option 1 / option 2" selector
     assert panel.locator("#root_memory_limit_mb").count() == 1 and "option 2" not in panel.inner_text()
-    # the sidebar at its default width shows every plugin's memory (it reflows instead of cutting columns)
-    side = page.locator(".bkg-sidebar").bounding_box()
-    mem = page.locator('tr[data-plugin="sysinfo"] .bkg-memory').bounding_box()
-    assert mem is not None and side is not None and mem["x"] + mem["width"] <= side["x"] + side["width"] + 1
+    # the sidebar at its default width shows every plugin's memory (it reflows instead of cutting columns); its
+    # rows are drawn again on every telemetry event, so a row measured mid-redraw has no box yet: measured again
+
+    def memory_fits() -> bool:
+        side = page.locator(".bkg-sidebar").bounding_box()
+        mem = page.locator('tr[data-plugin="sysinfo"] .bkg-memory').bounding_box()
+        return mem is not None and side is not None and mem["x"] + mem["width"] <= side["x"] + side["width"] + 1
+
+    wait_for(memory_fits, timeout=15)
     field.fill("-5")
     group = panel.locator(".form-group:has(#root_request_timeout)").first
     wait_for(lambda: "must be > 0" in group.inner_text(), timeout=15)  # on the field, as you type
