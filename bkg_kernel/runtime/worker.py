@@ -155,13 +155,18 @@ def main(
         finally:
             running.pop(req_id, None)
 
-    cancels: dict[int, threading.Event] = {}
-    running: dict[int, calls.Call] = {}  # the calls under way, by request: a ("cancel", id) ends one
+    running: dict[int, calls.Call] = {}  # the calls under way, by request: a ("cancel", id) ends one (sets its stop)
 
-    def stream(req_id: int, capability_id: str, data: Any, call: dict[str, Any] | None) -> None:
-        cancelled = cancels[req_id]
+    def begun(req_id: int, data: dict[str, Any] | None) -> calls.Call | None:
+        call = _call(data)
+        if call is not None:
+            running[req_id] = call
+        return call
+
+    def stream(req_id: int, capability_id: str, data: Any, call: calls.Call | None) -> None:
+        cancelled = call.stop if call is not None else threading.Event()
         try:
-            with calls.running(_call(call)):
+            with calls.running(call):
                 for chunk in plugin.stream(capability_id, _data(data), cancelled):
                     send(("chunk", req_id, chunk))
                     if cancelled.is_set():
@@ -172,7 +177,7 @@ def main(
                 logging.getLogger(f"bkg.plugin.{cls.id}").error("stream failed: %s", traceback.format_exc())
             send(("result", req_id, False, error_data(exc)))
         finally:
-            cancels.pop(req_id, None)
+            running.pop(req_id, None)
 
     try:
         while True:
@@ -185,17 +190,11 @@ def main(
                 if fut is not None:
                     fut.set_result(msg[3]) if msg[2] else fut.set_exception(from_dict(msg[3]))
             elif msg[0] == "invoke":
-                call = _call(msg[4])
-                if call is not None:
-                    running[msg[1]] = call
+                call = begun(msg[1], msg[4])
                 pool.submit(run, msg[1], call, lambda cap, data: plugin.invoke(cap, _data(data)), msg[2], msg[3])
             elif msg[0] == "stream":
-                cancels[msg[1]] = threading.Event()
-                pool.submit(stream, msg[1], msg[2], msg[3], msg[4])
+                pool.submit(stream, msg[1], msg[2], msg[3], begun(msg[1], msg[4]))
             elif msg[0] == "cancel":  # a stream's client went away, or nobody waits for an answer any more
-                ev = cancels.get(msg[1])
-                if ev is not None:
-                    ev.set()
                 if (abandoned := running.get(msg[1])) is not None:
                     abandoned.end()
             elif msg[0] == "health":  # its own thread: a health check never queues behind busy request slots
@@ -204,8 +203,6 @@ def main(
                 break
     finally:
         stop.set()
-        for ev in list(cancels.values()):
-            ev.set()
         for abandoned in list(running.values()):
             abandoned.end()
         for fut in list(pending.values()):
