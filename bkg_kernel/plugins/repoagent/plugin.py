@@ -431,17 +431,16 @@ class RepoAgent(Plugin):
             return self.index_locks.setdefault(ws.name, threading.Lock())
 
     @contextlib.contextmanager
-    def _forgotten_on_failure(self, ws: Workspace, full: bool) -> Iterator[None]:
+    def _forgotten_on_failure(self, ws: Workspace) -> Iterator[None]:
         """A repo.index run that fails leaves only the index it last saved: `codeindex.update` changes the cached
         index in place (new shas of files whose chunks may never have been stored), so the cache is forgotten and the
-        next run starts from what was saved; a full run, which dropped the collection, from nothing."""
+        next run starts from what was saved (from nothing once the collection was made anew: `index` deletes the
+        saved index then, and a run that dropped the collection and failed before making it finds it missing)."""
         try:
             yield
         except BaseException:
             with self.lock:
                 self.indexes.pop(ws.name, None)
-            if full and self._owns_collection(ws):
-                (self._dir(ws) / "index.json").unlink(missing_ok=True)
             raise
 
     def _owns_collection(self, ws: Workspace) -> bool:
@@ -475,7 +474,7 @@ class RepoAgent(Plugin):
         """Parse changed files (ast / tree-sitter), embed their symbol chunks into repo-<name>; drop removed ones."""
         ws = self._ws(inp.workspace)
         t0 = time.perf_counter()
-        with self._index_lock(ws), self._forgotten_on_failure(ws, inp.full):
+        with self._index_lock(ws), self._forgotten_on_failure(ws):
             if inp.full and self._owns_collection(ws):  # start over: a fresh index would not know what to delete
                 with contextlib.suppress(NotFound):
                     self.store.drop_collection(self._collection(ws))
