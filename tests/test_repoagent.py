@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import Gateway, start_gateway
+from gateway_harness import Gateway, start_gateway, wait_for
 
 from bkg_kernel.client.transport import iter_sse
 from bkg_kernel.plugins.repoagent.answers import verify
@@ -689,3 +689,66 @@ def test_a_dropped_collection_is_filled_again_by_the_next_index_run(rgw: Gateway
     assert again["state"] == "done" and again["result"]["embedded"] == chunks, again
     assert c.post("/api/collections/repo-demo/points/count", json={}).json()["count"] == chunks
     assert job(rgw, "repo.index", {"workspace": "demo"})["result"]["changed"] == []
+
+
+def test_what_a_killed_write_left_is_never_committed_and_goes_within_the_hour(rgw: Gateway) -> None:
+    """Found by a review: repo.file.write writes a temp file beside the file and renames it; a worker killed in
+    between left `.<name>.<random>.bkg-tmp` in the repository, and the next repo.commit of every change committed it."""
+    base = {"workspace": "demo"}
+    repo = repo_dir(rgw)
+    fresh, old = repo / "pkg" / ".util.py.k1lled.bkg-tmp", repo / "pkg" / ".util.py.0ldone.bkg-tmp"
+    fresh.write_text("half a write")
+    old.write_text("half a write, long ago")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    try:
+        w = invoke(rgw, "repo.file.write", {**base, "path": "pkg/util.py", "content": "\n# again\n", "mode": "append"})
+        assert w.status_code == 200, w.text
+        assert fresh.exists() and not old.exists(), "only a temp file an hour old or more is taken for left over"
+        c = invoke(rgw, "repo.commit", {**base, "message": "util: again"})
+        assert c.status_code == 200, c.text
+        assert ".bkg-tmp" not in git(repo, "show", "--name-only", "--format=", "HEAD"), "a temp file was committed"
+    finally:
+        fresh.unlink(missing_ok=True)
+
+
+def test_an_unreadable_saved_index_makes_the_next_run_index_everything_again(rgw: Gateway) -> None:
+    """Found by a review: an index.json that could not be read (cut short by a crash, or from another version) was
+    taken for no index at all: the next run deleted nothing, and the chunks of files removed meanwhile stayed
+    searchable for good. Now that run drops the collection and fills it again; temp files of killed runs go at start."""
+    repo = repo_dir(rgw)
+    c = rgw.client()
+    (repo / "pkg" / "brief.py").write_text("def briefly_here():\n    return 3\n")
+    try:
+        assert job(rgw, "repo.index", {"workspace": "demo"})["state"] == "done"
+    finally:
+        (repo / "pkg" / "brief.py").unlink()
+    saved = rgw.data_dir / "plugins" / "repoagent" / "workspaces" / "demo" / "index.json"
+    saved.write_text(saved.read_text()[:200])
+    leftovers = [saved.with_name("index.4242.tmp"), saved.with_name(".index.json.x1y2z3.tmp")]
+    for left in leftovers:
+        left.write_text("{")
+    worker = c.get("/api/plugins/repoagent/status").json()["pid"]
+    assert c.post("/api/plugins/repoagent/restart").status_code == 200  # it reads what it saved anew
+    wait_for(lambda: (s := c.get("/api/plugins/repoagent/status").json())["state"] == "running" and s["pid"] != worker)
+    assert not any(left.exists() for left in leftovers)
+    again = job(rgw, "repo.index", {"workspace": "demo"})
+    assert again["state"] == "done", again
+    chunks = c.post("/api/collections/repo-demo/points/count", json={}).json()["count"]
+    assert again["result"]["embedded"] == chunks, again["result"]
+    gone = c.post("/api/collections/repo-demo/points/scroll", json={"filter": {"path": "pkg/brief.py"}})
+    assert gone.json()["points"] == [], "the chunks of a file removed meanwhile stayed"
+    assert json.loads(saved.read_text())["files"], "the index was saved whole again"
+
+
+def test_a_damaged_document_cache_is_written_again(rgw: Gateway) -> None:
+    """Found by a review: the cache of repo.document was written in place; cut short, every later repo.document of
+    that file was a 500, even with force."""
+    job(rgw, "repo.index", {"workspace": "demo"})
+    first = job(rgw, "repo.document", {"workspace": "demo", "symbol": "slugify"})
+    assert first["state"] == "done", first
+    cache = rgw.data_dir / "plugins" / "repoagent" / "workspaces" / "demo" / "docs" / "pkg" / "util.py.json"
+    whole = cache.read_text()
+    cache.write_text(whole[: len(whole) // 2])
+    again = job(rgw, "repo.document", {"workspace": "demo", "symbol": "slugify"})
+    assert again["state"] == "done" and again["result"]["regenerated"] == 1, again
+    assert "slugify" in json.loads(cache.read_text())

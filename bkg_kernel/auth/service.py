@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import queue
 import re
 import secrets
@@ -31,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from bkg_kernel import statefiles
 from bkg_kernel.auth import keys as ks
 from bkg_kernel.auth.principal import BUILTIN_ROLES, SCOPES, Principal
 from bkg_kernel.auth.throttle import AuditBudget, LoginThrottle
@@ -942,11 +942,18 @@ class AuthService:
         """On first start, create the admin user and key: `BKG_ADMIN_KEY` if set, else a new key in admin.key."""
         if self.users:
             return None
-        admin = self.create_user("admin", "admin", actor="bootstrap")
-        _, token = self.create_key(admin["id"], "admin (bootstrap)", actor="bootstrap", token=env_key or None)
-        if env_key:
-            return None
-        return _write_key_file(data_dir / "admin.key", token)
+        token = env_key or ks.new_key()[0]
+        path = None if env_key else _write_key_file(data_dir / "admin.key", token)  # before the key exists: a
+        # file that cannot be written leaves no admin behind without a key file, and the next start tries again
+        self.con.begin()  # the user and their key, or neither
+        try:
+            admin = self.create_user("admin", "admin", actor="bootstrap")
+            self.create_key(admin["id"], "admin (bootstrap)", actor="bootstrap", token=token)
+            self.con.commit()
+        except BaseException:
+            self.con.rollback()
+            raise
+        return path
 
     def _end_sessions(self, user_id: str) -> None:
         """End every session of a user (under `self.mutex`)."""
@@ -959,8 +966,10 @@ class AuthService:
         a listed, revocable key of the admin user with the developer role's scopes, made when the file is missing.
         The admin key stays in admin.key for a person who asks for it."""
         path = data_dir / "workbench.key"
-        if path.exists():
-            return path
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if ks.parse_key(path.read_text().strip()) is not None:
+                return path
+        # missing, or not a key (a crash of an older bkg could leave it empty): a new one; an old key stays listed
         admin = next((u for u in self.users.values() if u["role"] == "admin" and not u["disabled"]), None)
         if admin is None:
             raise Unavailable("no enabled admin user to own the workbench key")
@@ -985,12 +994,7 @@ class AuthService:
 
 def _write_key_file(path: Path, token: str) -> Path:
     """Write a key to a file only its owner can read (mode 0600 from the start), whole or not at all."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    tmp.replace(path)
-    return path
+    return statefiles.write(path, token + "\n")
 
 
 def _public_user(u: dict[str, Any]) -> dict[str, Any]:

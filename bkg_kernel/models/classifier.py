@@ -67,15 +67,18 @@ class Classifier:
             raise CorruptData(
                 f"{folder.name}: classifier.json is missing or not JSON ({exc})", field="model_id"
             ) from None
-        if meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CorruptData(f"{folder.name} is not a {FORMAT} classifier", field="model_id")
+        labels = meta.get("labels")
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise CorruptData(f"{folder.name}: classifier.json lists no labels", field="model_id")
         try:
             with np.load(folder / "weights.npz", allow_pickle=False) as z:
                 layers = [(z[f"w{i}"], z[f"b{i}"]) for i in range(int(meta["layers"]))]
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, TypeError, ValueError) as exc:
             raise CorruptData(f"{folder.name}: weights.npz is unreadable ({exc})", field="model_id") from None
         info = {k: v for k, v in meta.items() if k not in ("format", "labels", "layers")}
-        return cls(list(meta["labels"]), layers, info)
+        return cls(list(labels), layers, info)
 
 
 def split_by_group(

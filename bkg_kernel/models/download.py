@@ -175,7 +175,7 @@ def download(
 
 
 def sweep_partial(model_dir: Path, older_than_s: float = STALE_PARTIAL_S) -> list[str]:
-    """Delete what downloads left in `<model_dir>/.partial/` when their process died (files untouched for
+    """Delete what downloads and imports left in `<model_dir>/.partial/` when their process died (untouched for
     `older_than_s`: a download going on, in this process or another sharing the model dir, writes to its file as it
     goes); return their names."""
     gone: list[str] = []
@@ -186,9 +186,15 @@ def sweep_partial(model_dir: Path, older_than_s: float = STALE_PARTIAL_S) -> lis
         return gone
     for p in entries:
         try:
-            if p.is_file() and not p.is_symlink() and p.stat().st_mtime < cutoff:
+            if p.is_symlink() or p.stat().st_mtime >= cutoff:
+                continue
+            if p.is_file():
                 p.unlink()
-                gone.append(p.name)
+            elif p.is_dir() and all(q.lstat().st_mtime < cutoff for q in p.iterdir()):  # `ModelRegistry.staged`
+                shutil.rmtree(p)
+            else:
+                continue
+            gone.append(p.name)
         except OSError:
             continue
     return gone

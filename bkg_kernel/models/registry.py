@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
+from bkg_kernel import statefiles
 from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidFile, InvalidInput, NotFound, expand_home
 from bkg_kernel.models import kinds
 from bkg_kernel.models.defaults import DEFAULTS, package_path
@@ -38,6 +42,7 @@ KINDS: tuple[str, ...] = (
     "classifier",
 )
 MANIFEST = "manifest.json"
+log = logging.getLogger("bkg.models")
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a model id is a folder name in the model dir: no path parts
 _ID = re.compile(ID_PATTERN)
 
@@ -79,13 +84,33 @@ class ModelRegistry:
 
     # -- reading ----------------------------------------------------------------------------------
     def _read(self) -> dict[str, ModelEntry]:
+        return self._entries()[0]
+
+    def _entries(self) -> tuple[dict[str, ModelEntry], builtins.list[Any]]:
+        """The entries, and what the manifest lists that is not an entry (left out with a warning, and written
+        back as it was: a write never drops it). A manifest that is not JSON is a `CorruptData`."""
         try:
             raw = json.loads(self.manifest.read_text())
         except FileNotFoundError:
-            return {}
-        except json.JSONDecodeError as exc:
-            raise CorruptData(f"{self.manifest} is not valid JSON: {exc}", field="manifest") from None
-        return {m["id"]: ModelEntry.model_validate(m) for m in raw.get("models", [])}
+            return {}, []
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptData(f"{self.manifest} cannot be read: {exc}", field="manifest") from None
+        listed = raw.get("models") if isinstance(raw, dict) else None
+        if not isinstance(listed, builtins.list):
+            raise CorruptData(f"{self.manifest} holds no list of models", field="manifest")
+        models: dict[str, ModelEntry] = {}
+        unread: builtins.list[Any] = []
+        for i, m in enumerate(listed):
+            try:
+                entry = ModelEntry.model_validate(m)
+            except ValidationError as exc:
+                label = str(m.get("id"))[:80] if isinstance(m, dict) else type(m).__name__
+                log.warning("%s: entry %d (%s) is not a model (%s): left out", self.manifest, i, label,
+                            exc.errors()[0]["msg"])  # fmt: skip
+                unread.append(m)
+                continue
+            models[entry.id] = entry
+        return models, unread
 
     def list(self, kind: str | None = None) -> list[ModelEntry]:
         """Return every registered model (of one kind)."""
@@ -123,12 +148,39 @@ class ModelRegistry:
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / ".manifest.lock", "a") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            models = self._read()
+            models, unread = self._entries()
             yield models
-            tmp = self.manifest.with_suffix(".tmp")
-            data = {"version": 1, "models": [m.model_dump() for m in sorted(models.values(), key=lambda m: m.id)]}
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
-            os.replace(tmp, self.manifest)
+            listed = [m.model_dump() for m in sorted(models.values(), key=lambda m: m.id)]
+            data = {"version": 1, "models": listed + unread}
+            statefiles.write(self.manifest, json.dumps(data, indent=2) + "\n")
+
+    @contextlib.contextmanager
+    def staged(self, name: str) -> Iterator[Path]:
+        """A path for `name` inside `.partial/` to write a model's file or folder to before `place` puts it in the
+        model dir: a folder of its own (two writers never share one), gone afterwards unless placed; one a killed
+        process left is swept at the next start (`download.sweep_partial`)."""
+        root = self.dir / ".partial"
+        root.mkdir(parents=True, exist_ok=True)
+        holder = Path(tempfile.mkdtemp(dir=root, prefix=f"{name}."))
+        try:
+            yield holder / name
+        finally:
+            shutil.rmtree(holder, ignore_errors=True)
+
+    @staticmethod
+    def place(staged: Path, dest: Path, field: str = "id") -> None:
+        """Move a `staged` file or folder to `dest`, never over what is there (of two writers, one wins)."""
+        try:
+            if staged.is_dir() and not staged.is_symlink():
+                os.rename(staged, dest)  # refused when dest is a file or a folder with anything in it
+            else:
+                os.link(staged, dest, follow_symlinks=False)  # refused when dest exists
+                staged.unlink()
+        except OSError as exc:
+            taken = isinstance(exc, (FileExistsError, IsADirectoryError, NotADirectoryError))
+            if not (taken or exc.errno == errno.ENOTEMPTY):
+                raise
+            raise AlreadyExists(f"{dest} already exists in the model dir", field=field) from None
 
     def add(
         self,
@@ -190,9 +242,9 @@ class ModelRegistry:
         if mode == "link":
             dest.symlink_to(src, target_is_directory=src.is_dir())
         elif mode == "copy":
-            partial = dest.with_name(dest.name + ".partial")
-            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, partial)
-            os.replace(partial, dest)
+            with self.staged(dest.name) as partial:
+                (shutil.copytree if src.is_dir() else shutil.copyfile)(src, partial)
+                self.place(partial, dest)
         else:
             raise InvalidInput(f"import_mode must be 'copy' or 'link', not {mode!r}", field="import_mode")
         return dest

@@ -4,18 +4,21 @@
 from __future__ import annotations
 
 import importlib
-import json
-import os
+import logging
 import pkgutil
+import threading
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from bkg_kernel import statefiles
+from bkg_kernel.errors import CorruptData
 from bkg_kernel.runtime.contract import Plugin
 
 ENTRY_POINT_GROUP = "bkg_kernel.plugins"
 BUILTIN_PACKAGE = "bkg_kernel.plugins"
+log = logging.getLogger("bkg.plugins")
 
 
 @dataclass
@@ -76,22 +79,41 @@ class Entry:
 
 
 class RegistryFile:
-    """`plugins.json`: enabled / autostart / config per plugin, written atomically."""
+    """`plugins.json`: enabled / autostart / config per plugin, written whole or not at all (`statefiles`).
+
+    A file that cannot be read is set aside and the plugins start with their defaults (a gateway that will not
+    start over it helps no one); what an entry holds that this version does not know is left out with a warning."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.entries: dict[str, Entry] = {}
-        if path.exists():
-            raw = json.loads(path.read_text() or "{}")
-            self.entries = {k: Entry(**v) for k, v in raw.items()}
+        self._lock = threading.Lock()
+        statefiles.sweep(path)
+        if not path.exists():
+            return
+        try:
+            raw = statefiles.load(path)
+        except CorruptData as exc:
+            statefiles.set_aside(path, exc.message)
+            return
+        for plugin_id, v in raw.items():
+            if not isinstance(v, dict):
+                log.warning("%s: the entry of %r is not an object; left out", path, plugin_id)
+                continue
+            kept: dict[str, Any] = {k: x for k, x in v.items() if k in _KINDS and isinstance(x, _KINDS[k])}
+            if len(kept) < len(v):
+                log.warning("%s: left out what %r holds that bkg does not take: %s", path, plugin_id,
+                            ", ".join(sorted(set(v) - set(kept))))  # fmt: skip
+            self.entries[plugin_id] = Entry(**kept)
 
     def get(self, plugin_id: str) -> Entry:
         """Return the entry of a plugin (defaults if it has none)."""
         return self.entries.setdefault(plugin_id, Entry())
 
     def save(self) -> None:
-        """Write the file (temp file + rename)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({k: vars(v) for k, v in self.entries.items()}, indent=2))
-        os.replace(tmp, self.path)
+        """Write the file (one writer at a time, each from what the entries hold when it begins)."""
+        with self._lock:
+            statefiles.write_json(self.path, {k: dict(vars(v)) for k, v in list(self.entries.items())})
+
+
+_KINDS: dict[str, type] = {"enabled": bool, "autostart": bool, "config": dict}

@@ -13,8 +13,8 @@ process (`models.classifier.train_in_child`), so neither a model nor a training 
 
 from __future__ import annotations
 
-import json
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -24,7 +24,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
-from bkg_kernel.errors import AlreadyExists, InvalidInput, NotFound
+from bkg_kernel import statefiles
+from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound
 from bkg_kernel.models.classifier import Classifier
 from bkg_kernel.models.classifier import train_in_child as fit_classifier
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
@@ -249,9 +250,13 @@ class BrainML(Plugin):
         assert self.context is not None and self.context.model_dir is not None
         self.registry = ModelRegistry(self.context.model_dir)
         self.state_path = self.context.work_dir / "stats.json"
-        self.stats_data: dict[str, dict[str, Any]] = (
-            json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
-        )
+        self.stats_data: dict[str, dict[str, Any]] = {}
+        statefiles.sweep(self.state_path)
+        if self.state_path.exists():
+            try:  # counters and dates only: a damaged file is set aside and counting starts again
+                self.stats_data = statefiles.load(self.state_path)
+            except CorruptData as exc:
+                statefiles.set_aside(self.state_path, exc.message)
         self.lock = threading.Lock()
         self.saved_at = 0.0
         self.classifiers: OrderedDict[tuple[str, str], Classifier] = OrderedDict()
@@ -268,9 +273,7 @@ class BrainML(Plugin):
         now = time.monotonic()
         if now - self.saved_at < at_most_every:
             return
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.stats_data))
-        tmp.replace(self.state_path)
+        statefiles.write_json(self.state_path, self.stats_data, durable=False)
         self.saved_at = now
 
     def stop(self) -> None:
@@ -510,8 +513,15 @@ class BrainML(Plugin):
         folder = self.context.model_dir / "classifiers" / model_id
         if folder.exists():
             raise AlreadyExists(f"{folder} already exists in the model dir", field="model_id")
-        net.save(folder)
-        entry = self.registry.add(folder, id=model_id, kind="classifier", source=f"brainml.train:{inp.collection}")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with self.registry.staged(model_id) as stage:  # whole or not at all, and one of two trains to one id wins
+            net.save(stage)
+            self.registry.place(stage, folder, field="model_id")
+        try:
+            entry = self.registry.add(folder, id=model_id, kind="classifier", source=f"brainml.train:{inp.collection}")
+        except BaseException:  # placed by this call: not left in the model dir unregistered
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         progress(1.0, f"registered {model_id}")
         return Result(model_id=entry.id, labels=net.labels, **net.info)
 

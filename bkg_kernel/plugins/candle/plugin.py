@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 import threading
 import time
@@ -366,14 +365,14 @@ class Candle(Plugin):
         folder = self.registry.dir / new_id
         if folder.exists():
             raise AlreadyExists(f"{folder} already exists in the model dir", field="new_id")
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
         src = self.registry.resolve(base_entry)
-        shutil.copytree(src, partial, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt", "*.pth", ".*"))
-        torch.save(module.state_dict(), partial / runners.WEIGHTS_FILE)
-        meta = {"method": inp.method, "base": inp.model_id, "base_sha256": base_entry.sha256, "quality": quality}
-        (partial / runners.QUANT_FILE).write_text(json.dumps(meta, indent=2))
-        os.replace(partial, folder)
+        with self.registry.staged(new_id) as partial:  # its own: two quantizations to one id never share it
+            ignore = shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt", "*.pth", ".*")
+            shutil.copytree(src, partial, ignore=ignore)
+            torch.save(module.state_dict(), partial / runners.WEIGHTS_FILE)
+            meta = {"method": inp.method, "base": inp.model_id, "base_sha256": base_entry.sha256, "quality": quality}
+            (partial / runners.QUANT_FILE).write_text(json.dumps(meta, indent=2))
+            self.registry.place(partial, folder, field="new_id")
         digest, size = sha256_of(folder)
         entry = ModelEntry(
             id=new_id,
@@ -386,7 +385,11 @@ class Candle(Plugin):
             added=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             meta={**base_entry.meta, "quantization": inp.method, "base": inp.model_id, "quality": quality},
         )
-        self.registry.register_entry(entry)
+        try:
+            self.registry.register_entry(entry)
+        except BaseException:  # placed by this call: not left in the model dir unregistered
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         original = base_entry.size
         quantized = (folder / runners.WEIGHTS_FILE).stat().st_size
         return QuantizeResult(

@@ -14,14 +14,18 @@ cached by the hash of its code and regenerated only when that changes.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bkg_kernel.errors import NotFound
+from bkg_kernel import statefiles
+from bkg_kernel.errors import CorruptData, NotFound
 from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, own_end, point_id, span_sha
 from bkg_kernel.plugins.repoagent.repomap import build as build_map
+
+log = logging.getLogger("bkg.repoagent")
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
 BRACKET = re.compile(r"\[(\d{1,3})\]")
@@ -232,7 +236,13 @@ def document(
     """Write Markdown for `targets` (one file's symbols, or one symbol), callee-first; reuse unchanged ones."""
     path = targets[0]["path"]
     cache_file = docs_dir / f"{path}.json"
-    cache: dict[str, Any] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    cache: dict[str, Any] = {}
+    if cache_file.exists():
+        try:  # what was written for each symbol before: a cache, so a damaged one is written again
+            saved = statefiles.load(cache_file)
+            cache = {q: e for q, e in saved.items() if isinstance(e, dict) and {"sha", "text", "summary"} <= set(e)}
+        except CorruptData as exc:
+            log.warning("%s: its symbols are documented again", exc.message)
     try:
         lines = (root / path).read_text(errors="replace").splitlines()
     except OSError:
@@ -279,10 +289,9 @@ def document(
     head = f"# `{path}`\n"
     markdown = "\n".join([head, *(section(s) for s in sorted(ordered, key=lambda s: s["start"]))])
     every = [s for s in index.files[path]["symbols"] if s["qualname"] in cache and s["kind"] != "module"]
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(cache))
+    statefiles.write(cache_file, json.dumps(cache))
     doc_file = docs_dir / f"{path}.md"  # the file gathers every symbol of the module documented so far
-    doc_file.write_text("\n".join([head, *(section(s) for s in sorted(every, key=lambda s: s["start"]))]))
+    statefiles.write(doc_file, "\n".join([head, *(section(s) for s in sorted(every, key=lambda s: s["start"]))]))
     return {
         "path": path,
         "doc_file": str(doc_file),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -20,10 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bkg_kernel import statefiles
+from bkg_kernel.errors import CorruptData
 from bkg_kernel.plugins.repoagent.parsing import language_of, parse
 from bkg_kernel.plugins.repoagent.workspace import is_binary
 
 INDEX_VERSION = 1
+log = logging.getLogger("bkg.repoagent")
 CHUNK_CHARS = 1600  # text kept per chunk for BM25; the citation span stays the symbol's whole span
 EMBED_CHARS = 320  # what is embedded: the head (path, name, signature, doc) and the code's first lines
 WINDOW_LINES = 60
@@ -42,24 +45,29 @@ class CodeIndex:
 
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     indexed_at: float | None = None
+    lost: bool = False  # a saved index was there but could not be read: what its collection holds is unknown
 
     @classmethod
     def load(cls, path: Path) -> CodeIndex:
-        """Read it (an empty index when missing or from another version)."""
+        """Read it: an empty index when there is none; an empty one that is `lost` when the file cannot be read or
+        comes from another version (its collection holds chunks no index knows: the next run starts over)."""
+        if not path.exists():
+            return cls()
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return cls()
-        if data.get("version") != INDEX_VERSION:
-            return cls()
-        return cls(files=data["files"], indexed_at=data.get("indexed_at"))
+            data = statefiles.load(path)
+            if data.get("version") != INDEX_VERSION:
+                raise CorruptData(f"{path} is an index of version {data.get('version')!r}, not {INDEX_VERSION}")
+            return cls(files=dict(data["files"]), indexed_at=data.get("indexed_at"))
+        except (CorruptData, KeyError, TypeError, ValueError) as exc:
+            why = exc.message if isinstance(exc, CorruptData) else f"{path} is not an index ({exc!r})"
+            log.warning("%s: the next repo.index of this workspace indexes every file again", why)
+            return cls(lost=True)
 
     def save(self, path: Path) -> None:
-        """Write it atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": INDEX_VERSION, "indexed_at": self.indexed_at, "files": self.files}))
-        tmp.replace(path)
+        """Write it, whole or not at all."""
+        statefiles.write(
+            path, json.dumps({"version": INDEX_VERSION, "indexed_at": self.indexed_at, "files": self.files})
+        )
 
     def symbols(self) -> list[dict[str, Any]]:
         """Every symbol of every file."""

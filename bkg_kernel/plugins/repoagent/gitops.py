@@ -15,6 +15,7 @@ from bkg_kernel.errors import Conflict, InvalidInput
 from bkg_kernel.plugins.repoagent.workspace import git_env
 
 MAX_DIFF_BYTES = 2_000_000
+TEMP_SUFFIX = ".bkg-tmp"  # repo.write's temp files (`plugin.write`)
 
 
 def git(root: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> str:
@@ -58,7 +59,8 @@ _STATUS = {"M": "modified", "A": "added", "D": "deleted", "R": "renamed", "C": "
 
 def commit(root: Path, message: str, paths: list[str], signoff: bool, username: str) -> dict[str, Any]:
     """Stage `paths` (every change when empty) and commit them as `username`; 409 when nothing changed."""
-    git(root, "add", "--", *paths) if paths else git(root, "add", "-A")
+    # every change but the temp file of a repo.write that was killed mid-way (`.<name>.<random>.bkg-tmp`)
+    git(root, "add", "--", *paths) if paths else git(root, "add", "-A", "--", ".", f":(exclude,glob)**/*{TEMP_SUFFIX}")
     staged = git(root, "diff", "--cached", "--name-status")
     if not staged.strip():
         raise Conflict("nothing to commit: the working tree has no changes in these paths", field="paths")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import fnmatch
-import json
+import glob
 import os
 import shutil
 import tempfile
@@ -25,7 +25,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from bkg_kernel.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, expand_home
+from bkg_kernel import statefiles
+from bkg_kernel.errors import AlreadyExists, CorruptData, Forbidden, InvalidInput, NotFound, expand_home
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.repoagent import answers, codeindex, gitops, repomap, sandbox
 from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, point_id
@@ -86,11 +87,24 @@ class RepoAgent(Plugin):
         self.index_locks: dict[str, threading.Lock] = {}
         self.indexes: dict[str, CodeIndex] = {}
         self.workspaces: dict[str, Workspace] = {}
+        statefiles.sweep(self.registry_path)
         if self.registry_path.exists():
-            for d in json.loads(self.registry_path.read_text()):
+            try:
+                saved = statefiles.load(self.registry_path, list)
+            except CorruptData as exc:  # what repositories were added (and who may reach them): never guessed
+                raise CorruptData(f"{exc.message}: repoagent will not start without knowing its workspaces; repair "
+                                  "the file, or move it aside to start with none (the repositories stay where they "
+                                  "are)") from None  # fmt: skip
+            for i, d in enumerate(saved):
+                if not (isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("path"), str)):
+                    raise CorruptData(f"{self.registry_path}: entry {i} is not a workspace (a name and a path); "
+                                      "repair the file, or move it aside to start with none")  # fmt: skip
                 ws = Workspace(d["name"], Path(d["path"]), d.get("added_by", ""), d.get("added_at", 0.0))
                 ws.info = {k: v for k, v in d.items() if k not in ("name", "path", "git", "added_by", "added_at")}
                 self.workspaces[ws.name] = ws
+                statefiles.sweep(self._dir(ws) / "index.json")  # left by a run that was killed (none runs yet)
+                for old in self._dir(ws).glob("index.*.tmp"):  # the same, named the way older versions named them
+                    old.unlink(missing_ok=True)
         self.roots = [Path(r).expanduser().resolve() for r in self.settings.repo_roots] or [
             (self.context.data_dir / "repos").resolve()
         ]
@@ -110,9 +124,7 @@ class RepoAgent(Plugin):
         return who.username if who is not None else "bkg"
 
     def _save(self) -> None:
-        tmp = self.registry_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([w.to_dict() for w in self.workspaces.values()], indent=1))
-        tmp.replace(self.registry_path)
+        statefiles.write_json(self.registry_path, [w.to_dict() for w in self.workspaces.values()])
 
     def _ws(self, name: str) -> Workspace:
         ws = self.workspaces.get(name)
@@ -306,7 +318,13 @@ class RepoAgent(Plugin):
             raise InvalidInput(f"cannot make the folder of {rel}: {exc.strerror}", field="path") from None
         if full.parent.resolve() != full.parent or ws.path not in full.parents:  # a folder link made meanwhile
             raise Forbidden(f"{inp.path!r} leads outside the workspace", field="path")
-        fd, name = tempfile.mkstemp(prefix=f".{full.name}.", suffix=".bkg-tmp", dir=full.parent)  # O_EXCL: never
+        for left in full.parent.glob(f".{glob.escape(full.name)}.*{gitops.TEMP_SUFFIX}"):  # by a write that was
+            with contextlib.suppress(OSError):  # killed mid-way, an hour ago or more (not one running now)
+                if time.time() - left.lstat().st_mtime > 3600:
+                    left.unlink()
+        fd, name = tempfile.mkstemp(
+            prefix=f".{full.name}.", suffix=gitops.TEMP_SUFFIX, dir=full.parent
+        )  # O_EXCL: never
         tmp = Path(name)  # a link the repository put there
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -427,8 +445,11 @@ class RepoAgent(Plugin):
 
     # -- code intelligence ------------------------------------------------------------------------
     def _index_lock(self, ws: Workspace) -> threading.Lock:
+        return self._named_lock(ws.name)
+
+    def _named_lock(self, name: str) -> threading.Lock:
         with self.lock:
-            return self.index_locks.setdefault(ws.name, threading.Lock())
+            return self.index_locks.setdefault(name, threading.Lock())
 
     @contextlib.contextmanager
     def _forgotten_on_failure(self, ws: Workspace) -> Iterator[None]:
@@ -475,7 +496,8 @@ class RepoAgent(Plugin):
         ws = self._ws(inp.workspace)
         t0 = time.perf_counter()
         with self._index_lock(ws), self._forgotten_on_failure(ws):
-            if inp.full and self._owns_collection(ws):  # start over: a fresh index would not know what to delete
+            lost = self._index(ws, need=False).lost  # its saved index could not be read: what to delete is unknown
+            if (inp.full or lost) and self._owns_collection(ws):  # start over: a fresh index would not know either
                 with contextlib.suppress(NotFound):
                     self.store.drop_collection(self._collection(ws))
                 idx = CodeIndex()
@@ -651,8 +673,15 @@ class RepoAgent(Plugin):
             if not targets:
                 raise NotFound(f"no symbol {inp.symbol!r} in the index", field="symbol")
             targets = [t for t in targets if t["path"] == targets[0]["path"]][:1]
-        out = answers.document(
-            ws.path, idx, targets, self._dir(ws) / "docs", lambda m, n: self._chat(m, n, "repo.document"),
-            self.settings.doc_max_tokens, inp.force, progress,
-        )  # fmt: skip
+        docs_lock = self._named_lock(f"docs:{ws.name}")
+        if not docs_lock.acquire(blocking=False):  # one at a time: each rewrites the docs folder's cache
+            progress(0.0, f"waiting for another repo.document of {ws.name} to finish")
+            docs_lock.acquire()
+        try:
+            out = answers.document(
+                ws.path, idx, targets, self._dir(ws) / "docs", lambda m, n: self._chat(m, n, "repo.document"),
+                self.settings.doc_max_tokens, inp.force, progress,
+            )  # fmt: skip
+        finally:
+            docs_lock.release()
         return Result(workspace=ws.name, **out)
