@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         "call over HTTP).",
     )
     model_dir: Path = Field(Path("./models"), description="Where model files and the model manifest live.")
+    body_idle_s: float = Field(
+        30.0, gt=0, le=3600, description="A request body that stops coming this long is answered 408 and closed."
+    )
+    shutdown_grace_s: int = Field(
+        15, ge=0, le=3600, description="On SIGTERM, how long requests in flight may run before they are cut off."
+    )
     max_body_mb: float = Field(
         32.0, gt=0, le=4096, description="Largest request body the gateway accepts (413 above it), in MB."
     )

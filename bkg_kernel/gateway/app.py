@@ -84,7 +84,9 @@ def create_app(
     if settings.hub_service_prefix and settings.hub_service_name:
         app.add_middleware(PrefixMiddleware, prefix=settings.hub_service_prefix)
     prefix = settings.hub_service_prefix if settings.hub_service_prefix and settings.hub_service_name else ""
-    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 2**20), prefix=prefix)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 2**20), prefix=prefix, idle_s=settings.body_idle_s
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     api = AppGatewayAPI(app)
     for found in discovered.values():

@@ -81,11 +81,19 @@ class BadText(HTTPException):
         super().__init__(status_code=422, detail=message)
 
 
+class BodyStalled(HTTPException):
+    """Raised inside the app when a request body stops coming for `idle_s`: a 408, and the connection goes
+    (a client that sent half a body and went quiet held its socket, and the gateway's exit, for good)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(status_code=408, detail=message)
+
+
 class BodyLimitMiddleware:
     """Pure ASGI: `max_bytes` per request body (HTTP only; WebSocket messages have their own limit)."""
 
-    def __init__(self, app: Any, max_bytes: int, prefix: str = "") -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, prefix: str = "", idle_s: float = 30.0) -> None:
+        self.app, self.max_bytes, self.idle_s = app, max_bytes, idle_s  # idle_s: a body's next piece, at most
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""  # as PrefixMiddleware normalises it
         self._big: list[tuple[set[str] | None, re.Pattern[str], int]] | None = None
 
@@ -153,10 +161,20 @@ class BodyLimitMiddleware:
         json_body = kind is None or _is_json(kind.decode("latin-1"))  # FastAPI reads a body of no type as JSON
         kept: list[bytes] | None = [] if json_body and limit <= PARSED_BYTES else None
 
+        body_done = False
+
         async def counted() -> Any:
-            nonlocal seen, kept
-            message = await receive()
+            nonlocal seen, kept, body_done
+            if body_done:  # after the body, a receive waits for the client to leave: as long as it takes
+                message = await receive()
+            else:
+                try:
+                    async with asyncio.timeout(self.idle_s):
+                        message = await receive()
+                except TimeoutError:
+                    raise BodyStalled(f"the request body stopped coming for {self.idle_s:g}s") from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 chunk = message.get("body", b"")
                 seen += len(chunk)
                 if seen > limit:
@@ -186,6 +204,10 @@ class BodyLimitMiddleware:
             if started:
                 raise
             await error_response(422, "invalid_input", str(exc.detail), "body")(scope, receive, send)
+        except BodyStalled as exc:
+            if started:
+                raise
+            await error_response(408, "timeout", str(exc.detail), "body", connection="close")(scope, receive, send)
 
 
 async def _credentialed(scope: dict[str, Any]) -> bool:

@@ -66,6 +66,8 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error_response(400, code, "the request body nests too deeply to parse", "body")
     if exc.status_code == 422:  # a body refused as it was read (bodylimit.BadText)
         return error_response(422, "invalid_input", str(exc.detail), "body")
+    if exc.status_code == 408:  # a body that stopped coming (bodylimit.BodyStalled): its connection goes
+        return error_response(408, "timeout", str(exc.detail), "body", connection="close")
     return error_response(exc.status_code, code, str(exc.detail))
 
 

@@ -76,7 +76,13 @@ def serve(settings: Settings, plugins: list[str] | None = None) -> None:
     if key is not None:
         print(f"admin API key: {key} (mode 0600)", file=sys.stderr, flush=True)
     config = uvicorn.Config(  # /ws takes subscriptions of a few dozen bytes: a frame over 64 KiB closes it
-        app, host=settings.host, port=settings.port, log_level="warning", access_log=False, ws_max_size=2**16
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        ws_max_size=2**16,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,  # a request that never ends cannot hold the exit
     )
     server = _Server(config)
     try:

@@ -254,7 +254,17 @@ class WorkerProcess:
 
     def alive(self) -> bool:
         """Return whether the process is still running."""
-        return self.proc.is_alive()
+        try:
+            return self.proc.is_alive()
+        except ValueError:  # its handle was closed: it was stopped
+            return False
+
+    def exitcode(self) -> int | None:
+        """The process's exit code (None while it runs, or once its handle was closed)."""
+        try:
+            return self.proc.exitcode
+        except ValueError:
+            return None
 
     def stop(self, timeout: float) -> None:
         """Ask the worker to stop; kill it if it has not exited within `timeout` seconds."""
@@ -266,6 +276,8 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.join(5)
         self.conn.close()
+        with contextlib.suppress(ValueError):  # still running after the kill: its handle stays
+            self.proc.close()
 
 
 WATCH_S = 0.25  # how often a call port's thread, waiting on a worker, looks whether its client left

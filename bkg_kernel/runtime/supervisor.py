@@ -1,5 +1,6 @@
 """The supervisor: discovers plugins, autostarts them, watches workers (exit, heartbeat, memory) and samples
-telemetry; a worker that dies is marked `error` and restarted with exponential backoff."""
+telemetry; a worker that dies is marked `error` and restarted with exponential backoff, and a restart that fails is
+tried again the same way, `MAX_FAILED_STARTS` times at most, as systemd restarts a failed service."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ HEARTBEAT_TIMEOUT_S = 5.0  # the defaults of settings.heartbeat_timeout_s and hu
 HUNG_RESTART_S = 15.0  # silent this long (three heartbeat timeouts): the worker is killed and started again
 SAMPLE_EVERY_S = 2.0
 BACKOFF_MAX_S = 30.0
+MAX_FAILED_STARTS = 5  # supervised restarts in a row that fail before the plugin is left in `error`
+MEMORY_STRIKES = 3  # restarts for memory in a row, each soon after a start, before the plugin is left in `error`
+SOON_S = 30.0  # "soon after a start", for the memory limit
+SHUTDOWN_S = 15.0  # stopping every plugin at once: the most the gateway's exit waits for them
 
 
 class Supervisor:
@@ -48,8 +53,11 @@ class Supervisor:
         self._monitor: threading.Thread | None = None
         self._backoff: dict[str, float] = {}
         self._restart_at: dict[str, float] = {}
-        self._restarting: set[str] = set()  # restarted for a silent worker, right now
+        self._restarting: set[str] = set()  # restarted for a silent worker, or for memory, right now
+        self._failed_starts: dict[str, int] = {}
+        self._memory_strikes: dict[str, int] = {}
         self._gateway = psutil.Process()
+        self._procs: dict[int, psutil.Process] = {}  # one per worker pid: cpu_percent measures since the last call
 
     def get(self, plugin_id: str) -> PluginHost:
         """Return the host of a plugin or raise 404."""
@@ -75,16 +83,29 @@ class Supervisor:
         self._monitor = threading.Thread(target=self._watch, name="bkg-supervisor", daemon=True)
         self._monitor.start()
 
-    def shutdown(self) -> None:
-        """Stop watching, then stop every plugin."""
+    def shutdown(self, within: float = SHUTDOWN_S) -> None:
+        """Stop watching, then stop every plugin, all at once, waiting `within` seconds at most (a worker still
+        starting holds its host until it is ready or given up: it dies with the gateway, see `worker.py`)."""
         self._stop.set()
         if self._monitor is not None:
             self._monitor.join(5)
-        for h in self.hosts.values():
+
+        def stop(h: PluginHost) -> None:
             try:
                 h.stop(timeout=5)
             except Exception:
                 log.exception("stopping %s failed", h.id)
+
+        threads = [threading.Thread(target=stop, args=(h,), name=f"bkg-stop-{h.id}", daemon=True)
+                   for h in self.hosts.values()]  # fmt: skip
+        for t in threads:
+            t.start()
+        end = time.monotonic() + within
+        for t in threads:
+            t.join(max(0.0, end - time.monotonic()))
+        late = [t.name.removeprefix("bkg-stop-") for t in threads if t.is_alive()]
+        if late:
+            log.warning("plugins still stopping after %.0fs, left to end with the gateway: %s", within, ", ".join(late))
 
     def save_registry(self) -> None:
         """Persist enabled / autostart / config of every plugin."""
@@ -108,11 +129,13 @@ class Supervisor:
     def _check(self, h: PluginHost, now: float) -> None:
         w = h.worker
         if w is not None and h.state in ("running", "degraded") and not w.alive():
-            code = w.proc.exitcode
+            code = w.exitcode()
             with h._lock:  # noqa: SLF001
                 if h.worker is w:
                     h.worker = None
                     w.fail_in_flight(f"the {h.id} worker died (exit code {code}); it is being restarted")
+                    # its pipe, threads and process handle go with it (they stayed, a few per crash, for good)
+                    threading.Thread(target=w.stop, args=(0,), name=f"bkg-reap-{h.id}", daemon=True).start()
                     delay = min(self._backoff.get(h.id, 0.5) * 2, BACKOFF_MAX_S)
                     self._backoff[h.id] = delay
                     self._restart_at[h.id] = now + delay
@@ -146,13 +169,35 @@ class Supervisor:
             self._restart_at.pop(h.id, None)
             h.restarts += 1
             h.state = "stopped"
-            threading.Thread(target=h.start, daemon=True).start()
+            threading.Thread(target=self._supervised_start, args=(h,), name=f"bkg-restart-{h.id}", daemon=True).start()
+
+    def _supervised_start(self, h: PluginHost) -> None:
+        """Start a plugin whose worker died; a start that fails is tried again after the next backoff, until
+        `MAX_FAILED_STARTS` in a row have failed (then it stays in `error`, saying so, until started by hand)."""
+        status = h.start()
+        if status["state"] != "error" or not h.want_running:
+            self._failed_starts.pop(h.id, None)
+            return
+        failed = self._failed_starts[h.id] = self._failed_starts.get(h.id, 0) + 1
+        reason = status.get("reason") or "start failed"
+        if failed >= MAX_FAILED_STARTS:
+            self._failed_starts.pop(h.id, None)
+            h._set("error", f"{reason} ({failed} restarts in a row failed: start it again once it is fixed)")  # noqa: SLF001
+            return
+        delay = min(self._backoff.get(h.id, 0.5) * 2, BACKOFF_MAX_S)
+        self._backoff[h.id] = delay
+        self._restart_at[h.id] = time.monotonic() + delay
+        h._set("error", f"{reason} (restart {failed} of {MAX_FAILED_STARTS} failed; next in {delay:.0f}s)")  # noqa: SLF001
 
     def _sample(self, h: PluginHost) -> None:
         tel = h.telemetry
         try:
             if h.worker is not None and h.worker.pid is not None:
-                proc = psutil.Process(h.worker.pid)
+                proc = self._procs.get(h.worker.pid)
+                if proc is None:
+                    live = {w.pid for x in self.hosts.values() if (w := x.worker) is not None}
+                    self._procs = {pid: p for pid, p in self._procs.items() if pid in live}
+                    proc = self._procs[h.worker.pid] = psutil.Process(h.worker.pid)
                 tel.cpu_percent = proc.cpu_percent(None)
                 tel.rss_bytes = proc.memory_info().rss
             elif h.plugin is not None:
@@ -163,11 +208,43 @@ class Supervisor:
         except psutil.Error:
             return
         limit = h.settings.memory_limit_mb
-        if limit and h.worker is not None and tel.rss_bytes > limit * 1024 * 1024:
-            h.add_log("WARNING", time.time(), f"RSS {tel.rss_bytes >> 20} MB over memory_limit_mb {limit}: restarting")
-            threading.Thread(target=h.restart, daemon=True).start()
+        if limit and h.worker is not None and tel.rss_bytes > limit * 1024 * 1024 and h.id not in self._restarting:
+            self._over_memory(h, tel.rss_bytes >> 20, limit)
         tel.sample(time.time())
         self.emit("telemetry", h.id, tel.snapshot())
+
+    def _over_memory(self, h: PluginHost, rss_mb: int, limit: int) -> None:
+        """Restart a worker over its memory limit, one restart at a time, counted; one that is over it again soon
+        after each of `MEMORY_STRIKES` starts is stopped and left in `error` (it was restarted every 2 s, unseen)."""
+        started = h.telemetry.started_at
+        soon = started is not None and time.time() - started < SOON_S
+        strikes = self._memory_strikes[h.id] = self._memory_strikes.get(h.id, 0) + 1 if soon else 1
+        self._restarting.add(h.id)
+        if strikes >= MEMORY_STRIKES:
+            reason = (f"RSS {rss_mb} MB over memory_limit_mb {limit} within {SOON_S:.0f}s of each of {strikes} "
+                      "starts: raise the limit (or load less), then start it again")  # fmt: skip
+            h.add_log("ERROR", time.time(), reason)
+
+            def give_up(host: PluginHost = h) -> None:
+                try:
+                    host.stop(timeout=5)
+                    host._set("error", reason)  # noqa: SLF001
+                finally:
+                    self._memory_strikes.pop(host.id, None)
+                    self._restarting.discard(host.id)
+
+            threading.Thread(target=give_up, name=f"bkg-memory-{h.id}", daemon=True).start()
+            return
+        h.add_log("WARNING", time.time(), f"RSS {rss_mb} MB over memory_limit_mb {limit}: restarting")
+
+        def restart(host: PluginHost = h) -> None:
+            try:
+                host.restarts += 1
+                host.restart()
+            finally:
+                self._restarting.discard(host.id)
+
+        threading.Thread(target=restart, name=f"bkg-memory-{h.id}", daemon=True).start()
 
     def summary(self) -> dict[str, Any]:
         """Return telemetry of every plugin plus totals."""
