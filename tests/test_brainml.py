@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from gateway_harness import Gateway, start_gateway
+from gateway_harness import ADMIN_KEY, Gateway, start_gateway
 
 from bkg_kernel.plugins.brainml.plugin import chunk, highlights
 from bkg_kernel.store.results import EXPLAIN_KEYS
@@ -131,6 +131,20 @@ def test_bad_input(bgw: Gateway) -> None:
     r = invoke(bgw, "brainml.index", {"collection": "kb2", "documents": [{"text": "x y", "metadata": {"doc_id": "B"}}]})
     assert r.status_code == 422 and r.json()["error"]["field"] == "input.documents.0.metadata", r.text
     assert "doc_id" in r.json()["error"]["message"]
+
+
+def test_a_name_the_capability_does_not_take_is_a_422_not_ignored(bgw: Gateway) -> None:
+    """Found by a review: `filter=` for `filters`, `k=` for `top_k`, were dropped without a word, and the query ran
+    unfiltered; the notebook client's calls and plain HTTP alike."""
+    from bkg_kernel.client import Workbench
+    from bkg_kernel.errors import InvalidInput
+
+    r = invoke(bgw, "brainml.query", {"collection": "kb", "query": "x", "filter": {"lang": "en"}})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "input.filter", r.text
+    assert "did you mean 'filters'?" in r.json()["error"]["message"]
+    wb = Workbench(bgw.url, ADMIN_KEY)
+    with pytest.raises(InvalidInput, match="input.k: not an input"):
+        wb.brain.query("kb", "solar", k=3)
 
 
 def test_stats_lists_what_is_left_after_a_collection_is_dropped(bgw: Gateway) -> None:

@@ -151,3 +151,74 @@ def test_an_unreachable_gateway_is_named() -> None:
     assert f"cannot reach the bkg gateway at http://127.0.0.1:{port}" in down.value.message
     with pytest.raises(ValueError):
         transport.Http("127.0.0.1:8000")
+
+
+def test_what_a_notebook_holds_is_sent_as_json_or_named() -> None:
+    """Found by a review: numpy ints, arrays and pandas Series inside a request were a `TypeError` ten frames deep
+    in `json`, and a NaN a `ValueError` naming no field."""
+    import numpy as np
+    import pandas as pd
+
+    body = {"ids": [np.int64(1), np.int32(2)], "top_k": np.int64(3), "vector": np.array([0.5, 1.0]),
+            "labels": pd.Series(["a", "b"]), "tags": {"x"}}  # fmt: skip
+    assert json.loads(transport.dumps(body)) == {
+        "ids": [1, 2], "top_k": 3, "vector": [0.5, 1.0], "labels": ["a", "b"], "tags": ["x"],
+    }  # fmt: skip
+    with pytest.raises(InvalidInput) as nan:
+        transport.dumps({"points": [{"id": 1, "vector": [1.0, 2.0]}, {"id": 2, "vector": np.array([1.0, np.nan])}]})
+    assert nan.value.field == "points[1].vector[1]" and "nan" in nan.value.message
+    with pytest.raises(InvalidInput) as odd:
+        transport.dumps({"texts": [object()]})
+    assert odd.value.field == "texts[0]" and "object" in odd.value.message
+
+
+def test_names_stay_one_path_segment_and_lengths_are_checked() -> None:
+    from bkg_kernel.client.collections import _points
+
+    assert transport.seg("my docs/2\n") == "my%20docs%2F2%0A"
+    with pytest.raises(InvalidInput) as short:
+        _points([1, 2], [[0.1], [0.2], [0.3]], None, None)
+    assert short.value.field == "vectors" and "3 of them for 2 ids" in short.value.message
+    with pytest.raises(InvalidInput) as few:
+        _points([1, 2], [[0.1], [0.2]], [{"a": 1}], None)
+    assert few.value.field == "payloads"
+
+
+def test_a_collection_name_with_a_space_reaches_the_gateway_as_one_name(server: Server) -> None:
+    from bkg_kernel.client import Workbench
+
+    wb = Workbench(f"http://127.0.0.1:{server.server_address[1]}", "k", call_port=False)
+    base = wb.collection("my docs/x").base
+    assert base == "/api/collections/my%20docs%2Fx" and wb.call("GET", base)["path"] == base
+
+
+def test_connect_refuses_a_url_without_a_scheme_before_starting_anything(tmp_path: Any) -> None:
+    """Found by a review: `connect("127.0.0.1:50999")` found nothing answering there, so it started a gateway of its
+    own in the data dir, and then said none answered."""
+    from bkg_kernel.client import connect
+
+    with pytest.raises(InvalidInput) as bad:
+        connect("127.0.0.1:50999", data_dir=tmp_path / "data")
+    assert bad.value.field == "url" and not (tmp_path / "data").exists()
+
+
+def test_chat_magic_uses_the_notebook_s_own_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: `%%chat` called `connect()` with no arguments: another gateway (or a new one started in
+    ./data) than the one the notebook connected to, with another key."""
+    from IPython.core.error import UsageError
+
+    from bkg_kernel.client import Workbench, magics
+
+    asked: list[Any] = []
+
+    class Llm:
+        def chat(self, messages: Any, **opts: Any) -> None:
+            asked.append((messages, opts))
+
+    wb = Workbench("http://127.0.0.1:9", "bkg_x", call_port=False)
+    monkeypatch.setattr(Workbench, "llm", property(lambda self: Llm() if self is wb else None))
+    monkeypatch.setattr(magics, "connect", lambda *a, **k: pytest.fail("connect() was called"))
+    magics.chat_magic("--max-tokens 5", "hello")
+    assert asked == [([{"role": "user", "content": "hello"}], {"max_tokens": 5})]
+    with pytest.raises(UsageError):
+        magics.chat_magic("--no-such-flag", "hello")

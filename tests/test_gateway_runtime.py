@@ -196,7 +196,7 @@ def _status(g: Any, plugin: str) -> dict[str, Any]:
 
 def _crash(g: Any, plugin: str) -> None:
     """SIGKILL a plugin's worker and wait for the supervisor to start another."""
-    pid = _status(g, plugin)["pid"]
+    pid = wait_for(lambda: (s := _status(g, plugin))["state"] == "running" and s["pid"], 60)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: (s := _status(g, plugin))["state"] == "running" and s["pid"] != pid, 60)
 

@@ -347,6 +347,46 @@ def test_a_call_port_client_that_leaves_stops_its_generation(llm_gw: Gateway) ->
     wait_for(lambda: c.get("/api/plugins/llmserver/health").json()["cancelled"] > cancelled, timeout=60)
 
 
+@pytest.mark.parametrize("way", ["call port", "http"])
+def test_a_notebook_call_interrupted_stops_its_generation(llm_gw: Gateway, way: str) -> None:
+    """Found by a review: Ctrl-C in a notebook during `wb.llm.chat(...)` left the client's connection open (the
+    interrupted frame, kept by IPython's last traceback, held it), so the gateway never saw its caller leave and
+    generated to the end. The client now closes the connection of a call it did not finish. The interrupt is raised
+    where Ctrl-C lands: in the wait for the answer, 1.5 s in."""
+    import time
+    from unittest import mock
+
+    from bkg_kernel.client import Workbench
+    from bkg_kernel.client import callport as client_port
+
+    c = llm_gw.client()
+    cancelled = c.get("/api/plugins/llmserver/health").json()["cancelled"]
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 300}  # ~30 s of generating, as above
+    fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
+
+    real, seen = client_port._answer, []
+
+    def interrupted(*args: Any, **kw: Any) -> Any:
+        if way == "call port" and not seen:  # a new connection's hello is answered first
+            seen.append(1)
+            return real(*args, **kw)
+        time.sleep(1.5)
+        raise KeyboardInterrupt
+
+    wb = Workbench(llm_gw.url, ADMIN_KEY, call_port=way == "call port")
+    where = (mock.patch.object(client_port, "_answer", interrupted) if way == "call port"
+             else mock.patch("http.client.HTTPConnection.getresponse", interrupted))  # fmt: skip
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 1500,
+            "temperature": 0, "response_format": fmt}  # fmt: skip
+    with where, pytest.raises(KeyboardInterrupt) as kept:  # the traceback is kept, as IPython keeps it
+        if way == "call port":
+            wb.invoke("llmserver", "llm.chat", body)
+        else:
+            wb.llm.chat(body.pop("messages"), stream=False, echo=False, **body)
+    assert kept.traceback
+    wait_for(lambda: c.get("/api/plugins/llmserver/health").json()["cancelled"] > cancelled, timeout=60)
+
+
 def test_worker_killed_mid_stream(llm_gw: Gateway) -> None:
     c = llm_gw.client()
     pid = c.get("/api/plugins/llmserver/status").json()["pid"]

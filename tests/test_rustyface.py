@@ -191,6 +191,7 @@ def test_enroll_folder_from_the_notebook_client(fgw: Gateway, tmp_path: Path) ->
     a.resize((256, 256)).save(tmp_path / "eileen" / "2.png")
     Image.new("RGB", (64, 64)).save(tmp_path / "eileen" / "empty.jpg")
     (tmp_path / "eileen" / "notes.txt").write_text("not an image")
+    (tmp_path / "eileen" / "broken.jpg").write_bytes(b"not a jpeg at all")  # refused: the rest of its batch goes in
     Image.open(IMAGES / "Tom_Hanks_54745.png").convert("RGB").save(tmp_path / "tom" / "t.jpg")
     # names that are not UTF-8 (no request can carry them): skipped and named, escaped, not a crash of the whole run
     odd_person = Path(os.fsdecode(os.fsencode(tmp_path) + b"/Jos\xe9"))
@@ -199,7 +200,9 @@ def test_enroll_folder_from_the_notebook_client(fgw: Gateway, tmp_path: Path) ->
     a.save(Path(os.fsdecode(os.fsencode(tmp_path) + b"/tom/x\xff.jpg")))
     wb = bkg_kernel.connect(fgw.url, api_key=ADMIN_KEY)
     summary = wb.faces.enroll_folder("folder", str(tmp_path))
-    assert summary["images"] == 6 and summary["enrolled"] == 3
+    assert summary["images"] == 7 and summary["enrolled"] == 3
+    refused = summary["skipped"].pop(2)
+    assert refused["source"] == "eileen/broken.jpg" and refused["reason"].startswith("refused: "), refused
     assert summary["skipped"] == [
         {"source": "Jos\\xe9/1.jpg", "reason": "its name is not UTF-8"},
         {"source": "tom/x\\xff.jpg", "reason": "its name is not UTF-8"},
@@ -218,6 +221,9 @@ def test_enroll_folder_from_the_notebook_client(fgw: Gateway, tmp_path: Path) ->
     drawn = Image.open(io.BytesIO(base64.b64decode(html.split("base64,")[1].split("'")[0])))
     assert drawn.size[0] <= 800 and np.asarray(drawn).std() > 0
     assert wb.faces.verify(tmp_path / "eileen" / "1.jpg", np.asarray(a))["same"] is True
+    again = wb.faces.enroll_folder("folder", str(tmp_path), replace=True, progress=False)  # a re-run: no duplicates
+    assert again["enrolled"] == 3 and again["replaced"] == 3, again
+    assert wb.faces.subjects("folder") == [{"subject": "eileen", "faces": 2}, {"subject": "tom", "faces": 1}]
 
 
 def test_traversal_huge_and_failed_enroll_store_nothing(fgw: Gateway) -> None:

@@ -66,6 +66,9 @@ class CallPort:
                 break
             except OSError:
                 wire.sock.close()
+            except BaseException:  # interrupted (Ctrl-C): half a frame may be out, the connection is done
+                wire.sock.close()
+                raise
         else:
             return None
         try:
@@ -74,6 +77,9 @@ class CallPort:
             wire.sock.close()
             where = f"{self.host}:{self.port}"
             raise Unavailable(f"the bkg gateway's call port {where} went away mid-call: {exc}") from None
+        except BaseException:  # interrupted while the gateway works: closing tells it its caller left (it stops)
+            wire.sock.close()
+            raise
         if close:  # the gateway closes it (a call that overran its timeout still runs there)
             wire.sock.close()
         else:

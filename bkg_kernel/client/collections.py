@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from bkg_kernel.client.transport import seg
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.store.results import EXPLAIN_KEYS, CollectionInfo, Hit, QueryResult
 
@@ -18,7 +19,7 @@ class RemoteCollection:
 
     def __init__(self, wb: Workbench, name: str) -> None:
         self.wb, self.name = wb, name
-        self.base = f"/api/collections/{name}"
+        self.base = f"/api/collections/{seg(name)}"
 
     def __repr__(self) -> str:
         return f"RemoteCollection({self.name!r})"
@@ -107,11 +108,14 @@ def _points(
 ) -> list[dict[str, Any]]:
     if ids is None or (vectors is None and texts is None):
         raise InvalidInput("upsert needs points, or ids with vectors (or texts to embed)", field="points")
-    ids = ids.tolist() if hasattr(ids, "tolist") else ids
-    if vectors is None:  # the gateway embeds the texts with the collection's embed_model
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    vecs = None if vectors is None else vectors.tolist() if hasattr(vectors, "tolist") else list(vectors)
+    for name, col in (("vectors", vecs), ("payloads", payloads), ("texts", texts)):
+        if col is not None and len(col) != len(ids):
+            raise InvalidInput(f"{name}: {len(col)} of them for {len(ids)} ids", field=name)
+    if vecs is None:  # the gateway embeds the texts with the collection's embed_model
         points: list[dict[str, Any]] = [{"id": i} for i in ids]
     else:
-        vecs = vectors.tolist() if hasattr(vectors, "tolist") else vectors
         points = [{"id": i, "vector": v} for i, v in zip(ids, vecs, strict=True)]
     for col, key in ((payloads, "payload"), (texts, "text")):
         if col is not None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from bkg_kernel.display import Table, faces_figure, html_table
-from bkg_kernel.errors import escaped, is_utf8
+from bkg_kernel.errors import BkgError, InvalidInput, escaped, is_utf8
 
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
@@ -111,11 +111,25 @@ class Faces:
         return dict(self._invoke("faces.enroll", body))
 
     def enroll_folder(
-        self, gallery: str, folder: str | os.PathLike[str], *, batch: int = 8, progress: bool = True
+        self,
+        gallery: str,
+        folder: str | os.PathLike[str],
+        *,
+        batch: int = 8,
+        replace: bool = False,
+        progress: bool = True,
     ) -> dict[str, Any]:
-        """Enroll `folder/<subject>/<image>` files (the gallery is created if missing); return a summary. A photo
-        whose subject or file name is not UTF-8 (no request can carry it) is skipped, its name escaped."""
+        """Enroll `folder/<subject>/<image>` files (the gallery is created if missing); return a summary.
+
+        A photo the gallery refuses (not an image, too many pixels) is skipped with its reason, and the rest of its
+        batch enrolled; so is one whose subject or file name is not UTF-8 (no request can carry it), its name
+        escaped. `replace`: first delete the faces each subject already has in the gallery, so that running it
+        again adds no duplicates."""
+        if batch < 1:
+            raise InvalidInput("batch must be 1 or more", field="batch")
         root = Path(folder)
+        if not root.is_dir():
+            raise InvalidInput(f"{root} is not a folder (of one folder of photos per subject)", field="folder")
         work, skipped = [], []
         for d in sorted(p for p in root.iterdir() if p.is_dir()):
             for f in sorted(d.iterdir()):
@@ -128,14 +142,35 @@ class Faces:
         images = len(work) + len(skipped)
         if not any(g["gallery"] == gallery for g in self.galleries()):
             self.create_gallery(gallery)
-        enrolled = 0
+        known = {s["subject"] for s in self.subjects(gallery)} if replace else set()
+        enrolled = replaced = 0
         with tqdm(total=len(work), desc=f"enroll {gallery}", unit="img", disable=not progress) as bar:
             for subject in dict.fromkeys(s for s, _ in work):
+                if subject in known:
+                    body = {"gallery": gallery, "action": "delete", "subject": subject}
+                    replaced += int(self._invoke("faces.subjects", body)["deleted_faces"])
                 files = [f for s, f in work if s == subject]
                 for a in range(0, len(files), batch):
                     part = files[a : a + batch]
-                    r = self.enroll(gallery, subject, part, sources=[f"{subject}/{f.name}" for f in part])
-                    enrolled += len(r["enrolled"])
-                    skipped += r["skipped"]
+                    n, refused = self._enroll_each(gallery, subject, part)
+                    enrolled += n
+                    skipped += refused
                     bar.update(len(part))
-        return {"gallery": gallery, "images": images, "enrolled": enrolled, "skipped": skipped}
+        return {"gallery": gallery, "images": images, "enrolled": enrolled, "replaced": replaced, "skipped": skipped}
+
+    def _enroll_each(self, gallery: str, subject: str, files: list[Path]) -> tuple[int, list[dict[str, Any]]]:
+        """Enroll a batch; one the gallery refuses for a bad photo (400 / 422) is tried photo by photo."""
+        sources = [f"{subject}/{f.name}" for f in files]
+        try:
+            r = self.enroll(gallery, subject, files, sources=sources)
+            return len(r["enrolled"]), list(r["skipped"])
+        except BkgError as exc:
+            if exc.status not in (400, 422):
+                raise
+            if len(files) == 1:
+                return 0, [{"source": sources[0], "reason": f"refused: {exc.message}"}]
+        done, refused = 0, list[dict[str, Any]]()
+        for f in files:
+            n, more = self._enroll_each(gallery, subject, [f])
+            done, refused = done + n, refused + more
+        return done, refused

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from bkg_kernel.client.transport import seg
 from bkg_kernel.display import Table
 from bkg_kernel.errors import JobFailed, Timeout
 
@@ -115,7 +116,7 @@ class Jobs:
 
     def get(self, run_id: str) -> Run:
         """One run."""
-        return Run(self.wb.call("GET", f"/api/jobs/{run_id}"))
+        return Run(self.wb.call("GET", f"/api/jobs/{seg(run_id)}"))
 
     def wait(self, run_id: str, *, progress: bool = True, timeout: float | None = None) -> Run:
         """Wait for a run to end (and its automatic retries), with a progress bar; return the last attempt."""
@@ -148,15 +149,15 @@ class Jobs:
 
     def cancel(self, run_id: str) -> Run:
         """Cancel a queued or running run (its kernel is killed)."""
-        return Run(self.wb.call("POST", f"/api/jobs/{run_id}/cancel"))
+        return Run(self.wb.call("POST", f"/api/jobs/{seg(run_id)}/cancel"))
 
     def retry(self, run_id: str) -> Run:
         """Run a finished run again, same notebook and parameters."""
-        return Run(self.wb.call("POST", f"/api/jobs/{run_id}/retry"))
+        return Run(self.wb.call("POST", f"/api/jobs/{seg(run_id)}/retry"))
 
     def output(self, run_id: str, format: str = "ipynb") -> str:
         """The run's output notebook (JSON text) or its HTML rendering (`format="html"`)."""
-        return str(self.wb.call("GET", f"/api/jobs/{run_id}/output", params={"format": format}))
+        return str(self.wb.call("GET", f"/api/jobs/{seg(run_id)}/output", params={"format": format}))
 
     def schedule(
         self, notebook: str, cron: str, parameters: dict[str, Any] | None = None, *, timezone: str = "UTC",
@@ -172,7 +173,7 @@ class Jobs:
 
     def enable(self, schedule_id: str, enabled: bool = True) -> dict[str, Any]:
         """Enable (or disable) a schedule."""
-        return dict(self.wb.call("PATCH", f"/api/jobs/schedules/{schedule_id}", json={"enabled": enabled}))
+        return dict(self.wb.call("PATCH", f"/api/jobs/schedules/{seg(schedule_id)}", json={"enabled": enabled}))
 
     def disable(self, schedule_id: str) -> dict[str, Any]:
         """Disable a schedule."""
@@ -180,4 +181,4 @@ class Jobs:
 
     def delete_schedule(self, schedule_id: str) -> None:
         """Delete a schedule (its runs stay)."""
-        self.wb.call("DELETE", f"/api/jobs/schedules/{schedule_id}")
+        self.wb.call("DELETE", f"/api/jobs/schedules/{seg(schedule_id)}")

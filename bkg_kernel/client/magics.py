@@ -6,7 +6,9 @@ import argparse
 import shlex
 from typing import Any
 
-from bkg_kernel.client.workbench import connect
+from IPython.core.error import UsageError
+
+from bkg_kernel.client.workbench import connect, latest
 
 
 def chat_magic(line: str, cell: str) -> None:
@@ -16,7 +18,10 @@ def chat_magic(line: str, cell: str) -> None:
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--system")
-    args = p.parse_args(shlex.split(line))
+    try:
+        args = p.parse_args(shlex.split(line))
+    except SystemExit:  # argparse said what was wrong on stderr
+        raise UsageError(p.format_usage().strip()) from None
     opts = {
         k: v
         for k, v in {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature}.items()
@@ -25,7 +30,7 @@ def chat_magic(line: str, cell: str) -> None:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": cell.strip()}
     ]
-    connect().llm.chat(messages, **opts)
+    (latest() or connect()).llm.chat(messages, **opts)  # the notebook's connection, as its user made it
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from bkg_kernel.client.transport import seg
 from bkg_kernel.display import Table
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class RemotePlugin:
         return f"RemotePlugin({self.id!r})"
 
     def _call(self, method: str, action: str, **kw: Any) -> Any:
-        return self.wb.call(method, f"/api/plugins/{self.id}{action}", **kw)
+        return self.wb.call(method, f"/api/plugins/{seg(self.id)}{action}", **kw)
 
     def describe(self) -> dict[str, Any]:
         """Capabilities, settings schema, config and status."""

@@ -140,7 +140,8 @@ class Repo:
         return result
 
     def _stream(self, name: str, args: list[str]) -> Iterator[dict[str, Any]]:
-        yield from transport.stream(self.wb.http, "POST", f"/api/repo/{self.name}/run/{name}", json={"args": args})
+        path = f"/api/repo/{transport.seg(self.name)}/run/{transport.seg(name)}"
+        yield from transport.stream(self.wb.http, "POST", path, json={"args": args})
 
     def index(self, full: bool = False, progress: bool = True) -> dict[str, Any]:
         """Index changed files (all with `full`) with a progress bar."""

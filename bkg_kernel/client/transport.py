@@ -14,15 +14,16 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import math
 import select
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import orjson
 
-from bkg_kernel.errors import Unavailable, from_dict
+from bkg_kernel.errors import InvalidInput, Unavailable, from_dict
 
 POOL_SIZE = 8  # idle connections kept per client
 
@@ -138,6 +139,9 @@ class Http:
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise unreachable(self, exc) from None
+        except BaseException:  # interrupted (Ctrl-C in a notebook): the gateway sees its client leave and stops
+            conn.close()
+            raise
         released = False
 
         def done(reusable: bool) -> None:
@@ -174,9 +178,60 @@ class Http:
             conn.close()
 
 
+def seg(value: Any) -> str:
+    """`value` as one segment of a URL path: a name with a space, a slash or a control character stays one name."""
+    return quote(str(value), safe="")
+
+
+def _plain(value: Any) -> Any:
+    """What `json` cannot write but a notebook often holds: numpy and pandas arrays and scalars, tuples, sets."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    for method in ("tolist", "item"):  # numpy arrays and scalars, pandas Series and Index
+        fn = getattr(value, method, None)
+        if callable(fn):
+            return fn()
+    raise TypeError(type(value).__name__)
+
+
 def dumps(data: Any) -> bytes:
-    """A request body as the client sends it: compact UTF-8 JSON, no NaN."""
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    """A request body as the client sends it: compact UTF-8 JSON, no NaN; numpy and pandas values as plain lists and
+    numbers. What JSON cannot carry is the caller's 422 naming where it is (`points[0].vector[2]`)."""
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_plain).encode()
+    except (TypeError, ValueError) as exc:
+        where, what = _unsendable(data, "")
+        if where is None:
+            raise InvalidInput(f"the request cannot be sent as JSON: {exc}", field="body") from None
+        raise InvalidInput(f"{where or 'body'}: {what} cannot be sent as JSON", field=where or "body") from None
+
+
+def _unsendable(value: Any, at: str) -> tuple[str | None, str]:
+    """Where in `value` the first thing JSON cannot carry is (None: nowhere found), and what it is."""
+    if isinstance(value, float):
+        finite = not (math.isnan(value) or math.isinf(value))
+        return (None, "") if finite else (at, f"{value!r} (not a number a gateway takes)")
+    if value is None or isinstance(value, (str, int, bool)):
+        return None, ""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                return at, f"a key of type {type(k).__name__}"
+            found = _unsendable(v, f"{at}.{k}" if at else str(k))
+            if found[0] is not None:
+                return found
+        return None, ""
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _unsendable(v, f"{at}[{i}]")
+            if found[0] is not None:
+                return found
+        return None, ""
+    try:
+        plain = _plain(value)
+    except TypeError:
+        return at, f"a {type(value).__name__}"
+    return _unsendable(plain, at)
 
 
 def raise_for_error(r: _Answer) -> None:

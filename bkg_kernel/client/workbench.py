@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,16 +24,25 @@ from bkg_kernel.client.jobs import Jobs
 from bkg_kernel.client.llm import LLM, ModelTable
 from bkg_kernel.client.plugins import PluginTable, RemotePlugin
 from bkg_kernel.client.repo import Repo
-from bkg_kernel.errors import BkgError, JobFailed, Timeout, Unavailable
+from bkg_kernel.errors import BkgError, InvalidInput, JobFailed, Timeout, Unavailable
 from bkg_kernel.logfiles import open_log
 from bkg_kernel.settings import Settings, gateway_url
 from bkg_kernel.store.results import CollectionInfo
+
+_latest: weakref.ref[Workbench] | None = None
+
+
+def latest() -> Workbench | None:
+    """The Workbench made last in this process, while it lives."""
+    return _latest() if _latest is not None else None
 
 
 class Workbench:
     """A connected gateway: plugins, collections and admin, with notebook reprs."""
 
     def __init__(self, url: str, api_key: str | None, timeout: float = 120.0, *, call_port: bool = True) -> None:
+        global _latest
+        _latest = weakref.ref(self)  # what `%%chat` uses: the notebook's own connection
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
@@ -63,7 +73,8 @@ class Workbench:
             answer = port.call(plugin_id, capability, transport.dumps(body))
             if answer is not None and not transport.misdirected(*answer[:2]):  # a job's call: started over HTTP
                 return transport.answer(*answer)
-        return self.call("POST", f"/api/plugins/{plugin_id}/invoke/{capability}", json=body)
+        path = f"/api/plugins/{transport.seg(plugin_id)}/invoke/{transport.seg(capability)}"
+        return self.call("POST", path, json=body)
 
     def call_port(self) -> CallPort | None:
         """The gateway's call port as /health names it (None: none, or not for this client); looked up again
@@ -157,7 +168,7 @@ class Workbench:
 
     def verify_model(self, model_id: str) -> dict[str, Any]:
         """Recompute a model's sha256 and report drift."""
-        return self.call("POST", f"/api/models/{model_id}/verify")
+        return self.call("POST", f"/api/models/{transport.seg(model_id)}/verify")
 
     # -- collections ------------------------------------------------------------------------------
     def collections(self) -> list[CollectionInfo]:
@@ -187,7 +198,7 @@ class Workbench:
 
     def drop_collection(self, name: str) -> None:
         """Drop a collection (its snapshots stay)."""
-        self.call("DELETE", f"/api/collections/{name}")
+        self.call("DELETE", f"/api/collections/{transport.seg(name)}")
 
     # -- admin ------------------------------------------------------------------------------------
     def users(self) -> list[dict[str, Any]]:
@@ -219,7 +230,7 @@ class Workbench:
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         """Cancel a running plugin job."""
-        return dict(self.call("POST", f"/api/jobs/{job_id}/cancel"))
+        return dict(self.call("POST", f"/api/jobs/{transport.seg(job_id)}/cancel"))
 
     def wait_job(self, job_id: str, *, progress: bool = True, timeout: float | None = None) -> dict[str, Any]:
         """Wait for a job with a progress bar; return its result, or raise its error as a BkgError."""
@@ -227,7 +238,7 @@ class Workbench:
         bar = tqdm(total=100, desc=job_id, unit="%", disable=not progress, leave=False)
         try:
             while True:
-                job = self.call("GET", f"/api/jobs/{job_id}")
+                job = self.call("GET", f"/api/jobs/{transport.seg(job_id)}")
                 bar.n = round(100 * job["progress"])
                 bar.set_postfix_str(job["message"][:60], refresh=True)
                 if job["finished"] is not None:
@@ -288,6 +299,9 @@ def connect(
         key = settings.hub_api_token
         url = hub_gateway(settings, url)  # the Hub token goes only to the Hub's own bkg service
     url = url or gateway_url(settings)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput(f"the gateway URL must look like http://host:port, not {url!r}", field="url")
     if not _alive(url):
         if not start or under_hub:  # a Hub user's server never starts a gateway of its own
             raise Unavailable(f"no bkg gateway answers at {url} (start one with `bkg serve`)")

@@ -12,6 +12,7 @@ topic `jobs`); called directly it simply runs.
 from __future__ import annotations
 
 import contextvars
+import difflib
 import inspect
 import logging
 import queue
@@ -30,7 +31,7 @@ if typing.TYPE_CHECKING:
 
     from bkg_kernel.auth import Principal
 
-from bkg_kernel.errors import NotFound, Unavailable, invalid_from_pydantic
+from bkg_kernel.errors import InvalidInput, NotFound, Unavailable, invalid_from_pydantic
 from bkg_kernel.runtime import calls
 from bkg_kernel.runtime.storehandle import StoreHandle
 from bkg_kernel.strict import whole_floats_only
@@ -46,6 +47,8 @@ def validate_input(model: type[BaseModel], data: Any) -> BaseModel:
     (`bkg_kernel.strict`); 422 naming the field. Data that is not JSON (a Python caller's bytes, say) is
     validated in the lax Python mode instead."""
     data = data if data is not None else {}
+    if isinstance(data, dict):
+        _known_only(model, data)
     try:
         try:
             raw = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -59,6 +62,27 @@ def validate_input(model: type[BaseModel], data: Any) -> BaseModel:
             return model.model_validate_json(raw, strict=False)
     except ValidationError as exc:
         raise invalid_from_pydantic(exc, "input") from None
+
+
+_NAMES: dict[type[BaseModel], frozenset[str]] = {}
+
+
+def _known_only(model: type[BaseModel], data: dict[str, Any]) -> None:
+    """422 for a top-level name the input model does not take (`filter` for `filters`, `k` for `top_k`): it was
+    dropped without a word, and the call ran as if it had not been given. A model that allows extra names keeps
+    them."""
+    if model.model_config.get("extra") == "allow":
+        return
+    names = _NAMES.get(model)
+    if names is None:
+        found = set(model.model_fields)
+        found |= {a for f in model.model_fields.values() for a in (f.alias, f.validation_alias) if isinstance(a, str)}
+        names = _NAMES[model] = frozenset(found)
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(sorted(names)) or 'none'}"
+            raise InvalidInput(f"input.{key}: not an input of this capability ({hint})", field=f"input.{key}")
 
 
 class Cancelled(Exception):
