@@ -214,6 +214,20 @@ def keys_create(
     _print(wb.create_key(name, **body))
 
 
+@keys_app.command("recover-admin")
+def keys_recover_admin(data_dir: DataDir = None) -> None:
+    """With the gateway stopped: a new admin key in <data dir>/admin.key (mode 0600), for a lost admin.key."""
+    from bkg_kernel.auth import AuthService
+
+    with _store(data_dir) as store:  # one owner at a time: refused, naming the holder, while a gateway runs
+        auth = AuthService(store)
+        try:
+            path = auth.recover_admin_key(store.data_dir)
+        finally:
+            auth.close()
+    typer.echo(f"admin API key: {path} (mode 0600); the admin's other keys still work until revoked")
+
+
 @keys_app.command("rotate")
 def keys_rotate(key_id: str, url: Url = None, data_dir: DataDir = None) -> None:
     """Give a key a new secret (the old one stops working)."""

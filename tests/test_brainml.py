@@ -145,6 +145,8 @@ def test_a_name_the_capability_does_not_take_is_a_422_not_ignored(bgw: Gateway) 
     wb = Workbench(bgw.url, ADMIN_KEY)
     with pytest.raises(InvalidInput, match="input.k: not an input"):
         wb.brain.query("kb", "solar", k=3)
+    ranked = wb.brain.query("kb", "lava flows", top_k=3, mode="text")
+    assert ranked.hits and list(ranked.to_pandas()["doc_id"]) == [h["doc_id"] for h in ranked.hits]
 
 
 def test_stats_lists_what_is_left_after_a_collection_is_dropped(bgw: Gateway) -> None:

@@ -29,6 +29,7 @@ COMMANDS = [
     ["keys", "list"],
     ["keys", "create"],
     ["keys", "rotate"],
+    ["keys", "recover-admin"],
     ["keys", "revoke"],
     ["users"],
     ["users", "list"],
@@ -140,3 +141,29 @@ def test_the_dashboards_hold_no_credential(monkeypatch: pytest.MonkeyPatch) -> N
     assert not [k for k in env if k in secrets or k.startswith("JUPYTERHUB_")], sorted(env)
     assert env["BKG_GATEWAY_URL"] == "http://127.0.0.1:9" and env["PATH"] == os.environ["PATH"]
     assert "widgets" in env["JUPYTER_PATH"]
+
+
+def test_a_lost_admin_key_is_recovered_by_whoever_holds_the_data_dir(tmp_path: Path) -> None:
+    """An admin.key deleted, or never written by a bkg before this one: `bkg keys recover-admin` (gateway stopped)
+    gives the admin a new key in admin.key; while a gateway holds the data dir it is refused."""
+    from bkg_kernel.auth import AuthService
+    from bkg_kernel.store import Store
+
+    data = tmp_path / "data"
+    with Store(data) as store:
+        auth = AuthService(store)
+        old = auth.bootstrap(data, None)
+        assert old is not None
+        first = old.read_text().strip()
+        auth.close()
+    (data / "admin.key").unlink()
+    out = bkg("keys", "recover-admin", "--data-dir", str(data))
+    assert "admin.key (mode 0600)" in out.stdout
+    new = (data / "admin.key").read_text().strip()
+    assert new != first and (data / "admin.key").stat().st_mode & 0o777 == 0o600
+    with Store(data) as store:
+        auth = AuthService(store)
+        assert auth.authenticate(new).role == "admin" and auth.authenticate(first).role == "admin"
+        held = bkg("keys", "recover-admin", "--data-dir", str(data), check=False)  # the data dir is in use
+        assert held.returncode != 0 and "admin.key" not in held.stdout
+        auth.close()

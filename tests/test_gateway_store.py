@@ -42,6 +42,29 @@ def test_collections_over_http(gw: Any) -> None:
     assert {x["name"] for x in c.get("/api/collections").json()["collections"]} == {"docs"}
 
 
+def test_a_remote_collection_answers_as_a_local_one_does(gw: Any) -> None:
+    """Found by a review: over the gateway, `get`, `snapshot` and `snapshots` gave plain dicts and lists where a local
+    `Collection` gives its result types (`snap.id` was an AttributeError where README's example uses it), and
+    `wb.collections()` a bare list without `.names` or a table."""
+    from bkg_kernel.store.results import PointList, SnapshotInfo, SnapshotList
+
+    wb = bkg_kernel.connect(gw.url, api_key=ADMIN_KEY)
+    coll = wb.create_collection("remote_like_local", dim=2)
+    coll.upsert(ids=np.arange(3), vectors=np.eye(3, 2, dtype=np.float32), payloads=[{"n": i} for i in range(3)])
+    got = coll.get([2, 99, 0])
+    assert isinstance(got, PointList) and [p.id for p in got] == [2, 0] and got[0].payload == {"n": 2}
+    assert "<table" in got._repr_html_()
+    snap = coll.snapshot()
+    assert isinstance(snap, SnapshotInfo) and snap.points == 3 and snap.ok
+    listed = coll.snapshots()
+    assert isinstance(listed, SnapshotList) and listed[0].id == snap.id and "<table" in listed._repr_html_()
+    assert coll.restore(snap.id, into="remote_like_local2").count == 3
+    names = wb.collections().names
+    assert {"remote_like_local", "remote_like_local2"} <= set(names)
+    wb.drop_collection("remote_like_local2")
+    wb.drop_collection("remote_like_local")
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "field"),
     [

@@ -955,6 +955,20 @@ class AuthService:
             raise
         return path
 
+    def recover_admin_key(self, data_dir: Path) -> Path:
+        """A new key for the first enabled admin user, written to `data_dir/admin.key` (mode 0600), for someone who
+        holds the data dir (its database and every key's hash are theirs already) and lost the admin key. Any key
+        the admin had stays, listed and revocable."""
+        admin = next((u for u in sorted(self.users.values(), key=lambda u: u["created_at"])
+                      if u["role"] == "admin" and not u["disabled"]), None)  # fmt: skip
+        if admin is None:
+            raise Unavailable("no enabled admin user to give a key to")
+        token = ks.new_key()[0]
+        path = _write_key_file(data_dir / "admin.key", token)  # first: a key stored without its file helps nobody
+        name = f"admin (recovered {_now():%Y-%m-%d %H:%M} UTC)"
+        self.create_key(admin["id"], name, actor="bkg keys recover-admin", token=token)
+        return path
+
     def _end_sessions(self, user_id: str) -> None:
         """End every session of a user (under `self.mutex`)."""
         self.con.execute("DELETE FROM sessions WHERE user_id = ?", [user_id])

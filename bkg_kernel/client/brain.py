@@ -12,7 +12,17 @@ if TYPE_CHECKING:
 
 
 class Ranked(dict[str, Any]):
-    """brainml.query's answer; renders as a ranked table with <mark>ed highlights."""
+    """brainml.query's answer; renders as a ranked table with <mark>ed highlights. `hits` are its results, best
+    first; `to_pandas()` makes them a DataFrame."""
+
+    @property
+    def hits(self) -> list[dict[str, Any]]:
+        return list(self["results"])
+
+    def to_pandas(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self["results"])
 
     def _repr_html_(self) -> str:
         rows = [

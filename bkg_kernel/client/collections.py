@@ -8,7 +8,16 @@ from tqdm.auto import tqdm
 
 from bkg_kernel.client.transport import seg
 from bkg_kernel.errors import InvalidInput
-from bkg_kernel.store.results import EXPLAIN_KEYS, CollectionInfo, Hit, QueryResult
+from bkg_kernel.store.results import (
+    EXPLAIN_KEYS,
+    CollectionInfo,
+    Hit,
+    Point,
+    PointList,
+    QueryResult,
+    SnapshotInfo,
+    SnapshotList,
+)
 
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
@@ -75,10 +84,11 @@ class RemoteCollection:
 
         return Explorer(self.wb, self.name, color=color, method=method, sample=sample, **kw)
 
-    def get(self, ids: list[Any], with_vectors: bool = True) -> list[dict[str, Any]]:
-        """Points by id."""
+    def get(self, ids: list[Any], with_vectors: bool = True) -> PointList:
+        """Points by id, in the order asked for (missing ids left out): a table in a notebook."""
         body = {"ids": ids, "with_vectors": with_vectors}
-        return list(self.wb.call("POST", f"{self.base}/points/get", json=body)["points"])
+        found = self.wb.call("POST", f"{self.base}/points/get", json=body)["points"]
+        return PointList([Point(**{k: p.get(k) for k in ("id", "vector", "payload", "text")}) for p in found])
 
     def delete(self, ids: list[Any] | None = None, *, filter: dict[str, Any] | None = None) -> int:
         """Delete by ids or filter; return how many."""
@@ -89,18 +99,22 @@ class RemoteCollection:
         """Count points (optionally matching a filter)."""
         return int(self.wb.call("POST", f"{self.base}/points/count", json={"filter": filter})["count"])
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> SnapshotInfo:
         """Write a snapshot."""
-        return dict(self.wb.call("POST", f"{self.base}/snapshots"))
+        return _snapshot(self.wb.call("POST", f"{self.base}/snapshots"))
 
-    def snapshots(self) -> list[dict[str, Any]]:
-        """List snapshots."""
-        return list(self.wb.call("GET", f"{self.base}/snapshots")["snapshots"])
+    def snapshots(self) -> SnapshotList:
+        """List snapshots, newest first."""
+        return SnapshotList([_snapshot(s) for s in self.wb.call("GET", f"{self.base}/snapshots")["snapshots"]])
 
     def restore(self, snapshot_id: str, into: str | None = None) -> CollectionInfo:
         """Restore a snapshot into this collection or a new one."""
-        r = self.wb.call("POST", f"{self.base}/snapshots/{snapshot_id}/restore", json={"into": into})
+        r = self.wb.call("POST", f"{self.base}/snapshots/{seg(snapshot_id)}/restore", json={"into": into})
         return CollectionInfo(**r)
+
+
+def _snapshot(d: dict[str, Any]) -> SnapshotInfo:
+    return SnapshotInfo(**{f: d[f] for f in SnapshotInfo.__dataclass_fields__ if f in d})
 
 
 def _points(

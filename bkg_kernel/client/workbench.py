@@ -27,7 +27,7 @@ from bkg_kernel.client.repo import Repo
 from bkg_kernel.errors import BkgError, InvalidInput, JobFailed, Timeout, Unavailable
 from bkg_kernel.logfiles import open_log
 from bkg_kernel.settings import Settings, gateway_url
-from bkg_kernel.store.results import CollectionInfo
+from bkg_kernel.store.results import CollectionInfo, CollectionList
 
 _latest: weakref.ref[Workbench] | None = None
 
@@ -171,9 +171,9 @@ class Workbench:
         return self.call("POST", f"/api/models/{transport.seg(model_id)}/verify")
 
     # -- collections ------------------------------------------------------------------------------
-    def collections(self) -> list[CollectionInfo]:
-        """Describe every collection."""
-        return [CollectionInfo(**c) for c in self.call("GET", "/api/collections")["collections"]]
+    def collections(self) -> CollectionList:
+        """Describe every collection (a table in a notebook; `.names` lists them)."""
+        return CollectionList([CollectionInfo(**c) for c in self.call("GET", "/api/collections")["collections"]])
 
     def create_collection(
         self,
