@@ -24,13 +24,15 @@ from bkg_kernel.errors import CorruptData
 log = logging.getLogger("bkg.state")
 
 
-def write(path: Path, data: str | bytes, durable: bool = True) -> Path:
-    """Replace `path` with `data`, whole or not at all (readable by its owner only: these folders hold keys).
-    `durable=False` for what may be lost (counters written often): not forced to the disk, so a power loss may
-    leave the old file, or an empty one that `load` reports."""
+def write(path: Path, data: str | bytes, durable: bool = True, private: bool = False) -> Path:
+    """Replace `path` with `data`, whole or not at all, with the mode a new file gets (the umask's), or readable by
+    its owner only when `private` (a key). `durable=False` for what may be lost (counters written often): not
+    forced to the disk, so a power loss may leave the old file, or an empty one that `load` reports."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600 until renamed
     try:
+        if not private:
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
             if durable:
@@ -52,11 +54,13 @@ def write_json(path: Path, value: Any, durable: bool = True) -> Path:
 
 
 def load(path: Path, kind: type = dict) -> Any:
-    """`path`'s JSON, which must be a `kind`; a file that cannot be read or parsed, or holds something else, is a
-    `CorruptData` that names it."""
+    """`path`'s JSON, which must be a `kind`; a file that is not JSON, or holds something else, is a `CorruptData`
+    that names it. A file that cannot be read at all (no permission, an I/O error) raises its OSError: it is not
+    damaged, and nothing may be set aside or started afresh over it."""
+    raw = path.read_bytes()
     try:
-        value = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
+        value = json.loads(raw)
+    except ValueError as exc:
         why = f"{type(exc).__name__}: {exc}"
         raise CorruptData(f"{path} cannot be read ({why})") from None
     if not isinstance(value, kind):
@@ -80,6 +84,15 @@ def sweep(path: Path) -> int:
             tmp.unlink()
             gone += 1
     return gone
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # read by setting it, set back at once: at import, before threads write files
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 def _named(kind: type) -> str:

@@ -6,7 +6,9 @@ classifier killed mid-way left a folder that blocked its id for good."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 from pathlib import Path
 from unittest import mock
@@ -18,7 +20,7 @@ from gateway_harness import http_ok, start_gateway, wait_for
 import bkg_kernel.auth.service as auth_service
 from bkg_kernel import statefiles
 from bkg_kernel.auth import AuthService
-from bkg_kernel.errors import AlreadyExists, CorruptData
+from bkg_kernel.errors import AlreadyExists, CorruptData, Unavailable
 from bkg_kernel.models.classifier import Classifier
 from bkg_kernel.models.download import sweep_partial
 from bkg_kernel.models.registry import ModelRegistry
@@ -189,3 +191,56 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path) -> None:
     path.write_text("[1, 2]")
     with pytest.raises(CorruptData, match="holds an array, not an object"):
         statefiles.load(path)
+
+
+def test_state_files_keep_the_umask_s_mode_and_keys_stay_private(tmp_path: Path) -> None:
+    """Found by a review: every state file came out 0600 (mkstemp's), so a model dir prepared by another user (an
+    init container, `sudo bkg models add`) left the gateway unable to read its manifest. Only keys are private."""
+    old = os.umask(0o022)
+    try:
+        plain = statefiles.write(tmp_path / "manifest.json", "{}")
+        key = statefiles.write(tmp_path / "admin.key", "bkg_x\n", private=True)
+    finally:
+        os.umask(old)
+    assert plain.stat().st_mode & 0o777 == 0o644 and key.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_file_that_cannot_be_read_is_not_taken_for_damaged(tmp_path: Path) -> None:
+    """Found by a review: any read error (no permission, an I/O error) set plugins.json aside and started every
+    plugin from its defaults, re-enabling the ones an admin had disabled. Only a file that is not JSON is damaged."""
+    (tmp_path / "plugins.json").mkdir()  # read_bytes fails with an OSError, as EACCES or EIO would
+    with pytest.raises(OSError):
+        RegistryFile(tmp_path / "plugins.json")
+    assert (tmp_path / "plugins.json").is_dir() and not list(tmp_path.glob("plugins.json.damaged-*"))
+
+
+def test_a_model_file_is_placed_where_hard_links_are_not_to_be_had(tmp_path: Path) -> None:
+    """Found by a review: placing a single file used a hard link only; a model dir on exFAT, a network mount or
+    another mount than `.partial/` gave a raw OSError (a 500) where `os.replace` had worked."""
+    reg = ModelRegistry(tmp_path / "models", register_defaults=False)
+    with mock.patch("os.link", side_effect=OSError(errno.EXDEV, "Invalid cross-device link")):
+        with reg.staged("m.gguf") as a:
+            a.write_text("first")
+            reg.place(a, reg.dir / "m.gguf")
+        with reg.staged("m.gguf") as b, pytest.raises(AlreadyExists):
+            b.write_text("second")
+            reg.place(b, reg.dir / "m.gguf")
+    assert (reg.dir / "m.gguf").read_text() == "first"
+
+
+def test_recover_admin_never_picks_a_hub_user_and_leaves_no_unstored_key(tmp_path: Path) -> None:
+    """Found by a review: with the local admin disabled and a JupyterHub admin left, recovery picked the Hub user,
+    wrote admin.key, and then failed to store the key: the file held a key that worked nowhere."""
+    data = tmp_path / "data"
+    with Store(data) as store:
+        auth = AuthService(store)
+        path = auth.bootstrap(data, None)
+        assert path is not None
+        before = path.read_text()
+        auth.create_user("alice" + auth_service.HUB_SUFFIX, "admin", actor=auth_service.HUB_ACTOR)
+        local = next(u for u in auth.users.values() if u["username"] == "admin")
+        auth.update_user(local["id"], disabled=True, actor="test")
+        with pytest.raises(Unavailable, match="other than JupyterHub"):
+            auth.recover_admin_key(data)
+        assert path.read_text() == before
+        auth.close()

@@ -945,28 +945,44 @@ class AuthService:
         token = env_key or ks.new_key()[0]
         path = None if env_key else _write_key_file(data_dir / "admin.key", token)  # before the key exists: a
         # file that cannot be written leaves no admin behind without a key file, and the next start tries again
-        self.con.begin()  # the user and their key, or neither
-        try:
-            admin = self.create_user("admin", "admin", actor="bootstrap")
-            self.create_key(admin["id"], "admin (bootstrap)", actor="bootstrap", token=token)
-            self.con.commit()
-        except BaseException:
-            self.con.rollback()
-            raise
+        with self.mutex:  # the connection's other users (the audit writer) wait: the transaction is this alone
+            self.con.begin()  # the user and their key, or neither
+            try:
+                admin = self.create_user("admin", "admin", actor="bootstrap")
+                self.create_key(admin["id"], "admin (bootstrap)", actor="bootstrap", token=token)
+                self.con.commit()
+            except BaseException:
+                self.con.rollback()
+                raise
         return path
 
     def recover_admin_key(self, data_dir: Path) -> Path:
         """A new key for the first enabled admin user, written to `data_dir/admin.key` (mode 0600), for someone who
         holds the data dir (its database and every key's hash are theirs already) and lost the admin key. Any key
         the admin had stays, listed and revocable."""
-        admin = next((u for u in sorted(self.users.values(), key=lambda u: u["created_at"])
-                      if u["role"] == "admin" and not u["disabled"]), None)  # fmt: skip
+        admin = next(
+            (
+                u
+                for u in sorted(self.users.values(), key=lambda u: u["created_at"])
+                if u["role"] == "admin" and not u["disabled"] and not u["username"].endswith(HUB_SUFFIX)
+            ),
+            None,
+        )  # a JupyterHub admin acts through the Hub, with no bkg key
         if admin is None:
-            raise Unavailable("no enabled admin user to give a key to")
+            raise Unavailable("no enabled admin user (other than JupyterHub's) to give a key to")
         token = ks.new_key()[0]
-        path = _write_key_file(data_dir / "admin.key", token)  # first: a key stored without its file helps nobody
-        name = f"admin (recovered {_now():%Y-%m-%d %H:%M} UTC)"
-        self.create_key(admin["id"], name, actor="bkg keys recover-admin", token=token)
+        path = data_dir / "admin.key"
+        before = path.read_bytes() if path.exists() else None
+        _write_key_file(path, token)  # first: a key stored without its file helps nobody
+        try:
+            name = f"admin (recovered {_now():%Y-%m-%d %H:%M} UTC)"
+            self.create_key(admin["id"], name, actor="bkg keys recover-admin", token=token)
+        except BaseException:  # the file goes back to what it was: it never holds a key that was not stored
+            if before is None:
+                path.unlink(missing_ok=True)
+            else:
+                statefiles.write(path, before, private=True)
+            raise
         return path
 
     def _end_sessions(self, user_id: str) -> None:
@@ -1008,7 +1024,7 @@ class AuthService:
 
 def _write_key_file(path: Path, token: str) -> Path:
     """Write a key to a file only its owner can read (mode 0600 from the start), whole or not at all."""
-    return statefiles.write(path, token + "\n")
+    return statefiles.write(path, token + "\n", private=True)
 
 
 def _public_user(u: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,8 @@ KINDS: tuple[str, ...] = (
 )
 MANIFEST = "manifest.json"
 log = logging.getLogger("bkg.models")
+# a file system without hard links (exFAT, FAT, some network mounts), or a model dir on another mount than .partial/
+_NO_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a model id is a folder name in the model dir: no path parts
 _ID = re.compile(ID_PATTERN)
 
@@ -174,8 +176,15 @@ class ModelRegistry:
             if staged.is_dir() and not staged.is_symlink():
                 os.rename(staged, dest)  # refused when dest is a file or a folder with anything in it
             else:
-                os.link(staged, dest, follow_symlinks=False)  # refused when dest exists
-                staged.unlink()
+                try:
+                    os.link(staged, dest, follow_symlinks=False)  # refused when dest exists
+                except OSError as exc:
+                    if exc.errno not in _NO_LINKS:
+                        raise
+                    os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))  # taken here, or refused
+                    os.replace(staged, dest)
+                else:
+                    staged.unlink()
         except OSError as exc:
             taken = isinstance(exc, (FileExistsError, IsADirectoryError, NotADirectoryError))
             if not (taken or exc.errno == errno.ENOTEMPTY):

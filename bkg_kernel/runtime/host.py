@@ -267,8 +267,10 @@ class WorkerProcess:
             return None
 
     def stop(self, timeout: float) -> None:
-        """Ask the worker to stop; kill it if it has not exited within `timeout` seconds."""
+        """Ask the worker to stop; kill it if it has not exited within `timeout` seconds. A request sent from now on
+        gets its 503 at once (it would wait behind the writer's end for its whole timeout)."""
         self._send(("stop",))
+        self._broken = True
         self._outbox.put(None)  # the writer ends after it
         self.proc.join(timeout)
         if self.proc.is_alive():
@@ -278,6 +280,7 @@ class WorkerProcess:
         self.conn.close()
         with contextlib.suppress(ValueError):  # still running after the kill: its handle stays
             self.proc.close()
+        self.fail_in_flight(f"the {self.host.id} worker stopped")  # what slipped in while it stopped
 
 
 WATCH_S = 0.25  # how often a call port's thread, waiting on a worker, looks whether its client left

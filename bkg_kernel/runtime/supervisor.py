@@ -182,12 +182,12 @@ class Supervisor:
         reason = status.get("reason") or "start failed"
         if failed >= MAX_FAILED_STARTS:
             self._failed_starts.pop(h.id, None)
-            h._set("error", f"{reason} ({failed} restarts in a row failed: start it again once it is fixed)")  # noqa: SLF001
+            _still_failed(h, f"{reason} ({failed} restarts in a row failed: start it again once it is fixed)")
             return
         delay = min(self._backoff.get(h.id, 0.5) * 2, BACKOFF_MAX_S)
         self._backoff[h.id] = delay
         self._restart_at[h.id] = time.monotonic() + delay
-        h._set("error", f"{reason} (restart {failed} of {MAX_FAILED_STARTS} failed; next in {delay:.0f}s)")  # noqa: SLF001
+        _still_failed(h, f"{reason} (restart {failed} of {MAX_FAILED_STARTS} failed; next in {delay:.0f}s)")
 
     def _sample(self, h: PluginHost) -> None:
         tel = h.telemetry
@@ -228,7 +228,7 @@ class Supervisor:
             def give_up(host: PluginHost = h) -> None:
                 try:
                     host.stop(timeout=5)
-                    host._set("error", reason)  # noqa: SLF001
+                    _still_failed(host, reason, also="stopped")
                 finally:
                     self._memory_strikes.pop(host.id, None)
                     self._restarting.discard(host.id)
@@ -258,3 +258,10 @@ class Supervisor:
                 "rss_bytes": sum(p["rss_bytes"] for p in per.values()),
             },
         }
+
+
+def _still_failed(h: PluginHost, reason: str, also: str = "error") -> None:
+    """Say why `h` is in `error`, unless someone started it meanwhile (a Start from the API wins)."""
+    with h._lock:  # noqa: SLF001
+        if h.worker is None and h.plugin is None and h.state in ("error", also):
+            h._set("error", reason)  # noqa: SLF001

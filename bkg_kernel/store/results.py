@@ -196,6 +196,9 @@ class CollectionList:
     def __len__(self) -> int:
         return len(self.collections)
 
+    def __getitem__(self, i: int) -> CollectionInfo:
+        return self.collections[i]
+
     @property
     def names(self) -> list[str]:
         """Return the collection names."""
