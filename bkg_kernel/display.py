@@ -102,17 +102,23 @@ def faces_figure(result: Mapping[str, Any], image_b64: str) -> str:
     img = ImageOps.exif_transpose(Image.open(io.BytesIO(base64.b64decode(image_b64)))).convert("RGB")
     draw = ImageDraw.Draw(img)
     width = max(2, img.width // 300)
+    labels = []
     for face in result["faces"]:
-        known = face["subject"] != "unknown"
+        if "subject" in face:  # identified: named, or unknown
+            known = face["subject"] != "unknown"
+            sim = f" {face['matches'][0]['similarity']:.2f}" if face["matches"] else ""
+            label = f"{face['subject']}{sim}"
+        else:  # detected: its detection score
+            known, label = True, f"face {face['score']:.2f}"
         colour = "#2ca02c" if known else "#d62728"
         x1, y1, x2, y2 = face["bbox"]
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
-        sim = f" {face['matches'][0]['similarity']:.2f}" if face["matches"] else ""
-        draw.text((x1 + width, max(0, y1 - 12 * width)), f"{face['subject']}{sim}", fill=colour)
+        draw.text((x1 + width, max(0, y1 - 12 * width)), label, fill=colour)
+        labels.append(label)
     img.thumbnail((800, 800))
     buf = io.BytesIO()
     img.save(buf, "PNG")
-    names = ", ".join(html.escape(str(f["subject"])) for f in result["faces"]) or "no face"
+    names = ", ".join(html.escape(x) for x in labels) or "no face"
     src = base64.b64encode(buf.getvalue()).decode()
     img_tag = f"<img src='data:image/png;base64,{src}' style='min-width: 240px; max-width: 100%'/>"
     return f"<figure>{img_tag}<figcaption>{names}</figcaption></figure>"

@@ -147,6 +147,10 @@ def test_a_name_the_capability_does_not_take_is_a_422_not_ignored(bgw: Gateway) 
         wb.brain.query("kb", "solar", k=3)
     ranked = wb.brain.query("kb", "lava flows", top_k=3, mode="text")
     assert ranked.hits and list(ranked.to_pandas()["doc_id"]) == [h["doc_id"] for h in ranked.hits]
+    stats = wb.brain.stats("kb")  # a table in a notebook, rows as before
+    assert stats[0]["collection"] == "kb" and "<table" in stats._repr_html_()
+    asked = wb.brain.ask("kb", "What flows from volcanoes?")
+    assert asked["citations"] and str(asked) == asked["answer"] and "sources" in asked._repr_html_()
 
 
 def test_stats_lists_what_is_left_after_a_collection_is_dropped(bgw: Gateway) -> None:

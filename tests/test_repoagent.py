@@ -454,7 +454,7 @@ def test_the_notebook_client(rgw: Gateway, capsys: pytest.CaptureFixture[str]) -
     from bkg_kernel.client.workbench import Workbench
 
     wb = Workbench(rgw.url, ADMIN_KEY)
-    assert "demo" in {w["name"] for w in wb.repos()}
+    assert "demo" in {w["name"] for w in wb.repos()} and "<table" in wb.repos()._repr_html_()
     repo = wb.repo("demo")
     repo.index(progress=False)
     assert "core.py" in str(repo.tree()) and "secret.txt" not in str(repo.tree())

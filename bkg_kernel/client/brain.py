@@ -5,7 +5,7 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING, Any
 
-from bkg_kernel.display import html_table
+from bkg_kernel.display import Table, html_table
 
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
@@ -32,6 +32,25 @@ class Ranked(dict[str, Any]):
         ]  # fmt: skip
         cap = f"{len(self['results'])} results ({self['mode']}) in {self['latency_ms']:.1f} ms"
         return html_table(["rank", "id", "score", "chunk", "metadata"], rows, cap, raw={"chunk"})
+
+
+class Asked(dict[str, Any]):
+    """brainml.ask's answer: the text, then the chunks it cites."""
+
+    def __str__(self) -> str:
+        return str(self["answer"])
+
+    def _repr_html_(self) -> str:
+        rows = [(c["n"], c["doc_id"], c["id"], f"{c['score']:.4f}") for c in self["citations"]]
+        sources = html_table(["n", "document", "chunk", "score"], rows, f"sources ({self['model']})")
+        return f"<div style='white-space:pre-wrap'>{escape(str(self['answer']))}</div>{sources}"
+
+
+class Stats(Table):
+    """brainml.stats: per collection, documents, chunks, model, last index, queries and latency."""
+
+    columns = ("collection", "documents", "chunks", "embed_model", "dim", "last_index", "queries", "avg_query_ms")
+    caption = "brainml collections"
 
 
 class TrainReport(dict[str, Any]):
@@ -76,13 +95,13 @@ class Brain:
         """Search a collection (mode vector|text|hybrid, top_k, filters); a ranked table in a notebook."""
         return Ranked(self._invoke("brainml.query", {"collection": collection, "query": query, **opts}))
 
-    def ask(self, collection: str, question: str, **opts: Any) -> dict[str, Any]:
-        """Answer from the collection with citations."""
-        return dict(self._invoke("brainml.ask", {"collection": collection, "question": question, **opts}))
+    def ask(self, collection: str, question: str, **opts: Any) -> Asked:
+        """Answer from the collection with citations (the answer and its sources in a notebook)."""
+        return Asked(self._invoke("brainml.ask", {"collection": collection, "question": question, **opts}))
 
-    def stats(self, collection: str | None = None) -> list[dict[str, Any]]:
-        """Documents, chunks, model, last index, queries and latency per collection."""
-        return list(self._invoke("brainml.stats", {"collection": collection})["collections"])
+    def stats(self, collection: str | None = None) -> Stats:
+        """Documents, chunks, model, last index, queries and latency per collection (a table in a notebook)."""
+        return Stats(self._invoke("brainml.stats", {"collection": collection})["collections"])
 
     def train(self, collection: str, label_field: str, *, wait: bool = True, progress: bool = True, **opts: Any) -> Any:
         """Train a classifier (model logistic|mlp, test_split, ...) as a background job with a progress bar.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,15 @@ class Identified(dict[str, Any]):
         return faces_figure(self, self._image)
 
 
+class Verdict(dict[str, Any]):
+    """faces.verify's answer: same person or not, with the similarity against the threshold."""
+
+    def _repr_html_(self) -> str:
+        word = "the same person" if self["same"] else "different people"
+        return (f"<p><b>{word}</b>: similarity {self['similarity']:.3f} (threshold {self['threshold']:.3f}, "
+                f"{escape(str(self['model']))})</p>")  # fmt: skip
+
+
 class GalleryTable(Table):
     """Face galleries with their face counts."""
 
@@ -76,13 +86,15 @@ class Faces:
     def _invoke(self, cap: str, body: dict[str, Any]) -> Any:
         return self.wb.invoke("rustyface", cap, body)
 
-    def detect(self, image: Any, **opts: Any) -> dict[str, Any]:
-        """Faces in an image (path, bytes, PIL image or array): box, landmarks, score."""
-        return dict(self._invoke("faces.detect", {"image": encode(image), **opts}))
+    def detect(self, image: Any, **opts: Any) -> Identified:
+        """Faces in an image (path, bytes, PIL image or array): box, landmarks, score; in a notebook, the image with
+        each face boxed and scored."""
+        data = encode(image)
+        return Identified(self._invoke("faces.detect", {"image": data, **opts}), data)
 
-    def verify(self, image_a: Any, image_b: Any, **opts: Any) -> dict[str, Any]:
-        """Whether two images show the same person, with the similarity and threshold."""
-        return dict(self._invoke("faces.verify", {"image_a": encode(image_a), "image_b": encode(image_b), **opts}))
+    def verify(self, image_a: Any, image_b: Any, **opts: Any) -> Verdict:
+        """Whether two images show the same person, with the similarity and threshold (a line in a notebook)."""
+        return Verdict(self._invoke("faces.verify", {"image_a": encode(image_a), "image_b": encode(image_b), **opts}))
 
     def identify(self, gallery: str, image: Any, **opts: Any) -> Identified:
         """The best subjects of a gallery for each face; in a notebook, the image with boxes and names drawn."""

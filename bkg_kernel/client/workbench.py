@@ -24,12 +24,20 @@ from bkg_kernel.client.jobs import Jobs
 from bkg_kernel.client.llm import LLM, ModelTable
 from bkg_kernel.client.plugins import PluginTable, RemotePlugin
 from bkg_kernel.client.repo import Repo
+from bkg_kernel.display import Table
 from bkg_kernel.errors import BkgError, InvalidInput, JobFailed, Timeout, Unavailable
 from bkg_kernel.logfiles import open_log
 from bkg_kernel.settings import Settings, gateway_url
 from bkg_kernel.store.results import CollectionInfo, CollectionList
 
 _latest: weakref.ref[Workbench] | None = None
+
+
+class _Workspaces(Table):
+    """repoagent's workspaces."""
+
+    columns = ("name", "path", "git", "added_by", "collection")
+    caption = "repoagent workspaces"
 
 
 def latest() -> Workbench | None:
@@ -136,10 +144,10 @@ class Workbench:
         """repoagent: one workspace (tree, read, search, symbols, map, ask, document, run, commit)."""
         return Repo(self, name)
 
-    def repos(self) -> list[dict[str, Any]]:
-        """Every repoagent workspace with its index status."""
+    def repos(self) -> Table:
+        """Every repoagent workspace with its index status (a table in a notebook)."""
         body = {"action": "list"}
-        return list(self.invoke("repoagent", "repo.workspace", body)["workspaces"])
+        return _Workspaces(self.invoke("repoagent", "repo.workspace", body)["workspaces"])
 
     def repo_roots(self) -> list[str]:
         """The folders repoagent workspaces may live under (its `repo_roots` setting)."""
