@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -21,6 +22,8 @@ from bkg_kernel.store.results import (
 
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
+
+T = TypeVar("T")
 
 
 class RemoteCollection:
@@ -88,7 +91,7 @@ class RemoteCollection:
         """Points by id, in the order asked for (missing ids left out): a table in a notebook."""
         body = {"ids": ids, "with_vectors": with_vectors}
         found = self.wb.call("POST", f"{self.base}/points/get", json=body)["points"]
-        return PointList([Point(**{k: p.get(k) for k in ("id", "vector", "payload", "text")}) for p in found])
+        return PointList([_known(Point, p) for p in found])
 
     def delete(self, ids: list[Any] | None = None, *, filter: dict[str, Any] | None = None) -> int:
         """Delete by ids or filter; return how many."""
@@ -101,11 +104,12 @@ class RemoteCollection:
 
     def snapshot(self) -> SnapshotInfo:
         """Write a snapshot."""
-        return _snapshot(self.wb.call("POST", f"{self.base}/snapshots"))
+        return _known(SnapshotInfo, self.wb.call("POST", f"{self.base}/snapshots"))
 
     def snapshots(self) -> SnapshotList:
         """List snapshots, newest first."""
-        return SnapshotList([_snapshot(s) for s in self.wb.call("GET", f"{self.base}/snapshots")["snapshots"]])
+        listed = self.wb.call("GET", f"{self.base}/snapshots")["snapshots"]
+        return SnapshotList([_known(SnapshotInfo, s) for s in listed])
 
     def restore(self, snapshot_id: str, into: str | None = None) -> CollectionInfo:
         """Restore a snapshot into this collection or a new one."""
@@ -113,8 +117,9 @@ class RemoteCollection:
         return CollectionInfo(**r)
 
 
-def _snapshot(d: dict[str, Any]) -> SnapshotInfo:
-    return SnapshotInfo(**{f: d[f] for f in SnapshotInfo.__dataclass_fields__ if f in d})
+def _known(cls: type[T], d: dict[str, Any]) -> T:
+    """A result dataclass from the gateway's JSON: the fields it has (what a newer gateway adds is left out)."""
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})  # type: ignore[arg-type]
 
 
 def _points(

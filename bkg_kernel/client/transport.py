@@ -84,10 +84,10 @@ class Http:
 
     def __init__(self, base_url: str, headers: Mapping[str, str] | None = None, timeout: float = 120.0) -> None:
         self.base_url = base_url.rstrip("/")
-        parts = urlsplit(self.base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if not is_http_url(self.base_url):
             raise ValueError(f"not an http(s) URL: {base_url!r}")
-        self._https, self._host, self._port = parts.scheme == "https", parts.hostname, parts.port
+        parts = urlsplit(self.base_url)
+        self._https, self._host, self._port = parts.scheme == "https", str(parts.hostname), parts.port
         self._prefix = parts.path.rstrip("/")
         self.headers = {"Accept": "*/*", "User-Agent": "bkg-client", **(headers or {})}
         self.timeout = timeout
@@ -178,13 +178,19 @@ class Http:
             conn.close()
 
 
+def is_http_url(url: str) -> bool:
+    """Whether `url` names an http(s) server (`127.0.0.1:8000`, without a scheme, does not)."""
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def seg(value: Any) -> str:
     """`value` as one segment of a URL path: a name with a space, a slash or a control character stays one name."""
     return quote(str(value), safe="")
 
 
 def _plain(value: Any) -> Any:
-    """What `json` cannot write but a notebook often holds: numpy and pandas arrays and scalars, tuples, sets."""
+    """What `json` cannot write but a notebook often holds: numpy and pandas arrays and scalars, sets."""
     if isinstance(value, (set, frozenset)):
         return sorted(value, key=repr)
     for method in ("tolist", "item"):  # numpy arrays and scalars, pandas Series and Index

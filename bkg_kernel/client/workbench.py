@@ -307,8 +307,7 @@ def connect(
         key = settings.hub_api_token
         url = hub_gateway(settings, url)  # the Hub token goes only to the Hub's own bkg service
     url = url or gateway_url(settings)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if not transport.is_http_url(url):
         raise InvalidInput(f"the gateway URL must look like http://host:port, not {url!r}", field="url")
     if not _alive(url):
         if not start or under_hub:  # a Hub user's server never starts a gateway of its own

@@ -81,8 +81,9 @@ class Entry:
 class RegistryFile:
     """`plugins.json`: enabled / autostart / config per plugin, written whole or not at all (`statefiles`).
 
-    A file that cannot be read is set aside and the plugins start with their defaults (a gateway that will not
-    start over it helps no one); what an entry holds that this version does not know is left out with a warning."""
+    A damaged file (not JSON, or not an object) is set aside and the plugins start with their defaults (a gateway
+    that will not start over it helps no one; one that cannot be read at all raises its OSError); what an entry
+    holds that this version does not know is left out with a warning."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -136,9 +136,7 @@ class Supervisor:
                     w.fail_in_flight(f"the {h.id} worker died (exit code {code}); it is being restarted")
                     # its pipe, threads and process handle go with it (they stayed, a few per crash, for good)
                     threading.Thread(target=w.stop, args=(0,), name=f"bkg-reap-{h.id}", daemon=True).start()
-                    delay = min(self._backoff.get(h.id, 0.5) * 2, BACKOFF_MAX_S)
-                    self._backoff[h.id] = delay
-                    self._restart_at[h.id] = now + delay
+                    delay = self._schedule_restart(h, now)
                     h.telemetry.started_at = None
                     h._set("error", f"worker exited with code {code}; restarting in {delay:.0f}s")  # noqa: SLF001
                     h.add_log("ERROR", time.time(), f"worker exited with code {code}; restart in {delay:.0f}s")
@@ -146,17 +144,8 @@ class Supervisor:
         if w is not None and h.state in ("running", "degraded"):
             silent = now - w.last_beat
             if silent > self.hung_restart_s and h.id not in self._restarting:
-                self._restarting.add(h.id)
                 h.add_log("ERROR", time.time(), f"no heartbeat for {silent:.0f}s: killing the worker and starting it")
-
-                def restart(host: PluginHost = h) -> None:
-                    try:
-                        host.restarts += 1
-                        host.restart(stop_timeout=0)  # a hung worker cannot stop itself: no grace period
-                    finally:
-                        self._restarting.discard(host.id)
-
-                threading.Thread(target=restart, name=f"bkg-restart-{h.id}", daemon=True).start()
+                self._restart_in_background(h, stop_timeout=0)  # a hung worker cannot stop itself: no grace period
                 return
             if silent > self.heartbeat_timeout_s and h.state == "running":
                 h._set("degraded", f"no heartbeat for {silent:.0f}s")  # noqa: SLF001
@@ -184,9 +173,7 @@ class Supervisor:
             self._failed_starts.pop(h.id, None)
             _still_failed(h, f"{reason} ({failed} restarts in a row failed: start it again once it is fixed)")
             return
-        delay = min(self._backoff.get(h.id, 0.5) * 2, BACKOFF_MAX_S)
-        self._backoff[h.id] = delay
-        self._restart_at[h.id] = time.monotonic() + delay
+        delay = self._schedule_restart(h, time.monotonic())
         _still_failed(h, f"{reason} (restart {failed} of {MAX_FAILED_STARTS} failed; next in {delay:.0f}s)")
 
     def _sample(self, h: PluginHost) -> None:
@@ -219,8 +206,8 @@ class Supervisor:
         started = h.telemetry.started_at
         soon = started is not None and time.time() - started < SOON_S
         strikes = self._memory_strikes[h.id] = self._memory_strikes.get(h.id, 0) + 1 if soon else 1
-        self._restarting.add(h.id)
         if strikes >= MEMORY_STRIKES:
+            self._restarting.add(h.id)
             reason = (f"RSS {rss_mb} MB over memory_limit_mb {limit} within {SOON_S:.0f}s of each of {strikes} "
                       "starts: raise the limit (or load less), then start it again")  # fmt: skip
             h.add_log("ERROR", time.time(), reason)
@@ -236,15 +223,27 @@ class Supervisor:
             threading.Thread(target=give_up, name=f"bkg-memory-{h.id}", daemon=True).start()
             return
         h.add_log("WARNING", time.time(), f"RSS {rss_mb} MB over memory_limit_mb {limit}: restarting")
+        self._restart_in_background(h)
 
-        def restart(host: PluginHost = h) -> None:
+    def _schedule_restart(self, h: PluginHost, now: float) -> float:
+        """Set `h`'s next restart one backoff step (doubled, at most `BACKOFF_MAX_S`) after `now`; return the step."""
+        delay = min(self._backoff.get(h.id, 0.5) * 2, BACKOFF_MAX_S)
+        self._backoff[h.id] = delay
+        self._restart_at[h.id] = now + delay
+        return delay
+
+    def _restart_in_background(self, h: PluginHost, stop_timeout: float = 10.0) -> None:
+        """`h.restart` on a thread of its own, counted; `_restarting` holds `h` until it is done (one at a time)."""
+        self._restarting.add(h.id)
+
+        def restart() -> None:
             try:
-                host.restarts += 1
-                host.restart()
+                h.restarts += 1
+                h.restart(stop_timeout=stop_timeout)
             finally:
-                self._restarting.discard(host.id)
+                self._restarting.discard(h.id)
 
-        threading.Thread(target=restart, name=f"bkg-memory-{h.id}", daemon=True).start()
+        threading.Thread(target=restart, name=f"bkg-restart-{h.id}", daemon=True).start()
 
     def summary(self) -> dict[str, Any]:
         """Return telemetry of every plugin plus totals."""

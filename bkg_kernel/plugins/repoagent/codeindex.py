@@ -49,8 +49,9 @@ class CodeIndex:
 
     @classmethod
     def load(cls, path: Path) -> CodeIndex:
-        """Read it: an empty index when there is none; an empty one that is `lost` when the file cannot be read or
-        comes from another version (its collection holds chunks no index knows: the next run starts over)."""
+        """Read it: an empty index when there is none; an empty one that is `lost` when the file is not an index or
+        comes from another version (its collection holds chunks no index knows: the next run starts over). A file
+        that cannot be read at all (an I/O error) raises its OSError: nothing is dropped over it."""
         if not path.exists():
             return cls()
         try:
