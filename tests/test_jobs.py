@@ -315,6 +315,29 @@ def test_the_notebook_client_runs_lists_and_shows_the_failed_cell(jgw: Gateway) 
     assert any(j["id"] == run["id"] for j in wb.jobs())  # every job, still callable
 
 
+def test_interrupting_the_wait_leaves_the_run_going_and_says_how_to_stop_it(
+    jgw: Gateway, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import types
+
+    from bkg_kernel.client import Workbench
+    from bkg_kernel.client import jobs as client_jobs
+
+    def pressed_stop(seconds: float) -> None:  # the person pressing Ctrl-C (or the notebook's stop) while it waits
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client_jobs, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=pressed_stop))
+    wb = Workbench(jgw.url, ADMIN_KEY)
+    with pytest.raises(KeyboardInterrupt):
+        wb.jobs.run("sleepy.ipynb", progress=False)
+    said = capsys.readouterr().err
+    run_id = said.split("run ")[1].split(" ")[0]
+    assert f"goes on in the gateway; wb.jobs.cancel({run_id!r}) stops it" in said, said
+    assert wb.jobs.get(run_id)["state"] in ("queued", "running")  # the run itself was not touched
+    assert wb.jobs.cancel(run_id)["id"] == run_id
+    assert wait_run(jgw, run_id, timeout=30)["state"] == "cancelled"
+
+
 def test_the_cli_runs_a_notebook_with_typed_parameters(jgw: Gateway) -> None:
     env = {**os.environ, "BKG_GATEWAY_URL": jgw.url, "BKG_API_KEY": ADMIN_KEY}
     r = subprocess.run([sys.executable, "-m", "bkg_kernel.cli", "jobs", "run", "ok.ipynb", "-p", "n", "4", "-p",

@@ -228,6 +228,20 @@ def test_enroll_folder_from_the_notebook_client(fgw: Gateway, tmp_path: Path) ->
     again = wb.faces.enroll_folder("folder", str(tmp_path), replace=True, progress=False)  # a re-run: no duplicates
     assert again["enrolled"] == 3 and again["replaced"] == 3, again
     assert wb.faces.subjects("folder") == [{"subject": "eileen", "faces": 2}, {"subject": "tom", "faces": 1}]
+    # one photo where a list is asked for is a list of one (a path's characters are not photos)
+    one = wb.faces.enroll("folder", "tom", tmp_path / "tom" / "t.jpg")
+    assert len(one["enrolled"]) == 1 and wb.faces.subjects("folder")[1] == {"subject": "tom", "faces": 2}
+    # what is not an image is the caller's 422 naming the argument, said before anything is sent
+    for call, field in (
+        (lambda: wb.faces.detect(None), "image"),
+        (lambda: wb.faces.verify(a, [1, 2]), "image_b"),
+        (lambda: wb.faces.enroll("folder", "tom", [a, {"x": 1}]), "images[1]"),
+        (lambda: wb.faces.identify("folder", np.zeros((2, 2, 7), dtype=np.uint8)), "image"),
+    ):
+        with pytest.raises(bkg_kernel.BkgError) as err:
+            call()
+        assert err.value.status == 422 and err.value.field == field, (field, err.value)
+    assert wb.faces.subjects("folder")[1] == {"subject": "tom", "faces": 2}
 
 
 def test_traversal_huge_and_failed_enroll_store_nothing(fgw: Gateway) -> None:

@@ -10,6 +10,7 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from bkg_kernel.display import Table, faces_figure, html_table
@@ -21,15 +22,31 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def encode(image: Any) -> str:
-    """Base64 of an image given as a path, bytes, a PIL image or an RGB numpy array."""
+def encode(image: Any, field: str = "image") -> str:
+    """Base64 of an image given as a path, bytes, a PIL image or a numpy array (H x W gray, or H x W x 3 RGB, of
+    uint8); anything else is a 422 naming `field`, said here before anything is sent."""
     if isinstance(image, (str, os.PathLike)):
         return base64.b64encode(Path(image).read_bytes()).decode()
-    if isinstance(image, bytes):
+    if isinstance(image, (bytes, bytearray, memoryview)):
         return base64.b64encode(image).decode()
     from PIL import Image
 
-    img = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        img = image
+    elif isinstance(image, np.ndarray):
+        try:
+            img = Image.fromarray(image)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(
+                f"{field}: an image array is H x W (gray) or H x W x 3 (RGB) of uint8, not {image.shape} of "
+                f"{image.dtype} ({exc})",
+                field=field,
+            ) from None
+    else:
+        raise InvalidInput(
+            f"{field}: an image is a file path, bytes, a PIL image or a numpy array, not {type(image).__name__}",
+            field=field,
+        )
     buf = io.BytesIO()
     img.convert("RGB").save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
@@ -94,7 +111,8 @@ class Faces:
 
     def verify(self, image_a: Any, image_b: Any, **opts: Any) -> Verdict:
         """Whether two images show the same person, with the similarity and threshold (a line in a notebook)."""
-        return Verdict(self._invoke("faces.verify", {"image_a": encode(image_a), "image_b": encode(image_b), **opts}))
+        body = {"image_a": encode(image_a, "image_a"), "image_b": encode(image_b, "image_b"), **opts}
+        return Verdict(self._invoke("faces.verify", body))
 
     def identify(self, gallery: str, image: Any, **opts: Any) -> Identified:
         """The best subjects of a gallery for each face; in a notebook, the image with boxes and names drawn."""
@@ -117,9 +135,12 @@ class Faces:
         """A gallery's subjects with their face counts (a table in a notebook)."""
         return SubjectTable(self._invoke("faces.subjects", {"gallery": gallery})["subjects"])
 
-    def enroll(self, gallery: str, subject: str, images: list[Any], **opts: Any) -> dict[str, Any]:
-        """Enroll the best face of each image as `subject`."""
-        body = {"gallery": gallery, "subject": subject, "images": [encode(i) for i in images], **opts}
+    def enroll(self, gallery: str, subject: str, images: Any, **opts: Any) -> dict[str, Any]:
+        """Enroll the best face of each image (a list of them, or one) as `subject`."""
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)) or hasattr(images, "getim"):
+            images = [images]  # one image (a PIL image has getim), not a sequence of them
+        encoded = [encode(img, f"images[{i}]") for i, img in enumerate(images)]
+        body = {"gallery": gallery, "subject": subject, "images": encoded, **opts}
         return dict(self._invoke("faces.enroll", body))
 
     def enroll_folder(

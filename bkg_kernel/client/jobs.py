@@ -4,6 +4,7 @@ cell that failed, its source and the error. `wb.jobs()` still lists every job (r
 
 from __future__ import annotations
 
+import sys
 import time
 from html import escape
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,11 @@ COLORS = {"succeeded": "#1a7f37", "failed": "#cf222e", "timed_out": "#cf222e", "
 
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+
+
+def said_goes_on(what: str, stop: str) -> None:
+    """Tell whoever interrupted a wait that the work goes on in the gateway, and how to stop it."""
+    print(f"stopped waiting: {what} goes on in the gateway; {stop} stops it", file=sys.stderr)
 
 
 class Run(dict[str, Any]):
@@ -119,7 +125,10 @@ class Jobs:
         return Run(self.wb.call("GET", f"/api/jobs/{seg(run_id)}"))
 
     def wait(self, run_id: str, *, progress: bool = True, timeout: float | None = None) -> Run:
-        """Wait for a run to end (and its automatic retries), with a progress bar; return the last attempt."""
+        """Wait for a run to end (and its automatic retries), with a progress bar; return the last attempt.
+
+        Interrupting the wait (Ctrl-C, the notebook's stop button) stops only the waiting: the run belongs to the
+        gateway and goes on (as a jupyter-scheduler job does), and the message says how to stop it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = tqdm(total=1, desc=run_id, unit="cell", disable=not progress, leave=False)
         try:
@@ -136,6 +145,9 @@ class Jobs:
                 if deadline is not None and time.monotonic() > deadline:
                     raise Timeout(f"run {run_id} still {run['state']} after {timeout:g}s", field="job_id")
                 time.sleep(0.2)
+        except KeyboardInterrupt:
+            said_goes_on(f"run {run_id}", f"wb.jobs.cancel({run_id!r})")
+            raise
         finally:
             bar.close()
 

@@ -20,7 +20,7 @@ from bkg_kernel.client.brain import Brain
 from bkg_kernel.client.callport import HELLO, RETRY_AFTER_S, CallPort
 from bkg_kernel.client.collections import RemoteCollection
 from bkg_kernel.client.faces import Faces
-from bkg_kernel.client.jobs import Jobs
+from bkg_kernel.client.jobs import Jobs, said_goes_on
 from bkg_kernel.client.llm import LLM, ModelTable
 from bkg_kernel.client.plugins import PluginTable, RemotePlugin
 from bkg_kernel.client.repo import Repo
@@ -241,7 +241,8 @@ class Workbench:
         return dict(self.call("POST", f"/api/jobs/{transport.seg(job_id)}/cancel"))
 
     def wait_job(self, job_id: str, *, progress: bool = True, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for a job with a progress bar; return its result, or raise its error as a BkgError."""
+        """Wait for a job with a progress bar; return its result, or raise its error as a BkgError. Interrupting the
+        wait stops only the waiting: the job goes on in the gateway (the message says how to cancel it)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = tqdm(total=100, desc=job_id, unit="%", disable=not progress, leave=False)
         try:
@@ -254,6 +255,9 @@ class Workbench:
                 if deadline is not None and time.monotonic() > deadline:
                     raise Timeout(f"job {job_id} still {job['state']} after {timeout:g}s", field="job_id")
                 time.sleep(0.2)
+        except KeyboardInterrupt:
+            said_goes_on(f"job {job_id}", f"wb.cancel_job({job_id!r})")
+            raise
         finally:
             bar.close()
         if job["state"] not in ("done", "succeeded"):
