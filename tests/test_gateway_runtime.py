@@ -273,3 +273,62 @@ def test_a_body_that_stops_coming_is_a_408_and_sigterm_does_not_wait_for_it(tmp_
     finally:
         stalled.close()
         g.stop()
+
+
+def test_a_stop_ends_a_start_that_hangs_at_once(tmp_path: Path) -> None:
+    """Found by a review: a worker still starting (a model loading, say) held its plugin's lock for up to 120 s, and
+    a Stop from the panel, or the gateway's own shutdown, waited all that time. Now a stop kills the starting
+    worker, as `ollama stop` ends a load."""
+    import threading
+
+    import psutil
+
+    root = tmp_path / "site"
+    (root / "bkg_slow").mkdir(parents=True)
+    (root / "bkg_slow" / "__init__.py").write_text(
+        textwrap.dedent("""
+        import os, time
+        from pathlib import Path
+        from bkg_kernel.runtime.contract import Plugin
+
+        class Slow(Plugin):
+            id = "slow"
+            name = "Slow"
+            mode = "worker"
+
+            def start(self) -> None:
+                Path(os.environ["SLOW_PID_FILE"]).write_text(str(os.getpid()))
+                time.sleep(600)
+
+        PLUGIN = Slow
+    """)
+    )
+    dist = root / "bkg_slow-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bkg-slow\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[bkg_kernel.plugins]\nslow = bkg_slow\n")
+    pid_file = tmp_path / "slow.pid"
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        "SLOW_PID_FILE": str(pid_file),
+    }
+    g = start_gateway(tmp_path / "data", env=env, plugins=["slow"], wait=False)
+    try:
+        c = g.client()
+        wait_for(lambda: _up(g) and c.get("/api/plugins/slow/status").json()["state"] == "starting", 60)
+        pid = wait_for(lambda: pid_file.exists() and pid_file.read_text() and int(pid_file.read_text()), 60)
+        r = c.post("/api/plugins/slow/stop", timeout=30)  # not the 120 s a start may take
+        assert r.status_code == 200 and r.json()["state"] == "stopped", r.text
+        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10)
+        assert c.get("/api/plugins/slow/status").json()["state"] == "stopped"
+        # started again by hand and left starting: the gateway's own shutdown does not wait for it either
+        pid_file.unlink()
+        threading.Thread(target=lambda: g.client().post("/api/plugins/slow/start", timeout=60), daemon=True).start()
+        again = wait_for(lambda: pid_file.exists() and pid_file.read_text() and int(pid_file.read_text()), 60)
+        assert again != pid
+    finally:
+        shut = time.monotonic()
+        code = g.stop()
+    assert code == 0, f"the gateway did not stop by itself within 20 s of SIGTERM (exit {code})"
+    # not its 15 s grace for the Start request still in flight: that start ended at the signal
+    assert time.monotonic() - shut < 12, "the gateway waited on a plugin still starting before it stopped"

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from types import ModuleType
+from types import FrameType, ModuleType
 
 import uvicorn
 
@@ -20,7 +20,17 @@ from bkg_kernel.settings import SECRET_ENV, Settings
 
 
 class _Server(uvicorn.Server):
-    """uvicorn re-raises SIGTERM / SIGINT after its graceful shutdown; a clean stop should exit 0 instead."""
+    """uvicorn re-raises SIGTERM / SIGINT after its graceful shutdown; a clean stop should exit 0 instead. A start in
+    progress ends at the signal: uvicorn waits for the requests in flight, and a Start request waits for its plugin
+    (a model loading, up to two minutes) unless that start ends."""
+
+    def __init__(self, config: uvicorn.Config, gw: Gateway) -> None:
+        super().__init__(config)
+        self.gw = gw
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.gw.supervisor.abort_starts()  # sets events only the start threads look at, and kills: no lock is taken
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -84,7 +94,7 @@ def serve(settings: Settings, plugins: list[str] | None = None) -> None:
         ws_max_size=2**16,
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # a request that never ends cannot hold the exit
     )
-    server = _Server(config)
+    server = _Server(config, gw)
     try:
         server.run()
     finally:

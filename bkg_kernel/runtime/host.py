@@ -266,6 +266,12 @@ class WorkerProcess:
         except ValueError:
             return None
 
+    def kill(self) -> None:
+        """Kill the worker at once (one still starting: nothing of it is worth a graceful stop); its pipe's reader
+        then ends, and whoever waits for it to be ready stops waiting."""
+        with contextlib.suppress(ValueError, OSError):  # closed, or gone already
+            self.proc.kill()
+
     def stop(self, timeout: float) -> None:
         """Ask the worker to stop; kill it if it has not exited within `timeout` seconds. A request sent from now on
         gets its 503 at once (it would wait behind the writer's end for its whole timeout)."""
@@ -381,6 +387,8 @@ class PluginHost:
         self.restarts = 0
         self.want_running = False
         self._lock = threading.RLock()
+        self._starting: WorkerProcess | None = None  # a worker being started: a stop kills it, not waits for it
+        self._start_stopped = threading.Event()  # a stop came while the plugin was starting
         self._slots: Slots | None = None
         self._slots_lock = threading.Lock()
         self.settings: PluginSettings = PluginSettings()
@@ -445,6 +453,7 @@ class PluginHost:
             if self.state in ("running", "degraded", "starting"):
                 return self.status()
             self.want_running = True
+            self._start_stopped.clear()
             self._set("starting")
             self.add_log("INFO", time.time(), f"starting {self.id} ({self.mode})")
             try:
@@ -476,14 +485,26 @@ class PluginHost:
 
     def _start_worker(self) -> None:
         w = WorkerProcess(self)
-        if not w.ready.wait(START_TIMEOUT_S) or w.failed or w.pid is None:
+        self._starting = w
+        try:
+            if self._start_stopped.is_set():  # stopped while the worker was being spawned
+                w.kill()
+            came = w.ready.wait(START_TIMEOUT_S)
+        finally:
+            self._starting = None
+        if self._start_stopped.is_set():
+            w.stop(0)  # ready meanwhile or not, it goes
+            raise RuntimeError("stopped while it was starting")
+        if not came or w.failed or w.pid is None:
             reason = w.failed or "the worker did not become ready"
             w.stop(2)
             raise RuntimeError(reason)
         self.worker = w
 
     def stop(self, timeout: float = 10.0) -> dict[str, Any]:
-        """Stop gracefully (kill after `timeout` seconds)."""
+        """Stop gracefully (kill after `timeout` seconds). A worker still starting (loading a model, say) is killed
+        at once, as `ollama stop` ends a load: the stop does not wait up to `START_TIMEOUT_S` for it."""
+        self.abort_start()
         with self._lock:
             self.want_running = False
             if self.state in ("stopped",) or (self.state == "error" and self.worker is None and self.plugin is None):
@@ -504,6 +525,17 @@ class PluginHost:
                 self._set("stopped")
                 self.add_log("INFO", time.time(), f"{self.id} stopped")
             return self.status()
+
+    def abort_start(self) -> None:
+        """End a start in progress (its worker killed; the start then fails saying so, and nothing restarts it);
+        nothing happens when the plugin is not starting. Takes no lock: the start holds it."""
+        if self.state != "starting":
+            return
+        self.want_running = False
+        self._start_stopped.set()
+        starting = self._starting
+        if starting is not None:
+            starting.kill()
 
     def restart(self, stop_timeout: float = 10.0) -> dict[str, Any]:
         """Stop (a worker is killed after `stop_timeout` seconds), then start."""

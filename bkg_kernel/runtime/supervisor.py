@@ -83,9 +83,14 @@ class Supervisor:
         self._monitor = threading.Thread(target=self._watch, name="bkg-supervisor", daemon=True)
         self._monitor.start()
 
+    def abort_starts(self) -> None:
+        """End every start in progress (the gateway is going: a model still loading is not waited for)."""
+        for h in list(self.hosts.values()):
+            h.abort_start()
+
     def shutdown(self, within: float = SHUTDOWN_S) -> None:
         """Stop watching, then stop every plugin, all at once, waiting `within` seconds at most (a worker still
-        starting holds its host until it is ready or given up: it dies with the gateway, see `worker.py`)."""
+        starting is killed: `PluginHost.stop`)."""
         self._stop.set()
         if self._monitor is not None:
             self._monitor.join(5)
