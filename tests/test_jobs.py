@@ -13,13 +13,17 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import nbformat
 import psutil
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway, kernel_connection, start_gateway, wait_for
+
+from bkg_kernel.jobs import schedule
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -560,6 +564,42 @@ def test_what_a_key_queued_or_scheduled_lives_no_longer_than_the_key(tmp_path: P
     finally:
         auth.close()
         store.close()
+
+
+def _fires(cron: str, tz: str, start: datetime, hours: float, last: float | None = None) -> list[str]:
+    """What a schedule runs, ticking each minute from `start` for `hours` (`last`: what it ran last, if not start)."""
+    t = start.timestamp()
+    ran, end, fired = (t if last is None else last), t + hours * 3600, []
+    while t < end:
+        fire = schedule.due(cron, tz, ran, t)
+        if fire is not None:
+            assert fire <= t, "a run never starts before its fire time"
+            fired.append(datetime.fromtimestamp(fire, ZoneInfo(tz)).strftime("%m-%d %H:%M%z"))
+            ran = fire
+        t += 60
+    return fired
+
+
+def test_a_fixed_hour_schedule_runs_once_when_the_clocks_go_back() -> None:
+    """Found by a review: on the night the clocks go back, `30 1 * * *` ran at 01:30 summer time and again at
+    01:30 winter time. Now a fixed hour runs at its first coming (Vixie cron's rule), a wildcard hour at both, a
+    first coming that was missed still runs at the second, and the spring gap is caught up once."""
+    ny, paris = "America/New_York", "Europe/Paris"
+    night = datetime(2026, 10, 31, 12, tzinfo=ZoneInfo(ny))
+    assert _fires("30 1 * * *", ny, night, 48) == ["11-01 01:30-0400", "11-02 01:30-0500"]
+    assert _fires("30 2 * * *", paris, datetime(2026, 10, 24, 12, tzinfo=ZoneInfo(paris)), 48) == [
+        "10-25 02:30+0200",
+        "10-26 02:30+0100",
+    ]
+    hourly = _fires("0 * * * *", ny, datetime(2026, 11, 1, 0, 30, tzinfo=ZoneInfo(ny)), 3)
+    assert hourly == ["11-01 01:00-0400", "11-01 01:00-0500", "11-01 02:00-0500"]
+    missed = datetime(2026, 11, 1, 1, 40, tzinfo=ZoneInfo(ny)).timestamp() + 3600  # 01:40 EST: the EDT 01:30 missed
+    start = datetime.fromtimestamp(missed - 60, ZoneInfo(ny))
+    assert _fires("30 1 * * *", ny, start, 0.1, last=night.timestamp())[0] == "11-01 01:30-0500"
+    spring = datetime(2026, 3, 7, 12, tzinfo=ZoneInfo(ny))  # 02:30 does not exist on 03-08
+    assert _fires("30 2 * * *", ny, spring, 48) == ["03-08 03:00-0400", "03-09 02:30-0400"]
+    fire = schedule.next_fire("0 3 * * *", "UTC", time.time())
+    assert schedule.latest_fire("0 3 * * *", "UTC", fire - 0.5) < fire <= schedule.latest_fire("0 3 * * *", "UTC", fire)
 
 
 def test_turning_a_schedule_on_takes_every_scope_it_was_made_with(tmp_path: Path, roots: Path) -> None:

@@ -51,13 +51,27 @@ def next_fire(cron: str, tz: str, after: float) -> float:
 
 
 def latest_fire(cron: str, tz: str, now: float) -> float:
-    """The newest fire time at or before `now`."""
+    """The newest fire time at or before `now` (croniter counts from whole seconds: one a second ahead of `now`,
+    a fire at `now` included, and any fire past `now` stepped over)."""
     from croniter import croniter
 
-    return float(croniter(cron, datetime.fromtimestamp(now + 1, zone(tz))).get_prev(float))
+    it = croniter(cron, datetime.fromtimestamp(now + 1, zone(tz)))
+    fire = float(it.get_prev(float))
+    return float(it.get_prev(float)) if fire > now else fire
 
 
 def due(cron: str, tz: str, last: float, now: float) -> float | None:
-    """The fire time to run now, if one came after `last`; None when nothing is due."""
+    """The fire time to run now, if one came after `last`; None when nothing is due.
+
+    When the clocks go back, a wall time comes twice: a schedule at a fixed hour (`30 1 * * *`) runs at its first
+    coming only, as Vixie cron does, unless that one was missed; one whose hour is a wildcard (`0 * * * *`,
+    `*/15 */2 * * *`) runs at both, being about elapsed time."""
     fire = latest_fire(cron, tz, now)
-    return fire if fire > last else None
+    if fire <= last:
+        return None
+    local = datetime.fromtimestamp(fire, zone(tz))
+    if local.fold and not cron.split()[1].startswith("*"):
+        first = local.replace(fold=0).timestamp()
+        if first < fire and last >= first:  # the same wall time ran an hour ago
+            return None
+    return fire
