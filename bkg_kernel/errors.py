@@ -41,6 +41,12 @@ class InvalidInput(BkgError):
     code = "invalid_input"
 
 
+class ContextTooLong(InvalidInput):
+    """A prompt that leaves a model no room to answer (OpenAI's `context_length_exceeded`)."""
+
+    code = "context_length_exceeded"
+
+
 class BadRequest(BkgError):
     """A request that is well formed but cannot be served as asked (400, like OpenAI's invalid_request_error)."""
 
@@ -251,6 +257,25 @@ def from_dict(data: dict[str, Any], *, status: int = 500) -> BkgError:
     if cls is not None and cls.status == st:
         return cls(message, field=field)
     return RemoteError(message, status=st, code=code or "remote_error", field=field)
+
+
+OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
+                429: "rate_limit_error"}  # fmt: skip
+
+
+def openai_shaped(err: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """An error body's inner dict as OpenAI's API answers it (the HTTP status, `{"error": {...}}`), for the `/v1`
+    routes, whose clients (the openai SDK, LangChain, LiteLLM) read `type`, `param` and `code` and go by the status:
+    an input refused is a 400 `invalid_request_error`, a prompt past the context `context_length_exceeded`, an
+    unknown model `model_not_found`. bkg's own keys stay beside them (`status` keeps bkg's status), so bkg's client
+    reads the same error either way."""
+    status = int(err.get("status") or 500)
+    http = 400 if status == 422 else status
+    kind = OPENAI_TYPES.get(http, "server_error" if http >= 500 else "invalid_request_error")
+    code = err.get("code")
+    if code == "not_found" and err.get("field") == "model":
+        code = "model_not_found"
+    return http, {"error": {**err, "type": kind, "param": err.get("field"), "code": code}}
 
 
 def invalid_from_pydantic(exc: ValidationError, root: str) -> InvalidInput:

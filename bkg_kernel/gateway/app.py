@@ -17,6 +17,7 @@ from bkg_kernel.gateway.jupyterhub import PrefixMiddleware, hub_caller
 from bkg_kernel.gateway.metrics import Metrics, MetricsMiddleware
 from bkg_kernel.gateway.plugin_api import AppGatewayAPI
 from bkg_kernel.gateway.state import Gateway, version
+from bkg_kernel.gateway.strictquery import known_query_only
 from bkg_kernel.runtime.discovery import discover
 from bkg_kernel.settings import Settings
 
@@ -69,11 +70,13 @@ def create_app(
             await asyncio.to_thread(gw.close)
 
     app = FastAPI(
-        dependencies=[Depends(hub_caller)],  # a Hub token's caller, found asynchronously before any route runs
+        # a Hub token's caller, found asynchronously before any route runs; query parameters a route does not take
+        dependencies=[Depends(hub_caller), Depends(known_query_only)],
         title="bkg gateway",
         version=version(),
         description="One process owns the store and supervises the plugins; everything else is a client.",
         lifespan=lifespan,
+        redirect_slashes=False,  # `/health/` is a 404 in the error shape, not a bare 307 sent before any check
     )
     if gateway is not None:
         app.state.gateway = gateway

@@ -151,7 +151,8 @@ class BodyLimitMiddleware:
                 f"a request body over {ANONYMOUS_BYTES:,} bytes (or of unknown length) needs valid credentials, "
                 "checked before it is read: send 'Authorization: Bearer <API key or session token>'"
             )
-            await error_response(401, "unauthorized", message)(scope, receive, send)
+            auth = {"www-authenticate": 'Bearer realm="bkg"'}
+            await error_response(401, "unauthorized", message, headers=auth)(scope, receive, send)
             return
         seen = 0
         started = False

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from bkg_kernel.errors import BkgError, TooManyRequests
+from bkg_kernel.errors import BkgError, TooManyRequests, Unauthorized, openai_shaped
 from bkg_kernel.runtime.bodyjson import TOO_DEEP
 
 log = logging.getLogger("bkg.gateway")
@@ -22,16 +23,29 @@ _CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "body_too_large",
+    415: "unsupported_media_type",
 }
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None, **headers: str) -> JSONResponse:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    *,
+    retry_after: float | None = None,
+    headers: dict[str, str] | None = None,
+    **more_headers: str,
+) -> JSONResponse:
     """Build the JSON error response (a lone surrogate that input put in the message or field is written as its
-    escape: the response is always UTF-8)."""
+    escape: the response is always UTF-8); `retry_after` goes in the body too (as the call port sends it), for a
+    client that reads only the body."""
     body: dict[str, Any] = {"status": status, "code": code, "message": _utf8(message)}
     if field is not None:
         body["field"] = _utf8(field)
-    return JSONResponse({"error": body}, status_code=status, headers=headers or None)
+    if retry_after is not None:
+        body["retry_after"] = retry_after
+    return JSONResponse({"error": body}, status_code=status, headers={**(headers or {}), **more_headers} or None)
 
 
 def _utf8(text: str) -> str:
@@ -46,16 +60,37 @@ async def bkg_error(request: Request, exc: BkgError) -> JSONResponse:
     headers = {}
     if isinstance(exc, TooManyRequests):
         headers["Retry-After"] = str(max(1, round(exc.retry_after + 0.5)))
+    if isinstance(exc, Unauthorized):  # RFC 9110: a 401 says how to authenticate
+        headers["WWW-Authenticate"] = 'Bearer realm="bkg"'
+        if "authorization" in request.headers or "x-api-key" in request.headers:
+            headers["WWW-Authenticate"] += ', error="invalid_token"'
+
     if exc.status >= 500:
         method = request.scope.get("method", "WS")  # a WebSocket's handshake has none
         log.warning("%s %s -> %s: %s", method, request.url.path, exc.status, exc.message)
-    return error_response(exc.status, exc.code, exc.message, exc.field, **headers)
+    retry = exc.retry_after if isinstance(exc, TooManyRequests) else None
+    return error_response(exc.status, exc.code, exc.message, exc.field, retry_after=retry, headers=headers)
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     err = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
-    field = ".".join(loc) or None
+    where = tuple(err.get("loc", ()))
+    if err.get("type") == "json_invalid":  # FastAPI's own parse: its loc is ("body", <character offset>)
+        at = f" at character {where[1]}" if len(where) > 1 else ""
+        reason = (err.get("ctx") or {}).get("error", "")
+        return error_response(422, "invalid_input", f"the request body is not valid JSON{at}: {reason}".rstrip(": "),
+                              "body")  # fmt: skip
+    if where == ("body",):
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if err.get("type") == "missing":
+            return error_response(422, "invalid_input", "this route takes a JSON object body: none was sent", "body")
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            sent = f"Content-Type {ctype!r}" if ctype else "no Content-Type"
+            return error_response(415, "unsupported_media_type",
+                                  f"the body is read as JSON only under Content-Type: application/json ({sent} was "
+                                  "given)", "content-type")  # fmt: skip
+    loc = [str(p) for p in where if p not in ("body",)]
+    field = ".".join(loc) or ("body" if where[:1] == ("body",) else None)  # the body as a whole: not an object
     msg = err.get("msg", "invalid request")
     return error_response(422, "invalid_input", f"{field}: {msg}" if field else msg, field)
 
@@ -68,7 +103,13 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error_response(422, "invalid_input", str(exc.detail), "body")
     if exc.status_code == 408:  # a body that stopped coming (bodylimit.BodyStalled): its connection goes
         return error_response(408, "timeout", str(exc.detail), "body", connection="close")
-    return error_response(exc.status_code, code, str(exc.detail))
+    headers = dict(exc.headers or {})  # a 405's Allow (RFC 9110: it must be there)
+    if exc.status_code in (404, 405) and exc.detail in ("Not Found", "Method Not Allowed"):  # Starlette's own words
+        allow = next((v for k, v in headers.items() if k.lower() == "allow"), None)
+        what = "no such route" if exc.status_code == 404 else "this route does not take that method"
+        said = f"{what}: {request.method} {request.url.path}" + (f" (it takes {allow})" if allow else "")
+        return error_response(exc.status_code, code, said, headers=headers)
+    return error_response(exc.status_code, code, str(exc.detail), headers=headers)
 
 
 async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
@@ -80,12 +121,31 @@ async def internal(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", INTERNAL)
 
 
+def _openai_on_v1(handler: Any) -> Any:
+    """`handler`, answering in OpenAI's error shape on the OpenAI-compatible routes (`/v1/...`)."""
+
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        response: JSONResponse = await handler(request, exc)
+        root = request.scope.get("root_path") or ""
+        path: str = request.scope["path"]
+        if not path.removeprefix(root).startswith("/v1/"):
+            return response
+        status, body = openai_shaped(orjson.loads(response.body)["error"])
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    return handle
+
+
 HANDLERS: dict[type[Exception], Any] = {
-    BkgError: bkg_error,
-    RequestValidationError: validation_error,
-    HTTPException: http_error,
-    RecursionError: too_deep,
-    Exception: internal,
+    cls: _openai_on_v1(handler)
+    for cls, handler in {
+        BkgError: bkg_error,
+        RequestValidationError: validation_error,
+        HTTPException: http_error,
+        RecursionError: too_deep,
+        Exception: internal,
+    }.items()
 }
 
 

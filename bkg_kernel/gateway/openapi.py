@@ -31,6 +31,9 @@ ERROR = {
                 "code": {"type": "string"},
                 "message": {"type": "string"},
                 "field": {"type": "string"},
+                "retry_after": {"type": "number", "description": "Seconds to wait (a 429; also its Retry-After)."},
+                "type": {"type": "string", "description": "On /v1: OpenAI's error type."},
+                "param": {"type": ["string", "null"], "description": "On /v1: OpenAI's name for `field`."},
             },
         }
     },
@@ -131,6 +134,25 @@ def _links(doc: dict[str, Any], targets: list[tuple[str, str, dict[str, str]]]) 
     return out
 
 
+def _errors_as_sent(doc: dict[str, Any]) -> None:
+    """Every route's 422 in the shape the gateway sends (`Error`; on `/v1`, OpenAI's, which `Error` describes too),
+    not FastAPI's `HTTPValidationError` (`{"detail": [...]}`) that it never sends; a route that needs credentials
+    says 401, one with a path parameter 404."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path, item in doc["paths"].items():
+        for op in item.values():
+            responses = op.get("responses", {})
+            if "422" in responses:
+                responses["422"] = {"description": "The request does not match its schema (the field is named).",
+                                    "content": error}  # fmt: skip
+            if op.get("security") or "/admin/" in path or path.startswith(("/api/", "/v1/")):
+                responses.setdefault("401", {"description": "No valid credentials.", "content": error})
+            if "{" in path:
+                responses.setdefault("404", {"description": "Not found (the field is named).", "content": error})
+    for name in ("HTTPValidationError", "ValidationError"):
+        doc.get("components", {}).get("schemas", {}).pop(name, None)
+
+
 def install(app: FastAPI, discovered: dict[str, Discovered]) -> None:
     """Give `app` an OpenAPI document with one operation per plugin capability."""
 
@@ -183,6 +205,7 @@ def install(app: FastAPI, discovered: dict[str, Discovered]) -> None:
                         },  # fmt: skip
                     }
                 }
+        _errors_as_sent(doc)
         for (method, path, status), targets in LINKS.items():
             doc["paths"][path][method]["responses"][status]["links"] = _links(doc, targets)
         for path, item in doc["paths"].items():

@@ -15,9 +15,12 @@ from bkg_kernel.errors import BkgError
 
 
 async def event_stream(
-    chunks: AsyncGenerator[dict[str, Any], None], render: Callable[[dict[str, Any]], dict[str, Any] | None]
+    chunks: AsyncGenerator[dict[str, Any], None],
+    render: Callable[[dict[str, Any]], dict[str, Any] | None],
+    error: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Any:
-    """Return a `text/event-stream` response of `render(chunk)` for each chunk (None: the chunk is not sent)."""
+    """Return a `text/event-stream` response of `render(chunk)` for each chunk (None: the chunk is not sent); a
+    failure mid-stream is the event `error(<its error body>)` (default: the body as it is)."""
     from fastapi.responses import StreamingResponse
 
     try:
@@ -35,7 +38,8 @@ async def event_stream(
         except StopAsyncIteration:
             yield "data: [DONE]\n\n"
         except BkgError as exc:  # the worker died or timed out mid-stream: say so in the stream
-            yield f"data: {json.dumps(exc.to_dict())}\n\n"
+            said = exc.to_dict()
+            yield f"data: {json.dumps(error(said) if error is not None else said)}\n\n"
         finally:
             await chunks.aclose()
 

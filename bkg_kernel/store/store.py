@@ -36,6 +36,9 @@ class Store:
         con = None
         try:
             con = duckdb.connect(str(self.db_path), config={"autoinstall_known_extensions": False})
+            # `now()` and a column's `DEFAULT current_timestamp` write UTC, as every timestamp bkg writes itself
+            # (the machine's own zone put local times into TIMESTAMP columns read back as UTC); ICU is built in
+            con.execute("SET TimeZone = 'UTC'")
             migrations.migrate(con, str(self.db_path))
         except BaseException:
             if con is not None:

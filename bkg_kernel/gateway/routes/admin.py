@@ -60,13 +60,18 @@ class NewKey(StrictBody):
     @field_validator("expires_at")
     @classmethod
     def _in_utc(cls, v: datetime | None) -> datetime | None:
-        """The time in UTC (stored without a zone); one that has no UTC time (9999-12-31T23:59-14:00) is a 422."""
-        if v is None or v.tzinfo is None:
-            return v
-        try:
-            return v.astimezone(UTC).replace(tzinfo=None)
-        except OverflowError:
-            raise ValueError("the time is out of range once moved to UTC") from None
+        return in_utc(v)
+
+
+def in_utc(v: datetime | None) -> datetime | None:
+    """A time in UTC without a zone, as bkg stores times (one given without a zone is UTC already); one that has no
+    UTC time (9999-12-31T23:59-14:00) is a ValueError."""
+    if v is None or v.tzinfo is None:
+        return v
+    try:
+        return v.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:
+        raise ValueError("the time is out of range once moved to UTC") from None
 
 
 def _scopes(scopes: list[Scope] | None) -> list[str] | None:
@@ -191,5 +196,10 @@ def usage(
     group_by: Literal["key", "user", "model", "day", "key_day"] = "key",
     since: datetime | None = None,
 ) -> dict[str, Any]:
-    """Token usage of the LLM routes, summed per key, user, model, day, or key and day (`key_day`)."""
+    """Token usage of the LLM routes, summed per key, user, model, day, or key and day (`key_day`); `since` with a
+    zone (`2026-12-06T09:00+09:00`) is that moment, without one it is UTC."""
+    try:
+        since = in_utc(since)
+    except ValueError as exc:
+        raise InvalidInput(f"since: {exc}", field="query.since") from None
     return {"group_by": group_by, "usage": _auth(request).usage_report(group_by, since)}

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
-from bkg_kernel.errors import InvalidInput
+from bkg_kernel.errors import ContextTooLong, InvalidInput
 from bkg_kernel.plugins.llmserver.pool import Loaded
 from bkg_kernel.plugins.llmserver.schemas import ChatRequest, Sampling
 
@@ -45,7 +45,7 @@ class Generation:
         self.tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
         self.prompt_tokens = len(self.tokens)
         if self.prompt_tokens >= m.n_ctx:
-            raise InvalidInput(
+            raise ContextTooLong(
                 f"the prompt is {self.prompt_tokens:,} tokens; model {m.model_id!r} has a context of {m.n_ctx:,} "
                 "(n_ctx) and needs room to answer",
                 field="messages" if isinstance(req, ChatRequest) else "prompt",
@@ -105,7 +105,8 @@ class Generation:
             if self.cancelled.is_set():
                 self.finish_reason = "cancelled"
                 break
-        self.text += decoder.decode(b"", final=True)
+        # what the decoder still holds is the start of a character the model never finished (cut at a stop string,
+        # the token limit or a cancel): not text, so not a U+FFFD either (as llama.cpp's server drops it)
         if len(self.text) > sent:
             yield self.text[sent:]
 

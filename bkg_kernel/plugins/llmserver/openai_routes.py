@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from bkg_kernel.auth import Principal
+from bkg_kernel.errors import NotFound, openai_shaped
 from bkg_kernel.plugins.llmserver.schemas import ChatRequest, CompletionRequest, EmbedRequest
 from bkg_kernel.runtime.bodyjson import BIG_BODY, RawJSON
 from bkg_kernel.runtime.contract import GatewayAPI
@@ -47,9 +48,19 @@ def build(api: GatewayAPI) -> APIRouter:
     @router.get("/models")
     async def list_models(p: Annotated[Principal, Depends(llm)]) -> dict[str, Any]:
         """The GGUF models llmserver can serve (OpenAI model list)."""
+        return {"object": "list", "data": await _models(p)}
+
+    @router.get("/models/{model_id}")
+    async def retrieve_model(model_id: str, p: Annotated[Principal, Depends(llm)]) -> dict[str, Any]:
+        """One model (OpenAI's `models.retrieve`); an unknown one is OpenAI's 404 `model_not_found`."""
+        found = next((m for m in await _models(p) if m["id"] == model_id), None)
+        if found is None:
+            raise NotFound(f"no model {model_id!r} (GET /v1/models lists them)", field="model")
+        return found
+
+    async def _models(p: Principal) -> list[dict[str, Any]]:
         out = await api.invoke("llmserver", "llm.models", {}, p)
-        data = [{"id": m["id"], "object": "model", "created": m["created"], "owned_by": "bkg"} for m in out["models"]]
-        return {"object": "list", "data": data}
+        return [{"id": m["id"], "object": "model", "created": m["created"], "owned_by": "bkg"} for m in out["models"]]
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(
@@ -90,7 +101,8 @@ def build(api: GatewayAPI) -> APIRouter:
                     return None
             return chunk
 
-        response: StreamingResponse = await event_stream(api.stream("llmserver", capability, data, p), render)
+        chunks = api.stream("llmserver", capability, data, p)
+        response: StreamingResponse = await event_stream(chunks, render, lambda said: openai_shaped(said["error"])[1])
         return response
 
     return router

@@ -7,7 +7,9 @@ unload); or, with `upstream_url`, every request goes to another OpenAI-compatibl
 from __future__ import annotations
 
 import base64
+import calendar
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -21,7 +23,16 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
 
 from bkg_kernel.client.transport import iter_sse
-from bkg_kernel.errors import BadRequest, Cancelled, InvalidInput, NotFound, UpstreamError, invalid_from_pydantic
+from bkg_kernel.errors import (
+    BadRequest,
+    BkgError,
+    Cancelled,
+    InvalidInput,
+    NotFound,
+    TooManyRequests,
+    UpstreamError,
+    invalid_from_pydantic,
+)
 from bkg_kernel.models.defaults import DEFAULT_LLM
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.llmserver import generate as gen
@@ -189,7 +200,7 @@ class LLMServer(Plugin):
                     "id": e.id,
                     "kind": e.kind,
                     "size": e.size,
-                    "created": int(time.mktime(time.strptime(e.added, "%Y-%m-%dT%H:%M:%SZ"))),
+                    "created": calendar.timegm(time.strptime(e.added, "%Y-%m-%dT%H:%M:%SZ")),  # a UTC time
                     "loaded": [v for (mid, _), v in loaded.items() if mid == e.id],
                     "default": e.id == self.settings.default_model,
                 }
@@ -360,7 +371,7 @@ class LLMServer(Plugin):
         except httpx.HTTPError as exc:
             raise _upstream_error(url, f"{type(exc).__name__}: {exc}") from None
         if r.status_code >= 400:
-            raise _upstream_error(url, f"HTTP {r.status_code}: {r.text[:300]}", r.status_code)
+            raise _upstream_error(url, r.text[:300], r.status_code, r.headers.get("retry-after"))
         data: dict[str, Any] = r.json()
         return data
 
@@ -371,7 +382,8 @@ class LLMServer(Plugin):
         try:
             with httpx.stream("POST", url, json=body, headers=headers, timeout=self.settings.request_timeout) as r:
                 if r.status_code >= 400:
-                    raise _upstream_error(url, f"HTTP {r.status_code}: {r.read()[:300]!r}", r.status_code)
+                    said = r.read()[:300].decode(errors="replace")
+                    raise _upstream_error(url, said, r.status_code, r.headers.get("retry-after"))
                 for event in iter_sse(r.iter_lines()):
                     if cancelled.is_set():
                         return
@@ -380,13 +392,24 @@ class LLMServer(Plugin):
             raise _upstream_error(url, f"{type(exc).__name__}: {exc}") from None
 
 
-def _upstream_error(url: str, detail: str, status: int = 502) -> UpstreamError:
-    # A 4xx from the upstream is the caller's request refused there: keep it; anything else is a 502.
-    return UpstreamError(
-        f"the upstream LLM server at {url} failed: {detail}",
-        status=status if 400 <= status < 500 else 502,
-        field="upstream_url",
-    )
+log = logging.getLogger("bkg.plugin.llmserver")  # the plugin's own log (its panel shows it)
+
+
+def _upstream_error(url: str, detail: str, status: int = 502, retry_after: str | None = None) -> BkgError:
+    """What the caller is told of an upstream failure (its URL, an operator's setting, goes to the log only): a
+    request the upstream refused is the caller's 4xx with the upstream's words; its rate limit is a 429 with its
+    Retry-After; bkg's own credentials refused (401, 403, 407) or anything else is a 502, the server's fault."""
+    log.warning("the upstream LLM server at %s answered %s: %s", url, status, detail)
+    if status == 429:
+        wait = float(retry_after) if retry_after and retry_after.isdigit() else 1.0
+        return TooManyRequests("the upstream LLM server is rate limiting requests: try again later", retry_after=wait)
+    if status in (401, 403, 407):
+        return UpstreamError(f"the upstream LLM server refused llmserver's credentials (HTTP {status}): an operator "
+                             "should check llmserver's upstream_api_key", status=502)  # fmt: skip
+    if 400 <= status < 500:
+        return UpstreamError(f"the upstream LLM server refused the request (HTTP {status}): {detail}", status=status)
+    where = f"HTTP {status}: " if status != 502 else ""
+    return UpstreamError(f"the upstream LLM server failed: {where}{detail}", status=502)
 
 
 def _whole(chunks: list[dict[str, Any]]) -> dict[str, Any]:

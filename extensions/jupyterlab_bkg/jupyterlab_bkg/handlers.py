@@ -118,6 +118,9 @@ class GatewayUnreachable(Exception):
     """No gateway answers."""
 
 
+JUPYTER_ONLY = frozenset({"token", "_xsrf"})  # query arguments for the Jupyter server, never forwarded
+
+
 def _error(handler: JupyterHandler, status: int, code: str, message: str) -> None:
     handler.set_status(status)
     handler.set_header("Content-Type", "application/json")
@@ -138,7 +141,9 @@ class ProxyHandler(APIHandler):
         except GatewayUnreachable as exc:
             _error(self, 502, "gateway_unreachable", f"cannot reach or start the bkg gateway: {exc}")
             return
-        query = urlencode([(k, v.decode()) for k, vs in self.request.query_arguments.items() for v in vs])
+        # Jupyter's own credentials (`?token=`, `_xsrf`) stay here: the gateway takes the caller's key instead
+        args = self.request.query_arguments.items()
+        query = urlencode([(k, v.decode()) for k, vs in args if k not in JUPYTER_ONLY for v in vs])
         dest = f"{url.rstrip('/')}/{path}" + (f"?{query}" if query else "")
         headers = self.target.headers()
         if self.request.headers.get("Content-Type"):

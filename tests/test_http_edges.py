@@ -1,0 +1,109 @@
+"""The HTTP API at its edges, as a client author meets it: query parameters a route does not take, bodies that are
+not JSON, wrong methods, trailing slashes, 401 and 429 headers, and times written in UTC whatever the machine's
+zone. Found by a review; each of these answered in a way no client could act on, one of them by losing data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from gateway_harness import Gateway, start_gateway, wait_for
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    # a machine far from UTC: the store's own `now()` and column defaults must still write UTC
+    g = start_gateway(tmp_path_factory.mktemp("edges") / "data", env={"TZ": "Asia/Tokyo"}, plugins=["apikeys"])
+    yield g
+    g.stop()
+
+
+def test_a_query_parameter_a_route_does_not_take_is_refused_before_anything_happens(gw: Gateway) -> None:
+    c = gw.client()
+    assert c.post("/api/collections", json={"name": "docs", "dim": 2}).status_code == 201
+    c.put("/api/collections/docs/points", json={"points": [{"id": 1, "vector": [1, 0]}]}).raise_for_status()
+    snap = c.post("/api/collections/docs/snapshots").json()["id"]
+    c.put("/api/collections/docs/points", json={"points": [{"id": i, "vector": [0, 1]} for i in range(2, 50)]})
+    # `into` belongs in the body: as a query parameter it was dropped, and the snapshot restored over docs itself
+    r = c.post(f"/api/collections/docs/snapshots/{snap}/restore", params={"into": "docs_copy"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "query.into", r.text
+    assert "JSON body" in r.json()["error"]["message"]
+    assert c.get("/api/collections/docs").json()["count"] == 49  # nothing restored over it
+    assert c.get("/api/collections/docs_copy").status_code == 404
+    r = c.post(f"/api/collections/docs/snapshots/{snap}/restore", json={"into": "docs_copy"})
+    assert r.status_code == 200 and r.json()["count"] == 1
+    r = c.get("/admin/audit", params={"limt": 5})  # a misspelt name is named, with what was meant
+    assert r.status_code == 422 and r.json()["error"]["field"] == "query.limt"
+    assert "did you mean 'limit'" in r.json()["error"]["message"]
+    assert c.get("/admin/audit", params={"limit": 5}).status_code == 200  # what a route takes still works
+
+
+def test_bodies_that_are_not_json_objects_are_named_and_explained(gw: Gateway) -> None:
+    c = gw.client()
+    r = c.post("/auth/login", content=b"{bad", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "body"
+    assert "not valid JSON at character 1" in r.json()["error"]["message"]
+    r = c.post("/api/collections", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "body" and "none was sent" in r.text
+    r = c.post("/api/collections", content=b'{"name": "x", "dim": 2}')  # `requests.post(data=...)`: no type
+    assert r.status_code == 415 and r.json()["error"]["field"] == "content-type"
+    assert "application/json" in r.json()["error"]["message"]
+    r = c.post("/api/collections", json=[1, 2])
+    assert r.status_code == 422 and r.json()["error"]["field"] == "body"
+    assert c.get("/api/collections/x").status_code == 404  # none of them made anything
+
+
+def test_methods_slashes_and_authentication_answer_as_http_says(gw: Gateway) -> None:
+    c = gw.client()
+    r = c.delete("/health")
+    assert r.status_code == 405 and r.headers["allow"] == "GET"  # RFC 9110: a 405 names what is allowed
+    assert r.json()["error"]["message"] == "this route does not take that method: DELETE /health (it takes GET)"
+    r = c.get("/health/")
+    assert r.status_code == 404 and "no such route: GET /health/" in r.json()["error"]["message"]
+    r = c.delete("/api/collections/docs/")  # not a bare 307 sent before any check
+    assert r.status_code == 404 and c.get("/api/collections/docs").status_code == 200
+    anonymous = httpx.get(f"{gw.url}/auth/me")
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"] == 'Bearer realm="bkg"'
+    wrong = httpx.get(f"{gw.url}/auth/me", headers={"Authorization": "Bearer bkg_nope"})
+    assert wrong.status_code == 401 and 'error="invalid_token"' in wrong.headers["www-authenticate"]
+
+
+def test_a_rate_limited_key_is_told_how_long_to_wait_in_the_body_too(gw: Gateway) -> None:
+    made = gw.client().post("/admin/keys", json={"name": "one a minute", "rate_limit_per_min": 1}).json()
+    c = gw.client(made["key"])
+    assert c.get("/auth/me").status_code == 200
+    r = c.get("/auth/me")
+    assert r.status_code == 429
+    header, body = int(r.headers["retry-after"]), r.json()["error"]["retry_after"]
+    assert header >= 1 and abs(header - body) <= 1, (header, body)  # over HTTP as over the call port
+
+    import bkg_kernel
+    from bkg_kernel.errors import TooManyRequests
+
+    wb = bkg_kernel.connect(gw.url, api_key=made["key"])
+    with pytest.raises(TooManyRequests) as err:
+        wb.me()
+    assert err.value.retry_after > 5  # the minute's wait, not the 1 s fallback
+
+
+def test_times_are_written_in_utc_whatever_the_machine_s_zone(gw: Gateway, tmp_path: Path) -> None:
+    c = gw.client()
+    before = datetime.now(UTC).replace(tzinfo=None) - timedelta(minutes=5)
+    user = c.post("/admin/users", json={"username": "tz-check", "role": "viewer"}).json()
+    made = datetime.fromisoformat(user["created_at"].rstrip("Z"))
+    assert before <= made <= before + timedelta(minutes=15), user  # Tokyo's wall time would be 9 hours ahead
+    assert c.post("/api/collections", json={"name": "tz", "dim": 2}).status_code == 201
+    info = wait_for(lambda: c.get("/api/collections/tz").json())
+    created = datetime.fromisoformat(str(info["created_at"]).rstrip("Z"))
+    assert before <= created.replace(tzinfo=None) <= before + timedelta(minutes=15), info
+
+
+def test_the_openapi_document_describes_the_errors_the_gateway_sends(gw: Gateway) -> None:
+    doc = gw.client().get("/openapi.json").json()
+    assert "HTTPValidationError" not in str(doc)  # FastAPI's {"detail": [...]}, which the gateway never sends
+    usage = doc["paths"]["/admin/usage"]["get"]["responses"]
+    assert usage["422"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    assert "401" in usage and "404" in doc["paths"]["/api/collections/{name}"]["get"]["responses"]
