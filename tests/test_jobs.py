@@ -999,3 +999,16 @@ def test_a_pruned_run_takes_every_file_it_wrote_with_it(tmp_path: Path, roots: P
         assert not orphan.exists() and keep.exists()
         assert [r["id"] for r in svc.history.runs()] == [runs[1]["id"]]
         auth.close()
+
+
+def test_times_in_run_and_schedule_tables_name_their_zone() -> None:
+    """A schedule's next run shows in the schedule's own zone, and every time says which zone it is in (the tables
+    showed the server's wall clock beside a schedule in Europe/Paris, with no zone)."""
+    from bkg_kernel.client.jobs import when
+
+    nine_in_paris = datetime(2026, 12, 7, 9, tzinfo=ZoneInfo("Europe/Paris")).timestamp()
+    assert when(nine_in_paris, "Europe/Paris") == "2026-12-07 09:00:00 CET"
+    assert when(nine_in_paris, "America/New_York") == "2026-12-07 03:00:00 EST"
+    shown = when(nine_in_paris)  # no zone given: this machine's, named
+    assert shown == datetime.fromtimestamp(nine_in_paris).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    assert when(None) == ""

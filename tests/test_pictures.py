@@ -325,3 +325,13 @@ def test_umap_lays_out_the_clusters_in_the_kernel(gw: Gateway) -> None:
     apart = np.mean([np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1 :]])
     assert apart > 2 * inside  # UMAP keeps the five clusters apart
     assert ex.color.value == "label" and "UMAP" in ex.status.object
+
+
+def test_telemetry_times_are_moments_in_utc_as_bokeh_shows_them() -> None:
+    """Bokeh shows a datetime axis in UTC: naive local times were shown as if UTC (the server's wall clock, folded
+    back when the clocks went back); now the moments themselves, and the axis says UTC."""
+    from datetime import UTC, datetime
+
+    from bkg_kernel.pictures.telemetry import _x
+
+    assert _x([0.0, 3600.0]) == [datetime(1970, 1, 1, 0, tzinfo=UTC), datetime(1970, 1, 1, 1, tzinfo=UTC)]

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import sys
 import time
+from datetime import datetime
 from html import escape
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from tqdm.auto import tqdm
 
@@ -21,8 +23,15 @@ if TYPE_CHECKING:
 COLORS = {"succeeded": "#1a7f37", "failed": "#cf222e", "timed_out": "#cf222e", "cancelled": "#6e7781"}
 
 
-def _when(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+def when(t: float | None, tz: str | None = None) -> str:
+    """A time as this machine's clock shows it, or in zone `tz` (a schedule's own), with the zone's name."""
+    if not t:
+        return ""
+    try:
+        at = datetime.fromtimestamp(t, ZoneInfo(tz)) if tz else datetime.fromtimestamp(t).astimezone()
+    except (ZoneInfoNotFoundError, ValueError):
+        at = datetime.fromtimestamp(t).astimezone()
+    return at.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def said_goes_on(what: str, stop: str) -> None:
@@ -71,7 +80,7 @@ class RunTable(Table):
         err = row.get("error") or {}
         failed = f"cell {err.get('cell_index')}: {err.get('ename')}: {err.get('evalue')}" if err else ""
         return [row["id"], row.get("notebook", row.get("kind")), row["state"], row.get("owner"),
-                _when(row.get("created_at")), row.get("duration_s"),
+                when(row.get("created_at")), row.get("duration_s"),
                 f"{row.get('cells_done', 0)}/{row.get('cells_total', 0)}", failed[:120]]  # fmt: skip
 
 
@@ -82,7 +91,7 @@ class ScheduleTable(Table):
 
     def cells(self, row: dict[str, Any]) -> list[Any]:
         return [row["id"], row["notebook"], row["cron"], row["timezone"], row["enabled"], row["owner"],
-                _when(row.get("next_run_at")), row.get("last_run_id")]  # fmt: skip
+                when(row.get("next_run_at"), row.get("timezone")), row.get("last_run_id")]  # fmt: skip
 
 
 class Jobs:

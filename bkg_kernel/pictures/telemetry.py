@@ -4,7 +4,7 @@ per day; the store's size per collection."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from bkg_kernel.display import fmt_bytes, fmt_count, fmt_duration
@@ -21,7 +21,9 @@ SERIES = [  # (history column, chart title, y scale)
 
 
 def _x(ts: list[float]) -> list[datetime]:
-    return [datetime.fromtimestamp(t) for t in ts]  # noqa: DTZ006 - shown in the viewer's local time
+    """Bokeh shows a datetime axis in UTC: the moments in UTC (local wall times were shown as if UTC, and folded
+    back on themselves when the clocks went back)."""
+    return [datetime.fromtimestamp(t, UTC) for t in ts]
 
 
 class TelemetryView(PanelView):
@@ -69,6 +71,7 @@ class TelemetryView(PanelView):
         for key, title, _ in SERIES:
             f = figure(title, x_axis_type="datetime", height=self.height, tools="pan,xwheel_zoom,reset,save")
             f.y_range.start = 0  # from zero: a flat line reads as flat, not as noise
+            f.xaxis.axis_label = "time (UTC)"
             f.y_range.range_padding = 0.1
             if x_range is None:
                 x_range = f.x_range
@@ -141,7 +144,7 @@ def telemetry_view(wb: Any, plugins: list[str] | None = None, **kw: Any) -> Tele
 
 def usage_chart(wb: Any, days: int = 14) -> Any:
     """Return LLM tokens per day, stacked by key (needs admin:audit), as a Panel pane."""
-    from datetime import UTC, timedelta
+    from datetime import timedelta
 
     from bokeh.models import ColumnDataSource, HoverTool
 

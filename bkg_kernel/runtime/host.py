@@ -465,7 +465,7 @@ class PluginHost:
                 self._set("error", f"start failed: {exc}")
                 self.add_log("ERROR", time.time(), f"start failed: {exc}")
                 return self.status()
-            self.telemetry.started_at = time.time()
+            self.telemetry.started_at = time.monotonic()  # for uptime: a clock step moves no duration
             self._set("running")
             self.add_log("INFO", time.time(), f"{self.id} running")
             return self.status()

@@ -156,7 +156,7 @@ class Supervisor:
                 h._set("degraded", f"no heartbeat for {silent:.0f}s")  # noqa: SLF001
             elif silent <= self.heartbeat_timeout_s and h.state == "degraded":
                 h._set("running")  # noqa: SLF001
-            if h.state == "running" and h.telemetry.started_at and time.time() - h.telemetry.started_at > 60:
+            if h.state == "running" and h.telemetry.started_at and time.monotonic() - h.telemetry.started_at > 60:
                 self._backoff.pop(h.id, None)  # healthy for a minute: the next crash restarts fast again
         due = self._restart_at.get(h.id)
         if due is not None and now >= due and h.want_running and h.state == "error":
@@ -209,7 +209,7 @@ class Supervisor:
         """Restart a worker over its memory limit, one restart at a time, counted; one that is over it again soon
         after each of `MEMORY_STRIKES` starts is stopped and left in `error` (it was restarted every 2 s, unseen)."""
         started = h.telemetry.started_at
-        soon = started is not None and time.time() - started < SOON_S
+        soon = started is not None and time.monotonic() - started < SOON_S
         strikes = self._memory_strikes[h.id] = self._memory_strikes.get(h.id, 0) + 1 if soon else 1
         if strikes >= MEMORY_STRIKES:
             self._restarting.add(h.id)

@@ -64,7 +64,7 @@ class Telemetry:
         self.errors = 0
         self.last_error: str | None = None
         self.latencies: deque[float] = deque(maxlen=1000)
-        self.started_at: float | None = None
+        self.started_at: float | None = None  # time.monotonic() of the start: durations only
         self.cpu_percent = 0.0
         self.rss_bytes = 0
         self.in_flight = 0
@@ -105,7 +105,7 @@ class Telemetry:
     def uptime(self) -> float:
         """Return seconds since the plugin last started (0 when it is not running; a plugin that started a moment
         ago reads 0.001, not 0)."""
-        return max(round(time.time() - self.started_at, 3), 0.001) if self.started_at else 0.0
+        return max(round(time.monotonic() - self.started_at, 3), 0.001) if self.started_at else 0.0
 
     def snapshot(self) -> dict[str, Any]:
         """Return the current numbers (recomputed at most every 0.25 s: list routes and dashboards poll it)."""

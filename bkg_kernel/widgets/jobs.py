@@ -5,21 +5,22 @@ with a form built from the notebook's `parameters` cell, cancel / retry / view t
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from html import escape
 from typing import Any
 
 import ipywidgets as W
 
+from bkg_kernel.client.jobs import when
 from bkg_kernel.jobs.notebooks import coerce
 from bkg_kernel.widgets.primitives import STATE_COLOURS, Session, ask_first, badge, error_html, table
 
 STATE_COLOURS.update(succeeded="#2e7d32", queued="#0277bd", timed_out="#c62828", cancelled="#616161", done="#2e7d32")
 
 
-def _when(t: float | None) -> str:
-    return time.strftime("%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+def _when(t: float | None, tz: str | None = None) -> str:
+    """A time as the server's clock shows it, or in zone `tz` (a schedule's own), with the zone's name."""
+    return when(t, tz)[5:]  # the year goes: the table is narrow
 
 
 def _failed_cell(r: dict[str, Any]) -> str:
@@ -120,7 +121,7 @@ def _schedules(session: Session, status: W.HTML) -> W.VBox:
     confirm = W.HBox()
 
     def render() -> None:
-        rows = [{**s, "next run": _when(s.get("next_run_at"))} for s in session.wb.jobs.schedules()]
+        rows = [{**s, "next run": _when(s.get("next_run_at"), s.get("timezone"))} for s in session.wb.jobs.schedules()]
         out.value = table(rows, ["id", "notebook", "cron", "timezone", "enabled", "owner", "next run", "last_run_id"])
 
     act = acting(status, render)
