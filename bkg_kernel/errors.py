@@ -177,10 +177,15 @@ class TooManyRequests(BkgError):
 
 
 class Unavailable(BkgError):
-    """A plugin is not running, or its worker died under the request."""
+    """A plugin is not running, or its worker died under the request; `retry_after`, when the wait is a passing one
+    (a plugin starting), says when to try again (a Retry-After header)."""
 
     status = 503
     code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
 
 
 class Timeout(BkgError):
@@ -250,6 +255,9 @@ def from_dict(data: dict[str, Any], *, status: int = 500) -> BkgError:
     cls = _codes().get(code)
     if code == "too_many_requests":
         return TooManyRequests(message, retry_after=float(err.get("retry_after") or 1.0), field=field)
+    if code == "unavailable" and st == 503:
+        wait = err.get("retry_after")
+        return Unavailable(message, retry_after=float(wait) if wait is not None else None, field=field)
     if code == "upstream_error":
         return UpstreamError(message, status=st, field=field)
     if code.startswith("job_"):

@@ -289,12 +289,20 @@ def test_a_stop_ends_a_start_that_hangs_at_once(tmp_path: Path) -> None:
         textwrap.dedent("""
         import os, time
         from pathlib import Path
-        from bkg_kernel.runtime.contract import Plugin
+        from pydantic import BaseModel
+        from bkg_kernel.runtime.contract import Plugin, capability
+
+        class Nothing(BaseModel):
+            pass
 
         class Slow(Plugin):
             id = "slow"
             name = "Slow"
             mode = "worker"
+
+            @capability("slow.ping", scope="plugins:read")
+            def ping(self, inp: Nothing) -> Nothing:
+                return Nothing()  # (once started, which it never is)
 
             def start(self) -> None:
                 Path(os.environ["SLOW_PID_FILE"]).write_text(str(os.getpid()))
@@ -312,15 +320,22 @@ def test_a_stop_ends_a_start_that_hangs_at_once(tmp_path: Path) -> None:
         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
         "SLOW_PID_FILE": str(pid_file),
     }
+    (tmp_path / "data").mkdir()  # a call waits for a starting plugin at most its request_timeout: 2 s here
+    (tmp_path / "data" / "plugins.json").write_text('{"slow": {"config": {"request_timeout": 2}}}')
     g = start_gateway(tmp_path / "data", env=env, plugins=["slow"], wait=False)
     try:
         c = g.client()
         wait_for(lambda: _up(g) and c.get("/api/plugins/slow/status").json()["state"] == "starting", 60)
         pid = wait_for(lambda: pid_file.exists() and pid_file.read_text() and int(pid_file.read_text()), 60)
+        early = c.post("/api/plugins/slow/invoke/slow.ping", json={})  # still starting: a 503 saying when to retry
+        assert early.status_code == 503 and early.headers["retry-after"] == "5", early.text
+        assert early.json()["error"]["retry_after"] == 5.0
         r = c.post("/api/plugins/slow/stop", timeout=30)  # not the 120 s a start may take
         assert r.status_code == 200 and r.json()["state"] == "stopped", r.text
         wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10)
         assert c.get("/api/plugins/slow/status").json()["state"] == "stopped"
+        stopped = c.post("/api/plugins/slow/invoke/slow.ping", json={})  # stopped by hand: no retry will help
+        assert stopped.status_code == 503 and "retry-after" not in stopped.headers
         # started again by hand and left starting: the gateway's own shutdown does not wait for it either
         pid_file.unlink()
         threading.Thread(target=lambda: g.client().post("/api/plugins/slow/start", timeout=60), daemon=True).start()

@@ -316,6 +316,6 @@ def _object(raw: bytes, what: str) -> dict[str, Any]:
 
 def _error(exc: BkgError) -> tuple[int, bytes]:
     body = exc.to_dict()
-    if isinstance(exc, TooManyRequests):
+    if isinstance(exc, (TooManyRequests, Unavailable)) and exc.retry_after is not None:
         body["error"]["retry_after"] = exc.retry_after
     return exc.status, dumps(body)

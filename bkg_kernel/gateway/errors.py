@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import orjson
@@ -11,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from bkg_kernel.errors import BkgError, TooManyRequests, Unauthorized, openai_shaped
+from bkg_kernel.errors import BkgError, TooManyRequests, Unauthorized, Unavailable, openai_shaped
 from bkg_kernel.runtime.bodyjson import TOO_DEEP
 
 log = logging.getLogger("bkg.gateway")
@@ -58,8 +59,9 @@ def _utf8(text: str) -> str:
 
 async def bkg_error(request: Request, exc: BkgError) -> JSONResponse:
     headers = {}
-    if isinstance(exc, TooManyRequests):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after + 0.5)))
+    retry = exc.retry_after if isinstance(exc, (TooManyRequests, Unavailable)) else None
+    if retry is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry)))  # whole seconds, never sooner than said
     if isinstance(exc, Unauthorized):  # RFC 9110: a 401 says how to authenticate
         headers["WWW-Authenticate"] = 'Bearer realm="bkg"'
         if "authorization" in request.headers or "x-api-key" in request.headers:
@@ -68,7 +70,6 @@ async def bkg_error(request: Request, exc: BkgError) -> JSONResponse:
     if exc.status >= 500:
         method = request.scope.get("method", "WS")  # a WebSocket's handshake has none
         log.warning("%s %s -> %s: %s", method, request.url.path, exc.status, exc.message)
-    retry = exc.retry_after if isinstance(exc, TooManyRequests) else None
     return error_response(exc.status, exc.code, exc.message, exc.field, retry_after=retry, headers=headers)
 
 

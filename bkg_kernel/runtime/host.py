@@ -55,6 +55,7 @@ _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bkg-spawn")
 STATES = ("stopped", "starting", "running", "stopping", "degraded", "error")
 Emit = Callable[[str, str, dict[str, Any]], None]
 START_TIMEOUT_S = 120.0
+RETRY_STARTING_S = 5.0  # the Retry-After of a call to a plugin still starting
 
 
 class _Request(Future[Any]):
@@ -601,9 +602,11 @@ class PluginHost:
         return Timeout(f"plugin {self.id!r} did not answer within {timeout:g}s")
 
     def _ready(self) -> None:
-        """503 unless the plugin is running (or degraded)."""
+        """503 unless the plugin is running (or degraded); while it starts or restarts, with a Retry-After."""
         if self.state not in ("running", "degraded"):
-            raise Unavailable(f"plugin {self.id!r} is {self.state}" + (f": {self.reason}" if self.reason else ""))
+            passing = self.state in ("starting", "stopping") and self.want_running
+            raise Unavailable(f"plugin {self.id!r} is {self.state}" + (f": {self.reason}" if self.reason else ""),
+                              retry_after=RETRY_STARTING_S if passing else None)  # fmt: skip
 
     @property
     def slots(self) -> Slots:
