@@ -489,6 +489,13 @@ def test_upstream_points_at_another_openai_server(llm_gw: Gateway, tmp_path: Pat
         r = cb.post("/v1/chat/completions", json=body)
         assert r.status_code == 502 and "upstream_api_key" in r.json()["error"]["message"], r.text
         assert llm_gw.url not in r.text and r.json()["error"]["type"] == "server_error"
+        # the panel's log names the upstream, never a password written into its address
+        with_password = llm_gw.url.replace("http://", "http://someone:s3cret@") + "/v1"
+        cb.put("/api/plugins/llmserver/config", json={"config": {**up, "upstream_url": with_password}})
+        cb.post("/v1/chat/completions", json=body)  # (the upstream refuses the password it is sent: logged too)
+        logs = json.dumps(cb.get("/api/plugins/llmserver/logs").json())
+        assert f"the upstream LLM server at {llm_gw.url}/v1/chat/completions answered 401" in logs
+        assert "s3cret" not in logs  # httpx's own request lines named the whole address
     finally:
         b.stop()
 

@@ -117,6 +117,8 @@ def main(
     root = logging.getLogger()
     root.handlers[:] = [_PipeLog(send)]
     root.setLevel(logging.INFO)
+    for chatty in ("httpx", "httpcore"):  # a line per request, the whole address in it (a password too): not shown
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         cls = getattr(importlib.import_module(module), class_name)
         plugin = cls.create(

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
@@ -125,7 +126,7 @@ class LLMServer(Plugin):
 
             self.log.info("llama-cpp-python %s; models in %s", llama_cpp.__version__, self.registry.dir)
         else:
-            self.log.info("forwarding every request to %s", self.settings.upstream_url)
+            self.log.info("forwarding every request to %s", _no_userinfo(self.settings.upstream_url))
 
     def stop(self) -> None:
         self.pool.close()
@@ -395,11 +396,17 @@ class LLMServer(Plugin):
 log = logging.getLogger("bkg.plugin.llmserver")  # the plugin's own log (its panel shows it)
 
 
+def _no_userinfo(url: str) -> str:
+    """`url` without a user or password in it: the log is shown in the plugin's panel."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def _upstream_error(url: str, detail: str, status: int = 502, retry_after: str | None = None) -> BkgError:
     """What the caller is told of an upstream failure (its URL, an operator's setting, goes to the log only): a
     request the upstream refused is the caller's 4xx with the upstream's words; its rate limit is a 429 with its
     Retry-After; bkg's own credentials refused (401, 403, 407) or anything else is a 502, the server's fault."""
-    log.warning("the upstream LLM server at %s answered %s: %s", url, status, detail)
+    log.warning("the upstream LLM server at %s answered %s: %s", _no_userinfo(url), status, detail)
     if status == 429:
         wait = float(retry_after) if retry_after and retry_after.isdigit() else 1.0
         return TooManyRequests("the upstream LLM server is rate limiting requests: try again later", retry_after=wait)
