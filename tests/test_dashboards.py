@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, dashboard_login, start_gateway
+from gateway_harness import ADMIN_KEY, Gateway, dashboard_login, start_gateway, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
@@ -128,7 +128,10 @@ def test_jobs_page_runs_a_notebook_and_names_the_failed_cell(browser: Any, voila
 )  # fmt: skip
 def test_every_dashboard_renders_for_an_admin(browser: Any, voila: str, name: str) -> None:
     page = open_logged_in(browser, voila, name, ADMIN_KEY)
-    page.wait_for_timeout(500)
+    body = page.locator(".bkg-page-body").first  # the page itself, past the login: it must show something
+    body.wait_for(timeout=60_000)
+    shown = wait_for(lambda: len(text := body.inner_text().strip()) > 30 and text, 30, 0.2)
+    assert "This page needs the scope" not in shown, shown
     html = page.content()
     errors = page.locator("p.bkg-error").all_inner_texts()
     assert not errors and "Traceback" not in html, errors

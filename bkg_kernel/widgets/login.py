@@ -117,6 +117,8 @@ def dashboard(
                 body = build(session)
             except Exception as exc:  # noqa: BLE001 - a page that cannot load says why
                 body = W.HTML(error_html(exc))
+        if isinstance(body, W.DOMWidget):
+            body.add_class("bkg-page-body")  # what the page shows once logged in (its tests look for it)
         root.children = [header, who, body]
 
     hub = hub_session(url)
