@@ -307,7 +307,6 @@ def test_the_port_and_http_share_the_plugins_slots(gw: Gateway, conn: socket.soc
     try:
         wait_for(lambda: c.get("/api/plugins/sysinfo/status").json()["state"] == "running")
         answers: list[tuple[int, Any]] = []
-        t0 = time.monotonic()
         busy = threading.Thread(
             target=lambda: answers.append(_call(conn, "sysinfo", "sysinfo.sleep", b'{"seconds": 3}'))
         )
@@ -316,9 +315,11 @@ def test_the_port_and_http_share_the_plugins_slots(gw: Gateway, conn: socket.soc
         r = c.post(INVOKE.format("sysinfo", "sysinfo.sleep"), json={"seconds": 0})
         assert r.status_code == 429 and "max_queue 0" in r.json()["error"]["message"], r.text
         busy.join()
-        assert answers[0][0] == 504 and time.monotonic() - t0 < 2.5, answers  # answered at the timeout
+        assert answers[0][0] == 504, answers
+        # answered at the timeout, not when the work ended: the work still runs, its slot still taken (a slot goes
+        # back before the answer to a call whose work is done)
         r = c.post(INVOKE.format("sysinfo", "sysinfo.sleep"), json={"seconds": 0})
-        assert r.status_code == 429, r.text  # the work still runs: its slot is still taken
+        assert r.status_code == 429, r.text
         wait_for(lambda: c.post(INVOKE.format("sysinfo", "sysinfo.sleep"), json={"seconds": 0}).status_code == 200)
         assert _call(conn, "sysinfo", "sysinfo.sleep", b'{"seconds": 0}')[0] == 200
     finally:
@@ -535,7 +536,8 @@ def test_a_port_that_stops_answering_is_looked_up_again(gw: Gateway, notes: str)
 
 
 def test_a_call_that_overruns_is_answered_504_and_its_connection_closed_if_it_runs_on(gw: Gateway) -> None:
-    """brainml asked for 1,000 hits with their texts and highlights (tens of ms) under a 5 ms timeout."""
+    """brainml asked for 1,000 hits with their texts and highlights (tens of ms) under a 0.1 ms timeout: the
+    deadline (at least 1 ms after the call starts) always fires while the plugin runs on."""
     c = gw.client()
     assert c.post("/api/collections", json={"name": "heap", "dim": 3}).status_code == 201
     words = ["bread", "flour", "water", "salt", "yeast", "oven", "crust", "crumb", "rise", "proof"]
@@ -545,7 +547,7 @@ def test_a_call_that_overruns_is_answered_504_and_its_connection_closed_if_it_ru
     ]
     assert c.put("/api/collections/heap/points", json={"points": points}).is_success
     heavy = json.dumps({"collection": "heap", "query": "bread crust", "mode": "text", "top_k": 1000}).encode()
-    assert c.put("/api/plugins/brainml/config", json={"config": {"request_timeout": 0.005}}).status_code == 200
+    assert c.put("/api/plugins/brainml/config", json={"config": {"request_timeout": 0.0001}}).status_code == 200
     try:
         wait_for(lambda: c.get("/api/plugins/brainml/status").json()["state"] == "running")
         for _ in range(2):
@@ -555,10 +557,8 @@ def test_a_call_that_overruns_is_answered_504_and_its_connection_closed_if_it_ru
             top, _, body = conn.recv(size, socket.MSG_WAITALL).partition(b"\n")
             head = json.loads(top)
             assert head["status"] == 504 and json.loads(body)["error"]["code"] == "timeout", (head, body)
-            if head.get("close"):  # answered at the deadline while the plugin ran on: this connection is done
-                assert _closed(conn)
-            else:  # it ended before its deadline fired: answered 504 when it returned; the connection goes on
-                assert _call(conn, "brainml", "brainml.query", FINE)[0] in (200, 504)
+            # answered at the deadline while the plugin ran on: this connection is done, its late answer never sent
+            assert head.get("close") is True and _closed(conn), head
             conn.close()
         wb = Workbench(gw.url, ADMIN_KEY)
         with pytest.raises(Timeout):

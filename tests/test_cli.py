@@ -165,5 +165,8 @@ def test_a_lost_admin_key_is_recovered_by_whoever_holds_the_data_dir(tmp_path: P
         auth = AuthService(store)
         assert auth.authenticate(new).role == "admin" and auth.authenticate(first).role == "admin"
         held = bkg("keys", "recover-admin", "--data-dir", str(data), check=False)  # the data dir is in use
-        assert held.returncode != 0 and "admin.key" not in held.stdout
+        assert held.returncode == 2 and "admin.key" not in held.stdout
+        # one clear line naming the holder (this process), not any crash's non-zero exit
+        assert "already owned by" in held.stderr and f"pid {os.getpid()} " in held.stderr, held.stderr
+        assert "Traceback" not in held.stderr and len(held.stderr.strip().splitlines()) == 1
         auth.close()

@@ -211,12 +211,14 @@ def test_chat_magic_uses_the_notebook_s_own_connection(monkeypatch: pytest.Monke
 
     asked: list[Any] = []
 
-    class Llm:
+    class FakeLlm:
+        """A fake: the test is about which connection the magic uses, not what a model answers."""
+
         def chat(self, messages: Any, **opts: Any) -> None:
             asked.append((messages, opts))
 
     wb = Workbench("http://127.0.0.1:9", "bkg_x", call_port=False)
-    monkeypatch.setattr(Workbench, "llm", property(lambda self: Llm() if self is wb else None))
+    monkeypatch.setattr(Workbench, "llm", property(lambda self: FakeLlm() if self is wb else None))
     monkeypatch.setattr(magics, "connect", lambda *a, **k: pytest.fail("connect() was called"))
     magics.chat_magic("--max-tokens 5", "hello")
     assert asked == [([{"role": "user", "content": "hello"}], {"max_tokens": 5})]

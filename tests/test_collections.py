@@ -16,16 +16,18 @@ def test_create_list_describe_drop(store: Store) -> None:
     assert (info.dim, info.metric, info.index, info.count) == (8, "cosine", "hnsw", 0)
     assert info.params["m"] == 16 and info.params["ef_search"] == 64
     assert info.last_snapshot is None
-    store["faces"].upsert(ids=[1, 2], vectors=[[0, 0, 0, 1], [0, 0, 1, 0]])
+    faces = store["faces"]
+    faces.upsert(ids=[1, 2], vectors=[[0, 0, 0, 1], [0, 0, 1, 0]], texts=["a cat", "a dog"])
     assert store.describe("faces").count == 2
     assert store.describe("faces").bytes_on_disk > 0
+    faces.flush()  # an upsert alone writes no index file: without this the drop would have nothing to remove
+    written = sorted(p.name for p in (store.data_dir / "indexes").glob(f"{faces.table}.*"))
+    assert written == [f"{faces.table}.{ext}" for ext in ("faiss", "fts", "meta.json")]
     store.drop_collection("faces")
     assert store.list_collections().names == ["docs"]
     with pytest.raises(NotFound):
         store.collection("faces")
-    assert not any((store.data_dir / "indexes").glob("*")) or all(
-        "points_2" not in p.name for p in (store.data_dir / "indexes").glob("*")
-    )
+    assert not [p.name for p in (store.data_dir / "indexes").glob(f"{faces.table}.*")]
 
 
 def test_recreate_after_drop_is_empty(store: Store) -> None:

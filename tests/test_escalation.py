@@ -56,8 +56,10 @@ def _login(gw: Gateway, username: str) -> str | None:
     return r.json()["token"] if r.status_code == 200 else None
 
 
-def _attack(gw: Gateway, a: httpx.Client, me: dict[str, Any], admin_id: str, spare: set[str]) -> list[str]:
-    """Every way the /admin routes hand out scopes, tried once each; the tokens it got."""
+def _attack(
+    gw: Gateway, a: httpx.Client, me: dict[str, Any], admin_id: str, spare: set[str]
+) -> tuple[list[str], list[httpx.Response]]:
+    """Every way the /admin routes hand out scopes, tried once each; the tokens it got, and every answer."""
     tag = f"{me['username']}-{next(_n)}"
     got: list[str] = []
     answers: list[httpx.Response] = []
@@ -74,7 +76,7 @@ def _attack(gw: Gateway, a: httpx.Client, me: dict[str, Any], admin_id: str, spa
         call("POST", "/admin/keys", {"name": f"k-{tag}", "user_id": owner, "scopes": list(SCOPES)})
     listed = a.get("/admin/keys")
     for k in listed.json().get("keys", []) if listed.status_code == 200 else []:
-        if k["state"] == "active" and k["id"] not in spare:
+        if k["state"] == "active" and k["id"] not in spare | {me["key_id"]}:
             call("POST", f"/admin/keys/{k['id']}/rotate")
     call("POST", "/admin/roles", {"name": f"esc-{tag}", "scopes": list(SCOPES)})
     call("PATCH", f"/admin/users/{me['user_id']}", {"role": f"esc-{tag}"})
@@ -91,9 +93,11 @@ def _attack(gw: Gateway, a: httpx.Client, me: dict[str, Any], admin_id: str, spa
             session = _login(gw, username)
             assert session, f"{username}: password set, yet no login"
             got.append(session)
+    # its own key last: a new secret ends the one every attempt above is made with
+    call("POST", f"/admin/keys/{me['key_id']}/rotate")
     errors = [(r.request.method, r.request.url.path, r.status_code) for r in answers if r.status_code >= 500]
     assert not errors, errors
-    return got
+    return got, answers
 
 
 @pytest.mark.parametrize("attacker", list(ATTACKERS))
@@ -111,7 +115,17 @@ def test_no_route_ends_with_more_scopes_than_its_caller_had(gw: Gateway, setup_k
     spare = {k["id"] for k in admin.get("/admin/keys").json()["keys"] if k["name"] == "set-up"}
     me = gw.client(token).get("/auth/me").json()
 
-    obtained = _attack(gw, gw.client(token), me, admin_id, spare)
+    obtained, answers = _attack(gw, gw.client(token), me, admin_id, spare)
+
+    # the attempts were real ones, else "nothing obtained" proves nothing: made with a live credential (no 401),
+    # and well-formed: the admin obtains credentials, and anyone else is refused for a scope they lack
+    said = [(r.request.method, r.request.url.path, r.status_code, r.text[:200]) for r in answers]
+    assert not [a for a in said if a[2] == 401], said
+    if attacker == "admin":
+        assert obtained
+    else:  # or a 404 for the role it could not create
+        odd = [a for a in said if a[2] >= 400 and not (a[2] == 403 and "scope" in a[3] or "no role 'esc-" in a[3])]
+        assert not odd, odd
 
     held = {t: _me(gw, t) for t in [token, *obtained]}
     above = {t[:16]: sorted(s - start) for t, s in held.items() if s - start}

@@ -73,7 +73,8 @@ def test_invoke_refusals_in_the_error_shape(gw: Any) -> None:
     assert done["state"] == "done" and len(done["result"]["cpu_percent"]) == 1, done
     assert error(c.get(path), 405)["code"] == "method_not_allowed"
     assert c.post(path + "/", json={"seconds": 0}).status_code in (307, 404)  # not an invoke: the router's answer
-    assert c.post(path, json={"seconds": 0}).json() is not None
+    r = c.post(path, json={"seconds": 0})  # and after all those refusals, the plugin still serves
+    assert r.status_code == 200 and r.json()["slept"] >= 0, r.text
 
 
 def test_lifecycle_stop_start_restart(gw: Any) -> None:
@@ -204,7 +205,7 @@ def test_uptime_of_a_plugin_that_just_started_is_not_zero() -> None:
     # read as "not running" by the ops panel and by the test above (it was rounded to 0.1 s: 0.0 for 50 ms)
     t = Telemetry()
     assert t.uptime() == 0.0
-    t.started_at = time.time()
+    t.started_at = time.monotonic()
     assert 0 < t.uptime() < 1
-    t.started_at = time.time() - 90.5
+    t.started_at = time.monotonic() - 90.5
     assert 90.4 < t.uptime() < 95

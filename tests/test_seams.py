@@ -217,6 +217,7 @@ def test_worker_store_calls_act_as_the_caller(pgw: Gateway) -> None:
 
 
 def test_a_grant_dies_with_its_call_and_with_its_worker(pgw: Gateway) -> None:
+    assert _invoke(pgw, "probe.make", collection="probe").status_code in (200, 409)  # whichever test runs first
     assert _invoke(pgw, "probe.count").json()["count"] == 1  # the store works within a call
     assert _invoke(pgw, "probe.keep").status_code == 200
     r = _invoke(pgw, "probe.replay")  # the kept grant's call has ended
@@ -342,23 +343,31 @@ def test_no_module_named_secrets_shadows_the_standard_library() -> None:
 
 
 def test_a_worker_that_stops_reading_never_blocks_the_gateway(pgw: Gateway) -> None:
-    """A call holds the worker's GIL, so nothing reads its pipe; a 2 MB request for it (more than the pipe holds)
-    used to be written on the event loop, which then waited for good, and a restart waited for the same lock.
-    Now the gateway answers meanwhile, and the restart replaces the frozen worker."""
+    """A call holds the worker's GIL, so nothing reads its pipe; a 0.9 MB request for it (more than the pipe holds,
+    less than the 1 MiB a capability takes) used to be written on the event loop, which then waited for good, and a
+    restart waited for the same lock. Now the gateway answers meanwhile, and the restart replaces the frozen
+    worker."""
     import threading
 
     import httpx
+    import psutil
 
     def quietly(cap: str, **body: Any) -> None:
         with contextlib.suppress(httpx.HTTPError):
             pgw.client().post(f"/api/plugins/probe/invoke/{cap}", json=body, timeout=60)
 
+    worker = psutil.Process(pgw.client().get("/api/plugins/probe/status").json()["pid"])
     threading.Thread(target=quietly, args=("probe.freeze",), daemon=True).start()
-    time.sleep(1.0)
-    threading.Thread(target=quietly, args=("probe.whoami",), kwargs={"pad": "x" * 2_000_000}, daemon=True).start()
-    time.sleep(1.0)
+    wait_for(lambda: worker.cpu_percent(0.2) > 50, 30)  # the freeze runs, holding the worker's GIL
+    big = threading.Thread(target=quietly, args=("probe.whoami",), kwargs={"pad": "x" * 900_000}, daemon=True)
+    big.start()
+    # both calls are in the plugin: the big one is handed to the worker, which reads nothing (a gateway that wrote
+    # it on its event loop would be stuck in that write and never answer this)
+    telemetry = pgw.client().get
+    wait_for(lambda: telemetry("/api/plugins/probe/telemetry", timeout=10).json()["in_flight"] == 2, 30, every=0.02)
     assert httpx.get(pgw.url + "/health", timeout=10).status_code == 200
     assert pgw.client().get("/api/plugins", timeout=10).status_code == 200
+    assert big.is_alive()  # answered while the big call still waits on the frozen worker
     r = pgw.client().post("/api/plugins/probe/restart", timeout=60)
     assert r.status_code == 200 and r.json()["state"] == "running", r.text
     who = _invoke(pgw, "probe.whoami")
