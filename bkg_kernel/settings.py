@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     shutdown_grace_s: int = Field(
         15, ge=0, le=3600, description="On SIGTERM, how long requests in flight may run before they are cut off."
     )
+    io_threads: int = Field(
+        32,
+        ge=4,
+        le=512,
+        description="Threads for the routes' blocking work (store, files, worker answers): waits "
+        "on a lock or a disk cost no CPU, so more than the cores.",
+    )
     max_body_mb: float = Field(
         32.0, gt=0, le=4096, description="Largest request body the gateway accepts (413 above it), in MB."
     )

@@ -144,3 +144,34 @@ def test_gateway_answers_429_with_retry_after(gw: Gateway) -> None:
     assert codes == [401] * 10 + [429]
     r = httpx.post(gw.url + "/auth/login", json={"username": "dee", "password": PW})
     assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+
+
+def test_a_burst_of_logins_waits_on_threads_of_its_own(tmp_path: Path) -> None:
+    """Found by a review: logins hashed their passwords on the pool every route's store work and every worker's
+    answer use (six threads here), and the throttle counts only finished failures, so a burst of logins by anyone
+    took every thread for seconds. Now they wait on two threads of their own, and past 16 at once are a 429."""
+    import threading
+
+    from gateway_harness import start_gateway
+
+    g = start_gateway(tmp_path / "data", plugins=["apikeys"])
+    try:
+        codes: list[int] = []
+        said: list[str] = []
+
+        def attempt(i: int) -> None:
+            r = httpx.post(g.url + "/auth/login", json={"username": f"nobody{i}", "password": "nope nope"}, timeout=60)
+            codes.append(r.status_code)
+            said.append(r.json()["error"]["message"])
+
+        burst = [threading.Thread(target=attempt, args=(i,)) for i in range(28)]
+        for t in burst:
+            t.start()
+        answered = g.client().get("/api/collections")  # store work, on the pool the logins no longer take
+        for t in burst:
+            t.join()
+        assert answered.status_code == 200
+        assert set(codes) <= {401, 429} and codes.count(401) >= 16, codes
+        assert any("logins are running or waiting (at most 16)" in s for s in said), said
+    finally:
+        g.stop()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Depends, FastAPI
 
@@ -57,6 +58,9 @@ def create_app(
         if gw is None:
             gw = await asyncio.to_thread(Gateway.open, settings, discovered, plugins, metrics)
             app.state.gateway = gw
+        # the threads `asyncio.to_thread` uses (store work, worker answers): Python's default is cpu + 4, six here, so
+        # a few requests waiting on the store's lock (a snapshot holds it) took every one; a wait costs no CPU
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(settings.io_threads, "bkg-io"))
         gw.hub.bind(asyncio.get_running_loop())
         if gw.runs is not None:
             await gw.runs.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -10,9 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput
+from bkg_kernel.gateway.lanes import Lane
 from bkg_kernel.gateway.state import gateway, need
 
 router = APIRouter(tags=["auth"])
+# A login hashes its password with scrypt (~50-100 ms of CPU): on threads of its own, so that a burst of logins by
+# anyone (no credentials needed) takes no thread from the pool every route's store work and every worker's answer
+# use; past `max_pending` running or waiting, a 429 at once. The throttle counts only finished failures.
+_LOGINS = Lane("bkg-login", threads=2, max_pending=16, what="logins")
 
 
 class Login(BaseModel):
@@ -26,7 +30,7 @@ async def login(body: Login, request: Request) -> dict[str, Any]:
     """Exchange username + password for a session token (12 h)."""
     auth = gateway(request).auth
     address = request.client.host if request.client else ""
-    token, p = await asyncio.to_thread(auth.login, body.username, body.password, address)
+    token, p = await _LOGINS.run(auth.login, body.username, body.password, address)
     return {"token": token, "token_type": "bearer", "user": p.to_dict()}
 
 

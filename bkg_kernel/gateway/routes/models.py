@@ -91,8 +91,9 @@ async def add_model(
         return {"job": job.to_dict()}
     path = body.path
     assert path is not None
-    entry = await asyncio.to_thread(
-        reg.add, path, id=body.id, kind=body.kind, license=body.license, import_mode=body.import_mode
+    # a copy of gigabytes, hashed: on the import lane, never the pool every other route's store work uses
+    entry = await _IMPORT.run(
+        lambda: reg.add(path, id=body.id, kind=body.kind, license=body.license, import_mode=body.import_mode)
     )
     gw.auth.audit(p.username, "model.add", entry.id, path=entry.path)
     return entry.model_dump()
@@ -110,6 +111,7 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 # Hashing a model reads all of it (gigabytes): verifies run on their own two threads, never the pool every other
 # route's store work uses, and a caller who piles them up gets a 429 instead of a queue of hours.
 _VERIFY = Lane("bkg-verify", threads=2, max_pending=8, what="model verifications")
+_IMPORT = Lane("bkg-import", threads=1, max_pending=4, what="model imports")
 
 
 @router.post("/api/models/{model_id}/verify", dependencies=[READ])
