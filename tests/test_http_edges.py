@@ -107,3 +107,22 @@ def test_the_openapi_document_describes_the_errors_the_gateway_sends(gw: Gateway
     usage = doc["paths"]["/admin/usage"]["get"]["responses"]
     assert usage["422"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
     assert "401" in usage and "404" in doc["paths"]["/api/collections/{name}"]["get"]["responses"]
+
+
+def test_an_answer_of_vectors_is_held_to_a_size_and_the_client_asks_in_pages(gw: Gateway) -> None:
+    """Found by a review: 100,000 ids with their vectors took ~4 GB in the gateway for anyone who may read."""
+    c = gw.client()
+    assert c.post("/api/collections", json={"name": "wide", "dim": 4096}).status_code == 201
+    points = [{"id": i, "vector": [float(i + 1)] * 4096} for i in (7, 900, 1400)]
+    assert c.put("/api/collections/wide/points", json={"points": points}).status_code == 200
+    ids = list(range(1500))
+    r = c.post("/api/collections/wide/points/get", json={"ids": ids})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "ids" and "488 points" in r.text, r.text
+    r = c.post("/api/collections/wide/points/scroll", json={"limit": 1000, "with_vectors": True})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "limit"
+    assert c.post("/api/collections/wide/points/get", json={"ids": ids, "with_vectors": False}).status_code == 200
+
+    import bkg_kernel
+
+    got = bkg_kernel.connect(gw.url, api_key=c.headers["authorization"].split()[1]).collection("wide").get(ids)
+    assert [p.id for p in got] == [7, 900, 1400] and got[2].vector[0] == 1401.0

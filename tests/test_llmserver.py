@@ -236,6 +236,19 @@ def test_bad_input_is_4xx_with_the_field(llm_gw: Gateway) -> None:
     assert r.status_code == 413 and "this route takes at most 8,388,608 bytes" in r.json()["error"]["message"]
     r = post({"model": MODEL, "messages": ASK, "response_format": {"type": "yaml"}})
     assert r.status_code == 400 and "response_format" in r.json()["error"]["message"]
+    # a few bytes of schema that would be gigabytes of grammar (found by a review: 1.5 GB for this one)
+    huge = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "minLength": 10**8}}}
+    r = post({"model": MODEL, "messages": ASK, "response_format": huge})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema.minLength"
+    nested = {"type": "array", "maxItems": 1000, "items": {"type": "array", "maxItems": 1000, "items": {}}}
+    r = post(
+        {
+            "model": MODEL,
+            "messages": ASK,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": nested}},
+        }
+    )
+    assert r.status_code == 400 and "multiply to 1,000,000" in r.json()["error"]["message"]
     r = post({"model": MODEL, "messages": ASK, "template": "nope"})
     assert r.status_code == 400 and r.json()["error"]["field"] == r.json()["error"]["param"] == "template"
     r = post({"input": []}, "/v1/embeddings")

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+PAGE_NUMBERS = 2_000_000  # vector numbers the gateway puts in one answer (routes/collections.MAX_NUMBERS)
+
+
 class RemoteCollection:
     """One collection on the gateway; the same calls as a local `Collection`."""
 
@@ -88,9 +91,14 @@ class RemoteCollection:
         return Explorer(self.wb, self.name, color=color, method=method, sample=sample, **kw)
 
     def get(self, ids: list[Any], with_vectors: bool = True) -> PointList:
-        """Points by id, in the order asked for (missing ids left out): a table in a notebook."""
-        body = {"ids": ids, "with_vectors": with_vectors}
-        found = self.wb.call("POST", f"{self.base}/points/get", json=body)["points"]
+        """Points by id, in the order asked for (missing ids left out): a table in a notebook. Many with their
+        vectors are asked for in pages (one answer holds at most 2,000,000 vector numbers)."""
+        ids = list(ids)
+        page = max(1, PAGE_NUMBERS // self.describe().dim) if with_vectors and len(ids) > 1000 else len(ids) or 1
+        found: list[Any] = []
+        for a in range(0, max(len(ids), 1), page):
+            body = {"ids": ids[a : a + page], "with_vectors": with_vectors}
+            found += self.wb.call("POST", f"{self.base}/points/get", json=body)["points"]
         return PointList([_known(Point, p) for p in found])
 
     def delete(self, ids: list[Any] | None = None, *, filter: dict[str, Any] | None = None) -> int:

@@ -302,23 +302,38 @@ async def upsert(name: Name, request: Request, p: Annotated[Principal, Depends(W
                 await asyncio.to_thread(bodyjson.release, points)
 
 
+MAX_NUMBERS = 2_000_000  # vector numbers one answer holds: ~80 MB as Python floats while it is made, ~40 MB of JSON
+
+
+def _within_numbers(points: int, dim: int, field: str) -> None:
+    """422 naming `field` for an answer of more vector numbers than `MAX_NUMBERS` (100,000 points of 384 floats:
+    ~4 GB in the gateway while it was built, for anyone who may read)."""
+    if points * dim > MAX_NUMBERS:
+        most = max(1, MAX_NUMBERS // dim)
+        raise InvalidInput(f"{points:,} points with their {dim}-number vectors is {points * dim:,} numbers; one answer "
+                           f"holds at most {MAX_NUMBERS:,} ({most:,} points of this collection): ask in pages, or "
+                           "without vectors", field=field)  # fmt: skip
+
+
 # The routes that answer pages of points encode them where they run (on FastAPI's threads, by orjson): a dict they
 # returned would be encoded by FastAPI on the event loop (100,000 points with their vectors: seconds).
 @router.post("/{name}/points/get", dependencies=[READ], response_model=None)
 def get_points(name: Name, body: Ids, request: Request) -> PagedJSONResponse:
     """Points by id, in the order asked (missing ids left out)."""
-    pts = gateway(request).store.collection(name).get(body.ids, with_vectors=body.with_vectors)
+    coll = gateway(request).store.collection(name)
+    if body.with_vectors:
+        _within_numbers(len(body.ids), coll.dim, "ids")
+    pts = coll.get(body.ids, with_vectors=body.with_vectors)
     return PagedJSONResponse({"points": [p.to_dict() for p in pts]}, "points")
 
 
 @router.post("/{name}/points/scroll", dependencies=[READ], response_model=None)
 def scroll_points(name: Name, body: Scroll, request: Request) -> PagedJSONResponse:
     """Page through points (optionally matching a filter) in insertion order; next_offset is null at the end."""
-    pts = (
-        gateway(request)
-        .store.collection(name)
-        .scroll(body.filter, limit=body.limit, offset=body.offset, with_vectors=body.with_vectors)
-    )
+    coll = gateway(request).store.collection(name)
+    if body.with_vectors:
+        _within_numbers(body.limit, coll.dim, "limit")
+    pts = coll.scroll(body.filter, limit=body.limit, offset=body.offset, with_vectors=body.with_vectors)
     more = len(pts) == body.limit
     return PagedJSONResponse(
         {"points": [p.to_dict() for p in pts], "next_offset": body.offset + len(pts) if more else None}, "points"

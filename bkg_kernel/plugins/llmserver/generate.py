@@ -218,6 +218,8 @@ def forced_tool(req: ChatRequest) -> bool:
 def grammar_for(req: ChatRequest) -> Any:
     """Return the llama.cpp grammar that constrains this answer (JSON mode, JSON Schema, forced tool call)."""
     if forced_tool(req):
+        for i, t in enumerate(active_tools(req)):
+            _bounded(t["function"].get("parameters") or {}, f"tools[{i}].function.parameters")
         calls = [
             {
                 "type": "object",
@@ -234,8 +236,40 @@ def grammar_for(req: ChatRequest) -> Any:
     if fmt.get("type") == "json_object":
         return _grammar("")
     if fmt.get("type") == "json_schema":
-        return _grammar(json.dumps(fmt["json_schema"]["schema"], sort_keys=True))
+        schema = fmt["json_schema"]["schema"]
+        _bounded(schema, "response_format.json_schema.schema")
+        return _grammar(json.dumps(schema, sort_keys=True))
     return None
+
+
+MAX_BOUND = 4096  # a length or count a schema may ask for: no answer is longer than the context
+MAX_REPEATS = 100_000  # bounds multiplied down one path of the schema (an array of arrays of strings...)
+_BOUNDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+
+
+def _bounded(node: Any, at: str, outer: int = 1) -> None:
+    """422 naming where, for a schema whose lengths or counts the grammar would spell out one by one past what an
+    answer can hold: `{"type": "string", "minLength": 100000000}` is a few bytes of JSON and gigabytes of grammar."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _bounded(item, f"{at}[{i}]", outer)
+        return
+    if not isinstance(node, dict):
+        return
+    inner = outer
+    for key in _BOUNDS:
+        value = node.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value > MAX_BOUND:
+                raise InvalidInput(f"{at}.{key} is {value:g}; a schema's lengths and counts go up to {MAX_BOUND:,} "
+                                   "(no answer is longer than the model's context)", field=f"{at}.{key}")  # fmt: skip
+            inner = max(inner, outer * max(1, int(value)))
+    if inner > MAX_REPEATS:
+        raise InvalidInput(f"{at} nests lengths and counts that multiply to {inner:,} (at most {MAX_REPEATS:,}): the "
+                           "grammar would spell each one out", field=at)  # fmt: skip
+    for key, value in node.items():
+        if isinstance(value, (dict, list)):
+            _bounded(value, f"{at}.{key}", inner)
 
 
 @lru_cache(maxsize=64)
