@@ -137,6 +137,13 @@ class MissingDependency(BkgError):
         self.extra = extra
 
 
+class InsufficientStorage(BkgError):
+    """The data dir's disk is nearly full: nothing more is written, so what is stored stays readable."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
 class Unauthorized(BkgError):
     """No valid credentials."""
 

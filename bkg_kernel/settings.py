@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     shutdown_grace_s: int = Field(
         15, ge=0, le=3600, description="On SIGTERM, how long requests in flight may run before they are cut off."
     )
+    min_free_mb: int = Field(
+        512,
+        ge=0,
+        le=10**7,
+        description="Writes to the store (upserts, snapshots, restores) are a 507 while the data "
+        "dir's disk has less free than this (a full disk leaves DuckDB unusable until a restart); 0: no check.",
+    )
     io_threads: int = Field(
         32,
         ge=4,

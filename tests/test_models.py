@@ -357,3 +357,27 @@ def test_a_gguf_header_whose_numbers_do_not_add_up_is_corrupt_data(tmp_path: Pat
     (tmp_path / "huge.gguf").write_bytes(huge)
     with pytest.raises(CorruptData):
         read_gguf(tmp_path / "huge.gguf")
+
+
+def test_a_disk_without_room_is_a_507_before_anything_is_written(tmp_path: Path, file_server: tuple[str, Path]) -> None:
+    """Found by a review: nothing kept the disk from filling, and DuckDB that runs out of disk mid-write marks its
+    database invalid (every read and write fails until a restart). Here min_free_mb is more than any disk has: the
+    store's writes and a download are 507s before they write, and what is stored stays readable."""
+    base, www = file_server
+    write_gguf(www / "roomless.gguf")
+    env = {"BKG_DOWNLOAD_ALLOW": '["127.0.0.1"]', "BKG_MIN_FREE_MB": "10000000"}
+    g = start_gateway(tmp_path / "data", env=env, plugins=["apikeys"])
+    try:
+        c = g.client()
+        assert c.post("/api/collections", json={"name": "kept", "dim": 2}).status_code == 201
+        r = c.put("/api/collections/kept/points", json={"points": [{"id": 1, "vector": [1, 0]}]})
+        assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage", r.text
+        assert "min_free_mb" in r.json()["error"]["message"]
+        assert c.post("/api/collections/kept/snapshots").status_code == 507
+        assert c.get("/api/collections/kept").json()["count"] == 0  # still readable
+        job = c.post("/api/models", json={"url": f"{base}/roomless.gguf"}).json()["job"]
+        done = g.wait_job(job["id"], timeout=60)
+        assert done["state"] == "failed" and "bytes to spare above min_free_mb" in done["error"], done
+        assert not list((tmp_path / "models").glob("roomless*"))
+    finally:
+        g.stop()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlparse
 
-from bkg_kernel.errors import Forbidden, InvalidInput, Unavailable, check_path_text
+from bkg_kernel.errors import Forbidden, InsufficientStorage, InvalidInput, Unavailable, check_path_text
 from bkg_kernel.models.registry import ModelEntry, ModelRegistry, slug
 
 Progress = Callable[[float, str], None]
@@ -107,6 +107,11 @@ def non_public(addresses: list[str]) -> str | None:
     return None
 
 
+def _no_room(url: str, size: int, room: int) -> InsufficientStorage:
+    return InsufficientStorage(f"{url} is {size:,} bytes or more; the model dir's disk has {max(room, 0):,} bytes to "
+                               "spare above min_free_mb: free space first")  # fmt: skip
+
+
 def download(
     registry: ModelRegistry,
     url: str,
@@ -117,10 +122,12 @@ def download(
     license: str | None = None,
     allow: Sequence[str] = (),
     max_bytes: int = 64 * 2**30,
+    keep_free: int = 0,
 ) -> ModelEntry:
     """Stream `url` to its own file in `<model_dir>/.partial/`, check it, move it in and register it (`source`
     is the URL). `progress` is called after each chunk; a job's progress raises `Cancelled` once it is cancelled,
-    which stops the download there."""
+    which stops the download there. The disk keeps `keep_free` bytes free: a download that would eat into them is
+    refused (507) before it starts, or stopped when it gets there (its size may not be said)."""
     import httpx
 
     name = check_url(url)
@@ -146,12 +153,17 @@ def download(
                         total = int(r.headers.get("content-length") or 0)
                         if total > max_bytes:
                             raise InvalidInput(f"{url} is {total:,} bytes; the limit is {limit}", field="url")
+                        room = shutil.disk_usage(partial_dir).free - keep_free
+                        if total > room:
+                            raise _no_room(url, total, room)
                         done = 0
                         with partial.open("wb") as f:
                             for chunk in r.iter_bytes(1 << 20):
                                 done += len(chunk)
                                 if done > max_bytes:
                                     raise InvalidInput(f"{url} sent more than {limit}", field="url")
+                                if done > room:
+                                    raise _no_room(url, done, room)
                                 f.write(chunk)
                                 progress(done / total if total else 0.0, f"{done / 2**20:,.1f} MB")
                         break

@@ -12,7 +12,7 @@ from typing import Any
 
 import duckdb
 
-from bkg_kernel.errors import AlreadyExists, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, InsufficientStorage, InvalidInput, NotFound
 from bkg_kernel.settings import Settings, get_settings
 from bkg_kernel.store import migrations, snapshots, validate
 from bkg_kernel.store.collection import Collection
@@ -255,8 +255,21 @@ class Store:
             p.unlink(missing_ok=True)
 
     # -- snapshots --------------------------------------------------------------------------------
+    def require_space(self, what: str) -> None:
+        """507 before `what` writes anything when the data dir's disk has less than `min_free_mb` free: DuckDB
+        that runs out of disk mid-write marks its database invalid, and every read and write fails until a
+        restart; refused here, the store stays readable and whoever frees space can write again at once."""
+        free = shutil.disk_usage(self.data_dir).free
+        least = self.settings.min_free_mb * 2**20
+        if free < least:
+            raise InsufficientStorage(
+                f"{what}: the data dir's disk has {free / 2**20:,.0f} MB free, under min_free_mb "
+                f"({self.settings.min_free_mb:,}): free space (old snapshots, models, job outputs) before writing more"
+            )
+
     def snapshot(self, name: str) -> SnapshotInfo:
         """Write a snapshot archive (rows + index + manifest with sha256 of each part) of a collection."""
+        self.require_space(f"a snapshot of {name!r}")
         with self._mutex:
             return snapshots.create(self, self.collection(name))
 
@@ -268,6 +281,7 @@ class Store:
 
     def restore_snapshot(self, name: str, snapshot_id: str, into: str | None = None) -> Collection:
         """Restore a snapshot of `name` into `into` (default: `name`, replacing it); a damaged archive is refused."""
+        self.require_space(f"restoring a snapshot of {name!r}")
         with self._mutex:
             return snapshots.restore(self, name, snapshot_id, into)
 

@@ -81,8 +81,9 @@ async def add_model(
 
         def run(progress: Any) -> dict[str, Any]:
             entry = download.download(
-                reg, url, progress, id=body.id, kind=body.kind, license=body.license, allow=allow, max_bytes=max_bytes
-            )
+                reg, url, progress, id=body.id, kind=body.kind, license=body.license, allow=allow, max_bytes=max_bytes,
+                keep_free=gw.settings.min_free_mb * 2**20,
+            )  # fmt: skip
             gw.auth.audit(p.username, "model.add", entry.id, source=url)
             return entry.model_dump()
 
