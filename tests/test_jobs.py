@@ -968,6 +968,9 @@ def test_job_file_helpers_confine_only_a_job(tmp_path: Path, monkeypatch: pytest
     assert [p.name for p in files.readable_files(root, ["*.txt"])] == ["a.txt"]
     monkeypatch.setenv(files.ROOTS_ENV, os.pathsep.join([str(tmp_path)]))  # a root holding the data dir
     assert [p.name for p in files.readable_files(root, ["*.txt"])] == ["a.txt", "out.txt"]  # never admin.key
+    assert [p.name for p in files.readable_files(data / "files", ["**/*.txt"])] == ["a.txt", "out.txt"]
+    with pytest.raises(ValueError, match="more than one '\\*\\*'"):  # each more multiplies the walk ~9x
+        files.readable_files(root, ["**/**/**/*.txt"])
 
 
 def test_a_pruned_run_takes_every_file_it_wrote_with_it(tmp_path: Path, roots: Path) -> None:
