@@ -63,7 +63,8 @@ class Answer(dict[str, Any]):
         parts = [f"<div style='white-space:pre-wrap'>{escape(self['answer'])}</div>"]
         for c in self["citations"]:
             head = f"[{c['n']}] {c['path']}:{c['start']}-{c['end']} {c['symbol']}"
-            numbered = "\n".join(f"{n:>5}| {ln}" for n, ln in enumerate(c["code"].splitlines(), start=c["start"]))
+            lines = c["code"].removesuffix("\n").split("\n")  # as repoagent counts lines: a form feed is not one
+            numbered = "\n".join(f"{n:>5}| {ln.removesuffix(chr(13))}" for n, ln in enumerate(lines, start=c["start"]))
             parts.append(f"<details><summary><code>{escape(head)}</code></summary><pre {_PRE}>{escape(numbered)}</pre>")
             parts.append("</details>")
         if self["dropped"]:

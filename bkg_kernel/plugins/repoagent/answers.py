@@ -24,6 +24,7 @@ from bkg_kernel import statefiles
 from bkg_kernel.errors import CorruptData, NotFound
 from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, own_end, point_id, span_sha
 from bkg_kernel.plugins.repoagent.repomap import build as build_map
+from bkg_kernel.plugins.repoagent.workspace import file_lines
 
 log = logging.getLogger("bkg.repoagent")
 
@@ -58,11 +59,11 @@ def retrieve(
 
 
 def read_lines(root: Path, path: str) -> list[str] | None:
-    """The lines of a file inside `root` (None when it is not there, or not inside)."""
+    """The lines of a file inside `root`, as the index counts them (None when it is not there, or not inside)."""
     full = (root / path).resolve()
     if root not in full.parents or not full.is_file():
         return None
-    return full.read_text(errors="replace").splitlines()
+    return file_lines(full)
 
 
 def verify(root: Path, path: str, start: int, end: int, sha: str | None) -> str | None:
@@ -244,7 +245,7 @@ def document(
         except CorruptData as exc:
             log.warning("%s: its symbols are documented again", exc.message)
     try:
-        lines = (root / path).read_text(errors="replace").splitlines()
+        lines = file_lines(root / path)
     except OSError:
         raise NotFound(f"{path} is no longer a file in the workspace: run repo.index again", field="path") from None
     ordered = callee_first(index, targets)

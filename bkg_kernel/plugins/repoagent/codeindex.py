@@ -23,9 +23,9 @@ from typing import Any
 from bkg_kernel import statefiles
 from bkg_kernel.errors import CorruptData
 from bkg_kernel.plugins.repoagent.parsing import language_of, parse
-from bkg_kernel.plugins.repoagent.workspace import is_binary
+from bkg_kernel.plugins.repoagent.workspace import is_binary, text_lines
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: lines counted by newlines alone (1 cut chunks at form feeds, U+2028, ...)
 log = logging.getLogger("bkg.repoagent")
 CHUNK_CHARS = 1600  # text kept per chunk for BM25; the citation span stays the symbol's whole span
 EMBED_CHARS = 320  # what is embedded: the head (path, name, signature, doc) and the code's first lines
@@ -103,7 +103,7 @@ def words(name: str) -> str:
 
 def chunks_for(path: str, source: str, parsed: dict[str, Any]) -> list[dict[str, Any]]:
     """The chunks of one file: `{start, end, kind, symbol, text}` (text is what gets embedded)."""
-    lines = source.splitlines()
+    lines = text_lines(source)
     out: list[dict[str, Any]] = []
 
     def add(start: int, end: int, kind: str, symbol: str, head: str) -> None:
@@ -201,7 +201,7 @@ def update(
         source = data.decode("utf-8", errors="replace")
         parsed = parse(rel, source)
         chunks = chunks_for(rel, source, parsed)
-        src_lines = source.splitlines()
+        src_lines = text_lines(source)
         for c in chunks:  # what a citation must still find in the file; what the embedding was made of
             c["sha"] = span_sha(src_lines, c["start"], c["end"])
             c["th"] = hashlib.sha1(c["text"].encode()).hexdigest()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bkg_kernel.errors import Conflict, InvalidInput
-from bkg_kernel.plugins.repoagent.workspace import git_env
+from bkg_kernel.plugins.repoagent.workspace import git_env, text_lines
 
 MAX_DIFF_BYTES = 2_000_000
 TEMP_SUFFIX = ".bkg-tmp"  # repo.write's temp files (`plugin.write`)
@@ -70,5 +70,5 @@ def commit(root: Path, message: str, paths: list[str], signoff: bool, username: 
     }  # fmt: skip
     git(root, "commit", "-q", "--no-verify", "-m", message, *(["--signoff"] if signoff else []), env=who)
     sha = git(root, "rev-parse", "HEAD").strip()
-    files = [{"status": ln.split("\t", 1)[0], "path": ln.split("\t")[-1]} for ln in staged.splitlines() if ln]
+    files = [{"status": ln.split("\t", 1)[0], "path": ln.split("\t")[-1]} for ln in text_lines(staged) if ln]
     return {"commit": sha, "message": message, "author": username, "files": files}

@@ -5,15 +5,23 @@ them) with its qualified name, line span (1-based, inclusive), one-line signatur
 reference is an identifier the file uses (a call, an import, an attribute or a name) with its line and
 the symbol it sits in. Each grammar wheel ships its own `tags.scm`; TypeScript adds the JavaScript tags.
 A file in a language without a grammar gets no symbols: it is still chunked and searchable as text.
+
+Lines are counted as git and tree-sitter count them (`workspace.text_lines`: a line ends at a newline). Python's
+parser also ends a line at a lone CR (a classic Mac line end); a file that has one is parsed as Python reads it, and
+its line numbers are mapped onto newline-counted lines, so they agree with repo.file.read, repo.search and git.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import re
+from collections.abc import Callable
 from functools import cache
 from pathlib import PurePosixPath
 from typing import Any
+
+from bkg_kernel.plugins.repoagent.workspace import text_lines
 
 LANGUAGES = {
     ".py": "python", ".pyi": "python",
@@ -47,6 +55,8 @@ EXTRA_TAGS = {
     " (qualified_identifier name: (identifier) @name)]) @reference.call",
 }
 SIGNATURE_CHARS = 240
+LONE_CR = re.compile(r"\r(?!\n)")
+PY_LINE_END = re.compile(r"\r\n|\r|\n")  # what ends a line for Python's parser
 
 
 def language_of(path: str) -> str | None:
@@ -78,18 +88,20 @@ def parse(path: str, source: str) -> dict[str, Any]:
 
 def _python(path: str, source: str) -> dict[str, Any]:
     mod = module_name(path)
-    n_lines = source.count("\n") + 1
+    n_lines = _line_count(source)
+    at = ast_lines(source)
     try:
         tree = ast.parse(source, filename=path)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:  # 1,500 terms in a row: RecursionError
         line = getattr(exc, "lineno", None)
-        err = f"line {line}: {getattr(exc, 'msg', exc)}" if line else str(exc)
+        err = f"line {at(line)}: {getattr(exc, 'msg', exc)}" if line else str(exc)
         return {"language": "python", "symbols": [_module(mod, path, n_lines, None)], "refs": [], "error": err}
     symbols = [_module(mod, path, n_lines, ast.get_docstring(tree))]
     refs: list[dict[str, Any]] = []
     seen: set[tuple[str, int, str, str]] = set()
 
     def ref(name: str, kind: str, line: int, where: str) -> None:
+        line = at(line)
         key = (name, line, where, kind)
         if key not in seen:
             seen.add(key)
@@ -113,7 +125,7 @@ def _python(path: str, source: str) -> dict[str, Any]:
                 symbols.append(
                     {
                         "name": child.name, "qualname": qual, "kind": kind,
-                        "path": path, "start": start, "end": child.end_lineno or child.lineno,
+                        "path": path, "start": at(start), "end": at(child.end_lineno or child.lineno),
                         "signature": _clip(sig), "doc": ast.get_docstring(child) or "", "language": "python",
                     }
                 )  # fmt: skip
@@ -136,6 +148,23 @@ def _python(path: str, source: str) -> dict[str, Any]:
     except RecursionError:  # parsed, but nested past what a walk of it can follow (~1,000 terms in a row)
         return {"language": "python", "symbols": symbols[:1], "refs": [], "error": "nests too deeply to index"}
     return {"language": "python", "symbols": symbols, "refs": refs, "error": None}
+
+
+def _line_count(source: str) -> int:
+    """How many lines a file has (at least 1: a module's span)."""
+    return max(1, len(text_lines(source)))
+
+
+def ast_lines(source: str) -> Callable[[int], int]:
+    """Return what maps a line number of Python's parser onto the file's newline-counted line (the same number
+    unless the file has a lone CR, which ends a line for Python but not for git, editors or `text_lines`)."""
+    if LONE_CR.search(source) is None:
+        return lambda n: n
+    starts, line = [1], 1  # the newline-counted line each of the parser's lines starts on
+    for m in PY_LINE_END.finditer(source):
+        line += m.group() != "\r"
+        starts.append(line)
+    return lambda n: starts[min(n, len(starts)) - 1]
 
 
 def _names(node: ast.AST, emit: Any, recurse: bool = True) -> None:
@@ -187,7 +216,7 @@ def _grammar(lang: str) -> tuple[Any, Any]:
 def _query_file(mod: Any) -> str:
     from pathlib import Path
 
-    return (Path(mod.__file__).parent / "queries" / "tags.scm").read_text()
+    return (Path(mod.__file__).parent / "queries" / "tags.scm").read_text(encoding="utf-8")
 
 
 def _treesitter(path: str, source: str, lang: str) -> dict[str, Any]:
@@ -196,7 +225,7 @@ def _treesitter(path: str, source: str, lang: str) -> dict[str, Any]:
     parser, query = _grammar(lang)
     data = source.encode()
     tree = parser.parse(data)
-    n_lines = source.count("\n") + 1
+    n_lines = _line_count(source)
     mod = module_name(path)
     symbols = [_module(mod, path, n_lines, None)]
     defs: list[tuple[int, int, str]] = []  # start byte, end byte, qualname: to place references
@@ -295,7 +324,7 @@ def _doc(node: Any) -> str:
         prev = prev.prev_named_sibling
     cleaned = []
     for block in lines:
-        for ln in block.splitlines():
+        for ln in text_lines(block):
             ln = ln.strip()
             for mark in ("///", "//!", "//", "/**", "/*", "*/", "*", "#"):
                 if ln.startswith(mark):

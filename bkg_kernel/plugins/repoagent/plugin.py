@@ -15,6 +15,7 @@ import contextlib
 import fnmatch
 import glob
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -30,6 +31,7 @@ from bkg_kernel.errors import AlreadyExists, CorruptData, Forbidden, InvalidInpu
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.repoagent import answers, codeindex, gitops, repomap, sandbox
 from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, point_id
+from bkg_kernel.plugins.repoagent.parsing import ast_lines
 from bkg_kernel.plugins.repoagent.schemas import (
     AskRequest,
     CommandRequest,
@@ -48,13 +50,56 @@ from bkg_kernel.plugins.repoagent.schemas import (
     WorkspaceRequest,
     WriteRequest,
 )  # fmt: skip
-from bkg_kernel.plugins.repoagent.workspace import Ignore, Workspace, is_binary, is_git_dir, list_files, read_text
+from bkg_kernel.plugins.repoagent.workspace import (
+    Ignore,
+    Workspace,
+    file_lines,
+    is_binary,
+    is_git_dir,
+    list_files,
+    read_text,
+    text_lines,
+)
 from bkg_kernel.runtime.contract import Cancelled, GatewayAPI, Plugin, Progress, capability
 from bkg_kernel.runtime.storehandle import StoreHandle
 
 MAX_LINE_CHARS = 2000  # search reads at most this much of one line
 SEARCH_TIMEOUT_S = 10.0  # matching time one repo.search may take, all files together
 MAX_DEPTH = 64  # folders deep a written file may be (pathlib walks deeper paths by recursion)
+
+
+MAX_REPEATS = 100_000  # counted repeats nested in a search pattern, multiplied: (?:a{1000}){1000} took GBs to compile
+
+
+def _compilable(query: str) -> None:
+    """422 for a pattern whose counted repeats, nested, multiply past `MAX_REPEATS`: the `regex` module compiles
+    each of them out (the search's timeout bounds matching, not compiling). Read with Python's own parser; a
+    pattern only `regex` reads is held to the product of all its counts."""
+    import re._parser as sre  # noqa: PLC2701 - the parser of Python's own `re`: structure, nothing compiled
+
+    def walk(items: Any, outer: int) -> int:
+        worst = outer
+        for op, arg in items:
+            if op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+                low, high, sub = arg
+                count = high if high != sre.MAXREPEAT else max(low, 1)
+                worst = max(worst, walk(sub, outer * max(count, 1)))
+                continue
+            for part in arg if isinstance(arg, (tuple, list)) else (arg,):  # groups, branches, lookarounds
+                for sub in part if isinstance(part, list) else (part,):
+                    if isinstance(sub, sre.SubPattern):
+                        worst = max(worst, walk(sub, outer))
+        return worst
+
+    try:
+        product = walk(sre.parse(query), 1)
+    except Exception:  # noqa: BLE001 - syntax only `regex` knows: every count in it, multiplied
+        product = 1
+        for low, high in re.findall(r"\{(\d*)(?:,(\d*))?\}", query):
+            product *= max(int(high or low or 1), 1)
+    if product > MAX_REPEATS:
+        raise InvalidInput(f"the pattern's counted repeats multiply to {product:,} (at most {MAX_REPEATS:,}): it would "
+                           "take too much memory to compile", field="query")  # fmt: skip
 
 
 class RepoAgent(Plugin):
@@ -252,7 +297,7 @@ class RepoAgent(Plugin):
         ws = self._ws(inp.workspace)
         full = ws.resolve(inp.path)
         text = read_text(full, self.settings.max_file_bytes)
-        lines = text.splitlines()
+        lines = text_lines(text)
         start = inp.start_line
         end = min(inp.end_line or start + self.settings.read_window - 1, start + self.settings.read_window - 1)
         if end < start:
@@ -309,7 +354,8 @@ class RepoAgent(Plugin):
                 raise InvalidInput(f"{rel} nests too deeply for Python to parse", field="content") from None
             except SyntaxError as exc:
                 raise InvalidInput(
-                    f"{rel} would not parse: line {exc.lineno}: {exc.msg} (send force=true to write it anyway)",
+                    f"{rel} would not parse: line {ast_lines(new)(exc.lineno or 1)}: {exc.msg} "
+                    "(send force=true to write it anyway)",
                     field="content",
                 ) from None
         try:
@@ -336,7 +382,7 @@ class RepoAgent(Plugin):
             raise
         return Result(
             workspace=ws.name, path=rel, mode=inp.mode, created=not exists, bytes=len(new.encode()),
-            lines=new.count("\n") + (0 if new.endswith("\n") or not new else 1),
+            lines=len(text_lines(new)),
         )  # fmt: skip
 
     @capability("repo.search", scope="repo:use")
@@ -347,7 +393,11 @@ class RepoAgent(Plugin):
 
         flags = 0 if inp.case_sensitive else regex.IGNORECASE
         try:
-            pattern = regex.compile(inp.query if inp.regex else regex.escape(inp.query), flags | regex.VERSION0)
+            if inp.regex:
+                _compilable(inp.query)
+            # not kept in the module's cache: each distinct pattern stayed there, up to hundreds of MB apiece
+            pattern = regex.compile(inp.query if inp.regex else regex.escape(inp.query), flags | regex.VERSION0,
+                                    cache_pattern=False)  # fmt: skip
         except (regex.error, ValueError, OverflowError, RecursionError) as exc:
             raise InvalidInput(f"not a regular expression: {exc}", field="query") from None
         # '(a+)+$' against 'aaaa...!' backtracks for hours, holding the GIL (the worker would stop answering its
@@ -368,7 +418,7 @@ class RepoAgent(Plugin):
                 continue
             if is_binary(data):
                 continue
-            for n, line in enumerate(data.decode(errors="replace").splitlines(), start=1):
+            for n, line in enumerate(text_lines(data.decode("utf-8", errors="replace")), start=1):
                 try:
                     found = pattern.search(line[:MAX_LINE_CHARS], timeout=max(0.001, deadline - time.monotonic()))
                 except TimeoutError:
@@ -619,7 +669,7 @@ class RepoAgent(Plugin):
         for r in uses[: inp.limit]:
             if r["path"] not in lines_of:
                 try:
-                    lines_of[r["path"]] = (ws.path / r["path"]).read_text(errors="replace").splitlines()
+                    lines_of[r["path"]] = file_lines(ws.path / r["path"])
                 except OSError:  # gone (or a folder now) since it was indexed: its line is not shown
                     lines_of[r["path"]] = []
             src = lines_of[r["path"]]

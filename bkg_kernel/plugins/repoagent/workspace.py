@@ -87,7 +87,7 @@ class Ignore:
             gi = folder / ".gitignore"
             if gi.is_file():
                 try:
-                    lines = gi.read_text(errors="replace").splitlines()
+                    lines = file_lines(gi)
                     rules = [
                         *rules,
                         (folder.relative_to(root).as_posix(), self.pathspec.GitIgnoreSpec.from_lines(lines)),
@@ -255,3 +255,24 @@ def read_text(path: Path, max_bytes: int, field_name: str = "path") -> str:
     if is_binary(data):
         raise InvalidInput(f"{path.name!r} is a binary file: it is not returned as text", field=field_name)
     return data.decode("utf-8", errors="replace")
+
+
+def text_lines(text: str) -> list[str]:
+    """Split text into lines as git, `grep -n`, editors and tree-sitter count them: every line ends at a newline.
+
+    A CR right before a newline is part of the line end (CRLF); a lone CR, a form feed, U+2028 and the other breaks
+    `str.splitlines()` also knows stay inside their line. Every line number repoagent gives (symbols, chunks,
+    citations, repo.file.read, repo.search, repo.refs) counts these lines (`parsing` maps Python's own, which also
+    ends a line at a lone CR, onto them).
+    """
+    lines = text.split("\n")
+    last = lines.pop()  # what follows the last newline: a last line without one, or nothing
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    if last:
+        lines.append(last)
+    return lines
+
+
+def file_lines(path: Path) -> list[str]:
+    """The `text_lines` of a file read as UTF-8 (undecodable bytes replaced; an OSError when it cannot be read)."""
+    return text_lines(path.read_bytes().decode("utf-8", errors="replace"))
