@@ -88,6 +88,7 @@ def test_repo_quickstart_indexes_maps_and_asks(tmp_path: Path, monkeypatch) -> N
     assert "decoder.py:" in code[3].outputs[0]["data"]["text/html"]
     cited = eval(code[6].outputs[0]["data"]["text/plain"])  # noqa: S307
     answer_html = code[5].outputs[0]["data"]["text/html"]
+    assert cited, answer_html  # a question that names a symbol: its answer cites it (an empty list checked nothing)
     for path, start, end, _ in cited:  # each citation is shown with its code, and its lines exist
         assert f"{path}:{start}-{end}" in answer_html
         assert end <= len((data / "repos" / "stdlib-json" / path).read_text().splitlines())
