@@ -39,6 +39,8 @@ def test_a_query_parameter_a_route_does_not_take_is_refused_before_anything_happ
     assert r.status_code == 422 and r.json()["error"]["field"] == "query.limt"
     assert "did you mean 'limit'" in r.json()["error"]["message"]
     assert c.get("/admin/audit", params={"limit": 5}).status_code == 200  # what a route takes still works
+    assert c.get("/api/collections?1796521699736").status_code == 200  # JupyterLab's cache-buster
+    assert c.get("/admin/audit", params={"_": "1796521699736"}).status_code == 200  # jQuery's
 
 
 def test_bodies_that_are_not_json_objects_are_named_and_explained(gw: Gateway) -> None:

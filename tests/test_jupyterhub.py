@@ -165,8 +165,9 @@ def test_the_login_cookie_only_opens_the_gateways_page(hub: Hub) -> None:
     assert 'bkg-hub-token=""' in stale.headers.get("set-cookie", "")  # the stale cookie goes
     assert httpx.get(hub.bkg + "/oauth_callback").status_code == 422
     assert httpx.get(hub.bkg + "/oauth_callback", params={"code": "x", "state": "y"}).status_code == 401
+    # a trailing slash is a 404 in the error shape, not a redirect (that once left the service's prefix)
     moved = httpx.get(hub.bkg + "/api/collections/", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-    assert moved.status_code in (200, 307) and "/services/bkg/" in moved.headers.get("location", hub.bkg + "/")
+    assert moved.status_code == 404 and "no such route" in moved.json()["error"]["message"], moved.text
 
 
 def test_a_flood_of_anonymous_visits_never_spoils_a_login_in_progress(hub: Hub) -> None:

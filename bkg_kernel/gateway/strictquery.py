@@ -4,7 +4,8 @@ FastAPI drops a query parameter its route does not declare without a word, and t
 been given: `POST /api/collections/docs/snapshots/<id>/restore?into=copy` restored the snapshot over `docs` itself
 (`into` belongs in the JSON body), and `DELETE /api/models/x?delete_files=true` kept the files. bkg's own routes
 (`/api`, `/admin`, `/auth`) take only what they declare; the OpenAI-compatible `/v1` routes, static assets, the Hub's
-OAuth callback (an identity provider may add parameters) and WebSockets (`?token=`) are left as they are.
+OAuth callback (an identity provider may add parameters) and WebSockets (`?token=`) are left as they are, and so are
+the cache-busters browsers' libraries add (JupyterLab's `?<timestamp>`, jQuery's `_=`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ async def known_query_only(conn: HTTPConnection) -> None:
         taken = _TAKEN[id(route)] = (frozenset(_query_names(route.dependant)), frozenset(_body_names(route)))
     names, body = taken
     for given in conn.query_params:
-        if given in names:
+        if given in names or given.isdigit() or given == "_":  # a browser's cache-buster (`?1796521699736`, `_=`)
             continue
         if given in body:
             raise InvalidInput(f"{given} is a field of the JSON body, not a query parameter", field=f"query.{given}")
