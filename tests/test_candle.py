@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 from gateway_harness import Gateway, start_gateway, wait_for
 
@@ -120,6 +121,18 @@ def test_causal_lm_generates(cgw: Gateway, tmp_path: Path) -> None:
     assert all(g["tokens"] == 6 for g in a["generations"]) and a["generations"] == b["generations"]
     r = invoke(cgw, "candle.run", {**body, "options": {"max_new_tokens": 0}})
     assert r.status_code == 422 and "max_new_tokens" in r.json()["error"]["message"]
+    # a run nobody waits for any more stops (found by a review: 1,000 prompts of 4,096 tokens held candle, one
+    # slot and everyone's embedder, for hours): past its timeout, at the next token, and no further prompt starts
+    cfg = c.get("/api/plugins/candle/config").json()["config"]
+    assert c.put("/api/plugins/candle/config", json={"config": {**cfg, "request_timeout": 1}}).status_code == 200
+    try:
+        many = {"model_id": "tiny-gpt2", "inputs": ["hello there"] * 3000, "options": {"max_new_tokens": 120}}
+        assert invoke(cgw, "candle.run", many).status_code == 504
+        worker = psutil.Process(c.get("/api/plugins/candle/status").json()["pid"])
+        # the worker goes quiet, where the whole run (360,000 tokens) would keep it busy for a minute or more
+        wait_for(lambda: worker.cpu_percent(0.5) < 30, 15, 0)
+    finally:
+        c.put("/api/plugins/candle/config", json={"config": cfg}).raise_for_status()
 
     # a Llama-style causal LM with the same (BERT) tokenizer: its token_type_ids are not passed to generate
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bkg_kernel.errors import InvalidInput
+from bkg_kernel.errors import Cancelled, InvalidInput
+from bkg_kernel.runtime import calls
 
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "state_dict.pt"
@@ -173,8 +174,21 @@ class CausalRunner(Runner):
         temperature = float(options.get("temperature", 0.0))
         if options.get("seed") is not None:
             torch.manual_seed(int(options["seed"]))
-        out = []
+        # once the caller stops waiting (a timeout, a client gone), generation stops at the next token and no
+        # further prompt starts: a thousand prompts of 4,096 tokens held candle (one slot) for hours
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        stop = calls.stop_event()
+
+        class Stopped(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+                return stop.is_set()
+
+        stopped = StoppingCriteriaList([Stopped()])
+        out: list[dict[str, Any]] = []
         for text in texts:
+            if stop.is_set():
+                raise Cancelled(f"the caller stopped waiting: {len(texts) - len(out)} of {len(texts)} prompts not run")
             ids = self.tokenizer(text, return_tensors="pt")
             ids.pop("token_type_ids", None)  # segment ids are an encoder's; a causal LM refuses or misreads them
             ids = ids.to(self.device)
@@ -187,6 +201,7 @@ class CausalRunner(Runner):
                     top_p=None if temperature == 0 else float(options.get("top_p", 0.95)),
                     top_k=None,
                     pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0,
+                    stopping_criteria=stopped,
                 )
             new = gen[0, ids["input_ids"].shape[1] :]
             one = {"text": self.tokenizer.decode(new, skip_special_tokens=True), "tokens": int(new.shape[0])}
