@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gateway_harness import Gateway, start_gateway, wait_for
+from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,28 @@ def test_an_answer_of_vectors_is_held_to_a_size_and_the_client_asks_in_pages(gw:
 
     got = bkg_kernel.connect(gw.url, api_key=c.headers["authorization"].split()[1]).collection("wide").get(ids)
     assert [p.id for p in got] == [7, 900, 1400] and got[2].vector[0] == 1401.0
+
+
+def test_one_user_holds_a_bounded_number_of_live_sockets(gw: Gateway) -> None:
+    """Found by a review: nothing bounded the live sockets, and each event is encoded once per socket on the loop."""
+    from contextlib import ExitStack
+
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect as ws_connect
+
+    c = gw.client()
+    watcher = c.post("/admin/users", json={"username": "watcher", "role": "viewer"}).json()
+    made = c.post("/admin/keys", json={"name": "sockets", "user_id": watcher["id"]}).json()["key"]
+    url = gw.url.replace("http", "ws") + f"/ws?token={made}"
+    with ExitStack() as open_:
+        for _ in range(32):
+            ws = open_.enter_context(ws_connect(url))
+            assert '"bootstrap"' in str(ws.recv(timeout=10))
+        with ws_connect(url) as one_more, pytest.raises(ConnectionClosed) as closed:
+            one_more.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4429
+        assert "at most 32" in closed.value.rcvd.reason
+        with ws_connect(gw.url.replace("http", "ws") + f"/ws?token={ADMIN_KEY}") as other:  # another user's: fine
+            assert '"bootstrap"' in str(other.recv(timeout=10))
+    with ws_connect(url) as again:  # closed ones no longer count
+        assert '"bootstrap"' in str(again.recv(timeout=10))

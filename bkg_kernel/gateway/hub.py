@@ -20,6 +20,7 @@ class Subscriber:
     topics: set[tuple[str, str | None]] = field(default_factory=set)
     sees: Callable[[dict[str, Any]], bool] = lambda msg: True
     missed: int = 0
+    user: str | None = None  # whose socket it is (sockets per user are counted)
 
     def wants(self, topic: str, plugin: str) -> bool:
         return (topic, None) in self.topics or (topic, plugin) in self.topics

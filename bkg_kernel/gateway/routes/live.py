@@ -19,6 +19,8 @@ from bkg_kernel.gateway.state import Gateway
 
 TOPICS = ("status", "logs", "telemetry", "jobs")
 MAX_TOPICS = 64  # (topic, plugin) pairs one socket may hold
+MAX_SOCKETS = 512  # live sockets the gateway holds: each event is encoded once per socket, on the event loop
+MAX_PER_USER = 32  # of them, one user's (a lab, its panels and dashboards use a few)
 PLUGIN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 RECHECK_S = 1.0  # how stale the socket's view of its caller may get before an event goes out
 router = APIRouter()
@@ -41,9 +43,17 @@ async def _websocket(websocket: WebSocket) -> None:
         await websocket.close(code=4401, reason=exc.message[:120])
         return
     assert p is not None
+    subs = gw.hub.subscribers
+    mine = sum(1 for s in subs if s.user == p.user_id)
+    if len(subs) >= MAX_SOCKETS or mine >= MAX_PER_USER:
+        said = (f"{p.username} has {mine} live sockets open (at most {MAX_PER_USER})" if mine >= MAX_PER_USER
+                else f"the gateway holds {len(subs)} live sockets (at most {MAX_SOCKETS})")  # fmt: skip
+        await websocket.accept()  # then closed with the reason (closed before, it is a bare HTTP 403)
+        await websocket.close(code=4429, reason=f"{said}: close one first"[:120])
+        return
     await websocket.accept()
     caller = [p]  # who the socket serves, checked again as events go out (a key revoked, a role changed)
-    sub = Subscriber(sees=lambda msg: _sees(caller[0], msg))
+    sub = Subscriber(sees=lambda msg: _sees(caller[0], msg), user=p.user_id)
     gw.hub.subscribers.add(sub)
     await websocket.send_json(
         {"type": "bootstrap", "payload": {"plugins": gw.snapshot_summary(), "telemetry": gw.supervisor.summary()}}
