@@ -26,6 +26,9 @@ class BkgError(Exception):
         body: dict[str, Any] = {"status": self.status, "code": self.code, "message": self.message}
         if self.field is not None:
             body["field"] = self.field
+        retry = getattr(self, "retry_after", None)
+        if retry is not None:  # crosses a worker's pipe with the error: an upstream's Retry-After is kept
+            body["retry_after"] = retry
         return {"error": body}
 
     def __str__(self) -> str:
@@ -262,6 +265,8 @@ def from_dict(data: dict[str, Any], *, status: int = 500) -> BkgError:
     cls = _codes().get(code)
     if code == "too_many_requests":
         return TooManyRequests(message, retry_after=float(err.get("retry_after") or 1.0), field=field)
+    if code == "model_not_found":  # OpenAI's words on /v1 for bkg's 404 naming the model
+        return NotFound(message, field=field)
     if code == "unavailable" and st == 503:
         wait = err.get("retry_after")
         return Unavailable(message, retry_after=float(wait) if wait is not None else None, field=field)

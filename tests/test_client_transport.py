@@ -224,3 +224,14 @@ def test_chat_magic_uses_the_notebook_s_own_connection(monkeypatch: pytest.Monke
     assert asked == [([{"role": "user", "content": "hello"}], {"max_tokens": 5})]
     with pytest.raises(UsageError):
         magics.chat_magic("--no-such-flag", "hello")
+
+
+def test_a_wait_to_retry_crosses_every_boundary_with_its_error() -> None:
+    """An upstream's Retry-After once became 1 s crossing the worker's pipe (to_dict had no room for it)."""
+    from bkg_kernel.errors import TooManyRequests, Unavailable, from_dict
+
+    back = from_dict(TooManyRequests("slow down", retry_after=30.0).to_dict())
+    assert isinstance(back, TooManyRequests) and back.retry_after == 30.0
+    starting = from_dict(Unavailable("starting", retry_after=5.0).to_dict())
+    assert isinstance(starting, Unavailable) and starting.retry_after == 5.0
+    assert "retry_after" not in Unavailable("stopped").to_dict()["error"]

@@ -126,8 +126,13 @@ def test_an_answer_of_vectors_is_held_to_a_size_and_the_client_asks_in_pages(gw:
 
     import bkg_kernel
 
-    got = bkg_kernel.connect(gw.url, api_key=c.headers["authorization"].split()[1]).collection("wide").get(ids)
+    wide = bkg_kernel.connect(gw.url, api_key=c.headers["authorization"].split()[1]).collection("wide")
+    got = wide.get(ids)
     assert [p.id for p in got] == [7, 900, 1400] and got[2].vector[0] == 1401.0
+    assert [p.id for p in wide.get([900, 7, 900, *range(600)])] == [900, 7]  # 600 ids: in pages too; once each
+    # the plugin calls served beside the router hold to the same rule
+    r = c.post("/api/plugins/apikeys/invoke/keys.list?page=2", json={})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "query.page", r.text
 
 
 def test_one_user_holds_a_bounded_number_of_live_sockets(gw: Gateway) -> None:

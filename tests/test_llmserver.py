@@ -240,15 +240,18 @@ def test_bad_input_is_4xx_with_the_field(llm_gw: Gateway) -> None:
     huge = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "minLength": 10**8}}}
     r = post({"model": MODEL, "messages": ASK, "response_format": huge})
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema.minLength"
-    nested = {"type": "array", "maxItems": 1000, "items": {"type": "array", "maxItems": 1000, "items": {}}}
-    r = post(
-        {
-            "model": MODEL,
-            "messages": ASK,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": nested}},
-        }
-    )
-    assert r.status_code == 400 and "multiply to 1,000,000" in r.json()["error"]["message"]
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 100_000} for i in range(11)}}
+    schema_of = lambda schema: {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}  # noqa: E731
+    r = post({"model": MODEL, "messages": ASK, "response_format": schema_of(wide)})
+    assert r.status_code == 400 and "add up past 1,000,000" in r.json()["error"]["message"], r.text
+    # a repetition llama.cpp will not parse (it killed the worker: llama-cpp-python sampled through a null sampler)
+    r = post({"model": MODEL, "messages": ASK, "response_format": schema_of({"type": "string", "maxLength": 10_000})})
+    assert r.status_code == 400 and "llama.cpp cannot use the grammar" in r.json()["error"]["message"], r.text
+    text = {"type": "string", "maxLength": 1000}
+    items = {"type": "array", "maxItems": 10, "items": {"type": "string", "maxLength": 100}}
+    fine = {"type": "object", "properties": {"text": text, "items": items}}
+    r = post({"model": MODEL, "messages": ASK, "max_tokens": 2, "response_format": schema_of(fine)})
+    assert r.status_code == 200, r.text  # the worker lives on
     r = post({"model": MODEL, "messages": ASK, "template": "nope"})
     assert r.status_code == 400 and r.json()["error"]["field"] == r.json()["error"]["param"] == "template"
     r = post({"input": []}, "/v1/embeddings")
@@ -289,7 +292,7 @@ def test_the_openai_sdk_reads_errors_as_it_reads_openai_s(oai: openai.OpenAI, ll
     assert missing.value.code == "model_not_found"
     # bkg's own client reads the same errors as before: the class of the bkg status the body keeps
     import bkg_kernel
-    from bkg_kernel.errors import ContextTooLong, InvalidInput
+    from bkg_kernel.errors import ContextTooLong, InvalidInput, NotFound
 
     wb = bkg_kernel.connect(llm_gw.url, api_key=ADMIN_KEY)
     with pytest.raises(ContextTooLong):
@@ -297,6 +300,8 @@ def test_the_openai_sdk_reads_errors_as_it_reads_openai_s(oai: openai.OpenAI, ll
     with pytest.raises(InvalidInput) as bad:
         wb.llm.chat([], model=MODEL)
     assert bad.value.status == 422 and bad.value.field == "messages"
+    with pytest.raises(NotFound):  # OpenAI's model_not_found is bkg's NotFound to bkg's client
+        wb.llm.chat(ASK, model="no-such-model", echo=False)
 
 
 def test_named_template_overrides_the_gguf_and_the_token_limit_holds(llm_gw: Gateway) -> None:

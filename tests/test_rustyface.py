@@ -115,6 +115,10 @@ def test_paths_uploads_and_bad_images(fgw: Gateway, tmp_path: Path) -> None:
     assert r.status_code == 200 and len(r.json()["faces"]) == 3
     r = c.post("/api/faces/detect", files={"image": ("x.jpg", b"\x00\x01junk", "image/jpeg")})
     assert r.status_code == 400
+    for odd in ("9" * 30, "1e999"):  # past 64 bits, Infinity: not JSON's to write, the option's 422 as before
+        with open(IMAGES / "t1.jpg", "rb") as f:
+            r = c.post("/api/faces/detect", files={"image": ("t1.jpg", f, "image/jpeg")}, data={"max_faces": odd})
+        assert r.status_code == 422 and r.json()["error"]["field"].endswith("max_faces"), (odd, r.text)
     assert c.post("/api/faces/detect", json={"image": "x"}).status_code == 422
 
 

@@ -27,6 +27,8 @@ T = TypeVar("T")
 
 
 PAGE_NUMBERS = 2_000_000  # vector numbers the gateway puts in one answer (routes/collections.MAX_NUMBERS)
+MAX_DIM = 65_536  # the widest vectors a collection takes
+MAX_IDS = 100_000  # ids one request may name
 
 
 class RemoteCollection:
@@ -93,8 +95,11 @@ class RemoteCollection:
     def get(self, ids: list[Any], with_vectors: bool = True) -> PointList:
         """Points by id, in the order asked for (missing ids left out): a table in a notebook. Many with their
         vectors are asked for in pages (one answer holds at most 2,000,000 vector numbers)."""
-        ids = list(ids)
-        page = max(1, PAGE_NUMBERS // self.describe().dim) if with_vectors and len(ids) > 1000 else len(ids) or 1
+        ids = list(dict.fromkeys(ids)) if all(isinstance(i, (int, str)) for i in ids) else list(ids)  # once each
+        page = max(len(ids), 1)
+        if with_vectors and len(ids) > PAGE_NUMBERS // MAX_DIM:  # more than fits whatever the dim: its pages
+            page = max(1, PAGE_NUMBERS // self.describe().dim)
+        page = min(page, MAX_IDS)
         found: list[Any] = []
         for a in range(0, max(len(ids), 1), page):
             body = {"ids": ids[a : a + page], "with_vectors": with_vectors}

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from bkg_kernel.gateway import errors
 from bkg_kernel.gateway.jupyterhub import hub_caller, route_path
 from bkg_kernel.gateway.routes import plugins
+from bkg_kernel.gateway.strictquery import known_query_only
 
 INVOKE_PATH = "/api/plugins/{plugin_id}/invoke/{capability_id}"
 
@@ -43,6 +44,7 @@ class FastInvoke:
         request = Request(scope, receive)
         try:
             await hub_caller(request)
+            await known_query_only(request)
             response: Any = await plugins.invoke(ids[0], ids[1], request)
         except Exception as exc:  # the same shape and log lines as the router's exception handlers
             response = await errors.render(request, exc)

@@ -27,9 +27,12 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, gw: Gateway) -> None:
         super().__init__(config)
         self.gw = gw
+        self.aborted = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.gw.supervisor.abort_starts()  # sets events only the start threads look at, and kills: no lock is taken
+        if not self.aborted:  # once: a second signal may come while the first handler sets the start's event
+            self.aborted = True
+            self.gw.supervisor.abort_starts()  # events only start threads wait on, and kills
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager

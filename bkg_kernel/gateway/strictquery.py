@@ -24,7 +24,6 @@ from bkg_kernel.errors import InvalidInput
 from bkg_kernel.gateway.jupyterhub import route_path
 
 STRICT_PREFIXES = ("/api/", "/admin/", "/auth/")
-_TAKEN: dict[int, tuple[frozenset[str], frozenset[str]]] = {}  # id(route) -> (query names, body field names)
 
 
 async def known_query_only(conn: HTTPConnection) -> None:
@@ -34,9 +33,10 @@ async def known_query_only(conn: HTTPConnection) -> None:
     route = conn.scope.get("route")
     if not isinstance(route, APIRoute) or not route_path(conn.scope).startswith(STRICT_PREFIXES):
         return
-    taken = _TAKEN.get(id(route))
-    if taken is None:
-        taken = _TAKEN[id(route)] = (frozenset(_query_names(route.dependant)), frozenset(_body_names(route)))
+    taken: tuple[frozenset[str], frozenset[str]] | None = getattr(route, "_bkg_takes", None)
+    if taken is None:  # kept on the route itself (an id could be a later route's, once this one is gone)
+        taken = (frozenset(_query_names(route.dependant)), frozenset(_body_names(route)))
+        route._bkg_takes = taken  # type: ignore[attr-defined]
     names, body = taken
     for given in conn.query_params:
         if given in names or given.isdigit() or given == "_":  # a browser's cache-buster (`?1796521699736`, `_=`)

@@ -64,13 +64,14 @@ def due(cron: str, tz: str, last: float, now: float) -> float | None:
     """The fire time to run now, if one came after `last`; None when nothing is due.
 
     When the clocks go back, a wall time comes twice: a schedule at a fixed hour (`30 1 * * *`) runs at its first
-    coming only, as Vixie cron does, unless that one was missed; one whose hour is a wildcard (`0 * * * *`,
-    `*/15 */2 * * *`) runs at both, being about elapsed time."""
+    coming only, as Vixie cron does, unless that one was missed; one whose minute or hour is a wildcard
+    (`0 * * * *`, `*/20 1 * * *`) runs at both, being about elapsed time."""
     fire = latest_fire(cron, tz, now)
     if fire <= last:
         return None
     local = datetime.fromtimestamp(fire, zone(tz))
-    if local.fold and not cron.split()[1].startswith("*"):
+    minute, hour = cron.split()[:2]
+    if local.fold and not minute.startswith("*") and not hour.startswith("*"):
         first = local.replace(fold=0).timestamp()
         if first < fire and last >= first:  # the same wall time ran an hour ago
             return None

@@ -264,7 +264,8 @@ class Store:
         if free < least:
             raise InsufficientStorage(
                 f"{what}: the data dir's disk has {free / 2**20:,.0f} MB free, under min_free_mb "
-                f"({self.settings.min_free_mb:,}): free space (old snapshots, models, job outputs) before writing more"
+                f"({self.settings.min_free_mb:,}): free space (old snapshots, models, job outputs) before writing "
+                "more, or lower BKG_MIN_FREE_MB (0: no check)"
             )
 
     def snapshot(self, name: str) -> SnapshotInfo:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import random
 import threading
 import uuid
@@ -42,6 +43,8 @@ class Generation:
         add_bos: bool = False,
     ) -> None:
         self.llm, self.m, self.req, self.cancelled, self.grammar = llm, m, req, cancelled, grammar
+        if grammar is not None:
+            _parses(grammar, llm)
         self.tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
         self.prompt_tokens = len(self.tokens)
         if self.prompt_tokens >= m.n_ctx:
@@ -242,34 +245,63 @@ def grammar_for(req: ChatRequest) -> Any:
     return None
 
 
-MAX_BOUND = 4096  # a length or count a schema may ask for: no answer is longer than the context
-MAX_REPEATS = 100_000  # bounds multiplied down one path of the schema (an array of arrays of strings...)
+MAX_BOUND = 100_000  # a length or count a schema may ask for (characters: no answer is longer than that here)
+MAX_BOUNDS = 1_000_000  # all of a schema's lengths and counts together: the grammar spells each one out
 _BOUNDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_SUBSCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
 
-def _bounded(node: Any, at: str, outer: int = 1) -> None:
-    """422 naming where, for a schema whose lengths or counts the grammar would spell out one by one past what an
-    answer can hold: `{"type": "string", "minLength": 100000000}` is a few bytes of JSON and gigabytes of grammar."""
-    if isinstance(node, list):
-        for i, item in enumerate(node):
-            _bounded(item, f"{at}[{i}]", outer)
+def _bounded(schema: Any, at: str) -> None:
+    """422 naming where, for a schema whose lengths and counts would make the grammar huge: the converter writes
+    each repetition out, so `{"type": "string", "minLength": 100000000}`, a few bytes of JSON, was gigabytes of
+    grammar. Only schema keywords are walked (not `examples`, `default`, `enum`, `const`)."""
+    total = 0
+
+    def walk(node: Any, where: str) -> None:
+        nonlocal total
+        if not isinstance(node, dict):
+            return
+        for key in _BOUNDS:
+            value = node.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value) or value > MAX_BOUND:
+                raise InvalidInput(f"{where}.{key} is {value:g}; a schema's lengths and counts go up to "
+                                   f"{MAX_BOUND:,}", field=f"{where}.{key}")  # fmt: skip
+            total += int(value)
+            if total > MAX_BOUNDS:
+                raise InvalidInput(f"the schema's lengths and counts add up past {MAX_BOUNDS:,} here: the grammar "
+                                   "would spell each one out", field=f"{where}.{key}")  # fmt: skip
+        for key in _SUBSCHEMAS:
+            if isinstance(node.get(key), dict):
+                for name, sub in node[key].items():
+                    walk(sub, f"{where}.{key}.{name}")
+        for key in _SUBSCHEMA:
+            walk(node.get(key), f"{where}.{key}")
+        for key in _SCHEMA_LISTS:
+            if isinstance(node.get(key), list):
+                for i, sub in enumerate(node[key]):
+                    walk(sub, f"{where}.{key}[{i}]")
+
+    walk(schema, at)
+
+
+def _parses(grammar: Any, llm: Any) -> None:
+    """422 (`response_format`) for a grammar llama.cpp will not parse: llama-cpp-python does not look whether its
+    sampler was made, and samples through a null one (the worker died of SIGSEGV for `maxLength` 1500: llama.cpp
+    refuses a repetition that large). Tried once per grammar (they are cached per schema)."""
+    import llama_cpp
+
+    if getattr(grammar, "_bkg_parses", False):
         return
-    if not isinstance(node, dict):
-        return
-    inner = outer
-    for key in _BOUNDS:
-        value = node.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if value > MAX_BOUND:
-                raise InvalidInput(f"{at}.{key} is {value:g}; a schema's lengths and counts go up to {MAX_BOUND:,} "
-                                   "(no answer is longer than the model's context)", field=f"{at}.{key}")  # fmt: skip
-            inner = max(inner, outer * max(1, int(value)))
-    if inner > MAX_REPEATS:
-        raise InvalidInput(f"{at} nests lengths and counts that multiply to {inner:,} (at most {MAX_REPEATS:,}): the "
-                           "grammar would spell each one out", field=at)  # fmt: skip
-    for key, value in node.items():
-        if isinstance(value, (dict, list)):
-            _bounded(value, f"{at}.{key}", inner)
+    sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar._grammar.encode(), grammar._root.encode())  # noqa: SLF001
+    if not sampler:
+        raise InvalidInput("llama.cpp cannot use the grammar this JSON Schema makes (a length or count too large for "
+                           "it to repeat: lower maxLength / maxItems)", field="response_format")  # fmt: skip
+    llama_cpp.llama_sampler_free(sampler)
+    grammar._bkg_parses = True
 
 
 @lru_cache(maxsize=64)

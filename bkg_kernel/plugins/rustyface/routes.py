@@ -5,6 +5,7 @@ plain fields for the rest), so a browser or `curl -F image=@photo.jpg` needs no 
 import asyncio
 import base64
 import json
+import math
 from typing import Annotated, Any
 
 import orjson
@@ -54,8 +55,15 @@ def build(api: GatewayAPI) -> APIRouter:
     return router
 
 
-def _raw(data: dict[str, Any]) -> RawJSON:
-    return RawJSON(orjson.dumps(data))
+def _raw(data: dict[str, Any]) -> RawJSON | dict[str, Any]:
+    """The form as JSON bytes; one orjson cannot write as JSON reads it (an integer past 64 bits, a lone surrogate,
+    Infinity: it would write null) goes as it is, to be refused by the worker as before (422 naming it)."""
+    if any(isinstance(v, float) and not math.isfinite(v) for v in data.values()):
+        return data
+    try:
+        return RawJSON(orjson.dumps(data))
+    except orjson.JSONEncodeError:
+        return data
 
 
 def _base64(raw: bytes) -> str:
