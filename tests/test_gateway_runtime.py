@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from gateway_harness import ADMIN_KEY, start_gateway, wait_for
 
@@ -327,6 +328,10 @@ def test_a_stop_ends_a_start_that_hangs_at_once(tmp_path: Path) -> None:
         c = g.client()
         wait_for(lambda: _up(g) and c.get("/api/plugins/slow/status").json()["state"] == "starting", 60)
         pid = wait_for(lambda: pid_file.exists() and pid_file.read_text() and int(pid_file.read_text()), 60)
+        assert httpx.get(f"{g.url}/livez").json() == {"status": "alive"}  # probes, no credentials
+        waits = httpx.get(f"{g.url}/readyz")  # not ready while a plugin the boot starts is still starting
+        assert waits.status_code == 503 and waits.json()["plugins"] == {"slow": "starting"}, waits.text
+        assert waits.headers["retry-after"] == "5"
         early = c.post("/api/plugins/slow/invoke/slow.ping", json={})  # still starting: a 503 saying when to retry
         assert early.status_code == 503 and early.headers["retry-after"] == "5", early.text
         assert early.json()["error"]["retry_after"] == 5.0
@@ -336,6 +341,8 @@ def test_a_stop_ends_a_start_that_hangs_at_once(tmp_path: Path) -> None:
         assert c.get("/api/plugins/slow/status").json()["state"] == "stopped"
         stopped = c.post("/api/plugins/slow/invoke/slow.ping", json={})  # stopped by hand: no retry will help
         assert stopped.status_code == 503 and "retry-after" not in stopped.headers
+        ready = httpx.get(f"{g.url}/readyz")  # a plugin stopped by hand holds nothing back
+        assert ready.status_code == 200 and ready.json() == {"status": "ready", "plugins": {}}, ready.text
         # started again by hand and left starting: the gateway's own shutdown does not wait for it either
         pid_file.unlink()
         threading.Thread(target=lambda: g.client().post("/api/plugins/slow/start", timeout=60), daemon=True).start()

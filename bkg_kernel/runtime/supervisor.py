@@ -51,6 +51,7 @@ class Supervisor:
         }
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
+        self.autostarted = False  # set once the boot's autostarts have all started or failed (/readyz)
         self._backoff: dict[str, float] = {}
         self._restart_at: dict[str, float] = {}
         self._restarting: set[str] = set()  # restarted for a silent worker, or for memory, right now
@@ -80,6 +81,7 @@ class Supervisor:
             t.start()
         for t in threads:
             t.join()
+        self.autostarted = True  # every plugin meant to start at boot has started, or failed to
         self._monitor = threading.Thread(target=self._watch, name="bkg-supervisor", daemon=True)
         self._monitor.start()
 

@@ -1,4 +1,4 @@
-"""The gateway's own routes: /health (open) and /metrics."""
+"""The gateway's own routes: /health, /livez and /readyz (open) and /metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 
 from bkg_kernel.gateway.state import gateway, need, version
 
@@ -26,6 +27,40 @@ async def health(request: Request) -> dict[str, Any]:
         "plugins": {p: s["state"] for p, s in plugins.items()},
         "call_port": gw.call_port.describe() if gw.call_port is not None else None,
     }
+
+
+@router.get("/livez")
+async def livez() -> dict[str, Any]:
+    """200 while the gateway answers at all (a liveness probe, as Qdrant's /livez; no auth)."""
+    return {"status": "alive"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """200 once the boot's autostarts are done and no plugin is starting or restarting, else 503 naming those it
+    waits for (a readiness probe, as Qdrant's /readyz, for a load balancer or Kubernetes; /health answers 200
+    whatever its status). A plugin in error does not hold readiness back (the rest is served; /health says
+    degraded), nor one stopped by hand. No auth."""
+    gw = gateway(request)
+    sup = gw.supervisor
+    waiting = {
+        pid: s["state"]
+        for pid, s in gw.snapshot_summary().items()
+        if s["state"] in ("starting", "stopping")
+        and sup.hosts[pid].want_running
+        or not sup.autostarted
+        and _boots(sup.hosts[pid])
+        and s["state"] not in ("running", "degraded", "error")
+    }
+    if waiting:
+        body = {"status": "not ready", "plugins": waiting}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse({"status": "ready", "plugins": {}})
+
+
+def _boots(h: Any) -> bool:
+    """Whether the boot starts this plugin (enabled, autostart, loadable)."""
+    return h.cls is not None and h.entry.enabled and h.entry.autostart
 
 
 @router.get("/metrics", dependencies=[Depends(need("plugins:read"))])
