@@ -46,7 +46,6 @@ from bkg_kernel.errors import (
     NotFound,
     PayloadTooLarge,
     Timeout,
-    TooManyRequests,
     Unavailable,
 )
 from bkg_kernel.gateway.bodylimit import PARSED_BYTES
@@ -315,7 +314,4 @@ def _object(raw: bytes, what: str) -> dict[str, Any]:
 
 
 def _error(exc: BkgError) -> tuple[int, bytes]:
-    body = exc.to_dict()
-    if isinstance(exc, (TooManyRequests, Unavailable)) and exc.retry_after is not None:
-        body["error"]["retry_after"] = exc.retry_after
-    return exc.status, dumps(body)
+    return exc.status, dumps(exc.to_dict())  # a wait to retry (a 429, a plugin starting) is in it

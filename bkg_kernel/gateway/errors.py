@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from bkg_kernel.errors import BkgError, TooManyRequests, Unauthorized, Unavailable, openai_shaped
+from bkg_kernel.errors import BkgError, Unauthorized, openai_shaped
 from bkg_kernel.runtime.bodyjson import TOO_DEEP
 
 log = logging.getLogger("bkg.gateway")
@@ -59,7 +59,7 @@ def _utf8(text: str) -> str:
 
 async def bkg_error(request: Request, exc: BkgError) -> JSONResponse:
     headers = {}
-    retry = exc.retry_after if isinstance(exc, (TooManyRequests, Unavailable)) else None
+    retry = getattr(exc, "retry_after", None)  # as `BkgError.to_dict` reads it: a 429, a plugin still starting
     if retry is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry)))  # whole seconds, never sooner than said
     if isinstance(exc, Unauthorized):  # RFC 9110: a 401 says how to authenticate

@@ -127,7 +127,6 @@ class Collection:
         if batch_size < 1:
             raise InvalidInput("batch_size must be at least 1", field="batch_size")
         show = len(batch) >= 50_000 if progress is None else progress
-        self._store.require_space(f"an upsert into {self.name!r}")
         with self._locked():
             ingest.upsert(self, batch, batch_size, show)
         return UpsertResult(len(batch), (time.perf_counter() - t0) * 1000)

@@ -152,8 +152,8 @@ def upsert(c: Collection, batch: validate.Batch, batch_size: int, show: bool) ->
     try:
         with tqdm(total=len(batch), desc=f"upsert {c.name}", unit="pt", disable=not show) as bar:
             for a in range(0, len(batch), batch_size):
-                if a:  # a big upsert is held to the disk's free space batch by batch (each one is kept)
-                    c._store.require_space(f"an upsert into {c.name!r}, after {a:,} points")
+                # held to the disk's free space batch by batch (the batches written before a refusal are kept)
+                c._store.require_space(f"an upsert into {c.name!r}" + (f", after {a:,} points" if a else ""))
                 part = batch.slice(a, a + batch_size)
                 pending = _write(c, part, pending)
                 bar.update(len(part))

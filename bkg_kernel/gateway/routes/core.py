@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -9,6 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from bkg_kernel.gateway.state import gateway, need, version
+from bkg_kernel.runtime.host import RETRY_STARTING_S
 
 router = APIRouter(tags=["gateway"])
 
@@ -54,7 +56,7 @@ async def readyz(request: Request) -> JSONResponse:
     }
     if waiting:
         body = {"status": "not ready", "plugins": waiting}
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(math.ceil(RETRY_STARTING_S))})
     return JSONResponse({"status": "ready", "plugins": {}})
 
 
