@@ -111,3 +111,15 @@ def insightface_pack(folder: Any) -> Any:
     ga.ir_version = 8
     onnx.save(ga, str(folder / "genderage.onnx"))
     return folder
+
+
+def register_plugins(root: Any, dist: str, entries: dict[str, str]) -> None:
+    """Make the modules under `root` outside plugins, as an installed distribution `dist` would: its dist-info names
+    each plugin id's module in the `bkg_kernel.plugins` entry point group (`root` goes on PYTHONPATH)."""
+    from pathlib import Path
+
+    info = Path(root) / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "".join(f"{pid} = {module}\n" for pid, module in entries.items())
+    (info / "entry_points.txt").write_text(f"[bkg_kernel.plugins]\n{lines}")

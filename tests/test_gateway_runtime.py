@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from gateway_harness import ADMIN_KEY, start_gateway, wait_for
+from helpers import register_plugins
 
 from bkg_kernel.runtime.discovery import discover
 
@@ -51,10 +52,7 @@ def plugin_path(tmp_path: Path) -> Path:
     )
     (root / "bkg_broken").mkdir()
     (root / "bkg_broken" / "__init__.py").write_text("import a_module_that_is_not_installed\n")
-    dist = root / "bkg_extra-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bkg-extra\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[bkg_kernel.plugins]\nweather = bkg_weather\nbroken = bkg_broken\n")
+    register_plugins(root, "bkg-extra", {"weather": "bkg_weather", "broken": "bkg_broken"})
     return root
 
 
@@ -312,10 +310,7 @@ def test_a_stop_ends_a_start_that_hangs_at_once(tmp_path: Path) -> None:
         PLUGIN = Slow
     """)
     )
-    dist = root / "bkg_slow-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bkg-slow\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[bkg_kernel.plugins]\nslow = bkg_slow\n")
+    register_plugins(root, "bkg-slow", {"slow": "bkg_slow"})
     pid_file = tmp_path / "slow.pid"
     env = {
         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),

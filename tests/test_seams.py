@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
+from helpers import register_plugins
 
 PROBE = '''
 import json
@@ -163,10 +164,7 @@ def probe_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (root / "bkg_probe").mkdir()
     (root / "bkg_probe" / "__init__.py").write_text(textwrap.dedent(PROBE))
     (root / "bkg_probe_inline.py").write_text(textwrap.dedent(PROBE_INLINE))
-    dist = root / "bkg_probe-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bkg-probe\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[bkg_kernel.plugins]\nprobe = bkg_probe\nprobein = bkg_probe_inline\n")
+    register_plugins(root, "bkg-probe", {"probe": "bkg_probe", "probein": "bkg_probe_inline"})
     return {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
 
 
