@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import numpy as np
 
 from bkg_kernel.errors import Conflict, InvalidInput, NotFound
@@ -76,6 +77,24 @@ class Collection:
                                    "waited: ask again", field="name")  # fmt: skip
                 raise NotFound(f"collection {self.name!r} was dropped while this call waited", field="name")
             yield
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A DuckDB connection for one read outside the store's lock (`Store.reading`): the collection is looked up
+        under the lock, then read on its own snapshot; one dropped or replaced before the read began is the
+        caller's 404 or 409, as with `_locked`."""
+        with self._locked():
+            lent = self._store.reading()
+        with lent as con:
+            try:
+                yield con
+            except duckdb.CatalogException:
+                with self._store._mutex:  # noqa: SLF001
+                    replaced = self._store._open.get(self.name, self) is not self  # noqa: SLF001
+                if replaced:
+                    raise Conflict(f"collection {self.name!r} was replaced (restored from a snapshot) while this "
+                                   "call read it: ask again", field="name") from None  # fmt: skip
+                raise NotFound(f"collection {self.name!r} was dropped while this call read it", field="name") from None
 
     @property
     def _con(self) -> Any:
@@ -146,6 +165,9 @@ class Collection:
                     "an empty filter would delete every point; drop the collection instead", field="filter"
                 )
             where, params = compile_filter(filter, tests_a_field=True)
+            found = search.Matching(self, filter, where, params)  # the scan, outside the store's lock
+            with self._locked():
+                return ingest.delete(self, positions=found.now())
         with self._locked():
             return ingest.delete(self, where, params)
 
@@ -158,8 +180,8 @@ class Collection:
     def count(self, filter: dict[str, Any] | None = None) -> int:
         """Count points, optionally only those matching a filter."""
         where, params = compile_filter(filter)
-        with self._locked():
-            return int(scalar(self._con, f"SELECT count(*) FROM {self.table} WHERE {where}", params))
+        with self._reading() as con:
+            return int(scalar(con, f"SELECT count(*) FROM {self.table} WHERE {where}", params))
 
     def count_distinct(self, field: str, filter: dict[str, Any] | None = None) -> int:
         """Count the distinct values of a payload field among the points (matching a filter) that have it.
@@ -178,8 +200,8 @@ class Collection:
             "THEN CAST(CAST(v AS DOUBLE) AS VARCHAR) WHEN json_type(v) <> 'NULL' THEN CAST(v AS VARCHAR) END) "
             f"FROM (SELECT json_extract(payload, '$.{field}') AS v FROM {self.table} WHERE {where})"
         )
-        with self._locked():
-            return int(scalar(self._con, sql, params))
+        with self._reading() as con:
+            return int(scalar(con, sql, params))
 
     def scroll(
         self,
@@ -195,8 +217,8 @@ class Collection:
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= validate.INT64_MAX:
             raise InvalidInput(f"offset must be an integer from 0 to {validate.INT64_MAX}", field="offset")
         where, params = compile_filter(filter)
-        with self._locked():
-            rows = self._con.execute(
+        with self._reading() as con:
+            rows = con.execute(
                 f"SELECT pk, vec, CAST(payload AS VARCHAR), text FROM {self.table} WHERE {where} "
                 "ORDER BY fid LIMIT ? OFFSET ?",
                 [*params, limit, offset],
@@ -218,8 +240,8 @@ class Collection:
         if not isinstance(ids, list):
             raise InvalidInput("ids must be a list", field="ids")
         keys = [validate.point_key(pid, f"ids[{i}]") for i, pid in enumerate(ids)]
-        with self._locked():
-            rows = self._con.execute(
+        with self._reading() as con:
+            rows = con.execute(
                 f"SELECT pk, vec, CAST(payload AS VARCHAR), text FROM {self.table} "
                 "WHERE pk IN (SELECT unnest(?::VARCHAR[]))",
                 [keys],

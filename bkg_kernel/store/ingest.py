@@ -227,10 +227,18 @@ def _add(index: VectorIndex, text: TextIndex | None, start: int, b: validate.Bat
         text.add(start, b.texts)
 
 
-def delete(c: Collection, where: str, params: list[Any]) -> int:
-    """Delete the points matching a WHERE clause in one transaction; return how many were deleted."""
+def delete(
+    c: Collection, where: str = "FALSE", params: list[Any] | None = None, positions: np.ndarray | None = None
+) -> int:
+    """Delete the points matching a WHERE clause, or at these positions, in one transaction; return how many
+    were deleted."""
+    import pyarrow as pa
+
     index = c._ensure_index()
     con = c._con
+    if positions is not None:  # a list parameter would be converted value by value
+        con.register("_bkg_gone", pa.table({"fid": positions}))
+        where, params = "fid IN (SELECT fid FROM _bkg_gone)", []
     con.execute("BEGIN TRANSACTION")
     try:
         gone = con.execute(f"DELETE FROM {c.table} WHERE {where} RETURNING fid, pk", params).fetchnumpy()
@@ -241,6 +249,9 @@ def delete(c: Collection, where: str, params: list[Any]) -> int:
     except Exception:
         con.execute("ROLLBACK")
         raise
+    finally:
+        if positions is not None:
+            con.unregister("_bkg_gone")
     if len(fids):
         c._filter_cache.clear()
         index.mark_dead(np.asarray(fids, dtype=np.int64))

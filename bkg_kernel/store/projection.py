@@ -15,6 +15,7 @@ import numpy as np
 
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.store.filters import compile_filter
+from bkg_kernel.store.sql import scalar
 from bkg_kernel.store.validate import INT64_MAX, INT64_MIN
 
 if TYPE_CHECKING:
@@ -31,14 +32,17 @@ def sample(c: Collection, n: int, filter: dict[str, Any] | None = None, seed: in
     if isinstance(seed, bool) or not isinstance(seed, int) or not INT64_MIN <= seed <= INT64_MAX:
         raise InvalidInput(f"seed must be an integer from {INT64_MIN} to {INT64_MAX}", field="seed")
     where, params = compile_filter(filter)
-    with c._locked():  # noqa: SLF001
-        con = c._con  # noqa: SLF001
-        total = int(con.execute(f"SELECT count(*) FROM {c.table} WHERE {where}", params).fetchone()[0])
-        rows = con.execute(
-            f"SELECT pk, vec, CAST(payload AS VARCHAR), text FROM {c.table} WHERE {where} "
-            "ORDER BY hash(pk, ?::BIGINT), fid LIMIT ?",
-            [*params, seed, n],
-        ).fetchall()
+    with c._reading() as con:  # noqa: SLF001 - both reads on one snapshot
+        con.begin()
+        try:
+            total = int(scalar(con, f"SELECT count(*) FROM {c.table} WHERE {where}", params))
+            rows = con.execute(
+                f"SELECT pk, vec, CAST(payload AS VARCHAR), text FROM {c.table} WHERE {where} "
+                "ORDER BY hash(pk, ?::BIGINT), fid LIMIT ?",
+                [*params, seed, n],
+            ).fetchall()
+        finally:
+            con.rollback()
     matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), c.dim)
     return {
         "total": total,

@@ -1,7 +1,7 @@
 """Searching a collection: vector search in FAISS, BM25 text search (`fulltext`), and both fused.
 
 The functions here work on a `Collection`'s state and are called only by its methods; `query` checks its
-arguments, then takes the store's mutex.
+arguments, scans for a filter's points (`Matching`), then takes the store's lock to rank.
 """
 
 from __future__ import annotations
@@ -78,9 +78,10 @@ def query(
                 rankings[side] = c._ensure_text().search(str(text), depth, allowed)
         return rankings[side]
 
+    found = Matching(c, filter, where, params) if filter else None  # the scan, outside the store's lock
     with c._locked():  # noqa: SLF001
         index = c._ensure_index()
-        allowed = _allowed(c, filter, where, params) if filter else None
+        allowed = found.now() if found is not None else None
         if mode == "vector":
             assert q is not None
             fids, raw = index.search(q, k, allowed, ef_search)
@@ -155,21 +156,50 @@ def _texts(c: Collection, fids: list[int]) -> dict[int, str | None]:
     return out
 
 
-def _allowed(c: Collection, flt: dict[str, Any], where: str, params: list[Any]) -> np.ndarray:
-    """Return the positions matching a filter, from DuckDB or from the cache of recent filters."""
-    key = json.dumps(flt, sort_keys=True, default=str)
-    cache = c._filter_cache
-    hit = cache.get(key)
-    if hit is not None:
-        cache.move_to_end(key)
-        return hit
-    fids = c._con.execute(f"SELECT fid FROM {c.table} WHERE {where}", params).fetchnumpy()["fid"]
-    fids = np.asarray(fids, dtype=np.int64)
-    if FILTER_CACHE_SIZE:
-        cache[key] = fids
-        while len(cache) > FILTER_CACHE_SIZE:
-            cache.popitem(last=False)
-    return fids
+class Matching:
+    """The positions of the points a filter matches, found in two steps so that the scan of every point runs
+    outside the store's lock (a filter of a thousand conditions takes seconds on a large collection, and every
+    other call to the store would wait that long): made without the lock, it reads them as they were when it
+    began, on a connection of its own (`Collection._reading`); `now()`, holding the lock, adds the points written
+    since, or scans again when a compaction renumbered the positions meanwhile (rare). Points deleted since stay
+    in the list: the indexes leave dead positions out, and a delete by position finds nothing there. Recent
+    filters' positions are kept (any write clears them)."""
+
+    def __init__(self, c: Collection, flt: dict[str, Any], where: str, params: list[Any]) -> None:
+        self.c, self.where, self.params = c, where, params
+        self.key = json.dumps(flt, sort_keys=True, default=str)
+        with c._locked():
+            cache = c._filter_cache
+            hit = cache.get(self.key)
+            if hit is not None:
+                cache.move_to_end(self.key)
+            self.epoch, self.upto = c._epoch, c._next_fid
+        if hit is not None:
+            self.fids = hit
+            return
+        with c._reading() as con:
+            self.fids = self._select(con, "fid < ?", [self.upto])
+
+    def now(self) -> np.ndarray:
+        """The positions matching now; call holding the collection's lock."""
+        c = self.c
+        if c._epoch != self.epoch:
+            fids = self._select(c._con, "TRUE", [])
+        elif c._next_fid > self.upto:
+            fids = np.concatenate([self.fids, self._select(c._con, "fid >= ?", [self.upto])])
+        else:
+            fids = self.fids
+        if FILTER_CACHE_SIZE:
+            cache = c._filter_cache
+            cache[self.key] = fids
+            while len(cache) > FILTER_CACHE_SIZE:
+                cache.popitem(last=False)
+        return fids
+
+    def _select(self, con: Any, bound: str, bound_params: list[Any]) -> np.ndarray:
+        sql = f"SELECT fid FROM {self.c.table} WHERE {bound} AND ({self.where})"
+        fids = con.execute(sql, [*bound_params, *self.params]).fetchnumpy()["fid"]
+        return np.asarray(fids, dtype=np.int64)
 
 
 def relative_score(

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import duckdb
 
-from bkg_kernel.errors import AlreadyExists, InsufficientStorage, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, InsufficientStorage, InvalidInput, NotFound, Unavailable
 from bkg_kernel.settings import Settings, get_settings
 from bkg_kernel.store import migrations, snapshots, validate
 from bkg_kernel.store.collection import Collection
@@ -22,6 +25,7 @@ from bkg_kernel.store.results import CollectionInfo, CollectionList, SnapshotInf
 from bkg_kernel.store.sql import scalar
 
 DB_NAME = "bkg.duckdb"
+CLOSE_WAIT_S = 5.0  # how long closing waits for reads still running (each told to stop first)
 
 
 class Store:
@@ -47,6 +51,8 @@ class Store:
             raise
         self._con = con
         self._mutex = threading.RLock()
+        self._busy: set[duckdb.DuckDBPyConnection] = set()  # reads running outside the lock (`reading`)
+        self._readers_cv = threading.Condition()
         self._open: dict[str, Collection] = {}
         self.closed = False
         self._sweep()
@@ -73,10 +79,56 @@ class Store:
         with self._mutex:
             for coll in self._open.values():
                 coll.flush()
-            self._con.execute("CHECKPOINT")
+            self.closed = True
+            self._stop_reads()
+            self._checkpoint()
             self._con.close()
             self._lock.release()
-            self.closed = True
+
+    def _checkpoint(self) -> None:
+        """Write what the WAL holds into the database file, unless a read outside the lock (`reading`) runs now:
+        DuckDB refuses to checkpoint past a transaction that began before the last write. Then the WAL keeps it
+        (DuckDB checkpoints by itself later, and when the store closes), and what waits for this is an estimate."""
+        try:
+            self._con.execute("CHECKPOINT")
+        except duckdb.TransactionException:
+            if not self._busy:
+                raise
+
+    def reading(self) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """A DuckDB connection of its own for one read that may scan every point (a filter): it runs outside the
+        store's lock, on its own snapshot of the data, so a slow read holds up its caller alone, not every other
+        call to the store. Take it holding the lock (where the caller checked that its collection still is). A
+        new one each time (a few microseconds): one kept would keep its last read's transaction open, and
+        DuckDB does not checkpoint past it."""
+        if self.closed:
+            raise Unavailable("the store is closed")
+        with self._readers_cv:
+            con = self._con.cursor()
+            self._busy.add(con)
+        return self._lent(con)
+
+    @contextlib.contextmanager
+    def _lent(self, con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+        try:
+            yield con
+        except duckdb.InterruptException:
+            raise Unavailable("the store closed while this call read it") from None
+        finally:
+            con.close()
+            with self._readers_cv:
+                self._busy.discard(con)
+                self._readers_cv.notify_all()
+
+    def _stop_reads(self) -> None:
+        """Tell the reads still running to stop and wait for them (a while): their connections keep the database
+        file open, and the next owner of the data dir must be able to open it."""
+        with self._readers_cv:
+            for con in self._busy:
+                con.interrupt()
+            deadline = time.monotonic() + CLOSE_WAIT_S
+            while self._busy and (left := deadline - time.monotonic()) > 0:
+                self._readers_cv.wait(left)
 
     def __enter__(self) -> Store:
         return self
@@ -207,7 +259,7 @@ class Store:
         """Return count, dim, metric, index kind, bytes on disk and last snapshot of a collection."""
         with self._mutex:
             coll = self.collection(name)
-            self._con.execute("CHECKPOINT")  # so the table's blocks are on disk, not only in the WAL
+            self._checkpoint()  # so the table's blocks are on disk, not only in the WAL
             count = int(scalar(self._con, f"SELECT count(*) FROM {coll.table}"))
             blocks = scalar(
                 self._con,

@@ -1,0 +1,161 @@
+"""Reads that scan every point run outside the store's lock: a filter of many conditions over a large collection
+takes seconds in DuckDB (each condition is evaluated on every row), and while it held the lock every other call
+to the store (any collection's query, every write, a snapshot) waited as long. Such a read now runs on a DuckDB
+connection of its own, on its own snapshot of the data; what was written meanwhile is caught up under the lock,
+so a query or a delete by filter still sees the collection as it is when it ranks or deletes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bkg_kernel.errors import Conflict, NotFound, Unavailable
+from bkg_kernel.store import Store
+
+N = 3000  # points in the slow collection: x SLOW_CONDITIONS evaluations take a second or more here
+SLOW_CONDITIONS = 1000
+
+
+def slow_filter() -> dict[str, Any]:
+    """A filter DuckDB evaluates condition by condition on every row: matches nothing, takes long."""
+    return {"$or": [{"title": {"$contains": f"absent {j}"}} for j in range(SLOW_CONDITIONS)]}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    s = Store(tmp_path / "data")
+    big = s.create_collection("big", dim=4)
+    rng = np.random.default_rng(0)
+    big.upsert(
+        ids=list(range(N)),
+        vectors=rng.standard_normal((N, 4)).astype(np.float32),
+        payloads=[{"title": f"title number {i}"} for i in range(N)],
+    )
+    small = s.create_collection("small", dim=4)
+    small.upsert(ids=[1, 2], vectors=np.eye(4, dtype=np.float32)[:2], texts=["one", "two"])
+    yield s
+    s.close()
+
+
+def while_reading(store: Store, read: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Start `read` on a thread and return once its scan runs outside the lock (the thread, and what it got)."""
+    got: list[Any] = []
+
+    def run() -> None:
+        try:
+            got.append(read())
+        except Exception as exc:  # the test looks at it
+            got.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    while not store._busy and t.is_alive():  # noqa: SLF001 - the read is on its own connection now
+        threading.Event().wait(0.001)
+    assert store._busy, f"the read ended before it was seen running: {got}"  # noqa: SLF001
+    return t, got
+
+
+SLOW_READS = {
+    "query": lambda c: c.query(np.ones(4, np.float32), k=5, filter=slow_filter()),
+    "count": lambda c: c.count(slow_filter()),
+    "scroll": lambda c: c.scroll(slow_filter()),
+    "delete": lambda c: c.delete(filter=slow_filter()),
+}
+
+
+@pytest.mark.parametrize("op", list(SLOW_READS))
+def test_a_slow_filter_holds_up_no_other_call_to_the_store(store: Store, op: str) -> None:
+    big, small = store.collection("big"), store.collection("small")
+    t, got = while_reading(store, lambda: SLOW_READS[op](big))
+    # while it scans: another collection answers and takes writes, this one takes writes, a snapshot is made
+    assert small.query(text="one", k=1).hits[0].id == 1
+    small.upsert(ids=[3], vectors=np.ones((1, 4), np.float32), texts=["three"])
+    big.upsert(ids=[N], vectors=np.ones((1, 4), np.float32), payloads=[{"title": "absent 7"}])
+    assert store.describe("small").count == 3
+    assert store.snapshot("small").points == 3
+    assert store._busy and t.is_alive(), "the slow read finished first: nothing was shown"  # noqa: SLF001
+    t.join(120)
+    result = got[0]
+    assert not isinstance(result, Exception), result
+    # the point written while the scan ran matches the filter: the query and the delete saw it (caught up under
+    # the lock), the count and the scroll read their own snapshot, from before it
+    expect = {"query": 1, "delete": 1, "count": 0, "scroll": 0}[op]
+    assert (len(result.hits) if op == "query" else result if op in ("count", "delete") else len(result)) == expect
+    assert big.count() == (N if op == "delete" else N + 1)
+
+
+def test_a_filtered_query_sees_every_point_while_they_are_replaced_and_compacted(tmp_path: Path) -> None:
+    """The scan reads the positions as they were; points replaced since have new positions (caught up under the
+    lock) and compactions renumber them all (scanned again): every query still finds each matching point once."""
+    s = Store(tmp_path / "data")
+    c = s.create_collection("c", dim=4)
+    rng = np.random.default_rng(1)
+    n, hot = 1200, 40  # enough points that deletes of replaced positions compact the index now and then
+    payloads = [{"g": "hot" if i < hot else "cold", "i": i} for i in range(n)]
+    c.upsert(ids=list(range(n)), vectors=rng.standard_normal((n, 4)).astype(np.float32), payloads=payloads)
+    stop = threading.Event()
+    epochs: set[int] = set()
+
+    def replace() -> None:
+        while not stop.is_set():
+            c.upsert(ids=list(range(hot)), vectors=rng.standard_normal((hot, 4)).astype(np.float32),
+                     payloads=payloads[:hot])  # fmt: skip
+            epochs.add(c._epoch)  # noqa: SLF001
+
+    writer = threading.Thread(target=replace)
+    writer.start()
+    try:
+        for _ in range(300):
+            hits = c.query(rng.standard_normal(4).astype(np.float32), k=hot, filter={"g": "hot", "i": {"$lt": 1000}})
+            assert sorted(h.id for h in hits) == list(range(hot))
+            if len(epochs) >= 3:
+                break
+    finally:
+        stop.set()
+        writer.join(60)
+    assert len(epochs) >= 3, "no compaction ran while the queries did: the renumbering was not tried"
+    s.close()
+
+
+def test_a_collection_dropped_or_replaced_before_its_read_began_is_told_so(store: Store) -> None:
+    """Between the lookup under the lock and the read on its own connection, the table can go: a 404, or a 409
+    when a restore put another one in its place, never DuckDB's CatalogException (a 500)."""
+    snap = store.snapshot("small").id
+    reads: dict[str, Callable[[Any], Any]] = {
+        "count": lambda h: h.count(),
+        "scroll": lambda h: h.scroll(),
+        "get": lambda h: h.get([1]),
+        "count_distinct": lambda h: h.count_distinct("a"),
+        "query+filter": lambda h: h.query(np.ones(4), filter={"a": 1}),
+        "delete+filter": lambda h: h.delete(filter={"a": 1}),
+    }
+    for name, read in reads.items():
+        waited = store.collection("small")
+        store.restore_snapshot("small", snap)
+        waited.dropped = False  # as if the restore swapped the table just after this call looked it up
+        with pytest.raises(Conflict, match="replaced"):
+            read(waited)
+        assert store.collection("small").count() == 2, name
+    for i, read in enumerate(reads.values()):
+        store.restore_snapshot("small", snap, into=f"gone{i}")
+        waited = store.collection(f"gone{i}")
+        store.drop_collection(f"gone{i}")
+        waited.dropped = False  # as if the drop ran just after this call looked it up
+        with pytest.raises(NotFound, match="dropped while this call read it"):
+            read(waited)
+
+
+def test_closing_the_store_stops_the_reads_it_lent(tmp_path: Path, store: Store) -> None:
+    big = store.collection("big")
+    t, got = while_reading(store, lambda: big.count(slow_filter()))
+    store.close()  # tells the read to stop, waits for it, then lets the data dir go
+    t.join(60)
+    assert isinstance(got[0], Unavailable) and "closed" in got[0].message
+    again = Store(tmp_path / "data")  # the next owner opens it, everything there
+    assert again.collection("big").count() == N
+    again.close()
