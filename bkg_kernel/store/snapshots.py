@@ -4,6 +4,7 @@ and outlive the collection. A restore verifies everything before it touches the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -48,25 +49,35 @@ def _sha256(path: Path) -> str:
 
 
 def create(store: Store, coll: Collection) -> SnapshotInfo:
-    """Write `<snapshots>/<name>/<id>.bkgsnap` atomically (temp file, fsync, rename)."""
-    coll._ensure_index()  # noqa: SLF001 - the index files must be current before they are copied
-    coll._ensure_text()  # noqa: SLF001
-    coll._unsaved = coll._text_unsaved = True  # noqa: SLF001
-    coll.flush()
+    """Write `<snapshots>/<name>/<id>.bkgsnap` atomically (temp file, fsync, rename).
+
+    The store's lock is held only while the index files are saved and linked into the work folder and a read of
+    the rows is opened on a connection of its own (`Collection._reading`), all at one moment; the rows are
+    exported, hashed and archived after that, from that read's snapshot, while other calls go on (a collection of
+    a million points takes seconds to export)."""
     now = datetime.now(UTC)
     snap_id = now.strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
     dest = store.snapshot_dir / coll.name
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".tmp-") as tmp:
-        work = Path(tmp)
-        store._con.execute(  # noqa: SLF001
+    with contextlib.ExitStack() as stack:
+        with coll._locked():  # noqa: SLF001
+            coll._ensure_index()  # noqa: SLF001 - the index files must be current before they are copied
+            coll._ensure_text()  # noqa: SLF001
+            coll._unsaved = coll._text_unsaved = True  # noqa: SLF001
+            coll.flush()
+            dest.mkdir(parents=True, exist_ok=True)
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=dest, prefix=".tmp-")))
+            _link(store.index_path(coll.table), work / "index.faiss")
+            _link(store.text_index_path(coll.table), work / TEXT_PART)
+            con = stack.enter_context(coll._reading())  # noqa: SLF001
+            con.begin()  # one snapshot of the rows for the count and the export: as they are with these indexes
+            count = int(scalar(con, f"SELECT count(*) FROM {coll.table}"))
+            next_fid = coll._next_fid  # noqa: SLF001
+        con.execute(
             f"COPY (SELECT fid, pk, vec, CAST(payload AS VARCHAR) AS payload, text FROM {coll.table} ORDER BY fid) "
             f"TO {_sql_path(work / 'points.parquet')} (FORMAT parquet)"
         )
-        shutil.copyfile(store.index_path(coll.table), work / "index.faiss")
-        shutil.copyfile(store.text_index_path(coll.table), work / TEXT_PART)
+        con.rollback()
         parts = (*PARTS, TEXT_PART)
-        count = int(scalar(store._con, f"SELECT count(*) FROM {coll.table}"))  # noqa: SLF001
         manifest = {
             "format": FORMAT,
             "id": snap_id,
@@ -77,7 +88,7 @@ def create(store: Store, coll: Collection) -> SnapshotInfo:
             "index": coll.index_kind,
             "params": coll.params,
             "embed_model": coll.embed_model,
-            "next_fid": coll._next_fid,  # noqa: SLF001
+            "next_fid": next_fid,
             "count": count,
             "parts": {p: {"sha256": _sha256(work / p), "bytes": (work / p).stat().st_size} for p in parts},
         }
@@ -94,6 +105,15 @@ def create(store: Store, coll: Collection) -> SnapshotInfo:
         final = dest / f"{snap_id}{SUFFIX}"
         os.replace(archive, final)
     return _info(final, manifest)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """`src` at `dst` too, as a second name of the same file where the disk allows (an index file is replaced by
+    a rename when it is saved again, never written in place: the link keeps this version), else as a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _info(path: Path, manifest: dict[str, Any]) -> SnapshotInfo:

@@ -323,8 +323,7 @@ class Store:
     def snapshot(self, name: str) -> SnapshotInfo:
         """Write a snapshot archive (rows + index + manifest with sha256 of each part) of a collection."""
         self.require_space(f"a snapshot of {name!r}")
-        with self._mutex:
-            return snapshots.create(self, self.collection(name))
+        return snapshots.create(self, self.collection(name))  # holding the lock only while it needs it
 
     def list_snapshots(self, name: str | None = None) -> SnapshotList:
         """List snapshot archives, newest first, for one collection or all (dropped collections included)."""
