@@ -195,3 +195,35 @@ def test_a_snapshot_holds_the_lock_only_to_fix_its_moment(store: Store, monkeypa
     hits = back.query(np.asarray(back.get([5])[0].vector, np.float32), k=1)
     assert hits[0].id == 5
     assert back.count({"title": "title number 7"}) == 1
+
+
+def test_a_restore_holds_the_lock_only_to_stage_and_swap(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The archive is read, hashed and checked, and its rows loaded into the staged table, outside the lock; the
+    swap is one moment: what the collection held then is replaced whole."""
+    from bkg_kernel.store import snapshots
+
+    snap = store.snapshot("big")
+    loading, go_on = threading.Event(), threading.Event()
+    real_read = snapshots.TextIndex.load
+
+    def held_read(path: Path) -> Any:  # the archive is verified and being read: hold it there
+        loading.set()
+        assert go_on.wait(60)
+        return real_read(path)
+
+    monkeypatch.setattr(snapshots.TextIndex, "load", held_read)
+    big = store.collection("big")
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(store.restore_snapshot("big", snap.id)))
+    t.start()
+    assert loading.wait(60)
+    big.delete([0])  # the collection takes writes, another answers, a new one is made
+    assert big.count() == N - 1 and store.collection("small").query(text="one", k=1).hits[0].id == 1
+    store.create_collection("made-meanwhile", dim=4)
+    go_on.set()
+    t.join(60)
+    restored = got[0]
+    assert restored.count() == N and len(restored.get([0])) == 1  # the snapshot's rows, whole
+    with pytest.raises(Conflict, match="replaced"):
+        big.count()  # the handle from before the swap
+    assert "made-meanwhile" in store

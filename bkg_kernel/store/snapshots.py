@@ -233,7 +233,10 @@ def _extract_verified(path: Path, work: Path) -> dict[str, Any]:
 
 
 def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Collection:
-    """Verify an archive fully, stage it in a new points table, then swap it in with one transaction."""
+    """Verify an archive fully, stage it in a new points table, then swap it in with one transaction.
+
+    The store's lock is held only to create the staged table and to swap it in: the archive is read, hashed and
+    checked, and the rows loaded into the staged table (on a connection of its own), while other calls go on."""
     path = _path(store.snapshot_dir, name, snapshot_id)
     target = validate.collection_name(into, "into") if into is not None else name
     if target != name and target in store:
@@ -256,54 +259,58 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
                 raise CorruptData(f"snapshot {path.name}: {TEXT_PART} cannot be read: {exc}") from exc
             if text.ntotal != m["next_fid"]:
                 raise CorruptData(f"snapshot {path.name}: {TEXT_PART} does not match the manifest")
-        table = store._new_points_table()  # noqa: SLF001
+        with store._mutex:  # noqa: SLF001
+            table = store._new_points_table()  # noqa: SLF001
+            loading = store.reading()
         index_file = store.index_path(table)
         text_file = store.text_index_path(table)
         try:
-            con.execute(
-                f"INSERT INTO {table} SELECT fid, pk, vec, CAST(payload AS JSON), text "
-                f"FROM read_parquet({_sql_path(work / 'points.parquet')})"
-            )
-            if scalar(con, f"SELECT count(*) FROM {table}") != m["count"]:
-                raise CorruptData(f"snapshot {path.name}: points.parquet does not hold {m['count']} points")
+            with loading as load:  # no other call knows this table: it fills without the lock
+                load.execute(
+                    f"INSERT INTO {table} SELECT fid, pk, vec, CAST(payload AS JSON), text "
+                    f"FROM read_parquet({_sql_path(work / 'points.parquet')})"
+                )
+                if scalar(load, f"SELECT count(*) FROM {table}") != m["count"]:
+                    raise CorruptData(f"snapshot {path.name}: points.parquet does not hold {m['count']} points")
             index = VectorIndex(m["dim"], m["metric"], m["index"], m["params"])
             index.index = raw
             index.save(index_file, {"epoch": 0, "collection": target})
             if text is not None:
                 text.save(text_file, {"epoch": 0, "collection": target})
-            old = store.collection(target) if target in store else None
-            con.execute("BEGIN TRANSACTION")
-            try:
+            with store._mutex:  # noqa: SLF001
+                if target != name and target in store:  # made meanwhile
+                    raise AlreadyExists(f"collection {target!r} already exists: restore into a new name", field="into")
+                old = store.collection(target) if target in store else None
+                _swap(con, target, table, m, old)
                 if old is not None:
-                    con.execute("DELETE FROM collections WHERE name = ?", [target])
-                    con.execute(f"DROP TABLE {old.table}")
-                con.execute(
-                    "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, next_fid, "
-                    "embed_model) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        target,
-                        table,
-                        m["dim"],
-                        m["metric"],
-                        m["index"],
-                        json.dumps(m["params"]),
-                        m["next_fid"],
-                        m.get("embed_model"),
-                    ],
-                )
-                con.execute("COMMIT")
-            except Exception:
-                con.execute("ROLLBACK")
-                raise
+                    old.dropped = True
+                    store._open.pop(target, None)  # noqa: SLF001
+                    old_file = store.index_path(old.table)
+                    for p in (old_file, meta_path(old_file), store.text_index_path(old.table)):
+                        p.unlink(missing_ok=True)
+                return store.collection(target)
         except BaseException:
-            con.execute(f"DROP TABLE IF EXISTS {table}")
+            with store._mutex:  # noqa: SLF001
+                con.execute(f"DROP TABLE IF EXISTS {table}")
             for p in (index_file, meta_path(index_file), text_file):
                 p.unlink(missing_ok=True)
             raise
-    if old is not None:
-        old.dropped = True
-        store._open.pop(target, None)  # noqa: SLF001
-        old_file = store.index_path(old.table)
-        for p in (old_file, meta_path(old_file), store.text_index_path(old.table)):
-            p.unlink(missing_ok=True)
-    return store.collection(target)
+
+
+def _swap(con: Any, target: str, table: str, m: dict[str, Any], old: Collection | None) -> None:
+    """Name the staged `table` as collection `target` in one transaction, dropping the table `old` had."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        if old is not None:
+            con.execute("DELETE FROM collections WHERE name = ?", [target])
+            con.execute(f"DROP TABLE {old.table}")
+        con.execute(
+            "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, next_fid, embed_model) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [target, table, m["dim"], m["metric"], m["index"], json.dumps(m["params"]), m["next_fid"],
+             m.get("embed_model")],
+        )  # fmt: skip
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise

@@ -334,8 +334,7 @@ class Store:
     def restore_snapshot(self, name: str, snapshot_id: str, into: str | None = None) -> Collection:
         """Restore a snapshot of `name` into `into` (default: `name`, replacing it); a damaged archive is refused."""
         self.require_space(f"restoring a snapshot of {name!r}")
-        with self._mutex:
-            return snapshots.restore(self, name, snapshot_id, into)
+        return snapshots.restore(self, name, snapshot_id, into)  # holding the lock only while it needs it
 
     def delete_snapshot(self, name: str, snapshot_id: str) -> None:
         """Delete one snapshot archive."""
