@@ -170,3 +170,19 @@ def test_no_other_user_may_enter_the_data_dir(tmp_path: Path) -> None:
     old.chmod(0o755)
     with Store(old):
         assert old.stat().st_mode & 0o777 == 0o700
+
+
+def test_duckdb_full_text_indexes_of_older_data_dirs_are_removed(data_dir: Path) -> None:
+    """Found by a review: data dirs from before bkg kept its own full-text index hold DuckDB FTS schemas (a row per
+    word of every text), read by nothing, kept through upgrades, drops and reopens."""
+    _fill(data_dir, n=200)
+    con = duckdb.connect(str(data_dir / "bkg.duckdb"))
+    table = con.execute("SELECT points_table FROM collections").fetchone()[0]  # type: ignore[index]
+    con.execute(f"CREATE SCHEMA fts_main_{table}")  # what `PRAGMA create_fts_index` made, in its shape
+    con.execute(f"CREATE TABLE fts_main_{table}.terms AS SELECT 'word' AS term, range AS docid FROM range(1000)")
+    con.execute(f"CREATE MACRO fts_main_{table}.match_bm25(docid, q) AS 0.0")
+    con.close()
+    with Store(data_dir) as s:
+        assert s["docs"].count() == 200
+        left = s._con.execute("SELECT schema_name FROM duckdb_schemas() WHERE schema_name LIKE 'fts_%'").fetchall()  # noqa: SLF001
+        assert left == []

@@ -166,3 +166,84 @@ def test_a_snapshot_deleted_while_it_is_read_is_a_404(store: Store, tmp_path: Pa
     for read in (lambda: snapshots._read_manifest(gone), lambda: snapshots._extract_verified(gone, tmp_path)):
         with pytest.raises(NotFound, match="deleted meanwhile"):
             read()
+
+
+def _rewrite(archive: Path, manifest_change: dict[str, object], parts: dict[str, bytes] | None = None) -> None:
+    """Rewrite an archive as another bkg might have written it: manifest fields changed, parts replaced (their
+    sha256 and size in the manifest kept true, so only what they hold differs)."""
+    import hashlib
+    import io
+    import json
+
+    with tarfile.open(archive) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    manifest = json.loads(members.pop("manifest.json"))
+    for name, blob in (parts or {}).items():
+        members[name] = blob
+        manifest["parts"][name] = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+    manifest.update(manifest_change)
+    with tarfile.open(archive, "w") as tar:
+        for name, blob in [("manifest.json", json.dumps(manifest).encode()), *members.items()]:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def test_an_archive_from_a_newer_bkg_is_named_so(store: Store) -> None:
+    """Found by a review: a newer archive format was "damaged" (a 500); an unknown index kind a KeyError (a 500)."""
+    from bkg_kernel.errors import SchemaTooNew
+
+    _coll(store)
+    newer, odd = store.snapshot("docs"), store.snapshot("docs")
+    _rewrite(Path(newer.path), {"format": "bkg-snapshot/2"})
+    _rewrite(Path(odd.path), {"index": "diskann"})
+    with pytest.raises(SchemaTooNew, match="made by a newer bkg") as err:
+        store.restore_snapshot("docs", newer.id, into="newer")
+    assert err.value.status == 409 and "bkg-snapshot/1" in err.value.message
+    with pytest.raises(CorruptData, match="index kind this bkg does not know: 'diskann'"):
+        store.restore_snapshot("docs", odd.id, into="odd")
+    listed = {s.id: s for s in store.list_snapshots("docs")}
+    assert not listed[newer.id].ok and "newer bkg" in str(listed[newer.id].error)
+    assert not listed[odd.id].ok
+    assert store.list_collections().names == ["docs"]
+
+
+def test_a_full_text_part_built_another_way_is_built_again_from_the_rows(store: Store) -> None:
+    """Found by a review: a full-text index from another analyser (the next version's, or an older one) made the
+    whole archive unrestorable (a 500 naming the restore's temp folder); like an archive without one, the text
+    index is now built again from the rows."""
+    import io
+    import json
+    import zipfile
+
+    c, x = _coll(store)
+    before = _answers(c, x)
+    snap = store.snapshot("docs")
+    with tarfile.open(snap.path) as tar:
+        fts = tar.extractfile("fulltext.fts").read()  # type: ignore[union-attr]
+    with zipfile.ZipFile(io.BytesIO(fts)) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    members["meta.json"] = json.dumps({**json.loads(members["meta.json"]), "analyzer": "another/2"}).encode()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for n, blob in members.items():
+            z.writestr(n, blob)
+    _rewrite(Path(snap.path), {}, {"fulltext.fts": out.getvalue()})
+    restored = store.restore_snapshot("docs", snap.id, into="again")
+    assert _answers(restored, x) == before
+
+
+def test_a_restored_trained_ivf_answers_broad_filters(store: Store) -> None:
+    """Found by a review: the manifest keeps the collection's setting (`nlist` 0: chosen from the data), and the
+    restored index took it for its lists: a filter allowing over 5,000 points asked FAISS for 0 probes (a 500)."""
+    x = clustered(12_000, 16, seed=3)
+    c = store.create_collection("ivf", dim=16, index="ivf", ivf_train_min=1000)
+    c.upsert(ids=list(range(12_000)), vectors=x, payloads=[{"half": i % 2} for i in range(12_000)])
+    asked = [c.query(x[i], k=10, filter={"half": 0}).ids for i in (2, 4000)]
+    snap = store.snapshot("ivf")
+    restored = store.restore_snapshot("ivf", snap.id, into="ivf2")
+    assert [restored.query(x[i], k=10, filter={"half": 0}).ids for i in (2, 4000)] == asked
+    store.close()
+    again = Store(store.data_dir)  # and after a reopen, from the saved index
+    assert [again["ivf2"].query(x[i], k=10, filter={"half": 0}).ids for i in (2, 4000)] == asked
+    again.close()

@@ -198,7 +198,7 @@ class VectorIndex:
         elif self.trained_ivf:
             nprobe = int(self.params["nprobe"])
             if mask is not None:
-                nprobe = min(int(self.params["nlist"]), nprobe * 2)
+                nprobe = min(int(self.index.nlist), nprobe * 2)  # the lists it has (a setting may say 0: auto)
             params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
         else:
             params = faiss.SearchParameters(sel=sel) if sel is not None else None

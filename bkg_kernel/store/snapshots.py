@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import secrets
@@ -18,10 +19,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound, escaped, is_utf8
+from bkg_kernel.errors import (
+    AlreadyExists,
+    BkgError,
+    CorruptData,
+    InvalidInput,
+    NotFound,
+    SchemaTooNew,
+    escaped,
+    is_utf8,
+)
 from bkg_kernel.store import validate
 from bkg_kernel.store.fulltext import TextIndex
-from bkg_kernel.store.index import VectorIndex, _faiss, meta_path
+from bkg_kernel.store.index import KINDS, VectorIndex, _faiss, meta_path
 from bkg_kernel.store.results import SnapshotInfo, SnapshotList
 from bkg_kernel.store.sql import scalar
 
@@ -29,6 +39,7 @@ if TYPE_CHECKING:
     from bkg_kernel.store.collection import Collection
     from bkg_kernel.store.store import Store
 
+log = logging.getLogger("bkg.store")
 FORMAT = "bkg-snapshot/1"
 SUFFIX = ".bkgsnap"
 _ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_-]{0,63}$")
@@ -141,8 +152,14 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise _gone(path) from None
     except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
         raise CorruptData(f"snapshot {path.name} is not a readable archive: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if isinstance(fmt, str) and fmt.startswith("bkg-snapshot/") and fmt != FORMAT:
+        raise SchemaTooNew(f"snapshot {path.name} is a {fmt} archive, made by a newer bkg: this bkg reads {FORMAT}; "
+                           "restore it with that version")  # fmt: skip
+    if fmt != FORMAT:
         raise CorruptData(f"snapshot {path.name} is not a {FORMAT} archive")
+    if manifest.get("index") not in KINDS:
+        raise CorruptData(f"snapshot {path.name} names an index kind this bkg does not know: {manifest.get('index')!r}")
     return manifest
 
 
@@ -163,8 +180,8 @@ def list_snapshots(root: Path, name: str | None) -> SnapshotList:
                 found.append(_info(path, manifest))
             except (OSError, NotFound):  # gone since the folder was read
                 continue
-            except (CorruptData, KeyError, TypeError, ValueError) as exc:
-                message = exc.message if isinstance(exc, CorruptData) else f"bad manifest: {exc}"
+            except (CorruptData, SchemaTooNew, KeyError, TypeError, ValueError) as exc:
+                message = exc.message if isinstance(exc, BkgError) else f"bad manifest: {exc}"
                 try:
                     size = path.stat().st_size
                 except OSError:
@@ -253,12 +270,18 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
             raise CorruptData(f"snapshot {path.name}: index.faiss does not match the manifest")
         text = None
         if (work / TEXT_PART).exists():
+            # it passed its sha256: what cannot be used now was built another way (another analyser, an older or
+            # newer bkg), and is built again from the rows by the first text query, as for an archive without it
             try:
                 text, _ = TextIndex.load(work / TEXT_PART)
             except CorruptData as exc:
-                raise CorruptData(f"snapshot {path.name}: {TEXT_PART} cannot be read: {exc}") from exc
-            if text.ntotal != m["next_fid"]:
-                raise CorruptData(f"snapshot {path.name}: {TEXT_PART} does not match the manifest")
+                log.info("snapshot %s: %s; the full-text index is built again from the rows", path.name, exc)
+            if text is not None and text.ntotal != m["next_fid"]:
+                log.info("snapshot %s: %s does not match the manifest; built again from the rows", path.name, TEXT_PART)
+                text = None
+        params = dict(m["params"])
+        if m["index"] == "ivf" and getattr(raw, "nlist", 0):
+            params["nlist"] = int(raw.nlist)  # the lists it was trained with (the manifest keeps the setting, 0: auto)
         with store._mutex:  # noqa: SLF001
             table = store._new_points_table()  # noqa: SLF001
             loading = store.reading()
@@ -272,7 +295,7 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
                 )
                 if scalar(load, f"SELECT count(*) FROM {table}") != m["count"]:
                     raise CorruptData(f"snapshot {path.name}: points.parquet does not hold {m['count']} points")
-            index = VectorIndex(m["dim"], m["metric"], m["index"], m["params"])
+            index = VectorIndex(m["dim"], m["metric"], m["index"], params)
             index.index = raw
             index.save(index_file, {"epoch": 0, "collection": target})
             if text is not None:

@@ -67,6 +67,11 @@ class Store:
         tables = {r[0] for r in self._con.execute(sql).fetchall() if r[0].removeprefix("points_").isdigit()}
         for table in sorted(tables - used):
             self._con.execute(f"DROP TABLE {table}")
+        # DuckDB FTS indexes of data dirs from before bkg kept a full-text index of its own (fulltext.py): a row per
+        # word of every text, read by nothing
+        sql = "SELECT schema_name FROM duckdb_schemas() WHERE schema_name LIKE 'fts_main_points_%'"
+        for (schema,) in self._con.execute(sql).fetchall():
+            self._con.execute(f'DROP SCHEMA "{schema}" CASCADE')
         for f in (self.data_dir / "indexes").glob("points_*"):
             if f.name.split(".", 1)[0] not in used or f.suffix == ".tmp":  # a table's, or a save cut short
                 f.unlink(missing_ok=True)
