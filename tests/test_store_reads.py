@@ -6,6 +6,9 @@ so a query or a delete by filter still sees the collection as it is when it rank
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -227,3 +230,61 @@ def test_a_restore_holds_the_lock_only_to_stage_and_swap(store: Store, monkeypat
     with pytest.raises(Conflict, match="replaced"):
         big.count()  # the handle from before the swap
     assert "made-meanwhile" in store
+
+
+def test_a_read_that_begins_while_the_store_closes_is_stopped_too(store: Store) -> None:
+    """Found by a review: DuckDB drops an interrupt that comes before a query runs, or while it is still planned;
+    `close` told each read once, then closed the connection under the one it missed (a 500 to its caller)."""
+    from bkg_kernel.store.filters import compile_filter
+
+    where, params = compile_filter(slow_filter())
+    table = store.collection("big").table
+    got: list[Any] = []
+
+    def late_read() -> None:
+        with store._mutex:  # noqa: SLF001 - lent as `Collection._reading` lends it
+            lent = store.reading()
+        try:
+            with lent as con:
+                while not store.closed:  # the store closes before this query begins
+                    threading.Event().wait(0.001)
+                got.append(con.execute(f"SELECT count(*) FROM {table} WHERE {where}", params).fetchall())
+        except Exception as exc:  # the test looks at it
+            got.append(exc)
+
+    t = threading.Thread(target=late_read)
+    t.start()
+    while not store._busy:  # noqa: SLF001
+        threading.Event().wait(0.001)
+    store.close()
+    t.join(60)
+    assert isinstance(got[0], Unavailable), got
+
+
+def test_closing_as_a_read_ends_still_lets_the_data_dir_go(tmp_path: Path) -> None:
+    """Found by a review: a read closed its connection, then left the list of reads running; a `close` in between
+    interrupted the closed connection (DuckDB raises), and stopped half way: the database open, the data dir
+    still locked. Whatever a read's connection is in, closing finishes."""
+    s = Store(tmp_path / "data")
+    s.create_collection("c", dim=4).upsert(ids=[1], vectors=np.ones((1, 4), np.float32))
+    with s._mutex:  # noqa: SLF001 - lent as `Collection._reading` lends it
+        lent = s.reading()
+    with lent as con:
+        con.close()  # a read at its very end
+        s.close()  # raises nothing
+    with Store(tmp_path / "data") as again:  # the data dir was let go
+        assert again["c"].count() == 1
+
+
+def test_reads_on_their_own_connection_keep_to_utc(tmp_path: Path) -> None:
+    """Found by a review: `SET TimeZone` was the main connection's alone; the connections of `reading` took the
+    machine's zone."""
+    code = (
+        "import sys; from bkg_kernel.store import Store\n"
+        "s = Store(sys.argv[1]); q = \"SELECT current_setting('TimeZone')\"\n"
+        "with s.reading() as con: print(s._con.execute(q).fetchone()[0], con.execute(q).fetchone()[0])\n"
+        "s.close()\n"
+    )
+    env = {**os.environ, "TZ": "America/New_York"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["UTC", "UTC"], out.stderr

@@ -89,8 +89,7 @@ class Collection:
             try:
                 yield con
             except duckdb.CatalogException:
-                with self._store._mutex:  # noqa: SLF001
-                    replaced = self._store._open.get(self.name, self) is not self  # noqa: SLF001
+                replaced = self._store._open.get(self.name, self) is not self  # noqa: SLF001 - (closing holds the lock)
                 if replaced:
                     raise Conflict(f"collection {self.name!r} was replaced (restored from a snapshot) while this "
                                    "call read it: ask again", field="name") from None  # fmt: skip

@@ -42,7 +42,7 @@ class Store:
             con = duckdb.connect(str(self.db_path), config={"autoinstall_known_extensions": False})
             # `now()` and a column's `DEFAULT current_timestamp` write UTC, as every timestamp bkg writes itself
             # (the machine's own zone put local times into TIMESTAMP columns read back as UTC); ICU is built in
-            con.execute("SET TimeZone = 'UTC'")
+            con.execute("SET GLOBAL TimeZone = 'UTC'")  # GLOBAL: the connections of `reading` too
             migrations.migrate(con, str(self.db_path))
         except BaseException:
             if con is not None:
@@ -82,22 +82,28 @@ class Store:
         if self.closed:
             return
         with self._mutex:
-            for coll in self._open.values():
-                coll.flush()
-            self.closed = True
-            self._stop_reads()
-            self._checkpoint()
-            self._con.close()
-            self._lock.release()
+            try:
+                for coll in self._open.values():
+                    coll.flush()
+            finally:
+                self.closed = True
+                try:
+                    self._stop_reads()
+                    self._checkpoint()
+                finally:
+                    self._con.close()
+                    self._lock.release()
 
     def _checkpoint(self) -> None:
         """Write what the WAL holds into the database file, unless a read outside the lock (`reading`) runs now:
-        DuckDB refuses to checkpoint past a transaction that began before the last write. Then the WAL keeps it
-        (DuckDB checkpoints by itself later, and when the store closes), and what waits for this is an estimate."""
+        DuckDB refuses to checkpoint past a transaction that began before the last compaction or table made or
+        dropped. Then the WAL keeps it (DuckDB checkpoints by itself later, and when the store closes), and what
+        waits for this is an estimate."""
+        reading = bool(self._busy)
         try:
             self._con.execute("CHECKPOINT")
         except duckdb.TransactionException:
-            if not self._busy:
+            if not (reading or self._busy):  # (a read that ended in between counts)
                 raise
 
     def reading(self) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
@@ -117,23 +123,27 @@ class Store:
     def _lent(self, con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
         try:
             yield con
-        except duckdb.InterruptException:
-            raise Unavailable("the store closed while this call read it") from None
+        except duckdb.Error as exc:
+            if isinstance(exc, duckdb.InterruptException) or self.closed:  # stopped, or cut off, by `close`
+                raise Unavailable("the store closed while this call read it") from None
+            raise
         finally:
-            con.close()
-            with self._readers_cv:
+            with self._readers_cv:  # out of `_busy` before it closes: `_stop_reads` interrupts what is in it
                 self._busy.discard(con)
+                con.close()
                 self._readers_cv.notify_all()
 
     def _stop_reads(self) -> None:
         """Tell the reads still running to stop and wait for them (a while): their connections keep the database
-        file open, and the next owner of the data dir must be able to open it."""
+        file open, and the next owner of the data dir must be able to open it. DuckDB drops an interrupt that
+        comes before a query runs (or while it is still being planned): it is sent again until they end."""
+        deadline = time.monotonic() + CLOSE_WAIT_S
         with self._readers_cv:
-            for con in self._busy:
-                con.interrupt()
-            deadline = time.monotonic() + CLOSE_WAIT_S
             while self._busy and (left := deadline - time.monotonic()) > 0:
-                self._readers_cv.wait(left)
+                for con in self._busy:
+                    with contextlib.suppress(duckdb.Error):
+                        con.interrupt()
+                self._readers_cv.wait(min(left, 0.05))
 
     def __enter__(self) -> Store:
         return self
@@ -258,10 +268,15 @@ class Store:
         """Describe every collection."""
         with self._mutex:
             names = [r[0] for r in self._con.execute("SELECT name FROM collections ORDER BY name").fetchall()]
-            return CollectionList([self.describe(n) for n in names])
+        described = []
+        for n in names:  # each under the lock on its own: other calls go between them
+            with contextlib.suppress(NotFound):  # dropped meanwhile
+                described.append(self.describe(n))
+        return CollectionList(described)
 
     def describe(self, name: str) -> CollectionInfo:
         """Return count, dim, metric, index kind, bytes on disk and last snapshot of a collection."""
+        last = snapshots.list_snapshots(self.snapshot_dir, validate.collection_name(name))  # files: not under the lock
         with self._mutex:
             coll = self.collection(name)
             self._checkpoint()  # so the table's blocks are on disk, not only in the WAL
@@ -274,7 +289,6 @@ class Store:
             path = self.index_path(coll.table)
             files = (path, meta_path(path), self.text_index_path(coll.table))
             index_bytes = sum(p.stat().st_size for p in files if p.exists())
-            last = snapshots.list_snapshots(self.snapshot_dir, name)
             row = self._row(name) or {}
             return CollectionInfo(
                 name=name,
