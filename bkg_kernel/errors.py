@@ -86,7 +86,7 @@ class DataDirLocked(BkgError):
 
 
 class SchemaTooNew(BkgError):
-    """The database was written by a newer bkg than this one."""
+    """What bkg reads (the database, a snapshot archive, the models manifest) was written by a newer bkg."""
 
     status = 409
     code = "schema_too_new"

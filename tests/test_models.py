@@ -19,9 +19,9 @@ from gateway_harness import ADMIN_KEY, start_gateway, wait_for
 from helpers import write_gguf
 from websockets.sync.client import connect as ws_connect
 
-from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound, SchemaTooNew
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER, DEFAULT_LLM
-from bkg_kernel.models.registry import ModelRegistry
+from bkg_kernel.models.registry import MANIFEST_VERSION, ModelEntry, ModelRegistry
 
 
 @pytest.fixture
@@ -79,6 +79,50 @@ def test_the_model_dir_itself_is_never_a_model_nor_deleted_as_one(reg: ModelRegi
     reg.register_entry(entry)
     reg.remove("all", delete_files=True)
     assert keep.is_file() and reg.get("keep")
+
+
+def _manifest_of_a_newer_bkg(reg: ModelRegistry, version: int) -> None:
+    """Two entries with a field this bkg does not know, as a later bkg might write them."""
+    reg.dir.mkdir(parents=True)
+    models = [
+        {"id": i, "kind": "gguf-llm", "path": f"{i}.gguf", "sha256": "0" * 64, "size": 1, "license": None,
+         "source": "path", "added": "2027-01-01T00:00:00Z", "meta": {}, "quantization_of": "base-model"}
+        for i in ("a", "b")
+    ]  # fmt: skip
+    reg.manifest.write_text(json.dumps({"version": version, "models": models}))
+
+
+def test_fields_a_newer_bkg_wrote_survive_a_write_and_are_shown_nowhere(reg: ModelRegistry, tmp_path: Path) -> None:
+    """Found by a review: an entry's fields this bkg does not know were dropped from every entry by any write."""
+    _manifest_of_a_newer_bkg(reg, version=1)
+    reg.remove("b")
+    reg.add(write_gguf(tmp_path / "fresh.gguf"), import_mode="copy")
+    written = {m["id"]: m for m in json.loads(reg.manifest.read_text())["models"]}
+    assert set(written) == {"a", "fresh"} and written["a"]["quantization_of"] == "base-model"
+    assert "quantization_of" not in written["fresh"]
+    assert "quantization_of" not in reg.get("a").model_dump(), "what the API and the CLI show is this bkg's shape"
+    assert "quantization_of" not in ModelEntry.model_json_schema()["properties"]
+
+
+def test_a_manifest_a_newer_bkg_wrote_is_read_but_never_rewritten(reg: ModelRegistry, tmp_path: Path) -> None:
+    """Found by a review: a manifest of a later version was rewritten as version 1, without what that version added."""
+    _manifest_of_a_newer_bkg(reg, version=MANIFEST_VERSION + 1)
+    before = reg.manifest.read_bytes()
+    assert [m.id for m in ModelRegistry(reg.dir).list()] == ["a", "b"]  # read, defaults not added to it
+    refusals = (
+        lambda: reg.remove("b"),
+        lambda: reg.add(write_gguf(tmp_path / "fresh.gguf"), import_mode="copy"),
+        lambda: reg.check_new("fresh", "fresh.gguf"),
+    )
+    for refused in refusals:
+        with pytest.raises(SchemaTooNew) as exc:
+            refused()
+        assert exc.value.status == 409 and str(reg.manifest) in exc.value.message
+        assert (
+            f"version {MANIFEST_VERSION + 1}" in exc.value.message
+            and f"version {MANIFEST_VERSION}" in exc.value.message
+        )
+    assert reg.manifest.read_bytes() == before and not (reg.dir / "fresh.gguf").exists()
 
 
 def test_a_path_no_filesystem_could_hold_is_the_caller_s_422(reg: ModelRegistry) -> None:

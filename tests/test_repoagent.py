@@ -869,3 +869,67 @@ def test_a_damaged_document_cache_is_written_again(rgw: Gateway) -> None:
     again = job(rgw, "repo.document", {"workspace": "demo", "symbol": "slugify"})
     assert again["state"] == "done" and again["result"]["regenerated"] == 1, again
     assert "slugify" in json.loads(cache.read_text())
+
+
+def test_a_workspace_indexed_before_repoagent_noted_its_collection_is_indexed_after_an_upgrade(rgw: Gateway) -> None:
+    """Found by a review: bkg before 0f18f1e noted no `collection` in workspaces.json and wrote index.json as version
+    1; after an upgrade the index was unreadable, so repoagent took repo-<name> for someone else's: every repo.index
+    (full or not) was a 409, and a removed workspace left the collection behind, so adding it again was a 409 too.
+    An index in repoagent's own folder marks the collection as its own; one made by hand stays someone else's."""
+    c = rgw.client()
+    home = rgw.data_dir / "plugins" / "repoagent"
+    repo = rgw.data_dir.parent / "repos" / "legacy"
+    repo.mkdir()
+    (repo / "kept.py").write_text("def kept_across_versions():\n    return 1\n")
+    (repo / "dropped.py").write_text("def deleted_since_the_upgrade():\n    return 2\n")
+
+    def as_before_0f18f1e(index_text: str | None = None) -> None:
+        entries = json.loads((home / "workspaces.json").read_text())
+        for entry in entries:
+            if entry["name"] == "legacy":
+                entry.pop("collection")
+        (home / "workspaces.json").write_text(json.dumps(entries))
+        saved = home / "workspaces" / "legacy" / "index.json"
+        old = {**json.loads(saved.read_text()), "version": 1}
+        saved.write_text(index_text if index_text is not None else json.dumps(old))
+        worker = c.get("/api/plugins/repoagent/status").json()["pid"]
+        assert c.post("/api/plugins/repoagent/restart").status_code == 200  # it reads its files anew
+        wait_for(
+            lambda: (s := c.get("/api/plugins/repoagent/status").json())["state"] == "running" and s["pid"] != worker
+        )
+
+    def paths_in_collection() -> set[str]:
+        points = c.post("/api/collections/repo-legacy/points/scroll", json={"limit": 100}).json()["points"]
+        return {p["payload"]["path"] for p in points}
+
+    assert invoke(rgw, "repo.workspace", {"action": "add", "name": "legacy", "path": "legacy"}).status_code == 200
+    try:
+        assert job(rgw, "repo.index", {"workspace": "legacy"})["state"] == "done"
+        as_before_0f18f1e()
+        (repo / "dropped.py").unlink()
+        ran = job(rgw, "repo.index", {"workspace": "legacy"})
+        assert ran["state"] == "done" and ran["result"]["changed"] == ["kept.py"], ran
+        assert paths_in_collection() == {"kept.py"}, "the chunks of a file deleted meanwhile stayed"
+        described = invoke(rgw, "repo.workspace", {"action": "describe", "name": "legacy"}).json()
+        assert described["collection"] == "repo-legacy", "the collection is noted as repoagent's from now on"
+        as_before_0f18f1e(index_text='{"version": 1, "fil')  # cut short as well
+        full = job(rgw, "repo.index", {"workspace": "legacy", "full": True})
+        assert full["state"] == "done" and full["result"]["changed"] == ["kept.py"], full
+        as_before_0f18f1e()
+        assert invoke(rgw, "repo.workspace", {"action": "remove", "name": "legacy"}).status_code == 200
+        assert c.get("/api/collections/repo-legacy").status_code == 404, "the collection was left behind"
+        assert invoke(rgw, "repo.workspace", {"action": "add", "name": "legacy", "path": "legacy"}).status_code == 200
+        assert job(rgw, "repo.index", {"workspace": "legacy"})["state"] == "done"
+        assert paths_in_collection() == {"kept.py"}
+        # a collection made by hand under the name of a workspace that has no index yet is still its maker's
+        assert invoke(rgw, "repo.workspace", {"action": "remove", "name": "legacy"}).status_code == 200
+        assert invoke(rgw, "repo.workspace", {"action": "add", "name": "legacy", "path": "legacy"}).status_code == 200
+        assert c.post("/api/collections", json={"name": "repo-legacy", "dim": 2}).status_code == 201
+        refused = job(rgw, "repo.index", {"workspace": "legacy"})
+        assert refused["state"] == "failed" and "repoagent did not make it" in str(refused["error"]), refused
+        assert invoke(rgw, "repo.workspace", {"action": "remove", "name": "legacy"}).status_code == 200
+        assert c.get("/api/collections/repo-legacy").status_code == 200, "someone's own collection was dropped"
+    finally:
+        invoke(rgw, "repo.workspace", {"action": "remove", "name": "legacy"})
+        c.delete("/api/collections/repo-legacy")
+        shutil.rmtree(repo)

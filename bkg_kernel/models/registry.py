@@ -24,10 +24,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
 from bkg_kernel import statefiles
-from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidFile, InvalidInput, NotFound, expand_home
+from bkg_kernel.errors import (
+    AlreadyExists,
+    CorruptData,
+    InvalidFile,
+    InvalidInput,
+    NotFound,
+    SchemaTooNew,
+    expand_home,
+)
 from bkg_kernel.models import kinds
 from bkg_kernel.models.defaults import DEFAULTS, package_path
 
@@ -42,6 +50,7 @@ KINDS: tuple[str, ...] = (
     "classifier",
 )
 MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1  # the newest manifest this bkg writes; a newer one is read, never rewritten
 log = logging.getLogger("bkg.models")
 # a file system without hard links (exFAT, FAT, some network mounts), or a model dir on another mount than .partial/
 _NO_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
@@ -73,6 +82,19 @@ class ModelEntry(BaseModel):
     source: str = Field(description="`package:<dist>`, `path`, `import:copy`, `import:link` or a URL.")
     added: str
     meta: dict[str, Any] = Field(default_factory=dict)
+    # fields a newer bkg wrote: written back as they were, shown nowhere (not in the API, not in the JSON Schema)
+    _unknown: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @classmethod
+    def from_manifest(cls, data: Any) -> ModelEntry:
+        """Read one manifest entry, keeping the fields this bkg does not know so that a write does not drop them."""
+        entry = cls.model_validate(data)
+        entry._unknown = {k: v for k, v in data.items() if k not in cls.model_fields}
+        return entry
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The entry as the manifest holds it: its own fields, then those a newer bkg wrote."""
+        return {**self.model_dump(), **self._unknown}
 
 
 class ModelRegistry:
@@ -88,13 +110,13 @@ class ModelRegistry:
     def _read(self) -> dict[str, ModelEntry]:
         return self._entries()[0]
 
-    def _entries(self) -> tuple[dict[str, ModelEntry], builtins.list[Any]]:
-        """The entries, and what the manifest lists that is not an entry (left out with a warning, and written
-        back as it was: a write never drops it). A manifest that is not JSON is a `CorruptData`."""
+    def _entries(self) -> tuple[dict[str, ModelEntry], builtins.list[Any], Any]:
+        """The entries, what the manifest lists that is not an entry (left out with a warning, and written back as
+        it was: a write never drops it), and the manifest's version. A manifest that is not JSON is a `CorruptData`."""
         try:
             raw = json.loads(self.manifest.read_text())
         except FileNotFoundError:
-            return {}, []
+            return {}, [], MANIFEST_VERSION
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptData(f"{self.manifest} cannot be read: {exc}", field="manifest") from None
         listed = raw.get("models") if isinstance(raw, dict) else None
@@ -104,7 +126,7 @@ class ModelRegistry:
         unread: builtins.list[Any] = []
         for i, m in enumerate(listed):
             try:
-                entry = ModelEntry.model_validate(m)
+                entry = ModelEntry.from_manifest(m)
             except ValidationError as exc:
                 label = str(m.get("id"))[:80] if isinstance(m, dict) else type(m).__name__
                 log.warning("%s: entry %d (%s) is not a model (%s): left out", self.manifest, i, label,
@@ -112,7 +134,14 @@ class ModelRegistry:
                 unread.append(m)
                 continue
             models[entry.id] = entry
-        return models, unread
+        return models, unread, raw.get("version", MANIFEST_VERSION)
+
+    def _refuse_newer(self, version: Any) -> None:
+        """409 for a manifest a newer bkg wrote: rewriting it as this version's would lose what this bkg cannot read."""
+        if _newer(version):
+            raise SchemaTooNew(f"{self.manifest} is a manifest of version {version}, but this bkg writes version "
+                               f"{MANIFEST_VERSION}: upgrade bkg-kernel to change it (it can still be read)",
+                               field="manifest")  # fmt: skip
 
     def list(self, kind: str | None = None) -> list[ModelEntry]:
         """Return every registered model (of one kind)."""
@@ -150,10 +179,11 @@ class ModelRegistry:
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / ".manifest.lock", "a") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            models, unread = self._entries()
+            models, unread, version = self._entries()
+            self._refuse_newer(version)
             yield models
-            listed = [m.model_dump() for m in sorted(models.values(), key=lambda m: m.id)]
-            data = {"version": 1, "models": listed + unread}
+            listed = [m.to_manifest() for m in sorted(models.values(), key=lambda m: m.id)]
+            data = {"version": MANIFEST_VERSION, "models": listed + unread}
             statefiles.write(self.manifest, json.dumps(data, indent=2) + "\n")
 
     @contextlib.contextmanager
@@ -275,7 +305,9 @@ class ModelRegistry:
         """Return `model_id` if a new model may take it (and its file `file_name` may land in the model dir), else
         raise the caller's 422 / 409: asked before a download starts, not after it ends."""
         check_id(model_id, "id")
-        if model_id in self._read():
+        models, _, version = self._entries()
+        self._refuse_newer(version)  # before a download or a copy: it could not be registered
+        if model_id in models:
             raise AlreadyExists(f"model {model_id!r} is already registered", field="id")
         if file_name is not None and (self.dir / file_name).exists():
             raise AlreadyExists(f"{self.dir / file_name} already exists in the model dir", field="url")
@@ -306,7 +338,9 @@ class ModelRegistry:
 
     def ensure_defaults(self) -> builtins.list[str]:
         """Register each default model whose package is installed and whose id is free; return the new ids."""
-        have = self._read()
+        have, _, version = self._entries()
+        if _newer(version):  # a newer bkg's manifest: read, never added to
+            return []
         added = []
         for d in DEFAULTS:
             if d.id in have:
@@ -334,6 +368,10 @@ class ModelRegistry:
             [m.id, m.kind, f"{m.size / 2**20:,.1f} MB", m.license or "", m.source, m.sha256[:12]] for m in self.list()
         ]
         return html_table(["id", "kind", "size", "license", "source", "sha256"], rows)
+
+
+def _newer(version: Any) -> bool:
+    return isinstance(version, int) and version > MANIFEST_VERSION
 
 
 def slug(name: str) -> str:

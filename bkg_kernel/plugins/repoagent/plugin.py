@@ -254,6 +254,8 @@ class RepoAgent(Plugin):
             if name in self.workspaces:
                 raise AlreadyExists(f"workspace {name!r} already exists", field="name")
             ws.info = {"file_count": len(files)}
+            # an index that a removed workspace of this name left behind would claim repo-<name> for this one
+            shutil.rmtree(self._dir(ws), ignore_errors=True)
             self.workspaces[name] = ws
             self._save()
         return Result(**ws.to_dict())
@@ -515,9 +517,10 @@ class RepoAgent(Plugin):
             raise
 
     def _owns_collection(self, ws: Workspace) -> bool:
-        """Whether `repo-<name>` is the one repoagent made for this workspace (or indexed into before it noted so):
-        a collection of that name that someone else made is never dropped or filled by repoagent."""
-        return ws.info.get("collection") == self._collection(ws) or bool(self._index(ws, need=False).files)
+        """Whether `repo-<name>` is the one repoagent made for this workspace, or indexed into before it noted so (an
+        index saved in the workspace's own folder, even one an older bkg wrote or a crash cut short: bkg before
+        0f18f1e noted no collection): a collection of that name that someone else made is never dropped or filled."""
+        return ws.info.get("collection") == self._collection(ws) or (self._dir(ws) / "index.json").exists()
 
     def _ensure_collection(self, ws: Workspace) -> tuple[str, bool]:
         """Create `repo-<name>` when missing; return its embed model and whether it was made now (409 when a
@@ -589,9 +592,8 @@ class RepoAgent(Plugin):
             summary = idx.summary()
             with self.lock:
                 self.indexes[ws.name] = idx
-                ours = {"collection": ws.info["collection"]} if "collection" in ws.info else {}  # kept: it is ours
-                counts = {k: v for k, v in summary.items() if k != "parse_errors"}
-                ws.info = {"file_count": len(names), **ours, **counts}
+                counts = {k: v for k, v in summary.items() if k != "parse_errors"}  # the collection is ours: noted
+                ws.info = {"file_count": len(names), "collection": col, **counts}
                 self._save()
         took = time.perf_counter() - t0
         progress(1.0, f"indexed {len(changed)} changed files in {took:.1f} s")
