@@ -346,6 +346,7 @@ def _run_inline_stream(
     call: calls.Call,
     cancelled: threading.Event,
     sink: Callable[[tuple[Any, ...]], None],
+    done: Callable[[], None],
 ) -> None:
     try:
         with calls.running(call):
@@ -356,6 +357,43 @@ def _run_inline_stream(
         sink(("end", True, None))
     except Exception as exc:
         sink(("end", False, error_data(exc)))
+    finally:
+        done()
+
+
+class InlineWork:
+    """The work running on an inline plugin's instance, so that a stop lets it finish before the instance stops
+    (as a web server drains its requests): a restart for a new setting used to stop brainml under an index still
+    writing, whose statistics then overwrote the new instance's. Work is counted from when it is handed the
+    instance (`take`, which a stop's `release` excludes: nothing is handed an instance that is stopping) until it
+    ends (`done`)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self.plugin: Plugin | None = None
+        self.running = 0
+
+    def take(self) -> Plugin | None:
+        """The instance to run on (None: stopped or stopping), counted until `done`."""
+        with self._cv:
+            if self.plugin is not None:
+                self.running += 1
+            return self.plugin
+
+    def done(self) -> None:
+        with self._cv:
+            self.running -= 1
+            self._cv.notify_all()
+
+    def release(self, timeout: float) -> Plugin | None:
+        """Take the instance away from new work, then wait up to `timeout` seconds for the work on it to end;
+        return it (None: there was none)."""
+        with self._cv:
+            p, self.plugin = self.plugin, None
+            deadline = time.monotonic() + timeout
+            while self.running and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)
+        return p
 
 
 class PluginHost:
@@ -383,7 +421,7 @@ class PluginHost:
         self.reason: str | None = found.error
         self.logs = LogRing()
         self.telemetry = Telemetry()
-        self.plugin: Plugin | None = None
+        self._inline = InlineWork()  # `plugin`, with the work running on it
         self.worker: WorkerProcess | None = None
         self.restarts = 0
         self.want_running = False
@@ -437,6 +475,11 @@ class PluginHost:
     def _inline_store(self, op: str, args: dict[str, Any]) -> Any:
         return self.store_op(calls.for_store().caller, op, args)
 
+    @property
+    def plugin(self) -> Plugin | None:
+        """The inline plugin's instance while it runs (None: stopped, stopping, or a worker's plugin)."""
+        return self._inline.plugin
+
     def _set(self, state: str, reason: str | None = None) -> None:
         self.state, self.reason = state, reason
         self.emit("status", self.id, self.status())
@@ -482,7 +525,7 @@ class PluginHost:
         plugin.log.setLevel(logging.INFO)
         plugin.log.propagate = False
         plugin.start()
-        self.plugin = plugin
+        self._inline.plugin = plugin
 
     def _start_worker(self) -> None:
         w = WorkerProcess(self)
@@ -518,8 +561,8 @@ class PluginHost:
                     w, self.worker = self.worker, None
                     w.stop(timeout)
                     w.fail_in_flight(f"plugin {self.id} was stopped")
-                if self.plugin is not None:
-                    p, self.plugin = self.plugin, None
+                p = self._inline.release(timeout)  # the calls running on it end first (a while)
+                if p is not None:
                     p.stop()
             finally:
                 self.telemetry.started_at = None
@@ -670,8 +713,8 @@ class PluginHost:
         try:
             if worker is not None:
                 req_id = worker.open_stream(capability_id, data, caller, sink)
-            elif self.plugin is not None:
-                args = (self.plugin, capability_id, data, call, cancelled, sink)
+            elif (plugin := self._inline.take()) is not None:
+                args = (plugin, capability_id, data, call, cancelled, sink, self._inline.done)
                 threading.Thread(target=_run_inline_stream, args=args, daemon=True).start()
             else:
                 raise Unavailable(f"plugin {self.id!r} is {self.state}")
@@ -736,8 +779,13 @@ class PluginHost:
             with self._counted():
                 if worker is not None:
                     work = worker.submit(msg, caller)
-                elif self.plugin is not None:
-                    work = _INLINE_POOL.submit(contextvars.copy_context().run, inline, self.plugin)
+                elif (plugin := self._inline.take()) is not None:
+                    try:
+                        work = _INLINE_POOL.submit(contextvars.copy_context().run, inline, plugin)
+                    except BaseException:
+                        self._inline.done()
+                        raise
+                    work.add_done_callback(lambda _: self._inline.done())
                     if call is not None:  # threads the plugin started for it cannot act for the caller afterwards
                         work.add_done_callback(lambda _: call.end())
                 else:
@@ -778,7 +826,9 @@ class PluginHost:
         started = time.perf_counter()
         left = max(0.001, s.request_timeout - (started - asked))
         work: Future[Any] | None = None
-        worker, plugin = self.worker, self.plugin
+        worker = self.worker
+        plugin = self._inline.take() if worker is None else None
+        taken = plugin is not None  # counted on the instance until `done`
         call = calls.Call(caller)
         try:
             with self._counted():
@@ -802,12 +852,16 @@ class PluginHost:
                     result = contextvars.copy_context().run(run)
                 finally:
                     late = DEADLINES.disarm(armed)
+                    self._inline.done()
+                    taken = False
                     if owned:
                         bodyjson.release(data)
                 if late or time.perf_counter() - started > left:  # overran, whether or not the deadline fired yet
                     raise TimeoutError
                 return result
         finally:
+            if taken:  # taken, never run
+                self._inline.done()
             self._settle(slots, work, worker, call)
 
     @contextlib.contextmanager
