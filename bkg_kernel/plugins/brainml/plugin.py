@@ -258,6 +258,8 @@ class BrainML(Plugin):
             except CorruptData as exc:
                 statefiles.set_aside(self.state_path, exc.message)
         self.lock = threading.Lock()
+        # brainml runs inline: every call into it is a thread of the gateway process, so threading locks suffice
+        self.writers: dict[str, threading.Lock] = {}
         self.saved_at = 0.0
         self.classifiers: OrderedDict[tuple[str, str], Classifier] = OrderedDict()
 
@@ -279,6 +281,11 @@ class BrainML(Plugin):
     def stop(self) -> None:
         with self.lock:
             self._save()
+
+    def _writing(self, collection: str) -> threading.Lock:
+        """Return the lock of a collection's index writes (one per name: collections are few)."""
+        with self.lock:
+            return self.writers.setdefault(collection, threading.Lock())
 
     def _collection(self, name: str, create: bool) -> dict[str, Any]:
         try:
@@ -311,15 +318,29 @@ class BrainML(Plugin):
                 points.append({"id": f"{doc_id}#{n}", "text": doc.text[a:b], "payload": payload})
             stale.append({"$and": [{"doc_id": doc_id}, {"chunk": {"$gte": len(spans)}}]})
         info = self._collection(inp.collection, create=True)  # after chunking: a refused call makes none
-        ids = [str(d.id) for d in inp.documents if d.id is not None]
-        replaced = self.store.count_distinct(inp.collection, "doc_id", {"doc_id": {"$in": ids}}) if ids else 0
-        # New chunks first (same ids replace old ones), then the old document's surplus chunks: a failed embed
-        # leaves the previous version whole.
+        spec, dim = info["embed_model"], info["dim"]
+        # Every chunk embedded before anything is written: a failed embedding leaves the previous version whole,
+        # and a slow one holds up no other call's writes (the lock below).
         for a in range(0, len(points), INDEX_BATCH):
-            self.store.upsert(inp.collection, points[a : a + INDEX_BATCH])
-        if replaced:
-            for a in range(0, len(stale), 256):
-                self.store.delete(inp.collection, filter={"$or": stale[a : a + 256]})
+            batch = points[a : a + INDEX_BATCH]
+            vecs = self.store.embed(spec, [p["text"] for p in batch])
+            if vecs.shape[1] != dim:
+                raise InvalidInput(f"{spec} gives {vecs.shape[1]}-d vectors; collection {inp.collection!r} holds "
+                                   f"{dim}-d vectors", field="collection")  # fmt: skip
+            for p, v in zip(batch, vecs, strict=True):
+                p["vector"] = v
+        ids = [str(d.id) for d in inp.documents if d.id is not None]
+        # One writer per collection from the count to the delete. Interleaved, two calls re-indexing a document cut
+        # it short (V2 upserts, V1 upserts and deletes, V2 deletes V1's chunks past V2's last), or mixed versions (a
+        # count of no earlier version, taken before the other call's upsert, skipped the delete).
+        with self._writing(inp.collection):
+            replaced = self.store.count_distinct(inp.collection, "doc_id", {"doc_id": {"$in": ids}}) if ids else 0
+            # new chunks first (same ids replace old ones), then the old version's surplus chunks
+            for a in range(0, len(points), INDEX_BATCH):
+                self.store.upsert(inp.collection, points[a : a + INDEX_BATCH])
+            if replaced:
+                for a in range(0, len(stale), 256):
+                    self.store.delete(inp.collection, filter={"$or": stale[a : a + 256]})
         with self.lock:
             s = self.stats_data.setdefault(inp.collection, {"queries": 0, "query_ms_total": 0.0})
             s.update(last_index=time.time(), embed_model=info["embed_model"], dim=info["dim"])

@@ -5,6 +5,7 @@ their collections scopes apply)."""
 from __future__ import annotations
 
 import contextlib
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -17,6 +18,17 @@ from bkg_kernel.store import validate
 PREFIX = "faces-"
 # a collection name less the prefix's six characters (the request schemas state it)
 GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,57}$"
+
+# rustyface serves every call from one worker process (a thread each, up to max_concurrent): a lock per gallery
+# in that process keeps one gallery's writes apart.
+_WRITERS: dict[str, threading.Lock] = {}
+_WRITERS_GUARD = threading.Lock()
+
+
+def writing(collection: str) -> threading.Lock:
+    """Return the lock of a gallery's writes (one per collection name: galleries are few)."""
+    with _WRITERS_GUARD:
+        return _WRITERS.setdefault(collection, threading.Lock())
 
 
 class Galleries:
@@ -73,7 +85,7 @@ class Galleries:
         return {"gallery": gallery, "faces": info["count"], "subjects": subjects, "created_at": info["created_at"]}
 
     def delete(self, gallery: str) -> dict[str, Any]:
-        with self._gallery(gallery) as name:
+        with self._gallery(gallery) as name, writing(name):  # not under a rename: it would refill a gallery made again
             self.store.drop_collection(name)
         return {"gallery": gallery, "deleted": True}
 
@@ -97,19 +109,21 @@ class Galleries:
         return [{"subject": s, "faces": n} for s, n in sorted(counts.items(), key=lambda kv: str(kv[0]))]
 
     def rename(self, gallery: str, subject: str, new_name: str) -> dict[str, Any]:
-        pts = self._points(gallery, {"subject": subject}, True)
-        if not pts:
-            raise NotFound(f"gallery {gallery!r} has no subject {subject!r}", field="subject")
-        points = [
-            {"id": p["id"], "vector": p["vector"], "payload": {**(p["payload"] or {}), "subject": new_name}}
-            for p in pts
-        ]
-        with self._gallery(gallery) as name:
-            self.store.upsert(name, points)
+        # Read and written back under the gallery's lock: faces deleted in between came back under the new name.
+        with writing(self.collection(gallery)):
+            pts = self._points(gallery, {"subject": subject}, True)
+            if not pts:
+                raise NotFound(f"gallery {gallery!r} has no subject {subject!r}", field="subject")
+            points = [
+                {"id": p["id"], "vector": p["vector"], "payload": {**(p["payload"] or {}), "subject": new_name}}
+                for p in pts
+            ]
+            with self._gallery(gallery) as name:
+                self.store.upsert(name, points)
         return {"gallery": gallery, "subject": new_name, "faces": len(pts)}
 
     def delete_subject(self, gallery: str, subject: str) -> dict[str, Any]:
-        with self._gallery(gallery) as name:
+        with self._gallery(gallery) as name, writing(name):
             n = self.store.delete(name, filter={"subject": subject})
         if not n:
             raise NotFound(f"gallery {gallery!r} has no subject {subject!r}", field="subject")
@@ -119,7 +133,7 @@ class Galleries:
         points = [
             {"id": f"face-{uuid.uuid4().hex[:16]}", "vector": f["embedding"], "payload": f["payload"]} for f in faces
         ]
-        with self._gallery(gallery) as name:
+        with self._gallery(gallery) as name, writing(name):
             self.store.upsert(name, points)
         return [p["id"] for p in points]
 
