@@ -5,12 +5,15 @@ callee-first docs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +21,18 @@ import httpx
 import pytest
 from gateway_harness import Gateway, start_gateway, wait_for
 
-from bkg_kernel.client.transport import iter_sse
+from bkg_kernel.client.transport import iter_sse, raise_for_error
+from bkg_kernel.errors import Conflict, NotFound
 from bkg_kernel.plugins.repoagent.answers import verify
+from bkg_kernel.plugins.repoagent.plugin import RepoAgent
+from bkg_kernel.plugins.repoagent.schemas import (
+    DocumentRequest,
+    IndexRequest,
+    RepoSettings,
+    SymbolsRequest,
+    WorkspaceRequest,
+)
+from bkg_kernel.runtime.storehandle import StoreHandle
 
 FILES = {
     "pkg/__init__.py": '"""A tiny package."""\n',
@@ -933,3 +946,188 @@ def test_a_workspace_indexed_before_repoagent_noted_its_collection_is_indexed_af
         invoke(rgw, "repo.workspace", {"action": "remove", "name": "legacy"})
         c.delete("/api/collections/repo-legacy")
         shutil.rmtree(repo)
+
+
+# -- repoagent in this process, so that a test can hold one of its calls at a known point ------------------------------
+ANSWERS_IN = {"get": "points", "delete": "deleted", "embed": "embeddings"}  # the key of the HTTP answer that holds it
+
+
+def over_http(g: Gateway) -> Callable[[str, dict[str, Any]], Any]:
+    """The store handle's operations as the real gateway's HTTP API serves them, for a repoagent in this process (a
+    worker's go over its pipe to the same store)."""
+    c = g.client()
+
+    def send(op: str, a: dict[str, Any]) -> Any:
+        at = f"/api/collections/{a.get('name')}"
+        if op == "describe":
+            r = c.get(at)
+        elif op == "create_collection":
+            r = c.post("/api/collections", json={k: a[k] for k in ("name", "dim", "metric", "index", "embed_model")})
+        elif op == "drop_collection":
+            r = c.delete(at)
+        elif op == "upsert":
+            r = c.put(at + "/points", json={"points": a["points"]}, timeout=300)
+        elif op == "get":
+            r = c.post(at + "/points/get", json={"ids": a["ids"], "with_vectors": a["with_vectors"]})
+        elif op == "delete":
+            r = c.post(at + "/points/delete", json={"ids": a["ids"]})
+        elif op == "embed":
+            r = c.post("/api/embed", json={"model": a["model"], "input": a["texts"]}, timeout=300)
+        elif op == "chat":
+            r = c.post("/api/plugins/llmserver/invoke/llm.chat", json=a["body"], timeout=300)
+        else:
+            raise AssertionError(f"repoagent asked the store for {op!r}, which these tests do not serve")
+        raise_for_error(r)
+        if r.status_code == 204:
+            return None
+        return r.json()[ANSWERS_IN[op]] if op in ANSWERS_IN else r.json()
+
+    return send
+
+
+def local_agent(g: Gateway, data_dir: Path) -> RepoAgent:
+    """A started repoagent in this process on the real gateway's store, with its repo root in `data_dir`."""
+    roots = data_dir / "repos"
+    roots.mkdir(parents=True, exist_ok=True)
+    settings = RepoSettings(repo_roots=[str(roots)], doc_max_tokens=16)
+    models = g.data_dir.parent / "models"
+    plugin = RepoAgent.create(settings, data_dir, model_dir=models, store=StoreHandle(over_http(g)))
+    assert isinstance(plugin, RepoAgent)
+    plugin.start()
+    return plugin
+
+
+@pytest.fixture
+def local(rgw: Gateway, tmp_path: Path) -> Iterator[RepoAgent]:
+    """Its workspaces are named held-*: their collections are apart from the worker's, and go at the end."""
+    plugin = local_agent(rgw, tmp_path / "local")
+    yield plugin
+    for name in list(plugin.workspaces):
+        with contextlib.suppress(Exception):
+            plugin.workspace(WorkspaceRequest(action="remove", name=name))
+    c = rgw.client()
+    for col in c.get("/api/collections").json()["collections"]:
+        if col["name"].startswith("repo-held-"):  # what a run that went wrong made again
+            c.delete(f"/api/collections/{col['name']}")
+
+
+def quiet(fraction: float, message: str) -> None:
+    """A job's progress, which these tests do not watch."""
+
+
+def local_workspace(plugin: RepoAgent, name: str, files: dict[str, str], folder: str | None = None) -> Path:
+    repo = plugin.roots[0] / (folder or name)
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    plugin.workspace(WorkspaceRequest(action="add", name=name, path=folder or name))
+    return repo
+
+
+def test_a_reindex_never_changes_the_index_that_running_calls_read(
+    local: RepoAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: an incremental repo.index changed the cached index in place while other calls walked it
+    (symbols, map, ask, describe, document): a dict changed size under them, and a file it dropped vanished under a
+    running repo.document (a KeyError, a 500). Here repo.document waits at its LLM call while its file is deleted
+    and the workspace indexed again: it ends from the index it began with; the calls after it see the new one."""
+    repo = local_workspace(local, "held-doc", {
+        "pkg/gone.py": "def soon_gone(x):\n    return x + 1\n", "pkg/stays.py": "def stays():\n    return 1\n",
+    })  # fmt: skip
+    local.index(IndexRequest(workspace="held-doc"), quiet)
+    asked, go_on = threading.Event(), threading.Event()
+    chat = RepoAgent._chat
+
+    def held_chat(self: RepoAgent, messages: list[dict[str, str]], max_tokens: int, route: str) -> dict[str, Any]:
+        asked.set()
+        assert go_on.wait(60)
+        return chat(self, messages, max_tokens, route)
+
+    monkeypatch.setattr(RepoAgent, "_chat", held_chat)
+    with ThreadPoolExecutor(1) as pool:
+        doc = pool.submit(local.document, DocumentRequest(workspace="held-doc", symbol="soon_gone"), quiet)
+        try:
+            assert asked.wait(60)
+            (repo / "pkg" / "gone.py").unlink()
+            again = local.index(IndexRequest(workspace="held-doc"), quiet).model_dump()
+        finally:
+            go_on.set()
+        documented = doc.result(120).model_dump()
+    assert again["removed"] == ["pkg/gone.py"], again
+    assert documented["path"] == "pkg/gone.py" and "soon_gone" in documented["markdown"], documented
+    assert local.symbols(SymbolsRequest(workspace="held-doc", query="soon_gone")).model_dump()["total"] == 0
+    kept = local.symbols(SymbolsRequest(workspace="held-doc", query="stays")).model_dump()["symbols"]
+    assert {s["path"] for s in kept} == {"pkg/stays.py"}, kept
+
+
+def test_a_workspace_is_not_removed_under_its_index_run(
+    rgw: Gateway, local: RepoAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: remove took no part in the index run's lock. Dropped while a run listed the files, the
+    collection was made again and filled by the run, which saved its index too: adding the name back was a 409
+    until someone dropped repo-<name> by hand (dropped after the last upsert, the old folder's index answered for a
+    workspace added under the name). A remove during a run is a 409 now; once the run ends it goes, wholly."""
+    local_workspace(local, "held-rm", {"old.py": "def from_the_old_folder():\n    return 1\n"})
+    reached, go_on = threading.Event(), threading.Event()
+    ensure = RepoAgent._ensure_collection
+
+    def held_ensure(self: RepoAgent, ws: Any) -> tuple[str, bool]:  # the files are listed; the collection is next
+        reached.set()
+        assert go_on.wait(60)
+        return ensure(self, ws)
+
+    monkeypatch.setattr(RepoAgent, "_ensure_collection", held_ensure)
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(local.index, IndexRequest(workspace="held-rm"), quiet)
+        try:
+            assert reached.wait(60)
+            with pytest.raises(Conflict, match="being indexed"):
+                local.workspace(WorkspaceRequest(action="remove", name="held-rm"))
+        finally:
+            go_on.set()
+        assert run.result(120).model_dump()["files"] == 1
+    local.workspace(WorkspaceRequest(action="remove", name="held-rm"))
+    assert rgw.client().get("/api/collections/repo-held-rm").status_code == 404
+    local_workspace(local, "held-rm", {"new.py": "def from_the_new_folder():\n    return 2\n"}, folder="held-rm-2")
+    with pytest.raises(NotFound, match="not indexed yet"):
+        local.symbols(SymbolsRequest(workspace="held-rm", query="from_the"))
+    local.index(IndexRequest(workspace="held-rm"), quiet)
+    found = local.symbols(SymbolsRequest(workspace="held-rm", query="from_the")).model_dump()["symbols"]
+    assert [s["path"] for s in found] == ["new.py"], found
+
+
+def test_a_removed_workspace_s_state_goes_without_the_next_one_s(
+    rgw: Gateway, local: RepoAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: remove deleted the workspace's folder of state after letting go of its lock, so a
+    workspace added and indexed under the name meanwhile lost its index.json (or the run its temp file, and failed
+    with a 500). The folder is renamed away under the lock and deleted from there; what a crash left is swept at
+    start."""
+    local_workspace(local, "held-dir", {"a.py": "def first_life():\n    return 1\n"})
+    local.index(IndexRequest(workspace="held-dir"), quiet)
+    deleting, go_on = threading.Event(), threading.Event()
+    rmtree = shutil.rmtree
+
+    def held_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        if threading.current_thread().name.startswith("remover"):
+            deleting.set()
+            assert go_on.wait(60)
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", held_rmtree)
+    saved = local.home / "workspaces" / "held-dir" / "index.json"
+    with ThreadPoolExecutor(1, thread_name_prefix="remover") as pool:
+        removal = pool.submit(local.workspace, WorkspaceRequest(action="remove", name="held-dir"))
+        try:
+            assert deleting.wait(60)
+            local.workspace(WorkspaceRequest(action="add", name="held-dir", path="held-dir"))
+            assert local.index(IndexRequest(workspace="held-dir"), quiet).model_dump()["files"] == 1
+        finally:
+            go_on.set()
+        assert removal.result(60).model_dump()["removed"] == "held-dir"
+    assert saved.exists(), "the removal deleted the index of the workspace added after it"
+    left = local.home / "workspaces" / ".removed-0f1e2d" / "docs" / "a.py.md"
+    left.parent.mkdir(parents=True)
+    left.write_text("left by a removal that was cut short")
+    local_agent(rgw, tmp_path / "local")  # started on the same folder, as after a crash
+    assert not left.parent.parent.exists() and saved.exists()

@@ -64,6 +64,10 @@ class CodeIndex:
             log.warning("%s: the next repo.index of this workspace indexes every file again", why)
             return cls(lost=True)
 
+    def copy(self) -> CodeIndex:
+        """A copy for `update` to change while calls read this one (it replaces a file's entry, never edits it)."""
+        return CodeIndex(files=dict(self.files), indexed_at=self.indexed_at)
+
     def save(self, path: Path) -> None:
         """Write it, whole or not at all."""
         statefiles.write(
@@ -161,7 +165,8 @@ def update(
     max_file_bytes: int,
     progress: Callable[[float, str], None],
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]], list[str]]:
-    """Bring `index` up to date with the files `names` under `root`.
+    """Bring `index` up to date with the files `names` under `root`: its `files` change, the entries in it do not
+    (give it a `copy` of an index that calls may be reading).
 
     Returns the new chunks of each changed file, the chunks each changed or removed file had before (to
     reuse unchanged chunks' vectors and delete surplus points) and the removed files.
@@ -195,8 +200,8 @@ def update(
         if is_binary(data):
             continue
         sha = hashlib.sha1(data).hexdigest()
-        if old is not None and old["sha"] == sha:
-            old.update(mtime_ns=st.st_mtime_ns, size=st.st_size)
+        if old is not None and old["sha"] == sha:  # a new entry: the old one may be shared with a published index
+            index.files[rel] = {**old, "mtime_ns": st.st_mtime_ns, "size": st.st_size}
             continue
         source = data.decode("utf-8", errors="replace")
         parsed = parse(rel, source)

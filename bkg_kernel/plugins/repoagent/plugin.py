@@ -20,14 +20,14 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import uuid
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
 
 from bkg_kernel import statefiles
-from bkg_kernel.errors import AlreadyExists, CorruptData, Forbidden, InvalidInput, NotFound, expand_home
+from bkg_kernel.errors import AlreadyExists, Conflict, CorruptData, Forbidden, InvalidInput, NotFound, expand_home
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.repoagent import answers, codeindex, gitops, repomap, sandbox
 from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, point_id
@@ -66,6 +66,7 @@ from bkg_kernel.runtime.storehandle import StoreHandle
 MAX_LINE_CHARS = 2000  # search reads at most this much of one line
 SEARCH_TIMEOUT_S = 10.0  # matching time one repo.search may take, all files together
 MAX_DEPTH = 64  # folders deep a written file may be (pathlib walks deeper paths by recursion)
+REMOVED = ".removed-"  # a removed workspace's folder of state, renamed to be deleted (no workspace name starts with .)
 
 
 MAX_REPEATS = 100_000  # counted repeats nested in a search pattern, multiplied: (?:a{1000}){1000} took GBs to compile
@@ -150,6 +151,8 @@ class RepoAgent(Plugin):
                 statefiles.sweep(self._dir(ws) / "index.json")  # left by a run that was killed (none runs yet)
                 for old in self._dir(ws).glob("index.*.tmp"):  # the same, named the way older versions named them
                     old.unlink(missing_ok=True)
+        for left in (self.home / "workspaces").glob(f"{REMOVED}*"):  # set aside by a remove that was cut short
+            shutil.rmtree(left, ignore_errors=True)
         self.roots = [Path(r).expanduser().resolve() for r in self.settings.repo_roots] or [
             (self.context.data_dir / "repos").resolve()
         ]
@@ -183,10 +186,14 @@ class RepoAgent(Plugin):
         return self.home / "workspaces" / ws.name
 
     def _index(self, ws: Workspace, need: bool = True) -> CodeIndex:
+        """The workspace's published index: never changed once published (`index` builds the next one on a copy),
+        so calls read it without a lock."""
         with self.lock:
-            if ws.name not in self.indexes:
-                self.indexes[ws.name] = CodeIndex.load(self._dir(ws) / "index.json")
-            idx = self.indexes[ws.name]
+            idx = self.indexes.get(ws.name)
+            if idx is None:
+                idx = CodeIndex.load(self._dir(ws) / "index.json")
+                if self.workspaces.get(ws.name) is ws:  # one removed meanwhile leaves no index to its name's next owner
+                    self.indexes[ws.name] = idx
         if need and not idx.files:
             raise NotFound(f"workspace {ws.name!r} is not indexed yet (run repo.index)", field="workspace")
         return idx
@@ -196,6 +203,20 @@ class RepoAgent(Plugin):
 
     def _collection(self, ws: Workspace) -> str:
         return f"repo-{ws.name}"
+
+    def _set_aside(self, ws: Workspace) -> Path | None:
+        """Rename the workspace's folder of state out of its name (under `self.lock`), for the caller to delete once
+        it has let go of the lock: deleted in place, it could take the index of a workspace added under that name
+        meanwhile. None when there is no folder."""
+        aside = self._dir(ws).with_name(f"{REMOVED}{uuid.uuid4().hex}")
+        try:
+            self._dir(ws).rename(aside)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # left in place: the next add of the name tries again
+            self.log.warning("cannot set aside %s: %s", self._dir(ws), exc)
+            return None
+        return aside
 
     def _chat(self, messages: list[dict[str, str]], max_tokens: int, route: str) -> dict[str, Any]:
         body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
@@ -220,14 +241,30 @@ class RepoAgent(Plugin):
             raise NotFound(f"workspace {inp.name!r} does not exist", field="name")
         if inp.action == "describe":
             return Result(**ws.to_dict(), index=self._index(ws, need=False).summary())
-        if self._owns_collection(ws):
-            with contextlib.suppress(NotFound):
-                self.store.drop_collection(self._collection(ws))
-        with self.lock:
-            self.workspaces.pop(ws.name, None)
-            self.indexes.pop(ws.name, None)
-            self._save()
-        shutil.rmtree(self._dir(ws), ignore_errors=True)
+        return self._remove(ws)
+
+    def _remove(self, ws: Workspace) -> Result:
+        """Drop the workspace's collection and state; its files stay. 409 while a repo.index or repo.commit holds
+        it: an index run would make the collection again after the drop and save its index for a name now free."""
+        lock = self._index_lock(ws)
+        if not lock.acquire(blocking=False):
+            raise Conflict(f"workspace {ws.name!r} is being indexed (or committed): remove it when that ends (a "
+                           "repo.index job can be cancelled)", field="name")  # fmt: skip
+        try:
+            if self.workspaces.get(ws.name) is not ws:  # removed by a call that held the lock before this one
+                raise NotFound(f"workspace {ws.name!r} does not exist", field="name")
+            if self._owns_collection(ws):
+                with contextlib.suppress(NotFound):
+                    self.store.drop_collection(self._collection(ws))
+            with self.lock:
+                self.workspaces.pop(ws.name, None)
+                self.indexes.pop(ws.name, None)
+                self._save()
+                aside = self._set_aside(ws)
+        finally:
+            lock.release()
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         return Result(removed=ws.name, path=str(ws.path), files_kept=True)
 
     def _add(self, name: str, path: str) -> Result:
@@ -255,9 +292,12 @@ class RepoAgent(Plugin):
                 raise AlreadyExists(f"workspace {name!r} already exists", field="name")
             ws.info = {"file_count": len(files)}
             # an index that a removed workspace of this name left behind would claim repo-<name> for this one
-            shutil.rmtree(self._dir(ws), ignore_errors=True)
+            aside = self._set_aside(ws)
+            self.indexes.pop(name, None)
             self.workspaces[name] = ws
             self._save()
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         return Result(**ws.to_dict())
 
     @capability("repo.tree", scope="repo:use")
@@ -503,19 +543,6 @@ class RepoAgent(Plugin):
         with self.lock:
             return self.index_locks.setdefault(name, threading.Lock())
 
-    @contextlib.contextmanager
-    def _forgotten_on_failure(self, ws: Workspace) -> Iterator[None]:
-        """A repo.index run that fails leaves only the index it last saved: `codeindex.update` changes the cached
-        index in place (new shas of files whose chunks may never have been stored), so the cache is forgotten and the
-        next run starts from what was saved (from nothing once the collection was made anew: `index` deletes the
-        saved index then, and a run that dropped the collection and failed before making it finds it missing)."""
-        try:
-            yield
-        except BaseException:
-            with self.lock:
-                self.indexes.pop(ws.name, None)
-            raise
-
     def _owns_collection(self, ws: Workspace) -> bool:
         """Whether `repo-<name>` is the one repoagent made for this workspace, or indexed into before it noted so (an
         index saved in the workspace's own folder, even one an older bkg wrote or a crash cut short: bkg before
@@ -548,21 +575,27 @@ class RepoAgent(Plugin):
         """Parse changed files (ast / tree-sitter), embed their symbol chunks into repo-<name>; drop removed ones."""
         ws = self._ws(inp.workspace)
         t0 = time.perf_counter()
-        with self._index_lock(ws), self._forgotten_on_failure(ws):
-            lost = self._index(ws, need=False).lost  # its saved index could not be read: what to delete is unknown
-            if (inp.full or lost) and self._owns_collection(ws):  # start over: a fresh index would not know either
-                with contextlib.suppress(NotFound):
+        with self._index_lock(ws):  # which `_remove` takes too: the workspace stays while this runs
+            if self.workspaces.get(ws.name) is not ws:
+                raise NotFound(f"workspace {ws.name!r} was removed before this run began", field="workspace")
+            # the run builds on a copy and publishes it once stored: calls meanwhile read the last one whole, and a run
+            # that fails leaves the cache as it was saved
+            current = self._index(ws, need=False)
+            if (inp.full or current.lost) and self._owns_collection(ws):  # lost: what to delete is unknown; a fresh
+                with contextlib.suppress(NotFound):  # index would not know either, so it starts over
                     self.store.drop_collection(self._collection(ws))
                 idx = CodeIndex()
             else:
-                idx = self._index(ws, need=False)
+                idx = current.copy()
             progress(0.0, f"listing the files of {ws.name}")
             unnamed: list[str] = []
             names = self._files(ws, unnamed)
             embed_model, made = self._ensure_collection(ws)
-            if made:  # someone dropped the collection: every file goes in again, not only the changed ones (and
-                idx = CodeIndex()  # the saved index goes now: a run that fails after this starts the next from scratch)
-                (self._dir(ws) / "index.json").unlink(missing_ok=True)
+            if made:  # someone dropped the collection: every file goes in again, not only the changed ones; the saved
+                idx = CodeIndex()  # and cached indexes go now, so a run that fails after this starts the next afresh
+                with self.lock:
+                    (self._dir(ws) / "index.json").unlink(missing_ok=True)
+                    self.indexes.pop(ws.name, None)
             t_parse = time.perf_counter()
             changed, before, removed = codeindex.update(ws.path, names, idx, self.settings.max_file_bytes, progress)
             timings = {"list_s": t_parse - t0, "parse_s": time.perf_counter() - t_parse, "embed_s": 0.0, "store_s": 0.0}
@@ -588,6 +621,9 @@ class RepoAgent(Plugin):
             for a in range(0, len(stale), 1000):
                 self.store.delete(col, stale[a : a + 1000])
             idx.indexed_at = time.time()
+            # never true while `_remove` needs the lock held here; were it, nothing would be saved for a freed name
+            if self.workspaces.get(ws.name) is not ws:
+                raise NotFound(f"workspace {ws.name!r} was removed while it was indexed", field="workspace")
             idx.save(self._dir(ws) / "index.json")
             summary = idx.summary()
             with self.lock:

@@ -70,7 +70,7 @@ class Ignore:
     def __init__(self, patterns: list[str]) -> None:
         import pathspec
 
-        self.spec = pathspec.PathSpec.from_lines("gitwildmatch", patterns)
+        self.spec = pathspec.GitIgnoreSpec.from_lines(patterns)  # as git reads them, as for each .gitignore
         self.pathspec = pathspec
 
     def skip(self, rel: str, is_dir: bool = False) -> bool:
