@@ -1,0 +1,315 @@
+"""A plugin's worker process, seen from the gateway: its pipe, the threads that read and write it, and the requests
+in flight on it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from bkg_kernel.auth.principal import Principal
+from bkg_kernel.errors import ClientGone, Unauthorized, Unavailable, error_data, from_dict
+from bkg_kernel.runtime import pipe, worker
+
+if TYPE_CHECKING:
+    from bkg_kernel.runtime.host import PluginHost
+
+log = logging.getLogger("bkg.supervisor")
+# Serves workers' store requests (a store call may wait on another plugin, e.g. an embedding in candle): never
+# on a pipe reader thread, which must keep delivering results.
+_STORE_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="bkg-store")
+# Every worker is started by this one thread, which lives as long as the gateway process. A worker asks the kernel to
+# kill it when the thread that started it ends (PR_SET_PDEATHSIG): so when the gateway dies, however it dies, its
+# workers go too, even one whose threads are stuck holding its GIL (the signal's default action needs no Python).
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bkg-spawn")
+
+
+class _Request(Future[Any]):
+    """A request sent to a worker: the future of its answer, its id, and the grant it carries (None: no caller)."""
+
+    grant: str | None = None
+    req_id: int = 0
+
+
+class WorkerProcess:
+    """A spawned worker and the thread that reads its pipe."""
+
+    def __init__(self, host: PluginHost) -> None:
+        assert host.cls is not None
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=worker.main,
+            args=(
+                child,
+                host.cls.__module__,
+                host.cls.__name__,
+                host.settings.model_dump(),
+                str(host.data_dir),
+                str(host.model_dir),
+                os.getpid(),
+            ),
+            name=f"bkg-plugin-{host.id}",
+            daemon=True,
+        )
+        self.host = host
+        self.ready = threading.Event()
+        self.failed: str | None = None
+        self.pid: int | None = None
+        self.last_beat = time.monotonic()
+        self.futures: dict[int, Future[Any]] = {}
+        self.streams: dict[int, Callable[[tuple[Any, ...]], None]] = {}
+        # grant -> caller, for the requests in flight: a store request from the worker acts as that caller
+        self.grants: dict[str, Principal] = {}
+        self._ids = itertools.count(1)
+        # Messages to the worker, pickled by the sender and written by one thread in order: the event loop never
+        # writes to the pipe itself (a worker that stops reading, or a message bigger than the pipe's buffer,
+        # would block it until the worker reads again, and stop() could not kill it meanwhile).
+        self._outbox: queue.SimpleQueue[list[bytes | memoryview] | None] = queue.SimpleQueue()
+        self._broken = False
+        _SPAWNER.submit(self.proc.start).result()
+        child.close()
+        threading.Thread(target=self._read, name=f"bkg-pipe-{host.id}", daemon=True).start()
+        threading.Thread(target=self._write, name=f"bkg-pipe-out-{host.id}", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = msg[0]
+            if kind == "chunk":
+                sink = self.streams.get(msg[1])
+                if sink is not None:
+                    sink(("chunk", msg[2]))
+            elif kind == "result":
+                sink = self.streams.pop(msg[1], None)  # one pop: a cancel may race this reader
+                if sink is not None:
+                    sink(("end", msg[2], msg[3]))
+                    continue
+                fut = self.futures.pop(msg[1], None)
+                if fut is not None and not fut.done():
+                    if msg[2]:
+                        fut.set_result(msg[3])
+                    else:
+                        fut.set_exception(from_dict(msg[3]))
+            elif kind == "store":
+                self._store_request(msg[1], msg[2], msg[3], msg[4])
+            elif kind == "heartbeat":
+                self.last_beat = time.monotonic()
+            elif kind == "log":
+                self.host.add_log(msg[1], msg[2], msg[3])
+            elif kind == "ready":
+                self.pid = msg[1]
+                self.last_beat = time.monotonic()
+                self.ready.set()
+            elif kind == "failed":
+                self.failed = msg[1]
+                self.ready.set()
+        self.ready.set()
+        self.fail_in_flight(f"the {self.host.id} worker exited while handling the request")
+
+    def _store_request(self, store_id: int, grant: str, op: str, args: dict[str, Any]) -> None:
+        caller = self.grants.get(grant)
+        if caller is None:
+            err = Unauthorized(f"the {self.host.id} worker sent a store request for a call that is no longer running")
+            self._send(("store_result", store_id, False, err.to_dict()["error"]))
+            return
+        _STORE_POOL.submit(self._serve_store, store_id, caller, op, args)
+
+    def _serve_store(self, store_id: int, caller: Principal, op: str, args: dict[str, Any]) -> None:
+        try:
+            reply: tuple[Any, ...] = ("store_result", store_id, True, self.host.store_op(caller, op, args))
+        except Exception as exc:
+            reply = ("store_result", store_id, False, error_data(exc))
+        self._send(reply)
+
+    def _send(self, msg: tuple[Any, ...]) -> bool:
+        """Queue a message for the worker (False once the pipe is known broken: the worker is gone)."""
+        if self._broken:
+            return False
+        self._outbox.put(pipe.frames(msg))  # pickled here: errors are the caller's; a big body's bytes out of band
+        return True
+
+    def _write(self) -> None:
+        while (data := self._outbox.get()) is not None:
+            try:
+                for frame in data:  # one writer: a message's frames go out together, in order
+                    self.conn.send_bytes(frame)
+            except (OSError, ValueError):  # the worker is gone: what waits on it gets its 503 now, not a timeout
+                self._broken = True
+                self.fail_in_flight(f"the {self.host.id} worker is not reachable")
+                return
+
+    def grant(self, caller: Principal) -> dict[str, Any]:
+        """Make a grant for one request of `caller`; the message data that carries it into the worker."""
+        token = secrets.token_urlsafe(18)
+        self.grants[token] = caller
+        return {"caller": caller.to_dict(), "grant": token}
+
+    def fail_in_flight(self, message: str) -> None:
+        """Answer every request still waiting on this worker with a 503 (streams get it as their last event)."""
+        for req_id in list(self.streams):
+            sink = self.streams.pop(req_id, None)
+            if sink is not None:
+                sink(("end", False, Unavailable(message).to_dict()["error"]))
+        for req_id in list(self.futures):
+            fut = self.futures.pop(req_id, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(Unavailable(message))
+        self.grants.clear()
+
+    def submit(self, msg: tuple[Any, ...], caller: Principal | None = None) -> Future[Any]:
+        """Send a request (as `caller`); the future resolves when the worker answers (or dies). The request's
+        grant ends with it."""
+        fut = _Request()
+        req_id = next(self._ids)
+        fut.req_id = req_id
+        self.futures[req_id] = fut
+        if caller is not None:
+            call = self.grant(caller)
+            fut.grant = call["grant"]
+            fut.add_done_callback(lambda _: self.end_grant(fut))
+            msg = (*msg, call)
+        if not self._send((msg[0], req_id, *msg[1:])):
+            self.futures.pop(req_id, None)
+            fut.set_exception(Unavailable(f"the {self.host.id} worker is not reachable"))
+        return fut
+
+    def end_grant(self, fut: Future[Any]) -> None:
+        """End the grant of a request: when it is answered, or when its caller stopped waiting (it timed out; its
+        work may run on, but can no longer act in the store as that caller)."""
+        grant = getattr(fut, "grant", None)
+        if grant is not None:
+            self.grants.pop(grant, None)
+
+    def abandon(self, fut: Future[Any]) -> None:
+        """Nobody waits for a request's answer any more (its caller timed out or went away): end its grant, and tell
+        the worker, whose call's `stop` is set then (work that looks at it, a generation, ends early)."""
+        self.end_grant(fut)
+        req_id = getattr(fut, "req_id", 0)
+        if req_id and not fut.done():
+            self._send(("cancel", req_id))
+
+    def open_stream(
+        self, capability_id: str, data: Any, caller: Principal, sink: Callable[[tuple[Any, ...]], None]
+    ) -> int:
+        """Start a streaming request as `caller`; `sink` gets ("chunk", data)... then ("end", ok, data). The
+        request's grant ends with the stream (its end, its cancel, or the worker's exit)."""
+        req_id = next(self._ids)
+        call = self.grant(caller)
+
+        def ending(item: tuple[Any, ...]) -> None:
+            if item[0] != "chunk":
+                self.grants.pop(call["grant"], None)
+            if item[0] != "cancelled":
+                sink(item)
+
+        self.streams[req_id] = ending
+        if not self._send(("stream", req_id, capability_id, data, call)):
+            self.streams.pop(req_id, None)
+            ending(("end", False, Unavailable(f"the {self.host.id} worker is not reachable").to_dict()["error"]))
+        return req_id
+
+    def cancel(self, req_id: int) -> None:
+        """Tell the worker to stop a stream now (its client went away); its slot frees at once."""
+        sink = self.streams.pop(req_id, None)
+        if sink is not None:
+            sink(("cancelled",))  # ends its grant
+        self._send(("cancel", req_id))
+
+    def alive(self) -> bool:
+        """Return whether the process is still running."""
+        try:
+            return self.proc.is_alive()
+        except ValueError:  # its handle was closed: it was stopped
+            return False
+
+    def exitcode(self) -> int | None:
+        """The process's exit code (None while it runs, or once its handle was closed)."""
+        try:
+            return self.proc.exitcode
+        except ValueError:
+            return None
+
+    def kill(self) -> None:
+        """Kill the worker at once (one still starting: nothing of it is worth a graceful stop); its pipe's reader
+        then ends, and whoever waits for it to be ready stops waiting."""
+        with contextlib.suppress(ValueError, OSError):  # closed, or gone already
+            self.proc.kill()
+
+    def stop(self, timeout: float) -> None:
+        """Ask the worker to stop; kill it if it has not exited within `timeout` seconds. A request sent from now on
+        gets its 503 at once (it would wait behind the writer's end for its whole timeout)."""
+        self._send(("stop",))
+        self._broken = True
+        self._outbox.put(None)  # the writer ends after it
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            log.warning("worker %s did not stop in %.0fs: killing it", self.host.id, timeout)
+            self.proc.kill()
+            self.proc.join(5)
+        self.conn.close()
+        with contextlib.suppress(ValueError):  # still running after the kill: its handle stays
+            self.proc.close()
+        self.fail_in_flight(f"the {self.host.id} worker stopped")  # what slipped in while it stopped
+
+
+WATCH_S = 0.25  # how often a call port's thread, waiting on a worker, looks whether its client left
+
+
+def _result_while(work: Future[Any], timeout: float, gone: Callable[[], bool] | None) -> Any:
+    """`work`'s result within `timeout` (else TimeoutError), given up (`ClientGone`) once `gone()` says nobody
+    waits for it any more."""
+    if gone is None:
+        return work.result(timeout)
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return work.result(min(WATCH_S, max(0.0, end - time.monotonic())))
+        except TimeoutError:
+            if work.done():  # the work's own TimeoutError, not the wait's
+                raise
+            if time.monotonic() >= end:
+                raise
+            if gone():
+                raise ClientGone("the client went away before its answer was ready") from None
+
+
+async def _answer(work: Future[Any], timeout: float) -> Any:
+    """The result of `work` (a worker's or an inline thread's future), awaited on the event loop for at most
+    `timeout` seconds (then TimeoutError). The work itself is not cancelled here: the caller's `_settle` ends its
+    call (work that looks at the call's `stop` ends early; other work runs on), and its slot frees when it really
+    ends. One hand-over to the loop per answer (`wait_for(shield(wrap_future()))`
+    chains three futures for the same)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[Any] = loop.create_future()
+
+    def deliver(done: Future[Any]) -> None:
+        if waiter.done():  # the caller timed out or went away
+            return
+        if done.cancelled():
+            waiter.cancel()
+        elif (exc := done.exception()) is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(done.result())
+
+    def wake(done: Future[Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed (shutdown): nobody waits any more
+            loop.call_soon_threadsafe(deliver, done)
+
+    work.add_done_callback(wake)
+    async with asyncio.timeout(timeout):
+        return await waiter
