@@ -1,0 +1,251 @@
+"""API keys: created, listed, rotated and revoked (with every key derived from them), looked up while they work,
+rate-limited, and their last use written now and then."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime
+from typing import Any
+
+from bkg_kernel.auth import keys as ks
+from bkg_kernel.auth.base import AuthBase
+from bkg_kernel.auth.principal import SCOPES, Principal
+from bkg_kernel.auth.records import HUB_SUFFIX, RUN_KEY_PREFIX, KeyRecord, _now
+from bkg_kernel.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, TooManyRequests
+
+
+class ApiKeys(AuthBase):
+    """API keys and their rate limits and last-used times."""
+
+    # -- keys -------------------------------------------------------------------------------------
+    def create_key(
+        self,
+        user_id: str,
+        name: str,
+        scopes: list[str] | None = None,
+        expires_at: datetime | None = None,
+        rate_limit_per_min: int | None = None,
+        actor: str | None = None,
+        token: str | None = None,
+        by: Principal | None = None,
+        parent: str | None = None,
+    ) -> tuple[dict[str, Any], str]:
+        """Create a key for a user; return (its public record, the token, shown this once).
+
+        A key made with a key for that key's own user (or a notebook run's key, whose `parent` is the key that
+        started the run) derives from it: it expires no later, is rate-limited no more loosely, and is revoked
+        with it. A key made for someone else is theirs: it stands alone.
+
+        Without `scopes` the key follows its owner's role when its maker could give that user any role: the owner
+        themselves through a credential that follows it too (a login, a key following the role: a fixed key makes
+        fixed keys), a maker holding every scope, or the gateway. A key for someone
+        else acts as them, so its maker must hold every scope of their role (as for managing them); it holds the
+        role's scopes of today, fixed: it would otherwise gain whatever the owner's role gains later, which its
+        maker may not hold. Explicit scopes must be the owner's and `by`'s."""
+        actor = by.username if by else actor
+        u = self.user(user_id)
+        if u["username"].endswith(HUB_SUFFIX) and (by is not None or not str(name).startswith(RUN_KEY_PREFIX)):
+            # their rights follow the Hub on every request; a bkg key would keep today's role after the Hub changes it
+            raise Forbidden(f"{u['username']!r} is a JupyterHub user: they use their Hub token, not bkg keys",
+                            field="user_id")  # fmt: skip
+        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+            raise InvalidInput("key name must be 1 to 100 characters", field="name")
+        self._may_act_as(by, u, "a key for another user", "user_id")
+        allowed = self.roles[u["role"]]
+        follows = scopes is None and (
+            by is None
+            or set(SCOPES) <= by.scopes
+            or (by.user_id == u["id"] and set(allowed) <= by.scopes and self._follows(by))
+        )  # a fixed key makes fixed keys: following the role, its key would gain what it never held
+        if scopes is None:
+            scopes = [s for s in allowed if by is None or s in by.scopes]
+        self._check_scopes(scopes, tuple(allowed), "scopes", owner=u)
+        self._grantable(by, scopes, f"a key for {u['username']!r} with these scopes", "scopes")
+        if expires_at is not None and expires_at <= _now():
+            raise InvalidInput("expires_at is in the past", field="expires_at")
+        if rate_limit_per_min is not None and not 1 <= rate_limit_per_min <= 1_000_000:
+            raise InvalidInput("rate_limit_per_min must be from 1 to 1000000", field="rate_limit_per_min")
+        if parent is None and by is not None and by.key_id is not None and by.user_id == u["id"]:
+            parent = by.key_id
+        if token is None:
+            token, prefix, secret = ks.new_key()
+        else:
+            parsed = ks.parse_key(token)
+            if parsed is None:
+                raise InvalidInput("key must look like bkg_<12 hex>_<32+ url-safe characters>", field="key")
+            prefix, secret = parsed
+        with self.mutex:  # the parent found and the key stored at once: a revoke cannot come between
+            if prefix in self.keys:
+                raise AlreadyExists("a key with this prefix exists", field="key")
+            if parent is not None:
+                try:
+                    up = self._key(parent)
+                except NotFound:
+                    raise Forbidden(f"key {parent} it would derive from is revoked", field="key_id") from None
+                if up.expires_at is not None:
+                    expires_at = min(expires_at or up.expires_at, up.expires_at)
+                if up.rate_limit_per_min is not None:
+                    rate_limit_per_min = min(rate_limit_per_min or up.rate_limit_per_min, up.rate_limit_per_min)
+            rec = KeyRecord(
+                "k_" + uuid.uuid4().hex[:12], prefix, ks.hash_secret(secret), name, u["id"], scopes,
+                rate_limit_per_min, _now(), expires_at, None, None, None, follows, parent,
+            )  # fmt: skip
+            self.con.execute(
+                "INSERT INTO api_keys (id, prefix, secret_hash, name, user_id, scopes, rate_limit_per_min, created_at, "
+                "expires_at, follows_role, parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    rec.id,
+                    prefix,
+                    rec.secret_hash,
+                    name,
+                    u["id"],
+                    scopes,
+                    rate_limit_per_min,
+                    rec.created_at,
+                    expires_at,
+                    follows,
+                    parent,
+                ],
+            )
+            self.key_ids[rec.id] = rec
+            self.keys[prefix] = rec
+        self.audit(actor, "key.create", rec.id, name=name, user=u["username"], scopes=scopes)
+        return rec.public(), token
+
+    def _key(self, key_id: str) -> KeyRecord:
+        rec = self.key_ids.get(key_id)
+        if rec is None:
+            raise NotFound(f"no active key {key_id!r}", field="key_id")
+        return rec
+
+    def list_keys(self, user_id: str | None = None) -> list[dict[str, Any]]:
+        """Return keys (active and revoked), newest first, without secrets."""
+        self.flush_last_used()
+        self.sync()
+        where, params = ("WHERE user_id = ?", [user_id]) if user_id else ("", [])
+        with self.mutex:
+            rows = self._rows(f"SELECT * FROM api_keys {where} ORDER BY created_at DESC", params)
+        out = []
+        for r in rows:
+            rec = KeyRecord(**r)
+            if rec.follows_role and rec.user_id in self.users:
+                rec.scopes = list(self.roles.get(self.users[rec.user_id]["role"], ()))
+            out.append(rec.public())
+        return out
+
+    def rotate_key(
+        self, key_id: str, actor: str | None = None, by: Principal | None = None
+    ) -> tuple[dict[str, Any], str]:
+        """Give a key a new secret (same id, name, scopes); the old token stops working at once. The new secret
+        is shown to `by`, who must hold every scope the key does; a key that is less than its user (fixed, expiring,
+        limited or derived) may only renew itself or a key derived from it."""
+        actor = by.username if by else actor
+        rec = self._key(key_id)
+        if rec.name.startswith(RUN_KEY_PREFIX):  # a running notebook holds it: a new secret would be someone else's
+            raise Forbidden(f"key {rec.id} belongs to a notebook run; cancel the run or revoke the key", field="key_id")
+        self._grantable(by, self.key_scopes(rec), f"rotating key {rec.id}", "key_id")
+        if rec.follows_role and by is not None and by.user_id != rec.user_id and not set(SCOPES) <= by.scopes:
+            # its new secret would hold whatever the owner's role gains later (as create_key refuses to make)
+            raise Forbidden(f"key {rec.id} follows its owner's role: only its owner, or someone holding every scope, "
+                            "may take a new secret of it", field="key_id")  # fmt: skip
+        if by is not None and by.user_id == rec.user_id and not self._whole(by):
+            # the new secret must be no more than the credential asking for it: no longer-lived, no less limited,
+            # not outliving its revocation, and following the role only if it does
+            if not self._derives_from(rec, by.key_id or ""):
+                raise Forbidden(f"key {rec.id} does not derive from the key asking for its new secret, which is "
+                                f"less than {by.username} (fixed scopes, an expiry, a rate limit or a parent): use "
+                                "a login session or a key that stands for all of them", field="key_id")  # fmt: skip
+            if rec.follows_role and not self._follows(by):
+                raise Forbidden(f"key {rec.id} follows its owner's role and the key asking for its new secret does "
+                                "not: it would gain what that key never held", field="key_id")  # fmt: skip
+        owner = self.users.get(rec.user_id)
+        if owner is not None:
+            if owner["username"].endswith(HUB_SUFFIX):
+                raise Forbidden(
+                    f"{owner['username']!r} is a JupyterHub user: their keys are not handed out", field="key_id"
+                )
+            self._may_act_as(by, owner, f"rotating key {rec.id}", "key_id")
+        token, prefix, secret = ks.new_key()
+        with self.mutex:
+            self.con.execute(
+                "UPDATE api_keys SET prefix = ?, secret_hash = ?, rotated_at = ? WHERE id = ?",
+                [prefix, ks.hash_secret(secret), _now(), rec.id],
+            )
+            old = rec.prefix
+            rec.prefix, rec.secret_hash, rec.rotated_at = prefix, ks.hash_secret(secret), _now()
+            self.keys[prefix] = rec  # in before the old prefix goes: a lock-free lookup by id always finds it
+            del self.keys[old]
+        self.audit(actor, "key.rotate", rec.id, name=rec.name)
+        return rec.public(), token
+
+    def revoke_key(self, key_id: str, actor: str | None = None, by: Principal | None = None) -> dict[str, Any]:
+        """Revoke a key for good: one's own, or one whose scopes `by` holds."""
+        actor = by.username if by else actor
+        rec = self._key(key_id)
+        if by is not None and rec.user_id != by.user_id:
+            self._grantable(by, self.key_scopes(rec), f"revoking key {rec.id}", "key_id")
+        gone: list[KeyRecord] = []
+        with self.mutex:
+            if self.keys.get(rec.prefix) is not rec:  # revoked (or rotated) since it was looked up
+                raise NotFound(f"no active key {key_id!r}", field="key_id")
+            children: dict[str, list[KeyRecord]] = {}  # one pass over the keys, however long the chain
+            for d in self.keys.values():
+                if d.parent_id is not None:
+                    children.setdefault(d.parent_id, []).append(d)
+            todo = [rec]  # and what derives from it (a run's key, a key it made for its own user), however deep
+            now = _now()
+            while todo:
+                k = todo.pop()
+                k.revoked_at = now
+                del self.key_ids[k.id]  # first: a store call that looks it up by id from now on finds it revoked
+                del self.keys[k.prefix]
+                gone.append(k)
+                todo += children.get(k.id, [])
+            self.con.executemany("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [[now, k.id] for k in gone])
+        for k in gone:
+            if k is rec:
+                self.audit(actor, "key.revoke", k.id, name=k.name)
+            else:
+                self.audit(actor, "key.revoke", k.id, name=k.name, derived_from=rec.id)
+        return rec.public()
+
+    def live_key(self, key_id: str) -> KeyRecord | None:
+        """Key `key_id` while it works; None once it is revoked (or gone) or has expired."""
+        try:
+            rec = self._key(key_id)
+        except NotFound:  # revoked keys leave `keys`
+            return None
+        return None if rec.expires_at is not None and rec.expires_at <= _now() else rec
+
+    def live_key_scopes(self, key_id: str) -> frozenset[str] | None:
+        """The scopes key `key_id` holds now; None once it is revoked (or gone) or has expired."""
+        rec = self.live_key(key_id)
+        return None if rec is None else self.key_scopes(rec)
+
+    def _rate(self, rec: KeyRecord) -> None:
+        limit = rec.rate_limit_per_min
+        if not limit:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if rec.refilled == 0.0:
+                rec.tokens, rec.refilled = float(limit), now
+            rec.tokens = min(float(limit), rec.tokens + (now - rec.refilled) * limit / 60.0)
+            rec.refilled = now
+            if rec.tokens < 1.0:
+                wait = (1.0 - rec.tokens) * 60.0 / limit
+                raise TooManyRequests(
+                    f"rate limit of {limit} requests per minute reached for key {rec.id}", retry_after=wait
+                )
+            rec.tokens -= 1.0
+
+    def _flush(self, rec: KeyRecord) -> None:
+        rec.flushed = time.monotonic()
+        self._write_later("UPDATE api_keys SET last_used_at = ? WHERE id = ?", [rec.last_used_at, rec.id])
+
+    def flush_last_used(self) -> None:
+        """Write the in-memory last-used times to DuckDB."""
+        for rec in list(self.keys.values()):
+            if rec.last_used_at is not None:
+                self._flush(rec)
