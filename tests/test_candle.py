@@ -313,6 +313,23 @@ def test_an_idle_model_is_unloaded_after_keep_alive_s(cgw: Gateway, tmp_path: Pa
         configure(cgw, before)
 
 
+def test_an_id_registered_again_with_another_file_runs_the_new_file(cgw: Gateway, tmp_path: Path) -> None:
+    """Found by a review: candle kept a loaded model by its id alone, so an id removed and registered again with
+    another file kept running the old weights until the worker restarted."""
+    c = cgw.client()
+    register_programs(cgw, tmp_path, {"swap": 2.0})
+    assert run_program(cgw, "swap") == [[2.0, 4.0]]
+    [first] = [m for m in invoke(cgw, "candle.stats", {}).json()["loaded"] if m["model_id"] == "swap"]
+    assert c.delete("/api/models/swap", params={"delete_files": True}).status_code == 200
+    register_programs(cgw, tmp_path, {"swap": 5.0})
+    assert run_program(cgw, "swap") == [[5.0, 10.0]]
+    [now] = [m for m in invoke(cgw, "candle.stats", {}).json()["loaded"] if m["model_id"] == "swap"]
+    assert now["sha256"] == c.get("/api/models/swap").json()["sha256"] != first["sha256"]
+    lines = c.get("/api/plugins/candle/logs", params={"search": "unloaded swap"}).json()["lines"]
+    assert "registered again" in json.dumps(lines), lines  # the old weights are dropped, not kept beside the new
+    invoke(cgw, "candle.model.unload", {"model_id": "swap"}).raise_for_status()
+
+
 def test_cuda_without_a_gpu_is_a_clear_start_error(cgw: Gateway) -> None:
     """The GPU path cannot run here: asking for it must fail the start with the reason, and auto must pick cpu."""
     c = cgw.client()

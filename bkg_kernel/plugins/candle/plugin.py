@@ -6,7 +6,8 @@ programs), runs them, and quantizes them into new registered models with a measu
 Any caller who may embed (llm:use) makes candle load the embedding model it names (a model that does another job
 is refused from its files, before it is loaded), so what stays loaded is bounded like Ollama's
 OLLAMA_MAX_LOADED_MODELS and keep_alive: at most `max_loaded` models (the least recently used one is unloaded to
-make room) and none idle longer than `keep_alive_s`.
+make room) and none idle longer than `keep_alive_s`. A loaded model is the registry entry's weights (its sha256):
+an id removed and registered again with another file loads the new file, and the old one is dropped.
 """
 
 from __future__ import annotations
@@ -217,15 +218,25 @@ class Candle(Plugin):
                 field="model_id",
             )
 
+    def _current(self, entry: ModelEntry) -> runners.Runner | None:
+        """The runner loaded from `entry`'s weights (under `self.lock`); not one loaded for its id before the id was
+        removed and registered again with another file."""
+        r = self.runners.get(entry.id)
+        return r if r is not None and self.info[entry.id]["sha256"] == entry.sha256 else None
+
     def _runner(self, model_id: str) -> runners.Runner:
         with self.lock:
-            r = self.runners.get(model_id)
+            entry = self.registry.get(model_id)  # under the lock: a stale read never unloads what a later one loaded
+            r = self._current(entry)
             if r is not None:
                 self.info[model_id]["last_used"] = time.time()
                 self.used[model_id] = time.monotonic()
                 return r
-            kind, path = self._resolve(model_id)
-            self._check_base(model_id, path)
+            if model_id in self.runners:  # dropped before the new weights load: never two copies of one id
+                self._unload_locked(model_id, f"registered again with sha256 {entry.sha256[:12]}…")
+                gc.collect()
+            kind, path = entry.kind, self.registry.resolve(entry)
+            self._check_base(model_id, path)  # at every load: a re-registered quantized model is checked again
             while len(self.runners) >= self.settings.max_loaded:  # room first: the load gets the memory freed
                 lru = min(self.used, key=self.used.__getitem__)
                 why = f"least recently used of {len(self.runners)} (max_loaded {self.settings.max_loaded})"
@@ -237,6 +248,7 @@ class Candle(Plugin):
             self.info[model_id] = {
                 "model_id": model_id,
                 "kind": kind,
+                "sha256": entry.sha256,
                 "task": r.task,
                 "device": r.device,
                 "bytes": r.parameters_bytes(),
@@ -275,12 +287,17 @@ class Candle(Plugin):
     def _check_task(self, model_id: str, task: str, r: runners.Runner | None = None) -> None:
         """422 unless `model_id` does `task`: as loaded (`r`, or already), else found out from its files without
         loading it (an embedding asked of a causal LM must not load the LM, pushing out the models in use)."""
-        if r is None:
-            with self.lock:
-                r = self.runners.get(model_id)
-        does = r.task if r is not None else runners.task_of(*self._resolve(model_id), self._resolve)
+        does = r.task if r is not None else self._task_now(model_id)
         if does != task:
             raise InvalidInput(f"model {model_id!r} does {does or 'nothing candle runs'}, not {task}", field="model_id")
+
+    def _task_now(self, model_id: str) -> str:
+        """What the weights `model_id` names now do: as loaded, else from their files (a runner loaded for the id
+        before it was registered again with another file may do something else)."""
+        entry = self.registry.get(model_id)
+        with self.lock:
+            r = self._current(entry)
+        return r.task if r is not None else runners.task_of(entry.kind, self.registry.resolve(entry), self._resolve)
 
     def _loaded(self) -> list[dict[str, Any]]:
         info = dict(self.info)  # a snapshot: the keep-alive thread may unload a model meanwhile

@@ -132,7 +132,7 @@ class LLMServer(Plugin):
         self.pool.close()
 
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "loaded": [m.describe() for m in self.pool.models.values()], "cancelled": self.cancelled}
+        return {"ok": True, "loaded": list(self.pool.snapshot()[0].values()), "cancelled": self.cancelled}
 
     # -- capabilities -----------------------------------------------------------------------------
     @capability("llm.chat", scope="llm:use", books_usage=True, big_input=True)
@@ -191,7 +191,7 @@ class LLMServer(Plugin):
     @capability("llm.models", scope="llm:use")
     def models(self, inp: Empty) -> ModelList:
         """List the GGUF models that can be used, and which are loaded."""
-        loaded = {k: m.describe() for k, m in self.pool.models.items()}
+        loaded, used_bytes = self.pool.snapshot()
         out = []
         for e in self.registry.list():
             if e.kind not in GGUF_KINDS:
@@ -206,7 +206,7 @@ class LLMServer(Plugin):
                     "default": e.id == self.settings.default_model,
                 }
             )
-        used = self.pool.used_bytes() / 2**20
+        used = used_bytes / 2**20
         return ModelList(models=out, memory_budget_mb=self.settings.memory_budget_mb, memory_used_mb=round(used, 1))
 
     @capability("llm.load", scope="models:write")

@@ -3,7 +3,8 @@
 Each slot is its own llama.cpp model and context over the mmap'd GGUF, so a second slot costs its KV cache and
 buffers, not another copy of the weights in memory. A model idle longer than its keep-alive is unloaded, like
 Ollama's. Loading a model or adding a slot (seconds) happens outside the pool's lock, with its memory reserved
-first: requests to models already loaded keep flowing meanwhile.
+first: requests to models already loaded keep flowing meanwhile. A loaded model is the registry entry's file (its
+sha256): an id removed and registered again with another file loads the new one, and the old one is unloaded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bkg_kernel.errors import InvalidInput, ModelLoadFailed, Unavailable
-from bkg_kernel.models.registry import ModelRegistry
+from bkg_kernel.models.registry import ModelEntry, ModelRegistry
 
 GGUF_KINDS = ("gguf-llm", "gguf-embedding")
 
@@ -28,6 +29,8 @@ class Loaded:
     """One model in memory with its slots (contexts)."""
 
     model_id: str
+    kind: str
+    sha256: str  # the registry entry's: an id registered again with another file is another model
     path: Path
     embedding: bool
     n_ctx: int
@@ -53,6 +56,7 @@ class Loaded:
         idle = time.monotonic() - self.last_used
         return {
             "model": self.model_id,
+            "sha256": self.sha256,
             "embedding": self.embedding,
             "slots": len(self.slots),
             "busy": self.busy,
@@ -82,8 +86,14 @@ class ModelPool:
         return int(self.settings.max_concurrent)
 
     def used_bytes(self) -> int:
-        """Return the estimated memory of every loaded model."""
+        """Return the estimated memory of every loaded model (under the lock)."""
         return sum(m.bytes for m in self.models.values()) + self.reserved
+
+    def snapshot(self) -> tuple[dict[tuple[str, bool], dict[str, Any]], int]:
+        """Describe the loaded models and the memory in use, read under the lock: loads and unloads on other
+        threads change `models`, and iterating it meanwhile fails ("dictionary changed size during iteration")."""
+        with self.cond:
+            return {k: m.describe() for k, m in self.models.items()}, self.used_bytes()
 
     # -- loading ----------------------------------------------------------------------------------
     def _new_context(self, m: Loaded) -> Any:
@@ -92,7 +102,7 @@ class ModelPool:
         s = self.settings
         threads = s.n_threads or default_threads()
         pooling = LLAMA_POOLING_TYPE_UNSPECIFIED
-        if m.embedding and self.registry.get(m.model_id).kind == "gguf-llm":
+        if m.embedding and m.kind == "gguf-llm":
             pooling = LLAMA_POOLING_TYPE_MEAN  # a decoder used for embeddings: mean of its token states
         try:
             return Llama(
@@ -123,10 +133,10 @@ class ModelPool:
                 )
             self._unload_locked(min(idle)[1])
 
-    def _load_locked(self, model_id: str, embedding: bool, keep_alive: float | None) -> Loaded:
+    def _load_locked(self, entry: ModelEntry, embedding: bool, keep_alive: float | None) -> Loaded:
         from bkg_kernel.models.gguf import read_gguf
 
-        entry = self.registry.get(model_id)
+        model_id = entry.id
         if entry.kind not in GGUF_KINDS:
             raise InvalidInput(f"model {model_id!r} is a {entry.kind} model; llmserver runs GGUF models", field="model")
         if entry.kind == "gguf-embedding" and not embedding:
@@ -142,6 +152,8 @@ class ModelPool:
         slot_bytes = n_ctx * layers * (n_embd * kv_heads // max(heads, 1)) * 2 * 2 + 16 * 2**20  # f16 K+V, buffers
         m = Loaded(
             model_id=model_id,
+            kind=entry.kind,
+            sha256=entry.sha256,
             path=path,
             embedding=embedding,
             n_ctx=n_ctx,
@@ -179,14 +191,23 @@ class ModelPool:
         while key in self.loading:  # another request is loading it: wait for that load, do not start a second
             self.cond.wait(1.0)
 
+    def _current_locked(self, model_id: str, embedding: bool, keep_alive: float | None) -> Loaded:
+        """The instance of the file `model_id` names now, loaded if it is not (under the lock); one loaded from the
+        file it named before it was removed and registered again is unloaded first."""
+        key = (model_id, embedding)
+        self._wait_loading(key)
+        entry = self.registry.get(model_id)  # after the wait: a stale read never unloads what a later one loaded
+        m = self.models.get(key)
+        if m is not None and m.sha256 != entry.sha256:
+            self._unload_locked(key)  # its busy slots close when their requests end
+            m = None
+        return self._load_locked(entry, embedding, keep_alive) if m is None else m
+
     def load(self, model_id: str, *, embedding: bool = False, keep_alive: float | None = None) -> Loaded:
         """Load a model now (or refresh its keep-alive)."""
         with self.cond:
-            self._wait_loading((model_id, embedding))
-            m = self.models.get((model_id, embedding))
-            if m is None:
-                m = self._load_locked(model_id, embedding, keep_alive)
-            elif keep_alive is not None:
+            m = self._current_locked(model_id, embedding, keep_alive)
+            if keep_alive is not None:
                 m.keep_alive = keep_alive
             m.last_used = time.monotonic()
             return m
@@ -197,10 +218,7 @@ class ModelPool:
         key = (model_id, embedding)
         with self.cond:
             while True:
-                self._wait_loading(key)
-                m = self.models.get(key)
-                if m is None:
-                    m = self._load_locked(model_id, embedding, None)
+                m = self._current_locked(model_id, embedding, None)
                 if m.free:
                     llm = m.free.pop()
                     break
