@@ -16,21 +16,17 @@ import fnmatch
 import glob
 import os
 import re
-import shutil
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
 
-from bkg_kernel import statefiles
-from bkg_kernel.errors import AlreadyExists, Conflict, CorruptData, Forbidden, InvalidInput, NotFound, expand_home
-from bkg_kernel.models.registry import ModelRegistry
-from bkg_kernel.plugins.repoagent import answers, codeindex, gitops, repomap, sandbox
-from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, point_id
+from bkg_kernel.errors import AlreadyExists, Forbidden, InvalidInput, NotFound
+from bkg_kernel.plugins.repoagent import answers, gitops, repomap, sandbox
+from bkg_kernel.plugins.repoagent.indexing import Indexing
 from bkg_kernel.plugins.repoagent.parsing import ast_lines
 from bkg_kernel.plugins.repoagent.schemas import (
     AskRequest,
@@ -55,18 +51,14 @@ from bkg_kernel.plugins.repoagent.workspace import (
     Workspace,
     file_lines,
     is_binary,
-    is_git_dir,
-    list_files,
     read_text,
     text_lines,
 )
 from bkg_kernel.runtime.contract import Cancelled, GatewayAPI, Plugin, Progress, capability
-from bkg_kernel.runtime.storehandle import StoreHandle
 
 MAX_LINE_CHARS = 2000  # search reads at most this much of one line
 SEARCH_TIMEOUT_S = 10.0  # matching time one repo.search may take, all files together
 MAX_DEPTH = 64  # folders deep a written file may be (pathlib walks deeper paths by recursion)
-REMOVED = ".removed-"  # a removed workspace's folder of state, renamed to be deleted (no workspace name starts with .)
 
 
 MAX_REPEATS = 100_000  # counted repeats nested in a search pattern, multiplied: (?:a{1000}){1000} took GBs to compile
@@ -103,7 +95,7 @@ def _compilable(query: str) -> None:
                            "take too much memory to compile", field="query")  # fmt: skip
 
 
-class RepoAgent(Plugin):
+class RepoAgent(Indexing, Plugin):
     """Workspaces, file operations, allow-listed commands, git, a code index, a repo map, answers and docs."""
 
     id = "repoagent"
@@ -127,32 +119,7 @@ class RepoAgent(Plugin):
 
     def start(self) -> None:
         assert self.context is not None
-        self.home = self.context.work_dir
-        self.registry_path = self.home / "workspaces.json"
-        self.lock = threading.RLock()
-        self.index_locks: dict[str, threading.Lock] = {}
-        self.indexes: dict[str, CodeIndex] = {}
-        self.workspaces: dict[str, Workspace] = {}
-        statefiles.sweep(self.registry_path)
-        if self.registry_path.exists():
-            try:
-                saved = statefiles.load(self.registry_path, list)
-            except CorruptData as exc:  # what repositories were added (and who may reach them): never guessed
-                raise CorruptData(f"{exc.message}: repoagent will not start without knowing its workspaces; repair "
-                                  "the file, or move it aside to start with none (the repositories stay where they "
-                                  "are)") from None  # fmt: skip
-            for i, d in enumerate(saved):
-                if not (isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("path"), str)):
-                    raise CorruptData(f"{self.registry_path}: entry {i} is not a workspace (a name and a path); "
-                                      "repair the file, or move it aside to start with none")  # fmt: skip
-                ws = Workspace(d["name"], Path(d["path"]), d.get("added_by", ""), d.get("added_at", 0.0))
-                ws.info = {k: v for k, v in d.items() if k not in ("name", "path", "git", "added_by", "added_at")}
-                self.workspaces[ws.name] = ws
-                statefiles.sweep(self._dir(ws) / "index.json")  # left by a run that was killed (none runs yet)
-                for old in self._dir(ws).glob("index.*.tmp"):  # the same, named the way older versions named them
-                    old.unlink(missing_ok=True)
-        for left in (self.home / "workspaces").glob(f"{REMOVED}*"):  # set aside by a remove that was cut short
-            shutil.rmtree(left, ignore_errors=True)
+        self._load_workspaces()
         self.roots = [Path(r).expanduser().resolve() for r in self.settings.repo_roots] or [
             (self.context.data_dir / "repos").resolve()
         ]
@@ -160,64 +127,6 @@ class RepoAgent(Plugin):
         self.ignore = Ignore(self.settings.ignore)
 
     # -- helpers ----------------------------------------------------------------------------------
-    @property
-    def store(self) -> StoreHandle:
-        """The store, as the caller of the running call."""
-        assert self.context is not None
-        return self.context.store
-
-    def _caller(self) -> str:
-        assert self.context is not None
-        who = self.context.caller
-        return who.username if who is not None else "bkg"
-
-    def _save(self) -> None:
-        statefiles.write_json(self.registry_path, [w.to_dict() for w in self.workspaces.values()])
-
-    def _ws(self, name: str) -> Workspace:
-        ws = self.workspaces.get(name)
-        if ws is None:
-            raise NotFound(f"workspace {name!r} does not exist (add it with repo.workspace)", field="workspace")
-        if not ws.path.is_dir():
-            raise NotFound(f"workspace {name!r}: its folder {ws.path} is gone", field="workspace")
-        return ws
-
-    def _dir(self, ws: Workspace) -> Path:
-        return self.home / "workspaces" / ws.name
-
-    def _index(self, ws: Workspace, need: bool = True) -> CodeIndex:
-        """The workspace's published index: never changed once published (`index` builds the next one on a copy),
-        so calls read it without a lock."""
-        with self.lock:
-            idx = self.indexes.get(ws.name)
-            if idx is None:
-                idx = CodeIndex.load(self._dir(ws) / "index.json")
-                if self.workspaces.get(ws.name) is ws:  # one removed meanwhile leaves no index to its name's next owner
-                    self.indexes[ws.name] = idx
-        if need and not idx.files:
-            raise NotFound(f"workspace {ws.name!r} is not indexed yet (run repo.index)", field="workspace")
-        return idx
-
-    def _files(self, ws: Workspace, unnamed: list[str] | None = None) -> list[str]:
-        return list_files(ws, self.ignore, self.settings.max_files, unnamed)
-
-    def _collection(self, ws: Workspace) -> str:
-        return f"repo-{ws.name}"
-
-    def _set_aside(self, ws: Workspace) -> Path | None:
-        """Rename the workspace's folder of state out of its name (under `self.lock`), for the caller to delete once
-        it has let go of the lock: deleted in place, it could take the index of a workspace added under that name
-        meanwhile. None when there is no folder."""
-        aside = self._dir(ws).with_name(f"{REMOVED}{uuid.uuid4().hex}")
-        try:
-            self._dir(ws).rename(aside)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:  # left in place: the next add of the name tries again
-            self.log.warning("cannot set aside %s: %s", self._dir(ws), exc)
-            return None
-        return aside
-
     def _chat(self, messages: list[dict[str, str]], max_tokens: int, route: str) -> dict[str, Any]:
         body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
         if self.settings.llm_model:
@@ -242,63 +151,6 @@ class RepoAgent(Plugin):
         if inp.action == "describe":
             return Result(**ws.to_dict(), index=self._index(ws, need=False).summary())
         return self._remove(ws)
-
-    def _remove(self, ws: Workspace) -> Result:
-        """Drop the workspace's collection and state; its files stay. 409 while a repo.index or repo.commit holds
-        it: an index run would make the collection again after the drop and save its index for a name now free."""
-        lock = self._index_lock(ws)
-        if not lock.acquire(blocking=False):
-            raise Conflict(f"workspace {ws.name!r} is being indexed (or committed): remove it when that ends (a "
-                           "repo.index job can be cancelled)", field="name")  # fmt: skip
-        try:
-            if self.workspaces.get(ws.name) is not ws:  # removed by a call that held the lock before this one
-                raise NotFound(f"workspace {ws.name!r} does not exist", field="name")
-            if self._owns_collection(ws):
-                with contextlib.suppress(NotFound):
-                    self.store.drop_collection(self._collection(ws))
-            with self.lock:
-                self.workspaces.pop(ws.name, None)
-                self.indexes.pop(ws.name, None)
-                self._save()
-                aside = self._set_aside(ws)
-        finally:
-            lock.release()
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-        return Result(removed=ws.name, path=str(ws.path), files_kept=True)
-
-    def _add(self, name: str, path: str) -> Result:
-        raw = expand_home(path, "path")  # NUL, over-long names: the caller's 422
-        folder = (raw if raw.is_absolute() else self.roots[0] / raw).resolve()
-        if not any(folder == r or r in folder.parents for r in self.roots):
-            roots = ", ".join(map(str, self.roots))
-            raise Forbidden(f"{folder} is outside the repo roots ({roots}): set repo_roots to allow it", field="path")
-        if not folder.is_dir():
-            raise NotFound(f"{folder} is not a folder", field="path")
-        if is_git_dir(folder):  # its config names programs git runs: writing it would be running them
-            raise Forbidden(f"{folder} is a git directory, not a working tree: add the folder that holds it",
-                            field="path")  # fmt: skip
-        with self.lock:
-            if name in self.workspaces:
-                raise AlreadyExists(f"workspace {name!r} already exists", field="name")
-            ws = Workspace(name, folder, self._caller(), time.time())
-            files = self._files(ws)  # 422 past max_files: before anything is written
-        with contextlib.suppress(NotFound):  # its index goes to repo-<name>: one made by someone else is theirs
-            self.store.describe(self._collection(ws))
-            raise AlreadyExists(f"a collection named {self._collection(ws)!r} exists: repoagent keeps workspace "
-                                f"{name!r}'s index there, so name the workspace differently", field="name")  # fmt: skip
-        with self.lock:
-            if name in self.workspaces:
-                raise AlreadyExists(f"workspace {name!r} already exists", field="name")
-            ws.info = {"file_count": len(files)}
-            # an index that a removed workspace of this name left behind would claim repo-<name> for this one
-            aside = self._set_aside(ws)
-            self.indexes.pop(name, None)
-            self.workspaces[name] = ws
-            self._save()
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-        return Result(**ws.to_dict())
 
     @capability("repo.tree", scope="repo:use")
     def tree(self, inp: TreeRequest) -> Result:
@@ -536,137 +388,10 @@ class RepoAgent(Plugin):
         return Result(workspace=ws.name, name=inp.name, args=inp.args, **outcome.to_dict())
 
     # -- code intelligence ------------------------------------------------------------------------
-    def _index_lock(self, ws: Workspace) -> threading.Lock:
-        return self._named_lock(ws.name)
-
-    def _named_lock(self, name: str) -> threading.Lock:
-        with self.lock:
-            return self.index_locks.setdefault(name, threading.Lock())
-
-    def _owns_collection(self, ws: Workspace) -> bool:
-        """Whether `repo-<name>` is the one repoagent made for this workspace, or indexed into before it noted so (an
-        index saved in the workspace's own folder, even one an older bkg wrote or a crash cut short: bkg before
-        0f18f1e noted no collection): a collection of that name that someone else made is never dropped or filled."""
-        return ws.info.get("collection") == self._collection(ws) or (self._dir(ws) / "index.json").exists()
-
-    def _ensure_collection(self, ws: Workspace) -> tuple[str, bool]:
-        """Create `repo-<name>` when missing; return its embed model and whether it was made now (409 when a
-        collection of that name that repoagent did not make is in the way)."""
-        name = self._collection(ws)
-        try:
-            described = self.store.describe(name)
-        except NotFound:
-            described = None
-        if described is not None:
-            if not self._owns_collection(ws):
-                raise AlreadyExists(f"collection {name!r} exists and repoagent did not make it: remove the workspace "
-                                    "and add it under another name", field="workspace")  # fmt: skip
-            return str(described["embed_model"]), False
-        assert self.context is not None and self.context.model_dir is not None
-        spec = self.settings.embed_model
-        self.store.create_collection(name, ModelRegistry(self.context.model_dir).embedding_dim(spec), embed_model=spec)
-        with self.lock:
-            ws.info["collection"] = name
-            self._save()
-        return spec, True
-
     @capability("repo.index", scope="repo:use", job=True)
     def index(self, inp: IndexRequest, progress: Progress) -> Result:
         """Parse changed files (ast / tree-sitter), embed their symbol chunks into repo-<name>; drop removed ones."""
-        ws = self._ws(inp.workspace)
-        t0 = time.perf_counter()
-        with self._index_lock(ws):  # which `_remove` takes too: the workspace stays while this runs
-            if self.workspaces.get(ws.name) is not ws:
-                raise NotFound(f"workspace {ws.name!r} was removed before this run began", field="workspace")
-            # the run builds on a copy and publishes it once stored: calls meanwhile read the last one whole, and a run
-            # that fails leaves the cache as it was saved
-            current = self._index(ws, need=False)
-            if (inp.full or current.lost) and self._owns_collection(ws):  # lost: what to delete is unknown; a fresh
-                with contextlib.suppress(NotFound):  # index would not know either, so it starts over
-                    self.store.drop_collection(self._collection(ws))
-                idx = CodeIndex()
-            else:
-                idx = current.copy()
-            progress(0.0, f"listing the files of {ws.name}")
-            unnamed: list[str] = []
-            names = self._files(ws, unnamed)
-            embed_model, made = self._ensure_collection(ws)
-            if made:  # someone dropped the collection: every file goes in again, not only the changed ones; the saved
-                idx = CodeIndex()  # and cached indexes go now, so a run that fails after this starts the next afresh
-                with self.lock:
-                    (self._dir(ws) / "index.json").unlink(missing_ok=True)
-                    self.indexes.pop(ws.name, None)
-            t_parse = time.perf_counter()
-            changed, before, removed = codeindex.update(ws.path, names, idx, self.settings.max_file_bytes, progress)
-            timings = {"list_s": t_parse - t0, "parse_s": time.perf_counter() - t_parse, "embed_s": 0.0, "store_s": 0.0}
-            col = self._collection(ws)
-            points = self._points(col, changed, before)
-            embedded = sum("vector" not in p for p in points)
-            for a in range(0, len(points), codeindex.UPSERT_BATCH):  # new chunks first, then the surplus old ones
-                batch = points[a : a + codeindex.UPSERT_BATCH]
-                todo = [p for p in batch if "vector" not in p]
-                t1 = time.perf_counter()
-                if todo:  # the head of a chunk is embedded, its whole text goes to BM25
-                    vecs = self.store.embed(embed_model, [p.pop("embed") for p in todo])
-                    for p, v in zip(todo, vecs, strict=True):
-                        p["vector"] = v.tolist()
-                for p in batch:
-                    p.pop("embed", None)
-                t2 = time.perf_counter()
-                self.store.upsert(col, batch)
-                timings["embed_s"] += t2 - t1
-                timings["store_s"] += time.perf_counter() - t2
-                progress(0.5 + 0.5 * (a + codeindex.UPSERT_BATCH) / len(points), f"embedded {a}/{len(points)} chunks")
-            stale = [point_id(p, i) for p, old in before.items() for i in range(len(changed.get(p, [])), len(old))]
-            for a in range(0, len(stale), 1000):
-                self.store.delete(col, stale[a : a + 1000])
-            idx.indexed_at = time.time()
-            # never true while `_remove` needs the lock held here; were it, nothing would be saved for a freed name
-            if self.workspaces.get(ws.name) is not ws:
-                raise NotFound(f"workspace {ws.name!r} was removed while it was indexed", field="workspace")
-            idx.save(self._dir(ws) / "index.json")
-            summary = idx.summary()
-            with self.lock:
-                self.indexes[ws.name] = idx
-                counts = {k: v for k, v in summary.items() if k != "parse_errors"}  # the collection is ours: noted
-                ws.info = {"file_count": len(names), "collection": col, **counts}
-                self._save()
-        took = time.perf_counter() - t0
-        progress(1.0, f"indexed {len(changed)} changed files in {took:.1f} s")
-        return Result(
-            workspace=ws.name, files=len(idx.files), changed=sorted(changed), removed=removed, upserted=len(points),
-            embedded=embedded, timings={k: round(v, 3) for k, v in timings.items()},
-            took_s=round(took, 3), unnamed=unnamed, **{k: v for k, v in summary.items() if k != "files"},
-        )  # fmt: skip
-
-    def _points(
-        self, col: str, changed: dict[str, list[dict[str, Any]]], before: dict[str, list[dict[str, Any]]]
-    ) -> list[dict[str, Any]]:
-        """The points to upsert for the changed files. A chunk whose id, text and span are unchanged is left
-        as it is; one whose text an old chunk of its file had reuses that chunk's vector; the rest are
-        embedded by the store."""
-        fields = ("start", "end", "kind", "symbol")
-        points, reuse = [], {}
-        for path, chunks in changed.items():
-            old = before.get(path, [])
-            old_ids = {c.get("th"): point_id(path, i) for i, c in enumerate(old)}
-            for i, c in enumerate(chunks):
-                prev = old[i] if i < len(old) else None
-                if prev is not None and prev.get("th") == c["th"] and all(prev[k] == c[k] for k in fields):
-                    continue
-                payload = {"path": path, **{k: c[k] for k in fields}}
-                point = {"id": point_id(path, i), "text": c["text"], "embed": c["embed"], "payload": payload}
-                if c["th"] in old_ids:
-                    reuse[point["id"]] = old_ids[c["th"]]
-                points.append(point)
-        if reuse:  # read the old vectors before any upsert overwrites their ids
-            wanted = sorted(set(reuse.values()))
-            vectors = {p["id"]: p["vector"] for p in self.store.get(col, wanted, with_vectors=True)}
-            for p in points:
-                src = reuse.get(p["id"])
-                if src is not None and src in vectors:
-                    p["vector"] = vectors[src]
-        return points
+        return self._run_index(inp, progress)
 
     @capability("repo.symbols", scope="repo:use")
     def symbols(self, inp: SymbolsRequest) -> Result:
