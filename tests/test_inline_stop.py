@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from bkg_kernel.auth.principal import Principal
 from bkg_kernel.errors import Unavailable
-from bkg_kernel.runtime.contract import Plugin, capability
+from bkg_kernel.runtime.contract import Plugin, Progress, capability
 from bkg_kernel.runtime.discovery import Discovered, Entry
 from bkg_kernel.runtime.host import PluginHost
 
@@ -48,6 +48,12 @@ class _Held(Plugin):
         self.events.append("call ended")
         return _Done(stopped_before_the_end="stopped" in self.events)
 
+    @capability("held.job", scope="plugins:read", job=True)
+    def job(self, inp: _Nothing, progress: Progress) -> _Done:
+        """The same, as a background job (streamed)."""
+        progress(0.0, "waiting")
+        return self.work(inp)
+
     def stop(self) -> None:
         self.events.append("stopped")
 
@@ -78,20 +84,31 @@ def on_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
     return t, got
 
 
-@pytest.mark.parametrize("path", ["call port", "http"])
+async def _streamed(host: PluginHost) -> Any:
+    """A job's chunks, as the jobs service reads them; its result."""
+    async for chunk in host.stream("held.job", {}, CALLER, queued=True):
+        if "result" in chunk:
+            return chunk["result"]
+    return None
+
+
+@pytest.mark.parametrize("path", ["call port", "http", "stream"])
 def test_a_stop_lets_the_calls_running_on_the_instance_end_first(host: PluginHost, path: str) -> None:
     if path == "call port":  # on the caller's own thread
         call, answer = on_thread(lambda: host.invoke_here("held.work", {}, CALLER))
-    else:  # from the event loop, on the inline pool
+    elif path == "http":  # from the event loop, on the inline pool
         call, answer = on_thread(lambda: asyncio.run(host.invoke("held.work", {}, CALLER)))
+    else:  # a background job's stream, on a thread of its own
+        call, answer = on_thread(lambda: asyncio.run(_streamed(host)))
     assert _Held.inside.wait(60)
     stopping, _ = on_thread(lambda: host.stop(timeout=60))
-    while host.state not in ("stopping", "stopped"):
+    while host.plugin is not None and host.state != "stopped":  # the instance is taken from new work first
         threading.Event().wait(0.001)
     assert host.state == "stopping"  # and it stays so while the call runs
-    with pytest.raises(Unavailable, match="stopping"):  # nothing new is handed the instance
+    assert host._inline.take() is None  # noqa: SLF001 - nothing new is handed the instance
+    with pytest.raises(Unavailable, match="stopping"):
         host.invoke_here("held.work", {}, CALLER)
-    assert host.plugin is None and _Held.events == ["call began"]  # the stop waits for the call
+    assert _Held.events == ["call began"]  # the stop waits for the call
     _Held.let_go.set()
     call.join(60)
     stopping.join(60)

@@ -190,7 +190,8 @@ def _rewrite(archive: Path, manifest_change: dict[str, object], parts: dict[str,
 
 
 def test_an_archive_from_a_newer_bkg_is_named_so(store: Store) -> None:
-    """Found by a review: a newer archive format was "damaged" (a 500); an unknown index kind a KeyError (a 500)."""
+    """Found by a review: a newer archive format was "damaged" (a 500), an unknown index kind a KeyError (a 500):
+    both are a newer bkg's archive, a 409 that says so."""
     from bkg_kernel.errors import SchemaTooNew
 
     _coll(store)
@@ -200,7 +201,7 @@ def test_an_archive_from_a_newer_bkg_is_named_so(store: Store) -> None:
     with pytest.raises(SchemaTooNew, match="made by a newer bkg") as err:
         store.restore_snapshot("docs", newer.id, into="newer")
     assert err.value.status == 409 and "bkg-snapshot/1" in err.value.message
-    with pytest.raises(CorruptData, match="index kind this bkg does not know: 'diskann'"):
+    with pytest.raises(SchemaTooNew, match="holds a 'diskann' index, which this bkg does not know"):
         store.restore_snapshot("docs", odd.id, into="odd")
     listed = {s.id: s for s in store.list_snapshots("docs")}
     assert not listed[newer.id].ok and "newer bkg" in str(listed[newer.id].error)

@@ -103,12 +103,25 @@ class ModelRegistry:
     def __init__(self, model_dir: Path | str, *, register_defaults: bool = True) -> None:
         self.dir = Path(model_dir).resolve()
         self.manifest = self.dir / MANIFEST
+        self._cache: tuple[tuple[int, int, int], dict[str, ModelEntry]] | None = None
         if register_defaults:
             self.ensure_defaults()
 
     # -- reading ----------------------------------------------------------------------------------
     def _read(self) -> dict[str, ModelEntry]:
-        return self._entries()[0]
+        """The entries, parsed again only when the manifest changed (a write replaces the file: a new inode): candle
+        and llmserver ask on every call which weights an id names now, holding their lock."""
+        try:
+            st = self.manifest.stat()
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            return {}
+        cached = self._cache
+        if cached is not None and cached[0] == key:
+            return dict(cached[1])
+        models = self._entries()[0]
+        self._cache = (key, models)
+        return dict(models)
 
     def _entries(self) -> tuple[dict[str, ModelEntry], builtins.list[Any], Any]:
         """The entries, what the manifest lists that is not an entry (left out with a warning, and written back as
@@ -185,6 +198,7 @@ class ModelRegistry:
             listed = [m.to_manifest() for m in sorted(models.values(), key=lambda m: m.id)]
             data = {"version": MANIFEST_VERSION, "models": listed + unread}
             statefiles.write(self.manifest, json.dumps(data, indent=2) + "\n")
+            self._cache = None  # (a write within the file system's clock tick may keep size and time)
 
     @contextlib.contextmanager
     def staged(self, name: str) -> Iterator[Path]:

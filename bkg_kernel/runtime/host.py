@@ -360,7 +360,11 @@ class PluginHost:
                 req_id = worker.open_stream(capability_id, data, caller, sink)
             elif (plugin := self._inline.take()) is not None:
                 args = (plugin, capability_id, data, call, cancelled, sink, self._inline.done)
-                threading.Thread(target=_run_inline_stream, args=args, daemon=True).start()
+                try:
+                    threading.Thread(target=_run_inline_stream, args=args, daemon=True).start()
+                except BaseException:  # no thread to be had: the work never ran
+                    self._inline.done()
+                    raise
             else:
                 raise Unavailable(f"plugin {self.id!r} is {self.state}")
             while True:

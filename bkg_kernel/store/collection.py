@@ -89,7 +89,7 @@ class Collection:
             try:
                 yield con
             except duckdb.CatalogException:
-                replaced = self._store._open.get(self.name, self) is not self  # noqa: SLF001 - (closing holds the lock)
+                replaced = self._store._open.get(self.name, self) is not self  # noqa: SLF001 - no lock: `close` may hold it
                 if replaced:
                     raise Conflict(f"collection {self.name!r} was replaced (restored from a snapshot) while this "
                                    "call read it: ask again", field="name") from None  # fmt: skip
@@ -97,7 +97,7 @@ class Collection:
 
     @property
     def _con(self) -> Any:
-        return self._store._con  # noqa: SLF001 - the store and its collections share one connection
+        return self._store._con  # noqa: SLF001 - the store's, for work under its lock (long reads: `_reading`)
 
     # -- index lifecycle --------------------------------------------------------------------------
     def _ensure_index(self) -> VectorIndex:
@@ -166,7 +166,7 @@ class Collection:
             where, params = compile_filter(filter, tests_a_field=True)
             found = search.Matching(self, filter, where, params)  # the scan, outside the store's lock
             with self._locked():
-                return ingest.delete(self, positions=found.now())
+                return ingest.delete_at(self, found.now())
         with self._locked():
             return ingest.delete(self, where, params)
 

@@ -227,18 +227,21 @@ def _add(index: VectorIndex, text: TextIndex | None, start: int, b: validate.Bat
         text.add(start, b.texts)
 
 
-def delete(
-    c: Collection, where: str = "FALSE", params: list[Any] | None = None, positions: np.ndarray | None = None
-) -> int:
-    """Delete the points matching a WHERE clause, or at these positions, in one transaction; return how many
-    were deleted."""
+def delete_at(c: Collection, positions: np.ndarray) -> int:
+    """Delete the points at these positions (those still there) in one transaction; return how many were deleted."""
     import pyarrow as pa
 
+    c._con.register("_bkg_gone", pa.table({"fid": positions}))  # a list parameter would be converted value by value
+    try:
+        return delete(c, "fid IN (SELECT fid FROM _bkg_gone)", [])
+    finally:
+        c._con.unregister("_bkg_gone")
+
+
+def delete(c: Collection, where: str, params: list[Any]) -> int:
+    """Delete the points matching a WHERE clause in one transaction; return how many were deleted."""
     index = c._ensure_index()
     con = c._con
-    if positions is not None:  # a list parameter would be converted value by value
-        con.register("_bkg_gone", pa.table({"fid": positions}))
-        where, params = "fid IN (SELECT fid FROM _bkg_gone)", []
     con.execute("BEGIN TRANSACTION")
     try:
         gone = con.execute(f"DELETE FROM {c.table} WHERE {where} RETURNING fid, pk", params).fetchnumpy()
@@ -249,9 +252,6 @@ def delete(
     except Exception:
         con.execute("ROLLBACK")
         raise
-    finally:
-        if positions is not None:
-            con.unregister("_bkg_gone")
     if len(fids):
         c._filter_cache.clear()
         index.mark_dead(np.asarray(fids, dtype=np.int64))

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import duckdb
+
 from bkg_kernel.errors import (
     AlreadyExists,
     BkgError,
@@ -158,8 +160,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
                            "restore it with that version")  # fmt: skip
     if fmt != FORMAT:
         raise CorruptData(f"snapshot {path.name} is not a {FORMAT} archive")
-    if manifest.get("index") not in KINDS:
-        raise CorruptData(f"snapshot {path.name} names an index kind this bkg does not know: {manifest.get('index')!r}")
+    if manifest.get("index") not in KINDS:  # a kind a newer bkg has
+        raise SchemaTooNew(f"snapshot {path.name} holds a {manifest.get('index')!r} index, which this bkg does not "
+                           f"know ({', '.join(KINDS)}): restore it with a newer bkg")  # fmt: skip
     return manifest
 
 
@@ -305,19 +308,25 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
                     raise AlreadyExists(f"collection {target!r} already exists: restore into a new name", field="into")
                 old = store.collection(target) if target in store else None
                 _swap(con, target, table, m, old)
-                if old is not None:
-                    old.dropped = True
-                    store._open.pop(target, None)  # noqa: SLF001
-                    old_file = store.index_path(old.table)
-                    for p in (old_file, meta_path(old_file), store.text_index_path(old.table)):
-                        p.unlink(missing_ok=True)
-                return store.collection(target)
         except BaseException:
-            with store._mutex:  # noqa: SLF001
-                con.execute(f"DROP TABLE IF EXISTS {table}")
+            if not store.closed:  # (closed: its next open sweeps the staged table, and the 503 stays the error)
+                with store._mutex, contextlib.suppress(duckdb.Error):  # noqa: SLF001
+                    con.execute(f"DROP TABLE IF EXISTS {table}")
             for p in (index_file, meta_path(index_file), text_file):
                 p.unlink(missing_ok=True)
             raise
+        # swapped in: from here on the restored table is the collection, and nothing undoes that
+        with store._mutex:  # noqa: SLF001
+            if old is not None:
+                old.dropped = True
+                store._open.pop(target, None)  # noqa: SLF001
+            restored = store.collection(target)
+        if old is not None:
+            old_file = store.index_path(old.table)
+            for p in (old_file, meta_path(old_file), store.text_index_path(old.table)):
+                with contextlib.suppress(OSError):
+                    p.unlink(missing_ok=True)
+        return restored
 
 
 def _swap(con: Any, target: str, table: str, m: dict[str, Any], old: Collection | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -24,6 +25,7 @@ from bkg_kernel.store.lock import DataDirLock
 from bkg_kernel.store.results import CollectionInfo, CollectionList, SnapshotInfo, SnapshotList
 from bkg_kernel.store.sql import scalar
 
+log = logging.getLogger("bkg.store")
 DB_NAME = "bkg.duckdb"
 CLOSE_WAIT_S = 5.0  # how long closing waits for reads still running (each told to stop first)
 
@@ -44,18 +46,18 @@ class Store:
             # (the machine's own zone put local times into TIMESTAMP columns read back as UTC); ICU is built in
             con.execute("SET GLOBAL TimeZone = 'UTC'")  # GLOBAL: the connections of `reading` too
             migrations.migrate(con, str(self.db_path))
+            self._con = con
+            self._sweep()
         except BaseException:
             if con is not None:
                 con.close()
             self._lock.release()
             raise
-        self._con = con
         self._mutex = threading.RLock()
         self._busy: set[duckdb.DuckDBPyConnection] = set()  # reads running outside the lock (`reading`)
         self._readers_cv = threading.Condition()
         self._open: dict[str, Collection] = {}
         self.closed = False
-        self._sweep()
 
     def _sweep(self) -> None:
         """Remove what a process killed mid-way left behind: a snapshot's or a restore's work folder, a staged
@@ -71,7 +73,10 @@ class Store:
         # word of every text, read by nothing
         sql = "SELECT schema_name FROM duckdb_schemas() WHERE schema_name LIKE 'fts_main_points_%'"
         for (schema,) in self._con.execute(sql).fetchall():
-            self._con.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            try:
+                self._con.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            except duckdb.Error as exc:  # disk it wastes, nothing it breaks: the store opens
+                log.warning("cannot drop %s, an old full-text index: %s", schema, exc)
         for f in (self.data_dir / "indexes").glob("points_*"):
             if f.name.split(".", 1)[0] not in used or f.suffix == ".tmp":  # a table's, or a save cut short
                 f.unlink(missing_ok=True)
@@ -82,6 +87,8 @@ class Store:
         if self.closed:
             return
         with self._mutex:
+            if self.closed:  # closed by another thread while this one waited
+                return
             try:
                 for coll in self._open.values():
                     coll.flush()
