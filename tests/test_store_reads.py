@@ -288,3 +288,21 @@ def test_reads_on_their_own_connection_keep_to_utc(tmp_path: Path) -> None:
     env = {**os.environ, "TZ": "America/New_York"}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], env=env, capture_output=True, text=True)
     assert out.stdout.split() == ["UTC", "UTC"], out.stderr
+
+
+def test_a_compaction_rebuilds_its_index_without_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A compaction renumbers the positions and rebuilds the index; it used to load the saved index of the previous
+    epoch first, find it stale, and log a warning meant for a damaged file, every time."""
+    s = Store(tmp_path / "data")
+    c = s.create_collection("c", dim=4)
+    c.upsert(ids=list(range(1200)), vectors=np.eye(4, dtype=np.float32)[np.arange(1200) % 4])
+    c.flush()  # an index file of this epoch on disk
+    with caplog.at_level("WARNING", logger="bkg.store"):
+        c.delete(list(range(700)))  # over half dead: compacted
+    assert c._epoch == 1 and c.count() == 500  # noqa: SLF001
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+    found = c.query(np.eye(4, dtype=np.float32)[1], k=3).ids
+    assert len(found) == 3 and all(i >= 700 and i % 4 == 1 for i in found)
+    s.close()
+    with Store(tmp_path / "data") as again:  # and the rebuilt index was saved for the new epoch
+        assert again["c"].query(np.eye(4, dtype=np.float32)[1], k=3).ids == found

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from bkg_kernel.errors import CorruptData
 from bkg_kernel.store import validate
 from bkg_kernel.store.fulltext import TextIndex
-from bkg_kernel.store.index import VectorIndex
+from bkg_kernel.store.index import VectorIndex, meta_path
 from bkg_kernel.store.sql import scalar
 
 if TYPE_CHECKING:
@@ -297,7 +297,10 @@ def compact(c: Collection) -> None:
     c._filter_cache.clear()
     c._text_cache.clear()  # positions were renumbered
     c._index = None
-    c._ensure_index()  # rebuilds: the saved index is from the previous epoch
+    saved = c._store.index_path(c.table)
+    for p in (saved, meta_path(saved)):  # of the previous epoch: rebuilt, not loaded and found stale (a warning)
+        p.unlink(missing_ok=True)
+    c._ensure_index()
     had_text, c._text = c._text is not None, None
     c._store.text_index_path(c.table).unlink(missing_ok=True)
     if had_text:
