@@ -1,6 +1,6 @@
-"""The gateway never waits for the store's lock on its event loop: while a long store operation holds the lock
-(a snapshot of a big collection), session logins, audited changes and /health still answer; at the unit level,
-auth's hot paths (key and session checks, audit, usage, logout) never take the lock."""
+"""The gateway never waits for the store's lock on its event loop: while a long store operation runs (a snapshot
+of a big collection; a long write holds the lock), session logins, audited changes and /health still answer; at the
+unit level, auth's hot paths (key and session checks, audit, usage, logout) never take the lock."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_auth_hot_paths_never_take_the_store_lock(tmp_path: Path) -> None:
     store.close()
 
 
-def test_sessions_and_audited_changes_answer_while_a_snapshot_holds_the_lock(gw: Gateway) -> None:
+def test_sessions_and_audited_changes_answer_while_a_big_snapshot_is_made(gw: Gateway) -> None:
     admin = gw.client()
     admin.post("/admin/users", json={"username": "stella", "role": "admin", "password": "long enough pw"})
     session = httpx.post(gw.url + "/auth/login", json={"username": "stella", "password": "long enough pw"}).json()
