@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -123,3 +125,19 @@ def register_plugins(root: Any, dist: str, entries: dict[str, str]) -> None:
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
     lines = "".join(f"{pid} = {module}\n" for pid, module in entries.items())
     (info / "entry_points.txt").write_text(f"[bkg_kernel.plugins]\n{lines}")
+
+
+def on_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Start `fn` on a thread of its own; the list gets what it returned, or the exception it raised (for the test
+    to look at), once it ends."""
+    got: list[Any] = []
+
+    def run() -> None:
+        try:
+            got.append(fn())
+        except Exception as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, got

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import on_thread
 from pydantic import BaseModel
 
 from bkg_kernel.auth.principal import Principal
@@ -68,20 +69,6 @@ def host(tmp_path: Path) -> Any:
     yield h
     _Held.let_go.set()
     h.stop(timeout=1)
-
-
-def on_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
-    got: list[Any] = []
-
-    def run() -> None:
-        try:
-            got.append(fn())
-        except Exception as exc:  # the test looks at it
-            got.append(exc)
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, got
 
 
 async def _streamed(host: PluginHost) -> Any:

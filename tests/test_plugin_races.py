@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from gateway_harness import ADMIN_KEY, wait_for
+from helpers import on_thread
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import NotFound
@@ -63,21 +64,6 @@ def inproc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcess]:
         loop.close()
 
 
-def run(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """Start `fn` on a thread; the dict gets its result or its exception."""
-    out: dict[str, Any] = {}
-
-    def go() -> None:
-        try:
-            out["result"] = fn()
-        except Exception as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    return t, out
-
-
 def hold_first(
     monkeypatch: pytest.MonkeyPatch,
     owner: Any,
@@ -123,14 +109,14 @@ def test_two_index_calls_on_one_document_leave_one_version_whole(
 
     index("v0")
     held, release = hold_first(monkeypatch, StoreHandle, "delete")
-    v2, v2_out = run(lambda: index("v2"))
+    v2, v2_out = on_thread(lambda: index("v2"))
     assert held.wait(60), v2_out  # V2 has written its chunks; its delete waits
-    v1, v1_out = run(lambda: index("v1"))
+    v1, v1_out = on_thread(lambda: index("v1"))
     v1.join(BLOCKED_S)
     release.set()
     v2.join(60)
     v1.join(60)
-    assert "error" not in v1_out and "error" not in v2_out, (v1_out, v2_out)
+    assert not [x for x in v1_out + v2_out if isinstance(x, Exception)], (v1_out, v2_out)
 
     stored = inproc.gw.store.collection("race").scroll({"doc_id": "doc"}, limit=100)
     left = [p.text for p in sorted(stored, key=lambda p: (p.payload or {})["chunk"])]
@@ -152,19 +138,19 @@ def test_a_subject_deleted_during_a_rename_stays_deleted(inproc: InProcess, monk
     held, release = hold_first(
         monkeypatch, Galleries, "_points", after=True, when=lambda self, gallery, filter, *a: bool(filter)
     )
-    rename, rename_out = run(lambda: g.rename("race", "ann", "anna"))
+    rename, rename_out = on_thread(lambda: g.rename("race", "ann", "anna"))
     assert held.wait(60), rename_out  # rename has read ann's faces; it writes them back once released
-    delete, delete_out = run(lambda: g.delete_subject("race", "ann"))
+    delete, delete_out = on_thread(lambda: g.delete_subject("race", "ann"))
     delete.join(BLOCKED_S)
     release.set()
     rename.join(60)
     delete.join(60)
 
     left = {p["id"]: p["payload"]["subject"] for p in inproc.store_handle("rustyface").scroll("faces-race")[0]}
-    if "error" in delete_out:  # the rename went first: nothing of ann's was left to delete
-        assert isinstance(delete_out["error"], NotFound) and rename_out["result"]["faces"] == 3, delete_out
+    if isinstance(delete_out[0], Exception):  # the rename went first: nothing of ann's was left to delete
+        assert isinstance(delete_out[0], NotFound) and rename_out[0]["faces"] == 3, delete_out
         assert [left[i] for i in ann] == ["anna"] * 3
     else:
-        assert delete_out["result"]["deleted_faces"] == 3
+        assert delete_out[0]["deleted_faces"] == 3
         assert not set(ann) & set(left), f"deleted faces are back: {left}"
     assert {s["subject"]: s["faces"] for s in g.subjects("race")}["bob"] == 2

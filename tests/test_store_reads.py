@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import on_thread
 
 from bkg_kernel.errors import Conflict, NotFound, Unavailable
 from bkg_kernel.store import Store
@@ -47,16 +48,7 @@ def store(tmp_path: Path) -> Any:
 
 def while_reading(store: Store, read: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     """Start `read` on a thread and return once its scan runs outside the lock (the thread, and what it got)."""
-    got: list[Any] = []
-
-    def run() -> None:
-        try:
-            got.append(read())
-        except Exception as exc:  # the test looks at it
-            got.append(exc)
-
-    t = threading.Thread(target=run)
-    t.start()
+    t, got = on_thread(read)
     while not store._busy and t.is_alive():  # noqa: SLF001 - the read is on its own connection now
         threading.Event().wait(0.001)
     assert store._busy, f"the read ended before it was seen running: {got}"  # noqa: SLF001
@@ -180,9 +172,7 @@ def test_a_snapshot_holds_the_lock_only_to_fix_its_moment(store: Store, monkeypa
 
     monkeypatch.setattr(snapshots, "_sha256", held_sha256)
     big = store.collection("big")
-    got: list[Any] = []
-    t = threading.Thread(target=lambda: got.append(store.snapshot("big")))
-    t.start()
+    t, got = on_thread(lambda: store.snapshot("big"))
     assert exporting.wait(60)
     big.upsert(ids=[N], vectors=np.ones((1, 4), np.float32), payloads=[{"title": "written meanwhile"}])
     big.delete([0, 1])
@@ -216,9 +206,7 @@ def test_a_restore_holds_the_lock_only_to_stage_and_swap(store: Store, monkeypat
 
     monkeypatch.setattr(snapshots.TextIndex, "load", held_read)
     big = store.collection("big")
-    got: list[Any] = []
-    t = threading.Thread(target=lambda: got.append(store.restore_snapshot("big", snap.id)))
-    t.start()
+    t, got = on_thread(lambda: store.restore_snapshot("big", snap.id))
     assert loading.wait(60)
     big.delete([0])  # the collection takes writes, another answers, a new one is made
     assert big.count() == N - 1 and store.collection("small").query(text="one", k=1).hits[0].id == 1
@@ -239,21 +227,16 @@ def test_a_read_that_begins_while_the_store_closes_is_stopped_too(store: Store) 
 
     where, params = compile_filter(slow_filter())
     table = store.collection("big").table
-    got: list[Any] = []
 
-    def late_read() -> None:
+    def late_read() -> Any:
         with store._mutex:  # noqa: SLF001 - lent as `Collection._reading` lends it
             lent = store.reading()
-        try:
-            with lent as con:
-                while not store.closed:  # the store closes before this query begins
-                    threading.Event().wait(0.001)
-                got.append(con.execute(f"SELECT count(*) FROM {table} WHERE {where}", params).fetchall())
-        except Exception as exc:  # the test looks at it
-            got.append(exc)
+        with lent as con:
+            while not store.closed:  # the store closes before this query begins
+                threading.Event().wait(0.001)
+            return con.execute(f"SELECT count(*) FROM {table} WHERE {where}", params).fetchall()
 
-    t = threading.Thread(target=late_read)
-    t.start()
+    t, got = on_thread(late_read)
     while not store._busy:  # noqa: SLF001
         threading.Event().wait(0.001)
     store.close()
