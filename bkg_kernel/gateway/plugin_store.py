@@ -149,8 +149,8 @@ class PluginStore:
         return results
 
     # -- models ---------------------------------------------------------------------------------------
-    def embed(self, plugin_id: str, caller: Principal, model: str, texts: list[str]) -> Any:
-        return self._await(storeops.embed(self._sup(), caller, model, texts, field="model"))
+    def embed(self, plugin_id: str, caller: Principal, model: str, texts: list[str], dim: int | None = None) -> Any:
+        return self._await(storeops.embed(self._sup(), caller, model, texts, dim, field="model"))
 
     def rerank(self, plugin_id: str, caller: Principal, model: str, query: str, documents: list[str]) -> list[float]:
         out: list[float] = self._await(storeops.rerank(self._sup(), caller, model, query, documents))

@@ -126,9 +126,11 @@ class StoreHandle:
         return out
 
     # -- models -----------------------------------------------------------------------------------------
-    def embed(self, model: str, texts: Sequence[str]) -> np.ndarray:
-        """Embed texts with `candle:<id>` or `llmserver:<id>` (scope llm:use); float32 rows."""
-        return np.asarray(self._send("embed", {"model": model, "texts": list(texts)}), dtype=np.float32)
+    def embed(self, model: str, texts: Sequence[str], dim: int | None = None) -> np.ndarray:
+        """Embed texts with `candle:<id>` or `llmserver:<id>` (scope llm:use); float32 rows (`dim` wide, else a
+        422 naming the model)."""
+        args: dict[str, Any] = {"model": model, "texts": list(texts), **({"dim": dim} if dim is not None else {})}
+        return np.asarray(self._send("embed", args), dtype=np.float32)
 
     def rerank(self, model: str, query: str, documents: Sequence[str]) -> list[float]:
         """Score (query, document) pairs with a candle cross-encoder (scope llm:use); higher is more relevant."""

@@ -323,10 +323,7 @@ class BrainML(Plugin):
         # and a slow one holds up no other call's writes (the lock below).
         for a in range(0, len(points), INDEX_BATCH):
             batch = points[a : a + INDEX_BATCH]
-            vecs = self.store.embed(spec, [p["text"] for p in batch])
-            if vecs.shape[1] != dim:
-                raise InvalidInput(f"{spec} gives {vecs.shape[1]}-d vectors; collection {inp.collection!r} holds "
-                                   f"{dim}-d vectors", field="collection")  # fmt: skip
+            vecs = self.store.embed(spec, [p["text"] for p in batch], dim)  # the collection's width, as an upsert
             for p, v in zip(batch, vecs, strict=True):
                 p["vector"] = v
         ids = [str(d.id) for d in inp.documents if d.id is not None]
