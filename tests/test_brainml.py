@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway, start_gateway
 
@@ -53,6 +54,32 @@ def test_chunking_covers_the_text_at_word_boundaries() -> None:
     assert spans[0][0] == 0 and spans[-1][1] == len(text)
     assert all(b - a <= 200 for a, b in spans) and all(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1))
     assert all(a == 0 or text[a - 1] == " " for a, _ in spans)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "機" * 2000,  # no spaces at all (Chinese, Japanese)
+        "東京は日本の首都です。" * 150 + " and then some English " * 20,
+        "word " * 100 + "x" * 1000 + " tail" * 50,  # a long token (base64, minified code) across a cut
+    ],
+)
+def test_chunking_never_drops_text_without_spaces(text: str) -> None:
+    spans = chunk(text, 800, 100)
+    covered = np.zeros(len(text), dtype=bool)
+    for a, b in spans:
+        covered[a:b] = True
+    assert covered.all() and spans[-1][1] == len(text)
+    assert all(b - a <= 800 for a, b in spans) and all(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1))
+
+
+def test_highlights_in_chinese_japanese_and_korean() -> None:
+    text = "PythonとPyTorchで機械学習を学ぶ。機械の学習、猫が好き"
+    marked = [text[a:b] for a, b in highlights("機械学習 python", text)]
+    assert marked == ["Python", "機械学習", "機械", "学習"]  # the pairs of a run mark it whole
+    assert [text[a:b] for a, b in highlights("猫", text)] == ["猫"]
+    dotted = "İstanbul 猫 학습"  # "İ" lowers to two characters: the fallback that walks words
+    assert [dotted[a:b] for a, b in highlights("학습 猫 istanbul", dotted)] == ["猫", "학습"]
 
 
 def test_index_query_ask_stats(bgw: Gateway) -> None:

@@ -20,10 +20,11 @@ from bkg_kernel.store import Store
 from bkg_kernel.store.fulltext import STOP_WORDS, TextIndex, words
 
 
-def _terms(text: str) -> list[str]:
-    """The terms the index makes of a text, in order, repeats kept (its analysis, through a throwaway index)."""
+def _terms(text: str, query: bool = False) -> list[str]:
+    """The terms the index makes of a text (or looks for, for a `query`), in order, repeats kept (its analysis,
+    through a throwaway index)."""
     t = TextIndex()
-    return [t.vocab[i] for i in t._ids(words(text), grow=True) if i >= 0]
+    return [t.vocab[i] for i in t._ids(words(text, query), grow=True) if i >= 0]
 
 
 def test_analysis_folds_splits_drops_stop_words_and_stems() -> None:
@@ -33,6 +34,39 @@ def test_analysis_folds_splits_drops_stop_words_and_stems() -> None:
     assert set(_terms("The foxes are running to the databases")) == {"fox", "run", "databas"}
     assert "first" not in STOP_WORDS and "value" not in STOP_WORDS  # a short stop list: these carry meaning here
     assert _terms("x" * 41) == []  # over-long tokens (hashes, base64) are not terms
+
+
+def test_chinese_japanese_and_korean_are_split_into_letters_and_pairs() -> None:
+    # written without spaces: a run is indexed as its letters and overlapping pairs, asked for by its pairs
+    assert words("机器学习") == ["机", "器", "学", "习", "机器", "器学", "学习"]
+    assert words("机器学习", query=True) == ["机器", "器学", "学习"]
+    assert words("猫", query=True) == ["猫"]  # a lone letter is asked for by itself
+    assert words("PyTorchで機械学習, café", query=True) == ["pytorch", "で機", "機械", "械学", "学習", "cafe"]
+    assert words("ｶﾞｰﾄﾞ", query=True) == words("ガード", query=True) == ["ガー", "ード"]  # half width: full
+    assert words("한국어 분석", query=True) == ["한국", "국어", "분석"]
+    assert _terms("機械学習 databases") == ["機", "械", "学", "習", "機械", "械学", "学習", "databas"]
+
+
+def test_chinese_japanese_and_korean_texts_are_found_by_their_words(store: Store) -> None:
+    texts = {
+        1: "机器学习是人工智能的一个分支。",
+        2: "深度学习使用多层神经网络。",
+        3: "東京は日本の首都です。猫が好きです。",
+        4: "PyTorchで機械学習を学ぶ",
+        5: "한국어 형태소 분석기는 문장을 나눈다",
+        6: "machine learning in English, without any of those letters",
+    }
+    c = store.create_collection("cjk", dim=2)
+    c.upsert([{"id": i, "vector": [1, 0], "text": t} for i, t in texts.items()])
+    assert c.query(text="机器学习", k=5).ids[0] == 1
+    assert set(c.query(text="学习", k=5).ids) == {1, 2}  # both hold the word; neither holds "學習" or "学習"
+    assert c.query(text="首都", k=5).ids == [3] and c.query(text="猫", k=5).ids == [3]
+    assert c.query(text="機械学習", k=5).ids == [4] and c.query(text="pytorch", k=5).ids == [4]
+    assert c.query(text="형태소 분석", k=5).ids == [5]
+    assert set(c.query(text="学", k=5).ids) == {1, 2, 4}  # a lone letter finds the texts holding it
+    assert c.query(text="learning", k=5).ids == [6]
+    scores = {h.id: h.score for h in c.query(text="深度学习", k=5)}
+    assert max(scores, key=scores.__getitem__) == 2 and scores[2] == pytest.approx(_bm25(texts, "深度学习")[2])
 
 
 def test_texts_without_terms_and_queries_without_terms(store: Store) -> None:
@@ -50,7 +84,7 @@ def _bm25(docs: dict[int, str], query: str) -> dict[int, float]:
     n = len(docs)
     avgdl = sum(sum(c.values()) for c in toks.values()) / n
     out: dict[int, float] = {}
-    for q in set(_terms(query)):
+    for q in set(_terms(query, query=True)):
         df = sum(1 for c in toks.values() if q in c)
         idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
         for i, c in toks.items():

@@ -8,7 +8,10 @@ snapshots.
 
 Analysis, as LanceDB's (and tantivy's) English defaults: Unicode folded to ASCII where it can be, lower case,
 split on anything but letters and digits (`read_csv` and `os.path` are two words each), tokens over 40
-characters dropped, Lucene's 33 English stop words dropped, Snowball English stemming. Scoring: BM25 with
+characters dropped, Lucene's 33 English stop words dropped, Snowball English stemming. Chinese, Japanese and
+Korean, written without spaces between words, are split as Lucene's CJK analyser splits them (with unigrams): a
+run of their letters is indexed as its characters and its overlapping pairs, and asked for by its pairs (a lone
+character by itself), so "機械学習" finds a text holding it and "猫" a text holding "猫が好き". Scoring: BM25 with
 k1 = 1.2, b = 0.75 and Lucene's idf, over the live documents only: a deleted point leaves the document
 frequencies at once, not at the next merge.
 
@@ -41,7 +44,7 @@ MAX_TOKEN = 40
 _LUCENE_STOP = "a an and are as at be but by for if in into is it no not of on or such that the their then there these"
 STOP_WORDS = frozenset(f"{_LUCENE_STOP} they this to was will with".split(" "))
 # Bump when analysis changes: a saved index made with another analyser is rebuilt on open.
-ANALYZER = "fold-lower-alnum40-lucene33-snowball_en/1"
+ANALYZER = "fold-lower-alnum40-lucene33-snowball_en-cjk_bigram/2"
 _WORD = re.compile(r"[^\W_]+")  # runs of letters and digits
 # ASCII text (nearly all of it): one C pass maps letters to lower case and everything else but digits to a
 # space, then str.split; a third of the regex's time.
@@ -51,14 +54,53 @@ _UNSEEN = -2
 ARRAYS = ("terms", "docs", "tfs", "doc_len")
 
 
-def words(text: str) -> list[str]:
-    """Split a text into lower-case ASCII-folded words (before stop words and stemming)."""
+# Letters of the scripts written without spaces between words: Hangul Jamo, Hiragana and Katakana, Hangul
+# compatibility Jamo, CJK ideographs (extension A, the unified block, compatibility ideographs, extensions B-H),
+# Hangul Jamo extended A, Hangul syllables, half-width Katakana.
+CJK_LETTER = (
+    "[\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u3400-\u4dbf\u4e00-\u9fff\ua960-\ua97f\uac00-\ud7af"
+    "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f]"
+)
+CJK_RUN = re.compile(f"({CJK_LETTER}+)")
+
+
+def words(text: str, query: bool = False) -> list[str]:
+    """Split a text into lower-case ASCII-folded words (before stop words and stemming); a run of Chinese,
+    Japanese or Korean letters into its characters and its overlapping pairs (a `query`: its pairs only)."""
     if not text.isascii():
+        if CJK_RUN.search(text):
+            return _cjk_words(text, query)
         folded = unicodedata.normalize("NFKD", text)
         text = "".join(ch for ch in folded if not unicodedata.combining(ch))
         if not text.isascii():
             return _WORD.findall(text.lower())
     return text.translate(_ASCII_WORDS).split()
+
+
+def _cjk_words(text: str, query: bool) -> list[str]:
+    """`words` of a text holding Chinese, Japanese or Korean: the rest as everywhere else, each run of those
+    letters (normalised: half-width Katakana made full width) as its characters and pairs, or pairs alone."""
+    out: list[str] = []
+    for n, part in enumerate(CJK_RUN.split(text)):
+        if n % 2 == 0:
+            if part:
+                out += words(part)
+            continue
+        run = unicodedata.normalize("NFKC", part)
+        pairs = [run[i : i + 2] for i in range(len(run) - 1)]
+        out += pairs if query and pairs else [*run, *pairs]
+    return out
+
+
+def cjk(word: str) -> bool:
+    """Whether a word holds a Chinese, Japanese or Korean letter (such words stand in a text without spaces)."""
+    return CJK_RUN.search(word) is not None
+
+
+def cjk_pairs(text: str) -> list[str]:
+    """The pairs of letters (a lone letter by itself) of each Chinese, Japanese or Korean run in `text`: what a
+    query looks for there."""
+    return [w for w in _cjk_words(text, query=True) if cjk(w)] if cjk(text) else []
 
 
 class _Segment:
@@ -148,7 +190,7 @@ class TextIndex:
 
     def query_terms(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Return the query's distinct known term ids and how often each occurs in it."""
-        ids = np.asarray([t for t in self._ids(words(text), grow=False) if t >= 0], dtype=np.int64)
+        ids = np.asarray([t for t in self._ids(words(text, query=True), grow=False) if t >= 0], dtype=np.int64)
         if len(ids) == 0:
             return ids, np.zeros(0)
         terms, counts = np.unique(ids, return_counts=True)

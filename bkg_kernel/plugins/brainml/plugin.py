@@ -32,6 +32,7 @@ from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
 from bkg_kernel.models.registry import ID_PATTERN, ModelRegistry, check_id, slug
 from bkg_kernel.runtime.contract import JSONResult, Plugin, PluginSettings, Progress, capability
 from bkg_kernel.runtime.storehandle import StoreHandle
+from bkg_kernel.store.fulltext import CJK_LETTER, CJK_RUN, cjk, cjk_pairs
 from bkg_kernel.store.results import EXPLAIN_KEYS
 from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN
 
@@ -188,18 +189,26 @@ def chunk(text: str, size: int, overlap: int, limit: int | None = None) -> list[
         if end >= n:
             break
         start = max(end - overlap, start + 1)
-        while 0 < start < n and not text[start - 1].isspace() and end - start < size:
-            start += 1  # begin the next chunk at a word boundary inside the overlap
+        at = start
+        while at <= end + 1 and not text[at - 1].isspace():
+            at += 1  # begin the next chunk at a word boundary inside the overlap (or just past the cut's space)
+        start = at if at <= end + 1 else start  # none (Chinese, Japanese, a long token): mid-word, never past end
     return spans
 
 
-QUERY_WORD, WORD, WORD_CHAR = re.compile(r"\w{3,}"), re.compile(r"\w+"), re.compile(r"\w")
+QUERY_WORD = re.compile(r"\w{3,}")
+# letters and digits that make a word: Chinese, Japanese or Korean letters stand apart (a word may touch them)
+WORD_CHAR = re.compile(f"(?!{CJK_LETTER})\\w")
+WORD = re.compile(f"(?:{WORD_CHAR.pattern})+")
 _PLACE = frozenset(("doc_id", "chunk", "start", "end"))  # where a chunk sits: not its metadata
 
 
 def query_words(query: str) -> set[str]:
-    """The words of a query that `highlights` marks: 3+ letters, lower case."""
-    return {w.lower() for w in QUERY_WORD.findall(query)}
+    """The words of a query that `highlights` marks: 3+ letters, lower case; in Chinese, Japanese or Korean, the
+    pairs of letters full text looks for (a lone letter by itself)."""
+    if not cjk(query):
+        return {w.lower() for w in QUERY_WORD.findall(query)}
+    return {w.lower() for w in QUERY_WORD.findall(CJK_RUN.sub(" ", query))} | set(cjk_pairs(query))
 
 
 def highlights(query: str, text: str, words: set[str] | None = None) -> list[list[int]]:
@@ -210,18 +219,31 @@ def highlights(query: str, text: str, words: set[str] | None = None) -> list[lis
     Python took 1.5 ms); a text whose lower case changes its length falls back to walking its words."""
     if words is None:
         words = query_words(query)
+    bare = {w for w in words if cjk(w)}  # letters of a text without spaces: found wherever they stand
     low = text.lower()
-    if len(low) != len(text):  # e.g. "İ" lowers to two characters: offsets would drift
-        return [[m.start(), m.end()] for m in WORD.finditer(text) if m.group().lower() in words]
     spans = []
+    if len(low) != len(text):  # e.g. "İ" lowers to two characters: offsets would drift
+        spans = [[m.start(), m.end()] for m in WORD.finditer(text) if m.group().lower() in words - bare]
+        low, words = text, bare  # (those letters have no case)
     for w in words:
+        whole = w not in bare
         i = low.find(w)
         while i >= 0:
             j = i + len(w)
-            if (i == 0 or not WORD_CHAR.match(low, i - 1)) and (j == len(low) or not WORD_CHAR.match(low, j)):
+            if not whole or (
+                (i == 0 or not WORD_CHAR.match(low, i - 1)) and (j == len(low) or not WORD_CHAR.match(low, j))
+            ):
                 spans.append([i, j])
-            i = low.find(w, j)
+            i = low.find(w, j if whole else i + 1)
     spans.sort()
+    if bare:  # overlapping pairs ("機械", "械学", "学習") mark one run
+        merged: list[list[int]] = []
+        for a, b in spans:
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        spans = merged
     return spans
 
 
