@@ -158,6 +158,12 @@ def test_bad_input(bgw: Gateway) -> None:
     r = invoke(bgw, "brainml.index", {"collection": "kb2", "documents": [{"text": "x y", "metadata": {"doc_id": "B"}}]})
     assert r.status_code == 422 and r.json()["error"]["field"] == "input.documents.0.metadata", r.text
     assert "doc_id" in r.json()["error"]["message"]
+    # found by a review: one id twice in a call (7 and "7" are one id) stored the versions mixed, chunk by chunk
+    long, short = {"id": 7, "text": " ".join(f"alpha{i}" for i in range(300))}, {"id": "7", "text": "short text"}
+    r = invoke(bgw, "brainml.index", {"collection": "kb2", "documents": [long, short], "chunking": {"size": 200}})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "input.documents.1.id", r.text
+    assert "documents[0]" in r.json()["error"]["message"]
+    assert bgw.client().get("/api/collections/kb2").status_code == 404  # a refused call makes nothing
 
 
 def test_a_name_the_capability_does_not_take_is_a_422_not_ignored(bgw: Gateway) -> None:

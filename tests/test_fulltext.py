@@ -34,6 +34,10 @@ def test_analysis_folds_splits_drops_stop_words_and_stems() -> None:
     assert set(_terms("The foxes are running to the databases")) == {"fox", "run", "databas"}
     assert "first" not in STOP_WORDS and "value" not in STOP_WORDS  # a short stop list: these carry meaning here
     assert _terms("x" * 41) == []  # over-long tokens (hashes, base64) are not terms
+    # letters without a decomposition fold as Lucene's ASCII folding writes them (found by a review)
+    assert words("Straße Søren Æsir Łódź œuvre Đorđe Þór ẞ") == [
+        "strasse", "soren", "aesir", "lodz", "oeuvre", "dorde", "thor", "ss",
+    ]  # fmt: skip
 
 
 def test_chinese_japanese_and_korean_are_split_into_letters_and_pairs() -> None:

@@ -6,12 +6,13 @@ file (`<table>.fts`, a zip whose members carry CRCs), caught up from DuckDB on o
 ones by reading their texts, deletes from the rows themselves), rebuilt after a compaction, and copied into
 snapshots.
 
-Analysis, as LanceDB's (and tantivy's) English defaults: Unicode folded to ASCII where it can be, lower case,
-split on anything but letters and digits (`read_csv` and `os.path` are two words each), tokens over 40
-characters dropped, Lucene's 33 English stop words dropped, Snowball English stemming. Chinese, Japanese and
-Korean, written without spaces between words, are split as Lucene's CJK analyser splits them (with unigrams): a
-run of their letters is indexed as its characters and its overlapping pairs, and asked for by its pairs (a lone
-character by itself), so "機械学習" finds a text holding it and "猫" a text holding "猫が好き". Scoring: BM25 with
+Analysis, as LanceDB's (and tantivy's) English defaults: Unicode folded to ASCII where it can be (accents
+stripped; ß, æ, ø, ł and the like written as Lucene's ASCII folding writes them), lower case, split on anything
+but letters and digits (`read_csv` and `os.path` are two words each), tokens over 40 characters dropped, Lucene's
+33 English stop words dropped, Snowball English stemming. Chinese, Japanese and Korean, written without spaces
+between words, are split as Lucene's CJK analyser splits them (with unigrams): a run of their letters is indexed
+as its characters and its overlapping pairs, and asked for by its pairs (a lone character by itself), so
+"機械学習" finds a text holding it and "猫" a text holding "猫が好き". Scoring: BM25 with
 k1 = 1.2, b = 0.75 and Lucene's idf, over the live documents only: a deleted point leaves the document
 frequencies at once, not at the next merge.
 
@@ -44,11 +45,20 @@ MAX_TOKEN = 40
 _LUCENE_STOP = "a an and are as at be but by for if in into is it no not of on or such that the their then there these"
 STOP_WORDS = frozenset(f"{_LUCENE_STOP} they this to was will with".split(" "))
 # Bump when analysis changes: a saved index made with another analyser is rebuilt on open.
-ANALYZER = "fold-lower-alnum40-lucene33-snowball_en-cjk_bigram/2"
+ANALYZER = "fold_latin-lower-alnum40-lucene33-snowball_en-cjk_bigram/2"
 _WORD = re.compile(r"[^\W_]+")  # runs of letters and digits
 # ASCII text (nearly all of it): one C pass maps letters to lower case and everything else but digits to a
 # space, then str.split; a third of the regex's time.
 _ASCII_WORDS = str.maketrans({chr(i): chr(i).lower() if chr(i).isalnum() else " " for i in range(128)})
+# Latin letters with no decomposition to strip (Lucene's ASCIIFoldingFilter folds them too): "Straße", "Søren",
+# "Łódź" are found by "strasse", "soren", "lodz".
+_UNDECOMPOSED = str.maketrans(
+    {
+        "ß": "ss", "ẞ": "SS", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE", "ł": "l", "Ł": "L",
+        "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "TH", "ı": "i", "ħ": "h", "Ħ": "H", "ŀ": "l",
+        "Ŀ": "L", "ŧ": "t", "Ŧ": "T", "ŋ": "ng", "Ŋ": "NG", "ĸ": "q", "ſ": "s", "ƒ": "f", "ɨ": "i", "ʉ": "u",
+    }
+)  # fmt: skip
 _DROPPED = -1  # a word that yields no term (a stop word, too long)
 _UNSEEN = -2
 ARRAYS = ("terms", "docs", "tfs", "doc_len")
@@ -71,7 +81,7 @@ def words(text: str, query: bool = False) -> list[str]:
         if CJK_RUN.search(text):
             return _cjk_words(text, query)
         folded = unicodedata.normalize("NFKD", text)
-        text = "".join(ch for ch in folded if not unicodedata.combining(ch))
+        text = "".join(ch for ch in folded if not unicodedata.combining(ch)).translate(_UNDECOMPOSED)
         if not text.isascii():
             return _WORD.findall(text.lower())
     return text.translate(_ASCII_WORDS).split()

@@ -332,8 +332,15 @@ class BrainML(Plugin):
         overlap = inp.chunking.overlap if inp.chunking else self.settings.chunk_overlap
         points: list[dict[str, Any]] = []
         stale: list[dict[str, Any]] = []  # per document: its chunks past the new last one
-        for doc in inp.documents:
+        seen: dict[str, int] = {}
+        for i, doc in enumerate(inp.documents):
             doc_id = str(doc.id) if doc.id is not None else f"doc-{uuid.uuid4().hex}"
+            if seen.setdefault(doc_id, i) != i:  # two versions in one call would be stored mixed, chunk by chunk
+                raise InvalidInput(
+                    f"input.documents.{i}.id: document {doc_id!r} is also documents[{seen[doc_id]}] of this call: "
+                    "send one version of a document per call",
+                    field=f"input.documents.{i}.id",
+                )
             spans = chunk(doc.text, size, overlap, limit=MAX_CHUNKS - len(points))
             for n, (a, b) in enumerate(spans):
                 payload = {"doc_id": doc_id, "chunk": n, "start": a, "end": b, **doc.metadata}
