@@ -97,7 +97,7 @@ def dashboards_env(gateway_url: str | None = None) -> dict[str, str]:
     """The environment for `dashboards_cmd`: bkg's Voila template on the Jupyter path, the gateway to use, and no
     credential. Voila asks nobody for a token, so whatever its kernels hold serves whoever opens a page: every
     dashboard asks for a login instead (a Hub user's token here would log anyone in as them)."""
-    from bkg_kernel.settings import SECRET_ENV, Settings
+    from bkg_kernel.settings import Settings, scrubbed_env
 
     settings = Settings()
     if not gateway_url and settings.hub_user and settings.hub_api_token:  # the Hub's bkg service, found here: the
@@ -106,7 +106,7 @@ def dashboards_env(gateway_url: str | None = None) -> dict[str, str]:
         with contextlib.suppress(BkgError):
             gateway_url = hub_gateway(settings)
     share = Path(__file__).resolve().parent / "widgets" / "share"
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith("JUPYTERHUB_")}
+    env = scrubbed_env()
     env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(share), os.environ.get("JUPYTER_PATH")]))
     if gateway_url:
         env["BKG_GATEWAY_URL"] = gateway_url

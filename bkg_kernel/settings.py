@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +21,13 @@ from pydantic_settings import (
 # Credentials that reach the gateway through its environment: read into Settings, then removed from the process
 # environment, so that no plugin worker, job worker or kernel inherits them.
 SECRET_ENV = ("BKG_ADMIN_KEY", "BKG_API_KEY", "JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN")
+
+
+def scrubbed_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) without the secrets a child must not inherit: the admin key, the API key,
+    every Hub token and `JUPYTERHUB_*` (plugin workers, job workers and their kernels, on any executor)."""
+    src = os.environ if env is None else env
+    return {k: v for k, v in src.items() if k not in SECRET_ENV and not k.startswith("JUPYTERHUB_")}
 
 
 def _config_file() -> Path:

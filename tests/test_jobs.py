@@ -744,12 +744,22 @@ def test_schedules_over_http_are_checked_and_owned(jgw: Gateway) -> None:
 def test_the_dask_executor_runs_the_same_job_on_a_local_cluster(tmp_path: Path, roots: Path) -> None:
     from distributed import LocalCluster
 
+    # a worker started where secrets are about (the gateway's service environment, a Hub user's server)
+    secrets = {"BKG_ADMIN_KEY": ADMIN_KEY, "JUPYTERHUB_API_TOKEN": "hub-token-of-whoever-started-the-worker"}
+    more = notebook(tmp_path / "more" / "env.ipynb", "x = 1", "import json, os\nprint(json.dumps(dict(os.environ)))")
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
-                      scheduler_port=0) as cluster:  # fmt: skip
+                      scheduler_port=0, env=secrets) as cluster:  # fmt: skip
         address = cluster.scheduler_address.replace("tcp://", "dask://")
-        g = start_gateway(tmp_path / "data", env={"BKG_JOB_ROOTS": str(roots), "BKG_JOB_EXECUTOR": address},
-                          plugins=["sysinfo"])  # fmt: skip
+        env = {"BKG_JOB_ROOTS": f"{roots}{os.pathsep}{more.parent}", "BKG_JOB_EXECUTOR": address}
+        g = start_gateway(tmp_path / "data", env=env, plugins=["sysinfo"])
         try:
+            # found by a review: the task gave its kernel the worker's whole environment, secrets and all
+            seen = wait_run(g, submit(g, {"notebook": "env.ipynb"})["id"])
+            assert seen["state"] == "succeeded", seen
+            out = nbformat.read(seen["output_path"], 4).cells[-1].outputs
+            kernel_env = json.loads("".join(o.get("text", "") for o in out))
+            assert kernel_env.get("BKG_API_KEY", "").startswith("bkg_")  # the run's own key
+            assert ADMIN_KEY not in kernel_env.values() and not any(k.startswith("JUPYTERHUB_") for k in kernel_env)
             done = wait_run(g, submit(g, {"notebook": "ok.ipynb", "parameters": {"n": 50}})["id"])
             assert done["state"] == "succeeded" and done["executor"] == address, done
             out = nbformat.read(done["output_path"], 4)
@@ -822,6 +832,119 @@ def test_one_user_cannot_fill_the_queue_or_pile_up_schedules(tmp_path: Path, roo
 
     asyncio.run(scenario())
     store.close()
+
+
+def _service(tmp_path: Path, roots: Path, **settings: Any) -> tuple[Any, Any, Any, list[float]]:
+    """A job service in this process on a real store, its dispatcher not started (runs stay queued), a clock the
+    test moves, and two developers."""
+    from bkg_kernel.auth import AuthService, Principal
+    from bkg_kernel.jobs.service import JobService
+    from bkg_kernel.settings import Settings
+    from bkg_kernel.store import Store
+
+    store = Store(tmp_path / "data")
+    auth = AuthService(store)
+    ann, bob = (auth.create_user(n, "developer", actor="test") for n in ("ann", "bob"))
+    people = [Principal(u["id"], u["username"], "developer", frozenset(auth.roles["developer"])) for u in (ann, bob)]
+    now = [1_800_000_000.0]
+    svc = JobService(Settings(job_roots=[roots], **settings), store, auth, lambda *a: None, "http://127.0.0.1:9",
+                     clock=lambda: now[0])  # fmt: skip
+    svc.queue = asyncio.Queue()  # what start() makes; no dispatcher takes from it here
+    return svc, store, people, now
+
+
+def test_a_link_loop_is_a_422_and_never_stops_other_schedules(tmp_path: Path) -> None:
+    """Found by a review: a notebook that is a loop of links (or lies under one) was a 500 to submit, and at a tick
+    the RuntimeError escaped: every schedule after it (anyone's) stopped firing, at every tick."""
+    from bkg_kernel.errors import InvalidInput
+
+    roots = make_notebooks(tmp_path / "roots")
+    notebook(roots / "mine.ipynb", "n = 1", "print(n)")
+    (roots / "loop.ipynb").symlink_to("loop.ipynb")
+    (roots / "d").symlink_to("d")
+    svc, store, (ann, bob), now = _service(tmp_path, roots)
+
+    async def scenario() -> None:
+        for name in ("loop.ipynb", "d/x.ipynb"):
+            with pytest.raises(InvalidInput) as exc:
+                await svc.submit(ann, name)
+            assert exc.value.field == "notebook" and "loop" in exc.value.message.lower()
+        first = await svc.add_schedule(ann, {"notebook": "mine.ipynb", "cron": "* * * * *"})  # made first
+        (roots / "mine.ipynb").unlink()
+        (roots / "mine.ipynb").symlink_to("mine.ipynb")  # then its notebook became a loop
+        second = await svc.add_schedule(bob, {"notebook": "ok.ipynb", "cron": "* * * * *"})
+        now[0] += 61
+        fired = {r["schedule_id"]: r for r in await svc.tick()}
+        assert fired[second["id"]]["state"] == "queued" and fired[first["id"]]["state"] == "failed"
+        assert "loop" in fired[first["id"]]["message"].lower()
+        # a bug met by one schedule (not a refusal) fails that fire alone; the others still fire
+        real = svc._acting
+        svc._acting = lambda s, what: real(s, what) if s["id"] != second["id"] else 1 / 0
+        svc.live.clear()
+        now[0] += 60
+        fired = {r["schedule_id"]: r for r in await svc.tick()}
+        assert "ZeroDivisionError" in fired[second["id"]]["message"] and fired[first["id"]]["state"] == "failed"
+
+    asyncio.run(scenario())
+    store.close()
+
+
+@pytest.mark.parametrize("where", ["before the run is made", "before the run is queued"])
+@pytest.mark.parametrize("how", ["turned off", "deleted"])
+def test_a_schedule_turned_off_as_it_fires_queues_no_run(tmp_path: Path, roots: Path, how: str, where: str) -> None:
+    """Found by a review: a tick read the due schedules, then awaited the notebook's check and the run's row; a
+    schedule turned off or deleted meanwhile (answered 200 / 204) still queued a run that acted as its owner."""
+    svc, store, (ann, _), now = _service(tmp_path, roots)
+    entered, release = threading.Event(), threading.Event()
+    gated = svc._checked if where == "before the run is made" else svc.history.save_run
+
+    def held(*a: Any) -> Any:  # the real call, held until the schedule is turned off
+        entered.set()
+        assert release.wait(30)
+        return gated(*a)
+
+    async def scenario() -> list[dict[str, Any]]:
+        s = await svc.add_schedule(ann, {"notebook": "ok.ipynb", "cron": "* * * * *"})
+        if where == "before the run is made":
+            svc._checked = held
+        else:
+            svc.history.save_run = held
+        now[0] += 61
+        tick = asyncio.create_task(svc.tick())
+        assert await asyncio.to_thread(entered.wait, 30)
+        if how == "deleted":
+            await svc.delete_schedule(s["id"], ann)
+        else:
+            assert (await svc.set_enabled(s["id"], False, ann))["enabled"] is False
+        release.set()  # the caller has its answer: from here on no run of the schedule may be queued
+        fired = await tick
+        queued = [svc.live[r] for r in list(svc.queue._queue)]  # type: ignore[attr-defined]
+        assert not [r for r in queued if r["schedule_id"] == s["id"]] and not svc.live
+        return fired
+
+    fired = asyncio.run(scenario())
+    # dropped before anything was made, or made and cancelled at once (never queued, never started)
+    assert fired == [] if where == "before the run is made" else [r["state"] for r in fired] == ["cancelled"]
+    store.close()
+
+
+def test_one_users_background_jobs_never_push_out_anothers() -> None:
+    """Found by a review: finished background jobs were kept 200 for everyone together, so one user's burst of
+    cheap jobs pushed out another's finished training and its result (a 404). Kept per owner now."""
+    from bkg_kernel.auth import Principal
+    from bkg_kernel.gateway import jobs as jobs_module
+
+    jobs = jobs_module.Jobs(lambda *a: None)
+    ann = Principal("u-1", "ann", "developer", frozenset({"plugins:read"}))
+    mal = Principal("u-2", "mal", "developer", frozenset({"plugins:read"}))
+    mine = jobs.start("brainml.train", lambda progress: {"model_id": "m1"}, owner=ann)
+    wait_for(lambda: jobs.get(mine.id).finished is not None, 10)
+    for _ in range(jobs_module.KEEP + 5):
+        j = jobs.start("sysinfo.survey", lambda progress: {"ok": True}, owner=mal)
+        wait_for(lambda j=j: jobs.get(j.id).finished is not None, 10)
+    assert jobs.get(mine.id).result == {"model_id": "m1"}  # still there
+    kept = sum(1 for j in jobs.jobs.values() if j.owner_id == "u-2")  # pruned as each starts: KEEP, and the last
+    assert kept == jobs_module.KEEP + 1
 
 
 def test_a_user_made_under_a_deleted_user_s_name_sees_none_of_their_jobs(tmp_path: Path, roots: Path) -> None:

@@ -20,7 +20,7 @@ from bkg_kernel.errors import BkgError, Cancelled, Conflict, NotFound
 from bkg_kernel.jobs.access import visible
 
 Emit = Callable[[str, str, dict[str, Any]], None]
-KEEP = 200  # finished jobs kept for GET /api/jobs
+KEEP = 200  # finished jobs kept for GET /api/jobs, per owner (one user's burst never pushes out another's)
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Jobs:
         job = Job(id=f"job-{int(time.time())}-{next(self._ids)}", kind=kind, **kw)
         with self._lock:
             self.jobs[job.id] = job
-            done = [j for j in self.jobs.values() if j.finished is not None]
+            done = [j for j in self.jobs.values() if j.finished is not None and j.owner_id == job.owner_id]
             for old in sorted(done, key=lambda j: j.created)[: max(0, len(done) - KEEP)]:
                 self.jobs.pop(old.id, None)
         return job

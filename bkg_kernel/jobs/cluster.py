@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bkg_kernel.jobs.pool import OnEvent, failure, kill_group
+from bkg_kernel.settings import scrubbed_env
 
 
 def _topic(run_id: str) -> str:
@@ -47,7 +48,8 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
         local = {k: v for k, v in spec.items() if k != "notebook_json"}
         local.update(input=str(src), output=str(out), html=str(html), cwd=tmp)
         here = str(Path(__file__).resolve().parents[2])  # the bkg this worker imported, whatever the cwd
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (here, os.environ.get("PYTHONPATH", "")) if x))
+        env = scrubbed_env()  # the worker's secrets (an admin key, a Hub token) are not the kernel's to read
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (here, env.get("PYTHONPATH", "")) if x)
         child = subprocess.Popen(
             [sys.executable, "-m", "bkg_kernel.jobs.worker", "--once", "--sockets", tmp],  # removed with tmp
             env=env,

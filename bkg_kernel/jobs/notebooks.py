@@ -49,14 +49,25 @@ def resolve(notebook: str, roots: Sequence[Path]) -> Path:
     raw = [given] if given.is_absolute() else [r / given for r in real_roots]
     for path in raw:
         if os.path.lexists(path):  # the first root that holds the name decides: a link out of it is refused
-            real = path.resolve()
+            real = _resolved(path, notebook)
             if not any(real.is_relative_to(r) for r in real_roots):
                 raise outside
             if real.is_file():
                 return real
-    if not any(p.resolve().is_relative_to(r) for p in raw for r in real_roots):
+    if not any(_resolved(p, notebook).is_relative_to(r) for p in raw for r in real_roots):
         raise outside  # `../x.ipynb`, an absolute path elsewhere
     raise NotFound(f"no notebook {notebook!r} under the job roots", field="notebook")
+
+
+def _resolved(path: Path, notebook: str) -> Path:
+    """`path` with its links followed; a loop of links on the way (which Python 3.11 raises as a RuntimeError)
+    is the caller's 422 naming `notebook`."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        raise InvalidInput(
+            f"{notebook!r} cannot be opened: {exc.__class__.__name__}: {exc}", field="notebook"
+        ) from None
 
 
 def relative_name(path: Path, roots: Sequence[Path]) -> str:

@@ -35,7 +35,7 @@ from bkg_kernel.jobs.access import SEE_ALL, visible
 from bkg_kernel.jobs.history import FINISHED, History
 from bkg_kernel.jobs.pool import Executor, LocalPool
 from bkg_kernel.jobs.webhooks import check_url, notify
-from bkg_kernel.settings import SECRET_ENV, Settings
+from bkg_kernel.settings import Settings, scrubbed_env
 
 HTML_WAIT_S = 60.0  # a finished run's HTML is asked for before nbconvert wrote it: the request waits this long
 
@@ -76,6 +76,8 @@ class JobService:
         self.rendering: dict[str, asyncio.Future[str | None]] = {}
         self.kill_reason: dict[str, str] = {}
         self.dispatched: set[str] = set()  # handed to the executor, waiting for a worker or running
+        # schedule id -> times it was turned off or deleted: a fire on its way when that happened is dropped
+        self.schedule_changes: dict[str, int] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.queue: asyncio.Queue[str] | None = None
         self.tasks: list[asyncio.Task[None]] = []
@@ -88,7 +90,7 @@ class JobService:
             from bkg_kernel.jobs.cluster import DaskExecutor
 
             return DaskExecutor(s.job_executor, s.job_workers)
-        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith("JUPYTERHUB_")}
+        env = scrubbed_env()
         env.update(BKG_GATEWAY_URL=self.gateway_url, BKG_DATA_DIR=str(self.data_dir), PYTHONUNBUFFERED="1")
         here = str(Path(__file__).resolve().parents[2])  # this checkout first on the workers' path (as the gateway)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
@@ -148,8 +150,11 @@ class JobService:
         schedule_id: str | None = None,
         retry_of: str | None = None,
         attempt: int = 1,
+        go_on: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
-        """Check the notebook and its parameters (before anything runs), then queue a run as `p`."""
+        """Check the notebook and its parameters (before anything runs), then queue a run as `p`; `go_on`, asked
+        (on the event loop, with no wait in between) before the run is made and again before it is queued: False
+        drops it (`FireDropped` before it is made, cancelled after)."""
         p.require(RUN_SCOPE, "running a notebook job")
         _check_limits(timeout_s, retries)
         waiting = sum(1 for r in self.live.values() if r["owner_id"] == p.user_id)
@@ -158,6 +163,8 @@ class JobService:
                 f"{p.username} has {waiting} runs queued or running (job_max_waiting {self.settings.job_max_waiting})"
             )
         path, params = await asyncio.to_thread(self._checked, notebook, parameters)
+        if go_on is not None and not go_on():
+            raise FireDropped
         run = new_run(
             notebook=notebooks.relative_name(path, self.roots), path=str(path), parameters=params,
             owner=p.username, owner_id=p.user_id, scopes=sorted(p.scopes), key_id=self._vouching_key(p),
@@ -167,6 +174,9 @@ class JobService:
         run_id = run["id"]
         self.live[run_id] = run
         await asyncio.to_thread(self.history.save_run, run)
+        if go_on is not None and not go_on():
+            await self._finish(run, "cancelled", {"ename": "Cancelled", "evalue": "its schedule was turned off"})
+            return public(run)
         self._publish(run)
         assert self.queue is not None, "JobService.start() was not called"
         self.queue.put_nowait(run_id)
@@ -548,12 +558,20 @@ class JobService:
             s["key_id"] = self._vouching_key(p)  # from now on it lives as long as the key of who turned it on
         last_fire = s["last_fire"] if enabled else None
         await asyncio.to_thread(self.history.set_enabled, s["id"], enabled, last_fire, s.get("key_id"))
+        if not enabled:
+            self._turned_off(s["id"])
         return await asyncio.to_thread(self._schedule_public, s)
 
     async def delete_schedule(self, schedule_id: str, p: Principal) -> None:
         """Delete a schedule (its runs stay)."""
         s = await self._schedule(schedule_id, p)
         await asyncio.to_thread(self.history.delete_schedule, s["id"])
+        self._turned_off(s["id"])
+
+    def _turned_off(self, schedule_id: str) -> None:
+        """Count a schedule turned off or deleted (once it is written: a tick that read it before drops its fire,
+        one that reads it after sees it off; so no run of it is queued after the caller is answered)."""
+        self.schedule_changes[schedule_id] = self.schedule_changes.get(schedule_id, 0) + 1
 
     def _skip_missed(self) -> None:
         now = self.clock()
@@ -604,23 +622,38 @@ class JobService:
         """Start the runs that schedules have due at `now` (default: the clock); return them."""
         now = self.clock() if now is None else now
         started = []
+        changes = dict(self.schedule_changes)  # before the schedules are read (see `_turned_off`)
         for s, fire in await asyncio.to_thread(self._due, now):
             busy = any(r["schedule_id"] == s["id"] for r in self.live.values())  # queued counts: no backlog
             if busy and self.settings.job_overlap == "skip":
                 log.info("schedule %s: skipped the %s fire, its last run is still going", s["id"], fire)
                 await asyncio.to_thread(self.history.mark_fired, s["id"], fire, None)
                 continue
+            sid = s["id"]
+
+            def go_on(sid: str = sid, seen: int = changes.get(sid, 0)) -> bool:
+                return self.schedule_changes.get(sid, 0) == seen
+
             try:
                 owner = self._acting(s, "schedule")
                 run = await self.submit(owner, s["notebook"], s["parameters"], s["timeout_s"], s["retries"],
-                                        schedule_id=s["id"])  # fmt: skip
+                                        schedule_id=sid, go_on=go_on)  # fmt: skip
+            except FireDropped:  # turned off or deleted as it fired: no run
+                continue
             except BkgError as exc:  # the owner sees a failed run (and its webhook fires), once per fire
                 run = await self._refused(s, exc)
                 if isinstance(exc, KeyGone):  # for good: off until someone turns it on again with a key of theirs
                     await asyncio.to_thread(self.history.disable_if_bound, s["id"], s.get("key_id"))
+            except Exception as exc:  # one schedule that meets a bug never keeps the others from firing
+                log.exception("schedule %s: cannot fire", sid)
+                run = await self._refused(s, BkgError(f"the schedule could not fire: {type(exc).__name__}: {exc}"))
             await asyncio.to_thread(self.history.mark_fired, s["id"], fire, run["id"])
             started.append(run)
         return started
+
+
+class FireDropped(Exception):
+    """A schedule's fire, dropped before its run was made: the schedule was turned off or deleted meanwhile."""
 
 
 class KeyGone(Forbidden):
