@@ -22,7 +22,7 @@ def whole_floats_only(exc: ValidationError) -> bool:
 class StrictBody(BaseModel):
     """A request body: unknown fields refused, types as JSON Schema reads them (see the module)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # JSON has no NaN, no Infinity
 
     @model_validator(mode="wrap")
     @classmethod

@@ -158,3 +158,47 @@ def test_one_user_holds_a_bounded_number_of_live_sockets(gw: Gateway) -> None:
             assert '"bootstrap"' in str(other.recv(timeout=10))
     with ws_connect(url) as again:  # closed ones no longer count
         assert '"bootstrap"' in str(again.recv(timeout=10))
+
+
+def test_nan_and_infinity_are_refused_naming_the_field(gw: Gateway) -> None:
+    """Found by a review: `json.loads` takes `NaN` and `Infinity`, which JSON has not. In a plugin's input they
+    became null on the way to validation (an optional field then took its default without a word); in a query's
+    `rrf_k` every hybrid score was 0 (a ranking in no order); in a plugin setting with no upper bound the value was
+    stored, shown back as null, and every later save of the config form failed."""
+    c = gw.client()
+    json_type = {"content-type": "application/json"}
+    r = c.post("/api/plugins/apikeys/invoke/apikeys.audit", content=b'{"limit": 5, "action": NaN}', headers=json_type)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "input.action", r.text
+    assert "not a JSON number" in r.json()["error"]["message"]
+    r = c.post(
+        "/api/plugins/apikeys/invoke/apikeys.audit",
+        content=b'{"limit": 5, "action": "NaN and Infinity"}',
+        headers=json_type,
+    )  # fmt: skip  (the words themselves are fine)
+    assert r.status_code == 200, r.text
+    assert c.post("/api/collections", json={"name": "finite", "dim": 2}).status_code == 201
+    c.put("/api/collections/finite/points", json={"points": [{"id": 1, "vector": [1, 0], "text": "x y"}]})
+    body = b'{"vector": [1, 0], "text": "x", "mode": "hybrid", "rrf_k": Infinity}'
+    r = c.post("/api/collections/finite/query", content=body, headers=json_type)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "rrf_k", r.text
+
+
+def test_settings_and_sampling_take_finite_numbers_only_and_old_infinities_fall_back() -> None:
+    from pydantic import ValidationError
+
+    from bkg_kernel.plugins.candle.plugin import CandleSettings
+    from bkg_kernel.plugins.llmserver.plugin import LLMSettings
+    from bkg_kernel.plugins.llmserver.schemas import ChatRequest
+    from bkg_kernel.runtime.host import _finite_config
+
+    for model, data in [
+        (CandleSettings, {"keep_alive_s": float("inf")}),
+        (LLMSettings, {"keep_alive": float("inf")}),
+        (ChatRequest, {"messages": [{"role": "user", "content": "hi"}], "repeat_penalty": float("inf")}),
+    ]:
+        with pytest.raises(ValidationError, match="finite"):
+            model.model_validate(data)
+    # a plugins.json written before: the infinite setting takes its default, the rest stays, the plugin starts
+    stored = {"keep_alive_s": float("inf"), "max_queue": 7}
+    assert CandleSettings.model_validate(_finite_config(CandleSettings, stored)).max_queue == 7
+    assert _finite_config(CandleSettings, stored) == {"max_queue": 7}

@@ -258,7 +258,8 @@ class CheckedJSONRoute(APIRoute):
             if not body or not _is_json(request.headers.get("content-type", "")):
                 return await handler(request)
             big = len(body) > ANONYMOUS_BYTES
-            data = await asyncio.to_thread(bodyjson.loads, body, caps) if big else bodyjson.loads(body, caps)
+            # fields named as a route's own checks name them (`rrf_k`, not `body.rrf_k`)
+            data = await asyncio.to_thread(bodyjson.loads, body, caps, "") if big else bodyjson.loads(body, caps, "")
             request._json = data  # what FastAPI's own `await request.json()` returns
             try:
                 return await handler(request)

@@ -288,7 +288,7 @@ class CallPort:
         if big and host.worker is not None:
             data = bodyjson.RawJSON(raw)  # parsed by the worker, as over HTTP: not parsed and pickled here
         elif raw:
-            data = bodyjson.loads(raw)
+            data = bodyjson.loads(raw, root="input")
 
         def overran(err: Timeout) -> None:
             if conn is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import pickle
 import re
 import threading
@@ -101,11 +102,13 @@ def _lone(at: int, field: str) -> InvalidInput:
 WHOLE_BYTES = 64 * 1024  # a body up to this size is parsed in one `json.loads` (~0.1 ms), its caps checked after
 
 
-def loads(raw: bytes, max_items: Mapping[str, int] | None = None) -> dict[str, Any]:
+def loads(raw: bytes, max_items: Mapping[str, int] | None = None, root: str = "body") -> dict[str, Any]:
     """Parse a request body that must be a JSON object as `json.loads` would (UTF-8, -16 or -32, a BOM allowed):
     errors are 422s naming `body`; `max_items` as for `loads_in_pieces`. Up to `WHOLE_BYTES` in one `json.loads`,
     the caps checked after; over it (run it on a thread then) in pieces, anything but an object refused before it
-    is parsed."""
+    is parsed. `NaN` and `Infinity`, which `json.loads` takes but JSON has not, are a 422 naming the field under
+    `root` (`input.temperature`; "": the field's own name): let through, they became null (a default taken
+    silently) or a stored Infinity."""
     caps = max_items or {}
     try:
         text = raw.decode(json.detect_encoding(raw), "surrogatepass")
@@ -115,6 +118,8 @@ def loads(raw: bytes, max_items: Mapping[str, int] | None = None) -> dict[str, A
             for key, value in data.items():
                 if isinstance(value, list) and (limit := _cap(caps, key)) is not None and len(value) > limit:
                     raise _too_many(key, limit)
+            if "NaN" in text or "Infinity" in text:  # (mostly words in a text: then the walk finds nothing)
+                _finite_only(data, root)
             return data
         start = _LEADING_WS.match(text)
         first = text[start.end() : start.end() + 1] if start else ""
@@ -125,11 +130,31 @@ def loads(raw: bytes, max_items: Mapping[str, int] | None = None) -> dict[str, A
                 raise ValueError(f"not JSON: {first!r}")
             raise InvalidInput(f"the input must be a JSON object, not {_KINDS.get(first, 'a number')}", field="body")
         with gc_paused():
-            return json_object(loads_in_pieces(text, caps))
+            data = json_object(loads_in_pieces(text, caps))
+        if "NaN" in text or "Infinity" in text:
+            try:
+                _finite_only(data, root)
+            except InvalidInput:
+                release(data)
+                raise
+        return data
     except RecursionError:
         raise InvalidInput(TOO_DEEP, field="body") from None
     except ValueError:  # UnicodeDecodeError included
         raise InvalidInput("request body is not valid JSON", field="body") from None
+
+
+def _finite_only(data: Any, path: str) -> None:
+    """422 naming the first NaN or infinity in `data` (what `json.loads` makes of `NaN`, `Infinity`)."""
+    if isinstance(data, float):
+        if not math.isfinite(data):
+            raise InvalidInput(f"{path}: {data!r} is not a JSON number: send a finite number (or null)", field=path)
+    elif isinstance(data, dict):
+        for k, v in data.items():
+            _finite_only(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(data, list):
+        for n, v in enumerate(data):
+            _finite_only(v, f"{path}.{n}" if path else str(n))
 
 
 def _cap(max_items: Mapping[str, int], key: str) -> int | None:

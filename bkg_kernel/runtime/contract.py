@@ -90,9 +90,10 @@ class Cancelled(Exception):
 
 
 class PluginSettings(BaseModel):
-    """Settings every plugin has; a plugin subclasses this to add its own (the JSON Schema is its config form)."""
+    """Settings every plugin has; a plugin subclasses this to add its own (the JSON Schema is its config form).
+    A number must be finite: an Infinity was stored, shown back as null, and every later save of the form failed."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     request_timeout: float = Field(30.0, gt=0, le=3600, description="Seconds before a request gets a 504.")
     max_concurrent: int = Field(4, ge=1, le=256, description="Requests run at once; more wait in the queue.")

@@ -78,7 +78,7 @@ class PluginHost:
         self.settings: PluginSettings = PluginSettings()
         if self.cls is not None:
             try:
-                self.settings = self.cls.Settings.model_validate(entry.config)
+                self.settings = self.cls.Settings.model_validate(_finite_config(self.cls.Settings, entry.config))
             except ValidationError as exc:
                 self.state, self.reason = "error", f"stored config is invalid: {invalid_from_pydantic(exc, 'config')}"
 
@@ -549,3 +549,17 @@ class PluginHost:
             if call is not None and work is None:
                 call.end()
             slots.release()
+
+
+def _finite_config(model: type[PluginSettings], config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config without the NaN or infinite settings an older gateway took (shown as null, a setting with
+    no upper bound such as a keep-alive): those take their defaults, with a warning, and the plugin starts."""
+    try:
+        model.model_validate(config)
+        return config
+    except ValidationError as exc:
+        bad = {str(e["loc"][0]) for e in exc.errors() if e["type"] == "finite_number" and len(e["loc"]) == 1}
+    if bad:
+        logging.getLogger("bkg.gateway").warning("%s: stored settings %s are not finite: their defaults apply",
+                                                 model.__module__, ", ".join(sorted(bad)))  # fmt: skip
+    return {k: v for k, v in config.items() if k not in bad}

@@ -181,7 +181,13 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
         result = _booked(request, p, cap, await h.invoke(capability_id, bodyjson.RawJSON(raw), p))
         return await _answer(result, True)
     # an inline plugin's big body (documents to index) is parsed on a thread, in pieces
-    body = await asyncio.to_thread(bodyjson.loads, raw) if big else bodyjson.loads(raw) if raw else {}
+    body = (
+        await asyncio.to_thread(bodyjson.loads, raw, None, "input")
+        if big
+        else bodyjson.loads(raw, None, "input")
+        if raw
+        else {}
+    )
     if cap is not None and as_job:
         # a bad input is the caller's 422 now, not a failed job later (a big one checked on a thread)
         try:

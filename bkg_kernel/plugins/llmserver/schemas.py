@@ -54,7 +54,8 @@ TOOL_SCHEMA: dict[str, Any] = {
 class Sampling(BaseModel):
     """Sampling options shared by chat and completions."""
 
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we ignore (user, n=1, logprobs...)
+    # OpenAI clients send fields we ignore (user, n=1, logprobs...); a number must be finite (JSON has no Infinity)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     model: str | None = Field(None, description="A registered model id; default: the plugin's default model.")
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
