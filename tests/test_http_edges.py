@@ -202,3 +202,18 @@ def test_settings_and_sampling_take_finite_numbers_only_and_old_infinities_fall_
     stored = {"keep_alive_s": float("inf"), "max_queue": 7}
     assert CandleSettings.model_validate(_finite_config(CandleSettings, stored)).max_queue == 7
     assert _finite_config(CandleSettings, stored) == {"max_queue": 7}
+
+
+def test_head_is_answered_as_get_without_a_body(gw: Gateway) -> None:
+    """Found by a review: HEAD was a 405 on every route (FastAPI's routes, unlike Starlette's, do not add it), so
+    `curl -I` and uptime monitors that probe with HEAD saw the gateway as down (RFC 9110: GET implies HEAD)."""
+    c = gw.client()
+    got = c.get("/health")
+    r = c.head("/health")
+    assert r.status_code == 200 and r.content == b"" and r.headers["content-length"] == got.headers["content-length"]
+    r = c.head("/api/plugins")
+    assert r.status_code == 200 and r.content == b"" and r.headers["content-type"] == "application/json"
+    assert httpx.head(f"{gw.url}/api/plugins").status_code == 401  # the route's checks still apply
+    assert c.head("/api/collections/nothing-here").status_code == 404
+    r = c.head("/auth/login")  # a route that takes POST only
+    assert r.status_code == 405 and r.headers["allow"] == "POST"

@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI
 from bkg_kernel.gateway import errors, openapi, routes
 from bkg_kernel.gateway.bodylimit import BodyLimitMiddleware
 from bkg_kernel.gateway.fastpath import FastInvoke
+from bkg_kernel.gateway.head import HeadAsGet
 from bkg_kernel.gateway.jupyterhub import PrefixMiddleware, hub_caller
 from bkg_kernel.gateway.metrics import Metrics, MetricsMiddleware
 from bkg_kernel.gateway.plugin_api import AppGatewayAPI
@@ -86,7 +87,8 @@ def create_app(
         app.state.gateway = gateway
     errors.install(app)
     routes.install(app)
-    # Middlewares, innermost first: plugin calls taken beside the router, the Hub prefix, the body limit, metrics.
+    # Middlewares, innermost first: plugin calls taken beside the router, the Hub prefix, the body limit, metrics,
+    # HEAD as GET.
     app.add_middleware(FastInvoke)
     if settings.hub_service_prefix and settings.hub_service_name:
         app.add_middleware(PrefixMiddleware, prefix=settings.hub_service_prefix)
@@ -95,6 +97,7 @@ def create_app(
         BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 2**20), prefix=prefix, idle_s=settings.body_idle_s
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(HeadAsGet)  # outermost: HEAD is GET to everything inside (uvicorn drops the body)
     api = AppGatewayAPI(app)
     for found in discovered.values():
         if found.cls is None:

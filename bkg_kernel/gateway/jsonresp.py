@@ -25,7 +25,7 @@ class FastJSONResponse(JSONResponse):
 SLICE = 256  # list items `PagedJSONResponse` encodes per call
 
 
-class PagedJSONResponse(JSONResponse):
+class PagedJSONResponse(FastJSONResponse):
     """A `FastJSONResponse` for an answer that is mostly one long list (points, hits): the list is encoded a few
     hundred items at a time. orjson holds the interpreter lock for the whole of one call (12 MB of points with
     their vectors: ~20 ms, the event loop waiting that long even though the route runs on a thread); between
@@ -34,6 +34,14 @@ class PagedJSONResponse(JSONResponse):
     def __init__(self, content: dict[str, Any], field: str, **kw: Any) -> None:
         self.field = field
         super().__init__(content, **kw)
+
+    @classmethod
+    def of(cls, content: Any) -> FastJSONResponse:
+        """`content` encoded: a page at a time along its longest top-level list, if it has one."""
+        lists = [k for k, v in content.items() if isinstance(v, list)] if isinstance(content, dict) else []
+        if not lists:
+            return FastJSONResponse(content)
+        return cls(content, max(lists, key=lambda k: len(content[k])))
 
     def render(self, content: Any) -> bytes:
         items = content[self.field]

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import Field, field_validator
 
 from bkg_kernel.auth import AuthService, Principal
-from bkg_kernel.errors import InvalidInput
+from bkg_kernel.errors import InvalidInput, NotFound
+from bkg_kernel.gateway.jsonresp import PagedJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.strict import StrictBody
 
@@ -82,10 +83,14 @@ def _auth(request: Request) -> AuthService:
     return gateway(request).auth
 
 
-@router.get("/users")
-def list_users(request: Request, p: Annotated[Principal, Depends(USERS)]) -> dict[str, Any]:
+# The listing routes answer with their JSON made here, on the route's thread: a dict would be encoded by FastAPI
+# on the event loop (an audit of 10,000 entries, 17 MB: the loop held for up to 80 ms).
+
+
+@router.get("/users", response_model=None)
+def list_users(request: Request, p: Annotated[Principal, Depends(USERS)]) -> PagedJSONResponse:
     """All users."""
-    return {"users": _auth(request).list_users()}
+    return PagedJSONResponse({"users": _auth(request).list_users()}, "users")
 
 
 @router.post("/users", status_code=201)
@@ -145,10 +150,22 @@ def delete_role(name: str, request: Request, p: Annotated[Principal, Depends(USE
     return {"deleted": name}
 
 
-@router.get("/keys")
-def list_keys(request: Request, p: Annotated[Principal, Depends(KEYS)], user_id: str | None = None) -> dict[str, Any]:
-    """API keys (never their secrets)."""
-    return {"keys": _auth(request).list_keys(user_id)}
+@router.get("/keys", response_model=None)
+def list_keys(
+    request: Request, p: Annotated[Principal, Depends(KEYS)], user_id: str | None = None
+) -> PagedJSONResponse:
+    """API keys (never their secrets); `user_id`: one user's, by id or username (a deleted user's by id)."""
+    auth = _auth(request)
+    if user_id is None:
+        return PagedJSONResponse({"keys": auth.list_keys()}, "keys")
+    try:
+        user_id = auth.user(user_id)["id"]
+    except NotFound:
+        keys = auth.list_keys(user_id)  # a deleted user's revoked keys still name them
+        if not keys:
+            raise
+        return PagedJSONResponse({"keys": keys}, "keys")
+    return PagedJSONResponse({"keys": auth.list_keys(user_id)}, "keys")
 
 
 @router.post("/keys", status_code=201)
@@ -178,28 +195,28 @@ def revoke_key(key_id: str, request: Request, p: Annotated[Principal, Depends(KE
     return _auth(request).revoke_key(key_id, by=p)
 
 
-@router.get("/audit")
+@router.get("/audit", response_model=None)
 def audit(
     request: Request,
     p: Annotated[Principal, Depends(AUDIT)],
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     action: str | None = None,
-) -> dict[str, Any]:
+) -> PagedJSONResponse:
     """Recent audit entries, newest first."""
-    return {"entries": _auth(request).list_audit(limit, action)}
+    return PagedJSONResponse({"entries": _auth(request).list_audit(limit, action)}, "entries")
 
 
-@router.get("/usage")
+@router.get("/usage", response_model=None)
 def usage(
     request: Request,
     p: Annotated[Principal, Depends(AUDIT)],
     group_by: Literal["key", "user", "model", "day", "key_day"] = "key",
     since: datetime | None = None,
-) -> dict[str, Any]:
+) -> PagedJSONResponse:
     """Token usage of the LLM routes, summed per key, user, model, day, or key and day (`key_day`); `since` with a
     zone (`2026-12-06T09:00+09:00`) is that moment, without one it is UTC."""
     try:
         since = in_utc(since)
     except ValueError as exc:
         raise InvalidInput(f"since: {exc}", field="query.since") from None
-    return {"group_by": group_by, "usage": _auth(request).usage_report(group_by, since)}
+    return PagedJSONResponse({"group_by": group_by, "usage": _auth(request).usage_report(group_by, since)}, "usage")

@@ -130,12 +130,15 @@ async def delete_schedule(schedule_id: str, request: Request, p: Annotated[Princ
     return Response(status_code=204)
 
 
-@router.get("/api/jobs/{job_id}")
-async def get_job(job_id: str, request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
-    """One job: state, progress, result or error (a notebook run: cells, output, and the failed cell)."""
+@router.get("/api/jobs/{job_id}", response_model=None)
+async def get_job(job_id: str, request: Request, p: Annotated[Principal, READ]) -> FastJSONResponse:
+    """One job: state, progress, result or error (a notebook run: cells, output, and the failed cell). Encoded on
+    a thread: a run carries its parameters (up to 1 MiB), a job its result, and clients poll this."""
     if job_id.startswith("run-"):
-        return await runs(request).get(job_id, p)
-    return _job(request, job_id, p).to_dict()
+        run = await runs(request).get(job_id, p)
+        return await asyncio.to_thread(FastJSONResponse, run)
+    job = _job(request, job_id, p)
+    return await asyncio.to_thread(lambda: FastJSONResponse(job.to_dict()))  # to_dict copies the result deeply
 
 
 @router.get("/api/jobs/{job_id}/output")

@@ -14,6 +14,7 @@ from bkg_kernel.auth import Principal
 from bkg_kernel.errors import BkgError
 from bkg_kernel.gateway import jobs
 from bkg_kernel.gateway.hub import Subscriber
+from bkg_kernel.gateway.jsonresp import dumps
 from bkg_kernel.gateway.jupyterhub import token_of
 from bkg_kernel.gateway.state import Gateway
 
@@ -76,7 +77,10 @@ async def _websocket(websocket: WebSocket) -> None:
                     continue
             if msg["type"] == "jobs":  # who owns a job decided who gets it; the id itself is not shown
                 msg = {**msg, "payload": {k: v for k, v in msg["payload"].items() if k != "owner_id"}}
-            await websocket.send_json(msg)
+                # a run's event carries its parameters (up to 1 MiB): encoded on a thread, not on the loop
+                await websocket.send_text(await asyncio.to_thread(_text, msg))
+                continue
+            await websocket.send_text(_text(msg))
             if sub.missed:
                 missed, sub.missed = sub.missed, 0
                 await websocket.send_json({"type": "missed", "payload": {"events": missed}, "time": time.time()})
@@ -129,3 +133,9 @@ def _subscription(sub: Subscriber, text: str | None) -> dict[str, Any] | str:
     else:
         sub.topics.discard(key)
     return {"action": action, "topic": topic, "plugin": plugin}
+
+
+def _text(msg: dict[str, Any]) -> str:
+    """An event as JSON text, written by orjson (a NaN as null: the standard library's encoder writes `NaN`, which
+    a browser's JSON.parse refuses)."""
+    return dumps(msg).decode()

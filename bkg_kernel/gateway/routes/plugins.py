@@ -13,7 +13,7 @@ from bkg_kernel.auth import Principal
 from bkg_kernel.auth.principal import SCOPES
 from bkg_kernel.errors import NotFound, PayloadTooLarge
 from bkg_kernel.gateway.bodylimit import PARSED_BYTES, takes_big_bodies
-from bkg_kernel.gateway.jsonresp import FastJSONResponse
+from bkg_kernel.gateway.jsonresp import FastJSONResponse, PagedJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.runtime import bodyjson
 from bkg_kernel.runtime.contract import Capability, validate_input
@@ -216,8 +216,15 @@ async def _answer(result: Any, from_worker: bool) -> FastJSONResponse:
     """A plugin's answer, encoded. A worker's may be big (embeddings of a batch, a file, a command's output):
     encoded on a thread, the hop (~0.2 ms) small beside the worker's round trip. An inline plugin's (brainml's
     pages of hits, at most ~1 MB: under a millisecond for orjson) on the loop, where the hop would double a text
-    query's time over HTTP."""
-    return await asyncio.to_thread(FastJSONResponse, result) if from_worker else FastJSONResponse(result)
+    query's time over HTTP; unless it holds a long list (apikeys.audit's 10,000 entries, 17 MB), on a thread too."""
+    if from_worker or _long(result):
+        return await asyncio.to_thread(PagedJSONResponse.of, result)
+    return FastJSONResponse(result)
+
+
+def _long(result: Any) -> bool:
+    """Whether an answer holds a list longer than a page of hits (top_k is at most 1,000)."""
+    return isinstance(result, dict) and any(isinstance(v, list) and len(v) > 1000 for v in result.values())
 
 
 def _small_input(capability_id: str, size: int | str | None) -> None:
