@@ -123,3 +123,26 @@ def test_what_a_dead_download_left_is_swept_and_a_live_one_is_not(tmp_path: Path
     assert sweep_partial(tmp_path) == ["dead-model.gguf"]
     assert sorted(p.name for p in partial.iterdir()) == ["link", "live-model.gguf"]
     assert sweep_partial(tmp_path / "no-such-dir") == []
+
+
+def test_a_row_the_database_refuses_loses_no_other_row_of_its_batch(tmp_path: Path) -> None:
+    """Found by a review: the auth writer wrote its queued rows (audit, usage, last use) in batches, and one row
+    the database refused (a token count past BIGINT from an upstream) dropped every row queued after it."""
+    import time
+
+    store = Store(tmp_path / "data")
+    auth = AuthService(store)
+    u = auth.create_user("ann", "developer", actor="test")
+    p = Principal(u["id"], "ann", "developer", frozenset(SCOPES))
+    with auth.mutex:  # the writer takes the first row and waits here with it: the next rows queue behind it
+        auth.audit("test", "first")
+        wait_for(lambda: auth._writes.qsize() == 0, 10)  # noqa: SLF001
+        time.sleep(0.2)  # (its batch closed: it holds one row)
+        auth.record_usage(p, "/v1/chat/completions", "m", 2**70, 1)  # refused by DuckDB: out of range
+        auth.audit("test", "after the refused row")
+        auth.record_usage(p, "/v1/chat/completions", "m", 3, 4)
+    auth.sync()
+    actions = [e["action"] for e in auth.list_audit(10)]
+    assert "after the refused row" in actions and "first" in actions
+    assert [(r["prompt_tokens"], r["completion_tokens"]) for r in auth.usage_report("key")] == [(3, 4)]
+    store.close()

@@ -145,7 +145,10 @@ class AuthBase:
                 if rows:
                     with self.mutex:
                         for sql, params in rows:
-                            self.con.execute(sql, params)
+                            try:
+                                self.con.execute(sql, params)
+                            except Exception:  # that row alone: the rest of the batch is still written
+                                log.exception("auth writer: a row not written (%s)", sql.split("(")[0].strip())
             except Exception:
                 log.exception("auth writer: %d rows not written", len(batch))
             finally:
