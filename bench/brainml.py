@@ -57,7 +57,7 @@ from bkg_kernel.client import Workbench  # noqa: E402
 from bkg_kernel.datasets import PYDOC_QUERIES, STDLIB, python_code, python_docs, retrieval_metrics  # noqa: E402
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER  # noqa: E402
 from bkg_kernel.models.registry import ModelRegistry  # noqa: E402
-from bkg_kernel.plugins.brainml.plugin import BrainSettings, chunk, highlights  # noqa: E402
+from bkg_kernel.plugins.brainml.plugin import BrainSettings, Marks, chunk, highlights  # noqa: E402
 from bkg_kernel.plugins.candle.runners import SentenceRunner  # noqa: E402
 from bkg_kernel.store import Store  # noqa: E402
 
@@ -308,8 +308,10 @@ def client_share(c: httpx.Client, wb: Workbench, queries: Queries, repeat: int) 
 
 
 def answer(q: str, hits: Any) -> list[dict[str, Any]]:
-    """The answer `brainml.query` gives, computed directly from a store query's hits: their texts and highlights."""
-    return [{"doc_id": h.payload["doc_id"], "chunk": h.text, "marks": highlights(q, h.text or "")} for h in hits]
+    """The answer `brainml.query` gives, computed directly from a store query's hits: their texts and highlights
+    (what to mark worked out once per query, as brainml does)."""
+    marks = Marks(q)
+    return [{"doc_id": h.payload["doc_id"], "chunk": h.text, "marks": highlights(q, h.text or "", marks)} for h in hits]
 
 
 def text_answer(coll: Any, q: str) -> list[dict[str, Any]]:

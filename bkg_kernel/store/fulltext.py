@@ -23,10 +23,12 @@ dropping dead positions as they go.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import re
+import threading
 import unicodedata
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -100,6 +102,23 @@ def _cjk_words(text: str, query: bool) -> list[str]:
         pairs = [run[i : i + 2] for i in range(len(run) - 1)]
         out += pairs if query and pairs else [*run, *pairs]
     return out
+
+
+_STEMMERS = threading.local()  # a PyStemmer stemmer keeps state: one per thread
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def term(word: str) -> str | None:
+    """The term the index makes of one word as `words` gives it (None: a stop word or a token over 40 characters):
+    what a highlighter compares to mark the words a query matched ("runs" for "running")."""
+    if word in STOP_WORDS or len(word) > MAX_TOKEN:
+        return None
+    stemmer = getattr(_STEMMERS, "stemmer", None)
+    if stemmer is None:
+        import Stemmer
+
+        stemmer = _STEMMERS.stemmer = Stemmer.Stemmer("english")
+    return str(stemmer.stemWord(word))
 
 
 def cjk(word: str) -> bool:
