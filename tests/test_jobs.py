@@ -928,6 +928,41 @@ def test_a_schedule_turned_off_as_it_fires_queues_no_run(tmp_path: Path, roots: 
     store.close()
 
 
+def test_a_run_cancelled_while_its_key_is_made_leaves_nothing_behind(tmp_path: Path, roots: Path) -> None:
+    """Found by a review: a run cancelled before it started left its kill reason in the service and its id in the
+    pool's cancelled set for as long as the gateway ran (the pool starts no worker for it: none is started here)."""
+    svc, store, (ann, _), _ = _service(tmp_path, roots, job_workers=1)
+    entered, release = threading.Event(), threading.Event()
+    made = svc._run_key
+
+    def held(run: dict[str, Any]) -> Any:
+        entered.set()
+        assert release.wait(30)
+        return made(run)
+
+    svc._run_key = held
+
+    async def scenario() -> dict[str, Any]:
+        await svc.start(recover=False)
+        try:
+            run = await svc.submit(ann, "ok.ipynb")
+            assert await asyncio.to_thread(entered.wait, 30)
+            await svc.cancel(run["id"], ann)
+            release.set()
+            for _ in range(100):
+                if run["id"] not in svc.live:
+                    break
+                await asyncio.sleep(0.05)
+            return await svc.get(run["id"], ann)
+        finally:
+            await svc.close()
+
+    ended = asyncio.run(scenario())
+    assert ended["state"] == "cancelled" and ended["started_at"] is None
+    assert svc.kill_reason == {} and svc.executor.cancelled == set() and not svc.executor.workers
+    store.close()
+
+
 def test_one_users_background_jobs_never_push_out_anothers() -> None:
     """Found by a review: finished background jobs were kept 200 for everyone together, so one user's burst of
     cheap jobs pushed out another's finished training and its result (a 404). Kept per owner now."""

@@ -137,6 +137,9 @@ class DaskExecutor:
 
         await Event(_cancel_name(run_id), client=self.client).set()
 
+    def forget(self, run_id: str) -> None:
+        """Nothing kept here for a run never handed over (its cancel event lives in the scheduler)."""
+
     async def close(self) -> None:
         """Disconnect (the cluster keeps running)."""
         if self.client is not None:

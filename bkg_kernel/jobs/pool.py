@@ -34,6 +34,7 @@ class Executor(Protocol):
     async def start(self) -> None: ...
     async def run(self, spec: dict[str, Any], on_event: OnEvent) -> dict[str, Any]: ...
     async def kill(self, run_id: str) -> None: ...
+    def forget(self, run_id: str) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -196,6 +197,10 @@ class LocalPool:
                 kill_group(w.kernel_pid)
                 return
         self.cancelled.add(run_id)
+
+    def forget(self, run_id: str) -> None:
+        """Drop what a kill left for a run that will never be handed over (cancelled before it started)."""
+        self.cancelled.discard(run_id)
 
     async def close(self) -> None:
         """Stop the workers and their kernels."""

@@ -231,6 +231,8 @@ class JobService:
             await self._finish(run, "failed", {"ename": type(exc).__name__, "evalue": exc.message})
             return
         if run["id"] in self.kill_reason:  # cancelled while its key was made: it never starts
+            self.kill_reason.pop(run["id"], None)
+            self.executor.forget(run["id"])  # the kill it was asked for finds no worker: nothing to drop later
             await asyncio.to_thread(self._revoke, key_id)
             await self._finish(run, "cancelled", {"ename": "Cancelled", "evalue": "cancelled before it started"})
             return
