@@ -1131,3 +1131,116 @@ def test_a_removed_workspace_s_state_goes_without_the_next_one_s(
     left.write_text("left by a removal that was cut short")
     local_agent(rgw, tmp_path / "local")  # started on the same folder, as after a crash
     assert not left.parent.parent.exists() and saved.exists()
+
+
+def test_a_commit_of_some_paths_commits_those_only_and_a_rename_is_one_entry(rgw: Gateway) -> None:
+    """Found by a review: `paths` were staged, then everything staged was committed (a blank message, refused by
+    git after `git add -A`, left every change staged for the next "paths only" commit to take); a NUL in the
+    message was a 500; a staged rename showed as the new name plus a bogus entry made of the old one."""
+    base, repo = {"workspace": "demo"}, repo_dir(rgw)
+    for name in ("only-a.txt", "staged-b.txt", "left-c.txt"):
+        assert invoke(rgw, "repo.file.write", {**base, "path": name, "content": f"{name}\n"}).status_code == 200
+    git(repo, "add", "staged-b.txt")  # staged before (by hand, by a command)
+    for bad in ("   ", "a\u0000b"):
+        r = invoke(rgw, "repo.commit", {**base, "message": bad})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "message", r.text
+    assert git(repo, "diff", "--cached", "--name-only").split() == ["staged-b.txt"]  # nothing more staged
+    c = invoke(rgw, "repo.commit", {**base, "message": "only a", "paths": ["only-a.txt"]})
+    assert c.status_code == 200 and [f["path"] for f in c.json()["files"]] == ["only-a.txt"], c.text
+    assert git(repo, "show", "--name-only", "--format=", "HEAD").split() == ["only-a.txt"]
+    assert git(repo, "diff", "--cached", "--name-only").split() == ["staged-b.txt"]  # still staged, not taken
+    git(repo, "mv", "only-a.txt", "renamed-a.txt")
+    files = invoke(rgw, "repo.diff", base).json()["files"]
+    assert {"path": "renamed-a.txt", "status": "renamed", "from": "only-a.txt"} in files
+    assert {f["path"] for f in files} == {"renamed-a.txt", "staged-b.txt", "left-c.txt"}, files
+    assert invoke(rgw, "repo.commit", {**base, "message": "tidy"}).status_code == 200
+    assert git(repo, "status", "--porcelain") == ""
+
+
+def test_a_filter_the_repository_names_never_runs(rgw: Gateway) -> None:
+    """Found by a review: `filter.<driver>.clean|smudge` in a repository's config ran on every diff, status and
+    commit once a caller wrote `* filter=x` into .gitattributes (as core.fsmonitor did before it was pinned)."""
+    base, repo = {"workspace": "demo"}, repo_dir(rgw)
+    marker = repo.parent.parent / "filter-ran"
+    for key in ("clean", "smudge"):
+        git(repo, "config", f"filter.x.{key}", f"sh -c 'touch {marker}; cat'")
+    git(repo, "config", "filter.x.required", "true")
+    try:
+        attrs = {**base, "path": ".gitattributes", "content": "* filter=x\n"}
+        assert invoke(rgw, "repo.file.write", attrs).status_code == 200
+        assert invoke(rgw, "repo.file.write", {**base, "path": "filtered.txt", "content": "x\n"}).status_code == 200
+        assert invoke(rgw, "repo.diff", base).status_code == 200
+        assert job(rgw, "repo.command", {**base, "name": "git-status"})["state"] == "done"
+        assert invoke(rgw, "repo.commit", {**base, "message": "with attributes"}).status_code == 200
+        assert not marker.exists()
+    finally:
+        git(repo, "config", "--remove-section", "filter.x")
+        (repo / ".gitattributes").unlink(missing_ok=True)
+        invoke(rgw, "repo.commit", {**base, "message": "no attributes"})
+    assert git(repo, "status", "--porcelain") == ""
+
+
+def test_a_folder_made_a_link_out_and_the_git_folder_are_never_read(rgw: Gateway) -> None:
+    """Found by a review: a tracked file under a folder replaced by a link out of the workspace was searched and
+    listed (only the file's own link was looked at), and repo.file.read returned .git/config, credentials in its
+    remotes' URLs included."""
+    base, repo = {"workspace": "demo"}, repo_dir(rgw)
+    outside = repo.parent.parent / "outside"
+    assert (
+        invoke(rgw, "repo.file.write", {**base, "path": "inner/note.txt", "content": "harmless\n"}).status_code == 200
+    )
+    assert invoke(rgw, "repo.commit", {**base, "message": "inner"}).status_code == 200
+    (outside / "note.txt").write_text("TOPSECRET=hunter2\n")
+    shutil.rmtree(repo / "inner")
+    os.symlink(outside, repo / "inner")
+    git(repo, "remote", "add", "origin", "https://user:ghp_TOKEN123@example.com/x/y.git")
+    try:
+        hits = invoke(rgw, "repo.search", {**base, "query": "TOPSECRET"}).json()["hits"]
+        assert hits == []
+        tree = invoke(rgw, "repo.tree", {**base, "depth": 5}).json()["entries"]
+        assert not [e for e in tree if e["path"].startswith("inner/")], tree
+        r = invoke(rgw, "repo.file.read", {**base, "path": "inner/note.txt"})
+        assert r.status_code == 403, r.text
+        for path in (".git/config", ".git", "pkg/../.git/config"):
+            r = invoke(rgw, "repo.file.read", {**base, "path": path})
+            assert r.status_code == 403 and "TOKEN123" not in r.text, (path, r.text)
+        assert invoke(rgw, "repo.tree", {**base, "path": ".git"}).status_code == 403
+    finally:
+        git(repo, "remote", "remove", "origin")
+        (repo / "inner").unlink()
+        (outside / "note.txt").unlink()
+        git(repo, "checkout", "--", "inner")
+        git(repo, "rm", "-r", "-q", "inner")
+        invoke(rgw, "repo.commit", {**base, "message": "no inner"})
+    assert git(repo, "status", "--porcelain") == ""
+
+
+def test_files_that_turn_binary_grow_past_the_limit_or_are_no_files(rgw: Gateway) -> None:
+    """Found by a review: a file that turned binary kept its old symbols in the index; appends grew a file past
+    max_file_bytes (which then could not be read back); a FIFO hung repo.file.read and repo.file.write."""
+    base, repo = {"workspace": "demo"}, repo_dir(rgw)
+    assert invoke(rgw, "repo.file.write", {**base, "path": "turns.py", "content": "def old_function():\n    pass\n"})
+    assert job(rgw, "repo.index", base)["state"] == "done"
+    syms = invoke(rgw, "repo.symbols", {**base, "path": "turns.py"}).json()["symbols"]
+    assert "old_function" in {s["qualname"] for s in syms}
+    (repo / "turns.py").write_bytes(b"\x00\x01\x02 binary now")
+    try:
+        assert job(rgw, "repo.index", base)["state"] == "done"
+        found = invoke(rgw, "repo.symbols", {**base, "query": "old_function"}).json()["symbols"]
+        assert not [s for s in found if s["path"] == "turns.py"], found
+    finally:
+        (repo / "turns.py").unlink()
+    limit = rgw.client().get("/api/plugins/repoagent/config").json()["config"]["max_file_bytes"]
+    (repo / "grows.txt").write_text("x" * (limit - 10))
+    os.mkfifo(repo / "pipe")
+    try:
+        r = invoke(rgw, "repo.file.write", {**base, "path": "grows.txt", "content": "y" * 20, "mode": "append"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "content", r.text
+        assert (repo / "grows.txt").stat().st_size == limit - 10  # untouched
+        for cap, body in (("repo.file.read", {}), ("repo.file.write", {"content": "x\n"})):
+            r = invoke(rgw, cap, {**base, "path": "pipe", **body})  # answered, not hung
+            assert r.status_code == 422 and "regular file" in r.json()["error"]["message"], r.text
+    finally:
+        (repo / "grows.txt").unlink()
+        (repo / "pipe").unlink()
+    assert job(rgw, "repo.index", base)["state"] == "done"

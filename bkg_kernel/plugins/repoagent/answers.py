@@ -15,20 +15,24 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bkg_kernel import statefiles
-from bkg_kernel.errors import CorruptData, NotFound
+from bkg_kernel.errors import CorruptData, InvalidInput, NotFound
 from bkg_kernel.plugins.repoagent.codeindex import CodeIndex, own_end, point_id, span_sha
 from bkg_kernel.plugins.repoagent.repomap import build as build_map
-from bkg_kernel.plugins.repoagent.workspace import file_lines
+from bkg_kernel.plugins.repoagent.workspace import file_lines, inside
 
 log = logging.getLogger("bkg.repoagent")
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
+# a documented file's name, at most: its docs are `<name>.json` and `<name>.md`, each written through a temp file
+# named `.<name>.<random>.tmp`, and a file name holds 255 bytes
+MAX_DOC_NAME = 200
 BRACKET = re.compile(r"\[(\d{1,3})\]")
 PATH_CITE = re.compile(r"([\w./-]+\.[A-Za-z0-9]+):(\d+)(?:-(\d+))?")
 
@@ -236,6 +240,10 @@ def document(
 ) -> dict[str, Any]:
     """Write Markdown for `targets` (one file's symbols, or one symbol), callee-first; reuse unchanged ones."""
     path = targets[0]["path"]
+    if len(os.fsencode(path.rsplit("/", 1)[-1])) > MAX_DOC_NAME:  # its .json and .md, and their temp files
+        raise InvalidInput(f"{path}: a name over {MAX_DOC_NAME} bytes cannot be documented", field="path")
+    if not inside(root, path):  # a folder made a link out of the workspace since it was indexed
+        raise NotFound(f"{path} is no longer a file in the workspace: run repo.index again", field="path")
     cache_file = docs_dir / f"{path}.json"
     cache: dict[str, Any] = {}
     if cache_file.exists():

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import re
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -189,7 +190,7 @@ def update(
         old = index.files.get(rel)
         if old is not None and old["mtime_ns"] == st.st_mtime_ns and old["size"] == st.st_size:
             continue
-        if st.st_size > max_file_bytes:
+        if st.st_size > max_file_bytes or not stat.S_ISREG(st.st_mode):  # (a FIFO's read would never end)
             if old is not None:
                 before[rel] = index.files.pop(rel)["chunks"]
             continue
@@ -197,7 +198,9 @@ def update(
             data = full.read_bytes()
         except OSError:
             continue
-        if is_binary(data):
+        if is_binary(data):  # a file that turned binary leaves the index (its old symbols named code now gone)
+            if old is not None:
+                before[rel] = index.files.pop(rel)["chunks"]
             continue
         sha = hashlib.sha1(data).hexdigest()
         if old is not None and old["sha"] == sha:  # a new entry: the old one may be shared with a published index

@@ -22,7 +22,7 @@ def git(root: Path, *args: str, env: dict[str, str] | None = None, check: bool =
     """Run `git args` in `root`; return stdout (422 with git's message when it fails and `check`)."""
     cmd = ["git", "-c", "core.hooksPath=/dev/null", "-c", "core.quotepath=off", "-c", "color.ui=never", *args]
     try:
-        out = subprocess.run(cmd, cwd=root, capture_output=True, timeout=120, env=git_env(env))
+        out = subprocess.run(cmd, cwd=root, capture_output=True, timeout=120, env=git_env(env, root))
     except subprocess.TimeoutExpired:
         raise InvalidInput(f"git {args[0]} took more than 120 s", field="workspace") from None
     if check and out.returncode != 0:
@@ -34,16 +34,23 @@ def git(root: Path, *args: str, env: dict[str, str] | None = None, check: bool =
 def diff(root: Path, paths: list[str]) -> dict[str, Any]:
     """The working tree's changes against HEAD (staged and not), and the status of each changed file."""
     has_head = subprocess.run(
-        ["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, env=git_env(), timeout=120
+        ["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, env=git_env(root=root),
+        timeout=120,
     ).returncode == 0  # fmt: skip
     base = ["HEAD"] if has_head else ["--cached"]
     text = git(root, "diff", "--no-ext-diff", "--no-textconv", *base, "--", *paths)
     status = git(root, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--", *paths)
     files = []
-    for entry in filter(None, status.split("\0")):
+    entries = iter(status.split("\0"))
+    for entry in entries:
         code, name = entry[:2], entry[3:]
-        if code.strip():
-            files.append({"path": name, "status": _STATUS.get(code.strip()[:1], code.strip())})
+        if not entry or not code.strip():
+            continue
+        if "R" in code or "C" in code:  # `R  new\0old`: the next field is where it came from, not an entry
+            moved = "renamed" if "R" in code else "copied"
+            files.append({"path": name, "status": moved, "from": next(entries, "")})
+            continue
+        files.append({"path": name, "status": _STATUS.get(code.strip()[:1], code.strip())})
     for f in files:  # untracked files have no diff in `git diff`: show them whole, up to the cap
         if f["status"] == "untracked" and len(text) < MAX_DIFF_BYTES:
             text += git(root, "diff", "--no-ext-diff", "--no-textconv", "--no-index", "--", "/dev/null", f["path"],
@@ -58,17 +65,22 @@ _STATUS = {"M": "modified", "A": "added", "D": "deleted", "R": "renamed", "C": "
 
 
 def commit(root: Path, message: str, paths: list[str], signoff: bool, username: str) -> dict[str, Any]:
-    """Stage `paths` (every change when empty) and commit them as `username`; 409 when nothing changed."""
+    """Stage `paths` (every change when empty) and commit them as `username`, those paths only (what else was
+    staged stays staged, out of this commit); 409 when nothing changed. A message git would refuse (blank, or
+    holding NUL) is a 422 before anything is staged."""
+    if not message.strip() or "\0" in message:
+        raise InvalidInput("a commit message needs words, and no NUL character", field="message")
     # every change but the temp file of a repo.write that was killed mid-way (`.<name>.<random>.bkg-tmp`)
     git(root, "add", "--", *paths) if paths else git(root, "add", "-A", "--", ".", f":(exclude,glob)**/*{TEMP_SUFFIX}")
-    staged = git(root, "diff", "--cached", "--name-status")
+    staged = git(root, "diff", "--cached", "--name-status", "--", *paths)
     if not staged.strip():
         raise Conflict("nothing to commit: the working tree has no changes in these paths", field="paths")
     who = {
         "GIT_AUTHOR_NAME": username, "GIT_AUTHOR_EMAIL": f"{username}@bkg.local",
         "GIT_COMMITTER_NAME": username, "GIT_COMMITTER_EMAIL": f"{username}@bkg.local",
     }  # fmt: skip
-    git(root, "commit", "-q", "--no-verify", "-m", message, *(["--signoff"] if signoff else []), env=who)
+    only = ["--only", "--", *paths] if paths else []
+    git(root, "commit", "-q", "--no-verify", "-m", message, *(["--signoff"] if signoff else []), *only, env=who)
     sha = git(root, "rev-parse", "HEAD").strip()
     files = [{"status": ln.split("\t", 1)[0], "path": ln.split("\t")[-1]} for ln in text_lines(staged) if ln]
     return {"commit": sha, "message": message, "author": username, "files": files}

@@ -47,9 +47,11 @@ from bkg_kernel.plugins.repoagent.schemas import (
     WriteRequest,
 )  # fmt: skip
 from bkg_kernel.plugins.repoagent.workspace import (
+    BINARY_SNIFF,
     Ignore,
     Workspace,
     file_lines,
+    inside,
     is_binary,
     read_text,
     text_lines,
@@ -232,11 +234,19 @@ class RepoAgent(Indexing, Plugin):
         exists = full.exists()
         if exists and full.is_dir():
             raise InvalidInput(f"{inp.path!r} is a folder", field="path")
+        if exists and not full.is_file():  # a FIFO (its read would never end), a device
+            raise InvalidInput(f"{rel} is not a regular file", field="path")
         if inp.mode == "create" and exists:
             raise AlreadyExists(f"{rel} already exists (mode create)", field="path")
-        old = full.read_bytes() if exists else b""
-        if is_binary(old):
+        size = full.stat().st_size if exists else 0
+        if inp.mode == "append" and size + len(inp.content.encode()) > self.settings.max_file_bytes:
+            raise InvalidInput(f"{rel} would grow to {size + len(inp.content.encode()):,} bytes, over "
+                               f"max_file_bytes {self.settings.max_file_bytes}", field="content")  # fmt: skip
+        with full.open("rb") if exists else contextlib.nullcontext(None) as f:  # its head says if it is text
+            head = f.read(BINARY_SNIFF) if f is not None else b""
+        if is_binary(head):
             raise InvalidInput(f"{rel} is a binary file: it is not written as text", field="path")
+        old = full.read_bytes() if exists and inp.mode == "append" else b""
         try:
             new = (old.decode() if inp.mode == "append" else "") + inp.content
         except UnicodeDecodeError:
@@ -431,8 +441,8 @@ class RepoAgent(Indexing, Plugin):
         out = []
         for r in uses[: inp.limit]:
             if r["path"] not in lines_of:
-                try:
-                    lines_of[r["path"]] = file_lines(ws.path / r["path"])
+                try:  # (a folder made a link out of the workspace since it was indexed: not read)
+                    lines_of[r["path"]] = file_lines(ws.path / r["path"]) if inside(ws.path, r["path"]) else []
                 except OSError:  # gone (or a folder now) since it was indexed: its line is not shown
                     lines_of[r["path"]] = []
             src = lines_of[r["path"]]

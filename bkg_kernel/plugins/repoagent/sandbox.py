@@ -85,7 +85,7 @@ def scrubbed_env(cwd: Path, extra: dict[str, str]) -> dict[str, str]:
     env = {"PATH": path, "HOME": str(cwd), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
     # git reads $HOME/.gitconfig, and HOME is the workspace, which callers write: no user or system config at all,
     # and the keys through which a repository's config names programs are pinned (workspace.GIT_SAFE)
-    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_PAGER": "cat", "TERM": "dumb", **git_safe_env()})
+    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_PAGER": "cat", "TERM": "dumb", **git_safe_env(cwd)})
     env["GIT_CEILING_DIRECTORIES"] = str(cwd.parent)  # a workspace that is no repository is not in one above it
     return {**env, **extra}
 

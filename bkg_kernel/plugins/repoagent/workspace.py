@@ -9,6 +9,7 @@ setting applies to both.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class Workspace:
             raise InvalidInput(f"{rel!r} is a symbolic link that leads back to itself", field=field_name) from None
         if full != self.path and self.path not in full.parents:
             raise Forbidden(f"{rel!r} leads outside the workspace {self.name!r}", field=field_name)
+        if ".git" in full.relative_to(self.path).parts:  # its config holds remotes' credentials, names programs
+            raise Forbidden(f"{rel!r} is in a .git folder: off limits (see repo.diff, repo.commit)", field=field_name)
         return full
 
     def rel(self, full: Path) -> str:
@@ -127,7 +130,7 @@ def git_files(root: Path, limit: int) -> list[str] | None:
     try:
         out = subprocess.run(
             ["git", "-c", "core.quotepath=off", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=root, capture_output=True, timeout=120, env=git_env(),
+            cwd=root, capture_output=True, timeout=120, env=git_env(root=root),
         )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -156,23 +159,59 @@ GIT_SAFE = {
 }
 
 
-def git_safe_env() -> dict[str, str]:
-    """No user or system git config, and `GIT_SAFE` over the repository's own."""
-    env = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_COUNT": str(len(GIT_SAFE))}
-    for i, (key, value) in enumerate(GIT_SAFE.items()):
+def git_safe_env(root: Path | None = None) -> dict[str, str]:
+    """No user or system git config, and `GIT_SAFE` over the repository's own; with the repository's `root`,
+    every filter driver its config defines pinned off as well (`filter_drivers`)."""
+    pins = dict(GIT_SAFE)
+    for driver in filter_drivers(root) if root is not None else ():
+        for key in ("clean", "smudge", "process"):  # an empty command runs nothing
+            pins[f"filter.{driver}.{key}"] = ""
+        pins[f"filter.{driver}.required"] = "false"
+    env = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_COUNT": str(len(pins))}
+    for i, (key, value) in enumerate(pins.items()):
         env[f"GIT_CONFIG_KEY_{i}"], env[f"GIT_CONFIG_VALUE_{i}"] = key, value
     return env
 
 
-def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """A scrubbed environment for git: no user config, no pager, no prompts, `GIT_SAFE`."""
+_DRIVERS: dict[str, tuple[tuple[int, int], list[str]]] = {}  # git dir -> (its config's mtime and size, drivers)
+
+
+def filter_drivers(root: Path) -> list[str]:
+    """The filter drivers the repository at `root` defines (`filter.<driver>.clean|smudge|process` in its config,
+    included files too): a `.gitattributes` a caller writes (`* filter=x`) would have git run each one's program
+    on every status, diff and commit. Read by `git config` itself, once per change of the config."""
+    config = root / ".git" / "config"
+    try:
+        st = config.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        stamp = (0, 0)
+    found = _DRIVERS.get(str(root))
+    if found is not None and found[0] == stamp and stamp != (0, 0):
+        return found[1]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent", "LANG": "C.UTF-8",
+           "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}  # fmt: skip
+    try:
+        out = subprocess.run(["git", "config", "--null", "--name-only", "--get-regexp", r"^filter\."],
+                             cwd=root, capture_output=True, timeout=30, env=env).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        out = b""
+    names = {n.decode(errors="surrogateescape") for n in out.split(b"\0") if n}
+    drivers = sorted({n[len("filter.") : n.rindex(".")] for n in names if n.count(".") >= 2})
+    _DRIVERS[str(root)] = (stamp, drivers)
+    return drivers
+
+
+def git_env(extra: dict[str, str] | None = None, root: Path | None = None) -> dict[str, str]:
+    """A scrubbed environment for git: no user config, no pager, no prompts, `GIT_SAFE` (and, given the
+    repository's `root`, its filter drivers off)."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": "/nonexistent",
         "LANG": "C.UTF-8",
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_PAGER": "cat",
-        **git_safe_env(),
+        **git_safe_env(root),
     }
     return {**env, **(extra or {})}
 
@@ -185,16 +224,30 @@ def is_git_dir(folder: Path) -> bool:
     return (folder / "HEAD").is_file() and (folder / "objects").is_dir() and (folder / "config").is_file()
 
 
-def inside(ws_path: Path, rel: str) -> bool:
-    """Whether the file `rel` is really in the workspace: a symlink counts only when it points inside it (and
-    not into `.git`); a link to /etc/passwd or the data dir is never read, searched or indexed."""
+def inside(ws_path: Path, rel: str, folders: dict[str, bool] | None = None) -> bool:
+    """Whether the file `rel` is really in the workspace: a symlink, the file's own or any folder's on its way,
+    counts only when it leads inside it (and not into `.git`); a link to /etc/passwd or the data dir, or a folder
+    replaced by a link to one, is never read, searched or indexed. `folders` keeps each folder's answer across
+    the files of one listing (each folder resolved once)."""
+    parent, _, _ = rel.rpartition("/")
+    ok = folders.get(parent) if folders is not None else None
+    if ok is None:
+        ok = _leads_inside(ws_path, parent, folder=True)
+        if folders is not None:
+            folders[parent] = ok
+    if not ok:
+        return False
     p = ws_path / rel
-    if not p.is_symlink():
-        return p.exists()
+    return _leads_inside(ws_path, rel) if p.is_symlink() else p.exists()
+
+
+def _leads_inside(ws_path: Path, rel: str, folder: bool = False) -> bool:
     try:
-        real = p.resolve(strict=True)
+        real = (ws_path / rel).resolve(strict=True)
     except (OSError, RuntimeError):
         return False
+    if real == ws_path:
+        return folder
     return ws_path in real.parents and ".git" not in real.relative_to(ws_path).parts
 
 
@@ -204,13 +257,14 @@ def list_files(ws: Workspace, ignore: Ignore, limit: int, unnamed: list[str] | N
     A file whose name is not UTF-8 is left out (and its name, bytes escaped as `\\xff`, added to `unnamed`): it
     could not be named in a request, stored or answered, so one such file would fail every index run and search."""
     names = git_files(ws.path, limit) if ws.git else None
+    folders: dict[str, bool] = {}
     if names is None:
         names = sorted(ignore.walk(ws.path, limit))
     else:
         names = [
             n
             for n in names
-            if not ignore.skip(n) and not any(ignore.skip(d, True) for d in _parents(n)) and inside(ws.path, n)
+            if not ignore.skip(n) and not any(ignore.skip(d, True) for d in _parents(n)) and inside(ws.path, n, folders)
         ]  # a tracked file deleted from the working tree is listed by git but gone
     if len(names) > limit:  # counted before any is left out: a listing cut at the limit is never taken for whole
         raise InvalidInput(
@@ -248,7 +302,10 @@ def read_text(path: Path, max_bytes: int, field_name: str = "path") -> str:
         raise NotFound(f"{path.name!r} does not exist", field=field_name)
     if path.is_dir():
         raise InvalidInput(f"{path.name!r} is a folder (use repo.tree)", field=field_name)
-    size = path.stat().st_size
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):  # a FIFO's read would never end, a device's might never either
+        raise InvalidInput(f"{path.name!r} is not a regular file", field=field_name)
+    size = st.st_size
     if size > max_bytes:
         raise InvalidInput(f"{path.name!r} has {size} bytes, over max_file_bytes {max_bytes}", field=field_name)
     data = path.read_bytes()
@@ -274,5 +331,8 @@ def text_lines(text: str) -> list[str]:
 
 
 def file_lines(path: Path) -> list[str]:
-    """The `text_lines` of a file read as UTF-8 (undecodable bytes replaced; an OSError when it cannot be read)."""
+    """The `text_lines` of a file read as UTF-8 (undecodable bytes replaced; an OSError when it cannot be read,
+    or is not a regular file: a FIFO's read would never end)."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise IsADirectoryError(f"{path.name} is not a regular file")
     return text_lines(path.read_bytes().decode("utf-8", errors="replace"))
