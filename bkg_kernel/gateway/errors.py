@@ -119,7 +119,9 @@ async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
 
 async def internal(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal", INTERNAL)
+    # Starlette raises the error again once this answer is sent, and uvicorn then drops the connection: said here,
+    # the client opens a new one for its next request instead of sending it down one being closed (a reset)
+    return error_response(500, "internal", INTERNAL, connection="close")
 
 
 def _openai_on_v1(handler: Any) -> Any:

@@ -14,9 +14,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import NotFound, openai_shaped
+from bkg_kernel.errors import InvalidInput, NotFound, openai_shaped
 from bkg_kernel.plugins.llmserver.schemas import ChatRequest, CompletionRequest, EmbedRequest
-from bkg_kernel.runtime.bodyjson import BIG_BODY, RawJSON
+from bkg_kernel.runtime.bodyjson import BIG_BODY, TOO_DEEP, RawJSON
 from bkg_kernel.runtime.contract import GatewayAPI
 from bkg_kernel.runtime.disconnect import while_connected
 from bkg_kernel.runtime.sse import event_stream
@@ -28,16 +28,25 @@ async def handed(body: BaseModel, request: Request) -> Any:
     and pickling it here would hold the event loop for tens of milliseconds."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) <= BIG_BODY:
-        return body.model_dump(mode="json", exclude_unset=True)
+        return _dumped(body)
 
     def encoded() -> Any:
-        data = body.model_dump(mode="json", exclude_unset=True)
+        data = _dumped(body)
         try:
             return RawJSON(orjson.dumps(data))
         except orjson.JSONEncodeError:  # an integer past 64 bits (a seed, an extra field): the data as it is
             return data
 
     return await asyncio.to_thread(encoded)
+
+
+def _dumped(body: BaseModel) -> Any:
+    """`body` as JSON data; one nested past pydantic's serialization depth (~250 levels, in the extra fields the
+    models allow) is the caller's 400 naming `body`: the JSON parser takes more levels than pydantic writes."""
+    try:
+        return body.model_dump(mode="json", exclude_unset=True)
+    except ValueError:  # "Maximum serialization depth exceeded": nothing else fails to dump a parsed JSON body
+        raise InvalidInput(TOO_DEEP, field="body") from None
 
 
 def build(api: GatewayAPI) -> APIRouter:

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -51,6 +51,8 @@ from bkg_kernel.plugins.llmserver.schemas import (
 )
 from bkg_kernel.runtime import calls
 from bkg_kernel.runtime.contract import GatewayAPI, Plugin, PluginSettings, capability
+
+Answer = TypeVar("Answer", bound=BaseModel)  # an upstream's answer, read as one of OpenAI's
 
 
 class LLMSettings(PluginSettings):
@@ -139,7 +141,7 @@ class LLMServer(Plugin):
     def chat(self, inp: ChatRequest) -> ChatCompletion:
         """Answer a conversation (OpenAI chat.completion)."""
         if self.settings.upstream_url:
-            return ChatCompletion.model_validate(self._upstream("chat/completions", inp))
+            return self._upstream("chat/completions", inp, ChatCompletion)
         chunks = list(self._chat_stream(inp, calls.stop_event(), whole=True))  # its caller gone: it stops
         return ChatCompletion.model_validate(_whole(chunks))
 
@@ -147,7 +149,7 @@ class LLMServer(Plugin):
     def complete(self, inp: CompletionRequest) -> Completion:
         """Continue a prompt (OpenAI text_completion)."""
         if self.settings.upstream_url:
-            return Completion.model_validate(self._upstream("completions", inp))
+            return self._upstream("completions", inp, Completion)
         chunks = list(self._complete_stream(inp, calls.stop_event(), whole=True))
         return Completion.model_validate(_whole(chunks))
 
@@ -155,7 +157,7 @@ class LLMServer(Plugin):
     def embed(self, inp: EmbedRequest) -> Embeddings:
         """Embed one text or a batch (normalized vectors, OpenAI embedding list)."""
         if self.settings.upstream_url:
-            return Embeddings.model_validate(self._upstream("embeddings", inp))
+            return self._upstream("embeddings", inp, Embeddings)
         texts = inp.texts()
         empty = next((i for i, t in enumerate(texts) if not t), None)
         if empty is not None:  # llama.cpp cannot embed zero tokens
@@ -307,6 +309,8 @@ class LLMServer(Plugin):
                 max_tokens_limit=s.max_tokens_limit, add_bos=True,
             )  # fmt: skip
             with self._counting_cancels(g):
+                if not whole and inp.echo:  # the prompt first, as the whole answer's text begins with it
+                    yield {**head, "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None}]}
                 for delta in g.run():
                     if not whole:
                         choice = {"index": 0, "text": delta, "finish_reason": None, "logprobs": None}
@@ -361,7 +365,9 @@ class LLMServer(Plugin):
         )
         return url, body, headers
 
-    def _upstream(self, path: str, inp: BaseModel) -> dict[str, Any]:
+    def _upstream(self, path: str, inp: BaseModel, answer: type[Answer]) -> Answer:
+        """`inp` sent to the upstream's `path`, its answer read as `answer`: one that is not JSON (a proxy's login
+        page) or not that OpenAI answer is the upstream's fault, a 502 like its failures."""
         import httpx
 
         url, body, headers = self._upstream_request(path, inp, False)
@@ -373,8 +379,21 @@ class LLMServer(Plugin):
             raise _upstream_error(url, f"{type(exc).__name__}: {exc}") from None
         if r.status_code >= 400:
             raise _upstream_error(url, r.text[:300], r.status_code, r.headers.get("retry-after"))
-        data: dict[str, Any] = r.json()
-        return data
+        try:
+            data = r.json()
+        except ValueError:
+            kind = r.headers.get("content-type", "no content type")
+            raise _upstream_error(url, f"not an OpenAI answer: {kind}, {r.text[:100]!r}") from None
+        if not isinstance(data, dict):
+            raise _upstream_error(url, f"not an OpenAI answer: JSON {type(data).__name__}, not an object")
+        if data.get("usage") is None:  # optional in OpenAI's schema; bkg's callers (and their books) read it
+            data["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        try:
+            return answer.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err.get("loc", ())) or "the answer"
+            raise _upstream_error(url, f"not an OpenAI answer: {where}: {err.get('msg')}") from None
 
     def _upstream_stream(self, path: str, inp: BaseModel, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
         import httpx
@@ -385,10 +404,15 @@ class LLMServer(Plugin):
                 if r.status_code >= 400:
                     said = r.read()[:300].decode(errors="replace")
                     raise _upstream_error(url, said, r.status_code, r.headers.get("retry-after"))
+                events = 0
                 for event in iter_sse(r.iter_lines()):
                     if cancelled.is_set():
                         return
+                    events += 1
                     yield event
+                if not events:  # a proxy's page in place of the stream: a 502 before the caller's stream begins
+                    kind = r.headers.get("content-type", "no content type")
+                    raise _upstream_error(url, f"not an OpenAI stream: {kind}, no events")
         except (httpx.HTTPError, ValueError) as exc:  # a broken event is the upstream's fault too
             raise _upstream_error(url, f"{type(exc).__name__}: {exc}") from None
 

@@ -169,7 +169,7 @@ class RustyFace(Plugin):
         """Mount the plugin's own HTTP routes on the gateway."""
         from bkg_kernel.plugins.rustyface import routes
 
-        return routes.build(api)
+        return routes.build(api, cls.capabilities())
 
     def start(self) -> None:
         assert self.context is not None

@@ -6,7 +6,9 @@ import asyncio
 import base64
 import json
 import math
-from typing import Annotated, Any
+import types
+from collections.abc import Mapping
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import orjson
 from fastapi import APIRouter, Depends, Request
@@ -15,13 +17,14 @@ from starlette.datastructures import UploadFile
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.runtime.bodyjson import BIG_BODY, RawJSON
-from bkg_kernel.runtime.contract import GatewayAPI
+from bkg_kernel.runtime.contract import Capability, GatewayAPI
 
 MAX_FIELD_CHARS = 65_536  # a form field that is not a file: an option, parsed as JSON on the event loop
 
 
-def build(api: GatewayAPI) -> APIRouter:
-    """Return the `/api/faces` upload router (scope faces:use; runs as the caller)."""
+def build(api: GatewayAPI, capabilities: Mapping[str, Capability]) -> APIRouter:
+    """Return the `/api/faces` upload router (scope faces:use; runs as the caller); `capabilities` (rustyface's)
+    say which fields are text and which are lists."""
     router = APIRouter(prefix="/api/faces", tags=["faces"])
     faces = api.need("faces:use")
 
@@ -34,25 +37,48 @@ def build(api: GatewayAPI) -> APIRouter:
                 "send multipart/form-data with the image as a file field (image=@photo.jpg)", field="body"
             )
         form = await request.form()
+        found = capabilities.get(f"faces.{capability}")
+        fields = found.input.model_fields if found is not None else {}
         data: dict[str, Any] = {}
         for key, value in form.multi_items():
+            kinds = _kinds(fields[key].annotation) if key in fields else set()
             if isinstance(value, UploadFile):
-                data[key] = await asyncio.to_thread(_base64, await value.read())
+                image = await asyncio.to_thread(_base64, await value.read())
+                if kinds and all(get_origin(k) is list for k in kinds):  # `images`: one file field per image
+                    data.setdefault(key, []).append(image)
+                else:
+                    data[key] = image
                 continue
             if len(value) > MAX_FIELD_CHARS:  # options (a score, a gallery, a name), parsed here on the loop
                 raise InvalidInput(f"form field {key!r} has {len(value):,} characters; an option takes at most "
                                    f"{MAX_FIELD_CHARS:,} (images go in file fields)", field=key)  # fmt: skip
+            if kinds == {str}:  # a name is its text as typed: `gallery=2024` or `subject=null` is not a number
+                data[key] = value
+                continue
             try:
                 data[key] = json.loads(value)
-            except ValueError:  # not JSON (a name), or a number past Python's 4,300 digits: the text itself
+            except ValueError:  # not JSON, or a number past Python's 4,300 digits: the text itself
                 data[key] = value
         # the photos go to the worker as JSON bytes made on a thread, which the pipe writes as they are: a dict of
         # tens of MB of base64 text was pickled on the event loop (~50 ms for a 32 MB photo)
-        if any(isinstance(v, str) and len(v) > BIG_BODY for v in data.values()):
+        if any(_text_size(v) > BIG_BODY for v in data.values()):
             return await api.invoke("rustyface", f"faces.{capability}", await asyncio.to_thread(_raw, data), p)
         return await api.invoke("rustyface", f"faces.{capability}", data, p)
 
     return router
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The types a field takes, None left out (`str | None` -> {str})."""
+    union = get_origin(annotation) in (Union, types.UnionType)
+    return {a for a in (get_args(annotation) if union else (annotation,)) if a is not type(None)}
+
+
+def _text_size(value: Any) -> int:
+    """The characters of a field's text: a string's, or a list's strings' (an enroll's images)."""
+    if isinstance(value, str):
+        return len(value)
+    return sum(len(v) for v in value if isinstance(v, str)) if isinstance(value, list) else 0
 
 
 def _raw(data: dict[str, Any]) -> RawJSON | dict[str, Any]:
