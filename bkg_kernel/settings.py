@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -197,6 +198,21 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Return the process-wide settings (read once)."""
     return Settings()
+
+
+def from_cwd_config(settings: Settings, *names: str) -> Path | None:
+    """The working directory's config file when `settings` took one of `names` from it, else None.
+
+    `bkg.toml` (or a relative BKG_CONFIG) is read from wherever the process runs, so a cloned repository's file is
+    read like one's own: what it alone chose must not decide where a credential goes (`client.workbench.vet_gateway`).
+    A file that an absolute BKG_CONFIG names is the user's choice, and BKG_* variables beat the file. Arguments to
+    Settings() beat it too but are not seen here: for settings made without arguments for `names`."""
+    path = _config_file()
+    if path.is_absolute() or not path.is_file():
+        return None
+    in_file = TomlConfigSettingsSource(type(settings), toml_file=path)()
+    in_env = EnvSettingsSource(type(settings))()
+    return path.resolve() if any(n in in_file and n not in in_env for n in names) else None
 
 
 def gateway_url(settings: Settings | None = None) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
+import json
 import os
 import subprocess
 import sys
@@ -25,9 +28,9 @@ from bkg_kernel.client.llm import LLM, ModelTable
 from bkg_kernel.client.plugins import PluginTable, RemotePlugin
 from bkg_kernel.client.repo import Repo
 from bkg_kernel.display import Table
-from bkg_kernel.errors import BkgError, InvalidInput, JobFailed, Timeout, Unavailable
+from bkg_kernel.errors import BkgError, Forbidden, InvalidInput, JobFailed, Timeout, Unavailable
 from bkg_kernel.logfiles import open_log
-from bkg_kernel.settings import Settings, gateway_url
+from bkg_kernel.settings import Settings, from_cwd_config, gateway_url
 from bkg_kernel.store.results import CollectionInfo, CollectionList
 
 _latest: weakref.ref[Workbench] | None = None
@@ -302,22 +305,104 @@ def connect(
 
     The key: `api_key`, else BKG_API_KEY, else (in a JupyterHub user's server and its kernels) the user's Hub
     token, else the data dir's workbench key (developer scopes); `admin=True` (a person asking for admin rights)
-    reads admin.key instead."""
+    reads admin.key instead. The gateway: `url`, else the one the settings find, which `vet_gateway` checks first
+    (a `bkg.toml` in the working directory alone cannot send the key elsewhere)."""
     settings = Settings() if data_dir is None else Settings(data_dir=Path(data_dir))
     ddir = settings.data_dir.resolve()
     under_hub = bool(settings.hub_user and settings.hub_api_token)
     key = api_key or settings.api_key
+    found = not url
     if under_hub and not key and not admin:
         key = settings.hub_api_token
         url = hub_gateway(settings, url)  # the Hub token goes only to the Hub's own bkg service
+        found = False
     url = url or gateway_url(settings)
     if not transport.is_http_url(url):
         raise InvalidInput(f"the gateway URL must look like http://host:port, not {url!r}", field="url")
+    if found:
+        vet_gateway(url, settings)  # before anything goes there, /health included
     if not _alive(url):
         if not start or under_hub:  # a Hub user's server never starts a gateway of its own
             raise Unavailable(f"no bkg gateway answers at {url} (start one with `bkg serve`)")
         _spawn(settings, ddir, url, timeout)
     return Workbench(url, key or _api_key(settings, ddir, admin))  # the data dir's key exists once it started
+
+
+def vet_gateway(url: str, settings: Settings) -> None:
+    """Refuse a gateway URL the settings found when only the working directory chose it.
+
+    A `bkg.toml` in the working directory may be a cloned repository's, and so may a `data/gateway.json` there;
+    the key a client sends (BKG_API_KEY, the data dir's key files, an `api_key` argument) is the user's. A found
+    URL is trusted when one of these holds:
+
+    * it is this machine's by its address: `localhost`, 127.0.0.1, ::1, or 0.0.0.0 / :: (which connect here);
+      the default gateway URL is one of them too, so a file naming such a URL gains nothing;
+    * the data dir's running gateway recorded it: its gateway.json names it while a process holds the data dir's
+      lock (a lock file that is a link does not count);
+    * the user's own settings name it: BKG_GATEWAY_URL, BKG_HOST with BKG_PORT, or a file named by an absolute
+      BKG_CONFIG; not a bkg.toml read from the working directory, nor a gateway.json no gateway holds.
+
+    A URL that was passed (`connect(url)`, the CLI's `--url`) is the caller's choice and is not vetted. Raise
+    `Forbidden` naming the file that chose the URL, before anything is sent there."""
+    url = url.rstrip("/")
+    if _this_machine(urlsplit(url).hostname or ""):
+        return
+    ddir = settings.data_dir.resolve()
+    state = ddir / "gateway.json"
+    recorded = _recorded(state)
+    running = recorded == url and _held(ddir / "bkg.lock")  # the lock is only tried when it decides
+    found: list[tuple[str | None, Path | None, str]] = [  # (a URL the settings name, the file that alone chose it)
+        ((settings.gateway_url or "").rstrip("/") or None, from_cwd_config(settings, "gateway_url"), "gateway_url"),
+        (recorded, None if running else state, "no gateway holds its data dir"),
+        (f"http://{settings.host}:{settings.port}", from_cwd_config(settings, "host", "port"), "host and port"),
+    ]
+    chosen = [(path, what) for named, path, what in found if named == url]
+    if not chosen or any(path is None for path, _ in chosen):
+        return  # not found by the settings (passed), or the user's own setting names it
+    path, what = chosen[0]
+    hint = "set BKG_HOST and BKG_PORT" if what == "host and port" else "set BKG_GATEWAY_URL"
+    raise Forbidden(
+        f"not sending your key to {url}: only {path} names it ({what}), and it is not this machine's gateway; "
+        f"if you trust it, pass it (bkg.connect({url!r}), the CLI's --url) or {hint}"
+    )
+
+
+def _this_machine(host: str) -> bool:
+    """Whether `host` is this machine's gateway address by its name alone: `localhost`, 127.0.0.1, ::1, or
+    0.0.0.0 / :: (the addresses bkg serves on). Another loopback address (127.0.0.2) is not: a gateway there is
+    named by the user or recorded by the gateway itself."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: what it resolves to is the resolver's to say, now and at the next request
+    return ip in (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")) or ip.is_unspecified
+
+
+def _recorded(state: Path) -> str | None:
+    """The URL a gateway.json records (as `gateway_url` reads it)."""
+    try:
+        return str(json.loads(state.read_text())["url"]).rstrip("/")
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+
+
+def _held(lock: Path) -> bool:
+    """Whether a process holds the data dir lock (`store.lock.DataDirLock`'s flock) of the file `lock` itself."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # a link to another data dir's lock: no
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken for an instant when free: closing the file drops it
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
 def hub_gateway(settings: Settings, url: str | None = None) -> str:

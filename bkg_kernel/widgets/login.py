@@ -10,12 +10,14 @@ from typing import Any
 import ipywidgets as W
 
 from bkg_kernel.client import Workbench
+from bkg_kernel.client.workbench import vet_gateway
 from bkg_kernel.settings import Settings, gateway_url
 from bkg_kernel.widgets.primitives import CSS, Session, badge, error_html
 
 
 def login_box(on_login: Callable[[Session], None], url: str | None = None) -> W.VBox:
     """Ask for an API key, or a username and password (a session); on success call `on_login(session)`."""
+    found = url is None  # a URL the settings found is checked before a key or a password goes there
     url = url or gateway_url()
     key = W.Password(placeholder="bkg_…", description="API key", layout=W.Layout(width="420px"))
     user = W.Text(description="or user")
@@ -26,6 +28,8 @@ def login_box(on_login: Callable[[Session], None], url: str | None = None) -> W.
     def go(_: Any = None) -> None:
         status.value = "Logging in…"
         try:
+            if found:
+                vet_gateway(url, Settings())
             token = key.value.strip()
             if not token:
                 body = {"username": user.value, "password": password.value}

@@ -9,18 +9,20 @@ reached is a 502 naming the URL, never a hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, unquote_plus, urlencode
 
 import httpx
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.utils import url_path_join
-from tornado import web, websocket
+from tornado import httpclient, web, websocket
 from traitlets import Bool, Unicode, default
 from traitlets.config import Configurable
 
@@ -42,7 +44,8 @@ class BkgLab(Configurable):
 
     @default("gateway_url")
     def _gateway_url_default(self) -> str | None:
-        return _bkg_settings()["gateway_url"]
+        url = _bkg_settings()["gateway_url"]
+        return url if url is None or _trusted(url) else None  # None: `connect()` finds it, and says why not
 
     @default("api_key")
     def _api_key_default(self) -> str | None:
@@ -59,6 +62,23 @@ class BkgLab(Configurable):
     @default("dashboards_dir")
     def _dashboards_dir_default(self) -> str:
         return str(_bkg_settings()["dashboards_dir"])
+
+
+def _trusted(url: str) -> bool:
+    """Whether bkg's settings found `url` somewhere the key may go (`bkg_kernel.client.workbench.vet_gateway`): a
+    `bkg.toml` in the server's working directory, a cloned repository's, alone cannot send the key elsewhere."""
+    try:
+        from bkg_kernel.client.workbench import vet_gateway
+        from bkg_kernel.errors import Forbidden
+        from bkg_kernel.settings import Settings
+    except ImportError:  # without bkg_kernel only BKG_* variables are read: the user's own
+        return True
+    try:
+        vet_gateway(url, Settings())
+    except Forbidden as exc:
+        logging.getLogger(__name__).warning("bkg: %s", exc)
+        return False
+    return True
 
 
 @lru_cache(maxsize=1)
@@ -119,6 +139,12 @@ class GatewayUnreachable(Exception):
 
 
 JUPYTER_ONLY = frozenset({"token", "_xsrf"})  # query arguments for the Jupyter server, never forwarded
+# What stays as the browser sent it; every other byte is percent-encoded. '#' is not among them (it would start a
+# fragment), nor is '?' in the path (it would start the query).
+PATH_SAFE = "/%:@!$&'()*+,;="
+QUERY_SAFE = PATH_SAFE + "?"
+# Close codes a browser accepts in a close frame; others (1005, 1006, 1015, unassigned ones) fail its connection.
+SENDABLE_CLOSE = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
 
 
 def _error(handler: JupyterHandler, status: int, code: str, message: str) -> None:
@@ -127,29 +153,53 @@ def _error(handler: JupyterHandler, status: int, code: str, message: str) -> Non
     handler.finish(json.dumps({"error": {"status": status, "code": code, "message": message}}))
 
 
+def _printable(raw: str, safe: str) -> str:
+    """`raw` (a part of the request line, each byte a latin-1 character as tornado reads it) as printable ASCII."""
+    return quote(raw.encode("latin-1"), safe=safe)
+
+
 class ProxyHandler(APIHandler):
     """One REST call to the gateway; server-sent events stream through as they come."""
 
     target: Target
 
-    def initialize(self, target: Target) -> None:
+    def initialize(self, target: Target, prefix: str) -> None:
         self.target = target
+        self.prefix = prefix
 
-    async def _forward(self, path: str) -> None:
+    def _dest(self, url: str) -> str:
+        """The gateway URL of this request: its path and query still encoded, less Jupyter's own arguments."""
+        # The route captures nothing: tornado would decode it, and a `%3F`, `%23` or `%2F` in a segment would then
+        # reach the gateway as a query, a fragment or another route
+        path = _printable(self.request.path[len(self.prefix) :], PATH_SAFE)
+        # Jupyter's own credentials (`?token=`, `_xsrf`) stay here: the gateway takes the caller's key instead. The
+        # other arguments go as they came: a value that is not UTF-8 is the gateway's to refuse
+        kept = "&".join(
+            a for a in self.request.query.split("&") if unquote_plus(a.partition("=")[0]) not in JUPYTER_ONLY
+        )
+        query = _printable(kept, QUERY_SAFE)
+        return f"{url.rstrip('/')}/{path}" + (f"?{query}" if query else "")
+
+    async def _forward(self) -> None:
         try:
             url, _ = await self.target.resolve()
         except GatewayUnreachable as exc:
             _error(self, 502, "gateway_unreachable", f"cannot reach or start the bkg gateway: {exc}")
             return
-        # Jupyter's own credentials (`?token=`, `_xsrf`) stay here: the gateway takes the caller's key instead
-        args = self.request.query_arguments.items()
-        query = urlencode([(k, v.decode()) for k, vs in args if k not in JUPYTER_ONLY for v in vs])
-        dest = f"{url.rstrip('/')}/{path}" + (f"?{query}" if query else "")
         headers = self.target.headers()
-        if self.request.headers.get("Content-Type"):
-            headers["Content-Type"] = self.request.headers["Content-Type"]
+        if content_type := self.request.headers.get("Content-Type"):
+            if not content_type.isascii():  # httpx sends headers as ASCII
+                _error(self, 400, "bad_request", "the Content-Type header holds a character that is not ASCII")
+                return
+            headers["Content-Type"] = content_type
         body = self.request.body if self.request.method not in ("GET", "DELETE", "HEAD") else None
-        req = self.target.client.build_request(self.request.method or "GET", dest, headers=headers, content=body)
+        try:
+            req = self.target.client.build_request(
+                self.request.method or "GET", self._dest(url), headers=headers, content=body
+            )
+        except (httpx.InvalidURL, ValueError) as exc:  # still unsendable: past httpx's URL length, say
+            _error(self, 400, "bad_request", f"cannot forward this request to the bkg gateway: {exc}")
+            return
         try:
             resp = await self.target.client.send(req, stream=True)
         except httpx.TransportError as exc:
@@ -170,24 +220,24 @@ class ProxyHandler(APIHandler):
         self.finish()
 
     @web.authenticated
-    async def get(self, path: str) -> None:
-        await self._forward(path)
+    async def get(self) -> None:
+        await self._forward()
 
     @web.authenticated
-    async def post(self, path: str) -> None:
-        await self._forward(path)
+    async def post(self) -> None:
+        await self._forward()
 
     @web.authenticated
-    async def put(self, path: str) -> None:
-        await self._forward(path)
+    async def put(self) -> None:
+        await self._forward()
 
     @web.authenticated
-    async def patch(self, path: str) -> None:
-        await self._forward(path)
+    async def patch(self) -> None:
+        await self._forward()
 
     @web.authenticated
-    async def delete(self, path: str) -> None:
-        await self._forward(path)
+    async def delete(self) -> None:
+        await self._forward()
 
 
 class StatusHandler(APIHandler):
@@ -221,10 +271,12 @@ class DashboardsHandler(APIHandler):
 
 
 class LiveHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
-    """The gateway's WebSocket, relayed both ways; closes when the gateway does (the panel reconnects)."""
+    """The gateway's WebSocket, relayed both ways; closes when the gateway does, with its code and reason (the
+    panel reconnects)."""
 
     target: Target
     upstream: websocket.WebSocketClientConnection | None = None
+    pump: asyncio.Task[None] | None = None  # held here: the event loop keeps only a weak reference to a task
 
     def initialize(self, target: Target) -> None:
         self.target = target
@@ -232,34 +284,46 @@ class LiveHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
     async def get(self, *args: Any, **kwargs: Any) -> None:
         if self.current_user is None:
             raise web.HTTPError(403)
+        await super().get(*args, **kwargs)
+
+    async def open(self, *args: Any, **kwargs: Any) -> None:
+        # The gateway's socket is opened only here, once tornado and Jupyter have accepted the handshake (Upgrade,
+        # Origin): one opened before a refused handshake stayed open, and 32 of them used up the user's sockets
         try:
             url, key = await self.target.resolve()
             ws_url = (
                 url.replace("http://", "ws://").replace("https://", "wss://") + "/ws?" + urlencode({"token": key or ""})
             )
             self.upstream = await websocket.websocket_connect(ws_url)
-        except (GatewayUnreachable, OSError, websocket.WebSocketError) as exc:
-            raise web.HTTPError(502, f"cannot reach the bkg gateway: {exc}") from None
-        await super().get(*args, **kwargs)
-
-    def open(self, *args: Any, **kwargs: Any) -> None:
-        asyncio.ensure_future(self._pump())
+        except (GatewayUnreachable, OSError, websocket.WebSocketError, httpclient.HTTPClientError) as exc:
+            self._close(1011, f"cannot reach the bkg gateway: {exc}")
+            return
+        if self.ws_connection is None or self.ws_connection.is_closing():  # the browser left meanwhile
+            self.upstream.close()
+            return
+        self.pump = asyncio.ensure_future(self._pump())
 
     async def _pump(self) -> None:
         assert self.upstream is not None
         while True:
             msg = await self.upstream.read_message()
             if msg is None:
-                self.close(1011, "the bkg gateway closed the connection")
+                code, reason = self.upstream.close_code, self.upstream.close_reason
+                self._close(code if code in SENDABLE_CLOSE else 1011, reason or "the bkg gateway closed the connection")
                 return
             try:
                 await self.write_message(msg)
             except websocket.WebSocketClosedError:
                 return
 
+    def _close(self, code: int, reason: str) -> None:
+        # A close frame holds at most 123 bytes of reason
+        self.close(code, reason.encode()[:123].decode(errors="ignore"))
+
     async def on_message(self, message: str | bytes) -> None:
         if self.upstream is not None:
-            await self.upstream.write_message(message)
+            with contextlib.suppress(websocket.WebSocketClosedError):  # gone: the pump closes this side, with why
+                await self.upstream.write_message(message)
 
     def on_close(self) -> None:
         if self.upstream is not None:
@@ -272,13 +336,14 @@ def setup_handlers(server_app: Any) -> None:
     base = web_app.settings["base_url"]
     lab = BkgLab(parent=server_app)
     target = Target(lab)
+    api = url_path_join(base, "bkg", "api") + "/"
     web_app.add_handlers(
         ".*$",
         [
             (url_path_join(base, "bkg", "status"), StatusHandler, {"target": target}),
             (url_path_join(base, "bkg", "dashboards"), DashboardsHandler, {"lab": lab}),
             (url_path_join(base, "bkg", "ws"), LiveHandler, {"target": target}),
-            (url_path_join(base, "bkg", "api", "(.*)"), ProxyHandler, {"target": target}),
+            (url_path_join(base, "bkg", "api", ".*"), ProxyHandler, {"target": target, "prefix": api}),
         ],
     )
     server_app.log.info("jupyterlab_bkg: /bkg/api and /bkg/ws forward to the bkg gateway")
