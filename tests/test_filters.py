@@ -119,3 +119,31 @@ def test_filter_must_be_object(coll: Any) -> None:
     with pytest.raises(InvalidInput) as err:
         coll.count(["lang"])  # type: ignore[arg-type]
     assert err.value.field == "filter"
+
+
+MIXED: list[Any] = ["abc", [1], {"a": 1}, 10**20, "true", 5, True, 2.5, None]
+
+
+@pytest.mark.parametrize(
+    ("flt", "expected"),
+    [
+        ({"n": {"$ne": 5}}, [0, 1, 2, 3, 4, 6, 7, 8, 9]),
+        ({"n": {"$ne": True}}, [0, 1, 2, 3, 4, 5, 7, 8, 9]),
+        ({"n": {"$ne": 1.5}}, list(range(10))),
+        ({"n": {"$nin": [5]}}, [0, 1, 2, 3, 4, 6, 7, 8, 9]),
+        ({"n": {"$nin": [True]}}, [0, 1, 2, 3, 4, 5, 7, 8, 9]),
+        ({"n": {"$in": [5, "abc"]}}, [0, 5]),
+        ({"n": {"$in": [5, True]}}, [5, 6]),
+        ({"n": {"$gt": 3}}, [3, 5]),
+    ],
+    ids=str,
+)
+def test_a_field_of_mixed_types_never_fails_a_filter(store: Store, flt: dict[str, Any], expected: list[int]) -> None:
+    """Found by a review: `$ne`, `$nin` and an `$in` of two types were a 500 (a cast error) as soon as one point
+    held a string, a list, an object or a huge integer in that field: one upsert broke a filter that worked."""
+    c = store.create_collection("mixed", dim=2)
+    payloads = [{"n": v} for v in MIXED] + [{}]  # and one without the field
+    c.upsert(ids=list(range(len(payloads))), vectors=np.ones((len(payloads), 2)), payloads=payloads)
+    assert sorted(p.id for p in c.scroll(flt, limit=100)) == expected
+    assert c.count(flt) == len(expected)
+    assert sorted(c.query([1, 1], k=100, filter=flt).ids) == expected

@@ -158,12 +158,14 @@ class _Compiler:
         return f"coalesce(json_type({self.col}, {path}) = 'NULL', TRUE)"
 
     def typed(self, path: str, kind: str, rhs: str) -> str:
-        """A field of JSON type `kind` (as `_scalar` names it), read as that type and compared by `rhs`."""
+        """A field of JSON type `kind` (as `_scalar` names it), read as that type and compared by `rhs`. The cast
+        is a TRY_CAST: DuckDB may evaluate it before the type test in front of it (under `NOT coalesce(...)`, in
+        an `$in` of two types), and a point holding "abc" or a list there must not fail the whole query."""
         typ = f"json_type({self.col}, {path})"
         if kind == "boolean":
-            return f"({typ} = 'BOOLEAN' AND CAST(json_extract({self.col}, {path}) AS BOOLEAN) {rhs})"
+            return f"({typ} = 'BOOLEAN' AND TRY_CAST(json_extract({self.col}, {path}) AS BOOLEAN) {rhs})"
         if kind == "number":
-            return f"({typ} IN {_NUMERIC} AND CAST(json_extract({self.col}, {path}) AS DOUBLE) {rhs})"
+            return f"({typ} IN {_NUMERIC} AND TRY_CAST(json_extract({self.col}, {path}) AS DOUBLE) {rhs})"
         return f"({typ} = 'VARCHAR' AND json_extract_string({self.col}, {path}) {rhs})"
 
 

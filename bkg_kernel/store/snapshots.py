@@ -308,6 +308,9 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
                     raise AlreadyExists(f"collection {target!r} already exists: restore into a new name", field="into")
                 old = store.collection(target) if target in store else None
                 _swap(con, target, table, m, old)
+                if old is not None:  # in the same hold of the lock: no call meets a handle on the dropped table
+                    old.dropped = True
+                    store._open.pop(target, None)  # noqa: SLF001
         except BaseException:
             if not store.closed:  # (closed: its next open sweeps the staged table, and the 503 stays the error)
                 with store._mutex, contextlib.suppress(duckdb.Error):  # noqa: SLF001
@@ -317,9 +320,6 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
             raise
         # swapped in: from here on the restored table is the collection, and nothing undoes that
         with store._mutex:  # noqa: SLF001
-            if old is not None:
-                old.dropped = True
-                store._open.pop(target, None)  # noqa: SLF001
             restored = store.collection(target)
         if old is not None:
             old_file = store.index_path(old.table)
