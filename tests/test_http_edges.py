@@ -217,3 +217,20 @@ def test_head_is_answered_as_get_without_a_body(gw: Gateway) -> None:
     assert c.head("/api/collections/nothing-here").status_code == 404
     r = c.head("/auth/login")  # a route that takes POST only
     assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_scroll_pages_by_cursor_over_rest(gw: Gateway) -> None:
+    """`points/scroll` answers `next_after`, the cursor of the next page: a point re-upserted between pages moves
+    no other past the reader (with `offset` the point after the page was skipped)."""
+    c = gw.client()
+    assert c.post("/api/collections", json={"name": "paged", "dim": 2}).status_code == 201
+    c.put("/api/collections/paged/points", json={"points": [{"id": i, "vector": [1, i]} for i in range(10)]})
+    first = c.post("/api/collections/paged/points/scroll", json={"limit": 5}).json()
+    assert [p["id"] for p in first["points"]] == [0, 1, 2, 3, 4] and first["next_offset"] == 5
+    c.put("/api/collections/paged/points", json={"points": [{"id": 2, "vector": [2, 2]}]})
+    second = c.post("/api/collections/paged/points/scroll", json={"limit": 5, "after": first["next_after"]}).json()
+    assert [p["id"] for p in second["points"]] == [5, 6, 7, 8, 9] and second["next_offset"] is None
+    last = c.post("/api/collections/paged/points/scroll", json={"limit": 5, "after": second["next_after"]}).json()
+    assert [p["id"] for p in last["points"]] == [2] and last["next_after"] is None
+    r = c.post("/api/collections/paged/points/scroll", json={"after": "made up"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "after", r.text

@@ -120,11 +120,11 @@ class PluginStore:
         name: str,
         filter: dict[str, Any] | None,
         limit: int,
-        offset: int,
+        after: str | None,
         with_vectors: bool,
-    ) -> tuple[list[dict[str, Any]], int | None]:
-        pts = self.store.collection(name).scroll(filter, limit=limit, offset=offset, with_vectors=with_vectors)
-        return [p.to_dict() for p in pts], (offset + len(pts) if len(pts) == limit else None)
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        pts = self.store.collection(name).scroll(filter, limit=limit, after=after, with_vectors=with_vectors)
+        return [p.to_dict() for p in pts], pts.next_after
 
     def delete(
         self, plugin_id: str, caller: Principal, name: str, ids: list[int | str] | None, filter: dict[str, Any] | None

@@ -69,11 +69,12 @@ class StoreHandle:
         filter: dict[str, Any] | None = None,
         *,
         limit: int = 1000,
-        offset: int = 0,
+        after: str | None = None,
         with_vectors: bool = False,
-    ) -> tuple[list[dict[str, Any]], int | None]:
-        """Return one page of points in insertion order and the next offset (None at the end)."""
-        args = {"name": name, "filter": filter, "limit": limit, "offset": offset, "with_vectors": with_vectors}
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Return one page of points in insertion order and the next page's cursor (None at the end): a point
+        deleted or re-upserted meanwhile moves no other past it (the store's `Collection.scroll`)."""
+        args = {"name": name, "filter": filter, "limit": limit, "after": after, "with_vectors": with_vectors}
         page, nxt = self._send("scroll", args)
         return page, nxt
 
@@ -81,10 +82,12 @@ class StoreHandle:
         self, name: str, filter: dict[str, Any] | None = None, *, with_vectors: bool = False, page: int = 10_000
     ) -> Iterator[dict[str, Any]]:
         """Yield every point (matching a filter), page by page."""
-        offset: int | None = 0
-        while offset is not None:
-            points, offset = self.scroll(name, filter, limit=page, offset=offset, with_vectors=with_vectors)
+        after: str | None = None
+        while True:
+            points, after = self.scroll(name, filter, limit=page, after=after, with_vectors=with_vectors)
             yield from points
+            if after is None:
+                return
 
     def delete(self, name: str, ids: Sequence[int | str] | None = None, filter: dict[str, Any] | None = None) -> int:
         """Delete points by ids or by filter; return how many went (scope collections:write)."""

@@ -208,20 +208,46 @@ class Collection:
         *,
         limit: int = 100,
         offset: int = 0,
+        after: str | None = None,
         with_vectors: bool = False,
     ) -> PointList:
-        """Page through the points (matching a filter) in insertion order, like Qdrant's scroll."""
+        """Page through the points (matching a filter) in insertion order (a re-upserted point counts as new), like
+        Qdrant's scroll: pass the page's `next_after` as `after` for the next one. A cursor stays right while
+        others write: a point deleted or re-upserted before it moves no other point past it (`offset`, a count of
+        points to skip, would: one point skipped per change), and a compaction meanwhile is followed through the
+        point the page ended on; only when that point is gone as well is it a 409 (scroll again from the start)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise InvalidInput("limit must be from 1 to 10000", field="limit")
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= validate.INT64_MAX:
             raise InvalidInput(f"offset must be an integer from 0 to {validate.INT64_MAX}", field="offset")
+        mark = _cursor(after) if after is not None else None
+        if mark is not None and offset:
+            raise InvalidInput("give offset or after, not both (after: the page's next_after)", field="after")
         where, params = compile_filter(filter)
         with self._reading() as con:
-            rows = con.execute(
-                f"SELECT pk, vec, CAST(payload AS VARCHAR), text FROM {self.table} WHERE {where} "
-                "ORDER BY fid LIMIT ? OFFSET ?",
-                [*params, limit, offset],
-            ).fetchall()
+            con.execute("BEGIN TRANSACTION")  # the epoch, where the last page ended and this page: one moment
+            try:
+                epoch = int(scalar(con, "SELECT epoch FROM collections WHERE name = ?", [self.name]))
+                start = -1
+                if mark is not None:
+                    start = mark[1]
+                    if mark[0] != epoch:  # renumbered since: go on after the point the last page ended on
+                        moved = con.execute(f"SELECT fid FROM {self.table} WHERE pk = ?", [mark[2]]).fetchone()
+                        if moved is None:
+                            raise Conflict(
+                                f"collection {self.name!r} was compacted since that page, and the point it ended on "
+                                "is gone: scroll again from the start",
+                                field="after",
+                            )
+                        start = int(moved[0])
+                rows = con.execute(
+                    f"SELECT fid, pk, vec, CAST(payload AS VARCHAR), text FROM {self.table} WHERE {where} "
+                    "AND fid > ? ORDER BY fid LIMIT ? OFFSET ?",
+                    [*params, start, limit, offset],
+                ).fetchall()
+            finally:
+                con.execute("ROLLBACK")
+        last = rows[-1] if len(rows) == limit else None
         return PointList(
             [
                 Point(
@@ -230,8 +256,9 @@ class Collection:
                     json.loads(payload) if payload else None,
                     text,
                 )
-                for pk, vec, payload, text in rows
-            ]
+                for _, pk, vec, payload, text in rows
+            ],
+            next_after=f"{epoch}:{last[0]}:{last[1]}" if last is not None else None,
         )
 
     def get(self, ids: list[Any], with_vectors: bool = True) -> PointList:
@@ -288,3 +315,13 @@ class Collection:
     def snapshot(self) -> Any:
         """Write a snapshot archive of this collection and return its description."""
         return self._store.snapshot(self.name)
+
+
+def _cursor(after: Any) -> tuple[int, int, str]:
+    """A scroll cursor, `<epoch>:<position>:<id as stored>` (`PointList.next_after`): 422 for anything else."""
+    if isinstance(after, str) and len(after) <= 2048:
+        epoch, _, rest = after.partition(":")
+        fid, _, pk = rest.partition(":")
+        if epoch.isdigit() and fid.isdigit() and pk:
+            return int(epoch), int(fid), pk
+    raise InvalidInput("after must be a page's next_after, as a scroll returned it", field="after")

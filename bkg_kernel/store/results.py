@@ -143,9 +143,11 @@ class QueryResult:
 
 @dataclass
 class PointList:
-    """Points returned by `get`, in the order asked for (missing ids left out)."""
+    """Points returned by `get`, in the order asked for (missing ids left out); by `scroll`, a page, with the
+    cursor of the next page (`next_after`, None at the end)."""
 
     points: list[Point]
+    next_after: str | None = None
 
     def __iter__(self) -> Iterator[Point]:
         return iter(self.points)

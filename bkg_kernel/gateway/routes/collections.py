@@ -119,7 +119,10 @@ class Delete(StrictBody):
 class Scroll(StrictBody):
     filter: dict[str, Any] | None = None
     limit: int = Field(100, ge=1, le=10_000)
-    offset: int = Field(0, ge=0, le=INT64_MAX)
+    offset: int = Field(0, ge=0, le=INT64_MAX, description="Points to skip (shifts when others write: use after).")
+    after: str | None = Field(
+        None, max_length=2048, description="The last page's next_after: the page after it, right while others write."
+    )
     with_vectors: bool = False
 
 
@@ -329,14 +332,24 @@ def get_points(name: Name, body: Ids, request: Request) -> PagedJSONResponse:
 
 @router.post("/{name}/points/scroll", dependencies=[READ], response_model=None)
 def scroll_points(name: Name, body: Scroll, request: Request) -> PagedJSONResponse:
-    """Page through points (optionally matching a filter) in insertion order; next_offset is null at the end."""
+    """Page through points (optionally matching a filter) in insertion order, as Qdrant's scroll: send the page's
+    `next_after` as `after` for the next (null at the end); a compaction meanwhile is followed, and only when the
+    point a page ended on is gone too is it a 409. `next_offset` (offset + points) is for offset paging, which
+    skips a point for each one deleted or re-upserted before it meanwhile."""
     coll = gateway(request).store.collection(name)
     if body.with_vectors:
         _within_numbers(body.limit, coll.dim, "limit")
-    pts = coll.scroll(body.filter, limit=body.limit, offset=body.offset, with_vectors=body.with_vectors)
-    more = len(pts) == body.limit
+    pts = coll.scroll(
+        body.filter, limit=body.limit, offset=body.offset, after=body.after, with_vectors=body.with_vectors
+    )
+    more = pts.next_after is not None
     return PagedJSONResponse(
-        {"points": [p.to_dict() for p in pts], "next_offset": body.offset + len(pts) if more else None}, "points"
+        {
+            "points": [p.to_dict() for p in pts],
+            "next_after": pts.next_after,
+            "next_offset": body.offset + len(pts) if more and body.after is None else None,
+        },
+        "points",
     )
 
 
