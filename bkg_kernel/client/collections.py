@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import orjson
 from tqdm.auto import tqdm
 
 from bkg_kernel.client.transport import seg
-from bkg_kernel.errors import InvalidInput
+from bkg_kernel.errors import BkgError, InvalidInput
 from bkg_kernel.store.results import (
     EXPLAIN_KEYS,
     CollectionInfo,
@@ -59,15 +61,24 @@ class RemoteCollection:
         batch_size: int = 1000,
         progress: bool | None = None,
     ) -> int:
-        """Insert or replace points in batches (with a progress bar for big uploads); return how many."""
+        """Insert or replace points in batches of at most `batch_size` points and about `BATCH_BYTES` of JSON (with
+        a progress bar for big uploads); return how many. A batch the gateway refuses says how many points the
+        batches before it stored."""
         if points is None:
             points = _points(ids, vectors, payloads, texts)
         show = len(points) >= 10 * batch_size if progress is None else progress
         done = 0
+        limit = self.wb.health().get("max_body_bytes") if len(points) > 1 else None  # (an older gateway: none)
+        budget = min(BATCH_BYTES, int(limit) // 2) if isinstance(limit, int) else BATCH_BYTES
         with tqdm(total=len(points), desc=f"upsert {self.name}", unit="pt", disable=not show) as bar:
-            for a in range(0, len(points), batch_size):
-                part = points[a : a + batch_size]
-                done += self.wb.call("PUT", f"{self.base}/points", json={"points": part})["upserted"]
+            for part in _batches(points, batch_size, budget):
+                try:
+                    done += self.wb.call("PUT", f"{self.base}/points", json={"points": part})["upserted"]
+                except BkgError as exc:
+                    if done:
+                        exc.message = f"{exc.message} ({done:,} of {len(points):,} points were stored before)"
+                        exc.args = (exc.message,)
+                    raise
                 bar.update(len(part))
         return done
 
@@ -154,3 +165,25 @@ def _points(
             for p, value in zip(points, col, strict=True):
                 p[key] = value
     return points
+
+
+# JSON per upsert request, at most about (or half the gateway's body limit, max_body_mb, if less): 1,000 points of
+# 3,072 floats are ~65 MB as JSON, past the default 32 MB; batches this size keep each request short
+BATCH_BYTES = 8 * 2**20
+
+
+def _batches(points: list[dict[str, Any]], most: int, budget: int) -> Iterator[list[dict[str, Any]]]:
+    """`points` in runs of at most `most` points and about `budget` bytes (a float is ~20 characters of JSON)."""
+    part: list[dict[str, Any]] = []
+    size = 0
+    for p in points:
+        vector = p.get("vector")
+        n = 64 + 20 * (len(vector) if vector is not None else 0) + 2 * len(p.get("text") or "")
+        n += len(orjson.dumps(p.get("payload"), default=str, option=orjson.OPT_SERIALIZE_NUMPY))
+        if part and (len(part) >= most or size + n > budget):
+            yield part
+            part, size = [], 0
+        part.append(p)
+        size += n
+    if part:
+        yield part

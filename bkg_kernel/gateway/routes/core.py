@@ -28,6 +28,7 @@ async def health(request: Request) -> dict[str, Any]:
         "uptime_s": round(time.time() - gw.started, 1),
         "plugins": {p: s["state"] for p, s in plugins.items()},
         "call_port": gw.call_port.describe() if gw.call_port is not None else None,
+        "max_body_bytes": int(gw.settings.max_body_mb * 2**20),  # what a client's batches must stay under
     }
 
 
