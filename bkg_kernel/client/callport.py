@@ -18,6 +18,7 @@ import time
 
 import orjson
 
+from bkg_kernel.client.transport import too_slow
 from bkg_kernel.errors import Unavailable
 from bkg_kernel.wire import Wire
 
@@ -73,6 +74,9 @@ class CallPort:
             return None
         try:
             status, answer, fast, close = _answer(wire, self.timeout)
+        except TimeoutError:  # the gateway took the call and is still at work: the client's wait ran out, a 504
+            wire.sock.close()
+            raise too_slow(f"{self.host}:{self.port} (its call port)", self.timeout) from None
         except (OSError, ValueError) as exc:
             wire.sock.close()
             where = f"{self.host}:{self.port}"
@@ -138,9 +142,12 @@ class CallPort:
 def _answer(wire: Wire, timeout: float) -> tuple[int, bytes, bool, bool]:
     """One answer frame: (status, JSON bytes, whether orjson wrote them, whether the gateway closes the
     connection after it)."""
+    start = time.monotonic()
     frame = wire.read(timeout, 1 << 62, timeout)
     if frame is None:
-        raise ConnectionError("the gateway closed the connection, or sent nothing in time")
+        if time.monotonic() - start >= timeout:  # the wait ran out (a closed connection ends it at once)
+            raise TimeoutError(f"no answer within {timeout:g}s")
+        raise ConnectionError("the gateway closed the connection")
     assert not isinstance(frame, int)
     cut = frame.find(b"\n")
     top = orjson.loads(frame[:cut])

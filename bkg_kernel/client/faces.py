@@ -26,7 +26,11 @@ def encode(image: Any, field: str = "image") -> str:
     """Base64 of an image given as a path, bytes, a PIL image or a numpy array (H x W gray, or H x W x 3 RGB, of
     uint8); anything else is a 422 naming `field`, said here before anything is sent."""
     if isinstance(image, (str, os.PathLike)):
-        return base64.b64encode(Path(image).read_bytes()).decode()
+        try:
+            data = Path(image).read_bytes()
+        except OSError as exc:  # missing, a folder, not readable: the caller's input, said before anything is sent
+            raise InvalidInput(f"{field}: cannot read {image}: {exc.strerror or exc}", field=field) from None
+        return base64.b64encode(data).decode()
     if isinstance(image, (bytes, bytearray, memoryview)):
         return base64.b64encode(image).decode()
     from PIL import Image

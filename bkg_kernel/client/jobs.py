@@ -133,11 +133,15 @@ class Jobs:
         """One run."""
         return Run(self.wb.call("GET", f"/api/jobs/{seg(run_id)}"))
 
-    def wait(self, run_id: str, *, progress: bool = True, timeout: float | None = None) -> Run:
+    def wait(
+        self, run_id: str, *, progress: bool = True, timeout: float | None = None,
+        cancel_hint: str = "wb.jobs.cancel({id!r})",
+    ) -> Run:  # fmt: skip
         """Wait for a run to end (and its automatic retries), with a progress bar; return the last attempt.
 
         Interrupting the wait (Ctrl-C, the notebook's stop button) stops only the waiting: the run belongs to the
-        gateway and goes on (as a jupyter-scheduler job does), and the message says how to stop it."""
+        gateway and goes on (as a jupyter-scheduler job does), and the message says how to stop it: `cancel_hint`
+        with the run's `{id}` (the CLI's says `bkg jobs cancel {id}`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = tqdm(total=1, desc=run_id, unit="cell", disable=not progress, leave=False)
         try:
@@ -155,7 +159,7 @@ class Jobs:
                     raise Timeout(f"run {run_id} still {run['state']} after {timeout:g}s", field="job_id")
                 time.sleep(0.2)
         except KeyboardInterrupt:
-            said_goes_on(f"run {run_id}", f"wb.jobs.cancel({run_id!r})")
+            said_goes_on(f"run {run_id}", cancel_hint.format(id=run_id))
             raise
         finally:
             bar.close()

@@ -20,6 +20,8 @@ def chat_magic(line: str, cell: str) -> None:
     p.add_argument("--system")
     try:
         args = p.parse_args(shlex.split(line))
+    except ValueError as exc:  # shlex: an unclosed quote (`--system "you are terse`)
+        raise UsageError(f"{exc} in: %%chat {line}\n{p.format_usage().strip()}") from None
     except SystemExit:  # argparse said what was wrong on stderr
         raise UsageError(p.format_usage().strip()) from None
     opts = {

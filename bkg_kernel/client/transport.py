@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import orjson
 
-from bkg_kernel.errors import InvalidInput, Unavailable, from_dict
+from bkg_kernel.errors import InvalidInput, Timeout, Unavailable, from_dict
 
 POOL_SIZE = 8  # idle connections kept per client
 
@@ -38,8 +38,9 @@ class _Answer(Protocol):
 class Response:
     """One answer of the gateway: status, headers, and the body (read at once, or line by line for a stream)."""
 
-    def __init__(self, raw: http.client.HTTPResponse, done: Any) -> None:
+    def __init__(self, raw: http.client.HTTPResponse, done: Any, timeout: float = 0.0) -> None:
         self.raw, self._done = raw, done
+        self.timeout = timeout  # how long each read waits (a read that outlives it is the client's `Timeout`)
         self.status_code = raw.status
         self.reason_phrase = raw.reason or ""
         self.headers = raw.headers
@@ -132,10 +133,19 @@ class Http:
         if json is not None:
             body = dumps(json)
             headers = {**headers, "Content-Type": "application/json"}
-        conn = self._connection(timeout or self.timeout)
+        wait = timeout or self.timeout
+        conn = self._connection(wait)
         try:
+            if conn.sock is None:  # a new connection: not reaching the gateway is a 503, not a slow answer
+                try:
+                    conn.connect()
+                except (OSError, http.client.HTTPException) as exc:
+                    raise unreachable(self, exc) from None
             conn.request(method, target, body=body, headers=headers)
             raw = conn.getresponse()
+        except TimeoutError:  # connected, and the gateway is slower than this client waits: it may still be at work
+            conn.close()
+            raise too_slow(self.base_url, wait) from None
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise unreachable(self, exc) from None
@@ -150,13 +160,15 @@ class Http:
                 released = True
                 self._release(conn, raw, reusable)
 
-        return Response(raw, done)
+        return Response(raw, done, wait)
 
     def request(self, method: str, path: str, **kw: Any) -> Response:
         """Send one request and read its whole answer."""
         r = self._send(method, path, **kw)
         try:
             r.read()
+        except TimeoutError:
+            raise too_slow(self.base_url, r.timeout) from None
         except (OSError, http.client.HTTPException) as exc:
             raise unreachable(self, exc) from None
         return r
@@ -323,6 +335,8 @@ def stream(client: Http, method: str, path: str, **kw: Any) -> Iterator[dict[str
         raise_for_error(r)
         try:
             yield from iter_sse(r.iter_lines())
+        except TimeoutError:  # nothing came for the client's call timeout
+            raise too_slow(client.base_url, r.timeout) from None
         except (OSError, http.client.HTTPException) as exc:  # the gateway went away mid-stream
             raise unreachable(client, exc) from None
 
@@ -330,6 +344,15 @@ def stream(client: Http, method: str, path: str, **kw: Any) -> Iterator[dict[str
 def unreachable(client: Http, exc: Exception) -> Unavailable:
     """The error for a gateway that does not answer: it names the URL."""
     return Unavailable(f"cannot reach the bkg gateway at {client.base_url}: {exc or type(exc).__name__}")
+
+
+def too_slow(where: str, seconds: float) -> Timeout:
+    """The error for a gateway that took a call but did not answer within the client's call timeout: a 504 naming
+    the wait and how to make it longer (the gateway may still be at work; `unreachable` is for one not there)."""
+    return Timeout(
+        f"the bkg gateway at {where} did not answer within {seconds:g}s, this client's call timeout (it may still "
+        "be at work); wait longer with bkg.connect(call_timeout=...)"
+    )
 
 
 def _with_end(lines: Iterable[str]) -> Iterator[str]:

@@ -31,6 +31,7 @@ from bkg_kernel.display import Table
 from bkg_kernel.errors import BkgError, Forbidden, InvalidInput, JobFailed, Timeout, Unavailable
 from bkg_kernel.logfiles import open_log
 from bkg_kernel.settings import Settings, from_cwd_config, gateway_url
+from bkg_kernel.store.lock import make_data_dir
 from bkg_kernel.store.results import CollectionInfo, CollectionList
 
 _latest: weakref.ref[Workbench] | None = None
@@ -48,10 +49,16 @@ def latest() -> Workbench | None:
     return _latest() if _latest is not None else None
 
 
-class Workbench:
-    """A connected gateway: plugins, collections and admin, with notebook reprs."""
+CALL_TIMEOUT_S = 120.0  # how long one call waits for the gateway's answer, unless `connect(call_timeout=...)`
 
-    def __init__(self, url: str, api_key: str | None, timeout: float = 120.0, *, call_port: bool = True) -> None:
+
+class Workbench:
+    """A connected gateway: plugins, collections and admin, with notebook reprs. `timeout` is how long one call
+    waits for the gateway's answer (`connect(call_timeout=...)`): a call that outlives it is a 504 `Timeout`."""
+
+    def __init__(
+        self, url: str, api_key: str | None, timeout: float = CALL_TIMEOUT_S, *, call_port: bool = True
+    ) -> None:
         global _latest
         _latest = weakref.ref(self)  # what `%%chat` uses: the notebook's own connection
         self.url = url.rstrip("/")
@@ -244,8 +251,18 @@ class Workbench:
         return dict(self.call("POST", f"/api/jobs/{transport.seg(job_id)}/cancel"))
 
     def wait_job(self, job_id: str, *, progress: bool = True, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for a job with a progress bar; return its result, or raise its error as a BkgError. Interrupting the
-        wait stops only the waiting: the job goes on in the gateway (the message says how to cancel it)."""
+        """Wait for a job with a progress bar; return its result, or raise its error as a BkgError. A notebook run
+        (`run-...`) is waited for as `wb.jobs.wait` does: its record (state, cells, output) is its result. Interrupting
+        the wait stops only the waiting: the job goes on in the gateway (the message says how to cancel it)."""
+        if job_id.startswith("run-"):  # what /api/jobs/{id} answers with a run's record (it has no `result`)
+            run = self.jobs.wait(job_id, progress=progress, timeout=timeout)
+            if not run.ok:
+                err = run.get("error") or {}
+                where = f" at cell {err['cell_index']}" if err.get("cell_index") is not None else ""
+                why = f": {err.get('ename')}: {err.get('evalue')}" if err else ""
+                msg = f"run {run['id']} ({run.get('notebook')}) {run['state']}{where}{why}"
+                raise JobFailed(msg, state=run["state"], field="job_id")
+            return dict(run)
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = tqdm(total=100, desc=job_id, unit="%", disable=not progress, leave=False)
         try:
@@ -300,8 +317,14 @@ def connect(
     start: bool = True,
     timeout: float = 60.0,
     admin: bool = False,
+    call_timeout: float = CALL_TIMEOUT_S,
 ) -> Workbench:
     """Connect to the gateway of this data dir, starting one in the background when none runs.
+
+    Two waits: `timeout` is how long to wait for a gateway this call starts to answer (60 s); `call_timeout` is how
+    long each later call waits for the gateway's answer (120 s) before it raises `Timeout` (504), the gateway still
+    at work. A gateway is only started on this machine (a URL of `localhost`, 127.0.0.1, ::1 or 0.0.0.0): one
+    elsewhere that does not answer is a 503 `Unavailable`, as is any when `start=False`.
 
     The key: `api_key`, else BKG_API_KEY, else (in a JupyterHub user's server and its kernels) the user's Hub
     token, else the data dir's workbench key (developer scopes); `admin=True` (a person asking for admin rights)
@@ -322,10 +345,13 @@ def connect(
     if found:
         vet_gateway(url, settings)  # before anything goes there, /health included
     if not _alive(url):
-        if not start or under_hub:  # a Hub user's server never starts a gateway of its own
+        # a Hub user's server never starts a gateway of its own, and none is started for another machine's URL
+        # (it could not bind there; the data dir it would make here is not that gateway's)
+        if not start or under_hub or not _this_machine(urlsplit(url).hostname or ""):
             raise Unavailable(f"no bkg gateway answers at {url} (start one with `bkg serve`)")
         _spawn(settings, ddir, url, timeout)
-    return Workbench(url, key or _api_key(settings, ddir, admin))  # the data dir's key exists once it started
+    key = key or _api_key(settings, ddir, admin)  # the data dir's key exists once it started
+    return Workbench(url, key, call_timeout)
 
 
 def vet_gateway(url: str, settings: Settings) -> None:
@@ -431,6 +457,7 @@ def _hub_service_url(api_url: str, token: str, name: str = "bkg") -> str | None:
 
 
 def _spawn(settings: Settings, ddir: Path, url: str, timeout: float) -> None:
+    make_data_dir(ddir)  # a file in its way, a folder not ours: one clear error naming it
     log = open_log(ddir / "gateway.log")  # handed to the child; rotated past 10 MB
     port = url.rsplit(":", 1)[-1].split("/")[0]
     host = url.split("//", 1)[-1].rsplit(":", 1)[0]

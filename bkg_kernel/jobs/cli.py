@@ -30,7 +30,7 @@ Retries = Annotated[int, typer.Option("--retries", help="Automatic re-runs after
 def _wb(url: str | None, data_dir: Path | None) -> Any:
     from bkg_kernel.client import connect
 
-    return connect(url, data_dir=data_dir)
+    return connect(url, data_dir=data_dir, start=False)  # as the other gateway commands: no gateway is an error
 
 
 def _echo(obj: Any) -> None:
@@ -73,7 +73,7 @@ def run(
     typer.echo(run["id"])
     if detach:
         return
-    done = wb.jobs.wait(run["id"])
+    done = wb.jobs.wait(run["id"], cancel_hint="`bkg jobs cancel {id}`")
     typer.echo(_line(done))
     if done.get("error", {}) and done["error"].get("traceback"):
         typer.echo(done["error"]["traceback"], err=True)

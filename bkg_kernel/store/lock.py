@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from bkg_kernel.errors import DataDirLocked
+from bkg_kernel.errors import DataDirLocked, InvalidInput
 
 LOCK_NAME = "bkg.lock"
 
@@ -25,9 +25,11 @@ class DataDirLock:
 
     def acquire(self) -> None:
         """Take the lock or raise `DataDirLocked` naming the process that holds it."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        private(self.path.parent)
-        fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the store
+        make_data_dir(self.path.parent)
+        try:
+            fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the store
+        except OSError as exc:
+            raise unusable(self.path.parent, exc) from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -67,6 +69,25 @@ class DataDirLock:
             return info if isinstance(info, dict) else None
         except (OSError, ValueError):
             return None
+
+
+def make_data_dir(data_dir: Path) -> None:
+    """Create the data dir (private to this OS user) if it is missing; one that cannot be (a file by that name, a
+    folder this user may not write) is a 422 naming the path, not an OSError."""
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private(data_dir)
+    except OSError as exc:
+        raise unusable(data_dir, exc) from None
+
+
+def unusable(data_dir: Path, exc: OSError) -> InvalidInput:
+    """The error for a data dir the OS refuses: it names the path and why."""
+    why = exc.strerror or type(exc).__name__
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        why = "a file is in the way of the folder"
+    return InvalidInput(f"cannot use {data_dir} as the data dir: {why} (set --data-dir or BKG_DATA_DIR)",
+                        field="data_dir")  # fmt: skip
 
 
 def private(data_dir: Path) -> None:
