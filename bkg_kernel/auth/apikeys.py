@@ -35,14 +35,18 @@ class ApiKeys(AuthBase):
 
         A key made with a key for that key's own user (or a notebook run's key, whose `parent` is the key that
         started the run) derives from it: it expires no later, is rate-limited no more loosely, and is revoked
-        with it. A key made for someone else is theirs: it stands alone.
+        with it. A key made for someone else is theirs: it stands alone, but one made with a key that expires or
+        is rate-limited expires no later and is limited no more loosely than that key. It is clamped (as a derived
+        key is) rather than refused: the caller gets a key that works as long as its own does, and the record it
+        gets back shows the expiry and the limit.
 
         Without `scopes` the key follows its owner's role when its maker could give that user any role: the owner
         themselves through a credential that follows it too (a login, a key following the role: a fixed key makes
-        fixed keys), a maker holding every scope, or the gateway. A key for someone
-        else acts as them, so its maker must hold every scope of their role (as for managing them); it holds the
-        role's scopes of today, fixed: it would otherwise gain whatever the owner's role gains later, which its
-        maker may not hold. Explicit scopes must be the owner's and `by`'s."""
+        fixed keys), a maker holding every scope through a credential with no expiry and no rate limit (a key made
+        for someone else would otherwise gain what their role gains after its maker expired), or the gateway. A key
+        for someone else acts as them, so its maker must hold every scope of their role (as for managing them); it
+        holds the role's scopes of today, fixed: it would otherwise gain whatever the owner's role gains later,
+        which its maker may not hold. Explicit scopes must be the owner's and `by`'s."""
         actor = by.username if by else actor
         u = self.user(user_id)
         if u["username"].endswith(HUB_SUFFIX) and (by is not None or not str(name).startswith(RUN_KEY_PREFIX)):
@@ -55,7 +59,7 @@ class ApiKeys(AuthBase):
         allowed = self.roles[u["role"]]
         follows = scopes is None and (
             by is None
-            or set(SCOPES) <= by.scopes
+            or (set(SCOPES) <= by.scopes and not self._bounded(by))
             or (by.user_id == u["id"] and set(allowed) <= by.scopes and self._follows(by))
         )  # a fixed key makes fixed keys: following the role, its key would gain what it never held
         if scopes is None:
@@ -68,6 +72,9 @@ class ApiKeys(AuthBase):
             raise InvalidInput("rate_limit_per_min must be from 1 to 1000000", field="rate_limit_per_min")
         if parent is None and by is not None and by.key_id is not None and by.user_id == u["id"]:
             parent = by.key_id
+        # a key for someone else made with a key that expires or is limited: bounded by that key, yet not revoked
+        # with it (it is theirs)
+        maker = by.key_id if by is not None and by.user_id != u["id"] and self._bounded(by) else None
         if token is None:
             token, prefix, secret = ks.new_key()
         else:
@@ -78,11 +85,15 @@ class ApiKeys(AuthBase):
         with self.mutex:  # the parent found and the key stored at once: a revoke cannot come between
             if prefix in self.keys:
                 raise AlreadyExists("a key with this prefix exists", field="key")
-            if parent is not None:
+            if self.users.get(u["id"]) is not u:  # deleted since it was looked up
+                raise NotFound(f"no user {u['username']!r}", field="user_id")
+            for bound, what in ((parent, "it would derive from"), (maker, "asking for it")):
+                if bound is None:
+                    continue
                 try:
-                    up = self._key(parent)
+                    up = self._key(bound)
                 except NotFound:
-                    raise Forbidden(f"key {parent} it would derive from is revoked", field="key_id") from None
+                    raise Forbidden(f"key {bound} {what} is revoked", field="key_id") from None
                 if up.expires_at is not None:
                     expires_at = min(expires_at or up.expires_at, up.expires_at)
                 if up.rate_limit_per_min is not None:
@@ -142,13 +153,36 @@ class ApiKeys(AuthBase):
         limited or derived) may only renew itself or a key derived from it."""
         actor = by.username if by else actor
         rec = self._key(key_id)
+        self._may_rotate(rec, by)
+        token, prefix, secret = ks.new_key()
+        with self.mutex:  # checked again and changed at once: a key revoked (or its owner changed) meanwhile
+            if self.key_ids.get(rec.id) is not rec or self.keys.get(rec.prefix) is not rec:
+                raise NotFound(f"no active key {key_id!r}", field="key_id")
+            self._may_rotate(rec, by)
+            self.con.execute(
+                "UPDATE api_keys SET prefix = ?, secret_hash = ?, rotated_at = ? WHERE id = ?",
+                [prefix, ks.hash_secret(secret), _now(), rec.id],
+            )
+            old = rec.prefix
+            rec.prefix, rec.secret_hash, rec.rotated_at = prefix, ks.hash_secret(secret), _now()
+            self.keys[prefix] = rec  # in before the old prefix goes: a lock-free lookup by id always finds it
+            del self.keys[old]
+        self.audit(actor, "key.rotate", rec.id, name=rec.name)
+        return rec.public(), token
+
+    def _may_rotate(self, rec: KeyRecord, by: Principal | None) -> None:
+        """The checks of `rotate_key` (403 when `by` may not take a new secret of key `rec`)."""
         if rec.name.startswith(RUN_KEY_PREFIX):  # a running notebook holds it: a new secret would be someone else's
             raise Forbidden(f"key {rec.id} belongs to a notebook run; cancel the run or revoke the key", field="key_id")
         self._grantable(by, self.key_scopes(rec), f"rotating key {rec.id}", "key_id")
-        if rec.follows_role and by is not None and by.user_id != rec.user_id and not set(SCOPES) <= by.scopes:
-            # its new secret would hold whatever the owner's role gains later (as create_key refuses to make)
-            raise Forbidden(f"key {rec.id} follows its owner's role: only its owner, or someone holding every scope, "
-                            "may take a new secret of it", field="key_id")  # fmt: skip
+        if (
+            rec.follows_role
+            and by is not None
+            and by.user_id != rec.user_id
+            and (not set(SCOPES) <= by.scopes or self._bounded(by))
+        ):  # its new secret would hold whatever the owner's role gains later (as create_key refuses to make)
+            raise Forbidden(f"key {rec.id} follows its owner's role: only its owner, or someone holding every scope "
+                            "with no expiry or rate limit, may take a new secret of it", field="key_id")  # fmt: skip
         if by is not None and by.user_id == rec.user_id and not self._whole(by):
             # the new secret must be no more than the credential asking for it: no longer-lived, no less limited,
             # not outliving its revocation, and following the role only if it does
@@ -166,18 +200,6 @@ class ApiKeys(AuthBase):
                     f"{owner['username']!r} is a JupyterHub user: their keys are not handed out", field="key_id"
                 )
             self._may_act_as(by, owner, f"rotating key {rec.id}", "key_id")
-        token, prefix, secret = ks.new_key()
-        with self.mutex:
-            self.con.execute(
-                "UPDATE api_keys SET prefix = ?, secret_hash = ?, rotated_at = ? WHERE id = ?",
-                [prefix, ks.hash_secret(secret), _now(), rec.id],
-            )
-            old = rec.prefix
-            rec.prefix, rec.secret_hash, rec.rotated_at = prefix, ks.hash_secret(secret), _now()
-            self.keys[prefix] = rec  # in before the old prefix goes: a lock-free lookup by id always finds it
-            del self.keys[old]
-        self.audit(actor, "key.rotate", rec.id, name=rec.name)
-        return rec.public(), token
 
     def revoke_key(self, key_id: str, actor: str | None = None, by: Principal | None = None) -> dict[str, Any]:
         """Revoke a key for good: one's own, or one whose scopes `by` holds."""
@@ -224,21 +246,37 @@ class ApiKeys(AuthBase):
         return None if rec is None else self.key_scopes(rec)
 
     def _rate(self, rec: KeyRecord) -> None:
-        limit = rec.rate_limit_per_min
-        if not limit:
+        """Count a request against key `rec`'s rate limit and those of every key it derives from: a derived key
+        draws from its ancestors' buckets too, so a key limited to 5 requests a minute and all it made make 5 in
+        all, as its user would expect (children copying the limit each had a bucket of their own: 5 children, 25).
+        A request refused by one bucket takes from none."""
+        chain: list[KeyRecord] = []
+        seen: set[str] = set()
+        k: KeyRecord | None = rec
+        while k is not None and k.rate_limit_per_min and k.id not in seen:  # an unlimited key has no limited parent
+            chain.append(k)
+            seen.add(k.id)
+            k = self.key_ids.get(k.parent_id) if k.parent_id is not None else None
+        if not chain:
             return
         with self._lock:
             now = time.monotonic()
-            if rec.refilled == 0.0:
-                rec.tokens, rec.refilled = float(limit), now
-            rec.tokens = min(float(limit), rec.tokens + (now - rec.refilled) * limit / 60.0)
-            rec.refilled = now
-            if rec.tokens < 1.0:
-                wait = (1.0 - rec.tokens) * 60.0 / limit
-                raise TooManyRequests(
-                    f"rate limit of {limit} requests per minute reached for key {rec.id}", retry_after=wait
-                )
-            rec.tokens -= 1.0
+            for k in chain:
+                limit = float(k.rate_limit_per_min or 0)
+                if k.refilled == 0.0:
+                    k.tokens, k.refilled = limit, now
+                k.tokens = min(limit, k.tokens + (now - k.refilled) * limit / 60.0)
+                k.refilled = now
+            for k in chain:
+                if k.tokens < 1.0:
+                    limit = float(k.rate_limit_per_min or 0)
+                    whose = f"key {k.id}" if k is rec else f"key {k.id}, which key {rec.id} derives from"
+                    raise TooManyRequests(
+                        f"rate limit of {k.rate_limit_per_min} requests per minute reached for {whose}",
+                        retry_after=(1.0 - k.tokens) * 60.0 / limit,
+                    )
+            for k in chain:
+                k.tokens -= 1.0
 
     def _flush(self, rec: KeyRecord) -> None:
         rec.flushed = time.monotonic()

@@ -98,6 +98,15 @@ class AuthBase:
             and rec.rate_limit_per_min is None
         )
 
+    def _bounded(self, by: Principal) -> bool:
+        """Whether `by` is a key with an expiry or a rate limit (or one revoked since): what it hands to someone else
+        (a password, a key following their role, a key with no end or limit) would outlive or outrun it. A login
+        session, a Hub token and a key with neither are not: what they make stays their user's to make."""
+        if by.key_id is None:
+            return False
+        rec = self.key_ids.get(by.key_id)
+        return rec is None or rec.expires_at is not None or rec.rate_limit_per_min is not None
+
     def _derives_from(self, rec: KeyRecord, key_id: str) -> bool:
         """Whether key `rec` is key `key_id` or derives from it, however deep (then it expires no later, is limited
         no more loosely and is revoked with it)."""

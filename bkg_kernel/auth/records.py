@@ -83,11 +83,13 @@ def _check_name(name: Any, field: str) -> None:
 
 
 def _password_for_another(username: str) -> Forbidden:
-    """The 403 for a password set for someone else by who does not hold every scope: a login as them holds their
-    role as it is then, whatever it gains later (as a key following their role would, which create_key refuses)."""
+    """The 403 for a password set for someone else by who does not hold every scope, or with a key that expires or
+    is rate-limited: a login as them holds their role as it is then, whatever it gains later (as a key following
+    their role would, which create_key refuses), and outlives the key that set it."""
     return Forbidden(f"a password for {username!r} lets whoever knows it log in as them, with whatever their role "
-                     "gains later: only someone holding every scope may set one (give them a key with fixed scopes "
-                     "instead)", field="password")  # fmt: skip
+                     "gains later and after the credential that set it expired or was revoked: only someone holding "
+                     "every scope, with a login session or a key with no expiry and no rate limit, may set one (give "
+                     "them a key with fixed scopes instead)", field="password")  # fmt: skip
 
 
 def _check_password(password: Any) -> None:

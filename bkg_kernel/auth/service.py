@@ -130,14 +130,7 @@ class AuthService(Users, ApiKeys, Authentication, AuditLog):
         """A new key for the first enabled admin user, written to `data_dir/admin.key` (mode 0600), for someone who
         holds the data dir (its database and every key's hash are theirs already) and lost the admin key. Any key
         the admin had stays, listed and revocable."""
-        admin = next(
-            (
-                u
-                for u in sorted(self.users.values(), key=lambda u: u["created_at"])
-                if u["role"] == "admin" and not u["disabled"] and not u["username"].endswith(HUB_SUFFIX)
-            ),
-            None,
-        )  # a JupyterHub admin acts through the Hub, with no bkg key
+        admin = self._local_admin()
         if admin is None:
             raise Unavailable("no enabled admin user (other than JupyterHub's) to give a key to")
         token = ks.new_key()[0]
@@ -164,14 +157,27 @@ class AuthService(Users, ApiKeys, Authentication, AuditLog):
             if ks.parse_key(path.read_text().strip()) is not None:
                 return path
         # missing, or not a key (a crash of an older bkg could leave it empty): a new one; an old key stays listed
-        admin = next((u for u in self.users.values() if u["role"] == "admin" and not u["disabled"]), None)
+        admin = self._local_admin()
         if admin is None:
-            raise Unavailable("no enabled admin user to own the workbench key")
+            raise Unavailable("no enabled admin user other than JupyterHub's to own the workbench key (a Hub user "
+                              "has no bkg keys): enable a local admin, or give a local user the admin role, and "
+                              "start again")  # fmt: skip
         scopes = [s for s in BUILTIN_ROLES["developer"][0] if s in self.roles[admin["role"]]]
         _, token = self.create_key(
             admin["id"], "workbench (clients: lab, kernels, dashboards)", scopes, actor="bootstrap"
         )
         return _write_key_file(path, token)
+
+    def _local_admin(self) -> dict[str, Any] | None:
+        """The first enabled admin user who is not a JupyterHub user (one acts through the Hub, with no bkg key)."""
+        return next(
+            (
+                u
+                for u in sorted(self.users.values(), key=lambda u: u["created_at"])
+                if u["role"] == "admin" and not u["disabled"] and not u["username"].endswith(HUB_SUFFIX)
+            ),
+            None,
+        )
 
 
 def _write_key_file(path: Path, token: str) -> Path:

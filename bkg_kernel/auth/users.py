@@ -61,15 +61,15 @@ class Users(AuthBase):
         """Change a custom role's scopes or description; its users' keys hold the new scopes at once. `by` must
         hold the role's scopes, before and after."""
         actor = by.username if by else actor
-        if name not in self.roles:
-            raise NotFound(f"no role {name!r}", field="name")
-        if name in BUILTIN_ROLES:
-            raise InvalidInput(f"role {name!r} is built in", field="name")
-        self._grantable(by, self.roles[name], f"editing role {name!r}", "name")
-        if scopes is not None:
-            self._check_scopes(scopes, SCOPES, "scopes")
-            self._grantable(by, scopes, f"giving role {name!r} these scopes", "scopes")
-        with self.mutex:  # checked and changed at once (see update_user)
+        with self.mutex:  # checked and changed at once: a role edited or deleted meanwhile is seen as it is now
+            if name not in self.roles:
+                raise NotFound(f"no role {name!r}", field="name")
+            if name in BUILTIN_ROLES:
+                raise InvalidInput(f"role {name!r} is built in", field="name")
+            self._grantable(by, self.roles[name], f"editing role {name!r}", "name")
+            if scopes is not None:
+                self._check_scopes(scopes, SCOPES, "scopes")
+                self._grantable(by, scopes, f"giving role {name!r} these scopes", "scopes")
             if by is not None and scopes is not None and not self._an_admin_remains({**self.roles, name: list(scopes)}):
                 raise Conflict(f"after this change no enabled user would hold the admin role's scopes (role {name!r} "
                                "gives them to the last ones)", field="scopes")  # fmt: skip
@@ -113,24 +113,35 @@ class Users(AuthBase):
             raise InvalidInput(f"names ending in {HUB_SUFFIX!r} belong to JupyterHub users", field="username")
         if username == HUB_ACTOR:  # the name the gateway's own Hub changes are made and audited under
             raise InvalidInput(f"the name {HUB_ACTOR!r} is reserved", field="username")
-        if role not in self.roles:
-            raise NotFound(f"no role {role!r} (have {', '.join(sorted(self.roles))})", field="role")
-        self._grantable(by, self.roles[role], f"giving role {role!r}", "role")
+        self._givable(by, role)
         if password is not None:
             _check_password(password)
-            if by is not None and not set(SCOPES) <= by.scopes:
-                raise _password_for_another(username)
+            self._may_set_password(by, None, username)
+        pw = ks.hash_password(password) if password else None  # scrypt: before the lock, which nobody waits on
         with self.mutex:
+            self._givable(by, role)  # again, under the lock: the role may have gone (or changed) meanwhile
             if any(u["username"] == username for u in self.users.values()):
                 raise AlreadyExists(f"user {username!r} already exists", field="username")
             uid = "u_" + uuid.uuid4().hex[:12]
-            pw = ks.hash_password(password) if password else None
             self.con.execute(
                 "INSERT INTO users (id, username, role, password_hash) VALUES (?, ?, ?, ?)", [uid, username, role, pw]
             )
             self.users[uid] = self._rows("SELECT * FROM users WHERE id = ?", [uid])[0]
         self.audit(actor, "user.create", username, role=role)
         return _public_user(self.users[uid])
+
+    def _givable(self, by: Principal | None, role: str) -> None:
+        """404 for a role that does not exist; 403 unless `by` holds its scopes."""
+        if role not in self.roles:
+            raise NotFound(f"no role {role!r} (have {', '.join(sorted(self.roles))})", field="role")
+        self._grantable(by, self.roles[role], f"giving role {role!r}", "role")
+
+    def _current(self, u: dict[str, Any]) -> dict[str, Any]:
+        """User `u` as held now (under `self.mutex`): 404 if they were deleted since they were looked up."""
+        now = self.users.get(u["id"])
+        if now is None:
+            raise NotFound(f"no user {u['username']!r}", field="user_id")
+        return now
 
     def user(self, user_id: str) -> dict[str, Any]:
         """Return one user or raise 404."""
@@ -157,23 +168,16 @@ class Users(AuthBase):
         `by` holds): everything is checked before anything changes, so a refused part leaves the user as it was."""
         actor = by.username if by else actor
         u = self.user(user_id)
-        if role is not None and role not in self.roles:
-            raise NotFound(f"no role {role!r} (have {', '.join(sorted(self.roles))})", field="role")
-        if password is not None:
-            _check_password(password)
-        self._manageable(by, u, "user_id")
-        if password is not None:
-            self._may_set_password(by, u)
-        if role is not None:
-            self._grantable(by, self.roles[role], f"giving role {role!r}", "role")
-        if by is not None and by.user_id == u["id"] and (disabled or (role is not None and role != u["role"])):
-            raise InvalidInput("you cannot disable yourself or change your own role: another admin can",
-                               field="disabled" if disabled else "role")  # fmt: skip
-        with self.mutex:  # the last-admin check and the change at once: two admins disabling each other, one wins
+        self._may_update(by, u, role, disabled, password)  # first without the lock: a refusal costs no scrypt
+        pw = ks.hash_password(password) if password is not None else None
+        with self.mutex:  # checked again and changed at once: the user as they are now (promoted, deleted, their
+            # role or the role given deleted meanwhile); two admins disabling each other, one wins
+            u = self._current(u)
+            self._may_update(by, u, role, disabled, password)
             if by is not None:
                 self._keeps_an_admin(u, role, disabled)
-            if password is not None:
-                self.set_password(user_id, password, actor=actor, by=by)
+            if pw is not None:
+                self._store_password(u, pw)
             if role is not None:
                 self.con.execute("UPDATE users SET role = ? WHERE id = ?", [role, u["id"]])
                 u["role"] = role
@@ -182,8 +186,27 @@ class Users(AuthBase):
                 if disabled:
                     self._end_sessions(u["id"])
                 u["disabled"] = disabled
+        if pw is not None:
+            self.audit(actor, "user.password", u["username"])
         self.audit(actor, "user.update", u["username"], role=role, disabled=disabled)
         return _public_user(u)
+
+    def _may_update(
+        self, by: Principal | None, u: dict[str, Any], role: str | None, disabled: bool | None, password: str | None
+    ) -> None:
+        """The checks of `update_user`, in the order its refusals are answered."""
+        if role is not None and role not in self.roles:
+            raise NotFound(f"no role {role!r} (have {', '.join(sorted(self.roles))})", field="role")
+        if password is not None:
+            _check_password(password)
+        self._manageable(by, u, "user_id")
+        if password is not None:
+            self._may_set_password(by, u["id"], u["username"])
+        if role is not None:
+            self._givable(by, role)
+        if by is not None and by.user_id == u["id"] and (disabled or (role is not None and role != u["role"])):
+            raise InvalidInput("you cannot disable yourself or change your own role: another admin can",
+                               field="disabled" if disabled else "role")  # fmt: skip
 
     def _an_admin_remains(
         self, roles: dict[str, list[str]] | None = None, changed: dict[str, tuple[str, bool] | None] | None = None
@@ -235,20 +258,28 @@ class Users(AuthBase):
         u = self.user(user_id)
         _check_password(password)
         self._manageable(by, u, "user_id")
-        self._may_set_password(by, u)
+        self._may_set_password(by, u["id"], u["username"])
         pw = ks.hash_password(password)
-        with self.mutex:
-            self.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [pw, u["id"]])
-            self._end_sessions(u["id"])  # a new password ends old logins
-            u["password_hash"] = pw
+        with self.mutex:  # checked again as the user is now (promoted or deleted meanwhile)
+            u = self._current(u)
+            self._manageable(by, u, "user_id")
+            self._may_set_password(by, u["id"], u["username"])
+            self._store_password(u, pw)
         self.audit(actor, "user.password", u["username"])
+
+    def _store_password(self, u: dict[str, Any], pw: str) -> None:
+        """Store a password hash for user `u` (under `self.mutex`)."""
+        self.con.execute("UPDATE users SET password_hash = ? WHERE id = ?", [pw, u["id"]])
+        self._end_sessions(u["id"])  # a new password ends old logins
+        u["password_hash"] = pw
 
     def delete_user(self, user_id: str, actor: str | None = None, by: Principal | None = None) -> None:
         """Delete a user (one whose scopes `by` holds); their keys are revoked and their sessions end."""
         actor = by.username if by else actor
         u = self.user(user_id)
-        self._manageable(by, u, "user_id")
-        with self.mutex:  # checked and deleted at once (see update_user)
+        with self.mutex:  # checked and deleted at once: the user as they are now (promoted, or deleted already)
+            u = self._current(u)
+            self._manageable(by, u, "user_id")
             if by is not None:
                 self._keeps_an_admin(u, deleted=True)
             for k in [k for k in self.keys.values() if k.user_id == u["id"]]:
@@ -261,18 +292,19 @@ class Users(AuthBase):
             self.hub_seen.pop(u["id"], None)
         self.audit(actor, "user.delete", u["username"])
 
-    def _may_set_password(self, by: Principal | None, u: dict[str, Any]) -> None:
-        """403 when `by` may not set user `u`'s password: a JupyterHub user logs in through the Hub, someone else's
-        password takes every scope, and one's own needs a credential that stands for all of oneself (a login
-        follows the role, never expires with a key and outlives every key's revocation)."""
-        if u["username"].endswith(HUB_SUFFIX):
-            raise Forbidden(f"{u['username']!r} is a JupyterHub user: they log in through the Hub", field="password")
+    def _may_set_password(self, by: Principal | None, user_id: str | None, username: str) -> None:
+        """403 when `by` may not set the password of user `username` (`user_id`; None: one being created): a
+        JupyterHub user logs in through the Hub; a login follows the role, never expires with a key and outlives
+        every key's revocation, so someone else's password takes every scope held through a credential with no
+        expiry and no rate limit, and one's own a credential that stands for all of oneself."""
+        if username.endswith(HUB_SUFFIX):
+            raise Forbidden(f"{username!r} is a JupyterHub user: they log in through the Hub", field="password")
         if by is None:
             return
-        if by.user_id != u["id"] and not set(SCOPES) <= by.scopes:
-            raise _password_for_another(u["username"])
-        if by.user_id == u["id"] and not self._whole(by):
-            raise Forbidden(f"a password for {u['username']!r} gives a login that follows their role and outlives "
+        if by.user_id != user_id and (not set(SCOPES) <= by.scopes or self._bounded(by)):
+            raise _password_for_another(username)
+        if by.user_id == user_id and not self._whole(by):
+            raise Forbidden(f"a password for {username!r} gives a login that follows their role and outlives "
                             "every key: set it with a login session or a key that stands for all of them (follows "
                             "the role, no expiry, rate limit or parent), not with this key",
                             field="password")  # fmt: skip

@@ -47,6 +47,7 @@ from bkg_kernel.settings import Settings
 ROLE_SCOPES = (("custom:bkg:admin", "admin"), ("custom:bkg:developer", "developer"))
 COOKIE = "bkg-hub-token"
 _BAD = re.compile(r"[^A-Za-z0-9_.@-]")
+_TAGGED = re.compile(r"-[0-9a-f]{8}\Z")  # how a name that had to change ends: its hash tag
 STATE_TTL = 600.0
 _HUB_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,256}")  # JupyterHub's tokens are 32 hex characters
 RECORD_EVERY_S = 60.0  # the Hub's view of an active user is recorded again this often (HubAuth's cache age)
@@ -56,10 +57,11 @@ log = logging.getLogger("bkg.jupyterhub")
 
 def bkg_name(hub_name: str) -> str:
     """The bkg user name of a Hub user (`ana` → `ana@hub`); a name that had to change to fit bkg's rules gets a
-    hash of the Hub name, so two Hub users never share one bkg user (`ana b` and `ana-b` stay apart). Local bkg
-    users cannot be named `...@hub`."""
+    hash of the Hub name, so two Hub users never share one bkg user (`ana b` and `ana-b` stay apart). A name
+    that already ends like such a tag (`-` and 8 hex digits) gets one too: kept as it is, `ana-b-1a2b3c4d` would be
+    the bkg user of whichever Hub name was hashed to that. Local bkg users cannot be named `...@hub`."""
     clean = _BAD.sub("-", hub_name).lstrip("-_.@")
-    if clean == hub_name and len(clean) <= 64 - len(SUFFIX):
+    if clean == hub_name and len(clean) <= 64 - len(SUFFIX) and not _TAGGED.search(clean):
         return clean + SUFFIX
     tag = hashlib.sha256(hub_name.encode()).hexdigest()[:8]
     return f"{clean[: 64 - len(SUFFIX) - 9] or 'user'}-{tag}{SUFFIX}"
