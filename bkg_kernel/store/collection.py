@@ -227,7 +227,10 @@ class Collection:
         with self._reading() as con:
             con.execute("BEGIN TRANSACTION")  # the epoch, where the last page ended and this page: one moment
             try:
-                epoch = int(scalar(con, "SELECT epoch FROM collections WHERE name = ?", [self.name]))
+                row = con.execute("SELECT epoch FROM collections WHERE name = ?", [self.name]).fetchone()
+                if row is None:
+                    raise NotFound(f"collection {self.name!r} was dropped while this call read it", field="name")
+                epoch = int(row[0])
                 start = -1
                 if mark is not None:
                     start = mark[1]
