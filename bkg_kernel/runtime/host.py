@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -70,6 +71,8 @@ class PluginHost:
         self.worker: WorkerProcess | None = None
         self.restarts = 0
         self.want_running = False
+        self.restarting = False  # a restart's stop runs: a passing 503 (with a Retry-After), as a start is
+        self.restart_at: float | None = None  # (monotonic) when the supervisor restarts a crashed worker
         self._lock = threading.RLock()
         self._starting: WorkerProcess | None = None  # a worker being started: a stop kills it, not waits for it
         self._start_stopped = threading.Event()  # a stop came while the plugin was starting
@@ -142,6 +145,7 @@ class PluginHost:
             if self.state in ("running", "degraded", "starting"):
                 return self.status()
             self.want_running = True
+            self.restart_at = None
             self._start_stopped.clear()
             self._set("starting")
             self.add_log("INFO", time.time(), f"starting {self.id} ({self.mode})")
@@ -227,9 +231,13 @@ class PluginHost:
             starting.kill()
 
     def restart(self, stop_timeout: float = 10.0) -> dict[str, Any]:
-        """Stop (a worker is killed after `stop_timeout` seconds), then start."""
-        self.stop(stop_timeout)
-        return self.start()
+        """Stop (a worker is killed after `stop_timeout` seconds), then start; calls meanwhile are told to retry."""
+        self.restarting = True
+        try:
+            self.stop(stop_timeout)
+            return self.start()
+        finally:
+            self.restarting = False
 
     def checked_config(self, config: Any) -> PluginSettings:
         """A new config validated against the settings model (422 names the field); nothing changes yet."""
@@ -290,11 +298,20 @@ class PluginHost:
         return Timeout(f"plugin {self.id!r} did not answer within {timeout:g}s")
 
     def _ready(self) -> None:
-        """503 unless the plugin is running (or degraded); while it starts or restarts, with a Retry-After."""
+        """503 unless the plugin is running (or degraded); while it starts or restarts (asked for, after a config
+        change, or by the supervisor after a crash), with a Retry-After."""
         if self.state not in ("running", "degraded"):
-            passing = self.state in ("starting", "stopping") and self.want_running
             raise Unavailable(f"plugin {self.id!r} is {self.state}" + (f": {self.reason}" if self.reason else ""),
-                              retry_after=RETRY_STARTING_S if passing else None)  # fmt: skip
+                              retry_after=self.retry_after())  # fmt: skip
+
+    def retry_after(self) -> float | None:
+        """Seconds to wait before a call may find the plugin running, when it is on its way there (None: not)."""
+        if self.state in ("starting", "stopping") and (self.want_running or self.restarting):
+            return RETRY_STARTING_S
+        due = self.restart_at
+        if self.state == "error" and self.want_running and due is not None:  # a crashed worker, restarting soon
+            return float(max(1, math.ceil(due - time.monotonic())) + RETRY_STARTING_S)
+        return None
 
     @property
     def slots(self) -> Slots:
@@ -366,7 +383,7 @@ class PluginHost:
                     self._inline.done()
                     raise
             else:
-                raise Unavailable(f"plugin {self.id!r} is {self.state}")
+                raise Unavailable(f"plugin {self.id!r} is {self.state}", retry_after=self.retry_after())
             while True:
                 try:
                     item = await asyncio.wait_for(q.get(), s.request_timeout)
@@ -394,7 +411,8 @@ class PluginHost:
     async def health(self, timeout: float = 10.0) -> Any:
         """Ask the running plugin for its health report, outside the request slots (a control-plane call)."""
         if self.state not in ("running", "degraded"):
-            raise Unavailable(f"plugin {self.id!r} is {self.state}" + (f": {self.reason}" if self.reason else ""))
+            raise Unavailable(f"plugin {self.id!r} is {self.state}" + (f": {self.reason}" if self.reason else ""),
+                              retry_after=self.retry_after())  # fmt: skip
         try:
             if self.worker is not None:
                 return await asyncio.wait_for(asyncio.wrap_future(self.worker.submit(("health",))), timeout)
@@ -402,7 +420,7 @@ class PluginHost:
                 return await asyncio.wait_for(asyncio.to_thread(self.plugin.health), timeout)
         except TimeoutError:
             raise Timeout(f"plugin {self.id!r} did not report its health within {timeout:g}s") from None
-        raise Unavailable(f"plugin {self.id!r} is {self.state}")
+        raise Unavailable(f"plugin {self.id!r} is {self.state}", retry_after=self.retry_after())
 
     async def call(
         self,
@@ -438,7 +456,7 @@ class PluginHost:
                     if call is not None:  # threads the plugin started for it cannot act for the caller afterwards
                         work.add_done_callback(lambda _: call.end())
                 else:
-                    raise Unavailable(f"plugin {self.id!r} is {self.state}")
+                    raise Unavailable(f"plugin {self.id!r} is {self.state}", retry_after=self.retry_after())
                 if on_submit is not None:  # queued for its thread, or the worker's writer has it
                     on_submit()
                 return await _answer(work, left)
@@ -485,7 +503,7 @@ class PluginHost:
                     work = worker.submit(("invoke", capability_id, data), caller)
                     return _result_while(work, left, gone)
                 if plugin is None:
-                    raise Unavailable(f"plugin {self.id!r} is {self.state}")
+                    raise Unavailable(f"plugin {self.id!r} is {self.state}", retry_after=self.retry_after())
 
                 def overran() -> None:
                     call.end()

@@ -152,7 +152,9 @@ async def put_config(
         h.entry.autostart = body.autostart
     await asyncio.to_thread(gw.supervisor.save_registry)
     gw.auth.audit(p.username, "plugin.config", plugin_id, config=h.settings.public(), enabled=body.enabled)
-    if body.config is not None and h.state in ("running", "degraded"):
+    # a start under way took the old settings: it is ended and made again with these (found by a review: the worker
+    # kept the old ones while the config API showed the new)
+    if body.config is not None and h.state in ("running", "degraded", "starting"):
         await asyncio.to_thread(h.restart)
         restarted = True
     return {"config": h.settings.public(), "restarted": restarted, "status": h.status()}
