@@ -1,11 +1,14 @@
-"""Test oracles and data generators."""
+"""Test oracles, data generators and small process helpers shared by the tests."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import nbformat
 import numpy as np
 
 
@@ -141,3 +144,25 @@ def on_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t, got
+
+
+def notebook(path: Path, params: str, *cells: str) -> Path:
+    """Write a notebook: a cell tagged `parameters`, then `cells`."""
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell(params)
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, *(nbformat.v4.new_code_cell(c) for c in cells)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+def stop_process(proc: subprocess.Popen[Any], wait_s: float = 20) -> None:
+    """SIGTERM `proc`, give it `wait_s` seconds to exit, then kill it (and reap it either way)."""
+    proc.terminate()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

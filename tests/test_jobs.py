@@ -22,23 +22,12 @@ import nbformat
 import psutil
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway, kernel_connection, start_gateway, wait_for
+from helpers import notebook
 
 from bkg_kernel.jobs import schedule
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def notebook(path: Path, params: str, *cells: str) -> Path:
-    """Write a notebook: a cell tagged `parameters`, then `cells`."""
-    nb = nbformat.v4.new_notebook()
-    p = nbformat.v4.new_code_cell(params)
-    p.metadata["tags"] = ["parameters"]
-    nb.cells = [p, *(nbformat.v4.new_code_cell(c) for c in cells)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
-    return path
 
 
 def make_notebooks(root: Path) -> Path:

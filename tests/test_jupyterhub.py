@@ -20,6 +20,7 @@ import httpx
 import psutil
 import pytest
 from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, free_port, http_ok, kernel_connection, wait_for
+from helpers import stop_process
 
 from bkg_kernel.hub import hub_command, hub_env
 
@@ -64,11 +65,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         proc.kill()
         raise AssertionError(f"the Hub or its bkg service did not come up:\n{h.log()}") from None
     yield h
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc, 30)
 
 
 def login(hub: Hub, name: str) -> httpx.Client:

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, Gateway, free_port, http_ok, start_gateway, wait_for
+from helpers import stop_process
 
 from bkg_kernel.kernels import LAB_KERNEL_MANAGER
 
@@ -60,11 +61,7 @@ def lab(gw: Gateway, labroot: Path) -> Iterator[str]:
         wait_for(lambda: http_ok(f"{url}/api/status", token=TOKEN), timeout=90, every=0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway, free_port, http_ok, start_gateway, wait_for
+from helpers import stop_process
 from tornado import httpclient, websocket
 
 from bkg_kernel.gateway.routes.live import MAX_PER_USER
@@ -44,11 +45,7 @@ def jupyter_server(root: Path, gateway_url: str) -> Iterator[str]:
         wait_for(lambda: http_ok(f"{url}/api/status", token=TOKEN), timeout=90, every=0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")

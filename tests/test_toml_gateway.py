@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from gateway_harness import ADMIN_KEY, wait_for
+from helpers import stop_process
 
 import bkg_kernel
 from bkg_kernel.errors import Forbidden
@@ -227,12 +227,7 @@ def test_the_running_gateway_s_recorded_url_is_trusted_and_a_forged_one_beside_i
             bkg_kernel.connect()
         assert stranger.connections == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
 
 
 def _healthy(url: str) -> bool:
