@@ -126,12 +126,6 @@ def cjk(word: str) -> bool:
     return CJK_RUN.search(word) is not None
 
 
-def cjk_pairs(text: str) -> list[str]:
-    """The pairs of letters (a lone letter by itself) of each Chinese, Japanese or Korean run in `text`: what a
-    query looks for there."""
-    return [w for w in _cjk_words(text, query=True) if cjk(w)] if cjk(text) else []
-
-
 class _Segment:
     """Postings of a run of positions, sorted by term then position: `docs[start[i]:start[i+1]]` hold term
     `keys[i]`, with its frequency in each in `tfs`."""
