@@ -369,19 +369,28 @@ class PluginHost:
         t0 = time.perf_counter()
         tel.begin()
         error: str | None = None
-        finished = False
+        finished = opened = False
         worker, req_id, cancelled = self.worker, 0, threading.Event()
         call = calls.Call(caller)
+        hold = _Held(sem)  # the slot goes back when the caller has stopped reading and the work has ended
         try:
             if worker is not None:
-                req_id = worker.open_stream(capability_id, data, caller, sink)
+                req_id = worker.open_stream(capability_id, data, caller, sink, hold.drop)
+                opened = True
             elif (plugin := self._inline.take()) is not None:
-                args = (plugin, capability_id, data, call, cancelled, sink, self._inline.done)
+                ended = self._inline.streaming(cancelled)
+
+                def done() -> None:
+                    ended()
+                    hold.drop()
+
+                args = (plugin, capability_id, data, call, cancelled, sink, done)
                 try:
                     threading.Thread(target=_run_inline_stream, args=args, daemon=True).start()
                 except BaseException:  # no thread to be had: the work never ran
-                    self._inline.done()
+                    ended()
                     raise
+                opened = True
             else:
                 raise Unavailable(f"plugin {self.id!r} is {self.state}", retry_after=self.retry_after())
             while True:
@@ -401,11 +410,13 @@ class PluginHost:
                 return
         finally:
             call.end()  # whatever the plugin still runs for this stream can no longer act for the caller
-            if not finished:  # timed out or cancelled: the work stops
+            if not finished:  # timed out or cancelled: the work stops (at its next chunk or progress)
                 if worker is not None and req_id:
                     worker.cancel(req_id)
                 cancelled.set()
-            sem.release()
+            if not opened:  # no work ever ran to give the slot back
+                hold.drop()
+            hold.drop()
             tel.end(time.perf_counter() - t0, error)
 
     async def health(self, timeout: float = 10.0) -> Any:
@@ -567,6 +578,24 @@ class PluginHost:
             if call is not None and work is None:
                 call.end()
             slots.release()
+
+
+class _Held:
+    """A stream's request slot, given back by the second `drop`: one from the caller's side (it stopped reading),
+    one from the work's (the worker's last message or exit, or the inline thread's end). A cancelled stream keeps
+    its slot until its work has stopped, as a timed-out call does: `max_concurrent` bounds the work running."""
+
+    __slots__ = ("_left", "_lock", "_slots")
+
+    def __init__(self, slots: Slots) -> None:
+        self._slots, self._left, self._lock = slots, 2, threading.Lock()
+
+    def drop(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._slots.release()
 
 
 def _finite_config(model: type[PluginSettings], config: dict[str, Any]) -> dict[str, Any]:

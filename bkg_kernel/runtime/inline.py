@@ -9,7 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bkg_kernel.errors import error_data
+from bkg_kernel.errors import Unavailable, error_data
 from bkg_kernel.runtime import calls
 from bkg_kernel.runtime.contract import Plugin
 
@@ -27,15 +27,21 @@ def _run_inline_stream(
     sink: Callable[[tuple[Any, ...]], None],
     done: Callable[[], None],
 ) -> None:
+    """Run an inline plugin's stream on this thread, chunks and its end to `sink`, then `done()`. Once `cancelled` is
+    set, nobody reads it but a plugin stop, which wants to hear so, as from a stopped worker (a 503)."""
     try:
-        with calls.running(call):
-            for chunk in plugin.stream(capability_id, data, cancelled):
-                if cancelled.is_set():
-                    break
-                sink(("chunk", chunk))
-        sink(("end", True, None))
-    except Exception as exc:
-        sink(("end", False, error_data(exc)))
+        try:
+            with calls.running(call):
+                for chunk in plugin.stream(capability_id, data, cancelled):
+                    if cancelled.is_set():
+                        break
+                    sink(("chunk", chunk))
+            end: tuple[Any, ...] = ("end", True, None)
+        except Exception as exc:
+            end = ("end", False, error_data(exc))
+        if cancelled.is_set():
+            end = ("end", False, error_data(Unavailable(f"plugin {plugin.id} was stopped")))
+        sink(end)
     finally:
         done()
 
@@ -51,6 +57,7 @@ class InlineWork:
         self._cv = threading.Condition()
         self.plugin: Plugin | None = None
         self.running = 0
+        self._streams: set[threading.Event] = set()
 
     def take(self) -> Plugin | None:
         """The instance to run on (None: stopped or stopping), counted until `done`."""
@@ -64,12 +71,27 @@ class InlineWork:
             self.running -= 1
             self._cv.notify_all()
 
+    def streaming(self, cancelled: threading.Event) -> Callable[[], None]:
+        """Count a stream taken with `take` as one a stop cancels (`cancelled` is set then); return its `done`."""
+        with self._cv:
+            self._streams.add(cancelled)
+
+        def ended() -> None:
+            with self._cv:
+                self._streams.discard(cancelled)
+            self.done()
+
+        return ended
+
     def release(self, timeout: float) -> Plugin | None:
-        """Take the instance away from new work, then wait up to `timeout` seconds for the work on it to end;
-        return it (None: there was none)."""
+        """Take the instance away from new work, then wait up to `timeout` seconds for the work on it to end, and
+        cancel the streams still running (a stream may run for ever: it ends at its next chunk, the 503 a stopped
+        worker's streams get); return the instance (None: there was none)."""
         with self._cv:
             p, self.plugin = self.plugin, None
             deadline = time.monotonic() + timeout
             while self.running and (left := deadline - time.monotonic()) > 0:
                 self._cv.wait(left)
+            for cancelled in self._streams:
+                cancelled.set()
         return p

@@ -203,18 +203,36 @@ class WorkerProcess:
             self._send(("cancel", req_id))
 
     def open_stream(
-        self, capability_id: str, data: Any, caller: Principal, sink: Callable[[tuple[Any, ...]], None]
+        self,
+        capability_id: str,
+        data: Any,
+        caller: Principal,
+        sink: Callable[[tuple[Any, ...]], None],
+        on_end: Callable[[], None],
     ) -> int:
-        """Start a streaming request as `caller`; `sink` gets ("chunk", data)... then ("end", ok, data). The
-        request's grant ends with the stream (its end, its cancel, or the worker's exit)."""
+        """Start a streaming request as `caller`; `sink` gets ("chunk", data)... then ("end", ok, data), until a
+        `cancel`. The request's grant ends with the stream (its end, its cancel, or the worker's exit); `on_end()`
+        once the worker is really done with it (its last message, or its exit), cancelled or not."""
         req_id = next(self._ids)
         call = self.grant(caller)
+        lock, cancelled = threading.Lock(), [False]
 
         def ending(item: tuple[Any, ...]) -> None:
-            if item[0] != "chunk":
-                self.grants.pop(call["grant"], None)
-            if item[0] != "cancelled":
+            if item[0] == "chunk":
+                with lock:
+                    if cancelled[0]:
+                        return  # nobody reads this stream any more
                 sink(item)
+                return
+            self.grants.pop(call["grant"], None)
+            with lock:
+                if item[0] == "cancelled":
+                    cancelled[0] = True
+                    return
+                told = not cancelled[0]
+            if told:
+                sink(item)
+            on_end()
 
         self.streams[req_id] = ending
         if not self._send(("stream", req_id, capability_id, data, call)):
@@ -223,11 +241,12 @@ class WorkerProcess:
         return req_id
 
     def cancel(self, req_id: int) -> None:
-        """Tell the worker to stop a stream now (its client went away); its slot frees at once."""
-        sink = self.streams.pop(req_id, None)
+        """Tell the worker to stop a stream now (its client went away): its grant ends at once, its `on_end` comes
+        when the worker has stopped it (a plugin sees the stop at its next chunk or progress)."""
+        sink = self.streams.get(req_id)
         if sink is not None:
-            sink(("cancelled",))  # ends its grant
-        self._send(("cancel", req_id))
+            sink(("cancelled",))
+            self._send(("cancel", req_id))
 
     def alive(self) -> bool:
         """Return whether the process is still running."""
