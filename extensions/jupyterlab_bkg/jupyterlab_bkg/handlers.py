@@ -4,6 +4,10 @@ Which gateway: `BkgLab.gateway_url` and `BkgLab.api_key` when set (their default
 `BKG_GATEWAY_URL` / `BKG_API_KEY`); otherwise, with `bkg_kernel` installed, the gateway of the data dir,
 started in the background when none runs (unless `BkgLab.start_gateway` is off). A gateway that cannot be
 reached is a 502 naming the URL, never a hang.
+
+`/bkg/ws` pings both sides, as Jupyter Server's kernel sockets ping the browser (see `keep_alive`): a browser gone
+without a word (a laptop shut, a network dropped) closes the gateway's socket too, and a gateway gone silent closes
+the browser's.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from urllib.parse import quote, unquote_plus, urlencode
 
 import httpx
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
-from jupyter_server.base.websocket import WebSocketMixin
+from jupyter_server.base.websocket import WS_PING_INTERVAL, WebSocketMixin
 from jupyter_server.utils import url_path_join
 from tornado import httpclient, web, websocket
 from traitlets import Bool, Unicode, default
@@ -145,6 +149,23 @@ PATH_SAFE = "/%:@!$&'()*+,;="
 QUERY_SAFE = PATH_SAFE + "?"
 # Close codes a browser accepts in a close frame; others (1005, 1006, 1015, unassigned ones) fail its connection.
 SENDABLE_CLOSE = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
+
+
+def keep_alive(settings: dict[str, Any]) -> tuple[float, float]:
+    """Seconds between pings on `/bkg/ws`, and how long a ping may go unanswered; (0, 0): no pings.
+
+    Jupyter Server's `websocket_ping_interval` / `websocket_ping_timeout` when set (the timeout at most the
+    interval, as tornado has it; unset, the interval); otherwise what its kernel sockets use, `ws_ping_interval` /
+    `ws_ping_timeout` of `tornado_settings` in milliseconds, by default 30 s and 90 s (`ws_ping_interval` 0: none).
+    """
+    if interval := settings.get("websocket_ping_interval") or 0:
+        timeout = settings.get("websocket_ping_timeout") or interval
+        return float(interval), float(min(timeout, interval))
+    interval_ms = settings.get("ws_ping_interval", WS_PING_INTERVAL)
+    if (interval_ms or 0) <= 0:
+        return 0.0, 0.0
+    timeout_ms = settings.get("ws_ping_timeout", max(3 * interval_ms, WS_PING_INTERVAL))
+    return interval_ms / 1000, timeout_ms / 1000
 
 
 def _error(handler: JupyterHandler, status: int, code: str, message: str) -> None:
@@ -272,14 +293,26 @@ class DashboardsHandler(APIHandler):
 
 class LiveHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
     """The gateway's WebSocket, relayed both ways; closes when the gateway does, with its code and reason (the
-    panel reconnects)."""
+    panel reconnects), and when either side stops answering pings."""
 
     target: Target
     upstream: websocket.WebSocketClientConnection | None = None
     pump: asyncio.Task[None] | None = None  # held here: the event loop keeps only a weak reference to a task
+    pinger: asyncio.Task[None] | None = None
+    unanswered: float | None = None  # when the oldest ping the browser has not answered went out
 
     def initialize(self, target: Target) -> None:
         self.target = target
+
+    # tornado's own pinger stays off: it would read WebSocketMixin's milliseconds as seconds, and on a timeout it
+    # closes the browser's side alone. `_ping_browser` pings instead, and closes the gateway's side too
+    @property
+    def ping_interval(self) -> float:
+        return 0
+
+    @property
+    def ping_timeout(self) -> float:
+        return 0
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         if self.current_user is None:
@@ -289,19 +322,25 @@ class LiveHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
     async def open(self, *args: Any, **kwargs: Any) -> None:
         # The gateway's socket is opened only here, once tornado and Jupyter have accepted the handshake (Upgrade,
         # Origin): one opened before a refused handshake stayed open, and 32 of them used up the user's sockets
+        interval, timeout = keep_alive(self.settings)
         try:
             url, key = await self.target.resolve()
             ws_url = (
                 url.replace("http://", "ws://").replace("https://", "wss://") + "/ws?" + urlencode({"token": key or ""})
             )
-            self.upstream = await websocket.websocket_connect(ws_url)
+            # tornado pings the gateway: one that stops answering ends the socket, and the pump closes the browser's
+            self.upstream = await websocket.websocket_connect(
+                ws_url, ping_interval=interval or None, ping_timeout=min(timeout, interval) or None
+            )
         except (GatewayUnreachable, OSError, websocket.WebSocketError, httpclient.HTTPClientError) as exc:
             self._close(1011, f"cannot reach the bkg gateway: {exc}")
             return
         if self.ws_connection is None or self.ws_connection.is_closing():  # the browser left meanwhile
-            self.upstream.close()
+            self.upstream.close(1001, "the browser left")
             return
         self.pump = asyncio.ensure_future(self._pump())
+        if interval > 0:
+            self.pinger = asyncio.ensure_future(self._ping_browser(interval, timeout))
 
     async def _pump(self) -> None:
         assert self.upstream is not None
@@ -309,12 +348,41 @@ class LiveHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
             msg = await self.upstream.read_message()
             if msg is None:
                 code, reason = self.upstream.close_code, self.upstream.close_reason
-                self._close(code if code in SENDABLE_CLOSE else 1011, reason or "the bkg gateway closed the connection")
+                said = "the bkg gateway closed the connection" if code else "lost the connection to the bkg gateway"
+                self._close(code if code in SENDABLE_CLOSE else 1011, reason or said)
                 return
             try:
                 await self.write_message(msg)
             except websocket.WebSocketClosedError:
                 return
+
+    async def _ping_browser(self, interval: float, timeout: float) -> None:
+        """Ping the browser every `interval` s; a ping unanswered for `timeout` s closes both sides."""
+        loop = asyncio.get_running_loop()
+        next_ping = loop.time() + interval
+        while True:
+            due = next_ping if self.unanswered is None else min(next_ping, self.unanswered + timeout)
+            await asyncio.sleep(due - loop.time())
+            now = loop.time()
+            if self.unanswered is not None and now >= self.unanswered + timeout:
+                # Gone without a close (a laptop shut, a network dropped): TCP alone would hold both sockets for
+                # hours. The browser gets a close frame too, in case it is only slow
+                self.log.warning("bkg: /bkg/ws: no pong for %.1f s, closing both sides", now - self.unanswered)
+                if self.upstream is not None:
+                    self.upstream.close(1001, "the browser stopped answering pings")
+                self._close(1001, "no answer to pings")
+                return
+            if now >= next_ping:
+                try:
+                    self.ping()
+                except websocket.WebSocketClosedError:
+                    return
+                if self.unanswered is None:
+                    self.unanswered = now
+                next_ping = now + interval
+
+    def on_pong(self, data: bytes) -> None:
+        self.unanswered = None
 
     def _close(self, code: int, reason: str) -> None:
         # A close frame holds at most 123 bytes of reason
@@ -326,8 +394,12 @@ class LiveHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
                 await self.upstream.write_message(message)
 
     def on_close(self) -> None:
+        if self.pinger is not None:
+            self.pinger.cancel()
         if self.upstream is not None:
-            self.upstream.close()
+            # The browser's own code and reason go on; without them (it vanished, or sent none): "going away"
+            code = self.close_code if self.close_code in SENDABLE_CLOSE else 1001
+            self.upstream.close(code, (self.close_reason or "the browser left").encode()[:123].decode(errors="ignore"))
 
 
 def setup_handlers(server_app: Any) -> None:
