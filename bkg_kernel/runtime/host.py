@@ -200,6 +200,7 @@ class PluginHost:
         self.abort_start()
         with self._lock:
             self.want_running = False
+            self.restart_at = None  # a crashed plugin stopped by hand is not restarted by the supervisor
             if self.state in ("stopped",) or (self.state == "error" and self.worker is None and self.plugin is None):
                 if self.cls is not None and self.state == "error":
                     self._set("stopped")

@@ -161,6 +161,9 @@ class Supervisor:
             if h.state == "running" and h.telemetry.started_at and time.monotonic() - h.telemetry.started_at > 60:
                 self._backoff.pop(h.id, None)  # healthy for a minute: the next crash restarts fast again
         due = self._restart_at.get(h.id)
+        if due is not None and h.restart_at != due:  # started or stopped by hand since: that restart is void
+            self._restart_at.pop(h.id, None)
+            return
         if due is not None and now >= due and h.want_running and h.state == "error":
             self._restart_at.pop(h.id, None)
             h.restarts += 1
