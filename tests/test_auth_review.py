@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from bkg_kernel.auth import AuthService, Principal
-from bkg_kernel.errors import Forbidden, NotFound, TooManyRequests, Unavailable
+from bkg_kernel.errors import Forbidden, NotFound, TooManyRequests, Unauthorized, Unavailable
 from bkg_kernel.store import Store
 
 ADMIN_KEY = "bkg_0123456789ab_" + "A" * 40
@@ -71,10 +71,10 @@ def test_a_delegate_holding_every_scope_hands_out_no_login_and_no_key_that_outli
     assert "backdoor" not in {u["username"] for u in auth.list_users()}
     assert auth.user(other["id"])["password_hash"] is None
 
-    # a key for someone else: theirs (not revoked with the delegate), but fixed and bounded by the delegate
+    # a key for someone else: theirs, but fixed and held within the delegate's bounds (revoked with it too)
     theirs, ttok = auth.create_key(other["id"], "forever", expires_at=_soon(24 * 30), rate_limit_per_min=1000,
                                    by=delegate)  # fmt: skip
-    assert theirs["follows_role"] is False and theirs["parent_id"] is None
+    assert theirs["follows_role"] is False and theirs["parent_id"] is None and theirs["maker_id"] == dk["id"]
     assert theirs["expires_at"] == dk["expires_at"] and theirs["rate_limit_per_min"] == 5
     following, _ = auth.create_key(other["id"], "theirs, following", by=admin)
     with pytest.raises(Forbidden) as err:  # a new secret of a key following their role: the same as making one
@@ -86,7 +86,8 @@ def test_a_delegate_holding_every_scope_hands_out_no_login_and_no_key_that_outli
     made = auth.create_user("made", "viewer", password=PW, by=admin)
     assert made["has_password"] and auth.create_key(other["id"], "by admin", by=admin)[0]["follows_role"]
     auth.revoke_key(dk["id"], by=admin)
-    assert auth.authenticate(ttok).username == "root2"  # theirs: it stays, until the delegate's expiry
+    with pytest.raises(Unauthorized):  # within the delegate's bounds: it goes with it (tests/test_delegate_chain.py)
+        auth.authenticate(ttok)
 
 
 # -- 2. a limited key's children share its bucket -------------------------------------------------------------------

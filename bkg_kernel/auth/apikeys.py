@@ -1,5 +1,5 @@
-"""API keys: created, listed, rotated and revoked (with every key derived from them), looked up while they work,
-rate-limited, and their last use written now and then."""
+"""API keys: created, listed, rotated and revoked (with every key derived from them or made by them under their
+bounds), looked up while they work, rate-limited, and their last use written now and then."""
 
 from __future__ import annotations
 
@@ -34,11 +34,15 @@ class ApiKeys(AuthBase):
         """Create a key for a user; return (its public record, the token, shown this once).
 
         A key made with a key for that key's own user (or a notebook run's key, whose `parent` is the key that
-        started the run) derives from it: it expires no later, is rate-limited no more loosely, and is revoked
-        with it. A key made for someone else is theirs: it stands alone, but one made with a key that expires or
-        is rate-limited expires no later and is limited no more loosely than that key. It is clamped (as a derived
-        key is) rather than refused: the caller gets a key that works as long as its own does, and the record it
-        gets back shows the expiry and the limit.
+        started the run) derives from it: it expires no later, its requests count against that key's rate limit
+        too, and it is revoked with it. A key made for someone else is theirs, but one made with a key that
+        expires or is rate-limited (a bounded delegate) stays within that key's bounds as a derived key does: it
+        records its maker (`maker_id`), expires no later, draws on the maker's rate limit (and on every limit the
+        maker draws on), and is revoked with it; so the keys a delegate limited to 5 requests a minute makes for
+        others, and all they make, make 5 in all. Its expiry and limit are clamped rather than refused: the caller
+        gets a key that works as long as its own does, and the record it gets back shows the expiry and the
+        limit. A key made for someone else with a key with neither stands alone (as with JupyterHub's tokens: its
+        maker's revocation leaves it).
 
         Without `scopes` the key follows its owner's role when its maker could give that user any role: the owner
         themselves through a credential that follows it too (a login, a key following the role: a fixed key makes
@@ -72,8 +76,8 @@ class ApiKeys(AuthBase):
             raise InvalidInput("rate_limit_per_min must be from 1 to 1000000", field="rate_limit_per_min")
         if parent is None and by is not None and by.key_id is not None and by.user_id == u["id"]:
             parent = by.key_id
-        # a key for someone else made with a key that expires or is limited: bounded by that key, yet not revoked
-        # with it (it is theirs)
+        # a key for someone else made with a key that expires or is limited: held within that key's bounds, as a key
+        # derived from it is (without the link, each such key had a bucket of its own: N keys, N times the limit)
         maker = by.key_id if by is not None and by.user_id != u["id"] and self._bounded(by) else None
         if token is None:
             token, prefix, secret = ks.new_key()
@@ -100,11 +104,11 @@ class ApiKeys(AuthBase):
                     rate_limit_per_min = min(rate_limit_per_min or up.rate_limit_per_min, up.rate_limit_per_min)
             rec = KeyRecord(
                 "k_" + uuid.uuid4().hex[:12], prefix, ks.hash_secret(secret), name, u["id"], scopes,
-                rate_limit_per_min, _now(), expires_at, None, None, None, follows, parent,
+                rate_limit_per_min, _now(), expires_at, None, None, None, follows, parent, maker,
             )  # fmt: skip
             self.con.execute(
                 "INSERT INTO api_keys (id, prefix, secret_hash, name, user_id, scopes, rate_limit_per_min, created_at, "
-                "expires_at, follows_role, parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "expires_at, follows_role, parent_id, maker_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     rec.id,
                     prefix,
@@ -117,6 +121,7 @@ class ApiKeys(AuthBase):
                     expires_at,
                     follows,
                     parent,
+                    maker,
                 ],
             )
             self.key_ids[rec.id] = rec
@@ -150,7 +155,8 @@ class ApiKeys(AuthBase):
     ) -> tuple[dict[str, Any], str]:
         """Give a key a new secret (same id, name, scopes); the old token stops working at once. The new secret
         is shown to `by`, who must hold every scope the key does; a key that is less than its user (fixed, expiring,
-        limited or derived) may only renew itself or a key derived from it."""
+        limited or derived) may only renew itself or a key derived from it, and a key that expires or is limited
+        may only renew someone else's key that it made (or one made within its bounds)."""
         actor = by.username if by else actor
         rec = self._key(key_id)
         self._may_rotate(rec, by)
@@ -186,13 +192,18 @@ class ApiKeys(AuthBase):
         if by is not None and by.user_id == rec.user_id and not self._whole(by):
             # the new secret must be no more than the credential asking for it: no longer-lived, no less limited,
             # not outliving its revocation, and following the role only if it does
-            if not self._derives_from(rec, by.key_id or ""):
+            if not self._bound_by(rec, by.key_id):
                 raise Forbidden(f"key {rec.id} does not derive from the key asking for its new secret, which is "
                                 f"less than {by.username} (fixed scopes, an expiry, a rate limit or a parent): use "
                                 "a login session or a key that stands for all of them", field="key_id")  # fmt: skip
             if rec.follows_role and not self._follows(by):
                 raise Forbidden(f"key {rec.id} follows its owner's role and the key asking for its new secret does "
                                 "not: it would gain what that key never held", field="key_id")  # fmt: skip
+        if by is not None and by.user_id != rec.user_id and self._bounded(by) and not self._bound_by(rec, by.key_id):
+            # a new secret of a key beyond its bounds (one with no expiry or limit, say) would outlive or outrun it
+            raise Forbidden(f"key {rec.id} was not made within the bounds of the key asking for its new secret, "
+                            "which expires or is rate-limited: the new secret would outlive or outrun it; use a "
+                            "login session or a key with no expiry and no rate limit", field="key_id")  # fmt: skip
         owner = self.users.get(rec.user_id)
         if owner is not None:
             if owner["username"].endswith(HUB_SUFFIX):
@@ -202,7 +213,8 @@ class ApiKeys(AuthBase):
             self._may_act_as(by, owner, f"rotating key {rec.id}", "key_id")
 
     def revoke_key(self, key_id: str, actor: str | None = None, by: Principal | None = None) -> dict[str, Any]:
-        """Revoke a key for good: one's own, or one whose scopes `by` holds."""
+        """Revoke a key for good: one's own, or one whose scopes `by` holds; with it go the keys held within its
+        bounds (derived from it, or made by it for others while it expired or was limited), however deep."""
         actor = by.username if by else actor
         rec = self._key(key_id)
         if by is not None and rec.user_id != by.user_id:
@@ -213,22 +225,28 @@ class ApiKeys(AuthBase):
                 raise NotFound(f"no active key {key_id!r}", field="key_id")
             children: dict[str, list[KeyRecord]] = {}  # one pass over the keys, however long the chain
             for d in self.keys.values():
-                if d.parent_id is not None:
-                    children.setdefault(d.parent_id, []).append(d)
-            todo = [rec]  # and what derives from it (a run's key, a key it made for its own user), however deep
+                for up in {d.parent_id, d.maker_id} - {None}:
+                    children.setdefault(str(up), []).append(d)
+            # and what is held within its bounds (a run's key, a key it made for its own user, a key it made for
+            # someone else while it expired or was limited: its bucket goes, theirs must not become their own)
+            todo = [rec]
             now = _now()
             while todo:
                 k = todo.pop()
+                if k.id not in self.key_ids:  # reached twice (made by one key and derived from another, both going)
+                    continue
                 k.revoked_at = now
                 del self.key_ids[k.id]  # first: a store call that looks it up by id from now on finds it revoked
                 del self.keys[k.prefix]
                 gone.append(k)
                 todo += children.get(k.id, [])
-            self.con.executemany("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [[now, k.id] for k in gone])
+            # one statement: a crash leaves all of them revoked or none (a key outliving its maker would be unbounded)
+            ids = [k.id for k in gone]
+            self.con.execute("UPDATE api_keys SET revoked_at = ? WHERE id IN (SELECT unnest(?::VARCHAR[]))", [now, ids])
         for k in gone:
             if k is rec:
                 self.audit(actor, "key.revoke", k.id, name=k.name)
-            else:
+            else:  # `derived_from`: the key revoked whose bounds held it (it derives from it, or was made within them)
                 self.audit(actor, "key.revoke", k.id, name=k.name, derived_from=rec.id)
         return rec.public()
 
@@ -246,17 +264,13 @@ class ApiKeys(AuthBase):
         return None if rec is None else self.key_scopes(rec)
 
     def _rate(self, rec: KeyRecord) -> None:
-        """Count a request against key `rec`'s rate limit and those of every key it derives from: a derived key
-        draws from its ancestors' buckets too, so a key limited to 5 requests a minute and all it made make 5 in
-        all, as its user would expect (children copying the limit each had a bucket of their own: 5 children, 25).
-        A request refused by one bucket takes from none."""
-        chain: list[KeyRecord] = []
-        seen: set[str] = set()
-        k: KeyRecord | None = rec
-        while k is not None and k.rate_limit_per_min and k.id not in seen:  # an unlimited key has no limited parent
-            chain.append(k)
-            seen.add(k.id)
-            k = self.key_ids.get(k.parent_id) if k.parent_id is not None else None
+        """Count a request against key `rec`'s rate limit and those of every key whose bounds hold it (`_upstream`:
+        the keys it derives from and the bounded keys that made them for their users): a derived key draws from its
+        ancestors' buckets too, and so does a key a limited delegate made for someone else, so a key limited to 5
+        requests a minute and all it made, for its user or for others, make 5 in all, as its user would expect
+        (each copying the limit had a bucket of its own: 5 keys, 25). A request refused by one bucket takes from
+        none."""
+        chain = self._upstream(rec, limited=True)
         if not chain:
             return
         with self._lock:
@@ -270,7 +284,7 @@ class ApiKeys(AuthBase):
             for k in chain:
                 if k.tokens < 1.0:
                     limit = float(k.rate_limit_per_min or 0)
-                    whose = f"key {k.id}" if k is rec else f"key {k.id}, which key {rec.id} derives from"
+                    whose = f"key {k.id}" if k is rec else f"key {k.id}, whose limit key {rec.id} shares"
                     raise TooManyRequests(
                         f"rate limit of {k.rate_limit_per_min} requests per minute reached for {whose}",
                         retry_after=(1.0 - k.tokens) * 60.0 / limit,

@@ -94,6 +94,7 @@ class AuthBase:
             rec is not None
             and (bool(rec.follows_role) or set(SCOPES) <= by.scopes)
             and rec.parent_id is None
+            and rec.maker_id is None
             and rec.expires_at is None
             and rec.rate_limit_per_min is None
         )
@@ -107,17 +108,30 @@ class AuthBase:
         rec = self.key_ids.get(by.key_id)
         return rec is None or rec.expires_at is not None or rec.rate_limit_per_min is not None
 
-    def _derives_from(self, rec: KeyRecord, key_id: str) -> bool:
-        """Whether key `rec` is key `key_id` or derives from it, however deep (then it expires no later, is limited
-        no more loosely and is revoked with it)."""
+    def _upstream(self, rec: KeyRecord, limited: bool = False) -> list[KeyRecord]:
+        """The keys whose bounds hold key `rec`: itself, every key it derives from (`parent_id`) and every key that
+        made one of them for its user (`maker_id`), however deep, each once, `rec` first. A key revoked (or
+        forgotten) since is not among them: the keys it held went with it. `limited`: only those with a rate limit
+        (a key without one is held by no key with one: a limit is copied down when a key is made)."""
+        out: list[KeyRecord] = []
         seen: set[str] = set()
-        k: KeyRecord | None = rec
-        while k is not None and k.id not in seen:
-            if k.id == key_id:
-                return True
+        todo = [rec]
+        while todo:
+            k = todo.pop()
+            if k.id in seen or (limited and not k.rate_limit_per_min):
+                continue
             seen.add(k.id)
-            k = self.key_ids.get(k.parent_id) if k.parent_id is not None else None
-        return False
+            out.append(k)
+            for up in (k.maker_id, k.parent_id):
+                found = self.key_ids.get(up) if up is not None else None
+                if found is not None:
+                    todo.append(found)
+        return out
+
+    def _bound_by(self, rec: KeyRecord, key_id: str | None) -> bool:
+        """Whether key `rec` is key `key_id` or is held within its bounds (derives from it, or was made by it or by
+        a key within them), however deep: then it expires no later, shares its rate limit and is revoked with it."""
+        return any(k.id == key_id for k in self._upstream(rec))
 
     def key_scopes(self, rec: KeyRecord) -> frozenset[str]:
         """The scopes a key holds now: its user's role's, narrowed to the key's own list unless it follows the role."""

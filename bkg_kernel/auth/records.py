@@ -39,6 +39,10 @@ class KeyRecord:
     revoked_at: datetime | None
     follows_role: bool | None = False  # no explicit scopes: the key holds what its user's role holds now
     parent_id: str | None = None  # the key it was made with (for its own user) or a run's: it goes when that one goes
+    # the key that made it for its user, when that key had an expiry or a rate limit: the key stays within that
+    # key's bounds (its expiry, its rate limit's bucket) and goes when it goes. None: made by a key with neither,
+    # a login, the gateway, for its own user, or before bkg kept the link
+    maker_id: str | None = None
     tokens: float = field(default=0.0, repr=False)
     refilled: float = field(default=0.0, repr=False)
     flushed: float = field(default=0.0, repr=False)
@@ -56,6 +60,7 @@ class KeyRecord:
             "scopes": list(self.scopes),
             "follows_role": bool(self.follows_role),
             "parent_id": self.parent_id,
+            "maker_id": self.maker_id,
             "rate_limit_per_min": self.rate_limit_per_min,
             "created_at": iso(self.created_at),
             "expires_at": iso(self.expires_at),

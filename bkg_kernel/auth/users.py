@@ -283,7 +283,7 @@ class Users(AuthBase):
             if by is not None:
                 self._keeps_an_admin(u, deleted=True)
             for k in [k for k in self.keys.values() if k.user_id == u["id"]]:
-                with contextlib.suppress(NotFound):  # gone already with a key it derives from
+                with contextlib.suppress(NotFound):  # gone already with a key whose bounds held it
                     self.revoke_key(k.id, actor=actor)  # managing u covers their keys: all within u's role
             self._end_sessions(u["id"])
             self.con.execute("DELETE FROM users WHERE id = ?", [u["id"]])
