@@ -103,7 +103,7 @@ def _ops(node: Any) -> set[str]:
         ({"year": {"$gt": [1]}}, "filter.year.$gt", "numbers or strings"),
         ({"lang": {"$in": "en"}}, "filter.lang.$in", "list of values"),
         ({"tags": {"$contains": ["a"]}}, "filter.tags.$contains", "string, number or boolean"),
-        ({"bad name'": 1}, "filter.bad name'", "bad field name"),
+        ({"bad..name'": 1}, "filter.bad..name'", "bad field name"),  # any key may be named, but not an empty one
         ({"lang": {"x": 1}}, "filter.lang", "operators"),
         ({"lang": [1, 2]}, "filter.lang", "can only compare"),
     ],

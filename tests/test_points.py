@@ -289,7 +289,8 @@ def test_count_distinct_of_lists_and_objects(store: Store) -> None:
     assert c.count_distinct("tags") == 4  # a list or an object is one value
 
 
-@pytest.mark.parametrize("field", ["", "a..b", "$gt", "a b", "a\n", "x'); DROP TABLE collections; --", 5, None])
+# (any key a payload can hold can be named: "a b", "a\n" and an SQL-looking key are counted, tests/test_store_keys.py)
+@pytest.mark.parametrize("field", ["", "a..b", ".a", "a\\b", "$gt", 5, None])
 def test_count_distinct_rejects_bad_field_names(store: Store, field: object) -> None:
     c = store.create_collection("docs", dim=2)
     c.upsert(ids=[1], vectors=[[1, 1]], payloads=[{"a": 1}])

@@ -17,7 +17,7 @@ import numpy as np
 
 from bkg_kernel.errors import Conflict, InvalidInput, NotFound
 from bkg_kernel.store import ingest, search, validate
-from bkg_kernel.store.filters import FIELD, compile_filter
+from bkg_kernel.store.filters import compile_filter, field_path
 from bkg_kernel.store.fulltext import TextIndex
 from bkg_kernel.store.index import VectorIndex
 from bkg_kernel.store.ingest import UPSERT_BATCH, UpsertResult
@@ -185,22 +185,23 @@ class Collection:
     def count_distinct(self, field: str, filter: dict[str, Any] | None = None) -> int:
         """Count the distinct values of a payload field among the points (matching a filter) that have it.
 
-        `field` is a dotted path like a filter's (`"meta.source"`). Values compare as filters compare them:
-        1 and 1.0 are one value, 1 and "1" two; a missing or null field is not counted; a list or object
-        counts as one value.
+        `field` is a dotted path like a filter's (`"meta.source"`, `"a\\.b"` for the key "a.b"). Values compare as
+        filters compare them: 1 and 1.0 are one value, 1 and "1" two, 2**53 and 2**53 + 1 two; a missing or null
+        field is not counted; a list or object counts as one value.
         """
-        # the names filters take; fullmatch, as `$` alone would let a trailing newline through
-        if not isinstance(field, str) or not FIELD.fullmatch(field):
-            raise InvalidInput(f"bad field name {field!r} (letters, digits, _ and - joined by dots)", field="field")
+        path = field_path(field, "field")
         where, params = compile_filter(filter)
-        # The field is extracted once per point; numbers are keyed by their DOUBLE value, the rest by JSON text.
+        # The field is extracted once per point. A number is keyed by its integer value when it has one (a double
+        # such as 1.0 too, within 128 bits), else by its DOUBLE value; the rest by their JSON text ('"1"', 'true').
         sql = (
-            "SELECT count(DISTINCT CASE WHEN json_type(v) IN ('BIGINT','UBIGINT','DOUBLE') "
-            "THEN CAST(CAST(v AS DOUBLE) AS VARCHAR) WHEN json_type(v) <> 'NULL' THEN CAST(v AS VARCHAR) END) "
-            f"FROM (SELECT json_extract(payload, '$.{field}') AS v FROM {self.table} WHERE {where})"
+            "SELECT count(DISTINCT CASE WHEN t IN ('BIGINT','UBIGINT') THEN CAST(TRY_CAST(v AS HUGEINT) AS VARCHAR) "
+            "WHEN t = 'DOUBLE' AND d = trunc(d) AND abs(d) < 1e38 THEN CAST(TRY_CAST(d AS HUGEINT) AS VARCHAR) "
+            "WHEN t = 'DOUBLE' THEN CAST(d AS VARCHAR) WHEN t <> 'NULL' THEN CAST(v AS VARCHAR) END) "
+            "FROM (SELECT v, json_type(v) AS t, TRY_CAST(v AS DOUBLE) AS d "
+            f"FROM (SELECT json_extract(payload, ?) AS v FROM {self.table} WHERE {where}))"
         )
         with self._reading() as con:
-            return int(scalar(con, sql, params))
+            return int(scalar(con, sql, [path, *params]))
 
     def scroll(
         self,

@@ -24,6 +24,7 @@ import duckdb
 from bkg_kernel.errors import (
     AlreadyExists,
     BkgError,
+    Conflict,
     CorruptData,
     InvalidInput,
     NotFound,
@@ -116,8 +117,28 @@ def create(store: Store, coll: Collection) -> SnapshotInfo:
         with open(archive, "rb+") as fh:
             os.fsync(fh.fileno())
         final = dest / f"{snap_id}{SUFFIX}"
-        os.replace(archive, final)
+        _keep(store, coll, work, final)
     return _info(final, manifest)
+
+
+def _keep(store: Store, coll: Collection, work: Path, final: Path) -> None:
+    """Name the finished archive (`work`/archive.tar) `final`, unless its collection was dropped (or replaced by a
+    restore) while its rows were exported: then the archive goes, and the call is a 404 (a 409 when the name is in
+    use again). Kept, it would be listed as a snapshot of the name, whose restore would bring back what was
+    dropped, over a new collection of that name too. Under the store's lock: a drop comes wholly before or after."""
+    with store._mutex:  # noqa: SLF001
+        if not coll.dropped:
+            os.replace(work / "archive.tar", final)
+            return
+        shutil.rmtree(work, ignore_errors=True)  # now, not after the lock: the folder must be empty to go
+        with contextlib.suppress(OSError):  # empty only if this was the name's first snapshot: earlier ones stay
+            final.parent.rmdir()
+        taken = coll.name in store._open or (not store.closed and store._row(coll.name) is not None)  # noqa: SLF001
+    if taken:
+        raise Conflict(f"collection {coll.name!r} was dropped or replaced while its snapshot was written: no "
+                       "snapshot was kept; take it again", field="name")  # fmt: skip
+    raise NotFound(f"collection {coll.name!r} was dropped while its snapshot was written: no snapshot was kept",
+                   field="name")  # fmt: skip
 
 
 def _link(src: Path, dst: Path) -> None:
