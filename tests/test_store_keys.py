@@ -191,6 +191,15 @@ def test_in_lists_of_integers_compare_exactly(numbers: Any) -> None:
     assert numbers.count({"n": "9007199254740993"}) == 1
 
 
+def test_contains_finds_a_number_in_a_list_as_eq_matches_it(store: Store) -> None:
+    """Found by a review: `$contains` looked for the JSON number as written, so [1.0] did not contain 1, nor [1]
+    1.0, where `$eq` matches 1 and 1.0 alike."""
+    lists = [[1.0, 2], [1], [2**53 + 1], [float(2**53)], ["1"], [True], [1.5]]
+    c = _points(store, "lists", [{"tags": v} for v in lists])
+    for probe, want in [(1, [0, 1]), (1.0, [0, 1]), (2**53, [3]), (2**53 + 1, [2]), (1.5, [6]), (True, [5])]:
+        assert sorted(p.id for p in c.scroll({"tags": {"$contains": probe}}, limit=100)) == want, probe
+
+
 def test_integers_past_a_double_are_counted_apart(store: Store) -> None:
     values = [BIG, BIG + 1, float(BIG), 1, 1.0, -0.0, 0, 1.5, "1", 2**64 - 1, 2**64 - 2]
     c = _points(store, "distinct", [{"n": v} for v in values])

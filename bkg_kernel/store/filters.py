@@ -182,10 +182,18 @@ class _Compiler:
         if op == "$contains":
             if not _is_scalar(value) or value is None:
                 raise InvalidInput(f"$contains takes a string, number or boolean, got {_json_type(value)}", field=where)
-            in_array = (
-                f"({self.type_at(path)} = 'ARRAY' AND json_contains(json_extract({self.col}, {self.bind(path)}), "
-                f"CAST({self.bind(json.dumps(value))} AS JSON)))"
+            # a number is looked for as each JSON number equal to it (json_contains tells 1 from 1.0), as `$eq`
+            # matches them: an integer that is a double too, also as that double
+            needles = [json.dumps(value)]
+            if _is_number(value) and float(value).is_integer() and -_HUGEINT <= value < _HUGEINT:
+                n = int(value)
+                needles = [json.dumps(n)] + ([json.dumps(float(n))] if float(n) == n else [])
+            is_array = f"{self.type_at(path)} = 'ARRAY'"  # bound first: the SQL holds it first
+            contained = " OR ".join(
+                f"json_contains(json_extract({self.col}, {self.bind(path)}), CAST({self.bind(x)} AS JSON))"
+                for x in needles
             )
+            in_array = f"({is_array} AND ({contained}))"
             if isinstance(value, str):
                 in_string = (
                     f"({self.type_at(path)} = 'VARCHAR' AND "
