@@ -79,8 +79,8 @@ def test_highlights_in_chinese_japanese_and_korean() -> None:
     marked = [text[a:b] for a, b in highlights("機械学習 python", text)]
     assert marked == ["Python", "機械学習", "機械", "学習"]  # the pairs of a run mark it whole
     assert [text[a:b] for a, b in highlights("猫", text)] == ["猫"]
-    dotted = "İstanbul 猫 학습"  # "İ" lowers to two characters: the fallback that walks words
-    assert [dotted[a:b] for a, b in highlights("학습 猫 istanbul", dotted)] == ["猫", "학습"]
+    dotted = "İstanbul 猫 학습"  # "İ" lowers to two characters; full text folds it to "istanbul", and marks it
+    assert [dotted[a:b] for a, b in highlights("학습 猫 istanbul", dotted)] == ["İstanbul", "猫", "학습"]
 
 
 def test_index_query_ask_stats(bgw: Gateway) -> None:

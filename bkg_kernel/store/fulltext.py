@@ -23,6 +23,7 @@ dropping dead positions as they go.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import io
 import json
@@ -102,6 +103,82 @@ def _cjk_words(text: str, query: bool) -> list[str]:
         pairs = [run[i : i + 2] for i in range(len(run) - 1)]
         out += pairs if query and pairs else [*run, *pairs]
     return out
+
+
+# Runs of the characters `words` may fold: neither ASCII nor Chinese, Japanese or Korean letters (split, not folded),
+# at most 32 at a time (a text without spaces, in Thai say, would fill the cache with long runs)
+_FOLDABLE = re.compile(f"([^\\x00-\\x7f{CJK_LETTER[1:-1]}]{{1,32}})")
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _fold_char(ch: str) -> str:
+    """One character as `words` folds it; lower-cased already if lower case would change the length of its fold."""
+    f = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c)).translate(_UNDECOMPOSED)
+    return f.lower() if len(f.lower()) != len(f) else f
+
+
+@functools.lru_cache(maxsize=1 << 13)
+def _fold_run(run: str) -> tuple[str, tuple[int, ...] | None]:
+    """A run of `_FOLDABLE` characters folded, and how many characters each became (None: one each)."""
+    parts = list(map(_fold_char, run))
+    sizes = tuple(map(len, parts))
+    return "".join(parts), None if sizes.count(1) == len(sizes) else sizes
+
+
+class Unfold:
+    """Where the spans of a folded text lie in the text it was folded from: its steps are the characters that
+    folded to another length ("ß": "ss", "…": "...", a combining accent: nothing)."""
+
+    __slots__ = ("_at", "_ends", "_gone", "_starts")
+
+    def __init__(self, steps: list[tuple[int, int, int]]) -> None:  # (index in the text, in the folded text, size)
+        self._at = [i for i, _, _ in steps]
+        self._starts = [f for _, f, _ in steps]
+        self._ends = [f + n for _, f, n in steps]
+        self._gone = {i for i, _, n in steps if n == 0}
+
+    def _index(self, p: int) -> int:
+        """The index in the text of the character that folded character p came from."""
+        k = bisect.bisect_right(self._starts, p) - 1
+        if k < 0:
+            return p
+        return self._at[k] if p < self._ends[k] else self._at[k] + 1 + p - self._ends[k]
+
+    def __call__(self, a: int, b: int) -> list[int]:
+        """The span of the text that folded span [a, b) (not empty) came from, with the accents after it."""
+        end = self._index(b - 1) + 1
+        while end in self._gone:
+            end += 1
+        return [self._index(a), end]
+
+
+def folded(text: str) -> tuple[str, Unfold | None]:
+    """Fold and lower-case a text as `words` does before splitting it, character for character (Chinese, Japanese
+    and Korean letters as they stand), and say where its spans lie in the text (None: where they stand)."""
+    parts = _FOLDABLE.split(text)  # ASCII (and CJK), a run to fold, ASCII, ...
+    runs = parts[1::2]
+    if not runs:  # no character to fold (CJK letters and ASCII)
+        return text.lower(), None
+    folds, sizes = zip(*map(_fold_run, runs), strict=True)
+    parts[1::2] = folds
+    low = "".join(parts).lower()  # as long as the text folded: no folded character changes length in lower case
+    if not any(sizes):
+        return low, None
+    steps: list[tuple[int, int, int]] = []
+    at = fat = 0  # where a part starts in the text, in the folded text
+    for n, run in enumerate(runs):
+        at += len(parts[2 * n])
+        fat += len(parts[2 * n])
+        if sizes[n] is None:
+            at += len(run)
+            fat += len(run)
+            continue
+        for size in sizes[n]:
+            if size != 1:
+                steps.append((at, fat, size))
+            at += 1
+            fat += size
+    return low, Unfold(steps)
 
 
 _STEMMERS = threading.local()  # a PyStemmer stemmer keeps state: one per thread
