@@ -30,6 +30,7 @@ from bkg_kernel.models.classifier import Classifier
 from bkg_kernel.models.classifier import train_in_child as fit_classifier
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
 from bkg_kernel.models.registry import ID_PATTERN, ModelRegistry, check_id, slug
+from bkg_kernel.namedlocks import NamedLocks
 from bkg_kernel.runtime.contract import JSONResult, Plugin, PluginSettings, Progress, capability
 from bkg_kernel.runtime.storehandle import StoreHandle
 from bkg_kernel.store.fulltext import CJK_LETTER, cjk, folded, term, words
@@ -304,7 +305,7 @@ class BrainML(Plugin):
                 statefiles.set_aside(self.state_path, exc.message)
         self.lock = threading.Lock()
         # brainml runs inline: every call into it is a thread of the gateway process, so threading locks suffice
-        self.writers: dict[str, threading.Lock] = {}
+        self.writers = NamedLocks()  # a collection's index writes, one call at a time
         self.saved_at = 0.0
         self.classifiers: OrderedDict[tuple[str, str], Classifier] = OrderedDict()
 
@@ -326,11 +327,6 @@ class BrainML(Plugin):
     def stop(self) -> None:
         with self.lock:
             self._save()
-
-    def _writing(self, collection: str) -> threading.Lock:
-        """Return the lock of a collection's index writes (one per name: collections are few)."""
-        with self.lock:
-            return self.writers.setdefault(collection, threading.Lock())
 
     def _collection(self, name: str, create: bool) -> dict[str, Any]:
         try:
@@ -382,7 +378,7 @@ class BrainML(Plugin):
         # One writer per collection from the count to the delete. Interleaved, two calls re-indexing a document cut
         # it short (V2 upserts, V1 upserts and deletes, V2 deletes V1's chunks past V2's last), or mixed versions (a
         # count of no earlier version, taken before the other call's upsert, skipped the delete).
-        with self._writing(inp.collection):
+        with self.writers.hold(inp.collection):
             replaced = self.store.count_distinct(inp.collection, "doc_id", {"doc_id": {"$in": ids}}) if ids else 0
             # new chunks first (same ids replace old ones), then the old version's surplus chunks
             for a in range(0, len(points), INDEX_BATCH):

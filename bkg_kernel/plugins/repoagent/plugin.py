@@ -496,15 +496,15 @@ class RepoAgent(Indexing, Plugin):
             if not targets:
                 raise NotFound(f"no symbol {inp.symbol!r} in the index", field="symbol")
             targets = [t for t in targets if t["path"] == targets[0]["path"]][:1]
-        docs_lock = self._named_lock(f"docs:{ws.name}")
-        if not docs_lock.acquire(blocking=False):  # one at a time: each rewrites the docs folder's cache
+        docs = f"docs:{ws.name}"
+        if not self.index_locks.acquire(docs, blocking=False):  # one at a time: each rewrites the docs folder's cache
             progress(0.0, f"waiting for another repo.document of {ws.name} to finish")
-            docs_lock.acquire()
+            self.index_locks.acquire(docs)
         try:
             out = answers.document(
                 ws.path, idx, targets, self._dir(ws) / "docs", lambda m, n: self._chat(m, n, "repo.document"),
                 self.settings.doc_max_tokens, inp.force, progress,
             )  # fmt: skip
         finally:
-            docs_lock.release()
+            self.index_locks.release(docs)
         return Result(workspace=ws.name, **out)

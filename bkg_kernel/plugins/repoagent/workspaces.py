@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from bkg_kernel import statefiles
 from bkg_kernel.errors import AlreadyExists, Conflict, CorruptData, Forbidden, NotFound, expand_home
 from bkg_kernel.models.registry import ModelRegistry
+from bkg_kernel.namedlocks import NamedLocks
 from bkg_kernel.plugins.repoagent.codeindex import CodeIndex
 from bkg_kernel.plugins.repoagent.schemas import RepoSettings, Result
 from bkg_kernel.plugins.repoagent.workspace import Ignore, Workspace, is_git_dir, list_files
@@ -46,7 +47,7 @@ class Workspaces:
         self.home = self.context.work_dir
         self.registry_path = self.home / "workspaces.json"
         self.lock = threading.RLock()
-        self.index_locks: dict[str, threading.Lock] = {}
+        self.index_locks = NamedLocks()  # a workspace's index and commit runs, and its docs runs (`docs:<name>`)
         self.indexes: dict[str, CodeIndex] = {}
         self.workspaces: dict[str, Workspace] = {}
         statefiles.sweep(self.registry_path)
@@ -131,8 +132,7 @@ class Workspaces:
     def _remove(self, ws: Workspace) -> Result:
         """Drop the workspace's collection and state; its files stay. 409 while a repo.index or repo.commit holds
         it: an index run would make the collection again after the drop and save its index for a name now free."""
-        lock = self._index_lock(ws)
-        if not lock.acquire(blocking=False):
+        if not self.index_locks.acquire(ws.name, blocking=False):
             raise Conflict(f"workspace {ws.name!r} is being indexed (or committed): remove it when that ends (a "
                            "repo.index job can be cancelled)", field="name")  # fmt: skip
         try:
@@ -147,7 +147,7 @@ class Workspaces:
                 self._save()
                 aside = self._set_aside(ws)
         finally:
-            lock.release()
+            self.index_locks.release(ws.name)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
         return Result(removed=ws.name, path=str(ws.path), files_kept=True)
@@ -185,12 +185,9 @@ class Workspaces:
             shutil.rmtree(aside, ignore_errors=True)
         return Result(**ws.to_dict())
 
-    def _index_lock(self, ws: Workspace) -> threading.Lock:
-        return self._named_lock(ws.name)
-
-    def _named_lock(self, name: str) -> threading.Lock:
-        with self.lock:
-            return self.index_locks.setdefault(name, threading.Lock())
+    def _index_lock(self, ws: Workspace) -> contextlib.AbstractContextManager[None]:
+        """Hold the workspace's index lock for a `with` block (a repo.index or a repo.commit)."""
+        return self.index_locks.hold(ws.name)
 
     def _owns_collection(self, ws: Workspace) -> bool:
         """Whether `repo-<name>` is the one repoagent made for this workspace, or indexed into before it noted so (an

@@ -5,13 +5,13 @@ their collections scopes apply)."""
 from __future__ import annotations
 
 import contextlib
-import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from bkg_kernel.errors import AlreadyExists, Conflict, InvalidInput, NotFound
+from bkg_kernel.namedlocks import NamedLocks
 from bkg_kernel.runtime.storehandle import StoreHandle
 from bkg_kernel.store import validate
 
@@ -21,14 +21,12 @@ GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,57}$"
 
 # rustyface serves every call from one worker process (a thread each, up to max_concurrent): a lock per gallery
 # in that process keeps one gallery's writes apart.
-_WRITERS: dict[str, threading.Lock] = {}
-_WRITERS_GUARD = threading.Lock()
+_WRITERS = NamedLocks()
 
 
-def writing(collection: str) -> threading.Lock:
-    """Return the lock of a gallery's writes (one per collection name: galleries are few)."""
-    with _WRITERS_GUARD:
-        return _WRITERS.setdefault(collection, threading.Lock())
+def writing(collection: str) -> contextlib.AbstractContextManager[None]:
+    """Hold the lock of a gallery's writes for a `with` block."""
+    return _WRITERS.hold(collection)
 
 
 class Galleries:
