@@ -72,3 +72,21 @@ def test_the_crash_restart_itself_still_fires(tmp_path: Path) -> None:
         time.sleep(0.01)
     assert h.state == "running"
     h.stop()
+
+
+def test_a_watch_tick_while_a_new_restart_time_is_stored_keeps_it(tmp_path: Path) -> None:
+    """Found by a review: the new time went into the supervisor's map before the host's, so a watch tick between
+    the two stores (after a failed supervised start, whose `start()` had cleared the host's) took it for one voided
+    by hand and dropped it: the plugin stayed in error, saying "next in 2s", for good."""
+    sup = Supervisor(tmp_path, lambda *a: None, discovered={"plain": Discovered("plain", "test", _Plain)})
+    h = sup.hosts["plain"]
+
+    class _TickingMap(dict[str, float]):
+        def __setitem__(self, key: str, value: float) -> None:
+            super().__setitem__(key, value)
+            sup._check(h, time.monotonic())  # noqa: SLF001 - the watch thread's tick, right then
+
+    sup._restart_at = _TickingMap()  # noqa: SLF001
+    h.want_running, h.state, h.restart_at = True, "error", None  # as a failed supervised start leaves it
+    sup._schedule_restart(h, time.monotonic())  # noqa: SLF001
+    assert h.restart_at is not None and sup._restart_at.get("plain") == h.restart_at  # noqa: SLF001

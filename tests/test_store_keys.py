@@ -196,8 +196,16 @@ def test_contains_finds_a_number_in_a_list_as_eq_matches_it(store: Store) -> Non
     1.0, where `$eq` matches 1 and 1.0 alike."""
     lists = [[1.0, 2], [1], [2**53 + 1], [float(2**53)], ["1"], [True], [1.5]]
     c = _points(store, "lists", [{"tags": v} for v in lists])
-    for probe, want in [(1, [0, 1]), (1.0, [0, 1]), (2**53, [3]), (2**53 + 1, [2]), (1.5, [6]), (True, [5])]:
+    lists += [[-0.0], [0], [float(2**200)]]
+    c = _points(store, "lists2", [{"tags": v} for v in lists])
+    cases = [(1, [0, 1]), (1.0, [0, 1]), (2**53, [3]), (2**53 + 1, [2]), (1.5, [6]), (True, [5]), (0, [7, 8]),
+             (-0.0, [7, 8]), (2**200, [9])]  # fmt: skip
+    for probe, want in cases:
         assert sorted(p.id for p in c.scroll({"tags": {"$contains": probe}}, limit=100)) == want, probe
+        assert c.count({"tags": {"$eq": probe}}) == 0  # (a list is not a number)
+    with pytest.raises(InvalidInput) as err:  # past any double: a 422 as with $eq, not an OverflowError
+        c.count({"tags": {"$contains": 10**400}})
+    assert err.value.field == "filter.tags.$contains"
 
 
 def test_integers_past_a_double_are_counted_apart(store: Store) -> None:

@@ -239,7 +239,8 @@ class Supervisor:
         """Set `h`'s next restart one backoff step (doubled, at most `BACKOFF_MAX_S`) after `now`; return the step."""
         delay = min(self._backoff.get(h.id, 0.5) * 2, BACKOFF_MAX_S)
         self._backoff[h.id] = delay
-        self._restart_at[h.id] = h.restart_at = now + delay  # (the host tells callers when to retry)
+        # the host's first: a watch tick between the two must not take the new time for one a hand voided
+        h.restart_at = self._restart_at[h.id] = now + delay  # (the host tells callers when to retry)
         return delay
 
     def _restart_in_background(self, h: PluginHost, stop_timeout: float = 10.0) -> None:

@@ -17,6 +17,7 @@ Semantics follow MongoDB / Qdrant where they agree:
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from bkg_kernel.errors import InvalidInput, is_utf8
@@ -182,12 +183,7 @@ class _Compiler:
         if op == "$contains":
             if not _is_scalar(value) or value is None:
                 raise InvalidInput(f"$contains takes a string, number or boolean, got {_json_type(value)}", field=where)
-            # a number is looked for as each JSON number equal to it (json_contains tells 1 from 1.0), as `$eq`
-            # matches them: an integer that is a double too, also as that double
-            needles = [json.dumps(value)]
-            if _is_number(value) and float(value).is_integer() and -_HUGEINT <= value < _HUGEINT:
-                n = int(value)
-                needles = [json.dumps(n)] + ([json.dumps(float(n))] if float(n) == n else [])
+            needles = _json_forms(value, where)
             is_array = f"{self.type_at(path)} = 'ARRAY'"  # bound first: the SQL holds it first
             contained = " OR ".join(
                 f"json_contains(json_extract({self.col}, {self.bind(path)}), CAST({self.bind(x)} AS JSON))"
@@ -281,6 +277,25 @@ def _scalar(value: Any, where: str) -> tuple[str, Any]:
     if isinstance(value, str):
         return "string", value
     raise InvalidInput(f"can only compare with a string, number, boolean or null, got {_json_type(value)}", field=where)
+
+
+def _json_forms(value: Any, where: str) -> list[str]:
+    """The JSON texts `$contains` looks for in a list: a number as each JSON number `$eq` finds equal to it
+    (json_contains tells 1 from 1.0 and 0 from -0.0), anything else as itself."""
+    if not _is_number(value):
+        return [json.dumps(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidInput(f"$contains takes a finite number, got {value}", field=where)
+    if isinstance(value, float) and not value.is_integer():
+        return [json.dumps(value)]
+    n = int(value)
+    forms = [json.dumps(n)]
+    as_double = _double(n, where)  # past any double: the 422 `$eq` gives too
+    if as_double == n:
+        forms.append(json.dumps(as_double))
+    if n == 0:
+        forms.append("-0.0")
+    return forms
 
 
 def _as_double(cmp: str, n: int) -> tuple[str, float]:
