@@ -365,7 +365,8 @@ class PluginHost:
         q: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
 
         def sink(item: tuple[Any, ...]) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody reads this stream any more
+                loop.call_soon_threadsafe(q.put_nowait, item)
 
         t0 = time.perf_counter()
         tel.begin()
@@ -378,8 +379,8 @@ class PluginHost:
             if worker is not None:
                 req_id = worker.open_stream(capability_id, data, caller, sink, hold.drop)
                 opened = True
-            elif (plugin := self._inline.take()) is not None:
-                ended = self._inline.streaming(cancelled)
+            elif (taken := self._inline.take_stream(cancelled)) is not None:
+                plugin, ended = taken
 
                 def done() -> None:
                     ended()

@@ -54,7 +54,7 @@ class InlineWork:
     ends (`done`)."""
 
     def __init__(self) -> None:
-        self._cv = threading.Condition()
+        self._cv = threading.Condition(threading.RLock())  # `take_stream` takes it and calls `take`
         self.plugin: Plugin | None = None
         self.running = 0
         self._streams: set[threading.Event] = set()
@@ -71,9 +71,13 @@ class InlineWork:
             self.running -= 1
             self._cv.notify_all()
 
-    def streaming(self, cancelled: threading.Event) -> Callable[[], None]:
-        """Count a stream taken with `take` as one a stop cancels (`cancelled` is set then); return its `done`."""
+    def take_stream(self, cancelled: threading.Event) -> tuple[Plugin, Callable[[], None]] | None:
+        """`take` for a stream, which a stop cancels (sets `cancelled`) if it outlives the drain; the instance and the
+        stream's `done` (None: stopped or stopping). One step: a stop cannot come between the two and miss it."""
         with self._cv:
+            plugin = self.take()
+            if plugin is None:
+                return None
             self._streams.add(cancelled)
 
         def ended() -> None:
@@ -81,7 +85,7 @@ class InlineWork:
                 self._streams.discard(cancelled)
             self.done()
 
-        return ended
+        return plugin, ended
 
     def release(self, timeout: float) -> Plugin | None:
         """Take the instance away from new work, then wait up to `timeout` seconds for the work on it to end, and
