@@ -109,6 +109,38 @@ def test_a_chain_of_keys_made_for_others_stays_within_the_first_delegates_bounds
     assert {revoked[k["id"]]["derived_from"] for k in (kb, kc1, kc2, own)} == {dk["id"]}
 
 
+def test_a_key_made_by_a_bounded_delegate_waits_while_the_delegate_s_user_is_disabled_and_narrows_with_it(
+    auth: AuthService,
+) -> None:
+    """Found by the review of the link: disabling the delegate's user (the usual answer to a leaked key) stopped
+    the delegate's own key but not what it had made for others, and a delegate's user who lost rights left the keys
+    it had made holding them. A key made within a delegate's bounds now acts within what that delegate's key holds
+    now: none of it while its user is disabled (back once enabled), its scopes narrowed with it."""
+    admin = auth.authenticate(ADMIN_KEY, metered=False)
+    ops = auth.create_user("ops", "admin", by=admin)
+    dev = auth.create_user("dev", "developer", by=admin)
+    dk, dtoken = auth.create_key(ops["id"], "ops, for an hour", expires_at=_soon(), by=admin)
+    delegate = auth.authenticate(dtoken, metered=False)
+    made, token = auth.create_key(dev["id"], "for dev", scopes=["jobs:run", "collections:write"], by=delegate)
+    assert made["maker_id"] == dk["id"]
+    assert {"jobs:run", "collections:write"} <= auth.authenticate(token).scopes
+    derived, dtok2 = auth.create_key(dev["id"], "dev's own, from it", by=auth.authenticate(token, metered=False))
+    assert derived["parent_id"] == made["id"]
+
+    auth.update_user(ops["id"], disabled=True, by=admin)
+    for t in (token, dtok2):  # the key made for dev, and what dev derived from it
+        with pytest.raises(Unauthorized, match="disabled"):
+            auth.authenticate(t)
+    assert auth.live_key_scopes(made["id"]) is None  # a call under way stops acting for dev too (`as_now`)
+    auth.update_user(ops["id"], disabled=False, by=admin)
+    assert "jobs:run" in auth.authenticate(token).scopes
+
+    auth.update_user(ops["id"], role="viewer", by=admin)  # the delegate's user loses jobs:run and writes
+    assert auth.authenticate(token).scopes == frozenset() and auth.authenticate(dtok2).scopes == frozenset()
+    unbounded, utoken = auth.create_key(dev["id"], "by the admin", scopes=["jobs:run"], by=admin)
+    assert unbounded["maker_id"] is None and auth.authenticate(utoken).scopes == {"jobs:run"}  # stands alone
+
+
 def test_the_link_survives_a_restart(tmp_path: Path) -> None:
     store = Store(tmp_path / "data")
     auth = AuthService(store)

@@ -259,9 +259,10 @@ class ApiKeys(AuthBase):
         return None if rec.expires_at is not None and rec.expires_at <= _now() else rec
 
     def live_key_scopes(self, key_id: str) -> frozenset[str] | None:
-        """The scopes key `key_id` holds now; None once it is revoked (or gone) or has expired."""
+        """The scopes key `key_id` acts with now (`acting_scopes`); None once it is revoked (or gone) or has expired,
+        or while the user of a bounded delegate that made it is disabled."""
         rec = self.live_key(key_id)
-        return None if rec is None else self.key_scopes(rec)
+        return None if rec is None else self.acting_scopes(rec)
 
     def _rate(self, rec: KeyRecord) -> None:
         """Count a request against key `rec`'s rate limit and those of every key whose bounds hold it (`_upstream`:

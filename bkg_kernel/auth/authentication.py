@@ -36,12 +36,15 @@ class Authentication(AuthBase):
         user = self.users.get(rec.user_id)
         if user is None or user["disabled"]:
             raise Unauthorized("the key's user is disabled or deleted")
+        scopes = self.acting_scopes(rec)
+        if scopes is None:
+            raise Unauthorized(f"API key {rec.id} was made by a bounded key whose user is disabled or deleted")
         if metered:
             self._rate(rec)
             rec.last_used_at = now
             if time.monotonic() - rec.flushed > 60:
                 self._flush(rec)
-        return Principal(user["id"], user["username"], user["role"], self.key_scopes(rec), rec.id, "key")
+        return Principal(user["id"], user["username"], user["role"], scopes, rec.id, "key")
 
     def as_now(self, p: Principal) -> Principal:
         """The caller of a call that began earlier (a queued plugin job, a long one reaching the store), as they are

@@ -139,6 +139,23 @@ class AuthBase:
         role = frozenset(self.roles.get(user["role"], ())) if user else frozenset()
         return role if rec.follows_role else frozenset(rec.scopes) & role
 
+    def acting_scopes(self, rec: KeyRecord) -> frozenset[str] | None:
+        """The scopes key `rec` acts with now: `key_scopes`, within those of every key of another user whose bounds
+        hold it (the bounded delegate that made it for its user, and that key's own chain), as they hold them now;
+        None while such a key's user is disabled or deleted (the key made within its bounds waits with it, and works
+        again if that user is enabled again; revoking the maker revokes it)."""
+        scopes = self.key_scopes(rec)
+        if rec.maker_id is None and rec.parent_id is None:  # most keys: nothing above them
+            return scopes
+        for k in self._upstream(rec)[1:]:
+            if k.user_id == rec.user_id:
+                continue  # its own user's keys: what it derives from holds no other user's rights
+            maker = self.users.get(k.user_id)
+            if maker is None or maker["disabled"]:
+                return None
+            scopes &= self.key_scopes(k)
+        return scopes
+
     def _check_scopes(
         self, scopes: Any, allowed: tuple[str, ...], field: str, owner: dict[str, Any] | None = None
     ) -> None:
