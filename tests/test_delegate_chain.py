@@ -141,6 +141,29 @@ def test_a_key_made_by_a_bounded_delegate_waits_while_the_delegate_s_user_is_dis
     assert unbounded["maker_id"] is None and auth.authenticate(utoken).scopes == {"jobs:run"}  # stands alone
 
 
+def test_a_bounded_delegate_gives_no_role_and_no_role_scopes_that_outlive_it(auth: AuthService) -> None:
+    """Found by the review of the link: a 1-hour key holding every scope could not set a password for someone (a
+    login outlives it) but could make their role admin, or add scopes to their role, for good: the same lasting
+    grant through the role. Now refused (403) to a key that expires or is rate-limited; taking rights away, and
+    the same changes through an unbounded credential, are as before."""
+    admin = auth.authenticate(ADMIN_KEY, metered=False)
+    bob = auth.create_user("bob", "developer", by=admin)
+    auth.create_role("helpers", ["plugins:read"], by=admin)
+    _, delegate = _delegate(auth, expires_at=_soon())
+    with pytest.raises(Forbidden, match="for good") as err:
+        auth.update_user(bob["id"], role="admin", by=delegate)
+    assert err.value.field == "role" and auth.user(bob["id"])["role"] == "developer"
+    with pytest.raises(Forbidden, match="for good") as err:
+        auth.update_role("helpers", scopes=["plugins:read", "admin:users"], by=delegate)
+    assert err.value.field == "scopes" and auth.roles["helpers"] == ["plugins:read"]
+    assert auth.update_user(bob["id"], role="viewer", by=delegate)["role"] == "viewer"  # fewer rights: fine
+    assert auth.update_role("helpers", scopes=[], by=delegate)["scopes"] == []
+    _, limited = _delegate(auth, rate_limit_per_min=1000)
+    with pytest.raises(Forbidden):
+        auth.update_user(bob["id"], role="developer", by=limited)
+    assert auth.update_user(bob["id"], role="admin", by=admin)["role"] == "admin"  # the admin key: as before
+
+
 def test_the_link_survives_a_restart(tmp_path: Path) -> None:
     store = Store(tmp_path / "data")
     auth = AuthService(store)

@@ -108,6 +108,16 @@ class AuthBase:
         rec = self.key_ids.get(by.key_id)
         return rec is None or rec.expires_at is not None or rec.rate_limit_per_min is not None
 
+    def _no_lasting_gain(self, by: Principal | None, gained: set[str], what: str, field: str) -> None:
+        """403 when a key that expires or is rate-limited would give `gained` scopes through a role (`what`): a role
+        outlives every key, so its holders' logins and the keys that follow it would keep them for good, as a
+        password set for someone would (refused the same way)."""
+        if by is None or not gained or not self._bounded(by):
+            return
+        raise Forbidden(f"{what} gives {', '.join(sorted(gained))} for good, and the key asking expires or is "
+                        "rate-limited: use a login session or a key with no expiry and no rate limit",
+                        field=field)  # fmt: skip
+
     def _upstream(self, rec: KeyRecord, limited: bool = False) -> list[KeyRecord]:
         """The keys whose bounds hold key `rec`: itself, every key it derives from (`parent_id`) and every key that
         made one of them for its user (`maker_id`), however deep, each once, `rec` first. A key revoked (or

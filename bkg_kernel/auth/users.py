@@ -70,6 +70,7 @@ class Users(AuthBase):
             if scopes is not None:
                 self._check_scopes(scopes, SCOPES, "scopes")
                 self._grantable(by, scopes, f"giving role {name!r} these scopes", "scopes")
+                self._no_lasting_gain(by, set(scopes) - set(self.roles[name]), f"editing role {name!r}", "scopes")
             if by is not None and scopes is not None and not self._an_admin_remains({**self.roles, name: list(scopes)}):
                 raise Conflict(f"after this change no enabled user would hold the admin role's scopes (role {name!r} "
                                "gives them to the last ones)", field="scopes")  # fmt: skip
@@ -204,6 +205,8 @@ class Users(AuthBase):
             self._may_set_password(by, u["id"], u["username"])
         if role is not None:
             self._givable(by, role)
+            gained = set(self.roles[role]) - set(self.roles.get(u["role"], ()))
+            self._no_lasting_gain(by, gained, f"giving {u['username']!r} role {role!r}", "role")
         if by is not None and by.user_id == u["id"] and (disabled or (role is not None and role != u["role"])):
             raise InvalidInput("you cannot disable yourself or change your own role: another admin can",
                                field="disabled" if disabled else "role")  # fmt: skip
