@@ -19,10 +19,11 @@ def whole_floats_only(exc: ValidationError) -> bool:
     )
 
 
-class StrictBody(BaseModel):
-    """A request body: unknown fields refused, types as JSON Schema reads them (see the module)."""
+class StrictTypes(BaseModel):
+    """A request body whose types are read as JSON Schema reads them (see the module); unknown fields kept (an
+    OpenAI-shaped body: clients send fields bkg does not use, `user`, `n`, `logprobs`)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # JSON has no NaN, no Infinity
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)  # JSON has no NaN, no Infinity
 
     @model_validator(mode="wrap")
     @classmethod
@@ -33,3 +34,9 @@ class StrictBody(BaseModel):
             if whole_floats_only(exc):
                 return cls.model_validate(data, strict=False)
             raise
+
+
+class StrictBody(StrictTypes):
+    """A request body: unknown fields refused, types as JSON Schema reads them (see the module)."""
+
+    model_config = ConfigDict(extra="forbid")

@@ -62,6 +62,32 @@ def test_a_body_nested_too_deeply_is_openai_s_400_naming_the_body(gw: Gateway) -
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
 
 
+def test_v1_reads_types_as_openai_does(gw: Gateway) -> None:
+    """Found by a new user's trial: `/v1` took `"max_tokens": true` as 1, `"5"` as 5, `"stream": "yes"` as a
+    stream and `"dimensions": "3"` as 3 (pydantic's lax mode), where the rest of the gateway and OpenAI's API
+    refuse them; now a 400 `invalid_request_error` naming the field. A whole number written 5.0 is still 5, an
+    integer is a number, and fields bkg does not use (`user`, `n`) are still taken."""
+    refused = [
+        ("/v1/chat/completions", {"messages": HI, "max_tokens": True}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": HI, "max_tokens": "5"}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": HI, "max_tokens": 1, "temperature": "0.5"}, "temperature"),
+        ("/v1/chat/completions", {"messages": HI, "max_tokens": 1, "stream": "yes"}, "stream"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "seed": True}, "seed"),
+        ("/v1/embeddings", {"input": "hi", "dimensions": "3"}, "dimensions"),
+    ]
+    with gw.client() as c:
+        for path, body, field in refused:
+            r = c.post(path, json=body)
+            assert r.status_code == 400, (body, r.text[:300])
+            err = r.json()["error"]
+            assert (err["type"], field) == ("invalid_request_error", err["param"].split(".")[-1]), err
+        r = c.post(
+            "/v1/chat/completions", json={"messages": HI, "max_tokens": 2.0, "temperature": 0, "user": "u", "n": 1}
+        )
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["usage"]["completion_tokens"] <= 2
+
+
 def test_a_streamed_completion_echoes_the_prompt_as_the_whole_one_does(gw: Gateway) -> None:
     body = {"model": MODEL, "prompt": "1, 2, 3, 4,", "max_tokens": 4, "temperature": 0, "seed": 1, "echo": True}
     with gw.client() as c:

@@ -6,6 +6,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
+from bkg_kernel.strict import StrictTypes
+
 MAX_TOKENS_CAP = 32_768
 MAX_STOPS, MAX_STOP = 16, 512  # stop strings: how many, how long
 # A text to continue or embed: an empty one is refused by the plugin with OpenAI's 400 (not pydantic's 422), and
@@ -51,11 +53,11 @@ TOOL_SCHEMA: dict[str, Any] = {
 }
 
 
-class Sampling(BaseModel):
+class Sampling(StrictTypes):
     """Sampling options shared by chat and completions."""
 
-    # OpenAI clients send fields we ignore (user, n=1, logprobs...); a number must be finite (JSON has no Infinity)
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    # OpenAI clients send fields we ignore (user, n=1, logprobs...), kept; types as OpenAI's API reads them: "5" is
+    # not the number 5 nor `true` 1 (a 400 naming the field), a number is finite (JSON has no Infinity)
     model: str | None = Field(None, description="A registered model id; default: the plugin's default model.")
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
@@ -180,12 +182,11 @@ class CompletionRequest(Sampling):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-class EmbedRequest(BaseModel):
+class EmbedRequest(StrictTypes):
     """`llm.embed` / POST /v1/embeddings."""
 
     MAX_ITEMS: ClassVar[dict[str, int]] = {"input": 2048}
     MAX_BODY_BYTES: ClassVar[int] = 2**40  # up to the gateway's max_body_mb
-    model_config = ConfigDict(extra="allow")
     model: str | None = None
     input: Text | list[Text] = Field(
         ..., description="One text or a batch of texts.", json_schema_extra={"minItems": 1, "maxItems": 2048}
