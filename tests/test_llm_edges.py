@@ -88,6 +88,19 @@ def test_v1_reads_types_as_openai_does(gw: Gateway) -> None:
         assert r.json()["usage"]["completion_tokens"] <= 2
 
 
+def test_an_unknown_or_foreign_model_says_what_llmserver_runs(gw: Gateway) -> None:
+    """Found by a new user's trial: embedding with the collection's own `candle:all-minilm-l6-v2` said "not
+    registered (known: all-minilm-l6-v2, <classifiers>...)", and the "known" id then said llmserver runs GGUF
+    models: the list named models llmserver cannot run, and nothing said where the candle one runs."""
+    with gw.client() as c:
+        r = c.post("/v1/embeddings", json={"input": "hi", "model": "candle:all-minilm-l6-v2"})
+        assert r.status_code == 400 and "/api/embed" in r.json()["error"]["message"], r.text
+        r = c.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 1, "model": "nope"})
+        err = r.json()["error"]
+        assert r.status_code == 404 and err["code"] == "model_not_found", r.text
+        assert MODEL in err["message"] and "all-minilm-l6-v2" not in err["message"]  # GGUF models only
+
+
 def test_a_streamed_completion_echoes_the_prompt_as_the_whole_one_does(gw: Gateway) -> None:
     body = {"model": MODEL, "prompt": "1, 2, 3, 4,", "max_tokens": 4, "temperature": 0, "seed": 1, "echo": True}
     with gw.client() as c:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bkg_kernel.errors import InvalidInput, ModelLoadFailed, Unavailable
+from bkg_kernel.errors import InvalidInput, ModelLoadFailed, NotFound, Unavailable
 from bkg_kernel.models.registry import ModelEntry, ModelRegistry
 
 GGUF_KINDS = ("gguf-llm", "gguf-embedding")
@@ -187,6 +187,20 @@ class ModelPool:
                 self.loading.discard(key)
             self.cond.notify_all()
 
+    def _entry(self, model_id: str) -> ModelEntry:
+        """The registry's entry of a GGUF model llmserver can run; a 404 naming only those (not every model the
+        registry holds: candle's, brainml's classifiers), and for a model spec of another runner, where it runs."""
+        runner, _, bare = model_id.partition(":")
+        if bare and runner == "candle":
+            raise InvalidInput(f"model {model_id!r} runs in candle, not llmserver: embed with it through /api/embed "
+                               f"(the model {bare!r} there), or name a GGUF model", field="model")  # fmt: skip
+        try:
+            return self.registry.get(model_id)
+        except NotFound:
+            known = ", ".join(sorted(m.id for m in self.registry.list() if m.kind in GGUF_KINDS)) or "none"
+            raise NotFound(f"model {model_id!r} is not a registered GGUF model (llmserver runs: {known})",
+                           field="model") from None  # fmt: skip
+
     def _wait_loading(self, key: tuple[str, bool]) -> None:
         while key in self.loading:  # another request is loading it: wait for that load, do not start a second
             self.cond.wait(1.0)
@@ -196,7 +210,7 @@ class ModelPool:
         file it named before it was removed and registered again is unloaded first."""
         key = (model_id, embedding)
         self._wait_loading(key)
-        entry = self.registry.get(model_id)  # after the wait: a stale read never unloads what a later one loaded
+        entry = self._entry(model_id)  # after the wait: a stale read never unloads what a later one loaded
         m = self.models.get(key)
         if m is not None and m.sha256 != entry.sha256:
             self._unload_locked(key)  # its busy slots close when their requests end
