@@ -56,6 +56,16 @@ def test_bodies_that_are_not_json_objects_are_named_and_explained(gw: Gateway) -
     r = c.post("/api/collections", json=[1, 2])
     assert r.status_code == 422 and r.json()["error"]["field"] == "body"
     assert c.get("/api/collections/x").status_code == 404  # none of them made anything
+    # a misspelt field of a body is named with what was meant, as a query parameter's is (it said "Extra inputs
+    # are not permitted"); a name like none of them lists what the body takes
+    r = c.post("/admin/keys", json={"name": "k", "rate_limit": 5})
+    err = r.json()["error"]
+    assert (
+        r.status_code == 422 and err["field"] == "rate_limit" and "did you mean 'rate_limit_per_min'" in err["message"]
+    )
+    r = c.post("/api/collections", json={"name": "y", "dim": 2, "zzz": 1})
+    assert r.status_code == 422 and "it takes" in r.json()["error"]["message"] and "dim" in r.json()["error"]["message"]
+    assert c.get("/api/collections/y").status_code == 404
 
 
 def test_methods_slashes_and_authentication_answer_as_http_says(gw: Gateway) -> None:

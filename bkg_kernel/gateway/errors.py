@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from typing import Any
@@ -10,6 +11,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from bkg_kernel.errors import BkgError, Unauthorized, openai_shaped
@@ -93,7 +95,26 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     loc = [str(p) for p in where if p not in ("body",)]
     field = ".".join(loc) or ("body" if where[:1] == ("body",) else None)  # the body as a whole: not an object
     msg = err.get("msg", "invalid request")
+    if err.get("type") == "extra_forbidden" and where[:1] == ("body",) and len(loc) == 1:
+        msg = "not a field of this body" + _hint(loc[0], _body_fields(request))
     return error_response(422, "invalid_input", f"{field}: {msg}" if field else msg, field)
+
+
+def _body_fields(request: Request) -> list[str]:
+    """The top-level field names of the body model of the route a request matched (none when it has no model)."""
+    model = getattr(getattr(getattr(request.scope.get("route"), "body_field", None), "field_info", None),
+                    "annotation", None)  # fmt: skip
+    if not isinstance(model, type) or not issubclass(model, BaseModel):
+        return []
+    return sorted(n for name, f in model.model_fields.items() for n in (name, f.alias) if isinstance(n, str))
+
+
+def _hint(name: str, names: list[str]) -> str:
+    """` (did you mean 'x'?)` for a name close to one of `names`, else ` (it takes a, b, c)`; '' with no names."""
+    if not names:
+        return ""
+    close = difflib.get_close_matches(name, names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (it takes {', '.join(dict.fromkeys(names))})"
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
