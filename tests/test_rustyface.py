@@ -221,13 +221,13 @@ def test_enroll_folder_from_the_notebook_client(fgw: Gateway, tmp_path: Path) ->
     found = wb.faces.identify("folder", a)
     assert found["faces"][0]["subject"] == "eileen"
     html = found._repr_html_()  # the photo with the face boxed and named
-    assert html.startswith("<figure><img src='data:image/png;base64,") and "eileen" in html
+    assert html.startswith("<figure><img src='data:image/jpeg;base64,") and "eileen" in html
     drawn = Image.open(io.BytesIO(base64.b64decode(html.split("base64,")[1].split("'")[0])))
     assert drawn.size[0] <= 800 and np.asarray(drawn).std() > 0
     same = wb.faces.verify(tmp_path / "eileen" / "1.jpg", np.asarray(a))
     assert same["same"] is True and "the same person" in same._repr_html_()
     seen = wb.faces.detect(a)  # the photo with each face boxed and scored
-    assert len(seen["faces"]) == 1 and seen._repr_html_().startswith("<figure><img src='data:image/png;base64,")
+    assert len(seen["faces"]) == 1 and seen._repr_html_().startswith("<figure><img src='data:image/jpeg;base64,")
     assert "face 0." in seen._repr_html_()
     again = wb.faces.enroll_folder("folder", str(tmp_path), replace=True, progress=False)  # a re-run: no duplicates
     assert again["enrolled"] == 3 and again["replaced"] == 3, again

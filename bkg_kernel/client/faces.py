@@ -204,10 +204,18 @@ class Faces:
         except BkgError as exc:
             if exc.status not in (400, 422):
                 raise
-            if len(files) == 1:
-                return 0, [{"source": sources[0], "reason": f"refused: {exc.message}"}]
+            if len(files) == 1:  # named by its file, not by its place in a batch the user never saw (images[0])
+                return 0, [{"source": sources[0], "reason": f"refused: {_unplaced(exc)}"}]
         done, refused = 0, list[dict[str, Any]]()
         for f in files:
             n, more = self._enroll_each(gallery, subject, [f])
             done, refused = done + n, refused + more
         return done, refused
+
+
+def _unplaced(exc: BkgError) -> str:
+    """The error's message without its `images[i]: ` prefix."""
+    field, message = exc.field or "", exc.message
+    if field.startswith("images[") and message.startswith(f"{field}: "):
+        return message.removeprefix(f"{field}: ")
+    return message

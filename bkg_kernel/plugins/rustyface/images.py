@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,10 @@ def decode(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
     """Decode with Pillow (EXIF orientation applied), refusing images over `max_pixels` before decoding."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    kind = "image"
     try:
         img: Any = Image.open(io.BytesIO(data))
+        kind = f"{img.format} file" if img.format else kind
         w, h = img.size
         if w * h > max_pixels:
             raise InvalidImage(
@@ -85,10 +88,23 @@ def decode(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
         rgb = np.asarray(img.convert("RGB"))
     except InvalidImage:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        # SyntaxError: Pillow's word for a malformed PNG chunk
-        raise InvalidImage(f"{field}: not a readable image ({type(exc).__name__}: {exc})", field=field) from None
+    except UnidentifiedImageError:  # its message names a BytesIO object: nothing a user can act on
+        raise InvalidImage(f"{field}: not a readable image (not a {READABLE} file)", field=field) from None
+    except Image.DecompressionBombError as exc:
+        raise InvalidImage(f"{field}: not a readable image (too many pixels: {_plain(exc)})", field=field) from None
+    except (OSError, ValueError, SyntaxError) as exc:  # SyntaxError: Pillow's word for a malformed PNG chunk
+        raise InvalidImage(f"{field}: not a readable image (a damaged {kind}: {_plain(exc)})", field=field) from None
     return np.ascontiguousarray(rgb[:, :, ::-1])  # BGR, as OpenCV and insightface expect
+
+
+READABLE = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _plain(exc: BaseException) -> str:
+    """The decoder's reason in words: object reprs (`<_io.BytesIO object at 0x...>`) left out."""
+    text = _OBJECT_REPR.sub("", str(exc)).strip().rstrip(":").strip()
+    return text or type(exc).__name__
 
 
 THUMB_PX = 72

@@ -129,7 +129,7 @@ class EnrollRequest(BaseModel):
     gallery: str = Gallery
     subject: str = Field(..., min_length=1, max_length=200)
     images: list[Annotated[str, Field(min_length=1)]] = Field(..., min_length=1, max_length=100, description=IMAGE_DOC)
-    sources: list[str] | None = Field(None, description="A name for each image (default: image[i]).")
+    sources: list[str] | None = Field(None, description="A name for each image (default: images[i]).")
     metadata: dict[str, Any] = Field(default_factory=dict)
     min_score: float = Field(0.6, ge=0, le=1)
 
@@ -264,7 +264,7 @@ class RustyFace(Plugin):
         g.require(inp.gallery)  # 404 before any work when the gallery does not exist
         faces, skipped = [], []
         for i, image in enumerate(inp.images):
-            source = inp.sources[i] if inp.sources else f"image[{i}]"
+            source = inp.sources[i] if inp.sources else f"images[{i}]"
             img = self._image(image, f"images[{i}]")
             found = self.engine.detect(img, min_score=inp.min_score)
             if not found:
