@@ -47,6 +47,12 @@ class Run(dict[str, Any]):
         """Whether the run succeeded."""
         return self.get("state") == "succeeded"
 
+    def ended(self) -> str:
+        """How the run ended, once: its state, then the error or why it ended (`failed: ValueError: boom`)."""
+        state, message = self["state"], self.get("message") or ""
+        # the gateway's message already starts with the state ("failed: ...", "cancelled"): not said twice
+        return message if message.startswith(state) else f"{state}: {message}" if message else state
+
     def _repr_html_(self) -> str:
         color = COLORS.get(self["state"], "#9a6700")
         dur = f"{self['duration_s']:.1f} s" if self.get("duration_s") is not None else ""
@@ -126,7 +132,7 @@ class Jobs:
             return run
         run = self.wait(run["id"], progress=progress)
         if raise_on_failure and not run.ok:
-            raise JobFailed(f"run {run['id']} {run['state']}: {run['message']}", state=run["state"], field="job_id")
+            raise JobFailed(f"run {run['id']} {run.ended()}", state=run["state"], field="job_id")
         return run
 
     def get(self, run_id: str) -> Run:

@@ -252,19 +252,3 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
         "duration_s": round(time.monotonic() - t0, 3),
         "output": spec["output"] if Path(spec["output"]).exists() else None,
     }
-
-
-def render_html(output: str, html: str) -> str | None:
-    """Render an output notebook to HTML next to it (nbconvert); None when it cannot be rendered."""
-    try:
-        import nbformat
-        from nbconvert import HTMLExporter
-
-        nb = nbformat.reads(Path(output).read_text(encoding="utf-8"), as_version=4)
-        body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
-        tmp = Path(html).with_suffix(".tmp")
-        tmp.write_text(body, encoding="utf-8")
-        tmp.replace(html)
-        return html
-    except Exception:
-        return None

@@ -28,6 +28,7 @@ from typing import IO, Any
 
 from bkg_kernel import kernels
 from bkg_kernel.jobs import execute
+from bkg_kernel.jobs.render import render_html
 from bkg_kernel.runtime.worker import WORKER_NICE
 
 
@@ -79,7 +80,8 @@ def _run(msg: dict[str, Any], km: Any, chan: Channel) -> threading.Thread | None
         return None
 
     def render() -> None:
-        chan.send({"event": "html", "id": msg["id"], "path": execute.render_html(outcome["output"], msg["html"])})
+        path = render_html(outcome["output"], msg["html"], msg.get("cwd"))  # its images: next to it
+        chan.send({"event": "html", "id": msg["id"], "path": path})
 
     t = threading.Thread(target=render, name="bkg-render", daemon=True)
     t.start()
