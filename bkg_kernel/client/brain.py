@@ -5,7 +5,9 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING, Any
 
+from bkg_kernel.client.jobs import when
 from bkg_kernel.display import Table, html_table
+from bkg_kernel.models.classifier import tested_labels
 
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
@@ -35,15 +37,20 @@ class Ranked(dict[str, Any]):
 
 
 class Asked(dict[str, Any]):
-    """brainml.ask's answer: the text, then the chunks it cites."""
+    """brainml.ask's answer: the text, then the chunks it was given (`sources`), those it cites as [n] marked
+    (`citations`: empty when it cites none)."""
 
     def __str__(self) -> str:
         return str(self["answer"])
 
     def _repr_html_(self) -> str:
-        rows = [(c["n"], c["doc_id"], c["id"], f"{c['score']:.4f}") for c in self["citations"]]
-        sources = html_table(["n", "document", "chunk", "score"], rows, f"sources ({self['model']})")
-        return f"<div style='white-space:pre-wrap'>{escape(str(self['answer']))}</div>{sources}"
+        given = self.get("sources", self["citations"])  # a gateway before `sources` sent every chunk as citations
+        cited = {c["n"] for c in self["citations"]}
+        rows = [(s["n"], "✓" if s["n"] in cited else "", s["doc_id"], s["id"], f"{s['score']:.4f}") for s in given]
+        said = f"cites {len(cited)} of {len(given)}" if cited else f"cites none of the {len(given)}"
+        table = html_table(["n", "cited", "document", "chunk", "score"], rows, f"the answer {said} sources "
+                           f"({self['model']})")  # fmt: skip
+        return f"<div style='white-space:pre-wrap'>{escape(str(self['answer']))}</div>{table}"
 
 
 class Stats(Table):
@@ -52,22 +59,32 @@ class Stats(Table):
     columns = ("collection", "documents", "chunks", "embed_model", "dim", "last_index", "queries", "avg_query_ms")
     caption = "brainml collections"
 
+    def cells(self, row: dict[str, Any]) -> list[Any]:
+        """Return the row's cells, the last index time in UTC (the row keeps its epoch seconds)."""
+        return [when(row.get(c), "UTC") if c == "last_index" else row.get(c) for c in self.columns]
+
 
 class TrainReport(dict[str, Any]):
-    """brainml.train's result: held-out metrics and a per-label table."""
+    """brainml.train's result: held-out metrics and a per-label table (a label with no held-out chunks, one
+    document say, is marked not tested: its metrics are null, not 0)."""
 
     def _repr_html_(self) -> str:
         m = self["metrics"]
         rows = [
-            (r["label"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"])
+            (r["label"], _metric(r["precision"]), _metric(r["recall"]), _metric(r["f1"]),
+             r["support"] or "0: <i>not tested</i>")
             for r in m["per_label"]
-        ]
+        ]  # fmt: skip
         cap = (
             f"{self['model_id']} ({self['architecture']} on {self['embed_model']}): "
             f"accuracy {m['accuracy']:.3f} (majority {m['majority_baseline']:.3f}), macro F1 {m['f1_macro']:.3f} "
-            f"on {m['test_examples']} held-out chunks of {m['test_documents']} documents"
+            f"over {tested_labels(m)} on {m['test_examples']} held-out chunks of {m['test_documents']} documents"
         )
-        return html_table(["label", "precision", "recall", "F1", "support"], rows, cap)
+        return html_table(["label", "precision", "recall", "F1", "support"], rows, cap, raw={"support"})
+
+
+def _metric(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 class Predictions(dict[str, Any]):
@@ -96,7 +113,7 @@ class Brain:
         return Ranked(self._invoke("brainml.query", {"collection": collection, "query": query, **opts}))
 
     def ask(self, collection: str, question: str, **opts: Any) -> Asked:
-        """Answer from the collection with citations (the answer and its sources in a notebook)."""
+        """Answer from the collection: `sources` the chunks given, `citations` those the answer cites as [n]."""
         return Asked(self._invoke("brainml.ask", {"collection": collection, "question": question, **opts}))
 
     def stats(self, collection: str | None = None) -> Stats:

@@ -166,23 +166,43 @@ def train(
     pred = np.asarray(fitted)[net.predict_proba(xte).argmax(axis=1)]  # the saved arrays, not sklearn, are scored
     p, r, f, s = precision_recall_fscore_support(yte, pred, labels=fitted, zero_division=0)
     majority = max(classes, key=lambda c: int((ytr == c).sum()))
+    # A label with one document is never held out (`split_by_group`): it has no test examples, so its precision,
+    # recall and F1 are unknown (null), not 0, and the macro F1 averages the tested labels only.
+    tested = [lab for i, lab in enumerate(fitted) if s[i] > 0]
     metrics = {
         "accuracy": float(accuracy_score(yte, pred)),
-        "f1_macro": float(f1_score(yte, pred, average="macro", zero_division=0)),
+        "f1_macro": float(f1_score(yte, pred, labels=tested, average="macro", zero_division=0)),
+        "labels_tested": len(tested),
+        "labels_total": len(fitted),
         "majority_baseline": float(np.mean(yte == majority)),
         "train_examples": int(tr.sum()),
         "test_examples": int(te.sum()),
         "train_documents": len(set(g_all[tr])),
         "test_documents": len(set(g_all[te])),
         "per_label": [
-            {"label": lab, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-            for i, lab in enumerate(fitted)
+            _label_row(lab, float(p[i]), float(r[i]), float(f[i]), int(s[i])) for i, lab in enumerate(fitted)
         ],
         "confusion": confusion_matrix(yte, pred, labels=fitted).tolist(),
         "curve": curve,
         "train_seconds": round(time.perf_counter() - t0, 3),
     }
     return net, metrics
+
+
+def _label_row(label: str, precision: float, recall: float, f1: float, support: int) -> dict[str, Any]:
+    """One label's held-out metrics; null, and `tested` false, for a label with no held-out examples."""
+    if support == 0:
+        return {"label": label, "precision": None, "recall": None, "f1": None, "support": 0, "tested": False}
+    return {"label": label, "precision": precision, "recall": recall, "f1": f1, "support": support, "tested": True}
+
+
+def tested_labels(metrics: dict[str, Any]) -> str:
+    """Say which labels a macro F1 averages: "the 5 labels", or "4 of 6 labels (2 not tested: ...)"."""
+    rows = metrics["per_label"]
+    tested = metrics.get("labels_tested", sum(1 for r in rows if r["support"]))
+    if tested == len(rows):
+        return f"the {tested} labels"
+    return f"{tested} of {len(rows)} labels ({len(rows) - tested} not tested: no held-out chunks)"
 
 
 def _exit_with(parent: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
+from bkg_kernel.models.classifier import tested_labels
 from bkg_kernel.pictures.charts import colours, figure, legend_style
 from bkg_kernel.pictures.loader import use_panel
 
@@ -41,18 +42,28 @@ def _per_label(per_label: list[dict[str, Any]], baseline: float) -> Any:
     from bokeh.transform import dodge
 
     labels = [r["label"] for r in per_label]
-    src = ColumnDataSource({"label": labels, **{m: [r[m] for r in per_label] for m in ("precision", "recall", "f1")}})
+    # a label with no held-out chunks has no metrics (null): no bars, "not tested" where they would stand
+    nan = float("nan")
+    metrics = {m: [nan if r[m] is None else r[m] for r in per_label] for m in ("precision", "recall", "f1")}
+    untested = [r["label"] for r in per_label if not r["support"]]
+    status = ["tested" if r["support"] else "not tested: no held-out chunks" for r in per_label]
+    src = ColumnDataSource({"label": labels, "status": status, **metrics})
     f = figure("per label, against the majority baseline's accuracy (dashed)", x_range=labels, height=280,
                tools="save")  # fmt: skip
     for (metric, offset), colour in zip((("precision", -0.25), ("recall", 0.0), ("f1", 0.25)), colours(3), strict=True):
         f.vbar(x=dodge("label", offset, range=f.x_range), top=metric, width=0.22, source=src, color=colour,
                legend_label=metric)  # fmt: skip
+    if untested:
+        n = len(untested)
+        marks = ColumnDataSource({"label": untested, "y": [0.03] * n, "text": ["not tested"] * n})
+        f.text("label", "y", text="text", source=marks, text_align="left", text_baseline="middle", angle=1.5708,
+               text_color="#6e7781", text_font_size="11px", text_font_style="italic")  # fmt: skip
     f.add_layout(Span(location=baseline, dimension="width", line_dash="dashed", line_color="#d62728", line_width=2))
     f.y_range.start, f.y_range.end = 0, 1.05
     f.add_layout(f.legend[0], "right")  # beside the bars, never over them
     legend_style(f)
     f.add_tools(HoverTool(tooltips=[("label", "@label"), ("precision", "@precision{0.000}"),
-                                    ("recall", "@recall{0.000}"), ("F1", "@f1{0.000}")]))  # fmt: skip
+                                    ("recall", "@recall{0.000}"), ("F1", "@f1{0.000}"), ("", "@status")]))  # fmt: skip
     return f
 
 
@@ -84,8 +95,8 @@ def training_report(report: dict[str, Any], gateway_url: str | None = None) -> A
     labels = [r["label"] for r in m["per_label"]]
     head = pn.pane.HTML(
         f"<p><b>{escape(str(report.get('model_id', 'classifier')))}</b>: accuracy <b>{m['accuracy']:.3f}</b> against "
-        f"{m['majority_baseline']:.3f} for always guessing the commonest label; macro F1 {m['f1_macro']:.3f}; "
-        f"{m['test_examples']} held-out chunks of {m['test_documents']} documents.</p>"
+        f"{m['majority_baseline']:.3f} for always guessing the commonest label; macro F1 {m['f1_macro']:.3f} over "
+        f"{escape(tested_labels(m))}; {m['test_examples']} held-out chunks of {m['test_documents']} documents.</p>"
     )
     charts = [pn.pane.Bokeh(_confusion(labels, m["confusion"]))]
     charts.append(pn.pane.Bokeh(_per_label(m["per_label"], m["majority_baseline"]), sizing_mode="stretch_width"))

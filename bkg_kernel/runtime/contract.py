@@ -145,6 +145,7 @@ class Capability:
     job: bool = False
     books_usage: bool = False  # its answer's `usage` (LLM tokens) is booked to the caller by whoever calls it
     big_input: bool = False  # takes inputs up to the gateway's max_body_mb (documents, images, batches); else 1 MiB
+    check: str | None = None  # a job's: the capability the gateway asks first, so a refused input queues no job
 
     def describe(self) -> dict[str, Any]:
         """Return the capability with its JSON Schemas."""
@@ -153,13 +154,20 @@ class Capability:
             "summary": self.summary,
             "scope": self.scope,
             "job": self.job,
+            **({"check": self.check} if self.check else {}),
             "input_schema": self.input.model_json_schema(),
             "output_schema": self.output.model_json_schema(),
         }
 
 
 def capability(
-    id: str, *, scope: str, job: bool = False, books_usage: bool = False, big_input: bool = False
+    id: str,
+    *,
+    scope: str,
+    job: bool = False,
+    books_usage: bool = False,
+    big_input: bool = False,
+    check: str | None = None,
 ) -> Callable[[F], F]:
     """Mark a plugin method `def m(self, inp: InModel) -> OutModel` as the capability `id`.
 
@@ -167,13 +175,15 @@ def capability(
     `books_usage=True` its answer is an LLM's (OpenAI `usage` with token counts), and the gateway books those
     tokens to the caller's key and user when a caller invokes it. An input over 1 MiB is refused (413) unless
     `big_input=True` (documents to index, images, batches): checking a big input holds the interpreter, and only
-    the capabilities made for such inputs take them.
+    the capabilities made for such inputs take them. A job's `check` names a capability (same input, called, not
+    queued) that refuses what the job would refuse at its start (no such collection, a field no row has): the
+    gateway calls it before it queues the job, so the caller gets that 4xx at once, not a failed job later.
     """
 
     def mark(fn: F) -> F:
         # Capability's own fields, read back by Plugin.capabilities()
         fn.__dict__["__bkg_capability__"] = {
-            "id": id, "scope": scope, "job": job, "books_usage": books_usage, "big_input": big_input
+            "id": id, "scope": scope, "job": job, "books_usage": books_usage, "big_input": big_input, "check": check
         }  # fmt: skip
         return fn
 

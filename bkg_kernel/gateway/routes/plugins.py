@@ -197,6 +197,8 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
                 await asyncio.to_thread(validate_input, cap.input, body)
             else:
                 validate_input(cap.input, body)
+            if cap.check is not None:  # what the job would refuse at its start, refused now: nothing is queued
+                await h.invoke(cap.check, bodyjson.RawJSON(raw) if big and h.worker is not None else body, p)
         except BaseException:
             if big:  # what the parse made, freed a slice at a time on a thread, not at once on the loop
                 await asyncio.to_thread(bodyjson.release, body)

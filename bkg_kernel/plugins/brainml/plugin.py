@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
@@ -157,7 +157,7 @@ class ClassifyRequest(BaseModel):
     """Label texts with a trained classifier."""
 
     model_id: str
-    texts: list[str] = Field(..., min_length=1, max_length=10_000)
+    texts: list[Annotated[str, Field(min_length=1)]] = Field(..., min_length=1, max_length=10_000)
 
 
 class Result(JSONResult):
@@ -269,6 +269,31 @@ def highlights(query: str, text: str, marks: Marks | None = None) -> list[list[i
         else:
             merged.append([a, b])
     return merged
+
+
+# [2], [1, 3] or [1][3]: the numbered sources an answer cites, as the prompt asks ("Cite each source you use as [n]")
+CITE = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
+
+
+def citations(answer: str, n_sources: int) -> tuple[list[int], list[dict[str, str]]]:
+    """The source numbers an answer cites by [n] markers, in the order first cited, and the markers that name no
+    source (`{"cited": "[7]", "why": ...}`), as repoagent's repo.ask drops them; none cited: an empty list."""
+    cited: dict[int, None] = {}
+    dropped: list[dict[str, str]] = []
+    for m in CITE.finditer(answer):
+        for part in m.group(1).split(","):
+            n = int(part)
+            if 1 <= n <= n_sources:
+                cited.setdefault(n)
+            else:
+                dropped.append({"cited": f"[{n}]", "why": f"there is no source [{n}]"})
+    return list(cited), dropped
+
+
+def key_path(key: str) -> str:
+    """The field name that addresses the payload key `key` itself (a dot or a backslash in it escaped)."""
+    path = key.replace("\\", "\\\\").replace(".", "\\.")
+    return "\\" + path if path.startswith("$") else path
 
 
 def split_sentences(text: str) -> list[str]:
@@ -472,30 +497,35 @@ class BrainML(Plugin):
 
     @capability("brainml.ask", scope="llm:use")
     def ask(self, inp: AskRequest) -> Result:
-        """Answer from the best chunks with llmserver; the answer cites chunk ids and their offsets."""
+        """Answer from the best chunks with llmserver; `citations` are the `sources` the answer cites as [n]."""
         hits = self.query(
             QueryRequest(collection=inp.collection, query=inp.question, top_k=inp.top_k, filters=inp.filters)
         ).results  # type: ignore[attr-defined]
         if not hits:
             raise NotFound(f"nothing in {inp.collection!r} matches the question", field="question")
         context = "\n\n".join(f"[{i + 1}] {h['chunk']}" for i, h in enumerate(hits))
+        system = "Answer the question using only the numbered sources. Cite each source you use as [n]."
         messages = [
-            {"role": "system", "content": "Answer the question using only the numbered sources. Cite them as [n]."},
+            {"role": "system", "content": system},
             {"role": "user", "content": f"Sources:\n{context}\n\nQuestion: {inp.question}"},
         ]
         body: dict[str, Any] = {"messages": messages, "max_tokens": self.settings.ask_max_tokens, "temperature": 0}
         if self.settings.llm_model:
             body["model"] = self.settings.llm_model
         r = self.store.chat(body, route="brainml.ask")
-        cited = [
+        answer = r["choices"][0]["message"]["content"]
+        sources = [
             {"n": i + 1, "id": h["id"], "doc_id": h["doc_id"], "offsets": h["offsets"], "score": h["score"]}
             for i, h in enumerate(hits)
         ]
+        cited, dropped = citations(answer or "", len(sources))
         return Result(
             collection=inp.collection,
             question=inp.question,
-            answer=r["choices"][0]["message"]["content"],
-            citations=cited,
+            answer=answer,
+            citations=[sources[n - 1] for n in cited],
+            sources=sources,
+            dropped=dropped,
             model=r["model"],
             usage=r["usage"],
         )
@@ -528,17 +558,52 @@ class BrainML(Plugin):
             )
         return Result(collections=out)
 
-    @capability("brainml.train", scope="models:write", job=True)
+    def _check_train(self, inp: TrainRequest, model_id: str | None) -> tuple[dict[str, Any], int]:
+        """What brainml.train refuses before it reads a chunk, in one count: a model id taken (409), no such
+        collection (404), one without embed_model, a label field no (filtered) chunk has, or one label (422);
+        return the collection's description and how many distinct labels it has."""
+        if model_id is not None:
+            check_id(model_id, "model_id")  # it names a folder: checked before anything is written
+            if any(m.id == model_id for m in self.registry.list()):
+                raise AlreadyExists(f"model {model_id!r} is already registered", field="model_id")
+        info = self._collection(inp.collection, create=False)
+        try:
+            labels = self.store.count_distinct(inp.collection, key_path(inp.label_field), inp.filters)
+        except InvalidInput as exc:  # named as this call names them
+            f = exc.field or ""
+            if f == "field":
+                raise InvalidInput(exc.message, field="label_field") from None
+            if f.startswith("filter"):
+                raise InvalidInput(exc.message, field="filters" + f.removeprefix("filter")) from None
+            raise
+        if labels == 0:
+            where = " matching the filters" if inp.filters else ""
+            raise InvalidInput(
+                f"no chunk of {inp.collection!r}{where} has a value for {inp.label_field!r} in its metadata",
+                field="label_field",
+            )
+        if labels < 2:
+            raise InvalidInput(
+                f"training needs at least 2 labels; every labelled chunk of {inp.collection!r} has the same "
+                f"{inp.label_field!r}",
+                field="label_field",
+            )
+        return info, labels
+
+    @capability("brainml.train_check", scope="models:write")
+    def train_check(self, inp: TrainRequest) -> Result:
+        """Check a brainml.train input as its job would at its start (404, 409, 422), without queueing one."""
+        info, labels = self._check_train(inp, inp.model_id)
+        return Result(collection=inp.collection, label_field=inp.label_field, chunks=info["count"], labels=labels)
+
+    @capability("brainml.train", scope="models:write", job=True, check="brainml.train_check")
     def train(self, inp: TrainRequest, progress: Progress) -> Result:
         """Train a logistic or MLP classifier on the collection's embeddings; register it; report held-out metrics."""
         assert self.context is not None and self.context.model_dir is not None
         model_id = inp.model_id or slug(
             f"{inp.collection}-{inp.label_field}-{inp.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
-        check_id(model_id, "model_id")  # it names a folder: checked before anything is written
-        if any(m.id == model_id for m in self.registry.list()):
-            raise AlreadyExists(f"model {model_id!r} is already registered", field="model_id")
-        info = self._collection(inp.collection, create=False)
+        info, _ = self._check_train(inp, model_id)  # again: the collection may have changed since the client's check
         progress(0.0, f"reading the embeddings of {inp.collection}")
         vectors, labels, groups = [], [], []
         for p in self.store.iter_points(inp.collection, inp.filters, with_vectors=True):
@@ -612,6 +677,10 @@ class BrainML(Plugin):
     def classify(self, inp: ClassifyRequest) -> Result:
         """Label texts with a classifier from brainml.train: best label, its probability and every label's."""
         t0 = time.perf_counter()
+        for i, text in enumerate(inp.texts):
+            if not text.strip():  # its embedding is the model's guess at nothing, labelled with some probability
+                raise InvalidInput(f"input.texts.{i}: the text is only whitespace: there is nothing to classify",
+                                   field=f"input.texts.{i}")  # fmt: skip
         net = self._classifier(inp.model_id)
         spec = net.info["embed_model"]
         x = self.store.embed(spec, inp.texts)
