@@ -81,9 +81,19 @@ def test_v1_reads_types_as_openai_does(gw: Gateway) -> None:
             assert r.status_code == 400, (body, r.text[:300])
             err = r.json()["error"]
             assert (err["type"], field) == ("invalid_request_error", err["param"].split(".")[-1]), err
+        for path, body, field, meant in [
+            ("/v1/chat/completions", {"messages": HI, "max_tokenz": 1}, "max_tokenz", "max_tokens"),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "temprature": 0}, "temprature", "temperature"),
+            ("/v1/embeddings", {"input": "hi", "dimension": 3}, "dimension", "dimensions"),
+        ]:  # a misspelt field was dropped without a word, and the call ran as if it had not been given
+            r = c.post(path, json=body)
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == field and f"did you mean {meant!r}" in err["message"]
         r = c.post(
-            "/v1/chat/completions", json={"messages": HI, "max_tokens": 2.0, "temperature": 0, "user": "u", "n": 1}
-        )
+            "/v1/chat/completions",
+            json={"messages": HI, "max_tokens": 2.0, "temperature": 0, "user": "u", "n": 1, "logprobs": False,
+                  "top_logprobs": None, "stream_options": None, "parallel_tool_calls": True},
+        )  # fmt: skip
         assert r.status_code == 200, r.text[:300]
         assert r.json()["usage"]["completion_tokens"] <= 2
 

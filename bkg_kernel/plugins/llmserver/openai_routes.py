@@ -6,6 +6,7 @@ usual); scope `llm:use`. (No `from __future__ import annotations`: FastAPI must 
 """
 
 import asyncio
+import difflib
 from typing import Annotated, Any
 
 import orjson
@@ -49,6 +50,25 @@ def _dumped(body: BaseModel) -> Any:
         raise InvalidInput(TOO_DEEP, field="body") from None
 
 
+# Fields of OpenAI's chat, completion and embedding requests that bkg takes and does not use (its SDKs, LangChain
+# and LiteLLM send them): kept without a word. Any other unknown field close to one bkg reads is a misspelling.
+OPENAI_FIELDS = frozenset((
+    "audio", "best_of", "function_call", "functions", "logit_bias", "logprobs", "metadata", "modalities", "n",
+    "parallel_tool_calls", "prediction", "reasoning_effort", "service_tier", "store", "stream_options",
+    "top_logprobs", "user", "web_search_options", "verbosity", "prompt_cache_key", "safety_identifier",
+))  # fmt: skip
+
+
+def misspelt(body: BaseModel) -> None:
+    """400 for an unknown field that looks like one the route reads (`max_tokenz`): it was dropped without a word,
+    and the call ran as if it had not been given. OpenAI's own fields that bkg does not use pass."""
+    known = sorted(type(body).model_fields)
+    for key in body.model_extra or {}:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8) if key not in OPENAI_FIELDS else []
+        if close:
+            raise InvalidInput(f"{key}: not a field of this request (did you mean {close[0]!r}?)", field=key)
+
+
 def build(api: GatewayAPI) -> APIRouter:
     """Return the `/v1` router; every route needs scope `llm:use` and runs as its caller."""
     router = APIRouter(prefix="/v1", tags=["openai"], route_class=api.route_class)
@@ -76,6 +96,7 @@ def build(api: GatewayAPI) -> APIRouter:
         body: ChatRequest, request: Request, p: Annotated[Principal, Depends(llm)]
     ) -> JSONResponse | StreamingResponse:
         """Chat (streaming with SSE when `stream` is true)."""
+        misspelt(body)
         return await _answer(request, p, "llm.chat", "/v1/chat/completions", body, await handed(body, request))
 
     @router.post("/completions", response_model=None)
@@ -83,11 +104,13 @@ def build(api: GatewayAPI) -> APIRouter:
         body: CompletionRequest, request: Request, p: Annotated[Principal, Depends(llm)]
     ) -> JSONResponse | StreamingResponse:
         """Text completion (streaming with SSE when `stream` is true)."""
+        misspelt(body)
         return await _answer(request, p, "llm.complete", "/v1/completions", body, await handed(body, request))
 
     @router.post("/embeddings")
     async def embeddings(body: EmbedRequest, request: Request, p: Annotated[Principal, Depends(llm)]) -> Response:
         """Embeddings of one text or a batch."""
+        misspelt(body)
         result = await api.invoke("llmserver", "llm.embed", await handed(body, request), p)
         api.record_usage(p, "/v1/embeddings", result)
         # a batch of embeddings is megabytes of numbers: encoded in a thread, not on the event loop
