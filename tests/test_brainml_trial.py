@@ -66,7 +66,7 @@ def jobs(g: Gateway) -> int:
     return len(g.client().get("/api/jobs").json()["jobs"])
 
 
-def test_a_label_without_held_out_chunks_is_not_tested_not_zero(report: Any) -> None:
+def test_a_label_without_held_out_chunks_is_not_tested_not_zero(gw: Gateway, report: Any) -> None:
     m = report["metrics"]
     rows = {r["label"]: r for r in m["per_label"]}
     assert rows["sport"] == {"label": "sport", "precision": None, "recall": None, "f1": None, "support": 0,
@@ -79,6 +79,9 @@ def test_a_label_without_held_out_chunks_is_not_tested_not_zero(report: Any) -> 
     sport = re.search(r"<tr><td[^>]*>sport</td>.*?</tr>", html)
     assert sport and "0.000" not in sport.group(0) and "not tested" in sport.group(0), html
     assert "over 2 of 3 labels (1 not tested" in html
+    with gw.client() as c:  # the model list says over how many labels its macro F1 is
+        entry = c.get(f"/api/models/{report['model_id']}").json()
+    assert (entry["meta"]["metrics"]["labels_tested"], entry["meta"]["metrics"]["labels_total"]) == (2, 3), entry
 
 
 def test_the_training_picture_marks_an_untested_label(report: Any) -> None:

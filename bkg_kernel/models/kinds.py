@@ -140,5 +140,6 @@ def _classifier(path: Path) -> Inspected:
     keep = ("embed_model", "dim", "architecture", "collection", "label_field", "metrics")
     meta = {k: clf.info[k] for k in keep if k in clf.info}
     if isinstance(meta.get("metrics"), dict):
-        meta["metrics"] = {k: v for k, v in meta["metrics"].items() if k in ("accuracy", "f1_macro", "test_examples")}
+        kept = ("accuracy", "f1_macro", "test_examples", "labels_tested", "labels_total")  # f1_macro is over the tested
+        meta["metrics"] = {k: v for k, v in meta["metrics"].items() if k in kept}
     return Inspected("classifier", None, {"labels": clf.labels, **meta})
