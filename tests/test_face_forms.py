@@ -63,6 +63,8 @@ def test_names_that_read_as_json_keep_their_text(c: httpx.Client) -> None:
     r = c.post("/api/faces/enroll", files=two, data={"gallery": "2024", "subject": "42"})
     assert r.status_code == 200, r.text
     assert r.json()["subject"] == "42" and len(r.json()["enrolled"]) == 2
+    # each face is named by the file it was uploaded as (it said images[0], images[1])
+    assert [e["source"] for e in r.json()["enrolled"]] == ["a.jpg", "b.jpg"]
     r = c.post(
         "/api/faces/enroll",
         files={"images": ("t.jpg", jpeg(hanks()), "image/jpeg")},

@@ -40,11 +40,13 @@ def build(api: GatewayAPI, capabilities: Mapping[str, Capability]) -> APIRouter:
         found = capabilities.get(f"faces.{capability}")
         fields = found.input.model_fields if found is not None else {}
         data: dict[str, Any] = {}
+        names: list[str] = []  # the files of a list of images, as uploaded: what an enroll names them by
         for key, value in form.multi_items():
             kinds = _kinds(fields[key].annotation) if key in fields else set()
             if isinstance(value, UploadFile):
                 image = await asyncio.to_thread(_base64, await value.read())
                 if kinds and all(get_origin(k) is list for k in kinds):  # `images`: one file field per image
+                    names.append(value.filename or f"{key}[{len(data.get(key, []))}]")
                     data.setdefault(key, []).append(image)
                 else:
                     data[key] = image
@@ -59,6 +61,8 @@ def build(api: GatewayAPI, capabilities: Mapping[str, Capability]) -> APIRouter:
                 data[key] = json.loads(value)
             except ValueError:  # not JSON, or a number past Python's 4,300 digits: the text itself
                 data[key] = value
+        if "sources" in fields and "sources" not in data and names and len(names) == len(data.get("images", [])):
+            data["sources"] = names  # a face enrolled from photo.jpg says so, not images[0]
         # the photos go to the worker as JSON bytes made on a thread, which the pipe writes as they are: a dict of
         # tens of MB of base64 text was pickled on the event loop (~50 ms for a 32 MB photo)
         if any(_text_size(v) > BIG_BODY for v in data.values()):
