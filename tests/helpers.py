@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +169,46 @@ def stop_process(proc: subprocess.Popen[Any], wait_s: float = 20) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextlib.contextmanager
+def jupyter_server(root: Path, gateway_url: str, token: str, *args: str) -> Iterator[str]:
+    """A Jupyter server with bkg's lab extension and `args`, forwarding to `gateway_url` with the admin key (no
+    gateway of its own), logging to `root`/server.log; yield its URL, and stop it after."""
+    from gateway_harness import ADMIN_KEY, free_port, http_ok, wait_for
+
+    port = free_port()
+    env = {**os.environ, "BKG_GATEWAY_URL": gateway_url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0"}
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={port}",
+            "--ip=127.0.0.1", f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}", *args,
+        ],
+        env=env, stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_ok(f"{url}/api/status", token=token), timeout=90, every=0.5)
+        yield url
+    finally:
+        stop_process(proc)
+
+
+@contextlib.contextmanager
+def auth_on(data: Path, admin_key: str | None = None) -> Iterator[Any]:
+    """An `AuthService` on a `Store` of the data dir `data` (bootstrapped with `admin_key`, its files beside `data`,
+    when given), both closed after: what a gateway holds between its start and its stop."""
+    from bkg_kernel.auth import AuthService
+    from bkg_kernel.store import Store
+
+    store = Store(data)
+    try:
+        auth = AuthService(store)
+        try:
+            if admin_key is not None:
+                auth.bootstrap(data.parent, admin_key)
+            yield auth
+        finally:
+            auth.close()
+    finally:
+        store.close()

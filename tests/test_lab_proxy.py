@@ -5,47 +5,23 @@ handshake Jupyter accepts, and the browser learns how the gateway closed it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import json
-import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, free_port, http_ok, start_gateway, wait_for
-from helpers import stop_process
+from gateway_harness import ADMIN_KEY, Gateway, free_port, start_gateway
+from helpers import jupyter_server
 from tornado import httpclient, websocket
 
 from bkg_kernel.gateway.routes.live import MAX_PER_USER
 
 TOKEN = "bkg-proxy-test-token"
 AUTH = {"Authorization": f"token {TOKEN}"}
-
-
-@contextlib.contextmanager
-def jupyter_server(root: Path, gateway_url: str) -> Iterator[str]:
-    """A Jupyter server with the extension, forwarding to `gateway_url` with the admin key; yield its URL."""
-    port = free_port()
-    env = {**os.environ, "BKG_GATEWAY_URL": gateway_url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0"}
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={port}",
-            "--ip=127.0.0.1", f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}",
-        ],
-        env=env, stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: http_ok(f"{url}/api/status", token=TOKEN), timeout=90, every=0.5)
-        yield url
-    finally:
-        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +33,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 @pytest.fixture(scope="module")
 def lab(gw: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with jupyter_server(tmp_path_factory.mktemp("proxyroot"), gw.url) as url:
+    with jupyter_server(tmp_path_factory.mktemp("proxyroot"), gw.url, TOKEN) as url:
         yield url
 
 
@@ -161,7 +137,7 @@ def test_a_gateway_that_cannot_be_reached_closes_the_socket_saying_so(tmp_path: 
     """The browser's socket is open before the gateway's is tried: a gateway that does not answer closes it with
     1011 and why (it was an HTTP 502 the browser never sees)."""
     nowhere = f"http://127.0.0.1:{free_port()}"
-    with jupyter_server(tmp_path, nowhere) as url:
+    with jupyter_server(tmp_path, nowhere, TOKEN) as url:
         msg, code, reason = asyncio.run(first_message(url.replace("http://", "ws://") + f"/bkg/ws?token={TOKEN}"))
         assert msg is None and code == 1011 and reason is not None, (msg, code, reason)
         assert reason.startswith("cannot reach the bkg gateway")

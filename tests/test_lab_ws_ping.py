@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, free_port, http_ok, wait_for
-from helpers import stop_process
+from gateway_harness import Gateway, wait_for
+from helpers import jupyter_server
 from tornado import websocket
 
 PLUGINS = ["apikeys"]  # the module's gateway (conftest's `gw`) starts no plugin worker it does not use
@@ -30,31 +26,10 @@ TOKEN = "bkg-ping-test-token"
 PING_S = 1  # Jupyter Server's websocket_ping_interval and websocket_ping_timeout here (whole seconds: Integer traits)
 
 
-@contextlib.contextmanager
-def jupyter_server(root: Path, gateway_url: str, *args: str) -> Iterator[str]:
-    """A Jupyter server with the extension and `args`, forwarding to `gateway_url` with the admin key; yield its
-    URL."""
-    port = free_port()
-    env = {**os.environ, "BKG_GATEWAY_URL": gateway_url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0"}
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={port}",
-            "--ip=127.0.0.1", f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}", *args,
-        ],
-        env=env, stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: http_ok(f"{url}/api/status", token=TOKEN), timeout=90, every=0.5)
-        yield url
-    finally:
-        stop_process(proc)
-
-
 @pytest.fixture(scope="module")
 def lab(gw: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pings = (f"--ServerApp.websocket_ping_interval={PING_S}", f"--ServerApp.websocket_ping_timeout={PING_S}")
-    with jupyter_server(tmp_path_factory.mktemp("pingroot"), gw.url, *pings) as url:
+    with jupyter_server(tmp_path_factory.mktemp("pingroot"), gw.url, TOKEN, *pings) as url:
         yield url
 
 
