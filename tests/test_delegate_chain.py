@@ -15,10 +15,10 @@ from typing import Any
 import duckdb
 import pytest
 from gateway_harness import ADMIN_KEY, start_gateway
+from helpers import auth_on
 
 from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.errors import Forbidden, TooManyRequests, Unauthorized
-from bkg_kernel.store import Store
 from bkg_kernel.store.store import DB_NAME
 
 LIMIT = 3  # per minute: one token back every 20 s, never within one of these tests' few seconds
@@ -30,12 +30,8 @@ def _soon(hours: float = 1) -> datetime:
 
 @pytest.fixture
 def auth(tmp_path: Path) -> Iterator[AuthService]:
-    store = Store(tmp_path / "data")
-    a = AuthService(store)
-    a.bootstrap(tmp_path, ADMIN_KEY)
-    yield a
-    a.close()
-    store.close()
+    with auth_on(tmp_path / "data", ADMIN_KEY) as a:
+        yield a
 
 
 def _delegate(auth: AuthService, **bounds: Any) -> tuple[dict[str, Any], Principal]:
@@ -165,33 +161,20 @@ def test_a_bounded_delegate_gives_no_role_and_no_role_scopes_that_outlive_it(aut
 
 
 def test_the_link_survives_a_restart(tmp_path: Path) -> None:
-    store = Store(tmp_path / "data")
-    auth = AuthService(store)
-    auth.bootstrap(tmp_path, ADMIN_KEY)
-    dk, delegate = _delegate(auth, rate_limit_per_min=LIMIT)
-    made = [auth.create_key(auth.create_user(f"u{i}", "viewer", actor="t")["id"], "k", by=delegate) for i in range(3)]
-    auth.close()
-    store.close()
-
-    store = Store(tmp_path / "data")  # the gateway started again: keys come back from DuckDB
-    try:
-        auth = AuthService(store)
+    with auth_on(tmp_path / "data", ADMIN_KEY) as auth:
+        dk, delegate = _delegate(auth, rate_limit_per_min=LIMIT)
+        made = [
+            auth.create_key(auth.create_user(f"u{i}", "viewer", actor="t")["id"], "k", by=delegate) for i in range(3)
+        ]
+    with auth_on(tmp_path / "data") as auth:  # the gateway started again: keys come back from DuckDB
         assert _served(auth, [token for _, token in made]) == LIMIT  # still one budget
         assert {auth.key_ids[rec["id"]].maker_id for rec, _ in made} == {dk["id"]}
         assert {k["maker_id"] for k in auth.list_keys() if k["name"] == "k"} == {dk["id"]}
         auth.revoke_key(dk["id"], by=auth.authenticate(ADMIN_KEY))
-        auth.close()
-    finally:
-        store.close()
-    store = Store(tmp_path / "data")
-    try:
-        auth = AuthService(store)
+    with auth_on(tmp_path / "data") as auth:
         for _, token in made:  # revoked with it, for good
             with pytest.raises(Unauthorized):
                 auth.authenticate(token)
-        auth.close()
-    finally:
-        store.close()
 
 
 def test_keys_an_unbounded_admin_makes_for_others_are_as_they_were(auth: AuthService) -> None:
@@ -212,23 +195,17 @@ def test_keys_an_unbounded_admin_makes_for_others_are_as_they_were(auth: AuthSer
 def test_rows_from_before_the_link_keep_working(tmp_path: Path) -> None:
     """A database from before migration 0010: keys a bounded delegate made for others have no link. They work and
     are clamped as they were (a budget of their own, not revoked with the delegate); what it makes now is linked."""
-    store = Store(tmp_path / "data")
-    auth = AuthService(store)
-    auth.bootstrap(tmp_path, ADMIN_KEY)
-    dk, delegate = _delegate(auth, rate_limit_per_min=LIMIT, expires_at=_soon())
-    u = auth.create_user("old", "developer", actor="test")
-    old, old_token = auth.create_key(u["id"], "made before the link", by=delegate)
-    auth.close()
-    store.close()
+    with auth_on(tmp_path / "data", ADMIN_KEY) as auth:
+        dk, delegate = _delegate(auth, rate_limit_per_min=LIMIT, expires_at=_soon())
+        u = auth.create_user("old", "developer", actor="test")
+        old, old_token = auth.create_key(u["id"], "made before the link", by=delegate)
     con = duckdb.connect(str(tmp_path / "data" / DB_NAME))  # back to schema 9: the column, and its migration, gone
     con.execute("ALTER TABLE api_keys DROP COLUMN IF EXISTS maker_id")
     con.execute("DELETE FROM schema_migrations WHERE version = 10")
     con.execute("CHECKPOINT")
     con.close()
 
-    store = Store(tmp_path / "data")  # migrated again: the column comes back empty
-    try:
-        auth = AuthService(store)
+    with auth_on(tmp_path / "data") as auth:  # migrated again: the column comes back empty
         assert auth.key_ids[old["id"]].maker_id is None
         assert auth.key_ids[old["id"]].rate_limit_per_min == LIMIT  # clamped when it was made, as it was
         delegate = auth.authenticate(auth.rotate_key(dk["id"], by=auth.authenticate(ADMIN_KEY))[1], metered=False)
@@ -241,9 +218,6 @@ def test_rows_from_before_the_link_keep_working(tmp_path: Path) -> None:
             auth.authenticate(new_token)
         with pytest.raises(TooManyRequests):  # not revoked with it (nothing says it was its maker): as it was
             auth.authenticate(old_token)
-        auth.close()
-    finally:
-        store.close()
 
 
 def test_a_delegate_over_http_and_through_a_gateway_restart(tmp_path: Path) -> None:

@@ -295,14 +295,13 @@ def test_a_key_following_someone_elses_role_is_rotated_only_by_them_or_a_full_ad
 def test_a_call_finds_its_key_by_id_through_rotation_restart_and_revocation(tmp_path: Any) -> None:
     """A plugin call's store operations look their caller's key up by id (`as_now`): a new secret keeps the key
     (and the calls it started) alive, a gateway started again finds it, and once it is revoked nothing acts for it."""
-    from bkg_kernel.auth import AuthService, Principal
+    from helpers import auth_on
+
+    from bkg_kernel.auth import Principal
     from bkg_kernel.errors import Unauthorized
-    from bkg_kernel.store import Store
 
     admin = Principal("u-root", "root", "admin", frozenset(SCOPES))
-    store = Store(tmp_path / "data")
-    try:
-        auth = AuthService(store)
+    with auth_on(tmp_path / "data") as auth:
         dev = auth.create_user("dev", "developer", actor="test")
         k, token = auth.create_key(dev["id"], "k", by=admin)
         p = auth.authenticate(token)
@@ -312,19 +311,12 @@ def test_a_call_finds_its_key_by_id_through_rotation_restart_and_revocation(tmp_
         assert auth.as_now(p) == p and auth.authenticate(new_token).key_id == k["id"]
         rec = auth.live_key(k["id"])
         assert rec is not None and new_token.startswith(f"bkg_{rec.prefix}_")
-        auth.close()
-    finally:
-        store.close()
-    store = Store(tmp_path / "data")
-    try:
-        auth = AuthService(store)
+    with auth_on(tmp_path / "data") as auth:
         assert auth.as_now(p) == p and auth.authenticate(new_token).key_id == k["id"]
         auth.revoke_key(k["id"], by=admin)
         with pytest.raises(Unauthorized, match="revoked"):
             auth.as_now(p)
         assert auth.live_key(k["id"]) is None and k["id"] not in auth.key_ids
-    finally:
-        store.close()
 
 
 def test_a_key_made_with_a_key_expires_no_later_and_goes_with_it(tmp_path: Any) -> None:
