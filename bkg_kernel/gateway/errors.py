@@ -11,10 +11,11 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from bkg_kernel.errors import BkgError, Unauthorized, openai_shaped
+from bkg_kernel.gateway.strictquery import takes
 from bkg_kernel.runtime.bodyjson import TOO_DEEP
 
 log = logging.getLogger("bkg.gateway")
@@ -101,12 +102,9 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 
 def _body_fields(request: Request) -> list[str]:
-    """The top-level field names of the body model of the route a request matched (none when it has no model)."""
-    model = getattr(getattr(getattr(request.scope.get("route"), "body_field", None), "field_info", None),
-                    "annotation", None)  # fmt: skip
-    if not isinstance(model, type) or not issubclass(model, BaseModel):
-        return []
-    return sorted(n for name, f in model.model_fields.items() for n in (name, f.alias) if isinstance(n, str))
+    """The top-level field names of the JSON body of the route a request matched (none when it has no model)."""
+    route = request.scope.get("route")
+    return sorted(takes(route)[1]) if isinstance(route, APIRoute) else []
 
 
 def _hint(name: str, names: list[str]) -> str:

@@ -33,11 +33,7 @@ async def known_query_only(conn: HTTPConnection) -> None:
     route = conn.scope.get("route")
     if not isinstance(route, APIRoute) or not route_path(conn.scope).startswith(STRICT_PREFIXES):
         return
-    taken: tuple[frozenset[str], frozenset[str]] | None = getattr(route, "_bkg_takes", None)
-    if taken is None:  # kept on the route itself (an id could be a later route's, once this one is gone)
-        taken = (frozenset(_query_names(route.dependant)), frozenset(_body_names(route)))
-        route._bkg_takes = taken  # type: ignore[attr-defined]
-    names, body = taken
+    names, body = takes(route)
     for given in conn.query_params:
         if given in names or given.isdigit() or given == "_":  # a browser's cache-buster (`?1796521699736`, `_=`)
             continue
@@ -45,8 +41,17 @@ async def known_query_only(conn: HTTPConnection) -> None:
             raise InvalidInput(f"{given} is a field of the JSON body, not a query parameter", field=f"query.{given}")
         close = difflib.get_close_matches(given, names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        takes = f"it takes {', '.join(sorted(names))}" if names else "it takes none"
-        raise InvalidInput(f"unknown query parameter {given!r}{hint}: {takes}", field=f"query.{given}")
+        said = f"it takes {', '.join(sorted(names))}" if names else "it takes none"
+        raise InvalidInput(f"unknown query parameter {given!r}{hint}: {said}", field=f"query.{given}")
+
+
+def takes(route: APIRoute) -> tuple[frozenset[str], frozenset[str]]:
+    """The query parameter names a route declares, and its JSON body's top-level field names (by alias)."""
+    taken: tuple[frozenset[str], frozenset[str]] | None = getattr(route, "_bkg_takes", None)
+    if taken is None:  # kept on the route itself (an id could be a later route's, once this one is gone)
+        taken = (frozenset(_query_names(route.dependant)), frozenset(_body_names(route)))
+        route._bkg_takes = taken  # type: ignore[attr-defined]
+    return taken
 
 
 def _query_names(dependant: Dependant) -> set[str]:
