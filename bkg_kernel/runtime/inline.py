@@ -54,7 +54,7 @@ class InlineWork:
     ends (`done`)."""
 
     def __init__(self) -> None:
-        self._cv = threading.Condition(threading.RLock())  # `take_stream` takes it and calls `take`
+        self._cv = threading.Condition()
         self.plugin: Plugin | None = None
         self.running = 0
         self._streams: set[threading.Event] = set()
@@ -75,9 +75,10 @@ class InlineWork:
         """`take` for a stream, which a stop cancels (sets `cancelled`) if it outlives the drain; the instance and the
         stream's `done` (None: stopped or stopping). One step: a stop cannot come between the two and miss it."""
         with self._cv:
-            plugin = self.take()
+            plugin = self.plugin
             if plugin is None:
                 return None
+            self.running += 1
             self._streams.add(cancelled)
 
         def ended() -> None:
