@@ -14,6 +14,7 @@ from gateway_harness import Gateway
 
 from bkg_kernel.errors import Conflict, InvalidInput, NotFound
 from bkg_kernel.store import Store, snapshots
+from bkg_kernel.store.filters import field_name
 
 PLUGINS = ["sysinfo"]  # the gateway's own routes are under test; sysinfo stands for any plugin
 
@@ -60,6 +61,11 @@ def test_every_key_a_payload_holds_can_be_filtered(store: Store, key: str, field
     assert c.count_distinct(field) == 3 and c.count_distinct(f"meta.{field}") == 1
     assert c.delete(filter={field: 2}) == 1 and c.count() == 4
     assert store.list_collections().names == ["k"]  # the catalog is whole
+
+
+def test_field_name_writes_a_key_as_a_filter_names_it() -> None:
+    """`field_name` (what brainml.train names its label field by) escapes a key as this table writes it."""
+    assert [field_name(key) for key, _ in KEYS] == [field for _, field in KEYS]
 
 
 def test_a_dotted_name_is_a_path_and_an_escaped_dot_is_a_key(store: Store) -> None:

@@ -72,6 +72,13 @@ def field_path(name: Any, where: str) -> str:
     return "/" + "/".join(k.replace("~", "~0").replace("/", "~1") for k in keys)
 
 
+def field_name(key: str) -> str:
+    """The field name that addresses the top-level payload key `key` itself (`field_path`'s escapes: a dot or a
+    backslash in it, and a leading `$`)."""
+    name = key.replace("\\", "\\\\").replace(".", "\\.")
+    return "\\" + name if name.startswith("$") else name
+
+
 def _unescaped(name: str, where: str) -> list[str]:
     """The keys of a field name that holds a backslash: `\\.`, `\\\\` and `\\$` write the character itself."""
     keys: list[str] = []

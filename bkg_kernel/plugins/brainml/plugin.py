@@ -33,6 +33,7 @@ from bkg_kernel.models.registry import ID_PATTERN, ModelRegistry, check_id, slug
 from bkg_kernel.namedlocks import NamedLocks
 from bkg_kernel.runtime.contract import JSONResult, Plugin, PluginSettings, Progress, capability
 from bkg_kernel.runtime.storehandle import StoreHandle
+from bkg_kernel.store.filters import field_name
 from bkg_kernel.store.fulltext import CJK_LETTER, cjk, folded, term, words
 from bkg_kernel.store.results import EXPLAIN_KEYS
 from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN
@@ -288,12 +289,6 @@ def citations(answer: str, n_sources: int) -> tuple[list[int], list[dict[str, st
             else:
                 dropped.append({"cited": f"[{n}]", "why": f"there is no source [{n}]"})
     return list(cited), dropped
-
-
-def key_path(key: str) -> str:
-    """The field name that addresses the payload key `key` itself (a dot or a backslash in it escaped)."""
-    path = key.replace("\\", "\\\\").replace(".", "\\.")
-    return "\\" + path if path.startswith("$") else path
 
 
 def split_sentences(text: str) -> list[str]:
@@ -568,7 +563,7 @@ class BrainML(Plugin):
                 raise AlreadyExists(f"model {model_id!r} is already registered", field="model_id")
         info = self._collection(inp.collection, create=False)
         try:
-            labels = self.store.count_distinct(inp.collection, key_path(inp.label_field), inp.filters)
+            labels = self.store.count_distinct(inp.collection, field_name(inp.label_field), inp.filters)
         except InvalidInput as exc:  # named as this call names them
             f = exc.field or ""
             if f == "field":
