@@ -42,7 +42,12 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("./data"), description="Where the DuckDB catalog, FAISS indexes and snapshots live.")
     host: str = Field("127.0.0.1", description="Address the gateway binds to.")
-    port: int = Field(43119, ge=1, le=65535, description="Port the gateway listens on.")
+    port: int = Field(
+        43119,
+        ge=0,
+        le=65535,
+        description="Port the gateway listens on; 0 takes any free one (the URL printed and gateway.json name it).",
+    )
     call_port: int = Field(
         0,
         ge=-1,

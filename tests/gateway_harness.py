@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,9 +68,10 @@ def start_gateway(
     port: int | None = None,
     plugins: list[str] | None = None,
 ) -> Gateway:
-    port = port or free_port()
+    """A gateway on `port`, or by default on a port it takes itself (--port 0, read back from the line it prints):
+    a port picked free here could be taken by another process before the gateway binds it, as one was in CI."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    log = data_dir.parent / f"gateway-{port}.log"
+    log = next(p for i in itertools.count(1) if not (p := data_dir.parent / f"gateway-{i}.log").exists())
     full_env = {
         **os.environ,
         "BKG_ADMIN_KEY": ADMIN_KEY,
@@ -75,13 +79,16 @@ def start_gateway(
         **(env or {}),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bkg_kernel.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)]
+        [sys.executable, "-m", "bkg_kernel.cli", "serve", "--data-dir", str(data_dir), "--port", str(port or 0)]
         + (["--plugins", ",".join(plugins)] if plugins else []),
         stdout=open(log, "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         env=full_env,
     )
-    gw = Gateway(proc, f"http://127.0.0.1:{port}", data_dir, log)
+    # what it prints once it holds its data dir and its port ("...:0" when it exits first, as a second one on a
+    # data dir does)
+    url = f"http://127.0.0.1:{port}" if port else announced(proc, log, r"bkg gateway on (http://\S+) ")
+    gw = Gateway(proc, url or "http://127.0.0.1:0", data_dir, log)
     if wait:
         try:
             wait_healthy(gw)
@@ -89,6 +96,21 @@ def start_gateway(
             gw.stop()
             raise
     return gw
+
+
+def announced(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout: float = 60) -> str | None:
+    """The first group of `pattern` in `log` once the server writes it (where it listens: what it took for port 0,
+    or where Jupyter's and Voila's port retries took it); None when the process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := re.search(pattern, log.read_text(errors="replace") if log.exists() else ""):
+            return found.group(1)
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"no {pattern!r} in {timeout:.0f} s: {log.read_text(errors='replace')[-2000:]}")
 
 
 def wait_healthy(gw: Gateway, timeout: float = 60) -> None:
@@ -147,21 +169,24 @@ def dashboards(gateway_url: str, log: Path | None = None, preheat: list[str] | N
     a few pages saves starting, on two cores, a dozen kernels it never uses."""
     from bkg_kernel.cli import dashboards_cmd, dashboards_env
 
-    port = free_port()
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     folder = Path(__file__).resolve().parent.parent / "dashboards"
-    cmd = dashboards_cmd(port, folder)
+    cmd = dashboards_cmd(free_port(), folder)  # Voila moves on to another port if this one was taken meanwhile
     if preheat is not None:
         skip = sorted(p.name for p in folder.glob("*.ipynb") if p.stem not in preheat)
         cmd.append("--VoilaKernelManager.preheat_denylist=" + json.dumps(skip))
-    proc = subprocess.Popen(cmd, env=dashboards_env(gateway_url), stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: http_ok(url), timeout=90, every=0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with contextlib.ExitStack() as scratch:
+        log = log or Path(scratch.enter_context(tempfile.TemporaryDirectory())) / "voila.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, env=dashboards_env(gateway_url), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = announced(proc, log, r"Voil\S* is running at:\s+(http://127\.0\.0\.1:\d+)", timeout=90)
+            if url is None:
+                raise RuntimeError(f"Voila exited: {log.read_text(errors='replace')[-2000:]}")
+            wait_for(lambda: http_ok(url), timeout=90, every=0.5)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
 
 def dashboard_login(

@@ -175,19 +175,22 @@ def stop_process(proc: subprocess.Popen[Any], wait_s: float = 20) -> None:
 def jupyter_server(root: Path, gateway_url: str, token: str, *args: str) -> Iterator[str]:
     """A Jupyter server with bkg's lab extension and `args`, forwarding to `gateway_url` with the admin key (no
     gateway of its own), logging to `root`/server.log; yield its URL, and stop it after."""
-    from gateway_harness import ADMIN_KEY, free_port, http_ok, wait_for
+    from gateway_harness import ADMIN_KEY, announced, http_ok, wait_for
 
-    port = free_port()
     env = {**os.environ, "BKG_GATEWAY_URL": gateway_url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0"}
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={port}",
-            "--ip=127.0.0.1", f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}", *args,
-        ],
-        env=env, stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    with open(root / "server.log", "wb") as out:  # --port=0: it takes a free port itself, and says which
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", "--port=0",
+                "--ip=127.0.0.1", f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}", *args,
+            ],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
+        running = r"is running at:\s+(?:\[[^\]]*\]\s+)?(http://127\.0\.0\.1:\d+)/"  # after its log line's prefix
+        url = announced(proc, root / "server.log", running, timeout=90)
+        if url is None:
+            raise RuntimeError(f"the Jupyter server exited: {(root / 'server.log').read_text()[-2000:]}")
         wait_for(lambda: http_ok(f"{url}/api/status", token=token), timeout=90, every=0.5)
         yield url
     finally:

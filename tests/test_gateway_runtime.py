@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -162,31 +163,31 @@ def test_custom_role(gw: Any) -> None:
 
 
 def test_serve_hosts_only_the_plugins_asked_for(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    import httpx
-    from gateway_harness import ADMIN_KEY, free_port, wait_for
-
-    port = free_port()
-    env = {**os.environ, "BKG_ADMIN_KEY": ADMIN_KEY, "BKG_MODEL_DIR": str(tmp_path / "models")}
-    cmd = [sys.executable, "-m", "bkg_kernel.cli", "serve", "--data-dir", str(tmp_path / "d"), "--port", str(port)]
-    proc = subprocess.Popen([*cmd, "--plugins", "apikeys,sysinfo"], env=env)
+    g = start_gateway(tmp_path / "d", plugins=["apikeys", "sysinfo"])  # `bkg serve --plugins apikeys,sysinfo`
     try:
-
-        def health() -> Any:
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-                return r.json() if r.status_code == 200 and r.json()["status"] == "ok" else None
-            except httpx.HTTPError:
-                return None
-
-        assert wait_for(health, 60)["plugins"] == {"apikeys": "running", "sysinfo": "running"}
-        head = {"Authorization": f"Bearer {ADMIN_KEY}"}
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=head).status_code == 404  # no llmserver
+        assert g.client().get("/health").json()["plugins"] == {"apikeys": "running", "sysinfo": "running"}
+        assert g.client().get("/v1/models").status_code == 404  # no llmserver
     finally:
-        proc.terminate()
-        proc.wait(30)
+        g.stop()
+
+
+def test_port_zero_takes_a_free_port_and_a_port_in_use_fails_before_any_plugin_starts(tmp_path: Path) -> None:
+    """`--port 0` takes any free port, named by the line printed and by gateway.json (how every test's gateway now
+    starts: CI once lost a module's gateway to a port picked free and taken by another process before the bind).
+    A port in use is one clear line and exit 2 within moments, not an uvicorn error after every plugin came up."""
+    g = start_gateway(tmp_path / "a", plugins=["sysinfo"])  # --port 0
+    try:
+        port = int(g.url.rsplit(":", 1)[1])
+        assert port > 0 and json.loads((g.data_dir / "gateway.json").read_text())["url"] == g.url
+        assert g.client().get("/health").json()["plugins"] == {"sysinfo": "running"}
+        second = start_gateway(tmp_path / "b", plugins=["sysinfo"], port=port, wait=False)
+        assert second.proc.wait(60) == 2
+        out = second.log.read_text()
+        assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in out and "Traceback" not in out, out
+        assert not (second.data_dir / "gateway.json").exists()  # never announced itself, never started sysinfo
+        assert g.client().get("/health").json()["status"] == "ok"  # the first one is untouched
+    finally:
+        g.stop()
 
 
 def _status(g: Any, plugin: str) -> dict[str, Any]:

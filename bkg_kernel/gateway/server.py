@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import importlib.abc
 import importlib.machinery
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from types import FrameType, ModuleType
 
 import uvicorn
 
+from bkg_kernel.errors import Conflict, InvalidInput
 from bkg_kernel.gateway.app import create_app
 from bkg_kernel.gateway.state import Gateway
 from bkg_kernel.settings import SECRET_ENV, Settings
@@ -71,15 +74,53 @@ def keep_pandas_out() -> None:
         sys.meta_path.insert(0, PandasBlocker())
 
 
+def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """The gateway's listening socket. Port 0 takes any free port: nothing can take it between a pick and a bind,
+    as it can from a caller that picks a free port and passes it on."""
+    where = f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise InvalidInput(f"cannot listen on {where}: {exc.strerror or exc}", field="host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a gateway just stopped leaves TIME_WAITs
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise Conflict(
+                f"cannot listen on {where}: the port is in use (`bkg status` says whether a gateway runs there); "
+                "choose another with --port, or --port 0 for any free one"
+            ) from None
+        raise InvalidInput(f"cannot listen on {where}: {exc.strerror or exc}", field="port") from None
+    return sock
+
+
 def serve(settings: Settings, plugins: list[str] | None = None) -> None:
-    """Open the data dir first (so a second gateway fails with one clear line), then serve HTTP."""
+    """Open the data dir first (so a second gateway fails with one clear line), then take the port (one clear line
+    if it is in use, before any plugin starts), then serve HTTP."""
     keep_pandas_out()
     # Worker replies arrive on a reader thread that must take the GIL from the event loop; with the default
     # 5 ms switch interval that hand-over alone added milliseconds to every plugin call.
     sys.setswitchinterval(0.0005)
     for name in SECRET_ENV:  # read into `settings` already; plugin workers and job kernels must not inherit them
         os.environ.pop(name, None)
-    gw = Gateway.open(settings, plugins=plugins)  # raises DataDirLocked naming the holder before any socket is bound
+    sockets: list[socket.socket] = []
+
+    def take_port() -> int:
+        sockets.append(listen(settings.host, settings.port))
+        return int(sockets[0].getsockname()[1])
+
+    try:  # raises DataDirLocked naming the holder before any socket is bound
+        gw = Gateway.open(settings, plugins=plugins, listen=take_port)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     app = create_app(gateway=gw)
     # What start-up made (modules, the app, the store's catalog) lives as long as the process: move it out of
     # the collector's reach, so a full collection walks only what requests made since (it holds the GIL).
@@ -90,8 +131,8 @@ def serve(settings: Settings, plugins: list[str] | None = None) -> None:
         print(f"admin API key: {key} (mode 0600)", file=sys.stderr, flush=True)
     config = uvicorn.Config(  # /ws takes subscriptions of a few dozen bytes: a frame over 64 KiB closes it
         app,
-        host=settings.host,
-        port=settings.port,
+        host=gw.settings.host,
+        port=gw.settings.port,
         log_level="warning",
         access_log=False,
         ws_max_size=2**16,
@@ -99,8 +140,10 @@ def serve(settings: Settings, plugins: list[str] | None = None) -> None:
     )
     server = _Server(config, gw)
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
+        for sock in sockets:
+            sock.close()
         gw.close()
     if not server.started:
         raise SystemExit(1)

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +64,14 @@ class Gateway:
         discovered: dict[str, Discovered] | None = None,
         plugins: list[str] | None = None,
         metrics: Metrics | None = None,
+        listen: Callable[[], int] | None = None,
     ) -> Gateway:
-        """Open the store (one owner per data dir), set up auth, start the plugins in the background."""
+        """Open the store (one owner per data dir), set up auth, start the plugins in the background. `listen`
+        takes the HTTP port once the data dir is owned and before anything starts, returning the port it took."""
         store = Store(settings.data_dir, settings=settings)
         try:
+            if listen is not None:  # a port in use fails here, in a moment, not after every plugin came up
+                settings = settings.model_copy(update={"port": listen()})
             auth = AuthService(store)
             data_dir = store.data_dir
             key_path = auth.bootstrap(data_dir, settings.admin_key)
