@@ -113,6 +113,17 @@ def announced(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout: f
     raise RuntimeError(f"no {pattern!r} in {timeout:.0f} s: {log.read_text(errors='replace')[-2000:]}")
 
 
+JUPYTER_RUNNING = r"is running at:\s+(?:\[[^\]]*\]\s+)?(http://127\.0\.0\.1:\d+)/"  # after its log line's prefix
+
+
+def jupyter_url(proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> str:
+    """Where a Jupyter server started with --port=0 listens (it takes a free port itself, and says which)."""
+    url = announced(proc, log, JUPYTER_RUNNING, timeout)
+    if url is None:
+        raise RuntimeError(f"the Jupyter server exited: {log.read_text(errors='replace')[-2000:]}")
+    return url
+
+
 def wait_healthy(gw: Gateway, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -175,7 +175,7 @@ def stop_process(proc: subprocess.Popen[Any], wait_s: float = 20) -> None:
 def jupyter_server(root: Path, gateway_url: str, token: str, *args: str) -> Iterator[str]:
     """A Jupyter server with bkg's lab extension and `args`, forwarding to `gateway_url` with the admin key (no
     gateway of its own), logging to `root`/server.log; yield its URL, and stop it after."""
-    from gateway_harness import ADMIN_KEY, announced, http_ok, wait_for
+    from gateway_harness import ADMIN_KEY, http_ok, jupyter_url, wait_for
 
     env = {**os.environ, "BKG_GATEWAY_URL": gateway_url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0"}
     with open(root / "server.log", "wb") as out:  # --port=0: it takes a free port itself, and says which
@@ -187,10 +187,7 @@ def jupyter_server(root: Path, gateway_url: str, token: str, *args: str) -> Iter
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        running = r"is running at:\s+(?:\[[^\]]*\]\s+)?(http://127\.0\.0\.1:\d+)/"  # after its log line's prefix
-        url = announced(proc, root / "server.log", running, timeout=90)
-        if url is None:
-            raise RuntimeError(f"the Jupyter server exited: {(root / 'server.log').read_text()[-2000:]}")
+        url = jupyter_url(proc, root / "server.log")
         wait_for(lambda: http_ok(f"{url}/api/status", token=token), timeout=90, every=0.5)
         yield url
     finally:

@@ -15,7 +15,17 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, Gateway, free_port, http_ok, start_gateway, wait_for
+from gateway_harness import (
+    ADMIN_KEY,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    Gateway,
+    free_port,
+    http_ok,
+    jupyter_url,
+    start_gateway,
+    wait_for,
+)
 from helpers import stop_process
 
 from bkg_kernel.kernels import LAB_KERNEL_MANAGER
@@ -39,7 +49,6 @@ def labroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def lab(gw: Gateway, labroot: Path) -> Iterator[str]:
     root = labroot
-    port = free_port()
     env = {
         **os.environ, "BKG_GATEWAY_URL": gw.url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0",
         "BKG_DASHBOARDS_URL": "http://127.0.0.1:8866",
@@ -48,7 +57,7 @@ def lab(gw: Gateway, labroot: Path) -> Iterator[str]:
     log = open(root / "lab.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
+            sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--port=0",
             "--ip=127.0.0.1", f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}",
             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             f"--LabApp.workspaces_dir={root / 'workspaces'}", f"--LabApp.user_settings_dir={root / 'settings'}",
@@ -56,8 +65,8 @@ def lab(gw: Gateway, labroot: Path) -> Iterator[str]:
         ],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     try:
+        url = jupyter_url(proc, root / "lab.log")
         wait_for(lambda: http_ok(f"{url}/api/status", token=TOKEN), timeout=90, every=0.5)
         yield url
     finally:
@@ -208,16 +217,17 @@ def test_server_extension_starts_a_gateway_when_none_runs(tmp_path: Path) -> Non
     import json
     import signal
 
-    data, port, gport = tmp_path / "data", free_port(), free_port()
+    data, gport = tmp_path / "data", free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BKG_") or k in ("BKG_CACHE_DIR",)}
     env.update(BKG_DATA_DIR=str(data), BKG_PORT=str(gport), BKG_MODEL_DIR=str(tmp_path / "models"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
-         f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={tmp_path}"],
-        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "lab.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--port=0", "--ip=127.0.0.1",
+             f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={tmp_path}"],
+            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
+        url = jupyter_url(proc, tmp_path / "lab.log")
         wait_for(lambda: http_ok(f"{url}/api/status", token=TOKEN), timeout=90, every=0.5)
         r = httpx.get(f"{url}/bkg/api/api/plugins", params={"token": TOKEN}, timeout=120)
         assert r.status_code == 200 and r.json()["plugins"], r.text

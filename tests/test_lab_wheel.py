@@ -14,7 +14,7 @@ import sysconfig
 from pathlib import Path
 
 import httpx
-from gateway_harness import free_port, http_ok, wait_for
+from gateway_harness import http_ok, jupyter_url, wait_for
 
 EXT = Path(__file__).resolve().parent.parent / "extensions" / "jupyterlab_bkg"
 
@@ -67,15 +67,15 @@ def test_wheel_installs_and_loads_without_node(tmp_path: Path) -> None:
     assert "jupyterlab_bkg" in serverext and "OK" in serverext, serverext
 
     # the lab server started from this venv serves the prebuilt assets and the forwarding routes
-    port = free_port()
-    proc = subprocess.Popen(
-        [py, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
-         "--ServerApp.token=t", f"--ServerApp.root_dir={tmp_path}"],
-        env={**env, "BKG_GATEWAY_URL": "http://127.0.0.1:9", "BKG_API_KEY": "x", "BKG_LAB_START_GATEWAY": "0"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "lab.log", "wb") as log:
+        proc = subprocess.Popen(
+            [py, "-m", "jupyterlab", "--no-browser", "--allow-root", "--port=0", "--ip=127.0.0.1",
+             "--ServerApp.token=t", f"--ServerApp.root_dir={tmp_path}"],
+            env={**env, "BKG_GATEWAY_URL": "http://127.0.0.1:9", "BKG_API_KEY": "x", "BKG_LAB_START_GATEWAY": "0"},
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
+        url = jupyter_url(proc, tmp_path / "lab.log")
         wait_for(lambda: http_ok(f"{url}/api/status", token="t"), timeout=90, every=0.5)
         page = httpx.get(f"{url}/lab", params={"token": "t"}).text
         assert "jupyterlab-bkg" in page  # listed among the federated extensions the page loads

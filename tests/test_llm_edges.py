@@ -6,6 +6,7 @@ cleanly (a real uvicorn with the gateway's error handlers)."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +14,7 @@ from typing import Any, ClassVar
 
 import httpx
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, free_port, start_gateway, wait_for
+from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
 
 from bkg_kernel.models.defaults import DEFAULT_LLM
 from bkg_kernel.runtime.bodyjson import TOO_DEEP
@@ -240,9 +241,10 @@ def test_an_unhandled_500_closes_its_connection_before_the_next_request() -> Non
     async def fine() -> dict[str, bool]:
         return {"ok": True}
 
-    port = free_port()
+    sock = socket.create_server(("127.0.0.1", 0))  # bound here: no port picked free that another may take
+    port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_for(lambda: server.started, timeout=20)
     try:
