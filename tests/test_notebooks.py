@@ -54,7 +54,7 @@ def _run_with_own_gateway(name: str, tmp_path: Path, monkeypatch) -> Any:  # typ
     data = tmp_path / "data"
     monkeypatch.setenv("BKG_DATA_DIR", str(data))
     monkeypatch.setenv("BKG_MODEL_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("BKG_PORT", str(_free_port()))
+    monkeypatch.setenv("BKG_PORT", "0")  # any free port: connect() finds the one it took in gateway.json
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     try:
         NotebookClient(
@@ -65,14 +65,6 @@ def _run_with_own_gateway(name: str, tmp_path: Path, monkeypatch) -> Any:  # typ
         if state.exists():  # connect() started a gateway for this data dir: stop it
             os.kill(json.loads(state.read_text())["pid"], signal.SIGTERM)
     return nb
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_repo_quickstart_indexes_maps_and_asks(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

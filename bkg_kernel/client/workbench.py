@@ -349,7 +349,7 @@ def connect(
         # (it could not bind there; the data dir it would make here is not that gateway's)
         if not start or under_hub or not _this_machine(urlsplit(url).hostname or ""):
             raise Unavailable(f"no bkg gateway answers at {url} (start one with `bkg serve`)")
-        _spawn(settings, ddir, url, timeout)
+        url = _spawn(settings, ddir, url, timeout)
     key = key or _api_key(settings, ddir, admin)  # the data dir's key exists once it started
     return Workbench(url, key, call_timeout)
 
@@ -456,7 +456,9 @@ def _hub_service_url(api_url: str, token: str, name: str = "bkg") -> str | None:
     return str(url).rstrip("/") if url else None
 
 
-def _spawn(settings: Settings, ddir: Path, url: str, timeout: float) -> None:
+def _spawn(settings: Settings, ddir: Path, url: str, timeout: float) -> str:
+    """Start `bkg serve` for `ddir` in a session of its own; return the URL it answers at: `url`, or with port 0
+    (BKG_PORT=0: any free port) the one it took, as its gateway.json names it."""
     make_data_dir(ddir)  # a file in its way, a folder not ours: one clear error naming it
     log = open_log(ddir / "gateway.log")  # handed to the child; rotated past 10 MB
     port = url.rsplit(":", 1)[-1].split("/")[0]
@@ -470,10 +472,20 @@ def _spawn(settings: Settings, ddir: Path, url: str, timeout: float) -> None:
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _alive(url):
-            return
+        at = _announced(ddir, proc.pid) if port == "0" else url
+        if at is not None and _alive(at):
+            return at
         if proc.poll() is not None:
             tail = (ddir / "gateway.log").read_text(errors="replace")[-800:]
             raise Unavailable(f"the bkg gateway exited (code {proc.returncode}) while starting:\n{tail}")
         time.sleep(0.1)
     raise Unavailable(f"the bkg gateway did not answer at {url} within {timeout:.0f}s (see {ddir / 'gateway.log'})")
+
+
+def _announced(ddir: Path, pid: int) -> str | None:
+    """The URL in `ddir`'s gateway.json once the gateway `pid` wrote it (a stale one names another pid)."""
+    try:
+        state = json.loads((ddir / "gateway.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return str(state["url"]) if isinstance(state, dict) and state.get("pid") == pid and "url" in state else None

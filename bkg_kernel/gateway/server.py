@@ -78,16 +78,10 @@ def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
     """The gateway's listening socket. Port 0 takes any free port: nothing can take it between a pick and a bind,
     as it can from a caller that picks a free port and passes it on."""
     where = f"{host}:{port}"
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise InvalidInput(f"cannot listen on {where}: {exc.strerror or exc}", field="host") from None
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn chooses for a host
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a gateway just stopped leaves TIME_WAITs
-        sock.bind(address)
+        sock.bind((host, port))
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
@@ -96,7 +90,8 @@ def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
                 f"cannot listen on {where}: the port is in use (`bkg status` says whether a gateway runs there); "
                 "choose another with --port, or --port 0 for any free one"
             ) from None
-        raise InvalidInput(f"cannot listen on {where}: {exc.strerror or exc}", field="port") from None
+        field = "port" if exc.errno == errno.EACCES else "host"  # a port below 1024; a name or address not here
+        raise InvalidInput(f"cannot listen on {where}: {exc.strerror or exc}", field=field) from None
     return sock
 
 
