@@ -329,12 +329,12 @@ def run_all(
     import signal
 
     from bkg_kernel.client import connect
-    from bkg_kernel.client.workbench import _alive, vet_gateway
+    from bkg_kernel.client.workbench import _alive, running_gateway, vet_gateway
     from bkg_kernel.settings import Settings
 
     settings = Settings() if data_dir is None else Settings(data_dir=data_dir)
     ddir = settings.data_dir.resolve()
-    url = f"http://{settings.host}:{settings.port}"
+    url = running_gateway(ddir) or f"http://{settings.host}:{settings.port}"  # the one on BKG_PORT=0 too
     vet_gateway(url, settings)  # a host in ./bkg.toml (a cloned repo's) does not get the key, nor the lab's traffic
     ours = not _alive(url)
     wb = connect(url, data_dir=ddir, admin=admin)

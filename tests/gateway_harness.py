@@ -103,9 +103,10 @@ def announced(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout: f
     or where Jupyter's and Voila's port retries took it); None when the process exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        exited = proc.poll() is not None  # before the read: a line written just before the exit is still seen
         if found := re.search(pattern, log.read_text(errors="replace") if log.exists() else ""):
             return found.group(1)
-        if proc.poll() is not None:
+        if exited:
             return None
         time.sleep(0.05)
     proc.kill()
@@ -113,7 +114,8 @@ def announced(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout: f
     raise RuntimeError(f"no {pattern!r} in {timeout:.0f} s: {log.read_text(errors='replace')[-2000:]}")
 
 
-JUPYTER_RUNNING = r"is running at:\s+(?:\[[^\]]*\]\s+)?(http://127\.0\.0\.1:\d+)/"  # after its log line's prefix
+# after its log line's prefix; never ":0/", what older Jupyter Servers printed for --port=0 (this one prints the port)
+JUPYTER_RUNNING = r"is running at:\s+(?:\[[^\]]*\]\s+)?(http://127\.0\.0\.1:[1-9]\d*)/"
 
 
 def jupyter_url(proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> str:

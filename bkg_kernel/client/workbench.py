@@ -344,6 +344,10 @@ def connect(
         raise InvalidInput(f"the gateway URL must look like http://host:port, not {url!r}", field="url")
     if found:
         vet_gateway(url, settings)  # before anything goes there, /health included
+        if not settings.gateway_url and url != running_gateway(ddir):
+            # a gateway.json no gateway holds (one killed outright leaves it) names a port that may be anybody's
+            # now (one taken with BKG_PORT=0 above all): the settings' address, as if no file were there
+            url = f"http://{settings.host}:{settings.port}"
     if not _alive(url):
         # a Hub user's server never starts a gateway of its own, and none is started for another machine's URL
         # (it could not bind there; the data dir it would make here is not that gateway's)
@@ -404,6 +408,13 @@ def _this_machine(host: str) -> bool:
     except ValueError:
         return False  # a name: what it resolves to is the resolver's to say, now and at the next request
     return ip in (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")) or ip.is_unspecified
+
+
+def running_gateway(ddir: Path) -> str | None:
+    """The URL the data dir's gateway recorded in its gateway.json, while that gateway runs (holds the data dir's
+    lock); None when none runs."""
+    recorded = _recorded(ddir / "gateway.json")
+    return recorded if recorded is not None and _held(ddir / "bkg.lock") else None
 
 
 def _recorded(state: Path) -> str | None:
