@@ -74,25 +74,39 @@ def keep_pandas_out() -> None:
         sys.meta_path.insert(0, PandasBlocker())
 
 
-def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """The gateway's listening socket. Port 0 takes any free port: nothing can take it between a pick and a bind,
-    as it can from a caller that picks a free port and passes it on."""
+def listen(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
+    """The gateway's listening sockets, one per address `host` resolves to, bound as asyncio's `create_server`
+    (which uvicorn called) binds them: an IPv6 socket takes IPv6 only. Port 0 takes any free port, the same one on
+    every address: nothing can take it between a pick and a bind, as it can from a caller that picks a free port
+    and passes it on."""
     where = f"{host}:{port}"
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn chooses for a host
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a gateway just stopped leaves TIME_WAITs
-        sock.bind((host, port))
-        sock.listen(backlog)
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
-        sock.close()
+        raise InvalidInput(f"cannot listen on {where}: {exc.strerror or exc}", field="host") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a gateway just stopped leaves TIME_WAITs
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if len(sockets) > 1:  # the port the first address took, for port 0
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(backlog)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise Conflict(
                 f"cannot listen on {where}: the port is in use (`bkg status` says whether a gateway runs there); "
                 "choose another with --port, or --port 0 for any free one"
             ) from None
-        field = "port" if exc.errno == errno.EACCES else "host"  # a port below 1024; a name or address not here
+        field = "port" if exc.errno == errno.EACCES else "host"  # a port below 1024; an address not this machine's
         raise InvalidInput(f"cannot listen on {where}: {exc.strerror or exc}", field=field) from None
-    return sock
+    return sockets
 
 
 def serve(settings: Settings, plugins: list[str] | None = None) -> None:
@@ -107,7 +121,7 @@ def serve(settings: Settings, plugins: list[str] | None = None) -> None:
     sockets: list[socket.socket] = []
 
     def take_port() -> int:
-        sockets.append(listen(settings.host, settings.port))
+        sockets.extend(listen(settings.host, settings.port))
         return int(sockets[0].getsockname()[1])
 
     try:  # raises DataDirLocked naming the holder before any socket is bound
