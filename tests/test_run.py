@@ -17,9 +17,9 @@ from gateway_harness import free_port, wait_for
 
 def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    gw_port, lab_port, dash_port = free_port(), free_port(), free_port()
+    lab_port, dash_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("BKG_API_KEY", "BKG_ADMIN_KEY")}
-    env.update(BKG_PORT=str(gw_port), JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"))
+    env.update(BKG_PORT="0", JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"))  # the gateway on any free port
     log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [
@@ -49,7 +49,9 @@ def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
                 return False
 
         wait_for(lab_up, timeout=120, every=0.5)
-        health = httpx.get(f"http://127.0.0.1:{gw_port}/health").json()
+        gateway = json.loads((data / "gateway.json").read_text())["url"]  # the port it took
+        assert f"bkg gateway: {gateway}  (plugins:" in (tmp_path / "run.log").read_text(errors="replace")
+        health = httpx.get(f"{gateway}/health").json()
         assert health["plugins"]["sysinfo"] == "running"
         assert (data / "admin.key").stat().st_mode & 0o777 == 0o600
         gateway_pid = json.loads((data / "gateway.json").read_text())["pid"]
@@ -68,7 +70,7 @@ def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
             assert c.environ().get("BKG_API_KEY") == bench_key and admin_key not in str(c.environ()), c.cmdline()
         for c in voilas:  # Voila asks nobody for a token: its kernels hold no key, every dashboard asks for a login
             assert bench_key not in str(c.environ()) and admin_key not in str(c.environ()), c.cmdline()
-        me = httpx.get(f"http://127.0.0.1:{gw_port}/auth/me", headers={"Authorization": f"Bearer {bench_key}"}).json()
+        me = httpx.get(f"{gateway}/auth/me", headers={"Authorization": f"Bearer {bench_key}"}).json()
         assert me["username"] == "admin" and not any(s.startswith("admin:") for s in me["scopes"])
         assert "collections:write" in me["scopes"] and "plugins:write" in me["scopes"]
         _lab_kernel_over_unix_sockets(lab_port, tmp_path / "rt")
