@@ -4,6 +4,7 @@ team set-up (the gateway as a Hub-managed service; Hub logins everywhere; rights
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 from pathlib import Path
@@ -14,10 +15,31 @@ CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "jupyterhub_config.py"
 
 
 def free_port() -> int:
-    """A port nothing listens on now (127.0.0.1)."""
-    with socket.socket() as s:
+    """A port nothing listens on now (127.0.0.1), for a server that binds it a few seconds later. Picked below the
+    kernel's range for the local ports of outgoing connections (`ip_local_port_range`, where a bind to port 0 picks
+    too): a connection made meanwhile by any process takes its port from that range, never from this one."""
+    low = _outgoing_ports()[0]
+    rng = random.SystemRandom()
+    for _ in range(64):
+        port = rng.randrange(10000, low) if low > 10000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use: another
+            return int(s.getsockname()[1])
+    with socket.socket() as s:  # every try was in use: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _outgoing_ports() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux's default when it cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def hub_env(

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,9 +23,11 @@ ADMIN_KEY = "bkg_0123456789ab_" + "A" * 40
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port for a server that takes no port 0 (a Hub, Voila, `bkg run`'s lab): bkg.hub's pick, below the range
+    outgoing connections take their ports from."""
+    from bkg_kernel.hub import free_port as below_outgoing
+
+    return below_outgoing()
 
 
 @dataclass

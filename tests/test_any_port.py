@@ -85,3 +85,15 @@ def test_connect_finds_the_running_gateway_on_the_port_it_took(any_port: Path) -
         assert wb.plugins[0]["id"] == "sysinfo"
     finally:
         g.stop()
+
+
+def test_a_port_picked_for_a_later_bind_is_outside_the_range_outgoing_connections_use() -> None:
+    """What a server that cannot take port 0 gets (`bkg hub`'s Hub, proxy and gateway; the tests' Voila): a free
+    port below `ip_local_port_range`, so no connection opened before the server binds it can have taken it."""
+    from bkg_kernel import hub
+
+    low, high = hub._outgoing_ports()
+    ports = {hub.free_port() for _ in range(20)}
+    assert all(10000 <= p < low for p in ports) and len(ports) > 1, ports
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as out:
+        assert low <= out.getsockname()[1] <= high  # where outgoing connections (and port 0) take theirs
