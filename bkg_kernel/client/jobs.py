@@ -20,7 +20,9 @@ from bkg_kernel.errors import JobFailed, Timeout
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
 
-COLORS = {"succeeded": "#1a7f37", "failed": "#cf222e", "timed_out": "#cf222e", "cancelled": "#6e7781"}
+COLORS = {
+    "succeeded": "#1a7f37", "done": "#1a7f37", "failed": "#cf222e", "timed_out": "#cf222e", "cancelled": "#6e7781",
+}  # fmt: skip
 
 
 def when(t: float | None, tz: str | None = None) -> str:
@@ -54,24 +56,37 @@ class Run(dict[str, Any]):
         return message if message.startswith(state) else f"{state}: {message}" if message else state
 
     def _repr_html_(self) -> str:
+        """A notebook run's line (cells done, parameters, the failed cell), or a background job's (`brainml.train`:
+        its kind, progress and error), which `wb.jobs.get` returns too."""
         color = COLORS.get(self["state"], "#9a6700")
-        dur = f"{self['duration_s']:.1f} s" if self.get("duration_s") is not None else ""
+        if "notebook" in self:
+            what = f"<code>{escape(self['notebook'])}</code>"
+            done = f"{self.get('cells_done', 0)}/{self.get('cells_total', 0)} cells"
+            took = self.get("duration_s")
+        else:
+            what = escape(str(self.get("kind", "")))
+            done = f"{float(self.get('progress') or 0):.0%}"
+            ended, began = self.get("finished"), self.get("created")
+            took = ended - began if isinstance(ended, (int, float)) and isinstance(began, (int, float)) else None
+        dur = f" {took:.1f} s" if took is not None else ""
+        who = f" · {escape(str(self['owner']))}" if self.get("owner") else ""
         head = (
-            f"<b>{escape(self['id'])}</b> <code>{escape(self['notebook'])}</code> "
-            f"<span style='color:{color};font-weight:bold'>{escape(self['state'])}</span> "
-            f"{self.get('cells_done', 0)}/{self.get('cells_total', 0)} cells {dur} · {escape(self['owner'])}"
+            f"<b>{escape(str(self['id']))}</b> {what} "
+            f"<span style='color:{color};font-weight:bold'>{escape(self['state'])}</span> {done}{dur}{who}"
         )
         parts = [f"<div>{head}</div>"]
         if self.get("parameters"):
             params = ", ".join(f"{escape(k)}={escape(repr(v))}" for k, v in self["parameters"].items())
             parts.append(f"<div>parameters: <code>{params}</code></div>")
         err = self.get("error")
-        if err:
+        if isinstance(err, dict):
             where = f"cell {err['cell_index']}" if err.get("cell_index") is not None else "the run"
-            parts.append(f"<div style='color:#cf222e'>{escape(where)}: {escape(err['ename'])}: "
-                         f"{escape(str(err['evalue']))}</div>")  # fmt: skip
+            parts.append(f"<div style='color:#cf222e'>{escape(where)}: {escape(str(err.get('ename')))}: "
+                         f"{escape(str(err.get('evalue')))}</div>")  # fmt: skip
             if err.get("source"):
                 parts.append(f"<pre style='background:#fff8f8;padding:4px'>{escape(err['source'])}</pre>")
+        elif err:
+            parts.append(f"<div style='color:#cf222e'>{escape(str(err))}</div>")
         if self.get("output_path"):
             parts.append(f"<div>output: <code>{escape(self['output_path'])}</code></div>")
         return "<div style='border-left:3px solid " + color + ";padding-left:6px'>" + "".join(parts) + "</div>"

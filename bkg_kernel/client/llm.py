@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from bkg_kernel.client import transport
-from bkg_kernel.display import Table
+from bkg_kernel.display import Table, fmt_bytes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -96,13 +96,13 @@ class LLM:
 class ModelTable(Table):
     """Registered models as a notebook table."""
 
-    headers = ("id", "kind", "MB", "license", "source", "sha256")
+    headers = ("id", "kind", "size", "license", "source", "sha256")
     caption = "bkg models"
 
     def cells(self, row: dict[str, Any]) -> Sequence[Any]:
         """Return one model's cells."""
-        size_mb = f"{row['size'] / 2**20:,.1f}"
-        return (row["id"], row["kind"], size_mb, row.get("license") or "", row["source"], row["sha256"][:12])
+        size = fmt_bytes(row["size"])  # a trained classifier of 6 KB read "0.0" in MB
+        return (row["id"], row["kind"], size, row.get("license") or "", row["source"], row["sha256"][:12])
 
 
 def _messages(m: str | list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -376,11 +376,9 @@ class ModelRegistry:
         return added
 
     def _repr_html_(self) -> str:
-        from bkg_kernel.display import html_table
+        from bkg_kernel.display import fmt_bytes, html_table
 
-        rows = [
-            [m.id, m.kind, f"{m.size / 2**20:,.1f} MB", m.license or "", m.source, m.sha256[:12]] for m in self.list()
-        ]
+        rows = [[m.id, m.kind, fmt_bytes(m.size), m.license or "", m.source, m.sha256[:12]] for m in self.list()]
         return html_table(["id", "kind", "size", "license", "source", "sha256"], rows)
 
 
