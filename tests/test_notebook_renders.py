@@ -48,3 +48,20 @@ def test_a_small_model_s_size_is_in_the_unit_that_shows_it(tmp_path: Path) -> No
     assert shown in reg._repr_html_() and "0.0 MB" not in reg._repr_html_()
     table = ModelTable([entry.to_manifest() | {"id": entry.id}])._repr_html_()
     assert shown in table and "0.0" not in table
+
+
+def test_collections_and_snapshots_show_their_sizes_for_people(tmp_path: Path) -> None:
+    import numpy as np
+
+    from bkg_kernel.store import Store
+
+    with Store(tmp_path / "data") as store:
+        c = store.create_collection("docs", dim=4)
+        c.upsert(ids=[1, 2], vectors=np.eye(4, dtype=np.float32)[:2], texts=["one", "two"], progress=False)
+        snap = store.snapshot("docs")
+        listed = store.list_collections()
+        html = listed._repr_html_()
+        assert "1 collection<" in html and ">size</th>" in html and "bytes_on_disk" not in html
+        assert any(unit in html for unit in (" KB<", " MB<", " B<"))
+        snaps = store.list_snapshots("docs")._repr_html_()
+        assert "1 snapshot<" in snaps and snap.id in snaps and ">size</th>" in snaps

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bkg_kernel.display import html_table
+from bkg_kernel.display import fmt_bytes, html_table
 
 PointId = int | str
 
@@ -207,9 +207,10 @@ class CollectionList:
         return [c.name for c in self.collections]
 
     def _repr_html_(self) -> str:
-        cols = ["name", "dim", "metric", "index", "count", "bytes_on_disk", "last_snapshot"]
-        rows = [[getattr(c, k) for k in cols] for c in self.collections]
-        return html_table(cols, rows, f"{len(rows)} collections")
+        cols = ["name", "dim", "metric", "index", "count", "size", "last_snapshot"]
+        rows = [[c.name, c.dim, c.metric, c.index, c.count, fmt_bytes(c.bytes_on_disk), c.last_snapshot or ""]
+                for c in self.collections]  # fmt: skip
+        return html_table(cols, rows, f"{len(rows)} collection{'' if len(rows) == 1 else 's'}")
 
 
 @dataclass
@@ -249,5 +250,6 @@ class SnapshotList:
         return self.snapshots[i]
 
     def _repr_html_(self) -> str:
-        cols = ["id", "collection", "created_at", "points", "bytes", "ok"]
-        return html_table(cols, [[getattr(s, k) for k in cols] for s in self.snapshots], "snapshots")
+        cols = ["id", "collection", "created_at", "points", "size", "ok"]
+        rows = [[s.id, s.collection, s.created_at, s.points, fmt_bytes(s.bytes), s.ok] for s in self.snapshots]
+        return html_table(cols, rows, f"{len(rows)} snapshot{'' if len(rows) == 1 else 's'}")
