@@ -13,7 +13,8 @@ from typing import Annotated, Any
 import typer
 
 from bkg_kernel import kernels
-from bkg_kernel.errors import BkgError
+from bkg_kernel.client.transport import seg
+from bkg_kernel.errors import BkgError, InvalidInput
 from bkg_kernel.jobs.cli import app as jobs_app
 
 app = typer.Typer(help="bkg: a notebook-first ML research workbench.", no_args_is_help=True, add_completion=False)
@@ -54,10 +55,15 @@ def version() -> None:
 
 @app.command()
 def settings() -> None:
-    """Print the effective settings (defaults < bkg.toml < BKG_* environment)."""
+    """Print the effective settings (defaults < bkg.toml < BKG_* environment); keys and tokens as set or not, never
+    their values."""
     from bkg_kernel.settings import Settings
 
-    typer.echo(Settings().model_dump_json(indent=2))
+    shown = json.loads(Settings().model_dump_json())
+    for name in ("admin_key", "api_key", "hub_api_token"):
+        if shown.get(name):
+            shown[name] = "(set)"
+    typer.echo(json.dumps(shown, indent=2))
 
 
 @app.command()
@@ -67,6 +73,7 @@ def lab(
     open_browser: Annotated[bool, typer.Option(help="Open a browser tab.")] = False,
 ) -> None:
     """Run JupyterLab on the notebooks folder (Ctrl-C stops it)."""
+    _folder(notebook_dir, "notebooks", "run this in the bkg checkout, or pass --notebook-dir", "notebook_dir")
     raise typer.Exit(subprocess.call(lab_cmd(port, notebook_dir, open_browser)))
 
 
@@ -120,7 +127,14 @@ def dashboards(
     url: Annotated[str | None, typer.Option("--url", help="Gateway URL (default: the data dir's gateway).")] = None,
 ) -> None:
     """Serve the operator dashboards with Voila (each asks for a bkg login; Ctrl-C stops it)."""
+    _folder(folder, "dashboards", "run this in the bkg checkout, or pass --folder", "folder")
     raise typer.Exit(subprocess.call(dashboards_cmd(port, folder), env=dashboards_env(url)))
+
+
+def _folder(path: Path, what: str, hint: str, field: str | None = None) -> None:
+    """Refuse a folder that is not there before a server is started on it (Voila's answer was a traceback)."""
+    if not path.is_dir():
+        raise InvalidInput(f"no {what} folder at {path.resolve()}: {hint}", field=field)
 
 
 @app.command()
@@ -231,13 +245,13 @@ def keys_recover_admin(data_dir: DataDir = None) -> None:
 @keys_app.command("rotate")
 def keys_rotate(key_id: str, url: Url = None, data_dir: DataDir = None) -> None:
     """Give a key a new secret (the old one stops working)."""
-    _print(_wb(url, data_dir).call("POST", f"/admin/keys/{key_id}/rotate"))
+    _print(_wb(url, data_dir).call("POST", f"/admin/keys/{seg(key_id)}/rotate"))
 
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, url: Url = None, data_dir: DataDir = None) -> None:
     """Revoke a key."""
-    _print(_wb(url, data_dir).call("POST", f"/admin/keys/{key_id}/revoke"))
+    _print(_wb(url, data_dir).call("POST", f"/admin/keys/{seg(key_id)}/revoke"))
 
 
 @users_app.command("list")
@@ -260,7 +274,7 @@ def users_create(
 
 def _user_patch(name: str, body: dict[str, Any], doc: str) -> None:
     def cmd(user_id: str, url: Url = None, data_dir: DataDir = None) -> None:
-        _print(_wb(url, data_dir).call("PATCH", f"/admin/users/{user_id}", json=body))
+        _print(_wb(url, data_dir).call("PATCH", f"/admin/users/{seg(user_id)}", json=body))
 
     cmd.__doc__ = doc
     users_app.command(name)(cmd)
@@ -278,13 +292,13 @@ def users_passwd(
     data_dir: DataDir = None,
 ) -> None:
     """Set a user's password."""
-    _print(_wb(url, data_dir).call("PATCH", f"/admin/users/{user_id}", json={"password": password}))
+    _print(_wb(url, data_dir).call("PATCH", f"/admin/users/{seg(user_id)}", json={"password": password}))
 
 
 @users_app.command("delete")
 def users_delete(user_id: str, url: Url = None, data_dir: DataDir = None) -> None:
     """Delete a user (their keys are revoked)."""
-    _print(_wb(url, data_dir).call("DELETE", f"/admin/users/{user_id}"))
+    _print(_wb(url, data_dir).call("DELETE", f"/admin/users/{seg(user_id)}"))
 
 
 @app.command("hub")
@@ -302,12 +316,15 @@ def hub_cmd(
     """Run JupyterHub with the bkg gateway as a managed service (local trial: `bkg hub --dummy-auth --admin me`)."""
     from bkg_kernel import hub
     from bkg_kernel.settings import get_settings
+    from bkg_kernel.store.lock import make_data_dir
 
     ddir = data_dir or get_settings().data_dir
+    command = hub.hub_command(config)  # a config that is not there: one line, before anything is said or made
+    make_data_dir(Path(ddir))  # a file by that name: one line, not a Hub that starts and times out
     env = hub.hub_env(port=port, data_dir=ddir, state_dir=state_dir, admins=admin or [], developers=developer or [],
                       dummy_auth=dummy_auth)  # fmt: skip
     typer.echo(f"JupyterHub on http://127.0.0.1:{port} (bkg at /services/bkg/, data dir {Path(ddir).resolve()})")
-    hub.run(hub.hub_command(config), env, Path.cwd())
+    hub.run(command, env, Path.cwd())
 
 
 @app.command("run")
@@ -317,7 +334,7 @@ def run_all(
     dashboards_port: Annotated[int, typer.Option(help="Voila dashboards port.")] = 8866,
     admin: Annotated[
         bool,
-        typer.Option("--admin", help="Give the lab, its kernels and Voila the admin key (default: the workbench key)."),
+        typer.Option("--admin", help="Give the lab and its kernels the admin key (default: the workbench key)."),
     ] = False,
 ) -> None:
     """Run the workbench: the gateway in the background (started if none runs), the Voila dashboards, and
@@ -333,6 +350,8 @@ def run_all(
     from bkg_kernel.settings import Settings
 
     settings = Settings() if data_dir is None else Settings(data_dir=data_dir)
+    _folder(Path("notebooks"), "notebooks", "run this in the bkg checkout (bkg run opens its notebooks/)")
+    _folder(settings.dashboards_dir, "dashboards", "run this in the bkg checkout, or set BKG_DASHBOARDS_DIR")
     ddir = settings.data_dir.resolve()
     url = running_gateway(ddir) or f"http://{settings.host}:{settings.port}"  # the one on BKG_PORT=0 too
     vet_gateway(url, settings)  # a host in ./bkg.toml (a cloned repo's) does not get the key, nor the lab's traffic
@@ -522,10 +541,25 @@ def models_remove(
 
 def main() -> None:
     """Run the CLI; a BkgError prints one clear line and exits 2 instead of a traceback."""
+    import tomllib
+
+    from pydantic import ValidationError
+
     try:
         app()
     except BkgError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except ValidationError as exc:  # a setting (BKG_*, bkg.toml, a flag such as --port) that cannot be used
+        for e in exc.errors(include_url=False):
+            where = ".".join(str(p) for p in e["loc"]) or exc.title
+            if exc.title == "Settings" and len(e["loc"]) == 1:  # named by a flag, BKG_<NAME> or a bkg.toml key
+                where = f"{where} (BKG_{where.upper()})"
+            got = f" (got {e['input']!r})" if not isinstance(e.get("input"), dict) else ""
+            typer.echo(f"error: {where}: {e['msg']}{got}", err=True)
+        raise SystemExit(2) from None
+    except tomllib.TOMLDecodeError as exc:
+        typer.echo(f"error: bkg.toml (or BKG_CONFIG's file) is not valid TOML: {exc}", err=True)
         raise SystemExit(2) from None
 
 

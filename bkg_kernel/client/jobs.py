@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from bkg_kernel.client.transport import seg
 from bkg_kernel.display import Table
-from bkg_kernel.errors import JobFailed, Timeout
+from bkg_kernel.errors import InvalidInput, JobFailed, Timeout
 
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
@@ -191,6 +191,8 @@ class Jobs:
 
     def list(self, limit: int = 50) -> RunTable:
         """Notebook runs, newest first (a table in a notebook)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:  # -1 had left out the oldest
+            raise InvalidInput(f"limit must be a whole number from 1, not {limit!r}", field="limit")
         return RunTable([j for j in self() if j.get("kind") == "notebook"][:limit])
 
     def cancel(self, run_id: str) -> Run:

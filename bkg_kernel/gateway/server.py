@@ -19,6 +19,7 @@ import uvicorn
 from bkg_kernel.errors import Conflict, InvalidInput
 from bkg_kernel.gateway.app import create_app
 from bkg_kernel.gateway.state import Gateway
+from bkg_kernel.runtime.discovery import discover
 from bkg_kernel.settings import SECRET_ENV, Settings
 
 
@@ -124,8 +125,12 @@ def serve(settings: Settings, plugins: list[str] | None = None) -> None:
         sockets.extend(listen(settings.host, settings.port))
         return int(sockets[0].getsockname()[1])
 
+    found = discover(plugins)
+    if unknown := [p for p in plugins or [] if p not in found]:  # a typo hosted nothing, and said nothing
+        known = ", ".join(sorted(discover()))
+        raise InvalidInput(f"no plugin {', '.join(map(repr, unknown))} (plugins here: {known})", field="plugins")
     try:  # raises DataDirLocked naming the holder before any socket is bound
-        gw = Gateway.open(settings, plugins=plugins, listen=take_port)
+        gw = Gateway.open(settings, found, plugins, listen=take_port)
     except BaseException:
         for sock in sockets:
             sock.close()

@@ -82,7 +82,11 @@ def run(
 
 
 @app.command("list")
-def list_runs(limit: int = 30, url: Url = None, data_dir: DataDir = None) -> None:
+def list_runs(
+    limit: Annotated[int, typer.Option(min=1, help="How many runs, newest first.")] = 30,
+    url: Url = None,
+    data_dir: DataDir = None,
+) -> None:
     """Recent runs, newest first."""
     for r in _wb(url, data_dir).jobs.list(limit):
         typer.echo(_line(r))

@@ -1,0 +1,77 @@
+"""What a new user's hour with the `bkg` command found (each ran as a real subprocess): a name with `#` acted on
+another user; settings that cannot be used, a missing folder and a config that is not TOML were tracebacks; an
+unknown plugin id was hosted silently; `bkg settings` printed keys; `jobs list --limit -1` left out a run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gateway_harness import ADMIN_KEY, Gateway, start_gateway
+
+PLUGINS = ["apikeys"]
+BKG = [sys.executable, "-m", "bkg_kernel.cli"]
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = start_gateway(tmp_path_factory.mktemp("clitrial") / "data", plugins=PLUGINS)
+    yield g
+    g.stop()
+
+
+def bkg(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BKG_", "JUPYTERHUB_"))}
+    return subprocess.run([*BKG, *args], cwd=cwd, env={**clean, **env}, capture_output=True, text=True, timeout=120)
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+
+
+def test_a_name_with_url_characters_names_no_one_else(gw: Gateway, tmp_path: Path) -> None:
+    admin = gw.client()
+    zed = admin.post("/admin/users", json={"username": "zed", "role": "viewer"}).json()
+    for name in ("zed#frag", "zed?x=1", "zed%3Fx", "zed/../zed"):  # the last: a path no route takes, a 404
+        said = "no user" if "/" not in name else "no such route"
+        one_line_error(bkg("users", "disable", name, "--url", gw.url, cwd=tmp_path, BKG_API_KEY=ADMIN_KEY), said)
+        one_line_error(bkg("users", "delete", name, "--url", gw.url, cwd=tmp_path, BKG_API_KEY=ADMIN_KEY), said)
+        r = bkg("keys", "revoke", name, "--url", gw.url, cwd=tmp_path, BKG_API_KEY=ADMIN_KEY)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    users = {u["username"]: u for u in admin.get("/admin/users").json()["users"]}
+    assert users["zed"]["id"] == zed["id"] and not users["zed"]["disabled"]  # untouched
+
+
+def test_settings_that_cannot_be_used_are_one_line(tmp_path: Path) -> None:
+    one_line_error(bkg("settings", cwd=tmp_path, BKG_PORT="abc"), "port (BKG_PORT)", "valid integer", "'abc'")
+    one_line_error(bkg("status", cwd=tmp_path, BKG_PORT="70000"), "port (BKG_PORT)", "65535")
+    one_line_error(bkg("serve", "--port", "-1", "--data-dir", str(tmp_path / "d"), cwd=tmp_path), "port")
+    (tmp_path / "bkg.toml").write_text("port = \n")
+    one_line_error(bkg("status", cwd=tmp_path), "not valid TOML")
+
+
+def test_settings_name_keys_as_set_never_their_values(tmp_path: Path) -> None:
+    r = bkg("settings", cwd=tmp_path, BKG_API_KEY="bkg_secret_value", BKG_ADMIN_KEY="another_secret")
+    assert r.returncode == 0 and '"api_key": "(set)"' in r.stdout and '"admin_key": "(set)"' in r.stdout
+    assert "secret" not in r.stdout
+
+
+def test_folders_that_are_not_there_and_unknown_plugins_are_refused_first(tmp_path: Path) -> None:
+    one_line_error(bkg("dashboards", "--folder", str(tmp_path / "none"), cwd=tmp_path), "no dashboards folder at")
+    one_line_error(bkg("run", "--data-dir", str(tmp_path / "d"), cwd=tmp_path), "no notebooks folder at")
+    (tmp_path / "a-file").write_text("")
+    one_line_error(bkg("hub", "--data-dir", str(tmp_path / "a-file"), cwd=tmp_path), "a file is in the way")
+    one_line_error(bkg("hub", "--config", str(tmp_path / "none.py"), cwd=tmp_path), "no JupyterHub config")
+    r = bkg("serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--plugins", "nosuch,sysinfo", cwd=tmp_path)
+    one_line_error(r, "no plugin 'nosuch'", "sysinfo")
+    assert not (tmp_path / "d" / "gateway.json").exists()
+
+
+def test_a_run_limit_below_one_is_refused(gw: Gateway, tmp_path: Path) -> None:
+    r = bkg("jobs", "list", "--limit", "-1", "--url", gw.url, cwd=tmp_path, BKG_API_KEY=ADMIN_KEY)
+    assert r.returncode == 2 and "'--limit'" in r.stderr and "Traceback" not in r.stderr, r.stderr
