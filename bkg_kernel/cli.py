@@ -460,17 +460,27 @@ def store_restore(
     name: str,
     snapshot_id: str,
     into: Annotated[str | None, typer.Option(help="Restore into this new collection name.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask before replacing the collection.")] = False,
     data_dir: DataDir = None,
 ) -> None:
-    """Restore a snapshot into the same collection (replacing it) or a new one."""
+    """Restore a snapshot into the same collection (replacing it, after asking, as drop does) or a new one."""
+    if into is None and not yes:
+        typer.confirm(f"Replace collection {name!r} with snapshot {snapshot_id!r}? (--into NAME keeps it)", abort=True)
     with _store(data_dir) as s:
         coll = s.restore_snapshot(name, snapshot_id, into)
         _print(s.describe(coll.name))
 
 
 @store_app.command("delete-snapshot")
-def store_delete_snapshot(name: str, snapshot_id: str, data_dir: DataDir = None) -> None:
-    """Delete one snapshot archive."""
+def store_delete_snapshot(
+    name: str,
+    snapshot_id: str,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Delete one snapshot archive (after asking)."""
+    if not yes:
+        typer.confirm(f"Delete snapshot {snapshot_id!r} of {name!r}?", abort=True)
     with _store(data_dir) as s:
         s.delete_snapshot(name, snapshot_id)
     typer.echo(f"deleted {snapshot_id}")

@@ -75,3 +75,32 @@ def test_folders_that_are_not_there_and_unknown_plugins_are_refused_first(tmp_pa
 def test_a_run_limit_below_one_is_refused(gw: Gateway, tmp_path: Path) -> None:
     r = bkg("jobs", "list", "--limit", "-1", "--url", gw.url, cwd=tmp_path, BKG_API_KEY=ADMIN_KEY)
     assert r.returncode == 2 and "'--limit'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_restoring_over_a_collection_and_deleting_a_snapshot_ask_first(tmp_path: Path) -> None:
+    """`store restore NAME SNAP` replaced the live collection without a word, where `store drop` asks."""
+    import json
+
+    import numpy as np
+
+    from bkg_kernel.store import Store
+
+    d = str(tmp_path / "data")
+    with Store(tmp_path / "data") as s:
+        s.create_collection("docs", dim=4)
+        snap = s.snapshot("docs").id  # empty
+        s.collection("docs").upsert(ids=[1, 2], vectors=np.eye(4, dtype=np.float32)[:2], progress=False)
+
+    def run(*args: str, answer: str) -> subprocess.CompletedProcess[str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("BKG_")}
+        return subprocess.run([*BKG, "store", *args, "--data-dir", d], input=answer, cwd=tmp_path, env=clean,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    r = run("restore", "docs", snap, answer="n\n")
+    assert r.returncode == 1 and "Replace collection 'docs'" in r.stdout and "Aborted" in r.stderr, r
+    r = run("delete-snapshot", "docs", snap, answer="n\n")
+    assert r.returncode == 1 and "Delete snapshot" in r.stdout, r
+    with Store(tmp_path / "data") as s:
+        assert s.collection("docs").count() == 2 and len(s.list_snapshots("docs")) == 1  # both kept
+    assert json.loads(run("restore", "docs", snap, "--yes", answer="").stdout)["count"] == 0
+    assert run("delete-snapshot", "docs", snap, answer="y\n").returncode == 0
