@@ -350,11 +350,12 @@ def run_all(
     from bkg_kernel.settings import Settings
 
     settings = Settings() if data_dir is None else Settings(data_dir=data_dir)
-    _folder(Path("notebooks"), "notebooks", "run this in the bkg checkout (bkg run opens its notebooks/)")
-    _folder(settings.dashboards_dir, "dashboards", "run this in the bkg checkout, or set BKG_DASHBOARDS_DIR")
     ddir = settings.data_dir.resolve()
     url = running_gateway(ddir) or f"http://{settings.host}:{settings.port}"  # the one on BKG_PORT=0 too
     vet_gateway(url, settings)  # a host in ./bkg.toml (a cloned repo's) does not get the key, nor the lab's traffic
+    # before anything starts: Voila's answer to a folder that is not there was a traceback, after the gateway came up
+    _folder(Path("notebooks"), "notebooks", "run this in the bkg checkout (bkg run opens its notebooks/)")
+    _folder(settings.dashboards_dir, "dashboards", "run this in the bkg checkout, or set BKG_DASHBOARDS_DIR")
     ours = not _alive(url)
     wb = connect(url, data_dir=ddir, admin=admin)
     typer.echo(f"bkg gateway: {wb.url}  (plugins: {', '.join(p['id'] for p in wb.plugins)})", err=True)
