@@ -84,6 +84,21 @@ def test_a_label_without_held_out_chunks_is_not_tested_not_zero(gw: Gateway, rep
     assert (entry["meta"]["metrics"]["labels_tested"], entry["meta"]["metrics"]["labels_total"]) == (2, 3), entry
 
 
+def test_the_report_table_shows_the_held_out_confusion(report: Any) -> None:
+    """Where people would rather look than read: the report's table is followed by its confusion matrix, shaded
+    by each row's share (the whole picture: `pictures.training_report`)."""
+    m = report["metrics"]
+    html = report._repr_html_()
+    table = html[html.index("bkg-confusion") :]
+    cells = [int(n) for n in re.findall(r"<td[^>]*>(\d+)</td>", table)]
+    assert len(cells) == len(m["per_label"]) ** 2 and sum(cells) == m["test_examples"], table
+    assert cells == [n for row in m["confusion"] for n in row] and "rows the true label" in table
+    assert "<th style='text-align:left'>sport</th>" in table  # the untested label's row: zeros, no shade
+    from bkg_kernel.client.brain import _confusion_html
+
+    assert "&lt;b&gt;x" in _confusion_html(["<b>x</b>", "y"], [[1, 0], [0, 1]]) and _confusion_html(["a"], []) == ""
+
+
 def test_the_training_picture_marks_an_untested_label(report: Any) -> None:
     from bkg_kernel.pictures.training import _per_label, training_report
 

@@ -91,7 +91,31 @@ class TrainReport(dict[str, Any]):
             f"accuracy {m['accuracy']:.3f} (majority {m['majority_baseline']:.3f}), macro F1 {m['f1_macro']:.3f} "
             f"over {tested_labels(m)} on {m['test_examples']} held-out chunks of {m['test_documents']} documents"
         )
-        return html_table(["label", "precision", "recall", "F1", "support"], rows, cap, raw={"support"})
+        table = html_table(["label", "precision", "recall", "F1", "support"], rows, cap, raw={"support"})
+        return table + _confusion_html([r["label"] for r in m["per_label"]], m.get("confusion") or [])
+
+
+def _confusion_html(labels: list[Any], matrix: list[list[int]], most: int = 20) -> str:
+    """The held-out confusion matrix as a shaded table (rows: the true label, columns: the predicted one; a cell's
+    shade is its share of its row), for up to `most` labels; `pictures.training_report` draws the whole report."""
+    if not matrix or len(labels) > most or len(matrix) != len(labels):
+        return ""
+
+    def cell(n: int, total: int) -> str:
+        share = n / total if total else 0.0
+        ink = "#fff" if share > 0.55 else "inherit"
+        return f"<td style='text-align:right;background:rgba(31,119,180,{share:.2f});color:{ink}'>{n}</td>"
+
+    head = "".join(f"<th style='text-align:right'>{escape(str(label))}</th>" for label in labels)
+    body = "".join(
+        f"<tr><th style='text-align:left'>{escape(str(label))}</th>{''.join(cell(n, sum(row)) for n in row)}</tr>"
+        for label, row in zip(labels, matrix, strict=True)
+    )
+    cap = "held-out confusion: rows the true label, columns the predicted one (shade: share of the row)"
+    return (
+        f"<table class='bkg-table bkg-confusion'><caption style='text-align:left'>{cap}</caption>"
+        f"<thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>"
+    )
 
 
 def _metric(value: float | None) -> str:
