@@ -32,6 +32,7 @@ app.add_typer(jobs_app, name="jobs")
 
 ModelDir = Annotated[Path | None, typer.Option("--model-dir", help="Model dir (default: BKG_MODEL_DIR or ./models).")]
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data dir (default: BKG_DATA_DIR or ./data).")]
+Yes = Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")]
 
 
 def _print(obj: Any) -> None:
@@ -431,7 +432,7 @@ def store_describe(name: str, data_dir: DataDir = None) -> None:
 @store_app.command("drop")
 def store_drop(
     name: str,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    yes: Yes = False,
     data_dir: DataDir = None,
 ) -> None:
     """Drop a collection (its snapshots stay)."""
@@ -461,7 +462,7 @@ def store_restore(
     name: str,
     snapshot_id: str,
     into: Annotated[str | None, typer.Option(help="Restore into this new collection name.")] = None,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask before replacing the collection.")] = False,
+    yes: Yes = False,
     data_dir: DataDir = None,
 ) -> None:
     """Restore a snapshot into the same collection (replacing it, after asking, as drop does) or a new one."""
@@ -476,7 +477,7 @@ def store_restore(
 def store_delete_snapshot(
     name: str,
     snapshot_id: str,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    yes: Yes = False,
     data_dir: DataDir = None,
 ) -> None:
     """Delete one snapshot archive (after asking)."""

@@ -172,22 +172,32 @@ def stop_process(proc: subprocess.Popen[Any], wait_s: float = 20) -> None:
 
 
 @contextlib.contextmanager
-def jupyter_server(root: Path, gateway_url: str, token: str, *args: str) -> Iterator[str]:
-    """A Jupyter server with bkg's lab extension and `args`, forwarding to `gateway_url` with the admin key (no
-    gateway of its own), logging to `root`/server.log; yield its URL, and stop it after."""
+def jupyter_server(
+    root: Path,
+    gateway_url: str,
+    token: str,
+    *args: str,
+    module: str = "jupyter_server",
+    env: dict[str, str] | None = None,
+    log: str = "server.log",
+) -> Iterator[str]:
+    """A Jupyter server (`python -m <module>`: jupyter_server, or jupyterlab) with bkg's lab extension and `args`,
+    forwarding to `gateway_url` with the admin key (no gateway of its own) and `env` besides, logging to
+    `root`/`log`; yield its URL, and stop it after."""
     from gateway_harness import ADMIN_KEY, http_ok, jupyter_url, wait_for
 
-    env = {**os.environ, "BKG_GATEWAY_URL": gateway_url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0"}
-    with open(root / "server.log", "wb") as out:  # --port=0: it takes a free port itself, and says which
+    env = {**os.environ, "BKG_GATEWAY_URL": gateway_url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0",
+           **(env or {})}  # fmt: skip
+    with open(root / log, "wb") as out:  # --port=0: it takes a free port itself, and says which
         proc = subprocess.Popen(
             [
-                sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", "--port=0",
+                sys.executable, "-m", module, "--no-browser", "--allow-root", "--port=0",
                 "--ip=127.0.0.1", f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}", *args,
             ],
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        url = jupyter_url(proc, root / "server.log")
+        url = jupyter_url(proc, root / log)
         wait_for(lambda: http_ok(f"{url}/api/status", token=token), timeout=90, every=0.5)
         yield url
     finally:

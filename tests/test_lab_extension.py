@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import pytest
 from gateway_harness import (
-    ADMIN_KEY,
     CHROMIUM,
     CHROMIUM_ARGS,
     Gateway,
@@ -26,7 +25,7 @@ from gateway_harness import (
     start_gateway,
     wait_for,
 )
-from helpers import stop_process
+from helpers import jupyter_server
 
 from bkg_kernel.kernels import LAB_KERNEL_MANAGER
 
@@ -49,28 +48,17 @@ def labroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def lab(gw: Gateway, labroot: Path) -> Iterator[str]:
     root = labroot
-    env = {
-        **os.environ, "BKG_GATEWAY_URL": gw.url, "BKG_API_KEY": ADMIN_KEY, "BKG_LAB_START_GATEWAY": "0",
+    dashboards = {
         "BKG_DASHBOARDS_URL": "http://127.0.0.1:8866",
         "BKG_DASHBOARDS_DIR": str(Path(__file__).parent.parent / "dashboards"),
-    }  # fmt: skip
-    log = open(root / "lab.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--port=0",
-            "--ip=127.0.0.1", f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={root}",
-            "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-            f"--LabApp.workspaces_dir={root / 'workspaces'}", f"--LabApp.user_settings_dir={root / 'settings'}",
-            LAB_KERNEL_MANAGER,  # as `bkg run` starts it: kernels over Unix sockets
-        ],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        url = jupyter_url(proc, root / "lab.log")
-        wait_for(lambda: http_ok(f"{url}/api/status", token=TOKEN), timeout=90, every=0.5)
+    }
+    args = [
+        "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        f"--LabApp.workspaces_dir={root / 'workspaces'}", f"--LabApp.user_settings_dir={root / 'settings'}",
+        LAB_KERNEL_MANAGER,  # as `bkg run` starts it: kernels over Unix sockets
+    ]  # fmt: skip
+    with jupyter_server(root, gw.url, TOKEN, *args, module="jupyterlab", env=dashboards, log="lab.log") as url:
         yield url
-    finally:
-        stop_process(proc)
 
 
 @pytest.fixture(scope="module")

@@ -215,9 +215,13 @@ def _index_batches(documents: list[Any]) -> Iterator[tuple[int, list[Any]]]:
 
 def _renumber(exc: BkgError, start: int, indexed: int, total: int) -> None:
     """A refused call's error, naming its document by its place in the whole list, and what was indexed before."""
-    exc.message = _DOC_REF.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + start}", exc.message)
+
+    def shifted(text: str) -> str:
+        return _DOC_REF.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + start}", text)
+
+    exc.message = shifted(exc.message)
     if exc.field:
-        exc.field = _DOC_REF.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + start}", exc.field)
+        exc.field = shifted(exc.field)
     if indexed:
         exc.message = f"{exc.message} ({indexed:,} of {total:,} documents were indexed before)"
     exc.args = (exc.message,)

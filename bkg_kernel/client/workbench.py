@@ -417,11 +417,13 @@ def running_gateway(ddir: Path) -> str | None:
     return recorded if recorded is not None and _held(ddir / "bkg.lock") else None
 
 
-def _recorded(state: Path) -> str | None:
-    """The URL a gateway.json records (as `gateway_url` reads it)."""
+def _recorded(state: Path, pid: int | None = None) -> str | None:
+    """The URL a gateway.json records (as `gateway_url` reads it); with `pid`, only once the gateway `pid` wrote it
+    (a stale one names another pid)."""
     try:
-        return str(json.loads(state.read_text())["url"]).rstrip("/")
-    except (ValueError, KeyError, TypeError, OSError):
+        data = json.loads(state.read_text())
+        return str(data["url"]).rstrip("/") if pid is None or data.get("pid") == pid else None
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
         return None
 
 
@@ -483,7 +485,7 @@ def _spawn(settings: Settings, ddir: Path, url: str, timeout: float) -> str:
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        at = _announced(ddir, proc.pid) if port == "0" else url
+        at = _recorded(ddir / "gateway.json", proc.pid) if port == "0" else url
         if at is not None and _alive(at):
             return at
         if proc.poll() is not None:
@@ -491,12 +493,3 @@ def _spawn(settings: Settings, ddir: Path, url: str, timeout: float) -> str:
             raise Unavailable(f"the bkg gateway exited (code {proc.returncode}) while starting:\n{tail}")
         time.sleep(0.1)
     raise Unavailable(f"the bkg gateway did not answer at {url} within {timeout:.0f}s (see {ddir / 'gateway.log'})")
-
-
-def _announced(ddir: Path, pid: int) -> str | None:
-    """The URL in `ddir`'s gateway.json once the gateway `pid` wrote it (a stale one names another pid)."""
-    try:
-        state = json.loads((ddir / "gateway.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return str(state["url"]) if isinstance(state, dict) and state.get("pid") == pid and "url" in state else None
