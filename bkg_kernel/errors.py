@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -350,3 +352,16 @@ def expand_home(path: str, field: str) -> Path:
         return Path(path).expanduser()
     except RuntimeError:
         raise NotFound(f"no home directory for {path!r}", field=field) from None
+
+
+def closest(name: str, names: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The one of `names` a misspelt `name` most likely meant (difflib's ratio at least `cutoff`), or None."""
+    found = difflib.get_close_matches(name, sorted(names), n=1, cutoff=cutoff)
+    return found[0] if found else None
+
+
+def name_hint(name: str, names: Iterable[str]) -> str:
+    """`did you mean 'x'?` for a name close to one of `names`, else `it takes a, b, c` (or `it takes none`)."""
+    names = sorted(names)
+    near = closest(name, names)
+    return f"did you mean {near!r}?" if near else f"it takes {', '.join(names) or 'none'}"

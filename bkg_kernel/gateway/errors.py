@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 from typing import Any
@@ -14,7 +13,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from bkg_kernel.errors import BkgError, Unauthorized, openai_shaped
+from bkg_kernel.errors import BkgError, Unauthorized, name_hint, openai_shaped
 from bkg_kernel.gateway.strictquery import takes
 from bkg_kernel.runtime.bodyjson import TOO_DEEP
 
@@ -109,10 +108,7 @@ def _body_fields(request: Request) -> list[str]:
 
 def _hint(name: str, names: list[str]) -> str:
     """` (did you mean 'x'?)` for a name close to one of `names`, else ` (it takes a, b, c)`; '' with no names."""
-    if not names:
-        return ""
-    close = difflib.get_close_matches(name, names, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f" (it takes {', '.join(dict.fromkeys(names))})"
+    return f" ({name_hint(name, names)})" if names else ""
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -10,7 +10,6 @@ the cache-busters browsers' libraries add (JupyterLab's `?<timestamp>`, jQuery's
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
 from typing import Any
@@ -20,7 +19,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 
-from bkg_kernel.errors import InvalidInput
+from bkg_kernel.errors import InvalidInput, closest
 from bkg_kernel.gateway.jupyterhub import route_path
 
 STRICT_PREFIXES = ("/api/", "/admin/", "/auth/")
@@ -39,8 +38,8 @@ async def known_query_only(conn: HTTPConnection) -> None:
             continue
         if given in body:
             raise InvalidInput(f"{given} is a field of the JSON body, not a query parameter", field=f"query.{given}")
-        close = difflib.get_close_matches(given, names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        near = closest(given, names)
+        hint = f" (did you mean {near!r}?)" if near else ""
         said = f"it takes {', '.join(sorted(names))}" if names else "it takes none"
         raise InvalidInput(f"unknown query parameter {given!r}{hint}: {said}", field=f"query.{given}")
 

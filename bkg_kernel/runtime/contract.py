@@ -12,7 +12,6 @@ topic `jobs`); called directly it simply runs.
 from __future__ import annotations
 
 import contextvars
-import difflib
 import inspect
 import logging
 import queue
@@ -31,7 +30,7 @@ if typing.TYPE_CHECKING:
 
     from bkg_kernel.auth import Principal
 
-from bkg_kernel.errors import InvalidInput, NotFound, Unavailable, invalid_from_pydantic
+from bkg_kernel.errors import InvalidInput, NotFound, Unavailable, invalid_from_pydantic, name_hint
 from bkg_kernel.runtime import calls
 from bkg_kernel.runtime.storehandle import StoreHandle
 from bkg_kernel.strict import whole_floats_only
@@ -80,8 +79,7 @@ def _known_only(model: type[BaseModel], data: dict[str, Any]) -> None:
         names = _NAMES[model] = frozenset(found)
     for key in data:
         if key not in names:
-            close = difflib.get_close_matches(str(key), sorted(names), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(sorted(names)) or 'none'}"
+            hint = name_hint(str(key), names)
             raise InvalidInput(f"input.{key}: not an input of this capability ({hint})", field=f"input.{key}")
 
 

@@ -6,7 +6,6 @@ usual); scope `llm:use`. (No `from __future__ import annotations`: FastAPI must 
 """
 
 import asyncio
-import difflib
 from typing import Annotated, Any
 
 import orjson
@@ -15,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import InvalidInput, NotFound, openai_shaped
+from bkg_kernel.errors import InvalidInput, NotFound, closest, openai_shaped
 from bkg_kernel.plugins.llmserver.schemas import ChatRequest, CompletionRequest, EmbedRequest
 from bkg_kernel.runtime.bodyjson import BIG_BODY, TOO_DEEP, RawJSON
 from bkg_kernel.runtime.contract import GatewayAPI
@@ -64,9 +63,9 @@ def misspelt(body: BaseModel) -> None:
     and the call ran as if it had not been given. OpenAI's own fields that bkg does not use pass."""
     known = sorted(type(body).model_fields)
     for key in body.model_extra or {}:
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8) if key not in OPENAI_FIELDS else []
-        if close:
-            raise InvalidInput(f"{key}: not a field of this request (did you mean {close[0]!r}?)", field=key)
+        near = closest(key, known, cutoff=0.8) if key not in OPENAI_FIELDS else None
+        if near:
+            raise InvalidInput(f"{key}: not a field of this request (did you mean {near!r}?)", field=key)
 
 
 def build(api: GatewayAPI) -> APIRouter:
