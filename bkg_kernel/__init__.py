@@ -37,13 +37,16 @@ def local(plugin_id: str, data_dir: str | None = None, **settings: Any) -> Plugi
 
     from pydantic import ValidationError
 
-    from bkg_kernel.errors import NotFound, Unavailable, invalid_from_pydantic
+    from bkg_kernel.errors import Unavailable, invalid_from_pydantic
     from bkg_kernel.runtime.discovery import discover
-    from bkg_kernel.settings import get_settings
+    from bkg_kernel.runtime.supervisor import unknown_plugin
+    from bkg_kernel.settings import folder_named, get_settings
 
-    found = discover([plugin_id]).get(plugin_id)
+    folder_named(data_dir, "data_dir")
+    discovered = discover()  # every plugin here runs in-process: none is "not hosted"
+    found = discovered.get(plugin_id)
     if found is None:
-        raise NotFound(f"no plugin {plugin_id!r}", field="plugin")
+        raise unknown_plugin(plugin_id, discovered)
     if found.cls is None:
         raise Unavailable(f"plugin {plugin_id!r} cannot load: {found.error}")
     try:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -18,6 +19,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from bkg_kernel.errors import InvalidInput
 
 # Credentials that reach the gateway through its environment: read into Settings, then removed from the process
 # environment, so that no plugin worker, job worker or kernel inherits them.
@@ -31,8 +34,43 @@ def scrubbed_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in src.items() if k not in SECRET_ENV and not k.startswith("JUPYTERHUB_")}
 
 
+# An empty path is the working directory to pathlib: a data dir set to "" would put the catalog, the keys and the
+# indexes wherever the process happens to run (a model dir: the model files).
+EMPTY_PATH = "must not be empty: name a folder ('.' for the working directory)"
+
+
+def folder_named(value: Any, field: str, where: str = "") -> None:
+    """Refuse an empty folder name ("" from an argument or an option) for `field` (`where` it came from)."""
+    if isinstance(value, str | bytes) and not value:
+        raise InvalidInput(f"{field}{f' ({where})' if where else ''}: {EMPTY_PATH}", field=field)
+
+
+def folder_option(field: str, option: str) -> Callable[[str], Path]:
+    """The CLI's parser for a folder option (`--data-dir`): typer reads "" as Path("."), the working directory."""
+
+    def parse(text: str) -> Path:
+        folder_named(text, field, option)
+        return Path(text)
+
+    return parse
+
+
 def _config_file() -> Path:
-    return Path(os.environ.get("BKG_CONFIG", "bkg.toml"))
+    """The TOML file to read: BKG_CONFIG's, else ./bkg.toml (which need not exist); a BKG_CONFIG that names no file
+    is refused, naming it (it was ignored without a word, and every setting of the file silently left at its
+    default)."""
+    named = os.environ.get("BKG_CONFIG")
+    if named is None:
+        return Path("bkg.toml")
+    if not named:
+        raise InvalidInput(
+            "BKG_CONFIG is set but empty: name a TOML file, or unset it for ./bkg.toml", field="BKG_CONFIG"
+        )
+    path = Path(named)
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file" if path.exists() else "not there"
+        raise InvalidInput(f"BKG_CONFIG names {path.absolute()}, which is {what}", field="BKG_CONFIG")
+    return path
 
 
 class Settings(BaseSettings):
@@ -178,6 +216,14 @@ class Settings(BaseSettings):
         True, description="The lab server extension starts a gateway when none runs on data_dir."
     )
 
+    @field_validator("data_dir", "model_dir", mode="before")
+    @classmethod
+    def _folder_named(cls, value: Any) -> Any:
+        """Refuse an empty folder (BKG_DATA_DIR="", `model_dir = ""`), which pathlib reads as the working one."""
+        if isinstance(value, str | bytes) and not value:
+            raise PydanticCustomError("empty_path", EMPTY_PATH)
+        return value
+
     @field_validator("job_roots", "job_file_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: Any) -> Any:
@@ -195,7 +241,12 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file())
+        path = _config_file()
+        try:
+            toml = TomlConfigSettingsSource(settings_cls, toml_file=path)
+        except OSError as exc:  # there but unreadable (its mode): one line, not a traceback
+            field = "BKG_CONFIG" if "BKG_CONFIG" in os.environ else None
+            raise InvalidInput(f"{path.absolute()} cannot be read: {exc.strerror or exc}", field=field) from None
         return (init_settings, env_settings, toml)
 
 

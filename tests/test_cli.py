@@ -98,7 +98,9 @@ def test_settings_from_env_and_toml(tmp_path: Path) -> None:
     assert out["port"] == 6000  # env beats the file
     assert out["model_dir"] == "/srv/models"  # the file beats defaults
     assert out["data_dir"] == "/tmp/x" and out["host"] == "127.0.0.1"
-    defaults = json.loads(bkg("settings", env={"BKG_CONFIG": str(tmp_path / "none.toml"), "BKG_MODEL_DIR": ""}).stdout)
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    defaults = json.loads(bkg("settings", env={"BKG_CONFIG": str(empty), "BKG_MODEL_DIR": ""}).stdout)
     assert defaults["port"] == 43119 and defaults["data_dir"] == "data" and defaults["model_dir"] == "models"
 
 

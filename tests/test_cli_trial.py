@@ -1,6 +1,7 @@
 """What a new user's hour with the `bkg` command found (each ran as a real subprocess): a name with `#` acted on
 another user; settings that cannot be used, a missing folder and a config that is not TOML were tracebacks; an
-unknown plugin id was hosted silently; `bkg settings` printed keys; `jobs list --limit -1` left out a run."""
+unknown plugin id was hosted silently; `bkg settings` printed keys; `jobs list --limit -1` left out a run; a
+BKG_CONFIG naming no file and an empty data dir went unsaid; a plugin the gateway does not host read as none."""
 
 from __future__ import annotations
 
@@ -104,3 +105,57 @@ def test_restoring_over_a_collection_and_deleting_a_snapshot_ask_first(tmp_path:
         assert s.collection("docs").count() == 2 and len(s.list_snapshots("docs")) == 1  # both kept
     assert json.loads(run("restore", "docs", snap, "--yes", answer="").stdout)["count"] == 0
     assert run("delete-snapshot", "docs", snap, answer="y\n").returncode == 0
+
+
+def test_a_config_file_that_is_not_there_is_refused(gw: Gateway, tmp_path: Path) -> None:
+    """BKG_CONFIG naming no file was ignored: every setting it held silently at its default."""
+    none = tmp_path / "none.toml"
+    for args in (["settings"], ["status"], ["store", "list", "--data-dir", str(tmp_path / "d")]):
+        one_line_error(bkg(*args, cwd=tmp_path, BKG_CONFIG=str(none)), "BKG_CONFIG", str(none), "not there")
+    r = bkg("plugins", "list", "--url", gw.url, cwd=tmp_path, BKG_CONFIG="conf.toml", BKG_API_KEY=ADMIN_KEY)
+    one_line_error(r, "BKG_CONFIG", str(tmp_path / "conf.toml"))  # a relative one, named where it was looked for
+    one_line_error(bkg("settings", cwd=tmp_path, BKG_CONFIG=str(tmp_path)), "BKG_CONFIG", "a folder")
+    one_line_error(bkg("settings", cwd=tmp_path, BKG_CONFIG=""), "BKG_CONFIG", "empty")
+    assert not (tmp_path / "d").exists()
+    assert bkg("settings", cwd=tmp_path).returncode == 0  # no ./bkg.toml and no BKG_CONFIG: the defaults
+    none.write_text("port = 5001\n")
+    assert '"port": 5001' in bkg("settings", cwd=tmp_path, BKG_CONFIG=str(none)).stdout
+
+
+def test_an_empty_data_dir_is_refused(tmp_path: Path) -> None:
+    """`--data-dir ""` and BKG_DATA_DIR="" were the working directory: the catalog and keys went wherever bkg ran
+    (an empty model dir: the model files)."""
+    for args in (["store", "list"], ["status"], ["keys", "recover-admin"], ["serve", "--port", "0"]):
+        one_line_error(bkg(*args, "--data-dir", "", cwd=tmp_path), "data_dir (--data-dir)", "must not be empty")
+    one_line_error(bkg("store", "list", "--data-dir=", cwd=tmp_path), "--data-dir", "must not be empty")
+    one_line_error(bkg("settings", cwd=tmp_path, BKG_DATA_DIR=""), "data_dir (BKG_DATA_DIR)", "must not be empty")
+    one_line_error(bkg("store", "list", cwd=tmp_path, BKG_DATA_DIR=""), "BKG_DATA_DIR", "must not be empty")
+    one_line_error(bkg("jobs", "list", "--data-dir", "", cwd=tmp_path), "data_dir (--data-dir)", "must not be empty")
+    one_line_error(bkg("models", "list", "--model-dir", "", cwd=tmp_path), "model_dir (--model-dir)", "not be empty")
+    one_line_error(bkg("settings", cwd=tmp_path, BKG_MODEL_DIR=""), "model_dir (BKG_MODEL_DIR)", "must not be empty")
+    (tmp_path / "bkg.toml").write_text('data_dir = ""\n')
+    one_line_error(bkg("settings", cwd=tmp_path), "data_dir", "must not be empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bkg.toml"]  # nothing made in the working directory
+
+
+def test_a_plugin_this_gateway_does_not_host_is_told_apart_from_one_that_does_not_exist(
+    gw: Gateway, tmp_path: Path
+) -> None:
+    """`plugins start llmserver` on a gateway serving `--plugins apikeys` said "no plugin 'llmserver'"."""
+    r = bkg("plugins", "start", "llmserver", "--url", gw.url, cwd=tmp_path, BKG_API_KEY=ADMIN_KEY)
+    one_line_error(r, "plugin 'llmserver' is not hosted by this gateway (it hosts: apikeys)", "--plugins")
+    assert "no plugin" not in r.stderr
+    admin = gw.client()
+    for pid, said in [
+        ("llmserver", "plugin 'llmserver' is not hosted by this gateway (it hosts: apikeys); start the gateway with "
+                      "--plugins including it"),
+        ("apikey", "no plugin 'apikey' (did you mean 'apikeys'?)"),
+        ("llmservr", "no plugin 'llmservr' (did you mean 'llmserver'? this gateway does not host it)"),
+        ("zzz", "no plugin 'zzz' (this gateway hosts: apikeys)"),
+    ]:  # fmt: skip
+        body = admin.post(f"/api/plugins/{pid}/start").json()["error"]
+        assert (body["status"], body["field"], body["message"]) == (404, "plugin", said), body
+        assert admin.post(f"/api/plugins/{pid}/invoke/x.y", json={}).json()["error"]["message"] == said
+    one_line_error(
+        bkg("plugins", "stop", "zzz", "--url", gw.url, cwd=tmp_path, BKG_API_KEY=ADMIN_KEY), "no plugin 'zzz'"
+    )

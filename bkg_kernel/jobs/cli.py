@@ -10,10 +10,19 @@ from typing import Annotated, Any
 import typer
 
 from bkg_kernel.jobs.notebooks import coerce
+from bkg_kernel.settings import folder_option
 
 app = typer.Typer(help="Notebook jobs (papermill): run, schedule, history.", no_args_is_help=True)
 Url = Annotated[str | None, typer.Option("--url", help="Gateway URL (default: the data dir's gateway).")]
-DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data dir (default: BKG_DATA_DIR or ./data).")]
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        parser=folder_option("data_dir", "--data-dir"),
+        metavar="PATH",
+        help="Data dir (default: BKG_DATA_DIR or ./data).",
+    ),
+]
 Params = Annotated[
     list[str] | None,
     typer.Option(

@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from bkg_kernel.errors import NotFound
+from bkg_kernel.errors import NotFound, closest
 from bkg_kernel.runtime.discovery import Discovered, RegistryFile, discover
 from bkg_kernel.runtime.host import Emit, PluginHost
 
@@ -59,12 +60,15 @@ class Supervisor:
         self._memory_strikes: dict[str, int] = {}
         self._gateway = psutil.Process()
         self._procs: dict[int, psutil.Process] = {}  # one per worker pid: cpu_percent measures since the last call
+        self._known: frozenset[str] | None = None  # every plugin id discovered, hosted or not (`get`)
 
     def get(self, plugin_id: str) -> PluginHost:
-        """Return the host of a plugin or raise 404."""
+        """Return the host of a plugin or raise 404 (saying so when the plugin is there but not hosted here)."""
         host = self.hosts.get(plugin_id)
         if host is None:
-            raise NotFound(f"no plugin {plugin_id!r}", field="plugin")
+            if self._known is None:  # on the first miss: every plugin this install has, hosted or not
+                self._known = frozenset(discover())
+            raise unknown_plugin(plugin_id, self._known | set(self.hosts), hosted=self.hosts)
         return host
 
     def start(self, wait: bool = True) -> None:
@@ -268,6 +272,29 @@ class Supervisor:
                 "rss_bytes": sum(p["rss_bytes"] for p in per.values()),
             },
         }
+
+
+def unknown_plugin(plugin_id: str, known: Iterable[str], hosted: Iterable[str] | None = None) -> NotFound:
+    """The 404 for a plugin id that is not `hosted` (None: every one of `known` is): a plugin that is there but that
+    this gateway does not host says so, and how to host it (it read as one that does not exist); an unknown id is
+    `no plugin 'x'`, with a did-you-mean when one is close."""
+    known = set(known)
+    here = sorted(known if hosted is None else hosted)
+    listed = ", ".join(here) or "none"
+    if hosted is not None and plugin_id in known:
+        return NotFound(
+            f"plugin {plugin_id!r} is not hosted by this gateway (it hosts: {listed}); start the gateway with "
+            "--plugins including it",
+            field="plugin",
+        )
+    near = closest(plugin_id, known)
+    if near is None:
+        hint = f"this gateway hosts: {listed}" if hosted is not None else f"plugins here: {listed}"
+    elif near in here:
+        hint = f"did you mean {near!r}?"
+    else:
+        hint = f"did you mean {near!r}? this gateway does not host it"
+    return NotFound(f"no plugin {plugin_id!r} ({hint})", field="plugin")
 
 
 def _still_failed(h: PluginHost, reason: str, also: str = "error") -> None:
