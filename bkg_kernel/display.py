@@ -1,4 +1,5 @@
-"""HTML for notebooks: one table helper shared by the store, the client and the widgets (no bkg imports)."""
+"""HTML for notebooks: one table helper (and Markdown made safe) shared by the store, the client and the widgets
+(no bkg imports)."""
 
 from __future__ import annotations
 
@@ -38,13 +39,32 @@ class Table(list[dict[str, Any]]):
     columns: tuple[str, ...] = ()
     headers: tuple[str, ...] = ()  # what the columns are called in the table (default: their keys)
     caption = ""
+    noun = ""  # what one row is ("key"): the caption then counts the rows ("1 key", "3 keys")
+    nouns = ""  # its plural, when not the noun and an "s" ("audit entries")
 
     def cells(self, row: dict[str, Any]) -> Sequence[Any]:
         """Return one row's cells, in column order."""
         return [row.get(c) for c in self.columns]
 
+    def title(self) -> str:
+        """Return the caption: `caption`, then the rows counted when the table names its `noun`."""
+        if not self.noun:
+            return self.caption
+        count = f"{len(self)} {self.noun if len(self) == 1 else self.nouns or self.noun + 's'}"
+        return f"{self.caption}: {count}" if self.caption else count
+
     def _repr_html_(self) -> str:
-        return html_table(list(self.headers or self.columns), [self.cells(r) for r in self], self.caption)
+        return html_table(list(self.headers or self.columns), [self.cells(r) for r in self], self.title())
+
+
+def markdown_html(text: str) -> str:
+    """Render Markdown as HTML for a notebook, any raw HTML in it shown as text: what a model or a repository wrote
+    must not run in the notebook of whoever reads it. Preformatted text when markdown-it is not installed."""
+    try:
+        from markdown_it import MarkdownIt  # Panel's Markdown renderer, there wherever bkg's pictures are
+    except ImportError:
+        return f"<pre style='white-space:pre-wrap'>{html.escape(text)}</pre>"
+    return str(MarkdownIt("commonmark", {"html": False}).render(text))
 
 
 def _values(row: Row, columns: Sequence[str]) -> Sequence[Any]:

@@ -92,6 +92,16 @@ class Run(dict[str, Any]):
         return "<div style='border-left:3px solid " + color + ";padding-left:6px'>" + "".join(parts) + "</div>"
 
 
+class Page(str):
+    """A run's output as an HTML page: still its text, but shown in a notebook as the page itself, in a sandboxed
+    frame, as the jobs widget shows it: its styles stay inside, its scripts do not run (what the run's cells printed
+    cannot act in the notebook)."""
+
+    def _repr_html_(self) -> str:
+        return (f"<iframe sandbox='' srcdoc='{escape(self, quote=True)}' "
+                "style='width:100%;height:600px;border:1px solid #d0d7de'></iframe>")  # fmt: skip
+
+
 class RunTable(Table):
     """Runs, newest first."""
 
@@ -204,8 +214,10 @@ class Jobs:
         return Run(self.wb.call("POST", f"/api/jobs/{seg(run_id)}/retry"))
 
     def output(self, run_id: str, format: str = "ipynb") -> str:
-        """The run's output notebook (JSON text) or its HTML rendering (`format="html"`)."""
-        return str(self.wb.call("GET", f"/api/jobs/{seg(run_id)}/output", params={"format": format}))
+        """The run's output notebook (JSON text) or its HTML rendering (`format="html"`: a `Page`, which a notebook
+        shows as the page rather than its source)."""
+        text = str(self.wb.call("GET", f"/api/jobs/{seg(run_id)}/output", params={"format": format}))
+        return Page(text) if format == "html" else text
 
     def schedule(
         self, notebook: str, cron: str, parameters: dict[str, Any] | None = None, *, timezone: str = "UTC",

@@ -1,14 +1,14 @@
-"""The notebook side of llmserver: `wb.llm.chat(...)` streams into the cell output, `wb.llm.embed(...)` returns
-a numpy array, `wb.models` renders as a table."""
+"""The notebook side of llmserver: `wb.llm.chat(...)` streams into the cell output (and is not shown a second time
+as the cell's result), `wb.llm.embed(...)` returns a numpy array, `wb.models` renders as a table."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from bkg_kernel.client import transport
-from bkg_kernel.display import Table, fmt_bytes
+from bkg_kernel.display import Table, fmt_bytes, markdown_html
 
 if TYPE_CHECKING:
     import numpy as np
@@ -17,10 +17,34 @@ if TYPE_CHECKING:
 
 
 class Answer(str):
-    """The text of an answer, with the raw response (`.response`) and token usage (`.usage`) attached."""
+    """The text of an answer, with the raw response (`.response`) and token usage (`.usage`) attached.
+
+    In a notebook it renders as Markdown (with its text as the plain fallback, not a quoted repr), except in the
+    cell that already printed it as it came (`chat`'s echo), where its first display shows nothing: a cell ending
+    in `wb.llm.chat(...)` shows the answer once, and the answer is still the cell's value (`_`, `Out`)."""
 
     response: dict[str, Any]
     usage: dict[str, int]
+    echoed_in: int | None = None  # the IPython cell (its execution count) that printed it as it came
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        # JupyterLab, VS Code and nbconvert show text/html before text/markdown: the model's raw HTML is text there
+        return {"text/html": markdown_html(self), "text/markdown": str(self), "text/plain": str(self)}
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(str(self))  # IPython's text/plain: the text, not str's quoted repr
+
+    @property
+    def _ipython_display_(self) -> Callable[[], None] | None:
+        # IPython calls this, when there is one, instead of asking for the formats: there is one only in the cell
+        # that echoed the answer, and it shows nothing; elsewhere the cell's result renders as usual (an Out[])
+        if self.echoed_in is None or self.echoed_in != _cell():
+            return None
+
+        def shown() -> None:
+            self.echoed_in = None  # once: a second display in that cell shows it
+
+        return shown
 
 
 class LLM:
@@ -48,13 +72,15 @@ class LLM:
     def chat(
         self, messages: str | list[dict[str, Any]], *, stream: bool = True, echo: bool = True, **opts: Any
     ) -> Answer:
-        """Ask the model; with `stream` the tokens appear in the output as they come. Returns the text."""
+        """Ask the model; with `stream` the tokens appear in the output as they come (with `echo` and no `stream`, the
+        whole answer once it is there). Returns the text; an echoed answer is not shown again as its cell's result."""
         if not stream:
             r = self.wb.call("POST", "/v1/chat/completions", json={"messages": _messages(messages), **opts})
             ans = Answer(r["choices"][0]["message"].get("content") or "")
             ans.response, ans.usage = r, r["usage"]
             if echo:
                 print(ans)
+                ans.echoed_in = _cell()
             return ans
         parts: list[str] = []
         usage: dict[str, int] = {}
@@ -73,6 +99,8 @@ class LLM:
             sys.stdout.write("\n")
         ans = Answer("".join(parts))
         ans.response, ans.usage = {}, usage
+        if echo:
+            ans.echoed_in = _cell()
         return ans
 
     def complete(self, prompt: str, **opts: Any) -> Answer:
@@ -107,3 +135,10 @@ class ModelTable(Table):
 
 def _messages(m: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": m}] if isinstance(m, str) else m
+
+
+def _cell() -> int | None:
+    """The IPython cell running now (its execution count); None outside IPython (which is then not imported)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return None if shell is None else int(shell.execution_count)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from bkg_kernel.client.transport import seg
@@ -25,6 +26,18 @@ class PluginTable(Table):
             row["id"], row["state"], row["mode"], t["uptime_s"], t["rss_bytes"] >> 20, t["requests_per_min"],
             row["reason"] or "",
         )  # fmt: skip
+
+
+class LogTable(Table):
+    """A plugin's log lines, oldest first."""
+
+    headers = ("time", "level", "message")
+    noun = "log line"
+
+    def cells(self, row: dict[str, Any]) -> Sequence[Any]:
+        """Return one line's cells."""
+        at = datetime.fromtimestamp(row["time"]).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]  # this machine's clock
+        return (at, row["level"], row["message"])
 
 
 class RemotePlugin:
@@ -59,10 +72,12 @@ class RemotePlugin:
         """Restart the plugin."""
         return dict(self._call("POST", "/restart"))
 
-    def logs(self, limit: int = 100, level: str | None = None) -> list[dict[str, Any]]:
-        """Newest log lines."""
+    def logs(self, limit: int = 100, level: str | None = None) -> LogTable:
+        """Newest log lines, at or above `level`, oldest first (a table in a notebook)."""
         params: dict[str, Any] = {"limit": limit} | ({"level": level} if level else {})
-        return list(self._call("GET", "/logs", params=params)["lines"])
+        table = LogTable(self._call("GET", "/logs", params=params)["lines"])
+        table.caption = f"plugin {self.id}"
+        return table
 
     def telemetry(self) -> dict[str, Any]:
         """cpu, memory, requests, errors, latency."""

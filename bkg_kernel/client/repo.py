@@ -1,5 +1,5 @@
 """The notebook side of repoagent: `wb.repo("name")` reads, searches, maps and asks about a workspace; answers
-render with their citations as code snippets, files with line numbers, maps as outlines."""
+render with their citations as code snippets, files with line numbers, maps as outlines, references as a table."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 from bkg_kernel.client import transport
-from bkg_kernel.display import Table, html_table
+from bkg_kernel.display import Table, html_table, markdown_html
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -47,6 +47,25 @@ class Hits(dict[str, Any]):
         return html_table(["where", "line"], rows, self["message"])
 
 
+class Refs(dict[str, Any]):
+    """repo.refs's answer: where a symbol is defined (with its signature), then a table of the calls, imports and
+    uses of its name, each with the symbol it is in and its line."""
+
+    def _repr_html_(self) -> str:
+        parts = [f"<div><b>{escape(str(self['symbol']))}</b></div>"]
+        for d in self["definitions"]:
+            where, sig = f"{d['path']}:{d['start']}-{d['end']}", str(d.get("signature") or d["qualname"])
+            parts.append(f"<div>{escape(str(d['kind']))} <code>{escape(where)}</code> <code>{escape(sig)}</code></div>")
+        if not self["definitions"]:
+            parts.append(f"<div><i>{escape(self.get('message') or 'no definition in the index')}</i></div>")
+        refs = self["references"]
+        rows = [(f"{r['path']}:{r['line']}", r["kind"], r.get("in") or "", r.get("text") or "") for r in refs]
+        total = self.get("total", len(refs))
+        shown = f"{len(refs)} of {total}" if total > len(refs) else f"{total}"
+        parts.append(html_table(["where", "kind", "in", "line"], rows, f"{shown} reference{'' if total == 1 else 's'}"))
+        return "".join(parts)
+
+
 class SymbolTable(Table):
     """Symbols with their spans and signatures."""
 
@@ -78,11 +97,7 @@ class Docs(dict[str, Any]):
     markup in them would run in the notebook of whoever reads the docs."""
 
     def _repr_html_(self) -> str:
-        try:
-            from markdown_it import MarkdownIt  # Panel's Markdown renderer, there wherever bkg's pictures are
-        except ImportError:
-            return f"<pre {_PRE}>{escape(str(self['markdown']))}</pre>"
-        return str(MarkdownIt("commonmark", {"html": False}).render(str(self["markdown"])))
+        return markdown_html(str(self["markdown"]))
 
 
 class Repo:
@@ -152,9 +167,9 @@ class Repo:
         """Symbols by name, or those of a path."""
         return SymbolTable(self._invoke("repo.symbols", query=query, path=path, **opts)["symbols"])
 
-    def refs(self, symbol: str) -> dict[str, Any]:
-        """Where a symbol is defined and who calls, imports or uses it."""
-        return dict(self._invoke("repo.refs", symbol=symbol))
+    def refs(self, symbol: str) -> Refs:
+        """Where a symbol is defined and who calls, imports or uses it (definitions and a table in a notebook)."""
+        return Refs(self._invoke("repo.refs", symbol=symbol))
 
     def map(self, budget_tokens: int = 1024, focus: list[str] | None = None) -> MapText:
         """The ranked outline of the workspace that fits the budget."""

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,7 +31,7 @@ from bkg_kernel.client.repo import Repo
 from bkg_kernel.display import Table
 from bkg_kernel.errors import BkgError, Forbidden, InvalidInput, JobFailed, Timeout, Unavailable
 from bkg_kernel.logfiles import open_log
-from bkg_kernel.settings import Settings, from_cwd_config, gateway_url
+from bkg_kernel.settings import Settings, folder_named, from_cwd_config, gateway_url
 from bkg_kernel.store.lock import make_data_dir
 from bkg_kernel.store.results import CollectionInfo, CollectionList
 
@@ -42,6 +43,43 @@ class _Workspaces(Table):
 
     columns = ("name", "path", "git", "added_by", "collection")
     caption = "repoagent workspaces"
+
+
+class UserTable(Table):
+    """Users with their role and state (never a password hash: the gateway sends none)."""
+
+    headers = ("username", "role", "state", "password", "created", "id")
+    noun = "user"
+
+    def cells(self, row: dict[str, Any]) -> Sequence[Any]:
+        """Return one user's cells."""
+        state = "disabled" if row.get("disabled") else "active"
+        return (row["username"], row["role"], state, "set" if row.get("has_password") else "none",
+                row.get("created_at"), row["id"])  # fmt: skip
+
+
+class KeyTable(Table):
+    """API keys with their owner, scopes and state (never a secret: the gateway sends none)."""
+
+    headers = ("name", "prefix", "user id", "state", "scopes", "expires", "last used", "id")
+    noun = "key"
+
+    def cells(self, row: dict[str, Any]) -> Sequence[Any]:
+        """Return one key's cells."""
+        scopes = ", ".join(row.get("scopes") or ()) + (" (its role's)" if row.get("follows_role") else "")
+        return (row["name"], row["prefix"], row["user_id"], row["state"], scopes, row.get("expires_at") or "never",
+                row.get("last_used_at"), row["id"])  # fmt: skip
+
+
+class AuditTable(Table):
+    """Audit entries, newest first."""
+
+    headers = ("when", "actor", "action", "target", "ok", "detail")
+    noun, nouns = "audit entry", "audit entries"
+
+    def cells(self, row: dict[str, Any]) -> Sequence[Any]:
+        """Return one entry's cells."""
+        return (row["created_at"], row["actor"], row["action"], row["target"], row["ok"], row.get("detail") or "")
 
 
 def latest() -> Workbench | None:
@@ -219,25 +257,25 @@ class Workbench:
         self.call("DELETE", f"/api/collections/{transport.seg(name)}")
 
     # -- admin ------------------------------------------------------------------------------------
-    def users(self) -> list[dict[str, Any]]:
-        """List users."""
-        return self.call("GET", "/admin/users")["users"]
+    def users(self) -> UserTable:
+        """List users (a table in a notebook)."""
+        return UserTable(self.call("GET", "/admin/users")["users"])
 
     def create_user(self, username: str, role: str = "viewer", password: str | None = None) -> dict[str, Any]:
         """Create a user."""
         return self.call("POST", "/admin/users", json={"username": username, "role": role, "password": password})
 
-    def keys(self) -> list[dict[str, Any]]:
-        """List API keys (no secrets)."""
-        return self.call("GET", "/admin/keys")["keys"]
+    def keys(self) -> KeyTable:
+        """List API keys (no secrets; a table in a notebook)."""
+        return KeyTable(self.call("GET", "/admin/keys")["keys"])
 
     def create_key(self, name: str, **kw: Any) -> dict[str, Any]:
         """Create a key; the returned `key` is the secret, shown once."""
         return self.call("POST", "/admin/keys", json={"name": name, **kw})
 
-    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Recent audit entries."""
-        return self.call("GET", "/admin/audit", params={"limit": limit})["entries"]
+    def audit(self, limit: int = 100) -> AuditTable:
+        """Recent audit entries, newest first (a table in a notebook)."""
+        return AuditTable(self.call("GET", "/admin/audit", params={"limit": limit})["entries"])
 
     # -- background jobs ------------------------------------------------------------------------------
     @property
@@ -330,6 +368,7 @@ def connect(
     token, else the data dir's workbench key (developer scopes); `admin=True` (a person asking for admin rights)
     reads admin.key instead. The gateway: `url`, else the one the settings find, which `vet_gateway` checks first
     (a `bkg.toml` in the working directory alone cannot send the key elsewhere)."""
+    folder_named(data_dir, "data_dir")  # Path("") is the working directory
     settings = Settings() if data_dir is None else Settings(data_dir=Path(data_dir))
     ddir = settings.data_dir.resolve()
     under_hub = bool(settings.hub_user and settings.hub_api_token)
