@@ -10,7 +10,9 @@ kernel, the two wake-ups (the server's, then the client's), and the JSON of both
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +34,11 @@ def recv_exactly(conn: socket.socket, n: int) -> bytes | None:
 
 def serve(port: int, answer: Callable[[dict[str, Any]], Any], ready: Any = None) -> None:
     """Answer `{"results": answer(request)}` to every framed JSON request on 127.0.0.1:`port`, a thread per
-    connection, until the process ends; `ready.set()` once listening."""
+    connection, until the process ends; `ready.set()` once listening. A SIGTERM (`Process.terminate`) ends it as a
+    normal exit, so the process's own clean-up runs (a semaphore left behind is a warning from Python's resource
+    tracker)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     def serve_one(conn: socket.socket) -> None:
         with conn:
