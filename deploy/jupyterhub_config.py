@@ -28,6 +28,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from bkg_kernel.hub import with_hub
 from bkg_kernel.kernels import LAB_KERNEL_MANAGER
 
 c = get_config()  # noqa: F821  (JupyterHub provides get_config when it loads this file)
@@ -53,7 +54,10 @@ c.ConfigurableHTTPProxy.pid_file = str(state_dir / "proxy.pid")
 chp = env("BKG_HUB_CHP") or str(Path(sys.prefix) / "node" / "node_modules" / ".bin" / "configurable-http-proxy")
 if not Path(chp).exists():
     chp = shutil.which("configurable-http-proxy") or chp
-c.ConfigurableHTTPProxy.command = [chp]
+# The Hub starts its proxy and the gateway in sessions of their own and stops them when it exits; `with_hub` runs each
+# under a small follower that stops it when the Hub dies without doing so (SIGKILL, a crash, the OOM killer), so
+# neither keeps the public port or the data dir's lock from the next Hub.
+c.ConfigurableHTTPProxy.command = with_hub([chp])
 
 # -- the bkg gateway as a managed service --------------------------------------------------------------------------
 gateway_command = [sys.executable, "-m", "bkg_kernel.cli", "serve", "--data-dir", str(data_dir), "--host", "127.0.0.1",
@@ -64,7 +68,7 @@ c.JupyterHub.services = [
     {
         "name": "bkg",
         "url": gateway_url,
-        "command": gateway_command,
+        "command": with_hub(gateway_command),
         "environment": {k: v for k, v in os.environ.items() if k.startswith("BKG_") and not k.startswith("BKG_HUB_")},
         "oauth_no_confirm": True,  # logging in to bkg through the Hub asks nothing more
         "oauth_client_allowed_scopes": ["custom:bkg:admin", "custom:bkg:developer"],

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import pytest
 from gateway_harness import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, free_port, http_ok, kernel_connection, wait_for
 from helpers import stop_process
 
-from bkg_kernel.hub import hub_command, hub_env
+from bkg_kernel.hub import hub_command, hub_env, with_hub
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,19 +45,13 @@ class Hub:
         return (self.root / "hub.log").read_text(errors="replace")[-4000:]
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    from test_jobs import make_notebooks
-
-    root = tmp_path_factory.mktemp("hub")
+def start_hub(root: Path, **extra: str) -> Hub:
+    """Start the shipped config's JupyterHub as `bkg hub` does (dummy logins; its data, state and log under `root`,
+    the environment `extra` besides) and wait for its bkg service to answer."""
     port = free_port()
     env = hub_env(port=port, data_dir=root / "data", state_dir=root / "state", admins=["alice"],
                   developers=["dev", "ana", "ned"], dummy_auth=True)  # fmt: skip
-    env.update(
-        BKG_ADMIN_KEY=ADMIN_KEY, BKG_MODEL_DIR=str(root / "models"), BKG_HUB_NOTEBOOK_DIR=str(ROOT),
-        BKG_HUB_PLUGINS="sysinfo,llmserver", BKG_HUB_POLL_S="2", BKG_JOB_TICK_S="1",
-        BKG_JOB_ROOTS=str(make_notebooks(root / "jobs")),
-    )  # fmt: skip
+    env.update(BKG_ADMIN_KEY=ADMIN_KEY, BKG_MODEL_DIR=str(root / "models"), BKG_HUB_NOTEBOOK_DIR=str(ROOT), **extra)
     with open(root / "hub.log", "wb") as log:
         proc = subprocess.Popen(hub_command(), env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
     h = Hub(proc, f"http://127.0.0.1:{port}", root)
@@ -64,8 +60,18 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     except AssertionError:
         proc.kill()
         raise AssertionError(f"the Hub or its bkg service did not come up:\n{h.log()}") from None
+    return h
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    from test_jobs import make_notebooks
+
+    root = tmp_path_factory.mktemp("hub")
+    h = start_hub(root, BKG_HUB_PLUGINS="sysinfo,llmserver", BKG_HUB_POLL_S="2", BKG_JOB_TICK_S="1",
+                  BKG_JOB_ROOTS=str(make_notebooks(root / "jobs")))  # fmt: skip
     yield h
-    stop_process(proc, 30)
+    stop_process(h.proc, 30)
 
 
 def login(hub: Hub, name: str) -> httpx.Client:
@@ -386,3 +392,64 @@ def test_the_hub_restarts_the_gateway_when_it_dies(hub: Hub) -> None:
     wait_for(lambda: state.exists() and json.loads(state.read_text() or "{}").get("pid") not in (None, old), 120, 0.5)
     wait_for(lambda: http_ok(hub.bkg + "/health"), 60, 0.5)
     assert as_(hub, hub_token(hub, "vic")).get("/auth/me").json()["username"] == "vic@hub"
+
+
+def test_the_gateway_and_the_proxy_go_when_the_hub_is_killed(tmp_path: Path) -> None:
+    """The Hub starts its proxy and the gateway in sessions of their own and stops them only on a clean exit: a Hub
+    SIGKILLed (or crashed, or OOM-killed) left both running, the gateway holding the data dir (a new `bkg hub` or
+    `bkg serve` on it failed) and the proxy the public port. Now they follow the Hub within seconds."""
+    from bkg_kernel.store.lock import DataDirLock
+
+    h = start_hub(tmp_path, BKG_HUB_PLUGINS="sysinfo")
+    started = psutil.Process(h.proc.pid).children(recursive=True)
+    gateway = json.loads((tmp_path / "data" / "gateway.json").read_text())["pid"]
+    assert gateway in [p.pid for p in started], h.log()
+    assert any("configurable-http-proxy" in " ".join(_cmdline(p)) for p in started), h.log()
+    try:
+        h.proc.kill()  # nothing of the Hub's own clean-up runs
+        h.proc.wait()
+        deadline = time.monotonic() + 20
+        while (left := [p for p in started if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"still running 20 s after the Hub was killed: {[_cmdline(p) for p in left]}"
+    finally:
+        for p in started:
+            if _running(p):
+                p.kill()
+    lock = DataDirLock(tmp_path / "data")
+    lock.acquire()  # the data dir is free for the next gateway
+    lock.release()
+    with socket.socket() as s:  # a server's bind, as the proxy's: only a listener is in the way, not a TIME_WAIT
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", int(h.url.rsplit(":", 1)[1])))  # and the public port for the next Hub
+
+
+def _running(p: psutil.Process) -> bool:
+    """Whether `p` still runs (an orphan's zombie may wait for a reaper that never comes)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def test_the_follower_hands_on_the_hubs_signals_and_its_commands_status() -> None:
+    """The Hub stops its proxy (SIGTERM) and its services (SIGINT, then SIGTERM, then SIGKILL) by signalling what it
+    started, now the follower: the command gets the signal, the Hub its exit status, and a follower SIGKILLed takes
+    its command with it. (This test process stands for the Hub.)"""
+    script = ("import os, signal, sys, time; signal.signal(signal.SIGINT, lambda *_: sys.exit(3)); "
+              "print(os.getpid(), flush=True); time.sleep(60)")  # fmt: skip
+
+    def follower() -> tuple[subprocess.Popen[bytes], psutil.Process]:
+        proc = subprocess.Popen(with_hub([sys.executable, "-c", script]), stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        return proc, psutil.Process(int(proc.stdout.readline()))
+
+    for sig, status in ((signal.SIGINT, 3), (signal.SIGTERM, 128 + signal.SIGTERM)):
+        proc, command = follower()
+        proc.send_signal(sig)
+        assert proc.wait(10) == status
+        assert not _running(command)
+    proc, command = follower()
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not _running(command), 10, 0.1)
