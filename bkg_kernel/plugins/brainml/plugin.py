@@ -13,152 +13,40 @@ process (`models.classifier.train_in_child`), so neither a model nor a training 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator
 
-from bkg_kernel import statefiles
-from bkg_kernel.errors import AlreadyExists, CorruptData, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, BkgError, Conflict, InvalidInput, NotFound
 from bkg_kernel.models.classifier import Classifier
 from bkg_kernel.models.classifier import train_in_child as fit_classifier
-from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
-from bkg_kernel.models.registry import ID_PATTERN, ModelRegistry, check_id, slug
+from bkg_kernel.models.registry import ModelRegistry, check_id, slug
 from bkg_kernel.namedlocks import NamedLocks
-from bkg_kernel.runtime.contract import JSONResult, Plugin, PluginSettings, Progress, capability
+from bkg_kernel.plugins.brainml.counters import Counters
+from bkg_kernel.plugins.brainml.inputs import (
+    MAX_CHUNKS,
+    AskRequest,
+    BrainSettings,
+    ClassifyRequest,
+    IndexRequest,
+    QueryRequest,
+    StatsRequest,
+    TrainRequest,
+)
+from bkg_kernel.runtime.contract import JSONResult, Plugin, Progress, capability
 from bkg_kernel.runtime.storehandle import StoreHandle
 from bkg_kernel.store.filters import field_name
 from bkg_kernel.store.fulltext import CJK_LETTER, cjk, folded, term, words
 from bkg_kernel.store.results import EXPLAIN_KEYS
-from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN
 
 INDEX_BATCH = 2048  # chunks per upsert (the gateway embeds them in batches of 1024)
-
-
-class BrainSettings(PluginSettings):
-    """brainml settings."""
-
-    request_timeout: float = Field(
-        600.0, gt=0, le=3600, description="Seconds before a request gets a 504 (indexing embeds every chunk)."
-    )
-    chunk_size: int = Field(800, ge=50, le=20_000, description="Characters per chunk.")
-    chunk_overlap: int = Field(100, ge=0, le=5_000, description="Characters shared by neighbouring chunks.")
-    embed_model: str = Field(
-        f"candle:{DEFAULT_EMBEDDER}", description="For new collections: candle:<id> or llmserver:<id>."
-    )
-    # Hybrid defaults chosen on PYDOC_TUNING (bench/fusion.py), not on the held-out PYDOC_QUERIES.
-    vector_weight: float = Field(
-        0.75, ge=0.0, le=1.0, description="Hybrid: weight of the vector ranking in the fusion (Weaviate's alpha)."
-    )
-    fusion: Literal["rrf", "relative"] = Field(
-        "rrf", description="Hybrid: reciprocal rank fusion, or a weighted sum of min-max normalised scores."
-    )
-    rrf_k: float = Field(
-        20.0, ge=0.0, le=1000.0, description="Hybrid RRF: rank offset; lower trusts the top of each list more."
-    )
-    rerank_model: str | None = Field(
-        None,
-        description="candle:<cross-encoder> for rerank; unset: re-score by sentences with the collection's model.",
-    )
-    rerank_candidates: int = Field(20, ge=1, le=200, description="How many retrieved chunks a rerank re-scores.")
-    llm_model: str | None = Field(None, description="llmserver model for brainml.ask (default: its default).")
-    ask_max_tokens: int = Field(256, ge=1, le=4096)
-
-
-class Document(BaseModel):
-    """A document to index."""
-
-    id: str | int | None = None
-    text: str = Field(..., min_length=1)
-    metadata: dict[str, Any] = Field(
-        default_factory=dict, description="Stored with each chunk; doc_id, chunk, start and end are brainml's own."
-    )
-
-    @field_validator("metadata")
-    @classmethod
-    def _own_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        taken = sorted(RESERVED & set(v))
-        if taken:  # {"doc_id": "B"} would file the chunks under another document, and re-indexing B delete them
-            raise ValueError(f"metadata cannot set {', '.join(taken)}: brainml keeps them for each chunk")
-        return v
-
-
-RESERVED = frozenset({"doc_id", "chunk", "start", "end"})
-
-
-class Chunking(BaseModel):
-    """Chunking for this call (default: the settings)."""
-
-    size: int = Field(800, ge=50, le=20_000)
-    overlap: int = Field(100, ge=0, le=5_000)
-
-
-class IndexRequest(BaseModel):
-    """Chunk, embed and store documents; re-indexing an id replaces its chunks."""
-
-    collection: str = Field(..., pattern=COLLECTION_NAME_PATTERN)
-    documents: list[Document] = Field(..., min_length=1, max_length=10_000)
-    chunking: Chunking | None = None
-
-
-class QueryRequest(BaseModel):
-    """Search a collection."""
-
-    collection: str = Field(..., pattern=COLLECTION_NAME_PATTERN)
-    query: str = Field(..., min_length=1)
-    top_k: int = Field(5, ge=1, le=1000)
-    mode: Literal["vector", "text", "hybrid"] = "hybrid"
-    filters: dict[str, Any] | None = Field(None, description="On the documents' metadata, e.g. {'lang': 'en'}.")
-    vector_weight: float | None = Field(None, ge=0.0, le=1.0, description="Hybrid fusion weight (default: settings).")
-    fusion: Literal["rrf", "relative"] | None = Field(None, description="Hybrid fusion method (default: settings).")
-    rerank: bool = Field(False, description="Re-score the best candidates (cross-encoder or sentence-level).")
-    explain: bool = Field(
-        False, description="Add each result's vector and BM25 rank and score next to the fused one (whatever the mode)."
-    )
-
-
-class AskRequest(BaseModel):
-    """Answer a question from a collection's chunks."""
-
-    collection: str = Field(..., pattern=COLLECTION_NAME_PATTERN)
-    question: str = Field(..., min_length=1)
-    top_k: int = Field(4, ge=1, le=20)
-    filters: dict[str, Any] | None = None
-
-
-class StatsRequest(BaseModel):
-    """Which collection (default: every collection brainml indexed)."""
-
-    collection: str | None = Field(None, pattern=COLLECTION_NAME_PATTERN)
-
-
-class TrainRequest(BaseModel):
-    """Train a classifier on a collection's embeddings to predict a metadata field."""
-
-    collection: str = Field(..., pattern=COLLECTION_NAME_PATTERN)
-    label_field: str = Field(..., min_length=1, description="The metadata field holding each document's label.")
-    model: Literal["logistic", "mlp"] = "logistic"
-    test_split: float = Field(0.2, gt=0.0, lt=0.9, description="Share of each label's documents held out.")
-    model_id: str | None = Field(
-        None, pattern=ID_PATTERN, description="Registry id (default: <collection>-<label_field>-<model>-<time>)."
-    )
-    epochs: int = Field(30, ge=1, le=1000, description="MLP epochs; for logistic, rounds of 20 lbfgs iterations.")
-    hidden: int = Field(256, ge=2, le=4096, description="MLP hidden units.")
-    seed: int = 0
-    filters: dict[str, Any] | None = Field(None, description="Train on the chunks matching this filter only.")
-
-
-class ClassifyRequest(BaseModel):
-    """Label texts with a trained classifier."""
-
-    model_id: str
-    texts: list[Annotated[str, Field(min_length=1)]] = Field(..., min_length=1, max_length=10_000)
 
 
 class Result(JSONResult):
@@ -167,7 +55,6 @@ class Result(JSONResult):
 
 MAX_RERANK = 200  # hits one rerank re-scores (the rerank_candidates setting's range)
 MAX_SENTENCES = 32  # sentences of a chunk a sentence-level rerank embeds (a chunk is ~800 characters)
-MAX_CHUNKS = 200_000  # chunks one brainml.index call makes (each is a point held in memory until it is stored)
 MAX_CLASSIFIERS = 16  # trained classifiers kept loaded (the most recently used; an MLP is up to ~1 MB)
 
 
@@ -297,6 +184,69 @@ def split_sentences(text: str) -> list[str]:
     return [p for p in parts if len(p) > 10] or [text]
 
 
+def embeddable(info: dict[str, Any]) -> dict[str, Any]:
+    """A collection's description, when brainml can embed text for it (422 naming `collection` when not)."""
+    if not info.get("embed_model"):
+        msg = f"collection {info['name']!r} has no embed_model: brainml needs one to embed text"
+        raise InvalidInput(msg, field="collection")
+    return info
+
+
+def as_called(exc: InvalidInput, text: str = "query") -> InvalidInput:
+    """A store's 422 naming the field as the caller named it: its query `text` as `text` says (`query`, or
+    `question` for brainml.ask), its `filter...` as `filters...`; any other as it was."""
+    f = exc.field or ""
+    if f == "text":
+        return InvalidInput(exc.message, field=text)
+    if f == "filter" or f.startswith(("filter.", "filter[")):
+        return InvalidInput(exc.message, field="filters" + f.removeprefix("filter"))
+    return exc
+
+
+POINT_FIELD = re.compile(r"points\[(\d+)\]\.(id|text|payload)$")
+DOCUMENT_FIELD = {"id": "id", "text": "text", "payload": "metadata"}
+
+
+def document_named(exc: InvalidInput, owners: list[int], at: int) -> InvalidInput:
+    """A store's 422 on a chunk of an upsert that began at point `at`, naming the document as the caller sent it
+    (`input.documents.3.metadata`, where the store said `points[40].payload`)."""
+    m = POINT_FIELD.match(exc.field or "")
+    if m is None or at + int(m.group(1)) >= len(owners):
+        return exc
+    field = f"input.documents.{owners[at + int(m.group(1))]}.{DOCUMENT_FIELD[m.group(2)]}"
+    return InvalidInput(f"{field}: {exc.message}", field=field)
+
+
+def label_of(payload: dict[str, Any], label_field: str) -> str | None:
+    """A chunk's label as training learns it: its value as text (1 and "1" are one label); None for a chunk with
+    none, null, or an object or list there (not a label)."""
+    value = payload.get(label_field)
+    if value is None or isinstance(value, dict | list):
+        return None
+    return str(value)
+
+
+def check_labels(inp: TrainRequest, documents: dict[str, set[str]]) -> None:
+    """422 naming `label_field` for labels training cannot learn from (`documents`: per label, the documents that
+    have it): none, one, or none with two documents (one is held out for testing, one kept to train on)."""
+    where = f"{inp.collection!r}" + (" matching the filters" if inp.filters else "")
+    if not documents:
+        raise InvalidInput(f"no chunk of {where} has a value for {inp.label_field!r} in its metadata (an object or a "
+                           "list is not a label)", field="label_field")  # fmt: skip
+    if len(documents) < 2:
+        raise InvalidInput(
+            f"training needs at least 2 labels; every labelled chunk of {where} has the same {inp.label_field!r}, "
+            f"{next(iter(documents))!r} (labels compare as text: 1 and '1' are one label)",
+            field="label_field",
+        )
+    if all(len(docs) < 2 for docs in documents.values()):
+        raise InvalidInput(
+            f"no label of {inp.label_field!r} in {where} has 2 or more documents, so none can be held out for "
+            "testing: index more documents of at least one label",
+            field="label_field",
+        )
+
+
 class BrainML(Plugin):
     """Index documents, search them (vector / BM25 / hybrid), answer questions with citations."""
 
@@ -315,18 +265,10 @@ class BrainML(Plugin):
     def start(self) -> None:
         assert self.context is not None and self.context.model_dir is not None
         self.registry = ModelRegistry(self.context.model_dir)
-        self.state_path = self.context.work_dir / "stats.json"
-        self.stats_data: dict[str, dict[str, Any]] = {}
-        statefiles.sweep(self.state_path)
-        if self.state_path.exists():
-            try:  # counters and dates only: a damaged file is set aside and counting starts again
-                self.stats_data = statefiles.load(self.state_path)
-            except CorruptData as exc:
-                statefiles.set_aside(self.state_path, exc.message)
+        self.counters = Counters(self.context.work_dir / "stats.json")
         self.lock = threading.Lock()
         # brainml runs inline: every call into it is a thread of the gateway process, so threading locks suffice
-        self.writers = NamedLocks()  # a collection's index writes, one call at a time
-        self.saved_at = 0.0
+        self.writers = NamedLocks()  # a collection's making and its index writes, one call at a time
         self.classifiers: OrderedDict[tuple[str, str], Classifier] = OrderedDict()
 
     @property
@@ -335,32 +277,42 @@ class BrainML(Plugin):
         assert self.context is not None
         return self.context.store
 
-    def _save(self, at_most_every: float = 0.0) -> None:
-        """Write the stats (under `self.lock`); with `at_most_every`, skip it when the last write is that recent
-        (query counters: a crash loses at most that many seconds of them)."""
-        now = time.monotonic()
-        if now - self.saved_at < at_most_every:
-            return
-        statefiles.write_json(self.state_path, self.stats_data, durable=False)
-        self.saved_at = now
-
     def stop(self) -> None:
-        with self.lock:
-            self._save()
+        self.counters.save()
 
-    def _collection(self, name: str, create: bool) -> dict[str, Any]:
+    def _collection(self, name: str) -> dict[str, Any]:
+        """Describe a collection brainml can embed text for: 404 naming `collection` when there is none, 422 when it
+        has no embed_model."""
         try:
             info: dict[str, Any] = self.store.describe(name)
         except NotFound:
-            if not create:
-                msg = f"collection {name!r} does not exist (index documents into it first)"
-                raise NotFound(msg, field="collection") from None
-            spec = self.settings.embed_model
-            info = self.store.create_collection(name, self.registry.embedding_dim(spec), embed_model=spec)
-        if not info.get("embed_model"):
-            msg = f"collection {name!r} has no embed_model: brainml needs one to embed text"
-            raise InvalidInput(msg, field="collection")
-        return info
+            msg = f"collection {name!r} does not exist (index documents into it first)"
+            raise NotFound(msg, field="collection") from None
+        return embeddable(info)
+
+    def _create(self, name: str, spec: str, dim: int) -> tuple[dict[str, Any], bool]:
+        """The collection `name`, made with `spec` and `dim` unless another client made it meanwhile (a concurrent
+        create is this call's success), and whether this call made it. Hold `self.writers` for `name`: brainml's
+        own index calls into a new collection wait for the first to make it."""
+        for _ in range(3):
+            try:
+                return embeddable(self.store.describe(name)), False
+            except NotFound:
+                pass
+            try:
+                return self.store.create_collection(name, dim, embed_model=spec), True
+            except AlreadyExists:
+                continue  # made by another client since the describe: describe that one
+        raise Conflict(f"collection {name!r} was made and dropped again while this call indexed: try again",
+                       field="collection")  # fmt: skip
+
+    def _embed(self, points: list[dict[str, Any]], spec: str, dim: int) -> None:
+        """Give each point its `vector`: its text embedded by `spec`, `dim` wide (as the collection's upsert needs)."""
+        for a in range(0, len(points), INDEX_BATCH):
+            batch = points[a : a + INDEX_BATCH]
+            vecs = self.store.embed(spec, [p["text"] for p in batch], dim)
+            for p, v in zip(batch, vecs, strict=True):
+                p["vector"] = v
 
     # -- capabilities -------------------------------------------------------------------------------
     @capability("brainml.index", scope="collections:write", big_input=True)
@@ -370,6 +322,7 @@ class BrainML(Plugin):
         size = inp.chunking.size if inp.chunking else self.settings.chunk_size
         overlap = inp.chunking.overlap if inp.chunking else self.settings.chunk_overlap
         points: list[dict[str, Any]] = []
+        owners: list[int] = []  # per point, the index of its document in this call (what a refusal names)
         stale: list[dict[str, Any]] = []  # per document: its chunks past the new last one
         seen: dict[str, int] = {}
         for i, doc in enumerate(inp.documents):
@@ -384,32 +337,45 @@ class BrainML(Plugin):
             for n, (a, b) in enumerate(spans):
                 payload = {"doc_id": doc_id, "chunk": n, "start": a, "end": b, **doc.metadata}
                 points.append({"id": f"{doc_id}#{n}", "text": doc.text[a:b], "payload": payload})
+            owners += [i] * len(spans)
             stale.append({"$and": [{"doc_id": doc_id}, {"chunk": {"$gte": len(spans)}}]})
-        info = self._collection(inp.collection, create=True)  # after chunking: a refused call makes none
-        spec, dim = info["embed_model"], info["dim"]
+        try:
+            info: dict[str, Any] | None = self._collection(inp.collection)
+        except NotFound:
+            info = None  # made below, once every chunk is embedded: a call refused until then (a caller without
+            # llm:use, a model that fails) makes none
+        spec = info["embed_model"] if info else self.settings.embed_model
+        dim = int(info["dim"]) if info else self.registry.embedding_dim(spec)
         # Every chunk embedded before anything is written: a failed embedding leaves the previous version whole,
         # and a slow one holds up no other call's writes (the lock below).
-        for a in range(0, len(points), INDEX_BATCH):
-            batch = points[a : a + INDEX_BATCH]
-            vecs = self.store.embed(spec, [p["text"] for p in batch], dim)  # the collection's width, as an upsert
-            for p, v in zip(batch, vecs, strict=True):
-                p["vector"] = v
+        self._embed(points, spec, dim)
         ids = [str(d.id) for d in inp.documents if d.id is not None]
         # One writer per collection from the count to the delete. Interleaved, two calls re-indexing a document cut
         # it short (V2 upserts, V1 upserts and deletes, V2 deletes V1's chunks past V2's last), or mixed versions (a
         # count of no earlier version, taken before the other call's upsert, skipped the delete).
         with self.writers.hold(inp.collection):
-            replaced = self.store.count_distinct(inp.collection, "doc_id", {"doc_id": {"$in": ids}}) if ids else 0
-            # new chunks first (same ids replace old ones), then the old version's surplus chunks
-            for a in range(0, len(points), INDEX_BATCH):
-                self.store.upsert(inp.collection, points[a : a + INDEX_BATCH])
-            if replaced:
-                for a in range(0, len(stale), 256):
-                    self.store.delete(inp.collection, filter={"$or": stale[a : a + 256]})
-        with self.lock:
-            s = self.stats_data.setdefault(inp.collection, {"queries": 0, "query_ms_total": 0.0})
-            s.update(last_index=time.time(), embed_model=info["embed_model"], dim=info["dim"])
-            self._save()
+            made = False
+            if info is None:
+                info, made = self._create(inp.collection, spec, dim)
+                if (info["embed_model"], int(info["dim"])) != (spec, dim):  # made meanwhile with another model
+                    self._embed(points, info["embed_model"], int(info["dim"]))
+            try:
+                replaced = self.store.count_distinct(inp.collection, "doc_id", {"doc_id": {"$in": ids}}) if ids else 0
+                # new chunks first (same ids replace old ones), then the old version's surplus chunks
+                for a in range(0, len(points), INDEX_BATCH):
+                    try:
+                        self.store.upsert(inp.collection, points[a : a + INDEX_BATCH])
+                    except InvalidInput as exc:
+                        raise document_named(exc, owners, a) from None
+                if replaced:
+                    for a in range(0, len(stale), 256):
+                        self.store.delete(inp.collection, filter={"$or": stale[a : a + 256]})
+            except BaseException:
+                if made:  # made by this call, and no other brainml call wrote to it (they wait for this lock)
+                    with contextlib.suppress(BkgError):
+                        self.store.drop_collection(inp.collection)
+                raise
+        self.counters.indexed(inp.collection, str(info.get("created_at", "")))
         took = (time.perf_counter() - t0) * 1000
         return Result(
             collection=inp.collection, documents=len(inp.documents), chunks=len(points), replaced=replaced, took_ms=took
@@ -418,12 +384,18 @@ class BrainML(Plugin):
     @capability("brainml.query", scope="collections:read")
     def query(self, inp: QueryRequest) -> Result:
         """Search chunks (vector, BM25 or hybrid) with metadata filters; results carry highlights."""
+        return self._search(inp, "query")
+
+    def _search(self, inp: QueryRequest, asked: str) -> Result:
+        """brainml.query; `asked` is the caller's name for the query text (`question` for brainml.ask), what a
+        refusal of it names."""
         t0 = time.perf_counter()
         if inp.rerank and inp.top_k > MAX_RERANK:  # each candidate's sentences are embedded, or scored in pairs
             raise InvalidInput(f"a rerank re-scores at most {MAX_RERANK} hits: ask for top_k up to {MAX_RERANK}",
                                field="top_k")  # fmt: skip
         weight = self.settings.vector_weight if inp.vector_weight is None else inp.vector_weight
         k = max(inp.top_k, self.settings.rerank_candidates) if inp.rerank else inp.top_k
+        counted = self.counters.entry(inp.collection)
         try:  # one round trip: the store embeds the query with the collection's model and says what is missing
             hits = self.store.query(
                 inp.collection, text=inp.query, k=k, mode=inp.mode, filter=inp.filters, with_text=True,
@@ -433,17 +405,18 @@ class BrainML(Plugin):
         except NotFound as exc:
             if exc.field != "name":
                 raise
+            self.counters.forget(inp.collection, counted)  # dropped: a collection made again starts from zero
             raise NotFound(
                 f"collection {inp.collection!r} does not exist (index documents into it first)", field="collection"
             ) from None
         except InvalidInput as exc:
             if exc.field != "vector":
-                raise
+                raise as_called(exc, asked) from None
             raise InvalidInput(
                 f"collection {inp.collection!r} has no embed_model: brainml needs one to embed text", field="collection"
             ) from None
         if inp.rerank and hits:
-            embed_model = self._collection(inp.collection, create=False)["embed_model"]
+            embed_model = self._collection(inp.collection)["embed_model"]
             hits = self._rerank(inp.query, hits, embed_model)[: inp.top_k]
         results = []
         marks = Marks(inp.query)
@@ -461,11 +434,7 @@ class BrainML(Plugin):
             r["highlights"] = highlights(inp.query, text, marks)
             results.append(r)
         latency = (time.perf_counter() - t0) * 1000
-        with self.lock:
-            s = self.stats_data.setdefault(inp.collection, {"queries": 0, "query_ms_total": 0.0})
-            s["queries"] += 1
-            s["query_ms_total"] += latency
-            self._save(at_most_every=1.0)
+        self.counters.queried(inp.collection, latency)
         return Result(collection=inp.collection, mode=inp.mode, results=results, latency_ms=round(latency, 3))
 
     def _rerank(self, query: str, hits: list[dict[str, Any]], embed_model: str) -> list[dict[str, Any]]:
@@ -493,8 +462,9 @@ class BrainML(Plugin):
     @capability("brainml.ask", scope="llm:use")
     def ask(self, inp: AskRequest) -> Result:
         """Answer from the best chunks with llmserver; `citations` are the `sources` the answer cites as [n]."""
-        hits = self.query(
-            QueryRequest(collection=inp.collection, query=inp.question, top_k=inp.top_k, filters=inp.filters)
+        hits = self._search(
+            QueryRequest(collection=inp.collection, query=inp.question, top_k=inp.top_k, filters=inp.filters),
+            "question",
         ).results  # type: ignore[attr-defined]
         if not hits:
             raise NotFound(f"nothing in {inp.collection!r} matches the question", field="question")
@@ -528,68 +498,68 @@ class BrainML(Plugin):
     @capability("brainml.stats", scope="collections:read")
     def stats(self, inp: StatsRequest) -> Result:
         """Per collection: documents, chunks, embedding model and dimension, last index time, queries, latency."""
-        names = [inp.collection] if inp.collection else sorted(self.stats_data)
+        names = [inp.collection] if inp.collection else self.counters.names()
         out = []
         for name in names:
-            try:
-                info = self._collection(name, create=False)
+            counted = self.counters.entry(name)
+            try:  # any collection, with an embed_model or not (a text query needs none): described as it is
+                info = self.store.describe(name)
+                docs = self.store.count_distinct(name, "doc_id")
             except NotFound:
                 if inp.collection:
-                    raise
-                continue  # indexed once, dropped since: not listed (it used to make every listing a 404)
-            docs = self.store.count_distinct(name, "doc_id")
-            s = self.stats_data.get(name, {"queries": 0, "query_ms_total": 0.0})
+                    msg = f"collection {name!r} does not exist (index documents into it first)"
+                    raise NotFound(msg, field="collection") from None
+                self.counters.forget(name, counted)  # dropped since: not listed (it made every listing a 404)
+                continue
+            s = self.counters.of(name, str(info.get("created_at", "")))  # zero for one dropped and made again
             out.append(
                 {
                     "collection": name,
                     "documents": docs,
                     "chunks": info["count"],
-                    "embed_model": info["embed_model"],
+                    "embed_model": info.get("embed_model"),
                     "dim": info["dim"],
-                    "last_index": s.get("last_index"),
+                    "last_index": s["last_index"],
                     "queries": s["queries"],
                     "avg_query_ms": round(s["query_ms_total"] / s["queries"], 3) if s["queries"] else None,
                 }  # fmt: skip
             )
         return Result(collections=out)
 
-    def _check_train(self, inp: TrainRequest, model_id: str | None) -> tuple[dict[str, Any], int]:
-        """What brainml.train refuses before it reads a chunk, in one count: a model id taken (409), no such
-        collection (404), one without embed_model, a label field no (filtered) chunk has, or one label (422);
-        return the collection's description and how many distinct labels it has."""
+    def _check_train(self, inp: TrainRequest, model_id: str | None) -> dict[str, Any]:
+        """What brainml.train refuses before it reads a chunk: a model id taken (409), no such collection (404),
+        one without embed_model, or a label field no (filtered) chunk has (422); the collection's description."""
         if model_id is not None:
             check_id(model_id, "model_id")  # it names a folder: checked before anything is written
             if any(m.id == model_id for m in self.registry.list()):
                 raise AlreadyExists(f"model {model_id!r} is already registered", field="model_id")
-        info = self._collection(inp.collection, create=False)
+        info = self._collection(inp.collection)
         try:
-            labels = self.store.count_distinct(inp.collection, field_name(inp.label_field), inp.filters)
+            labelled = self.store.count_distinct(inp.collection, field_name(inp.label_field), inp.filters)
         except InvalidInput as exc:  # named as this call names them
-            f = exc.field or ""
-            if f == "field":
+            if exc.field == "field":
                 raise InvalidInput(exc.message, field="label_field") from None
-            if f.startswith("filter"):
-                raise InvalidInput(exc.message, field="filters" + f.removeprefix("filter")) from None
-            raise
-        if labels == 0:
-            where = " matching the filters" if inp.filters else ""
-            raise InvalidInput(
-                f"no chunk of {inp.collection!r}{where} has a value for {inp.label_field!r} in its metadata",
-                field="label_field",
-            )
-        if labels < 2:
-            raise InvalidInput(
-                f"training needs at least 2 labels; every labelled chunk of {inp.collection!r} has the same "
-                f"{inp.label_field!r}",
-                field="label_field",
-            )
-        return info, labels
+            raise as_called(exc) from None
+        if labelled == 0:
+            check_labels(inp, {})
+        return info
 
     @capability("brainml.train_check", scope="models:write")
     def train_check(self, inp: TrainRequest) -> Result:
         """Check a brainml.train input as its job would at its start (404, 409, 422), without queueing one."""
-        info, labels = self._check_train(inp, inp.model_id)
-        return Result(collection=inp.collection, label_field=inp.label_field, chunks=info["count"], labels=labels)
+        info = self._check_train(inp, inp.model_id)
+        documents: dict[str, set[str]] = {}
+        try:  # the labels as training reads them (`label_of`): 1 and "1" one label, an object none
+            for p in self.store.iter_points(inp.collection, inp.filters):
+                payload = p.get("payload") or {}
+                if (label := label_of(payload, inp.label_field)) is not None:
+                    documents.setdefault(label, set()).add(str(payload.get("doc_id", p["id"])))
+        except InvalidInput as exc:
+            raise as_called(exc) from None
+        check_labels(inp, documents)
+        return Result(
+            collection=inp.collection, label_field=inp.label_field, chunks=info["count"], labels=len(documents)
+        )
 
     @capability("brainml.train", scope="models:write", job=True, check="brainml.train_check")
     def train(self, inp: TrainRequest, progress: Progress) -> Result:
@@ -598,24 +568,22 @@ class BrainML(Plugin):
         model_id = inp.model_id or slug(
             f"{inp.collection}-{inp.label_field}-{inp.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
-        info, _ = self._check_train(inp, model_id)  # again: the collection may have changed since the client's check
+        info = self._check_train(inp, model_id)  # again: the collection may have changed since the client's check
         progress(0.0, f"reading the embeddings of {inp.collection}")
         vectors, labels, groups = [], [], []
+        documents: dict[str, set[str]] = {}
         for p in self.store.iter_points(inp.collection, inp.filters, with_vectors=True):
             payload = p.get("payload") or {}
-            value = payload.get(inp.label_field)
-            if value is None or isinstance(value, (dict, list)):
+            label = label_of(payload, inp.label_field)
+            if label is None:
                 continue
             vectors.append(p["vector"])
-            labels.append(str(value))
+            labels.append(label)
             groups.append(str(payload.get("doc_id", p["id"])))
-        if not vectors:
-            raise InvalidInput(
-                f"no chunk of {inp.collection!r} has a value for {inp.label_field!r} in its metadata",
-                field="label_field",
-            )
+            documents.setdefault(label, set()).add(groups[-1])
+        check_labels(inp, documents)  # what the check counted, on what was read
         x = np.asarray(vectors, dtype=np.float32)
-        progress(0.05, f"training {inp.model} on {len(x)} chunks, {len(set(labels))} labels")
+        progress(0.05, f"training {inp.model} on {len(x)} chunks, {len(documents)} labels")
         net, metrics = fit_classifier(
             x,
             labels,
@@ -652,7 +620,10 @@ class BrainML(Plugin):
         return Result(model_id=entry.id, labels=net.labels, **net.info)
 
     def _classifier(self, model_id: str) -> Classifier:
-        entry = self.registry.get(model_id)
+        try:
+            entry = self.registry.get(model_id)
+        except NotFound as exc:  # the registry's own word for it is `model`
+            raise NotFound(exc.message, field="model_id") from None
         if entry.kind != "classifier":
             raise InvalidInput(f"model {model_id!r} is a {entry.kind}, not a classifier", field="model_id")
         key = (model_id, entry.sha256)
