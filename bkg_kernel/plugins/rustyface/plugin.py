@@ -11,16 +11,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
 
-from bkg_kernel.errors import Conflict, InvalidInput
+from bkg_kernel.errors import InvalidInput
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.rustyface import images
-from bkg_kernel.plugins.rustyface.engine import Face, load_engine
-from bkg_kernel.plugins.rustyface.galleries import GALLERY_PATTERN, Galleries
+from bkg_kernel.plugins.rustyface.engine import DET_SIZE, Face, load_engine
+from bkg_kernel.plugins.rustyface.galleries import GALLERY_PATTERN, SUBJECT_MAX, UNKNOWN, Galleries, subject_name
 from bkg_kernel.runtime.contract import GatewayAPI, Plugin, PluginSettings, capability
 
 IMAGE_DOC = "base64 (or a data URL), or path:<file> under an allowed root"
@@ -41,6 +41,15 @@ class FaceSettings(PluginSettings):
     max_bytes: int = Field(20 * 2**20, ge=1024, description="Largest accepted image file.")
     max_pixels: int = Field(40_000_000, ge=10_000, description="Largest accepted image (width x height).")
     verify_threshold: float = Field(0.363, ge=-1, le=1, description="Cosine at or above which two faces match.")
+    det_size: int = Field(
+        DET_SIZE,
+        ge=160,
+        le=4096,
+        multiple_of=32,
+        description="Faces are found on a copy of the photo scaled down to at most this long a side (insightface's "
+        "det_size), then aligned and embedded from the photo itself. Larger finds smaller faces in a large group "
+        "photo; past ~960 a face that fills a large photo is found less well.",
+    )
 
 
 Gallery = Field(..., pattern=GALLERY_PATTERN, description="A gallery name (its store collection is faces-<name>).")
@@ -119,19 +128,34 @@ class SubjectsRequest(BaseModel):
     gallery: str = Gallery
     action: Literal["list", "faces", "rename", "delete"] = "list"
     subject: str | None = None
-    new_name: str | None = None
+    new_name: str | None = Field(None, max_length=SUBJECT_MAX, description="rename: the subject's new name.")
     per_subject: int = Field(12, ge=1, le=100, description="faces: at most this many faces shown per subject.")
+    keep: list[str] | None = Field(
+        None,
+        max_length=10_000,
+        description="delete: these face ids stay (the faces just enrolled, when a re-run replaces the earlier ones).",
+    )
+
+    @field_validator("new_name")
+    @classmethod
+    def _a_subject_name(cls, v: str | None) -> str | None:
+        return v if v is None else subject_name(v)
 
 
 class EnrollRequest(BaseModel):
     """Enroll the most confident face of each image as `subject`."""
 
     gallery: str = Gallery
-    subject: str = Field(..., min_length=1, max_length=200)
+    subject: str = Field(..., min_length=1, max_length=SUBJECT_MAX)
     images: list[Annotated[str, Field(min_length=1)]] = Field(..., min_length=1, max_length=100, description=IMAGE_DOC)
     sources: list[str] | None = Field(None, description="A name for each image (default: images[i]).")
     metadata: dict[str, Any] = Field(default_factory=dict)
     min_score: float = Field(0.6, ge=0, le=1)
+
+    @field_validator("subject")
+    @classmethod
+    def _a_subject_name(cls, v: str) -> str:
+        return subject_name(v)
 
 
 class IdentifyRequest(BaseModel):
@@ -175,14 +199,15 @@ class RustyFace(Plugin):
         assert self.context is not None
         model_dir = self.context.model_dir
         registry = ModelRegistry(model_dir, register_defaults=False) if model_dir else None
-        self.engine = load_engine(self.settings.pack, model_dir, registry)
+        self.engine = load_engine(self.settings.pack, model_dir, registry, self.settings.det_size)
         roots = self.settings.image_roots or [str(self.context.data_dir / "images")]
         self.roots = [Path(r) for r in roots]
         self.log.info("face pack %s from %s; image roots %s", self.engine.name, self.engine.folder, roots)
 
     def health(self) -> dict[str, Any]:
-        """The pack in use: its models and embedding size."""
-        return {"ok": True, "pack": self.engine.name, "models": self.engine.models, "dim": self.engine.dim}
+        """The pack in use: its models, embedding size and detection size."""
+        e = self.engine
+        return {"ok": True, "pack": e.name, "models": e.models, "dim": e.dim, "det_size": e.det_size}
 
     def _image(self, image: str, field: str) -> np.ndarray:
         s = self.settings
@@ -253,7 +278,7 @@ class RustyFace(Plugin):
             if not inp.new_name:
                 raise InvalidInput("new_name is required to rename a subject", field="new_name")
             return Result(**g.rename(inp.gallery, inp.subject, inp.new_name))
-        return Result(**g.delete_subject(inp.gallery, inp.subject))
+        return Result(**g.delete_subject(inp.gallery, inp.subject, inp.keep))
 
     @capability("faces.enroll", scope="faces:use", big_input=True)
     def enroll(self, inp: EnrollRequest) -> Result:
@@ -261,7 +286,7 @@ class RustyFace(Plugin):
         if inp.sources is not None and len(inp.sources) != len(inp.images):
             raise InvalidInput("sources must have one name per image", field="sources")
         g = self._galleries()
-        g.require(inp.gallery)  # 404 before any work when the gallery does not exist
+        g.require(inp.gallery)  # before any work: 404 without the gallery, 409 when another pack's faces are in it
         faces, skipped = [], []
         for i, image in enumerate(inp.images):
             source = inp.sources[i] if inp.sources else f"images[{i}]"
@@ -299,27 +324,10 @@ class RustyFace(Plugin):
             t1 = time.perf_counter()
             vec = self.engine.embed(img, face).tolist()
             t2 = time.perf_counter()
-            hits = g.nearest(inp.gallery, vec, min(1000, inp.top_k * 20))
+            best = g.best_subjects(inp.gallery, vec, inp.top_k, threshold)
             t_embed, t_search = t_embed + t2 - t1, t_search + time.perf_counter() - t2
-            best: dict[str, float] = {}
-            for hit in hits:
-                payload = hit.get("payload") or {}
-                if payload.get("model", self.engine.name) != self.engine.name:
-                    raise Conflict(
-                        f"gallery {inp.gallery!r} holds faces from {payload['model']}, not from the pack in use "
-                        f"({self.engine.name}): their similarities would mean nothing",
-                        field="gallery",
-                    )
-                subject = str(payload.get("subject"))
-                if hit["score"] >= threshold and hit["score"] > best.get(subject, -2.0):
-                    best[subject] = hit["score"]
-            matches = [
-                {"subject": s, "similarity": round(v, 5)} for s, v in sorted(best.items(), key=lambda kv: -kv[1])
-            ]
-            matches = matches[: inp.top_k]
-            out.append(
-                {**face.to_dict(), "subject": matches[0]["subject"] if matches else "unknown", "matches": matches}
-            )
+            matches = [{"subject": s, "similarity": round(v, 5)} for s, v in best.items()]
+            out.append({**face.to_dict(), "subject": matches[0]["subject"] if matches else UNKNOWN, "matches": matches})
         timings = {"detect_ms": t_detect * 1000, "embed_ms": t_embed * 1000, "search_ms": t_search * 1000}
         return Result(
             gallery=inp.gallery, threshold=threshold, faces=out, timings={k: round(v, 3) for k, v in timings.items()}
