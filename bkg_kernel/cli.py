@@ -498,18 +498,27 @@ def store_delete_snapshot(
     typer.echo(f"deleted {snapshot_id}")
 
 
-def _models(model_dir: Path | None) -> Any:
+def _models(model_dir: Path | None, *, made: bool = True) -> Any:
+    """The registry of the model dir, which reading commands never create (`made`: it must be there)."""
+    from bkg_kernel.errors import NotFound
     from bkg_kernel.models.registry import ModelRegistry
     from bkg_kernel.settings import get_settings
 
-    return ModelRegistry(model_dir or get_settings().model_dir)
+    reg = ModelRegistry(model_dir or get_settings().model_dir, register_defaults=False)
+    if made and not reg.dir.is_dir():
+        raise NotFound(
+            f"no model dir at {reg.dir}: the gateway makes it at its first start, with the packaged default models "
+            "registered (so does `bkg models add`); --model-dir or BKG_MODEL_DIR names another",
+            field="model_dir",
+        )
+    return reg
 
 
 @models_app.command("list")
 def models_list(
     model_dir: ModelDir = None, kind: Annotated[str | None, typer.Option(help="Only this kind.")] = None
 ) -> None:
-    """List registered models (the packaged defaults are registered on first use)."""
+    """List registered models (the packaged defaults are registered at the gateway's first start)."""
     for m in _models(model_dir).list(kind):
         typer.echo(f"{m.id:<28} {m.kind:<16} {m.size / 2**20:>9,.1f} MB  {m.license or '-':<12} {m.source}")
 
@@ -528,8 +537,12 @@ def models_add(
     ] = None,
     model_dir: ModelDir = None,
 ) -> None:
-    """Register a model file or folder (checked: a file that is not what its kind says is refused)."""
-    _print(_models(model_dir).add(path, id=id, kind=kind, license=license, import_mode=import_mode).model_dump())
+    """Register a model file or folder (checked: a file that is not what its kind says is refused); a new model dir
+    also gets the packaged default models."""
+    reg = _models(model_dir, made=False)
+    entry = reg.add(path, id=id, kind=kind, license=license, import_mode=import_mode)
+    reg.ensure_defaults()  # put in once: a model dir this makes is the one the gateway would have made
+    _print(entry.model_dump())
 
 
 @models_app.command("verify")

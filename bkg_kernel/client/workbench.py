@@ -218,9 +218,13 @@ class Workbench:
         """Registered models (a table in a notebook)."""
         return ModelTable(self.call("GET", "/api/models")["models"])
 
-    def add_model(self, path: str, **opts: Any) -> dict[str, Any]:
-        """Register a model file or folder (`import_mode="copy"|"link"` for one outside the model dir)."""
-        return self.call("POST", "/api/models", json={"path": str(path), **opts})
+    def add_model(self, path: str | os.PathLike[str], **opts: Any) -> dict[str, Any]:
+        """Register a model file or folder (`import_mode="copy"|"link"` for one outside the model dir); a relative
+        path is this notebook's, made absolute here (the gateway refuses one: its working directory is not ours)."""
+        where = os.fspath(path)
+        if where and not os.path.isabs(where) and not where.startswith("~") and os.path.lexists(where):
+            where = os.path.abspath(where)
+        return self.call("POST", "/api/models", json={"path": where, **opts})
 
     def verify_model(self, model_id: str) -> dict[str, Any]:
         """Recompute a model's sha256 and report drift."""

@@ -178,7 +178,7 @@ def download(
             raise InvalidInput(f"{final} already exists in the model dir", field="url")
         shutil.move(str(partial), final)
         try:
-            return registry.add(final, id=id or slug(name), kind=kind, license=license, source=url)
+            return registry.add(final, id=slug(name) if id is None else id, kind=kind, license=license, source=url)
         except Exception:
             final.unlink(missing_ok=True)  # not what its kind says (or the id is taken): do not keep it
             raise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,12 +74,23 @@ def _hf(path: Path) -> Inspected:
     if not cfg_path.is_file():
         raise CorruptData(f"{path.name} is not a transformers model folder (no config.json)", field="path")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
+        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptData(f"{path.name}/config.json is not valid JSON: {exc}", field="path") from None
-    weights = sorted(escaped(p.name) for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-    if not weights:
+    if not isinstance(cfg, dict):
+        raise CorruptData(
+            f"{path.name}/config.json holds a JSON {type(cfg).__name__}, not an object of settings", field="path"
+        )
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
+    if not files:
         raise CorruptData(f"{path.name} has no weights (*.safetensors or *.bin)", field="path")
+    for f in files:  # a header is a few bytes: what transformers would refuse at the first load is refused now
+        if f.suffix == ".safetensors":
+            _safetensors(f)
+        # transformers' torch.save weights and a quantized model's (candle's); another .bin may be another runtime's
+        elif f.name.startswith("pytorch_model") or f.name == "state_dict.pt":
+            _torch_pickle(f)
+    weights = [escaped(p.name) for p in files]
     sentence = (path / "modules.json").is_file()
     return Inspected(
         "hf-transformers",
@@ -90,6 +103,53 @@ def _hf(path: Path) -> Inspected:
             "weights": weights,
         },
     )
+
+
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own bound on a header
+
+
+def _safetensors(path: Path) -> None:
+    """Check a .safetensors file's header: an 8-byte little-endian length, then that many bytes of a JSON object
+    whose tensors lie within the file."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, SAFETENSORS_MAX_HEADER):
+            raise CorruptData(
+                f"{path.parent.name}/{path.name} is not a safetensors file (its header length {n:,} does not fit "
+                f"its {size:,} bytes)",
+                field="path",
+            )
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise CorruptData(f"{path.parent.name}/{path.name} is not a safetensors file (no JSON header)", field="path")
+    ends = [
+        t["data_offsets"][1]
+        for k, t in header.items()
+        if k != "__metadata__" and isinstance(t, dict) and isinstance(t.get("data_offsets"), list)
+        and len(t["data_offsets"]) == 2 and isinstance(t["data_offsets"][1], int)
+    ]  # fmt: skip
+    if len(ends) != len(header) - ("__metadata__" in header) or max(ends, default=0) > size - 8 - n:
+        raise CorruptData(
+            f"{path.parent.name}/{path.name} is a damaged safetensors file (its tensors lie outside its {size:,} "
+            "bytes, or one has no data_offsets)",
+            field="path",
+        )
+
+
+def _torch_pickle(path: Path) -> None:
+    """Check a torch.save file (.bin, .pt, .pth): a zip archive, or a pickle (torch's format before 1.6)."""
+    with path.open("rb") as f:
+        head = f.read(1)
+    if head != b"\x80" and not zipfile.is_zipfile(path):
+        raise CorruptData(
+            f"{path.parent.name}/{path.name} is not a torch.save file (neither a zip archive nor a pickle)",
+            field="path",
+        )
 
 
 def _onnx(path: Path) -> Inspected:
@@ -117,17 +177,33 @@ def _face_pack(path: Path) -> Inspected:
 
 
 def _torch_program(path: Path) -> Inspected:
-    import zipfile
-
     if not path.is_file() or not zipfile.is_zipfile(path):
         raise CorruptData(
             f"{path.name} is not a TorchScript (.pt) or torch.export (.pt2) archive (not a zip file)", field="path"
         )
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CorruptData(f"{path.name} is a damaged zip archive: {exc}", field="path") from None
     fmt = "torch.export" if any(n.endswith("archive_format") for n in names) or path.suffix == ".pt2" else "torchscript"
-    if fmt == "torchscript" and not any("/code/" in n or n.endswith("constants.pkl") for n in names):
-        raise CorruptData(f"{path.name} is a zip but not a TorchScript archive (no code/)", field="path")
+    if fmt == "torchscript":
+        # torch.jit.save writes <name>/data.pkl (the module), <name>/code/ (its TorchScript) and <name>/version
+        missing = [
+            part
+            for part, found in (
+                ("code/", any("/code/" in n for n in names)),
+                ("data.pkl", any(n.endswith("/data.pkl") for n in names)),
+                ("version", any(n.endswith("/version") for n in names)),
+            )
+            if not found
+        ]
+        if missing:
+            raise CorruptData(
+                f"{path.name} is a zip but not a TorchScript archive (no {', '.join(missing)})", field="path"
+            )
+    elif not any(n.endswith("archive_format") for n in names):
+        raise CorruptData(f"{path.name} is a zip but not a torch.export archive (no archive_format)", field="path")
     return Inspected("torch-program", None, {"format": fmt, "entries": len(names)})
 
 

@@ -3,7 +3,9 @@ source, added), written atomically under a file lock.
 
 A file next to the weights, not a table in the store: worker processes (llmserver, candle) resolve model ids
 without asking the gateway, and `bkg models list` works with no gateway running. Paths inside the model dir
-are stored relative to it; files that come from a Python package are found again through the package.
+are stored relative to it; files that come from a Python package are found again through the package. The
+manifest also lists the packaged defaults it ever held (`defaults`): each is put in once, and one removed stays
+removed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +32,8 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 from bkg_kernel import statefiles
 from bkg_kernel.errors import (
     AlreadyExists,
+    BkgError,
+    Conflict,
     CorruptData,
     InvalidFile,
     InvalidInput,
@@ -97,8 +102,17 @@ class ModelEntry(BaseModel):
         return {**self.model_dump(), **self._unknown}
 
 
+@dataclass
+class _Held:
+    """The manifest as read under its lock: the entries, and the packaged defaults it ever held (a removed one is
+    not put in again)."""
+
+    models: dict[str, ModelEntry]
+    defaults: set[str]
+
+
 class ModelRegistry:
-    """Add, list, verify and remove models; register the packaged defaults on first use."""
+    """Add, list, verify and remove models; register the packaged defaults once (`register_defaults`: now)."""
 
     def __init__(self, model_dir: Path | str, *, register_defaults: bool = True) -> None:
         self.dir = Path(model_dir).resolve()
@@ -126,10 +140,16 @@ class ModelRegistry:
     def _entries(self) -> tuple[dict[str, ModelEntry], builtins.list[Any], Any]:
         """The entries, what the manifest lists that is not an entry (left out with a warning, and written back as
         it was: a write never drops it), and the manifest's version. A manifest that is not JSON is a `CorruptData`."""
+        models, unread, version, _ = self._manifest()
+        return models, unread, version
+
+    def _manifest(self) -> tuple[dict[str, ModelEntry], builtins.list[Any], Any, set[str]]:
+        """`_entries`, and the packaged defaults the manifest ever held: those it lists as such (a manifest an older
+        bkg wrote lists none) and those it holds now."""
         try:
             raw = json.loads(self.manifest.read_text())
         except FileNotFoundError:
-            return {}, [], MANIFEST_VERSION
+            return {}, [], MANIFEST_VERSION, set()
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptData(f"{self.manifest} cannot be read: {exc}", field="manifest") from None
         listed = raw.get("models") if isinstance(raw, dict) else None
@@ -147,7 +167,9 @@ class ModelRegistry:
                 unread.append(m)
                 continue
             models[entry.id] = entry
-        return models, unread, raw.get("version", MANIFEST_VERSION)
+        said = raw.get("defaults")
+        held = {d for d in said if isinstance(d, str)} if isinstance(said, builtins.list) else set()
+        return models, unread, raw.get("version", MANIFEST_VERSION), held | _defaults_in(models)
 
     def _refuse_newer(self, version: Any) -> None:
         """409 for a manifest a newer bkg wrote: rewriting it as this version's would lose what this bkg cannot read."""
@@ -157,7 +179,9 @@ class ModelRegistry:
                                field="manifest")  # fmt: skip
 
     def list(self, kind: str | None = None) -> list[ModelEntry]:
-        """Return every registered model (of one kind)."""
+        """Return every registered model (of one kind; an unknown kind is a 422 naming the kinds)."""
+        if kind is not None and kind not in KINDS:
+            raise InvalidInput(f"kind must be one of {', '.join(KINDS)}, not {kind!r}", field="kind")
         return [m for m in self._read().values() if kind is None or m.kind == kind]
 
     def get(self, model_id: str) -> ModelEntry:
@@ -187,16 +211,18 @@ class ModelRegistry:
 
     # -- writing ----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, ModelEntry]]:
+    def _locked(self) -> Iterator[_Held]:
         """Hold the manifest lock, yield the entries, write them back atomically."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / ".manifest.lock", "a") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            models, unread, version = self._entries()
+            models, unread, version, defaults = self._manifest()
             self._refuse_newer(version)
-            yield models
+            held = _Held(models, defaults)
+            yield held
             listed = [m.to_manifest() for m in sorted(models.values(), key=lambda m: m.id)]
-            data = {"version": MANIFEST_VERSION, "models": listed + unread}
+            done = sorted(held.defaults | _defaults_in(models))  # a default removed now stays in: not put in again
+            data = {"version": MANIFEST_VERSION, "defaults": done, "models": listed + unread}
             statefiles.write(self.manifest, json.dumps(data, indent=2) + "\n")
             self._cache = None  # (a write within the file system's clock tick may keep size and time)
 
@@ -258,8 +284,10 @@ class ModelRegistry:
             detected = kinds.inspect(src, kind)
         except CorruptData as exc:
             raise InvalidFile(exc.message, field="path") from None
-        model_id = self.check_new(id or slug(src.name))
+        model_id = self.check_new(slug(src.name) if id is None else id)
         inside = src.is_relative_to(self.dir)
+        if inside or source is not None:  # registered where it is: never in (or over) another model's files
+            self._refuse_shared(src, self._entries()[0])
         if not inside and source is None:
             if import_mode is None:
                 raise InvalidInput(
@@ -281,11 +309,47 @@ class ModelRegistry:
             added=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             meta=detected.meta,
         )
-        with self._locked() as models:
-            if model_id in models:
+        with self._locked() as held:
+            if model_id in held.models:
                 raise AlreadyExists(f"model {model_id!r} is already registered", field="id")
-            models[model_id] = entry
+            self._refuse_shared(src, held.models)  # again under the lock: another add may have taken it meanwhile
+            held.models[model_id] = entry
         return entry
+
+    def _places(self, entry: ModelEntry) -> set[Path]:
+        """Where an entry's files are: its path as registered and, through a link, where they really are."""
+        try:
+            path = Path(os.path.abspath(self.resolve(entry)))
+        except BkgError:  # its package is no longer installed: it holds no file here
+            return set()
+        return {path, path.resolve()}
+
+    def _user_of(self, paths: set[Path], models: dict[str, ModelEntry]) -> tuple[ModelEntry, Path] | None:
+        """An entry whose files are one of `paths`, inside one or hold one (and which of its places), if any."""
+        for other in sorted(models.values(), key=lambda m: m.id):
+            for place in self._places(other):
+                if any(p == place or place in p.parents or p in place.parents for p in paths):
+                    return other, place
+        return None
+
+    def _refuse_shared(self, src: Path, models: dict[str, ModelEntry]) -> None:
+        """409 naming the entry whose files `src` is, is inside or holds: two entries on one file, and removing one
+        with its files deleted the other's."""
+        found = self._user_of({src}, models)
+        if found is None:
+            return
+        other, place = found
+        if src == place:
+            how = f"is already model {other.id!r}"
+        elif place in src.parents:
+            how = f"is inside model {other.id!r} ({place})"
+        else:
+            how = f"holds model {other.id!r} ({place})"
+        raise AlreadyExists(
+            f"{src} {how}: a model's files are registered once (removing one of two entries with its files would "
+            "delete the other's); for another id of the same files, import a copy (import_mode 'copy')",
+            field="path",
+        )
 
     def _import(self, src: Path, model_id: str, mode: str) -> Path:
         dest = self.dir / (model_id + src.suffix if src.is_file() and not model_id.endswith(src.suffix) else model_id)
@@ -328,36 +392,54 @@ class ModelRegistry:
         return model_id
 
     def remove(self, model_id: str, *, delete_files: bool = False) -> ModelEntry:
-        """Unregister a model; with `delete_files`, also delete its file if it lives in the model dir."""
-        with self._locked() as models:
+        """Unregister a model; with `delete_files`, also delete its file if it lives in the model dir (refused, 409,
+        while another entry's files are in it or hold it)."""
+        if model_id not in self._entries()[0]:  # before the lock: a model dir that is not there is not made
+            raise NotFound(f"model {model_id!r} is not registered", field="model")
+        with self._locked() as held:
+            models = held.models
             if model_id not in models:
                 raise NotFound(f"model {model_id!r} is not registered", field="model")
-            e = models.pop(model_id)
-        path = self.resolve(e)
-        if delete_files and not e.source.startswith("package:") and self.dir in path.parents:  # never the dir itself
-            if path.is_symlink() or path.is_file():
-                path.unlink(missing_ok=True)
-            elif path.is_dir():
-                shutil.rmtree(path)
+            e = models[model_id]
+            path = None if e.source.startswith("package:") else self.resolve(e)
+            doomed = path if delete_files and path is not None and self.dir in path.parents else None  # not the dir
+            if doomed is not None:
+                lexical = Path(os.path.abspath(doomed))
+                gone = {lexical} if doomed.is_symlink() else {lexical, lexical.resolve()}  # a link: only the link
+                found = self._user_of(gone, {k: v for k, v in models.items() if k != model_id})
+                if found is not None:
+                    other, place = found
+                    raise Conflict(
+                        f"the files of {model_id!r} ({doomed}) are also model {other.id!r}'s ({place}): nothing "
+                        f"removed; remove {model_id!r} without deleting its files",
+                        field="delete_files",
+                    )
+            models.pop(model_id)
+        if doomed is not None:
+            if doomed.is_symlink() or doomed.is_file():
+                doomed.unlink(missing_ok=True)
+            elif doomed.is_dir():
+                shutil.rmtree(doomed)
         return e
 
     def register_entry(self, entry: ModelEntry) -> ModelEntry:
         """Record an entry built elsewhere (a quantized model, a download); refuses a taken id."""
         check_id(entry.id, "id")
-        with self._locked() as models:
-            if entry.id in models:
+        with self._locked() as held:
+            if entry.id in held.models:
                 raise AlreadyExists(f"model {entry.id!r} is already registered", field="id")
-            models[entry.id] = entry
+            held.models[entry.id] = entry
         return entry
 
     def ensure_defaults(self) -> builtins.list[str]:
-        """Register each default model whose package is installed and whose id is free; return the new ids."""
-        have, _, version = self._entries()
+        """Register each default model whose package is installed and that this manifest never held (one removed
+        stays removed; a package installed later is registered then); return the new ids."""
+        _, _, version, done = self._manifest()
         if _newer(version):  # a newer bkg's manifest: read, never added to
             return []
-        added = []
+        new: builtins.list[ModelEntry] = []
         for d in DEFAULTS:
-            if d.id in have:
+            if d.id in done:
                 continue
             try:
                 path = package_path(d.package, d.relpath)
@@ -370,9 +452,15 @@ class ModelRegistry:
                 license=d.license, source=f"package:{d.package}",
                 added=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), meta=found.meta,
             )  # fmt: skip
-            with contextlib.suppress(AlreadyExists):  # another process registered it meanwhile
-                self.register_entry(entry)
-                added.append(d.id)
+            new.append(entry)
+        if not new:
+            return []  # nothing to write: a manifest that holds them all is not touched
+        added = []
+        with self._locked() as held:
+            for entry in new:
+                if entry.id not in held.defaults and entry.id not in held.models:  # another process's meanwhile
+                    held.models[entry.id] = entry
+                    added.append(entry.id)
         return added
 
     def _repr_html_(self) -> str:
@@ -386,10 +474,14 @@ def _newer(version: Any) -> bool:
     return isinstance(version, int) and version > MANIFEST_VERSION
 
 
+def _defaults_in(models: dict[str, ModelEntry]) -> set[str]:
+    return {d.id for d in DEFAULTS if d.id in models}
+
+
 def slug(name: str) -> str:
     """Turn a file name into a model id: lower case, no extension, safe characters."""
     stem = name
-    for ext in (".gguf", ".onnx"):
+    for ext in (".gguf", ".onnx", ".pt2", ".pt"):
         if stem.lower().endswith(ext):
             stem = stem[: -len(ext)]
     s = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.").lower()

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ConfigDict, Field
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import InvalidInput
+from bkg_kernel.errors import InvalidInput, expand_home
 from bkg_kernel.gateway.lanes import Lane
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.models.registry import ModelRegistry, slug
@@ -30,9 +30,11 @@ class NewModel(StrictBody):
             ]
         },
     )
-    path: str | None = Field(None, min_length=1, max_length=4096)
+    path: str | None = Field(
+        None, min_length=1, max_length=4096, description="Absolute (or `~/...`): a path on the gateway's machine."
+    )
     url: str | None = Field(None, pattern=r"^https?://[^/?#]+/+[^/?#]", max_length=4096)
-    id: str | None = Field(None, description="Defaults to the file name without its extension.")
+    id: str | None = Field(None, description="Defaults to the file name without its extension; never empty.")
     kind: (
         Literal["gguf-llm", "gguf-embedding", "hf-transformers", "onnx", "face-pack", "torch-program", "classifier"]
         | None
@@ -75,7 +77,8 @@ async def add_model(
     if body.url is not None:
         name = download.check_url(body.url)
         url, allow = body.url, gw.settings.download_allow
-        await asyncio.to_thread(reg.check_new, body.id or slug(name), name)  # a bad or taken id: 422 / 409 now
+        model_id = slug(name) if body.id is None else body.id  # "" is a bad id, not the default one
+        await asyncio.to_thread(reg.check_new, model_id, name)  # a bad or taken id: 422 / 409 now
         await asyncio.to_thread(download.check_host, url, allow)  # refused now (403), not in a failed job later
         max_bytes = int(gw.settings.max_download_mb * 2**20)
 
@@ -92,6 +95,12 @@ async def add_model(
         return {"job": job.to_dict()}
     path = body.path
     assert path is not None
+    if not expand_home(path, "path").is_absolute():  # relative to the gateway's working dir: no caller knows it
+        raise InvalidInput(
+            f"path {path[:200]!r} is relative: give an absolute path (a relative one would be looked up in the "
+            "gateway's working directory; wb.add_model makes a notebook's relative path absolute)",
+            field="path",
+        )
     # a copy of gigabytes, hashed: on the import lane, never the pool every other route's store work uses
     entry = await _IMPORT.run(
         lambda: reg.add(path, id=body.id, kind=body.kind, license=body.license, import_mode=body.import_mode)

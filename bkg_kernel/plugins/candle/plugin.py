@@ -209,7 +209,7 @@ class Candle(Plugin):
         qfile = Path(path) / runners.QUANT_FILE
         if not qfile.is_file():
             return
-        q = json.loads(qfile.read_text())
+        q = runners.quantization(qfile)
         now = self.registry.get(q["base"]).sha256
         if q.get("base_sha256") and q["base_sha256"] != now:
             raise Conflict(
@@ -320,7 +320,8 @@ class Candle(Plugin):
         gc.collect()
         return Loaded(loaded=self._loaded())
 
-    @capability("candle.run", scope="plugins:write", big_input=True)
+    # running a model is llm:use whichever route asks (/api/embed, a collection's embed_model, this capability)
+    @capability("candle.run", scope="llm:use", big_input=True)
     def run(self, inp: RunRequest) -> RunResult:
         """Run a model: text -> embeddings or generated text; tensors -> tensors for a program."""
         if inp.task is not None:

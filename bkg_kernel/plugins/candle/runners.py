@@ -8,11 +8,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bkg_kernel.errors import Cancelled, InvalidInput
+from bkg_kernel.errors import BkgError, Cancelled, InvalidFile, InvalidInput
 from bkg_kernel.runtime import calls
 
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "state_dict.pt"
+METHODS = ("dynamic-int8", "fp16", "bf16")
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
 
 
@@ -266,14 +267,16 @@ def task_of(kind: str, path: Path, resolve: Any) -> str:
         return ""
     qfile = path / QUANT_FILE
     if qfile.exists():  # a quantized model does what its base does
-        base_kind, base_path = resolve(json.loads(qfile.read_text())["base"])
+        base_kind, base_path = resolve(quantization(qfile)["base"])
         return task_of(base_kind, base_path, resolve)
     if (path / "modules.json").exists():
         return "embed"
     try:
-        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+        cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return ""
+    archs = cfg.get("architectures") if isinstance(cfg, dict) else None
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return "score"
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
@@ -281,8 +284,38 @@ def task_of(kind: str, path: Path, resolve: Any) -> str:
     return "embed"
 
 
+def quantization(qfile: Path) -> dict[str, Any]:
+    """A quantized model's `quantization.json` (method, base, base_sha256); one that cannot be read is a 422 naming
+    the model, not a 500."""
+    try:
+        q = json.loads(qfile.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidFile(f"{qfile.parent.name}/{QUANT_FILE} cannot be read: {exc}", field="model_id") from None
+    shaped = isinstance(q, dict) and isinstance(q.get("base"), str) and q.get("method") in METHODS
+    if not shaped or not isinstance(q.get("base_sha256") or "", str):
+        raise InvalidFile(f"{qfile.parent.name}/{QUANT_FILE} names no base model and method", field="model_id")
+    return q
+
+
 def load(model_id: str, kind: str, path: Path, device: str, resolve: Any) -> Runner:
-    """Load a registered model onto `device`; `resolve(id)` returns (kind, path) of another model (a base)."""
+    """Load a registered model onto `device`; `resolve(id)` returns (kind, path) of another model (a base). Files
+    that torch or transformers cannot load (damaged since they were registered, or a header that passed the check
+    at registration but not the load) are a 422 naming `model_id`, not a 500."""
+    try:
+        return _load(model_id, kind, path, device, resolve)
+    except (BkgError, ImportError, MemoryError):
+        raise
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda's: the device's, not the files'
+            raise
+        raise InvalidFile(
+            f"model {model_id!r} cannot be loaded from {path.name}: {type(exc).__name__}: {str(exc)[:300]} "
+            f"(`bkg models verify {model_id}` says whether its files changed since they were registered)",
+            field="model_id",
+        ) from None
+
+
+def _load(model_id: str, kind: str, path: Path, device: str, resolve: Any) -> Runner:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: models are local files
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if kind == "torch-program":
@@ -301,12 +334,14 @@ def load(model_id: str, kind: str, path: Path, device: str, resolve: Any) -> Run
         )
     qfile = path / QUANT_FILE
     if qfile.exists():
-        return _load_quantized(model_id, path, json.loads(qfile.read_text()), device, resolve)
+        return _load_quantized(model_id, path, quantization(qfile), device, resolve)
     return _load_hf(model_id, path, device)
 
 
 def _load_hf(model_id: str, path: Path, device: str) -> Runner:
     cfg = json.loads((path / "config.json").read_text())
+    if not isinstance(cfg, dict):
+        raise InvalidFile(f"{path.name}/config.json holds no object of settings", field="model_id")
     if (path / "modules.json").exists():
         from sentence_transformers import SentenceTransformer
 
