@@ -363,13 +363,14 @@ def test_collections_embed_text_with_candle_and_llmserver(cgw: Gateway) -> None:
     assert {h["id"] for h in hits["results"]} == {"d3", "d4"}
     hyb = c.post("/api/collections/notes/query", json={"text": "kittens", "k": 2}).json()
     assert hyb["mode"] == "hybrid" and hyb["results"][0]["id"] == "d2"
-    # a collection without embed_model says what is missing; a model of the wrong size is refused
+    # a collection without embed_model says what is missing; a model of the wrong size is refused (when the
+    # collection is created: its texts could never be embedded)
     c.post("/api/collections", json={"name": "plain", "dim": 384}).raise_for_status()
     r = c.put("/api/collections/plain/points", json={"points": [{"id": 1, "text": "x"}]})
     assert r.status_code == 422 and r.json()["error"]["field"] == "points[0].vector"
-    c.post("/api/collections", json={"name": "small", "dim": 8, "embed_model": f"candle:{DEFAULT_EMBEDDER}"})
-    r = c.put("/api/collections/small/points", json={"points": [{"id": 1, "text": "x"}]})
+    r = c.post("/api/collections", json={"name": "small", "dim": 8, "embed_model": f"candle:{DEFAULT_EMBEDDER}"})
     assert r.status_code == 422 and "384-d" in r.json()["error"]["message"]
+    assert r.json()["error"]["field"] == "embed_model"
     r = c.post("/api/collections", json={"name": "bad", "dim": 8, "embed_model": "torch:x"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "embed_model"
     # llmserver's GGUF model as the embedder

@@ -750,15 +750,22 @@ def test_an_index_run_that_fails_leaves_nothing_half_done_for_the_next(rgw: Gate
     """Found by a review: a failed repo.index had already marked the files it parsed as indexed in the cached index
     (their new shas), though their chunks never reached the collection; the next run found them unchanged and
     saved that, and the code stayed unsearchable. Here a run fails after parsing because the collection names an
-    embedding model that does not exist; once it names its own again, the next run indexes what the failed one
-    had parsed."""
+    embedding model that no longer exists (a copy of its own, registered, named, then removed: a collection cannot
+    be given a model that is not registered); once it names its own again, the next run indexes what the failed
+    one had parsed."""
+    from bkg_kernel.models.defaults import DEFAULTS, package_path
+
     repo = repo_dir(rgw)
     assert job(rgw, "repo.index", {"workspace": "demo"})["state"] == "done"
     c = rgw.client()
     model = c.get("/api/collections/repo-demo").json()["embed_model"]
     (repo / "pkg" / "fresh.py").write_text("def freshly_written_symbol():\n    return 2\n")
+    own = next(d for d in DEFAULTS if f"candle:{d.id}" == model)
+    copy = {"path": str(package_path(own.package, own.relpath)), "id": "no-such-model", "import_mode": "copy"}
+    c.post("/api/models", json=copy, timeout=120).raise_for_status()
     try:
         c.patch("/api/collections/repo-demo", json={"embed_model": "candle:no-such-model"}).raise_for_status()
+        c.delete("/api/models/no-such-model", params={"delete_files": True}).raise_for_status()
         failed = job(rgw, "repo.index", {"workspace": "demo"})
         assert failed["state"] == "failed" and "no-such-model" in str(failed["error"]), failed
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,6 +32,8 @@ T = TypeVar("T")
 PAGE_NUMBERS = 2_000_000  # vector numbers the gateway puts in one answer (routes/collections.MAX_NUMBERS)
 MAX_DIM = 65_536  # the widest vectors a collection takes
 MAX_IDS = 100_000  # ids one request may name
+MAX_SCROLL = 10_000  # points one scroll page may ask for (a larger limit is the gateway's 422, as the store's)
+_ITEM_REF = r"({items}\.|{items}\[)(\d+)"  # `points[3]`, `points.3`: an item of the request, by its index
 
 
 class RemoteCollection:
@@ -71,7 +74,7 @@ class RemoteCollection:
         batch_size = batch_size or (EMBED_BATCH if embeds else 1000)
         big = len(points) > batch_size if embeds else len(points) >= 10 * batch_size
         show = big if progress is None else progress
-        done = 0
+        done = start = 0
         limit = self.wb.health().get("max_body_bytes") if len(points) > 1 else None  # (an older gateway: none)
         budget = min(BATCH_BYTES, int(limit) // 2) if isinstance(limit, int) else BATCH_BYTES
         with tqdm(total=len(points), desc=f"upsert {self.name}", unit="pt", disable=not show) as bar:
@@ -79,10 +82,10 @@ class RemoteCollection:
                 try:
                     done += self.wb.call("PUT", f"{self.base}/points", json={"points": part})["upserted"]
                 except BkgError as exc:
-                    if done:
-                        exc.message = f"{exc.message} ({done:,} of {len(points):,} points were stored before)"
-                        exc.args = (exc.message,)
+                    before = f"{done:,} of {len(points):,} points were stored before" if done else ""
+                    renumber(exc, "points", start, before)  # its index in `points`, not in the batch
                     raise
+                start += len(part)
                 bar.update(len(part))
         return done
 
@@ -130,6 +133,38 @@ class RemoteCollection:
         """Count points (optionally matching a filter)."""
         return int(self.wb.call("POST", f"{self.base}/points/count", json={"filter": filter})["count"])
 
+    def count_distinct(self, field: str, filter: dict[str, Any] | None = None) -> int:
+        """Count the distinct values of a payload field (a dotted path) among the points (matching a filter) that
+        have it, as `Collection.count_distinct` counts them."""
+        body = {"field": field, "filter": filter}
+        return int(self.wb.call("POST", f"{self.base}/points/count_distinct", json=body)["count"])
+
+    def scroll(
+        self,
+        filter: dict[str, Any] | None = None,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        after: str | None = None,
+        with_vectors: bool = False,
+    ) -> PointList:
+        """Page through the points (matching a filter) in insertion order, as `Collection.scroll`: pass the page's
+        `next_after` as `after` for the next one. A page with more vector numbers than one answer holds is asked
+        for in parts, each after the last."""
+        page = limit
+        if with_vectors and type(limit) is int and PAGE_NUMBERS // MAX_DIM < limit <= MAX_SCROLL:
+            page = max(1, min(limit, PAGE_NUMBERS // self.describe().dim))
+        body = {"filter": filter, "limit": page, "offset": offset, "after": after, "with_vectors": with_vectors}
+        found: list[Any] = []
+        while True:
+            r = self.wb.call("POST", f"{self.base}/points/scroll", json=body)
+            found += r["points"]
+            cursor = r.get("next_after")
+            if cursor is None or len(found) >= limit:
+                break
+            body = {**body, "limit": min(page, limit - len(found)), "offset": 0, "after": cursor}
+        return PointList([_known(Point, p) for p in found], next_after=cursor)
+
     def snapshot(self) -> SnapshotInfo:
         """Write a snapshot."""
         return _known(SnapshotInfo, self.wb.call("POST", f"{self.base}/snapshots"))
@@ -143,6 +178,27 @@ class RemoteCollection:
         """Restore a snapshot into this collection or a new one."""
         r = self.wb.call("POST", f"{self.base}/snapshots/{seg(snapshot_id)}/restore", json={"into": into})
         return CollectionInfo(**r)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete one snapshot archive of this collection (`Store.delete_snapshot`)."""
+        self.wb.call("DELETE", f"{self.base}/snapshots/{seg(snapshot_id)}")
+
+
+def renumber(exc: BkgError, items: str, start: int, before: str = "") -> None:
+    """Make a refused request's error name its item (`points[3]`, `documents.3`) by its place in the caller's whole
+    list, of which the request sent the items from `start` on; `before` (what the requests before it did) is added
+    to the message."""
+    ref = re.compile(_ITEM_REF.format(items=re.escape(items)))
+
+    def shifted(text: str) -> str:
+        return ref.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + start}", text)
+
+    exc.message = shifted(exc.message)
+    if exc.field:
+        exc.field = shifted(exc.field)
+    if before:
+        exc.message = f"{exc.message} ({before})"
+    exc.args = (exc.message,)
 
 
 def _known(cls: type[T], d: dict[str, Any]) -> T:
