@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from html import escape
 from typing import TYPE_CHECKING, Any
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from bkg_kernel.client.jobs import when
+from bkg_kernel.client.transport import renumber
 from bkg_kernel.display import Table, html_table
 from bkg_kernel.errors import BkgError, InvalidInput
 from bkg_kernel.models.classifier import tested_labels
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 # corpus in one call outlasted the client's wait (120 s) from about 2,000 chunks on, the gateway still at work.
 INDEX_CHARS = 200_000
 INDEX_DOCS = 500
-_DOC_REF = re.compile(r"(documents\.|documents\[)(\d+)")
 
 
 class Ranked(dict[str, Any]):
@@ -164,7 +163,9 @@ class Brain:
                 try:
                     r = self._invoke("brainml.index", body)
                 except BkgError as exc:
-                    _renumber(exc, start, int(done["documents"]), len(documents))
+                    indexed = int(done["documents"])
+                    before = f"{indexed:,} of {len(documents):,} documents were indexed before" if indexed else ""
+                    renumber(exc, "documents", start, before)
                     raise
                 for key in ("documents", "chunks", "replaced", "took_ms"):
                     done[key] += r[key]
@@ -211,20 +212,6 @@ def _index_batches(documents: list[Any]) -> Iterator[tuple[int, list[Any]]]:
             start, size = i, 0
         size += n
     yield start, documents[start:]
-
-
-def _renumber(exc: BkgError, start: int, indexed: int, total: int) -> None:
-    """A refused call's error, naming its document by its place in the whole list, and what was indexed before."""
-
-    def shifted(text: str) -> str:
-        return _DOC_REF.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + start}", text)
-
-    exc.message = shifted(exc.message)
-    if exc.field:
-        exc.field = shifted(exc.field)
-    if indexed:
-        exc.message = f"{exc.message} ({indexed:,} of {total:,} documents were indexed before)"
-    exc.args = (exc.message,)
 
 
 def _highlighted(text: str, spans: list[list[int]]) -> str:

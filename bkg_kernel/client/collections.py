@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from tqdm.auto import tqdm
 
-from bkg_kernel.client.transport import seg
+from bkg_kernel.client.transport import renumber, seg
 from bkg_kernel.errors import BkgError, InvalidInput
 from bkg_kernel.store.results import (
     EXPLAIN_KEYS,
@@ -33,7 +32,6 @@ PAGE_NUMBERS = 2_000_000  # vector numbers the gateway puts in one answer (route
 MAX_DIM = 65_536  # the widest vectors a collection takes
 MAX_IDS = 100_000  # ids one request may name
 MAX_SCROLL = 10_000  # points one scroll page may ask for (a larger limit is the gateway's 422, as the store's)
-_ITEM_REF = r"({items}\.|{items}\[)(\d+)"  # `points[3]`, `points.3`: an item of the request, by its index
 
 
 class RemoteCollection:
@@ -182,23 +180,6 @@ class RemoteCollection:
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete one snapshot archive of this collection (`Store.delete_snapshot`)."""
         self.wb.call("DELETE", f"{self.base}/snapshots/{seg(snapshot_id)}")
-
-
-def renumber(exc: BkgError, items: str, start: int, before: str = "") -> None:
-    """Make a refused request's error name its item (`points[3]`, `documents.3`) by its place in the caller's whole
-    list, of which the request sent the items from `start` on; `before` (what the requests before it did) is added
-    to the message."""
-    ref = re.compile(_ITEM_REF.format(items=re.escape(items)))
-
-    def shifted(text: str) -> str:
-        return ref.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + start}", text)
-
-    exc.message = shifted(exc.message)
-    if exc.field:
-        exc.field = shifted(exc.field)
-    if before:
-        exc.message = f"{exc.message} ({before})"
-    exc.args = (exc.message,)
 
 
 def _known(cls: type[T], d: dict[str, Any]) -> T:

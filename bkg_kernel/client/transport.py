@@ -15,6 +15,7 @@ import contextlib
 import http.client
 import json
 import math
+import re
 import select
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -23,7 +24,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import orjson
 
-from bkg_kernel.errors import InvalidInput, Timeout, Unavailable, from_dict
+from bkg_kernel.errors import BkgError, InvalidInput, Timeout, Unavailable, from_dict
 
 POOL_SIZE = 8  # idle connections kept per client
 
@@ -358,3 +359,23 @@ def too_slow(where: str, seconds: float) -> Timeout:
 def _with_end(lines: Iterable[str]) -> Iterator[str]:
     yield from lines
     yield ""  # a stream that stops without a blank line still delivers its last event
+
+
+_ITEM_REF = r"({items}\.|{items}\[)(\d+)"  # `points[3]`, `points.3`: an item of the request, by its index
+
+
+def renumber(exc: BkgError, items: str, start: int, before: str = "") -> None:
+    """Make a refused request's error name its item (`points[3]`, `documents.3`) by its place in the caller's whole
+    list, of which the request sent the items from `start` on; `before` (what the requests before it did) is added
+    to the message."""
+    ref = re.compile(_ITEM_REF.format(items=re.escape(items)))
+
+    def shifted(text: str) -> str:
+        return ref.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + start}", text)
+
+    exc.message = shifted(exc.message)
+    if exc.field:
+        exc.field = shifted(exc.field)
+    if before:
+        exc.message = f"{exc.message} ({before})"
+    exc.args = (exc.message,)
