@@ -365,3 +365,12 @@ def name_hint(name: str, names: Iterable[str]) -> str:
     names = sorted(names)
     near = closest(name, names)
     return f"did you mean {near!r}?" if near else f"it takes {', '.join(names) or 'none'}"
+
+
+def json_kind(value: Any) -> str:
+    """What a decoded JSON value is, in JSON's words (`an array`, `null`), for messages to whoever sent it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return "a number"
+    return {dict: "an object", list: "an array", str: "a string", type(None): "null"}.get(type(value), "a value")

@@ -56,10 +56,11 @@ def test_release_empties_the_top_level_arrays() -> None:
 @pytest.mark.parametrize(
     ("raw", "words"),
     [
-        (b"[1, 2]", "not list"),
-        (b'  "text"', "not str"),
-        (b"3", "not a number"),
-        (b"null", "not NoneType"),
+        (b"[1, 2]", "starts with '[', as an array would"),
+        (b'  "text"', "starts with '\"', as a string would"),
+        (b"3", "starts with '3', as a number would"),
+        (b"null", "starts with 'n', as null would"),
+        (b"notjson", "starts with 'n', as null would"),
         (b"  ", "body is empty"),
         (b'{"a": [1, 2', "not valid JSON"),
     ],

@@ -52,7 +52,7 @@ def test_invoke_refusals_in_the_error_shape(gw: Any) -> None:
     )
     bad = error(c.post(path, content=b"{not json", headers={"Content-Type": "application/json"}), 422)
     assert bad["field"] == "body" and "not valid JSON" in bad["message"]
-    assert "not list" in error(c.post(path, json=[1]), 422)["message"]
+    assert "JSON object, not an array" in error(c.post(path, json=[1]), 422)["message"]
     assert error(c.post(path, json={"seconds": -1}), 422)["field"] == "input.seconds"
     big = b'{"seconds": -1, "pad": ["' + b'x", "' * 40_000 + b'x"]'  # over 64 KiB: parsed on a thread, in pieces
     assert "not valid JSON" in error(c.post(path, content=big + b",}"), 422)["message"]

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from bkg_kernel.errors import InvalidInput
+from bkg_kernel.errors import InvalidInput, json_kind
 
 BIG_BODY = 64 * 1024  # a plugin call's input bigger than this goes to a worker as its bytes (parsed there)
 
@@ -46,7 +46,7 @@ class RawJSON:
 def json_object(data: Any) -> dict[str, Any]:
     """A call's parsed input, which must be a JSON object (422 naming `body`)."""
     if not isinstance(data, dict):
-        raise InvalidInput(f"the input must be a JSON object, not {type(data).__name__}", field="body")
+        raise InvalidInput(f"the input must be a JSON object, not {json_kind(data)}", field="body")
     return data
 
 
@@ -128,7 +128,9 @@ def loads(raw: bytes, max_items: Mapping[str, int] | None = None, root: str = "b
         if first != "{":
             if first not in _KINDS and first not in "-0123456789":
                 raise ValueError(f"not JSON: {first!r}")
-            raise InvalidInput(f"the input must be a JSON object, not {_KINDS.get(first, 'a number')}", field="body")
+            kind = _KINDS.get(first, "a number")
+            raise InvalidInput(f"the input must be a JSON object: this body starts with {first!r}, as {kind} would",
+                               field="body")  # fmt: skip
         with gc_paused():
             data = json_object(loads_in_pieces(text, caps))
         if "NaN" in text or "Infinity" in text:
@@ -167,7 +169,7 @@ def _too_many(key: str, limit: int) -> InvalidInput:
 
 
 _LEADING_WS = re.compile(r"[ \t\n\r]*")
-_KINDS = {"[": "list", '"': "str", "t": "bool", "f": "bool", "n": "NoneType"}
+_KINDS = {"[": "an array", '"': "a string", "t": "true", "f": "false", "n": "null"}  # by a big body's first character
 
 
 _gc_lock = threading.Lock()
@@ -244,7 +246,10 @@ def _pieces(text: str, max_items: Mapping[str, int], out: dict[str, Any], object
     i = ws(0)
     if not text.startswith("{", i):
         if objects and text[i : i + 1] in _KINDS:  # a list, string, ...: not parsed to be refused
-            raise InvalidInput(f"the body must be a JSON object, not {_KINDS[text[i]]}", field="body")
+            raise InvalidInput(
+                f"the body must be a JSON object: this one starts with {text[i]!r}, as {_KINDS[text[i]]} would",
+                field="body",
+            )
         return json.loads(text)
     i = ws(i + 1)
     if text.startswith("}", i):

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import BkgError
+from bkg_kernel.errors import BkgError, json_kind
 from bkg_kernel.gateway import jobs
 from bkg_kernel.gateway.hub import Subscriber
 from bkg_kernel.gateway.jsonresp import dumps
@@ -119,7 +119,7 @@ def _subscription(sub: Subscriber, text: str | None) -> dict[str, Any] | str:
     except ValueError:
         return f"not JSON: {usage}"
     if not isinstance(msg, dict):
-        return f"a JSON object is expected, not {type(msg).__name__}: {usage}"
+        return f"a JSON object is expected, not {json_kind(msg)}: {usage}"
     action, topic, plugin = msg.get("action"), msg.get("topic"), msg.get("plugin")
     if action not in ("sub", "unsub") or topic not in TOPICS:
         return usage
