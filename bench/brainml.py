@@ -34,9 +34,11 @@ checkpoint), then 100 of them changed (until both indexes hold the change).
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -214,6 +216,7 @@ def main() -> None:
         print(f"{name}: {len(d)} documents, {len(points[name])} chunks, {chars:,} characters, {len(qs)} queries")
 
     work = Path(tempfile.mkdtemp(prefix="bench-brainml-"))
+    atexit.register(shutil.rmtree, work, True)  # its stores and models go when the bench ends
     st = embedder(work)
     vecs = {name: embedded(st, pts) for name, pts in points.items()}
     rows: dict[str, Any] = {}

@@ -12,6 +12,8 @@ Reported: the other work's p50, p99 and worst, alone and while the slow reads ru
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import tempfile
 import threading
@@ -77,6 +79,7 @@ def main() -> None:
     titles = [f"title number {i}" for i in range(N)]
     q = rng.standard_normal(DIM).astype(np.float32)
     work_dir = Path(tempfile.mkdtemp(prefix="bench-contention-"))
+    atexit.register(shutil.rmtree, work_dir, True)  # its stores and models go when the bench ends
     rows = []
 
     store = Store(work_dir / "bkg")

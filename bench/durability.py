@@ -13,8 +13,10 @@ collection names, no half-written index). One line per round, then a summary.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -125,6 +127,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     data_dir = Path(tempfile.mkdtemp(prefix="bench-durability-")) / "data"
+    atexit.register(shutil.rmtree, data_dir.parent, True)  # its store goes when the bench ends
     setup(data_dir)
     rng, acked, next_id = random.Random(args.seed), set[int](), [1_000_000]
     bad = 0

@@ -11,7 +11,9 @@ Rounds are interleaved; the table shows the best round of each (the VM is noisy)
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -65,6 +67,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     work = Path(tempfile.mkdtemp(prefix="bench-embed-"))
+    atexit.register(shutil.rmtree, work, True)  # its stores and models go when the bench ends
     reg = ModelRegistry(work / "models")
     st = SentenceTransformer(str(reg.resolve(DEFAULT_EMBEDDER)), device="cpu")
     llm = Llama(

@@ -19,9 +19,11 @@ verification quality on augmented pairs of the shipped photos. One run, one tabl
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import io
 import itertools
+import shutil
 import statistics
 import sys
 import tempfile
@@ -99,6 +101,7 @@ def main() -> None:
     people = photos()
     samples = [jpeg(p) for p in people.values()]
     work = Path(tempfile.mkdtemp(prefix="bench-faces-"))
+    atexit.register(shutil.rmtree, work, True)  # its stores and models go when the bench ends
     gw = start_gateway(work / "data", env={"BKG_MODEL_DIR": str(work / "models")})
     c = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=600)
     engine = FaceEngine()

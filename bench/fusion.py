@@ -11,7 +11,9 @@ counts how many queries find fewer relevant documents in their top 10 than the b
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ def main() -> None:
         packages += list(STDLIB) if p == "stdlib" else [p]
     points = chunked(python_docs(packages), 800, 100)
     work = Path(tempfile.mkdtemp(prefix="bench-fusion-"))
+    atexit.register(shutil.rmtree, work, True)  # its stores and models go when the bench ends
     st = embedder(work)
     vecs = embedded(st, points)
     store = Store(work / "data")

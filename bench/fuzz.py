@@ -26,8 +26,10 @@ answered 2xx (the chain reached a real resource), and every 5xx.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -205,7 +207,9 @@ def main() -> None:
     ap.add_argument("--scenarios", type=int, default=200, help="stateful call sequences (0: none)")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    gw = start_gateway(Path(tempfile.mkdtemp(prefix="bench-fuzz-")) / "data")
+    work = Path(tempfile.mkdtemp(prefix="bench-fuzz-"))
+    atexit.register(shutil.rmtree, work, True)  # its store goes when the bench ends
+    gw = start_gateway(work / "data")
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     failures: Counter[str] = Counter()
     by_op: dict[str, Counter[str]] = {}

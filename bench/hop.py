@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import http.client
 import json
 import multiprocessing
+import shutil
 import statistics
 import sys
 import tempfile
@@ -62,6 +64,7 @@ def main() -> None:
     print(f"{len(points)} chunks, {len(PYDOC_QUERIES)} queries x {args.repeat}")
 
     work = Path(tempfile.mkdtemp(prefix="bench-hop-"))
+    atexit.register(shutil.rmtree, work, True)  # its stores and models go when the bench ends
     port, raw_port = free_port(), free_port()
     bare = multiprocessing.get_context("spawn").Process(
         target=serve_bare, args=(port, raw_port, work / "bare", packages)
