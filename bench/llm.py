@@ -11,7 +11,9 @@ generation tokens/s and p95 request latency, bkg vs llama_cpp.server. Also the R
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -146,6 +148,7 @@ def main() -> None:
     from llama_cpp import Llama
 
     work = Path(tempfile.mkdtemp(prefix="bench-llm-"))
+    atexit.register(shutil.rmtree, work, True)  # what it made goes when the bench ends
     reg = ModelRegistry(work / "models")
     gguf = str(reg.resolve(DEFAULT_LLM))
     llm = Llama(gguf, n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512, verbose=False)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
 import io
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -165,6 +167,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    atexit.register(shutil.rmtree, work, True)  # what it made goes when the bench ends
     gw = start_gateway(work / "data", env={"BKG_MODEL_DIR": str(work / "models")})
     try:
         c = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=600)

@@ -25,8 +25,10 @@ Reported: the probes' p50, p99 and worst, and the worst as a ratio of the peer's
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -190,10 +192,13 @@ def main() -> None:
 
     answer = [{"id": p["id"], "vector": p["vector"], "payload": p["payload"]} for p in upserts["384-d"][1]]
     answer_file = Path(tempfile.mkdtemp(prefix="bench-stall-answer-")) / "answer.json"
+    atexit.register(shutil.rmtree, answer_file.parent, True)
     answer_file.write_text(json.dumps(answer))
     port = free_port()
     peer = subprocess.Popen([sys.executable, "-c", PEER, str(port), str(answer_file)])
-    gw = start_gateway(Path(tempfile.mkdtemp(prefix="bench-stall-")) / "data", plugins=["sysinfo", "llmserver"])
+    work = Path(tempfile.mkdtemp(prefix="bench-stall-"))
+    atexit.register(shutil.rmtree, work, True)  # its store goes when the bench ends
+    gw = start_gateway(work / "data", plugins=["sysinfo", "llmserver"])
     try:
         peer_url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 30

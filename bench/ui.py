@@ -14,7 +14,9 @@ Needs /usr/bin/chromium (scripts/bootstrap.sh installs it).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +42,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     work = Path(tempfile.mkdtemp(prefix="bench-ui-"))
+    atexit.register(shutil.rmtree, work, True)  # what it made goes when the bench ends
     gw = start_gateway(work / "data")
     ids = [p["id"] for p in gw.client().get("/api/plugins").json()["plugins"]]
     fill(gw)
