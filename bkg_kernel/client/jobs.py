@@ -20,6 +20,7 @@ from bkg_kernel.errors import InvalidInput, JobFailed, Timeout
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
 
+PAGE = 10_000  # the most jobs GET /api/jobs answers with at once
 COLORS = {
     "succeeded": "#1a7f37", "done": "#1a7f37", "failed": "#cf222e", "timed_out": "#cf222e", "cancelled": "#6e7781",
 }  # fmt: skip
@@ -131,13 +132,22 @@ class Jobs:
     def __init__(self, wb: Workbench) -> None:
         self.wb = wb
 
-    def __call__(self) -> list[dict[str, Any]]:
-        """Every job the caller may see (notebook runs and background jobs), newest first."""
-        return list(self.wb.call("GET", "/api/jobs")["jobs"])
+    def __call__(self, limit: int = 200, before: str | None = None) -> list[dict[str, Any]]:
+        """The jobs the caller may see (notebook runs and background jobs), newest first: `limit` of them, older
+        than the job `before` names when given."""
+        return list(self.page(limit, before)["jobs"])
 
-    def notebooks(self) -> list[dict[str, Any]]:
-        """Notebooks that may run as jobs, with their parameters."""
-        return list(self.wb.call("GET", "/api/jobs/notebooks")["notebooks"])
+    def page(self, limit: int = 200, before: str | None = None) -> dict[str, Any]:
+        """One page of `GET /api/jobs`: its `jobs` and its `next_before` (the `before` of the next page; None at the
+        end)."""
+        params: dict[str, Any] = {"limit": limit} | ({"before": before} if before is not None else {})
+        return dict(self.wb.call("GET", "/api/jobs", params=params))
+
+    def notebooks(self, notebook: str | None = None) -> list[dict[str, Any]]:
+        """Notebooks that may run as jobs, with their parameters; with `notebook`, the one a run of that name would
+        run (found by the gateway as the run would be)."""
+        params = {"notebook": notebook} if notebook is not None else None
+        return list(self.wb.call("GET", "/api/jobs/notebooks", params=params)["notebooks"])
 
     def submit(
         self, notebook: str, parameters: dict[str, Any] | None = None, *, timeout_s: float | None = None,
@@ -199,11 +209,19 @@ class Jobs:
         """The automatic retry a failed run was replaced by (set before its end is published)."""
         return None if run["state"] == "succeeded" else run.get("retried_by")
 
-    def list(self, limit: int = 50) -> RunTable:
-        """Notebook runs, newest first (a table in a notebook)."""
+    def list(self, limit: int = 50, before: str | None = None) -> RunTable:
+        """Notebook runs, newest first (a table in a notebook): `limit` of them (as many pages as that takes), older
+        than the run `before` names when given."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:  # -1 had left out the oldest
             raise InvalidInput(f"limit must be a whole number from 1, not {limit!r}", field="limit")
-        return RunTable([j for j in self() if j.get("kind") == "notebook"][:limit])
+        found: list[dict[str, Any]] = []
+        while len(found) < limit:
+            page = self.page(min(limit - len(found), PAGE), before)
+            found += [j for j in page["jobs"] if j.get("kind") == "notebook"]
+            before = page.get("next_before")
+            if before is None:
+                break
+        return RunTable(found[:limit])
 
     def cancel(self, run_id: str) -> Run:
         """Cancel a queued or running run (its kernel is killed)."""

@@ -47,14 +47,16 @@ def _echo(obj: Any) -> None:
 
 
 def _params(wb: Any, notebook: str, raw: list[str] | None, extra: list[str]) -> dict[str, Any]:
-    """Pair up `-p name value` (typer hands over `-p name` and leaves the value among the extra arguments)."""
+    """Pair up `-p name value` (typer hands over `-p name` and leaves the value among the extra arguments), each
+    value read as its parameter's type in the notebook the gateway will run for `notebook` (`./x.ipynb`, a full
+    path: the gateway finds it as the run will, and refuses it as the run would)."""
     names = list(raw or [])
     if len(extra) != len(names):
         raise typer.BadParameter("give each parameter as -p NAME VALUE", param_hint="-p")
     if not names:
         return {}
-    listing = {n["notebook"]: n for n in wb.jobs.notebooks()}
-    declared = (listing.get(notebook) or {}).get("parameters") or {}
+    found = wb.jobs.notebooks(notebook)
+    declared = (found[0] if found else {}).get("parameters") or {}
     return {n: coerce(v, (declared.get(n) or {}).get("type")) for n, v in zip(names, extra, strict=True)}
 
 
@@ -93,11 +95,12 @@ def run(
 @app.command("list")
 def list_runs(
     limit: Annotated[int, typer.Option(min=1, help="How many runs, newest first.")] = 30,
+    before: Annotated[str | None, typer.Option("--before", help="Only runs older than this run id.")] = None,
     url: Url = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Recent runs, newest first."""
-    for r in _wb(url, data_dir).jobs.list(limit):
+    """Recent runs, newest first (`--before <the last id shown>` for the ones before them)."""
+    for r in _wb(url, data_dir).jobs.list(limit, before):
         typer.echo(_line(r))
 
 
@@ -109,8 +112,9 @@ def show(run_id: str, url: Url = None, data_dir: DataDir = None) -> None:
 
 @app.command("cancel")
 def cancel(run_id: str, url: Url = None, data_dir: DataDir = None) -> None:
-    """Cancel a queued or running run."""
-    typer.echo(_line(_wb(url, data_dir).jobs.cancel(run_id)))
+    """Cancel a queued or running run (shown once it ended; still ending after a few seconds: `cancelling`)."""
+    r = _wb(url, data_dir).jobs.cancel(run_id)
+    typer.echo(_line(r if r.get("finished_at") is not None else {**r, "state": "cancelling"}))
 
 
 @app.command("retry")

@@ -20,7 +20,7 @@ from bkg_kernel import kernels
 from bkg_kernel.jobs import notebooks
 
 Emit = Callable[[dict[str, Any]], None]
-KERNEL = "python3"
+KERNEL = notebooks.KERNEL  # every run, and every warm kernel waiting for one
 WARM_IMPORTS = "import bkg_kernel, numpy, json, os, pathlib"  # what most job notebooks import first
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 INJECTED = "injected-parameters"
@@ -217,6 +217,8 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
             notebooks.literal_path(spec["output"]),
             parameters=spec.get("parameters") or {},
             engine_name=ENGINE,  # papermill's nbclient engine on our connected client: no second ready wait
+            kernel_name=KERNEL,  # what runs it (a notebook that declares no kernel too; another kernel is refused)
+            language="python",
             km=km,
             kc=kc,
             progress_bar=False,

@@ -76,7 +76,8 @@ def readable_files(root: Path, patterns: Iterable[str], unnamed: list[str] | Non
 
 def _private(real: Path, data_dir: Path, allowed: list[Path]) -> bool:
     """Whether `real` is one of the data dir's own files (keys, the database, plugins' state): in it, and neither in
-    its `files` folder nor in a root named inside it."""
+    its `files` folder nor in a folder of it named as a root. A root that is the data dir itself, or holds it, opens
+    only its `files` folder (it had opened the keys: `job_file_roots` set to the data dir)."""
     if not real.is_relative_to(data_dir) or real.is_relative_to(data_dir / FOLDER):
         return False
-    return not any(r.is_relative_to(data_dir) and real.is_relative_to(r) for r in allowed)
+    return not any(r != data_dir and r.is_relative_to(data_dir) and real.is_relative_to(r) for r in allowed)

@@ -22,6 +22,7 @@ RUN_COLUMNS = (
     "key_id",
     "schedule_id",
     "retry_of",
+    "retried_by",
     "attempt",
     "retries",
     "timeout_s",
@@ -108,27 +109,39 @@ class History:
         return rows[0] if rows else None
 
     def runs(
-        self, owner_id: str | None = None, limit: int = 200, schedule_id: str | None = None
+        self,
+        owner_id: str | None = None,
+        limit: int = 200,
+        schedule_id: str | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[dict[str, Any]]:
-        """Runs, newest first (of the user `owner_id` only when given)."""
-        where, params = [], []
+        """Runs, newest first (of the user `owner_id` only when given; only those older than `before`, the
+        (created_at, id) of the last run of the page before, when given)."""
+        where: list[str] = []
+        params: list[Any] = []
         if owner_id is not None:
             where.append("owner_id = ?")
             params.append(owner_id)
         if schedule_id is not None:
             where.append("schedule_id = ?")
             params.append(schedule_id)
+        if before is not None:  # the id breaks a tie: runs made at one instant are each on one page
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params.extend([before[0], before[0], before[1]])
         sql = "SELECT * FROM job_runs" + (f" WHERE {' AND '.join(where)}" if where else "")
-        return self._rows(sql + " ORDER BY created_at DESC LIMIT ?", [*params, limit])
+        return self._rows(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", [*params, limit])
 
-    def interrupted(self) -> list[dict[str, Any]]:
-        """Mark runs that were queued or running when the gateway stopped as failed; return them."""
+    def interrupted(self, alive_at: float | None = None, now: float | None = None) -> list[dict[str, Any]]:
+        """Mark runs that were queued or running when the gateway stopped as failed, ended when it was last seen
+        alive (`alive_at`, its last heartbeat; never before the run's start or creation, the last time the run
+        itself was known alive, which is all there is without a heartbeat); return them."""
         rows = self._rows("SELECT * FROM job_runs WHERE state IN ('queued', 'running')")
-        now = time.time()
+        now = time.time() if now is None else now
         for r in rows:
+            seen = r["started_at"] or r["created_at"]
             r.update(
                 state="failed",
-                finished_at=now,
+                finished_at=min(max(seen, alive_at or seen), max(seen, now)),
                 message="interrupted: the gateway stopped during this run",
                 error={
                     "cell_index": None,

@@ -212,7 +212,8 @@ class LocalPool:
         for w in list(self.workers):
             try:
                 await asyncio.wait_for(w.proc.wait(), 10)
-            except TimeoutError:
+            except TimeoutError:  # still warming its next kernel: killed, and reaped while the loop can see it go
                 w.proc.kill()
+                await w.proc.wait()
             if w.reader is not None:
                 w.reader.cancel()

@@ -7,10 +7,16 @@ later than that one is due: however many fires were missed while the gateway was
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from bkg_kernel.errors import InvalidInput, Unavailable
+
+# croniter's `R` (a random value, drawn again by every croniter made: a schedule fired many times an hour) and `H`
+# (a hashed one): a field, or a part of one (`R/10`, `H(0-29)`), that is the letter alone; `THU` and `MAR` are names
+_DRAWN = re.compile(r"(?:^|[\s,/-])[RrHh](?=$|[\s,/(-])")
 
 
 def zone(tz: str) -> ZoneInfo:
@@ -23,39 +29,58 @@ def zone(tz: str) -> ZoneInfo:
         ) from exc
 
 
+def drawn(cron: str) -> str | None:
+    """Why `cron` has no fixed fire times (croniter's random `R` or hashed `H`), or None when it has them."""
+    if isinstance(cron, str) and _DRAWN.search(cron.strip()):
+        return (f"{cron!r} uses R or H (a random or hashed value), which bkg does not take: a schedule fires at "
+                "fixed times; pick them (e.g. '17 * * * *')")  # fmt: skip
+    return None
+
+
 def check(cron: str, tz: str) -> None:
-    """Refuse a cron expression croniter cannot read (5 fields: minute hour day month weekday)."""
+    """Refuse a cron expression croniter cannot read (5 fields: minute hour day month weekday), or one with a
+    random or hashed field (croniter's R and H)."""
     try:
         from croniter import croniter
     except ImportError as exc:
         raise Unavailable("schedules need croniter: pip install 'bkg-kernel[jobs]'", field="cron") from exc
 
     here = zone(tz)
+    why = drawn(cron)
+    if why is not None:
+        raise InvalidInput(why, field="cron")
     if not isinstance(cron, str) or len(cron) > 200 or not croniter.is_valid(cron) or len(cron.split()) != 5:
         raise InvalidInput(
             f"{cron!r} is not a cron expression (minute hour day month weekday, e.g. '0 3 * * *')", field="cron"
         )
     try:  # readable is not enough: '0 0 30 2 *' (February 30th) never comes
-        it = croniter(cron, datetime.now(here))
+        it = _croniter(cron, datetime.now(here))
         it.get_next(float)
         it.get_prev(float)
     except (ValueError, OverflowError) as exc:  # CroniterBadDateError is a ValueError
         raise InvalidInput(f"{cron!r} never fires ({exc})", field="cron") from None
 
 
-def next_fire(cron: str, tz: str, after: float) -> float:
-    """The first fire time strictly after `after` (Unix seconds)."""
+def _croniter(cron: str, start: datetime) -> Any:
+    """croniter over `cron` from `start`; a ValueError for a random or hashed field (a row stored before they were
+    refused: listed without a next run, never due)."""
     from croniter import croniter
 
-    return float(croniter(cron, datetime.fromtimestamp(after, zone(tz))).get_next(float))
+    why = drawn(cron)
+    if why is not None:
+        raise ValueError(why)
+    return croniter(cron, start)
+
+
+def next_fire(cron: str, tz: str, after: float) -> float:
+    """The first fire time strictly after `after` (Unix seconds)."""
+    return float(_croniter(cron, datetime.fromtimestamp(after, zone(tz))).get_next(float))
 
 
 def latest_fire(cron: str, tz: str, now: float) -> float:
     """The newest fire time at or before `now` (croniter counts from whole seconds: one a second ahead of `now`,
     a fire at `now` included, and any fire past `now` stepped over)."""
-    from croniter import croniter
-
-    it = croniter(cron, datetime.fromtimestamp(now + 1, zone(tz)))
+    it = _croniter(cron, datetime.fromtimestamp(now + 1, zone(tz)))
     fire = float(it.get_prev(float))
     return float(it.get_prev(float)) if fire > now else fire
 

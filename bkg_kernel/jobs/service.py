@@ -38,6 +38,8 @@ from bkg_kernel.jobs.webhooks import check_url, notify
 from bkg_kernel.settings import Settings, scrubbed_env
 
 HTML_WAIT_S = 60.0  # a finished run's HTML is asked for before nbconvert wrote it: the request waits this long
+CANCEL_WAIT_S = 5.0  # a cancel answers once the run's kernel is gone and the run ended, if that takes no longer
+HEARTBEAT = "gateway.alive"  # in runs/: its mtime is the last time this gateway's runs were seen alive
 
 log = logging.getLogger("bkg.jobs")
 Emit = Callable[[str, str, dict[str, Any]], None]
@@ -101,7 +103,8 @@ class JobService:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.queue = asyncio.Queue()
         if recover:
-            for r in await asyncio.to_thread(self.history.interrupted):
+            alive_at = await asyncio.to_thread(self._last_beat)
+            for r in await asyncio.to_thread(self.history.interrupted, alive_at, self.clock()):
                 self._publish(r)
             await asyncio.to_thread(self._revoke_stale_keys)
         if self.executor is None:
@@ -114,7 +117,11 @@ class JobService:
         self.tasks.append(loop.create_task(self._ticks()))
 
     async def close(self) -> None:
-        """Stop dispatching and ticking, end running runs (marked failed at the next start) and the executor."""
+        """Stop dispatching and ticking, end running runs (marked failed at the next start, ended now) and the
+        executor."""
+        if self.live:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self._beat)
         for timer in self.timers.values():
             timer.cancel()
         tasks = [*self.tasks, *self.background]
@@ -126,6 +133,21 @@ class JobService:
                     await self.executor.kill(run_id)
             await self.executor.close()
         await asyncio.gather(*tasks, return_exceptions=True)  # their key revocations land before the store closes
+
+    def _beat(self) -> None:
+        """Note that the runs going now are alive now (the heartbeat file's mtime, on the service's clock): a run the
+        gateway's stop interrupts ends there, at most a tick before it stopped, not when it starts again."""
+        path = self.runs_dir / HEARTBEAT
+        path.touch()
+        now = self.clock()
+        os.utime(path, (now, now))
+
+    def _last_beat(self) -> float | None:
+        """When the last gateway on this data dir last saw its runs alive (None: it never had any)."""
+        try:
+            return (self.runs_dir / HEARTBEAT).stat().st_mtime
+        except OSError:
+            return None
 
     def _revoke_stale_keys(self) -> None:
         """Revoke run keys no live run holds (a gateway that died mid-run left them valid)."""
@@ -184,6 +206,7 @@ class JobService:
 
     def _checked(self, notebook: str, parameters: Any) -> tuple[Path, dict[str, Any]]:
         path = notebooks.resolve(notebook, self.roots)
+        notebooks.check_kernel(path)
         return path, notebooks.check_parameters(path, parameters)
 
     async def _dispatch(self) -> None:
@@ -430,10 +453,12 @@ class JobService:
             raise NotFound(f"no job {run_id!r}", field="job_id")
         return run
 
-    async def runs(self, p: Principal, limit: int = 200) -> list[dict[str, Any]]:
-        """Runs `p` may see, newest first."""
+    async def runs(
+        self, p: Principal, limit: int = 200, before: tuple[float, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Runs `p` may see, newest first; with `before` (a run's created_at and id), those older than that run."""
         owner_id = None if SEE_ALL in p.scopes else p.user_id
-        rows = await asyncio.to_thread(self.history.runs, owner_id, limit)
+        rows = await asyncio.to_thread(self.history.runs, owner_id, limit, None, before)
         return [public(self.live.get(r["id"], r)) for r in rows]
 
     def _steer(self, run: dict[str, Any], p: Principal) -> None:
@@ -441,7 +466,9 @@ class JobService:
             p.require(RUN_SCOPE, f"steering {run['owner']}'s run")
 
     async def cancel(self, run_id: str, p: Principal) -> dict[str, Any]:
-        """Cancel a queued run, or kill a running one's kernel (its process group goes with it)."""
+        """Cancel a queued run, or kill a running one's kernel (its process group goes with it). The answer is the
+        run once it ended (a running one: up to CANCEL_WAIT_S for its kernel to go); one still ending (or waiting for a
+        worker, which drops it when it gets one) is answered as it is, with the message `cancelling`."""
         run = await self._seen(run_id, p)
         self._steer(run, p)
         live = self.live.get(run_id)
@@ -451,7 +478,14 @@ class JobService:
             await self._finish(live, "cancelled", {"ename": "Cancelled", "evalue": "cancelled before it started"})
         else:
             await self._kill(run_id, "cancelled")
-        return public(live)
+            waited = 0.0
+            while live["state"] == "running" and live.get("finished_at") is None and waited < CANCEL_WAIT_S:
+                await asyncio.sleep(0.05)
+                waited += 0.05
+        out = public(live)
+        if live.get("finished_at") is None:
+            out["message"] = "cancelling"
+        return out
 
     async def retry(self, run_id: str, p: Principal) -> dict[str, Any]:
         """Run a finished run again (same notebook and parameters) as `p`."""
@@ -524,6 +558,9 @@ class JobService:
 
     def _schedule_public(self, s: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in s.items() if k not in ("owner_id", "scopes")}
+        if not s["enabled"]:  # off: it has no next run
+            out["next_run_at"] = None
+            return out
         try:
             out["next_run_at"] = schedule.next_fire(s["cron"], s["timezone"], max(self.clock(), s["last_fire"] or 0))
         except Exception:  # a row stored before its cron or zone was checked this well: listed, never due
@@ -618,6 +655,11 @@ class JobService:
                 raise
             except Exception:
                 log.exception("checking job schedules")
+            if self.live:  # the runs going now are alive now
+                try:
+                    await asyncio.to_thread(self._beat)
+                except OSError as exc:
+                    log.warning("job runs' heartbeat not written: %s", exc)
             await asyncio.sleep(self.settings.job_tick_s)
 
     async def tick(self, now: float | None = None) -> list[dict[str, Any]]:

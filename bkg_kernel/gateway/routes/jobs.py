@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import NotFound, Unavailable
 from bkg_kernel.gateway.jobs import Job
-from bkg_kernel.gateway.jsonresp import FastJSONResponse
+from bkg_kernel.gateway.jsonresp import FastJSONResponse, PagedJSONResponse
 from bkg_kernel.gateway.state import gateway, need
+from bkg_kernel.jobs import notebooks, schedule
 from bkg_kernel.jobs.service import MAX_TIMEOUT, JobService
 from bkg_kernel.strict import StrictBody
 
@@ -28,8 +29,10 @@ RUN = Depends(need("jobs:run"))
 
 
 NOTEBOOK = r"^[^\x00]*\.ipynb$"  # a path to a notebook; NUL never
-CRON_FIELD = r"[0-9A-Za-z*?/,#-]+"
+# a name (`MON`, `JAN`, `L`) but never a lone R or H: croniter's random and hashed values have no fixed fire times
+CRON_FIELD = r"(?:[0-9*?/,#-]|[A-GI-QS-Za-gi-qs-z]|[A-Za-z]{2,})+"
 CRON = rf"^\s*{CRON_FIELD}(\s+{CRON_FIELD}){{4}}\s*$"  # five fields; their ranges are checked by the scheduler
+MAX_PAGE = 10_000  # runs and jobs in one answer of GET /api/jobs
 
 
 class RunRequest(StrictBody):
@@ -54,6 +57,15 @@ class ScheduleRequest(StrictBody):
     notify_success: bool = False
     enabled: bool = True
 
+    @field_validator("cron", mode="before")
+    @classmethod
+    def _fixed(cls, cron: Any) -> Any:
+        """Say why a random or hashed field (croniter's R and H) is refused, rather than which pattern it missed."""
+        why = schedule.drawn(cron)
+        if why is not None:
+            raise ValueError(why)
+        return cron
+
 
 class SchedulePatch(StrictBody):
     """Enable or disable a schedule."""
@@ -77,17 +89,42 @@ def _job(request: Request, job_id: str, p: Principal) -> Job:
 
 
 @router.get("/api/jobs", response_model=None)
-async def list_jobs(request: Request, p: Annotated[Principal, READ]) -> FastJSONResponse:
-    """The caller's jobs, notebook runs and background jobs together (every job for admin:audit), newest first."""
+async def list_jobs(
+    request: Request,
+    p: Annotated[Principal, READ],
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="How many jobs, newest first.")] = 200,
+    before: Annotated[
+        str | None, Query(min_length=1, max_length=200, description="The last page's next_before: the jobs older.")
+    ] = None,
+) -> FastJSONResponse:
+    """The caller's jobs, notebook runs and background jobs together (every job for admin:audit), newest first, a
+    page of `limit`; `next_before` is the `before` of the next page (null at the end)."""
+    svc = runs(request)
+    cursor = await _cursor(request, svc, before, p) if before is not None else None
     jobs = list(gateway(request).jobs.jobs.values())
-    notebook_runs = await runs(request).runs(p)
+    notebook_runs = await svc.runs(p, limit + 1, cursor)
 
     def listed() -> FastJSONResponse:  # hundreds of jobs, a command's output each: built and encoded on a thread
         mine = [j.to_dict() | {"created_at": j.created} for j in jobs if j.visible_to(p)]
-        both = sorted(mine + notebook_runs, key=lambda j: j["created_at"], reverse=True)
-        return FastJSONResponse({"jobs": both})
+        if cursor is not None:
+            mine = [j for j in mine if (j["created_at"], j["id"]) < cursor]
+        both = sorted(mine + notebook_runs, key=lambda j: (j["created_at"], j["id"]), reverse=True)
+        page = both[:limit]
+        more = len(both) > limit
+        return PagedJSONResponse({"jobs": page, "next_before": page[-1]["id"] if more else None}, "jobs")
 
     return await asyncio.to_thread(listed)
+
+
+async def _cursor(request: Request, svc: JobService, before: str, p: Principal) -> tuple[float, str]:
+    """The (created_at, id) of the job `before` names, one the caller may see (404 naming `before` if not)."""
+    try:
+        if before.startswith("run-"):
+            return (await svc.get(before, p))["created_at"], before
+        job = _job(request, before, p)
+    except NotFound:
+        raise NotFound(f"no job {before!r} (the last page's next_before)", field="query.before") from None
+    return job.created, job.id
 
 
 @router.post("/api/jobs", status_code=202)
@@ -97,10 +134,21 @@ async def run_notebook(body: RunRequest, request: Request, p: Annotated[Principa
 
 
 @router.get("/api/jobs/notebooks")
-async def job_notebooks(request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
-    """Notebooks under the job roots that may run as jobs, with their parameters (name, type, default, help)."""
+async def job_notebooks(
+    request: Request,
+    p: Annotated[Principal, READ],
+    notebook: Annotated[
+        str | None, Query(max_length=1000, description="Only the notebook a run of this name would run.")
+    ] = None,
+) -> dict[str, Any]:
+    """Notebooks under the job roots that may run as jobs, with their parameters (name, type, default, help); with
+    `notebook`, the one a run of that name would run, found as the run would find it (its errors too)."""
     svc = runs(request)
-    return {"roots": [str(r) for r in svc.roots], "notebooks": await asyncio.to_thread(svc.notebooks)}
+    roots = [str(r) for r in svc.roots]
+    if notebook is not None:
+        path = await asyncio.to_thread(notebooks.resolve, notebook, svc.roots)
+        return {"roots": roots, "notebooks": [await asyncio.to_thread(notebooks.entry, path, svc.roots)]}
+    return {"roots": roots, "notebooks": await asyncio.to_thread(svc.notebooks)}
 
 
 @router.get("/api/jobs/schedules")
