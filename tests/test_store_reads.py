@@ -77,10 +77,12 @@ def test_a_slow_filter_holds_up_no_other_call_to_the_store(store: Store, op: str
     t.join(120)
     result = got[0]
     assert not isinstance(result, Exception), result
-    # the point written while the scan ran matches the filter: the query and the delete saw it (caught up under
-    # the lock), the count and the scroll read their own snapshot, from before it
-    expect = {"query": 1, "delete": 1, "count": 0, "scroll": 0}[op]
-    assert (len(result.hits) if op == "query" else result if op in ("count", "delete") else len(result)) == expect
+    # the point written while the read ran matches the filter: the query and the delete saw it (caught up under
+    # the lock); the count and the scroll read their own snapshot, which DuckDB takes when their scan starts: after
+    # the call began and, on a loaded machine, possibly after the write (either answer is the store at one moment
+    # of the call; CI saw the count find it)
+    expect = {"query": {1}, "delete": {1}, "count": {0, 1}, "scroll": {0, 1}}[op]
+    assert (len(result.hits) if op == "query" else result if op in ("count", "delete") else len(result)) in expect
     assert big.count() == (N if op == "delete" else N + 1)
 
 
