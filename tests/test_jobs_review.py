@@ -301,6 +301,18 @@ def test_a_cancel_answers_with_the_run_ended_or_cancelling(jgw: Gateway) -> None
     assert wait_run(jgw, run["id"], timeout=30)["state"] == "cancelled"
 
 
+def test_cancelling_a_run_needs_jobs_run_even_for_its_owner(jgw: Gateway) -> None:
+    """Found by a review: a key its owner narrowed to plugins:read could cancel the owner's runs."""
+    c = jgw.client()
+    narrow = c.post("/admin/keys", json={"name": "reader-only", "scopes": ["plugins:read"]}).json()["key"]
+    run = submit(jgw, {"notebook": "sleepy.ipynb"})
+    r = jgw.client(narrow).post(f"/api/jobs/{run['id']}/cancel")
+    assert r.status_code == 403 and "jobs:run" in r.json()["error"]["message"], r.text
+    assert c.get(f"/api/jobs/{run['id']}").json()["state"] in ("queued", "running")  # still going
+    assert c.post(f"/api/jobs/{run['id']}/cancel").status_code == 200
+    assert wait_run(jgw, run["id"], timeout=30)["state"] == "cancelled"
+
+
 def test_a_disabled_schedule_has_no_next_run(jgw: Gateway) -> None:
     c = jgw.client()
     s = c.post("/api/jobs/schedules", json={"notebook": "typed.ipynb", "cron": "0 3 * * *", "enabled": False}).json()

@@ -468,9 +468,10 @@ class JobService:
     async def cancel(self, run_id: str, p: Principal) -> dict[str, Any]:
         """Cancel a queued run, or kill a running one's kernel (its process group goes with it). The answer is the
         run once it ended (a running one: up to CANCEL_WAIT_S for its kernel to go); one still ending (or waiting for a
-        worker, which drops it when it gets one) is answered as it is, with the message `cancelling`."""
+        worker, which drops it when it gets one) is answered as it is, with the message `cancelling`. It needs
+        `jobs:run`, one's own run too: a key narrowed to reading could stop its owner's work."""
         run = await self._seen(run_id, p)
-        self._steer(run, p)
+        p.require(RUN_SCOPE, "cancelling a run")
         live = self.live.get(run_id)
         if live is None:
             raise Conflict(f"job {run_id!r} already ended ({run['state']})", field="job_id")
