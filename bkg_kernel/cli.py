@@ -15,9 +15,8 @@ import typer
 from bkg_kernel import kernels
 from bkg_kernel.client.transport import seg
 from bkg_kernel.errors import BkgError, InvalidInput
-from bkg_kernel.jobs.cli import DataDir
+from bkg_kernel.jobs.cli import DataDir, folder_opt
 from bkg_kernel.jobs.cli import app as jobs_app
-from bkg_kernel.settings import folder_option
 
 app = typer.Typer(help="bkg: a notebook-first ML research workbench.", no_args_is_help=True, add_completion=False)
 store_app = typer.Typer(help="Collections and snapshots in the DuckDB + FAISS store.", no_args_is_help=True)
@@ -34,13 +33,7 @@ app.add_typer(jobs_app, name="jobs")
 
 
 ModelDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--model-dir",
-        parser=folder_option("model_dir", "--model-dir"),
-        metavar="PATH",
-        help="Model dir (default: BKG_MODEL_DIR or ./models).",
-    ),
+    Path | None, folder_opt("--model-dir", "model_dir", "Model dir (default: BKG_MODEL_DIR or ./models).")
 ]
 Yes = Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")]
 

@@ -153,12 +153,25 @@ def wait_for(fn: Any, timeout: float = 30, every: float = 0.1) -> Any:
     raise AssertionError("condition not met in time")
 
 
-# Debian's Chromium for the UI tests and bench/ui.py (never a downloaded browser); flags that work offline here.
+def wait_run(gw: Gateway, run_id: str, key: str = ADMIN_KEY, timeout: float = 120) -> dict[str, Any]:
+    """A notebook run (`POST /api/jobs`) once it has finished."""
+    c = gw.client(key)
+    return dict(wait_for(lambda: (r := c.get(f"/api/jobs/{run_id}").json())["finished_at"] and r, timeout))
+
+
+def submit(gw: Gateway, body: dict[str, Any], key: str = ADMIN_KEY) -> dict[str, Any]:
+    """Queue a notebook run; it must be accepted."""
+    r = gw.client(key).post("/api/jobs", json=body)
+    assert r.status_code == 202, r.text
+    return dict(r.json())
+
+
 def kernel_connection(cmdline: list[str]) -> dict[str, Any]:
     """A running ipykernel's connection info, from the file its command line names (`... -f <file>`)."""
     return dict(json.loads(Path(cmdline[cmdline.index("-f") + 1]).read_text()))
 
 
+# Debian's Chromium for the UI tests and bench/ui.py (never a downloaded browser); flags that work offline here.
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -222,3 +222,19 @@ def auth_on(data: Path, admin_key: str | None = None) -> Iterator[Any]:
             auth.close()
     finally:
         store.close()
+
+
+def scale_program(path: Path, k: float = 2.0) -> Path:
+    """A real TorchScript program, `x * k`."""
+    import torch
+
+    class Scale(torch.nn.Module):
+        def __init__(self, k: float) -> None:
+            super().__init__()
+            self.k = k
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.k
+
+    torch.jit.script(Scale(k)).save(str(path))
+    return path

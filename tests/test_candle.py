@@ -14,6 +14,7 @@ import numpy as np
 import psutil
 import pytest
 from gateway_harness import Gateway, start_gateway, wait_for
+from helpers import scale_program
 
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER, DEFAULT_LLM
 
@@ -227,19 +228,8 @@ def test_stats_unload_and_errors(cgw: Gateway) -> None:
 
 def register_programs(g: Gateway, folder: Path, scales: dict[str, float]) -> None:
     """Register one TorchScript program per id, `x * scale`: real models that load in milliseconds."""
-    import torch
-
-    class Scale(torch.nn.Module):
-        def __init__(self, k: float) -> None:
-            super().__init__()
-            self.k = k
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * self.k
-
     for model_id, k in scales.items():
-        path = folder / f"{model_id}.pt"
-        torch.jit.script(Scale(k)).save(str(path))
+        path = scale_program(folder / f"{model_id}.pt", k)
         r = g.client().post("/api/models", json={"path": str(path), "import_mode": "copy", "id": model_id})
         assert r.status_code == 201, r.text
 

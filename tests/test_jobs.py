@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import nbformat
 import psutil
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, kernel_connection, start_gateway, wait_for
+from gateway_harness import ADMIN_KEY, Gateway, kernel_connection, start_gateway, submit, wait_for, wait_run
 from helpers import notebook
 
 from bkg_kernel.jobs import schedule
@@ -62,17 +62,6 @@ def jgw(tmp_path_factory: pytest.TempPathFactory, roots: Path) -> Iterator[Gatew
     g = start_gateway(tmp_path_factory.mktemp("jobs") / "data", env=env, plugins=["sysinfo"])
     yield g
     g.stop()
-
-
-def wait_run(gw: Gateway, run_id: str, key: str = ADMIN_KEY, timeout: float = 120) -> dict[str, Any]:
-    c = gw.client(key)
-    return dict(wait_for(lambda: (r := c.get(f"/api/jobs/{run_id}").json())["finished_at"] and r, timeout))
-
-
-def submit(gw: Gateway, body: dict[str, Any], key: str = ADMIN_KEY) -> dict[str, Any]:
-    r = gw.client(key).post("/api/jobs", json=body)
-    assert r.status_code == 202, r.text
-    return dict(r.json())
 
 
 def test_a_run_succeeds_with_its_parameters_in_the_output(jgw: Gateway) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
+from gateway_harness import ADMIN_KEY, Gateway, start_gateway, submit, wait_for, wait_run
 from helpers import notebook
 
 from bkg_kernel.jobs import files, notebooks, schedule
@@ -78,17 +78,6 @@ def jgw(tmp_path_factory: pytest.TempPathFactory, roots: tuple[Path, Path]) -> I
     g = start_gateway(data, env={"BKG_JOB_ROOTS": os.pathsep.join(map(str, roots))}, plugins=["sysinfo"])
     yield g
     g.stop()
-
-
-def wait_run(gw: Gateway, run_id: str, key: str = ADMIN_KEY, timeout: float = 120) -> dict[str, Any]:
-    c = gw.client(key)
-    return dict(wait_for(lambda: (r := c.get(f"/api/jobs/{run_id}").json())["finished_at"] and r, timeout))
-
-
-def submit(gw: Gateway, body: dict[str, Any], key: str = ADMIN_KEY) -> dict[str, Any]:
-    r = gw.client(key).post("/api/jobs", json=body)
-    assert r.status_code == 202, r.text
-    return dict(r.json())
 
 
 def cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway
-from helpers import write_gguf
+from helpers import scale_program, write_gguf
 
 from bkg_kernel.client import connect
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER, DEFAULT_LLM
@@ -51,22 +51,6 @@ def onnx_pack(folder: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     (folder / "tiny.onnx").write_bytes(model.SerializeToString())
     return folder
-
-
-def scale_program(path: Path, k: float = 2.0) -> Path:
-    """A real TorchScript program, `x * k`."""
-    import torch
-
-    class Scale(torch.nn.Module):
-        def __init__(self, k: float) -> None:
-            super().__init__()
-            self.k = k
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * self.k
-
-    torch.jit.script(Scale(k)).save(str(path))
-    return path
 
 
 def tiny_bert(folder: Path) -> Path:

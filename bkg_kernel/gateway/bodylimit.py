@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
-from bkg_kernel.errors import BkgError, Unauthorized
+from bkg_kernel.errors import BkgError, InvalidInput, Unauthorized
 from bkg_kernel.gateway.errors import error_response
 from bkg_kernel.gateway.jupyterhub import hub_caller, route_path, token_of
 from bkg_kernel.runtime import bodyjson
@@ -234,7 +234,8 @@ class CheckedJSONRoute(APIRoute):
     (on a thread when over 64 KiB): it must be a JSON object, and a top-level array over its cap is refused as it is
     read (the body model's `MAX_ITEMS` class attribute, field -> most elements; any other array `DEFAULT_ITEMS`).
     FastAPI then validates what is left, a bounded amount, as usual. The route takes bodies up to the model's
-    `MAX_BODY_BYTES` (class attribute; default `PARSED_BYTES`; never over the gateway's `max_body_mb`)."""
+    `MAX_BODY_BYTES` (class attribute; default `PARSED_BYTES`; never over the gateway's `max_body_mb`). A body of JSON
+    `null` to a route whose body may be left out (a count, a restore) is no body, as its schema says it may be."""
 
     def body_model(self) -> Any:
         return self.body_field.field_info.annotation if self.body_field is not None else None
@@ -247,6 +248,7 @@ class CheckedJSONRoute(APIRoute):
         # the route's caller checks (`state.Need`), run before the body is read: who may not call it learns nothing
         # of what its body should be, and costs no parsing
         needs = [s for d in self.dependant.dependencies if (s := getattr(d.call, "checks_scope", _NONE)) is not _NONE]
+        optional = not self.body_field.field_info.is_required()
 
         async def checked(request: Request) -> Response:
             if needs:
@@ -255,6 +257,13 @@ class CheckedJSONRoute(APIRoute):
                 for scope in needs:
                     gw.principal(request, scope)  # kept on the request: the route's own check gets this one
             body = await request.body()
+            if 0 < len(body) <= 64:  # only a tiny body can be one of these words
+                word = body.strip(b" \t\r\n")
+                if word == b"null" and optional:  # a body that may be left out, sent as JSON null: no body
+                    request._body = body = b""  # what `request.body()` answers from now on
+                elif word in (b"NaN", b"Infinity", b"-Infinity"):  # Python's parser reads these; JSON has not
+                    raise InvalidInput(f"request body is not valid JSON ({word.decode()} is not a JSON value)",
+                                       field="body")  # fmt: skip
             if not body or not _is_json(request.headers.get("content-type", "")):
                 return await handler(request)
             big = len(body) > ANONYMOUS_BYTES

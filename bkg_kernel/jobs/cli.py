@@ -14,15 +14,14 @@ from bkg_kernel.settings import folder_option
 
 app = typer.Typer(help="Notebook jobs (papermill): run, schedule, history.", no_args_is_help=True)
 Url = Annotated[str | None, typer.Option("--url", help="Gateway URL (default: the data dir's gateway).")]
-DataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        parser=folder_option("data_dir", "--data-dir"),
-        metavar="PATH",
-        help="Data dir (default: BKG_DATA_DIR or ./data).",
-    ),
-]
+
+
+def folder_opt(option: str, field: str, text: str) -> Any:
+    """A folder option (`--data-dir`), checked as the settings check it (`settings.folder_option`)."""
+    return typer.Option(option, parser=folder_option(field, option), metavar="PATH", help=text)
+
+
+DataDir = Annotated[Path | None, folder_opt("--data-dir", "data_dir", "Data dir (default: BKG_DATA_DIR or ./data).")]
 Params = Annotated[
     list[str] | None,
     typer.Option(

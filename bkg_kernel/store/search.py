@@ -53,8 +53,9 @@ def query(
         if vector is None:
             raise InvalidInput(f"{mode} search needs a query vector", field="vector")
         q = validate.query_vector(vector, c.dim, c.name)
-    if mode in ("text", "hybrid") and (not isinstance(text, str) or not text.strip() or len(text) > 10_000):
-        raise InvalidInput(f"{mode} search needs a query text of 1 to 10000 characters", field="text")
+    most = validate.MAX_QUERY_CHARS
+    if mode in ("text", "hybrid") and (not isinstance(text, str) or not text.strip() or len(text) > most):
+        raise InvalidInput(f"{mode} search needs a query text of 1 to {most} characters", field="text")
     if isinstance(rrf_k, bool) or not isinstance(rrf_k, (int, float)) or rrf_k < 0:  # noqa: UP038
         raise InvalidInput("rrf_k must be a number >= 0", field="rrf_k")
     if isinstance(vector_weight, bool) or not isinstance(vector_weight, (int, float)) or not 0 <= vector_weight <= 1:  # noqa: UP038

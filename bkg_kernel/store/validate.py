@@ -18,6 +18,8 @@ COLLECTION_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # also stated in
 EMBED_MODEL_PATTERN = r"^(candle|llmserver):.+$"
 _NAME = re.compile(COLLECTION_NAME_PATTERN)
 MAX_K = 1000
+MAX_ID_CHARS = 512  # characters of a string point id
+MAX_QUERY_CHARS = 10_000  # characters of a full-text query
 _INT64 = 2**63
 INT64_MIN, INT64_MAX = -_INT64, _INT64 - 1  # DuckDB's BIGINT: an offset or a seed past it cannot be bound
 
@@ -88,8 +90,8 @@ def point_key(pid: Any, field: str) -> str:
     if isinstance(pid, bool) or not isinstance(pid, int | str | np.integer):
         raise InvalidInput(f"point id must be an integer or a string, got {type(pid).__name__}", field=field)
     if isinstance(pid, str):
-        if not pid or len(pid) > 512:
-            raise InvalidInput("point id string must have 1 to 512 characters", field=field)
+        if not pid or len(pid) > MAX_ID_CHARS:
+            raise InvalidInput(f"point id string must have 1 to {MAX_ID_CHARS} characters", field=field)
         return _ENCODE(pid)
     if not -_INT64 <= int(pid) < _INT64:
         raise InvalidInput(f"integer point id {pid} does not fit in 64 bits", field=field)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -28,32 +27,7 @@ if TYPE_CHECKING:
     from bkg_kernel.models.registry import ModelEntry, ModelRegistry
 
 
-class CollectionsRoute(CheckedJSONRoute):
-    """A `CheckedJSONRoute` where a body of JSON `null` to a route whose body may be left out (count, restore) is
-    no body, as its schema says it may be, and a bare `NaN` or `Infinity` (which Python's parser reads, and JSON has
-    not) is not valid JSON."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-        if self.body_field is None:
-            return handler
-        optional = not self.body_field.field_info.is_required()
-
-        async def route(request: Request) -> Response:
-            size = request.headers.get("content-length", "")
-            if size.isdigit() and int(size) <= 64:  # only a tiny body can be one of these words: read it
-                word = (await request.body()).strip(b" \t\r\n")
-                if word == b"null" and optional:
-                    request._body = b""  # what `request.body()` answers from now on
-                elif word in (b"NaN", b"Infinity", b"-Infinity"):
-                    raise InvalidInput(f"request body is not valid JSON ({word.decode()} is not a JSON value)",
-                                       field="body")  # fmt: skip
-            return await handler(request)
-
-        return route
-
-
-router = APIRouter(prefix="/api/collections", tags=["collections"], route_class=CollectionsRoute)
+router = APIRouter(prefix="/api/collections", tags=["collections"], route_class=CheckedJSONRoute)
 NAME_PATTERN, EMBED_PATTERN = COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN  # the store's rules, in the schema
 Name = Annotated[str, PathParam(pattern=NAME_PATTERN, description="A collection name.")]
 SnapshotId = Annotated[str, PathParam(pattern=r"^[0-9A-Za-z][0-9A-Za-z_-]{0,63}$", description="A snapshot id.")]

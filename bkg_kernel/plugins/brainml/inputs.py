@@ -13,13 +13,12 @@ from pydantic import BaseModel, Field, field_validator
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
 from bkg_kernel.models.registry import ID_PATTERN
 from bkg_kernel.runtime.contract import PluginSettings
-from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN
+from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, MAX_ID_CHARS, MAX_QUERY_CHARS
 
 MAX_CHUNKS = 200_000  # chunks one brainml.index call makes (each is a point held in memory until it is stored)
-POINT_ID_CHARS = 512  # the store's longest string point id (`store.validate.point_key`)
 # a chunk is stored as the point "<doc id>#<n>": the document's id leaves room for the longest "#<n>"
-MAX_DOC_ID = POINT_ID_CHARS - len(f"#{MAX_CHUNKS - 1}")
-MAX_QUERY = 10_000  # characters of a query text: what the store's full-text search takes (`store.search`)
+MAX_DOC_ID = MAX_ID_CHARS - len(f"#{MAX_CHUNKS - 1}")
+MAX_QUERY = MAX_QUERY_CHARS  # characters of a query text: what the store's full-text search takes
 SEED_MAX = 2**32 - 1  # scikit-learn and numpy take seeds from 0 to 2**32 - 1
 
 
@@ -80,7 +79,7 @@ class Document(BaseModel):
         if len(text) > MAX_DOC_ID:  # the store would refuse its chunks' ids, after the collection was made
             raise ValueError(
                 f"the id has {len(text):,} characters, more than {MAX_DOC_ID}: each chunk is stored as '<id>#<n>', "
-                f"and the store keeps ids of up to {POINT_ID_CHARS} characters"
+                f"and the store keeps ids of up to {MAX_ID_CHARS} characters"
             )
         return v
 
