@@ -21,6 +21,7 @@ import pytest
 from gateway_harness import ADMIN_KEY, Gateway, start_gateway, submit, wait_for, wait_run
 from helpers import notebook
 
+from bkg_kernel.errors import Forbidden
 from bkg_kernel.jobs import files, notebooks, schedule
 
 pytestmark = pytest.mark.slow
@@ -150,6 +151,35 @@ def test_a_schedule_fires_the_file_it_was_made_for(tmp_path: Path, roots: tuple[
     assert run["path"] == str(second / "hello.ipynb"), run
 
 
+def test_a_schedule_keeps_to_its_file_when_another_root_gets_one_of_that_name(tmp_path: Path) -> None:
+    """Found by a review: a schedule kept the notebook's short name, so once another root held a file of that
+    name a fire was a 409 (two roots), and once the first file was deleted it ran the other root's file."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    notebook(second / "solo.ipynb", "x = 1", "print('second')")
+    first.mkdir()
+    svc, store, auth, ann, now = service(tmp_path, [first, second], job_overlap="queue")  # the first run stays queued
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        svc.queue = asyncio.Queue()  # no dispatcher: a fired run stays queued
+        s = await svc.add_schedule(ann, {"notebook": "solo.ipynb", "cron": "* * * * *"})
+        assert s["notebook"] == "solo.ipynb" and "path" not in s  # shown short, as it was made
+        notebook(first / "solo.ipynb", "x = 1", "print('first')")  # another root gets a file of that name
+        now[0] += 61
+        (kept,) = await svc.tick()
+        (second / "solo.ipynb").unlink()
+        now[0] += 60
+        (gone,) = await svc.tick()
+        return s, dict(svc.live[kept["id"]]), gone
+
+    try:
+        s, kept, gone = asyncio.run(scenario())
+    finally:
+        auth.close()
+        store.close()
+    assert kept["path"] == str(second / "solo.ipynb") and kept["schedule_id"] == s["id"], kept
+    assert gone["state"] == "failed" and str(second / "solo.ipynb") in gone["error"]["evalue"], gone
+
+
 def test_retries_are_followed_to_the_last_attempt(jgw: Gateway, tmp_path: Path) -> None:
     """Found by a review: `retried_by` was never saved, so `wb.jobs.run(retries=1)` and `bkg jobs run --retries 1`
     reported the failed first attempt (exit 1) while the retry succeeded."""
@@ -203,6 +233,21 @@ def test_the_data_dir_as_a_file_root_never_opens_its_own_files(tmp_path: Path, m
         assert found == ["files/docs/a.txt"], (allowed, found)
     monkeypatch.setenv(files.ROOTS_ENV, str(data / "photos"))  # a folder of it named as a root is opened
     assert [p.name for p in files.readable_files(data / "photos", ["*"])] == ["p.txt"]
+
+
+def test_the_listing_leaves_out_links_that_lead_out_of_the_roots_or_to_nothing(tmp_path: Path) -> None:
+    """Found by a review: a link to a notebook outside the roots was listed, with the parameters read from that
+    file, and then refused when run."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    notebook(root / "own.ipynb", "n = 1")
+    notebook(elsewhere / "secret.ipynb", "token = 'outside'")
+    (root / "out.ipynb").symlink_to(elsewhere / "secret.ipynb")
+    (root / "gone.ipynb").symlink_to(tmp_path / "missing.ipynb")
+    (root / "alias.ipynb").symlink_to(root / "own.ipynb")  # a link inside the roots runs, so it is listed
+    found = {e["notebook"]: e["parameters"] for e in notebooks.listing([root])}
+    assert sorted(found) == ["alias.ipynb", "own.ipynb"] and "token" not in str(found)
+    with pytest.raises(Forbidden):
+        notebooks.resolve("out.ipynb", [root])
 
 
 def test_optional_parameters_are_known_and_read_as_their_inner_type(jgw: Gateway, roots: tuple[Path, Path]) -> None:

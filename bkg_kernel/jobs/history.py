@@ -55,6 +55,7 @@ SCHEDULE_COLUMNS = (
     "created_at",
     "last_fire",
     "last_run_id",
+    "path",
 )
 _JSON = ("parameters", "error")
 FINISHED = ("succeeded", "failed", "cancelled", "timed_out")

@@ -115,13 +115,17 @@ def relative_name(path: Path, roots: Sequence[Path]) -> str:
 
 def listing(roots: Sequence[Path]) -> list[dict[str, Any]]:
     """Every notebook under the roots (checkpoints left out) with its parameters; one whose path is not UTF-8
-    (which no request could name) is left out and logged."""
+    (which no request could name) is left out and logged, and so is a link that leads out of the roots or to
+    nothing (`resolve` refuses to run it; listed, its parameters were read from the file outside)."""
     out, seen = [], set()
-    for real in _real(roots):
+    real_roots = _real(roots)
+    for real in real_roots:
         if not real.is_dir():
             continue
         for path in sorted(real.rglob("*.ipynb")):
             if ".ipynb_checkpoints" in path.parts or path in seen:
+                continue
+            if not _runnable(path, real_roots):
                 continue
             if not is_utf8(str(path)):
                 log.warning("job notebooks: left out %s, its name is not UTF-8", escaped(str(path)))
@@ -129,6 +133,15 @@ def listing(roots: Sequence[Path]) -> list[dict[str, Any]]:
             seen.add(path)
             out.append(entry(path, roots))
     return out
+
+
+def _runnable(path: Path, real_roots: Sequence[Path]) -> bool:
+    """Whether `path`, its links followed, is a file inside one of the roots (what `resolve` would run)."""
+    try:
+        target = path.resolve()
+    except (RuntimeError, OSError):  # a loop of links
+        return False
+    return target.is_file() and any(target.is_relative_to(r) for r in real_roots)
 
 
 def entry(path: Path, roots: Sequence[Path]) -> dict[str, Any]:

@@ -553,12 +553,13 @@ class JobService:
             "created_at": now,
             "last_fire": now,
             "last_run_id": None,
+            "path": str(path),  # what every fire runs (the name alone could come to mean another root's file)
         }
         await asyncio.to_thread(self.history.save_schedule, row)
         return await asyncio.to_thread(self._schedule_public, row)
 
     def _schedule_public(self, s: dict[str, Any]) -> dict[str, Any]:
-        out = {k: v for k, v in s.items() if k not in ("owner_id", "scopes")}
+        out = {k: v for k, v in s.items() if k not in ("owner_id", "scopes", "path")}
         if not s["enabled"]:  # off: it has no next run
             out["next_run_at"] = None
             return out
@@ -681,8 +682,8 @@ class JobService:
 
             try:
                 owner = self._acting(s, "schedule")
-                run = await self.submit(owner, s["notebook"], s["parameters"], s["timeout_s"], s["retries"],
-                                        schedule_id=sid, go_on=go_on)  # fmt: skip
+                run = await self.submit(owner, s.get("path") or s["notebook"], s["parameters"], s["timeout_s"],
+                                        s["retries"], schedule_id=sid, go_on=go_on)  # fmt: skip
             except FireDropped:  # turned off or deleted as it fired: no run
                 continue
             except BkgError as exc:  # the owner sees a failed run (and its webhook fires), once per fire
