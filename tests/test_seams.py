@@ -18,6 +18,8 @@ import pytest
 from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
 from helpers import register_plugins
 
+from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
+
 PROBE = '''
 import json
 from typing import Any
@@ -30,6 +32,7 @@ from bkg_kernel.runtime.contract import Plugin, capability
 
 class Target(BaseModel):
     collection: str = "probe"
+    embed_model: str | None = None
     pad: str = ""  # ballast: a message bigger than the pipe's buffer
 
 
@@ -52,7 +55,7 @@ class Probe(Plugin):
     @capability("probe.make", scope="plugins:read")
     def make(self, inp: Target) -> Out:
         """Create a collection and add a point through the store handle."""
-        self.context.store.create_collection(inp.collection, 2, metric="l2")
+        self.context.store.create_collection(inp.collection, 2, metric="l2", embed_model=inp.embed_model)
         return Out(**self.context.store.upsert(inp.collection, [{"id": 1, "vector": [0.0, 1.0]}]))
 
     @capability("probe.whoami", scope="plugins:read")
@@ -212,6 +215,16 @@ def test_worker_store_calls_act_as_the_caller(pgw: Gateway) -> None:
     )
     r = _invoke(pgw, "probe.count", key)
     assert r.status_code == 200 and r.json()["count"] == 1
+
+
+def test_a_plugin_s_collection_gets_its_embed_model_checked_as_the_rest_route_checks_it(pgw: Gateway) -> None:
+    """Found by a review: a collection a plugin made through its store handle took any embed_model (one no plugin
+    embeds with, or one whose vectors are not as wide as the collection's), found out only at its first text."""
+    for spec, words in ((f"candle:{DEFAULT_EMBEDDER}", "384-d"), ("candle:no-such-model", "no model")):
+        r = _invoke(pgw, "probe.make", collection="embedded", embed_model=spec)
+        assert r.status_code == 422 and r.json()["error"]["field"] == "embed_model", r.text
+        assert words in r.json()["error"]["message"], r.text
+    assert pgw.client().get("/api/collections/embedded").status_code == 404  # nothing was made
 
 
 def test_a_grant_dies_with_its_call_and_with_its_worker(pgw: Gateway) -> None:

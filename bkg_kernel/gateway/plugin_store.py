@@ -31,6 +31,9 @@ class PluginStore:
     def __init__(self, store: Store, auth: AuthService, hub: Hub) -> None:
         self.store, self.auth, self.hub = store, auth, hub
         self.supervisor: Supervisor | None = None  # set by Gateway.open once the supervisor exists
+        # `embedcheck.check_embed_model` bound to the gateway (set by Gateway.open): a collection's embed_model
+        # is checked as the REST route checks it
+        self.check_embed: Callable[[str | None, int], None] = _unchecked
         self.ops: dict[str, tuple[str, Callable[..., Any]]] = {
             "list_collections": (READ, self.list_collections),
             "describe": (READ, self.describe),
@@ -91,6 +94,7 @@ class PluginStore:
         embed_model: str | None,
         params: dict[str, int],
     ) -> dict[str, Any]:
+        self.check_embed(embed_model, dim)
         self.store.create_collection(name, dim, metric, index, embed_model=embed_model, **params)
         self._audit(caller, plugin_id, "collection.create", name, dim=dim, metric=metric, index=index)
         return self.store.describe(name).to_dict()
@@ -161,3 +165,7 @@ class PluginStore:
         result: dict[str, Any] = self._await(host.invoke("llm.chat", body, caller))
         self.auth.book_usage(caller, route, result)
         return result
+
+
+def _unchecked(spec: str | None, dim: int) -> None:
+    """No registry to check an embed_model against (a PluginStore outside a gateway)."""

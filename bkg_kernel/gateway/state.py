@@ -3,6 +3,7 @@ the event hub, all built together by `Gateway.open()` (which takes the data dir 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from fastapi import Request
 from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.errors import Unauthorized
 from bkg_kernel.gateway.callport import CallPort
+from bkg_kernel.gateway.embedcheck import check_embed_model
 from bkg_kernel.gateway.hub import Hub
 from bkg_kernel.gateway.jobs import Jobs
 from bkg_kernel.gateway.jupyterhub import HubTrust, no_hub, token_of
@@ -110,6 +112,7 @@ class Gateway:
             raise
         gw = cls(settings, store, auth, models, supervisor, hub, metrics, Jobs(hub.publish), key_path)
         gw.call_port = call_port
+        plugin_store.check_embed = functools.partial(check_embed_model, gw)
         if settings.hub_service_name and settings.hub_api_token:  # started by JupyterHub as a service
             gw.hub_trust = HubTrust(settings, auth)
         confirm = gw.hub_trust.confirm_owner if gw.hub_trust is not None else no_hub  # a Hub user's run asks the Hub

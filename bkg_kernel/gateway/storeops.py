@@ -138,7 +138,8 @@ async def embed(
             except BkgError as exc:
                 if exc.field != "model_id" or exc.status != 422:
                     raise
-                raise InvalidInput(f"{spec} is not an embedding model: {exc.message}", field=field) from None
+                # a model that does another job, or whose files are damaged: candle's words say which
+                raise InvalidInput(f"{spec} cannot embed: {exc.message}", field=field) from None
             out.extend(r["embeddings"])
         else:
             r = await host.invoke("llm.embed", {"model": model, "input": batch}, caller)
