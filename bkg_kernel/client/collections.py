@@ -101,12 +101,15 @@ class RemoteCollection:
         """A sample of the points as 2-D PCA coordinates with ids, payloads and texts (`components`, `seed`)."""
         return dict(self.wb.call("POST", f"{self.base}/map", json={"sample": sample, "filter": filter, **kw}))
 
-    def explore(self, color: str | None = None, *, method: str = "pca", sample: int = 5000, **kw: Any) -> Any:
+    def explore(
+        self, color: str | None = None, *, method: str = "pca", sample: int = 5000, seed: int = 0, **kw: Any
+    ) -> Any:
         """Draw the collection as a 2-D map (PCA, or UMAP with method="umap") coloured by a payload field: hover
-        shows a point, a box or lasso selection lists points, a click shows its nearest neighbours."""
+        shows a point, a box or lasso selection lists points, a click shows its nearest neighbours; a `seed` picks
+        the sample and the UMAP layout."""
         from bkg_kernel.pictures.explorer import Explorer
 
-        return Explorer(self.wb, self.name, color=color, method=method, sample=sample, **kw)
+        return Explorer(self.wb, self.name, color=color, method=method, sample=sample, seed=seed, **kw)
 
     def get(self, ids: list[Any], with_vectors: bool = True) -> PointList:
         """Points by id, in the order asked for (missing ids left out): a table in a notebook. Many with their

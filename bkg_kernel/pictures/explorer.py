@@ -1,6 +1,7 @@
 """A collection as a 2-D map of its vectors: PCA (by the gateway) or UMAP (here, from 50 PCA components),
-sampled past a size you choose, coloured by a payload field; hover shows a point, a box or lasso selection
-lists the points, a click shows the nearest neighbours, and a filter (the store's filter language) narrows it.
+sampled past a size you choose (the same points and the same layout for a seed), coloured by a payload field;
+hover shows a point, a box or lasso selection lists the points, a click shows the nearest neighbours, and a
+filter (the store's filter language) narrows it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from bkg_kernel.pictures.loader import PanelView, use_panel
 MAX_CATEGORIES = len(PALETTE)
 LISTED = 50  # selected points listed by name; the rest counted
 UMAP_COMPONENTS = 50
+UMAP_MIN_POINTS = 4  # fewer: umap-learn's spectral start fails (3 points), or its neighbour graph does (2)
+MAX_SEED = 2**32 - 1  # umap-learn's random_state takes 0..2**32-1
 
 
 def _short(value: Any, n: int = 80) -> str:
@@ -71,9 +74,12 @@ class Explorer(PanelView):
         filter: dict[str, Any] | None = None,
         neighbours: int = 10,
         height: int = 520,
+        seed: int = 0,
     ) -> None:
         if method not in ("pca", "umap"):
             raise ValueError(f"method must be 'pca' or 'umap', not {method!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}")
         self.pn = use_panel(wb.url)
         self.wb, self.name = wb, name
         self.neighbours = neighbours
@@ -83,6 +89,9 @@ class Explorer(PanelView):
         self.method = pn.widgets.RadioButtonGroup(label="projection", options=["pca", "umap"], value=method)
         self.sample = pn.widgets.IntInput(
             label="sample", value=sample, start=100, end=50_000, step=1000, width=110, css_classes=["bkg-sample"]
+        )
+        self.seed = pn.widgets.IntInput(
+            label="seed", value=seed, start=0, end=MAX_SEED, width=90, css_classes=["bkg-seed"]
         )
         self.filter = pn.widgets.TextInput(
             label="filter",
@@ -110,13 +119,17 @@ class Explorer(PanelView):
     # -- data ----------------------------------------------------------------------------------------
     def _fetch(self) -> dict[str, Any]:
         flt = json.loads(self.filter.value) if self.filter.value.strip() else None
-        umap = self.method.value == "umap"
-        body = {"sample": int(self.sample.value), "filter": flt, "components": UMAP_COMPONENTS if umap else 2}
+        umap, seed = self.method.value == "umap", int(self.seed.value)
+        body = {
+            "sample": int(self.sample.value), "filter": flt, "seed": seed,
+            "components": UMAP_COMPONENTS if umap else 2,
+        }  # fmt: skip
         data = dict(self.wb.call("POST", f"/api/collections/{self.name}/map", json=body))
-        if umap and data["sampled"] > 2:
-            reduced = np.frombuffer(base64.b64decode(data.pop("reduced")), dtype=np.float32)
-            xy = umap_2d(reduced.reshape(data["sampled"], data["components"]))
-            data["x"], data["y"] = xy[:, 0].tolist(), xy[:, 1].tolist()
+        data["seed"], data["asked"], data["drawn"] = seed, self.method.value, "pca"  # said in the status line
+        reduced = data.pop("reduced", None)
+        if umap and data["sampled"] >= UMAP_MIN_POINTS:
+            xy = umap_2d(np.frombuffer(base64.b64decode(reduced), dtype=np.float32).reshape(data["sampled"], -1), seed)
+            data["x"], data["y"], data["drawn"] = xy[:, 0].tolist(), xy[:, 1].tolist(), "umap"
         return data
 
     def draw(self) -> None:
@@ -141,22 +154,39 @@ class Explorer(PanelView):
             finally:
                 self._drawing = False
         d = self.data
-        how = "PCA" if self.method.value == "pca" else f"UMAP of {UMAP_COMPONENTS} PCA components"
+        if not d["sampled"]:
+            self.plot.object = None
+            self.status.object = f"<p class='bkg-empty'><b>{escape(self.name)}</b> {self._nothing_drawn()}</p>"
+            return
+        self.status.object = f"<p><b>{escape(self.name)}</b>: {self._what_is_drawn()}.</p>"
+        self._build_plot()
+
+    def _what_is_drawn(self) -> str:
+        d = self.data
         shown = (
             f"all {fmt_count(d['total'])} points"
             if d["sampled"] == d["total"]
             else f"a sample of {fmt_count(d['sampled'])} of {fmt_count(d['total'])} points"
         )
+        if d["drawn"] == "umap":
+            return f"{shown} (UMAP of {UMAP_COMPONENTS} PCA components, seed {d['seed']})"
+        how = "PCA"
+        if d["asked"] == "umap":  # too few points for UMAP: said, not drawn under its name
+            how = f"PCA, not UMAP: UMAP needs at least {UMAP_MIN_POINTS} points and this has {d['sampled']}"
+        seed = f", seed {d['seed']}" if d["sampled"] < d["total"] else ""  # the seed picked the sample
         var = d.get("explained_variance") or []
         explained = f"; the axes explain {var[0]:.0%} and {var[1]:.0%} of the variance" if len(var) == 2 else ""
-        self.status.object = (
-            f"<p><b>{escape(self.name)}</b>: {shown} ({how}{explained if self.method.value == 'pca' else ''}).</p>"
+        return f"{shown} ({how}{seed}{explained})"
+
+    def _nothing_drawn(self) -> str:
+        if self.filter.value.strip():
+            return "has no point that matches this filter."
+        name = escape(repr(self.name))
+        return (
+            f"has no points yet. Upload some with <code>wb.collection({name}).upsert(...)</code>, or index "
+            f"documents into it with <code>wb.brain.index({name}, [{{'text': 'hello world'}}])</code>; then Draw "
+            "again."
         )
-        if not d["sampled"]:
-            self.plot.object = None
-            self.status.object += "<p class='bkg-empty'>No point matches this filter.</p>"
-            return
-        self._build_plot()
 
     # -- drawing -------------------------------------------------------------------------------------
     def _columns(self) -> dict[str, list[Any]]:
@@ -257,7 +287,7 @@ class Explorer(PanelView):
     def panel(self) -> Any:
         """Return the whole view as a Panel layout."""
         pn = self.pn
-        controls = pn.Row(self.color, self.method, self.sample, self.filter, self.draw_button)
+        controls = pn.Row(self.color, self.method, self.sample, self.seed, self.filter, self.draw_button)
         side = pn.Column(self.neighbour_list, self.selection, width=440, height=self.height, scroll=True)
         return pn.Column(controls, self.status, pn.Row(self.plot, side), sizing_mode="stretch_width")
 

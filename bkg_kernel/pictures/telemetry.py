@@ -5,6 +5,7 @@ per day; the store's size per collection."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from html import escape
 from typing import Any
 
 from bkg_kernel.display import fmt_bytes, fmt_count, fmt_duration
@@ -39,6 +40,7 @@ class TelemetryView(PanelView):
         self.last_t = 0.0
         self.samples = 0
         self.interval_s = 2.0  # the gateway's sampling period, as its answer says
+        self.hosted: list[str] = []  # every plugin the gateway hosts
         history = self._history(minutes)
         self.figures = self._figures(history)
         self._say()
@@ -47,6 +49,7 @@ class TelemetryView(PanelView):
     def _history(self, minutes: float) -> dict[str, dict[str, list[Any]]]:
         r = self.wb.call("GET", "/api/plugins/telemetry/history", params={"minutes": minutes})
         self.interval_s = float(r.get("interval_s", self.interval_s))
+        self.hosted = sorted(r["plugins"])  # all of them, sampled yet or not
         return {p: cols for p, cols in r["plugins"].items() if self.only is None or p in self.only}
 
     def _data(self, cols: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -89,21 +92,32 @@ class TelemetryView(PanelView):
                         formatters={"@t": "datetime"},
                     )
                 )
-            f.legend.visible = key == "cpu_percent"
-            f.legend.click_policy = "hide"
-            f.legend.label_text_font_size = "10px"
-            f.legend.location = "top_left"
-            legend_style(f)
+            if ids:  # a figure with no line has no legend to set
+                f.legend.visible = key == "cpu_percent"
+                f.legend.click_policy = "hide"
+                f.legend.label_text_font_size = "10px"
+                f.legend.location = "top_left"
+                legend_style(f)
             figs.append(f)
         return figs
 
     def _say(self) -> None:
         span = self.samples * self.interval_s
-        self.status.object = (
-            f"<p>History: {self.samples} samples per plugin ({fmt_duration(span)}), refreshed live.</p>"
-            if self.samples
-            else f"<p class='bkg-empty'>No samples yet: the gateway takes one every {self.interval_s:g} s.</p>"
-        )
+        missing = [p for p in self.only or [] if p not in self.hosted]  # asked for, never sampled here
+        if missing:
+            said = (
+                f"<p class='bkg-empty'>Not hosted by this gateway: {escape(', '.join(missing))} (it hosts "
+                f"{escape(', '.join(self.hosted)) or 'no plugin'}).</p>"
+            )
+        elif not self.sources:
+            said = f"<p class='bkg-empty'>No plugin to draw{'.' if self.hosted else ': this gateway hosts none.'}</p>"
+        else:
+            said = ""
+        if self.samples:
+            said += f"<p>History: {self.samples} samples per plugin ({fmt_duration(span)}), refreshed live.</p>"
+        elif self.sources:
+            said += f"<p class='bkg-empty'>No samples yet: the gateway takes one every {self.interval_s:g} s.</p>"
+        self.status.object = said
 
     def refresh(self) -> None:
         """Add the samples taken since the last refresh."""
@@ -132,6 +146,8 @@ class TelemetryView(PanelView):
     def panel(self) -> Any:
         """Return the charts as a Panel layout (two by two)."""
         pn = self.pn
+        if not self.sources:  # nothing to draw: what the status says, not four empty charts
+            return pn.Column(self.status, sizing_mode="stretch_width")
         panes = [pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.figures]
         rows = [pn.Row(*panes[:2], sizing_mode="stretch_width"), pn.Row(*panes[2:], sizing_mode="stretch_width")]
         return pn.Column(self.status, *rows, sizing_mode="stretch_width")
