@@ -1,21 +1,24 @@
 """repoagent: a sandboxed code-repository workspace with a code index, a repo map and cited answers (worker).
 
-Workspaces are folders under the `repo_roots` setting. File operations stay inside them (403 otherwise),
-commands come from an allow-list and run in a process-level sandbox, commits are real git commits by the
-caller. `repo.index` parses Python with `ast` and other languages with tree-sitter grammar wheels, and
-embeds chunks (one per symbol) into the store collection `repo-<name>`; `repo.map`, `repo.ask` and
+Workspaces are folders under the `repo_roots` setting, clear of the data dir but for its `repos` folder (both
+held again on every call: one the roots no longer hold answers only its removal). File operations stay inside
+them (403 otherwise), commands come from an allow-list and run in a process-level sandbox, commits are real git
+commits by the caller. `repo.index` parses Python with `ast` and other languages with tree-sitter grammar
+wheels, and embeds chunks (one per symbol) into the store collection `repo-<name>`; `repo.map`, `repo.ask` and
 `repo.document` build on it. Every capability needs `repo:use`; the store and the LLM are reached as the
-caller, so indexing also needs `collections:write` and `llm:use` (it embeds), and asking `llm:use`.
+caller, so `repo.workspace` add `collections:read` (is `repo-<name>` free?), `repo.index` `collections:read`,
+`collections:write` and `llm:use` (it embeds), `repo.ask` `collections:read` and `llm:use`, `repo.document`
+`llm:use`, and removing an indexed workspace `collections:write` (its collection is dropped).
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
-import fnmatch
 import glob
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -63,38 +66,72 @@ SEARCH_TIMEOUT_S = 10.0  # matching time one repo.search may take, all files tog
 MAX_DEPTH = 64  # folders deep a written file may be (pathlib walks deeper paths by recursion)
 
 
-MAX_REPEATS = 100_000  # counted repeats nested in a search pattern, multiplied: (?:a{1000}){1000} took GBs to compile
+MAX_REPEATS = 100_000  # what a search pattern's counted repeats add up to: (?:a{1000}){1000} took GBs to compile
 
 
 def _compilable(query: str) -> None:
-    """422 for a pattern whose counted repeats, nested, multiply past `MAX_REPEATS`: the `regex` module compiles
-    each of them out (the search's timeout bounds matching, not compiling). Read with Python's own parser; a
-    pattern only `regex` reads is held to the product of all its counts."""
+    """422 for a pattern whose counted repeats weigh more than `MAX_REPEATS`: the `regex` module compiles each of
+    them out (the search's timeout bounds matching, not compiling), so nested repeats multiply and repeats in
+    sequence or in branches add up (`a{99999}` 125 times took 3.4 GB). Read with Python's own parser; a pattern
+    only `regex` reads is held to the product of all its counts times its length, a bound on the same weight."""
     import re._parser as sre  # noqa: PLC2701 - the parser of Python's own `re`: structure, nothing compiled
 
-    def walk(items: Any, outer: int) -> int:
-        worst = outer
+    def weight(items: Any) -> int:  # each item 1, a repeat its count times its body's weight
+        total = 0
         for op, arg in items:
             if op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
                 low, high, sub = arg
                 count = high if high != sre.MAXREPEAT else max(low, 1)
-                worst = max(worst, walk(sub, outer * max(count, 1)))
+                total += max(count, 1) * weight(sub)
                 continue
-            for part in arg if isinstance(arg, (tuple, list)) else (arg,):  # groups, branches, lookarounds
-                for sub in part if isinstance(part, list) else (part,):
-                    if isinstance(sub, sre.SubPattern):
-                        worst = max(worst, walk(sub, outer))
-        return worst
+            subs = [  # groups, branches, lookarounds
+                sub
+                for part in (arg if isinstance(arg, (tuple, list)) else (arg,))
+                for sub in (part if isinstance(part, list) else (part,))
+                if isinstance(sub, sre.SubPattern)
+            ]
+            total += sum(map(weight, subs)) if subs else 1
+        return total
 
     try:
-        product = walk(sre.parse(query), 1)
-    except Exception:  # noqa: BLE001 - syntax only `regex` knows: every count in it, multiplied
-        product = 1
+        total = weight(sre.parse(query))
+    except Exception:  # noqa: BLE001 - syntax only `regex` knows: every count in it, multiplied, times its length
+        total = len(query)
         for low, high in re.findall(r"\{(\d*)(?:,(\d*))?\}", query):
-            product *= max(int(high or low or 1), 1)
-    if product > MAX_REPEATS:
-        raise InvalidInput(f"the pattern's counted repeats multiply to {product:,} (at most {MAX_REPEATS:,}): it would "
-                           "take too much memory to compile", field="query")  # fmt: skip
+            total *= max(int(high or low or 1), 1)
+    if total > MAX_REPEATS:
+        raise InvalidInput(f"the pattern's counted repeats add up and multiply to {total:,} (at most {MAX_REPEATS:,}): "
+                           "it would take too much memory to compile", field="query")  # fmt: skip
+
+
+def _glob(pattern: str) -> Any:
+    """`repo.search`'s `glob` as git and ripgrep read one (gitignore's wildmatch): `*` stays within a folder, `**/`
+    is any number of folders, none included, and a pattern without a `/` matches a file's name at any depth; 422
+    naming `glob` for one git could not read."""
+    import pathspec
+
+    try:
+        return pathspec.GitIgnoreSpec.from_lines([pattern])
+    except ValueError as exc:  # a pattern ending in a lone backslash, a bare '!'
+        raise InvalidInput(f"not a glob git can read: {exc}", field="glob") from None
+
+
+def _regular_bytes(full: Path, max_bytes: int) -> bytes | None:
+    """A regular file's bytes; None for a bigger one than `max_bytes`, or anything else (a tracked file replaced by
+    a FIFO hung the search in its read: it is opened without blocking, and the open file itself is looked at)."""
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+                return None
+            data = fh.read(max_bytes + 1)
+        except OSError:
+            return None
+    return data if len(data) <= max_bytes else None  # grown past the limit since the fstat
 
 
 class RepoAgent(Indexing, Plugin):
@@ -307,20 +344,15 @@ class RepoAgent(Indexing, Plugin):
         # '(a+)+$' against 'aaaa...!' backtracks for hours, holding the GIL (the worker would stop answering its
         # pipe): the whole search gets SEARCH_TIMEOUT_S of matching
         deadline = time.monotonic() + SEARCH_TIMEOUT_S
+        wanted = _glob(inp.glob) if inp.glob else None
         hits: list[dict[str, Any]] = []
         files: dict[str, int] = {}
         truncated = False
         for rel in self._files(ws):
-            if inp.glob and not (fnmatch.fnmatch(rel, inp.glob) or fnmatch.fnmatch(rel.rsplit("/", 1)[-1], inp.glob)):
+            if wanted is not None and not wanted.match_file(rel):
                 continue
-            full = ws.path / rel
-            try:
-                if full.stat().st_size > self.settings.max_file_bytes:
-                    continue
-                data = full.read_bytes()
-            except OSError:
-                continue
-            if is_binary(data):
+            data = _regular_bytes(ws.path / rel, self.settings.max_file_bytes)
+            if data is None or is_binary(data):
                 continue
             for n, line in enumerate(text_lines(data.decode("utf-8", errors="replace")), start=1):
                 try:

@@ -116,7 +116,10 @@ class SearchRequest(BaseModel):
     query: str = Field(..., min_length=1, max_length=1000)
     regex: bool = False
     case_sensitive: bool = False
-    glob: str | None = Field(None, max_length=1000, description="e.g. '*.py' or 'src/**/*.ts'.")
+    glob: str | None = Field(
+        None, max_length=1000, description="Files to search, a pattern as .gitignore reads one: '*.py' (a name, at "
+        "any depth), 'src/*.ts' (in src only), 'src/**/*.ts' (in src and its folders).",
+    )  # fmt: skip
     limit: int = Field(100, ge=1, le=5_000)
 
 

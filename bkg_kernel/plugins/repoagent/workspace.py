@@ -1,9 +1,10 @@
 """A workspace: a directory under one of the `repo_roots`, its files (ignore rules honoured) and confined paths.
 
 Every path a caller names is resolved (symlinks followed) and must stay inside the workspace, else 403;
-`.git/` is never written. The file list comes from `git ls-files` in a git repository (git's own
-`.gitignore` semantics, nested files included) and from a walk with `pathspec` elsewhere; the `ignore`
-setting applies to both.
+`.git/` is never written. `Bounds` keeps workspaces under the roots and off the gateway's data dir, asked again
+on every call (the roots can narrow after a workspace was added). The file list comes from `git ls-files` in a
+git repository (git's own `.gitignore` semantics, nested files included) and from a walk with `pathspec`
+elsewhere (git's rules too: the deepest `.gitignore` that matches decides); the `ignore` setting applies to both.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -19,6 +20,48 @@ from typing import Any
 from bkg_kernel.errors import Forbidden, InvalidInput, NotFound, check_path_text, escaped, is_utf8
 
 BINARY_SNIFF = 8192
+LIVE = ("outside_roots", "off_limits")  # what `Workspace.to_dict` says of the workspace now: never saved
+REPOS = "repos"  # <data_dir>/repos: the default root, the one part of the data dir a workspace may be in
+
+
+class Bounds:
+    """Where a workspace may be: under one of the repo roots, and clear of the gateway's data dir but for its
+    `repos` folder. The data dir holds the admin's `workbench.key`, the store's database and every plugin's state:
+    a `repo:use` caller who could add it (a root that holds it) read the key and wrote `plugins.json`."""
+
+    def __init__(self, data_dir: Path, roots: Callable[[], list[Path]]) -> None:
+        self.data_dir = data_dir.resolve()
+        self.repos = self.data_dir / REPOS
+        self._roots = roots  # read on each call: the plugin sets its roots after it loads its workspaces
+
+    @property
+    def roots(self) -> list[Path]:
+        """The repo roots, resolved."""
+        return self._roots()
+
+    def under_roots(self, folder: Path) -> bool:
+        """Whether `folder` (resolved) is a repo root or lies inside one."""
+        return any(folder == r or r in folder.parents for r in self.roots)
+
+    def near_data(self, folder: Path) -> str | None:
+        """Why `folder` (resolved) may not be a workspace for the data dir's sake; None when it may (clear of the
+        data dir, or in its `repos` folder)."""
+        if folder == self.repos or self.repos in folder.parents:
+            return None
+        if folder == self.data_dir:
+            where = "is the gateway's data dir"
+        elif self.data_dir in folder.parents:
+            where = f"is inside the gateway's data dir {self.data_dir}"
+        elif folder in self.data_dir.parents:
+            where = f"holds the gateway's data dir {self.data_dir}"
+        else:
+            return None
+        return (f"{folder} {where} (its keys, database and plugins' state): no workspace may reach it, only its "
+                f"{REPOS} folder may hold workspaces")  # fmt: skip
+
+    def private(self, real: Path) -> bool:
+        """Whether `real` (resolved) is one of the data dir's own files: in it, and not in its `repos` folder."""
+        return real.is_relative_to(self.data_dir) and not real.is_relative_to(self.repos)
 
 
 @dataclass
@@ -30,6 +73,24 @@ class Workspace:
     added_by: str = ""
     added_at: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)  # index status: indexed_at, files, symbols
+    bounds: Bounds | None = field(default=None, repr=False, compare=False)  # None: no roots, no data dir to keep
+
+    @property
+    def outside_roots(self) -> bool:
+        """Whether the workspace is no longer under a repo root (they were narrowed since it was added)."""
+        return self.bounds is not None and not self.bounds.under_roots(self.path)
+
+    def off_limits(self) -> str | None:
+        """Why no call may use the workspace now, only remove it (None when it may be used): out of the roots, or
+        reaching the data dir (one added before bkg refused such folders)."""
+        if self.bounds is None:
+            return None
+        if self.outside_roots:
+            roots = ", ".join(map(str, self.bounds.roots))
+            return (f"workspace {self.name!r} ({self.path}) is outside the repo roots ({roots}): set repo_roots to "
+                    "allow it again, or remove it")  # fmt: skip
+        near = self.bounds.near_data(self.path)
+        return None if near is None else f"workspace {self.name!r}: {near}; remove it"
 
     @property
     def git(self) -> bool:
@@ -37,7 +98,8 @@ class Workspace:
         return (self.path / ".git").exists()
 
     def to_dict(self) -> dict[str, Any]:
-        """Describe it as JSON."""
+        """Describe it as JSON (with, when it may not be used, `off_limits`: why)."""
+        why = self.off_limits()
         return {
             "name": self.name,
             "path": str(self.path),
@@ -45,6 +107,8 @@ class Workspace:
             "added_by": self.added_by,
             "added_at": self.added_at,
             **self.info,
+            "outside_roots": self.outside_roots,
+            **({"off_limits": why} if why is not None else {}),
         }
 
     def resolve(self, rel: str, field_name: str = "path") -> Path:
@@ -60,6 +124,8 @@ class Workspace:
             raise Forbidden(f"{rel!r} leads outside the workspace {self.name!r}", field=field_name)
         if ".git" in full.relative_to(self.path).parts:  # its config holds remotes' credentials, names programs
             raise Forbidden(f"{rel!r} is in a .git folder: off limits (see repo.diff, repo.commit)", field=field_name)
+        if self.bounds is not None and self.bounds.private(full):  # behind `off_limits`, which refuses such a workspace
+            raise Forbidden(f"{rel!r} is one of the gateway's data dir files: off limits", field=field_name)
         return full
 
     def rel(self, full: Path) -> str:
@@ -118,10 +184,16 @@ class Ignore:
 
 
 def _ignored_by(rules: list[tuple[str, Any]], rel: str, is_dir: bool) -> bool:
-    for base, spec in rules:
+    """Whether the `.gitignore` files on the way to `rel` (shallowest first) ignore it, as git decides: the deepest
+    one with a pattern that matches decides, by its last matching pattern (a `!` one re-includes), and a shallower
+    one only where no deeper one matches."""
+    for base, spec in reversed(rules):
         sub = rel if base == "." else rel[len(base) + 1 :] if rel.startswith(base + "/") else None
-        if sub is not None and spec.match_file(sub + "/" if is_dir else sub):
-            return True
+        if sub is None:
+            continue
+        include = spec.check_file(sub + "/" if is_dir else sub).include  # True: ignored, False: a `!`, None: no match
+        if include is not None:
+            return bool(include)
     return False
 
 

@@ -1,6 +1,9 @@
 """repoagent's workspaces: the saved list of them, add and remove, each one's folder of state, cached index,
 collection and locks.
 
+A workspace is added only under a repo root and clear of the data dir (`Bounds`), and is held to both again on
+every call: one left outside when `repo_roots` narrows answers 403 to all but its removal.
+
 `Workspaces` is a part of the `RepoAgent` plugin class (which declares the capabilities): it holds what the
 file, git and code-intelligence calls reach a workspace through.
 """
@@ -22,7 +25,7 @@ from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.namedlocks import NamedLocks
 from bkg_kernel.plugins.repoagent.codeindex import CodeIndex
 from bkg_kernel.plugins.repoagent.schemas import RepoSettings, Result
-from bkg_kernel.plugins.repoagent.workspace import Ignore, Workspace, is_git_dir, list_files
+from bkg_kernel.plugins.repoagent.workspace import LIVE, Bounds, Ignore, Workspace, is_git_dir, list_files
 
 if TYPE_CHECKING:
     from bkg_kernel.runtime.contract import PluginContext
@@ -50,6 +53,7 @@ class Workspaces:
         self.index_locks = NamedLocks()  # a workspace's index and commit runs, and its docs runs (`docs:<name>`)
         self.indexes: dict[str, CodeIndex] = {}
         self.workspaces: dict[str, Workspace] = {}
+        self.bounds = Bounds(self.context.data_dir, lambda: self.roots)
         statefiles.sweep(self.registry_path)
         if self.registry_path.exists():
             try:
@@ -62,8 +66,10 @@ class Workspaces:
                 if not (isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("path"), str)):
                     raise CorruptData(f"{self.registry_path}: entry {i} is not a workspace (a name and a path); "
                                       "repair the file, or move it aside to start with none")  # fmt: skip
-                ws = Workspace(d["name"], Path(d["path"]), d.get("added_by", ""), d.get("added_at", 0.0))
-                ws.info = {k: v for k, v in d.items() if k not in ("name", "path", "git", "added_by", "added_at")}
+                ws = Workspace(d["name"], Path(d["path"]), d.get("added_by", ""), d.get("added_at", 0.0),
+                               bounds=self.bounds)  # fmt: skip
+                skip = ("name", "path", "git", "added_by", "added_at", *LIVE)
+                ws.info = {k: v for k, v in d.items() if k not in skip}
                 self.workspaces[ws.name] = ws
                 statefiles.sweep(self._dir(ws) / "index.json")  # left by a run that was killed (none runs yet)
                 for old in self._dir(ws).glob("index.*.tmp"):  # the same, named the way older versions named them
@@ -83,12 +89,16 @@ class Workspaces:
         return who.username if who is not None else "bkg"
 
     def _save(self) -> None:
-        statefiles.write_json(self.registry_path, [w.to_dict() for w in self.workspaces.values()])
+        saved = [{k: v for k, v in w.to_dict().items() if k not in LIVE} for w in self.workspaces.values()]
+        statefiles.write_json(self.registry_path, saved)
 
     def _ws(self, name: str) -> Workspace:
         ws = self.workspaces.get(name)
         if ws is None:
             raise NotFound(f"workspace {name!r} does not exist (add it with repo.workspace)", field="workspace")
+        why = ws.off_limits()  # asked on every call: the roots narrow with a config change, the saved list stays
+        if why is not None:
+            raise Forbidden(why, field="workspace")
         if not ws.path.is_dir():
             raise NotFound(f"workspace {name!r}: its folder {ws.path} is gone", field="workspace")
         return ws
@@ -155,9 +165,12 @@ class Workspaces:
     def _add(self, name: str, path: str) -> Result:
         raw = expand_home(path, "path")  # NUL, over-long names: the caller's 422
         folder = (raw if raw.is_absolute() else self.roots[0] / raw).resolve()
-        if not any(folder == r or r in folder.parents for r in self.roots):
+        if not self.bounds.under_roots(folder):
             roots = ", ".join(map(str, self.roots))
             raise Forbidden(f"{folder} is outside the repo roots ({roots}): set repo_roots to allow it", field="path")
+        near = self.bounds.near_data(folder)  # a root that holds the data dir would open its keys to repo:use
+        if near is not None:
+            raise Forbidden(near, field="path")
         if not folder.is_dir():
             raise NotFound(f"{folder} is not a folder", field="path")
         if is_git_dir(folder):  # its config names programs git runs: writing it would be running them
@@ -166,7 +179,7 @@ class Workspaces:
         with self.lock:
             if name in self.workspaces:
                 raise AlreadyExists(f"workspace {name!r} already exists", field="name")
-            ws = Workspace(name, folder, self._caller(), time.time())
+            ws = Workspace(name, folder, self._caller(), time.time(), bounds=self.bounds)
             files = self._files(ws)  # 422 past max_files: before anything is written
         with contextlib.suppress(NotFound):  # its index goes to repo-<name>: one made by someone else is theirs
             self.store.describe(self._collection(ws))
