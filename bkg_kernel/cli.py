@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from bkg_kernel import kernels
 from bkg_kernel.client.transport import seg
-from bkg_kernel.errors import BkgError, InvalidInput
+from bkg_kernel.errors import BkgError, Conflict, InvalidInput
 from bkg_kernel.jobs.cli import DataDir, folder_opt
 from bkg_kernel.jobs.cli import app as jobs_app
 
@@ -36,6 +38,9 @@ ModelDir = Annotated[
     Path | None, folder_opt("--model-dir", "model_dir", "Model dir (default: BKG_MODEL_DIR or ./models).")
 ]
 Yes = Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")]
+# a server's port: 1..65535 (a Jupyter server alone takes 0, any free port, and prints the one it took)
+LabPort = Annotated[int, typer.Option("--port", min=0, max=65535, help="JupyterLab port (0: any free one).")]
+DashboardsPort = Annotated[int, typer.Option(min=1, max=65535, help="Voila dashboards port.")]
 
 
 def _print(obj: Any) -> None:
@@ -72,18 +77,22 @@ def settings() -> None:
 
 @app.command()
 def lab(
-    port: Annotated[int, typer.Option(help="JupyterLab port.")] = 8888,
+    port: LabPort = 8888,
     notebook_dir: Annotated[Path, typer.Option(help="Folder JupyterLab opens.")] = Path("notebooks"),
     open_browser: Annotated[bool, typer.Option(help="Open a browser tab.")] = False,
 ) -> None:
     """Run JupyterLab on the notebooks folder (Ctrl-C stops it)."""
+    from bkg_kernel.settings import Settings
+
     _folder(notebook_dir, "notebooks", "run this in the bkg checkout, or pass --notebook-dir", "notebook_dir")
-    raise typer.Exit(subprocess.call(lab_cmd(port, notebook_dir, open_browser)))
+    _port_free(port, "--port")
+    _exec(lab_cmd(port, notebook_dir, open_browser), lab_env(api_key=Settings().api_key))
 
 
 def lab_cmd(port: int, notebook_dir: Path, open_browser: bool) -> list[str]:
-    """The JupyterLab command line (bound to 127.0.0.1)."""
+    """The JupyterLab command line (bound to 127.0.0.1, on `port` or not at all). Run it with `lab_env()`."""
     cmd = [sys.executable, "-m", "jupyterlab", f"--port={port}", f"--notebook-dir={notebook_dir}", "--ip=127.0.0.1"]
+    cmd.append("--ServerApp.port_retries=0")  # a taken port is an error, not a lab on another port than was said
     cmd.append(kernels.LAB_KERNEL_MANAGER)  # kernels over Unix sockets in a private folder, not TCP ports
     if not open_browser:
         cmd.append("--no-browser")
@@ -99,6 +108,7 @@ def dashboards_cmd(port: int, folder: Path) -> list[str]:
         sys.executable, "-m", "voila", str(folder), f"--port={port}", "--Voila.ip=127.0.0.1", "--no-browser",
         "--show_tracebacks=False", "--strip_sources=True", "--preheat_kernel=True", "--pool_size=1",
         "--theme=light", "--VoilaConfiguration.allow_theme_override=YES", "--template=bkg",
+        "--Voila.port_retries=0",  # a taken port is an error, not dashboards on another port than was announced
         # kernels over Unix sockets, not TCP ports that another process may take between their pick and their bind
         "--KernelManager.transport=ipc",
     ]  # fmt: skip
@@ -124,15 +134,60 @@ def dashboards_env(gateway_url: str | None = None) -> dict[str, str]:
     return env
 
 
+def lab_env(
+    gateway_url: str | None = None,
+    api_key: str | None = None,
+    dashboards_url: str | None = None,
+    dashboards_dir: Path | None = None,
+) -> dict[str, str]:
+    """The environment for `lab_cmd`: this process's without the secrets no lab may inherit (the admin key, Hub
+    tokens: every kernel of the lab would hold them), and with the gateway, the key and the dashboards that the
+    lab's server side and its kernels use set explicitly."""
+    from bkg_kernel.settings import scrubbed_env
+
+    env = scrubbed_env()
+    named = {"BKG_GATEWAY_URL": gateway_url, "BKG_API_KEY": api_key, "BKG_DASHBOARDS_URL": dashboards_url,
+             "BKG_DASHBOARDS_DIR": str(dashboards_dir) if dashboards_dir else None}  # fmt: skip
+    env.update({name: value for name, value in named.items() if value})
+    return env
+
+
 @app.command()
 def dashboards(
-    port: Annotated[int, typer.Option(help="Voila port.")] = 8866,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Voila port.")] = 8866,
     folder: Annotated[Path, typer.Option(help="Folder of dashboard notebooks.")] = Path("dashboards"),
     url: Annotated[str | None, typer.Option("--url", help="Gateway URL (default: the data dir's gateway).")] = None,
 ) -> None:
     """Serve the operator dashboards with Voila (each asks for a bkg login; Ctrl-C stops it)."""
     _folder(folder, "dashboards", "run this in the bkg checkout, or pass --folder", "folder")
-    raise typer.Exit(subprocess.call(dashboards_cmd(port, folder), env=dashboards_env(url)))
+    _port_free(port, "--port")
+    _exec(dashboards_cmd(port, folder), dashboards_env(url))
+
+
+def _exec(cmd: list[str], env: dict[str, str]) -> NoReturn:
+    """Become the server `cmd` starts: Ctrl-C and a SIGTERM reach it, and no server outlives a parent that was
+    stopped (as `bkg hub` becomes JupyterHub)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)
+
+
+def _port_free(port: int, option: str) -> None:
+    """Refuse a port of 127.0.0.1 that something listens on before a server is started on it: started anyway, the
+    server fails after its start (with no port retries) or moves to another port than the one said."""
+    if port == 0:  # any free port, which the server takes and prints
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a TIME_WAIT is no listener
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            field = option.lstrip("-").replace("-", "_")
+            if exc.errno == errno.EADDRINUSE:
+                raise Conflict(f"cannot listen on 127.0.0.1:{port}: the port is in use; choose another with {option}",
+                               field=field) from None  # fmt: skip
+            raise InvalidInput(f"cannot listen on 127.0.0.1:{port} ({option}): {exc.strerror or exc}",
+                               field=field) from None  # fmt: skip
 
 
 def _folder(path: Path, what: str, hint: str, field: str | None = None) -> None:
@@ -159,10 +214,18 @@ def serve(
     run(Settings(**{k: v for k, v in overrides.items() if v is not None}), only)
 
 
+# the gateways this command made a client for: what one of them answers that is not what bkg expects (another
+# server answering on the port) is one line, not a traceback
+_ASKED: list[str] = []
+
+
 def _wb(url: str | None, data_dir: Path | None) -> Any:
     from bkg_kernel.client import connect
 
-    return connect(url, data_dir=data_dir, start=False, admin=True)  # a person at the bkg CLI, asking
+    # a person at the bkg CLI, asking; without --url the admin key goes to the data dir's own gateway alone
+    wb = connect(url, data_dir=data_dir, start=False, admin=True)
+    _ASKED.append(wb.url)
+    return wb
 
 
 Url = Annotated[str | None, typer.Option("--url", help="Gateway URL (default: the data dir's gateway).")]
@@ -307,7 +370,7 @@ def users_delete(user_id: str, url: Url = None, data_dir: DataDir = None) -> Non
 
 @app.command("hub")
 def hub_cmd(
-    port: Annotated[int, typer.Option(help="Port the Hub's proxy listens on (127.0.0.1).")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port the Hub's proxy listens on (127.0.0.1).")] = 8000,
     data_dir: DataDir = None,
     dummy_auth: Annotated[bool, typer.Option("--dummy-auth", help="Any user name, any password (a trial).")] = False,
     admin: Annotated[list[str] | None, typer.Option("--admin", help="Hub admins, who are bkg admins.")] = None,
@@ -324,18 +387,32 @@ def hub_cmd(
 
     ddir = data_dir or get_settings().data_dir
     command = hub.hub_command(config)  # a config that is not there: one line, before anything is said or made
+    _port_free(port, "--port")  # taken: one line, not a Hub whose proxy fails after the Hub said it runs
     make_data_dir(Path(ddir))  # a file by that name: one line, not a Hub that starts and times out
+    _state_dir(state_dir)  # the same for the Hub's own folder (the config's mkdir was a traceback)
     env = hub.hub_env(port=port, data_dir=ddir, state_dir=state_dir, admins=admin or [], developers=developer or [],
                       dummy_auth=dummy_auth)  # fmt: skip
     typer.echo(f"JupyterHub on http://127.0.0.1:{port} (bkg at /services/bkg/, data dir {Path(ddir).resolve()})")
     hub.run(command, env, Path.cwd())
 
 
+def _state_dir(path: Path) -> None:
+    """Make the Hub's state dir, or refuse one that cannot be, naming it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            why = "a file is in the way of the folder"
+        raise InvalidInput(f"cannot use {path} as the Hub's state dir: {why} (pass --state-dir)",
+                           field="state_dir") from None  # fmt: skip
+
+
 @app.command("run")
 def run_all(
-    port: Annotated[int, typer.Option(help="JupyterLab port.")] = 8888,
+    port: LabPort = 8888,
     data_dir: DataDir = None,
-    dashboards_port: Annotated[int, typer.Option(help="Voila dashboards port.")] = 8866,
+    dashboards_port: DashboardsPort = 8866,
     admin: Annotated[
         bool,
         typer.Option("--admin", help="Give the lab and its kernels the admin key (default: the workbench key)."),
@@ -345,38 +422,35 @@ def run_all(
     JupyterLab (with the bkg extension) in front.
 
     The lab and its kernels hold the workbench key (data_dir/workbench.key: the admin user's, with the developer
-    role's scopes, listed and revocable), not the admin key, unless `--admin` asks for it; Voila holds no key, and
-    every dashboard asks for its own login."""
+    role's scopes, listed and revocable), or BKG_API_KEY when set, not the admin key, unless `--admin` asks for it;
+    Voila holds no key, and every dashboard asks for its own login."""
     import signal
 
     from bkg_kernel.client import connect
-    from bkg_kernel.client.workbench import _alive, running_gateway, vet_gateway
-    from bkg_kernel.settings import Settings
+    from bkg_kernel.client.workbench import running_gateway, vet_gateway
+    from bkg_kernel.settings import Settings, gateway_url
 
     settings = Settings() if data_dir is None else Settings(data_dir=data_dir)
+    if admin and settings.api_key:  # connect() sends BKG_API_KEY: --admin would be ignored without a word
+        raise InvalidInput("--admin gives the lab the admin key, but BKG_API_KEY is set and would be used instead: "
+                           "unset BKG_API_KEY, or leave out --admin", field="admin")  # fmt: skip
     ddir = settings.data_dir.resolve()
-    url = running_gateway(ddir) or f"http://{settings.host}:{settings.port}"  # the one on BKG_PORT=0 too
-    vet_gateway(url, settings)  # a host in ./bkg.toml (a cloned repo's) does not get the key, nor the lab's traffic
+    running = running_gateway(ddir)
+    # the URL connect() takes: a host in ./bkg.toml (a cloned repo's) does not get the key, nor the lab's traffic
+    vet_gateway(running or gateway_url(settings), settings)
     # before anything starts: Voila's answer to a folder that is not there was a traceback, after the gateway came up
     _folder(Path("notebooks"), "notebooks", "run this in the bkg checkout (bkg run opens its notebooks/)")
     _folder(settings.dashboards_dir, "dashboards", "run this in the bkg checkout, or set BKG_DASHBOARDS_DIR")
-    ours = not _alive(url)
-    wb = connect(url, data_dir=ddir, admin=admin)
-    typer.echo(f"bkg gateway: {wb.url}  (plugins: {', '.join(p['id'] for p in wb.plugins)})", err=True)
-    # the lab extension's server side forwards to this gateway with this key (the browser never holds it)
-    os.environ["BKG_GATEWAY_URL"] = wb.url
-    if wb.api_key:
-        os.environ["BKG_API_KEY"] = wb.api_key
-    who = "admin" if admin else "workbench (developer scopes)"
-    typer.echo(f"the lab and its kernels use the {who} key; the dashboards ask for a login", err=True)
-    if (ddir / "admin.key").exists():
-        typer.echo(f"admin API key file: {ddir / 'admin.key'}", err=True)
-    voila = subprocess.Popen(
-        dashboards_cmd(dashboards_port, settings.dashboards_dir), stdin=subprocess.DEVNULL, env=dashboards_env(wb.url)
-    )
-    typer.echo(f"dashboards: http://127.0.0.1:{dashboards_port}/ (log in with an API key)", err=True)
-    os.environ["BKG_DASHBOARDS_URL"] = f"http://127.0.0.1:{dashboards_port}"
-    os.environ["BKG_DASHBOARDS_DIR"] = str(settings.dashboards_dir.resolve())
+    if port and port == dashboards_port:
+        raise InvalidInput(f"--port and --dashboards-port are both {port}: give the lab and Voila a port each",
+                           field="dashboards_port")  # fmt: skip
+    _port_free(port, "--port")
+    _port_free(dashboards_port, "--dashboards-port")
+    # the data dir's running gateway, else one connect() starts (the data dir's key goes to no other)
+    wb = connect(running, data_dir=ddir, admin=admin)
+    _ASKED.append(wb.url)
+    started = None if running else _started_gateway(ddir, wb.url)
+    children: list[subprocess.Popen[bytes]] = []
 
     # SIGTERM (a service manager, `timeout`) stops everything this command started, like Ctrl-C does
     def on_term(*_: Any) -> None:
@@ -384,24 +458,56 @@ def run_all(
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
-    jlab = subprocess.Popen(lab_cmd(port, Path("notebooks"), False), stdin=subprocess.DEVNULL)
-    try:
-        jlab.wait()
+    try:  # from here on, whatever fails stops the gateway connect() started
+        typer.echo(f"bkg gateway: {wb.url}  (plugins: {', '.join(p['id'] for p in wb.plugins)})", err=True)
+        me = wb.me()  # who the key is, as the gateway says: BKG_API_KEY, when set, is what the lab gets
+        rights = "admin" if any(str(s).startswith("admin:") for s in me.get("scopes") or ()) else "no admin"
+        typer.echo(f"the lab and its kernels act as {me.get('username')!r} with {rights} rights "
+                   f"({_key_source(settings, admin)}); the dashboards ask for a login", err=True)  # fmt: skip
+        if (ddir / "admin.key").exists():
+            typer.echo(f"admin API key file: {ddir / 'admin.key'}", err=True)
+        dashboards_url = f"http://127.0.0.1:{dashboards_port}"
+        children.append(subprocess.Popen(dashboards_cmd(dashboards_port, settings.dashboards_dir),
+                                         stdin=subprocess.DEVNULL, env=dashboards_env(wb.url)))  # fmt: skip
+        typer.echo(f"dashboards: {dashboards_url}/ (log in with an API key)", err=True)
+        # the lab extension's server side forwards to this gateway with this key (the browser never holds it)
+        env = lab_env(wb.url, wb.api_key, dashboards_url, settings.dashboards_dir.resolve())
+        children.append(subprocess.Popen(lab_cmd(port, Path("notebooks"), False), stdin=subprocess.DEVNULL, env=env))
+        children[-1].wait()
     except KeyboardInterrupt:
         pass
     finally:
-        for child in (jlab, voila):
+        for child in children:
             child.terminate()
-        for child in (jlab, voila):
+        for child in children:
             try:
                 child.wait(20)
             except subprocess.TimeoutExpired:
                 child.kill()
-        if ours:
-            state = json.loads((ddir / "gateway.json").read_text()) if (ddir / "gateway.json").exists() else {}
-            if state.get("pid"):
-                os.kill(int(state["pid"]), signal.SIGTERM)
-                typer.echo("bkg gateway stopped", err=True)
+        if started is not None and _started_gateway(ddir, wb.url) == started:  # still that one: not a later one's
+            os.kill(started, signal.SIGTERM)
+            typer.echo("bkg gateway stopped", err=True)
+
+
+def _started_gateway(ddir: Path, url: str) -> int | None:
+    """The pid of the data dir's running gateway when it serves `url` (the one `bkg run` had connect() start)."""
+    from bkg_kernel.client.workbench import running_gateway
+
+    if running_gateway(ddir) != url.rstrip("/"):
+        return None
+    try:
+        return int(json.loads((ddir / "gateway.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _key_source(settings: Any, admin: bool) -> str:
+    """Where the key `connect()` sends came from, in words (BKG_API_KEY first, as `connect()` takes it)."""
+    if settings.api_key:
+        return "BKG_API_KEY"
+    if settings.hub_user and settings.hub_api_token and not admin:
+        return "your JupyterHub token"
+    return "the admin key" if admin else "the workbench key"
 
 
 @store_app.command("list")
@@ -589,6 +695,25 @@ def main() -> None:
     except tomllib.TOMLDecodeError as exc:
         typer.echo(f"error: bkg.toml (or BKG_CONFIG's file) is not valid TOML: {exc}", err=True)
         raise SystemExit(2) from None
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:  # an answer without what a gateway's has
+        asked = _asked()
+        if asked is None:  # no gateway was asked: a fault of this program, with its traceback
+            raise
+        what = f"{type(exc).__name__}: {exc}"
+        typer.echo(f"error: {asked} did not answer as a bkg gateway does ({what}): is it one? (--url)", err=True)
+        raise SystemExit(2) from None
+
+
+def _asked() -> str | None:
+    """The gateway this command asked (`bkg jobs` too, whose client may still live), or None."""
+    if _ASKED:
+        return _ASKED[-1]
+    if "bkg_kernel.client.workbench" not in sys.modules:
+        return None
+    from bkg_kernel.client.workbench import latest
+
+    wb = latest()
+    return wb.url if wb is not None else None
 
 
 if __name__ == "__main__":

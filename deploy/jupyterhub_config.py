@@ -35,7 +35,12 @@ c = get_config()  # noqa: F821  (JupyterHub provides get_config when it loads th
 
 env = os.environ.get
 state_dir = Path(env("BKG_HUB_STATE_DIR", "jupyterhub-state")).resolve()
-state_dir.mkdir(parents=True, exist_ok=True)
+try:
+    state_dir.mkdir(parents=True, exist_ok=True)
+except OSError as exc:  # a file in the way: one line (the Hub shows a config's exceptions as a traceback)
+    raise SystemExit(
+        f"cannot use {state_dir} as the Hub's state dir (BKG_HUB_STATE_DIR): {exc.strerror or exc}"
+    ) from None
 data_dir = Path(env("BKG_HUB_DATA_DIR", "data")).resolve()
 gateway_port = int(env("BKG_HUB_GATEWAY_PORT", "43119"))
 gateway_url = f"http://127.0.0.1:{gateway_port}"

@@ -371,7 +371,9 @@ def connect(
     The key: `api_key`, else BKG_API_KEY, else (in a JupyterHub user's server and its kernels) the user's Hub
     token, else the data dir's workbench key (developer scopes); `admin=True` (a person asking for admin rights)
     reads admin.key instead. The gateway: `url`, else the one the settings find, which `vet_gateway` checks first
-    (a `bkg.toml` in the working directory alone cannot send the key elsewhere)."""
+    (a `bkg.toml` in the working directory alone cannot send the key elsewhere). A key of the data dir's own goes,
+    unless `url` or BKG_GATEWAY_URL names a gateway, only to the gateway that holds the data dir's lock or to the
+    one this call starts; with none running and `start=False` that is a 503 `Unavailable`."""
     folder_named(data_dir, "data_dir")  # Path("") is the working directory
     settings = Settings() if data_dir is None else Settings(data_dir=Path(data_dir))
     ddir = settings.data_dir.resolve()
@@ -387,10 +389,20 @@ def connect(
         raise InvalidInput(f"the gateway URL must look like http://host:port, not {url!r}", field="url")
     if found:
         vet_gateway(url, settings)  # before anything goes there, /health included
-        if not settings.gateway_url and url != running_gateway(ddir):
+        running = running_gateway(ddir)
+        if not settings.gateway_url and url != running:
             # a gateway.json no gateway holds (one killed outright leaves it) names a port that may be anybody's
             # now (one taken with BKG_PORT=0 above all): the settings' address, as if no file were there
             url = f"http://{settings.host}:{settings.port}"
+        if not settings.gateway_url and not key and running is None:
+            # the key will be the data dir's own (workbench.key, admin.key): it goes to the gateway the data dir's
+            # lock vouches for, or to one started here, never to whatever answers on host:port (anyone may bind
+            # 127.0.0.1:43119 while the gateway is down)
+            if not start or under_hub:
+                raise Unavailable(f"no bkg gateway answers for data dir {ddir} (none runs on it): start one with "
+                                  "`bkg serve`")  # fmt: skip
+            url = _spawn(settings, ddir, url, timeout)
+            return Workbench(url, _api_key(settings, ddir, admin), call_timeout)
     if not _alive(url):
         # a Hub user's server never starts a gateway of its own, and none is started for another machine's URL
         # (it could not bind there; the data dir it would make here is not that gateway's)
@@ -513,8 +525,9 @@ def _hub_service_url(api_url: str, token: str, name: str = "bkg") -> str | None:
 
 
 def _spawn(settings: Settings, ddir: Path, url: str, timeout: float) -> str:
-    """Start `bkg serve` for `ddir` in a session of its own; return the URL it answers at: `url`, or with port 0
-    (BKG_PORT=0: any free port) the one it took, as its gateway.json names it."""
+    """Start `bkg serve` for `ddir` in a session of its own; return the URL it answers at, as its gateway.json names
+    it: `url`, or with port 0 (BKG_PORT=0: any free port) the one it took. Never just whatever answers at `url`:
+    another process there keeps this gateway from binding, and must not get the key meant for it."""
     make_data_dir(ddir)  # a file in its way, a folder not ours: one clear error naming it
     log = open_log(ddir / "gateway.log")  # handed to the child; rotated past 10 MB
     port = url.rsplit(":", 1)[-1].split("/")[0]
@@ -528,7 +541,7 @@ def _spawn(settings: Settings, ddir: Path, url: str, timeout: float) -> str:
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        at = _recorded(ddir / "gateway.json", proc.pid) if port == "0" else url
+        at = _recorded(ddir / "gateway.json", proc.pid)  # written once it holds the data dir and its port
         if at is not None and _alive(at):
             return at
         if proc.poll() is not None:
