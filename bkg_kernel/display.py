@@ -7,7 +7,8 @@ import base64
 import html
 import io
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 Row = Sequence[Any] | Mapping[str, Any]
@@ -55,6 +56,33 @@ class Table(list[dict[str, Any]]):
 
     def _repr_html_(self) -> str:
         return html_table(list(self.headers or self.columns), [self.cells(r) for r in self], self.title())
+
+
+def running_cell() -> int | None:
+    """The IPython cell running now (its execution count); None outside IPython (which is then not imported)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return None if shell is None else int(shell.execution_count)
+
+
+class ShownOnce:
+    """A result that its own call already showed as it came (a streamed answer): in that cell its first display
+    shows nothing, so a cell ending in the call shows it once, and it is still the cell's value (`_`, `Out`);
+    anywhere else it renders as usual. The call sets `echoed_in = running_cell()`."""
+
+    echoed_in: int | None = None
+
+    @property
+    def _ipython_display_(self) -> Callable[[], None] | None:
+        # IPython calls this, when there is one, instead of asking for the formats: there is one only in the cell
+        # that showed the result, and it shows nothing
+        if self.echoed_in is None or self.echoed_in != running_cell():
+            return None
+
+        def shown() -> None:
+            self.echoed_in = None  # once: a second display in that cell shows it
+
+        return shown
 
 
 def markdown_html(text: str) -> str:

@@ -3,13 +3,16 @@ re-indexing, a grounded answer from the real SmolLM2 with citations, and stats."
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
 
+import nbformat
 import numpy as np
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, start_gateway
+from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
+from helpers import notebook
 
 from bkg_kernel.plugins.brainml.plugin import chunk, highlights
 from bkg_kernel.store.fulltext import term
@@ -38,9 +41,19 @@ DOCS = [
 ]
 
 
+# a notebook that asks as people do: a cell ending in the call, then the answer kept as the cell's value
+ASK_CELLS = {
+    "setup": "import bkg_kernel\nwb = bkg_kernel.connect()",
+    "asked": "wb.brain.ask('kb', question, top_k=2)",
+    "kept": "print('kept', type(_).__name__, len(_['sources']))",
+}
+
+
 @pytest.fixture(scope="module")
 def bgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = start_gateway(tmp_path_factory.mktemp("brain") / "data", plugins=BRAIN)
+    roots = tmp_path_factory.mktemp("brain-jobs")
+    notebook(roots / "ask.ipynb", "question = ''", *ASK_CELLS.values())
+    g = start_gateway(tmp_path_factory.mktemp("brain") / "data", plugins=BRAIN, env={"BKG_JOB_ROOTS": str(roots)})
     yield g
     g.stop()
 
@@ -188,6 +201,65 @@ def test_a_name_the_capability_does_not_take_is_a_422_not_ignored(bgw: Gateway) 
     assert asked["sources"] and str(asked) == asked["answer"] and "sources" in asked._repr_html_()
 
 
+def _ask_events(g: Gateway, body: dict[str, Any], key: str = ADMIN_KEY) -> list[dict[str, Any]]:
+    events = []
+    with g.client(key).stream("POST", "/api/brain/ask", json=body, timeout=180) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    return events
+
+
+def test_ask_streams_the_answer_as_the_model_writes_it(bgw: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    """brainml.ask showed nothing for the seconds the model wrote: `POST /api/brain/ask` sends the sources, then
+    each piece as it comes, then the whole answer; `wb.brain.ask` shows it as it comes."""
+    body = {"collection": "kb", "question": "How do comets move?", "top_k": 2}
+    events = _ask_events(bgw, body)
+    assert events[0]["sources"][0]["doc_id"] == "orbit" and events[0]["sources"][0]["n"] == 1
+    pieces = [e["delta"] for e in events if "delta" in e]
+    result = events[-1]["result"]
+    assert len(pieces) > 1 and "".join(pieces) == result["answer"] and result["sources"] == events[0]["sources"]
+    assert result["usage"]["completion_tokens"] >= len(pieces) and result["model"]
+    assert all(c in result["sources"] for c in result["citations"])
+
+    c = bgw.client()  # refused before the stream starts: a plain error naming the field
+    r = c.post("/api/brain/ask", json={"collection": "kb", "question": " \t"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "input.question", r.text
+    r = c.post("/api/brain/ask", json={"collection": "no-such", "question": "comets?"})
+    assert r.status_code == 404 and r.json()["error"]["field"] == "collection", r.text
+
+    from bkg_kernel.client import Workbench
+
+    capsys.readouterr()
+    asked = Workbench(bgw.url, ADMIN_KEY).brain.ask("kb", "How do comets move?", top_k=2)
+    assert str(asked) in capsys.readouterr().out and asked["sources"][0]["doc_id"] == "orbit"
+    whole = Workbench(bgw.url, ADMIN_KEY).brain.ask("kb", "How do comets move?", top_k=2, stream=False)
+    assert whole["sources"] == asked["sources"] and capsys.readouterr().out == ""
+
+    # in a notebook (a real kernel: a notebook job) the cell shows the answer as it comes, then the answer with its
+    # sources table in the same output, once: no Out[] after it, though it is the cell's value
+    run = Workbench(bgw.url, ADMIN_KEY).jobs.run("ask.ipynb", question="How do comets move?", progress=False)
+    assert run.ok, run
+    out = nbformat.reads(Workbench(bgw.url, ADMIN_KEY).jobs.output(run["id"]), as_version=4)
+    cells = {name: next(c.outputs for c in out.cells if c.source == src) for name, src in ASK_CELLS.items()}
+    (shown,) = cells["asked"]
+    assert shown["output_type"] == "display_data" and "sources" in shown["data"]["text/html"], cells["asked"]
+    assert "writing" not in shown["data"]["text/html"]  # the last update: the whole answer, not the text so far
+    assert cells["kept"][0]["text"] == "kept Asked 2\n", cells["kept"]
+
+
+def test_a_streamed_ask_whose_client_leaves_stops_the_model(bgw: Gateway) -> None:
+    c = bgw.client()
+    cancelled = c.get("/api/plugins/llmserver/health").json()["cancelled"]
+    body = {"collection": "kb", "question": "Tell me everything about lava, volcanoes, comets and bread.", "top_k": 3}
+    with c.stream("POST", "/api/brain/ask", json=body, timeout=180) as r:
+        for line in r.iter_lines():
+            if '"delta"' in line:
+                break  # the client goes once the model has begun
+    wait_for(lambda: c.get("/api/plugins/llmserver/health").json()["cancelled"] > cancelled, timeout=60)
+
+
 def test_stats_lists_what_is_left_after_a_collection_is_dropped(bgw: Gateway) -> None:
     assert invoke(bgw, "brainml.index", {"collection": "short-lived", "documents": [{"text": "a b c"}]}).is_success
     assert bgw.client().delete("/api/collections/short-lived").is_success
@@ -217,6 +289,8 @@ def test_brainml_acts_as_its_caller(bgw: Gateway) -> None:
         r = ann.post(f"/api/plugins/brainml/invoke/{cap}", json=body)
         assert r.status_code == 403, (cap, r.text)
         assert "collections:read" in r.json()["error"]["message"], (cap, r.text)
+    r = ann.post("/api/brain/ask", json=ask)  # streamed: refused before the stream starts
+    assert r.status_code == 403 and "collections:read" in r.json()["error"]["message"], r.text
 
     assert admin.patch("/admin/roles/asker", json={"scopes": ["llm:use", "collections:read"]}).status_code == 200
     r = ann.post("/api/plugins/brainml/invoke/brainml.query", json=query)
@@ -227,6 +301,10 @@ def test_brainml_acts_as_its_caller(bgw: Gateway) -> None:
     usage = admin.get("/admin/usage", params={"group_by": "key"}).json()["usage"]
     mine = next(u for u in usage if u["key_id"] == key["id"])
     assert mine["username"] == "ann" and mine["requests"] == 1 and mine["total_tokens"] == tokens
+    streamed = _ask_events(bgw, ask, key["key"])[-1]["result"]["usage"]  # the streamed ask: booked to ann too
+    usage = admin.get("/admin/usage", params={"group_by": "key"}).json()["usage"]
+    mine = next(u for u in usage if u["key_id"] == key["id"])
+    assert mine["requests"] == 2 and mine["total_tokens"] == tokens + streamed["total_tokens"]
     assert not any(str(u.get("username", "")).startswith("plugin:") for u in usage)
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from html import escape
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from bkg_kernel.client import transport
 from bkg_kernel.client.jobs import when
 from bkg_kernel.client.transport import renumber
-from bkg_kernel.display import Table, html_table
-from bkg_kernel.errors import BkgError, InvalidInput
+from bkg_kernel.display import ShownOnce, Table, html_table, running_cell
+from bkg_kernel.errors import BkgError, InvalidInput, UpstreamError
 from bkg_kernel.models.classifier import tested_labels
 
 if TYPE_CHECKING:
@@ -46,9 +48,10 @@ class Ranked(dict[str, Any]):
         return html_table(["rank", "id", "score", "chunk", "metadata"], rows, cap, raw={"chunk"})
 
 
-class Asked(dict[str, Any]):
+class Asked(ShownOnce, dict[str, Any]):
     """brainml.ask's answer: the text, then the chunks it was given (`sources`), those it cites as [n] marked
-    (`citations`: empty when it cites none)."""
+    (`citations`: empty when it cites none). Streamed into its cell as it was written, it is not shown again
+    there as the cell's result."""
 
     def __str__(self) -> str:
         return str(self["answer"])
@@ -176,9 +179,29 @@ class Brain:
         """Search a collection (mode vector|text|hybrid, top_k, filters); a ranked table in a notebook."""
         return Ranked(self._invoke("brainml.query", {"collection": collection, "query": query, **opts}))
 
-    def ask(self, collection: str, question: str, **opts: Any) -> Asked:
-        """Answer from the collection: `sources` the chunks given, `citations` those the answer cites as [n]."""
-        return Asked(self._invoke("brainml.ask", {"collection": collection, "question": question, **opts}))
+    def ask(self, collection: str, question: str, *, stream: bool = True, echo: bool = True, **opts: Any) -> Asked:
+        """Answer from the collection: `sources` the chunks given, `citations` those the answer cites as [n].
+
+        With `stream` (and `echo`) the answer appears as the model writes it (a notebook shows it, then the
+        sources table, in one output; elsewhere it is printed); without, it comes whole."""
+        body = {"collection": collection, "question": question, **opts}
+        if not stream:
+            return Asked(self._invoke("brainml.ask", body))
+        live = _Live(collection) if echo else None
+        result: dict[str, Any] | None = None
+        for event in transport.stream(self.wb.http, "POST", "/api/brain/ask", json=body):
+            if "delta" in event and live is not None:
+                live.add(str(event["delta"]))
+            elif "sources" in event and live is not None:
+                live.given(len(event["sources"]))
+            elif "result" in event:
+                result = event["result"]
+        if result is None:
+            raise UpstreamError("the gateway ended brainml.ask's stream without an answer")
+        asked = Asked(result)
+        if live is not None:
+            live.done(asked)
+        return asked
 
     def stats(self, collection: str | None = None) -> Stats:
         """Documents, chunks, model, last index, queries and latency per collection (a table in a notebook)."""
@@ -222,3 +245,41 @@ def _highlighted(text: str, spans: list[list[int]]) -> str:
         at = b
     marked.append(escape(text[at:]))
     return "".join(marked)
+
+
+class _Live:
+    """A streamed answer as it comes: in IPython one output that shows the text so far, then the whole `Asked`
+    (its text and sources table); elsewhere the text printed as it comes."""
+
+    def __init__(self, collection: str) -> None:
+        self.parts: list[str] = []
+        self.collection = collection
+        self.handle: Any = None
+        if running_cell() is not None:
+            from IPython.display import HTML, display
+
+            self.html = HTML
+            self.handle = display(HTML(self._page("searching…")), display_id=True)
+
+    def _page(self, status: str) -> str:
+        text = escape("".join(self.parts))
+        return f"<div style='white-space:pre-wrap'>{text}</div><div style='opacity:.6'>{escape(status)}</div>"
+
+    def given(self, n: int) -> None:
+        if self.handle is not None:
+            self.handle.update(self.html(self._page(f"{n} chunks of {self.collection} found; writing…")))
+
+    def add(self, piece: str) -> None:
+        self.parts.append(piece)
+        if self.handle is not None:
+            self.handle.update(self.html(self._page("writing…")))
+        else:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    def done(self, asked: Asked) -> None:
+        if self.handle is not None:
+            self.handle.update(asked)
+            asked.echoed_in = running_cell()
+        else:
+            sys.stdout.write("\n")

@@ -10,7 +10,8 @@ run on the gateway's event loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import contextlib
+from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 from bkg_kernel.errors import InvalidInput, Unavailable
@@ -49,6 +50,7 @@ class PluginStore:
             "embed": (LLM, self.embed),
             "rerank": (LLM, self.rerank),
             "chat": (LLM, self.chat),
+            "chat_stream": (LLM, self.chat_stream),  # inline plugins only: a generator does not cross a pipe
         }
 
     def __call__(self, plugin_id: str, caller: Principal, op: str, args: dict[str, Any]) -> Any:
@@ -165,6 +167,35 @@ class PluginStore:
         result: dict[str, Any] = self._await(host.invoke("llm.chat", body, caller))
         self.auth.book_usage(caller, route, result)
         return result
+
+    def chat_stream(
+        self, plugin_id: str, caller: Principal, body: dict[str, Any], route: str
+    ) -> Iterator[dict[str, Any]]:
+        """`chat`'s chunks, pulled one at a time from llmserver's stream on the event loop into the plugin's thread;
+        the usage of the last chunk is booked to the caller under `route`. Closing it stops the generation."""
+        stream = self._sup().get("llmserver").stream("llm.chat", {**body, "stream": True}, caller)
+
+        async def pull() -> dict[str, Any] | None:
+            try:
+                chunk: dict[str, Any] = await stream.__anext__()
+            except StopAsyncIteration:
+                return None
+            return chunk
+
+        def chunks() -> Iterator[dict[str, Any]]:
+            last: dict[str, Any] | None = None
+            try:
+                while (chunk := self._await(pull())) is not None:
+                    if chunk.get("usage"):
+                        last = chunk
+                    yield chunk
+            finally:
+                with contextlib.suppress(Unavailable):  # the loop has gone: so has the stream
+                    self._await(stream.aclose())
+                if last is not None:
+                    self.auth.book_usage(caller, route, last)
+
+        return chunks()
 
 
 def _unchecked(spec: str | None, dim: int) -> None:

@@ -8,7 +8,7 @@ interface either way: a plugin never knows where its store lives.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,8 +19,9 @@ Send = Callable[[str, dict[str, Any]], Any]  # send(op, arguments) -> result, ra
 class StoreHandle:
     """Collections, points, queries, embeddings, rerank and chat, as the current caller."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, *, streams: bool = False) -> None:
         self._send = send
+        self._streams = streams  # inline: the gateway's chunks come as they are made; over a worker's pipe, at once
 
     # -- collections ------------------------------------------------------------------------------------
     def list_collections(self) -> list[dict[str, Any]]:
@@ -145,3 +146,21 @@ class StoreHandle:
         under `route` (e.g. "brainml.ask")."""
         out: dict[str, Any] = self._send("chat", {"body": body, "route": route})
         return out
+
+    def chat_stream(self, body: dict[str, Any], *, route: str) -> Generator[dict[str, Any], None, None]:
+        """`chat`, its OpenAI chunks yielded as the model writes them (the last one carries the usage, booked to
+        the caller under `route`); closing the iterator stops the generation. In a worker the answer comes whole
+        over the pipe, as one chunk of the same shape (its `delta` the whole text)."""
+        if not self._streams:
+            whole = self.chat(body, route=route)
+            message = whole["choices"][0]["message"]
+            choice = {"index": 0, "delta": message, "finish_reason": whole["choices"][0].get("finish_reason")}
+            yield {**{k: whole[k] for k in ("id", "created", "model", "usage") if k in whole}, "choices": [choice]}
+            return
+        chunks: Iterator[dict[str, Any]] = self._send("chat_stream", {"body": body, "route": route})
+        try:
+            yield from chunks
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()

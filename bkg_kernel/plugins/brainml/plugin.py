@@ -20,11 +20,12 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bkg_kernel.errors import AlreadyExists, BkgError, Conflict, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, BkgError, Cancelled, Conflict, InvalidInput, NotFound
 from bkg_kernel.models.classifier import Classifier
 from bkg_kernel.models.classifier import train_in_child as fit_classifier
 from bkg_kernel.models.registry import ModelRegistry, check_id, slug
@@ -40,11 +41,14 @@ from bkg_kernel.plugins.brainml.inputs import (
     StatsRequest,
     TrainRequest,
 )
-from bkg_kernel.runtime.contract import JSONResult, Plugin, Progress, capability
+from bkg_kernel.runtime.contract import GatewayAPI, JSONResult, Plugin, Progress, capability
 from bkg_kernel.runtime.storehandle import StoreHandle
 from bkg_kernel.store.filters import field_name
 from bkg_kernel.store.fulltext import CJK_LETTER, cjk, folded, term, words
 from bkg_kernel.store.results import EXPLAIN_KEYS
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
 
 INDEX_BATCH = 2048  # chunks per upsert (the gateway embeds them in batches of 1024)
 
@@ -262,6 +266,13 @@ class BrainML(Plugin):
     Settings = BrainSettings
     settings: BrainSettings
 
+    @classmethod
+    def routes(cls, api: GatewayAPI) -> APIRouter:
+        """Mount `/api/brain/ask`: `brainml.ask` streamed as server-sent events."""
+        from bkg_kernel.plugins.brainml import routes
+
+        return routes.build(api)
+
     def start(self) -> None:
         assert self.context is not None and self.context.model_dir is not None
         self.registry = ModelRegistry(self.context.model_dir)
@@ -461,7 +472,43 @@ class BrainML(Plugin):
 
     @capability("brainml.ask", scope="llm:use")
     def ask(self, inp: AskRequest) -> Result:
-        """Answer from the best chunks with llmserver; `citations` are the `sources` the answer cites as [n]."""
+        """Answer from the best chunks with llmserver; `citations` are the `sources` the answer cites as [n]
+        (streamed as it is written: `POST /api/brain/ask`)."""
+        sources, body = self._prompt(inp)
+        r = self.store.chat(body, route="brainml.ask")
+        return self._answered(inp, sources, r["choices"][0]["message"]["content"], r["model"], r["usage"])
+
+    def stream(self, capability_id: str, data: Any, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
+        """`brainml.ask` as it is written: `{"sources": [...]}` once the chunks are found, `{"delta": text}` as the
+        model writes, then `{"result": ...}` (what `ask` answers). Cancelled (the client left): the generation
+        stops at its next token."""
+        if capability_id != "brainml.ask":
+            yield from super().stream(capability_id, data, cancelled)
+            return
+        inp = self._validate(self.capabilities()[capability_id], data)
+        assert isinstance(inp, AskRequest)
+        sources, body = self._prompt(inp)
+        yield {"sources": sources}
+        parts: list[str] = []
+        usage: dict[str, Any] = {}  # the last chunk says it, and the model
+        model = ""
+        chunks = self.store.chat_stream(body, route="brainml.ask")
+        try:
+            for chunk in chunks:
+                if cancelled.is_set():
+                    raise Cancelled("brainml.ask was cancelled")
+                model, usage = chunk.get("model") or model, chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        parts.append(piece)
+                        yield {"delta": piece}
+        finally:
+            chunks.close()
+        yield {"result": dict(self._answered(inp, sources, "".join(parts), model, usage).__pydantic_extra__ or {})}
+
+    def _prompt(self, inp: AskRequest) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The chunks an answer is given (`sources`, numbered from 1) and the chat request that gives them."""
         hits = self._search(
             QueryRequest(collection=inp.collection, query=inp.question, top_k=inp.top_k, filters=inp.filters),
             "question",
@@ -477,12 +524,15 @@ class BrainML(Plugin):
         body: dict[str, Any] = {"messages": messages, "max_tokens": self.settings.ask_max_tokens, "temperature": 0}
         if self.settings.llm_model:
             body["model"] = self.settings.llm_model
-        r = self.store.chat(body, route="brainml.ask")
-        answer = r["choices"][0]["message"]["content"]
         sources = [
             {"n": i + 1, "id": h["id"], "doc_id": h["doc_id"], "offsets": h["offsets"], "score": h["score"]}
             for i, h in enumerate(hits)
         ]
+        return sources, body
+
+    def _answered(
+        self, inp: AskRequest, sources: list[dict[str, Any]], answer: str | None, model: str, usage: dict[str, Any]
+    ) -> Result:
         cited, dropped = citations(answer or "", len(sources))
         return Result(
             collection=inp.collection,
@@ -491,8 +541,8 @@ class BrainML(Plugin):
             citations=[sources[n - 1] for n in cited],
             sources=sources,
             dropped=dropped,
-            model=r["model"],
-            usage=r["usage"],
+            model=model,
+            usage=usage,
         )
 
     @capability("brainml.stats", scope="collections:read")
