@@ -82,32 +82,58 @@ class LLM:
                 print(ans)
                 ans.echoed_in = _cell()
             return ans
-        parts: list[str] = []
-        usage: dict[str, int] = {}
         body = {"messages": _messages(messages), **opts, "stream": True, "stream_options": {"include_usage": True}}
-        for chunk in transport.stream(self.wb.http, "POST", "/v1/chat/completions", json=body):
+        return self._streamed("/v1/chat/completions", body, echo)
+
+    def complete(self, prompt: str, *, stream: bool = False, **opts: Any) -> Answer:
+        """Continue a prompt (no chat template); with `stream` the text appears in the output as it comes."""
+        if stream:
+            body = {"prompt": prompt, **opts, "stream": True, "stream_options": {"include_usage": True}}
+            return self._streamed("/v1/completions", body, True)
+        r = self.wb.call("POST", "/v1/completions", json={"prompt": prompt, **opts})
+        ans = Answer(r["choices"][0]["text"])
+        ans.response, ans.usage = r, r["usage"]
+        return ans
+
+    def _streamed(self, path: str, body: dict[str, Any], echo: bool) -> Answer:
+        """A streamed answer's text, printed as it comes with `echo`; its `.response` is assembled as the whole
+        (not streamed) answer would hold it: tool calls, finish_reason, usage."""
+        chat = path.endswith("/chat/completions")
+        parts: list[str] = []
+        head: dict[str, Any] = {}
+        usage: dict[str, int] = {}
+        finish: str | None = None
+        calls: dict[int, dict[str, Any]] = {}
+        for chunk in transport.stream(self.wb.http, "POST", path, json=body):
+            head = head or {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for choice in chunk.get("choices", []):
-                piece = (choice.get("delta") or {}).get("content")
+                finish = choice.get("finish_reason") or finish
+                delta = choice.get("delta") or {}
+                piece = delta.get("content") if chat else choice.get("text")
                 if piece:
                     parts.append(piece)
                     if echo:
                         sys.stdout.write(piece)
                         sys.stdout.flush()
+                for call in delta.get("tool_calls") or []:
+                    _add_call(calls, call)
         if echo:
             sys.stdout.write("\n")
         ans = Answer("".join(parts))
-        ans.response, ans.usage = {}, usage
+        if chat:
+            message: dict[str, Any] = {"role": "assistant", "content": str(ans) if ans or not calls else None}
+            if calls:
+                message["tool_calls"] = [calls[i] for i in sorted(calls)]
+            choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": str(ans), "finish_reason": finish, "logprobs": None}
+        kind = "chat.completion" if chat else "text_completion"
+        ans.response = {**head, "object": kind, "choices": [choice], "usage": usage}
+        ans.usage = usage
         if echo:
             ans.echoed_in = _cell()
-        return ans
-
-    def complete(self, prompt: str, **opts: Any) -> Answer:
-        """Continue a prompt (no chat template)."""
-        r = self.wb.call("POST", "/v1/completions", json={"prompt": prompt, **opts})
-        ans = Answer(r["choices"][0]["text"])
-        ans.response, ans.usage = r, r["usage"]
         return ans
 
     def embed(self, texts: str | list[str], model: str | None = None) -> np.ndarray:
@@ -131,6 +157,18 @@ class ModelTable(Table):
         """Return one model's cells."""
         size = fmt_bytes(row["size"])  # a trained classifier of 6 KB read "0.0" in MB
         return (row["id"], row["kind"], size, row.get("license") or "", row["source"], row["sha256"][:12])
+
+
+def _add_call(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
+    """Add one streamed tool-call delta to the calls so far (by its `index`; name and arguments come in pieces)."""
+    call = calls.setdefault(
+        int(delta.get("index", len(calls))), {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+    )
+    call["id"] = delta.get("id") or call["id"]
+    call["type"] = delta.get("type") or call["type"]
+    fn = delta.get("function") or {}
+    call["function"]["name"] += fn.get("name") or ""
+    call["function"]["arguments"] += fn.get("arguments") or ""
 
 
 def _messages(m: str | list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 from bkg_kernel.errors import ContextTooLong, InvalidInput
 from bkg_kernel.plugins.llmserver.pool import Loaded
-from bkg_kernel.plugins.llmserver.schemas import ChatRequest, Sampling
+from bkg_kernel.plugins.llmserver.schemas import ChatRequest, CompletionRequest, Sampling
 
 TOOL_PROMPT = (
     "You can call these tools. To call one, answer with only a JSON object "
@@ -38,13 +40,16 @@ class Generation:
         cancelled: threading.Event,
         *,
         grammar: Any = None,
+        grammar_field: str = "response_format",
+        logit_bias: dict[str, float] | None = None,
         default_max_tokens: int = 512,
         max_tokens_limit: int | None = None,
         add_bos: bool = False,
     ) -> None:
         self.llm, self.m, self.req, self.cancelled, self.grammar = llm, m, req, cancelled, grammar
         if grammar is not None:
-            _parses(grammar, llm)
+            _parses(grammar, llm, grammar_field)
+        self.bias = _biased(logit_bias, llm) if logit_bias else None
         self.tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
         self.prompt_tokens = len(self.tokens)
         if self.prompt_tokens >= m.n_ctx:
@@ -60,7 +65,8 @@ class Generation:
         self.text = ""
 
     def run(self) -> Iterator[str]:
-        """Yield text as it is generated (held back while it could still become a stop string)."""
+        """Yield text as it is generated (held back while it could still become a stop string): one piece per
+        token, "" for a token whose text is held back, so that a stream can tell its count as it goes."""
         import llama_cpp
 
         llm, req = self.llm, self.req
@@ -87,6 +93,7 @@ class Generation:
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             grammar=self.grammar,
+            logits_processor=self.bias,
         ):
             if llama_cpp.llama_vocab_is_eog(vocab, tok):
                 self.finish_reason = "stop"
@@ -99,9 +106,8 @@ class Generation:
                 self.finish_reason = "stop"
                 break
             safe = len(self.text) - _held_back(self.text, stops)
-            if safe > sent:
-                yield self.text[sent:safe]
-                sent = safe
+            yield self.text[sent:safe] if safe > sent else ""
+            sent = max(sent, safe)
             if self.completion_tokens >= self.max_tokens:
                 self.finish_reason = "length"
                 break
@@ -122,6 +128,27 @@ class Generation:
         }
 
 
+def _biased(bias: dict[str, float], llm: Any) -> list[Any]:
+    """OpenAI's `logit_bias` as llama-cpp-python's logits processor: each token's logit moved by its bias (-100
+    bans it, 100 all but forces it); a token id the model does not have is a 422 naming it."""
+    n_vocab = int(llm.n_vocab())
+    shifts: dict[int, float] = {}
+    for key, value in bias.items():
+        if int(key) >= n_vocab:
+            raise InvalidInput(f"logit_bias: token {key} is not in the model's vocabulary (0 to {n_vocab - 1})",
+                               field=f"logit_bias.{key}")  # fmt: skip
+        shifts[int(key)] = value
+    ids = np.fromiter(shifts, dtype=np.intc, count=len(shifts))
+    by = np.fromiter(shifts.values(), dtype=np.float32, count=len(shifts))
+
+    def biased(_input_ids: Any, scores: Any) -> Any:
+        out = np.array(scores, dtype=np.float32)
+        out[ids] += by
+        return out
+
+    return [biased]
+
+
 def _find_stop(text: str, stops: list[str], sent: int) -> int | None:
     best = None
     for s in stops:
@@ -140,6 +167,46 @@ def _held_back(text: str, stops: list[str]) -> int:
                 hold = max(hold, n)
                 break
     return hold
+
+
+# -- what this path cannot do -----------------------------------------------------------------------
+def refuse_unsupported(req: Sampling, model_id: str) -> None:
+    """422 (OpenAI's 400 on /v1) naming a field this local path would otherwise ignore while the caller expects it
+    to act: a picture or a sound in a message or asked for (the model reads and writes text), a forced tool with no
+    tools, the legacy `functions`, `logprobs`, a completion's `suffix` or `best_of`. OpenAI's fields that change
+    nothing here (`user`, `store`, `prediction`) pass."""
+    extra = req.model_extra or {}
+    if isinstance(req, ChatRequest):
+        for i, msg in enumerate(req.messages):
+            for j, part in enumerate(msg.content if isinstance(msg.content, list) else []):
+                kind = part.get("type", "text")
+                if kind != "text":
+                    raise InvalidInput(f"messages[{i}].content[{j}] is of type {kind!r}: model {model_id!r} reads "
+                                       "text only", field=f"messages[{i}].content[{j}]")  # fmt: skip
+        if (req.tool_choice == "required" or isinstance(req.tool_choice, dict)) and not req.tools:
+            raise InvalidInput("tool_choice asks for a tool call, but the request has no tools", field="tool_choice")
+        modalities = extra.get("modalities")
+        if isinstance(modalities, list) and any(m != "text" for m in modalities):
+            raise InvalidInput(f"model {model_id!r} answers in text only: modalities can only be ['text']",
+                               field="modalities")  # fmt: skip
+        for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
+            if extra.get(old) is not None:
+                raise InvalidInput(f"{old} (OpenAI's deprecated form) is not supported: send {new}", field=old)
+        if _given(extra.get("logprobs")):
+            raise InvalidInput("logprobs are not returned by this server: leave logprobs out", field="logprobs")
+        if extra.get("top_logprobs") not in (None, 0):
+            raise InvalidInput("logprobs are not returned by this server: leave top_logprobs out", field="top_logprobs")
+    if isinstance(req, CompletionRequest):
+        if req.suffix:
+            raise InvalidInput("suffix (text to insert before) is not supported: leave it out", field="suffix")
+        if _given(extra.get("logprobs")):  # 0 too: the chosen tokens' own logprobs
+            raise InvalidInput("logprobs are not returned by this server: leave logprobs out", field="logprobs")
+        if extra.get("best_of") not in (None, 1):
+            raise InvalidInput("best_of is not supported (one completion is made): leave it out", field="best_of")
+
+
+def _given(value: Any) -> bool:
+    return value is not None and value is not False
 
 
 # -- prompts ----------------------------------------------------------------------------------------
@@ -218,11 +285,17 @@ def forced_tool(req: ChatRequest) -> bool:
     return bool(active_tools(req)) and (req.tool_choice == "required" or isinstance(req.tool_choice, dict))
 
 
-def grammar_for(req: ChatRequest) -> Any:
-    """Return the llama.cpp grammar that constrains this answer (JSON mode, JSON Schema, forced tool call)."""
+def grammar_for(req: ChatRequest) -> tuple[Any, str]:
+    """Return the llama.cpp grammar that constrains this answer (JSON mode, JSON Schema, forced tool call), and the
+    field a grammar llama.cpp refuses is blamed on."""
     if forced_tool(req):
-        for i, t in enumerate(active_tools(req)):
-            _bounded(t["function"].get("parameters") or {}, f"tools[{i}].function.parameters")
+        names = {t["function"]["name"] for t in active_tools(req)}
+        fields = [f"tools[{i}].function.parameters" for i, t in enumerate(req.tools or [])
+                  if t["function"]["name"] in names]  # fmt: skip
+        for t, at in zip(active_tools(req), fields, strict=True):
+            params = t["function"].get("parameters") or {}
+            _checked(params, at)
+            _grammar(json.dumps(params, sort_keys=True), at)  # each converted alone: a failure names its tool
         calls = [
             {
                 "type": "object",
@@ -234,35 +307,66 @@ def grammar_for(req: ChatRequest) -> Any:
             }
             for t in active_tools(req)
         ]
-        return _grammar(json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls}, sort_keys=True))
+        at = fields[0] if len(fields) == 1 else "tools"
+        return _grammar(json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls}, sort_keys=True), at), at
     fmt = req.response_format or {}
     if fmt.get("type") == "json_object":
-        return _grammar("")
+        return _grammar("", "response_format"), "response_format"
     if fmt.get("type") == "json_schema":
         schema = fmt["json_schema"]["schema"]
-        _bounded(schema, "response_format.json_schema.schema")
-        return _grammar(json.dumps(schema, sort_keys=True))
-    return None
+        _checked(schema, "response_format.json_schema.schema")
+        return _grammar(json.dumps(schema, sort_keys=True), "response_format"), "response_format"
+    return None, "response_format"
 
 
 MAX_BOUND = 100_000  # a length or count a schema may ask for (characters: no answer is longer than that here)
 MAX_BOUNDS = 1_000_000  # all of a schema's lengths and counts together: the grammar spells each one out
-_BOUNDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
-_SUBSCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
-_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_BOUNDS = ("minLength", "maxLength", "minItems", "maxItems")
+_SUBSCHEMAS = ("properties", "$defs", "definitions")  # name -> schema
+_SUBSCHEMA = ("items", "additionalProperties")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+# What llama-cpp-python's JSON-Schema-to-grammar converter skips without a word: an answer would break them and
+# still end with finish_reason "stop", so a schema that has them is refused (the caller checks those rules itself)
+UNENFORCED = (
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",  # numbers: any number passes
+    "uniqueItems", "contains", "minContains", "maxContains", "unevaluatedItems",
+    "minProperties", "maxProperties", "patternProperties", "propertyNames", "dependentRequired", "dependentSchemas",
+    "dependencies", "unevaluatedProperties", "not", "if", "then", "else",
+)  # fmt: skip
+FORMATS = ("date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5")  # the ones it writes
 
 
-def _bounded(schema: Any, at: str) -> None:
-    """422 naming where, for a schema whose lengths and counts would make the grammar huge: the converter writes
-    each repetition out, so `{"type": "string", "minLength": 100000000}`, a few bytes of JSON, was gigabytes of
-    grammar. Only schema keywords are walked (not `examples`, `default`, `enum`, `const`)."""
+def _checked(schema: Any, at: str) -> None:
+    """422 naming where (`<at>.properties.n.minimum`), for a schema the grammar would not hold an answer to: a
+    keyword the converter skips (`UNENFORCED`, a string `format` it does not know, lengths beside a `pattern` or
+    `format`, counts of a tuple), or lengths and counts that would make the grammar huge (the converter writes
+    each repetition out: `{"type": "string", "minLength": 100000000}`, a few bytes of JSON, was gigabytes of
+    grammar). Only schema keywords are walked (not `examples`, `default`, `enum`, `const`)."""
     total = 0
+
+    def refuse(where: str, key: str, why: str = "") -> None:
+        raise InvalidInput(f"{where}.{key} is not enforced{why}: llama.cpp's grammar would let an answer break it "
+                           "(remove it, and check that rule yourself)", field=f"{where}.{key}")  # fmt: skip
 
     def walk(node: Any, where: str) -> None:
         nonlocal total
         if not isinstance(node, dict):
             return
+        for key in UNENFORCED:
+            if key in node and not (key == "uniqueItems" and node[key] is False):
+                refuse(where, key)
+        text = node.get("type") in (None, "string")
+        fmt = node.get("format")
+        if text and isinstance(fmt, str) and fmt not in FORMATS:
+            refuse(where, "format", f" for {fmt!r} (only for {', '.join(FORMATS)})")
+        for key in ("minLength", "maxLength"):
+            if text and key in node and ("pattern" in node or fmt in FORMATS):
+                refuse(where, key, f" beside {'pattern' if 'pattern' in node else 'format'}")
+        for key in ("minItems", "maxItems"):
+            if key in node and (isinstance(node.get("items"), list) or "prefixItems" in node):
+                refuse(where, key, " for a tuple (items as a list, or prefixItems)")
+        if "prefixItems" in node and "items" in node:
+            refuse(where, "prefixItems", " beside items")
         for key in _BOUNDS:
             value = node.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -288,10 +392,11 @@ def _bounded(schema: Any, at: str) -> None:
     walk(schema, at)
 
 
-def _parses(grammar: Any, llm: Any) -> None:
-    """422 (`response_format`) for a grammar llama.cpp will not parse: llama-cpp-python does not look whether its
-    sampler was made, and samples through a null one (the worker died of SIGSEGV for `maxLength` 1500: llama.cpp
-    refuses a repetition that large). Tried once per grammar (they are cached per schema)."""
+def _parses(grammar: Any, llm: Any, field: str) -> None:
+    """422 naming `field` (`response_format`, `tools[0].function.parameters`) for a grammar llama.cpp will not
+    parse: llama-cpp-python does not look whether its sampler was made, and samples through a null one (the worker
+    died of SIGSEGV for `maxLength` 1500: llama.cpp refuses a repetition that large). Tried once per grammar (they
+    are cached per schema)."""
     import llama_cpp
 
     if getattr(grammar, "_bkg_parses", False):
@@ -299,13 +404,13 @@ def _parses(grammar: Any, llm: Any) -> None:
     sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar._grammar.encode(), grammar._root.encode())  # noqa: SLF001
     if not sampler:
         raise InvalidInput("llama.cpp cannot use the grammar this JSON Schema makes (a length or count too large for "
-                           "it to repeat: lower maxLength / maxItems)", field="response_format")  # fmt: skip
+                           "it to repeat: lower maxLength / maxItems)", field=field)  # fmt: skip
     llama_cpp.llama_sampler_free(sampler)
     grammar._bkg_parses = True
 
 
 @lru_cache(maxsize=64)
-def _grammar(schema: str) -> Any:
+def _grammar(schema: str, field: str) -> Any:
     from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
     try:
@@ -313,7 +418,7 @@ def _grammar(schema: str) -> Any:
             return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
         return LlamaGrammar.from_json_schema(schema, verbose=False)
     except Exception as exc:
-        raise InvalidInput(f"the JSON Schema cannot be turned into a grammar: {exc}", field="response_format") from None
+        raise InvalidInput(f"the JSON Schema cannot be turned into a grammar: {exc}", field=field) from None
 
 
 def tool_calls_from(text: str, req: ChatRequest) -> list[dict[str, Any]] | None:

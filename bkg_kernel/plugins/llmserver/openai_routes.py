@@ -6,6 +6,7 @@ usual); scope `llm:use`. (No `from __future__ import annotations`: FastAPI must 
 """
 
 import asyncio
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 import orjson
@@ -15,7 +16,7 @@ from pydantic import BaseModel
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput, NotFound, closest, openai_shaped
-from bkg_kernel.plugins.llmserver.schemas import ChatRequest, CompletionRequest, EmbedRequest
+from bkg_kernel.plugins.llmserver.schemas import RUNNING_USAGE, ChatRequest, CompletionRequest, EmbedRequest
 from bkg_kernel.runtime.bodyjson import BIG_BODY, TOO_DEEP, RawJSON
 from bkg_kernel.runtime.contract import GatewayAPI
 from bkg_kernel.runtime.disconnect import while_connected
@@ -52,7 +53,7 @@ def _dumped(body: BaseModel) -> Any:
 # Fields of OpenAI's chat, completion and embedding requests that bkg takes and does not use (its SDKs, LangChain
 # and LiteLLM send them): kept without a word. Any other unknown field close to one bkg reads is a misspelling.
 OPENAI_FIELDS = frozenset((
-    "audio", "best_of", "function_call", "functions", "logit_bias", "logprobs", "metadata", "modalities", "n",
+    "audio", "best_of", "function_call", "functions", "logprobs", "metadata", "modalities", "n",
     "parallel_tool_calls", "prediction", "reasoning_effort", "service_tier", "store", "stream_options",
     "top_logprobs", "user", "web_search_options", "verbosity", "prompt_cache_key", "safety_identifier",
 ))  # fmt: skip
@@ -108,9 +109,10 @@ def build(api: GatewayAPI) -> APIRouter:
 
     @router.post("/embeddings")
     async def embeddings(body: EmbedRequest, request: Request, p: Annotated[Principal, Depends(llm)]) -> Response:
-        """Embeddings of one text or a batch."""
+        """Embeddings of one text or a batch (a client that leaves stops the work between two batches)."""
         misspelt(body)
-        result = await api.invoke("llmserver", "llm.embed", await handed(body, request), p)
+        work = api.invoke("llmserver", "llm.embed", await handed(body, request), p)
+        result = await while_connected(request, work)
         api.record_usage(p, "/v1/embeddings", result)
         # a batch of embeddings is megabytes of numbers: encoded in a thread, not on the event loop
         return Response(await asyncio.to_thread(orjson.dumps, result), media_type="application/json")
@@ -124,15 +126,33 @@ def build(api: GatewayAPI) -> APIRouter:
             return JSONResponse(result)
         options = (body.model_extra or {}).get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        # the tokens generated so far (the worker tells them as it goes), and whether its last chunk booked them
+        book: dict[str, Any] = {"model": body.model, "usage": None, "booked": False}
 
         def render(chunk: dict[str, Any]) -> dict[str, Any] | None:
+            book["model"] = chunk.get("model", book["model"])
+            if RUNNING_USAGE in chunk:
+                book["usage"] = chunk.pop(RUNNING_USAGE)
+                if not chunk:
+                    return None
             if "usage" in chunk and not chunk.get("choices"):
                 api.record_usage(p, route, chunk)
+                book["booked"] = True
                 if not include_usage:
                     return None
             return chunk
 
-        chunks = api.stream("llmserver", capability, data, p)
+        async def booked(chunks: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+            """`chunks`; however the stream ends (a client that left, a failure), what was generated is booked."""
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                await chunks.aclose()
+                if not book["booked"] and book["usage"]:
+                    api.record_usage(p, route, {"model": book["model"], "usage": book["usage"]})
+
+        chunks = booked(api.stream("llmserver", capability, data, p))
         response: StreamingResponse = await event_stream(chunks, render, lambda said: openai_shaped(said["error"])[1])
         return response
 

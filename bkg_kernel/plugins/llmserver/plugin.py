@@ -28,6 +28,7 @@ from bkg_kernel.errors import (
     BadRequest,
     BkgError,
     Cancelled,
+    ContextTooLong,
     InvalidInput,
     NotFound,
     TooManyRequests,
@@ -39,6 +40,7 @@ from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.llmserver import generate as gen
 from bkg_kernel.plugins.llmserver.pool import GGUF_KINDS, ModelPool
 from bkg_kernel.plugins.llmserver.schemas import (
+    RUNNING_USAGE,
     ChatCompletion,
     ChatRequest,
     Completion,
@@ -167,11 +169,21 @@ class LLMServer(Plugin):
         if too_long > self.settings.max_prompt_chars * 10:
             raise InvalidInput(f"input is {too_long:,} characters in all; too much for one request", field="input")
         model_id = inp.model or self._embedding_model()
+        stop = calls.stop_event()
         with self.pool.acquire(model_id, embedding=True) as (m, llm):
             counts = [len(llm.tokenize(t.encode("utf-8"), add_bos=True, special=False)) for t in texts]
-            if max(counts) > m.n_ctx:
-                raise InvalidInput(f"an input is {max(counts):,} tokens; the context is {m.n_ctx:,}", field="input")
-            vecs = np.asarray(llm.embed(texts, normalize=True), dtype=np.float32).reshape(len(texts), -1)
+            over = next((i for i, n in enumerate(counts) if n > m.n_ctx), None)
+            if over is not None:  # embedded whole or not at all: a vector of its first part would pass for its own
+                field = "input" if isinstance(inp.input, str) else f"input[{over}]"
+                raise ContextTooLong(f"{field} is {counts[over]:,} tokens; model {model_id!r} embeds up to "
+                                     f"{m.n_ctx:,} (n_ctx)", field=field)  # fmt: skip
+            rows: list[Any] = []
+            for start, end in _batches(counts, self.settings.n_batch):  # a caller gone stops it between two batches
+                if stop.is_set():
+                    self.cancelled += 1
+                    raise Cancelled("the embedding stopped: its caller went away or timed out")
+                rows.extend(llm.embed(texts[start:end], normalize=True, truncate=False))
+            vecs = np.asarray(rows, dtype=np.float32).reshape(len(texts), -1)
         if inp.dimensions is not None:
             if inp.dimensions > vecs.shape[1]:
                 raise InvalidInput(f"dimensions {inp.dimensions} > the model's {vecs.shape[1]}", field="dimensions")
@@ -227,7 +239,9 @@ class LLMServer(Plugin):
 
     # -- streaming --------------------------------------------------------------------------------
     def stream(self, capability_id: str, data: Any, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
-        """Stream llm.chat / llm.complete as OpenAI chunks; the last chunk carries the exact usage."""
+        """Stream llm.chat / llm.complete as OpenAI chunks; the last chunk carries the exact usage, and each chunk
+        of a local generation the usage so far (`RUNNING_USAGE`, which the gateway books if the stream ends early
+        and strips before sending), so that a stream its client leaves is still booked."""
         models: dict[str, type[BaseModel]] = {"llm.chat": ChatRequest, "llm.complete": CompletionRequest}
         if capability_id not in models:
             raise NotFound(f"llmserver cannot stream {capability_id!r}", field="capability")
@@ -255,22 +269,31 @@ class LLMServer(Plugin):
         model_id = inp.model or self.settings.default_model
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_id}
+        gen.refuse_unsupported(inp, model_id)
         tools = bool(gen.active_tools(inp))
-        grammar = gen.grammar_for(inp)
+        grammar, grammar_field = gen.grammar_for(inp)
         with self.pool.acquire(model_id) as (m, llm):
             s = self.settings
             prompt = gen.chat_prompt(m, inp, s.templates, s.model_templates)
             g = gen.Generation(
-                llm, m, prompt, inp, cancelled, grammar=grammar, default_max_tokens=s.max_tokens_default,
+                llm, m, prompt, inp, cancelled, grammar=grammar, grammar_field=grammar_field,
+                logit_bias=inp.logit_bias, default_max_tokens=s.max_tokens_default,
                 max_tokens_limit=s.max_tokens_limit,
             )  # fmt: skip
             with self._counting_cancels(g):
                 if not whole:
                     yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
                 for delta in g.run():
-                    if not whole and not tools:  # a tool call is sent whole, once it is parsed
-                        yield {**head, "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]}
+                    if whole:
+                        continue
+                    if delta and not tools:  # a tool call is sent whole, once it is parsed
+                        choice = {"index": 0, "delta": {"content": delta}, "finish_reason": None}
+                        yield {**head, "choices": [choice], RUNNING_USAGE: g.usage()}
+                    else:
+                        yield {RUNNING_USAGE: g.usage()}  # nothing to send yet; the count all the same
         if g.finish_reason == "cancelled":
+            if not whole:  # the count of what was generated, for whoever still reads (the gateway books its last)
+                yield {**head, "choices": [], "usage": g.usage()}
             return
         calls = gen.tool_calls_from(g.text, inp) if tools else None
         finish = "tool_calls" if calls else g.finish_reason
@@ -300,22 +323,29 @@ class LLMServer(Plugin):
             raise BadRequest("prompt is empty: send the text to continue", field="prompt")
         self._check_prompt(len(text), "prompt")
         model_id = inp.model or self.settings.default_model
+        gen.refuse_unsupported(inp, model_id)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": model_id}
         with self.pool.acquire(model_id) as (m, llm):
             s = self.settings
             g = gen.Generation(
-                llm, m, text, inp, cancelled, default_max_tokens=s.max_tokens_default,
+                llm, m, text, inp, cancelled, logit_bias=inp.logit_bias, default_max_tokens=s.max_tokens_default,
                 max_tokens_limit=s.max_tokens_limit, add_bos=True,
             )  # fmt: skip
             with self._counting_cancels(g):
                 if not whole and inp.echo:  # the prompt first, as the whole answer's text begins with it
                     yield {**head, "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None}]}
                 for delta in g.run():
-                    if not whole:
+                    if whole:
+                        continue
+                    if delta:
                         choice = {"index": 0, "text": delta, "finish_reason": None, "logprobs": None}
-                        yield {**head, "choices": [choice]}
+                        yield {**head, "choices": [choice], RUNNING_USAGE: g.usage()}
+                    else:
+                        yield {RUNNING_USAGE: g.usage()}
         if g.finish_reason == "cancelled":
+            if not whole:
+                yield {**head, "choices": [], "usage": g.usage()}
             return
         out = (text if inp.echo else "") + g.text
         if whole:
@@ -441,6 +471,17 @@ def _upstream_error(url: str, detail: str, status: int = 502, retry_after: str |
         return UpstreamError(f"the upstream LLM server refused the request (HTTP {status}): {detail}", status=status)
     where = f"HTTP {status}: " if status != 502 else ""
     return UpstreamError(f"the upstream LLM server failed: {where}{detail}", status=502)
+
+
+def _batches(counts: list[int], size: int) -> Iterator[tuple[int, int]]:
+    """Consecutive runs of texts (start, end) whose tokens (`counts`) add up to at most `size` each."""
+    start, total = 0, 0
+    for i, n in enumerate(counts):
+        if i > start and total + n > size:
+            yield start, i
+            start, total = i, 0
+        total += n
+    yield start, len(counts)
 
 
 def _whole(chunks: list[dict[str, Any]]) -> dict[str, Any]:

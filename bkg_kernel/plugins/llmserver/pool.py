@@ -104,12 +104,14 @@ class ModelPool:
         pooling = LLAMA_POOLING_TYPE_UNSPECIFIED
         if m.embedding and m.kind == "gguf-llm":
             pooling = LLAMA_POOLING_TYPE_MEAN  # a decoder used for embeddings: mean of its token states
+        # an input to embed goes in one batch, whole (llama-cpp-python's embed() cut it at n_batch, 512, unsaid)
+        batch = m.n_ctx if m.embedding else min(s.n_batch, m.n_ctx)
         try:
             return Llama(
                 model_path=str(m.path),
                 n_ctx=m.n_ctx,
-                n_batch=min(s.n_batch, m.n_ctx),
-                n_ubatch=min(s.n_batch, m.n_ctx),
+                n_batch=batch,
+                n_ubatch=batch,
                 n_threads=threads,
                 n_threads_batch=threads,
                 embedding=m.embedding,
@@ -150,6 +152,8 @@ class ModelPool:
         heads = int(info.arch_value("attention.head_count") or 1)
         kv_heads = int(info.arch_value("attention.head_count_kv") or heads)
         slot_bytes = n_ctx * layers * (n_embd * kv_heads // max(heads, 1)) * 2 * 2 + 16 * 2**20  # f16 K+V, buffers
+        if embedding and entry.kind == "gguf-llm":  # a whole input in one batch, each token's logits made (twice)
+            slot_bytes += n_ctx * int(info.arch_value("vocab_size") or 0) * 4 * 2
         m = Loaded(
             model_id=model_id,
             kind=entry.kind,

@@ -10,6 +10,10 @@ from bkg_kernel.strict import StrictTypes
 
 MAX_TOKENS_CAP = 32_768
 MAX_STOPS, MAX_STOP = 16, 512  # stop strings: how many, how long
+MAX_BIASES = 300  # logit_bias entries, as OpenAI's API takes
+# Set on a streamed generation's chunks (and on chunks of nothing else): the usage so far, which the gateway books
+# when the stream ends before its last chunk (a client that left); never sent to the client.
+RUNNING_USAGE = "bkg_usage_so_far"
 # A text to continue or embed: an empty one is refused by the plugin with OpenAI's 400 (not pydantic's 422), and
 # the schema says so, so that generated clients and fuzzers know it.
 Text = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1})]
@@ -73,6 +77,24 @@ class Sampling(StrictTypes):
     seed: int | None = None
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOPS} strings of up to {MAX_STOP} characters.")
     stream: bool = False
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> a bias from -100 to 100 added to its logit (-100 bans it)."
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        """OpenAI's shape: up to 300 token ids, each written as a whole number, each bias within -100..100."""
+        if value is None:
+            return value
+        if len(value) > MAX_BIASES:
+            raise ValueError(f"at most {MAX_BIASES} token ids")
+        for key, bias in value.items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 9):
+                raise ValueError(f"{key!r} is not a token id (a whole number, written as a string)")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {key} is {bias:g}; biases go from -100 to 100")
+        return value
 
     @field_validator("stop")
     @classmethod
