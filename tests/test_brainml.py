@@ -249,15 +249,26 @@ def test_ask_streams_the_answer_as_the_model_writes_it(bgw: Gateway, capsys: pyt
     assert cells["kept"][0]["text"] == "kept Asked 2\n", cells["kept"]
 
 
-def test_a_streamed_ask_whose_client_leaves_stops_the_model(bgw: Gateway) -> None:
+def _asked_tokens(c: Any) -> tuple[int, int]:
+    """The admin key's booked LLM requests and tokens."""
+    rows = c.get("/admin/usage", params={"group_by": "key"}).json()["usage"]
+    mine = [u for u in rows if u["username"] == "admin"]
+    return (mine[0]["requests"], mine[0]["total_tokens"]) if mine else (0, 0)
+
+
+def test_a_streamed_ask_whose_client_leaves_stops_the_model_and_is_booked(bgw: Gateway) -> None:
     c = bgw.client()
     cancelled = c.get("/api/plugins/llmserver/health").json()["cancelled"]
+    requests, tokens = _asked_tokens(c)
     body = {"collection": "kb", "question": "Tell me everything about lava, volcanoes, comets and bread.", "top_k": 3}
     with c.stream("POST", "/api/brain/ask", json=body, timeout=180) as r:
         for line in r.iter_lines():
             if '"delta"' in line:
                 break  # the client goes once the model has begun
     wait_for(lambda: c.get("/api/plugins/llmserver/health").json()["cancelled"] > cancelled, timeout=60)
+    # what the model wrote until then is booked to the asker (the prompt, and at least the piece it read)
+    booked = wait_for(lambda: (now := _asked_tokens(c))[0] > requests and now, timeout=30)
+    assert booked[1] > tokens, (booked, tokens)
 
 
 def test_stats_lists_what_is_left_after_a_collection_is_dropped(bgw: Gateway) -> None:

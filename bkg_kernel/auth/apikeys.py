@@ -11,7 +11,7 @@ from typing import Any
 from bkg_kernel.auth import keys as ks
 from bkg_kernel.auth.base import AuthBase
 from bkg_kernel.auth.principal import SCOPES, Principal
-from bkg_kernel.auth.records import HUB_SUFFIX, RUN_KEY_PREFIX, KeyRecord, _now
+from bkg_kernel.auth.records import HUB_SUFFIX, RUN_KEY, RUN_KEY_PREFIX, KeyRecord, _now
 from bkg_kernel.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, TooManyRequests
 
 
@@ -50,15 +50,25 @@ class ApiKeys(AuthBase):
         for someone else would otherwise gain what their role gains after its maker expired), or the gateway. A key
         for someone else acts as them, so its maker must hold every scope of their role (as for managing them); it
         holds the role's scopes of today, fixed: it would otherwise gain whatever the owner's role gains later,
-        which its maker may not hold. Explicit scopes must be the owner's and `by`'s."""
+        which its maker may not hold. Explicit scopes must be the owner's and `by`'s.
+
+        Names starting with `RUN_KEY` are refused to every caller (`by`): a key the gateway itself makes under a
+        run's name (`RUN_KEY` and the run's id: JobService's, as the run starts) is that run's key, marked
+        `run_id`; only the mark makes a key a run's (what its kernel makes lives by the key that started the run)."""
         actor = by.username if by else actor
         u = self.user(user_id)
-        if u["username"].endswith(HUB_SUFFIX) and (by is not None or not str(name).startswith(RUN_KEY_PREFIX)):
+        # a notebook run's key: made by the gateway itself (JobService, as the run starts) under the run's name, and
+        # marked with the run's id; what a key is, is read from the mark, never from the name
+        run_id = name.removeprefix(RUN_KEY) if by is None and str(name).startswith(RUN_KEY_PREFIX) else None
+        if u["username"].endswith(HUB_SUFFIX) and run_id is None:
             # their rights follow the Hub on every request; a bkg key would keep today's role after the Hub changes it
             raise Forbidden(f"{u['username']!r} is a JupyterHub user: they use their Hub token, not bkg keys",
                             field="user_id")  # fmt: skip
         if not isinstance(name, str) or not name.strip() or len(name) > 100:
             raise InvalidInput("key name must be 1 to 100 characters", field="name")
+        if by is not None and name.lstrip().lower().startswith(RUN_KEY):
+            raise InvalidInput(f"key names starting with {RUN_KEY!r} are the gateway's, for notebook runs' keys",
+                               field="name")  # fmt: skip
         self._may_act_as(by, u, "a key for another user", "user_id")
         allowed = self.roles[u["role"]]
         follows = scopes is None and (
@@ -104,11 +114,11 @@ class ApiKeys(AuthBase):
                     rate_limit_per_min = min(rate_limit_per_min or up.rate_limit_per_min, up.rate_limit_per_min)
             rec = KeyRecord(
                 "k_" + uuid.uuid4().hex[:12], prefix, ks.hash_secret(secret), name, u["id"], scopes,
-                rate_limit_per_min, _now(), expires_at, None, None, None, follows, parent, maker,
+                rate_limit_per_min, _now(), expires_at, None, None, None, follows, parent, maker, run_id,
             )  # fmt: skip
             self.con.execute(
                 "INSERT INTO api_keys (id, prefix, secret_hash, name, user_id, scopes, rate_limit_per_min, created_at, "
-                "expires_at, follows_role, parent_id, maker_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "expires_at, follows_role, parent_id, maker_id, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     rec.id,
                     prefix,
@@ -122,6 +132,7 @@ class ApiKeys(AuthBase):
                     follows,
                     parent,
                     maker,
+                    run_id,
                 ],
             )
             self.key_ids[rec.id] = rec
@@ -178,7 +189,7 @@ class ApiKeys(AuthBase):
 
     def _may_rotate(self, rec: KeyRecord, by: Principal | None) -> None:
         """The checks of `rotate_key` (403 when `by` may not take a new secret of key `rec`)."""
-        if rec.name.startswith(RUN_KEY_PREFIX):  # a running notebook holds it: a new secret would be someone else's
+        if rec.run_id is not None:  # a running notebook holds it: a new secret would be someone else's
             raise Forbidden(f"key {rec.id} belongs to a notebook run; cancel the run or revoke the key", field="key_id")
         self._grantable(by, self.key_scopes(rec), f"rotating key {rec.id}", "key_id")
         if (

@@ -14,7 +14,7 @@ SESSION_TTL = timedelta(hours=12)
 FORGET_BATCH = 20_000  # old audit or usage rows deleted per hold of the store's lock
 HUB_SUFFIX = "@hub"  # the bkg users of JupyterHub users (made by the gateway under a Hub only)
 HUB_ACTOR = "jupyterhub"  # who the gateway's changes on the Hub's word are made and audited as (a reserved name)
-RUN_KEY = "job run "  # a notebook run's key is named this and the run's id (run-...)
+RUN_KEY = "job run "  # a notebook run's key is named this and the run's id (run-...): a name no caller may give a key
 RUN_KEY_PREFIX = RUN_KEY + "run-"  # the one kind of key a Hub user gets: a notebook run's, made by the gateway
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
@@ -43,6 +43,9 @@ class KeyRecord:
     # key's bounds (its expiry, its rate limit's bucket) and goes when it goes. None: made by a key with neither,
     # a login, the gateway, for its own user, or before bkg kept the link
     maker_id: str | None = None
+    # the notebook run it was made for (its id), when the gateway made it as that run's key; what a key is, is
+    # read here and never from its name (any maker could name a key like a run's before such names were refused)
+    run_id: str | None = None
     tokens: float = field(default=0.0, repr=False)
     refilled: float = field(default=0.0, repr=False)
     flushed: float = field(default=0.0, repr=False)
@@ -61,6 +64,7 @@ class KeyRecord:
             "follows_role": bool(self.follows_role),
             "parent_id": self.parent_id,
             "maker_id": self.maker_id,
+            "run_id": self.run_id,
             "rate_limit_per_min": self.rate_limit_per_min,
             "created_at": iso(self.created_at),
             "expires_at": iso(self.expires_at),

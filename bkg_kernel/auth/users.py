@@ -207,6 +207,10 @@ class Users(AuthBase):
             self._givable(by, role)
             gained = set(self.roles[role]) - set(self.roles.get(u["role"], ()))
             self._no_lasting_gain(by, gained, f"giving {u['username']!r} role {role!r}", "role")
+        if disabled is False and u["disabled"]:  # their login (a password) and keys work again, for good
+            after = u["role"] if role is None else role
+            self._no_lasting_gain(by, set(self.roles.get(after, ())), f"enabling {u['username']!r} (role {after})",
+                                  "disabled")  # fmt: skip
         if by is not None and by.user_id == u["id"] and (disabled or (role is not None and role != u["role"])):
             raise InvalidInput("you cannot disable yourself or change your own role: another admin can",
                                field="disabled" if disabled else "role")  # fmt: skip

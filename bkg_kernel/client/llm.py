@@ -4,11 +4,11 @@ as the cell's result), `wb.llm.embed(...)` returns a numpy array, `wb.models` re
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from bkg_kernel.client import transport
-from bkg_kernel.display import Table, fmt_bytes, markdown_html
+from bkg_kernel.display import ShownOnce, Table, fmt_bytes, markdown_html, running_cell
 
 if TYPE_CHECKING:
     import numpy as np
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
 
 
-class Answer(str):
+class Answer(ShownOnce, str):
     """The text of an answer, with the raw response (`.response`) and token usage (`.usage`) attached.
 
     In a notebook it renders as Markdown (with its text as the plain fallback, not a quoted repr), except in the
@@ -25,7 +25,6 @@ class Answer(str):
 
     response: dict[str, Any]
     usage: dict[str, int]
-    echoed_in: int | None = None  # the IPython cell (its execution count) that printed it as it came
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
         # JupyterLab, VS Code and nbconvert show text/html before text/markdown: the model's raw HTML is text there
@@ -33,18 +32,6 @@ class Answer(str):
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(str(self))  # IPython's text/plain: the text, not str's quoted repr
-
-    @property
-    def _ipython_display_(self) -> Callable[[], None] | None:
-        # IPython calls this, when there is one, instead of asking for the formats: there is one only in the cell
-        # that echoed the answer, and it shows nothing; elsewhere the cell's result renders as usual (an Out[])
-        if self.echoed_in is None or self.echoed_in != _cell():
-            return None
-
-        def shown() -> None:
-            self.echoed_in = None  # once: a second display in that cell shows it
-
-        return shown
 
 
 class LLM:
@@ -80,7 +67,7 @@ class LLM:
             ans.response, ans.usage = r, r["usage"]
             if echo:
                 print(ans)
-                ans.echoed_in = _cell()
+                ans.echoed_in = running_cell()
             return ans
         body = {"messages": _messages(messages), **opts, "stream": True, "stream_options": {"include_usage": True}}
         return self._streamed("/v1/chat/completions", body, echo)
@@ -133,7 +120,7 @@ class LLM:
         ans.response = {**head, "object": kind, "choices": [choice], "usage": usage}
         ans.usage = usage
         if echo:
-            ans.echoed_in = _cell()
+            ans.echoed_in = running_cell()
         return ans
 
     def embed(self, texts: str | list[str], model: str | None = None) -> np.ndarray:
@@ -173,10 +160,3 @@ def _add_call(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
 
 def _messages(m: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": m}] if isinstance(m, str) else m
-
-
-def _cell() -> int | None:
-    """The IPython cell running now (its execution count); None outside IPython (which is then not imported)."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    return None if shell is None else int(shell.execution_count)

@@ -1,7 +1,10 @@
 """Background jobs of the gateway (model downloads, plugin job capabilities such as brainml.train).
 
 State, progress and result are kept in memory for the life of the gateway (what a job makes, a model, is
-stored by the job itself); progress is published on the WebSocket topic `jobs`.
+stored by the job itself); progress is published on the WebSocket topic `jobs`. A job keeps the scope its work
+needs (its capability's): cancelling it takes that scope, its owner's too, and what the work made or said (its
+result, its error, its progress messages: a command's output) is for its owner and who holds that scope, not for
+every auditor.
 """
 
 from __future__ import annotations
@@ -11,16 +14,18 @@ import itertools
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bkg_kernel.auth.principal import Principal
 from bkg_kernel.errors import BkgError, Cancelled, Conflict, NotFound
 from bkg_kernel.jobs.access import visible
+from bkg_kernel.jobs.service import sees_detail
 
 Emit = Callable[[str, str, dict[str, Any]], None]
 KEEP = 200  # finished jobs kept for GET /api/jobs, per owner (one user's burst never pushes out another's)
+ROUTE_SCOPES = {"models.download": "models:write"}  # the gateway's own jobs: the scope of the route that starts each
 
 
 @dataclass
@@ -39,11 +44,12 @@ class Job:
     plugin: str | None = None
     owner: str | None = None
     owner_id: str | None = None  # who it belongs to (a user made later under the same name is someone else)
+    scope: str | None = None  # the scope its work needs (`Jobs.scope_of`; None: not looked up yet)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the job as the API shows it (no owner id, as for notebook runs)."""
+        """Return the job as the API shows it (no owner id and no scope, as for notebook runs)."""
         out = asdict(self)
-        del out["owner_id"]
+        del out["owner_id"], out["scope"]
         return out
 
     def event(self) -> dict[str, Any]:
@@ -52,8 +58,24 @@ class Job:
         return self.to_dict() | {"owner_id": self.owner_id}
 
     def visible_to(self, p: Principal) -> bool:
-        """A job and its result are its owner's, and an auditor's (scope admin:audit)."""
+        """A job is its owner's, and an auditor's (scope admin:audit); its result as `shown`."""
         return visible(p, self.owner, self.owner_id)
+
+    def sees_detail(self, p: Principal) -> bool:
+        """Whether `p` sees what the work made or said: its owner, or who holds the scope it needs (once looked up:
+        until then its owner alone), as for a notebook run."""
+        return sees_detail(p, self.owner, self.owner_id, None if self.scope is None else [self.scope])
+
+    def shown(self, p: Principal) -> dict[str, Any]:
+        """`to_dict()` as `p` sees it: `withheld` unless `sees_detail` (an auditor without the job's scope)."""
+        out = self.to_dict()
+        return out if self.sees_detail(p) else withheld(out)
+
+
+def withheld(out: dict[str, Any]) -> dict[str, Any]:
+    """A job as the API shows it without what its work made or said: no result, an error cut to its state, no
+    progress message (a command's output, a file's name)."""
+    return {**out, "result": None, "error": None if out["error"] is None else out["state"], "message": ""}
 
 
 class Jobs:
@@ -69,6 +91,16 @@ class Jobs:
         # that lands as a chunk arrives (the job then ran to "done" after its client cancelled it).
         self._cancelling: set[str] = set()
         self._cancel_events: dict[str, threading.Event] = {}
+
+    def scope_of(self, job: Job, hosts: Mapping[str, Any]) -> str:
+        """The scope `job`'s work needs, kept on it: its capability's (a plugin job: its plugin's host in `hosts`,
+        hosted for the gateway's life) or its route's (the gateway's own jobs); plugins:write for one of neither."""
+        if job.scope is None:
+            host = hosts.get(job.plugin) if job.plugin is not None else None
+            cls = getattr(host, "cls", None)
+            cap = cls.capabilities().get(job.kind) if cls is not None else None
+            job.scope = cap.scope if cap is not None else ROUTE_SCOPES.get(job.kind, "plugins:write")
+        return job.scope
 
     def _new(self, kind: str, **kw: Any) -> Job:
         job = Job(id=f"job-{int(time.time())}-{next(self._ids)}", kind=kind, **kw)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from bkg_kernel.errors import InvalidInput, Unavailable
 from bkg_kernel.gateway import storeops
+from bkg_kernel.runtime.contract import RUNNING_USAGE
 
 if TYPE_CHECKING:
     from bkg_kernel.auth import AuthService, Principal
@@ -184,16 +185,21 @@ class PluginStore:
 
         def chunks() -> Iterator[dict[str, Any]]:
             last: dict[str, Any] | None = None
+            so_far: dict[str, Any] = {}  # the usage until now, booked when the stream ends before its last chunk
             try:
                 while (chunk := self._await(pull())) is not None:
+                    if RUNNING_USAGE in chunk:
+                        so_far = {"model": chunk.get("model"), "usage": chunk.pop(RUNNING_USAGE)}
+                        if not chunk:
+                            continue
                     if chunk.get("usage"):
                         last = chunk
                     yield chunk
             finally:
                 with contextlib.suppress(Unavailable):  # the loop has gone: so has the stream
                     self._await(stream.aclose())
-                if last is not None:
-                    self.auth.book_usage(caller, route, last)
+                if last is not None or so_far:  # a plugin that stopped reading (its client left) pays what it used
+                    self.auth.book_usage(caller, route, last if last is not None else so_far)
 
         return chunks()
 

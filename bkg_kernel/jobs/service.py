@@ -150,9 +150,12 @@ class JobService:
             return None
 
     def _revoke_stale_keys(self) -> None:
-        """Revoke run keys no live run holds (a gateway that died mid-run left them valid)."""
+        """Revoke run keys no live run holds (a gateway that died mid-run left them valid), and the keys named as a
+        run's from before run keys were marked (a dead gateway's run keys, or keys named like them: revoking takes
+        away only, and such names are no caller's now)."""
         for rec in list(self.auth.keys.values()):
-            if rec.name.startswith(RUN_KEY_PREFIX) and rec.name.removeprefix(RUN_KEY) not in self.live:
+            unmarked = rec.run_id is None and rec.name.startswith(RUN_KEY_PREFIX)
+            if unmarked or (rec.run_id is not None and rec.run_id not in self.live):
                 self._revoke(rec.id)
 
     def _spawn(self, coro: Any) -> None:
@@ -323,9 +326,10 @@ class JobService:
     def _vouching_key(self, p: Principal) -> str | None:
         """The API key a run or schedule that `p` makes lives no longer than: `p`'s own; for a run's kernel, the key
         its run lives by (its run key derives from it); none for a login session or a Hub token (they stand for the
-        user). A run key no longer live (its run ended) is returned as it is: what it makes lives by a revoked key."""
+        user). A run key no longer live (its run ended) is returned as it is: what it makes lives by a revoked key.
+        A run's key is the one the gateway marked so when it made it, whatever a key is named."""
         rec = self.auth.live_key(p.key_id) if p.key_id is not None else None
-        return rec.parent_id if rec is not None and rec.name.startswith(RUN_KEY_PREFIX) else p.key_id
+        return rec.parent_id if rec is not None and rec.run_id is not None else p.key_id
 
     def _on_event(self, run: dict[str, Any], ev: dict[str, Any]) -> None:
         kind = ev.get("event")
@@ -432,7 +436,8 @@ class JobService:
         return dataclasses.replace(owner, scopes=owner.scopes & held)
 
     def _publish(self, run: dict[str, Any]) -> None:
-        self.emit("jobs", "notebook", public(run) | {"owner_id": run["owner_id"]})  # the socket drops the id
+        # who owns it and what it ran with decide who gets it and how much of it: the socket drops both
+        self.emit("jobs", "notebook", public(run) | {"owner_id": run["owner_id"], "scopes": list(run["scopes"])})
 
     async def _kill(self, run_id: str, reason: str) -> None:
         run = self.live.get(run_id)
@@ -444,8 +449,8 @@ class JobService:
 
     # -- reading and steering ---------------------------------------------------------------------
     async def get(self, run_id: str, p: Principal) -> dict[str, Any]:
-        """One run (live or kept), if `p` may see it (its owner or an auditor; anyone else gets 404)."""
-        return public(await self._seen(run_id, p))
+        """One run (live or kept), if `p` may see it (its owner or an auditor; anyone else gets 404), as `shown`."""
+        return shown(await self._seen(run_id, p), p)
 
     async def _seen(self, run_id: str, p: Principal) -> dict[str, Any]:
         run = self.live.get(run_id) or await asyncio.to_thread(self.history.run, run_id)
@@ -456,10 +461,11 @@ class JobService:
     async def runs(
         self, p: Principal, limit: int = 200, before: tuple[float, str] | None = None
     ) -> list[dict[str, Any]]:
-        """Runs `p` may see, newest first; with `before` (a run's created_at and id), those older than that run."""
+        """Runs `p` may see (as `shown`), newest first; with `before` (a run's created_at and id), those older than
+        that run."""
         owner_id = None if SEE_ALL in p.scopes else p.user_id
         rows = await asyncio.to_thread(self.history.runs, owner_id, limit, None, before)
-        return [public(self.live.get(r["id"], r)) for r in rows]
+        return [shown(self.live.get(r["id"], r), p) for r in rows]
 
     def _steer(self, run: dict[str, Any], p: Principal) -> None:
         if run["owner_id"] != p.user_id:
@@ -483,7 +489,7 @@ class JobService:
             while live["state"] == "running" and live.get("finished_at") is None and waited < CANCEL_WAIT_S:
                 await asyncio.sleep(0.05)
                 waited += 0.05
-        out = public(live)
+        out = shown(live, p)
         if live.get("finished_at") is None:
             out["message"] = "cancelling"
         return out
@@ -732,6 +738,31 @@ def new_run(**fields: Any) -> dict[str, Any]:
     }  # fmt: skip
     run.update(fields)
     return run
+
+
+def sees_detail(p: Principal, owner: str | None, owner_id: str | None, scopes: Any) -> bool:
+    """Whether `p` sees what a run printed (its failed cell's source, error value and traceback): its owner, or who
+    holds every scope it ran with. An auditor without them sees that it failed, and how (the exception's name), as
+    for its output notebook: a run's error is its data (a row it read, a key it made), not for who could not read it."""
+    owns = owner_id == p.user_id if owner_id is not None else owner == p.username
+    return owns or (scopes is not None and set(scopes) <= p.scopes)
+
+
+def withheld(out: dict[str, Any]) -> dict[str, Any]:
+    """A public run without what it printed: its error's source, value and traceback, and the message they were in
+    (cut to the state and the exception's name)."""
+    err = out.get("error")
+    if not err:
+        return out
+    out = {**out, "error": {**err, "source": None, "evalue": "", "traceback": ""}}
+    out["message"] = f"{out['state']}: {err.get('ename') or 'error'}"
+    return out
+
+
+def shown(run: dict[str, Any], p: Principal) -> dict[str, Any]:
+    """A run as `p` sees it: `public(run)`, `withheld` unless `sees_detail`."""
+    out = public(run)
+    return out if sees_detail(p, run["owner"], run.get("owner_id"), run.get("scopes")) else withheld(out)
 
 
 def public(run: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,9 @@ from bkg_kernel.strict import whole_floats_only
 
 F = TypeVar("F", bound=Callable[..., Any])
 MASK = "********"
+# Set on a streamed generation's chunks (and on chunks of nothing else): the usage so far, which the gateway books
+# when the stream ends before its last chunk (a client that left); never sent to the client.
+RUNNING_USAGE = "bkg_usage_so_far"
 Progress = Callable[..., None]  # progress(fraction 0..1, message="")
 
 

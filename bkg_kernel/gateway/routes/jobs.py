@@ -1,8 +1,10 @@
 """Jobs over HTTP (`/api/jobs`): notebook runs (papermill, kept in the store's database, ids `run-...`) and the
 gateway's background jobs (model downloads, plugin job capabilities such as brainml.train; kept in memory).
 
-A job and its result are visible to the one who started it and to auditors (scope admin:audit) only: another
-caller gets the same 404 as for a job that does not exist. Running or scheduling a notebook needs `jobs:run`.
+A job is visible to the one who started it and to auditors (scope admin:audit) only: another caller gets the same
+404 as for a job that does not exist. What its work printed or made (a failed cell's source, error and traceback, a
+background job's result, error and messages) is its owner's and for who holds the scopes it ran with, not for every
+auditor. Running or scheduling a notebook needs `jobs:run`; cancelling a background job, the scope its work needs.
 """
 
 from __future__ import annotations
@@ -82,9 +84,11 @@ def runs(request: Request) -> JobService:
 
 
 def _job(request: Request, job_id: str, p: Principal) -> Job:
-    job = gateway(request).jobs.get(job_id)
+    gw = gateway(request)
+    job = gw.jobs.get(job_id)
     if not job.visible_to(p):
         raise NotFound(f"no job {job_id!r}", field="job_id")
+    gw.jobs.scope_of(job, gw.supervisor.hosts)
     return job
 
 
@@ -101,11 +105,14 @@ async def list_jobs(
     page of `limit`; `next_before` is the `before` of the next page (null at the end)."""
     svc = runs(request)
     cursor = await _cursor(request, svc, before, p) if before is not None else None
-    jobs = list(gateway(request).jobs.jobs.values())
+    gw = gateway(request)
+    jobs = [j for j in gw.jobs.jobs.values() if j.visible_to(p)]
+    for j in jobs:
+        gw.jobs.scope_of(j, gw.supervisor.hosts)
     notebook_runs = await svc.runs(p, limit + 1, cursor)
 
     def listed() -> FastJSONResponse:  # hundreds of jobs, a command's output each: built and encoded on a thread
-        mine = [j.to_dict() | {"created_at": j.created} for j in jobs if j.visible_to(p)]
+        mine = [j.shown(p) | {"created_at": j.created} for j in jobs]
         if cursor is not None:
             mine = [j for j in mine if (j["created_at"], j["id"]) < cursor]
         both = sorted(mine + notebook_runs, key=lambda j: (j["created_at"], j["id"]), reverse=True)
@@ -186,7 +193,7 @@ async def get_job(job_id: str, request: Request, p: Annotated[Principal, READ]) 
         run = await runs(request).get(job_id, p)
         return await asyncio.to_thread(FastJSONResponse, run)
     job = _job(request, job_id, p)
-    return await asyncio.to_thread(lambda: FastJSONResponse(job.to_dict()))  # to_dict copies the result deeply
+    return await asyncio.to_thread(lambda: FastJSONResponse(job.shown(p)))  # to_dict copies the result deeply
 
 
 @router.get("/api/jobs/{job_id}/output")
@@ -204,11 +211,14 @@ async def job_output(
 
 @router.post("/api/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
-    """Cancel a job: a notebook run's kernel is killed with its process group; a background job stops."""
+    """Cancel a job: a notebook run's kernel is killed with its process group; a background job stops. A background
+    job takes the scope its work needs, its owner's too (a key narrowed to reading stops no work, as for runs), and
+    plugins:write for someone else's."""
     if job_id.startswith("run-"):
         return await runs(request).cancel(job_id, p)
     gw = gateway(request)
     job = _job(request, job_id, p)
+    p.require(gw.jobs.scope_of(job, gw.supervisor.hosts), f"cancelling job {job_id!r} ({job.kind})")
     if job.owner_id != p.user_id:
         gw.principal(request, "plugins:write")
     return gw.jobs.cancel(job_id).to_dict()

@@ -17,6 +17,7 @@ from bkg_kernel.gateway.hub import Subscriber
 from bkg_kernel.gateway.jsonresp import dumps
 from bkg_kernel.gateway.jupyterhub import token_of
 from bkg_kernel.gateway.state import Gateway
+from bkg_kernel.jobs import service
 
 TOPICS = ("status", "logs", "telemetry", "jobs")
 MAX_TOPICS = 64  # (topic, plugin) pairs one socket may hold
@@ -75,8 +76,8 @@ async def _websocket(websocket: WebSocket) -> None:
                 checked = time.monotonic()
                 if not _sees(caller[0], msg):
                     continue
-            if msg["type"] == "jobs":  # who owns a job decided who gets it; the id itself is not shown
-                msg = {**msg, "payload": {k: v for k, v in msg["payload"].items() if k != "owner_id"}}
+            if msg["type"] == "jobs":  # who owns a job decided who gets it, and how much of it
+                msg = {**msg, "payload": _shown(gw, caller[0], msg["payload"])}
                 # a run's event carries its parameters (up to 1 MiB): encoded on a thread, not on the loop
                 await websocket.send_text(await asyncio.to_thread(_text, msg))
                 continue
@@ -107,6 +108,20 @@ def _sees(p: Principal, msg: dict[str, Any]) -> bool:
     if msg["type"] != "jobs":
         return True
     return jobs.visible(p, msg["payload"].get("owner"), msg["payload"].get("owner_id"))
+
+
+def _shown(gw: Gateway, p: Principal, job: dict[str, Any]) -> dict[str, Any]:
+    """A `jobs` event's job as `p` sees it: without its owner's id and the scopes it ran with (which decide who gets
+    it and how much), and without what it printed or made unless `p` owns it or holds the scopes its work needs (as
+    GET /api/jobs/{id} shows it)."""
+    out = {k: v for k, v in job.items() if k not in ("owner_id", "scopes")}
+    if str(job.get("id")).startswith("run-"):  # a notebook run
+        scopes, withheld = job.get("scopes"), service.withheld
+    else:  # a background job: the scope its work needs, kept on it (none known: it is gone, its owner's alone)
+        held = gw.jobs.jobs.get(str(job.get("id")))
+        scopes = None if held is None else [gw.jobs.scope_of(held, gw.supervisor.hosts)]
+        withheld = jobs.withheld
+    return out if service.sees_detail(p, job.get("owner"), job.get("owner_id"), scopes) else withheld(out)
 
 
 def _subscription(sub: Subscriber, text: str | None) -> dict[str, Any] | str:

@@ -16,9 +16,9 @@ from pydantic import BaseModel
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput, NotFound, closest, openai_shaped
-from bkg_kernel.plugins.llmserver.schemas import RUNNING_USAGE, ChatRequest, CompletionRequest, EmbedRequest
+from bkg_kernel.plugins.llmserver.schemas import ChatRequest, CompletionRequest, EmbedRequest
 from bkg_kernel.runtime.bodyjson import BIG_BODY, TOO_DEEP, RawJSON
-from bkg_kernel.runtime.contract import GatewayAPI
+from bkg_kernel.runtime.contract import RUNNING_USAGE, GatewayAPI
 from bkg_kernel.runtime.disconnect import while_connected
 from bkg_kernel.runtime.sse import event_stream
 

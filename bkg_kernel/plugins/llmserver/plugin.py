@@ -40,7 +40,6 @@ from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.llmserver import generate as gen
 from bkg_kernel.plugins.llmserver.pool import GGUF_KINDS, ModelPool
 from bkg_kernel.plugins.llmserver.schemas import (
-    RUNNING_USAGE,
     ChatCompletion,
     ChatRequest,
     Completion,
@@ -52,7 +51,7 @@ from bkg_kernel.plugins.llmserver.schemas import (
     Usage,
 )
 from bkg_kernel.runtime import calls
-from bkg_kernel.runtime.contract import GatewayAPI, Plugin, PluginSettings, capability
+from bkg_kernel.runtime.contract import RUNNING_USAGE, GatewayAPI, Plugin, PluginSettings, capability
 
 Answer = TypeVar("Answer", bound=BaseModel)  # an upstream's answer, read as one of OpenAI's
 

@@ -11,9 +11,6 @@ from bkg_kernel.strict import StrictTypes
 MAX_TOKENS_CAP = 32_768
 MAX_STOPS, MAX_STOP = 16, 512  # stop strings: how many, how long
 MAX_BIASES = 300  # logit_bias entries, as OpenAI's API takes
-# Set on a streamed generation's chunks (and on chunks of nothing else): the usage so far, which the gateway books
-# when the stream ends before its last chunk (a client that left); never sent to the client.
-RUNNING_USAGE = "bkg_usage_so_far"
 # A text to continue or embed: an empty one is refused by the plugin with OpenAI's 400 (not pydantic's 422), and
 # the schema says so, so that generated clients and fuzzers know it.
 Text = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1})]
