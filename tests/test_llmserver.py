@@ -509,13 +509,21 @@ def test_upstream_points_at_another_openai_server(llm_gw: Gateway, tmp_path: Pat
         r = cb.post("/v1/chat/completions", json=body)
         assert r.status_code == 502 and "upstream_api_key" in r.json()["error"]["message"], r.text
         assert llm_gw.url not in r.text and r.json()["error"]["type"] == "server_error"
-        # the panel's log names the upstream, never a password written into its address
-        with_password = llm_gw.url.replace("http://", "http://someone:s3cret@") + "/v1"
-        cb.put("/api/plugins/llmserver/config", json={"config": {**up, "upstream_url": with_password}})
-        cb.post("/v1/chat/completions", json=body)  # (the upstream refuses the password it is sent: logged too)
+        # the panel's log names the upstream that refused; a password or key written into its address is refused
+        # (every plugins:read caller reads the settings, and the audit log keeps them): upstream_api_key holds it
+        cb.post("/v1/chat/completions", json=body)
         logs = json.dumps(cb.get("/api/plugins/llmserver/logs").json())
         assert f"the upstream LLM server at {llm_gw.url}/v1/chat/completions answered 401" in logs
-        assert "s3cret" not in logs  # httpx's own request lines named the whole address
+        for with_secret in (llm_gw.url.replace("http://", "http://someone:s3cret@") + "/v1",
+                            llm_gw.url + "/v1?api-version=1&api-key=s3cret"):  # fmt: skip
+            r = cb.put("/api/plugins/llmserver/config", json={"config": {**up, "upstream_url": with_secret}})
+            assert r.status_code == 422 and "upstream_url" in r.json()["error"]["field"], r.text
+            assert "upstream_api_key" in r.json()["error"]["message"] and "s3cret" not in r.json()["error"]["message"]
+        shown = json.dumps([cb.get("/api/plugins/llmserver/config").json(), cb.get("/admin/audit").json()])
+        assert "s3cret" not in shown
+        assert cb.put(
+            "/api/plugins/llmserver/config", json={"config": {**up, "upstream_url": llm_gw.url + "/v1?api-version=1"}}
+        ).is_success
     finally:
         b.stop()
 

@@ -10,15 +10,16 @@ import base64
 import calendar
 import contextlib
 import logging
+import re
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -54,6 +55,8 @@ from bkg_kernel.runtime import calls
 from bkg_kernel.runtime.contract import RUNNING_USAGE, GatewayAPI, Plugin, PluginSettings, capability
 
 Answer = TypeVar("Answer", bound=BaseModel)  # an upstream's answer, read as one of OpenAI's
+
+_CREDENTIAL = re.compile(r"key|token|secret|passw|pwd|sig|auth|credential", re.IGNORECASE)  # query names
 
 
 class LLMSettings(PluginSettings):
@@ -95,6 +98,21 @@ class LLMSettings(PluginSettings):
     )
 
     secret_fields: ClassVar[tuple[str, ...]] = ("upstream_api_key",)
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        """A password or key in the URL (`user:pw@`, `?api-key=`) would be shown to every `plugins:read` caller and
+        written to the audit log with the rest of the settings: it belongs in `upstream_api_key`, which is not."""
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("the URL holds a user name or password: put the credential in upstream_api_key")
+        secret = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if _CREDENTIAL.search(k)]
+        if secret:
+            raise ValueError(f"the URL's query holds a credential ({', '.join(secret)}): put it in upstream_api_key")
+        return v
 
 
 class Empty(BaseModel):
