@@ -33,6 +33,7 @@ from bkg_kernel.runtime.contract import Plugin, capability
 class Target(BaseModel):
     collection: str = "probe"
     embed_model: str | None = None
+    stop_after: int = 0  # probe.chat: pieces read before it stops reading (0: all)
     pad: str = ""  # ballast: a message bigger than the pipe's buffer
 
 
@@ -57,6 +58,21 @@ class Probe(Plugin):
         """Create a collection and add a point through the store handle."""
         self.context.store.create_collection(inp.collection, 2, metric="l2", embed_model=inp.embed_model)
         return Out(**self.context.store.upsert(inp.collection, [{"id": 1, "vector": [0.0, 1.0]}]))
+
+    @capability("probe.chat", scope="plugins:read")
+    def chat(self, inp: Target) -> Out:
+        """Read a chat's pieces through the store handle as the model writes them (over the worker's pipe)."""
+        body = {"messages": [{"role": "user", "content": "Count from one to forty in words."}], "max_tokens": 120,
+                "temperature": 0}
+        pieces, last = [], {}
+        chunks = self.context.store.chat_stream(body, route="probe.chat")
+        for chunk in chunks:
+            last = chunk
+            pieces += [c["delta"].get("content") for c in chunk.get("choices") or [] if c["delta"].get("content")]
+            if inp.stop_after and len(pieces) >= inp.stop_after:
+                chunks.close()
+                break
+        return Out(pieces=pieces, usage=last.get("usage"))
 
     @capability("probe.whoami", scope="plugins:read")
     def whoami(self, inp: Target) -> Out:
@@ -225,6 +241,35 @@ def test_a_plugin_s_collection_gets_its_embed_model_checked_as_the_rest_route_ch
         assert r.status_code == 422 and r.json()["error"]["field"] == "embed_model", r.text
         assert words in r.json()["error"]["message"], r.text
     assert pgw.client().get("/api/collections/embedded").status_code == 404  # nothing was made
+
+
+def test_a_worker_reads_a_chat_as_it_is_written_and_stops_it_by_closing(pgw: Gateway) -> None:
+    """The store handle's chat_stream over a worker's pipe: the pieces come one by one, the usage is booked to the
+    caller; a plugin that stops reading stops the model, and what it wrote is booked all the same."""
+    admin = pgw.client()
+    wait_for(lambda: admin.get("/api/plugins/llmserver/status").json()["state"] == "running", 120)
+    key, key_id = _user_key(pgw, "cho", ["plugins:read", "llm:use"])
+
+    def booked() -> tuple[int, int]:
+        rows = admin.get("/admin/usage", params={"group_by": "key"}).json()["usage"]
+        mine = [u for u in rows if u["key_id"] == key_id]
+        return (mine[0]["requests"], mine[0]["total_tokens"]) if mine else (0, 0)
+
+    r = _invoke(pgw, "probe.chat", key)
+    assert r.status_code == 200, r.text
+    whole = r.json()
+    assert len(whole["pieces"]) > 3 and whole["usage"]["completion_tokens"] >= len(whole["pieces"])
+    assert booked() == (1, whole["usage"]["total_tokens"])
+
+    cancelled = admin.get("/api/plugins/llmserver/health").json()["cancelled"]
+    r = _invoke(pgw, "probe.chat", key, stop_after=2)
+    assert r.status_code == 200 and len(r.json()["pieces"]) == 2 and r.json()["usage"] is None, r.text
+    wait_for(lambda: admin.get("/api/plugins/llmserver/health").json()["cancelled"] > cancelled, 60)
+    requests, tokens = wait_for(lambda: (b := booked())[0] == 2 and b, 30)
+    assert tokens > whole["usage"]["total_tokens"]  # the prompt again and the pieces written
+
+    r = _invoke(pgw, "probe.chat", *_user_key(pgw, "nochat", ["plugins:read"])[:1])  # not the worker's to grant
+    assert r.status_code == 403 and "llm:use" in r.json()["error"]["message"], r.text
 
 
 def test_a_grant_dies_with_its_call_and_with_its_worker(pgw: Gateway) -> None:

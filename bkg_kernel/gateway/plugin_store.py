@@ -51,7 +51,7 @@ class PluginStore:
             "embed": (LLM, self.embed),
             "rerank": (LLM, self.rerank),
             "chat": (LLM, self.chat),
-            "chat_stream": (LLM, self.chat_stream),  # inline plugins only: a generator does not cross a pipe
+            "chat_stream": (LLM, self.chat_stream),  # a generator: a worker's pipe carries its chunks one by one
         }
 
     def __call__(self, plugin_id: str, caller: Principal, op: str, args: dict[str, Any]) -> Any:

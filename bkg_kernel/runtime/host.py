@@ -166,7 +166,7 @@ class PluginHost:
     def _start_inline(self) -> None:
         assert self.cls is not None
         plugin = self.cls.create(
-            self.settings, self.data_dir, self.services, self.model_dir, StoreHandle(self._inline_store, streams=True)
+            self.settings, self.data_dir, self.services, self.model_dir, StoreHandle(self._inline_store)
         )
         handler = RingHandler(self.add_log)
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -14,14 +14,18 @@ from typing import Any
 import numpy as np
 
 Send = Callable[[str, dict[str, Any]], Any]  # send(op, arguments) -> result, raising the gateway's BkgError
+Opener = Callable[[str, dict[str, Any]], Iterator[Any]]  # open_stream(op, arguments) -> the answer's chunks
 
 
 class StoreHandle:
     """Collections, points, queries, embeddings, rerank and chat, as the current caller."""
 
-    def __init__(self, send: Send, *, streams: bool = False) -> None:
+    def __init__(
+        self, send: Send, *, open_stream: Callable[[str, dict[str, Any]], Iterator[Any]] | None = None
+    ) -> None:
         self._send = send
-        self._streams = streams  # inline: the gateway's chunks come as they are made; over a worker's pipe, at once
+        # a streamed answer (chat_stream): over a worker's pipe, a reader of its chunks; inline, `send` returns one
+        self._open_stream = open_stream or send
 
     # -- collections ------------------------------------------------------------------------------------
     def list_collections(self) -> list[dict[str, Any]]:
@@ -149,15 +153,9 @@ class StoreHandle:
 
     def chat_stream(self, body: dict[str, Any], *, route: str) -> Generator[dict[str, Any], None, None]:
         """`chat`, its OpenAI chunks yielded as the model writes them (the last one carries the usage, booked to
-        the caller under `route`); closing the iterator stops the generation. In a worker the answer comes whole
-        over the pipe, as one chunk of the same shape (its `delta` the whole text)."""
-        if not self._streams:
-            whole = self.chat(body, route=route)
-            message = whole["choices"][0]["message"]
-            choice = {"index": 0, "delta": message, "finish_reason": whole["choices"][0].get("finish_reason")}
-            yield {**{k: whole[k] for k in ("id", "created", "model", "usage") if k in whole}, "choices": [choice]}
-            return
-        chunks: Iterator[dict[str, Any]] = self._send("chat_stream", {"body": body, "route": route})
+        the caller under `route`, as what was written is when the reading stops early); closing the iterator stops
+        the generation."""
+        chunks: Iterator[dict[str, Any]] = self._open_stream("chat_stream", {"body": body, "route": route})
         try:
             yield from chunks
         finally:

@@ -1,10 +1,12 @@
 """The worker process: a thin host around one plugin object, talking to the gateway over a pipe.
 
 Messages, parent to child: ("invoke", req_id, capability, data, call) | ("stream", req_id, capability, data, call) |
-("cancel", req_id) | ("health", req_id) | ("store_result", store_id, ok, data) | ("stop",).
-Child to parent: ("ready", pid) | ("failed", message) | ("chunk", req_id, data) | ("result", req_id, ok, data) |
-("store", store_id, grant, op, arguments) | ("heartbeat", monotonic_time) | ("log", level, unix_time, message).
-A stream sends its chunks, then one result (None when it ran to the end or was cancelled).
+("cancel", req_id) | ("health", req_id) | ("store_chunk", store_id, data) | ("store_result", store_id, ok, data) |
+("stop",). Child to parent: ("ready", pid) | ("failed", message) | ("chunk", req_id, data) |
+("result", req_id, ok, data) | ("store", store_id, grant, op, arguments) | ("store_close", store_id) |
+("heartbeat", monotonic_time) | ("log", level, unix_time, message).
+A stream sends its chunks, then one result (None when it ran to the end or was cancelled); so does a streamed
+store answer (`chat_stream`), whose reader says `store_close` when it stops reading early.
 
 `call` is `{"caller": Principal.to_dict(), "grant": str}`. The grant is the worker's only credential: the gateway
 made it for that one request and honours store requests that carry it while the request runs, as its caller.
@@ -18,11 +20,13 @@ import importlib
 import itertools
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -99,6 +103,7 @@ def main(
             conn.send(msg)
 
     pending: dict[int, Future[Any]] = {}
+    streamed: dict[int, queue.SimpleQueue[tuple[Any, ...]]] = {}  # streamed store answers being read
     store_ids = itertools.count(1)
 
     def store_send(op: str, args: dict[str, Any]) -> Any:
@@ -114,6 +119,36 @@ def main(
         finally:
             pending.pop(sid, None)
 
+    def store_stream(op: str, args: dict[str, Any]) -> Iterator[Any]:
+        """A streamed store answer's chunks as the gateway sends them; closed early, the gateway stops it."""
+        call = calls.for_store()
+        if call.grant is None:
+            raise Unavailable("this call holds no grant from the gateway: it cannot reach the store")
+        sid = next(store_ids)
+        got: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        streamed[sid] = got
+        send(("store", sid, call.grant, op, args))
+
+        def chunks() -> Iterator[Any]:
+            ended = False
+            try:
+                while True:
+                    item = got.get()
+                    if item[0] == "chunk":
+                        yield item[1]
+                        continue
+                    ended = True
+                    if not item[1]:
+                        raise from_dict(item[2])
+                    return
+            finally:
+                streamed.pop(sid, None)
+                if not ended:
+                    with contextlib.suppress(OSError):
+                        send(("store_close", sid))
+
+        return chunks()
+
     root = logging.getLogger()
     root.handlers[:] = [_PipeLog(send)]
     root.setLevel(logging.INFO)
@@ -125,7 +160,7 @@ def main(
             cls.Settings.model_validate(settings),
             Path(data_dir),
             model_dir=Path(model_dir),
-            store=StoreHandle(store_send),
+            store=StoreHandle(store_send, open_stream=store_stream),
         )
         plugin.start()
     except Exception as exc:
@@ -187,7 +222,13 @@ def main(
                 msg = pipe.recv(conn)  # the gateway sends with pipe.frames
             except (EOFError, OSError):
                 break  # the gateway is gone
-            if msg[0] == "store_result":
+            if msg[0] == "store_chunk":
+                if (got := streamed.get(msg[1])) is not None:
+                    got.put(("chunk", msg[2]))
+            elif msg[0] == "store_result":
+                if (got := streamed.get(msg[1])) is not None:
+                    got.put(("end", msg[2], msg[3]))
+                    continue
                 fut = pending.get(msg[1])
                 if fut is not None:
                     fut.set_result(msg[3]) if msg[2] else fut.set_exception(from_dict(msg[3]))
@@ -209,6 +250,8 @@ def main(
             abandoned.end()
         for fut in list(pending.values()):
             fut.set_exception(Unavailable("the gateway is gone"))
+        for got in list(streamed.values()):
+            got.put(("end", False, Unavailable("the gateway is gone").to_dict()["error"]))
         pool.shutdown(wait=True, cancel_futures=True)
         try:
             plugin.stop()

@@ -13,7 +13,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +71,7 @@ class WorkerProcess:
         self.streams: dict[int, Callable[[tuple[Any, ...]], None]] = {}
         # grant -> caller, for the requests in flight: a store request from the worker acts as that caller
         self.grants: dict[str, Principal] = {}
+        self.store_closed: set[int] = set()  # streamed store answers the worker stopped reading
         self._ids = itertools.count(1)
         # Messages to the worker, pickled by the sender and written by one thread in order: the event loop never
         # writes to the pipe itself (a worker that stops reading, or a message bigger than the pipe's buffer,
@@ -106,6 +107,8 @@ class WorkerProcess:
                         fut.set_exception(from_dict(msg[3]))
             elif kind == "store":
                 self._store_request(msg[1], msg[2], msg[3], msg[4])
+            elif kind == "store_close":  # the worker stopped reading a streamed store answer
+                self.store_closed.add(msg[1])
             elif kind == "heartbeat":
                 self.last_beat = time.monotonic()
             elif kind == "log":
@@ -130,10 +133,24 @@ class WorkerProcess:
 
     def _serve_store(self, store_id: int, caller: Principal, op: str, args: dict[str, Any]) -> None:
         try:
-            reply: tuple[Any, ...] = ("store_result", store_id, True, self.host.store_op(caller, op, args))
+            out = self.host.store_op(caller, op, args)
+            if isinstance(out, Generator):  # a streamed answer (chat_stream): its chunks, then the end
+                self._stream_store(store_id, out)
+                out = None
+            reply: tuple[Any, ...] = ("store_result", store_id, True, out)
         except Exception as exc:
             reply = ("store_result", store_id, False, error_data(exc))
+        finally:
+            self.store_closed.discard(store_id)
         self._send(reply)
+
+    def _stream_store(self, store_id: int, chunks: Generator[Any, None, None]) -> None:
+        """Send a streamed store answer's chunks as they come; stop it once the worker has closed its end (the
+        plugin stopped reading: its own client left) or the worker is gone."""
+        with contextlib.closing(chunks):
+            for chunk in chunks:
+                if store_id in self.store_closed or not self._send(("store_chunk", store_id, chunk)):
+                    return
 
     def _send(self, msg: tuple[Any, ...]) -> bool:
         """Queue a message for the worker (False once the pipe is known broken: the worker is gone)."""
