@@ -9,7 +9,9 @@ import io
 import json
 import sys
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+from bkg_kernel.errors import UpstreamError
 
 Row = Sequence[Any] | Mapping[str, Any]
 
@@ -83,6 +85,66 @@ class ShownOnce:
             self.echoed_in = None  # once: a second display in that cell shows it
 
         return shown
+
+
+A = TypeVar("A", bound=ShownOnce)
+
+
+def streamed_answer(events: Iterable[dict[str, Any]], answer: Callable[[dict[str, Any]], A], found: str | None) -> A:
+    """An answer streamed as `{"sources"}`, `{"delta"}`..., `{"result"}` events (brainml.ask, repo.ask), made with
+    `answer(result)`. With `found` (what the sources are, for the status line: "chunks of docs") it is shown as it
+    comes: in IPython one output holding the text so far, then the whole answer (not shown again as the cell's
+    result); elsewhere the text printed as it comes."""
+    live = _Live(found) if found is not None else None
+    result: dict[str, Any] | None = None
+    for event in events:
+        if "delta" in event and live is not None:
+            live.add(str(event["delta"]))
+        elif "sources" in event and live is not None:
+            live.given(len(event["sources"]))
+        elif "result" in event:
+            result = event["result"]
+    if result is None:
+        raise UpstreamError("the gateway ended the answer's stream without the answer")
+    out = answer(result)
+    if live is not None:
+        live.done(out)
+    return out
+
+
+class _Live:
+    def __init__(self, found: str) -> None:
+        self.parts: list[str] = []
+        self.found = found
+        self.handle: Any = None
+        if running_cell() is not None:
+            from IPython.display import HTML, display
+
+            self.html = HTML
+            self.handle = display(HTML(self._page("searching…")), display_id=True)
+
+    def _page(self, status: str) -> str:
+        text = html.escape("".join(self.parts))
+        return f"<div style='white-space:pre-wrap'>{text}</div><div style='opacity:.6'>{html.escape(status)}</div>"
+
+    def given(self, n: int) -> None:
+        if self.handle is not None:
+            self.handle.update(self.html(self._page(f"{n} {self.found} found; writing…")))
+
+    def add(self, piece: str) -> None:
+        self.parts.append(piece)
+        if self.handle is not None:
+            self.handle.update(self.html(self._page("writing…")))
+        else:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    def done(self, answer: ShownOnce) -> None:
+        if self.handle is not None:
+            self.handle.update(answer)
+            answer.echoed_in = running_cell()
+        else:
+            sys.stdout.write("\n")
 
 
 def markdown_html(text: str) -> str:

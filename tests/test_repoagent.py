@@ -431,6 +431,34 @@ def test_ask_answers_with_citations_that_hold(rgw: Gateway) -> None:
     assert verify(repo, "pkg/core.py", 5, 11, "0" * 40) is not None
 
 
+def test_ask_streams_the_answer_as_the_model_writes_it(rgw: Gateway) -> None:
+    """repo.ask showed nothing for the seconds the model wrote: `POST /api/repo/{workspace}/ask` sends the code
+    found, each piece as it comes, then the answer with its citations checked, as repo.ask answers."""
+    job(rgw, "repo.index", {"workspace": "demo"})
+    question = "How is a config file parsed by parse_config?"
+    events = []
+    with rgw.client().stream("POST", "/api/repo/demo/ask", json={"question": question}, timeout=180) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    assert events[0]["sources"][0]["symbol"] == "parse_config"
+    pieces = [e["delta"] for e in events if "delta" in e]
+    result = events[-1]["result"]
+    assert len(pieces) > 1 and "".join(pieces) == result["answer"] and result["workspace"] == "demo"
+    assert result["sources"] == events[0]["sources"] and result["usage"]["completion_tokens"] >= len(pieces)
+    repo = repo_dir(rgw)
+    for c in result["citations"]:  # checked as repo.ask checks them
+        assert c["code"] == "\n".join(grep_lines((repo / c["path"]).read_bytes().decode())[c["start"] - 1 : c["end"]])
+    whole = invoke(rgw, "repo.ask", {"workspace": "demo", "question": question}).json()
+    assert whole["sources"] == result["sources"]
+    c = rgw.client()  # refused before the stream starts: a plain error naming the field
+    r = c.post("/api/repo/no-such/ask", json={"question": question})
+    assert r.status_code == 404 and r.json()["error"]["field"] == "workspace", r.text
+    r = c.post("/api/repo/demo/ask", json={"question": question, "top_k": 99})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "input.top_k", r.text
+
+
 # Characters that end a line for str.splitlines() but not for git, grep -n, editors or tree-sitter: a form feed (the
 # ^L page breaks of old C), a vertical tab, U+0085 and U+2028 inside string literals. Then a lone CR, where Python's
 # own parser ends a line and git does not (bkg counts as git does), and CRLF, whose CR belongs to the line end.

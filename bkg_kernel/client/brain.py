@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from html import escape
 from typing import TYPE_CHECKING, Any
@@ -12,8 +11,8 @@ from tqdm.auto import tqdm
 from bkg_kernel.client import transport
 from bkg_kernel.client.jobs import when
 from bkg_kernel.client.transport import renumber
-from bkg_kernel.display import ShownOnce, Table, html_table, running_cell
-from bkg_kernel.errors import BkgError, InvalidInput, UpstreamError
+from bkg_kernel.display import ShownOnce, Table, html_table, streamed_answer
+from bkg_kernel.errors import BkgError, InvalidInput
 from bkg_kernel.models.classifier import tested_labels
 
 if TYPE_CHECKING:
@@ -187,21 +186,8 @@ class Brain:
         body = {"collection": collection, "question": question, **opts}
         if not stream:
             return Asked(self._invoke("brainml.ask", body))
-        live = _Live(collection) if echo else None
-        result: dict[str, Any] | None = None
-        for event in transport.stream(self.wb.http, "POST", "/api/brain/ask", json=body):
-            if "delta" in event and live is not None:
-                live.add(str(event["delta"]))
-            elif "sources" in event and live is not None:
-                live.given(len(event["sources"]))
-            elif "result" in event:
-                result = event["result"]
-        if result is None:
-            raise UpstreamError("the gateway ended brainml.ask's stream without an answer")
-        asked = Asked(result)
-        if live is not None:
-            live.done(asked)
-        return asked
+        events = transport.stream(self.wb.http, "POST", "/api/brain/ask", json=body)
+        return streamed_answer(events, Asked, f"chunks of {collection}" if echo else None)
 
     def stats(self, collection: str | None = None) -> Stats:
         """Documents, chunks, model, last index, queries and latency per collection (a table in a notebook)."""
@@ -245,41 +231,3 @@ def _highlighted(text: str, spans: list[list[int]]) -> str:
         at = b
     marked.append(escape(text[at:]))
     return "".join(marked)
-
-
-class _Live:
-    """A streamed answer as it comes: in IPython one output that shows the text so far, then the whole `Asked`
-    (its text and sources table); elsewhere the text printed as it comes."""
-
-    def __init__(self, collection: str) -> None:
-        self.parts: list[str] = []
-        self.collection = collection
-        self.handle: Any = None
-        if running_cell() is not None:
-            from IPython.display import HTML, display
-
-            self.html = HTML
-            self.handle = display(HTML(self._page("searching…")), display_id=True)
-
-    def _page(self, status: str) -> str:
-        text = escape("".join(self.parts))
-        return f"<div style='white-space:pre-wrap'>{text}</div><div style='opacity:.6'>{escape(status)}</div>"
-
-    def given(self, n: int) -> None:
-        if self.handle is not None:
-            self.handle.update(self.html(self._page(f"{n} chunks of {self.collection} found; writing…")))
-
-    def add(self, piece: str) -> None:
-        self.parts.append(piece)
-        if self.handle is not None:
-            self.handle.update(self.html(self._page("writing…")))
-        else:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-    def done(self, asked: Asked) -> None:
-        if self.handle is not None:
-            self.handle.update(asked)
-            asked.echoed_in = running_cell()
-        else:
-            sys.stdout.write("\n")

@@ -7,7 +7,7 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 from bkg_kernel.client import transport
-from bkg_kernel.display import Table, html_table, markdown_html
+from bkg_kernel.display import ShownOnce, Table, html_table, markdown_html, streamed_answer
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -72,8 +72,9 @@ class SymbolTable(Table):
     columns = ("kind", "qualname", "path", "start", "end", "signature")
 
 
-class Answer(dict[str, Any]):
-    """repo.ask's answer, with its checked citations as code snippets."""
+class Answer(ShownOnce, dict[str, Any]):
+    """repo.ask's answer, with its checked citations as code snippets (streamed into its cell as it was written,
+    not shown again there as the cell's result)."""
 
     def __str__(self) -> str:
         return str(self["answer"])
@@ -175,9 +176,15 @@ class Repo:
         """The ranked outline of the workspace that fits the budget."""
         return MapText(self._invoke("repo.map", budget_tokens=budget_tokens, focus=focus or []))
 
-    def ask(self, question: str, top_k: int = 4) -> Answer:
-        """Answer from the code with checked `path:start-end` citations."""
-        return Answer(self._invoke("repo.ask", question=question, top_k=top_k))
+    def ask(self, question: str, top_k: int = 4, *, stream: bool = True, echo: bool = True) -> Answer:
+        """Answer from the code with checked `path:start-end` citations. With `stream` (and `echo`) the answer
+        appears as the model writes it (a notebook shows it, then the answer with its cited code, in one output;
+        elsewhere it is printed); without, it comes whole."""
+        if not stream:
+            return Answer(self._invoke("repo.ask", question=question, top_k=top_k))
+        path = f"/api/repo/{transport.seg(self.name)}/ask"
+        events = transport.stream(self.wb.http, "POST", path, json={"question": question, "top_k": top_k})
+        return streamed_answer(events, Answer, f"pieces of {self.name}'s code" if echo else None)
 
     def document(
         self, symbol: str | None = None, path: str | None = None, force: bool = False, progress: bool = True

@@ -85,40 +85,53 @@ def _check(lines: list[str] | None, path: str, start: int, end: int, sha: str | 
     return None
 
 
-def ask(
+class Prompt:
+    """What an answer is asked from: the sources (each a symbol's lines, numbered from 1) and the chat messages
+    that show them with the repo map; `lines_of` reads each file once, for the prompt and the citations."""
+
+    def __init__(self, root: Path, question: str) -> None:
+        self.root, self.question = root, question
+        self.files: dict[str, list[str] | None] = {}
+        self.sources: list[dict[str, Any]] = []
+        self.messages: list[dict[str, str]] = []
+
+    def lines_of(self, path: str) -> list[str] | None:
+        if path not in self.files:
+            self.files[path] = read_lines(self.root, path)
+        return self.files[path]
+
+    def shown_sources(self) -> list[dict[str, Any]]:
+        """The sources as the answer lists them."""
+        keys = ("path", "start", "end", "kind", "symbol", "score", "via")
+        return [{k: s[k] for k in keys} for s in self.sources]
+
+
+NOTHING = "The index has nothing that matches the question."
+
+
+def prompt(
     root: Path,
     index: CodeIndex,
     search: Callable[[str, int], list[dict[str, Any]]],
-    chat: Chat,
     question: str,
     top_k: int,
     map_tokens: int,
-    max_tokens: int,
     context_tokens: int,
-) -> dict[str, Any]:
-    """Answer a question about the workspace with verified `path:start-end` citations.
-
-    The prompt fits `context_tokens` (counted as ~3 characters of code each): the repo map takes its share
-    and the sources split the rest, each cut at a line boundary.
-    """
-    files: dict[str, list[str] | None] = {}
-
-    def lines_of(path: str) -> list[str] | None:  # each file read once per answer
-        if path not in files:
-            files[path] = read_lines(root, path)
-        return files[path]
-
+) -> Prompt:
+    """The sources for a question and the prompt that shows them; it fits `context_tokens` (counted as ~3
+    characters of code each): the repo map takes its share and the sources split the rest, each cut at a line
+    boundary. No source: no messages (nothing to ask)."""
+    p = Prompt(root, question)
     # a file deleted since it was indexed is no source
-    sources = [s for s in retrieve(index, search, question, top_k) if lines_of(s["path"]) is not None]
-    if not sources:
-        return {"question": question, "answer": "The index has nothing that matches the question.",
-                "citations": [], "dropped": [], "sources": []}  # fmt: skip
+    p.sources = [s for s in retrieve(index, search, question, top_k) if p.lines_of(s["path"]) is not None]
+    if not p.sources:
+        return p
     map_tokens = min(map_tokens, context_tokens // 4)
-    repo_map = build_map(index, map_tokens, sorted({s["path"] for s in sources}))["map"] if map_tokens else ""
-    room = max(200, (context_tokens * 3 - len(repo_map)) // len(sources))
+    repo_map = build_map(index, map_tokens, sorted({s["path"] for s in p.sources}))["map"] if map_tokens else ""
+    room = max(200, (context_tokens * 3 - len(repo_map)) // len(p.sources))
     shown = []
-    for n, s in enumerate(sources, start=1):
-        code = "\n".join((lines_of(s["path"]) or [])[s["start"] - 1 : s["end"]])
+    for n, s in enumerate(p.sources, start=1):
+        code = "\n".join((p.lines_of(s["path"]) or [])[s["start"] - 1 : s["end"]])
         if len(code) > room:
             code = code[:room].rsplit("\n", 1)[0] + "\n..."
         shown.append(f"[{n}] {s['path']}:{s['start']}-{s['end']} ({s['kind']} {s['symbol']})\n{code}")
@@ -128,8 +141,16 @@ def ask(
     )
     user = (f"Repository map:\n{repo_map}\n" if repo_map else "") + "Sources:\n" + "\n\n".join(shown)
     user += f"\n\nQuestion: {question}"
-    r = chat([{"role": "system", "content": system}, {"role": "user", "content": user}], max_tokens)
-    answer = r["choices"][0]["message"]["content"]
+    p.messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return p
+
+
+def answered(p: Prompt, answer: str, model: str | None, usage: dict[str, Any] | None) -> dict[str, Any]:
+    """The answer with its citations checked against the files: `[n]`, `path:start-end` and a source's symbol
+    named in the text; what does not hold is listed in `dropped`."""
+    if not p.sources:
+        return {"question": p.question, "answer": NOTHING, "citations": [], "dropped": [], "sources": []}
+    sources, lines_of = p.sources, p.lines_of
     citations: list[dict[str, Any]] = []
     dropped: list[dict[str, Any]] = []
     seen: set[tuple[str, int, int]] = set()
@@ -154,14 +175,34 @@ def ask(
         if s["kind"] not in ("module", "text") and name and re.search(rf"(?<![\w.]){re.escape(name)}\b", answer):
             _cite(lines_of, citations, dropped, seen, s["path"], s["start"], s["end"], s["sha"], n, s["symbol"], "name")
     return {
-        "question": question,
+        "question": p.question,
         "answer": answer,
         "citations": citations,
         "dropped": dropped,
-        "sources": [{k: s[k] for k in ("path", "start", "end", "kind", "symbol", "score", "via")} for s in sources],
-        "model": r.get("model"),
-        "usage": r.get("usage"),
+        "sources": p.shown_sources(),
+        "model": model,
+        "usage": usage,
     }
+
+
+def ask(
+    root: Path,
+    index: CodeIndex,
+    search: Callable[[str, int], list[dict[str, Any]]],
+    chat: Chat,
+    question: str,
+    top_k: int,
+    map_tokens: int,
+    max_tokens: int,
+    context_tokens: int,
+) -> dict[str, Any]:
+    """Answer a question about the workspace with verified `path:start-end` citations (`prompt`, the model, then
+    `answered`)."""
+    p = prompt(root, index, search, question, top_k, map_tokens, context_tokens)
+    if not p.sources:
+        return answered(p, "", None, None)
+    r = chat(p.messages, max_tokens)
+    return answered(p, r["choices"][0]["message"]["content"], r.get("model"), r.get("usage"))
 
 
 def _cite(

@@ -22,6 +22,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,10 +168,13 @@ class RepoAgent(Indexing, Plugin):
 
     # -- helpers ----------------------------------------------------------------------------------
     def _chat(self, messages: list[dict[str, str]], max_tokens: int, route: str) -> dict[str, Any]:
+        return self.store.chat(self._chat_body(messages, max_tokens), route=route)
+
+    def _chat_body(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
         body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
         if self.settings.llm_model:
             body["model"] = self.settings.llm_model
-        return self.store.chat(body, route=route)
+        return body
 
     # -- workspace and files ----------------------------------------------------------------------
     @capability("repo.workspace", scope="repo:use")
@@ -499,7 +503,8 @@ class RepoAgent(Indexing, Plugin):
 
     @capability("repo.ask", scope="repo:use")
     def ask(self, inp: AskRequest) -> Result:
-        """Answer from the code (hybrid retrieval + repo map) with llmserver; citations are checked first."""
+        """Answer from the code (hybrid retrieval + repo map) with llmserver; citations are checked first
+        (streamed as it is written: `POST /api/repo/{workspace}/ask`)."""
         ws = self._ws(inp.workspace)
         t0 = time.perf_counter()
         out = answers.ask(
@@ -508,6 +513,40 @@ class RepoAgent(Indexing, Plugin):
             self.settings.ask_max_tokens, self.settings.ask_context_tokens,
         )  # fmt: skip
         return Result(workspace=ws.name, **out, took_s=round(time.perf_counter() - t0, 3))
+
+    def stream(self, capability_id: str, data: Any, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
+        """`repo.ask` as it is written: `{"sources": [...]}` once the code is found, `{"delta": text}` as the model
+        writes, then `{"result": ...}` (what `repo.ask` answers, citations checked). Cancelled (the client left):
+        the generation stops at its next token. Any other capability as the plugin contract streams it."""
+        if capability_id != "repo.ask":
+            yield from super().stream(capability_id, data, cancelled)
+            return
+        inp = self._validate(self.capabilities()[capability_id], data)
+        assert isinstance(inp, AskRequest)
+        ws = self._ws(inp.workspace)
+        t0 = time.perf_counter()
+        p = answers.prompt(ws.path, self._index(ws), self._search(ws), inp.question, inp.top_k,
+                           self.settings.ask_map_tokens, self.settings.ask_context_tokens)  # fmt: skip
+        yield {"sources": p.shown_sources()}
+        parts: list[str] = []
+        usage: dict[str, Any] | None = None
+        model: str | None = None
+        if p.sources:
+            body = self._chat_body(p.messages, self.settings.ask_max_tokens)
+            chunks = self.store.chat_stream(body, route="repo.ask")
+            try:
+                for chunk in chunks:
+                    if cancelled.is_set():
+                        raise Cancelled("repo.ask was cancelled")
+                    model, usage = chunk.get("model") or model, chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or []:
+                        if piece := (choice.get("delta") or {}).get("content"):
+                            parts.append(piece)
+                            yield {"delta": piece}
+            finally:
+                chunks.close()
+        out = answers.answered(p, "".join(parts), model, usage)
+        yield {"result": {"workspace": ws.name, **out, "took_s": round(time.perf_counter() - t0, 3)}}
 
     @capability("repo.document", scope="repo:use", job=True)
     def document(self, inp: DocumentRequest, progress: Progress) -> Result:

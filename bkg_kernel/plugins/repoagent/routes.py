@@ -1,9 +1,12 @@
-"""`POST /api/repo/{workspace}/run/{name}`: an allow-listed command's output as server-sent events.
+"""Server-sent events of repoagent: `POST /api/repo/{workspace}/run/{name}`, an allow-listed command's output,
+and `POST /api/repo/{workspace}/ask`, `repo.ask` as the model writes it.
 
-Each event is `{"output": text}` as the command writes it, then `{"result": {...}}` (exit code, capped
-output, timed_out) and `[DONE]`; a client that disconnects cancels the command (its process group is
-killed). The same command runs as a job through `repo.command`. (No `from __future__ import annotations`:
-FastAPI must see the local dependency.)
+A command's events are `{"output": text}` as it writes, then `{"result": {...}}` (exit code, capped output,
+timed_out) and `[DONE]`; a client that disconnects cancels the command (its process group is killed). The same
+command runs as a job through `repo.command`. An answer's are `{"sources": [...]}` (the code shown to the model),
+`{"delta": text}` as it writes, then `{"result": {...}}` (what `repo.ask` answers, citations checked) and
+`[DONE]`; a refusal comes before the stream as a plain HTTP error, and a client that leaves stops the model.
+(No `from __future__ import annotations`: FastAPI must see the local dependency.)
 """
 
 from typing import Annotated, Any
@@ -38,6 +41,20 @@ def build(api: GatewayAPI) -> APIRouter:
             return {"output": chunk["message"]} if chunk.get("message") else None
 
         response: StreamingResponse = await event_stream(api.stream("repoagent", "repo.command", data, p), render)
+        return response
+
+    @router.post("/{workspace}/ask")
+    async def ask(
+        workspace: Annotated[str, Path(pattern=WORKSPACE_PATTERN)],
+        p: Annotated[Principal, Depends(repo)],
+        question: Annotated[str, Body(embed=True)],
+        top_k: Annotated[int | None, Body(embed=True)] = None,
+    ) -> StreamingResponse:
+        """Answer a question about the workspace's code, streamed as it is written."""
+        data: dict[str, Any] = {"workspace": workspace, "question": question}
+        if top_k is not None:
+            data["top_k"] = top_k  # checked with the rest by repo.ask's own input model
+        response: StreamingResponse = await event_stream(api.stream("repoagent", "repo.ask", data, p), dict)
         return response
 
     return router
