@@ -950,10 +950,10 @@ def test_one_users_background_jobs_never_push_out_anothers() -> None:
     jobs = jobs_module.Jobs(lambda *a: None)
     ann = Principal("u-1", "ann", "developer", frozenset({"plugins:read"}))
     mal = Principal("u-2", "mal", "developer", frozenset({"plugins:read"}))
-    mine = jobs.start("brainml.train", lambda progress: {"model_id": "m1"}, owner=ann)
+    mine = jobs.start("brainml.train", lambda progress: {"model_id": "m1"}, owner=ann, scope="models:write")
     wait_for(lambda: jobs.get(mine.id).finished is not None, 10)
     for _ in range(jobs_module.KEEP + 5):
-        j = jobs.start("sysinfo.survey", lambda progress: {"ok": True}, owner=mal)
+        j = jobs.start("sysinfo.survey", lambda progress: {"ok": True}, owner=mal, scope="plugins:write")
         wait_for(lambda j=j: jobs.get(j.id).finished is not None, 10)
     assert jobs.get(mine.id).result == {"model_id": "m1"}  # still there
     kept = sum(1 for j in jobs.jobs.values() if j.owner_id == "u-2")  # pruned as each starts: KEEP, and the last
@@ -1045,7 +1045,7 @@ def test_a_background_job_belongs_to_a_user_id_on_the_api_and_the_socket() -> No
     first = Principal("u-1", "carl", "developer", frozenset({"plugins:read"}))
     again = Principal("u-2", "carl", "developer", frozenset({"plugins:read"}))
     auditor = Principal("u-3", "ada", "admin", frozenset({"plugins:read", "admin:audit"}))
-    job = jobs.start("models.download", lambda progress: {"ok": True}, owner=first)
+    job = jobs.start("models.download", lambda progress: {"ok": True}, owner=first, scope="models:write")
     wait_for(lambda: jobs.get(job.id).finished is not None, 10)
     assert job.visible_to(first) and job.visible_to(auditor) and not job.visible_to(again)
     assert "owner_id" not in job.to_dict() and events

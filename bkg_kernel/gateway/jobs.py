@@ -14,7 +14,7 @@ import itertools
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,7 +25,6 @@ from bkg_kernel.jobs.service import sees_detail
 
 Emit = Callable[[str, str, dict[str, Any]], None]
 KEEP = 200  # finished jobs kept for GET /api/jobs, per owner (one user's burst never pushes out another's)
-ROUTE_SCOPES = {"models.download": "models:write"}  # the gateway's own jobs: the scope of the route that starts each
 
 
 @dataclass
@@ -44,7 +43,7 @@ class Job:
     plugin: str | None = None
     owner: str | None = None
     owner_id: str | None = None  # who it belongs to (a user made later under the same name is someone else)
-    scope: str | None = None  # the scope its work needs (`Jobs.scope_of`; None: not looked up yet)
+    scope: str = "plugins:write"  # the scope its work needs (its capability's, or its route's), given at start
 
     def to_dict(self) -> dict[str, Any]:
         """Return the job as the API shows it (no owner id and no scope, as for notebook runs)."""
@@ -62,9 +61,9 @@ class Job:
         return visible(p, self.owner, self.owner_id)
 
     def sees_detail(self, p: Principal) -> bool:
-        """Whether `p` sees what the work made or said: its owner, or who holds the scope it needs (once looked up:
-        until then its owner alone), as for a notebook run."""
-        return sees_detail(p, self.owner, self.owner_id, None if self.scope is None else [self.scope])
+        """Whether `p` sees what the work made or said: its owner, or who holds the scope it needs, as for a
+        notebook run."""
+        return sees_detail(p, self.owner, self.owner_id, [self.scope])
 
     def shown(self, p: Principal) -> dict[str, Any]:
         """`to_dict()` as `p` sees it: `withheld` unless `sees_detail` (an auditor without the job's scope)."""
@@ -92,16 +91,6 @@ class Jobs:
         self._cancelling: set[str] = set()
         self._cancel_events: dict[str, threading.Event] = {}
 
-    def scope_of(self, job: Job, hosts: Mapping[str, Any]) -> str:
-        """The scope `job`'s work needs, kept on it: its capability's (a plugin job: its plugin's host in `hosts`,
-        hosted for the gateway's life) or its route's (the gateway's own jobs); plugins:write for one of neither."""
-        if job.scope is None:
-            host = hosts.get(job.plugin) if job.plugin is not None else None
-            cls = getattr(host, "cls", None)
-            cap = cls.capabilities().get(job.kind) if cls is not None else None
-            job.scope = cap.scope if cap is not None else ROUTE_SCOPES.get(job.kind, "plugins:write")
-        return job.scope
-
     def _new(self, kind: str, **kw: Any) -> Job:
         job = Job(id=f"job-{int(time.time())}-{next(self._ids)}", kind=kind, **kw)
         with self._lock:
@@ -122,10 +111,11 @@ class Jobs:
         self.emit("jobs", job.kind, job.event())
 
     def start(
-        self, kind: str, fn: Callable[[Callable[[float, str], None]], dict[str, Any]], *, owner: Principal
+        self, kind: str, fn: Callable[[Callable[[float, str], None]], dict[str, Any]], *, owner: Principal, scope: str
     ) -> Job:
-        """Run `fn(progress)` on a thread for `owner`; `progress(fraction, message)` updates the job and notifies."""
-        job = self._new(kind, owner=owner.username, owner_id=owner.user_id)
+        """Run `fn(progress)` on a thread for `owner`; `progress(fraction, message)` updates the job and notifies.
+        `scope`: what the work needs (the starting route's), to cancel it or see what it made."""
+        job = self._new(kind, owner=owner.username, owner_id=owner.user_id, scope=scope)
         cancel = self._cancel_events[job.id] = threading.Event()
 
         def progress(fraction: float, message: str = "") -> None:
@@ -151,9 +141,12 @@ class Jobs:
         threading.Thread(target=run, name=f"bkg-{job.id}", daemon=True).start()
         return job
 
-    def start_stream(self, kind: str, chunks: AsyncIterator[dict[str, Any]], *, plugin: str, owner: Principal) -> Job:
-        """Run a plugin's job capability (`{"progress"...}` chunks, then `{"result": ...}`) as an asyncio task."""
-        job = self._new(kind, plugin=plugin, owner=owner.username, owner_id=owner.user_id)
+    def start_stream(
+        self, kind: str, chunks: AsyncIterator[dict[str, Any]], *, plugin: str, owner: Principal, scope: str
+    ) -> Job:
+        """Run a plugin's job capability (`{"progress"...}` chunks, then `{"result": ...}`) as an asyncio task;
+        `scope` is the capability's."""
+        job = self._new(kind, plugin=plugin, owner=owner.username, owner_id=owner.user_id, scope=scope)
 
         async def run() -> None:
             job.state = "running"

@@ -88,7 +88,6 @@ def _job(request: Request, job_id: str, p: Principal) -> Job:
     job = gw.jobs.get(job_id)
     if not job.visible_to(p):
         raise NotFound(f"no job {job_id!r}", field="job_id")
-    gw.jobs.scope_of(job, gw.supervisor.hosts)
     return job
 
 
@@ -107,8 +106,6 @@ async def list_jobs(
     cursor = await _cursor(request, svc, before, p) if before is not None else None
     gw = gateway(request)
     jobs = [j for j in gw.jobs.jobs.values() if j.visible_to(p)]
-    for j in jobs:
-        gw.jobs.scope_of(j, gw.supervisor.hosts)
     notebook_runs = await svc.runs(p, limit + 1, cursor)
 
     def listed() -> FastJSONResponse:  # hundreds of jobs, a command's output each: built and encoded on a thread
@@ -218,7 +215,7 @@ async def cancel_job(job_id: str, request: Request, p: Annotated[Principal, READ
         return await runs(request).cancel(job_id, p)
     gw = gateway(request)
     job = _job(request, job_id, p)
-    p.require(gw.jobs.scope_of(job, gw.supervisor.hosts), f"cancelling job {job_id!r} ({job.kind})")
+    p.require(job.scope, f"cancelling job {job_id!r} ({job.kind})")
     if job.owner_id != p.user_id:
         gw.principal(request, "plugins:write")
     return gw.jobs.cancel(job_id).to_dict()

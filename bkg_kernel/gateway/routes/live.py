@@ -119,7 +119,7 @@ def _shown(gw: Gateway, p: Principal, job: dict[str, Any]) -> dict[str, Any]:
         scopes, withheld = job.get("scopes"), service.withheld
     else:  # a background job: the scope its work needs, kept on it (none known: it is gone, its owner's alone)
         held = gw.jobs.jobs.get(str(job.get("id")))
-        scopes = None if held is None else [gw.jobs.scope_of(held, gw.supervisor.hosts)]
+        scopes = None if held is None else [held.scope]
         withheld = jobs.withheld
     return out if service.sees_detail(p, job.get("owner"), job.get("owner_id"), scopes) else withheld(out)
 

@@ -90,7 +90,7 @@ async def add_model(
             gw.auth.audit(p.username, "model.add", entry.id, source=url)
             return entry.model_dump()
 
-        job = gw.jobs.start("models.download", run, owner=p)
+        job = gw.jobs.start("models.download", run, owner=p, scope="models:write")
         response.status_code = 202
         return {"job": job.to_dict()}
     path = body.path

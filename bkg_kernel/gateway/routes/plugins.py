@@ -207,7 +207,7 @@ async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
         if data is not body:
             await asyncio.to_thread(bodyjson.release, body)
         work = h.stream(capability_id, data, p, queued=True)  # a job waits for its slot, however long
-        job = gw.jobs.start_stream(capability_id, work, plugin=plugin_id, owner=p)
+        job = gw.jobs.start_stream(capability_id, work, plugin=plugin_id, owner=p, scope=cap.scope)
         return JSONResponse({"job": job.to_dict()}, status_code=202)
     # The worker's answer is JSON data already (the capability's output model, dumped in JSON mode): sent as is, not
     # walked again by FastAPI's encoder (~1 ms for a brainml page of hits), and encoded by orjson. A big body is the
