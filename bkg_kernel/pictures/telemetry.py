@@ -125,7 +125,7 @@ class TelemetryView(PanelView):
             r = self.wb.call("GET", "/api/plugins/telemetry/history", params={"minutes": 5})
         except Exception:  # noqa: BLE001 - the next refresh tries again
             return
-        newest = self.last_t
+        newest, added = self.last_t, 0
         for pid, cols in r["plugins"].items():
             if pid not in self.sources:
                 continue
@@ -135,7 +135,8 @@ class TelemetryView(PanelView):
             part = {k: [v[i] for i in keep] for k, v in cols.items()}
             self.sources[pid].stream(self._data(part), rollover=HISTORY_POINTS)
             newest = max(newest, part["t"][-1])
-            self.samples = min(HISTORY_POINTS, self.samples + len(keep))
+            added = max(added, len(keep))  # per plugin: every plugin is sampled in the same round
+        self.samples = min(HISTORY_POINTS, self.samples + added)
         self.last_t = newest
         self._say()
 

@@ -41,7 +41,15 @@ def keys_panel(session: Session) -> W.VBox:
 
         def do_rotate(_: Any) -> None:
             try:
-                show_secret(session.wb.call("POST", f"/admin/keys/{k['id']}/rotate"), "Rotated")
+                rec = session.wb.call("POST", f"/admin/keys/{k['id']}/rotate")
+                show_secret(rec, "Rotated")
+                message.value = ""
+                if k["id"] == session.me.get("key_id"):  # the old secret stopped working, this page's included
+                    session.use_secret(rec["key"])
+                    message.value = (
+                        f"<p>{escape(k['name'])} is the key this page is logged in with: the page now uses its "
+                        "new secret.</p>"
+                    )
             except Exception as exc:  # noqa: BLE001
                 message.value = error_html(exc)
             refresh()

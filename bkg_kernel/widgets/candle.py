@@ -9,7 +9,7 @@ import ipywidgets as W
 
 from bkg_kernel.display import fmt_bytes
 from bkg_kernel.widgets.ops import plugin_actions
-from bkg_kernel.widgets.primitives import Session, error_html, table
+from bkg_kernel.widgets.primitives import Session, enable_when_picked, error_html, set_options, table
 
 CANDLE_KINDS = ("hf-transformers", "torch-program")
 
@@ -18,17 +18,22 @@ def candle_panel(session: Session) -> W.VBox:
     """Show candle's loaded models and their memory; load, run and quantize a model."""
     out = W.HTML()
     result = W.HTML()
-    can = session.can("plugins:write")
-    models = [m["id"] for m in session.wb.call("GET", "/api/models")["models"] if m["kind"] in CANDLE_KINDS]
-    model = W.Dropdown(options=models, description="model")
+    model = W.Dropdown(description="model")
     text = W.Text(description="input", layout=W.Layout(width="500px"))
-    load = W.Button(description="Load", disabled=not can)
-    run = W.Button(description="Run", disabled=not can)
+    load = W.Button(description="Load")
+    run = W.Button(description="Run")
     method = W.Dropdown(options=["dynamic-int8", "fp16", "bf16"], description="quantize")
-    quantize = W.Button(description="Quantize", disabled=not can)
+    quantize = W.Button(description="Quantize")
 
     def refresh() -> None:
-        s = session.wb.plugin("candle").invoke("candle.stats")
+        """The registry's candle models (a quantized one is new) and what candle has loaded."""
+        try:
+            models = session.wb.call("GET", "/api/models")["models"]
+            set_options(model, [m["id"] for m in models if m["kind"] in CANDLE_KINDS])
+            s = session.wb.plugin("candle").invoke("candle.stats")
+        except Exception as exc:  # noqa: BLE001
+            out.value = error_html(exc)
+            return
         rows = [{**m, "memory": fmt_bytes(m.get("bytes"))} for m in s.get("loaded", [])]
         out.value = (
             f"<p>torch {escape(s['torch'])} on {escape(s['device'])}, RSS {fmt_bytes(s['rss_bytes'])}</p>"
@@ -48,6 +53,7 @@ def candle_panel(session: Session) -> W.VBox:
     load.on_click(lambda _: call("candle.model.load", model_id=model.value))
     run.on_click(lambda _: call("candle.run", model_id=model.value, inputs=[text.value or " "]))
     quantize.on_click(lambda _: call("candle.quantize", model_id=model.value, method=method.value))
+    enable_when_picked(model, [load, run, quantize], allowed=session.can("plugins:write"))
     refresh()
     rows = [W.HBox([model, load]), W.HBox([text, run]), W.HBox([method, quantize])]
     return W.VBox([plugin_actions(session, "candle"), out, *rows, result])

@@ -13,7 +13,16 @@ import ipywidgets as W
 
 from bkg_kernel.client.jobs import when
 from bkg_kernel.jobs.notebooks import coerce
-from bkg_kernel.widgets.primitives import STATE_COLOURS, Session, ask_first, badge, error_html, table
+from bkg_kernel.widgets.primitives import (
+    STATE_COLOURS,
+    Session,
+    ask_first,
+    badge,
+    enable_when_picked,
+    error_html,
+    set_options,
+    table,
+)
 
 STATE_COLOURS.update(succeeded="#2e7d32", queued="#0277bd", timed_out="#c62828", cancelled="#616161", done="#2e7d32")
 
@@ -60,18 +69,19 @@ def runs_table(rows: list[dict[str, Any]]) -> str:
     return table(shown, cols, raw=["state"])
 
 
-def run_detail(r: dict[str, Any]) -> str:
-    """One run: parameters, and for a failure the cell's source and traceback."""
+def run_detail(r: dict[str, Any], traceback: bool = False) -> str:
+    """One run: parameters, and for a failure the cell's source (and its traceback, if `traceback`)."""
     parts = [f"<h4>{escape(r['id'])} {badge(r['state'])} <code>{escape(r['notebook'])}</code></h4>"]
     parts.append(f"<p>parameters: <code>{escape(json.dumps(r.get('parameters') or {}))}</code> · attempt "
                  f"{r.get('attempt')} · {escape(str(r.get('message') or ''))}</p>")  # fmt: skip
     err = r.get("error") or {}
     if err:
-        parts.append(f"<p class='bkg-error'><b>{escape(_failed_cell(r))}</b></p>")
+        # red, but not `bkg-error`: that is a page's own failure, and this is what the run it shows did
+        parts.append(f"<p class='bkg-failed'><b>{escape(_failed_cell(r))}</b></p>")
         if err.get("source"):
             parts.append(f"<pre style='background:#fff5f5;padding:4px'>{escape(err['source'])}</pre>")
-        if err.get("traceback"):
-            parts.append(f"<details><summary>traceback</summary><pre>{escape(err['traceback'])}</pre></details>")
+        if traceback and err.get("traceback"):
+            parts.append(f"<pre class='bkg-run-traceback'>{escape(err['traceback'])}</pre>")
     return "".join(parts)
 
 
@@ -80,7 +90,7 @@ def _start_form(session: Session, status: W.HTML, refresh: Any) -> W.VBox:
     pick = W.Dropdown(options=sorted(listing), description="notebook")
     fields = W.VBox()
     timeout = W.FloatText(value=0, description="timeout s")
-    go = W.Button(description="Run", button_style="primary", disabled=not session.can("jobs:run"))
+    go = W.Button(description="Run", button_style="primary")
 
     def build(_: Any = None) -> None:
         params = (listing.get(pick.value) or {}).get("parameters") or {}
@@ -104,6 +114,7 @@ def _start_form(session: Session, status: W.HTML, refresh: Any) -> W.VBox:
         refresh()
 
     pick.observe(build, "value")
+    enable_when_picked(pick, [go], allowed=session.can("jobs:run"))
     go.on_click(run)
     build()
     return W.VBox([W.HTML("<h3>Run a notebook</h3>"), pick, fields, timeout, go])
@@ -157,6 +168,8 @@ def jobs_panel(session: Session) -> W.VBox:
     runs_out, other_out, detail, status = W.HTML(), W.HTML(), W.HTML(), W.HTML()
     picked = W.Dropdown(options=[], description="run")
     cancel, retry, view = W.Button(description="Cancel"), W.Button(description="Retry"), W.Button(description="Output")
+    # a picked failed run's traceback comes only when asked for: the first run is picked for whoever opens the page
+    trace = W.ToggleButton(description="show traceback", layout=W.Layout(display="none"))
     frame = W.HTML()
 
     def refresh() -> None:
@@ -165,20 +178,20 @@ def jobs_panel(session: Session) -> W.VBox:
         runs_out.value = "<h3>Notebook runs</h3>" + runs_table(runs[:50])
         other = [j for j in every if j.get("kind") != "notebook"]
         other_out.value = "<h3>Background jobs</h3>" + background_table(other[:50]) if other else ""
-        ids = [r["id"] for r in runs[:50]]
-        if list(picked.options) != ids:
-            keep = picked.value
-            picked.options = ids
-            if keep in ids:
-                picked.value = keep
+        set_options(picked, [r["id"] for r in runs[:50]])
         show()
 
     def show(_: Any = None) -> None:
-        if picked.value:
-            try:
-                detail.value = run_detail(session.wb.jobs.get(picked.value))
-            except Exception as exc:
-                detail.value = error_html(exc)
+        if not picked.value:
+            detail.value, trace.layout.display = "", "none"
+            return
+        try:
+            r = session.wb.jobs.get(picked.value)
+        except Exception as exc:
+            detail.value = error_html(exc)
+            return
+        detail.value = run_detail(r, traceback=trace.value)
+        trace.layout.display = "" if (r.get("error") or {}).get("traceback") else "none"
 
     act = acting(status, refresh)
 
@@ -190,10 +203,13 @@ def jobs_panel(session: Session) -> W.VBox:
     cancel.on_click(lambda _: act(lambda: session.wb.jobs.cancel(picked.value)))
     retry.on_click(lambda _: act(lambda: session.wb.jobs.retry(picked.value)))
     view.on_click(lambda _: act(output))
+    picked.observe(lambda _: setattr(trace, "value", False), "value")  # another run: its traceback hidden
     picked.observe(show, "value")
+    trace.observe(show, "value")
+    enable_when_picked(picked, [cancel, retry, view])
     refresh()
     session.every(2.0, refresh)
-    parts: list[W.Widget] = [runs_out, W.HBox([picked, cancel, retry, view]), status, detail, frame]
+    parts: list[W.Widget] = [runs_out, W.HBox([picked, cancel, retry, view]), status, detail, trace, frame]
     if session.can("jobs:run"):
         parts += [_start_form(session, status, refresh), _schedules(session, status)]
     return W.VBox([*parts, other_out])

@@ -1,4 +1,5 @@
-"""llmserver's page: its models and a playground that reports the answer's token throughput."""
+"""llmserver's page: its status and telemetry, its models and a playground that reports the answer's token
+throughput (the models and the playground need llm:use)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,23 @@ from typing import Any
 import ipywidgets as W
 
 from bkg_kernel.widgets.ops import plugin_actions
-from bkg_kernel.widgets.primitives import Session, error_html, table
+from bkg_kernel.widgets.primitives import Session, enable_when_picked, error_html, table
 
 
 def llm_panel(session: Session) -> W.VBox:
-    """Show llmserver's models and a playground with the answer's tokens per second."""
-    models = session.wb.call("GET", "/v1/models")["data"]
+    """Show llmserver's status and telemetry; with llm:use, its models and a playground with tokens per second."""
+    actions = plugin_actions(session, "llmserver")
+    if not session.can("llm:use"):
+        note = "<p class='bkg-empty'>The models and the playground need the scope <code>llm:use</code>.</p>"
+        return W.VBox([actions, W.HTML(note)])
+    try:
+        models = session.wb.call("GET", "/v1/models")["data"]
+    except Exception as exc:  # noqa: BLE001 - llmserver stopped, say: its status and Start stay usable
+        return W.VBox([actions, W.HTML(error_html(exc))])
     pick = W.Dropdown(options=[m["id"] for m in models], description="model")
     prompt = W.Textarea(placeholder="Ask something", layout=W.Layout(width="600px"))
-    go = W.Button(description="Send", button_style="primary", disabled=not session.can("llm:use"))
+    go = W.Button(description="Send", button_style="primary")
+    enable_when_picked(pick, [go])
     answer = W.HTML()
 
     def ask(_: Any) -> None:
@@ -37,4 +46,4 @@ def llm_panel(session: Session) -> W.VBox:
 
     go.on_click(ask)
     listing = W.HTML(table(models, ["id", "owned_by"]))
-    return W.VBox([plugin_actions(session, "llmserver"), listing, pick, prompt, go, answer])
+    return W.VBox([actions, listing, pick, prompt, go, answer])

@@ -8,7 +8,7 @@ from typing import Any
 import ipywidgets as W
 
 from bkg_kernel.display import fmt_bytes
-from bkg_kernel.widgets.primitives import Session, error_html, table
+from bkg_kernel.widgets.primitives import Session, enable_when_picked, error_html, set_options, table
 
 
 def models_panel(session: Session) -> W.VBox:
@@ -22,7 +22,7 @@ def models_panel(session: Session) -> W.VBox:
 
     def refresh() -> None:
         models = session.wb.call("GET", "/api/models")["models"]
-        pick.options = [m["id"] for m in models]
+        set_options(pick, [m["id"] for m in models])
         rows = [{**m, "size": fmt_bytes(m["size"]), "sha256": m["sha256"][:12]} for m in models]
         out.value = table(rows, ["id", "kind", "size", "license", "source", "sha256"])
 
@@ -41,6 +41,7 @@ def models_panel(session: Session) -> W.VBox:
             message.value = error_html(exc)
         refresh()
 
+    enable_when_picked(pick, [verify])
     verify.on_click(do_verify)
     add.on_click(do_add)
     refresh()

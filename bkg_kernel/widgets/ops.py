@@ -154,20 +154,31 @@ def settings_panel(session: Session) -> W.VBox:
     return W.VBox([pick, body, W.HBox([save, revert]), status])
 
 
-def health_panel(session: Session) -> W.HTML:
-    """Show gateway health, version, uptime and the store's size."""
-    h = session.wb.health()
-    cols = session.wb.call("GET", "/api/collections")["collections"] if session.can("collections:read") else []
-    size = sum(c.get("bytes_on_disk") or c.get("bytes") or 0 for c in cols)
-    row = {
-        "status": h.get("status", "?"),
-        "version": h.get("version", ""),
-        "uptime": fmt_duration(h.get("uptime_s", 0)),
-        "collections": len(cols),
-        "points": f"{sum(c.get('count', 0) for c in cols):,}",
-        "store size": fmt_bytes(size),
-    }
-    return W.HTML("<h3>Gateway</h3>" + table([row], list(row)))
+def health_panel(session: Session, refresh_s: float = 2.0) -> W.HTML:
+    """Show gateway health, version, uptime and the store's size; live."""
+    out = W.HTML()
+
+    def render() -> None:
+        try:
+            h = session.wb.health()
+            cols = session.wb.call("GET", "/api/collections")["collections"] if session.can("collections:read") else []
+        except Exception as exc:  # noqa: BLE001
+            out.value = "<h3>Gateway</h3>" + error_html(exc)
+            return
+        size = sum(c.get("bytes_on_disk") or c.get("bytes") or 0 for c in cols)
+        row = {
+            "status": h.get("status", "?"),
+            "version": h.get("version", ""),
+            "uptime": fmt_duration(h.get("uptime_s", 0)),
+            "collections": len(cols),
+            "points": f"{sum(c.get('count', 0) for c in cols):,}",
+            "store size": fmt_bytes(size),
+        }
+        out.value = "<h3>Gateway</h3>" + table([row], list(row))
+
+    render()
+    session.every(refresh_s, render)
+    return out
 
 
 def audit_panel(session: Session, limit: int = 20) -> W.HTML:

@@ -9,7 +9,7 @@ from typing import Any
 
 import ipywidgets as W
 
-from bkg_kernel.widgets.primitives import Session, error_html
+from bkg_kernel.widgets.primitives import Session, enable_when_picked, error_html
 
 
 def drawing() -> bool:
@@ -93,11 +93,12 @@ def retrieval(result: dict[str, Any], session: Session) -> W.Widget:
     return as_widget(retrieval_view(result, session.wb.url))
 
 
-def training_form(session: Session, collections: list[str]) -> W.VBox:
-    """Train a classifier on a collection's label field and show its report (needs models:write)."""
+def training_form(session: Session, collections: list[str], pick: W.Dropdown | None = None) -> W.VBox:
+    """Train a classifier on a collection's label field and show its report (needs models:write); `pick`: the
+    collection picker to use instead of one offering `collections` (a page that keeps its options current)."""
     if not session.can("models:write"):
         return W.VBox([W.HTML("<p class='bkg-empty'>Training a classifier needs the scope models:write.</p>")])
-    coll = W.Dropdown(options=collections, description="collection")
+    coll = pick if pick is not None else W.Dropdown(options=collections, description="collection")
     field = W.Text(description="label field", placeholder="label")
     model = W.ToggleButtons(options=["logistic", "mlp"])
     go = W.Button(description="Train", button_style="primary")
@@ -118,4 +119,5 @@ def training_form(session: Session, collections: list[str]) -> W.VBox:
             out.children = [W.HTML(error_html(exc))]
 
     go.on_click(train)
+    enable_when_picked(coll, [go])
     return W.VBox([W.HTML("<h3>Train a classifier</h3>"), coll, field, model, go, out])

@@ -26,7 +26,7 @@ CSS = """<style>
 .bkg-dash th, .bkg-dash td, .bkg-table th, .bkg-table td {
   border-bottom: 1px solid var(--jp-border-color2, #ddd); padding: 3px 8px; text-align: left}
 .bkg-badge {border-radius: 8px; padding: 1px 7px; color: white; font-weight: 600}
-.bkg-error {color: #e53935}
+.bkg-error, .bkg-failed {color: #e53935}
 .bkg-empty {color: var(--jp-ui-font-color2, #666); font-style: italic}
 .bkg-spark {background: var(--jp-layout-color2, #f3f3f3)}
 .bkg-spark polyline {fill: none; stroke: #1976d2; stroke-width: 1.5}
@@ -63,6 +63,11 @@ class Session:
 
         threading.Thread(target=loop, daemon=True).start()
 
+    def use_secret(self, secret: str) -> None:
+        """Go on with `secret`, the new secret of the key this session logged in with (it was rotated)."""
+        self.wb = Workbench(self.wb.url, secret, self.wb.timeout)
+        self.me = self.wb.me()
+
 
 def badge(state: str, label: str | None = None) -> str:
     """Return a plugin or job state as a coloured badge (showing `label` instead of the state, if given)."""
@@ -94,6 +99,29 @@ def sparkline(values: list[float], width: int = 160, height: int = 36) -> str:
         f"{i * width / (len(values) - 1):.1f},{height - 2 - v / top * (height - 4):.1f}" for i, v in enumerate(values)
     )
     return f"<svg class='bkg-spark' width='{width}' height='{height}'><polyline points='{pts}'/></svg>"
+
+
+def set_options(pick: W.Dropdown, options: Sequence[Any]) -> None:
+    """Offer `options` (values shown as they are) in `pick`, keeping its choice while it is offered, else choosing
+    the first: ipywidgets 8 chooses none when options come after the widget, and a button would act on None."""
+    options = list(options)
+    if list(pick.options) == options and (pick.value is not None or not options):
+        return
+    keep = pick.value
+    pick.options = options
+    if options:
+        pick.value = keep if keep in options else options[0]
+
+
+def enable_when_picked(pick: W.Dropdown, buttons: Sequence[W.Button], allowed: bool = True) -> None:
+    """Keep `buttons` disabled while `pick` has nothing chosen (and for good unless `allowed`)."""
+
+    def sync(_: Any = None) -> None:
+        for b in buttons:
+            b.disabled = not allowed or pick.value is None
+
+    pick.observe(sync, "value")
+    sync()
 
 
 def ask_first(

@@ -10,7 +10,7 @@ from typing import Any
 import ipywidgets as W
 
 from bkg_kernel.widgets.ops import plugin_actions
-from bkg_kernel.widgets.primitives import Session, error_html, table
+from bkg_kernel.widgets.primitives import Session, error_html, set_options, table
 
 COLUMNS = ["name", "path", "git", "file_count", "symbols", "chunks", "indexed", "added_by"]
 
@@ -40,7 +40,7 @@ def repo_panel(session: Session) -> W.VBox:
         listing.value = (
             table(_rows(spaces), COLUMNS) if spaces else "<p>No workspaces yet: add one with repo.workspace.</p>"
         )
-        pick.options = [w["name"] for w in spaces]
+        set_options(pick, [w["name"] for w in spaces])
 
     def run(action: Any) -> Any:
         def handler(_: Any) -> None:
