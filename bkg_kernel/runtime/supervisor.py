@@ -134,8 +134,9 @@ class Supervisor:
                     log.exception("watching %s failed", h.id)
             if now - last_sample >= SAMPLE_EVERY_S:
                 last_sample = now
+                gateway = self._sample_gateway()
                 for h in list(self.hosts.values()):
-                    self._sample(h)
+                    self._sample(h, gateway)
 
     def _check(self, h: PluginHost, now: float) -> None:
         w = h.worker
@@ -190,7 +191,17 @@ class Supervisor:
         delay = self._schedule_restart(h, time.monotonic())
         _still_failed(h, f"{reason} (restart {failed} of {MAX_FAILED_STARTS} failed; next in {delay:.0f}s)")
 
-    def _sample(self, h: PluginHost) -> None:
+    def _sample_gateway(self) -> tuple[float, int]:
+        """Return the gateway process's cpu % since the last round and its RSS, what every in-gateway plugin reports.
+
+        Measured once a round: `cpu_percent(None)` measures since its previous call, and a call per inline plugin
+        gave the second and later ones the microseconds since the first (0, or thousands of percent)."""
+        try:
+            return self._gateway.cpu_percent(None), self._gateway.memory_info().rss
+        except psutil.Error:
+            return 0.0, 0
+
+    def _sample(self, h: PluginHost, gateway: tuple[float, int]) -> None:
         tel = h.telemetry
         try:
             if h.worker is not None and h.worker.pid is not None:
@@ -202,8 +213,7 @@ class Supervisor:
                 tel.cpu_percent = proc.cpu_percent(None)
                 tel.rss_bytes = proc.memory_info().rss
             elif h.plugin is not None:
-                tel.cpu_percent = self._gateway.cpu_percent(None)
-                tel.rss_bytes = self._gateway.memory_info().rss
+                tel.cpu_percent, tel.rss_bytes = gateway
             else:
                 tel.cpu_percent, tel.rss_bytes = 0.0, 0
         except psutil.Error:

@@ -2,8 +2,10 @@
 
 Which gateway: `BkgLab.gateway_url` and `BkgLab.api_key` when set (their defaults are bkg's settings,
 `BKG_GATEWAY_URL` / `BKG_API_KEY`); otherwise, with `bkg_kernel` installed, the gateway of the data dir,
-started in the background when none runs (unless `BkgLab.start_gateway` is off). A gateway that cannot be
-reached is a 502 naming the URL, never a hang.
+started in the background when none runs (unless `BkgLab.start_gateway` is off). A gateway found so that then
+refuses a connection is looked for again, as `connect()` would (a gateway restarted on another port, `bkg serve
+--port 0`, is found without restarting Jupyter). A gateway that cannot be reached is a 502 naming the URL, never a
+hang.
 
 `/bkg/ws` pings both sides, as Jupyter Server's kernel sockets ping the browser (see `keep_alive`): a browser gone
 without a word (a laptop shut, a network dropped) closes the gateway's socket too, and a gateway gone silent closes
@@ -17,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from tornado import httpclient, web, websocket
 from traitlets import Bool, Unicode, default
 from traitlets.config import Configurable
 
+REDISCOVER_S = 2.0  # a search for the data dir's gateway that found none is not repeated sooner (every request asks)
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "server", "date"}
 
 
@@ -101,24 +105,49 @@ def _bkg_settings() -> dict[str, Any]:
 
 
 class Target:
-    """Where the gateway is and the key to use; resolved lazily and re-resolved after a failure."""
+    """Where the gateway is and the key to use: `BkgLab`'s, else found as `connect()` finds it, lazily. What was
+    found is forgotten when its gateway refuses a connection (`lost`) and looked for again, at most every
+    `REDISCOVER_S` while none is found; only the first search starts a gateway (one stopped by hand is not started
+    again behind the user's back: `bkg serve` would then find its data dir taken)."""
 
     def __init__(self, lab: BkgLab) -> None:
+        self.configured_url: str | None = lab.gateway_url
+        self.configured_key: str | None = lab.api_key
         self.url: str | None = lab.gateway_url
         self.key: str | None = lab.api_key
         self.start: bool = lab.start_gateway
         self.started = False
+        self.found = False  # a search has found a gateway once: later ones only look
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
         self._lock = asyncio.Lock()
+        self._failed: tuple[float, str] | None = None  # when the last search found no gateway, and why
 
     async def resolve(self) -> tuple[str, str | None]:
+        """Return the gateway's URL and key, looking for them when they are not known (yet, or any more)."""
         if self.url and self.key:
             return self.url, self.key
         async with self._lock:
             if not (self.url and self.key):
-                await asyncio.get_running_loop().run_in_executor(None, self._from_bkg_kernel)
+                if self._failed is not None and time.monotonic() - self._failed[0] < REDISCOVER_S:
+                    raise GatewayUnreachable(self._failed[1])
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, self._from_bkg_kernel)
+                except GatewayUnreachable as exc:
+                    self._failed = (time.monotonic(), str(exc))
+                    raise
+                self._failed = None
         assert self.url is not None
         return self.url, self.key
+
+    def lost(self, url: str) -> bool:
+        """Note that the gateway at `url` refused a connection; return whether another try may reach one.
+
+        A URL and key that were found, not configured, are forgotten: the next `resolve` looks again."""
+        if self.url == url:
+            if self.configured_url:
+                return False
+            self.url, self.key = None, self.configured_key
+        return True  # forgotten now, or already by another request (and maybe found again)
 
     def _from_bkg_kernel(self) -> None:
         try:
@@ -126,11 +155,13 @@ class Target:
         except ImportError:
             self.url = self.url or "http://127.0.0.1:43119"
             return
+        start = self.start and not self.found
         try:
-            wb = bkg_kernel.connect(self.url, api_key=self.key, start=self.start)
+            wb = bkg_kernel.connect(self.url, api_key=self.key, start=start)
         except Exception as exc:  # noqa: BLE001 - reported to the browser as a 502
             raise GatewayUnreachable(str(exc)) from None
-        self.started = self.start
+        self.started = self.started or start
+        self.found = True
         self.url = wb.url
         self.key = self.key or wb.api_key
 
@@ -140,6 +171,10 @@ class Target:
 
 class GatewayUnreachable(Exception):
     """No gateway answers."""
+
+
+# A connection the gateway refused (or never accepted): nothing was sent, so the request may go again elsewhere
+REFUSED = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 JUPYTER_ONLY = frozenset({"token", "_xsrf"})  # query arguments for the Jupyter server, never forwarded
@@ -202,30 +237,32 @@ class ProxyHandler(APIHandler):
         return f"{url.rstrip('/')}/{path}" + (f"?{query}" if query else "")
 
     async def _forward(self) -> None:
-        try:
-            url, _ = await self.target.resolve()
-        except GatewayUnreachable as exc:
-            _error(self, 502, "gateway_unreachable", f"cannot reach or start the bkg gateway: {exc}")
+        content_type = self.request.headers.get("Content-Type")
+        if content_type and not content_type.isascii():  # httpx sends headers as ASCII
+            _error(self, 400, "bad_request", "the Content-Type header holds a character that is not ASCII")
             return
-        headers = self.target.headers()
-        if content_type := self.request.headers.get("Content-Type"):
-            if not content_type.isascii():  # httpx sends headers as ASCII
-                _error(self, 400, "bad_request", "the Content-Type header holds a character that is not ASCII")
-                return
-            headers["Content-Type"] = content_type
         body = self.request.body if self.request.method not in ("GET", "DELETE", "HEAD") else None
-        try:
-            req = self.target.client.build_request(
-                self.request.method or "GET", self._dest(url), headers=headers, content=body
-            )
-        except (httpx.InvalidURL, ValueError) as exc:  # still unsendable: past httpx's URL length, say
-            _error(self, 400, "bad_request", f"cannot forward this request to the bkg gateway: {exc}")
-            return
-        try:
-            resp = await self.target.client.send(req, stream=True)
-        except httpx.TransportError as exc:
-            _error(self, 502, "gateway_unreachable", f"cannot reach the bkg gateway at {url}: {exc}")
-            return
+        for again in (True, False):  # a found gateway that refuses is looked for once more: it may have moved
+            try:
+                url, _ = await self.target.resolve()
+            except GatewayUnreachable as exc:
+                _error(self, 502, "gateway_unreachable", f"cannot reach or start the bkg gateway: {exc}")
+                return
+            headers = self.target.headers() | ({"Content-Type": content_type} if content_type else {})
+            try:
+                req = self.target.client.build_request(
+                    self.request.method or "GET", self._dest(url), headers=headers, content=body
+                )
+            except (httpx.InvalidURL, ValueError) as exc:  # still unsendable: past httpx's URL length, say
+                _error(self, 400, "bad_request", f"cannot forward this request to the bkg gateway: {exc}")
+                return
+            try:
+                resp = await self.target.client.send(req, stream=True)
+                break
+            except httpx.TransportError as exc:
+                if not (isinstance(exc, REFUSED) and self.target.lost(url) and again):
+                    _error(self, 502, "gateway_unreachable", f"cannot reach the bkg gateway at {url}: {exc}")
+                    return
         try:
             self.set_status(resp.status_code)
             for k, v in resp.headers.items():
@@ -269,12 +306,20 @@ class StatusHandler(APIHandler):
 
     @web.authenticated
     async def get(self) -> None:
-        try:
-            url, _ = await self.target.resolve()
-            r = await self.target.client.get(f"{url}/health", timeout=5)
-            self.finish({"gateway": url, "reachable": r.status_code == 200, "health": r.json()})
-        except (GatewayUnreachable, httpx.TransportError, ValueError) as exc:
-            self.finish({"gateway": self.target.url, "reachable": False, "error": str(exc)})
+        url = self.target.url
+        for again in (True, False):  # as `_forward`: a found gateway that refuses is looked for once more
+            try:
+                url, _ = await self.target.resolve()
+                r = await self.target.client.get(f"{url}/health", timeout=5)
+                self.finish({"gateway": url, "reachable": r.status_code == 200, "health": r.json()})
+                return
+            except REFUSED as exc:
+                if not (url is not None and self.target.lost(url) and again):
+                    self.finish({"gateway": url, "reachable": False, "error": str(exc)})
+                    return
+            except (GatewayUnreachable, httpx.TransportError, ValueError) as exc:
+                self.finish({"gateway": self.target.url, "reachable": False, "error": str(exc)})
+                return
 
 
 class DashboardsHandler(APIHandler):
@@ -323,18 +368,23 @@ class LiveHandler(WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
         # The gateway's socket is opened only here, once tornado and Jupyter have accepted the handshake (Upgrade,
         # Origin): one opened before a refused handshake stayed open, and 32 of them used up the user's sockets
         interval, timeout = keep_alive(self.settings)
-        try:
-            url, key = await self.target.resolve()
-            ws_url = (
-                url.replace("http://", "ws://").replace("https://", "wss://") + "/ws?" + urlencode({"token": key or ""})
-            )
-            # tornado pings the gateway: one that stops answering ends the socket, and the pump closes the browser's
-            self.upstream = await websocket.websocket_connect(
-                ws_url, ping_interval=interval or None, ping_timeout=min(timeout, interval) or None
-            )
-        except (GatewayUnreachable, OSError, websocket.WebSocketError, httpclient.HTTPClientError) as exc:
-            self._close(1011, f"cannot reach the bkg gateway: {exc}")
-            return
+        for again in (True, False):  # as `_forward`: a found gateway that refuses is looked for once more
+            url = None
+            try:
+                url, key = await self.target.resolve()
+                ws_url = url.replace("http://", "ws://").replace("https://", "wss://")
+                # tornado pings the gateway: one that stops answering ends the socket, the pump closes the browser's
+                self.upstream = await websocket.websocket_connect(
+                    f"{ws_url}/ws?" + urlencode({"token": key or ""}),
+                    ping_interval=interval or None,
+                    ping_timeout=min(timeout, interval) or None,
+                )
+                break
+            except (GatewayUnreachable, OSError, websocket.WebSocketError, httpclient.HTTPClientError) as exc:
+                # no connection at all (an HTTP error is the gateway's answer): it may have moved
+                if not (isinstance(exc, OSError) and url is not None and self.target.lost(url) and again):
+                    self._close(1011, f"cannot reach the bkg gateway: {exc}")
+                    return
         if self.ws_connection is None or self.ws_connection.is_closing():  # the browser left meanwhile
             self.upstream.close(1001, "the browser left")
             return

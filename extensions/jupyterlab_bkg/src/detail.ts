@@ -6,7 +6,8 @@ import { el, formatBytes, formatUptime, ITelemetry, Live, request } from './api'
 import { mountSettingsForm } from './settingsform';
 import { runAction } from './sidebar';
 
-const LEVELS = ['DEBUG', 'INFO', 'WARNING', 'ERROR'];
+// The minimum levels offered; a line at a level not named here (a plugin's own) is shown whatever the minimum
+const LEVELS = ['DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL'];
 const HISTORY = 150; // samples kept per chart (telemetry arrives every 2 s: the last 5 minutes)
 
 type Series = { key: keyof ITelemetry; label: string; format: (v: number) => string };
@@ -119,6 +120,7 @@ export class PluginPanel extends Widget {
         this.history.shift();
       }
       this.renderCharts();
+      this.renderUptime(msg.payload.uptime_s);
     } else if (msg.type === 'status') {
       void request(`api/plugins/${this.pluginId}`).then(info => this.renderHeader(info));
     }
@@ -137,11 +139,20 @@ export class PluginPanel extends Widget {
     this.header.replaceChildren(
       el('h2', {}, `${info.name} `, el('small', {}, `v${info.version} · ${info.mode}`)),
       el('span', { class: `bkg-badge bkg-state-${s.state}`, title: s.reason || s.state }, s.state),
-      el('span', { class: 'bkg-uptime' }, ` up ${formatUptime(s.uptime_s)}`),
+      el('span', { class: 'bkg-uptime' }),
       el('p', {}, info.description || ''),
       ...(s.reason ? [el('p', { class: 'bkg-reason' }, s.reason)] : []),
       actions
     );
+    this.renderUptime(s.uptime_s ?? 0);
+  }
+
+  /** The header's uptime: from the status at first, then from every telemetry message (every 2 s). */
+  private renderUptime(seconds: number | undefined): void {
+    const span = this.header.querySelector('.bkg-uptime');
+    if (span && seconds !== undefined) {
+      span.textContent = ` up ${formatUptime(seconds)}`;
+    }
   }
 
   private renderCaps(caps: any[]): void {
@@ -172,9 +183,10 @@ export class PluginPanel extends Widget {
   private renderLogs(): void {
     const floor = LEVELS.indexOf(this.logLevel.value);
     const needle = this.logSearch.value.toLowerCase();
-    const shown = this.lines.filter(
-      l => LEVELS.indexOf(l.level) >= floor && (!needle || String(l.message).toLowerCase().includes(needle))
-    );
+    const shown = this.lines.filter(l => {
+      const rank = LEVELS.indexOf(String(l.level).toUpperCase());
+      return (rank < 0 || rank >= floor) && (!needle || String(l.message).toLowerCase().includes(needle));
+    });
     this.logList.replaceChildren(
       ...shown.slice(-500).map(l =>
         el(
