@@ -154,7 +154,7 @@ def lab_env(
 
 @app.command()
 def dashboards(
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Voila port.")] = 8866,
+    port: DashboardsPort = 8866,
     folder: Annotated[Path, typer.Option(help="Folder of dashboard notebooks.")] = Path("dashboards"),
     url: Annotated[str | None, typer.Option("--url", help="Gateway URL (default: the data dir's gateway).")] = None,
 ) -> None:
@@ -214,17 +214,13 @@ def serve(
     run(Settings(**{k: v for k, v in overrides.items() if v is not None}), only)
 
 
-# the gateways this command made a client for: what one of them answers that is not what bkg expects (another
-# server answering on the port) is one line, not a traceback
-_ASKED: list[str] = []
-
-
 def _wb(url: str | None, data_dir: Path | None) -> Any:
     from bkg_kernel.client import connect
+    from bkg_kernel.client.workbench import is_gateway
 
     # a person at the bkg CLI, asking; without --url the admin key goes to the data dir's own gateway alone
     wb = connect(url, data_dir=data_dir, start=False, admin=True)
-    _ASKED.append(wb.url)
+    is_gateway(wb.url)  # another server on the port: one line, before any answer of its is read
     return wb
 
 
@@ -448,7 +444,6 @@ def run_all(
     _port_free(dashboards_port, "--dashboards-port")
     # the data dir's running gateway, else one connect() starts (the data dir's key goes to no other)
     wb = connect(running, data_dir=ddir, admin=admin)
-    _ASKED.append(wb.url)
     started = None if running else _started_gateway(ddir, wb.url)
     children: list[subprocess.Popen[bytes]] = []
 
@@ -695,25 +690,6 @@ def main() -> None:
     except tomllib.TOMLDecodeError as exc:
         typer.echo(f"error: bkg.toml (or BKG_CONFIG's file) is not valid TOML: {exc}", err=True)
         raise SystemExit(2) from None
-    except (KeyError, IndexError, TypeError, AttributeError) as exc:  # an answer without what a gateway's has
-        asked = _asked()
-        if asked is None:  # no gateway was asked: a fault of this program, with its traceback
-            raise
-        what = f"{type(exc).__name__}: {exc}"
-        typer.echo(f"error: {asked} did not answer as a bkg gateway does ({what}): is it one? (--url)", err=True)
-        raise SystemExit(2) from None
-
-
-def _asked() -> str | None:
-    """The gateway this command asked (`bkg jobs` too, whose client may still live), or None."""
-    if _ASKED:
-        return _ASKED[-1]
-    if "bkg_kernel.client.workbench" not in sys.modules:
-        return None
-    from bkg_kernel.client.workbench import latest
-
-    wb = latest()
-    return wb.url if wb is not None else None
 
 
 if __name__ == "__main__":

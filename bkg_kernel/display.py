@@ -97,13 +97,18 @@ def streamed_answer(events: Iterable[dict[str, Any]], answer: Callable[[dict[str
     result); elsewhere the text printed as it comes."""
     live = _Live(found) if found is not None else None
     result: dict[str, Any] | None = None
-    for event in events:
-        if "delta" in event and live is not None:
-            live.add(str(event["delta"]))
-        elif "sources" in event and live is not None:
-            live.given(len(event["sources"]))
-        elif "result" in event:
-            result = event["result"]
+    try:
+        for event in events:
+            if "delta" in event and live is not None:
+                live.add(str(event["delta"]))
+            elif "sources" in event and live is not None:
+                live.given(len(event["sources"]))
+            elif "result" in event:
+                result = event["result"]
+    finally:  # stopped early (Ctrl-C): the connection closes now, so the model stops
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
     if result is None:
         raise UpstreamError("the gateway ended the answer's stream without the answer")
     out = answer(result)

@@ -177,7 +177,7 @@ def test_connect_sends_the_data_dir_s_key_only_to_the_gateway_it_started(
 def test_an_answer_that_is_not_a_gateway_s_is_one_line(tmp_path: Path, recorder: Recorder) -> None:
     for args in (["users", "list"], ["keys", "list"], ["jobs", "list"]):
         r = _bkg(*args, "--url", recorder.url, cwd=tmp_path, env=_env(tmp_path, BKG_API_KEY=KEY))
-        _one_line(r, f"error: {recorder.url} did not answer as a bkg gateway does", "KeyError")
+        _one_line(r, f"error: {recorder.url} did not answer as a bkg gateway does")
 
 
 # -- 2, 3, 4 -------------------------------------------------------------------------------------------------------

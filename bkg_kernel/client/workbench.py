@@ -344,6 +344,18 @@ def _api_key(settings: Settings, data_dir: Path, admin: bool = False) -> str | N
     return settings.admin_key if admin else None
 
 
+def is_gateway(url: str) -> None:
+    """Refuse (503 `Unavailable`, one line at the CLI) an address whose `/health` is not a bkg gateway's: another
+    server answering on the port, which `--url` or BKG_GATEWAY_URL named."""
+    try:
+        health = httpx.get(f"{url}/health", timeout=5.0).json()
+        ok = isinstance(health, dict) and {"status", "version", "plugins"} <= health.keys()
+    except (httpx.HTTPError, ValueError):
+        ok = False
+    if not ok:
+        raise Unavailable(f"{url} did not answer as a bkg gateway does: is it one? (--url, BKG_GATEWAY_URL)")
+
+
 def _alive(url: str) -> bool:
     try:
         return httpx.get(f"{url}/health", timeout=2.0).status_code == 200
@@ -398,7 +410,7 @@ def connect(
             # the key will be the data dir's own (workbench.key, admin.key): it goes to the gateway the data dir's
             # lock vouches for, or to one started here, never to whatever answers on host:port (anyone may bind
             # 127.0.0.1:43119 while the gateway is down)
-            if not start or under_hub:
+            if not start or under_hub or not _this_machine(urlsplit(url).hostname or ""):
                 raise Unavailable(f"no bkg gateway answers for data dir {ddir} (none runs on it): start one with "
                                   "`bkg serve`")  # fmt: skip
             url = _spawn(settings, ddir, url, timeout)

@@ -37,8 +37,11 @@ Retries = Annotated[int, typer.Option("--retries", help="Automatic re-runs after
 
 def _wb(url: str | None, data_dir: Path | None) -> Any:
     from bkg_kernel.client import connect
+    from bkg_kernel.client.workbench import is_gateway
 
-    return connect(url, data_dir=data_dir, start=False)  # as the other gateway commands: no gateway is an error
+    wb = connect(url, data_dir=data_dir, start=False)  # as the other gateway commands: no gateway is an error
+    is_gateway(wb.url)
+    return wb
 
 
 def _echo(obj: Any) -> None:

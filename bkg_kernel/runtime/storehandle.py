@@ -8,10 +8,13 @@ interface either way: a plugin never knows where its store lives.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from bkg_kernel.errors import Cancelled
 
 Send = Callable[[str, dict[str, Any]], Any]  # send(op, arguments) -> result, raising the gateway's BkgError
 Opener = Callable[[str, dict[str, Any]], Iterator[Any]]  # open_stream(op, arguments) -> the answer's chunks
@@ -20,9 +23,7 @@ Opener = Callable[[str, dict[str, Any]], Iterator[Any]]  # open_stream(op, argum
 class StoreHandle:
     """Collections, points, queries, embeddings, rerank and chat, as the current caller."""
 
-    def __init__(
-        self, send: Send, *, open_stream: Callable[[str, dict[str, Any]], Iterator[Any]] | None = None
-    ) -> None:
+    def __init__(self, send: Send, *, open_stream: Opener | None = None) -> None:
         self._send = send
         # a streamed answer (chat_stream): over a worker's pipe, a reader of its chunks; inline, `send` returns one
         self._open_stream = open_stream or send
@@ -162,3 +163,23 @@ class StoreHandle:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
+
+    def chat_pieces(
+        self, body: dict[str, Any], *, route: str, cancelled: threading.Event, reply: dict[str, Any]
+    ) -> Generator[str, None, None]:
+        """`chat_stream`'s text, piece by piece as the model writes it; `reply` gets the answer's `model` and
+        `usage`. Once `cancelled` is set (the plugin's own client left) the next piece raises `Cancelled` and the
+        model stops."""
+        chunks = self.chat_stream(body, route=route)
+        try:
+            for chunk in chunks:
+                if cancelled.is_set():
+                    raise Cancelled(f"{route} was cancelled")
+                reply["model"] = chunk.get("model") or reply.get("model")
+                if chunk.get("usage"):
+                    reply["usage"] = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    if piece := (choice.get("delta") or {}).get("content"):
+                        yield piece
+        finally:
+            chunks.close()

@@ -127,7 +127,11 @@ def main(
         sid = next(store_ids)
         got: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         streamed[sid] = got
-        send(("store", sid, call.grant, op, args))
+        try:
+            send(("store", sid, call.grant, op, args))
+        except BaseException:
+            streamed.pop(sid, None)
+            raise
 
         def chunks() -> Iterator[Any]:
             ended = False

@@ -71,7 +71,8 @@ class WorkerProcess:
         self.streams: dict[int, Callable[[tuple[Any, ...]], None]] = {}
         # grant -> caller, for the requests in flight: a store request from the worker acts as that caller
         self.grants: dict[str, Principal] = {}
-        self.store_closed: set[int] = set()  # streamed store answers the worker stopped reading
+        self.store_streaming: set[int] = set()  # streamed store answers being sent
+        self.store_closed: set[int] = set()  # those of them the worker stopped reading
         self._ids = itertools.count(1)
         # Messages to the worker, pickled by the sender and written by one thread in order: the event loop never
         # writes to the pipe itself (a worker that stops reading, or a message bigger than the pipe's buffer,
@@ -107,8 +108,9 @@ class WorkerProcess:
                         fut.set_exception(from_dict(msg[3]))
             elif kind == "store":
                 self._store_request(msg[1], msg[2], msg[3], msg[4])
-            elif kind == "store_close":  # the worker stopped reading a streamed store answer
-                self.store_closed.add(msg[1])
+            elif kind == "store_close":  # the worker stopped reading a streamed store answer (still going?)
+                if msg[1] in self.store_streaming:
+                    self.store_closed.add(msg[1])
             elif kind == "heartbeat":
                 self.last_beat = time.monotonic()
             elif kind == "log":
@@ -129,7 +131,10 @@ class WorkerProcess:
             err = Unauthorized(f"the {self.host.id} worker sent a store request for a call that is no longer running")
             self._send(("store_result", store_id, False, err.to_dict()["error"]))
             return
-        _STORE_POOL.submit(self._serve_store, store_id, caller, op, args)
+        if op == "chat_stream":  # held for a whole generation: a thread of its own, not one of the pool's
+            threading.Thread(target=self._serve_store, args=(store_id, caller, op, args), daemon=True).start()
+        else:
+            _STORE_POOL.submit(self._serve_store, store_id, caller, op, args)
 
     def _serve_store(self, store_id: int, caller: Principal, op: str, args: dict[str, Any]) -> None:
         try:
@@ -147,10 +152,14 @@ class WorkerProcess:
     def _stream_store(self, store_id: int, chunks: Generator[Any, None, None]) -> None:
         """Send a streamed store answer's chunks as they come; stop it once the worker has closed its end (the
         plugin stopped reading: its own client left) or the worker is gone."""
-        with contextlib.closing(chunks):
-            for chunk in chunks:
-                if store_id in self.store_closed or not self._send(("store_chunk", store_id, chunk)):
-                    return
+        self.store_streaming.add(store_id)
+        try:
+            with contextlib.closing(chunks):
+                for chunk in chunks:
+                    if store_id in self.store_closed or not self._send(("store_chunk", store_id, chunk)):
+                        return
+        finally:
+            self.store_streaming.discard(store_id)
 
     def _send(self, msg: tuple[Any, ...]) -> bool:
         """Queue a message for the worker (False once the pipe is known broken: the worker is gone)."""

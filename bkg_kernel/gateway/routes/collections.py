@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
@@ -22,10 +22,6 @@ from bkg_kernel.store import projection
 from bkg_kernel.store.index import DEFAULT_PARAMS, PARAM_RANGES
 from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN, INT64_MAX, INT64_MIN
 from bkg_kernel.strict import StrictBody
-
-if TYPE_CHECKING:
-    pass
-
 
 router = APIRouter(prefix="/api/collections", tags=["collections"], route_class=CheckedJSONRoute)
 NAME_PATTERN, EMBED_PATTERN = COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN  # the store's rules, in the schema

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bkg_kernel.errors import AlreadyExists, BkgError, Cancelled, Conflict, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, BkgError, Conflict, InvalidInput, NotFound
 from bkg_kernel.models.classifier import Classifier
 from bkg_kernel.models.classifier import train_in_child as fit_classifier
 from bkg_kernel.models.registry import ModelRegistry, check_id, slug
@@ -490,22 +490,12 @@ class BrainML(Plugin):
         sources, body = self._prompt(inp)
         yield {"sources": sources}
         parts: list[str] = []
-        usage: dict[str, Any] = {}  # the last chunk says it, and the model
-        model = ""
-        chunks = self.store.chat_stream(body, route="brainml.ask")
-        try:
-            for chunk in chunks:
-                if cancelled.is_set():
-                    raise Cancelled("brainml.ask was cancelled")
-                model, usage = chunk.get("model") or model, chunk.get("usage") or usage
-                for choice in chunk.get("choices") or []:
-                    piece = (choice.get("delta") or {}).get("content")
-                    if piece:
-                        parts.append(piece)
-                        yield {"delta": piece}
-        finally:
-            chunks.close()
-        yield {"result": dict(self._answered(inp, sources, "".join(parts), model, usage).__pydantic_extra__ or {})}
+        reply: dict[str, Any] = {}  # the model and the usage, as the last chunk says them
+        for piece in self.store.chat_pieces(body, route="brainml.ask", cancelled=cancelled, reply=reply):
+            parts.append(piece)
+            yield {"delta": piece}
+        answered = self._answered(inp, sources, "".join(parts), reply.get("model") or "", reply.get("usage") or {})
+        yield {"result": dict(answered.__pydantic_extra__ or {})}
 
     def _prompt(self, inp: AskRequest) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The chunks an answer is given (`sources`, numbered from 1) and the chat request that gives them."""

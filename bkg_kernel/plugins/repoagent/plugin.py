@@ -529,23 +529,13 @@ class RepoAgent(Indexing, Plugin):
                            self.settings.ask_map_tokens, self.settings.ask_context_tokens)  # fmt: skip
         yield {"sources": p.shown_sources()}
         parts: list[str] = []
-        usage: dict[str, Any] | None = None
-        model: str | None = None
+        reply: dict[str, Any] = {}  # the model and the usage, as the last chunk says them
         if p.sources:
             body = self._chat_body(p.messages, self.settings.ask_max_tokens)
-            chunks = self.store.chat_stream(body, route="repo.ask")
-            try:
-                for chunk in chunks:
-                    if cancelled.is_set():
-                        raise Cancelled("repo.ask was cancelled")
-                    model, usage = chunk.get("model") or model, chunk.get("usage") or usage
-                    for choice in chunk.get("choices") or []:
-                        if piece := (choice.get("delta") or {}).get("content"):
-                            parts.append(piece)
-                            yield {"delta": piece}
-            finally:
-                chunks.close()
-        out = answers.answered(p, "".join(parts), model, usage)
+            for piece in self.store.chat_pieces(body, route="repo.ask", cancelled=cancelled, reply=reply):
+                parts.append(piece)
+                yield {"delta": piece}
+        out = answers.answered(p, "".join(parts), reply.get("model"), reply.get("usage"))
         yield {"result": {"workspace": ws.name, **out, "took_s": round(time.perf_counter() - t0, 3)}}
 
     @capability("repo.document", scope="repo:use", job=True)
