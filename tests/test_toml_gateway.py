@@ -45,7 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.keys.append(self.headers.get("Authorization"))
         ok = self.path == "/health"
         err = {"error": {"status": 403, "code": "forbidden", "message": "a stranger's server"}}
-        body = json.dumps({"status": "ok", "plugins": {}} if ok else err).encode()
+        body = json.dumps({"status": "ok", "version": "0", "plugins": {}} if ok else err).encode()  # as a gateway's
         self.send_response(200 if ok else 403)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
