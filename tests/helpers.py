@@ -238,3 +238,20 @@ def scale_program(path: Path, k: float = 2.0) -> Path:
 
     torch.jit.script(Scale(k)).save(str(path))
     return path
+
+
+def git(repo: Path, *args: str) -> str:
+    """Run git in `repo` with no user or system config (the machine's own cannot change what a test sees)."""
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True, env=env).stdout
+
+
+def git_repo(repo: Path, files: dict[str, str]) -> Path:
+    """A git repository at `repo` holding `files` (relative path -> text) in one commit."""
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-q", "-m", "init")
+    return repo

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from gateway_harness import Gateway, start_gateway, wait_for
+from helpers import git
 
 from bkg_kernel.client.transport import iter_sse, raise_for_error
 from bkg_kernel.errors import Conflict, NotFound
@@ -109,11 +110,6 @@ COMMANDS = {
         "timeout_s": 120,
     },
 }  # fmt: skip
-
-
-def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True, env=env).stdout
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from gateway_harness import Gateway, start_gateway
+from helpers import git, git_repo
 
 FILES = {
     "pkg/util.py": 'def slugify(text):\n    """Words joined by dashes."""\n    return "-".join(text.split())\n',
@@ -25,21 +26,6 @@ FILES = {
     "lib/c.ts": "function c(): number { return 3; }\n",
     "README.md": "# demo: slugify things\n",
 }
-
-
-def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True, env=env).stdout
-
-
-def git_repo(repo: Path, files: dict[str, str]) -> Path:
-    for rel, text in files.items():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_text(text)
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-q", "-m", "init")
-    return repo
 
 
 @pytest.fixture(scope="module")

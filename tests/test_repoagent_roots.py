@@ -5,9 +5,7 @@ and the scopes the README names are the ones the calls need. Each test is a defe
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from gateway_harness import Gateway, start_gateway
+from helpers import git, git_repo
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 PLUGIN = Path(__file__).resolve().parent.parent / "bkg_kernel" / "plugins" / "repoagent" / "plugin.py"
@@ -28,25 +27,10 @@ FILES = {
 }
 
 
-def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True, env=env).stdout
-
-
-def git_repo(repo: Path) -> Path:
-    for rel, text in FILES.items():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_text(text)
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-q", "-m", "init")
-    return repo
-
-
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     base = tmp_path_factory.mktemp("roots")
-    git_repo(base / "repos" / "demo")
+    git_repo(base / "repos" / "demo", FILES)
     (base / "other").mkdir()
     g = start_gateway(base / "data")
     yield g
@@ -98,7 +82,7 @@ def test_no_workspace_reaches_the_data_dir(gw: Gateway) -> None:
             err = r.json()["error"]
             assert err["field"] == "path" and "data dir" in err["message"], err
         # the data dir's repos folder (the default root) is where workspaces belong
-        git_repo(data / "repos" / "own")
+        git_repo(data / "repos" / "own", FILES)
         ok = invoke(gw, "repo.workspace", {"action": "add", "name": "own", "path": "data/repos/own"}, key)
         assert ok.status_code == 200, ok.text
         assert invoke(gw, "repo.file.read", {"workspace": "own", "path": "pkg/util.py"}, key).status_code == 200
