@@ -172,12 +172,15 @@ def stateful_machine(url: str, headers: dict[str, str], seen: Counter[str], fail
     return Machine
 
 
-def run_stateful(url: str, headers: dict[str, str], scenarios: int, steps: int = 10) -> tuple[Counter[str], list[str]]:
+def run_stateful(
+    url: str, headers: dict[str, str], scenarios: int, steps: int = 10, derandomize: bool = False
+) -> tuple[Counter[str], list[str]]:
     """Run `scenarios` call sequences of at most `steps` calls; return the counts and the failures.
 
     The server's state carries over between sequences, so Hypothesis may find that a prefix it replays no longer
     offers the same links (a name already taken answers 409, not 201); like schemathesis' own runner, that ends
-    the round and a new one continues with the scenarios still to run."""
+    the round and a new one continues with the scenarios still to run. `derandomize` draws the same sequences on
+    every run (the test's choice; the bench explores afresh each time)."""
     seen: Counter[str] = Counter()
     failures: list[str] = []
     machine = stateful_machine(url, headers, seen, failures)
@@ -195,6 +198,7 @@ def run_stateful(url: str, headers: dict[str, str], scenarios: int, steps: int =
                     deadline=None,
                     suppress_health_check=list(HealthCheck),
                     database=None,
+                    derandomize=derandomize,
                 )
             )
     return seen, failures
