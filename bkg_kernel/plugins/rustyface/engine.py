@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 
 from bkg_kernel.errors import ModelLoadFailed, NotFound
+from bkg_kernel.plugins.rustyface.images import ArrayPhoto, Photo, as_photo
+
+Pixels = Photo | ArrayPhoto | np.ndarray  # a decoded photo, or a BGR uint8 array
 
 DETECTOR = "face_detection_yunet_2023mar_int8bq.onnx"
 RECOGNIZER = "face_recognition_sface_2021dec_int8bq.onnx"
@@ -88,17 +91,9 @@ class FaceEngine:
             self._local.rec = net
         return net
 
-    def detect(self, img: np.ndarray, *, min_score: float = 0.6, max_faces: int = 100, min_size: int = 0) -> list[Face]:
+    def detect(self, img: Pixels, *, min_score: float = 0.6, max_faces: int = 100, min_size: int = 0) -> list[Face]:
         """Return faces, best score first, in the image's pixels (found on a copy at most `det_size` long)."""
-        import cv2
-
-        h, w = img.shape[:2]
-        scale = min(1.0, self.det_size / max(h, w))
-        small = img
-        if scale < 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            small = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
-        fx, fy = w / small.shape[1], h / small.shape[0]  # back to the image's pixels
+        small, fx, fy = as_photo(img).scaled(self.det_size)  # fx, fy: back to the image's pixels
         _, raw = self._det(small.shape[1], small.shape[0], min_score).detect(small)
         faces = []
         for r in raw if raw is not None else []:
@@ -110,14 +105,15 @@ class FaceEngine:
         faces.sort(key=lambda f: -f.score)
         return faces[:max_faces]
 
-    def embed(self, img: np.ndarray, face: Face) -> np.ndarray:
+    def embed(self, img: Pixels, face: Face) -> np.ndarray:
         """Align the face on its landmarks (insightface norm_crop, 112x112) and return a unit 128-d vector."""
         import cv2
         from insightface.utils.face_align import norm_crop
 
+        crop, moved = face_region(img, face, 112)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # scikit-image deprecation inside norm_crop
-            aligned = norm_crop(img, np.asarray(face.landmarks, dtype=np.float32))
+            aligned = norm_crop(crop, np.asarray(moved.landmarks, dtype=np.float32))
         blob = cv2.dnn.blobFromImage(aligned, 1.0, (112, 112), (0.0, 0.0, 0.0), swapRB=False, crop=False)
         net = self._rec()
         try:
@@ -193,35 +189,79 @@ class InsightFaceEngine:
                     field="pack",
                 ) from None
 
-    def detect(self, img: np.ndarray, *, min_score: float = 0.6, max_faces: int = 100, min_size: int = 0) -> list[Face]:
+    def detect(self, img: Pixels, *, min_score: float = 0.6, max_faces: int = 100, min_size: int = 0) -> list[Face]:
         """Return faces, best score first, with age and gender when the pack has that model."""
+        photo = as_photo(img)
         if self.yunet is not None:
-            faces = self.yunet.detect(img, min_score=min_score, max_faces=max_faces, min_size=min_size)
+            faces = self.yunet.detect(photo, min_score=min_score, max_faces=max_faces, min_size=min_size)
         else:
+            small, fx, fy = photo.scaled(self.det_size)  # it scales into its det_size square itself: no loss
             with self._lock:
                 self.detector.det_thresh = min_score
-                boxes, kpss = self.detector.detect(img, max_num=0)
+                boxes, kpss = self.detector.detect(small, max_num=0)
             faces = []
             for i, b in enumerate(boxes):
-                x1, y1, x2, y2, score = (float(v) for v in b[:5])
+                x1, y1, x2, y2, score = (
+                    float(b[0]) * fx,
+                    float(b[1]) * fy,
+                    float(b[2]) * fx,
+                    float(b[3]) * fy,
+                    float(b[4]),
+                )
                 if min(x2 - x1, y2 - y1) < min_size:
                     continue
-                lm = kpss[i].tolist() if kpss is not None else []
+                lm = [[float(x) * fx, float(y) * fy] for x, y in kpss[i]] if kpss is not None else []
                 faces.append(Face([x1, y1, x2, y2], lm, score))
             faces.sort(key=lambda f: -f.score)
             faces = faces[:max_faces]
         if self.attribute is not None:
             for f in faces:
-                gender, age = self.attribute.get(img, _insight_face(f))
+                crop, moved = face_region(photo, f, None)
+                gender, age = self.attribute.get(crop, _insight_face(moved))
                 f.gender, f.age = ("M" if int(gender) == 1 else "F"), int(age)
         return faces
 
-    def embed(self, img: np.ndarray, face: Face) -> np.ndarray:
+    def embed(self, img: Pixels, face: Face) -> np.ndarray:
         """Align on the landmarks (insightface norm_crop at the recognizer's size) and return a unit vector."""
+        crop, moved = face_region(img, face, self.recognizer.input_size[0])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            v = np.asarray(self.recognizer.get(img, _insight_face(face)), dtype=np.float32).reshape(-1)
+            v = np.asarray(self.recognizer.get(crop, _insight_face(moved)), dtype=np.float32).reshape(-1)
         return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def face_region(img: Pixels, face: Face, aligned: int | None) -> tuple[np.ndarray, Face]:
+    """The pixels a model reads for `face`, and the face in them: insightface's age / gender crop (1.5x the box,
+    around its centre) and, for `aligned`, the source of its norm_crop at that size (aligned on the landmarks),
+    with two pixels to spare for interpolation. Both warp with zeros past the photo's edges, so the result is the
+    same as from the whole photo, without copying it."""
+    from insightface.utils.face_align import estimate_norm
+
+    photo = as_photo(img)
+    x1, y1, x2, y2 = face.bbox
+    half = 0.75 * max(x2 - x1, y2 - y1)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    xs, ys = [cx - half, cx + half], [cy - half, cy + half]
+    lm = np.asarray(face.landmarks, dtype=np.float64)
+    if aligned is not None and lm.shape == (5, 2) and np.isfinite(lm).all():
+        size = aligned
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scikit-image deprecation inside estimate_norm
+            m = estimate_norm(lm.astype(np.float32), size)
+        a, t = m[:, :2], m[:, 2]
+        if np.isfinite(m).all() and abs(np.linalg.det(a)) > 1e-12:
+            corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], dtype=np.float64)
+            src = (corners - t) @ np.linalg.inv(a).T  # the output square's corners in the photo
+            xs, ys = [*xs, *src[:, 0]], [*ys, *src[:, 1]]
+        else:  # no transform fits these landmarks: the whole photo, as before
+            xs, ys = [0, photo.width], [0, photo.height]
+    crop, x0, y0 = photo.region((min(xs) - 2, min(ys) - 2, max(xs) + 2, max(ys) + 2))
+    moved = Face(
+        [x1 - x0, y1 - y0, x2 - x0, y2 - y0],
+        [[x - x0, y - y0] for x, y in face.landmarks],
+        face.score,
+    )
+    return crop, moved
 
 
 def _insight_face(face: Face) -> Any:

@@ -209,7 +209,8 @@ class RustyFace(Plugin):
         e = self.engine
         return {"ok": True, "pack": e.name, "models": e.models, "dim": e.dim, "det_size": e.det_size}
 
-    def _image(self, image: str, field: str) -> np.ndarray:
+    def _image(self, image: str, field: str) -> images.Photo:
+        """The photo, decoded only as far as each step needs (see images.Photo)."""
         s = self.settings
         return images.load(image, field=field, roots=self.roots, max_bytes=s.max_bytes, max_pixels=s.max_pixels)
 
@@ -220,7 +221,7 @@ class RustyFace(Plugin):
         t0 = time.perf_counter()
         faces = self.engine.detect(img, min_score=inp.min_score, max_faces=inp.max_faces, min_size=inp.min_size)
         took = (time.perf_counter() - t0) * 1000
-        return Detected(faces=[f.to_dict() for f in faces], width=img.shape[1], height=img.shape[0], took_ms=took)
+        return Detected(faces=[f.to_dict() for f in faces], width=img.width, height=img.height, took_ms=took)
 
     @capability("faces.embed", scope="faces:use", big_input=True)
     def embed(self, inp: DetectRequest) -> Embedded:
@@ -235,9 +236,9 @@ class RustyFace(Plugin):
     @capability("faces.verify", scope="faces:use", big_input=True)
     def verify(self, inp: VerifyRequest) -> Verified:
         """Compare the most confident face of each image (cosine of SFace embeddings)."""
-        a, fa = self._best(inp.image_a, "image_a")
-        b, fb = self._best(inp.image_b, "image_b")
-        sim = float(self.engine.embed(a, fa) @ self.engine.embed(b, fb))
+        fa, va = self._best(inp.image_a, "image_a")  # one photo's pixels held at a time
+        fb, vb = self._best(inp.image_b, "image_b")
+        sim = float(va @ vb)
         threshold = self.settings.verify_threshold if inp.threshold is None else inp.threshold
         return Verified(
             same=sim >= threshold,
@@ -287,27 +288,34 @@ class RustyFace(Plugin):
             raise InvalidInput("sources must have one name per image", field="sources")
         g = self._galleries()
         g.require(inp.gallery)  # before any work: 404 without the gallery, 409 when another pack's faces are in it
-        faces, skipped = [], []
+        faces: list[dict[str, Any]] = []
+        skipped = []
         for i, image in enumerate(inp.images):
             source = inp.sources[i] if inp.sources else f"images[{i}]"
-            img = self._image(image, f"images[{i}]")
-            found = self.engine.detect(img, min_score=inp.min_score)
+            found, thumb, embedding = self._enrolled(image, f"images[{i}]", inp.min_score)
             if not found:
                 skipped.append({"source": source, "reason": "no face found"})
                 continue
             best = found[0]
             payload = {
                 "subject": inp.subject, "source": source, "bbox": best.bbox, "score": best.score,
-                "faces_in_image": len(found), "metadata": inp.metadata, "model": self.engine.name,
-                "thumb": images.thumbnail(img, best.bbox),
+                "faces_in_image": len(found), "metadata": inp.metadata, "model": self.engine.name, "thumb": thumb,
             }  # fmt: skip
-            faces.append({"embedding": self.engine.embed(img, best).tolist(), "payload": payload})
+            faces.append({"embedding": embedding, "payload": payload})
         ids = g.add_faces(inp.gallery, faces) if faces else []
         enrolled = [
             {"id": i, "source": f["payload"]["source"], "bbox": f["payload"]["bbox"]}
             for i, f in zip(ids, faces, strict=True)
         ]
         return Result(gallery=inp.gallery, subject=inp.subject, enrolled=enrolled, skipped=skipped)
+
+    def _enrolled(self, image: str, field: str, min_score: float) -> tuple[list[Face], str, list[float]]:
+        """The faces in the image, and the best one's thumbnail and embedding (its pixels freed on return)."""
+        img = self._image(image, field)
+        found = self.engine.detect(img, min_score=min_score)
+        if not found:
+            return [], "", []
+        return found, images.thumbnail(img, found[0].bbox), self.engine.embed(img, found[0]).tolist()
 
     @capability("faces.identify", scope="faces:use", big_input=True)
     def identify(self, inp: IdentifyRequest) -> Result:
@@ -333,9 +341,10 @@ class RustyFace(Plugin):
             gallery=inp.gallery, threshold=threshold, faces=out, timings={k: round(v, 3) for k, v in timings.items()}
         )
 
-    def _best(self, image: str, field: str) -> tuple[np.ndarray, Face]:
+    def _best(self, image: str, field: str) -> tuple[Face, np.ndarray]:
+        """The most confident face of the image, and its embedding."""
         img = self._image(image, field)
         faces = self.engine.detect(img, max_faces=1)
         if not faces:
             raise InvalidInput(f"{field}: no face found in the image", field=field)
-        return img, faces[0]
+        return faces[0], self.engine.embed(img, faces[0])
