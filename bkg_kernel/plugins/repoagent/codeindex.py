@@ -10,6 +10,7 @@ grammar are chunked in windows of lines, so they are still found as text.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -132,10 +133,11 @@ def chunks_for(path: str, source: str, parsed: dict[str, Any]) -> list[dict[str,
     first = min((s["start"] for s in symbols), default=len(lines) + 1)
     head_end = max(1, min(len(lines), MODULE_HEAD_LINES, first - 1 if first > 1 else MODULE_HEAD_LINES))
     add(1, head_end, "module", mod["qualname"], f"{path} module {mod['qualname']} ({words(mod['qualname'])})")
+    starts = sorted(s["start"] for s in symbols)
     for s in symbols:
         end = s["end"]
         if s["kind"] in ("class", "interface", "trait", "struct", "impl"):
-            end = own_end(s, symbols)
+            end = own_end(s, symbols, starts)
         head = f"{path} {s['kind']} {s['qualname']} ({words(s['qualname'])})"
         if s["doc"]:
             head += f"\n{s['doc'][:400]}"
@@ -228,11 +230,14 @@ def update(
     return changed, before, removed
 
 
-def own_end(s: dict[str, Any], symbols: list[dict[str, Any]]) -> int:
+def own_end(s: dict[str, Any], symbols: list[dict[str, Any]], starts: list[int] | None = None) -> int:
     """The last line of a symbol's own code: a class ends where its first member begins (its chunk is its head,
-    and a member's change regenerates the member's docs, not the class's)."""
-    inner = [t["start"] for t in symbols if s["start"] < t["start"] <= s["end"] and t["kind"] != "module"]
-    return max(s["start"], min(inner) - 1) if inner else s["end"]
+    and a member's change regenerates the member's docs, not the class's). `starts`: the sorted first lines of
+    `symbols` but the module, when the caller has them (a file of thousands of classes scanned them all per class)."""
+    if starts is None:
+        starts = sorted(t["start"] for t in symbols if t["kind"] != "module")
+    k = bisect.bisect_right(starts, s["start"])  # the first symbol that begins after this one's first line
+    return max(s["start"], starts[k] - 1) if k < len(starts) and starts[k] <= s["end"] else s["end"]
 
 
 def span_sha(source_lines: list[str], start: int, end: int) -> str:

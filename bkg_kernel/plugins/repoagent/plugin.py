@@ -22,7 +22,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,16 +105,27 @@ def _compilable(query: str) -> None:
                            "it would take too much memory to compile", field="query")  # fmt: skip
 
 
-def _glob(pattern: str) -> Any:
+def _glob(pattern: str) -> Callable[[str], bool]:
     """`repo.search`'s `glob` as git and ripgrep read one (gitignore's wildmatch): `*` stays within a folder, `**/`
-    is any number of folders, none included, and a pattern without a `/` matches a file's name at any depth; 422
-    naming `glob` for one git could not read."""
+    is any number of folders, none included, and a pattern without a `/` matches a file's name at any depth. A
+    leading `!` excludes, as ripgrep's `-g '!*.md'` does: every file but those the rest matches (to gitignore, a
+    lone negation only re-includes, so it matched nothing at all); `\\!` matches a name that begins with `!`. 422
+    naming `glob` for one git could not read, a bare `!` and a `!!`."""
     import pathspec
 
+    negate = pattern.startswith("!")
+    rest = pattern[1:] if negate else pattern
+    if negate and (not rest.strip() or rest.startswith("!")):
+        raise InvalidInput(f"glob {pattern!r}: a leading '!' takes one pattern after it, whose files are left out "
+                           "('!*.md': every file but Markdown; '\\!name' for a name that begins with '!')",
+                           field="glob")  # fmt: skip
     try:
-        return pathspec.GitIgnoreSpec.from_lines([pattern])
-    except ValueError as exc:  # a pattern ending in a lone backslash, a bare '!'
+        spec = pathspec.GitIgnoreSpec.from_lines([rest])
+    except ValueError as exc:  # a pattern ending in a lone backslash
         raise InvalidInput(f"not a glob git can read: {exc}", field="glob") from None
+    if negate:
+        return lambda rel: not spec.match_file(rel)
+    return spec.match_file
 
 
 def _regular_bytes(full: Path, max_bytes: int) -> bytes | None:
@@ -353,7 +364,7 @@ class RepoAgent(Indexing, Plugin):
         files: dict[str, int] = {}
         truncated = False
         for rel in self._files(ws):
-            if wanted is not None and not wanted.match_file(rel):
+            if wanted is not None and not wanted(rel):
                 continue
             data = _regular_bytes(ws.path / rel, self.settings.max_file_bytes)
             if data is None or is_binary(data):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bkg_kernel.errors import InvalidInput
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
 from bkg_kernel.plugins.repoagent.sandbox import CommandSpec, Limits, default_commands
-from bkg_kernel.runtime.contract import PluginSettings
+from bkg_kernel.runtime.contract import MASK, PluginSettings
 
 WORKSPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,58}$"  # it names a folder and the collection repo-<name>
 DEFAULT_IGNORE = [
@@ -44,6 +45,36 @@ class RepoSettings(PluginSettings):
         1200, ge=200, le=1_000_000, description="Prompt budget of repo.ask: the model's context less its answer."
     )
     doc_max_tokens: int = Field(200, ge=16, le=4096)
+
+    def public(self) -> dict[str, Any]:
+        """Return the settings with secrets masked: a command's `env` values too (a token a test runner needs), by
+        name only, as `secret_fields` are; every plugins:read caller and the audit log read this."""
+        data = super().public()
+        for spec in data.get("commands", {}).values():
+            spec["env"] = {k: MASK if v else v for k, v in spec.get("env", {}).items()}
+        return data
+
+    def keep_secrets(self, new: dict[str, Any]) -> dict[str, Any]:
+        """Return `new` with masked values replaced by the current ones, a command's `env` values included (a form
+        sends back what `public` showed); 422 for a mask this command has no value behind (a new or renamed one)."""
+        new = super().keep_secrets(new)
+        commands = new.get("commands")
+        if not isinstance(commands, dict):
+            return new
+        kept: dict[str, Any] = {}
+        for name, spec in commands.items():
+            env = spec.get("env") if isinstance(spec, dict) else None
+            if isinstance(env, dict) and MASK in env.values():
+                now = self.commands.get(name)
+                real = now.env if now is not None else {}
+                for key, value in env.items():
+                    if value == MASK and key not in real:
+                        field = f"config.commands.{name}.env.{key}"
+                        msg = f"{MASK!r} stands for a value the gateway hides, and command {name!r} has none"
+                        raise InvalidInput(f"{field}: {msg} for {key!r} to keep: give the value itself", field=field)
+                spec = {**spec, "env": {k: real[k] if v == MASK else v for k, v in env.items()}}
+            kept[name] = spec
+        return {**new, "commands": kept}
 
 
 Name = Field(..., pattern=WORKSPACE_PATTERN, description="A registered workspace.")
@@ -118,7 +149,8 @@ class SearchRequest(BaseModel):
     case_sensitive: bool = False
     glob: str | None = Field(
         None, max_length=1000, description="Files to search, a pattern as .gitignore reads one: '*.py' (a name, at "
-        "any depth), 'src/*.ts' (in src only), 'src/**/*.ts' (in src and its folders).",
+        "any depth), 'src/*.ts' (in src only), 'src/**/*.ts' (in src and its folders). A leading '!' excludes, as "
+        "ripgrep's -g does: '!*.md' searches every file but Markdown ('\\!x' for a name that begins with '!').",
     )  # fmt: skip
     limit: int = Field(100, ge=1, le=5_000)
 
