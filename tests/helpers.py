@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +204,95 @@ def jupyter_server(
         yield url
     finally:
         stop_process(proc)
+
+
+@contextlib.contextmanager
+def jupyter_lab(
+    root: Path, gateway_url: str, token: str, *args: str, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`jupyter_server` running JupyterLab with `args`, quiet (no news, no update check) and keeping its workspaces
+    and settings under `root`, logging to `root`/lab.log; yield its URL."""
+    quiet = [
+        "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        f"--LabApp.workspaces_dir={root / 'workspaces'}", f"--LabApp.user_settings_dir={root / 'settings'}",
+    ]  # fmt: skip
+    with jupyter_server(root, gateway_url, token, *quiet, *args, module="jupyterlab", env=env, log="lab.log") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def lab_page(lab_url: str, token: str) -> Iterator[Any]:
+    """A page of a real Chromium on the JupyterLab at `lab_url`, loaded (its splash gone) with bkg's sidebar open;
+    the browser closed after."""
+    from gateway_harness import CHROMIUM, CHROMIUM_ARGS
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{lab_url}/lab?token={token}")
+            page.wait_for_selector("#jupyterlab-splash", state="detached", timeout=60_000)
+            if not page.locator("#bkg-sidebar").is_visible():
+                page.click('li[data-id="bkg-sidebar"]')
+            yield page
+        finally:
+            browser.close()
+
+
+class _RecordingHandler(BaseHTTPRequestHandler):
+    server: RecordingServer
+
+    def do_GET(self) -> None:
+        self.server.seen.append((self.path, self.headers.get("Authorization")))
+        status, answer = self.server.answer(self.path)
+        body = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class RecordingServer(ThreadingHTTPServer):
+    """Not a bkg gateway: an HTTP server on `host` that answers every GET and POST with `answer(path)` (a status and
+    a JSON body), keeps each request's path and Authorization header, and counts the connections it accepts."""
+
+    daemon_threads = True
+
+    def __init__(self, answer: Callable[[str], tuple[int, Any]], host: str = "127.0.0.1") -> None:
+        self.answer = answer
+        self.seen: list[tuple[str, str | None]] = []
+        self.connections = 0
+        super().__init__((host, 0), _RecordingHandler)
+        self.port = int(self.server_address[1])
+        self.url = f"http://{host}:{self.port}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def keys(self) -> list[str | None]:
+        """The Authorization header of every request, in order (None: none sent)."""
+        return [key for _, key in self.seen]
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        self.connections += 1
+        return True
+
+
+@contextlib.contextmanager
+def recording_server(answer: Callable[[str], tuple[int, Any]], host: str = "127.0.0.1") -> Iterator[RecordingServer]:
+    """A `RecordingServer` answering with `answer`, stopped after."""
+    server = RecordingServer(answer, host)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @contextlib.contextmanager

@@ -20,15 +20,14 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 from gateway_harness import ADMIN_KEY, free_port, start_gateway, wait_for
+from helpers import RecordingServer, recording_server
 
 from bkg_kernel.errors import Unavailable
 
@@ -37,43 +36,16 @@ KEY = "bkg_0123456789ab_" + "Q" * 40  # what the data dir's key files hold here
 SECRETS = ("BKG_ADMIN_KEY", "JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN")
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    server: Recorder
-
-    def do_GET(self) -> None:
-        self.server.seen.append((self.path, self.headers.get("Authorization")))
-        body = json.dumps({"status": "ok", "plugins": {}}).encode()  # /health-like, for every path
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_POST = do_GET
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class Recorder(ThreadingHTTPServer):
-    """Not a bkg gateway: a server on 127.0.0.1 that answers 200 to everything and keeps what it was sent."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, str | None]] = []
-        super().__init__(("127.0.0.1", 0), _Recorder)
-        self.port = int(self.server_address[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+def _as_a_gateway(path: str) -> tuple[int, Any]:
+    """A /health-like answer, for every path."""
+    return 200, {"status": "ok", "plugins": {}}
 
 
 @pytest.fixture
-def recorder() -> Iterator[Recorder]:
-    r = Recorder()
-    yield r
-    r.shutdown()
-    r.server_close()
+def recorder() -> Iterator[RecordingServer]:
+    """Not a bkg gateway: a server on 127.0.0.1 that answers 200 to everything and keeps what it was sent."""
+    with recording_server(_as_a_gateway) as r:
+        yield r
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -132,7 +104,7 @@ def _workbench(tmp_path: Path) -> Path:
 
 
 def test_the_cli_sends_the_data_dir_s_keys_to_no_other_server_on_the_default_port(
-    tmp_path: Path, recorder: Recorder
+    tmp_path: Path, recorder: RecordingServer
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -148,7 +120,7 @@ def test_the_cli_sends_the_data_dir_s_keys_to_no_other_server_on_the_default_por
 
 
 def test_connect_sends_the_data_dir_s_key_only_to_the_gateway_it_started(
-    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, recorder: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A notebook's `bkg.connect()` with no gateway running starts one on BKG_PORT: with something else there, the
     one it started cannot bind, and connect() says so instead of handing the stranger the workbench key."""
@@ -174,7 +146,7 @@ def test_connect_sends_the_data_dir_s_key_only_to_the_gateway_it_started(
     assert leftover == []
 
 
-def test_an_answer_that_is_not_a_gateway_s_is_one_line(tmp_path: Path, recorder: Recorder) -> None:
+def test_an_answer_that_is_not_a_gateway_s_is_one_line(tmp_path: Path, recorder: RecordingServer) -> None:
     for args in (["users", "list"], ["keys", "list"], ["jobs", "list"]):
         r = _bkg(*args, "--url", recorder.url, cwd=tmp_path, env=_env(tmp_path, BKG_API_KEY=KEY))
         _one_line(r, f"error: {recorder.url} did not answer as a bkg gateway does")

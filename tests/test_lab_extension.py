@@ -16,8 +16,6 @@ from typing import Any
 import httpx
 import pytest
 from gateway_harness import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     Gateway,
     free_port,
     http_ok,
@@ -25,7 +23,7 @@ from gateway_harness import (
     start_gateway,
     wait_for,
 )
-from helpers import jupyter_server
+from helpers import jupyter_lab, lab_page
 
 from bkg_kernel.kernels import LAB_KERNEL_MANAGER
 
@@ -47,34 +45,20 @@ def labroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def lab(gw: Gateway, labroot: Path) -> Iterator[str]:
-    root = labroot
     dashboards = {
         "BKG_DASHBOARDS_URL": "http://127.0.0.1:8866",
         "BKG_DASHBOARDS_DIR": str(Path(__file__).parent.parent / "dashboards"),
     }
-    args = [
-        "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        f"--LabApp.workspaces_dir={root / 'workspaces'}", f"--LabApp.user_settings_dir={root / 'settings'}",
-        LAB_KERNEL_MANAGER,  # as `bkg run` starts it: kernels over Unix sockets
-    ]  # fmt: skip
-    with jupyter_server(root, gw.url, TOKEN, *args, module="jupyterlab", env=dashboards, log="lab.log") as url:
+    # as `bkg run` starts it: kernels over Unix sockets
+    with jupyter_lab(labroot, gw.url, TOKEN, LAB_KERNEL_MANAGER, env=dashboards) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def page(lab: str) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 900})
-        pg.goto(f"{lab}/lab?token={TOKEN}")
-        pg.wait_for_selector("#jupyterlab-splash", state="detached", timeout=60_000)
-        if not pg.locator("#bkg-sidebar").is_visible():
-            pg.click('li[data-id="bkg-sidebar"]')
+    with lab_page(lab, TOKEN) as pg:
         yield pg
-        browser.close()
 
 
 def badge(page: Any, plugin: str) -> Any:

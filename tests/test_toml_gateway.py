@@ -13,16 +13,14 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from gateway_harness import ADMIN_KEY, wait_for
-from helpers import stop_process
+from helpers import RecordingServer, recording_server, stop_process
 
 import bkg_kernel
 from bkg_kernel.errors import Forbidden
@@ -38,50 +36,19 @@ def outward_address() -> str:
     return "127.0.0.2"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: Stranger
-
-    def do_GET(self) -> None:
-        self.server.keys.append(self.headers.get("Authorization"))
-        ok = self.path == "/health"
-        err = {"error": {"status": 403, "code": "forbidden", "message": "a stranger's server"}}
-        body = json.dumps({"status": "ok", "version": "0", "plugins": {}} if ok else err).encode()  # as a gateway's
-        self.send_response(200 if ok else 403)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_POST = do_GET
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class Stranger(ThreadingHTTPServer):
-    """A server the user never chose (answers /health like a gateway, refuses the rest): counts every connection
-    it accepts and keeps the Authorization header of every request."""
-
-    daemon_threads = True
-
-    def __init__(self, host: str) -> None:
-        self.connections = 0
-        self.keys: list[str | None] = []
-        super().__init__((host, 0), _Handler)
-        self.url = f"http://{host}:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        self.connections += 1
-        return True
+def _as_a_stranger(path: str) -> tuple[int, Any]:
+    """A server the user never chose: answers /health as a gateway does, refuses the rest."""
+    if path == "/health":
+        return 200, {"status": "ok", "version": "0", "plugins": {}}
+    return 403, {"error": {"status": 403, "code": "forbidden", "message": "a stranger's server"}}
 
 
 @pytest.fixture
-def stranger() -> Iterator[Stranger]:
-    s = Stranger(outward_address())
-    yield s
-    s.shutdown()
-    s.server_close()
+def stranger() -> Iterator[RecordingServer]:
+    """A stranger's server on another host's address: counts every connection it accepts and keeps the
+    Authorization header of every request."""
+    with recording_server(_as_a_stranger, outward_address()) as s:
+        yield s
 
 
 @pytest.fixture
@@ -112,7 +79,7 @@ def cli(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProce
 @pytest.mark.parametrize("names", ["gateway_url", "host and port"])
 @pytest.mark.parametrize("key_from", ["BKG_API_KEY", "admin.key"])
 def test_bkg_status_keeps_the_key_from_a_url_only_bkg_toml_names(
-    names: str, key_from: str, repo: Path, stranger: Stranger, tmp_path: Path
+    names: str, key_from: str, repo: Path, stranger: RecordingServer, tmp_path: Path
 ) -> None:
     host, port = stranger.server_address[:2]
     toml = f'gateway_url = "{stranger.url}"' if names == "gateway_url" else f'host = "{host}"\nport = {port}'
@@ -135,7 +102,7 @@ def test_bkg_status_keeps_the_key_from_a_url_only_bkg_toml_names(
 
 
 def test_connect_refuses_a_url_only_bkg_toml_names_and_trusts_it_when_told(
-    repo: Path, stranger: Stranger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    repo: Path, stranger: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (repo / "bkg.toml").write_text(f'gateway_url = "{stranger.url}"\n')
     monkeypatch.setenv("BKG_API_KEY", KEY)
@@ -155,19 +122,15 @@ def test_connect_refuses_a_url_only_bkg_toml_names_and_trusts_it_when_told(
 
     # a loopback URL in bkg.toml is this machine's: trusted (a gateway on another port, say)
     monkeypatch.delenv("BKG_GATEWAY_URL")
-    here = Stranger("127.0.0.1")
-    try:
+    with recording_server(_as_a_stranger) as here:
         (repo / "bkg.toml").write_text(f'gateway_url = "{here.url}"\n')
         assert bkg_kernel.connect(data_dir=data).health()["status"] == "ok"
         assert here.keys[-1] == f"Bearer {KEY}"
-    finally:
-        here.shutdown()
-        here.server_close()
 
 
 @pytest.mark.parametrize("where", ["data/gateway.json", "bkg.toml's data_dir"])
 def test_a_gateway_json_that_no_gateway_holds_is_not_trusted(
-    where: str, repo: Path, stranger: Stranger, monkeypatch: pytest.MonkeyPatch
+    where: str, repo: Path, stranger: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The data dir's gateway.json is trusted while its gateway runs (holds the data dir's lock); a repo's own
     copy names whatever its author likes, with or without a bkg.toml pointing the data dir at it."""
@@ -188,7 +151,7 @@ def test_a_gateway_json_that_no_gateway_holds_is_not_trusted(
 
 
 def test_the_running_gateway_s_recorded_url_is_trusted_and_a_forged_one_beside_it_is_not(
-    repo: Path, stranger: Stranger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    repo: Path, stranger: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real gateway serving on this machine's outward address: bkg.toml may point at its data dir (it recorded
     its URL there and holds the lock). A repo's data dir whose gateway.json names the stranger and whose bkg.lock
@@ -238,7 +201,7 @@ def _healthy(url: str) -> bool:
 
 
 def test_bkg_run_does_not_give_a_host_only_bkg_toml_names_the_key(
-    repo: Path, stranger: Stranger, tmp_path: Path
+    repo: Path, stranger: RecordingServer, tmp_path: Path
 ) -> None:
     """`bkg run` connects to host:port from the settings: a bkg.toml's host gets neither the key nor the lab."""
     host, port = stranger.server_address[:2]
@@ -250,7 +213,7 @@ def test_bkg_run_does_not_give_a_host_only_bkg_toml_names_the_key(
 
 
 def test_the_lab_extension_and_the_dashboard_login_keep_keys_and_passwords_from_it(
-    repo: Path, stranger: Stranger, monkeypatch: pytest.MonkeyPatch
+    repo: Path, stranger: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The lab server extension took the settings' gateway_url (bkg.toml's included) as its default and sent
     BKG_API_KEY there without `connect()`; a dashboard's login box posted a username and password to it."""

@@ -11,30 +11,51 @@ from typing import Any
 
 import numpy as np
 
-LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
+from bkg_kernel.errors import InvalidInput
+
+
+def level_number(name: str) -> int | None:
+    """Return a log level's number: a standard level's, one registered with `logging.addLevelName` (a plugin's
+    module does so on import, in the gateway too), logging's own `Level 35`, or a number (None: unknown here)."""
+    known = logging.getLevelNamesMapping()
+    n = known.get(name, known.get(name.upper()))
+    if n is None and name.removeprefix("Level ").isdigit():
+        n = int(name.removeprefix("Level "))
+    return n
 
 
 class LogRing:
     """The last `size` log lines of a plugin."""
 
     def __init__(self, size: int = 2000) -> None:
-        self._lines: deque[dict[str, Any]] = deque(maxlen=size)
+        # each line with its level's number: a plugin's own level (NOTICE, 25) is ranked as logging ranks it
+        self._lines: deque[tuple[int | None, dict[str, Any]]] = deque(maxlen=size)
         self._lock = threading.Lock()
         self._seq = 0
 
     def add(self, level: str, t: float, message: str) -> dict[str, Any]:
         """Append one line and return it."""
+        rank = level_number(level)
         with self._lock:
             self._seq += 1
             line = {"seq": self._seq, "time": t, "level": level, "message": message}
-            self._lines.append(line)
+            self._lines.append((rank, line))
             return line
 
     def query(self, limit: int = 200, level: str | None = None, search: str | None = None) -> list[dict[str, Any]]:
-        """Return the newest lines (oldest first), at or above `level`, containing `search`."""
-        floor = LEVELS.get((level or "DEBUG").upper(), 0)
+        """Return the newest lines (oldest first), at or above `level` (a name or a number), containing `search`.
+
+        A line of a level this process cannot number (registered only inside a worker) passes every floor: shown
+        under its own name rather than lost."""
+        floor = None if level is None else level_number(level)
+        if level is not None and floor is None:
+            raise InvalidInput(
+                f"{level!r} is not a log level: DEBUG, INFO, WARNING, ERROR, CRITICAL, a level a plugin named, "
+                "or a number",
+                field="level",
+            )
         with self._lock:
-            lines = [x for x in self._lines if LEVELS.get(x["level"], 0) >= floor]
+            lines = [x for n, x in self._lines if floor is None or n is None or n >= floor]
         if search:
             lines = [x for x in lines if search.lower() in x["message"].lower()]
         return lines[-limit:] if limit else []
@@ -71,8 +92,9 @@ class Telemetry:
         self.queued: Callable[[], int] = lambda: 0  # the plugin's request slots say how many calls wait
         self._lock = threading.Lock()  # calls start and end on the event loop and on call port threads
         self._recent: deque[float] = deque(maxlen=100_000)
-        self._snap: dict[str, Any] | None = None
-        self._snap_at = 0.0
+        # the last snapshot with the sample round it read and when: (round, monotonic time, numbers)
+        self._snap: tuple[int, float, dict[str, Any]] | None = None
+        self._round = 0  # samples taken: a snapshot of an older round is never served again
         self.history: deque[tuple[Any, ...]] = deque(maxlen=HISTORY_POINTS)
         self._since_sample: list[float] = []
 
@@ -108,16 +130,18 @@ class Telemetry:
         return max(round(time.monotonic() - self.started_at, 3), 0.001) if self.started_at else 0.0
 
     def snapshot(self) -> dict[str, Any]:
-        """Return the current numbers (recomputed at most every 0.25 s: list routes and dashboards poll it)."""
+        """Return the current numbers (recomputed at most every 0.25 s, and after every sample: list routes and
+        dashboards poll it)."""
         now = time.monotonic()
-        if self._snap is not None and now - self._snap_at < 0.25:
-            return self._snap
+        rnd = self._round  # read before the numbers: a sample taken meanwhile makes this one stale, not the next
+        snap = self._snap
+        if snap is not None and snap[0] == rnd and now - snap[1] < 0.25:
+            return snap[2]
         lat = np.array(self.latencies) if self.latencies else None
         while self._recent and now - self._recent[0] > 60:
             self._recent.popleft()
         per_min = len(self._recent)
-        self._snap_at = now
-        self._snap = {
+        numbers = {
             "cpu_percent": round(self.cpu_percent, 1),
             "rss_bytes": self.rss_bytes,
             "uptime_s": self.uptime(),
@@ -130,10 +154,15 @@ class Telemetry:
             "queue_depth": self.queue_depth,
             "in_flight": self.in_flight,
         }
-        return self._snap
+        self._snap = (rnd, now, numbers)
+        return numbers
 
     def sample(self, at: float) -> None:
-        """Add one point to the history: cpu, memory, and the latency percentiles of the requests since the last."""
+        """Add one point to the history: cpu, memory, and the latency percentiles of the requests since the last.
+
+        The caller has set this round's cpu and memory: the round ends the cached snapshot (a list route's from a
+        moment ago held the previous round's, and the history and the next listing repeated them)."""
+        self._round += 1
         window, self._since_sample = self._since_sample, []
         p50 = p95 = None
         if window:

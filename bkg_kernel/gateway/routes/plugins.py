@@ -99,10 +99,18 @@ async def plugin_logs(
     plugin_id: str,
     request: Request,
     limit: Annotated[int, Query(ge=1, le=2000)] = 200,
-    level: Annotated[str | None, Query(pattern="^(?i)(debug|info|warning|error|critical)$")] = None,
+    level: Annotated[
+        str | None,
+        Query(
+            pattern="^(?i)(debug|info|warning|error|critical|[0-9]{1,2})$",
+            description="The lowest level shown: DEBUG, INFO, WARNING, ERROR, CRITICAL or a number. A plugin's own "
+            "level (NOTICE, 25) is shown under its name and ranked by its number, as in logging.",
+        ),
+    ] = None,
     search: str | None = None,
 ) -> dict[str, Any]:
-    """The newest log lines, at or above a level, optionally containing a string."""
+    """The newest log lines, at or above a level, optionally containing a string (every level, a plugin's own
+    too)."""
     return {"lines": _host(request, plugin_id).logs.query(limit, level, search)}
 
 
