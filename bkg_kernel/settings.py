@@ -163,6 +163,9 @@ class Settings(BaseSettings):
         500, ge=1, description="Finished runs kept per owner (newest first); older ones are deleted."
     )
     job_keep_days: float = Field(30.0, gt=0, description="Finished runs older than this many days are deleted.")
+    job_max_output_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Bytes of printed output a run keeps; the rest is cut with a marker."
+    )
     job_webhook_url: str | None = Field(None, description="Called with a run's summary when any run fails.")
     job_webhook_success: bool = Field(False, description="Call job_webhook_url for succeeded runs too.")
     webhook_allow: list[str] = Field(

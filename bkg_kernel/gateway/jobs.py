@@ -3,8 +3,8 @@
 State, progress and result are kept in memory for the life of the gateway (what a job makes, a model, is
 stored by the job itself); progress is published on the WebSocket topic `jobs`. A job keeps the scope its work
 needs (its capability's): cancelling it takes that scope, its owner's too, and what the work made or said (its
-result, its error, its progress messages: a command's output) is for its owner and who holds that scope, not for
-every auditor.
+result, its error, its progress messages: a command's output) is for who holds that scope, not for every auditor
+nor its owner's narrower key.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from typing import Any
 
 from bkg_kernel.auth.principal import Principal
 from bkg_kernel.errors import BkgError, Cancelled, Conflict, NotFound
-from bkg_kernel.jobs.access import visible
-from bkg_kernel.jobs.service import sees_detail
+from bkg_kernel.jobs.access import sees_detail, visible
 
 Emit = Callable[[str, str, dict[str, Any]], None]
 KEEP = 200  # finished jobs kept for GET /api/jobs, per owner (one user's burst never pushes out another's)
@@ -43,7 +42,7 @@ class Job:
     plugin: str | None = None
     owner: str | None = None
     owner_id: str | None = None  # who it belongs to (a user made later under the same name is someone else)
-    scope: str = "plugins:write"  # the scope its work needs (its capability's, or its route's), given at start
+    scope: str = field(kw_only=True)  # the scope its work needs (its capability's, or its route's), given at start
 
     def to_dict(self) -> dict[str, Any]:
         """Return the job as the API shows it (no owner id and no scope, as for notebook runs)."""
@@ -52,23 +51,25 @@ class Job:
         return out
 
     def event(self) -> dict[str, Any]:
-        """The job for the WebSocket topic `jobs`: `to_dict()` and the owner id, which decides who gets it (the
-        socket takes it out before sending)."""
-        return self.to_dict() | {"owner_id": self.owner_id}
+        """The job for the WebSocket topic `jobs`: `to_dict()`, the owner id and the scope, which decide who gets it
+        and how much of it (`shown_event`; the socket takes both out before sending)."""
+        return self.to_dict() | {"owner_id": self.owner_id, "scope": self.scope}
 
     def visible_to(self, p: Principal) -> bool:
         """A job is its owner's, and an auditor's (scope admin:audit); its result as `shown`."""
         return visible(p, self.owner, self.owner_id)
 
-    def sees_detail(self, p: Principal) -> bool:
-        """Whether `p` sees what the work made or said: its owner, or who holds the scope it needs, as for a
-        notebook run."""
-        return sees_detail(p, self.owner, self.owner_id, [self.scope])
-
     def shown(self, p: Principal) -> dict[str, Any]:
-        """`to_dict()` as `p` sees it: `withheld` unless `sees_detail` (an auditor without the job's scope)."""
-        out = self.to_dict()
-        return out if self.sees_detail(p) else withheld(out)
+        """`to_dict()` as `p` sees it (`shown_event`, the WebSocket's rule too)."""
+        return shown_event(self.event(), p)
+
+
+def shown_event(payload: dict[str, Any], p: Principal) -> dict[str, Any]:
+    """A background job (`Job.event()`, or a `jobs` event's payload) as `p` sees it: without its owner id and scope,
+    and `withheld` unless `p` holds that scope (`sees_detail`, as for a notebook run), its owner's key too."""
+    out = {k: v for k, v in payload.items() if k not in ("owner_id", "scope")}
+    scope = payload.get("scope")
+    return out if scope is not None and sees_detail(p, [scope]) else withheld(out)
 
 
 def withheld(out: dict[str, Any]) -> dict[str, Any]:

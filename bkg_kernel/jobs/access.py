@@ -1,7 +1,10 @@
-"""Who sees a job: its owner, and an auditor (scope admin:audit). One rule for notebook runs, schedules and the
-gateway's background jobs; anyone else gets the same 404 as for a job that does not exist."""
+"""Who sees a job, and how much of it. A job is its owner's and an auditor's (scope admin:audit): anyone else gets
+the same 404 as for a job that does not exist. What its work printed or made is for who holds the scopes it ran
+with. One rule for notebook runs, schedules and the gateway's background jobs, over HTTP and the WebSocket."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from bkg_kernel.auth.principal import Principal
 
@@ -16,3 +19,11 @@ def visible(p: Principal, owner: str | None, owner_id: str | None) -> bool:
     if owner_id is not None:
         return owner_id == p.user_id
     return owner == p.username
+
+
+def sees_detail(p: Principal, scopes: Iterable[str]) -> bool:
+    """Whether `p`, who may see a job, sees what its work printed or made (a run's failed cell, error value,
+    traceback and output notebook; a background job's result, error and messages): only who holds every scope it
+    ran with. A run's printout is its data (a key it made, rows it read): its owner's narrower key (a lab kernel's)
+    sees no more of it than an auditor without those scopes, that it failed and how (the exception's name)."""
+    return set(scopes) <= p.scopes

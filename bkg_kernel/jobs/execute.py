@@ -18,6 +18,7 @@ from typing import Any
 
 from bkg_kernel import kernels
 from bkg_kernel.jobs import notebooks
+from bkg_kernel.jobs.outputcap import StreamCap
 
 Emit = Callable[[dict[str, Any]], None]
 KERNEL = notebooks.KERNEL  # every run, and every warm kernel waiting for one
@@ -31,6 +32,29 @@ def _register_engine() -> None:
     """papermill's nbclient engine, handed a kernel client that is already connected and ready."""
     from papermill.clientwrap import PapermillNotebookClient
     from papermill.engines import NBClientEngine, papermill_engines
+
+    class CappedClient(PapermillNotebookClient):
+        """papermill's client, keeping no more stream output than the run's `StreamCap` allows."""
+
+        cap: StreamCap | None = None
+        clear_before_next_output: bool  # nbclient's, set as each cell starts
+
+        def output(self, outs: list[Any], msg: dict[str, Any], display_id: str | None, cell_index: int) -> Any:
+            if self.cap is None or msg["msg_type"] != "stream":
+                return super().output(outs, msg, display_id, cell_index)
+            kept, cut = self.cap.keep(msg["content"].get("text", ""))
+            if not cut:
+                return super().output(outs, msg, display_id, cell_index)
+            out = None
+            if kept:
+                msg = {**msg, "content": {**msg["content"], "text": kept}}
+                out = super().output(outs, msg, display_id, cell_index)
+            elif self.clear_before_next_output:  # a clear that waited for this output: done as nbclient does it
+                outs[:] = []
+                self.clear_display_id_mapping(cell_index)
+                self.clear_before_next_output = False
+            self.cap.mark(outs, cell_index, str(msg["content"].get("name", "stdout")), cut)
+            return out
 
     class WarmEngine(NBClientEngine):
         @classmethod
@@ -46,10 +70,11 @@ def _register_engine() -> None:
             **kwargs: Any,
         ) -> Any:
             kc = kwargs.pop("kc")
+            limit = kwargs.pop("max_output_bytes", None)
             kwargs.pop("input_path", None)
             kwargs.pop("timeout", None)
             kwargs.pop("startup_timeout", None)
-            client = PapermillNotebookClient(
+            client = CappedClient(
                 nb_man,
                 kernel_name=kernel_name,
                 log_output=log_output,
@@ -60,6 +85,7 @@ def _register_engine() -> None:
                 **kwargs,
             )
             client.kc = kc
+            client.cap = StreamCap(int(limit)) if limit is not None else None
             return client.execute()
 
     papermill_engines.register(ENGINE, WarmEngine)
@@ -161,7 +187,7 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
 
     The outcome holds ok, cells (run / total), duration and, for a failure, the cell index (as written), its
     source, ename, evalue and traceback. The output notebook is written either way (papermill marks the failed
-    cell with an error banner)."""
+    cell with an error banner), with no more than `spec["max_output_bytes"]` of stream output (`outputcap`)."""
     import papermill as pm
 
     if ENGINE not in pm.engines.papermill_engines._engines:  # noqa: SLF001
@@ -225,6 +251,7 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
             on_cell_start=started,
             on_cell_executed=executed,
             execution_timeout=spec.get("cell_timeout_s"),
+            max_output_bytes=spec.get("max_output_bytes"),  # what it prints past this is cut (outputcap)
         )
     except pm.PapermillExecutionError as exc:
         error = {

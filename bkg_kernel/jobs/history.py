@@ -201,6 +201,12 @@ class History:
                 [schedule_id, key_id],
             )
 
+    def pin_path(self, schedule_id: str, path: str) -> None:
+        """Give a schedule that has no notebook path (made before migration 0011) `path` (an update only, of such a
+        schedule only)."""
+        with self.mutex:
+            self.con.execute("UPDATE job_schedules SET path = ? WHERE id = ? AND path IS NULL", [path, schedule_id])
+
     def schedule(self, schedule_id: str) -> dict[str, Any] | None:
         """One schedule, or None."""
         rows = self._rows("SELECT * FROM job_schedules WHERE id = ?", [schedule_id])

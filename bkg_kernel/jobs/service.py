@@ -31,7 +31,7 @@ from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.auth.service import RUN_KEY, RUN_KEY_PREFIX
 from bkg_kernel.errors import BkgError, Conflict, Forbidden, InvalidInput, NotFound, TooManyRequests
 from bkg_kernel.jobs import files, notebooks, schedule
-from bkg_kernel.jobs.access import SEE_ALL, visible
+from bkg_kernel.jobs.access import SEE_ALL, sees_detail, visible
 from bkg_kernel.jobs.history import FINISHED, History
 from bkg_kernel.jobs.pool import Executor, LocalPool
 from bkg_kernel.jobs.webhooks import check_url, notify
@@ -85,6 +85,10 @@ class JobService:
         self.tasks: list[asyncio.Task[None]] = []
         self.background: set[asyncio.Task[Any]] = set()
 
+    def max_output_bytes(self) -> int:
+        """Bytes of stream output a run keeps (`outputcap`): the setting job_max_output_bytes."""
+        return int(self.settings.job_max_output_bytes)
+
     # -- life -------------------------------------------------------------------------------------
     def _executor(self) -> Executor:
         s = self.settings
@@ -112,6 +116,7 @@ class JobService:
         await self.executor.start()
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self._dispatch()) for _ in range(self.executor.capacity)]
+        await asyncio.to_thread(self._pin_paths)
         if not self.settings.job_catch_up:
             await asyncio.to_thread(self._skip_missed)
         self.tasks.append(loop.create_task(self._ticks()))
@@ -270,6 +275,8 @@ class JobService:
             "html": str(out.with_suffix(".html")),
             "parameters": run["parameters"],
             "cwd": str(Path(run["path"]).parent),
+            # what its cells print is kept up to this, the rest cut with a marker: no run fills the worker or the disk
+            "max_output_bytes": self.max_output_bytes(),
             "env": {
                 "BKG_API_KEY": token,
                 "BKG_GATEWAY_URL": self.gateway_url,
@@ -504,10 +511,12 @@ class JobService:
 
     async def output(self, run_id: str, p: Principal, kind: str) -> Path:
         """The run's output notebook (`ipynb`) or its HTML rendering (`html`), for whoever may see the run and holds
-        the scopes it ran with: what a run printed (a key it made, rows it read) is for those who could have done
-        it, not for a narrower key of its owner (a lab kernel's) nor an auditor without them."""
+        the scopes it ran with (`sees_detail`, as GET /api/jobs/{id} shows its error): what a run printed (a key it
+        made, rows it read) is for those who could have done it, not for a narrower key of its owner (a lab
+        kernel's) nor an auditor without them."""
         run = await self._seen(run_id, p)
-        p.require_all(run["scopes"], f"reading job {run_id!r}'s output (what it ran with)", "job_id")
+        if not sees_detail(p, run["scopes"]):  # 403 naming the scopes missing
+            p.require_all(run["scopes"], f"reading job {run_id!r}'s output (what it ran with)", "job_id")
         name = run["output_path"] if kind == "ipynb" else run["html_path"]
         pending = self.rendering.get(run["id"]) if kind == "html" and not name and run["state"] in FINISHED else None
         if pending is not None:  # rendered just after the run's end (a second or so): wait for it, not a 404
@@ -583,19 +592,27 @@ class JobService:
 
         return await asyncio.to_thread(listed)
 
-    async def _schedule(self, schedule_id: str, p: Principal) -> dict[str, Any]:
+    async def _schedule(self, schedule_id: str, p: Principal, *, enabled: bool | None = None) -> dict[str, Any]:
+        """A schedule `p` may turn on or off (`enabled`) or delete (None): with `jobs:run`, or their own off
+        without it (stopping one's own work takes no right to start it: a role or key that lost `jobs:run` still
+        turns off a schedule that would fire and fail for them). Deleting takes `jobs:run`, its owner's too: a
+        read-only key never destroys what is stored."""
         s = await asyncio.to_thread(self.history.schedule, schedule_id)
         if s is None or not _sees(p, s):
             raise NotFound(f"no schedule {schedule_id!r}", field="schedule_id")
-        if s["owner_id"] != p.user_id:
-            p.require(RUN_SCOPE, f"changing {s['owner']}'s schedule")
+        if not (enabled is False and s["owner_id"] == p.user_id):
+            doing = {True: "turning on", False: "turning off", None: "deleting"}[enabled]
+            whose = "your" if s["owner_id"] == p.user_id else f"{s['owner']}'s"
+            field = None if enabled is None else "enabled"
+            p.require_all([RUN_SCOPE], f"{doing} {whose} schedule {schedule_id!r}", field)
         return s
 
     async def set_enabled(self, schedule_id: str, enabled: bool, p: Principal) -> dict[str, Any]:
-        """Enable or disable a schedule (enabling does not run the fires missed while it was off)."""
-        s = await self._schedule(schedule_id, p)
+        """Enable (with `jobs:run`) or disable a schedule (enabling does not run the fires missed while it was
+        off)."""
+        s = await self._schedule(schedule_id, p, enabled=enabled)
         if enabled:  # its runs act as its owner with the scopes stored with it (as far as the owner holds them, now
-            # and later): turning it on grants them all, so who turns it on holds them all
+            # and later): turning it on grants them all, so who turns it on holds them all (jobs:run: `_schedule`)
             if self._owner(s) is None:
                 raise Forbidden(f"the schedule's owner {s['owner']!r} is disabled or deleted", field="enabled")
             p.require_all(s["scopes"], f"turning schedule {schedule_id!r} on (its runs act with them)", "enabled")
@@ -619,6 +636,24 @@ class JobService:
         """Count a schedule turned off or deleted (once it is written: a tick that read it before drops its fire,
         one that reads it after sees it off; so no run of it is queued after the caller is answered)."""
         self.schedule_changes[schedule_id] = self.schedule_changes.get(schedule_id, 0) + 1
+
+    def _pin_paths(self) -> None:
+        """Give each schedule made before its notebook's full path was kept (migration 0011: it kept a name, which
+        each fire resolved anew) the file its name resolves to now, once: the one it ran so far, and from now on
+        runs even when another root gets a notebook of that name (as a schedule made now does). A name that leads to
+        no one file now (gone, in two roots, outside them) stays a name: its fires fail saying why, as they did."""
+        for s in self.history.schedules():
+            if s.get("path"):
+                continue
+            try:
+                path = notebooks.resolve(s["notebook"], self.roots)
+            except BkgError as exc:
+                log.info("schedule %s: %s stays a name to resolve at each fire: %s", s["id"], s["notebook"], exc)
+                continue
+            except Exception:  # one unreadable schedule never keeps the gateway from starting
+                log.exception("schedule %s: cannot resolve its notebook %r", s["id"], s["notebook"])
+                continue
+            self.history.pin_path(s["id"], str(path))
 
     def _skip_missed(self) -> None:
         now = self.clock()
@@ -740,14 +775,6 @@ def new_run(**fields: Any) -> dict[str, Any]:
     return run
 
 
-def sees_detail(p: Principal, owner: str | None, owner_id: str | None, scopes: Any) -> bool:
-    """Whether `p` sees what a run printed (its failed cell's source, error value and traceback): its owner, or who
-    holds every scope it ran with. An auditor without them sees that it failed, and how (the exception's name), as
-    for its output notebook: a run's error is its data (a row it read, a key it made), not for who could not read it."""
-    owns = owner_id == p.user_id if owner_id is not None else owner == p.username
-    return owns or (scopes is not None and set(scopes) <= p.scopes)
-
-
 def withheld(out: dict[str, Any]) -> dict[str, Any]:
     """A public run without what it printed: its error's source, value and traceback, and the message they were in
     (cut to the state and the exception's name)."""
@@ -760,9 +787,10 @@ def withheld(out: dict[str, Any]) -> dict[str, Any]:
 
 
 def shown(run: dict[str, Any], p: Principal) -> dict[str, Any]:
-    """A run as `p` sees it: `public(run)`, `withheld` unless `sees_detail`."""
+    """A run (a row, or a `jobs` event's payload) as `p` sees it: `public(run)`, `withheld` unless `sees_detail`
+    (the rule of its output notebook too)."""
     out = public(run)
-    return out if sees_detail(p, run["owner"], run.get("owner_id"), run.get("scopes")) else withheld(out)
+    return out if sees_detail(p, run["scopes"]) else withheld(out)
 
 
 def public(run: dict[str, Any]) -> dict[str, Any]:

@@ -2,9 +2,11 @@
 gateway's background jobs (model downloads, plugin job capabilities such as brainml.train; kept in memory).
 
 A job is visible to the one who started it and to auditors (scope admin:audit) only: another caller gets the same
-404 as for a job that does not exist. What its work printed or made (a failed cell's source, error and traceback, a
-background job's result, error and messages) is its owner's and for who holds the scopes it ran with, not for every
-auditor. Running or scheduling a notebook needs `jobs:run`; cancelling a background job, the scope its work needs.
+404 as for a job that does not exist. What its work printed or made (a failed cell's source, error and traceback,
+its output notebook; a background job's result, error and messages) is for who holds the scopes it ran with, not
+for every auditor nor for its owner's narrower key. Running or scheduling a notebook needs `jobs:run`, and so do
+turning a schedule on and deleting one; its owner turns a schedule off without it. Cancelling a background job
+takes the scope its work needs.
 """
 
 from __future__ import annotations
@@ -169,15 +171,17 @@ async def add_schedule(body: ScheduleRequest, request: Request, p: Annotated[Pri
 
 @router.patch("/api/jobs/schedules/{schedule_id}")
 async def patch_schedule(
-    schedule_id: str, body: SchedulePatch, request: Request, p: Annotated[Principal, RUN]
+    schedule_id: str, body: SchedulePatch, request: Request, p: Annotated[Principal, READ]
 ) -> dict[str, Any]:
-    """Enable or disable a schedule."""
+    """Enable or disable a schedule: turning it on takes `jobs:run` and every scope it runs with; its owner turns
+    it off with plugins:read (stopping one's own work takes no right to start it), anyone else with `jobs:run`."""
     return await runs(request).set_enabled(schedule_id, body.enabled, p)
 
 
 @router.delete("/api/jobs/schedules/{schedule_id}", status_code=204)
 async def delete_schedule(schedule_id: str, request: Request, p: Annotated[Principal, RUN]) -> Response:
-    """Delete a schedule; its runs stay in the history."""
+    """Delete a schedule (with `jobs:run`, its owner's too: a read-only key destroys nothing); its runs stay in the
+    history."""
     await runs(request).delete_schedule(schedule_id, p)
     return Response(status_code=204)
 

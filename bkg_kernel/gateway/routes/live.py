@@ -77,7 +77,7 @@ async def _websocket(websocket: WebSocket) -> None:
                 if not _sees(caller[0], msg):
                     continue
             if msg["type"] == "jobs":  # who owns a job decided who gets it, and how much of it
-                msg = {**msg, "payload": _shown(gw, caller[0], msg["payload"])}
+                msg = {**msg, "payload": _shown(caller[0], msg["payload"])}
                 # a run's event carries its parameters (up to 1 MiB): encoded on a thread, not on the loop
                 await websocket.send_text(await asyncio.to_thread(_text, msg))
                 continue
@@ -110,18 +110,12 @@ def _sees(p: Principal, msg: dict[str, Any]) -> bool:
     return jobs.visible(p, msg["payload"].get("owner"), msg["payload"].get("owner_id"))
 
 
-def _shown(gw: Gateway, p: Principal, job: dict[str, Any]) -> dict[str, Any]:
-    """A `jobs` event's job as `p` sees it: without its owner's id and the scopes it ran with (which decide who gets
-    it and how much), and without what it printed or made unless `p` owns it or holds the scopes its work needs (as
-    GET /api/jobs/{id} shows it)."""
-    out = {k: v for k, v in job.items() if k not in ("owner_id", "scopes")}
+def _shown(p: Principal, job: dict[str, Any]) -> dict[str, Any]:
+    """A `jobs` event's job as `p` sees it, by the rule GET /api/jobs/{id} shows it by: a notebook run's as
+    `service.shown`, a background job's as `Job.shown` (without what decides who gets it and how much of it)."""
     if str(job.get("id")).startswith("run-"):  # a notebook run
-        scopes, withheld = job.get("scopes"), service.withheld
-    else:  # a background job: the scope its work needs, kept on it (none known: it is gone, its owner's alone)
-        held = gw.jobs.jobs.get(str(job.get("id")))
-        scopes = None if held is None else [held.scope]
-        withheld = jobs.withheld
-    return out if service.sees_detail(p, job.get("owner"), job.get("owner_id"), scopes) else withheld(out)
+        return service.shown(job, p)
+    return jobs.shown_event(job, p)
 
 
 def _subscription(sub: Subscriber, text: str | None) -> dict[str, Any] | str:
