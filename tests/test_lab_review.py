@@ -184,7 +184,7 @@ def test_the_log_view_shows_critical_and_unknown_levels(page: Any, gw: Gateway) 
     # from the gateway's ring, the plugin's own level too (the ring's /logs left that out: it came only live)
     wait_for(lambda: "CRITICAL line from shouty" in logs.inner_text(), timeout=30)
     assert "NOTICE line from shouty" in logs.inner_text()
-    # live, while the tab is open (at least once more: an inline plugin restarted logs each line twice, for now)
+    # live, while the tab is open: the restarted plugin logs it once more
     gw.client().post("/api/plugins/shouty/restart").raise_for_status()
     wait_for(lambda: logs.inner_text().count("NOTICE line from shouty") >= 2, timeout=30)
     minimum = panel.locator("select[aria-label='minimum log level']")

@@ -98,6 +98,16 @@ def test_a_plugin_s_own_levels_are_kept_and_ranked_by_their_number(gw: Gateway, 
     assert [m for _, m in _lines(gw, pid, level="error")] == ["ERROR line"]
 
 
+def test_an_inline_plugin_restarted_logs_each_line_once(gw: Gateway) -> None:
+    """Found by a review: each start of an inline plugin added a ring handler to its logger (one per plugin id, for
+    the gateway's life) and none went, so after a restart every line reached the history twice."""
+    c = gw.client()
+    before = [m for _, m in _lines(gw, "loudinline")].count("NOTICE line")
+    r = c.post("/api/plugins/loudinline/restart")
+    assert r.status_code == 200 and r.json()["state"] == "running", r.text
+    assert [m for _, m in _lines(gw, "loudinline")].count("NOTICE line") == before + 1
+
+
 def test_a_level_that_is_none_is_a_422_naming_it(gw: Gateway) -> None:
     r = gw.client().get("/api/plugins/loudinline/logs", params={"level": "loudest"})
     assert r.status_code == 422, r.text

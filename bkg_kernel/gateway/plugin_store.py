@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from bkg_kernel.errors import InvalidInput, Unavailable
 from bkg_kernel.gateway import storeops
-from bkg_kernel.runtime.contract import RUNNING_USAGE
+from bkg_kernel.runtime.contract import StreamUsage
 
 if TYPE_CHECKING:
     from bkg_kernel.auth import AuthService, Principal
@@ -164,8 +164,8 @@ class PluginStore:
         return out
 
     def chat(self, plugin_id: str, caller: Principal, body: dict[str, Any], route: str) -> dict[str, Any]:
-        host = self._sup().get("llmserver")
-        result: dict[str, Any] = self._await(host.invoke("llm.chat", body, caller))
+        host = self._sup().get("llmserver")  # an answer that comes after its call timed out is booked there
+        result: dict[str, Any] = self._await(host.invoke("llm.chat", body, caller, route=route))
         self.auth.book_usage(caller, route, result)
         return result
 
@@ -173,7 +173,8 @@ class PluginStore:
         self, plugin_id: str, caller: Principal, body: dict[str, Any], route: str
     ) -> Iterator[dict[str, Any]]:
         """`chat`'s chunks, pulled one at a time from llmserver's stream on the event loop into the plugin's thread;
-        the usage of the last chunk is booked to the caller under `route`. Closing it stops the generation."""
+        what it used is booked to the caller under `route` (its last chunk's usage, or the count so far when it ends
+        before that chunk: a plugin that stopped reading, its own client gone). Closing it stops the generation."""
         stream = self._sup().get("llmserver").stream("llm.chat", {**body, "stream": True}, caller)
 
         async def pull() -> dict[str, Any] | None:
@@ -184,22 +185,15 @@ class PluginStore:
             return chunk
 
         def chunks() -> Iterator[dict[str, Any]]:
-            last: dict[str, Any] | None = None
-            so_far: dict[str, Any] = {}  # the usage until now, booked when the stream ends before its last chunk
+            usage = StreamUsage(lambda result: self.auth.book_usage(caller, route, result), body.get("model"))
             try:
                 while (chunk := self._await(pull())) is not None:
-                    if RUNNING_USAGE in chunk:
-                        so_far = {"model": chunk.get("model"), "usage": chunk.pop(RUNNING_USAGE)}
-                        if not chunk:
-                            continue
-                    if chunk.get("usage"):
-                        last = chunk
-                    yield chunk
+                    if (shown := usage.read(chunk)) is not None:
+                        yield shown
             finally:
                 with contextlib.suppress(Unavailable):  # the loop has gone: so has the stream
                     self._await(stream.aclose())
-                if last is not None or so_far:  # a plugin that stopped reading (its client left) pays what it used
-                    self.auth.book_usage(caller, route, last if last is not None else so_far)
+                usage.close()  # a plugin that stopped reading (its client left) pays what it used
 
         return chunks()
 

@@ -11,6 +11,7 @@ topic `jobs`); called directly it simply runs.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -40,6 +41,12 @@ MASK = "********"
 # Set on a streamed generation's chunks (and on chunks of nothing else): the usage so far, which the gateway books
 # when the stream ends before its last chunk (a client that left); never sent to the client.
 RUNNING_USAGE = "bkg_usage_so_far"
+# The route a call that spends LLM tokens is booked under when its caller stopped waiting before the answer (the
+# host books that answer then; an answered call is booked by whoever called). Set by `booked_under`.
+USAGE_ROUTE: contextvars.ContextVar[str | None] = contextvars.ContextVar("bkg_usage_route", default=None)
+# Calls of one plugin marked `quick` that run at once: they take none of its `max_concurrent` request slots and run
+# on threads of their own (in a worker too), so a model list answers while every slot generates.
+QUICK_CONCURRENT = 4
 Progress = Callable[..., None]  # progress(fraction 0..1, message="")
 
 
@@ -145,6 +152,7 @@ class Capability:
     method: str
     job: bool = False
     books_usage: bool = False  # its answer's `usage` (LLM tokens) is booked to the caller by whoever calls it
+    quick: bool = False  # a short read-only call: no request slot, its own few threads (`QUICK_CONCURRENT`)
     big_input: bool = False  # takes inputs up to the gateway's max_body_mb (documents, images, batches); else 1 MiB
     check: str | None = None  # a job's: the capability the gateway asks first, so a refused input queues no job
 
@@ -169,6 +177,7 @@ def capability(
     books_usage: bool = False,
     big_input: bool = False,
     check: str | None = None,
+    quick: bool = False,
 ) -> Callable[[F], F]:
     """Mark a plugin method `def m(self, inp: InModel) -> OutModel` as the capability `id`.
 
@@ -179,12 +188,16 @@ def capability(
     the capabilities made for such inputs take them. A job's `check` names a capability (same input, called, not
     queued) that refuses what the job would refuse at its start (no such collection, a field no row has): the
     gateway calls it before it queues the job, so the caller gets that 4xx at once, not a failed job later.
+    `quick=True` marks a short read-only call (a model list, a status): it waits for none of the plugin's
+    `max_concurrent` request slots, which bound the heavy work, but runs on a few threads of its own
+    (`QUICK_CONCURRENT`), so it answers while long calls hold every slot (as Ollama's `/api/tags` does).
     """
 
     def mark(fn: F) -> F:
         # Capability's own fields, read back by Plugin.capabilities()
         fn.__dict__["__bkg_capability__"] = {
-            "id": id, "scope": scope, "job": job, "books_usage": books_usage, "big_input": big_input, "check": check
+            "id": id, "scope": scope, "job": job, "books_usage": books_usage, "big_input": big_input, "check": check,
+            "quick": quick,
         }  # fmt: skip
         return fn
 
@@ -219,6 +232,50 @@ class GatewayAPI(typing.Protocol):
 
     def record_usage(self, caller: Principal, route: str, result: dict[str, Any]) -> None:
         """Book an LLM result's token usage to the caller's key and user."""
+
+
+@contextlib.contextmanager
+def booked_under(route: str) -> Iterator[None]:
+    """Have the calls made in this block (and the tasks they start) book the tokens of an answer their caller no
+    longer waited for under `route` (`/v1/chat/completions`) rather than the plugin's invoke route."""
+    token = USAGE_ROUTE.set(route)
+    try:
+        yield
+    finally:
+        USAGE_ROUTE.reset(token)
+
+
+class StreamUsage:
+    """What a streamed generation used, booked once however the stream ends: each chunk of a local generation
+    carries the count so far (`RUNNING_USAGE`, taken off here: the client never sees it), its last chunk the exact
+    usage; a stream that ends before that chunk (its client left, it failed) books the count so far. `book(result)`
+    books an answer's `usage` (`{"model", "usage"}`)."""
+
+    __slots__ = ("_book", "booked", "model", "so_far")
+
+    def __init__(self, book: Callable[[dict[str, Any]], None], model: str | None = None) -> None:
+        self._book, self.model = book, model
+        self.so_far: dict[str, Any] | None = None
+        self.booked = False
+
+    def read(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """The chunk as its reader gets it (the count so far taken off it; None when it held nothing else). The
+        chunk of the exact usage (usage, no choices) is booked as it passes."""
+        self.model = chunk.get("model", self.model)
+        if RUNNING_USAGE in chunk:
+            self.so_far = chunk.pop(RUNNING_USAGE)
+            if not chunk:
+                return None
+        if chunk.get("usage") and not chunk.get("choices") and not self.booked:
+            self.booked = True
+            self._book(chunk)
+        return chunk
+
+    def close(self) -> None:
+        """The stream has ended: book the count so far unless its exact usage was booked."""
+        if not self.booked and self.so_far:
+            self.booked = True
+            self._book({"model": self.model, "usage": self.so_far})
 
 
 def _no_store(op: str, args: dict[str, Any]) -> Any:

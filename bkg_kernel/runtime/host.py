@@ -27,7 +27,7 @@ from bkg_kernel.errors import (
     invalid_from_pydantic,
 )
 from bkg_kernel.runtime import bodyjson, calls
-from bkg_kernel.runtime.contract import Plugin, PluginSettings
+from bkg_kernel.runtime.contract import QUICK_CONCURRENT, USAGE_ROUTE, Capability, Plugin, PluginSettings
 from bkg_kernel.runtime.deadlines import DEADLINES
 from bkg_kernel.runtime.discovery import Discovered, Entry
 from bkg_kernel.runtime.inline import _INLINE_POOL, InlineWork, _run_inline_stream
@@ -77,6 +77,7 @@ class PluginHost:
         self._starting: WorkerProcess | None = None  # a worker being started: a stop kills it, not waits for it
         self._start_stopped = threading.Event()  # a stop came while the plugin was starting
         self._slots: Slots | None = None
+        self._quick_slots: Slots | None = None
         self._slots_lock = threading.Lock()
         self.settings: PluginSettings = PluginSettings()
         if self.cls is not None:
@@ -170,6 +171,8 @@ class PluginHost:
         )
         handler = RingHandler(self.add_log)
         handler.setFormatter(logging.Formatter("%(message)s"))
+        for old in [h for h in plugin.log.handlers if isinstance(h, RingHandler)]:  # the last start's (one logger
+            plugin.log.removeHandler(old)  # per plugin id, for the process's life): each line goes to the ring once
         plugin.log.addHandler(handler)
         plugin.log.setLevel(logging.INFO)
         plugin.log.propagate = False
@@ -256,17 +259,20 @@ class PluginHost:
         settings = config if isinstance(config, PluginSettings) else self.checked_config(config)
         self.settings = settings
         self.entry.config = settings.model_dump(exclude_defaults=True)
-        self._slots = None
+        self._slots = self._quick_slots = None
         return settings
 
     # -- requests ---------------------------------------------------------------------------------
-    async def invoke(self, capability_id: str, data: Any, caller: Principal, *, owned: bool = False) -> Any:
+    async def invoke(
+        self, capability_id: str, data: Any, caller: Principal, *, owned: bool = False, route: str | None = None
+    ) -> Any:
         """Run a capability as `caller` within the plugin's limits: queue, concurrency, timeout.
 
         `owned`: `data` is this call's own (a big parsed body): an inline plugin's thread frees it a slice at a time
         once the plugin is done with it (`bodyjson.release`), whenever that is (after a timeout too), not the caller
-        when it stops waiting."""
-        self._has(capability_id)
+        when it stops waiting. `route`: where the tokens of an answer the caller no longer waited for are booked
+        (`_late_usage`)."""
+        cap = self._has(capability_id)
 
         call = calls.Call(caller)
         submitted = False
@@ -284,15 +290,30 @@ class PluginHost:
             submitted = True
 
         try:
-            return await self.call(("invoke", capability_id, data), inline, caller, call, on_submit=handed)
+            late = self._late_usage(cap, caller, route)
+            return await self.call(("invoke", capability_id, data), inline, caller, call, on_submit=handed,
+                                   quick=cap.quick, on_late=late)  # fmt: skip
         finally:
             if owned and not submitted:  # refused before it ran (a full queue, no slot, not running): freed here
                 await asyncio.to_thread(bodyjson.release, data)
 
-    def _has(self, capability_id: str) -> None:
-        """404 unless the plugin has the capability."""
-        if self.cls is None or capability_id not in self.cls.capabilities():
+    def _has(self, capability_id: str) -> Capability:
+        """The capability; 404 unless the plugin has it."""
+        cap = self.cls.capabilities().get(capability_id) if self.cls is not None else None
+        if cap is None:
             raise NotFound(f"plugin {self.id!r} has no capability {capability_id!r}", field="capability")
+        return cap
+
+    def _late_usage(self, cap: Capability, caller: Principal, route: str | None) -> Callable[[Any], None] | None:
+        """What books the answer of a call that spends LLM tokens when its caller stopped waiting before it came
+        (the client left, the call timed out): the model did the work, and the caller is billed what it did, under
+        `route` (else the one `booked_under` set, else the plugin's invoke route). An answered call is booked by
+        whoever called (the route that got the answer); None for a call that spends no tokens."""
+        auth = self.services.get("auth")
+        if not cap.books_usage or auth is None:
+            return None
+        where = route or USAGE_ROUTE.get() or f"/api/plugins/{self.id}/invoke/{cap.id}"
+        return lambda result: auth.book_usage(caller, where, result)
 
     def _no_answer(self, timeout: float) -> Timeout:
         """The 504 of a call that overran its `timeout` (the settings' `request_timeout` when it began)."""
@@ -328,9 +349,22 @@ class PluginHost:
                     self.telemetry.queued = lambda: made.queued
         return slots
 
-    async def _admit(self, queue_timeout: float | None) -> Slots:
-        """Wait for a request slot (429 when the queue is full; 504 after `queue_timeout` seconds queued, None: no
-        limit); return the slots to give it back to.
+    @property
+    def quick_slots(self) -> Slots:
+        """The slots of the `quick` capabilities: `QUICK_CONCURRENT` of them, apart from the request slots (a model
+        list does not wait behind the generations that hold those), with the same queue limit."""
+        slots = self._quick_slots
+        if slots is None:
+            with self._slots_lock:
+                slots = self._quick_slots
+                if slots is None:
+                    limit = "QUICK_CONCURRENT"
+                    slots = self._quick_slots = Slots(self.id, QUICK_CONCURRENT, self.settings.max_queue, limit)
+        return slots
+
+    async def _admit(self, queue_timeout: float | None, quick: bool = False) -> Slots:
+        """Wait for a request slot (a quick one for a `quick` call; 429 when the queue is full; 504 after
+        `queue_timeout` seconds queued, None: no limit); return the slots to give it back to.
 
         A plugin that is still starting (a worker importing its libraries) is waited for, not refused.
         """
@@ -338,7 +372,7 @@ class PluginHost:
         while self.state == "starting" and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self._ready()
-        slots = self.slots
+        slots = self.quick_slots if quick else self.slots
         await slots.take(queue_timeout)
         return slots
 
@@ -442,19 +476,25 @@ class PluginHost:
         caller: Principal | None,
         call: calls.Call | None = None,
         on_submit: Callable[[], None] | None = None,
+        *,
+        quick: bool = False,
+        on_late: Callable[[Any], None] | None = None,
     ) -> Any:
         """Send one request to the worker (or run `inline`, which runs as `call`) as `caller`, honouring the
         plugin's limits; `on_submit()` once the request is handed over (queued for its thread or its worker).
+        A `quick` call takes a quick slot (`quick_slots`), not a request slot; `on_late(result)` gets the answer
+        that comes after the caller stopped waiting.
 
         A request that times out answers 504 at once, but its slot stays taken until the plugin really finishes
         the work (a plugin cannot be interrupted mid-call): `max_concurrent` bounds the work running, not only the
         requests waiting. Whenever the caller stops waiting (the timeout, or the request's task cancelled) the
         call's grant ends, so the abandoned work can no longer reach the store as them."""
         asked = time.perf_counter()
-        sem = await self._admit(self.settings.request_timeout)
+        sem = await self._admit(self.settings.request_timeout, quick)
         left = max(0.001, self.settings.request_timeout - (time.perf_counter() - asked))  # the wait counts too
         work: Future[Any] | None = None
         worker = self.worker
+        answered = False
         try:
             with self._counted():
                 if worker is not None:
@@ -472,9 +512,11 @@ class PluginHost:
                     raise Unavailable(f"plugin {self.id!r} is {self.state}", retry_after=self.retry_after())
                 if on_submit is not None:  # queued for its thread, or the worker's writer has it
                     on_submit()
-                return await _answer(work, left)
+                result = await _answer(work, left)
+                answered = True
+                return result
         finally:
-            self._settle(sem, work, worker, call)
+            self._settle(sem, work, worker, call, None if answered else on_late)
 
     def invoke_here(
         self,
@@ -493,15 +535,16 @@ class PluginHost:
         caller) and `on_timeout(err)` gets the 504 to answer with; when the plugin returns, its result is dropped
         and the 504 raised. A worker's answer is waited for at most the timeout, as over HTTP, and given up once
         `gone()` says the caller left (looked at every `WATCH_S`: the worker's call is told to stop then). `owned`:
-        `data` is this call's own, freed a slice at a time once the plugin is done with it."""
-        self._has(capability_id)
+        `data` is this call's own, freed a slice at a time once the plugin is done with it. The tokens of an answer
+        that came after its caller stopped waiting are booked to them (`_late_usage`)."""
+        cap = self._has(capability_id)
         asked = time.perf_counter()
         s = self.settings
         deadline = time.monotonic() + min(s.request_timeout, START_TIMEOUT_S)
         while self.state == "starting" and time.monotonic() < deadline:
             time.sleep(0.05)
         self._ready()
-        slots = self.slots
+        slots = self.quick_slots if cap.quick else self.slots
         slots.take_blocking(s.request_timeout)
         started = time.perf_counter()
         left = max(0.001, s.request_timeout - (started - asked))
@@ -510,11 +553,14 @@ class PluginHost:
         plugin = self._inline.take() if worker is None else None
         taken = plugin is not None  # counted on the instance until `done`
         call = calls.Call(caller)
+        on_late = self._late_usage(cap, caller, None)
         try:
             with self._counted():
                 if worker is not None:
                     work = worker.submit(("invoke", capability_id, data), caller)
-                    return _result_while(work, left, gone)
+                    answer = _result_while(work, left, gone)
+                    on_late = None
+                    return answer
                 if plugin is None:
                     raise Unavailable(f"plugin {self.id!r} is {self.state}", retry_after=self.retry_after())
 
@@ -537,12 +583,14 @@ class PluginHost:
                     if owned:
                         bodyjson.release(data)
                 if late or time.perf_counter() - started > left:  # overran, whether or not the deadline fired yet
+                    if on_late is not None:
+                        on_late(result)
                     raise TimeoutError
                 return result
         finally:
             if taken:  # taken, never run
                 self._inline.done()
-            self._settle(slots, work, worker, call)
+            self._settle(slots, work, worker, call, on_late if work is not None else None)
 
     @contextlib.contextmanager
     def _counted(self) -> Iterator[None]:
@@ -567,9 +615,18 @@ class PluginHost:
             tel.end(time.perf_counter() - t0, error)
 
     @staticmethod
-    def _settle(slots: Slots, work: Future[Any] | None, worker: WorkerProcess | None, call: calls.Call | None) -> None:
+    def _settle(
+        slots: Slots,
+        work: Future[Any] | None,
+        worker: WorkerProcess | None,
+        call: calls.Call | None,
+        on_late: Callable[[Any], None] | None = None,
+    ) -> None:
         """The caller stopped waiting: the slot goes back now, or when work still running really ends (timed out or
-        cancelled: the call's grant ends at once, so that work can no longer act for the caller)."""
+        cancelled: the call's grant ends at once, so that work can no longer act for the caller). `on_late`: the
+        caller did not get the work's answer; it gets it when (and if) it comes."""
+        if work is not None and on_late is not None:
+            work.add_done_callback(lambda done: _late_answer(done, on_late))
         if work is not None and not work.done():
             if call is not None:
                 call.end()
@@ -580,6 +637,16 @@ class PluginHost:
             if call is not None and work is None:
                 call.end()
             slots.release()
+
+
+def _late_answer(work: Future[Any], on_late: Callable[[Any], None]) -> None:
+    """Hand `on_late` the answer of work its caller no longer waited for (nothing when it failed)."""
+    if work.cancelled() or work.exception() is not None:
+        return
+    try:
+        on_late(work.result())
+    except Exception:  # the books of an answer nobody reads never fail the thread that delivered it
+        logging.getLogger("bkg.gateway").exception("booking a late answer's usage failed")
 
 
 class _Held:

@@ -26,10 +26,12 @@ class _Waiter:
 
 
 class Slots:
-    """`max_concurrent` slots and a queue of at most `max_queue` waiters (the errors name `plugin_id`)."""
+    """`max_concurrent` slots and a queue of at most `max_queue` waiters (the errors name `plugin_id`, and `limit`:
+    the setting or constant that sets `max_concurrent`)."""
 
-    def __init__(self, plugin_id: str, max_concurrent: int, max_queue: int) -> None:
+    def __init__(self, plugin_id: str, max_concurrent: int, max_queue: int, limit: str = "max_concurrent") -> None:
         self.plugin_id, self.max_concurrent, self.max_queue = plugin_id, max_concurrent, max_queue
+        self.limit = limit
         self.free = max_concurrent
         self._waiters: deque[_Waiter] = deque()
         self._lock = threading.Lock()
@@ -62,7 +64,7 @@ class Slots:
 
     def _timed_out(self, timeout: float | None) -> Timeout:
         return Timeout(
-            f"plugin {self.plugin_id!r} had no free request slot for {timeout:g}s (max_concurrent "
+            f"plugin {self.plugin_id!r} had no free request slot for {timeout:g}s ({self.limit} "
             f"{self.max_concurrent} busy): the request was not run"
         )
 

@@ -36,6 +36,7 @@ from bkg_kernel.auth.principal import Principal
 from bkg_kernel.errors import BkgError, Unavailable, error_data, from_dict
 from bkg_kernel.runtime import calls, pipe
 from bkg_kernel.runtime.bodyjson import RawJSON
+from bkg_kernel.runtime.contract import QUICK_CONCURRENT
 from bkg_kernel.runtime.storehandle import StoreHandle
 
 HEARTBEAT_S = 1.0
@@ -183,6 +184,9 @@ def main(
 
     threading.Thread(target=beat, daemon=True).start()
     pool = ThreadPoolExecutor(max_workers=plugin.settings.max_concurrent, thread_name_prefix="bkg-req")
+    # `quick` capabilities (a model list) run on threads of their own: the request threads may all be generating
+    quick_pool = ThreadPoolExecutor(max_workers=QUICK_CONCURRENT, thread_name_prefix="bkg-quick")
+    quick = {c.id for c in cls.capabilities().values() if c.quick}
 
     def run(req_id: int, call: calls.Call | None, fn: Any, *args: Any) -> None:
         try:
@@ -238,7 +242,8 @@ def main(
                     fut.set_result(msg[3]) if msg[2] else fut.set_exception(from_dict(msg[3]))
             elif msg[0] == "invoke":
                 call = begun(msg[1], msg[4])
-                pool.submit(run, msg[1], call, lambda cap, data: plugin.invoke(cap, _data(data)), msg[2], msg[3])
+                on = quick_pool if msg[2] in quick else pool
+                on.submit(run, msg[1], call, lambda cap, data: plugin.invoke(cap, _data(data)), msg[2], msg[3])
             elif msg[0] == "stream":
                 pool.submit(stream, msg[1], msg[2], msg[3], begun(msg[1], msg[4]))
             elif msg[0] == "cancel":  # a stream's client went away, or nobody waits for an answer any more
@@ -257,6 +262,7 @@ def main(
         for got in list(streamed.values()):
             got.put(("end", False, Unavailable("the gateway is gone").to_dict()["error"]))
         pool.shutdown(wait=True, cancel_futures=True)
+        quick_pool.shutdown(wait=True, cancel_futures=True)
         try:
             plugin.stop()
         except Exception:

@@ -18,7 +18,7 @@ from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput, NotFound, closest, openai_shaped
 from bkg_kernel.plugins.llmserver.schemas import ChatRequest, CompletionRequest, EmbedRequest
 from bkg_kernel.runtime.bodyjson import BIG_BODY, TOO_DEEP, RawJSON
-from bkg_kernel.runtime.contract import RUNNING_USAGE, GatewayAPI
+from bkg_kernel.runtime.contract import GatewayAPI, StreamUsage, booked_under
 from bkg_kernel.runtime.disconnect import while_connected
 from bkg_kernel.runtime.sse import event_stream
 
@@ -109,10 +109,12 @@ def build(api: GatewayAPI) -> APIRouter:
 
     @router.post("/embeddings")
     async def embeddings(body: EmbedRequest, request: Request, p: Annotated[Principal, Depends(llm)]) -> Response:
-        """Embeddings of one text or a batch (a client that leaves stops the work between two batches)."""
+        """Embeddings of one text or a batch (a client that leaves stops the work between two batches; what was
+        embedded until then is booked to it all the same)."""
         misspelt(body)
-        work = api.invoke("llmserver", "llm.embed", await handed(body, request), p)
-        result = await while_connected(request, work)
+        data = await handed(body, request)
+        with booked_under("/v1/embeddings"):
+            result = await while_connected(request, api.invoke("llmserver", "llm.embed", data, p))
         api.record_usage(p, "/v1/embeddings", result)
         # a batch of embeddings is megabytes of numbers: encoded in a thread, not on the event loop
         return Response(await asyncio.to_thread(orjson.dumps, result), media_type="application/json")
@@ -120,27 +122,21 @@ def build(api: GatewayAPI) -> APIRouter:
     async def _answer(
         request: Request, p: Principal, capability: str, route: str, body: ChatRequest | CompletionRequest, data: Any
     ) -> JSONResponse | StreamingResponse:
-        if not body.stream:  # a client that leaves first stops the generation, as it does a stream's
-            result = await while_connected(request, api.invoke("llmserver", capability, data, p))
+        if not body.stream:  # a client that leaves first stops the generation, as it does a stream's (and pays
+            # for the tokens generated until then: the host books the answer that comes after it left)
+            with booked_under(route):
+                result = await while_connected(request, api.invoke("llmserver", capability, data, p))
             api.record_usage(p, route, result)
             return JSONResponse(result)
         options = (body.model_extra or {}).get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        # the tokens generated so far (the worker tells them as it goes), and whether its last chunk booked them
-        book: dict[str, Any] = {"model": body.model, "usage": None, "booked": False}
+        usage = StreamUsage(lambda result: api.record_usage(p, route, result), body.model)
 
         def render(chunk: dict[str, Any]) -> dict[str, Any] | None:
-            book["model"] = chunk.get("model", book["model"])
-            if RUNNING_USAGE in chunk:
-                book["usage"] = chunk.pop(RUNNING_USAGE)
-                if not chunk:
-                    return None
-            if "usage" in chunk and not chunk.get("choices"):
-                api.record_usage(p, route, chunk)
-                book["booked"] = True
-                if not include_usage:
-                    return None
-            return chunk
+            shown = usage.read(chunk)
+            if shown is not None and "usage" in shown and not shown.get("choices") and not include_usage:
+                return None
+            return shown
 
         async def booked(chunks: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
             """`chunks`; however the stream ends (a client that left, a failure), what was generated is booked."""
@@ -149,8 +145,7 @@ def build(api: GatewayAPI) -> APIRouter:
                     yield chunk
             finally:
                 await chunks.aclose()
-                if not book["booked"] and book["usage"]:
-                    api.record_usage(p, route, {"model": book["model"], "usage": book["usage"]})
+                usage.close()
 
         chunks = booked(api.stream("llmserver", capability, data, p))
         response: StreamingResponse = await event_stream(chunks, render, lambda said: openai_shaped(said["error"])[1])

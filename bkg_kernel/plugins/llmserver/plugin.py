@@ -196,9 +196,11 @@ class LLMServer(Plugin):
                                      f"{m.n_ctx:,} (n_ctx)", field=field)  # fmt: skip
             rows: list[Any] = []
             for start, end in _batches(counts, self.settings.n_batch):  # a caller gone stops it between two batches
-                if stop.is_set():
+                if stop.is_set():  # nobody reads the answer: what was embedded, for the caller's books
                     self.cancelled += 1
-                    raise Cancelled("the embedding stopped: its caller went away or timed out")
+                    self.log.info("embedding cancelled after %d of %d texts (the client went away)", start, len(texts))
+                    done = sum(counts[:start])
+                    return Embeddings(data=[], model=model_id, usage=Usage(prompt_tokens=done, total_tokens=done))
                 rows.extend(llm.embed(texts[start:end], normalize=True, truncate=False))
             vecs = np.asarray(rows, dtype=np.float32).reshape(len(texts), -1)
         if inp.dimensions is not None:
@@ -219,7 +221,7 @@ class LLMServer(Plugin):
         n = sum(counts)
         return Embeddings(data=data, model=model_id, usage=Usage(prompt_tokens=n, total_tokens=n))
 
-    @capability("llm.models", scope="llm:use")
+    @capability("llm.models", scope="llm:use", quick=True)  # answers while every slot generates (Ollama's tags)
     def models(self, inp: Empty) -> ModelList:
         """List the GGUF models that can be used, and which are loaded."""
         loaded, used_bytes = self.pool.snapshot()
@@ -308,11 +310,11 @@ class LLMServer(Plugin):
                         yield {**head, "choices": [choice], RUNNING_USAGE: g.usage()}
                     else:
                         yield {RUNNING_USAGE: g.usage()}  # nothing to send yet; the count all the same
-        if g.finish_reason == "cancelled":
-            if not whole:  # the count of what was generated, for whoever still reads (the gateway books its last)
-                yield {**head, "choices": [], "usage": g.usage()}
+        cut = g.finish_reason == "cancelled"  # whole: nobody reads the answer, but what was generated is booked
+        if cut and not whole:  # the count of what was generated, for whoever still reads (the gateway books its last)
+            yield {**head, "choices": [], "usage": g.usage()}
             return
-        calls = gen.tool_calls_from(g.text, inp) if tools else None
+        calls = gen.tool_calls_from(g.text, inp) if tools and not cut else None
         finish = "tool_calls" if calls else g.finish_reason
         message: dict[str, Any] = {"role": "assistant", "content": None if calls else g.text}
         if calls:
@@ -360,9 +362,8 @@ class LLMServer(Plugin):
                         yield {**head, "choices": [choice], RUNNING_USAGE: g.usage()}
                     else:
                         yield {RUNNING_USAGE: g.usage()}
-        if g.finish_reason == "cancelled":
-            if not whole:
-                yield {**head, "choices": [], "usage": g.usage()}
+        if g.finish_reason == "cancelled" and not whole:  # whole, it is answered for the caller's books
+            yield {**head, "choices": [], "usage": g.usage()}
             return
         out = (text if inp.echo else "") + g.text
         if whole:
@@ -502,7 +503,8 @@ def _batches(counts: list[int], size: int) -> Iterator[tuple[int, int]]:
 
 
 def _whole(chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    """A whole answer's one chunk; none when the generation stopped because nobody waited for it any more."""
+    """A whole answer's one chunk (finish_reason "cancelled" when nobody waited for it any more: its usage is still
+    booked to the caller)."""
     if not chunks:
         raise Cancelled("the generation stopped: its caller went away or timed out")
     return chunks[-1]
