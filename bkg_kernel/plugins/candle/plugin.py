@@ -334,7 +334,7 @@ class Candle(Plugin):
         took = (time.perf_counter() - t0) * 1000
         return RunResult(model_id=inp.model_id, task=r.task, took_ms=round(took, 3), **out)
 
-    @capability("candle.stats", scope="plugins:read")
+    @capability("candle.stats", scope="plugins:read", quick=True)  # answers while a run holds the one slot
     def stats(self, inp: Empty) -> Stats:
         """Loaded models, memory and device."""
         import psutil
