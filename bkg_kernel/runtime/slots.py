@@ -48,7 +48,8 @@ class Slots:
                 return None
             if len(self._waiters) >= self.max_queue:
                 raise TooManyRequests(
-                    f"plugin {self.plugin_id!r} has {len(self._waiters)} requests queued (max_queue {self.max_queue})"
+                    f"plugin {self.plugin_id!r} is busy: its {self.max_concurrent} request slots ({self.limit}) are "
+                    f"taken and {len(self._waiters)} requests wait (max_queue {self.max_queue}); try again later"
                 )
             waiter = _Waiter(waker())
             self._waiters.append(waiter)
