@@ -89,7 +89,7 @@ class SysInfo(Plugin):
         self._started = time.monotonic()
         self.log.info("sysinfo ready in pid %s", os.getpid())
 
-    @capability("sysinfo.facts", scope="plugins:read", quick=True)
+    @capability("sysinfo.facts", scope="plugins:read")
     def facts(self, inp: Empty) -> MachineFacts:
         """Report machine facts."""
         import psutil
