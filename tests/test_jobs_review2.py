@@ -33,6 +33,12 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
              "line = 'x' * 1023\nfor _ in range(n // 1024):\n    print(line)",
              "print('the tail of it')",
              "{'rich': 'kept'}")  # fmt: skip
+    notebook(root / "progress.ipynb", "steps = 300",
+             "from IPython.display import clear_output\nfor i in range(steps):\n"
+             "    clear_output(wait=True)\n    print(f'step {i} ' + 'x' * 10_000)",
+             "from IPython.display import clear_output\nfor i in range(100):\n"
+             "    print('y' * 10_000)\n    clear_output()",
+             "print('final accuracy 0.97')")  # fmt: skip
     return root
 
 
@@ -210,3 +216,19 @@ def test_a_schedule_made_before_paths_were_kept_is_held_to_the_file_its_name_mea
     assert fired["sched-old0011a"]["path"] == str((second / "solo.ipynb").resolve()), fired
     assert fired["sched-old0011a"]["state"] in ("queued", "running", "succeeded"), fired
     assert fired["sched-old0011b"]["state"] == "failed", fired
+
+
+def test_output_a_cell_cleared_no_longer_counts_against_the_limit(gw: Gateway) -> None:
+    """Found by a review: the limit counted every byte ever printed, so a loop that clears its output and prints
+    its progress (3 MB printed, one 10 KB line kept) spent it, and the run's last print, its result, was cut. What a
+    clear removes goes back to the budget, for a clear that waits for the next output and an immediate one alike."""
+    run = submit(gw, {"notebook": "progress.ipynb"})
+    done = wait_run(gw, run["id"], timeout=300)
+    assert done["state"] == "succeeded", done
+    text = gw.client().get(f"/api/jobs/{run['id']}/output").text
+    assert "output truncated" not in text
+    tagged = {"parameters", "injected-parameters"}
+    cells = [x for x in nbformat.reads(text, 4).cells if not set(x.metadata.get("tags", [])) & tagged]
+    assert [o.text for o in cells[0].outputs] == [f"step 299 {'x' * 10_000}\n"]  # the last step, whole
+    assert cells[1].outputs == []
+    assert [o.text for o in cells[2].outputs] == ["final accuracy 0.97\n"]

@@ -39,7 +39,18 @@ def _register_engine() -> None:
         cap: StreamCap | None = None
         clear_before_next_output: bool  # nbclient's, set as each cell starts
 
+        def _hooked(self, msg: dict[str, Any]) -> bool:
+            """Whether an output widget takes this message's outputs (they go to it, not to the cell)."""
+            return bool(self.output_hook_stack[msg["parent_header"].get("msg_id")])
+
+        def clear_output(self, outs: list[Any], msg: dict[str, Any], cell_index: int) -> None:
+            if self.cap is not None and not msg["content"].get("wait") and not self._hooked(msg):
+                self.cap.refund(outs)  # cleared now: what it held no longer counts
+            super().clear_output(outs, msg, cell_index)
+
         def output(self, outs: list[Any], msg: dict[str, Any], display_id: str | None, cell_index: int) -> Any:
+            if self.cap is not None and self.clear_before_next_output and not self._hooked(msg):
+                self.cap.refund(outs)  # the clear that waited for this output happens now
             if self.cap is None or msg["msg_type"] != "stream":
                 return super().output(outs, msg, display_id, cell_index)
             kept, cut = self.cap.keep(msg["content"].get("text", ""))

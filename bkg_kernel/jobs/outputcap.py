@@ -36,6 +36,15 @@ class StreamCap:
         self.kept = self.limit
         return data[:room].decode("utf-8", "ignore"), len(data) - room
 
+    def refund(self, outs: list[Any]) -> None:
+        """A cell is about to clear `outs`: what its stream outputs there hold goes back to the budget, which
+        counts what the notebook keeps, not all that was ever printed (a loop that clears and prints its progress
+        keeps one line, however long it runs)."""
+        markers = {id(node) for node, _ in self.cut.values()}
+        back = sum(len(str(o.get("text", "")).encode("utf-8", "replace"))
+                   for o in outs if o.get("output_type") == "stream" and id(o) not in markers)  # fmt: skip
+        self.kept = max(0, self.kept - back)
+
     def mark(self, outs: list[Any], cell_index: int, name: str, cut: int) -> None:
         """Say in a cell's outputs `outs` that `cut` more bytes of its stream `name` were cut: one marker per cell
         and stream, kept up to date (made again after the cell cleared its output)."""
