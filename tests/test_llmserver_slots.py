@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
+from gateway_harness import ADMIN_KEY, Gateway, configured, start_gateway, wait_for
 
 from bkg_kernel.models.defaults import DEFAULT_LLM
 
@@ -35,18 +35,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     g.stop()
 
 
-@contextlib.contextmanager
-def configured(gw: Gateway, **changes: Any) -> Iterator[None]:
-    """llmserver's settings changed for a while (its worker starts again with them, and again after)."""
-    c = gw.client()
-    cfg = c.get("/api/plugins/llmserver/config").json()["config"]
-    c.put("/api/plugins/llmserver/config", json={"config": {**cfg, **changes}}).raise_for_status()
-    try:
-        yield
-    finally:
-        c.put("/api/plugins/llmserver/config", json={"config": cfg}).raise_for_status()
-
-
 def health(gw: Gateway) -> dict[str, Any]:
     return dict(gw.client().get("/api/plugins/llmserver/health").json())
 
@@ -68,7 +56,11 @@ def test_the_model_list_answers_while_every_slot_generates(gw: Gateway, slots: i
     server never make it wait. `llm.models` is now `quick`: it takes no request slot and runs on threads of its
     own, while `max_concurrent` still bounds the generations (one more is refused: the queue holds none)."""
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    with configured(gw, max_concurrent=slots, max_queue=0), contextlib.ExitStack() as streams, gw.client() as c:
+    with (
+        configured(gw, "llmserver", max_concurrent=slots, max_queue=0),
+        contextlib.ExitStack() as streams,
+        gw.client() as c,
+    ):
         reading = []  # kept: a line iterator dropped closes its connection (the generation stops)
         for _ in range(slots):  # every slot generating, until its client leaves
             s = streams.enter_context(httpx.Client(base_url=gw.url, headers=headers, timeout=120))
@@ -104,7 +96,10 @@ def test_a_whole_answer_nobody_waited_for_is_booked_with_the_tokens_generated(gw
         ):
             gone.post("/v1/chat/completions", json=COUNT)
     else:
-        with configured(gw, request_timeout=2), httpx.Client(base_url=gw.url, headers=headers, timeout=60) as c:
+        with (
+            configured(gw, "llmserver", request_timeout=2),
+            httpx.Client(base_url=gw.url, headers=headers, timeout=60) as c,
+        ):
             assert gw.client().post("/v1/chat/completions", json=warm).status_code == 200  # the new worker's too
             cancelled = health(gw)["cancelled"]
             late = c.post("/api/plugins/llmserver/invoke/llm.chat", json=COUNT)
@@ -127,7 +122,7 @@ def test_an_embedding_its_client_leaves_is_booked_with_the_tokens_embedded(gw: G
     """Found by a review: an abandoned `/v1/embeddings` call booked nothing (it stopped between two batches, or its
     answer came with nobody to book it). What was embedded until it stopped is booked to the caller now."""
     made = new_key(gw, "embed-leaves")
-    with configured(gw, n_batch=64), gw.client() as c:
+    with configured(gw, "llmserver", n_batch=64), gw.client() as c:
         assert c.post("/v1/embeddings", json={"model": MODEL, "input": "warm"}).status_code == 200  # loaded first
         cancelled = health(gw)["cancelled"]
         texts = [f"text number {i} about apples" for i in range(400)]  # ~a minute of embedding on one thread
@@ -139,3 +134,30 @@ def test_an_embedding_its_client_leaves_is_booked_with_the_tokens_embedded(gw: G
         wait_for(lambda: health(gw)["cancelled"] > cancelled, timeout=60)
         row = wait_for(lambda: key_usage(gw, made["id"]), timeout=30, every=0.25)
         assert row["requests"] == 1 and row["prompt_tokens"] > 0 and row["completion_tokens"] == 0
+
+
+def test_a_stream_books_its_usage_once_wherever_it_comes() -> None:
+    """Found by a review: the one booking helper both streamed routes share booked only a usage chunk without
+    choices, so an upstream server that sends `usage` with its last choice (as some OpenAI-compatible servers do)
+    booked nothing. Each way a stream ends books once: the exact usage chunk, else the last usage a chunk carried,
+    else the running count of a local generation cut short."""
+    from bkg_kernel.runtime.contract import RUNNING_USAGE, StreamUsage
+
+    def run(chunks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        booked: list[dict[str, Any]] = []
+        usage = StreamUsage(booked.append, "m")
+        shown = [s for c in chunks if (s := usage.read(dict(c))) is not None]
+        usage.close()
+        usage.close()  # a second end books nothing more
+        return shown, booked
+
+    piece = {"model": "m", "choices": [{"delta": {"content": "a"}, "finish_reason": None}]}
+    exact = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    last = {"model": "m", "choices": [{"delta": {}, "finish_reason": "stop"}], "usage": exact}
+    shown, booked = run([piece, last])  # an upstream's: usage with the last choice
+    assert booked == [{"model": "m", "usage": exact}] and shown[-1]["usage"] == exact
+    _, booked = run([piece, {"model": "m", "choices": [], "usage": exact}])  # llmserver's own last chunk
+    assert booked == [{"model": "m", "choices": [], "usage": exact}]
+    so_far = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    shown, booked = run([{**piece, RUNNING_USAGE: so_far}, {RUNNING_USAGE: so_far}])  # cut short, a count alone
+    assert booked == [{"model": "m", "usage": so_far}] and shown == [piece]  # the count never reaches the client

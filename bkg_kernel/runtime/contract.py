@@ -251,11 +251,12 @@ class StreamUsage:
     usage; a stream that ends before that chunk (its client left, it failed) books the count so far. `book(result)`
     books an answer's `usage` (`{"model", "usage"}`)."""
 
-    __slots__ = ("_book", "booked", "model", "so_far")
+    __slots__ = ("_book", "booked", "last", "model", "so_far")
 
     def __init__(self, book: Callable[[dict[str, Any]], None], model: str | None = None) -> None:
         self._book, self.model = book, model
         self.so_far: dict[str, Any] | None = None
+        self.last: dict[str, Any] | None = None  # the last `usage` a chunk with choices carried (an upstream's)
         self.booked = False
 
     def read(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
@@ -266,16 +267,21 @@ class StreamUsage:
             self.so_far = chunk.pop(RUNNING_USAGE)
             if not chunk:
                 return None
-        if chunk.get("usage") and not chunk.get("choices") and not self.booked:
-            self.booked = True
-            self._book(chunk)
+        if chunk.get("usage") and not self.booked:
+            if chunk.get("choices"):  # an upstream server may send it with the last choice: booked at the end
+                self.last = chunk["usage"]
+            else:
+                self.booked = True
+                self._book(chunk)
         return chunk
 
     def close(self) -> None:
-        """The stream has ended: book the count so far unless its exact usage was booked."""
-        if not self.booked and self.so_far:
+        """The stream has ended: book the last usage a chunk carried, else the count so far, unless its exact usage
+        was booked."""
+        usage = self.last or self.so_far
+        if not self.booked and usage:
             self.booked = True
-            self._book({"model": self.model, "usage": self.so_far})
+            self._book({"model": self.model, "usage": usage})
 
 
 def _no_store(op: str, args: dict[str, Any]) -> Any:
