@@ -44,12 +44,15 @@ LOUD = '''
             self.log.log(33, "unnamed line")  # logging names it "Level 33"
             self.log.log(35, "ALERT line")
             self.log.error("ERROR line")
+            # a level registered only where the plugin runs (in a worker: not in the gateway)
+            logging.addLevelName(22, "DETAIL" + "MODE".upper())
+            self.log.log(22, "DETAIL line")
 
 
     PLUGIN = Loud
 '''
 PLUGINS = {"loudinline": "inline", "loudworker": "worker"}
-MESSAGES = ["INFO line", "NOTICE line", "WARNING line", "unnamed line", "ALERT line", "ERROR line"]
+MESSAGES = ["INFO line", "NOTICE line", "WARNING line", "unnamed line", "ALERT line", "ERROR line", "DETAIL line"]
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +89,17 @@ def test_a_plugin_s_own_levels_are_kept_and_ranked_by_their_number(gw: Gateway, 
         ("Level 33", "unnamed line"),
         ("ALERT", "ALERT line"),
         ("ERROR", "ERROR line"),
+        (f"DETAIL{PLUGINS[pid].upper()}", "DETAIL line"),
     ]
+    # DETAIL (22) is below every floor past it, in a worker too, where only the plugin's process could number it
     assert [m for _, m in _lines(gw, pid, level="warning")] == [
         "WARNING line",
         "unnamed line",
         "ALERT line",
         "ERROR line",
     ]
-    assert [m for _, m in _lines(gw, pid, level="25")] == MESSAGES[1:]
+    assert [m for _, m in _lines(gw, pid, level="25")] == MESSAGES[1:-1]
+    assert [m for _, m in _lines(gw, pid, level=f"detail{PLUGINS[pid]}")] == MESSAGES[1:]  # its name is a floor
     assert [m for _, m in _lines(gw, pid, level="34")] == ["ALERT line", "ERROR line"]
     assert [m for _, m in _lines(gw, pid, level="error")] == ["ERROR line"]
 
@@ -111,7 +117,9 @@ def test_an_inline_plugin_restarted_logs_each_line_once(gw: Gateway) -> None:
 def test_a_level_that_is_none_is_a_422_naming_it(gw: Gateway) -> None:
     r = gw.client().get("/api/plugins/loudinline/logs", params={"level": "loudest"})
     assert r.status_code == 422, r.text
-    assert r.json()["error"]["field"] == "query.level", r.text
+    assert r.json()["error"]["field"] == "level", r.text
+    r = gw.client().get("/api/plugins/loudinline/logs", params={"level": "a" * 41})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "query.level", r.text
 
 
 def test_the_ring_takes_a_plugin_s_own_level_as_a_floor() -> None:

@@ -133,9 +133,9 @@ class PluginHost:
         self.state, self.reason = state, reason
         self.emit("status", self.id, self.status())
 
-    def add_log(self, level: str, t: float, message: str) -> None:
-        """Record a log line and push it to subscribers."""
-        self.emit("logs", self.id, self.logs.add(level, t, message))
+    def add_log(self, level: str, t: float, message: str, number: int | None = None) -> None:
+        """Record a log line (`number`: its level's, from the logging record) and push it to subscribers."""
+        self.emit("logs", self.id, self.logs.add(level, t, message, number))
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> dict[str, Any]:

@@ -30,13 +30,16 @@ class LogRing:
     def __init__(self, size: int = 2000) -> None:
         # each line with its level's number: a plugin's own level (NOTICE, 25) is ranked as logging ranks it
         self._lines: deque[tuple[int | None, dict[str, Any]]] = deque(maxlen=size)
+        self._named: dict[str, int] = {}  # the levels its lines came with (a worker's own NOTICE), by name
         self._lock = threading.Lock()
         self._seq = 0
 
-    def add(self, level: str, t: float, message: str) -> dict[str, Any]:
-        """Append one line and return it."""
-        rank = level_number(level)
+    def add(self, level: str, t: float, message: str, number: int | None = None) -> dict[str, Any]:
+        """Append one line and return it (ranked by `number`, its record's level number, else by its name)."""
+        rank = number if isinstance(number, int) else level_number(level)
         with self._lock:
+            if isinstance(number, int):
+                self._named[level.upper()] = number
             self._seq += 1
             line = {"seq": self._seq, "time": t, "level": level, "message": message}
             self._lines.append((rank, line))
@@ -45,9 +48,12 @@ class LogRing:
     def query(self, limit: int = 200, level: str | None = None, search: str | None = None) -> list[dict[str, Any]]:
         """Return the newest lines (oldest first), at or above `level` (a name or a number), containing `search`.
 
-        A line of a level this process cannot number (registered only inside a worker) passes every floor: shown
-        under its own name rather than lost."""
+        Each line is ranked by its record's level number (a worker sends it with the line); a line added by name
+        alone, of a level this process cannot number, passes every floor: shown rather than lost."""
         floor = None if level is None else level_number(level)
+        if level is not None and floor is None:
+            with self._lock:
+                floor = self._named.get(level.upper())  # a level only the plugin's worker registered
         if level is not None and floor is None:
             raise InvalidInput(
                 f"{level!r} is not a log level: DEBUG, INFO, WARNING, ERROR, CRITICAL, a level a plugin named, "
@@ -69,7 +75,7 @@ class RingHandler(logging.Handler):
         self.sink = sink
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.sink(record.levelname, record.created, self.format(record))
+        self.sink(record.levelname, record.created, self.format(record), record.levelno)
 
 
 HISTORY_POINTS = 1800  # an hour of the supervisor's 2-second samples

@@ -4,7 +4,7 @@ Messages, parent to child: ("invoke", req_id, capability, data, call) | ("stream
 ("cancel", req_id) | ("health", req_id) | ("store_chunk", store_id, data) | ("store_result", store_id, ok, data) |
 ("stop",). Child to parent: ("ready", pid) | ("failed", message) | ("chunk", req_id, data) |
 ("result", req_id, ok, data) | ("store", store_id, grant, op, arguments) | ("store_close", store_id) |
-("heartbeat", monotonic_time) | ("log", level, unix_time, message).
+("heartbeat", monotonic_time) | ("log", level, unix_time, message, level_number).
 A stream sends its chunks, then one result (None when it ran to the end or was cancelled); so does a streamed
 store answer (`chat_stream`), whose reader says `store_close` when it stops reading early.
 
@@ -49,7 +49,7 @@ class _PipeLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):  # the pipe is gone: the parent will notice the exit
-            self.send(("log", record.levelname, record.created, self.format(record)))
+            self.send(("log", record.levelname, record.created, self.format(record), record.levelno))
 
 
 def _call(data: dict[str, Any] | None) -> calls.Call | None:

@@ -114,7 +114,7 @@ class WorkerProcess:
             elif kind == "heartbeat":
                 self.last_beat = time.monotonic()
             elif kind == "log":
-                self.host.add_log(msg[1], msg[2], msg[3])
+                self.host.add_log(msg[1], msg[2], msg[3], msg[4])
             elif kind == "ready":
                 self.pid = msg[1]
                 self.last_beat = time.monotonic()

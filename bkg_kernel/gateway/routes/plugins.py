@@ -102,9 +102,10 @@ async def plugin_logs(
     level: Annotated[
         str | None,
         Query(
-            pattern="^(?i)(debug|info|warning|error|critical|[0-9]{1,2})$",
-            description="The lowest level shown: DEBUG, INFO, WARNING, ERROR, CRITICAL or a number. A plugin's own "
-            "level (NOTICE, 25) is shown under its name and ranked by its number, as in logging.",
+            pattern="^[A-Za-z0-9_ -]{1,40}$",
+            description="The lowest level shown: DEBUG, INFO, WARNING, ERROR, CRITICAL, a level a plugin named "
+            "(NOTICE) or a number. A plugin's own level is shown under its name and ranked by its number, as in "
+            "logging.",
         ),
     ] = None,
     search: str | None = None,
