@@ -300,8 +300,9 @@ def document(
     ordered = callee_first(index, targets)
     done: list[dict[str, Any]] = []
     every_sym = index.files[path]["symbols"]
+    starts = sorted(t["start"] for t in every_sym if t["kind"] != "module")  # once: own_end bisects them
     for i, s in enumerate(ordered):
-        sha = span_sha(lines, s["start"], own_end(s, every_sym))
+        sha = span_sha(lines, s["start"], own_end(s, every_sym, starts))
         entry = cache.get(s["qualname"])
         if entry is None or entry["sha"] != sha or force:
             callees = [
