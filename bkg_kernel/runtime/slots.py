@@ -49,7 +49,7 @@ class Slots:
             if len(self._waiters) >= self.max_queue:
                 raise TooManyRequests(
                     f"plugin {self.plugin_id!r} is busy: its {self.max_concurrent} request slots ({self.limit}) are "
-                    f"taken and {len(self._waiters)} requests wait (max_queue {self.max_queue}); try again later"
+                    f"taken and {len(self._waiters)} requests are queued (max_queue {self.max_queue}); try again later"
                 )
             waiter = _Waiter(waker())
             self._waiters.append(waiter)
