@@ -233,3 +233,15 @@ def dashboard_login(
     field.fill(key)
     page.locator("button:has-text('Log in')").click()
     page.locator("text=Logged in as").wait_for(timeout=page_s * 1000)
+
+
+@contextlib.contextmanager
+def configured(gw: Gateway, plugin: str, **changes: Any) -> Iterator[None]:
+    """A plugin's settings changed for a while (a worker starts again with them, and again after)."""
+    c = gw.client()
+    cfg = c.get(f"/api/plugins/{plugin}/config").json()["config"]
+    c.put(f"/api/plugins/{plugin}/config", json={"config": {**cfg, **changes}}).raise_for_status()
+    try:
+        yield
+    finally:
+        c.put(f"/api/plugins/{plugin}/config", json={"config": cfg}).raise_for_status()

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
+from gateway_harness import ADMIN_KEY, Gateway, configured, start_gateway, wait_for
 
 from bkg_kernel.models.defaults import DEFAULT_LLM
 
@@ -37,18 +37,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
                       env={"OMP_NUM_THREADS": "1"})  # fmt: skip
     yield g
     g.stop()
-
-
-@contextlib.contextmanager
-def configured(gw: Gateway, **changes: Any) -> Iterator[None]:
-    """llmserver's settings changed for a while (its worker starts again with them, and again after)."""
-    c = gw.client()
-    cfg = c.get("/api/plugins/llmserver/config").json()["config"]
-    c.put("/api/plugins/llmserver/config", json={"config": {**cfg, **changes}}).raise_for_status()
-    try:
-        yield
-    finally:
-        c.put("/api/plugins/llmserver/config", json={"config": cfg}).raise_for_status()
 
 
 def health(gw: Gateway) -> dict[str, Any]:
@@ -86,7 +74,7 @@ def test_embeddings_read_the_whole_input_and_refuse_one_past_the_context(gw: Gat
     all. Each input is now embedded whole, and one past the context is a 400 naming it. (A small `n_batch` and
     `n_ctx` here: the same cut, a few seconds of embedding.)"""
     shared = " ".join(f"w{i}" for i in range(40))  # past 64 tokens
-    with configured(gw, n_batch=64, n_ctx=256), gw.client() as c:
+    with configured(gw, "llmserver", n_batch=64, n_ctx=256), gw.client() as c:
         tail = " and then apples, pears and plums from the orchard" * 5
         r = c.post("/v1/embeddings", json={"model": MODEL, "input": [shared, shared + tail]})
         assert r.status_code == 200, r.text
@@ -101,7 +89,7 @@ def test_embeddings_read_the_whole_input_and_refuse_one_past_the_context(gw: Gat
 def test_an_embedding_its_client_leaves_stops_and_frees_its_slot(gw: Gateway) -> None:
     """Found by a review: a `/v1/embeddings` call whose client gave up ran to its end, holding its slot (a minute
     for a big batch on one core). It is now given up as a chat is, and stops between two batches."""
-    with configured(gw, n_batch=64), gw.client() as c:
+    with configured(gw, "llmserver", n_batch=64), gw.client() as c:
         assert c.post("/v1/embeddings", json={"model": MODEL, "input": "warm"}).status_code == 200  # loaded first
         cancelled = health(gw)["cancelled"]
         texts = [f"text number {i} about apples" for i in range(400)]  # ~a minute of embedding on one core
