@@ -245,3 +245,28 @@ def configured(gw: Gateway, plugin: str, **changes: Any) -> Iterator[None]:
         yield
     finally:
         c.put(f"/api/plugins/{plugin}/config", json={"config": cfg}).raise_for_status()
+
+
+def repo_invoke(
+    g: Gateway, cap: str, body: dict[str, Any], key: str | None = None, timeout: float = 300
+) -> httpx.Response:
+    """A repoagent capability called over HTTP, as `key` (else the admin)."""
+    c = g.client(key) if key else g.client()
+    return c.post(f"/api/plugins/repoagent/invoke/{cap}", json=body, timeout=timeout)
+
+
+def repo_job(
+    g: Gateway, cap: str, body: dict[str, Any], key: str | None = None, answered: tuple[int, ...] = (202,)
+) -> dict[str, Any]:
+    """A repoagent job capability called (its first answer one of `answered`), then waited for until it ends."""
+    r = repo_invoke(g, cap, body, key)
+    assert r.status_code in answered, r.text
+    return g.wait_job(r.json()["job"]["id"])
+
+
+def user_key(g: Gateway, name: str, scopes: list[str]) -> str:
+    """A key of a new user `name` whose role has exactly `scopes`."""
+    admin = g.client()
+    assert admin.post("/admin/roles", json={"name": f"{name}-role", "scopes": scopes}).status_code == 201
+    user = admin.post("/admin/users", json={"username": name, "role": f"{name}-role"}).json()
+    return str(admin.post("/admin/keys", json={"name": f"{name}'s", "user_id": user["id"]}).json()["key"])

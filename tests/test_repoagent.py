@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from gateway_harness import Gateway, start_gateway, wait_for
+from gateway_harness import Gateway, repo_job, start_gateway, wait_for
+from gateway_harness import repo_invoke as invoke
 from helpers import git
 
 from bkg_kernel.client.transport import iter_sse, raise_for_error
@@ -138,19 +138,12 @@ def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     g.stop()
 
 
-def invoke(g: Gateway, cap: str, body: dict[str, Any], key: str | None = None) -> httpx.Response:
-    c = g.client(key) if key else g.client()
-    return c.post(f"/api/plugins/repoagent/invoke/{cap}", json=body, timeout=300)
+def repo_dir(g: Gateway) -> Path:
+    return g.data_dir.parent / "repos" / "demo"
 
 
 def job(g: Gateway, cap: str, body: dict[str, Any]) -> dict[str, Any]:
-    r = invoke(g, cap, body)
-    assert r.status_code in (200, 202), r.text
-    return g.wait_job(r.json()["job"]["id"])
-
-
-def repo_dir(g: Gateway) -> Path:
-    return g.data_dir.parent / "repos" / "demo"
+    return repo_job(g, cap, body, answered=(200, 202))
 
 
 def test_workspaces_live_under_the_roots(rgw: Gateway, tmp_path: Path) -> None:

@@ -12,11 +12,10 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 from gateway_harness import Gateway, start_gateway
+from gateway_harness import repo_invoke as invoke
 from helpers import git, git_repo
 
 FILES = {
@@ -51,10 +50,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         yield g
     finally:
         g.stop()
-
-
-def invoke(g: Gateway, cap: str, body: dict[str, Any], timeout: float = 300) -> httpx.Response:
-    return g.client().post(f"/api/plugins/repoagent/invoke/{cap}", json=body, timeout=timeout)
 
 
 def repo_of(g: Gateway, name: str) -> Path:

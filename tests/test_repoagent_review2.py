@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-from gateway_harness import Gateway, start_gateway
+from gateway_harness import Gateway, start_gateway, user_key
+from gateway_harness import repo_invoke as invoke
+from gateway_harness import repo_job as job
 from helpers import git_repo
 
 from bkg_kernel.plugins.repoagent import codeindex
@@ -89,25 +89,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         yield g
     finally:
         g.stop()
-
-
-def invoke(g: Gateway, cap: str, body: dict[str, Any], key: str | None = None) -> httpx.Response:
-    c = g.client(key) if key else g.client()
-    return c.post(f"/api/plugins/repoagent/invoke/{cap}", json=body, timeout=300)
-
-
-def job(g: Gateway, cap: str, body: dict[str, Any]) -> dict[str, Any]:
-    r = invoke(g, cap, body)
-    assert r.status_code == 202, r.text
-    return g.wait_job(r.json()["job"]["id"])
-
-
-def user_key(g: Gateway, name: str, scopes: list[str]) -> str:
-    """A key of a user whose role has exactly `scopes`."""
-    admin = g.client()
-    assert admin.post("/admin/roles", json={"name": f"{name}-role", "scopes": scopes}).status_code == 201
-    user = admin.post("/admin/users", json={"username": name, "role": f"{name}-role"}).json()
-    return str(admin.post("/admin/keys", json={"name": f"{name}'s", "user_id": user["id"]}).json()["key"])
 
 
 def placed(g: Gateway, ws: str, name: str) -> set[tuple[int, str]]:
