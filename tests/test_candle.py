@@ -344,7 +344,9 @@ def test_collections_embed_text_with_candle_and_llmserver(cgw: Gateway) -> None:
     r = c.post("/api/collections", json={"name": "notes", "dim": 384, "embed_model": f"candle:{DEFAULT_EMBEDDER}"})
     assert r.status_code == 201 and r.json()["embed_model"] == f"candle:{DEFAULT_EMBEDDER}"
     points = [{"id": i, "text": t, "payload": {"topic": topic}} for i, t, topic in docs]
-    up = c.put("/api/collections/notes/points", json={"points": points}).json()
+    # the test before restarted candle: this first embed loads the model in a fresh worker, which a loaded CI
+    # machine took past httpx's 30 s once
+    up = c.put("/api/collections/notes/points", json={"points": points}, timeout=180).json()
     assert up["upserted"] == 4 and up["embedded"] == 4
     # the stored vectors are the model's embeddings of the texts
     stored = c.post("/api/collections/notes/points/get", json={"ids": ["d1"]}).json()["points"][0]["vector"]
