@@ -164,7 +164,10 @@ class Settings(BaseSettings):
     )
     job_keep_days: float = Field(30.0, gt=0, description="Finished runs older than this many days are deleted.")
     job_max_output_bytes: int = Field(
-        10 * 1024 * 1024, ge=1024, description="Bytes of printed output a run keeps; the rest is cut with a marker."
+        10 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of output a run keeps (printed text, images, tables, results, by their size in the "
+        "output notebook); printing past it is cut, a display dropped, each with a marker; an error is always kept.",
     )
     job_webhook_url: str | None = Field(None, description="Called with a run's summary when any run fails.")
     job_webhook_success: bool = Field(False, description="Call job_webhook_url for succeeded runs too.")

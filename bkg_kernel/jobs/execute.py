@@ -18,7 +18,7 @@ from typing import Any
 
 from bkg_kernel import kernels
 from bkg_kernel.jobs import notebooks
-from bkg_kernel.jobs.outputcap import StreamCap
+from bkg_kernel.jobs.outputcap import OutputCap, size
 
 Emit = Callable[[dict[str, Any]], None]
 KERNEL = notebooks.KERNEL  # every run, and every warm kernel waiting for one
@@ -34,24 +34,61 @@ def _register_engine() -> None:
     from papermill.engines import NBClientEngine, papermill_engines
 
     class CappedClient(PapermillNotebookClient):
-        """papermill's client, keeping no more stream output than the run's `StreamCap` allows."""
+        """papermill's client, keeping no more output than the run's `OutputCap` allows."""
 
-        cap: StreamCap | None = None
+        cap: OutputCap | None = None
         clear_before_next_output: bool  # nbclient's, set as each cell starts
 
         def _hooked(self, msg: dict[str, Any]) -> bool:
             """Whether an output widget takes this message's outputs (they go to it, not to the cell)."""
             return bool(self.output_hook_stack[msg["parent_header"].get("msg_id")])
 
+        def _clear_now(self, outs: list[Any], cell_index: int) -> None:
+            """Do the clear that waited for this output, as nbclient does it (the output itself is not kept)."""
+            if self.clear_before_next_output:
+                outs[:] = []
+                self.clear_display_id_mapping(cell_index)
+                self.clear_before_next_output = False
+
         def clear_output(self, outs: list[Any], msg: dict[str, Any], cell_index: int) -> None:
             if self.cap is not None and not msg["content"].get("wait") and not self._hooked(msg):
                 self.cap.refund(outs)  # cleared now: what it held no longer counts
             super().clear_output(outs, msg, cell_index)
 
+        def _update_display_id(self, display_id: str, msg: dict[str, Any]) -> None:
+            """Replace the data of the outputs shown under `display_id`, each counted by how much it grows; one
+            that would outgrow the budget keeps its old data and its cell says the update was dropped."""
+            if self.cap is None:
+                return super()._update_display_id(display_id, msg)
+            from nbformat.v4 import output_from_msg
+
+            try:
+                out = output_from_msg({**msg, "header": {**msg["header"], "msg_type": "display_data"}})
+            except ValueError:
+                return None
+            for cell_idx, output_indices in self._display_id_map.get(display_id, {}).items():
+                outs = self.nb["cells"][cell_idx]["outputs"]
+                for output_idx in output_indices:
+                    if output_idx >= len(outs):
+                        continue
+                    old = outs[output_idx]
+                    grown = size(out) - size({"data": old.get("data"), "metadata": old.get("metadata")})
+                    if self.cap.take(grown):
+                        old["data"], old["metadata"] = out["data"], out["metadata"]
+                    else:
+                        self.cap.drop(outs, cell_idx, out, "update_display_data")
+            return None
+
         def output(self, outs: list[Any], msg: dict[str, Any], display_id: str | None, cell_index: int) -> Any:
-            if self.cap is not None and self.clear_before_next_output and not self._hooked(msg):
+            if self.cap is None:
+                return super().output(outs, msg, display_id, cell_index)
+            hooked = self._hooked(msg)  # an output widget's rich outputs are its own; its streams count
+            if self.clear_before_next_output and not hooked:
                 self.cap.refund(outs)  # the clear that waited for this output happens now
-            if self.cap is None or msg["msg_type"] != "stream":
+            kind = msg["msg_type"]
+            if kind in ("display_data", "execute_result", "error") and not hooked:
+                return self._rich(outs, msg, display_id, cell_index)
+            if kind != "stream":
                 return super().output(outs, msg, display_id, cell_index)
             kept, cut = self.cap.keep(msg["content"].get("text", ""))
             if not cut:
@@ -60,12 +97,32 @@ def _register_engine() -> None:
             if kept:
                 msg = {**msg, "content": {**msg["content"], "text": kept}}
                 out = super().output(outs, msg, display_id, cell_index)
-            elif self.clear_before_next_output:  # a clear that waited for this output: done as nbclient does it
-                outs[:] = []
-                self.clear_display_id_mapping(cell_index)
-                self.clear_before_next_output = False
+            else:
+                self._clear_now(outs, cell_index)
             self.cap.mark(outs, cell_index, str(msg["content"].get("name", "stdout")), cut)
             return out
+
+        def _rich(self, outs: list[Any], msg: dict[str, Any], display_id: str | None, cell_index: int) -> Any:
+            """Keep a display or result while it fits (a cell's short result past it too), else drop it for its
+            cell's marker; keep an error always (shortened past the budget: a failed run shows why)."""
+            from nbformat.v4 import output_from_msg
+
+            assert self.cap is not None
+            out = output_from_msg(msg)
+            if out["output_type"] == "error":
+                short = self.cap.error(out)
+                if short is not out:
+                    msg = {
+                        **msg,
+                        "content": {**msg["content"], **{k: short[k] for k in ("ename", "evalue", "traceback")}},
+                    }
+                return super().output(outs, msg, display_id, cell_index)
+            nbytes, kind = size(out), str(out["output_type"])
+            if self.cap.result(cell_index, nbytes) if kind == "execute_result" else self.cap.take(nbytes):
+                return super().output(outs, msg, display_id, cell_index)
+            self._clear_now(outs, cell_index)
+            self.cap.drop(outs, cell_index, out, kind)
+            return None
 
     class WarmEngine(NBClientEngine):
         @classmethod
@@ -96,7 +153,7 @@ def _register_engine() -> None:
                 **kwargs,
             )
             client.kc = kc
-            client.cap = StreamCap(int(limit)) if limit is not None else None
+            client.cap = OutputCap(int(limit)) if limit is not None else None
             return client.execute()
 
     papermill_engines.register(ENGINE, WarmEngine)
@@ -198,7 +255,7 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
 
     The outcome holds ok, cells (run / total), duration and, for a failure, the cell index (as written), its
     source, ename, evalue and traceback. The output notebook is written either way (papermill marks the failed
-    cell with an error banner), with no more than `spec["max_output_bytes"]` of stream output (`outputcap`)."""
+    cell with an error banner), with no more than `spec["max_output_bytes"]` of output (`outputcap`)."""
     import papermill as pm
 
     if ENGINE not in pm.engines.papermill_engines._engines:  # noqa: SLF001
@@ -262,7 +319,7 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
             on_cell_start=started,
             on_cell_executed=executed,
             execution_timeout=spec.get("cell_timeout_s"),
-            max_output_bytes=spec.get("max_output_bytes"),  # what it prints past this is cut (outputcap)
+            max_output_bytes=spec.get("max_output_bytes"),  # output past this is cut or dropped (outputcap)
         )
     except pm.PapermillExecutionError as exc:
         error = {

@@ -1,49 +1,166 @@
-"""What a job run keeps of what its notebook prints: the first `limit` bytes of stream output (stdout, stderr) in
-all, the output notebook's and so its HTML's; the rest is cut as it arrives (a notebook that prints hundreds of MB
-never holds them in its worker nor writes them to the data dir), and each cell that lost some says so, and how much,
-in a last stream output of its own.
+"""What a job run keeps of its cells' output: the first `limit` bytes in all of what the output notebook (and so its
+HTML) would hold, each output counted by its stored size (its `data` values as nbformat stores them, base64 for
+an image; a stream's text; an error's name, value and traceback). A notebook that prints hundreds of MB or shows a
+5 MB image in a loop never holds them in its worker nor writes them to the data dir.
 
-Rich outputs (images, tables, a value's repr) are kept as they come: only printing is cut.
+Past the budget a stream is cut as it arrives (mid-text), a rich output (display, result, display update) that no
+longer fits is dropped whole, and each cell that lost some says so, and how much, in a stream output of its own
+(one per stream cut, one for the rich outputs dropped, kept up to date). An error is always kept, a failed run must
+show why: past the budget with its name and value and the last lines of its traceback. So is a cell's short result
+(its last expression's value, at most RESULT_GRACE bytes, one per cell): what a run came to, a score or a count, shows
+after a loud cell too. What a cell clears goes back to the budget, which counts what the notebook keeps, not all that
+was ever shown.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from typing import Any
+
+ERROR_TAIL = 3  # traceback entries an error past the budget keeps (the last: the failing line, name and value)
+ERROR_CHARS = 2000  # at most this much of an error's value and of each traceback entry kept, past the budget
+RESULT_GRACE = 2048  # bytes of a cell's result kept past the budget (one per cell: bounded by the notebook)
+MIMES_SHOWN = 8  # mime types a drop marker names (a notebook may make up any number)
+KINDS = {"display_data": "display", "execute_result": "result", "update_display_data": "display update"}
+
+
+def _utf8(text: Any) -> int:
+    if isinstance(text, list):  # nbformat's multiline strings
+        text = "".join(str(t) for t in text)
+    text = str(text)
+    return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))  # isascii: no copy (base64)
+
+
+def _stored(value: Any) -> int:
+    """The bytes of one data or metadata value as nbformat stores it (a string as is, JSON as JSON)."""
+    if isinstance(value, (str, list)):
+        return _utf8(value)
+    return len(json.dumps(value, ensure_ascii=False, default=str).encode("utf-8", "replace"))
+
+
+def size(out: Any) -> int:
+    """How many bytes of the budget output `out` (a notebook output) takes."""
+    kind = out.get("output_type")
+    if kind == "stream":
+        return _utf8(out.get("text", ""))
+    if kind == "error":
+        return _utf8(out.get("ename", "")) + _utf8(out.get("evalue", "")) + sum(map(_utf8, out.get("traceback", [])))
+    data = sum(_stored(v) for v in (out.get("data") or {}).values())
+    return data + (_stored(out["metadata"]) if out.get("metadata") else 0)
+
+
+def _ends(text: str) -> str:
+    """`text` within ERROR_CHARS: its head (where a frame is, an error's name) and its tail (the failing line)."""
+    if len(text) <= ERROR_CHARS:
+        return text
+    half = ERROR_CHARS // 2
+    return f"{text[:half]}\n... [bkg: {len(text) - 2 * half:,} characters cut] ...\n{text[-half:]}"
+
+
+def _rule(limit: int) -> str:
+    return f"a job keeps the first {limit:,} bytes of its cells' output (setting job_max_output_bytes)"
 
 
 def marker(cut: int, name: str, limit: int) -> str:
     """The text that stands where `cut` bytes of stream `name` were cut."""
-    return (
-        f"\n[bkg: output truncated: {cut:,} bytes of {name} were cut here; a job keeps the first {limit:,} bytes "
-        "of what its cells print (setting job_max_output_bytes)]\n"
-    )
+    return f"\n[bkg: output truncated: {cut:,} bytes of {name} were cut here; {_rule(limit)}]\n"
 
 
-class StreamCap:
-    """One run's budget of stream output, and the markers of what it cut."""
+@dataclass
+class Dropped:
+    """The rich outputs dropped in one cell, and the marker that says so."""
+
+    node: Any
+    count: int = 0
+    total: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+    mimes: list[str] = field(default_factory=list)
+
+    def text(self, limit: int) -> str:
+        """The marker's text: what was dropped, how many and how big."""
+        shown = ", ".join(sorted(self.mimes[:MIMES_SHOWN])) + (
+            " and other types" if len(self.mimes) > MIMES_SHOWN else ""
+        )
+        shown = shown or "no data"
+        if self.count == 1:
+            (kind,) = self.kinds
+            what = f"a {kind} of {shown} ({self.total:,} bytes)"
+        else:
+            parts = ", ".join(f"{n} {k}{'s' if n > 1 else ''}" for k, n in self.kinds.items())
+            what = f"{self.count} outputs ({parts}) of {shown} ({self.total:,} bytes in all)"
+        return f"[bkg: output dropped: {what}; {_rule(limit)}]\n"
+
+
+class OutputCap:
+    """One run's budget of output (streams and rich outputs alike), and the markers of what it cut or dropped."""
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.kept = limit, 0
+        self.limit, self.kept = limit, 0  # kept: the bytes the notebook holds now (markers aside)
         self.cut: dict[tuple[int, str], tuple[Any, int]] = {}  # (cell, stream) -> its marker output, bytes cut there
+        self.dropped: dict[int, Dropped] = {}  # cell -> the rich outputs dropped there
+        self.graced: set[int] = set()  # cells whose result was kept past the budget
+
+    @property
+    def room(self) -> int:
+        """Bytes left in the budget."""
+        return max(0, self.limit - self.kept)
 
     def keep(self, text: str) -> tuple[str, int]:
-        """The part of `text` that fits in what is left of the budget (taken from it), and how many bytes are cut."""
+        """The part of stream `text` that fits in what is left of the budget (taken from it), and how many bytes
+        are cut."""
         data = text.encode("utf-8", "replace")
-        room = max(0, self.limit - self.kept)
+        room = self.room
         if len(data) <= room:
             self.kept += len(data)
             return text, 0
-        self.kept = self.limit
+        self.kept += room
         return data[:room].decode("utf-8", "ignore"), len(data) - room
 
+    def take(self, nbytes: int) -> bool:
+        """Whether `nbytes` more fit in the budget (then taken from it); a negative `nbytes` always fits (given
+        back)."""
+        if nbytes > self.room:
+            return False
+        self.kept = max(0, self.kept + nbytes)
+        return True
+
+    def result(self, cell_index: int, nbytes: int) -> bool:
+        """Whether a result of `nbytes` is kept in cell `cell_index` (then taken from the budget): while it fits,
+        and past it a short one, once per cell."""
+        if self.take(nbytes):
+            return True
+        if nbytes > RESULT_GRACE or cell_index in self.graced:
+            return False
+        self.graced.add(cell_index)
+        self.kept += nbytes
+        return True
+
+    def error(self, out: Any) -> Any:
+        """Error output `out` as the notebook keeps it, counted: whole while it fits, else its name, its value
+        (bounded) and the last entries of its traceback under a note of what was cut."""
+        whole = size(out)
+        if whole <= self.room:
+            self.kept += whole
+            return out
+        ename, evalue, tb = str(out.get("ename", ""))[:200], str(out.get("evalue", "")), list(out.get("traceback", []))
+        if len(evalue) > ERROR_CHARS:
+            evalue = f"{evalue[:ERROR_CHARS]} ... [bkg: {len(evalue) - ERROR_CHARS:,} more characters cut]"
+        tail = [_ends(str(t)) for t in tb[-ERROR_TAIL:]]
+        note = (
+            f"[bkg: traceback cut to its last {len(tail)} of {len(tb)} entries, at most about {ERROR_CHARS:,} "
+            f"characters each (the error took {whole:,} bytes); {_rule(self.limit)}]"
+        )
+        short = {**out, "ename": ename, "evalue": evalue, "traceback": [note, *tail]}
+        self.kept += size(short)  # kept though past the budget: a failed run shows why
+        return short
+
     def refund(self, outs: list[Any]) -> None:
-        """A cell is about to clear `outs`: what its stream outputs there hold goes back to the budget, which
-        counts what the notebook keeps, not all that was ever printed (a loop that clears and prints its progress
-        keeps one line, however long it runs)."""
-        markers = {id(node) for node, _ in self.cut.values()}
-        back = sum(len(str(o.get("text", "")).encode("utf-8", "replace"))
-                   for o in outs if o.get("output_type") == "stream" and id(o) not in markers)  # fmt: skip
-        self.kept = max(0, self.kept - back)
+        """A cell is about to clear `outs`: what they hold goes back to the budget, which counts what the notebook
+        keeps, not all that was ever shown (a loop that clears and prints its progress, or redraws its chart, keeps
+        one, however long it runs)."""
+        markers = {id(node) for node, _ in self.cut.values()} | {id(d.node) for d in self.dropped.values()}
+        self.kept = max(0, self.kept - sum(size(o) for o in outs if id(o) not in markers))
 
     def mark(self, outs: list[Any], cell_index: int, name: str, cut: int) -> None:
         """Say in a cell's outputs `outs` that `cut` more bytes of its stream `name` were cut: one marker per cell
@@ -56,3 +173,19 @@ class StreamCap:
             outs.append(node)
         node["text"] = marker(before + cut, name, self.limit)
         self.cut[(cell_index, name)] = (node, before + cut)
+
+    def drop(self, outs: list[Any], cell_index: int, out: Any, output_type: str) -> None:
+        """Say in a cell's outputs `outs` that rich output `out` (a display, result or display update) was dropped:
+        one marker per cell with the count and total, kept up to date (made again after the cell cleared)."""
+        import nbformat
+
+        d = self.dropped.get(cell_index)
+        if d is None or not any(o is d.node for o in outs):
+            d = Dropped(nbformat.v4.new_output("stream", name="stderr", text=""))
+            outs.append(d.node)
+            self.dropped[cell_index] = d
+        kind = KINDS.get(output_type, output_type)
+        d.count, d.total = d.count + 1, d.total + size(out)
+        d.kinds[kind] = d.kinds.get(kind, 0) + 1
+        d.mimes = (d.mimes + [m for m in (out.get("data") or {}) if m not in d.mimes])[: MIMES_SHOWN + 1]
+        d.node["text"] = d.text(self.limit)

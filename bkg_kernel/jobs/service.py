@@ -86,7 +86,7 @@ class JobService:
         self.background: set[asyncio.Task[Any]] = set()
 
     def max_output_bytes(self) -> int:
-        """Bytes of stream output a run keeps (`outputcap`): the setting job_max_output_bytes."""
+        """Bytes of output a run keeps, printed or shown (`outputcap`): the setting job_max_output_bytes."""
         return int(self.settings.job_max_output_bytes)
 
     # -- life -------------------------------------------------------------------------------------
