@@ -312,6 +312,27 @@ def test_colours_follow_the_field_kind() -> None:
     assert default_colour(payloads, ["label", "n", "tags"]) == "label"
 
 
+def test_a_numeric_field_spanning_the_float_range_is_coloured(gw: Gateway) -> None:
+    """Found by a review: values from -1e308 to 1e308 overflowed `hi - lo` to inf, every colour index to NaN, and
+    the explorer raised (in a notebook) or kept its old colours without a word (on the dashboard)."""
+    from bokeh.palettes import Viridis256
+
+    from bkg_kernel.client import Workbench
+    from bkg_kernel.pictures.explorer import Explorer, colour_column
+
+    values = [(-1) ** i * 1e308 * ((i + 1) / 31) for i in range(30)]
+    colour, _, how = colour_column([{"v": v} for v in [*values, 10**400, -(10**400)]], "v")
+    low, high = values.index(min(values)), values.index(max(values))
+    assert how == "scale" and colour[low] == Viridis256[0] and colour[high] == Viridis256[255]
+    assert colour[30] == Viridis256[255] and colour[31] == Viridis256[0]  # past the float range: the ends
+    c = gw.client()
+    assert c.post("/api/collections", json={"name": "overflow", "dim": 4}).status_code == 201
+    pts = [{"id": i, "vector": [1.0, float(i), 0.5, -1.0], "payload": {"v": v}} for i, v in enumerate(values)]
+    assert c.put("/api/collections/overflow/points", json={"points": pts}).status_code == 200
+    ex = Explorer(Workbench(gw.url, ADMIN_KEY), "overflow", color="v")
+    assert "bkg-error" not in ex.status.object and len(set(ex.source.data["colour"])) > 10, ex.status.object
+
+
 def test_umap_lays_out_the_clusters_in_the_kernel(gw: Gateway) -> None:
     from bkg_kernel.client import Workbench
     from bkg_kernel.pictures.explorer import Explorer

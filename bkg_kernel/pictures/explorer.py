@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections import Counter
 from html import escape
 from typing import Any
@@ -31,6 +32,14 @@ def _short(value: Any, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _float(v: int | float) -> float:
+    """A payload number as a float: an integer past the float range is an infinity of its sign."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
 def colour_column(payloads: list[Any], field: str | None) -> tuple[list[str], list[str], str]:
     """Return each point's colour and legend label for `field`, and how the field was read (categories, a
     numeric scale, or none)."""
@@ -41,13 +50,19 @@ def colour_column(payloads: list[Any], field: str | None) -> tuple[list[str], li
     numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     distinct = {json.dumps(v, default=str) for v in values if v is not None}
     if numbers and len(numbers) == sum(v is not None for v in values) and len(distinct) > MAX_CATEGORIES:
-        lo, hi = min(numbers), max(numbers)
         from bokeh.palettes import Viridis256
+
+        finite = [x for x in map(_float, numbers) if math.isfinite(x)]
+        lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
+        # halved first: a field spanning -1e308..1e308 would overflow `hi - lo` (and colour every point NaN)
+        span = (hi / 2 - lo / 2) or 1.0
 
         def scale(v: Any) -> str:
             if v is None:
                 return OTHER
-            return Viridis256[int((v - lo) / ((hi - lo) or 1) * 255)]
+            x = _float(v)
+            step = 0.0 if x <= lo else 255.0 if x >= hi else (x / 2 - lo / 2) / span * 255
+            return Viridis256[min(255, max(0, int(step)))]
 
         return [scale(v) for v in values], [_short(v, 30) if v is not None else "(none)" for v in values], "scale"
     counts = Counter(_short(v, 30) for v in values if v is not None)
@@ -234,7 +249,11 @@ class Explorer(PanelView):
 
     def _recolour(self) -> None:
         if self.data.get("sampled") and hasattr(self, "source") and not self._drawing:
-            self._build_plot()  # the legend follows the colour field, so the figure is rebuilt
+            try:
+                self._build_plot()  # the legend follows the colour field, so the figure is rebuilt
+            except Exception as exc:  # noqa: BLE001 - said in the view (a widget callback's error shows nowhere)
+                field = escape(str(self.color.value))
+                self.status.object = f"<p class='bkg-error'>colour by {field}: {escape(user_message(exc))}</p>"
 
     # -- interaction ---------------------------------------------------------------------------------
     def _selected(self, attr: str, old: list[int], new: list[int]) -> None:
