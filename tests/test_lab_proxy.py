@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway, free_port, start_gateway
-from helpers import jupyter_server
+from helpers import jupyter_server, recording_server
 from tornado import httpclient, websocket
 
 from bkg_kernel.gateway.routes.live import MAX_PER_USER
@@ -81,6 +81,23 @@ def test_hostile_urls_reach_the_gateway_as_sent_never_a_500(lab: str) -> None:
     assert status == 400 and json.loads(answer)["error"] == {
         "status": 400, "code": "bad_request", "message": "the Content-Type header holds a character that is not ASCII"
     }, answer  # fmt: skip
+
+
+def test_dot_segments_never_leave_the_gateway_url_s_path(tmp_path: Path) -> None:
+    """Found by a review: with the gateway behind a path (`<host>/services/bkg`), `GET /bkg/api/../../hub/api/user`
+    reached `<host>/hub/api/user`, with the lab's key (httpx resolves dot segments, as a browser would have)."""
+    with (
+        recording_server(lambda path: (200, {"path": path})) as behind,
+        jupyter_server(tmp_path, f"{behind.url}/services/bkg", TOKEN) as url,
+    ):
+        for raw in (b"/bkg/api/../../hub/api/user", b"/bkg/api/api/./plugins", b"/bkg/api/..", b"/bkg/api/."):
+            status, answer = raw_request(url, b"GET " + raw + b" HTTP/1.1")
+            assert status == 400 and "'..' segment" in json.loads(answer)["error"]["message"], (raw, answer)
+        assert behind.seen == []  # nothing was sent on
+        status, answer = raw_request(url, b"GET /bkg/api/api/plugins HTTP/1.1")
+        assert status == 200 and behind.seen == [("/services/bkg/api/plugins", f"Bearer {ADMIN_KEY}")], answer
+        status, answer = raw_request(url, b"GET /bkg/api/%2e%2e/%2e%2e/hub HTTP/1.1")  # encoded: stays inside
+        assert status == 200 and behind.seen[-1][0].startswith("/services/bkg/"), behind.seen
 
 
 def test_a_refused_handshake_opens_no_gateway_socket(lab: str) -> None:

@@ -237,6 +237,12 @@ class ProxyHandler(APIHandler):
         return f"{url.rstrip('/')}/{path}" + (f"?{query}" if query else "")
 
     async def _forward(self) -> None:
+        # A literal `.` or `..` segment would be resolved on the way (httpx does, as a browser does before it
+        # sends): past a gateway URL with a path (`https://host/services/bkg`), with the lab's key. No gateway
+        # route has one; an encoded `%2e%2e` goes on as sent and is the gateway's 404.
+        if any(seg in (".", "..") for seg in self.request.path[len(self.prefix) :].split("/")):
+            _error(self, 400, "bad_request", "the path holds a '.' or '..' segment; no bkg gateway route does")
+            return
         content_type = self.request.headers.get("Content-Type")
         if content_type and not content_type.isascii():  # httpx sends headers as ASCII
             _error(self, 400, "bad_request", "the Content-Type header holds a character that is not ASCII")
