@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import ipywidgets as W
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, wait_for, wait_run
+from gateway_harness import ADMIN_KEY, Gateway, user_key, wait_for, wait_run
 from helpers import notebook
 
 from bkg_kernel.client import Workbench
@@ -176,6 +176,21 @@ def test_the_overviews_gateway_uptime_is_live(login: Callable[[str], Session]) -
     assert "uptime" in first
     wait_for(lambda: panel.value != first, 60, 0.2)  # refreshed, as the plugin table next to it is
     assert "bkg-error" not in panel.value
+
+
+def test_candle_s_page_shows_the_plugin_to_a_key_that_may_not_read_the_registry(
+    gw: Gateway, login: Callable[[str], Session]
+) -> None:
+    """Found by a review: the page asks plugins:read, but listed the registry (models:read) first and showed only
+    that refusal, not candle's stats, which the key may read."""
+    from bkg_kernel.widgets import candle_panel
+
+    panel = candle_panel(login(user_key(gw, "petra", ["plugins:read"])))
+    shown = text(panel)
+    assert "torch " in shown and " on cpu" in shown, shown  # candle.stats
+    assert "models:read" in shown, shown  # and why the model picker is empty
+    (model,) = dropdown(panel, "model")
+    assert not model.options and all(button(panel, b).disabled for b in ("Load", "Run", "Quantize"))
 
 
 def test_candle_offers_the_model_its_quantize_button_made(gw: Gateway, login: Callable[[str], Session]) -> None:

@@ -26,19 +26,21 @@ def candle_panel(session: Session) -> W.VBox:
     quantize = W.Button(description="Quantize")
 
     def refresh() -> None:
-        """The registry's candle models (a quantized one is new) and what candle has loaded."""
+        """The registry's candle models (a quantized one is new) and what candle has loaded: each said apart, so
+        that a key that may read the plugin but not the registry (the page asks plugins:read) still sees candle."""
+        try:
+            s = session.wb.plugin("candle").invoke("candle.stats")
+            rows = [{**m, "memory": fmt_bytes(m.get("bytes"))} for m in s.get("loaded", [])]
+            shown = f"<p>torch {escape(s['torch'])} on {escape(s['device'])}, RSS {fmt_bytes(s['rss_bytes'])}</p>"
+            shown += table(rows, ["model_id", "kind", "task", "device", "memory", "load_s"])
+        except Exception as exc:  # noqa: BLE001
+            shown = error_html(exc)
         try:
             models = session.wb.call("GET", "/api/models")["models"]
             set_options(model, [m["id"] for m in models if m["kind"] in CANDLE_KINDS])
-            s = session.wb.plugin("candle").invoke("candle.stats")
         except Exception as exc:  # noqa: BLE001
-            out.value = error_html(exc)
-            return
-        rows = [{**m, "memory": fmt_bytes(m.get("bytes"))} for m in s.get("loaded", [])]
-        out.value = (
-            f"<p>torch {escape(s['torch'])} on {escape(s['device'])}, RSS {fmt_bytes(s['rss_bytes'])}</p>"
-            + table(rows, ["model_id", "kind", "task", "device", "memory", "load_s"])
-        )
+            shown += error_html(exc)
+        out.value = shown
 
     def call(cap: str, **body: Any) -> None:
         result.value = f"<p>{escape(cap)}…</p>"
