@@ -2,8 +2,9 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PY := .venv/bin/python
-# The cached venv may be shared by several clones: this clone's code comes first on the path.
-export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+# The cached venv may be shared by several clones: this clone's code, and its lab extension's server side (the
+# venv holds the wheel of whichever clone set it up last), come first on the path.
+export PYTHONPATH := $(CURDIR):$(CURDIR)/extensions/jupyterlab_bkg$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help venv run test lint bench clean-data
 
@@ -25,8 +26,8 @@ lint: venv
 
 # Two workers, a test file to one worker at a time (its module fixtures start once; the files that start Jupyter
 # kernels together, one after another), longest files first, each worker's model runtimes on its share of the cores
-# (tests/conftest.py): 11-13 min on two cores (fresh clones, warm cache), where one process took ~31 when the suite
-# was smaller.
+# (tests/conftest.py): about 21 min on two cores (fresh clones, warm cache), where one process took ~31 when the
+# suite was smaller.
 # TEST_WORKERS=0 runs in one process; PYTEST_ARGS adds options (e.g. PYTEST_ARGS="-k hub").
 TEST_WORKERS ?= 2
 test: lint
