@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from bkg_kernel.errors import BkgError, Unauthorized, name_hint, openai_shaped
 from bkg_kernel.gateway.strictquery import takes
@@ -19,6 +20,7 @@ from bkg_kernel.runtime.bodyjson import TOO_DEEP
 
 log = logging.getLogger("bkg.gateway")
 INTERNAL = "internal error; the gateway log has the details"
+PROBED = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")  # the methods a 405's Allow may name
 _CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -122,10 +124,28 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     headers = dict(exc.headers or {})  # a 405's Allow (RFC 9110: it must be there)
     if exc.status_code in (404, 405) and exc.detail in ("Not Found", "Method Not Allowed"):  # Starlette's own words
         allow = next((v for k, v in headers.items() if k.lower() == "allow"), None)
+        if exc.status_code == 405:  # Starlette's Allow names the methods of the first route of the path only
+            allow = allowed_methods(request) or allow
+            headers = {k: v for k, v in headers.items() if k.lower() != "allow"} | ({"Allow": allow} if allow else {})
         what = "no such route" if exc.status_code == 404 else "this route does not take that method"
         said = f"{what}: {request.method} {request.url.path}" + (f" (it takes {allow})" if allow else "")
         return error_response(exc.status_code, code, said, headers=headers)
     return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method the app's routes take on the request's path, sorted and comma-separated (RFC 9110's `Allow`),
+    HEAD wherever GET is, as the gateway answers it (`head.py`): each method is one the router would send to a route
+    (asked through the routes' own matching, which also finds routes of included routers and under the Hub prefix);
+    '' when none is."""
+    taken: set[str] = set()
+    for method in PROBED:
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
+            taken.add(method)
+    if "GET" in taken:
+        taken.add("HEAD")
+    return ", ".join(sorted(taken))
 
 
 async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import BkgError, json_kind
+from bkg_kernel.errors import BkgError, NotFound, json_kind, name_hint
 from bkg_kernel.gateway import jobs
 from bkg_kernel.gateway.hub import Subscriber
 from bkg_kernel.gateway.jsonresp import dumps
@@ -20,7 +20,6 @@ from bkg_kernel.gateway.state import Gateway
 from bkg_kernel.jobs import service
 
 TOPICS = ("status", "logs", "telemetry", "jobs")
-MAX_TOPICS = 64  # (topic, plugin) pairs one socket may hold
 MAX_SOCKETS = 512  # live sockets the gateway holds: each event is encoded once per socket, on the event loop
 MAX_PER_USER = 32  # of them, one user's (a lab, its panels and dashboards use a few)
 PLUGIN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -92,7 +91,12 @@ async def _websocket(websocket: WebSocket) -> None:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 break
-            answer = _subscription(sub, message.get("text"))
+            try:
+                answer = await _subscription(gw, sub, message.get("text"))
+            except NotFound as exc:  # a name no event is ever sent for: said, never acknowledged
+                wrong = {"message": f"{exc.field}: {exc.message}", "field": exc.field}
+                await websocket.send_json({"type": "error", "payload": wrong})
+                continue
             if isinstance(answer, str):
                 await websocket.send_json({"type": "error", "payload": {"message": answer}})
             else:
@@ -118,9 +122,10 @@ def _shown(p: Principal, job: dict[str, Any]) -> dict[str, Any]:
     return jobs.shown_event(job, p)
 
 
-def _subscription(sub: Subscriber, text: str | None) -> dict[str, Any] | str:
-    """Apply one client message to `sub`; return the ack's payload, or what was wrong with the message."""
-    usage = "send JSON text {action: sub|unsub, topic: status|logs|telemetry|jobs, plugin?: <plugin id>}"
+async def _subscription(gw: Gateway, sub: Subscriber, text: str | None) -> dict[str, Any] | str:
+    """Apply one client message to `sub`; return the ack's payload, or what was wrong with the message (a `plugin`
+    that no event of the topic names: NotFound)."""
+    usage = "send JSON text {action: sub|unsub, topic: status|logs|telemetry|jobs, plugin?: <plugin id | job kind>}"
     if text is None:
         return f"binary frames are not understood: {usage}"
     try:
@@ -134,14 +139,30 @@ def _subscription(sub: Subscriber, text: str | None) -> dict[str, Any] | str:
         return usage
     if plugin is not None and (not isinstance(plugin, str) or not PLUGIN_ID.fullmatch(plugin)):
         return "plugin must be a plugin id (letters, digits, '_', '-', '.'; at most 64)"
+    if plugin is not None:
+        await _check_named(gw, topic, plugin)
     key = (topic, plugin)
     if action == "sub":
-        if key not in sub.topics and len(sub.topics) >= MAX_TOPICS:
-            return f"at most {MAX_TOPICS} subscriptions per socket: unsubscribe one first"
         sub.topics.add(key)
     else:
         sub.topics.discard(key)
     return {"action": action, "topic": topic, "plugin": plugin}
+
+
+async def _check_named(gw: Gateway, topic: str, plugin: str) -> None:
+    """Raise NotFound (field `plugin`) unless events of `topic` can name `plugin`: a plugin this gateway hosts, or
+    on `jobs` a job's kind (the id of a hosted plugin's job capability, `models.download`, `notebook`), which is
+    what its events carry."""
+    if topic != "jobs":
+        if plugin not in gw.supervisor.hosts:  # says so, with the hosted ones (a first miss discovers: a thread)
+            await asyncio.to_thread(gw.supervisor.get, plugin)
+        return
+    kinds = {"models.download"} | ({"notebook"} if gw.runs is not None else set())
+    for h in gw.supervisor.hosts.values():
+        kinds |= {cap.id for cap in (h.cls.capabilities().values() if h.cls else ()) if cap.job}
+    if plugin not in kinds:
+        raise NotFound(f"no job kind {plugin!r} on topic jobs, where plugin names the kind of job "
+                       f"({name_hint(plugin, kinds)})", field="plugin")  # fmt: skip
 
 
 def _text(msg: dict[str, Any]) -> str:
