@@ -6,9 +6,11 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -48,10 +50,43 @@ def _print(obj: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
-def _store(data_dir: Path | None) -> Any:
+@contextlib.contextmanager
+def _store(data_dir: Path | None, *, made: bool = True) -> Iterator[Any]:
+    """The data dir's store, open for one command. A command that acts on what is there (`made`) refuses a folder
+    that holds no store, naming it, and makes nothing (a mistyped --data-dir got a new empty store); one that may
+    make the store (create, restore) and fails leaves nothing of its own in a folder that held none."""
+    from bkg_kernel.errors import NotFound
+    from bkg_kernel.settings import get_settings
     from bkg_kernel.store import Store
+    from bkg_kernel.store.store import DB_NAME
 
-    return Store(data_dir)
+    settings = get_settings()  # read first: a bkg.toml that cannot be used is what to say, whatever the folder
+    ddir = Path(data_dir if data_dir is not None else settings.data_dir).resolve()
+    if (ddir / DB_NAME).is_file():
+        with Store(ddir) as store:
+            yield store
+        return
+    if made:
+        raise NotFound(
+            f"no bkg store in {ddir}: {DB_NAME} does not exist there (a gateway makes it at its first start, `bkg "
+            "serve` or `bkg run`, and so does `bkg store create`); --data-dir or BKG_DATA_DIR names another",
+            field="data_dir",
+        )
+    top = next((p for p in reversed([ddir, *ddir.parents]) if not p.exists()), None)  # the first folder made
+    there = set(ddir.iterdir()) if top is None and ddir.is_dir() else set()
+    try:
+        with Store(ddir) as store:
+            yield store
+    except BaseException:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        elif ddir.is_dir():
+            for path in set(ddir.iterdir()) - there:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
 
 
 @app.command()
@@ -521,7 +556,7 @@ def store_create(
     data_dir: DataDir = None,
 ) -> None:
     """Create a collection."""
-    with _store(data_dir) as s:
+    with _store(data_dir, made=False) as s:
         s.create_collection(name, dim, metric, index)
         _print(s.describe(name))
 
@@ -572,7 +607,7 @@ def store_restore(
     """Restore a snapshot into the same collection (replacing it, after asking, as drop does) or a new one."""
     if into is None and not yes:
         typer.confirm(f"Replace collection {name!r} with snapshot {snapshot_id!r}? (--into NAME keeps it)", abort=True)
-    with _store(data_dir) as s:
+    with _store(data_dir, made=False) as s:
         coll = s.restore_snapshot(name, snapshot_id, into)
         _print(s.describe(coll.name))
 

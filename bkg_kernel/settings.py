@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from bkg_kernel.errors import InvalidInput
+from bkg_kernel.errors import InvalidInput, closest
 
 # Credentials that reach the gateway through its environment: read into Settings, then removed from the process
 # environment, so that no plugin worker, job worker or kernel inherits them.
@@ -253,7 +253,31 @@ class Settings(BaseSettings):
         except OSError as exc:  # there but unreadable (its mode): one line, not a traceback
             field = "BKG_CONFIG" if "BKG_CONFIG" in os.environ else None
             raise InvalidInput(f"{path.absolute()} cannot be read: {exc.strerror or exc}", field=field) from None
+        _known_keys(settings_cls, path, toml())
         return (init_settings, env_settings, toml)
+
+
+def _known_keys(settings_cls: type[BaseSettings], path: Path, read: Mapping[str, Any]) -> None:
+    """Refuse a key of the TOML file that is no setting, naming it and the file (a typo such as `prot = 5` left every
+    setting at its default without a word). `read` is what the TOML source kept: a key it matched to a setting
+    (in any case) under that setting's name, any other key as written. Unknown `BKG_*` environment variables stay
+    ignored: the environment is shared with other tools, and one of a newer or older bkg is no mistake here."""
+    names: dict[str, str] = {}  # every spelling a misspelt key is likely to be, lower case -> the key to write
+    for name, field in settings_cls.model_fields.items():
+        key = field.validation_alias if isinstance(field.validation_alias, str) else name
+        names.update({name: key, key.lower(): key, f"bkg_{name}": key})
+    unknown = [k for k in read if k not in names.values()]
+    if not unknown:
+        return
+    said = []
+    for i, key in enumerate(unknown):
+        near = names.get(key.lower())
+        if near is None:
+            spelt = closest(key.lower(), names)
+            near = names[spelt] if spelt else None
+        where = f" in {path.absolute()}" if i == 0 else ""  # the message starts with the field it names
+        said.append(f"{key}{where}: no such setting ({f'did you mean {near!r}?' if near else 'none is named like it'})")
+    raise InvalidInput(f"{'; '.join(said)}; `bkg settings` lists the settings", field=unknown[0])
 
 
 @lru_cache(maxsize=1)

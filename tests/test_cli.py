@@ -86,8 +86,12 @@ def test_errors_are_one_clear_line(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert r.stderr.strip() == "error: name: collection name 'a/b' must not contain '/' or '\\'"
     assert "Traceback" not in r.stderr
+    r = bkg("store", "describe", "nope", "--data-dir", str(tmp_path), check=False)  # a store has yet to be made
+    assert r.returncode == 2 and "no bkg store in" in r.stderr and "Traceback" not in r.stderr
+    bkg("store", "create", "there", "--dim", "4", "--data-dir", str(tmp_path))
     r = bkg("store", "describe", "nope", "--data-dir", str(tmp_path), check=False)
-    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert r.returncode == 2 and "'nope'" in r.stderr and "does not exist" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_settings_from_env_and_toml(tmp_path: Path) -> None:

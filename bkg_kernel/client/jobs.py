@@ -103,14 +103,21 @@ class Page(str):
                 "style='width:100%;height:600px;border:1px solid #d0d7de'></iframe>")  # fmt: skip
 
 
+def failure(err: dict[str, Any] | None) -> str:
+    """A run's error in one line: where (a cell, or the run: one cancelled or lost ended in no cell), name, value."""
+    if not err:
+        return ""
+    where = f"cell {err['cell_index']}" if err.get("cell_index") is not None else "the run"
+    return f"{where}: {err.get('ename')}: {err.get('evalue')}"
+
+
 class RunTable(Table):
     """Runs, newest first."""
 
     columns = ("id", "notebook", "state", "owner", "created", "duration_s", "cells", "error")
 
     def cells(self, row: dict[str, Any]) -> list[Any]:
-        err = row.get("error") or {}
-        failed = f"cell {err.get('cell_index')}: {err.get('ename')}: {err.get('evalue')}" if err else ""
+        failed = failure(row.get("error"))
         return [row["id"], row.get("notebook", row.get("kind")), row["state"], row.get("owner"),
                 when(row.get("created_at")), row.get("duration_s"),
                 f"{row.get('cells_done', 0)}/{row.get('cells_total', 0)}", failed[:120]]  # fmt: skip

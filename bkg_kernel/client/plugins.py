@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from bkg_kernel.client.transport import seg
 from bkg_kernel.display import Table
+from bkg_kernel.errors import InvalidInput
 
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
+
+# what a plugin id is (the gateway's live socket takes no other: gateway/routes/live.py)
+PLUGIN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def checked_plugin_id(value: Any) -> str:
+    """Refuse what cannot be a plugin id before it is sent: in a URL, a '/' (the gateway decodes %2F before it
+    routes) or a '.' / '..' segment reached another route, whose answer was `no such route: GET /api/...`."""
+    if not isinstance(value, str) or not PLUGIN_ID.fullmatch(value) or not value.strip("."):
+        raise InvalidInput(
+            f"{value!r} cannot be a plugin id (letters, digits, '_', '-', '.'; at most 64; not '.' or '..'): "
+            "`wb.plugins` lists the gateway's plugins",
+            field="plugin",
+        )
+    return value
 
 
 class PluginTable(Table):
@@ -44,7 +61,7 @@ class RemotePlugin:
     """One plugin on the gateway."""
 
     def __init__(self, wb: Workbench, plugin_id: str) -> None:
-        self.wb, self.id = wb, plugin_id
+        self.wb, self.id = wb, checked_plugin_id(plugin_id)
 
     def __repr__(self) -> str:
         return f"RemotePlugin({self.id!r})"

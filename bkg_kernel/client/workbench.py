@@ -26,7 +26,7 @@ from bkg_kernel.client.collections import RemoteCollection
 from bkg_kernel.client.faces import Faces
 from bkg_kernel.client.jobs import Jobs, said_goes_on
 from bkg_kernel.client.llm import LLM, ModelTable
-from bkg_kernel.client.plugins import PluginTable, RemotePlugin
+from bkg_kernel.client.plugins import PluginTable, RemotePlugin, checked_plugin_id
 from bkg_kernel.client.repo import Repo
 from bkg_kernel.display import Table
 from bkg_kernel.errors import BkgError, Forbidden, InvalidInput, JobFailed, Timeout, Unavailable
@@ -124,6 +124,7 @@ class Workbench:
     def invoke(self, plugin_id: str, capability: str, body: Any) -> Any:
         """Run one plugin capability with its JSON input and return its result: over the gateway's call port when
         it has one (no HTTP between the call and the plugin), else over HTTP; the same errors either way."""
+        checked_plugin_id(plugin_id)  # as a path segment, '../admin' would reach another route
         port = self.call_port()
         if port is not None:
             answer = port.call(plugin_id, capability, transport.dumps(body))

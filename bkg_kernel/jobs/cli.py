@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from bkg_kernel.client.jobs import failure
 from bkg_kernel.jobs.notebooks import coerce
 from bkg_kernel.settings import folder_option
 
@@ -63,8 +64,7 @@ def _params(wb: Any, notebook: str, raw: list[str] | None, extra: list[str]) -> 
 
 
 def _line(r: dict[str, Any]) -> str:
-    err = r.get("error") or {}
-    why = f"  cell {err.get('cell_index')}: {err.get('ename')}: {err.get('evalue')}" if err else ""
+    why = f"  {failure(r.get('error'))}" if r.get("error") else ""
     dur = f"{r['duration_s']:.1f}s" if r.get("duration_s") is not None else "-"
     return f"{r['id']:<18} {r['state']:<10} {r.get('notebook', r.get('kind')):<36} {r.get('owner')}  {dur}{why}"
 
