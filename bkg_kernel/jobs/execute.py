@@ -176,11 +176,28 @@ def kernel_pid(km: Any) -> int | None:
     return int(proc.pid) if proc is not None else None
 
 
-async def _ready(kc: Any, timeout: float) -> None:
+def _gone(km: Any) -> Callable[[], bool]:
+    """Whether `km`'s kernel process has exited (killed by a cancel or a timeout, or crashed): a wait on it stops
+    then, not at its deadline (a run cancelled while its kernel was being readied took a minute to end)."""
+
+    def gone() -> bool:
+        proc = getattr(km.provisioner, "process", None) if km is not None else None
+        return proc is not None and proc.poll() is not None
+
+    return gone
+
+
+class KernelGone(RuntimeError):
+    """The kernel exited while the run waited on it."""
+
+
+async def _ready(kc: Any, timeout: float, gone: Callable[[], bool]) -> None:
     """Wait until the kernel answers on shell and its IOPub subscription is live (jupyter_client's wait_for_ready
     also waits for 0.2 s of IOPub silence, twice a run: that wait was most of a warm run's overhead)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if gone():
+            raise KernelGone("the kernel exited before it answered")
         kc.kernel_info()
         try:
             await kc.get_shell_msg(timeout=1.0)
@@ -191,11 +208,16 @@ async def _ready(kc: Any, timeout: float) -> None:
     raise RuntimeError(f"the kernel did not answer in {timeout:g} s")
 
 
-async def _execute(kc: Any, code: str, timeout: float) -> None:
+async def _execute(kc: Any, code: str, timeout: float, gone: Callable[[], bool]) -> None:
     msg_id = kc.execute(code, silent=True, store_history=False)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        reply = await kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if gone():
+            raise KernelGone("the kernel exited while it was being set up")
+        try:
+            reply = await kc.get_shell_msg(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+        except queue.Empty:
+            continue
         if reply["parent_header"].get("msg_id") == msg_id:
             if reply["content"]["status"] != "ok":
                 raise RuntimeError(f"kernel set-up failed: {reply['content'].get('evalue', '')}")
@@ -210,7 +232,7 @@ def connect(km: Any, timeout: float = 60.0) -> Any:
     kc = km.client()
     kc.start_channels()
     try:
-        run_sync(_ready)(kc, timeout)
+        run_sync(_ready)(kc, timeout, _gone(km))
     except BaseException:
         kc.stop_channels()
         raise
@@ -218,18 +240,19 @@ def connect(km: Any, timeout: float = 60.0) -> Any:
     return kc
 
 
-def silent(kc: Any, code: str, timeout: float = 60.0) -> None:
-    """Run set-up code on the kernel without a trace in the notebook (no execution count, no history)."""
+def silent(kc: Any, code: str, timeout: float = 60.0, km: Any = None) -> None:
+    """Run set-up code on the kernel without a trace in the notebook (no execution count, no history); stop as
+    soon as `km`'s kernel exits, when given."""
     from jupyter_core.utils import run_sync
 
-    run_sync(_execute)(kc, code, timeout)
+    run_sync(_execute)(kc, code, timeout, _gone(km))
 
 
 def warm(km: Any) -> None:
     """Wait until the kernel answers and import what job notebooks use first."""
     kc = connect(km)
     try:
-        silent(kc, WARM_IMPORTS)
+        silent(kc, WARM_IMPORTS, km=km)
     finally:
         kc.stop_channels()
 
@@ -262,7 +285,7 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
         _register_engine()
     env, cwd = dict(spec.get("env") or {}), str(spec.get("cwd") or Path(spec["input"]).parent)
     kc = connect(km)
-    silent(kc, f"import os as _o; _o.environ.update({env!r}); _o.chdir({cwd!r}); del _o")
+    silent(kc, f"import os as _o; _o.environ.update({env!r}); _o.chdir({cwd!r}); del _o", km=km)
     total = code_cells(Path(spec["input"]))
     state = {"offset": 0, "done": 0}
 
