@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -94,12 +95,87 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
             return error_response(415, "unsupported_media_type",
                                   f"the body is read as JSON only under Content-Type: application/json ({sent} was "
                                   "given)", "content-type")  # fmt: skip
+    msg = err.get("msg", "invalid request")
+    if where[:1] == ("body",) and len(where) > 1:
+        where, msg = _in_body(exc.errors(), exc.body)
     loc = [str(p) for p in where if p not in ("body",)]
     field = ".".join(loc) or ("body" if where[:1] == ("body",) else None)  # the body as a whole: not an object
-    msg = err.get("msg", "invalid request")
     if err.get("type") == "extra_forbidden" and where[:1] == ("body",) and len(loc) == 1:
         msg = "not a field of this body" + _hint(loc[0], _body_fields(request))
     return error_response(422, "invalid_input", f"{field}: {msg}" if field else msg, field)
+
+
+def _in_body(errors: Sequence[Any], body: Any) -> tuple[tuple[Any, ...], str]:
+    """The first error's location in the body, and what to say of it. pydantic's location of an error in a field
+    that takes several types names the branch it tried (`input.str`, `stop.list[str]`, `function-after[...]`, a
+    tagged union's tag): no such field exists. A branch is what the location names that the body does not hold; it
+    is dropped. When the value fits no branch, the message says what the field takes (`a string or a list of
+    strings`); when it fits one and fails inside it (`messages.0.content.0` is not an object), that failure is
+    said."""
+    placed = [_placed(tuple(e.get("loc", ())), body, str(e.get("type", "")).startswith("missing")) for e in errors]
+    loc, branch, _ = placed[0]
+    msg = str(errors[0].get("msg", "invalid request"))
+    if branch is None:
+        return loc, msg
+    # the same field's errors: one or more for each branch it has
+    same = [(e, at, label) for e, (at, b, label) in zip(errors, placed, strict=True)
+            if b == branch and at[:branch] == loc[:branch]]  # fmt: skip
+    inside = [(e, at) for e, at, _ in same if len(at) > branch or not _mismatch(e)]
+    if inside:  # the value is of a branch's type: what is wrong inside it
+        e, at = inside[0]
+        return at, str(e.get("msg", "invalid value"))
+    taken = dict.fromkeys(_takes(e, label) for e, _, label in same)
+    return loc, "should be " + " or ".join(taken)
+
+
+def _placed(loc: tuple[Any, ...], body: Any, missing: bool) -> tuple[tuple[Any, ...], int | None, str]:
+    """`loc` without the parts the body does not hold (a union's branch labels), where the first of those was in
+    it (None: there was none) and what it said. The last part of a `missing` error names the field that is not
+    there: kept."""
+    out: list[Any] = [loc[0]]
+    data, branch, label = body, None, ""
+    for i, part in enumerate(loc[1:], 1):
+        held = isinstance(data, dict) and isinstance(part, str) and part in data
+        if held or (isinstance(data, list) and type(part) is int and 0 <= part < len(data)):
+            data = data[part]
+        elif not (missing and i == len(loc) - 1):
+            if branch is None:
+                branch, label = len(out), str(part)
+            continue
+        out.append(part)
+    return tuple(out), branch, label
+
+
+def _mismatch(err: Any) -> bool:
+    """Whether a union branch's error says only that the value is not of the branch's type."""
+    kind = str(err.get("type", ""))
+    return kind.endswith("_type") or kind in ("none_required", "is_instance_of", "union_tag_invalid")
+
+
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "none": "null"}
+_PLURALS = {"str": "strings", "int": "integers", "float": "numbers", "bool": "booleans", "none": "nulls"}
+
+
+def _takes(err: Any, label: str) -> str:
+    """What a union branch takes, in JSON's words, from pydantic's label of it (`list[str]`: a list of strings),
+    else from the branch error's message (`Input should be a valid string`: a valid string)."""
+    said = _label_words(str(label))
+    return said or str(err.get("msg", "")).removeprefix("Input should be ")
+
+
+def _label_words(label: str, plural: bool = False) -> str | None:
+    inner = label[label.find("[") + 1 : -1] if label.endswith("]") else ""
+    if label.startswith(("function-", "json-or-python[", "lax-or-strict[", "nullable[", "chain[")) and inner:
+        return _label_words(inner.rpartition(", ")[2] or inner, plural)  # a validator around a type: that type
+    base = label.removeprefix("constrained-")
+    if base in _TYPE_WORDS:
+        return _PLURALS[base] if plural else _TYPE_WORDS[base]
+    if base.startswith(("list[", "set[", "frozenset[", "tuple[")) and inner:
+        items = _label_words(inner.removesuffix(", ..."), plural=True)
+        return ("lists" if plural else "a list") + (f" of {items}" if items else "")
+    if base.startswith(("dict[", "model-fields", "typed-dict")) or (base[:1].isupper() and "[" not in base):
+        return "objects" if plural else "an object"  # a dict, or a model (labelled by its class name)
+    return None
 
 
 def _body_fields(request: Request) -> list[str]:

@@ -173,9 +173,12 @@ def _held_back(text: str, stops: list[str]) -> int:
 def refuse_unsupported(req: Sampling, model_id: str) -> None:
     """422 (OpenAI's 400 on /v1) naming a field this local path would otherwise ignore while the caller expects it
     to act: a picture or a sound in a message or asked for (the model reads and writes text), a forced tool with no
-    tools, the legacy `functions`, `logprobs`, a completion's `suffix` or `best_of`. OpenAI's fields that change
-    nothing here (`user`, `store`, `prediction`) pass."""
+    tools, the legacy `functions`, `logprobs`, a completion's `suffix` or `best_of`, `stream_options` on a request
+    that does not stream (as OpenAI refuses it). OpenAI's fields that change nothing here (`user`, `store`,
+    `prediction`) pass."""
     extra = req.model_extra or {}
+    if extra.get("stream_options") is not None and not req.stream:
+        raise InvalidInput("stream_options is only allowed when stream is true", field="stream_options")
     if isinstance(req, ChatRequest):
         for i, msg in enumerate(req.messages):
             for j, part in enumerate(msg.content if isinstance(msg.content, list) else []):
@@ -293,30 +296,40 @@ def grammar_for(req: ChatRequest) -> tuple[Any, str]:
         fields = [f"tools[{i}].function.parameters" for i, t in enumerate(req.tools or [])
                   if t["function"]["name"] in names]  # fmt: skip
         for t, at in zip(active_tools(req), fields, strict=True):
-            params = t["function"].get("parameters") or {}
+            params = parameters(t)
             _checked(params, at)
-            _grammar(json.dumps(params, sort_keys=True), at)  # each converted alone: a failure names its tool
+            _grammar(json.dumps(params), at)  # each converted alone: a failure names its tool
+        # the name before the arguments, as the prompt asks and OpenAI writes it: the converter keeps the schema's
+        # order of properties, so the schema's text is never key-sorted (sorted, `arguments` came first)
         calls = [
             {
                 "type": "object",
-                "properties": {
-                    "name": {"const": t["function"]["name"]},
-                    "arguments": t["function"].get("parameters") or {"type": "object"},
-                },
+                "properties": {"name": {"const": t["function"]["name"]}, "arguments": parameters(t)},
                 "required": ["name", "arguments"],
             }
             for t in active_tools(req)
         ]
         at = fields[0] if len(fields) == 1 else "tools"
-        return _grammar(json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls}, sort_keys=True), at), at
+        return _grammar(json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls}), at), at
     fmt = req.response_format or {}
     if fmt.get("type") == "json_object":
         return _grammar("", "response_format"), "response_format"
     if fmt.get("type") == "json_schema":
         schema = fmt["json_schema"]["schema"]
         _checked(schema, "response_format.json_schema.schema")
-        return _grammar(json.dumps(schema, sort_keys=True), "response_format"), "response_format"
+        # the schema's own order of properties is the answer's (`reasoning` before the `answer` it leads to)
+        return _grammar(json.dumps(schema), "response_format"), "response_format"
     return None, "response_format"
+
+
+NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def parameters(tool: dict[str, Any]) -> dict[str, Any]:
+    """Return the JSON Schema of a tool's arguments: a function declared without `parameters` (or with `{}`) takes
+    none, as OpenAI reads it, so its arguments are `{}`."""
+    params: dict[str, Any] | None = tool["function"].get("parameters")
+    return params or NO_ARGUMENTS
 
 
 MAX_BOUND = 100_000  # a length or count a schema may ask for (characters: no answer is longer than that here)

@@ -136,6 +136,8 @@ def build(api: GatewayAPI) -> APIRouter:
             shown = usage.read(chunk)
             if shown is not None and "usage" in shown and not shown.get("choices") and not include_usage:
                 return None
+            if shown is not None and include_usage and shown.get("choices"):
+                shown.setdefault("usage", None)  # OpenAI's shape: null on each chunk, the count on the last one
             return shown
 
         async def booked(chunks: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:

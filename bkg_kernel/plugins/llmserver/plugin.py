@@ -301,12 +301,13 @@ class LLMServer(Plugin):
             )  # fmt: skip
             with self._counting_cancels(g):
                 if not whole:
-                    yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+                    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+                    yield {**head, "choices": [{**first, "finish_reason": None}]}
                 for delta in g.run():
                     if whole:
                         continue
                     if delta and not tools:  # a tool call is sent whole, once it is parsed
-                        choice = {"index": 0, "delta": {"content": delta}, "finish_reason": None}
+                        choice = {"index": 0, "delta": {"content": delta}, "logprobs": None, "finish_reason": None}
                         yield {**head, "choices": [choice], RUNNING_USAGE: g.usage()}
                     else:
                         yield {RUNNING_USAGE: g.usage()}  # nothing to send yet; the count all the same
@@ -331,7 +332,7 @@ class LLMServer(Plugin):
             last["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
         elif tools and g.text:
             last["content"] = g.text
-        yield {**head, "choices": [{"index": 0, "delta": last, "finish_reason": finish}]}
+        yield {**head, "choices": [{"index": 0, "delta": last, "logprobs": None, "finish_reason": finish}]}
         yield {**head, "choices": [], "usage": g.usage()}
 
     def _complete_stream(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
 
 from bkg_kernel.strict import StrictTypes
 
@@ -54,6 +55,23 @@ TOOL_SCHEMA: dict[str, Any] = {
 }
 
 
+# OpenAI's nullable fields whose default is a value: their null is read as that default (OpenAI's other nullable
+# fields default to null here as well)
+NULL_IS_DEFAULT = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "stream", "n", "echo")
+TOKEN_IDS = "token ids are not accepted (this server's model has its own tokenizer): send text"
+# LangChain's OpenAIEmbeddings splits texts with tiktoken and sends its token ids unless told not to
+EMBED_TOKEN_IDS = f"{TOKEN_IDS} (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False))"
+
+
+def _token_ids(value: Any) -> bool:
+    """Whether `value` is OpenAI's token-id form of a text input: a list of integers, or a list of such lists."""
+
+    def ids(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+    return ids(value) or (isinstance(value, list) and bool(value) and all(ids(v) for v in value))
+
+
 class Sampling(StrictTypes):
     """Sampling options shared by chat and completions."""
 
@@ -62,18 +80,21 @@ class Sampling(StrictTypes):
     model: str | None = Field(None, description="A registered model id; default: the plugin's default model.")
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
-    temperature: float = Field(0.8, ge=0, le=2)
-    top_p: float = Field(0.95, gt=0, le=1)
+    # OpenAI's nullable fields: null is the default (`NULL_IS_DEFAULT`), as OpenAI reads it
+    temperature: float | None = Field(0.8, ge=0, le=2)
+    top_p: float | None = Field(
+        0.95, ge=0, le=1, description="Nucleus sampling; 0 keeps only the most likely token (greedy), 1 turns it off."
+    )
     top_k: int = Field(40, ge=0)
     min_p: float = Field(0.05, ge=0, le=1)
     repeat_penalty: float = Field(
         1.1, gt=0, description="Penalty on the last 64 tokens' repeats; 1.1 like llama_cpp.server and Ollama (1: none)."
     )
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
     seed: int | None = None
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOPS} strings of up to {MAX_STOP} characters.")
-    stream: bool = False
+    stream: bool | None = False
     logit_bias: dict[str, float] | None = Field(
         None, description="Token id (as a string) -> a bias from -100 to 100 added to its logit (-100 bans it)."
     )
@@ -104,7 +125,14 @@ class Sampling(StrictTypes):
             raise ValueError(f"a stop string holds at most {MAX_STOP} characters")
         return value
 
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    n: int | None = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+
+    @field_validator(*NULL_IS_DEFAULT, check_fields=False)
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """OpenAI's nullable fields: `null` (the openai SDK's `temperature=None`, LangChain's unset options) is the
+        field's default, so that the code reads a value."""
+        return cls.model_fields[str(info.field_name)].default if value is None else value
 
     def stops(self) -> list[str]:
         """Return the stop strings as a list."""
@@ -178,7 +206,8 @@ class ChatRequest(Sampling):
 class CompletionRequest(Sampling):
     """`llm.complete` / POST /v1/completions."""
 
-    MAX_ITEMS: ClassVar[dict[str, int]] = {"prompt": 1, "stop": 64}
+    # a list prompt is one text, or token ids (refused with a word on them, not as a list too long)
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"prompt": MAX_TOKENS_CAP, "stop": 64}
     MAX_BODY_BYTES: ClassVar[int] = 8 * 2**20
 
     prompt: Text | list[Text] = Field(
@@ -186,14 +215,17 @@ class CompletionRequest(Sampling):
         description="Text to continue (a list must hold exactly one string).",
         json_schema_extra={"minItems": 1, "maxItems": 1},
     )
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt(cls, v: str | list[str]) -> str | list[str]:
+    def _prompt(cls, v: Any) -> Any:
+        """Token ids, or a list of more than one text, refused before each item is looked at."""
+        if _token_ids(v):
+            raise PydanticCustomError("token_ids", TOKEN_IDS)
         if isinstance(v, list) and len(v) != 1:
-            raise ValueError("a list prompt must hold exactly one string")
+            raise PydanticCustomError("one_prompt", "a list prompt must hold exactly one string")
         return v
 
     def text(self) -> str:
@@ -213,13 +245,15 @@ class EmbedRequest(StrictTypes):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
 
-    @field_validator("input")
+    @field_validator("input", mode="before")
     @classmethod
-    def _input(cls, v: str | list[str]) -> str | list[str]:
+    def _input(cls, v: Any) -> Any:
+        if _token_ids(v):
+            raise PydanticCustomError("token_ids", EMBED_TOKEN_IDS)
         if isinstance(v, list) and not v:
-            raise ValueError("input must hold at least one text")
+            raise PydanticCustomError("no_input", "input must hold at least one text")
         if isinstance(v, list) and len(v) > 2048:
-            raise ValueError("input may hold at most 2048 texts")
+            raise PydanticCustomError("too_many_inputs", "input may hold at most 2048 texts")
         return v
 
     def texts(self) -> list[str]:
