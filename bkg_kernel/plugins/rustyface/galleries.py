@@ -142,6 +142,8 @@ class Galleries:
         return [{"subject": s, "faces": n} for s, n in sorted(counts.items(), key=lambda kv: str(kv[0]))]
 
     def rename(self, gallery: str, subject: str, new_name: str) -> dict[str, Any]:
+        """Give the subject's faces `new_name`; onto a subject that exists the two become one (as CompreFace
+        does), and the answer says `merged`."""
         # Read and written back under the gallery's lock: faces deleted in between came back under the new name.
         with writing(self.collection(gallery)):
             pts = self._points(gallery, {"subject": subject}, True)
@@ -152,8 +154,22 @@ class Galleries:
                 for p in pts
             ]
             with self._gallery(gallery) as name:
+                merged = new_name != subject and self.store.count(name, {"subject": new_name}) > 0
                 self.store.upsert(name, points)
-        return {"gallery": gallery, "subject": new_name, "faces": len(pts)}
+                total = self.store.count(name, {"subject": new_name}) if merged else len(pts)
+        return {"gallery": gallery, "subject": new_name, "faces": len(pts), "merged": merged, "subject_faces": total}
+
+    def delete_face(self, gallery: str, face_id: str, subject: str | None = None) -> dict[str, Any]:
+        """Delete one face by its id (if `subject` is given, only one of theirs)."""
+        with self._gallery(gallery) as name, writing(name):
+            found = self.store.get(name, [face_id], with_vectors=False)
+            owner = (found[0].get("payload") or {}).get("subject") if found else None
+            if not found or (subject is not None and owner != subject):
+                whose = f" of subject {subject!r}" if subject is not None else ""
+                raise NotFound(f"gallery {gallery!r} has no face {face_id!r}{whose}", field="face_id")
+            self.store.delete(name, ids=[face_id])
+            left = self.store.count(name, {"subject": owner}) if isinstance(owner, str) else None
+        return {"gallery": gallery, "face_id": face_id, "subject": owner, "deleted": True, "subject_faces": left}
 
     def delete_subject(self, gallery: str, subject: str, keep: list[str] | None = None) -> dict[str, Any]:
         """Delete the subject's faces, but those in `keep` (a re-run's new faces, enrolled before the old go)."""

@@ -19,11 +19,15 @@ if TYPE_CHECKING:
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.models.registry import ModelRegistry
 from bkg_kernel.plugins.rustyface import images
-from bkg_kernel.plugins.rustyface.engine import DET_SIZE, Face, load_engine
+from bkg_kernel.plugins.rustyface.engine import DET_SIZE, Face, area, load_engine, main_face
 from bkg_kernel.plugins.rustyface.galleries import GALLERY_PATTERN, SUBJECT_MAX, UNKNOWN, Galleries, subject_name
 from bkg_kernel.runtime.contract import GatewayAPI, Plugin, PluginSettings, capability
+from bkg_kernel.store.validate import MAX_ID_CHARS
 
 IMAGE_DOC = "base64 (or a data URL), or path:<file> under an allowed root"
+# enroll refuses a photo whose other face is at least this share of the main face's area: which is the subject
+# would be a guess (CompreFace refuses any photo with more than one face; a small bystander is no doubt here)
+SIMILAR_AREA = 0.5
 
 
 class FaceSettings(PluginSettings):
@@ -54,6 +58,9 @@ class FaceSettings(PluginSettings):
 
 Gallery = Field(..., pattern=GALLERY_PATTERN, description="A gallery name (its store collection is faces-<name>).")
 Image = Field(..., min_length=1, description=IMAGE_DOC)
+MinScore = Field(0.6, ge=0, le=1, description="Lowest detection score of a face.")
+MinSize = Field(0, ge=0, description="Smallest face side in pixels.")
+MaxFaces = "At most this many faces: the biggest (CompreFace's limit)."
 
 
 def _needs(action: list[str], field: str) -> dict[str, Any]:
@@ -66,9 +73,9 @@ class DetectRequest(BaseModel):
     """Find faces in an image."""
 
     image: str = Image
-    min_score: float = Field(0.6, ge=0, le=1)
-    max_faces: int = Field(100, ge=1, le=1000)
-    min_size: int = Field(0, ge=0, description="Smallest face side in pixels.")
+    min_score: float = MinScore
+    max_faces: int = Field(100, ge=1, le=1000, description=MaxFaces)
+    min_size: int = MinSize
 
 
 class Detected(BaseModel):
@@ -90,21 +97,27 @@ class Embedded(BaseModel):
 
 
 class VerifyRequest(BaseModel):
-    """Are the (best) faces of two images the same person?"""
+    """Is the main face of image_a one of the faces in image_b?"""
 
-    image_a: str = Image
-    image_b: str = Image
+    image_a: str = Field(..., min_length=1, description=f"The person: its main face is compared. {IMAGE_DOC}")
+    image_b: str = Field(..., min_length=1, description=f"Where to look for them: every face is compared. {IMAGE_DOC}")
     threshold: float | None = Field(None, ge=-1, le=1, description="Default: the verify_threshold setting.")
+    min_score: float = MinScore
+    min_size: int = MinSize
+    max_faces: int = Field(100, ge=1, le=1000, description=f"image_b: {MaxFaces}")
 
 
 class Verified(BaseModel):
-    """The answer, the similarity and the threshold it was compared with."""
+    """The best match in image_b: whether it is the same person, its similarity and the threshold it was compared
+    with; and every face of image_b with its similarity, the most similar first."""
 
     same: bool
     similarity: float
     threshold: float
     face_a: dict[str, Any]
     face_b: dict[str, Any]
+    faces_b: list[dict[str, Any]]
+    faces_in_a: int
     model: str
 
 
@@ -118,17 +131,27 @@ class GalleryRequest(BaseModel):
 
 
 class SubjectsRequest(BaseModel):
-    """Subject operations in a gallery: list, faces (each subject's faces with thumbnails), rename (to new_name),
-    delete (all their faces)."""
+    """Subject operations in a gallery: list, faces (each subject's faces with thumbnails and ids), rename (to
+    new_name; onto an existing subject it merges the two, and says `merged`), delete (all their faces), delete_face
+    (one face, by its id)."""
 
     model_config = ConfigDict(
-        json_schema_extra={"allOf": [_needs(["rename", "delete"], "subject"), _needs(["rename"], "new_name")]}
+        json_schema_extra={
+            "allOf": [
+                _needs(["rename", "delete"], "subject"),
+                _needs(["rename"], "new_name"),
+                _needs(["delete_face"], "face_id"),
+            ]
+        }
     )
 
     gallery: str = Gallery
-    action: Literal["list", "faces", "rename", "delete"] = "list"
-    subject: str | None = None
+    action: Literal["list", "faces", "rename", "delete", "delete_face"] = "list"
+    subject: str | None = Field(None, description="delete_face: if given, the face must be this subject's.")
     new_name: str | None = Field(None, max_length=SUBJECT_MAX, description="rename: the subject's new name.")
+    face_id: str | None = Field(
+        None, min_length=1, max_length=MAX_ID_CHARS, description="delete_face: the face's id (enroll's or faces')."
+    )
     per_subject: int = Field(12, ge=1, le=100, description="faces: at most this many faces shown per subject.")
     keep: list[str] | None = Field(
         None,
@@ -143,14 +166,16 @@ class SubjectsRequest(BaseModel):
 
 
 class EnrollRequest(BaseModel):
-    """Enroll the most confident face of each image as `subject`."""
+    """Enroll the main face of each image as `subject` (the largest, nearest the centre); an image with another
+    face of a similar size is refused."""
 
     gallery: str = Gallery
     subject: str = Field(..., min_length=1, max_length=SUBJECT_MAX)
     images: list[Annotated[str, Field(min_length=1)]] = Field(..., min_length=1, max_length=100, description=IMAGE_DOC)
     sources: list[str] | None = Field(None, description="A name for each image (default: images[i]).")
     metadata: dict[str, Any] = Field(default_factory=dict)
-    min_score: float = Field(0.6, ge=0, le=1)
+    min_score: float = MinScore
+    min_size: int = MinSize
 
     @field_validator("subject")
     @classmethod
@@ -165,7 +190,9 @@ class IdentifyRequest(BaseModel):
     image: str = Image
     top_k: int = Field(3, ge=1, le=100)
     threshold: float | None = Field(None, ge=-1, le=1, description="Default: the verify_threshold setting.")
-    max_faces: int = Field(20, ge=1, le=1000)
+    max_faces: int = Field(20, ge=1, le=1000, description=MaxFaces)
+    min_score: float = MinScore
+    min_size: int = MinSize
 
 
 class Result(BaseModel):
@@ -235,10 +262,16 @@ class RustyFace(Plugin):
 
     @capability("faces.verify", scope="faces:use", big_input=True)
     def verify(self, inp: VerifyRequest) -> Verified:
-        """Compare the most confident face of each image (cosine of SFace embeddings)."""
-        fa, va = self._best(inp.image_a, "image_a")  # one photo's pixels held at a time
-        fb, vb = self._best(inp.image_b, "image_b")
-        sim = float(va @ vb)
+        """Compare the main face of image_a with every face of image_b (cosine of the embeddings): the best match
+        answers, and each face of image_b comes with its similarity."""
+        fa, va, in_a = self._main(inp.image_a, "image_a", inp.min_score, inp.min_size)  # one photo held at a time
+        img = self._image(inp.image_b, "image_b")
+        found = self.engine.detect(img, min_score=inp.min_score, max_faces=inp.max_faces, min_size=inp.min_size)
+        if not found:
+            limits = _limits(inp.min_score, inp.min_size)
+            raise InvalidInput(f"image_b: no face found in the image{limits}", field="image_b")
+        sims = sorted(((float(va @ self.engine.embed(img, f)), f) for f in found), key=lambda sf: -sf[0])
+        sim, fb = sims[0]
         threshold = self.settings.verify_threshold if inp.threshold is None else inp.threshold
         return Verified(
             same=sim >= threshold,
@@ -246,6 +279,8 @@ class RustyFace(Plugin):
             threshold=threshold,
             face_a=fa.to_dict(),
             face_b=fb.to_dict(),
+            faces_b=[{**f.to_dict(), "similarity": round(v, 5), "same": v >= threshold} for v, f in sims],
+            faces_in_a=in_a,
             model=self.engine.name,
         )
 
@@ -267,12 +302,17 @@ class RustyFace(Plugin):
 
     @capability("faces.subjects", scope="faces:use")
     def subjects(self, inp: SubjectsRequest) -> Result:
-        """List a gallery's subjects (with face counts), rename one, or delete one with all their faces."""
+        """List a gallery's subjects (with face counts) or their faces, rename one (onto another: merged), delete
+        one with all their faces, or delete one face by its id."""
         g = self._galleries()
         if inp.action == "list":
             return Result(gallery=inp.gallery, subjects=g.subjects(inp.gallery))
         if inp.action == "faces":
             return Result(gallery=inp.gallery, subjects=g.faces(inp.gallery, inp.subject, inp.per_subject))
+        if inp.action == "delete_face":
+            if not inp.face_id:
+                raise InvalidInput("face_id is required to delete a face", field="face_id")
+            return Result(**g.delete_face(inp.gallery, inp.face_id, inp.subject))
         if not inp.subject:
             raise InvalidInput(f"subject is required to {inp.action} a subject", field="subject")
         if inp.action == "rename":
@@ -283,7 +323,8 @@ class RustyFace(Plugin):
 
     @capability("faces.enroll", scope="faces:use", big_input=True)
     def enroll(self, inp: EnrollRequest) -> Result:
-        """Store the most confident face of each image in the gallery, with subject, source and metadata."""
+        """Store the main face of each image in the gallery, with subject, source and metadata; an image with
+        another face of a similar size is refused (422 naming it): the subject would be a guess."""
         if inp.sources is not None and len(inp.sources) != len(inp.images):
             raise InvalidInput("sources must have one name per image", field="sources")
         g = self._galleries()
@@ -292,30 +333,42 @@ class RustyFace(Plugin):
         skipped = []
         for i, image in enumerate(inp.images):
             source = inp.sources[i] if inp.sources else f"images[{i}]"
-            found, thumb, embedding = self._enrolled(image, f"images[{i}]", inp.min_score)
-            if not found:
+            found = self._enrolled(image, f"images[{i}]", inp.min_score, inp.min_size)
+            if found is None:
                 skipped.append({"source": source, "reason": "no face found"})
                 continue
-            best = found[0]
+            main, n, thumb, embedding = found
             payload = {
-                "subject": inp.subject, "source": source, "bbox": best.bbox, "score": best.score,
-                "faces_in_image": len(found), "metadata": inp.metadata, "model": self.engine.name, "thumb": thumb,
+                "subject": inp.subject, "source": source, "bbox": main.bbox, "score": main.score,
+                "faces_in_image": n, "metadata": inp.metadata, "model": self.engine.name, "thumb": thumb,
             }  # fmt: skip
             faces.append({"embedding": embedding, "payload": payload})
         ids = g.add_faces(inp.gallery, faces) if faces else []
         enrolled = [
-            {"id": i, "source": f["payload"]["source"], "bbox": f["payload"]["bbox"]}
-            for i, f in zip(ids, faces, strict=True)
+            {"id": i, "source": p["source"], "bbox": p["bbox"], "faces_in_image": p["faces_in_image"]}
+            for i, p in zip(ids, (f["payload"] for f in faces), strict=True)
         ]
         return Result(gallery=inp.gallery, subject=inp.subject, enrolled=enrolled, skipped=skipped)
 
-    def _enrolled(self, image: str, field: str, min_score: float) -> tuple[list[Face], str, list[float]]:
-        """The faces in the image, and the best one's thumbnail and embedding (its pixels freed on return)."""
+    def _enrolled(
+        self, image: str, field: str, min_score: float, min_size: int
+    ) -> tuple[Face, int, str, list[float]] | None:
+        """The image's main face, how many faces it has, and the main face's thumbnail and embedding (its pixels
+        freed on return); None without a face; 422 when another face is of a similar size."""
         img = self._image(image, field)
-        found = self.engine.detect(img, min_score=min_score)
-        if not found:
-            return [], "", []
-        return found, images.thumbnail(img, found[0].bbox), self.engine.embed(img, found[0]).tolist()
+        found = self.engine.detect(img, min_score=min_score, min_size=min_size, max_faces=1000)
+        main = main_face(found, img.width, img.height)
+        if main is None:
+            return None
+        rival = max((area(f) for f in found if f is not main), default=0.0)
+        if rival >= SIMILAR_AREA * area(main):
+            similar = sum(area(f) >= SIMILAR_AREA * area(main) for f in found)
+            raise InvalidInput(
+                f"{field}: {similar} faces of a similar size (of {len(found)} found): which one is the subject would "
+                "be a guess; crop the photo to their face",
+                field=field,
+            )
+        return main, len(found), images.thumbnail(img, main.bbox), self.engine.embed(img, main).tolist()
 
     @capability("faces.identify", scope="faces:use", big_input=True)
     def identify(self, inp: IdentifyRequest) -> Result:
@@ -326,7 +379,7 @@ class RustyFace(Plugin):
         threshold = self.settings.verify_threshold if inp.threshold is None else inp.threshold
         out = []
         t0 = time.perf_counter()
-        faces = self.engine.detect(img, max_faces=inp.max_faces)
+        faces = self.engine.detect(img, min_score=inp.min_score, max_faces=inp.max_faces, min_size=inp.min_size)
         t_detect, t_embed, t_search = time.perf_counter() - t0, 0.0, 0.0
         for face in faces:
             t1 = time.perf_counter()
@@ -341,10 +394,18 @@ class RustyFace(Plugin):
             gallery=inp.gallery, threshold=threshold, faces=out, timings={k: round(v, 3) for k, v in timings.items()}
         )
 
-    def _best(self, image: str, field: str) -> tuple[Face, np.ndarray]:
-        """The most confident face of the image, and its embedding."""
+    def _main(self, image: str, field: str, min_score: float, min_size: int) -> tuple[Face, np.ndarray, int]:
+        """The image's main face (see `main_face`), its embedding, and how many faces the image has."""
         img = self._image(image, field)
-        faces = self.engine.detect(img, max_faces=1)
-        if not faces:
-            raise InvalidInput(f"{field}: no face found in the image", field=field)
-        return faces[0], self.engine.embed(img, faces[0])
+        faces = self.engine.detect(img, min_score=min_score, min_size=min_size, max_faces=1000)
+        main = main_face(faces, img.width, img.height)
+        if main is None:
+            raise InvalidInput(f"{field}: no face found in the image{_limits(min_score, min_size)}", field=field)
+        return main, self.engine.embed(img, main), len(faces)
+
+
+def _limits(min_score: float, min_size: int) -> str:
+    """What a face had to pass, when a caller set more than the default."""
+    said = [f"min_score {min_score}"] if min_score != 0.6 else []
+    said += [f"min_size {min_size} px"] if min_size else []
+    return f" ({', '.join(said)})" if said else ""
