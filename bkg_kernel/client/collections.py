@@ -88,7 +88,8 @@ class RemoteCollection:
         return done
 
     def query(self, vector: Any = None, text: str | None = None, *, k: int = 10, **kw: Any) -> QueryResult:
-        """Vector, text or hybrid search (same arguments as `Collection.query`)."""
+        """Vector, text or hybrid search (same arguments as `Collection.query`: `filter`, `mode`, ...,
+        `score_threshold`, `offset`, `with_payload` (true, false or a list of fields), `with_vectors`)."""
         body = {"vector": vector.tolist() if hasattr(vector, "tolist") else vector, "text": text, "k": k, **kw}
         r = self.wb.call("POST", f"{self.base}/query", json=body)
         hits = [Hit(h["id"], h["score"], h.get("payload"), h.get("text"), h.get("vector")) for h in r["results"]]
@@ -129,6 +130,34 @@ class RemoteCollection:
         """Delete by ids or filter; return how many."""
         body = {"ids": ids, "filter": filter}
         return int(self.wb.call("POST", f"{self.base}/points/delete", json=body)["deleted"])
+
+    def set_payload(
+        self, payload: dict[str, Any], points: list[Any] | None = None, *, filter: dict[str, Any] | None = None
+    ) -> int:
+        """Set these payload keys on the points (by ids or filter), keeping their other keys, vectors and texts;
+        return how many points were set (an id not stored is a 404, and nothing is set)."""
+        return self._edit_payload("POST", "", {"payload": payload}, points, filter)
+
+    def overwrite_payload(
+        self, payload: dict[str, Any], points: list[Any] | None = None, *, filter: dict[str, Any] | None = None
+    ) -> int:
+        """Replace the whole payload of the points (by ids or filter); return how many were set."""
+        return self._edit_payload("PUT", "", {"payload": payload}, points, filter)
+
+    def delete_payload(
+        self, keys: list[str], points: list[Any] | None = None, *, filter: dict[str, Any] | None = None
+    ) -> int:
+        """Remove these payload fields (dotted names, as a filter's) from the points (by ids or filter); return how
+        many points it went through."""
+        return self._edit_payload("POST", "/delete", {"keys": keys}, points, filter)
+
+    def _edit_payload(
+        self, method: str, tail: str, body: dict[str, Any], points: list[Any] | None, filter: dict[str, Any] | None
+    ) -> int:
+        if points is not None and hasattr(points, "tolist"):
+            points = points.tolist()
+        full = {**body, "points": points, "filter": filter}
+        return int(self.wb.call(method, f"{self.base}/points/payload{tail}", json=full)["updated"])
 
     def count(self, filter: dict[str, Any] | None = None) -> int:
         """Count points (optionally matching a filter)."""

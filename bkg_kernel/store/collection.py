@@ -9,7 +9,7 @@ import contextlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -53,6 +53,8 @@ class Collection:
         self._fid_of: dict[str, int] = {}
         # Positions matching recent filters; any write to the collection clears it.
         self._filter_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        # Counts payload edits in place (`set_payload`...): a filter's scan begun before one is done again.
+        self._payload_edits = 0
         # Texts of recent hits by position (a position's text never changes; compaction clears it).
         self._text_cache: OrderedDict[int, str | None] = OrderedDict()
         self._unsaved = False
@@ -169,6 +171,105 @@ class Collection:
                 return ingest.delete_at(self, found.now())
         with self._locked():
             return ingest.delete(self, where, params)
+
+    # -- payloads (Qdrant's set / overwrite / delete payload): the vectors, texts and positions stay ------------
+    def set_payload(self, payload: dict[str, Any], points: list[Any] | None = None, *,
+                    filter: dict[str, Any] | None = None) -> int:  # fmt: skip
+        """Set these payload keys on the points (by ids or filter), keeping their other keys; return how many
+        points were set. An id not stored is a 404 and nothing is set; a filter that matches nothing sets none."""
+        text = validate.payload(payload)
+        add, enc = dict(payload), validate.encode
+
+        def merged(old: str | None) -> str:
+            return enc({**json.loads(old), **add}) if old is not None else text
+
+        return self._edit_payloads(points, filter, merged)
+
+    def overwrite_payload(self, payload: dict[str, Any], points: list[Any] | None = None, *,
+                          filter: dict[str, Any] | None = None) -> int:  # fmt: skip
+        """Replace the whole payload of the points (by ids or filter) with this one; return how many were set."""
+        text = validate.payload(payload)
+        return self._edit_payloads(points, filter, lambda old: text)
+
+    def delete_payload(self, keys: list[str], points: list[Any] | None = None, *,
+                       filter: dict[str, Any] | None = None) -> int:  # fmt: skip
+        """Remove these payload fields (dotted names, as a filter's) from the points (by ids or filter); return
+        how many points it went through (those without the fields included)."""
+        paths, enc = validate.payload_keys(keys, "keys"), validate.encode
+
+        def without(old: str | None) -> str | None:
+            if old is None:
+                return None
+            obj = json.loads(old)
+            for path in paths:
+                node = obj
+                for key in path[:-1]:
+                    node = node.get(key) if isinstance(node, dict) else None
+                if isinstance(node, dict):
+                    node.pop(path[-1], None)
+            return enc(obj)
+
+        return self._edit_payloads(points, filter, without)
+
+    def _edit_payloads(
+        self, points: list[Any] | None, filter: dict[str, Any] | None, edit: Callable[[str | None], str | None]
+    ) -> int:
+        """Write `edit(payload JSON)` as the payload of each point named (all must be stored) or matched, in one
+        transaction, in place: the point keeps its position, so its vector, its text in the full-text index (which
+        reads only the `text` column) and its place in a scroll stay as they are."""
+        import pyarrow as pa
+
+        if (points is None) == (filter is None):
+            raise InvalidInput("pass either points (a list of ids) or filter", field="points")
+        named: list[Any] = []
+        keys: list[str] = []
+        found = None
+        if points is not None:
+            if not isinstance(points, list):
+                raise InvalidInput("points must be a list of point ids", field="points")
+            named, keys = points, [validate.point_key(pid, f"points[{i}]") for i, pid in enumerate(points)]
+        else:
+            if not filter:
+                raise InvalidInput("an empty filter would change every point's payload: name a field to test",
+                                   field="filter")  # fmt: skip
+            where, params = compile_filter(filter, tests_a_field=True)
+            found = search.Matching(self, filter, where, params)  # the scan, outside the store's lock
+        with self._locked():
+            self._ensure_index()  # the id and payload mirrors
+            ids = self._ids
+            if found is None:
+                fids = []
+                for i, key in enumerate(keys):
+                    f = self._fid_of.get(key)
+                    if f is None:
+                        raise NotFound(f"no point with id {named[i]!r} in collection {self.name!r}: nothing was "
+                                       "changed", field=f"points[{i}]")  # fmt: skip
+                    fids.append(f)
+                fids = list(dict.fromkeys(fids))
+            else:
+                fids = [f for f in found.now().tolist() if ids[f] is not None]  # those deleted since left out
+            if not fids:
+                return 0
+            new = [edit(self._payloads[f]) for f in fids]
+            self._store.require_space(f"a payload change in {self.name!r}")
+            con = self._con
+            con.register("_bkg_payloads", pa.table({"fid": pa.array(fids, pa.int64()), "payload": ingest.strings(new)}))
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute(f"UPDATE {self.table} SET payload = CAST(n.payload AS JSON) FROM _bkg_payloads n "
+                            f"WHERE {self.table}.fid = n.fid")  # fmt: skip
+                con.execute("UPDATE collections SET updated_at = now() WHERE name = ?", [self.name])
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+            finally:
+                con.unregister("_bkg_payloads")
+            for f, p in zip(fids, new, strict=True):
+                self._payloads[f] = p
+            self._filter_cache.clear()
+            self._payload_edits += 1
+        return len(fids)
 
     def optimize(self) -> None:
         """Renumber live points densely and rebuild the index without dead positions."""
@@ -299,6 +400,10 @@ class Collection:
         vector_weight: float = 0.5,
         explain: bool = False,
         fusion: str = "rrf",
+        score_threshold: float | None = None,
+        offset: int = 0,
+        with_payload: bool | list[str] = True,
+        with_vectors: bool = False,
     ) -> QueryResult:
         """Rank points by vector similarity, BM25 full-text score, or both fused with reciprocal rank fusion.
 
@@ -307,10 +412,16 @@ class Collection:
         Hybrid weighs the vector ranking by `vector_weight` and the text ranking by `1 - vector_weight`
         (0.5: classic RRF; like Weaviate's `alpha`); `fusion="relative"` sums min-max normalised scores with
         those weights instead of reciprocal ranks. `explain` adds each hit's vector and BM25 rank and score.
+
+        As Qdrant's: `score_threshold` drops the hits worse than it by the score they carry (an L2 vector query
+        keeps distances <= it; cosine, ip, BM25 and the fused hybrid scores keep scores >= it); `offset` skips the
+        first hits (k + offset at most 1000); `with_payload` is true, false (no payloads) or a list of payload
+        fields to return (dotted names, as a filter's); `with_vectors` adds each hit's stored vector.
         """
         return search.query(
-            self, vector, text, k, filter, mode, rrf_k, ef_search, with_text, vector_weight, explain, fusion
-        )
+            self, vector, text, k, filter, mode, rrf_k, ef_search, with_text, vector_weight, explain, fusion,
+            score_threshold, offset, with_payload, with_vectors,
+        )  # fmt: skip
 
     def describe(self) -> CollectionInfo:
         """Return count, dim, metric, index, bytes on disk and the last snapshot."""

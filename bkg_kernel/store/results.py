@@ -52,6 +52,10 @@ class Hit:
             self._payload, self._payload_json = json.loads(self._payload_json), None
         return self._payload
 
+    @payload.setter
+    def payload(self, value: dict[str, Any] | None) -> None:
+        self._payload, self._payload_json = value, None
+
     def to_dict(self) -> dict[str, Any]:
         """Return the hit as plain JSON-able data, leaving out what was not asked for."""
         d: dict[str, Any] = {"id": self.id, "score": self.score, "payload": self.payload}

@@ -41,10 +41,19 @@ def query(
     vector_weight: float,
     explain: bool = False,
     fusion: str = "rrf",
+    score_threshold: float | None = None,
+    offset: int = 0,
+    with_payload: bool | list[str] = True,
+    with_vectors: bool = False,
 ) -> QueryResult:
-    """Check a query, rank the points (see `Collection.query`) and return the best k."""
+    """Check a query, rank the points (see `Collection.query`) and return the best k after `offset`."""
     t0 = time.perf_counter()
     k = validate.k_value(k)
+    offset = validate.offset_value(offset, k)
+    threshold = validate.score_threshold(score_threshold)
+    selected = validate.with_payload(with_payload)
+    if not isinstance(with_vectors, bool):
+        raise InvalidInput(f"with_vectors must be true or false, got {with_vectors!r}", field="with_vectors")
     mode = mode or ("hybrid" if vector is not None and text is not None else "text" if text is not None else "vector")
     if mode not in MODES:
         raise InvalidInput(f"unknown mode {mode!r} (expected one of {', '.join(MODES)})", field="mode")
@@ -65,7 +74,8 @@ def query(
     if ef_search is not None and (not isinstance(ef_search, int) or not 1 <= ef_search <= 4096):
         raise InvalidInput("ef_search must be an integer from 1 to 4096", field="ef_search")
     where, params = compile_filter(filter)
-    depth = max(k, DEPTH)
+    n = k + offset  # ranked this deep, the first `offset` skipped
+    depth = max(n, DEPTH)
     rankings: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # each side's (positions, scores), `depth` deep
 
     def ranking(side: str) -> tuple[np.ndarray, np.ndarray]:
@@ -85,26 +95,31 @@ def query(
         allowed = found.now() if found is not None else None
         if mode == "vector":
             assert q is not None
-            fids, raw = index.search(q, k, allowed, ef_search)
+            fids, raw = index.search(q, n, allowed, ef_search)
             scores = index.score(raw)
         elif mode == "text":
-            fids, scores = c._ensure_text().search(str(text), k, allowed)
+            fids, scores = c._ensure_text().search(str(text), n, allowed)
         else:
             w = float(vector_weight)
             if fusion == "rrf":
                 fids, scores = rrf(
-                    [ranking("vector")[0], ranking("text")[0]], float(rrf_k), k, weights=[2 * w, 2 * (1 - w)]
+                    [ranking("vector")[0], ranking("text")[0]], float(rrf_k), n, weights=[2 * w, 2 * (1 - w)]
                 )
             else:
                 vf, vs = ranking("vector")
                 fids, scores = relative_score(
-                    [(vf, -vs if c.metric == "l2" else vs), ranking("text")], k, weights=[w, 1 - w]
+                    [(vf, -vs if c.metric == "l2" else vs), ranking("text")], n, weights=[w, 1 - w]
                 )
-        fl, sl = fids.tolist(), scores.tolist()
+        fl, sl = fids.tolist()[offset:], scores.tolist()[offset:]
         if not all(map(math.isfinite, sl)):  # scores must serialise as JSON
             sl = [x if math.isfinite(x) else 0.0 for x in sl]
+        if threshold is not None:  # best first: the hits past the threshold are a tail
+            closer = (lambda s: s <= threshold) if mode == "vector" and c.metric == "l2" else (lambda s: s >= threshold)
+            keep = next((i for i, s in enumerate(sl) if not closer(s)), len(sl))
+            fl, sl = fl[:keep], sl[:keep]
         ids, payloads = c._ids, c._payloads
-        result = QueryResult(None, 0.0, mode, ids=[ids[f] for f in fl], scores=sl, payloads=[payloads[f] for f in fl])
+        chosen = [payloads[f] for f in fl] if selected is not False else [None] * len(fl)
+        result = QueryResult(None, 0.0, mode, ids=[ids[f] for f in fl], scores=sl, payloads=chosen)
         if explain:
             asked = {"vector": q is not None, "text": isinstance(text, str) and bool(text.strip())}
             result.explain = _explain(fl, {side: ranking(side) for side, yes in asked.items() if yes})
@@ -112,8 +127,45 @@ def query(
             texts = _texts(c, fl)
             for h, f in zip(result.hits, fl, strict=True):
                 h.text = texts.get(f)
+        if with_vectors and fl:
+            vectors = _vectors(c, fl)
+            for h, f in zip(result.hits, fl, strict=True):
+                h.vector = vectors.get(f)
+    if isinstance(selected, list):  # the fields asked for, picked outside the store's lock
+        for h, raw_payload in zip(result.hits, chosen, strict=True):
+            h.payload = pick(json.loads(raw_payload), selected) if raw_payload is not None else None
     result.took_ms = (time.perf_counter() - t0) * 1000
     return result
+
+
+def pick(payload: dict[str, Any], paths: list[list[str]]) -> dict[str, Any]:
+    """The fields of a payload that `paths` name (each a list of keys from the top), nested as they are there;
+    a field the payload lacks is left out."""
+    out: dict[str, Any] = {}
+    for path in paths:
+        value: Any = payload
+        for key in path:
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            node = out
+            for key in path[:-1]:
+                if not isinstance(node.get(key), dict):
+                    node[key] = {}
+                node = node[key]
+            node[path[-1]] = value
+    return out
+
+
+def _vectors(c: Collection, fids: list[int]) -> dict[int, list[float]]:
+    """Return the stored vectors of these positions (as upserted: not the normalised copies a cosine index holds),
+    in one read of DuckDB, the rows outside their positions' range skipped by their zone maps."""
+    rows = c._con.execute(
+        f"SELECT fid, vec FROM {c.table} WHERE fid BETWEEN ? AND ? AND list_contains(?::BIGINT[], fid)",
+        [min(fids), max(fids), fids],
+    ).fetchall()
+    return {f: np.frombuffer(vec, dtype=np.float32).tolist() for f, vec in rows}
 
 
 def _explain(fids: list[int], rankings: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[dict[str, Any]]:
@@ -162,7 +214,8 @@ class Matching:
     outside the store's lock (a filter of a thousand conditions takes seconds on a large collection, and every
     other call to the store would wait that long): made without the lock, it reads them as they were when it
     began, on a connection of its own (`Collection._reading`); `now()`, holding the lock, adds the points written
-    since, or scans again when a compaction renumbered the positions meanwhile (rare). Points deleted since stay
+    since, or scans again when a compaction renumbered the positions, or a payload was changed in place (`set_payload`),
+    meanwhile (rare). Points deleted since stay
     in the list: the indexes leave dead positions out, and a delete by position finds nothing there. Recent
     filters' positions are kept (any write clears them)."""
 
@@ -174,7 +227,7 @@ class Matching:
             hit = cache.get(self.key)
             if hit is not None:
                 cache.move_to_end(self.key)
-            self.epoch, self.upto = c._epoch, c._next_fid
+            self.epoch, self.upto, self.edits = c._epoch, c._next_fid, c._payload_edits
         if hit is not None:
             self.fids = hit
             return
@@ -184,7 +237,7 @@ class Matching:
     def now(self) -> np.ndarray:
         """The positions matching now; call holding the collection's lock."""
         c = self.c
-        if c._epoch != self.epoch:
+        if c._epoch != self.epoch or c._payload_edits != self.edits:  # renumbered, or payloads changed in place
             fids = self._select(c._con, "TRUE", [])
         elif c._next_fid > self.upto:
             fids = np.concatenate([self.fids, self._select(c._con, "fid >= ?", [self.upto])])

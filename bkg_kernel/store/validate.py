@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from bkg_kernel.errors import InvalidInput
+from bkg_kernel.store.filters import field_path
 from bkg_kernel.store.index import KINDS, METRICS
 
 COLLECTION_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # also stated in the API's schemas
@@ -81,6 +82,7 @@ def _json_encoder() -> Callable[[Any], str]:
 
 
 _ENCODE = _json_encoder()
+encode: Callable[[Any], str] = _ENCODE  # a payload's stored JSON text, for one already checked
 
 
 def point_key(pid: Any, field: str) -> str:
@@ -103,6 +105,59 @@ def k_value(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise InvalidInput(f"k must be an integer from 1 to {MAX_K}, got {k!r}", field="k")
     return k
+
+
+def offset_value(offset: Any, k: int) -> int:
+    """Check a query's offset: the hits skipped before the k returned (k + offset at most `MAX_K`)."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_K - k:
+        raise InvalidInput(f"offset must be an integer from 0 to {MAX_K - k} (k + offset is at most {MAX_K}), got "
+                           f"{offset!r}", field="offset")  # fmt: skip
+    return offset
+
+
+def score_threshold(threshold: Any) -> float | None:
+    """Check a query's score threshold (None: none)."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+        raise InvalidInput(f"score_threshold must be a finite number, got {threshold!r}", field="score_threshold")
+    return float(threshold)
+
+
+MAX_PAYLOAD_KEYS = 1000  # payload fields one query returns or one call removes
+
+
+def payload_keys(keys: Any, field: str) -> list[list[str]]:
+    """Return payload fields, named as a filter names them (`"meta.source"`, `"a\\.b"`), as their keys from the
+    top; a list of none, or a name that addresses no key, is a 422 naming `field` (or its element)."""
+    if not isinstance(keys, list) or not 1 <= len(keys) <= MAX_PAYLOAD_KEYS:
+        raise InvalidInput(f"{field} must be a list of 1 to {MAX_PAYLOAD_KEYS} payload field names", field=field)
+    out = []
+    for i, name in enumerate(keys):
+        pointer = field_path(name, f"{field}[{i}]")  # RFC 6901: "/meta/source", "~1" a slash, "~0" a tilde
+        out.append([k.replace("~1", "/").replace("~0", "~") for k in pointer[1:].split("/")])
+    return out
+
+
+def with_payload(selector: Any) -> bool | list[list[str]]:
+    """Check a query's `with_payload`: true (the whole payload), false (none) or a list of the fields to return."""
+    if isinstance(selector, bool):
+        return selector
+    if not isinstance(selector, list):
+        raise InvalidInput(f"with_payload must be true, false or a list of payload field names, got {selector!r}",
+                           field="with_payload")  # fmt: skip
+    return payload_keys(selector, "with_payload")
+
+
+def payload(p: Any, field: str = "payload") -> str:
+    """Return a payload object as the JSON text it is stored as, or raise naming `field` (a payload that is not an
+    object, nests over `MAX_PAYLOAD_DEPTH` levels, or holds a lone surrogate)."""
+    if not isinstance(p, dict):
+        raise InvalidInput(f"payload must be a JSON object, got {type(p).__name__}", field=field)
+    text = _payloads([p], lambda i: field)[0]
+    assert text is not None
+    _utf8([text], lambda i: field)
+    return text
 
 
 def query_vector(vector: Any, dim: int, collection: str) -> np.ndarray:

@@ -20,7 +20,14 @@ from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.runtime import bodyjson
 from bkg_kernel.store import projection
 from bkg_kernel.store.index import DEFAULT_PARAMS, PARAM_RANGES
-from bkg_kernel.store.validate import COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN, INT64_MAX, INT64_MIN
+from bkg_kernel.store.validate import (
+    COLLECTION_NAME_PATTERN,
+    EMBED_MODEL_PATTERN,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_K,
+    MAX_PAYLOAD_KEYS,
+)
 from bkg_kernel.strict import StrictBody
 
 router = APIRouter(prefix="/api/collections", tags=["collections"], route_class=CheckedJSONRoute)
@@ -76,6 +83,7 @@ class PointIn(StrictBody):
 
 
 MAX_POINTS = 100_000  # per upsert request
+MAX_NUMBERS = 2_000_000  # vector numbers one answer holds: ~80 MB as Python floats while it is made, ~40 MB of JSON
 
 
 class Upsert(StrictBody):
@@ -117,6 +125,41 @@ class Delete(StrictBody):
     filter: dict[str, Any] | None = None
 
 
+class PayloadPoints(StrictBody):
+    """The points a payload change goes to: by ids or by filter (Qdrant's points selector)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [  # exactly one of points or filter
+                {"required": ["points"], "properties": {"points": {"type": "array"}, "filter": {"type": "null"}}},
+                {"required": ["filter"], "properties": {"filter": _NONEMPTY, "points": {"type": "null"}}},
+            ]
+        },
+    )
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"points": 100_000, "keys": MAX_PAYLOAD_KEYS}
+    MAX_BODY_BYTES: ClassVar[int] = 8 * 2**20
+
+    points: list[int | str] | None = Field(
+        None, max_length=100_000, description="The points' ids; every one must be stored (a 404 names one that is "
+        "not, and nothing is changed)."
+    )  # fmt: skip
+    filter: dict[str, Any] | None = Field(
+        None, description="Or the points a filter matches (it must test a field; none matched: 0 updated)."
+    )
+
+
+class SetPayload(PayloadPoints):
+    payload: dict[str, Any] = Field(..., description="Payload keys to set (POST: merged over the point's top-level "
+                                    "keys; PUT: the whole new payload).")  # fmt: skip
+
+
+class DeletePayload(PayloadPoints):
+    keys: list[str] = Field(
+        ..., min_length=1, max_length=MAX_PAYLOAD_KEYS, description='Payload fields to remove, dotted as a filter '
+        'names them ("meta.source").'
+    )  # fmt: skip
+
+
 class Scroll(StrictBody):
     filter: dict[str, Any] | None = None
     limit: int = Field(100, ge=1, le=10_000)
@@ -152,7 +195,7 @@ class Query(StrictBody):
         },
     )
 
-    MAX_ITEMS: ClassVar[dict[str, int]] = {"vector": 65536}
+    MAX_ITEMS: ClassVar[dict[str, int]] = {"vector": 65536, "with_payload": MAX_PAYLOAD_KEYS}
     MAX_BODY_BYTES: ClassVar[int] = 4 * 2**20  # a 65,536-d vector is ~1.4 MB of JSON
 
     vector: list[float] | None = Field(None, min_length=1, max_length=65536)
@@ -168,6 +211,18 @@ class Query(StrictBody):
     ef_search: int | None = Field(None, ge=1, le=4096)
     with_text: bool = False
     explain: bool = Field(False, description="Add each hit's vector and BM25 rank and score, whatever the mode.")
+    score_threshold: float | None = Field(
+        None, description="Drop the hits worse than this by the score they carry (Qdrant's): an L2 vector query keeps "
+        "distances <= it; cosine and ip similarity, BM25 (text mode) and the fused score (hybrid) keep scores >= it."
+    )  # fmt: skip
+    offset: int = Field(0, ge=0, le=MAX_K - 1, description=f"Skip the first hits; k + offset is at most {MAX_K}.")
+    with_payload: bool | Annotated[list[str], Field(min_length=1, max_length=MAX_PAYLOAD_KEYS)] = Field(
+        True, description="true: each hit's payload; false: none (null); a list of payload fields (dotted as a "
+        'filter names them, "meta.source") to return, nested as stored, those a point lacks left out.'
+    )  # fmt: skip
+    with_vectors: bool = Field(
+        False, description=f"Add each hit's vector as stored (k x dim at most {MAX_NUMBERS:,} numbers)."
+    )
 
 
 class Map(StrictBody):
@@ -316,9 +371,6 @@ async def upsert(name: Name, request: Request, p: Annotated[Principal, Depends(W
                 await asyncio.to_thread(bodyjson.release, points)
 
 
-MAX_NUMBERS = 2_000_000  # vector numbers one answer holds: ~80 MB as Python floats while it is made, ~40 MB of JSON
-
-
 def _within_numbers(points: int, dim: int, field: str) -> None:
     """422 naming `field` for an answer of more vector numbers than `MAX_NUMBERS` (100,000 points of 384 floats:
     ~4 GB in the gateway while it was built, for anyone who may read)."""
@@ -370,6 +422,28 @@ def delete_points(name: Name, body: Delete, request: Request) -> dict[str, Any]:
     return {"deleted": gateway(request).store.collection(name).delete(body.ids, filter=body.filter)}
 
 
+# Qdrant's set / overwrite / delete payload: in place, so the vectors, texts and scroll order stay as they are
+@router.post("/{name}/points/payload", dependencies=[Depends(WRITE)])
+def set_payload(name: Name, body: SetPayload, request: Request) -> dict[str, Any]:
+    """Set payload keys on points by ids or filter, keeping their other keys (their vectors and texts stay)."""
+    coll = gateway(request).store.collection(name)
+    return {"updated": coll.set_payload(body.payload, body.points, filter=body.filter)}
+
+
+@router.put("/{name}/points/payload", dependencies=[Depends(WRITE)])
+def overwrite_payload(name: Name, body: SetPayload, request: Request) -> dict[str, Any]:
+    """Replace the whole payload of points by ids or filter (their vectors and texts stay)."""
+    coll = gateway(request).store.collection(name)
+    return {"updated": coll.overwrite_payload(body.payload, body.points, filter=body.filter)}
+
+
+@router.post("/{name}/points/payload/delete", dependencies=[Depends(WRITE)])
+def delete_payload(name: Name, body: DeletePayload, request: Request) -> dict[str, Any]:
+    """Remove payload fields from points by ids or filter."""
+    coll = gateway(request).store.collection(name)
+    return {"updated": coll.delete_payload(body.keys, body.points, filter=body.filter)}
+
+
 @router.post("/{name}/points/count", dependencies=[READ])
 def count_points(name: Name, request: Request, body: Count | None = None) -> dict[str, Any]:
     """Count points, optionally matching a filter."""
@@ -393,6 +467,8 @@ async def query(name: Name, body: Query, request: Request, p: Annotated[Principa
     gw = gateway(request)
     q = body.model_dump(exclude={"vector", "text", "mode"})
     coll = await asyncio.to_thread(gw.store.collection, name)  # the store's lock is never waited for on the loop
+    if body.with_vectors:
+        _within_numbers(body.k, coll.dim, "k")
     vector, mode = await storeops.query_vector(gw.supervisor, p, coll, body.vector, body.text, body.mode)
     # the search, the payloads' decoding and the answer's encoding (up to 1,000 hits) in one hop to a thread
     return await asyncio.to_thread(
