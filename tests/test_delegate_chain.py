@@ -201,8 +201,9 @@ def test_rows_from_before_the_link_keep_working(tmp_path: Path) -> None:
         old, old_token = auth.create_key(u["id"], "made before the link", by=delegate)
     con = duckdb.connect(str(tmp_path / "data" / DB_NAME))  # back to schema 9: the column, and its migration, gone
     con.execute("ALTER TABLE api_keys DROP COLUMN IF EXISTS maker_id")
-    con.execute("ALTER TABLE job_schedules DROP COLUMN IF EXISTS path")  # and what came after it (0011, 0012)
+    con.execute("ALTER TABLE job_schedules DROP COLUMN IF EXISTS path")  # and what came after it (0011-0013)
     con.execute("ALTER TABLE api_keys DROP COLUMN IF EXISTS run_id")
+    con.execute("ALTER TABLE job_runs DROP COLUMN IF EXISTS path")
     con.execute("DELETE FROM schema_migrations WHERE version >= 10")
     con.execute("CHECKPOINT")
     con.close()

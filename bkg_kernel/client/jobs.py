@@ -139,15 +139,19 @@ class Jobs:
     def __init__(self, wb: Workbench) -> None:
         self.wb = wb
 
-    def __call__(self, limit: int = 200, before: str | None = None) -> list[dict[str, Any]]:
+    def __call__(
+        self, limit: int = 200, before: str | None = None, *, schedule_id: str | None = None
+    ) -> list[dict[str, Any]]:
         """The jobs the caller may see (notebook runs and background jobs), newest first: `limit` of them, older
-        than the job `before` names when given."""
-        return list(self.page(limit, before)["jobs"])
+        than the job `before` names when given; only the runs of schedule `schedule_id` when given."""
+        return list(self.page(limit, before, schedule_id=schedule_id)["jobs"])
 
-    def page(self, limit: int = 200, before: str | None = None) -> dict[str, Any]:
+    def page(self, limit: int = 200, before: str | None = None, *, schedule_id: str | None = None) -> dict[str, Any]:
         """One page of `GET /api/jobs`: its `jobs` and its `next_before` (the `before` of the next page; None at the
-        end)."""
+        end); only the runs of schedule `schedule_id` when given."""
         params: dict[str, Any] = {"limit": limit} | ({"before": before} if before is not None else {})
+        if schedule_id is not None:
+            params["schedule_id"] = schedule_id
         return dict(self.wb.call("GET", "/api/jobs", params=params))
 
     def notebooks(self, notebook: str | None = None) -> list[dict[str, Any]]:
@@ -216,14 +220,14 @@ class Jobs:
         """The automatic retry a failed run was replaced by (set before its end is published)."""
         return None if run["state"] == "succeeded" else run.get("retried_by")
 
-    def list(self, limit: int = 50, before: str | None = None) -> RunTable:
+    def list(self, limit: int = 50, before: str | None = None, *, schedule_id: str | None = None) -> RunTable:
         """Notebook runs, newest first (a table in a notebook): `limit` of them (as many pages as that takes), older
-        than the run `before` names when given."""
+        than the run `before` names when given; only the runs of schedule `schedule_id` when given."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:  # -1 had left out the oldest
             raise InvalidInput(f"limit must be a whole number from 1, not {limit!r}", field="limit")
         found: list[dict[str, Any]] = []
         while len(found) < limit:
-            page = self.page(min(limit - len(found), PAGE), before)
+            page = self.page(min(limit - len(found), PAGE), before, schedule_id=schedule_id)
             found += [j for j in page["jobs"] if j.get("kind") == "notebook"]
             before = page.get("next_before")
             if before is None:
@@ -235,12 +239,16 @@ class Jobs:
         return Run(self.wb.call("POST", f"/api/jobs/{seg(run_id)}/cancel"))
 
     def retry(self, run_id: str) -> Run:
-        """Run a finished run again, same notebook and parameters."""
+        """Run a finished run again: the same notebook file, parameters, timeout and retries."""
         return Run(self.wb.call("POST", f"/api/jobs/{seg(run_id)}/retry"))
 
+    def delete(self, run_id: str) -> None:
+        """Delete a finished run and the files it left (its output notebook and HTML); cancel a running one first."""
+        self.wb.call("DELETE", f"/api/jobs/{seg(run_id)}")
+
     def output(self, run_id: str, format: str = "ipynb") -> str:
-        """The run's output notebook (JSON text) or its HTML rendering (`format="html"`: a `Page`, which a notebook
-        shows as the page rather than its source)."""
+        """The run's output notebook (JSON text; while it runs, as far as it got) or, once it ended, its HTML
+        rendering (`format="html"`: a `Page`, which a notebook shows as the page rather than its source)."""
         text = str(self.wb.call("GET", f"/api/jobs/{seg(run_id)}/output", params={"format": format}))
         return Page(text) if format == "html" else text
 
@@ -255,6 +263,18 @@ class Jobs:
     def schedules(self) -> ScheduleTable:
         """Schedules with their next run time (a table in a notebook)."""
         return ScheduleTable(self.wb.call("GET", "/api/jobs/schedules")["schedules"])
+
+    def get_schedule(self, schedule_id: str) -> dict[str, Any]:
+        """One schedule with its next run time."""
+        return dict(self.wb.call("GET", f"/api/jobs/schedules/{seg(schedule_id)}"))
+
+    def update_schedule(self, schedule_id: str, **changes: Any) -> dict[str, Any]:
+        """Change a schedule: any of cron, timezone, parameters, timeout_s, retries, enabled."""
+        return dict(self.wb.call("PATCH", f"/api/jobs/schedules/{seg(schedule_id)}", json=changes))
+
+    def run_schedule(self, schedule_id: str) -> Run:
+        """Run a schedule now (as its owner, as its fire would); return the run at once."""
+        return Run(self.wb.call("POST", f"/api/jobs/schedules/{seg(schedule_id)}/run"))
 
     def enable(self, schedule_id: str, enabled: bool = True) -> dict[str, Any]:
         """Enable (or disable) a schedule."""

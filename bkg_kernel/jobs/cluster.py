@@ -3,15 +3,22 @@
 A run is one task (`Client.submit` with a unique key and `pure=False`, no retries: notebooks have side effects).
 The task starts `python -m bkg_kernel.jobs.worker --once` in a child process with the notebook it was sent, so a
 cluster needs no shared file system: the output notebook and its HTML come back as the task's result and the
-gateway keeps them like a local run's. Dask cannot cancel a running task (distributed #2617), so the task watches
-a `distributed.Event` named for the run and kills the child and its kernel's process group when it is set. Cell
-progress travels as worker events on a topic named for the run (`log_event` / `subscribe_topic`).
+gateway keeps them like a local run's. Where the worker sees the notebook's folder (the same file system: the
+file at the notebook's path there holds the very notebook sent, as on a LocalCluster or a shared mount), the run's
+working folder is that folder, as on the local pool, so a notebook that opens `data.txt` next to it runs the same
+on both. Elsewhere (a remote worker) it runs in an empty temporary folder, where files next to the notebook are
+not found: the worker's and the gateway's logs say so, and so does a failed run's traceback.
+
+Dask cannot cancel a running task (distributed #2617), so the task watches a `distributed.Event` named for the run
+and kills the child and its kernel's process group when it is set. Cell progress travels as worker events on a
+topic named for the run (`log_event` / `subscribe_topic`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -25,6 +32,8 @@ from typing import Any
 from bkg_kernel.jobs.pool import OnEvent, failure, kill_group
 from bkg_kernel.settings import scrubbed_env
 
+log = logging.getLogger("bkg.jobs")
+
 
 def _topic(run_id: str) -> str:
     return f"bkg-run-{run_id}"
@@ -32,6 +41,24 @@ def _topic(run_id: str) -> str:
 
 def _cancel_name(run_id: str) -> str:
     return f"bkg-cancel-{run_id}"
+
+
+def shared_folder(spec: dict[str, Any]) -> str | None:
+    """The notebook's folder when this worker sees it as the gateway does (the file at the notebook's path here
+    holds the notebook sent), else None: a remote worker, or a notebook changed since it was sent."""
+    folder = Path(spec.get("cwd") or Path(spec["input"]).parent)
+    try:
+        same = Path(spec["input"]).read_text(encoding="utf-8") == spec["notebook_json"]
+    except (OSError, UnicodeError):
+        return None
+    return str(folder) if same and folder.is_dir() else None
+
+
+def _temp_note(folder: str, worker: str) -> str:
+    return (
+        f"ran in a temporary folder on Dask worker {worker}: the notebook's folder {folder} is not on that worker "
+        "(or holds another version of the notebook), so files next to the notebook are not found there"
+    )
 
 
 def run_task(spec: dict[str, Any]) -> dict[str, Any]:
@@ -42,11 +69,15 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
     topic, cancel = _topic(spec["id"]), Event(_cancel_name(spec["id"]))
     if cancel.is_set():  # cancelled while it waited for a Dask worker
         return {"done": failure(spec["id"], "Cancelled", "cancelled before it started"), "output": None, "html": None}
+    shared = shared_folder(spec)
+    note = None if shared else _temp_note(str(spec.get("cwd") or Path(spec["input"]).parent), worker.address)
+    if note:
+        log.warning("run %s %s", spec["id"], note)
     with tempfile.TemporaryDirectory(prefix="bkg-run-") as tmp:
         src, out, html = Path(tmp, "input.ipynb"), Path(tmp, "output.ipynb"), Path(tmp, "output.html")
-        src.write_text(spec["notebook_json"], encoding="utf-8")
+        src.write_text(spec["notebook_json"], encoding="utf-8")  # the notebook sent runs, even where it is shared
         local = {k: v for k, v in spec.items() if k != "notebook_json"}
-        local.update(input=str(src), output=str(out), html=str(html), cwd=tmp)
+        local.update(input=str(src), output=str(out), html=str(html), cwd=shared or tmp)
         here = str(Path(__file__).resolve().parents[2])  # the bkg this worker imported, whatever the cwd
         env = scrubbed_env()  # the worker's secrets (an admin key, a Hub token) are not the kernel's to read
         env["PYTHONPATH"] = os.pathsep.join(x for x in (here, env.get("PYTHONPATH", "")) if x)
@@ -84,8 +115,12 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
             time.sleep(0.2)
         reader.join(10)
         done = seen.get("done") or failure(spec["id"], "ChildDied", f"the run's process exited ({child.returncode})")
+        if note and done.get("error"):  # why `open("data.txt")` failed here when it works on the local pool
+            err = done["error"]
+            done = {**done, "error": {**err, "traceback": "\n".join(x for x in (err.get("traceback"), note) if x)}}
         return {
             "done": done,
+            "note": note,
             "output": out.read_text(encoding="utf-8") if out.exists() else None,
             "html": html.read_text(encoding="utf-8") if html.exists() else None,
         }
@@ -121,6 +156,8 @@ class DaskExecutor:
             return failure(spec["id"], type(exc).__name__, str(exc)[:2000])
         finally:
             self.client.unsubscribe_topic(topic)
+        if result.get("note"):
+            log.warning("run %s %s", spec["id"], result["note"])
         done = dict(result["done"])
         done["output"] = None
         if result["output"] is not None:

@@ -265,6 +265,48 @@ def shutdown(km: Any) -> None:
         run_sync(km.shutdown_kernel)(now=True)
 
 
+def _how_it_ended(km: Any) -> str:
+    """How the kernel process ended (`exit code 1`, `killed by SIGKILL`), or "" while it runs or is unknown."""
+    import signal
+
+    proc = getattr(km.provisioner, "process", None) if km is not None else None
+    code = proc.poll() if proc is not None else None
+    if code is None:
+        return ""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def mark_failed(output: str, raw_index: int, ename: str, evalue: str, note: str) -> None:
+    """Mark cell `raw_index` of the written output notebook as the failed one, as papermill marks a cell that raised
+    (`papermill.status: failed`, `exception: true`, an error output, the banner at the top linking to it): for a run
+    that ended with no error from the kernel (it died, or was killed, while that cell ran)."""
+    import nbformat
+    from papermill.exceptions import PapermillExecutionError
+    from papermill.execute import raise_for_execution_errors
+
+    path = Path(output)
+    if not path.is_file():
+        return
+    nb = nbformat.reads(path.read_text(encoding="utf-8"), as_version=4)
+    if not 0 <= raw_index < len(nb.cells):
+        return
+    cell = nb.cells[raw_index]
+    cell.setdefault("outputs", []).append(
+        nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}", note])
+    )
+    cell.metadata.setdefault("papermill", {}).update(status="failed", exception=True)
+    nb.metadata.setdefault("papermill", {})["exception"] = True
+    for later in nb.cells[raw_index + 1 :]:  # papermill's end marked them completed: they never started
+        meta = later.metadata.get("papermill", {})
+        if meta.get("status") == "completed" and not meta.get("start_time"):
+            meta["status"] = "pending"
+    with contextlib.suppress(PapermillExecutionError):
+        raise_for_execution_errors(nb, str(path))  # papermill's own banner and anchor; it writes the notebook
+
+
 def code_cells(path: Path) -> int:
     """How many cells of the notebook will run (non-empty code cells)."""
     import nbformat
@@ -278,7 +320,9 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
 
     The outcome holds ok, cells (run / total), duration and, for a failure, the cell index (as written), its
     source, ename, evalue and traceback. The output notebook is written either way (papermill marks the failed
-    cell with an error banner), with no more than `spec["max_output_bytes"]` of output (`outputcap`)."""
+    cell with an error banner), with no more than `spec["max_output_bytes"]` of output (`outputcap`). A kernel that
+    dies while a cell runs (a crash, `os._exit`, out of memory, or killed by a cancel or a timeout) fails that cell:
+    the error names it and the output notebook marks it as papermill marks a cell that raised."""
     import papermill as pm
 
     if ENGINE not in pm.engines.papermill_engines._engines:  # noqa: SLF001
@@ -288,6 +332,7 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
     silent(kc, f"import os as _o; _o.environ.update({env!r}); _o.chdir({cwd!r}); del _o", km=km)
     total = code_cells(Path(spec["input"]))
     state = {"offset": 0, "done": 0}
+    running: dict[str, Any] = {}  # the cell that runs now: its index in the output notebook and as written, source
 
     def index(cell: Any, cell_index: int) -> int | None:
         if INJECTED in cell.get("metadata", {}).get("tags", []):
@@ -295,6 +340,7 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
         return cell_index - state["offset"]
 
     def started(cell: Any, cell_index: int, **_: Any) -> None:
+        running.update(raw=cell_index, index=index(cell, cell_index), source=str(cell.get("source", "")))
         if index(cell, cell_index) is None:
             state["offset"] += 1
             return
@@ -310,6 +356,7 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
         )
 
     def executed(cell: Any, cell_index: int, execute_reply: Any = None, **_: Any) -> None:
+        running.clear()  # it ended (with an error too: papermill reports that one)
         i = index(cell, cell_index)
         if i is None:
             return
@@ -352,14 +399,23 @@ def run(spec: dict[str, Any], km: Any, emit: Emit) -> dict[str, Any]:
             "evalue": exc.evalue[:2000],  # what a notebook raises is its author's: kept, sent and stored bounded
             "traceback": _ANSI.sub("", "\n".join(exc.traceback))[-20_000:],  # the end names the failing line
         }
-    except Exception as exc:  # the kernel died (cancel, timeout, out of memory) or could not run at all
+    except Exception as exc:  # the kernel died (a crash, a cancel, a timeout) or could not run at all
+        how = _how_it_ended(km)
         error = {
             "cell_index": None,
             "source": None,
             "ename": type(exc).__name__,
-            "evalue": str(exc)[:2000],
+            "evalue": (f"{exc} ({how})" if how else str(exc))[:2000],
             "traceback": "",
         }
+        if running:  # it ended while this cell ran: that cell failed (a cancel or a timeout names it too)
+            error.update(cell_index=running["index"], source=running["source"][:20_000])
+            note = (
+                "The kernel ended while this cell ran: it crashed (a segfault, os._exit, out of memory) or the run "
+                "was cancelled or timed out and its kernel killed."
+            )
+            with contextlib.suppress(Exception):  # the run's error is reported either way
+                mark_failed(spec["output"], running["raw"], error["ename"], error["evalue"], note)
     finally:
         kc.stop_channels()
     return {

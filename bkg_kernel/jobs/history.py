@@ -1,5 +1,5 @@
 """Runs and schedules as rows of the store's database (tables `job_runs` and `job_schedules`, migrations 0006 and
-0008).
+0008; a run's notebook path, `job_runs.path`, is added here when the table lacks it: see `History.__init__`).
 
 Blocking: call these from a thread (the service does), never from the gateway's event loop. Times are Unix
 seconds; `parameters` and `error` are JSON.
@@ -8,6 +8,7 @@ seconds; `parameters` and `error` are JSON.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ RUN_COLUMNS = (
     "html_path",
     "error",
     "message",
+    "path",
 )
 SCHEDULE_COLUMNS = (
     "id",
@@ -59,6 +61,8 @@ SCHEDULE_COLUMNS = (
 )
 _JSON = ("parameters", "error")
 FINISHED = ("succeeded", "failed", "cancelled", "timed_out")
+EDITABLE = ("cron", "timezone", "parameters", "timeout_s", "retries", "enabled", "last_fire", "key_id", "last_run_id")
+log = logging.getLogger("bkg.jobs")
 
 
 def _out(row: dict[str, Any]) -> dict[str, Any]:
@@ -132,6 +136,21 @@ class History:
         sql = "SELECT * FROM job_runs" + (f" WHERE {' AND '.join(where)}" if where else "")
         return self._rows(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", [*params, limit])
 
+    def delete_run(self, run_id: str) -> bool:
+        """Delete a finished run's row; whether there was one (a run still going is never deleted here)."""
+        with self.mutex:
+            row = self.con.execute(
+                f"DELETE FROM job_runs WHERE id = ? AND state IN {FINISHED!r} RETURNING id", [run_id]
+            ).fetchall()
+        return bool(row)
+
+    def set_html(self, run_id: str, path: str) -> bool:
+        """Record a run's HTML rendering (an update only: a run deleted meanwhile stays deleted); whether the run is
+        there."""
+        with self.mutex:
+            row = self.con.execute("UPDATE job_runs SET html_path = ? WHERE id = ? RETURNING id", [path, run_id])
+            return bool(row.fetchall())
+
     def interrupted(self, alive_at: float | None = None, now: float | None = None) -> list[dict[str, Any]]:
         """Mark runs that were queued or running when the gateway stopped as failed, ended when it was last seen
         alive (`alive_at`, its last heartbeat; never before the run's start or creation, the last time the run
@@ -192,6 +211,20 @@ class History:
                 "key_id = CASE WHEN ? THEN ? ELSE key_id END WHERE id = ?",
                 [enabled, last_fire, enabled, key_id, schedule_id],
             )
+
+    def update_schedule(self, schedule_id: str, changes: dict[str, Any]) -> bool:
+        """Change some of a schedule's fields (`EDITABLE` ones; an update only: a schedule deleted meanwhile stays
+        deleted, and what a fire wrote meanwhile and `changes` leaves alone stands); whether it is there."""
+        cols = [c for c in changes if c in EDITABLE]
+        if not cols:
+            return self.schedule(schedule_id) is not None
+        sets = ", ".join(f"{c} = ?" for c in cols)
+        with self.mutex:
+            row = self.con.execute(
+                f"UPDATE job_schedules SET {sets} WHERE id = ? RETURNING id",
+                [*(_in(changes[c], c) for c in cols), schedule_id],
+            )
+            return bool(row.fetchall())
 
     def disable_if_bound(self, schedule_id: str, key_id: str | None) -> None:
         """Disable a schedule still bound to `key_id` (one turned on again meanwhile, with another key, stays on)."""

@@ -1,6 +1,6 @@
-"""Schedules of notebook jobs: `Schedules`, the part of `JobService` that adds, lists, turns on and off and deletes
-them and fires their runs (a tick every `job_tick_s`); and the rules that a run and a schedule share: `RUN_SCOPE`, the
-bounds of a run's timeout and retries, who may see one, and `KeyGone` for the API key one lives by.
+"""Schedules of notebook jobs: `Schedules`, the part of `JobService` that adds, lists, edits, turns on and off, runs
+now and deletes them and fires their runs (a tick every `job_tick_s`); and the rules that a run and a schedule share:
+`RUN_SCOPE`, the bounds of a run's timeout and retries, who may see one, and `KeyGone` for the API key one lives by.
 
 A schedule's runs act as its owner with the scopes stored with it, as far as the owner (and the key it lives by) still
 holds them when it fires (see `service.py`).
@@ -26,6 +26,7 @@ from bkg_kernel.settings import Settings
 log = logging.getLogger("bkg.jobs")
 RUN_SCOPE = "jobs:run"
 MAX_TIMEOUT = 7 * 24 * 3600.0
+EDITABLE_FIELDS = ("cron", "timezone", "parameters", "timeout_s", "retries", "enabled")  # PATCH a schedule
 
 
 class Schedules:
@@ -127,14 +128,79 @@ class Schedules:
 
         return await asyncio.to_thread(listed)
 
+    async def schedule(self, schedule_id: str, p: Principal) -> dict[str, Any]:
+        """One schedule `p` may see (404 otherwise), as the listing shows it."""
+        s = await self._visible_schedule(schedule_id, p)
+        return await asyncio.to_thread(self._schedule_public, s)
+
+    async def _visible_schedule(self, schedule_id: str, p: Principal) -> dict[str, Any]:
+        s = await asyncio.to_thread(self.history.schedule, schedule_id)
+        if s is None or not _sees(p, s):
+            raise NotFound(f"no schedule {schedule_id!r}", field="schedule_id")
+        return s
+
+    def _vouch(self, s: dict[str, Any], p: Principal, doing: str, field: str | None = None) -> None:
+        """Refuse `p` making a schedule's runs act (`doing`: turning it on, changing what it runs, running it now)
+        unless they could have made it: `jobs:run` and every scope its runs act with (its owner's too: their key
+        narrowed since gets no more through it), its owner still enabled."""
+        whose = "your" if s["owner_id"] == p.user_id else f"{s['owner']}'s"
+        p.require_all([RUN_SCOPE], f"{doing} {whose} schedule {s['id']!r}", field)
+        if self._owner(s) is None:
+            raise Forbidden(f"the schedule's owner {s['owner']!r} is disabled or deleted", field=field or "owner")
+        p.require_all(s["scopes"], f"{doing} schedule {s['id']!r} (its runs act with them)", field)
+
+    async def update_schedule(self, schedule_id: str, body: dict[str, Any], p: Principal) -> dict[str, Any]:
+        """Change any of a schedule's cron, timezone, parameters, timeout_s, retries and enabled, checked as on
+        create. `enabled` alone is `set_enabled`; any other change takes what turning it on takes (`_vouch`) and binds
+        the schedule to the key of who made it, as turning it on does. A new cron or zone counts from now (no fire
+        it would have had before now runs), and a fire on its way as the change lands is dropped: the next tick
+        fires what the schedule is now."""
+        changes = {k: v for k, v in body.items() if k in EDITABLE_FIELDS}
+        if set(changes) <= {"enabled"}:
+            if "enabled" not in changes:
+                raise InvalidInput(f"nothing to change: give any of {', '.join(EDITABLE_FIELDS)}", field="body")
+            return await self.set_enabled(schedule_id, bool(changes["enabled"]), p)
+        s = await self._visible_schedule(schedule_id, p)
+        self._vouch(s, p, "editing")
+        cron, tz = changes.get("cron", s["cron"]), changes.get("timezone", s["timezone"])
+        if "timezone" in changes and not isinstance(tz, str):
+            raise InvalidInput("timezone must be an IANA time zone name", field="timezone")
+        if "cron" in changes or "timezone" in changes:
+            await asyncio.to_thread(schedule.check, str(cron), tz)
+        if "parameters" in changes:
+            target = s.get("path") or s["notebook"]
+            _, changes["parameters"] = await asyncio.to_thread(self._checked, target, changes["parameters"])
+        _check_limits(changes.get("timeout_s", s["timeout_s"]), changes.get("retries", s["retries"]))
+        now = self.clock()
+        enabled = bool(changes.get("enabled", s["enabled"]))
+        changes["enabled"] = enabled
+        if "cron" in changes or "timezone" in changes or (enabled and not s["enabled"]):
+            changes["last_fire"] = max(s["last_fire"] or 0, now)
+        changes["key_id"] = self._vouching_key(p)  # it lives as long as the key of who vouched for it last
+        if not await asyncio.to_thread(self.history.update_schedule, s["id"], changes):
+            raise NotFound(f"no schedule {schedule_id!r}", field="schedule_id")  # deleted meanwhile
+        self._turned_off(s["id"])  # a fire read before this change is dropped
+        return await asyncio.to_thread(self._schedule_public, {**s, **changes})
+
+    async def run_schedule(self, schedule_id: str, p: Principal) -> dict[str, Any]:
+        """Run a schedule now, on or off, as a fire would: as its owner, with the scopes it keeps as far as they and
+        the key it lives by still hold them. Who asks must be able to have made it (`_vouch`): they set its runs
+        acting."""
+        s = await self._visible_schedule(schedule_id, p)
+        self._vouch(s, p, "running")
+        owner = self._acting(s, "schedule")  # 403: its owner disabled, or the key it lives by gone
+        run = await self.submit(
+            owner, s.get("path") or s["notebook"], s["parameters"], s["timeout_s"], s["retries"], schedule_id=s["id"]
+        )
+        await asyncio.to_thread(self.history.update_schedule, s["id"], {"last_run_id": run["id"]})
+        return run
+
     async def _schedule(self, schedule_id: str, p: Principal, *, enabled: bool | None = None) -> dict[str, Any]:
         """A schedule `p` may turn on or off (`enabled`) or delete (None): with `jobs:run`, or their own off
         without it (stopping one's own work takes no right to start it: a role or key that lost `jobs:run` still
         turns off a schedule that would fire and fail for them). Deleting takes `jobs:run`, its owner's too: a
         read-only key never destroys what is stored."""
-        s = await asyncio.to_thread(self.history.schedule, schedule_id)
-        if s is None or not _sees(p, s):
-            raise NotFound(f"no schedule {schedule_id!r}", field="schedule_id")
+        s = await self._visible_schedule(schedule_id, p)
         if not (enabled is False and s["owner_id"] == p.user_id):
             doing = {True: "turning on", False: "turning off", None: "deleting"}[enabled]
             whose = "your" if s["owner_id"] == p.user_id else f"{s['owner']}'s"

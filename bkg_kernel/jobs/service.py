@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -361,9 +363,16 @@ class JobService(Schedules):
             if ev.get("path"):
                 run["html_path"] = ev["path"]
                 if run["state"] in FINISHED:  # rendered after the run ended: keep the link
-                    self._spawn(asyncio.to_thread(self.history.save_run, run))
-                    self._publish(run)
+                    self._spawn(self._late_html(run, ev["path"]))
             self._rendered(run["id"], ev.get("path"))
+
+    async def _late_html(self, run: dict[str, Any], path: str) -> None:
+        """Keep the link to a run's HTML rendered after its end; a run deleted meanwhile stays deleted (its page
+        goes too)."""
+        if await asyncio.to_thread(self.history.set_html, run["id"], path):
+            self._publish(run)
+        else:
+            await asyncio.to_thread(Path(path).unlink, missing_ok=True)
 
     def _rendered(self, run_id: str, path: str | None) -> None:
         fut = self.rendering.pop(run_id, None)
@@ -465,12 +474,16 @@ class JobService(Schedules):
         return run
 
     async def runs(
-        self, p: Principal, limit: int = 200, before: tuple[float, str] | None = None
+        self,
+        p: Principal,
+        limit: int = 200,
+        before: tuple[float, str] | None = None,
+        schedule_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """Runs `p` may see (as `shown`), newest first; with `before` (a run's created_at and id), those older than
-        that run."""
+        that run; with `schedule_id`, only that schedule's (fired, run now or retried automatically)."""
         owner_id = None if SEE_ALL in p.scopes else p.user_id
-        rows = await asyncio.to_thread(self.history.runs, owner_id, limit, None, before)
+        rows = await asyncio.to_thread(self.history.runs, owner_id, limit, schedule_id, before)
         return [shown(self.live.get(r["id"], r), p) for r in rows]
 
     def _steer(self, run: dict[str, Any], p: Principal) -> None:
@@ -501,21 +514,73 @@ class JobService(Schedules):
         return out
 
     async def retry(self, run_id: str, p: Principal) -> dict[str, Any]:
-        """Run a finished run again (same notebook and parameters) as `p`."""
+        """Run a finished run again as `p`: the notebook file it ran (never another one its name leads to now: 409
+        when that file is gone), with its parameters, timeout and retries (its automatic re-runs counted afresh)."""
         run = await self._seen(run_id, p)
         self._steer(run, p)
         if run["state"] not in FINISHED:
             raise Conflict(f"job {run_id!r} is still {run['state']}", field="job_id")
-        return await self.submit(p, run["notebook"], run["parameters"], run["timeout_s"], 0, retry_of=run_id)
+        # a run kept from before its path was (job_runs.path NULL), or refused before it ran, goes by its name
+        target = run.get("path") or run["notebook"]
+        if Path(target).is_absolute() and not await asyncio.to_thread(Path(target).is_file):
+            raise Conflict(
+                f"job {run_id!r} ran {target}, which is gone (moved or deleted): a retry runs the same file; "
+                f"run the notebook where it is now instead",
+                field="job_id",
+            )
+        return await self.submit(p, target, run["parameters"], run["timeout_s"], run["retries"] or 0, retry_of=run_id)
 
-    async def output(self, run_id: str, p: Principal, kind: str) -> Path:
+    async def delete(self, run_id: str, p: Principal) -> None:
+        """Delete a finished run: its row and every file it left (output notebook, HTML, images). Its owner with
+        `jobs:run`; someone else's, with `jobs:run` and admin:audit (only those see it: anyone else gets 404). A run
+        still queued or running is a 409: cancel it first."""
+        run = await self._seen(run_id, p)
+        whose = "your" if run["owner_id"] == p.user_id else f"{run['owner']}'s"
+        needs = [RUN_SCOPE] if run["owner_id"] == p.user_id else [RUN_SCOPE, SEE_ALL]
+        p.require_all(needs, f"deleting {whose} run {run_id!r}", "job_id")
+        if run_id in self.live or run["state"] not in FINISHED:
+            raise Conflict(f"job {run_id!r} is still {run['state']}: cancel it first", field="job_id")
+        pending = self.rendering.get(run_id)
+        if pending is not None:  # its HTML is being rendered (a second or so): delete that too, not leave it behind
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(pending), HTML_WAIT_S)
+        if not await asyncio.to_thread(self.history.delete_run, run_id):
+            raise NotFound(f"no job {run_id!r}", field="job_id")  # deleted meanwhile (by another call, or pruned)
+        await asyncio.to_thread(self._remove_files, run)
+
+    def _remove_files(self, run: dict[str, Any]) -> None:
+        """Remove what a run left under runs/ (what its row names, and what a worker wrote without naming it:
+        `<id>.*`, an images folder `<id>_files`); never a file outside runs/."""
+        runs = self.runs_dir.resolve()
+        named = [Path(f) for f in (run.get("output_path"), run.get("html_path")) if f]
+        for f in [*named, *self.runs_dir.glob(f"{run['id']}.*"), *self.runs_dir.glob(f"{run['id']}_files")]:
+            if not f.resolve().is_relative_to(runs):
+                continue
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f, ignore_errors=True)
+            else:
+                f.unlink(missing_ok=True)
+
+    async def output(self, run_id: str, p: Principal, kind: str) -> Path | bytes:
         """The run's output notebook (`ipynb`) or its HTML rendering (`html`), for whoever may see the run and holds
         the scopes it ran with (`sees_detail`, as GET /api/jobs/{id} shows its error): what a run printed (a key it
         made, rows it read) is for those who could have done it, not for a narrower key of its owner (a lab
-        kernel's) nor an auditor without them."""
+        kernel's) nor an auditor without them. While it runs, its output notebook so far (the bytes, as papermill
+        last saved it: at each cell's start and end); its HTML is rendered once it ended (409 until then)."""
         run = await self._seen(run_id, p)
         if not sees_detail(p, run["scopes"]):  # 403 naming the scopes missing
             p.require_all(run["scopes"], f"reading job {run_id!r}'s output (what it ran with)", "job_id")
+        if run_id in self.live and run.get("finished_at") is None:
+            if kind == "html":
+                raise Conflict(
+                    f"job {run_id!r} is still {run['state']}: its HTML is rendered when it ends; format=ipynb gives "
+                    "its output notebook so far",
+                    field="format",
+                )
+            so_far = await asyncio.to_thread(self._so_far, run_id)
+            if so_far is None:
+                raise NotFound(f"job {run_id!r} has no ipynb output yet ({run['state']})", field="job_id")
+            return so_far
         name = run["output_path"] if kind == "ipynb" else run["html_path"]
         pending = self.rendering.get(run["id"]) if kind == "html" and not name and run["state"] in FINISHED else None
         if pending is not None:  # rendered just after the run's end (a second or so): wait for it, not a 404
@@ -525,6 +590,24 @@ class JobService(Schedules):
             raise NotFound(f"job {run['id']!r} has no {kind} output (yet)", field="job_id")
         return Path(name)
 
+    def _so_far(self, run_id: str) -> bytes | None:
+        """A running run's output notebook as papermill last wrote it, whole (None: none yet, as before its first
+        save, or on a cluster, which sends it back at the end). papermill rewrites the file in place: a read that
+        meets a write half done reads again."""
+        path = self.runs_dir / f"{run_id}.ipynb"
+        for _ in range(50):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                return None
+            try:
+                json.loads(data)
+            except ValueError:
+                time.sleep(0.02)
+                continue
+            return data
+        return None
+
     def notebooks(self) -> list[dict[str, Any]]:
         """Notebooks that may run as jobs, with their parameters (blocking: reads files)."""
         return notebooks.listing(self.roots)
@@ -533,7 +616,7 @@ class JobService(Schedules):
     async def _refused(self, s: dict[str, Any], exc: BkgError) -> dict[str, Any]:
         """Record a scheduled run that could not start (its notebook gone, its owner without jobs:run...)."""
         run = new_run(
-            notebook=s["notebook"], path=s["notebook"], parameters=s["parameters"], owner=s["owner"],
+            notebook=s["notebook"], path=s.get("path") or s["notebook"], parameters=s["parameters"], owner=s["owner"],
             owner_id=s["owner_id"], scopes=list(s["scopes"]), schedule_id=s["id"], timeout_s=s["timeout_s"],
             created_at=self.clock(),
         )  # fmt: skip

@@ -5,8 +5,9 @@ A job is visible to the one who started it and to auditors (scope admin:audit) o
 404 as for a job that does not exist. What its work printed or made (a failed cell's source, error and traceback,
 its output notebook; a background job's result, error and messages) is for who holds the scopes it ran with, not
 for every auditor nor for its owner's narrower key. Running or scheduling a notebook needs `jobs:run`, and so do
-turning a schedule on and deleting one; its owner turns a schedule off without it. Cancelling a background job
-takes the scope its work needs.
+turning a schedule on, editing it, running it now and deleting it (all but deleting: with every scope its runs act
+with); its owner turns a schedule off without it. Deleting a finished run takes `jobs:run` (someone else's: and
+admin:audit). Cancelling a background job takes the scope its work needs.
 """
 
 from __future__ import annotations
@@ -64,17 +65,39 @@ class ScheduleRequest(StrictBody):
     @field_validator("cron", mode="before")
     @classmethod
     def _fixed(cls, cron: Any) -> Any:
-        """Say why a random or hashed field (croniter's R and H) is refused, rather than which pattern it missed."""
-        why = schedule.drawn(cron)
-        if why is not None:
-            raise ValueError(why)
-        return cron
+        return fixed_cron(cron)
+
+
+def fixed_cron(cron: Any) -> Any:
+    """Say why a random or hashed field (croniter's R and H) is refused, rather than which pattern it missed."""
+    why = schedule.drawn(cron)
+    if why is not None:
+        raise ValueError(why)
+    return cron
 
 
 class SchedulePatch(StrictBody):
-    """Enable or disable a schedule."""
+    """Change a schedule: any of these (checked as on create); `enabled` alone turns it on or off."""
 
-    enabled: bool
+    cron: str | None = Field(None, max_length=200, pattern=CRON, description="A new cron: fires count from now.")
+    timezone: str | None = Field(None, min_length=1, max_length=64, description="IANA time zone the cron is read in.")
+    parameters: dict[str, Any] | None = None
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT, description="null: no limit.")
+    retries: int | None = Field(None, ge=0, le=10)
+    enabled: bool | None = None
+
+    @field_validator("cron", mode="before")
+    @classmethod
+    def _fixed(cls, cron: Any) -> Any:
+        return fixed_cron(cron)
+
+    @field_validator("cron", "timezone", "parameters", "retries", "enabled")
+    @classmethod
+    def _given(cls, value: Any) -> Any:
+        """A field given as null would mean nothing (only timeout_s takes null: no limit)."""
+        if value is None:
+            raise ValueError("give a value or leave the field out")
+        return value
 
 
 def runs(request: Request) -> JobService:
@@ -101,14 +124,18 @@ async def list_jobs(
     before: Annotated[
         str | None, Query(min_length=1, max_length=200, description="The last page's next_before: the jobs older.")
     ] = None,
+    schedule_id: Annotated[
+        str | None, Query(min_length=1, max_length=200, description="Only this schedule's notebook runs.")
+    ] = None,
 ) -> FastJSONResponse:
     """The caller's jobs, notebook runs and background jobs together (every job for admin:audit), newest first, a
-    page of `limit`; `next_before` is the `before` of the next page (null at the end)."""
+    page of `limit`; `next_before` is the `before` of the next page (null at the end). With `schedule_id`, only the
+    runs of that schedule."""
     svc = runs(request)
     cursor = await _cursor(request, svc, before, p) if before is not None else None
     gw = gateway(request)
-    jobs = [j for j in gw.jobs.jobs.values() if j.visible_to(p)]
-    notebook_runs = await svc.runs(p, limit + 1, cursor)
+    jobs = [j for j in gw.jobs.jobs.values() if j.visible_to(p)] if schedule_id is None else []
+    notebook_runs = await svc.runs(p, limit + 1, cursor, schedule_id)
 
     def listed() -> FastJSONResponse:  # hundreds of jobs, a command's output each: built and encoded on a thread
         mine = [j.shown(p) | {"created_at": j.created} for j in jobs]
@@ -169,13 +196,28 @@ async def add_schedule(body: ScheduleRequest, request: Request, p: Annotated[Pri
     return await runs(request).add_schedule(p, body.model_dump())
 
 
+@router.get("/api/jobs/schedules/{schedule_id}")
+async def get_schedule(schedule_id: str, request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
+    """One schedule, as the listing shows it (its owner's, or any for admin:audit; anyone else: 404)."""
+    return await runs(request).schedule(schedule_id, p)
+
+
 @router.patch("/api/jobs/schedules/{schedule_id}")
 async def patch_schedule(
     schedule_id: str, body: SchedulePatch, request: Request, p: Annotated[Principal, READ]
 ) -> dict[str, Any]:
-    """Enable or disable a schedule: turning it on takes `jobs:run` and every scope it runs with; its owner turns
-    it off with plugins:read (stopping one's own work takes no right to start it), anyone else with `jobs:run`."""
-    return await runs(request).set_enabled(schedule_id, body.enabled, p)
+    """Change a schedule (cron, timezone, parameters, timeout_s, retries, enabled; checked as on create). Turning it
+    on or changing what it runs takes `jobs:run` and every scope it runs with (and makes it live by the caller's
+    key); its owner turns it off with plugins:read (stopping one's own work takes no right to start it), anyone
+    else with `jobs:run`."""
+    return await runs(request).update_schedule(schedule_id, body.model_dump(exclude_unset=True), p)
+
+
+@router.post("/api/jobs/schedules/{schedule_id}/run", status_code=202)
+async def run_schedule(schedule_id: str, request: Request, p: Annotated[Principal, RUN]) -> dict[str, Any]:
+    """Run a schedule now (on or off), as its fire would: as its owner, with its scopes as far as they still hold
+    them; the caller needs `jobs:run` and every scope it runs with."""
+    return await runs(request).run_schedule(schedule_id, p)
 
 
 @router.delete("/api/jobs/schedules/{schedule_id}", status_code=204)
@@ -197,17 +239,31 @@ async def get_job(job_id: str, request: Request, p: Annotated[Principal, READ]) 
     return await asyncio.to_thread(lambda: FastJSONResponse(job.shown(p)))  # to_dict copies the result deeply
 
 
+@router.delete("/api/jobs/{job_id}", status_code=204)
+async def delete_job(job_id: str, request: Request, p: Annotated[Principal, READ]) -> Response:
+    """Delete a finished notebook run and every file it left (output notebook, HTML): its owner with `jobs:run`,
+    someone else's with `jobs:run` and admin:audit; a run still queued or running is a 409 (cancel it first)."""
+    if not job_id.startswith("run-"):
+        raise NotFound(f"no notebook run {job_id!r}", field="job_id")
+    await runs(request).delete(job_id, p)
+    return Response(status_code=204)
+
+
 @router.get("/api/jobs/{job_id}/output")
 async def job_output(
     job_id: str, request: Request, p: Annotated[Principal, READ], format: Literal["ipynb", "html"] = "ipynb"
 ) -> Any:
-    """A notebook run's output notebook (`format=ipynb`) or its HTML rendering (`format=html`)."""
+    """A notebook run's output notebook (`format=ipynb`; while it runs, as far as it got) or its HTML rendering
+    (`format=html`, once it ended)."""
     svc = runs(request)
-    path = await svc.output(job_id, p, format)
+    found = await svc.output(job_id, p, format)
     media = "application/x-ipynb+json" if format == "ipynb" else "text/html"
     # a run's HTML is the notebook's own output (scripts included): shown sandboxed, never in the gateway's origin
     headers = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
-    return FileResponse(path, media_type=media, filename=f"{job_id}.{format}", headers=headers)
+    if isinstance(found, bytes):  # a running run's notebook so far, read whole (papermill rewrites it as it goes)
+        headers["Content-Disposition"] = f'attachment; filename="{job_id}.{format}"'
+        return Response(found, media_type=media, headers=headers)
+    return FileResponse(found, media_type=media, filename=f"{job_id}.{format}", headers=headers)
 
 
 @router.post("/api/jobs/{job_id}/cancel")
