@@ -210,9 +210,10 @@ def test_a_schedule_is_read_edited_run_now_and_its_runs_listed(gw: Gateway) -> N
 
     for key, missing in ((aud["key"], "jobs:run"), (narrow, "collections:read")):
         r = gw.client(key).patch(f"/api/jobs/schedules/{sid}", json={"parameters": {"n": 3}})
+        assert r.status_code == 403 and missing in r.text and r.json()["error"]["field"] == "parameters", r.text
+        r = gw.client(key).post(f"/api/jobs/schedules/{sid}/run")  # the route's own scope (jobs:run) names no field
         assert r.status_code == 403 and missing in r.text, r.text
-        r = gw.client(key).post(f"/api/jobs/schedules/{sid}/run")
-        assert r.status_code == 403 and missing in r.text, r.text
+        assert r.json()["error"].get("field") == (None if missing == "jobs:run" else "schedule_id"), r.text
     change = {"cron": "30 4 * * 1", "timezone": "Europe/Paris", "parameters": {"n": 5}, "timeout_s": 600, "retries": 1}
     r = dk.patch(f"/api/jobs/schedules/{sid}", json=change)
     assert r.status_code == 200, r.text

@@ -1,5 +1,5 @@
 """Runs and schedules as rows of the store's database (tables `job_runs` and `job_schedules`, migrations 0006 and
-0008; a run's notebook path, `job_runs.path`, is added here when the table lacks it: see `History.__init__`).
+0008; a run's notebook path, `job_runs.path`, migration 0013).
 
 Blocking: call these from a thread (the service does), never from the gateway's event loop. Times are Unix
 seconds; `parameters` and `error` are JSON.

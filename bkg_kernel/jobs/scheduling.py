@@ -161,7 +161,7 @@ class Schedules:
                 raise InvalidInput(f"nothing to change: give any of {', '.join(EDITABLE_FIELDS)}", field="body")
             return await self.set_enabled(schedule_id, bool(changes["enabled"]), p)
         s = await self._visible_schedule(schedule_id, p)
-        self._vouch(s, p, "editing")
+        self._vouch(s, p, "editing", next(k for k in changes if k != "enabled"))  # the refusal names what it changes
         cron, tz = changes.get("cron", s["cron"]), changes.get("timezone", s["timezone"])
         if "timezone" in changes and not isinstance(tz, str):
             raise InvalidInput("timezone must be an IANA time zone name", field="timezone")
@@ -187,7 +187,7 @@ class Schedules:
         the key it lives by still hold them. Who asks must be able to have made it (`_vouch`): they set its runs
         acting."""
         s = await self._visible_schedule(schedule_id, p)
-        self._vouch(s, p, "running")
+        self._vouch(s, p, "running", "schedule_id")
         owner = self._acting(s, "schedule")  # 403: its owner disabled, or the key it lives by gone
         run = await self.submit(
             owner, s.get("path") or s["notebook"], s["parameters"], s["timeout_s"], s["retries"], schedule_id=s["id"]

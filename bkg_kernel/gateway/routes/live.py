@@ -139,7 +139,7 @@ async def _subscription(gw: Gateway, sub: Subscriber, text: str | None) -> dict[
         return usage
     if plugin is not None and (not isinstance(plugin, str) or not PLUGIN_ID.fullmatch(plugin)):
         return "plugin must be a plugin id (letters, digits, '_', '-', '.'; at most 64)"
-    if plugin is not None:
+    if plugin is not None and action == "sub":  # letting go of a name (a plugin since stopped) is always fine
         await _check_named(gw, topic, plugin)
     key = (topic, plugin)
     if action == "sub":
