@@ -105,7 +105,7 @@ def _ops(node: Any) -> set[str]:
         ({"tags": {"$contains": ["a"]}}, "filter.tags.$contains", "string, number or boolean"),
         ({"bad..name'": 1}, "filter.bad..name'", "bad field name"),  # any key may be named, but not an empty one
         ({"lang": {"x": 1}}, "filter.lang", "operators"),
-        ({"lang": [1, 2]}, "filter.lang", "can only compare"),
+        ({"lang": [1, {"a": 1}]}, "filter.lang[1]", "can only compare"),  # a list is an operand, an object in it not
     ],
 )
 def test_bad_filter(coll: Any, flt: dict[str, Any], field: str, words: str) -> None:
