@@ -481,11 +481,26 @@ def run_all(
     wb = connect(running, data_dir=ddir, admin=admin)
     started = None if running else _started_gateway(ddir, wb.url)
     children: list[subprocess.Popen[bytes]] = []
+    starting = {"now": False, "stop": False}
 
     # SIGTERM (a service manager, `timeout`) stops everything this command started, like Ctrl-C does
     def on_term(*_: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM (the process group) must not cut cleanup
+        if starting["now"]:  # a server forked but not yet in `children`: it would outlive this command
+            starting["stop"] = True
+            return
         sys.exit(0)
+
+    def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start a server and hold it in `children` before a SIGTERM may end this command (then it stops)."""
+        starting["now"] = True
+        try:
+            children.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env))
+        finally:
+            starting["now"] = False
+        if starting["stop"]:
+            sys.exit(0)
+        return children[-1]
 
     signal.signal(signal.SIGTERM, on_term)
     try:  # from here on, whatever fails stops the gateway connect() started
@@ -497,13 +512,11 @@ def run_all(
         if (ddir / "admin.key").exists():
             typer.echo(f"admin API key file: {ddir / 'admin.key'}", err=True)
         dashboards_url = f"http://127.0.0.1:{dashboards_port}"
-        children.append(subprocess.Popen(dashboards_cmd(dashboards_port, settings.dashboards_dir),
-                                         stdin=subprocess.DEVNULL, env=dashboards_env(wb.url)))  # fmt: skip
+        start(dashboards_cmd(dashboards_port, settings.dashboards_dir), dashboards_env(wb.url))
         typer.echo(f"dashboards: {dashboards_url}/ (log in with an API key)", err=True)
         # the lab extension's server side forwards to this gateway with this key (the browser never holds it)
         env = lab_env(wb.url, wb.api_key, dashboards_url, settings.dashboards_dir.resolve())
-        children.append(subprocess.Popen(lab_cmd(port, Path("notebooks"), False), stdin=subprocess.DEVNULL, env=env))
-        children[-1].wait()
+        start(lab_cmd(port, Path("notebooks"), False), env).wait()
     except KeyboardInterrupt:
         pass
     finally:
