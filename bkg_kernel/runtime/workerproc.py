@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import queue
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -79,12 +80,26 @@ class WorkerProcess:
         # would block it until the worker reads again, and stop() could not kill it meanwhile).
         self._outbox: queue.SimpleQueue[list[bytes | memoryview] | None] = queue.SimpleQueue()
         self._broken = False
+        # The pipe's two threads (reader, writer) that may still use its descriptor: the last to end closes it. A
+        # stop that closed it itself freed the number while a thread could still be about to read or write it;
+        # the next worker's pipe took that number, and the old writer's ("stop",) reached the new worker, which
+        # exited under the calls just sent to it (a CI run, a config change while the plugin was starting).
+        self._users = 2
+        self._users_lock = threading.Lock()
         _SPAWNER.submit(self.proc.start).result()
         child.close()
         threading.Thread(target=self._read, name=f"bkg-pipe-{host.id}", daemon=True).start()
         threading.Thread(target=self._write, name=f"bkg-pipe-out-{host.id}", daemon=True).start()
 
     def _read(self) -> None:
+        try:
+            self._read_until_the_end()
+        finally:
+            self.ready.set()
+            self.fail_in_flight(f"the {self.host.id} worker exited while handling the request")
+            self._leave()
+
+    def _read_until_the_end(self) -> None:
         while True:
             try:
                 msg = self.conn.recv()
@@ -122,8 +137,6 @@ class WorkerProcess:
             elif kind == "failed":
                 self.failed = msg[1]
                 self.ready.set()
-        self.ready.set()
-        self.fail_in_flight(f"the {self.host.id} worker exited while handling the request")
 
     def _store_request(self, store_id: int, grant: str, op: str, args: dict[str, Any]) -> None:
         caller = self.grants.get(grant)
@@ -169,14 +182,38 @@ class WorkerProcess:
         return True
 
     def _write(self) -> None:
-        while (data := self._outbox.get()) is not None:
-            try:
-                for frame in data:  # one writer: a message's frames go out together, in order
-                    self.conn.send_bytes(frame)
-            except (OSError, ValueError):  # the worker is gone: what waits on it gets its 503 now, not a timeout
-                self._broken = True
-                self.fail_in_flight(f"the {self.host.id} worker is not reachable")
+        try:
+            while (data := self._outbox.get()) is not None:
+                try:
+                    for frame in data:  # one writer: a message's frames go out together, in order
+                        self.conn.send_bytes(frame)
+                except (OSError, ValueError):  # the worker is gone: what waits on it gets its 503 now, not a timeout
+                    self._broken = True
+                    self.fail_in_flight(f"the {self.host.id} worker is not reachable")
+                    return
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        """One of the pipe's threads ended; the last one closes the pipe."""
+        with self._users_lock:
+            self._users -= 1
+            if self._users == 0:
+                self.conn.close()
+
+    def _hang_up(self) -> None:
+        """Shut the pipe's socket down (its descriptor stays open): a reader blocked on it sees its end, and a writer
+        blocked on a worker that stopped reading fails, so both threads end, even when a process the worker started
+        still holds the other end."""
+        with self._users_lock:  # under the lock: the descriptor is not closed (and its number reused) meanwhile
+            if self._users == 0:
                 return
+            with contextlib.suppress(OSError):
+                s = socket.fromfd(self.conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)  # a duplicate of it
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                finally:
+                    s.close()
 
     def grant(self, caller: Principal) -> dict[str, Any]:
         """Make a grant for one request of `caller`; the message data that carries it into the worker."""
@@ -305,7 +342,7 @@ class WorkerProcess:
             log.warning("worker %s did not stop in %.0fs: killing it", self.host.id, timeout)
             self.proc.kill()
             self.proc.join(5)
-        self.conn.close()
+        self._hang_up()  # its threads end and close the pipe: closing it here could pull it from under them
         with contextlib.suppress(ValueError):  # still running after the kill: its handle stays
             self.proc.close()
         self.fail_in_flight(f"the {self.host.id} worker stopped")  # what slipped in while it stopped
