@@ -22,7 +22,7 @@ from bkg_kernel.store.fulltext import TextIndex
 from bkg_kernel.store.index import VectorIndex
 from bkg_kernel.store.ingest import UPSERT_BATCH, UpsertResult
 from bkg_kernel.store.results import CollectionInfo, Point, PointList, QueryResult
-from bkg_kernel.store.sql import scalar
+from bkg_kernel.store.sql import scalar, transaction
 
 if TYPE_CHECKING:
     from bkg_kernel.store.store import Store
@@ -252,19 +252,11 @@ class Collection:
                 return 0
             new = [edit(self._payloads[f]) for f in fids]
             self._store.require_space(f"a payload change in {self.name!r}")
-            con = self._con
-            con.register("_bkg_payloads", pa.table({"fid": pa.array(fids, pa.int64()), "payload": ingest.strings(new)}))
-            con.execute("BEGIN TRANSACTION")
-            try:
+            changed = pa.table({"fid": pa.array(fids, pa.int64()), "payload": ingest.strings(new)})
+            with transaction(self._con, _bkg_payloads=changed) as con:
                 con.execute(f"UPDATE {self.table} SET payload = CAST(n.payload AS JSON) FROM _bkg_payloads n "
                             f"WHERE {self.table}.fid = n.fid")  # fmt: skip
                 con.execute("UPDATE collections SET updated_at = now() WHERE name = ?", [self.name])
-                con.execute("COMMIT")
-            except Exception:
-                con.execute("ROLLBACK")
-                raise
-            finally:
-                con.unregister("_bkg_payloads")
             for f, p in zip(fids, new, strict=True):
                 self._payloads[f] = p
             self._filter_cache.clear()

@@ -19,7 +19,7 @@ from bkg_kernel.errors import CorruptData
 from bkg_kernel.store import validate
 from bkg_kernel.store.fulltext import TextIndex
 from bkg_kernel.store.index import VectorIndex, meta_path
-from bkg_kernel.store.sql import scalar
+from bkg_kernel.store.sql import scalar, transaction
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -180,13 +180,10 @@ def _write(c: Collection, b: validate.Batch, pending: Future[None] | None = None
             "text": strings(b.texts),
         }
     )
-    con = c._con
     index = c._ensure_index()
     old = np.array([f for f in map(c._fid_of.get, b.keys) if f is not None], dtype=np.int64)
-    con.register("_bkg_batch", arrow)
-    con.register("_bkg_old", pa.table({"fid": old}))  # a list parameter would be converted value by value
-    con.execute("BEGIN TRANSACTION")
-    try:
+    # the old positions as a table: a list parameter would be converted value by value
+    with transaction(c._con, _bkg_batch=arrow, _bkg_old=pa.table({"fid": old})) as con:
         if len(old):
             con.execute(f"DELETE FROM {c.table} WHERE fid IN (SELECT fid FROM _bkg_old)")
         con.execute(f"INSERT INTO {c.table} SELECT fid, pk, vec, CAST(payload AS JSON), text FROM _bkg_batch")
@@ -194,13 +191,6 @@ def _write(c: Collection, b: validate.Batch, pending: Future[None] | None = None
             "UPDATE collections SET next_fid = ?, updated_at = now() WHERE name = ?",
             [start + n, c.name],
         )
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        con.unregister("_bkg_batch")
-        con.unregister("_bkg_old")
     c._next_fid = start + n
     c._filter_cache.clear()
     if pending is not None:
@@ -241,17 +231,11 @@ def delete_at(c: Collection, positions: np.ndarray) -> int:
 def delete(c: Collection, where: str, params: list[Any]) -> int:
     """Delete the points matching a WHERE clause in one transaction; return how many were deleted."""
     index = c._ensure_index()
-    con = c._con
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(c._con) as con:
         gone = con.execute(f"DELETE FROM {c.table} WHERE {where} RETURNING fid, pk", params).fetchnumpy()
         fids = gone["fid"]
         if len(fids):
             con.execute("UPDATE collections SET updated_at = now() WHERE name = ?", [c.name])
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
     if len(fids):
         c._filter_cache.clear()
         index.mark_dead(np.asarray(fids, dtype=np.int64))
@@ -281,18 +265,13 @@ def compact(c: Collection) -> None:
     live = int(scalar(con, f"SELECT count(*) FROM {c.table}"))
     if live == c._next_fid:
         return
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(
             f"UPDATE {c.table} SET fid = m.new_fid FROM (SELECT fid AS old_fid, "
             f"row_number() OVER (ORDER BY fid) - 1 AS new_fid FROM {c.table}) m "
             f"WHERE {c.table}.fid = m.old_fid"
         )
         con.execute("UPDATE collections SET next_fid = ?, epoch = epoch + 1 WHERE name = ?", [live, c.name])
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
     c._next_fid, c._epoch = live, c._epoch + 1
     c._filter_cache.clear()
     c._text_cache.clear()  # positions were renumbered

@@ -8,6 +8,7 @@ from importlib import resources
 import duckdb
 
 from bkg_kernel.errors import SchemaTooNew
+from bkg_kernel.store.sql import transaction
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -47,14 +48,9 @@ def migrate(con: duckdb.DuckDBPyConnection, path: str = "") -> list[int]:
     for version, name, sql in known:
         if version <= have:
             continue
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute(sql)
             con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
         if path:
             # Schema changes go straight into the database file: DuckDB 1.5.5 cannot replay a WAL that holds
             # an ALTER TABLE after the CREATE TABLEs of earlier migrations (a kill before the next automatic

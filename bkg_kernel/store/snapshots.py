@@ -36,7 +36,7 @@ from bkg_kernel.store import validate
 from bkg_kernel.store.fulltext import TextIndex
 from bkg_kernel.store.index import KINDS, VectorIndex, _faiss, meta_path
 from bkg_kernel.store.results import SnapshotInfo, SnapshotList
-from bkg_kernel.store.sql import scalar
+from bkg_kernel.store.sql import scalar, transaction
 
 if TYPE_CHECKING:
     from bkg_kernel.store.collection import Collection
@@ -352,8 +352,7 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
 
 def _swap(con: Any, target: str, table: str, m: dict[str, Any], old: Collection | None) -> None:
     """Name the staged `table` as collection `target` in one transaction, dropping the table `old` had."""
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         if old is not None:
             con.execute("DELETE FROM collections WHERE name = ?", [target])
             con.execute(f"DROP TABLE {old.table}")
@@ -363,7 +362,3 @@ def _swap(con: Any, target: str, table: str, m: dict[str, Any], old: Collection 
             [target, table, m["dim"], m["metric"], m["index"], json.dumps(m["params"]), m["next_fid"],
              m.get("embed_model")],
         )  # fmt: skip
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise

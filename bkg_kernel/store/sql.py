@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import duckdb
@@ -13,3 +15,23 @@ def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = 
     if row is None:
         raise RuntimeError(f"query returned no row: {sql}")
     return row[0]
+
+
+@contextlib.contextmanager
+def transaction(con: duckdb.DuckDBPyConnection, **tables: Any) -> Iterator[duckdb.DuckDBPyConnection]:
+    """One transaction on `con`: committed when the block ends, rolled back (and the error raised) when it fails.
+    `tables` are Arrow tables registered under their names for the block's statements, and unregistered after it,
+    whatever happened."""
+    for name, table in tables.items():
+        con.register(name, table)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            yield con
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        for name in tables:
+            con.unregister(name)

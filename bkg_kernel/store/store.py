@@ -23,7 +23,7 @@ from bkg_kernel.store.collection import Collection
 from bkg_kernel.store.index import DEFAULT_PARAMS, PARAM_RANGES, meta_path
 from bkg_kernel.store.lock import DataDirLock
 from bkg_kernel.store.results import CollectionInfo, CollectionList, SnapshotInfo, SnapshotList
-from bkg_kernel.store.sql import scalar
+from bkg_kernel.store.sql import scalar, transaction
 
 log = logging.getLogger("bkg.store")
 DB_NAME = "bkg.duckdb"
@@ -317,15 +317,9 @@ class Store:
             self._drop(coll)
 
     def _drop(self, coll: Collection) -> None:
-        con = self._con
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(self._con) as con:
             con.execute("DELETE FROM collections WHERE name = ?", [coll.name])
             con.execute(f"DROP TABLE IF EXISTS {coll.table}")
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
         coll.dropped = True
         self._open.pop(coll.name, None)
         path = self.index_path(coll.table)
