@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -11,10 +13,13 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nbformat
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def clustered(n: int, dim: int, seed: int = 0, clusters: int = 50) -> np.ndarray:
@@ -40,6 +45,41 @@ def brute_force(
     else:
         order = np.argsort(((xs - q) ** 2).sum(1), kind="stable")
     return idx[order[:k]].tolist()
+
+
+def astronaut() -> Image.Image:
+    """skimage's astronaut photo (512 x 512 RGB, one face), a new image each call (callers draw on it)."""
+    import skimage.data
+    from PIL import Image
+
+    return Image.fromarray(skimage.data.astronaut())
+
+
+def hanks() -> Image.Image:
+    """insightface's photo of Tom Hanks, as RGB."""
+    import insightface
+    from PIL import Image
+
+    return Image.open(Path(insightface.__file__).parent / "data" / "images" / "Tom_Hanks_54745.png").convert("RGB")
+
+
+def jpeg(img: Image.Image, **kw: Any) -> bytes:
+    """`img` as a JPEG file's bytes (`kw` goes to Pillow's save: quality, exif, ...)."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    """`data` as base64 text, as a JSON body carries an image."""
+    return base64.b64encode(data).decode()
+
+
+def encoded(img: Image.Image, fmt: str = "JPEG", **kw: Any) -> str:
+    """`img` saved as `fmt` (`kw` goes to Pillow's save), as base64 text."""
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return b64(buf.getvalue())
 
 
 def write_gguf(path: Any, *, arch: str = "llama", n: int = 8, name: str = "tiny") -> Any:

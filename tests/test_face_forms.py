@@ -4,7 +4,6 @@ SFace models and real photos: a field the capability takes as text keeps its tex
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import httpx
 import insightface
 import pytest
 from gateway_harness import Gateway, start_gateway
-from PIL import Image
+from helpers import astronaut, hanks, jpeg
 
 IMAGES = Path(insightface.__file__).parent / "data" / "images"
 
@@ -29,22 +28,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 def c(gw: Gateway) -> Iterator[httpx.Client]:
     with gw.client() as client:
         yield client
-
-
-def jpeg(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def astronaut() -> Image.Image:
-    import skimage.data
-
-    return Image.fromarray(skimage.data.astronaut())
-
-
-def hanks() -> Image.Image:
-    return Image.open(IMAGES / "Tom_Hanks_54745.png").convert("RGB")
 
 
 def form(**fields: str) -> list[tuple[str, Any]]:

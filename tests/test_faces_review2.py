@@ -22,26 +22,10 @@ from PIL import Image, ImageOps
 import bkg_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import insightface_pack  # noqa: E402
+from helpers import astronaut, encoded, hanks, insightface_pack  # noqa: E402
 
 PLUGINS = ["rustyface"]
 IMAGES = Path(insightface.__file__).parent / "data" / "images"
-
-
-def encoded(img: Image.Image, fmt: str = "JPEG", **kw: Any) -> str:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def astronaut() -> Image.Image:
-    import skimage.data
-
-    return Image.fromarray(skimage.data.astronaut())
-
-
-def hanks() -> Image.Image:
-    return Image.open(IMAGES / "Tom_Hanks_54745.png").convert("RGB")
 
 
 def invoke(gw: Gateway, cap: str, body: dict[str, Any]) -> httpx.Response:

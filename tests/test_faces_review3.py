@@ -7,8 +7,6 @@ subject merged silently, and the notebook client lacked embed and the deletes.""
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import httpx
 import insightface
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway, user_key
+from helpers import astronaut, encoded, hanks
 from PIL import Image, ImageEnhance, ImageFilter
 
 import bkg_kernel
@@ -24,24 +23,8 @@ PLUGINS = ["rustyface"]
 IMAGES = Path(insightface.__file__).parent / "data" / "images"
 
 
-def encoded(img: Image.Image, fmt: str = "JPEG", **kw: Any) -> str:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def astronaut() -> Image.Image:
-    import skimage.data
-
-    return Image.fromarray(skimage.data.astronaut())
-
-
 def group() -> Image.Image:
     return Image.open(IMAGES / "t1.jpg").convert("RGB")
-
-
-def hanks() -> Image.Image:
-    return Image.open(IMAGES / "Tom_Hanks_54745.png").convert("RGB")
 
 
 def bystander() -> Image.Image:

