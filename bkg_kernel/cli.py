@@ -458,7 +458,8 @@ def run_all(
     import signal
 
     from bkg_kernel.client import connect
-    from bkg_kernel.client.workbench import running_gateway, vet_gateway
+    from bkg_kernel.client.keeper import GatewayKeeper
+    from bkg_kernel.client.workbench import SPAWNED, running_gateway, vet_gateway
     from bkg_kernel.settings import Settings, gateway_url
 
     settings = Settings() if data_dir is None else Settings(data_dir=data_dir)
@@ -480,6 +481,9 @@ def run_all(
     # the data dir's running gateway, else one connect() starts (the data dir's key goes to no other)
     wb = connect(running, data_dir=ddir, admin=admin)
     started = None if running else _started_gateway(ddir, wb.url)
+    keeper = None
+    if started is not None and (spawned := SPAWNED.get(started)) is not None:  # it starts this gateway again if it dies
+        keeper = GatewayKeeper(spawned, settings, ddir, wb.url, lambda line: typer.echo(line, err=True)).start()
     children: list[subprocess.Popen[bytes]] = []
     starting = {"now": False, "stop": False}
 
@@ -520,6 +524,7 @@ def run_all(
     except KeyboardInterrupt:
         pass
     finally:
+        kept = keeper.stop() if keeper is not None else started  # no restart from here on: the one now running
         for child in children:
             child.terminate()
         for child in children:
@@ -527,8 +532,8 @@ def run_all(
                 child.wait(20)
             except subprocess.TimeoutExpired:
                 child.kill()
-        if started is not None and _started_gateway(ddir, wb.url) == started:  # still that one: not a later one's
-            os.kill(started, signal.SIGTERM)
+        if kept is not None and _started_gateway(ddir, wb.url) == kept:  # still that one: not a later one's
+            os.kill(kept, signal.SIGTERM)
             typer.echo("bkg gateway stopped", err=True)
 
 

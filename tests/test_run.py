@@ -1,14 +1,16 @@
 """`bkg run` (what `make run` calls): the gateway in the background, the Voila dashboards and JupyterLab with the
 bkg extension in front, all reachable; the lab holds the workbench key, never the admin key, and Voila no key at
-all; a SIGTERM stops all three."""
+all; a gateway that dies is started again where the lab points; a SIGTERM stops all three."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -74,6 +76,20 @@ def test_bkg_run_serves_gateway_and_lab(tmp_path: Path) -> None:
         assert me["username"] == "admin" and not any(s.startswith("admin:") for s in me["scopes"])
         assert "collections:write" in me["scopes"] and "plugins:write" in me["scopes"]
         _lab_kernel_over_unix_sockets(lab_port, tmp_path / "rt")
+        # a gateway that dies (killed outright, as the OOM killer does) is started again where the lab points
+        os.kill(gateway_pid, signal.SIGKILL)
+        wait_for(lambda: not _running(gateway_pid), timeout=30)
+        again = wait_for(
+            lambda: (g := _recorded(data)) and g["pid"] != gateway_pid and _status(f"{gateway}/health") == 200 and g,
+            120,
+            every=0.5,
+        )
+        assert again["url"] == gateway, again
+        token = json.loads(next((tmp_path / "rt").glob("jpserver-*.json")).read_text())["token"]
+        me = httpx.get(f"http://127.0.0.1:{lab_port}/bkg/api/auth/me", headers={"Authorization": f"token {token}"})
+        assert me.status_code == 200 and me.json()["username"] == "admin", me.text  # the lab's proxy reaches it
+        assert "the bkg gateway died (signal SIGKILL): starting it again" in (tmp_path / "run.log").read_text()
+        gateway_pid = again["pid"]  # the one the SIGTERM below must stop
     finally:
         proc.terminate()  # SIGTERM to `bkg run` alone (a service manager): it stops what it started
         proc.wait(timeout=90)
@@ -107,6 +123,13 @@ def _lab_kernel_over_unix_sockets(port: int, runtime: Path) -> None:
         assert all(Path(f"{info['ip']}-{n}").is_socket() for n in range(1, 6))
     finally:
         lab.delete(f"/api/kernels/{kernel['id']}")
+
+
+def _recorded(data: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads((data / "gateway.json").read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def _running(pid: int) -> bool:

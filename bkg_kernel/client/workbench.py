@@ -414,14 +414,14 @@ def connect(
             if not start or under_hub or not _this_machine(urlsplit(url).hostname or ""):
                 raise Unavailable(f"no bkg gateway answers for data dir {ddir} (none runs on it): start one with "
                                   "`bkg serve`")  # fmt: skip
-            url = _spawn(settings, ddir, url, timeout)
+            url = spawn_gateway(settings, ddir, url, timeout)
             return Workbench(url, _api_key(settings, ddir, admin), call_timeout)
     if not _alive(url):
         # a Hub user's server never starts a gateway of its own, and none is started for another machine's URL
         # (it could not bind there; the data dir it would make here is not that gateway's)
         if not start or under_hub or not _this_machine(urlsplit(url).hostname or ""):
             raise Unavailable(f"no bkg gateway answers at {url} (start one with `bkg serve`)")
-        url = _spawn(settings, ddir, url, timeout)
+        url = spawn_gateway(settings, ddir, url, timeout)
     key = key or _api_key(settings, ddir, admin)  # the data dir's key exists once it started
     return Workbench(url, key, call_timeout)
 
@@ -537,7 +537,11 @@ def _hub_service_url(api_url: str, token: str, name: str = "bkg") -> str | None:
     return str(url).rstrip("/") if url else None
 
 
-def _spawn(settings: Settings, ddir: Path, url: str, timeout: float) -> str:
+# The gateways this process started, by pid: their exit codes are read here, not by whoever reaps them first.
+SPAWNED: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def spawn_gateway(settings: Settings, ddir: Path, url: str, timeout: float) -> str:
     """Start `bkg serve` for `ddir` in a session of its own; return the URL it answers at, as its gateway.json names
     it: `url`, or with port 0 (BKG_PORT=0: any free port) the one it took. Never just whatever answers at `url`:
     another process there keeps this gateway from binding, and must not get the key meant for it."""
@@ -552,6 +556,7 @@ def _spawn(settings: Settings, ddir: Path, url: str, timeout: float) -> str:
         stdin=subprocess.DEVNULL,
         start_new_session=True,  # outlives the notebook kernel, like `ollama serve`
     )
+    SPAWNED[proc.pid] = proc  # `bkg run` learns how the gateway it started ended (and starts it again if it died)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         at = _recorded(ddir / "gateway.json", proc.pid)  # written once it holds the data dir and its port

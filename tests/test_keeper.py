@@ -1,0 +1,68 @@
+"""`bkg run`'s gateway keeper, on real gateways: one that dies is started again at the same address, up to the
+restart limit within its window; one stopped cleanly (a SIGTERM: someone meant it) is left stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+from gateway_harness import free_port, wait_for
+
+from bkg_kernel.client import keeper as keeper_mod
+from bkg_kernel.client.keeper import GatewayKeeper
+from bkg_kernel.client.workbench import SPAWNED, spawn_gateway
+from bkg_kernel.settings import Settings
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_dead_gateway_comes_back_until_the_limit_and_a_stopped_one_stays_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(keeper_mod, "RESTART_LIMIT", 1)
+    monkeypatch.setattr(keeper_mod, "POLL_S", 0.2)
+    ddir, url = tmp_path / "data", f"http://127.0.0.1:{free_port()}"
+    settings = Settings(data_dir=ddir)
+    said: list[str] = []
+    spawn_gateway(settings, ddir, url, 60)
+    first = next(p for pid, p in SPAWNED.items() if _recorded_pid(ddir) == pid)
+    kept = GatewayKeeper(first, settings, ddir, url, said.append).start()
+    try:
+        first.send_signal(signal.SIGKILL)
+        wait_for(lambda: kept.proc is not first and kept.proc.poll() is None and _up(url), 60, every=0.2)
+        assert kept.restarts == 1 and any("died (signal SIGKILL): starting it again" in s for s in said), said
+        second = kept.proc
+        second.send_signal(signal.SIGKILL)  # a second death within the window: past the limit of 1
+        wait_for(lambda: any("not started again" in s for s in said), 30, every=0.2)
+        assert kept.proc is second and kept.restarts == 1 and not _up(url), said
+        assert kept.stop() is None
+    finally:
+        kept.stop()
+    spawn_gateway(settings, ddir, url, 60)  # by hand again; then stopped by someone, cleanly
+    third = next(p for pid, p in SPAWNED.items() if _recorded_pid(ddir) == pid)
+    said.clear()
+    kept = GatewayKeeper(third, settings, ddir, url, said.append).start()
+    try:
+        os.kill(third.pid, signal.SIGTERM)
+        wait_for(lambda: any("exited cleanly" in s for s in said), 60, every=0.2)
+        assert kept.proc is third and kept.restarts == 0 and not _up(url), said
+    finally:
+        kept.stop()
+        if third.poll() is None:
+            third.kill()
+
+
+def _recorded_pid(ddir: Path) -> int | None:
+    try:
+        return int(json.loads((ddir / "gateway.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
