@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -241,3 +242,36 @@ def test_the_notebook_client_assembles_a_streamed_answer_as_the_whole_one(gw: Ga
     plain = wb.llm.complete("One, two, three,", max_tokens=4, temperature=0)
     assert str(more) == str(plain) and printed.getvalue() == f"{more}\n"
     assert more.usage == plain.usage and more.response["choices"][0]["finish_reason"] == "length"
+
+
+def test_with_tools_a_plain_answer_streams_as_it_is_made(gw: Gateway) -> None:
+    """Found by a review: with `tools` given, an answer in plain text came as one chunk at the end (held back in
+    case it was a tool call). It is held only while it may still be one: once it cannot, it streams."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello to Ann in one sentence."}],
+            "tools": [WEATHER], "max_tokens": 16, "temperature": 0, "seed": 1}  # fmt: skip
+    with gw.client() as c:
+        whole = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert whole["message"].get("tool_calls") is None and whole["message"]["content"], whole  # plain text
+        parts: list[str] = []
+        finish = None
+        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                for choice in json.loads(line[6:])["choices"]:
+                    if choice["delta"].get("content"):
+                        parts.append(choice["delta"]["content"])
+                    finish = choice["finish_reason"] or finish
+    assert len(parts) >= 5, parts  # token by token (one held-back chunk at the end before)
+    assert "".join(parts) == whole["message"]["content"] and finish == whole["finish_reason"]
+
+
+@pytest.mark.parametrize(
+    ("start", "may"),
+    [("", True), ("  ", True), ("{", True), (' {"name"', True), ("<tool", True), ("<tool_call>", True),
+     ("<tool_call>\n{", True), ("Hello", False), ("<b>", False), ("<tool_call>Hi", False), ("[1]", False)],
+)  # fmt: skip
+def test_what_may_still_be_a_tool_call(start: str, may: bool) -> None:
+    from bkg_kernel.plugins.llmserver.generate import may_be_tool_call
+
+    assert may_be_tool_call(start) is may

@@ -434,6 +434,18 @@ def _grammar(schema: str, field: str) -> Any:
         raise InvalidInput(f"the JSON Schema cannot be turned into a grammar: {exc}", field=field) from None
 
 
+def may_be_tool_call(start: str) -> bool:
+    """Whether an answer that begins with `start` may still be a tool call as `tool_calls_from` reads one: a JSON
+    object, on its own or after `<tool_call>`."""
+    s = start.lstrip()
+    tag = "<tool_call>"
+    if s.startswith(tag):
+        s = s.removeprefix(tag).lstrip()
+    elif tag.startswith(s):
+        return True
+    return not s or s.startswith("{")
+
+
 def tool_calls_from(text: str, req: ChatRequest) -> list[dict[str, Any]] | None:
     """Parse a tool call the model wrote (forced by grammar, or chosen freely in `auto`)."""
     tools = {t["function"]["name"] for t in active_tools(req)}

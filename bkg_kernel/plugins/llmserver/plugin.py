@@ -303,10 +303,17 @@ class LLMServer(Plugin):
                 if not whole:
                     first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
                     yield {**head, "choices": [{**first, "finish_reason": None}]}
+                # With tools, the text is held back while it may still be a tool call (sent whole, once parsed);
+                # as soon as it cannot be one, what was held goes out and the rest streams, as Ollama does.
+                plain, held = not tools, ""
                 for delta in g.run():
                     if whole:
                         continue
-                    if delta and not tools:  # a tool call is sent whole, once it is parsed
+                    if delta and not plain:
+                        held += delta
+                        if not gen.may_be_tool_call(held):
+                            plain, delta, held = True, held, ""
+                    if delta and plain:
                         choice = {"index": 0, "delta": {"content": delta}, "logprobs": None, "finish_reason": None}
                         yield {**head, "choices": [choice], RUNNING_USAGE: g.usage()}
                     else:
@@ -315,7 +322,7 @@ class LLMServer(Plugin):
         if cut and not whole:  # the count of what was generated, for whoever still reads (the gateway books its last)
             yield {**head, "choices": [], "usage": g.usage()}
             return
-        calls = gen.tool_calls_from(g.text, inp) if tools and not cut else None
+        calls = gen.tool_calls_from(g.text, inp) if tools and not cut and (whole or not plain) else None
         finish = "tool_calls" if calls else g.finish_reason
         message: dict[str, Any] = {"role": "assistant", "content": None if calls else g.text}
         if calls:
@@ -330,7 +337,7 @@ class LLMServer(Plugin):
         last: dict[str, Any] = {}
         if calls:
             last["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
-        elif tools and g.text:
+        elif not plain and g.text:  # held to the end (it looked like a tool call), and was not one
             last["content"] = g.text
         yield {**head, "choices": [{"index": 0, "delta": last, "logprobs": None, "finish_reason": finish}]}
         yield {**head, "choices": [], "usage": g.usage()}
