@@ -172,7 +172,8 @@ def test_schema_keywords_the_grammar_does_not_hold_are_refused_where_they_are(gw
     a 400 naming the keyword's place; one the grammar holds is still answered."""
     at = "response_format.json_schema.schema"
     refused = [
-        ({"type": "integer", "minimum": 1, "maximum": 5}, f"{at}.minimum"),
+        ({"type": "number", "minimum": 1, "maximum": 5}, f"{at}.minimum"),  # a number's range: not held
+        ({"type": "integer", "minimum": 0, "maximum": 5000}, f"{at}.minimum"),  # more than 1,000 values
         ({"type": "object", "properties": {"n": {"type": "integer", "maximum": 20}}}, f"{at}.properties.n.maximum"),
         ({"type": "number", "exclusiveMinimum": 0}, f"{at}.exclusiveMinimum"),
         ({"type": "integer", "multipleOf": 3}, f"{at}.multipleOf"),
@@ -275,3 +276,43 @@ def test_what_may_still_be_a_tool_call(start: str, may: bool) -> None:
     from bkg_kernel.plugins.llmserver.generate import may_be_tool_call
 
     assert may_be_tool_call(start) is may
+
+
+def test_an_integer_range_is_held_by_the_grammar(gw: Gateway) -> None:
+    """A rating's `{"type": "integer", "minimum": 1, "maximum": 5}` was refused (the converter skips both ends); it
+    is held as the list of its values, in a response format and in a forced tool's arguments alike, and the answer
+    keeps to it even when asked for a number outside it."""
+    stars = {"type": "integer", "minimum": 1, "exclusiveMaximum": 6, "description": "1 to 5"}
+    schema = {"type": "object", "properties": {"stars": stars}, "required": ["stars"], "additionalProperties": False}
+    ask = [{"role": "user", "content": "Reply in JSON with stars set to 42."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "rating", "schema": schema}}
+    tool = {"type": "function", "function": {"name": "rate", "parameters": schema}}
+    with gw.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": ask, "max_tokens": 20, "temperature": 0,
+                                                 "response_format": fmt})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert json.loads(r.json()["choices"][0]["message"]["content"])["stars"] in range(1, 6), r.text
+        r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": ask, "max_tokens": 30, "temperature": 0,
+                                                 "tools": [tool], "tool_choice": "required"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        call = r.json()["choices"][0]["message"]["tool_calls"][0]["function"]
+        assert call["name"] == "rate" and json.loads(call["arguments"])["stars"] in range(1, 6), r.text
+        even = {"type": "integer", "minimum": 0, "maximum": 9, "multipleOf": 2}
+        fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": even}}
+        for seed in (1, 2, 3):
+            body = {"model": MODEL, "messages": ask, "max_tokens": 4, "temperature": 1.5, "seed": seed}
+            r = c.post("/v1/chat/completions", json={**body, "response_format": fmt})
+            assert r.status_code == 200 and json.loads(r.json()["choices"][0]["message"]["content"]) in (0, 2, 4, 6, 8)
+
+
+def test_held_ranges_rewrites_only_what_it_can_hold() -> None:
+    from bkg_kernel.plugins.llmserver.generate import held_ranges
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 2.5, "maximum": 5},
+              "b": {"type": "integer", "minimum": 1}, "c": {"type": "number", "minimum": 0, "maximum": 1},
+              "d": {"type": "array", "items": {"type": "integer", "exclusiveMinimum": 0, "maximum": 3}}}}  # fmt: skip
+    held = held_ranges(schema)
+    assert held["properties"]["a"] == {"enum": [3, 4, 5]}
+    assert held["properties"]["b"] == schema["properties"]["b"] and held["properties"]["c"] == schema["properties"]["c"]
+    assert held["properties"]["d"]["items"] == {"enum": [1, 2, 3]}
+    assert schema["properties"]["a"]["minimum"] == 2.5  # the caller's schema is left as it was

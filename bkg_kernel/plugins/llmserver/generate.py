@@ -296,7 +296,7 @@ def grammar_for(req: ChatRequest) -> tuple[Any, str]:
         fields = [f"tools[{i}].function.parameters" for i, t in enumerate(req.tools or [])
                   if t["function"]["name"] in names]  # fmt: skip
         for t, at in zip(active_tools(req), fields, strict=True):
-            params = parameters(t)
+            params = held_ranges(parameters(t))
             _checked(params, at)
             _grammar(json.dumps(params), at)  # each converted alone: a failure names its tool
         # the name before the arguments, as the prompt asks and OpenAI writes it: the converter keeps the schema's
@@ -304,7 +304,7 @@ def grammar_for(req: ChatRequest) -> tuple[Any, str]:
         calls = [
             {
                 "type": "object",
-                "properties": {"name": {"const": t["function"]["name"]}, "arguments": parameters(t)},
+                "properties": {"name": {"const": t["function"]["name"]}, "arguments": held_ranges(parameters(t))},
                 "required": ["name", "arguments"],
             }
             for t in active_tools(req)
@@ -315,7 +315,7 @@ def grammar_for(req: ChatRequest) -> tuple[Any, str]:
     if fmt.get("type") == "json_object":
         return _grammar("", "response_format"), "response_format"
     if fmt.get("type") == "json_schema":
-        schema = fmt["json_schema"]["schema"]
+        schema = held_ranges(fmt["json_schema"]["schema"])
         _checked(schema, "response_format.json_schema.schema")
         # the schema's own order of properties is the answer's (`reasoning` before the `answer` it leads to)
         return _grammar(json.dumps(schema), "response_format"), "response_format"
@@ -349,6 +349,58 @@ UNENFORCED = (
 FORMATS = ("date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5")  # the ones it writes
 
 
+MAX_INT_CHOICES = 1_000  # an integer range the grammar holds as the list of its values
+_NUMBER_RULES = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+
+
+def held_ranges(schema: Any) -> Any:
+    """The schema with each integer range the converter would skip (it writes any integer for `minimum` and
+    `maximum`) made the list of its values: `{"type": "integer", "minimum": 1, "maximum": 5}` is held as
+    `{"enum": [1, 2, 3, 4, 5]}`, for a range with both ends and at most `MAX_INT_CHOICES` values (what a rating, a
+    percentage or a year asks for). Other number rules stay, and `_checked` refuses them. A copy; the original is
+    left as it is."""
+    if isinstance(schema, list):
+        return [held_ranges(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {
+        k: (
+            {n: held_ranges(sub) for n, sub in v.items()} if k in _SUBSCHEMAS and isinstance(v, dict)
+            else held_ranges(v) if k in _SUBSCHEMA or k in _SCHEMA_LISTS
+            else v
+        )
+        for k, v in schema.items()
+    }  # fmt: skip
+    values = _range_values(out)
+    if values is None:
+        return out
+    return {**{k: v for k, v in out.items() if k not in (*_NUMBER_RULES, "type")}, "enum": values}
+
+
+def _range_values(node: dict[str, Any]) -> list[int] | None:
+    """The values of an integer node's range, or None when it is not one `held_ranges` holds."""
+    if node.get("type") != "integer" or "enum" in node or "const" in node:
+        return None
+    rules = {k: node[k] for k in _NUMBER_RULES if k in node}
+    if not rules or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                        for v in rules.values()):  # fmt: skip
+        return None
+    lows = [math.ceil(rules["minimum"])] if "minimum" in rules else []
+    lows += [math.floor(rules["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in rules else []
+    highs = [math.floor(rules["maximum"])] if "maximum" in rules else []
+    highs += [math.ceil(rules["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in rules else []
+    if not lows or not highs:
+        return None
+    lo, hi = max(lows), min(highs)
+    if hi < lo or hi - lo + 1 > MAX_INT_CHOICES:
+        return None
+    step = rules.get("multipleOf")
+    if step is not None and step <= 0:
+        return None
+    values = [v for v in range(lo, hi + 1) if step is None or math.isclose(v / step, round(v / step))]
+    return values or None
+
+
 def _checked(schema: Any, at: str) -> None:
     """422 naming where (`<at>.properties.n.minimum`), for a schema the grammar would not hold an answer to: a
     keyword the converter skips (`UNENFORCED`, a string `format` it does not know, lengths beside a `pattern` or
@@ -358,6 +410,9 @@ def _checked(schema: Any, at: str) -> None:
     total = 0
 
     def refuse(where: str, key: str, why: str = "") -> None:
+        if key in _NUMBER_RULES and not why:
+            why = (f" (an integer's range is held when it has both ends and at most {MAX_INT_CHOICES:,} values; "
+                   "a number's is not)")  # fmt: skip
         raise InvalidInput(f"{where}.{key} is not enforced{why}: llama.cpp's grammar would let an answer break it "
                            "(remove it, and check that rule yourself)", field=f"{where}.{key}")  # fmt: skip
 
