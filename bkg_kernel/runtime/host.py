@@ -461,8 +461,8 @@ class PluginHost:
             raise Unavailable(f"plugin {self.id!r} is {self.state}" + (f": {self.reason}" if self.reason else ""),
                               retry_after=self.retry_after())  # fmt: skip
         try:
-            if self.worker is not None:
-                return await asyncio.wait_for(asyncio.wrap_future(self.worker.submit(("health",))), timeout)
+            if (worker := self.worker) is not None:  # not cancelled at the timeout: the reader answers it unhindered
+                return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(worker.submit(("health",)))), timeout)
             if self.plugin is not None:
                 return await asyncio.wait_for(asyncio.to_thread(self.plugin.health), timeout)
         except TimeoutError:

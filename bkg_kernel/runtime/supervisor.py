@@ -136,7 +136,10 @@ class Supervisor:
                 last_sample = now
                 gateway = self._sample_gateway()
                 for h in list(self.hosts.values()):
-                    self._sample(h, gateway)
+                    try:  # one plugin's sample failing ends neither the others' nor this watch
+                        self._sample(h, gateway)
+                    except Exception:
+                        log.exception("sampling %s failed", h.id)
 
     def _check(self, h: PluginHost, now: float) -> None:
         w = h.worker
@@ -144,13 +147,15 @@ class Supervisor:
             code = w.exitcode()
             with h._lock:  # noqa: SLF001
                 if h.worker is w:
+                    # `error` (with its restart time) before the worker goes: a call in between is told to retry,
+                    # not that a plugin "running" has no worker (found by a review: thousands such 503s a crash)
+                    delay = self._schedule_restart(h, now)
+                    h.telemetry.started_at = None
+                    h._set("error", f"worker exited with code {code}; restarting in {delay:.0f}s")  # noqa: SLF001
                     h.worker = None
                     w.fail_in_flight(f"the {h.id} worker died (exit code {code}); it is being restarted")
                     # its pipe, threads and process handle go with it (they stayed, a few per crash, for good)
                     threading.Thread(target=w.stop, args=(0,), name=f"bkg-reap-{h.id}", daemon=True).start()
-                    delay = self._schedule_restart(h, now)
-                    h.telemetry.started_at = None
-                    h._set("error", f"worker exited with code {code}; restarting in {delay:.0f}s")  # noqa: SLF001
                     h.add_log("ERROR", time.time(), f"worker exited with code {code}; restart in {delay:.0f}s")
             return
         if w is not None and h.state in ("running", "degraded"):
@@ -203,13 +208,14 @@ class Supervisor:
 
     def _sample(self, h: PluginHost, gateway: tuple[float, int]) -> None:
         tel = h.telemetry
+        worker = h.worker  # read once: a stop may take it meanwhile
         try:
-            if h.worker is not None and h.worker.pid is not None:
-                proc = self._procs.get(h.worker.pid)
+            if worker is not None and (pid := worker.pid) is not None:
+                proc = self._procs.get(pid)
                 if proc is None:
                     live = {w.pid for x in self.hosts.values() if (w := x.worker) is not None}
-                    self._procs = {pid: p for pid, p in self._procs.items() if pid in live}
-                    proc = self._procs[h.worker.pid] = psutil.Process(h.worker.pid)
+                    self._procs = {p: got for p, got in self._procs.items() if p in live}
+                    proc = self._procs[pid] = psutil.Process(pid)
                 tel.cpu_percent = proc.cpu_percent(None)
                 tel.rss_bytes = proc.memory_info().rss
             elif h.plugin is not None:

@@ -15,12 +15,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Generator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from bkg_kernel.auth.principal import Principal
-from bkg_kernel.errors import ClientGone, Unauthorized, Unavailable, error_data, from_dict
+from bkg_kernel.errors import ClientGone, InvalidInput, Unauthorized, Unavailable, error_data, from_dict
 from bkg_kernel.runtime import pipe, worker
+from bkg_kernel.runtime.bodyjson import TOO_DEEP
 
 if TYPE_CHECKING:
     from bkg_kernel.runtime.host import PluginHost
@@ -116,11 +117,8 @@ class WorkerProcess:
                     sink(("end", msg[2], msg[3]))
                     continue
                 fut = self.futures.pop(msg[1], None)
-                if fut is not None and not fut.done():
-                    if msg[2]:
-                        fut.set_result(msg[3])
-                    else:
-                        fut.set_exception(from_dict(msg[3]))
+                if fut is not None:
+                    _settle(fut, msg[3] if msg[2] else None, None if msg[2] else from_dict(msg[3]))
             elif kind == "store":
                 self._store_request(msg[1], msg[2], msg[3], msg[4])
             elif kind == "store_close":  # the worker stopped reading a streamed store answer (still going?)
@@ -176,9 +174,12 @@ class WorkerProcess:
 
     def _send(self, msg: tuple[Any, ...]) -> bool:
         """Queue a message for the worker (False once the pipe is known broken: the worker is gone)."""
+        return self._put(_frames(msg))  # pickled here: errors are the caller's; a big body's bytes out of band
+
+    def _put(self, data: list[bytes | memoryview]) -> bool:
         if self._broken:
             return False
-        self._outbox.put(pipe.frames(msg))  # pickled here: errors are the caller's; a big body's bytes out of band
+        self._outbox.put(data)
         return True
 
     def _write(self) -> None:
@@ -217,9 +218,9 @@ class WorkerProcess:
 
     def grant(self, caller: Principal) -> dict[str, Any]:
         """Make a grant for one request of `caller`; the message data that carries it into the worker."""
-        token = secrets.token_urlsafe(18)
-        self.grants[token] = caller
-        return {"caller": caller.to_dict(), "grant": token}
+        call = _call_data(caller)
+        self.grants[call["grant"]] = caller
+        return call
 
     def fail_in_flight(self, message: str) -> None:
         """Answer every request still waiting on this worker with a 503 (streams get it as their last event)."""
@@ -229,8 +230,8 @@ class WorkerProcess:
                 sink(("end", False, Unavailable(message).to_dict()["error"]))
         for req_id in list(self.futures):
             fut = self.futures.pop(req_id, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(Unavailable(message))
+            if fut is not None:
+                _settle(fut, None, Unavailable(message))
         self.grants.clear()
 
     def submit(self, msg: tuple[Any, ...], caller: Principal | None = None) -> Future[Any]:
@@ -239,15 +240,16 @@ class WorkerProcess:
         fut = _Request()
         req_id = next(self._ids)
         fut.req_id = req_id
+        call = _call_data(caller) if caller is not None else None
+        # pickled before anything is booked for it: a body that cannot be (nested too deep) leaves nothing behind
+        data = _frames((msg[0], req_id, *msg[1:], *([call] if call is not None else [])))
         self.futures[req_id] = fut
-        if caller is not None:
-            call = self.grant(caller)
+        if call is not None and caller is not None:
+            self.grants[call["grant"]] = caller
             fut.grant = call["grant"]
             fut.add_done_callback(lambda _: self.end_grant(fut))
-            msg = (*msg, call)
-        if not self._send((msg[0], req_id, *msg[1:])):
-            self.futures.pop(req_id, None)
-            fut.set_exception(Unavailable(f"the {self.host.id} worker is not reachable"))
+        if not self._put(data) and self.futures.pop(req_id, None) is not None:  # else the reader's end failed it
+            _settle(fut, None, Unavailable(f"the {self.host.id} worker is not reachable"))
         return fut
 
     def end_grant(self, fut: Future[Any]) -> None:
@@ -277,7 +279,9 @@ class WorkerProcess:
         `cancel`. The request's grant ends with the stream (its end, its cancel, or the worker's exit); `on_end()`
         once the worker is really done with it (its last message, or its exit), cancelled or not."""
         req_id = next(self._ids)
-        call = self.grant(caller)
+        call = _call_data(caller)
+        data = _frames(("stream", req_id, capability_id, data, call))  # before anything is booked for it
+        self.grants[call["grant"]] = caller
         lock, cancelled = threading.Lock(), [False]
 
         def ending(item: tuple[Any, ...]) -> None:
@@ -298,8 +302,7 @@ class WorkerProcess:
             on_end()
 
         self.streams[req_id] = ending
-        if not self._send(("stream", req_id, capability_id, data, call)):
-            self.streams.pop(req_id, None)
+        if not self._put(data) and self.streams.pop(req_id, None) is not None:  # else the reader's end ended it
             ending(("end", False, Unavailable(f"the {self.host.id} worker is not reachable").to_dict()["error"]))
         return req_id
 
@@ -346,6 +349,28 @@ class WorkerProcess:
         with contextlib.suppress(ValueError):  # still running after the kill: its handle stays
             self.proc.close()
         self.fail_in_flight(f"the {self.host.id} worker stopped")  # what slipped in while it stopped
+
+
+def _call_data(caller: Principal) -> dict[str, Any]:
+    """The message data that carries a caller, and a new grant for one request of theirs, into the worker."""
+    return {"caller": caller.to_dict(), "grant": secrets.token_urlsafe(18)}
+
+
+def _frames(msg: tuple[Any, ...]) -> list[bytes | memoryview]:
+    """`pipe.frames`, with a body nested too deep to pickle a 422 (it parsed, but pickling recurses deeper)."""
+    try:
+        return pipe.frames(msg)
+    except RecursionError:
+        raise InvalidInput(TOO_DEEP, field="body") from None
+
+
+def _settle(fut: Future[Any], result: Any, error: BaseException | None) -> None:
+    """Answer a request's future unless it has its answer already (a caller's timeout may cancel it meanwhile)."""
+    with contextlib.suppress(InvalidStateError):
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
 
 
 WATCH_S = 0.25  # how often a call port's thread, waiting on a worker, looks whether its client left
