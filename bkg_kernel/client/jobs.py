@@ -79,6 +79,8 @@ class Run(dict[str, Any]):
         if self.get("parameters"):
             params = ", ".join(f"{escape(k)}={escape(repr(v))}" for k, v in self["parameters"].items())
             parts.append(f"<div>parameters: <code>{params}</code></div>")
+        elif self.get("parameters") is None and self.get("parameters_bytes"):  # a listing leaves large ones out
+            parts.append(f"<div>parameters: {self['parameters_bytes']:,} bytes, in <code>wb.jobs.get(id)</code></div>")
         err = self.get("error")
         if isinstance(err, dict):
             where = f"cell {err['cell_index']}" if err.get("cell_index") is not None else "the run"
@@ -143,12 +145,15 @@ class Jobs:
         self, limit: int = 200, before: str | None = None, *, schedule_id: str | None = None
     ) -> list[dict[str, Any]]:
         """The jobs the caller may see (notebook runs and background jobs), newest first: `limit` of them, older
-        than the job `before` names when given; only the runs of schedule `schedule_id` when given."""
+        than `before` when given (a page's `next_before`, or a job's id); only the runs of schedule `schedule_id` when
+        given. A run's parameters larger than 4 KiB of JSON are None here (`parameters_bytes` says how large): `get`
+        has them."""
         return list(self.page(limit, before, schedule_id=schedule_id)["jobs"])
 
     def page(self, limit: int = 200, before: str | None = None, *, schedule_id: str | None = None) -> dict[str, Any]:
-        """One page of `GET /api/jobs`: its `jobs` and its `next_before` (the `before` of the next page; None at the
-        end); only the runs of schedule `schedule_id` when given."""
+        """One page of `GET /api/jobs`: its `jobs` and its `next_before` (the `before` of the next page, which holds
+        even once the job the page ended with is deleted; None at the end); only the runs of schedule `schedule_id`
+        when given."""
         params: dict[str, Any] = {"limit": limit} | ({"before": before} if before is not None else {})
         if schedule_id is not None:
             params["schedule_id"] = schedule_id
@@ -222,7 +227,8 @@ class Jobs:
 
     def list(self, limit: int = 50, before: str | None = None, *, schedule_id: str | None = None) -> RunTable:
         """Notebook runs, newest first (a table in a notebook): `limit` of them (as many pages as that takes), older
-        than the run `before` names when given; only the runs of schedule `schedule_id` when given."""
+        than `before` when given (a run's id, or a page's `next_before`); only the runs of schedule `schedule_id` when
+        given. Their parameters as a listing has them (large ones left out): `get(run_id)` for a run's own."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:  # -1 had left out the oldest
             raise InvalidInput(f"limit must be a whole number from 1, not {limit!r}", field="limit")
         found: list[dict[str, Any]] = []

@@ -59,6 +59,8 @@ SCHEDULE_COLUMNS = (
     "last_run_id",
     "path",
 )
+# what a listing reads of a run: all but its parameters (up to 1 MiB each; `runs(params_up_to=...)`) and its path
+LISTED_COLUMNS = tuple(c for c in RUN_COLUMNS if c not in ("parameters", "path"))
 _JSON = ("parameters", "error")
 FINISHED = ("succeeded", "failed", "cancelled", "timed_out")
 EDITABLE = ("cron", "timezone", "parameters", "timeout_s", "retries", "enabled", "last_fire", "key_id", "last_run_id")
@@ -119,11 +121,21 @@ class History:
         limit: int = 200,
         schedule_id: str | None = None,
         before: tuple[float, str] | None = None,
+        params_up_to: int | None = None,
     ) -> list[dict[str, Any]]:
         """Runs, newest first (of the user `owner_id` only when given; only those older than `before`, the
-        (created_at, id) of the last run of the page before, when given)."""
+        (created_at, id) of the last run of the page before, when given). With `params_up_to`, as a listing shows
+        them: a run's parameters only when their JSON is at most that many bytes (else None), their size in
+        `parameters_bytes`, and no path (a page of runs never reads, parses or sends their megabytes)."""
         where: list[str] = []
         params: list[Any] = []
+        columns = "*"
+        if params_up_to is not None:
+            columns = (
+                f"{', '.join(LISTED_COLUMNS)}, CASE WHEN strlen(parameters) <= ? THEN parameters END AS parameters, "
+                "strlen(parameters) AS parameters_bytes"
+            )
+            params.append(params_up_to)
         if owner_id is not None:
             where.append("owner_id = ?")
             params.append(owner_id)
@@ -133,7 +145,7 @@ class History:
         if before is not None:  # the id breaks a tie: runs made at one instant are each on one page
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
             params.extend([before[0], before[0], before[1]])
-        sql = "SELECT * FROM job_runs" + (f" WHERE {' AND '.join(where)}" if where else "")
+        sql = f"SELECT {columns} FROM job_runs" + (f" WHERE {' AND '.join(where)}" if where else "")
         return self._rows(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", [*params, limit])
 
     def delete_run(self, run_id: str) -> bool:
@@ -194,11 +206,14 @@ class History:
         self._upsert("job_schedules", SCHEDULE_COLUMNS, schedule)
 
     def mark_fired(self, schedule_id: str, fire: float, run_id: str | None) -> None:
-        """Record a schedule's fire (an update only: a schedule deleted meanwhile stays deleted)."""
+        """Record a schedule's fire (an update only: a schedule deleted meanwhile stays deleted). Its last fire only
+        moves forward: an edit of its cron that landed while this fire was recorded set it to the edit's time, and a
+        fire of the new cron from before the edit must not run at the next tick."""
         with self.mutex:
             self.con.execute(
-                "UPDATE job_schedules SET last_fire = ?, last_run_id = coalesce(?, last_run_id) WHERE id = ?",
-                [fire, run_id, schedule_id],
+                "UPDATE job_schedules SET last_fire = greatest(coalesce(last_fire, ?), ?), "
+                "last_run_id = coalesce(?, last_run_id) WHERE id = ?",
+                [fire, fire, run_id, schedule_id],
             )
 
     def set_enabled(

@@ -47,6 +47,7 @@ HEARTBEAT = "gateway.alive"  # in runs/: its mtime is the last time this gateway
 log = logging.getLogger("bkg.jobs")
 Emit = Callable[[str, str, dict[str, Any]], None]
 KEY_GRACE = 3600.0  # a run's key outlives its timeout by this much (a wait for a busy cluster, a late end)
+LISTED_PARAMS = 4096  # bytes of JSON: a run's parameters up to this size are in a listing, larger ones only in GET
 
 
 class JobService(Schedules):
@@ -480,11 +481,12 @@ class JobService(Schedules):
         before: tuple[float, str] | None = None,
         schedule_id: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Runs `p` may see (as `shown`), newest first; with `before` (a run's created_at and id), those older than
+        """Runs `p` may see (as `listed`), newest first; with `before` (a run's created_at and id), those older than
         that run; with `schedule_id`, only that schedule's (fired, run now or retried automatically)."""
         owner_id = None if SEE_ALL in p.scopes else p.user_id
-        rows = await asyncio.to_thread(self.history.runs, owner_id, limit, schedule_id, before)
-        return [shown(self.live.get(r["id"], r), p) for r in rows]
+        rows = await asyncio.to_thread(self.history.runs, owner_id, limit, schedule_id, before, LISTED_PARAMS)
+        live = {r["id"]: dict(self.live[r["id"]]) for r in rows if r["id"] in self.live}  # as they are now
+        return await asyncio.to_thread(lambda: [listed(live.get(r["id"], r), p) for r in rows])
 
     def _steer(self, run: dict[str, Any], p: Principal) -> None:
         if run["owner_id"] != p.user_id:
@@ -652,6 +654,19 @@ def shown(run: dict[str, Any], p: Principal) -> dict[str, Any]:
     (the rule of its output notebook too)."""
     out = public(run)
     return out if sees_detail(p, run["scopes"]) else withheld(out)
+
+
+def listed(run: dict[str, Any], p: Principal) -> dict[str, Any]:
+    """A run as a listing shows it to `p` (`shown`): its parameters only when their JSON is at most LISTED_PARAMS
+    bytes, else None, their size always in `parameters_bytes` (GET /api/jobs/{id} has them whole). A row read for a
+    listing comes so already; a live run's are sized here (blocking: call it from a thread)."""
+    out = shown(run, p)
+    if "parameters_bytes" not in out:
+        params = out.get("parameters")
+        out["parameters_bytes"] = None if params is None else len(json.dumps(params))  # as the store keeps them
+        if out["parameters_bytes"] is not None and out["parameters_bytes"] > LISTED_PARAMS:
+            out["parameters"] = None
+    return out
 
 
 def public(run: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,9 @@ admin:audit). Cancelling a background job takes the scope its work needs.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import math
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -20,7 +23,7 @@ from fastapi.responses import FileResponse
 from pydantic import Field, field_validator
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import NotFound, Unavailable
+from bkg_kernel.errors import InvalidInput, NotFound, Unavailable
 from bkg_kernel.gateway.jobs import Job
 from bkg_kernel.gateway.jsonresp import FastJSONResponse, PagedJSONResponse
 from bkg_kernel.gateway.state import gateway, need
@@ -38,6 +41,7 @@ NOTEBOOK = r"^[^\x00]*\.ipynb$"  # a path to a notebook; NUL never
 CRON_FIELD = r"(?:[0-9*?/,#-]|[A-GI-QS-Za-gi-qs-z]|[A-Za-z]{2,})+"
 CRON = rf"^\s*{CRON_FIELD}(\s+{CRON_FIELD}){{4}}\s*$"  # five fields; their ranges are checked by the scheduler
 MAX_PAGE = 10_000  # runs and jobs in one answer of GET /api/jobs
+PAGE_CURSOR = "page-"  # a next_before: the (created_at, id) of a page's last job, which need not exist any more
 
 
 class RunRequest(StrictBody):
@@ -122,15 +126,18 @@ async def list_jobs(
     p: Annotated[Principal, READ],
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="How many jobs, newest first.")] = 200,
     before: Annotated[
-        str | None, Query(min_length=1, max_length=200, description="The last page's next_before: the jobs older.")
+        str | None,
+        Query(min_length=1, max_length=200, description="The last page's next_before (or a job's id): the jobs older."),
     ] = None,
     schedule_id: Annotated[
         str | None, Query(min_length=1, max_length=200, description="Only this schedule's notebook runs.")
     ] = None,
 ) -> FastJSONResponse:
     """The caller's jobs, notebook runs and background jobs together (every job for admin:audit), newest first, a
-    page of `limit`; `next_before` is the `before` of the next page (null at the end). With `schedule_id`, only the
-    runs of that schedule."""
+    page of `limit`; `next_before` is the `before` of the next page (null at the end: it holds on when the job the
+    page ended with is deleted meanwhile), and a job's id is a `before` too. With `schedule_id`, only the runs of
+    that schedule. A run's parameters are listed up to 4 KiB of JSON; larger ones are null here, their size in
+    `parameters_bytes` (GET /api/jobs/{id} has them whole)."""
     svc = runs(request)
     cursor = await _cursor(request, svc, before, p) if before is not None else None
     gw = gateway(request)
@@ -144,19 +151,47 @@ async def list_jobs(
         both = sorted(mine + notebook_runs, key=lambda j: (j["created_at"], j["id"]), reverse=True)
         page = both[:limit]
         more = len(both) > limit
-        return PagedJSONResponse({"jobs": page, "next_before": page[-1]["id"] if more else None}, "jobs")
+        return PagedJSONResponse({"jobs": page, "next_before": page_cursor(page[-1]) if more else None}, "jobs")
 
     return await asyncio.to_thread(listed)
 
 
+def page_cursor(job: dict[str, Any]) -> str:
+    """The `before` of the page after the one `job` ends: its (created_at, id), opaque."""
+    raw = json.dumps([job["created_at"], job["id"]], separators=(",", ":")).encode()
+    return PAGE_CURSOR + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _page_at(before: str) -> tuple[float, str]:
+    """The (created_at, id) a `next_before` holds (422 naming `before` when it holds none)."""
+    text = before[len(PAGE_CURSOR) :]
+    try:
+        at, job_id = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+            raise ValueError(at)
+        if not isinstance(job_id, str) or not job_id:
+            raise ValueError(job_id)
+    except (ValueError, TypeError, OverflowError):  # binascii.Error and a bad UTF-8 are ValueErrors
+        raise InvalidInput(
+            f"before {before[:60]!r} is no page's next_before (give it as a page gave it, or a job id)",
+            field="query.before",
+        ) from None
+    return float(at), job_id
+
+
 async def _cursor(request: Request, svc: JobService, before: str, p: Principal) -> tuple[float, str]:
-    """The (created_at, id) of the job `before` names, one the caller may see (404 naming `before` if not)."""
+    """The (created_at, id) `before` holds: a page's next_before, or the id of a job the caller may see (404 naming
+    `before` if not)."""
+    if before.startswith(PAGE_CURSOR):
+        return _page_at(before)
     try:
         if before.startswith("run-"):
             return (await svc.get(before, p))["created_at"], before
         job = _job(request, before, p)
     except NotFound:
-        raise NotFound(f"no job {before!r} (the last page's next_before)", field="query.before") from None
+        raise NotFound(
+            f"no job {before!r} (before: a page's next_before, or a job's id)", field="query.before"
+        ) from None
     return job.created, job.id
 
 
