@@ -209,3 +209,31 @@ def test_a_cron_edit_during_a_fire_runs_no_fire_of_the_new_cron_from_before_it(t
     assert len(first) == 1  # the hourly fire, on its way before the edit, ran
     assert last_fire == hour + 7 * 60, last_fire - hour
     assert second == [], second
+
+
+def test_a_runs_events_carry_large_parameters_no_more_than_a_listing(gw: Gateway) -> None:
+    """Found by a review: every event of a run (queued, each cell, its end) carried its parameters whole, so a run
+    of 1 MiB of them sent that much to each subscriber of `jobs` at every cell, encoded on the event loop. Events
+    now carry them as a listing does: a large one as null with its size; a small one whole."""
+    from websockets.sync.client import connect as ws_connect
+
+    key = user_key(gw, "watcher", ["jobs:run", "plugins:read"])
+    with ws_connect(gw.url.replace("http", "ws") + f"/ws?token={key}", max_size=2**24) as ws:
+        assert json.loads(ws.recv(10))["type"] == "bootstrap"
+        ws.send(json.dumps({"action": "sub", "topic": "jobs"}))
+        assert json.loads(ws.recv(10))["type"] == "ack"
+        big = submit(gw, {"notebook": "big.ipynb", "parameters": {"blob": BIG}}, key)["id"]
+        small = submit(gw, {"notebook": "hello.ipynb", "parameters": {"n": 2}}, key)["id"]
+        events: dict[str, list[dict[str, Any]]] = {big: [], small: []}
+        sizes: list[int] = []
+        while not all(e and e[-1].get("finished_at") for e in events.values()):
+            raw = ws.recv(180)
+            msg = json.loads(raw)
+            if msg["type"] == "jobs" and msg["payload"]["id"] in events:
+                events[msg["payload"]["id"]].append(msg["payload"])
+                if msg["payload"]["id"] == big:
+                    sizes.append(len(raw))
+    assert len(events[big]) >= 3 and max(sizes) < 20_000, sizes  # queued, running, cells, the end
+    assert all(e["parameters"] is None and e["parameters_bytes"] == BIG_BYTES for e in events[big])
+    assert all(e["parameters"] == {"n": 2} for e in events[small])
+    assert wait_run(gw, big, key)["parameters"] == {"blob": BIG}  # the run itself has them

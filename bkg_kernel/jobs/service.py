@@ -194,7 +194,11 @@ class JobService(Schedules):
             raise TooManyRequests(
                 f"{p.username} has {waiting} runs queued or running (job_max_waiting {self.settings.job_max_waiting})"
             )
-        path, params = await asyncio.to_thread(self._checked, notebook, parameters)
+        def checked() -> tuple[Path, dict[str, Any], int]:  # and their size, once: listings and events use it
+            path, params = self._checked(notebook, parameters)
+            return path, params, len(json.dumps(params))
+
+        path, params, size = await asyncio.to_thread(checked)
         if go_on is not None and not go_on():
             raise FireDropped
         run = new_run(
@@ -203,6 +207,7 @@ class JobService(Schedules):
             schedule_id=schedule_id, retry_of=retry_of, attempt=attempt, retries=retries, timeout_s=timeout_s,
             executor=self.settings.job_executor, created_at=self.clock(),
         )  # fmt: skip
+        run["parameters_bytes"] = size
         run_id = run["id"]
         self.live[run_id] = run
         await asyncio.to_thread(self.history.save_run, run)
@@ -452,8 +457,12 @@ class JobService(Schedules):
         return dataclasses.replace(owner, scopes=owner.scopes & held)
 
     def _publish(self, run: dict[str, Any]) -> None:
-        # who owns it and what it ran with decide who gets it and how much of it: the socket drops both
-        self.emit("jobs", "notebook", public(run) | {"owner_id": run["owner_id"], "scopes": list(run["scopes"])})
+        # who owns it and what it ran with decide who gets it and how much of it: the socket drops both. Its
+        # parameters as a listing has them: a run of 1 MiB of them sent that much to each subscriber at each cell
+        event = public(run) | {"owner_id": run["owner_id"], "scopes": list(run["scopes"])}
+        if (run.get("parameters_bytes") or 0) > LISTED_PARAMS:
+            event["parameters"] = None
+        self.emit("jobs", "notebook", event)
 
     async def _kill(self, run_id: str, reason: str) -> None:
         run = self.live.get(run_id)
@@ -661,11 +670,11 @@ def listed(run: dict[str, Any], p: Principal) -> dict[str, Any]:
     bytes, else None, their size always in `parameters_bytes` (GET /api/jobs/{id} has them whole). A row read for a
     listing comes so already; a live run's are sized here (blocking: call it from a thread)."""
     out = shown(run, p)
-    if "parameters_bytes" not in out:
+    if "parameters_bytes" not in out:  # a run made before its size was kept with it
         params = out.get("parameters")
         out["parameters_bytes"] = None if params is None else len(json.dumps(params))  # as the store keeps them
-        if out["parameters_bytes"] is not None and out["parameters_bytes"] > LISTED_PARAMS:
-            out["parameters"] = None
+    if (out["parameters_bytes"] or 0) > LISTED_PARAMS:
+        out["parameters"] = None
     return out
 
 
