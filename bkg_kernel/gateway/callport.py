@@ -69,15 +69,17 @@ INVOKE_ROUTE = "/api/plugins/{plugin_id}/invoke/{capability_id}"
 
 
 class _Connection:
-    """One client's connection: answers go out one at a time (the deadline thread may answer a call that overran
-    its timeout while the plugin still runs on the connection's thread)."""
+    """One client's connection: answers go out one at a time, exactly one a call (the deadline thread may answer a
+    call that overran its timeout while the plugin still runs on the connection's thread)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.wire = Wire(sock)
         self.lock = threading.Lock()
         self.user: str | None = None  # set by the hello
-        self.answered = False  # the running call's answer went out (then the connection closes)
+        self.calls = 0  # calls read so far: the number of the running one
+        self.answered = 0  # the last call answered
+        self.closing = False  # an answer that closes the connection went out: nothing more does
 
     def read(self, idle: float, limit: int = MAX_FRAME, whole: bool = False) -> bytes | BkgError | None:
         """The next frame; None when the client closed the connection (or sent nothing for `idle` seconds); a 413
@@ -103,16 +105,27 @@ class _Connection:
             return True
 
     def send(
-        self, status: int, body: bytes, fast: bool = False, close: bool = False, timeout: float = FRAME_TIMEOUT_S
+        self,
+        status: int,
+        body: bytes,
+        fast: bool = False,
+        close: bool = False,
+        timeout: float = FRAME_TIMEOUT_S,
+        call: int | None = None,
     ) -> bool:
-        """Write one answer unless the running call was answered already (False when it was); a client that does
-        not take it within `timeout` seconds loses the connection."""
+        """Write one answer, to call number `call` (None: not to a call) unless that call was answered already or
+        an answer closed the connection (False then); a client that does not take it within `timeout` seconds
+        loses the connection."""
         flags = (b',"orjson":true' if fast else b"") + (b',"close":true' if close else b"")
         head = b'{"status":%d%s}\n' % (status, flags)
         with self.lock:
-            if self.answered:
+            # the deadline thread's answer and the connection's thread's can both come for one call that overran
+            # (the latter once the deadline fired, if the former was held up before it answered): the first goes
+            if self.closing or (call is not None and call <= self.answered):
                 return False
-            self.answered = close
+            if call is not None:
+                self.answered = call
+            self.closing = close
             self.wire.send(head, body, timeout)
             return True
 
@@ -207,8 +220,9 @@ class CallPort:
                 if isinstance(frame, BkgError):
                     conn.send(*_error(frame), close=True)
                     return
+                conn.calls += 1
                 status, body, fast = self.call(token, frame, conn)
-                if not conn.send(status, body, fast):
+                if not conn.send(status, body, fast, call=conn.calls):
                     return  # answered at its deadline: the plugin ran on; the connection closes
         except (OSError, ValueError):  # the client went away, or a frame stalled
             return
@@ -290,10 +304,12 @@ class CallPort:
         elif raw:
             data = bodyjson.loads(raw, root="input")
 
+        mine = conn.calls if conn is not None else 0
+
         def overran(err: Timeout) -> None:
             if conn is not None:
                 with contextlib.suppress(OSError):  # the deadline thread serves every call: it waits on no client
-                    conn.send(*_error(err), close=True, timeout=1.0)
+                    conn.send(*_error(err), close=True, timeout=1.0, call=mine)
 
         owned = big and not isinstance(data, bodyjson.RawJSON)
         gone = conn.gone if conn is not None else None
