@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -424,11 +425,13 @@ class Collection:
         return self._store.snapshot(self.name)
 
 
+_CURSOR = re.compile(r"([0-9]{1,19}):([0-9]{1,19}):(.+)", re.DOTALL)  # ASCII digits: "²".isdigit() is True
+
+
 def _cursor(after: Any) -> tuple[int, int, str]:
     """A scroll cursor, `<epoch>:<position>:<id as stored>` (`PointList.next_after`): 422 for anything else."""
-    if isinstance(after, str) and len(after) <= 2048:
-        epoch, _, rest = after.partition(":")
-        fid, _, pk = rest.partition(":")
-        if epoch.isdigit() and fid.isdigit() and pk:
-            return int(epoch), int(fid), pk
+    if isinstance(after, str) and len(after) <= 2048 and (m := _CURSOR.fullmatch(after)):
+        epoch, fid = int(m[1]), int(m[2])
+        if epoch < 2**63 and fid < 2**63:  # what DuckDB's BIGINT holds (a bigger one was a 500 binding it)
+            return epoch, fid, m[3]
     raise InvalidInput("after must be a page's next_after, as a scroll returned it", field="after")
