@@ -30,8 +30,19 @@ ENGINE = "bkg-warm"
 
 def _register_engine() -> None:
     """papermill's nbclient engine, handed a kernel client that is already connected and ready."""
+    from nbclient.output_widget import OutputWidget
     from papermill.clientwrap import PapermillNotebookClient
     from papermill.engines import NBClientEngine, papermill_engines
+
+    class CapturingWidget(OutputWidget):
+        """nbclient's stand-in for a front end's `ipywidgets.Output`, keeping what it captures to itself: nbclient
+        sends all of a widget's outputs back to the kernel after each new one (which echoes them back), quadratic in
+        what it shows (a thousand small displays outlasted the 4 s IOPub wait and failed their run), and sent on the
+        shell socket the run is reading its reply from, such a send could swallow the reply's wakeup (zmq's
+        edge-triggered socket events): the cell then hung until its timeout, or for good without one."""
+
+        def sync_state(self) -> None:
+            """Send nothing: the kernel's `Output.outputs` stays what the kernel set (as with no front end)."""
 
     class CappedClient(PapermillNotebookClient):
         """papermill's client, keeping no more output than the run's `OutputCap` allows."""
@@ -39,9 +50,10 @@ def _register_engine() -> None:
         cap: OutputCap | None = None
         clear_before_next_output: bool  # nbclient's, set as each cell starts
 
-        def _hooked(self, msg: dict[str, Any]) -> bool:
-            """Whether an output widget takes this message's outputs (they go to it, not to the cell)."""
-            return bool(self.output_hook_stack[msg["parent_header"].get("msg_id")])
+        def _hook(self, msg: dict[str, Any]) -> Any:
+            """The output widget that takes this message's outputs (they go to it, not to the cell), or None."""
+            stack = self.output_hook_stack[msg["parent_header"].get("msg_id")]
+            return stack[-1] if stack else None
 
         def _clear_now(self, outs: list[Any], cell_index: int) -> None:
             """Do the clear that waited for this output, as nbclient does it (the output itself is not kept)."""
@@ -51,8 +63,9 @@ def _register_engine() -> None:
                 self.clear_before_next_output = False
 
         def clear_output(self, outs: list[Any], msg: dict[str, Any], cell_index: int) -> None:
-            if self.cap is not None and not msg["content"].get("wait") and not self._hooked(msg):
-                self.cap.refund(outs)  # cleared now: what it held no longer counts
+            if self.cap is not None and not msg["content"].get("wait"):
+                hook = self._hook(msg)
+                self.cap.refund(outs if hook is None else hook.outputs)  # cleared now: what it held no longer counts
             super().clear_output(outs, msg, cell_index)
 
         def _update_display_id(self, display_id: str, msg: dict[str, Any]) -> None:
@@ -82,12 +95,17 @@ def _register_engine() -> None:
         def output(self, outs: list[Any], msg: dict[str, Any], display_id: str | None, cell_index: int) -> Any:
             if self.cap is None:
                 return super().output(outs, msg, display_id, cell_index)
-            hooked = self._hooked(msg)  # an output widget's rich outputs are its own; its streams count
-            if self.clear_before_next_output and not hooked:
+            hook = self._hook(msg)  # an output widget's outputs count as the cell's do; their markers are the cell's
+            if hook is not None and hook.clear_before_next_output:  # its clear that waited for this output, now
+                self.cap.refund(hook.outputs)
+                hook.outputs, hook.clear_before_next_output = [], False
+                if hook.comm_id in self.widget_state:
+                    self.widget_state[hook.comm_id]["outputs"] = hook.outputs
+            elif hook is None and self.clear_before_next_output:
                 self.cap.refund(outs)  # the clear that waited for this output happens now
             kind = msg["msg_type"]
-            if kind in ("display_data", "execute_result", "error") and not hooked:
-                return self._rich(outs, msg, display_id, cell_index)
+            if kind in ("display_data", "execute_result", "error"):
+                return self._rich(outs, msg, display_id, cell_index, hook)
             if kind != "stream":
                 return super().output(outs, msg, display_id, cell_index)
             kept, cut = self.cap.keep(msg["content"].get("text", ""))
@@ -97,32 +115,69 @@ def _register_engine() -> None:
             if kept:
                 msg = {**msg, "content": {**msg["content"], "text": kept}}
                 out = super().output(outs, msg, display_id, cell_index)
-            else:
+            elif hook is None:
                 self._clear_now(outs, cell_index)
             self.cap.mark(outs, cell_index, str(msg["content"].get("name", "stdout")), cut)
             return out
 
-        def _rich(self, outs: list[Any], msg: dict[str, Any], display_id: str | None, cell_index: int) -> Any:
+        def _rich(
+            self, outs: list[Any], msg: dict[str, Any], display_id: str | None, cell_index: int, hook: Any
+        ) -> Any:
             """Keep a display or result while it fits (a cell's short result past it too), else drop it for its
-            cell's marker; keep an error always (shortened past the budget: a failed run shows why)."""
+            cell's marker; keep an error while it fits, and past it the cell's latest only, shortened (the one that
+            failed the cell comes last: a failed run shows why). `hook`: the output widget that takes it, or None."""
             from nbformat.v4 import output_from_msg
 
             assert self.cap is not None
             out = output_from_msg(msg)
             if out["output_type"] == "error":
                 short = self.cap.error(out)
-                if short is not out:
-                    msg = {
-                        **msg,
-                        "content": {**msg["content"], **{k: short[k] for k in ("ename", "evalue", "traceback")}},
-                    }
-                return super().output(outs, msg, display_id, cell_index)
+                if short is out:
+                    return super().output(outs, msg, display_id, cell_index)
+                msg = {**msg, "content": {**msg["content"], **{k: short[k] for k in ("ename", "evalue", "traceback")}}}
+                kept = super().output(outs, msg, display_id, cell_index)
+                held = outs if hook is None else hook.outputs
+                if held and held[-1]["output_type"] == "error":
+                    where, at = self.cap.latest(outs, cell_index, held, held[-1], size(out))
+                    if where is outs:
+                        self._shift(cell_index, at)
+                return kept
             nbytes, kind = size(out), str(out["output_type"])
-            if self.cap.result(cell_index, nbytes) if kind == "execute_result" else self.cap.take(nbytes):
+            if (
+                self.cap.result(cell_index, nbytes)
+                if kind == "execute_result" and hook is None
+                else self.cap.take(nbytes)
+            ):
                 return super().output(outs, msg, display_id, cell_index)
-            self._clear_now(outs, cell_index)
+            if hook is None:
+                self._clear_now(outs, cell_index)
             self.cap.drop(outs, cell_index, out, kind)
             return None
+
+        def _shift(self, cell_index: int, at: int) -> None:
+            """Output `at` left cell `cell_index`: the displays after it that are updated by id moved up one."""
+            for cells in self._display_id_map.values():
+                if cell_index in cells:
+                    cells[cell_index] = [i - (i > at) for i in cells[cell_index] if i != at]
+
+        def set_widgets_metadata(self) -> None:
+            """Save the widgets' state in the notebook's metadata, as much of it as the budget has room for."""
+            super().set_widgets_metadata()
+            saved = self.nb.metadata.get("widgets") if self.cap is not None else None
+            if not saved or self.cap is None:
+                return
+            models = saved.get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+            counted = set()  # output widgets whose outputs were counted as they were captured
+            for model_id, widget in self.comm_objects.items():
+                state = models.get(model_id, {}).get("state", {})
+                mine = getattr(widget, "outputs", None)
+                # unless the kernel set them itself since (`append_display_data`): then they count as state
+                if mine is not None and (state.get("outputs") is mine or state.get("outputs") == mine):
+                    state["outputs"] = mine
+                    counted.add(model_id)
+            note = self.cap.widgets(models, counted)
+            if note:
+                self.nb.metadata.setdefault("bkg", {})["output_cap"] = note
 
     class WarmEngine(NBClientEngine):
         @classmethod
@@ -153,6 +208,7 @@ def _register_engine() -> None:
                 **kwargs,
             )
             client.kc = kc
+            client.widget_registry["@jupyter-widgets/output"]["OutputModel"] = CapturingWidget
             client.cap = OutputCap(int(limit)) if limit is not None else None
             return client.execute()
 

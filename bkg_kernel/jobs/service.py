@@ -194,6 +194,7 @@ class JobService(Schedules):
             raise TooManyRequests(
                 f"{p.username} has {waiting} runs queued or running (job_max_waiting {self.settings.job_max_waiting})"
             )
+
         def checked() -> tuple[Path, dict[str, Any], int]:  # and their size, once: listings and events use it
             path, params = self._checked(notebook, parameters)
             return path, params, len(json.dumps(params))
