@@ -58,7 +58,7 @@ def _store(data_dir: Path | None, *, made: bool = True) -> Iterator[Any]:
     from bkg_kernel.errors import NotFound
     from bkg_kernel.settings import get_settings
     from bkg_kernel.store import Store
-    from bkg_kernel.store.store import DB_NAME
+    from bkg_kernel.store.store import DB_NAME, STORE_ENTRIES
 
     settings = get_settings()  # read first: a bkg.toml that cannot be used is what to say, whatever the folder
     ddir = Path(data_dir if data_dir is not None else settings.data_dir).resolve()
@@ -72,20 +72,25 @@ def _store(data_dir: Path | None, *, made: bool = True) -> Iterator[Any]:
             "serve` or `bkg run`, and so does `bkg store create`); --data-dir or BKG_DATA_DIR names another",
             field="data_dir",
         )
-    top = next((p for p in reversed([ddir, *ddir.parents]) if not p.exists()), None)  # the first folder made
-    there = set(ddir.iterdir()) if top is None and ddir.is_dir() else set()
+    made_dirs = [p for p in [ddir, *ddir.parents] if not p.exists()]  # the folders this command makes, deepest first
+    # only what the store itself makes, and only what was not there: another process's files in the folder stay (a
+    # failed create in a shared folder deleted everything new in it)
+    there = {p.name for p in ddir.iterdir()} if ddir.is_dir() else set()
     try:
         with Store(ddir) as store:
             yield store
     except BaseException:
-        if top is not None:
-            shutil.rmtree(top, ignore_errors=True)
-        elif ddir.is_dir():
-            for path in set(ddir.iterdir()) - there:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+        for name in STORE_ENTRIES - there:
+            path = ddir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        for folder in made_dirs:  # the folders it made, while nothing else is in them
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
 
 

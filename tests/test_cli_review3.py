@@ -124,6 +124,29 @@ def test_commands_that_read_the_store_refuse_a_folder_with_no_store_and_make_not
     assert [c["name"] for c in json.loads(listed.stdout)] == ["docs"]
 
 
+def test_a_failed_create_removes_only_what_the_store_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: a `bkg store create` that failed in a folder holding no store deleted everything that
+    appeared in the folder meanwhile, another process's files too (57 of them, in the review). It now removes only
+    what a store makes, and the folders it made only while they are empty."""
+    from bkg_kernel.cli import _store
+    from bkg_kernel.errors import InvalidInput
+
+    monkeypatch.delenv("BKG_DATA_DIR", raising=False)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "before.txt").write_text("kept")
+    with pytest.raises(InvalidInput), _store(shared, made=False) as store:
+        (shared / "theirs.txt").write_text("another process's")  # written while the command runs
+        (shared / "indexes-of-theirs").mkdir()
+        store.create_collection("docs", dim=4, metric="bogus")
+    assert sorted(p.name for p in shared.iterdir()) == ["before.txt", "indexes-of-theirs", "theirs.txt"]
+    fresh = tmp_path / "new" / "deeper"
+    with pytest.raises(InvalidInput), _store(fresh, made=False) as store:
+        (tmp_path / "new" / "theirs.txt").write_text("another process's")
+        store.create_collection("docs", dim=4, metric="bogus")
+    assert not fresh.exists() and [p.name for p in (tmp_path / "new").iterdir()] == ["theirs.txt"]
+
+
 # -- 3: a cancelled run in the run table ------------------------------------------------------------------------
 
 

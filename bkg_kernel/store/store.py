@@ -21,12 +21,15 @@ from bkg_kernel.settings import Settings, get_settings
 from bkg_kernel.store import migrations, snapshots, validate
 from bkg_kernel.store.collection import Collection
 from bkg_kernel.store.index import DEFAULT_PARAMS, PARAM_RANGES, meta_path
-from bkg_kernel.store.lock import DataDirLock
+from bkg_kernel.store.lock import LOCK_NAME, DataDirLock
 from bkg_kernel.store.results import CollectionInfo, CollectionList, SnapshotInfo, SnapshotList
 from bkg_kernel.store.sql import scalar, transaction
 
 log = logging.getLogger("bkg.store")
 DB_NAME = "bkg.duckdb"
+# what a store makes in its data dir: its database (and DuckDB's write-ahead log and spill folder), its lock, its
+# index files and its snapshots
+STORE_ENTRIES = frozenset({DB_NAME, f"{DB_NAME}.wal", f"{DB_NAME}.tmp", LOCK_NAME, "indexes", "snapshots"})
 CLOSE_WAIT_S = 5.0  # how long closing waits for reads still running (each told to stop first)
 
 
