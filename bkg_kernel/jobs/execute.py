@@ -26,6 +26,7 @@ WARM_IMPORTS = "import bkg_kernel, numpy, json, os, pathlib"  # what most job no
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 INJECTED = "injected-parameters"
 ENGINE = "bkg-warm"
+IOPUB_WAIT_S = 60
 
 
 def _register_engine() -> None:
@@ -205,6 +206,9 @@ def _register_engine() -> None:
                 stderr_file=stderr_file,
                 startup_timeout=start_timeout,
                 timeout=execution_timeout,
+                # after a cell's reply, how long its outputs may take to come in and be kept: nbclient's 4 s failed
+                # a run whose cell showed 2,000 displays on a loaded machine (a dying kernel still ends it at once)
+                iopub_timeout=IOPUB_WAIT_S,
                 **kwargs,
             )
             client.kc = kc
@@ -283,9 +287,15 @@ async def _execute(kc: Any, code: str, timeout: float, gone: Callable[[], bool])
 
 def connect(km: Any, timeout: float = 60.0) -> Any:
     """A client on the kernel, ready (its channels started)."""
+    import zmq
     from jupyter_core.utils import run_sync
 
     kc = km.client()
+    # IOPub is PUB/SUB: past its high-water marks (1,000 messages queued on each side) zmq drops messages without a
+    # word, the cell's `idle` among them, and the run waited for it until its timeout. The client's queue is
+    # unbounded, so zmq's I/O thread takes all a kernel sends however busy this process is (a cell showing 2,000
+    # displays on a loaded machine lost some).
+    kc.context.setsockopt(zmq.RCVHWM, 0)
     kc.start_channels()
     try:
         run_sync(_ready)(kc, timeout, _gone(km))
