@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -20,7 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from bkg_kernel.errors import InvalidInput, closest
+from bkg_kernel.errors import InvalidInput, closest, escaped, is_utf8
 
 # Credentials that reach the gateway through its environment: read into Settings, then removed from the process
 # environment, so that no plugin worker, job worker or kernel inherits them.
@@ -45,11 +46,33 @@ def folder_named(value: Any, field: str, where: str = "") -> None:
         raise InvalidInput(f"{field}{f' ({where})' if where else ''}: {EMPTY_PATH}", field=field)
 
 
+def folder_problem(value: Any) -> str | None:
+    """What makes a folder's path unusable, or None: text that is not UTF-8 (the store's database, DuckDB, takes
+    UTF-8 paths only), a name over 255 bytes or a path over 4096 (what the OS refuses, ENAMETOOLONG)."""
+    if not isinstance(value, str | os.PathLike):
+        return None
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        return None
+    if "\x00" in text:
+        return "a path cannot contain NUL"
+    if not is_utf8(text):
+        return f"'{escaped(text)}' is not valid UTF-8 text: name a folder whose name is (or rename it)"
+    raw = os.fsencode(text)
+    if len(raw) > 4096 or any(len(part) > 255 for part in raw.split(b"/")):
+        return f"path too long: {text[:60]!r}... (a name is at most 255 bytes, a path 4096)"
+    return None
+
+
 def folder_option(field: str, option: str) -> Callable[[str], Path]:
-    """The CLI's parser for a folder option (`--data-dir`): typer reads "" as Path("."), the working directory."""
+    """The CLI's parser for a folder option (`--data-dir`): typer reads "" as Path("."), the working directory; a
+    path no folder can have (not UTF-8, too long) is refused naming the option, before anything looks at it."""
 
     def parse(text: str) -> Path:
         folder_named(text, field, option)
+        problem = folder_problem(text)
+        if problem:
+            raise InvalidInput(f"{field} ({option}): {problem}", field=field)
         return Path(text)
 
     return parse
@@ -228,6 +251,9 @@ class Settings(BaseSettings):
         """Refuse an empty folder (BKG_DATA_DIR="", `model_dir = ""`), which pathlib reads as the working one."""
         if isinstance(value, str | bytes) and not value:
             raise PydanticCustomError("empty_path", EMPTY_PATH)
+        problem = folder_problem(value)
+        if problem:
+            raise PydanticCustomError("bad_path", problem)
         return value
 
     @field_validator("job_roots", "job_file_roots", mode="before")
@@ -253,6 +279,12 @@ class Settings(BaseSettings):
         except OSError as exc:  # there but unreadable (its mode): one line, not a traceback
             field = "BKG_CONFIG" if "BKG_CONFIG" in os.environ else None
             raise InvalidInput(f"{path.absolute()} cannot be read: {exc.strerror or exc}", field=field) from None
+        except UnicodeDecodeError as exc:  # TOML is UTF-8 text (a file saved in Latin-1, or not text at all)
+            field = "BKG_CONFIG" if "BKG_CONFIG" in os.environ else None
+            raise InvalidInput(
+                f"{path.absolute()} is not UTF-8 text (byte {exc.start}), which a TOML file must be: save it as UTF-8",
+                field=field,
+            ) from None
         _known_keys(settings_cls, path, toml())
         return (init_settings, env_settings, toml)
 
@@ -307,9 +339,19 @@ def gateway_url(settings: Settings | None = None) -> str:
     if settings.gateway_url:
         return settings.gateway_url.rstrip("/")
     state = settings.data_dir.resolve() / "gateway.json"
-    if state.exists():
-        try:
-            return str(json.loads(state.read_text())["url"])
-        except (ValueError, KeyError, OSError):
-            pass
+    try:
+        url = json.loads(state.read_text())["url"]
+    except (ValueError, KeyError, TypeError, OSError):  # missing, or not a gateway's (`[]`, not JSON, not UTF-8)
+        url = None
+    if isinstance(url, str) and _http_url(url):  # a URL that is none (`5`, `http://[::1`): as if no file were there
+        return url
     return f"http://{settings.host}:{settings.port}"
+
+
+def _http_url(url: str) -> bool:
+    """Whether `url` is an http(s) URL with a host and, if any, a port (`client.transport.is_http_url`)."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # `http://[::1`, `http://[zz]:1`, `http://h:abc`
+        return False

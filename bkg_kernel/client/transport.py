@@ -24,7 +24,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import orjson
 
-from bkg_kernel.errors import BkgError, InvalidInput, Timeout, Unavailable, from_dict
+from bkg_kernel.errors import BkgError, InvalidInput, Timeout, Unauthorized, Unavailable, from_dict
 
 POOL_SIZE = 8  # idle connections kept per client
 
@@ -93,6 +93,9 @@ class Http:
         self._prefix = parts.path.rstrip("/")
         self.headers = {"Accept": "*/*", "User-Agent": "bkg-client", **(headers or {})}
         self.timeout = timeout
+        # what to say when the gateway asks for a key this client has none of (set by `connect`: the key file that
+        # is missing), instead of the gateway's "missing credentials"
+        self.no_key: str | None = None
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
@@ -192,9 +195,13 @@ class Http:
 
 
 def is_http_url(url: str) -> bool:
-    """Whether `url` names an http(s) server (`127.0.0.1:8000`, without a scheme, does not)."""
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    """Whether `url` names an http(s) server (`127.0.0.1:8000`, without a scheme, does not; nor does one whose host
+    or port cannot be read: `http://[::1`, `http://[zz]:1`, `http://h:abc`, `http://h:99999`)."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:
+        return False
 
 
 def seg(value: Any) -> str:
@@ -326,14 +333,24 @@ def decode(r: Response) -> Any:
 def request(client: Http, method: str, path: str, **kw: Any) -> Any:
     """Send one request and return its decoded body; an error response raises its BkgError."""
     r = client.request(method, path, **kw)
-    raise_for_error(r)
+    _raise_for(client, r)
     return decode(r)
+
+
+def _raise_for(client: Http, r: Response) -> None:
+    """`raise_for_error`, where a 401 to a client that sent no key says why it had none (`Http.no_key`)."""
+    try:
+        raise_for_error(r)
+    except Unauthorized:
+        if client.no_key is None or "Authorization" in client.headers:
+            raise
+        raise Unauthorized(client.no_key) from None
 
 
 def stream(client: Http, method: str, path: str, **kw: Any) -> Iterator[dict[str, Any]]:
     """Send one request and yield the JSON events of its SSE answer as they come."""
     with client.stream(method, path, **kw) as r:
-        raise_for_error(r)
+        _raise_for(client, r)
         try:
             yield from iter_sse(r.iter_lines())
         except TimeoutError:  # nothing came for the client's call timeout

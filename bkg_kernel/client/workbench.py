@@ -334,15 +334,41 @@ def _api_key(settings: Settings, data_dir: Path, admin: bool = False) -> str | N
     scopes), or, only when a person asked for it (`admin=True`: the bkg CLI's admin commands, `bkg run --admin`),
     its admin key."""
     if settings.api_key:
-        return settings.api_key
+        return sendable_key(settings.api_key, "BKG_API_KEY")
     if settings.hub_user and settings.hub_api_token and not admin:
         return settings.hub_api_token  # a Hub user's server and its kernels act as that user
-    for name in ("admin.key",) if admin else ("workbench.key",):
-        try:
-            return (data_dir / name).read_text().strip() or None
-        except OSError:
-            pass
-    return settings.admin_key if admin else None
+    path = data_dir / ("admin.key" if admin else "workbench.key")
+    try:
+        text = path.read_bytes().decode("utf-8").strip()
+    except OSError:  # missing (or unreadable): the gateway's 401 says so, with `missing_key`'s words
+        return settings.admin_key if admin else None
+    except UnicodeError:
+        raise InvalidInput(f"api_key ({path}): not an API key: it is not UTF-8 text; {_key_fix(path)}",
+                           field="api_key") from None  # fmt: skip
+    return sendable_key(text, str(path), _key_fix(path)) if text else None
+
+
+def _key_fix(path: Path) -> str:
+    """How a key file of the data dir is written again."""
+    if path.name == "admin.key":
+        return "`bkg keys recover-admin` (with the gateway stopped) writes a new one, or set BKG_API_KEY"
+    return "a gateway started on the data dir writes a new one (`bkg serve`), or set BKG_API_KEY"
+
+
+def missing_key(data_dir: Path, admin: bool = False) -> str:
+    """What a client with no key to send says when the gateway asks for one: the key file it found missing."""
+    path = data_dir / ("admin.key" if admin else "workbench.key")
+    return f"no API key to send: {path} is missing or unreadable; {_key_fix(path)}"
+
+
+def sendable_key(key: str, where: str, fix: str = "") -> str:
+    """Refuse a key that cannot be sent in an HTTP header (text that is not printable ASCII, which a bkg key always
+    is), naming `where` it came from (BKG_API_KEY, a key file), rather than failing deep in the request."""
+    if not (key.isascii() and key.isprintable()):
+        then = f"; {fix}" if fix else ""
+        raise InvalidInput(f"api_key ({where}): not an API key: a key is printable ASCII text (bkg_...){then}",
+                           field="api_key")  # fmt: skip
+    return key
 
 
 def is_gateway(url: str) -> None:
@@ -392,6 +418,8 @@ def connect(
     ddir = settings.data_dir.resolve()
     under_hub = bool(settings.hub_user and settings.hub_api_token)
     key = api_key or settings.api_key
+    if key:
+        key = sendable_key(key, "the argument" if api_key else "BKG_API_KEY")
     found = not url
     if under_hub and not key and not admin:
         key = settings.hub_api_token
@@ -399,7 +427,9 @@ def connect(
         found = False
     url = url or gateway_url(settings)
     if not transport.is_http_url(url):
-        raise InvalidInput(f"the gateway URL must look like http://host:port, not {url!r}", field="url")
+        raise InvalidInput(
+            f"url (--url, BKG_GATEWAY_URL): the gateway URL must look like http://host:port, not {url!r}", field="url"
+        )
     if found:
         vet_gateway(url, settings)  # before anything goes there, /health included
         running = running_gateway(ddir)
@@ -415,15 +445,24 @@ def connect(
                 raise Unavailable(f"no bkg gateway answers for data dir {ddir} (none runs on it): start one with "
                                   "`bkg serve`")  # fmt: skip
             url = spawn_gateway(settings, ddir, url, timeout)
-            return Workbench(url, _api_key(settings, ddir, admin), call_timeout)
+            return _keyed(Workbench(url, _api_key(settings, ddir, admin), call_timeout), ddir, admin)
     if not _alive(url):
         # a Hub user's server never starts a gateway of its own, and none is started for another machine's URL
         # (it could not bind there; the data dir it would make here is not that gateway's)
         if not start or under_hub or not _this_machine(urlsplit(url).hostname or ""):
             raise Unavailable(f"no bkg gateway answers at {url} (start one with `bkg serve`)")
         url = spawn_gateway(settings, ddir, url, timeout)
-    key = key or _api_key(settings, ddir, admin)  # the data dir's key exists once it started
-    return Workbench(url, key, call_timeout)
+    if key:
+        return Workbench(url, key, call_timeout)
+    # the data dir's key exists once it started
+    return _keyed(Workbench(url, _api_key(settings, ddir, admin), call_timeout), ddir, admin)
+
+
+def _keyed(wb: Workbench, ddir: Path, admin: bool) -> Workbench:
+    """`wb`, which was to send the data dir's key file's key: with none there, a 401 names the missing file."""
+    if wb.api_key is None:
+        wb.http.no_key = missing_key(ddir, admin)
+    return wb
 
 
 def vet_gateway(url: str, settings: Settings) -> None:
@@ -490,7 +529,10 @@ def _recorded(state: Path, pid: int | None = None) -> str | None:
     (a stale one names another pid)."""
     try:
         data = json.loads(state.read_text())
-        return str(data["url"]).rstrip("/") if pid is None or data.get("pid") == pid else None
+        url = data["url"]
+        if not (isinstance(url, str) and transport.is_http_url(url)):  # not a gateway's (`5`, `http://[::1`)
+            return None
+        return url.rstrip("/") if pid is None or data.get("pid") == pid else None
     except (ValueError, KeyError, TypeError, AttributeError, OSError):
         return None
 

@@ -62,6 +62,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _make_folder(dest: Path) -> None:
+    """Make a collection's snapshot folder; a file where it or the snapshots folder must be is a 409 naming it
+    (left as it is), not NotADirectoryError."""
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):
+        in_way = next((p for p in (dest.parent, dest) if p.exists() and not p.is_dir()), dest)
+        raise Conflict(f"{in_way} is in the way: a file where a folder of snapshots must be; move it away and "
+                       "take the snapshot again") from None  # fmt: skip
+
+
 def create(store: Store, coll: Collection) -> SnapshotInfo:
     """Write `<snapshots>/<name>/<id>.bkgsnap` atomically (temp file, fsync, rename).
 
@@ -78,7 +89,7 @@ def create(store: Store, coll: Collection) -> SnapshotInfo:
             coll._ensure_text()  # noqa: SLF001
             coll._unsaved = coll._text_unsaved = True  # noqa: SLF001
             coll.flush()
-            dest.mkdir(parents=True, exist_ok=True)
+            _make_folder(dest)
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=dest, prefix=".tmp-")))
             _link(store.index_path(coll.table), work / "index.faiss")
             _link(store.text_index_path(coll.table), work / TEXT_PART)

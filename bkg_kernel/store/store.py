@@ -16,7 +16,7 @@ from typing import Any
 
 import duckdb
 
-from bkg_kernel.errors import AlreadyExists, InsufficientStorage, InvalidInput, NotFound, Unavailable
+from bkg_kernel.errors import AlreadyExists, CorruptData, InsufficientStorage, InvalidInput, NotFound, Unavailable
 from bkg_kernel.settings import Settings, get_settings
 from bkg_kernel.store import migrations, snapshots, validate
 from bkg_kernel.store.collection import Collection
@@ -33,6 +33,22 @@ STORE_ENTRIES = frozenset({DB_NAME, f"{DB_NAME}.wal", f"{DB_NAME}.tmp", LOCK_NAM
 CLOSE_WAIT_S = 5.0  # how long closing waits for reads still running (each told to stop first)
 
 
+def _connect(db_path: Path) -> duckdb.DuckDBPyConnection:
+    """Open the store's database; a file there that DuckDB cannot open is one line naming it (and left as it is),
+    not DuckDB's IOException."""
+    try:
+        return duckdb.connect(str(db_path), config={"autoinstall_known_extensions": False})
+    except duckdb.IOException as exc:
+        said = str(exc).split("\n", 1)[0].removeprefix("IO Error: ")
+        if "not a valid DuckDB database file" in said:
+            raise CorruptData(
+                f"{db_path} is not a bkg store: it is not a DuckDB database file (another program's?); it was left "
+                "as it is: move it away, or name another data dir (--data-dir, BKG_DATA_DIR)",
+                field="data_dir",
+            ) from None
+        raise Unavailable(f"{db_path}, the bkg store's database, cannot be opened: {said}", field="data_dir") from None
+
+
 class Store:
     """Collections of vectors + JSON payloads + text in one data dir: `Store("./data")` or `with Store() as s:`."""
 
@@ -44,7 +60,7 @@ class Store:
         self.db_path = self.data_dir / DB_NAME
         con = None
         try:
-            con = duckdb.connect(str(self.db_path), config={"autoinstall_known_extensions": False})
+            con = _connect(self.db_path)
             # `now()` and a column's `DEFAULT current_timestamp` write UTC, as every timestamp bkg writes itself
             # (the machine's own zone put local times into TIMESTAMP columns read back as UTC); ICU is built in
             con.execute("SET GLOBAL TimeZone = 'UTC'")  # GLOBAL: the connections of `reading` too

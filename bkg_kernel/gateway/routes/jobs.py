@@ -16,11 +16,13 @@ import asyncio
 import base64
 import json
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput, NotFound, Unavailable
@@ -52,6 +54,19 @@ class RunRequest(StrictBody):
     timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT, description="Whole-run limit; then timed_out.")
     retries: int = Field(0, ge=0, le=10, description="Automatic re-runs after a failure or timeout.")
 
+    @field_validator("notebook", mode="before")
+    @classmethod
+    def _notebook(cls, notebook: Any) -> Any:
+        return notebook_path(notebook)
+
+
+def notebook_path(notebook: Any) -> Any:
+    """Say what a notebook path takes, rather than which pattern it missed."""
+    if isinstance(notebook, str) and not re.match(NOTEBOOK, notebook):
+        why = "a path cannot contain NUL" if "\x00" in notebook else "a notebook's path ends in .ipynb (jobs/x.ipynb)"
+        raise PydanticCustomError("string_pattern_mismatch", why)
+    return notebook
+
 
 class ScheduleRequest(StrictBody):
     """Run a notebook on a cron schedule, as the caller."""
@@ -71,12 +86,26 @@ class ScheduleRequest(StrictBody):
     def _fixed(cls, cron: Any) -> Any:
         return fixed_cron(cron)
 
+    @field_validator("notebook", mode="before")
+    @classmethod
+    def _notebook(cls, notebook: Any) -> Any:
+        return notebook_path(notebook)
+
 
 def fixed_cron(cron: Any) -> Any:
-    """Say why a random or hashed field (croniter's R and H) is refused, rather than which pattern it missed."""
+    """Say why a random or hashed field (croniter's R and H) is refused, or what a cron takes, rather than which
+    pattern it missed."""
     why = schedule.drawn(cron)
     if why is not None:
         raise ValueError(why)
+    if isinstance(cron, str) and len(cron) <= 200 and not re.match(CRON, cron):
+        n = len(cron.split())
+        why = (
+            f"a cron is five fields, minute hour day month weekday, e.g. '0 3 * * *' (this one has {n})"
+            if n != 5
+            else "a cron field takes digits, names (MON, JAN, L) and * ? / , # - only, e.g. '0 3 * * MON-FRI'"
+        )
+        raise PydanticCustomError("string_pattern_mismatch", why)
     return cron
 
 
