@@ -158,3 +158,25 @@ def test_an_output_widget_showing_many_small_displays_runs_through(gw: Gateway) 
     assert done["state"] == "succeeded", done
     shown = _models(_output(gw, run["id"]))["OutputModel"]["outputs"]
     assert [o["data"]["text/html"] for o in shown] == [f"<b>{i}</b>" + "m" * 300 for i in range(2000)]
+
+
+def test_widget_state_left_out_takes_the_models_that_name_it_along() -> None:
+    """Found by a review of the cap: a model left out of the saved widget state (a layout the budget had no room
+    for) stayed named by a model kept (its Textarea), which a front end could not render. A model that names one
+    left out goes too; an output widget left out gives its counted outputs back to the budget."""
+    from bkg_kernel.jobs.outputcap import OutputCap
+
+    cap = OutputCap(600)
+    outs = [{"output_type": "stream", "name": "stdout", "text": "o" * 200}]
+    models = {
+        "area": {"state": {"_model_name": "TextareaModel", "value": "v" * 100, "layout": "IPY_MODEL_lay"}},
+        "box": {"state": {"_model_name": "VBoxModel", "children": ["IPY_MODEL_area"]}},
+        "out": {"state": {"_model_name": "OutputModel", "outputs": outs, "layout": "IPY_MODEL_lay"}},
+        "lay": {"state": {"_model_name": "LayoutModel", "width": "w" * 2000}},  # no room for it, whole or cut
+    }
+    assert cap.take(sum(len(json.dumps(o)) for o in outs))  # the output widget's, counted as they came
+    before = cap.kept
+    note = cap.widgets(models, counted={"out"})
+    assert note is not None and "left out" in note
+    assert set(models) == set(), models  # the layout, then all that name it, then the box naming the textarea
+    assert cap.kept < before  # the output widget's outputs were given back

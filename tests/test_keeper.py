@@ -66,3 +66,32 @@ def _recorded_pid(ddir: Path) -> int | None:
         return int(json.loads((ddir / "gateway.json").read_text())["pid"])
     except (OSError, ValueError, KeyError):
         return None
+
+
+def test_a_restart_that_fails_outside_bkg_is_said_and_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: a restart whose log or process could not be made raised an OSError the keeper did not
+    catch, and its thread ended without a word, the gateway left down. It is said, and tried again next round."""
+    import subprocess
+    import sys
+
+    from bkg_kernel.client import workbench
+
+    monkeypatch.setattr(keeper_mod, "RESTART_LIMIT", 2)
+    monkeypatch.setattr(keeper_mod, "POLL_S", 0.05)
+
+    def no_log(*_: object) -> str:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "gateway.log"))
+
+    monkeypatch.setattr(workbench, "spawn_gateway", no_log)
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    said: list[str] = []
+    kept = GatewayKeeper(dead, Settings(data_dir=tmp_path), tmp_path, "http://127.0.0.1:9", said.append).start()
+    try:
+        wait_for(lambda: any("not started again" in s for s in said), 30, every=0.05)
+    finally:
+        kept.stop()
+    assert sum("did not start again: [Errno 13] Permission denied" in s for s in said) == 2, said
+    assert kept.restarts == 2

@@ -316,3 +316,15 @@ def test_held_ranges_rewrites_only_what_it_can_hold() -> None:
     assert held["properties"]["b"] == schema["properties"]["b"] and held["properties"]["c"] == schema["properties"]["c"]
     assert held["properties"]["d"]["items"] == {"enum": [1, 2, 3]}
     assert schema["properties"]["a"]["minimum"] == 2.5  # the caller's schema is left as it was
+
+
+def test_held_ranges_count_against_a_schemas_choices() -> None:
+    from bkg_kernel.errors import InvalidInput
+    from bkg_kernel.plugins.llmserver.generate import MAX_CHOICES, _checked, held_ranges
+
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer", "minimum": 0, "maximum": 999}
+                                             for i in range(MAX_CHOICES // 1000 + 1)}}  # fmt: skip
+    with pytest.raises(InvalidInput, match="values in all") as got:
+        _checked(held_ranges(many), "response_format.json_schema.schema")
+    assert got.value.field.startswith("response_format.json_schema.schema.properties.p")
+    _checked(held_ranges({"type": "object", "properties": dict(list(many["properties"].items())[:3])}), "x")

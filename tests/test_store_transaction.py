@@ -37,3 +37,13 @@ def test_a_block_commits_together_and_a_failing_one_leaves_nothing(tmp_path: Pat
     again = duckdb.connect(str(tmp_path / "t.duckdb"))  # what was committed is in the file
     assert again.execute("SELECT k, v FROM t ORDER BY k").fetchall() == [(1, "a"), (2, "z")]
     again.close()
+
+
+def test_a_table_that_cannot_be_registered_leaves_none_registered(tmp_path: Path) -> None:
+    con = duckdb.connect(str(tmp_path / "t.duckdb"))
+    with pytest.raises(Exception), transaction(con, _ok=pa.table({"k": [1]}), _bad=object()):  # noqa: B017
+        pass
+    assert not {"_ok", "_bad"} & _registered(con)
+    with transaction(con) as c:  # and the connection works on: no transaction was left open
+        c.execute("CREATE TABLE t (k INTEGER)")
+    con.close()

@@ -78,8 +78,8 @@ class GatewayKeeper:
         before = set(SPAWNED)
         try:
             spawn_gateway(self._settings, self._ddir, self._url, self._timeout)
-        except BkgError as exc:
-            self._say(f"the bkg gateway did not start again: {exc.message}")
+        except Exception as exc:  # its log or its process could not be made (an OSError): said, tried next round
+            self._say(f"the bkg gateway did not start again: {exc.message if isinstance(exc, BkgError) else exc}")
         new = [SPAWNED[pid] for pid in set(SPAWNED) - before]
         if new:  # the one started, even if it did not answer in time (it may yet, or its end is seen next round)
             self.proc = new[-1]

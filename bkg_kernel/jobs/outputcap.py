@@ -212,7 +212,8 @@ class OutputCap:
         place: each model whole while it fits, else its long values cut (a string to its ends, any other value and
         its binary buffers left out), else none of it; the `outputs` of the models in `counted` (output widgets) were
         counted as they were captured. Return a note of what was cut, or None."""
-        cut, left = 0, []
+        cut, left = 0, list[str]()
+        left_ids: set[str] = set()
         for model_id in list(models):
             model = models[model_id]
             state = model.get("state") or {}
@@ -228,14 +229,28 @@ class OutputCap:
                 model.pop("buffers", None)
                 cut += 1
             else:
-                del models[model_id]
-                left.append(str(state.get("_model_name", "a model")))
+                self._leave_out(models, model_id, counted, left, left_ids)
+        # a model kept that names one left out (a widget's layout, a box's children) would not render: it goes too
+        while orphans := [i for i, m in models.items() if _names_any(m.get("state"), left_ids)]:
+            for model_id in orphans:
+                self._leave_out(models, model_id, counted, left, left_ids)
         if not cut and not left:
             return None
         gone = f", {len(left)} left out ({', '.join(sorted(set(left))[:MIMES_SHOWN])})" if left else ""
         return (
             f"[bkg: widget state cut: {cut} widget models kept with their long values cut{gone}; {_rule(self.limit)}]"
         )
+
+    def _leave_out(
+        self, models: dict[str, Any], model_id: str, counted: set[str], left: list[str], left_ids: set[str]
+    ) -> None:
+        """Leave a widget model out of the saved state (its name in `left`, its id in `left_ids`); an output
+        widget's outputs, counted as they were captured, go back to the budget."""
+        state = models.pop(model_id).get("state") or {}
+        if model_id in counted and isinstance(state.get("outputs"), list):
+            self.refund(state["outputs"])
+        left_ids.add(model_id)
+        left.append(str(state.get("_model_name", "a model")))
 
     def refund(self, outs: list[Any]) -> None:
         """A cell is about to clear `outs`: what they hold goes back to the budget, which counts what the notebook
@@ -272,3 +287,14 @@ class OutputCap:
         d.kinds[kind] = d.kinds.get(kind, 0) + 1
         d.mimes = (d.mimes + [m for m in (out.get("data") or {}) if m not in d.mimes])[: MIMES_SHOWN + 1]
         d.node["text"] = d.text(self.limit)
+
+
+def _names_any(value: Any, model_ids: set[str]) -> bool:
+    """Whether a widget model's state refers to any of `model_ids` (as `"IPY_MODEL_<id>"`, anywhere in it)."""
+    if isinstance(value, str):
+        return value.startswith("IPY_MODEL_") and value[len("IPY_MODEL_") :] in model_ids
+    if isinstance(value, dict):
+        return any(_names_any(v, model_ids) for v in value.values())
+    if isinstance(value, list):
+        return any(_names_any(v, model_ids) for v in value)
+    return False

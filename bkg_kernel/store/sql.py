@@ -22,16 +22,18 @@ def transaction(con: duckdb.DuckDBPyConnection, **tables: Any) -> Iterator[duckd
     """One transaction on `con`: committed when the block ends, rolled back (and the error raised) when it fails.
     `tables` are Arrow tables registered under their names for the block's statements, and unregistered after it,
     whatever happened."""
-    for name, table in tables.items():
-        con.register(name, table)
     try:
+        for name, table in tables.items():
+            con.register(name, table)
         con.execute("BEGIN TRANSACTION")
         try:
             yield con
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            with contextlib.suppress(duckdb.Error):  # a COMMIT that failed may have ended it: its error is the one
+                con.execute("ROLLBACK")
             raise
     finally:
         for name in tables:
-            con.unregister(name)
+            with contextlib.suppress(duckdb.Error):  # one whose registration failed was never there
+                con.unregister(name)

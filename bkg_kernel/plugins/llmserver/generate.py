@@ -350,6 +350,7 @@ FORMATS = ("date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid
 
 
 MAX_INT_CHOICES = 1_000  # an integer range the grammar holds as the list of its values
+MAX_CHOICES = 20_000  # enum values in one schema, held ranges' included: the grammar spells each one out
 _NUMBER_RULES = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 
 
@@ -406,8 +407,9 @@ def _checked(schema: Any, at: str) -> None:
     keyword the converter skips (`UNENFORCED`, a string `format` it does not know, lengths beside a `pattern` or
     `format`, counts of a tuple), or lengths and counts that would make the grammar huge (the converter writes
     each repetition out: `{"type": "string", "minLength": 100000000}`, a few bytes of JSON, was gigabytes of
-    grammar). Only schema keywords are walked (not `examples`, `default`, `enum`, `const`)."""
-    total = 0
+    grammar), or more enum values than `MAX_CHOICES` in all. Only schema keywords are walked (not `examples`,
+    `default`, `const`)."""
+    total = total_choices = 0
 
     def refuse(where: str, key: str, why: str = "") -> None:
         if key in _NUMBER_RULES and not why:
@@ -417,7 +419,7 @@ def _checked(schema: Any, at: str) -> None:
                            "(remove it, and check that rule yourself)", field=f"{where}.{key}")  # fmt: skip
 
     def walk(node: Any, where: str) -> None:
-        nonlocal total
+        nonlocal total, total_choices
         if not isinstance(node, dict):
             return
         for key in UNENFORCED:
@@ -435,6 +437,12 @@ def _checked(schema: Any, at: str) -> None:
                 refuse(where, key, " for a tuple (items as a list, or prefixItems)")
         if "prefixItems" in node and "items" in node:
             refuse(where, "prefixItems", " beside items")
+        choices = node.get("enum")
+        if isinstance(choices, list):  # an enum's, or an integer range `held_ranges` made one of
+            total_choices += len(choices)
+            if total_choices > MAX_CHOICES:
+                raise InvalidInput(f"the schema's enums and integer ranges hold more than {MAX_CHOICES:,} values in "
+                                   "all here: the grammar spells each one out (narrow them)", field=where)  # fmt: skip
         for key in _BOUNDS:
             value = node.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
