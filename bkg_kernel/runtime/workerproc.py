@@ -216,12 +216,6 @@ class WorkerProcess:
                 finally:
                     s.close()
 
-    def grant(self, caller: Principal) -> dict[str, Any]:
-        """Make a grant for one request of `caller`; the message data that carries it into the worker."""
-        call = _call_data(caller)
-        self.grants[call["grant"]] = caller
-        return call
-
     def fail_in_flight(self, message: str) -> None:
         """Answer every request still waiting on this worker with a 503 (streams get it as their last event)."""
         for req_id in list(self.streams):
