@@ -37,10 +37,10 @@ def _register_engine() -> None:
 
     class CapturingWidget(OutputWidget):
         """nbclient's stand-in for a front end's `ipywidgets.Output`, keeping what it captures to itself: nbclient
-        sends all of a widget's outputs back to the kernel after each new one (which echoes them back), quadratic in
-        what it shows (a thousand small displays outlasted the 4 s IOPub wait and failed their run), and sent on the
-        shell socket the run is reading its reply from, such a send could swallow the reply's wakeup (zmq's
-        edge-triggered socket events): the cell then hung until its timeout, or for good without one."""
+        sends all of a widget's outputs back to the kernel after each new one (which echoes them back on IOPub),
+        quadratic in what it shows: a thousand small displays outlasted the 4 s IOPub wait and failed their run, and
+        the echoes swelled IOPub past the queue zmq drops beyond (see `connect`), so a cell could hang until its
+        timeout."""
 
         def sync_state(self) -> None:
             """Send nothing: the kernel's `Output.outputs` stays what the kernel set (as with no front end)."""

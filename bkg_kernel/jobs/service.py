@@ -461,9 +461,7 @@ class JobService(Schedules):
         # who owns it and what it ran with decide who gets it and how much of it: the socket drops both. Its
         # parameters as a listing has them: a run of 1 MiB of them sent that much to each subscriber at each cell
         event = public(run) | {"owner_id": run["owner_id"], "scopes": list(run["scopes"])}
-        if (run.get("parameters_bytes") or 0) > LISTED_PARAMS:
-            event["parameters"] = None
-        self.emit("jobs", "notebook", event)
+        self.emit("jobs", "notebook", _big_parameters_left_out(event))
 
     async def _kill(self, run_id: str, reason: str) -> None:
         run = self.live.get(run_id)
@@ -674,9 +672,14 @@ def listed(run: dict[str, Any], p: Principal) -> dict[str, Any]:
     if "parameters_bytes" not in out:  # a run made before its size was kept with it
         params = out.get("parameters")
         out["parameters_bytes"] = None if params is None else len(json.dumps(params))  # as the store keeps them
-    if (out["parameters_bytes"] or 0) > LISTED_PARAMS:
-        out["parameters"] = None
-    return out
+    return _big_parameters_left_out(out)
+
+
+def _big_parameters_left_out(run: dict[str, Any]) -> dict[str, Any]:
+    """`run` (a copy made to be sent) with its parameters None when its `parameters_bytes` is over LISTED_PARAMS."""
+    if (run.get("parameters_bytes") or 0) > LISTED_PARAMS:
+        run["parameters"] = None
+    return run
 
 
 def public(run: dict[str, Any]) -> dict[str, Any]:
