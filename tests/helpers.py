@@ -175,6 +175,20 @@ def register_plugins(root: Any, dist: str, entries: dict[str, str]) -> None:
     (info / "entry_points.txt").write_text(f"[bkg_kernel.plugins]\n{lines}")
 
 
+def bkg(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The bkg CLI in a subprocess in `cwd`, with no BKG_ or JUPYTERHUB_ variable but those of `env`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BKG_", "JUPYTERHUB_"))}
+    cli = [sys.executable, "-m", "bkg_kernel.cli"]
+    return subprocess.run([*cli, *args], cwd=cwd, env={**clean, **env}, capture_output=True, text=True, timeout=120)
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> None:
+    """A CLI command failed as the CLI fails: exit 2, one line `error: ...` holding `words`, no traceback."""
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+
+
 def on_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     """Start `fn` on a thread of its own; the list gets what it returned, or the exception it raised (for the test
     to look at), once it ends."""

@@ -10,32 +10,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway, start_gateway, submit, wait_for, wait_run
-from helpers import notebook
+from helpers import bkg, notebook, one_line_error
 
 from bkg_kernel.client import connect
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.settings import Settings
-
-BKG = [sys.executable, "-m", "bkg_kernel.cli"]
-
-
-def bkg(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BKG_", "JUPYTERHUB_"))}
-    return subprocess.run([*BKG, *args], cwd=cwd, env={**clean, **env}, capture_output=True, text=True, timeout=120)
-
-
-def one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
-    assert all(w in r.stderr for w in words), r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -15,26 +15,12 @@ subprocess; a real gateway where one answers):
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from gateway_harness import Gateway, start_gateway
-
-BKG = [sys.executable, "-m", "bkg_kernel.cli"]
-
-
-def bkg(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BKG_", "JUPYTERHUB_"))}
-    return subprocess.run([*BKG, *args], cwd=cwd, env={**clean, **env}, capture_output=True, text=True, timeout=120)
-
-
-def one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
-    assert all(w in r.stderr for w in words), r.stderr
+from helpers import bkg, one_line_error
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway, start_gateway
+from helpers import bkg
 
 PLUGINS = ["apikeys"]
 BKG = [sys.executable, "-m", "bkg_kernel.cli"]
@@ -23,11 +24,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     g = start_gateway(tmp_path_factory.mktemp("clitrial") / "data", plugins=PLUGINS)
     yield g
     g.stop()
-
-
-def bkg(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BKG_", "JUPYTERHUB_"))}
-    return subprocess.run([*BKG, *args], cwd=cwd, env={**clean, **env}, capture_output=True, text=True, timeout=120)
 
 
 def one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> None:
