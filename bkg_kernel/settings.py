@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -342,8 +343,15 @@ def gateway_url(settings: Settings | None = None) -> str:
         url = json.loads(state.read_text())["url"]
     except (ValueError, KeyError, TypeError, OSError):  # missing, or not a gateway's (`[]`, not JSON, not UTF-8)
         url = None
-    from bkg_kernel.client.transport import is_http_url  # here: the client package imports this module
-
-    if isinstance(url, str) and is_http_url(url):  # a URL that is none (`5`, `http://[::1`): as if no file were there
+    if isinstance(url, str) and _http_url(url):  # a URL that is none (`5`, `http://[::1`): as if no file were there
         return url
     return f"http://{settings.host}:{settings.port}"
+
+
+def _http_url(url: str) -> bool:
+    """Whether `url` is an http(s) URL with a host and, if any, a port (`client.transport.is_http_url`)."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # `http://[::1`, `http://[zz]:1`, `http://h:abc`
+        return False
