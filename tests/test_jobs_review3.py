@@ -104,14 +104,16 @@ def test_a_running_runs_output_notebook_is_served_as_far_as_it_got(gw: Gateway) 
     narrow = _key(gw, None, scopes=["plugins:read"])["key"]  # the admin's own key, narrowed
     run = submit(gw, {"notebook": "slow.ipynb"})
 
+    def printed(r: Any) -> bool:  # in an output: the cell's source says it too, and is saved before it runs
+        cells = nbformat.reads(r.text, 4).cells
+        return any("first cell done" in o.get("text", "") for c in cells for o in c.get("outputs", []))
+
     def so_far() -> Any:
         r = admin.get(f"/api/jobs/{run['id']}/output")
-        return r if r.status_code == 200 and "first cell done" in r.text else None
+        return r if r.status_code == 200 and printed(r) else None
 
     r = wait_for(so_far, timeout=120, every=0.3)
     assert r.headers["content-type"].startswith("application/x-ipynb+json"), r.headers
-    cells = nbformat.reads(r.text, 4).cells
-    assert any("first cell done" in o.get("text", "") for c in cells for o in c.get("outputs", []))
     text = Workbench(gw.url, ADMIN_KEY).jobs.output(run["id"])
     assert "first cell done" in text and nbformat.reads(text, 4).cells
     html = admin.get(f"/api/jobs/{run['id']}/output", params={"format": "html"})
