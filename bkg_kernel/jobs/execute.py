@@ -219,13 +219,37 @@ def _register_engine() -> None:
     papermill_engines.register(ENGINE, WarmEngine)
 
 
+# the Python kernel, started by `kernel_app` (ipykernel's, with an unbounded IOPub send queue); jupyter_client puts
+# its own Python for "python"
+KERNEL_ARGV = ["python", "-m", "bkg_kernel.jobs.kernel_app", "-f", "{connection_file}"]
+
+
+def _kernel_specs() -> Any:
+    """The kernel specs a job kernel is found in: Jupyter's, with the Python kernel started by `kernel_app`."""
+    from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+
+    class JobKernelSpecs(KernelSpecManager):
+        def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+            spec = super().get_kernel_spec(kernel_name)
+            if kernel_name == KERNEL:
+                spec.argv = list(KERNEL_ARGV)
+            return spec
+
+    return JobKernelSpecs()
+
+
 def spawn_kernel(cwd: str) -> Any:
     """Start a kernel process over Unix sockets (it boots in the background: `warm` waits for it)."""
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.utils import run_sync
 
     # jupyter_client names an IPC kernel's sockets after its connection file: <folder>/kernel-<id>-ipc-1 ... -5
-    km = AsyncKernelManager(kernel_name=KERNEL, transport="ipc", connection_file=kernels.connection_file())
+    km = AsyncKernelManager(
+        kernel_name=KERNEL,
+        transport="ipc",
+        connection_file=kernels.connection_file(),
+        kernel_spec_manager=_kernel_specs(),
+    )
     run_sync(km.start_kernel)(cwd=cwd)
     return km
 
@@ -294,7 +318,7 @@ def connect(km: Any, timeout: float = 60.0) -> Any:
     # IOPub is PUB/SUB: past its high-water marks (1,000 messages queued on each side) zmq drops messages without a
     # word, the cell's `idle` among them, and the run waited for it until its timeout. The client's queue is
     # unbounded, so zmq's I/O thread takes all a kernel sends however busy this process is (a cell showing 2,000
-    # displays on a loaded machine lost some).
+    # displays on a loaded machine lost some). The kernel's send queue is unbounded too (`kernel_app`).
     kc.context.setsockopt(zmq.RCVHWM, 0)
     kc.start_channels()
     try:
