@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -61,6 +62,10 @@ class Collection:
         self._unsaved = False
         self._last_save = time.monotonic()
         self.dropped = False
+        # This collection's own: its indexes, mirrors and caches. A query takes it alone; a write takes it, then the
+        # store's lock (one DuckDB connection for every write): a long write or a compaction of one collection
+        # holds up the writes of others, never their queries. Never taken while holding the store's lock.
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"Collection({self.name!r}, dim={self.dim}, metric={self.metric!r}, index={self.index_kind!r})"
@@ -68,25 +73,40 @@ class Collection:
     def _repr_html_(self) -> str:
         return self.describe()._repr_html_()
 
+    def _live(self) -> None:
+        """A 404 (dropped), or a 409 (replaced by a restore), for a handle that no longer is the collection: a
+        call that looked it up, then waited for a lock, must not query a table that is gone (a 500) or an index
+        that no longer answers for the name."""
+        if self.dropped:
+            if self.name in self._store._open:  # noqa: SLF001
+                raise Conflict(f"collection {self.name!r} was replaced (restored from a snapshot) while this call "
+                               "waited: ask again", field="name")  # fmt: skip
+            raise NotFound(f"collection {self.name!r} was dropped while this call waited", field="name")
+
+    @contextlib.contextmanager
+    def _searching(self) -> Iterator[None]:
+        """The collection's lock alone, for a read of its in-memory indexes and caches (a query): the store's lock
+        is not needed, so another collection's long write or compaction does not hold it up. What it reads in
+        DuckDB it reads on a connection of its own (`_reading`); an index not loaded yet is loaded under the
+        store's lock (`_ensure_index`)."""
+        with self._lock:
+            self._live()
+            yield
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """The store's lock, held while this handle still is the collection: one dropped, or replaced by a restore,
-        since a call looked it up and before the call got the lock is that call's 404 or 409, not a query of a
-        table that is gone (a 500) or of an index that no longer answers for the name."""
-        with self._store._mutex:  # noqa: SLF001
-            if self.dropped:
-                if self.name in self._store._open:  # noqa: SLF001
-                    raise Conflict(f"collection {self.name!r} was replaced (restored from a snapshot) while this call "
-                                   "waited: ask again", field="name")  # fmt: skip
-                raise NotFound(f"collection {self.name!r} was dropped while this call waited", field="name")
+        """The collection's lock, then the store's (its DuckDB connection), while this handle still is the
+        collection: for writes, and what reads and writes the index files."""
+        with self._lock, self._store._mutex:  # noqa: SLF001 - in this order, always
+            self._live()
             yield
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A DuckDB connection for one read outside the store's lock (`Store.reading`): the collection is looked up
-        under the lock, then read on its own snapshot; one dropped or replaced before the read began is the
+        under its own lock, then read on its own snapshot; one dropped or replaced before the read began is the
         caller's 404 or 409, as with `_locked`."""
-        with self._locked():
+        with self._searching():
             lent = self._store.reading()
         with lent as con:
             try:
@@ -104,14 +124,20 @@ class Collection:
 
     # -- index lifecycle --------------------------------------------------------------------------
     def _ensure_index(self) -> VectorIndex:
+        """The vector index, loaded (and the mirrors filled) the first time; call holding the collection's lock."""
         if self._index is not None:
             return self._index
-        return ingest.load(self)
+        with self._store._mutex:  # noqa: SLF001 - the load reads DuckDB on the store's connection, and saves
+            self._live()
+            return ingest.load(self)
 
     def _ensure_text(self) -> TextIndex:
+        """The full-text index, loaded the first time; call holding the collection's lock."""
         if self._text is not None:
             return self._text
-        return ingest.load_text(self)
+        with self._store._mutex:  # noqa: SLF001
+            self._live()
+            return ingest.load_text(self)
 
     def flush(self) -> None:
         """Persist the FAISS and full-text indexes now (also done on close and every `index_save_interval` s)."""

@@ -1,7 +1,8 @@
 """Searching a collection: vector search in FAISS, BM25 text search (`fulltext`), and both fused.
 
 The functions here work on a `Collection`'s state and are called only by its methods; `query` checks its
-arguments, scans for a filter's points (`Matching`), then takes the store's lock to rank.
+arguments, scans for a filter's points (`Matching`), then takes the collection's lock (not the store's: another
+collection's write goes on meanwhile) to rank.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def query(
                 rankings[side] = c._ensure_text().search(str(text), depth, allowed)
         return rankings[side]
 
-    found = Matching(c, filter, where, params) if filter else None  # the scan, outside the store's lock
-    with c._locked():  # noqa: SLF001
+    found = Matching(c, filter, where, params) if filter else None  # the scan, outside the collection's lock
+    with c._searching():  # noqa: SLF001 - its own lock, not the store's: another collection's write goes on
         index = c._ensure_index()
         allowed = found.now() if found is not None else None
         if mode == "vector":
@@ -131,7 +132,7 @@ def query(
             vectors = _vectors(c, fl)
             for h, f in zip(result.hits, fl, strict=True):
                 h.vector = vectors.get(f)
-    if isinstance(selected, list):  # the fields asked for, picked outside the store's lock
+    if isinstance(selected, list):  # the fields asked for, picked outside the collection's lock
         for h, raw_payload in zip(result.hits, chosen, strict=True):
             h.payload = pick(json.loads(raw_payload), selected) if raw_payload is not None else None
     result.took_ms = (time.perf_counter() - t0) * 1000
@@ -161,10 +162,11 @@ def pick(payload: dict[str, Any], paths: list[list[str]]) -> dict[str, Any]:
 def _vectors(c: Collection, fids: list[int]) -> dict[int, list[float]]:
     """Return the stored vectors of these positions (as upserted: not the normalised copies a cosine index holds),
     in one read of DuckDB, the rows outside their positions' range skipped by their zone maps."""
-    rows = c._con.execute(
-        f"SELECT fid, vec FROM {c.table} WHERE fid BETWEEN ? AND ? AND list_contains(?::BIGINT[], fid)",
-        [min(fids), max(fids), fids],
-    ).fetchall()
+    with c._reading() as con:  # noqa: SLF001
+        rows = con.execute(
+            f"SELECT fid, vec FROM {c.table} WHERE fid BETWEEN ? AND ? AND list_contains(?::BIGINT[], fid)",
+            [min(fids), max(fids), fids],
+        ).fetchall()
     return {f: np.frombuffer(vec, dtype=np.float32).tolist() for f, vec in rows}
 
 
@@ -194,9 +196,9 @@ def _texts(c: Collection, fids: list[int]) -> dict[int, str | None]:
     cache = c._text_cache
     missing = [f for f in fids if f not in cache]
     if missing:
-        rows = c._con.execute(
-            f"SELECT fid, text FROM {c.table} WHERE list_contains(?::BIGINT[], fid)", [missing]
-        ).fetchall()
+        with c._reading() as con:  # noqa: SLF001
+            sql = f"SELECT fid, text FROM {c.table} WHERE list_contains(?::BIGINT[], fid)"
+            rows = con.execute(sql, [missing]).fetchall()
         for f, text in rows:
             cache[f] = text
         while len(cache) > TEXT_CACHE_SIZE:
@@ -211,8 +213,8 @@ def _texts(c: Collection, fids: list[int]) -> dict[int, str | None]:
 
 class Matching:
     """The positions of the points a filter matches, found in two steps so that the scan of every point runs
-    outside the store's lock (a filter of a thousand conditions takes seconds on a large collection, and every
-    other call to the store would wait that long): made without the lock, it reads them as they were when it
+    outside the collection's lock (a filter of a thousand conditions takes seconds on a large collection, and every
+    other call to it would wait that long): made without the lock, it reads them as they were when it
     began, on a connection of its own (`Collection._reading`); `now()`, holding the lock, adds the points written
     since, or scans again when a compaction renumbered the positions, or a payload was changed in place (`set_payload`),
     meanwhile (rare). Points deleted since stay
@@ -222,7 +224,7 @@ class Matching:
     def __init__(self, c: Collection, flt: dict[str, Any], where: str, params: list[Any]) -> None:
         self.c, self.where, self.params = c, where, params
         self.key = json.dumps(flt, sort_keys=True, default=str)
-        with c._locked():
+        with c._searching():
             cache = c._filter_cache
             hit = cache.get(self.key)
             if hit is not None:
@@ -238,9 +240,11 @@ class Matching:
         """The positions matching now; call holding the collection's lock."""
         c = self.c
         if c._epoch != self.epoch or c._payload_edits != self.edits:  # renumbered, or payloads changed in place
-            fids = self._select(c._con, "TRUE", [])
+            with c._reading() as con:
+                fids = self._select(con, "TRUE", [])
         elif c._next_fid > self.upto:
-            fids = np.concatenate([self.fids, self._select(c._con, "fid >= ?", [self.upto])])
+            with c._reading() as con:
+                fids = np.concatenate([self.fids, self._select(con, "fid >= ?", [self.upto])])
         else:
             fids = self.fids
         if FILTER_CACHE_SIZE:

@@ -135,13 +135,17 @@ class Store:
     def reading(self) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
         """A DuckDB connection of its own for one read that may scan every point (a filter): it runs outside the
         store's lock, on its own snapshot of the data, so a slow read holds up its caller alone, not every other
-        call to the store. Take it holding the lock (where the caller checked that its collection still is). A
-        new one each time (a few microseconds): one kept would keep its last read's transaction open, and
-        DuckDB does not checkpoint past it."""
+        call to the store. Take it holding the collection's lock (where the caller checked that its collection
+        still is): not the store's, which a long write of another collection may hold. A new one each time (a few
+        microseconds): one kept would keep its last read's transaction open, and DuckDB does not checkpoint past
+        it."""
         if self.closed:
             raise Unavailable("the store is closed")
         with self._readers_cv:
-            con = self._con.cursor()
+            try:
+                con = self._con.cursor()  # DuckDB's way to a connection per thread, from any thread
+            except duckdb.Error:  # closed meanwhile: `close` holds the store's lock, not the collections'
+                raise Unavailable("the store is closed") from None
             self._busy.add(con)
         return self._lent(con)
 
