@@ -32,7 +32,7 @@ def store(tmp_path: Path) -> Any:
             payloads=[{"n": i, "even": i % 2 == 0} for i in range(200)],
             texts=[f"point number {i} of {name}" for i in range(200)],
         )
-        c.query(text="warm", k=1)  # both indexes loaded: what a first query loads is read under the store's lock
+        c.query(text="warm", k=1)  # both indexes built
     yield s
     s.close()
 
@@ -84,6 +84,49 @@ def test_a_compaction_of_one_collection_does_not_stop_the_reads_of_another(store
     assert got == [alone], "a query waited for another collection's compaction"
     assert done == [None] and busy.count() == 133
     assert busy.query(text="number 4", k=1, with_text=True).hits[0].text == "point number 4 of busy"
+
+
+def test_a_compaction_holds_the_stores_lock_only_to_renumber(store: Store) -> None:
+    """The indexes a compaction builds again (seconds for 100,000 points) are built holding the collection's lock
+    alone: another collection's write goes on meanwhile (it waited for all of it before)."""
+    busy, other = store.collection("busy"), store.collection("other")
+    busy.delete(ids=list(range(0, 200, 2)))
+    held, release = threading.Event(), threading.Event()
+    real = busy._ensure_text  # noqa: SLF001
+
+    def slow_text() -> Any:
+        held.set()
+        release.wait(10)
+        return real()
+
+    busy._ensure_text = slow_text  # type: ignore[method-assign]  # noqa: SLF001
+    compacting, done = on_thread(busy.optimize)
+    assert held.wait(10)
+    t, got = on_thread(lambda: other.upsert(ids=[500], vectors=np.ones((1, DIM), np.float32), texts=["new one"]))
+    t.join(10)
+    wrote = list(got)
+    release.set()
+    compacting.join(10)
+    assert len(wrote) == 1 and wrote[0].upserted == 1, "a write waited for another collection's index rebuild"
+    assert done == [None] and busy.count() == 100 and other.count() == 201
+    assert other.query(text="new one", k=1).hits[0].id == 500
+
+
+def test_a_collection_first_read_after_a_restart_loads_without_the_stores_lock(tmp_path: Path) -> None:
+    """Loading a collection's indexes and mirrors (its first query after the gateway started) reads DuckDB on a
+    connection of its own: a long write of another collection does not hold it up."""
+    with Store(tmp_path / "d") as s:
+        s.create_collection("c", dim=DIM).upsert(
+            ids=[1, 2], vectors=np.eye(2, DIM, dtype=np.float32), texts=["one", "two"]
+        )
+    with Store(tmp_path / "d") as s:
+        c = s.collection("c")
+        assert c._index is None and c._text is None  # noqa: SLF001 - nothing loaded yet
+        with s._mutex:  # noqa: SLF001 - as a long write of another collection holds it
+            t, got = on_thread(lambda: [c.query(np.eye(1, DIM, dtype=np.float32)[0], k=1).hits[0].id,
+                                        c.query(text="two", k=1, with_text=True).hits[0].text])  # fmt: skip
+            t.join(10)
+            assert got == [[1, "two"]], got
 
 
 def test_a_query_waits_for_a_write_of_its_own_collection(store: Store) -> None:

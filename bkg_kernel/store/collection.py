@@ -66,6 +66,7 @@ class Collection:
         # store's lock (one DuckDB connection for every write): a long write or a compaction of one collection
         # holds up the writes of others, never their queries. Never taken while holding the store's lock.
         self._lock = threading.RLock()
+        self._saving = threading.Lock()  # one save of the index files at a time (`flush`: `Store.close` too)
 
     def __repr__(self) -> str:
         return f"Collection({self.name!r}, dim={self.dim}, metric={self.metric!r}, index={self.index_kind!r})"
@@ -124,33 +125,37 @@ class Collection:
 
     # -- index lifecycle --------------------------------------------------------------------------
     def _ensure_index(self) -> VectorIndex:
-        """The vector index, loaded (and the mirrors filled) the first time; call holding the collection's lock."""
+        """The vector index, loaded (and the mirrors filled) the first time or after a compaction; call holding
+        the collection's lock, outside a transaction. It reads DuckDB on a connection of its own, not under the
+        store's lock: with the collection's lock held no write of it is under way, and other collections' writes
+        go on meanwhile."""
         if self._index is not None:
             return self._index
-        with self._store._mutex:  # noqa: SLF001 - the load reads DuckDB on the store's connection, and saves
-            self._live()
-            return ingest.load(self)
+        self._live()
+        with self._store.reading() as con:
+            return ingest.load(self, con)
 
     def _ensure_text(self) -> TextIndex:
-        """The full-text index, loaded the first time; call holding the collection's lock."""
+        """The full-text index, loaded the first time or after a compaction (as `_ensure_index`)."""
         if self._text is not None:
             return self._text
-        with self._store._mutex:  # noqa: SLF001
-            self._live()
-            return ingest.load_text(self)
+        self._live()
+        with self._store.reading() as con:
+            return ingest.load_text(self, con)
 
     def flush(self) -> None:
         """Persist the FAISS and full-text indexes now (also done on close and every `index_save_interval` s)."""
-        if self.dropped:
-            return
-        meta = {"epoch": self._epoch, "collection": self.name}
-        if self._index is not None and self._unsaved:
-            self._index.save(self._store.index_path(self.table), meta)
-            self._unsaved = False
-        if self._text is not None and self._text_unsaved:
-            self._text.save(self._store.text_index_path(self.table), meta)
-            self._text_unsaved = False
-        self._last_save = time.monotonic()
+        with self._saving:  # a load under the collection's lock and `Store.close` under the store's may meet here
+            if self.dropped:
+                return
+            meta = {"epoch": self._epoch, "collection": self.name}
+            if self._index is not None and self._unsaved:
+                self._index.save(self._store.index_path(self.table), meta)
+                self._unsaved = False
+            if self._text is not None and self._text_unsaved:
+                self._text.save(self._store.text_index_path(self.table), meta)
+                self._text_unsaved = False
+            self._last_save = time.monotonic()
 
     def _maybe_flush(self) -> None:
         if time.monotonic() - self._last_save >= self._store.settings.index_save_interval:
@@ -291,9 +296,17 @@ class Collection:
         return len(fids)
 
     def optimize(self) -> None:
-        """Renumber live points densely and rebuild the index without dead positions."""
-        with self._locked():
-            ingest.compact(self)
+        """Renumber live points densely and rebuild the index without dead positions. Only the renumbering holds
+        the store's lock: the indexes (seconds for 100,000 points) are built again holding the collection's."""
+        with self._lock:
+            had_text = self._text is not None
+            with self._store._mutex:  # noqa: SLF001
+                self._live()
+                renumbered = ingest.renumber(self)
+            if renumbered:
+                self._ensure_index()
+                if had_text:
+                    self._ensure_text()
 
     # -- reading ----------------------------------------------------------------------------------
     def count(self, filter: dict[str, Any] | None = None) -> int:

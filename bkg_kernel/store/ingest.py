@@ -51,11 +51,11 @@ class UpsertResult:
     took_ms: float
 
 
-def load(c: Collection) -> VectorIndex:
-    """Fill the id / payload mirrors from DuckDB and load the saved index, adding what it misses."""
+def load(c: Collection, con: Any) -> VectorIndex:
+    """Fill the id / payload mirrors from DuckDB (read on `con`) and load the saved index, adding what it misses."""
     import pyarrow as pa  # lazily: ~27 MB the gateway only pays once a collection is used
 
-    rows = c._con.execute(f"SELECT fid, pk, CAST(payload AS VARCHAR) FROM {c.table} ORDER BY fid").arrow()
+    rows = con.execute(f"SELECT fid, pk, CAST(payload AS VARCHAR) FROM {c.table} ORDER BY fid").arrow()
     if not isinstance(rows, pa.Table):
         rows = rows.read_all()
     fids = rows.column(0).to_numpy()
@@ -78,7 +78,7 @@ def load(c: Collection) -> VectorIndex:
             log.warning("rebuilding the index of %s from DuckDB: %s", c.name, exc)
         index = VectorIndex(c.dim, c.metric, c.index_kind, c.params)
     start = index.ntotal
-    _add_from_db(c, index, start, c._next_fid, alive)
+    _add_from_db(c, con, index, start, c._next_fid, alive)
     index.alive = alive
     index.n_dead = int(c._next_fid - alive.sum())
     c._index = index
@@ -88,8 +88,9 @@ def load(c: Collection) -> VectorIndex:
     return index
 
 
-def load_text(c: Collection) -> TextIndex:
-    """Load the saved full-text index, mask the positions whose rows are gone and index the texts it misses."""
+def load_text(c: Collection, con: Any) -> TextIndex:
+    """Load the saved full-text index, mask the positions whose rows are gone and index the texts it misses (read
+    on `con`)."""
     path = c._store.text_index_path(c.table)
     try:
         text, meta = TextIndex.load(path)
@@ -101,7 +102,7 @@ def load_text(c: Collection) -> TextIndex:
         text = TextIndex()
     sql = f"SELECT fid FROM {c.table} WHERE fid < ? AND length(text) > 0"
     alive = np.zeros(text.ntotal, dtype=bool)
-    alive[c._con.execute(sql, [text.ntotal]).fetchnumpy()["fid"]] = True
+    alive[con.execute(sql, [text.ntotal]).fetchnumpy()["fid"]] = True
     text.set_alive(alive)
     start, end = text.ntotal, c._next_fid
     bar = tqdm(total=end - start, desc=f"full text {c.name}", unit="pt", disable=end - start < 20_000)
@@ -109,7 +110,7 @@ def load_text(c: Collection) -> TextIndex:
         b = min(a + READ_CHUNK, end)
         texts: list[str | None] = [None] * (b - a)
         sql = f"SELECT fid, text FROM {c.table} WHERE fid >= ? AND fid < ? AND text IS NOT NULL"
-        for f, t in c._con.execute(sql, [a, b]).fetchall():
+        for f, t in con.execute(sql, [a, b]).fetchall():
             texts[f - a] = t
         text.add(a, texts)
         bar.update(b - a)
@@ -121,12 +122,12 @@ def load_text(c: Collection) -> TextIndex:
     return text
 
 
-def _add_from_db(c: Collection, index: VectorIndex, start: int, end: int, alive: np.ndarray) -> None:
-    """Append positions start..end to the index from DuckDB; dead positions get zero placeholders."""
+def _add_from_db(c: Collection, con: Any, index: VectorIndex, start: int, end: int, alive: np.ndarray) -> None:
+    """Append positions start..end to the index from DuckDB (read on `con`); dead positions get zero placeholders."""
     bar = tqdm(total=end - start, desc=f"index {c.name}", unit="vec", disable=end - start < 20_000)
     for a in range(start, end, READ_CHUNK):
         b = min(a + READ_CHUNK, end)
-        rows = _vectors_where(c, "fid >= ? AND fid < ?", [a, b])
+        rows = _vectors_where(c, con, "fid >= ? AND fid < ?", [a, b])
         mat = np.zeros((b - a, c.dim), dtype=np.float32)
         mat[rows[0] - a] = rows[1]
         index.add(mat, alive=alive[a:b])
@@ -134,10 +135,10 @@ def _add_from_db(c: Collection, index: VectorIndex, start: int, end: int, alive:
     bar.close()
 
 
-def _vectors_where(c: Collection, where: str, params: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+def _vectors_where(c: Collection, con: Any, where: str, params: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow as pa
 
-    tbl = c._con.execute(f"SELECT fid, vec FROM {c.table} WHERE {where} ORDER BY fid", params).arrow()
+    tbl = con.execute(f"SELECT fid, vec FROM {c.table} WHERE {where} ORDER BY fid", params).arrow()
     if not isinstance(tbl, pa.Table):
         tbl = tbl.read_all()
     return tbl.column(0).to_numpy(), blob_matrix(tbl.column(1), c.dim)
@@ -260,11 +261,21 @@ def maybe_compact(c: Collection) -> None:
 
 def compact(c: Collection) -> None:
     """Renumber live points densely and rebuild the index without dead positions."""
+    had_text = c._text is not None
+    if renumber(c):
+        c._ensure_index()
+        if had_text:
+            c._ensure_text()
+
+
+def renumber(c: Collection) -> bool:
+    """Renumber live points densely in DuckDB and drop the indexes, for `_ensure_index` and `_ensure_text` to
+    build again: the part of a compaction that needs the store's connection. False: nothing to renumber."""
     c._ensure_index()
     con = c._con
     live = int(scalar(con, f"SELECT count(*) FROM {c.table}"))
     if live == c._next_fid:
-        return
+        return False
     with transaction(con):
         con.execute(
             f"UPDATE {c.table} SET fid = m.new_fid FROM (SELECT fid AS old_fid, "
@@ -279,11 +290,9 @@ def compact(c: Collection) -> None:
     saved = c._store.index_path(c.table)
     for p in (saved, meta_path(saved)):  # of the previous epoch: rebuilt, not loaded and found stale (a warning)
         p.unlink(missing_ok=True)
-    c._ensure_index()
-    had_text, c._text = c._text is not None, None
+    c._text = None
     c._store.text_index_path(c.table).unlink(missing_ok=True)
-    if had_text:
-        c._ensure_text()
+    return True
 
 
 def strings(col: Sequence[str | None]) -> pa.ChunkedArray:
