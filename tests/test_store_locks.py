@@ -196,3 +196,114 @@ def test_queries_and_writes_of_two_collections_at_once_end_without_a_deadlock(st
         t.join(30)
     assert not any(t.is_alive() for t in threads), "a thread is stuck: a deadlock"
     assert not [e for e in errors if not isinstance(e, Conflict)], errors
+
+
+def test_a_read_of_a_collection_a_restore_replaces_under_it_is_a_409(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: a read that met the table gone told "dropped" or "replaced" apart by whether the name
+    was in the store's open handles, which a restore empties between its swap and the new handle (a 404 for a
+    collection that was never dropped). The handle is marked replaced before its table goes."""
+    from bkg_kernel.store import snapshots
+
+    busy = store.collection("busy")
+    snap = store.snapshot("busy")
+    swapped, read = threading.Event(), threading.Event()
+    real = snapshots._swap  # noqa: SLF001
+
+    def swap(*args: Any) -> None:  # the table swapped, the old handle not yet marked dropped: a read comes now
+        real(*args)
+        swapped.set()
+        read.wait(10)
+
+    monkeypatch.setattr(snapshots, "_swap", swap)
+    restoring, restored = on_thread(lambda: store.restore_snapshot("busy", snap.id))
+    assert swapped.wait(10)
+    t, got = on_thread(busy.count)
+    t.join(10)
+    read.set()
+    restoring.join(10)
+    assert len(got) == 1 and isinstance(got[0], Conflict), got
+    assert store.collection("busy").count() == 200 and restored[0].name == "busy"
+
+
+def test_a_write_or_a_first_load_after_the_store_closed_is_a_503(tmp_path: Path) -> None:
+    """Found by a review: a handle kept past `close` wrote, or loaded its indexes, on the closed connection (a
+    500, DuckDB's "connection already closed")."""
+    s = Store(tmp_path / "d")
+    s.create_collection("c", dim=DIM).upsert(ids=[1], vectors=np.ones((1, DIM), np.float32), texts=["one"])
+    s.close()
+    for loaded in (False, True):
+        s = Store(tmp_path / "d")
+        c = s.collection("c")
+        if loaded:
+            c.query(text="one", k=1)  # its indexes loaded: a write would go straight to the connection
+        s.close()
+        for call in _calls(c):
+            with pytest.raises(Unavailable):
+                call()
+
+
+def _calls(c: Any) -> list[Any]:
+    one = np.ones((1, DIM), np.float32)
+    return [lambda: c.query(text="one", k=1), lambda: c.upsert(ids=[2], vectors=one), lambda: c.delete(ids=[1]),
+            c.optimize, lambda: c.set_payload({"a": 1}, [1])]  # fmt: skip
+
+
+class _Paused:
+    """A stand-in for the store's condition that holds the first thread to take it just before it does."""
+
+    def __init__(self, cv: threading.Condition) -> None:
+        self.cv, self.at, self.go, self.first = cv, threading.Event(), threading.Event(), True
+
+    def __enter__(self) -> Any:
+        if self.first:
+            self.first = False
+            self.at.set()
+            self.go.wait(10)
+        return self.cv.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.cv.__exit__(*exc)
+
+    def wait(self, timeout: float) -> bool:
+        return self.cv.wait(timeout)
+
+    def notify_all(self) -> None:
+        self.cv.notify_all()
+
+
+def test_a_read_lent_as_the_store_closes_is_refused_not_left_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: `reading` looked at `closed` before it took the condition `close` stops reads under, so
+    a read could be lent after `close` had stopped the others and before it closed the connection: not
+    interrupted, and `close` waited for it. Now one lent is one `close` stops, or it is refused (503)."""
+    s = Store(tmp_path / "d")
+    s.create_collection("c", dim=DIM).upsert(ids=[1], vectors=np.ones((1, DIM), np.float32))
+    paused = _Paused(s._readers_cv)  # noqa: SLF001
+    monkeypatch.setattr(s, "_readers_cv", paused)
+    at_checkpoint, closing_on = threading.Event(), threading.Event()
+    real_checkpoint = s._checkpoint  # noqa: SLF001
+
+    def checkpoint() -> None:  # `close`, past stopping the reads, before closing the connection
+        at_checkpoint.set()
+        closing_on.wait(10)
+        real_checkpoint()
+
+    monkeypatch.setattr(s, "_checkpoint", checkpoint)
+    reader, lent = on_thread(s.reading)  # past its first look at `closed`, held before the condition
+    assert paused.at.wait(10)
+    closer, _ = on_thread(s.close)
+    assert at_checkpoint.wait(10)
+    paused.go.set()
+    reader.join(10)
+    try:
+        assert len(lent) == 1 and isinstance(lent[0], Unavailable), lent
+    finally:
+        if lent and not isinstance(lent[0], BaseException):
+            with lent[0]:  # the read the old code lent: let it go, so the close below can end
+                pass
+        closing_on.set()
+        closer.join(10)
+    assert s.closed and not closer.is_alive()

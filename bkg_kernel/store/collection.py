@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import numpy as np
 
-from bkg_kernel.errors import Conflict, InvalidInput, NotFound
+from bkg_kernel.errors import Conflict, InvalidInput, NotFound, Unavailable
 from bkg_kernel.store import ingest, search, validate
 from bkg_kernel.store.filters import compile_filter, field_path
 from bkg_kernel.store.fulltext import TextIndex
@@ -62,6 +62,7 @@ class Collection:
         self._unsaved = False
         self._last_save = time.monotonic()
         self.dropped = False
+        self.replaced = False  # by a restore (set before its table goes): a 409, where a drop is a 404
         # This collection's own: its indexes, mirrors and caches. A query takes it alone; a write takes it, then the
         # store's lock (one DuckDB connection for every write): a long write or a compaction of one collection
         # holds up the writes of others, never their queries. Never taken while holding the store's lock.
@@ -75,11 +76,13 @@ class Collection:
         return self.describe()._repr_html_()
 
     def _live(self) -> None:
-        """A 404 (dropped), or a 409 (replaced by a restore), for a handle that no longer is the collection: a
-        call that looked it up, then waited for a lock, must not query a table that is gone (a 500) or an index
-        that no longer answers for the name."""
+        """A 404 (dropped), or a 409 (replaced by a restore), for a handle that no longer is the collection, and
+        a 503 once the store closed: a call that looked it up, then waited for a lock, must not query a table
+        that is gone or a closed connection (a 500) or an index that no longer answers for the name."""
+        if self._store.closed:
+            raise Unavailable("the store is closed")
         if self.dropped:
-            if self.name in self._store._open:  # noqa: SLF001
+            if self.replaced:
                 raise Conflict(f"collection {self.name!r} was replaced (restored from a snapshot) while this call "
                                "waited: ask again", field="name")  # fmt: skip
             raise NotFound(f"collection {self.name!r} was dropped while this call waited", field="name")
@@ -113,8 +116,7 @@ class Collection:
             try:
                 yield con
             except duckdb.CatalogException:
-                replaced = self._store._open.get(self.name, self) is not self  # noqa: SLF001 - no lock: `close` may hold it
-                if replaced:
+                if self.replaced:  # set before a restore drops the table
                     raise Conflict(f"collection {self.name!r} was replaced (restored from a snapshot) while this "
                                    "call read it: ask again", field="name") from None  # fmt: skip
                 raise NotFound(f"collection {self.name!r} was dropped while this call read it", field="name") from None

@@ -339,7 +339,14 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
                 if target != name and target in store:  # made meanwhile
                     raise AlreadyExists(f"collection {target!r} already exists: restore into a new name", field="into")
                 old = store.collection(target) if target in store else None
-                _swap(con, target, table, m, old)
+                if old is not None:  # before its table goes: a read that meets the table gone reads this (a 409)
+                    old.replaced = True
+                try:
+                    _swap(con, target, table, m, old)
+                except BaseException:
+                    if old is not None:
+                        old.replaced = False
+                    raise
                 if old is not None:  # in the same hold of the lock: no call meets a handle on the dropped table
                     old.dropped = True
                     store._open.pop(target, None)  # noqa: SLF001

@@ -142,6 +142,8 @@ class Store:
         if self.closed:
             raise Unavailable("the store is closed")
         with self._readers_cv:
+            if self.closed:  # again, under the condition `_stop_reads` waits on: a read lent is one it stops
+                raise Unavailable("the store is closed")
             try:
                 con = self._con.cursor()  # DuckDB's way to a connection per thread, from any thread
             except duckdb.Error:  # closed meanwhile: `close` holds the store's lock, not the collections'
