@@ -1,12 +1,17 @@
-"""What one slow read costs everyone else: a filter of 1,000 `$contains` conditions over a 10,000-point collection
-(DuckDB tests each condition on every row: seconds) scanned over and over on one thread (another filter each
-time, so no cache answers it), while this thread times
-a query of another collection and an upsert into it; bkg's store against LanceDB doing the same in one process
-(a `LIKE` filter of as many conditions, and a vector search of another table).
+"""What one slow call costs everyone else, bkg's store against LanceDB doing the same in one process:
 
-    python bench/contention.py [--seconds 20] [--conditions 1000]
+- a slow read: a filter of 1,000 `$contains` conditions over a 10,000-point collection (DuckDB tests each
+  condition on every row: seconds) scanned over and over on one thread (another filter each time, so no cache
+  answers it; LanceDB: a `LIKE` filter of as many conditions), while this thread times a query of another
+  collection and an upsert into it;
+- a long write: a collection of 100,000 points with texts, a tenth of them deleted, then compacted (bkg's
+  `optimize`: positions renumbered, vector and full-text indexes rebuilt; LanceDB's `optimize`: files compacted,
+  deletions materialised, indexes updated), over and over on one thread, while this thread times a query of
+  another collection, then a query and an upsert.
 
-Reported: the other work's p50, p99 and worst, alone and while the slow reads run, and how much slower it got.
+    python bench/contention.py [--seconds 20] [--conditions 1000] [--points 100000]
+
+Reported: the other work's p50, p99 and worst, alone and while the slow calls run, and how much slower it got.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--conditions", type=int, default=1000)
+    ap.add_argument("--points", type=int, default=100_000)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((N, DIM)).astype(np.float32)
@@ -100,6 +106,25 @@ def main() -> None:
         small.upsert(ids=[n[0] % 1000], vectors=vecs[n[0] % 1000 : n[0] % 1000 + 1], progress=False)
 
     rows.append(row("bkg store", *under(bkg_slow, bkg_work, args.seconds)))
+
+    big_vecs = rng.standard_normal((args.points, DIM)).astype(np.float32)
+    big_texts = [f"chunk {i} of document {i // 20} about topic {i % 97}" for i in range(args.points)]
+    long = store.create_collection("long", dim=DIM)
+    long.upsert(ids=list(range(args.points)), vectors=big_vecs, texts=big_texts, progress=False)
+    long.query(text="topic 5", k=1)  # its full-text index built: each compaction rebuilds both indexes
+    rounds = [0]
+
+    def bkg_compact() -> None:  # a tenth deleted (then put back for the next round), compacted
+        rounds[0] += 1
+        gone = list(range(rounds[0] % 10, args.points, 10))
+        long.delete(ids=gone)
+        long.optimize()
+        long.upsert(ids=gone, vectors=big_vecs[gone], texts=[big_texts[i] for i in gone], progress=False)
+
+    long_rows = [
+        row("bkg store: query", *under(bkg_compact, lambda: small.query(q, k=10), args.seconds)),
+        row("bkg store: query + upsert", *under(bkg_compact, bkg_work, args.seconds)),
+    ]
     store.close()
 
     import lancedb
@@ -122,11 +147,35 @@ def main() -> None:
 
     rows.append(row("lancedb", *under(lance_slow, lance_work, args.seconds)))
 
+    llong = db.create_table("long", [{"id": i, "text": big_texts[i], "vector": v} for i, v in enumerate(big_vecs)])
+    llong.create_fts_index("text")
+    llong.search("topic 5", query_type="fts").limit(1).to_list()
+
+    def lance_compact() -> None:
+        rounds[0] += 1
+        r = rounds[0] % 10
+        llong.delete(f"id % 10 = {r}")
+        llong.optimize()
+        gone = range(r, args.points, 10)
+        llong.add([{"id": i, "text": big_texts[i], "vector": big_vecs[i]} for i in gone])
+
+    long_rows += [
+        row("lancedb: query", *under(lance_compact, lambda: lsmall.search(q).limit(10).to_list(), args.seconds)),
+        row("lancedb: query + upsert", *under(lance_compact, lance_work, args.seconds)),
+    ]
+
     print(f"Another collection's query + upsert (ms: p50 / p99 / worst), alone and while a filter of "
           f"{args.conditions:,} conditions over {N:,} points is scanned on another thread, over and over")  # fmt: skip
     print("| system | alone | during the slow reads | p50 slower | worst slower | timed | slow reads ended |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        print(r)
+    print()
+    print(f"Another collection's work (ms: p50 / p99 / worst), alone and while a collection of {args.points:,} "
+          "points with texts has a tenth deleted and is compacted on another thread, over and over")  # fmt: skip
+    print("| system: work | alone | during the compactions | p50 slower | worst slower | timed | compactions ended |")
+    print("|---|---|---|---|---|---|---|")
+    for r in long_rows:
         print(r)
 
 
