@@ -239,9 +239,50 @@ def test_a_write_or_a_first_load_after_the_store_closed_is_a_503(tmp_path: Path)
         if loaded:
             c.query(text="one", k=1)  # its indexes loaded: a write would go straight to the connection
         s.close()
-        for call in _calls(c):
+        for call in [*_calls(c), *_store_calls(s)]:
             with pytest.raises(Unavailable):
                 call()
+
+
+@pytest.mark.parametrize("end", ["drop", "restore"])
+def test_a_collection_dropped_or_replaced_during_its_first_load_is_a_404_or_409_and_leaves_no_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    """Found by a review: a first load (a query's, holding the collection's lock alone) met a drop or a restore
+    between its reads: DuckDB's "table does not exist" (a 500); and its save wrote the dropped table's index
+    files back after the drop had removed them."""
+    from bkg_kernel.store import ingest
+
+    with Store(tmp_path / "d") as s:
+        c = s.create_collection("c", dim=DIM)
+        c.upsert(ids=list(range(50)), vectors=np.ones((50, DIM), np.float32), texts=["t"] * 50)
+        snap = s.snapshot("c").id
+    for f in (tmp_path / "d" / "indexes").glob("points_*"):
+        f.unlink()  # as after a compaction or a crash: the first load reads every row
+    s = Store(tmp_path / "d")
+    c = s.collection("c")
+    table = c.table
+    real = ingest._add_from_db  # noqa: SLF001
+
+    def between(*args: Any) -> None:  # the load has read the ids; the collection goes before it reads vectors
+        t, got = on_thread(lambda: s.drop_collection("c") if end == "drop" else s.restore_snapshot("c", snap))
+        t.join(10)
+        assert got and not isinstance(got[0], BaseException), got  # it did not wait for the load
+        real(*args)
+
+    monkeypatch.setattr(ingest, "_add_from_db", between)
+    with pytest.raises(NotFound if end == "drop" else Conflict):
+        c.query(np.ones(DIM, np.float32), k=3)
+    monkeypatch.setattr(ingest, "_add_from_db", real)
+    assert not list((tmp_path / "d" / "indexes").glob(f"{table}.*")), "the old table's index files came back"
+    if end == "restore":
+        assert s.collection("c").count() == 50
+    s.close()
+
+
+def _store_calls(s: Store) -> list[Any]:
+    return [s.list_collections, lambda: s.describe("c"), lambda: s.collection("c"), lambda: "c" in s,
+            lambda: s.create_collection("d", dim=DIM)]  # fmt: skip
 
 
 def _calls(c: Any) -> list[Any]:

@@ -91,8 +91,7 @@ class Collection:
     def _searching(self) -> Iterator[None]:
         """The collection's lock alone, for a read of its in-memory indexes and caches (a query): the store's lock
         is not needed, so another collection's long write or compaction does not hold it up. What it reads in
-        DuckDB it reads on a connection of its own (`_reading`); an index not loaded yet is loaded under the
-        store's lock (`_ensure_index`)."""
+        DuckDB it reads on a connection of its own (`_reading`), an index not loaded yet too (`_ensure_index`)."""
         with self._lock:
             self._live()
             yield
@@ -133,16 +132,14 @@ class Collection:
         go on meanwhile."""
         if self._index is not None:
             return self._index
-        self._live()
-        with self._store.reading() as con:
+        with self._reading() as con:  # a drop or a restore meanwhile: the caller's 404 or 409
             return ingest.load(self, con)
 
     def _ensure_text(self) -> TextIndex:
         """The full-text index, loaded the first time or after a compaction (as `_ensure_index`)."""
         if self._text is not None:
             return self._text
-        self._live()
-        with self._store.reading() as con:
+        with self._reading() as con:
             return ingest.load_text(self, con)
 
     def flush(self) -> None:

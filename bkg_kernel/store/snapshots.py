@@ -362,9 +362,10 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
             restored = store.collection(target)
         if old is not None:
             old_file = store.index_path(old.table)
-            for p in (old_file, meta_path(old_file), store.text_index_path(old.table)):
-                with contextlib.suppress(OSError):
-                    p.unlink(missing_ok=True)
+            with old._saving:  # noqa: SLF001 - a save of the old handle's under way ends first (none comes after)
+                for p in (old_file, meta_path(old_file), store.text_index_path(old.table)):
+                    with contextlib.suppress(OSError):
+                        p.unlink(missing_ok=True)
         return restored
 
 

@@ -242,6 +242,7 @@ class Store:
     def _create(
         self, name: str, dim: int, metric: str, index: str, params: dict[str, Any], embed_model: str | None = None
     ) -> Collection:
+        self._still_open()
         if self._row(name) is not None:
             raise AlreadyExists(f"collection {name!r} already exists", field="name")
         table = self._new_points_table()
@@ -278,9 +279,15 @@ class Store:
             return None
         return dict(zip([d[0] for d in cur.description], row, strict=True))
 
+    def _still_open(self) -> None:
+        """A 503 for a call that comes once the store closed (its connection is gone: DuckDB's error is a 500)."""
+        if self.closed:
+            raise Unavailable("the store is closed")
+
     def collection(self, name: str) -> Collection:
         """Return an existing collection."""
         with self._mutex:
+            self._still_open()
             coll = self._open.get(name)
             if coll is not None:
                 return coll
@@ -294,11 +301,13 @@ class Store:
 
     def __contains__(self, name: str) -> bool:
         with self._mutex:
+            self._still_open()
             return self._row(name) is not None
 
     def list_collections(self) -> CollectionList:
         """Describe every collection."""
         with self._mutex:
+            self._still_open()
             names = [r[0] for r in self._con.execute("SELECT name FROM collections ORDER BY name").fetchall()]
         described = []
         for n in names:  # each under the lock on its own: other calls go between them
@@ -345,11 +354,12 @@ class Store:
         with transaction(self._con) as con:
             con.execute("DELETE FROM collections WHERE name = ?", [coll.name])
             con.execute(f"DROP TABLE IF EXISTS {coll.table}")
-        coll.dropped = True
         self._open.pop(coll.name, None)
-        path = self.index_path(coll.table)
-        for p in (path, meta_path(path), self.text_index_path(coll.table)):
-            p.unlink(missing_ok=True)
+        with coll._saving:  # noqa: SLF001 - a save under way (a first load's) ends first, and none comes after
+            coll.dropped = True
+            path = self.index_path(coll.table)
+            for p in (path, meta_path(path), self.text_index_path(coll.table)):
+                p.unlink(missing_ok=True)
 
     # -- snapshots --------------------------------------------------------------------------------
     def require_space(self, what: str) -> None:
