@@ -34,8 +34,8 @@ def one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> None:
 def test_a_name_with_url_characters_names_no_one_else(gw: Gateway, tmp_path: Path) -> None:
     admin = gw.client()
     zed = admin.post("/admin/users", json={"username": "zed", "role": "viewer"}).json()
-    for name in ("zed#frag", "zed?x=1", "zed%3Fx", "zed/../zed"):  # the last: a path no route takes, a 404
-        said = "no user" if "/" not in name else "no such route"
+    for name in ("zed#frag", "zed?x=1", "zed%3Fx", "zed/../zed"):  # the last: a '/' in a name, a 404 naming it
+        said = "no user" if "/" not in name else "user_id: 'zed/../zed' holds a '/'"
         one_line_error(bkg("users", "disable", name, "--url", gw.url, cwd=tmp_path, BKG_API_KEY=ADMIN_KEY), said)
         one_line_error(bkg("users", "delete", name, "--url", gw.url, cwd=tmp_path, BKG_API_KEY=ADMIN_KEY), said)
         r = bkg("keys", "revoke", name, "--url", gw.url, cwd=tmp_path, BKG_API_KEY=ADMIN_KEY)

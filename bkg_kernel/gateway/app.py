@@ -18,6 +18,7 @@ from bkg_kernel.gateway.head import HeadAsGet
 from bkg_kernel.gateway.jupyterhub import PrefixMiddleware, hub_caller
 from bkg_kernel.gateway.metrics import Metrics, MetricsMiddleware
 from bkg_kernel.gateway.plugin_api import AppGatewayAPI
+from bkg_kernel.gateway.slashes import SlashInName
 from bkg_kernel.gateway.state import Gateway, version
 from bkg_kernel.gateway.strictquery import known_query_only
 from bkg_kernel.runtime.discovery import discover
@@ -87,8 +88,8 @@ def create_app(
         app.state.gateway = gateway
     errors.install(app)
     routes.install(app)
-    # Middlewares, innermost first: plugin calls taken beside the router, the Hub prefix, the body limit, metrics,
-    # HEAD as GET.
+    # Middlewares, innermost first: plugin calls taken beside the router, the Hub prefix, the body limit, a name
+    # with a slash, metrics, HEAD as GET.
     app.add_middleware(FastInvoke)
     if settings.hub_service_prefix and settings.hub_service_name:
         app.add_middleware(PrefixMiddleware, prefix=settings.hub_service_prefix)
@@ -96,6 +97,7 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 2**20), prefix=prefix, idle_s=settings.body_idle_s
     )
+    app.add_middleware(SlashInName)  # a '/' inside a name (%2F): its 404 before any route sees the path
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(HeadAsGet)  # outermost: HEAD is GET to everything inside (uvicorn drops the body)
     api = AppGatewayAPI(app)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from fastapi import FastAPI, Request
@@ -13,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
+from starlette.routing import Match, compile_path
 
 from bkg_kernel.errors import BkgError, Unauthorized, name_hint, openai_shaped
 from bkg_kernel.gateway.strictquery import takes
@@ -203,10 +205,53 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 405:  # Starlette's Allow names the methods of the first route of the path only
             allow = allowed_methods(request) or allow
             headers = {k: v for k, v in headers.items() if k.lower() != "allow"} | ({"Allow": allow} if allow else {})
+        slashed = slashed_segment(request) if exc.status_code == 404 else None
+        if slashed is not None:
+            param, value = slashed
+            said = f"{value!r} holds a '/' (sent as %2F in the path), which no id or name here does"
+            return error_response(404, code, said, param, headers=headers)
         what = "no such route" if exc.status_code == 404 else "this route does not take that method"
         said = f"{what}: {request.method} {request.url.path}" + (f" (it takes {allow})" if allow else "")
         return error_response(exc.status_code, code, said, headers=headers)
     return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+
+_SLASH = re.compile(rb"%2f", re.IGNORECASE)
+
+
+def has_slashed_segment(scope: Mapping[str, Any]) -> bool:
+    """Whether the request's path, as sent, holds %2F (a '/' inside one of its segments)."""
+    return _SLASH.search((scope.get("raw_path") or b"").split(b"?", 1)[0]) is not None
+
+
+def slashed_segment(request: Request) -> tuple[str, str] | None:
+    """The path parameter (name, value as sent) of a request no route took because a value in its path holds a
+    '/' sent as %2F (`bkg keys revoke ../../admin`, `GET /api/jobs/..%2Fx`): the server decodes it before it
+    routes, so the path has a segment too many, and the answer was "no such route" naming no field. Found by
+    matching the path as sent, that segment whole, against the routes' paths; None when none matches."""
+    if not has_slashed_segment(request.scope):
+        return None
+    raw = request.scope["raw_path"].split(b"?", 1)[0]
+    parts = raw.decode("latin-1").split("/")
+    path = "/".join(p if _SLASH.search(p.encode("latin-1")) else unquote(p) for p in parts)
+    path = path.removeprefix(request.scope.get("root_path") or "") or "/"
+    for template, methods in _route_paths(request.app.router.routes):
+        m = compile_path(template)[0].match(path)
+        if m is not None and (not methods or request.method in methods):
+            for name, value in m.groupdict().items():
+                if _SLASH.search(value.encode("latin-1")):
+                    return name, unquote(value)
+    return None
+
+
+def _route_paths(routes: Sequence[Any], prefix: str = "") -> Iterator[tuple[str, set[str]]]:
+    """Each route's full path template and methods, routers included by `include_router` looked into."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)  # FastAPI's included router
+        if inner is not None:
+            yield from _route_paths(inner.routes, prefix + (getattr(route.include_context, "prefix", "") or ""))
+        elif isinstance(getattr(route, "path", None), str):
+            yield prefix + route.path, set(getattr(route, "methods", None) or ())
 
 
 def allowed_methods(request: Request) -> str:
