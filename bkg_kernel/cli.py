@@ -424,6 +424,7 @@ def hub_cmd(
     ddir = data_dir or get_settings().data_dir
     command = hub.hub_command(config)  # a config that is not there: one line, before anything is said or made
     _port_free(port, "--port")  # taken: one line, not a Hub whose proxy fails after the Hub said it runs
+    _state_dir(state_dir, make=False)  # before the data dir is made: a refused call leaves nothing behind
     make_data_dir(Path(ddir))  # a file by that name: one line, not a Hub that starts and times out
     _state_dir(state_dir)  # the same for the Hub's own folder (the config's mkdir was a traceback)
     env = hub.hub_env(port=port, data_dir=ddir, state_dir=state_dir, admins=admin or [], developers=developer or [],
@@ -432,10 +433,16 @@ def hub_cmd(
     hub.run(command, env, Path.cwd())
 
 
-def _state_dir(path: Path) -> None:
-    """Make the Hub's state dir, or refuse one that cannot be, naming it."""
+def _state_dir(path: Path, make: bool = True) -> None:
+    """Make the Hub's state dir, or refuse one that cannot be, naming it (`make=False`: only refuse one a file is
+    in the way of, itself or a folder above it)."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        if make:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            there = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+            if not there.is_dir():
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(there))
     except OSError as exc:
         why = exc.strerror or type(exc).__name__
         if isinstance(exc, (FileExistsError, NotADirectoryError)):
