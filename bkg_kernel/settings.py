@@ -84,7 +84,12 @@ def _config_file() -> Path:
     default)."""
     named = os.environ.get("BKG_CONFIG")
     if named is None:
-        return Path("bkg.toml")
+        here = Path("bkg.toml")
+        if here.exists() and not here.is_file():  # a folder by that name was passed over without a word
+            what = "a folder" if here.is_dir() else "not a regular file"
+            raise InvalidInput(f"{here.absolute()} is {what}, not a TOML file: rename it, or name the file to read "
+                               "with BKG_CONFIG", field="bkg.toml")  # fmt: skip
+        return here
     if not named:
         raise InvalidInput(
             "BKG_CONFIG is set but empty: name a TOML file, or unset it for ./bkg.toml", field="BKG_CONFIG"

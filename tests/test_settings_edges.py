@@ -38,6 +38,13 @@ def test_bkg_config_must_name_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     (tmp_path / "conf" / "bkg.toml").write_text("port = 5002\n")
     monkeypatch.setenv("BKG_CONFIG", "conf/bkg.toml")
     assert Settings().port == 5002
+    monkeypatch.delenv("BKG_CONFIG")
+    (tmp_path / "bkg.toml").mkdir()  # ./bkg.toml, a folder: said, not passed over
+    with pytest.raises(InvalidInput) as err:
+        Settings()
+    assert err.value.field == "bkg.toml" and f"{tmp_path / 'bkg.toml'} is a folder, not a TOML file" in str(err.value)
+    monkeypatch.setenv("BKG_CONFIG", "conf/bkg.toml")  # another file named: the folder is no matter
+    assert Settings().port == 5002
 
 
 def test_an_empty_data_dir_is_refused_by_every_entry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
