@@ -86,6 +86,28 @@ def test_bkg_jobs_does_not_start_a_gateway(tmp_path: Path) -> None:
         assert _stop_gateways_of(data) == [], "a gateway was started"
 
 
+def test_another_server_at_the_url_is_named_as_such_not_as_no_gateway(tmp_path: Path) -> None:
+    """Found by a review: a URL where another HTTP server answers (a static file server's 404 for /health) read
+    "no bkg gateway answers at ...", as if nothing listened there: the URL is the likely mistake."""
+    import http.server
+    import threading
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    data = tmp_path / "data"
+    try:
+        r = _bkg(tmp_path, "jobs", "list", "--url", url, "--data-dir", str(data))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"error: {url} answers, but not as a bkg gateway (GET /health: HTTP 404)" in r.stderr, r.stderr
+        with pytest.raises(Unavailable, match="answers, but not as a bkg gateway"):
+            connect(url, data_dir=data, start=False)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        assert _stop_gateways_of(data) == []
+
+
 # -- 2: connect() to another machine's gateway that is down ---------------------------------------------------------
 
 

@@ -383,11 +383,12 @@ def is_gateway(url: str) -> None:
         raise Unavailable(f"{url} did not answer as a bkg gateway does: is it one? (--url, BKG_GATEWAY_URL)")
 
 
-def _alive(url: str) -> bool:
+def _health(url: str) -> int | None:
+    """The HTTP status `url`'s /health answers with (200: a gateway), None when nothing answers there."""
     try:
-        return httpx.get(f"{url}/health", timeout=2.0).status_code == 200
+        return httpx.get(f"{url}/health", timeout=2.0).status_code
     except httpx.HTTPError:
-        return False
+        return None
 
 
 def connect(
@@ -446,10 +447,14 @@ def connect(
                                   "`bkg serve`")  # fmt: skip
             url = spawn_gateway(settings, ddir, url, timeout)
             return _keyed(Workbench(url, _api_key(settings, ddir, admin), call_timeout), ddir, admin)
-    if not _alive(url):
+    status = _health(url)
+    if status != 200:
         # a Hub user's server never starts a gateway of its own, and none is started for another machine's URL
         # (it could not bind there; the data dir it would make here is not that gateway's)
         if not start or under_hub or not _this_machine(urlsplit(url).hostname or ""):
+            if status is not None:  # another server there (a 404 from it read as "no gateway answers")
+                raise Unavailable(f"{url} answers, but not as a bkg gateway (GET /health: HTTP {status}): is the "
+                                  "URL right? (`bkg serve` starts a gateway)")  # fmt: skip
             raise Unavailable(f"no bkg gateway answers at {url} (start one with `bkg serve`)")
         url = spawn_gateway(settings, ddir, url, timeout)
     if key:
@@ -602,7 +607,7 @@ def spawn_gateway(settings: Settings, ddir: Path, url: str, timeout: float) -> s
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         at = _recorded(ddir / "gateway.json", proc.pid)  # written once it holds the data dir and its port
-        if at is not None and _alive(at):
+        if at is not None and _health(at) == 200:
             return at
         if proc.poll() is not None:
             tail = (ddir / "gateway.log").read_text(errors="replace")[-800:]
