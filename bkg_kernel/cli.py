@@ -439,10 +439,12 @@ def _state_dir(path: Path, make: bool = True) -> None:
     try:
         if make:
             path.mkdir(parents=True, exist_ok=True)
-        else:
-            there = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+        else:  # the nearest thing there is (a link to nothing counts) must be a folder this user may make in
+            there = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists() or p.is_symlink())
             if not there.is_dir():
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(there))
+            if there != path.absolute() and not os.access(there, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(there))
     except OSError as exc:
         why = exc.strerror or type(exc).__name__
         if isinstance(exc, (FileExistsError, NotADirectoryError)):

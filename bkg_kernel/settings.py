@@ -85,8 +85,8 @@ def _config_file() -> Path:
     named = os.environ.get("BKG_CONFIG")
     if named is None:
         here = Path("bkg.toml")
-        if here.exists() and not here.is_file():  # a folder by that name was passed over without a word
-            what = "a folder" if here.is_dir() else "not a regular file"
+        if (here.exists() or here.is_symlink()) and not here.is_file():  # passed over without a word, before
+            what = "a folder" if here.is_dir() else "a link to nothing" if not here.exists() else "not a regular file"
             raise InvalidInput(f"{here.absolute()} is {what}, not a TOML file: rename it, or name the file to read "
                                "with BKG_CONFIG", field="bkg.toml")  # fmt: skip
         return here

@@ -301,6 +301,11 @@ def test_ports_and_the_hub_s_state_dir_are_checked_before_anything_starts(tmp_pa
                  cwd=tmp_path, env=env, timeout=60)  # fmt: skip
         _one_line(r, "cannot use a-file/under as the Hub's state dir: a file is in the way of the folder")
         assert not hub_data.exists()
+        (tmp_path / "dangling").symlink_to(tmp_path / "nothing-there")  # a link to nothing: mkdir refuses it
+        r = _bkg("hub", "--port", str(free_port()), "--data-dir", str(hub_data), "--state-dir", "dangling",
+                 cwd=tmp_path, env=env, timeout=60)  # fmt: skip
+        _one_line(r, "cannot use dangling as the Hub's state dir: a file is in the way of the folder")
+        assert not hub_data.exists()
     finally:
         _stop(_gateways_of(data) + _gateways_of(hub_data))
 

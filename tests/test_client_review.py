@@ -107,6 +107,26 @@ def test_another_server_at_the_url_is_named_as_such_not_as_no_gateway(tmp_path: 
         srv.server_close()
         assert _stop_gateways_of(data) == []
 
+    class Proxy(http.server.BaseHTTPRequestHandler):  # a proxy whose gateway is down (the Hub's, nginx)
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        with pytest.raises(Unavailable) as down:
+            connect(url, data_dir=data, start=False)
+        assert down.value.message == f"no bkg gateway answers at {url} (HTTP 503 from the server in front of it)"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
 
 # -- 2: connect() to another machine's gateway that is down ---------------------------------------------------------
 

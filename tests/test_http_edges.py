@@ -274,3 +274,22 @@ def test_a_slash_inside_a_name_in_the_path_is_a_404_naming_the_parameter(gw: Gat
     assert r.status_code == 404 and r.json()["error"]["message"].startswith("no such route"), r.text
     r = bkg("keys", "revoke", "../../admin", "--url", gw.url, cwd=tmp_path, BKG_API_KEY=ADMIN_KEY)
     one_line_error(r, "key_id: '../../admin' holds a '/'")
+
+
+def test_a_slash_inside_a_name_is_named_under_the_hub_prefix_too(tmp_path: Path) -> None:
+    """Found by a review: under the Hub's service prefix the %2F answer named no field (the routes were matched
+    before the prefix was taken off), and on /v1 it lost OpenAI's error shape."""
+    hub_env = {"JUPYTERHUB_SERVICE_NAME": "bkg", "JUPYTERHUB_SERVICE_PREFIX": "/services/bkg/",
+               "JUPYTERHUB_API_TOKEN": "t" * 32, "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api"}  # fmt: skip
+    g = start_gateway(tmp_path / "data", env=hub_env, plugins=["apikeys", "llmserver"])  # its /v1 routes
+    try:
+        c = g.client()
+        for path in ("/api/collections/a%2Fsnapshots", "/services/bkg/api/collections/a%2Fsnapshots"):
+            r = c.get(path)
+            assert r.status_code == 404 and r.json()["error"]["field"] == "name", (path, r.text)
+        r = c.get("/services/bkg/v1/models/a%2Fb")
+        error = r.json()["error"]
+        assert r.status_code == 404 and "type" in error and error["param"] == "model_id", r.text  # OpenAI's shape
+        assert c.get("/services/bkg/api/collections?x=a%2Fb").status_code != 404  # a query's %2F is no matter
+    finally:
+        g.stop()

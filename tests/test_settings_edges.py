@@ -43,6 +43,10 @@ def test_bkg_config_must_name_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     with pytest.raises(InvalidInput) as err:
         Settings()
     assert err.value.field == "bkg.toml" and f"{tmp_path / 'bkg.toml'} is a folder, not a TOML file" in str(err.value)
+    (tmp_path / "bkg.toml").rmdir()
+    (tmp_path / "bkg.toml").symlink_to(tmp_path / "moved.toml")  # a link to nothing: said too
+    with pytest.raises(InvalidInput, match="bkg.toml is a link to nothing, not a TOML file"):
+        Settings()
     monkeypatch.setenv("BKG_CONFIG", "conf/bkg.toml")  # another file named: the folder is no matter
     assert Settings().port == 5002
 

@@ -452,6 +452,8 @@ def connect(
         # a Hub user's server never starts a gateway of its own, and none is started for another machine's URL
         # (it could not bind there; the data dir it would make here is not that gateway's)
         if not start or under_hub or not _this_machine(urlsplit(url).hostname or ""):
+            if status in (502, 503, 504):  # a proxy in front (the Hub's, nginx) whose gateway is down
+                raise Unavailable(f"no bkg gateway answers at {url} (HTTP {status} from the server in front of it)")
             if status is not None:  # another server there (a 404 from it read as "no gateway answers")
                 raise Unavailable(f"{url} answers, but not as a bkg gateway (GET /health: HTTP {status}): is the "
                                   "URL right? (`bkg serve` starts a gateway)")  # fmt: skip

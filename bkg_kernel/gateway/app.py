@@ -88,16 +88,17 @@ def create_app(
         app.state.gateway = gateway
     errors.install(app)
     routes.install(app)
-    # Middlewares, innermost first: plugin calls taken beside the router, the Hub prefix, the body limit, a name
-    # with a slash, metrics, HEAD as GET.
+    # Middlewares, innermost first: plugin calls taken beside the router, a name with a slash (under the Hub
+    # prefix, so its routes are matched as the router matches them), the Hub prefix, the body limit, metrics,
+    # HEAD as GET.
     app.add_middleware(FastInvoke)
+    app.add_middleware(SlashInName)  # a '/' inside a name (%2F): its 404 before any route sees the path
     if settings.hub_service_prefix and settings.hub_service_name:
         app.add_middleware(PrefixMiddleware, prefix=settings.hub_service_prefix)
     prefix = settings.hub_service_prefix if settings.hub_service_prefix and settings.hub_service_name else ""
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 2**20), prefix=prefix, idle_s=settings.body_idle_s
     )
-    app.add_middleware(SlashInName)  # a '/' inside a name (%2F): its 404 before any route sees the path
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(HeadAsGet)  # outermost: HEAD is GET to everything inside (uvicorn drops the body)
     api = AppGatewayAPI(app)
