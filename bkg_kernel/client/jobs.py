@@ -4,16 +4,18 @@ cell that failed, its source and the error. `wb.jobs()` still lists every job (r
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from datetime import datetime
 from html import escape
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from tqdm.auto import tqdm
 
-from bkg_kernel.client.transport import seg
+from bkg_kernel.client.transport import request_bytes, seg
 from bkg_kernel.display import Table
 from bkg_kernel.errors import InvalidInput, JobFailed, Timeout
 
@@ -123,6 +125,15 @@ class RunTable(Table):
         return [row["id"], row.get("notebook", row.get("kind")), row["state"], row.get("owner"),
                 when(row.get("created_at")), row.get("duration_s"),
                 f"{row.get('cells_done', 0)}/{row.get('cells_total', 0)}", failed[:120]]  # fmt: skip
+
+
+class KeptTable(Table):
+    """The files a run kept."""
+
+    columns = ("name", "bytes", "modified")
+
+    def cells(self, row: dict[str, Any]) -> list[Any]:
+        return [row["name"], row["bytes"], when(row.get("modified"))]
 
 
 class ScheduleTable(Table):
@@ -257,6 +268,19 @@ class Jobs:
         rendering (`format="html"`: a `Page`, which a notebook shows as the page rather than its source)."""
         text = str(self.wb.call("GET", f"/api/jobs/{seg(run_id)}/output", params={"format": format}))
         return Page(text) if format == "html" else text
+
+    def files(self, run_id: str) -> KeptTable:
+        """The files the run kept: what its notebook wrote into its run's folder (`bkg_kernel.jobs.kept.run_files()`,
+        `BKG_RUN_FILES`), a table in a notebook; while it runs, those so far."""
+        return KeptTable(self.wb.call("GET", f"/api/jobs/{seg(run_id)}/files")["files"])
+
+    def file(self, run_id: str, name: str, to: str | os.PathLike[str] | None = None) -> bytes:
+        """One file the run kept, by its name in `files` (`"out/report.csv"`); with `to`, also written there."""
+        path = "/".join(seg(part) for part in str(name).split("/"))  # each part a segment: '/' stays the separator
+        data = request_bytes(self.wb.http, "GET", f"/api/jobs/{seg(run_id)}/files/{path}")
+        if to is not None:
+            Path(to).write_bytes(data)
+        return data
 
     def schedule(
         self, notebook: str, cron: str, parameters: dict[str, Any] | None = None, *, timezone: str = "UTC",

@@ -337,6 +337,13 @@ def request(client: Http, method: str, path: str, **kw: Any) -> Any:
     return decode(r)
 
 
+def request_bytes(client: Http, method: str, path: str, **kw: Any) -> bytes:
+    """Send one request and return its body as bytes (a file); an error response raises its BkgError."""
+    r = client.request(method, path, **kw)
+    _raise_for(client, r)
+    return r.content
+
+
 def _raise_for(client: Http, r: Response) -> None:
     """`raise_for_error`, where a 401 to a client that sent no key says why it had none (`Http.no_key`)."""
     try:

@@ -5,6 +5,7 @@ dir's workbench key or BKG_API_KEY, never the admin key). Parameters are given a
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -212,6 +213,35 @@ def output(
         return
     try:
         out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInput(f"cannot write {out}: {exc.strerror or exc}", field="-o") from None
+
+
+@app.command("files")
+def files(
+    run_id: str,
+    name: Annotated[
+        str | None, typer.Argument(help="One kept file, to stdout or -o FILE (default: all, listed).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the file to FILE (default: stdout).", metavar="FILE")
+    ] = None,
+    url: Url = None,
+    data_dir: DataDir = None,
+) -> None:
+    """The files a run kept (what its notebook wrote into its `BKG_RUN_FILES` folder), or one of them."""
+    jobs = _wb(url, data_dir).jobs
+    if name is None:
+        for f in jobs.files(run_id):
+            typer.echo(f"{f['bytes']:>12,}  {f['name']}")
+        return
+    data = jobs.file(run_id, name)
+    if out is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    try:
+        out.write_bytes(data)
     except OSError as exc:
         raise InvalidInput(f"cannot write {out}: {exc.strerror or exc}", field="-o") from None
 

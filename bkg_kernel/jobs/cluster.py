@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bkg_kernel.jobs import kept
 from bkg_kernel.jobs.pool import OnEvent, failure, kill_group
 from bkg_kernel.settings import scrubbed_env
 
@@ -78,6 +79,9 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
         src.write_text(spec["notebook_json"], encoding="utf-8")  # the notebook sent runs, even where it is shared
         local = {k: v for k, v in spec.items() if k != "notebook_json"}
         local.update(input=str(src), output=str(out), html=str(html), cwd=shared or tmp)
+        keep = Path(tmp, "kept")  # the files it keeps: here, then sent back with its output
+        keep.mkdir()
+        local["env"] = {**(spec.get("env") or {}), kept.ENV: str(keep)}
         here = str(Path(__file__).resolve().parents[2])  # the bkg this worker imported, whatever the cwd
         env = scrubbed_env()  # the worker's secrets (an admin key, a Hub token) are not the kernel's to read
         env["PYTHONPATH"] = os.pathsep.join(x for x in (here, env.get("PYTHONPATH", "")) if x)
@@ -118,11 +122,14 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
         if note and done.get("error"):  # why `open("data.txt")` failed here when it works on the local pool
             err = done["error"]
             done = {**done, "error": {**err, "traceback": "\n".join(x for x in (err.get("traceback"), note) if x)}}
+        sent, left = kept.collect(keep)
         return {
             "done": done,
             "note": note,
             "output": out.read_text(encoding="utf-8") if out.exists() else None,
             "html": html.read_text(encoding="utf-8") if html.exists() else None,
+            "kept": sent,
+            "kept_left": left,
         }
 
 
@@ -163,6 +170,12 @@ class DaskExecutor:
         if result["output"] is not None:
             await asyncio.to_thread(Path(spec["output"]).write_text, result["output"], encoding="utf-8")
             done["output"] = spec["output"]
+        folder = (spec.get("env") or {}).get(kept.ENV)
+        if folder and result.get("kept"):
+            await asyncio.to_thread(kept.store, Path(folder), result["kept"])
+        if result.get("kept_left"):
+            log.warning("run %s kept more than %d MB of files: not sent back from the Dask worker: %s", spec["id"],
+                        kept.MAX_SENT_BYTES // 2**20, ", ".join(result["kept_left"][:20]))  # fmt: skip
         if result["html"] is not None and spec.get("html"):
             await asyncio.to_thread(Path(spec["html"]).write_text, result["html"], encoding="utf-8")
             on_event({"event": "html", "id": spec["id"], "path": spec["html"]})

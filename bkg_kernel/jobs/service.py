@@ -32,7 +32,7 @@ from typing import Any
 from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.auth.service import RUN_KEY, RUN_KEY_PREFIX
 from bkg_kernel.errors import BkgError, Conflict, Forbidden, NotFound, TooManyRequests
-from bkg_kernel.jobs import files, notebooks
+from bkg_kernel.jobs import files, kept, notebooks
 from bkg_kernel.jobs.access import SEE_ALL, sees_detail
 from bkg_kernel.jobs.history import FINISHED, History
 from bkg_kernel.jobs.pool import Executor, LocalPool
@@ -276,6 +276,8 @@ class JobService(Schedules):
             await self._finish(run, "cancelled", {"ename": "Cancelled", "evalue": "cancelled before it started"})
             return
         out = self.runs_dir / f"{run['id']}.ipynb"
+        keep = self.runs_dir / f"{run['id']}{kept.SUFFIX}"  # the files it keeps (`kept`): a folder of its own
+        await asyncio.to_thread(keep.mkdir, exist_ok=True)
         spec = {
             "id": run["id"],
             "input": run["path"],
@@ -291,6 +293,7 @@ class JobService(Schedules):
                 "BKG_RUN_ID": run["id"],
                 "BKG_DATA_DIR": str(self.data_dir),
                 files.ROOTS_ENV: os.pathsep.join(str(r) for r in self.file_roots),  # what its notebook may read
+                kept.ENV: str(keep),  # what it writes there is kept with the run
             },
         }
         run["message"] = "waiting for a job worker"
@@ -425,11 +428,10 @@ class JobService(Schedules):
         gone = await asyncio.to_thread(
             self.history.prune, self.settings.job_keep_runs, self.settings.job_keep_days * 86400
         )
-        files = [Path(f) for r in gone for f in (r["output_path"], r["html_path"]) if f]
 
-        def unlink() -> None:  # what the row names, and what a run a dead worker ended wrote without naming it
-            for f in files + [f for r in gone for f in self.runs_dir.glob(f"{r['id']}.*")]:
-                f.unlink(missing_ok=True)
+        def unlink() -> None:  # what the rows name, and what their runs wrote without naming it (kept files too)
+            for r in gone:
+                self._remove_files(r)
 
         await asyncio.to_thread(unlink)
 
@@ -599,6 +601,22 @@ class JobService(Schedules):
         if not name or not await asyncio.to_thread(Path(name).is_file):
             raise NotFound(f"job {run['id']!r} has no {kind} output (yet)", field="job_id")
         return Path(name)
+
+    async def kept_files(self, run_id: str, p: Principal) -> list[dict[str, Any]]:
+        """The files a run kept (`kept`: what its notebook wrote into its `BKG_RUN_FILES` folder), for whoever may
+        see the run and holds the scopes it ran with, as its output notebook (what a run wrote is for those who
+        could have done it). While it runs, those written so far."""
+        return await asyncio.to_thread(kept.listing, await self._kept_folder(run_id, p))
+
+    async def kept_file(self, run_id: str, p: Principal, name: str) -> Path:
+        """One file a run kept (`kept_files`' rule), by its name relative to the run's folder."""
+        return await asyncio.to_thread(kept.one, await self._kept_folder(run_id, p), name)
+
+    async def _kept_folder(self, run_id: str, p: Principal) -> Path:
+        run = await self._seen(run_id, p)
+        if not sees_detail(p, run["scopes"]):
+            p.require_all(run["scopes"], f"reading job {run_id!r}'s files (what it ran with)", "job_id")
+        return self.runs_dir / f"{run_id}{kept.SUFFIX}"
 
     def _so_far(self, run_id: str) -> bytes | None:
         """A running run's output notebook as papermill last wrote it, whole (None: none yet, as before its first

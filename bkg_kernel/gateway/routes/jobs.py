@@ -330,6 +330,25 @@ async def job_output(
     return FileResponse(found, media_type=media, filename=f"{job_id}.{format}", headers=headers)
 
 
+@router.get("/api/jobs/{job_id}/files")
+async def job_files(job_id: str, request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
+    """The files a notebook run kept: what its notebook wrote into its run's folder (`BKG_RUN_FILES`,
+    `bkg_kernel.jobs.kept.run_files()`), names relative to it, sizes and times; while it runs, those so far."""
+    if not job_id.startswith("run-"):
+        raise NotFound(f"no notebook run {job_id!r}", field="job_id")
+    return {"files": await runs(request).kept_files(job_id, p)}
+
+
+@router.get("/api/jobs/{job_id}/files/{name:path}")
+async def job_file(job_id: str, name: str, request: Request, p: Annotated[Principal, READ]) -> Any:
+    """One file a notebook run kept, as an attachment (a page it wrote is never shown in the gateway's origin)."""
+    if not job_id.startswith("run-"):
+        raise NotFound(f"no notebook run {job_id!r}", field="job_id")
+    path = await runs(request).kept_file(job_id, p, name)
+    headers = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
+    return FileResponse(path, filename=name.rsplit("/", 1)[-1], headers=headers, content_disposition_type="attachment")
+
+
 @router.post("/api/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, request: Request, p: Annotated[Principal, READ]) -> dict[str, Any]:
     """Cancel a job: a notebook run's kernel is killed with its process group; a background job stops. A background
