@@ -66,11 +66,19 @@ def listing(folder: Path) -> list[dict[str, Any]]:
     return sorted(out, key=lambda f: f["name"])
 
 
+def _parts(name: Any) -> list[str] | None:
+    """A kept file's name as its path's parts, or None for one that cannot be (absolute, `..`, empty parts, NUL)."""
+    if not isinstance(name, str) or not name or "\x00" in name or name.startswith("/"):
+        return None
+    parts = name.split("/")
+    return None if any(p in ("", ".", "..") for p in parts) else parts
+
+
 def one(folder: Path, name: str) -> Path:
     """The kept file `name` (relative, '/'-separated) in `folder`: 422 for a name that cannot be one (absolute,
     `..`, empty parts, NUL), 404 for one not kept there (missing, a link, a folder, outside the folder)."""
-    parts = name.split("/")
-    if not name or "\x00" in name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    parts = _parts(name)
+    if parts is None:
         raise InvalidInput(f"{name!r} cannot name a kept file: a relative path, parts joined by '/', no '..'",
                            field="name")  # fmt: skip
     path = folder.resolve().joinpath(*parts)
@@ -100,10 +108,8 @@ def collect(folder: Path) -> tuple[dict[str, bytes], list[str]]:
 def store(folder: Path, sent: dict[str, Any]) -> None:
     """Write the files a Dask worker sent back into the run's `folder`, each name checked as `one` checks it."""
     for name, data in sent.items():
-        if not isinstance(name, str) or not isinstance(data, bytes):
-            continue
-        parts = name.split("/")
-        if not name or "\x00" in name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        parts = _parts(name)
+        if parts is None or not isinstance(data, bytes):
             continue
         path = folder.resolve().joinpath(*parts)
         if path.resolve() != path:  # through a link (none is made here: a name sent twice, as file and folder)
