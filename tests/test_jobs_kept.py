@@ -38,6 +38,13 @@ WRITES = (
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("kept").resolve()
     notebook(folder / "writes.ipynb", "n = 1", WRITES)
+    notebook(folder / "swaps.ipynb", "n = 1", (  # its folder replaced by a link to the data dir
+        "import os, shutil\nfrom bkg_kernel.jobs.kept import run_files\nout = run_files()\nshutil.rmtree(out)\n"
+        "os.symlink(os.environ['BKG_DATA_DIR'], out)"))  # fmt: skip
+    notebook(folder / "deep.ipynb", "n = 1", (  # a tree deeper than Python's recursion limit
+        "import os\nfrom bkg_kernel.jobs.kept import run_files\nos.chdir(run_files())\n"
+        "for _ in range(1100):\n    os.mkdir('d')\n    os.chdir('d')\nopen('bottom.txt', 'w').write('x')\n"
+        "os.chdir(run_files())\nopen('top.txt', 'w').write('top')"))  # fmt: skip
     return folder
 
 
@@ -127,3 +134,55 @@ def test_a_run_on_a_dask_cluster_sends_its_kept_files_back(tmp_path: Path, root:
             assert g.client().get(f"/api/jobs/{run['id']}/files/report.csv").text == "n,7\n"
         finally:
             g.stop()
+
+
+def test_a_run_folder_swapped_for_a_link_or_a_deep_tree_serves_nothing_else_and_still_goes(gw: Gateway) -> None:
+    """Found by a review: a notebook that put a link to the data dir in its folder's place had the data dir listed
+    and served (its keys); a tree 1,100 folders deep made the listing and the run's deletion fail (recursion), the
+    run's row gone and its folder left behind."""
+    c = gw.client()
+    swapped = wait_run(gw, submit(gw, {"notebook": "swaps.ipynb"})["id"])
+    assert swapped["state"] == "succeeded", swapped
+    assert _names(gw, swapped["id"]) == []
+    for name in ("workbench.key", "admin.key", "bkg.duckdb"):
+        assert c.get(f"/api/jobs/{swapped['id']}/files/{name}").status_code == 404
+    assert c.delete(f"/api/jobs/{swapped['id']}").status_code == 204
+    assert (gw.data_dir / "bkg.duckdb").is_file(), "deleting the run followed the link into the data dir"
+
+    deep = wait_run(gw, submit(gw, {"notebook": "deep.ipynb"})["id"])
+    assert deep["state"] == "succeeded", deep
+    assert _names(gw, deep["id"]) == ["top.txt"]  # the listing stops 32 folders down, and answers
+    assert c.get(f"/api/jobs/{deep['id']}/files/top.txt").text == "top"
+    assert c.delete(f"/api/jobs/{deep['id']}").status_code == 204
+    assert not list((gw.data_dir / "runs").glob(f"{deep['id']}*")), "the deep tree stayed behind"
+
+
+def test_a_kept_file_is_read_from_what_was_checked_never_through_a_link(tmp_path: Path) -> None:
+    """Found by a review: the file was checked by its path, then opened by its path again to be sent, so a link
+    swapped in between was followed (the data dir's files served), and a FIFO swapped in held a gateway thread
+    forever. Each part is now opened without following links, the file checked as opened, and sent from there."""
+    from bkg_kernel.jobs import kept
+
+    folder = tmp_path / "run.files"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("mine")
+    (folder / "sub" / "b.txt").write_text("deeper")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET")
+    f, st = kept.open_kept(folder, "a.txt")
+    (folder / "a.txt").unlink()
+    (folder / "a.txt").symlink_to(secret)  # swapped after the check: what is sent is what was opened
+    with f:
+        assert f.read() == b"mine" and st.st_size == 4
+    os.mkfifo(folder / "pipe")
+    (folder / "linked").symlink_to(tmp_path)
+    os.link(folder / "sub" / "b.txt", folder / "hard.txt")
+    for name in ("a.txt", "pipe", "linked/secret.txt", "hard.txt", "sub", "sub/b.txt"):
+        with pytest.raises(NotFound):
+            kept.open_kept(folder, name)  # sub/b.txt: hard-linked too now
+    assert [e["name"] for e in kept.listing(folder)] == []
+    folder.rename(tmp_path / "moved")
+    folder.symlink_to(tmp_path)  # the run's folder itself a link
+    with pytest.raises(NotFound):
+        kept.open_kept(folder, "secret.txt")
+    assert kept.listing(folder) == []

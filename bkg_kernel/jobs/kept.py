@@ -15,14 +15,18 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from bkg_kernel.errors import InvalidInput, NotFound
 
 ENV = "BKG_RUN_FILES"
 SUFFIX = ".files"  # <runs_dir>/<run id>.files
 MAX_FILES = 1000  # listed, and sent back from a Dask worker
+MAX_ENTRIES = 20_000  # entries a listing looks at, files and folders (a run may leave a million)
+MAX_DEPTH = 32  # folders deep
 MAX_SENT_BYTES = 256 * 2**20  # sent back from a Dask worker, all files together (the rest are left there, named)
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO opens at once, and is then refused
 
 
 def run_files() -> Path:
@@ -33,36 +37,55 @@ def run_files() -> Path:
     return folder
 
 
-def _kept(path: Path) -> os.stat_result | None:
-    """`path`'s stat when it is a file a run may keep: regular, not a link, no other hard link to it."""
+def _open_folder(folder: Path) -> int | None:
+    """The run's folder opened as itself (a link put in its place is not followed), or None when there is none."""
     try:
-        st = path.lstat()
+        return os.open(folder, _DIR)
     except OSError:
         return None
-    return st if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else None
+
+
+def _kept(st: os.stat_result) -> bool:
+    """Whether a file opened (or looked at) is one a run keeps: regular, with no other hard link to it."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
 
 
 def listing(folder: Path) -> list[dict[str, Any]]:
-    """The files kept in `folder` (names relative to it, '/'-separated, sorted), at most `MAX_FILES`; folders that
-    are links are not walked."""
+    """The files kept in `folder` (names relative to it, '/'-separated, sorted): at most `MAX_FILES`, looking at
+    `MAX_ENTRIES` entries at most, `MAX_DEPTH` folders deep; no link is followed, the folder's own included."""
     out: list[dict[str, Any]] = []
-    if not folder.is_dir():
+    top = _open_folder(folder)
+    if top is None:
         return out
-    for base, dirs, names in os.walk(folder):  # os.walk does not follow links to folders
-        dirs.sort()
-        for name in sorted(names):
-            path = Path(base, name)
-            st = _kept(path)
-            if st is None:
-                continue
-            rel = path.relative_to(folder).as_posix()
+    stack: list[tuple[int, str, int]] = [(top, "", 0)]  # walked without recursion: a tree 10,000 deep is no matter
+    seen = 0
+    try:
+        while stack and len(out) < MAX_FILES and seen < MAX_ENTRIES:
+            fd, prefix, depth = stack.pop()
             try:
-                rel.encode("utf-8")
-            except UnicodeEncodeError:  # a name no URL could carry
-                continue
-            out.append({"name": rel, "bytes": st.st_size, "modified": round(st.st_mtime, 3)})  # as runs' times
-            if len(out) >= MAX_FILES:
-                return sorted(out, key=lambda f: f["name"])
+                with os.scandir(fd) as entries:
+                    for entry in sorted(entries, key=lambda e: e.name):
+                        seen += 1
+                        if seen > MAX_ENTRIES or len(out) >= MAX_FILES:
+                            break
+                        rel = f"{prefix}{entry.name}"
+                        try:
+                            rel.encode("utf-8")
+                            st = entry.stat(follow_symlinks=False)
+                        except (UnicodeEncodeError, OSError):  # a name no URL could carry; gone meanwhile
+                            continue
+                        if stat.S_ISDIR(st.st_mode) and depth + 1 < MAX_DEPTH:
+                            try:
+                                stack.append((os.open(entry.name, _DIR, dir_fd=fd), f"{rel}/", depth + 1))
+                            except OSError:
+                                continue
+                        elif _kept(st):
+                            out.append({"name": rel, "bytes": st.st_size, "modified": round(st.st_mtime, 3)})
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
     return sorted(out, key=lambda f: f["name"])
 
 
@@ -74,17 +97,35 @@ def _parts(name: Any) -> list[str] | None:
     return None if any(p in ("", ".", "..") for p in parts) else parts
 
 
-def one(folder: Path, name: str) -> Path:
-    """The kept file `name` (relative, '/'-separated) in `folder`: 422 for a name that cannot be one (absolute,
-    `..`, empty parts, NUL), 404 for one not kept there (missing, a link, a folder, outside the folder)."""
+def open_kept(folder: Path, name: str) -> tuple[BinaryIO, os.stat_result]:
+    """The kept file `name` (relative, '/'-separated) in `folder`, open, and its stat: 422 for a name that cannot be
+    one (absolute, `..`, empty parts, NUL), 404 for one not kept there (missing, a link, on the way or in the
+    folder's place, a folder, a FIFO, a hard-linked file). Each part is opened without following a link and the
+    file is checked as opened, so a link swapped in after a check is never read; serve from the file returned."""
     parts = _parts(name)
     if parts is None:
         raise InvalidInput(f"{name!r} cannot name a kept file: a relative path, parts joined by '/', no '..'",
                            field="name")  # fmt: skip
-    path = folder.resolve().joinpath(*parts)
-    if path.resolve() != path or _kept(path) is None:  # a link on the way, or not a file kept
-        raise NotFound(f"no kept file {name!r} (GET its run's /files lists them)", field="name")
-    return path
+    missing = NotFound(f"no kept file {name!r} (GET its run's /files lists them)", field="name")
+    fd = _open_folder(folder)
+    if fd is None:
+        raise missing
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        file_fd = os.open(parts[-1], _FILE, dir_fd=fd)
+    except OSError:
+        raise missing from None
+    finally:
+        os.close(fd)
+    st = os.fstat(file_fd)
+    if not _kept(st):
+        os.close(file_fd)
+        raise missing
+    os.set_blocking(file_fd, True)
+    return os.fdopen(file_fd, "rb"), st
 
 
 def collect(folder: Path) -> tuple[dict[str, bytes], list[str]]:
@@ -98,9 +139,11 @@ def collect(folder: Path) -> tuple[dict[str, bytes], list[str]]:
             left.append(entry["name"])
             continue
         try:
-            sent[entry["name"]] = (folder / entry["name"]).read_bytes()
-        except OSError:
+            f, _ = open_kept(folder, entry["name"])
+        except (NotFound, InvalidInput):
             continue
+        with f:
+            sent[entry["name"]] = f.read(entry["bytes"])
         total += entry["bytes"]
     return sent, left
 

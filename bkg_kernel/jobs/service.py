@@ -21,13 +21,13 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from bkg_kernel.auth import AuthService, Principal
 from bkg_kernel.auth.service import RUN_KEY, RUN_KEY_PREFIX
@@ -431,7 +431,10 @@ class JobService(Schedules):
 
         def unlink() -> None:  # what the rows name, and what their runs wrote without naming it (kept files too)
             for r in gone:
-                self._remove_files(r)
+                try:
+                    self._remove_files(r)
+                except OSError as exc:  # one run's files that will not go do not keep the others
+                    log.warning("cannot remove the files of pruned run %s: %s", r["id"], exc)
 
         await asyncio.to_thread(unlink)
 
@@ -569,7 +572,9 @@ class JobService(Schedules):
             if not f.resolve().is_relative_to(runs):
                 continue
             if f.is_dir() and not f.is_symlink():
-                shutil.rmtree(f, ignore_errors=True)
+                # rm, not shutil.rmtree: a run's kept files may be a tree thousands of folders deep, which rmtree
+                # walks by recursion (a RecursionError that ignore_errors does not catch); rm follows no link
+                subprocess.run(["rm", "-rf", "--", str(f)], check=False, capture_output=True)
             else:
                 f.unlink(missing_ok=True)
 
@@ -608,9 +613,10 @@ class JobService(Schedules):
         could have done it). While it runs, those written so far."""
         return await asyncio.to_thread(kept.listing, await self._kept_folder(run_id, p))
 
-    async def kept_file(self, run_id: str, p: Principal, name: str) -> Path:
-        """One file a run kept (`kept_files`' rule), by its name relative to the run's folder."""
-        return await asyncio.to_thread(kept.one, await self._kept_folder(run_id, p), name)
+    async def kept_file(self, run_id: str, p: Principal, name: str) -> tuple[BinaryIO, os.stat_result]:
+        """One file a run kept (`kept_files`' rule), by its name relative to the run's folder: open, with its stat
+        (`kept.open_kept`: what was checked is what is read)."""
+        return await asyncio.to_thread(kept.open_kept, await self._kept_folder(run_id, p), name)
 
     async def _kept_folder(self, run_id: str, p: Principal) -> Path:
         run = await self._seen(run_id, p)

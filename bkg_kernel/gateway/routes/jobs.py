@@ -16,11 +16,14 @@ import asyncio
 import base64
 import json
 import math
+import mimetypes
 import re
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
@@ -344,9 +347,24 @@ async def job_file(job_id: str, name: str, request: Request, p: Annotated[Princi
     """One file a notebook run kept, as an attachment (a page it wrote is never shown in the gateway's origin)."""
     if not job_id.startswith("run-"):
         raise NotFound(f"no notebook run {job_id!r}", field="job_id")
-    path = await runs(request).kept_file(job_id, p, name)
-    headers = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
-    return FileResponse(path, filename=name.rsplit("/", 1)[-1], headers=headers, content_disposition_type="attachment")
+    f, st = await runs(request).kept_file(job_id, p, name)
+    filename = name.rsplit("/", 1)[-1]
+    headers = {
+        "Content-Security-Policy": "sandbox",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Length": str(st.st_size),
+        "Content-Disposition": f"attachment; filename*=utf-8''{quote(filename, safe='')}",
+    }
+    media = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+
+    def chunks() -> Iterator[bytes]:  # from the file as it was checked and opened, never by its path again
+        with f:
+            left = st.st_size
+            while left > 0 and (chunk := f.read(min(left, 2**20))):
+                left -= len(chunk)
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type=media, headers=headers)  # a sync iterator: read on threads
 
 
 @router.post("/api/jobs/{job_id}/cancel")
