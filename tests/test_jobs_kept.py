@@ -186,3 +186,32 @@ def test_a_kept_file_is_read_from_what_was_checked_never_through_a_link(tmp_path
     with pytest.raises(NotFound):
         kept.open_kept(folder, "secret.txt")
     assert kept.listing(folder) == []
+
+
+def test_a_listing_holds_few_descriptors_open_and_a_worker_removes_a_deep_tree(tmp_path: Path) -> None:
+    """Found by a review: the listing opened every folder as it found it (400 subfolders: 400 descriptors open,
+    and past the process's limit files were left out without a word); on a Dask worker the run's temporary folder
+    was removed by recursion, and a tree 1,500 deep lost the run's whole outcome (a RecursionError)."""
+    import resource
+
+    from bkg_kernel.jobs import cluster, kept
+
+    folder = tmp_path / "run.files"
+    for i in range(400):
+        (folder / f"d{i:03}").mkdir(parents=True)
+        (folder / f"d{i:03}" / "f.txt").write_text("x")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    opened = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (opened + 40, hard))
+    try:
+        found = kept.listing(folder)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(found) == 400 and found[0]["name"] == "d000/f.txt"
+
+    with cluster._scratch() as tmp:  # noqa: SLF001
+        here = deep = Path(tmp)
+        for _ in range(1500):  # one at a time: os.makedirs recurses too
+            deep = deep / "d"
+            deep.mkdir()
+    assert not here.exists()

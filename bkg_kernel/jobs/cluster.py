@@ -17,6 +17,7 @@ topic named for the run (`log_event` / `subscribe_topic`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,17 @@ def _temp_note(folder: str, worker: str) -> str:
     )
 
 
+@contextlib.contextmanager
+def _scratch() -> Iterator[str]:
+    """A temporary folder for one run on this worker, removed after however deep its kept files go
+    (`TemporaryDirectory` removes by recursion: a RecursionError on a deep tree lost the run's whole outcome)."""
+    tmp = tempfile.mkdtemp(prefix="bkg-run-")
+    try:
+        yield tmp
+    finally:
+        kept.remove_tree(Path(tmp))
+
+
 def run_task(spec: dict[str, Any]) -> dict[str, Any]:
     """The Dask task: run one notebook in a child process on this worker; return its outcome and output files."""
     from distributed import Event, get_worker
@@ -74,7 +87,7 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
     note = None if shared else _temp_note(str(spec.get("cwd") or Path(spec["input"]).parent), worker.address)
     if note:
         log.warning("run %s %s", spec["id"], note)
-    with tempfile.TemporaryDirectory(prefix="bkg-run-") as tmp:
+    with _scratch() as tmp:
         src, out, html = Path(tmp, "input.ipynb"), Path(tmp, "output.ipynb"), Path(tmp, "output.html")
         src.write_text(spec["notebook_json"], encoding="utf-8")  # the notebook sent runs, even where it is shared
         local = {k: v for k, v in spec.items() if k != "notebook_json"}

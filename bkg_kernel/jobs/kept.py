@@ -12,12 +12,17 @@ so what a run keeps is what it wrote, never a way to read the gateway's own file
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from bkg_kernel.errors import InvalidInput, NotFound
+
+log = logging.getLogger("bkg.jobs")
 
 ENV = "BKG_RUN_FILES"
 SUFFIX = ".files"  # <runs_dir>/<run id>.files
@@ -52,41 +57,73 @@ def _kept(st: os.stat_result) -> bool:
 
 def listing(folder: Path) -> list[dict[str, Any]]:
     """The files kept in `folder` (names relative to it, '/'-separated, sorted): at most `MAX_FILES`, looking at
-    `MAX_ENTRIES` entries at most, `MAX_DEPTH` folders deep; no link is followed, the folder's own included."""
+    `MAX_ENTRIES` entries at most, `MAX_DEPTH` folders deep; no link is followed, the folder's own included. Walked
+    without recursion (a tree 10,000 deep is no matter), each folder opened when it is read: a few descriptors open
+    at a time, however many folders there are."""
     out: list[dict[str, Any]] = []
     top = _open_folder(folder)
     if top is None:
         return out
-    stack: list[tuple[int, str, int]] = [(top, "", 0)]  # walked without recursion: a tree 10,000 deep is no matter
+    stack: list[list[str]] = [[]]  # folders to read, as their parts under the top
     seen = 0
     try:
         while stack and len(out) < MAX_FILES and seen < MAX_ENTRIES:
-            fd, prefix, depth = stack.pop()
-            try:
-                with os.scandir(fd) as entries:
-                    for entry in sorted(entries, key=lambda e: e.name):
-                        seen += 1
-                        if seen > MAX_ENTRIES or len(out) >= MAX_FILES:
-                            break
-                        rel = f"{prefix}{entry.name}"
+            parts = stack.pop()
+            fd = _open_parts(top, parts)
+            if fd is None:
+                continue
+            prefix = "".join(f"{p}/" for p in parts)
+            try:  # each entry looked at while its folder is open (an entry's stat is made relative to it)
+                with os.scandir(fd) as it:
+                    entries = sorted(itertools.islice(it, MAX_ENTRIES - seen), key=lambda e: e.name)
+                    seen += len(entries)
+                    for entry in entries:
                         try:
-                            rel.encode("utf-8")
+                            (prefix + entry.name).encode("utf-8")
                             st = entry.stat(follow_symlinks=False)
                         except (UnicodeEncodeError, OSError):  # a name no URL could carry; gone meanwhile
                             continue
-                        if stat.S_ISDIR(st.st_mode) and depth + 1 < MAX_DEPTH:
-                            try:
-                                stack.append((os.open(entry.name, _DIR, dir_fd=fd), f"{rel}/", depth + 1))
-                            except OSError:
-                                continue
-                        elif _kept(st):
-                            out.append({"name": rel, "bytes": st.st_size, "modified": round(st.st_mtime, 3)})
+                        if stat.S_ISDIR(st.st_mode) and len(parts) + 1 < MAX_DEPTH:
+                            stack.append([*parts, entry.name])
+                        elif _kept(st) and len(out) < MAX_FILES:
+                            out.append(
+                                {"name": prefix + entry.name, "bytes": st.st_size, "modified": round(st.st_mtime, 3)}
+                            )
             finally:
-                os.close(fd)
+                if fd != top:
+                    os.close(fd)
     finally:
-        for fd, _, _ in stack:
-            os.close(fd)
+        os.close(top)
     return sorted(out, key=lambda f: f["name"])
+
+
+def _open_parts(top: int, parts: list[str]) -> int | None:
+    """The folder `parts` under the open folder `top`, opened part by part without following a link (`top` itself
+    for no parts); None when one is not a folder (any more)."""
+    fd = top
+    try:
+        for part in parts:
+            inner = os.open(part, _DIR, dir_fd=fd)
+            if fd != top:
+                os.close(fd)
+            fd = inner
+    except OSError:
+        if fd != top:
+            os.close(fd)
+        return None
+    return fd
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder and all in it, following no link, however deep (`rm -rf`: shutil.rmtree recurses, and a
+    RecursionError gets past its ignore_errors); what will not go is logged, never raised."""
+    try:
+        done = subprocess.run(["rm", "-rf", "--", str(path)], check=False, capture_output=True, text=True)
+    except OSError as exc:  # no rm here
+        log.warning("cannot remove %s: %s", path, exc)
+        return
+    if done.returncode != 0:
+        log.warning("cannot remove all of %s: %s", path, done.stderr.strip()[-500:])
 
 
 def _parts(name: Any) -> list[str] | None:

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -569,14 +568,15 @@ class JobService(Schedules):
         runs = self.runs_dir.resolve()
         named = [Path(f) for f in (run.get("output_path"), run.get("html_path")) if f]
         for f in [*named, *self.runs_dir.glob(f"{run['id']}.*"), *self.runs_dir.glob(f"{run['id']}_files")]:
-            if not f.resolve().is_relative_to(runs):
-                continue
-            if f.is_dir() and not f.is_symlink():
-                # rm, not shutil.rmtree: a run's kept files may be a tree thousands of folders deep, which rmtree
-                # walks by recursion (a RecursionError that ignore_errors does not catch); rm follows no link
-                subprocess.run(["rm", "-rf", "--", str(f)], check=False, capture_output=True)
-            else:
-                f.unlink(missing_ok=True)
+            try:
+                if not f.resolve().is_relative_to(runs):
+                    continue
+                if f.is_dir() and not f.is_symlink():
+                    kept.remove_tree(f)  # a run's kept files may be a tree thousands of folders deep
+                else:
+                    f.unlink(missing_ok=True)
+            except OSError as exc:  # its row is gone already: what will not go is logged, not a 500
+                log.warning("cannot remove %s of run %s: %s", f, run["id"], exc)
 
     async def output(self, run_id: str, p: Principal, kind: str) -> Path | bytes:
         """The run's output notebook (`ipynb`) or its HTML rendering (`html`), for whoever may see the run and holds
