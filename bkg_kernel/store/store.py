@@ -74,6 +74,7 @@ class Store:
             raise
         self._mutex = threading.RLock()
         self._busy: set[duckdb.DuckDBPyConnection] = set()  # reads running outside the lock (`reading`)
+        self._reads_lent = 0  # reads lent so far (`_checkpoint`: one lent while it ran)
         self._readers_cv = threading.Condition()
         self._open: dict[str, Collection] = {}
         self.closed = False
@@ -125,11 +126,13 @@ class Store:
         DuckDB refuses to checkpoint past a transaction that began before the last compaction or table made or
         dropped. Then the WAL keeps it (DuckDB checkpoints by itself later, and when the store closes), and what
         waits for this is an estimate."""
-        reading = bool(self._busy)
+        reading, lent = bool(self._busy), self._reads_lent
         try:
             self._con.execute("CHECKPOINT")
         except duckdb.TransactionException:
-            if not (reading or self._busy):  # (a read that ended in between counts)
+            # a read lent in between counts, ended or not: reads are lent under a collection's lock, not the
+            # store's, so one may begin and end while this runs
+            if not (reading or self._busy or self._reads_lent != lent):
                 raise
 
     def reading(self) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
@@ -149,6 +152,7 @@ class Store:
             except duckdb.Error:  # closed meanwhile: `close` holds the store's lock, not the collections'
                 raise Unavailable("the store is closed") from None
             self._busy.add(con)
+            self._reads_lent += 1
         return self._lent(con)
 
     @contextlib.contextmanager
