@@ -1,8 +1,8 @@
 """The files a run keeps, as jupyter-scheduler keeps a job's output files: what a notebook writes into its run's
 folder (`bkg_kernel.jobs.kept.run_files()`, `BKG_RUN_FILES`) is listed and fetched with the run (REST, the notebook
-client, the CLI), under the rule of its output notebook, and goes when the run is deleted. A run's folder is its own
-(two runs of one notebook keep two files); a link it leaves there (to the admin key) or a hard link is never served.
-Real gateway, real job workers and kernels, a real Dask LocalCluster for the cluster path."""
+client, the CLI, the jobs page), under the rule of its output notebook, and goes when the run is deleted. A run's
+folder is its own (two runs of one notebook keep two files); a link it leaves there (to the admin key) or a hard
+link is never served. Real gateway, real job workers and kernels, a real Dask LocalCluster for the cluster path."""
 
 from __future__ import annotations
 
@@ -96,6 +96,10 @@ def test_a_run_keeps_what_its_notebook_writes_and_nothing_it_links(gw: Gateway, 
     assert listed.returncode == 0 and "report.csv" in listed.stdout and "plots/a.svg" in listed.stdout, listed
     one = subprocess.run([*cli, "report.csv"], capture_output=True, env=env, timeout=120)
     assert one.returncode == 0 and one.stdout == b"n,1\n", one
+    written = subprocess.run([*cli, "report.csv", "-o", str(tmp_path / "r.csv")], capture_output=True, env=env)
+    assert written.returncode == 0 and (tmp_path / "r.csv").read_bytes() == b"n,1\n", written
+    nameless = subprocess.run([*cli, "-o", str(tmp_path / "all")], capture_output=True, text=True, env=env)
+    assert nameless.returncode == 2 and "-o" in nameless.stderr and not (tmp_path / "all").exists(), nameless
 
     assert c.delete(f"/api/jobs/{first}").status_code == 204
     assert c.get(f"/api/jobs/{first}/files").status_code == 404
@@ -215,3 +219,90 @@ def test_a_listing_holds_few_descriptors_open_and_a_worker_removes_a_deep_tree(t
             deep = deep / "d"
             deep.mkdir()
     assert not here.exists()
+
+
+def test_the_jobs_page_lists_a_runs_kept_files_and_shows_each(gw: Gateway) -> None:
+    """The jobs dashboard (and the panel in a notebook): `Files` lists the picked run's kept files; a file picked is
+    shown (a CSV as a table, an SVG drawn, text as text) with a link that downloads its bytes; another user's key
+    without the run's scopes gets the refusal, not a listing."""
+    import base64
+    import re
+
+    import ipywidgets as W
+
+    from bkg_kernel.client import Workbench
+    from bkg_kernel.display import fmt_bytes
+    from bkg_kernel.widgets import Session, jobs_panel
+    from bkg_kernel.widgets.jobs import PREVIEW_BYTES, kept_preview
+
+    other = submit(gw, {"notebook": "writes.ipynb", "parameters": {"n": 8}})
+    run = wait_run(gw, submit(gw, {"notebook": "writes.ipynb", "parameters": {"n": 7}})["id"])
+    wait_run(gw, other["id"])
+    wb = Workbench(gw.url, ADMIN_KEY)
+    session = Session(wb, wb.me())
+    try:
+        panel = jobs_panel(session)
+        widgets = list(_every(panel))
+        picked = next(w for w in widgets if isinstance(w, W.Dropdown) and w.description == "run")
+        pick = next(w for w in widgets if isinstance(w, W.Dropdown) and w.description == "file")
+        files, show = (next(w for w in widgets if isinstance(w, W.Button) and w.description == d)
+                       for d in ("Files", "Show file"))  # fmt: skip
+        picked.value = run["id"]
+        assert pick.options == () and show.disabled
+        files.click()
+        shown = _html(panel)
+        assert "Files this run kept (2)" in shown and "plots/a.svg" in shown and "key.txt" not in shown, shown
+        assert list(pick.options) == ["plots/a.svg", "report.csv"] and not show.disabled  # no link served
+
+        pick.value = "report.csv"
+        show.click()
+        shown = _html(panel)
+        assert re.search(r"<table class='bkg-table'><thead><tr><th[^>]*>n</th><th[^>]*>7</th>", shown), shown  # a table
+        csv_b64 = base64.b64encode(b"n,7\n").decode()
+        assert f"base64,{csv_b64}'>Download</a>" in shown
+        pick.value = "plots/a.svg"
+        show.click()
+        assert f"<img src='data:image/svg+xml;base64,{base64.b64encode(b'<svg/>').decode()}'" in _html(panel)
+        picked.value = other["id"]  # another run: the file row goes until its files are listed
+        assert pick.options == ()
+    finally:
+        for stop in session.timers:
+            stop.set()
+
+    # what the page shows of bytes it cannot draw or show whole
+    assert "<pre style='max-height:480px;overflow:auto'>mine &lt;3</pre>" in kept_preview("a.txt", b"mine <3")
+    twice = kept_preview("t.csv", b"a,a\n1,2\n")  # a column each, even under one name
+    assert re.search(r"<th[^>]*>a</th><th[^>]*>a \(2\)</th>.*<td[^>]*>1</td><td[^>]*>2</td>", twice), twice
+    binary = kept_preview("model.bin", b"\0\1\2" * 10)
+    assert "binary" in binary and "Download" in binary and "<pre" not in binary
+    long_text = kept_preview("log.txt", b"x" * (PREVIEW_BYTES + 10))
+    assert f"its first {fmt_bytes(PREVIEW_BYTES)} of {fmt_bytes(PREVIEW_BYTES + 10)}" in long_text
+    assert "x" * PREVIEW_BYTES in long_text and "x" * (PREVIEW_BYTES + 1) not in long_text
+
+    # a key without the run's scopes: the refusal on the page, no listing
+    narrow = gw.client().post("/admin/keys", json={"name": "panel-narrow", "scopes": ["plugins:read"]}).json()["key"]
+    nwb = Workbench(gw.url, narrow)
+    nsession = Session(nwb, nwb.me())
+    try:
+        panel = jobs_panel(nsession)
+        widgets = list(_every(panel))
+        picked = next(w for w in widgets if isinstance(w, W.Dropdown) and w.description == "run")
+        picked.value = run["id"]
+        next(w for w in widgets if isinstance(w, W.Button) and w.description == "Files").click()
+        shown = _html(panel)
+        assert "bkg-error" in shown and "Files this run kept" not in shown, shown
+    finally:
+        for stop in nsession.timers:
+            stop.set()
+
+
+def _every(w: Any) -> Iterator[Any]:
+    yield w
+    for child in getattr(w, "children", ()):
+        yield from _every(child)
+
+
+def _html(panel: Any) -> str:
+    import ipywidgets as W
+
+    return "\n".join(h.value for h in _every(panel) if isinstance(h, W.HTML))

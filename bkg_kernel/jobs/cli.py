@@ -211,10 +211,7 @@ def output(
     if out is None:
         typer.echo(text, nl=not text.endswith("\n"))
         return
-    try:
-        out.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise InvalidInput(f"cannot write {out}: {exc.strerror or exc}", field="-o") from None
+    _write_out(out, text.encode())
 
 
 @app.command("files")
@@ -230,6 +227,8 @@ def files(
     data_dir: DataDir = None,
 ) -> None:
     """The files a run kept (what its notebook wrote into its `BKG_RUN_FILES` folder), or one of them."""
+    if name is None and out is not None:
+        raise InvalidInput("-o writes one file: name the kept file to write (`bkg jobs files RUN_ID`)", field="-o")
     jobs = _wb(url, data_dir).jobs
     if name is None:
         for f in jobs.files(run_id):
@@ -240,6 +239,11 @@ def files(
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return
+    _write_out(out, data)
+
+
+def _write_out(out: Path, data: bytes) -> None:
+    """Write `-o FILE` (a clear error naming -o when it cannot be written)."""
     try:
         out.write_bytes(data)
     except OSError as exc:

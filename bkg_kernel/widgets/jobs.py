@@ -1,17 +1,25 @@
 """The jobs page: notebook runs live (state, owner, duration, cells, the failed cell said plainly), start a run
-with a form built from the notebook's `parameters` cell, cancel / retry / view the rendered output, schedules
-(add, enable, disable, delete), and the gateway's background jobs (downloads, training)."""
+with a form built from the notebook's `parameters` cell, cancel / retry / view the rendered output, the files a
+run kept (listed, each shown: a picture drawn, a table's first rows, a text's beginning, and a download link),
+schedules (add, enable, disable, delete), and the gateway's background jobs (downloads, training)."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import csv
+import io
 import json
+import mimetypes
 from collections.abc import Callable
 from html import escape
+from pathlib import PurePosixPath
 from typing import Any
 
 import ipywidgets as W
 
 from bkg_kernel.client.jobs import when
+from bkg_kernel.display import fmt_bytes
 from bkg_kernel.jobs.notebooks import coerce
 from bkg_kernel.widgets.primitives import (
     STATE_COLOURS,
@@ -83,6 +91,110 @@ def run_detail(r: dict[str, Any], traceback: bool = False) -> str:
         if traceback and err.get("traceback"):
             parts.append(f"<pre class='bkg-run-traceback'>{escape(err['traceback'])}</pre>")
     return "".join(parts)
+
+
+PREVIEW_BYTES = 64 * 1024  # a kept text's beginning shown on the page
+TABLE_ROWS = 20  # a kept CSV's first rows shown as a table
+FETCH_MAX = 16 * 1024 * 1024  # a kept file over this is not fetched into the page (the CLI or `wb.jobs.file` get it)
+PICTURES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg"}
+
+
+def kept_table(files: list[dict[str, Any]]) -> str:
+    """A run's kept files: name, size, when written."""
+    if not files:
+        return "<p>This run kept no files (a notebook keeps one by writing it into <code>run_files()</code>).</p>"
+    shown = [{"name": f["name"], "size": fmt_bytes(f["bytes"]), "modified": _when(f.get("modified"))} for f in files]
+    return f"<h4>Files this run kept ({len(files)})</h4>" + table(shown, ["name", "size", "modified"])
+
+
+def kept_preview(name: str, data: bytes) -> str:
+    """One kept file on the page: a picture drawn, a CSV's first rows as a table, JSON or text from its beginning,
+    anything else said to be binary; with a link that downloads it (the bytes are in the page: no gateway URL, so
+    no key in a link)."""
+    suffix = PurePosixPath(name).suffix.lower()
+    mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    b64 = base64.b64encode(data).decode()
+    head = f"<h4><code>{escape(name)}</code> · {fmt_bytes(len(data))}</h4>"
+    link = (f"<p><a download='{escape(PurePosixPath(name).name, quote=True)}' "
+            f"href='data:application/octet-stream;base64,{b64}'>Download</a></p>")  # fmt: skip
+    if suffix in PICTURES:  # an <img> runs no script, an SVG's included
+        body = f"<img src='data:{mime};base64,{b64}' style='max-width:100%;max-height:480px' alt='{escape(name)}'>"
+        return head + body + link
+    text = _text(data[:PREVIEW_BYTES])
+    if text is None:
+        return head + f"<p>binary ({escape(mime)}): not shown here</p>" + link
+    cut = ""
+    if len(data) > PREVIEW_BYTES:
+        cut = f"<p><i>its first {fmt_bytes(PREVIEW_BYTES)} of {fmt_bytes(len(data))}</i></p>"
+    if suffix in (".csv", ".tsv"):
+        rows = list(csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
+        if rows:
+            cols = [c if c not in rows[0][:i] else f"{c} ({i + 1})" for i, c in enumerate(rows[0])]  # a column each
+            shown = [dict(zip(cols, r, strict=False)) for r in rows[1 : TABLE_ROWS + 1]]
+            more = f"<p><i>its first {TABLE_ROWS} rows</i></p>" if len(rows) > TABLE_ROWS + 1 else ""
+            return head + table(shown, cols) + more + link
+    if suffix == ".json" and not cut:
+        with contextlib.suppress(ValueError):  # not JSON after all: shown as it is
+            text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    return head + f"<pre style='max-height:480px;overflow:auto'>{escape(text)}</pre>" + cut + link
+
+
+def _text(data: bytes) -> str | None:
+    """`data` as text (a character cut at the end forgiven), or None for bytes that are not text."""
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(data) - 3:
+            return None
+        return data[: exc.start].decode("utf-8")
+
+
+def _kept(session: Session, picked: W.Dropdown, frame: W.HTML, status: W.HTML) -> tuple[W.Button, W.HBox]:
+    """The picked run's kept files: `Files` lists them, a file picked is shown in `frame`."""
+    listed = W.Button(description="Files")
+    pick = W.Dropdown(options=[], description="file")
+    show = W.Button(description="Show file")
+    row = W.HBox([pick, show], layout=W.Layout(display="none"))
+    sizes: dict[str, int] = {}
+
+    def list_files(_: Any = None) -> None:
+        try:
+            files = list(session.wb.jobs.files(picked.value))
+        except Exception as exc:
+            status.value = error_html(exc)
+            return
+        status.value = ""
+        sizes.clear()
+        sizes.update({f["name"]: f["bytes"] for f in files})
+        frame.value = kept_table(files)
+        set_options(pick, [f["name"] for f in files])
+        row.layout.display = "" if files else "none"
+
+    def show_file(_: Any = None) -> None:
+        name, run_id = pick.value, picked.value
+        if sizes.get(name, 0) > FETCH_MAX:
+            get = f"bkg jobs files {run_id} {name} -o FILE"
+            frame.value = (f"<p><code>{escape(name)}</code> is {fmt_bytes(sizes[name])}, more than this page fetches "
+                           f"({fmt_bytes(FETCH_MAX)}): <code>{escape(get)}</code>, or "
+                           "<code>wb.jobs.file(run_id, name, to=...)</code> in a notebook.</p>")  # fmt: skip
+            return
+        try:
+            frame.value = kept_preview(name, session.wb.jobs.file(run_id, name))
+            status.value = ""
+        except Exception as exc:
+            status.value = error_html(exc)
+
+    def another_run(_: Any) -> None:
+        row.layout.display = "none"
+        set_options(pick, [])
+
+    listed.on_click(list_files)
+    show.on_click(show_file)
+    picked.observe(another_run, "value")
+    enable_when_picked(pick, [show])
+    return listed, row
 
 
 def _start_form(session: Session, status: W.HTML, refresh: Any) -> W.VBox:
@@ -203,13 +315,16 @@ def jobs_panel(session: Session) -> W.VBox:
     cancel.on_click(lambda _: act(lambda: session.wb.jobs.cancel(picked.value)))
     retry.on_click(lambda _: act(lambda: session.wb.jobs.retry(picked.value)))
     view.on_click(lambda _: act(output))
+    files, file_row = _kept(session, picked, frame, status)
     picked.observe(lambda _: setattr(trace, "value", False), "value")  # another run: its traceback hidden
     picked.observe(show, "value")
     trace.observe(show, "value")
-    enable_when_picked(picked, [cancel, retry, view])
+    enable_when_picked(picked, [cancel, retry, view, files])
     refresh()
     session.every(2.0, refresh)
-    parts: list[W.Widget] = [runs_out, W.HBox([picked, cancel, retry, view]), status, detail, trace, frame]
+    parts: list[W.Widget] = [
+        runs_out, W.HBox([picked, cancel, retry, view, files]), file_row, status, detail, trace, frame
+    ]  # fmt: skip
     if session.can("jobs:run"):
         parts += [_start_form(session, status, refresh), _schedules(session, status)]
     return W.VBox([*parts, other_out])
