@@ -52,6 +52,21 @@ def reads(c: Any) -> dict[str, Any]:
     }
 
 
+def held_in_text_rebuild(c: Any) -> tuple[threading.Event, threading.Event]:
+    """A stand-in for a slow full-text rebuild of `c` (a compaction's, under its locks): the next one sets `held`
+    and waits for `release` before it builds."""
+    held, release = threading.Event(), threading.Event()
+    real = c._ensure_text  # noqa: SLF001
+
+    def slow_text() -> Any:
+        held.set()
+        release.wait(10)
+        return real()
+
+    c._ensure_text = slow_text  # noqa: SLF001
+    return held, release
+
+
 def test_a_collection_is_read_while_a_long_write_holds_the_stores_lock(store: Store) -> None:
     other = store.collection("other")
     alone = reads(other)
@@ -66,16 +81,7 @@ def test_a_compaction_of_one_collection_does_not_stop_the_reads_of_another(store
     busy, other = store.collection("busy"), store.collection("other")
     busy.delete(ids=list(range(0, 200, 3)))
     alone = reads(other)
-    held = threading.Event()
-    release = threading.Event()
-    real = busy._ensure_text  # noqa: SLF001
-
-    def slow_text() -> Any:  # the compaction's full-text rebuild, under both locks, held until the reads are done
-        held.set()
-        release.wait(10)
-        return real()
-
-    busy._ensure_text = slow_text  # type: ignore[method-assign]  # noqa: SLF001
+    held, release = held_in_text_rebuild(busy)
     compacting, done = on_thread(busy.optimize)
     assert held.wait(10)
     t, got = on_thread(lambda: reads(other))
@@ -92,15 +98,7 @@ def test_a_compaction_holds_the_stores_lock_only_to_renumber(store: Store) -> No
     alone: another collection's write goes on meanwhile (it waited for all of it before)."""
     busy, other = store.collection("busy"), store.collection("other")
     busy.delete(ids=list(range(0, 200, 2)))
-    held, release = threading.Event(), threading.Event()
-    real = busy._ensure_text  # noqa: SLF001
-
-    def slow_text() -> Any:
-        held.set()
-        release.wait(10)
-        return real()
-
-    busy._ensure_text = slow_text  # type: ignore[method-assign]  # noqa: SLF001
+    held, release = held_in_text_rebuild(busy)
     compacting, done = on_thread(busy.optimize)
     assert held.wait(10)
     t, got = on_thread(lambda: other.upsert(ids=[500], vectors=np.ones((1, DIM), np.float32), texts=["new one"]))
