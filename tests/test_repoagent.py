@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway_harness import Gateway, repo_job, start_gateway, wait_for
+from gateway_harness import Gateway, repo_job, start_gateway, user_key, wait_for
 from gateway_harness import repo_invoke as invoke
 from helpers import git
 
@@ -256,6 +256,24 @@ def test_commands_only_from_the_allow_list(rgw: Gateway) -> None:
     assert not [k for k in secretish if not k.startswith("GIT_CONFIG_KEY_")] and "PATH" in env  # git's own names
     big = job(rgw, "repo.command", {**base, "name": "chatty"})["result"]
     assert big["exit_code"] == 0 and "x" * 5000 in big["output"]
+
+
+def test_who_ran_a_command_is_in_the_audit_log_not_in_the_plugin_log(rgw: Gateway) -> None:
+    """The plugin's log is read by everyone with plugins:read: it says what ran, not who ran it. Who did is in the
+    audit log (admin:audit), with their key, under the plugin's own name (`repoagent.command`)."""
+    key = user_key(rgw, "carol", ["repo:use", "plugins:read"])
+    ran = repo_job(rgw, "repo.command", {"workspace": "demo", "name": "echo-args", "args": ["x"]}, key, (200, 202))
+    assert ran["state"] == "done", ran
+    viewer = user_key(rgw, "vic", ["plugins:read"])
+    logs = rgw.client(viewer).get("/api/plugins/repoagent/logs", params={"search": "echo-args ran"})
+    lines = [ln["message"] for ln in logs.json()["lines"]]
+    assert lines and all("carol" not in ln for ln in lines), lines
+    assert rgw.client(viewer).get("/admin/audit").status_code == 403
+    entries = rgw.client().get("/admin/audit", params={"action": "repoagent.command"}).json()["entries"]
+    mine = [e for e in entries if e["actor"] == "carol"]
+    carol_key = rgw.client(key).get("/auth/me").json()["key_id"]
+    assert mine and mine[0]["target"] == "demo", entries
+    assert mine[0]["detail"] == {"name": "echo-args", "exit_code": 0, "key": carol_key, "plugin": "repoagent"}
 
 
 def test_a_command_past_its_timeout_dies_with_its_children(rgw: Gateway) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from bkg_kernel.store import Store
 
 READ, WRITE, LLM = "collections:read", "collections:write", "llm:use"
+ACTION = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")  # a plugin's own audit action, after `<plugin id>.`
+MAX_AUDIT_DETAIL = 4096  # bytes of JSON a plugin records with one audit entry
 
 
 class PluginStore:
@@ -36,7 +40,7 @@ class PluginStore:
         # `embedcheck.check_embed_model` bound to the gateway (set by Gateway.open): a collection's embed_model
         # is checked as the REST route checks it
         self.check_embed: Callable[[str | None, int], None] = _unchecked
-        self.ops: dict[str, tuple[str, Callable[..., Any]]] = {
+        self.ops: dict[str, tuple[str | None, Callable[..., Any]]] = {
             "list_collections": (READ, self.list_collections),
             "describe": (READ, self.describe),
             "create_collection": (WRITE, self.create_collection),
@@ -52,6 +56,7 @@ class PluginStore:
             "rerank": (LLM, self.rerank),
             "chat": (LLM, self.chat),
             "chat_stream": (LLM, self.chat_stream),  # a generator: a worker's pipe carries its chunks one by one
+            "audit": (None, self.record),  # the caller's own act, recorded: no scope
         }
 
     def __call__(self, plugin_id: str, caller: Principal, op: str, args: dict[str, Any]) -> Any:
@@ -61,7 +66,8 @@ class PluginStore:
             raise InvalidInput(f"the store has no operation {op!r}", field="op")
         scope, fn = found
         caller = self.auth.as_now(caller)  # a job queued or running since: its caller as they are now
-        caller.require(scope, f"{plugin_id} ({op}, on behalf of {caller.username})")
+        if scope is not None:
+            caller.require(scope, f"{plugin_id} ({op}, on behalf of {caller.username})")
         return fn(plugin_id, caller, **args)
 
     def _sup(self) -> Supervisor:
@@ -76,8 +82,21 @@ class PluginStore:
             raise Unavailable("the gateway's event loop is not running")
         return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
-    def _audit(self, caller: Principal, plugin_id: str, action: str, target: str, **detail: Any) -> None:
-        self.auth.audit(caller.username, action, target, key=caller.key_id, plugin=plugin_id, **detail)
+    def _audit(self, caller: Principal, plugin_id: str, action: str, target: str | None, **detail: Any) -> None:
+        self.auth.audit(caller.username, action, target, **{**detail, "key": caller.key_id, "plugin": plugin_id})
+
+    def record(
+        self, plugin_id: str, caller: Principal, action: str, target: str | None, detail: dict[str, Any]
+    ) -> None:
+        """A plugin's audit entry for what its caller did (`StoreHandle.audit`), under the plugin's own name: a
+        plugin records `repoagent.command`, never `user.delete`."""
+        if not isinstance(action, str) or len(action) > 64 or not ACTION.fullmatch(action):
+            raise InvalidInput("action must be lowercase letters, digits, '_' and '.', 64 at most", field="action")
+        if target is not None and (not isinstance(target, str) or len(target) > 256):
+            raise InvalidInput("target must be a string of 256 characters at most", field="target")
+        if not isinstance(detail, dict) or len(json.dumps(detail, default=str)) > MAX_AUDIT_DETAIL:
+            raise InvalidInput(f"detail must be an object of {MAX_AUDIT_DETAIL} bytes of JSON at most", field="detail")
+        self._audit(caller, plugin_id, f"{plugin_id}.{action}", target, **detail)
 
     # -- collections ----------------------------------------------------------------------------------
     def list_collections(self, plugin_id: str, caller: Principal) -> list[dict[str, Any]]:

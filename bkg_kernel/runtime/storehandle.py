@@ -183,3 +183,11 @@ class StoreHandle:
                         yield piece
         finally:
             chunks.close()
+
+    # -- the audit log ----------------------------------------------------------------------------------
+    def audit(self, action: str, target: str | None = None, **detail: Any) -> None:
+        """Record what the caller did through the plugin in the audit log, as `<plugin id>.<action>` by the caller's
+        user and key (no scope needed: it records the caller's own act). Who did what belongs there, read with
+        admin:audit, and not in the plugin's log, which everyone with plugins:read reads. `action`: lowercase
+        letters, digits, `_` and `.`; `detail`: JSON, 4 KiB at most."""
+        self._send("audit", {"action": action, "target": target, "detail": detail})

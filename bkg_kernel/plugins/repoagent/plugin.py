@@ -441,7 +441,9 @@ class RepoAgent(Indexing, Plugin):
         outcome = sandbox.run(argv, ws.path, env, spec.timeout_s, self.settings.limits, out, should_stop)
         if stop.is_set():
             raise Cancelled(f"repo.command {inp.name} was cancelled: its process group was killed")
-        self.log.info("%s ran %s in %s: exit %s", self._caller(), inp.name, ws.name, outcome.exit_code)
+        # who ran it goes to the audit log (admin:audit), not to this log (plugins:read)
+        self.log.info("%s ran in %s: exit %s", inp.name, ws.name, outcome.exit_code)
+        self.store.audit("command", ws.name, name=inp.name, exit_code=outcome.exit_code)
         return Result(workspace=ws.name, name=inp.name, args=inp.args, **outcome.to_dict())
 
     # -- code intelligence ------------------------------------------------------------------------
