@@ -1,6 +1,7 @@
 """Each collection has a lock of its own: a query takes it alone, a write takes it and then the store's. So a long
-write of one collection (an upsert of 100,000 points, a compaction, a snapshot's save: seconds, all under the
-store's lock) holds up other collections' writes, never their queries: before, a query of any collection waited
+write of one collection (an upsert of 100,000 points: seconds under the store's lock) holds up other collections'
+writes, never their queries (a compaction and a snapshot hold the store's lock only for what needs its connection:
+tests/test_snapshot_locks.py): before, a query of any collection waited
 for the whole of it (a 100,000-point compaction held every other query 2.2 s). Real stores, real threads; a
 join's timeout is a deadlock guard, not a timing assertion."""
 

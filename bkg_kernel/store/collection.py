@@ -458,9 +458,9 @@ class Collection:
         """Return count, dim, metric, index, bytes on disk and the last snapshot."""
         return self._store.describe(self.name)
 
-    def snapshot(self) -> Any:
-        """Write a snapshot archive of this collection and return its description."""
-        return self._store.snapshot(self.name)
+    def snapshot(self, *, progress: bool | Callable[[float, str], None] | None = None) -> Any:
+        """Write a snapshot archive of this collection and return its description (`progress`: `Store.snapshot`)."""
+        return self._store.snapshot(self.name, progress=progress)
 
 
 _CURSOR = re.compile(r"([0-9]{1,19}):([0-9]{1,19}):(.+)", re.DOTALL)  # ASCII digits: "²".isdigit() is True

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,8 @@ SUFFIX = ".bkgsnap"
 _ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_-]{0,63}$")
 PARTS = ("points.parquet", "index.faiss")
 TEXT_PART = "fulltext.fts"  # in archives from this version on; an archive without it rebuilds it from the rows
+SHOW_FROM = 50_000  # points from which a snapshot or a restore shows a progress bar unless told (as an upsert)
+Progress = Callable[[float, str], None]  # (fraction done 0..1, what it is doing), as a gateway job's
 
 
 def _sql_path(p: Path) -> str:
@@ -73,35 +76,42 @@ def _make_folder(dest: Path) -> None:
                        "take the snapshot again") from None  # fmt: skip
 
 
-def create(store: Store, coll: Collection) -> SnapshotInfo:
+def create(store: Store, coll: Collection, progress: bool | Progress | None = None) -> SnapshotInfo:
     """Write `<snapshots>/<name>/<id>.bkgsnap` atomically (temp file, fsync, rename).
 
-    The store's lock is held only while the index files are saved and linked into the work folder and a read of
-    the rows is opened on a connection of its own (`Collection._reading`), all at one moment; the rows are
-    exported, hashed and archived after that, from that read's snapshot, while other calls go on (a collection of
-    a million points takes seconds to export)."""
+    The collection's own lock is held while its index files are saved and linked into the work folder and a read
+    of the rows is opened on a connection of its own (`Collection._reading`), all at one moment: a write of this
+    collection waits for it, other collections' writes do not (the store's lock is not taken: nothing here uses
+    the store's connection). The rows are exported, hashed and archived after that, from that read's snapshot,
+    while other calls go on (a collection of a million points takes seconds to export). `progress`: see
+    `reporting`."""
+    with reporting(progress, f"snapshot {coll.name}", coll._next_fid) as tell:  # noqa: SLF001
+        return _create(store, coll, tell)
+
+
+def _create(store: Store, coll: Collection, tell: Progress) -> SnapshotInfo:
     now = datetime.now(UTC)
     snap_id = now.strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
     dest = store.snapshot_dir / coll.name
     with contextlib.ExitStack() as stack:
-        with coll._locked():  # noqa: SLF001
+        tell(0.0, "saving the indexes")
+        with coll._searching():  # noqa: SLF001 - the collection's lock alone: its writes wait, no one else's
             coll._ensure_index()  # noqa: SLF001 - the index files must be current before they are copied
             coll._ensure_text()  # noqa: SLF001
-            coll._unsaved = coll._text_unsaved = True  # noqa: SLF001
-            coll.flush()
             _make_folder(dest)
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=dest, prefix=".tmp-")))
-            _link(store.index_path(coll.table), work / "index.faiss")
-            _link(store.text_index_path(coll.table), work / TEXT_PART)
+            _save_indexes(store, coll, work)
             con = stack.enter_context(coll._reading())  # noqa: SLF001
             con.begin()  # one snapshot of the rows for the count and the export: as they are with these indexes
             count = int(scalar(con, f"SELECT count(*) FROM {coll.table}"))
             next_fid = coll._next_fid  # noqa: SLF001
+        tell(0.1, f"indexes saved; exporting {count:,} points")
         con.execute(
             f"COPY (SELECT fid, pk, vec, CAST(payload AS VARCHAR) AS payload, text FROM {coll.table} ORDER BY fid) "
             f"TO {_sql_path(work / 'points.parquet')} (FORMAT parquet)"
         )
         con.rollback()
+        tell(0.55, "rows exported; hashing the parts")
         parts = (*PARTS, TEXT_PART)
         manifest = {
             "format": FORMAT,
@@ -117,6 +127,7 @@ def create(store: Store, coll: Collection) -> SnapshotInfo:
             "count": count,
             "parts": {p: {"sha256": _sha256(work / p), "bytes": (work / p).stat().st_size} for p in parts},
         }
+        tell(0.7, "parts hashed; writing the archive")
         archive = work / "archive.tar"
         with tarfile.open(archive, "w") as tar:
             blob = json.dumps(manifest, indent=1).encode()
@@ -129,7 +140,55 @@ def create(store: Store, coll: Collection) -> SnapshotInfo:
             os.fsync(fh.fileno())
         final = dest / f"{snap_id}{SUFFIX}"
         _keep(store, coll, work, final)
+    tell(1.0, f"snapshot {snap_id} written")
     return _info(final, manifest)
+
+
+def _save_indexes(store: Store, coll: Collection, work: Path) -> None:
+    """Save the collection's vector and full-text indexes as they are now and link them into `work`. Call holding
+    the collection's lock: no write of it comes between this and the read of its rows that follows, so the files
+    are those rows' indexes. The files are linked under `_saving`, the leaf lock under which a drop or a restore
+    removes them (having marked the handle first): they are there, or the handle says why not (404, 409)."""
+    coll._unsaved = coll._text_unsaved = True  # noqa: SLF001 - saved even if unchanged: the files must be there
+    coll.flush()
+    with coll._saving:  # noqa: SLF001
+        coll._live()  # noqa: SLF001
+        _link(store.index_path(coll.table), work / "index.faiss")
+        _link(store.text_index_path(coll.table), work / TEXT_PART)
+
+
+def _quiet(fraction: float, message: str) -> None:
+    """Report nothing."""
+
+
+def check_progress(progress: object) -> bool | Progress | None:
+    """Return `progress` if it is one `reporting` takes, else a 422 naming the field."""
+    if progress is None or isinstance(progress, bool) or callable(progress):
+        return progress
+    raise InvalidInput("progress must be true, false, null or a function of (fraction, message)", field="progress")
+
+
+@contextlib.contextmanager
+def reporting(progress: bool | Progress | None, desc: str, points: int) -> Iterator[Progress]:
+    """The callback a snapshot or a restore reports its steps to, `(fraction 0..1, message)`: `progress` itself
+    when it is a function (a job's progress, a widget), a tqdm bar in percent when true (None: when the collection
+    has `SHOW_FROM` points or more, as an upsert's bar), else nothing."""
+    progress = check_progress(progress)
+    if callable(progress):
+        yield progress
+        return
+    if not (points >= SHOW_FROM if progress is None else progress):
+        yield _quiet
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=100, desc=desc, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}]{postfix}") as bar:
+
+        def tell(fraction: float, message: str) -> None:
+            bar.set_postfix_str(message, refresh=False)
+            bar.update(max(0, round(min(1.0, fraction) * 100) - bar.n))
+
+        yield tell
 
 
 def _keep(store: Store, coll: Collection, work: Path, final: Path) -> None:
@@ -284,19 +343,32 @@ def _extract_verified(path: Path, work: Path) -> dict[str, Any]:
     return manifest
 
 
-def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Collection:
+def restore(
+    store: Store, name: str, snapshot_id: str, into: str | None, progress: bool | Progress | None = None
+) -> Collection:
     """Verify an archive fully, stage it in a new points table, then swap it in with one transaction.
 
     The store's lock is held only to create the staged table and to swap it in: the archive is read, hashed and
-    checked, and the rows loaded into the staged table (on a connection of its own), while other calls go on."""
+    checked, and the rows loaded into the staged table (on a connection of its own), while other calls go on.
+    `progress`: see `reporting`."""
+    progress = check_progress(progress)
     path = _path(store.snapshot_dir, name, snapshot_id)
     target = validate.collection_name(into, "into") if into is not None else name
     if target != name and target in store:
         raise AlreadyExists(f"collection {target!r} already exists: restore into a new name", field="into")
+    count = _read_manifest(path).get("count")  # for the bar's default: checked with the rest as it is extracted
+    points = count if isinstance(count, int) else 0
+    with reporting(progress, f"restore {name}", points) as tell:
+        return _restore(store, name, path, target, tell)
+
+
+def _restore(store: Store, name: str, path: Path, target: str, tell: Progress) -> Collection:
     con = store._con  # noqa: SLF001
     with tempfile.TemporaryDirectory(dir=store.data_dir, prefix=".restore-") as tmp:
         work = Path(tmp)
+        tell(0.0, "verifying the archive")
         m = _extract_verified(path, work)
+        tell(0.2, "archive verified; reading the vector index")
         try:
             raw = _faiss().read_index(str(work / "index.faiss"))
         except Exception as exc:
@@ -317,6 +389,7 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
         params = dict(m["params"])
         if m["index"] == "ivf" and getattr(raw, "nlist", 0):
             params["nlist"] = int(raw.nlist)  # the lists it was trained with (the manifest keeps the setting, 0: auto)
+        tell(0.4, "loading the points")
         with store._mutex:  # noqa: SLF001
             table = store._new_points_table()  # noqa: SLF001
             loading = store.reading()
@@ -330,11 +403,13 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
                 )
                 if scalar(load, f"SELECT count(*) FROM {table}") != m["count"]:
                     raise CorruptData(f"snapshot {path.name}: points.parquet does not hold {m['count']} points")
+            tell(0.7, "points loaded; saving the indexes")
             index = VectorIndex(m["dim"], m["metric"], m["index"], params)
             index.index = raw
             index.save(index_file, {"epoch": 0, "collection": target})
             if text is not None:
                 text.save(text_file, {"epoch": 0, "collection": target})
+            tell(0.8, "indexes saved; swapping it in")
             with store._mutex:  # noqa: SLF001
                 if target != name and target in store:  # made meanwhile
                     raise AlreadyExists(f"collection {target!r} already exists: restore into a new name", field="into")
@@ -366,6 +441,7 @@ def restore(store: Store, name: str, snapshot_id: str, into: str | None) -> Coll
                 for p in (old_file, meta_path(old_file), store.text_index_path(old.table)):
                     with contextlib.suppress(OSError):
                         p.unlink(missing_ok=True)
+        tell(1.0, f"restored as {target!r}")
         return restored
 
 

@@ -379,10 +379,14 @@ class Store:
                 "more, or lower BKG_MIN_FREE_MB (0: no check)"
             )
 
-    def snapshot(self, name: str) -> SnapshotInfo:
-        """Write a snapshot archive (rows + index + manifest with sha256 of each part) of a collection."""
+    def snapshot(self, name: str, *, progress: bool | snapshots.Progress | None = None) -> SnapshotInfo:
+        """Write a snapshot archive (rows + index + manifest with sha256 of each part) of a collection.
+
+        `progress`: a tqdm bar (true; None: for 50,000 points or more), or a function of (fraction, message)
+        called at each step (indexes saved, rows exported, parts hashed, archive written)."""
+        snapshots.check_progress(progress)
         self.require_space(f"a snapshot of {name!r}")
-        return snapshots.create(self, self.collection(name))  # holding the lock only while it needs it
+        return snapshots.create(self, self.collection(name), progress)  # holding locks only while it needs them
 
     def list_snapshots(self, name: str | None = None) -> SnapshotList:
         """List snapshot archives, newest first, for one collection or all (dropped collections included)."""
@@ -390,10 +394,15 @@ class Store:
             validate.collection_name(name)
         return snapshots.list_snapshots(self.snapshot_dir, name)
 
-    def restore_snapshot(self, name: str, snapshot_id: str, into: str | None = None) -> Collection:
-        """Restore a snapshot of `name` into `into` (default: `name`, replacing it); a damaged archive is refused."""
+    def restore_snapshot(
+        self, name: str, snapshot_id: str, into: str | None = None, *, progress: bool | snapshots.Progress | None = None
+    ) -> Collection:
+        """Restore a snapshot of `name` into `into` (default: `name`, replacing it); a damaged archive is refused.
+
+        `progress`: as `snapshot`'s (steps: archive verified, points loaded, indexes saved, swapped in)."""
+        snapshots.check_progress(progress)
         self.require_space(f"restoring a snapshot of {name!r}")
-        return snapshots.restore(self, name, snapshot_id, into)  # holding the lock only while it needs it
+        return snapshots.restore(self, name, snapshot_id, into, progress)  # holding the lock only while it needs it
 
     def delete_snapshot(self, name: str, snapshot_id: str) -> None:
         """Delete one snapshot archive."""
