@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from gateway_harness import (
     Gateway,
@@ -185,7 +186,8 @@ def test_sidebar_reconnects_after_the_gateway_restarts(page: Any, gw: Gateway) -
 
 
 def test_server_extension_starts_a_gateway_when_none_runs(tmp_path: Path) -> None:
-    """No BKG_GATEWAY_URL: the extension finds the data dir's gateway and, when none answers, starts one."""
+    """No BKG_GATEWAY_URL: the extension finds the data dir's gateway and, when none answers, starts one, and keeps
+    it as `bkg run` does: killed, it is started again at its address; stopped cleanly, it is left stopped."""
     import json
     import signal
 
@@ -207,11 +209,42 @@ def test_server_extension_starts_a_gateway_when_none_runs(tmp_path: Path) -> Non
         assert state["url"].endswith(f":{gport}")
         status = httpx.get(f"{url}/bkg/status", params={"token": TOKEN}).json()
         assert status["reachable"] is True
+
+        # the gateway it started dies (SIGKILL: killed, as by the OOM killer): started again where it was
+        os.kill(state["pid"], signal.SIGKILL)
+
+        def again() -> Any:
+            now = json.loads((data / "gateway.json").read_text()) if (data / "gateway.json").exists() else {}
+            if now.get("pid") in (None, state["pid"]):
+                return None
+            r = httpx.get(f"{url}/bkg/api/api/plugins", params={"token": TOKEN}, timeout=60)
+            return now if r.status_code == 200 else None
+
+        restarted = wait_for(again, timeout=120, every=1)
+        assert restarted["url"] == state["url"], restarted
+        # stopped cleanly (SIGTERM, as `kill` or a service manager): left stopped
+        os.kill(restarted["pid"], signal.SIGTERM)
+        wait_for(lambda: _ended(restarted["pid"]), timeout=60, every=0.5)
+        time.sleep(3)  # the keeper looks every second: a restart would have begun
+        r = httpx.get(f"{url}/bkg/api/api/plugins", params={"token": TOKEN}, timeout=60)
+        assert r.status_code == 502, r.text
+        assert (
+            not (data / "gateway.json").exists()
+            or json.loads((data / "gateway.json").read_text())["pid"] == (restarted["pid"])
+        )
     finally:
         proc.terminate()
         proc.wait(20)
         if (data / "gateway.json").exists():
             os.kill(int(json.loads((data / "gateway.json").read_text())["pid"]), signal.SIGTERM)
+
+
+def _ended(pid: int) -> bool:
+    """Whether process `pid` has ended (gone, or a zombie its parent has yet to reap)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_a_notebook_explores_a_collection_offline(page: Any, lab: str, labroot: Path, gw: Gateway) -> None:

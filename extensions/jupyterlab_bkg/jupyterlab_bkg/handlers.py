@@ -2,7 +2,9 @@
 
 Which gateway: `BkgLab.gateway_url` and `BkgLab.api_key` when set (their defaults are bkg's settings,
 `BKG_GATEWAY_URL` / `BKG_API_KEY`); otherwise, with `bkg_kernel` installed, the gateway of the data dir,
-started in the background when none runs (unless `BkgLab.start_gateway` is off). A gateway found so that then
+started in the background when none runs (unless `BkgLab.start_gateway` is off) and kept as `bkg run` keeps it: one
+that dies (killed, crashed) is started again at the same address, a few times a minute at most, and one stopped
+cleanly is left stopped (`bkg_kernel.client.keeper`). A gateway found so that then
 refuses a connection is looked for again, as `connect()` would (a gateway restarted on another port, `bkg serve
 --port 0`, is found without restarting Jupyter). A gateway that cannot be reached is a 502 naming the URL, never a
 hang.
@@ -108,7 +110,8 @@ class Target:
     """Where the gateway is and the key to use: `BkgLab`'s, else found as `connect()` finds it, lazily. What was
     found is forgotten when its gateway refuses a connection (`lost`) and looked for again, at most every
     `REDISCOVER_S` while none is found; only the first search starts a gateway (one stopped by hand is not started
-    again behind the user's back: `bkg serve` would then find its data dir taken)."""
+    again behind the user's back: `bkg serve` would then find its data dir taken), and the one it started is kept
+    (`keeper`: started again where it was if it dies)."""
 
     def __init__(self, lab: BkgLab) -> None:
         self.configured_url: str | None = lab.gateway_url
@@ -121,6 +124,7 @@ class Target:
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
         self._lock = asyncio.Lock()
         self._failed: tuple[float, str] | None = None  # when the last search found no gateway, and why
+        self.keeper: Any = None  # the GatewayKeeper of the gateway this lab started, if it did
 
     async def resolve(self) -> tuple[str, str | None]:
         """Return the gateway's URL and key, looking for them when they are not known (yet, or any more)."""
@@ -155,15 +159,30 @@ class Target:
         except ImportError:
             self.url = self.url or "http://127.0.0.1:43119"
             return
+        from bkg_kernel.client.workbench import SPAWNED
+
         start = self.start and not self.found
+        before = set(SPAWNED)
         try:
             wb = bkg_kernel.connect(self.url, api_key=self.key, start=start)
         except Exception as exc:  # noqa: BLE001 - reported to the browser as a 502
             raise GatewayUnreachable(str(exc)) from None
         self.started = self.started or start
+        if new := [SPAWNED[pid] for pid in set(SPAWNED) - before]:
+            self._keep(new[-1], wb.url)
         self.found = True
         self.url = wb.url
         self.key = self.key or wb.api_key
+
+    def _keep(self, proc: Any, url: str) -> None:
+        """Keep the gateway this lab started (`proc`, at `url`) as `bkg run` does: started again if it dies."""
+        from bkg_kernel.client.keeper import GatewayKeeper
+        from bkg_kernel.settings import Settings
+
+        settings = Settings()
+        say = logging.getLogger(__name__).warning
+        self.keeper = GatewayKeeper(proc, settings, settings.data_dir.resolve(), url, lambda line: say("bkg: %s", line))
+        self.keeper.start()
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
