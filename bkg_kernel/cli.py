@@ -10,15 +10,17 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperCommand, TyperOption
 
 from bkg_kernel import kernels
 from bkg_kernel.client.transport import seg
 from bkg_kernel.errors import BkgError, Conflict, InvalidInput
+from bkg_kernel.jobs import cli as jobs_cli
 from bkg_kernel.jobs.cli import DataDir, folder_opt
 from bkg_kernel.jobs.cli import app as jobs_app
 
@@ -80,7 +82,8 @@ def _store(data_dir: Path | None, *, made: bool = True) -> Iterator[Any]:
         with Store(ddir) as store:
             yield store
     except BaseException:
-        for name in STORE_ENTRIES - there:
+        # a file in the way of the folder: nothing was made in it (its cleanup hid the error under a traceback)
+        for name in STORE_ENTRIES - there if ddir.is_dir() else ():
             path = ddir / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
@@ -665,7 +668,9 @@ def _models(model_dir: Path | None, *, made: bool = True) -> Any:
     from bkg_kernel.models.registry import ModelRegistry
     from bkg_kernel.settings import get_settings
 
-    reg = ModelRegistry(model_dir or get_settings().model_dir, register_defaults=False)
+    folder = Path(model_dir if model_dir is not None else get_settings().model_dir)
+    _model_dir_usable(folder, given=model_dir is not None)
+    reg = ModelRegistry(folder, register_defaults=False)
     if made and not reg.dir.is_dir():
         raise NotFound(
             f"no model dir at {reg.dir}: the gateway makes it at its first start, with the packaged default models "
@@ -673,6 +678,30 @@ def _models(model_dir: Path | None, *, made: bool = True) -> Any:
             field="model_dir",
         )
     return reg
+
+
+def _model_dir_usable(folder: Path, given: bool) -> None:
+    """Refuse a model dir that is not a folder, naming it: a file (the error blamed `<file>/manifest.json`), a link
+    to nothing (`add` made the folder it links to, wherever that was), or a path with a file in the way above it. A
+    missing one is not refused here: `add` makes it, the other commands say it is not there. (`given`: named by
+    --model-dir; else by the settings.)"""
+    where = folder.absolute()
+    try:
+        if where.is_dir():
+            return
+        # itself, else the nearest thing above it that is there (what is in the way of a folder made in it)
+        there = next((p for p in (where, *where.parents) if p.exists() or p.is_symlink()), None)
+        if there is None or there.is_dir():
+            return
+        if not there.exists():
+            what = f"a link to {os.readlink(there)}, which is not there"
+        else:
+            what = "a file" if there.is_file() else "not a folder"
+    except OSError:  # not ours to look at (a folder above it this user may not enter): the registry says so
+        return
+    said = f"{where} is {what}" if there == where else f"{there} is {what}, in the way of the folder {where}"
+    source = "" if given else " (BKG_MODEL_DIR or bkg.toml's model_dir; --model-dir names another)"
+    raise InvalidInput(f"{said}: the model dir must be a folder{source}", field="--model-dir" if given else "model_dir")
 
 
 @models_app.command("list")
@@ -733,6 +762,68 @@ def models_remove(
 ) -> None:
     """Unregister a model."""
     _print(_models(model_dir).remove(model_id, delete_files=delete_files).model_dump())
+
+
+# A command's option sent as a request field of another name (field -> the option's parameter); every other field
+# is named as the parameter of the same name is (`query.limit`: --limit, `expires_in_days`: --expires-in-days)
+SENT_AS: dict[Callable[..., Any], dict[str, str]] = {
+    keys_create: {"user_id": "user", "scopes": "scope", "rate_limit_per_min": "rate_limit"},
+    jobs_cli.run: {"timeout_s": "timeout"},
+    jobs_cli.schedule: {"timeout_s": "timeout", "timezone": "tz", "webhook_url": "webhook"},
+}
+
+
+def as_typed(exc: BkgError, ctx: Any, sent_as: Mapping[str, str]) -> None:
+    """Name in `exc` the option the user typed where it names the request field the option was sent as (`query.limit`
+    is the HTTP API's name; at the CLI it is `--limit`; `scopes.0` is `--scope 'x'`). A field no option of the
+    command sends, a positional argument's, or an option left unset (its setting decides: `--data-dir`) stays."""
+    field = exc.field
+    if not field:
+        return
+    head, _, rest = field.removeprefix("query.").partition(".")
+    name = sent_as.get(head, head)
+    param = next((p for p in ctx.command.params if p.name == name and isinstance(p, TyperOption)), None)
+    value = ctx.params.get(name)
+    if param is None or value is None:
+        return
+    label = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+    index, _, inner = rest.partition(".")
+    if index.isdigit() and isinstance(value, list | tuple) and int(index) < len(value):  # one of a repeated option
+        label, rest = f"{label} {value[int(index)]!r}", inner
+    if rest:
+        label = f"{label} ({rest})"
+    if exc.message.startswith(field) and exc.message[len(field) : len(field) + 1] in ("", ":", " "):  # said first
+        exc.message = label + exc.message[len(field) :]
+    exc.field = label
+
+
+class OptionsNamed(TyperCommand):
+    """A command whose errors from the gateway name its options as the user typed them (`as_typed`): one that
+    talks to a gateway (it takes --url). (The store and models commands run here, and their errors name the
+    library's arguments.)"""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BkgError as exc:
+            if not any(p.name == "url" for p in self.params):
+                raise
+            command = getattr(self.callback, "__wrapped__", self.callback)  # under typer's wrapper: the function
+            as_typed(exc, ctx, SENT_AS.get(command, {}) if command is not None else {})
+            raise
+
+
+def _options_named(typer_app: typer.Typer) -> None:
+    """Make every command of `typer_app` (and of its groups) an `OptionsNamed`."""
+    for info in typer_app.registered_commands:
+        if info.cls in (None, TyperCommand):  # typer's own (a command of another class keeps it)
+            info.cls = OptionsNamed
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _options_named(group.typer_instance)
+
+
+_options_named(app)
 
 
 def main() -> None:

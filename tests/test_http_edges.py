@@ -289,7 +289,7 @@ def test_a_slash_inside_a_name_is_named_under_the_hub_prefix_too(tmp_path: Path)
             assert r.status_code == 404 and r.json()["error"]["field"] == "name", (path, r.text)
         r = c.get("/services/bkg/v1/models/a%2Fb")
         error = r.json()["error"]
-        assert r.status_code == 404 and "type" in error and error["param"] == "model_id", r.text  # OpenAI's shape
+        assert r.status_code == 404 and "type" in error and error["param"] == "model", r.text  # OpenAI's shape
         assert c.get("/services/bkg/api/collections?x=a%2Fb").status_code != 404  # a query's %2F is no matter
     finally:
         g.stop()

@@ -6,6 +6,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -224,34 +225,55 @@ def has_slashed_segment(scope: Mapping[str, Any]) -> bool:
     return _SLASH.search((scope.get("raw_path") or b"").split(b"?", 1)[0]) is not None
 
 
+@dataclass(frozen=True)
+class ErrorField:
+    """The name a route's own errors give one of its path parameters, where it is not the parameter's name:
+    `model_id: Annotated[str, ErrorField("model")]` on `/api/models/{model_id}`, whose 404 for an unknown model
+    names `model`. The %2F 404 (`slashed_segment`) names the parameter so too: one name for one thing."""
+
+    name: str
+
+
 def slashed_segment(request: Request) -> tuple[str, str] | None:
-    """The path parameter (name, value as sent) of a request no route took because a value in its path holds a
-    '/' sent as %2F (`bkg keys revoke ../../admin`, `GET /api/jobs/..%2Fx`): the server decodes it before it
-    routes, so the path has a segment too many, and the answer was "no such route" naming no field. Found by
-    matching the path as sent, that segment whole, against the routes' paths; None when none matches."""
+    """The path parameter (the field the route's errors name it, value as sent) of a request no route took because
+    a value in its path holds a '/' sent as %2F (`bkg keys revoke ../../admin`, `GET /api/jobs/..%2Fx`): the server
+    decodes it before it routes, so the path has a segment too many, and the answer was "no such route" naming no
+    field. Found by matching the path as sent, that segment whole, against the routes' paths; None when none
+    matches."""
     if not has_slashed_segment(request.scope):
         return None
     raw = request.scope["raw_path"].split(b"?", 1)[0]
     parts = raw.decode("latin-1").split("/")
     path = "/".join(p if _SLASH.search(p.encode("latin-1")) else unquote(p) for p in parts)
     path = path.removeprefix(request.scope.get("root_path") or "") or "/"
-    for template, methods in _route_paths(request.app.router.routes):
+    for template, methods, route in _route_paths(request.app.router.routes):
         m = compile_path(template)[0].match(path)
         if m is not None and (not methods or request.method in methods):
             for name, value in m.groupdict().items():
                 if _SLASH.search(value.encode("latin-1")):
-                    return name, unquote(value)
+                    return error_field(route, name), unquote(value)
     return None
 
 
-def _route_paths(routes: Sequence[Any], prefix: str = "") -> Iterator[tuple[str, set[str]]]:
-    """Each route's full path template and methods, routers included by `include_router` looked into."""
+def error_field(route: Any, param: str) -> str:
+    """The field a route's errors name its path parameter `param`: the `ErrorField` it declares, else its name."""
+    dependant = getattr(route, "dependant", None)  # a FastAPI route's parameters (a mount or a plain route: none)
+    for field in getattr(dependant, "path_params", ()):
+        if field.alias == param:
+            said = next((m for m in field.field_info.metadata if isinstance(m, ErrorField)), None)
+            return said.name if said is not None else param
+    return param
+
+
+def _route_paths(routes: Sequence[Any], prefix: str = "") -> Iterator[tuple[str, set[str], Any]]:
+    """Each route's full path template, methods and the route itself, routers included by `include_router` looked
+    into."""
     for route in routes:
         inner = getattr(route, "original_router", None)  # FastAPI's included router
         if inner is not None:
             yield from _route_paths(inner.routes, prefix + (getattr(route.include_context, "prefix", "") or ""))
         elif isinstance(getattr(route, "path", None), str):
-            yield prefix + route.path, set(getattr(route, "methods", None) or ())
+            yield prefix + route.path, set(getattr(route, "methods", None) or ()), route
 
 
 def allowed_methods(request: Request) -> str:

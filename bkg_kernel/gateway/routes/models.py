@@ -10,6 +10,7 @@ from pydantic import ConfigDict, Field
 
 from bkg_kernel.auth import Principal
 from bkg_kernel.errors import InvalidInput, expand_home
+from bkg_kernel.gateway.errors import ErrorField
 from bkg_kernel.gateway.lanes import Lane
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.models.registry import ModelRegistry, slug
@@ -17,6 +18,7 @@ from bkg_kernel.strict import StrictBody
 
 router = APIRouter(tags=["models"])
 READ, WRITE = Depends(need("models:read")), need("models:write")
+ModelId = Annotated[str, ErrorField("model")]  # as the registry's errors name it
 
 
 class NewModel(StrictBody):
@@ -110,7 +112,7 @@ async def add_model(
 
 
 @router.get("/api/models/{model_id}", dependencies=[READ])
-async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+async def get_model(model_id: ModelId, request: Request) -> dict[str, Any]:
     """One model's manifest entry."""
     await defaults_registered(request)
     reg = registry(request)
@@ -125,7 +127,7 @@ _IMPORT = Lane("bkg-import", threads=1, max_pending=4, what="model imports")
 
 
 @router.post("/api/models/{model_id}/verify", dependencies=[READ])
-async def verify_model(model_id: str, request: Request) -> dict[str, Any]:
+async def verify_model(model_id: ModelId, request: Request) -> dict[str, Any]:
     """Recompute the sha256 and report drift."""
     result: dict[str, Any] = await _VERIFY.run(registry(request).verify, model_id)
     return result
@@ -133,7 +135,7 @@ async def verify_model(model_id: str, request: Request) -> dict[str, Any]:
 
 @router.delete("/api/models/{model_id}")
 async def remove_model(
-    model_id: str, request: Request, p: Annotated[Principal, Depends(WRITE)], delete_files: bool = False
+    model_id: ModelId, request: Request, p: Annotated[Principal, Depends(WRITE)], delete_files: bool = False
 ) -> dict[str, Any]:
     """Unregister a model (and, with delete_files, delete its file from the model dir)."""
     gw = gateway(request)

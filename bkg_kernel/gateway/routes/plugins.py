@@ -13,6 +13,7 @@ from bkg_kernel.auth import Principal
 from bkg_kernel.auth.principal import SCOPES
 from bkg_kernel.errors import NotFound, PayloadTooLarge
 from bkg_kernel.gateway.bodylimit import PARSED_BYTES, takes_big_bodies
+from bkg_kernel.gateway.errors import ErrorField
 from bkg_kernel.gateway.jsonresp import FastJSONResponse, PagedJSONResponse
 from bkg_kernel.gateway.state import gateway, need
 from bkg_kernel.runtime import bodyjson
@@ -31,6 +32,9 @@ class Config(StrictBody):
 
 
 read = Depends(need("plugins:read"))
+# as the supervisor's and the invoke route's errors name them (`no plugin ...`: plugin)
+PluginId = Annotated[str, ErrorField("plugin")]
+CapabilityId = Annotated[str, ErrorField("capability")]
 
 
 @router.get("/api/plugins", dependencies=[read])
@@ -76,19 +80,19 @@ async def telemetry_history(
 
 
 @router.get("/api/plugins/{plugin_id}", dependencies=[read])
-async def get_plugin(plugin_id: str, request: Request) -> dict[str, Any]:
+async def get_plugin(plugin_id: PluginId, request: Request) -> dict[str, Any]:
     """The plugin's declaration: capabilities with JSON Schemas, settings schema, config, status."""
     return _host(request, plugin_id).describe()
 
 
 @router.get("/api/plugins/{plugin_id}/status", dependencies=[read])
-async def plugin_status(plugin_id: str, request: Request) -> dict[str, Any]:
+async def plugin_status(plugin_id: PluginId, request: Request) -> dict[str, Any]:
     """Lifecycle state, reason, pid and uptime."""
     return _host(request, plugin_id).status()
 
 
 @router.get("/api/plugins/{plugin_id}/health", dependencies=[read])
-async def plugin_health(plugin_id: str, request: Request) -> dict[str, Any]:
+async def plugin_health(plugin_id: PluginId, request: Request) -> dict[str, Any]:
     """The plugin's own health report (asked of the running plugin: `{"ok": bool, ...}`)."""
     result: dict[str, Any] = await _host(request, plugin_id).health()
     return result
@@ -96,7 +100,7 @@ async def plugin_health(plugin_id: str, request: Request) -> dict[str, Any]:
 
 @router.get("/api/plugins/{plugin_id}/logs", dependencies=[read])
 async def plugin_logs(
-    plugin_id: str,
+    plugin_id: PluginId,
     request: Request,
     limit: Annotated[int, Query(ge=1, le=2000)] = 200,
     level: Annotated[
@@ -116,13 +120,13 @@ async def plugin_logs(
 
 
 @router.get("/api/plugins/{plugin_id}/telemetry", dependencies=[read])
-async def plugin_telemetry(plugin_id: str, request: Request) -> dict[str, Any]:
+async def plugin_telemetry(plugin_id: PluginId, request: Request) -> dict[str, Any]:
     """cpu %, RSS, uptime, requests, errors, last error, p50 / p95 latency, queue depth."""
     return _host(request, plugin_id).telemetry.snapshot()
 
 
 @router.get("/api/plugins/{plugin_id}/config", dependencies=[read])
-async def get_config(plugin_id: str, request: Request) -> dict[str, Any]:
+async def get_config(plugin_id: PluginId, request: Request) -> dict[str, Any]:
     """The plugin's settings, their JSON Schema, and enabled / autostart."""
     h = _host(request, plugin_id)
     schema = h.cls.describe()["settings_schema"] if h.cls else {}
@@ -136,7 +140,7 @@ async def get_config(plugin_id: str, request: Request) -> dict[str, Any]:
 
 @router.put("/api/plugins/{plugin_id}/config")
 async def put_config(
-    plugin_id: str, body: Config, request: Request, p: Annotated[Principal, Depends(need("plugins:write"))]
+    plugin_id: PluginId, body: Config, request: Request, p: Annotated[Principal, Depends(need("plugins:write"))]
 ) -> dict[str, Any]:
     """Validate and save settings (422 names the bad field); a running plugin restarts to apply them."""
     gw = gateway(request)
@@ -171,7 +175,7 @@ async def put_config(
 
 @router.post("/api/plugins/{plugin_id}/invoke/{capability_id}")
 @takes_big_bodies
-async def invoke(plugin_id: str, capability_id: str, request: Request) -> Any:
+async def invoke(plugin_id: PluginId, capability_id: CapabilityId, request: Request) -> Any:
     """Run a capability with its JSON input; the capability's own scope is required."""
     gw = gateway(request)
     gw.principal(request, None)  # who is asking comes before what exists
@@ -265,7 +269,9 @@ def _booked(request: Request, p: Principal, cap: Capability | None, result: Any)
 
 
 def _lifecycle_route(action: str) -> None:
-    async def route(plugin_id: str, request: Request, p: Annotated[Principal, Depends(need("plugins:write"))]) -> Any:
+    async def route(
+        plugin_id: PluginId, request: Request, p: Annotated[Principal, Depends(need("plugins:write"))]
+    ) -> Any:
         gw = gateway(request)
         h = _host(request, plugin_id)
         status = await asyncio.to_thread(getattr(h, action))

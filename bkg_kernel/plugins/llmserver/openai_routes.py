@@ -79,12 +79,14 @@ def build(api: GatewayAPI) -> APIRouter:
         """The GGUF models llmserver can serve (OpenAI model list)."""
         return {"object": "list", "data": await _models(p)}
 
-    @router.get("/models/{model_id}")
-    async def retrieve_model(model_id: str, p: Annotated[Principal, Depends(llm)]) -> dict[str, Any]:
+    # the parameter is `model`, as in OpenAI's API and as this route's errors name it (a %2F in it is a 404 naming
+    # the parameter: one name for one thing)
+    @router.get("/models/{model}")
+    async def retrieve_model(model: str, p: Annotated[Principal, Depends(llm)]) -> dict[str, Any]:
         """One model (OpenAI's `models.retrieve`); an unknown one is OpenAI's 404 `model_not_found`."""
-        found = next((m for m in await _models(p) if m["id"] == model_id), None)
+        found = next((m for m in await _models(p) if m["id"] == model), None)
         if found is None:
-            raise NotFound(f"no model {model_id!r} (GET /v1/models lists them)", field="model")
+            raise NotFound(f"no model {model!r} (GET /v1/models lists them)", field="model")
         return found
 
     async def _models(p: Principal) -> list[dict[str, Any]]:
