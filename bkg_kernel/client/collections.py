@@ -21,6 +21,7 @@ from bkg_kernel.store.results import (
     SnapshotInfo,
     SnapshotList,
 )
+from bkg_kernel.store.snapshots import SHOW_FROM
 
 if TYPE_CHECKING:
     from bkg_kernel.client.workbench import Workbench
@@ -195,19 +196,36 @@ class RemoteCollection:
             body = {**body, "limit": min(page, limit - len(found)), "offset": 0, "after": cursor}
         return PointList([_known(Point, p) for p in found], next_after=cursor)
 
-    def snapshot(self) -> SnapshotInfo:
-        """Write a snapshot."""
+    def snapshot(self, *, progress: bool | None = None) -> SnapshotInfo:
+        """Write a snapshot. `progress`: as a gateway job whose steps a bar shows (true; None: for a collection of
+        50,000 points or more, seconds of work), else one call that answers when it is done."""
+        if self._shows(progress):
+            job = self.wb.call("POST", f"{self.base}/snapshots", params={"background": "true"})["job"]
+            return _known(SnapshotInfo, self.wb.wait_job(job["id"]))
         return _known(SnapshotInfo, self.wb.call("POST", f"{self.base}/snapshots"))
+
+    def _shows(self, progress: bool | None) -> bool:
+        """Whether a snapshot or a restore shows its progress (`progress`; None: from `SHOW_FROM` points)."""
+        if progress is not None and not isinstance(progress, bool):
+            raise InvalidInput("progress must be true, false or None (from 50,000 points)", field="progress")
+        return progress if progress is not None else self.describe().count >= SHOW_FROM
 
     def snapshots(self) -> SnapshotList:
         """List snapshots, newest first."""
         listed = self.wb.call("GET", f"{self.base}/snapshots")["snapshots"]
         return SnapshotList([_known(SnapshotInfo, s) for s in listed])
 
-    def restore(self, snapshot_id: str, into: str | None = None) -> CollectionInfo:
-        """Restore a snapshot into this collection or a new one."""
-        r = self.wb.call("POST", f"{self.base}/snapshots/{seg(snapshot_id)}/restore", json={"into": into})
-        return CollectionInfo(**r)
+    def restore(self, snapshot_id: str, into: str | None = None, *, progress: bool | None = None) -> CollectionInfo:
+        """Restore a snapshot into this collection or a new one. `progress`: as `snapshot`'s (None: shown when the
+        snapshot holds 50,000 points or more)."""
+        path = f"{self.base}/snapshots/{seg(snapshot_id)}/restore"
+        if progress is None:
+            size = next((s.points for s in self.snapshots() if s.id == snapshot_id), 0)
+            progress = size >= SHOW_FROM
+        if self._shows(progress):
+            job = self.wb.call("POST", path, json={"into": into}, params={"background": "true"})["job"]
+            return CollectionInfo(**self.wb.wait_job(job["id"]))
+        return CollectionInfo(**self.wb.call("POST", path, json={"into": into}))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete one snapshot archive of this collection (`Store.delete_snapshot`)."""

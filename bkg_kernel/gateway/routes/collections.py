@@ -8,10 +8,11 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
+from fastapi import Query as QueryParam
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import BadRequest, InvalidInput
+from bkg_kernel.errors import AlreadyExists, BadRequest, InvalidInput, NotFound
 from bkg_kernel.gateway import storeops
 from bkg_kernel.gateway.bodylimit import CheckedJSONRoute, takes_big_bodies
 from bkg_kernel.gateway.embedcheck import check_embed_model
@@ -34,8 +35,8 @@ router = APIRouter(prefix="/api/collections", tags=["collections"], route_class=
 NAME_PATTERN, EMBED_PATTERN = COLLECTION_NAME_PATTERN, EMBED_MODEL_PATTERN  # the store's rules, in the schema
 Name = Annotated[str, PathParam(pattern=NAME_PATTERN, description="A collection name.")]
 SnapshotId = Annotated[str, PathParam(pattern=r"^[0-9A-Za-z][0-9A-Za-z_-]{0,63}$", description="A snapshot id.")]
-READ_SCOPE = "collections:read"
-READ, WRITE = Depends(need(READ_SCOPE)), need("collections:write")
+READ_SCOPE, WRITE_SCOPE = "collections:read", "collections:write"
+READ, WRITE = Depends(need(READ_SCOPE)), need(WRITE_SCOPE)
 
 
 def _params_by_index() -> dict[str, Any]:
@@ -395,10 +396,10 @@ def get_points(name: Name, body: Ids, request: Request) -> PagedJSONResponse:
 
 @router.post("/{name}/points/scroll", dependencies=[READ], response_model=None)
 def scroll_points(name: Name, body: Scroll, request: Request) -> PagedJSONResponse:
-    """Page through points (optionally matching a filter) in insertion order, as Qdrant's scroll: send the page's
-    `next_after` as `after` for the next (null at the end); a compaction meanwhile is followed, and only when the
-    point a page ended on is gone too is it a 409. `next_offset` (offset + points) is for offset paging, which
-    skips a point for each one deleted or re-upserted before it meanwhile."""
+    """Page through points (optionally matching a filter) in the order first inserted, as Qdrant's scroll: send the
+    page's `next_after` as `after` for the next (null at the end). A point upserted again keeps its place, so a
+    scroll returns each point there all along once, whatever is written between pages. `next_offset` (offset +
+    points) is for offset paging, which skips a point for each one deleted before it meanwhile."""
     coll = gateway(request).store.collection(name)
     if body.with_vectors:
         _within_numbers(body.limit, coll.dim, "limit")
@@ -485,12 +486,34 @@ def map_points(name: Name, body: Map, request: Request) -> FastJSONResponse:
     )
 
 
+Background = Annotated[
+    bool,
+    QueryParam(description="Answer 202 with a background job at once (its progress: each step, and what it is doing) "
+          "instead of 201 when done; the job's result is what the 201 holds. For a large collection (seconds)."),
+]  # fmt: skip
+
+
 @router.post("/{name}/snapshots", status_code=201)
-def snapshot(name: Name, request: Request, p: Annotated[Principal, Depends(WRITE)]) -> dict[str, Any]:
-    """Write a snapshot archive."""
-    info = gateway(request).store.snapshot(name)
-    _audit(request, p, "snapshot.create", name, snapshot=info.id)
-    return info.to_dict()
+def snapshot(
+    name: Name, request: Request, response: Response, p: Annotated[Principal, Depends(WRITE)],
+    background: Background = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Write a snapshot archive (`background`: as a job that reports its steps)."""
+    gw = gateway(request)
+    if not background:
+        info = gw.store.snapshot(name)
+        _audit(request, p, "snapshot.create", name, snapshot=info.id)
+        return info.to_dict()
+    gw.store.collection(name)  # a missing one is a 404 now, not a failed job
+    gw.store.require_space(f"a snapshot of {name!r}")
+
+    def run(progress: Any) -> dict[str, Any]:
+        info = gw.store.snapshot(name, progress=progress)
+        _audit(request, p, "snapshot.create", name, snapshot=info.id)
+        return info.to_dict()
+
+    response.status_code = 202
+    return {"job": gw.jobs.start("snapshot.create", run, owner=p, scope=WRITE_SCOPE).to_dict()}
 
 
 @router.get("/{name}/snapshots", dependencies=[READ])
@@ -505,13 +528,29 @@ def restore(
     snapshot_id: SnapshotId,
     request: Request,
     p: Annotated[Principal, Depends(WRITE)],
+    response: Response,
     body: Restore | None = None,
+    background: Background = False,
 ) -> dict[str, Any]:
-    """Restore a snapshot into the same collection or a new name; a damaged archive is refused (422)."""
-    s = gateway(request).store
-    coll = s.restore_snapshot(name, snapshot_id, body.into if body else None)
-    _audit(request, p, "snapshot.restore", name, snapshot=snapshot_id, into=coll.name)
-    return s.describe(coll.name).to_dict()
+    """Restore a snapshot into the same collection or a new name; a damaged archive is refused (422).
+    `background`: as a job that reports its steps (a damaged archive then fails the job, saying why)."""
+    gw = gateway(request)
+    s, into = gw.store, body.into if body else None
+
+    def run(progress: Any = None) -> dict[str, Any]:
+        coll = s.restore_snapshot(name, snapshot_id, into, progress=progress)
+        _audit(request, p, "snapshot.restore", name, snapshot=snapshot_id, into=coll.name)
+        return s.describe(coll.name).to_dict()
+
+    if not background:
+        return run()
+    if not any(snap.id == snapshot_id for snap in s.list_snapshots(name)):  # 404 now, not a failed job
+        raise NotFound(f"collection {name!r} has no snapshot {snapshot_id!r}", field="snapshot_id")
+    if into is not None and into != name and into in s:
+        raise AlreadyExists(f"collection {into!r} already exists: restore into a new name", field="into")
+    s.require_space(f"restoring a snapshot of {name!r}")
+    response.status_code = 202
+    return {"job": gw.jobs.start("snapshot.restore", run, owner=p, scope=WRITE_SCOPE).to_dict()}
 
 
 @router.delete("/{name}/snapshots/{snapshot_id}", status_code=204)

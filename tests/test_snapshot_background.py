@@ -1,0 +1,93 @@
+"""A snapshot or a restore over HTTP as a background job that reports its steps (`?background=true`: 202 and a job,
+its result what the 201 holds), as a model download is; the notebook client shows it with a bar (`progress=True`,
+by default for 50,000 points or more). What the call could refuse at once is refused at once (404, 409, 403), not a
+failed job. A real gateway, a real store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gateway_harness import Gateway, start_gateway, user_key
+
+from bkg_kernel.client import Workbench
+from bkg_kernel.errors import InvalidInput
+
+DIM = 8
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = start_gateway(tmp_path_factory.mktemp("snapjobs") / "data", plugins=["sysinfo"])
+    c = g.client()
+    assert c.post("/api/collections", json={"name": "docs", "dim": DIM}).status_code in (200, 201)
+    points = [{"id": i, "vector": [float(i % 7 + j) for j in range(DIM)], "payload": {"n": i}, "text": f"point {i}"}
+              for i in range(300)]  # fmt: skip
+    assert c.put("/api/collections/docs/points", json={"points": points}).status_code == 200
+    yield g
+    g.stop()
+
+
+def test_a_snapshot_and_a_restore_run_as_jobs_that_report_their_steps(gw: Gateway) -> None:
+    c = gw.client()
+    r = c.post("/api/collections/docs/snapshots", params={"background": "true"})
+    assert r.status_code == 202, r.text
+    job = gw.wait_job(r.json()["job"]["id"])
+    assert job["state"] == "done" and job["kind"] == "snapshot.create", job
+    snap = job["result"]
+    assert snap["points"] == 300 and snap["collection"] == "docs"
+    assert job["message"] == f"snapshot {snap['id']} written" and job["progress"] == 1.0  # its steps, to the end
+    assert snap["id"] in [s["id"] for s in c.get("/api/collections/docs/snapshots").json()["snapshots"]]
+
+    r = c.post(f"/api/collections/docs/snapshots/{snap['id']}/restore", json={"into": "docs-copy"},
+               params={"background": "true"})  # fmt: skip
+    assert r.status_code == 202, r.text
+    job = gw.wait_job(r.json()["job"]["id"])
+    assert job["state"] == "done" and job["result"]["name"] == "docs-copy" and job["result"]["count"] == 300, job
+    assert job["message"] == "restored as 'docs-copy'"
+    hits = c.post("/api/collections/docs-copy/query", json={"text": "point 42", "k": 1, "mode": "text"}).json()
+    assert hits["results"][0]["id"] == 42, hits
+    audit = [e["action"] for e in c.get("/admin/audit", params={"limit": 20}).json()["entries"]]
+    assert "snapshot.create" in audit and "snapshot.restore" in audit
+
+
+def test_what_a_background_snapshot_could_refuse_at_once_is_refused_at_once(gw: Gateway) -> None:
+    c = gw.client()
+    snap = c.post("/api/collections/docs/snapshots").json()
+    r = c.post("/api/collections/nope/snapshots", params={"background": "true"})
+    assert r.status_code == 404 and r.json()["error"]["field"] == "name", r.text
+    r = c.post("/api/collections/docs/snapshots/20000101T000000000000Z-abcdef/restore", params={"background": "true"})
+    assert r.status_code == 404 and r.json()["error"]["field"] == "snapshot_id", r.text
+    r = c.post(f"/api/collections/docs/snapshots/{snap['id']}/restore", json={"into": "docs"},
+               params={"background": "true"})  # fmt: skip
+    assert r.status_code == 202  # into itself: a replacement, as without background
+    assert gw.wait_job(r.json()["job"]["id"])["state"] == "done"
+    c.post("/api/collections", json={"name": "taken", "dim": DIM})
+    r = c.post(f"/api/collections/docs/snapshots/{snap['id']}/restore", json={"into": "taken"},
+               params={"background": "true"})  # fmt: skip
+    assert r.status_code == 409 and r.json()["error"]["field"] == "into", r.text
+    reader = user_key(gw, "snap-reader", ["collections:read"])
+    r = gw.client(reader).post("/api/collections/docs/snapshots", params={"background": "true"})
+    assert r.status_code == 403, r.text
+    r = c.post("/api/collections/docs/snapshots", params={"background": "maybe"})
+    assert r.status_code == 422 and "background" in r.json()["error"]["field"], r.text
+
+
+def test_the_notebook_client_shows_a_snapshot_and_a_restore_as_jobs(gw: Gateway, tmp_path: Path) -> None:
+    wb = Workbench(gw.url, gw.client().headers["Authorization"].split()[1])
+    docs = wb.collection("docs")
+    jobs_before = {j["id"] for j in wb.jobs() if j.get("kind") == "snapshot.create"}
+    snap = docs.snapshot(progress=True)
+    assert snap.points == 300 and snap.collection == "docs"
+    made = {j["id"] for j in wb.jobs() if j.get("kind") == "snapshot.create"} - jobs_before
+    assert len(made) == 1  # it ran as a job (its bar followed it)
+    copy = docs.restore(snap.id, into="docs-copy2", progress=True)
+    assert copy.name == "docs-copy2" and copy.count == 300
+    quiet = docs.snapshot()  # 300 points: one call, no job
+    assert quiet.points == 300 and {j["id"] for j in wb.jobs() if j.get("kind") == "snapshot.create"} == (
+        jobs_before | made
+    )
+    with pytest.raises(InvalidInput) as bad:
+        docs.snapshot(progress="yes")  # type: ignore[arg-type]
+    assert bad.value.field == "progress"
