@@ -778,7 +778,7 @@ def as_typed(exc: BkgError, ctx: Any, sent_as: Mapping[str, str]) -> None:
     is the HTTP API's name; at the CLI it is `--limit`; `scopes.0` is `--scope 'x'`). A field no option of the
     command sends, a positional argument's, or an option left unset (its setting decides: `--data-dir`) stays."""
     field = exc.field
-    if not field:
+    if not isinstance(field, str) or not field:  # none, or not a bkg gateway's (a server at --url of another kind)
         return
     head, _, rest = field.removeprefix("query.").partition(".")
     name = sent_as.get(head, head)

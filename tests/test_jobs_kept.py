@@ -221,7 +221,7 @@ def test_a_listing_holds_few_descriptors_open_and_a_worker_removes_a_deep_tree(t
     assert not here.exists()
 
 
-def test_the_jobs_page_lists_a_runs_kept_files_and_shows_each(gw: Gateway) -> None:
+def test_the_jobs_page_lists_a_runs_kept_files_and_shows_each(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
     """The jobs dashboard (and the panel in a notebook): `Files` lists the picked run's kept files; a file picked is
     shown (a CSV as a table, an SVG drawn, text as text) with a link that downloads its bytes; another user's key
     without the run's scopes gets the refusal, not a listing."""
@@ -233,6 +233,7 @@ def test_the_jobs_page_lists_a_runs_kept_files_and_shows_each(gw: Gateway) -> No
     from bkg_kernel.client import Workbench
     from bkg_kernel.display import fmt_bytes
     from bkg_kernel.widgets import Session, jobs_panel
+    from bkg_kernel.widgets import jobs as jobs_page
     from bkg_kernel.widgets.jobs import PREVIEW_BYTES, kept_preview
 
     other = submit(gw, {"notebook": "writes.ipynb", "parameters": {"n": 8}})
@@ -263,6 +264,14 @@ def test_the_jobs_page_lists_a_runs_kept_files_and_shows_each(gw: Gateway) -> No
         pick.value = "plots/a.svg"
         show.click()
         assert f"<img src='data:image/svg+xml;base64,{base64.b64encode(b'<svg/>').decode()}'" in _html(panel)
+        # a file that grows after it was listed (a running run's log) is read no further than the page takes
+        monkeypatch.setattr(jobs_page, "FETCH_MAX", 1000)
+        (gw.data_dir / "runs" / f"{run['id']}.files" / "report.csv").write_text("n\n" + "7\n" * 5000)
+        pick.value = "report.csv"
+        show.click()
+        shown = _html(panel)
+        assert "<code>report.csv</code> is more than this page fetches" in shown and "7\n7" not in shown, shown[:2000]
+
         picked.value = other["id"]  # another run: the file row goes until its files are listed
         assert pick.options == ()
     finally:
@@ -271,8 +280,9 @@ def test_the_jobs_page_lists_a_runs_kept_files_and_shows_each(gw: Gateway) -> No
 
     # what the page shows of bytes it cannot draw or show whole
     assert "<pre style='max-height:480px;overflow:auto'>mine &lt;3</pre>" in kept_preview("a.txt", b"mine <3")
-    twice = kept_preview("t.csv", b"a,a\n1,2\n")  # a column each, even under one name
-    assert re.search(r"<th[^>]*>a</th><th[^>]*>a \(2\)</th>.*<td[^>]*>1</td><td[^>]*>2</td>", twice), twice
+    twice = kept_preview("t.csv", b"a,a,a (2)\n1,2,3\n")  # a column each, even under one name
+    heads = "".join(f"<th[^>]*>{re.escape(h)}</th>" for h in ("a", "a (2)", "a (2) (3)"))
+    assert re.search(heads + r".*<td[^>]*>1</td><td[^>]*>2</td><td[^>]*>3</td>", twice), twice
     binary = kept_preview("model.bin", b"\0\1\2" * 10)
     assert "binary" in binary and "Download" in binary and "<pre" not in binary
     long_text = kept_preview("log.txt", b"x" * (PREVIEW_BYTES + 10))

@@ -95,3 +95,31 @@ def test_a_restart_that_fails_outside_bkg_is_said_and_tried_again(
         kept.stop()
     assert sum("did not start again: [Errno 13] Permission denied" in s for s in said) == 2, said
     assert kept.restarts == 2
+
+
+def test_a_gateway_started_again_by_someone_else_is_left_to_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: a gateway that died and was started again by someone else first (a notebook's
+    `bkg.connect()`) had the keeper trying to start another on its data dir five times, each refused by the data
+    dir's lock, then saying it "died 5 times". It says who runs it now, and leaves it."""
+    monkeypatch.setattr(keeper_mod, "POLL_S", 0.1)
+    ddir = tmp_path / "data"
+    settings = Settings(data_dir=ddir)
+    url, other = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
+    spawn_gateway(settings, ddir, url, 60)
+    first = next(p for pid, p in SPAWNED.items() if _recorded_pid(ddir) == pid)
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    spawn_gateway(settings, ddir, other, 60)  # someone else's, before the keeper looks
+    second = next(p for pid, p in SPAWNED.items() if _recorded_pid(ddir) == pid)
+    said: list[str] = []
+    kept = GatewayKeeper(first, settings, ddir, url, said.append).start()
+    try:
+        wait_for(lambda: any("another one runs" in s for s in said), 30, every=0.1)
+        assert kept.restarts == 0 and kept.proc is first and other in said[-1], said
+        assert _up(other) and not _up(url)
+    finally:
+        kept.stop()
+        second.send_signal(signal.SIGTERM)
+        second.wait(30)

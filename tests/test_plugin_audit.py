@@ -31,12 +31,15 @@ def test_a_plugin_records_its_callers_act_under_its_own_name(auth: AuthService) 
     dora = auth.authenticate(token, metered=False)
     serve = PluginStore(None, auth, None)  # type: ignore[arg-type]  # the audit op reads neither store nor hub
 
-    serve(
-        "repoagent", dora, "audit", {"action": "command", "target": "demo", "detail": {"name": "test", "plugin": "x"}}
-    )
+    serve("repoagent", dora, "audit", {"action": "command", "target": "demo", "detail": {"name": "test"}})
     (entry,) = auth.list_audit(10, "repoagent.command")
-    assert entry["actor"] == "dora" and entry["target"] == "demo"
-    assert entry["detail"] == {"name": "test", "key": dora.key_id, "plugin": "repoagent"}  # not what it claimed
+    assert entry["actor"] == "dora" and entry["target"] == "demo" and entry["ok"] is True
+    assert entry["detail"] == {"name": "test", "key": dora.key_id, "plugin": "repoagent"}
+    # what the gateway records, or the row's own columns, the detail cannot set (a claim, or a row never written)
+    for own in ("plugin", "key", "ok", "actor", "action", "target"):
+        with pytest.raises(InvalidInput) as claimed:
+            serve("repoagent", dora, "audit", {"action": "command", "target": None, "detail": {own: "x"}})
+        assert claimed.value.field == f"detail.{own}"
 
     for action in ("Command", "../x", "", "a" * 65, "a..b", 3):
         with pytest.raises(InvalidInput) as bad:
@@ -51,3 +54,8 @@ def test_a_plugin_records_its_callers_act_under_its_own_name(auth: AuthService) 
     serve("repoagent", dora, "audit", {"action": "user.delete", "target": "ana", "detail": {}})  # its own, by name
     recorded = [e["action"] for e in auth.list_audit(100) if e["actor"] == "dora"]
     assert recorded == ["repoagent.user.delete", "repoagent.command"]
+
+    # what a caller did is recorded though their key was revoked meanwhile (the command ran: its row is written)
+    auth.revoke_key(dora.key_id, actor="test")
+    serve("repoagent", dora, "audit", {"action": "command", "target": "demo", "detail": {"name": "late"}})
+    assert auth.list_audit(1, "repoagent.command")[0]["detail"]["name"] == "late"

@@ -273,7 +273,8 @@ def test_who_ran_a_command_is_in_the_audit_log_not_in_the_plugin_log(rgw: Gatewa
     mine = [e for e in entries if e["actor"] == "carol"]
     carol_key = rgw.client(key).get("/auth/me").json()["key_id"]
     assert mine and mine[0]["target"] == "demo", entries
-    assert mine[0]["detail"] == {"name": "echo-args", "exit_code": 0, "key": carol_key, "plugin": "repoagent"}
+    want = {"name": "echo-args", "exit_code": 0, "cancelled": False, "key": carol_key, "plugin": "repoagent"}
+    assert mine[0]["detail"] == want
 
 
 def test_a_command_past_its_timeout_dies_with_its_children(rgw: Gateway) -> None:

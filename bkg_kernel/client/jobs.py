@@ -274,10 +274,13 @@ class Jobs:
         `BKG_RUN_FILES`), a table in a notebook; while it runs, those so far."""
         return KeptTable(self.wb.call("GET", f"/api/jobs/{seg(run_id)}/files")["files"])
 
-    def file(self, run_id: str, name: str, to: str | os.PathLike[str] | None = None) -> bytes:
-        """One file the run kept, by its name in `files` (`"out/report.csv"`); with `to`, also written there."""
+    def file(
+        self, run_id: str, name: str, to: str | os.PathLike[str] | None = None, *, max_bytes: int | None = None
+    ) -> bytes:
+        """One file the run kept, by its name in `files` (`"out/report.csv"`); with `to`, also written there. With
+        `max_bytes`, a file longer than that is a 413 (read no further)."""
         path = "/".join(seg(part) for part in str(name).split("/"))  # each part a segment: '/' stays the separator
-        data = request_bytes(self.wb.http, "GET", f"/api/jobs/{seg(run_id)}/files/{path}")
+        data = request_bytes(self.wb.http, "GET", f"/api/jobs/{seg(run_id)}/files/{path}", max_bytes=max_bytes)
         if to is not None:
             Path(to).write_bytes(data)
         return data

@@ -59,6 +59,10 @@ class GatewayKeeper:
             if code == 0:
                 self._say("the bkg gateway was stopped (it exited cleanly): not started again")
                 return
+            if (other := _running(self._ddir)) is not None:  # started meanwhile by someone else (`bkg.connect()`)
+                self._say(f"the bkg gateway died ({_how(code)}), and another one runs on its data dir now, at "
+                          f"{other}: that one is not kept here")  # fmt: skip
+                return
             now = time.monotonic()
             while recent and now - recent[0] > WINDOW_S:
                 recent.popleft()
@@ -85,6 +89,13 @@ class GatewayKeeper:
             self.proc = new[-1]
             if self.proc.poll() is None:
                 self._say(f"bkg gateway running again at {self._url} (pid {self.proc.pid})")
+
+
+def _running(ddir: Path) -> str | None:
+    """The URL of the gateway running on `ddir` now, if one does."""
+    from bkg_kernel.client.workbench import running_gateway
+
+    return running_gateway(ddir)
 
 
 def _how(code: int) -> str:

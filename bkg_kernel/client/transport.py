@@ -24,7 +24,15 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import orjson
 
-from bkg_kernel.errors import BkgError, InvalidInput, Timeout, Unauthorized, Unavailable, from_dict
+from bkg_kernel.errors import (
+    BkgError,
+    InvalidInput,
+    PayloadTooLarge,
+    Timeout,
+    Unauthorized,
+    Unavailable,
+    from_dict,
+)
 
 POOL_SIZE = 8  # idle connections kept per client
 
@@ -337,11 +345,28 @@ def request(client: Http, method: str, path: str, **kw: Any) -> Any:
     return decode(r)
 
 
-def request_bytes(client: Http, method: str, path: str, **kw: Any) -> bytes:
-    """Send one request and return its body as bytes (a file); an error response raises its BkgError."""
-    r = client.request(method, path, **kw)
-    _raise_for(client, r)
-    return r.content
+def request_bytes(client: Http, method: str, path: str, max_bytes: int | None = None, **kw: Any) -> bytes:
+    """Send one request and return its body as bytes (a file); an error response raises its BkgError. With
+    `max_bytes`, a body longer than that is a 413 naming `max_bytes`, read no further than one byte past it (a file
+    that grew since it was listed is not pulled into memory whole)."""
+    if max_bytes is None:
+        r = client.request(method, path, **kw)
+        _raise_for(client, r)
+        return r.content
+    with client.stream(method, path, **kw) as r:
+        if r.status_code >= 400:
+            r.read()
+            _raise_for(client, r)
+        try:
+            data = r.raw.read(max_bytes + 1)
+        except TimeoutError:
+            raise too_slow(client.base_url, r.timeout) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise unreachable(client, exc) from None
+        if len(data) > max_bytes:
+            raise PayloadTooLarge(f"{path} is more than {max_bytes:,} bytes", field="max_bytes")
+        r.read()  # to its end (nothing left): the connection serves the next request
+        return data
 
 
 def _raise_for(client: Http, r: Response) -> None:

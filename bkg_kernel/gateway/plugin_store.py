@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 READ, WRITE, LLM = "collections:read", "collections:write", "llm:use"
 ACTION = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")  # a plugin's own audit action, after `<plugin id>.`
 MAX_AUDIT_DETAIL = 4096  # bytes of JSON a plugin records with one audit entry
+AUDIT_OWN = frozenset({"actor", "action", "target", "ok", "key", "plugin"})  # what a plugin's detail cannot name
 
 
 class PluginStore:
@@ -65,9 +66,10 @@ class PluginStore:
         if found is None:
             raise InvalidInput(f"the store has no operation {op!r}", field="op")
         scope, fn = found
+        if scope is None:  # recording what the caller did: as they were when they did it (a key revoked since too)
+            return fn(plugin_id, caller, **args)
         caller = self.auth.as_now(caller)  # a job queued or running since: its caller as they are now
-        if scope is not None:
-            caller.require(scope, f"{plugin_id} ({op}, on behalf of {caller.username})")
+        caller.require(scope, f"{plugin_id} ({op}, on behalf of {caller.username})")
         return fn(plugin_id, caller, **args)
 
     def _sup(self) -> Supervisor:
@@ -96,6 +98,10 @@ class PluginStore:
             raise InvalidInput("target must be a string of 256 characters at most", field="target")
         if not isinstance(detail, dict) or len(json.dumps(detail, default=str)) > MAX_AUDIT_DETAIL:
             raise InvalidInput(f"detail must be an object of {MAX_AUDIT_DETAIL} bytes of JSON at most", field="detail")
+        if taken := sorted(set(detail) & AUDIT_OWN):  # the row's own columns, and who and what the gateway records
+            raise InvalidInput(
+                f"detail cannot set {', '.join(taken)}: the gateway records it", field=f"detail.{taken[0]}"
+            )
         self._audit(caller, plugin_id, f"{plugin_id}.{action}", target, **detail)
 
     # -- collections ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import ipywidgets as W
 
 from bkg_kernel.client.jobs import when
 from bkg_kernel.display import fmt_bytes
+from bkg_kernel.errors import PayloadTooLarge
 from bkg_kernel.jobs.notebooks import coerce
 from bkg_kernel.widgets.primitives import (
     STATE_COLOURS,
@@ -96,6 +97,7 @@ def run_detail(r: dict[str, Any], traceback: bool = False) -> str:
 PREVIEW_BYTES = 64 * 1024  # a kept text's beginning shown on the page
 TABLE_ROWS = 20  # a kept CSV's first rows shown as a table
 FETCH_MAX = 16 * 1024 * 1024  # a kept file over this is not fetched into the page (the CLI or `wb.jobs.file` get it)
+PICTURE_LINK_MAX = 4 * 1024 * 1024  # a picture up to this also gets a Download link (its bytes in the page twice)
 PICTURES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg"}
 
 
@@ -119,7 +121,7 @@ def kept_preview(name: str, data: bytes) -> str:
             f"href='data:application/octet-stream;base64,{b64}'>Download</a></p>")  # fmt: skip
     if suffix in PICTURES:  # an <img> runs no script, an SVG's included
         body = f"<img src='data:{mime};base64,{b64}' style='max-width:100%;max-height:480px' alt='{escape(name)}'>"
-        return head + body + link
+        return head + body + (link if len(data) <= PICTURE_LINK_MAX else "<p><i>(right-click it to save it)</i></p>")
     text = _text(data[:PREVIEW_BYTES])
     if text is None:
         return head + f"<p>binary ({escape(mime)}): not shown here</p>" + link
@@ -129,7 +131,7 @@ def kept_preview(name: str, data: bytes) -> str:
     if suffix in (".csv", ".tsv"):
         rows = list(csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
         if rows:
-            cols = [c if c not in rows[0][:i] else f"{c} ({i + 1})" for i, c in enumerate(rows[0])]  # a column each
+            cols = _unique(rows[0])
             shown = [dict(zip(cols, r, strict=False)) for r in rows[1 : TABLE_ROWS + 1]]
             more = f"<p><i>its first {TABLE_ROWS} rows</i></p>" if len(rows) > TABLE_ROWS + 1 else ""
             return head + table(shown, cols) + more + link
@@ -137,6 +139,19 @@ def kept_preview(name: str, data: bytes) -> str:
         with contextlib.suppress(ValueError):  # not JSON after all: shown as it is
             text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
     return head + f"<pre style='max-height:480px;overflow:auto'>{escape(text)}</pre>" + cut + link
+
+
+def _unique(header: list[str]) -> list[str]:
+    """A CSV's column names, each once: a name taken already gets its column's number (`a (2)`), then more."""
+    taken: set[str] = set()
+    out = []
+    for i, c in enumerate(header):
+        name, n = c, i + 1
+        while name in taken:
+            name, n = f"{c} ({n})", n + 1
+        taken.add(name)
+        out.append(name)
+    return out
 
 
 def _text(data: bytes) -> str | None:
@@ -176,13 +191,16 @@ def _kept(session: Session, picked: W.Dropdown, frame: W.HTML, status: W.HTML) -
         name, run_id = pick.value, picked.value
         if sizes.get(name, 0) > FETCH_MAX:
             get = f"bkg jobs files {run_id} {name} -o FILE"
-            frame.value = (f"<p><code>{escape(name)}</code> is {fmt_bytes(sizes[name])}, more than this page fetches "
+            frame.value = (f"<p><code>{escape(name)}</code> is more than this page fetches "
                            f"({fmt_bytes(FETCH_MAX)}): <code>{escape(get)}</code>, or "
                            "<code>wb.jobs.file(run_id, name, to=...)</code> in a notebook.</p>")  # fmt: skip
             return
-        try:
-            frame.value = kept_preview(name, session.wb.jobs.file(run_id, name))
+        try:  # read no further than FETCH_MAX: a running run's file may have grown since it was listed
+            frame.value = kept_preview(name, session.wb.jobs.file(run_id, name, max_bytes=FETCH_MAX))
             status.value = ""
+        except PayloadTooLarge:
+            sizes[name] = FETCH_MAX + 1
+            show_file()
         except Exception as exc:
             status.value = error_html(exc)
 

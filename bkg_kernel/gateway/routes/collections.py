@@ -501,7 +501,7 @@ def snapshot(
     """Write a snapshot archive (`background`: as a job that reports its steps)."""
     gw = gateway(request)
     if not background:
-        info = gw.store.snapshot(name)
+        info = gw.store.snapshot(name, progress=False)  # no bar in the gateway's log
         _audit(request, p, "snapshot.create", name, snapshot=info.id)
         return info.to_dict()
     gw.store.collection(name)  # a missing one is a 404 now, not a failed job
@@ -537,7 +537,7 @@ def restore(
     gw = gateway(request)
     s, into = gw.store, body.into if body else None
 
-    def run(progress: Any = None) -> dict[str, Any]:
+    def run(progress: Any = False) -> dict[str, Any]:  # called here: no bar in the gateway's log
         coll = s.restore_snapshot(name, snapshot_id, into, progress=progress)
         _audit(request, p, "snapshot.restore", name, snapshot=snapshot_id, into=coll.name)
         return s.describe(coll.name).to_dict()

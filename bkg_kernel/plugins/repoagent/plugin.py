@@ -28,7 +28,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from bkg_kernel.errors import AlreadyExists, Forbidden, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, BkgError, Forbidden, InvalidInput, NotFound
 from bkg_kernel.plugins.repoagent import answers, gitops, repomap, sandbox
 from bkg_kernel.plugins.repoagent.indexing import Indexing
 from bkg_kernel.plugins.repoagent.parsing import ast_lines
@@ -439,12 +439,20 @@ class RepoAgent(Indexing, Plugin):
             return stop.is_set()
 
         outcome = sandbox.run(argv, ws.path, env, spec.timeout_s, self.settings.limits, out, should_stop)
+        # who ran it goes to the audit log (admin:audit), not to this log (plugins:read); cancelled too: it ran
+        self._audited(ws.name, name=inp.name, exit_code=outcome.exit_code, cancelled=stop.is_set())
         if stop.is_set():
             raise Cancelled(f"repo.command {inp.name} was cancelled: its process group was killed")
-        # who ran it goes to the audit log (admin:audit), not to this log (plugins:read)
         self.log.info("%s ran in %s: exit %s", inp.name, ws.name, outcome.exit_code)
-        self.store.audit("command", ws.name, name=inp.name, exit_code=outcome.exit_code)
         return Result(workspace=ws.name, name=inp.name, args=inp.args, **outcome.to_dict())
+
+    def _audited(self, workspace: str, **detail: Any) -> None:
+        """Record a command the caller ran in the audit log; one that ran is not undone by a failure to record it
+        (the gateway gone, a call that ended): that failure is logged, naming the command, not the caller."""
+        try:
+            self.store.audit("command", workspace, **detail)
+        except BkgError as exc:
+            self.log.warning("%s in %s: not recorded in the audit log: %s", detail.get("name"), workspace, exc.message)
 
     # -- code intelligence ------------------------------------------------------------------------
     @capability("repo.index", scope="repo:use", job=True)
