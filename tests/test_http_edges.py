@@ -231,8 +231,8 @@ def test_head_is_answered_as_get_without_a_body(gw: Gateway) -> None:
 
 
 def test_scroll_pages_by_cursor_over_rest(gw: Gateway) -> None:
-    """`points/scroll` answers `next_after`, the cursor of the next page: a point re-upserted between pages moves
-    no other past the reader (with `offset` the point after the page was skipped)."""
+    """`points/scroll` answers `next_after`, the cursor of the next page: a point re-upserted between pages keeps
+    its place and moves no other past the reader (with `offset` the point after the page was skipped)."""
     c = gw.client()
     assert c.post("/api/collections", json={"name": "paged", "dim": 2}).status_code == 201
     c.put("/api/collections/paged/points", json={"points": [{"id": i, "vector": [1, i]} for i in range(10)]})
@@ -242,7 +242,7 @@ def test_scroll_pages_by_cursor_over_rest(gw: Gateway) -> None:
     second = c.post("/api/collections/paged/points/scroll", json={"limit": 5, "after": first["next_after"]}).json()
     assert [p["id"] for p in second["points"]] == [5, 6, 7, 8, 9] and second["next_offset"] is None
     last = c.post("/api/collections/paged/points/scroll", json={"limit": 5, "after": second["next_after"]}).json()
-    assert [p["id"] for p in last["points"]] == [2] and last["next_after"] is None
+    assert last["points"] == [] and last["next_after"] is None  # 2 was read on the first page, in its place
     # found by a review: digits Python's isdigit() takes but int() or DuckDB do not were a 500
     for bad in ("made up", "1:\u00b2:x", "\u00b2:0:x", "0:\u0663:x", "0:" + "9" * 40 + ":x", "0:9223372036854775808:x"):
         r = c.post("/api/collections/paged/points/scroll", json={"after": bad})

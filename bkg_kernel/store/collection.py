@@ -45,6 +45,8 @@ class Collection:
         self.params: dict[str, Any] = json.loads(row["params"])
         self.embed_model: str | None = row.get("embed_model")
         self._next_fid: int = int(row["next_fid"])
+        self._next_seq = 0  # the `seq` (place in a scroll) of the next point new to the collection: set by `load`
+        self._seqs = np.zeros(0, dtype=np.int64)  # `seq` by position (a position's never changes until compaction)
         self._epoch: int = int(row["epoch"])
         self._index: VectorIndex | None = None
         self._text: TextIndex | None = None  # loaded by the first text query or upsert with text
@@ -344,11 +346,12 @@ class Collection:
         after: str | None = None,
         with_vectors: bool = False,
     ) -> PointList:
-        """Page through the points (matching a filter) in insertion order (a re-upserted point counts as new), like
-        Qdrant's scroll: pass the page's `next_after` as `after` for the next one. A cursor stays right while
-        others write: a point deleted or re-upserted before it moves no other point past it (`offset`, a count of
-        points to skip, would: one point skipped per change), and a compaction meanwhile is followed through the
-        point the page ended on; only when that point is gone as well is it a 409 (scroll again from the start)."""
+        """Page through the points (matching a filter) in the order they were first inserted, like Qdrant's scroll:
+        pass the page's `next_after` as `after` for the next one. A point keeps its place when it is upserted again
+        (vector, payload or text changed) and through a compaction, so a scroll from start to end returns every
+        point that was there all along exactly once, whatever others write between pages; a point inserted
+        meanwhile comes at the end. `offset` (a count of points to skip) shifts by one for each point deleted
+        before it meanwhile: the cursor does not."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise InvalidInput("limit must be from 1 to 10000", field="limit")
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= validate.INT64_MAX:
@@ -358,27 +361,14 @@ class Collection:
             raise InvalidInput("give offset or after, not both (after: the page's next_after)", field="after")
         where, params = compile_filter(filter)
         with self._reading() as con:
-            con.execute("BEGIN TRANSACTION")  # the epoch, where the last page ended and this page: one moment
+            con.execute("BEGIN TRANSACTION")  # where the last page ended and this page: one moment
             try:
-                row = con.execute("SELECT epoch FROM collections WHERE name = ?", [self.name]).fetchone()
-                if row is None:
-                    raise NotFound(f"collection {self.name!r} was dropped while this call read it", field="name")
-                epoch = int(row[0])
-                start = -1
-                if mark is not None:
-                    start = mark[1]
-                    if mark[0] != epoch:  # renumbered since: go on after the point the last page ended on
-                        moved = con.execute(f"SELECT fid FROM {self.table} WHERE pk = ?", [mark[2]]).fetchone()
-                        if moved is None:
-                            raise Conflict(
-                                f"collection {self.name!r} was compacted since that page, and the point it ended on "
-                                "is gone: scroll again from the start",
-                                field="after",
-                            )
-                        start = int(moved[0])
+                start = mark if isinstance(mark, int) else -1
+                if isinstance(mark, tuple):
+                    start = self._seq_of_old_cursor(con, *mark)
                 rows = con.execute(
-                    f"SELECT fid, pk, vec, CAST(payload AS VARCHAR), text FROM {self.table} WHERE {where} "
-                    "AND fid > ? ORDER BY fid LIMIT ? OFFSET ?",
+                    f"SELECT seq, pk, vec, CAST(payload AS VARCHAR), text FROM {self.table} WHERE {where} "
+                    "AND seq > ? ORDER BY seq LIMIT ? OFFSET ?",
                     [*params, start, limit, offset],
                 ).fetchall()
             finally:
@@ -394,8 +384,26 @@ class Collection:
                 )
                 for _, pk, vec, payload, text in rows
             ],
-            next_after=f"{epoch}:{last[0]}:{last[1]}" if last is not None else None,
+            next_after=f"s{last[0]}" if last is not None else None,
         )
+
+    def _seq_of_old_cursor(self, con: duckdb.DuckDBPyConnection, epoch: int, fid: int, key: str) -> int:
+        """Where a cursor of the earlier format (`<epoch>:<position>:<id>`, from a bkg that scrolled by position)
+        goes on: after that position while no compaction came since (positions then were places in a scroll, and
+        a point keeps its place from then on), else after the point it ended on; that point gone too is a 409."""
+        row = con.execute("SELECT epoch FROM collections WHERE name = ?", [self.name]).fetchone()
+        if row is None:
+            raise NotFound(f"collection {self.name!r} was dropped while this call read it", field="name")
+        if int(row[0]) == epoch:
+            return fid
+        moved = con.execute(f"SELECT seq FROM {self.table} WHERE pk = ?", [key]).fetchone()
+        if moved is None:
+            raise Conflict(
+                f"collection {self.name!r} was compacted since that page, and the point it ended on is gone: scroll "
+                "again from the start",
+                field="after",
+            )
+        return int(moved[0])
 
     def get(self, ids: list[Any], with_vectors: bool = True) -> PointList:
         """Return the points with these ids, in the order asked (ids not stored are left out)."""
@@ -463,13 +471,19 @@ class Collection:
         return self._store.snapshot(self.name, progress=progress)
 
 
-_CURSOR = re.compile(r"([0-9]{1,19}):([0-9]{1,19}):(.+)", re.DOTALL)  # ASCII digits: "²".isdigit() is True
+_CURSOR = re.compile(r"s([0-9]{1,19})")  # ASCII digits: "²".isdigit() is True
+_OLD_CURSOR = re.compile(r"([0-9]{1,19}):([0-9]{1,19}):(.+)", re.DOTALL)  # a bkg's that scrolled by position
 
 
-def _cursor(after: Any) -> tuple[int, int, str]:
-    """A scroll cursor, `<epoch>:<position>:<id as stored>` (`PointList.next_after`): 422 for anything else."""
-    if isinstance(after, str) and len(after) <= 2048 and (m := _CURSOR.fullmatch(after)):
-        epoch, fid = int(m[1]), int(m[2])
-        if epoch < 2**63 and fid < 2**63:  # what DuckDB's BIGINT holds (a bigger one was a 500 binding it)
-            return epoch, fid, m[3]
+def _cursor(after: Any) -> int | tuple[int, int, str]:
+    """A scroll cursor, `s<seq>` (`PointList.next_after`: the place in a scroll of the point a page ended on), or
+    one of the earlier format, `<epoch>:<position>:<id as stored>`: 422 for anything else."""
+    if isinstance(after, str) and len(after) <= 2048:
+        if m := _CURSOR.fullmatch(after):
+            if int(m[1]) < 2**63:  # what DuckDB's BIGINT holds (a bigger one was a 500 binding it)
+                return int(m[1])
+        elif m := _OLD_CURSOR.fullmatch(after):
+            epoch, fid = int(m[1]), int(m[2])
+            if epoch < 2**63 and fid < 2**63:
+                return epoch, fid, m[3]
     raise InvalidInput("after must be a page's next_after, as a scroll returned it", field="after")

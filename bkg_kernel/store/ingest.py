@@ -55,10 +55,15 @@ def load(c: Collection, con: Any) -> VectorIndex:
     """Fill the id / payload mirrors from DuckDB (read on `con`) and load the saved index, adding what it misses."""
     import pyarrow as pa  # lazily: ~27 MB the gateway only pays once a collection is used
 
-    rows = con.execute(f"SELECT fid, pk, CAST(payload AS VARCHAR) FROM {c.table} ORDER BY fid").arrow()
+    rows = con.execute(f"SELECT fid, pk, CAST(payload AS VARCHAR), seq FROM {c.table} ORDER BY fid").arrow()
     if not isinstance(rows, pa.Table):
         rows = rows.read_all()
     fids = rows.column(0).to_numpy()
+    seqs = rows.column(3).to_numpy()
+    c._seqs = np.zeros(c._next_fid, dtype=np.int64)
+    c._seqs[fids] = seqs
+    # past every place in a scroll given so far (a compaction lowers `next_fid`, never a point's `seq`)
+    c._next_seq = max(c._next_seq, c._next_fid, int(seqs.max()) + 1 if len(seqs) else 0)
     c._ids = [None] * c._next_fid
     c._payloads = [None] * c._next_fid
     c._fid_of = {}
@@ -171,7 +176,14 @@ def _write(c: Collection, b: validate.Batch, pending: Future[None] | None = None
     previous batch's add: it must finish before the index is touched again."""
     import pyarrow as pa
 
+    index = c._ensure_index()
     start, n = c._next_fid, len(b)
+    # A point new to the collection takes the next place in a scroll (`seq`); one upserted again keeps its own.
+    found = [(i, f) for i, f in enumerate(map(c._fid_of.get, b.keys)) if f is not None]
+    rows = np.array([i for i, _ in found], dtype=np.int64)
+    old = np.array([f for _, f in found], dtype=np.int64)
+    seq = np.arange(c._next_seq, c._next_seq + n, dtype=np.int64)
+    seq[rows] = c._seqs[old]
     arrow = pa.table(
         {
             "fid": pa.array(np.arange(start, start + n, dtype=np.int64)),
@@ -179,20 +191,23 @@ def _write(c: Collection, b: validate.Batch, pending: Future[None] | None = None
             "vec": matrix_blob(b.vectors),
             "payload": strings(b.payloads),
             "text": strings(b.texts),
+            "seq": pa.array(seq),
         }
     )
-    index = c._ensure_index()
-    old = np.array([f for f in map(c._fid_of.get, b.keys) if f is not None], dtype=np.int64)
     # the old positions as a table: a list parameter would be converted value by value
     with transaction(c._con, _bkg_batch=arrow, _bkg_old=pa.table({"fid": old})) as con:
         if len(old):
             con.execute(f"DELETE FROM {c.table} WHERE fid IN (SELECT fid FROM _bkg_old)")
-        con.execute(f"INSERT INTO {c.table} SELECT fid, pk, vec, CAST(payload AS JSON), text FROM _bkg_batch")
+        con.execute(
+            f"INSERT INTO {c.table} (fid, pk, vec, payload, text, seq) "
+            "SELECT fid, pk, vec, CAST(payload AS JSON), text, seq FROM _bkg_batch"
+        )
         con.execute(
             "UPDATE collections SET next_fid = ?, updated_at = now() WHERE name = ?",
             [start + n, c.name],
         )
-    c._next_fid = start + n
+    c._next_fid, c._next_seq = start + n, c._next_seq + n
+    _keep_seqs(c, start, seq)
     c._filter_cache.clear()
     if pending is not None:
         pending.result()
@@ -210,6 +225,17 @@ def _write(c: Collection, b: validate.Batch, pending: Future[None] | None = None
         c._fid_of.update(zip(b.keys[a : a + GIL_SLICE], range(start + a, start + min(a + GIL_SLICE, n)), strict=True))
     c._unsaved = True
     return done
+
+
+def _keep_seqs(c: Collection, start: int, seq: np.ndarray) -> None:
+    """Record the places in a scroll of positions `start`.. in the mirror, grown by half again when full (not
+    copied whole for every small upsert)."""
+    end = start + len(seq)
+    if len(c._seqs) < end:
+        grown = np.zeros(max(end, len(c._seqs) * 3 // 2), dtype=np.int64)
+        grown[:start] = c._seqs[:start]
+        c._seqs = grown
+    c._seqs[start:end] = seq
 
 
 def _add(index: VectorIndex, text: TextIndex | None, start: int, b: validate.Batch) -> None:
@@ -270,7 +296,8 @@ def compact(c: Collection) -> None:
 
 def renumber(c: Collection) -> bool:
     """Renumber live points densely in DuckDB and drop the indexes, for `_ensure_index` and `_ensure_text` to
-    build again: the part of a compaction that needs the store's connection. False: nothing to renumber."""
+    build again: the part of a compaction that needs the store's connection. False: nothing to renumber. A point's
+    `seq` (its place in a scroll) stays: a scroll under way goes on as if nothing happened."""
     c._ensure_index()
     con = c._con
     live = int(scalar(con, f"SELECT count(*) FROM {c.table}"))

@@ -107,8 +107,8 @@ def _create(store: Store, coll: Collection, tell: Progress) -> SnapshotInfo:
             next_fid = coll._next_fid  # noqa: SLF001
         tell(0.1, f"indexes saved; exporting {count:,} points")
         con.execute(
-            f"COPY (SELECT fid, pk, vec, CAST(payload AS VARCHAR) AS payload, text FROM {coll.table} ORDER BY fid) "
-            f"TO {_sql_path(work / 'points.parquet')} (FORMAT parquet)"
+            "COPY (SELECT fid, pk, vec, CAST(payload AS VARCHAR) AS payload, text, seq "
+            f"FROM {coll.table} ORDER BY fid) TO {_sql_path(work / 'points.parquet')} (FORMAT parquet)"
         )
         con.rollback()
         tell(0.55, "rows exported; hashing the parts")
@@ -397,9 +397,13 @@ def _restore(store: Store, name: str, path: Path, target: str, tell: Progress) -
         text_file = store.text_index_path(table)
         try:
             with loading as load:  # no other call knows this table: it fills without the lock
+                rows = f"read_parquet({_sql_path(work / 'points.parquet')})"
+                names = {r[0] for r in load.execute(f"DESCRIBE SELECT * FROM {rows}").fetchall()}
+                # an archive from before scroll order was kept (no `seq`): its order by position, as it scrolled then
+                seq = "coalesce(seq, fid)" if "seq" in names else "fid"
                 load.execute(
-                    f"INSERT INTO {table} SELECT fid, pk, vec, CAST(payload AS JSON), text "
-                    f"FROM read_parquet({_sql_path(work / 'points.parquet')})"
+                    f"INSERT INTO {table} (fid, pk, vec, payload, text, seq) "
+                    f"SELECT fid, pk, vec, CAST(payload AS JSON), text, {seq} FROM {rows}"
                 )
                 if scalar(load, f"SELECT count(*) FROM {table}") != m["count"]:
                     raise CorruptData(f"snapshot {path.name}: points.parquet does not hold {m['count']} points")

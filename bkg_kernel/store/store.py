@@ -67,6 +67,7 @@ class Store:
             migrations.migrate(con, str(self.db_path))
             self._con = con
             self._sweep()
+            self._add_seq()
         except BaseException:
             if con is not None:
                 con.close()
@@ -100,6 +101,22 @@ class Store:
         for f in (self.data_dir / "indexes").glob("points_*"):
             if f.name.split(".", 1)[0] not in used or f.suffix == ".tmp":  # a table's, or a save cut short
                 f.unlink(missing_ok=True)
+
+    def _add_seq(self) -> None:
+        """Give the points tables of data dirs from before scroll order was kept a `seq` column (a point's place in a
+        scroll, kept by a re-upsert), filled from their positions: their scroll order as it was."""
+        sql = (
+            "SELECT c.points_table FROM collections c WHERE NOT EXISTS (SELECT 1 FROM duckdb_columns() d WHERE "
+            "d.schema_name = 'main' AND d.table_name = c.points_table AND d.column_name = 'seq') ORDER BY 1"
+        )
+        tables = [r[0] for r in self._con.execute(sql).fetchall()]
+        for table in tables:
+            with transaction(self._con) as con:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN seq BIGINT")
+                con.execute(f"UPDATE {table} SET seq = fid")
+        if tables:
+            # straight into the database file, as a migration's: a WAL holding an ALTER TABLE may not replay
+            self._con.execute("CHECKPOINT")
 
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -270,9 +287,11 @@ class Store:
         table = f"points_{seq}"
         self._con.execute(
             f"CREATE TABLE {table} "
-            # Raw float32 bytes do not compress: skipping DuckDB's compression analysis halves ingest time.
+            # Raw float32 bytes do not compress: skipping DuckDB's compression analysis halves ingest time. `fid` is
+            # the point's position in the indexes (a re-upsert or a compaction moves it), `seq` its place in a scroll
+            # (the next one when the point is first inserted, then kept by a re-upsert and a compaction).
             "(fid BIGINT NOT NULL, pk VARCHAR NOT NULL, vec BLOB NOT NULL USING COMPRESSION uncompressed, "
-            "payload JSON, text VARCHAR)"
+            "payload JSON, text VARCHAR, seq BIGINT NOT NULL)"
         )
         return table
 
