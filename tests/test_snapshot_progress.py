@@ -74,3 +74,26 @@ def test_a_progress_that_is_neither_a_flag_nor_a_function_is_a_422_naming_it(sto
     with pytest.raises(InvalidInput) as exc:
         store.restore_snapshot("docs", snap.id, into="x", progress=3)  # type: ignore[arg-type]
     assert exc.value.field == "progress" and "x" not in store
+
+
+def test_a_cancel_that_comes_once_the_work_is_done_is_too_late(store: Store) -> None:
+    """Found by a review: a job's progress raises once the job is cancelled; raised by the last report, the call
+    failed though the archive was kept (or the restore swapped in). Done is done: the call says what it did."""
+    from bkg_kernel.errors import Cancelled
+
+    def cancelled_at_the_end(fraction: float, message: str) -> None:
+        if fraction >= 1.0:
+            raise Cancelled("job-x was cancelled")
+
+    snap = store.snapshot("docs", progress=cancelled_at_the_end)
+    assert [s.id for s in store.list_snapshots("docs")] == [snap.id]
+    copy = store.restore_snapshot("docs", snap.id, into="late", progress=cancelled_at_the_end)
+    assert copy.count() == 300
+
+    def cancelled_midway(fraction: float, message: str) -> None:
+        if 0 < fraction < 1.0:
+            raise Cancelled("job-y was cancelled")
+
+    with pytest.raises(Cancelled):
+        store.snapshot("docs", progress=cancelled_midway)  # cancelled in time: no archive
+    assert [s.id for s in store.list_snapshots("docs")] == [snap.id]

@@ -25,6 +25,7 @@ import duckdb
 from bkg_kernel.errors import (
     AlreadyExists,
     BkgError,
+    Cancelled,
     Conflict,
     CorruptData,
     InvalidInput,
@@ -140,7 +141,7 @@ def _create(store: Store, coll: Collection, tell: Progress) -> SnapshotInfo:
             os.fsync(fh.fileno())
         final = dest / f"{snap_id}{SUFFIX}"
         _keep(store, coll, work, final)
-    tell(1.0, f"snapshot {snap_id} written")
+    _done(tell, f"snapshot {snap_id} written")
     return _info(final, manifest)
 
 
@@ -155,6 +156,13 @@ def _save_indexes(store: Store, coll: Collection, work: Path) -> None:
         coll._live()  # noqa: SLF001
         _link(store.index_path(coll.table), work / "index.faiss")
         _link(store.text_index_path(coll.table), work / TEXT_PART)
+
+
+def _done(tell: Progress, message: str) -> None:
+    """Report the work done: a cancel that comes now is too late (the archive is kept, the restore swapped in), so
+    the call says what it did rather than that it was cancelled."""
+    with contextlib.suppress(Cancelled):
+        tell(1.0, message)
 
 
 def _quiet(fraction: float, message: str) -> None:
@@ -445,7 +453,7 @@ def _restore(store: Store, name: str, path: Path, target: str, tell: Progress) -
                 for p in (old_file, meta_path(old_file), store.text_index_path(old.table)):
                     with contextlib.suppress(OSError):
                         p.unlink(missing_ok=True)
-        tell(1.0, f"restored as {target!r}")
+        _done(tell, f"restored as {target!r}")
         return restored
 
 
