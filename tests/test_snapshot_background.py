@@ -91,3 +91,24 @@ def test_the_notebook_client_shows_a_snapshot_and_a_restore_as_jobs(gw: Gateway,
     with pytest.raises(InvalidInput) as bad:
         docs.snapshot(progress="yes")  # type: ignore[arg-type]
     assert bad.value.field == "progress"
+
+
+def test_a_failed_job_raises_in_a_notebook_what_the_call_raises_without_one(gw: Gateway) -> None:
+    """Found by a review: past 50,000 points the client follows a job, and a damaged archive raised `JobFailed`
+    there, `CorruptData` below: the same call raised another error by the collection's size. The job keeps the
+    error's code (and field), and the client raises it."""
+    from bkg_kernel.errors import CorruptData
+
+    wb = Workbench(gw.url, gw.client().headers["Authorization"].split()[1])
+    docs = wb.collection("docs")
+    snap = docs.snapshot()
+    archive = gw.data_dir / "snapshots" / "docs" / f"{snap.id}.bkgsnap"
+    archive.write_bytes(archive.read_bytes()[:4000])  # cut short
+    for progress in (False, True):
+        with pytest.raises(CorruptData):
+            docs.restore(snap.id, into=f"broken-{progress}", progress=progress)
+    r = gw.client().post(f"/api/collections/docs/snapshots/{snap.id}/restore", json={"into": "broken-rest"},
+                         params={"background": "true"})  # fmt: skip
+    job = gw.wait_job(r.json()["job"]["id"])
+    assert job["state"] == "failed" and job["error_code"] == "corrupt_data" and job["error_status"] == 500, job
+    assert "broken-rest" not in [c["name"] for c in gw.client().get("/api/collections").json()["collections"]]

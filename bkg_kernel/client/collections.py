@@ -10,7 +10,7 @@ import orjson
 from tqdm.auto import tqdm
 
 from bkg_kernel.client.transport import renumber, seg
-from bkg_kernel.errors import BkgError, InvalidInput
+from bkg_kernel.errors import BkgError, InvalidInput, JobFailed, from_dict
 from bkg_kernel.store.results import (
     EXPLAIN_KEYS,
     CollectionInfo,
@@ -201,8 +201,20 @@ class RemoteCollection:
         50,000 points or more, seconds of work), else one call that answers when it is done."""
         if self._shows(progress):
             job = self.wb.call("POST", f"{self.base}/snapshots", params={"background": "true"})["job"]
-            return _known(SnapshotInfo, self.wb.wait_job(job["id"]))
+            return _known(SnapshotInfo, self._waited(job["id"]))
         return _known(SnapshotInfo, self.wb.call("POST", f"{self.base}/snapshots"))
+
+    def _waited(self, job_id: str) -> dict[str, Any]:
+        """A snapshot's or a restore's job waited for with a bar: its result, or the error the call would have
+        raised had it not run as a job (a damaged archive's `CorruptData`, not `JobFailed`), whatever its size."""
+        try:
+            return self.wb.wait_job(job_id)
+        except JobFailed:
+            job = self.wb.call("GET", f"/api/jobs/{seg(job_id)}")
+            if not job.get("error_code"):
+                raise
+            raise from_dict({"code": job["error_code"], "status": job.get("error_status"), "message": job["error"],
+                             "field": job.get("error_field")}) from None  # fmt: skip
 
     def _shows(self, progress: bool | None) -> bool:
         """Whether a snapshot or a restore shows its progress (`progress`; None: from `SHOW_FROM` points)."""
@@ -224,7 +236,7 @@ class RemoteCollection:
             progress = size >= SHOW_FROM
         if self._shows(progress):
             job = self.wb.call("POST", path, json={"into": into}, params={"background": "true"})["job"]
-            return CollectionInfo(**self.wb.wait_job(job["id"]))
+            return CollectionInfo(**self._waited(job["id"]))
         return CollectionInfo(**self.wb.call("POST", path, json={"into": into}))
 
     def delete_snapshot(self, snapshot_id: str) -> None:

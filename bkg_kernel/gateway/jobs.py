@@ -37,6 +37,11 @@ class Job:
     message: str = ""
     result: dict[str, Any] | None = None
     error: str | None = None
+    # a failure that was a bkg error: its code, status and field, so a client raises what the call would have
+    # raised had it not run as a job (`errors.from_dict`)
+    error_code: str | None = None
+    error_status: int | None = None
+    error_field: str | None = None
     created: float = field(default_factory=time.time)
     finished: float | None = None
     plugin: str | None = None
@@ -132,6 +137,7 @@ class Jobs:
             except Cancelled as exc:
                 self._end(job, "cancelled", error=exc.message)
             except BkgError as exc:
+                job.error_code, job.error_status, job.error_field = exc.code, exc.status, exc.field
                 self._end(job, "failed", error=exc.message)
             except Exception as exc:
                 traceback.print_exc()
@@ -167,6 +173,7 @@ class Jobs:
             except asyncio.CancelledError:
                 self._end(job, "cancelled", error="cancelled")
             except BkgError as exc:
+                job.error_code, job.error_status, job.error_field = exc.code, exc.status, exc.field
                 self._end(job, "failed", error=exc.message)
             except Exception as exc:
                 traceback.print_exc()

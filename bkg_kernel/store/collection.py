@@ -45,7 +45,9 @@ class Collection:
         self.params: dict[str, Any] = json.loads(row["params"])
         self.embed_model: str | None = row.get("embed_model")
         self._next_fid: int = int(row["next_fid"])
-        self._next_seq = 0  # the `seq` (place in a scroll) of the next point new to the collection: set by `load`
+        # the `seq` (place in a scroll) of the next point new to the collection: as stored, raised by `load` past
+        # every place its points hold (a collection from before the column has none stored)
+        self._next_seq = int(row.get("next_seq") or 0)
         self._seqs = np.zeros(0, dtype=np.int64)  # `seq` by position (a position's never changes until compaction)
         self._epoch: int = int(row["epoch"])
         self._index: VectorIndex | None = None

@@ -203,8 +203,8 @@ def _write(c: Collection, b: validate.Batch, pending: Future[None] | None = None
             "SELECT fid, pk, vec, CAST(payload AS JSON), text, seq FROM _bkg_batch"
         )
         con.execute(
-            "UPDATE collections SET next_fid = ?, updated_at = now() WHERE name = ?",
-            [start + n, c.name],
+            "UPDATE collections SET next_fid = ?, next_seq = ?, updated_at = now() WHERE name = ?",
+            [start + n, c._next_seq + n, c.name],
         )
     c._next_fid, c._next_seq = start + n, c._next_seq + n
     _keep_seqs(c, start, seq)

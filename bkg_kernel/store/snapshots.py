@@ -105,7 +105,7 @@ def _create(store: Store, coll: Collection, tell: Progress) -> SnapshotInfo:
             con = stack.enter_context(coll._reading())  # noqa: SLF001
             con.begin()  # one snapshot of the rows for the count and the export: as they are with these indexes
             count = int(scalar(con, f"SELECT count(*) FROM {coll.table}"))
-            next_fid = coll._next_fid  # noqa: SLF001
+            next_fid, next_seq = coll._next_fid, coll._next_seq  # noqa: SLF001 - loaded: `_ensure_index` above
         tell(0.1, f"indexes saved; exporting {count:,} points")
         con.execute(
             "COPY (SELECT fid, pk, vec, CAST(payload AS VARCHAR) AS payload, text, seq "
@@ -125,6 +125,7 @@ def _create(store: Store, coll: Collection, tell: Progress) -> SnapshotInfo:
             "params": coll.params,
             "embed_model": coll.embed_model,
             "next_fid": next_fid,
+            "next_seq": next_seq,
             "count": count,
             "parts": {p: {"sha256": _sha256(work / p), "bytes": (work / p).stat().st_size} for p in parts},
         }
@@ -457,15 +458,23 @@ def _restore(store: Store, name: str, path: Path, target: str, tell: Progress) -
         return restored
 
 
+def _int(value: Any) -> int:
+    """A manifest's count as an int (0 when an older archive has none, or something else)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def _swap(con: Any, target: str, table: str, m: dict[str, Any], old: Collection | None) -> None:
     """Name the staged `table` as collection `target` in one transaction, dropping the table `old` had."""
     with transaction(con):
         if old is not None:
             con.execute("DELETE FROM collections WHERE name = ?", [target])
             con.execute(f"DROP TABLE {old.table}")
+        # places in a scroll go on past what the archive and the collection it replaces gave out (a cursor given
+        # out before never meets a new point at an old place)
+        given = max(_int(m.get("next_seq")), old._next_seq if old is not None else 0)  # noqa: SLF001
         con.execute(
-            "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, next_fid, embed_model) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, next_fid, embed_model, "
+            "next_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [target, table, m["dim"], m["metric"], m["index"], json.dumps(m["params"]), m["next_fid"],
-             m.get("embed_model")],
+             m.get("embed_model"), given],
         )  # fmt: skip

@@ -532,7 +532,8 @@ def restore(
     body: Restore | None = None,
     background: Background = False,
 ) -> dict[str, Any]:
-    """Restore a snapshot into the same collection or a new name; a damaged archive is refused (422).
+    """Restore a snapshot into the same collection or a new name; a damaged archive is refused (corrupt_data),
+    nothing live touched.
     `background`: as a job that reports its steps (a damaged archive then fails the job, saying why)."""
     gw = gateway(request)
     s, into = gw.store, body.into if body else None
