@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gateway_harness import Gateway, start_gateway, user_key
@@ -112,3 +113,45 @@ def test_a_failed_job_raises_in_a_notebook_what_the_call_raises_without_one(gw: 
     job = gw.wait_job(r.json()["job"]["id"])
     assert job["state"] == "failed" and job["error_code"] == "corrupt_data" and job["error_status"] == 500, job
     assert "broken-rest" not in [c["name"] for c in gw.client().get("/api/collections").json()["collections"]]
+
+
+def test_snapshots_and_restores_as_jobs_are_bounded_and_a_429_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: each `?background=true` call started a thread of its own, however many ran (each exports
+    or loads a whole collection). Past `MAX_BACKGROUND` running, a 429 at once; a slot comes back when a job ends.
+    The real app in this process (Starlette's TestClient), a real store; the snapshot's work is a stand-in that waits
+    until released, so that the jobs are still running when the next one is asked for."""
+    import threading
+
+    from gateway_harness import ADMIN_KEY, wait_for
+    from starlette.testclient import TestClient
+
+    from bkg_kernel.gateway.app import create_app
+    from bkg_kernel.gateway.routes import collections as routes
+    from bkg_kernel.settings import Settings
+    from bkg_kernel.store import snapshots
+
+    release = threading.Event()
+    real = snapshots.create
+
+    def held_snapshot(store: Any, coll: Any, progress: Any = None) -> Any:  # a stand-in: waits, then the real one
+        release.wait(30)
+        return real(store, coll, progress)
+
+    monkeypatch.setattr(snapshots, "create", held_snapshot)
+    app = create_app(Settings(data_dir=tmp_path / "data", admin_key=ADMIN_KEY), plugins=["sysinfo"])
+    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as c:
+        assert c.post("/api/collections", json={"name": "held", "dim": DIM}).status_code == 201
+        jobs = []
+        for _ in range(routes.MAX_BACKGROUND):
+            r = c.post("/api/collections/held/snapshots", params={"background": "true"})
+            assert r.status_code == 202, r.text
+            jobs.append(r.json()["job"]["id"])
+        r = c.post("/api/collections/held/snapshots", params={"background": "true"})
+        assert r.status_code == 429 and "snapshots or restores are running" in r.json()["error"]["message"], r.text
+        release.set()
+        wait_for(lambda: all(c.get(f"/api/jobs/{j}").json()["state"] == "done" for j in jobs), 60, every=0.1)
+        r = c.post("/api/collections/held/snapshots", params={"background": "true"})  # the slots came back
+        assert r.status_code == 202, r.text
+        wait_for(lambda: c.get(f"/api/jobs/{r.json()['job']['id']}").json()["state"] == "done", 60, every=0.1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -12,7 +13,7 @@ from fastapi import Query as QueryParam
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import AlreadyExists, BadRequest, InvalidInput, NotFound
+from bkg_kernel.errors import AlreadyExists, BadRequest, InvalidInput, NotFound, TooManyRequests
 from bkg_kernel.gateway import storeops
 from bkg_kernel.gateway.bodylimit import CheckedJSONRoute, takes_big_bodies
 from bkg_kernel.gateway.embedcheck import check_embed_model
@@ -513,7 +514,32 @@ def snapshot(
         return info.to_dict()
 
     response.status_code = 202
-    return {"job": gw.jobs.start("snapshot.create", run, owner=p, scope=WRITE_SCOPE).to_dict()}
+    return {"job": _in_background(gw, "snapshot.create", run, p)}
+
+
+# Snapshots and restores running as jobs at once, all callers together: each exports or loads a whole collection
+# (disk and CPU); past it, a 429 at once rather than a thread more
+MAX_BACKGROUND = 4
+_background = threading.BoundedSemaphore(MAX_BACKGROUND)
+
+
+def _in_background(gw: Any, kind: str, fn: Any, p: Principal) -> dict[str, Any]:
+    """Start `fn(progress)` as a job of `kind` for `p`, if fewer than `MAX_BACKGROUND` snapshot or restore jobs
+    run (else a 429); the job's dict."""
+    if not _background.acquire(blocking=False):
+        raise TooManyRequests(f"{MAX_BACKGROUND} snapshots or restores are running as jobs: try again when one ends")
+
+    def run(progress: Any) -> dict[str, Any]:
+        try:
+            return dict(fn(progress))
+        finally:
+            _background.release()
+
+    try:
+        return dict(gw.jobs.start(kind, run, owner=p, scope=WRITE_SCOPE).to_dict())
+    except BaseException:
+        _background.release()
+        raise
 
 
 @router.get("/{name}/snapshots", dependencies=[READ])
@@ -551,7 +577,7 @@ def restore(
         raise AlreadyExists(f"collection {into!r} already exists: restore into a new name", field="into")
     s.require_space(f"restoring a snapshot of {name!r}")
     response.status_code = 202
-    return {"job": gw.jobs.start("snapshot.restore", run, owner=p, scope=WRITE_SCOPE).to_dict()}
+    return {"job": _in_background(gw, "snapshot.restore", run, p)}
 
 
 @router.delete("/{name}/snapshots/{snapshot_id}", status_code=204)
