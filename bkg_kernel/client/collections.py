@@ -179,9 +179,9 @@ class RemoteCollection:
         after: str | None = None,
         with_vectors: bool = False,
     ) -> PointList:
-        """Page through the points (matching a filter) in insertion order, as `Collection.scroll`: pass the page's
-        `next_after` as `after` for the next one. A page with more vector numbers than one answer holds is asked
-        for in parts, each after the last."""
+        """Page through the points (matching a filter) in the order first inserted, as `Collection.scroll` (a point
+        upserted again keeps its place: each point once): pass the page's `next_after` as `after` for the next one.
+        A page with more vector numbers than one answer holds is asked for in parts, each after the last."""
         page = limit
         if with_vectors and type(limit) is int and PAGE_NUMBERS // MAX_DIM < limit <= MAX_SCROLL:
             page = max(1, min(limit, PAGE_NUMBERS // self.describe().dim))

@@ -78,8 +78,8 @@ class StoreHandle:
         after: str | None = None,
         with_vectors: bool = False,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """Return one page of points in insertion order and the next page's cursor (None at the end): a point
-        deleted or re-upserted meanwhile moves no other past it (the store's `Collection.scroll`)."""
+        """Return one page of points in the order first inserted and the next page's cursor (None at the end): a
+        point upserted again keeps its place, so a scroll returns each point once (the store's `Collection.scroll`)."""
         args = {"name": name, "filter": filter, "limit": limit, "after": after, "with_vectors": with_vectors}
         page, nxt = self._send("scroll", args)
         return page, nxt
