@@ -225,3 +225,38 @@ def test_a_place_given_out_is_never_given_again_after_a_restart_or_a_restore(tmp
         copy = store.restore_snapshot("places", snap.id, into="copy")  # a new name: the archive's next place
         copy.upsert([_point(7000)])
         assert [p.id for p in copy.scroll(limit=10, after=page.next_after)] == [7000]
+
+
+def test_a_collection_from_before_the_stored_next_place_never_gives_a_place_again(tmp_path: Path) -> None:
+    """Found by a review: a collection from before `next_seq` was stored (NULL) kept it NULL through a compaction,
+    and a restore into itself read it from a handle never loaded (0): after a restart, a new point took a place a
+    cursor had passed. The store fills it in when it opens."""
+    data = tmp_path / "data"
+
+    def forget_next_place() -> None:  # as a data dir from before migration 0014 has it
+        con = duckdb.connect(str(data / "bkg.duckdb"))
+        con.execute("UPDATE collections SET next_seq = NULL")
+        con.close()
+
+    with Store(data) as store:
+        c = store.create_collection("old", dim=DIM, metric="l2")
+        c.upsert([_point(i) for i in range(2000)])
+        cursor = c.scroll(limit=1500).next_after
+    forget_next_place()
+    with Store(data) as store:
+        store.collection("old").delete(list(range(999, 2000)))  # compacted: positions 0..998
+    with Store(data) as store:
+        store.collection("old").upsert([_point(5000)])
+        assert [p.id for p in store.collection("old").scroll(limit=10, after=cursor)] == [5000]
+
+    with Store(data) as store:
+        c = store.create_collection("small", dim=DIM, metric="l2")
+        c.upsert([_point(i) for i in range(10)])
+        snap = c.snapshot()
+        c.upsert([_point(i) for i in range(10, 20)])
+        cursor = c.scroll(limit=15).next_after
+    forget_next_place()
+    with Store(data) as store:  # the collection not loaded when it is replaced by its own snapshot
+        store.restore_snapshot("small", snap.id)
+        store.collection("small").upsert([_point(5000)])
+        assert [p.id for p in store.collection("small").scroll(limit=10, after=cursor)] == [5000]

@@ -112,6 +112,9 @@ def test_a_failed_job_raises_in_a_notebook_what_the_call_raises_without_one(gw: 
                          params={"background": "true"})  # fmt: skip
     job = gw.wait_job(r.json()["job"]["id"])
     assert job["state"] == "failed" and job["error_code"] == "corrupt_data" and job["error_status"] == 500, job
+    auditor = user_key(gw, "snap-auditor", ["admin:audit", "plugins:read"])  # sees the job, not what it said
+    seen = gw.client(auditor).get(f"/api/jobs/{job['id']}").json()
+    assert seen["error"] == "failed" and seen["error_code"] is None and seen["error_field"] is None, seen
     assert "broken-rest" not in [c["name"] for c in gw.client().get("/api/collections").json()["collections"]]
 
 

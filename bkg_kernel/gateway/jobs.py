@@ -80,7 +80,8 @@ def shown_event(payload: dict[str, Any], p: Principal) -> dict[str, Any]:
 def withheld(out: dict[str, Any]) -> dict[str, Any]:
     """A job as the API shows it without what its work made or said: no result, an error cut to its state, no
     progress message (a command's output, a file's name)."""
-    return {**out, "result": None, "error": None if out["error"] is None else out["state"], "message": ""}
+    hidden = {"error_code": None, "error_status": None, "error_field": None}  # what the error said, as its text
+    return {**out, "result": None, "error": None if out["error"] is None else out["state"], "message": ""} | hidden
 
 
 class Jobs:

@@ -104,7 +104,8 @@ class Store:
 
     def _add_seq(self) -> None:
         """Give the points tables of data dirs from before scroll order was kept a `seq` column (a point's place in a
-        scroll, kept by a re-upsert), filled from their positions: their scroll order as it was."""
+        scroll, kept by a re-upsert), filled from their positions: their scroll order as it was; and their
+        collections the next place to give (`next_seq`)."""
         sql = (
             "SELECT c.points_table FROM collections c WHERE NOT EXISTS (SELECT 1 FROM duckdb_columns() d WHERE "
             "d.schema_name = 'main' AND d.table_name = c.points_table AND d.column_name = 'seq') ORDER BY 1"
@@ -114,7 +115,14 @@ class Store:
             with transaction(self._con) as con:
                 con.execute(f"ALTER TABLE {table} ADD COLUMN seq BIGINT")
                 con.execute(f"UPDATE {table} SET seq = fid")
-        if tables:
+        # a collection from before `next_seq` (migration 0014): past every place its points hold and every position
+        # given (a place given out and then deleted was a position too, until a compaction: from then on this
+        # value is kept, and a compaction never lowers it)
+        unset = self._con.execute("SELECT name, points_table FROM collections WHERE next_seq IS NULL").fetchall()
+        for name, table in unset:
+            held = f"(SELECT coalesce(max(seq) + 1, 0) FROM {table})"
+            self._con.execute(f"UPDATE collections SET next_seq = greatest(next_fid, {held}) WHERE name = ?", [name])
+        if tables or unset:
             # straight into the database file, as a migration's: a WAL holding an ALTER TABLE may not replay
             self._con.execute("CHECKPOINT")
 
@@ -268,8 +276,8 @@ class Store:
             raise AlreadyExists(f"collection {name!r} already exists", field="name")
         table = self._new_points_table()
         self._con.execute(
-            "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, embed_model) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO collections (name, points_table, dim, metric, index_kind, params, embed_model, next_seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
             [name, table, dim, metric, index, json.dumps(params), embed_model],
         )
         return self.collection(name)
