@@ -122,29 +122,40 @@ def test_snapshots_and_restores_as_jobs_are_bounded_and_a_429_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by a review: each `?background=true` call started a thread of its own, however many ran (each exports
-    or loads a whole collection). Past `MAX_BACKGROUND` running, a 429 at once; a slot comes back when a job ends.
-    The real app in this process (Starlette's TestClient), a real store; the snapshot's work is a stand-in that waits
-    until released, so that the jobs are still running when the next one is asked for."""
+    or loads a whole collection). Past `MAX_BACKGROUND` running, a 429 at once; a slot comes back when a job ends;
+    the notebook client, refused a job, makes the call as one request (no bar, not refused). The real app on
+    uvicorn in this process, a real store; the snapshot's work is a stand-in that waits until released, so that
+    the jobs are still running when the next one is asked for."""
+    import socket
     import threading
 
+    import httpx
+    import uvicorn
     from gateway_harness import ADMIN_KEY, wait_for
-    from starlette.testclient import TestClient
 
     from bkg_kernel.gateway.app import create_app
     from bkg_kernel.gateway.routes import collections as routes
     from bkg_kernel.settings import Settings
     from bkg_kernel.store import snapshots
 
-    release = threading.Event()
+    release, entered = threading.Event(), []
     real = snapshots.create
 
     def held_snapshot(store: Any, coll: Any, progress: Any = None) -> Any:  # a stand-in: waits, then the real one
-        release.wait(30)
+        entered.append(progress)
+        release.wait(60)
         return real(store, coll, progress)
 
     monkeypatch.setattr(snapshots, "create", held_snapshot)
     app = create_app(Settings(data_dir=tmp_path / "data", admin_key=ADMIN_KEY), plugins=["sysinfo"])
-    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as c:
+    sock = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, timeout=60)
+    try:
+        c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
         assert c.post("/api/collections", json={"name": "held", "dim": DIM}).status_code == 201
         jobs = []
         for _ in range(routes.MAX_BACKGROUND):
@@ -153,8 +164,22 @@ def test_snapshots_and_restores_as_jobs_are_bounded_and_a_429_says_so(
             jobs.append(r.json()["job"]["id"])
         r = c.post("/api/collections/held/snapshots", params={"background": "true"})
         assert r.status_code == 429 and "snapshots or restores are running" in r.json()["error"]["message"], r.text
+
+        wb = Workbench(url, ADMIN_KEY)
+        done: list[Any] = []
+        waiting = threading.Thread(target=lambda: done.append(wb.collection("held").snapshot(progress=True)))
+        waiting.start()  # refused a job: one request, held by the stand-in like the jobs
+        wait_for(lambda: len(entered) == routes.MAX_BACKGROUND + 1, 30, every=0.05)  # its snapshot under way
+        assert entered[-1] is False  # as one request (a job's reports its steps)
+        assert not done and len([j for j in wb.jobs() if j.get("kind") == "snapshot.create"]) == len(jobs)
         release.set()
+        waiting.join(60)
+        assert done and done[0].collection == "held"
         wait_for(lambda: all(c.get(f"/api/jobs/{j}").json()["state"] == "done" for j in jobs), 60, every=0.1)
         r = c.post("/api/collections/held/snapshots", params={"background": "true"})  # the slots came back
         assert r.status_code == 202, r.text
         wait_for(lambda: c.get(f"/api/jobs/{r.json()['job']['id']}").json()["state"] == "done", 60, every=0.1)
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(20)

@@ -10,7 +10,7 @@ import orjson
 from tqdm.auto import tqdm
 
 from bkg_kernel.client.transport import renumber, seg
-from bkg_kernel.errors import BkgError, InvalidInput, JobFailed, from_dict
+from bkg_kernel.errors import BkgError, InvalidInput, JobFailed, TooManyRequests, from_dict
 from bkg_kernel.store.results import (
     EXPLAIN_KEYS,
     CollectionInfo,
@@ -199,10 +199,17 @@ class RemoteCollection:
     def snapshot(self, *, progress: bool | None = None) -> SnapshotInfo:
         """Write a snapshot. `progress`: as a gateway job whose steps a bar shows (true; None: for a collection of
         50,000 points or more, seconds of work), else one call that answers when it is done."""
-        if self._shows(progress):
-            job = self.wb.call("POST", f"{self.base}/snapshots", params={"background": "true"})["job"]
-            return _known(SnapshotInfo, self._waited(job["id"]))
+        if self._shows(progress) and (job := self._as_job(f"{self.base}/snapshots")) is not None:
+            return _known(SnapshotInfo, self._waited(job))
         return _known(SnapshotInfo, self.wb.call("POST", f"{self.base}/snapshots"))
+
+    def _as_job(self, path: str, **kw: Any) -> str | None:
+        """Start `POST path` as a gateway job; its id, or None when the gateway runs as many as it takes (a 429):
+        then the call is made as one request, which shows no bar but is not refused."""
+        try:
+            return str(self.wb.call("POST", path, params={"background": "true"}, **kw)["job"]["id"])
+        except TooManyRequests:
+            return None
 
     def _waited(self, job_id: str) -> dict[str, Any]:
         """A snapshot's or a restore's job waited for with a bar: its result, or the error the call would have
@@ -234,9 +241,8 @@ class RemoteCollection:
         if progress is None:
             size = next((s.points for s in self.snapshots() if s.id == snapshot_id), 0)
             progress = size >= SHOW_FROM
-        if self._shows(progress):
-            job = self.wb.call("POST", path, json={"into": into}, params={"background": "true"})["job"]
-            return CollectionInfo(**self._waited(job["id"]))
+        if self._shows(progress) and (job := self._as_job(path, json={"into": into})) is not None:
+            return CollectionInfo(**self._waited(job))
         return CollectionInfo(**self.wb.call("POST", path, json={"into": into}))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
