@@ -17,7 +17,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from bkg_kernel.errors import Conflict
+from bkg_kernel.errors import Conflict, InvalidInput
 from bkg_kernel.store import Store
 from bkg_kernel.store.collection import Collection
 
@@ -204,13 +204,14 @@ def test_a_place_given_out_is_never_given_again_after_a_restart_or_a_restore(tmp
     """Found by a review: the next place in a scroll was worked out at load from the positions and the places the
     points hold. After a compaction (positions renumbered lower) and the deletion of the points with the highest
     places, a restart (or a restore into itself) gave a new point a place a cursor had already passed: a scroll
-    under way never met it. The next place is stored with the collection and in a snapshot."""
+    under way never met it. The next place is stored with the collection and in a snapshot (a cursor does not cross
+    a restore: a 409)."""
     data = tmp_path / "data"
     with Store(data) as store:
         c = store.create_collection("places", dim=DIM, metric="l2")
         c.upsert([_point(i) for i in range(2000)])
         page = c.scroll(limit=1500)
-        assert page.next_after == "s1499"
+        assert page.next_after == f"s1499@{c.table}"
         c.delete(list(range(999, 2000)))  # past the ratio: compacted, positions 0..998
         assert c._next_fid == 999  # noqa: SLF001 - it did compact
         snap = c.snapshot()
@@ -221,10 +222,9 @@ def test_a_place_given_out_is_never_given_again_after_a_restart_or_a_restore(tmp
         store.restore_snapshot("places", snap.id)  # into itself: what the snapshot held, places going on
         c = store.collection("places")
         c.upsert([_point(6000)])
-        assert [p.id for p in c.scroll(limit=10, after=page.next_after)] == [6000]
-        copy = store.restore_snapshot("places", snap.id, into="copy")  # a new name: the archive's next place
-        copy.upsert([_point(7000)])
-        assert [p.id for p in copy.scroll(limit=10, after=page.next_after)] == [7000]
+        with pytest.raises(Conflict):  # a cursor from before the restore: another collection's now
+            c.scroll(limit=10, after=page.next_after)
+        assert [p.id for p in c.scroll(limit=10_000)][-1] == 6000
 
 
 def test_a_collection_from_before_the_stored_next_place_never_gives_a_place_again(tmp_path: Path) -> None:
@@ -258,5 +258,32 @@ def test_a_collection_from_before_the_stored_next_place_never_gives_a_place_agai
     forget_next_place()
     with Store(data) as store:  # the collection not loaded when it is replaced by its own snapshot
         store.restore_snapshot("small", snap.id)
-        store.collection("small").upsert([_point(5000)])
-        assert [p.id for p in store.collection("small").scroll(limit=10, after=cursor)] == [5000]
+        small = store.collection("small")
+        small.upsert([_point(5000)])
+        assert small._next_seq == 21  # noqa: SLF001 - past every place the replaced collection gave out
+        assert [p.id for p in small.scroll(limit=100)] == [*range(10), 5000]
+        with pytest.raises(Conflict):  # a cursor from before the restore
+            small.scroll(limit=10, after=cursor)
+
+
+def test_a_cursor_of_a_collection_dropped_and_made_again_or_restored_is_a_409(store: Store) -> None:
+    """A cursor names the collection as it was made: after a drop and a create of the same name, or a restore into
+    it, the places it counts from are another collection's (a new one starts from 0: the scroll would have skipped
+    its first points without a word). A 409 says to scroll again; a cursor of the same collection goes on."""
+    c = _filled(store, "again", n=30)
+    snap = c.snapshot()
+    page = c.scroll(limit=10)
+    assert [p.id for p in c.scroll(limit=100, after=page.next_after)] == list(range(10, 30))
+    store.drop_collection("again")
+    _filled(store, "again", n=5)
+    with pytest.raises(Conflict, match="scroll again from the start") as gone:
+        store.collection("again").scroll(limit=10, after=page.next_after)
+    assert gone.value.field == "after"
+    page = store.collection("again").scroll(limit=2)
+    store.restore_snapshot("again", snap.id)
+    with pytest.raises(Conflict):
+        store.collection("again").scroll(limit=10, after=page.next_after)
+    assert len(store.collection("again").scroll(limit=100)) == 30
+    for bad in ("s1@points_x", "s1@", "s1@other_1", "s@points_1"):
+        with pytest.raises(InvalidInput):
+            store.collection("again").scroll(after=bad)

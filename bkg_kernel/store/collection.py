@@ -365,8 +365,16 @@ class Collection:
         with self._reading() as con:
             con.execute("BEGIN TRANSACTION")  # where the last page ended and this page: one moment
             try:
-                start = mark if isinstance(mark, int) else -1
-                if isinstance(mark, tuple):
+                start = -1
+                if mark is not None and len(mark) == 2:  # `s<place>@<table>`
+                    start, table = mark
+                    if table is not None and table != self.table:
+                        raise Conflict(
+                            f"collection {self.name!r} was dropped and made again, or restored from a snapshot, since "
+                            "that page: scroll again from the start",
+                            field="after",
+                        )
+                elif mark is not None:
                     start = self._seq_of_old_cursor(con, *mark)
                 rows = con.execute(
                     f"SELECT seq, pk, vec, CAST(payload AS VARCHAR), text FROM {self.table} WHERE {where} "
@@ -386,7 +394,7 @@ class Collection:
                 )
                 for _, pk, vec, payload, text in rows
             ],
-            next_after=f"s{last[0]}" if last is not None else None,
+            next_after=f"s{last[0]}@{self.table}" if last is not None else None,
         )
 
     def _seq_of_old_cursor(self, con: duckdb.DuckDBPyConnection, epoch: int, fid: int, key: str) -> int:
@@ -473,17 +481,18 @@ class Collection:
         return self._store.snapshot(self.name, progress=progress)
 
 
-_CURSOR = re.compile(r"s([0-9]{1,19})")  # ASCII digits: "²".isdigit() is True
+_CURSOR = re.compile(r"s([0-9]{1,19})(?:@(points_[0-9]{1,19}))?")  # ASCII digits: "²".isdigit() is True
 _OLD_CURSOR = re.compile(r"([0-9]{1,19}):([0-9]{1,19}):(.+)", re.DOTALL)  # a bkg's that scrolled by position
 
 
-def _cursor(after: Any) -> int | tuple[int, int, str]:
-    """A scroll cursor, `s<seq>` (`PointList.next_after`: the place in a scroll of the point a page ended on), or
-    one of the earlier format, `<epoch>:<position>:<id as stored>`: 422 for anything else."""
+def _cursor(after: Any) -> tuple[int, str | None] | tuple[int, int, str]:
+    """A scroll cursor, `s<seq>@<points table>` (`PointList.next_after`: the place in a scroll of the point a page
+    ended on, in the collection as it was made: a collection dropped and made again, or restored, has another
+    table), or one of the earlier format, `<epoch>:<position>:<id as stored>`: 422 for anything else."""
     if isinstance(after, str) and len(after) <= 2048:
         if m := _CURSOR.fullmatch(after):
             if int(m[1]) < 2**63:  # what DuckDB's BIGINT holds (a bigger one was a 500 binding it)
-                return int(m[1])
+                return int(m[1]), m[2]
         elif m := _OLD_CURSOR.fullmatch(after):
             epoch, fid = int(m[1]), int(m[2])
             if epoch < 2**63 and fid < 2**63:
