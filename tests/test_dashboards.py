@@ -124,7 +124,7 @@ def test_jobs_page_runs_a_notebook_and_names_the_failed_cell(browser: Any, voila
 @pytest.mark.parametrize(
     "name",
     ["overview", "api_keys", "users", "models", "jobs", "settings", "llmserver", "candle", "rustyface", "brainml",
-     "apikeys", "repoagent", "explorer"],
+     "apikeys", "repoagent", "explorer", "collections"],
 )  # fmt: skip
 def test_every_dashboard_renders_for_an_admin(browser: Any, voila: str, name: str) -> None:
     page = open_logged_in(browser, voila, name, ADMIN_KEY)

@@ -16,6 +16,7 @@ Modules, imported in one direction (each from those above it only):
 - `models`: the model registry
 - `admin`: API keys, users, roles (the apikeys plugin's page)
 - `jobs`: notebook runs, schedules and background jobs
+- `collections`: the store's collections and their snapshots (take, restore, delete; drop)
 - `pictures`: the explorer page, telemetry charts, the training form (Panel views from `bkg_kernel.pictures`)
 - `llm`, `brain`, `faces`, `candle`, `repo`: one page per plugin
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 from bkg_kernel.widgets.admin import apikeys_panel, keys_panel, users_panel
 from bkg_kernel.widgets.brain import brain_panel
 from bkg_kernel.widgets.candle import candle_panel
+from bkg_kernel.widgets.collections import collections_panel
 from bkg_kernel.widgets.faces import faces_panel
 from bkg_kernel.widgets.jobs import jobs_panel
 from bkg_kernel.widgets.llm import llm_panel
@@ -48,6 +50,7 @@ __all__ = [
     "audit_panel",
     "brain_panel",
     "candle_panel",
+    "collections_panel",
     "dashboard",
     "explorer_panel",
     "faces_panel",

@@ -57,7 +57,8 @@ def login_box(on_login: Callable[[Session], None], url: str | None = None) -> W.
 
 
 DASHBOARDS = [  # (notebook in dashboards/, name in the header)
-    ("overview", "overview"), ("explorer", "explorer"), ("brainml", "brainml"), ("llmserver", "llmserver"),
+    ("overview", "overview"), ("collections", "collections"), ("explorer", "explorer"), ("brainml", "brainml"),
+    ("llmserver", "llmserver"),
     ("candle", "candle"), ("rustyface", "rustyface"), ("repoagent", "repoagent"), ("jobs", "jobs"),
     ("models", "models"), ("settings", "settings"), ("api_keys", "API keys"), ("users", "users"),
     ("apikeys", "apikeys plugin"),

@@ -1,0 +1,119 @@
+"""The collections dashboard (`collections_panel`): every collection and its snapshots; with collections:write a
+snapshot and a restore run as gateway jobs a bar follows, and deleting a snapshot or dropping a collection asks
+first; a viewer sees the same and may do none of it. Built in this process with a real gateway session and
+inspected without a browser (the widgets' values and disabled state are what the page shows); the page itself is
+opened in Chromium by tests/test_dashboards.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import ipywidgets as W
+import pytest
+from gateway_harness import ADMIN_KEY, Gateway, start_gateway, user_key, wait_for
+
+from bkg_kernel.client import Workbench
+from bkg_kernel.widgets import Session, collections_panel
+
+DIM = 4
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = start_gateway(tmp_path_factory.mktemp("collpage") / "data", plugins=["sysinfo"])
+    c = g.client()
+    for name, n in (("big", 120), ("small", 7)):
+        assert c.post("/api/collections", json={"name": name, "dim": DIM}).status_code == 201
+        points = [{"id": i, "vector": [1.0, float(i), 0.5, 0.25], "text": f"{name} {i}"} for i in range(n)]
+        assert c.put(f"/api/collections/{name}/points", json={"points": points}).status_code == 200
+    yield g
+    g.stop()
+
+
+@pytest.fixture
+def login(gw: Gateway) -> Iterator[Callable[[str], Session]]:
+    made: list[Session] = []
+
+    def as_key(key: str) -> Session:
+        wb = Workbench(gw.url, key)
+        made.append(Session(wb, wb.me()))
+        return made[-1]
+
+    yield as_key
+    for s in made:
+        for stop in s.timers:
+            stop.set()
+
+
+def every(w: Any) -> Iterator[Any]:
+    yield w
+    for child in getattr(w, "children", ()):
+        yield from every(child)
+
+
+def button(panel: Any, label: str) -> W.Button:
+    return next(b for b in every(panel) if isinstance(b, W.Button) and b.description == label)
+
+
+def dropdown(panel: Any, label: str) -> W.Dropdown:
+    return next(d for d in every(panel) if isinstance(d, W.Dropdown) and d.description == label)
+
+
+def text(panel: Any) -> str:
+    return "\n".join(h.value for h in every(panel) if isinstance(h, W.HTML))
+
+
+def test_an_admin_takes_restores_and_deletes_snapshots_and_drops_a_collection(
+    gw: Gateway, login: Callable[[str], Session]
+) -> None:
+    panel = collections_panel(login(ADMIN_KEY))
+    shown = text(panel)
+    assert shown.index("<td style='text-align:left'>big</td>") < shown.index("<td style='text-align:left'>small</td>")
+    pick = dropdown(panel, "collection")
+    assert pick.value == "big" and "No snapshots of <code>big</code> yet" in shown
+
+    button(panel, "Snapshot").click()  # a job; the bar follows it, then the page says what it wrote
+    wait_for(lambda: "written (120 points" in text(panel), 60, every=0.1)
+    snap = dropdown(panel, "snapshot")
+    wait_for(lambda: len(snap.options) == 1, 30, every=0.1)
+    assert "Snapshots of big (1)" in text(panel) and "bkg-error" not in text(panel)
+    bar = next(b for b in every(panel) if isinstance(b, W.FloatProgress))
+    assert bar.layout.display == "none"  # gone once the job ended
+
+    next(t for t in every(panel) if isinstance(t, W.Text) and t.description == "into").value = "big-copy"
+    button(panel, "Restore").click()  # a new name: nothing to replace, no question
+    wait_for(lambda: "as <code>big-copy</code> (120 points)" in text(panel), 60, every=0.1)
+    assert "big-copy" in pick.options
+
+    next(t for t in every(panel) if isinstance(t, W.Text) and t.description == "into").value = ""
+    button(panel, "Restore").click()  # into itself: it replaces what is there, so it asks first
+    assert "Replace <code>big</code> (120 points)" in text(panel)
+    button(panel, "Cancel").click()
+    assert "Replace <code>big</code>" not in text(panel)
+
+    button(panel, "Delete snapshot").click()
+    assert "Delete snapshot <code>" in text(panel)
+    button(panel, "Delete it").click()
+    wait_for(lambda: not snap.options, 30, every=0.1)
+    assert len(Workbench(gw.url, ADMIN_KEY).collection("big").snapshots()) == 0
+
+    pick.value = "big-copy"
+    button(panel, "Drop collection").click()
+    assert "Drop <code>big-copy</code> and its 120 points?" in text(panel)
+    button(panel, "Drop it").click()
+    wait_for(lambda: "big-copy" not in pick.options, 30, every=0.1)
+    assert "dropped <code>big-copy</code>" in text(panel)
+    assert "big-copy" not in [c["name"] for c in gw.client().get("/api/collections").json()["collections"]]
+
+
+def test_a_viewer_sees_collections_and_snapshots_and_may_change_nothing(
+    gw: Gateway, login: Callable[[str], Session]
+) -> None:
+    gw.client().post("/api/collections/small/snapshots")
+    panel = collections_panel(login(user_key(gw, "coll-viewer", ["collections:read", "plugins:read"])))
+    pick = dropdown(panel, "collection")
+    pick.value = "small"
+    assert "Snapshots of small (1)" in text(panel)
+    assert all(button(panel, b).disabled for b in ("Snapshot", "Restore", "Delete snapshot", "Drop collection"))
+    assert "need the scope collections:write" in text(panel)
