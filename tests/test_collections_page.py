@@ -117,3 +117,57 @@ def test_a_viewer_sees_collections_and_snapshots_and_may_change_nothing(
     assert "Snapshots of small (1)" in text(panel)
     assert all(button(panel, b).disabled for b in ("Snapshot", "Restore", "Delete snapshot", "Drop collection"))
     assert "need the scope collections:write" in text(panel)
+
+
+def test_a_dropped_collection_comes_back_from_its_snapshot_and_a_taken_name_is_said_first(
+    gw: Gateway, login: Callable[[str], Session]
+) -> None:
+    """Found by a review: the page said a dropped collection's snapshots stay, then listed them nowhere; dropping
+    the last collection swapped the page for its empty text (the "dropped" line with it); and restoring into
+    another collection's name asked "Replace it?" for the gateway to refuse."""
+    c = gw.client()
+    assert c.post("/api/collections", json={"name": "lonely", "dim": DIM}).status_code == 201
+    c.put("/api/collections/lonely/points", json={"points": [{"id": 1, "vector": [1, 2, 3, 4]}]}).raise_for_status()
+    snap = c.post("/api/collections/lonely/snapshots").json()["id"]
+    panel = collections_panel(login(ADMIN_KEY))
+    pick = dropdown(panel, "collection")
+    pick.value = "lonely"
+    next(t for t in every(panel) if isinstance(t, W.Text) and t.description == "into").value = "small"
+    button(panel, "Restore").click()
+    assert "collection small exists: restore into a new name" in text(panel) and "Replace" not in text(panel)
+    next(t for t in every(panel) if isinstance(t, W.Text) and t.description == "into").value = ""
+
+    button(panel, "Drop collection").click()
+    button(panel, "Drop it").click()
+    wait_for(lambda: "dropped <code>lonely</code>" in text(panel), 30, every=0.1)
+    assert "lonely" in pick.options  # still pickable: it has a snapshot
+    pick.value = "lonely"
+    assert "the collection was dropped" in text(panel)
+    assert button(panel, "Snapshot").disabled and button(panel, "Drop collection").disabled
+    assert dropdown(panel, "snapshot").value == snap and not button(panel, "Restore").disabled
+    button(panel, "Restore").click()  # nothing there to replace: no question
+    wait_for(lambda: "as <code>lonely</code> (1 points)" in text(panel), 60, every=0.1)
+    assert "lonely" in [x["name"] for x in c.get("/api/collections").json()["collections"]]
+    assert not button(panel, "Snapshot").disabled
+
+
+def test_the_empty_page_keeps_its_widgets_and_what_it_said(tmp_path: Any) -> None:
+    """Found by a review: with no collection, each refresh built the page's empty text anew (three widgets more
+    every ten seconds, for as long as the page stayed open)."""
+    import time
+
+    g = start_gateway(tmp_path / "data", plugins=["sysinfo"])
+    try:
+        wb = Workbench(g.url, ADMIN_KEY)
+        session = Session(wb, wb.me())
+        from ipywidgets.widgets.widget import _instances  # every widget this kernel holds
+
+        panel = collections_panel(session, refresh_s=0.05)
+        time.sleep(0.5)
+        before = len(_instances)
+        time.sleep(1.5)  # the page's own timer refreshes it meanwhile, many times over
+        assert "No collections yet" in text(panel) and len(_instances) == before
+        for stop in session.timers:
+            stop.set()
+    finally:
+        g.stop()

@@ -284,6 +284,9 @@ def test_a_cursor_of_a_collection_dropped_and_made_again_or_restored_is_a_409(st
     with pytest.raises(Conflict):
         store.collection("again").scroll(limit=10, after=page.next_after)
     assert len(store.collection("again").scroll(limit=100)) == 30
-    for bad in ("s1@points_x", "s1@", "s1@other_1", "s@points_1"):
+    other = _filled(store, "other", n=3)
+    with pytest.raises(Conflict, match="another collection's"):  # a cursor of another collection
+        store.collection("again").scroll(after=other.scroll(limit=1).next_after)
+    for bad in ("s1@points_x", "s1@", "s1@other_1", "s@points_1", "s4"):
         with pytest.raises(InvalidInput):
             store.collection("again").scroll(after=bad)

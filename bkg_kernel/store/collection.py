@@ -368,10 +368,11 @@ class Collection:
                 start = -1
                 if mark is not None and len(mark) == 2:  # `s<place>@<table>`
                     start, table = mark
-                    if table is not None and table != self.table:
+                    if table != self.table:
                         raise Conflict(
-                            f"collection {self.name!r} was dropped and made again, or restored from a snapshot, since "
-                            "that page: scroll again from the start",
+                            f"that cursor is not one of collection {self.name!r} as it is now (another collection's, "
+                            "or from before this one was dropped and made again, or restored from a snapshot): "
+                            "scroll again from the start",
                             field="after",
                         )
                 elif mark is not None:
@@ -481,11 +482,11 @@ class Collection:
         return self._store.snapshot(self.name, progress=progress)
 
 
-_CURSOR = re.compile(r"s([0-9]{1,19})(?:@(points_[0-9]{1,19}))?")  # ASCII digits: "²".isdigit() is True
+_CURSOR = re.compile(r"s([0-9]{1,19})@(points_[0-9]{1,19})")  # ASCII digits: "²".isdigit() is True
 _OLD_CURSOR = re.compile(r"([0-9]{1,19}):([0-9]{1,19}):(.+)", re.DOTALL)  # a bkg's that scrolled by position
 
 
-def _cursor(after: Any) -> tuple[int, str | None] | tuple[int, int, str]:
+def _cursor(after: Any) -> tuple[int, str] | tuple[int, int, str]:
     """A scroll cursor, `s<seq>@<points table>` (`PointList.next_after`: the place in a scroll of the point a page
     ended on, in the collection as it was made: a collection dropped and made again, or restored, has another
     table), or one of the earlier format, `<epoch>:<position>:<id as stored>`: 422 for anything else."""

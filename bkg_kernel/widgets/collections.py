@@ -14,6 +14,7 @@ import ipywidgets as W
 
 from bkg_kernel.client.transport import seg
 from bkg_kernel.display import fmt_bytes
+from bkg_kernel.errors import InvalidInput
 from bkg_kernel.widgets.primitives import Session, ask_first, enable_when_picked, error_html, set_options, table
 
 COLUMNS = ["name", "points", "dim", "metric", "index", "embed_model", "on disk", "last snapshot"]
@@ -62,30 +63,29 @@ def collections_panel(session: Session, refresh_s: float = 10.0) -> W.VBox:
     delete = W.Button(description="Delete snapshot")
     drop = W.Button(description="Drop collection", button_style="danger")
     may = session.can("collections:write")
-    enable_when_picked(pick, [take, drop], allowed=may)
     enable_when_picked(snap_pick, [restore, delete], allowed=may)
     running = threading.Lock()  # one snapshot or restore followed at a time on this page
-    known: dict[str, dict[str, Any]] = {}
-    body = W.VBox([])
-    page = [listing, W.HBox([pick, take, drop]), confirm, W.HBox([bar, step]), status, snaps,
-            W.HBox([snap_pick, into, restore, delete])]  # fmt: skip
+    known: dict[str, dict[str, Any]] = {}  # the live collections, by name (replaced whole by each refresh)
+    body = W.VBox([listing, W.HBox([pick, take, drop]), confirm, W.HBox([bar, step]), status, snaps,
+                   W.HBox([snap_pick, into, restore, delete])])  # fmt: skip
 
     def refresh() -> None:
+        nonlocal known
         try:
             rows = session.wb.call("GET", "/api/collections")["collections"]
+            # a dropped collection's snapshots are how it comes back: it stays pickable while it has any
+            dropped = {s["collection"] for s in session.wb.call("GET", "/api/snapshots")["snapshots"]}
         except Exception as exc:  # noqa: BLE001 - the page says why, and tries again at the next refresh
             listing.value = error_html(exc)
             return
-        known.clear()
-        known.update({c["name"]: c for c in rows})
-        listing.value = collections_table(rows)
-        set_options(pick, sorted(known, key=lambda n: -int(known[n].get("count") or 0)))
-        shown = tuple(page) if rows else (W.HTML(EMPTY),)
-        if tuple(body.children) != shown:
-            body.children = shown
+        known = {c["name"]: c for c in rows}
+        listing.value = collections_table(rows) if rows else EMPTY
+        live = sorted(known, key=lambda n: -int(known[n].get("count") or 0))
+        set_options(pick, live + sorted(dropped - set(known)))
         show_snapshots()
 
     def show_snapshots(_: Any = None) -> None:
+        take.disabled = drop.disabled = not may or pick.value not in known  # a dropped one: restore only
         if pick.value is None:
             snaps.value = ""
             set_options(snap_pick, [])
@@ -95,7 +95,8 @@ def collections_panel(session: Session, refresh_s: float = 10.0) -> W.VBox:
         except Exception as exc:  # noqa: BLE001
             snaps.value = error_html(exc)
             return
-        snaps.value = snapshots_table(pick.value, rows)
+        gone = "" if pick.value in known else " (the collection was dropped: restore one to bring it back)"
+        snaps.value = snapshots_table(pick.value, rows) + (f"<p>{escape(gone)}</p>" if gone and rows else "")
         set_options(snap_pick, [s["id"] for s in rows])
 
     def follow(what: str, start: Any, done: Any) -> None:
@@ -160,7 +161,10 @@ def collections_panel(session: Session, refresh_s: float = 10.0) -> W.VBox:
                                                  f"({r.get('count', 0):,} points)"),
             )  # fmt: skip
 
-        if target in known:  # it replaces what is there
+        if target != name and target in known:  # the gateway restores into a new name or the collection itself
+            status.value = error_html(InvalidInput(f"collection {target} exists: restore into a new name, or into "
+                                                   f"{name} itself (leave 'into' empty)", field="into"))  # fmt: skip
+        elif target in known:  # it replaces what is there
             points = int(known[target].get("count") or 0)
             ask_first(confirm, f"<b>Replace <code>{escape(target)}</code> ({points:,} points) with snapshot "
                                f"<code>{escape(snap)}</code>?</b>", "Replace it", go)  # fmt: skip

@@ -24,3 +24,4 @@ def install(app: FastAPI) -> None:
     the panels poll come first."""
     for module in (core, auth, plugins, live, collections, embed, admin, models, jobs, hublogin, assets):
         app.include_router(module.router)
+    app.include_router(collections.snapshots_router)

@@ -542,6 +542,17 @@ def _in_background(gw: Any, kind: str, fn: Any, p: Principal) -> dict[str, Any]:
         raise
 
 
+# every collection's snapshots in one listing, the dropped ones' included (a dropped collection is no longer listed
+# under /api/collections, and its snapshots are how it comes back)
+snapshots_router = APIRouter(prefix="/api/snapshots", tags=["collections"], route_class=CheckedJSONRoute)
+
+
+@snapshots_router.get("", dependencies=[READ])
+def list_every_snapshot(request: Request) -> dict[str, Any]:
+    """Every snapshot of every collection, dropped collections' included, newest first."""
+    return {"snapshots": [s.to_dict() for s in gateway(request).store.list_snapshots()]}
+
+
 @router.get("/{name}/snapshots", dependencies=[READ])
 def list_snapshots(name: Name, request: Request) -> dict[str, Any]:
     """Snapshots of a collection (also of a dropped one), newest first."""
