@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -199,17 +200,21 @@ class RemoteCollection:
     def snapshot(self, *, progress: bool | None = None) -> SnapshotInfo:
         """Write a snapshot. `progress`: as a gateway job whose steps a bar shows (true; None: for a collection of
         50,000 points or more, seconds of work), else one call that answers when it is done."""
-        if self._shows(progress) and (job := self._as_job(f"{self.base}/snapshots")) is not None:
-            return _known(SnapshotInfo, self._waited(job))
+        if self._shows(progress):
+            return _known(SnapshotInfo, self._waited(self._as_job(f"{self.base}/snapshots")))
         return _known(SnapshotInfo, self.wb.call("POST", f"{self.base}/snapshots"))
 
-    def _as_job(self, path: str, **kw: Any) -> str | None:
-        """Start `POST path` as a gateway job; its id, or None when the gateway runs as many as it takes (a 429):
-        then the call is made as one request, which shows no bar but is not refused."""
-        try:
-            return str(self.wb.call("POST", path, params={"background": "true"}, **kw)["job"]["id"])
-        except TooManyRequests:
-            return None
+    def _as_job(self, path: str, **kw: Any) -> str:
+        """Start `POST path` as a gateway job and return its id; while the gateway runs as many as it takes (a 429),
+        wait for a slot, as long as one call may wait (`Workbench.timeout`), then raise the 429."""
+        deadline = time.monotonic() + self.wb.timeout
+        while True:
+            try:
+                return str(self.wb.call("POST", path, params={"background": "true"}, **kw)["job"]["id"])
+            except TooManyRequests as exc:
+                if time.monotonic() + exc.retry_after > deadline:
+                    raise
+                time.sleep(exc.retry_after)
 
     def _waited(self, job_id: str) -> dict[str, Any]:
         """A snapshot's or a restore's job waited for with a bar: its result, or the error the call would have
@@ -241,8 +246,8 @@ class RemoteCollection:
         if progress is None:
             size = next((s.points for s in self.snapshots() if s.id == snapshot_id), 0)
             progress = size >= SHOW_FROM
-        if self._shows(progress) and (job := self._as_job(path, json={"into": into})) is not None:
-            return CollectionInfo(**self._waited(job))
+        if self._shows(progress):
+            return CollectionInfo(**self._waited(self._as_job(path, json={"into": into})))
         return CollectionInfo(**self.wb.call("POST", path, json={"into": into}))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
