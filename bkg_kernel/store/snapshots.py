@@ -181,8 +181,8 @@ def check_progress(progress: object) -> bool | Progress | None:
 def reporting(progress: bool | Progress | None, desc: str, points: int) -> Iterator[Progress]:
     """The callback a snapshot or a restore reports its steps to, `(fraction 0..1, message)`: `progress` itself
     when it is a function (a job's progress, a widget), a tqdm bar in percent when true (None: when the collection
-    has `SHOW_FROM` points or more, as an upsert's bar), else nothing."""
-    progress = check_progress(progress)
+    has `SHOW_FROM` points or more, as an upsert's bar), else nothing; `progress` checked by the caller
+    (`check_progress`, as `Store.snapshot` and `Store.restore_snapshot` do first)."""
     if callable(progress):
         yield progress
         return
@@ -359,16 +359,22 @@ def restore(
 
     The store's lock is held only to create the staged table and to swap it in: the archive is read, hashed and
     checked, and the rows loaded into the staged table (on a connection of its own), while other calls go on.
-    `progress`: see `reporting`."""
-    progress = check_progress(progress)
-    path = _path(store.snapshot_dir, name, snapshot_id)
-    target = validate.collection_name(into, "into") if into is not None else name
-    if target != name and target in store:
-        raise AlreadyExists(f"collection {target!r} already exists: restore into a new name", field="into")
+    `progress`: see `reporting` (checked by the caller, `Store.restore_snapshot`)."""
+    path, target = check_restore(store, name, snapshot_id, into)
     count = _read_manifest(path).get("count")  # for the bar's default: checked with the rest as it is extracted
     points = count if isinstance(count, int) else 0
     with reporting(progress, f"restore {name}", points) as tell:
         return _restore(store, name, path, target, tell)
+
+
+def check_restore(store: Store, name: str, snapshot_id: str, into: str | None) -> tuple[Path, str]:
+    """What a restore refuses before it reads the archive: a bad or missing snapshot (422, 404), a bad `into` or one
+    that another collection holds (422, 409). The archive's path and the collection it restores into."""
+    path = _path(store.snapshot_dir, name, snapshot_id)
+    target = validate.collection_name(into, "into") if into is not None else name
+    if target != name and target in store:
+        raise AlreadyExists(f"collection {target!r} already exists: restore into a new name", field="into")
+    return path, target
 
 
 def _restore(store: Store, name: str, path: Path, target: str, tell: Progress) -> Collection:

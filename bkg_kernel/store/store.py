@@ -431,6 +431,12 @@ class Store:
         self.require_space(f"restoring a snapshot of {name!r}")
         return snapshots.restore(self, name, snapshot_id, into, progress)  # holding the lock only while it needs it
 
+    def check_restore(self, name: str, snapshot_id: str, into: str | None = None) -> None:
+        """Refuse now what `restore_snapshot` would refuse before reading the archive: a missing snapshot (404),
+        `into` held by another collection (409), a bad id or name (422), too little disk (507)."""
+        snapshots.check_restore(self, name, snapshot_id, into)
+        self.require_space(f"restoring a snapshot of {name!r}")
+
     def delete_snapshot(self, name: str, snapshot_id: str) -> None:
         """Delete one snapshot archive."""
         snapshots.delete(self.snapshot_dir, name, snapshot_id)

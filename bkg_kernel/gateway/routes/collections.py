@@ -13,7 +13,7 @@ from fastapi import Query as QueryParam
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from bkg_kernel.auth import Principal
-from bkg_kernel.errors import AlreadyExists, BadRequest, InvalidInput, NotFound, TooManyRequests
+from bkg_kernel.errors import BadRequest, InvalidInput, TooManyRequests
 from bkg_kernel.gateway import storeops
 from bkg_kernel.gateway.bodylimit import CheckedJSONRoute, takes_big_bodies
 from bkg_kernel.gateway.embedcheck import check_embed_model
@@ -582,11 +582,7 @@ def restore(
 
     if not background:
         return run()
-    if not any(snap.id == snapshot_id for snap in s.list_snapshots(name)):  # 404 now, not a failed job
-        raise NotFound(f"collection {name!r} has no snapshot {snapshot_id!r}", field="snapshot_id")
-    if into is not None and into != name and into in s:
-        raise AlreadyExists(f"collection {into!r} already exists: restore into a new name", field="into")
-    s.require_space(f"restoring a snapshot of {name!r}")
+    s.check_restore(name, snapshot_id, into)  # what it would refuse at once: now, not a failed job
     response.status_code = 202
     return {"job": _in_background(gw, "snapshot.restore", run, p)}
 
