@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,6 +79,26 @@ def store(data_dir: Path) -> Iterator[Store]:
     s = Store(data_dir)
     yield s
     s.close()
+
+
+@pytest.fixture
+def login(gw: Any) -> Iterator[Any]:
+    """`login(key)`: a dashboard's `Session` on the module's gateway, logged in as a dashboard logs in
+    (`Session(wb, wb.me())`); the panels' refresh threads stop after the test."""
+    from bkg_kernel.client import Workbench
+    from bkg_kernel.widgets import Session
+
+    made: list[Session] = []
+
+    def as_key(key: str) -> Session:
+        wb = Workbench(gw.url, key)
+        made.append(Session(wb, wb.me()))
+        return made[-1]
+
+    yield as_key
+    for s in made:
+        for stop in s.timers:
+            stop.set()
 
 
 @pytest.fixture(scope="module")

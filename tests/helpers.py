@@ -369,6 +369,53 @@ def auth_on(data: Path, admin_key: str | None = None) -> Iterator[Any]:
         store.close()
 
 
+def every(w: Any) -> Iterator[Any]:
+    """Widget `w` and every widget inside it (a dashboard panel's tree, as the page shows it)."""
+    yield w
+    for child in getattr(w, "children", ()):
+        yield from every(child)
+
+
+def button(panel: Any, label: str) -> Any:
+    """The button of `panel` that reads `label`."""
+    import ipywidgets as W
+
+    return next(b for b in every(panel) if isinstance(b, W.Button) and b.description == label)
+
+
+def dropdown(panel: Any, label: str) -> Any:
+    """The dropdown of `panel` described `label`."""
+    import ipywidgets as W
+
+    return next(d for d in every(panel) if isinstance(d, W.Dropdown) and d.description == label)
+
+
+def text(panel: Any) -> str:
+    """Everything the HTML widgets of `panel` show."""
+    import ipywidgets as W
+
+    return "\n".join(h.value for h in every(panel) if isinstance(h, W.HTML))
+
+
+def filled_store(data: Path, names: tuple[str, ...], dim: int, n: int = 200) -> Any:
+    """A `Store` of the data dir `data` with a collection of each name: `n` points with vectors, payloads
+    (`n`, `even`) and texts ("point number <i> of <name>"), both its indexes built (a text query asked once)."""
+    from bkg_kernel.store import Store
+
+    s = Store(data)
+    rng = np.random.default_rng(0)
+    for name in names:
+        c = s.create_collection(name, dim=dim)
+        c.upsert(
+            ids=list(range(n)),
+            vectors=rng.standard_normal((n, dim)).astype(np.float32),
+            payloads=[{"n": i, "even": i % 2 == 0} for i in range(n)],
+            texts=[f"point number {i} of {name}" for i in range(n)],
+        )
+        c.query(text="warm", k=1)
+    return s
+
+
 def scale_program(path: Path, k: float = 2.0) -> Path:
     """A real TorchScript program, `x * k`."""
     import torch

@@ -12,6 +12,7 @@ from typing import Any
 import ipywidgets as W
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway, start_gateway, user_key, wait_for
+from helpers import button, dropdown, every, text
 
 from bkg_kernel.client import Workbench
 from bkg_kernel.widgets import Session, collections_panel
@@ -29,39 +30,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         assert c.put(f"/api/collections/{name}/points", json={"points": points}).status_code == 200
     yield g
     g.stop()
-
-
-@pytest.fixture
-def login(gw: Gateway) -> Iterator[Callable[[str], Session]]:
-    made: list[Session] = []
-
-    def as_key(key: str) -> Session:
-        wb = Workbench(gw.url, key)
-        made.append(Session(wb, wb.me()))
-        return made[-1]
-
-    yield as_key
-    for s in made:
-        for stop in s.timers:
-            stop.set()
-
-
-def every(w: Any) -> Iterator[Any]:
-    yield w
-    for child in getattr(w, "children", ()):
-        yield from every(child)
-
-
-def button(panel: Any, label: str) -> W.Button:
-    return next(b for b in every(panel) if isinstance(b, W.Button) and b.description == label)
-
-
-def dropdown(panel: Any, label: str) -> W.Dropdown:
-    return next(d for d in every(panel) if isinstance(d, W.Dropdown) and d.description == label)
-
-
-def text(panel: Any) -> str:
-    return "\n".join(h.value for h in every(panel) if isinstance(h, W.HTML))
 
 
 def test_an_admin_takes_restores_and_deletes_snapshots_and_drops_a_collection(

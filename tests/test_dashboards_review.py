@@ -7,35 +7,19 @@ buttons made."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import ipywidgets as W
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway, user_key, wait_for, wait_run
-from helpers import notebook
+from helpers import button, every, notebook, text
 
 from bkg_kernel.client import Workbench
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER
 from bkg_kernel.widgets import Session
 
 PLUGINS = ["llmserver", "candle", "brainml"]  # candle embeds for brainml
-
-
-@pytest.fixture
-def login(gw: Gateway) -> Iterator[Callable[[str], Session]]:
-    """Log in as a dashboard does (`Session(wb, wb.me())`); the panels' refresh threads stop after the test."""
-    made: list[Session] = []
-
-    def as_key(key: str) -> Session:
-        wb = Workbench(gw.url, key)
-        made.append(Session(wb, wb.me()))
-        return made[-1]
-
-    yield as_key
-    for s in made:
-        for stop in s.timers:
-            stop.set()
 
 
 @pytest.fixture(scope="module")
@@ -45,24 +29,8 @@ def viewer_key(gw: Gateway) -> str:
     return str(c.post("/admin/keys", json={"name": "vera-key", "user_id": user["id"]}).json()["key"])
 
 
-def every(w: W.Widget) -> Iterator[W.Widget]:
-    """`w` and every widget inside it."""
-    yield w
-    for child in getattr(w, "children", ()):
-        yield from every(child)
-
-
-def button(panel: W.Widget, label: str) -> W.Button:
-    return next(b for b in every(panel) if isinstance(b, W.Button) and b.description == label)
-
-
 def dropdown(panel: W.Widget, label: str) -> list[W.Dropdown]:
     return [d for d in every(panel) if isinstance(d, W.Dropdown) and d.description == label]
-
-
-def text(panel: W.Widget) -> str:
-    """Everything the panel's HTML widgets show."""
-    return "\n".join(h.value for h in every(panel) if isinstance(h, W.HTML))
 
 
 def test_a_viewer_sees_llmservers_status_and_why_the_playground_is_hidden(

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from gateway_harness import ADMIN_KEY, Gateway, start_gateway, submit, wait_run
-from helpers import notebook
+from helpers import button, dropdown, notebook, text
 
 from bkg_kernel.errors import InvalidInput, NotFound
 
@@ -221,62 +221,52 @@ def test_a_listing_holds_few_descriptors_open_and_a_worker_removes_a_deep_tree(t
     assert not here.exists()
 
 
-def test_the_jobs_page_lists_a_runs_kept_files_and_shows_each(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_jobs_page_lists_a_runs_kept_files_and_shows_each(
+    gw: Gateway, login: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The jobs dashboard (and the panel in a notebook): `Files` lists the picked run's kept files; a file picked is
     shown (a CSV as a table, an SVG drawn, text as text) with a link that downloads its bytes; another user's key
     without the run's scopes gets the refusal, not a listing."""
     import base64
     import re
 
-    import ipywidgets as W
-
-    from bkg_kernel.client import Workbench
     from bkg_kernel.display import fmt_bytes
-    from bkg_kernel.widgets import Session, jobs_panel
     from bkg_kernel.widgets import jobs as jobs_page
+    from bkg_kernel.widgets import jobs_panel
     from bkg_kernel.widgets.jobs import PREVIEW_BYTES, kept_preview
 
     other = submit(gw, {"notebook": "writes.ipynb", "parameters": {"n": 8}})
     run = wait_run(gw, submit(gw, {"notebook": "writes.ipynb", "parameters": {"n": 7}})["id"])
     wait_run(gw, other["id"])
-    wb = Workbench(gw.url, ADMIN_KEY)
-    session = Session(wb, wb.me())
-    try:
-        panel = jobs_panel(session)
-        widgets = list(_every(panel))
-        picked = next(w for w in widgets if isinstance(w, W.Dropdown) and w.description == "run")
-        pick = next(w for w in widgets if isinstance(w, W.Dropdown) and w.description == "file")
-        files, show = (next(w for w in widgets if isinstance(w, W.Button) and w.description == d)
-                       for d in ("Files", "Show file"))  # fmt: skip
-        picked.value = run["id"]
-        assert pick.options == () and show.disabled
-        files.click()
-        shown = _html(panel)
-        assert "Files this run kept (2)" in shown and "plots/a.svg" in shown and "key.txt" not in shown, shown
-        assert list(pick.options) == ["plots/a.svg", "report.csv"] and not show.disabled  # no link served
+    panel = jobs_panel(login(ADMIN_KEY))
+    picked, pick = dropdown(panel, "run"), dropdown(panel, "file")
+    files, show = button(panel, "Files"), button(panel, "Show file")
+    picked.value = run["id"]
+    assert pick.options == () and show.disabled
+    files.click()
+    shown = text(panel)
+    assert "Files this run kept (2)" in shown and "plots/a.svg" in shown and "key.txt" not in shown, shown
+    assert list(pick.options) == ["plots/a.svg", "report.csv"] and not show.disabled  # no link served
 
-        pick.value = "report.csv"
-        show.click()
-        shown = _html(panel)
-        assert re.search(r"<table class='bkg-table'><thead><tr><th[^>]*>n</th><th[^>]*>7</th>", shown), shown  # a table
-        csv_b64 = base64.b64encode(b"n,7\n").decode()
-        assert f"base64,{csv_b64}'>Download</a>" in shown
-        pick.value = "plots/a.svg"
-        show.click()
-        assert f"<img src='data:image/svg+xml;base64,{base64.b64encode(b'<svg/>').decode()}'" in _html(panel)
-        # a file that grows after it was listed (a running run's log) is read no further than the page takes
-        monkeypatch.setattr(jobs_page, "FETCH_MAX", 1000)
-        (gw.data_dir / "runs" / f"{run['id']}.files" / "report.csv").write_text("n\n" + "7\n" * 5000)
-        pick.value = "report.csv"
-        show.click()
-        shown = _html(panel)
-        assert "<code>report.csv</code> is more than this page fetches" in shown and "7\n7" not in shown, shown[:2000]
+    pick.value = "report.csv"
+    show.click()
+    shown = text(panel)
+    assert re.search(r"<table class='bkg-table'><thead><tr><th[^>]*>n</th><th[^>]*>7</th>", shown), shown  # a table
+    csv_b64 = base64.b64encode(b"n,7\n").decode()
+    assert f"base64,{csv_b64}'>Download</a>" in shown
+    pick.value = "plots/a.svg"
+    show.click()
+    assert f"<img src='data:image/svg+xml;base64,{base64.b64encode(b'<svg/>').decode()}'" in text(panel)
+    # a file that grows after it was listed (a running run's log) is read no further than the page takes
+    monkeypatch.setattr(jobs_page, "FETCH_MAX", 1000)
+    (gw.data_dir / "runs" / f"{run['id']}.files" / "report.csv").write_text("n\n" + "7\n" * 5000)
+    pick.value = "report.csv"
+    show.click()
+    shown = text(panel)
+    assert "<code>report.csv</code> is more than this page fetches" in shown and "7\n7" not in shown, shown[:2000]
 
-        picked.value = other["id"]  # another run: the file row goes until its files are listed
-        assert pick.options == ()
-    finally:
-        for stop in session.timers:
-            stop.set()
+    picked.value = other["id"]  # another run: the file row goes until its files are listed
+    assert pick.options == ()
 
     # what the page shows of bytes it cannot draw or show whole
     assert "<pre style='max-height:480px;overflow:auto'>mine &lt;3</pre>" in kept_preview("a.txt", b"mine <3")
@@ -291,28 +281,8 @@ def test_the_jobs_page_lists_a_runs_kept_files_and_shows_each(gw: Gateway, monke
 
     # a key without the run's scopes: the refusal on the page, no listing
     narrow = gw.client().post("/admin/keys", json={"name": "panel-narrow", "scopes": ["plugins:read"]}).json()["key"]
-    nwb = Workbench(gw.url, narrow)
-    nsession = Session(nwb, nwb.me())
-    try:
-        panel = jobs_panel(nsession)
-        widgets = list(_every(panel))
-        picked = next(w for w in widgets if isinstance(w, W.Dropdown) and w.description == "run")
-        picked.value = run["id"]
-        next(w for w in widgets if isinstance(w, W.Button) and w.description == "Files").click()
-        shown = _html(panel)
-        assert "bkg-error" in shown and "Files this run kept" not in shown, shown
-    finally:
-        for stop in nsession.timers:
-            stop.set()
-
-
-def _every(w: Any) -> Iterator[Any]:
-    yield w
-    for child in getattr(w, "children", ()):
-        yield from _every(child)
-
-
-def _html(panel: Any) -> str:
-    import ipywidgets as W
-
-    return "\n".join(h.value for h in _every(panel) if isinstance(h, W.HTML))
+    panel = jobs_panel(login(narrow))
+    dropdown(panel, "run").value = run["id"]
+    button(panel, "Files").click()
+    shown = text(panel)
+    assert "bkg-error" in shown and "Files this run kept" not in shown, shown

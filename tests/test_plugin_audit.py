@@ -8,20 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import auth_on
 
 from bkg_kernel.auth import AuthService
 from bkg_kernel.errors import InvalidInput
 from bkg_kernel.gateway.plugin_store import PluginStore
-from bkg_kernel.store import Store
 
 
 @pytest.fixture
 def auth(tmp_path: Path) -> Iterator[AuthService]:
-    store = Store(tmp_path / "data")
-    a = AuthService(store)
-    yield a
-    a.close()
-    store.close()
+    with auth_on(tmp_path / "data") as a:
+        yield a
 
 
 def test_a_plugin_records_its_callers_act_under_its_own_name(auth: AuthService) -> None:

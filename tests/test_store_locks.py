@@ -14,7 +14,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pytest
-from helpers import on_thread
+from helpers import filled_store, on_thread
 
 from bkg_kernel.errors import Conflict, NotFound, Unavailable
 from bkg_kernel.store import Store
@@ -24,17 +24,7 @@ DIM = 8
 
 @pytest.fixture
 def store(tmp_path: Path) -> Any:
-    s = Store(tmp_path / "data")
-    rng = np.random.default_rng(0)
-    for name in ("busy", "other"):
-        c = s.create_collection(name, dim=DIM)
-        c.upsert(
-            ids=list(range(200)),
-            vectors=rng.standard_normal((200, DIM)).astype(np.float32),
-            payloads=[{"n": i, "even": i % 2 == 0} for i in range(200)],
-            texts=[f"point number {i} of {name}" for i in range(200)],
-        )
-        c.query(text="warm", k=1)  # both indexes built
+    s = filled_store(tmp_path / "data", ("busy", "other"), DIM)
     yield s
     s.close()
 
