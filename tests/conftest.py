@@ -82,6 +82,23 @@ def store(data_dir: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
+def filled(data_dir: Path) -> Iterator[Any]:
+    """`filled(names, dim)`: a `Store` of `data_dir` with a filled collection of each name
+    (`helpers.filled_store`), closed after the test."""
+    from helpers import filled_store
+
+    made: list[Store] = []
+
+    def make(names: tuple[str, ...], dim: int) -> Store:
+        made.append(filled_store(data_dir, names, dim))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
 def login(gw: Any) -> Iterator[Any]:
     """`login(key)`: a dashboard's `Session` on the module's gateway, logged in as a dashboard logs in
     (`Session(wb, wb.me())`); the panels' refresh threads stop after the test."""

@@ -7,12 +7,11 @@ not a timing assertion."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import filled_store, on_thread
+from helpers import on_thread
 
 from bkg_kernel.store import Store
 from bkg_kernel.store.ingest import UpsertResult
@@ -21,10 +20,8 @@ DIM = 8
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
-    s = filled_store(tmp_path / "data", ("snapped", "other"), DIM)
-    yield s
-    s.close()
+def store(filled: Any) -> Any:
+    return filled(("snapped", "other"), DIM)
 
 
 def answers(c: Any) -> list[Any]:

@@ -1,9 +1,10 @@
-"""Each collection has a lock of its own: a query takes it alone, a write takes it and then the store's. So a long
-write of one collection (an upsert of 100,000 points: seconds under the store's lock) holds up other collections'
-writes, never their queries (a compaction and a snapshot hold the store's lock only for what needs its connection:
-tests/test_snapshot_locks.py): before, a query of any collection waited
-for the whole of it (a 100,000-point compaction held every other query 2.2 s). Real stores, real threads; a
-join's timeout is a deadlock guard, not a timing assertion."""
+"""Each collection has locks of its own: a query takes its lock alone; a write takes its write lock and its lock
+and writes on a DuckDB connection of its own (tests/test_store_writers.py). So a long write of one collection holds
+up neither other collections' queries nor, now, their writes (a snapshot takes no store lock either:
+tests/test_snapshot_locks.py): before, a query of any collection waited for the whole of it (a 100,000-point
+compaction held every other query 2.2 s). The store's lock is for the catalog (a collection made, dropped or
+restored) and the close. Real stores, real threads; a join's timeout is a deadlock guard, not a timing
+assertion."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pytest
-from helpers import filled_store, on_thread
+from helpers import on_thread
 
 from bkg_kernel.errors import Conflict, NotFound, Unavailable
 from bkg_kernel.store import Store
@@ -23,10 +24,8 @@ DIM = 8
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
-    s = filled_store(tmp_path / "data", ("busy", "other"), DIM)
-    yield s
-    s.close()
+def store(filled: Any) -> Any:
+    return filled(("busy", "other"), DIM)
 
 
 def reads(c: Any) -> dict[str, Any]:
@@ -84,8 +83,8 @@ def test_a_compaction_of_one_collection_does_not_stop_the_reads_of_another(store
     assert busy.query(text="number 4", k=1, with_text=True).hits[0].text == "point number 4 of busy"
 
 
-def test_a_compaction_holds_the_stores_lock_only_to_renumber(store: Store) -> None:
-    """The indexes a compaction builds again (seconds for 100,000 points) are built holding the collection's lock
+def test_a_compaction_of_one_collection_does_not_stop_the_writes_of_another(store: Store) -> None:
+    """The indexes a compaction builds again (seconds for 100,000 points) are built holding the collection's locks
     alone: another collection's write goes on meanwhile (it waited for all of it before)."""
     busy, other = store.collection("busy"), store.collection("other")
     busy.delete(ids=list(range(0, 200, 2)))
@@ -131,8 +130,9 @@ def test_a_query_waits_for_a_write_of_its_own_collection(store: Store) -> None:
 
 
 def test_a_collection_dropped_under_a_query_is_a_404_and_the_store_closed_under_one_a_503(store: Store) -> None:
-    """A drop or a close takes the store's lock, not the collection's: a query that holds its collection's lock
-    when its table goes is told so (404, or 503 for a closed store), not given a DuckDB error (a 500)."""
+    """A drop or a close waits for no query (the drop takes the collection's write lock, not its lock): a query
+    that holds its collection's lock when its table goes is told so (404, or 503 for a closed store), not given a
+    DuckDB error (a 500)."""
     from bkg_kernel.store.search import _texts
 
     other = store.collection("other")

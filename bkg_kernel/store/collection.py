@@ -67,10 +67,15 @@ class Collection:
         self._last_save = time.monotonic()
         self.dropped = False
         self.replaced = False  # by a restore (set before its table goes): a 409, where a drop is a 404
-        # This collection's own: its indexes, mirrors and caches. A query takes it alone; a write takes it, then the
-        # store's lock (one DuckDB connection for every write): a long write or a compaction of one collection
-        # holds up the writes of others, never their queries. Never taken while holding the store's lock.
+        # This collection's own: its indexes, mirrors and caches. A query takes it alone; a write takes
+        # `_write_lock`, then this, and writes on a DuckDB connection of its own (`_writer`, `Store.writing`): a
+        # long write or a compaction of one collection holds up neither the queries nor the writes of others.
+        # A drop or a restore takes `_write_lock`, then the store's lock: it waits for a write of the collection,
+        # not for a query (which meets the table gone: a 404 or a 409). In this order, always: `_write_lock`,
+        # `_lock`, the store's lock; neither of these is taken while holding one after it.
+        self._write_lock = threading.RLock()
         self._lock = threading.RLock()
+        self._writer: duckdb.DuckDBPyConnection | None = None  # while a write holds the lock (`_locked`)
         self._saving = threading.Lock()  # one save of the index files at a time (`flush`: `Store.close` too)
 
     def __repr__(self) -> str:
@@ -102,11 +107,20 @@ class Collection:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """The collection's lock, then the store's (its DuckDB connection), while this handle still is the
-        collection: for writes, and what reads and writes the index files."""
-        with self._lock, self._store._mutex:  # noqa: SLF001 - in this order, always
+        """The collection's lock and a DuckDB connection of its own to write with (`_con`), while this handle
+        still is the collection: for writes, and what reads and writes the index files. Not the store's lock:
+        another collection's writes go on meanwhile (a drop or a restore of this one waits for `_write_lock`)."""
+        with self._write_lock, self._lock:
             self._live()
-            yield
+            if self._writer is not None:  # within a write of this thread's (the lock is reentrant)
+                yield
+                return
+            with self._store.writing() as con:
+                self._writer = con
+                try:
+                    yield
+                finally:
+                    self._writer = None
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -125,8 +139,11 @@ class Collection:
                 raise NotFound(f"collection {self.name!r} was dropped while this call read it", field="name") from None
 
     @property
-    def _con(self) -> Any:
-        return self._store._con  # noqa: SLF001 - the store's, for work under its lock (long reads: `_reading`)
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        """The connection of the write under way (`_locked`); reads outside a write take `_reading`."""
+        if self._writer is None:
+            raise RuntimeError("a collection writes only under `_locked`")
+        return self._writer
 
     # -- index lifecycle --------------------------------------------------------------------------
     def _ensure_index(self) -> VectorIndex:
@@ -299,12 +316,11 @@ class Collection:
         return len(fids)
 
     def optimize(self) -> None:
-        """Renumber live points densely and rebuild the index without dead positions. Only the renumbering holds
-        the store's lock: the indexes (seconds for 100,000 points) are built again holding the collection's."""
-        with self._lock:
+        """Renumber live points densely and rebuild the index without dead positions, holding the collection's
+        lock alone (the indexes of 100,000 points take seconds): other collections' queries and writes go on."""
+        with self._write_lock, self._lock:
             had_text = self._text is not None
-            with self._store._mutex:  # noqa: SLF001
-                self._live()
+            with self._locked():
                 renumbered = ingest.renumber(self)
             if renumbered:
                 self._ensure_index()

@@ -310,15 +310,18 @@ def renumber(c: Collection) -> bool:
             f"WHERE {c.table}.fid = m.old_fid"
         )
         con.execute("UPDATE collections SET next_fid = ?, epoch = epoch + 1 WHERE name = ?", [live, c.name])
-    c._next_fid, c._epoch = live, c._epoch + 1
-    c._filter_cache.clear()
-    c._text_cache.clear()  # positions were renumbered
-    c._index = None
-    saved = c._store.index_path(c.table)
-    for p in (saved, meta_path(saved)):  # of the previous epoch: rebuilt, not loaded and found stale (a warning)
-        p.unlink(missing_ok=True)
-    c._text = None
-    c._store.text_index_path(c.table).unlink(missing_ok=True)
+    # as one step for a save (`flush`, which `Store.close` may run meanwhile): the old indexes with the new epoch
+    # would be loaded as current at the next open
+    with c._saving:
+        c._next_fid, c._epoch = live, c._epoch + 1
+        c._filter_cache.clear()
+        c._text_cache.clear()  # positions were renumbered
+        c._index = None
+        saved = c._store.index_path(c.table)
+        for p in (saved, meta_path(saved)):  # of the previous epoch: rebuilt, not loaded and found stale (a warning)
+            p.unlink(missing_ok=True)
+        c._text = None
+        c._store.text_index_path(c.table).unlink(missing_ok=True)
     return True
 
 

@@ -429,10 +429,10 @@ def _restore(store: Store, name: str, path: Path, target: str, tell: Progress) -
             if text is not None:
                 text.save(text_file, {"epoch": 0, "collection": target})
             tell(0.8, "indexes saved; swapping it in")
-            with store._mutex:  # noqa: SLF001
-                if target != name and target in store:  # made meanwhile
+            # the collection's write lock, then the store's: a write of the collection it replaces ends first
+            with store._claimed(target) as old:  # noqa: SLF001
+                if target != name and old is not None:  # made meanwhile
                     raise AlreadyExists(f"collection {target!r} already exists: restore into a new name", field="into")
-                old = store.collection(target) if target in store else None
                 if old is not None:  # before its table goes: a read that meets the table gone reads this (a 409)
                     old.replaced = True
                 try:

@@ -49,6 +49,15 @@ def _connect(db_path: Path) -> duckdb.DuckDBPyConnection:
         raise Unavailable(f"{db_path}, the bkg store's database, cannot be opened: {said}", field="data_dir") from None
 
 
+def _size(path: Path) -> int:
+    """Bytes of an index file; 0 when there is none, or none any more: a compaction of the collection (under its
+    own locks, not the store's) removes the files of the positions it renumbered, and saves them again later."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 class Store:
     """Collections of vectors + JSON payloads + text in one data dir: `Store("./data")` or `with Store() as s:`."""
 
@@ -77,6 +86,8 @@ class Store:
         self._busy: set[duckdb.DuckDBPyConnection] = set()  # reads running outside the lock (`reading`)
         self._reads_lent = 0  # reads lent so far (`_checkpoint`: one lent while it ran)
         self._readers_cv = threading.Condition()
+        self._writes = 0  # writes of a collection under way, each on a connection of its own (`writing`)
+        self._closing = False  # set by `close`: no write begins, those under way end first
         self._open: dict[str, Collection] = {}
         self.closed = False
 
@@ -128,9 +139,14 @@ class Store:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Save every open index, checkpoint DuckDB and release the data dir."""
+        """Save every open index, checkpoint DuckDB and release the data dir. The writes under way end first (no
+        new one begins): their indexes are saved as they leave them."""
         if self.closed:
             return
+        with self._readers_cv:
+            self._closing = True
+            while self._writes:
+                self._readers_cv.wait()
         with self._mutex:
             if self.closed:  # closed by another thread while this one waited
                 return
@@ -159,6 +175,43 @@ class Store:
             # store's, so one may begin and end while this runs
             if not (reading or self._busy or self._reads_lent != lent):
                 raise
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A DuckDB connection of its own for one write of one collection, under that collection's lock and not
+        the store's: writes of different collections go on side by side (DuckDB commits each transaction on its
+        own, and the rows they change, their tables' and their own row of `collections`, are never the same), so
+        a long write or a compaction holds up its own collection alone. `close` waits for it to end."""
+        with self._readers_cv:
+            if self._closing or self.closed:
+                raise Unavailable("the store is closed")
+            self._writes += 1
+        try:
+            with self.reading() as con:
+                yield con
+        finally:
+            with self._readers_cv:
+                self._writes -= 1
+                self._readers_cv.notify_all()
+
+    @contextlib.contextmanager
+    def _claimed(self, name: str) -> Iterator[Collection | None]:
+        """Collection `name` (None when there is none) with its write lock held, then the store's: what drops or
+        replaces a collection waits for a write of it (which holds the collection's locks, not the store's:
+        `writing`), not for a query."""
+        while True:
+            with self._mutex:
+                self._still_open()
+                coll = self.collection(name) if self._row(validate.collection_name(name)) is not None else None
+                if coll is None:
+                    yield None
+                    return
+            with coll._write_lock, self._mutex:  # noqa: SLF001 - in this order, always
+                self._still_open()
+                if self._open.get(name) is coll and not coll.dropped:
+                    yield coll
+                    return
+            # dropped or replaced while this waited for its lock: look the name up again
 
     def reading(self) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
         """A DuckDB connection of its own for one read that may scan every point (a filter): it runs outside the
@@ -360,7 +413,7 @@ class Store:
             block_size = scalar(self._con, "SELECT block_size FROM pragma_database_size()")
             path = self.index_path(coll.table)
             files = (path, meta_path(path), self.text_index_path(coll.table))
-            index_bytes = sum(p.stat().st_size for p in files if p.exists())
+            index_bytes = sum(map(_size, files))
             row = self._row(name) or {}
             return CollectionInfo(
                 name=name,
@@ -376,9 +429,10 @@ class Store:
             )
 
     def drop_collection(self, name: str) -> None:
-        """Drop a collection and its index; its snapshots stay on disk."""
-        with self._mutex:
-            coll = self.collection(name)
+        """Drop a collection and its index; its snapshots stay on disk. A write of it under way ends first."""
+        with self._claimed(name) as coll:
+            if coll is None:
+                raise NotFound(f"collection {name!r} does not exist", field="name")
             self._drop(coll)
 
     def _drop(self, coll: Collection) -> None:
