@@ -1,5 +1,5 @@
 """Each collection has locks of its own: a query takes its lock alone; a write takes its write lock and its lock
-and writes on a DuckDB connection of its own (tests/test_store_writers.py). So a long write of one collection holds
+and the store's only for each DuckDB transaction (tests/test_store_writers.py). So a long write of one collection holds
 up neither other collections' queries nor, now, their writes (a snapshot takes no store lock either:
 tests/test_snapshot_locks.py): before, a query of any collection waited for the whole of it (a 100,000-point
 compaction held every other query 2.2 s). The store's lock is for the catalog (a collection made, dropped or

@@ -1,8 +1,8 @@
-"""A collection writes on a DuckDB connection of its own, under its own locks, not the store's: a long write of one
-collection (deleting 10,000 of 100,000 points: 0.2-0.4 s, most of it DuckDB's commit; a compaction) holds up
-neither the queries nor the writes of another. What must wait for a write still does: a drop or a restore of that
-collection, and the store's close, which then saves what the write left. Real stores, real threads; a join's
-timeout is a deadlock guard, not a timing assertion."""
+"""A collection's write holds its own locks, and the store's only for each of its DuckDB transactions: what a long
+write of one collection does beside DuckDB (a compaction's rebuilt indexes: seconds for 100,000 points; its FAISS
+and full-text updates, its mirrors) holds up neither the queries nor the writes of another. What must wait for a
+write still does: a drop or a restore of that collection, and the store's close, which then saves what the write
+left. Real stores, real threads; a join's timeout is a deadlock guard, not a timing assertion."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def every_write(c: Any) -> Any:
 
 
 def test_a_write_of_one_collection_holds_up_no_write_of_another(store: Store) -> None:
-    """Before, a write held the store's lock (its one connection) from its first statement to its last: every
-    other collection's write waited for it."""
+    """Before, a write held the store's lock (its one connection) from its first step to its last, its index
+    updates and a compaction's rebuild included: every other collection's write waited for it."""
     busy, other = store.collection("busy"), store.collection("other")
     with busy._locked():  # noqa: SLF001 - as busy's own long write holds it
         t, got = on_thread(every_write(other))
@@ -55,7 +55,8 @@ def test_a_write_of_one_collection_holds_up_no_write_of_another(store: Store) ->
 
 def test_writes_of_two_collections_at_once_all_land_and_survive_a_reopen(tmp_path: Path) -> None:
     """Two collections written on two threads at once, each its upserts, deletes and compactions (their DuckDB
-    transactions side by side): each ends as if it had run alone, in DuckDB, in its indexes and after a reopen."""
+    transactions one at a time, the rest side by side): each ends as if it had run alone, in DuckDB, in its
+    indexes and after a reopen."""
     s = filled_store(tmp_path / "data", ("a", "b"), DIM, n=300)
     rng = np.random.default_rng(3)
     vecs = {name: rng.standard_normal((600, DIM)).astype(np.float32) for name in ("a", "b")}
@@ -124,9 +125,9 @@ def test_a_drop_does_not_wait_for_another_collections_write(store: Store) -> Non
 
 
 def test_close_waits_for_a_write_under_way_then_saves_what_it_wrote(tmp_path: Path) -> None:
-    """Before, a close took the store's lock, which a write held: it waited for it. Now a write holds the
-    collection's locks alone, and the close waits for it by count; a write that begins once the close did is a
-    503, and a reopen finds the write's points and indexes that agree with them."""
+    """Before, a close took the store's lock, which a write held: it waited for it. Now a write holds the store's
+    lock only for its DuckDB transactions, and the close waits for it by count; a write that begins once the close
+    did is a 503, and a reopen finds the write's points and indexes that agree with them."""
     s = filled_store(tmp_path / "data", ("busy", "other"), DIM)
     busy = s.collection("busy")
     inside, release = threading.Event(), threading.Event()
@@ -157,3 +158,76 @@ def test_close_waits_for_a_write_under_way_then_saves_what_it_wrote(tmp_path: Pa
         assert c.query(vecs[7], k=1).hits[0].id == 1007
         assert len(c.query(text="late", k=100).hits) == 50
         assert s.collection("other").count() == 200 and s.collection("other").get([7])[0].payload["n"] == 7
+
+
+def test_a_close_interrupted_while_it_waits_for_a_write_leaves_the_store_writable(tmp_path: Path) -> None:
+    """Found by a review: Ctrl-C in a notebook while `close` waited for a write under way left the store open
+    (reads answered) yet refusing every write, of every collection, as closed."""
+    import signal
+
+    s = filled_store(tmp_path / "data", ("busy", "other"), DIM)
+    busy = s.collection("busy")
+    inside, release = threading.Event(), threading.Event()
+    real = busy._ensure_index  # noqa: SLF001
+
+    def slow_index() -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            inside.set()
+            release.wait(10)
+        return real()
+
+    busy._ensure_index = slow_index  # noqa: SLF001
+    writer, wrote = on_thread(lambda: busy.upsert(ids=[600], vectors=np.ones((1, DIM), np.float32)))
+    assert inside.wait(10)
+
+    def ctrl_c(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, ctrl_c)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(KeyboardInterrupt):
+            s.close()  # waits for the write; the user presses Ctrl-C
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    release.set()
+    writer.join(10)
+    assert len(wrote) == 1 and wrote[0].upserted == 1 and not s.closed
+    assert s.collection("other").upsert(ids=[601], vectors=np.ones((1, DIM), np.float32)).upserted == 1
+    assert busy.count() == 201 and s.collection("other").count() == 201
+    s.close()
+
+
+def test_a_delete_that_compacts_holds_up_no_write_of_another_collection(tmp_path: Path) -> None:
+    """A delete that leaves more than `COMPACT_DEAD_RATIO` of the positions dead compacts the collection as part
+    of itself: before, its rebuilt indexes (seconds for 100,000 points) held the store's lock, and every other
+    collection's write waited for them."""
+    from bkg_kernel.store.ingest import COMPACT_DEAD_RATIO
+
+    s = filled_store(tmp_path / "data", ("big", "other"), DIM, n=1200)
+    big, other = s.collection("big"), s.collection("other")
+    held, release = threading.Event(), threading.Event()
+    real = big._ensure_text  # noqa: SLF001
+
+    def slow_text() -> Any:  # the compaction's full-text rebuild, under way
+        if big._text is None:  # noqa: SLF001 - dropped by the renumbering: this is the rebuild
+            held.set()
+            release.wait(10)
+        return real()
+
+    big._ensure_text = slow_text  # noqa: SLF001
+    gone = int(1200 * COMPACT_DEAD_RATIO) + 10
+    deleting, deleted = on_thread(lambda: big.delete(ids=list(range(gone))))
+    try:
+        assert held.wait(10), "the delete did not compact"
+        t, got = on_thread(lambda: other.upsert(ids=[900], vectors=np.ones((1, DIM), np.float32), texts=["x y"]))
+        t.join(10)
+        wrote = list(got)
+    finally:
+        release.set()
+        deleting.join(10)
+    assert len(wrote) == 1 and wrote[0].upserted == 1, "a write waited for another collection's compaction"
+    assert deleted == [gone] and big.count() == 1200 - gone and big._next_fid == 1200 - gone  # noqa: SLF001
+    assert big.query(text="number 1199", k=1, with_text=True).hits[0].text == "point number 1199 of big"
+    s.close()

@@ -24,7 +24,7 @@ from bkg_kernel.store.fulltext import TextIndex
 from bkg_kernel.store.index import VectorIndex
 from bkg_kernel.store.ingest import UPSERT_BATCH, UpsertResult
 from bkg_kernel.store.results import CollectionInfo, Point, PointList, QueryResult
-from bkg_kernel.store.sql import scalar, transaction
+from bkg_kernel.store.sql import scalar
 
 if TYPE_CHECKING:
     from bkg_kernel.store.store import Store
@@ -68,14 +68,15 @@ class Collection:
         self.dropped = False
         self.replaced = False  # by a restore (set before its table goes): a 409, where a drop is a 404
         # This collection's own: its indexes, mirrors and caches. A query takes it alone; a write takes
-        # `_write_lock`, then this, and writes on a DuckDB connection of its own (`_writer`, `Store.writing`): a
-        # long write or a compaction of one collection holds up neither the queries nor the writes of others.
-        # A drop or a restore takes `_write_lock`, then the store's lock: it waits for a write of the collection,
-        # not for a query (which meets the table gone: a 404 or a 409). In this order, always: `_write_lock`,
-        # `_lock`, the store's lock; neither of these is taken while holding one after it.
+        # `_write_lock`, then this, and the store's lock only for each of its DuckDB transactions
+        # (`Store._transaction`): what a long write or a compaction does in memory (its indexes, a rebuild) holds up
+        # neither the queries nor the writes of other collections. A drop or a restore takes `_write_lock`, then
+        # the store's lock: it waits for a write of the collection, not for a query (which meets the table gone: a
+        # 404 or a 409). In this order, always: `_write_lock`, `_lock`, the store's lock; none of these is taken
+        # while holding one after it.
         self._write_lock = threading.RLock()
         self._lock = threading.RLock()
-        self._writer: duckdb.DuckDBPyConnection | None = None  # while a write holds the lock (`_locked`)
+        self._writing = False  # a write holds the locks (`_locked`)
         self._saving = threading.Lock()  # one save of the index files at a time (`flush`: `Store.close` too)
 
     def __repr__(self) -> str:
@@ -107,20 +108,21 @@ class Collection:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """The collection's lock and a DuckDB connection of its own to write with (`_con`), while this handle
-        still is the collection: for writes, and what reads and writes the index files. Not the store's lock:
-        another collection's writes go on meanwhile (a drop or a restore of this one waits for `_write_lock`)."""
+        """The collection's locks, while this handle still is the collection: for writes, and what reads and
+        writes the index files. Not the store's lock, which its DuckDB transactions take one at a time
+        (`_transaction`): another collection's writes go on between them (a drop or a restore of this one waits
+        for `_write_lock`)."""
         with self._write_lock, self._lock:
             self._live()
-            if self._writer is not None:  # within a write of this thread's (the lock is reentrant)
+            if self._writing:  # within a write of this thread's (the locks are reentrant)
                 yield
                 return
-            with self._store.writing() as con:
-                self._writer = con
+            with self._store.writing():
+                self._writing = True
                 try:
                     yield
                 finally:
-                    self._writer = None
+                    self._writing = False
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -138,12 +140,11 @@ class Collection:
                                    "call read it: ask again", field="name") from None  # fmt: skip
                 raise NotFound(f"collection {self.name!r} was dropped while this call read it", field="name") from None
 
-    @property
-    def _con(self) -> duckdb.DuckDBPyConnection:
-        """The connection of the write under way (`_locked`); reads outside a write take `_reading`."""
-        if self._writer is None:
+    def _transaction(self, **tables: Any) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """One DuckDB write transaction of this collection's, within a write (`_locked`): `Store._transaction`."""
+        if not self._writing:
             raise RuntimeError("a collection writes only under `_locked`")
-        return self._writer
+        return self._store._transaction(**tables)  # noqa: SLF001
 
     # -- index lifecycle --------------------------------------------------------------------------
     def _ensure_index(self) -> VectorIndex:
@@ -305,7 +306,7 @@ class Collection:
             new = [edit(self._payloads[f]) for f in fids]
             self._store.require_space(f"a payload change in {self.name!r}")
             changed = pa.table({"fid": pa.array(fids, pa.int64()), "payload": ingest.strings(new)})
-            with transaction(self._con, _bkg_payloads=changed) as con:
+            with self._transaction(_bkg_payloads=changed) as con:
                 con.execute(f"UPDATE {self.table} SET payload = CAST(n.payload AS JSON) FROM _bkg_payloads n "
                             f"WHERE {self.table}.fid = n.fid")  # fmt: skip
                 con.execute("UPDATE collections SET updated_at = now() WHERE name = ?", [self.name])

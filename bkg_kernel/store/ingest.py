@@ -19,7 +19,7 @@ from bkg_kernel.errors import CorruptData
 from bkg_kernel.store import validate
 from bkg_kernel.store.fulltext import TextIndex
 from bkg_kernel.store.index import VectorIndex, meta_path
-from bkg_kernel.store.sql import scalar, transaction
+from bkg_kernel.store.sql import scalar
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -195,7 +195,7 @@ def _write(c: Collection, b: validate.Batch, pending: Future[None] | None = None
         }
     )
     # the old positions as a table: a list parameter would be converted value by value
-    with transaction(c._con, _bkg_batch=arrow, _bkg_old=pa.table({"fid": old})) as con:
+    with c._transaction(_bkg_batch=arrow, _bkg_old=pa.table({"fid": old})) as con:
         if len(old):
             con.execute(f"DELETE FROM {c.table} WHERE fid IN (SELECT fid FROM _bkg_old)")
         con.execute(
@@ -248,17 +248,15 @@ def delete_at(c: Collection, positions: np.ndarray) -> int:
     """Delete the points at these positions (those still there) in one transaction; return how many were deleted."""
     import pyarrow as pa
 
-    c._con.register("_bkg_gone", pa.table({"fid": positions}))  # a list parameter would be converted value by value
-    try:
-        return delete(c, "fid IN (SELECT fid FROM _bkg_gone)", [])
-    finally:
-        c._con.unregister("_bkg_gone")
+    # a table: a list parameter would be converted value by value
+    return delete(c, "fid IN (SELECT fid FROM _bkg_gone)", [], _bkg_gone=pa.table({"fid": positions}))
 
 
-def delete(c: Collection, where: str, params: list[Any]) -> int:
-    """Delete the points matching a WHERE clause in one transaction; return how many were deleted."""
+def delete(c: Collection, where: str, params: list[Any], **tables: Any) -> int:
+    """Delete the points matching a WHERE clause (reading `tables`) in one transaction; return how many were
+    deleted."""
     index = c._ensure_index()
-    with transaction(c._con) as con:
+    with c._transaction(**tables) as con:
         gone = con.execute(f"DELETE FROM {c.table} WHERE {where} RETURNING fid, pk", params).fetchnumpy()
         fids = gone["fid"]
         if len(fids):
@@ -299,11 +297,10 @@ def renumber(c: Collection) -> bool:
     build again: the part of a compaction that needs the store's connection. False: nothing to renumber. A point's
     `seq` (its place in a scroll) stays: a scroll under way goes on as if nothing happened."""
     c._ensure_index()
-    con = c._con
-    live = int(scalar(con, f"SELECT count(*) FROM {c.table}"))
-    if live == c._next_fid:
-        return False
-    with transaction(con):
+    with c._transaction() as con:
+        live = int(scalar(con, f"SELECT count(*) FROM {c.table}"))
+        if live == c._next_fid:
+            return False
         con.execute(
             f"UPDATE {c.table} SET fid = m.new_fid FROM (SELECT fid AS old_fid, "
             f"row_number() OVER (ORDER BY fid) - 1 AS new_fid FROM {c.table}) m "
