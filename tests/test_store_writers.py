@@ -231,3 +231,19 @@ def test_a_delete_that_compacts_holds_up_no_write_of_another_collection(tmp_path
     assert deleted == [gone] and big.count() == 1200 - gone and big._next_fid == 1200 - gone  # noqa: SLF001
     assert big.query(text="number 1199", k=1, with_text=True).hits[0].text == "point number 1199 of big"
     s.close()
+
+
+def test_a_restore_of_a_store_closed_while_it_checked_the_archive_is_a_503(tmp_path: Path) -> None:
+    """Found by a review: a restore whose store closed while it verified the archive made its staging table on
+    the closed connection (DuckDB's ConnectionException: a 500)."""
+    s = filled_store(tmp_path / "data", ("busy",), DIM)
+    snap = s.snapshot("busy").id
+
+    def close_at_start(fraction: float, message: str) -> None:
+        if fraction == 0.0:
+            s.close()  # as the gateway shutting down meanwhile
+
+    with pytest.raises(Unavailable):
+        s.restore_snapshot("busy", snap, into="copy", progress=close_at_start)
+    with Store(tmp_path / "data") as s2:
+        assert "copy" not in s2 and s2.collection("busy").count() == 200

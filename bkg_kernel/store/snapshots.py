@@ -406,6 +406,7 @@ def _restore(store: Store, name: str, path: Path, target: str, tell: Progress) -
             params["nlist"] = int(raw.nlist)  # the lists it was trained with (the manifest keeps the setting, 0: auto)
         tell(0.4, "loading the points")
         with store._mutex:  # noqa: SLF001
+            store._still_open()  # noqa: SLF001 - closed while the archive was checked: a 503, not DuckDB's error
             table = store._new_points_table()  # noqa: SLF001
             loading = store.reading()
         index_file = store.index_path(table)
