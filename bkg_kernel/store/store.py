@@ -86,7 +86,7 @@ class Store:
         self._busy: set[duckdb.DuckDBPyConnection] = set()  # reads running outside the lock (`reading`)
         self._reads_lent = 0  # reads lent so far (`_checkpoint`: one lent while it ran)
         self._readers_cv = threading.Condition()
-        self._writes = 0  # writes of a collection under way, each on a connection of its own (`writing`)
+        self._writes = 0  # writes of a collection under way (`writing`): `close` waits for them
         self._closing = False  # set by `close`: no write begins, those under way end first
         self._open: dict[str, Collection] = {}
         self.closed = False
@@ -216,8 +216,10 @@ class Store:
         `writing`), not for a query."""
         while True:
             with self._mutex:
-                self._still_open()
-                coll = self.collection(name) if self._row(validate.collection_name(name)) is not None else None
+                try:
+                    coll: Collection | None = self.collection(name)  # a 503 once the store closed
+                except NotFound:
+                    coll = None
                 if coll is None:
                     yield None
                     return
