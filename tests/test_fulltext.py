@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bkg_kernel.datasets import python_docs
-from bkg_kernel.store import Store
+from bkg_kernel.store import Store, fulltext
 from bkg_kernel.store.fulltext import STOP_WORDS, TextIndex, words
 
 
@@ -117,6 +117,34 @@ def test_scores_are_bm25_over_the_live_documents(store: Store) -> None:
     del texts[1]
     got = {h.id: h.score for h in c.query(text="json objects", k=10)}
     assert got.keys() == {2} and got[2] == pytest.approx(_bm25(texts, "json objects")[2], rel=1e-5)
+
+
+def test_a_batch_analysed_in_slices_and_one_built_by_many_merges_score_as_the_formula(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A big batch is analysed a slice of its texts at a time (a whole batch's words at once would hold the GIL
+    for a third of a second): every slice boundary, texts longer than a slice and texts without words keep
+    each word with its own document; and postings merged segment after segment keep term-then-position order."""
+    rng = np.random.default_rng(7)
+    vocab = ["json", "encoder", "decoder", "gzip", "file", "stream", "queue", "task", "thread", "socket", "path"]
+    texts: list[str | None] = [" ".join(rng.choice(vocab, int(rng.integers(1, 40)))) for _ in range(300)]
+    texts[5] = " ".join(vocab * 30)  # longer than a slice by itself
+    texts[17], texts[18], texts[200] = None, "", "the of and"  # no text, empty, nothing but stop words
+    monkeypatch.setattr(fulltext, "CHARS_PER_CALL", 64)  # a slice every few texts
+    whole = TextIndex()
+    whole.add(0, texts)
+    merged = TextIndex()
+    for i, t in enumerate(texts):  # one segment each, merged as a binary counter: many merges
+        merged.add(i, [t])
+    assert len(merged.segments) < 10
+    live = {i: t for i, t in enumerate(texts) if t}
+    for q in ("json stream", "queue task thread", "path", "gzip socket encoder"):
+        want = _bm25(live, q)
+        for index in (whole, merged):
+            docs, scores = index.search(q, k=len(texts))
+            got = dict(zip(docs.tolist(), scores.tolist(), strict=True))
+            assert got.keys() == want.keys(), q
+            assert all(got[i] == pytest.approx(want[i], rel=1e-5) for i in want), q
 
 
 def test_writes_update_the_index_in_place_and_deleted_documents_never_return(store: Store) -> None:

@@ -115,8 +115,10 @@ def load_text(c: Collection, con: Any) -> TextIndex:
         b = min(a + READ_CHUNK, end)
         texts: list[str | None] = [None] * (b - a)
         sql = f"SELECT fid, text FROM {c.table} WHERE fid >= ? AND fid < ? AND text IS NOT NULL"
-        for f, t in con.execute(sql, [a, b]).fetchall():
-            texts[f - a] = t
+        rows = con.execute(sql, [a, b])
+        while got := rows.fetchmany(GIL_SLICE):  # each fetch turns its rows into str holding the GIL
+            for f, t in got:
+                texts[f - a] = t
         text.add(a, texts)
         bar.update(b - a)
     bar.close()
