@@ -14,11 +14,15 @@ bodies of about `--mb` MB, one after the other:
   llmserver's OpenAI `/v1/embeddings` (one text or at most 2048); the peer: routes with the same pydantic bodies;
 - upserts: authenticated points upserts of the same size: 384-d vectors (~1,600 points: what an embedding batch
   looks like), 95,000 small points (4-d: the most objects a body under the 100,000-point limit can make), and
-  150,000 small points (over the limit: refused with a 422 after the parse); the peer: a route whose pydantic
-  body is the points (FastAPI parses and validates it on the event loop, and stores nothing);
+  150,000 small points (over the limit: refused with a 422 after the parse), and ~15,000 points with a text of
+  800 characters each (brainml's chunks: bkg indexes them for full-text search as it stores them); the peer: a
+  route whose pydantic body is the points (FastAPI parses and validates it on the event loop, and stores nothing);
 - a big answer: the 384-d points (with their vectors) fetched back by id (`points/get`); the peer: a plain `def`
   route returning the same points as a dict (FastAPI runs the route on a thread, then encodes its answer on the
-  event loop).
+  event loop);
+- a delete that compacts: 30,000 of a collection's 50,000 points with texts of 800 characters deleted by a
+  filter, so that it compacts (positions renumbered, the vector and full-text indexes rebuilt from the 20,000
+  left); bkg alone (a plain FastAPI app stores nothing), each round on a collection of its own filled beforehand.
 Reported: the probes' p50, p99 and worst, and the worst as a ratio of the peer's for the same case.
 """
 
@@ -62,6 +66,7 @@ class Point(BaseModel):
     id: int | str
     vector: list[float]
     payload: dict[str, Any] = {}
+    text: str | None = None
 
 
 class Points(BaseModel):
@@ -145,9 +150,10 @@ print(json.dumps(lat))
 """
 
 
-def probed(url: str, send: Any, rounds: int) -> list[float]:
-    """/health latencies (ms) while `send()` runs `rounds` times, 0.5 s apart, with 1 s of quiet around."""
-    seconds = 2.0 + rounds * 3.0
+def probed(url: str, send: Any, rounds: int, each_s: float = 3.0) -> list[float]:
+    """/health latencies (ms) while `send()` runs `rounds` times, 0.5 s apart, with 1 s of quiet around (the probe
+    runs for `each_s` a round)."""
+    seconds = 2.0 + rounds * each_s
     probe = subprocess.Popen([sys.executable, "-c", PROBE, url, str(seconds)], stdout=subprocess.PIPE, text=True)
     time.sleep(1.0)
     for _ in range(rounds):
@@ -158,9 +164,36 @@ def probed(url: str, send: Any, rounds: int) -> list[float]:
     return lat
 
 
-def row(name: str, system: str, lat: list[float], peer_worst: float) -> str:
+COMPACTS = "a delete that compacts 50,000 texts"
+
+
+def compacting(bkg: httpx.Client, rounds: int, chunk: Callable[[], str]) -> None:
+    """The `COMPACTS` case: `rounds` collections of 50,000 points with texts (their full-text index in use),
+    then /health probed while each has 60% of its points deleted (which compacts it)."""
+    texts = [chunk() for _ in range(50_000)]
+    for r in range(rounds):
+        bkg.post("/api/collections", json={"name": f"compact{r}", "dim": 2}).raise_for_status()
+        for a in range(0, len(texts), 10_000):
+            pts = [{"id": i, "vector": [1.0, 0.5], "text": texts[i], "payload": {"n": i}} for i in range(a, a + 10_000)]
+            bkg.put(f"/api/collections/compact{r}/points", json={"points": pts}).raise_for_status()
+        bkg.post(
+            f"/api/collections/compact{r}/query", json={"text": "topic 5", "mode": "text", "k": 1}
+        ).raise_for_status()
+    done = iter(range(rounds))
+
+    def delete() -> None:
+        r = next(done)
+        bkg.post(
+            f"/api/collections/compact{r}/points/delete", json={"filter": {"n": {"$lt": 30_000}}}
+        ).raise_for_status()
+        assert bkg.get(f"/api/collections/compact{r}").json()["count"] == 20_000
+
+    print(row(COMPACTS, "bkg", probed(str(bkg.base_url).rstrip("/"), delete, rounds, each_s=6.0), None))
+
+
+def row(name: str, system: str, lat: list[float], peer_worst: float | None) -> str:
     q = statistics.quantiles(lat, n=100)
-    vs = f"{max(lat) / peer_worst:.2f}x"
+    vs = f"{max(lat) / peer_worst:.2f}x" if peer_worst else "-"
     return f"| {name} | {system} | {statistics.median(lat):.1f} | {q[98]:.1f} | {max(lat):.1f} | {vs} |"
 
 
@@ -180,10 +213,17 @@ def main() -> None:
     def small(n: int, pad: int) -> list[dict[str, Any]]:
         return [{"id": i, "vector": [0.1, 0.2, 0.3, 0.4], "payload": {"b": "y" * pad}} for i in range(n)]
 
+    vocab = [f"w{i}" + "x" * int(rng.integers(0, 8)) for i in range(20_000)]
+
+    def chunk() -> str:  # ~800 characters of words, as brainml chunks a document
+        return " ".join(rng.choice(vocab, 100))[:800]
+
+    chunks = int(args.mb * 2**20 / 900)
     upserts = {  # collection dimension, body
         "384-d": (384, [{"id": i, "vector": v, "payload": {"b": "y" * 20}} for i, v in enumerate(wide)]),
         "95,000 small": (4, small(95_000, 80)),
         "150,000 small (refused)": (4, small(150_000, 20)),
+        f"{chunks:,} texts": (2, [{"id": i, "vector": [0.1, 0.2], "text": chunk()} for i in range(chunks)]),
     }
     bodies = {name: (dim, json.dumps({"points": pts}).encode()) for name, (dim, pts) in upserts.items()}
     numbers = json.dumps({"model": "candle:all-minilm-l6-v2", "input": [1] * 2_000_000}).encode()
@@ -247,6 +287,8 @@ def main() -> None:
         )
         print("\n| body | system | /health p50 ms | p99 ms | worst ms | worst vs peer |")
         print("|---|---|---|---|---|---|")
+        if args.only in COMPACTS:
+            compacting(bkg, args.rounds, chunk)
         for name, (ours, theirs) in cases.items():
             if args.only not in name:
                 continue

@@ -122,7 +122,7 @@ def test_snapshots_and_restores_as_jobs_are_bounded_and_a_429_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by a review: each `?background=true` call started a thread of its own, however many ran (each exports
-    or loads a whole collection). Past `MAX_BACKGROUND` running, a 429 at once; a slot comes back when a job ends;
+    or loads a whole collection). Past `MAX_SNAPSHOTS` running, a 429 at once; a slot comes back when a job ends;
     the notebook client, refused a job, waits for a slot (the bound holds for it too). The real app on
     uvicorn in this process, a real store; the snapshot's work is a stand-in that waits until released, so that
     the jobs are still running when the next one is asked for."""
@@ -159,23 +159,38 @@ def test_snapshots_and_restores_as_jobs_are_bounded_and_a_429_says_so(
         c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
         assert c.post("/api/collections", json={"name": "held", "dim": DIM}).status_code == 201
         jobs = []
-        for _ in range(routes.MAX_BACKGROUND):
+        for _ in range(routes.MAX_SNAPSHOTS):
             r = c.post("/api/collections/held/snapshots", params={"background": "true"})
             assert r.status_code == 202, r.text
             jobs.append(r.json()["job"]["id"])
         r = c.post("/api/collections/held/snapshots", params={"background": "true"})
         assert r.status_code == 429 and "snapshots or restores are running" in r.json()["error"]["message"], r.text
+        # one that runs in the call counts too (it exports as much), and so does a restore
+        r = c.post("/api/collections/held/snapshots")
+        assert r.status_code == 429 and "snapshots or restores are running" in r.json()["error"]["message"], r.text
+        r = c.post("/api/collections/held/snapshots/missing-one/restore")
+        assert r.status_code == 429, r.text
+        assert len(entered) == routes.MAX_SNAPSHOTS  # neither started
 
         wb = Workbench(url, ADMIN_KEY)
         done: list[Any] = []
         waiting = threading.Thread(target=lambda: done.append(wb.collection("held").snapshot(progress=True)))
         waiting.start()  # refused a job: it waits for a slot (the bound holds), then runs as a job
         time.sleep(2.5)  # the client asks again meanwhile, and is refused again: nothing of it has started
-        assert not done and len(entered) == routes.MAX_BACKGROUND
+        assert not done and len(entered) == routes.MAX_SNAPSHOTS
+        quiet: list[Any] = []  # a call without a job, refused, waits for a slot too
+        waiting_too = threading.Thread(target=lambda: quiet.append(wb.collection("held").snapshot(progress=False)))
+        waiting_too.start()
+        time.sleep(1.5)
+        assert not quiet and len(entered) == routes.MAX_SNAPSHOTS
         release.set()
         waiting.join(60)
+        waiting_too.join(60)
+        assert quiet and quiet[0].collection == "held"
         assert done and done[0].collection == "held"
-        assert len(entered) == routes.MAX_BACKGROUND + 1 and callable(entered[-1])  # a job's: it reports its steps
+        late = entered[routes.MAX_SNAPSHOTS :]
+        assert len(late) == 2 and False in late  # the call's own: no bar
+        assert any(callable(e) for e in late)  # the job's: it reports its steps
         assert len([j for j in wb.jobs() if j.get("kind") == "snapshot.create"]) == len(jobs) + 1
         wait_for(lambda: all(c.get(f"/api/jobs/{j}").json()["state"] == "done" for j in jobs), 60, every=0.1)
         r = c.post("/api/collections/held/snapshots", params={"background": "true"})  # the slots came back

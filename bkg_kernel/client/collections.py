@@ -202,15 +202,19 @@ class RemoteCollection:
         50,000 points or more, seconds of work), else one call that answers when it is done."""
         if self._shows(progress):
             return _known(SnapshotInfo, self._waited(self._as_job(f"{self.base}/snapshots")))
-        return _known(SnapshotInfo, self.wb.call("POST", f"{self.base}/snapshots"))
+        return _known(SnapshotInfo, self._when_free("POST", f"{self.base}/snapshots"))
 
     def _as_job(self, path: str, **kw: Any) -> str:
-        """Start `POST path` as a gateway job and return its id; while the gateway runs as many as it takes (a 429),
-        wait for a slot, as long as one call may wait (`Workbench.timeout`), then raise the 429."""
+        """Start `POST path` as a gateway job and return its id (waiting for a slot as `_when_free`)."""
+        return str(self._when_free("POST", path, params={"background": "true"}, **kw)["job"]["id"])
+
+    def _when_free(self, method: str, path: str, **kw: Any) -> Any:
+        """A snapshot's or a restore's call; while the gateway runs as many as it takes (a 429), wait for a slot,
+        as long as one call may wait (`Workbench.timeout`), then raise the 429."""
         deadline = time.monotonic() + self.wb.timeout
         while True:
             try:
-                return str(self.wb.call("POST", path, params={"background": "true"}, **kw)["job"]["id"])
+                return self.wb.call(method, path, **kw)
             except TooManyRequests as exc:
                 if time.monotonic() + exc.retry_after > deadline:
                     raise
@@ -248,7 +252,7 @@ class RemoteCollection:
             progress = size >= SHOW_FROM
         if self._shows(progress):
             return CollectionInfo(**self._waited(self._as_job(path, json={"into": into})))
-        return CollectionInfo(**self.wb.call("POST", path, json={"into": into}))
+        return CollectionInfo(**self._when_free("POST", path, json={"into": into}))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete one snapshot archive of this collection (`Store.delete_snapshot`)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -502,7 +503,8 @@ def snapshot(
     """Write a snapshot archive (`background`: as a job that reports its steps)."""
     gw = gateway(request)
     if not background:
-        info = gw.store.snapshot(name, progress=False)  # no bar in the gateway's log
+        with _slot():
+            info = gw.store.snapshot(name, progress=False)  # no bar in the gateway's log
         _audit(request, p, "snapshot.create", name, snapshot=info.id)
         return info.to_dict()
     gw.store.collection(name)  # a missing one is a 404 now, not a failed job
@@ -517,28 +519,43 @@ def snapshot(
     return {"job": _in_background(gw, "snapshot.create", run, p)}
 
 
-# Snapshots and restores running as jobs at once, all callers together: each exports or loads a whole collection
-# (disk and CPU); past it, a 429 at once rather than a thread more
-MAX_BACKGROUND = 4
-_background = threading.BoundedSemaphore(MAX_BACKGROUND)
+# Snapshots and restores running at once, as jobs or not, all callers together: each exports or loads a whole
+# collection (disk and CPU); past it, a 429 at once rather than a thread more
+MAX_SNAPSHOTS = 4
+_running = threading.BoundedSemaphore(MAX_SNAPSHOTS)
+
+
+def _take_slot() -> None:
+    if not _running.acquire(blocking=False):
+        raise TooManyRequests(f"{MAX_SNAPSHOTS} snapshots or restores are running: try again when one ends")
+
+
+@contextlib.contextmanager
+def _slot() -> Iterator[None]:
+    """A place among the `MAX_SNAPSHOTS` for a snapshot or a restore that runs in the call (a 429 when none is
+    free), held until it ends."""
+    _take_slot()
+    try:
+        yield
+    finally:
+        _running.release()
 
 
 def _in_background(gw: Any, kind: str, fn: Any, p: Principal) -> dict[str, Any]:
-    """Start `fn(progress)` as a job of `kind` for `p`, if fewer than `MAX_BACKGROUND` snapshot or restore jobs
-    run (else a 429); the job's dict."""
-    if not _background.acquire(blocking=False):
-        raise TooManyRequests(f"{MAX_BACKGROUND} snapshots or restores are running as jobs: try again when one ends")
+    """Start `fn(progress)` as a job of `kind` for `p`, if fewer than `MAX_SNAPSHOTS` snapshots or restores run
+    (else a 429); the job's dict."""
+    _take_slot()
 
     def run(progress: Any) -> dict[str, Any]:
         try:
             return dict(fn(progress))
         finally:
-            _background.release()
+            _running.release()
 
     try:
         return dict(gw.jobs.start(kind, run, owner=p, scope=WRITE_SCOPE).to_dict())
     except BaseException:
-        _background.release()
+        _running.release()
         raise
 
 
@@ -581,7 +598,8 @@ def restore(
         return s.describe(coll.name).to_dict()
 
     if not background:
-        return run()
+        with _slot():
+            return run()
     s.check_restore(name, snapshot_id, into)  # what it would refuse at once: now, not a failed job
     response.status_code = 202
     return {"job": _in_background(gw, "snapshot.restore", run, p)}
