@@ -115,6 +115,8 @@ def collections_panel(session: Session, refresh_s: float = 10.0) -> W.VBox:
         step.value = f"{escape(what)}: {escape(job['id'])} queued"
 
         def watch() -> None:
+            result: dict[str, Any] | None = None
+            failed = ""
             try:
                 while True:
                     state = session.wb.call("GET", f"/api/jobs/{seg(job['id'])}")
@@ -124,16 +126,22 @@ def collections_panel(session: Session, refresh_s: float = 10.0) -> W.VBox:
                         break
                     time.sleep(POLL_S)
                 if state["state"] == "done":
-                    done(state.get("result") or {})
+                    result = state.get("result") or {}
                 else:
-                    status.value = (f"<p class='bkg-error'>{escape(what)} {escape(state['state'])}: "
-                                    f"{escape(str(state.get('error') or ''))}</p>")  # fmt: skip
+                    failed = (f"<p class='bkg-error'>{escape(what)} {escape(state['state'])}: "
+                              f"{escape(str(state.get('error') or ''))}</p>")  # fmt: skip
             except Exception as exc:  # noqa: BLE001
-                status.value = error_html(exc)
+                failed = error_html(exc)
             finally:
                 bar.layout.display = "none"
                 running.release()
-                refresh()
+            # the lists show what the job made before the page says it is done (the other way round, "restored as
+            # big-copy" stood while big-copy could not yet be picked: found by CI on two loaded cores)
+            refresh()
+            if result is not None:
+                done(result)
+            else:
+                status.value = failed
 
         threading.Thread(target=watch, daemon=True).start()
 
