@@ -37,9 +37,9 @@ class Gateway:
     data_dir: Path
     log: Path
 
-    def client(self, key: str | None = ADMIN_KEY) -> httpx.Client:
+    def client(self, key: str | None = ADMIN_KEY, timeout: float = 30) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def wait_job(self, job_id: str, timeout: float = 300) -> dict[str, Any]:
         """Poll a job until it finishes; return its record."""

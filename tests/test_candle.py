@@ -10,11 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import psutil
 import pytest
-from gateway_harness import ADMIN_KEY, Gateway, start_gateway, wait_for
+from gateway_harness import Gateway, start_gateway, wait_for
 from helpers import scale_program
 
 from bkg_kernel.models.defaults import DEFAULT_EMBEDDER, DEFAULT_LLM
@@ -32,9 +31,7 @@ def cgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 def invoke(g: Gateway, cap: str, body: dict[str, Any]) -> Any:
     # a call that starts a worker imports torch and transformers and loads its model there: on two loaded cores that
     # took over the client's usual 30 s (CI: two calls after a restart timed out), though the gateway waits 600 s
-    return httpx.Client(base_url=g.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=180).post(
-        f"/api/plugins/candle/invoke/{cap}", json=body
-    )
+    return g.client(timeout=180).post(f"/api/plugins/candle/invoke/{cap}", json=body)
 
 
 def test_sentence_embeddings_match_sentence_transformers(cgw: Gateway) -> None:

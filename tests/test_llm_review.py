@@ -95,7 +95,7 @@ def test_an_embedding_its_client_leaves_stops_and_frees_its_slot(gw: Gateway) ->
         cancelled = health(gw)["cancelled"]
         texts = [f"text number {i} about apples" for i in range(400)]  # ~a minute of embedding on one core
         with (
-            httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=1.5) as gone,
+            gw.client(timeout=1.5) as gone,
             pytest.raises(httpx.ReadTimeout),
         ):
             gone.post("/v1/embeddings", json={"model": MODEL, "input": texts})
