@@ -237,7 +237,8 @@ def dashboard_login(
 
 @contextlib.contextmanager
 def configured(gw: Gateway, plugin: str, **changes: Any) -> Iterator[None]:
-    """A plugin's settings changed for a while (a worker starts again with them, and again after)."""
+    """A plugin's settings changed for a while (a worker starts again with the ones it reads itself, and again
+    after; its limits apply at once)."""
     c = gw.client()
     cfg = c.get(f"/api/plugins/{plugin}/config").json()["config"]
     c.put(f"/api/plugins/{plugin}/config", json={"config": {**cfg, **changes}}).raise_for_status()

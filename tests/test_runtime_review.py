@@ -6,6 +6,7 @@ worker being started kept the old settings (a pool of the old size)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -66,11 +67,13 @@ def test_a_config_change_while_starting_reaches_the_worker(gw: Gateway) -> None:
     start = threading.Thread(target=lambda: gw.client().post("/api/plugins/sysinfo/start"))
     start.start()
     wait_for(lambda: state(gw) == "starting", 10, every=0.005)
-    new = {**base, "max_concurrent": 3, "request_timeout": 2.5}
+    # disk_path is the worker's own (it reports that folder's disk); the limits are the gateway's
+    new = {**base, "max_concurrent": 3, "request_timeout": 2.5, "disk_path": "/dev/shm"}
     r = c.put("/api/plugins/sysinfo/config", json={"config": new}).json()
     start.join(30)
     assert r["restarted"] is True and r["status"]["state"] == "running", r
-    # three calls of 1 s at once: the worker's pool holds three (of one, the third would wait 2 s: a 504)
+    assert facts(gw).json()["disk_total"] == shutil.disk_usage("/dev/shm").total
+    # three calls of 1 s at once: three slots (of one, the third would wait 2 s: a 504)
     got: list[int] = []
 
     def one() -> None:

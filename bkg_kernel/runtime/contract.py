@@ -47,6 +47,9 @@ USAGE_ROUTE: contextvars.ContextVar[str | None] = contextvars.ContextVar("bkg_us
 # Calls of one plugin marked `quick` that run at once: they take none of its `max_concurrent` request slots and run
 # on threads of their own (in a worker too), so a model list answers while every slot generates.
 QUICK_CONCURRENT = 4
+# The most request slots a plugin may have; a worker's request threads are made as calls come, up to this many, and
+# the gateway's slots (`max_concurrent`, applied without a restart) decide how many calls run at once.
+MAX_CONCURRENT = 256
 Progress = Callable[..., None]  # progress(fraction 0..1, message="")
 
 
@@ -104,7 +107,7 @@ class PluginSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     request_timeout: float = Field(30.0, gt=0, le=3600, description="Seconds before a request gets a 504.")
-    max_concurrent: int = Field(4, ge=1, le=256, description="Requests run at once; more wait in the queue.")
+    max_concurrent: int = Field(4, ge=1, le=MAX_CONCURRENT, description="Requests run at once; more wait in the queue.")
     max_queue: int = Field(64, ge=0, le=10_000, description="Requests that may wait; beyond it a 429.")
     memory_limit_mb: int | None = Field(
         None, ge=16, description="Restart the worker when its resident memory passes this many MB."
@@ -114,6 +117,9 @@ class PluginSettings(BaseModel):
     # what anyone who may operate the plugin (plugins:write) may change; every other setting decides what the
     # plugin reaches for all its callers (folders, URLs, commands, models, secrets) and needs every scope to change
     tunable_fields: ClassVar[tuple[str, ...]] = ("request_timeout", "max_concurrent", "max_queue", "memory_limit_mb")
+    # what the gateway itself applies from the next call on (its request slots and queue, each call's deadline, the
+    # supervisor's memory check): a change of these alone restarts nothing, and the models a worker holds stay loaded
+    live_fields: ClassVar[tuple[str, ...]] = ("request_timeout", "max_concurrent", "max_queue", "memory_limit_mb")
 
     def public(self) -> dict[str, Any]:
         """Return the settings with secret values masked (what the API and the audit log show)."""

@@ -259,7 +259,11 @@ class PluginHost:
         settings = config if isinstance(config, PluginSettings) else self.checked_config(config)
         self.settings = settings
         self.entry.config = settings.model_dump(exclude_defaults=True)
-        self._slots = self._quick_slots = None
+        with self._slots_lock:  # the calls under way give their slots back to the same count, resized
+            if self._slots is not None:
+                self._slots.resize(settings.max_concurrent, settings.max_queue)
+            if self._quick_slots is not None:
+                self._quick_slots.resize(QUICK_CONCURRENT, settings.max_queue)
         return settings
 
     # -- requests ---------------------------------------------------------------------------------
@@ -337,8 +341,7 @@ class PluginHost:
 
     @property
     def slots(self) -> Slots:
-        """The request slots of the current settings (a new config brings new ones; calls holding the old ones give
-        them back there)."""
+        """The request slots, made at the first call with the settings of then (a new config resizes them)."""
         slots = self._slots
         if slots is None:
             with self._slots_lock:  # the loop and a call port thread may both be first

@@ -113,10 +113,26 @@ class Slots:
             raise self._timed_out(timeout)
         # handed over as the wait ended: it is ours
 
-    def release(self) -> None:
-        """Give a slot back: to the first waiter, or to the free count. Any thread may call it."""
+    def resize(self, max_concurrent: int, max_queue: int) -> None:
+        """New limits (a config change, applied without a restart): the calls running keep their slots, so with
+        fewer slots the next call waits until enough of them have ended; with more, queued calls start at once."""
+        woken: list[_Waiter] = []
         with self._lock:
-            if self._waiters:
+            self.free += max_concurrent - self.max_concurrent  # below 0 while more run than the new count allows
+            self.max_concurrent, self.max_queue = max_concurrent, max_queue
+            while self.free > 0 and self._waiters:
+                waiter = self._waiters.popleft()
+                waiter.granted = True
+                self.free -= 1
+                woken.append(waiter)
+        for waiter in woken:
+            waiter.wake()
+
+    def release(self) -> None:
+        """Give a slot back: to the first waiter, or to the free count (also while fewer slots than calls running
+        are left after a `resize`). Any thread may call it."""
+        with self._lock:
+            if self._waiters and self.free >= 0:
                 waiter = self._waiters.popleft()
                 waiter.granted = True
             else:

@@ -36,7 +36,7 @@ from bkg_kernel.auth.principal import Principal
 from bkg_kernel.errors import BkgError, Unavailable, error_data, from_dict
 from bkg_kernel.runtime import calls, pipe
 from bkg_kernel.runtime.bodyjson import RawJSON
-from bkg_kernel.runtime.contract import QUICK_CONCURRENT
+from bkg_kernel.runtime.contract import MAX_CONCURRENT, QUICK_CONCURRENT
 from bkg_kernel.runtime.storehandle import StoreHandle
 
 HEARTBEAT_S = 1.0
@@ -183,7 +183,9 @@ def main(
                 return
 
     threading.Thread(target=beat, daemon=True).start()
-    pool = ThreadPoolExecutor(max_workers=plugin.settings.max_concurrent, thread_name_prefix="bkg-req")
+    # a thread for each call the gateway lets through (its slots: `max_concurrent`, which it changes without a
+    # restart); threads are made as calls come and kept, never more than calls ran at once
+    pool = ThreadPoolExecutor(max_workers=MAX_CONCURRENT, thread_name_prefix="bkg-req")
     # `quick` capabilities (a model list) run on threads of their own: the request threads may all be generating
     quick_pool = ThreadPoolExecutor(max_workers=QUICK_CONCURRENT, thread_name_prefix="bkg-quick")
     quick = {c.id for c in cls.capabilities().values() if c.quick}
