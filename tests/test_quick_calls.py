@@ -35,7 +35,8 @@ def hold_the_slot(gw: Gateway) -> None:
 
 
 def test_candle_stats_answer_while_a_run_holds_its_one_slot(gw: Gateway) -> None:
-    texts = [f"sentence number {i} about a small cat and a diesel engine" for i in range(6000)]
+    # long enough to outlast the calls below on a loaded machine (6,000 held the slot ~90 s in CI, 2,000 ~30 s)
+    texts = [f"sentence number {i} about a small cat and a diesel engine" for i in range(2000)]
     warm = {"model_id": DEFAULT_EMBEDDER, "inputs": ["warm"]}
     with configured(gw, "candle", max_concurrent=1, max_queue=0), gw.client() as slow:
         assert slow.post("/api/plugins/candle/invoke/candle.run", json=warm).status_code == 200
