@@ -243,13 +243,42 @@ def register_programs(g: Gateway, folder: Path, scales: dict[str, float]) -> Non
         assert r.status_code == 201, r.text
 
 
-def configure(g: Gateway, config: dict[str, Any]) -> dict[str, Any]:
-    """Put candle's config (it restarts to apply it); return the config it had."""
+def configure(g: Gateway, config: dict[str, Any], restarts: bool | None = None) -> dict[str, Any]:
+    """Put candle's config (it restarts to apply it, unless it takes it as it runs: `restarts`, when given, says
+    which it must do); return the config it had."""
     c = g.client()
     before: dict[str, Any] = c.get("/api/plugins/candle/config").json()["config"]
-    c.put("/api/plugins/candle/config", json={"config": {**before, **config}}).raise_for_status()
+    r = c.put("/api/plugins/candle/config", json={"config": {**before, **config}})
+    r.raise_for_status()
+    assert restarts is None or r.json()["restarted"] is restarts, r.json()
     wait_for(lambda: c.get("/api/plugins/candle/status").json()["state"] == "running", timeout=120)
     return before
+
+
+def test_max_loaded_and_keep_alive_are_taken_without_a_restart(cgw: Gateway, tmp_path: Path) -> None:
+    """Ollama's way: a new cap or keep-alive reaches the running worker, whose models stay loaded; a lower cap
+    unloads the least recently used at once, a shorter keep-alive the idle ones within it."""
+    register_programs(cgw, tmp_path, {"tune-a": 1.0, "tune-b": 2.0, "tune-c": 3.0})
+    c = cgw.client()
+    pid = c.get("/api/plugins/candle/status").json()["pid"]
+    before = configure(cgw, {"max_loaded": 3, "keep_alive_s": 600}, restarts=False)
+    try:
+        for m in ("tune-a", "tune-b", "tune-c", "tune-a"):
+            run_program(cgw, m)
+        assert {"tune-a", "tune-b", "tune-c"} <= set(loaded(cgw))
+        configure(cgw, {"max_loaded": 1}, restarts=False)
+        assert loaded(cgw) == ["tune-a"] and invoke(cgw, "candle.stats", {}).json()["max_loaded"] == 1
+        lines = c.get("/api/plugins/candle/logs", params={"search": "max_loaded now 1"}).json()["lines"]
+        assert len(lines) == 2, lines  # b and c: the least recently used
+        configure(cgw, {"max_loaded": 2, "keep_alive_s": 1}, restarts=False)
+        assert loaded(cgw) == ["tune-a"]  # still loaded: nothing reloads it
+        wait_for(lambda: loaded(cgw) == [], timeout=30)
+        assert c.get("/api/plugins/candle/status").json()["pid"] == pid
+        # a setting the worker reads at its start (the device) restarts it
+        configure(cgw, {"device": "cpu"}, restarts=True)
+        assert c.get("/api/plugins/candle/status").json()["pid"] != pid
+    finally:
+        configure(cgw, before)
 
 
 def run_program(g: Gateway, model_id: str) -> Any:

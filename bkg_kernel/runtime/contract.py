@@ -120,6 +120,9 @@ class PluginSettings(BaseModel):
     # what the gateway itself applies from the next call on (its request slots and queue, each call's deadline, the
     # supervisor's memory check): a change of these alone restarts nothing, and the models a worker holds stay loaded
     live_fields: ClassVar[tuple[str, ...]] = ("request_timeout", "max_concurrent", "max_queue", "memory_limit_mb")
+    # what the running plugin applies itself (`Plugin.retune`), in its worker too: a change of these and of the live
+    # fields alone restarts nothing (candle's max_loaded and keep_alive_s: its models stay loaded, as Ollama's do)
+    retunable_fields: ClassVar[tuple[str, ...]] = ()
 
     def public(self) -> dict[str, Any]:
         """Return the settings with secret values masked (what the API and the audit log show)."""
@@ -362,6 +365,11 @@ class Plugin:
     def health(self) -> dict[str, Any]:
         """Return `{"ok": bool, ...}`; not ok marks the plugin degraded."""
         return {"ok": True}
+
+    def retune(self, settings: PluginSettings) -> None:
+        """Take new settings while running, where they differ from the old in `retunable_fields` (and the gateway's
+        `live_fields`) alone; raise to have the plugin restarted with them instead."""
+        self.settings = settings
 
     @classmethod
     def capabilities(cls) -> dict[str, Capability]:

@@ -472,6 +472,32 @@ class PluginHost:
             raise Timeout(f"plugin {self.id!r} did not report its health within {timeout:g}s") from None
         raise Unavailable(f"plugin {self.id!r} is {self.state}", retry_after=self.retry_after())
 
+    async def retune(self, settings: PluginSettings, timeout: float = 10.0) -> bool:
+        """Hand new settings to the running plugin (`Plugin.retune`, in its worker too), outside the request slots;
+        False when it is not running, or did not take them (said in its log): the caller restarts it then."""
+        if self.state not in ("running", "degraded"):
+            return False
+        try:
+            if (worker := self.worker) is not None:
+                took = asyncio.wrap_future(worker.submit(("retune", settings.model_dump())))
+                await asyncio.wait_for(asyncio.shield(took), timeout)
+                return True
+
+            def inline() -> bool:
+                plugin = self._inline.take()
+                if plugin is None:
+                    return False
+                try:
+                    plugin.retune(settings)
+                    return True
+                finally:
+                    self._inline.done()
+
+            return await asyncio.to_thread(inline)
+        except Exception as exc:  # a refusal, a timeout, a worker gone: a restart applies them
+            self.add_log("WARNING", time.time(), f"new settings not taken while running ({exc}): restarting")
+            return False
+
     async def call(
         self,
         msg: tuple[Any, ...],

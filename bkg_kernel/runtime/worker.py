@@ -251,6 +251,14 @@ def main(
             elif msg[0] == "cancel":  # a stream's client went away, or nobody waits for an answer any more
                 if (abandoned := running.get(msg[1])) is not None:
                     abandoned.end()
+            elif msg[0] == "retune":  # new settings the plugin takes while running (its own thread, as health)
+                retune = threading.Thread(
+                    target=run,
+                    args=(msg[1], None, lambda d: plugin.retune(cls.Settings.model_validate(d)), msg[2]),
+                    name="bkg-retune",
+                    daemon=True,
+                )
+                retune.start()
             elif msg[0] == "health":  # its own thread: a health check never queues behind busy request slots
                 threading.Thread(target=run, args=(msg[1], None, plugin.health), name="bkg-health", daemon=True).start()
             elif msg[0] == "stop":

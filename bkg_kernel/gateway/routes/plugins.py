@@ -142,8 +142,9 @@ async def get_config(plugin_id: PluginId, request: Request) -> dict[str, Any]:
 async def put_config(
     plugin_id: PluginId, body: Config, request: Request, p: Annotated[Principal, Depends(need("plugins:write"))]
 ) -> dict[str, Any]:
-    """Validate and save settings (422 names the bad field); a running plugin restarts to apply them, unless
-    only its limits changed (`live_fields`: the gateway applies those from the next call on)."""
+    """Validate and save settings (422 names the bad field); a running plugin restarts to apply them, unless only
+    its limits (`live_fields`: the gateway applies those from the next call on) and what it takes as it runs
+    (`retunable_fields`) changed."""
     gw = gateway(request)
     h = _host(request, plugin_id)
     restarted = False
@@ -168,11 +169,14 @@ async def put_config(
     await asyncio.to_thread(gw.supervisor.save_registry)
     gw.auth.audit(p.username, "plugin.config", plugin_id, config=h.settings.public(), enabled=body.enabled)
     # a start under way took the old settings: it is ended and made again with these (found by a review: the worker
-    # kept the old ones while the config API showed the new); the live fields are read by the gateway, not the plugin
-    worker_side = [k for k in changed if k not in h.settings.live_fields]
-    if worker_side and h.state in ("running", "degraded", "starting"):
-        await asyncio.to_thread(h.restart)
-        restarted = True
+    # kept the old ones while the config API showed the new); the live fields are read by the gateway, not the
+    # plugin, and a running plugin takes its retunable ones as it runs
+    own = [k for k in changed if k not in h.settings.live_fields]
+    if own and h.state in ("running", "degraded", "starting"):
+        retunable = all(k in h.settings.retunable_fields for k in own)
+        if not (retunable and await h.retune(h.settings)):
+            await asyncio.to_thread(h.restart)
+            restarted = True
     return {"config": h.settings.public(), "restarted": restarted, "status": h.status()}
 
 

@@ -65,8 +65,10 @@ class CandleSettings(PluginSettings):
         1800.0, ge=1, description="Seconds an idle model stays loaded; None: until max_loaded or an unload drops it."
     )
 
-    # they only bound the memory the plugin holds, as max_concurrent does: an operator (plugins:write) may change them
+    # they only bound the memory the plugin holds, as max_concurrent does: an operator (plugins:write) may change them,
+    # and the running worker takes them (`Candle.retune`) with its models still loaded
     tunable_fields: ClassVar[tuple[str, ...]] = (*PluginSettings.tunable_fields, "max_loaded", "keep_alive_s")
+    retunable_fields: ClassVar[tuple[str, ...]] = ("max_loaded", "keep_alive_s")
 
 
 class Empty(BaseModel):
@@ -180,17 +182,18 @@ class Candle(Plugin):
         self.used: dict[str, float] = {}  # model id -> time.monotonic() of its last use: least recently used first out
         self.lock = threading.Lock()
         self.stopped = threading.Event()
+        self.looked = threading.Event()  # set: the keep-alive thread looks at the idle models again (new settings)
         self.log.info("torch %s on %s, %d threads", torch.__version__, self.device, torch.get_num_threads())
         if len(self.settings.preload) > self.settings.max_loaded:
             n, most = len(self.settings.preload), self.settings.max_loaded
             self.log.warning("preload names %d models, max_loaded is %d: only the last %d stay loaded", n, most, most)
         for model_id in self.settings.preload:
             self._runner(model_id)
-        if self.settings.keep_alive_s is not None:
-            threading.Thread(target=self._unload_idle_until_stopped, name="candle-keep-alive", daemon=True).start()
+        threading.Thread(target=self._unload_idle_until_stopped, name="candle-keep-alive", daemon=True).start()
 
     def stop(self) -> None:
         self.stopped.set()
+        self.looked.set()
         with self.lock:
             self.runners.clear()
             self.info.clear()
@@ -198,6 +201,24 @@ class Candle(Plugin):
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "device": self.device, "loaded": sorted(self.runners)}
+
+    def retune(self, settings: PluginSettings) -> None:
+        """A new max_loaded or keep_alive_s, the models loaded kept: beyond a lower cap the least recently used go
+        now, and the keep-alive thread measures the idle ones against the new time at once."""
+        assert isinstance(settings, CandleSettings)
+        with self.lock:
+            self.settings = settings
+            dropped = False
+            while len(self.runners) > settings.max_loaded:
+                lru = min(self.used, key=self.used.__getitem__)
+                self._unload_locked(
+                    lru, f"least recently used of {len(self.runners)} (max_loaded now {settings.max_loaded})"
+                )
+                dropped = True
+        if dropped:
+            gc.collect()
+        self.looked.set()
+        self.log.info("max_loaded %d, keep_alive_s %s: taken while running", settings.max_loaded, settings.keep_alive_s)
 
     def _resolve(self, model_id: str) -> tuple[str, Any]:
         e = self.registry.get(model_id)
@@ -265,11 +286,13 @@ class Candle(Plugin):
         del self.runners[model_id], self.info[model_id], self.used[model_id]
         self.log.info("unloaded %s: %s", model_id, why)
 
-    def _unload_idle(self) -> float:
+    def _unload_idle(self) -> float | None:
         """Unload the models idle for `keep_alive_s`; return the seconds until the next one would be (at most 60, and
-        at most `keep_alive_s` when none is loaded: a model loaded meanwhile is not left loaded past its time)."""
+        at most `keep_alive_s` when none is loaded: a model loaded meanwhile is not left loaded past its time), None
+        without a keep_alive_s (until new settings come)."""
         keep = self.settings.keep_alive_s
-        assert keep is not None
+        if keep is None:
+            return None
         with self.lock:
             now = time.monotonic()
             idle = [m for m, t in self.used.items() if now - t >= keep]
@@ -281,8 +304,9 @@ class Candle(Plugin):
         return min(wait, 60.0)
 
     def _unload_idle_until_stopped(self) -> None:
-        while not self.stopped.wait(self._unload_idle()):
-            pass
+        while not self.stopped.is_set():
+            self.looked.wait(self._unload_idle())
+            self.looked.clear()
 
     def _check_task(self, model_id: str, task: str, r: runners.Runner | None = None) -> None:
         """422 unless `model_id` does `task`: as loaded (`r`, or already), else found out from its files without
