@@ -26,8 +26,8 @@ lint: venv
 
 # Two workers, a test file to one worker at a time (its module fixtures start once; the files that start Jupyter
 # kernels together, one after another), longest files first, each worker's model runtimes on its share of the cores
-# (tests/conftest.py): about 24 min on two cores (fresh clones, warm cache), where one process took ~31 when the
-# suite was smaller.
+# (tests/conftest.py): 25 to 45 min on two cores with the speed of the machine (fresh clones, warm cache; the
+# project's CI took 1,536 s and 2,863 s for whole runs), where one process took ~31 min when the suite was smaller.
 # TEST_WORKERS=0 runs in one process; PYTEST_ARGS adds options (e.g. PYTEST_ARGS="-k hub").
 TEST_WORKERS ?= 2
 test: lint
