@@ -79,6 +79,26 @@ def test_the_model_list_answers_while_every_slot_generates(gw: Gateway, slots: i
         assert [m["busy"] for m in health(gw)["loaded"] if not m["embedding"]] == [slots]
 
 
+def test_a_new_max_concurrent_or_timeout_restarts_the_worker_that_reads_them(gw: Gateway) -> None:
+    """llmserver's worker makes llama.cpp's contexts per model for `max_concurrent` and times its calls upstream by
+    `request_timeout`: a new value of either restarts it (found by a review: taken by the gateway alone, the worker
+    kept the old ones); the queue alone, which only the gateway reads, restarts nothing."""
+    c = gw.client()
+    cfg = c.get("/api/plugins/llmserver/config").json()["config"]
+    pid = c.get("/api/plugins/llmserver/status").json()["pid"]
+    try:
+        r = c.put("/api/plugins/llmserver/config", json={"config": {**cfg, "max_queue": 5}}).json()
+        assert r["restarted"] is False and c.get("/api/plugins/llmserver/status").json()["pid"] == pid, r
+        for change in ({"max_concurrent": 3}, {"request_timeout": 100}):
+            r = c.put("/api/plugins/llmserver/config", json={"config": {**cfg, **change}}).json()
+            assert r["restarted"] is True, (change, r)
+            wait_for(lambda: c.get("/api/plugins/llmserver/status").json()["state"] == "running", 120)
+            assert c.get("/api/plugins/llmserver/status").json()["pid"] != pid
+            pid = c.get("/api/plugins/llmserver/status").json()["pid"]
+    finally:
+        c.put("/api/plugins/llmserver/config", json={"config": cfg}).raise_for_status()
+
+
 @pytest.mark.parametrize("way", ["client leaves", "request times out"])
 def test_a_whole_answer_nobody_waited_for_is_booked_with_the_tokens_generated(gw: Gateway, way: str) -> None:
     """Found by a review: a non-streamed chat whose client left before the answer (or whose request timed out) was

@@ -72,6 +72,7 @@ def test_a_config_change_while_starting_reaches_the_worker(gw: Gateway) -> None:
     r = c.put("/api/plugins/sysinfo/config", json={"config": new}).json()
     start.join(30)
     assert r["restarted"] is True and r["status"]["state"] == "running", r
+    assert shutil.disk_usage("/dev/shm").total != shutil.disk_usage(gw.data_dir).total  # else it shows nothing
     assert facts(gw).json()["disk_total"] == shutil.disk_usage("/dev/shm").total
     # three calls of 1 s at once: three slots (of one, the third would wait 2 s: a 504)
     got: list[int] = []

@@ -495,7 +495,9 @@ class PluginHost:
 
             return await asyncio.to_thread(inline)
         except Exception as exc:  # a refusal, a timeout, a worker gone: a restart applies them
-            self.add_log("WARNING", time.time(), f"new settings not taken while running ({exc}): restarting")
+            # the error's kind only: a validation error would quote the values, a secret among them
+            said = f"new settings not taken while running ({type(exc).__name__}): restarting"
+            self.add_log("WARNING", time.time(), said)
             return False
 
     async def call(

@@ -189,6 +189,7 @@ def main(
     # `quick` capabilities (a model list) run on threads of their own: the request threads may all be generating
     quick_pool = ThreadPoolExecutor(max_workers=QUICK_CONCURRENT, thread_name_prefix="bkg-quick")
     quick = {c.id for c in cls.capabilities().values() if c.quick}
+    retunes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bkg-retune")  # one at a time, first come first
 
     def run(req_id: int, call: calls.Call | None, fn: Any, *args: Any) -> None:
         try:
@@ -251,14 +252,8 @@ def main(
             elif msg[0] == "cancel":  # a stream's client went away, or nobody waits for an answer any more
                 if (abandoned := running.get(msg[1])) is not None:
                     abandoned.end()
-            elif msg[0] == "retune":  # new settings the plugin takes while running (its own thread, as health)
-                retune = threading.Thread(
-                    target=run,
-                    args=(msg[1], None, lambda d: plugin.retune(cls.Settings.model_validate(d)), msg[2]),
-                    name="bkg-retune",
-                    daemon=True,
-                )
-                retune.start()
+            elif msg[0] == "retune":  # new settings the plugin takes while running: in the order they came
+                retunes.submit(run, msg[1], None, lambda d: plugin.retune(cls.Settings.model_validate(d)), msg[2])
             elif msg[0] == "health":  # its own thread: a health check never queues behind busy request slots
                 threading.Thread(target=run, args=(msg[1], None, plugin.health), name="bkg-health", daemon=True).start()
             elif msg[0] == "stop":
@@ -273,6 +268,7 @@ def main(
             got.put(("end", False, Unavailable("the gateway is gone").to_dict()["error"]))
         pool.shutdown(wait=True, cancel_futures=True)
         quick_pool.shutdown(wait=True, cancel_futures=True)
+        retunes.shutdown(wait=True, cancel_futures=True)
         try:
             plugin.stop()
         except Exception:

@@ -203,20 +203,11 @@ class Candle(Plugin):
         return {"ok": True, "device": self.device, "loaded": sorted(self.runners)}
 
     def retune(self, settings: PluginSettings) -> None:
-        """A new max_loaded or keep_alive_s, the models loaded kept: beyond a lower cap the least recently used go
-        now, and the keep-alive thread measures the idle ones against the new time at once."""
+        """A new max_loaded or keep_alive_s, the models loaded kept: the keep-alive thread unloads the least recently
+        used beyond a lower cap, and measures the idle ones against a new time, at once. Takes no lock: a model
+        loading holds it (the next load reads the new cap)."""
         assert isinstance(settings, CandleSettings)
-        with self.lock:
-            self.settings = settings
-            dropped = False
-            while len(self.runners) > settings.max_loaded:
-                lru = min(self.used, key=self.used.__getitem__)
-                self._unload_locked(
-                    lru, f"least recently used of {len(self.runners)} (max_loaded now {settings.max_loaded})"
-                )
-                dropped = True
-        if dropped:
-            gc.collect()
+        self.settings = settings
         self.looked.set()
         self.log.info("max_loaded %d, keep_alive_s %s: taken while running", settings.max_loaded, settings.keep_alive_s)
 
@@ -290,16 +281,25 @@ class Candle(Plugin):
         """Unload the models idle for `keep_alive_s`; return the seconds until the next one would be (at most 60, and
         at most `keep_alive_s` when none is loaded: a model loaded meanwhile is not left loaded past its time), None
         without a keep_alive_s (until new settings come)."""
-        keep = self.settings.keep_alive_s
-        if keep is None:
-            return None
+        settings = self.settings
+        keep = settings.keep_alive_s
         with self.lock:
+            dropped = False
+            while len(self.runners) > settings.max_loaded:  # a lower cap, taken while running (`retune`)
+                lru = min(self.used, key=self.used.__getitem__)
+                why = f"least recently used of {len(self.runners)} (max_loaded now {settings.max_loaded})"
+                self._unload_locked(lru, why)
+                dropped = True
+            if keep is None:
+                if dropped:
+                    gc.collect()
+                return None
             now = time.monotonic()
             idle = [m for m, t in self.used.items() if now - t >= keep]
             for m in idle:
                 self._unload_locked(m, f"idle for {now - self.used[m]:.0f}s (keep_alive_s {keep:g})")
             wait = min((t + keep - now for t in self.used.values()), default=keep)
-        if idle:
+        if idle or dropped:
             gc.collect()
         return min(wait, 60.0)
 

@@ -98,6 +98,9 @@ class LLMSettings(PluginSettings):
     )
 
     secret_fields: ClassVar[tuple[str, ...]] = ("upstream_api_key",)
+    # the worker reads the other two limits itself (llama.cpp contexts per model for max_concurrent, the timeout of
+    # a call upstream for request_timeout): a change of them restarts it
+    live_fields: ClassVar[tuple[str, ...]] = ("max_queue", "memory_limit_mb")
 
     @field_validator("upstream_url")
     @classmethod
