@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import json
@@ -20,6 +21,22 @@ from typing import Any
 import httpx
 
 ADMIN_KEY = "bkg_0123456789ab_" + "A" * 40
+
+# Every gateway started here, stopped when the test process ends if nothing stopped it before: a module fixture whose
+# setup failed after its gateway started never reaches its `stop` (one from a failed pictures setup ran on for hours)
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _stop_the_rest() -> None:
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in _STARTED:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def free_port() -> int:
@@ -86,6 +103,7 @@ def start_gateway(
         stderr=subprocess.STDOUT,
         env=full_env,
     )
+    _STARTED[:] = [p for p in _STARTED if p.poll() is None] + [proc]
     # what it prints once it holds its data dir and its port ("...:0" when it exits first, as a second one on a
     # data dir does)
     url = f"http://127.0.0.1:{port}" if port else announced(proc, log, r"bkg gateway on (http://\S+) ")
