@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from helpers import stop_process
 
 ADMIN_KEY = "bkg_0123456789ab_" + "A" * 40
 
@@ -31,12 +32,7 @@ _STARTED: list[subprocess.Popen[bytes]] = []
 def _stop_the_rest() -> None:
     for proc in _STARTED:
         if proc.poll() is None:
-            proc.terminate()
-    for proc in _STARTED:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            stop_process(proc)
 
 
 def free_port() -> int:

@@ -249,10 +249,10 @@ class Candle(Plugin):
                 gc.collect()
             kind, path = entry.kind, self.registry.resolve(entry)
             self._check_base(model_id, path)  # at every load: a re-registered quantized model is checked again
-            while len(self.runners) >= self.settings.max_loaded:  # room first: the load gets the memory freed
-                lru = min(self.used, key=self.used.__getitem__)
-                why = f"least recently used of {len(self.runners)} (max_loaded {self.settings.max_loaded})"
-                self._unload_locked(lru, f"{why}, to load {model_id}")
+            # room first: the load gets the memory freed
+            if self._unload_lru_locked(
+                self.settings.max_loaded - 1, f"max_loaded {self.settings.max_loaded}, to load {model_id}"
+            ):
                 gc.collect()
             t0 = time.perf_counter()
             r = runners.load(model_id, kind, path, self.device, self._resolve)
@@ -277,31 +277,35 @@ class Candle(Plugin):
         del self.runners[model_id], self.info[model_id], self.used[model_id]
         self.log.info("unloaded %s: %s", model_id, why)
 
+    def _unload_lru_locked(self, most: int, why: str) -> bool:
+        """Unload the least recently used models (under `self.lock`) until at most `most` stay; whether any went."""
+        dropped = False
+        while len(self.runners) > most:
+            lru = min(self.used, key=self.used.__getitem__)
+            self._unload_locked(lru, f"least recently used of {len(self.runners)} ({why})")
+            dropped = True
+        return dropped
+
     def _unload_idle(self) -> float | None:
         """Unload the models idle for `keep_alive_s`; return the seconds until the next one would be (at most 60, and
         at most `keep_alive_s` when none is loaded: a model loaded meanwhile is not left loaded past its time), None
         without a keep_alive_s (until new settings come)."""
         settings = self.settings
         keep = settings.keep_alive_s
+        wait: float | None = None
         with self.lock:
-            dropped = False
-            while len(self.runners) > settings.max_loaded:  # a lower cap, taken while running (`retune`)
-                lru = min(self.used, key=self.used.__getitem__)
-                why = f"least recently used of {len(self.runners)} (max_loaded now {settings.max_loaded})"
-                self._unload_locked(lru, why)
-                dropped = True
-            if keep is None:
-                if dropped:
-                    gc.collect()
-                return None
-            now = time.monotonic()
-            idle = [m for m, t in self.used.items() if now - t >= keep]
-            for m in idle:
-                self._unload_locked(m, f"idle for {now - self.used[m]:.0f}s (keep_alive_s {keep:g})")
-            wait = min((t + keep - now for t in self.used.values()), default=keep)
-        if idle or dropped:
+            # a lower cap, taken while running (`retune`)
+            dropped = self._unload_lru_locked(settings.max_loaded, f"max_loaded now {settings.max_loaded}")
+            if keep is not None:
+                now = time.monotonic()
+                idle = [m for m, t in self.used.items() if now - t >= keep]
+                for m in idle:
+                    self._unload_locked(m, f"idle for {now - self.used[m]:.0f}s (keep_alive_s {keep:g})")
+                dropped = dropped or bool(idle)
+                wait = min(min((t + keep - now for t in self.used.values()), default=keep), 60.0)
+        if dropped:
             gc.collect()
-        return min(wait, 60.0)
+        return wait
 
     def _unload_idle_until_stopped(self) -> None:
         while not self.stopped.is_set():
